@@ -1,0 +1,75 @@
+"""The ``nlpserve`` command line.
+
+Serving commands live here. Training commands come from the ``training`` package, which is
+imported only to register its commands: torch itself is imported inside those commands, so
+``nlpserve serve`` works in an image without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.config import Settings
+
+app = typer.Typer(
+    name="nlpserve",
+    help="Train, export, serve and explain NLP models on ONNX Runtime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (NLPSERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (NLPSERVE_PORT).")] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--models", help="Model repository (NLPSERVE_MODEL_DIR).")
+    ] = None,
+) -> None:
+    """Serve every model in the repository over HTTP."""
+    overrides = {k: v for k, v in {"host": host, "port": port, "model_dir": model_dir}.items() if v}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.server import run_server
+
+    run_server(settings)
+
+
+@app.command("models")
+def list_models(
+    model_dir: Annotated[Path, typer.Option("--models", help="Model repository.")] = Path("models"),
+) -> None:
+    """Validate the repository and print each model's manifest summary as JSON."""
+    from service.repository import discover_models
+
+    for entry in discover_models(model_dir):
+        m = entry.manifest
+        typer.echo(
+            json.dumps(
+                {"name": m.name, "version": m.version, "task": m.task, "metrics": m.metrics,
+                 "variants": sorted(m.variants), "path": str(entry.path)}
+            )
+        )
+
+
+def _register_training_commands() -> None:
+    try:
+        from training.cli import register
+    except ImportError:  # serving-only install: the training package is absent
+        return
+    register(app)
+
+
+def main() -> None:
+    _register_training_commands()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Typed settings for the service, read from ``NLPSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NLPSERVE_", env_file=None, extra="ignore")
+
+    # --- where things live
+    model_dir: Path = Field(Path("models"), description="Model repository root.")
+    data_dir: Path = Field(
+        Path("data"), description="Training/evaluation data root (training only)."
+    )
+
+    # --- HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = Field(1_000_000, description="Request bodies larger than this get 413.")
+    max_text_chars: int = Field(20_000, description="Longest accepted text field, in characters.")
+    max_batch_items: int = Field(64, description="Most items in one {'inputs': [...]} request.")
+    default_deadline_ms: int = Field(
+        30_000, description="Per-request deadline unless the X-Request-Deadline-Ms header says less."
+    )
+
+    # --- runtime
+    providers: str | None = Field(
+        None,
+        description="Comma-separated ONNX Runtime providers, e.g. 'CUDAExecutionProvider,"
+        "CPUExecutionProvider'. Default: CUDA when available, else CPU.",
+    )
+    require_gpu: bool = Field(False, description="Fail instead of falling back from CUDA to CPU.")
+    intra_op_threads: int = Field(0, description="ORT intra-op threads (0 = ORT default).")
+    inter_op_threads: int = Field(1, description="ORT inter-op threads.")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    variant: str | None = Field(
+        None, description="Force a model variant (fp32, int8, fp16); default picks per provider."
+    )
+
+    # --- batching
+    max_batch_size: int = Field(32, description="Most sequences in one inference batch.")
+    max_batch_tokens: int = Field(
+        8192, description="Token budget: batch size x padded length never exceeds this."
+    )
+    max_wait_ms: float = Field(5.0, description="How long a batch waits to fill before it runs.")
+    max_queue_depth: int = Field(
+        1024, description="Per-model queued requests before new ones get 429."
+    )
+    inference_threads: int = Field(1, description="Threads running ORT batches.")
+
+    # --- queue backend
+    queue: Literal["inprocess", "redis"] = "inprocess"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    metrics_port: int = Field(9100, description="Prometheus port of `nlpserve worker`.")
+
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Pre-processing contracts shared by serving and training (no torch here)."""

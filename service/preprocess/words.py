@@ -1,0 +1,127 @@
+"""Word-level encoding for the LSTM models: HF ``tokenizers`` word vocab + character ids.
+
+Training builds the vocabulary with :func:`build_word_tokenizer` and encodes its data with the
+same :class:`WordEncoder` the service uses, so what the model saw and what it is served are
+one code path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+
+# Penn-Treebank-like word splitting, good enough for free text: abbreviations (U.S.),
+# numbers (3.5, 1,000), clitics split off (do n't, John 's), hyphenated words, punctuation.
+PTB_PATTERN = (
+    r"(?:[A-Za-z]\.){2,}"
+    r"|\d+(?:[.,:/]\d+)*"
+    r"|\w+(?=n't\b)"
+    r"|n't\b|'(?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b"
+    r"|\w+(?:-\w+)*"
+    r"|\.\.\.|--|``|''|[^\s\w]"
+)
+
+
+@dataclass(frozen=True)
+class WordEncoding:
+    """One sequence: surface tokens, word ids [T] and (optionally) char ids [T, W]."""
+
+    tokens: list[str]
+    word_ids: np.ndarray
+    char_ids: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(PTB_PATTERN), "isolated")]
+    )
+
+
+def build_word_tokenizer(words: Iterable[str], *, lowercase: bool = True) -> Tokenizer:
+    """A WordLevel tokenizer over ``words`` (already normalised) with <pad>=0, <unk>=1."""
+    vocab = {PAD: PAD_ID, UNK: UNK_ID}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = _pre_tokenizer()
+    return tok
+
+
+def build_char_vocab(tokens: Iterable[str], min_count: int = 1) -> list[str]:
+    """Character vocabulary, most frequent first, index 0 = pad and 1 = unk."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        for c in t:
+            counts[c] = counts.get(c, 0) + 1
+    chars = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: -counts[c])
+    return [PAD, UNK, *chars]
+
+
+class WordEncoder:
+    """Turns texts or token lists into word ids (+ char ids) the way the model was trained."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chars: Sequence[str] | None = None,
+        max_word_length: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab: dict[str, int] = tokenizer.get_vocab()
+        self._normalizer = tokenizer.normalizer
+        self.char_index = {c: i for i, c in enumerate(chars)} if chars else None
+        if self.char_index is not None and not max_word_length:
+            raise ValueError("max_word_length is required with a character vocabulary")
+        self.max_word_length = max_word_length
+
+    @classmethod
+    def load(
+        cls, tokenizer_file: Path, chars_file: Path | None = None, max_word_length: int | None = None
+    ) -> WordEncoder:
+        chars = json.loads(Path(chars_file).read_text("utf-8")) if chars_file else None
+        return cls(Tokenizer.from_file(str(tokenizer_file)), chars, max_word_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def split(self, texts: Sequence[str]) -> list[list[str]]:
+        """Split raw texts into surface tokens (original case), batch-encoded by tokenizers."""
+        out = []
+        for text, enc in zip(texts, self.tokenizer.encode_batch(list(texts)), strict=True):
+            out.append([text[s:e] for s, e in enc.offsets])
+        return out
+
+    def encode_texts(self, texts: Sequence[str]) -> list[WordEncoding]:
+        return self.encode_tokens(self.split(texts))
+
+    def encode_tokens(self, sentences: Sequence[Sequence[str]]) -> list[WordEncoding]:
+        return [self._encode(list(tokens)) for tokens in sentences]
+
+    def _encode(self, tokens: list[str]) -> WordEncoding:
+        norm = self._normalizer.normalize_str if self._normalizer else (lambda s: s)
+        ids = np.fromiter(
+            (self.vocab.get(norm(t), UNK_ID) for t in tokens), dtype=np.int64, count=len(tokens)
+        )
+        chars = None
+        if self.char_index is not None:
+            w = self.max_word_length
+            chars = np.zeros((len(tokens), w), dtype=np.int64)
+            for i, t in enumerate(tokens):
+                cs = [self.char_index.get(c, UNK_ID) for c in t[:w]]
+                chars[i, : len(cs)] = cs
+        return WordEncoding(tokens, ids, chars)

@@ -1,0 +1,26 @@
+"""The model repository: ``models/<name>/<version>/`` folders with a validated manifest."""
+
+from service.repository.manifest import (
+    MANIFEST_FILE,
+    DataFile,
+    Manifest,
+    ManifestError,
+    SplitInfo,
+    TensorSpec,
+    Variant,
+    load_manifest,
+)
+from service.repository.discovery import ModelEntry, discover_models
+
+__all__ = [
+    "MANIFEST_FILE",
+    "DataFile",
+    "Manifest",
+    "ManifestError",
+    "ModelEntry",
+    "SplitInfo",
+    "TensorSpec",
+    "Variant",
+    "discover_models",
+    "load_manifest",
+]

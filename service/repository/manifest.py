@@ -1,0 +1,154 @@
+"""The manifest contract of one model version (``manifest.json``).
+
+``service`` owns this schema; ``training`` writes it. Every file named here is relative to
+the version folder.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+Task = Literal["pos", "polarity", "qa", "detect"]
+DType = Literal["int64", "int32", "float32", "float16", "bool"]
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing or invalid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: DType
+    # Symbolic names ("batch", "sequence") mark dynamic axes; ints are fixed sizes.
+    shape: list[int | str]
+
+
+class Variant(_Strict):
+    """One ONNX file of the model (fp32, int8-quantised, fp16...)."""
+
+    file: str
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
+    # Providers this variant is meant for, in preference order.
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    sha256: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class DataFile(_Strict):
+    path: str  # relative to the data directory the training ran on
+    sha256: str
+    bytes: int | None = None
+
+
+class SplitInfo(_Strict):
+    seed: int
+    ratios: dict[str, float]  # e.g. {"train": 0.8, "dev": 0.1, "test": 0.1}
+    sizes: dict[str, int]  # examples per split
+    unit: str = "sentence"  # what was split: sentence, question, article...
+
+
+class Preprocessing(_Strict):
+    """How raw requests become model inputs (the contract shared with training)."""
+
+    kind: Literal["words", "wordpiece"]
+    tokenizer_file: str = "tokenizer.json"
+    # words: character vocabulary for char features (None when the model has none)
+    chars_file: str | None = None
+    max_word_length: int | None = None
+    lowercase: bool = True
+    # wordpiece/QA windows
+    doc_stride: int | None = None
+    max_answer_length: int | None = None
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    task: Task
+    architecture: str
+    description: str = ""
+    created_at: datetime
+    framework_versions: dict[str, str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    labels: list[str]
+    max_length: int = Field(gt=0, description="Longest token sequence the model accepts.")
+    preprocessing: Preprocessing
+    buckets: list[int] = Field(
+        description="Upper edges (tokens) of the length buckets, ascending; last == max_length."
+    )
+    variants: dict[str, Variant]
+    metrics: dict[str, float]
+    split: SplitInfo | None = None
+    data: list[DataFile] = Field(default_factory=list)
+    command: str
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("buckets")
+    @classmethod
+    def _ascending(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v) or v != sorted(set(v)):
+            raise ValueError("must be a non-empty ascending list of positive token counts")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _has_fp32(cls, v: dict[str, Variant]) -> dict[str, Variant]:
+        if not v:
+            raise ValueError("must name at least one ONNX file")
+        return v
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def load_manifest(folder: Path | str) -> Manifest:
+    """Read and validate ``<folder>/manifest.json``; check that every file it names exists."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc']) or '<root>'}': {err['msg']}"
+            for err in e.errors()
+        )
+        raise ManifestError(f"{path}: {problems}") from e
+    if manifest.buckets[-1] != manifest.max_length:
+        raise ManifestError(
+            f"{path}: field 'buckets': last edge {manifest.buckets[-1]} "
+            f"must equal max_length {manifest.max_length}"
+        )
+    named = [manifest.preprocessing.tokenizer_file, manifest.preprocessing.chars_file]
+    named += [v.file for v in manifest.variants.values()]
+    for rel in filter(None, named):
+        if not (Path(folder) / rel).is_file():
+            raise ManifestError(f"{path}: names file '{rel}', which does not exist in {folder}")
+    return manifest
+
+
+def write_manifest(folder: Path | str, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
