@@ -35,7 +35,9 @@ def serve(
     """Serve every model in the repository over HTTP."""
     overrides = {k: v for k, v in {"host": host, "port": port, "model_dir": model_dir}.items() if v}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from service.server import run_server
 
     run_server(settings)
@@ -52,8 +54,14 @@ def list_models(
         m = entry.manifest
         typer.echo(
             json.dumps(
-                {"name": m.name, "version": m.version, "task": m.task, "metrics": m.metrics,
-                 "variants": sorted(m.variants), "path": str(entry.path)}
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "task": m.task,
+                    "metrics": m.metrics,
+                    "variants": sorted(m.variants),
+                    "path": str(entry.path),
+                }
             )
         )
 

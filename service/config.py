@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, description="Longest accepted text field, in characters.")
     max_batch_items: int = Field(64, description="Most items in one {'inputs': [...]} request.")
     default_deadline_ms: int = Field(
-        30_000, description="Per-request deadline unless the X-Request-Deadline-Ms header says less."
+        30_000, description="Per-request deadline unless the X-Deadline-Ms header says less."
     )
 
     # --- runtime

@@ -90,7 +90,10 @@ class WordEncoder:
 
     @classmethod
     def load(
-        cls, tokenizer_file: Path, chars_file: Path | None = None, max_word_length: int | None = None
+        cls,
+        tokenizer_file: Path,
+        chars_file: Path | None = None,
+        max_word_length: int | None = None,
     ) -> WordEncoder:
         chars = json.loads(Path(chars_file).read_text("utf-8")) if chars_file else None
         return cls(Tokenizer.from_file(str(tokenizer_file)), chars, max_word_length)

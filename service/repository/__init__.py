@@ -1,5 +1,6 @@
 """The model repository: ``models/<name>/<version>/`` folders with a validated manifest."""
 
+from service.repository.discovery import ModelEntry, discover_models
 from service.repository.manifest import (
     MANIFEST_FILE,
     DataFile,
@@ -10,7 +11,6 @@ from service.repository.manifest import (
     Variant,
     load_manifest,
 )
-from service.repository.discovery import ModelEntry, discover_models
 
 __all__ = [
     "MANIFEST_FILE",

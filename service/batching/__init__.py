@@ -1,0 +1,16 @@
+"""Length-bucketed dynamic batching: pure data structures shared by every queue backend."""
+
+from service.batching.assemble import pad_batch, padding_efficiency, split_outputs
+from service.batching.buckets import bucket_index
+from service.batching.forming import PendingBucket
+from service.batching.types import BatchPolicy, WorkItem
+
+__all__ = [
+    "BatchPolicy",
+    "PendingBucket",
+    "WorkItem",
+    "bucket_index",
+    "pad_batch",
+    "padding_efficiency",
+    "split_outputs",
+]

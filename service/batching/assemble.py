@@ -1,0 +1,50 @@
+"""Padding a batch to its longest sequence, and splitting the outputs back per sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.batching.types import WorkItem
+from service.repository.manifest import TensorSpec
+
+LENGTHS_INPUT = "lengths"  # models that take sequence lengths get them derived here
+SEQUENCE_AXIS = "sequence"
+
+
+def pad_batch(items: Sequence[WorkItem], inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Stack ``items`` into model feeds padded (with 0) to the batch's longest sequence."""
+    longest = max(it.length for it in items)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if spec.name == LENGTHS_INPUT:
+            feeds[spec.name] = np.array([it.length for it in items], dtype=spec.dtype)
+            continue
+        first = items[0].features[spec.name]
+        out = np.zeros((len(items), longest, *first.shape[1:]), dtype=spec.dtype)
+        for i, it in enumerate(items):
+            arr = it.features[spec.name]
+            out[i, : arr.shape[0]] = arr
+        feeds[spec.name] = out
+    return feeds
+
+
+def split_outputs(
+    outputs: dict[str, np.ndarray], items: Sequence[WorkItem], specs: Sequence[TensorSpec]
+) -> list[dict[str, np.ndarray]]:
+    """One dict of outputs per item; sequence-shaped outputs cut back to the item's length."""
+    per_item: list[dict[str, np.ndarray]] = [{} for _ in items]
+    for spec in specs:
+        value = outputs[spec.name]
+        has_seq = len(spec.shape) > 1 and spec.shape[1] == SEQUENCE_AXIS
+        for i, it in enumerate(items):
+            per_item[i][spec.name] = value[i, : it.length] if has_seq else value[i]
+    return per_item
+
+
+def padding_efficiency(items: Sequence[WorkItem]) -> float:
+    """Real tokens / padded tokens of a batch (1.0 = no padding)."""
+    if not items:
+        return 1.0
+    return sum(it.length for it in items) / (len(items) * max(it.length for it in items))

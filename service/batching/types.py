@@ -1,0 +1,49 @@
+"""What travels through a queue: one sequence to run, and the rules that group them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class WorkItem:
+    """One sequence for one model: already tokenized, not yet padded.
+
+    ``features`` maps each model input (except ``lengths``, derived at batch time) to an
+    array whose first axis is the sequence axis. ``deadline`` is wall-clock (``time.time()``)
+    because it travels between processes.
+    """
+
+    model: str
+    bucket: int
+    length: int
+    features: dict[str, np.ndarray]
+    deadline: float
+    lane: str = "predict"  # "explain" work runs only when no "predict" work waits
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = field(default_factory=time.time)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.deadline
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When a bucket's pending work becomes a batch.
+
+    A batch closes when it holds ``max_batch_size`` sequences, when one more sequence would
+    push ``batch size x longest length`` over ``max_batch_tokens``, or when its oldest
+    sequence has waited ``max_wait_s``.
+    """
+
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_wait_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_wait_s < 0:
+            raise ValueError(f"invalid batch policy {self}")

@@ -1,0 +1,82 @@
+"""The contract between the API (which tokenizes and submits) and whatever runs batches."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from service.batching.types import WorkItem
+
+
+class QueueError(Exception):
+    """Base of the errors a submit can raise; each maps to one HTTP status."""
+
+    status_code = 500
+    code = "queue_error"
+
+
+class QueueFullError(QueueError):
+    """The model's queue is at its depth limit: the client should retry later (429)."""
+
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(QueueError):
+    """The request's deadline passed before its result came back (504)."""
+
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class BackendUnavailableError(QueueError):
+    """The queue backend (e.g. Redis) cannot be reached (503)."""
+
+    status_code = 503
+    code = "backend_unavailable"
+
+
+class InferenceFailedError(QueueError):
+    """The model failed on this input, repeatedly where retries apply (422: the input is
+    what the model could not process; the server itself is healthy)."""
+
+    status_code = 422
+    code = "inference_failed"
+
+
+class InferenceQueue(abc.ABC):
+    """Accepts tokenized sequences and resolves each with its model outputs.
+
+    Implementations batch per (model, bucket) with :mod:`service.batching` and must never
+    run an item whose deadline has passed when they can avoid it.
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop accepting; let in-flight items finish up to ``drain_timeout_s``."""
+
+    @abc.abstractmethod
+    async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
+        """Queue ``item`` and wait for its outputs (sequence outputs cut to its length)."""
+
+    async def submit_many(self, items: list[WorkItem]) -> list[dict[str, np.ndarray]]:
+        """Submit several sequences at once (QA windows, batch requests, SHAP variants)."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.submit(it) for it in items)))
+
+    @abc.abstractmethod
+    async def is_ready(self) -> bool:
+        """True when work submitted now would be processed."""
+
+    @abc.abstractmethod
+    def depth(self, model: str) -> int:
+        """Items queued (not yet running) for ``model``, as known to this process."""
