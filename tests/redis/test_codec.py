@@ -1,0 +1,120 @@
+"""Round trips of the Redis wire format (no Redis needed)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from service.batching.types import WorkItem
+from service.queueing import codec
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(7, dtype=np.int64),
+        np.arange(12, dtype=np.int32).reshape(3, 4),
+        np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32),
+        np.array([0.5, -1.0], dtype=np.float16),
+        np.array([True, False, True]),
+        np.array(3.25, dtype=np.float64),  # 0-d
+        np.zeros((0, 4), dtype=np.int64),  # empty
+        np.arange(6, dtype=">i8"),  # big-endian input comes back native, same values
+        np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2],  # non-contiguous
+    ],
+)
+def test_array_round_trip(arr: np.ndarray) -> None:
+    out = codec.decode_array(codec.encode_array(arr))
+    assert out.dtype == arr.dtype.newbyteorder("=")
+    assert out.shape == arr.shape
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_array_is_packed_not_json() -> None:
+    ids = np.arange(100, dtype=np.int64)
+    blob = codec.encode_array(ids)
+    assert len(blob) == 2 + 4 + 100 * 8  # header + one dim + raw little-endian data
+    assert blob[6:14] == (0).to_bytes(8, "little") and blob[14:22] == (1).to_bytes(8, "little")
+
+
+def test_array_rejects_garbage() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode_array(b"\x00")
+    with pytest.raises(codec.CodecError):
+        codec.decode_array(codec.encode_array(np.arange(4))[:-1])
+    with pytest.raises(codec.CodecError):
+        codec.decode_array(bytes([200, 0]))
+    with pytest.raises(codec.CodecError):
+        codec.encode_array(np.array(["a"]))
+
+
+def _item() -> WorkItem:
+    return WorkItem(
+        model="pos",
+        bucket=2,
+        length=5,
+        features={
+            "word_ids": np.array([3, 17, 2**40, 0, 9], dtype=np.int64),
+            "char_ids": np.arange(5 * 8, dtype=np.int64).reshape(5, 8),
+        },
+        deadline=time.time() + 1.234567891,
+        lane="explain",
+    )
+
+
+def test_work_round_trip() -> None:
+    item = _item()
+    fields = codec.encode_work(item, reply_to="nlpserve:reply:abc", attempt=2)
+    assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in fields.items())
+    got = codec.decode_work(fields)
+    assert got.reply_to == "nlpserve:reply:abc" and got.attempt == 2
+    for attr in ("model", "bucket", "length", "deadline", "lane", "id", "enqueued_at"):
+        assert getattr(got.item, attr) == getattr(item, attr), attr
+    assert got.item.features.keys() == item.features.keys()
+    for k, v in item.features.items():
+        np.testing.assert_array_equal(got.item.features[k], v)
+        assert got.item.features[k].dtype == v.dtype
+
+
+def test_work_rejects_wrong_version_and_missing_fields() -> None:
+    fields = codec.encode_work(_item(), reply_to="r")
+    with pytest.raises(codec.CodecError, match="version"):
+        codec.decode_work({**fields, codec.F_VERSION: b"9"})
+    broken = dict(fields)
+    del broken[codec.F_MODEL]
+    with pytest.raises(codec.CodecError, match="lacks"):
+        codec.decode_work(broken)
+    with pytest.raises(codec.CodecError):
+        codec.decode_work({**fields, codec.F_BUCKET: b"two"})
+
+
+def test_reply_round_trip() -> None:
+    outs = {
+        "logits": np.random.default_rng(1).standard_normal((5, 17)).astype(np.float32),
+        "prob": np.array(0.75, dtype=np.float32),
+    }
+    reply = codec.decode_reply(codec.encode_reply(codec.Reply("rid-1", outputs=outs)))
+    assert reply.id == "rid-1" and reply.status == codec.STATUS_OK and reply.error == ""
+    for k, v in outs.items():
+        np.testing.assert_array_equal(reply.outputs[k], v)
+    reply.outputs["logits"][0, 0] = 1.0  # replies are writable for post-processing
+
+    err = codec.decode_reply(
+        codec.encode_reply(codec.Reply("rid-2", status=codec.STATUS_FAILED, error="bad ünput"))
+    )
+    assert (err.id, err.status, err.error, err.outputs) == (
+        "rid-2",
+        codec.STATUS_FAILED,
+        "bad ünput",
+        {},
+    )
+
+
+def test_reply_rejects_garbage() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode_reply(b"hello")
+    blob = codec.encode_reply(codec.Reply("x", outputs={"a": np.arange(3)}))
+    with pytest.raises(codec.CodecError):
+        codec.decode_reply(blob[:-5])
