@@ -58,6 +58,39 @@ class Settings(BaseSettings):
     queue: Literal["inprocess", "redis"] = "inprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
     metrics_port: int = Field(9100, description="Prometheus port of `nlpserve worker`.")
+    # Redis backend details (docs/scale-out.md)
+    redis_prefix: str = Field("nlpserve", description="Namespace of every Redis key and channel.")
+    redis_connect_timeout_s: float = Field(
+        0.5, description="Redis connect timeout: an unreachable Redis must fail requests fast."
+    )
+    redis_socket_timeout_s: float = Field(2.0, description="Redis command timeout.")
+    redis_max_connections: int = Field(64, description="Redis connection pool size per process.")
+    redis_stream_maxlen: int = Field(
+        100_000,
+        description="Approximate MAXLEN of each stream; a safety net, since answered entries "
+        "are deleted right away.",
+    )
+    redis_read_count: int = Field(256, description="Entries a worker reads per XREADGROUP.")
+    redis_block_ms: int = Field(500, description="XREADGROUP BLOCK time of a worker.")
+    redis_claim_idle_ms: int = Field(
+        15_000,
+        description="A pending entry idle this long (its worker died) is reclaimed by another "
+        "worker with XAUTOCLAIM.",
+    )
+    redis_max_attempts: int = Field(
+        3,
+        description="Deliveries of an entry before it goes to the dead-letter stream and its "
+        "client gets an error.",
+    )
+    worker_prefetch: int = Field(
+        512, description="Most entries one worker holds (read but not yet answered)."
+    )
+    worker_drain_timeout_s: float = Field(
+        30.0, description="On SIGTERM, how long a worker may finish the work in hand."
+    )
+    worker_name: str | None = Field(
+        None, description="Consumer name of a worker in its group (default: host-pid-random)."
+    )
 
     log_level: str = "INFO"
 
