@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.batching.types import BatchPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NLPSERVE_", env_file=None, extra="ignore")
@@ -42,6 +44,12 @@ class Settings(BaseSettings):
     variant: str | None = Field(
         None, description="Force a model variant (fp32, int8, fp16); default picks per provider."
     )
+    ort_allow_spinning: bool = Field(
+        False,
+        description="Let idle ORT threads spin-wait. Off by default: spinning threads steal "
+        "CPU from the event loop and tokenization on small machines.",
+    )
+    warmup: bool = Field(True, description="Run one batch per bucket of each model at startup.")
 
     # --- batching
     max_batch_size: int = Field(32, description="Most sequences in one inference batch.")
@@ -53,6 +61,14 @@ class Settings(BaseSettings):
         1024, description="Per-model queued requests before new ones get 429."
     )
     inference_threads: int = Field(1, description="Threads running ORT batches.")
+    buckets: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description='Per-model bucket edges overriding the manifest, as JSON: {"pos-en": [16, 32, '
+        "64]}. Edges past the model's max_length are dropped; max_length is always the last.",
+    )
+    shutdown_timeout_s: float = Field(
+        10.0, description="On SIGTERM, how long in-flight requests get to finish."
+    )
 
     # --- queue backend
     queue: Literal["inprocess", "redis"] = "inprocess"
@@ -93,6 +109,13 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_s=self.max_wait_ms / 1000.0,
+        )
 
 
 @lru_cache

@@ -3,10 +3,12 @@
 from service.batching.assemble import pad_batch, padding_efficiency, split_outputs
 from service.batching.buckets import bucket_index
 from service.batching.forming import PendingBucket
+from service.batching.scheduler import BucketScheduler
 from service.batching.types import BatchPolicy, WorkItem
 
 __all__ = [
     "BatchPolicy",
+    "BucketScheduler",
     "PendingBucket",
     "WorkItem",
     "bucket_index",

@@ -1,0 +1,136 @@
+"""Choosing the next batch of one model among its pending length buckets and lanes.
+
+Shared by every queue backend: the in-process queue and the Redis worker both feed a
+:class:`BucketScheduler` and ask it which batch to run next and how long to sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from service.batching.forming import PendingBucket
+from service.batching.types import BatchPolicy, WorkItem
+
+PREDICT_LANE = "predict"
+EXPLAIN_LANE = "explain"
+# Lanes in priority order: a lane runs only when every lane before it has nothing waiting.
+DEFAULT_LANES: tuple[str, ...] = (PREDICT_LANE, EXPLAIN_LANE)
+
+
+class BucketScheduler:
+    """Pending sequences of ONE model, in a :class:`PendingBucket` per (bucket, lane).
+
+    Not thread-safe: one owner (an asyncio loop task, or a worker loop) calls every method.
+
+    Rules of :meth:`next_batch`:
+    * lanes are strict priorities: ``explain`` work runs only when no ``predict`` work waits
+      (not even work that is still filling its batch), so explanations never delay
+      predictions by more than the batch already running;
+    * within a lane, among the buckets that are ready (full, or oldest item waited
+      ``max_wait_s``), the one whose oldest item has waited longest goes first, so a busy
+      bucket cannot starve a quiet one;
+    * the batch itself is formed by :meth:`PendingBucket.take` (FIFO, max batch size, token
+      budget).
+    """
+
+    def __init__(self, policy: BatchPolicy, lanes: tuple[str, ...] = DEFAULT_LANES) -> None:
+        self.policy = policy
+        self.lanes = lanes
+        self._pending: dict[tuple[int, str], PendingBucket] = {}
+
+    # ------------------------------------------------------------------ contents
+    def add(self, item: WorkItem) -> None:
+        if item.lane not in self.lanes:
+            raise ValueError(f"unknown lane {item.lane!r} (known: {', '.join(self.lanes)})")
+        key = (item.bucket, item.lane)
+        pb = self._pending.get(key)
+        if pb is None:
+            pb = self._pending[key] = PendingBucket()
+        pb.add(item)
+
+    def __len__(self) -> int:
+        return sum(len(pb) for pb in self._pending.values())
+
+    def depth(self, bucket: int | None = None, lane: str | None = None) -> int:
+        return sum(
+            len(pb)
+            for (b, ln), pb in self._pending.items()
+            if (bucket is None or b == bucket) and (lane is None or ln == lane)
+        )
+
+    def depths(self) -> dict[int, int]:
+        """Waiting sequences per bucket index (all lanes), including buckets now empty."""
+        out: dict[int, int] = {}
+        for (b, _), pb in self._pending.items():
+            out[b] = out.get(b, 0) + len(pb)
+        return out
+
+    def items(self) -> Iterator[WorkItem]:
+        for pb in self._pending.values():
+            yield from pb.items
+
+    # ------------------------------------------------------------------ removal
+    def drop_expired(self, now: float | None = None) -> list[WorkItem]:
+        """Remove and return every waiting item whose deadline has passed."""
+        now = time.time() if now is None else now
+        dropped: list[WorkItem] = []
+        for pb in self._pending.values():
+            dropped.extend(pb.drop_expired(now))
+        return dropped
+
+    def drop(self, predicate: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Remove and return waiting items matching ``predicate`` (e.g. client gone)."""
+        dropped: list[WorkItem] = []
+        for pb in self._pending.values():
+            if any(predicate(it) for it in pb.items):
+                keep = type(pb.items)()
+                for it in pb.items:
+                    (dropped if predicate(it) else keep).append(it)
+                pb.items = keep
+        return dropped
+
+    # ------------------------------------------------------------------ choosing
+    def _active_lane(self) -> str | None:
+        for lane in self.lanes:
+            if any(len(pb) for (_, ln), pb in self._pending.items() if ln == lane):
+                return lane
+        return None
+
+    def next_batch(self, now: float | None = None, *, flush: bool = False) -> list[WorkItem] | None:
+        """Pop the batch to run now, or ``None`` when no bucket is ready.
+
+        ``flush=True`` treats every non-empty bucket as ready (draining at shutdown).
+        """
+        lane = self._active_lane()
+        if lane is None:
+            return None
+        now = time.time() if now is None else now
+        best: PendingBucket | None = None
+        best_wait = -1.0
+        for (_, ln), pb in self._pending.items():
+            if ln != lane or not pb.items:
+                continue
+            if not flush and not pb.ready(self.policy, now):
+                continue
+            wait = pb.oldest_wait(now)
+            if wait > best_wait:
+                best, best_wait = pb, wait
+        return best.take(self.policy) if best is not None else None
+
+    def next_wakeup(self, now: float | None = None) -> float | None:
+        """Seconds until :meth:`next_batch` may return a batch (0 = now; None = empty)."""
+        lane = self._active_lane()
+        if lane is None:
+            return None
+        now = time.time() if now is None else now
+        waits = [
+            pb.time_to_ready(self.policy, now)
+            for (_, ln), pb in self._pending.items()
+            if ln == lane and pb.items
+        ]
+        return min(w for w in waits if w is not None)
+
+    def oldest_deadline(self) -> float | None:
+        """Earliest deadline among waiting items (a loop may want to wake up to expire it)."""
+        return min((it.deadline for it in self.items()), default=None)

@@ -1,0 +1,114 @@
+"""Prometheus metrics of the service and of inference workers.
+
+Every :class:`Metrics` owns its own :class:`CollectorRegistry` (not the global default), so
+several apps in one test process, or an API and a worker, never share or clash on series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_EFFICIENCY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+
+
+class Metrics:
+    """All nlpserve series. Methods are thread-safe (runners record from executor threads)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "nlpserve_requests_total",
+            "HTTP prediction requests by model and HTTP status.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "nlpserve_request_duration_seconds",
+            "Prediction request latency (HTTP in to HTTP out).",
+            ["model", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "nlpserve_queue_depth",
+            "Sequences waiting (not yet running) per model and length bucket.",
+            ["model", "bucket"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "nlpserve_batch_size",
+            "Sequences per inference batch.",
+            ["model", "bucket"],
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.padding_efficiency = Histogram(
+            "nlpserve_padding_efficiency",
+            "Per batch: real tokens / padded tokens (1.0 = no padding).",
+            ["model"],
+            buckets=_EFFICIENCY_BUCKETS,
+            registry=r,
+        )
+        # Token counters give the exact traffic-weighted efficiency: real / padded.
+        self.batch_tokens = Counter(
+            "nlpserve_batch_tokens_total",
+            "Tokens run through the model, kind=real (unpadded) or padded (batch x longest).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "nlpserve_inference_duration_seconds",
+            "ONNX Runtime time per batch (padding and splitting included).",
+            ["model", "bucket"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "nlpserve_rejected_total",
+            "Requests answered with an error, by model and reason (the error code).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.provider_fallback = Counter(
+            "nlpserve_provider_fallback_total",
+            "Models that could not run on the requested provider and fell back (to CPU).",
+            ["model", "requested", "actual"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "nlpserve_model_info",
+            "Loaded models (value 1) with the provider and variant they actually run on.",
+            ["model", "version", "provider", "variant"],
+            registry=r,
+        )
+
+    # ------------------------------------------------------------------ recording helpers
+    def observe_batch(
+        self, model: str, bucket: int, size: int, real_tokens: int, padded_tokens: int, secs: float
+    ) -> None:
+        b = str(bucket)
+        self.batch_size.labels(model, b).observe(size)
+        self.inference_duration.labels(model, b).observe(secs)
+        self.padding_efficiency.labels(model).observe(real_tokens / max(padded_tokens, 1))
+        self.batch_tokens.labels(model, "real").inc(real_tokens)
+        self.batch_tokens.labels(model, "padded").inc(padded_tokens)
+
+    def observe_request(self, model: str, status: int, secs: float) -> None:
+        s = str(status)
+        self.requests.labels(model, s).inc()
+        self.request_duration.labels(model, s).observe(secs)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,183 @@
+"""One loaded model that runs padded batches: shared by the in-process queue and workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.batching import WorkItem, pad_batch, split_outputs
+from service.batching.assemble import LENGTHS_INPUT, SEQUENCE_AXIS
+from service.config import Settings
+from service.metrics import Metrics
+from service.repository import Manifest, ModelEntry, discover_models
+from service.runtime.session import CUDA, LoadedSession, create_session, resolve_providers
+
+log = logging.getLogger(__name__)
+
+BATCH_AXIS = "batch"
+
+
+def bucket_edges(manifest: Manifest, settings: Settings) -> list[int]:
+    """The model's bucket edges: NLPSERVE_BUCKETS override, else the manifest's."""
+    override = settings.buckets.get(manifest.name)
+    if not override:
+        return list(manifest.buckets)
+    edges = sorted({e for e in override if 0 < e < manifest.max_length})
+    return [*edges, manifest.max_length]
+
+
+class ModelRunner:
+    """Runs batches of :class:`WorkItem` through one ORT session.
+
+    ``run_batch`` is synchronous and thread-safe (ORT sessions are); callers run it off the
+    event loop. It pads to the batch's longest sequence, runs, and splits the outputs back
+    per item, recording batch metrics when ``metrics`` is given.
+    """
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        loaded: LoadedSession,
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.entry = entry
+        self.manifest: Manifest = entry.manifest
+        self.name: str = entry.manifest.name
+        self.path: Path = entry.path
+        self.session: ort.InferenceSession = loaded.session
+        self.provider: str = loaded.provider
+        self.requested_provider: str = loaded.requested_provider
+        self.variant: str = loaded.variant
+        self.buckets: list[int] = bucket_edges(self.manifest, settings)
+        self.metrics = metrics
+        self._output_names = self.manifest.output_names()
+        self._use_io_binding = self.provider == CUDA
+        if metrics is not None:
+            metrics.model_info.labels(
+                self.name, self.manifest.version, self.provider, self.variant
+            ).set(1)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.provider != self.requested_provider
+
+    # ------------------------------------------------------------------ running
+    def run_batch(
+        self, items: Sequence[WorkItem], *, record: bool = True
+    ) -> list[dict[str, np.ndarray]]:
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        feeds = pad_batch(items, self.manifest.inputs)
+        outputs = self._run(feeds)
+        per_item = split_outputs(outputs, items, self.manifest.outputs)
+        if record and self.metrics is not None:
+            real = sum(it.length for it in items)
+            padded = len(items) * max(it.length for it in items)
+            self.metrics.observe_batch(
+                self.name, items[0].bucket, len(items), real, padded, time.perf_counter() - t0
+            )
+        return per_item
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._use_io_binding:
+            try:
+                return self._run_io_binding(feeds)
+            except Exception as e:  # never lose a batch to the optimisation
+                log.warning("%s: IO binding failed (%s); using plain run", self.name, e)
+                self._use_io_binding = False
+        values = self.session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, values, strict=True))
+
+    def _run_io_binding(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # On CUDA, outputs are allocated on the device and copied back once per batch,
+        # avoiding ORT's extra host staging of every output.
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, arr)
+        for name in self._output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        values = binding.copy_outputs_to_cpu()
+        return dict(zip(self._output_names, values, strict=True))
+
+    # ------------------------------------------------------------------ warm-up
+    def dummy_item(self, length: int, bucket: int) -> WorkItem:
+        """A valid-shaped sequence of ``length`` tokens (ids 1: never the pad id 0)."""
+        session_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        features: dict[str, np.ndarray] = {}
+        for spec in self.manifest.inputs:
+            if spec.name == LENGTHS_INPUT:
+                continue
+            dims: list[int] = []
+            for axis, dim in enumerate(spec.shape):
+                if axis == 0:
+                    continue  # batch axis
+                if dim == SEQUENCE_AXIS:
+                    dims.append(length)
+                elif isinstance(dim, int):
+                    dims.append(dim)
+                else:
+                    dims.append(self._resolve_dim(spec.name, axis, session_shapes))
+            features[spec.name] = np.ones(dims, dtype=spec.dtype)
+        return WorkItem(self.name, bucket, length, features, deadline=time.time() + 3600)
+
+    def _resolve_dim(self, name: str, axis: int, session_shapes: dict[str, list]) -> int:
+        shape = session_shapes.get(name) or []
+        if axis < len(shape) and isinstance(shape[axis], int) and shape[axis] > 0:
+            return shape[axis]
+        # Symbolic inner axes (e.g. characters per word) take the preprocessing's size.
+        return self.manifest.preprocessing.max_word_length or 1
+
+    def warmup(self) -> float:
+        """One batch per bucket at the bucket's edge length; returns seconds spent.
+
+        The first run of each shape allocates arena memory and (on CUDA) picks kernels;
+        doing it here keeps that cost out of the first requests.
+        """
+        t0 = time.perf_counter()
+        for b, edge in enumerate(self.buckets):
+            self.run_batch([self.dummy_item(edge, b)], record=False)
+        return time.perf_counter() - t0
+
+    def describe(self) -> dict:
+        return {
+            "provider": self.provider,
+            "requested_provider": self.requested_provider,
+            "fallback": self.fell_back,
+            "variant": self.variant,
+            "precision": self.manifest.variants[self.variant].precision,
+        }
+
+
+def load_runners(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    entries: Sequence[ModelEntry] | None = None,
+) -> dict[str, ModelRunner]:
+    """Open every model of the repository (or ``entries``) and warm it up."""
+    if entries is None:
+        entries = discover_models(settings.model_dir)
+    providers = resolve_providers(settings)
+    runners: dict[str, ModelRunner] = {}
+    for entry in entries:
+        loaded = create_session(entry.path, entry.manifest, settings, metrics, providers)
+        runner = ModelRunner(entry, loaded, settings, metrics)
+        secs = runner.warmup() if settings.warmup else 0.0
+        log.info(
+            "loaded %s/%s on %s (variant %s, buckets %s, warm-up %.2fs)",
+            runner.name,
+            runner.manifest.version,
+            runner.provider,
+            runner.variant,
+            runner.buckets,
+            secs,
+        )
+        runners[runner.name] = runner
+    return runners
