@@ -1,0 +1,47 @@
+"""Deterministic, seeded train/dev/test splits.
+
+The split depends only on ``(n, seed, ratios)``: ``nlpserve evaluate`` re-creates a model's test
+split from the seed and ratios recorded in its manifest.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_RATIOS: dict[str, float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
+
+
+def split_indices(
+    n: int, seed: int, ratios: Mapping[str, float] | None = None
+) -> dict[str, list[int]]:
+    """Shuffle ``range(n)`` with ``random.Random(seed)`` and cut it by ``ratios``.
+
+    Every split but the first gets ``round(n * ratio)`` items; the first gets the rest, so the
+    splits always partition ``range(n)``. Indices inside a split are ascending.
+    """
+    ratios = dict(ratios or DEFAULT_RATIOS)
+    if not ratios:
+        raise ValueError("ratios must name at least one split")
+    if any(r < 0 for r in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split ratios must be non-negative and sum to 1, got {ratios}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    names = list(ratios)
+    sizes = {name: int(round(n * ratios[name])) for name in names[1:]}
+    if sum(sizes.values()) > n:
+        raise ValueError(f"cannot split {n} items by {ratios}")
+    sizes = {names[0]: n - sum(sizes.values()), **sizes}
+    out: dict[str, list[int]] = {}
+    start = 0
+    for name in names:
+        out[name] = sorted(order[start : start + sizes[name]])
+        start += sizes[name]
+    return out
+
+
+def take(items: Sequence[T], indices: Sequence[int]) -> list[T]:
+    return [items[i] for i in indices]

@@ -1,0 +1,208 @@
+"""``nlpserve train pos|polarity`` and the ``pos``/``polarity`` evaluators.
+
+torch and the training modules are imported inside the commands, so registering them costs
+nothing (and works) in an install without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Evaluator = Callable[[Path, Path], dict[str, float]]
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PosFormat(StrEnum):
+    treebank = "treebank"
+    conllu = "conllu"
+
+
+class TagField(StrEnum):
+    upos = "upos"
+    xpos = "xpos"
+
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help="Data root, corpus zip or folder (default: NLPSERVE_DATA_DIR setting)."
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
+VersionOpt = Annotated[
+    str | None, typer.Option(help="Version folder name (default: next integer).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the data split and training.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Training device.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+
+
+def resolve_data(data: Path | None) -> Path:
+    """``--data`` or the NLPSERVE_DATA_DIR setting; a clear error when it does not exist."""
+    from service.config import Settings
+
+    path = data if data is not None else Settings().data_dir
+    if not path.exists():
+        how = "--data" if data is not None else "NLPSERVE_DATA_DIR (setting data_dir)"
+        raise typer.BadParameter(
+            f"data path '{path}' (from {how}) does not exist; pass --data PATH or set "
+            "NLPSERVE_DATA_DIR to the shared data folder"
+        )
+    return path
+
+
+def _setup(device: Device, threads: int | None) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda requested but CUDA is not available")
+
+
+def _report(folder: Path) -> None:
+    from service.repository import load_manifest
+
+    m = load_manifest(folder)
+    typer.echo(json.dumps({"path": str(folder), "metrics": m.metrics}, indent=2))
+
+
+def train_pos(
+    data: DataOpt = None,
+    out: OutOpt = Path("models"),
+    name: Annotated[str, typer.Option(help="Model name.")] = "pos-en",
+    version: VersionOpt = None,
+    fmt: Annotated[
+        PosFormat, typer.Option("--format", help="treebank (NLTK PTB sample) or conllu.")
+    ] = PosFormat.treebank,
+    tag_field: Annotated[TagField, typer.Option(help="CoNLL-U tag column.")] = TagField.upos,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on dev).")] = 30,
+    patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 4,
+    seed: SeedOpt = 13,
+    device: DeviceOpt = Device.cpu,
+    hidden: Annotated[int, typer.Option(help="LSTM hidden size per direction.")] = 128,
+    layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
+    word_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 100,
+    char_filters: Annotated[int, typer.Option(help="Char CNN filters.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Sentences per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.33,
+    max_length: Annotated[int, typer.Option(help="Longest sentence (tokens).")] = 256,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
+    _setup(device, threads)
+    from training.data.common import DataError
+    from training.lstm.pos import PosConfig, load_pos_corpus, run_pos
+
+    path = resolve_data(data)
+    cfg = PosConfig(
+        epochs=epochs,
+        patience=patience,
+        seed=seed,
+        device=device.value,
+        hidden=hidden,
+        layers=layers,
+        word_dim=word_dim,
+        char_filters=char_filters,
+        batch_size=batch_size,
+        lr=lr,
+        dropout=dropout,
+        max_length=max_length,
+        progress=progress,
+        dataset=fmt.value,
+        tag_field=tag_field.value if fmt is PosFormat.conllu else None,
+    )
+    try:
+        corpus = load_pos_corpus(path, cfg.dataset, cfg.tag_field)
+        folder = run_pos(corpus, out, cfg, name=name, version=version)
+    except (DataError, FileExistsError) as e:
+        raise typer.BadParameter(str(e)) from e
+    _report(folder)
+
+
+def train_polarity(
+    data: DataOpt = None,
+    out: OutOpt = Path("models"),
+    name: Annotated[str, typer.Option(help="Model name.")] = "polarity-en",
+    version: VersionOpt = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on dev).")] = 20,
+    patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 4,
+    seed: SeedOpt = 13,
+    device: DeviceOpt = Device.cpu,
+    hidden: Annotated[int, typer.Option(help="LSTM hidden size per direction.")] = 128,
+    layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
+    emb_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 128,
+    bidirectional: Annotated[bool, typer.Option(help="Bidirectional LSTM.")] = True,
+    max_pool: Annotated[
+        bool, typer.Option(help="Concatenate max-pooled outputs to the final states.")
+    ] = True,
+    batch_size: Annotated[int, typer.Option(help="Sentences per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.5,
+    max_length: Annotated[int, typer.Option(help="Longest input (tokens); longer truncated.")] = 96,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""
+    _setup(device, threads)
+    from training.data.common import DataError
+    from training.data.polarity import load_polarity
+    from training.lstm.polarity import PolarityConfig, run_polarity
+
+    path = resolve_data(data)
+    cfg = PolarityConfig(
+        epochs=epochs,
+        patience=patience,
+        seed=seed,
+        device=device.value,
+        hidden=hidden,
+        layers=layers,
+        emb_dim=emb_dim,
+        bidirectional=bidirectional,
+        max_pool=max_pool,
+        batch_size=batch_size,
+        lr=lr,
+        dropout=dropout,
+        max_length=max_length,
+        progress=progress,
+    )
+    try:
+        corpus = load_polarity(path)
+        folder = run_polarity(corpus, out, cfg, name=name, version=version)
+    except (DataError, FileExistsError) as e:
+        raise typer.BadParameter(str(e)) from e
+    _report(folder)
+
+
+def evaluate_pos(model_dir: Path, data_dir: Path) -> dict[str, float]:
+    from training.lstm.pos import evaluate_entry
+
+    return evaluate_entry(model_dir, resolve_data(data_dir))
+
+
+def evaluate_polarity(model_dir: Path, data_dir: Path) -> dict[str, float]:
+    from training.lstm.polarity import evaluate_entry
+
+    return evaluate_entry(model_dir, resolve_data(data_dir))
+
+
+def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
+    train_app.command("pos")(train_pos)
+    train_app.command("polarity")(train_polarity)
+    evaluators["pos"] = evaluate_pos
+    evaluators["polarity"] = evaluate_polarity

@@ -1,0 +1,119 @@
+"""ONNX export of the LSTM models and the parity checks against PyTorch.
+
+Uses the legacy TorchScript exporter (``dynamo=False``, opset 17), which maps
+``pack_padded_sequence`` + ``nn.LSTM`` to an ONNX ``LSTM`` node with ``sequence_lens``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OPSET = 17
+
+POS_INPUTS = ["word_ids", "char_ids", "lengths"]
+POS_OUTPUTS = ["logits"]
+POS_AXES = {
+    "word_ids": {0: "batch", 1: "sequence"},
+    "char_ids": {0: "batch", 1: "sequence", 2: "word"},
+    "lengths": {0: "batch"},
+    "logits": {0: "batch", 1: "sequence"},
+}
+POLARITY_INPUTS = ["word_ids", "lengths"]
+POLARITY_OUTPUTS = ["logits"]
+POLARITY_AXES = {
+    "word_ids": {0: "batch", 1: "sequence"},
+    "lengths": {0: "batch"},
+    "logits": {0: "batch"},
+}
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example: Mapping[str, np.ndarray],
+    path: Path | str,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+) -> Path:
+    """Export ``model`` (moved to CPU, eval mode) traced on ``example`` to ``path``."""
+    path = Path(path)
+    model = model.cpu().eval()
+    args = tuple(torch.from_numpy(np.asarray(example[n])) for n in input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns about pack_padded_sequence and lengths.cpu(); the ONNX LSTM
+        # takes the lengths as sequence_lens, which the parity tests check.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def ort_session(path: Path | str, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def torch_outputs(model: torch.nn.Module, inputs: Mapping[str, np.ndarray], names: Sequence[str]):
+    model = model.cpu().eval()
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(np.asarray(inputs[n])) for n in names))
+    return out.numpy()
+
+
+def max_abs_diff(
+    model: torch.nn.Module,
+    session,
+    inputs: Mapping[str, np.ndarray],
+    input_names: Sequence[str],
+    mask: np.ndarray | None = None,
+) -> float:
+    """Largest |PyTorch - ONNX Runtime| over the output (positions where ``mask`` is true)."""
+    ref = torch_outputs(model, inputs, input_names)
+    got = session.run(None, {n: np.asarray(inputs[n]) for n in input_names})[0]
+    if ref.shape != got.shape:
+        raise AssertionError(f"output shapes differ: torch {ref.shape} vs onnx {got.shape}")
+    diff = np.abs(ref - got)
+    if mask is not None:
+        diff = diff[mask]
+    return float(diff.max()) if diff.size else 0.0
+
+
+def pad_batch(
+    encodings: Sequence, with_chars: bool, max_length: int | None = None
+) -> dict[str, np.ndarray]:
+    """Stack WordEncodings into padded ``word_ids``/``char_ids``/``lengths`` (int64)."""
+    lens = [min(len(e), max_length) if max_length else len(e) for e in encodings]
+    t = max(max(lens), 1)
+    word_ids = np.zeros((len(encodings), t), dtype=np.int64)
+    out: dict[str, np.ndarray] = {"word_ids": word_ids}
+    if with_chars:
+        w = encodings[0].char_ids.shape[1]
+        out["char_ids"] = np.zeros((len(encodings), t, w), dtype=np.int64)
+    for i, (e, n) in enumerate(zip(encodings, lens, strict=True)):
+        word_ids[i, :n] = e.word_ids[:n]
+        if with_chars:
+            out["char_ids"][i, :n] = e.char_ids[:n]
+    out["lengths"] = np.asarray(lens, dtype=np.int64)
+    return out

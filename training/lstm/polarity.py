@@ -1,0 +1,297 @@
+"""Polarity classifier ``polarity-en``: data, training, ONNX export, evaluation, entry.
+
+Texts are split and encoded with :meth:`WordEncoder.encode_texts`, exactly as the service
+encodes requests; sequences longer than ``max_length`` tokens are truncated (the service
+must truncate the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from service.preprocess.words import WordEncoder, build_word_tokenizer
+from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
+from training.data.checksums import data_checksums
+from training.data.common import DataError, TextCorpus
+from training.data.splits import DEFAULT_RATIOS, split_indices, take
+from training.lstm.export import (
+    POLARITY_AXES,
+    POLARITY_INPUTS,
+    POLARITY_OUTPUTS,
+    export_onnx,
+    max_abs_diff,
+    ort_session,
+    pad_batch,
+)
+from training.lstm.loop import eval_batches, fit, length_batches, seed_everything, word_dropout
+from training.lstm.models import PolarityClassifier
+from training.repository import write_entry
+
+log = logging.getLogger(__name__)
+
+INPUTS = [
+    TensorSpec(name="word_ids", dtype="int64", shape=["batch", "sequence"]),
+    TensorSpec(name="lengths", dtype="int64", shape=["batch"]),
+]
+OUTPUTS = [TensorSpec(name="logits", dtype="float32", shape=["batch", 2])]
+
+
+@dataclass
+class PolarityConfig:
+    epochs: int = 20
+    patience: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    emb_dim: int = 128
+    hidden: int = 128
+    layers: int = 1
+    bidirectional: bool = True
+    max_pool: bool = True
+    dropout: float = 0.5
+    word_dropout: float = 0.1
+    min_count: int = 2
+    max_length: int = 96
+    lowercase: bool = True
+    seed: int = 13
+    ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
+    device: str = "cpu"
+    progress: bool = True
+    dataset: str = "rt-polarity"
+
+
+@dataclass
+class PolarityTrained:
+    model: PolarityClassifier
+    encoder: WordEncoder
+    labels: list[str]
+    splits: dict[str, list[int]]
+    train_lengths: list[int]
+    dev_accuracy: float
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+
+
+def build_encoder(train_texts: list[str], cfg: PolarityConfig) -> WordEncoder:
+    splitter = WordEncoder(build_word_tokenizer([], lowercase=cfg.lowercase))
+    norm = splitter.tokenizer.normalizer
+    normalize = norm.normalize_str if norm else (lambda s: s)
+    counts = Counter(normalize(w) for toks in splitter.split(train_texts) for w in toks)
+    vocab = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    vocab = [w for w in vocab if counts[w] >= cfg.min_count]
+    return WordEncoder(build_word_tokenizer(vocab, lowercase=cfg.lowercase))
+
+
+def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    splits = split_indices(len(corpus), cfg.seed, cfg.ratios)
+    encoder = build_encoder(take(corpus.texts, splits["train"]), cfg)
+
+    def encode(name: str):
+        enc = encoder.encode_texts(take(corpus.texts, splits[name]))
+        return enc, np.asarray(take(corpus.labels, splits[name]), dtype=np.int64)
+
+    train_enc, train_y = encode("train")
+    dev_enc, dev_y = encode("dev") if splits.get("dev") else encode("train")
+    train_len = [max(min(len(e), cfg.max_length), 1) for e in train_enc]
+    dev_len = [len(e) for e in dev_enc]
+
+    model = PolarityClassifier(
+        encoder.vocab_size,
+        len(corpus.label_names),
+        emb_dim=cfg.emb_dim,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        bidirectional=cfg.bidirectional,
+        dropout=cfg.dropout,
+        max_pool=cfg.max_pool,
+    ).to(device)
+
+    def tensors(enc, batch):
+        b = pad_batch([enc[i] for i in batch], with_chars=False, max_length=cfg.max_length)
+        b["lengths"] = np.maximum(b["lengths"], 1)  # an empty text is one <pad> step
+        return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
+
+    def step(batch: list[int]) -> torch.Tensor:
+        x = tensors(train_enc, batch)
+        logits = model(word_dropout(x["word_ids"], cfg.word_dropout), x["lengths"])
+        return F.cross_entropy(logits, torch.from_numpy(train_y[batch]).to(device))
+
+    def dev_accuracy() -> float:
+        correct = 0
+        for batch in eval_batches(dev_len, 256):
+            x = tensors(dev_enc, batch)
+            pred = model(x["word_ids"], x["lengths"]).argmax(-1).cpu().numpy()
+            correct += int((pred == dev_y[batch]).sum())
+        return correct / max(len(dev_y), 1)
+
+    rng = random.Random(cfg.seed)
+    result = fit(
+        model,
+        train_step=step,
+        make_batches=lambda _epoch: length_batches(train_len, cfg.batch_size, rng),
+        evaluate=dev_accuracy,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        progress=cfg.progress,
+        desc="polarity",
+    )
+    return PolarityTrained(
+        model.cpu().eval(),
+        encoder,
+        list(corpus.label_names),
+        splits,
+        train_len,
+        result.best_score,
+        result.epochs_run,
+        result.best_epoch,
+        result.seconds,
+    )
+
+
+def evaluate_onnx(
+    session,
+    encoder: WordEncoder,
+    texts: list[str],
+    labels: list[int],
+    max_length: int,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    enc = encoder.encode_texts(texts)
+    gold = np.asarray(labels, dtype=np.int64)
+    pred = np.zeros(len(enc), dtype=np.int64)
+    for batch in eval_batches([len(e) for e in enc], batch_size):
+        feed = pad_batch([enc[i] for i in batch], with_chars=False, max_length=max_length)
+        feed["lengths"] = np.maximum(feed["lengths"], 1)
+        pred[batch] = session.run(None, feed)[0].argmax(-1)
+    out = {"accuracy": float((pred == gold).mean()) if len(gold) else 0.0}
+    for c, name in ((0, "negative"), (1, "positive")):
+        tp = int(((pred == c) & (gold == c)).sum())
+        p = tp / max(int((pred == c).sum()), 1)
+        r = tp / max(int((gold == c).sum()), 1)
+        out[f"f1_{name}"] = 2 * p * r / (p + r) if p + r else 0.0
+    out["examples"] = float(len(gold))
+    return out
+
+
+def parity_check(model: PolarityClassifier, session, encoder: WordEncoder, texts, n: int = 64):
+    feed = pad_batch(encoder.encode_texts(texts[:n]), with_chars=False)
+    feed["lengths"] = np.maximum(feed["lengths"], 1)
+    return max_abs_diff(model, session, feed, POLARITY_INPUTS)
+
+
+def run_polarity(
+    corpus: TextCorpus,
+    out_root: Path | str,
+    cfg: PolarityConfig,
+    *,
+    name: str = "polarity-en",
+    version: str | None = None,
+    command: str | None = None,
+    description: str = "",
+) -> Path:
+    start = time.perf_counter()
+    trained = train_polarity(corpus, cfg)
+    test_x = take(corpus.texts, trained.splits["test"])
+    test_y = take(corpus.labels, trained.splits["test"])
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        example = pad_batch(trained.encoder.encode_texts(["a b c", "d"]), with_chars=False)
+        export_onnx(
+            trained.model,
+            example,
+            onnx_path,
+            input_names=POLARITY_INPUTS,
+            output_names=POLARITY_OUTPUTS,
+            dynamic_axes=POLARITY_AXES,
+        )
+        session = ort_session(onnx_path, threads=torch.get_num_threads())
+        parity = parity_check(trained.model, session, trained.encoder, test_x or corpus.texts)
+        test = evaluate_onnx(session, trained.encoder, test_x, test_y, cfg.max_length)
+        metrics = {
+            "accuracy": test["accuracy"],
+            "f1_negative": test["f1_negative"],
+            "f1_positive": test["f1_positive"],
+            "dev_accuracy": trained.dev_accuracy,
+            "onnx_max_abs_diff": parity,
+            "train_seconds": round(time.perf_counter() - start, 1),
+        }
+        log.info("polarity test metrics: %s", metrics)
+        split = SplitInfo(
+            seed=cfg.seed,
+            ratios=dict(cfg.ratios),
+            sizes={k: len(v) for k, v in trained.splits.items()},
+            unit="sentence",
+        )
+        hp: dict[str, Any] = asdict(cfg)
+        hp.pop("progress")
+        hp.update(
+            vocab_size=trained.encoder.vocab_size,
+            epochs_run=trained.epochs_run,
+            best_epoch=trained.best_epoch,
+        )
+        return write_entry(
+            out_root,
+            name,
+            version=version,
+            task="polarity",
+            architecture="word-emb+bilstm+maxpool" if cfg.max_pool else "word-emb+bilstm",
+            description=description
+            or "Sentence polarity: word embeddings -> BiLSTM -> [h_n ; max-pool] -> 2 logits.",
+            onnx_file=onnx_path,
+            tokenizer=trained.encoder.tokenizer,
+            lowercase=cfg.lowercase,
+            inputs=INPUTS,
+            outputs=OUTPUTS,
+            labels=trained.labels,
+            max_length=cfg.max_length,
+            train_lengths=trained.train_lengths,
+            metrics=metrics,
+            split=split,
+            data=data_checksums(corpus.files, corpus.root),
+            hyperparameters=hp,
+            command=command,
+        )
+
+
+def evaluate_entry(model_dir: Path, data_dir: Path) -> dict[str, float]:
+    from training.data.polarity import load_polarity
+
+    return evaluate_split(Path(model_dir), load_polarity(Path(data_dir)))
+
+
+def evaluate_split(model_dir: Path, corpus: TextCorpus) -> dict[str, float]:
+    m = load_manifest(model_dir)
+    if m.split is None:
+        raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
+    splits = split_indices(len(corpus), m.split.seed, m.split.ratios)
+    sizes = {k: len(v) for k, v in splits.items()}
+    if sizes != m.split.sizes:
+        raise DataError(
+            f"{model_dir}: data gives split sizes {sizes}, the manifest records {m.split.sizes}; "
+            "this is not the data the model was trained on"
+        )
+    encoder = WordEncoder.load(model_dir / m.preprocessing.tokenizer_file)
+    session = ort_session(model_dir / m.variants["fp32"].file, threads=2)
+    return evaluate_onnx(
+        session,
+        encoder,
+        take(corpus.texts, splits["test"]),
+        take(corpus.labels, splits["test"]),
+        m.max_length,
+    )

@@ -1,0 +1,168 @@
+"""Write one model version into the repository: ``<root>/<name>/<version>/``.
+
+The entry is assembled in a hidden staging folder (``<root>/.<name>-<version>.staging``, which
+discovery skips), validated with the service's own :func:`load_manifest`, then renamed into
+place, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import shutil
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.repository.manifest import (
+    DataFile,
+    Manifest,
+    Preprocessing,
+    SplitInfo,
+    TensorSpec,
+    Variant,
+    load_manifest,
+    write_manifest,
+)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CHARS_FILE = "chars.json"
+DEFAULT_QUANTILES = (0.5, 0.8, 0.95)
+_PACKAGES = ("torch", "onnx", "onnxruntime", "tokenizers", "numpy", "nlpserve")
+
+
+def next_version(root: Path | str, name: str) -> str:
+    """One more than the highest integer version under ``<root>/<name>/`` ("1" if none)."""
+    folder = Path(root) / name
+    versions = (
+        [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    )
+    return str(max(versions, default=0) + 1)
+
+
+def bucket_edges(
+    lengths: Iterable[int], max_length: int, quantiles: Sequence[float] = DEFAULT_QUANTILES
+) -> list[int]:
+    """Bucket upper edges from the token-length distribution: the given quantiles, rounded up
+    to a multiple of 8, below ``max_length``; the last edge is always ``max_length``."""
+    arr = np.asarray(list(lengths), dtype=np.float64)
+    edges: set[int] = set()
+    if arr.size:
+        for q in quantiles:
+            e = int(np.ceil(np.quantile(arr, q) / 8.0) * 8)
+            if 0 < e < max_length:
+                edges.add(e)
+    return sorted(edges) + [max_length]
+
+
+def framework_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    return shlex.join(sys.argv if argv is None else argv)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_entry(
+    root: Path | str,
+    name: str,
+    *,
+    task: str,
+    architecture: str,
+    onnx_file: Path,
+    tokenizer: Tokenizer,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    labels: Sequence[str],
+    max_length: int,
+    train_lengths: Iterable[int],
+    metrics: Mapping[str, float],
+    version: str | None = None,
+    description: str = "",
+    chars: Sequence[str] | None = None,
+    max_word_length: int | None = None,
+    lowercase: bool = True,
+    split: SplitInfo | None = None,
+    data: Sequence[DataFile] = (),
+    hyperparameters: Mapping[str, Any] | None = None,
+    command: str | None = None,
+    bucket_quantiles: Sequence[float] = DEFAULT_QUANTILES,
+) -> Path:
+    """Write tokenizer, chars, ONNX model and manifest; return the version folder."""
+    root = Path(root)
+    version = version or next_version(root, name)
+    final = root / name / version
+    if final.exists():
+        raise FileExistsError(f"{final}: model version already exists; choose another --version")
+    staging = root / f".{name}-{version}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        if chars is not None:
+            (staging / CHARS_FILE).write_text(
+                json.dumps(list(chars), ensure_ascii=False), encoding="utf-8"
+            )
+        shutil.copyfile(onnx_file, staging / MODEL_FILE)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=task,
+            architecture=architecture,
+            description=description,
+            created_at=datetime.now(UTC),
+            framework_versions=framework_versions(),
+            inputs=list(inputs),
+            outputs=list(outputs),
+            labels=list(labels),
+            max_length=max_length,
+            preprocessing=Preprocessing(
+                kind="words",
+                tokenizer_file=TOKENIZER_FILE,
+                chars_file=CHARS_FILE if chars is not None else None,
+                max_word_length=max_word_length,
+                lowercase=lowercase,
+            ),
+            buckets=bucket_edges(train_lengths, max_length, bucket_quantiles),
+            variants={
+                "fp32": Variant(
+                    file=MODEL_FILE,
+                    precision="fp32",
+                    sha256=sha256_of(staging / MODEL_FILE),
+                    metrics=dict(metrics),
+                )
+            },
+            metrics=dict(metrics),
+            split=split,
+            data=list(data),
+            command=command if command is not None else command_line(),
+            hyperparameters=dict(hyperparameters or {}),
+        )
+        write_manifest(staging, manifest)
+        load_manifest(staging)  # the service's own validation
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
