@@ -108,6 +108,20 @@ class Settings(BaseSettings):
         None, description="Consumer name of a worker in its group (default: host-pid-random)."
     )
 
+    # --- explanations (docs/explain.md)
+    explain_max_evals_default: int = Field(
+        300, ge=4, description="SHAP model evaluations per explanation unless the request says."
+    )
+    explain_max_evals_limit: int = Field(
+        2000, ge=4, description="Most SHAP evaluations a request may ask for (more: 422)."
+    )
+    explain_cache_size: int = Field(
+        256, ge=0, description="Explanations kept, keyed by (model, version, text, max_evals)."
+    )
+    explain_concurrency: int = Field(
+        2, ge=1, description="Explanations computed at once; more wait for a free slot."
+    )
+
     log_level: str = "INFO"
 
     def batch_policy(self) -> BatchPolicy:
