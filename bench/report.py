@@ -1,0 +1,184 @@
+"""Benchmark reports: the machine description, JSON, Markdown table and PNG plot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.procs import REPO_ROOT
+
+
+def machine_description() -> dict[str, Any]:
+    """What a reader needs to compare numbers across machines: CPU, cores, memory, versions."""
+    cpu = platform.processor() or "unknown"
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    have = set(line.split(":", 1)[1].split())
+                    # The SIMD flags that decide ORT's CPU kernels (and int8 speed-ups).
+                    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+                    flags = [x for x in wanted if x in have]
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gb = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    versions = {}
+    for pkg in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers", "tokenizers",
+                "fastapi", "uvicorn", "httpx", "redis", "numpy"):  # fmt: skip
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    redis_v = None
+    with contextlib.suppress(OSError, IndexError, subprocess.SubprocessError):
+        redis_v = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=5
+        ).stdout.split()[2]
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=REPO_ROOT, timeout=5,
+        ).stdout.strip() or None  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": mem_gb,
+        "gpu": None,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+        "redis_server": redis_v,
+        "git_commit": commit,
+    }
+
+
+def _fmt(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def markdown(
+    summaries: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    machine: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    lines = [f"# nlpserve benchmark: {meta.get('title', meta.get('model', ''))}", ""]
+    for k in ("command", "model", "requests", "concurrency", "rate", "lengths", "when"):
+        if meta.get(k) is not None:
+            v = meta[k]
+            lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
+    header = (
+        "| configuration | req/s | × baseline | of raw ORT | p50 ms | p95 ms | p99 ms "
+        "| errors | padding eff. | mean batch |"
+    )
+    lines += ["", header, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for s in summaries:
+        lat = s.get("latency_ms") or {}
+        errs = ", ".join(f"{k}×{v}" for k, v in (s.get("errors") or {}).items()) or "0"
+        ratio = s.get("ratio_to_baseline")
+        frac = s.get("fraction_of_raw_ort")
+        lines.append(
+            f"| {s['name']} | {_fmt(s.get('throughput_rps'))} "
+            f"| {_fmt(ratio, 2) + '×' if ratio is not None else '–'} "
+            f"| {_fmt(100 * frac, 0) + '%' if frac is not None else '–'} "
+            f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} "
+            f"| {errs} | {_fmt(s.get('padding_efficiency'), 3)} "
+            f"| {_fmt(s.get('mean_batch_size'))} |"
+        )
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    if machine:
+        lines += ["", "## Machine", "", "```json", json.dumps(machine, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    out_png: Path,
+    summaries: Sequence[Mapping[str, Any]],
+    lat_by_config: Mapping[str, Sequence[float]],
+    title: str = "",
+) -> bool:
+    """Latency CDF per configuration and a throughput bar per configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless: no display on servers/CI
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:  # the `bench` extra is not installed: the JSON/MD still get written
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, lat in lat_by_config.items():
+        if not len(lat):
+            continue
+        xs = np.sort(np.asarray(lat) * 1000.0)
+        ys = np.arange(1, len(xs) + 1) / len(xs)
+        ax1.step(xs, ys, where="post", label=name)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("latency (ms, log scale)")
+    ax1.set_ylabel("fraction of requests")
+    ax1.set_title("latency CDF (successful requests)")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    names = [s["name"] for s in summaries]
+    rps = [s.get("throughput_rps") or 0.0 for s in summaries]
+    bars = ax2.bar(range(len(names)), rps, color="tab:blue")
+    for b, v in zip(bars, rps, strict=True):
+        ax2.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
+                     fontsize=8)  # fmt: skip
+    ax2.set_xticks(range(len(names)))
+    ax2.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax2.set_ylabel("sequences / s")
+    ax2.set_title("throughput")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(
+    out_base: Path,
+    summaries: Sequence[Mapping[str, Any]],
+    lat_by_config: Mapping[str, Sequence[float]],
+    meta: Mapping[str, Any],
+    machine: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """``out_base``.json / .md / .png; returns the paths written."""
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    machine = machine if machine is not None else machine_description()
+    doc = {"meta": dict(meta), "machine": machine, "results": list(summaries), "notes": list(notes)}
+    doc.update(extra or {})
+    paths = [out_base.with_suffix(".json"), out_base.with_suffix(".md")]
+    paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    paths[1].write_text(markdown(summaries, meta, machine, notes))
+    png = out_base.with_suffix(".png")
+    if plot(png, summaries, lat_by_config, title=str(meta.get("title", ""))):
+        paths.append(png)
+    return paths

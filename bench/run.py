@@ -1,0 +1,404 @@
+"""Side-by-side benchmark (``make bench``): same machine, same weights, same requests.
+
+    python -m bench.run --models models --data ../shared/data --requests 1000 --concurrency 32
+
+Configurations, each fed the identical pre-generated request list (closed loop):
+  (a) baseline          naive FastAPI + PyTorch, one forward per request (bench/baseline_app.py)
+  (b) raw ORT           the ONNX model on pre-sorted batches, no HTTP (bench/raw_ort.py)
+  (c) nlpserve          ``nlpserve serve`` with the in-process queue
+  (d) nlpserve+redis    ``nlpserve serve`` (NLPSERVE_QUEUE=redis) + one ``nlpserve worker`` +
+                        a private redis-server
+(c) and (d) run once per ONNX variant present (fp32, int8: ``NLPSERVE_VARIANT``), (b) too.
+Throughput is reported as a ratio to (a) and as a fraction of (b) of the same variant; every
+HTTP answer is checked against the raw ORT answer for the same request (same weights, and
+padding/batching must not change results). Writes ``bench/results/<name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import procs
+from bench.loadgen import (
+    RequestSpec,
+    Result,
+    RetryPolicy,
+    build_requests,
+    latencies,
+    metrics_delta,
+    run_load,
+    scrape_metrics,
+    summarize,
+)
+from bench.report import machine_description, write_reports
+
+RESULTS_DIR = procs.REPO_ROOT / "bench" / "results"
+
+
+def _latest_version(models_dir: Path, model: str) -> Path:
+    versions = sorted(
+        (p for p in (models_dir / model).iterdir() if (p / "manifest.json").is_file()),
+        key=lambda p: int(p.name) if p.name.isdigit() else -1,
+    )
+    if not versions:
+        raise FileNotFoundError(f"no version of {model} under {models_dir}")
+    return versions[-1]
+
+
+def find_hf_checkpoint(version_dir: Path, explicit: Path | None) -> Path | None:
+    """The PyTorch weights the ONNX model was exported from.
+
+    Looked for in: ``--hf-dir``; ``$NLPSERVE_BENCH_HF_DIR``; ``<version>/hf``; the training
+    work folders under ``runs/`` that hold a ``best/`` checkpoint. Whichever is used, the
+    benchmark checks its answers against the ONNX model's (``answers`` in the report), so a
+    checkpoint that is not the same weights shows up as a mismatch rather than a silent win.
+    """
+    cands: list[Path] = []
+    if explicit is not None:
+        cands.append(explicit)
+    if os.environ.get("NLPSERVE_BENCH_HF_DIR"):
+        cands.append(Path(os.environ["NLPSERVE_BENCH_HF_DIR"]))
+    cands.append(version_dir / "hf")
+    runs = procs.REPO_ROOT / "runs"
+    if runs.is_dir():
+        found = sorted(runs.glob("**/best/config.json"), key=lambda p: p.stat().st_mtime)
+        cands += [p.parent for p in reversed(found) if "detect" in str(p)]
+    for c in cands:
+        if (c / "config.json").is_file():
+            return c
+    return None
+
+
+def _single_model_repo(tmp: Path, version_dir: Path) -> Path:
+    """A repository holding only the benchmarked model (symlinked): servers load nothing else."""
+    repo = tmp / "models"
+    (repo / version_dir.parent.name).mkdir(parents=True, exist_ok=True)
+    link = repo / version_dir.parent.name / version_dir.name
+    if not link.exists():
+        link.symlink_to(version_dir.resolve(), target_is_directory=True)
+    return repo
+
+
+async def _drive(
+    url: str,
+    specs: Sequence[RequestSpec],
+    concurrency: int,
+    metrics_urls: Sequence[str],
+    model: str,
+    warmup: int,
+) -> tuple[list[Result], float, dict[str, Any]]:
+    if warmup:
+        # Not measured: first requests pay for connection setup, thread pools, allocator.
+        await run_load(url, specs[:warmup], concurrency=concurrency, keep_body=False)
+    before = scrape_metrics(metrics_urls)
+    results, wall = await run_load(
+        url, specs, concurrency=concurrency, policy=RetryPolicy(retries=0), timeout_s=300.0
+    )
+    after = scrape_metrics(metrics_urls)
+    return results, wall, metrics_delta(before, after, model)
+
+
+def _answers(results: Sequence[Result]) -> dict[int, float]:
+    out = {}
+    for r in results:
+        if r.status == 200 and r.body and "machine_probability" in r.body:
+            out[r.id] = float(r.body["machine_probability"])
+    return out
+
+
+def _compare(got: dict[int, float], want: dict[int, float]) -> dict[str, Any]:
+    common = sorted(set(got) & set(want))
+    if not common:
+        return {"compared": 0}
+    g = np.array([got[i] for i in common])
+    w = np.array([want[i] for i in common])
+    return {
+        "compared": len(common),
+        "max_abs_diff_machine_probability": float(np.max(np.abs(g - w))),
+        "label_agreement": float(np.mean((g >= 0.5) == (w >= 0.5))),
+    }
+
+
+def _softmax_machine(logits: dict[int, list[float]], machine_index: int) -> dict[int, float]:
+    out = {}
+    for i, row in logits.items():
+        x = np.asarray(row, dtype=np.float64)
+        e = np.exp(x - x.max())
+        out[i] = float(e[machine_index] / e.sum())
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.version_dir = _latest_version(args.models, args.model)
+        self.manifest = json.loads((self.version_dir / "manifest.json").read_text())
+        self.repo = _single_model_repo(tmp, self.version_dir)
+        self.logs = tmp / "logs"
+        self.summaries: list[dict[str, Any]] = []
+        self.lat: dict[str, list[float]] = {}
+        self.answers: dict[str, dict[int, float]] = {}
+        self.notes: list[str] = []
+        self._loadavg_before = round(os.getloadavg()[0], 2)
+        self.specs = build_requests(
+            args.model,
+            args.requests,
+            models_dir=args.models,
+            data_dir=args.data if args.data and args.data.is_dir() else None,
+            seed=args.seed,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "NLPSERVE_MODEL_DIR": str(self.repo),
+            "NLPSERVE_LOG_LEVEL": "WARNING",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+        env.update(extra)
+        return env
+
+    def _record(self, name: str, results: list[Result], wall: float, mdelta: dict[str, Any],
+                **extra: Any) -> dict[str, Any]:  # fmt: skip
+        s = summarize(name, results, wall, self.specs, mdelta)
+        s["loadavg_before"] = self._loadavg_before
+        s.update(extra)
+        self.summaries.append(s)
+        self.lat[name] = latencies(results)
+        self.answers[name] = _answers(results)
+        print(
+            f"  {name}: {s['throughput_rps']:.1f} req/s, p50 {s['latency_ms']['p50']} ms, "
+            f"p99 {s['latency_ms']['p99']} ms, errors {s['errors']}, "
+            f"padding {s.get('padding_efficiency')}",
+            flush=True,
+        )
+        return s
+
+    def _settle(self) -> None:
+        """Wait (bounded) for the machine to be idle: other jobs skew every number."""
+        deadline = time.monotonic() + self.args.settle_s
+        while time.monotonic() < deadline and os.getloadavg()[0] > self.args.max_load:
+            time.sleep(2.0)
+        self._loadavg_before = round(os.getloadavg()[0], 2)
+
+    def _serve(self, name: str, env: dict[str, str]) -> tuple[procs.Proc, str]:
+        port = procs.free_port()
+        env = {**env, "NLPSERVE_HOST": "127.0.0.1", "NLPSERVE_PORT": str(port)}
+        p = procs.start(name, [procs.nlpserve_bin(), "serve"], self.logs, env=env)
+        url = f"http://127.0.0.1:{port}"
+        procs.wait_http(p, url + "/readyz", timeout_s=180)
+        return p, url
+
+    def _run_http(self, name: str, url: str, metrics_urls: list[str], **extra: Any) -> None:
+        self._settle()
+        results, wall, mdelta = asyncio.run(
+            _drive(url, self.specs, self.args.concurrency, metrics_urls, self.args.model,
+                   self.args.warmup)
+        )  # fmt: skip
+        self._record(name, results, wall, mdelta, **extra)
+
+    # ------------------------------------------------------------------ configurations
+    def baseline(self) -> None:
+        hf = find_hf_checkpoint(self.version_dir, self.args.hf_dir)
+        if hf is None:
+            self.notes.append(
+                "baseline skipped: no PyTorch checkpoint of the served weights was found "
+                "(--hf-dir, $NLPSERVE_BENCH_HF_DIR, <version>/hf, runs/**/best)."
+            )
+            print("  baseline: SKIPPED (no HF checkpoint)", flush=True)
+            return
+        port = procs.free_port()
+        argv = [sys.executable, "-m", "bench.baseline_app", "--hf-dir", str(hf),
+                "--manifest-dir", str(self.version_dir), "--port", str(port)]  # fmt: skip
+        p = procs.start("baseline", argv, self.logs, env=self._env())
+        with procs.stopping([p]):
+            url = f"http://127.0.0.1:{port}"
+            procs.wait_http(p, url + "/readyz", timeout_s=180)
+            self._run_http("baseline (PyTorch, per request)", url, [], checkpoint=str(hf))
+
+    def raw(self, variant: str) -> None:
+        from bench.raw_ort import run_raw_ort
+        from service.config import Settings
+
+        self._settle()
+        res = run_raw_ort(
+            self.specs, self.repo, self.args.model, variant=variant,
+            settings=Settings(model_dir=self.repo), min_seconds=self.args.raw_seconds,
+        )  # fmt: skip
+        s = res.summary()
+        s["loadavg_before"] = self._loadavg_before
+        self.summaries.append(s)
+        machine = self.manifest["labels"].index("machine")
+        self.answers[s["name"]] = _softmax_machine(res.outputs, machine)
+        print(f"  {s['name']}: {s['throughput_rps']:.1f} seq/s, padding "
+              f"{s['padding_efficiency']:.3f}", flush=True)  # fmt: skip
+
+    def inprocess(self, variant: str) -> None:
+        env = self._env(NLPSERVE_QUEUE="inprocess", NLPSERVE_VARIANT=variant)
+        p, url = self._serve(f"serve-{variant}", env)
+        with procs.stopping([p]):
+            self._run_http(f"nlpserve in-process ({variant})", url, [url + "/metrics"],
+                           variant=variant)  # fmt: skip
+
+    def redis(self, variant: str) -> None:
+        started: list[procs.Proc] = []
+        with procs.stopping(started):
+            rp, redis_url = procs.start_redis(self.logs)
+            started.append(rp)
+            mport = procs.free_port()
+            common = self._env(NLPSERVE_QUEUE="redis", NLPSERVE_REDIS_URL=redis_url,
+                               NLPSERVE_VARIANT=variant)  # fmt: skip
+            w = procs.start(f"worker-{variant}", [procs.nlpserve_bin(), "worker"], self.logs,
+                            env={**common, "NLPSERVE_METRICS_PORT": str(mport)})  # fmt: skip
+            started.append(w)
+            api, url = self._serve(f"serve-redis-{variant}", common)
+            started.append(api)
+            procs.wait_http(w, f"http://127.0.0.1:{mport}/metrics", timeout_s=180)
+            self._run_http(f"nlpserve via Redis ({variant}, 1 worker)", url,
+                           [url + "/metrics", f"http://127.0.0.1:{mport}/metrics"],
+                           variant=variant)  # fmt: skip
+
+    # ------------------------------------------------------------------ report
+    def finish(self, out_base: Path, command: str) -> list[Path]:
+        base = next((s for s in self.summaries if s["name"].startswith("baseline")), None)
+        raw_by_variant = {s["variant"]: s for s in self.summaries if s["name"].startswith("raw")}
+        inproc_by_variant = {
+            s["variant"]: s for s in self.summaries if s["name"].startswith("nlpserve in-process")
+        }
+        for s in self.summaries:
+            rps = s.get("throughput_rps")
+            if base and rps and base.get("throughput_rps"):
+                s["ratio_to_baseline"] = rps / base["throughput_rps"]
+            raw = raw_by_variant.get(s.get("variant", ""))
+            if raw and rps and not s["name"].startswith("raw"):
+                s["fraction_of_raw_ort"] = rps / raw["throughput_rps"]
+            inproc = inproc_by_variant.get(s.get("variant", ""))
+            if inproc and s["name"].startswith("nlpserve via Redis") and rps:
+                s["fraction_of_inprocess"] = rps / inproc["throughput_rps"]
+
+        # Answers: every HTTP configuration against raw ORT of its variant (fp32 for the
+        # baseline: PyTorch vs its own ONNX export), and int8 against fp32.
+        checks: dict[str, Any] = {}
+        raw_fp32 = self.answers.get(raw_by_variant.get("fp32", {}).get("name", ""), {})
+        for s in self.summaries:
+            if s["name"].startswith("raw"):
+                continue
+            ref = raw_by_variant.get(s.get("variant", "fp32"))
+            if ref:
+                checks[f"{s['name']} vs {ref['name']}"] = _compare(
+                    self.answers.get(s["name"], {}), self.answers.get(ref["name"], {})
+                )
+        if "int8" in raw_by_variant and raw_fp32:
+            checks["raw ORT int8 vs fp32 (same requests)"] = _compare(
+                self.answers[raw_by_variant["int8"]["name"]], raw_fp32
+            )
+        variants = self.manifest.get("variants", {})
+        accuracy = {v: variants[v].get("metrics", {}) for v in ("fp32", "int8") if v in variants}
+        if accuracy.get("int8", {}).get("accuracy_drop") is not None:
+            self.notes.append(
+                f"int8 accuracy cost on the held-out test split (manifest): accuracy "
+                f"{accuracy['int8'].get('accuracy'):.4f} vs fp32 "
+                f"{accuracy['fp32'].get('accuracy'):.4f} (drop "
+                f"{accuracy['int8']['accuracy_drop']:+.4f}), ROC AUC drop "
+                f"{accuracy['int8'].get('roc_auc_drop', float('nan')):+.4f}."
+            )
+        lengths = np.array([s.tokens for s in self.specs])
+        meta = {
+            "title": f"{self.args.model} v{self.version_dir.name}, concurrency "
+            f"{self.args.concurrency}, {self.args.requests} mixed-length requests",
+            "command": command,
+            "model": f"{self.args.model}/{self.version_dir.name}",
+            "requests": self.args.requests,
+            "concurrency": self.args.concurrency,
+            "lengths": {
+                "tokens_p50": int(np.median(lengths)),
+                "tokens_p90": int(np.percentile(lengths, 90)),
+                "tokens_max": int(lengths.max()),
+                "at_max_length": float(np.mean(lengths >= self.manifest["max_length"])),
+                "source": "HC3 English sentences" if self.args.data else "built-in word list",
+            },
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": "nlpserve defaults (max_batch_size 32, max_batch_tokens 8192, "
+            "max_wait_ms 5) unless NLPSERVE_* set in the environment",
+        }
+        extra = {"answers": checks, "variant_metrics": accuracy}
+        return write_reports(
+            out_base, self.summaries, self.lat, meta, machine_description(), self.notes, extra
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    shared = procs.REPO_ROOT.parent / "shared" / "data"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", type=Path, default=procs.REPO_ROOT / "models")
+    p.add_argument("--model", default="detector-en")
+    p.add_argument("--data", type=Path, default=shared if shared.is_dir() else None)
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--variants", default="fp32,int8", help="those present in the manifest run")
+    p.add_argument("--configs", default="baseline,raw,inprocess,redis")
+    p.add_argument("--hf-dir", type=Path, default=None, help="PyTorch checkpoint for (a)")
+    p.add_argument("--raw-seconds", type=float, default=8.0)
+    p.add_argument("--max-load", type=float, default=1.0, help="wait for loadavg below this")
+    p.add_argument("--settle-s", type=float, default=60.0, help="...for at most this long")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--name", default=None, help="results file name (default: timestamped)")
+    args = p.parse_args(argv)
+
+    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    with tempfile.TemporaryDirectory(prefix="nlpserve-bench-") as td:
+        bench = Bench(args, Path(td))
+        present = set(bench.manifest["variants"])
+        variants = [v for v in args.variants.split(",") if v in present]
+        print(f"benchmark {args.model} v{bench.version_dir.name}: {len(bench.specs)} requests, "
+              f"concurrency {args.concurrency}, variants {variants}, configs {configs}",
+              flush=True)  # fmt: skip
+        try:
+            if "baseline" in configs:
+                bench.baseline()
+            for v in variants:
+                if "raw" in configs:
+                    bench.raw(v)
+                if "inprocess" in configs:
+                    bench.inprocess(v)
+                if "redis" in configs:
+                    try:
+                        bench.redis(v)
+                    except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+                        bench.notes.append(f"redis ({v}) not run: {e}".splitlines()[0])
+                        print(f"  redis ({v}): FAILED {e}", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted: writing what was measured", flush=True)
+        finally:
+            name = args.name or f"{args.model}-cpu-{datetime.now().strftime('%Y%m%d-%H%M')}"
+            with contextlib.suppress(Exception):
+                logs = sorted((Path(td) / "logs").glob("*.log"))
+                for lp in logs:
+                    if "Traceback" in lp.read_text(errors="replace"):
+                        print(f"--- {lp.name} (has a traceback)\n{lp.read_text()[-3000:]}")
+            paths = bench.finish(RESULTS_DIR / name, command)
+            for pth in paths:
+                print(f"wrote {pth.relative_to(procs.REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
