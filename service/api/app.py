@@ -1,0 +1,89 @@
+"""The FastAPI application: thin HTTP over the tasks, the queue and the runners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.deps import ServiceState
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.routes import ops, predict
+from service.config import Settings, get_settings
+from service.metrics import Metrics
+from service.queueing.factory import create_queue
+from service.repository import discover_models
+from service.runtime.runner import load_runners
+from service.tasks import TASK_CLASSES, build_tasks
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Length-bucketed dynamic batching over ONNX Runtime. Every prediction endpoint takes one item
+or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`.
+"""
+
+
+async def startup(state: ServiceState) -> None:
+    """Load every model (sessions + warm-up in a thread), build tasks, start the queue."""
+    settings = state.settings
+    entries = discover_models(settings.model_dir)
+    if not entries:
+        log.warning("model repository %s holds no models", settings.model_dir)
+    models: Mapping[str, object]
+    if settings.queue == "inprocess":
+        state.runners = await asyncio.to_thread(load_runners, settings, state.metrics, entries)
+        models = state.runners
+    else:  # remote workers run the models; this process only tokenizes
+        models = {e.manifest.name: e.manifest for e in entries}
+    state.tasks = await asyncio.to_thread(build_tasks, entries, settings)
+    queue = create_queue(settings, models, state.metrics)  # type: ignore[arg-type]
+    await queue.start()
+    state.queue = queue
+    state.loaded = True
+    log.info("ready: %s", ", ".join(sorted(state.tasks)) or "no models")
+
+
+async def shutdown(state: ServiceState) -> None:
+    state.loaded = False
+    if state.queue is not None:
+        await state.queue.close(state.settings.shutdown_timeout_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = ServiceState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await startup(state)
+        try:
+            yield
+        finally:
+            await shutdown(state)
+
+    app = FastAPI(
+        title="nlpserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(predict.router)
+    app.include_router(ops.router)
+
+    def model_for(path: str, query: dict[str, list[str]]) -> str | None:
+        parts = path.strip("/").split("/")
+        if len(parts) >= 2 and parts[0] == "v1" and parts[1] in TASK_CLASSES:
+            return state.metrics_label(parts[1], query)
+        return None
+
+    # Added last = outermost: metrics see every response, 413s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
+    return app

@@ -1,0 +1,127 @@
+"""What routes need from the running service: its state, the model to use, the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+
+from service.api.errors import ApiError
+from service.config import Settings
+from service.metrics import Metrics
+from service.queueing.base import InferenceQueue
+from service.runtime.runner import ModelRunner
+from service.tasks.base import Task
+
+T = TypeVar("T")
+
+DEADLINE_HEADER = "X-Deadline-Ms"
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    tasks: dict[str, Task] = field(default_factory=dict)  # by model name
+    runners: dict[str, ModelRunner] = field(default_factory=dict)  # empty in Redis mode
+    queue: InferenceQueue | None = None
+    loaded: bool = False
+
+    def models_of(self, task: str) -> list[str]:
+        return sorted(n for n, t in self.tasks.items() if t.task == task)
+
+    def resolve(self, task: str, model: str | None) -> Task:
+        """The model serving ``task`` (``model`` picks one when several do)."""
+        if model is not None:
+            t = self.tasks.get(model)
+            if t is None:
+                raise ApiError(
+                    404,
+                    "model_not_found",
+                    f"no model named {model!r} is loaded (loaded: "
+                    f"{', '.join(sorted(self.tasks)) or 'none'}; see GET /v1/models)",
+                )
+            if t.task != task:
+                raise ApiError(
+                    404,
+                    "model_not_found",
+                    f"model {model!r} does the {t.task!r} task, not {task!r}",
+                )
+            return t
+        names = self.models_of(task)
+        if not names:
+            raise ApiError(
+                404,
+                "model_not_loaded",
+                f"no {task!r} model is loaded: the model repository "
+                f"({self.settings.model_dir}) has none; loaded: "
+                f"{', '.join(sorted(self.tasks)) or 'none'}",
+            )
+        return self.tasks[names[0]]
+
+    def metrics_label(self, task: str, query: Mapping[str, list[str]]) -> str:
+        """Bounded-cardinality model label for a request (never raw client input)."""
+        asked = (query.get("model") or [None])[0]
+        if asked is not None:
+            t = self.tasks.get(asked)
+            return asked if t is not None and t.task == task else "unknown"
+        names = self.models_of(task)
+        return names[0] if names else f"none:{task}"
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def deadline_from(request: Request, settings: Settings) -> float:
+    """Wall-clock deadline: now + min(X-Deadline-Ms, NLPSERVE_DEFAULT_DEADLINE_MS)."""
+    ms = float(settings.default_deadline_ms)
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = float("nan")
+        if not asked > 0:  # also rejects NaN
+            raise ApiError(
+                400,
+                "invalid_header",
+                f"{DEADLINE_HEADER} must be a positive number of milliseconds, got {raw!r}",
+            )
+        ms = min(ms, asked)
+    return time.time() + ms / 1000.0
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # After the body is read, receive() only returns when the client disconnects (or the
+    # response is complete, after which nobody awaits this).
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (its queued sequences are
+    then skipped by the batcher) and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()

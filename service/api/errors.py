@@ -1,0 +1,156 @@
+"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a 4xx/5xx status.
+
+Bad input is always a 4xx with a message naming the field; a 500 means a bug in the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.queueing.base import QueueError, QueueFullError
+from service.tasks.base import InputError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
+    )
+
+
+def _respond(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
+    # The metrics middleware reads the code to count rejections by reason.
+    request.state.error_code = code
+    return error_response(status, code, message, headers)
+
+
+# ---------------------------------------------------------------------------- validation
+_HTTP_NAMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if p in ("body", "item", "batch") and not parts:
+            continue  # FastAPI's "body" and our union tags are not the client's field names
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _code_for(err: dict[str, Any]) -> str:
+    t = err.get("type", "")
+    if t == "missing":
+        return "missing_field"
+    if t == "extra_forbidden":
+        return "unknown_field"
+    if t in ("empty_text", "text_or_tokens"):
+        return t
+    if t == "too_short":
+        return "empty_inputs"
+    if t.endswith("_type") or t.endswith("_parsing"):
+        return "wrong_type"
+    return "invalid_request"
+
+
+def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
+    """(status, code, message) for pydantic/FastAPI validation errors."""
+    if not errors:
+        return 422, "invalid_request", "the request is not valid"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return 400, "invalid_json", f"the body is not valid JSON{': ' + detail if detail else ''}"
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return 422, "missing_body", "a JSON object body is required"
+    # A body that is valid JSON but not an object ([], "x", 3).
+    if (
+        first.get("type") in ("model_attributes_type", "dict_type", "model_type")
+        and len([p for p in first.get("loc", ()) if p not in ("body", "item", "batch")]) == 0
+    ):
+        return 422, "wrong_type", "the body must be a JSON object"
+    msgs = []
+    for err in errors[:5]:
+        path = _field_path(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        msgs.append(f"{path}: {msg}" if path else msg)
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return 422, _code_for(first), "; ".join(msgs) + more
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+# ---------------------------------------------------------------------------- handlers
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return _respond(request, exc.status_code, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return _respond(request, exc.status_code, exc.code, exc.message)
+
+    @app.exception_handler(QueueError)
+    async def _queue(request: Request, exc: QueueError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, QueueFullError):
+            headers = retry_after_header(exc.retry_after_s)
+        elif exc.status_code == 503:
+            headers = retry_after_header(1)
+        return _respond(request, exc.status_code, exc.code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code, message = validation_error(list(exc.errors()))
+        return _respond(request, status, code, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_NAMES.get(exc.status_code, f"http_{exc.status_code}")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path} (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _respond(request, 500, "internal_error", "internal server error (logged)")

@@ -1,0 +1,127 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it buffers and breaks disconnect detection)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
+    }
+    return start, body
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``: by Content-Length before reading anything, and by
+    counting for chunked bodies that do not declare a length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._reject(scope, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        scope.setdefault("state", {})["error_code"] = "body_too_large"
+        start, body = _json_error(
+            413,
+            "body_too_large",
+            f"the request body exceeds {self.max_bytes} bytes (NLPSERVE_MAX_BODY_BYTES)",
+        )
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts and times prediction requests by model and status, and rejections by reason.
+
+    ``model_for(path, query)`` names the model a request is for (None: not a prediction
+    endpoint, not counted). A route that resolved the model sets ``request.state.model``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        model_for: Callable[[str, dict[str, list[str]]], str | None],
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.model_for = model_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        model = self.model_for(scope["path"], query)
+        if model is None:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        status = 500
+        t0 = time.perf_counter()
+
+        async def capturing_send(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, capturing_send)
+        finally:
+            model = state.get("model", model)
+            self.metrics.observe_request(model, status, time.perf_counter() - t0)
+            if status >= 400:
+                reason = state.get("error_code") or f"http_{status}"
+                self.metrics.rejected.labels(model, reason).inc()

@@ -1,0 +1,1 @@
+"""HTTP routes: predictions and operations."""

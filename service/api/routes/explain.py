@@ -1,0 +1,134 @@
+"""``POST /v1/detect/explain`` and ``POST /v1/polarity/explain``: SHAP values per token.
+
+The explainer's model calls go through the service's queue in the low-priority ``explain``
+lane (see :mod:`service.explain`); ``shap`` is imported only here, lazily, and a server
+without it answers 501.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+
+from service.api.deps import DEADLINE_HEADER, ClientGone, cancel_on_disconnect, deadline_from
+from service.api.deps import get_state as _state
+from service.api.errors import ApiError
+from service.api.schemas import ErrorResponse
+from service.explain.adapters import build_explainer
+from service.explain.engine import ExplainError, ExplainService, shap_available
+from service.explain.schemas import ExplainRequest, ExplainResponse
+
+router = APIRouter(prefix="/v1", tags=["explain"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in {
+        404: "The model is not loaded / unknown model.",
+        422: "Invalid fields, empty text, or max_evals over NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
+        429: "The model's queue is full: retry after `Retry-After` seconds.",
+        501: "The `shap` package is not installed on this server.",
+        503: "Starting, shutting down, or the queue backend is unreachable.",
+        504: f"Not finished before the deadline (`{DEADLINE_HEADER}`).",
+    }.items()
+}
+
+ModelParam = Annotated[
+    str | None,
+    Query(description="Model name when several models do this task (default: the first)."),
+]
+
+_DOC = (
+    "SHAP values (partition explainer over the model's own tokens) of `{output}`, in "
+    "probability units: `base_value` (every token masked) + `sum(values)` == `output`. "
+    "Masked variants run through the same batched queue as predictions, in a lower-priority "
+    "lane that never delays them. Results are cached per (model version, text, max_evals). "
+    f"`{DEADLINE_HEADER}` bounds the time spent."
+)
+
+
+def explain_service(app: FastAPI) -> ExplainService:
+    """The app's :class:`ExplainService`, created on first use from its settings."""
+    service = getattr(app.state, "explain", None)
+    if service is None:
+        s = _state_settings(app)
+        service = ExplainService(
+            max_evals_default=s.explain_max_evals_default,
+            max_evals_limit=s.explain_max_evals_limit,
+            cache_size=s.explain_cache_size,
+            batch_size=s.max_batch_size,
+            concurrency=s.explain_concurrency,
+        )
+        app.state.explain = service
+    return service
+
+
+def _state_settings(app: FastAPI):
+    return app.state.service.settings
+
+
+async def warm_up_explain(app: FastAPI) -> None:
+    """Import shap and JIT its tree code at startup (else the first explanation pays ~5 s).
+
+    Optional: call it from the app's startup; a no-op without shap.
+    """
+    if shap_available():
+        await explain_service(app).warm_up()
+
+
+async def _explain(request: Request, task_name: str, body: ExplainRequest, model: str | None):
+    state = _state(request)
+    task = state.resolve(task_name, model)
+    request.state.model = task.name
+    deadline = deadline_from(request, state.settings)
+    if state.queue is None:
+        raise ApiError(503, "not_ready", "the service is starting or stopping")
+    service = explain_service(request.app)
+    if task.name not in service.explainers and shap_available():
+        service.register(build_explainer(task, state.queue))
+    try:
+        exp = await cancel_on_disconnect(
+            request, service.explain(task.name, body.text, body.max_evals, deadline)
+        )
+    except ClientGone:
+        raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+    except ExplainError as e:
+        raise ApiError(e.status_code, e.code, str(e)) from None
+    return ExplainResponse(
+        model=exp.model,
+        version=exp.version,
+        tokens=exp.tokens,
+        offsets=exp.offsets,
+        values=exp.values,
+        base_value=exp.base_value,
+        output=exp.output,
+        output_name=exp.output_name,
+        label=exp.label,
+        max_evals=exp.max_evals,
+        evals=exp.evals,
+        truncated=exp.truncated,
+        cached=exp.cached,
+        seconds=exp.seconds,
+    )
+
+
+@router.post(
+    "/detect/explain",
+    response_model=ExplainResponse,
+    responses=_ERRORS,
+    summary="Explain the detector: SHAP value of each token for P(machine)",
+    description=_DOC.format(output="machine_probability"),
+)
+async def explain_detect(request: Request, body: ExplainRequest, model: ModelParam = None):
+    return await _explain(request, "detect", body, model)
+
+
+@router.post(
+    "/polarity/explain",
+    response_model=ExplainResponse,
+    responses=_ERRORS,
+    summary="Explain polarity: SHAP value of each word for P(positive)",
+    description=_DOC.format(output="positive_probability"),
+)
+async def explain_polarity(request: Request, body: ExplainRequest, model: ModelParam = None):
+    return await _explain(request, "polarity", body, model)

@@ -1,0 +1,91 @@
+"""``/v1/models``, ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import ServiceState
+from service.api.deps import get_state as _state
+from service.api.errors import ApiError, error_response
+from service.api.schemas import ErrorResponse, ModelInfo, ModelsResponse
+
+router = APIRouter(tags=["operations"])
+
+
+def _info(state: ServiceState, name: str) -> ModelInfo:
+    task = state.tasks[name]
+    m = task.manifest
+    runner = state.runners.get(name)
+    run = runner.describe() if runner is not None else {}
+    return ModelInfo(
+        name=m.name,
+        version=m.version,
+        task=m.task,
+        architecture=m.architecture,
+        description=m.description,
+        labels=m.labels,
+        max_length=m.max_length,
+        buckets=task.buckets,
+        metrics=m.metrics,
+        variants=sorted(m.variants),
+        variant=run.get("variant"),
+        provider=run.get("provider"),
+        requested_provider=run.get("requested_provider"),
+        fallback=run.get("fallback", False),
+        queue_depth=state.queue.depth(name) if state.queue is not None else 0,
+    )
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="Loaded models")
+async def models(request: Request) -> ModelsResponse:
+    state = _state(request)
+    return ModelsResponse(models=[_info(state, n) for n in sorted(state.tasks)])
+
+
+@router.get(
+    "/v1/models/{name}",
+    response_model=ModelInfo,
+    responses={404: {"model": ErrorResponse}},
+    summary="One loaded model",
+)
+async def model(request: Request, name: str) -> ModelInfo:
+    state = _state(request)
+    if name not in state.tasks:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"no model named {name!r} is loaded "
+            f"(loaded: {', '.join(sorted(state.tasks)) or 'none'})",
+        )
+    return _info(state, name)
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: models loaded and the queue accepts work",
+    responses={503: {"model": ErrorResponse}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    state = _state(request)
+    if not state.loaded or state.queue is None:
+        return error_response(503, "not_ready", "models are not loaded yet")
+    if not state.tasks:
+        return error_response(
+            503, "no_models", f"the model repository {state.settings.model_dir} holds no models"
+        )
+    if not await state.queue.is_ready():
+        msg = "the inference queue is not accepting work"
+        return error_response(503, "queue_unavailable", msg, {"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "models": sorted(state.tasks)})
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)")
+async def metrics(request: Request) -> Response:
+    m = _state(request).metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,187 @@
+"""``POST /v1/{qa,detect,pos,polarity}``: one item, or ``{"inputs": [...]}`` -> ``{"outputs"}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from service.api.deps import DEADLINE_HEADER, ClientGone, cancel_on_disconnect, deadline_from
+from service.api.deps import get_state as _state
+from service.api.errors import ApiError
+from service.api.schemas import (
+    BatchRequest,
+    DetectBatchResponse,
+    DetectBody,
+    DetectResponse,
+    ErrorResponse,
+    PolarityBatchResponse,
+    PolarityBody,
+    PolarityResponse,
+    PosBatchResponse,
+    PosBody,
+    PosResponse,
+    QABatchResponse,
+    QABody,
+    QAResponse,
+)
+from service.tasks.base import run_requests
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in {
+        400: "Invalid JSON or header.",
+        404: "The model is not loaded / unknown model.",
+        413: "Body over NLPSERVE_MAX_BODY_BYTES.",
+        422: "Invalid fields, empty or over-long text, too many items.",
+        429: "The model's queue is full: retry after `Retry-After` seconds.",
+        503: "Shutting down or the queue backend is unreachable.",
+        504: "Not served before the deadline (`X-Deadline-Ms`).",
+    }.items()
+}
+
+ModelParam = Annotated[
+    str | None,
+    Query(description="Model name when several models do this task (default: the first)."),
+]
+
+_DEADLINE_DOC = (
+    f" Send `{DEADLINE_HEADER}: <ms>` to answer 504 if not served within that time "
+    "(capped by NLPSERVE_DEFAULT_DEADLINE_MS)."
+)
+
+
+def _examples(single: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "single": {"summary": "One item", "value": single},
+        "batch": {"summary": "A batch", "value": {"inputs": [single, second]}},
+    }
+
+
+async def _predict(request: Request, task_name: str, body: BaseModel, model: str | None):
+    state = _state(request)
+    task = state.resolve(task_name, model)
+    request.state.model = task.name
+    deadline = deadline_from(request, state.settings)
+    is_batch = isinstance(body, BatchRequest)
+    items = list(body.inputs) if is_batch else [body]  # type: ignore[attr-defined]
+    limit = state.settings.max_batch_items
+    if len(items) > limit:
+        raise ApiError(
+            422,
+            "too_many_items",
+            f"{len(items)} inputs in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
+        )
+    if state.queue is None:
+        raise ApiError(503, "not_ready", "the service is starting or stopping")
+    try:
+        results = await cancel_on_disconnect(
+            request, run_requests(task, state.queue, items, deadline)
+        )
+    except ClientGone:
+        # Nobody reads this response; the status is for logs and metrics.
+        raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+    dumped = [r.model_dump() for r in results]
+    payload = {"outputs": dumped} if is_batch else dumped[0]
+    return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
+
+
+@router.post(
+    "/pos",
+    response_model=PosResponse | PosBatchResponse,
+    responses=_ERRORS,
+    summary="Part-of-speech tags",
+    description="Tag `text` (split into words by the model) or pre-split `tokens`. Texts over "
+    "the model's max length (tokens) are rejected with 422 `input_too_long`." + _DEADLINE_DOC,
+)
+async def pos(
+    request: Request,
+    body: Annotated[
+        PosBody,
+        Body(
+            openapi_examples=_examples(
+                {"text": "The quick brown fox jumps over the lazy dog."},
+                {"tokens": ["She", "likes", "red", "cars", "."]},
+            )
+        ),
+    ],
+    model: ModelParam = None,
+):
+    return await _predict(request, "pos", body, model)
+
+
+@router.post(
+    "/polarity",
+    response_model=PolarityResponse | PolarityBatchResponse,
+    responses=_ERRORS,
+    summary="Sentence polarity (positive / negative)",
+    description="Texts over the model's max length are cut to it and answered with "
+    "`truncated: true`." + _DEADLINE_DOC,
+)
+async def polarity(
+    request: Request,
+    body: Annotated[
+        PolarityBody,
+        Body(
+            openapi_examples=_examples(
+                {"text": "A charming, funny and moving film."},
+                {"text": "Dull, tedious and far too long."},
+            )
+        ),
+    ],
+    model: ModelParam = None,
+):
+    return await _predict(request, "polarity", body, model)
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse | DetectBatchResponse,
+    responses=_ERRORS,
+    summary="Machine-generated text detection",
+    description="Texts over the model's max length are cut to their head and answered with "
+    "`truncated: true`." + _DEADLINE_DOC,
+)
+async def detect(
+    request: Request,
+    body: Annotated[
+        DetectBody,
+        Body(
+            openapi_examples=_examples(
+                {"text": "人工智能是计算机科学的一个分支，它企图了解智能的实质。"},
+                {"text": "今天下午去超市买了点水果，结果忘带钱包了。"},
+            )
+        ),
+    ],
+    model: ModelParam = None,
+):
+    return await _predict(request, "detect", body, model)
+
+
+@router.post(
+    "/qa",
+    response_model=QAResponse | QABatchResponse,
+    responses=_ERRORS,
+    summary="Extractive question answering",
+    description="The answer is a span of `context` with character offsets; long contexts are "
+    "read in overlapping windows and the best span over all windows is returned." + _DEADLINE_DOC,
+)
+async def qa(
+    request: Request,
+    body: Annotated[
+        QABody,
+        Body(
+            openapi_examples=_examples(
+                {"question": "长城有多长？", "context": "长城总长度超过两万千米，是世界奇迹。"},
+                {"question": "谁发明了造纸术？", "context": "东汉的蔡伦改进了造纸术。"},
+            )
+        ),
+    ],
+    model: ModelParam = None,
+):
+    return await _predict(request, "qa", body, model)

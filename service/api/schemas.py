@@ -1,0 +1,216 @@
+"""Request and response bodies of the HTTP API (pydantic: validation + the /docs page).
+
+Every prediction endpoint accepts one item or ``{"inputs": [item, ...]}``; the two shapes are
+told apart by the presence of ``inputs`` (a callable discriminator), so a validation error
+talks about the shape the client actually sent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise PydanticCustomError("empty_text", "must contain some non-whitespace text")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class _Item(BaseModel):
+    # Unknown fields are errors: a typo ("txt") must not pass as an empty request.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------- errors
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.", examples=["empty_text"])
+    message: str = Field(description="What went wrong, for people.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# ---------------------------------------------------------------------------- POS
+class PosRequest(_Item):
+    text: Text | None = Field(
+        None,
+        description="Raw English text; split into words by the model's tokenizer.",
+        examples=["The quick brown fox jumps over the lazy dog."],
+    )
+    tokens: list[Annotated[str, AfterValidator(_not_blank)]] | None = Field(
+        None,
+        description="Already split words (instead of `text`): tagged as given.",
+        examples=[["The", "dog", "barks", "."]],
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PosRequest:
+        if (self.text is None) == (self.tokens is None):
+            raise PydanticCustomError("text_or_tokens", "give exactly one of 'text' or 'tokens'")
+        if self.tokens is not None and not self.tokens:
+            raise PydanticCustomError("empty_text", "'tokens' must not be empty")
+        return self
+
+
+class PosResponse(_Out):
+    tokens: list[str] = Field(description="The words that were tagged.")
+    tags: list[str] = Field(description="One part-of-speech tag per token (Penn Treebank set).")
+
+
+# ---------------------------------------------------------------------------- polarity
+class PolarityRequest(_Item):
+    text: Text = Field(
+        description="An English sentence or short review.",
+        examples=["A charming, funny and moving film."],
+    )
+
+
+class PolarityResponse(_Out):
+    label: str = Field(description="`positive` or `negative`.", examples=["positive"])
+    positive_probability: float = Field(description="P(positive), 0 to 1.", examples=[0.93])
+    truncated: bool = Field(
+        description="True when the text was longer than the model's max length and only its "
+        "first max_length tokens were read."
+    )
+
+
+# ---------------------------------------------------------------------------- detect
+class DetectRequest(_Item):
+    text: Text = Field(
+        description="The text to classify as human- or machine-written.",
+        examples=["人工智能是计算机科学的一个分支。"],
+    )
+
+
+class DetectResponse(_Out):
+    label: str = Field(description="`human` or `machine`.", examples=["machine"])
+    machine_probability: float = Field(description="P(machine), 0 to 1.", examples=[0.87])
+    truncated: bool = Field(
+        description="True when the text was longer than the model's max length and only its "
+        "head was read."
+    )
+
+
+# ---------------------------------------------------------------------------- QA
+class QARequest(_Item):
+    question: Text = Field(description="The question.", examples=["长城有多长？"])
+    context: Text = Field(
+        description="The passage holding the answer. Long passages are read in overlapping "
+        "windows; the best span over all windows wins.",
+        examples=["长城是中国古代的军事防御工程，总长度超过两万千米。"],
+    )
+
+
+class QAResponse(_Out):
+    answer: str = Field(description="The answer span: exactly `context[start:end]`.")
+    start: int = Field(description="Character offset of the answer in `context` (inclusive).")
+    end: int = Field(description="Character offset of the answer end in `context` (exclusive).")
+    score: float = Field(
+        description="Probability of this span among all candidate spans of all windows "
+        "(softmax of start+end logits), 0 to 1; 0 with an empty answer."
+    )
+
+
+# ---------------------------------------------------------------------------- batches
+def _shape(v: Any) -> str:
+    return "batch" if isinstance(v, dict) and "inputs" in v else "item"
+
+
+_INPUTS_DOC = (
+    "Several items; `outputs` answers them in the same order. At most NLPSERVE_MAX_BATCH_ITEMS."
+)
+_OUTPUTS_DOC = "One result per input, in input order."
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PosBatchRequest(BatchRequest):
+    inputs: list[PosRequest] = Field(min_length=1, description=_INPUTS_DOC)
+
+
+class PolarityBatchRequest(BatchRequest):
+    inputs: list[PolarityRequest] = Field(min_length=1, description=_INPUTS_DOC)
+
+
+class DetectBatchRequest(BatchRequest):
+    inputs: list[DetectRequest] = Field(min_length=1, description=_INPUTS_DOC)
+
+
+class QABatchRequest(BatchRequest):
+    inputs: list[QARequest] = Field(min_length=1, description=_INPUTS_DOC)
+
+
+class PosBatchResponse(BaseModel):
+    outputs: list[PosResponse] = Field(description=_OUTPUTS_DOC)
+
+
+class PolarityBatchResponse(BaseModel):
+    outputs: list[PolarityResponse] = Field(description=_OUTPUTS_DOC)
+
+
+class DetectBatchResponse(BaseModel):
+    outputs: list[DetectResponse] = Field(description=_OUTPUTS_DOC)
+
+
+class QABatchResponse(BaseModel):
+    outputs: list[QAResponse] = Field(description=_OUTPUTS_DOC)
+
+
+def _body(item: type[BaseModel], batch: type[BaseModel]) -> Any:
+    return Annotated[
+        Annotated[item, Tag("item")] | Annotated[batch, Tag("batch")],
+        Discriminator(_shape),
+    ]
+
+
+PosBody = _body(PosRequest, PosBatchRequest)
+PolarityBody = _body(PolarityRequest, PolarityBatchRequest)
+DetectBody = _body(DetectRequest, DetectBatchRequest)
+QABody = _body(QARequest, QABatchRequest)
+
+
+# ---------------------------------------------------------------------------- ops
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    task: str
+    architecture: str
+    description: str
+    labels: list[str]
+    max_length: int
+    buckets: list[int] = Field(description="Upper token-length edges of the batching buckets.")
+    metrics: dict[str, float] = Field(description="Held-out evaluation metrics (manifest).")
+    variants: list[str]
+    variant: str | None = Field(description="The variant this process runs (null: remote).")
+    provider: str | None = Field(
+        description="The execution provider the model ACTUALLY runs on (null: runs on remote "
+        "workers)."
+    )
+    requested_provider: str | None = None
+    fallback: bool = Field(False, description="True when it fell back from the wanted provider.")
+    queue_depth: int = 0
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]

@@ -1,0 +1,303 @@
+"""The default queue: batches and runs in this process, inference on executor threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batching import BucketScheduler, WorkItem
+from service.config import Settings
+from service.metrics import Metrics
+from service.queueing.base import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    InferenceQueue,
+    QueueFullError,
+)
+from service.runtime.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch that ran (test and debugging hook: ``InProcessQueue.batch_log``)."""
+
+    model: str
+    bucket: int
+    lane: str
+    item_ids: tuple[str, ...]
+    lengths: tuple[int, ...]
+    seconds: float
+
+    @property
+    def size(self) -> int:
+        return len(self.item_ids)
+
+
+def run_batch_isolating(
+    runner: ModelRunner, batch: list[WorkItem]
+) -> list[dict[str, np.ndarray] | Exception]:
+    """Run ``batch``; if it fails, rerun each item alone so one bad input fails alone.
+
+    Returns per item either its outputs or the exception it failed with. Synchronous: call it
+    on an executor thread (workers reuse it too).
+    """
+    try:
+        return list(runner.run_batch(batch))
+    except Exception as e:
+        if len(batch) == 1:
+            log.warning("%s: inference failed on item %s: %s", runner.name, batch[0].id, e)
+            return [e]
+        log.warning("%s: batch of %d failed (%s); retrying items alone", runner.name, len(batch), e)
+    out: list[dict[str, np.ndarray] | Exception] = []
+    for it in batch:
+        try:
+            out.append(runner.run_batch([it])[0])
+        except Exception as e:
+            log.warning("%s: inference failed on item %s: %s", runner.name, it.id, e)
+            out.append(e)
+    return out
+
+
+class InProcessQueue(InferenceQueue):
+    """Length-bucketed dynamic batching inside the API process.
+
+    One asyncio task per model owns that model's :class:`BucketScheduler`; it takes the next
+    ready batch, runs it with :func:`run_batch_isolating` on a thread executor (never on the
+    event loop) and resolves the waiting futures. While a model's batch runs, new requests
+    accumulate, so batches grow with load by themselves.
+
+    Items whose future is already done (client gone, deadline hit) are dropped before a batch
+    is formed; expired items are failed with :class:`DeadlineExceededError`.
+    """
+
+    def __init__(
+        self,
+        runners: Mapping[str, ModelRunner],
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        batch_log_size: int = 1000,
+    ) -> None:
+        self.runners = dict(runners)
+        self.settings = settings
+        self.metrics = metrics
+        self.policy = settings.batch_policy()
+        self.max_depth = settings.max_queue_depth
+        self._scheds = {name: BucketScheduler(self.policy) for name in self.runners}
+        self._futures: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, int] = dict.fromkeys(self.runners, 0)
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._started = False
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        # Test/debug hook: the batches that ran, newest last.
+        self.batch_log: deque[BatchRecord] = deque(maxlen=batch_log_size)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, self.settings.inference_threads), thread_name_prefix="nlpserve-infer"
+        )
+        for name in self.runners:
+            self._wake[name] = asyncio.Event()
+            self._tasks[name] = asyncio.create_task(self._loop(name), name=f"batcher-{name}")
+        self._started = True
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new work, run everything already queued (without waiting for batches to
+        fill), then stop; whatever is left after ``drain_timeout_s`` fails with 503."""
+        if not self._started:
+            return
+        self._closing = True
+        self._unpaused.set()
+        for ev in self._wake.values():
+            ev.set()
+        tasks = list(self._tasks.values())
+        _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s) if tasks else ((), ())
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(BackendUnavailableError("the service is shutting down"))
+        self._futures.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._started = False
+
+    # ------------------------------------------------------------------ submitting
+    async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: list[WorkItem]) -> list[dict[str, np.ndarray]]:
+        """Queue all of ``items`` or none of them (a request is never half-admitted)."""
+        if not items:
+            return []
+        if self._closing or not self._started:
+            raise BackendUnavailableError("the service is shutting down")
+        for model in {it.model for it in items}:
+            if model not in self._scheds:
+                raise KeyError(f"model {model!r} is not loaded")
+            n = sum(1 for it in items if it.model == model)
+            depth = len(self._scheds[model])
+            if depth + n > self.max_depth:
+                raise QueueFullError(
+                    f"model {model!r} has {depth} sequences queued (limit {self.max_depth}); "
+                    "retry later",
+                    retry_after_s=self._retry_after(model),
+                )
+        now = time.time()
+        deadline = min(it.deadline for it in items)
+        if deadline <= now:
+            raise DeadlineExceededError("the request's deadline passed before it was queued")
+
+        loop = asyncio.get_running_loop()
+        futures = []
+        for it in items:
+            fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+            self._futures[it.id] = fut
+            futures.append(fut)
+            self._scheds[it.model].add(it)
+        for model in {it.model for it in items}:
+            self._update_depth(model)
+            self._wake[model].set()
+        try:
+            async with asyncio.timeout(deadline - now):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"not served within the request deadline ({(deadline - now) * 1000:.0f} ms)"
+            ) from None
+        finally:
+            # Cancelling (client gone, deadline) marks queued items so no batch runs them.
+            for it, fut in zip(items, futures, strict=True):
+                if not fut.done():
+                    fut.cancel()
+                self._futures.pop(it.id, None)
+
+    def _retry_after(self, model: str) -> float:
+        # Time to drain the queue at the recent batch rate, at least one second.
+        recent = [r for r in list(self.batch_log)[-20:] if r.model == model]
+        if not recent:
+            return 1.0
+        per_item = sum(r.seconds for r in recent) / max(1, sum(r.size for r in recent))
+        return max(1.0, math.ceil(per_item * len(self._scheds[model])))
+
+    # ------------------------------------------------------------------ status
+    async def is_ready(self) -> bool:
+        return (
+            self._started and not self._closing and all(not t.done() for t in self._tasks.values())
+        )
+
+    def depth(self, model: str) -> int:
+        s = self._scheds.get(model)
+        return len(s) if s is not None else 0
+
+    def in_flight(self, model: str) -> int:
+        """Sequences of ``model`` inside the batch running now."""
+        return self._running.get(model, 0)
+
+    # ------------------------------------------------------------------ test hooks
+    def pause(self) -> None:
+        """Stop starting new batches (queued work waits). For tests: fill a bucket, then
+        :meth:`resume`, and the batches formed are deterministic, not timing-dependent."""
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+        for ev in self._wake.values():
+            ev.set()
+
+    # ------------------------------------------------------------------ the batch loop
+    def _update_depth(self, model: str) -> None:
+        if self.metrics is None:
+            return
+        for bucket, n in self._scheds[model].depths().items():
+            self.metrics.queue_depth.labels(model, str(bucket)).set(n)
+
+    def _purge(self, model: str, now: float) -> None:
+        sched = self._scheds[model]
+
+        def gone(it: WorkItem) -> bool:
+            fut = self._futures.get(it.id)
+            return fut is None or fut.done()
+
+        for it in sched.drop(gone):
+            log.debug("%s: skipping item %s: its request is gone", model, it.id)
+        for it in sched.drop_expired(now):
+            fut = self._futures.get(it.id)
+            if fut is not None and not fut.done():
+                fut.set_exception(DeadlineExceededError("deadline passed while queued"))
+
+    async def _loop(self, model: str) -> None:
+        sched = self._scheds[model]
+        runner = self.runners[model]
+        wake = self._wake[model]
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._closing:
+                await self._unpaused.wait()
+            now = time.time()
+            self._purge(model, now)
+            batch = sched.next_batch(now, flush=self._closing)
+            if batch is None:
+                if self._closing:
+                    self._update_depth(model)
+                    return
+                delay = sched.next_wakeup(now)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
+                continue
+            self._update_depth(model)
+            self._running[model] = len(batch)
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, run_batch_isolating, runner, batch
+                )
+            except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
+                log.exception("%s: batch failed", model)
+                results = [e] * len(batch)
+            finally:
+                self._running[model] = 0
+            self.batch_log.append(
+                BatchRecord(
+                    model,
+                    batch[0].bucket,
+                    batch[0].lane,
+                    tuple(it.id for it in batch),
+                    tuple(it.length for it in batch),
+                    time.perf_counter() - t0,
+                )
+            )
+            for it, res in zip(batch, results, strict=True):
+                fut = self._futures.get(it.id)
+                if fut is None or fut.done():
+                    continue  # timed out or cancelled while running: nobody waits
+                if isinstance(res, Exception):
+                    fut.set_exception(
+                        InferenceFailedError(f"the model could not process this input: {res}")
+                    )
+                else:
+                    fut.set_result(res)

@@ -1,0 +1,141 @@
+"""What every task does: validate and encode requests into WorkItems, decode outputs.
+
+Tasks are protocol-agnostic (no HTTP here): the API calls :func:`run_requests`, and anything
+else that needs predictions through the batched path (explanations) can too.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+
+from service.batching import WorkItem, bucket_index
+from service.config import Settings
+from service.queueing.base import InferenceQueue
+from service.repository import Manifest, ModelEntry
+from service.runtime.runner import bucket_edges
+
+# Above this many characters in one request, tokenization moves to a thread so a huge
+# request cannot stall the event loop; below it the thread hop costs more than it saves.
+OFFLOAD_CHARS = 20_000
+
+
+class InputError(ValueError):
+    """A request the model cannot take (too long, nothing to tag...): a 4xx, never a 500."""
+
+    def __init__(self, code: str, message: str, status_code: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status_code = status_code
+
+
+@dataclass
+class Prepared:
+    """One request item turned into model sequences, plus what decoding needs."""
+
+    items: list[WorkItem]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(abc.ABC):
+    """One model's request/response logic. Subclasses set ``task`` and implement
+    :meth:`encode` (a whole request batch at once: tokenizers batch-encode fast) and
+    :meth:`decode`."""
+
+    task: ClassVar[str]
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        self.entry = entry
+        self.manifest: Manifest = entry.manifest
+        self.name = entry.manifest.name
+        self.settings = settings
+        self.buckets = bucket_edges(self.manifest, settings)
+        self.max_length = self.manifest.max_length
+        self._feature_names = [
+            t.name for t in self.manifest.inputs if t.name != "lengths"
+        ]  # lengths are derived at batch time
+
+    # ------------------------------------------------------------------ subclass API
+    @abc.abstractmethod
+    def texts(self, request: BaseModel) -> list[str]:
+        """The user text fields of ``request`` (for the character limit)."""
+
+    @abc.abstractmethod
+    def encode(
+        self, requests: Sequence[BaseModel], deadline: float, lane: str
+    ) -> list[Prepared]: ...
+
+    @abc.abstractmethod
+    def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> BaseModel: ...
+
+    # ------------------------------------------------------------------ helpers
+    def item(
+        self, features: dict[str, np.ndarray], length: int, deadline: float, lane: str
+    ) -> WorkItem:
+        feats = {k: features[k] for k in self._feature_names}
+        return WorkItem(
+            model=self.name,
+            bucket=bucket_index(length, self.buckets),
+            length=length,
+            features=feats,
+            deadline=deadline,
+            lane=lane,
+        )
+
+    def check_limits(self, requests: Sequence[BaseModel]) -> None:
+        limit = self.settings.max_text_chars
+        for i, req in enumerate(requests):
+            for text in self.texts(req):
+                if len(text) > limit:
+                    raise InputError(
+                        "text_too_long",
+                        f"{where(i, len(requests))}text has {len(text)} characters; "
+                        f"the limit is {limit} (NLPSERVE_MAX_TEXT_CHARS)",
+                    )
+
+    def prepare(self, requests: Sequence[BaseModel], deadline: float, lane: str) -> list[Prepared]:
+        self.check_limits(requests)
+        return self.encode(requests, deadline, lane)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float64 (probabilities near 0/1 stay exact)."""
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def where(i: int, n: int) -> str:
+    """Message prefix naming the batch item at fault (nothing for a single request)."""
+    return f"inputs[{i}]: " if n > 1 else ""
+
+
+async def run_requests(
+    task: Task,
+    queue: InferenceQueue,
+    requests: Sequence[BaseModel],
+    deadline: float,
+    lane: str = "predict",
+) -> list[BaseModel]:
+    """Encode ``requests``, submit all their sequences at once, decode in request order."""
+    chars = sum(len(t) for r in requests for t in task.texts(r))
+    if chars > OFFLOAD_CHARS:
+        prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane)
+    else:
+        prepared = task.prepare(requests, deadline, lane)
+    flat = [it for p in prepared for it in p.items]
+    outputs = await queue.submit_many(flat)
+    results: list[BaseModel] = []
+    k = 0
+    for p in prepared:
+        n = len(p.items)
+        results.append(task.decode(p, outputs[k : k + n]))
+        k += n
+    return results

@@ -1,0 +1,56 @@
+"""Sentence polarity with the word-level LSTM classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.api.schemas import PolarityRequest, PolarityResponse
+from service.config import Settings
+from service.repository import ModelEntry
+from service.tasks.base import InputError, Prepared, Task, softmax, where
+from service.tasks.pos import load_word_encoder
+
+
+class PolarityTask(Task):
+    """``{"text"}`` -> positive/negative. Texts over ``max_length`` tokens are truncated to
+    their first ``max_length`` tokens and answered with ``"truncated": true``."""
+
+    task = "polarity"
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        super().__init__(entry, settings)
+        self.encoder = load_word_encoder(entry)
+        self.labels = self.manifest.labels
+        self.positive = self.labels.index("positive") if "positive" in self.labels else -1
+
+    def texts(self, request: PolarityRequest) -> list[str]:  # type: ignore[override]
+        return [request.text]
+
+    def encode(
+        self, requests: Sequence[PolarityRequest], deadline: float, lane: str
+    ) -> list[Prepared]:  # type: ignore[override]
+        n = len(requests)
+        out = []
+        for i, enc in enumerate(self.encoder.encode_texts([r.text for r in requests])):
+            if len(enc) == 0:
+                raise InputError("empty_text", f"{where(i, n)}the text contains no words")
+            truncated = len(enc) > self.max_length
+            ids = enc.word_ids[: self.max_length]
+            out.append(
+                Prepared(
+                    [self.item({"word_ids": ids}, len(ids), deadline, lane)],
+                    {"truncated": truncated},
+                )
+            )
+        return out
+
+    def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PolarityResponse:
+        probs = softmax(outputs[0]["logits"][None, :])[0]
+        k = int(np.argmax(probs))
+        return PolarityResponse(
+            label=self.labels[k],
+            positive_probability=float(probs[self.positive]) if self.positive >= 0 else 0.0,
+            truncated=prepared.meta["truncated"],
+        )

@@ -1,0 +1,71 @@
+"""Part-of-speech tagging with the word-level LSTM tagger."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.api.schemas import PosRequest, PosResponse
+from service.config import Settings
+from service.preprocess.words import WordEncoder
+from service.repository import ModelEntry
+from service.tasks.base import InputError, Prepared, Task, where
+
+
+def load_word_encoder(entry: ModelEntry) -> WordEncoder:
+    pre = entry.manifest.preprocessing
+    return WordEncoder.load(
+        entry.path / pre.tokenizer_file,
+        entry.path / pre.chars_file if pre.chars_file else None,
+        pre.max_word_length,
+    )
+
+
+class PosTask(Task):
+    """``{"text"}`` or ``{"tokens"}`` -> one tag per token.
+
+    Sentences longer than the model's ``max_length`` tokens are REJECTED (422
+    ``input_too_long``), not truncated: silently returning tags for only part of the text
+    would look like a complete answer. Clients split long documents into sentences.
+    """
+
+    task = "pos"
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        super().__init__(entry, settings)
+        self.encoder = load_word_encoder(entry)
+        self.labels = self.manifest.labels
+
+    def texts(self, request: PosRequest) -> list[str]:  # type: ignore[override]
+        return [request.text] if request.text is not None else [" ".join(request.tokens or [])]
+
+    def encode(self, requests: Sequence[PosRequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
+        n = len(requests)
+        # One batch-encode call for every raw text of the request.
+        text_idx = [i for i, r in enumerate(requests) if r.text is not None]
+        texts = [requests[i].text or "" for i in text_idx]
+        encoded = dict(zip(text_idx, self.encoder.encode_texts(texts), strict=True))
+        out = []
+        for i, req in enumerate(requests):
+            enc = encoded[i] if i in encoded else self.encoder.encode_tokens([req.tokens])[0]
+            if len(enc) == 0:
+                raise InputError("empty_text", f"{where(i, n)}the text contains no words")
+            if len(enc) > self.max_length:
+                raise InputError(
+                    "input_too_long",
+                    f"{where(i, n)}the text has {len(enc)} tokens; {self.name} tags at most "
+                    f"{self.max_length} per request (split it into sentences)",
+                )
+            feats = {"word_ids": enc.word_ids}
+            if enc.char_ids is not None:
+                feats["char_ids"] = enc.char_ids
+            out.append(
+                Prepared([self.item(feats, len(enc), deadline, lane)], {"tokens": enc.tokens})
+            )
+        return out
+
+    def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PosResponse:
+        logits = outputs[0]["logits"]  # [T, n_tags]
+        tags = [self.labels[k] for k in np.argmax(logits, axis=-1).tolist()]
+        return PosResponse(tokens=prepared.meta["tokens"], tags=tags)
