@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     queue: Literal["inprocess", "redis"] = "inprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
     metrics_port: int = Field(9100, description="Prometheus port of `nlpserve worker`.")
+    metrics_host: str = Field(
+        "0.0.0.0",
+        description="Bind address of the worker's /metrics, /healthz, /readyz (scraped from "
+        "other hosts, like prometheus_client's default).",
+    )
     # Redis backend details (docs/scale-out.md)
     redis_prefix: str = Field("nlpserve", description="Namespace of every Redis key and channel.")
     redis_connect_timeout_s: float = Field(
