@@ -1,0 +1,182 @@
+"""Repository entries written by training: the manifest contract, the tiny builders, and the
+``nlpserve train`` / ``nlpserve evaluate`` commands end to end on fixture data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from service.preprocess.words import WordEncoder  # noqa: E402
+from service.repository import discover_models, load_manifest  # noqa: E402
+from tests.builders import (  # noqa: E402
+    build_tiny_polarity,
+    build_tiny_pos,
+    tiny_polarity_corpus,
+    tiny_pos_corpus,
+)
+from training.lstm.export import ort_session, pad_batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_pos(root)
+    build_tiny_polarity(root)
+    return root
+
+
+def test_builders_write_valid_entries(repo):
+    entries = {e.name: e for e in discover_models(repo)}
+    assert set(entries) == {"pos-en", "polarity-en"}
+    assert entries["pos-en"].path == repo / "pos-en" / "1"
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no staging left over
+    for e in entries.values():
+        m = e.manifest
+        assert m.version == "1"
+        assert m.buckets[-1] == m.max_length
+        v = m.variants["fp32"]
+        assert v.file == "model.onnx" and v.precision == "fp32"
+        assert v.sha256 == hashlib.sha256((e.path / v.file).read_bytes()).hexdigest()
+        assert {"torch", "onnxruntime", "tokenizers", "python"} <= set(m.framework_versions)
+        assert m.split is not None and sum(m.split.sizes.values()) > 0
+        assert m.metrics["accuracy"] >= 0.9
+        assert m.metrics["onnx_max_abs_diff"] <= 1e-4
+        assert m.command.startswith("tests.builders.")
+        assert m.preprocessing.kind == "words" and m.preprocessing.lowercase
+
+
+def test_pos_manifest_contract(repo):
+    m = load_manifest(repo / "pos-en" / "1")
+    assert m.task == "pos"
+    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [
+        ("word_ids", "int64", ["batch", "sequence"]),
+        ("char_ids", "int64", ["batch", "sequence", "word"]),
+        ("lengths", "int64", ["batch"]),
+    ]
+    assert [(t.name, t.dtype) for t in m.outputs] == [("logits", "float32")]
+    assert m.preprocessing.chars_file == "chars.json"
+    assert m.preprocessing.max_word_length == 16
+    assert "NN" in m.labels and m.labels == sorted(m.labels)
+
+
+def test_polarity_manifest_contract(repo):
+    m = load_manifest(repo / "polarity-en" / "1")
+    assert m.task == "polarity"
+    assert m.input_names() == ["word_ids", "lengths"]
+    assert m.outputs[0].shape == ["batch", 2]
+    assert m.labels == ["negative", "positive"]
+    assert m.preprocessing.chars_file is None and m.preprocessing.max_word_length is None
+
+
+def test_entries_serve_through_word_encoder(repo):
+    """What the service will do: WordEncoder from the manifest -> padded batch -> ORT."""
+    folder = repo / "pos-en" / "1"
+    m = load_manifest(folder)
+    enc = WordEncoder.load(
+        folder / m.preprocessing.tokenizer_file,
+        folder / m.preprocessing.chars_file,
+        m.preprocessing.max_word_length,
+    )
+    sess = ort_session(folder / "model.onnx")
+    encs = enc.encode_texts(["The big dog sees a cat.", "He owns cars."])
+    logits = sess.run(None, pad_batch(encs, with_chars=True))[0]
+    tags = [m.labels[i] for i in logits[0, : len(encs[0])].argmax(-1)]
+    assert tags == ["DT", "JJ", "NN", "VBZ", "DT", "NN", "."]
+
+    folder = repo / "polarity-en" / "1"
+    m = load_manifest(folder)
+    enc = WordEncoder.load(folder / m.preprocessing.tokenizer_file)
+    sess = ort_session(folder / "model.onnx")
+    encs = enc.encode_texts(["a truly wonderful film", "boring and tedious plot"])
+    probs = sess.run(None, pad_batch(encs, with_chars=False))[0]
+    assert [m.labels[i] for i in np.argmax(probs, -1)] == ["positive", "negative"]
+
+
+def test_existing_version_is_not_overwritten(repo):
+    with pytest.raises(FileExistsError, match="already exists"):
+        build_tiny_polarity(repo)
+
+
+# ----------------------------------------------------------------------- CLI end to end
+def _write_fixture_treebank(root: Path) -> None:
+    corpus = tiny_pos_corpus(n=120, seed=1)
+    trees = []
+    for words, tags in zip(corpus.sentences, corpus.tags, strict=True):
+        leaves = " ".join(f"({t} {w})" for w, t in zip(words, tags, strict=True))
+        trees.append(f"( (S {leaves} (-NONE- *T*-1) ) )")
+    path = root / "nltk_data" / "corpora" / "treebank.zip"
+    path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("treebank/combined/wsj_0001.mrg", "\n".join(trees[:60]))
+        zf.writestr("treebank/combined/wsj_0002.mrg", "\n".join(trees[60:]))
+
+
+def _write_fixture_polarity(root: Path) -> None:
+    corpus = tiny_polarity_corpus(n=200, seed=1)
+    folder = root / "nltk_data" / "corpora" / "sentence_polarity"
+    folder.mkdir(parents=True)
+    for label, name in ((0, "neg"), (1, "pos")):
+        lines = [t for t, y in zip(corpus.texts, corpus.labels, strict=True) if y == label]
+        (folder / f"rt-polarity.{name}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from training.cli import register
+
+    if not any(g.name == "train" for g in app.registered_groups):
+        register(app)
+    runner = CliRunner()
+    return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
+
+
+@pytest.mark.parametrize("task", ["pos", "polarity"])
+def test_train_and_evaluate_commands(cli, tmp_path, task):
+    data = tmp_path / "data"
+    (_write_fixture_treebank if task == "pos" else _write_fixture_polarity)(data)
+    out = tmp_path / "models"
+    size = ["--hidden", 16] + (["--word-dim", 16, "--char-filters", 16] if task == "pos" else [])
+    size += ["--emb-dim", 16] if task == "polarity" else []
+    args = ["train", task, "--data", data, "--out", out, "--epochs", 3, "--lr", 0.01]
+    res = cli(*args, *size, "--threads", 1, "--no-progress")
+    assert res.exit_code == 0, res.output
+    name = "pos-en" if task == "pos" else "polarity-en"
+    m = load_manifest(out / name / "1")
+    assert m.command  # the exact argv of the run
+    files = [d.path for d in m.data]
+    expected = (
+        "nltk_data/corpora/treebank.zip"
+        if task == "pos"
+        else "nltk_data/corpora/sentence_polarity/rt-polarity.neg"
+    )
+    assert expected in files
+    assert "-NONE-" not in m.labels
+
+    res = cli("evaluate", out / name / "1", "--data", data)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert metrics["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
+
+    # a second run without --version gets the next integer
+    res = cli(*args, "--epochs", 1, *size, "--threads", 1, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert (out / name / "2" / "manifest.json").is_file()
+
+
+def test_missing_data_is_a_clear_error(cli, tmp_path):
+    res = cli("train", "pos", "--data", tmp_path / "nowhere", "--out", tmp_path)
+    assert res.exit_code != 0
+    assert "nowhere" in res.output and "does not exist" in res.output
+    res = cli("train", "polarity", "--data", tmp_path, "--out", tmp_path / "m")
+    assert res.exit_code != 0
+    assert "no sentence polarity data" in res.output
