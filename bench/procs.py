@@ -182,3 +182,87 @@ def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
         for p in reversed(procs):
             with contextlib.suppress(Exception):
                 p.stop(grace_s=5.0)
+
+
+# ---------------------------------------------------------------------------- nginx gateway
+
+GATEWAY_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "gateway.conf.template"
+GATEWAY_VARS = (
+    "NLPSERVE_UPSTREAMS",
+    "NLPSERVE_GATEWAY_PORT",
+    "NLPSERVE_RATE_LIMIT",
+    "NLPSERVE_MAX_BODY",
+)
+
+
+def template_variables(text: str) -> set[str]:
+    """``NLPSERVE_*`` names a template references (``$NAME`` or ``${NAME}``)."""
+    import re
+
+    return set(re.findall(r"\$\{?(NLPSERVE_[A-Z0-9_]+)\}?", text))
+
+
+def render_template(text: str, env: Mapping[str, str]) -> str:
+    """envsubst as the nginx image runs it: only the given variables are replaced, so
+    nginx's own ``$variables`` survive. A referenced ``NLPSERVE_*`` variable missing from
+    ``env`` is an error here (in the image it would reach nginx verbatim and fail there)."""
+    import re
+
+    missing = template_variables(text) - set(env)
+    if missing:
+        raise KeyError(f"gateway template needs {sorted(missing)}")
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        return env[name] if name in env else m.group(0)
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, text)
+
+
+def nginx_wrapper(workdir: Path, include: Path) -> str:
+    """A main nginx.conf around the http-context gateway file: everything nginx writes (pid,
+    logs, temp files) under ``workdir``, in the foreground, one worker."""
+    tmp = workdir.resolve()
+    # As root the workers would drop to `nobody`, who cannot write our temp dirs.
+    user = "user root;\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    temps = "\n".join(
+        f"    {kind}_temp_path {tmp}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return (
+        f"{user}daemon off;\nworker_processes 1;\npid {tmp}/nginx.pid;\n"
+        f"error_log {tmp}/error.log warn;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        f"    access_log {tmp}/access.log;\n{temps}\n"
+        f"    include {include.resolve()};\n"
+        "}\n"
+    )
+
+
+def write_nginx_conf(workdir: Path, env: Mapping[str, str]) -> Path:
+    """Render the repository's gateway template into ``workdir``; returns the main conf."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    gateway = workdir / "gateway.conf"
+    gateway.write_text(render_template(GATEWAY_TEMPLATE.read_text(), env))
+    main = workdir / "nginx.conf"
+    main.write_text(nginx_wrapper(workdir, gateway))
+    return main
+
+
+def nginx_argv(workdir: Path, conf: Path, test: bool = False) -> list[str]:
+    exe = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if exe is None:
+        raise FileNotFoundError("nginx not found (Debian: apt-get install nginx)")
+    # -e: the early error log, before the config is read (else /var/log/nginx, maybe unwritable)
+    argv = [exe, "-p", str(workdir.resolve()), "-e", str(workdir.resolve() / "error.log")]
+    return [*argv, "-c", str(conf.resolve()), *(["-t", "-q"] if test else [])]
+
+
+def start_nginx(workdir: Path, env: Mapping[str, str]) -> Proc:
+    conf = write_nginx_conf(workdir, env)
+    proc = start("nginx", nginx_argv(workdir, conf), workdir)
+    wait_port(proc, int(env["NLPSERVE_GATEWAY_PORT"]))
+    return proc
