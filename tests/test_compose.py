@@ -1,0 +1,244 @@
+"""docker-compose.yml checked against what the code actually reads.
+
+There is no Docker engine on the development and CI machines, so the compose topology is
+validated statically here (and run as plain processes in ``tests/e2e``): service names,
+``NLPSERVE_*`` variables (each one a ``Settings`` field, or a documented gateway/healthcheck
+variable), ports, health checks, Redis' eviction policy, the GPU reservation, and the files
+it mounts. ``docker compose config`` runs too where a Docker client with compose exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is in the dev extra")
+
+from bench import procs  # noqa: E402
+from service.config import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+TEMPLATE = procs.GATEWAY_TEMPLATE
+
+# Variables no Settings field reads, each with the code that does read it.
+HEALTHCHECK_VARS = {"NLPSERVE_HEALTH_URL"}  # service/healthcheck.py
+# Compose-file interpolation (``${VAR:-default}``), read by docker compose itself.
+INTERPOLATION_DEFAULTS = {"NLPSERVE_GATEWAY_PUBLISH": "8080", "NLPSERVE_CPU_WORKERS": "1"}
+NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
+
+
+def _interpolate(text: str) -> str:
+    """``${VAR:-default}`` -> default (compose does this before parsing)."""
+    return re.sub(r"\$\{([A-Z0-9_]+):-([^}]*)\}", lambda m: m.group(2), text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(_interpolate(COMPOSE.read_text()))
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # ["KEY=value", ...] form
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _settings_env_names() -> set[str]:
+    prefix = Settings.model_config.get("env_prefix", "")
+    return {f"{prefix}{name}".upper() for name in Settings.model_fields}
+
+
+def test_services_exist(services: dict[str, Any]) -> None:
+    for name in ("gateway", "api", "worker", "redis"):
+        assert name in services, f"service {name!r} missing from docker-compose.yml"
+    assert "gpu" in services["worker-gpu"].get("profiles", []), "GPU worker only in `gpu` profile"
+
+
+def test_roles_are_cli_commands(services: dict[str, Any]) -> None:
+    from service.cli import app
+
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    for svc in NLPSERVE_IMAGE_SERVICES:
+        cmd = services[svc]["command"]
+        role = cmd[0] if isinstance(cmd, list) else cmd.split()[0]
+        assert role in names, f"{svc}: `nlpserve {role}` is not a CLI command ({sorted(names)})"
+
+
+def test_every_nlpserve_variable_is_read_by_the_code(services: dict[str, Any]) -> None:
+    known = _settings_env_names() | HEALTHCHECK_VARS
+    assert "NLPSERVE_HEALTH_URL" in (ROOT / "service" / "healthcheck.py").read_text()
+    for svc in NLPSERVE_IMAGE_SERVICES:
+        unknown = {k for k in _env(services[svc]) if k.startswith("NLPSERVE_")} - known
+        assert not unknown, f"{svc}: {sorted(unknown)} are read by nothing (typo?)"
+    # The gateway's variables are exactly the ones its template uses.
+    gw = {k for k in _env(services["gateway"]) if k.startswith("NLPSERVE_")}
+    assert gw == procs.template_variables(TEMPLATE.read_text())
+    assert gw == set(procs.GATEWAY_VARS)
+
+
+def test_settings_accept_the_compose_values(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The values must validate too (a non-integer port would crash the container)."""
+    for svc in NLPSERVE_IMAGE_SERVICES:
+        for key in [k for k in os.environ if k.startswith("NLPSERVE_")]:
+            monkeypatch.delenv(key)
+        for key, value in _env(services[svc]).items():
+            monkeypatch.setenv(key, value)
+        s = Settings()
+        assert s.queue == "redis", f"{svc} must use the Redis queue in compose"
+        host = urlparse(s.redis_url).hostname
+        assert host in services, f"{svc}: NLPSERVE_REDIS_URL host {host!r} is not a service"
+        assert (urlparse(s.redis_url).port or 6379) == 6379
+        assert str(s.model_dir) == "/models"
+
+
+def _port_of(url: str) -> int:
+    return urlparse(url).port or 80
+
+
+def test_ports_agree(services: dict[str, Any]) -> None:
+    defaults = Settings()
+    api, worker, gw = services["api"], services["worker"], services["gateway"]
+    api_port = int(_env(api).get("NLPSERVE_PORT", defaults.port))
+    assert api_port == defaults.port == 8000
+    assert str(api_port) in [str(p) for p in api.get("expose", [])]
+    assert _port_of(_env(api)["NLPSERVE_HEALTH_URL"]) == api_port
+    assert api["labels"]["prometheus.io/port"] == str(api_port)
+    # The gateway reaches every replica on that port.
+    assert re.search(rf"server\s+api:{api_port}\b", _env(gw)["NLPSERVE_UPSTREAMS"])
+
+    for name in ("worker", "worker-gpu"):
+        w = services[name]
+        mport = int(_env(w).get("NLPSERVE_METRICS_PORT", defaults.metrics_port))
+        assert mport == defaults.metrics_port
+        assert str(mport) in [str(p) for p in w.get("expose", [])]
+        assert _port_of(_env(w)["NLPSERVE_HEALTH_URL"]) == mport
+        assert w["labels"]["prometheus.io/port"] == str(mport)
+    assert worker["labels"]["prometheus.io/path"] == "/metrics"
+
+    gport = int(_env(gw)["NLPSERVE_GATEWAY_PORT"])
+    published = [str(p) for p in gw.get("ports", [])]
+    assert any(p.endswith(f":{gport}") for p in published), published
+    assert f":{gport}/" in " ".join(map(str, gw["healthcheck"]["test"]))
+
+    exposed = set(re.findall(r"^EXPOSE\s+(.+)$", DOCKERFILE.read_text(), re.M)[0].split())
+    assert {str(api_port), str(defaults.metrics_port)} <= exposed
+
+
+def test_health_checks(services: dict[str, Any]) -> None:
+    for name in ("gateway", "api", "worker", "worker-gpu", "redis"):
+        hc = services[name].get("healthcheck")
+        assert hc and hc.get("test"), f"{name} has no health check"
+    for name in NLPSERVE_IMAGE_SERVICES:
+        assert services[name]["healthcheck"]["test"][-1] == "service.healthcheck"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["gateway"]["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "HEALTHCHECK" in DOCKERFILE.read_text()
+
+
+def test_redis_never_evicts_queue_data(services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    cmd = redis["command"]
+    args = cmd if isinstance(cmd, list) else cmd.split()
+    args = [str(a) for a in args]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--maxmemory" in args, "a Redis without maxmemory grows until the kernel kills it"
+    assert redis["deploy"]["resources"]["limits"]["memory"]
+
+
+def test_gpu_profile_reserves_a_device(services: dict[str, Any]) -> None:
+    gpu = services["worker-gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d.get("capabilities", []) for d in devices)
+    assert gpu["build"]["target"] == "gpu"
+    assert _env(gpu)["NLPSERVE_PROVIDERS"].startswith("CUDAExecutionProvider")
+    assert _env(gpu).get("NLPSERVE_REQUIRE_GPU") in ("1", "true", "True")
+    # No GPU reservation anywhere else: CPU replicas must start on machines without one.
+    for name in ("api", "worker"):
+        res = (services[name].get("deploy") or {}).get("resources", {})
+        assert "reservations" not in res
+
+
+def test_build_targets_exist(services: dict[str, Any]) -> None:
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), re.M | re.I))
+    for svc in NLPSERVE_IMAGE_SERVICES:
+        build = services[svc].get("build")
+        if build:
+            assert build["target"] in stages, f"{svc}: no Dockerfile stage {build['target']!r}"
+
+
+def test_mounted_files_exist(services: dict[str, Any]) -> None:
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src = str(vol).split(":", 1)[0]
+            if src.startswith((".", "/")):
+                assert (ROOT / src).exists(), f"{name} mounts {src}, which is not in the repo"
+    gw_mounts = [str(v) for v in services["gateway"]["volumes"]]
+    assert any("gateway.conf.template" in v and "/etc/nginx/templates/" in v for v in gw_mounts)
+
+
+def test_interpolation_variables_are_documented() -> None:
+    text = COMPOSE.read_text()
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
+    assert used <= set(INTERPOLATION_DEFAULTS), used
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for var in used:
+        assert var in doc, f"{var} (compose interpolation) is not explained in docs/deploy.md"
+
+
+def test_prometheus_scrapes_the_metrics_ports(services: dict[str, Any]) -> None:
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    ports = {name: sd["port"] for name, j in jobs.items() for sd in j.get("dns_sd_configs", [])}
+    assert ports["nlpserve-api"] == Settings().port
+    assert ports["nlpserve-worker"] == Settings().metrics_port
+
+
+def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Path) -> None:
+    """Render the template the way the nginx image does and let nginx itself check it."""
+    env = _env(services["gateway"])
+    text = procs.render_template(TEMPLATE.read_text(), env)
+    assert "$nlpserve_request_id" in text and "${" not in text  # nginx's own $vars survive
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+    # compose's upstream name `api` does not resolve here: check with a loopback upstream.
+    env["NLPSERVE_UPSTREAMS"] = "server 127.0.0.1:9 max_fails=1 fail_timeout=5s;"
+    conf = procs.write_nginx_conf(tmp_path, env)
+    r = subprocess.run(procs.nginx_argv(tmp_path, conf, test=True), capture_output=True, text=True)
+    log = (tmp_path / "error.log").read_text() if (tmp_path / "error.log").exists() else ""
+    assert r.returncode == 0, f"nginx -t failed:\n{r.stderr}\n{log}"
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    r = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_available(), reason="no `docker compose` client here")
+def test_docker_compose_config() -> None:
+    for profile in ([], ["--profile", "gpu"], ["--profile", "monitoring"]):
+        r = subprocess.run(
+            ["docker", "compose", "-f", str(COMPOSE), *profile, "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert r.returncode == 0, r.stderr
