@@ -69,8 +69,9 @@ class Preprocessing(_Strict):
     max_word_length: int | None = None
     lowercase: bool = True
     # wordpiece/QA windows
-    doc_stride: int | None = None
-    max_answer_length: int | None = None
+    doc_stride: int | None = None  # QA: context tokens shared by consecutive windows
+    max_answer_length: int | None = None  # QA: longest answer span, in tokens
+    max_query_length: int | None = None  # QA: questions are cut to this many tokens
 
 
 class Manifest(_Strict):

@@ -1,0 +1,94 @@
+"""Sequence classification pre/post-processing (the machine-text detector).
+
+numpy + HF ``tokenizers`` only. A text becomes ``[CLS] tokens [SEP]`` (the tokenizer's own
+post-processor), cut to ``max_length`` tokens from the head; logits become label
+probabilities with a softmax. Training encodes its data and scores its test split with this
+module, so serving and evaluation are one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.preprocess.qa import _PAD_NAMES, _special_id, load_tokenizer, pad_batch
+
+
+@dataclass(frozen=True)
+class ClassifyEncoding:
+    input_ids: np.ndarray  # [T] int64, specials included
+    token_type_ids: np.ndarray  # [T] int64
+    truncated: bool  # the text had more than max_length tokens
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float  # of ``label``
+    probabilities: dict[str, float]
+
+
+class ClassifyEncoder:
+    def __init__(self, tokenizer: Tokenizer, max_length: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = _special_id(tokenizer, _PAD_NAMES)
+        tokenizer.no_padding()
+        # Truncation accounts for the specials the post-processor adds.
+        tokenizer.enable_truncation(max_length, strategy="longest_first", direction="right")
+
+    @classmethod
+    def load(cls, tokenizer_file: Path | str, max_length: int = 256) -> ClassifyEncoder:
+        return cls(load_tokenizer(tokenizer_file), max_length)
+
+    def encode(self, texts: Sequence[str]) -> list[ClassifyEncoding]:
+        out = []
+        for enc in self.tokenizer.encode_batch(list(texts)):
+            out.append(
+                ClassifyEncoding(
+                    np.asarray(enc.ids, dtype=np.int64),
+                    np.asarray(enc.type_ids, dtype=np.int64),
+                    bool(enc.overflowing),
+                )
+            )
+        return out
+
+    def collate(
+        self, encodings: Sequence[ClassifyEncoding], pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Right-pad into int64 ``input_ids``/``attention_mask``/``token_type_ids`` [B, T]."""
+        return pad_batch([(e.input_ids, e.token_type_ids) for e in encodings], self.pad_id, pad_to)
+
+    def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
+        return self.collate(self.encode(texts), pad_to)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of [B, C] logits (float64 for stability)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def decode(logits: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+    """[B, C] logits -> the argmax label, its probability and all label probabilities."""
+    probs = softmax(logits)
+    out = []
+    for row in probs:
+        k = int(np.argmax(row))
+        out.append(
+            Prediction(
+                labels[k],
+                float(row[k]),
+                {lab: float(p) for lab, p in zip(labels, row, strict=True)},
+            )
+        )
+    return out

@@ -1,0 +1,259 @@
+"""Extractive QA pre/post-processing: (question, context) -> windows -> best character span.
+
+numpy + HF ``tokenizers`` only (no torch, no transformers). Training builds its features and
+decodes its dev predictions with this module, so what is served is what was evaluated.
+
+Windows follow BERT's layout ``[CLS] question [SEP] context-slice [SEP]`` with token type 0
+for the question part and 1 for the context part. A context longer than one window is cut
+into overlapping slices: consecutive slices share ``doc_stride`` context tokens (the meaning
+``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context token keeps its
+``(start, end)`` character offsets into the *original* context string, so a predicted token
+span maps back to an exact substring of what the client sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# Offsets of tokens outside the context (specials, question, padding).
+NO_OFFSET = (-1, -1)
+
+_CLS_NAMES = ("[CLS]", "<s>")
+_SEP_NAMES = ("[SEP]", "</s>")
+_PAD_NAMES = ("[PAD]", "<pad>")
+
+
+def _special_id(tokenizer: Tokenizer, names: Sequence[str]) -> int:
+    for name in names:
+        i = tokenizer.token_to_id(name)
+        if i is not None:
+            return i
+    raise ValueError(f"tokenizer has none of the special tokens {list(names)}")
+
+
+def load_tokenizer(tokenizer_file: Path | str) -> Tokenizer:
+    """Load ``tokenizer.json`` with any saved padding/truncation switched off.
+
+    The encoders here pad and truncate themselves; a tokenizer file saved by HF may carry
+    fixed padding (e.g. to 128) that would otherwise leak into every encoding.
+    """
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@dataclass(frozen=True)
+class QAWindow:
+    """One model input sequence over a slice of the context (unpadded, int64 arrays)."""
+
+    input_ids: np.ndarray  # [T]
+    token_type_ids: np.ndarray  # [T]
+    # [T, 2] character offsets into the original context; NO_OFFSET outside the context.
+    offsets: np.ndarray
+    context_start: int  # first token index of the context slice
+    context_end: int  # one past the last context token
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return np.ones_like(self.input_ids)
+
+
+@dataclass(frozen=True)
+class QAAnswer:
+    text: str
+    start: int  # character offset into the context (inclusive)
+    end: int  # character offset into the context (exclusive): context[start:end] == text
+    score: float  # start logit + end logit of the chosen span
+    probability: float  # softmax of the span score over all n-best candidates of all windows
+    window: int  # index of the window the span came from (-1 when there is no answer)
+
+
+class QAEncoder:
+    """Cuts (question, context) pairs into model windows and decodes spans back.
+
+    ``max_length`` counts every token of a window, specials included; ``doc_stride`` is the
+    overlap in context tokens between consecutive windows; questions are cut to
+    ``max_query_length`` tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_length: int = 384,
+        doc_stride: int = 128,
+        max_query_length: int = 64,
+    ) -> None:
+        if max_query_length + 3 >= max_length:
+            raise ValueError("max_query_length + 3 special tokens must leave room for context")
+        if doc_stride >= max_length - max_query_length - 3:
+            raise ValueError("doc_stride must be smaller than the context part of a window")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.doc_stride = doc_stride
+        self.max_query_length = max_query_length
+        self.cls_id = _special_id(tokenizer, _CLS_NAMES)
+        self.sep_id = _special_id(tokenizer, _SEP_NAMES)
+        self.pad_id = _special_id(tokenizer, _PAD_NAMES)
+
+    @classmethod
+    def load(
+        cls,
+        tokenizer_file: Path | str,
+        max_length: int = 384,
+        doc_stride: int = 128,
+        max_query_length: int = 64,
+    ) -> QAEncoder:
+        return cls(load_tokenizer(tokenizer_file), max_length, doc_stride, max_query_length)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, question: str, context: str) -> list[QAWindow]:
+        """All windows of one pair; at least one window even for an empty context."""
+        return self.encode_batch([question], [context])[0]
+
+    def encode_batch(
+        self, questions: Sequence[str], contexts: Sequence[str]
+    ) -> list[list[QAWindow]]:
+        if len(questions) != len(contexts):
+            raise ValueError("questions and contexts differ in length")
+        tok = self.tokenizer
+        q_encs = tok.encode_batch(list(questions), add_special_tokens=False)
+        c_encs = tok.encode_batch(list(contexts), add_special_tokens=False)
+        return [self._windows(q.ids, c.ids, c.offsets) for q, c in zip(q_encs, c_encs, strict=True)]
+
+    def _windows(
+        self, q_ids: list[int], c_ids: list[int], c_offsets: list[tuple[int, int]]
+    ) -> list[QAWindow]:
+        q_ids = q_ids[: self.max_query_length]
+        room = self.max_length - len(q_ids) - 3
+        step = room - self.doc_stride
+        head = [self.cls_id, *q_ids, self.sep_id]
+        n = len(c_ids)
+        c_off = np.asarray(c_offsets, dtype=np.int64).reshape(-1, 2)
+        windows = []
+        start = 0
+        while True:
+            end = min(start + room, n)
+            ids = np.asarray([*head, *c_ids[start:end], self.sep_id], dtype=np.int64)
+            types = np.zeros_like(ids)
+            types[len(head) :] = 1
+            offsets = np.full((len(ids), 2), NO_OFFSET[0], dtype=np.int64)
+            offsets[len(head) : len(head) + end - start] = c_off[start:end]
+            windows.append(QAWindow(ids, types, offsets, len(head), len(head) + end - start))
+            if end >= n:
+                return windows
+            start += step
+
+    # ------------------------------------------------------------------ batching
+    def collate(
+        self, windows: Sequence[QAWindow], pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Right-pad windows into ``input_ids``/``attention_mask``/``token_type_ids`` [B, T]."""
+        return pad_batch([(w.input_ids, w.token_type_ids) for w in windows], self.pad_id, pad_to)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(
+        self,
+        context: str,
+        windows: Sequence[QAWindow],
+        start_logits: np.ndarray | Sequence[np.ndarray],
+        end_logits: np.ndarray | Sequence[np.ndarray],
+        max_answer_length: int = 30,
+        n_best: int = 20,
+    ) -> QAAnswer:
+        return decode_best_span(
+            context, windows, start_logits, end_logits, max_answer_length, n_best
+        )
+
+
+def pad_batch(
+    rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pad_to: int | None = None
+) -> dict[str, np.ndarray]:
+    """(ids, type ids) rows -> int64 ``input_ids``/``attention_mask``/``token_type_ids``."""
+    longest = max((len(ids) for ids, _ in rows), default=0)
+    width = max(longest, pad_to or 0)
+    b = len(rows)
+    input_ids = np.full((b, width), pad_id, dtype=np.int64)
+    mask = np.zeros((b, width), dtype=np.int64)
+    types = np.zeros((b, width), dtype=np.int64)
+    for i, (ids, tt) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = ids
+        mask[i, :n] = 1
+        types[i, :n] = tt
+    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def decode_best_span(
+    context: str,
+    windows: Sequence[QAWindow],
+    start_logits: np.ndarray | Sequence[np.ndarray],
+    end_logits: np.ndarray | Sequence[np.ndarray],
+    max_answer_length: int = 30,
+    n_best: int = 20,
+) -> QAAnswer:
+    """The best character span of ``context`` over all its windows.
+
+    ``start_logits``/``end_logits`` hold one row per window (a padded [W, T] array or a list
+    of 1-D arrays); only context tokens are candidates. For each window the ``n_best``
+    highest start and end positions are paired; a span is valid when ``end >= start`` and it
+    covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
+    """
+    candidates: list[tuple[float, int, int, int]] = []  # score, char start, char end, window
+    for w, win in enumerate(windows):
+        lo, hi = win.context_start, win.context_end
+        if hi <= lo:
+            continue
+        s_log = np.asarray(start_logits[w], dtype=np.float64)[lo:hi]
+        e_log = np.asarray(end_logits[w], dtype=np.float64)[lo:hi]
+        k = min(n_best, hi - lo)
+        s_top = np.argsort(-s_log, kind="stable")[:k]
+        e_top = np.argsort(-e_log, kind="stable")[:k]
+        for s in s_top:
+            for e in e_top:
+                if e < s or e - s + 1 > max_answer_length:
+                    continue
+                cs = int(win.offsets[lo + s, 0])
+                ce = int(win.offsets[lo + e, 1])
+                if ce <= cs:
+                    continue
+                candidates.append((float(s_log[s] + e_log[e]), cs, ce, w))
+    if not candidates:
+        return QAAnswer("", 0, 0, float("-inf"), 0.0, -1)
+    scores = np.asarray([c[0] for c in candidates])
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    best = int(np.argmax(scores))
+    score, cs, ce, w = candidates[best]
+    return QAAnswer(context[cs:ce], cs, ce, score, float(probs[best]), w)
+
+
+def answer_token_span(window: QAWindow, char_start: int, char_end: int) -> tuple[int, int] | None:
+    """Token positions (start, end inclusive) of a character span inside ``window``.
+
+    ``None`` when the span is not wholly inside the window's context slice (training then
+    points both labels at position 0, the [CLS] token).
+    """
+    lo, hi = window.context_start, window.context_end
+    if hi <= lo:
+        return None
+    offs = window.offsets[lo:hi]
+    if not (offs[0, 0] <= char_start and offs[-1, 1] >= char_end):
+        return None
+    # First token whose end is past the answer start; last token whose start is before its end.
+    starts = np.nonzero(offs[:, 1] > char_start)[0]
+    ends = np.nonzero(offs[:, 0] < char_end)[0]
+    if len(starts) == 0 or len(ends) == 0:
+        return None
+    s, e = int(starts[0]), int(ends[-1])
+    if e < s:
+        return None
+    return lo + s, lo + e

@@ -1,0 +1,374 @@
+"""Shared pieces of the transformer trainers: seeding, devices, base-model loading, the
+training loop (AdamW + linear warmup/decay + clipping + AMP + best-dev checkpoint), length
+buckets and the repository-entry writer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("nlpserve.transformer")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def load_fast_tokenizer(base_model: str | Path):
+    """``AutoTokenizer`` (fast) of a hub id or local folder, and its ``tokenizers.Tokenizer``
+    with padding/truncation off (the service encoders pad and cut themselves)."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(base_model))
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{base_model}: no fast (tokenizers) tokenizer; tokenizer.json needed")
+    backend.no_padding()
+    backend.no_truncation()
+    return hf_tok, backend
+
+
+def save_tokenizer_json(backend, folder: Path) -> Path:
+    backend.no_padding()
+    backend.no_truncation()
+    path = folder / "tokenizer.json"
+    backend.save(str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- batching
+def length_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    rng: random.Random | None = None,
+    pool: int = 50,
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding).
+
+    Shuffled: random pools of ``pool * batch_size`` items are sorted by length, cut into
+    batches, and the batches are shuffled. Not shuffled: sorted by length.
+    """
+    idx = list(range(len(lengths)))
+    if not shuffle:
+        idx.sort(key=lambda i: lengths[i])
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    rng = rng or random.Random(0)
+    rng.shuffle(idx)
+    batches = []
+    span = pool * batch_size
+    for p in range(0, len(idx), span):
+        chunk = sorted(idx[p : p + span], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def buckets_from_lengths(lengths: Iterable[int], max_length: int) -> list[int]:
+    """Bucket edges from the training token-length quantiles (50/75/90/97.5%, rounded up to a
+    multiple of 8); the last edge is ``max_length`` (``training.repository.bucket_edges``)."""
+    from training.repository import bucket_edges
+
+    return bucket_edges(lengths, max_length, (0.5, 0.75, 0.9, 0.975))
+
+
+# --------------------------------------------------------------------------- training loop
+@dataclass
+class FitConfig:
+    epochs: float = 2.0
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    eval_every: int | None = None  # steps; default: once per epoch
+    max_minutes: float | None = None  # safety stop (the schedule still follows max_steps)
+    device: str = "cpu"
+    amp: bool = True  # bf16/fp16 autocast on CUDA only
+    log_every: int = 50
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_step: int
+    steps: int
+    seconds: float
+    history: list[dict[str, float]]
+
+
+def fit(
+    model,
+    make_batches: Callable[[int], Iterator[dict[str, Any]]],
+    batches_per_epoch: int,
+    evaluate: Callable[[Any], float] | None,
+    cfg: FitConfig,
+    checkpoint_dir: Path | None = None,
+    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
+) -> FitResult:
+    """Train ``model`` and keep the weights with the best ``evaluate(model)`` score.
+
+    ``make_batches(epoch)`` yields dicts of torch tensors (model kwargs, labels included);
+    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``. The best weights are saved
+    with ``save_pretrained`` to ``checkpoint_dir`` (or kept in memory when it is None) and
+    loaded back into ``model`` at the end. Without ``evaluate`` the last weights are kept.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    device = cfg.device
+    model.to(device)
+    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    params = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": cfg.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
+    ]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    use_amp = cfg.amp and device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    eval_every = cfg.eval_every or batches_per_epoch
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+
+    best, best_step, best_state = -math.inf, 0, None
+    history: list[dict[str, float]] = []
+    t0 = time.time()
+    step, epoch, running = 0, 0, 0.0
+
+    def _evaluate() -> None:
+        nonlocal best, best_step, best_state
+        if evaluate is None:
+            return
+        model.eval()
+        score = float(evaluate(model))
+        model.train()
+        history.append({"step": step, "score": score, "seconds": time.time() - t0})
+        log.info("step %d: dev score %.4f (best %.4f)", step, score, max(best, score))
+        if score > best:
+            best, best_step = score, step
+            if checkpoint_dir is not None:
+                model.save_pretrained(str(checkpoint_dir))
+            else:
+                best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
+
+    model.train()
+    bar = tqdm(total=total, desc="train", mininterval=5.0, disable=None)
+    stop = False
+    while not stop:
+        for batch in make_batches(epoch):
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(model, batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            running = 0.98 * running + 0.02 * float(loss) if step > 1 else float(loss)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.1fs",
+                    step, total, running, sched.get_last_lr()[0], time.time() - t0,
+                )  # fmt: skip
+            timed_out = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+            if step % eval_every == 0 or step >= total or timed_out:
+                _evaluate()
+            if step >= total or timed_out:
+                if timed_out:
+                    log.warning("stopping at step %d: --max-minutes reached", step)
+                stop = True
+                break
+        epoch += 1
+    bar.close()
+    if evaluate is not None:
+        if checkpoint_dir is not None and (checkpoint_dir / "config.json").exists():
+            reloaded = type(model).from_pretrained(str(checkpoint_dir))
+            model.load_state_dict(reloaded.state_dict())
+        elif best_state is not None:
+            model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best, best_step, step, time.time() - t0, history)
+
+
+# --------------------------------------------------------------------------- repository entry
+def write_entry(
+    folder: Path,
+    *,
+    name: str,
+    version: str,
+    task: str,
+    architecture: str,
+    description: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    labels: list[str],
+    max_length: int,
+    preprocessing: dict[str, Any],
+    buckets: list[int],
+    variants: dict[str, dict[str, Any]],
+    metrics: dict[str, float],
+    split: dict[str, Any] | None,
+    data: list[Any],
+    command: str,
+    hyperparameters: dict[str, Any],
+    framework_versions: dict[str, str],
+) -> Path:
+    """Validate and write ``manifest.json`` (sha256 of every variant file filled in).
+
+    ``training.repository.write_entry`` writes single-file ``words`` entries; this one writes
+    the wordpiece entries with several variants into a folder the caller filled (a staging
+    folder, see :func:`staging_dir`/:func:`publish`).
+    """
+    from service.repository.manifest import Manifest, load_manifest, write_manifest
+    from training.data.checksums import sha256_file
+
+    def finite(d: dict[str, float]) -> dict[str, float]:  # JSON has no NaN: leave them out
+        return {k: float(x) for k, x in d.items() if x is not None and math.isfinite(x)}
+
+    metrics = finite(metrics)
+    for v in variants.values():
+        v["sha256"] = sha256_file(folder / v["file"])
+        v["metrics"] = finite(v.get("metrics", {}))
+    manifest = Manifest.model_validate(
+        {
+            "name": name,
+            "version": version,
+            "task": task,
+            "architecture": architecture,
+            "description": description,
+            "created_at": datetime.now(UTC),
+            "framework_versions": framework_versions,
+            "inputs": inputs,
+            "outputs": outputs,
+            "labels": labels,
+            "max_length": max_length,
+            "preprocessing": preprocessing,
+            "buckets": buckets,
+            "variants": variants,
+            "metrics": metrics,
+            "split": split,
+            "data": [d.model_dump() if hasattr(d, "model_dump") else d for d in data],
+            "command": command,
+            "hyperparameters": hyperparameters,
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, manifest)
+    load_manifest(folder)  # the same checks the service runs
+    return folder / "manifest.json"
+
+
+def prune_variants(folder: Path, keep: Sequence[str]) -> None:
+    """Drop every variant not in ``keep`` from the manifest and delete its file (for the
+    committed starter artifacts; the dropped files are reproducible with the same command)."""
+    path = folder / "manifest.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    dropped = [k for k in raw["variants"] if k not in keep]
+    for k in dropped:
+        f = folder / raw["variants"][k]["file"]
+        if f.exists():
+            f.unlink()
+        raw.setdefault("hyperparameters", {}).setdefault("dropped_variants", {})[k] = {
+            kk: vv
+            for kk, vv in raw["variants"][k].items()
+            if kk in ("file", "precision", "metrics")
+        }
+        del raw["variants"][k]
+    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    from service.repository.manifest import load_manifest
+
+    load_manifest(folder)
+
+
+def staging_dir(final: Path, overwrite: bool = False) -> Path:
+    """A fresh hidden ``.<name>-<version>.staging`` folder next to ``final`` (discovery skips
+    it); refuses to replace an existing version unless ``overwrite``."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final}: model version already exists (use --overwrite)")
+    staging = final.parent.parent / f".{final.parent.name}-{final.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, final: Path) -> Path:
+    """Move a validated staging folder into place (replacing ``final`` if it exists)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def framework_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from training.repository import framework_versions as base
+
+    out = base()
+    out["transformers"] = metadata.version("transformers")
+    return out

@@ -1,0 +1,344 @@
+"""The machine-generated-text detector (HC3): fine-tune a BERT-family encoder, evaluate,
+export (fp32 + int8 + fp16) into ``models/<name>/<version>/``.
+
+Class imbalance (HC3-en has ~1.75 ChatGPT answers per human one): the cross-entropy is
+class-weighted with ``w_c = N / (2 * N_c)`` computed on the training split, so both classes
+contribute equally to the loss; the test metrics are reported on the natural distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.preprocess.classify import ClassifyEncoder, ClassifyEncoding, softmax
+from training.data.hc3 import LABELS, DetectExample
+from training.metrics.classification import binary_metrics
+
+log = logging.getLogger("nlpserve.detector")
+
+DEFAULT_RATIOS = {"train": 0.8, "dev": 0.1, "test": 0.1}
+
+
+@dataclass
+class DetectorConfig:
+    base_model: str
+    max_length: int = 256
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    epochs: float = 2.0
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_train_examples: int | None = None  # CPU budget: random subsample of the train split
+    max_dev_examples: int | None = 600
+    eval_every: int | None = None
+    max_minutes: float | None = None
+    seed: int = 13
+    device: str = "cpu"
+    amp: bool = True
+    class_weights: bool = True
+    ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
+
+
+def split_by_question(
+    examples: Sequence[DetectExample], seed: int, ratios: dict[str, float]
+) -> dict[str, list[DetectExample]]:
+    """Split the *questions* with the seeded splitter; every answer follows its question."""
+    from training.data.splits import split_indices
+
+    questions = sorted({e.question for e in examples})
+    parts = split_indices(len(questions), seed, ratios)
+    which = {questions[i]: name for name, idx in parts.items() for i in idx}
+    out: dict[str, list[DetectExample]] = {name: [] for name in ratios}
+    for e in examples:
+        out[which[e.question]].append(e)
+    return out
+
+
+def _batches_np(
+    encoder: ClassifyEncoder, encs: Sequence[ClassifyEncoding], batch_size: int
+) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
+    from training.transformer.common import length_batches
+
+    groups = length_batches([len(e) for e in encs], batch_size, shuffle=False)
+    return groups, [encoder.collate([encs[i] for i in g]) for g in groups]
+
+
+def predict_torch(model, encoder, encs, batch_size: int, device: str) -> np.ndarray:
+    """P(machine) for each encoding, with the PyTorch model."""
+    import torch
+
+    groups, batches = _batches_np(encoder, encs, batch_size)
+    probs = np.zeros(len(encs))
+    model.eval()
+    with torch.no_grad():
+        for g, b in zip(groups, batches, strict=True):
+            logits = model(**{k: torch.from_numpy(v).to(device) for k, v in b.items()}).logits
+            probs[g] = softmax(logits.float().cpu().numpy())[:, 1]
+    return probs
+
+
+def predict_onnx(path: Path, encoder, encs, batch_size: int) -> np.ndarray:
+    from training.transformer.export import ort_session
+
+    sess = ort_session(path)
+    groups, batches = _batches_np(encoder, encs, batch_size)
+    probs = np.zeros(len(encs))
+    for g, b in zip(groups, batches, strict=True):
+        (logits,) = sess.run(["logits"], b)
+        probs[g] = softmax(logits)[:, 1]
+    return probs
+
+
+def train_detector(
+    examples: Sequence[DetectExample],
+    cfg: DetectorConfig,
+    out_dir: Path,
+    *,
+    name: str = "detector-en",
+    version: str = "1",
+    work_dir: Path | None = None,
+    data_files: Sequence[Any] = (),
+    load_stats: dict[str, int] | None = None,
+    command: str = "",
+    variants: Sequence[str] = ("fp32", "int8", "fp16"),
+    overwrite: bool = False,
+    model=None,
+    tokenizer=None,
+) -> dict[str, float]:
+    """Train, pick the best dev checkpoint, export + evaluate variants on test, write entry.
+
+    ``model``/``tokenizer`` (a ``tokenizers.Tokenizer``) may be passed directly (tests);
+    otherwise both come from ``cfg.base_model`` through ``AutoTokenizer``/``AutoModel...``.
+    """
+    import torch
+
+    from training.transformer import export as ex
+    from training.transformer.common import (
+        FitConfig,
+        buckets_from_lengths,
+        fit,
+        framework_versions,
+        length_batches,
+        load_fast_tokenizer,
+        publish,
+        resolve_device,
+        save_tokenizer_json,
+        seed_everything,
+        staging_dir,
+        write_entry,
+    )
+
+    t_start = time.time()
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: model version already exists (use --overwrite)")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    splits = split_by_question(examples, cfg.seed, cfg.ratios)
+    train, dev, test = splits["train"], splits["dev"], splits.get("test", [])
+    sizes = {k: len(v) for k, v in splits.items()}
+    log.info("split by question: %s examples (%s)", sizes, load_stats or {})
+    rng = random.Random(cfg.seed)
+    if cfg.max_train_examples and len(train) > cfg.max_train_examples:
+        train = rng.sample(train, cfg.max_train_examples)
+        log.info("train subsampled to %d examples (--max-train-examples)", len(train))
+    dev_sel = dev
+    if cfg.max_dev_examples and len(dev) > cfg.max_dev_examples:
+        dev_sel = random.Random(cfg.seed + 1).sample(dev, cfg.max_dev_examples)
+
+    if tokenizer is None:
+        _, tokenizer = load_fast_tokenizer(cfg.base_model)
+    if model is None:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.base_model,
+            num_labels=2,
+            id2label=dict(enumerate(LABELS)),
+            label2id={lab: i for i, lab in enumerate(LABELS)},
+        )
+    encoder = ClassifyEncoder(tokenizer, cfg.max_length)
+    train_encs = encoder.encode([e.text for e in train])
+    train_y = np.asarray([e.label for e in train])
+    lengths = [len(e) for e in train_encs]
+    truncated = float(np.mean([e.truncated for e in train_encs])) if train_encs else 0.0
+    log.info(
+        "train tokens: median %d, p90 %d, truncated at %d: %.1f%%",
+        int(np.median(lengths)), int(np.quantile(lengths, 0.9)), cfg.max_length, 100 * truncated,
+    )  # fmt: skip
+    counts = np.bincount(train_y, minlength=2).astype(np.float64)
+    weights = counts.sum() / (2.0 * np.maximum(counts, 1.0)) if cfg.class_weights else np.ones(2)
+    log.info("class counts %s -> loss weights %s", counts.tolist(), np.round(weights, 3).tolist())
+    w_t = torch.tensor(weights, dtype=torch.float32, device=device)
+
+    dev_encs = encoder.encode([e.text for e in dev_sel])
+    dev_y = np.asarray([e.label for e in dev_sel])
+    per_epoch = max(1, int(np.ceil(len(train_encs) / cfg.batch_size)))
+
+    def make_batches(epoch: int):
+        groups = length_batches(
+            lengths, cfg.batch_size, shuffle=True, rng=random.Random(cfg.seed + epoch)
+        )
+        for g in groups:
+            b = encoder.collate([train_encs[i] for i in g])
+            batch = {k: torch.from_numpy(v) for k, v in b.items()}
+            batch["labels"] = torch.from_numpy(train_y[g])
+            yield batch
+
+    def loss_fn(m, batch):
+        labels = batch.pop("labels")
+        logits = m(**batch).logits
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=w_t)
+
+    dev_log: list[dict[str, float]] = []
+
+    def evaluate(m) -> float:
+        p = predict_torch(m, encoder, dev_encs, cfg.eval_batch_size, device)
+        met = binary_metrics(dev_y, p)
+        dev_log.append(met)
+        log.info("dev: %s", {k: round(v, 4) for k, v in met.items()})
+        return met["accuracy"] + 1e-3 * met["roc_auc"]  # AUC breaks accuracy ties
+
+    fit_cfg = FitConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_every=cfg.eval_every,
+        max_minutes=cfg.max_minutes,
+        device=device,
+        amp=cfg.amp,
+        log_every=20,
+    )
+    ckpt = (work_dir / "best") if work_dir else None
+    result = fit(model, make_batches, per_epoch, evaluate, fit_cfg, ckpt, loss_fn)
+    train_seconds = result.seconds
+    scores = [h["score"] for h in result.history]
+    best_dev = dev_log[scores.index(max(scores))] if scores else {}
+    model.to("cpu").eval()
+
+    # ---- export + test metrics per variant (all through the service encoder)
+    final_dir = Path(out_dir)
+    out_dir = staging_dir(final_dir, overwrite)
+    save_tokenizer_json(tokenizer, out_dir)
+    test_encs = encoder.encode([e.text for e in test])
+    test_y = np.asarray([e.label for e in test])
+    onnx_fp32 = out_dir / "model.onnx"
+    ex.export_onnx(model, onnx_fp32, "detect", ex.example_batch(model.config.vocab_size))
+    sample = encoder.collate(test_encs[:8] if test_encs else encoder.encode(["a b", "c"]))
+    diff = ex.parity(model, onnx_fp32, sample, "detect")
+    log.info("ORT vs PyTorch max |diff| = %.2e", diff)
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX parity failed: max |diff| {diff:.2e} > 1e-3")
+
+    var_meta: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, float] = {}
+
+    def _test(path: Path) -> dict[str, float]:
+        if not test_encs:
+            return {}
+        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size)
+        m = binary_metrics(test_y, p)
+        return {k: m[k] for k in ("accuracy", "f1", "roc_auc", "precision", "recall")}
+
+    fp32_metrics = _test(onnx_fp32)
+    metrics.update(fp32_metrics)
+    metrics["onnx_parity_max_abs_diff"] = diff
+    var_meta["fp32"] = {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics}
+    if "int8" in variants:
+        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
+        m8 = _test(q)
+        if fp32_metrics:
+            m8["accuracy_drop"] = fp32_metrics["accuracy"] - m8["accuracy"]
+            m8["roc_auc_drop"] = fp32_metrics["roc_auc"] - m8["roc_auc"]
+        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8}
+    fp16_note = ""
+    if "fp16" in variants:
+        _, fused = ex.convert_fp16(
+            onnx_fp32,
+            out_dir / "model.fp16.onnx",
+            model.config.num_attention_heads,
+            model.config.hidden_size,
+        )
+        var_meta["fp16"] = {
+            "file": "model.fp16.onnx",
+            "precision": "fp16",
+            "providers": ["CUDAExecutionProvider"],
+            "metrics": {},
+        }
+        fp16_note = (
+            f" fp16 variant ({'BERT-fused, ' if fused else ''}keep_io_types) is for CUDA; its "
+            "metrics were not measured (no GPU where it was built)."
+        )
+    metrics.update(
+        {
+            "dev_accuracy": best_dev.get("accuracy", float("nan")),
+            "dev_roc_auc": best_dev.get("roc_auc", float("nan")),
+            "train_seconds": train_seconds,
+            "train_examples": float(len(train)),
+            "test_examples": float(len(test)),
+        }
+    )
+    if load_stats:
+        metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
+
+    inputs, outputs = ex.tensor_specs("detect")
+    hp = asdict(cfg)
+    hp.update(
+        {
+            "class_weights_used": weights.tolist(),
+            "imbalance": "class-weighted cross-entropy, w_c = N / (2 N_c) on the train split",
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "dev_history": result.history,
+            "train_truncated_fraction": truncated,
+        }
+    )
+    desc = (
+        f"Human vs ChatGPT answer detector fine-tuned from {cfg.base_model} on HC3, split by "
+        f"question. Texts are cut to the first {cfg.max_length} tokens. Test accuracy "
+        f"{metrics.get('accuracy', float('nan')):.4f}, ROC AUC "
+        f"{metrics.get('roc_auc', float('nan')):.4f} (fp32 ONNX)." + fp16_note
+    )
+    write_entry(
+        out_dir,
+        name=name,
+        version=version,
+        task="detect",
+        architecture=type(model).__name__,
+        description=desc,
+        inputs=inputs,
+        outputs=outputs,
+        labels=list(LABELS),
+        max_length=cfg.max_length,
+        preprocessing={
+            "kind": "wordpiece",
+            "tokenizer_file": "tokenizer.json",
+            "lowercase": _lowercases(tokenizer),
+        },  # fmt: skip
+        buckets=buckets_from_lengths(lengths, cfg.max_length),
+        variants=var_meta,
+        metrics=metrics,
+        split={"seed": cfg.seed, "ratios": cfg.ratios, "sizes": sizes, "unit": "question"},
+        data=list(data_files),
+        command=command,
+        hyperparameters=hp,
+        framework_versions=framework_versions(),
+    )
+    publish(out_dir, final_dir)
+    log.info("wrote %s in %.0fs: %s", final_dir, time.time() - t_start, metrics)
+    return metrics
+
+
+def _lowercases(tokenizer) -> bool:
+    return "lowercase=True" in str(tokenizer.normalizer) or "Lowercase" in str(tokenizer.normalizer)

@@ -1,0 +1,178 @@
+"""ONNX export of BERT-family heads, ORT parity, int8 (dynamic) and fp16 variants.
+
+Exporter: ``torch.onnx.export(dynamo=False, opset_version=17)`` (TorchScript tracing). It
+exports every BERT-family ``AutoModelFor*`` of transformers 5 cleanly with dynamic batch and
+sequence axes, needs no extra package (Optimum is not installed here and pins transformers),
+and its graph is what ``onnxruntime.transformers``' BERT fusions and ``quantize_dynamic``
+expect. The model is traced from a *padded* example (one row shorter than the other) with
+eager attention, so the attention mask stays a live input of the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+OUTPUT_NAMES = {"qa": ["start_logits", "end_logits"], "detect": ["logits"]}
+
+
+def _wrap(model, task: str):
+    import torch
+
+    class _Heads(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
+            if task == "qa":
+                return out.start_logits, out.end_logits
+            return out.logits
+
+    return _Heads(model).eval()
+
+
+def example_batch(vocab_size: int, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two rows, the second padded: keeps the attention mask live in the traced graph."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, max(vocab_size, 6), size=(2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, length // 2 :] = 0
+    ids[1, length // 2 :] = 0
+    types = np.zeros_like(ids)
+    types[:, length // 4 :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def export_onnx(model, path: Path, task: str, example: dict[str, np.ndarray]) -> Path:
+    """Export ``model`` (an ``AutoModelFor...``) to ``path``; returns the path."""
+    import torch
+
+    model = model.to("cpu").eval()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    wrapped = _wrap(model, task)
+    outputs = OUTPUT_NAMES[task]
+    axes = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES}
+    for n in outputs:
+        axes[n] = {0: "batch", 1: "sequence"} if task == "qa" else {0: "batch"}
+    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapped,
+            args,
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model.set_attn_implementation(previous)
+    model.eval()  # export restores the wrapper's (train) mode on the children
+    return path
+
+
+def torch_outputs(model, batch: dict[str, np.ndarray], task: str) -> list[np.ndarray]:
+    import torch
+
+    model = model.to("cpu").eval()
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    if task == "qa":
+        return [out.start_logits.numpy(), out.end_logits.numpy()]
+    return [out.logits.numpy()]
+
+
+def ort_session(path: Path | str, providers: list[str] | None = None, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def parity(model, onnx_path: Path, batch: dict[str, np.ndarray], task: str) -> float:
+    """Max |ORT - PyTorch| over the non-padded positions of ``batch``."""
+    sess = ort_session(onnx_path)
+    got = sess.run(OUTPUT_NAMES[task], batch)
+    want = torch_outputs(model, batch, task)
+    diffs = []
+    for g, w in zip(got, want, strict=True):
+        d = np.abs(g - w)
+        if task == "qa":
+            d = d[batch["attention_mask"] == 1]
+        diffs.append(float(d.max()))
+    return max(diffs)
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantisation (weights int8, activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+    return dst
+
+
+def convert_fp16(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tuple[Path, bool]:
+    """fp16 graph for CUDA, fp32 inputs/outputs kept (``keep_io_types=True``).
+
+    The BERT fusions of ``onnxruntime.transformers`` (fused attention, LayerNorm, GELU) are
+    applied first for the GPU; when they fail the plain graph is converted. Returns the path
+    and whether the fused path was used.
+    """
+    import onnx
+
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(
+            str(src),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            opt_level=0,
+            use_gpu=True,
+        )
+        opt.convert_float_to_float16(keep_io_types=True)
+        opt.save_model_to_file(str(dst))
+        return dst, True
+    except Exception as e:  # pragma: no cover - depends on the ORT build
+        log.warning("BERT fusion for fp16 failed (%s); converting the plain graph", e)
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        onnx.save(model, str(dst))
+        return dst, False
+
+
+def run_batches(
+    sess, batches: list[dict[str, np.ndarray]], output_names: list[str]
+) -> list[list[np.ndarray]]:
+    return [sess.run(output_names, b) for b in batches]
+
+
+def tensor_specs(
+    task: str, num_labels: int = 2
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES]
+    if task == "qa":
+        outputs = [
+            {"name": n, "dtype": "float32", "shape": ["batch", "sequence"]}
+            for n in OUTPUT_NAMES["qa"]
+        ]
+    else:
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", num_labels]}]
+    return inputs, outputs

@@ -1,0 +1,277 @@
+"""MLM pretraining of a compact Chinese BERT, from a character-level vocabulary built on the
+corpus (``nlpserve pretrain``). The output folder is an ordinary HF checkpoint
+(``config.json``, ``model.safetensors``, tokenizer files): ``--base-model <folder>`` loads it
+through ``AutoTokenizer``/``AutoModelFor...`` like any hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import decoders as tok_decoders
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+log = logging.getLogger("nlpserve.pretrain")
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_char_tokenizer(
+    texts: Iterable[str], vocab_size: int = 9000, min_frequency: int = 3, limit_alphabet: int = 6000
+) -> Tokenizer:
+    """BERT-Chinese-style WordPiece: every CJK character is its own token (the BERT normalizer
+    puts spaces around CJK characters), Latin words and numbers become word pieces. NFKC first,
+    so full-width letters/digits (ＡＢＣ１２３) share the ids of their ASCII forms; offsets
+    still point into the original text."""
+    tok = Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True
+            ),
+        ]
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIALS,
+        limit_alphabet=limit_alphabet,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tok.decoder = tok_decoders.WordPiece(prefix="##")
+    return tok
+
+
+def save_hf_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int = 512) -> None:
+    """Save as a fast HF tokenizer folder (``AutoTokenizer.from_pretrained`` loads it)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+    hf.save_pretrained(str(folder))
+
+
+def pack_sequences(
+    token_lists: Iterable[Sequence[int]], max_length: int, cls_id: int, sep_id: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Pack consecutive texts into ``[CLS] a [SEP] b [SEP] ...`` rows of at most
+    ``max_length`` tokens (long texts are cut into pieces). Token type 1 after the first
+    [SEP], so both segment embeddings are trained."""
+    room = max_length - 1  # [CLS]
+    buf: list[int] = []
+
+    def emit(seq: list[int]) -> tuple[list[int], list[int]]:
+        ids = [cls_id, *seq]
+        first_sep = ids.index(sep_id) if sep_id in ids else len(ids)
+        types = [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+        return ids, types
+
+    for toks in token_lists:
+        toks = list(toks)
+        while toks:
+            take = toks[: room - len(buf) - 1]
+            toks = toks[len(take) :]
+            buf.extend([*take, sep_id])
+            if len(buf) >= room - 8:  # too little left for a useful piece
+                yield emit(buf)
+                buf = []
+    if len(buf) > 8:
+        yield emit(buf)
+
+
+def mask_tokens(
+    input_ids, special_mask, vocab_size: int, n_special: int, prob: float = 0.15, generator=None
+):
+    """BERT masking: ``prob`` of the non-special tokens are targets; of those 80% -> [MASK],
+    10% -> a random non-special token, 10% unchanged. Returns (inputs, labels with -100)."""
+    import torch
+
+    labels = input_ids.clone()
+    probs = torch.full(labels.shape, prob)
+    probs.masked_fill_(special_mask, 0.0)
+    targets = torch.bernoulli(probs, generator=generator).bool()
+    labels[~targets] = -100
+    inputs = input_ids.clone()
+    replace = torch.bernoulli(torch.full(labels.shape, 0.8), generator=generator).bool() & targets
+    inputs[replace] = MASK_ID
+    rand = (
+        torch.bernoulli(torch.full(labels.shape, 0.5), generator=generator).bool()
+        & targets
+        & ~replace
+    )
+    inputs[rand] = torch.randint(
+        n_special, vocab_size, labels.shape, generator=generator, dtype=input_ids.dtype
+    )[rand]
+    return inputs, labels
+
+
+MASK_ID = SPECIALS.index("[MASK]")
+
+
+@dataclass
+class PretrainConfig:
+    vocab_size: int = 9000
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_length: int = 128
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    mlm_probability: float = 0.15
+    seed: int = 13
+    device: str = "cpu"
+
+
+def pretrain(
+    texts: Sequence[str], out: Path, cfg: PretrainConfig, tokenizer: Tokenizer | None = None
+) -> dict:
+    """Build the vocabulary (unless given), pack, and train BertForMaskedLM; save to ``out``."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from training.transformer.common import FitConfig, fit, seed_everything
+
+    seed_everything(cfg.seed)
+    t0 = time.time()
+    tok = tokenizer or build_char_tokenizer(texts, vocab_size=cfg.vocab_size)
+    vocab_size = tok.get_vocab_size()
+    for i, s in enumerate(SPECIALS):
+        assert tok.token_to_id(s) == i, "special tokens must come first"
+    tok.no_padding()
+    tok.no_truncation()
+    encs = tok.encode_batch(list(texts), add_special_tokens=False)
+    rows = list(pack_sequences((e.ids for e in encs), cfg.max_length, 2, 3))
+    unk = sum(e.ids.count(1) for e in encs)
+    total = sum(len(e.ids) for e in encs)
+    log.info(
+        "vocab %d, %d texts -> %d tokens (%.3f%% [UNK]) -> %d rows of <= %d in %.1fs",
+        vocab_size, len(texts), total, 100.0 * unk / max(total, 1), len(rows), cfg.max_length,
+        time.time() - t0,
+    )  # fmt: skip
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        pad_token_id=0,
+    )
+    model = BertForMaskedLM(config)
+    n_special = len(SPECIALS)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = max(1, len(rows) // cfg.batch_size)
+
+    def batches(epoch: int):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for b in range(per_epoch):
+            chunk = [rows[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            width = max(len(r[0]) for r in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            types = torch.zeros_like(ids)
+            mask = torch.zeros_like(ids)
+            for j, (r_ids, r_types) in enumerate(chunk):
+                ids[j, : len(r_ids)] = torch.tensor(r_ids)
+                types[j, : len(r_ids)] = torch.tensor(r_types)
+                mask[j, : len(r_ids)] = 1
+            inputs, labels = mask_tokens(
+                ids, ids < n_special, vocab_size, n_special, cfg.mlm_probability, gen
+            )
+            yield {"input_ids": inputs, "attention_mask": mask, "token_type_ids": types,
+                   "labels": labels}  # fmt: skip
+
+    def mlm_loss(m, batch):
+        # The vocabulary projection only on the masked positions (~15%): ~40% faster on CPU.
+        labels = batch.pop("labels")
+        hidden = m.bert(**batch).last_hidden_state
+        sel = labels != -100
+        scores = m.cls(hidden[sel])
+        return torch.nn.functional.cross_entropy(scores, labels[sel])
+
+    fit_cfg = FitConfig(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        max_steps=cfg.max_steps,
+        max_minutes=cfg.max_minutes,
+        device=cfg.device,
+        log_every=25,
+    )
+    result = fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss)
+
+    # Held-out-free sanity figure: MLM loss/accuracy on 20 fixed batches from the corpus.
+    model.eval()
+    losses, correct, count = [], 0, 0
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        for k, batch in enumerate(batches(-1)):
+            if k >= 20:
+                break
+            inputs, _ = batch["input_ids"], None
+            labels = batch["labels"]
+            hidden = model.bert(
+                input_ids=inputs.to(cfg.device),
+                attention_mask=batch["attention_mask"].to(cfg.device),
+                token_type_ids=batch["token_type_ids"].to(cfg.device),
+            ).last_hidden_state
+            sel = labels.to(cfg.device) != -100
+            scores = model.cls(hidden[sel])
+            tgt = labels.to(cfg.device)[sel]
+            losses.append(float(torch.nn.functional.cross_entropy(scores, tgt)))
+            correct += int((scores.argmax(-1) == tgt).sum())
+            count += int(sel.sum())
+    del eval_gen
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(str(out))
+    save_hf_tokenizer(tok, out)
+    summary = {
+        "config": asdict(cfg),
+        "vocab_size": vocab_size,
+        "texts": len(texts),
+        "tokens": total,
+        "rows": len(rows),
+        "steps": result.steps,
+        "epochs": result.steps / per_epoch,
+        "seconds": round(time.time() - t0, 1),
+        "mlm_loss": float(np.mean(losses)) if losses else float("nan"),
+        "mlm_accuracy": correct / max(count, 1),
+        "unk_rate": unk / max(total, 1),
+    }
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log.info("pretraining done: %s", json.dumps(summary))
+    return summary

@@ -1,0 +1,383 @@
+"""Extractive QA (CMRC 2018): fine-tune a BERT-family encoder with a start/end head, pick the
+best checkpoint on held-out *train* articles, export (fp32 + int8 + fp16) and report the
+official CMRC metric on the dev file (which is never used for training or selection).
+
+Windows, labels and span decoding all go through :mod:`service.preprocess.qa`, the module the
+service runs, so the reported score is the score of what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.preprocess.qa import QAEncoder, QAWindow, answer_token_span
+from training.data.squad import QAExample
+from training.metrics import cmrc
+
+log = logging.getLogger("nlpserve.qa")
+
+RunFn = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class QAConfig:
+    base_model: str
+    max_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    n_best: int = 20
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    epochs: float = 2.0
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    negative_ratio: float = 1.0  # fraction of answer-less windows kept for training
+    holdout_ratio: float = 0.05  # train articles held out for checkpoint selection
+    max_holdout_examples: int | None = 400
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None  # final test (CMRC dev) subset; None = all
+    eval_every: int | None = None
+    max_minutes: float | None = None
+    seed: int = 13
+    device: str = "cpu"
+    amp: bool = True
+
+
+def make_encoder(tokenizer, cfg: QAConfig) -> QAEncoder:
+    return QAEncoder(tokenizer, cfg.max_length, cfg.doc_stride, cfg.max_query_length)
+
+
+def split_articles(
+    examples: Sequence[QAExample], ratio: float, seed: int
+) -> tuple[list[QAExample], list[QAExample]]:
+    """(train, held-out) by article: no context is in both."""
+    from training.data.splits import split_indices
+
+    articles = sorted({e.article for e in examples})
+    if ratio <= 0 or len(articles) < 2:
+        return list(examples), []
+    parts = split_indices(len(articles), seed, {"train": 1.0 - ratio, "dev": ratio})
+    held = {articles[i] for i in parts["dev"]}
+    return [e for e in examples if e.article not in held], [
+        e for e in examples if e.article in held
+    ]
+
+
+def train_features(
+    examples: Sequence[QAExample], encoder: QAEncoder, negative_ratio: float, seed: int
+) -> tuple[list[QAWindow], np.ndarray, dict[str, int]]:
+    """Windows of every example with a located answer, labelled (start, end) token positions;
+    windows that do not contain the answer point at 0 ([CLS]) and are kept with probability
+    ``negative_ratio``."""
+    rng = random.Random(seed)
+    usable = [e for e in examples if e.first_located is not None]
+    all_windows = encoder.encode_batch([e.question for e in usable], [e.context for e in usable])
+    windows: list[QAWindow] = []
+    labels: list[tuple[int, int]] = []
+    stats = {"examples": len(usable), "skipped_no_answer": len(examples) - len(usable),
+             "windows": 0, "positive": 0, "negative_kept": 0, "negative_dropped": 0}  # fmt: skip
+    for ex, wins in zip(usable, all_windows, strict=True):
+        ans = ex.first_located
+        assert ans is not None
+        for w in wins:
+            span = answer_token_span(w, ans.start, ans.end)
+            if span is None:
+                if rng.random() >= negative_ratio:
+                    stats["negative_dropped"] += 1
+                    continue
+                span = (0, 0)
+                stats["negative_kept"] += 1
+            else:
+                stats["positive"] += 1
+            windows.append(w)
+            labels.append(span)
+    stats["windows"] = len(windows)
+    return windows, np.asarray(labels, dtype=np.int64).reshape(-1, 2), stats
+
+
+def predict(
+    examples: Sequence[QAExample],
+    encoder: QAEncoder,
+    run: RunFn,
+    batch_size: int,
+    max_answer_length: int,
+    n_best: int = 20,
+) -> dict[str, str]:
+    """Question id -> answer text, through the service windowing and span decoding."""
+    from training.transformer.common import length_batches
+
+    per_ex = encoder.encode_batch([e.question for e in examples], [e.context for e in examples])
+    flat = [(i, w) for i, wins in enumerate(per_ex) for w in wins]
+    starts: list[np.ndarray | None] = [None] * len(flat)
+    ends: list[np.ndarray | None] = [None] * len(flat)
+    for g in length_batches([len(w) for _, w in flat], batch_size, shuffle=False):
+        s, e = run(encoder.collate([flat[k][1] for k in g]))
+        for row, k in enumerate(g):
+            n = len(flat[k][1])
+            starts[k], ends[k] = s[row, :n], e[row, :n]
+    preds: dict[str, str] = {}
+    k = 0
+    for ex, wins in zip(examples, per_ex, strict=True):
+        n = len(wins)
+        ans = encoder.decode(
+            ex.context, wins, starts[k : k + n], ends[k : k + n], max_answer_length, n_best
+        )
+        preds[ex.id] = ans.text
+        k += n
+    return preds
+
+
+def references(examples: Sequence[QAExample]) -> dict[str, list[str]]:
+    return {e.id: [a.text for a in e.answers] for e in examples}
+
+
+def torch_runner(model, device: str) -> RunFn:
+    import torch
+
+    def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+
+    return run
+
+
+def onnx_runner(path: Path | str, threads: int = 0) -> RunFn:
+    from training.transformer.export import ort_session
+
+    sess = ort_session(path, threads=threads)
+
+    def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        s, e = sess.run(["start_logits", "end_logits"], batch)
+        return s, e
+
+    return run
+
+
+def evaluate_examples(examples, encoder, run: RunFn, cfg: QAConfig) -> dict[str, float]:
+    preds = predict(examples, encoder, run, cfg.eval_batch_size, cfg.max_answer_length, cfg.n_best)
+    return cmrc.evaluate(references(examples), preds)
+
+
+def train_qa(
+    train_examples: Sequence[QAExample],
+    test_examples: Sequence[QAExample],
+    cfg: QAConfig,
+    out_dir: Path,
+    *,
+    name: str = "qa-zh",
+    version: str = "1",
+    work_dir: Path | None = None,
+    data_files: Sequence[Any] = (),
+    load_stats: dict[str, int] | None = None,
+    command: str = "",
+    variants: Sequence[str] = ("fp32", "int8", "fp16"),
+    overwrite: bool = False,
+    model=None,
+    tokenizer=None,
+    extra_hyperparameters: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    import torch
+
+    from training.transformer import export as ex
+    from training.transformer.common import (
+        FitConfig,
+        buckets_from_lengths,
+        fit,
+        framework_versions,
+        length_batches,
+        load_fast_tokenizer,
+        publish,
+        resolve_device,
+        save_tokenizer_json,
+        seed_everything,
+        staging_dir,
+        write_entry,
+    )
+
+    t_start = time.time()
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: model version already exists (use --overwrite)")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if tokenizer is None:
+        _, tokenizer = load_fast_tokenizer(cfg.base_model)
+    if model is None:
+        from transformers import AutoModelForQuestionAnswering
+
+        model = AutoModelForQuestionAnswering.from_pretrained(cfg.base_model)
+    encoder = make_encoder(tokenizer, cfg)
+
+    train_ex, held_ex = split_articles(train_examples, cfg.holdout_ratio, cfg.seed)
+    if cfg.max_train_examples and len(train_ex) > cfg.max_train_examples:
+        train_ex = random.Random(cfg.seed).sample(train_ex, cfg.max_train_examples)
+    if cfg.max_holdout_examples and len(held_ex) > cfg.max_holdout_examples:
+        held_ex = random.Random(cfg.seed + 1).sample(held_ex, cfg.max_holdout_examples)
+    test_ex = list(test_examples)
+    if cfg.max_eval_examples and len(test_ex) > cfg.max_eval_examples:
+        test_ex = random.Random(cfg.seed + 2).sample(test_ex, cfg.max_eval_examples)
+    windows, labels, fstats = train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
+    lengths = [len(w) for w in windows]
+    log.info("train features: %s; held-out %d questions; test %d", fstats, len(held_ex),
+             len(test_ex))  # fmt: skip
+    per_epoch = max(1, int(np.ceil(len(windows) / cfg.batch_size)))
+
+    def make_batches(epoch: int):
+        groups = length_batches(
+            lengths, cfg.batch_size, shuffle=True, rng=random.Random(cfg.seed + epoch)
+        )
+        for g in groups:
+            b = encoder.collate([windows[i] for i in g])
+            batch = {k: torch.from_numpy(v) for k, v in b.items()}
+            batch["start_positions"] = torch.from_numpy(labels[g, 0])
+            batch["end_positions"] = torch.from_numpy(labels[g, 1])
+            yield batch
+
+    held_log: list[dict[str, float]] = []
+
+    def evaluate(m) -> float:
+        if not held_ex:
+            return 0.0
+        res = evaluate_examples(held_ex, encoder, torch_runner(m, device), cfg)
+        held_log.append(res)
+        log.info("held-out: EM %.2f F1 %.2f", res["em"], res["f1"])
+        return res["f1"]
+
+    fit_cfg = FitConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_every=cfg.eval_every,
+        max_minutes=cfg.max_minutes,
+        device=device,
+        amp=cfg.amp,
+        log_every=25,
+    )
+    ckpt = (work_dir / "best") if work_dir else None
+    result = fit(model, make_batches, per_epoch, evaluate if held_ex else None, fit_cfg, ckpt)
+    scores = [h["score"] for h in result.history]
+    best_held = held_log[scores.index(max(scores))] if scores and held_log else {}
+    model.to("cpu").eval()
+
+    # ---- export, parity, variants, test metrics through ORT + service decoding
+    final_dir = Path(out_dir)
+    out_dir = staging_dir(final_dir, overwrite)
+    save_tokenizer_json(tokenizer, out_dir)
+    onnx_fp32 = out_dir / "model.onnx"
+    ex.export_onnx(model, onnx_fp32, "qa", ex.example_batch(model.config.vocab_size))
+    probe = test_ex[:4] or train_ex[:4]
+    sample = encoder.collate([w for e in probe for w in encoder.encode(e.question, e.context)][:8])
+    diff = ex.parity(model, onnx_fp32, sample, "qa")
+    log.info("ORT vs PyTorch max |diff| = %.2e", diff)
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX parity failed: max |diff| {diff:.2e} > 1e-3")
+
+    def _test(path: Path) -> dict[str, float]:
+        if not test_ex:
+            return {}
+        t = time.time()
+        r = evaluate_examples(test_ex, encoder, onnx_runner(path), cfg)
+        log.info("test %s: EM %.2f F1 %.2f (%.0fs)", path.name, r["em"], r["f1"], time.time() - t)
+        return {"em": r["em"], "f1": r["f1"]}
+
+    fp32_metrics = _test(onnx_fp32)
+    var_meta: dict[str, dict[str, Any]] = {
+        "fp32": {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics}
+    }
+    if "int8" in variants:
+        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
+        m8 = _test(q)
+        if fp32_metrics:
+            m8["f1_drop"] = fp32_metrics["f1"] - m8["f1"]
+            m8["em_drop"] = fp32_metrics["em"] - m8["em"]
+        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8}
+    fp16_note = ""
+    if "fp16" in variants:
+        _, fused = ex.convert_fp16(
+            onnx_fp32,
+            out_dir / "model.fp16.onnx",
+            model.config.num_attention_heads,
+            model.config.hidden_size,
+        )
+        var_meta["fp16"] = {"file": "model.fp16.onnx", "precision": "fp16",
+                            "providers": ["CUDAExecutionProvider"], "metrics": {}}  # fmt: skip
+        fp16_note = (
+            f" fp16 variant ({'BERT-fused, ' if fused else ''}keep_io_types) is for CUDA; its "
+            "metrics were not measured (no GPU where it was built)."
+        )
+    metrics: dict[str, float] = dict(fp32_metrics)
+    metrics.update(
+        {
+            "onnx_parity_max_abs_diff": diff,
+            "heldout_em": best_held.get("em", float("nan")),
+            "heldout_f1": best_held.get("f1", float("nan")),
+            "train_seconds": result.seconds,
+            "train_windows": float(len(windows)),
+            "train_questions": float(fstats["examples"]),
+            "test_questions": float(len(test_ex)),
+        }
+    )
+    if load_stats:
+        metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
+    inputs, outputs = ex.tensor_specs("qa")
+    hp = asdict(cfg)
+    hp.update({"best_step": result.best_step, "steps": result.steps,
+               "heldout_history": result.history, "features": fstats})  # fmt: skip
+    hp.update(extra_hyperparameters or {})
+    desc = (
+        f"Chinese extractive QA (CMRC 2018) fine-tuned from {cfg.base_model}. "
+        f"Metrics: official CMRC 2018 EM/F1 on "
+        f"{'the full' if not cfg.max_eval_examples else 'a sample of the'} dev set "
+        f"({len(test_ex)} questions; never used for training or checkpoint selection): "
+        f"EM {metrics.get('em', float('nan')):.2f}, F1 {metrics.get('f1', float('nan')):.2f} "
+        "(fp32 ONNX)." + fp16_note
+    )
+    write_entry(
+        out_dir,
+        name=name,
+        version=version,
+        task="qa",
+        architecture=type(model).__name__,
+        description=desc,
+        inputs=inputs,
+        outputs=outputs,
+        labels=[],
+        max_length=cfg.max_length,
+        preprocessing={
+            "kind": "wordpiece",
+            "tokenizer_file": "tokenizer.json",
+            "lowercase": "lowercase=True" in str(tokenizer.normalizer),
+            "doc_stride": cfg.doc_stride,
+            "max_answer_length": cfg.max_answer_length,
+            "max_query_length": cfg.max_query_length,
+        },
+        buckets=buckets_from_lengths(lengths, cfg.max_length),
+        variants=var_meta,
+        metrics=metrics,
+        split={
+            "seed": cfg.seed,
+            "ratios": {"train": 1.0 - cfg.holdout_ratio, "dev": cfg.holdout_ratio},
+            "sizes": {"train": len(train_ex), "dev": len(held_ex), "test": len(test_ex)},
+            "unit": "article (train file); test = the CMRC 2018 dev file",
+        },
+        data=list(data_files),
+        command=command,
+        hyperparameters=hp,
+        framework_versions=framework_versions(),
+    )
+    publish(out_dir, final_dir)
+    log.info("wrote %s in %.0fs: %s", final_dir, time.time() - t_start, metrics)
+    return metrics
