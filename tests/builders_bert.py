@@ -99,6 +99,9 @@ def _tiny_bert(vocab_size: int, task: str, seed: int = 0):
         BertForSequenceClassification,
     )
 
+    # One intra-op thread: on a shared 2-core machine OpenMP contention makes two threads
+    # ~20x slower for a model this small.
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=vocab_size,
