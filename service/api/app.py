@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.api.routes import ops, predict
+from service.api.routes import demo, explain, ops, predict
 from service.config import Settings, get_settings
 from service.metrics import Metrics
 from service.queueing.factory import create_queue
@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(predict.router)
     app.include_router(ops.router)
+    app.include_router(explain.router)  # /v1/{detect,polarity}/explain
+    app.include_router(demo.router)  # GET / (demo page) and /static/*
 
     def model_for(path: str, query: dict[str, list[str]]) -> str | None:
         parts = path.strip("/").split("/")

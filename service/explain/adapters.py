@@ -1,0 +1,86 @@
+"""Explainers for served models, built from their :class:`~service.tasks.base.Task`.
+
+The model function SHAP sees is :func:`task_scorer`: it wraps each masked text in the task's
+own request type and runs it through :func:`~service.tasks.base.run_requests` with
+``lane="explain"``, i.e. the same encoding, queue, batcher and ONNX session as an ordinary
+request, so the explained function is exactly the served one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from pydantic import BaseModel
+
+from service.explain.engine import ModelExplainer, Scorer
+from service.explain.segmenters import WordPieceSegmenter, WordSegmenter
+from service.preprocess.qa import load_tokenizer
+from service.queueing.base import InferenceQueue
+from service.tasks.base import Task, run_requests
+
+EXPLAIN_LANE = "explain"
+
+# task -> (output field of its response explained, the label that field is the probability of)
+EXPLAINED_OUTPUT: dict[str, tuple[str, str]] = {
+    "detect": ("machine_probability", "machine"),
+    "polarity": ("positive_probability", "positive"),
+}
+
+
+def explainable(task: Task) -> bool:
+    return task.task in EXPLAINED_OUTPUT
+
+
+def task_scorer(task: Task, queue: InferenceQueue, output_field: str) -> Scorer:
+    request_cls = _request_class(task)
+
+    async def score(texts: list[str], deadline: float) -> np.ndarray:
+        # model_construct: masked variants are the masker's output (never blank), and
+        # re-validating thousands of them per explanation would be wasted work.
+        requests = [request_cls.model_construct(text=t) for t in texts]
+        outs = await run_requests(task, queue, requests, deadline, lane=EXPLAIN_LANE)
+        return np.array([float(getattr(o, output_field)) for o in outs], dtype=np.float64)
+
+    return score
+
+
+def _request_class(task: Task) -> type[BaseModel]:
+    from service.api.schemas import DetectRequest, PolarityRequest
+
+    return {"detect": DetectRequest, "polarity": PolarityRequest}[task.task]
+
+
+def _label_for(labels: list[str], explained: str) -> Callable[[float], str]:
+    """Binary models: the explained label when its probability is at least 0.5 (the argmax)."""
+    others = [lab for lab in labels if lab != explained]
+    other = others[0] if len(others) == 1 else f"not {explained}"
+    return lambda p: explained if p >= 0.5 else other
+
+
+def build_explainer(task: Task, queue: InferenceQueue) -> ModelExplainer:
+    """A :class:`ModelExplainer` for a detect or polarity task (ValueError otherwise)."""
+    if not explainable(task):
+        raise ValueError(f"the {task.task!r} task has no explanation endpoint")
+    field, explained = EXPLAINED_OUTPUT[task.task]
+    manifest = task.manifest
+    if task.task == "detect":
+        # Our own tokenizer copy: the task's encoder switches truncation on for its object.
+        tok = load_tokenizer(task.entry.path / manifest.preprocessing.tokenizer_file)
+        segmenter: WordPieceSegmenter | WordSegmenter = WordPieceSegmenter(tok)
+        specials = len(tok.encode("", add_special_tokens=True).ids)  # [CLS] [SEP]
+        max_tokens = manifest.max_length - specials
+    else:
+        from service.tasks.pos import load_word_encoder
+
+        segmenter = WordSegmenter(load_word_encoder(task.entry))
+        max_tokens = manifest.max_length
+    return ModelExplainer(
+        name=task.name,
+        version=manifest.version,
+        segmenter=segmenter,
+        scorer=task_scorer(task, queue, field),
+        output_name=field,
+        label_for=_label_for(list(manifest.labels), explained),
+        max_tokens=max_tokens,
+    )

@@ -1,0 +1,339 @@
+"""SHAP explanations whose model calls go through the service's own inference queue.
+
+``shap`` calls the model function synchronously with batches of masked texts. The explainer
+therefore runs in a worker thread, and its model function hands each batch back to the
+event loop (``asyncio.run_coroutine_threadsafe``), where a :data:`Scorer` encodes the texts
+with the model's preprocessing and submits them as ``lane="explain"`` work items: the same
+batcher and ONNX session as ordinary requests, at a lower priority.
+
+Output space: **probability** of one class (the detector's ``machine`` probability, the
+polarity model's ``positive`` probability). SHAP's partition explainer is exactly additive
+in the space of the function it is given, so ``base_value + sum(values) == output``, where
+``base_value`` is the probability for the text with every token masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.explain.segmenters import cut_to_tokens
+from service.queueing.base import DeadlineExceededError
+
+# texts, wall-clock deadline -> one float per text (the explained output)
+Scorer = Callable[[list[str], float], Awaitable[np.ndarray]]
+
+_RESULT_GRACE_S = 1.0  # extra wait past the deadline for a batch already running
+
+
+class ExplainError(Exception):
+    """Base of the errors an explanation raises; each maps to one HTTP status."""
+
+    status_code = 500
+    code = "explain_failed"
+
+
+class ExplainUnavailableError(ExplainError):
+    """``shap`` is not installed in this environment (501)."""
+
+    status_code = 501
+    code = "explain_unavailable"
+
+
+class ExplainInputError(ExplainError):
+    """The request cannot be explained as sent (422)."""
+
+    status_code = 422
+    code = "invalid_explain_request"
+
+
+class ExplainCancelledError(ExplainError):
+    """The caller went away; the explainer thread stops at its next model call."""
+
+    status_code = 499
+    code = "cancelled"
+
+
+class Segmenter(Protocol):
+    mask_token: str
+
+    def __call__(self, s: str, return_offsets_mapping: bool = True) -> dict[str, list]: ...
+
+    def offsets(self, s: str) -> list[tuple[int, int]]: ...
+
+
+@dataclass
+class ModelExplainer:
+    """What it takes to explain one served model."""
+
+    name: str
+    version: str
+    segmenter: Segmenter
+    scorer: Scorer
+    output_name: str  # e.g. "machine_probability"
+    label_for: Callable[[float], str]  # explained probability -> predicted label
+    max_tokens: int  # features beyond this are cut (the model would not see them)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    model: str
+    version: str
+    tokens: list[str]  # surface substrings of the text, one per feature
+    offsets: list[tuple[int, int]]  # character offsets of each token into the text
+    values: list[float]  # SHAP value of each token, in probability units
+    base_value: float  # output with every token masked
+    output: float  # output for the text as sent (base_value + sum(values))
+    output_name: str
+    label: str
+    max_evals: int
+    evals: int  # model evaluations SHAP actually made
+    truncated: bool  # the text had more tokens than the model reads: the tail is ignored
+    seconds: float
+    cached: bool = False
+
+
+class LRUCache:
+    """Bounded least-recently-used map. Only the event loop touches it (no lock needed)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[Any, Explanation] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: Any) -> Explanation | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Explanation) -> None:
+        if self.maxsize <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+
+def shap_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("shap") is not None
+
+
+@dataclass
+class ExplainService:
+    """Per-model explainers, the worker threads that run SHAP, a result cache."""
+
+    max_evals_default: int = 200
+    max_evals_limit: int = 1000
+    cache_size: int = 256
+    batch_size: int = 32  # masked texts per model call (one queue batch)
+    concurrency: int = 2  # explanations computed at once; more wait for a thread
+    explainers: dict[str, ModelExplainer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cache = LRUCache(self.cache_size)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.concurrency), thread_name_prefix="nlpserve-explain"
+        )
+        self._inflight: dict[tuple, asyncio.Future[Explanation]] = {}
+        self._warm: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def register(self, explainer: ModelExplainer) -> None:
+        self.explainers[explainer.name] = explainer
+
+    def warm_up(self) -> asyncio.Future[None]:
+        """Import shap and JIT-compile its partition tree off the event loop, once.
+
+        The first explanation otherwise pays ~5 s of imports and numba compilation.
+        """
+        if self._warm is None:
+            loop = asyncio.get_running_loop()
+            self._warm = asyncio.ensure_future(loop.run_in_executor(self._executor, _warm_shap))
+        return self._warm
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def max_evals(self, requested: int | None) -> int:
+        value = self.max_evals_default if requested is None else requested
+        if value > self.max_evals_limit:
+            raise ExplainInputError(
+                f"max_evals {value} is over this server's limit of {self.max_evals_limit}"
+            )
+        return value
+
+    # ------------------------------------------------------------------ explaining
+    async def explain(
+        self, model: str, text: str, max_evals: int | None, deadline: float
+    ) -> Explanation:
+        if not shap_available():
+            raise ExplainUnavailableError(
+                "explanations need the 'shap' package, which is not installed on this server "
+                "(pip install 'nlpserve[explain]')"
+            )
+        ex = self.explainers.get(model)
+        if ex is None:
+            raise ExplainInputError(f"model {model!r} is not loaded, so it cannot be explained")
+        evals = self.max_evals(max_evals)
+        key = (ex.name, ex.version, text, evals)
+        while True:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return replace(hit, cached=True)
+            running = self._inflight.get(key)
+            if running is None:
+                break
+            # Identical concurrent requests share one computation...
+            try:
+                return await asyncio.shield(running)
+            except ExplainCancelledError:
+                continue  # ...unless its owner went away: then compute it here.
+        fut: asyncio.Future[Explanation] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await self._compute(ex, text, evals, deadline)
+        except asyncio.CancelledError:
+            fut.set_exception(ExplainCancelledError("the request computing this went away"))
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()
+            raise
+        else:
+            fut.set_result(result)
+            self.cache.put(key, result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    async def _compute(
+        self, ex: ModelExplainer, text: str, max_evals: int, deadline: float
+    ) -> Explanation:
+        await self.warm_up()
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        job = loop.run_in_executor(
+            self._executor, _explain_sync, ex, text, max_evals, self.batch_size, deadline, loop,
+            cancel,
+        )  # fmt: skip
+        # A job abandoned by a cancelled request still ends (with an error): consume it.
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread raises at its next model call instead of running on
+            raise
+
+
+def _warm_shap() -> None:
+    import shap
+
+    class _Tok:
+        def __call__(self, s: str, return_offsets_mapping: bool = True) -> dict[str, list]:
+            spans, pos = [], 0
+            for w in s.split():
+                start = s.index(w, pos)
+                spans.append((start, start + len(w)))
+                pos = start + len(w)
+            return {"input_ids": list(range(len(spans))), "offset_mapping": spans}
+
+    masker = shap.maskers.Text(_Tok(), mask_token="_", collapse_mask_token=False)
+    explainer = shap.Explainer(
+        lambda xs: np.array([len(str(x)) for x in xs], dtype=float), masker, algorithm="partition"
+    )
+    explainer(["a b c d"], max_evals=20, silent=True)
+
+
+def _explain_sync(
+    ex: ModelExplainer,
+    text: str,
+    max_evals: int,
+    batch_size: int,
+    deadline: float,
+    loop: asyncio.AbstractEventLoop,
+    cancel: threading.Event,
+) -> Explanation:
+    """Runs in a worker thread: SHAP drives, every model call is bridged to the event loop."""
+    import shap
+
+    t0 = time.perf_counter()
+    offsets = ex.segmenter.offsets(text)
+    text, truncated = cut_to_tokens(text, offsets, ex.max_tokens)
+    offsets = offsets[: ex.max_tokens]
+    if not offsets:
+        raise ExplainInputError("the text has no tokens to explain")
+    n_evals = 0
+
+    def model_fn(batch: Sequence[Any]) -> np.ndarray:
+        nonlocal n_evals
+        if cancel.is_set():
+            raise ExplainCancelledError("the client went away")
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise DeadlineExceededError("the explanation did not finish before its deadline")
+        texts = [str(t) for t in batch]
+        fut = asyncio.run_coroutine_threadsafe(ex.scorer(texts, deadline), loop)
+        try:
+            out = fut.result(timeout=remaining + _RESULT_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise DeadlineExceededError(
+                "the explanation did not finish before its deadline"
+            ) from None
+        n_evals += len(texts)
+        return np.asarray(out, dtype=np.float64).reshape(len(texts))
+
+    # The output for the text exactly as sent, scored alongside SHAP's own calls: SHAP's
+    # values must add up to it (SHAP scores a whitespace-normalised rebuild of the text).
+    own = asyncio.run_coroutine_threadsafe(ex.scorer([text], deadline), loop)
+    if len(offsets) == 1:
+        # SHAP's text clustering needs two tokens; one token's Shapley value is exact anyway.
+        base = float(model_fn([ex.segmenter.mask_token])[0])
+        values: list[float] = []
+    else:
+        masker = shap.maskers.Text(
+            ex.segmenter, mask_token=ex.segmenter.mask_token, collapse_mask_token=False
+        )
+        explainer = shap.Explainer(model_fn, masker, algorithm="partition")
+        sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
+        values = [float(v) for v in np.asarray(sv.values[0], dtype=np.float64).reshape(-1)]
+        base = float(np.asarray(sv.base_values).reshape(-1)[0])
+    try:
+        wait = max(0.0, deadline - time.time()) + _RESULT_GRACE_S
+        output = float(np.asarray(own.result(timeout=wait))[0])
+    except concurrent.futures.TimeoutError:
+        own.cancel()
+        raise DeadlineExceededError("the explanation did not finish before its deadline") from None
+    n_evals += 1
+    if len(offsets) == 1:
+        values = [output - base]
+    return Explanation(
+        model=ex.name,
+        version=ex.version,
+        tokens=[text[s:e] for s, e in offsets],
+        offsets=[(int(s), int(e)) for s, e in offsets],
+        values=values,
+        base_value=float(base),
+        output=float(output),
+        output_name=ex.output_name,
+        label=ex.label_for(float(output)),
+        max_evals=max_evals,
+        evals=n_evals,
+        truncated=truncated,
+        seconds=time.perf_counter() - t0,
+    )

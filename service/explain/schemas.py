@@ -1,0 +1,50 @@
+"""Request and response bodies of the explanation endpoints."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.schemas import Text
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text = Field(
+        description="The text to explain. Only the tokens the model reads are explained "
+        "(a longer text is cut at the model's max length; `truncated` says so).",
+        examples=["Additionally, it is important to note that several factors matter."],
+    )
+    max_evals: int | None = Field(
+        None,
+        ge=4,
+        description="SHAP model evaluations to spend (more: finer attributions, slower). "
+        "Default NLPSERVE_EXPLAIN_MAX_EVALS_DEFAULT; at most NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
+        examples=[300],
+    )
+
+
+class ExplainResponse(BaseModel):
+    model: str = Field(description="The model explained.")
+    version: str = Field(description="Its version (part of the cache key).")
+    tokens: list[str] = Field(description="The features: the text's tokens, as they appear in it.")
+    offsets: list[tuple[int, int]] = Field(
+        description="Character [start, end) of each token in `text`."
+    )
+    values: list[float] = Field(
+        description="SHAP value of each token, in PROBABILITY units of `output_name`: "
+        "positive pushes towards the explained label, negative away from it."
+    )
+    base_value: float = Field(description="The output with every token masked.")
+    output: float = Field(
+        description="The model's output for the text (== base_value + sum(values), to 1e-3)."
+    )
+    output_name: str = Field(
+        description="What is explained: `machine_probability` or `positive_probability`."
+    )
+    label: str = Field(description="The predicted label.")
+    max_evals: int = Field(description="The evaluation budget used.")
+    evals: int = Field(description="Model evaluations the explanation took.")
+    truncated: bool = Field(description="True when the text's tail past max length was ignored.")
+    cached: bool = Field(description="True when served from the explanation cache.")
+    seconds: float = Field(description="Time spent computing it (when it was computed).")

@@ -1,0 +1,241 @@
+// nlpserve demo page: plain browser JavaScript, no build step, no external resources.
+"use strict";
+
+const TASK_TITLES = { qa: "QA", detect: "detector", pos: "POS tagger", polarity: "polarity" };
+
+// ----------------------------------------------------------------------------- API calls
+class ApiError extends Error {}
+
+// POST/GET JSON; any failure becomes an ApiError whose message is meant for people.
+async function api(path, body) {
+  const init = body === undefined
+    ? { method: "GET" }
+    : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(`Could not reach the server (${e.message}).`);
+  }
+  let data = null;
+  try {
+    data = await resp.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!resp.ok) {
+    throw new ApiError(errorMessage(resp, data));
+  }
+  if (data === null) throw new ApiError(`The server sent an unreadable answer (HTTP ${resp.status}).`);
+  return data;
+}
+
+function errorMessage(resp, data) {
+  let msg = null;
+  if (data && data.error && data.error.message) msg = data.error.message;
+  else if (data && typeof data.detail === "string") msg = data.detail;
+  else if (data && Array.isArray(data.detail)) msg = data.detail.map((d) => d.msg).join("; ");
+  const what = {
+    413: "The request is too large",
+    422: "The input was not accepted",
+    429: "The server is busy; try again in a moment",
+    501: "This feature is not available on this server",
+    503: "The service is not ready",
+    504: "The server did not answer in time",
+  }[resp.status] || `Request failed (HTTP ${resp.status})`;
+  return msg ? `${what}: ${msg}` : `${what}.`;
+}
+
+// ----------------------------------------------------------------------------- helpers
+const $ = (id) => document.getElementById(id);
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function showError(panel, message) {
+  const box = panel.querySelector(".error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function pct(p) {
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+// Runs one panel action with the button disabled and any error shown in the panel.
+function wire(formId, action) {
+  const form = $(formId);
+  const panel = form.closest(".panel");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const button = form.querySelector("button");
+    button.disabled = true;
+    showError(panel, "");
+    try {
+      await action(panel);
+    } catch (e) {
+      showError(panel, e instanceof ApiError ? e.message : `Something went wrong: ${e.message}`);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// Tokens of `text` as spans coloured by SHAP value: red (rgb --pos) for positive values,
+// blue (--neg) for negative, opacity proportional to |value| / max |value|.
+function renderShap(container, text, exp, posWord, negWord) {
+  container.replaceChildren();
+  const maxAbs = Math.max(1e-12, ...exp.values.map((v) => Math.abs(v)));
+  const offsets = exp.offsets || null;
+  let pos = 0;
+  exp.tokens.forEach((tok, i) => {
+    const v = exp.values[i];
+    if (offsets) {
+      const [s, e] = offsets[i];
+      if (s > pos) container.append(text.slice(pos, s)); // the text between tokens, as typed
+      tok = text.slice(s, e);
+      pos = e;
+    } else if (i > 0) {
+      container.append(" ");
+    }
+    const span = el("span", "tok", tok);
+    const alpha = (0.1 + 0.75 * Math.abs(v) / maxAbs).toFixed(3);
+    const rgb = v >= 0 ? "var(--pos)" : "var(--neg)";
+    span.style.backgroundColor = `rgba(${rgb}, ${alpha})`;
+    const signed = (v >= 0 ? "+" : "") + v.toFixed(4);
+    const label = `SHAP ${signed} (towards ${v >= 0 ? posWord : negWord})`;
+    span.title = label;
+    span.dataset.label = label;
+    span.dataset.value = String(v);
+    container.append(span);
+  });
+  if (offsets && pos < text.length) {
+    const rest = text.slice(pos);
+    // A truncated text: the unexplained tail is shown faded.
+    container.append(exp.truncated ? el("span", "muted", rest) : rest);
+  }
+}
+
+function explainSummary(exp) {
+  const parts = [
+    `base value ${exp.base_value.toFixed(4)} + sum of token values = ${exp.output.toFixed(4)}`,
+    `${exp.evals ?? "?"} model evaluations`,
+  ];
+  if (exp.seconds !== undefined) parts.push(`${exp.seconds.toFixed(2)} s`);
+  if (exp.cached) parts.push("cached");
+  if (exp.truncated) parts.push("text truncated to what the model reads");
+  return parts.join(" · ");
+}
+
+// ----------------------------------------------------------------------------- panels
+wire("qa-form", async () => {
+  const context = $("qa-context").value;
+  const question = $("qa-question").value;
+  const out = await api("/v1/qa", { question, context });
+  const passage = $("qa-passage");
+  passage.replaceChildren();
+  if (out.answer && out.end > out.start) {
+    passage.append(context.slice(0, out.start));
+    passage.append(el("mark", "answer", context.slice(out.start, out.end)));
+    passage.append(context.slice(out.end));
+  } else {
+    passage.append(context);
+  }
+  $("qa-answer").textContent = out.answer || "(no answer found)";
+  $("qa-score").textContent = `score ${out.score.toFixed(3)}`;
+  $("qa-result").hidden = false;
+});
+
+function showProbability(prefix, label, prob) {
+  const badge = $(`${prefix}-label`);
+  badge.textContent = label;
+  badge.className = `label-badge ${label}`;
+  $(`${prefix}-prob`).textContent = pct(prob);
+  $(`${prefix}-meter`).style.width = pct(prob);
+}
+
+async function explainInto(prefix, endpoint, text, maxEvals, posWord, negWord) {
+  const status = $(`${prefix}-explain-status`);
+  const tokens = $(`${prefix}-tokens`);
+  tokens.replaceChildren();
+  $(`${prefix}-legend`).hidden = true;
+  status.textContent = "Computing the SHAP explanation…";
+  const body = { text };
+  if (maxEvals) body.max_evals = maxEvals;
+  try {
+    const exp = await api(endpoint, body);
+    renderShap(tokens, text, exp, posWord, negWord);
+    $(`${prefix}-legend`).hidden = false;
+    status.textContent = explainSummary(exp);
+  } catch (e) {
+    status.textContent = "";
+    throw e;
+  }
+}
+
+wire("detect-form", async () => {
+  const text = $("detect-text").value;
+  const evals = parseInt($("detect-evals").value, 10);
+  const out = await api("/v1/detect", { text });
+  showProbability("detect", out.label, out.machine_probability);
+  $("detect-result").hidden = false;
+  await explainInto("detect", "/v1/detect/explain", text, evals || undefined, "machine", "human");
+});
+
+wire("pos-form", async () => {
+  const out = await api("/v1/pos", { text: $("pos-text").value });
+  const box = $("pos-tagged");
+  box.replaceChildren();
+  out.tokens.forEach((tok, i) => {
+    const word = el("span", "word");
+    word.append(el("span", "w", tok), el("span", "t", out.tags[i]));
+    box.append(word);
+  });
+  $("pos-result").hidden = false;
+});
+
+wire("polarity-form", async () => {
+  const text = $("polarity-text").value;
+  const out = await api("/v1/polarity", { text });
+  showProbability("polarity", out.label, out.positive_probability);
+  $("polarity-result").hidden = false;
+  await explainInto("polarity", "/v1/polarity/explain", text, undefined, "positive", "negative");
+});
+
+// ----------------------------------------------------------------------------- models
+async function loadModels() {
+  const status = $("models-status");
+  let models;
+  try {
+    const data = await api("/v1/models");
+    models = Array.isArray(data) ? data : data.models || [];
+  } catch (e) {
+    status.textContent = `Could not list the models: ${e.message}`;
+    status.classList.add("error");
+    return;
+  }
+  const byTask = {};
+  for (const m of models) if (m.task && !byTask[m.task]) byTask[m.task] = m;
+  for (const panel of document.querySelectorAll(".panel")) {
+    const task = panel.dataset.task;
+    const line = panel.querySelector("[data-model-line]");
+    const m = byTask[task];
+    if (m) {
+      const where = m.provider ? ` on ${m.provider.replace("ExecutionProvider", "")}` : "";
+      line.textContent = `${m.name} v${m.version}${where}`;
+      panel.classList.remove("unavailable");
+    } else {
+      line.textContent = `The ${TASK_TITLES[task]} model is not loaded on this server.`;
+      panel.classList.add("unavailable");
+      panel.querySelector("button").disabled = true;
+    }
+  }
+  const names = models.map((m) => m.name).join(", ");
+  status.textContent = models.length ? `Models loaded: ${names}.` : "No models are loaded.";
+}
+
+loadModels();
