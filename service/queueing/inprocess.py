@@ -212,6 +212,11 @@ class InProcessQueue(InferenceQueue):
         s = self._scheds.get(model)
         return len(s) if s is not None else 0
 
+    @property
+    def waiting(self) -> int:
+        """Submitted sequences whose result has not been delivered yet (queued or running)."""
+        return len(self._futures)
+
     def in_flight(self, model: str) -> int:
         """Sequences of ``model`` inside the batch running now."""
         return self._running.get(model, 0)

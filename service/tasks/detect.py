@@ -1,0 +1,53 @@
+"""Machine-generated text detection with the BERT sequence classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.api.schemas import DetectRequest, DetectResponse
+from service.config import Settings
+from service.preprocess.classify import ClassifyEncoder
+from service.repository import ModelEntry
+from service.tasks.base import Prepared, Task, softmax
+
+
+class DetectTask(Task):
+    """``{"text"}`` -> human/machine. Texts over ``max_length`` tokens (specials included) are
+    cut to their head and answered with ``"truncated": true``."""
+
+    task = "detect"
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        super().__init__(entry, settings)
+        pre = self.manifest.preprocessing
+        self.encoder = ClassifyEncoder.load(entry.path / pre.tokenizer_file, self.max_length)
+        self.labels = self.manifest.labels
+        self.machine = self.labels.index("machine") if "machine" in self.labels else -1
+
+    def texts(self, request: DetectRequest) -> list[str]:  # type: ignore[override]
+        return [request.text]
+
+    def encode(
+        self, requests: Sequence[DetectRequest], deadline: float, lane: str
+    ) -> list[Prepared]:  # type: ignore[override]
+        out = []
+        for enc in self.encoder.encode([r.text for r in requests]):
+            feats = {
+                "input_ids": enc.input_ids,
+                "attention_mask": np.ones_like(enc.input_ids),
+                "token_type_ids": enc.token_type_ids,
+            }
+            item = self.item(feats, len(enc), deadline, lane)
+            out.append(Prepared([item], {"truncated": enc.truncated}))
+        return out
+
+    def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> DetectResponse:
+        probs = softmax(outputs[0]["logits"])
+        k = int(np.argmax(probs))
+        return DetectResponse(
+            label=self.labels[k],
+            machine_probability=float(probs[self.machine]) if self.machine >= 0 else 0.0,
+            truncated=prepared.meta["truncated"],
+        )

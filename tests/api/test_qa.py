@@ -1,0 +1,85 @@
+"""POST /v1/qa over real HTTP, against the tiny trained BERT span model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.api.schemas import QARequest
+from tests.service_support import QA_MODEL, require_model
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CONTEXT = "中国的首都是北京，它有三千多年的历史。"
+QUESTION = "中国的首都是哪里？"
+# Long enough for several windows (tiny model: max_length 64, doc_stride 16).
+LONG_CONTEXT = "这是一段没有用的填充文字。" * 8 + CONTEXT + "还有更多的填充文字在这里。" * 6
+
+
+@pytest.fixture(autouse=True)
+def _needs_model(model_repo):
+    require_model(model_repo, QA_MODEL)
+
+
+def _check_span(out: dict, context: str) -> None:
+    assert 0 <= out["start"] <= out["end"] <= len(context)
+    assert context[out["start"] : out["end"]] == out["answer"]
+    assert 0.0 <= out["score"] <= 1.0
+
+
+async def test_single(client):
+    r = await client.post("/v1/qa", json={"question": QUESTION, "context": CONTEXT})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _check_span(out, CONTEXT)
+    assert out["answer"]  # the tiny model always finds some span in a short context
+
+
+async def test_long_context_uses_windows_and_maps_offsets_back(client, service):
+    task = service.state.tasks[QA_MODEL]
+    windows = task.encoder.encode(QUESTION, LONG_CONTEXT)
+    assert len(windows) > 2
+    r = await client.post("/v1/qa", json={"question": QUESTION, "context": LONG_CONTEXT})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _check_span(out, LONG_CONTEXT)
+    # Reference: every window run on its own, then the same span decoding.
+    prepared = task.prepare([QARequest(question=QUESTION, context=LONG_CONTEXT)], 1e12, "predict")
+    runner = service.state.runners.get(QA_MODEL)
+    if runner is not None:  # in-process backend: the model is in this process
+        outputs = [runner.run_batch([it])[0] for it in prepared[0].items]
+        want = task.decode(prepared[0], outputs)
+        assert out["answer"] == want.answer
+        assert (out["start"], out["end"]) == (want.start, want.end)
+
+
+async def test_batch_in_order(client):
+    items = [
+        {"question": QUESTION, "context": CONTEXT},
+        {"question": "谁被称为诗仙？", "context": "李白是唐代著名诗人，被称为诗仙。"},
+        {"question": QUESTION, "context": LONG_CONTEXT},
+    ]
+    r = await client.post("/v1/qa", json={"inputs": items})
+    assert r.status_code == 200, r.text
+    outputs = r.json()["outputs"]
+    assert len(outputs) == 3
+    singles = await asyncio.gather(*(client.post("/v1/qa", json=i) for i in items))
+    for item, o, s in zip(items, outputs, singles, strict=True):
+        _check_span(o, item["context"])
+        assert (o["start"], o["end"]) == (s.json()["start"], s.json()["end"])
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({"question": "", "context": CONTEXT}, "empty_text"),
+        ({"question": QUESTION, "context": " \n"}, "empty_text"),
+        ({"question": QUESTION}, "missing_field"),
+        ({"question": 3, "context": CONTEXT}, "wrong_type"),
+    ],
+)
+async def test_validation(client, body, code):
+    r = await client.post("/v1/qa", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code

@@ -1,0 +1,136 @@
+"""Shared fixtures: a tiny REAL model repository, and live servers over it.
+
+* ``model_repo`` (session): pos-en, polarity-en (tests/builders.py) and, once their builders
+  exist, detector-en and qa-zh (tests/builders_bert.py), trained and exported by the real
+  training code. Cached under ``.pytest_cache`` keyed by the builder/training sources, so
+  only the first run pays for training (``NLPSERVE_TEST_REBUILD=1`` forces a rebuild).
+* ``queue_backend`` (session, parametrized over ``QUEUE_BACKENDS``) and ``service`` (a live
+  uvicorn over real HTTP on a free port, in the session event loop): the behaviour tests
+  take ``service``/``client`` and therefore run once per backend.
+* ``inprocess_service``: the same, always in-process, for tests that use the in-process
+  queue's hooks (``pause``/``resume``, ``batch_log``).
+
+Async tests that use these fixtures run in the session loop: put
+``pytestmark = pytest.mark.asyncio(loop_scope="session")`` in the module.
+
+Adding a backend: ``QUEUE_BACKENDS["redis"] = redis_backend``, an async context manager
+``(Settings) -> Settings`` that starts what the backend needs (server, workers) and yields
+the settings the API should run with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.config import Settings
+from tests.service_support import BUILD_ERRORS, LiveServer, live_server, make_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------- model repo
+# Sources whose change must rebuild the cached tiny models.
+_MODEL_SOURCES = ("tests/builders.py", "tests/builders_bert.py", "training", "service/preprocess")
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for rel in _MODEL_SOURCES:
+        p = ROOT / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+        for f in files:
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _builders() -> dict[str, Callable[[Path], Path]]:
+    from tests.builders import build_tiny_polarity, build_tiny_pos
+
+    out: dict[str, Callable[[Path], Path]] = {
+        "pos-en": build_tiny_pos,
+        "polarity-en": build_tiny_polarity,
+    }
+    try:
+        from tests.builders_bert import build_tiny_detector, build_tiny_qa
+    except ImportError as e:  # transformer builders not there yet: those tests skip
+        logging.getLogger(__name__).warning("no BERT test models: %s", e)
+    else:
+        out["detector-en"] = build_tiny_detector
+        out["qa-zh"] = build_tiny_qa
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_repo(request: pytest.FixtureRequest) -> Path:
+    cache_root = Path(request.config.cache.mkdir("nlpserve-tiny-models"))
+    target = cache_root / _sources_digest()
+    done = target / ".complete"
+    if os.environ.get("NLPSERVE_TEST_REBUILD") or not done.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        errors: dict[str, str] = {}
+        for name, build in _builders().items():
+            try:
+                build(target)
+            except Exception as e:  # a broken builder skips its model's tests, with the reason
+                if name in ("pos-en", "polarity-en"):
+                    raise
+                logging.getLogger(__name__).exception("building %s failed", name)
+                errors[name] = f"{type(e).__name__}: {e}"
+                shutil.rmtree(target / name, ignore_errors=True)
+        (target / BUILD_ERRORS).write_text(json.dumps(errors))
+        done.write_text("ok")
+        for old in cache_root.iterdir():  # keep only the current build
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- backends
+@asynccontextmanager
+async def inprocess_backend(settings: Settings) -> AsyncIterator[Settings]:
+    yield settings.model_copy(update={"queue": "inprocess"})
+
+
+QUEUE_BACKENDS: dict[str, Callable[[Settings], AbstractAsyncContextManager[Settings]]] = {
+    "inprocess": inprocess_backend,
+}
+
+
+@pytest.fixture(scope="session", params=sorted(QUEUE_BACKENDS))
+def queue_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def service(model_repo: Path, queue_backend: str) -> AsyncIterator[LiveServer]:
+    """The shared server for behaviour tests, once per queue backend."""
+    async with (
+        QUEUE_BACKENDS[queue_backend](make_settings(model_repo)) as settings,
+        live_server(settings) as srv,
+    ):
+        yield srv
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def client(service: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with service.client() as c:
+        yield c
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def inprocess_service(model_repo: Path) -> AsyncIterator[LiveServer]:
+    """A shared in-process server whose queue hooks tests may use (and must undo)."""
+    async with live_server(make_settings(model_repo)) as srv:
+        yield srv

@@ -1,0 +1,166 @@
+"""Helpers for service tests: settings, a live uvicorn in the test's event loop, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.api.app import create_app
+from service.api.deps import ServiceState
+from service.config import Settings
+from service.queueing.inprocess import InProcessQueue
+
+# --------------------------------------------------------------------------- models
+BUILD_ERRORS = ".build-errors.json"  # written by conftest's model_repo: name -> error
+QA_MODEL, DETECT_MODEL, POS_MODEL, POLARITY_MODEL = "qa-zh", "detector-en", "pos-en", "polarity-en"
+
+
+def require_model(repo: Path, name: str) -> None:
+    """Skip the calling test when ``name`` could not be built (and say why)."""
+    if (repo / name).is_dir():
+        return
+    errors_file = repo / BUILD_ERRORS
+    errors = json.loads(errors_file.read_text()) if errors_file.exists() else {}
+    pytest.skip(f"test model {name} unavailable: {errors.get(name, 'no builder yet')}")
+
+
+# --------------------------------------------------------------------------- settings
+def make_settings(model_dir: Path, **overrides: Any) -> Settings:
+    """Test settings: small, deterministic, independent of NLPSERVE_* in the environment."""
+    base: dict[str, Any] = dict(
+        model_dir=model_dir,
+        host="127.0.0.1",
+        port=0,
+        providers="CPUExecutionProvider",
+        intra_op_threads=1,
+        inter_op_threads=1,
+        max_wait_ms=2.0,
+        max_batch_size=32,
+        max_batch_tokens=4096,
+        max_queue_depth=256,
+        default_deadline_ms=20_000,
+        shutdown_timeout_s=5.0,
+        queue="inprocess",
+        variant=None,
+        require_gpu=False,
+        buckets={},
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+# --------------------------------------------------------------------------- live server
+class _QuietServer(uvicorn.Server):
+    # Leave SIGINT/SIGTERM to pytest: the test decides when the server stops.
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class LiveServer:
+    """A real uvicorn on 127.0.0.1:<free port> running in the current event loop."""
+
+    def __init__(self, app: FastAPI, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout_s)),
+            access_log=False,
+        )
+        self.server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> ServiceState:
+        return self.app.state.service
+
+    @property
+    def queue(self) -> InProcessQueue:
+        q = self.state.queue
+        assert isinstance(q, InProcessQueue), "this test needs the in-process queue"
+        return q
+
+    async def start(self) -> LiveServer:
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        t0 = time.monotonic()
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # startup failed: raise its error
+                raise RuntimeError("server exited during startup")
+            if time.monotonic() - t0 > 60:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await asyncio.wait_for(self._task, timeout=30)
+        self.sock.close()
+
+    def client(self, **kw: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30, **kw)
+
+
+@asynccontextmanager
+async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
+    srv = await LiveServer(create_app(settings), settings).start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def read_metrics(c: httpx.AsyncClient) -> str:
+    r = await c.get("/metrics")
+    assert r.status_code == 200
+    return r.text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the series ``name`` whose labels include ``labels`` (0.0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, rest = head.partition("{")
+        if series != name:
+            continue
+        got = {}
+        for kv in rest.rstrip("}").split(","):
+            if "=" in kv:
+                k, v = kv.split("=", 1)
+                got[k] = v.strip('"')
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``cond`` (a state check, not a timing assumption) until true."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)

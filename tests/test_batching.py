@@ -1,0 +1,142 @@
+"""Batch forming: PendingBucket and BucketScheduler rules, with explicit clocks (no sleeps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.batching import BatchPolicy, BucketScheduler, PendingBucket, WorkItem, bucket_index
+from service.batching.scheduler import EXPLAIN_LANE, PREDICT_LANE
+
+T0 = 1_000.0
+
+
+def item(length: int, bucket: int = 0, at: float = T0, lane: str = PREDICT_LANE, deadline=None):
+    return WorkItem(
+        model="m",
+        bucket=bucket,
+        length=length,
+        features={"word_ids": np.ones(length, dtype=np.int64)},
+        deadline=deadline if deadline is not None else at + 60,
+        lane=lane,
+        enqueued_at=at,
+    )
+
+
+POLICY = BatchPolicy(max_batch_size=4, max_batch_tokens=64, max_wait_s=0.010)
+
+
+# ------------------------------------------------------------------ PendingBucket
+def test_max_batch_size_caps_a_batch():
+    pb = PendingBucket()
+    for _ in range(6):
+        pb.add(item(5))
+    assert pb.is_full(POLICY)
+    assert len(pb.take(POLICY)) == 4
+    assert len(pb) == 2
+
+
+def test_token_budget_counts_padded_tokens():
+    # 3 x 20 = 60 fits in 64; a 4th would make 4 x 20 = 80.
+    pb = PendingBucket()
+    for n in (10, 20, 5, 5):
+        pb.add(item(n))
+    batch = pb.take(POLICY)
+    assert [it.length for it in batch] == [10, 20, 5]
+    assert len(batch) * max(it.length for it in batch) <= POLICY.max_batch_tokens
+
+
+def test_a_sequence_over_the_budget_still_runs_alone():
+    pb = PendingBucket()
+    pb.add(item(100))
+    pb.add(item(3))
+    assert [it.length for it in pb.take(POLICY)] == [100]
+    assert [it.length for it in pb.take(POLICY)] == [3]
+
+
+def test_wait_rule():
+    pb = PendingBucket()
+    pb.add(item(5, at=T0))
+    assert not pb.ready(POLICY, now=T0 + 0.005)
+    assert pb.time_to_ready(POLICY, now=T0 + 0.004) == pytest.approx(0.006)
+    assert pb.ready(POLICY, now=T0 + 0.011)
+
+
+def test_bucket_index_edges():
+    edges = [8, 16, 64]
+    assert [bucket_index(n, edges) for n in (1, 8, 9, 16, 17, 64)] == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError):
+        bucket_index(65, edges)
+
+
+# ------------------------------------------------------------------ BucketScheduler
+def test_nothing_ready_before_max_wait_unless_full():
+    s = BucketScheduler(POLICY)
+    s.add(item(5, at=T0))
+    assert s.next_batch(now=T0 + 0.001) is None
+    assert s.next_wakeup(now=T0 + 0.001) == pytest.approx(0.009)
+    for _ in range(3):
+        s.add(item(5, at=T0 + 0.001))
+    batch = s.next_batch(now=T0 + 0.001)  # 4 = max batch size: full, runs at once
+    assert batch is not None and len(batch) == 4
+    assert s.next_wakeup(now=T0 + 0.002) is None
+
+
+def test_buckets_never_mix_and_oldest_ready_bucket_goes_first():
+    s = BucketScheduler(POLICY)
+    s.add(item(30, bucket=2, at=T0 + 0.002))
+    s.add(item(3, bucket=0, at=T0))
+    s.add(item(4, bucket=0, at=T0 + 0.003))
+    now = T0 + 0.5
+    first = s.next_batch(now)
+    second = s.next_batch(now)
+    assert [it.bucket for it in first] == [0, 0]
+    assert [it.bucket for it in second] == [2]
+    assert s.next_batch(now) is None
+
+
+def test_flush_takes_unready_buckets():
+    s = BucketScheduler(POLICY)
+    s.add(item(5, at=T0))
+    assert s.next_batch(now=T0) is None
+    assert len(s.next_batch(now=T0, flush=True)) == 1
+
+
+def test_explain_lane_waits_while_predict_work_is_pending():
+    s = BucketScheduler(POLICY)
+    s.add(item(5, bucket=0, at=T0, lane=EXPLAIN_LANE))
+    s.add(item(5, bucket=1, at=T0 + 0.009, lane=PREDICT_LANE))
+    # The explain item is ready (waited 10 ms) but a predict item is still filling its batch.
+    now = T0 + 0.011
+    assert s.next_batch(now) is None
+    assert s.next_wakeup(now) == pytest.approx(0.008)
+    batch = s.next_batch(T0 + 0.020)
+    assert [it.lane for it in batch] == [PREDICT_LANE]
+    assert [it.lane for it in s.next_batch(T0 + 0.020)] == [EXPLAIN_LANE]
+
+
+def test_unknown_lane_rejected():
+    with pytest.raises(ValueError, match="lane"):
+        BucketScheduler(POLICY).add(item(3, lane="bulk"))
+
+
+def test_drop_expired_and_drop_predicate():
+    s = BucketScheduler(POLICY)
+    late = item(5, deadline=T0 + 1)
+    ok = item(6, deadline=T0 + 100)
+    gone = item(7)
+    for it in (late, ok, gone):
+        s.add(it)
+    assert s.drop_expired(now=T0 + 2) == [late]
+    assert s.drop(lambda it: it is gone) == [gone]
+    assert len(s) == 1 and s.depth(bucket=0) == 1
+    assert s.oldest_deadline() == ok.deadline
+
+
+def test_depths_per_bucket_cover_all_lanes():
+    s = BucketScheduler(POLICY)
+    s.add(item(3, bucket=0))
+    s.add(item(3, bucket=0, lane=EXPLAIN_LANE))
+    s.add(item(9, bucket=1))
+    assert s.depths() == {0: 2, 1: 1}
+    assert s.depth(lane=EXPLAIN_LANE) == 1
