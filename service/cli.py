@@ -43,6 +43,38 @@ def serve(
     run_server(settings)
 
 
+@app.command()
+def worker(
+    model_dir: Annotated[
+        Path | None, typer.Option("--models", help="Model repository (NLPSERVE_MODEL_DIR).")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis server (NLPSERVE_REDIS_URL).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Port of /metrics, /healthz, /readyz (NLPSERVE_METRICS_PORT)."),
+    ] = None,
+) -> None:
+    """Run an inference worker for the Redis backend (see docs/scale-out.md)."""
+    overrides = {
+        k: v
+        for k, v in {
+            "model_dir": model_dir,
+            "redis_url": redis_url,
+            "metrics_port": metrics_port,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from service.worker import run_worker
+
+    run_worker(settings)
+
+
 @app.command("models")
 def list_models(
     model_dir: Annotated[Path, typer.Option("--models", help="Model repository.")] = Path("models"),

@@ -1,0 +1,67 @@
+"""Names and connections shared by the Redis API side and the workers (docs/scale-out.md).
+
+Keys (``P`` = ``NLPSERVE_REDIS_PREFIX``, default ``nlpserve``):
+
+The braces are literal: ``{model}`` is a Redis Cluster hash tag, so all keys of one model
+share a slot (the admission script touches all of a model's streams at once).
+
+* ``P:{model}:b{i}``          work stream of model ``model``, length bucket index ``i``
+                              (index into the manifest's ``buckets``), predict lane
+* ``P:{model}:b{i}:explain``  the same bucket's explain lane (runs only when no predict waits)
+* ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
+* ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
+* consumer group ``workers`` on every work stream; consumers are worker processes
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE
+from service.config import Settings
+
+GROUP = "workers"
+
+
+def work_stream(prefix: str, model: str, bucket: int, lane: str = PREDICT_LANE) -> str:
+    base = f"{prefix}:{{{model}}}:b{bucket}"
+    return base if lane == PREDICT_LANE else f"{base}:{lane}"
+
+
+def model_streams(
+    prefix: str, model: str, n_buckets: int, lanes: tuple[str, ...] = DEFAULT_LANES
+) -> list[str]:
+    """Every work stream of ``model``, predict lane first."""
+    return [work_stream(prefix, model, b, lane) for lane in lanes for b in range(n_buckets)]
+
+
+def dead_letter_stream(prefix: str, model: str) -> str:
+    return f"{prefix}:{{{model}}}:dead"
+
+
+def reply_channel(prefix: str, replica: str) -> str:
+    return f"{prefix}:reply:{replica}"
+
+
+def make_client(
+    settings: Settings, *, socket_timeout_s: float | None = None, retries: int = 1
+) -> Redis:
+    """A client that fails fast when Redis is away.
+
+    Short connect timeout so an unreachable server costs well under a second; one retry so
+    the first command after a Redis restart transparently replaces its stale pooled
+    connection; a bounded pool so hundreds of concurrent requests share a few sockets.
+    """
+    timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,  # wait for a free pooled connection at most this long
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), retries),
+    )
+    return Redis.from_pool(pool)  # the client owns (and closes) its pool

@@ -1,0 +1,368 @@
+"""API side of the Redis Streams backend: enqueue work, wait for replies on one channel.
+
+Each submit is one round trip: a Lua script sums the model's stream lengths (the depth
+limit) and XADDs the entry, atomically, so concurrent replicas cannot overshoot the limit.
+Workers (``service/worker.py``) read the streams through a consumer group, batch, infer and
+PUBLISH each reply to the channel named in the entry. One listener task per replica
+receives every reply and resolves the waiting future; a reply nobody waits for any more
+(deadline passed, client gone, duplicate after a reclaim) is dropped, so each request is
+answered exactly once from the client's view. See docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.batching.types import WorkItem
+from service.config import Settings
+from service.metrics import Metrics
+from service.queueing import codec
+from service.queueing.base import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    InferenceQueue,
+    QueueFullError,
+)
+from service.queueing.redis_keys import make_client, model_streams, reply_channel, work_stream
+from service.repository.manifest import Manifest
+from service.runtime.runner import bucket_edges
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 0.5  # PING period: how fast /readyz notices Redis went away
+LISTEN_POLL_S = 0.5  # the listener wakes this often to notice resubscribe requests
+RETRY_AFTER_S = 1.0
+
+# Admits a request's sequences of one model all together or not at all.
+# KEYS: every work stream of the model. ARGV: depth limit, approximate MAXLEN, entry count,
+# then per entry: 1-based KEYS index, number of field/value args, field/value pairs.
+# Returns {depth after, {XLEN of each key}, entry ids...}; no ids when the queue is full.
+ADMIT_LUA = """
+local lens, depth = {}, 0
+for i = 1, #KEYS do
+  lens[i] = redis.call('XLEN', KEYS[i])
+  depth = depth + lens[i]
+end
+local n = tonumber(ARGV[3])
+if depth + n > tonumber(ARGV[1]) then return {depth, lens} end
+local out, p = {depth + n, lens}, 4
+for e = 1, n do
+  local key, nf = KEYS[tonumber(ARGV[p])], tonumber(ARGV[p + 1])
+  out[e + 2] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, p + 2, p + 1 + nf))
+  p = p + 2 + nf
+end
+return out
+"""
+
+
+class RedisQueue(InferenceQueue):
+    """``NLPSERVE_QUEUE=redis``: API replicas enqueue, ``nlpserve worker`` processes run."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manifests: Mapping[str, Manifest],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.prefix = settings.redis_prefix
+        self.replica = uuid.uuid4().hex[:12]
+        self.channel = reply_channel(self.prefix, self.replica)
+        self._streams = {
+            # the effective edges (NLPSERVE_BUCKETS may override the manifest's), as workers
+            name: model_streams(self.prefix, name, len(bucket_edges(m, settings)))
+            for name, m in manifests.items()
+        }
+        self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        self._depth: dict[str, int] = {}
+        self._subscribed = False
+        self._ping_ok = False
+        self._resubscribe = False
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[object]] = set()
+        self._ready_event = asyncio.Event()
+        # plain counters (tests, logs): replies dropped because nobody waited any more, etc.
+        self.stats: dict[str, int] = {"late_replies": 0, "bad_replies": 0, "reconnects": 0}
+        self._client = make_client(settings)
+        # The listener gets its own client without redis-py's silent reconnect: a dropped
+        # subscription must be noticed, because replies published meanwhile are lost.
+        self._sub_client = make_client(settings, retries=0)
+        self._admit = self._client.register_script(ADMIT_LUA)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._ready_event = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._listen_loop(), name="redis-reply-listener"),
+            asyncio.create_task(self._health_loop(), name="redis-health"),
+        ]
+        # Redis may start later than the API ("any order"): do not fail, just be not-ready.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready_event.wait(), timeout=2.0)
+        if not self._ready:
+            log.warning(
+                "Redis at %s not reachable yet; /readyz stays false until it is",
+                _safe_url(self.settings.redis_url),
+            )
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        self._closing = True
+        end = time.monotonic() + drain_timeout_s
+        while self._waiting and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        self._fail_waiting(BackendUnavailableError("the service is shutting down"))
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
+        for c in (self._client, self._sub_client):
+            with contextlib.suppress(Exception):
+                await c.aclose()
+
+    @property
+    def _ready(self) -> bool:
+        return self._subscribed and self._ping_ok and not self._closing
+
+    async def is_ready(self) -> bool:
+        return self._ready
+
+    def depth(self, model: str) -> int:
+        """Entries in the model's streams (queued + being processed) at this replica's last
+        submit; every replica shares the same streams, so this is a cluster-wide number."""
+        return self._depth.get(model, 0)
+
+    # ------------------------------------------------------------------ submit
+    async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: list[WorkItem]) -> list[dict[str, np.ndarray]]:
+        """Queue all of ``items`` or none of them (per model: one atomic admission)."""
+        if not items:
+            return []
+        if self._closing:
+            raise BackendUnavailableError("the service is shutting down")
+        if not self._ready:
+            raise BackendUnavailableError("the queue backend (Redis) is unreachable")
+        by_model: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            if it.model not in self._streams:
+                raise KeyError(f"model {it.model!r} is not served")
+            if it.id in self._waiting:
+                raise ValueError(f"work item id {it.id} is already in flight")
+            by_model.setdefault(it.model, []).append(i)
+        now = time.time()
+        deadline = min(it.deadline for it in items)
+        if deadline <= now:
+            raise DeadlineExceededError("the request's deadline passed before it was queued")
+
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[dict[str, np.ndarray]]] = []
+        for it in items:
+            fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+            self._waiting[it.id] = fut
+            futures.append(fut)
+        admitted: list[tuple[str, bytes]] = []
+        ok = False
+        try:
+            async with asyncio.timeout(deadline - now):
+                for model, idx in by_model.items():
+                    admitted += await self._admit_model(model, [items[i] for i in idx])
+                results = list(await asyncio.gather(*futures))
+            ok = True
+            return results
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"not served within the request deadline ({(deadline - now) * 1000:.0f} ms)"
+            ) from None
+        finally:
+            for it, fut in zip(items, futures, strict=True):
+                self._waiting.pop(it.id, None)
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # mark retrieved: gather reports only the first error
+            if not ok:
+                # Deadline, client gone (cancelled), a failed sibling or Redis lost: delete
+                # the entries so a worker that has not read them yet never runs them.
+                for stream, entry_id in admitted:
+                    self._forget(stream, entry_id)
+
+    async def _admit_model(self, model: str, items: list[WorkItem]) -> list[tuple[str, bytes]]:
+        keys = list(self._streams[model])
+        args: list[bytes | str | int] = [
+            self.settings.max_queue_depth,
+            self.settings.redis_stream_maxlen,
+            len(items),
+        ]
+        targets = []
+        for it in items:
+            target = work_stream(self.prefix, model, it.bucket, it.lane)
+            if target not in keys:  # a bucket/lane this replica did not expect: still queue it
+                keys.append(target)
+            targets.append(target)
+            fields = codec.encode_work(it, self.channel)
+            args += [keys.index(target) + 1, 2 * len(fields)]
+            for k, v in fields.items():
+                args += [k, v]
+        try:
+            res = await self._admit(keys=keys, args=args)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            self._ping_ok = False  # not ready until the health loop sees Redis again
+            raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
+        except RedisError as e:  # e.g. OOM: Redis is up but refuses writes
+            raise BackendUnavailableError(f"the queue backend (Redis) failed: {e}") from e
+        depth, lens, ids = int(res[0]), res[1], res[2:]
+        self._depth[model] = depth
+        self._record_depth(model, keys, lens)
+        if not ids:
+            raise QueueFullError(
+                f"model {model!r} has {depth} sequences queued (limit "
+                f"{self.settings.max_queue_depth}); retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        return list(zip(targets, ids, strict=True))
+
+    def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
+        if self.metrics is None:
+            return
+        per_bucket: dict[str, int] = {}
+        for key, n in zip(keys, lens, strict=False):
+            bucket = key.split(":b", 1)[1].split(":", 1)[0]  # P:{model}:b3[:explain]
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
+        for bucket, n in per_bucket.items():
+            self.metrics.queue_depth.labels(model, bucket).set(n)
+
+    def _forget(self, stream: str, entry_id: bytes) -> None:
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._xdel(stream, entry_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _xdel(self, stream: str, entry_id: bytes) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.xdel(stream, entry_id)
+
+    # ------------------------------------------------------------------ replies
+    def _on_reply(self, data: bytes) -> None:
+        try:
+            reply = codec.decode_reply(data)
+        except codec.CodecError as e:
+            self.stats["bad_replies"] += 1
+            log.warning("dropping an undecodable reply: %s", e)
+            return
+        fut = self._waiting.pop(reply.id, None)
+        if fut is None or fut.done():
+            self.stats["late_replies"] += 1  # timed out, cancelled, or a duplicate
+            return
+        if reply.status == codec.STATUS_OK:
+            fut.set_result(reply.outputs)
+        elif reply.status == codec.STATUS_EXPIRED:
+            fut.set_exception(DeadlineExceededError("the request deadline passed in the queue"))
+        else:
+            fut.set_exception(InferenceFailedError(reply.error or "inference failed"))
+
+    def _fail_waiting(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _listen_loop(self) -> None:
+        """The replica's single reply listener; resubscribes by itself after any failure."""
+        delay = 0.05
+        while not self._closing:
+            pubsub = self._sub_client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                self._resubscribe = False
+                while not self._resubscribe:
+                    msg = await pubsub.get_message(timeout=LISTEN_POLL_S)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "message":
+                        self._on_reply(msg["data"])
+                    elif msg["type"] == "subscribe":
+                        self._subscribed = True
+                        delay = 0.05
+                        self._update_ready()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # connection refused/reset, timeouts: retry below
+                if self._subscribed:
+                    log.warning("lost the Redis reply channel (%s); resubscribing", e)
+            finally:
+                if self._subscribed:
+                    self.stats["reconnects"] += 1
+                    # Replies published while unsubscribed are lost: answer those requests
+                    # now (503, retryable) instead of letting them hang to their deadline.
+                    self._fail_waiting(BackendUnavailableError("lost the Redis reply channel"))
+                self._subscribed = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _health_loop(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(
+                    self._sample_depths(), timeout=self.settings.redis_socket_timeout_s
+                )
+                if not self._ping_ok:
+                    log.info("Redis at %s reachable", _safe_url(self.settings.redis_url))
+                self._ping_ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self._ping_ok:
+                    log.warning("Redis unreachable (%s); not ready", e)
+                self._ping_ok = False
+                # a silent network drop leaves the subscription dead without an error
+                self._resubscribe = True
+            self._update_ready()
+            await asyncio.sleep(HEALTH_INTERVAL_S if self._ping_ok else HEALTH_INTERVAL_S / 2)
+
+    async def _sample_depths(self) -> None:
+        """The health probe: one pipelined XLEN per stream (a PING that also refreshes
+        :meth:`depth` and the queue-depth gauges while this replica submits nothing)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            for streams in self._streams.values():
+                for s in streams:
+                    pipe.xlen(s)
+            res = await pipe.execute()
+        k = 1
+        for model, streams in self._streams.items():
+            lens = res[k : k + len(streams)]
+            k += len(streams)
+            self._depth[model] = sum(int(n) for n in lens)
+            self._record_depth(model, streams, lens)
+
+    def _update_ready(self) -> None:
+        if self._ready:
+            self._ready_event.set()
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,761 @@
+"""``nlpserve worker``: the inference side of the Redis Streams backend (docs/scale-out.md).
+
+One worker process serves every model of the repository:
+
+* reads all of its models' work streams through the consumer group ``workers``
+  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries;
+* forms batches with the same :class:`BucketScheduler` rules as the in-process queue and
+  runs them on executor threads (the event loop keeps reading, replying and reclaiming);
+* PUBLISHes each reply to the channel of the replica waiting for it, and only then
+  ``XACK``s and ``XDEL``s the entry (same pipeline, in that order), so a crash between the
+  two leaves the entry pending: it is redone and the duplicate reply is dropped by the API;
+* keeps the entries it holds alive (``XCLAIM ... JUSTID``) and reclaims entries left
+  pending by dead workers with ``XAUTOCLAIM`` after ``redis_claim_idle_ms``;
+* an entry delivered more than ``redis_max_attempts`` times, or failing that many times,
+  goes to the model's dead-letter stream and its client gets an error reply, not a hang;
+* SIGTERM: stop reading, finish the work in hand, ack, exit.
+
+Metrics (and ``/healthz``, ``/readyz``) are served on ``metrics_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+import numpy as np
+from prometheus_client import Counter, Gauge, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from service.batching import BucketScheduler, WorkItem
+from service.config import Settings
+from service.metrics import Metrics
+from service.queueing import codec
+from service.queueing.inprocess import run_batch_isolating
+from service.queueing.redis_keys import (
+    GROUP,
+    dead_letter_stream,
+    make_client,
+    model_streams,
+)
+from service.repository import Manifest
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_MAXLEN = 10_000
+SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
+
+
+class Runner(Protocol):
+    """What a worker needs of a model (``service.runtime.runner.ModelRunner``)."""
+
+    manifest: Manifest
+    buckets: list[int]
+
+    def run_batch(self, items: Sequence[WorkItem]) -> list[dict[str, np.ndarray]]: ...
+
+
+@dataclass(eq=False)
+class StreamItem(WorkItem):
+    """A work item plus where it came from in Redis."""
+
+    stream: str = ""
+    entry_id: bytes = b""
+    reply_to: str = ""
+    delivered: int = 1  # deliveries so far, this one included (the PEL delivery count)
+    touched: float = 0.0  # monotonic time it was last read/claimed/kept alive
+
+
+@dataclass
+class _Done:
+    """An entry leaving the worker: optionally reply, optionally dead-letter, then ack+del."""
+
+    stream: str
+    entry_id: bytes
+    reply_to: str = ""
+    reply: codec.Reply | None = None
+    dead: dict[bytes, bytes] | None = None
+    model: str = ""
+
+
+@dataclass
+class WorkerStats:
+    """Plain counters mirrored from the metrics (tests read these)."""
+
+    batches: int = 0
+    replies: int = 0
+    reclaimed: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    retried: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        runners: Mapping[str, Runner],
+        metrics: Metrics | None = None,
+    ) -> None:
+        if not runners:
+            raise ValueError("a worker needs at least one model")
+        self.settings = settings
+        self.runners = dict(runners)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.name = (
+            settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.prefix = settings.redis_prefix
+        self.schedulers = {m: BucketScheduler(settings.batch_policy()) for m in self.runners}
+        self._stream_model: dict[str, str] = {}
+        for m, r in self.runners.items():
+            for s in model_streams(self.prefix, m, len(r.buckets)):
+                self._stream_model[s] = m
+        self.streams = list(self._stream_model)
+        self._threads = max(1, settings.inference_threads)
+        self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
+        self._running = 0
+        self._stopping = False
+        self._claim_cursor: dict[str, bytes | str] = dict.fromkeys(self.streams, "0-0")
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self.connected = False
+        self.stats = WorkerStats()
+        self._heartbeat = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self.metrics_port: int | None = None
+        self._register_metrics()
+
+    # ------------------------------------------------------------------ metrics
+    def _register_metrics(self) -> None:
+        r = self.metrics.registry
+        self.m_reclaimed = Counter(
+            "nlpserve_worker_reclaimed_total",
+            "Entries this worker took over from dead workers (XAUTOCLAIM).",
+            ["model"],
+            registry=r,
+        )
+        self.m_dead = Counter(
+            "nlpserve_worker_dead_lettered_total",
+            "Entries moved to the dead-letter stream; reason=failed|redelivered|malformed.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.m_expired = Counter(
+            "nlpserve_worker_expired_total",
+            "Entries skipped because their request deadline had passed.",
+            ["model"],
+            registry=r,
+        )
+        self.m_replies = Counter(
+            "nlpserve_worker_replies_total",
+            "Replies published, by status (ok, failed).",
+            ["model", "status"],
+            registry=r,
+        )
+        self.m_lag = Gauge(
+            "nlpserve_worker_stream_lag_entries",
+            "Entries in a work stream not yet read by any worker.",
+            ["model", "bucket", "lane"],
+            registry=r,
+        )
+        self.m_pending = Gauge(
+            "nlpserve_worker_stream_pending_entries",
+            "Entries read by some worker but not yet acknowledged.",
+            ["model", "bucket", "lane"],
+            registry=r,
+        )
+        self.m_in_hand = Gauge(
+            "nlpserve_worker_in_hand_entries",
+            "Entries this worker holds (read, not yet answered).",
+            registry=r,
+        )
+        self.m_in_hand.set_function(lambda: len(self._in_hand))
+        self.m_connected = Gauge(
+            "nlpserve_worker_redis_connected", "1 while Redis answers this worker.", registry=r
+        )
+        self.m_connected.set_function(lambda: 1.0 if self.connected else 0.0)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (the ``nlpserve worker`` entry point)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        self.start_http(self.settings.metrics_port)
+        try:
+            await self.run()
+        finally:
+            self.stop_http()
+
+    async def run(self) -> None:
+        """Work until :meth:`stop`; then drain what is in hand (bounded) and return."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        if self._stopping:
+            self._stop_event.set()
+        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="nlpserve-worker")
+        # A blocked XREADGROUP holds its socket for block_ms: the read timeout must outlast it.
+        self.client: Redis = make_client(
+            self.settings,
+            socket_timeout_s=self.settings.redis_socket_timeout_s
+            + self.settings.redis_block_ms / 1000,
+        )
+        log.info(
+            "worker %s: models %s, %d streams, group %r",
+            self.name,
+            ", ".join(self.runners),
+            len(self.streams),
+            GROUP,
+        )
+        reader = asyncio.create_task(self._read_loop(), name="worker-read")
+        batcher = asyncio.create_task(self._batch_loop(), name="worker-batch")
+        maint = asyncio.create_task(self._maintenance_loop(), name="worker-maintenance")
+        stop = asyncio.create_task(self._stop_event.wait())
+        tasks = {reader, batcher, maint}
+        try:
+            done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done & tasks:
+                t.result()  # a loop that raised: a bug, not a shutdown
+                if not self._stopping:
+                    raise RuntimeError(f"{t.get_name()} ended unexpectedly")
+            log.info("worker %s: stopping; finishing %d entries", self.name, len(self._in_hand))
+            # stop reading (the current XREADGROUP returns within block_ms), run what is in
+            # hand without waiting for batches to fill, ack, then leave
+            await asyncio.wait({reader}, timeout=self.settings.redis_block_ms / 1000 + 1.0)
+            _, late = await asyncio.wait({batcher}, timeout=self.settings.worker_drain_timeout_s)
+            if late:
+                log.warning(
+                    "worker %s: drain timed out; %d entries stay pending for other workers",
+                    self.name,
+                    len(self._in_hand),
+                )
+        finally:
+            for t in (stop, *tasks, *self._batch_tasks):
+                t.cancel()
+            for t in (stop, *tasks, *self._batch_tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+            log.info("worker %s: stopped", self.name)
+
+    def stop(self) -> None:
+        """Begin a graceful stop (call on the worker's loop, e.g. from a signal handler)."""
+        self._stopping = True
+        if self._loop is not None:
+            self._stop_event.set()
+            self._wake.set()
+            self._room.set()
+
+    def stop_threadsafe(self) -> None:
+        if self._loop is None:
+            self._stopping = True
+        else:
+            self._loop.call_soon_threadsafe(self.stop)
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._heartbeat < 30.0
+
+    # ------------------------------------------------------------------ reading
+    async def _ensure_groups(self) -> None:
+        # id 0, not $: entries queued before any worker existed must be served too
+        # ("any order" start-up); MKSTREAM creates streams no replica has written yet.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for s in self.streams:
+                pipe.xgroup_create(s, GROUP, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for s, res in zip(self.streams, results, strict=True):
+            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
+                raise res
+            self._claim_cursor[s] = "0-0"
+
+    async def _read_loop(self) -> None:
+        delay = 0.05
+        groups_ok = False
+        while not self._stopping:
+            try:
+                if not groups_ok:
+                    await self._ensure_groups()
+                    groups_ok = True
+                room = self.settings.worker_prefetch - len(self._in_hand)
+                if room <= 0:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                resp = await self.client.xreadgroup(
+                    GROUP,
+                    self.name,
+                    dict.fromkeys(self.streams, ">"),
+                    count=min(self.settings.redis_read_count, room),
+                    block=self.settings.redis_block_ms,
+                )
+                self._set_connected(True)
+                delay = 0.05
+            except ResponseError as e:
+                if "NOGROUP" in str(e):  # Redis restarted empty or was flushed: recreate
+                    log.warning("worker %s: consumer group missing (%s); recreating", self.name, e)
+                    groups_ok = False
+                    continue
+                raise
+            except (RedisError, OSError) as e:
+                if self.connected:
+                    log.warning("worker %s: Redis unreachable (%s); retrying", self.name, e)
+                self._set_connected(False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            for stream, entries in resp or []:
+                await self._accept(_s(stream), entries)
+
+    def _set_connected(self, ok: bool) -> None:
+        if ok and not self.connected:
+            log.info("worker %s: connected to Redis", self.name)
+        self.connected = ok
+
+    async def _accept(
+        self,
+        stream: str,
+        entries: Iterable[tuple[bytes, dict[bytes, bytes] | None]],
+        delivered: Mapping[bytes, int] | None = None,
+    ) -> None:
+        """Turn stream entries into scheduled work (or settle them right away)."""
+        model = self._stream_model[stream]
+        now = time.time()
+        settle: list[_Done] = []
+        max_attempts = self.settings.redis_max_attempts
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending (client gone, trimmed): nobody waits
+                settle.append(_Done(stream, entry_id, model=model))
+                continue
+            if (stream, entry_id) in self._in_hand:
+                continue
+            n = delivered.get(entry_id, 1) if delivered else 1
+            try:
+                dw = codec.decode_work(fields)
+                if dw.item.model != model:
+                    raise codec.CodecError(f"entry for model {dw.item.model!r} in {stream}")
+            except codec.CodecError as e:
+                log.error("worker %s: malformed entry %s in %s: %s", self.name, entry_id, stream, e)
+                settle.append(self._dead(stream, entry_id, dict(fields), str(e), "malformed"))
+                continue
+            w = dw.item
+            item = StreamItem(
+                model=w.model,
+                bucket=w.bucket,
+                length=w.length,
+                features=w.features,
+                deadline=w.deadline,
+                lane=w.lane,
+                id=w.id,
+                # another machine's clock may run ahead: never let that delay a batch
+                enqueued_at=min(w.enqueued_at, now),
+                stream=stream,
+                entry_id=entry_id,
+                reply_to=dw.reply_to,
+                delivered=n,
+                touched=time.monotonic(),
+            )
+            if n > max_attempts:
+                # every earlier delivery ended without an answer: its workers died on it
+                msg = f"delivered {n} times without an answer (it crashes workers?)"
+                log.error("worker %s: poison entry %s in %s: %s", self.name, entry_id, stream, msg)
+                settle.append(self._dead_item(item, msg, "redelivered"))
+                continue
+            if item.expired(now):
+                self._count_expired(model)
+                settle.append(_Done(stream, entry_id, model=model))
+                continue
+            try:
+                self.schedulers[model].add(item)
+            except ValueError as e:  # unknown lane
+                settle.append(self._dead_item(item, str(e), "malformed"))
+                continue
+            self._in_hand[(stream, entry_id)] = item
+        if settle:
+            await self._settle(settle)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ batching
+    def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
+        for k in range(len(models)):
+            m = models[(start + k) % len(models)]
+            batch = self.schedulers[m].next_batch(now, flush=self._stopping)
+            if batch:
+                return m, batch
+        return None
+
+    async def _batch_loop(self) -> None:
+        models = list(self.schedulers)
+        rr = 0  # round-robin start, so one busy model cannot starve another
+        while True:
+            now = time.time()
+            expired: list[Any] = []
+            for s in self.schedulers.values():
+                expired += s.drop_expired(now)
+            if expired:
+                for it in expired:
+                    self._count_expired(it.model)
+                    self._in_hand.pop((it.stream, it.entry_id), None)
+                # the API already answered 504 at the deadline: just ack
+                await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
+                now = time.time()
+            while self._running < self._threads:
+                pick = self._pick(now, models, rr)
+                if pick is None:
+                    break
+                rr = (models.index(pick[0]) + 1) % len(models)
+                self._running += 1
+                task = asyncio.create_task(self._run_batch(*pick))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
+            pending = sum(len(s) for s in self.schedulers.values())
+            if self._stopping and self._running == 0 and pending == 0:
+                return
+            # sleep until new entries, a free thread, the next max-wait or the next deadline
+            waits: list[float] = []
+            for s in self.schedulers.values():
+                if self._running < self._threads and (w := s.next_wakeup(now)) is not None:
+                    waits.append(w)
+                if (d := s.oldest_deadline()) is not None:
+                    waits.append(max(0.0, d - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(waits) if waits else None):
+                    await self._wake.wait()
+
+    async def _run_batch(self, model: str, batch: list[StreamItem]) -> None:
+        try:
+            runner = self.runners[model]
+            t0 = time.perf_counter()
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, run_batch_isolating, runner, batch
+                )
+            except Exception as e:  # executor gone or a bug: treat as a failure of each
+                log.exception("worker %s: batch of %s failed", self.name, model)
+                results = [e] * len(batch)
+            if getattr(runner, "metrics", None) is not self.metrics:
+                # runners loaded with this worker's Metrics record batches themselves
+                self.metrics.observe_batch(
+                    model,
+                    batch[0].bucket,
+                    len(batch),
+                    sum(it.length for it in batch),
+                    len(batch) * max(it.length for it in batch),
+                    time.perf_counter() - t0,
+                )
+            self.stats.batches += 1
+            self.stats.batch_sizes.append(len(batch))
+            done: list[_Done] = []
+            retry: list[StreamItem] = []
+            for it, res in zip(batch, results, strict=True):
+                if not isinstance(res, Exception):
+                    reply = codec.Reply(it.id, outputs=res)
+                    done.append(_Done(it.stream, it.entry_id, it.reply_to, reply, model=model))
+                elif it.delivered >= self.settings.redis_max_attempts:
+                    done.append(self._dead_item(it, f"{type(res).__name__}: {res}", "failed"))
+                else:
+                    retry.append(it)
+            await self._settle(done)
+            for it in retry:
+                await self._retry(it)
+        finally:
+            self._running -= 1
+            self._wake.set()
+
+    async def _retry(self, item: StreamItem) -> None:
+        """Redeliver a failed entry to ourselves at once. XCLAIM bumps its delivery count in
+        Redis, so attempts are counted the same way whether a worker failed or died."""
+        key = (item.stream, item.entry_id)
+        try:
+            claimed = await self.client.xclaim(
+                item.stream, GROUP, self.name, 0, [item.entry_id], justid=False
+            )
+        except (RedisError, OSError) as e:
+            # cannot count the attempt: leave it pending; it is reclaimed after the idle time
+            log.warning("worker %s: cannot retry %s (%s)", self.name, item.entry_id, e)
+            self._in_hand.pop(key, None)
+            self._room.set()
+            return
+        if not claimed or not claimed[0][1]:  # deleted meanwhile: its client is gone
+            self._in_hand.pop(key, None)
+            await self._settle([_Done(item.stream, item.entry_id, model=item.model)])
+            return
+        item.delivered += 1
+        item.touched = time.monotonic()
+        self.stats.retried += 1
+        self.schedulers[item.model].add(item)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ settling
+    def _dead_item(self, item: StreamItem, error: str, reason: str) -> _Done:
+        fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
+        done = self._dead(item.stream, item.entry_id, fields, error, reason)
+        done.reply_to = item.reply_to
+        done.reply = codec.Reply(
+            item.id,
+            status=codec.STATUS_FAILED,
+            error=f"the model could not process this input ({error}); "
+            f"moved to the dead-letter stream after {item.delivered} attempt(s)",
+        )
+        return done
+
+    def _dead(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], error: str, reason: str
+    ) -> _Done:
+        model = self._stream_model[stream]
+        dead = dict(fields)
+        dead.update(
+            {
+                b"dead_reason": reason.encode(),
+                b"dead_error": error.encode(errors="replace")[:2000],
+                b"dead_source": stream.encode(),
+                b"dead_entry": entry_id,
+                b"dead_worker": self.name.encode(),
+                b"dead_at": repr(time.time()).encode(),
+            }
+        )
+        # a malformed entry still gets an error reply when its reply channel is readable
+        reply_to, rid = fields.get(codec.F_REPLY_TO, b""), fields.get(codec.F_ID, b"")
+        reply = None
+        if reply_to and rid:
+            reply = codec.Reply(rid.decode(errors="replace"), codec.STATUS_FAILED, error=error)
+        self.m_dead.labels(model, reason).inc()
+        self.stats.dead_lettered += 1
+        return _Done(
+            stream, entry_id, reply_to.decode(errors="replace"), reply, dead=dead, model=model
+        )
+
+    def _count_expired(self, model: str) -> None:
+        self.m_expired.labels(model).inc()
+        self.stats.expired += 1
+
+    async def _settle(self, done: Sequence[_Done]) -> None:
+        """Reply (and dead-letter), then XACK + XDEL: one pipeline, in that order."""
+        if not done:
+            return
+        by_stream: dict[str, list[bytes]] = {}
+        for d in done:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        end = time.monotonic() + SETTLE_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for d in done:
+                        if d.dead is not None:
+                            pipe.xadd(
+                                dead_letter_stream(self.prefix, d.model),
+                                d.dead,
+                                maxlen=DEAD_LETTER_MAXLEN,
+                                approximate=True,
+                            )
+                        if d.reply is not None and d.reply_to:
+                            pipe.publish(d.reply_to, codec.encode_reply(d.reply))
+                    for stream, ids in by_stream.items():
+                        pipe.xack(stream, GROUP, *ids)
+                        pipe.xdel(stream, *ids)
+                    await pipe.execute()
+                break
+            except (RedisError, OSError) as e:
+                if time.monotonic() > end:
+                    # the entries stay pending in Redis (if Redis still has them) and are
+                    # reclaimed and redone later; the API drops any duplicate reply
+                    log.warning(
+                        "worker %s: could not deliver %d results (%s); leaving them pending",
+                        self.name,
+                        len(done),
+                        e,
+                    )
+                    break
+                self._set_connected(False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        for d in done:
+            self._in_hand.pop((d.stream, d.entry_id), None)
+            if d.reply is not None:
+                self.stats.replies += 1
+                self.m_replies.labels(d.model, d.reply.status.decode()).inc()
+        self._room.set()
+
+    # ------------------------------------------------------------------ maintenance
+    async def _maintenance_loop(self) -> None:
+        idle_ms = self.settings.redis_claim_idle_ms
+        period = min(max(idle_ms / 4000, 0.05), 2.0)
+        next_sample = 0.0
+        next_gc = time.monotonic() + 60.0
+        while True:
+            self._heartbeat = time.monotonic()
+            try:
+                await self._keepalive(idle_ms)
+                if not self._stopping:
+                    await self._reclaim(idle_ms)
+                now = time.monotonic()
+                if now >= next_sample:
+                    next_sample = now + 1.0
+                    await self._sample_streams()
+                if now >= next_gc and not self._stopping:
+                    next_gc = now + 60.0
+                    await self._forget_dead_consumers(idle_ms)
+            except (RedisError, OSError) as e:  # NOGROUP after a restart, Redis away...
+                log.debug("worker %s: maintenance: %s", self.name, e)
+            await asyncio.sleep(period)
+
+    async def _keepalive(self, idle_ms: int) -> None:
+        """Reset the idle time of entries we hold, so nobody reclaims live work."""
+        limit = time.monotonic() - idle_ms / 3000
+        stale: dict[str, list[StreamItem]] = {}
+        for it in list(self._in_hand.values()):
+            if it.touched < limit:
+                stale.setdefault(it.stream, []).append(it)
+        for stream, items in stale.items():
+            await self.client.xclaim(
+                stream, GROUP, self.name, 0, [it.entry_id for it in items], justid=True
+            )
+            now = time.monotonic()
+            for it in items:
+                it.touched = now
+
+    async def _reclaim(self, idle_ms: int) -> None:
+        """Take over entries that have sat unacknowledged for ``idle_ms`` (dead workers)."""
+        for stream in self.streams:
+            room = self.settings.worker_prefetch - len(self._in_hand)
+            if room <= 0:
+                return
+            cursor = self._claim_cursor.get(stream, "0-0")
+            res = await self.client.xautoclaim(
+                stream, GROUP, self.name, idle_ms, start_id=cursor, count=min(room, 100)
+            )
+            self._claim_cursor[stream] = res[0]
+            claimed = [(i, f) for i, f in res[1] if i is not None]
+            deleted = list(res[2]) if len(res) > 2 else []
+            if deleted:  # deleted or trimmed while pending: nobody waits for them
+                await self.client.xack(stream, GROUP, *deleted)
+            if not claimed:
+                continue
+            counts = await self._delivery_counts(stream, [i for i, _ in claimed])
+            model = self._stream_model[stream]
+            log.warning(
+                "worker %s: reclaimed %d idle entries of %s", self.name, len(claimed), stream
+            )
+            self.m_reclaimed.labels(model).inc(len(claimed))
+            self.stats.reclaimed += len(claimed)
+            await self._accept(stream, claimed, counts)
+
+    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.xpending_range(stream, GROUP, min=i, max=i, count=1)
+            rows = await pipe.execute()
+        out: dict[bytes, int] = {}
+        for i, r in zip(ids, rows, strict=True):
+            out[i] = int(r[0]["times_delivered"]) if r else 1
+        return out
+
+    async def _sample_streams(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for s in self.streams:
+                pipe.xlen(s)
+                pipe.xpending(s, GROUP)
+            res = await pipe.execute(raise_on_error=False)
+        for k, s in enumerate(self.streams):
+            length, pend = res[2 * k], res[2 * k + 1]
+            if isinstance(length, Exception) or isinstance(pend, Exception):
+                continue
+            pending = int(pend["pending"])
+            labels = _stream_labels(s)
+            # answered entries are deleted, so whatever is not pending is still unread
+            self.m_lag.labels(*labels).set(max(0, int(length) - pending))
+            self.m_pending.labels(*labels).set(pending)
+
+    async def _forget_dead_consumers(self, idle_ms: int) -> None:
+        """Delete consumers (dead workers) that own nothing and have not been seen for a
+        long time, so the group's consumer list does not grow with every restart."""
+        limit = max(600_000, 20 * idle_ms)
+        for s in self.streams:
+            for c in await self.client.xinfo_consumers(s, GROUP):
+                name = _s(c["name"])
+                if name != self.name and int(c["pending"]) == 0 and int(c["idle"]) > limit:
+                    await self.client.xgroup_delconsumer(s, GROUP, name)
+
+    # ------------------------------------------------------------------ HTTP (metrics, health)
+    def start_http(self, port: int) -> int:
+        """Serve /metrics, /healthz, /readyz on ``port`` (0: any free port); returns it."""
+        worker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    status, body = 200, generate_latest(worker.metrics.registry)
+                    ctype = worker.metrics.content_type
+                elif path == "/healthz":
+                    ok = worker.alive()
+                    status, body, ctype = (200 if ok else 503), b"ok\n", "text/plain"
+                elif path == "/readyz":
+                    ok = worker.connected and not worker._stopping
+                    status, body, ctype = (200 if ok else 503), b"ready\n", "text/plain"
+                else:
+                    status, body, ctype = 404, b"not found\n", "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._http = ThreadingHTTPServer((self.settings.metrics_host, port), Handler)
+        self._http.daemon_threads = True
+        self.metrics_port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="worker-http", daemon=True).start()
+        log.info("worker %s: metrics on :%d/metrics", self.name, self.metrics_port)
+        return self.metrics_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _stream_labels(stream: str) -> tuple[str, str, str]:
+    """``P:{model}:b3[:explain]`` → (model, "3", lane)."""
+    head, _, tail = stream.rpartition("}:b")
+    model = head.split(":{", 1)[1]
+    bucket, _, lane = tail.partition(":")
+    return model, bucket, lane or "predict"
+
+
+def run_worker(settings: Settings) -> None:
+    """Load the repository's models and consume work until SIGTERM."""
+    from service.runtime.runner import load_runners
+
+    metrics = Metrics()
+    runners = load_runners(settings, metrics)
+    if not runners:
+        raise SystemExit(f"no models found in {settings.model_dir}")
+    asyncio.run(Worker(settings, runners, metrics).serve())

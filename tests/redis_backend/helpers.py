@@ -1,0 +1,93 @@
+"""Helpers of the Redis backend tests: a worker on the test's loop, an API-side queue,
+work items with random (in-vocabulary) token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import numpy as np
+
+from service.batching import WorkItem, bucket_index
+from service.config import Settings
+from service.queueing.redis_queue import RedisQueue
+from service.runtime.runner import ModelRunner
+from service.worker import Worker
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, runners: dict[str, ModelRunner]
+) -> AsyncIterator[Worker]:
+    """A worker on this event loop (ORT on its executor thread), stopped gracefully after."""
+    worker = Worker(settings, runners)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, timeout=15)
+        except TimeoutError:
+            task.cancel()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def api_queue(
+    settings: Settings, runners: dict[str, ModelRunner]
+) -> AsyncIterator[RedisQueue]:
+    q = RedisQueue(settings, {n: r.manifest for n, r in runners.items()})
+    await q.start()
+    assert await q.is_ready()
+    try:
+        yield q
+    finally:
+        await q.close(drain_timeout_s=1.0)
+
+
+def make_item(
+    runner: ModelRunner,
+    length: int,
+    rng: np.random.Generator,
+    *,
+    deadline_s: float = 20.0,
+    poison: bool = False,
+) -> WorkItem:
+    """A sequence of ``length`` random small ids (inside every tiny vocabulary)."""
+    bucket = bucket_index(length, runner.buckets)
+    item = runner.dummy_item(length, bucket)
+    for name, arr in item.features.items():
+        item.features[name] = rng.integers(2, 12, size=arr.shape).astype(arr.dtype)
+    if poison:  # out-of-vocabulary ids make ORT's Gather fail: a deterministic bad input
+        item.features["word_ids"] = item.features["word_ids"] + 10**9
+    item.deadline = time.time() + deadline_s
+    return item
+
+
+def direct(runner: ModelRunner, item: WorkItem) -> dict[str, np.ndarray]:
+    """The reference: the item run alone, in this process."""
+    return runner.run_batch([item], record=False)[0]
+
+
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``cond`` until true; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        res = cond()
+        if not isinstance(res, bool):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,311 @@
+"""RedisQueue (API side) + Worker against a real Redis server and real tiny models.
+
+The worker runs on the test's event loop here (ORT on its executor thread); the
+multi-process tests live in test_redis_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.queueing import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    QueueFullError,
+    codec,
+)
+from service.queueing.redis_keys import GROUP, dead_letter_stream, work_stream
+from tests.redis_backend.helpers import (
+    api_queue,
+    assert_same,
+    direct,
+    make_item,
+    running_worker,
+    wait_for,
+)
+
+POS, POL = "pos-en", "polarity-en"
+
+
+@pytest.fixture
+async def r(redis_url: str):
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_results_match_direct_inference(make_settings, tiny_runners) -> None:
+    settings = make_settings()
+    rng = np.random.default_rng(0)
+    items = [
+        make_item(tiny_runners[m], int(n), rng)
+        for m, n in [(POS, rng.integers(1, 64)) for _ in range(30)]
+        + [(POL, rng.integers(1, 32)) for _ in range(30)]
+    ]
+    want = [direct(tiny_runners[it.model], it) for it in items]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+        many = await q.submit_many(items[:5])
+    for g, x in zip(got, want, strict=True):
+        assert_same(g, x)
+    for g, x in zip(many, want[:5], strict=True):
+        assert_same(g, x)
+    assert w.stats.replies == 65 and w.stats.dead_lettered == 0
+
+
+async def test_backlog_is_read_in_bulk_and_batched(make_settings, tiny_runners, r) -> None:
+    """Work queued before any worker exists is served, in full batches of one bucket."""
+    settings = make_settings(max_batch_size=8, max_wait_ms=1000)
+    rng = np.random.default_rng(1)
+    items = [make_item(tiny_runners[POS], 3, rng) for _ in range(20)]  # one bucket
+    async with api_queue(settings, tiny_runners) as q:
+        tasks = [asyncio.create_task(q.submit(it)) for it in items]
+        stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+        await wait_for(lambda: _xlen_is(r, stream, 20))
+        await wait_for(lambda: q.depth(POS) == 20)  # sampled by the health loop
+        async with running_worker(settings, tiny_runners) as w:
+            got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        # full batches although max_wait is 1 s: the backlog was read in one XREADGROUP
+        assert sorted(w.stats.batch_sizes, reverse=True)[:2] == [8, 8]
+        assert sum(w.stats.batch_sizes) == 20
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
+    # answered entries are acked AND deleted: the stream is empty, nothing pending
+    assert await r.xlen(stream) == 0
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
+async def _xlen_is(r, stream: str, n: int) -> bool:
+    return await r.xlen(stream) == n
+
+
+async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners, r) -> None:
+    settings = make_settings(max_queue_depth=3)
+    rng = np.random.default_rng(2)
+    async with api_queue(settings, tiny_runners) as q:  # no worker: nothing drains
+        waiting = [asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng)))]
+        waiting.append(asyncio.create_task(q.submit(make_item(tiny_runners[POS], 40, rng))))
+        await wait_for(lambda: q.depth(POS) == 2)
+        with pytest.raises(QueueFullError) as e:  # 2 queued + 2 > 3: neither is admitted
+            await q.submit_many([make_item(tiny_runners[POS], 4, rng) for _ in range(2)])
+        assert e.value.status_code == 429 and e.value.retry_after_s > 0
+        waiting.append(asyncio.create_task(q.submit(make_item(tiny_runners[POS], 5, rng))))
+        await wait_for(lambda: q.depth(POS) == 3)
+        with pytest.raises(QueueFullError):
+            await q.submit(make_item(tiny_runners[POS], 4, rng))
+        # other models have their own limit
+        waiting.append(asyncio.create_task(q.submit(make_item(tiny_runners[POL], 4, rng))))
+        await wait_for(lambda: q.depth(POL) == 1)
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        # cancelled requests (client gone) delete their entries: no worker will run them
+        await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+
+async def _total_len(r, prefix: str, n: int) -> bool:
+    total = 0
+    async for key in r.scan_iter(f"{prefix}:*"):
+        if (await r.type(key)) == b"stream" and not key.endswith(b":dead"):
+            total += await r.xlen(key)
+    return total == n
+
+
+async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny_runners, r):
+    settings = make_settings()
+    rng = np.random.default_rng(3)
+    item = make_item(tiny_runners[POS], 6, rng, deadline_s=0.3)
+    async with api_queue(settings, tiny_runners) as q:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceededError) as e:
+            await q.submit(item)
+        assert 0.25 < time.monotonic() - t0 < 2.0 and e.value.status_code == 504
+        # an expired entry that is still in the stream (the API could not delete it) is
+        # skipped and acked by the worker, never run
+        stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
+        stream = work_stream(settings.redis_prefix, POS, stale.bucket)
+        await r.xadd(stream, codec.encode_work(stale, q.channel))
+        async with running_worker(settings, tiny_runners) as w:
+            await wait_for(lambda: w.stats.expired == 1)
+            fresh = make_item(tiny_runners[POS], 6, rng)
+            assert_same(await q.submit(fresh), direct(tiny_runners[POS], fresh))
+        assert w.stats.batches == 1 and w.stats.replies == 1
+        assert await r.xlen(stream) == 0
+
+
+async def test_late_and_duplicate_replies_are_dropped(make_settings, tiny_runners, r) -> None:
+    settings = make_settings()
+    async with api_queue(settings, tiny_runners) as q:
+        await r.publish(q.channel, codec.encode_reply(codec.Reply("nobody-waits")))
+        await r.publish(q.channel, b"garbage")
+        await wait_for(lambda: q.stats["late_replies"] == 1 and q.stats["bad_replies"] == 1)
+        assert await q.is_ready()
+
+
+async def test_poison_input_goes_to_dead_letter_and_client_gets_error(
+    make_settings, tiny_runners, r
+) -> None:
+    settings = make_settings(redis_max_attempts=3, max_wait_ms=20)
+    rng = np.random.default_rng(4)
+    bad = make_item(tiny_runners[POS], 7, rng, poison=True)
+    good = [make_item(tiny_runners[POS], 7, rng) for _ in range(3)]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        calls = [q.submit(bad), *(q.submit(g) for g in good)]
+        res = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(res[0], InferenceFailedError) and res[0].status_code == 422
+    assert "dead-letter" in str(res[0]) and "3 attempt" in str(res[0])
+    for g, out in zip(good, res[1:], strict=True):  # batch-mates of the poison are unharmed
+        assert_same(out, direct(tiny_runners[POS], g))
+    assert w.stats.retried == 2 and w.stats.dead_lettered == 1
+    dead = await r.xrange(dead_letter_stream(settings.redis_prefix, POS))
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"dead_reason"] == b"failed" and b"Gather" in fields[b"dead_error"]
+    assert fields[codec.F_ID] == bad.id.encode() and fields[codec.F_ATTEMPT] == b"3"
+    # the dead-lettered entry still decodes: it can be inspected or replayed
+    assert codec.decode_work(fields).item.length == 7
+
+
+async def _ghost_read(r, settings, stream: str, ghost: str = "ghost") -> list[bytes]:
+    """A consumer that reads entries and dies without acking them."""
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    resp = await r.xreadgroup(GROUP, ghost, {stream: ">"}, count=100)
+    return [i for _, entries in resp for i, _ in entries]
+
+
+async def test_entries_of_a_dead_worker_are_reclaimed(make_settings, tiny_runners, r) -> None:
+    settings = make_settings(redis_claim_idle_ms=300)
+    rng = np.random.default_rng(5)
+    items = [make_item(tiny_runners[POL], 9, rng) for _ in range(5)]
+    stream = work_stream(settings.redis_prefix, POL, items[0].bucket)
+    async with api_queue(settings, tiny_runners) as q:
+        tasks = [asyncio.create_task(q.submit(it)) for it in items]
+        await wait_for(lambda: _xlen_is(r, stream, 5))
+        assert len(await _ghost_read(r, settings, stream)) == 5
+        async with running_worker(settings, tiny_runners) as w:
+            got = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+    assert w.stats.reclaimed == 5
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_entry_that_keeps_killing_workers_is_dead_lettered(
+    make_settings, tiny_runners, r
+) -> None:
+    settings = make_settings(redis_claim_idle_ms=200, redis_max_attempts=2)
+    rng = np.random.default_rng(6)
+    item = make_item(tiny_runners[POS], 5, rng)
+    stream = work_stream(settings.redis_prefix, POS, item.bucket)
+    async with api_queue(settings, tiny_runners) as q:
+        task = asyncio.create_task(q.submit(item))
+        await wait_for(lambda: _xlen_is(r, stream, 1))
+        (entry_id,) = await _ghost_read(r, settings, stream, "ghost-1")
+        # a second worker took it over and died too: 2 deliveries, no answer
+        await r.xclaim(stream, GROUP, "ghost-2", 0, [entry_id])
+        async with running_worker(settings, tiny_runners) as w:
+            with pytest.raises(InferenceFailedError, match="delivered 3 times"):
+                await asyncio.wait_for(task, 10)
+    assert w.stats.dead_lettered == 1 and w.stats.batches == 0
+    (dead,) = await r.xrange(dead_letter_stream(settings.redis_prefix, POS))
+    assert dead[1][b"dead_reason"] == b"redelivered" and dead[1][b"dead_entry"] == entry_id
+
+
+async def test_live_worker_keeps_its_entries(make_settings, tiny_runners, r) -> None:
+    """Entries held longer than the claim idle time are kept alive, not stolen."""
+    settings = make_settings(redis_claim_idle_ms=150, max_wait_ms=800, max_batch_size=64)
+    rng = np.random.default_rng(7)
+    async with (
+        api_queue(settings, tiny_runners) as q,
+        running_worker(settings, tiny_runners) as w1,
+        running_worker(settings, tiny_runners) as w2,
+    ):
+        # each item waits ~0.8 s in a worker for its batch to fill: > 5x the idle time
+        items = [make_item(tiny_runners[POL], 4, rng) for _ in range(6)]
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+    assert w1.stats.reclaimed == 0 and w2.stats.reclaimed == 0
+    assert w1.stats.replies + w2.stats.replies == 6
+
+
+async def test_graceful_stop_finishes_work_in_hand(make_settings, tiny_runners, r) -> None:
+    settings = make_settings(max_wait_ms=5000, max_batch_size=64)
+    rng = np.random.default_rng(8)
+    items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
+    async with api_queue(settings, tiny_runners) as q:
+        async with running_worker(settings, tiny_runners) as w:
+            tasks = [asyncio.create_task(q.submit(it)) for it in items]
+            await wait_for(lambda: len(w._in_hand) == 4)  # read, waiting for the batch to fill
+            # leaving the block stops the worker: it must run the 4 now, not drop them
+        assert w.stats.batch_sizes == [4]
+        for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
+            assert_same(g, direct(tiny_runners[POS], it))
+    stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -> None:
+    settings = make_settings()
+    rng = np.random.default_rng(9)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        port = w.start_http(0)
+        try:
+            items = [make_item(tiny_runners[POS], 5, rng) for _ in range(3)]
+            await asyncio.gather(*(q.submit(it) for it in items))
+            await asyncio.sleep(1.2)  # one stream sample
+            body = await asyncio.to_thread(_get, port, "/metrics")
+            assert await asyncio.to_thread(_get, port, "/healthz") == b"ok\n"
+            assert await asyncio.to_thread(_get, port, "/readyz") == b"ready\n"
+        finally:
+            w.stop_http()
+    text = body.decode()
+    for name in (
+        "nlpserve_batch_size_count",
+        "nlpserve_padding_efficiency_bucket",
+        "nlpserve_worker_reclaimed_total",
+        "nlpserve_worker_dead_lettered_total",
+        "nlpserve_worker_stream_lag_entries",
+        "nlpserve_worker_stream_pending_entries",
+        "nlpserve_worker_replies_total",
+    ):
+        assert name in text, name
+    assert 'nlpserve_worker_replies_total{model="pos-en",status="ok"} 3.0' in text
+
+
+def _get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return resp.read()
+
+
+async def test_redis_restart_readiness_and_recovery(make_settings, tiny_runners, own_redis):
+    settings = make_settings(redis_url=own_redis.url)
+    rng = np.random.default_rng(10)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        it = make_item(tiny_runners[POS], 5, rng)
+        assert_same(await q.submit(it), direct(tiny_runners[POS], it))
+
+        own_redis.stop()
+        await wait_for(lambda: not q._ready, timeout=3)
+        assert not await q.is_ready()
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailableError) as e:
+            await q.submit(make_item(tiny_runners[POS], 5, rng))
+        assert e.value.status_code == 503 and time.monotonic() - t0 < 0.5
+        await wait_for(lambda: not w.connected, timeout=5)
+
+        own_redis.start()  # empty: streams and groups are gone, workers recreate them
+        await wait_for(q.is_ready, timeout=10)
+        await wait_for(lambda: w.connected, timeout=10)
+        for n in (3, 20, 40):
+            it = make_item(tiny_runners[POS], n, rng)
+            got = await asyncio.wait_for(q.submit(it), 10)
+            assert_same(got, direct(tiny_runners[POS], it))
+    assert q.stats["reconnects"] >= 1
