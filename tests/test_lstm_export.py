@@ -149,3 +149,14 @@ def test_polarity_alone_equals_batched(polarity):
             {"word_ids": feed["word_ids"][i : i + 1, :n], "lengths": feed["lengths"][i : i + 1]},
         )[0]
         assert np.abs(alone[0] - batched[i]).max() <= TOL
+
+
+def test_polarity_empty_row_reads_one_padding_step(polarity):
+    """lengths are clamped to >= 1 inside the model: an empty text (length 0) gives the same
+    logits as one <pad> step, never the -1e4 of an empty max-pool."""
+    _, sess, _ = polarity
+    word_ids = np.array([[0, 0, 0], [5, 6, 7]], np.int64)
+    zero = sess.run(None, {"word_ids": word_ids, "lengths": np.array([0, 3], np.int64)})[0]
+    one = sess.run(None, {"word_ids": word_ids[:1, :1], "lengths": np.array([1], np.int64)})[0]
+    assert np.abs(zero[0] - one[0]).max() <= TOL
+    assert np.abs(zero[0]).max() < 100

@@ -5,7 +5,9 @@ Exported with the legacy (TorchScript) ONNX exporter, ``pack_padded_sequence`` /
 ``sequence_lens`` input is ``lengths``: padded steps are skipped in both directions and their
 outputs are zero, so a sentence gets the same result alone or batched with longer ones.
 Everything else (char CNN masking, max-pooling mask) is written with ops that keep the batch
-and sequence axes dynamic.
+and sequence axes dynamic. ``lengths`` are clamped to >= 1 (ONNX ``Clip``): a row of length 0
+(an empty text) reads one padding step instead of producing garbage; the padded batch must
+still have at least one step (sequence >= 1).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class PosTagger(nn.Module):
     def forward(
         self, word_ids: torch.Tensor, char_ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
+        lengths = lengths.clamp(min=1)  # a length-0 row reads one padding step
         x = torch.cat([self.word_emb(word_ids), self.chars(char_ids)], dim=-1)
         out, _ = run_packed(self.lstm, self.drop(x), lengths)
         return self.out(self.drop(out))
@@ -121,6 +124,7 @@ class PolarityClassifier(nn.Module):
         self.out = nn.Linear(feat, n_labels)
 
     def forward(self, word_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lengths = lengths.clamp(min=1)  # an empty text reads one padding step
         x = self.drop(self.emb(word_ids))
         out, h_n = run_packed(self.lstm, x, lengths)
         last = torch.cat([h_n[-d] for d in range(self.dirs, 0, -1)], dim=-1)  # last layer
