@@ -34,6 +34,7 @@ import pytest
 import pytest_asyncio
 
 from service.config import Settings
+from tests.redis_support import redis_backend
 from tests.service_support import BUILD_ERRORS, LiveServer, live_server, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,7 @@ async def inprocess_backend(settings: Settings) -> AsyncIterator[Settings]:
 
 QUEUE_BACKENDS: dict[str, Callable[[Settings], AbstractAsyncContextManager[Settings]]] = {
     "inprocess": inprocess_backend,
+    "redis": redis_backend,  # real redis-server + a worker (tests/redis_support.py)
 }
 
 

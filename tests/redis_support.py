@@ -8,17 +8,22 @@ Importable from any conftest: ``from tests.redis_support import redis_url  # noq
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+
+from service.config import Settings
 
 EXTERNAL_URL = os.environ.get("NLPSERVE_REDIS_URL")
 
@@ -128,3 +133,45 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@asynccontextmanager
+async def redis_backend(settings: Settings) -> AsyncIterator[Settings]:
+    """``QUEUE_BACKENDS["redis"]`` of tests/conftest.py: a Redis server (spawned unless
+    ``NLPSERVE_REDIS_URL`` is set) and one worker on the caller's event loop; yields the
+    settings an API replica needs to use them."""
+    from service.runtime.runner import load_runners
+    from service.worker import Worker
+
+    server: RedisServer | None = None
+    url = EXTERNAL_URL
+    if not url:
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="nlpserve-redis-")))
+        server.start()
+        url = server.url
+    s = settings.model_copy(
+        update={
+            "queue": "redis",
+            "redis_url": url,
+            "redis_prefix": unique_prefix(),
+            "redis_block_ms": 100,
+            "redis_claim_idle_ms": 2000,
+            "metrics_port": 0,
+            "metrics_host": "127.0.0.1",
+        }
+    )
+    try:
+        runners = await asyncio.to_thread(load_runners, s)
+        worker = Worker(s, runners)
+        task = asyncio.create_task(worker.run(), name="test-redis-worker")
+        try:
+            yield s
+        finally:
+            worker.stop()
+            try:
+                await asyncio.wait_for(task, timeout=15)
+            except TimeoutError:
+                task.cancel()
+    finally:
+        if server is not None:
+            server.stop()

@@ -28,7 +28,7 @@ def create_queue(
         manifests = {
             name: m.manifest if isinstance(m, ModelRunner) else m for name, m in models.items()
         }
-        return RedisQueue(settings, manifests)
+        return RedisQueue(settings, manifests, metrics)
     from service.queueing.inprocess import InProcessQueue
 
     runners = {}
