@@ -76,7 +76,7 @@ def _code_for(err: dict[str, Any]) -> str:
         return "missing_field"
     if t == "extra_forbidden":
         return "unknown_field"
-    if t in ("empty_text", "text_or_tokens"):
+    if t in ("empty_text", "text_or_tokens", "invalid_text"):
         return t
     if t == "too_short":
         return "empty_inputs"

@@ -7,13 +7,22 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException so FastAPI's body reader re-raises it (it
+    turns any other error while reading into a 400) and the error handlers answer 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, _too_large_message(max_bytes))
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f"the request body exceeds {max_bytes} bytes (NLPSERVE_MAX_BODY_BYTES)"
 
 
 def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
@@ -55,7 +64,7 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -72,11 +81,7 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         scope.setdefault("state", {})["error_code"] = "body_too_large"
-        start, body = _json_error(
-            413,
-            "body_too_large",
-            f"the request body exceeds {self.max_bytes} bytes (NLPSERVE_MAX_BODY_BYTES)",
-        )
+        start, body = _json_error(413, "body_too_large", _too_large_message(self.max_bytes))
         await send(start)
         await send({"type": "http.response.body", "body": body})
 

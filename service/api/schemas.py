@@ -24,6 +24,13 @@ from pydantic_core import PydanticCustomError
 def _not_blank(v: str) -> str:
     if not v.strip():
         raise PydanticCustomError("empty_text", "must contain some non-whitespace text")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # JSON "\\ud800" escapes decode to lone surrogates
+            raise PydanticCustomError(
+                "invalid_text", "contains an unpaired surrogate: not valid Unicode text"
+            ) from None
     return v
 
 

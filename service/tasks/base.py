@@ -102,7 +102,13 @@ class Task(abc.ABC):
 
     def prepare(self, requests: Sequence[BaseModel], deadline: float, lane: str) -> list[Prepared]:
         self.check_limits(requests)
-        return self.encode(requests, deadline, lane)
+        try:
+            return self.encode(requests, deadline, lane)
+        except InputError:
+            raise
+        except (TypeError, ValueError, UnicodeError) as e:
+            # Tokenizers reject some odd inputs; that is the input's fault, not a server error.
+            raise InputError("invalid_text", f"the text could not be tokenized: {e}") from e
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

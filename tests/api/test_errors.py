@@ -1,0 +1,270 @@
+"""Every error leaves as {"error": {"code", "message"}} with the right 4xx/5xx, never a 500
+for bad input and never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.service_support import live_server, make_settings, metric_value, read_metrics, wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+LIMITS = dict(max_body_bytes=4000, max_text_chars=300, max_batch_items=3, max_queue_depth=3)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def limited(model_repo):
+    """A server with small limits; tests pause its queue to hold requests deterministically."""
+    async with live_server(make_settings(model_repo, **LIMITS)) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def lc(limited):
+    limited.queue.resume()
+    async with limited.client() as c:
+        yield c
+    limited.queue.resume()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# ------------------------------------------------------------------ request format
+@pytest.mark.parametrize(
+    "content, status, code",
+    [
+        (b'{"text": "a dog"', 400, "invalid_json"),
+        (b"not json at all", 400, "invalid_json"),
+        (b"", 422, "missing_body"),
+        (b"[]", 422, "wrong_type"),
+        (b'"a dog"', 422, "wrong_type"),
+        (b"null", 422, "wrong_type"),
+        (b'{"text": "\\ud800 lone surrogate"}', 422, "invalid_text"),
+        (b'{"txt": "a dog"}', 422, "missing_field"),
+        (b'{"text": 12}', 422, "wrong_type"),
+        (b'{"text": null}', 422, "wrong_type"),
+        (b'{"text": "a dog", "extra": 1}', 422, "unknown_field"),
+        (b'{"text": ""}', 422, "empty_text"),
+        (b'{"text": "\\t\\n "}', 422, "empty_text"),
+        (b'{"inputs": []}', 422, "empty_inputs"),
+        (b'{"inputs": null}', 422, "wrong_type"),
+        (b'{"inputs": [{"text": "ok"}, {"text": 5}]}', 422, "wrong_type"),
+        (b'{"inputs": {"text": "a"}}', 422, "wrong_type"),
+    ],
+)
+async def test_bad_bodies(client, content, status, code):
+    r = await client.post(
+        "/v1/polarity", content=content, headers={"content-type": "application/json"}
+    )
+    err = assert_error(r, status, code)
+    if code == "wrong_type" and b"inputs" in content and b"[{" in content:
+        assert err["message"].startswith("inputs[1].text")
+
+
+async def test_missing_field_message_names_the_field(client):
+    err = assert_error(await client.post("/v1/qa", json={"question": "x"}), 422, "missing_field")
+    assert "context" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe\x00garbage",
+        b'{"text": "\\udfff", "question": "\\ud83d", "context": "\\ud83d\\ude00"}',
+        b'{"text": "a", "text": "b"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"text": 1e999}',
+        b'{"inputs": [[], {}, null]}',
+        b'{"tokens": [null]}',
+        b'{"text": "x", "tokens": null}',
+        b'{"question": {"a": 1}, "context": []}',
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/pos", "/v1/polarity", "/v1/detect", "/v1/qa"])
+async def test_garbage_is_never_a_500(client, path, content):
+    r = await client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+async def test_non_json_content_type_still_parsed_or_rejected_cleanly(client):
+    r = await client.post(
+        "/v1/polarity", content=b'{"text": "great"}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code in (200, 415, 422), r.text
+    if r.status_code != 200:
+        assert "error" in r.json()
+
+
+# ------------------------------------------------------------------ routing and models
+async def test_unknown_endpoint_and_method(client):
+    assert_error(await client.post("/v1/translate", json={"text": "x"}), 404, "not_found")
+    assert_error(await client.get("/nope"), 404, "not_found")
+    assert_error(await client.get("/v1/polarity"), 405, "method_not_allowed")
+
+
+async def test_unknown_model_and_wrong_task(client):
+    err = assert_error(
+        await client.post("/v1/polarity?model=nope", json={"text": "x"}), 404, "model_not_found"
+    )
+    assert "polarity-en" in err["message"]  # says what IS loaded
+    err = assert_error(
+        await client.post("/v1/polarity?model=pos-en", json={"text": "x"}), 404, "model_not_found"
+    )
+    assert "'pos'" in err["message"]
+    ok = await client.post("/v1/polarity?model=polarity-en", json={"text": "great"})
+    assert ok.status_code == 200
+
+
+async def test_endpoint_without_its_model_is_a_clear_404(tmp_path, model_repo):
+    (tmp_path / "pos-en").symlink_to(model_repo / "pos-en")
+    async with live_server(make_settings(tmp_path)) as srv, srv.client() as c:
+        for path, body in [
+            ("/v1/polarity", {"text": "x"}),
+            ("/v1/detect", {"text": "x"}),
+            ("/v1/qa", {"question": "q", "context": "c"}),
+        ]:
+            err = assert_error(await c.post(path, json=body), 404, "model_not_loaded")
+            assert "pos-en" in err["message"] and str(tmp_path) in err["message"]
+        assert (await c.post("/v1/pos", json={"text": "a dog"})).status_code == 200
+        models = (await c.get("/v1/models")).json()["models"]
+        assert [m["name"] for m in models] == ["pos-en"]
+
+
+# ------------------------------------------------------------------ limits
+async def test_text_over_the_character_limit(lc):
+    err = assert_error(
+        await lc.post("/v1/polarity", json={"text": "great " * 60}), 422, "text_too_long"
+    )
+    assert "300" in err["message"]
+    # Every text field counts, and the batch item at fault is named.
+    batch = {"inputs": [{"text": "ok"}, {"text": "x" * 301}]}
+    err = assert_error(await lc.post("/v1/detect", json=batch), 422, "text_too_long")
+    assert err["message"].startswith("inputs[1]:")
+    err = assert_error(
+        await lc.post("/v1/pos", json={"tokens": ["word"] * 80}), 422, "text_too_long"
+    )
+
+
+async def test_too_many_items(lc):
+    err = assert_error(
+        await lc.post("/v1/polarity", json={"inputs": [{"text": "good"}] * 4}),
+        422,
+        "too_many_items",
+    )
+    assert "3" in err["message"]
+    ok = await lc.post("/v1/polarity", json={"inputs": [{"text": "good"}] * 3})
+    assert ok.status_code == 200
+
+
+async def test_body_over_the_size_limit_by_content_length(lc):
+    r = await lc.post("/v1/polarity", json={"text": "x" * 5000})
+    assert_error(r, 413, "body_too_large")
+
+
+async def test_body_over_the_size_limit_chunked(lc):
+    async def chunks():
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}'
+
+    r = await lc.post(
+        "/v1/polarity", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_error(r, 413, "body_too_large")
+
+
+# ------------------------------------------------------------------ queue and deadlines
+async def test_queue_full_is_429_with_retry_after(limited, lc):
+    q = limited.queue
+    q.pause()
+    held = [
+        asyncio.create_task(lc.post("/v1/polarity", json={"text": t}))
+        for t in ("good film", "bad film", "fine film")
+    ]
+    await wait_for(lambda: q.depth("polarity-en") == 3)
+    r = await lc.post("/v1/polarity", json={"text": "one too many"})
+    assert_error(r, 429, "queue_full")
+    assert int(r.headers["retry-after"]) >= 1
+    # Each model has its own limit: the tagger still takes work.
+    other = asyncio.create_task(lc.post("/v1/pos", json={"text": "a dog"}))
+    await wait_for(lambda: q.depth("pos-en") == 1)
+    q.resume()
+    assert [(await t).status_code for t in [*held, other]] == [200, 200, 200, 200]
+    text = await read_metrics(lc)
+    assert metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason="queue_full")
+
+
+async def test_whole_batch_is_refused_when_it_does_not_fit(limited, lc):
+    q = limited.queue
+    q.pause()
+    held = [asyncio.create_task(lc.post("/v1/polarity", json={"text": t})) for t in "ab"]
+    await wait_for(lambda: q.depth("polarity-en") == 2)
+    r = await lc.post("/v1/polarity", json={"inputs": [{"text": "a"}] * 2})
+    assert_error(r, 429, "queue_full")
+    assert q.depth("polarity-en") == 2  # nothing of the batch was half-admitted
+    q.resume()
+    assert [(await t).status_code for t in held] == [200, 200]
+
+
+async def test_deadline_exceeded_is_504_and_the_item_never_runs(limited, lc):
+    q = limited.queue
+    q.pause()
+    ran_before = len(q.batch_log)
+    r = await lc.post("/v1/polarity", json={"text": "great"}, headers={"X-Deadline-Ms": "50"})
+    assert_error(r, 504, "deadline_exceeded")
+    assert q.waiting == 0
+    q.resume()
+    await wait_for(lambda: q.depth("polarity-en") == 0)
+    r = await lc.post("/v1/polarity", json={"text": "great"})  # the loop is alive
+    assert r.status_code == 200
+    assert len(q.batch_log) == ran_before + 1  # only the second request ran
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "nan", ""])
+async def test_bad_deadline_header(lc, value):
+    r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
+    assert_error(r, 400, "invalid_header")
+
+
+async def test_client_that_goes_away_is_not_run(limited, lc):
+    q = limited.queue
+    q.pause()
+    ran_before = len(q.batch_log)
+    body = json.dumps({"text": "a charming film"}).encode()
+    request = (
+        f"POST /v1/polarity HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
+    writer.write(request)
+    await writer.drain()
+    await wait_for(lambda: q.depth("polarity-en") == 1)
+    writer.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
+    writer.close()
+    await wait_for(lambda: q.waiting == 0)  # the handler saw the disconnect and withdrew
+    q.resume()
+    await wait_for(lambda: q.depth("polarity-en") == 0)
+    assert len(q.batch_log) == ran_before
+    text = await read_metrics(lc)
+    assert metric_value(
+        text, "nlpserve_rejected_total", model="polarity-en", reason="client_closed_request"
+    )
