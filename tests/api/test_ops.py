@@ -1,0 +1,116 @@
+"""GET /v1/models, /healthz, /readyz, /metrics and the OpenAPI page."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.repository import load_manifest
+from tests.service_support import live_server, make_settings, metric_value, read_metrics
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_healthz_and_readyz(client):
+    r = await client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert {"pos-en", "polarity-en"} <= set(r.json()["models"])
+
+
+async def test_models_lists_what_runs_where(client, service, model_repo):
+    r = await client.get("/v1/models")
+    assert r.status_code == 200
+    models = {m["name"]: m for m in r.json()["models"]}
+    assert set(models) == set(service.state.tasks)
+    for name, m in models.items():
+        manifest = load_manifest(model_repo / name / "1")
+        assert m["version"] == "1" and m["task"] == manifest.task
+        assert m["buckets"] == manifest.buckets
+        assert m["labels"] == manifest.labels
+        assert m["metrics"] == manifest.metrics
+        assert m["max_length"] == manifest.max_length
+        if service.state.runners:  # in-process: this process runs the model
+            assert m["provider"] == "CPUExecutionProvider"
+            assert m["fallback"] is False
+            assert m["variant"] in m["variants"]
+    if service.state.runners and "detector-en" in models:
+        # CPU prefers the int8 variant when the repository has one.
+        assert models["detector-en"]["variant"] == "int8"
+        assert models["pos-en"]["variant"] == "fp32"
+
+
+async def test_one_model_and_unknown_model(client):
+    r = await client.get("/v1/models/pos-en")
+    assert r.status_code == 200 and r.json()["task"] == "pos"
+    r = await client.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_metrics_exposition(client):
+    await client.post("/v1/polarity", json={"text": "great fun"})
+    await client.post("/v1/polarity", json={"text": ""})
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in (
+        "nlpserve_requests_total",
+        "nlpserve_request_duration_seconds_bucket",
+        "nlpserve_queue_depth",
+        "nlpserve_rejected_total",
+    ):
+        assert name in text, name
+    assert metric_value(text, "nlpserve_requests_total", model="polarity-en", status="200") >= 1
+    assert metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason="empty_text")
+
+
+async def test_batch_metrics_in_process(inprocess_service):
+    async with inprocess_service.client() as c:
+        await c.post("/v1/pos", json={"inputs": [{"text": "a big dog"}, {"text": "the cat"}]})
+        text = await read_metrics(c)
+    for name in (
+        "nlpserve_batch_size_bucket",
+        "nlpserve_padding_efficiency_bucket",
+        "nlpserve_inference_duration_seconds_bucket",
+        "nlpserve_batch_tokens_total",
+        "nlpserve_model_info",
+    ):
+        assert name in text, name
+    real = metric_value(text, "nlpserve_batch_tokens_total", model="pos-en", kind="real")
+    padded = metric_value(text, "nlpserve_batch_tokens_total", model="pos-en", kind="padded")
+    assert 0 < real <= padded
+    assert metric_value(
+        text, "nlpserve_model_info", model="pos-en", provider="CPUExecutionProvider"
+    )
+
+
+async def test_openapi_page_is_usable(client):
+    assert (await client.get("/docs")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
+    for path in ("/v1/qa", "/v1/detect", "/v1/pos", "/v1/polarity"):
+        op = spec["paths"][path]["post"]
+        examples = op["requestBody"]["content"]["application/json"]["examples"]
+        assert {"single", "batch"} <= set(examples)
+        assert "422" in op["responses"] and "429" in op["responses"]
+    props = spec["components"]["schemas"]["QARequest"]["properties"]
+    assert props["context"]["description"] and props["question"]["examples"]
+    assert spec["components"]["schemas"]["ErrorResponse"]
+
+
+async def test_bucket_override_from_settings(model_repo):
+    settings = make_settings(model_repo, buckets={"pos-en": [4, 12, 500]})
+    async with live_server(settings) as srv, srv.client() as c:
+        pos = (await c.get("/v1/models/pos-en")).json()
+        assert pos["buckets"] == [4, 12, 64]  # past max_length dropped; max_length last
+        pol = (await c.get("/v1/models/polarity-en")).json()
+        assert pol["buckets"] == load_manifest(model_repo / "polarity-en" / "1").buckets
+
+
+async def test_empty_repository_is_alive_but_not_ready(tmp_path):
+    async with live_server(make_settings(tmp_path)) as srv, srv.client() as c:
+        assert (await c.get("/healthz")).status_code == 200
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_models"
+        r = await c.post("/v1/pos", json={"text": "a"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_loaded"
