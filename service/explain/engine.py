@@ -128,7 +128,10 @@ class LRUCache:
 
 def shap_available() -> bool:
     import importlib.util
+    import sys
 
+    if "shap" in sys.modules:  # imported already, or blocked (None) as tests do
+        return sys.modules["shap"] is not None
     return importlib.util.find_spec("shap") is not None
 
 
@@ -278,9 +281,11 @@ def _explain_sync(
     if not offsets:
         raise ExplainInputError("the text has no tokens to explain")
     n_evals = 0
+    full_text: str | None = None  # the input as SHAP renders it with nothing masked
+    full_output: float | None = None  # the model's output for it, as SHAP evaluated it
 
     def model_fn(batch: Sequence[Any]) -> np.ndarray:
-        nonlocal n_evals
+        nonlocal n_evals, full_output
         if cancel.is_set():
             raise ExplainCancelledError("the client went away")
         remaining = deadline - time.time()
@@ -296,32 +301,34 @@ def _explain_sync(
                 "the explanation did not finish before its deadline"
             ) from None
         n_evals += len(texts)
-        return np.asarray(out, dtype=np.float64).reshape(len(texts))
+        out = np.asarray(out, dtype=np.float64).reshape(len(texts))
+        if full_output is None and full_text in texts:
+            full_output = float(out[texts.index(full_text)])
+        return out
 
-    # The output for the text exactly as sent, scored alongside SHAP's own calls: SHAP's
-    # values must add up to it (SHAP scores a whitespace-normalised rebuild of the text).
-    own = asyncio.run_coroutine_threadsafe(ex.scorer([text], deadline), loop)
+    mask_token = ex.segmenter.mask_token
     if len(offsets) == 1:
         # SHAP's text clustering needs two tokens; one token's Shapley value is exact anyway.
-        base = float(model_fn([ex.segmenter.mask_token])[0])
-        values: list[float] = []
+        full_text = text
+        base, output = (float(v) for v in model_fn([mask_token, text]))
+        values = [output - base]
     else:
+        # The masker swaps a token's segment (the token plus the spaces after it) for
+        # " " + mask: without a trailing space the mask would glue onto the next word
+        # ("was _good") and change how it tokenizes.
         masker = shap.maskers.Text(
-            ex.segmenter, mask_token=ex.segmenter.mask_token, collapse_mask_token=False
+            ex.segmenter, mask_token=mask_token + " ", collapse_mask_token=False
         )
+        full_text = str(masker(np.ones(len(offsets), dtype=bool), text)[0][0])
         explainer = shap.Explainer(model_fn, masker, algorithm="partition")
         sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
         values = [float(v) for v in np.asarray(sv.values[0], dtype=np.float64).reshape(-1)]
         base = float(np.asarray(sv.base_values).reshape(-1)[0])
-    try:
-        wait = max(0.0, deadline - time.time()) + _RESULT_GRACE_S
-        output = float(np.asarray(own.result(timeout=wait))[0])
-    except concurrent.futures.TimeoutError:
-        own.cancel()
-        raise DeadlineExceededError("the explanation did not finish before its deadline") from None
-    n_evals += 1
-    if len(offsets) == 1:
-        values = [output - base]
+        if len(values) != len(offsets):
+            raise RuntimeError(f"SHAP returned {len(values)} values for {len(offsets)} tokens")
+        # f(x) is always evaluated by the partition explainer; SHAP's additivity guarantee is
+        # base + sum(values) == f(x), which the tests check against this captured value.
+        output = full_output if full_output is not None else base + float(np.sum(values))
     return Explanation(
         model=ex.name,
         version=ex.version,

@@ -1,0 +1,186 @@
+"""ExplainService without models: SHAP over a fake scorer, to pin down the engine's rules
+(additivity, cache, single-flight, limits, deadlines, cancellation) cheaply."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.explain.engine import (
+    ExplainInputError,
+    ExplainService,
+    Explanation,
+    LRUCache,
+    ModelExplainer,
+)
+from service.queueing.base import DeadlineExceededError
+
+pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
+
+MASK = "_"
+WEIGHTS = {"good": 0.4, "great": 0.3, "bad": -0.35, "not": -0.1}
+
+
+class SpaceSegmenter:
+    """Whitespace words (the shape of tokenizer SHAP's Text masker accepts)."""
+
+    mask_token = MASK
+
+    def offsets(self, s: str) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for w in s.split():
+            start = s.index(w, pos)
+            out.append((start, start + len(w)))
+            pos = start + len(w)
+        return out
+
+    def __call__(self, s: str, return_offsets_mapping: bool = True) -> dict[str, list]:
+        offs = self.offsets(s)
+        return {"input_ids": list(range(len(offs))), "offset_mapping": offs}
+
+
+def score_text(text: str) -> float:
+    """A non-additive toy 'probability': a sigmoid of word weights plus an interaction."""
+    words = text.split()
+    z = sum(WEIGHTS.get(w, 0.0) for w in words)
+    if "not" in words and "good" in words:
+        z -= 0.5  # interaction: SHAP must still add up exactly
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+class FakeModel:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls = 0
+        self.texts = 0
+        self.delay_s = delay_s
+        self.threads: set[str] = set()
+
+    async def __call__(self, texts: list[str], deadline: float) -> np.ndarray:
+        self.calls += 1
+        self.texts += len(texts)
+        self.threads.add(threading.current_thread().name)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return np.array([score_text(t) for t in texts])
+
+
+def make_service(model: FakeModel, **kw) -> ExplainService:
+    svc = ExplainService(**{"max_evals_default": 64, "max_evals_limit": 500, **kw})
+    svc.register(
+        ModelExplainer(
+            name="toy",
+            version="1",
+            segmenter=SpaceSegmenter(),
+            scorer=model,
+            output_name="positive_probability",
+            label_for=lambda p: "positive" if p >= 0.5 else "negative",
+            max_tokens=8,
+        )
+    )
+    return svc
+
+
+def deadline(s: float = 30.0) -> float:
+    return time.time() + s
+
+
+async def test_additive_in_probability_space_and_through_the_event_loop():
+    model = FakeModel()
+    svc = make_service(model)
+    text = "the film was not good but the cast was great"
+    exp = await svc.explain("toy", text, 200, deadline())
+    assert exp.tokens == text.split()[:8] and exp.truncated is True  # max_tokens=8
+    kept = " ".join(text.split()[:8])
+    assert exp.output == pytest.approx(score_text(kept), abs=1e-12)
+    assert exp.base_value == pytest.approx(score_text(" ".join([MASK] * 8)), abs=1e-12)
+    assert exp.base_value + sum(exp.values) == pytest.approx(exp.output, abs=1e-3)
+    # Words the toy model ignores get nothing; "not" (alone and with "good") pulls down.
+    by_word = dict(zip(exp.tokens, exp.values, strict=True))
+    assert by_word["not"] < -0.05 and abs(by_word["the"]) < 1e-9 and abs(by_word["cast"]) < 1e-9
+    assert exp.label == ("positive" if exp.output >= 0.5 else "negative")
+    assert [text[s:e] for s, e in exp.offsets] == exp.tokens
+    # The model function ran on the event loop (the scorer is a coroutine there).
+    assert model.threads == {threading.main_thread().name}
+    assert exp.evals == model.texts
+    svc.close()
+
+
+async def test_single_token_is_exact():
+    svc = make_service(FakeModel())
+    exp = await svc.explain("toy", "great", None, deadline())
+    assert exp.values == [pytest.approx(score_text("great") - score_text(MASK))]
+    assert exp.base_value + sum(exp.values) == pytest.approx(exp.output, abs=1e-12)
+    svc.close()
+
+
+async def test_cache_keyed_by_text_and_max_evals_and_single_flight():
+    model = FakeModel(delay_s=0.002)
+    svc = make_service(model, cache_size=2)
+    text = "good great bad not"
+    a, b = await asyncio.gather(
+        svc.explain("toy", text, 64, deadline()), svc.explain("toy", text, 64, deadline())
+    )
+    assert a.values == b.values and model.texts == a.evals  # computed once
+    c = await svc.explain("toy", text, 64, deadline())
+    assert c.cached is True and c.values == a.values and model.texts == a.evals
+    await svc.explain("toy", text, 100, deadline())  # another budget: another entry
+    assert model.texts > a.evals
+    await svc.explain("toy", "bad bad", 64, deadline())  # evicts the oldest (size 2)
+    assert len(svc.cache) == 2
+    assert (await svc.explain("toy", text, 64, deadline())).cached is False
+    svc.close()
+
+
+def test_lru_cache_is_bounded():
+    cache = LRUCache(2)
+    e = Explanation("m", "1", [], [], [], 0.0, 0.0, "p", "x", 4, 0, False, 0.0)
+    cache.put(1, e)
+    cache.put(2, e)
+    assert cache.get(1) is e  # 1 is now the most recent
+    cache.put(3, e)
+    assert cache.get(2) is None and cache.get(1) is e and len(cache) == 2
+    LRUCache(0).put(1, e)  # size 0 disables caching without failing
+
+
+async def test_limits():
+    svc = make_service(FakeModel())
+    with pytest.raises(ExplainInputError, match="limit of 500"):
+        await svc.explain("toy", "good", 501, deadline())
+    with pytest.raises(ExplainInputError, match="not loaded"):
+        await svc.explain("nope", "good", None, deadline())
+    with pytest.raises(ExplainInputError, match="no tokens"):
+        await svc.explain("toy", "   ", None, deadline())
+    assert svc.max_evals(None) == 64
+    svc.close()
+
+
+async def test_deadline_stops_the_explainer():
+    model = FakeModel(delay_s=0.05)
+    svc = make_service(model, batch_size=2)
+    with pytest.raises(DeadlineExceededError):
+        await svc.explain("toy", "good great bad not good great bad", 400, deadline(0.3))
+    calls = model.calls
+    await asyncio.sleep(0.2)
+    assert model.calls == calls  # nothing keeps running after the deadline
+    svc.close()
+
+
+async def test_cancelled_request_stops_its_thread():
+    model = FakeModel(delay_s=0.02)
+    svc = make_service(model, batch_size=2)
+    task = asyncio.create_task(svc.explain("toy", "good great bad not good great", 400, deadline()))
+    while model.calls < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    calls = model.calls
+    await asyncio.sleep(0.2)
+    assert model.calls == calls and model.calls < 100
+    assert not svc._inflight
+    svc.close()
