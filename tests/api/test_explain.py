@@ -1,0 +1,195 @@
+"""POST /v1/{detect,polarity}/explain over real HTTP, on the tiny trained models.
+
+Uses the shared in-process server (its ``batch_log`` shows which lane each batch ran in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+import pytest_asyncio
+
+from service.api.routes.explain import explain_service, warm_up_explain
+from tests.service_support import DETECT_MODEL, POLARITY_MODEL, require_model
+
+pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MACHINE = "additionally it is important to note that overall there are several factors"
+HUMAN = "i think my dog ate it lol yeah the bus was late again tbh"
+REVIEW = "a truly wonderful and charming film but the plot was dull"
+# Fp32 models answer the same whatever the batch; the default CPU variant of the tiny BERT is
+# dynamically quantised int8, whose outputs move slightly with the batch (docs/service.md).
+SAME_OUTPUT_TOL = 5e-3
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def srv(inprocess_service, model_repo):
+    # shap's import and numba JIT happen once per process (seconds): keep them out of tests.
+    await warm_up_explain(inprocess_service.app)
+    return inprocess_service
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def c(srv):
+    async with srv.client() as client:
+        yield client
+
+
+def check_additive(exp: dict, text: str) -> None:
+    assert len(exp["tokens"]) == len(exp["values"]) == len(exp["offsets"]) > 0
+    assert exp["base_value"] + sum(exp["values"]) == pytest.approx(exp["output"], abs=1e-3)
+    assert [text[s:e] for s, e in exp["offsets"]] == exp["tokens"]
+    assert 0.0 <= exp["base_value"] <= 1.0 and 0.0 <= exp["output"] <= 1.0
+
+
+async def test_detector_explanation_is_additive_and_matches_the_prediction(c, model_repo):
+    require_model(model_repo, DETECT_MODEL)
+    text = f"{HUMAN}. {MACHINE}"
+    pred = (await c.post("/v1/detect", json={"text": text})).json()
+    r = await c.post("/v1/detect/explain", json={"text": text, "max_evals": 200})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    check_additive(exp, text)
+    assert exp["model"] == DETECT_MODEL and exp["output_name"] == "machine_probability"
+    assert exp["output"] == pytest.approx(pred["machine_probability"], abs=SAME_OUTPUT_TOL)
+    assert exp["label"] == ("machine" if exp["output"] >= 0.5 else "human")
+    assert exp["truncated"] is False and exp["cached"] is False
+    assert 0 < exp["evals"] <= 200 + 2  # SHAP's budget (+ f(x) and the all-masked base)
+    # Word pieces of the text, in order (lowercased by the tokenizer's normaliser only in ids).
+    assert "".join(exp["tokens"]).replace(" ", "") == text.replace(" ", "")
+
+
+async def test_polarity_explanation_over_words(c, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    pred = (await c.post("/v1/polarity", json={"text": REVIEW})).json()
+    r = await c.post("/v1/polarity/explain", json={"text": REVIEW})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    check_additive(exp, REVIEW)
+    assert exp["tokens"] == REVIEW.split()  # the LSTM's own word splitting
+    assert exp["output_name"] == "positive_probability"
+    assert exp["output"] == pytest.approx(pred["positive_probability"], abs=1e-5)  # fp32
+
+
+async def test_default_and_limit_of_max_evals(c, srv, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    settings = srv.settings
+    r = await c.post("/v1/polarity/explain", json={"text": "a dull film"})
+    assert r.status_code == 200 and r.json()["max_evals"] == settings.explain_max_evals_default
+    over = settings.explain_max_evals_limit + 1
+    r = await c.post("/v1/polarity/explain", json={"text": "a dull film", "max_evals": over})
+    assert r.status_code == 422
+    assert "limit" in r.json()["error"]["message"]
+    r = await c.post("/v1/polarity/explain", json={"text": "a dull film", "max_evals": 1})
+    assert r.status_code == 422 and "max_evals" in r.json()["error"]["message"]
+    r = await c.post("/v1/polarity/explain", json={"text": "   "})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "empty_text"
+    r = await c.post("/v1/polarity/explain?model=nope", json={"text": "fine"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_over_long_text_explains_only_what_the_model_reads(c, srv, model_repo):
+    require_model(model_repo, DETECT_MODEL)
+    max_len = srv.state.tasks[DETECT_MODEL].max_length
+    text = " ".join([MACHINE] * max_len)
+    r = await c.post("/v1/detect/explain", json={"text": text, "max_evals": 100})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    assert exp["truncated"] is True
+    assert len(exp["tokens"]) == max_len - 2  # [CLS] and [SEP] take two places
+    check_additive(exp, text)
+    pred = (await c.post("/v1/detect", json={"text": text})).json()
+    assert exp["output"] == pytest.approx(pred["machine_probability"], abs=SAME_OUTPUT_TOL)
+
+
+async def test_cached_by_model_version_text_and_max_evals(c, srv, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    body = {"text": "boring and stale but the cast was great", "max_evals": 64}
+    first = (await c.post("/v1/polarity/explain", json=body)).json()
+    again = (await c.post("/v1/polarity/explain", json=body)).json()
+    assert first["cached"] is False and again["cached"] is True
+    assert again["values"] == first["values"] and again["version"] == first["version"]
+    other = (await c.post("/v1/polarity/explain", json={**body, "max_evals": 65})).json()
+    assert other["cached"] is False
+    cache = explain_service(srv.app).cache
+    assert len(cache) <= cache.maxsize == srv.settings.explain_cache_size
+
+
+async def test_masked_variants_run_in_the_explain_lane_in_large_batches(c, srv, model_repo):
+    require_model(model_repo, DETECT_MODEL)
+    marker = srv.queue.batch_log[-1] if srv.queue.batch_log else None
+    text = f"{MACHINE} and {HUMAN} again"
+    r = await c.post("/v1/detect/explain", json={"text": text, "max_evals": 300})
+    assert r.status_code == 200, r.text
+    log = list(srv.queue.batch_log)
+    new = log[log.index(marker) + 1 :] if marker in log else log
+    explain = [b for b in new if b.model == DETECT_MODEL and b.lane == "explain"]
+    assert sum(b.size for b in explain) == r.json()["evals"]
+    # SHAP hands the model up to max_batch_size masked texts per call: full batches.
+    assert max(b.size for b in explain) == srv.settings.max_batch_size
+
+
+async def test_explain_burst_does_not_push_predictions_past_their_deadline(c, srv, model_repo):
+    """Explanations queue at the lowest priority: while a burst of them keeps the model busy,
+    ordinary requests with a 1 s deadline are all answered in time."""
+    require_model(model_repo, DETECT_MODEL)
+    q = srv.queue
+
+    def explain_batches() -> int:
+        return sum(1 for b in q.batch_log if b.lane == "explain")
+
+    async with srv.client() as burst_client:
+        burst = [
+            asyncio.create_task(
+                burst_client.post(
+                    "/v1/detect/explain",
+                    json={"text": f"{MACHINE} number {i} {HUMAN}", "max_evals": 2000},
+                )
+            )
+            for i in range(6)
+        ]
+        t0 = time.monotonic()
+        while explain_batches() < 5:  # the burst is running
+            assert time.monotonic() - t0 < 30, "explanations never started"
+            await asyncio.sleep(0.005)
+        marker = q.batch_log[-1]
+        answers = []
+        for wave in range(5):
+            answers += await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/detect",
+                        json={"text": f"{HUMAN} {wave} {j}"},
+                        headers={"X-Deadline-Ms": "1000"},
+                    )
+                    for j in range(4)
+                )
+            )
+        log = list(q.batch_log)
+        during = log[log.index(marker) + 1 :] if marker in log else log
+        still_running = sum(not t.done() for t in burst)
+        for t in burst:  # the client goes away: the server stops those explanations
+            t.cancel()
+        await asyncio.gather(*burst, return_exceptions=True)
+
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
+    # Explanations really were competing for the model the whole time.
+    assert any(b.lane == "explain" for b in during)
+    assert still_running > 0
+    t0 = time.monotonic()
+    while explain_service(srv.app)._inflight:
+        assert time.monotonic() - t0 < 10, "cancelled explanations kept running"
+        await asyncio.sleep(0.02)
+
+
+async def test_without_shap_the_endpoints_answer_501(c, model_repo, monkeypatch):
+    require_model(model_repo, POLARITY_MODEL)
+    monkeypatch.setitem(sys.modules, "shap", None)  # as if not installed
+    r = await c.post("/v1/polarity/explain", json={"text": "a film nobody explained before"})
+    assert r.status_code == 501
+    assert r.json()["error"]["code"] == "explain_unavailable"
+    assert "shap" in r.json()["error"]["message"]
