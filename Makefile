@@ -53,3 +53,12 @@ models: models-lstm
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Deployment and benchmark (docs/deploy.md, bench/). `e2e` needs redis-server and nginx.
+.PHONY: e2e bench
+e2e: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests/e2e tests/test_compose.py
+
+bench: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run --models $(MODELS) --data $(DATA) $(BENCH_ARGS)

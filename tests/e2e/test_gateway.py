@@ -1,0 +1,314 @@
+"""The compose topology as processes: nginx gateway -> 2 API replicas -> Redis -> 2 workers.
+
+There is no Docker engine here, so what ``docker-compose.yml`` describes is started as plain
+processes on loopback ports: ``redis-server`` (noeviction, like compose), nginx with the
+repository's own ``deploy/nginx/gateway.conf.template`` (rendered like the nginx image does),
+two ``nlpserve serve`` replicas with ``NLPSERVE_QUEUE=redis`` and two ``nlpserve worker``s,
+over the tiny real models of ``model_repo``.
+
+1,000 mixed requests (models, lengths, single and batch) go through the gateway at
+concurrency 32; one API replica and one worker are SIGKILLed mid-run. Every request must end
+with its correct answer (the one the healthy system gave for the same payload before the
+chaos), the client retrying once on a connection error or 502/503 from the dead replica, as
+docs/deploy.md tells real clients to. Bounded (~1 minute on 2 cores); every process is
+stopped however the test ends. Needs ``redis-server`` and ``nginx`` (Debian: ``nginx``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench import procs
+from bench.loadgen import RequestSpec, Result, RetryPolicy, run_load, scrape_metrics
+
+pytestmark = pytest.mark.e2e
+
+N_REQUESTS = 1000
+N_UNIQUE = 250
+CONCURRENCY = 32
+KILL_WORKER_AT = 300  # answered requests before a worker is killed (then an API replica)
+CLAIM_IDLE_MS = 2000  # a dead worker's entries are reclaimed after this (prod: 15 s)
+
+
+def _nginx_available() -> bool:
+    return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
+needs_binaries = pytest.mark.skipif(
+    shutil.which("redis-server") is None or not _nginx_available(),
+    reason="needs redis-server and nginx on PATH (Debian packages redis-server, nginx; "
+    ".ci/run installs them)",
+)
+
+
+# --------------------------------------------------------------------------- payloads
+def _payloads(repo: Path, n: int, seed: int = 7) -> list[tuple[str, dict[str, Any]]]:
+    """``n`` distinct (path, body) pairs over the models present, lengths 3..~40 words."""
+    from tests.builders import FILLER, NEGATIVE, POS_LEXICON, POSITIVE
+
+    rng = random.Random(seed)
+    pos_words = [w for ws in POS_LEXICON.values() for w in ws]
+    pol_words = POSITIVE + NEGATIVE + FILLER
+
+    def words(vocab: list[str]) -> str:
+        k = max(3, min(40, int(rng.lognormvariate(math.log(12), 0.6))))
+        return " ".join(rng.choice(vocab) for _ in range(k))
+
+    makers: list[tuple[str, Any]] = [
+        ("/v1/polarity", lambda: {"text": words(pol_words)}),
+        ("/v1/pos", lambda: {"text": words(pos_words)}),
+    ]
+    if (repo / "detector-en").is_dir():
+        makers.append(("/v1/detect", lambda: {"text": words(pol_words + pos_words)}))
+    seen: set[str] = set()
+    out: list[tuple[str, dict[str, Any]]] = []
+    while len(out) < n:
+        path, make = rng.choice(makers)
+        # One request in ten is a batch of 2-4 items: their outputs must come back in order.
+        body = (
+            {"inputs": [make() for _ in range(rng.randint(2, 4))]} if rng.random() < 0.1 else make()
+        )
+        key = f"{path}{body}"
+        if key not in seen:
+            seen.add(key)
+            out.append((path, body))
+    return out
+
+
+def _same(got: Any, want: Any, where: str = "") -> str | None:
+    """None when ``got`` matches ``want`` (floats to 1e-4), else what differs."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            return (
+                f"{where}: keys {sorted(got) if isinstance(got, dict) else got} != {sorted(want)}"
+            )
+        for k in want:
+            if (d := _same(got[k], want[k], f"{where}.{k}")) is not None:
+                return d
+        return None
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return f"{where}: {got} != {want}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            if (d := _same(g, w, f"{where}[{i}]")) is not None:
+                return d
+        return None
+    if isinstance(want, float) and isinstance(got, int | float):
+        return None if abs(got - want) <= 1e-4 else f"{where}: {got} != {want}"
+    return None if got == want else f"{where}: {got!r} != {want!r}"
+
+
+# --------------------------------------------------------------------------- topology
+@dataclass
+class Topology:
+    gateway_url: str
+    apis: list[procs.Proc]
+    workers: list[procs.Proc]
+    worker_metrics: list[str]
+    all: list[procs.Proc]
+
+
+@pytest.fixture
+def topology(model_repo: Path, tmp_path: Path) -> Iterator[Topology]:
+    logs = tmp_path / "logs"
+    started: list[procs.Proc] = []
+    with procs.stopping(started):
+        redis, redis_url = procs.start_redis(logs)
+        started.append(redis)
+        common = {
+            "NLPSERVE_QUEUE": "redis",
+            "NLPSERVE_REDIS_URL": redis_url,
+            "NLPSERVE_MODEL_DIR": str(model_repo),
+            "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
+            # fp32, not the int8 the CPU would pick: dynamic int8 quantisation scales the
+            # activations per batch, so an int8 answer moves (~1e-3) with its batch-mates and
+            # padding. This test checks routing under failures, which needs exact answers.
+            "NLPSERVE_VARIANT": "fp32",
+            "NLPSERVE_LOG_LEVEL": "WARNING",
+            "NLPSERVE_DEFAULT_DEADLINE_MS": "30000",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        workers, worker_metrics = [], []
+        for i in range(2):
+            mport = procs.free_port()
+            env = {
+                **common,
+                "NLPSERVE_METRICS_HOST": "127.0.0.1",
+                "NLPSERVE_METRICS_PORT": str(mport),
+                "NLPSERVE_INTRA_OP_THREADS": "1",  # two workers share two cores
+                "NLPSERVE_REDIS_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
+                "NLPSERVE_WORKER_NAME": f"e2e-worker-{i}",
+            }
+            w = procs.start(f"worker{i}", [procs.nlpserve_bin(), "worker"], logs, env=env)
+            started.append(w)
+            workers.append(w)
+            worker_metrics.append(f"http://127.0.0.1:{mport}/metrics")
+        apis, upstreams = [], []
+        for i in range(2):
+            port = procs.free_port()
+            env = {**common, "NLPSERVE_HOST": "127.0.0.1", "NLPSERVE_PORT": str(port)}
+            a = procs.start(f"api{i}", [procs.nlpserve_bin(), "serve"], logs, env=env)
+            started.append(a)
+            apis.append(a)
+            # Same server parameters as compose's NLPSERVE_UPSTREAMS.
+            upstreams.append(f"server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;")
+        for a, line in zip(apis, upstreams, strict=True):
+            procs.wait_http(a, f"http://{line.split()[1]}/readyz", timeout_s=90)
+        for w, m in zip(workers, worker_metrics, strict=True):
+            procs.wait_http(w, m.replace("/metrics", "/readyz"), timeout_s=90)
+        gport = procs.free_port()
+        nginx = procs.start_nginx(
+            tmp_path / "nginx",
+            {
+                "NLPSERVE_UPSTREAMS": " ".join(upstreams),
+                "NLPSERVE_GATEWAY_PORT": str(gport),
+                "NLPSERVE_RATE_LIMIT": "100000",  # this test is about failover, not limits
+                "NLPSERVE_MAX_BODY": "1m",
+            },
+        )
+        started.append(nginx)
+        yield Topology(f"http://127.0.0.1:{gport}", apis, workers, worker_metrics, started)
+
+
+# --------------------------------------------------------------------------- tests
+@needs_binaries
+def test_every_request_answered_correctly_while_a_replica_and_a_worker_die(
+    topology: Topology, model_repo: Path
+) -> None:
+    unique = _payloads(model_repo, N_UNIQUE)
+    rng = random.Random(11)
+    order = [i % N_UNIQUE for i in range(N_REQUESTS)]
+    rng.shuffle(order)
+    specs = [RequestSpec(k, unique[u][0], unique[u][1], 0) for k, u in enumerate(order)]
+    ref_specs = [RequestSpec(u, p, b, 0) for u, (p, b) in enumerate(unique)]
+
+    killed: dict[str, float] = {}
+    held_at_kill: list[float] = []
+    progress = threading.Event()  # set once KILL_WORKER_AT requests are answered
+
+    def in_hand(url: str) -> float:
+        m = scrape_metrics([url], timeout=0.5)
+        return sum(v for (n, _), v in m.items() if n == "nlpserve_worker_in_hand_entries")
+
+    def chaos() -> None:
+        """Off the event loop: wait for the run to be well under way, then SIGKILL (no
+        graceful shutdown: whatever the process held is simply gone) a worker and a replica."""
+        if not progress.wait(timeout=120):
+            return
+        # Kill the worker while it holds entries (read, not yet answered) so the survivor
+        # must reclaim them. With tiny models entries are in hand for milliseconds, hence
+        # the tight polling; after 5 s it is killed anyway.
+        give_up = time.monotonic() + 5.0
+        held = 0.0
+        while time.monotonic() < give_up:
+            held = in_hand(topology.worker_metrics[0])
+            if held >= 1:
+                break
+            time.sleep(0.005)
+        topology.workers[0].kill()
+        killed["worker"] = time.monotonic()
+        held_at_kill.append(held)
+        # The killed worker's requests stay in flight at the replicas until reclaimed
+        # (CLAIM_IDLE_MS): killing a replica now catches requests it holds. Its clients
+        # get a 502 from nginx (the request was sent: nginx does not replay a POST).
+        time.sleep(0.3)
+        topology.apis[0].kill()
+        killed["api"] = time.monotonic()
+
+    def on_progress(done: int) -> None:
+        if done >= KILL_WORKER_AT:
+            progress.set()
+
+    async def scenario() -> tuple[list[Result], list[Result], float]:
+        # Reference answers from the healthy system, each payload once.
+        ref, _ = await run_load(
+            topology.gateway_url, ref_specs, concurrency=CONCURRENCY,
+            policy=RetryPolicy(retries=0), timeout_s=30,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        results, _ = await run_load(
+            topology.gateway_url, specs, concurrency=CONCURRENCY, on_progress=on_progress,
+            policy=RetryPolicy(retries=1, backoff_s=0.1), timeout_s=40,
+        )  # fmt: skip
+        return ref, results, time.monotonic() - t0
+
+    killer = threading.Thread(target=chaos, name="chaos", daemon=True)
+    killer.start()
+    try:
+        ref, results, secs = asyncio.run(asyncio.wait_for(scenario(), timeout=150))
+    finally:
+        progress.set()
+        killer.join(timeout=10)
+
+    bad_ref = [r for r in ref if r.status != 200]
+    assert not bad_ref, (
+        f"healthy system failed: {[(r.status, r.body, r.error) for r in bad_ref[:5]]}"
+    )
+    want = {r.id: r.body for r in ref}
+    assert "api" in killed and "worker" in killed, "the kills did not happen mid-run"
+    assert not topology.apis[0].alive() and not topology.workers[0].alive()
+
+    failed = [r for r in results if r.status != 200]
+    wrong = []
+    for r in results:
+        if r.status == 200 and (d := _same(r.body, want[order[r.id]])) is not None:
+            wrong.append((r.id, specs[r.id].path, d))
+    retried = sum(r.attempts > 1 for r in results)
+    survivor = scrape_metrics(topology.worker_metrics[1:])
+    reclaimed = sum(v for (n, _), v in survivor.items() if n == "nlpserve_worker_reclaimed_total")
+    print(
+        f"\n{len(results)} requests in {secs:.1f}s through the gateway; {retried} retried once; "
+        f"surviving worker reclaimed {reclaimed:.0f} entries of the killed one, which held "
+        f"{held_at_kill} when killed"
+    )
+    assert len(results) == N_REQUESTS
+    assert not failed, (
+        f"{len(failed)} requests failed even after a retry: "
+        f"{[(r.status, r.error, r.body) for r in failed[:5]]}\n"
+        + "\n".join(f"--- {p.name}\n{p.log_tail(1500)}" for p in topology.all)
+    )
+    assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:3]}"
+    # The survivors are still healthy after the chaos.
+    assert procs.http_ok(topology.gateway_url + "/readyz")
+    assert topology.apis[1].alive() and topology.workers[1].alive()
+
+
+@needs_binaries
+def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
+    """The gateway's own behaviour, with no backend (connection refused upstream): request
+    ids propagate, oversized bodies get 413 and a flood gets 429 from nginx itself."""
+    port = procs.free_port()
+    nginx = procs.start_nginx(
+        tmp_path,
+        {
+            "NLPSERVE_UPSTREAMS": f"server 127.0.0.1:{procs.free_port()};",
+            "NLPSERVE_GATEWAY_PORT": str(port),
+            "NLPSERVE_RATE_LIMIT": "1",
+            "NLPSERVE_MAX_BODY": "1k",
+        },
+    )
+    with procs.stopping([nginx]):
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=5) as c:
+            assert c.get("/gateway/healthz").status_code == 200
+            r = c.post("/v1/polarity", json={"text": "x"}, headers={"X-Request-ID": "abc-123"})
+            assert r.status_code == 502  # nothing behind it
+            assert r.headers["x-request-id"] == "abc-123"  # kept, and sent back
+            minted = c.post("/v1/polarity", json={"text": "x"}).headers.get("x-request-id")
+            assert minted and len(minted) == 32  # nginx's $request_id when the client sent none
+            assert c.post("/v1/polarity", content=b"x" * 4096).status_code == 413
+            # 1 r/s with a burst of 200: a quick flood of 260 must see 429s.
+            codes = [c.post("/v1/polarity", json={"text": "x"}).status_code for _ in range(260)]
+            assert codes.count(429) >= 30, codes
