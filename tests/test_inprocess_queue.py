@@ -1,0 +1,105 @@
+"""InProcessQueue without HTTP: admission, deadlines, cancellation, poison input, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import WorkItem
+from service.queueing.base import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    QueueFullError,
+)
+from service.queueing.inprocess import InProcessQueue
+from service.runtime import load_runners
+from tests.service_support import make_settings, wait_for
+
+MODEL = "polarity-en"
+
+
+@pytest.fixture(scope="module")
+def runners(model_repo):
+    from service.repository import discover_models
+
+    entries = [e for e in discover_models(model_repo) if e.name == MODEL]
+    return load_runners(make_settings(model_repo), entries=entries)
+
+
+def item(n: int = 4, deadline_s: float = 30.0, ids=None) -> WorkItem:
+    word_ids = np.asarray(ids if ids is not None else [2] * n, dtype=np.int64)
+    return WorkItem(MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.time() + deadline_s)
+
+
+@pytest.fixture
+async def queue(runners, model_repo):
+    q = InProcessQueue(runners, make_settings(model_repo, max_queue_depth=4))
+    await q.start()
+    yield q
+    await q.close(2)
+
+
+async def test_submit_returns_outputs(queue):
+    out = await queue.submit(item())
+    assert out["logits"].shape == (2,)
+    assert await queue.is_ready()
+
+
+async def test_depth_limit_admits_all_or_nothing(queue):
+    queue.pause()
+    held = asyncio.create_task(queue.submit_many([item(), item(), item()]))
+    await wait_for(lambda: queue.depth(MODEL) == 3)
+    with pytest.raises(QueueFullError) as e:
+        await queue.submit_many([item(), item()])
+    assert e.value.status_code == 429 and e.value.retry_after_s >= 1
+    assert queue.depth(MODEL) == 3
+    queue.resume()
+    assert len(await held) == 3
+
+
+async def test_expired_deadline_is_refused_up_front(queue):
+    with pytest.raises(DeadlineExceededError):
+        await queue.submit(item(deadline_s=-1))
+
+
+async def test_cancelled_request_is_skipped(queue):
+    queue.pause()
+    ran = len(queue.batch_log)
+    t = asyncio.create_task(queue.submit(item()))
+    await wait_for(lambda: queue.depth(MODEL) == 1)
+    t.cancel()
+    await asyncio.gather(t, return_exceptions=True)
+    queue.resume()
+    await wait_for(lambda: queue.depth(MODEL) == 0)
+    await queue.submit(item())  # a later request runs: the loop skipped, not died
+    assert len(queue.batch_log) == ran + 1
+
+
+async def test_poison_input_fails_alone_with_422(queue):
+    queue.pause()
+    good = asyncio.create_task(queue.submit(item()))
+    bad = asyncio.create_task(queue.submit(item(ids=[1, 10**9])))
+    await wait_for(lambda: queue.depth(MODEL) == 2)
+    queue.resume()
+    assert "logits" in await good
+    with pytest.raises(InferenceFailedError) as e:
+        await bad
+    assert e.value.status_code == 422
+
+
+async def test_close_drains_queued_work_then_refuses(runners, model_repo):
+    q = InProcessQueue(runners, make_settings(model_repo, max_wait_ms=60_000))
+    await q.start()
+    q.pause()
+    pending = [asyncio.create_task(q.submit(item(n))) for n in (3, 5)]
+    await wait_for(lambda: q.depth(MODEL) == 2)
+    await q.close(drain_timeout_s=5)  # flushes without waiting for the batch to fill
+    outs = await asyncio.gather(*pending)
+    assert all("logits" in o for o in outs)
+    assert not await q.is_ready()
+    with pytest.raises(BackendUnavailableError):
+        await q.submit(item())

@@ -1,0 +1,241 @@
+"""ONNX Runtime layer: providers, variants, session options, loud fallback, the runner."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.batching import WorkItem
+from service.config import Settings
+from service.metrics import Metrics
+from service.queueing.inprocess import run_batch_isolating
+from service.repository import Variant, discover_models, load_manifest
+from service.runtime import (
+    CPU,
+    CUDA,
+    ProviderError,
+    bucket_edges,
+    choose_variant,
+    create_session,
+    load_runners,
+    resolve_providers,
+    session_options,
+)
+from service.runtime import session as session_mod
+from service.tasks import build_tasks
+from tests.service_support import (
+    DETECT_MODEL,
+    QA_MODEL,
+    live_server,
+    make_settings,
+    metric_value,
+    require_model,
+)
+
+
+def settings(repo: Path, **kw) -> Settings:
+    return make_settings(repo, **kw)
+
+
+# ------------------------------------------------------------------ providers
+def test_default_provider_is_cpu_without_cuda(model_repo):
+    assert resolve_providers(settings(model_repo, providers=None)) == [CPU]
+
+
+def test_default_prefers_cuda_when_onnxruntime_has_it(model_repo, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    assert resolve_providers(settings(model_repo, providers=None)) == [CUDA, CPU]
+
+
+def test_unavailable_provider_is_skipped_loudly(model_repo, caplog):
+    with caplog.at_level(logging.WARNING):
+        got = resolve_providers(settings(model_repo, providers=f"{CUDA},{CPU}"))
+    assert got == [CPU]
+    assert "CUDAExecutionProvider is not available" in caplog.text
+
+
+def test_require_gpu_without_cuda_fails(model_repo):
+    with pytest.raises(ProviderError, match="CUDA"):
+        resolve_providers(settings(model_repo, providers=None, require_gpu=True))
+
+
+# ------------------------------------------------------------------ variants
+def _manifest_with_variants(model_repo: Path):
+    m = load_manifest(model_repo / "pos-en" / "1")
+    return m.model_copy(
+        update={
+            "variants": {
+                "fp32": Variant(file="model.onnx", precision="fp32", providers=[CPU, CUDA]),
+                "int8": Variant(file="model.onnx", precision="int8", providers=[CPU]),
+                "fp16": Variant(file="model.onnx", precision="fp16", providers=[CUDA]),
+            }
+        }
+    )
+
+
+def test_variant_per_provider(model_repo, caplog):
+    m = _manifest_with_variants(model_repo)
+    assert choose_variant(m, CPU)[0] == "int8"
+    assert choose_variant(m, CUDA)[0] == "fp16"
+    assert choose_variant(m, CPU, forced="fp32")[0] == "fp32"
+    with caplog.at_level(logging.WARNING):
+        assert choose_variant(m, CPU, forced="bf16")[0] == "int8"
+    assert "has no variant 'bf16'" in caplog.text
+    only_fp32 = m.model_copy(update={"variants": {"fp32": m.variants["fp32"]}})
+    assert choose_variant(only_fp32, CUDA)[0] == "fp32"
+
+
+def test_session_options_are_deliberate(model_repo):
+    so = session_options(settings(model_repo, intra_op_threads=2, inter_op_threads=1))
+    assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.enable_cpu_mem_arena and not so.enable_mem_pattern
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    basic = session_options(settings(model_repo, graph_optimization="basic"))
+    assert basic.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+# ------------------------------------------------------------------ CUDA -> CPU fallback
+def _fake_cuda(monkeypatch, *, silent: bool) -> None:
+    """Pretend onnxruntime has CUDA but the device cannot be used: either session creation
+    raises (missing libraries) or ORT silently runs on CPU (its default behaviour)."""
+    real_open = session_mod._open
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+
+    def fake_open(path, providers, s):
+        if providers[0] == CUDA:
+            if not silent:
+                raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+            return real_open(path, [CPU], s)
+        return real_open(path, providers, s)
+
+    monkeypatch.setattr(session_mod, "_open", fake_open)
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["raises", "silent"])
+def test_cuda_failure_falls_back_to_cpu_loudly(model_repo, monkeypatch, caplog, silent):
+    _fake_cuda(monkeypatch, silent=silent)
+    s = settings(model_repo, providers=None)
+    metrics = Metrics()
+    m = load_manifest(model_repo / "pos-en" / "1")
+    with caplog.at_level(logging.WARNING):
+        loaded = create_session(model_repo / "pos-en" / "1", m, s, metrics)
+    assert loaded.provider == CPU and loaded.requested_provider == CUDA and loaded.fell_back
+    assert "PROVIDER FALLBACK" in caplog.text
+    text = metrics.render().decode()
+    assert metric_value(text, "nlpserve_provider_fallback_total", model="pos-en") == 1
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["raises", "silent"])
+def test_require_gpu_refuses_to_fall_back(model_repo, monkeypatch, silent):
+    _fake_cuda(monkeypatch, silent=silent)
+    s = settings(model_repo, providers=None, require_gpu=True)
+    m = load_manifest(model_repo / "pos-en" / "1")
+    with pytest.raises(ProviderError):
+        create_session(model_repo / "pos-en" / "1", m, s)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_fallback_is_visible_in_models_and_metrics(model_repo, monkeypatch):
+    _fake_cuda(monkeypatch, silent=True)
+    async with live_server(make_settings(model_repo, providers=None)) as srv, srv.client() as c:
+        pos = (await c.get("/v1/models/pos-en")).json()
+        assert pos["provider"] == CPU
+        assert pos["requested_provider"] == CUDA and pos["fallback"] is True
+        text = (await c.get("/metrics")).text
+        fallbacks = metric_value(text, "nlpserve_provider_fallback_total", requested=CUDA)
+        assert fallbacks == len((await c.get("/v1/models")).json()["models"])
+        assert (await c.post("/v1/pos", json={"text": "a dog"})).status_code == 200
+
+
+# ------------------------------------------------------------------ the runner
+@pytest.fixture(scope="module")
+def fp32_runners(model_repo):
+    s = settings(model_repo, variant="fp32")
+    return load_runners(s), build_tasks(discover_models(model_repo), s)
+
+
+def _items(tasks, model: str, requests: list) -> list[WorkItem]:
+    prepared = tasks[model].prepare(requests, 1e12, "predict")
+    return [it for p in prepared for it in p.items]
+
+
+def _requests(model: str) -> list:
+    from service.api import schemas as sc
+
+    if model == "pos-en":
+        return [sc.PosRequest(tokens=["the", "dog"]), sc.PosRequest(text="a big red cat sees it .")]
+    if model == "polarity-en":
+        return [sc.PolarityRequest(text="fun"), sc.PolarityRequest(text="dull " * 12)]
+    if model == DETECT_MODEL:
+        return [sc.DetectRequest(text="however"), sc.DetectRequest(text="my dog lol " * 5)]
+    return [
+        sc.QARequest(question="谁？", context="李白。"),
+        sc.QARequest(question="中国的首都是哪里？", context="中国的首都是北京，历史悠久。"),
+    ]
+
+
+@pytest.mark.parametrize("model", ["pos-en", "polarity-en", DETECT_MODEL, QA_MODEL])
+def test_padding_does_not_change_outputs(fp32_runners, model_repo, model):
+    require_model(model_repo, model)
+    runners, tasks = fp32_runners
+    short, longer = _items(tasks, model, _requests(model))
+    assert short.length < longer.length
+    runner = runners[model]
+    alone = runner.run_batch([short])[0]
+    padded = runner.run_batch([longer, short, longer])[1]
+    assert alone.keys() == padded.keys()
+    for name in alone:
+        assert alone[name].shape == padded[name].shape  # sequence outputs cut to length
+        np.testing.assert_allclose(alone[name], padded[name], rtol=0, atol=1e-5)
+
+
+def test_int8_dynamic_quantisation_is_batch_dependent_but_bounded(model_repo):
+    """Documented trade-off: int8 activations are quantised with per-batch scales."""
+    require_model(model_repo, DETECT_MODEL)
+    s = settings(model_repo, variant="int8")
+    entries = [e for e in discover_models(model_repo) if e.name == DETECT_MODEL]
+    runner = load_runners(s, entries=entries)[DETECT_MODEL]
+    assert runner.variant == "int8"
+    tasks = build_tasks(entries, s)
+    short, longer = _items(tasks, DETECT_MODEL, _requests(DETECT_MODEL))
+    alone = runner.run_batch([short])[0]["logits"]
+    padded = runner.run_batch([longer, short])[1]["logits"]
+    assert np.abs(alone - padded).max() < 5e-3
+
+
+def test_warmup_runs_every_bucket_without_recording(model_repo):
+    metrics = Metrics()
+    s = settings(model_repo)
+    entries = [e for e in discover_models(model_repo) if e.name == "pos-en"]
+    runner = load_runners(s, metrics, entries)["pos-en"]
+    assert runner.warmup() >= 0
+    text = metrics.render().decode()
+    assert metric_value(text, "nlpserve_batch_size_count") == 0
+    # A dummy item of each bucket edge runs (char_ids sized from the manifest).
+    for b, edge in enumerate(runner.buckets):
+        out = runner.run_batch([runner.dummy_item(edge, b)], record=False)[0]
+        assert out["logits"].shape[0] == edge
+
+
+def test_bucket_edges_override(model_repo):
+    m = load_manifest(model_repo / "pos-en" / "1")
+    assert bucket_edges(m, settings(model_repo)) == m.buckets
+    s = settings(model_repo, buckets={"pos-en": [32, 0, 10, 10, 999]})
+    assert bucket_edges(m, s) == [10, 32, m.max_length]
+
+
+def test_one_bad_item_fails_alone(fp32_runners):
+    runners, tasks = fp32_runners
+    good = _items(tasks, "polarity-en", _requests("polarity-en"))
+    bad = WorkItem("polarity-en", 0, 3, {"word_ids": np.array([1, 10**9, 2], dtype=np.int64)}, 1e12)
+    results = run_batch_isolating(runners["polarity-en"], [good[0], bad, good[1]])
+    assert isinstance(results[1], Exception)
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+    want = runners["polarity-en"].run_batch([good[0]])[0]["logits"]
+    np.testing.assert_allclose(results[0]["logits"], want, atol=1e-6)
