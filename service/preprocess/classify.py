@@ -37,6 +37,8 @@ class Prediction:
 
 class ClassifyEncoder:
     def __init__(self, tokenizer: Tokenizer, max_length: int = 256) -> None:
+        # A private copy: truncation is set on it, and the caller's object stays as it was.
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = _special_id(tokenizer, _PAD_NAMES)

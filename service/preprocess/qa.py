@@ -96,6 +96,10 @@ class QAEncoder:
             raise ValueError("max_query_length + 3 special tokens must leave room for context")
         if doc_stride >= max_length - max_query_length - 3:
             raise ValueError("doc_stride must be smaller than the context part of a window")
+        # A private copy without padding/truncation (windows are cut here, not by tokenizers).
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.doc_stride = doc_stride

@@ -166,16 +166,12 @@ def fit(
     model.to(device)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [
-        {
-            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-            "weight_decay": cfg.weight_decay,
-        },
-        {
-            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
-            "weight_decay": 0.0,
-        },
-    ]
+        {"params": [p for n, p in named if not n.endswith(no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]  # fmt: skip
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     use_amp = cfg.amp and device.startswith("cuda")
@@ -217,13 +213,14 @@ def fit(
                 loss = loss_fn(model, batch)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-            running = 0.98 * running + 0.02 * float(loss) if step > 1 else float(loss)
+            lv = float(loss.detach())
+            running = 0.98 * running + 0.02 * lv if step > 1 else lv
             bar.update(1)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{running:.4f}")

