@@ -91,7 +91,11 @@ class Settings(BaseSettings):
         description="Approximate MAXLEN of each stream; a safety net, since answered entries "
         "are deleted right away.",
     )
-    redis_read_count: int = Field(256, description="Entries a worker reads per XREADGROUP.")
+    redis_read_count: int = Field(
+        64,
+        description="Entries a worker reads per stream per XREADGROUP (a few batches: "
+        "more lets one worker hoard work that another idle worker could run).",
+    )
     redis_block_ms: int = Field(500, description="XREADGROUP BLOCK time of a worker.")
     redis_claim_idle_ms: int = Field(
         15_000,
@@ -104,7 +108,9 @@ class Settings(BaseSettings):
         "client gets an error.",
     )
     worker_prefetch: int = Field(
-        512, description="Most entries one worker holds (read but not yet answered)."
+        128,
+        description="Entries one worker holds (read but not yet answered) before it stops "
+        "reading; one read may overshoot by up to redis_read_count per stream.",
     )
     worker_drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, how long a worker may finish the work in hand."
