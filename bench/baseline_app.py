@@ -17,11 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+
+class DetectIn(BaseModel):
+    # Module level, not inside build_app: with postponed annotations FastAPI resolves the
+    # parameter's type by name, and a local class would turn the body into a query param.
+    text: str
+
 
 def build_app(hf_dir: Path, manifest_dir: Path) -> Any:
     import torch
     from fastapi import FastAPI
-    from pydantic import BaseModel
     from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
     manifest = json.loads((manifest_dir / "manifest.json").read_text())
@@ -35,9 +42,6 @@ def build_app(hf_dir: Path, manifest_dir: Path) -> Any:
     model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
 
     app = FastAPI(title="naive PyTorch baseline")
-
-    class DetectIn(BaseModel):
-        text: str
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

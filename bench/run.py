@@ -46,7 +46,7 @@ from bench.loadgen import (
 )
 from bench.report import machine_description, write_reports
 
-RESULTS_DIR = procs.REPO_ROOT / "bench" / "results"
+RESULTS_DIR = procs.REPO_ROOT / "bench" / "results"  # committed: the measured numbers
 
 
 def _latest_version(models_dir: Path, model: str) -> Path:
@@ -216,13 +216,20 @@ class Bench:
     # ------------------------------------------------------------------ configurations
     def baseline(self) -> None:
         hf = find_hf_checkpoint(self.version_dir, self.args.hf_dir)
+        source = f"checkpoint {hf}"
         if hf is None:
-            self.notes.append(
-                "baseline skipped: no PyTorch checkpoint of the served weights was found "
-                "(--hf-dir, $NLPSERVE_BENCH_HF_DIR, <version>/hf, runs/**/best)."
-            )
-            print("  baseline: SKIPPED (no HF checkpoint)", flush=True)
-            return
+            # No training checkpoint here (a fresh clone has only models/): read the very
+            # same weights back out of the fp32 ONNX file.
+            from bench.onnx_to_torch import hf_from_onnx
+
+            try:
+                hf = hf_from_onnx(self.version_dir, self.tmp / "hf-from-onnx")
+            except (NotImplementedError, RuntimeError) as e:
+                self.notes.append(f"baseline skipped: no PyTorch weights ({e}).")
+                print(f"  baseline: SKIPPED ({e})", flush=True)
+                return
+            source = "rebuilt from model.onnx (bench/onnx_to_torch.py)"
+        self.notes.append(f"baseline weights: {source}; see `answers` for the parity check.")
         port = procs.free_port()
         argv = [sys.executable, "-m", "bench.baseline_app", "--hf-dir", str(hf),
                 "--manifest-dir", str(self.version_dir), "--port", str(port)]  # fmt: skip
@@ -230,7 +237,7 @@ class Bench:
         with procs.stopping([p]):
             url = f"http://127.0.0.1:{port}"
             procs.wait_http(p, url + "/readyz", timeout_s=180)
-            self._run_http("baseline (PyTorch, per request)", url, [], checkpoint=str(hf))
+            self._run_http("baseline (PyTorch, per request)", url, [], weights=source)
 
     def raw(self, variant: str) -> None:
         from bench.raw_ort import run_raw_ort
@@ -269,7 +276,7 @@ class Bench:
             started.append(w)
             api, url = self._serve(f"serve-redis-{variant}", common)
             started.append(api)
-            procs.wait_http(w, f"http://127.0.0.1:{mport}/metrics", timeout_s=180)
+            procs.wait_http(w, f"http://127.0.0.1:{mport}/readyz", timeout_s=180)
             self._run_http(f"nlpserve via Redis ({variant}, 1 worker)", url,
                            [url + "/metrics", f"http://127.0.0.1:{mport}/metrics"],
                            variant=variant)  # fmt: skip
@@ -360,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=60.0, help="...for at most this long")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--name", default=None, help="results file name (default: timestamped)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -394,9 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for lp in logs:
                     if "Traceback" in lp.read_text(errors="replace"):
                         print(f"--- {lp.name} (has a traceback)\n{lp.read_text()[-3000:]}")
-            paths = bench.finish(RESULTS_DIR / name, command)
+            paths = bench.finish(args.results_dir / name, command)
             for pth in paths:
-                print(f"wrote {pth.relative_to(procs.REPO_ROOT)}")
+                print(f"wrote {pth}")
     return 0
 
 

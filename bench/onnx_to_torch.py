@@ -1,0 +1,151 @@
+"""Rebuild the PyTorch model from the served ONNX file, for the naive baseline.
+
+The fine-tuned PyTorch checkpoint lives in the training work folder (``runs/<name>/best``,
+git-ignored): a fresh clone has only ``models/``. The baseline must run *the same weights*,
+so when no checkpoint is at hand they are read back out of ``model.onnx`` (fp32):
+
+* tensors the exporter kept under their parameter names (embeddings, biases, LayerNorms,
+  pooler, classifier) map 1:1 after dropping the export wrapper's ``inner.`` prefix;
+* every ``nn.Linear`` weight was constant-folded into a transposed ``onnx::MatMul_*``
+  initializer; its name is recovered from the ``Add`` that follows the ``MatMul``, which adds
+  the bias of the same layer (``...query.bias`` -> ``...query.weight``, transposed back);
+* the architecture's sizes come from the tensor shapes; the number of attention heads does
+  not change any shape, so every divisor of the hidden size is tried and the one whose
+  outputs equal ONNX Runtime's on a probe batch is kept (the same check proves the rebuild).
+
+Supports ``BertForSequenceClassification`` graphs exported by ``training/transformer/export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WRAPPER_PREFIX = "inner."  # training/transformer/export.py wraps the HF model as `inner`
+PARITY_TOL = 1e-4
+
+
+def _initializers(model: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def state_dict_from_onnx(model: Any) -> tuple[dict[str, np.ndarray], float | None]:
+    """HF parameter name -> array, and the LayerNorm epsilon found in the graph."""
+    inits = _initializers(model)
+    state: dict[str, np.ndarray] = {}
+    for name, arr in inits.items():
+        if "." in name and not name.startswith("onnx::"):
+            state[name.removeprefix(WRAPPER_PREFIX)] = arr
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    eps = None
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and eps is None:
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), None)
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w not in inits or not w.startswith("onnx::"):
+            continue
+        for add in consumers.get(node.output[0], []):
+            if add.op_type != "Add":
+                continue
+            bias = next((i for i in add.input if i in inits and i.endswith(".bias")), None)
+            if bias is not None:
+                state[bias.removeprefix(WRAPPER_PREFIX)[: -len(".bias")] + ".weight"] = inits[w].T
+                break
+    return state, eps
+
+
+def _config(state: dict[str, np.ndarray], heads: int, labels: list[str], eps: float | None,
+            base: dict[str, Any]) -> Any:  # fmt: skip
+    from transformers import BertConfig
+
+    vocab, hidden = state["bert.embeddings.word_embeddings.weight"].shape
+    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("bert.encoder.layer."))
+    cfg = {
+        **{k: v for k, v in base.items() if k in ("hidden_act", "position_embedding_type")},
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": int(state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "max_position_embeddings": int(
+            state["bert.embeddings.position_embeddings.weight"].shape[0]
+        ),
+        "type_vocab_size": int(state["bert.embeddings.token_type_embeddings.weight"].shape[0]),
+        "layer_norm_eps": float(eps if eps is not None else base.get("layer_norm_eps", 1e-12)),
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {lab: i for i, lab in enumerate(labels)},
+    }
+    return BertConfig(**cfg)
+
+
+def _probe(vocab: int, length: int = 24) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, max(vocab, 6), size=(2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, length // 2 :] = 0
+    ids[1, length // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def hf_from_onnx(version_dir: Path, out_dir: Path) -> Path:
+    """Write an HF checkpoint (config + safetensors) equal to ``version_dir``'s fp32 ONNX."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from transformers import BertForSequenceClassification
+
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    if manifest.get("architecture") != "BertForSequenceClassification":
+        raise NotImplementedError(f"cannot rebuild {manifest.get('architecture')} from ONNX")
+    fp32 = next(v["file"] for v in manifest["variants"].values() if v["precision"] == "fp32")
+    onnx_path = version_dir / fp32
+    state, eps = state_dict_from_onnx(onnx.load(str(onnx_path)))
+    base: dict[str, Any] = {}
+    base_model = str(manifest.get("hyperparameters", {}).get("base_model", ""))
+    if base_model and (Path(base_model) / "config.json").is_file():
+        base = json.loads((Path(base_model) / "config.json").read_text())
+
+    hidden = state["bert.embeddings.word_embeddings.weight"].shape[1]
+    probe = _probe(state["bert.embeddings.word_embeddings.weight"].shape[0])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    want = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]).run(
+        None, probe
+    )[0]
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    preferred = [base.get("num_attention_heads")] if base.get("num_attention_heads") else []
+    candidates = preferred + [h for h in range(1, hidden + 1) if hidden % h == 0]
+    best: tuple[float, int] = (float("inf"), 0)
+    for heads in dict.fromkeys(candidates):  # ordered, unique
+        model = BertForSequenceClassification(
+            _config(state, int(heads), manifest["labels"], eps, base)
+        ).eval()
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing = [m for m in missing if not m.endswith("position_ids")]
+        if missing or unexpected:
+            raise RuntimeError(f"ONNX -> torch: missing {missing}, unexpected {unexpected}")
+        with torch.inference_mode():
+            got = model(**{k: torch.from_numpy(v) for k, v in probe.items()}).logits.numpy()
+        diff = float(np.abs(got - want).max())
+        best = min(best, (diff, int(heads)))
+        if diff < PARITY_TOL:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(str(out_dir))
+            log.info("rebuilt %s from %s: %d heads, max |diff| %.1e", out_dir, onnx_path,
+                     heads, diff)  # fmt: skip
+            return out_dir
+    raise RuntimeError(f"no head count reproduces {onnx_path} (best {best[1]}: {best[0]:.2e})")
