@@ -157,6 +157,8 @@ class InProcessQueue(InferenceQueue):
         for model in {it.model for it in items}:
             if model not in self._scheds:
                 raise KeyError(f"model {model!r} is not loaded")
+            if self._tasks[model].done():  # the batch loop died (a bug): fail fast, not hang
+                raise BackendUnavailableError(f"the batcher of {model!r} is not running")
             n = sum(1 for it in items if it.model == model)
             depth = len(self._scheds[model])
             if depth + n > self.max_depth:
