@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import json
 import math
@@ -29,13 +30,15 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+
+from bench.fastclient import FastClient, TransportError
 
 # ---------------------------------------------------------------------------- request shapes
 
@@ -326,9 +329,14 @@ class RetryPolicy:
         return base * (0.5 + random.random())  # jitter: retries of many clients spread out
 
 
+# (path, body) -> (status, headers with lower-cased names, content); raises TransportError.
+Poster = Callable[[str, bytes], Awaitable[tuple[int, dict[str, str], bytes]]]
+
+
 async def send_one(
-    client: httpx.AsyncClient,
+    post: Poster,
     spec: RequestSpec,
+    body: bytes,
     t0: float,
     policy: RetryPolicy,
     keep_body: bool = True,
@@ -336,25 +344,52 @@ async def send_one(
     start = time.perf_counter()
     attempt = 0
     while True:
-        status, error, body, retry_after = 0, None, None, None
+        status, error, parsed, retry_after = 0, None, None, None
         try:
-            resp = await client.post(spec.path, json=spec.payload)
-            status = resp.status_code
-            retry_after = resp.headers.get("retry-after")
+            status, headers, content = await post(spec.path, body)
+            retry_after = headers.get("retry-after")
             if keep_body or status >= 400:
                 try:
-                    body = resp.json()
+                    parsed = json.loads(content)
                 except ValueError:
-                    body = {"raw": resp.text[:200]}
-        except httpx.TransportError as e:  # connect refused/reset, read timeout...
-            error = f"{type(e).__name__}: {e}"
+                    parsed = {"raw": content[:200].decode(errors="replace")}
+        except (TransportError, httpx.TransportError) as e:  # refused, reset, timeout...
+            error = str(e) or type(e).__name__
         retryable = status == 0 or status in policy.retry_statuses
         if not retryable or attempt >= policy.retries:
             break
         await asyncio.sleep(policy.delay(attempt, retry_after))
         attempt += 1
     end = time.perf_counter()
-    return Result(spec.id, status, end - start, start - t0, attempt + 1, error, body)
+    return Result(spec.id, status, end - start, start - t0, attempt + 1, error, parsed)
+
+
+@contextlib.asynccontextmanager
+async def open_poster(
+    base_url: str, concurrency: int, timeout_s: float, headers: dict[str, str] | None,
+    client: str = "fast",
+) -> AsyncIterator[Poster]:  # fmt: skip
+    """A POST function over persistent connections: the lean client (default; see
+    bench/fastclient.py for why) or httpx (``client="httpx"``)."""
+    if client == "fast":
+        async with FastClient(base_url, concurrency, timeout_s, headers) as fc:
+
+            async def post_fast(path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+                r = await fc.post(path, body)
+                return r.status, r.headers, r.content
+
+            yield post_fast
+        return
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=timeout_s, limits=limits, headers=headers
+    ) as hc:
+
+        async def post_httpx(path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+            r = await hc.post(path, content=body, headers={"content-type": "application/json"})
+            return r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content
+
+        yield post_httpx
 
 
 async def run_load(
@@ -369,6 +404,7 @@ async def run_load(
     on_progress: Callable[[int], Any] | None = None,
     keep_body: bool = True,
     seed: int = 0,
+    client: str = "fast",
 ) -> tuple[list[Result], float]:
     """Send every spec; returns the results (in spec order) and the wall time in seconds.
 
@@ -378,13 +414,11 @@ async def run_load(
     latency includes the wait, as a real user's would).
     """
     policy = policy or RetryPolicy()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[Result | None] = [None] * len(specs)
+    bodies = [json.dumps(s.payload, ensure_ascii=False).encode() for s in specs]  # untimed
     done = 0
 
-    async with httpx.AsyncClient(
-        base_url=base_url, timeout=timeout_s, limits=limits, headers=headers
-    ) as client:
+    async with open_poster(base_url, concurrency, timeout_s, headers, client) as post:
         t0 = time.perf_counter()
 
         async def record(i: int, r: Result) -> None:
@@ -401,7 +435,8 @@ async def run_load(
 
             async def client_loop() -> None:
                 for i in next_index:  # shared iterator: each index is taken exactly once
-                    await record(i, await send_one(client, specs[i], t0, policy, keep_body))
+                    r = await send_one(post, specs[i], bodies[i], t0, policy, keep_body)
+                    await record(i, r)
 
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         else:
@@ -410,7 +445,7 @@ async def run_load(
 
             async def fire(i: int, arrival: float) -> None:
                 async with sem:
-                    r = await send_one(client, specs[i], t0, policy, keep_body)
+                    r = await send_one(post, specs[i], bodies[i], t0, policy, keep_body)
                 # Open-loop latency counts from the scheduled arrival, not from the send.
                 r.latency_s = time.perf_counter() - (t0 + arrival)
                 await record(i, r)
@@ -499,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Prometheus endpoint(s) to diff (default: URL/metrics; add workers')",
     )
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--client", choices=["fast", "httpx"], default="fast")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     args = p.parse_args(argv)  # fmt: skip
 
@@ -517,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, wall = asyncio.run(
         run_load(
             args.url, specs, concurrency=args.concurrency, rate=args.rate, timeout_s=args.timeout,
-            policy=RetryPolicy(retries=args.retries), keep_body=False,
+            policy=RetryPolicy(retries=args.retries), keep_body=False, client=args.client,
         )
     )  # fmt: skip
     after = scrape_metrics(metrics_urls)
