@@ -180,7 +180,11 @@ def build_requests(
     tok_file, max_len = _model_files(models_dir, model)
     dist = lengths or DEFAULT_LENGTHS[task]
     if max_len is not None:
-        dist = LengthDist(dist.median, dist.sigma, min(dist.lo, max_len), min(dist.hi, max_len))
+        # A model trained with a short max_length would see most default-length texts cut
+        # to the same length; keep the median at most half the max so the mix stays mixed
+        # (with sigma 0.75, ~18% of requests still reach the max and are truncated).
+        median = dist.median if lengths is not None else min(dist.median, max_len / 2)
+        dist = LengthDist(median, dist.sigma, min(dist.lo, max_len), min(dist.hi, max_len))
     rng = np.random.default_rng(seed)
     prng = random.Random(seed)
     targets = dist.sample(n, rng)

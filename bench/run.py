@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shlex
 import sys
 import tempfile
@@ -105,11 +106,17 @@ async def _drive(
         # Not measured: first requests pay for connection setup, thread pools, allocator.
         await run_load(url, specs[:warmup], concurrency=concurrency, keep_body=False)
     before = scrape_metrics(metrics_urls)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     results, wall = await run_load(
         url, specs, concurrency=concurrency, policy=RetryPolicy(retries=0), timeout_s=300.0
     )
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     after = scrape_metrics(metrics_urls)
-    return results, wall, metrics_delta(before, after, model)
+    delta: dict[str, Any] = dict(metrics_delta(before, after, model))
+    # The load generator shares the CPU with the server: say how much of it it took.
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    delta["client_cpu_ms_per_request"] = round(1000 * cpu / max(len(results), 1), 3)
+    return results, wall, delta
 
 
 def _answers(results: Sequence[Result]) -> dict[int, float]:
