@@ -75,6 +75,8 @@ function wire(formId, action) {
     const button = form.querySelector("button");
     button.disabled = true;
     showError(panel, "");
+    // A new attempt replaces the last result: never show a stale answer next to an error.
+    panel.querySelector(".result").hidden = true;
     try {
       await action(panel);
     } catch (e) {

@@ -1,0 +1,212 @@
+"""The demo page at ``/``, driven in headless Chromium against a live server.
+
+Playwright's Python API drives the SYSTEM Chromium (Debian's ``chromium`` package, or
+``NLPSERVE_CHROMIUM=/path``); nothing is downloaded (never ``playwright install``). Without a
+Chromium the tests skip and say so. Screenshots go to the test's ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from service.api.routes.explain import warm_up_explain
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    POS_MODEL,
+    QA_MODEL,
+    live_server,
+    make_settings,
+    require_model,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 60_000  # shared 2-core CI machines: generous, the waits are on page state
+
+QA_CONTEXT = "中国的首都是北京，它有三千多年的历史。"
+QA_QUESTION = "中国的首都是哪里？"
+DETECT_TEXT = (
+    "i think my dog ate it lol. additionally it is important to note that overall there are "
+    "several factors"
+)
+POS_TEXT = "The old man sees a big dog in the park ."
+POLARITY_TEXT = "a truly wonderful and charming film"
+
+
+def find_chromium() -> str | None:
+    explicit = os.environ.get("NLPSERVE_CHROMIUM")
+    if explicit:
+        return explicit if Path(explicit).exists() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def browser() -> AsyncIterator[object]:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(
+            "no Chromium installed (apt-get install chromium, or set NLPSERVE_CHROMIUM): "
+            "the demo page browser test needs one; nothing is downloaded"
+        )
+    async_api = pytest.importorskip(
+        "playwright.async_api", reason="the playwright Python package (dev extra) is missing"
+    )
+    async with async_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def post_json(page, url: str, **body: str) -> tuple[int, dict]:
+    """The API called directly (the reference the rendered page is checked against)."""
+    r = await page.request.post(url, data=body)
+    return r.status, await r.json()
+
+
+async def open_page(browser, url: str):
+    page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    console_errors: list[str] = []
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    await page.goto(url + "/")
+    await page.wait_for_function(
+        "!document.getElementById('models-status').textContent.startsWith('Loading')"
+    )
+    return page, console_errors
+
+
+async def test_every_panel_end_to_end(browser, inprocess_service, model_repo, tmp_path):
+    for name in (QA_MODEL, DETECT_MODEL, POS_MODEL, POLARITY_MODEL):
+        require_model(model_repo, name)
+    srv = inprocess_service
+    await warm_up_explain(srv.app)  # shap import + JIT (seconds) before the clicks
+    page, page_errors = await open_page(browser, srv.url)
+    status = await page.text_content("#models-status")
+    assert status and "Models loaded" in status and DETECT_MODEL in status
+    assert await page.locator(".panel.unavailable").count() == 0
+
+    # --- QA: the answer is highlighted inside the passage
+    await page.fill("#qa-context", QA_CONTEXT)
+    await page.fill("#qa-question", QA_QUESTION)
+    await page.click("#qa-form button")
+    await page.wait_for_selector("#qa-result:not([hidden])")
+    answer = await page.text_content("#qa-answer")
+    _, api = await post_json(page, srv.url + "/v1/qa", question=QA_QUESTION, context=QA_CONTEXT)
+    assert answer == api["answer"] and answer  # the tiny model always finds some span
+    assert await page.text_content("#qa-passage mark.answer") == api["answer"]
+    assert await page.text_content("#qa-passage") == QA_CONTEXT  # the passage, intact
+
+    # --- detector: probability + tokens coloured by SHAP value
+    await page.fill("#detect-text", DETECT_TEXT)
+    await page.fill("#detect-evals", "150")
+    await page.click("#detect-form button")
+    await page.wait_for_selector("#detect-tokens .tok")
+    await page.wait_for_selector("#detect-legend:not([hidden])")
+    prob = await page.text_content("#detect-prob")
+    assert prob and re.fullmatch(r"\d{1,3}\.\d%", prob)
+    assert await page.text_content("#detect-label") in ("human", "machine")
+    tokens = page.locator("#detect-tokens .tok")
+    n = await tokens.count()
+    assert n > 10
+    # Rendered over the original text: the paragraph reads exactly as typed.
+    assert await page.text_content("#detect-tokens") == DETECT_TEXT
+    seen_signs = set()
+    for i in range(n):
+        tok = tokens.nth(i)
+        value = float(await tok.get_attribute("data-value"))
+        title = await tok.get_attribute("title")
+        assert title and title.startswith("SHAP ") and f"{value:+.4f}" in title
+        bg = await tok.evaluate("e => getComputedStyle(e).backgroundColor")
+        rgb = tuple(int(x) for x in re.findall(r"\d+", bg)[:3])
+        assert rgb == ((220, 38, 38) if value >= 0 else (37, 99, 235)), (value, bg)
+        seen_signs.add(value >= 0)
+    summary = await page.text_content("#detect-explain-status")
+    assert summary and "model evaluations" in summary
+
+    # --- POS: one tag under each word
+    await page.fill("#pos-text", POS_TEXT)
+    await page.click("#pos-form button")
+    await page.wait_for_selector("#pos-tagged .word")
+    words = await page.locator("#pos-tagged .w").all_text_contents()
+    tags = await page.locator("#pos-tagged .t").all_text_contents()
+    _, api = await post_json(page, srv.url + "/v1/pos", text=POS_TEXT)
+    assert words == api["tokens"] == POS_TEXT.split()
+    assert tags == api["tags"]
+
+    # --- polarity: label + probability (+ word explanation)
+    await page.fill("#polarity-text", POLARITY_TEXT)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    _, api = await post_json(page, srv.url + "/v1/polarity", text=POLARITY_TEXT)
+    assert await page.text_content("#polarity-label") == api["label"]
+    assert await page.text_content("#polarity-prob") == f"{100 * api['positive_probability']:.1f}%"
+    assert await page.locator("#polarity-tokens .tok").count() == len(POLARITY_TEXT.split())
+
+    await tokens.nth(n // 2).hover()  # the hover card (SHAP value) shows in the screenshot
+    shot = tmp_path / "demo.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"demo page screenshot: {shot}")
+
+    # --- API errors reach the user in words
+    await page.fill("#polarity-text", "   ")
+    await page.click("#polarity-form button")
+    error = page.locator("#panel-polarity .error")
+    await error.wait_for(state="visible")
+    text = await error.text_content()
+    assert text and "not accepted" in text and "non-whitespace" in text
+    long_text = " ".join(["dog"] * 500)
+    await page.fill("#pos-text", long_text)
+    await page.click("#pos-form button")
+    error = page.locator("#panel-pos .error")
+    await error.wait_for(state="visible")
+    assert "tokens" in (await error.text_content() or "")
+    await page.screenshot(path=str(tmp_path / "demo-errors.png"), full_page=True)
+    assert page_errors == []
+    await page.close()
+
+
+async def test_panels_of_missing_models_say_so(browser, model_repo, tmp_path):
+    # A repository with only the LSTM models: the QA and detector panels must say so.
+    repo = tmp_path / "models"
+    repo.mkdir()
+    for name in (POS_MODEL, POLARITY_MODEL):
+        (repo / name).symlink_to(model_repo / name, target_is_directory=True)
+    async with live_server(make_settings(repo, warmup=False)) as srv:
+        page, page_errors = await open_page(browser, srv.url)
+        for panel in ("#panel-qa", "#panel-detect"):
+            assert "unavailable" in (await page.get_attribute(panel, "class") or "")
+            line = await page.text_content(f"{panel} [data-model-line]")
+            assert line and "not loaded" in line
+            assert await page.is_disabled(f"{panel} button")
+        for panel in ("#panel-pos", "#panel-polarity"):
+            assert "unavailable" not in (await page.get_attribute(panel, "class") or "")
+        # The API says the same to a client that calls it anyway.
+        status, body = await post_json(page, srv.url + "/v1/detect/explain", text="hello")
+        assert status == 404 and "detect" in body["error"]["message"]
+        await page.screenshot(path=str(tmp_path / "demo-missing.png"), full_page=True)
+        assert page_errors == []
+        await page.close()
