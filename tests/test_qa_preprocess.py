@@ -1,0 +1,188 @@
+"""service/preprocess/qa.py: windows, offsets and span decoding (no torch).
+
+A BERT-Chinese-style tokenizer (NFKC + BERT normaliser, one token per CJK character, word
+pieces for Latin text) is built in the test from hand-made text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.preprocess.qa import NO_OFFSET, QAEncoder, answer_token_span, decode_best_span
+from training.transformer.pretrain import build_char_tokenizer
+
+TEXT = [
+    "中国的首都是北京，它有三千多年的历史。李白是唐代著名诗人。",
+    "这款软件由ＡＢＣ公司开发，售价１２０元，使用Python编写。",
+    "长江是亚洲最长的河流，全长约6300公里。上海位于长江入海口。",
+    "the quick brown fox jumps over the lazy dog abc python",
+]
+LONG = "".join(TEXT[:3]) * 3  # ~200 characters: several windows at max_length 48
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer(TEXT * 3, vocab_size=300, min_frequency=1, limit_alphabet=500)
+
+
+@pytest.fixture(scope="module")
+def enc(tok):
+    return QAEncoder(tok, max_length=48, doc_stride=12, max_query_length=10)
+
+
+def _context_token_ids(tok, context):
+    return tok.encode(context, add_special_tokens=False).ids
+
+
+def test_windows_cover_context_with_stride_overlap(enc, tok):
+    q = "长江有多长？"
+    wins = enc.encode(q, LONG)
+    assert len(wins) > 2
+    ctx_ids = _context_token_ids(tok, LONG)
+    q_len = len(tok.encode(q, add_special_tokens=False).ids)
+    room = 48 - q_len - 3
+    covered: list[int] = []
+    prev_end = None
+    for i, w in enumerate(wins):
+        assert len(w) <= 48
+        ids = w.input_ids.tolist()
+        assert ids[0] == enc.cls_id and ids[w.context_start - 1] == enc.sep_id
+        assert ids[-1] == enc.sep_id and w.context_end == len(w) - 1
+        assert (w.token_type_ids[: w.context_start] == 0).all()
+        assert (w.token_type_ids[w.context_start :] == 1).all()
+        assert (w.offsets[: w.context_start] == NO_OFFSET[0]).all()
+        assert (w.offsets[w.context_end :] == NO_OFFSET[0]).all()
+        slice_ids = ids[w.context_start : w.context_end]
+        if i < len(wins) - 1:
+            assert len(slice_ids) == room
+        start = i * (room - 12)
+        assert slice_ids == ctx_ids[start : start + room]
+        if prev_end is not None:
+            assert prev_end - start == 12  # consecutive windows share doc_stride tokens
+        prev_end = start + len(slice_ids)
+        covered.extend(range(start, prev_end))
+    assert set(covered) == set(range(len(ctx_ids)))
+
+
+def test_offsets_point_into_the_original_text_mixed_widths(enc):
+    context = TEXT[1]  # full-width ＡＢＣ and １２０, ASCII Python
+    (w,) = enc.encode("谁开发的？", context)
+    pieces = [context[s:e] for s, e in w.offsets[w.context_start : w.context_end]]
+    assert "".join(pieces) == context.replace(" ", "")
+    assert "ＡＢＣ" in pieces or {"Ａ", "Ｂ", "Ｃ"} <= set(pieces)  # original chars, not NFKC'd
+    assert any(p.lower().startswith("py") for p in pieces)
+
+
+def test_empty_context_gives_one_window_and_no_answer(enc):
+    (w,) = enc.encode("问题？", "")
+    assert w.context_start == w.context_end
+    ans = decode_best_span("", [w], [np.zeros(len(w))], [np.zeros(len(w))])
+    assert ans.text == "" and ans.window == -1
+
+
+def test_long_question_is_cut(enc):
+    (w,) = enc.encode("长" * 40, "北京")
+    assert w.context_start == 1 + 10 + 1
+
+
+def _logits_for(window, char_start, char_end, high=10.0):
+    s = np.zeros(len(window))
+    e = np.zeros(len(window))
+    span = answer_token_span(window, char_start, char_end)
+    if span is not None:
+        s[span[0]] = high
+        e[span[1]] = high
+    return s, e
+
+
+@pytest.mark.parametrize("answer", ["ＡＢＣ公司", "１２０元", "Python", "北京", "6300公里"])
+def test_decode_maps_back_to_exact_characters(enc, answer):
+    context = LONG + TEXT[1]
+    start = context.rindex(answer)
+    wins = enc.encode("问题？", context)
+    logits = [_logits_for(w, start, start + len(answer)) for w in wins]
+    ans = enc.decode(context, wins, [x[0] for x in logits], [x[1] for x in logits], 10)
+    assert (ans.text, ans.start, ans.end) == (answer, start, start + len(answer))
+    assert context[ans.start : ans.end] == ans.text
+    assert 0.0 < ans.probability <= 1.0
+
+
+def test_answer_across_a_window_border_is_found_in_the_overlapping_window(enc, tok):
+    wins = enc.encode("长江？", LONG)
+    w0, w1 = wins[0], wins[1]
+    # An answer of 4 tokens straddling the end of window 0 (2 inside, 2 outside).
+    c_off = tok.encode(LONG, add_special_tokens=False).offsets
+    n0 = w0.context_end - w0.context_start
+    start, end = c_off[n0 - 2][0], c_off[n0 + 1][1]
+    assert answer_token_span(w0, start, end) is None  # cut by the border
+    span = answer_token_span(w1, start, end)
+    assert span is not None
+    got = "".join(LONG[s:e] for s, e in w1.offsets[span[0] : span[1] + 1])
+    assert got == LONG[start:end]
+    # Decoding: window 0 votes for a shorter in-window span with lower logits.
+    s0, e0 = np.zeros(len(w0)), np.zeros(len(w0))
+    s0[w0.context_end - 2] = e0[w0.context_end - 1] = 3.0
+    s1, e1 = _logits_for(w1, start, end, high=5.0)
+    rest = [np.zeros(len(w)) for w in wins[2:]]
+    ans = decode_best_span(LONG, wins, [s0, s1, *rest], [e0, e1, *rest], 30)
+    assert (ans.text, ans.start, ans.window) == (LONG[start:end], start, 1)
+
+
+def test_answer_at_the_very_start_and_end_of_the_context(enc):
+    wins = enc.encode("问题？", LONG)
+    for start, end in ((0, 2), (len(LONG) - 3, len(LONG))):
+        found = [answer_token_span(w, start, end) for w in wins]
+        assert any(f is not None for f in found)
+        logits = [_logits_for(w, start, end) for w in wins]
+        ans = decode_best_span(LONG, wins, [x[0] for x in logits], [x[1] for x in logits], 10)
+        assert ans.text == LONG[start:end]
+
+
+def test_decode_respects_max_answer_length_and_order(enc):
+    (w,) = enc.encode("问题？", TEXT[0])
+    s, e = np.zeros(len(w)), np.zeros(len(w))
+    s[w.context_start + 10] = 9.0  # best start is after best end: invalid pair
+    e[w.context_start + 2] = 9.0
+    s[w.context_start + 1] = 5.0
+    e[w.context_start + 8] = 5.0
+    ans = decode_best_span(TEXT[0], [w], [s], [e], max_answer_length=30)
+    assert ans.start == int(w.offsets[w.context_start + 1, 0])
+    short = decode_best_span(TEXT[0], [w], [s], [e], max_answer_length=2)
+    assert short.end - short.start <= 2
+
+
+def test_collate_pads_right_with_mask(enc):
+    wins = enc.encode("长江？", LONG)[:2] + enc.encode("北京？", "北京")
+    b = enc.collate(wins, pad_to=64)
+    assert b["input_ids"].shape == (3, 64) and b["input_ids"].dtype == np.int64
+    assert b["attention_mask"][2].sum() == len(wins[2])
+    assert (b["input_ids"][2, len(wins[2]) :] == enc.pad_id).all()
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def test_encoder_does_not_change_the_callers_tokenizer(tok):
+    tok.enable_truncation(8)
+    try:
+        QAEncoder(tok, max_length=48, doc_stride=12, max_query_length=10)
+        assert tok.truncation is not None and tok.truncation["max_length"] == 8
+    finally:
+        tok.no_truncation()
+
+
+def test_load_from_tokenizer_json_with_saved_padding(tmp_path: Path, tok):
+    tok.enable_padding(length=100)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tok.no_padding()
+    enc = QAEncoder.load(tmp_path / "tokenizer.json", 48, 12, 10)
+    (w,) = enc.encode("北京？", "北京")
+    assert len(w) == 1 + 3 + 1 + 2 + 1  # question 北京？ + 2 chars, no padding to 100
+
+
+def test_bad_geometry_is_refused(tok):
+    with pytest.raises(ValueError):
+        QAEncoder(tok, max_length=20, doc_stride=5, max_query_length=20)
+    with pytest.raises(ValueError):
+        QAEncoder(tok, max_length=20, doc_stride=10, max_query_length=8)
