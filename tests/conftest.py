@@ -25,6 +25,9 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -74,28 +77,45 @@ def _builders() -> dict[str, Callable[[Path], Path]]:
 
 @pytest.fixture(scope="session")
 def model_repo(request: pytest.FixtureRequest) -> Path:
+    # Several engineers' test sessions share this cache: builds go to a private folder and
+    # are renamed into place atomically, and only stale builds of other digests are pruned.
     cache_root = Path(request.config.cache.mkdir("nlpserve-tiny-models"))
     target = cache_root / _sources_digest()
-    done = target / ".complete"
-    if os.environ.get("NLPSERVE_TEST_REBUILD") or not done.exists():
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
+    if os.environ.get("NLPSERVE_TEST_REBUILD") and target.exists():
+        os.rename(target, cache_root / f".old-{uuid.uuid4().hex}")
+    if not (target / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
         errors: dict[str, str] = {}
         for name, build in _builders().items():
             try:
-                build(target)
+                build(tmp)
             except Exception as e:  # a broken builder skips its model's tests, with the reason
                 if name in ("pos-en", "polarity-en"):
                     raise
                 logging.getLogger(__name__).exception("building %s failed", name)
                 errors[name] = f"{type(e).__name__}: {e}"
-                shutil.rmtree(target / name, ignore_errors=True)
-        (target / BUILD_ERRORS).write_text(json.dumps(errors))
-        done.write_text("ok")
-        for old in cache_root.iterdir():  # keep only the current build
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(tmp / name, ignore_errors=True)
+        (tmp / BUILD_ERRORS).write_text(json.dumps(errors))
+        (tmp / ".complete").write_text("ok")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another session finished the same build first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    _prune(cache_root, keep=target)
     return target
+
+
+def _prune(cache_root: Path, keep: Path, older_than_s: float = 3600.0) -> None:
+    now = time.time()
+    for old in cache_root.iterdir():
+        if old == keep:
+            continue
+        try:
+            stale = now - old.stat().st_mtime > older_than_s
+        except FileNotFoundError:
+            continue
+        if stale or old.name.startswith(".old-"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- backends
