@@ -137,6 +137,14 @@ async def run_requests(
     else:
         prepared = task.prepare(requests, deadline, lane)
     flat = [it for p in prepared for it in p.items]
+    limit = task.settings.max_queue_depth
+    if len(flat) > limit:
+        # Would never fit in the queue: a 429 "retry later" would be a lie.
+        raise InputError(
+            "input_too_long",
+            f"this request needs {len(flat)} model sequences (e.g. QA windows); at most "
+            f"{limit} fit in the queue (NLPSERVE_MAX_QUEUE_DEPTH): send shorter texts",
+        )
     outputs = await queue.submit_many(flat)
     results: list[BaseModel] = []
     k = 0

@@ -11,7 +11,14 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.service_support import live_server, make_settings, metric_value, read_metrics, wait_for
+from tests.service_support import (
+    live_server,
+    make_settings,
+    metric_value,
+    read_metrics,
+    require_model,
+    wait_for,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -159,6 +166,14 @@ async def test_text_over_the_character_limit(lc):
     err = assert_error(
         await lc.post("/v1/pos", json={"tokens": ["word"] * 80}), 422, "text_too_long"
     )
+
+
+async def test_request_that_can_never_fit_the_queue_is_422_not_429(lc, model_repo):
+    require_model(model_repo, "qa-zh")
+    context = "中国的首都是北京，它有三千多年的历史。" * 14  # > 3 windows, < 300 chars
+    r = await lc.post("/v1/qa", json={"question": "首都？", "context": context})
+    err = assert_error(r, 422, "input_too_long")
+    assert "NLPSERVE_MAX_QUEUE_DEPTH" in err["message"]
 
 
 async def test_too_many_items(lc):
