@@ -289,6 +289,13 @@ class Bench:
                            variant=variant)  # fmt: skip
 
     # ------------------------------------------------------------------ report
+    def _targets(self, base: dict[str, Any] | None, raw: dict[str, dict[str, Any]],
+                 inproc: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+        redis = {
+            s["variant"]: s for s in self.summaries if s["name"].startswith("nlpserve via Redis")
+        }
+        return _targets_of(base, raw, inproc, redis)
+
     def finish(self, out_base: Path, command: str) -> list[Path]:
         base = next((s for s in self.summaries if s["name"].startswith("baseline")), None)
         raw_by_variant = {s["variant"]: s for s in self.summaries if s["name"].startswith("raw")}
@@ -351,10 +358,47 @@ class Bench:
             "settings": "nlpserve defaults (max_batch_size 32, max_batch_tokens 8192, "
             "max_wait_ms 5) unless NLPSERVE_* set in the environment",
         }
-        extra = {"answers": checks, "variant_metrics": accuracy}
+        targets = self._targets(base, raw_by_variant, inproc_by_variant)
+        for t in targets:
+            mark = "met" if t["met"] else "NOT met"
+            self.notes.append(f"target {t['target']}: measured {t['measured']} ({mark})")
+        extra = {"answers": checks, "variant_metrics": accuracy, "targets": targets}
         return write_reports(
             out_base, self.summaries, self.lat, meta, machine_description(), self.notes, extra
         )
+
+
+def _target(name: str, measured: float | None, goal: float, higher: bool = True,
+            fmt: str = "{:.2f}") -> dict[str, Any] | None:  # fmt: skip
+    if measured is None:
+        return None
+    met = measured >= goal if higher else measured < goal
+    return {"target": name, "measured": fmt.format(measured), "met": bool(met)}
+
+
+def _targets_of(base: dict[str, Any] | None, raw: dict[str, dict[str, Any]],
+                inproc: dict[str, dict[str, Any]], redis: dict[str, dict[str, Any]]
+                ) -> list[dict[str, Any]]:  # fmt: skip
+    """Issue 7's CPU targets, checked against this run (reported, never asserted)."""
+    out: list[dict[str, Any] | None] = []
+    for v, s in inproc.items():
+        goal = {"fp32": 2.5, "int8": 4.0}.get(v)
+        if goal is not None:
+            name = f"in-process {v} >= {goal}x baseline"
+            out.append(_target(name, s.get("ratio_to_baseline"), goal, fmt="{:.2f}x"))
+        if base is not None:
+            p99 = base["latency_ms"]["p99"]
+            name = f"in-process {v} p99 < baseline p99 ({p99} ms)"
+            out.append(_target(name, s["latency_ms"]["p99"], p99, higher=False, fmt="{:.0f} ms"))
+        if v in raw:
+            name = f"in-process {v} >= 85% of raw ORT"
+            out.append(_target(name, s.get("fraction_of_raw_ort"), 0.85, fmt="{:.0%}"))
+        name = f"in-process {v} padding efficiency >= 0.90"
+        out.append(_target(name, s.get("padding_efficiency"), 0.90, fmt="{:.3f}"))
+        if v in redis:
+            name = f"Redis {v} >= 80% of in-process"
+            out.append(_target(name, redis[v].get("fraction_of_inprocess"), 0.80, fmt="{:.0%}"))
+    return [t for t in out if t is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
