@@ -49,7 +49,43 @@ format: $(BIN)/.installed
 models-lstm: $(BIN)/.installed
 	@echo "filled in when the trainers land"
 
-models: models-lstm
+models: models-lstm models-bert
+
+# Transformer starter models (training/transformer). The CPU recipe below is what models/
+# holds (2 shared CPU cores: detector ~25 min, pretrain ~16 min, QA ~2x15 min). On a GPU:
+# `make models-bert BERT_DEVICE=cuda DETECTOR_ARGS="--epochs 2 --batch-size 32" ...`, or pass
+# `--base-model bert-base-chinese` to `nlpserve train qa` where the hub is reachable.
+BERT_RUNS ?= runs
+BERT_DEVICE ?= cpu
+BERT_THREADS ?= 1
+DETECTOR_ARGS ?= --max-length 128 --max-train-examples 2400 --max-dev-examples 300 --epochs 1 \
+	--lr 1e-4 --batch-size 16 --eval-every 50 --freeze-embeddings
+PRETRAIN_ARGS ?= --vocab-size 8000 --hidden 128 --layers 4 --heads 2 --intermediate 512 \
+	--max-length 256 --batch-size 16 --lr 1e-3 --max-steps 300 --max-minutes 16
+QA_ARGS ?= --max-length 256 --doc-stride 64 --max-query-length 32 --batch-size 16 --epochs 1 \
+	--lr 5e-4 --negative-ratio 0.1 --max-train-examples 3000 --holdout-ratio 0.03 \
+	--max-holdout-examples 150 --eval-every 100
+BERT_COMMON = --data $(DATA) --seed $(SEED) --device $(BERT_DEVICE) --threads $(BERT_THREADS)
+.PHONY: models-bert models-detector pretrain-zh models-qa
+models-bert: models-detector models-qa
+
+models-detector: $(BIN)/.installed
+	$(BIN)/nlpserve train detector $(BERT_COMMON) --out $(BERT_RUNS)/models --overwrite \
+		--work-dir $(BERT_RUNS)/detector-en $(DETECTOR_ARGS)
+	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/detector-en/1 \
+		$(MODELS)/detector-en/1 --keep int8
+
+pretrain-zh: $(BIN)/.installed
+	$(BIN)/nlpserve pretrain $(BERT_COMMON) --out $(BERT_RUNS)/zh-bert-tiny $(PRETRAIN_ARGS)
+
+models-qa: pretrain-zh
+	$(BIN)/nlpserve train qa $(BERT_COMMON) --base-model $(BERT_RUNS)/zh-bert-tiny \
+		--out $(BERT_RUNS)/models --overwrite --work-dir $(BERT_RUNS)/qa-zh $(QA_ARGS)
+	$(BIN)/nlpserve train qa $(BERT_COMMON) --base-model $(BERT_RUNS)/zh-bert-tiny --random-init \
+		--name qa-zh-scratch --variants fp32 --out $(BERT_RUNS)/models --overwrite \
+		--work-dir $(BERT_RUNS)/qa-zh-scratch $(QA_ARGS)
+	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/qa-zh/1 $(MODELS)/qa-zh/1 \
+		--keep int8,fp32 --baseline $(BERT_RUNS)/models/qa-zh-scratch/1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

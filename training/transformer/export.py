@@ -99,9 +99,16 @@ def torch_outputs(model, batch: dict[str, np.ndarray], task: str) -> list[np.nda
     return [out.logits.numpy()]
 
 
-def ort_session(path: Path | str, providers: list[str] | None = None, threads: int = 0):
+def ort_session(path: Path | str, providers: list[str] | None = None, threads: int | None = None):
+    """A CPU session; ``threads`` defaults to torch's intra-op thread count (``--threads``)
+    when torch is loaded, else ORT's default."""
+    import sys
+
     import onnxruntime as ort
 
+    if threads is None:
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else 0
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

@@ -154,7 +154,7 @@ def torch_runner(model, device: str) -> RunFn:
     return run
 
 
-def onnx_runner(path: Path | str, threads: int = 0) -> RunFn:
+def onnx_runner(path: Path | str, threads: int | None = None) -> RunFn:
     from training.transformer.export import ort_session
 
     sess = ort_session(path, threads=threads)
