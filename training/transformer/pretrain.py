@@ -234,28 +234,21 @@ def pretrain(
     )
     result = fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss)
 
-    # Held-out-free sanity figure: MLM loss/accuracy on 20 fixed batches from the corpus.
+    # Sanity figure (not held out): MLM loss/accuracy on 20 freshly masked training batches.
     model.eval()
     losses, correct, count = [], 0, 0
-    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         for k, batch in enumerate(batches(-1)):
             if k >= 20:
                 break
-            inputs, _ = batch["input_ids"], None
-            labels = batch["labels"]
-            hidden = model.bert(
-                input_ids=inputs.to(cfg.device),
-                attention_mask=batch["attention_mask"].to(cfg.device),
-                token_type_ids=batch["token_type_ids"].to(cfg.device),
-            ).last_hidden_state
-            sel = labels.to(cfg.device) != -100
+            batch = {key: v.to(cfg.device) for key, v in batch.items()}
+            labels = batch.pop("labels")
+            hidden = model.bert(**batch).last_hidden_state
+            sel = labels != -100
             scores = model.cls(hidden[sel])
-            tgt = labels.to(cfg.device)[sel]
-            losses.append(float(torch.nn.functional.cross_entropy(scores, tgt)))
-            correct += int((scores.argmax(-1) == tgt).sum())
+            losses.append(float(torch.nn.functional.cross_entropy(scores, labels[sel])))
+            correct += int((scores.argmax(-1) == labels[sel]).sum())
             count += int(sel.sum())
-    del eval_gen
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(str(out))
     save_hf_tokenizer(tok, out)
