@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # Redis backend details (docs/scale-out.md)
     redis_prefix: str = Field("nlpserve", description="Namespace of every Redis key and channel.")
     redis_connect_timeout_s: float = Field(
-        0.5, description="Redis connect timeout: an unreachable Redis must fail requests fast."
+        1.0, description="Redis connect timeout: an unreachable Redis must fail requests fast."
     )
     redis_socket_timeout_s: float = Field(2.0, description="Redis command timeout.")
     redis_max_connections: int = Field(64, description="Redis connection pool size per process.")

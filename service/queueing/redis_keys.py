@@ -46,19 +46,25 @@ def reply_channel(prefix: str, replica: str) -> str:
 
 
 def make_client(
-    settings: Settings, *, socket_timeout_s: float | None = None, retries: int = 1
+    settings: Settings,
+    *,
+    socket_timeout_s: float | None = None,
+    retries: int = 1,
+    max_connections: int | None = None,
 ) -> Redis:
     """A client that fails fast when Redis is away.
 
     Short connect timeout so an unreachable server costs well under a second; one retry so
     the first command after a Redis restart transparently replaces its stale pooled
-    connection; a bounded pool so hundreds of concurrent requests share a few sockets.
+    connection; a bounded pool so hundreds of concurrent requests share a few sockets (a
+    caller waits for a free one without limit: its own deadline bounds the wait, and a busy
+    pool is not an unreachable Redis).
     """
     timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=timeout,  # wait for a free pooled connection at most this long
+        max_connections=max_connections or settings.redis_max_connections,
+        timeout=None,
         socket_connect_timeout=settings.redis_connect_timeout_s,
         socket_timeout=timeout,
         socket_keepalive=True,

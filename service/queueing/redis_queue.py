@@ -1,7 +1,8 @@
 """API side of the Redis Streams backend: enqueue work, wait for replies on one channel.
 
-Each submit is one round trip: a Lua script sums the model's stream lengths (the depth
-limit) and XADDs the entry, atomically, so concurrent replicas cannot overshoot the limit.
+A submit runs one Lua script that sums the model's stream lengths (the depth limit) and
+XADDs the entries, atomically, so concurrent replicas cannot overshoot the limit; all the
+submits of one event-loop moment share one pipelined round trip.
 Workers (``service/worker.py``) read the streams through a consumer group, batch, infer and
 PUBLISH each reply to the channel named in the entry. One listener task per replica
 receives every reply and resolves the waiting future; a reply nobody waits for any more
@@ -17,10 +18,12 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching.types import WorkItem
@@ -40,7 +43,10 @@ from service.runtime.runner import bucket_edges
 
 log = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 0.5  # PING period: how fast /readyz notices Redis went away
+HEALTH_INTERVAL_S = 0.5  # probe period: how fast /readyz notices Redis went away
+# A refused/reset connection is conclusive at once; a slow answer may just be this busy
+# process's event loop lagging, so only this many slow probes in a row count as "down".
+HEALTH_TIMEOUTS_TO_FAIL = 3
 LISTEN_POLL_S = 0.5  # the listener wakes this often to notice resubscribe requests
 RETRY_AFTER_S = 1.0
 
@@ -64,6 +70,14 @@ for e = 1, n do
 end
 return out
 """
+
+
+@dataclass
+class _Admission:
+    keys: list[str]
+    args: list[bytes | str | int]
+    targets: list[str]
+    fut: asyncio.Future[list[Any]]
 
 
 class RedisQueue(InferenceQueue):
@@ -94,20 +108,27 @@ class RedisQueue(InferenceQueue):
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
+        self._admissions: list[_Admission] = []
+        self._admit_wake = asyncio.Event()
         # plain counters (tests, logs): replies dropped because nobody waited any more, etc.
         self.stats: dict[str, int] = {"late_replies": 0, "bad_replies": 0, "reconnects": 0}
         self._client = make_client(settings)
         # The listener gets its own client without redis-py's silent reconnect: a dropped
         # subscription must be noticed, because replies published meanwhile are lost.
-        self._sub_client = make_client(settings, retries=0)
+        self._sub_client = make_client(settings, retries=0, max_connections=2)
+        # The probe has its own connection: it must not queue behind a busy request pool.
+        # One retry: a pooled connection that went stale in a Redis restart is not "down".
+        self._health_client = make_client(settings, retries=1, max_connections=2)
         self._admit = self._client.register_script(ADMIT_LUA)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._ready_event = asyncio.Event()
+        self._admit_wake = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._listen_loop(), name="redis-reply-listener"),
             asyncio.create_task(self._health_loop(), name="redis-health"),
+            asyncio.create_task(self._admit_loop(), name="redis-admit"),
         ]
         # Redis may start later than the API ("any order"): do not fail, just be not-ready.
         with contextlib.suppress(TimeoutError):
@@ -131,7 +152,7 @@ class RedisQueue(InferenceQueue):
                 await t
         if self._background:
             await asyncio.wait(self._background, timeout=1.0)
-        for c in (self._client, self._sub_client):
+        for c in (self._client, self._sub_client, self._health_client):
             with contextlib.suppress(Exception):
                 await c.aclose()
 
@@ -221,11 +242,11 @@ class RedisQueue(InferenceQueue):
             for k, v in fields.items():
                 args += [k, v]
         try:
-            res = await self._admit(keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            res = await self._pipelined_admit(keys, args, targets)
+        except (RedisConnectionError, OSError) as e:
             self._ping_ok = False  # not ready until the health loop sees Redis again
             raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
-        except RedisError as e:  # e.g. OOM: Redis is up but refuses writes
+        except RedisError as e:  # a timeout, or OOM: Redis is up but refuses writes
             raise BackendUnavailableError(f"the queue backend (Redis) failed: {e}") from e
         depth, lens, ids = int(res[0]), res[1], res[2:]
         self._depth[model] = depth
@@ -237,6 +258,61 @@ class RedisQueue(InferenceQueue):
                 retry_after_s=RETRY_AFTER_S,
             )
         return list(zip(targets, ids, strict=True))
+
+    async def _pipelined_admit(
+        self, keys: list[str], args: list[bytes | str | int], targets: list[str]
+    ) -> list[Any]:
+        """Run the admission script in the next pipeline the admit loop sends.
+
+        Auto-pipelining: every admission waiting while a round trip is in flight goes out
+        together in the next one, so a burst of N requests costs a few round trips on one
+        connection instead of N commands on N pooled connections.
+        """
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._admissions.append(_Admission(keys, args, targets, fut))
+        self._admit_wake.set()
+        return await fut
+
+    async def _admit_loop(self) -> None:
+        while True:
+            await self._admit_wake.wait()
+            self._admit_wake.clear()
+            batch = [a for a in self._admissions if not a.fut.cancelled()]
+            self._admissions = []
+            if not batch:
+                continue
+            try:
+                results = await self._run_admissions(batch)
+            except asyncio.CancelledError:
+                for a in batch:
+                    if not a.fut.done():
+                        a.fut.set_exception(BackendUnavailableError("shutting down"))
+                raise
+            except Exception as e:  # connection lost etc.: each waiting submit raises it
+                results = [e] * len(batch)
+            for a, res in zip(batch, results, strict=True):
+                if a.fut.cancelled():  # its request gave up meanwhile: undo the XADDs
+                    if not isinstance(res, Exception):
+                        for target, entry_id in zip(a.targets, res[2:], strict=False):
+                            self._forget(target, entry_id)
+                elif isinstance(res, Exception):
+                    a.fut.set_exception(res)
+                else:
+                    a.fut.set_result(res)
+
+    async def _run_admissions(self, batch: list[_Admission]) -> list[Any]:
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for a in batch:
+                    pipe.evalsha(self._admit.sha, len(a.keys), *a.keys, *a.args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted (scripts are not persisted): load it and redo the batch;
+                # a NOSCRIPT reply means that admission did not run, so redoing is safe.
+                await self._client.script_load(ADMIT_LUA)
+                continue
+            return list(results)
+        return list(results)
 
     def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
         if self.metrics is None:
@@ -320,6 +396,7 @@ class RedisQueue(InferenceQueue):
             delay = min(delay * 2, 1.0)
 
     async def _health_loop(self) -> None:
+        slow = 0
         while not self._closing:
             try:
                 await asyncio.wait_for(
@@ -328,21 +405,25 @@ class RedisQueue(InferenceQueue):
                 if not self._ping_ok:
                     log.info("Redis at %s reachable", _safe_url(self.settings.redis_url))
                 self._ping_ok = True
+                slow = 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if self._ping_ok:
-                    log.warning("Redis unreachable (%s); not ready", e)
-                self._ping_ok = False
-                # a silent network drop leaves the subscription dead without an error
-                self._resubscribe = True
+                slow += 1
+                timeout = isinstance(e, TimeoutError | RedisTimeoutError)
+                if not timeout or slow >= HEALTH_TIMEOUTS_TO_FAIL:
+                    if self._ping_ok:
+                        log.warning("Redis unreachable (%r); not ready", e)
+                    self._ping_ok = False
+                    # a silent network drop leaves the subscription dead without an error
+                    self._resubscribe = True
             self._update_ready()
             await asyncio.sleep(HEALTH_INTERVAL_S if self._ping_ok else HEALTH_INTERVAL_S / 2)
 
     async def _sample_depths(self) -> None:
         """The health probe: one pipelined XLEN per stream (a PING that also refreshes
         :meth:`depth` and the queue-depth gauges while this replica submits nothing)."""
-        async with self._client.pipeline(transaction=False) as pipe:
+        async with self._health_client.pipeline(transaction=False) as pipe:
             pipe.ping()
             for streams in self._streams.values():
                 for s in streams:

@@ -9,23 +9,24 @@ from typing import Any
 import pytest
 
 from service.config import Settings
+from service.repository import discover_models
 from service.runtime.runner import ModelRunner, load_runners
 from tests.redis_support import own_redis, redis_prefix, redis_url  # noqa: F401
 
+MODELS = ("pos-en", "polarity-en")
+
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.builders import build_tiny_polarity, build_tiny_pos
-
-    root = tmp_path_factory.mktemp("redis-models")
-    build_tiny_pos(root)
-    build_tiny_polarity(root)
-    return root
+def tiny_repo(model_repo: Path) -> Path:
+    """The shared cached tiny repository (tests/conftest.py)."""
+    return model_repo
 
 
 @pytest.fixture(scope="session")
 def tiny_runners(tiny_repo: Path) -> dict[str, ModelRunner]:
-    return load_runners(Settings(model_dir=tiny_repo, intra_op_threads=1, warmup=False))
+    entries = [e for e in discover_models(tiny_repo) if e.name in MODELS]
+    settings = Settings(model_dir=tiny_repo, intra_op_threads=1, warmup=False)
+    return load_runners(settings, entries=entries)
 
 
 SettingsFactory = Callable[..., Settings]

@@ -121,11 +121,10 @@ async def _total_len(r, prefix: str, n: int) -> bool:
 async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny_runners, r):
     settings = make_settings()
     rng = np.random.default_rng(3)
-    item = make_item(tiny_runners[POS], 6, rng, deadline_s=0.3)
     async with api_queue(settings, tiny_runners) as q:
         t0 = time.monotonic()
-        with pytest.raises(DeadlineExceededError) as e:
-            await q.submit(item)
+        with pytest.raises(DeadlineExceededError) as e:  # no worker yet: nobody answers
+            await q.submit(make_item(tiny_runners[POS], 6, rng, deadline_s=0.3))
         assert 0.25 < time.monotonic() - t0 < 2.0 and e.value.status_code == 504
         # an expired entry that is still in the stream (the API could not delete it) is
         # skipped and acked by the worker, never run

@@ -1,0 +1,367 @@
+"""The scale-out topology as separate processes, over real HTTP:
+
+redis-server + 2 API replicas (``nlpserve serve``, NLPSERVE_QUEUE=redis) + 2 workers
+(``nlpserve worker``). One module-scoped cluster serves the tests in order: 500 concurrent
+mixed-length requests; SIGKILL of a worker mid-load; Redis stop/restart. Answers are
+compared with the in-process service over the same models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.queueing.redis_keys import GROUP
+from tests.builders import FILLER, NEGATIVE, POS_LEXICON, POSITIVE
+from tests.redis_support import RedisServer, free_port, unique_prefix
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.skipif(
+        bool(os.environ.get("NLPSERVE_REDIS_URL")),
+        reason="stops its own Redis server: needs a spawned one",
+    ),
+]
+
+MODELS = ("pos-en", "polarity-en")
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.alive():
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(timeout=5)
+        self._fh.close()
+        return self.p.returncode
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+class Cluster:
+    def __init__(self, tmp: Path, repo: Path) -> None:
+        self.tmp = tmp
+        self.redis = RedisServer(tmp / "redis")
+        self.redis.start()
+        self.env = {
+            **os.environ,
+            "NLPSERVE_QUEUE": "redis",
+            "NLPSERVE_REDIS_URL": self.redis.url,
+            "NLPSERVE_REDIS_PREFIX": unique_prefix(),
+            "NLPSERVE_MODEL_DIR": str(repo),
+            "NLPSERVE_HOST": "127.0.0.1",
+            "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
+            "NLPSERVE_INTRA_OP_THREADS": "1",
+            "NLPSERVE_MAX_WAIT_MS": "5",
+            "NLPSERVE_MAX_QUEUE_DEPTH": "5000",
+            "NLPSERVE_REDIS_BLOCK_MS": "200",
+            "NLPSERVE_REDIS_CLAIM_IDLE_MS": "1000",  # dead workers' entries move after 1 s
+            "NLPSERVE_METRICS_HOST": "127.0.0.1",
+            "NLPSERVE_LOG_LEVEL": "WARNING",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.apis: list[tuple[Proc, str]] = []
+        self.workers: list[tuple[Proc, int]] = []
+
+    def start_api(self) -> str:
+        port = free_port()
+        n = len(self.apis)
+        p = Proc(f"api{n}", ["serve"], {**self.env, "NLPSERVE_PORT": str(port)}, self.tmp)
+        url = f"http://127.0.0.1:{port}"
+        self.apis.append((p, url))
+        return url
+
+    def start_worker(self, **env: str) -> tuple[Proc, int]:
+        port = free_port()
+        name = f"worker{len(self.workers)}"
+        env = {
+            **self.env,
+            "NLPSERVE_METRICS_PORT": str(port),
+            "NLPSERVE_WORKER_NAME": name,  # its consumer name in the group
+            **env,
+        }
+        self.workers.append((Proc(name, ["worker"], env, self.tmp), port))
+        return self.workers[-1]
+
+    def pending_of(self, consumer: str) -> int:
+        """Entries the consumer has read and not acknowledged, over every stream."""
+        r = redis.Redis.from_url(self.redis.url)
+        try:
+            total = 0
+            for key in r.scan_iter(f"{self.env['NLPSERVE_REDIS_PREFIX']}:*", _type="stream"):
+                for c in r.xinfo_consumers(key, GROUP) if r.xinfo_groups(key) else []:
+                    if c["name"].decode() == consumer:
+                        total += int(c["pending"])
+            return total
+        finally:
+            r.close()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        urls = [u + "/readyz" for p, u in self.apis if p.alive()]
+        urls += [f"http://127.0.0.1:{port}/readyz" for p, port in self.workers if p.alive()]
+        end = time.monotonic() + timeout
+        for url in urls:
+            while not _ok(url):
+                for p, _ in self.apis + self.workers:  # type: ignore[operator]
+                    if not p.alive() and p.p.returncode not in (-9, 0):
+                        raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{url} not ready:\n" + self.logs())
+                time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p, _ in self.apis + self.workers)  # type: ignore[operator]
+
+    def close(self) -> None:
+        for p, _ in self.workers + self.apis:  # type: ignore[operator]
+            p.stop()
+        self.redis.stop()
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    repo = tmp / "models"  # only the two LSTM models: quicker worker start-up
+    repo.mkdir()
+    for m in MODELS:
+        (repo / m).symlink_to(model_repo / m)
+    c = Cluster(tmp, repo)
+    try:
+        # workers first on purpose: any start-up order works
+        c.start_worker()
+        c.start_worker()
+        c.start_api()
+        c.start_api()
+        c.wait_ready()
+        yield c
+    finally:
+        c.close()
+
+
+def _requests(n: int, seed: int) -> list[tuple[str, dict]]:
+    rng = random.Random(seed)
+    words = [w for ws in POS_LEXICON.values() for w in ws]
+    out = []
+    for i in range(n):
+        if i % 2:
+            k = rng.choice([1, 2, 3, 5, 8, 13, 20, 35, 50, 60])  # spans every pos bucket
+            out.append(("/v1/pos", {"tokens": [rng.choice(words) for _ in range(k)]}))
+        else:
+            k = rng.choice([1, 3, 6, 10, 15, 20, 25, 30])
+            vocab = FILLER + POSITIVE + NEGATIVE
+            out.append(("/v1/polarity", {"text": " ".join(rng.choice(vocab) for _ in range(k))}))
+    return out
+
+
+class Reply:
+    """What the tests need of an HTTP response."""
+
+    def __init__(self, status_code: int, text: str) -> None:
+        self.status_code = status_code
+        self.text = text
+
+    def json(self) -> dict:
+        return json.loads(self.text)
+
+
+async def _post(url: str, path: str, body: dict) -> Reply:
+    """One POST on its own connection: a minimal HTTP/1.1 client, because a full one costs
+    more CPU in this process than the whole cluster spends answering (2 shared cores)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    data = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        payload = _dechunk(payload)
+    return Reply(status, payload.decode())
+
+
+def _dechunk(b: bytes) -> bytes:
+    out, i = b"", 0
+    while True:
+        j = b.index(b"\r\n", i)
+        n = int(b[i:j], 16)
+        if n == 0:
+            return out
+        out += b[j + 2 : j + 2 + n]
+        i = j + 2 + n + 2
+
+
+async def _fire(urls: list[str], reqs: list[tuple[str, dict]]) -> list[Reply]:
+    """All requests in flight at once, round-robin over the replicas."""
+    return await asyncio.gather(
+        *(_post(urls[i % len(urls)], p, b) for i, (p, b) in enumerate(reqs))
+    )
+
+
+async def _expected(inprocess_service, reqs: list[tuple[str, dict]]) -> list[dict]:
+    """The in-process service's answers, asked in {"inputs": [...]} chunks (cheap)."""
+    out: list[dict | None] = [None] * len(reqs)
+    async with inprocess_service.client() as c:
+        for path in {p for p, _ in reqs}:
+            idx = [i for i, (p, _) in enumerate(reqs) if p == path]
+            for k in range(0, len(idx), 50):
+                chunk = idx[k : k + 50]
+                r = await c.post(path, json={"inputs": [reqs[i][1] for i in chunk]})
+                assert r.status_code == 200, r.text
+                for i, body in zip(chunk, r.json()["outputs"], strict=True):
+                    out[i] = body
+    return out  # type: ignore[return-value]
+
+
+def _summary(got: list[Reply]) -> str:
+    statuses = [r.status_code for r in got]
+    bad = next((r for r in got if r.status_code != 200), None)
+    return f"{ {s: statuses.count(s) for s in set(statuses)} } {bad.text if bad else ''}"
+
+
+def _assert_same(got: list[Reply], want: list[dict]) -> None:
+    statuses = [r.status_code for r in got]
+    bad = next((r for r in got if r.status_code != 200), None)
+    assert bad is None, ({s: statuses.count(s) for s in set(statuses)}, bad and bad.text)
+    for r, w in zip(got, want, strict=True):
+        body = r.json()
+        assert body.keys() == w.keys()
+        for k, v in w.items():
+            if isinstance(v, float):
+                assert body[k] == pytest.approx(v, abs=1e-4), k
+            else:
+                assert body[k] == v, k
+
+
+async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
+    cluster: Cluster, inprocess_service
+) -> None:
+    reqs = _requests(500, seed=1)
+    want = await _expected(inprocess_service, reqs)
+    t0 = time.monotonic()
+    got = await _fire([u for _, u in cluster.apis], reqs)
+    elapsed = time.monotonic() - t0
+    _assert_same(got, want) if all(r.status_code == 200 for r in got) else pytest.fail(
+        f"{_summary(got)}\n{cluster.logs()}"
+    )
+    # both workers took part, in real batches
+    batches = [_metric(port, "nlpserve_batch_size_count") for _, port in cluster.workers]
+    seqs = [_metric(port, "nlpserve_batch_size_sum") for _, port in cluster.workers]
+    assert all(b > 0 for b in batches), batches
+    assert sum(seqs) == 500 and sum(seqs) / sum(batches) > 2, (seqs, batches)
+    print(f"500 requests in {elapsed:.2f}s; batches {batches}, sequences {seqs}")
+
+
+async def test_sigkill_of_a_worker_mid_load_loses_nothing(
+    cluster: Cluster, inprocess_service
+) -> None:
+    # A third worker whose batches wait 300 ms to fill: it is sure to hold entries when
+    # killed. Killing it leaves the usual two workers for the next test.
+    victim, victim_port = cluster.start_worker(
+        NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_MAX_BATCH_SIZE="64"
+    )
+    await asyncio.to_thread(cluster.wait_ready)
+    survivors = [port for _, port in cluster.workers if port != victim_port]
+    reclaimed_before = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in survivors)
+    reqs = _requests(200, seed=2)
+    want = await _expected(inprocess_service, reqs)
+    fire = asyncio.create_task(_fire([u for _, u in cluster.apis], reqs))
+    end = time.monotonic() + 30
+    while await asyncio.to_thread(cluster.pending_of, victim.name) == 0:
+        assert time.monotonic() < end and not fire.done(), "the victim never held work"
+        await asyncio.sleep(0.005)
+    victim.stop(signal.SIGKILL)
+    orphaned = await asyncio.to_thread(cluster.pending_of, victim.name)
+    got = await asyncio.wait_for(fire, 60)
+    _assert_same(got, want)  # every request answered once, correctly
+    reclaimed = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in survivors)
+    assert reclaimed - reclaimed_before >= orphaned > 0
+    assert await asyncio.to_thread(cluster.pending_of, victim.name) == 0
+    print(f"SIGKILL left {orphaned} entries pending; survivors reclaimed them")
+
+
+async def test_redis_restart_readyz_fails_then_recovers(cluster: Cluster) -> None:
+    urls = [u for _, u in cluster.apis]
+    async with httpx.AsyncClient(timeout=10) as c:
+        cluster.redis.stop()
+        for u in urls:
+            await _until(c, u + "/readyz", 503)
+            t0 = time.monotonic()
+            r = await c.post(u + "/v1/polarity", json={"text": "a great film"})
+            assert r.status_code == 503 and time.monotonic() - t0 < 1.0, r.text
+            assert "retry-after" in {k.lower() for k in r.headers} or r.json()["error"]
+        cluster.redis.start()  # same port, empty: groups and streams are recreated
+        for u in urls:
+            await _until(c, u + "/readyz", 200, timeout=15)
+        reqs = _requests(20, seed=3)
+        got = await _fire(urls, reqs)
+        assert [r.status_code for r in got] == [200] * 20
+
+
+async def _until(c: httpx.AsyncClient, url: str, status: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if (await c.get(url)).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"{url} never answered {status}")
+        await asyncio.sleep(0.1)
