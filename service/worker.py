@@ -314,7 +314,11 @@ class Worker:
                     log.warning("worker %s: consumer group missing (%s); recreating", self.name, e)
                     groups_ok = False
                     continue
-                raise
+                # e.g. OOM (XREADGROUP writes the PEL): Redis is up but refuses; wait
+                log.warning("worker %s: Redis refused a read (%s); retrying", self.name, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
             except (RedisError, OSError) as e:
                 if self.connected:
                     log.warning("worker %s: Redis unreachable (%s); retrying", self.name, e)
