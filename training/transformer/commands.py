@@ -108,6 +108,9 @@ def train_detector_cmd(
     max_train_examples: Annotated[
         int | None, typer.Option(help="Random subsample of the train split (CPU budget).")
     ] = None,
+    subsample_seed: Annotated[
+        int | None, typer.Option(help="Seed of the train subsample (default: --seed).")
+    ] = None,
     max_dev_examples: Annotated[int | None, typer.Option()] = 600,
     eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this.")] = None,
@@ -150,6 +153,7 @@ def train_detector_cmd(
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
         max_train_examples=max_train_examples,
+        subsample_seed=subsample_seed,
         max_dev_examples=max_dev_examples,
         eval_every=eval_every,
         max_minutes=max_minutes,
@@ -212,6 +216,9 @@ def train_qa_cmd(
     ] = 0.05,
     max_holdout_examples: Annotated[int | None, typer.Option()] = 400,
     max_train_examples: Annotated[int | None, typer.Option()] = None,
+    subsample_seed: Annotated[
+        int | None, typer.Option(help="Seed of the train subsample (default: --seed).")
+    ] = None,
     max_eval_examples: Annotated[
         int | None, typer.Option(help="Evaluate on a sample of the eval file (default all).")
     ] = None,
@@ -266,6 +273,7 @@ def train_qa_cmd(
         holdout_ratio=holdout_ratio,
         max_holdout_examples=max_holdout_examples,
         max_train_examples=max_train_examples,
+        subsample_seed=subsample_seed,
         max_eval_examples=max_eval_examples,
         eval_every=eval_every,
         max_minutes=max_minutes,

@@ -39,6 +39,7 @@ class DetectorConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_train_examples: int | None = None  # CPU budget: random subsample of the train split
+    subsample_seed: int | None = None  # seed of that subsample (default: seed)
     max_dev_examples: int | None = 600
     eval_every: int | None = None
     max_minutes: float | None = None
@@ -149,7 +150,7 @@ def train_detector(
     train, dev, test = splits["train"], splits["dev"], splits.get("test", [])
     sizes = {k: len(v) for k, v in splits.items()}
     log.info("split by question: %s examples (%s)", sizes, load_stats or {})
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed if cfg.subsample_seed is None else cfg.subsample_seed)
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         train = rng.sample(train, cfg.max_train_examples)
         log.info("train subsampled to %d examples (--max-train-examples)", len(train))
@@ -158,7 +159,9 @@ def train_detector(
         dev_sel = random.Random(cfg.seed + 1).sample(dev, cfg.max_dev_examples)
 
     if tokenizer is None:
-        _, tokenizer = load_fast_tokenizer(cfg.base_model)
+        hf_tok, tokenizer = load_fast_tokenizer(cfg.base_model)
+        if work_dir is not None:  # the best checkpoint is then a complete HF folder
+            hf_tok.save_pretrained(str(work_dir / "best"))
     if model is None:
         from transformers import AutoModelForSequenceClassification
 

@@ -20,7 +20,11 @@ from training.transformer.common import prune_variants
 
 
 def publish_entry(
-    src: Path, dst: Path, keep: list[str], baseline: Path | None = None
+    src: Path,
+    dst: Path,
+    keep: list[str],
+    baseline: Path | None = None,
+    note: str = "",
 ) -> dict[str, float]:
     from service.repository import load_manifest
 
@@ -31,6 +35,9 @@ def publish_entry(
     shutil.copytree(src, staging)
     path = staging / "manifest.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["name"], raw["version"] = dst.parent.name, dst.name  # discovery checks the folder
+    if note:
+        raw["description"] += " " + note
     if baseline is not None:
         base = load_manifest(baseline)
         for k in ("em", "f1", "heldout_em", "heldout_f1", "train_seconds"):
@@ -64,9 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dst", type=Path)
     ap.add_argument("--keep", default="int8", help="comma-separated variants to keep")
     ap.add_argument("--baseline", type=Path, default=None)
+    ap.add_argument("--note", default="", help="appended to the description")
     a = ap.parse_args(argv)
     keep = [k for k in a.keep.split(",") if k]
-    print(json.dumps(publish_entry(a.src, a.dst, keep, a.baseline), indent=2))
+    print(json.dumps(publish_entry(a.src, a.dst, keep, a.baseline, a.note), indent=2))
 
 
 if __name__ == "__main__":

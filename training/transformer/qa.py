@@ -46,6 +46,7 @@ class QAConfig:
     holdout_ratio: float = 0.05  # train articles held out for checkpoint selection
     max_holdout_examples: int | None = 400
     max_train_examples: int | None = None
+    subsample_seed: int | None = None  # for --max-train-examples (default: seed)
     max_eval_examples: int | None = None  # final test (CMRC dev) subset; None = all
     eval_every: int | None = None
     max_minutes: float | None = None
@@ -213,7 +214,9 @@ def train_qa(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if tokenizer is None:
-        _, tokenizer = load_fast_tokenizer(cfg.base_model)
+        hf_tok, tokenizer = load_fast_tokenizer(cfg.base_model)
+        if work_dir is not None:  # the best checkpoint is then a complete HF folder
+            hf_tok.save_pretrained(str(work_dir / "best"))
     if model is None:
         from transformers import AutoModelForQuestionAnswering
 
@@ -224,7 +227,8 @@ def train_qa(
 
     train_ex, held_ex = split_articles(train_examples, cfg.holdout_ratio, cfg.seed)
     if cfg.max_train_examples and len(train_ex) > cfg.max_train_examples:
-        train_ex = random.Random(cfg.seed).sample(train_ex, cfg.max_train_examples)
+        sub = cfg.seed if cfg.subsample_seed is None else cfg.subsample_seed
+        train_ex = random.Random(sub).sample(train_ex, cfg.max_train_examples)
     if cfg.max_holdout_examples and len(held_ex) > cfg.max_holdout_examples:
         held_ex = random.Random(cfg.seed + 1).sample(held_ex, cfg.max_holdout_examples)
     test_ex = list(test_examples)
