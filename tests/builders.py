@@ -143,6 +143,7 @@ def build_tiny_polarity(
         batch_size=16,
         lr=1e-2,
         emb_dim=16,
+        nb_dims=4,
         hidden=16,
         dropout=0.1,
         word_dropout=0.0,
