@@ -173,6 +173,16 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     assert res.exit_code == 0, res.output
     assert (out / name / "2" / "manifest.json").is_file()
 
+    # an existing version is refused, unless --overwrite
+    again = [*args, "--epochs", 1, *size, "--threads", 1, "--no-progress", "--version", 1]
+    res = cli(*again)
+    assert res.exit_code != 0 and "alreadyexists" in _squash(res.output)
+    res = cli(*again, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert load_manifest(out / name / "1").hyperparameters["epochs"] == 1  # replaced
+    assert sorted(p.name for p in (out / name).iterdir()) == ["1", "2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
 
 def _squash(text: str) -> str:
     """The error text without whitespace and the box drawing rich wraps it in."""

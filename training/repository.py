@@ -106,13 +106,20 @@ def write_entry(
     hyperparameters: Mapping[str, Any] | None = None,
     command: str | None = None,
     bucket_quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    overwrite: bool = False,
 ) -> Path:
-    """Write tokenizer, chars, ONNX model and manifest; return the version folder."""
+    """Write tokenizer, chars, ONNX model and manifest; return the version folder.
+
+    An existing version folder is an error unless ``overwrite`` is true, in which case it is
+    replaced once the new entry is complete.
+    """
     root = Path(root)
     version = version or next_version(root, name)
     final = root / name / version
-    if final.exists():
-        raise FileExistsError(f"{final}: model version already exists; choose another --version")
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"{final}: model version already exists; choose another --version or --overwrite"
+        )
     staging = root / f".{name}-{version}.staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -161,7 +168,14 @@ def write_entry(
         write_manifest(staging, manifest)
         load_manifest(staging)  # the service's own validation
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
+        if final.exists():
+            old = root / f".{name}-{version}.replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -47,6 +47,9 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for the data split and training
 DeviceOpt = Annotated[Device, typer.Option(help="Training device.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the version folder if it exists.")
+]
 
 
 def resolve_data(data: Path | None) -> Path:
@@ -104,6 +107,7 @@ def train_pos(
     max_length: Annotated[int, typer.Option(help="Longest sentence (tokens).")] = 256,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
     _setup(device, threads)
@@ -131,7 +135,7 @@ def train_pos(
     )
     try:
         corpus = load_pos_corpus(path, cfg.dataset, cfg.tag_field)
-        folder = run_pos(corpus, out, cfg, name=name, version=version)
+        folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     _report(folder)
@@ -163,6 +167,7 @@ def train_polarity(
     max_length: Annotated[int, typer.Option(help="Longest input (tokens); longer truncated.")] = 96,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""
     _setup(device, threads)
@@ -191,7 +196,7 @@ def train_polarity(
     )
     try:
         corpus = load_polarity(path)
-        folder = run_polarity(corpus, out, cfg, name=name, version=version)
+        folder = run_polarity(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     _report(folder)

@@ -236,6 +236,7 @@ def run_polarity(
     version: str | None = None,
     command: str | None = None,
     description: str = "",
+    overwrite: bool = False,
 ) -> Path:
     start = time.perf_counter()
     trained = train_polarity(corpus, cfg)
@@ -299,6 +300,7 @@ def run_polarity(
             data=data_checksums(corpus.files, corpus.root),
             hyperparameters=hp,
             command=command,
+            overwrite=overwrite,
         )
 
 

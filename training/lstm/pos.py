@@ -246,6 +246,7 @@ def run_pos(
     version: str | None = None,
     command: str | None = None,
     description: str = "",
+    overwrite: bool = False,
 ) -> Path:
     """Train, export, check parity, evaluate the ONNX model on test, write the entry."""
     start = time.perf_counter()
@@ -315,6 +316,7 @@ def run_pos(
             data=data_checksums(corpus.files, corpus.root),
             hyperparameters=hp,
             command=command,
+            overwrite=overwrite,
         )
 
 
