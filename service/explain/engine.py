@@ -229,7 +229,7 @@ class ExplainService:
     ) -> Explanation:
         await self.warm_up()
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
+        cancel = _Cancel()
         job = loop.run_in_executor(
             self._executor, _explain_sync, ex, text, max_evals, self.batch_size, deadline, loop,
             cancel,
@@ -239,8 +239,20 @@ class ExplainService:
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
-            cancel.set()  # the thread raises at its next model call instead of running on
+            cancel.set()  # drops the model call in flight; the thread stops instead of going on
             raise
+
+
+class _Cancel(threading.Event):
+    """Set from the event loop when the request goes away; also cancels the model call in
+    flight (its queued work items are then skipped by the batcher)."""
+
+    current: concurrent.futures.Future | None = None
+
+    def set(self) -> None:
+        super().set()
+        if self.current is not None:
+            self.current.cancel()
 
 
 def _warm_shap() -> None:
@@ -269,7 +281,7 @@ def _explain_sync(
     batch_size: int,
     deadline: float,
     loop: asyncio.AbstractEventLoop,
-    cancel: threading.Event,
+    cancel: _Cancel,
 ) -> Explanation:
     """Runs in a worker thread: SHAP drives, every model call is bridged to the event loop."""
     import shap
@@ -293,8 +305,13 @@ def _explain_sync(
             raise DeadlineExceededError("the explanation did not finish before its deadline")
         texts = [str(t) for t in batch]
         fut = asyncio.run_coroutine_threadsafe(ex.scorer(texts, deadline), loop)
+        cancel.current = fut
+        if cancel.is_set():  # cancelled between the check above and now
+            fut.cancel()
         try:
             out = fut.result(timeout=remaining + _RESULT_GRACE_S)
+        except concurrent.futures.CancelledError:
+            raise ExplainCancelledError("the client went away") from None
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise DeadlineExceededError(

@@ -193,3 +193,15 @@ async def test_without_shap_the_endpoints_answer_501(c, model_repo, monkeypatch)
     assert r.status_code == 501
     assert r.json()["error"]["code"] == "explain_unavailable"
     assert "shap" in r.json()["error"]["message"]
+
+
+async def test_explanations_work_on_every_queue_backend(service, client, model_repo):
+    """The explain lane through whichever queue backend the session runs (in-process, Redis)."""
+    require_model(model_repo, POLARITY_MODEL)
+    await warm_up_explain(service.app)
+    text = "stale and clumsy but truly charming"
+    pred = (await client.post("/v1/polarity", json={"text": text})).json()
+    r = await client.post("/v1/polarity/explain", json={"text": text, "max_evals": 50})
+    assert r.status_code == 200, r.text
+    check_additive(r.json(), text)
+    assert r.json()["output"] == pytest.approx(pred["positive_probability"], abs=1e-5)
