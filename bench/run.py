@@ -230,12 +230,17 @@ class Bench:
             from bench.onnx_to_torch import hf_from_onnx
 
             try:
-                hf = hf_from_onnx(self.version_dir, self.tmp / "hf-from-onnx")
+                hf, kind = hf_from_onnx(self.version_dir, self.tmp / "hf-from-onnx")
             except (NotImplementedError, RuntimeError) as e:
                 self.notes.append(f"baseline skipped: no PyTorch weights ({e}).")
                 print(f"  baseline: SKIPPED ({e})", flush=True)
                 return
-            source = "rebuilt from model.onnx (bench/onnx_to_torch.py)"
+            source = (
+                "rebuilt from the fp32 ONNX file (bench/onnx_to_torch.py): the served weights"
+                if kind == "fp32"
+                else "DEQUANTIZED from the int8 ONNX file (no fp32 file or checkpoint here): "
+                "an equivalent model, not the same weights; pass --hf-dir for an exact baseline"
+            )
         self.notes.append(f"baseline weights: {source}; see `answers` for the parity check.")
         port = procs.free_port()
         argv = [sys.executable, "-m", "bench.baseline_app", "--hf-dir", str(hf),
@@ -320,7 +325,7 @@ class Bench:
         for s in self.summaries:
             if s["name"].startswith("raw"):
                 continue
-            ref = raw_by_variant.get(s.get("variant", "fp32"))
+            ref = raw_by_variant.get(s.get("variant", "fp32")) or raw_by_variant.get("int8")
             if ref:
                 checks[f"{s['name']} vs {ref['name']}"] = _compare(
                     self.answers.get(s["name"], {}), self.answers.get(ref["name"], {})

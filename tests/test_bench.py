@@ -176,7 +176,8 @@ def test_baseline_weights_rebuilt_from_onnx_match(model_repo: Path, tmp_path: Pa
     from service.preprocess.classify import ClassifyEncoder
 
     version = model_repo / DETECT_MODEL / "1"
-    hf = hf_from_onnx(version, tmp_path / "hf")
+    hf, kind = hf_from_onnx(version, tmp_path / "hf")
+    assert kind == "fp32"
     model = AutoModelForSequenceClassification.from_pretrained(str(hf)).eval()
     manifest = json.loads((version / "manifest.json").read_text())
     enc = ClassifyEncoder.load(version / "tokenizer.json", manifest["max_length"])
