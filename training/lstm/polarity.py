@@ -60,7 +60,7 @@ class PolarityConfig:
     bidirectional: bool = True
     max_pool: bool = True
     dropout: float = 0.5
-    word_dropout: float = 0.1
+    word_dropout: float = 0.25
     min_count: int = 2
     # Embedding dims initialised with the naive-Bayes log-count ratio of each word on the
     # training split (Wang & Manning 2012): a strong lexical starting point for small data.
