@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data.checksums import data_checksums
+from training.data.checksums import compare_checksums, data_checksums
 from training.data.common import DataError
 from training.data.conllu import load_conllu, parse_conllu
 from training.data.polarity import load_polarity
@@ -248,3 +248,9 @@ def test_data_checksums_relative_paths(tmp_path):
     assert entry.bytes == 5
     (outside,) = data_checksums([f], tmp_path / "elsewhere")
     assert outside.path == "file.txt"
+    assert compare_checksums([entry], [entry]) == []
+    assert compare_checksums([], [entry]) == []
+    f.write_bytes(b"changed")
+    (changed,) = data_checksums([f], tmp_path)
+    assert "sub/file.txt: sha256" in compare_checksums([entry], [changed])[0]
+    assert "not among the files read" in compare_checksums([entry], [])[0]

@@ -48,3 +48,21 @@ def data_checksums(files: Iterable[Path], root: Path | None = None) -> list[Data
             DataFile(path=relative_to_root(f, root), sha256=sha256_file(f), bytes=f.stat().st_size)
         )
     return out
+
+
+def compare_checksums(recorded: Iterable[DataFile], current: Iterable[DataFile]) -> list[str]:
+    """Human-readable differences between the data a model recorded and the data at hand
+    (empty when they match or nothing was recorded)."""
+    recorded = list(recorded)
+    if not recorded:
+        return []
+    now = {d.path: d.sha256 for d in current}
+    problems = []
+    for d in recorded:
+        if d.path not in now:
+            problems.append(f"{d.path}: recorded in the manifest, not among the files read")
+        elif now[d.path] != d.sha256:
+            problems.append(
+                f"{d.path}: sha256 {now[d.path][:12]}... != recorded {d.sha256[:12]}..."
+            )
+    return problems

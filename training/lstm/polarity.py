@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_word_tokenizer
 from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
-from training.data.checksums import data_checksums
+from training.data.checksums import compare_checksums, data_checksums
 from training.data.common import DataError, TextCorpus
 from training.data.splits import DEFAULT_RATIOS, split_indices, take
 from training.lstm.export import (
@@ -316,6 +316,8 @@ def evaluate_split(model_dir: Path, corpus: TextCorpus) -> dict[str, float]:
         raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
     splits = split_indices(len(corpus), m.split.seed, m.split.ratios)
     sizes = {k: len(v) for k, v in splits.items()}
+    for problem in compare_checksums(m.data, data_checksums(corpus.files, corpus.root)):
+        log.warning("evaluation data differs from the training data: %s", problem)
     if sizes != m.split.sizes:
         raise DataError(
             f"{model_dir}: data gives split sizes {sizes}, the manifest records {m.split.sizes}; "
