@@ -110,11 +110,15 @@ def length_batches(
 
 
 def buckets_from_lengths(lengths: Iterable[int], max_length: int) -> list[int]:
-    """Bucket edges from the training token-length quantiles (50/75/90/97.5%, rounded up to a
-    multiple of 8); the last edge is ``max_length`` (``training.repository.bucket_edges``)."""
+    """Bucket edges from the training token-length quantiles (10/25/50/75/90%, rounded up to
+    a multiple of 8); the last edge is ``max_length`` (``training.repository.bucket_edges``).
+    Lower quantiles than the LSTM models use: many texts/windows are cut at max_length."""
     from training.repository import bucket_edges
 
-    return bucket_edges(lengths, max_length, (0.5, 0.75, 0.9, 0.975))
+    return bucket_edges(lengths, max_length, BUCKET_QUANTILES)
+
+
+BUCKET_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 # --------------------------------------------------------------------------- training loop
