@@ -196,3 +196,25 @@ def test_missing_data_is_a_clear_error(cli, tmp_path):
     res = cli("train", "polarity", "--data", tmp_path, "--out", tmp_path / "m")
     assert res.exit_code != 0
     assert "nosentencepolaritydata" in _squash(res.output)
+
+
+# ----------------------------------------------------------------------- committed artifacts
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize(("name", "target"), [("pos-en", 0.95), ("polarity-en", 0.77)])
+def test_committed_artifact_meets_target_and_reevaluates(name, target):
+    from tests.test_data_loaders import REAL
+    from training.lstm.commands import evaluate_polarity, evaluate_pos
+
+    folder = ROOT / "models" / name / "1"
+    if not (folder / "manifest.json").is_file():
+        pytest.skip(f"{folder} not present")
+    m = load_manifest(folder)
+    assert m.metrics["accuracy"] >= target
+    assert m.metrics["onnx_max_abs_diff"] <= 1e-4
+    if REAL is None:
+        pytest.skip("shared data not available")
+    evaluate = evaluate_pos if m.task == "pos" else evaluate_polarity
+    assert evaluate(folder, REAL)["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
