@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -75,7 +76,23 @@ def framework_versions() -> dict[str, str]:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    return shlex.join(sys.argv if argv is None else argv)
+    """The command that produced an entry, free of this machine's absolute paths.
+
+    The program is recorded by name (``nlpserve``, not a venv path) and absolute path
+    arguments relative to the working directory (e.g. ``../shared/data``), so a manifest
+    says how to reproduce it from the repository root on any machine.
+    """
+    args = list(sys.argv if argv is None else argv)
+    if not args:
+        return ""
+
+    def portable(arg: str) -> str:
+        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if os.path.isabs(value):
+            value = os.path.relpath(value)
+        return f"{flag}{eq}{value}"
+
+    return shlex.join([Path(args[0]).name, *map(portable, args[1:])])
 
 
 def sha256_of(path: Path) -> str:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +14,7 @@ from typing import Annotated
 import typer
 
 from training.lstm.commands import Device, resolve_data
+from training.repository import command_line
 
 Evaluator = Callable[[Path, Path], dict[str, float]]
 log = logging.getLogger("nlpserve.transformer")
@@ -60,10 +59,6 @@ def _setup(device: Device, threads: int | None, log_file: Path | None) -> None:
         torch.set_num_threads(threads)
     if device is Device.cuda and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda requested but CUDA is not available")
-
-
-def _command() -> str:
-    return shlex.join(["nlpserve", *sys.argv[1:]])
 
 
 def _variants(v: str) -> tuple[str, ...]:
@@ -174,7 +169,7 @@ def train_detector_cmd(
         work_dir=work_dir or Path("runs") / name,
         data_files=data_checksums(files, root),
         load_stats=stats.as_dict(),
-        command=_command(),
+        command=command_line(),
         variants=_variants(variants),
         overwrite=overwrite,
     )
@@ -295,7 +290,7 @@ def train_qa_cmd(
         work_dir=work_dir or Path("runs") / name,
         data_files=data_checksums([tr_path, ev_path], root),
         load_stats=load_stats,
-        command=_command(),
+        command=command_line(),
         variants=_variants(variants),
         overwrite=overwrite,
         model=model,
