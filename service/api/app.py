@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, MetricsMiddleware
 from service.api.routes import demo, explain, ops, predict
 from service.config import Settings, get_settings
 from service.metrics import Metrics
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return state.metrics_label(parts[1], query)
         return None
 
+    app.add_middleware(JsonBodyMiddleware)
     # Added last = outermost: metrics see every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)

@@ -39,6 +39,26 @@ def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
     return start, body
 
 
+class JsonBodyMiddleware:
+    """Read every POST body to the API as JSON, whatever Content-Type it declares.
+
+    ``curl -d '{...}'`` sends ``application/x-www-form-urlencoded``; FastAPI would then not
+    parse the body and answer a puzzling type error. The API takes only JSON, so the body is
+    parsed as JSON, and a body that is not JSON gets the usual 400 ``invalid_json``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+            if b"json" not in ctype.lower():
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: by Content-Length before reading anything, and by
     counting for chunked bodies that do not declare a length."""
