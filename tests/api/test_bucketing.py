@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import pytest_asyncio
 
+from service.repository import load_manifest
 from tests.service_support import (
     DETECT_MODEL,
     QA_MODEL,
@@ -103,7 +104,15 @@ async def test_max_batch_size_and_token_budget(small_batches):
 async def fp32_service(model_repo):
     """fp32 everywhere: outputs must be identical alone and inside a padded batch (the int8
     variant's dynamic quantisation is batch-dependent; see test_runtime)."""
-    async with live_server(make_settings(model_repo, variant="fp32")) as srv:
+    # One bucket per model (its max length): the short and long inputs below must share a
+    # batch whatever edges the tiny models' training data gave them.
+    one_bucket = {
+        name: [load_manifest(model_repo / name / "1").max_length]
+        for name in ("pos-en", "polarity-en", DETECT_MODEL, QA_MODEL)
+        if (model_repo / name / "1").is_dir()
+    }
+    settings = make_settings(model_repo, variant="fp32", buckets=one_bucket)
+    async with live_server(settings) as srv:
         yield srv
 
 
