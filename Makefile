@@ -76,7 +76,11 @@ BERT_COMMON = --data $(DATA) --seed $(SEED) --device $(BERT_DEVICE) --threads $(
 .PHONY: models-bert models-detector pretrain-zh models-qa
 models-bert: models-detector models-qa
 
-models-detector: $(BIN)/.installed
+$(BIN)/.bases: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[train,dev,bases]'
+	touch $@
+
+models-detector: $(BIN)/.bases
 	$(BIN)/nlpserve train detector $(BERT_COMMON) --out $(BERT_RUNS)/models --overwrite \
 		--name detector-en-stage1 --variants fp32 --work-dir $(BERT_RUNS)/detector-en-stage1 \
 		$(DETECTOR_ARGS) $(DETECTOR_STAGE1_ARGS)
@@ -86,7 +90,7 @@ models-detector: $(BIN)/.installed
 	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/detector-en/1 \
 		$(MODELS)/detector-en/1 --keep int8
 
-pretrain-zh: $(BIN)/.installed
+pretrain-zh: $(BIN)/.bases
 	$(BIN)/nlpserve pretrain $(BERT_COMMON) --out $(BERT_RUNS)/zh-bert-tiny $(PRETRAIN_ARGS)
 
 models-qa: pretrain-zh
