@@ -85,7 +85,8 @@ def markdown(
     notes: Sequence[str] = (),
 ) -> str:
     lines = [f"# nlpserve benchmark: {meta.get('title', meta.get('model', ''))}", ""]
-    for k in ("command", "model", "requests", "concurrency", "rate", "lengths", "when"):
+    keys = ("command", "model", "requests", "concurrency", "rate", "lengths", "buckets", "when")
+    for k in keys:
         if meta.get(k) is not None:
             v = meta[k]
             lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")

@@ -169,6 +169,23 @@ class Bench:
             data_dir=args.data if args.data and args.data.is_dir() else None,
             seed=args.seed,
         )
+        self.buckets = self._bucket_override(args.buckets)
+
+    def _bucket_override(self, spec: str) -> list[int] | None:
+        """NLPSERVE_BUCKETS for the nlpserve runs: none (the manifest's), explicit edges, or
+        ``auto``: quartiles (and p90) of the request lengths *below* max_length, rounded up to
+        multiples of 8. Below the max on purpose: texts cut at max_length all land in the last
+        bucket anyway, and quantiles over them collapse every edge onto the max."""
+        if not spec:
+            return None
+        max_len = int(self.manifest["max_length"])
+        if spec != "auto":
+            edges = sorted({int(x) for x in spec.split(",") if x.strip()})
+        else:
+            below = np.array([s.tokens for s in self.specs if s.tokens < max_len])
+            qs = np.quantile(below, [0.25, 0.5, 0.75, 0.9]) if len(below) else []
+            edges = sorted({int(-(-q // 8) * 8) for q in qs})
+        return [e for e in edges if 0 < e < max_len] + [max_len]
 
     # ------------------------------------------------------------------ helpers
     def _env(self, **extra: str) -> dict[str, str]:
@@ -255,12 +272,20 @@ class Bench:
         from bench.raw_ort import run_raw_ort
         from service.config import Settings
 
-        self._settle()
-        res = run_raw_ort(
-            self.specs, self.repo, self.args.model, variant=variant,
-            settings=Settings(model_dir=self.repo), min_seconds=self.args.raw_seconds,
-        )  # fmt: skip
+        # The ceiling is the best of a few batch sizes: on a CPU, the largest batch is not
+        # always the fastest per sequence (cache), and nlpserve's batches vary in size.
+        sweep = []
+        for bs in sorted({int(x) for x in self.args.raw_batch_sizes.split(",") if x.strip()}):
+            self._settle()
+            settings = Settings(model_dir=self.repo, max_batch_size=bs)
+            r = run_raw_ort(self.specs, self.repo, self.args.model, variant=variant,
+                            settings=settings, min_seconds=self.args.raw_seconds)  # fmt: skip
+            sweep.append((r.throughput_sps, bs, r))
+            print(f"    raw ORT ({variant}) batch<={bs}: {r.throughput_sps:.1f} seq/s", flush=True)
+        best_sps, best_bs, res = max(sweep, key=lambda t: t[0])
         s = res.summary()
+        s["max_batch_size"] = best_bs
+        s["sweep_sps_by_max_batch_size"] = {str(bs): round(sps, 2) for sps, bs, _ in sweep}
         s["loadavg_before"] = self._loadavg_before
         self.summaries.append(s)
         machine = self.manifest["labels"].index("machine")
@@ -268,12 +293,21 @@ class Bench:
         print(f"  {s['name']}: {s['throughput_rps']:.1f} seq/s, padding "
               f"{s['padding_efficiency']:.3f}", flush=True)  # fmt: skip
 
-    def inprocess(self, variant: str) -> None:
-        env = self._env(NLPSERVE_QUEUE="inprocess", NLPSERVE_VARIANT=variant)
+    def _nlpserve_env(self, **extra: str) -> dict[str, str]:
+        env = self._env(**extra)
+        if self.buckets is not None:
+            env["NLPSERVE_BUCKETS"] = json.dumps({self.args.model: self.buckets})
+        return env
+
+    def inprocess(self, variant: str, manifest_buckets: bool = False) -> None:
+        env = self._nlpserve_env(NLPSERVE_QUEUE="inprocess", NLPSERVE_VARIANT=variant)
+        name = f"nlpserve in-process ({variant})"
+        if manifest_buckets:  # the comparison run: buckets as exported
+            env.pop("NLPSERVE_BUCKETS", None)
+            name = f"in-process, manifest buckets {self.manifest['buckets']} ({variant})"
         p, url = self._serve(f"serve-{variant}", env)
         with procs.stopping([p]):
-            self._run_http(f"nlpserve in-process ({variant})", url, [url + "/metrics"],
-                           variant=variant)  # fmt: skip
+            self._run_http(name, url, [url + "/metrics"], variant=variant)
 
     def redis(self, variant: str) -> None:
         started: list[procs.Proc] = []
@@ -281,8 +315,8 @@ class Bench:
             rp, redis_url = procs.start_redis(self.logs)
             started.append(rp)
             mport = procs.free_port()
-            common = self._env(NLPSERVE_QUEUE="redis", NLPSERVE_REDIS_URL=redis_url,
-                               NLPSERVE_VARIANT=variant)  # fmt: skip
+            common = self._nlpserve_env(NLPSERVE_QUEUE="redis", NLPSERVE_REDIS_URL=redis_url,
+                                        NLPSERVE_VARIANT=variant)  # fmt: skip
             w = procs.start(f"worker-{variant}", [procs.nlpserve_bin(), "worker"], self.logs,
                             env={**common, "NLPSERVE_METRICS_PORT": str(mport)})  # fmt: skip
             started.append(w)
@@ -362,6 +396,10 @@ class Bench:
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": "nlpserve defaults (max_batch_size 32, max_batch_tokens 8192, "
             "max_wait_ms 5) unless NLPSERVE_* set in the environment",
+            "buckets": {
+                "manifest": self.manifest["buckets"],
+                "nlpserve runs": self.buckets or self.manifest["buckets"],
+            },
         }
         targets = self._targets(base, raw_by_variant, inproc_by_variant)
         for t in targets:
@@ -418,11 +456,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", default="fp32,int8", help="those present in the manifest run")
     p.add_argument("--configs", default="baseline,raw,inprocess,redis")
     p.add_argument("--hf-dir", type=Path, default=None, help="PyTorch checkpoint for (a)")
+    p.add_argument(
+        "--buckets",
+        default="",
+        help="NLPSERVE_BUCKETS for (c)/(d): '' = the "
+        "manifest's, 'auto' = from the request lengths, or edges '32,64,128'",
+    )
+    p.add_argument(
+        "--also-manifest-buckets",
+        action="store_true",
+        help="with --buckets: also run (c) with the manifest's buckets",
+    )
     p.add_argument("--raw-seconds", type=float, default=8.0)
+    p.add_argument("--raw-batch-sizes", default="8,16,32", help="(b) reports the best of these")
     p.add_argument("--max-load", type=float, default=1.0, help="wait for loadavg below this")
     p.add_argument("--settle-s", type=float, default=60.0, help="...for at most this long")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--name", default=None, help="results file name (default: timestamped)")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
@@ -430,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     with tempfile.TemporaryDirectory(prefix="nlpserve-bench-") as td:
         bench = Bench(args, Path(td))
+        bench.notes.extend(args.note)
         present = set(bench.manifest["variants"])
         variants = [v for v in args.variants.split(",") if v in present]
         print(f"benchmark {args.model} v{bench.version_dir.name}: {len(bench.specs)} requests, "
@@ -443,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench.raw(v)
                 if "inprocess" in configs:
                     bench.inprocess(v)
+                    if bench.buckets is not None and args.also_manifest_buckets:
+                        bench.inprocess(v, manifest_buckets=True)
                 if "redis" in configs:
                     try:
                         bench.redis(v)
