@@ -145,10 +145,11 @@ def baseline_pipeline(folder: Path, torch_model: str | None, batch_size: int | N
         model_max_length=manifest.max_length,
     )
     labels = {i: lab for i, lab in enumerate(manifest.labels)}
-    checkpoint = torch_model or _same_weights_checkpoint(folder, manifest.name)
-    if checkpoint:
-        model = AutoModelForSequenceClassification.from_pretrained(checkpoint)
-        source = f"{checkpoint} (the served weights)"
+    found = (torch_model, "given with --torch-model") if torch_model else None
+    found = found or _same_weights_checkpoint(folder, manifest.name)
+    if found:
+        model = AutoModelForSequenceClassification.from_pretrained(found[0])
+        source = f"{found[0]} ({found[1]})"
     else:
         base = str(manifest.hyperparameters.get("base_model") or "")
         if base and Path(base).is_dir():  # same architecture, fresh head
@@ -177,18 +178,26 @@ def baseline_pipeline(folder: Path, torch_model: str | None, batch_size: int | N
     return pipe, source
 
 
-def _same_weights_checkpoint(folder: Path, name: str) -> str | None:
-    """The training checkpoint (runs/<name>/best) or one rebuilt from the served fp32 ONNX."""
+def _same_weights_checkpoint(folder: Path, name: str) -> tuple[str, str] | None:
+    """(folder, what it is): the training checkpoint (runs/<name>/best), or the weights rebuilt
+    from the served ONNX (fp32: the same weights; int8 only: dequantised, equivalent)."""
     best = ROOT / "runs" / name / "best"
     if (best / "config.json").is_file():
-        return str(best)
+        return str(best), "the training checkpoint"
     try:
         from bench.onnx_to_torch import hf_from_onnx
 
-        return str(hf_from_onnx(folder, Path(tempfile.mkdtemp(prefix="nlpserve-bench-hf-"))))
+        out = hf_from_onnx(folder, Path(tempfile.mkdtemp(prefix="nlpserve-bench-hf-")))
     except Exception as e:  # architecture it cannot rebuild: fall back to the same shape
         print(f"(baseline: could not rebuild the weights from ONNX: {e})", flush=True)
         return None
+    # Older versions return the folder, newer ones (folder, "fp32" | "int8-dequantized").
+    path, kind = out if isinstance(out, tuple) else (out, "fp32")
+    what = {
+        "fp32": "the served weights, rebuilt from the fp32 ONNX",
+        "int8-dequantized": "rebuilt from the served int8 ONNX, dequantised (equivalent weights)",
+    }.get(kind, kind)
+    return str(path), what
 
 
 def baseline_explainer(pipe: Any) -> Any:
