@@ -34,14 +34,15 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "nlpserve_requests_total",
-            "HTTP prediction requests by model and HTTP status.",
-            ["model", "status"],
+            "HTTP requests by model, endpoint (predict or explain) and HTTP status.",
+            ["model", "endpoint", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
             "nlpserve_request_duration_seconds",
-            "Prediction request latency (HTTP in to HTTP out).",
-            ["model", "status"],
+            "Request latency (HTTP in to HTTP out); explanations are their own endpoint label, "
+            "so their seconds never blur prediction latency.",
+            ["model", "endpoint", "status"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -109,10 +110,10 @@ class Metrics:
         self.batch_tokens.labels(model, "real").inc(real_tokens)
         self.batch_tokens.labels(model, "padded").inc(padded_tokens)
 
-    def observe_request(self, model: str, status: int, secs: float) -> None:
+    def observe_request(self, model: str, endpoint: str, status: int, secs: float) -> None:
         s = str(status)
-        self.requests.labels(model, s).inc()
-        self.request_duration.labels(model, s).observe(secs)
+        self.requests.labels(model, endpoint, s).inc()
+        self.request_duration.labels(model, endpoint, s).observe(secs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,10 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explain.router)  # /v1/{detect,polarity}/explain
     app.include_router(demo.router)  # GET / (demo page) and /static/*
 
-    def model_for(path: str, query: dict[str, list[str]]) -> str | None:
+    def model_for(path: str, query: dict[str, list[str]]) -> tuple[str, str] | None:
+        """(model, endpoint) of a request to /v1/<task>[/explain]; None for other paths."""
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[0] == "v1" and parts[1] in TASK_CLASSES:
-            return state.metrics_label(parts[1], query)
+            endpoint = "explain" if parts[2:] == ["explain"] else "predict"
+            return state.metrics_label(parts[1], query), endpoint
         return None
 
     app.add_middleware(JsonBodyMiddleware)

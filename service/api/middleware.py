@@ -117,7 +117,7 @@ class MetricsMiddleware:
         self,
         app: ASGIApp,
         metrics: Metrics,
-        model_for: Callable[[str, dict[str, list[str]]], str | None],
+        model_for: Callable[[str, dict[str, list[str]]], tuple[str, str] | None],
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -128,10 +128,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        model = self.model_for(scope["path"], query)
-        if model is None:
+        target = self.model_for(scope["path"], query)
+        if target is None:
             await self.app(scope, receive, send)
             return
+        model, endpoint = target
         state = scope.setdefault("state", {})
         status = 500
         t0 = time.perf_counter()
@@ -146,7 +147,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, capturing_send)
         finally:
             model = state.get("model", model)
-            self.metrics.observe_request(model, status, time.perf_counter() - t0)
+            self.metrics.observe_request(model, endpoint, status, time.perf_counter() - t0)
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"
                 self.metrics.rejected.labels(model, reason).inc()

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from service.api.routes.explain import explain_service, warm_up_explain
-from tests.service_support import DETECT_MODEL, POLARITY_MODEL, require_model
+from tests.service_support import DETECT_MODEL, POLARITY_MODEL, metric_value, require_model
 
 pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -205,3 +205,23 @@ async def test_explanations_work_on_every_queue_backend(service, client, model_r
     assert r.status_code == 200, r.text
     check_additive(r.json(), text)
     assert r.json()["output"] == pytest.approx(pred["positive_probability"], abs=1e-5)
+
+
+async def test_explanations_have_their_own_endpoint_label_in_request_metrics(c, model_repo):
+    # Multi-second explanations must not blur the prediction latency series.
+    require_model(model_repo, POLARITY_MODEL)
+
+    async def counts() -> tuple[float, float]:
+        text = (await c.get("/metrics")).text
+        return tuple(
+            metric_value(
+                text, "nlpserve_request_duration_seconds_count", model=POLARITY_MODEL, endpoint=e
+            )
+            for e in ("predict", "explain")
+        )
+
+    before = await counts()
+    r = await c.post("/v1/polarity/explain", json={"text": "a moving and clever film"})
+    assert r.status_code == 200, r.text
+    after = await counts()
+    assert after == (before[0], before[1] + 1)

@@ -61,7 +61,12 @@ async def test_metrics_exposition(client):
         "nlpserve_rejected_total",
     ):
         assert name in text, name
-    assert metric_value(text, "nlpserve_requests_total", model="polarity-en", status="200") >= 1
+    assert (
+        metric_value(
+            text, "nlpserve_requests_total", model="polarity-en", endpoint="predict", status="200"
+        )
+        >= 1
+    )
     assert metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason="empty_text")
 
 
