@@ -85,7 +85,8 @@ def markdown(
     notes: Sequence[str] = (),
 ) -> str:
     lines = [f"# nlpserve benchmark: {meta.get('title', meta.get('model', ''))}", ""]
-    keys = ("command", "model", "requests", "concurrency", "rate", "lengths", "buckets", "when")
+    keys = ("command", "model", "requests", "concurrency", "rate", "lengths", "buckets",
+            "serve_env", "when")  # fmt: skip
     for k in keys:
         if meta.get(k) is not None:
             v = meta[k]

@@ -297,6 +297,9 @@ class Bench:
         env = self._env(**extra)
         if self.buckets is not None:
             env["NLPSERVE_BUCKETS"] = json.dumps({self.args.model: self.buckets})
+        # --serve-env: settings for the nlpserve processes only (raw ORT keeps the defaults
+        # it shares with them, the baseline has no such settings).
+        env.update(dict(kv.split("=", 1) for kv in self.args.serve_env))
         return env
 
     def inprocess(self, variant: str, manifest_buckets: bool = False) -> None:
@@ -396,6 +399,7 @@ class Bench:
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": "nlpserve defaults (max_batch_size 32, max_batch_tokens 8192, "
             "max_wait_ms 5) unless NLPSERVE_* set in the environment",
+            "serve_env": dict(kv.split("=", 1) for kv in self.args.serve_env) or None,
             "buckets": {
                 "manifest": self.manifest["buckets"],
                 "nlpserve runs": self.buckets or self.manifest["buckets"],
@@ -474,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--name", default=None, help="results file name (default: timestamped)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
+    p.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="NLPSERVE_X=V",
+        help="setting for the nlpserve runs (c)/(d) only; repeatable",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
