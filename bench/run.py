@@ -439,12 +439,12 @@ def _targets_of(base: dict[str, Any] | None, raw: dict[str, dict[str, Any]],
             out.append(_target(name, s["latency_ms"]["p99"], p99, higher=False, fmt="{:.0f} ms"))
         if v in raw:
             name = f"in-process {v} >= 85% of raw ORT"
-            out.append(_target(name, s.get("fraction_of_raw_ort"), 0.85, fmt="{:.0%}"))
+            out.append(_target(name, s.get("fraction_of_raw_ort"), 0.85, fmt="{:.1%}"))
         name = f"in-process {v} padding efficiency >= 0.90"
         out.append(_target(name, s.get("padding_efficiency"), 0.90, fmt="{:.3f}"))
         if v in redis:
             name = f"Redis {v} >= 80% of in-process"
-            out.append(_target(name, redis[v].get("fraction_of_inprocess"), 0.80, fmt="{:.0%}"))
+            out.append(_target(name, redis[v].get("fraction_of_inprocess"), 0.80, fmt="{:.1%}"))
     return [t for t in out if t is not None]
 
 
