@@ -121,7 +121,8 @@ def run_raw_ort(
     loaded = create_session(entry.path, m, settings)
     sess = loaded.session
     items = encode_detect(specs, entry.path, m)
-    batches = sorted_batches(items, settings.max_batch_size, settings.max_batch_tokens)
+    policy = settings.batch_policy()
+    batches = sorted_batches(items, policy.max_batch_size, policy.max_batch_tokens)
     feeds = [pad_batch(b, m.inputs) for b in batches]  # padding is not part of the timing
     out_names = m.output_names()
 

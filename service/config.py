@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.batching.types import BatchPolicy
 
+# Default token budgets (NLPSERVE_MAX_BATCH_TOKENS unset). On the 2-core CPU, 512 gave 44%
+# more throughput than 8192 (bench/results/detector-en-cpu-2core*.md); GPUs want big batches.
+CPU_BATCH_TOKENS = 512
+GPU_BATCH_TOKENS = 8192
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NLPSERVE_", env_file=None, extra="ignore")
@@ -53,8 +58,11 @@ class Settings(BaseSettings):
 
     # --- batching
     max_batch_size: int = Field(32, description="Most sequences in one inference batch.")
-    max_batch_tokens: int = Field(
-        8192, description="Token budget: batch size x padded length never exceeds this."
+    max_batch_tokens: int | None = Field(
+        None,
+        description="Token budget: batch size x padded length never exceeds this. Default per "
+        f"provider: {CPU_BATCH_TOKENS} on CPU (padding and big batches cost more than they give; "
+        f"measured in bench/results), {GPU_BATCH_TOKENS} on CUDA (batch size is what pays).",
     )
     max_wait_ms: float = Field(5.0, description="How long a batch waits to fill before it runs.")
     max_queue_depth: int = Field(
@@ -135,10 +143,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    def batch_policy(self) -> BatchPolicy:
+    def batch_policy(self, provider: str | None = None) -> BatchPolicy:
+        """The batching rules for a model running on ``provider`` (its ORT provider)."""
+        tokens = self.max_batch_tokens
+        if tokens is None:
+            tokens = GPU_BATCH_TOKENS if provider == "CUDAExecutionProvider" else CPU_BATCH_TOKENS
         return BatchPolicy(
             max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens,
+            max_batch_tokens=tokens,
             max_wait_s=self.max_wait_ms / 1000.0,
         )
 

@@ -120,7 +120,9 @@ class Worker:
             settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.prefix = settings.redis_prefix
-        self.schedulers = {m: BucketScheduler(settings.batch_policy()) for m in self.runners}
+        self.schedulers = {
+            m: BucketScheduler(settings.batch_policy(r.provider)) for m, r in self.runners.items()
+        }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():
             for s in model_streams(self.prefix, m, len(r.buckets)):

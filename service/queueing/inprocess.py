@@ -93,9 +93,11 @@ class InProcessQueue(InferenceQueue):
         self.runners = dict(runners)
         self.settings = settings
         self.metrics = metrics
-        self.policy = settings.batch_policy()
         self.max_depth = settings.max_queue_depth
-        self._scheds = {name: BucketScheduler(self.policy) for name in self.runners}
+        self._scheds = {
+            name: BucketScheduler(settings.batch_policy(r.provider))
+            for name, r in self.runners.items()
+        }
         self._futures: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
