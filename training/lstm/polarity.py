@@ -34,9 +34,10 @@ from training.lstm.export import (
     ort_session,
     pad_batch,
 )
-from training.lstm.loop import eval_batches, fit, length_batches, seed_everything, word_dropout
+from training.lstm.loop import eval_batches, fit, length_batches, word_dropout
 from training.lstm.models import PolarityClassifier
 from training.repository import write_entry
+from training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

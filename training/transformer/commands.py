@@ -248,7 +248,7 @@ def train_qa_cmd(
     if random_init:
         from transformers import AutoConfig, AutoModelForQuestionAnswering
 
-        from training.transformer.common import seed_everything
+        from training.seeding import seed_everything
 
         seed_everything(seed)
         model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(base_model))

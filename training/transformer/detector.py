@@ -125,6 +125,7 @@ def train_detector(
     """
     import torch
 
+    from training.seeding import seed_everything
     from training.transformer import export as ex
     from training.transformer.common import (
         FitConfig,
@@ -136,7 +137,6 @@ def train_detector(
         publish,
         resolve_device,
         save_tokenizer_json,
-        seed_everything,
         staging_dir,
         write_entry,
     )

@@ -160,7 +160,8 @@ def pretrain(
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from training.transformer.common import FitConfig, fit, seed_everything
+    from training.seeding import seed_everything
+    from training.transformer.common import FitConfig, fit
 
     seed_everything(cfg.seed)
     t0 = time.time()

@@ -192,6 +192,7 @@ def train_qa(
 ) -> dict[str, float]:
     import torch
 
+    from training.seeding import seed_everything
     from training.transformer import export as ex
     from training.transformer.common import (
         FitConfig,
@@ -203,7 +204,6 @@ def train_qa(
         publish,
         resolve_device,
         save_tokenizer_json,
-        seed_everything,
         staging_dir,
         write_entry,
     )
