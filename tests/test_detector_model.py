@@ -16,7 +16,7 @@ from tests.builders_bert import _tiny_bert, build_tiny_detector, detector_exampl
 
 @pytest.fixture(scope="module")
 def det_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_detector(tmp_path_factory.mktemp("repo"))
+    return build_tiny_detector(tmp_path_factory.mktemp("repo"), variants=("fp32", "int8", "fp16"))
 
 
 def test_entry_contract_and_learned_toy_task(det_entry: Path):
@@ -25,9 +25,12 @@ def test_entry_contract_and_learned_toy_task(det_entry: Path):
     assert [t.name for t in m.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [(t.name, t.shape) for t in m.outputs] == [("logits", ["batch", 2])]
     assert m.preprocessing.kind == "wordpiece" and m.buckets[-1] == m.max_length
-    assert set(m.variants) == {"fp32", "int8"}
+    assert set(m.variants) == {"fp32", "int8", "fp16"}
     assert m.metrics["accuracy"] == 1.0 and m.metrics["roc_auc"] == 1.0
     assert "accuracy_drop" in m.variants["int8"].metrics
+    fp16 = m.variants["fp16"]
+    assert fp16.measured_with in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert fp16.metrics["accuracy"] == 1.0 and fp16.metrics["accuracy_drop"] == 0.0
     assert m.split is not None and m.split.unit == "question"
     assert "class-weighted" in m.hyperparameters["imbalance"]
 
@@ -38,7 +41,7 @@ def test_service_side_prediction(det_entry: Path):
     m = load_manifest(det_entry)
     enc = ClassifyEncoder.load(det_entry / "tokenizer.json", m.max_length)
     texts = ["i think my dog ate it lol", "additionally it is important to note that overall"]
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8", "fp16"):
         sess = ort.InferenceSession(str(det_entry / m.variants[variant].file),
                                     providers=["CPUExecutionProvider"])  # fmt: skip
         (logits,) = sess.run(["logits"], enc(texts))

@@ -16,7 +16,7 @@ from tests.builders_bert import _tiny_bert, build_tiny_qa, qa_examples
 
 @pytest.fixture(scope="module")
 def qa_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qa(tmp_path_factory.mktemp("repo"))
+    return build_tiny_qa(tmp_path_factory.mktemp("repo"), variants=("fp32", "int8", "fp16"))
 
 
 def test_entry_contract(qa_entry: Path):
@@ -35,9 +35,15 @@ def test_entry_contract(qa_entry: Path):
     )
     assert m.preprocessing.doc_stride == 16 and m.preprocessing.max_query_length == 16
     assert m.buckets[-1] == m.max_length == 64
-    assert set(m.variants) == {"fp32", "int8"}
+    assert set(m.variants) == {"fp32", "int8", "fp16"}
     assert m.metrics["onnx_parity_max_abs_diff"] <= 1e-3
     assert "f1_drop" in m.variants["int8"].metrics
+    # The fp16 variant is for CUDA but measured wherever the export ran, and says where.
+    fp16 = m.variants["fp16"]
+    assert fp16.providers == ["CUDAExecutionProvider"]
+    assert fp16.measured_with in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert fp16.metrics["f1_drop"] == pytest.approx(m.metrics["f1"] - fp16.metrics["f1"])
+    assert "fp16 variant" in m.description and "f1 drop" in m.description
     assert not any(p.name.startswith(".") for p in qa_entry.parent.parent.iterdir())  # staged
 
 
@@ -47,7 +53,7 @@ def test_ort_serves_valid_spans_over_several_windows(qa_entry: Path):
     m = load_manifest(qa_entry)
     enc = QAEncoder.load(qa_entry / "tokenizer.json", m.max_length, m.preprocessing.doc_stride,
                          m.preprocessing.max_query_length)  # fmt: skip
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8", "fp16"):
         sess = ort.InferenceSession(str(qa_entry / m.variants[variant].file),
                                     providers=["CPUExecutionProvider"])  # fmt: skip
         for ex in qa_examples(repeat=2, filler=4)[:6]:

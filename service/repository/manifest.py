@@ -44,6 +44,9 @@ class Variant(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     sha256: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    # The execution provider ``metrics`` were measured with, where it is not the first of
+    # ``providers`` (an fp16 variant for CUDA evaluated on a machine without a GPU).
+    measured_with: str | None = None
 
 
 class DataFile(_Strict):

@@ -90,10 +90,12 @@ def predict_torch(model, encoder, encs, batch_size: int, device: str) -> np.ndar
     return probs
 
 
-def predict_onnx(path: Path, encoder, encs, batch_size: int) -> np.ndarray:
+def predict_onnx(
+    path: Path, encoder, encs, batch_size: int, providers: list[str] | None = None
+) -> np.ndarray:
     from training.transformer.export import ort_session
 
-    sess = ort_session(path)
+    sess = ort_session(path, providers=providers)
     groups, batches = _batches_np(encoder, encs, batch_size)
     probs = np.zeros(len(encs))
     for g, b in zip(groups, batches, strict=True):
@@ -251,10 +253,10 @@ def train_detector(
     var_meta: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
 
-    def _test(path: Path) -> dict[str, float]:
+    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
         if not test_encs:
             return {}
-        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size)
+        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size, providers)
         m = binary_metrics(test_y, p)
         return {k: m[k] for k in ("accuracy", "f1", "roc_auc", "precision", "recall")}
 
@@ -271,21 +273,8 @@ def train_detector(
         var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8}
     fp16_note = ""
     if "fp16" in variants:
-        _, fused = ex.convert_fp16(
-            onnx_fp32,
-            out_dir / "model.fp16.onnx",
-            model.config.num_attention_heads,
-            model.config.hidden_size,
-        )
-        var_meta["fp16"] = {
-            "file": "model.fp16.onnx",
-            "precision": "fp16",
-            "providers": ["CUDAExecutionProvider"],
-            "metrics": {},
-        }
-        fp16_note = (
-            f" fp16 variant ({'BERT-fused, ' if fused else ''}keep_io_types) is for CUDA; its "
-            "metrics were not measured (no GPU where it was built)."
+        var_meta["fp16"], fp16_note = ex.fp16_variant(
+            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("accuracy", "roc_auc")
         )
     metrics.update(
         {

@@ -169,6 +169,54 @@ def convert_fp16(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tupl
         return dst, False
 
 
+def fp16_eval_providers() -> list[str]:
+    """Where the fp16 variant's metrics are measured: CUDA (the variant's target) when this
+    onnxruntime has it, else the CPU provider, which also runs the fp16 graph (weights and
+    activations stored in fp16; some kernels accumulate in fp32, so the drop it measures can
+    be slightly smaller than on a GPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def fp16_variant(
+    src: Path,
+    out_dir: Path,
+    config,
+    evaluate,
+    reference: dict[str, float],
+    drop_keys: tuple[str, ...],
+) -> tuple[dict[str, Any], str]:
+    """Write ``model.fp16.onnx`` next to ``src``, measure it with ``evaluate(path, providers)``
+    and report each ``drop_keys`` metric's drop from ``reference`` (the fp32 figures).
+    Returns the variant's manifest entry and a sentence for the model description."""
+    dst, fused = convert_fp16(
+        src, out_dir / "model.fp16.onnx", config.num_attention_heads, config.hidden_size
+    )
+    providers = fp16_eval_providers()
+    metrics = dict(evaluate(dst, providers))
+    if reference and metrics:
+        for key in drop_keys:
+            metrics[f"{key}_drop"] = reference[key] - metrics[key]
+    entry: dict[str, Any] = {
+        "file": dst.name,
+        "precision": "fp16",
+        "providers": ["CUDAExecutionProvider"],
+        "metrics": metrics,
+        "measured_with": providers[0],
+    }
+    drops = ", ".join(
+        f"{k} drop {metrics[f'{k}_drop']:+.4f}" for k in drop_keys if f"{k}_drop" in metrics
+    )
+    note = (
+        f" fp16 variant ({'BERT-fused, ' if fused else ''}keep_io_types) for CUDA; measured with "
+        f"{providers[0]}: {drops or 'no test data'}."
+    )
+    return entry, note
+
+
 def run_batches(
     sess, batches: list[dict[str, np.ndarray]], output_names: list[str]
 ) -> list[list[np.ndarray]]:

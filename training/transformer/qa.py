@@ -155,10 +155,12 @@ def torch_runner(model, device: str) -> RunFn:
     return run
 
 
-def onnx_runner(path: Path | str, threads: int | None = None) -> RunFn:
+def onnx_runner(
+    path: Path | str, threads: int | None = None, providers: list[str] | None = None
+) -> RunFn:
     from training.transformer.export import ort_session
 
-    sess = ort_session(path, threads=threads)
+    sess = ort_session(path, providers=providers, threads=threads)
 
     def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         s, e = sess.run(["start_logits", "end_logits"], batch)
@@ -292,11 +294,11 @@ def train_qa(
     if diff > 1e-3:
         raise RuntimeError(f"ONNX parity failed: max |diff| {diff:.2e} > 1e-3")
 
-    def _test(path: Path) -> dict[str, float]:
+    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
         if not test_ex:
             return {}
         t = time.time()
-        r = evaluate_examples(test_ex, encoder, onnx_runner(path), cfg)
+        r = evaluate_examples(test_ex, encoder, onnx_runner(path, providers=providers), cfg)
         log.info("test %s: EM %.2f F1 %.2f (%.0fs)", path.name, r["em"], r["f1"], time.time() - t)
         return {"em": r["em"], "f1": r["f1"]}
 
@@ -313,17 +315,8 @@ def train_qa(
         var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8}
     fp16_note = ""
     if "fp16" in variants:
-        _, fused = ex.convert_fp16(
-            onnx_fp32,
-            out_dir / "model.fp16.onnx",
-            model.config.num_attention_heads,
-            model.config.hidden_size,
-        )
-        var_meta["fp16"] = {"file": "model.fp16.onnx", "precision": "fp16",
-                            "providers": ["CUDAExecutionProvider"], "metrics": {}}  # fmt: skip
-        fp16_note = (
-            f" fp16 variant ({'BERT-fused, ' if fused else ''}keep_io_types) is for CUDA; its "
-            "metrics were not measured (no GPU where it was built)."
+        var_meta["fp16"], fp16_note = ex.fp16_variant(
+            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("f1", "em")
         )
     metrics: dict[str, float] = dict(fp32_metrics)
     metrics.update(
