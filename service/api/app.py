@@ -11,7 +11,12 @@ from fastapi import FastAPI
 
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, MetricsMiddleware
+from service.api.middleware import (
+    BodyLimitMiddleware,
+    JsonBodyMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
 from service.api.routes import demo, explain, ops, predict
 from service.config import Settings, get_settings
 from service.metrics import Metrics
@@ -91,4 +96,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: metrics see every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
@@ -151,3 +153,33 @@ class MetricsMiddleware:
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"
                 self.metrics.rejected.labels(model, reason).inc()
+
+
+# What a caller's (or the gateway's) request id may look like; anything else is replaced,
+# so a header cannot smuggle control characters or megabytes into logs and responses.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIdMiddleware:
+    """Every response carries ``X-Request-ID``: the caller's (the gateway forwards or mints
+    one) when it is well-formed, else a new one. Routes and error handlers find it in
+    ``request.state.request_id`` for their logs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+
+        async def tagging_send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                headers = [(k, v) for k, v in msg.get("headers", []) if k != b"x-request-id"]
+                msg = {**msg, "headers": [*headers, (b"x-request-id", rid)]}
+            await send(msg)
+
+        await self.app(scope, receive, tagging_send)

@@ -119,3 +119,18 @@ async def test_empty_repository_is_alive_but_not_ready(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_models"
         r = await c.post("/v1/pos", json={"text": "a"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_loaded"
+
+
+async def test_request_id_is_echoed_or_minted(client):
+    r = await client.post(
+        "/v1/polarity", json={"text": "fine"}, headers={"X-Request-ID": "ab-12.3"}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "ab-12.3"
+    # errors carry it too, and a malformed id is replaced rather than echoed
+    r = await client.post("/v1/polarity", json={}, headers={"X-Request-ID": "bad id\twith tab"})
+    assert r.status_code == 422
+    minted = r.headers["x-request-id"]
+    assert minted != "bad id\twith tab" and len(minted) == 32 and int(minted, 16) >= 0
+    a = (await client.get("/healthz")).headers["x-request-id"]
+    b = (await client.get("/healthz")).headers["x-request-id"]
+    assert a != b
