@@ -6,6 +6,8 @@ several apps in one test process, or an API and a worker, never share or clash o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -117,3 +119,62 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerMetrics:
+    """The series only an inference worker has (Redis mode), in the worker's registry next to
+    the batch series of :class:`Metrics`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        in_hand: Callable[[], int],
+        connected: Callable[[], bool],
+    ) -> None:
+        r = registry
+        self.reclaimed = Counter(
+            "nlpserve_worker_reclaimed_total",
+            "Entries this worker took over from dead workers (XAUTOCLAIM).",
+            ["model"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "nlpserve_worker_dead_lettered_total",
+            "Entries moved to the dead-letter stream; reason=failed|redelivered|malformed.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.expired = Counter(
+            "nlpserve_worker_expired_total",
+            "Entries skipped because their request deadline had passed.",
+            ["model"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "nlpserve_worker_replies_total",
+            "Replies published, by status (ok, failed).",
+            ["model", "status"],
+            registry=r,
+        )
+        self.stream_lag = Gauge(
+            "nlpserve_worker_stream_lag_entries",
+            "Entries in a work stream not yet read by any worker.",
+            ["model", "bucket", "lane"],
+            registry=r,
+        )
+        self.stream_pending = Gauge(
+            "nlpserve_worker_stream_pending_entries",
+            "Entries read by some worker but not yet acknowledged.",
+            ["model", "bucket", "lane"],
+            registry=r,
+        )
+        in_hand_gauge = Gauge(
+            "nlpserve_worker_in_hand_entries",
+            "Entries this worker holds (read, not yet answered).",
+            registry=r,
+        )
+        in_hand_gauge.set_function(lambda: float(in_hand()))
+        connected_gauge = Gauge(
+            "nlpserve_worker_redis_connected", "1 while Redis answers this worker.", registry=r
+        )
+        connected_gauge.set_function(lambda: 1.0 if connected() else 0.0)

@@ -36,13 +36,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 import numpy as np
-from prometheus_client import Counter, Gauge, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
 from service.config import Settings
-from service.metrics import Metrics
+from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
 from service.queueing.inprocess import run_batch_isolating
 from service.queueing.redis_keys import (
@@ -140,57 +139,11 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None
-        self._register_metrics()
-
-    # ------------------------------------------------------------------ metrics
-    def _register_metrics(self) -> None:
-        r = self.metrics.registry
-        self.m_reclaimed = Counter(
-            "nlpserve_worker_reclaimed_total",
-            "Entries this worker took over from dead workers (XAUTOCLAIM).",
-            ["model"],
-            registry=r,
+        self.wm = WorkerMetrics(
+            self.metrics.registry,
+            in_hand=lambda: len(self._in_hand),
+            connected=lambda: self.connected,
         )
-        self.m_dead = Counter(
-            "nlpserve_worker_dead_lettered_total",
-            "Entries moved to the dead-letter stream; reason=failed|redelivered|malformed.",
-            ["model", "reason"],
-            registry=r,
-        )
-        self.m_expired = Counter(
-            "nlpserve_worker_expired_total",
-            "Entries skipped because their request deadline had passed.",
-            ["model"],
-            registry=r,
-        )
-        self.m_replies = Counter(
-            "nlpserve_worker_replies_total",
-            "Replies published, by status (ok, failed).",
-            ["model", "status"],
-            registry=r,
-        )
-        self.m_lag = Gauge(
-            "nlpserve_worker_stream_lag_entries",
-            "Entries in a work stream not yet read by any worker.",
-            ["model", "bucket", "lane"],
-            registry=r,
-        )
-        self.m_pending = Gauge(
-            "nlpserve_worker_stream_pending_entries",
-            "Entries read by some worker but not yet acknowledged.",
-            ["model", "bucket", "lane"],
-            registry=r,
-        )
-        self.m_in_hand = Gauge(
-            "nlpserve_worker_in_hand_entries",
-            "Entries this worker holds (read, not yet answered).",
-            registry=r,
-        )
-        self.m_in_hand.set_function(lambda: len(self._in_hand))
-        self.m_connected = Gauge(
-            "nlpserve_worker_redis_connected", "1 while Redis answers this worker.", registry=r
-        )
-        self.m_connected.set_function(lambda: 1.0 if self.connected else 0.0)
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self) -> None:
@@ -544,14 +497,14 @@ class Worker:
         reply = None
         if reply_to and rid:
             reply = codec.Reply(rid.decode(errors="replace"), codec.STATUS_FAILED, error=error)
-        self.m_dead.labels(model, reason).inc()
+        self.wm.dead_lettered.labels(model, reason).inc()
         self.stats.dead_lettered += 1
         return _Done(
             stream, entry_id, reply_to.decode(errors="replace"), reply, dead=dead, model=model
         )
 
     def _count_expired(self, model: str) -> None:
-        self.m_expired.labels(model).inc()
+        self.wm.expired.labels(model).inc()
         self.stats.expired += 1
 
     async def _settle(self, done: Sequence[_Done]) -> None:
@@ -599,7 +552,7 @@ class Worker:
             self._in_hand.pop((d.stream, d.entry_id), None)
             if d.reply is not None:
                 self.stats.replies += 1
-                self.m_replies.labels(d.model, d.reply.status.decode()).inc()
+                self.wm.replies.labels(d.model, d.reply.status.decode()).inc()
         self._room.set()
 
     # ------------------------------------------------------------------ maintenance
@@ -662,7 +615,7 @@ class Worker:
             log.warning(
                 "worker %s: reclaimed %d idle entries of %s", self.name, len(claimed), stream
             )
-            self.m_reclaimed.labels(model).inc(len(claimed))
+            self.wm.reclaimed.labels(model).inc(len(claimed))
             self.stats.reclaimed += len(claimed)
             await self._accept(stream, claimed, counts)
 
@@ -689,8 +642,8 @@ class Worker:
             pending = int(pend["pending"])
             labels = _stream_labels(s)
             # answered entries are deleted, so whatever is not pending is still unread
-            self.m_lag.labels(*labels).set(max(0, int(length) - pending))
-            self.m_pending.labels(*labels).set(pending)
+            self.wm.stream_lag.labels(*labels).set(max(0, int(length) - pending))
+            self.wm.stream_pending.labels(*labels).set(pending)
 
     async def _forget_dead_consumers(self, idle_ms: int) -> None:
         """Delete consumers (dead workers) that own nothing and have not been seen for a
@@ -711,7 +664,7 @@ class Worker:
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    status, body = 200, generate_latest(worker.metrics.registry)
+                    status, body = 200, worker.metrics.render()
                     ctype = worker.metrics.content_type
                 elif path == "/healthz":
                     ok = worker.alive()
