@@ -13,7 +13,9 @@ so when no checkpoint is at hand they are read back out of ``model.onnx`` (fp32)
   not change any shape, so every divisor of the hidden size is tried and the one whose
   outputs equal ONNX Runtime's on a probe batch is kept (the same check proves the rebuild).
 
-Supports ``BertForSequenceClassification`` graphs exported by ``training/transformer/export``.
+Supports ``BertForSequenceClassification`` and ``BertForQuestionAnswering`` graphs exported by
+``training/transformer/export`` (the QA head ``qa_outputs`` is one more Linear: MatMul + Add of
+its bias, then a Split into start/end logits, so the same mapping recovers it).
 A repository that commits only the int8 file gives an *equivalent* model instead (weights
 dequantized), which the report labels as such.
 """
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 WRAPPER_PREFIX = "inner."  # training/transformer/export.py wraps the HF model as `inner`
 PARITY_TOL = 1e-4
+# Architectures this module can rebuild, and how to build each from a BertConfig.
+SUPPORTED = ("BertForSequenceClassification", "BertForQuestionAnswering")
 
 
 def _initializers(model: Any) -> dict[str, np.ndarray]:
@@ -114,10 +118,12 @@ def _config(state: dict[str, np.ndarray], heads: int, labels: list[str], eps: fl
         ),
         "type_vocab_size": int(state["bert.embeddings.token_type_embeddings.weight"].shape[0]),
         "layer_norm_eps": float(eps if eps is not None else base.get("layer_norm_eps", 1e-12)),
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {lab: i for i, lab in enumerate(labels)},
     }
+    if labels:  # classification head; the QA head is always 2 wide (start, end)
+        cfg.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                   label2id={lab: i for i, lab in enumerate(labels)})  # fmt: skip
+    else:
+        cfg["num_labels"] = 2
     return BertConfig(**cfg)
 
 
@@ -128,6 +134,23 @@ def _probe(vocab: int, length: int = 24) -> dict[str, np.ndarray]:
     mask[1, length // 2 :] = 0
     ids[1, length // 2 :] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _model_class(architecture: str) -> Any:
+    from transformers import BertForQuestionAnswering, BertForSequenceClassification
+
+    return {
+        "BertForSequenceClassification": BertForSequenceClassification,
+        "BertForQuestionAnswering": BertForQuestionAnswering,
+    }[architecture]
+
+
+def _torch_outputs(model: Any, feeds: dict[str, Any]) -> np.ndarray:
+    """The head's outputs as one array, in the ONNX graph's output order (for the probe)."""
+    out = model(**feeds)
+    if hasattr(out, "start_logits"):
+        return np.concatenate([out.start_logits.numpy(), out.end_logits.numpy()], axis=-1)
+    return out.logits.numpy()
 
 
 def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> tuple[Path, str]:
@@ -141,11 +164,12 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
     import onnx
     import onnxruntime as ort
     import torch
-    from transformers import BertForSequenceClassification
 
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    if manifest.get("architecture") != "BertForSequenceClassification":
-        raise NotImplementedError(f"cannot rebuild {manifest.get('architecture')} from ONNX")
+    arch = str(manifest.get("architecture"))
+    if arch not in SUPPORTED:
+        raise NotImplementedError(f"cannot rebuild {arch} from ONNX")
+    model_class = _model_class(arch)
     by_precision = {v["precision"]: v["file"] for v in manifest["variants"].values()}
     if "fp32" in by_precision:
         kind, onnx_path, tol = "fp32", version_dir / by_precision["fp32"], PARITY_TOL
@@ -165,24 +189,32 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
     probe = _probe(state["bert.embeddings.word_embeddings.weight"].shape[0])
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    want = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]).run(
-        None, probe
-    )[0]
+    # Always the CPU provider: the rebuild is checked against exact fp32 arithmetic.
+    want = np.concatenate(
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]).run(
+            None, probe
+        ),
+        axis=-1,
+    )
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    # Positions compared: every logit of a classifier; the real tokens' start/end logits of a
+    # QA model (as training's export parity does: padded positions are nobody's answer).
+    if want.shape[-1] == 2 * probe["input_ids"].shape[1]:
+        live = np.concatenate([probe["attention_mask"]] * 2, axis=-1) == 1
+    else:
+        live = np.ones(want.shape, dtype=bool)
     preferred = [base.get("num_attention_heads")] if base.get("num_attention_heads") else []
     candidates = preferred + [h for h in range(1, hidden + 1) if hidden % h == 0]
     best: tuple[float, int, Any] = (float("inf"), 0, None)
     for heads in dict.fromkeys(candidates):  # ordered, unique
-        model = BertForSequenceClassification(
-            _config(state, int(heads), manifest["labels"], eps, base)
-        ).eval()
+        model = model_class(_config(state, int(heads), manifest["labels"], eps, base)).eval()
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
             raise RuntimeError(f"ONNX -> torch: missing {missing}, unexpected {unexpected}")
         with torch.inference_mode():
-            got = model(**{k: torch.from_numpy(v) for k, v in probe.items()}).logits.numpy()
-        diff = float(np.abs(got - want).max())
+            got = _torch_outputs(model, {k: torch.from_numpy(v) for k, v in probe.items()})
+        diff = float(np.abs(got - want)[live].max())
         if diff < best[0]:
             best = (diff, int(heads), model)
         # fp32 is exact: the first match is the one. int8 is only close: the closest wins.

@@ -1,14 +1,21 @@
 """The practical ceiling: the served ONNX model fed pre-sorted batches in a tight loop.
 
 No HTTP, no queue, no tokenization in the timed part: every request is tokenized exactly as
-the service does (``service.preprocess.classify``), the sequences are sorted by length and
-cut into batches under the same limits as the service (``max_batch_size`` sequences,
-``max_batch_tokens`` padded tokens), padded with the service's own ``pad_batch``, and the
-session is opened with the service's ``create_session`` (same variant choice, threads,
-graph optimisation, arena). What is left between this number and nlpserve's is the cost of
-serving: HTTP, JSON, tokenization, queueing, imperfect batches.
+the service does (``service.preprocess.classify`` for the detector, the QA task's windows
+for QA), the sequences are sorted by length and cut into batches under the same limits as
+the service (``max_batch_size`` sequences, ``max_batch_tokens`` padded tokens, the token
+budget of the provider the session really runs on), padded with the service's own
+``pad_batch``, and the session is opened with the service's ``create_session`` (same
+providers, variant choice, threads, graph optimisation, arena). What is left between this
+number and nlpserve's is the cost of serving: HTTP, JSON, tokenization, queueing, imperfect
+batches.
+
+Throughput is in requests per second (a QA request may be several windows: its sequences
+per second are reported too). ``--device cuda`` opens the session on
+``CUDAExecutionProvider`` and fails rather than fall back to the CPU.
 
     python -m bench.raw_ort --models models --model detector-en --requests 1000 --variant int8
+    python -m bench.raw_ort --models models --model qa-zh --variant fp16 --device cuda
 """
 
 from __future__ import annotations
@@ -29,30 +36,44 @@ from service.config import Settings
 from service.repository import discover_models
 from service.runtime.session import create_session
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def device_providers(device: str) -> str:
+    """NLPSERVE_PROVIDERS for a benchmark device: explicit, so a CPU run on a GPU machine
+    stays on the CPU and a CUDA run names the GPU first."""
+    return f"{CUDA},{CPU}" if device == "cuda" else CPU
+
 
 @dataclass
 class RawResult:
     name: str
     variant: str
     provider: str
-    sequences: int
+    requests: int
+    sequences: int  # model sequences: one per detector request, one per window for QA
     passes: int
     seconds: float
-    throughput_sps: float
+    throughput_rps: float  # requests per second
+    throughput_sps: float  # sequences per second
     padding_efficiency: float
     mean_batch_size: float
     batches: int
-    outputs: dict[int, list[float]]  # request id -> logits (one pass), for answer checks
+    # request id -> logits (detector) or the decoded answer dict (QA), from one pass
+    outputs: dict[int, Any]
 
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "requests": self.sequences,
-            "ok": self.sequences,
+            "requests": self.requests,
+            "ok": self.requests,
             "errors": {},
             "retried": 0,
             "wall_s": self.seconds,
-            "throughput_rps": self.throughput_sps,
+            "throughput_rps": self.throughput_rps,
+            "sequences": self.sequences,
+            "sequences_per_s": self.throughput_sps,
             "latency_ms": {},
             "padding_efficiency": self.padding_efficiency,
             "mean_batch_size": self.mean_batch_size,
@@ -99,6 +120,65 @@ def encode_detect(specs: Sequence[RequestSpec], folder: Path, manifest: Any) -> 
     return items
 
 
+def encode_qa(
+    specs: Sequence[RequestSpec], folder: Path, manifest: Any
+) -> tuple[list[WorkItem], dict[int, tuple[str, list[Any]]]]:
+    """One WorkItem per window, exactly as the QA task builds them for /v1/qa, and per
+    request what decoding needs (context, windows). Item ids are ``<request>:<window>``."""
+    from service.preprocess.qa import QAEncoder
+    from service.tasks.qa import DEFAULT_DOC_STRIDE, DEFAULT_MAX_QUERY_LENGTH
+
+    pre = manifest.preprocessing
+    enc = QAEncoder.load(
+        folder / pre.tokenizer_file,
+        max_length=manifest.max_length,
+        doc_stride=pre.doc_stride or DEFAULT_DOC_STRIDE,
+        max_query_length=pre.max_query_length or DEFAULT_MAX_QUERY_LENGTH,
+    )
+    all_windows = enc.encode_batch(
+        [s.payload["question"] for s in specs], [s.payload["context"] for s in specs]
+    )
+    items, meta = [], {}
+    for spec, windows in zip(specs, all_windows, strict=True):
+        meta[spec.id] = (spec.payload["context"], windows)
+        for w, win in enumerate(windows):
+            feats = {
+                "input_ids": win.input_ids,
+                "attention_mask": win.attention_mask,
+                "token_type_ids": win.token_type_ids,
+            }
+            items.append(
+                WorkItem(
+                    manifest.name,
+                    0,
+                    len(win),
+                    feats,
+                    deadline=time.time() + 1e6,
+                    id=f"{spec.id}:{w}",
+                )  # fmt: skip
+            )
+    return items, meta
+
+
+def decode_qa(
+    meta: dict[int, tuple[str, list[Any]]],
+    rows: dict[str, list[np.ndarray]],
+    max_answer_length: int,
+) -> dict[int, dict[str, Any]]:
+    """Answers as /v1/qa gives them, from each window's (start, end) logits."""
+    from service.preprocess.qa import decode_best_span
+
+    out = {}
+    for rid, (context, windows) in meta.items():
+        per = [rows[f"{rid}:{w}"] for w in range(len(windows))]
+        ans = decode_best_span(context, windows, [r[0] for r in per], [r[1] for r in per],
+                               max_answer_length=max_answer_length)  # fmt: skip
+        found = ans.window >= 0
+        out[rid] = {"answer": ans.text, "start": ans.start, "end": ans.end,
+                    "score": ans.probability if found else 0.0}  # fmt: skip
+    return out
+
+
 def run_raw_ort(
     specs: Sequence[RequestSpec],
     models_dir: Path,
@@ -116,21 +196,37 @@ def run_raw_ort(
     if entry is None:
         raise FileNotFoundError(f"{model} not in {models_dir}")
     m = entry.manifest
-    if m.task != "detect":
-        raise NotImplementedError(f"raw ORT ceiling implemented for task 'detect', not {m.task}")
+    if m.task not in ("detect", "qa"):
+        raise NotImplementedError(f"raw ORT ceiling implemented for detect and qa, not {m.task}")
     loaded = create_session(entry.path, m, settings)
+    if settings.require_gpu and loaded.provider != CUDA:  # create_session raises first; belt
+        raise RuntimeError(f"raw ORT: session runs on {loaded.provider}, CUDA was required")
     sess = loaded.session
-    items = encode_detect(specs, entry.path, m)
-    policy = settings.batch_policy()
+    qa_meta: dict[int, tuple[str, list[Any]]] = {}
+    if m.task == "qa":
+        items, qa_meta = encode_qa(specs, entry.path, m)
+    else:
+        items = encode_detect(specs, entry.path, m)
+    # The provider's token budget, as nlpserve's scheduler gets it (512 CPU, 8192 CUDA).
+    policy = settings.batch_policy(loaded.provider)
     batches = sorted_batches(items, policy.max_batch_size, policy.max_batch_tokens)
     feeds = [pad_batch(b, m.inputs) for b in batches]  # padding is not part of the timing
     out_names = m.output_names()
 
-    outputs: dict[int, list[float]] = {}
+    rows: dict[str, list[np.ndarray]] = {}
     for b, f in zip(batches, feeds, strict=True):  # warm-up pass: every shape once
-        logits = sess.run(out_names, f)[0]
-        for it, row in zip(b, logits, strict=True):
-            outputs[int(it.id)] = [float(x) for x in row]
+        res = sess.run(out_names, f)
+        for i, it in enumerate(b):
+            rows[str(it.id)] = [np.asarray(r[i][: it.length] if m.task == "qa" else r[i])
+                                for r in res]  # fmt: skip
+    outputs: dict[int, Any]
+    if m.task == "qa":
+        from service.tasks.qa import DEFAULT_MAX_ANSWER_LENGTH
+
+        max_answer = m.preprocessing.max_answer_length or DEFAULT_MAX_ANSWER_LENGTH
+        outputs = dict(decode_qa(qa_meta, rows, max_answer))
+    else:
+        outputs = {int(k): [float(x) for x in v[0]] for k, v in rows.items()}
 
     passes, t0 = 0, time.perf_counter()
     while passes < max_passes and (passes == 0 or time.perf_counter() - t0 < min_seconds):
@@ -144,9 +240,11 @@ def run_raw_ort(
         name=f"raw ORT ({loaded.variant})",
         variant=loaded.variant,
         provider=loaded.provider,
+        requests=len(specs),
         sequences=len(items),
         passes=passes,
         seconds=secs,
+        throughput_rps=passes * len(specs) / secs,
         throughput_sps=passes * len(items) / secs,
         padding_efficiency=real / padded,
         mean_batch_size=len(items) / len(batches),
@@ -163,11 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--variant", default=None)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args(argv)
     specs = build_requests(args.model, args.requests, models_dir=args.models, data_dir=args.data)
+    settings = Settings(providers=device_providers(args.device), require_gpu=args.device == "cuda")
     res = run_raw_ort(
-        specs, args.models, args.model, variant=args.variant, min_seconds=args.seconds
-    )
+        specs, args.models, args.model, variant=args.variant, settings=settings,
+        min_seconds=args.seconds,
+    )  # fmt: skip
     print(json.dumps(res.summary(), indent=2))
     return 0
 

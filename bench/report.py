@@ -15,8 +15,56 @@ from typing import Any
 from bench.procs import REPO_ROOT
 
 
-def machine_description() -> dict[str, Any]:
-    """What a reader needs to compare numbers across machines: CPU, cores, memory, versions."""
+def gpu_description(use_torch: bool = False) -> list[dict[str, Any]] | None:
+    """The GPUs, from ``nvidia-smi`` (name, memory, driver); else, when ``use_torch``, from
+    ``torch.cuda`` (name, memory). None on a machine without either."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+             "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        gpus = []
+        for line in out.strip().splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            if parts and parts[0]:
+                gpus.append({"name": parts[0], "memory": parts[1] if len(parts) > 1 else None,
+                             "driver": parts[2] if len(parts) > 2 else None})  # fmt: skip
+        if gpus:
+            return gpus
+    if use_torch:
+        with contextlib.suppress(Exception):  # torch missing or its CUDA init failing
+            import torch
+
+            if torch.cuda.is_available():
+                return [
+                    {
+                        "name": torch.cuda.get_device_name(i),
+                        "memory": f"{torch.cuda.get_device_properties(i).total_memory >> 20} MiB",
+                        "torch_cuda": torch.version.cuda,
+                    }  # fmt: skip
+                    for i in range(torch.cuda.device_count())
+                ]
+    return None
+
+
+def ort_description() -> dict[str, Any]:
+    """The onnxruntime that is really imported: with onnxruntime-gpu installed beside the CPU
+    wheel (or put first on PYTHONPATH), the two distributions' metadata disagree."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    return {
+        "version": ort.__version__,
+        "path": str(Path(ort.__file__).parent),
+        "available_providers": list(ort.get_available_providers()),
+    }
+
+
+def machine_description(device: str = "cpu") -> dict[str, Any]:
+    """What a reader needs to compare numbers across machines: CPU, cores, memory, GPU,
+    versions, the onnxruntime really imported."""
     cpu = platform.processor() or "unknown"
     flags: list[str] = []
     try:
@@ -39,7 +87,7 @@ def machine_description() -> dict[str, Any]:
         pass
     versions = {}
     for pkg in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers", "tokenizers",
-                "fastapi", "uvicorn", "httpx", "redis", "numpy"):  # fmt: skip
+                "fastapi", "uvicorn", "httpx", "redis", "numpy", "pydantic"):  # fmt: skip
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -61,7 +109,9 @@ def machine_description() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gb": mem_gb,
-        "gpu": None,
+        "device": device,
+        "gpu": gpu_description(use_torch=device == "cuda"),
+        "onnxruntime": ort_description(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "versions": versions,
