@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import gzip
 import json
 import math
 import random
@@ -240,11 +241,20 @@ def _qa_requests(
 
 
 def save_requests(specs: Sequence[RequestSpec], path: Path) -> None:
-    path.write_text("\n".join(json.dumps(asdict(s), ensure_ascii=False) for s in specs) + "\n")
+    """JSON lines; gzip-compressed when ``path`` ends in ``.gz`` (they travel to the GPU
+    machine, where every MiB counts)."""
+    text = "\n".join(json.dumps(asdict(s), ensure_ascii=False) for s in specs) + "\n"
+    if path.suffix == ".gz":
+        # mtime 0: the same requests give the same bytes
+        path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    else:
+        path.write_text(text, encoding="utf-8")
 
 
 def load_requests(path: Path) -> list[RequestSpec]:
-    return [RequestSpec(**json.loads(line)) for line in path.read_text().splitlines() if line]
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    return [RequestSpec(**json.loads(line)) for line in text.splitlines() if line]
 
 
 # ---------------------------------------------------------------------------- /metrics

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Prepare, on THIS machine, everything bench/gpu_session.sh needs on the lent GPU machine
+# (Python 3.12, torch with CUDA, a CPU-only onnxruntime, no network). Run from the repo root:
+#
+#   bash bench/gpu_prepare.sh            # wheels, redis-server, requests, onnxruntime-gpu chunks
+#   SKIP_ORT=1 bash bench/gpu_prepare.sh # everything but the ~256 MB onnxruntime-gpu download
+#
+# Writes (all git-ignored: .whl/ and .ortgpu/ are in .gitignore):
+#   .whl/*.whl              the serving deps the GPU image lacks, cp312 manylinux, one version
+#                           each (pip install --no-index --no-deps --target on the device)
+#   .whl/redis.tar.gz       this machine's redis-server with its shared libraries, for (d)
+#   .whl/requests/*.jsonl.gz  the benchmark's requests, generated here from ../shared/data
+#                           (the data set does not travel; the requests do, 1-2 MB)
+#   .ortgpu/                onnxruntime-gpu in 20 MiB chunks (../shared/tools/ort-gpu-prepare),
+#                           which must reach the device one chunk per call BEFORE the bench call
+# and checks that the working tree plus what the bench call carries stays under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+REQUESTS=${BENCH_REQUESTS:-6000}
+DATA=${DATA:-../shared/data}
+MODELS=${MODELS:-"detector-en qa-zh"}
+
+# The serving deps missing from the GPU image (its package list: torch, transformers, onnx,
+# tokenizers, numpy, httpx, anyio, h11, click, typer, prometheus-client, matplotlib are there).
+# Versions are this virtualenv's, so the device runs what the tests here ran.
+PKGS="fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv
+annotated-types typing-inspection typing-extensions annotated-doc redis"
+
+# Only what this script makes: a stale second version of a wheel would stop the install.
+rm -rf .whl/*.whl .whl/redis.tar.gz .whl/requests && mkdir -p .whl/requests
+pins=()
+for p in $PKGS; do
+  v=$("$PY" -c "import importlib.metadata as m; print(m.version('$p'))")
+  pins+=("$p==$v")
+done
+echo "== wheels for cp312 manylinux: ${pins[*]}"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d .whl "${pins[@]}"
+ls .whl/*.whl | wc -l | xargs echo "   wheels:"
+
+echo "== redis-server (for configuration (d), nlpserve via Redis)"
+if exe=$(command -v redis-server); then
+  stage=$(mktemp -d)
+  mkdir -p "$stage/redis/lib"
+  cp "$exe" "$stage/redis/redis-server.bin"
+  # Its shared libraries except the C runtime (the device's newer glibc/libstdc++ serve).
+  ldd "$exe" | awk '/=> \//{print $3}' | while read -r lib; do
+    case $(basename "$lib") in
+      libc.so*|libm.so*|libstdc++.so*|libgcc_s.so*|ld-linux*) ;;
+      *) cp -L "$lib" "$stage/redis/lib/" ;;
+    esac
+  done
+  cat > "$stage/redis/redis-server" <<'EOF'
+#!/bin/sh
+# redis-server carried from the development machine, with its own libraries.
+here=$(cd "$(dirname "$0")" && pwd)
+LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/redis-server.bin" "$@"
+EOF
+  chmod +x "$stage/redis/redis-server"
+  tar -C "$stage" -czf .whl/redis.tar.gz redis
+  rm -rf "$stage"
+  "$exe" --version
+else
+  echo "   no redis-server here: the GPU session will skip (d)"
+fi
+
+echo "== requests ($REQUESTS per model, from $DATA)"
+for m in $MODELS; do
+  data_args=()
+  [ -d "$DATA" ] && data_args=(--data "$DATA")
+  "$PY" -m bench.run --model "$m" --requests "$REQUESTS" "${data_args[@]}" \
+    --save-requests ".whl/requests/$m.jsonl.gz"
+done
+
+if [ -z "${SKIP_ORT:-}" ]; then
+  echo "== onnxruntime-gpu (../shared/tools/ort-gpu-prepare)"
+  if [ -f .ortgpu/WHEEL ] && [ -f .ortgpu/SHA256 ] && ls .ortgpu/c[0-9][0-9] >/dev/null 2>&1; then
+    echo "   .ortgpu/ is ready ($(cat .ortgpu/WHEEL)); delete it to fetch again"
+  else
+    ../shared/tools/ort-gpu-prepare
+  fi
+fi
+
+echo "== size of the bench call (working tree + .whl + .ortgpu scripts; limit 64 MiB)"
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null \
+  | awk '{s+=$1} END {print s+0}')
+carry=$(du -sb .whl | cut -f1)
+total=$((tree + carry))
+echo "   tree $((tree >> 20)) MiB + .whl $((carry >> 20)) MiB = $((total >> 20)) MiB"
+if [ "$total" -gt $((60 << 20)) ]; then
+  echo "   WARNING: over 60 MiB; lower BENCH_REQUESTS or drop .whl/redis.tar.gz" >&2
+fi
+if [ -f .ortgpu/WHEEL ]; then
+  chunk=$(stat -c %s .ortgpu/c00)
+  echo "   each chunk call: tree $((tree >> 20)) MiB + chunk $((chunk >> 20)) MiB"
+fi
+echo "done: see bench/README.md, 'GPU session', for the device calls"

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark in ONE device call (bench/README.md, "GPU session"): detector-en and
+# qa-zh, fp32 and fp16, on CUDA; every configuration of bench/run.py against the naive
+# per-request PyTorch baseline on the same GPU. Results land in $OUT (at most 8 files come
+# back): <model>-cuda-<gpu>.{json,md,png} per model and gpu_session.log.
+#
+# Needs, carried into the call: .whl (bench/gpu_prepare.sh) and .ortgpu/ort-gpu-device.sh,
+# .ortgpu/WHEEL, .ortgpu/SHA256, with the onnxruntime-gpu chunks sent in the calls just
+# before (the machine keeps /tmp only while warm).
+#
+# Knobs (environment): BENCH_BUDGET_S (default 500: the whole script, installs included;
+# run it with the device call's timeout_s >= budget + 60), BENCH_REQUESTS (6000),
+# BENCH_BASELINE_REQUESTS (1500), BENCH_CONCURRENCY (32), BENCH_MODELS ("detector-en qa-zh"),
+# BENCH_VARIANTS (fp32,fp16), BENCH_CONFIGS (baseline,raw,inprocess,redis),
+# BENCH_RAW_SECONDS (3), BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
+# For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+OUT=${OUT:-/tmp/gpu-bench-out}
+mkdir -p "$OUT"
+
+BUDGET=${BENCH_BUDGET_S:-500}
+DEVICE=${BENCH_DEVICE:-cuda}
+REQUESTS=${BENCH_REQUESTS:-6000}
+BASELINE_REQUESTS=${BENCH_BASELINE_REQUESTS:-1500}
+CONCURRENCY=${BENCH_CONCURRENCY:-32}
+MODELS=${BENCH_MODELS:-"detector-en qa-zh"}
+VARIANTS=${BENCH_VARIANTS:-fp32,fp16}
+CONFIGS=${BENCH_CONFIGS:-baseline,raw,inprocess,redis}
+RAW_SECONDS=${BENCH_RAW_SECONDS:-3}
+MODELS_DIR=${MODELS_DIR:-models}
+PY=${PY:-python3}
+elapsed() { echo $(($(date +%s) - start)); }
+say() { echo "[gpu_session +$(elapsed)s] $*"; }
+
+main() {
+
+# 1. onnxruntime-gpu (reassembled from the chunk calls) and the serving deps.
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  if [ ! -f .ortgpu/ort-gpu-device.sh ]; then
+    say "FATAL: .ortgpu/ort-gpu-device.sh not carried (bench/README.md, GPU session)"; exit 3
+  fi
+  # shellcheck disable=SC1091
+  source .ortgpu/ort-gpu-device.sh || {
+    say "FATAL: onnxruntime-gpu not installed: send the chunk calls first, back to back"; exit 3; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { say "FATAL: wheel install failed"; exit 3; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+# `nlpserve` is not pip-installed there: the benchmark finds this wrapper on PATH.
+mkdir -p /tmp/nlpbin
+printf '#!/bin/sh\nexec %s -m service.cli "$@"\n' "$(command -v "$PY")" > /tmp/nlpbin/nlpserve
+chmod +x /tmp/nlpbin/nlpserve
+export PATH="/tmp/nlpbin:$PATH"
+
+# 2. redis-server for (d): the one carried from the dev machine, else the machine's own.
+redis_note=""
+if [ -f .whl/redis.tar.gz ]; then
+  mkdir -p /tmp/redis && tar -C /tmp/redis -xzf .whl/redis.tar.gz
+  if /tmp/redis/redis/redis-server --version >/dev/null 2>&1; then
+    export PATH="/tmp/redis/redis:$PATH"
+  fi
+fi
+if ! redis-server --version >/dev/null 2>&1; then
+  CONFIGS=$(echo "$CONFIGS" | tr ',' '\n' | grep -vx redis | paste -sd, -)
+  redis_note="redis-server could not run on this machine: configuration (d) not run."
+  say "$redis_note"
+fi
+
+# 3. What this machine is; stop early when the GPU stack is not there.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" - <<'EOF' || { say "FATAL: imports failed"; exit 4; }
+import fastapi, onnxruntime as ort, pydantic, pydantic_settings, redis, torch, uvicorn  # noqa
+import service.api.app  # noqa: the server imports
+print("python", __import__("sys").version.split()[0], "torch", torch.__version__,
+      "cuda", torch.cuda.is_available(), "ort", ort.__version__, ort.get_available_providers())
+EOF
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
+  | grep -oiE 'H200|H100|A100|L40S|L4|A10G|T4|V100' | head -1 | tr 'A-Z' 'a-z')
+tag="${DEVICE}${gpu:+-$gpu}"
+say "setup done; device $DEVICE, tag $tag, configs $CONFIGS"
+
+# 4. The runs. Each model gets a share of what is left, under `timeout`: bench.run turns the
+# SIGTERM into an interrupt and still writes what it measured.
+set -- $MODELS
+n=$#
+i=0
+for m in "$@"; do
+  i=$((i + 1))
+  left=$((BUDGET - $(elapsed) - 10))
+  share=$((left / (n - i + 1)))
+  [ "$i" -eq 1 ] && [ "$n" -gt 1 ] && share=$((share + share / 5))  # the detector derives fp32
+  if [ "$share" -lt 60 ]; then say "no time left for $m ($share s)"; continue; fi
+  args=(--device "$DEVICE" --model "$m" --models "$MODELS_DIR" --variants "$VARIANTS"
+        --derive-variants --configs "$CONFIGS" --requests "$REQUESTS"
+        --baseline-requests "$BASELINE_REQUESTS" --concurrency "$CONCURRENCY" --warmup 200
+        --raw-seconds "$RAW_SECONDS" --max-load 1000 --settle-s 0
+        --results-dir "$OUT" --name "$m-$tag")
+  [ -f ".whl/requests/$m.jsonl.gz" ] && args+=(--requests-file ".whl/requests/$m.jsonl.gz")
+  [ "$m" = qa-zh ] && [ -n "${BENCH_QA_HF_DIR:-}" ] && args+=(--hf-dir "$BENCH_QA_HF_DIR")
+  [ -n "$redis_note" ] && args+=(--note "$redis_note")
+  say "$m: up to ${share}s"
+  timeout -s TERM -k 20 "$share" "$PY" -m bench.run "${args[@]}"
+  say "$m: exit $?"
+done
+ls -la "$OUT"
+say "done"
+}
+
+# A pipeline, not `exec > >(tee)`: the call returns only once the log is complete.
+main 2>&1 | tee -a "$OUT/gpu_session.log"
+exit "${PIPESTATUS[0]}"
