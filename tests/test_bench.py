@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -23,6 +24,7 @@ from bench.loadgen import (
     summarize,
 )
 from bench.raw_ort import sorted_batches
+from bench.run import Bench
 from service.batching import WorkItem
 
 
@@ -186,3 +188,325 @@ def test_baseline_weights_rebuilt_from_onnx_match(model_repo: Path, tmp_path: Pa
     with torch.inference_mode():
         got = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- QA, devices, GPU
+# The GPU benchmark (bench/gpu_session.sh) runs where no test runs: what can be checked
+# without a GPU is checked here, on the tiny models: the QA paths, the derived fp32/fp16
+# variants, the early failure of --device cuda, the GPU targets in the report.
+
+
+def _qa_specs(n: int = 6) -> list[RequestSpec]:
+    """QA requests whose contexts span one to several windows of the tiny model (64 tokens)."""
+    from tests.builders_bert import qa_examples
+
+    examples = qa_examples(repeat=2, filler=3)[:n]
+    specs = [
+        RequestSpec(i, "/v1/qa", {"question": e.question, "context": e.context}, len(e.context))
+        for i, e in enumerate(examples)
+    ]
+    short = examples[0]  # and a context that fits one window
+    one = {"question": short.question, "context": short.answers[0].text}
+    specs.append(RequestSpec(len(specs), "/v1/qa", one, 4))
+    return specs
+
+
+def test_hf_from_onnx_rebuilds_the_qa_model(model_repo: Path, tmp_path: Path) -> None:
+    """bench/onnx_to_torch.py on a BertForQuestionAnswering graph: the qa_outputs head comes
+    back too, and the start/end logits equal ONNX Runtime's on real windows."""
+    pytest.importorskip("torch")
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from bench.onnx_to_torch import hf_from_onnx
+    from service.preprocess.qa import QAEncoder
+
+    version = model_repo / QA_MODEL / "1"
+    hf, kind = hf_from_onnx(version, tmp_path / "hf")
+    assert kind == "fp32"
+    model = AutoModelForQuestionAnswering.from_pretrained(str(hf)).eval()
+    manifest = json.loads((version / "manifest.json").read_text())
+    pre = manifest["preprocessing"]
+    enc = QAEncoder.load(version / "tokenizer.json", manifest["max_length"], pre["doc_stride"],
+                         pre["max_query_length"])  # fmt: skip
+    spec = _qa_specs()[1]
+    windows = enc.encode(spec.payload["question"], spec.payload["context"])
+    assert len(windows) > 1  # several windows, padded together
+    feeds = enc.collate(windows)
+    want = ort.InferenceSession(str(version / "model.onnx")).run(None, feeds)
+    with torch.inference_mode():
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    live = feeds["attention_mask"] == 1
+    np.testing.assert_allclose(out.start_logits.numpy()[live], want[0][live], atol=1e-4)
+    np.testing.assert_allclose(out.end_logits.numpy()[live], want[1][live], atol=1e-4)
+
+
+def test_raw_ort_runs_qa_windows_and_decodes_like_one_by_one(model_repo: Path) -> None:
+    """raw ORT on the QA model: one sequence per window, batched across requests, and the
+    answers are the ones each request gets when run alone (batching changes nothing)."""
+    from bench.raw_ort import run_raw_ort
+    from service.config import Settings
+    from service.preprocess.qa import QAEncoder, decode_best_span
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    import onnxruntime as ort
+
+    specs = _qa_specs()
+    settings = Settings(model_dir=model_repo, providers="CPUExecutionProvider", max_batch_size=8)
+    res = run_raw_ort(specs, model_repo, QA_MODEL, variant="fp32", settings=settings,
+                      min_seconds=0.0, max_passes=1)  # fmt: skip
+    assert res.provider == "CPUExecutionProvider" and res.variant == "fp32"
+    assert res.requests == len(specs) and res.sequences > len(specs)  # multi-window contexts
+    assert res.throughput_rps > 0 and res.throughput_sps > res.throughput_rps
+    assert res.summary()["throughput_rps"] == res.throughput_rps
+
+    version = model_repo / QA_MODEL / "1"
+    manifest = json.loads((version / "manifest.json").read_text())
+    pre = manifest["preprocessing"]
+    enc = QAEncoder.load(version / "tokenizer.json", manifest["max_length"], pre["doc_stride"],
+                         pre["max_query_length"])  # fmt: skip
+    sess = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    for spec in specs:
+        q, c = spec.payload["question"], spec.payload["context"]
+        windows = enc.encode(q, c)
+        start, end = sess.run(["start_logits", "end_logits"], enc.collate(windows))
+        ans = decode_best_span(c, windows, start, end, pre["max_answer_length"])
+        got = res.outputs[spec.id]
+        assert (got["answer"], got["start"], got["end"]) == (ans.text, ans.start, ans.end)
+        assert got["answer"] == c[got["start"] : got["end"]]
+
+
+async def test_qa_baseline_answers_what_nlpserve_answers(model_repo: Path, tmp_path: Path) -> None:
+    """The naive /v1/qa (PyTorch, one request at a time) and nlpserve's /v1/qa (ONNX, batched
+    windows) give the same span for the same request: the baseline differs in batching only."""
+    pytest.importorskip("torch")
+    from bench.baseline_app import build_app
+    from bench.loadgen import Result
+    from bench.onnx_to_torch import hf_from_onnx
+    from bench.run import _answers, _compare
+    from tests.service_support import (
+        QA_MODEL,
+        LiveServer,
+        live_server,
+        make_settings,
+        require_model,
+    )
+
+    require_model(model_repo, QA_MODEL)
+    version = model_repo / QA_MODEL / "1"
+    hf, _ = hf_from_onnx(version, tmp_path / "hf")
+    specs = _qa_specs()
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / QA_MODEL).symlink_to(model_repo / QA_MODEL, target_is_directory=True)
+    settings = make_settings(repo, variant="fp32")
+    got: dict[str, list[Result]] = {}
+    base = await LiveServer(build_app(hf, version), settings).start()
+    try:
+        async with live_server(settings) as srv:
+            for name, url in (("baseline", base.url), ("nlpserve", srv.url)):
+                async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                    got[name] = []
+                    for s in specs:
+                        r = await c.post("/v1/qa", json=s.payload)
+                        assert r.status_code == 200, r.text
+                        got[name].append(Result(s.id, 200, 0.0, 0.0, body=r.json()))
+    finally:
+        await base.stop()
+    want = _answers(got["nlpserve"])
+    have = _answers(got["baseline"])
+    assert len(want) == len(specs)
+    for i in want:
+        assert {k: have[i][k] for k in ("answer", "start", "end")} == {
+            k: want[i][k] for k in ("answer", "start", "end")
+        }
+        assert have[i]["score"] == pytest.approx(want[i]["score"], abs=1e-4)
+    parity = _compare(have, want)
+    assert parity["compared"] == len(specs) and parity["span_agreement"] == 1.0
+
+
+def test_derive_fp32_and_fp16_from_an_int8_only_version(model_repo: Path, tmp_path: Path) -> None:
+    """detector-en/1 commits int8 only: the GPU benchmark derives fp32 (and fp16 from it) out of
+    the int8 file's weights, keeps those weights in hf/ for the baseline, and the service
+    loads the copy; the fp16 graph runs (ORT's CPU provider here, CUDA on the GPU)."""
+    pytest.importorskip("torch")
+    import shutil
+
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.raw_ort import run_raw_ort
+    from bench.variants import derive_version
+    from service.config import Settings
+    from service.repository.manifest import load_manifest
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    src = tmp_path / "int8only" / DETECT_MODEL / "1"
+    shutil.copytree(model_repo / DETECT_MODEL / "1", src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    fp32_file = manifest["variants"].pop("fp32")["file"]
+    (src / fp32_file).unlink()
+    (src / "manifest.json").write_text(json.dumps(manifest))
+
+    dst, notes = derive_version(src, tmp_path / "derived", ["fp32", "fp16"])
+    m = load_manifest(dst)
+    assert {v.precision for v in m.variants.values()} == {"int8", "fp32", "fp16"}
+    assert m.variants["fp16"].providers == ["CUDAExecutionProvider"]
+    assert any("DEQUANTIZED" in n for n in notes) and any("fp16" in n for n in notes)
+    assert not (model_repo / DETECT_MODEL / "1" / "hf").exists()  # nothing written there
+
+    # The baseline's weights (hf/) are exactly the derived fp32 file's.
+    model = AutoModelForSequenceClassification.from_pretrained(str(dst / "hf")).eval()
+    feeds = {
+        "input_ids": np.array([[2, 7, 9, 11, 3], [2, 8, 3, 0, 0]], dtype=np.int64),
+        "attention_mask": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64),
+    }
+    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    want = ort.InferenceSession(str(dst / m.variants["fp32"].file)).run(None, feeds)[0]
+    with torch.inference_mode():
+        got = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+    specs = build_requests(DETECT_MODEL, 12, models_dir=tmp_path / "derived", seed=2)
+    settings = Settings(providers="CPUExecutionProvider")
+    fp16 = run_raw_ort(specs, tmp_path / "derived", DETECT_MODEL, variant="fp16",
+                       settings=settings, min_seconds=0.0, max_passes=1)  # fmt: skip
+    fp32 = run_raw_ort(specs, tmp_path / "derived", DETECT_MODEL, variant="fp32",
+                       settings=settings, min_seconds=0.0, max_passes=1)  # fmt: skip
+    assert fp16.variant == "fp16" and len(fp16.outputs) == len(specs)
+    for i in fp32.outputs:
+        np.testing.assert_allclose(fp16.outputs[i], fp32.outputs[i], atol=0.05)
+
+
+def test_device_cuda_without_cuda_fails_at_once(model_repo: Path, tmp_path: Path) -> None:
+    """No GPU here: --device cuda must stop before any server starts, saying why."""
+    import time
+
+    import onnxruntime as ort
+
+    from bench import run
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the early failure cannot be shown here")
+    common = ["--device", "cuda", "--models", str(model_repo), "--model", "qa-zh",
+              "--requests", "4", "--results-dir", str(tmp_path)]  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        run.main([*common, "--configs", "raw,inprocess"])
+    assert "CUDAExecutionProvider" in str(e.value) and "onnxruntime-gpu" in str(e.value)
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            run.main(common)  # the baseline is checked first: torch sees no GPU
+        assert "CUDA" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # half precision is for the GPU only
+        run.main([*common[2:], "--baseline-dtype", "fp16"])
+    assert "fp16" in str(e.value)
+    assert time.monotonic() - t0 < 30
+    assert list(tmp_path.iterdir()) == []  # no report of a run that never ran
+
+
+def test_baseline_app_refuses_cuda_without_a_gpu(model_repo: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from bench.baseline_app import build_app
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        build_app(Path("unused"), model_repo / QA_MODEL / "1", device="cuda")
+
+
+def _fake_bench(tmp_path: Path, device: str) -> Bench:
+    """A Bench with made-up results: what finish() turns into the report."""
+    import argparse
+
+    b = Bench.__new__(Bench)
+    b.args = argparse.Namespace(model="detector-en", concurrency=32, baseline_requests=None,
+                                serve_env=[], derive_variants=False)  # fmt: skip
+    b.device, b.task, b.version_dir = device, "detect", tmp_path / "detector-en" / "1"
+    b.manifest = {"max_length": 128, "buckets": [64, 128], "metrics": {},
+                  "variants": {"fp32": {}, "fp16": {}}}  # fmt: skip
+    b.specs = [RequestSpec(i, "/v1/detect", {"text": "x"}, 10 + i) for i in range(100)]
+    b.requests_source, b.buckets, b.notes = "test", None, []
+    lat = {"p50": 1.0, "p95": 2.0, "p99": 3.0}
+    b.summaries = [
+        {"name": "baseline (PyTorch fp32 on cuda, per request)", "throughput_rps": 100.0,
+         "latency_ms": {"p50": 10.0, "p95": 20.0, "p99": 30.0}},
+        {"name": "raw ORT (fp32)", "variant": "fp32", "throughput_rps": 3000.0, "latency_ms": {}},
+        {"name": "nlpserve in-process (fp32)", "variant": "fp32", "throughput_rps": 2500.0,
+         "latency_ms": lat, "padding_efficiency": 0.5},
+        {"name": "raw ORT (fp16)", "variant": "fp16", "throughput_rps": 5000.0, "latency_ms": {}},
+        {"name": "nlpserve in-process (fp16)", "variant": "fp16", "throughput_rps": 1500.0,
+         "latency_ms": lat, "padding_efficiency": 0.5},
+    ]  # fmt: skip
+    b.lat, b.answers, b.providers_used = {}, {}, {"raw ORT (fp32)": "CUDAExecutionProvider"}
+    return b
+
+
+def test_report_shows_the_gpu_targets_on_cuda(tmp_path: Path) -> None:
+    b = _fake_bench(tmp_path, "cuda")
+    paths = b.finish(tmp_path / "out", "python -m bench.run --device cuda")
+    doc = json.loads(paths[0].read_text())
+    targets = {t["target"]: t for t in doc["targets"]}
+    assert set(targets) == {
+        "in-process fp32 >= 20x baseline (same GPU)",
+        "in-process fp32 >= 70% of raw ORT CUDA",
+        "in-process fp16 >= 20x baseline (same GPU)",
+        "in-process fp16 >= 70% of raw ORT CUDA",
+    }
+    assert targets["in-process fp32 >= 20x baseline (same GPU)"]["met"]  # 25x
+    assert targets["in-process fp32 >= 70% of raw ORT CUDA"]["met"]  # 83%
+    assert not targets["in-process fp16 >= 20x baseline (same GPU)"]["met"]  # 15x
+    assert not targets["in-process fp16 >= 70% of raw ORT CUDA"]["met"]  # 30%
+    assert doc["meta"]["device"] == "cuda" and "8192" in doc["meta"]["settings"]
+    assert doc["machine"]["device"] == "cuda"
+    assert doc["machine"]["providers_used"] == {"raw ORT (fp32)": "CUDAExecutionProvider"}
+    assert "available_providers" in doc["machine"]["onnxruntime"]
+    md = paths[1].read_text()
+    assert "target in-process fp32 >= 20x baseline (same GPU): measured 25.00x (met)" in md
+    assert "target in-process fp16 >= 70% of raw ORT CUDA: measured 30.0% (NOT met)" in md
+    assert "padding efficiency" not in json.dumps(doc["targets"])  # CPU targets stay out
+
+
+def test_report_keeps_the_cpu_targets_on_cpu(tmp_path: Path) -> None:
+    b = _fake_bench(tmp_path, "cpu")
+    doc = json.loads(b.finish(tmp_path / "out", "python -m bench.run")[0].read_text())
+    names = [t["target"] for t in doc["targets"]]
+    assert "in-process fp32 >= 2.5x baseline" in names
+    assert "in-process fp32 >= 85% of raw ORT" in names
+    assert not any("20x" in n or "CUDA" in n for n in names)
+    assert doc["machine"]["gpu"] is None or isinstance(doc["machine"]["gpu"], list)
+
+
+def test_requests_files_round_trip(tmp_path: Path) -> None:
+    from bench.loadgen import load_requests, save_requests
+
+    specs = build_requests("qa-zh", 5, seed=4)
+    for name in ("r.jsonl", "r.jsonl.gz"):
+        save_requests(specs, tmp_path / name)
+        assert load_requests(tmp_path / name) == specs
+    gz = (tmp_path / "r.jsonl.gz").read_bytes()
+    save_requests(specs, tmp_path / "r.jsonl.gz")
+    assert (tmp_path / "r.jsonl.gz").read_bytes() == gz  # reproducible bytes
+
+
+@pytest.mark.parametrize("script", ["gpu_session.sh", "gpu_prepare.sh"])
+def test_gpu_scripts_parse(script: str) -> None:
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    path = procs.REPO_ROOT / "bench" / script
+    r = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
