@@ -94,7 +94,15 @@ if [ "$total" -gt $((60 << 20)) ]; then
   echo "   WARNING: over 60 MiB; lower BENCH_REQUESTS or drop .whl/redis.tar.gz" >&2
 fi
 if [ -f .ortgpu/WHEEL ]; then
-  chunk=$(stat -c %s .ortgpu/c00)
-  echo "   each chunk call: tree $((tree >> 20)) MiB + chunk $((chunk >> 20)) MiB"
+  chunks=(.ortgpu/c[0-9][0-9])
+  last=${chunks[-1]}
+  echo "   each chunk call: tree $((tree >> 20)) MiB + chunk $(($(stat -c %s .ortgpu/c00) >> 20)) MiB"
+  with_last=$((total + $(stat -c %s "$last")))
+  if [ "$with_last" -le $((62 << 20)) ]; then
+    echo "   the last chunk fits in the bench call ($((with_last >> 20)) MiB): carry $last there"
+    echo "   too and skip its chunk call (gpu_session.sh appends it at its offset)"
+  else
+    echo "   send every chunk in its own call (the last does not fit beside .whl)"
+  fi
 fi
 echo "done: see bench/README.md, 'GPU session', for the device calls"

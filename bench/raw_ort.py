@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,27 @@ def run_raw_ort(
     min_seconds: float = 8.0,
     max_passes: int = 20,
 ) -> RawResult:
+    """The ceiling under ``settings``' batch limits (``max_batch_size``, token budget)."""
+    settings = settings or Settings()
+    return run_raw_sweep(specs, models_dir, model, variant=variant, settings=settings,
+                         batch_sizes=[settings.max_batch_size], min_seconds=min_seconds,
+                         max_passes=max_passes)[0]  # fmt: skip
+
+
+def run_raw_sweep(
+    specs: Sequence[RequestSpec],
+    models_dir: Path,
+    model: str,
+    *,
+    batch_sizes: Sequence[int],
+    variant: str | None = None,
+    settings: Settings | None = None,
+    min_seconds: float = 8.0,
+    max_passes: int = 20,
+    before_each: Callable[[], None] | None = None,
+) -> list[RawResult]:
+    """One result per max batch size, over ONE session: on a GPU a session costs seconds to
+    open (CUDA context, cuDNN, fp16 kernels), which the sweep need not pay three times."""
     settings = settings or Settings()
     if variant is not None:
         settings = settings.model_copy(update={"variant": variant})
@@ -201,15 +222,34 @@ def run_raw_ort(
     loaded = create_session(entry.path, m, settings)
     if settings.require_gpu and loaded.provider != CUDA:  # create_session raises first; belt
         raise RuntimeError(f"raw ORT: session runs on {loaded.provider}, CUDA was required")
-    sess = loaded.session
     qa_meta: dict[int, tuple[str, list[Any]]] = {}
     if m.task == "qa":
         items, qa_meta = encode_qa(specs, entry.path, m)
     else:
         items = encode_detect(specs, entry.path, m)
-    # The provider's token budget, as nlpserve's scheduler gets it (512 CPU, 8192 CUDA).
-    policy = settings.batch_policy(loaded.provider)
-    batches = sorted_batches(items, policy.max_batch_size, policy.max_batch_tokens)
+    out = []
+    for bs in batch_sizes:
+        if before_each is not None:
+            before_each()
+        # The provider's token budget, as nlpserve's scheduler gets it (512 CPU, 8192 CUDA).
+        policy = settings.batch_policy(loaded.provider)
+        batches = sorted_batches(items, bs, policy.max_batch_tokens)
+        out.append(_time_batches(loaded, m, specs, items, batches, qa_meta, min_seconds,
+                                 max_passes))  # fmt: skip
+    return out
+
+
+def _time_batches(
+    loaded: Any,
+    m: Any,
+    specs: Sequence[RequestSpec],
+    items: Sequence[WorkItem],
+    batches: list[list[WorkItem]],
+    qa_meta: dict[int, tuple[str, list[Any]]],
+    min_seconds: float,
+    max_passes: int,
+) -> RawResult:
+    sess = loaded.session
     feeds = [pad_batch(b, m.inputs) for b in batches]  # padding is not part of the timing
     out_names = m.output_names()
 

@@ -383,19 +383,20 @@ class Bench:
         self.providers_used[name] = f"torch {self.device} {dtype}"
 
     def raw(self, variant: str) -> None:
-        from bench.raw_ort import run_raw_ort
+        from bench.raw_ort import run_raw_sweep
         from service.config import Settings
 
         # The ceiling is the best of a few batch sizes: on a CPU, the largest batch is not
         # always the fastest per sequence (cache), and nlpserve's batches vary in size.
+        sizes = sorted({int(x) for x in self.args.raw_batch_sizes.split(",") if x.strip()})
+        settings = Settings(model_dir=self.repo, providers=device_providers(self.device),
+                            require_gpu=self.cuda)  # fmt: skip
+        results = run_raw_sweep(self.specs, self.repo, self.args.model, batch_sizes=sizes,
+                                variant=variant, settings=settings,
+                                min_seconds=self.args.raw_seconds,
+                                before_each=self._settle)  # fmt: skip
         sweep = []
-        for bs in sorted({int(x) for x in self.args.raw_batch_sizes.split(",") if x.strip()}):
-            self._settle()
-            settings = Settings(model_dir=self.repo, max_batch_size=bs,
-                                providers=device_providers(self.device),
-                                require_gpu=self.cuda)  # fmt: skip
-            r = run_raw_ort(self.specs, self.repo, self.args.model, variant=variant,
-                            settings=settings, min_seconds=self.args.raw_seconds)  # fmt: skip
+        for bs, r in zip(sizes, results, strict=True):
             sweep.append((r.throughput_rps, bs, r))
             print(f"    raw ORT ({variant}) batch<={bs}: {r.throughput_rps:.1f} req/s "
                   f"({r.throughput_sps:.1f} seq/s) on {r.provider}", flush=True)  # fmt: skip
@@ -755,22 +756,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark {args.model} v{bench.version_dir.name} on {args.device}: "
               f"{len(bench.specs)} requests, concurrency {args.concurrency}, variants "
               f"{variants}, configs {configs}", flush=True)  # fmt: skip
+        failed: list[str] = []
+
+        def attempt(label: str, run: Any, *a: Any, **kw: Any) -> None:
+            # One configuration failing (a server that does not start on CUDA, say) must not
+            # cost the others: on a lent GPU there is no second try. It is in the notes.
+            try:
+                run(*a, **kw)
+            except Exception as e:  # reported in the notes, and the exit status says so
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [""]
+                # The first line says what failed; a child's log tail ends with why.
+                first = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+                if isinstance(e, FileNotFoundError) and label.startswith("redis"):
+                    bench.notes.append(f"{label} not run: {first}")  # no redis-server here
+                    print(f"  {label}: not run ({first})", flush=True)
+                    return
+                bench.notes.append(f"{label} FAILED: {type(e).__name__}: {first}")
+                print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
+                failed.append(label)
+
         try:
             if "baseline" in configs:
-                bench.baseline()
+                attempt("baseline", bench.baseline)
             for v in variants:
                 if "raw" in configs:
-                    bench.raw(v)
+                    attempt(f"raw ORT ({v})", bench.raw, v)
                 if "inprocess" in configs:
-                    bench.inprocess(v)
+                    attempt(f"in-process ({v})", bench.inprocess, v)
                     if bench.buckets is not None and args.also_manifest_buckets:
-                        bench.inprocess(v, manifest_buckets=True)
+                        attempt(f"in-process, manifest buckets ({v})", bench.inprocess, v,
+                                manifest_buckets=True)  # fmt: skip
+            # Redis last: the targets need (a)-(c) of every variant, and a time limit
+            # (bench/gpu_session.sh) should cut the scale-out runs first.
+            for v in variants:
                 if "redis" in configs:
-                    try:
-                        bench.redis(v)
-                    except (FileNotFoundError, RuntimeError, TimeoutError) as e:
-                        bench.notes.append(f"redis ({v}) not run: {e}".splitlines()[0])
-                        print(f"  redis ({v}): FAILED {e}", flush=True)
+                    attempt(f"redis ({v})", bench.redis, v)
         except KeyboardInterrupt:
             bench.notes.append("interrupted (time limit): only the runs above were measured.")
             print("interrupted: writing what was measured", flush=True)
@@ -785,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = bench.finish(args.results_dir / name, command)
             for pth in paths:
                 print(f"wrote {pth}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
