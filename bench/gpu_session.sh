@@ -12,7 +12,7 @@
 # run it with the device call's timeout_s >= budget + 40), BENCH_REQUESTS (6000),
 # BENCH_BASELINE_REQUESTS (1500), BENCH_CONCURRENCY (32), BENCH_MODELS ("detector-en qa-zh"),
 # BENCH_VARIANTS (fp32,fp16), BENCH_CONFIGS (baseline,raw,inprocess,redis),
-# BENCH_RAW_SECONDS (2), BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
+# BENCH_RAW_SECONDS (2), BENCH_BASELINE_DTYPE (fp32; fp16: torch half), BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ MODELS=${BENCH_MODELS:-"detector-en qa-zh"}
 VARIANTS=${BENCH_VARIANTS:-fp32,fp16}
 CONFIGS=${BENCH_CONFIGS:-baseline,raw,inprocess,redis}
 RAW_SECONDS=${BENCH_RAW_SECONDS:-2}
+BASELINE_DTYPE=${BENCH_BASELINE_DTYPE:-fp32}
 MODELS_DIR=${MODELS_DIR:-models}
 PY=${PY:-python3}
 elapsed() { echo $(($(date +%s) - start)); }
@@ -108,7 +109,8 @@ for m in "$@"; do
   if [ "$share" -lt 60 ]; then say "no time left for $m ($share s)"; continue; fi
   args=(--device "$DEVICE" --model "$m" --models "$MODELS_DIR" --variants "$VARIANTS"
         --derive-variants --configs "$CONFIGS" --requests "$REQUESTS"
-        --baseline-requests "$BASELINE_REQUESTS" --concurrency "$CONCURRENCY" --warmup 200
+        --baseline-requests "$BASELINE_REQUESTS" --baseline-dtype "$BASELINE_DTYPE"
+        --concurrency "$CONCURRENCY" --warmup 200
         --raw-seconds "$RAW_SECONDS" --max-load 1000 --settle-s 0
         --results-dir "$OUT" --name "$m-$tag")
   [ -f ".whl/requests/$m.jsonl.gz" ] && args+=(--requests-file ".whl/requests/$m.jsonl.gz")
