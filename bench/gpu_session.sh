@@ -14,6 +14,7 @@
 # BENCH_VARIANTS (fp32,fp16), BENCH_CONFIGS (baseline,raw,inprocess,redis),
 # BENCH_RAW_SECONDS (2), BENCH_BASELINE_DTYPE (fp32; fp16: torch half), BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
+# (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -32,6 +33,7 @@ RAW_SECONDS=${BENCH_RAW_SECONDS:-2}
 BASELINE_DTYPE=${BENCH_BASELINE_DTYPE:-fp32}
 MODELS_DIR=${MODELS_DIR:-models}
 PY=${PY:-python3}
+WORK=${GPU_SESSION_TMP:-/tmp}
 elapsed() { echo $(($(date +%s) - start)); }
 say() { echo "[gpu_session +$(elapsed)s] $*"; }
 
@@ -57,24 +59,25 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   source .ortgpu/ort-gpu-device.sh || {
     say "FATAL: onnxruntime-gpu not installed: send the chunk calls first, back to back"; exit 3; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || { say "FATAL: wheel install failed"; exit 3; }
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$WORK/site" .whl/*.whl || { say "FATAL: wheel install failed"; exit 3; }
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 # `nlpserve` is not pip-installed there: the benchmark finds this wrapper on PATH.
-mkdir -p /tmp/nlpbin
-printf '#!/bin/sh\nexec %s -m service.cli "$@"\n' "$(command -v "$PY")" > /tmp/nlpbin/nlpserve
-chmod +x /tmp/nlpbin/nlpserve
-export PATH="/tmp/nlpbin:$PATH"
+mkdir -p "$WORK/nlpbin"
+pyexe=$("$PY" -c 'import sys; print(sys.executable)')
+printf '#!/bin/sh\nexec %s -m service.cli "$@"\n' "$pyexe" > "$WORK/nlpbin/nlpserve"
+chmod +x "$WORK/nlpbin/nlpserve"
+export PATH="$WORK/nlpbin:$PATH"
 
 # 2. redis-server for (d): the one carried from the dev machine, else the machine's own.
 redis_note=""
 if [ -f .whl/redis.tar.gz ]; then
-  mkdir -p /tmp/redis && tar -C /tmp/redis -xzf .whl/redis.tar.gz
-  if /tmp/redis/redis/redis-server --version >/dev/null 2>&1; then
-    export PATH="/tmp/redis/redis:$PATH"
+  mkdir -p "$WORK/redis" && tar -C "$WORK/redis" -xzf .whl/redis.tar.gz
+  if "$WORK/redis/redis/redis-server" --version >/dev/null 2>&1; then
+    export PATH="$WORK/redis/redis:$PATH"
   fi
 fi
 if ! redis-server --version >/dev/null 2>&1; then

@@ -510,3 +510,48 @@ def test_gpu_scripts_parse(script: str) -> None:
     path = procs.REPO_ROOT / "bench" / script
     r = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path) -> None:
+    """bench/gpu_session.sh end to end, on the CPU and the tiny QA model (no installs): the
+    knobs reach bench.run, and $OUT holds what the device tool can bring back (at most 8
+    files, names of letters, digits, '.', '_', '-')."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    out = tmp_path / "out"
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OUT": str(out),
+        "SKIP_INSTALL": "1",
+        "BENCH_DEVICE": "cpu",
+        "PY": sys.executable,
+        "GPU_SESSION_TMP": str(tmp_path / "work"),
+        "MODELS_DIR": str(model_repo),
+        "BENCH_MODELS": QA_MODEL,
+        "BENCH_VARIANTS": "fp32",
+        "BENCH_CONFIGS": "raw,inprocess",
+        "BENCH_REQUESTS": "12",
+        "BENCH_CONCURRENCY": "4",
+        "BENCH_RAW_SECONDS": "0.1",
+        "BENCH_BUDGET_S": "150",
+    }
+    script = procs.REPO_ROOT / "bench" / "gpu_session.sh"
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                       timeout=170)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert {"gpu_session.log", "qa-zh-cpu.json", "qa-zh-cpu.md"} <= set(names), names
+    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    doc = json.loads((out / "qa-zh-cpu.json").read_text())
+    assert [s["name"] for s in doc["results"]] == ["raw ORT (fp32)", "nlpserve in-process (fp32)"]
+    assert doc["meta"]["requests"] == 12 and doc["machine"]["device"] == "cpu"
+    assert "qa-zh: exit 0" in (out / "gpu_session.log").read_text()
