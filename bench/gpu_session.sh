@@ -88,11 +88,24 @@ fi
 
 # 3. What this machine is; stop early when the GPU stack is not there.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" - <<'EOF' || { say "FATAL: imports failed"; exit 4; }
+BENCH_DEVICE=$DEVICE MODELS_DIR=$MODELS_DIR "$PY" - <<'EOF' \
+  || { say "FATAL: setup check failed"; exit 4; }
+import glob, os, sys
 import fastapi, onnxruntime as ort, pydantic, pydantic_settings, redis, torch, uvicorn  # noqa
 import service.api.app  # noqa: the server imports
-print("python", __import__("sys").version.split()[0], "torch", torch.__version__,
-      "cuda", torch.cuda.is_available(), "ort", ort.__version__, ort.get_available_providers())
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
+      torch.cuda.is_available(), "ort", ort.__version__, ort.__file__,
+      ort.get_available_providers())
+if os.environ["BENCH_DEVICE"] == "cuda":
+    # ORT lists CUDA even when its libraries cannot load; a real session tells.
+    path = sorted(glob.glob(os.environ["MODELS_DIR"] + "/*/*/*.onnx"))[0]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    sess = ort.InferenceSession(path, so, providers=wanted)
+    print("CUDA session check:", path, sess.get_providers())
+    if sess.get_providers()[0] != "CUDAExecutionProvider":
+        sys.exit("onnxruntime cannot run on CUDA here (see its messages above)")
 EOF
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
   | grep -oiE 'H200|H100|A100|L40S|L4|A10G|T4|V100' | head -1 | tr 'A-Z' 'a-z')
