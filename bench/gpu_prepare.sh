@@ -96,7 +96,8 @@ fi
 if [ -f .ortgpu/WHEEL ]; then
   chunks=(.ortgpu/c[0-9][0-9])
   last=${chunks[-1]}
-  echo "   each chunk call: tree $((tree >> 20)) MiB + chunk $(($(stat -c %s .ortgpu/c00) >> 20)) MiB"
+  c00=$(stat -c %s .ortgpu/c00)
+  echo "   each chunk call: tree $((tree >> 20)) MiB + chunk $((c00 >> 20)) MiB"
   with_last=$((total + $(stat -c %s "$last")))
   if [ "$with_last" -le $((62 << 20)) ]; then
     echo "   the last chunk fits in the bench call ($((with_last >> 20)) MiB): carry $last there"

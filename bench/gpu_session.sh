@@ -12,7 +12,8 @@
 # run it with the device call's timeout_s >= budget + 40), BENCH_REQUESTS (6000),
 # BENCH_BASELINE_REQUESTS (1500), BENCH_CONCURRENCY (32), BENCH_MODELS ("detector-en qa-zh"),
 # BENCH_VARIANTS (fp32,fp16), BENCH_CONFIGS (baseline,raw,inprocess,redis),
-# BENCH_RAW_SECONDS (2), BENCH_BASELINE_DTYPE (fp32; fp16: torch half), BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
+# BENCH_RAW_SECONDS (2), BENCH_BASELINE_DTYPE (fp32; fp16: torch half),
+# BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 # (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
 set -uo pipefail
