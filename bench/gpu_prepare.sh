@@ -93,6 +93,7 @@ echo "   tree $((tree >> 20)) MiB + .whl $((carry >> 20)) MiB = $((total >> 20))
 if [ "$total" -gt $((60 << 20)) ]; then
   echo "   WARNING: over 60 MiB; lower BENCH_REQUESTS or drop .whl/redis.tar.gz" >&2
 fi
+extra=""
 if [ -f .ortgpu/WHEEL ]; then
   chunks=(.ortgpu/c[0-9][0-9])
   last=${chunks[-1]}
@@ -102,8 +103,15 @@ if [ -f .ortgpu/WHEEL ]; then
   if [ "$with_last" -le $((62 << 20)) ]; then
     echo "   the last chunk fits in the bench call ($((with_last >> 20)) MiB): carry $last there"
     echo "   too and skip its chunk call (gpu_session.sh appends it at its offset)"
+    extra=", \"$last\""
   else
     echo "   send every chunk in its own call (the last does not fit beside .whl)"
   fi
 fi
-echo "done: see bench/README.md, 'GPU session', for the device calls"
+cat <<EOF
+== the bench call (after the chunk calls; size BENCH_BUDGET_S from status, bench/README.md):
+   run(command="BENCH_BUDGET_S=420 bash bench/gpu_session.sh",
+       carry=[".whl", ".ortgpu/ort-gpu-device.sh", ".ortgpu/WHEEL", ".ortgpu/SHA256"$extra],
+       timeout_s=470)
+EOF
+echo "done: see bench/README.md, 'GPU session'"
