@@ -37,13 +37,37 @@ def test_max_batch_size_caps_a_batch():
 
 
 def test_token_budget_counts_padded_tokens():
-    # 3 x 20 = 60 fits in 64; a 4th would make 4 x 20 = 80.
+    # 3 x 20 = 60 fits in 64, but 4 x 20 = 80 would not.
     pb = PendingBucket()
-    for n in (10, 20, 5, 5):
+    for n in (20, 10, 5, 5):
         pb.add(item(n))
     batch = pb.take(POLICY)
-    assert [it.length for it in batch] == [10, 20, 5]
+    assert [it.length for it in batch] == [20, 10, 5]
     assert len(batch) * max(it.length for it in batch) <= POLICY.max_batch_tokens
+    assert [it.length for it in pb.take(POLICY)] == [5]
+
+
+def test_batch_mates_are_nearest_in_length_and_the_oldest_always_goes():
+    policy = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000, max_wait_s=0.010)
+    pb = PendingBucket()
+    for n in (30, 8, 31, 9, 29, 10, 40):
+        pb.add(item(n))
+    first = pb.take(policy)
+    assert [it.length for it in first] == [30, 31, 29]  # arrival order kept within a batch
+    # the rest keep their arrival order: the next batch starts with the oldest left (8)
+    assert [it.length for it in pb.take(policy)] == [8, 9, 10]
+    assert [it.length for it in pb.take(policy)] == [40]
+    assert len(pb) == 0
+
+
+def test_a_long_sequence_over_the_budget_is_skipped_for_shorter_mates():
+    # anchor 10: 15 is nearer than 2, but 2 x 15 = 30 > 25, so the 2 joins instead.
+    policy = BatchPolicy(max_batch_size=4, max_batch_tokens=25, max_wait_s=0.010)
+    pb = PendingBucket()
+    for n in (10, 15, 2):
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [10, 2]
+    assert [it.length for it in pb.take(policy)] == [15]
 
 
 def test_a_sequence_over_the_budget_still_runs_alone():

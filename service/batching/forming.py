@@ -7,12 +7,18 @@ from collections import deque
 
 from service.batching.types import BatchPolicy, WorkItem
 
+# How far past the oldest sequence :meth:`PendingBucket.take` looks for batch mates, in
+# multiples of the max batch size: enough choice to group similar lengths, bounded work.
+LOOKAHEAD_BATCHES = 4
+
 
 class PendingBucket:
-    """FIFO of one (model, bucket, lane)'s waiting sequences. Not thread-safe: one owner.
+    """Queue of one (model, bucket, lane)'s waiting sequences. Not thread-safe: one owner.
 
-    FIFO keeps latency fair; length sorting is unnecessary because a bucket already spans a
-    narrow range of lengths, which is what keeps padding low.
+    The oldest sequence always goes into the next batch (latency stays fair and bounded);
+    its batch mates are the waiting sequences nearest to it in length, not the next ones in
+    arrival order: a bucket spans a range of lengths, and mixing its shortest and longest
+    pads the short ones (padding efficiency 0.90 -> 0.9x in the CPU benchmark).
     """
 
     def __init__(self) -> None:
@@ -60,18 +66,34 @@ class PendingBucket:
         return expired
 
     def take(self, policy: BatchPolicy) -> list[WorkItem]:
-        """Pop the next batch: FIFO, within max_batch_size and the padded-token budget.
+        """Pop the next batch: the oldest sequence, then those nearest to it in length (ties:
+        the older first) among the next ``LOOKAHEAD_BATCHES x max_batch_size``, within
+        max_batch_size and the padded-token budget.
 
         Always takes at least one sequence, so a sequence longer than the budget alone
         still runs (by itself).
         """
-        batch: list[WorkItem] = []
-        longest = 0
-        while self.items and len(batch) < policy.max_batch_size:
-            nxt = self.items[0]
-            new_longest = max(longest, nxt.length)
-            if batch and (len(batch) + 1) * new_longest > policy.max_batch_tokens:
+        if not self.items:
+            return []
+        window = [self.items.popleft()]
+        limit = LOOKAHEAD_BATCHES * policy.max_batch_size
+        while self.items and len(window) < limit:
+            window.append(self.items.popleft())
+        anchor = window[0]
+        order = sorted(
+            range(1, len(window)), key=lambda i: (abs(window[i].length - anchor.length), i)
+        )
+        chosen = [0]
+        longest = anchor.length
+        for i in order:
+            if len(chosen) >= policy.max_batch_size:
                 break
-            batch.append(self.items.popleft())
+            new_longest = max(longest, window[i].length)
+            if (len(chosen) + 1) * new_longest > policy.max_batch_tokens:
+                continue  # too long for the budget; a shorter one may still fit
+            chosen.append(i)
             longest = new_longest
-        return batch
+        taken = set(chosen)
+        # The rest go back in front, in their arrival order.
+        self.items.extendleft(reversed([it for i, it in enumerate(window) if i not in taken]))
+        return [window[i] for i in sorted(chosen)]

@@ -30,8 +30,8 @@ class BucketScheduler:
     * within a lane, among the buckets that are ready (full, or oldest item waited
       ``max_wait_s``), the one whose oldest item has waited longest goes first, so a busy
       bucket cannot starve a quiet one;
-    * the batch itself is formed by :meth:`PendingBucket.take` (FIFO, max batch size, token
-      budget).
+    * the batch itself is formed by :meth:`PendingBucket.take` (the oldest sequence and
+      those nearest to it in length, max batch size, token budget).
     """
 
     def __init__(self, policy: BatchPolicy, lanes: tuple[str, ...] = DEFAULT_LANES) -> None:
