@@ -321,7 +321,7 @@ def prune_variants(folder: Path, keep: Sequence[str]) -> None:
         raw.setdefault("hyperparameters", {}).setdefault("dropped_variants", {})[k] = {
             kk: vv
             for kk, vv in raw["variants"][k].items()
-            if kk in ("file", "precision", "providers", "metrics")
+            if kk in ("file", "precision", "providers", "metrics", "measured_with")
         }
         del raw["variants"][k]
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
