@@ -23,25 +23,18 @@ written under ``models/``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from training.data.checksums import sha256_file
+
 log = logging.getLogger(__name__)
 
 DERIVABLE = ("fp32", "fp16")
 TASK_HEADS = {"detect": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _free_name(folder: Path, wanted: str) -> Path:
@@ -121,7 +114,7 @@ def derive_version(
             "file": fp32_path.name,
             "precision": "fp32",
             "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
-            "sha256": _sha256(fp32_path),
+            "sha256": sha256_file(fp32_path),
             "metrics": {},
         }
         notes.append(
@@ -137,7 +130,7 @@ def derive_version(
             "file": fp16_path.name,
             "precision": "fp16",
             "providers": ["CUDAExecutionProvider"],
-            "sha256": _sha256(fp16_path),
+            "sha256": sha256_file(fp16_path),
             "metrics": {},
         }
         notes.append(
