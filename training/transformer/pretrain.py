@@ -148,6 +148,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     max_steps: int = 1000
     max_minutes: float | None = None
+    time_budget_minutes: float | None = None
     mlm_probability: float = 0.15
     seed: int = 13
     device: str = "cpu"
@@ -230,6 +231,7 @@ def pretrain(
         warmup_ratio=cfg.warmup_ratio,
         max_steps=cfg.max_steps,
         max_minutes=cfg.max_minutes,
+        time_budget_minutes=cfg.time_budget_minutes,
         device=cfg.device,
         log_every=25,
     )

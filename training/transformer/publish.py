@@ -1,12 +1,14 @@
 """Copy a trained entry into the committed repository, keeping only some variants.
 
     python -m training.transformer.publish runs/models/qa-zh/1 models/qa-zh/1 --keep int8 \
-        --baseline runs/models/qa-zh-scratch/1
+        --baseline runs/models/qa-zh-scratch/1 --pretrained runs/zh-bert-tiny
 
 The dropped variants (fp32 ~90 MB for MiniLM, fp16 for CUDA) stay reproducible with the
 ``command`` in the manifest; their file names and measured metrics are kept under
 ``hyperparameters.dropped_variants``. ``--baseline`` merges the test metrics of a comparison
-entry (the same QA recipe without pretraining) into ``metrics`` as ``no_pretraining_*``.
+entry (the same QA recipe without pretraining) into ``metrics`` as ``no_pretraining_*``;
+``--pretrained`` records the base's ``pretrain_summary.json`` (command, steps, MLM figures)
+under ``hyperparameters.pretraining``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def publish_entry(
     keep: list[str],
     baseline: Path | None = None,
     note: str = "",
+    pretrained: Path | None = None,
 ) -> dict[str, float]:
     from service.repository import load_manifest
 
@@ -49,6 +52,8 @@ def publish_entry(
                 f" Same recipe without pretraining (random init): EM {base.metrics['em']:.2f}, "
                 f"F1 {base.metrics['f1']:.2f}."
             )
+    if pretrained is not None:
+        raw["hyperparameters"]["pretraining"] = pretraining_record(pretrained)
     dropped = [k for k in raw["variants"] if k not in keep]
     if dropped:
         raw["description"] += (
@@ -65,6 +70,21 @@ def publish_entry(
     return load_manifest(dst).metrics
 
 
+PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy")
+
+
+def pretraining_record(folder: Path) -> dict:
+    """What a QA manifest says of its base: the pretraining command and figures."""
+    summary = json.loads((folder / "pretrain_summary.json").read_text(encoding="utf-8"))
+    rec = {k: summary[k] for k in PRETRAINING_KEYS if k in summary}
+    for k in ("epochs", "seconds", "mlm_loss", "mlm_accuracy"):
+        if k in rec:
+            rec[k] = round(float(rec[k]), 4)
+    rec["corpus_tokens"] = summary.get("tokens")
+    rec["device"] = summary.get("config", {}).get("device")
+    return rec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path)
@@ -72,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", default="int8", help="comma-separated variants to keep")
     ap.add_argument("--baseline", type=Path, default=None)
     ap.add_argument("--note", default="", help="appended to the description")
+    ap.add_argument("--pretrained", type=Path, default=None, help="the base's pretrain folder")
     a = ap.parse_args(argv)
     keep = [k for k in a.keep.split(",") if k]
-    print(json.dumps(publish_entry(a.src, a.dst, keep, a.baseline, a.note), indent=2))
+    metrics = publish_entry(a.src, a.dst, keep, a.baseline, a.note, a.pretrained)
+    print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":
