@@ -21,19 +21,36 @@ REQUESTS=${BENCH_REQUESTS:-6000}
 DATA=${DATA:-../shared/data}
 MODELS=${MODELS:-"detector-en qa-zh"}
 
-# The serving deps missing from the GPU image (its package list: torch, transformers, onnx,
-# tokenizers, numpy, httpx, anyio, h11, click, typer, prometheus-client, matplotlib are there).
-# Versions are this virtualenv's, so the device runs what the tests here ran.
-PKGS="fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv
-annotated-types typing-inspection typing-extensions annotated-doc redis"
+# The serving deps the GPU image lacks: the dependency closure of the serving packages as this
+# virtualenv has them (versions the tests here ran), markers evaluated for the device's Python
+# 3.12. A fixed list went stale once already (fastapi 0.165 added opentelemetry-api).
+ROOTS="fastapi uvicorn pydantic pydantic-settings redis"
+mapfile -t pins < <("$PY" - $ROOTS <<'PYEOF'
+import importlib.metadata as md
+import re
+import sys
+
+from packaging.requirements import Requirement
+
+env = {"python_version": "3.12", "python_full_version": "3.12.3", "extra": ""}
+seen, stack = {}, list(sys.argv[1:])
+while stack:
+    name = re.sub(r"[-_.]+", "-", stack.pop()).lower()
+    if name in seen:
+        continue
+    seen[name] = md.version(name)
+    for raw in md.distribution(name).requires or []:
+        req = Requirement(raw)
+        if req.marker is None or req.marker.evaluate(env):
+            stack.append(req.name)
+for name, version in sorted(seen.items()):
+    print(f"{name}=={version}")
+PYEOF
+)
+[ "${#pins[@]}" -gt 0 ] || { echo "could not resolve the serving deps" >&2; exit 1; }
 
 # Only what this script makes: a stale second version of a wheel would stop the install.
 rm -rf .whl/*.whl .whl/redis.tar.gz .whl/requests && mkdir -p .whl/requests
-pins=()
-for p in $PKGS; do
-  v=$("$PY" -c "import importlib.metadata as m; print(m.version('$p'))")
-  pins+=("$p==$v")
-done
 echo "== wheels for cp312 manylinux: ${pins[*]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

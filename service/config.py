@@ -15,6 +15,7 @@ from service.batching.types import BatchPolicy
 # more throughput than 8192 (bench/results/detector-en-cpu-2core*.md); GPUs want big batches.
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 8192
+CUDA_SHAPE_MULTIPLE = 16
 
 
 class Settings(BaseSettings):
@@ -54,7 +55,11 @@ class Settings(BaseSettings):
         description="Let idle ORT threads spin-wait. Off by default: spinning threads steal "
         "CPU from the event loop and tokenization on small machines.",
     )
-    warmup: bool = Field(True, description="Run one batch per bucket of each model at startup.")
+    warmup: bool = Field(
+        True,
+        description="Run one batch per bucket of each model at startup (every shape of the "
+        "shape grid where it is on).",
+    )
 
     # --- batching
     max_batch_size: int = Field(32, description="Most sequences in one inference batch.")
@@ -65,6 +70,16 @@ class Settings(BaseSettings):
         f"measured in bench/results), {GPU_BATCH_TOKENS} on CUDA (batch size is what pays).",
     )
     max_wait_ms: float = Field(5.0, description="How long a batch waits to fill before it runs.")
+    shape_multiple: int | None = Field(
+        None,
+        ge=1,
+        description="Round each batch's padded length up to a multiple of this and its row "
+        "count up to a power of two (extra rows repeat a sequence and are dropped), so a "
+        "session sees a small fixed set of shapes, all run once at warm-up. Default: "
+        f"{CUDA_SHAPE_MULTIPLE} on CUDA, where the first run of a new shape is slow (bench/"
+        "results/*-cuda-*: fp16 batches took ~29 ms in the service against ~1 ms in the raw "
+        "loop that repeats its shapes); 1 (off) on CPU, where padding is what costs.",
+    )
     max_queue_depth: int = Field(
         1024, description="Per-model queued requests before new ones get 429."
     )

@@ -71,7 +71,7 @@ class Metrics:
         # Token counters give the exact traffic-weighted efficiency: real / padded.
         self.batch_tokens = Counter(
             "nlpserve_batch_tokens_total",
-            "Tokens run through the model, kind=real (unpadded) or padded (batch x longest).",
+            "Tokens run through the model, kind=real (unpadded) or padded (rows x padded length).",
             ["model", "kind"],
             registry=r,
         )

@@ -164,3 +164,22 @@ def test_depths_per_bucket_cover_all_lanes():
     s.add(item(9, bucket=1))
     assert s.depths() == {0: 2, 1: 1}
     assert s.depth(lane=EXPLAIN_LANE) == 1
+
+
+def test_pad_batch_to_a_wider_grid_repeats_the_last_row():
+    from service.batching import pad_batch
+    from service.repository.manifest import TensorSpec
+
+    specs = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"]),
+             TensorSpec(name="lengths", dtype="int64", shape=["batch"])]  # fmt: skip
+    items = [
+        WorkItem("m", 0, 2, {"input_ids": np.array([5, 6])}, 1e12),
+        WorkItem("m", 0, 3, {"input_ids": np.array([7, 8, 9])}, 1e12),
+    ]
+    exact = pad_batch(items, specs)
+    assert exact["input_ids"].shape == (2, 3)
+    wide = pad_batch(items, specs, width=8, rows=4)
+    assert wide["input_ids"].shape == (4, 8)
+    assert (wide["input_ids"][:2, :3] == exact["input_ids"]).all()
+    assert (wide["input_ids"][2:, :3] == [7, 8, 9]).all() and not wide["input_ids"][:, 3:].any()
+    assert wide["lengths"].tolist() == [2, 3, 3, 3]

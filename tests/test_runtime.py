@@ -195,6 +195,57 @@ def test_padding_does_not_change_outputs(fp32_runners, model_repo, model):
         np.testing.assert_allclose(alone[name], padded[name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["pos-en", "polarity-en", DETECT_MODEL, QA_MODEL])
+def test_shape_grid_rounds_batches_without_changing_outputs(fp32_runners, model_repo, model):
+    """The CUDA shape grid (here forced on the CPU): 3 sequences run as 4 rows at a width
+    rounded to the multiple; every item's outputs are those of the exact-shape run."""
+    require_model(model_repo, model)
+    runners, tasks = fp32_runners
+    s = settings(model_repo, variant="fp32", shape_multiple=8, max_batch_size=8)
+    entries = [e for e in discover_models(model_repo) if e.name == model]
+    gridded = load_runners(s, entries=entries)[model]
+    assert runners[model].shape_multiple == 1  # the CPU default: exact shapes
+    short, longer = _items(tasks, model, _requests(model))
+    rows, width = gridded.padded_shape(3, longer.length)
+    assert rows == 4 and width % 8 == 0 or width == gridded.manifest.max_length
+    assert longer.length <= width < longer.length + 8
+    batch = [longer, short, longer]
+    exact = runners[model].run_batch(batch)
+    rounded = gridded.run_batch(batch)
+    assert len(rounded) == 3
+    for want, got in zip(exact, rounded, strict=True):
+        for name in want:
+            assert want[name].shape == got[name].shape
+            np.testing.assert_allclose(want[name], got[name], rtol=0, atol=1e-5)
+
+
+def test_shape_grid_is_what_warmup_runs(model_repo):
+    require_model(model_repo, DETECT_MODEL)
+    metrics = Metrics()
+    s = settings(model_repo, variant="fp32", shape_multiple=16, max_batch_size=6)
+    entries = [e for e in discover_models(model_repo) if e.name == DETECT_MODEL]
+    runner = load_runners(s, metrics, entries)[DETECT_MODEL]
+    top = runner.manifest.max_length
+    grid = runner.shape_grid()
+    widths = sorted({w for _, w in grid})
+    assert sorted({r for r, _ in grid}) == [1, 2, 4, 6]  # powers of two, capped at the max
+    assert widths == sorted({*range(16, top, 16), top})
+    # every shape a batch can take is in the grid
+    assert {runner.padded_shape(n, n_tok) for n in range(1, 7) for n_tok in range(1, top + 1)} == (
+        set(grid)
+    )
+    runner.warmup()
+    assert metric_value(metrics.render().decode(), "nlpserve_batch_size_count") == 0
+    # padding efficiency counts the grid's padding: 1 sequence of 17 tokens runs as 1 x 32
+    tasks = build_tasks(entries, s)
+    item = _items(tasks, DETECT_MODEL, _requests(DETECT_MODEL))[0]
+    runner.metrics = metrics
+    runner.run_batch([item])
+    text = metrics.render().decode()
+    padded = metric_value(text, "nlpserve_batch_tokens_total", model=DETECT_MODEL, kind="padded")
+    assert padded == runner.padded_shape(1, item.length)[1]
+
+
 def test_int8_dynamic_quantisation_is_batch_dependent_but_bounded(model_repo):
     """Documented trade-off: int8 activations are quantised with per-batch scales."""
     require_model(model_repo, DETECT_MODEL)

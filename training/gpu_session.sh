@@ -30,10 +30,10 @@ PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-3}
 # 6 layers, hidden 384 (MiniLM's shape), batches of 256x256 tokens: the schedule is fitted to
 # PRETRAIN_MINUTES from the measured pace (--time-budget-minutes).
 PRETRAIN_ARGS=${PRETRAIN_ARGS:-"--vocab-size 8000 --hidden 384 --layers 6 --heads 6 \
---intermediate 1536 --max-length 256 --batch-size 256 --lr 1e-3 --warmup-ratio 0.06 \
+--intermediate 1536 --max-length 256 --batch-size 256 --lr 8e-4 --warmup-ratio 0.06 \
 --max-steps 50000"}
 QA_ARGS=${QA_ARGS:-"--max-length 256 --doc-stride 64 --max-query-length 32 --batch-size 32 \
---epochs 5 --lr 2e-4 --negative-ratio 0.1 --holdout-ratio 0.03 --max-holdout-examples 300 \
+--epochs 6 --lr 1.5e-4 --negative-ratio 0.1 --holdout-ratio 0.03 --max-holdout-examples 300 \
 --max-minutes 6"}
 KEEP=${KEEP:-int8,fp16}
 ORT_WAIT_S=${ORT_WAIT_S:-90}

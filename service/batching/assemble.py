@@ -13,17 +13,26 @@ LENGTHS_INPUT = "lengths"  # models that take sequence lengths get them derived 
 SEQUENCE_AXIS = "sequence"
 
 
-def pad_batch(items: Sequence[WorkItem], inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    """Stack ``items`` into model feeds padded (with 0) to the batch's longest sequence."""
+def pad_batch(
+    items: Sequence[WorkItem],
+    inputs: Sequence[TensorSpec],
+    width: int | None = None,
+    rows: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Stack ``items`` into model feeds padded (with 0) to the batch's longest sequence, or to
+    ``width`` when given; ``rows`` > len(items) appends copies of the last item (real data,
+    so no row is all padding), whose outputs the caller drops."""
     longest = max(it.length for it in items)
+    width = max(width or longest, longest)
+    order = list(items) + [items[-1]] * max(0, (rows or 0) - len(items))
     feeds: dict[str, np.ndarray] = {}
     for spec in inputs:
         if spec.name == LENGTHS_INPUT:
-            feeds[spec.name] = np.array([it.length for it in items], dtype=spec.dtype)
+            feeds[spec.name] = np.array([it.length for it in order], dtype=spec.dtype)
             continue
         first = items[0].features[spec.name]
-        out = np.zeros((len(items), longest, *first.shape[1:]), dtype=spec.dtype)
-        for i, it in enumerate(items):
+        out = np.zeros((len(order), width, *first.shape[1:]), dtype=spec.dtype)
+        for i, it in enumerate(order):
             arr = it.features[spec.name]
             out[i, : arr.shape[0]] = arr
         feeds[spec.name] = out

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from service.batching import WorkItem, pad_batch, split_outputs
 from service.batching.assemble import LENGTHS_INPUT, SEQUENCE_AXIS
-from service.config import Settings
+from service.config import CUDA_SHAPE_MULTIPLE, Settings
 from service.metrics import Metrics
 from service.repository import Manifest, ModelEntry, discover_models
 from service.runtime.session import CUDA, LoadedSession, create_session, resolve_providers
@@ -35,8 +35,9 @@ class ModelRunner:
     """Runs batches of :class:`WorkItem` through one ORT session.
 
     ``run_batch`` is synchronous and thread-safe (ORT sessions are); callers run it off the
-    event loop. It pads to the batch's longest sequence, runs, and splits the outputs back
-    per item, recording batch metrics when ``metrics`` is given.
+    event loop. It pads to the batch's longest sequence (rounded to the shape grid on CUDA,
+    see ``Settings.shape_multiple``), runs, and splits the outputs back per item, recording
+    batch metrics when ``metrics`` is given.
     """
 
     def __init__(
@@ -58,6 +59,9 @@ class ModelRunner:
         self.metrics = metrics
         self._output_names = self.manifest.output_names()
         self._use_io_binding = self.provider == CUDA
+        default_multiple = CUDA_SHAPE_MULTIPLE if self.provider == CUDA else 1
+        self.shape_multiple: int = settings.shape_multiple or default_multiple
+        self.max_rows: int = settings.max_batch_size
         if metrics is not None:
             metrics.model_info.labels(
                 self.name, self.manifest.version, self.provider, self.variant
@@ -74,16 +78,36 @@ class ModelRunner:
         if not items:
             return []
         t0 = time.perf_counter()
-        feeds = pad_batch(items, self.manifest.inputs)
+        rows, width = self.padded_shape(len(items), max(it.length for it in items))
+        feeds = pad_batch(items, self.manifest.inputs, width, rows)
         outputs = self._run(feeds)
         per_item = split_outputs(outputs, items, self.manifest.outputs)
         if record and self.metrics is not None:
             real = sum(it.length for it in items)
-            padded = len(items) * max(it.length for it in items)
+            padded = rows * width  # what the session computed, grid padding included
             self.metrics.observe_batch(
                 self.name, items[0].bucket, len(items), real, padded, time.perf_counter() - t0
             )
         return per_item
+
+    def padded_shape(self, n: int, longest: int) -> tuple[int, int]:
+        """(rows, width) a batch of ``n`` sequences, the longest ``longest``, is run at."""
+        m = self.shape_multiple
+        if m <= 1:
+            return n, longest
+        width = max(longest, min(-(-longest // m) * m, self.manifest.max_length))
+        rows = max(n, min(1 << (n - 1).bit_length(), self.max_rows))
+        return rows, width
+
+    def shape_grid(self) -> list[tuple[int, int]]:
+        """Every (rows, width) ``padded_shape`` can return for batches of up to max_batch_size
+        sequences of up to max_length tokens (empty when the grid is off)."""
+        if self.shape_multiple <= 1:
+            return []
+        longest = self.manifest.max_length
+        widths = sorted({self.padded_shape(1, w)[1] for w in range(1, longest + 1)})
+        rows = sorted({self.padded_shape(n, 1)[0] for n in range(1, self.max_rows + 1)})
+        return [(r, w) for r in rows for w in widths]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._use_io_binding:
@@ -136,15 +160,24 @@ class ModelRunner:
         return self.manifest.preprocessing.max_word_length or 1
 
     def warmup(self) -> float:
-        """One batch per bucket at the bucket's edge length; returns seconds spent.
+        """Run every shape of the grid (CUDA), else one batch per bucket at the bucket's edge
+        length; returns seconds spent.
 
         The first run of each shape allocates arena memory and (on CUDA) picks kernels;
         doing it here keeps that cost out of the first requests.
         """
         t0 = time.perf_counter()
-        for b, edge in enumerate(self.buckets):
-            self.run_batch([self.dummy_item(edge, b)], record=False)
-        return time.perf_counter() - t0
+        grid = self.shape_grid()
+        for rows, width in grid:
+            bucket = next((b for b, e in enumerate(self.buckets) if width <= e), 0)
+            self.run_batch([self.dummy_item(width, bucket)] * rows, record=False)
+        if not grid:
+            for b, edge in enumerate(self.buckets):
+                self.run_batch([self.dummy_item(edge, b)], record=False)
+        secs = time.perf_counter() - t0
+        if grid:
+            log.info("%s: warmed %d batch shapes in %.1fs", self.name, len(grid), secs)
+        return secs
 
     def describe(self) -> dict:
         return {
