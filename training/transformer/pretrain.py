@@ -198,19 +198,24 @@ def pretrain(
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = max(1, len(rows) // cfg.batch_size)
 
+    # All rows as one padded tensor, built once: per-batch tensor building in Python kept a
+    # GPU two-thirds idle (first H200 run: 78 ms/step at 256 rows, 33% utilisation).
+    lens = torch.tensor([len(r[0]) for r in rows], dtype=torch.long)
+    all_ids = torch.zeros((len(rows), int(lens.max())), dtype=torch.long)
+    all_types = torch.zeros_like(all_ids)
+    for j, (r_ids, r_types) in enumerate(rows):
+        all_ids[j, : len(r_ids)] = torch.tensor(r_ids)
+        all_types[j, : len(r_ids)] = torch.tensor(r_types)
+
     def batches(epoch: int):
         order = list(range(len(rows)))
         rng.shuffle(order)
         for b in range(per_epoch):
-            chunk = [rows[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            width = max(len(r[0]) for r in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            types = torch.zeros_like(ids)
-            mask = torch.zeros_like(ids)
-            for j, (r_ids, r_types) in enumerate(chunk):
-                ids[j, : len(r_ids)] = torch.tensor(r_ids)
-                types[j, : len(r_ids)] = torch.tensor(r_types)
-                mask[j, : len(r_ids)] = 1
+            idx = torch.tensor(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+            width = int(lens[idx].max())
+            ids = all_ids[idx, :width]
+            types = all_types[idx, :width]
+            mask = (torch.arange(width)[None, :] < lens[idx, None]).long()
             inputs, labels = mask_tokens(
                 ids, ids < n_special, vocab_size, n_special, cfg.mlm_probability, gen
             )
