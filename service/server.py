@@ -21,6 +21,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         workers=1,
         access_log=False,
         lifespan="on",
+        # loop/http "auto": uvloop and httptools (dependencies) when importable.
     )
 
 

@@ -80,3 +80,22 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out
     assert "Traceback" not in out
+
+
+def test_server_runs_on_uvloop_and_httptools(model_repo):
+    """The C event loop and HTTP parser (dependencies; uvicorn's "auto" picks them): the
+    API process is what limits throughput once inference is fast (bench/README.md)."""
+    import asyncio
+
+    from service.config import Settings
+    from service.server import uvicorn_config
+
+    cfg = uvicorn_config(Settings(model_dir=model_repo, warmup=False))
+    cfg.load()
+    assert cfg.http_protocol_class.__name__ == "HttpToolsProtocol"
+    loop = cfg.get_loop_factory()()
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
