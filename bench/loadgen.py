@@ -407,7 +407,7 @@ async def open_poster(
 
 
 async def run_load(
-    base_url: str,
+    base_url: str | Sequence[str],
     specs: Sequence[RequestSpec],
     *,
     concurrency: int = 32,
@@ -425,14 +425,21 @@ async def run_load(
     Closed loop when ``rate`` is None: ``concurrency`` clients, each sending its next
     request as soon as the previous one is answered. Open loop otherwise: Poisson arrivals
     at ``rate``/s, at most ``concurrency`` in flight (arrivals beyond that wait, and their
-    latency includes the wait, as a real user's would).
+    latency includes the wait, as a real user's would). Several base URLs (API replicas
+    without a gateway) share the clients round-robin, each with its own connections.
     """
     policy = policy or RetryPolicy()
     results: list[Result | None] = [None] * len(specs)
     bodies = [json.dumps(s.payload, ensure_ascii=False).encode() for s in specs]  # untimed
     done = 0
 
-    async with open_poster(base_url, concurrency, timeout_s, headers, client) as post:
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    per_url = -(-concurrency // len(urls))
+    async with contextlib.AsyncExitStack() as stack:
+        posters = [
+            await stack.enter_async_context(open_poster(u, per_url, timeout_s, headers, client))
+            for u in urls
+        ]
         t0 = time.perf_counter()
 
         async def record(i: int, r: Result) -> None:
@@ -447,18 +454,21 @@ async def run_load(
         if rate is None:
             next_index = iter(range(len(specs)))
 
-            async def client_loop() -> None:
+            async def client_loop(post: Poster) -> None:
                 for i in next_index:  # shared iterator: each index is taken exactly once
                     r = await send_one(post, specs[i], bodies[i], t0, policy, keep_body)
                     await record(i, r)
 
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            await asyncio.gather(
+                *(client_loop(posters[k % len(posters)]) for k in range(concurrency))
+            )
         else:
             sem = asyncio.Semaphore(concurrency)
             rng = random.Random(seed)
 
             async def fire(i: int, arrival: float) -> None:
                 async with sem:
+                    post = posters[i % len(posters)]
                     r = await send_one(post, specs[i], bodies[i], t0, policy, keep_body)
                 # Open-loop latency counts from the scheduled arrival, not from the send.
                 r.latency_s = time.perf_counter() - (t0 + arrival)

@@ -111,7 +111,7 @@ def _single_model_repo(tmp: Path, version_dir: Path) -> Path:
 
 
 async def _drive(
-    url: str,
+    url: str | Sequence[str],
     specs: Sequence[RequestSpec],
     concurrency: int,
     metrics_urls: Sequence[str],
@@ -318,7 +318,7 @@ class Bench:
         procs.wait_http(p, url + "/readyz", timeout_s=180)
         return p, url
 
-    def _run_http(self, name: str, url: str, metrics_urls: list[str],
+    def _run_http(self, name: str, url: str | list[str], metrics_urls: list[str],
                   specs: Sequence[RequestSpec] | None = None, **extra: Any) -> None:  # fmt: skip
         self._settle()
         specs = self.specs if specs is None else specs
@@ -453,15 +453,23 @@ class Bench:
             w = procs.start(f"worker-{variant}", [procs.nlpserve_bin(), "worker"], self.logs,
                             env={**common, "NLPSERVE_METRICS_PORT": str(mport)})  # fmt: skip
             started.append(w)
-            api, url = self._serve(f"serve-redis-{variant}", common)
-            started.append(api)
+            # --api-replicas N: N API processes in front of the one worker, the clients
+            # spread over them (what a gateway does): the scale-out past one API process.
+            n_api = self.args.api_replicas
+            urls = []
+            for k in range(n_api):
+                api, url = self._serve(f"serve-redis-{variant}-{k}", common)
+                started.append(api)
+                urls.append(url)
             procs.wait_http(w, f"http://127.0.0.1:{mport}/readyz", timeout_s=180)
-            name = f"nlpserve via Redis ({variant}, 1 worker)"
+            apis = f"{n_api} API processes, " if n_api > 1 else ""
+            name = f"nlpserve via Redis ({variant}, {apis}1 worker)"
             # The API runs no model in Redis mode; the worker got the same providers and,
             # on CUDA, NLPSERVE_REQUIRE_GPU: it cannot have fallen back and still be ready.
             provider = common["NLPSERVE_PROVIDERS"].split(",")[0]
-            self._run_http(name, url, [url + "/metrics", f"http://127.0.0.1:{mport}/metrics"],
-                           variant=variant, provider=f"worker: {provider}")  # fmt: skip
+            metrics = [u + "/metrics" for u in urls] + [f"http://127.0.0.1:{mport}/metrics"]
+            self._run_http(name, urls if n_api > 1 else urls[0], metrics, variant=variant,
+                           provider=f"worker: {provider}", api_replicas=n_api)  # fmt: skip
             self.providers_used[name] = f"worker: {provider}"
 
     # ------------------------------------------------------------------ report
@@ -723,6 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="NLPSERVE_X=V",
         help="setting for the nlpserve runs (c)/(d) only; repeatable",
+    )
+    p.add_argument(
+        "--api-replicas",
+        type=int,
+        default=1,
+        help="(d): API processes in front of the one worker, clients spread over them",
     )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)  # fmt: skip

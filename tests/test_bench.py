@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -151,6 +152,27 @@ def test_run_load_retries_once_and_summarizes() -> None:
         assert [r.attempts for r in results] == [1, 2, 1]
         s = summarize("x", results, wall, specs)
         assert s["ok"] == 3 and s["retried"] == 1 and s["errors"] == {}
+
+    asyncio.run(scenario())
+
+
+def test_run_load_spreads_clients_over_several_urls() -> None:
+    """API replicas without a gateway (bench.run --api-replicas): every request is sent once,
+    and each replica gets its share."""
+
+    async def scenario() -> None:
+        a = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
+        b = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 2}'
+        server_a, port_a = await _serve_http([a] * 20)
+        server_b, port_b = await _serve_http([b] * 20)
+        specs = [RequestSpec(i, "/v1/x", {"text": str(i)}, 3) for i in range(20)]
+        urls = [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"]
+        async with server_a, server_b:
+            results, _ = await run_load(urls, specs, concurrency=4, policy=RetryPolicy(retries=0))
+        assert sorted(r.id for r in results) == list(range(20))
+        assert all(r.status == 200 for r in results)
+        served = Counter(r.body["v"] for r in results)
+        assert set(served) == {1, 2} and sum(served.values()) == 20
 
     asyncio.run(scenario())
 
@@ -385,6 +407,27 @@ def test_derive_fp32_and_fp16_from_an_int8_only_version(model_repo: Path, tmp_pa
         np.testing.assert_allclose(fp16.outputs[i], fp32.outputs[i], atol=0.05)
 
 
+def test_redis_config_with_two_api_replicas(model_repo: Path, tmp_path: Path) -> None:
+    """(d) with --api-replicas 2: two API processes in Redis mode, one worker, every
+    request answered, the report naming the topology."""
+    import shutil
+
+    from bench import run
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server")
+    run.main(["--models", str(model_repo), "--model", DETECT_MODEL, "--variants", "fp32",
+              "--configs", "redis", "--api-replicas", "2", "--requests", "60",
+              "--concurrency", "4", "--warmup", "4", "--settle-s", "0",
+              "--results-dir", str(tmp_path), "--name", "rep"])  # fmt: skip
+    [r] = json.loads((tmp_path / "rep.json").read_text())["results"]
+    assert r["name"] == "nlpserve via Redis (fp32, 2 API processes, 1 worker)"
+    assert r["ok"] == 60 and r["errors"] == {} and r["api_replicas"] == 2
+    assert r["batches"] > 0  # the worker's metrics were scraped with the APIs'
+
+
 def test_device_cuda_without_cuda_fails_at_once(model_repo: Path, tmp_path: Path) -> None:
     """No GPU here: --device cuda must stop before any server starts, saying why."""
     import time
@@ -499,7 +542,9 @@ def test_requests_files_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "r.jsonl.gz").read_bytes() == gz  # reproducible bytes
 
 
-@pytest.mark.parametrize("script", ["gpu_session.sh", "gpu_prepare.sh"])
+@pytest.mark.parametrize(
+    "script", ["bench/gpu_session.sh", "bench/gpu_prepare.sh", "training/gpu_session.sh"]
+)
 def test_gpu_scripts_parse(script: str) -> None:
     import shutil
     import subprocess
@@ -507,7 +552,7 @@ def test_gpu_scripts_parse(script: str) -> None:
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
-    path = procs.REPO_ROOT / "bench" / script
+    path = procs.REPO_ROOT / script
     r = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 
