@@ -487,6 +487,99 @@ async def run_load(
     return [r for r in results if r is not None], wall
 
 
+def _client_process(idx: int, urls: list[str], specs: list[RequestSpec], concurrency: int,
+                    timeout_s: float, policy: RetryPolicy, keep_body: bool, ready: Any,
+                    go: Any, out: Any) -> None:  # fmt: skip
+    """One load-generator process of :func:`run_load_procs` (spawned: picklable arguments)."""
+    import resource
+
+    ready.put(idx)
+    go.wait()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    began = time.time()
+    results, _ = asyncio.run(
+        run_load(urls, specs, concurrency=concurrency, timeout_s=timeout_s, policy=policy,
+                 keep_body=keep_body)
+    )  # fmt: skip
+    ended = time.time()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    out.put((idx, began, ended, cpu, results))
+
+
+def run_load_procs(
+    base_url: str | Sequence[str],
+    specs: Sequence[RequestSpec],
+    *,
+    processes: int,
+    concurrency: int = 32,
+    timeout_s: float = 60.0,
+    policy: RetryPolicy | None = None,
+    keep_body: bool = True,
+) -> tuple[list[Result], float, float]:
+    """:func:`run_load` (closed loop) spread over ``processes`` client processes.
+
+    One Python process tops out at a few thousand requests/s, less than a GPU server with
+    several API replicas can answer: the client would be what is measured. Each process gets
+    every ``processes``-th request and its share of the ``concurrency`` clients; all start
+    together once every process is up (start-up is not timed). Returns the results in
+    request order, the wall time from the first start to the last finish, and the client
+    processes' CPU seconds.
+    """
+    import multiprocessing as mp
+
+    if processes <= 1:
+        raise ValueError("run_load_procs needs processes >= 2 (else use run_load)")
+    if concurrency < processes:
+        raise ValueError(f"concurrency {concurrency} < client processes {processes}")
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    policy = policy or RetryPolicy()
+    ctx = mp.get_context("spawn")  # not fork: the parent may hold CUDA/ORT thread state
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    workers = [
+        ctx.Process(
+            target=_client_process,
+            args=(
+                k,
+                urls[k % len(urls) :] + urls[: k % len(urls)],
+                list(specs[k::processes]),
+                shares[k],
+                timeout_s,
+                policy,
+                keep_body,
+                ready,
+                go,
+                out,
+            ),
+            daemon=True,
+        )  # fmt: skip
+        for k in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:
+            ready.get(timeout=120)
+        go.set()
+        # Read before joining: a child blocks on a full pipe until its results are taken.
+        got = [out.get(timeout=timeout_s * 4 + len(specs)) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+    t0 = min(g[1] for g in got)
+    merged: list[Result] = []
+    for _, began, _, _, results in got:
+        for r in results:
+            r.start_s += began - t0  # onto the common clock
+            merged.append(r)
+    merged.sort(key=lambda r: r.id)
+    wall = max(g[2] for g in got) - t0
+    return merged, wall, sum(g[3] for g in got)
+
+
 # ---------------------------------------------------------------------------- summaries
 
 

@@ -52,6 +52,7 @@ from bench.loadgen import (
     load_requests,
     metrics_delta,
     run_load,
+    run_load_procs,
     save_requests,
     scrape_metrics,
     summarize,
@@ -117,21 +118,30 @@ async def _drive(
     metrics_urls: Sequence[str],
     model: str,
     warmup: int,
+    client_procs: int = 1,
 ) -> tuple[list[Result], float, dict[str, Any]]:
     if warmup:
         # Not measured: first requests pay for connection setup, thread pools, allocator.
         await run_load(url, specs[:warmup], concurrency=concurrency, keep_body=False)
     before = scrape_metrics(metrics_urls)
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    results, wall = await run_load(
-        url, specs, concurrency=concurrency, policy=RetryPolicy(retries=0), timeout_s=300.0
-    )
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    if client_procs > 1:
+        results, wall, cpu = await asyncio.to_thread(
+            run_load_procs, url, specs, processes=client_procs, concurrency=concurrency,
+            policy=RetryPolicy(retries=0), timeout_s=300.0,
+        )  # fmt: skip
+    else:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        results, wall = await run_load(
+            url, specs, concurrency=concurrency, policy=RetryPolicy(retries=0), timeout_s=300.0
+        )
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     after = scrape_metrics(metrics_urls)
     delta: dict[str, Any] = dict(metrics_delta(before, after, model))
     # The load generator shares the CPU with the server: say how much of it it took.
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     delta["client_cpu_ms_per_request"] = round(1000 * cpu / max(len(results), 1), 3)
+    if client_procs > 1:
+        delta["client_processes"] = client_procs
     return results, wall, delta
 
 
@@ -310,13 +320,21 @@ class Bench:
             time.sleep(2.0)
         self._loadavg_before = round(os.getloadavg()[0], 2)
 
-    def _serve(self, name: str, env: dict[str, str]) -> tuple[procs.Proc, str]:
-        port = procs.free_port()
-        env = {**env, "NLPSERVE_HOST": "127.0.0.1", "NLPSERVE_PORT": str(port)}
-        p = procs.start(name, [procs.nlpserve_bin(), "serve"], self.logs, env=env)
-        url = f"http://127.0.0.1:{port}"
-        procs.wait_http(p, url + "/readyz", timeout_s=180)
-        return p, url
+    def _serve(self, name: str, env: dict[str, str], started: list[procs.Proc],
+               replicas: int = 1) -> list[str]:  # fmt: skip
+        """Start ``replicas`` ``nlpserve serve`` processes (all at once: on a GPU each warms
+        its shapes up, in parallel), append them to ``started``, wait until all are ready."""
+        urls = []
+        for k in range(replicas):
+            port = procs.free_port()
+            penv = {**env, "NLPSERVE_HOST": "127.0.0.1", "NLPSERVE_PORT": str(port)}
+            label = f"{name}-{k}" if replicas > 1 else name
+            started.append(procs.start(label, [procs.nlpserve_bin(), "serve"], self.logs,
+                                       env=penv))  # fmt: skip
+            urls.append(f"http://127.0.0.1:{port}")
+        for p, url in zip(started[-replicas:], urls, strict=True):
+            procs.wait_http(p, url + "/readyz", timeout_s=180)
+        return urls
 
     def _run_http(self, name: str, url: str | list[str], metrics_urls: list[str],
                   specs: Sequence[RequestSpec] | None = None, **extra: Any) -> None:  # fmt: skip
@@ -324,7 +342,7 @@ class Bench:
         specs = self.specs if specs is None else specs
         results, wall, mdelta = asyncio.run(
             _drive(url, specs, self.args.concurrency, metrics_urls, self.args.model,
-                   self.args.warmup)
+                   self.args.warmup, self.args.client_procs)
         )  # fmt: skip
         self._record(name, results, wall, mdelta, **extra)
 
@@ -432,14 +450,20 @@ class Bench:
 
     def inprocess(self, variant: str, manifest_buckets: bool = False) -> None:
         env = self._nlpserve_env(NLPSERVE_QUEUE="inprocess", NLPSERVE_VARIANT=variant)
-        name = f"nlpserve in-process ({variant})"
+        # --api-replicas N: N independent servers, each with its own queue and its own
+        # session of the model (on one GPU: N CUDA sessions), the clients spread over them.
+        n_api = self.args.api_replicas
+        reps = f", {n_api} replicas" if n_api > 1 else ""
+        name = f"nlpserve in-process ({variant}{reps})"
         if manifest_buckets:  # the comparison run: buckets as exported
             env.pop("NLPSERVE_BUCKETS", None)
-            name = f"in-process, manifest buckets {self.manifest['buckets']} ({variant})"
-        p, url = self._serve(f"serve-{variant}", env)
-        with procs.stopping([p]):
-            provider = self._served_provider(url)
-            self._run_http(name, url, [url + "/metrics"], variant=variant, provider=provider)
+            name = f"in-process, manifest buckets {self.manifest['buckets']} ({variant}{reps})"
+        started: list[procs.Proc] = []
+        with procs.stopping(started):
+            urls = self._serve(f"serve-{variant}", env, started, n_api)
+            provider = self._served_provider(urls[0])
+            self._run_http(name, urls if n_api > 1 else urls[0], [u + "/metrics" for u in urls],
+                           variant=variant, provider=provider, api_replicas=n_api)  # fmt: skip
         self.providers_used[name] = provider or "unknown"
 
     def redis(self, variant: str) -> None:
@@ -456,11 +480,7 @@ class Bench:
             # --api-replicas N: N API processes in front of the one worker, the clients
             # spread over them (what a gateway does): the scale-out past one API process.
             n_api = self.args.api_replicas
-            urls = []
-            for k in range(n_api):
-                api, url = self._serve(f"serve-redis-{variant}-{k}", common)
-                started.append(api)
-                urls.append(url)
+            urls = self._serve(f"serve-redis-{variant}", common, started, n_api)
             procs.wait_http(w, f"http://127.0.0.1:{mport}/readyz", timeout_s=180)
             apis = f"{n_api} API processes, " if n_api > 1 else ""
             name = f"nlpserve via Redis ({variant}, {apis}1 worker)"
@@ -736,7 +756,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--api-replicas",
         type=int,
         default=1,
-        help="(d): API processes in front of the one worker, clients spread over them",
+        help="(c): N in-process servers, each with its own model session; (d): N API "
+        "processes in front of the one worker; the clients are spread over them",
+    )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="load-generator processes for the measured runs (one Python process tops out "
+        "at a few thousand req/s)",
     )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)  # fmt: skip

@@ -22,6 +22,7 @@ from bench.loadgen import (
     build_requests,
     metrics_delta,
     run_load,
+    run_load_procs,
     summarize,
 )
 from bench.raw_ort import sorted_batches
@@ -175,6 +176,34 @@ def test_run_load_spreads_clients_over_several_urls() -> None:
         assert set(served) == {1, 2} and sum(served.values()) == 20
 
     asyncio.run(scenario())
+
+
+def test_run_load_procs_sends_every_request_once_from_several_processes() -> None:
+    """bench.run --client-procs: the load split over spawned client processes still sends
+    each request exactly once, spreads them over the URLs, and reports them in order with
+    starts on one clock and the children's CPU time."""
+
+    async def scenario() -> None:
+        a = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
+        b = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 2}'
+        server_a, port_a = await _serve_http([a] * 30)
+        server_b, port_b = await _serve_http([b] * 30)
+        specs = [RequestSpec(i, "/v1/x", {"text": str(i)}, 3) for i in range(30)]
+        urls = [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"]
+        async with server_a, server_b:
+            results, wall, cpu = await asyncio.to_thread(
+                run_load_procs, urls, specs, processes=3, concurrency=6,
+                policy=RetryPolicy(retries=0),
+            )  # fmt: skip
+        assert [r.id for r in results] == list(range(30))
+        assert all(r.status == 200 and r.attempts == 1 for r in results)
+        assert set(Counter(r.body["v"] for r in results)) == {1, 2}
+        assert wall > 0 and cpu > 0
+        assert all(0 <= r.start_s <= wall for r in results)
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="concurrency"):
+        run_load_procs("http://127.0.0.1:1", [], processes=4, concurrency=2)
 
 
 def test_template_rendering_keeps_nginx_variables() -> None:
@@ -426,6 +455,29 @@ def test_redis_config_with_two_api_replicas(model_repo: Path, tmp_path: Path) ->
     assert r["name"] == "nlpserve via Redis (fp32, 2 API processes, 1 worker)"
     assert r["ok"] == 60 and r["errors"] == {} and r["api_replicas"] == 2
     assert r["batches"] > 0  # the worker's metrics were scraped with the APIs'
+
+
+def test_inprocess_replicas_and_client_processes(model_repo: Path, tmp_path: Path) -> None:
+    """(c) with --api-replicas 2 and --client-procs 2: two in-process servers, each with its
+    own model, fed by two client processes; every request answered and checked against raw
+    ORT, both servers' metrics summed."""
+    from bench import run
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    run.main(["--models", str(model_repo), "--model", DETECT_MODEL, "--variants", "fp32",
+              "--configs", "raw,inprocess", "--api-replicas", "2", "--client-procs", "2",
+              "--requests", "60", "--concurrency", "4", "--warmup", "4", "--settle-s", "0",
+              "--raw-seconds", "0", "--results-dir", str(tmp_path), "--name", "rep"])  # fmt: skip
+    report = json.loads((tmp_path / "rep.json").read_text())
+    r = next(x for x in report["results"] if x["name"].startswith("nlpserve in-process"))
+    assert r["name"] == "nlpserve in-process (fp32, 2 replicas)"
+    assert r["ok"] == 60 and r["errors"] == {} and r["api_replicas"] == 2
+    assert r["client_processes"] == 2
+    # Both servers' /metrics were read: their batches hold exactly the 60 measured requests.
+    assert round(r["batches"] * r["mean_batch_size"]) == 60
+    [check] = [v for k, v in report["answers"].items() if k.startswith("nlpserve in-process")]
+    assert check["compared"] == 60 and check["label_agreement"] == 1.0
 
 
 def test_device_cuda_without_cuda_fails_at_once(model_repo: Path, tmp_path: Path) -> None:
