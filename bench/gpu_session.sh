@@ -51,7 +51,9 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   fi
   # A chunk carried with this call (the last one fits beside the tree and .whl) is appended
   # like the chunk calls do it: only at its exact offset, so a repeat is harmless.
-  chunk_bytes=${ORT_CHUNK_BYTES:-20971520}  # ../shared/tools/ort-gpu-prepare's default
+  # Every chunk but the last has the size it was split with (20 MiB by default, 55 MiB as
+  # bench/README.md sends them): read it off the first chunk, when that one is here.
+  chunk_bytes=${ORT_CHUNK_BYTES:-$(stat -c %s .ortgpu/c00 2>/dev/null || echo 20971520)}
   for c in .ortgpu/c[0-9][0-9]; do
     [ -f "$c" ] || continue
     mkdir -p /tmp/ort
