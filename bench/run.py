@@ -611,12 +611,16 @@ def _source_of(task: str, data: Path | None) -> str:
 
 
 def _settings_line(device: str) -> str:
-    from service.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+    from service.config import Settings
 
-    tokens = GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    policy = Settings(_env_file=None, max_batch_tokens=None, max_wait_ms=None).batch_policy(
+        provider
+    )
     return (
-        f"nlpserve defaults (max_batch_size 32, max_batch_tokens {tokens} on {device}, "
-        "max_wait_ms 5) unless NLPSERVE_* set in the environment or --serve-env"
+        f"nlpserve defaults (max_batch_size {policy.max_batch_size}, max_batch_tokens "
+        f"{policy.max_batch_tokens} on {device}, max_wait_ms {policy.max_wait_s * 1000:g}) "
+        "unless NLPSERVE_* set in the environment or --serve-env"
     )
 
 

@@ -16,6 +16,12 @@ from service.batching.types import BatchPolicy
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 8192
 CUDA_SHAPE_MULTIPLE = 16
+# Default max wait (NLPSERVE_MAX_WAIT_MS unset). A CPU batch takes tens of ms, so work piles
+# up behind it and the wait rarely matters. A GPU batch takes ~1 ms: a 5 ms wait made each
+# batch of an H200 replica wait for 2-3 requests and capped it near 640 req/s
+# (bench/results/*-cuda-h200*, mean batch 2.8); a short wait keeps the GPU fed instead.
+CPU_MAX_WAIT_MS = 5.0
+CUDA_MAX_WAIT_MS = 1.0
 
 
 class Settings(BaseSettings):
@@ -69,7 +75,14 @@ class Settings(BaseSettings):
         f"provider: {CPU_BATCH_TOKENS} on CPU (padding and big batches cost more than they give; "
         f"measured in bench/results), {GPU_BATCH_TOKENS} on CUDA (batch size is what pays).",
     )
-    max_wait_ms: float = Field(5.0, description="How long a batch waits to fill before it runs.")
+    max_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        description="How long the oldest sequence of a batch that is not full may wait for "
+        f"company while the model is idle. Default per provider: {CPU_MAX_WAIT_MS:g} on CPU, "
+        f"{CUDA_MAX_WAIT_MS:g} on CUDA (a GPU batch takes about a millisecond: a longer wait "
+        "idles the GPU).",
+    )
     shape_multiple: int | None = Field(
         None,
         ge=1,
@@ -160,13 +173,17 @@ class Settings(BaseSettings):
 
     def batch_policy(self, provider: str | None = None) -> BatchPolicy:
         """The batching rules for a model running on ``provider`` (its ORT provider)."""
+        cuda = provider == "CUDAExecutionProvider"
         tokens = self.max_batch_tokens
         if tokens is None:
-            tokens = GPU_BATCH_TOKENS if provider == "CUDAExecutionProvider" else CPU_BATCH_TOKENS
+            tokens = GPU_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS
+        wait_ms = self.max_wait_ms
+        if wait_ms is None:
+            wait_ms = CUDA_MAX_WAIT_MS if cuda else CPU_MAX_WAIT_MS
         return BatchPolicy(
             max_batch_size=self.max_batch_size,
             max_batch_tokens=tokens,
-            max_wait_s=self.max_wait_ms / 1000.0,
+            max_wait_s=wait_ms / 1000.0,
         )
 
 

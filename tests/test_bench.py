@@ -652,3 +652,18 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
     assert [s["name"] for s in doc["results"]] == ["raw ORT (fp32)", "nlpserve in-process (fp32)"]
     assert doc["meta"]["requests"] == 12 and doc["machine"]["device"] == "cpu"
     assert "qa-zh: exit 0" in (out / "gpu_session.log").read_text()
+
+
+def test_wait_model_shows_why_cuda_waits_less() -> None:
+    """bench/wait_model.py, the basis of the 1 ms CUDA default: with ~1 ms batches a 5 ms
+    wait starves a lightly loaded process; with CPU-sized batches the wait costs nothing."""
+    from bench.wait_model import Costs, simulate
+
+    gpu_5, _, _ = simulate(8, 5.0)
+    gpu_1, _, _ = simulate(8, 1.0)
+    assert gpu_5 < 0.7 * gpu_1
+    busy_5, _, _ = simulate(32, 5.0)
+    busy_1, _, _ = simulate(32, 1.0)
+    assert abs(busy_5 - busy_1) < 0.05 * busy_1  # saturated: batches fill while one runs
+    cpu = Costs(parse_ms=0.7, respond_ms=0.5, batch_ms=40.0, per_seq_ms=4.0)
+    assert simulate(8, 5.0, cpu)[0] >= 0.95 * simulate(8, 0.0, cpu)[0]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from service.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Settings
+import pytest
+
+from service.config import (
+    CPU_BATCH_TOKENS,
+    CPU_MAX_WAIT_MS,
+    CUDA_MAX_WAIT_MS,
+    GPU_BATCH_TOKENS,
+    Settings,
+)
 
 
 def test_token_budget_defaults_to_small_batches_on_cpu_and_big_ones_on_cuda(monkeypatch):
@@ -18,3 +26,18 @@ def test_explicit_token_budget_wins_on_every_provider(monkeypatch):
     s = Settings()
     for provider in ("CPUExecutionProvider", "CUDAExecutionProvider", None):
         assert s.batch_policy(provider).max_batch_tokens == 2048
+
+
+def test_max_wait_defaults_short_on_cuda_and_explicit_wins(monkeypatch):
+    """A GPU batch takes about a millisecond: the CPU's 5 ms wait would idle the GPU."""
+    monkeypatch.delenv("NLPSERVE_MAX_WAIT_MS", raising=False)
+    s = Settings()
+    assert s.batch_policy("CPUExecutionProvider").max_wait_s == CPU_MAX_WAIT_MS / 1000
+    assert s.batch_policy("CUDAExecutionProvider").max_wait_s == CUDA_MAX_WAIT_MS / 1000
+    assert CUDA_MAX_WAIT_MS < CPU_MAX_WAIT_MS
+    monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", "0")
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider", None):
+        assert Settings().batch_policy(provider).max_wait_s == 0.0
+    monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", "-1")
+    with pytest.raises(ValueError):
+        Settings()
