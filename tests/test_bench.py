@@ -5,8 +5,10 @@ the PyTorch baseline from the served ONNX file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -157,18 +159,24 @@ def test_run_load_retries_once_and_summarizes() -> None:
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def _two_replicas(n: int) -> AsyncIterator[tuple[list[str], list[RequestSpec]]]:
+    """Two raw servers answering {"v": 1} and {"v": 2} (n times each), and n requests."""
+    a = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
+    b = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 2}'
+    server_a, port_a = await _serve_http([a] * n)
+    server_b, port_b = await _serve_http([b] * n)
+    specs = [RequestSpec(i, "/v1/x", {"text": str(i)}, 3) for i in range(n)]
+    async with server_a, server_b:
+        yield [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"], specs
+
+
 def test_run_load_spreads_clients_over_several_urls() -> None:
     """API replicas without a gateway (bench.run --api-replicas): every request is sent once,
     and each replica gets its share."""
 
     async def scenario() -> None:
-        a = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
-        b = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 2}'
-        server_a, port_a = await _serve_http([a] * 20)
-        server_b, port_b = await _serve_http([b] * 20)
-        specs = [RequestSpec(i, "/v1/x", {"text": str(i)}, 3) for i in range(20)]
-        urls = [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"]
-        async with server_a, server_b:
+        async with _two_replicas(20) as (urls, specs):
             results, _ = await run_load(urls, specs, concurrency=4, policy=RetryPolicy(retries=0))
         assert sorted(r.id for r in results) == list(range(20))
         assert all(r.status == 200 for r in results)
@@ -184,13 +192,7 @@ def test_run_load_procs_sends_every_request_once_from_several_processes() -> Non
     starts on one clock and the children's CPU time."""
 
     async def scenario() -> None:
-        a = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
-        b = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 2}'
-        server_a, port_a = await _serve_http([a] * 30)
-        server_b, port_b = await _serve_http([b] * 30)
-        specs = [RequestSpec(i, "/v1/x", {"text": str(i)}, 3) for i in range(30)]
-        urls = [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"]
-        async with server_a, server_b:
+        async with _two_replicas(30) as (urls, specs):
             results, wall, cpu = await asyncio.to_thread(
                 run_load_procs, urls, specs, processes=3, concurrency=6,
                 policy=RetryPolicy(retries=0),
