@@ -553,7 +553,7 @@ def run_load_procs(
                 out,
             ),
             daemon=True,
-        )  # fmt: skip
+        )
         for k in range(processes)
     ]
     for w in workers:
