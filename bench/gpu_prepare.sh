@@ -11,6 +11,8 @@
 #   .whl/redis.tar.gz       this machine's redis-server with its shared libraries, for (d)
 #   .whl/requests/*.jsonl.gz  the benchmark's requests, generated here from ../shared/data
 #                           (the data set does not travel; the requests do, 1-2 MB)
+#   .whl/data/cmrc2018/cmrc2018_dev.json.gz  the QA dev set (1 MB), for measuring the fp16
+#                           variant's F1 on CUDA (`nlpserve evaluate --record`)
 #   .ortgpu/                onnxruntime-gpu in 20 MiB chunks (../shared/tools/ort-gpu-prepare),
 #                           which must reach the device one chunk per call BEFORE the bench call
 # and checks that the working tree plus what the bench call carries stays under 64 MiB.
@@ -50,7 +52,7 @@ PYEOF
 [ "${#pins[@]}" -gt 0 ] || { echo "could not resolve the serving deps" >&2; exit 1; }
 
 # Only what this script makes: a stale second version of a wheel would stop the install.
-rm -rf .whl/*.whl .whl/redis.tar.gz .whl/requests && mkdir -p .whl/requests
+rm -rf .whl/*.whl .whl/redis.tar.gz .whl/requests .whl/data && mkdir -p .whl/requests
 echo "== wheels for cp312 manylinux: ${pins[*]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
@@ -91,6 +93,12 @@ for m in $MODELS; do
   "$PY" -m bench.run --model "$m" --requests "$REQUESTS" "${data_args[@]}" \
     --save-requests ".whl/requests/$m.jsonl.gz"
 done
+
+if [ -f "$DATA/cmrc2018/cmrc2018_dev.json" ]; then
+  mkdir -p .whl/data/cmrc2018
+  gzip -c "$DATA/cmrc2018/cmrc2018_dev.json" > .whl/data/cmrc2018/cmrc2018_dev.json.gz
+  echo "== CMRC 2018 dev set packed for the fp16 measurement on CUDA"
+fi
 
 if [ -z "${SKIP_ORT:-}" ]; then
   echo "== onnxruntime-gpu (../shared/tools/ort-gpu-prepare)"

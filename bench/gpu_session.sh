@@ -2,7 +2,8 @@
 # The whole GPU benchmark in ONE device call (bench/README.md, "GPU session"): detector-en and
 # qa-zh, fp32 and fp16, on CUDA; every configuration of bench/run.py against the naive
 # per-request PyTorch baseline on the same GPU. Results land in $OUT (at most 8 files come
-# back): <model>-cuda-<gpu>.{json,md,png} per model and gpu_session.log.
+# back): <model>-cuda-<gpu>.{json,md,png} per model, gpu_session.log, and qa-zh-1-manifest.json
+# (qa-zh's fp16 variant scored on CUDA; SKIP_FP16_EVAL=1 skips it).
 #
 # Needs, carried into the call: .whl (bench/gpu_prepare.sh) and .ortgpu/ort-gpu-device.sh,
 # .ortgpu/WHEEL, .ortgpu/SHA256, with the onnxruntime-gpu chunks sent in the calls just
@@ -119,7 +120,21 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
 tag="${DEVICE}${gpu:+-$gpu}"
 say "setup done; device $DEVICE, tag $tag, configs $CONFIGS"
 
-# 4. The runs. Each model gets a share of what is left, under `timeout`: bench.run turns the
+# 4. qa-zh's fp16 variant scored on CUDA (its export could only use the CPU provider): the
+# manifest with the figures comes back as $OUT/qa-zh-1-manifest.json, to copy into models/.
+if [ "$DEVICE" = cuda ] && [ -f .whl/data/cmrc2018/cmrc2018_dev.json.gz ] \
+   && [ -z "${SKIP_FP16_EVAL:-}" ]; then
+  mkdir -p "$WORK/evaldata/cmrc2018" && rm -rf "$WORK/qa-zh-1"
+  gunzip -c .whl/data/cmrc2018/cmrc2018_dev.json.gz > "$WORK/evaldata/cmrc2018/cmrc2018_dev.json"
+  cp -r "$MODELS_DIR/qa-zh/1" "$WORK/qa-zh-1"
+  say "qa-zh fp16 on CUDA: nlpserve evaluate --record"
+  timeout 120 nlpserve evaluate "$WORK/qa-zh-1" --data "$WORK/evaldata" --variant fp16 \
+    --providers CUDAExecutionProvider,CPUExecutionProvider --record \
+    && cp "$WORK/qa-zh-1/manifest.json" "$OUT/qa-zh-1-manifest.json"
+  say "qa-zh fp16 evaluation: exit $?"
+fi
+
+# 5. The runs. Each model gets a share of what is left, under `timeout`: bench.run turns the
 # SIGTERM into an interrupt and still writes what it measured.
 set -- $MODELS
 n=$#

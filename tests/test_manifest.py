@@ -167,6 +167,9 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output)
     assert metrics["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
+    assert metrics["measured_with"] == "CPUExecutionProvider"
+    if task == "polarity":
+        _evaluate_and_record_a_variant(cli, out / name / "1", data)
 
     # a second run without --version gets the next integer
     res = cli(*args, "--epochs", 1, *size, "--threads", 1, "--no-progress")
@@ -182,6 +185,35 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     assert load_manifest(out / name / "1").hyperparameters["epochs"] == 1  # replaced
     assert sorted(p.name for p in (out / name).iterdir()) == ["1", "2"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _evaluate_and_record_a_variant(cli, folder: Path, data: Path) -> None:
+    """``evaluate --variant X --record``: a real int8 quantization of the exported model is
+    scored on the test split, and its entry gets the figures, the drop from fp32 and the
+    provider that ran it; unknown variants and absent providers are clear errors."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from service.repository.manifest import Variant, write_manifest
+
+    m = load_manifest(folder)
+    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model.int8.onnx"),
+                     weight_type=QuantType.QInt8)  # fmt: skip
+    variants = {**m.variants, "int8": Variant(file="model.int8.onnx", precision="int8")}
+    write_manifest(folder, m.model_copy(update={"variants": variants}))
+
+    res = cli("evaluate", folder, "--data", data, "--variant", "int8", "--record")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    entry = load_manifest(folder).variants["int8"]
+    assert entry.measured_with == "CPUExecutionProvider" and out["variant"] == "int8"
+    assert entry.metrics["accuracy"] == pytest.approx(out["accuracy"])
+    assert entry.metrics["accuracy_drop"] == pytest.approx(m.metrics["accuracy"] - out["accuracy"])
+    assert load_manifest(folder).variants["fp32"] == m.variants["fp32"]  # untouched
+
+    res = cli("evaluate", folder, "--data", data, "--variant", "fp16")
+    assert res.exit_code != 0 and "novariant'fp16'(ithas:fp32,int8)" in _squash(res.output)
+    res = cli("evaluate", folder, "--data", data, "--providers", "NoSuchExecutionProvider")
+    assert res.exit_code != 0 and "lacksNoSuchExecutionProvider" in _squash(res.output)
 
 
 def _squash(text: str) -> str:

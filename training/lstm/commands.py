@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-Evaluator = Callable[[Path, Path], dict[str, float]]
+if TYPE_CHECKING:
+    from training.cli import Evaluator
 
 
 class Device(StrEnum):
@@ -202,16 +202,20 @@ def train_polarity(
     _report(folder)
 
 
-def evaluate_pos(model_dir: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_pos(
+    model_dir: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+) -> dict[str, float]:
     from training.lstm.pos import evaluate_entry
 
-    return evaluate_entry(model_dir, resolve_data(data_dir))
+    return evaluate_entry(model_dir, resolve_data(data_dir), onnx_file, providers)
 
 
-def evaluate_polarity(model_dir: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_polarity(
+    model_dir: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+) -> dict[str, float]:
     from training.lstm.polarity import evaluate_entry
 
-    return evaluate_entry(model_dir, resolve_data(data_dir))
+    return evaluate_entry(model_dir, resolve_data(data_dir), onnx_file, providers)
 
 
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:

@@ -66,13 +66,13 @@ def export_onnx(
     return path
 
 
-def ort_session(path: Path | str, threads: int = 1):
+def ort_session(path: Path | str, threads: int = 1, providers: list[str] | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def torch_outputs(model: torch.nn.Module, inputs: Mapping[str, np.ndarray], names: Sequence[str]):

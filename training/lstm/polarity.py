@@ -305,13 +305,23 @@ def run_polarity(
         )
 
 
-def evaluate_entry(model_dir: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_entry(
+    model_dir: Path,
+    data_dir: Path,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, float]:
     from training.data.polarity import load_polarity
 
-    return evaluate_split(Path(model_dir), load_polarity(Path(data_dir)))
+    return evaluate_split(Path(model_dir), load_polarity(Path(data_dir)), onnx_file, providers)
 
 
-def evaluate_split(model_dir: Path, corpus: TextCorpus) -> dict[str, float]:
+def evaluate_split(
+    model_dir: Path,
+    corpus: TextCorpus,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, float]:
     m = load_manifest(model_dir)
     if m.split is None:
         raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
@@ -325,7 +335,8 @@ def evaluate_split(model_dir: Path, corpus: TextCorpus) -> dict[str, float]:
             "this is not the data the model was trained on"
         )
     encoder = WordEncoder.load(model_dir / m.preprocessing.tokenizer_file)
-    session = ort_session(model_dir / m.variants["fp32"].file, threads=2)
+    path = onnx_file or model_dir / m.variants["fp32"].file
+    session = ort_session(path, threads=2, providers=providers)
     return evaluate_onnx(
         session,
         encoder,

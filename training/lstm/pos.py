@@ -333,16 +333,28 @@ def load_pos_corpus(data: Path, dataset: str = "treebank", tag_field: str | None
     raise DataError(f"unknown POS dataset {dataset!r}; expected 'treebank' or 'conllu'")
 
 
-def evaluate_entry(model_dir: Path, data_dir: Path) -> dict[str, float]:
-    """Re-create the test split recorded in the manifest and evaluate the ONNX model on it."""
+def evaluate_entry(
+    model_dir: Path,
+    data_dir: Path,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, float]:
+    """Re-create the test split recorded in the manifest and evaluate the ONNX model on it
+    (``onnx_file``: another variant than fp32)."""
     model_dir = Path(model_dir)
     m = load_manifest(model_dir)
     hp = m.hyperparameters
     corpus = load_pos_corpus(Path(data_dir), hp.get("dataset", "treebank"), hp.get("tag_field"))
-    return evaluate_split(model_dir, m, corpus)
+    return evaluate_split(model_dir, m, corpus, onnx_file, providers)
 
 
-def evaluate_split(model_dir: Path, m, corpus: TaggedCorpus) -> dict[str, float]:
+def evaluate_split(
+    model_dir: Path,
+    m,
+    corpus: TaggedCorpus,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, float]:
     if m.split is None:
         raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
     splits = split_indices(len(corpus), m.split.seed, m.split.ratios)
@@ -360,7 +372,8 @@ def evaluate_split(model_dir: Path, m, corpus: TaggedCorpus) -> dict[str, float]
         model_dir / pre.chars_file if pre.chars_file else None,
         pre.max_word_length,
     )
-    session = ort_session(model_dir / m.variants["fp32"].file, threads=2)
+    path = onnx_file or model_dir / m.variants["fp32"].file
+    session = ort_session(path, threads=2, providers=providers)
     return evaluate_onnx(
         session,
         encoder,

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from training.lstm.commands import Device, resolve_data
 from training.repository import command_line
 
-Evaluator = Callable[[Path, Path], dict[str, float]]
+if TYPE_CHECKING:
+    from training.cli import Evaluator
+
 log = logging.getLogger("nlpserve.transformer")
 
 DataOpt = Annotated[
@@ -395,7 +396,9 @@ def _pick_variant(folder: Path) -> Path:
     raise ValueError(f"{folder}: no CPU variant (fp32/int8) to evaluate")
 
 
-def evaluate_detector(folder: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_detector(
+    folder: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+) -> dict[str, float]:
     """Re-create the test split from the manifest (seed, ratios, lang) and score with ORT."""
     import numpy as np
 
@@ -410,11 +413,14 @@ def evaluate_detector(folder: Path, data_dir: Path) -> dict[str, float]:
     examples = load_hc3(hc3_files(data_dir, hp.get("lang", "en")))
     test = split_by_question(examples, m.split.seed, m.split.ratios)["test"]
     enc = ClassifyEncoder.load(folder / m.preprocessing.tokenizer_file, m.max_length)
-    p = predict_onnx(_pick_variant(folder), enc, enc.encode([e.text for e in test]), 64)
+    path = onnx_file or _pick_variant(folder)
+    p = predict_onnx(path, enc, enc.encode([e.text for e in test]), 64, providers=providers)
     return binary_metrics(np.asarray([e.label for e in test]), p)
 
 
-def evaluate_qa(folder: Path, data_dir: Path) -> dict[str, float]:
+def evaluate_qa(
+    folder: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+) -> dict[str, float]:
     """Official CMRC metric on the manifest's eval file, through ORT + service decoding."""
     from service.preprocess.qa import QAEncoder
     from service.repository import load_manifest
@@ -435,7 +441,8 @@ def evaluate_qa(folder: Path, data_dir: Path) -> dict[str, float]:
         folder / pre.tokenizer_file, cfg.max_length, cfg.doc_stride, cfg.max_query_length
     )
     examples = load_squad(data_dir / hp.get("eval_file", "cmrc2018/cmrc2018_dev.json"))
-    return evaluate_examples(examples, enc, onnx_runner(_pick_variant(folder)), cfg)
+    run = onnx_runner(onnx_file or _pick_variant(folder), providers=providers)
+    return evaluate_examples(examples, enc, run, cfg)
 
 
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
