@@ -203,7 +203,10 @@ def train_polarity(
 
 
 def evaluate_pos(
-    model_dir: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+    model_dir: Path,
+    data_dir: Path,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
 ) -> dict[str, float]:
     from training.lstm.pos import evaluate_entry
 
@@ -211,7 +214,10 @@ def evaluate_pos(
 
 
 def evaluate_polarity(
-    model_dir: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+    model_dir: Path,
+    data_dir: Path,
+    onnx_file: Path | None = None,
+    providers: list[str] | None = None,
 ) -> dict[str, float]:
     from training.lstm.polarity import evaluate_entry
 

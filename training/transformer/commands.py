@@ -397,7 +397,7 @@ def _pick_variant(folder: Path) -> Path:
 
 
 def evaluate_detector(
-    folder: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+    folder: Path, data_dir: Path, onnx_file: Path | None = None, providers: list[str] | None = None
 ) -> dict[str, float]:
     """Re-create the test split from the manifest (seed, ratios, lang) and score with ORT."""
     import numpy as np
@@ -419,7 +419,7 @@ def evaluate_detector(
 
 
 def evaluate_qa(
-    folder: Path, data_dir: Path, onnx_file: Path | None, providers: list[str] | None
+    folder: Path, data_dir: Path, onnx_file: Path | None = None, providers: list[str] | None = None
 ) -> dict[str, float]:
     """Official CMRC metric on the manifest's eval file, through ORT + service decoding."""
     from service.preprocess.qa import QAEncoder
