@@ -234,7 +234,19 @@ def test_shape_grid_is_what_warmup_runs(model_repo):
     assert {runner.padded_shape(n, n_tok) for n in range(1, 7) for n_tok in range(1, top + 1)} == (
         set(grid)
     )
+    ran: list[tuple[tuple[int, ...], bool]] = []
+    real_run = runner._run
+
+    def spy(feeds):
+        mask = feeds["attention_mask"]
+        ran.append((mask.shape, bool((mask == 0).any())))
+        return real_run(feeds)
+
+    runner._run = spy
     runner.warmup()
+    runner._run = real_run
+    # every grid shape ran once without padding and once with padding in its mask
+    assert sorted(ran) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
     assert metric_value(metrics.render().decode(), "nlpserve_batch_size_count") == 0
     # padding efficiency counts the grid's padding: 1 sequence of 17 tokens runs as 1 x 32
     tasks = build_tasks(entries, s)

@@ -160,17 +160,25 @@ class ModelRunner:
         return self.manifest.preprocessing.max_word_length or 1
 
     def warmup(self) -> float:
-        """Run every shape of the grid (CUDA), else one batch per bucket at the bucket's edge
-        length; returns seconds spent.
+        """Run every shape of the grid (CUDA), with and without padding, else one batch per
+        bucket at the bucket's edge length; returns seconds spent.
 
         The first run of each shape allocates arena memory and (on CUDA) picks kernels;
         doing it here keeps that cost out of the first requests.
         """
         t0 = time.perf_counter()
         grid = self.shape_grid()
+        widths = sorted({w for _, w in grid})
+        shorter = dict(zip(widths, [0, *widths], strict=False))  # each width: the one below
         for rows, width in grid:
             bucket = next((b for b, e in enumerate(self.buckets) if width <= e), 0)
             self.run_batch([self.dummy_item(width, bucket)] * rows, record=False)
+            # The same shape again with padding in every row: fused attention may take
+            # another kernel path when the mask has zeros, and real batches have them
+            # (the shortest length that still rounds up to this width).
+            if shorter[width] + 1 < width:
+                item = self.dummy_item(shorter[width] + 1, bucket)
+                self.run_batch([item] * rows, record=False)
         if not grid:
             for b, edge in enumerate(self.buckets):
                 self.run_batch([self.dummy_item(edge, b)], record=False)
