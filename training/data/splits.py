@@ -6,11 +6,14 @@ split from the seed and ratios recorded in its manifest.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_RATIOS: dict[str, float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
 
@@ -45,3 +48,24 @@ def split_indices(
 
 def take(items: Sequence[T], indices: Sequence[int]) -> list[T]:
     return [items[i] for i in indices]
+
+
+def recreate_split(model_dir: Path, manifest: Any, corpus: Any) -> dict[str, list[int]]:
+    """The split ``manifest`` records, re-created on ``corpus`` (a loaded data set with
+    ``files``/``root`` and a length). Refuses data whose split sizes differ from the recorded
+    ones; warns when the files' checksums differ but the sizes agree."""
+    from training.data.checksums import compare_checksums, data_checksums
+    from training.data.common import DataError
+
+    if manifest.split is None:
+        raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
+    splits = split_indices(len(corpus), manifest.split.seed, manifest.split.ratios)
+    sizes = {k: len(v) for k, v in splits.items()}
+    for problem in compare_checksums(manifest.data, data_checksums(corpus.files, corpus.root)):
+        log.warning("evaluation data differs from the training data: %s", problem)
+    if sizes != manifest.split.sizes:
+        raise DataError(
+            f"{model_dir}: data gives split sizes {sizes}, the manifest records "
+            f"{manifest.split.sizes}; this is not the data the model was trained on"
+        )
+    return splits

@@ -6,6 +6,7 @@ nothing (and works) in an install without torch.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from enum import StrEnum
@@ -202,26 +203,23 @@ def train_polarity(
     _report(folder)
 
 
-def evaluate_pos(
-    model_dir: Path,
-    data_dir: Path,
-    onnx_file: Path | None = None,
-    providers: list[str] | None = None,
-) -> dict[str, float]:
-    from training.lstm.pos import evaluate_entry
+def _evaluator(task: str) -> Evaluator:
+    """``pos``/``polarity``: re-create the test split from the manifest, score the ONNX file."""
 
-    return evaluate_entry(model_dir, resolve_data(data_dir), onnx_file, providers)
+    def evaluate(
+        model_dir: Path,
+        data_dir: Path,
+        onnx_file: Path | None = None,
+        providers: list[str] | None = None,
+    ) -> dict[str, float]:
+        module = importlib.import_module(f"training.lstm.{task}")  # torch: imported on use
+        return module.evaluate_entry(model_dir, resolve_data(data_dir), onnx_file, providers)
+
+    return evaluate
 
 
-def evaluate_polarity(
-    model_dir: Path,
-    data_dir: Path,
-    onnx_file: Path | None = None,
-    providers: list[str] | None = None,
-) -> dict[str, float]:
-    from training.lstm.polarity import evaluate_entry
-
-    return evaluate_entry(model_dir, resolve_data(data_dir), onnx_file, providers)
+evaluate_pos = _evaluator("pos")
+evaluate_polarity = _evaluator("polarity")
 
 
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:

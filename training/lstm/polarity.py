@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_word_tokenizer
 from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
-from training.data.checksums import compare_checksums, data_checksums
-from training.data.common import DataError, TextCorpus
-from training.data.splits import DEFAULT_RATIOS, split_indices, take
+from training.data.checksums import data_checksums
+from training.data.common import TextCorpus
+from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
 from training.lstm.export import (
     POLARITY_AXES,
     POLARITY_INPUTS,
@@ -323,17 +323,7 @@ def evaluate_split(
     providers: list[str] | None = None,
 ) -> dict[str, float]:
     m = load_manifest(model_dir)
-    if m.split is None:
-        raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
-    splits = split_indices(len(corpus), m.split.seed, m.split.ratios)
-    sizes = {k: len(v) for k, v in splits.items()}
-    for problem in compare_checksums(m.data, data_checksums(corpus.files, corpus.root)):
-        log.warning("evaluation data differs from the training data: %s", problem)
-    if sizes != m.split.sizes:
-        raise DataError(
-            f"{model_dir}: data gives split sizes {sizes}, the manifest records {m.split.sizes}; "
-            "this is not the data the model was trained on"
-        )
+    splits = recreate_split(model_dir, m, corpus)
     encoder = WordEncoder.load(model_dir / m.preprocessing.tokenizer_file)
     path = onnx_file or model_dir / m.variants["fp32"].file
     session = ort_session(path, threads=2, providers=providers)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_char_vocab, build_word_tokenizer
 from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
-from training.data.checksums import compare_checksums, data_checksums
+from training.data.checksums import data_checksums
 from training.data.common import DataError, TaggedCorpus
-from training.data.splits import DEFAULT_RATIOS, split_indices, take
+from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
 from training.lstm.export import (
     POS_AXES,
     POS_INPUTS,
@@ -355,17 +355,7 @@ def evaluate_split(
     onnx_file: Path | None = None,
     providers: list[str] | None = None,
 ) -> dict[str, float]:
-    if m.split is None:
-        raise DataError(f"{model_dir}: manifest has no split; cannot re-create the test split")
-    splits = split_indices(len(corpus), m.split.seed, m.split.ratios)
-    sizes = {k: len(v) for k, v in splits.items()}
-    for problem in compare_checksums(m.data, data_checksums(corpus.files, corpus.root)):
-        log.warning("evaluation data differs from the training data: %s", problem)
-    if sizes != m.split.sizes:
-        raise DataError(
-            f"{model_dir}: data gives split sizes {sizes}, the manifest records {m.split.sizes}; "
-            "this is not the data the model was trained on"
-        )
+    splits = recreate_split(model_dir, m, corpus)
     pre = m.preprocessing
     encoder = WordEncoder.load(
         model_dir / pre.tokenizer_file,
