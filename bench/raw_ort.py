@@ -24,6 +24,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class RawResult:
     padding_efficiency: float
     mean_batch_size: float
     batches: int
+    threads: int  # batches run at once
+    intra_op_threads: int  # ORT threads per batch (0 = ORT default: all cores)
     # request id -> logits (detector) or the decoded answer dict (QA), from one pass
     outputs: dict[int, Any]
 
@@ -78,6 +81,8 @@ class RawResult:
             "padding_efficiency": self.padding_efficiency,
             "mean_batch_size": self.mean_batch_size,
             "batches": self.batches,
+            "threads": self.threads,
+            "intra_op_threads": self.intra_op_threads,
             "passes": self.passes,
             "variant": self.variant,
             "provider": self.provider,
@@ -227,6 +232,8 @@ def run_raw_sweep(
         items, qa_meta = encode_qa(specs, entry.path, m)
     else:
         items = encode_detect(specs, entry.path, m)
+    # As many batches at once as nlpserve runs (on CPU: one per core, one core each).
+    threads = settings.inference_threads_for(loaded.provider)
     out = []
     for bs in batch_sizes:
         if before_each is not None:
@@ -235,7 +242,7 @@ def run_raw_sweep(
         policy = settings.batch_policy(loaded.provider)
         batches = sorted_batches(items, bs, policy.max_batch_tokens)
         out.append(_time_batches(loaded, m, specs, items, batches, qa_meta, min_seconds,
-                                 max_passes))  # fmt: skip
+                                 max_passes, threads))  # fmt: skip
     return out
 
 
@@ -248,6 +255,7 @@ def _time_batches(
     qa_meta: dict[int, tuple[str, list[Any]]],
     min_seconds: float,
     max_passes: int,
+    threads: int = 1,
 ) -> RawResult:
     sess = loaded.session
     feeds = [pad_batch(b, m.inputs) for b in batches]  # padding is not part of the timing
@@ -268,12 +276,18 @@ def _time_batches(
     else:
         outputs = {int(k): [float(x) for x in v[0]] for k, v in rows.items()}
 
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
     passes, t0 = 0, time.perf_counter()
     while passes < max_passes and (passes == 0 or time.perf_counter() - t0 < min_seconds):
-        for f in feeds:
-            sess.run(out_names, f)
+        if pool is None:
+            for f in feeds:
+                sess.run(out_names, f)
+        else:  # ``threads`` batches at once on the one session (ORT's run is thread-safe)
+            list(pool.map(lambda f: sess.run(out_names, f), feeds))
         passes += 1
     secs = time.perf_counter() - t0
+    if pool is not None:
+        pool.shutdown()
     real = sum(it.length for it in items)
     padded = sum(len(b) * max(it.length for it in b) for b in batches)
     return RawResult(
@@ -289,6 +303,8 @@ def _time_batches(
         padding_efficiency=real / padded,
         mean_batch_size=len(items) / len(batches),
         batches=len(batches),
+        threads=threads,
+        intra_op_threads=sess.get_session_options().intra_op_num_threads,
         outputs=outputs,
     )
 

@@ -185,6 +185,11 @@ def _compare(got: dict[int, Any], want: dict[int, Any]) -> dict[str, Any]:
     }
 
 
+def _layout(r: Any) -> str:
+    intra = r.intra_op_threads or "all"
+    return f"{r.threads} batch{'es' if r.threads > 1 else ''} at once x {intra} ORT threads"
+
+
 def _softmax_machine(logits: dict[int, list[float]], machine_index: int) -> dict[int, float]:
     out = {}
     for i, row in logits.items():
@@ -405,23 +410,30 @@ class Bench:
         from service.config import Settings
 
         # The ceiling is the best of a few batch sizes: on a CPU, the largest batch is not
-        # always the fastest per sequence (cache), and nlpserve's batches vary in size.
+        # always the fastest per sequence (cache), and nlpserve's batches vary in size. On a
+        # CPU also of two thread layouts: nlpserve's default (a batch per core, one core
+        # each) and one batch at a time on all cores (ORT's own default).
         sizes = sorted({int(x) for x in self.args.raw_batch_sizes.split(",") if x.strip()})
-        settings = Settings(model_dir=self.repo, providers=device_providers(self.device),
-                            require_gpu=self.cuda)  # fmt: skip
-        results = run_raw_sweep(self.specs, self.repo, self.args.model, batch_sizes=sizes,
-                                variant=variant, settings=settings,
-                                min_seconds=self.args.raw_seconds,
-                                before_each=self._settle)  # fmt: skip
+        base = Settings(model_dir=self.repo, providers=device_providers(self.device),
+                        require_gpu=self.cuda)  # fmt: skip
+        layouts = [base]
+        if not self.cuda and base.inference_threads_for() > 1:
+            layouts.append(base.model_copy(update={"inference_threads": 1, "intra_op_threads": 0}))
         sweep = []
-        for bs, r in zip(sizes, results, strict=True):
-            sweep.append((r.throughput_rps, bs, r))
-            print(f"    raw ORT ({variant}) batch<={bs}: {r.throughput_rps:.1f} req/s "
-                  f"({r.throughput_sps:.1f} seq/s) on {r.provider}", flush=True)  # fmt: skip
+        for settings in layouts:
+            results = run_raw_sweep(self.specs, self.repo, self.args.model, batch_sizes=sizes,
+                                    variant=variant, settings=settings,
+                                    min_seconds=self.args.raw_seconds,
+                                    before_each=self._settle)  # fmt: skip
+            for bs, r in zip(sizes, results, strict=True):
+                sweep.append((r.throughput_rps, bs, r))
+                print(f"    raw ORT ({variant}) batch<={bs}, {_layout(r)}: "
+                      f"{r.throughput_rps:.1f} req/s ({r.throughput_sps:.1f} seq/s) on "
+                      f"{r.provider}", flush=True)  # fmt: skip
         best_rps, best_bs, res = max(sweep, key=lambda t: t[0])
         s = res.summary()
         s["max_batch_size"] = best_bs
-        s["sweep_rps_by_max_batch_size"] = {str(bs): round(rps, 2) for rps, bs, _ in sweep}
+        s["sweep_rps"] = {f"batch<={bs}, {_layout(r)}": round(rps, 2) for rps, bs, r in sweep}
         s["loadavg_before"] = self._loadavg_before
         self.summaries.append(s)
         self.providers_used[s["name"]] = res.provider

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -50,7 +51,13 @@ class Settings(BaseSettings):
         "CPUExecutionProvider'. Default: CUDA when available, else CPU.",
     )
     require_gpu: bool = Field(False, description="Fail instead of falling back from CUDA to CPU.")
-    intra_op_threads: int = Field(0, description="ORT intra-op threads (0 = ORT default).")
+    intra_op_threads: int | None = Field(
+        None,
+        ge=0,
+        description="ORT intra-op threads of one batch (0 = ORT default: all cores). Default: "
+        "on CPU, the usable cores divided among the inference threads (1 with the default "
+        "threads); on CUDA, 0.",
+    )
     inter_op_threads: int = Field(1, description="ORT inter-op threads.")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     variant: str | None = Field(
@@ -96,7 +103,22 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         1024, description="Per-model queued requests before new ones get 429."
     )
-    inference_threads: int = Field(1, description="Threads running ORT batches.")
+    inference_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads running ORT batches; each model may run this many batches at "
+        "once. Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
+        "more throughput than one batch at a time on both cores, raw and served, fp32 and "
+        "int8, at the cost of a slower lone request); on CUDA, 1.",
+    )
+    prefetch_batches: int = Field(
+        1,
+        ge=0,
+        description="Batches formed ahead, per model (per worker in Redis mode), queued "
+        "behind the running ones: when a batch ends the next starts at once on its thread, "
+        "not after a round trip through the event loop. 0 = form a batch only when a thread "
+        "is free.",
+    )
     buckets: dict[str, list[int]] = Field(
         default_factory=dict,
         description='Per-model bucket edges overriding the manifest, as JSON: {"pos-en": [16, 32, '
@@ -171,6 +193,20 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    def inference_threads_for(self, provider: str | None = None) -> int:
+        """Threads running batches for models on ``provider`` (see ``inference_threads``)."""
+        if self.inference_threads is not None:
+            return self.inference_threads
+        return 1 if provider == "CUDAExecutionProvider" else usable_cpus()
+
+    def intra_op_threads_for(self, provider: str | None = None) -> int:
+        """ORT intra-op threads of a session on ``provider`` (see ``intra_op_threads``)."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        if provider == "CUDAExecutionProvider":
+            return 0
+        return max(1, usable_cpus() // self.inference_threads_for(provider))
+
     def batch_policy(self, provider: str | None = None) -> BatchPolicy:
         """The batching rules for a model running on ``provider`` (its ORT provider)."""
         cuda = provider == "CUDAExecutionProvider"
@@ -185,6 +221,14 @@ class Settings(BaseSettings):
             max_batch_tokens=tokens,
             max_wait_s=wait_ms / 1000.0,
         )
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @lru_cache

@@ -127,7 +127,9 @@ class Worker:
             for s in model_streams(self.prefix, m, len(r.buckets)):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
-        self._threads = max(1, settings.inference_threads)
+        self._threads = max(settings.inference_threads_for(r.provider) for r in runners.values())
+        # batches handed to the executor: the running ones and those queued behind them
+        self._slots = self._threads + settings.prefetch_batches
         self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
         self._running = 0
         self._stopping = False
@@ -376,7 +378,7 @@ class Worker:
                 # the API already answered 504 at the deadline: just ack
                 await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
                 now = time.time()
-            while self._running < self._threads:
+            while self._running < self._slots:
                 pick = self._pick(now, models, rr)
                 if pick is None:
                     break
@@ -391,7 +393,7 @@ class Worker:
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []
             for s in self.schedulers.values():
-                if self._running < self._threads and (w := s.next_wakeup(now)) is not None:
+                if self._running < self._slots and (w := s.next_wakeup(now)) is not None:
                     waits.append(w)
                 if (d := s.oldest_deadline()) is not None:
                     waits.append(max(0.0, d - now))

@@ -41,3 +41,31 @@ def test_max_wait_defaults_short_on_cuda_and_explicit_wins(monkeypatch):
     monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", "-1")
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize("cores", [1, 2, 8])
+def test_cpu_runs_a_batch_per_core_and_cuda_one_batch_on_ort_threads(monkeypatch, cores):
+    monkeypatch.delenv("NLPSERVE_INFERENCE_THREADS", raising=False)
+    monkeypatch.delenv("NLPSERVE_INTRA_OP_THREADS", raising=False)
+    monkeypatch.setattr("service.config.usable_cpus", lambda: cores)
+    s = Settings()
+    assert s.inference_threads_for("CPUExecutionProvider") == cores
+    assert s.intra_op_threads_for("CPUExecutionProvider") == 1
+    assert s.inference_threads_for("CUDAExecutionProvider") == 1
+    assert s.intra_op_threads_for("CUDAExecutionProvider") == 0  # ORT's default
+
+
+def test_explicit_threads_win_and_share_the_cores(monkeypatch):
+    monkeypatch.setattr("service.config.usable_cpus", lambda: 8)
+    monkeypatch.setenv("NLPSERVE_INFERENCE_THREADS", "2")
+    monkeypatch.delenv("NLPSERVE_INTRA_OP_THREADS", raising=False)
+    s = Settings()
+    # two batches at once, each on half the cores
+    assert s.inference_threads_for("CPUExecutionProvider") == 2
+    assert s.intra_op_threads_for("CPUExecutionProvider") == 4
+    assert s.inference_threads_for("CUDAExecutionProvider") == 2
+    monkeypatch.setenv("NLPSERVE_INTRA_OP_THREADS", "0")
+    assert Settings().intra_op_threads_for("CPUExecutionProvider") == 0
+    monkeypatch.setenv("NLPSERVE_INFERENCE_THREADS", "0")
+    with pytest.raises(ValueError):
+        Settings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -103,3 +104,65 @@ async def test_close_drains_queued_work_then_refuses(runners, model_repo):
     assert not await q.is_ready()
     with pytest.raises(BackendUnavailableError):
         await q.submit(item())
+
+
+class GatedRunner:
+    """A real runner whose batches wait at a gate before they run; counts how many run at
+    once (a state check: no timing assumption)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_batch(self, items, **kw):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            assert self.gate.wait(10), "gate never opened"
+            return self.inner.run_batch(items, **kw)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize(
+    ("threads", "prefetch", "running", "handed", "waiting"),
+    [
+        (1, 0, 1, 1, 2),  # one batch at a time, the next formed when it ends
+        (1, 1, 1, 2, 1),  # the next batch formed and queued behind the running one
+        (2, 0, 2, 2, 1),  # two batches of ONE model at once
+    ],
+)
+async def test_batches_run_and_queue_per_model_up_to_threads_plus_prefetch(
+    runners, model_repo, threads, prefetch, running, handed, waiting
+):
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(
+        model_repo, max_batch_size=1, inference_threads=threads, prefetch_batches=prefetch
+    )
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        pending = [asyncio.create_task(q.submit(item(n))) for n in (3, 4, 5)]
+        await wait_for(
+            lambda: (
+                gated.active == running
+                and q.in_flight(MODEL) == handed
+                and q.depth(MODEL) == waiting
+            )
+        )
+        gated.gate.set()
+        outs = await asyncio.gather(*pending)
+        assert all(o["logits"].shape == (2,) for o in outs)
+        assert gated.most == running  # never more batches at once than threads
+        assert q.in_flight(MODEL) == 0 and q.depth(MODEL) == 0
+    finally:
+        gated.gate.set()
+        await q.close(2)

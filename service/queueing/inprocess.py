@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,9 +75,11 @@ class InProcessQueue(InferenceQueue):
     """Length-bucketed dynamic batching inside the API process.
 
     One asyncio task per model owns that model's :class:`BucketScheduler`; it takes the next
-    ready batch, runs it with :func:`run_batch_isolating` on a thread executor (never on the
-    event loop) and resolves the waiting futures. While a model's batch runs, new requests
-    accumulate, so batches grow with load by themselves.
+    ready batch and hands it to a thread executor (never the event loop), which runs it with
+    :func:`run_batch_isolating`; the batch's own task resolves the waiting futures. A model has
+    at most ``inference_threads`` batches running and ``prefetch_batches`` formed and queued
+    behind them; while they run, new requests accumulate, so batches grow with load by
+    themselves.
 
     Items whose future is already done (client gone, deadline hit) are dropped before a batch
     is formed; expired items are failed with :class:`DeadlineExceededError`.
@@ -98,7 +101,11 @@ class InProcessQueue(InferenceQueue):
             name: BucketScheduler(settings.batch_policy(r.provider))
             for name, r in self.runners.items()
         }
+        self._threads = {
+            name: settings.inference_threads_for(r.provider) for name, r in self.runners.items()
+        }
         self._futures: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        self._depth_gauges: dict[tuple[str, int], Any] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, int] = dict.fromkeys(self.runners, 0)
@@ -114,8 +121,9 @@ class InProcessQueue(InferenceQueue):
     async def start(self) -> None:
         if self._started:
             return
+        # Shared by all models, sized for the most any one of them may run at once.
         self._executor = ThreadPoolExecutor(
-            max_workers=max(1, self.settings.inference_threads), thread_name_prefix="nlpserve-infer"
+            max_workers=max(self._threads.values(), default=1), thread_name_prefix="nlpserve-infer"
         )
         for name in self.runners:
             self._wake[name] = asyncio.Event()
@@ -222,7 +230,7 @@ class InProcessQueue(InferenceQueue):
         return len(self._futures)
 
     def in_flight(self, model: str) -> int:
-        """Sequences of ``model`` inside the batch running now."""
+        """Sequences of ``model`` in batches handed to the executor (running or queued)."""
         return self._running.get(model, 0)
 
     # ------------------------------------------------------------------ test hooks
@@ -241,7 +249,12 @@ class InProcessQueue(InferenceQueue):
         if self.metrics is None:
             return
         for bucket, n in self._scheds[model].depths().items():
-            self.metrics.queue_depth.labels(model, str(bucket)).set(n)
+            gauge = self._depth_gauges.get((model, bucket))
+            if gauge is None:  # labels() validates and locks: once per bucket, not per request
+                gauge = self._depth_gauges[(model, bucket)] = self.metrics.queue_depth.labels(
+                    model, str(bucket)
+                )
+            gauge.set(n)
 
     def _purge(self, model: str, now: float) -> None:
         sched = self._scheds[model]
@@ -258,55 +271,90 @@ class InProcessQueue(InferenceQueue):
                 fut.set_exception(DeadlineExceededError("deadline passed while queued"))
 
     async def _loop(self, model: str) -> None:
+        """Form ``model``'s batches and hand them to the executor: up to
+        ``inference_threads`` running plus ``prefetch_batches`` queued behind them, so a
+        thread that finishes a batch starts the next one without waiting for this loop (the
+        event loop may be busy with HTTP work when the batch ends)."""
         sched = self._scheds[model]
-        runner = self.runners[model]
         wake = self._wake[model]
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._closing:
-                await self._unpaused.wait()
-            now = time.time()
-            self._purge(model, now)
-            batch = sched.next_batch(now, flush=self._closing)
-            if batch is None:
-                if self._closing:
-                    self._update_depth(model)
-                    return
-                delay = sched.next_wakeup(now)
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await wake.wait()
-                continue
-            self._update_depth(model)
-            self._running[model] = len(batch)
-            t0 = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, run_batch_isolating, runner, batch
-                )
-            except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
-                log.exception("%s: batch failed", model)
-                results = [e] * len(batch)
-            finally:
-                self._running[model] = 0
-            self.batch_log.append(
-                BatchRecord(
-                    model,
-                    batch[0].bucket,
-                    batch[0].lane,
-                    tuple(it.id for it in batch),
-                    tuple(it.length for it in batch),
-                    time.perf_counter() - t0,
-                )
+        slots = self._threads[model] + self.settings.prefetch_batches
+        dispatched: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            dispatched.discard(task)
+            wake.set()
+
+        try:
+            while True:
+                if not self._closing:
+                    await self._unpaused.wait()
+                if len(dispatched) >= slots:
+                    wake.clear()
+                    await wake.wait()  # set when a batch finishes (or new work, or close)
+                    continue
+                now = time.time()
+                self._purge(model, now)
+                batch = sched.next_batch(now, flush=self._closing)
+                if batch is None:
+                    if self._closing:
+                        if dispatched:
+                            await asyncio.wait(set(dispatched))
+                        self._update_depth(model)
+                        return
+                    delay = sched.next_wakeup(now)
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await wake.wait()
+                    continue
+                self._update_depth(model)
+                task = asyncio.create_task(self._run(model, batch))
+                dispatched.add(task)
+                task.add_done_callback(finished)
+        finally:
+            for task in dispatched:  # cancelled (close timed out): nobody awaits them now
+                task.cancel()
+
+    async def _run(self, model: str, batch: list[WorkItem]) -> None:
+        """Run one batch on the executor and resolve its items' futures."""
+        runner = self.runners[model]
+        self._running[model] += len(batch)
+        try:
+            results, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _timed_batch, runner, batch
             )
-            for it, res in zip(batch, results, strict=True):
-                fut = self._futures.get(it.id)
-                if fut is None or fut.done():
-                    continue  # timed out or cancelled while running: nobody waits
-                if isinstance(res, Exception):
-                    fut.set_exception(
-                        InferenceFailedError(f"the model could not process this input: {res}")
-                    )
-                else:
-                    fut.set_result(res)
+        except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
+            log.exception("%s: batch failed", model)
+            results, seconds = [e] * len(batch), 0.0
+        finally:
+            self._running[model] -= len(batch)
+        self.batch_log.append(
+            BatchRecord(
+                model,
+                batch[0].bucket,
+                batch[0].lane,
+                tuple(it.id for it in batch),
+                tuple(it.length for it in batch),
+                seconds,
+            )
+        )
+        for it, res in zip(batch, results, strict=True):
+            fut = self._futures.get(it.id)
+            if fut is None or fut.done():
+                continue  # timed out or cancelled while running: nobody waits
+            if isinstance(res, Exception):
+                fut.set_exception(
+                    InferenceFailedError(f"the model could not process this input: {res}")
+                )
+            else:
+                fut.set_result(res)
+
+
+def _timed_batch(
+    runner: ModelRunner, batch: list[WorkItem]
+) -> tuple[list[dict[str, np.ndarray] | Exception], float]:
+    # Timed on the executor thread: from dispatch, the time would include the wait behind
+    # the batch running before it.
+    t0 = time.perf_counter()
+    results = run_batch_isolating(runner, batch)
+    return results, time.perf_counter() - t0

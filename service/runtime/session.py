@@ -98,10 +98,10 @@ def choose_variant(
     return name, v
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
+def session_options(settings: Settings, provider: str = CPU) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
-    so.intra_op_num_threads = settings.intra_op_threads
+    so.intra_op_num_threads = settings.intra_op_threads_for(provider)
     so.inter_op_num_threads = settings.inter_op_threads
     # One batch is one graph run; parallelism comes from intra-op threads, not graph branches.
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -141,7 +141,7 @@ class LoadedSession:
 def _open(path: Path, providers: list[str], settings: Settings) -> ort.InferenceSession:
     return ort.InferenceSession(
         str(path),
-        sess_options=session_options(settings),
+        sess_options=session_options(settings, providers[0]),
         providers=[(p, provider_options(p)) for p in providers],
     )
 
