@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -223,12 +224,34 @@ class Settings(BaseSettings):
         )
 
 
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its affinity mask (a container's cpuset), capped by a CPU
+    quota (``docker run --cpus 2``, a Kubernetes CPU limit), which leaves the affinity at
+    every core of the host: a thread per host core would then fight over two cores' time."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of time per period allowed by cgroup v2 ``cpu.max`` or v1 CFS files."""
+    try:
+        if (root / "cpu.max").is_file():  # v2: "<quota> <period>" or "max <period>"
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 @lru_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from service.config import (
@@ -10,6 +12,7 @@ from service.config import (
     CUDA_MAX_WAIT_MS,
     GPU_BATCH_TOKENS,
     Settings,
+    usable_cpus,
 )
 
 
@@ -69,3 +72,24 @@ def test_explicit_threads_win_and_share_the_cores(monkeypatch):
     monkeypatch.setenv("NLPSERVE_INFERENCE_THREADS", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("files", "cap"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, --cpus 2
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, each often idle
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_usable_cpus_respects_a_container_cpu_quota(tmp_path, files, cap):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if cap is None else min(affinity, cap)
+    assert usable_cpus(tmp_path) == expected
