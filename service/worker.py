@@ -228,6 +228,11 @@ class Worker:
         else:
             self._loop.call_soon_threadsafe(self.stop)
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches handed to the executor and not yet settled (running or queued)."""
+        return self._running
+
     def alive(self) -> bool:
         return time.monotonic() - self._heartbeat < 30.0
 

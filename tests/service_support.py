@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -164,3 +165,29 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() - t0 > timeout:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.002)
+
+
+class GatedRunner:
+    """A real runner whose batches wait at a gate before they run; counts how many run at
+    once (a state check: no timing assumption)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_batch(self, items, **kw):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            assert self.gate.wait(10), "gate never opened"
+            return self.inner.run_batch(items, **kw)
+        finally:
+            with self.lock:
+                self.active -= 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from service.queueing.base import (
 )
 from service.queueing.inprocess import InProcessQueue
 from service.runtime import load_runners
-from tests.service_support import make_settings, wait_for
+from tests.service_support import GatedRunner, make_settings, wait_for
 
 MODEL = "polarity-en"
 
@@ -104,32 +103,6 @@ async def test_close_drains_queued_work_then_refuses(runners, model_repo):
     assert not await q.is_ready()
     with pytest.raises(BackendUnavailableError):
         await q.submit(item())
-
-
-class GatedRunner:
-    """A real runner whose batches wait at a gate before they run; counts how many run at
-    once (a state check: no timing assumption)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-        self.lock = threading.Lock()
-        self.active = 0
-        self.most = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_batch(self, items, **kw):
-        with self.lock:
-            self.active += 1
-            self.most = max(self.most, self.active)
-        try:
-            assert self.gate.wait(10), "gate never opened"
-            return self.inner.run_batch(items, **kw)
-        finally:
-            with self.lock:
-                self.active -= 1
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from tests.redis_backend.helpers import (
     running_worker,
     wait_for,
 )
+from tests.service_support import GatedRunner
 
 POS, POL = "pos-en", "polarity-en"
 
@@ -308,3 +309,23 @@ async def test_redis_restart_readiness_and_recovery(make_settings, tiny_runners,
             got = await asyncio.wait_for(q.submit(it), 10)
             assert_same(got, direct(tiny_runners[POS], it))
     assert q.stats["reconnects"] >= 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+async def test_worker_queues_prefetch_batches_behind_the_running_one(
+    make_settings, tiny_runners, prefetch
+) -> None:
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=prefetch)
+    rng = np.random.default_rng(5)
+    items = [make_item(tiny_runners[POL], 4, rng) for _ in range(3)]
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(it)) for it in items]
+        try:
+            await wait_for(lambda: gated[POL].active == 1 and w.batches_in_flight == 1 + prefetch)
+        finally:
+            gated[POL].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert gated[POL].most == 1  # one thread: never two batches running at once
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
