@@ -216,6 +216,16 @@ class ModelInfo(BaseModel):
     )
     requested_provider: str | None = None
     fallback: bool = Field(False, description="True when it fell back from the wanted provider.")
+    batches_at_once: int | None = Field(
+        None,
+        description="Batches of this model this process may run at the same time "
+        "(NLPSERVE_INFERENCE_THREADS; null: runs on remote workers).",
+    )
+    intra_op_threads: int | None = Field(
+        None,
+        description="ONNX Runtime threads inside one batch (0: ORT's default, all cores; "
+        "null: runs on remote workers).",
+    )
     queue_depth: int = 0
 
 

@@ -62,6 +62,8 @@ class ModelRunner:
         default_multiple = CUDA_SHAPE_MULTIPLE if self.provider == CUDA else 1
         self.shape_multiple: int = settings.shape_multiple or default_multiple
         self.max_rows: int = settings.max_batch_size
+        self.batches_at_once: int = settings.inference_threads_for(self.provider)
+        self.intra_op_threads: int = self.session.get_session_options().intra_op_num_threads
         if metrics is not None:
             metrics.model_info.labels(
                 self.name, self.manifest.version, self.provider, self.variant
@@ -194,6 +196,8 @@ class ModelRunner:
             "fallback": self.fell_back,
             "variant": self.variant,
             "precision": self.manifest.variants[self.variant].precision,
+            "batches_at_once": self.batches_at_once,
+            "intra_op_threads": self.intra_op_threads,
         }
 
 

@@ -34,6 +34,13 @@ async def test_models_lists_what_runs_where(client, service, model_repo):
             assert m["provider"] == "CPUExecutionProvider"
             assert m["fallback"] is False
             assert m["variant"] in m["variants"]
+            # what the thread settings resolved to (tests pin 1 ORT thread per batch)
+            assert m["batches_at_once"] == service.state.settings.inference_threads_for(
+                "CPUExecutionProvider"
+            )
+            assert m["intra_op_threads"] == 1
+        else:
+            assert m["batches_at_once"] is None and m["intra_op_threads"] is None
     if service.state.runners and "detector-en" in models:
         # CPU prefers the int8 variant when the repository has one.
         assert models["detector-en"]["variant"] == "int8"

@@ -33,6 +33,8 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
         provider=run.get("provider"),
         requested_provider=run.get("requested_provider"),
         fallback=run.get("fallback", False),
+        batches_at_once=run.get("batches_at_once"),
+        intra_op_threads=run.get("intra_op_threads"),
         queue_depth=state.queue.depth(name) if state.queue is not None else 0,
     )
 
