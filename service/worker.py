@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
+from service.batching.scheduler import PREDICT_LANE
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
@@ -360,10 +361,15 @@ class Worker:
         self._wake.set()
 
     # ------------------------------------------------------------------ batching
+    def _ahead_lane(self) -> str | None:
+        # A batch formed ahead (every thread busy) is a prediction batch, as in-process.
+        return PREDICT_LANE if self._running >= self._threads else None
+
     def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
+        lane = self._ahead_lane()
         for k in range(len(models)):
             m = models[(start + k) % len(models)]
-            batch = self.schedulers[m].next_batch(now, flush=self._stopping)
+            batch = self.schedulers[m].next_batch(now, flush=self._stopping, lane=lane)
             if batch:
                 return m, batch
         return None
@@ -398,7 +404,9 @@ class Worker:
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []
             for s in self.schedulers.values():
-                if self._running < self._slots and (w := s.next_wakeup(now)) is not None:
+                if self._running < self._slots and (
+                    (w := s.next_wakeup(now, lane=self._ahead_lane())) is not None
+                ):
                     waits.append(w)
                 if (d := s.oldest_deadline()) is not None:
                     waits.append(max(0.0, d - now))

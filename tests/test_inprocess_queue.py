@@ -30,9 +30,11 @@ def runners(model_repo):
     return load_runners(make_settings(model_repo), entries=entries)
 
 
-def item(n: int = 4, deadline_s: float = 30.0, ids=None) -> WorkItem:
+def item(n: int = 4, deadline_s: float = 30.0, ids=None, lane: str = "predict") -> WorkItem:
     word_ids = np.asarray(ids if ids is not None else [2] * n, dtype=np.int64)
-    return WorkItem(MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.time() + deadline_s)
+    return WorkItem(
+        MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.time() + deadline_s, lane=lane
+    )
 
 
 @pytest.fixture
@@ -136,6 +138,31 @@ async def test_batches_run_and_queue_per_model_up_to_threads_plus_prefetch(
         assert all(o["logits"].shape == (2,) for o in outs)
         assert gated.most == running  # never more batches at once than threads
         assert q.in_flight(MODEL) == 0 and q.depth(MODEL) == 0
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo):
+    """Explanations wait while every thread is busy; predictions may queue ahead of them."""
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(model_repo, max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        first = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)
+        explain = asyncio.create_task(q.submit(item(4, lane="explain")))
+        await wait_for(lambda: q.depth(MODEL) == 1)
+        await asyncio.sleep(0.05)  # the loop had its chances: the explanation stays queued
+        assert q.in_flight(MODEL) == 1 and q.depth(MODEL) == 1
+        predict = asyncio.create_task(q.submit(item(5)))
+        await wait_for(lambda: q.in_flight(MODEL) == 2)  # formed ahead, behind the first
+        assert q.depth(MODEL) == 1  # the explanation still waits
+        gated.gate.set()
+        await asyncio.gather(first, explain, predict)
+        order = [r.lengths[0] for r in list(q.batch_log)[-3:]]
+        assert order == [3, 5, 4]  # the prediction that came later ran first
     finally:
         gated.gate.set()
         await q.close(2)

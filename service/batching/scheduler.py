@@ -26,7 +26,8 @@ class BucketScheduler:
     Rules of :meth:`next_batch`:
     * lanes are strict priorities: ``explain`` work runs only when no ``predict`` work waits
       (not even work that is still filling its batch), so explanations never delay
-      predictions by more than the batch already running;
+      predictions by more than the batches already running (a batch formed ahead, to queue
+      behind them, is asked for with ``lane=PREDICT_LANE``: never an explanation);
     * within a lane, among the buckets that are ready (full, or oldest item waited
       ``max_wait_s``), the one whose oldest item has waited longest goes first, so a busy
       bucket cannot starve a quiet one;
@@ -97,14 +98,18 @@ class BucketScheduler:
                 return lane
         return None
 
-    def next_batch(self, now: float | None = None, *, flush: bool = False) -> list[WorkItem] | None:
+    def next_batch(
+        self, now: float | None = None, *, flush: bool = False, lane: str | None = None
+    ) -> list[WorkItem] | None:
         """Pop the batch to run now, or ``None`` when no bucket is ready.
 
-        ``flush=True`` treats every non-empty bucket as ready (draining at shutdown).
+        ``flush=True`` treats every non-empty bucket as ready (draining at shutdown);
+        ``lane`` returns a batch only if that lane is the one whose turn it is.
         """
-        lane = self._active_lane()
-        if lane is None:
+        active = self._active_lane()
+        if active is None or (lane is not None and active != lane):
             return None
+        lane = active
         now = time.time() if now is None else now
         best: PendingBucket | None = None
         best_wait = -1.0
@@ -118,11 +123,13 @@ class BucketScheduler:
                 best, best_wait = pb, wait
         return best.take(self.policy) if best is not None else None
 
-    def next_wakeup(self, now: float | None = None) -> float | None:
-        """Seconds until :meth:`next_batch` may return a batch (0 = now; None = empty)."""
-        lane = self._active_lane()
-        if lane is None:
+    def next_wakeup(self, now: float | None = None, *, lane: str | None = None) -> float | None:
+        """Seconds until :meth:`next_batch` (with the same ``lane``) may return a batch
+        (0 = now; None = empty, or not ``lane``'s turn: only new work can change that)."""
+        active = self._active_lane()
+        if active is None or (lane is not None and active != lane):
             return None
+        lane = active
         now = time.time() if now is None else now
         waits = [
             pb.time_to_ready(self.policy, now)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.batching import BucketScheduler, WorkItem
+from service.batching.scheduler import PREDICT_LANE
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import (
@@ -294,14 +295,17 @@ class InProcessQueue(InferenceQueue):
                     continue
                 now = time.time()
                 self._purge(model, now)
-                batch = sched.next_batch(now, flush=self._closing)
+                # A batch formed ahead (every thread busy) is a prediction batch: an explanation
+                # queued there would delay the predictions that arrive meanwhile.
+                ahead = PREDICT_LANE if len(dispatched) >= self._threads[model] else None
+                batch = sched.next_batch(now, flush=self._closing, lane=ahead)
                 if batch is None:
-                    if self._closing:
+                    if self._closing and not len(sched):
                         if dispatched:
                             await asyncio.wait(set(dispatched))
                         self._update_depth(model)
                         return
-                    delay = sched.next_wakeup(now)
+                    delay = sched.next_wakeup(now, lane=ahead)
                     wake.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(delay):
