@@ -177,6 +177,7 @@ class GatedRunner:
         self.lock = threading.Lock()
         self.active = 0
         self.most = 0
+        self.started: list[tuple[int, ...]] = []  # each batch's lengths, in start order
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -185,6 +186,7 @@ class GatedRunner:
         with self.lock:
             self.active += 1
             self.most = max(self.most, self.active)
+            self.started.append(tuple(it.length for it in items))
         try:
             assert self.gate.wait(10), "gate never opened"
             return self.inner.run_batch(items, **kw)

@@ -7,6 +7,7 @@ multi-process tests live in test_redis_processes.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import urllib.request
 
@@ -328,4 +329,31 @@ async def test_worker_queues_prefetch_batches_behind_the_running_one(
         got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
     assert gated[POL].most == 1  # one thread: never two batches running at once
     for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+
+
+async def test_worker_never_forms_an_explanation_ahead(make_settings, tiny_runners) -> None:
+    """As in-process: with every thread busy, a prediction may queue ahead, an explanation
+    may not, so a later prediction runs before it."""
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(6)
+    first, later = (make_item(tiny_runners[POL], n, rng) for n in (3, 5))
+    explain = dataclasses.replace(make_item(tiny_runners[POL], 4, rng), lane="explain")
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(first))]
+        try:
+            await wait_for(lambda: gated[POL].active == 1)
+            tasks.append(asyncio.create_task(q.submit(explain)))
+            await wait_for(lambda: len(w.schedulers[POL]) == 1)  # read, waiting in the worker
+            await asyncio.sleep(0.05)  # the batch loop had its chances: still not formed
+            assert w.batches_in_flight == 1
+            tasks.append(asyncio.create_task(q.submit(later)))
+            await wait_for(lambda: w.batches_in_flight == 2)
+            assert len(w.schedulers[POL]) == 1
+        finally:
+            gated[POL].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert gated[POL].started == [(3,), (5,), (4,)]
+    for it, g in zip((first, explain, later), got, strict=True):
         assert_same(g, direct(tiny_runners[POL], it))
