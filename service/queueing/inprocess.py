@@ -115,7 +115,8 @@ class InProcessQueue(InferenceQueue):
         self._started = False
         self._unpaused = asyncio.Event()
         self._unpaused.set()
-        # Test/debug hook: the batches that ran, newest last.
+        # Test/debug hook: the batches that ran, in the order they finished (a model may run
+        # several at once, so that is not always the order they were formed in).
         self.batch_log: deque[BatchRecord] = deque(maxlen=batch_log_size)
 
     # ------------------------------------------------------------------ lifecycle

@@ -91,11 +91,12 @@ async def test_max_batch_size_and_token_budget(small_batches):
         # 5 x 10 tokens: the size cap (3) binds before the budget (40 >= 3 x 10).
         reqs = [("/v1/polarity", {"text": words(10)})] * 5
         _, batches = await held(small_batches, c, reqs, "polarity-en", 5)
-        assert [b.size for b in batches] == [3, 2]
+        # the log is in completion order, and two batches may run at once: compare as sets
+        assert sorted((b.size for b in batches), reverse=True) == [3, 2]
         # 3 x 15 tokens: the budget binds (2 x 15 = 30 <= 40 < 45).
         reqs = [("/v1/polarity", {"text": words(15)})] * 3
         _, batches = await held(small_batches, c, reqs, "polarity-en", 3)
-        assert [b.size for b in batches] == [2, 1]
+        assert sorted((b.size for b in batches), reverse=True) == [2, 1]
         assert all(b.size * max(b.lengths) <= 40 for b in batches)
 
 
