@@ -216,12 +216,15 @@ def load_runners(
         runner = ModelRunner(entry, loaded, settings, metrics)
         secs = runner.warmup() if settings.warmup else 0.0
         log.info(
-            "loaded %s/%s on %s (variant %s, buckets %s, warm-up %.2fs)",
+            "loaded %s/%s on %s (variant %s, buckets %s, %d batch(es) at once x %s ORT "
+            "threads, warm-up %.2fs)",
             runner.name,
             runner.manifest.version,
             runner.provider,
             runner.variant,
             runner.buckets,
+            runner.batches_at_once,
+            runner.intra_op_threads or "all",
             secs,
         )
         runners[runner.name] = runner
