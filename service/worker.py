@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import PREDICT_LANE
+from service.batching.scheduler import lane_for_next_batch
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
@@ -362,8 +362,7 @@ class Worker:
 
     # ------------------------------------------------------------------ batching
     def _ahead_lane(self) -> str | None:
-        # A batch formed ahead (every thread busy) is a prediction batch, as in-process.
-        return PREDICT_LANE if self._running >= self._threads else None
+        return lane_for_next_batch(self._running, self._threads)
 
     def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
         lane = self._ahead_lane()

@@ -18,6 +18,13 @@ EXPLAIN_LANE = "explain"
 DEFAULT_LANES: tuple[str, ...] = (PREDICT_LANE, EXPLAIN_LANE)
 
 
+def lane_for_next_batch(batches_in_flight: int, threads: int) -> str | None:
+    """The ``lane`` to pass to :meth:`BucketScheduler.next_batch`: a batch formed while every
+    thread is busy (to queue behind them) must be a prediction batch, since an explanation
+    queued there would delay the predictions that arrive meanwhile; otherwise any lane."""
+    return PREDICT_LANE if batches_in_flight >= threads else None
+
+
 class BucketScheduler:
     """Pending sequences of ONE model, in a :class:`PendingBucket` per (bucket, lane).
 

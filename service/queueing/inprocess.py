@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import PREDICT_LANE
+from service.batching.scheduler import lane_for_next_batch
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import (
@@ -296,9 +296,7 @@ class InProcessQueue(InferenceQueue):
                     continue
                 now = time.time()
                 self._purge(model, now)
-                # A batch formed ahead (every thread busy) is a prediction batch: an explanation
-                # queued there would delay the predictions that arrive meanwhile.
-                ahead = PREDICT_LANE if len(dispatched) >= self._threads[model] else None
+                ahead = lane_for_next_batch(len(dispatched), self._threads[model])
                 batch = sched.next_batch(now, flush=self._closing, lane=ahead)
                 if batch is None:
                     if self._closing and not len(sched):
