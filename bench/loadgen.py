@@ -656,10 +656,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)  # fmt: skip
 
     task = MODEL_TASKS.get(args.model, args.model)
-    dist = DEFAULT_LENGTHS[task]
+    dist: LengthDist | None = None  # None: build_requests' default, fitted to max_length
     if args.median_tokens or args.sigma:
+        base = DEFAULT_LENGTHS[task]
         dist = LengthDist(
-            args.median_tokens or dist.median, args.sigma or dist.sigma, dist.lo, dist.hi
+            args.median_tokens or base.median, args.sigma or base.sigma, base.lo, base.hi
         )
     specs = build_requests(
         args.model, args.requests, models_dir=args.models, data_dir=args.data, lengths=dist,
@@ -684,7 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             [summary],
             {args.url: latencies(results)},
             meta={"model": args.model, "concurrency": args.concurrency, "rate": args.rate,
-                  "requests": args.requests, "lengths": asdict(dist)},
+                  "requests": args.requests,
+                  "lengths": asdict(dist) if dist else "default (bench.loadgen.build_requests)"},
         )  # fmt: skip
     return 0 if all(r.status == 200 for r in results) else 1
 
