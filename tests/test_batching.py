@@ -70,6 +70,42 @@ def test_a_long_sequence_over_the_budget_is_skipped_for_shorter_mates():
     assert [it.length for it in pb.take(policy)] == [15]
 
 
+def test_padding_floor_keeps_unlike_lengths_out_of_a_batch():
+    # anchor 40: 38 and 36 keep the batch at >= 0.9 real/padded; 20 would drop it to
+    # (40+38+36+20)/(4x40) = 0.84, so it waits for a batch of its own length.
+    policy = BatchPolicy(
+        max_batch_size=8, max_batch_tokens=10_000, max_wait_s=0.010, min_padding_efficiency=0.9
+    )
+    pb = PendingBucket()
+    for n in (40, 20, 38, 36, 19):
+        pb.add(item(n))
+    first = pb.take(policy)
+    assert [it.length for it in first] == [40, 38, 36]
+    assert sum(it.length for it in first) / (3 * 40) >= 0.9
+    assert [it.length for it in pb.take(policy)] == [20, 19]
+    # Without the floor the same queue makes one batch.
+    pb = PendingBucket()
+    for n in (40, 20, 38, 36, 19):
+        pb.add(item(n))
+    assert len(pb.take(BatchPolicy(max_batch_size=8, max_batch_tokens=10_000))) == 5
+
+
+def test_padding_floor_never_leaves_the_oldest_behind():
+    policy = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, min_padding_efficiency=1.0)
+    pb = PendingBucket()
+    for n in (7, 3, 7, 5):
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [7, 7]
+    assert [it.length for it in pb.take(policy)] == [3]
+    assert [it.length for it in pb.take(policy)] == [5]
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.1])
+def test_padding_floor_outside_0_1_is_rejected(floor):
+    with pytest.raises(ValueError):
+        BatchPolicy(min_padding_efficiency=floor)
+
+
 def test_a_sequence_over_the_budget_still_runs_alone():
     pb = PendingBucket()
     pb.add(item(100))

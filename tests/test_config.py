@@ -9,7 +9,9 @@ import pytest
 from service.config import (
     CPU_BATCH_TOKENS,
     CPU_MAX_WAIT_MS,
+    CPU_MIN_PADDING_EFFICIENCY,
     CUDA_MAX_WAIT_MS,
+    CUDA_MIN_PADDING_EFFICIENCY,
     GPU_BATCH_TOKENS,
     Settings,
     usable_cpus,
@@ -44,6 +46,26 @@ def test_max_wait_defaults_short_on_cuda_and_explicit_wins(monkeypatch):
     monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", "-1")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_padding_floor_defaults_high_on_cpu_off_on_cuda_and_explicit_wins(monkeypatch):
+    """On CPU a padded token costs like a real one; on CUDA batch size is what pays."""
+    monkeypatch.delenv("NLPSERVE_MIN_PADDING_EFFICIENCY", raising=False)
+    s = Settings()
+    assert s.batch_policy("CPUExecutionProvider").min_padding_efficiency == (
+        CPU_MIN_PADDING_EFFICIENCY
+    )
+    assert s.batch_policy("CUDAExecutionProvider").min_padding_efficiency == (
+        CUDA_MIN_PADDING_EFFICIENCY
+    )
+    assert CUDA_MIN_PADDING_EFFICIENCY < CPU_MIN_PADDING_EFFICIENCY
+    monkeypatch.setenv("NLPSERVE_MIN_PADDING_EFFICIENCY", "0.5")
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider", None):
+        assert Settings().batch_policy(provider).min_padding_efficiency == 0.5
+    for bad in ("1.5", "-0.1"):
+        monkeypatch.setenv("NLPSERVE_MIN_PADDING_EFFICIENCY", bad)
+        with pytest.raises(ValueError):
+            Settings()
 
 
 @pytest.mark.parametrize("cores", [1, 2, 8])

@@ -68,7 +68,7 @@ class PendingBucket:
     def take(self, policy: BatchPolicy) -> list[WorkItem]:
         """Pop the next batch: the oldest sequence, then those nearest to it in length (ties:
         the older first) among the next ``LOOKAHEAD_BATCHES x max_batch_size``, within
-        max_batch_size and the padded-token budget.
+        max_batch_size, the padded-token budget and the padding-efficiency floor.
 
         Always takes at least one sequence, so a sequence longer than the budget alone
         still runs (by itself).
@@ -84,15 +84,20 @@ class PendingBucket:
             range(1, len(window)), key=lambda i: (abs(window[i].length - anchor.length), i)
         )
         chosen = [0]
-        longest = anchor.length
+        longest = real = anchor.length
         for i in order:
             if len(chosen) >= policy.max_batch_size:
                 break
-            new_longest = max(longest, window[i].length)
-            if (len(chosen) + 1) * new_longest > policy.max_batch_tokens:
+            length = window[i].length
+            new_longest = max(longest, length)
+            padded = (len(chosen) + 1) * new_longest
+            if padded > policy.max_batch_tokens:
                 continue  # too long for the budget; a shorter one may still fit
+            if real + length < policy.min_padding_efficiency * padded:
+                continue  # too unlike the batch; it waits for a batch of its own length
             chosen.append(i)
             longest = new_longest
+            real += length
         taken = set(chosen)
         # The rest go back in front, in their arrival order.
         self.items.extendleft(reversed([it for i, it in enumerate(window) if i not in taken]))

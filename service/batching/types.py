@@ -37,13 +37,20 @@ class BatchPolicy:
 
     A batch closes when it holds ``max_batch_size`` sequences, when one more sequence would
     push ``batch size x longest length`` over ``max_batch_tokens``, or when its oldest
-    sequence has waited ``max_wait_s``.
+    sequence has waited ``max_wait_s``. A sequence joins a batch only if the batch's padding
+    efficiency (real / padded tokens) stays at or above ``min_padding_efficiency``.
     """
 
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
     max_wait_s: float = 0.005
+    min_padding_efficiency: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_wait_s < 0:
+        if (
+            self.max_batch_size < 1
+            or self.max_batch_tokens < 1
+            or self.max_wait_s < 0
+            or not 0.0 <= self.min_padding_efficiency <= 1.0
+        ):
             raise ValueError(f"invalid batch policy {self}")

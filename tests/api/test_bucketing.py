@@ -69,6 +69,28 @@ async def test_concurrent_same_bucket_requests_share_one_batch(inprocess_service
     assert metric_value(after, total, **labels) - metric_value(before, total, **labels) == 6
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def padding_floor(model_repo):
+    async with live_server(make_settings(model_repo, min_padding_efficiency=0.8)) as srv:
+        yield srv
+
+
+async def test_padding_floor_splits_unlike_lengths_of_one_bucket(padding_floor):
+    """The CPU default: a sequence joins a batch only if the batch stays >= the floor's
+    real/padded tokens. Oldest (6) + 7 = 0.93; + 3 would make 16/21 = 0.76 < 0.8, so 3 and 2
+    make their own batch (5/6 = 0.83)."""
+    async with padding_floor.client() as c:
+        reqs = [("/v1/polarity", {"text": words(n)}) for n in (6, 7, 3, 2)]
+        responses, batches = await held(padding_floor, c, reqs, "polarity-en", 4)
+    assert sorted(b.lengths for b in batches) == [(3, 2), (6, 7)]
+    assert {b.bucket for b in batches} == {0}
+    # Same answers as one request at a time: splitting changes only the batches.
+    async with padding_floor.client() as c:
+        for (path, body), r in zip(reqs, responses, strict=True):
+            alone = await c.post(path, json=body)
+            assert alone.json() == r.json()
+
+
 async def test_batch_request_items_share_a_batch(inprocess_service):
     q = inprocess_service.queue
     before = len(q.batch_log)

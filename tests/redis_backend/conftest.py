@@ -43,6 +43,7 @@ def make_settings(redis_url: str, redis_prefix: str, tiny_repo: Path) -> Setting
             "intra_op_threads": 1,
             "warmup": False,
             "max_wait_ms": 2.0,
+            "min_padding_efficiency": 0.0,
             "redis_block_ms": 100,
             "redis_claim_idle_ms": 2000,
             "metrics_port": 0,
