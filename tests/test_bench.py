@@ -528,7 +528,7 @@ def _fake_bench(tmp_path: Path, device: str) -> Bench:
 
     b = Bench.__new__(Bench)
     b.args = argparse.Namespace(model="detector-en", concurrency=32, baseline_requests=None,
-                                serve_env=[], derive_variants=False)  # fmt: skip
+                                serve_env=[], derive_variants=False, rounds=1)  # fmt: skip
     b.device, b.task, b.version_dir = device, "detect", tmp_path / "detector-en" / "1"
     b.manifest = {"max_length": 128, "buckets": [64, 128], "metrics": {},
                   "variants": {"fp32": {}, "fp16": {}}}  # fmt: skip
@@ -582,6 +582,21 @@ def test_report_keeps_the_cpu_targets_on_cpu(tmp_path: Path) -> None:
     assert "in-process fp32 >= 85% of raw ORT" in names
     assert not any("20x" in n or "CUDA" in n for n in names)
     assert doc["machine"]["gpu"] is None or isinstance(doc["machine"]["gpu"], list)
+
+
+def test_report_of_several_rounds_uses_each_configurations_median(tmp_path: Path) -> None:
+    b = _fake_bench(tmp_path, "cpu")
+    b.args.rounds = 3
+    first = next(s for s in b.summaries if s["name"] == "nlpserve in-process (fp32)")
+    for rps in (2000.0, 2900.0):  # rounds 2 and 3 of (c): the median is round 1's 2500
+        b.summaries.append({**first, "throughput_rps": rps})
+    doc = json.loads(b.finish(tmp_path / "out", "python -m bench.run --rounds 3")[0].read_text())
+    rows = [r for r in doc["results"] if r["name"] == "nlpserve in-process (fp32)"]
+    assert len(rows) == 1
+    assert rows[0]["throughput_rps"] == 2500.0
+    assert rows[0]["rounds_rps"] == [2500.0, 2000.0, 2900.0]
+    assert rows[0]["fraction_of_raw_ort"] == 2500.0 / 3000.0
+    assert any("3 rounds" in n for n in doc["notes"])
 
 
 def test_requests_files_round_trip(tmp_path: Path) -> None:
@@ -669,3 +684,22 @@ def test_wait_model_shows_why_cuda_waits_less() -> None:
     assert abs(busy_5 - busy_1) < 0.05 * busy_1  # saturated: batches fill while one runs
     cpu = Costs(parse_ms=0.7, respond_ms=0.5, batch_ms=40.0, per_seq_ms=4.0)
     assert simulate(8, 5.0, cpu)[0] >= 0.95 * simulate(8, 0.0, cpu)[0]
+
+
+def test_rounds_report_each_configurations_median_round() -> None:
+    from bench.run import LATENCIES_KEY, merge_rounds
+
+    def run(name: str, rps: float) -> dict:
+        return {"name": name, "throughput_rps": rps, LATENCIES_KEY: [rps]}
+
+    runs = [("raw", 500.0), ("inproc", 390.0), ("raw", 530.0), ("inproc", 350.0)]
+    runs += [("raw", 470.0), ("inproc", 410.0), ("baseline", 40.0)]
+    merged = merge_rounds([run(n, rps) for n, rps in runs])
+    assert [m["name"] for m in merged] == ["raw", "inproc", "baseline"]
+    raw, inproc, base = merged
+    assert raw["throughput_rps"] == 500.0 and raw["rounds_rps"] == [500.0, 530.0, 470.0]
+    assert inproc["throughput_rps"] == 390.0 and inproc[LATENCIES_KEY] == [390.0]  # same round
+    assert "rounds_rps" not in base  # one run: reported as it is
+    # An even count reports the lower median: the ratio is not flattered.
+    even = merge_rounds([run("x", 1.0), run("x", 3.0), run("x", 2.0), run("x", 4.0)])
+    assert even[0]["throughput_rps"] == 2.0
