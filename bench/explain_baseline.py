@@ -80,7 +80,7 @@ def source_text(data: Path | None) -> str:
 
 def texts_of_length(tokenizer_file: Path, source: str, n_tokens: int, k: int) -> list[str]:
     """``k`` different texts of exactly ``n_tokens`` tokens (no specials) cut from ``source``."""
-    from service.preprocess.qa import load_tokenizer
+    from service.preprocess.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_file)
     offsets = tok.encode(source, add_special_tokens=False).offsets

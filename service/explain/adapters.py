@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from service.explain.engine import ModelExplainer, Scorer
 from service.explain.segmenters import WordPieceSegmenter, WordSegmenter
-from service.preprocess.qa import load_tokenizer
+from service.preprocess.tokenizer import load_tokenizer
 from service.queueing.base import InferenceQueue
 from service.tasks.base import Task, run_requests
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.preprocess.qa import _PAD_NAMES, _special_id, load_tokenizer, pad_batch
+from service.preprocess.qa import pad_batch
+from service.preprocess.tokenizer import PAD_NAMES, encode_all, load_tokenizer, special_id
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ClassifyEncoder:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.pad_id = _special_id(tokenizer, _PAD_NAMES)
+        self.pad_id = special_id(tokenizer, PAD_NAMES)
         tokenizer.no_padding()
         # Truncation accounts for the specials the post-processor adds.
         tokenizer.enable_truncation(max_length, strategy="longest_first", direction="right")
@@ -52,7 +53,7 @@ class ClassifyEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[ClassifyEncoding]:
         out = []
-        for enc in self.tokenizer.encode_batch(list(texts)):
+        for enc in encode_all(self.tokenizer, texts):
             out.append(
                 ClassifyEncoding(
                     np.asarray(enc.ids, dtype=np.int64),
@@ -73,7 +74,8 @@ class ClassifyEncoder:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of [B, C] logits (float64 for stability)."""
+    """Softmax over the last axis ([C] or [B, C] logits), in float64: probabilities near 0
+    and 1 stay exact. Training's evaluation and the served tasks share it."""
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)

@@ -20,32 +20,17 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.preprocess.tokenizer import (
+    CLS_NAMES,
+    PAD_NAMES,
+    SEP_NAMES,
+    encode_all,
+    load_tokenizer,
+    special_id,
+)
+
 # Offsets of tokens outside the context (specials, question, padding).
 NO_OFFSET = (-1, -1)
-
-_CLS_NAMES = ("[CLS]", "<s>")
-_SEP_NAMES = ("[SEP]", "</s>")
-_PAD_NAMES = ("[PAD]", "<pad>")
-
-
-def _special_id(tokenizer: Tokenizer, names: Sequence[str]) -> int:
-    for name in names:
-        i = tokenizer.token_to_id(name)
-        if i is not None:
-            return i
-    raise ValueError(f"tokenizer has none of the special tokens {list(names)}")
-
-
-def load_tokenizer(tokenizer_file: Path | str) -> Tokenizer:
-    """Load ``tokenizer.json`` with any saved padding/truncation switched off.
-
-    The encoders here pad and truncate themselves; a tokenizer file saved by HF may carry
-    fixed padding (e.g. to 128) that would otherwise leak into every encoding.
-    """
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
 
 
 @dataclass(frozen=True)
@@ -104,9 +89,9 @@ class QAEncoder:
         self.max_length = max_length
         self.doc_stride = doc_stride
         self.max_query_length = max_query_length
-        self.cls_id = _special_id(tokenizer, _CLS_NAMES)
-        self.sep_id = _special_id(tokenizer, _SEP_NAMES)
-        self.pad_id = _special_id(tokenizer, _PAD_NAMES)
+        self.cls_id = special_id(tokenizer, CLS_NAMES)
+        self.sep_id = special_id(tokenizer, SEP_NAMES)
+        self.pad_id = special_id(tokenizer, PAD_NAMES)
 
     @classmethod
     def load(
@@ -129,8 +114,8 @@ class QAEncoder:
         if len(questions) != len(contexts):
             raise ValueError("questions and contexts differ in length")
         tok = self.tokenizer
-        q_encs = tok.encode_batch(list(questions), add_special_tokens=False)
-        c_encs = tok.encode_batch(list(contexts), add_special_tokens=False)
+        q_encs = encode_all(tok, questions, add_special_tokens=False)
+        c_encs = encode_all(tok, contexts, add_special_tokens=False)
         return [self._windows(q.ids, c.ids, c.offsets) for q, c in zip(q_encs, c_encs, strict=True)]
 
     def _windows(

@@ -16,6 +16,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from service.preprocess.tokenizer import encode_all
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
@@ -105,7 +107,7 @@ class WordEncoder:
     def split(self, texts: Sequence[str]) -> list[list[str]]:
         """Split raw texts into surface tokens (original case), batch-encoded by tokenizers."""
         out = []
-        for text, enc in zip(texts, self.tokenizer.encode_batch(list(texts)), strict=True):
+        for text, enc in zip(texts, encode_all(self.tokenizer, texts), strict=True):
             out.append([text[s:e] for s, e in enc.offsets])
         return out
 

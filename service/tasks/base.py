@@ -111,13 +111,6 @@ class Task(abc.ABC):
             raise InputError("invalid_text", f"the text could not be tokenized: {e}") from e
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float64 (probabilities near 0/1 stay exact)."""
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def where(i: int, n: int) -> str:
     """Message prefix naming the batch item at fault (nothing for a single request)."""
     return f"inputs[{i}]: " if n > 1 else ""

@@ -8,9 +8,9 @@ import numpy as np
 
 from service.api.schemas import DetectRequest, DetectResponse
 from service.config import Settings
-from service.preprocess.classify import ClassifyEncoder
+from service.preprocess.classify import ClassifyEncoder, softmax
 from service.repository import ModelEntry
-from service.tasks.base import Prepared, Task, softmax
+from service.tasks.base import Prepared, Task
 
 
 class DetectTask(Task):

@@ -8,8 +8,9 @@ import numpy as np
 
 from service.api.schemas import PolarityRequest, PolarityResponse
 from service.config import Settings
+from service.preprocess.classify import softmax
 from service.repository import ModelEntry
-from service.tasks.base import InputError, Prepared, Task, softmax, where
+from service.tasks.base import InputError, Prepared, Task, where
 from service.tasks.pos import load_word_encoder
 
 
