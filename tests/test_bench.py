@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -703,3 +705,27 @@ def test_rounds_report_each_configurations_median_round() -> None:
     # An even count reports the lower median: the ratio is not flattered.
     even = merge_rounds([run("x", 1.0), run("x", 3.0), run("x", 2.0), run("x", 4.0)])
     assert even[0]["throughput_rps"] == 2.0
+
+
+def test_cpu_account_reads_each_threads_cpu() -> None:
+    import threading
+
+    from bench.cpu_account import thread_cpu
+
+    seen: dict[str, float] = {}
+
+    def spin() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        # Read from outside (/proc) while this thread is alive, against its own clock.
+        seen["proc"] = thread_cpu(os.getpid())[threading.get_native_id()]
+        seen["own"] = time.thread_time()
+
+    main_before = thread_cpu(os.getpid())[os.getpid()]  # the main thread: tid == pid
+    t = threading.Thread(target=spin)
+    t.start()
+    t.join()
+    assert seen["proc"] >= 0.25
+    assert abs(seen["proc"] - seen["own"]) < 0.05  # clock ticks are 10 ms
+    assert thread_cpu(os.getpid())[os.getpid()] - main_before < 0.25  # it waited, idle
