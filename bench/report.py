@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +49,9 @@ def gpu_description(use_torch: bool = False) -> list[dict[str, Any]] | None:
     return None
 
 
+PREFIX_MARK = "<python prefix>"
+
+
 def ort_description() -> dict[str, Any]:
     """The onnxruntime that is really imported: with onnxruntime-gpu installed beside the CPU
     wheel (or put first on PYTHONPATH), the two distributions' metadata disagree."""
@@ -55,9 +59,14 @@ def ort_description() -> dict[str, Any]:
         import onnxruntime as ort
     except ImportError:
         return {}
+    where = Path(ort.__file__).parent
+    try:  # inside the interpreter's prefix (a venv): no machine-specific path in the report
+        shown = f"{PREFIX_MARK}/{where.relative_to(sys.prefix)}"
+    except ValueError:  # elsewhere (PYTHONPATH): exactly what the record is for
+        shown = str(where)
     return {
         "version": ort.__version__,
-        "path": str(Path(ort.__file__).parent),
+        "path": shown,
         "available_providers": list(ort.get_available_providers()),
     }
 
@@ -141,12 +150,15 @@ def markdown(
         if meta.get(k) is not None:
             v = meta[k]
             lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
+    rounds = any(s.get("rounds_rps") for s in summaries)
     header = (
         "| configuration | req/s | × baseline | of raw ORT | p50 ms | p95 ms | p99 ms "
-        "| errors | padding eff. | mean batch |"
+        "| errors | padding eff. | mean batch |" + (" rounds req/s |" if rounds else "")
     )
-    lines += ["", header, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    rule = "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|" + ("---|" if rounds else "")
+    lines += ["", header, rule]
     for s in summaries:
+        per_round = " / ".join(_fmt(x) for x in s.get("rounds_rps") or []) or "–"
         lat = s.get("latency_ms") or {}
         errs = ", ".join(f"{k}×{v}" for k, v in (s.get("errors") or {}).items()) or "0"
         ratio = s.get("ratio_to_baseline")
@@ -157,7 +169,7 @@ def markdown(
             f"| {_fmt(100 * frac, 0) + '%' if frac is not None else '–'} "
             f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} "
             f"| {errs} | {_fmt(s.get('padding_efficiency'), 3)} "
-            f"| {_fmt(s.get('mean_batch_size'))} |"
+            f"| {_fmt(s.get('mean_batch_size'))} |" + (f" {per_round} |" if rounds else "")
         )
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]

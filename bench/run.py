@@ -515,6 +515,7 @@ class Bench:
 
     def finish(self, out_base: Path, command: str) -> list[Path]:
         self.summaries = merge_rounds(self.summaries)
+        self.notes = list(dict.fromkeys(self.notes))  # each round repeats its notes
         for s in self.summaries:
             if LATENCIES_KEY in s:
                 self.lat[s["name"]] = s.pop(LATENCIES_KEY)

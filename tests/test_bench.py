@@ -592,7 +592,11 @@ def test_report_of_several_rounds_uses_each_configurations_median(tmp_path: Path
     first = next(s for s in b.summaries if s["name"] == "nlpserve in-process (fp32)")
     for rps in (2000.0, 2900.0):  # rounds 2 and 3 of (c): the median is round 1's 2500
         b.summaries.append({**first, "throughput_rps": rps})
-    doc = json.loads(b.finish(tmp_path / "out", "python -m bench.run --rounds 3")[0].read_text())
+    paths = b.finish(tmp_path / "out", "python -m bench.run --rounds 3")
+    doc = json.loads(paths[0].read_text())
+    md = paths[1].read_text()
+    header = next(x for x in md.splitlines() if x.startswith("| configuration"))
+    assert header.endswith("rounds req/s |") and "2500.0 / 2000.0 / 2900.0" in md
     rows = [r for r in doc["results"] if r["name"] == "nlpserve in-process (fp32)"]
     assert len(rows) == 1
     assert rows[0]["throughput_rps"] == 2500.0
@@ -729,3 +733,13 @@ def test_cpu_account_reads_each_threads_cpu() -> None:
     assert seen["proc"] >= 0.25
     assert abs(seen["proc"] - seen["own"]) < 0.05  # clock ticks are 10 ms
     assert thread_cpu(os.getpid())[os.getpid()] - main_before < 0.25  # it waited, idle
+
+
+def test_machine_description_names_onnxruntime_without_this_machines_paths() -> None:
+    import sys
+
+    from bench.report import PREFIX_MARK, ort_description
+
+    path = ort_description()["path"]
+    assert path.endswith("onnxruntime")
+    assert sys.prefix not in path and path.startswith(PREFIX_MARK)  # the venv's, relative
