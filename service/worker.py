@@ -64,6 +64,8 @@ class Runner(Protocol):
 
     manifest: Manifest
     buckets: list[int]
+    provider: str
+    token_cost_s: float | None  # seconds per padded token, measured at warm-up
 
     def run_batch(self, items: Sequence[WorkItem]) -> list[dict[str, np.ndarray]]: ...
 
@@ -121,7 +123,8 @@ class Worker:
         )
         self.prefix = settings.redis_prefix
         self.schedulers = {
-            m: BucketScheduler(settings.batch_policy(r.provider)) for m, r in self.runners.items()
+            m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
+            for m, r in self.runners.items()
         }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from service.config import (
+    CHEAP_TOKEN_S,
     CPU_BATCH_TOKENS,
     CPU_MAX_WAIT_MS,
     CPU_MIN_PADDING_EFFICIENCY,
@@ -66,6 +67,21 @@ def test_padding_floor_defaults_high_on_cpu_off_on_cuda_and_explicit_wins(monkey
         monkeypatch.setenv("NLPSERVE_MIN_PADDING_EFFICIENCY", bad)
         with pytest.raises(ValueError):
             Settings()
+
+
+def test_padding_floor_is_off_on_cpu_for_models_whose_tokens_are_cheap(monkeypatch):
+    """A model measured (at warm-up) under CHEAP_TOKEN_S per padded token gets no floor by
+    default: its batches' fixed cost outweighs their padding. An explicit floor still wins."""
+    monkeypatch.delenv("NLPSERVE_MIN_PADDING_EFFICIENCY", raising=False)
+    cpu = "CPUExecutionProvider"
+    s = Settings()
+    assert s.batch_policy(cpu, CHEAP_TOKEN_S / 10).min_padding_efficiency == 0.0
+    assert s.batch_policy(cpu, CHEAP_TOKEN_S * 3).min_padding_efficiency == (
+        CPU_MIN_PADDING_EFFICIENCY
+    )
+    assert s.batch_policy(cpu, None).min_padding_efficiency == CPU_MIN_PADDING_EFFICIENCY
+    monkeypatch.setenv("NLPSERVE_MIN_PADDING_EFFICIENCY", "0.9")
+    assert Settings().batch_policy(cpu, CHEAP_TOKEN_S / 10).min_padding_efficiency == 0.9
 
 
 @pytest.mark.parametrize("cores", [1, 2, 8])

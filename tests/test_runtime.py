@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from service.batching import WorkItem
-from service.config import Settings
+from service.config import CHEAP_TOKEN_S, CPU_MIN_PADDING_EFFICIENCY, Settings
 from service.metrics import Metrics
 from service.queueing.inprocess import run_batch_isolating
 from service.repository import Variant, discover_models, load_manifest
@@ -284,6 +284,24 @@ def test_warmup_runs_every_bucket_without_recording(model_repo):
     for b, edge in enumerate(runner.buckets):
         out = runner.run_batch([runner.dummy_item(edge, b)], record=False)[0]
         assert out["logits"].shape[0] == edge
+
+
+def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo):
+    # The explicit test floor (0.0) would hide the default rule: leave it unset here.
+    s = settings(model_repo, min_padding_efficiency=None)
+    entries = [e for e in discover_models(model_repo) if e.name in ("pos-en", "detector-en")]
+    runners = load_runners(s, None, entries)
+    for r in runners.values():
+        assert r.token_cost_s is not None and 0 < r.token_cost_s < 1.0
+        cheap = r.token_cost_s < CHEAP_TOKEN_S
+        assert r.batch_policy().min_padding_efficiency == (
+            0.0 if cheap else CPU_MIN_PADDING_EFFICIENCY
+        )
+        assert r.describe()["min_padding_efficiency"] == r.batch_policy().min_padding_efficiency
+    # Without warm-up nothing is measured: the provider's default floor applies.
+    cold = load_runners(s.model_copy(update={"warmup": False}), None, entries)["pos-en"]
+    assert cold.token_cost_s is None
+    assert cold.batch_policy().min_padding_efficiency == CPU_MIN_PADDING_EFFICIENCY
 
 
 def test_bucket_edges_override(model_repo):

@@ -226,6 +226,17 @@ class ModelInfo(BaseModel):
         description="ONNX Runtime threads inside one batch (0: ORT's default, all cores; "
         "null: runs on remote workers).",
     )
+    min_padding_efficiency: float | None = Field(
+        None,
+        description="The padding floor this model's batches are formed with "
+        "(NLPSERVE_MIN_PADDING_EFFICIENCY, or its default for the provider and the token cost; "
+        "null: runs on remote workers).",
+    )
+    token_cost_us: float | None = Field(
+        None,
+        description="Microseconds per padded token, measured at warm-up on CPU (null: not "
+        "measured: CUDA, warm-up off, or remote workers).",
+    )
     queue_depth: int = 0
 
 

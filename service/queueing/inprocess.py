@@ -98,8 +98,9 @@ class InProcessQueue(InferenceQueue):
         self.settings = settings
         self.metrics = metrics
         self.max_depth = settings.max_queue_depth
+        # The queue's settings, the runner's measured token cost (it decides the CPU floor).
         self._scheds = {
-            name: BucketScheduler(settings.batch_policy(r.provider))
+            name: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for name, r in self.runners.items()
         }
         self._threads = {

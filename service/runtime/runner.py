@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.batching import WorkItem, pad_batch, split_outputs
+from service.batching import BatchPolicy, WorkItem, pad_batch, split_outputs
 from service.batching.assemble import LENGTHS_INPUT, SEQUENCE_AXIS
 from service.config import CUDA_SHAPE_MULTIPLE, Settings
 from service.metrics import Metrics
@@ -63,6 +63,9 @@ class ModelRunner:
         self.shape_multiple: int = settings.shape_multiple or default_multiple
         self.max_rows: int = settings.max_batch_size
         self.batches_at_once: int = settings.inference_threads_for(self.provider)
+        self.settings = settings
+        # Seconds per padded token (CPU, measured at warm-up): decides the padding floor.
+        self.token_cost_s: float | None = None
         self.intra_op_threads: int = self.session.get_session_options().intra_op_num_threads
         if metrics is not None:
             metrics.model_info.labels(
@@ -184,10 +187,30 @@ class ModelRunner:
         if not grid:
             for b, edge in enumerate(self.buckets):
                 self.run_batch([self.dummy_item(edge, b)], record=False)
+            self.token_cost_s = self._measure_token_cost()
         secs = time.perf_counter() - t0
         if grid:
             log.info("%s: warmed %d batch shapes in %.1fs", self.name, len(grid), secs)
         return secs
+
+    def _measure_token_cost(self) -> float:
+        """Seconds per padded token of a batch at max length, as many rows as the CPU token
+        budget holds (so one call's fixed cost is shared); best of two runs."""
+        width = self.manifest.max_length
+        policy = self.settings.batch_policy(self.provider)
+        rows = max(1, min(self.max_rows, policy.max_batch_tokens // width))
+        batch = [self.dummy_item(width, len(self.buckets) - 1)] * rows
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.run_batch(batch, record=False)
+            best = min(best, time.perf_counter() - t0)
+        return best / (rows * width)
+
+    def batch_policy(self) -> BatchPolicy:
+        """This model's batching rules under the settings it was loaded with (its provider's
+        defaults, its measured token cost): what ``/v1/models`` and the startup log show."""
+        return self.settings.batch_policy(self.provider, self.token_cost_s)
 
     def describe(self) -> dict:
         return {
@@ -198,6 +221,8 @@ class ModelRunner:
             "precision": self.manifest.variants[self.variant].precision,
             "batches_at_once": self.batches_at_once,
             "intra_op_threads": self.intra_op_threads,
+            "min_padding_efficiency": self.batch_policy().min_padding_efficiency,
+            "token_cost_us": round(self.token_cost_s * 1e6, 2) if self.token_cost_s else None,
         }
 
 
@@ -217,7 +242,7 @@ def load_runners(
         secs = runner.warmup() if settings.warmup else 0.0
         log.info(
             "loaded %s/%s on %s (variant %s, buckets %s, %d batch(es) at once x %s ORT "
-            "threads, warm-up %.2fs)",
+            "threads, padding floor %g, warm-up %.2fs)",
             runner.name,
             runner.manifest.version,
             runner.provider,
@@ -225,6 +250,7 @@ def load_runners(
             runner.buckets,
             runner.batches_at_once,
             runner.intra_op_threads or "all",
+            runner.batch_policy().min_padding_efficiency,
             secs,
         )
         runners[runner.name] = runner

@@ -35,6 +35,8 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
         fallback=run.get("fallback", False),
         batches_at_once=run.get("batches_at_once"),
         intra_op_threads=run.get("intra_op_threads"),
+        min_padding_efficiency=run.get("min_padding_efficiency"),
+        token_cost_us=run.get("token_cost_us"),
         queue_depth=state.queue.depth(name) if state.queue is not None else 0,
     )
 
