@@ -187,7 +187,8 @@ class ModelRunner:
         if not grid:
             for b, edge in enumerate(self.buckets):
                 self.run_batch([self.dummy_item(edge, b)], record=False)
-            self.token_cost_s = self._measure_token_cost()
+            if self.provider != CUDA:  # the floor it decides is a CPU default
+                self.token_cost_s = self._measure_token_cost()
         secs = time.perf_counter() - t0
         if grid:
             log.info("%s: warmed %d batch shapes in %.1fs", self.name, len(grid), secs)
