@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from service.batching import BatchPolicy, WorkItem, pad_batch, split_outputs
 from service.batching.assemble import LENGTHS_INPUT, SEQUENCE_AXIS
-from service.config import CUDA_SHAPE_MULTIPLE, Settings
+from service.config import CPU_BATCH_TOKENS, CUDA_SHAPE_MULTIPLE, Settings
 from service.metrics import Metrics
 from service.repository import Manifest, ModelEntry, discover_models
 from service.runtime.session import CUDA, LoadedSession, create_session, resolve_providers
@@ -195,11 +195,11 @@ class ModelRunner:
         return secs
 
     def _measure_token_cost(self) -> float:
-        """Seconds per padded token of a batch at max length, as many rows as the CPU token
-        budget holds (so one call's fixed cost is shared); best of two runs."""
+        """Seconds per padded token of a batch at max length, as many rows as the default CPU
+        token budget holds (one call's fixed cost is shared, and a large explicit budget does
+        not make start-up run huge batches); best of two runs."""
         width = self.manifest.max_length
-        policy = self.settings.batch_policy(self.provider)
-        rows = max(1, min(self.max_rows, policy.max_batch_tokens // width))
+        rows = max(1, min(self.max_rows, CPU_BATCH_TOKENS // width))
         batch = [self.dummy_item(width, len(self.buckets) - 1)] * rows
         best = float("inf")
         for _ in range(2):
