@@ -120,10 +120,11 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
 tag="${DEVICE}${gpu:+-$gpu}"
 say "setup done; device $DEVICE, tag $tag, configs $CONFIGS"
 
-# 4. qa-zh's fp16 variant scored on CUDA (its export could only use the CPU provider): the
-# manifest with the figures comes back as $OUT/qa-zh-1-manifest.json, to copy into models/.
+# 4. qa-zh's fp16 variant, where the version commits one, scored on CUDA (its export could only
+# use the CPU provider): the manifest with the figures comes back as
+# $OUT/qa-zh-1-manifest.json, to copy into models/.
 if [ "$DEVICE" = cuda ] && [ -f .whl/data/cmrc2018/cmrc2018_dev.json.gz ] \
-   && [ -z "${SKIP_FP16_EVAL:-}" ]; then
+   && [ -f "$MODELS_DIR/qa-zh/1/model.fp16.onnx" ] && [ -z "${SKIP_FP16_EVAL:-}" ]; then
   mkdir -p "$WORK/evaldata/cmrc2018" && rm -rf "$WORK/qa-zh-1"
   gunzip -c .whl/data/cmrc2018/cmrc2018_dev.json.gz > "$WORK/evaldata/cmrc2018/cmrc2018_dev.json"
   cp -r "$MODELS_DIR/qa-zh/1" "$WORK/qa-zh-1"

@@ -19,7 +19,7 @@
 # (../shared/tools/README.md) by the time the fine-tunes start; the job waits ORT_WAIT_S for it.
 #
 # Knobs (environment): QA_GPU_WORK (/tmp/qa-gpu), QA_GPU_DEVICE (cuda), PRETRAIN_MINUTES (3),
-# PRETRAIN_ARGS, QA_ARGS, KEEP (int8,fp16: what qa-zh/1 commits), ORT_WAIT_S (90), SEED (13),
+# PRETRAIN_ARGS, QA_ARGS, KEEP (int8: what qa-zh/1 commits), ORT_WAIT_S (90), SEED (13),
 # SKIP_WHEELS=1 and PY=.venv/bin/python for a dry run here (QA_GPU_DEVICE=cpu, tiny *_ARGS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ PRETRAIN_ARGS=${PRETRAIN_ARGS:-"--vocab-size 8000 --hidden 384 --layers 6 --head
 QA_ARGS=${QA_ARGS:-"--threads 8 --max-length 256 --doc-stride 64 --max-query-length 32 \
 --batch-size 32 --epochs 8 --lr 1.5e-4 --negative-ratio 0.1 --holdout-ratio 0.03 --max-holdout-examples 300 \
 --max-minutes 6"}
-KEEP=${KEEP:-int8,fp16}
+KEEP=${KEEP:-int8}
 ORT_WAIT_S=${ORT_WAIT_S:-90}
 PY=${PY:-python3}
 

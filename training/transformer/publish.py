@@ -1,14 +1,14 @@
 """Copy a trained entry into the committed repository, keeping only some variants.
 
     python -m training.transformer.publish runs/models/qa-zh/1 models/qa-zh/1 --keep int8 \
-        --baseline runs/models/qa-zh-scratch/1 --pretrained runs/zh-bert-tiny
+        --baseline runs/models/qa-zh-scratch/1 --pretrained runs/zh-minilm
 
-The dropped variants (fp32 ~90 MB for MiniLM, fp16 for CUDA) stay reproducible with the
-``command`` in the manifest; their file names and measured metrics are kept under
-``hyperparameters.dropped_variants``. ``--baseline`` merges the test metrics of a comparison
-entry (the same QA recipe without pretraining) into ``metrics`` as ``no_pretraining_*``;
-``--pretrained`` records the base's ``pretrain_summary.json`` (command, steps, MLM figures)
-under ``hyperparameters.pretraining``.
+The dropped variants (fp32: ~90 MB for the detector, ~55 MB for qa-zh; fp16 for CUDA) stay
+reproducible with the ``command`` in the manifest; their file names and measured metrics are
+kept under ``hyperparameters.dropped_variants``. ``--baseline`` merges the test metrics of a
+comparison entry (the same QA recipe without pretraining) into ``metrics`` as
+``no_pretraining_*``; ``--pretrained`` records the base's ``pretrain_summary.json`` (command,
+steps, MLM figures, the encoder it started from) under ``hyperparameters.pretraining``.
 """
 
 from __future__ import annotations
