@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,9 +235,14 @@ def pretrain(
     init = None
     if cfg.init_from:
         model, init = transplant(cfg.init_from, tok.get_vocab(), cfg.seed)
-        c = model.config
-        cfg.hidden_size, cfg.num_layers = c.hidden_size, c.num_hidden_layers
-        cfg.num_heads, cfg.intermediate_size = c.num_attention_heads, c.intermediate_size
+        c = model.config  # the summary records the architecture the model really has
+        cfg = replace(
+            cfg,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+        )
         log.info("encoder from %s (%d layers, hidden %d); %d of %d embedding rows copied",
                  cfg.init_from, cfg.num_layers, cfg.hidden_size, init["copied_rows"],
                  vocab_size)  # fmt: skip
