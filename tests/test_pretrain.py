@@ -274,11 +274,10 @@ def _source_bert(folder: Path) -> dict[str, int]:
     """A tiny 'English' BERT checkpoint (encoder + WordPiece vocab) to transplant from."""
     from transformers import BertConfig, BertModel
 
+    from tests.builders_bert import _tokenizer
     from training.transformer.pretrain import save_hf_tokenizer
 
-    tok = build_char_tokenizer(
-        ["hello world python abc 123 中国"] * 3, vocab_size=60, min_frequency=1
-    )
+    tok = _tokenizer(["hello world python abc 123 中国"] * 3, vocab_size=60)
     cfg = BertConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=24,
