@@ -25,8 +25,16 @@ DataOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
 VersionOpt = Annotated[str, typer.Option(help="Version folder name.")]
+AMP_HELP = (
+    "Mixed precision: autocast bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX)."
+)
 SeedOpt = Annotated[int, typer.Option(help="Seed for the split, sampling and training.")]
-DeviceOpt = Annotated[Device, typer.Option(help="Training device (AMP on cuda).")]
+DeviceOpt = Annotated[
+    Device,
+    typer.Option(
+        help="Training device; autocast bf16/fp16 on CUDA, bf16 on CPUs with native bf16."
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(help="torch CPU threads (default torch's; 1 is faster on busy shared cores)."),
@@ -124,7 +132,7 @@ def train_detector_cmd(
     variants: VariantsOpt = "fp32,int8,fp16",
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
     overwrite: OverwriteOpt = False,
@@ -229,7 +237,7 @@ def train_qa_cmd(
     variants: VariantsOpt = "fp32,int8,fp16",
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
     overwrite: OverwriteOpt = False,

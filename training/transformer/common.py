@@ -125,8 +125,28 @@ class FitConfig:
     # complete inside the budget (a GPU run whose speed is not known in advance).
     time_budget_minutes: float | None = None
     device: str = "cpu"
-    amp: bool = True  # bf16/fp16 autocast on CUDA only
+    amp: bool = True  # autocast: bf16 (fp16 where unsupported) on CUDA, bf16 on bf16 CPUs
     log_every: int = 50
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware (measured on a 2-core AMD EPYC with
+    AVX512-BF16: a 6-layer, hidden-384 BERT QA step of 16x256 took 1.9 s instead of 4.0 s on
+    one thread). Elsewhere oneDNN emulates bf16, which is slower than fp32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_settings(device: str, amp: bool):
+    """(device type, dtype, enabled) for ``torch.autocast`` in training."""
+    import torch
+
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return "cuda", dtype, amp
+    return "cpu", torch.bfloat16, amp and cpu_has_native_bf16()
 
 
 BUDGET_PROBE_STEPS = 30  # steps timed before a time budget sets the schedule's length
@@ -183,8 +203,10 @@ def fit(
     ]  # fmt: skip
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    use_amp = cfg.amp and device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    amp_device, amp_dtype, use_amp = autocast_settings(device, cfg.amp)
+    if use_amp:
+        log.info("mixed precision: %s autocast on %s", amp_dtype, amp_device)
+    # Loss scaling only for fp16; bf16 has fp32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     eval_every = cfg.eval_every or batches_per_epoch
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
@@ -219,7 +241,7 @@ def fit(
     while not stop:
         for batch in make_batches(epoch):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
                 loss = loss_fn(model, batch)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -1,0 +1,59 @@
+"""The shared training loop (training/transformer/common.py ``fit``): mixed precision."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.builders_bert import _tiny_bert
+
+
+def _fit_recording_dtypes(amp: bool) -> tuple[set, set, list[float]]:
+    """Train a tiny QA BERT on one repeated batch for a few steps; return the dtypes the
+    first encoder layer's dense projection produced in training and the parameter dtypes."""
+    import torch
+
+    from training.transformer.common import FitConfig, fit
+
+    model = _tiny_bert(100, "qa")
+    seen: set = set()
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    handle = layer.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(5, 100, (4, 16), generator=g),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "start_positions": torch.tensor([1, 2, 3, 4]),
+        "end_positions": torch.tensor([2, 3, 4, 5]),
+    }
+    losses: list[float] = []
+
+    def loss_fn(m, b):
+        loss = m(**b).loss
+        losses.append(float(loss.detach()))
+        return loss
+
+    cfg = FitConfig(max_steps=12, lr=1e-2, warmup_ratio=0.0, device="cpu", amp=amp, log_every=100)
+    fit(model, lambda epoch: iter([batch] * 12), 12, None, cfg, loss_fn=loss_fn)
+    handle.remove()
+    return seen, {p.dtype for p in model.parameters()}, losses
+
+
+def test_fit_without_amp_trains_in_fp32():
+    import torch
+
+    seen, params, losses = _fit_recording_dtypes(amp=False)
+    assert seen == {torch.float32} and params == {torch.float32}
+    assert losses[-1] < losses[0]
+
+
+def test_fit_autocasts_to_bf16_on_a_cpu_with_native_bf16():
+    import torch
+
+    from training.transformer.common import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): autocast stays off")
+    seen, params, losses = _fit_recording_dtypes(amp=True)
+    assert seen == {torch.bfloat16}  # the matmuls ran in bf16 ...
+    assert params == {torch.float32}  # ... on fp32 master weights, so export is unchanged
+    assert losses[-1] < losses[0]
