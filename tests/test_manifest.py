@@ -250,3 +250,34 @@ def test_committed_artifact_meets_target_and_reevaluates(name, target):
         pytest.skip("shared data not available")
     evaluate = evaluate_pos if m.task == "pos" else evaluate_polarity
     assert evaluate(folder, REAL)["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
+
+
+def test_committed_detector_labels_the_docs_examples_as_the_docs_say():
+    """The examples users meet first (`/docs`: ChatGPT-like, then human; the demo page's
+    default text, ChatGPT-like) get those labels from the committed `detector-en`, through
+    the service's own task code."""
+    import html
+    import re
+
+    from service.api.schemas import DETECT_EXAMPLES, DetectRequest
+    from service.repository import discover_models
+    from service.runtime.session import create_session
+    from service.tasks.detect import DetectTask
+    from tests.service_support import make_settings
+
+    entries = [e for e in discover_models(ROOT / "models") if e.manifest.name == "detector-en"]
+    if not entries:
+        pytest.skip("models/detector-en not present")
+    page = (ROOT / "service" / "static" / "index.html").read_text("utf-8")
+    demo = re.search(r'<textarea id="detect-text"[^>]*>(.*?)</textarea>', page, re.S)
+    assert demo is not None
+    settings = make_settings(ROOT / "models")
+    task = DetectTask(entries[0], settings)
+    session = create_session(entries[0].path, entries[0].manifest, settings).session
+    labels = []
+    for text in [*DETECT_EXAMPLES, html.unescape(demo.group(1))]:
+        (prepared,) = task.encode([DetectRequest(text=text)], deadline=0.0, lane="test")
+        feed = {k: v[None, :] for k, v in prepared.items[0].features.items()}
+        logits = session.run(["logits"], feed)[0]
+        labels.append(task.decode(prepared, [{"logits": logits[0]}]).label)
+    assert labels == ["machine", "human", "machine"]

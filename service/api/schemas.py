@@ -101,10 +101,22 @@ class PolarityResponse(_Out):
 
 
 # ---------------------------------------------------------------------------- detect
+# Examples of the English detector's requests (/docs): the first as ChatGPT answers, the second
+# as people do; tests/test_manifest.py checks that the committed model labels them so.
+DETECT_EXAMPLES = (
+    "There are several reasons why the sky appears blue. Sunlight is made up of many different "
+    "colors of light, and when it enters the Earth's atmosphere, the shorter blue wavelengths "
+    "are scattered more than the other colors. This is known as Rayleigh scattering.",
+    "Because the light from the sun gets scattered by the air, and blue gets scattered the "
+    "most. That's why it looks blue most of the day, and red at sunset.",
+)
+
+
 class DetectRequest(_Item):
     text: Text = Field(
-        description="The text to classify as human- or machine-written.",
-        examples=["人工智能是计算机科学的一个分支。"],
+        description="The text to classify as human- or machine-written (the served "
+        "`detector-en` reads English).",
+        examples=[DETECT_EXAMPLES[0]],
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas import Text
+from service.api.schemas import DETECT_EXAMPLES, Text
 
 
 class ExplainRequest(BaseModel):
@@ -13,7 +13,7 @@ class ExplainRequest(BaseModel):
     text: Text = Field(
         description="The text to explain. Only the tokens the model reads are explained "
         "(a longer text is cut at the model's max length; `truncated` says so).",
-        examples=["Additionally, it is important to note that several factors matter."],
+        examples=[DETECT_EXAMPLES[0]],
     )
     max_evals: int | None = Field(
         None,

@@ -13,6 +13,7 @@ from service.api.deps import DEADLINE_HEADER, ClientGone, cancel_on_disconnect, 
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError
 from service.api.schemas import (
+    DETECT_EXAMPLES,
     BatchRequest,
     DetectBatchResponse,
     DetectBody,
@@ -153,8 +154,8 @@ async def detect(
         DetectBody,
         Body(
             openapi_examples=_examples(
-                {"text": "人工智能是计算机科学的一个分支，它企图了解智能的实质。"},
-                {"text": "今天下午去超市买了点水果，结果忘带钱包了。"},
+                {"text": DETECT_EXAMPLES[0]},
+                {"text": DETECT_EXAMPLES[1]},
             )
         ),
     ],
