@@ -5,6 +5,7 @@ included), and the wall-clock-budgeted schedule a GPU run uses."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,27 @@ def test_init_from_transplants_the_encoder_and_shared_embedding_rows(tmp_path: P
     assert pretrain(TEXTS, tmp_path / "trained", cfg)["steps"] == 2
     qa = AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "trained"))
     assert qa.config.hidden_size == 24
+
+
+def test_init_from_a_half_precision_checkpoint_gives_an_fp32_model(tmp_path: Path):
+    """A checkpoint saved in fp16 (how training/gpu_session.sh carries the transplanted base to
+    the GPU machine) starts an fp32 model with the source's weights, rounded once."""
+    import torch
+    from transformers import AutoModel
+
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    _source_bert(tmp_path / "src")
+    half = AutoModel.from_pretrained(str(tmp_path / "src")).half()
+    half.save_pretrained(str(tmp_path / "half"))
+    shutil.copy(tmp_path / "src" / "tokenizer.json", tmp_path / "half")
+    cfg = PretrainConfig(vocab_size=300, max_length=32, batch_size=8, max_steps=0,
+                         init_from=str(tmp_path / "half"))  # fmt: skip
+    pretrain(TEXTS, tmp_path / "base", cfg)
+    new = AutoModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    layer = "encoder.layer.0.attention.self.query.weight"
+    assert new.state_dict()[layer].dtype == torch.float32
+    assert torch.equal(new.state_dict()[layer], half.state_dict()[layer].float())
 
 
 def test_init_from_refuses_a_non_bert_checkpoint(tmp_path: Path):

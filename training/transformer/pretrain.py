@@ -152,7 +152,8 @@ def transplant(source: str, vocab: dict[str, int], seed: int = 0):
     src_cfg = AutoConfig.from_pretrained(source)
     if src_cfg.model_type != "bert":
         raise ValueError(f"--init-from needs a BERT checkpoint, {source} is {src_cfg.model_type!r}")
-    src = AutoModel.from_pretrained(source)
+    # fp32 whatever the checkpoint's dtype (a half-precision copy travels lighter).
+    src = AutoModel.from_pretrained(source).float()
     src_vocab = AutoTokenizer.from_pretrained(source).get_vocab()
     config = BertConfig(**{**src_cfg.to_dict(), "vocab_size": len(vocab), "pad_token_id": 0})
     config.architectures = ["BertForMaskedLM"]
