@@ -360,6 +360,7 @@ def pretrain_cmd(
     ] = None,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
+    amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     log_file: LogOpt = None,
 ) -> None:
@@ -398,6 +399,7 @@ def pretrain_cmd(
         init_from=init_from,
         seed=seed,
         device=device.value,
+        amp=amp,
     )
     summary = pretrain(texts, out, cfg)
     summary["corpus"] = {"lines": stats.lines, "chars": stats.chars,

@@ -203,6 +203,7 @@ class PretrainConfig:
     init_from: str | None = None
     seed: int = 13
     device: str = "cpu"
+    amp: bool = True
 
 
 def pretrain(
@@ -304,6 +305,7 @@ def pretrain(
         max_minutes=cfg.max_minutes,
         time_budget_minutes=cfg.time_budget_minutes,
         device=cfg.device,
+        amp=cfg.amp,
         log_every=25,
     )
     # --max-steps 0 with --init-from: the transplanted model as it is (no MLM steps).
