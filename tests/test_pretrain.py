@@ -204,8 +204,11 @@ def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path)
     train_qa(examples, examples, qa, runs / "qa-zh-scratch" / "1", name="qa-zh-scratch",
              variants=("fp32",), work_dir=tmp_path / "w2",
              command="nlpserve train qa x")  # fmt: skip
+    # (The scratch entry stands in for an earlier round of both: its command is known.)
     publish_entry(runs / "qa-zh" / "1", tmp_path / "models" / "qa-zh" / "1", ["int8"],
-                  baseline=runs / "qa-zh-scratch" / "1", pretrained=tmp_path / "base")  # fmt: skip
+                  baseline=runs / "qa-zh-scratch" / "1", pretrained=tmp_path / "base",
+                  earlier=[runs / "qa-zh-scratch" / "1"],
+                  baseline_earlier=[runs / "qa-zh-scratch" / "1"])  # fmt: skip
     m = load_manifest(tmp_path / "models" / "qa-zh" / "1")
     assert set(m.variants) == {"int8"}
     assert not (tmp_path / "models" / "qa-zh" / "1" / "model.onnx").exists()
@@ -213,6 +216,9 @@ def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path)
     base = load_manifest(runs / "qa-zh-scratch" / "1")
     assert m.metrics["no_pretraining_f1"] == base.metrics["f1"]
     assert m.hyperparameters["no_pretraining_command"] == "nlpserve train qa x"
+    for key in ("earlier_rounds", "no_pretraining_earlier_rounds"):
+        (rec,) = m.hyperparameters[key]
+        assert rec["command"] == "nlpserve train qa x" and rec["f1"] == base.metrics["f1"]
     rec = m.hyperparameters["pretraining"]
     assert rec["steps"] == 3 and rec["device"] == "cpu" and rec["corpus_tokens"] > 0
     assert 0.0 <= rec["mlm_accuracy"] <= 1.0

@@ -9,6 +9,9 @@ kept under ``hyperparameters.dropped_variants``. ``--baseline`` merges the test 
 comparison entry (the same QA recipe without pretraining) into ``metrics`` as
 ``no_pretraining_*``; ``--pretrained`` records the base's ``pretrain_summary.json`` (command,
 steps, MLM figures, the encoder it started from) under ``hyperparameters.pretraining``.
+``--earlier`` / ``--baseline-earlier`` (repeatable, in order) record the commands and scores of
+the rounds an entry (or its baseline) was continued from, e.g. a first fine-tuning epoch whose
+best checkpoint was the ``--base-model`` of the published one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from training.transformer.common import prune_variants
@@ -28,6 +32,8 @@ def publish_entry(
     baseline: Path | None = None,
     note: str = "",
     pretrained: Path | None = None,
+    earlier: Sequence[Path] = (),
+    baseline_earlier: Sequence[Path] = (),
 ) -> dict[str, float]:
     from service.repository import load_manifest
 
@@ -54,6 +60,12 @@ def publish_entry(
             )
     if pretrained is not None:
         raw["hyperparameters"]["pretraining"] = pretraining_record(pretrained)
+    if earlier:
+        raw["hyperparameters"]["earlier_rounds"] = [round_record(p) for p in earlier]
+    if baseline_earlier:
+        raw["hyperparameters"]["no_pretraining_earlier_rounds"] = [
+            round_record(p) for p in baseline_earlier
+        ]
     dropped = [k for k in raw["variants"] if k not in keep]
     if dropped:
         raw["description"] += (
@@ -68,6 +80,15 @@ def publish_entry(
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(dst)
     return load_manifest(dst).metrics
+
+
+def round_record(folder: Path) -> dict:
+    """An earlier training round: its command and scores (test and held-out)."""
+    from service.repository import load_manifest
+
+    m = load_manifest(folder)
+    keys = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
+    return {"command": m.command, **{k: m.metrics[k] for k in keys if k in m.metrics}}
 
 
 PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy", "init")
@@ -93,9 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline", type=Path, default=None)
     ap.add_argument("--note", default="", help="appended to the description")
     ap.add_argument("--pretrained", type=Path, default=None, help="the base's pretrain folder")
+    ap.add_argument("--earlier", type=Path, action="append", default=[],
+                    help="an entry this one was continued from (repeatable, in order)")  # fmt: skip
+    ap.add_argument("--baseline-earlier", type=Path, action="append", default=[],
+                    help="the same for --baseline")  # fmt: skip
     a = ap.parse_args(argv)
     keep = [k for k in a.keep.split(",") if k]
-    metrics = publish_entry(a.src, a.dst, keep, a.baseline, a.note, a.pretrained)
+    metrics = publish_entry(
+        a.src, a.dst, keep, a.baseline, a.note, a.pretrained, a.earlier, a.baseline_earlier
+    )
     print(json.dumps(metrics, indent=2))
 
 
