@@ -1,7 +1,8 @@
 """Copy a trained entry into the committed repository, keeping only some variants.
 
-    python -m training.transformer.publish runs/models/qa-zh/1 models/qa-zh/1 --keep int8 \
-        --baseline runs/models/qa-zh-scratch/1 --pretrained runs/zh-minilm
+    python -m training.transformer.publish runs/models2/qa-zh/1 models/qa-zh/1 --keep int8 \
+        --pretrained runs/zh-minilm-mlm --earlier runs/models/qa-zh/1 \
+        --baseline runs/models2/qa-zh-scratch/1 --baseline-earlier runs/models/qa-zh-scratch/1
 
 The dropped variants (fp32: ~90 MB for the detector, ~55 MB for qa-zh; fp16 for CUDA) stay
 reproducible with the ``command`` in the manifest; their file names and measured metrics are
@@ -23,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from training.transformer.common import prune_variants
+
+# The scores a manifest takes over from a baseline or an earlier round.
+ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
 
 
 def publish_entry(
@@ -49,7 +53,7 @@ def publish_entry(
         raw["description"] += " " + note
     if baseline is not None:
         base = load_manifest(baseline)
-        for k in ("em", "f1", "heldout_em", "heldout_f1", "train_seconds"):
+        for k in ROUND_KEYS:
             if k in base.metrics:
                 raw["metrics"][f"no_pretraining_{k}"] = base.metrics[k]
         raw["hyperparameters"]["no_pretraining_command"] = base.command
@@ -87,8 +91,7 @@ def round_record(folder: Path) -> dict:
     from service.repository import load_manifest
 
     m = load_manifest(folder)
-    keys = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
-    return {"command": m.command, **{k: m.metrics[k] for k in keys if k in m.metrics}}
+    return {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
 
 
 PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy", "init")
