@@ -261,6 +261,7 @@ def test_committed_detector_labels_the_docs_examples_as_the_docs_say():
 
     from service.api.schemas import DETECT_EXAMPLES, DetectRequest
     from service.repository import discover_models
+    from service.runtime.runner import ModelRunner
     from service.runtime.session import create_session
     from service.tasks.detect import DetectTask
     from tests.service_support import make_settings
@@ -273,11 +274,10 @@ def test_committed_detector_labels_the_docs_examples_as_the_docs_say():
     assert demo is not None
     settings = make_settings(ROOT / "models")
     task = DetectTask(entries[0], settings)
-    session = create_session(entries[0].path, entries[0].manifest, settings).session
+    loaded = create_session(entries[0].path, entries[0].manifest, settings)
+    runner = ModelRunner(entries[0], loaded, settings)
     labels = []
     for text in [*DETECT_EXAMPLES, html.unescape(demo.group(1))]:
         (prepared,) = task.encode([DetectRequest(text=text)], deadline=0.0, lane="test")
-        feed = {k: v[None, :] for k, v in prepared.items[0].features.items()}
-        logits = session.run(["logits"], feed)[0]
-        labels.append(task.decode(prepared, [{"logits": logits[0]}]).label)
+        labels.append(task.decode(prepared, runner.run_batch(prepared.items)).label)
     assert labels == ["machine", "human", "machine"]
