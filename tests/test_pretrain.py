@@ -179,23 +179,28 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     assert res.exit_code != 0 and isinstance(res.exception, FileExistsError)
 
 
-def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path):
-    """The `make models-qa` publish step on two tiny QA runs: kept variants only, the
-    no-pretraining figures and the base's pretraining record in the manifest."""
-    from service.repository import load_manifest
+def _tiny_base_and_squad(tmp_path: Path):
+    """A 1-layer MLM base in ``tmp_path/base`` and a tiny SQuAD file's examples."""
     from training.data.squad import load_squad
     from training.transformer.pretrain import PretrainConfig, pretrain
-    from training.transformer.publish import publish_entry
-    from training.transformer.qa import QAConfig, train_qa
 
     cfg = PretrainConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
                          intermediate_size=64, max_length=32, batch_size=8,
                          max_steps=3)  # fmt: skip
     pretrain(TEXTS, tmp_path / "base", cfg)
-
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps(_squad(TEXTS[:4] * 2), ensure_ascii=False), "utf-8")
-    examples = load_squad(squad)
+    return load_squad(squad)
+
+
+def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path):
+    """The `make models-qa` publish step on two tiny QA runs: kept variants only, the
+    no-pretraining figures and the base's pretraining record in the manifest."""
+    from service.repository import load_manifest
+    from training.transformer.publish import publish_entry
+    from training.transformer.qa import QAConfig, train_qa
+
+    examples = _tiny_base_and_squad(tmp_path)
     qa = QAConfig(base_model=str(tmp_path / "base"), max_length=48, doc_stride=8,
                   max_query_length=8, batch_size=4, epochs=1, holdout_ratio=0.25)  # fmt: skip
     runs = tmp_path / "runs"
@@ -222,6 +227,55 @@ def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path)
     rec = m.hyperparameters["pretraining"]
     assert rec["steps"] == 3 and rec["device"] == "cpu" and rec["corpus_tokens"] > 0
     assert 0.0 <= rec["mlm_accuracy"] <= 1.0
+
+
+def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path: Path):
+    """training/gpu_session.sh's split: a round trained with --skip-test (on the GPU machine),
+    its best checkpoint carried in fp16, then scored with --epochs 0 (no step, the weights as
+    given, widened to fp32) and published with the unscored round as --earlier, although that
+    round's model files stayed behind."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from service.repository import load_manifest
+    from training.transformer.publish import publish_entry
+    from training.transformer.qa import QAConfig, train_qa
+
+    examples = _tiny_base_and_squad(tmp_path)
+    shape = dict(max_length=48, doc_stride=8, max_query_length=8, holdout_ratio=0.25)
+    gpu = QAConfig(base_model=str(tmp_path / "base"), batch_size=4, epochs=2, skip_test=True,
+                   **shape)  # fmt: skip
+    round1 = tmp_path / "gpu" / "qa-zh" / "1"
+    train_qa(examples, examples, gpu, round1, variants=("fp32",), work_dir=tmp_path / "w1",
+             command="nlpserve train qa --skip-test")  # fmt: skip
+    m1 = load_manifest(round1)
+    assert "em" not in m1.metrics and "heldout_f1" in m1.metrics
+    assert "not scored" in m1.description
+    (round1 / "model.onnx").unlink()  # stays on the GPU machine
+
+    best = AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "w1" / "best"))
+    carried = tmp_path / "carried"
+    best.half().save_pretrained(str(carried))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (carried / f).write_bytes((tmp_path / "w1" / "best" / f).read_bytes())
+
+    score = QAConfig(base_model=str(carried), epochs=0, **shape)
+    scored = tmp_path / "scored" / "qa-zh" / "1"
+    metrics = train_qa(examples, examples, score, scored, variants=("fp32",),
+                       work_dir=tmp_path / "w2")  # fmt: skip
+    m2 = load_manifest(scored)
+    assert {"em", "f1", "heldout_f1"} <= set(m2.metrics)
+    assert m2.hyperparameters["steps"] == 0 and m2.metrics["train_seconds"] == 0.0
+    # the exported model is the carried weights, widened: ORT on them matches fp32 PyTorch
+    assert m2.metrics["onnx_parity_max_abs_diff"] <= 1e-3
+    widened = AutoModelForQuestionAnswering.from_pretrained(str(carried)).float().state_dict()
+    assert all(v.dtype == torch.float32 for v in widened.values())
+    assert metrics["f1"] == m2.metrics["f1"]
+
+    publish_entry(scored, tmp_path / "models" / "qa-zh" / "1", ["fp32"], earlier=[round1])
+    (rec,) = load_manifest(tmp_path / "models" / "qa-zh" / "1").hyperparameters["earlier_rounds"]
+    assert rec["command"] == "nlpserve train qa --skip-test" and "f1" not in rec
+    assert rec["heldout_f1"] == m1.metrics["heldout_f1"]
 
 
 def test_steps_within_budget():

@@ -50,6 +50,13 @@ BaseOpt = Annotated[
 VariantsOpt = Annotated[
     str, typer.Option(help="Comma-separated ONNX variants to write: fp32 (always), int8, fp16.")
 ]
+TimeBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Fit the LR schedule to this wall time: the step count is lowered to what the first "
+        "steps' pace allows (for a device whose speed is not known in advance)."
+    ),
+]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing version folder.")]
 WorkOpt = Annotated[
     Path | None,
@@ -212,7 +219,14 @@ def train_qa_cmd(
     max_query_length: Annotated[int, typer.Option()] = 64,
     max_answer_length: Annotated[int, typer.Option(help="Tokens.")] = 30,
     batch_size: Annotated[int, typer.Option()] = 32,
-    epochs: Annotated[float, typer.Option()] = 2.0,
+    epochs: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="0: no training; export and score --base-model as it is (a fine-tuned "
+            "checkpoint from elsewhere).",
+        ),
+    ] = 2.0,
     lr: Annotated[float, typer.Option()] = 3e-5,
     warmup_ratio: Annotated[float, typer.Option()] = 0.1,
     weight_decay: Annotated[float, typer.Option()] = 0.01,
@@ -231,8 +245,16 @@ def train_qa_cmd(
     max_eval_examples: Annotated[
         int | None, typer.Option(help="Evaluate on a sample of the eval file (default all).")
     ] = None,
+    skip_test: Annotated[
+        bool,
+        typer.Option(
+            help="Leave the eval file unscored: a round whose best checkpoint is scored later "
+            "(--epochs 0), e.g. trained on a GPU machine whose CPU is slow at ORT scoring."
+        ),
+    ] = False,
     eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
     max_minutes: Annotated[float | None, typer.Option()] = None,
+    time_budget_minutes: TimeBudgetOpt = None,
     freeze_embeddings: Annotated[bool, typer.Option()] = False,
     variants: VariantsOpt = "fp32,int8,fp16",
     seed: SeedOpt = 13,
@@ -284,8 +306,10 @@ def train_qa_cmd(
         max_train_examples=max_train_examples,
         subsample_seed=subsample_seed,
         max_eval_examples=max_eval_examples,
+        skip_test=skip_test,
         eval_every=eval_every,
         max_minutes=max_minutes,
+        time_budget_minutes=time_budget_minutes,
         freeze_embeddings=freeze_embeddings,
         seed=seed,
         device=device.value,
@@ -334,13 +358,7 @@ def pretrain_cmd(
     warmup_ratio: Annotated[float, typer.Option()] = 0.06,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps (the LR schedule).")] = 10000,
     max_minutes: Annotated[float | None, typer.Option(help="Stop early after this.")] = None,
-    time_budget_minutes: Annotated[
-        float | None,
-        typer.Option(
-            help="Fit the LR schedule to this wall time: max-steps is lowered to what the first "
-            "steps' pace allows (for a device whose speed is not known in advance)."
-        ),
-    ] = None,
+    time_budget_minutes: TimeBudgetOpt = None,
     snownlp_dir: Annotated[
         Path | None,
         typer.Option(

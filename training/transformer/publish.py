@@ -87,10 +87,11 @@ def publish_entry(
 
 
 def round_record(folder: Path) -> dict:
-    """An earlier training round: its command and scores (test and held-out)."""
-    from service.repository import load_manifest
+    """An earlier training round: its command and scores (test and held-out). Only its
+    manifest is read: the round's model files may stay where it ran (a GPU machine)."""
+    from service.repository.manifest import MANIFEST_FILE, Manifest
 
-    m = load_manifest(folder)
+    m = Manifest.model_validate_json((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     return {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
 
 
