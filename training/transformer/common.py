@@ -120,9 +120,8 @@ class FitConfig:
     max_steps: int | None = None  # overrides epochs when set
     eval_every: int | None = None  # steps; default: once per epoch
     max_minutes: float | None = None  # safety stop (the schedule still follows max_steps)
-    # Fit the LR schedule to a wall-clock budget: after BUDGET_PROBE_STEPS steps the step count
-    # is lowered (never raised) to what the measured step time allows, so warmup and decay
-    # complete inside the budget (a GPU run whose speed is not known in advance).
+    # Fit the LR schedule to a wall-clock budget (a GPU run whose speed is not known in
+    # advance): see StepBudget. The step count never exceeds max_steps / epochs.
     time_budget_minutes: float | None = None
     device: str = "cpu"
     amp: bool = True  # autocast: bf16 (fp16 where unsupported) on CUDA, bf16 on bf16 CPUs
@@ -160,6 +159,32 @@ def steps_within_budget(
     one-off costs such as CUDA kernel selection)."""
     per_step = probe_s / max(probe_steps, 1)
     return done + max(0, int((budget_s - elapsed_s) / max(per_step, 1e-9)))
+
+
+class StepBudget:
+    """A run's step count fitted to a wall-clock budget as it goes. At step
+    ``BUDGET_PROBE_STEPS`` the count is set from the pace since step ``BUDGET_PROBE_STEPS // 3``,
+    then again each time the step number doubles, from the pace since the last fit (held-out
+    evaluations included), between ``step + 1`` and ``planned``. Why refit: a first probe
+    can be far off; on an H200 the QA twin run's probe, taken while the other run was still
+    starting, was 3x pessimistic and a 3-minute budget ran for 58 s."""
+
+    def __init__(self, planned: int, budget_s: float, t0: float) -> None:
+        self.planned, self.budget_s, self.t0 = planned, budget_s, t0
+        self.mark_step, self.mark_t = BUDGET_PROBE_STEPS // 3, t0
+        self.next_fit = BUDGET_PROBE_STEPS
+
+    def update(self, step: int, total: int, now: float) -> int:
+        """The step count after ``step`` steps at time ``now`` (``total`` until then)."""
+        if step == self.mark_step and step < self.next_fit:
+            self.mark_t = now
+        if step != self.next_fit:
+            return total
+        fits = steps_within_budget(
+            step, now - self.t0, now - self.mark_t, step - self.mark_step, self.budget_s
+        )
+        self.mark_step, self.mark_t, self.next_fit = step, now, 2 * step
+        return min(self.planned, max(fits, step + 1))
 
 
 @dataclass
@@ -224,7 +249,11 @@ def fit(
     history: list[dict[str, float]] = []
     t0 = time.time()
     step, epoch, running = 0, 0, 0.0
-    probe_t0 = t0
+    budget = (
+        StepBudget(total, 60 * cfg.time_budget_minutes, t0)
+        if cfg.time_budget_minutes is not None
+        else None
+    )
 
     def _evaluate() -> None:
         nonlocal best, best_step, best_state
@@ -260,25 +289,19 @@ def fit(
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-            if cfg.time_budget_minutes is not None:
-                if step == BUDGET_PROBE_STEPS // 3:
-                    probe_t0 = time.time()
-                elif step == BUDGET_PROBE_STEPS:
-                    now = time.time()
-                    fits = steps_within_budget(
-                        step, now - t0, now - probe_t0, step - BUDGET_PROBE_STEPS // 3,
-                        60 * cfg.time_budget_minutes,
-                    )  # fmt: skip
-                    if fits < total:
-                        total = max(fits, step + 1)
-                        # The same schedule shape over the new length, at the current step.
-                        sched = get_linear_schedule_with_warmup(
-                            opt, int(cfg.warmup_ratio * total), total
-                        )
-                        for _ in range(step):
-                            sched.step()
-                        bar.total = total
-                        log.info("time budget %.1f min: %d steps", cfg.time_budget_minutes, total)
+            if budget is not None:
+                fitted = budget.update(step, total, time.time())
+                if fitted != total:
+                    total = fitted
+                    # The same schedule shape over the new length, at the current step.
+                    sched = get_linear_schedule_with_warmup(
+                        opt, int(cfg.warmup_ratio * total), total
+                    )
+                    for _ in range(step):
+                        sched.step()
+                    bar.total = total
+                    log.info("time budget %.1f min: %d steps (fitted at step %d)",
+                             cfg.time_budget_minutes, total, step)  # fmt: skip
             lv = float(loss.detach())
             running = 0.98 * running + 0.02 * lv if step > 1 else lv
             bar.update(1)
