@@ -252,32 +252,47 @@ def test_committed_artifact_meets_target_and_reevaluates(name, target):
     assert evaluate(folder, REAL)["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
 
 
+def _committed_model(name: str, task_cls):
+    """``request -> response`` through the service's own task code and runner, on the
+    committed ``models/<name>`` (skips where it is absent)."""
+    from service.repository import discover_models
+    from service.runtime.runner import ModelRunner
+    from service.runtime.session import create_session
+    from tests.service_support import make_settings
+
+    entries = [e for e in discover_models(ROOT / "models") if e.manifest.name == name]
+    if not entries:
+        pytest.skip(f"models/{name} not present")
+    settings = make_settings(ROOT / "models")
+    task = task_cls(entries[0], settings)
+    runner = ModelRunner(entries[0], create_session(entries[0].path, entries[0].manifest,
+                                                    settings), settings)  # fmt: skip
+
+    def respond(request):
+        (prepared,) = task.encode([request], deadline=0.0, lane="test")
+        return task.decode(prepared, runner.run_batch(prepared.items))
+
+    return respond
+
+
+def _demo_value(pattern: str) -> str:
+    import html
+    import re
+
+    page = (ROOT / "service" / "static" / "index.html").read_text("utf-8")
+    found = re.search(pattern, page, re.S)
+    assert found is not None, pattern
+    return html.unescape(found.group(1))
+
+
 def test_committed_detector_labels_the_docs_examples_as_the_docs_say():
     """The examples users meet first (`/docs`: ChatGPT-like, then human; the demo page's
     default text, ChatGPT-like) get those labels from the committed `detector-en`, through
     the service's own task code."""
-    import html
-    import re
-
     from service.api.schemas import DETECT_EXAMPLES, DetectRequest
-    from service.repository import discover_models
-    from service.runtime.runner import ModelRunner
-    from service.runtime.session import create_session
     from service.tasks.detect import DetectTask
-    from tests.service_support import make_settings
 
-    entries = [e for e in discover_models(ROOT / "models") if e.manifest.name == "detector-en"]
-    if not entries:
-        pytest.skip("models/detector-en not present")
-    page = (ROOT / "service" / "static" / "index.html").read_text("utf-8")
-    demo = re.search(r'<textarea id="detect-text"[^>]*>(.*?)</textarea>', page, re.S)
-    assert demo is not None
-    settings = make_settings(ROOT / "models")
-    task = DetectTask(entries[0], settings)
-    loaded = create_session(entries[0].path, entries[0].manifest, settings)
-    runner = ModelRunner(entries[0], loaded, settings)
-    labels = []
-    for text in [*DETECT_EXAMPLES, html.unescape(demo.group(1))]:
-        (prepared,) = task.encode([DetectRequest(text=text)], deadline=0.0, lane="test")
-        labels.append(task.decode(prepared, runner.run_batch(prepared.items)).label)
+    detect = _committed_model("detector-en", DetectTask)
+    demo = _demo_value(r'<textarea id="detect-text"[^>]*>(.*?)</textarea>')
+    labels = [detect(DetectRequest(text=t)).label for t in [*DETECT_EXAMPLES, demo]]
     assert labels == ["machine", "human", "machine"]
