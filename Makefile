@@ -54,11 +54,12 @@ models-lstm: $(BIN)/.installed
 
 models: models-lstm models-bert
 
-# Transformer starter models (training/transformer). The CPU recipe below is what models/
-# holds. Times on this 2-core CPU (AMD EPYC with AVX512-BF16, where training autocasts to
-# bf16): detector 2x~23 min (fp32, --no-amp: how the committed one was trained); with
-# `make -j2 models-qa`, the Chinese base's MLM (30 min) beside the no-pretraining baseline, then
-# the QA fine-tune (~35 min), each followed by dev scoring. On a GPU:
+# Transformer starter models (training/transformer). models/ holds the CPU recipe's detector
+# and the GPU route's qa-zh (models-qa-gpu, below). Times on this 2-core CPU (AMD EPYC with
+# AVX512-BF16, where training autocasts to bf16): detector 2x~23 min (fp32, --no-amp: how the
+# committed one was trained); with `make -j2 models-qa`, the Chinese base's MLM (30 min)
+# beside the no-pretraining baseline, then the QA fine-tune (~35 min), each followed by dev
+# scoring (F1 47.75, README "Models"). On a GPU:
 # `make models-bert BERT_DEVICE=cuda DETECTOR_ARGS="--epochs 2 --batch-size 32" ...`, or pass
 # `--base-model bert-base-chinese` to `nlpserve train qa` where the hub is reachable.
 BERT_RUNS ?= runs
@@ -151,7 +152,7 @@ models-qa: qa-zh-pretrained qa-zh-scratch
 
 # The GPU route, which made the committed qa-zh/1 (README "Models"): MLM and both QA
 # fine-tunes on CUDA (~8 min on one H200), then export, dev scoring and publishing on the CPU
-# (~25 min on 2 cores). On the lent GPU machine the middle step runs there (the script's
+# (~50 min on 2 cores). On the lent GPU machine the middle step runs there (the script's
 # header); with a local GPU all three run here.
 models-qa-gpu: $(BIN)/.bases
 	bash training/gpu_session.sh prepare

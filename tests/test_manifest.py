@@ -296,3 +296,25 @@ def test_committed_detector_labels_the_docs_examples_as_the_docs_say():
     demo = _demo_value(r'<textarea id="detect-text"[^>]*>(.*?)</textarea>')
     labels = [detect(DetectRequest(text=t)).label for t in [*DETECT_EXAMPLES, demo]]
     assert labels == ["machine", "human", "machine"]
+
+
+def test_committed_qa_answers_the_docs_examples():
+    """The QA examples users meet first (`/docs`' request schema, the README's curl, the demo
+    page's passage and question) get the span a reader expects from the committed `qa-zh`."""
+    from service.api.schemas import QARequest
+    from service.tasks.qa import QATask
+
+    qa = _committed_model("qa-zh", QATask)
+    fields = QARequest.model_fields
+    schema = QARequest(question=fields["question"].examples[0],
+                       context=fields["context"].examples[0])  # fmt: skip
+    readme = (ROOT / "README.md").read_text("utf-8")
+    curl = re.search(r"curl -s localhost:8000/v1/qa -d '(\{.*?\})'", readme)
+    assert curl is not None
+    demo = QARequest(
+        question=_demo_value(r'<input id="qa-question"[^>]*value="([^"]*)"'),
+        context=_demo_value(r'<textarea id="qa-context"[^>]*>(.*?)</textarea>'),
+    )
+    answers = [qa(r) for r in (schema, QARequest(**json.loads(curl.group(1))), demo)]
+    assert "两万千米" in answers[0].answer and "两万千米" in answers[1].answer
+    assert answers[2].answer == "8851.8千米"

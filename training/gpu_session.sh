@@ -19,7 +19,7 @@
 # and, here, with the files it left in $OUT (qa-zh.tar.part-*, qa-zh-scratch.tar.part-*,
 # rounds.tar):
 #
-#   bash training/gpu_session.sh finish DIR   # scores both on CMRC dev (~25 min on 2 cores)
+#   bash training/gpu_session.sh finish DIR   # scores both on CMRC dev (~50 min on 2 cores)
 #                                             # and publishes models/qa-zh/1
 #
 # Knobs (environment): ZH_INIT (runs/zh-minilm0, for prepare), QA_GPU_WORK (/tmp/qa-gpu),
@@ -174,9 +174,10 @@ finish() {
   "$bin/python" -m training.transformer.publish "$r/scored/qa-zh/1" "${PUBLISH_TO:-models/qa-zh/1}" \
     --keep "$KEEP" --pretrained "$r/zh-bert" --earlier "$r/models/qa-zh/1" \
     --baseline "$r/scored/qa-zh-scratch/1" --baseline-earlier "$r/models/qa-zh-scratch/1" \
-    --note "Trained on a GPU machine (hyperparameters.earlier_rounds: training/gpu_session.sh); \
-its best checkpoint came back in fp16 (that machine returns at most 64 MB) and was widened to \
-fp32 here, where it was exported and scored."
+    --note "Trained on a GPU machine by training/gpu_session.sh (hyperparameters.pretraining \
+and earlier_rounds; its ../shared/zh-minilm is the transplant of make zh-init in fp16); the best \
+checkpoint came back in fp16 (that machine returns at most 64 MB) and was widened to fp32 \
+here, where it was exported and scored."
 }
 
 case ${1:-run} in

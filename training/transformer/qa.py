@@ -343,6 +343,9 @@ def train_qa(
             "test_questions": float(len(test_ex)),
         }
     )
+    if result.steps == 0:  # --epochs 0: the training figures belong to the earlier round
+        for k in ("train_seconds", "train_windows", "train_questions"):
+            del metrics[k]
     if load_stats:
         metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
     inputs, outputs = ex.tensor_specs("qa")
@@ -350,16 +353,21 @@ def train_qa(
     hp.update({"best_step": result.best_step, "steps": result.steps,
                "heldout_history": result.history, "features": fstats})  # fmt: skip
     hp.update(extra_hyperparameters or {})
-    desc = f"Chinese extractive QA (CMRC 2018) fine-tuned from {cfg.base_model}. " + (
-        (
+    origin = (
+        f"fine-tuned from {cfg.base_model}. "
+        if result.steps
+        else f"from the checkpoint {cfg.base_model}, exported and scored as given (--epochs 0). "
+    )
+    if fp32_metrics:
+        scores = (
             f"Metrics: official CMRC 2018 EM/F1 on "
             f"{'the full' if not cfg.max_eval_examples else 'a sample of the'} dev set "
             f"({len(test_ex)} questions; never used for training or checkpoint selection): "
             f"EM {metrics['em']:.2f}, F1 {metrics['f1']:.2f} (fp32 ONNX)." + fp16_note
         )
-        if fp32_metrics
-        else "The dev set was not scored in this round (--skip-test)."
-    )
+    else:
+        scores = "The dev set was not scored in this round (--skip-test)."
+    desc = f"Chinese extractive QA (CMRC 2018) {origin}{scores}"
     write_entry(
         out_dir,
         name=name,
