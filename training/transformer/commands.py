@@ -53,8 +53,9 @@ VariantsOpt = Annotated[
 TimeBudgetOpt = Annotated[
     float | None,
     typer.Option(
-        help="Fit the LR schedule to this wall time: the step count is lowered to what the first "
-        "steps' pace allows (for a device whose speed is not known in advance)."
+        help="Fit the LR schedule to this wall time: the step count follows the measured pace, "
+        "refitted as the run goes, never above --max-steps/--epochs (for a device whose speed "
+        "is not known in advance)."
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing version folder.")]
