@@ -122,8 +122,9 @@ class Manifest(_Strict):
         return [t.name for t in self.outputs]
 
 
-def load_manifest(folder: Path | str) -> Manifest:
-    """Read and validate ``<folder>/manifest.json``; check that every file it names exists."""
+def load_manifest(folder: Path | str, check_files: bool = True) -> Manifest:
+    """Read and validate ``<folder>/manifest.json``; check that every file it names exists
+    (unless ``check_files`` is False: a record of a version whose files stayed elsewhere)."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -146,7 +147,7 @@ def load_manifest(folder: Path | str) -> Manifest:
         )
     named = [manifest.preprocessing.tokenizer_file, manifest.preprocessing.chars_file]
     named += [v.file for v in manifest.variants.values()]
-    for rel in filter(None, named):
+    for rel in filter(None, named if check_files else []):
         if not (Path(folder) / rel).is_file():
             raise ManifestError(f"{path}: names file '{rel}', which does not exist in {folder}")
     return manifest

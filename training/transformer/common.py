@@ -220,13 +220,10 @@ def fit(
     model.to(device)
     if not cfg.max_steps and cfg.epochs <= 0:
         # No training (``--epochs 0``): score the model as given, e.g. one trained elsewhere.
-        history = []
-        if evaluate is not None:
-            model.eval()
-            history.append({"step": 0, "score": float(evaluate(model)), "seconds": 0.0})
         model.eval()
-        best = history[0]["score"] if history else -math.inf
-        return FitResult(best, 0, 0, 0.0, history)
+        score = float(evaluate(model)) if evaluate is not None else -math.inf
+        history = [{"step": 0, "score": score, "seconds": 0.0}] if evaluate is not None else []
+        return FitResult(score, 0, 0, 0.0, history)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -89,9 +89,9 @@ def publish_entry(
 def round_record(folder: Path) -> dict:
     """An earlier training round: its command and scores (test and held-out). Only its
     manifest is read: the round's model files may stay where it ran (a GPU machine)."""
-    from service.repository.manifest import MANIFEST_FILE, Manifest
+    from service.repository import load_manifest
 
-    m = Manifest.model_validate_json((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    m = load_manifest(folder, check_files=False)
     return {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
 
 
