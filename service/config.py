@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     default_deadline_ms: int = Field(
         30_000, description="Per-request deadline unless the X-Deadline-Ms header says less."
     )
+    fast_path: bool = Field(
+        True,
+        description="Answer well-formed POST /v1/<task> requests below FastAPI's router "
+        "(service/api/fast_path.py): the same validation, task code and error handlers, less "
+        "event-loop CPU per request. false = every request through FastAPI.",
+    )
 
     # --- runtime
     providers: str | None = Field(

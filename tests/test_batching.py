@@ -219,3 +219,9 @@ def test_pad_batch_to_a_wider_grid_repeats_the_last_row():
     assert (wide["input_ids"][:2, :3] == exact["input_ids"]).all()
     assert (wide["input_ids"][2:, :3] == [7, 8, 9]).all() and not wide["input_ids"][:, 3:].any()
     assert wide["lengths"].tolist() == [2, 3, 3, 3]
+
+
+def test_work_items_get_distinct_hex_ids():
+    ids = [item(3).id for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

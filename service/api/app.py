@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
+from service.api.fast_path import PredictFastPath
 from service.api.middleware import (
     BodyLimitMiddleware,
     JsonBodyMiddleware,
@@ -50,11 +52,16 @@ async def startup(state: ServiceState) -> None:
     await queue.start()
     state.queue = queue
     state.loaded = True
+    # Everything loaded so far (FastAPI, pydantic, the models' Python objects) lives as long
+    # as the process: out of the collector's sight, a full collection no longer walks it.
+    gc.collect()
+    gc.freeze()
     log.info("ready: %s", ", ".join(sorted(state.tasks)) or "no models")
 
 
 async def shutdown(state: ServiceState) -> None:
     state.loaded = False
+    gc.unfreeze()  # what a stopped app leaves (tests start many) is collectable again
     if state.queue is not None:
         await state.queue.close(state.settings.shutdown_timeout_s)
 
@@ -93,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return None
 
     app.add_middleware(JsonBodyMiddleware)
+    if settings.fast_path:  # outside JsonBody: only what it hands on needs the JSON header
+        app.add_middleware(PredictFastPath, api=app)
     # Added last = outermost: metrics see every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)

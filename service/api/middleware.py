@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.ids import new_id
 from service.metrics import Metrics
 
 
@@ -173,7 +173,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
-        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        rid = given if _REQUEST_ID.fullmatch(given) else new_id().encode()
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
         async def tagging_send(msg: Message) -> None:

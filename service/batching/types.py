@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from service.ids import new_id
 
 
 @dataclass
@@ -24,7 +25,7 @@ class WorkItem:
     features: dict[str, np.ndarray]
     deadline: float
     lane: str = "predict"  # "explain" work runs only when no "predict" work waits
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     enqueued_at: float = field(default_factory=time.time)
 
     def expired(self, now: float | None = None) -> bool:

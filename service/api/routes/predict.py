@@ -64,7 +64,18 @@ def _examples(single: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _predict(request: Request, task_name: str, body: BaseModel, model: str | None):
+# Each task's request body type: the routes' and the fast path's (service/api/fast_path.py).
+BODIES: dict[str, Any] = {
+    "pos": PosBody,
+    "polarity": PolarityBody,
+    "detect": DetectBody,
+    "qa": QABody,
+}
+
+
+async def predict(request: Request, task_name: str, body: BaseModel, model: str | None) -> Response:
+    """Answer one validated prediction request: what every route here does, and the fast
+    path too. Errors are raised (ApiError, InputError, QueueError) for the app's handlers."""
     state = _state(request)
     task = state.resolve(task_name, model)
     request.state.model = task.name
@@ -113,7 +124,7 @@ async def pos(
     ],
     model: ModelParam = None,
 ):
-    return await _predict(request, "pos", body, model)
+    return await predict(request, "pos", body, model)
 
 
 @router.post(
@@ -137,7 +148,7 @@ async def polarity(
     ],
     model: ModelParam = None,
 ):
-    return await _predict(request, "polarity", body, model)
+    return await predict(request, "polarity", body, model)
 
 
 @router.post(
@@ -161,7 +172,7 @@ async def detect(
     ],
     model: ModelParam = None,
 ):
-    return await _predict(request, "detect", body, model)
+    return await predict(request, "detect", body, model)
 
 
 @router.post(
@@ -185,4 +196,4 @@ async def qa(
     ],
     model: ModelParam = None,
 ):
-    return await _predict(request, "qa", body, model)
+    return await predict(request, "qa", body, model)
