@@ -2,14 +2,14 @@
 
 On a 2-core CPU the event loop's own work is what separates served throughput from raw ONNX
 Runtime's, and FastAPI's exception middleware, router, dependency solver and request handler
-are a large part of it (bench/README.md, "Where a request's CPU goes"). A well-formed
+are a large part of it (bench/README.md, "CPU results: the prediction fast path"). A well-formed
 ``POST /v1/<task>`` (a JSON body that the route's own body type accepts, no query parameter
 but ``model``) is answered here by the route's own :func:`predict` and, when that raises,
 by the app's own exception handlers.
 
-Everything else goes down the FastAPI stack unchanged, with the body replayed: other paths
-and methods, other query parameters, and every body that is not valid JSON or fails
-validation, so each of those errors is FastAPI's and the routes' own, not a second copy.
+Other paths and methods go straight down the FastAPI stack; a prediction request with other
+query parameters, or a body that is not valid JSON or fails validation, goes down it too,
+with its body replayed: each of those errors is FastAPI's and the routes' own, not a copy.
 ``NLPSERVE_FAST_PATH=false`` sends every request through FastAPI.
 """
 
