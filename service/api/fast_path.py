@@ -77,14 +77,13 @@ class PredictFastPath:
         task, adapter = route
         model, plain_query = _model_param(scope.get("query_string", b""))
         request = Request(scope, receive)
-        failure: Exception | None = None
-        parsed = None
         try:
             body = await request.body()
         except HTTPException as exc:  # 413 from the body limit, answered like FastAPI's
-            failure = exc
+            response = await self._error_response(request, exc)
         except Exception:  # what FastAPI answers when reading fails (a client gone mid-body)
-            failure = HTTPException(400, "There was an error parsing the body")
+            error = HTTPException(400, "There was an error parsing the body")
+            response = await self._error_response(request, error)
         else:
             try:
                 parsed = adapter.validate_python(json.loads(body)) if plain_query else None
@@ -93,16 +92,17 @@ class PredictFastPath:
             if parsed is None:  # FastAPI answers: its own validation errors, or its routing
                 await self.app(scope, _replay(body, receive), send)
                 return
-        try:
-            if failure is not None:
-                raise failure
-            response = await predict(request, task, parsed, model)
-        except Exception as exc:
-            handler = self._handler_for(exc)
-            if handler is None:
-                raise  # a bug: the server error middleware answers 500, as for a route
-            response = await handler(request, exc)
+            try:
+                response = await predict(request, task, parsed, model)
+            except Exception as exc:
+                response = await self._error_response(request, exc)
         await response(scope, receive, send)
+
+    async def _error_response(self, request: Request, exc: Exception) -> Response:
+        handler = self._handler_for(exc)
+        if handler is None:
+            raise exc  # a bug: the server error middleware answers 500, as for a route
+        return await handler(request, exc)
 
     def _handler_for(self, exc: Exception) -> Handler | None:
         """The handler Starlette's exception middleware would pick: the first class of the
