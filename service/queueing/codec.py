@@ -16,6 +16,7 @@ travels with every entry and reply; a mismatch is rejected loudly instead of mis
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ def decode_array(buf: bytes | memoryview, *, writable: bool = False) -> np.ndarr
         raise CodecError("truncated array shape")
     shape = tuple(_DIM.unpack_from(mv, _HEAD.size + i * _DIM.size)[0] for i in range(ndim))
     dtype = np.dtype(_DTYPES[code]).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no overflow, and no numpy call per array
     if len(mv) - off != count * dtype.itemsize:
         raise CodecError(f"array data is {len(mv) - off} bytes, shape {shape} needs more/less")
     arr = np.frombuffer(mv, dtype=dtype, count=count, offset=off).reshape(shape)

@@ -25,6 +25,7 @@ from service.queueing.base import (
     InferenceFailedError,
     InferenceQueue,
     QueueFullError,
+    results_of,
 )
 from service.runtime.runner import ModelRunner
 
@@ -197,7 +198,7 @@ class InProcessQueue(InferenceQueue):
             self._wake[model].set()
         try:
             async with asyncio.timeout(deadline - now):
-                return list(await asyncio.gather(*futures))
+                return await results_of(futures)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"not served within the request deadline ({(deadline - now) * 1000:.0f} ms)"

@@ -36,6 +36,7 @@ from service.queueing.base import (
     InferenceFailedError,
     InferenceQueue,
     QueueFullError,
+    results_of,
 )
 from service.queueing.redis_keys import make_client, model_streams, reply_channel, work_stream
 from service.repository.manifest import Manifest
@@ -204,7 +205,7 @@ class RedisQueue(InferenceQueue):
             async with asyncio.timeout(deadline - now):
                 for model, idx in by_model.items():
                     admitted += await self._admit_model(model, [items[i] for i in idx])
-                results = list(await asyncio.gather(*futures))
+                results = await results_of(futures)
             ok = True
             return results
         except TimeoutError:
@@ -217,7 +218,7 @@ class RedisQueue(InferenceQueue):
                 if not fut.done():
                     fut.cancel()
                 elif not fut.cancelled():
-                    fut.exception()  # mark retrieved: gather reports only the first error
+                    fut.exception()  # mark retrieved: only the first error is raised
             if not ok:
                 # Deadline, client gone (cancelled), a failed sibling or Redis lost: delete
                 # the entries so a worker that has not read them yet never runs them.

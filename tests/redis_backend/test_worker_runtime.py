@@ -1,0 +1,46 @@
+"""The Redis path's C parts: uvloop for the worker's loop, hiredis for every client's replies.
+
+The worker's one event loop reads, schedules and settles every API replica's entries, so its
+CPU per request caps the scale-out's throughput (bench/README.md, "The Redis worker's CPU").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from service.config import Settings
+from service.queueing.redis_keys import make_client
+from service.worker import event_loop_factory
+
+
+def test_worker_loop_is_uvloop_where_installed() -> None:
+    factory = event_loop_factory()
+    assert factory is not None, "uvloop (a dependency on Linux) is not importable"
+    loop = factory()
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
+
+
+def test_worker_loop_falls_back_to_asyncio_without_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` raise
+    assert event_loop_factory() is None  # asyncio.Runner's default loop
+
+
+async def test_redis_clients_parse_replies_with_hiredis() -> None:
+    # No server needed: the parser is chosen when the connection object is made.
+    client = make_client(Settings(redis_url="redis://127.0.0.1:1/0"))
+    try:
+        conn = client.connection_pool.make_connection()
+        assert "Hiredis" in type(conn._parser).__name__, (
+            "redis-py falls back to its Python parser: is hiredis (pyproject.toml) installed?"
+        )
+    finally:
+        await client.aclose()
