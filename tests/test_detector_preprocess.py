@@ -49,3 +49,39 @@ def test_softmax_and_decode():
     assert [o.label for o in out] == ["human", "machine", "human"]
     assert out[0].probability == pytest.approx(1 / (1 + np.exp(-2.0)))
     assert out[2].probabilities == {"human": 0.5, "machine": 0.5}
+
+
+ODD_TEXTS = [
+    "Résumé of a naïve café owner — ÅNGSTRÖM!",
+    "中文测试 mixed with English, 1,234.5 numbers & symbols: @#$%^",
+    "emoji 😀👍🏽 and\ttabs\nnewlines\u200b zero-width\u0000 nul",
+    "   ",
+    "word " * 300,  # truncated
+    "Supercalifragilisticexpialidocious" * 5,  # one word past WordPiece's max length
+]
+
+
+@pytest.mark.parametrize("tokenizer_file", ["models/detector-en/1/tokenizer.json", None])
+def test_encode_matches_the_offset_tracking_tokenizer(tok, tokenizer_file):
+    """The encoder skips offsets (``encode_batch_fast``); ids, type ids and truncation must
+    be exactly what ``Tokenizer.encode`` gives, one text at a time and in a batch."""
+    from pathlib import Path
+
+    from service.preprocess.tokenizer import load_tokenizer
+
+    if tokenizer_file is not None:
+        path = Path(__file__).resolve().parents[1] / tokenizer_file
+        if not path.exists():
+            pytest.skip(f"{tokenizer_file} is not in this checkout")
+        base = load_tokenizer(path)
+    else:
+        base = tok
+    enc = ClassifyEncoder(base, max_length=32)
+    want = [enc.tokenizer.encode(t) for t in ODD_TEXTS]
+    singles = [enc.encode([t])[0] for t in ODD_TEXTS]
+    batch = enc.encode(ODD_TEXTS)
+    for got in (singles, batch):
+        assert [g.input_ids.tolist() for g in got] == [w.ids for w in want]
+        assert [g.token_type_ids.tolist() for g in got] == [w.type_ids for w in want]
+        assert [g.truncated for g in got] == [bool(w.overflowing) for w in want]
+    assert batch[4].truncated and not batch[0].truncated

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.preprocess.qa import pad_batch
-from service.preprocess.tokenizer import PAD_NAMES, encode_all, load_tokenizer, special_id
+from service.preprocess.tokenizer import PAD_NAMES, encode_ids, load_tokenizer, special_id
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ClassifyEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[ClassifyEncoding]:
         out = []
-        for enc in encode_all(self.tokenizer, texts):
+        for enc in encode_ids(self.tokenizer, texts):
             out.append(
                 ClassifyEncoding(
                     np.asarray(enc.ids, dtype=np.int64),

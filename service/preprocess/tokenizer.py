@@ -30,6 +30,14 @@ def encode_all(tokenizer: Tokenizer, texts: Sequence[str], **kwargs: Any) -> lis
     return tokenizer.encode_batch(list(texts), **kwargs)
 
 
+def encode_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[Encoding]:
+    """Encodings whose ids, type ids and overflow are :func:`encode_all`'s but whose offsets
+    are left zero (``encode_batch_fast``): ~20% less tokenizer time per text, for encoders
+    that never map tokens back to characters. One text is still encoded on the calling
+    thread (tokenizers runs a batch of one serially)."""
+    return tokenizer.encode_batch_fast(list(texts))
+
+
 def load_tokenizer(tokenizer_file: Path | str) -> Tokenizer:
     """Load ``tokenizer.json`` with any saved padding/truncation switched off.
 
