@@ -102,6 +102,8 @@ class RedisQueue(InferenceQueue):
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
+        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:b3[:explain] -> "3"
+        self._depth_gauges: dict[tuple[str, str], Any] = {}
         self._subscribed = False
         self._ping_ok = False
         self._resubscribe = False
@@ -249,8 +251,11 @@ class RedisQueue(InferenceQueue):
             raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
         except RedisError as e:  # a timeout, or OOM: Redis is up but refuses writes
             raise BackendUnavailableError(f"the queue backend (Redis) failed: {e}") from e
-        depth, lens, ids = int(res[0]), res[1], res[2:]
+        depth, lens, ids = int(res[0]), [int(n) for n in res[1]], res[2:]
         self._depth[model] = depth
+        if ids:  # the script's XLENs are from before its XADDs: count what it added
+            for target in targets:
+                lens[keys.index(target)] += 1
         self._record_depth(model, keys, lens)
         if not ids:
             raise QueueFullError(
@@ -320,10 +325,17 @@ class RedisQueue(InferenceQueue):
             return
         per_bucket: dict[str, int] = {}
         for key, n in zip(keys, lens, strict=False):
-            bucket = key.split(":b", 1)[1].split(":", 1)[0]  # P:{model}:b3[:explain]
+            bucket = self._bucket_of.get(key)
+            if bucket is None:
+                bucket = self._bucket_of[key] = key.split(":b", 1)[1].split(":", 1)[0]
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
-            self.metrics.queue_depth.labels(model, bucket).set(n)
+            gauge = self._depth_gauges.get((model, bucket))
+            if gauge is None:  # labels() validates and locks: once per bucket, not per submit
+                gauge = self._depth_gauges[(model, bucket)] = self.metrics.queue_depth.labels(
+                    model, bucket
+                )
+            gauge.set(n)
 
     def _forget(self, stream: str, entry_id: bytes) -> None:
         if self._closing:

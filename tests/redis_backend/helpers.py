@@ -12,6 +12,7 @@ import numpy as np
 
 from service.batching import WorkItem, bucket_index
 from service.config import Settings
+from service.metrics import Metrics
 from service.queueing.redis_queue import RedisQueue
 from service.runtime.runner import ModelRunner
 from service.worker import Worker
@@ -37,9 +38,9 @@ async def running_worker(
 
 @contextlib.asynccontextmanager
 async def api_queue(
-    settings: Settings, runners: dict[str, ModelRunner]
+    settings: Settings, runners: dict[str, ModelRunner], metrics: Metrics | None = None
 ) -> AsyncIterator[RedisQueue]:
-    q = RedisQueue(settings, {n: r.manifest for n, r in runners.items()})
+    q = RedisQueue(settings, {n: r.manifest for n, r in runners.items()}, metrics)
     await q.start()
     assert await q.is_ready()
     try:

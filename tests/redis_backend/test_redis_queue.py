@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from service.batching import bucket_index
+from service.metrics import Metrics
 from service.queueing import (
     BackendUnavailableError,
     DeadlineExceededError,
@@ -31,7 +33,7 @@ from tests.redis_backend.helpers import (
     running_worker,
     wait_for,
 )
-from tests.service_support import GatedRunner
+from tests.service_support import GatedRunner, metric_value
 
 POS, POL = "pos-en", "polarity-en"
 
@@ -110,6 +112,34 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
         await asyncio.gather(*waiting, return_exceptions=True)
         # cancelled requests (client gone) delete their entries: no worker will run them
         await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+
+async def test_queue_depth_gauges_per_bucket(make_settings, tiny_runners) -> None:
+    """Each submit refreshes the model's nlpserve_queue_depth per bucket from the admission
+    script's stream lengths (predict and explain lanes summed), cluster-wide."""
+    settings = make_settings()
+    rng = np.random.default_rng(3)
+    metrics = Metrics()
+    runner = tiny_runners[POS]
+    short, long = 4, runner.buckets[0] + 1  # the first bucket and the next one
+    b_short, b_long = bucket_index(short, runner.buckets), bucket_index(long, runner.buckets)
+    async with api_queue(settings, tiny_runners, metrics) as q:  # no worker: nothing drains
+        waiting = [
+            asyncio.create_task(q.submit(make_item(runner, n, rng))) for n in (short, short, long)
+        ]
+        await wait_for(lambda: q.depth(POS) == 3)
+        # the last submit's admission saw all three entries
+        waiting.append(asyncio.create_task(q.submit(make_item(runner, short, rng))))
+        await wait_for(lambda: q.depth(POS) == 4)
+        text = metrics.render().decode()
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    depth = {
+        b: metric_value(text, "nlpserve_queue_depth", model=POS, bucket=str(b))
+        for b in (b_short, b_long)
+    }
+    assert depth == {b_short: 3, b_long: 1}
 
 
 async def _total_len(r, prefix: str, n: int) -> bool:
