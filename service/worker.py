@@ -569,7 +569,7 @@ class Worker:
             self._in_hand.pop((d.stream, d.entry_id), None)
             if d.reply is not None:
                 self.stats.replies += 1
-                self.wm.replies.labels(d.model, d.reply.status.decode()).inc()
+                self.metrics.child(self.wm.replies, d.model, d.reply.status.decode()).inc()
         self._room.set()
 
     # ------------------------------------------------------------------ maintenance

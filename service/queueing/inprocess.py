@@ -11,7 +11,6 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -108,7 +107,6 @@ class InProcessQueue(InferenceQueue):
             name: settings.inference_threads_for(r.provider) for name, r in self.runners.items()
         }
         self._futures: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
-        self._depth_gauges: dict[tuple[str, int], Any] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, int] = dict.fromkeys(self.runners, 0)
@@ -253,12 +251,7 @@ class InProcessQueue(InferenceQueue):
         if self.metrics is None:
             return
         for bucket, n in self._scheds[model].depths().items():
-            gauge = self._depth_gauges.get((model, bucket))
-            if gauge is None:  # labels() validates and locks: once per bucket, not per request
-                gauge = self._depth_gauges[(model, bucket)] = self.metrics.queue_depth.labels(
-                    model, str(bucket)
-                )
-            gauge.set(n)
+            self.metrics.child(self.metrics.queue_depth, model, str(bucket)).set(n)
 
     def _purge(self, model: str, now: float) -> None:
         sched = self._scheds[model]

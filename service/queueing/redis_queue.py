@@ -103,7 +103,6 @@ class RedisQueue(InferenceQueue):
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
         self._bucket_of: dict[str, str] = {}  # stream key P:{model}:b3[:explain] -> "3"
-        self._depth_gauges: dict[tuple[str, str], Any] = {}
         self._subscribed = False
         self._ping_ok = False
         self._resubscribe = False
@@ -330,12 +329,7 @@ class RedisQueue(InferenceQueue):
                 bucket = self._bucket_of[key] = key.split(":b", 1)[1].split(":", 1)[0]
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
-            gauge = self._depth_gauges.get((model, bucket))
-            if gauge is None:  # labels() validates and locks: once per bucket, not per submit
-                gauge = self._depth_gauges[(model, bucket)] = self.metrics.queue_depth.labels(
-                    model, bucket
-                )
-            gauge.set(n)
+            self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
 
     def _forget(self, stream: str, entry_id: bytes) -> None:
         if self._closing:
