@@ -107,7 +107,7 @@ class Metrics:
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` validates and takes a lock
         on every call (~2.5 µs per request for the two request series). Every label here is
-        bounded (models, endpoints, statuses, buckets), so the cache is too."""
+        bounded (models, endpoints, statuses, buckets, error codes), so the cache is too."""
         key = (id(metric), labels)
         c = self._children.get(key)
         if c is None:

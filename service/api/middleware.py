@@ -152,7 +152,7 @@ class MetricsMiddleware:
             self.metrics.observe_request(model, endpoint, status, time.perf_counter() - t0)
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"
-                self.metrics.rejected.labels(model, reason).inc()
+                self.metrics.child(self.metrics.rejected, model, reason).inc()
 
 
 # What a caller's (or the gateway's) request id may look like; anything else is replaced,
