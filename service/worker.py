@@ -740,9 +740,9 @@ def run_worker(settings: Settings) -> None:
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop where it is installed (a dependency on Linux), as the API's
-    uvicorn picks it; else asyncio's. The worker's one loop reads, schedules and settles
-    every entry of every API replica: with uvloop and hiredis (also a dependency) it spends
-    about a quarter less CPU per request (bench/README.md, "The Redis worker's CPU")."""
+    uvicorn picks it; else asyncio's: both roles of the one image run the same loop. (The
+    worker's CPU per request fell by a third with hiredis, the C reply parser; uvloop made
+    no measurable difference to it: bench/README.md, "The Redis worker's CPU".)"""
     try:
         import uvloop
     except ImportError:

@@ -743,3 +743,66 @@ def test_machine_description_names_onnxruntime_without_this_machines_paths() -> 
     path = ort_description()["path"]
     assert path.endswith("onnxruntime")
     assert sys.prefix not in path and path.startswith(PREFIX_MARK)  # the venv's, relative
+
+
+@pytest.mark.parametrize("name", ["detector-en", "qa-zh", "pos-en", "polarity-en"])
+def test_near_free_copy_keeps_every_input_and_output(
+    model_repo: Path, tmp_path: Path, name: str
+) -> None:
+    """bench.ab --near-free: the copy validates like any version (files and checksums), and
+    every variant file takes the model's inputs and gives its outputs' shapes and dtypes."""
+    import onnxruntime as ort
+
+    from bench.ab import near_free_repo
+    from service.repository import load_manifest
+    from tests.service_support import require_model
+
+    require_model(model_repo, name)
+    [version] = [d for d in (model_repo / name).iterdir() if d.name.isdigit()]
+    repo = near_free_repo(version, tmp_path / "repo")
+    manifest = load_manifest(repo / name / version.name)  # checks every file's sha256
+    b, t = 3, 7
+    sizes = {"batch": b, "sequence": t}
+    for variant in manifest.variants.values():
+        session = ort.InferenceSession(str(repo / name / version.name / variant.file))
+        feeds = {}
+        for spec in manifest.inputs:
+            shape = [sizes.get(d, 4) if isinstance(d, str) else d for d in spec.shape]
+            feeds[spec.name] = np.full(shape, t if spec.name == "lengths" else 2, spec.dtype)
+        outs = session.run(None, feeds)
+        assert len(outs) == len(manifest.outputs)
+        for out, spec in zip(outs, manifest.outputs, strict=True):
+            want = [
+                sizes[d] if d in sizes else d if isinstance(d, int) else len(manifest.labels)
+                for d in spec.shape
+            ]
+            assert list(out.shape) == want and out.dtype == np.dtype(spec.dtype), spec.name
+        assert session.get_modelmeta().graph_name.endswith("near-free")
+
+
+@pytest.mark.parametrize("queue", ["inprocess", "redis"])
+def test_ab_alternates_two_setups_and_accounts_each_process(
+    model_repo: Path, tmp_path: Path, queue: str
+) -> None:
+    import shutil
+
+    from bench import ab
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    if queue == "redis" and shutil.which("redis-server") is None:
+        pytest.skip("no redis-server")
+    out = tmp_path / "ab.json"
+    ab.main(["--models", str(model_repo), "--model", DETECT_MODEL, "--near-free",
+             "--queue", queue, "--rounds", "2", "--requests", "40", "--warmup", "4",
+             "--concurrency", "4", "--b-env", "NLPSERVE_FAST_PATH=0",
+             "--json", str(out)])  # fmt: skip
+    summary = json.loads(out.read_text())["summary"]
+    for label in ("A", "B"):
+        s = summary[label]
+        assert len(s["rounds_rps"]) == 2 and all(x > 0 for x in s["rounds_rps"])
+        assert s["median_event_loop_ms"] > 0
+        assert ("median_worker_ms" in s) == (queue == "redis")
+        if queue == "redis":
+            assert s["median_worker_ms"] > 0
+    assert len(summary["b_over_a"]) == 2 and summary["median_b_over_a"] > 0
