@@ -205,7 +205,8 @@ def plot(
     ax1.set_ylabel("fraction of requests")
     ax1.set_title("latency CDF (successful requests)")
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_lines():  # a run of raw ORT alone has no HTTP latencies to plot
+        ax1.legend(fontsize=8)
     names = [s["name"] for s in summaries]
     rps = [s.get("throughput_rps") or 0.0 for s in summaries]
     bars = ax2.bar(range(len(names)), rps, color="tab:blue")
