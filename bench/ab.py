@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.cpu_account import TICK_S, Account, measure
+from bench.cpu_account import Account, measure, process_cpu
 from bench.loadgen import build_requests, run_load
 from bench.raw_ort import device_providers
 from service.repository import load_manifest
@@ -108,12 +108,6 @@ def near_free_repo(version_dir: Path, dest: Path) -> Path:
 # ---------------------------------------------------------------------------- the rounds
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a whole process (every thread)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
-
-
 @dataclass
 class Round:
     label: str
@@ -178,14 +172,14 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         if args.warmup:
             asyncio.run(run_load(url, specs[: args.warmup], concurrency=args.concurrency,
                                  keep_body=False))  # fmt: skip
-        others = [p for p in (worker and worker.pid, redis_pid) if p]
-        before = {p: _process_cpu_s(p) for p in others}
+        if worker is None:
+            return Round(setup.label, account=measure(api.pid, url, specs, args.concurrency))
+        assert redis_pid is not None
+        before = [process_cpu(worker.pid), process_cpu(redis_pid)]
         account = measure(api.pid, url, specs, args.concurrency)
-        after = {p: _process_cpu_s(p) for p in others}
-    per_req = {p: (after[p] - before[p]) * 1000 / len(specs) for p in others}
-    if worker is None:
-        return Round(setup.label, account)
-    return Round(setup.label, account, per_req[worker.pid], per_req.get(redis_pid or -1))
+        after = [process_cpu(worker.pid), process_cpu(redis_pid)]
+    worker_ms, redis_ms = ((b - a) * 1000 / len(specs) for a, b in zip(before, after, strict=True))
+    return Round(setup.label, account, worker_ms, redis_ms)
 
 
 def summarize(rounds: list[Round]) -> dict[str, Any]:

@@ -28,17 +28,27 @@ from bench.loadgen import build_requests, run_load
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
+def _stat_cpu(stat: Path) -> float:
+    """User + system CPU seconds from a ``/proc/.../stat`` file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    # After the ")" of the command name: state is field 3, utime 14, stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each live thread of ``pid``."""
     out: dict[int, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = _stat_cpu(task / "stat")
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended between listing and reading
-        # After the ")" of the command name: state is field 3, utime 14, stime 15 (1-based).
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) * TICK_S
     return out
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of the whole process ``pid``, threads that already ended included."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
 
 
 @dataclass
