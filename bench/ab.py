@@ -25,7 +25,6 @@ meaningless there. ``--a-source`` puts another source tree first on ``PYTHONPATH
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import os
@@ -40,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.cpu_account import Account, measure, process_cpu
-from bench.loadgen import build_requests, run_load
+from bench.cpu_account import Account, measure, process_cpu, warm_up
+from bench.loadgen import build_requests
 from bench.raw_ort import device_providers
 from service.repository import load_manifest
 
@@ -169,9 +168,7 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         procs.wait_http(api, f"{url}/readyz", timeout_s=180)
         if worker is not None:
             procs.wait_http(worker, f"http://127.0.0.1:{wport}/readyz", timeout_s=180)
-        if args.warmup:
-            asyncio.run(run_load(url, specs[: args.warmup], concurrency=args.concurrency,
-                                 keep_body=False))  # fmt: skip
+        warm_up(url, specs[: args.warmup], args.concurrency)
         if worker is None:
             return Round(setup.label, account=measure(api.pid, url, specs, args.concurrency))
         assert redis_pid is not None

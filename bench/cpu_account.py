@@ -73,6 +73,12 @@ class Account:
         )
 
 
+def warm_up(url: str, specs: Sequence, concurrency: int) -> None:
+    """Send ``specs`` unmeasured (sessions, caches and the allocator settle first)."""
+    if specs:
+        asyncio.run(run_load(url, specs, concurrency=concurrency, keep_body=False))
+
+
 def measure(pid: int, url: str, specs: Sequence, concurrency: int) -> Account:
     before, c0 = thread_cpu(pid), time.process_time()
     results, wall = asyncio.run(run_load(url, specs, concurrency=concurrency, keep_body=False))
@@ -102,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(f"/proc/{args.pid}/task").is_dir():
         raise SystemExit(f"cpu_account: no process {args.pid} (Linux /proc needed)")
     specs = build_requests(args.model, args.requests, models_dir=args.models, data_dir=args.data)
-    if args.warmup:
-        asyncio.run(run_load(args.url, specs[: args.warmup], concurrency=args.concurrency,
-                             keep_body=False))  # fmt: skip
+    warm_up(args.url, specs[: args.warmup], args.concurrency)
     for r in range(args.rounds):
         print(f"round {r + 1}: {measure(args.pid, args.url, specs, args.concurrency).line()}",
               flush=True)  # fmt: skip
