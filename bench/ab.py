@@ -4,7 +4,8 @@ On a shared 2-core VM one round's throughput moves by ±10% with the neighbours'
 run of each setup cannot tell a 5% change from noise. This script alternates them (A, B, A,
 B, ...) on the same pre-generated requests and prints, per round, the throughput and the CPU
 per request of each process (the API's event loop and its other threads, the Redis worker,
-redis-server, this load generator), then the medians and B/A per pair of rounds.
+redis-server, this load generator) and the batches' mean size and padding efficiency (from the
+``/metrics`` of the process running the model), then the medians and B/A per pair of rounds.
 
     # a setting
     python -m bench.ab --data ../shared/data --rounds 4 --a-env NLPSERVE_FAST_PATH=0
@@ -40,7 +41,7 @@ from typing import Any
 
 from bench import procs
 from bench.cpu_account import Account, measure, process_cpu, warm_up
-from bench.loadgen import build_requests
+from bench.loadgen import build_requests, metrics_delta, scrape_metrics
 from bench.raw_ort import device_providers
 from service.repository import load_manifest
 
@@ -113,11 +114,16 @@ class Round:
     account: Account
     worker_ms: float | None = None
     redis_ms: float | None = None
+    # The round's batches, from /metrics: a setting can win by forming bigger batches.
+    batches: dict[str, float | None] = field(default_factory=dict)
 
     def line(self) -> str:
         extra = ""
         if self.worker_ms is not None:
             extra = f" | worker {self.worker_ms:.3f}, redis-server {self.redis_ms:.3f} ms/request"
+        mean, eff = self.batches.get("mean_batch_size"), self.batches.get("padding_efficiency")
+        if mean is not None and eff is not None:
+            extra += f" | mean batch {mean:.2f}, padding {eff:.3f}"
         return f"{self.label}: {self.account.line()}{extra}"
 
 
@@ -169,14 +175,20 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         if worker is not None:
             procs.wait_http(worker, f"http://127.0.0.1:{wport}/readyz", timeout_s=180)
         warm_up(url, specs[: args.warmup], args.concurrency)
+        # Batches run where the model runs: the API in-process, the worker with Redis.
+        metrics_url = f"{url}/metrics" if worker is None else f"http://127.0.0.1:{wport}/metrics"
+        m0 = scrape_metrics([metrics_url])
         if worker is None:
-            return Round(setup.label, account=measure(api.pid, url, specs, args.concurrency))
+            account = measure(api.pid, url, specs, args.concurrency)
+            batches = metrics_delta(m0, scrape_metrics([metrics_url]), args.model)
+            return Round(setup.label, account=account, batches=batches)
         assert redis_pid is not None
         before = [process_cpu(worker.pid), process_cpu(redis_pid)]
         account = measure(api.pid, url, specs, args.concurrency)
         after = [process_cpu(worker.pid), process_cpu(redis_pid)]
+        batches = metrics_delta(m0, scrape_metrics([metrics_url]), args.model)
     worker_ms, redis_ms = ((b - a) * 1000 / len(specs) for a, b in zip(before, after, strict=True))
-    return Round(setup.label, account, worker_ms, redis_ms)
+    return Round(setup.label, account, worker_ms, redis_ms, batches)
 
 
 def summarize(rounds: list[Round]) -> dict[str, Any]:
@@ -190,6 +202,9 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
             "median_event_loop_ms": statistics.median(r.account.main_ms for r in rs),
             "median_other_threads_ms": statistics.median(r.account.other_ms for r in rs),
         }
+        for key in ("mean_batch_size", "padding_efficiency"):
+            values = [r.batches[key] for r in rs if r.batches.get(key) is not None]
+            out[label][f"median_{key}"] = statistics.median(values) if values else None
         if rs and rs[0].worker_ms is not None:
             out[label]["median_worker_ms"] = statistics.median(r.worker_ms or 0 for r in rs)
     a = [r for r in rounds if r.label == "A"]
@@ -275,8 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label in ("A", "B"):
         s = summary[label]
         worker = f", worker {s['median_worker_ms']:.3f}" if "median_worker_ms" in s else ""
+        batch = s["median_mean_batch_size"]
+        batch = f", mean batch {batch:.2f}" if batch is not None else ""
         print(f"{label}: median {s['median_rps']:.1f} req/s, event loop "
-              f"{s['median_event_loop_ms']:.2f} ms/request{worker}")  # fmt: skip
+              f"{s['median_event_loop_ms']:.2f} ms/request{worker}{batch}")  # fmt: skip
     print(f"B/A per round: {summary['b_over_a']}, median {summary['median_b_over_a']:.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"models": str(args.models)},

@@ -802,6 +802,8 @@ def test_ab_alternates_two_setups_and_accounts_each_process(
         s = summary[label]
         assert len(s["rounds_rps"]) == 2 and all(x > 0 for x in s["rounds_rps"])
         assert s["median_event_loop_ms"] > 0
+        # Batches come from the /metrics of the process running the model (the worker's).
+        assert s["median_mean_batch_size"] >= 1 and 0 < s["median_padding_efficiency"] <= 1
         assert ("median_worker_ms" in s) == (queue == "redis")
         if queue == "redis":
             assert s["median_worker_ms"] > 0
