@@ -177,16 +177,16 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         warm_up(url, specs[: args.warmup], args.concurrency)
         # Batches run where the model runs: the API in-process, the worker with Redis.
         metrics_url = f"{url}/metrics" if worker is None else f"http://127.0.0.1:{wport}/metrics"
-        m0 = scrape_metrics([metrics_url])
-        if worker is None:
-            account = measure(api.pid, url, specs, args.concurrency)
-            batches = metrics_delta(m0, scrape_metrics([metrics_url]), args.model)
-            return Round(setup.label, account=account, batches=batches)
-        assert redis_pid is not None
-        before = [process_cpu(worker.pid), process_cpu(redis_pid)]
+        watched: list[int] = []  # processes besides the API whose CPU the round accounts
+        if worker is not None:
+            assert redis_pid is not None
+            watched = [worker.pid, redis_pid]
+        m0, before = scrape_metrics([metrics_url]), [process_cpu(p) for p in watched]
         account = measure(api.pid, url, specs, args.concurrency)
-        after = [process_cpu(worker.pid), process_cpu(redis_pid)]
+        after = [process_cpu(p) for p in watched]
         batches = metrics_delta(m0, scrape_metrics([metrics_url]), args.model)
+    if worker is None:
+        return Round(setup.label, account=account, batches=batches)
     worker_ms, redis_ms = ((b - a) * 1000 / len(specs) for a, b in zip(before, after, strict=True))
     return Round(setup.label, account, worker_ms, redis_ms, batches)
 
