@@ -54,7 +54,7 @@ RETRY_AFTER_S = 1.0
 # Admits a request's sequences of one model all together or not at all.
 # KEYS: every work stream of the model. ARGV: depth limit, approximate MAXLEN, entry count,
 # then per entry: 1-based KEYS index, number of field/value args, field/value pairs.
-# Returns {depth after, {XLEN of each key}, entry ids...}; no ids when the queue is full.
+# Returns {depth after, {XLEN of each key after}, entry ids...}; no ids when the queue is full.
 ADMIT_LUA = """
 local lens, depth = {}, 0
 for i = 1, #KEYS do
@@ -65,8 +65,10 @@ local n = tonumber(ARGV[3])
 if depth + n > tonumber(ARGV[1]) then return {depth, lens} end
 local out, p = {depth + n, lens}, 4
 for e = 1, n do
-  local key, nf = KEYS[tonumber(ARGV[p])], tonumber(ARGV[p + 1])
-  out[e + 2] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, p + 2, p + 1 + nf))
+  local k, nf = tonumber(ARGV[p]), tonumber(ARGV[p + 1])
+  out[e + 2] = redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[2], '*',
+                          unpack(ARGV, p + 2, p + 1 + nf))
+  lens[k] = lens[k] + 1
   p = p + 2 + nf
 end
 return out
@@ -250,11 +252,8 @@ class RedisQueue(InferenceQueue):
             raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
         except RedisError as e:  # a timeout, or OOM: Redis is up but refuses writes
             raise BackendUnavailableError(f"the queue backend (Redis) failed: {e}") from e
-        depth, lens, ids = int(res[0]), [int(n) for n in res[1]], res[2:]
+        depth, lens, ids = int(res[0]), res[1], res[2:]
         self._depth[model] = depth
-        if ids:  # the script's XLENs are from before its XADDs: count what it added
-            for target in targets:
-                lens[keys.index(target)] += 1
         self._record_depth(model, keys, lens)
         if not ids:
             raise QueueFullError(
