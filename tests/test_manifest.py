@@ -162,6 +162,13 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     )
     assert expected in files
     assert "-NONE-" not in m.labels
+    # what both LSTM entries record: the config (not how the run looked), the run's outcome
+    hp = m.hyperparameters
+    assert "progress" not in hp and hp["epochs"] == 3 and hp["lr"] == 0.01
+    assert hp["vocab_size"] > 2 and 1 <= hp["best_epoch"] <= hp["epochs_run"] <= 3
+    assert m.split.unit == "sentence" and m.split.sizes["train"] > m.split.sizes["dev"] > 0
+    if task == "pos":
+        assert hp["n_chars"] > 2 and hp["drop_traces"] is True
 
     res = cli("evaluate", out / name / "1", "--data", data)
     assert res.exit_code == 0, res.output

@@ -9,34 +9,30 @@ from __future__ import annotations
 
 import logging
 import random
-import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_word_tokenizer
-from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
-from training.data.checksums import data_checksums
+from service.repository.manifest import TensorSpec, load_manifest
 from training.data.common import TextCorpus
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
+from training.lstm.entry import exported, write_lstm_entry
 from training.lstm.export import (
     POLARITY_AXES,
     POLARITY_INPUTS,
     POLARITY_OUTPUTS,
-    export_onnx,
     max_abs_diff,
     ort_session,
     pad_batch,
 )
 from training.lstm.loop import eval_batches, fit, length_batches, word_dropout
 from training.lstm.models import PolarityClassifier
-from training.repository import write_entry
 from training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -243,18 +239,14 @@ def run_polarity(
     trained = train_polarity(corpus, cfg)
     test_x = take(corpus.texts, trained.splits["test"])
     test_y = take(corpus.labels, trained.splits["test"])
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        example = pad_batch(trained.encoder.encode_texts(["a b c", "d"]), with_chars=False)
-        export_onnx(
-            trained.model,
-            example,
-            onnx_path,
-            input_names=POLARITY_INPUTS,
-            output_names=POLARITY_OUTPUTS,
-            dynamic_axes=POLARITY_AXES,
-        )
-        session = ort_session(onnx_path, threads=torch.get_num_threads())
+    example = pad_batch(trained.encoder.encode_texts(["a b c", "d"]), with_chars=False)
+    with exported(
+        trained.model,
+        example,
+        input_names=POLARITY_INPUTS,
+        output_names=POLARITY_OUTPUTS,
+        dynamic_axes=POLARITY_AXES,
+    ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_x or corpus.texts)
         test = evaluate_onnx(session, trained.encoder, test_x, test_y, cfg.max_length)
         metrics = {
@@ -266,40 +258,23 @@ def run_polarity(
             "train_seconds": round(time.perf_counter() - start, 1),
         }
         log.info("polarity test metrics: %s", metrics)
-        split = SplitInfo(
-            seed=cfg.seed,
-            ratios=dict(cfg.ratios),
-            sizes={k: len(v) for k, v in trained.splits.items()},
-            unit="sentence",
-        )
-        hp: dict[str, Any] = asdict(cfg)
-        hp.pop("progress")
-        hp.update(
-            vocab_size=trained.encoder.vocab_size,
-            epochs_run=trained.epochs_run,
-            best_epoch=trained.best_epoch,
-        )
-        return write_entry(
+        return write_lstm_entry(
             out_root,
             name,
+            cfg=cfg,
+            trained=trained,
+            corpus=corpus,
+            onnx_file=onnx_path,
+            metrics=metrics,
+            hyperparameters={},
             version=version,
             task="polarity",
             architecture="word-emb+bilstm+maxpool" if cfg.max_pool else "word-emb+bilstm",
             description=description
             or "Sentence polarity: word embeddings (naive-Bayes-initialised dims) -> BiLSTM -> "
             "[h_n ; max-pool] -> 2 logits.",
-            onnx_file=onnx_path,
-            tokenizer=trained.encoder.tokenizer,
-            lowercase=cfg.lowercase,
             inputs=INPUTS,
             outputs=OUTPUTS,
-            labels=trained.labels,
-            max_length=cfg.max_length,
-            train_lengths=trained.train_lengths,
-            metrics=metrics,
-            split=split,
-            data=data_checksums(corpus.files, corpus.root),
-            hyperparameters=hp,
             command=command,
             overwrite=overwrite,
         )

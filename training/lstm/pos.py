@@ -8,34 +8,30 @@ from __future__ import annotations
 
 import logging
 import random
-import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_char_vocab, build_word_tokenizer
-from service.repository.manifest import SplitInfo, TensorSpec, load_manifest
-from training.data.checksums import data_checksums
+from service.repository.manifest import TensorSpec, load_manifest
 from training.data.common import DataError, TaggedCorpus
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
+from training.lstm.entry import exported, write_lstm_entry
 from training.lstm.export import (
     POS_AXES,
     POS_INPUTS,
     POS_OUTPUTS,
-    export_onnx,
     max_abs_diff,
     ort_session,
     pad_batch,
 )
 from training.lstm.loop import eval_batches, fit, length_batches, word_dropout
 from training.lstm.models import PosTagger
-from training.repository import write_entry
 from training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -254,18 +250,14 @@ def run_pos(
     trained = train_pos(corpus, cfg)
     test_s = take(corpus.sentences, trained.splits["test"])
     test_t = take(corpus.tags, trained.splits["test"])
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        example = pad_batch(trained.encoder.encode_tokens([["a", "b", "c"], ["d"]]), True)
-        export_onnx(
-            trained.model,
-            example,
-            onnx_path,
-            input_names=POS_INPUTS,
-            output_names=POS_OUTPUTS,
-            dynamic_axes=POS_AXES,
-        )
-        session = ort_session(onnx_path, threads=torch.get_num_threads())
+    example = pad_batch(trained.encoder.encode_tokens([["a", "b", "c"], ["d"]]), True)
+    with exported(
+        trained.model,
+        example,
+        input_names=POS_INPUTS,
+        output_names=POS_OUTPUTS,
+        dynamic_axes=POS_AXES,
+    ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_s or corpus.sentences)
         test = evaluate_onnx(
             session, trained.encoder, test_s, test_t, trained.labels, cfg.max_length
@@ -279,43 +271,24 @@ def run_pos(
             "train_seconds": round(time.perf_counter() - start, 1),
         }
         log.info("pos test metrics: %s", metrics)
-        split = SplitInfo(
-            seed=cfg.seed,
-            ratios=dict(cfg.ratios),
-            sizes={k: len(v) for k, v in trained.splits.items()},
-            unit="sentence",
-        )
-        hp: dict[str, Any] = asdict(cfg)
-        hp.pop("progress")
-        hp.update(
-            vocab_size=trained.encoder.vocab_size,
-            n_chars=len(trained.chars),
-            epochs_run=trained.epochs_run,
-            best_epoch=trained.best_epoch,
-            drop_traces=True,
-        )
-        return write_entry(
+        return write_lstm_entry(
             out_root,
             name,
+            cfg=cfg,
+            trained=trained,
+            corpus=corpus,
+            onnx_file=onnx_path,
+            metrics=metrics,
+            hyperparameters={"n_chars": len(trained.chars), "drop_traces": True},
             version=version,
             task="pos",
             architecture="word-emb+char-cnn+bilstm",
             description=description
             or "POS tagger: word embeddings + char CNN -> BiLSTM -> per-token tag logits.",
-            onnx_file=onnx_path,
-            tokenizer=trained.encoder.tokenizer,
             chars=trained.chars,
             max_word_length=cfg.max_word_length,
-            lowercase=cfg.lowercase,
             inputs=INPUTS,
             outputs=OUTPUTS,
-            labels=trained.labels,
-            max_length=cfg.max_length,
-            train_lengths=trained.train_lengths,
-            metrics=metrics,
-            split=split,
-            data=data_checksums(corpus.files, corpus.root),
-            hyperparameters=hp,
             command=command,
             overwrite=overwrite,
         )
