@@ -64,11 +64,11 @@ def write_lstm_entry(
     corpus: Any,
     onnx_file: Path,
     metrics: dict[str, float],
-    hyperparameters: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any] | None = None,
     **entry: Any,
 ) -> Path:
     """:func:`training.repository.write_entry` with the fields both LSTM models fill the same
-    way: ``cfg``'s fields (``progress`` aside) plus ``hyperparameters`` as hyperparameters,
+    way: ``cfg``'s fields (``progress`` aside) plus the model's own ``hyperparameters``,
     the split's seed, ratios and sizes, the corpus files' checksums, the word tokenizer."""
     split = SplitInfo(
         seed=cfg.seed,
@@ -82,7 +82,7 @@ def write_lstm_entry(
         vocab_size=trained.encoder.vocab_size,
         epochs_run=trained.epochs_run,
         best_epoch=trained.best_epoch,
-        **hyperparameters,
+        **(hyperparameters or {}),
     )
     return write_entry(
         out_root,

@@ -266,7 +266,6 @@ def run_polarity(
             corpus=corpus,
             onnx_file=onnx_path,
             metrics=metrics,
-            hyperparameters={},
             version=version,
             task="polarity",
             architecture="word-emb+bilstm+maxpool" if cfg.max_pool else "word-emb+bilstm",
