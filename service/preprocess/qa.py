@@ -196,7 +196,12 @@ def decode_best_span(
     highest start and end positions are paired; a span is valid when ``end >= start`` and it
     covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
     """
-    candidates: list[tuple[float, int, int, int]] = []  # score, char start, char end, window
+    # Each window's n_best x n_best pairs are scored as one grid (start rows, end columns),
+    # not pair by pair in Python: the decoder runs on the API's event loop for every request.
+    # Candidates keep the pair-by-pair order (windows, then start rank, then end rank), so
+    # ties go to the same span and the probabilities sum in the same order.
+    scores: list[np.ndarray] = []
+    best: tuple[float, int, int, int] | None = None  # score, char start, char end, window
     for w, win in enumerate(windows):
         lo, hi = win.context_start, win.context_end
         if hi <= lo:
@@ -206,23 +211,29 @@ def decode_best_span(
         k = min(n_best, hi - lo)
         s_top = np.argsort(-s_log, kind="stable")[:k]
         e_top = np.argsort(-e_log, kind="stable")[:k]
-        for s in s_top:
-            for e in e_top:
-                if e < s or e - s + 1 > max_answer_length:
-                    continue
-                cs = int(win.offsets[lo + s, 0])
-                ce = int(win.offsets[lo + e, 1])
-                if ce <= cs:
-                    continue
-                candidates.append((float(s_log[s] + e_log[e]), cs, ce, w))
-    if not candidates:
+        char_start = win.offsets[lo + s_top, 0]
+        char_end = win.offsets[lo + e_top, 1]
+        tokens = e_top[None, :] - s_top[:, None]  # span length - 1
+        valid = (
+            (tokens >= 0)
+            & (tokens < max_answer_length)
+            & (char_end[None, :] > char_start[:, None])
+        )
+        grid = (s_log[s_top][:, None] + e_log[e_top][None, :])[valid]
+        if not grid.size:
+            continue
+        scores.append(grid)
+        i = int(np.argmax(grid))
+        if best is None or grid[i] > best[0]:  # strict: an earlier window wins a tie
+            rows, cols = np.nonzero(valid)
+            best = (float(grid[i]), int(char_start[rows[i]]), int(char_end[cols[i]]), w)
+    if best is None:
         return QAAnswer("", 0, 0, float("-inf"), 0.0, -1)
-    scores = np.asarray([c[0] for c in candidates])
-    probs = np.exp(scores - scores.max())
-    probs /= probs.sum()
-    best = int(np.argmax(scores))
-    score, cs, ce, w = candidates[best]
-    return QAAnswer(context[cs:ce], cs, ce, score, float(probs[best]), w)
+    every = np.concatenate(scores)
+    probs = np.exp(every - every.max())
+    score, cs, ce, w = best
+    # The best span's probability among every candidate (softmax of the span scores).
+    return QAAnswer(context[cs:ce], cs, ce, score, float(1.0 / probs.sum()), w)
 
 
 def answer_token_span(window: QAWindow, char_start: int, char_end: int) -> tuple[int, int] | None:
