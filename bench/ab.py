@@ -140,6 +140,13 @@ class Setup:
             env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         return env
 
+    def start(self, name: str, argv: list[str], logs: Path, env: dict[str, str]) -> procs.Proc:
+        """Start a process of this setup. ``python -m`` puts its working directory ahead of
+        ``PYTHONPATH`` on ``sys.path``, so a source tree runs from its own folder: from this
+        repository, ``service`` would be imported from here whatever ``PYTHONPATH`` says."""
+        cwd = self.source.resolve() if self.source is not None else None
+        return procs.start(name, argv, logs, env=env, cwd=cwd)
+
 
 def _serve_argv(role: str, models: Path) -> list[str]:
     # `python -m service.cli`, not the entry point: PYTHONPATH then decides whose code runs.
@@ -163,11 +170,11 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         if redis_url is not None:
             env["NLPSERVE_REDIS_URL"] = redis_url
             wport = procs.free_port()
-            worker = procs.start(f"worker-{setup.label}", _serve_argv("worker", models), logs,
+            worker = setup.start(f"worker-{setup.label}", _serve_argv("worker", models), logs,
                                  env={**env, "NLPSERVE_METRICS_PORT": str(wport)})  # fmt: skip
             started.append(worker)
         port = procs.free_port()
-        api = procs.start(f"api-{setup.label}", [*_serve_argv("serve", models), "--port",
+        api = setup.start(f"api-{setup.label}", [*_serve_argv("serve", models), "--port",
                           str(port)], logs, env=env)  # fmt: skip
         started.append(api)
         url = f"http://127.0.0.1:{port}"

@@ -808,3 +808,26 @@ def test_ab_alternates_two_setups_and_accounts_each_process(
         if queue == "redis":
             assert s["median_worker_ms"] > 0
     assert len(summary["b_over_a"]) == 2 and summary["median_b_over_a"] > 0
+
+
+def test_ab_source_tree_is_the_code_that_runs(tmp_path: Path) -> None:
+    """``--a-source``: ``python -m service.cli`` must import ``service`` from that tree, not
+    from this repository (``python -m`` puts the working directory ahead of PYTHONPATH)."""
+    import sys
+
+    from bench import ab
+
+    src = tmp_path / "tree"
+    (src / "service").mkdir(parents=True)
+    (src / "service" / "__init__.py").write_text("")
+    marker = tmp_path / "ran.txt"
+    (src / "service" / "cli.py").write_text(
+        f"import service\nopen({str(marker)!r}, 'w').write(service.__file__)\n"
+    )
+    setup = ab.Setup("A", source=src)
+    # this repository's CLI would print its help and leave no marker
+    proc = setup.start("probe", [sys.executable, "-m", "service.cli", "--help"],
+                       tmp_path / "logs", env=setup.environ({}))  # fmt: skip
+    assert proc.popen is not None and proc.popen.wait(timeout=60) == 0
+    assert marker.exists(), proc.log_path.read_text()
+    assert Path(marker.read_text()).parent == src / "service"
