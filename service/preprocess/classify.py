@@ -1,7 +1,8 @@
 """Sequence classification pre/post-processing (the machine-text detector).
 
 numpy + HF ``tokenizers`` only. A text becomes ``[CLS] tokens [SEP]`` (the tokenizer's own
-post-processor), cut to ``max_length`` tokens from the head; logits become label
+post-processor), cut to ``max_length`` tokens from the head (ASCII text with a BERT tokenizer
+takes :mod:`service.preprocess.ascii_wordpiece`, the same ids faster); logits become label
 probabilities with a softmax. Training encodes its data and scores its test split with this
 module, so serving and evaluation are one code path.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.preprocess.ascii_wordpiece import AsciiWordPiece
 from service.preprocess.qa import pad_batch
 from service.preprocess.tokenizer import PAD_NAMES, encode_ids, load_tokenizer, special_id
 
@@ -46,14 +48,25 @@ class ClassifyEncoder:
         tokenizer.no_padding()
         # Truncation accounts for the specials the post-processor adds.
         tokenizer.enable_truncation(max_length, strategy="longest_first", direction="right")
+        # The same ids for ASCII text, ~4x faster; None where the pipeline is not BERT's.
+        self.ascii = AsciiWordPiece.from_tokenizer(tokenizer, max_length)
 
     @classmethod
     def load(cls, tokenizer_file: Path | str, max_length: int = 256) -> ClassifyEncoder:
         return cls(load_tokenizer(tokenizer_file), max_length)
 
     def encode(self, texts: Sequence[str]) -> list[ClassifyEncoding]:
+        fast = [self.ascii.encode(t) if self.ascii is not None else None for t in texts]
+        rest = [t for t, f in zip(texts, fast, strict=True) if f is None]
+        slow = iter(encode_ids(self.tokenizer, rest) if rest else ())
         out = []
-        for enc in encode_ids(self.tokenizer, texts):
+        for f in fast:
+            if f is not None:
+                ids, truncated = f
+                ids_a = np.array(ids, dtype=np.int64)
+                out.append(ClassifyEncoding(ids_a, np.zeros_like(ids_a), truncated))
+                continue
+            enc = next(slow)
             out.append(
                 ClassifyEncoding(
                     np.asarray(enc.ids, dtype=np.int64),

@@ -215,9 +215,7 @@ def decode_best_span(
         char_end = win.offsets[lo + e_top, 1]
         tokens = e_top[None, :] - s_top[:, None]  # span length - 1
         valid = (
-            (tokens >= 0)
-            & (tokens < max_answer_length)
-            & (char_end[None, :] > char_start[:, None])
+            (tokens >= 0) & (tokens < max_answer_length) & (char_end[None, :] > char_start[:, None])
         )
         grid = (s_log[s_top][:, None] + e_log[e_top][None, :])[valid]
         if not grid.size:
