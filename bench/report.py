@@ -76,15 +76,23 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     versions, the onnxruntime really imported."""
     cpu = platform.processor() or "unknown"
     flags: list[str] = []
+    # Cloud VMs often name the CPU "AMD EPYC" whatever its generation: family and model
+    # tell them apart (family 25 model 17 is Zen 4, family 26 Zen 5).
+    ident: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    have = set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    cpu = value.strip()
+                elif key in ("vendor_id", "cpu family", "model", "stepping"):
+                    ident.setdefault(key, value.strip())
+                elif key == "flags" and not flags:
+                    have = set(value.split())
                     # The SIMD flags that decide ORT's CPU kernels (and int8 speed-ups).
-                    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+                    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                              "amx_int8", "fma")  # fmt: skip
                     flags = [x for x in wanted if x in have]
     except OSError:
         pass
@@ -114,6 +122,7 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
         ).stdout.strip() or None  # fmt: skip
     return {
         "cpu": cpu,
+        "cpu_id": " ".join(f"{k} {v}" for k, v in ident.items()) or None,
         "cpu_flags": flags,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

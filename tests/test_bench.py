@@ -745,6 +745,20 @@ def test_machine_description_names_onnxruntime_without_this_machines_paths() -> 
     assert sys.prefix not in path and path.startswith(PREFIX_MARK)  # the venv's, relative
 
 
+def test_machine_description_tells_cpu_generations_apart() -> None:
+    """The same "AMD EPYC" name covers Zen 4 and Zen 5 hosts: family and model say which."""
+    from bench.report import machine_description
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "cpu family" not in cpuinfo.read_text():
+        pytest.skip("no x86 /proc/cpuinfo")
+    family = next(
+        ln.split(":")[1].strip() for ln in cpuinfo.read_text().splitlines()
+        if ln.startswith("cpu family")
+    )  # fmt: skip
+    assert f"cpu family {family} model " in machine_description()["cpu_id"]
+
+
 @pytest.mark.parametrize("name", ["detector-en", "qa-zh", "pos-en", "polarity-en"])
 def test_near_free_copy_keeps_every_input_and_output(
     model_repo: Path, tmp_path: Path, name: str
