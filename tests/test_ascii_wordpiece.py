@@ -116,6 +116,7 @@ def test_truncation_boundary():
         ids, truncated = enc.ascii.encode(" ".join(["cat"] * n))
         assert truncated == (n > 4) and len(ids) == 2 + min(n, 4)
     assert _check(enc, [" ".join(["unaffable"] * n) for n in range(4)]) == 4
+    assert AsciiWordPiece.from_tokenizer(_tiny(), max_length=1) is None  # no room for specials
 
 
 def test_added_tokens_go_to_tokenizers():

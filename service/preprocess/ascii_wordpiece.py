@@ -110,6 +110,8 @@ class AsciiWordPiece:
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, max_length: int) -> AsciiWordPiece | None:
         """The fast encoder of ``tokenizer``, or ``None`` where its pipeline differs."""
+        if max_length < 2:  # no room for [CLS] and [SEP]: tokenizers' rules, not restated
+            return None
         cfg = json.loads(tokenizer.to_str())
         model, norm = cfg.get("model") or {}, _bert_normalizer(cfg.get("normalizer"))
         specials = _single_template(cfg.get("post_processor"))
