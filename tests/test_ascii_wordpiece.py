@@ -119,6 +119,20 @@ def test_truncation_boundary():
     assert AsciiWordPiece.from_tokenizer(_tiny(), max_length=1) is None  # no room for specials
 
 
+def test_long_texts_are_read_up_to_the_truncation_point(tokenizer):
+    """Past 16 × max_length characters words are found lazily: same ids as the eager path."""
+    enc = ClassifyEncoder(tokenizer, max_length=8)
+    rng = random.Random(1)
+    texts = [
+        " " * 500 + "the cat, " * 2000,  # the words start after a long whitespace run
+        "Hello" * 30 + " 42!" * 5000,  # one long word first, then many short ones
+        " ".join(_random_text(rng) for _ in range(300)),
+        "x" * 129,  # just past the eager limit, one word
+    ]
+    assert all(len(t) > enc.ascii.eager_chars for t in texts)
+    assert _check(enc, texts) == len(texts)
+
+
 def test_added_tokens_go_to_tokenizers():
     tok = _tiny()
     tok.add_tokens([AddedToken("catx", normalized=True)])  # matched after lowercasing

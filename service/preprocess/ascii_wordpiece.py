@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -105,7 +106,10 @@ class AsciiWordPiece:
         self.added = sorted({a.lower() for a in added if a})
         self.max_pieces = max_length - 2
         letters = "a-z0-9" if lowercase else "A-Za-z0-9"
-        self.split = re.compile(rf"[{letters}]+|[^{letters}\s]").findall
+        self.pattern = re.compile(rf"[{letters}]+|[^{letters}\s]")
+        # Past this many characters the words are found lazily, up to the truncation point:
+        # a long text then costs what its first max_length tokens cost.
+        self.eager_chars = 16 * max_length
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, max_length: int) -> AsciiWordPiece | None:
@@ -169,7 +173,12 @@ class AsciiWordPiece:
         ids = [self.first_id]
         stop = self.max_pieces + 1  # one piece past the limit tells truncation apart
         words = self.words
-        for w in self.split(folded if self.lowercase else text):
+        norm = folded if self.lowercase else text
+        if len(norm) <= self.eager_chars:
+            found: Iterable[str] = self.pattern.findall(norm)  # faster per word
+        else:
+            found = (m.group() for m in self.pattern.finditer(norm))
+        for w in found:
             i = words.get(w)
             if i is not None:
                 ids.append(i)
