@@ -16,6 +16,7 @@
 # BENCH_RAW_SECONDS (2), BENCH_BASELINE_DTYPE (fp32; fp16: torch half),
 # BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX), BENCH_API_REPLICAS (1:
 # in-process servers in (c), API processes in front of the one worker in (d)),
+# BENCH_REDIS_API_REPLICAS (BENCH_API_REPLICAS: (d)'s API processes alone),
 # BENCH_CLIENT_PROCS (1: load-generator processes).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 # (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
@@ -36,6 +37,7 @@ CONFIGS=${BENCH_CONFIGS:-baseline,raw,inprocess,redis}
 RAW_SECONDS=${BENCH_RAW_SECONDS:-2}
 BASELINE_DTYPE=${BENCH_BASELINE_DTYPE:-fp32}
 API_REPLICAS=${BENCH_API_REPLICAS:-1}
+REDIS_API_REPLICAS=${BENCH_REDIS_API_REPLICAS:-$API_REPLICAS}
 CLIENT_PROCS=${BENCH_CLIENT_PROCS:-1}
 MODELS_DIR=${MODELS_DIR:-models}
 PY=${PY:-python3}
@@ -150,7 +152,7 @@ for m in "$@"; do
         --derive-variants --configs "$CONFIGS" --requests "$REQUESTS"
         --baseline-requests "$BASELINE_REQUESTS" --baseline-dtype "$BASELINE_DTYPE"
         --concurrency "$CONCURRENCY" --warmup 200 --api-replicas "$API_REPLICAS"
-        --client-procs "$CLIENT_PROCS"
+        --redis-api-replicas "$REDIS_API_REPLICAS" --client-procs "$CLIENT_PROCS"
         --raw-seconds "$RAW_SECONDS" --max-load 1000 --settle-s 0
         --results-dir "$OUT" --name "$m-$tag")
   [ -f ".whl/requests/$m.jsonl.gz" ] && args+=(--requests-file ".whl/requests/$m.jsonl.gz")

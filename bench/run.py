@@ -490,9 +490,10 @@ class Bench:
             w = procs.start(f"worker-{variant}", [procs.nlpserve_bin(), "worker"], self.logs,
                             env={**common, "NLPSERVE_METRICS_PORT": str(mport)})  # fmt: skip
             started.append(w)
-            # --api-replicas N: N API processes in front of the one worker, the clients
-            # spread over them (what a gateway does): the scale-out past one API process.
-            n_api = self.args.api_replicas
+            # --api-replicas N (or --redis-api-replicas): N API processes in front of the one
+            # worker, the clients spread over them (what a gateway does): the scale-out past
+            # one API process.
+            n_api = self.args.redis_api_replicas or self.args.api_replicas
             urls = self._serve(f"serve-redis-{variant}", common, started, n_api)
             procs.wait_http(w, f"http://127.0.0.1:{mport}/readyz", timeout_s=180)
             apis = f"{n_api} API processes, " if n_api > 1 else ""
@@ -817,6 +818,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="(c): N in-process servers, each with its own model session; (d): N API "
         "processes in front of the one worker; the clients are spread over them",
+    )
+    p.add_argument(
+        "--redis-api-replicas",
+        type=int,
+        default=None,
+        help="(d) only: N API processes in front of the one worker (default: --api-replicas); "
+        "on a GPU one worker can feed more API processes than (c) has useful replicas",
     )
     p.add_argument(
         "--client-procs",

@@ -441,7 +441,7 @@ def test_derive_fp32_and_fp16_from_an_int8_only_version(model_repo: Path, tmp_pa
 
 
 def test_redis_config_with_two_api_replicas(model_repo: Path, tmp_path: Path) -> None:
-    """(d) with --api-replicas 2: two API processes in Redis mode, one worker, every
+    """(d) with --redis-api-replicas 2: two API processes in Redis mode, one worker, every
     request answered, the report naming the topology."""
     import shutil
 
@@ -451,8 +451,10 @@ def test_redis_config_with_two_api_replicas(model_repo: Path, tmp_path: Path) ->
     require_model(model_repo, DETECT_MODEL)
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server")
+    # --redis-api-replicas sets (d)'s API processes apart from (c)'s replicas
     run.main(["--models", str(model_repo), "--model", DETECT_MODEL, "--variants", "fp32",
-              "--configs", "redis", "--api-replicas", "2", "--requests", "60",
+              "--configs", "redis", "--api-replicas", "3", "--redis-api-replicas", "2",
+              "--requests", "60",
               "--concurrency", "4", "--warmup", "4", "--settle-s", "0",
               "--results-dir", str(tmp_path), "--name", "rep"])  # fmt: skip
     [r] = json.loads((tmp_path / "rep.json").read_text())["results"]
