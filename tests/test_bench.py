@@ -847,3 +847,26 @@ def test_ab_source_tree_is_the_code_that_runs(tmp_path: Path) -> None:
     assert proc.popen is not None and proc.popen.wait(timeout=60) == 0
     assert marker.exists(), proc.log_path.read_text()
     assert Path(marker.read_text()).parent == src / "service"
+
+
+def test_batch_invariance_fp32_exact_int8_measured(model_repo: Path) -> None:
+    """bench.batch_invariance: fp32 answers are the same alone and batched; int8 is measured
+    (its activation scales are per batch) with the same report fields."""
+    from bench.batch_invariance import measure
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    version = model_repo / DETECT_MODEL / "1"
+    texts = [
+        "a short one",
+        "a somewhat longer text about the weather today and tomorrow",
+        "furthermore, in conclusion, it is important to note",
+        "ok",
+        "the cat sat",
+    ]
+    fp32 = measure(version, "fp32", texts, batch=3)
+    assert fp32["requests"] == 5 and fp32["label_flips"] == 0
+    assert fp32["max_abs_diff"] < 1e-6
+    int8 = measure(version, "int8", texts, batch=3)
+    assert int8["requests"] == 5 and set(int8) == set(fp32)
+    assert int8["max_abs_diff"] >= int8["median_abs_diff"] >= 0

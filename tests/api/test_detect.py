@@ -37,7 +37,9 @@ async def test_batch_in_order(client):
     singles = await asyncio.gather(*(client.post("/v1/detect", json={"text": t}) for t in texts))
     assert [o["label"] for o in outputs] == [s.json()["label"] for s in singles]
     # The default CPU variant is dynamically quantised int8: its activation scales are
-    # computed per batch, so probabilities may move in the 4th decimal (docs/service.md).
+    # computed per batch, so probabilities move with the batch-mates (docs/service.md; on the
+    # real detector by up to ~0.3 near the 0.5 boundary). This tiny model's answers for these
+    # texts sit far from the boundary and move by less than 5e-3.
     for o, s in zip(outputs, singles, strict=True):
         want = s.json()["machine_probability"]
         assert o["machine_probability"] == pytest.approx(want, abs=5e-3)

@@ -65,9 +65,36 @@ async def test_batch_in_order(client):
     outputs = r.json()["outputs"]
     assert len(outputs) == 3
     singles = await asyncio.gather(*(client.post("/v1/qa", json=i) for i in items))
-    for item, o, s in zip(items, outputs, singles, strict=True):
+    # Each output is a span of its own item's context: the three contexts differ, and the long
+    # one's filler puts its spans past the end of the short one, so outputs out of order fail.
+    for item, o in zip(items, outputs, strict=True):
         _check_span(o, item["context"])
-        assert (o["start"], o["end"]) == (s.json()["start"], s.json()["end"])
+    # The served int8 variant is dynamically quantised: activation scales are computed over
+    # the whole batch, so a batch answer may differ from the single one (seen in CI: span
+    # (6, 8) against (6, 7)). The fp32 variant must not: test_fp32_batch_answers_equal_singles.
+    assert all(s.status_code == 200 for s in singles)
+
+
+async def test_fp32_batch_answers_equal_singles(model_repo):
+    """fp32 answers do not depend on the batch: a request's span and score are the same alone
+    and batched with others (padding to the longest included)."""
+    from tests.service_support import live_server, make_settings
+
+    items = [
+        {"question": QUESTION, "context": CONTEXT},
+        {"question": "谁被称为诗仙？", "context": "李白是唐代著名诗人，被称为诗仙。"},
+        {"question": QUESTION, "context": LONG_CONTEXT},
+    ]
+    async with (
+        live_server(make_settings(model_repo, variant="fp32")) as srv,
+        srv.client() as client,
+    ):
+        r = await client.post("/v1/qa", json={"inputs": items})
+        singles = [(await client.post("/v1/qa", json=i)).json() for i in items]
+    assert r.status_code == 200, r.text
+    for o, s in zip(r.json()["outputs"], singles, strict=True):
+        assert (o["answer"], o["start"], o["end"]) == (s["answer"], s["start"], s["end"])
+        assert o["score"] == pytest.approx(s["score"], abs=1e-6)
 
 
 @pytest.mark.parametrize(
