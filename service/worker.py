@@ -621,7 +621,11 @@ class Worker:
                 stream, GROUP, self.name, idle_ms, start_id=cursor, count=min(room, 100)
             )
             self._claim_cursor[stream] = res[0]
-            claimed = [(i, f) for i, f in res[1] if i is not None]
+            # our own entries come back too when our keepalive ran late: XAUTOCLAIM just
+            # reset their idle time, and they are not taken over from anybody
+            claimed = [
+                (i, f) for i, f in res[1] if i is not None and (stream, i) not in self._in_hand
+            ]
             deleted = list(res[2]) if len(res) > 2 else []
             if deleted:  # deleted or trimmed while pending: nobody waits for them
                 await self.client.xack(stream, GROUP, *deleted)

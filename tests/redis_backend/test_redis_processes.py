@@ -86,7 +86,9 @@ class Cluster:
             "NLPSERVE_MAX_WAIT_MS": "5",
             "NLPSERVE_MAX_QUEUE_DEPTH": "5000",
             "NLPSERVE_REDIS_BLOCK_MS": "200",
-            "NLPSERVE_REDIS_CLAIM_IDLE_MS": "1000",  # dead workers' entries move after 1 s
+            # dead workers' entries move after 2 s (prod: 15 s); shorter, and a loaded CI
+            # machine's scheduling stalls hand live work over too
+            "NLPSERVE_REDIS_CLAIM_IDLE_MS": "2000",
             "NLPSERVE_METRICS_HOST": "127.0.0.1",
             "NLPSERVE_LOG_LEVEL": "WARNING",
             "TOKENIZERS_PARALLELISM": "false",
@@ -294,6 +296,7 @@ async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
 ) -> None:
     reqs = _requests(500, seed=1)
     want = await _expected(inprocess_service, reqs)
+    reclaimed_before = _reclaimed(cluster)
     t0 = time.monotonic()
     got = await _fire([u for _, u in cluster.apis], reqs)
     elapsed = time.monotonic() - t0
@@ -304,8 +307,16 @@ async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
     batches = [_metric(port, "nlpserve_batch_size_count") for _, port in cluster.workers]
     seqs = [_metric(port, "nlpserve_batch_size_sum") for _, port in cluster.workers]
     assert all(b > 0 for b in batches), batches
-    assert sum(seqs) == 500 and sum(seqs) / sum(batches) > 2, (seqs, batches)
-    print(f"500 requests in {elapsed:.2f}s; batches {batches}, sequences {seqs}")
+    assert sum(seqs) / sum(batches) > 2, (seqs, batches)
+    # each request ran once, or (at-least-once) once more for each time a worker stalled
+    # past the claim idle time and another took its entries over: never otherwise
+    redone = _reclaimed(cluster) - reclaimed_before
+    assert 500 <= sum(seqs) <= 500 + redone, (seqs, redone, cluster.logs())
+    print(f"500 requests in {elapsed:.2f}s; batches {batches}, sequences {seqs}, {redone=}")
+
+
+def _reclaimed(cluster: Cluster) -> float:
+    return sum(_metric(p, "nlpserve_worker_reclaimed_total") for _, p in cluster.workers)
 
 
 async def test_sigkill_of_a_worker_mid_load_loses_nothing(
@@ -334,6 +345,49 @@ async def test_sigkill_of_a_worker_mid_load_loses_nothing(
     assert reclaimed - reclaimed_before >= orphaned > 0
     assert await asyncio.to_thread(cluster.pending_of, victim.name) == 0
     print(f"SIGKILL left {orphaned} entries pending; survivors reclaimed them")
+
+
+async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
+    cluster: Cluster, inprocess_service
+) -> None:
+    """A worker that stops answering (SIGSTOP: a long GC pause, a starved VM) loses its
+    entries to the other worker after the claim idle time; when it wakes it finishes them
+    too, and each client still gets exactly one answer, the right one."""
+    (stalled, stalled_port), (_, other_port) = [(p, n) for p, n in cluster.workers if p.alive()]
+    ports = (stalled_port, other_port)
+    before = [_metric(p, "nlpserve_batch_size_sum") for p in ports]
+    reclaimed_before = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
+    reqs = _requests(200, seed=4)
+    want = await _expected(inprocess_service, reqs)
+    fire = asyncio.create_task(_fire([u for _, u in cluster.apis], reqs))
+    end = time.monotonic() + 30
+    while await asyncio.to_thread(cluster.pending_of, stalled.name) == 0:
+        assert time.monotonic() < end and not fire.done(), "the worker never held work"
+        await asyncio.sleep(0.005)
+    stalled.p.send_signal(signal.SIGSTOP)
+    try:
+        held = await asyncio.to_thread(cluster.pending_of, stalled.name)
+        # every request is answered while the worker is still stopped: its entries were
+        # taken over after the claim idle time (2 s)
+        got = await asyncio.wait_for(fire, 30)
+    finally:
+        stalled.p.send_signal(signal.SIGCONT)
+    _assert_same(got, want)
+    # awake again, it finishes what it held (the API drops those second replies)
+    await _until_true(lambda: cluster.pending_of(stalled.name) == 0)
+    reclaimed = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
+    reclaimed -= reclaimed_before
+    ran = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports) - sum(before)
+    assert reclaimed >= held > 0
+    assert 200 <= ran <= 200 + reclaimed, (ran, reclaimed)
+    print(f"SIGSTOP: {held} entries held, {reclaimed:.0f} reclaimed, {ran:.0f} sequences ran")
+
+
+async def _until_true(check, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < end, "condition never held"
+        await asyncio.sleep(0.1)
 
 
 async def test_redis_restart_readyz_fails_then_recovers(cluster: Cluster) -> None:
