@@ -251,14 +251,16 @@ async def test_entry_that_keeps_killing_workers_is_dead_lettered(
 
 async def test_live_worker_keeps_its_entries(make_settings, tiny_runners, r) -> None:
     """Entries held longer than the claim idle time are kept alive, not stolen."""
-    settings = make_settings(redis_claim_idle_ms=150, max_wait_ms=800, max_batch_size=64)
+    # idle 400 ms: a worker refreshes its entries every third of it, so a stall of the
+    # test's event loop (both workers run on it) shorter than ~250 ms cannot fail this
+    settings = make_settings(redis_claim_idle_ms=400, max_wait_ms=2000, max_batch_size=64)
     rng = np.random.default_rng(7)
     async with (
         api_queue(settings, tiny_runners) as q,
         running_worker(settings, tiny_runners) as w1,
         running_worker(settings, tiny_runners) as w2,
     ):
-        # each item waits ~0.8 s in a worker for its batch to fill: > 5x the idle time
+        # each item waits ~2 s in a worker for its batch to fill: 5x the idle time
         items = [make_item(tiny_runners[POL], 4, rng) for _ in range(6)]
         got = await asyncio.gather(*(q.submit(it) for it in items))
     for it, g in zip(items, got, strict=True):
