@@ -319,24 +319,35 @@ def _reclaimed(cluster: Cluster) -> float:
     return sum(_metric(p, "nlpserve_worker_reclaimed_total") for _, p in cluster.workers)
 
 
+async def _slow_worker(cluster: Cluster) -> tuple[Proc, int]:
+    """A further worker whose batches wait 300 ms to fill: it is sure to hold entries."""
+    proc, port = cluster.start_worker(NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_MAX_BATCH_SIZE="64")
+    await asyncio.to_thread(cluster.wait_ready)
+    return proc, port
+
+
+async def _fire_once_held(
+    cluster: Cluster, worker: Proc, reqs: list[tuple[str, dict]]
+) -> asyncio.Task[list[Reply]]:
+    """Send every request; return (requests in flight) once ``worker`` holds some of them."""
+    fire = asyncio.create_task(_fire([u for _, u in cluster.apis], reqs))
+    end = time.monotonic() + 30
+    while await asyncio.to_thread(cluster.pending_of, worker.name) == 0:
+        assert time.monotonic() < end and not fire.done(), f"{worker.name} never held work"
+        await asyncio.sleep(0.005)
+    return fire
+
+
 async def test_sigkill_of_a_worker_mid_load_loses_nothing(
     cluster: Cluster, inprocess_service
 ) -> None:
-    # A third worker whose batches wait 300 ms to fill: it is sure to hold entries when
-    # killed. Killing it leaves the usual two workers for the next test.
-    victim, victim_port = cluster.start_worker(
-        NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_MAX_BATCH_SIZE="64"
-    )
-    await asyncio.to_thread(cluster.wait_ready)
-    survivors = [port for _, port in cluster.workers if port != victim_port]
+    # killing the slow worker leaves the usual two for the next tests
+    victim, victim_port = await _slow_worker(cluster)
+    survivors = [port for p, port in cluster.workers if p.alive() and port != victim_port]
     reclaimed_before = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in survivors)
     reqs = _requests(200, seed=2)
     want = await _expected(inprocess_service, reqs)
-    fire = asyncio.create_task(_fire([u for _, u in cluster.apis], reqs))
-    end = time.monotonic() + 30
-    while await asyncio.to_thread(cluster.pending_of, victim.name) == 0:
-        assert time.monotonic() < end and not fire.done(), "the victim never held work"
-        await asyncio.sleep(0.005)
+    fire = await _fire_once_held(cluster, victim, reqs)
     victim.stop(signal.SIGKILL)
     orphaned = await asyncio.to_thread(cluster.pending_of, victim.name)
     got = await asyncio.wait_for(fire, 60)
@@ -351,19 +362,15 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     cluster: Cluster, inprocess_service
 ) -> None:
     """A worker that stops answering (SIGSTOP: a long GC pause, a starved VM) loses its
-    entries to the other worker after the claim idle time; when it wakes it finishes them
+    entries to the other workers after the claim idle time; when it wakes it finishes them
     too, and each client still gets exactly one answer, the right one."""
-    (stalled, stalled_port), (_, other_port) = [(p, n) for p, n in cluster.workers if p.alive()]
-    ports = (stalled_port, other_port)
-    before = [_metric(p, "nlpserve_batch_size_sum") for p in ports]
+    stalled, _ = await _slow_worker(cluster)
+    ports = [port for p, port in cluster.workers if p.alive()]
+    before = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports)
     reclaimed_before = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
     reqs = _requests(200, seed=4)
     want = await _expected(inprocess_service, reqs)
-    fire = asyncio.create_task(_fire([u for _, u in cluster.apis], reqs))
-    end = time.monotonic() + 30
-    while await asyncio.to_thread(cluster.pending_of, stalled.name) == 0:
-        assert time.monotonic() < end and not fire.done(), "the worker never held work"
-        await asyncio.sleep(0.005)
+    fire = await _fire_once_held(cluster, stalled, reqs)
     stalled.p.send_signal(signal.SIGSTOP)
     try:
         held = await asyncio.to_thread(cluster.pending_of, stalled.name)
@@ -377,9 +384,10 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     await _until_true(lambda: cluster.pending_of(stalled.name) == 0)
     reclaimed = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
     reclaimed -= reclaimed_before
-    ran = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports) - sum(before)
+    ran = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports) - before
     assert reclaimed >= held > 0
     assert 200 <= ran <= 200 + reclaimed, (ran, reclaimed)
+    assert stalled.stop() == 0  # SIGTERM: a clean exit; the usual two workers remain
     print(f"SIGSTOP: {held} entries held, {reclaimed:.0f} reclaimed, {ran:.0f} sequences ran")
 
 

@@ -269,26 +269,13 @@ async def test_live_worker_keeps_its_entries(make_settings, tiny_runners, r) -> 
     assert w1.stats.replies + w2.stats.replies == 6
 
 
-async def test_own_entries_returned_by_xautoclaim_are_not_counted_as_reclaimed(
-    make_settings, tiny_runners, r
+@pytest.mark.parametrize("own_reclaim", [False, True], ids=["plain", "after-own-xautoclaim"])
+async def test_graceful_stop_finishes_work_in_hand(
+    make_settings, tiny_runners, r, own_reclaim: bool
 ) -> None:
-    """When a worker's keepalive runs late, its own XAUTOCLAIM returns entries it already
-    holds: they are neither counted as taken over nor scheduled twice."""
-    settings = make_settings(max_wait_ms=5000, max_batch_size=64)
-    rng = np.random.default_rng(10)
-    items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
-    async with api_queue(settings, tiny_runners) as q:
-        async with running_worker(settings, tiny_runners) as w:
-            tasks = [asyncio.create_task(q.submit(it)) for it in items]
-            await wait_for(lambda: len(w._in_hand) == 4)
-            await w._reclaim(0)  # idle 0: every pending entry, all of them ours
-            assert w.stats.reclaimed == 0 and len(w._in_hand) == 4
-        assert w.stats.batch_sizes == [4]
-        for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
-            assert_same(g, direct(tiny_runners[POS], it))
-
-
-async def test_graceful_stop_finishes_work_in_hand(make_settings, tiny_runners, r) -> None:
+    """Work read and waiting for its batch runs, once, when the worker stops. With
+    ``own_reclaim``: when a worker's keepalive runs late, its own XAUTOCLAIM returns entries
+    it already holds; they are neither counted as taken over nor scheduled twice."""
     settings = make_settings(max_wait_ms=5000, max_batch_size=64)
     rng = np.random.default_rng(8)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
@@ -296,6 +283,9 @@ async def test_graceful_stop_finishes_work_in_hand(make_settings, tiny_runners, 
         async with running_worker(settings, tiny_runners) as w:
             tasks = [asyncio.create_task(q.submit(it)) for it in items]
             await wait_for(lambda: len(w._in_hand) == 4)  # read, waiting for the batch to fill
+            if own_reclaim:
+                await w._reclaim(0)  # idle 0: every pending entry, all of them ours
+                assert w.stats.reclaimed == 0 and len(w._in_hand) == 4
             # leaving the block stops the worker: it must run the 4 now, not drop them
         assert w.stats.batch_sizes == [4]
         for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
