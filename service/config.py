@@ -189,7 +189,7 @@ class Settings(BaseSettings):
     redis_claim_idle_ms: int = Field(
         15_000,
         description="A pending entry idle this long (its worker died) is reclaimed by another "
-        "worker with XAUTOCLAIM.",
+        "worker (XPENDING IDLE, then XCLAIM).",
     )
     redis_max_attempts: int = Field(
         3,

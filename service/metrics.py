@@ -146,7 +146,7 @@ class WorkerMetrics:
         r = registry
         self.reclaimed = Counter(
             "nlpserve_worker_reclaimed_total",
-            "Entries this worker took over from dead workers (XAUTOCLAIM).",
+            "Entries this worker took over from dead or stalled workers (XCLAIM).",
             ["model"],
             registry=r,
         )

@@ -10,7 +10,8 @@ One worker process serves every model of the repository:
   ``XACK``s and ``XDEL``s the entry (same pipeline, in that order), so a crash between the
   two leaves the entry pending: it is redone and the duplicate reply is dropped by the API;
 * keeps the entries it holds alive (``XCLAIM ... JUSTID``) and reclaims entries left
-  pending by dead workers with ``XAUTOCLAIM`` after ``redis_claim_idle_ms``;
+  pending by dead workers (``XPENDING … IDLE``, then ``XCLAIM``) after
+  ``redis_claim_idle_ms``;
 * an entry delivered more than ``redis_max_attempts`` times, or failing that many times,
   goes to the model's dead-letter stream and its client gets an error reply, not a hang;
 * SIGTERM: stop reading, finish the work in hand, ack, exit.
@@ -137,7 +138,6 @@ class Worker:
         self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
         self._running = 0
         self._stopping = False
-        self._claim_cursor: dict[str, bytes | str] = dict.fromkeys(self.streams, "0-0")
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
         self.stats = WorkerStats()
@@ -248,10 +248,9 @@ class Worker:
             for s in self.streams:
                 pipe.xgroup_create(s, GROUP, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        for s, res in zip(self.streams, results, strict=True):
+        for res in results:
             if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
                 raise res
-            self._claim_cursor[s] = "0-0"
 
     async def _read_loop(self) -> None:
         delay = 0.05
@@ -611,27 +610,37 @@ class Worker:
                 it.touched = now
 
     async def _reclaim(self, idle_ms: int) -> None:
-        """Take over entries that have sat unacknowledged for ``idle_ms`` (dead workers)."""
+        """Take over entries that have sat unacknowledged for ``idle_ms`` (dead workers).
+
+        ``XPENDING … IDLE`` lists them with their delivery counts; ``XCLAIM`` with the same
+        min-idle time then takes each one only if it is still idle (its owner may have just
+        refreshed it) and counts the delivery. Entries we hold ourselves show up here when
+        our keepalive ran late: they are refreshed (``JUSTID``: not counted as a delivery),
+        not taken over, so a slow worker does not push live work towards the poison limit.
+        """
         for stream in self.streams:
             room = self.settings.worker_prefetch - len(self._in_hand)
             if room <= 0:
                 return
-            cursor = self._claim_cursor.get(stream, "0-0")
-            res = await self.client.xautoclaim(
-                stream, GROUP, self.name, idle_ms, start_id=cursor, count=min(room, 100)
+            rows = await self.client.xpending_range(
+                stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
             )
-            self._claim_cursor[stream] = res[0]
-            # our own entries come back too when our keepalive ran late: XAUTOCLAIM just
-            # reset their idle time, and they are not taken over from anybody
-            claimed = [
-                (i, f) for i, f in res[1] if i is not None and (stream, i) not in self._in_hand
-            ]
-            deleted = list(res[2]) if len(res) > 2 else []
-            if deleted:  # deleted or trimmed while pending: nobody waits for them
-                await self.client.xack(stream, GROUP, *deleted)
+            ours = [r["message_id"] for r in rows if (stream, r["message_id"]) in self._in_hand]
+            if ours:
+                await self.client.xclaim(stream, GROUP, self.name, 0, ours, justid=True)
+            counts = {
+                r["message_id"]: int(r["times_delivered"]) + 1  # + this XCLAIM
+                for r in rows
+                if (stream, r["message_id"]) not in self._in_hand
+            }
+            if not counts:
+                continue
+            # deleted while pending (client gone, trimmed): Redis 7 drops them from the
+            # pending list here, 6.2 returns them without fields and _accept acks them
+            claimed = await self.client.xclaim(stream, GROUP, self.name, idle_ms, list(counts))
+            claimed = [(i, f) for i, f in claimed if i is not None]
             if not claimed:
                 continue
-            counts = await self._delivery_counts(stream, [i for i, _ in claimed])
             model = self._stream_model[stream]
             log.warning(
                 "worker %s: reclaimed %d idle entries of %s", self.name, len(claimed), stream
@@ -639,16 +648,6 @@ class Worker:
             self.wm.reclaimed.labels(model).inc(len(claimed))
             self.stats.reclaimed += len(claimed)
             await self._accept(stream, claimed, counts)
-
-    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.xpending_range(stream, GROUP, min=i, max=i, count=1)
-            rows = await pipe.execute()
-        out: dict[bytes, int] = {}
-        for i, r in zip(ids, rows, strict=True):
-            out[i] = int(r[0]["times_delivered"]) if r else 1
-        return out
 
     async def _sample_streams(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -228,6 +228,27 @@ async def test_entries_of_a_dead_worker_are_reclaimed(make_settings, tiny_runner
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
+async def test_worker_restarted_under_its_old_name_redoes_what_it_held(
+    make_settings, tiny_runners, r
+) -> None:
+    """A fixed NLPSERVE_WORKER_NAME (one per container) comes back after a crash owning its
+    old pending entries: they are not in its hands, so it takes them over like anyone's."""
+    settings = make_settings(redis_claim_idle_ms=300, worker_name="worker-a")
+    rng = np.random.default_rng(11)
+    items = [make_item(tiny_runners[POL], 6, rng) for _ in range(3)]
+    stream = work_stream(settings.redis_prefix, POL, items[0].bucket)
+    async with api_queue(settings, tiny_runners) as q:
+        tasks = [asyncio.create_task(q.submit(it)) for it in items]
+        await wait_for(lambda: _xlen_is(r, stream, 3))
+        assert len(await _ghost_read(r, settings, stream, "worker-a")) == 3  # then it died
+        async with running_worker(settings, tiny_runners) as w:
+            got = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+    assert w.name == "worker-a" and w.stats.reclaimed == 3
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
 async def test_entry_that_keeps_killing_workers_is_dead_lettered(
     make_settings, tiny_runners, r
 ) -> None:
@@ -269,13 +290,14 @@ async def test_live_worker_keeps_its_entries(make_settings, tiny_runners, r) -> 
     assert w1.stats.replies + w2.stats.replies == 6
 
 
-@pytest.mark.parametrize("own_reclaim", [False, True], ids=["plain", "after-own-xautoclaim"])
+@pytest.mark.parametrize("own_reclaim", [False, True], ids=["plain", "after-own-reclaim"])
 async def test_graceful_stop_finishes_work_in_hand(
     make_settings, tiny_runners, r, own_reclaim: bool
 ) -> None:
     """Work read and waiting for its batch runs, once, when the worker stops. With
-    ``own_reclaim``: when a worker's keepalive runs late, its own XAUTOCLAIM returns entries
-    it already holds; they are neither counted as taken over nor scheduled twice."""
+    ``own_reclaim``: when a worker's keepalive runs late, its own reclaim sweep finds entries
+    it already holds; they are neither taken over (no delivery counted, not counted as
+    reclaimed) nor scheduled twice."""
     settings = make_settings(max_wait_ms=5000, max_batch_size=64)
     rng = np.random.default_rng(8)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
@@ -286,6 +308,10 @@ async def test_graceful_stop_finishes_work_in_hand(
             if own_reclaim:
                 await w._reclaim(0)  # idle 0: every pending entry, all of them ours
                 assert w.stats.reclaimed == 0 and len(w._in_hand) == 4
+                rows = await r.xpending_range(
+                    work_stream(settings.redis_prefix, POS, items[0].bucket), GROUP, "-", "+", 10
+                )
+                assert [x["times_delivered"] for x in rows] == [1] * 4
             # leaving the block stops the worker: it must run the 4 now, not drop them
         assert w.stats.batch_sizes == [4]
         for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
