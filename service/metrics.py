@@ -150,6 +150,14 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
+        self.maintenance_delay = Histogram(
+            "nlpserve_worker_maintenance_delay_seconds",
+            "How late each keepalive/reclaim pass ran against its schedule (event loop stalls, "
+            "CPU starvation, slow Redis). Past about 2/3 of NLPSERVE_REDIS_CLAIM_IDLE_MS, other "
+            "workers take this worker's entries over and redo them.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
         self.dead_lettered = Counter(
             "nlpserve_worker_dead_lettered_total",
             "Entries moved to the dead-letter stream; reason=failed|redelivered|malformed.",

@@ -577,8 +577,14 @@ class Worker:
         period = min(max(idle_ms / 4000, 0.05), 2.0)
         next_sample = 0.0
         next_gc = time.monotonic() + 60.0
+        last_pass: float | None = None
         while True:
-            self._heartbeat = time.monotonic()
+            # how late this pass runs: the keepalive below must come around well within
+            # the claim idle time, or other workers take our entries over
+            now = time.monotonic()
+            if last_pass is not None:
+                self.wm.maintenance_delay.observe(max(0.0, now - last_pass - period))
+            last_pass = self._heartbeat = now
             try:
                 await self._keepalive(idle_ms)
                 if not self._stopping:

@@ -364,7 +364,7 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     """A worker that stops answering (SIGSTOP: a long GC pause, a starved VM) loses its
     entries to the other workers after the claim idle time; when it wakes it finishes them
     too, and each client still gets exactly one answer, the right one."""
-    stalled, _ = await _slow_worker(cluster)
+    stalled, stalled_port = await _slow_worker(cluster)
     ports = [port for p, port in cluster.workers if p.alive()]
     before = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports)
     reclaimed_before = sum(_metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
@@ -387,6 +387,10 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     ran = sum(_metric(p, "nlpserve_batch_size_sum") for p in ports) - before
     assert reclaimed >= held > 0
     assert 200 <= ran <= 200 + reclaimed, (ran, reclaimed)
+    # its metrics show the stall (>= ~2 s stopped): a maintenance pass more than 1 s late
+    late = _metric(stalled_port, "nlpserve_worker_maintenance_delay_seconds_count")
+    late -= _metric(stalled_port, 'nlpserve_worker_maintenance_delay_seconds_bucket{le="1.0"}')
+    assert late >= 1
     assert stalled.stop() == 0  # SIGTERM: a clean exit; the usual two workers remain
     print(f"SIGSTOP: {held} entries held, {reclaimed:.0f} reclaimed, {ran:.0f} sequences ran")
 
