@@ -136,6 +136,7 @@ class Worker:
         # batches handed to the executor: the running ones and those queued behind them
         self._slots = self._threads + settings.prefetch_batches
         self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
+        self._version_checked = False
         self._running = 0
         self._stopping = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
@@ -251,6 +252,18 @@ class Worker:
         for res in results:
             if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
                 raise res
+        if not self._version_checked:
+            self._version_checked = True
+            version = str((await self.client.info("server")).get("redis_version", "0"))
+            if not redis_version_supported(version):
+                # 6.x's XCLAIM returns deleted entries as nil and keeps them pending: a dead
+                # worker's entries whose clients left would be listed again forever
+                log.warning(
+                    "worker %s: Redis %s is older than 7.0, which nlpserve needs for the "
+                    "clean-up of entries deleted while pending; upgrade Redis",
+                    self.name,
+                    version,
+                )
 
     async def _read_loop(self) -> None:
         delay = 0.05
@@ -641,8 +654,8 @@ class Worker:
             }
             if not counts:
                 continue
-            # deleted while pending (client gone, trimmed): Redis 7 drops them from the
-            # pending list here, 6.2 returns them without fields and _accept acks them
+            # entries deleted while pending (client gone, trimmed) are not returned: Redis
+            # >= 7.0 drops them from the pending list here
             claimed = await self.client.xclaim(stream, GROUP, self.name, idle_ms, list(counts))
             claimed = [(i, f) for i, f in claimed if i is not None]
             if not claimed:
@@ -721,6 +734,15 @@ class Worker:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def redis_version_supported(version: str) -> bool:
+    """Redis >= 7.0 (``INFO server``'s ``redis_version``, e.g. ``7.0.15``)."""
+    try:
+        parts = [int(x) for x in version.split(".")[:2]]
+    except ValueError:
+        return False
+    return tuple(parts) >= (7, 0)
 
 
 def _s(v: bytes | str) -> str:

@@ -45,7 +45,7 @@ async def r(redis_url: str):
     await client.aclose()
 
 
-async def test_results_match_direct_inference(make_settings, tiny_runners) -> None:
+async def test_results_match_direct_inference(make_settings, tiny_runners, caplog) -> None:
     settings = make_settings()
     rng = np.random.default_rng(0)
     items = [
@@ -62,6 +62,8 @@ async def test_results_match_direct_inference(make_settings, tiny_runners) -> No
     for g, x in zip(many, want[:5], strict=True):
         assert_same(g, x)
     assert w.stats.replies == 65 and w.stats.dead_lettered == 0
+    # the server's version was read and is one the worker supports (7.x here)
+    assert w._version_checked and "older than 7.0" not in caplog.text
 
 
 async def test_backlog_is_read_in_bulk_and_batched(make_settings, tiny_runners, r) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from service.config import Settings
 from service.queueing.redis_keys import make_client
-from service.worker import event_loop_factory
+from service.worker import event_loop_factory, redis_version_supported
 
 
 def test_worker_loop_is_uvloop_where_installed() -> None:
@@ -44,3 +44,20 @@ async def test_redis_clients_parse_replies_with_hiredis() -> None:
         )
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("7.0.15", True),
+        ("7.2.4", True),
+        ("8.0.0", True),
+        ("10.1", True),
+        ("6.2.14", False),
+        ("5.0.7", False),
+        ("", False),
+        ("unknown", False),
+    ],
+)
+def test_redis_version_needed_by_the_worker(version: str, ok: bool) -> None:
+    assert redis_version_supported(version) is ok
