@@ -213,41 +213,26 @@ async def _ghost_read(r, settings, stream: str, ghost: str = "ghost") -> list[by
     return [i for _, entries in resp for i, _ in entries]
 
 
-async def test_entries_of_a_dead_worker_are_reclaimed(make_settings, tiny_runners, r) -> None:
-    settings = make_settings(redis_claim_idle_ms=300)
+@pytest.mark.parametrize("dead", ["ghost", "worker-a"], ids=["other-worker", "own-old-name"])
+async def test_entries_of_a_dead_worker_are_reclaimed(
+    make_settings, tiny_runners, r, dead: str
+) -> None:
+    """A dead consumer's pending entries are taken over after the claim idle time. With
+    ``own-old-name`` the dead one is this worker's earlier life (a fixed NLPSERVE_WORKER_NAME,
+    one per container): it owns them by name but does not hold them, so it takes them over."""
+    settings = make_settings(redis_claim_idle_ms=300, worker_name="worker-a")
     rng = np.random.default_rng(5)
     items = [make_item(tiny_runners[POL], 9, rng) for _ in range(5)]
     stream = work_stream(settings.redis_prefix, POL, items[0].bucket)
     async with api_queue(settings, tiny_runners) as q:
         tasks = [asyncio.create_task(q.submit(it)) for it in items]
         await wait_for(lambda: _xlen_is(r, stream, 5))
-        assert len(await _ghost_read(r, settings, stream)) == 5
+        assert len(await _ghost_read(r, settings, stream, dead)) == 5
         async with running_worker(settings, tiny_runners) as w:
             got = await asyncio.wait_for(asyncio.gather(*tasks), 15)
     for it, g in zip(items, got, strict=True):
         assert_same(g, direct(tiny_runners[POL], it))
-    assert w.stats.reclaimed == 5
-    assert (await r.xpending(stream, GROUP))["pending"] == 0
-
-
-async def test_worker_restarted_under_its_old_name_redoes_what_it_held(
-    make_settings, tiny_runners, r
-) -> None:
-    """A fixed NLPSERVE_WORKER_NAME (one per container) comes back after a crash owning its
-    old pending entries: they are not in its hands, so it takes them over like anyone's."""
-    settings = make_settings(redis_claim_idle_ms=300, worker_name="worker-a")
-    rng = np.random.default_rng(11)
-    items = [make_item(tiny_runners[POL], 6, rng) for _ in range(3)]
-    stream = work_stream(settings.redis_prefix, POL, items[0].bucket)
-    async with api_queue(settings, tiny_runners) as q:
-        tasks = [asyncio.create_task(q.submit(it)) for it in items]
-        await wait_for(lambda: _xlen_is(r, stream, 3))
-        assert len(await _ghost_read(r, settings, stream, "worker-a")) == 3  # then it died
-        async with running_worker(settings, tiny_runners) as w:
-            got = await asyncio.wait_for(asyncio.gather(*tasks), 15)
-    for it, g in zip(items, got, strict=True):
-        assert_same(g, direct(tiny_runners[POL], it))
-    assert w.name == "worker-a" and w.stats.reclaimed == 3
+    assert w.name == "worker-a" and w.stats.reclaimed == 5
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
