@@ -621,12 +621,16 @@ class Worker:
             if it.touched < limit:
                 stale.setdefault(it.stream, []).append(it)
         for stream, items in stale.items():
-            await self.client.xclaim(
-                stream, GROUP, self.name, 0, [it.entry_id for it in items], justid=True
-            )
-            now = time.monotonic()
-            for it in items:
-                it.touched = now
+            await self._touch(stream, items)
+
+    async def _touch(self, stream: str, items: list[StreamItem]) -> None:
+        """Reset the idle time of entries we hold (``JUSTID``: no delivery is counted)."""
+        await self.client.xclaim(
+            stream, GROUP, self.name, 0, [it.entry_id for it in items], justid=True
+        )
+        now = time.monotonic()
+        for it in items:
+            it.touched = now
 
     async def _reclaim(self, idle_ms: int) -> None:
         """Take over entries that have sat unacknowledged for ``idle_ms`` (dead workers).
@@ -644,9 +648,9 @@ class Worker:
             rows = await self.client.xpending_range(
                 stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
             )
-            ours = [r["message_id"] for r in rows if (stream, r["message_id"]) in self._in_hand]
-            if ours:
-                await self.client.xclaim(stream, GROUP, self.name, 0, ours, justid=True)
+            held = [self._in_hand.get((stream, r["message_id"])) for r in rows]
+            if ours := [it for it in held if it is not None]:
+                await self._touch(stream, ours)
             counts = {
                 r["message_id"]: int(r["times_delivered"]) + 1  # + this XCLAIM
                 for r in rows
