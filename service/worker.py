@@ -648,14 +648,16 @@ class Worker:
             rows = await self.client.xpending_range(
                 stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
             )
-            held = [self._in_hand.get((stream, r["message_id"])) for r in rows]
-            if ours := [it for it in held if it is not None]:
+            ours: list[StreamItem] = []
+            counts: dict[bytes, int] = {}  # delivery counts of the others, + this XCLAIM
+            for row in rows:
+                held = self._in_hand.get((stream, row["message_id"]))
+                if held is not None:
+                    ours.append(held)
+                else:
+                    counts[row["message_id"]] = int(row["times_delivered"]) + 1
+            if ours:
                 await self._touch(stream, ours)
-            counts = {
-                r["message_id"]: int(r["times_delivered"]) + 1  # + this XCLAIM
-                for r in rows
-                if (stream, r["message_id"]) not in self._in_hand
-            }
             if not counts:
                 continue
             # entries deleted while pending (client gone, trimmed) are not returned: Redis
