@@ -9,7 +9,9 @@ answer. The process's event loop does ``parse`` ms of work per request (HTTP, JS
 tokenizing) before queueing it and ``respond`` ms after its batch; one batch runs at a time,
 off the event loop (the GPU), in ``batch_ms + per_seq_ms x n`` ms; a batch starts when the
 model is idle and the queue is full (``max_batch``) or its oldest request has waited
-``max_wait`` ms: the rule of service/batching (one bucket).
+``max_wait`` ms: the rule of service/batching with ``NLPSERVE_WAIT_WHEN_IDLE=1`` (one bucket,
+one thread, no batch formed ahead). The default rule, an idle model takes pending work at
+once, is ``max_wait`` 0 here.
 
 What it showed, with the H200 figures (``bench/results/*-cuda-h200*``): at 8 clients per
 process a 5 ms wait caps the loop near 940 req/s, where 0-1 ms reach its ~1,670 req/s

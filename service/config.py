@@ -18,10 +18,12 @@ from service.batching.types import BatchPolicy
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 8192
 CUDA_SHAPE_MULTIPLE = 16
-# Default max wait (NLPSERVE_MAX_WAIT_MS unset). A CPU batch takes tens of ms, so work piles
-# up behind it and the wait rarely matters. A GPU batch takes ~1 ms: a 5 ms wait made each
-# batch of an H200 replica wait for 2-3 requests and capped it near 640 req/s
-# (bench/results/*-cuda-h200*, mean batch 2.8); a short wait keeps the GPU fed instead.
+# Default max wait (NLPSERVE_MAX_WAIT_MS unset): how long a batch formed while every
+# inference thread is busy stays open for company before it is queued behind them (an idle
+# thread never waits: it takes pending work at once). A CPU batch takes tens of ms, so that
+# batch fills long before a thread frees. A GPU batch takes ~1 ms: when the wait applied to
+# an idle model too, 5 ms capped an H200 replica near 640 req/s (bench/results/*-cuda-h200*,
+# mean batch 2.8); a short wait keeps the GPU fed.
 CPU_MAX_WAIT_MS = 5.0
 CUDA_MAX_WAIT_MS = 1.0
 # Default padding floor (NLPSERVE_MIN_PADDING_EFFICIENCY unset). On CPU a padded token costs
@@ -105,9 +107,17 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="How long the oldest sequence of a batch that is not full may wait for "
-        f"company while the model is idle. Default per provider: {CPU_MAX_WAIT_MS:g} on CPU, "
-        f"{CUDA_MAX_WAIT_MS:g} on CUDA (a GPU batch takes about a millisecond: a longer wait "
-        "idles the GPU).",
+        "company while every inference thread is busy (the batch formed ahead, to queue "
+        "behind them). A thread that is idle takes pending work at once, without waiting. "
+        f"Default per provider: {CPU_MAX_WAIT_MS:g} on CPU, {CUDA_MAX_WAIT_MS:g} on CUDA (a GPU "
+        "batch takes about a millisecond: a longer wait idles the GPU).",
+    )
+    wait_when_idle: bool = Field(
+        False,
+        description="Hold a batch that is not full for the max wait even while an inference "
+        "thread is idle: fewer, fuller batches at low load, at the cost of every lone "
+        "request's latency (the max wait added to it). Worth trying where several processes "
+        "share one GPU and each one's small batches contend for it.",
     )
     min_padding_efficiency: float | None = Field(
         None,

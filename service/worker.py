@@ -381,9 +381,12 @@ class Worker:
 
     def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
         lane = self._ahead_lane()
+        # As in-process: an idle thread takes pending work at once (see InProcessQueue._loop).
+        idle = self._running < self._threads and not self.settings.wait_when_idle
+        no_wait = self._stopping or idle
         for k in range(len(models)):
             m = models[(start + k) % len(models)]
-            batch = self.schedulers[m].next_batch(now, flush=self._stopping, lane=lane)
+            batch = self.schedulers[m].next_batch(now, no_wait=no_wait, lane=lane)
             if batch:
                 return m, batch
         return None

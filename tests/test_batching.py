@@ -155,11 +155,11 @@ def test_buckets_never_mix_and_oldest_ready_bucket_goes_first():
     assert s.next_batch(now) is None
 
 
-def test_flush_takes_unready_buckets():
+def test_no_wait_takes_unready_buckets():
     s = BucketScheduler(POLICY)
     s.add(item(5, at=T0))
     assert s.next_batch(now=T0) is None
-    assert len(s.next_batch(now=T0, flush=True)) == 1
+    assert len(s.next_batch(now=T0, no_wait=True)) == 1
 
 
 def test_explain_lane_waits_while_predict_work_is_pending():

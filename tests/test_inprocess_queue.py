@@ -143,6 +143,46 @@ async def test_batches_run_and_queue_per_model_up_to_threads_plus_prefetch(
         await q.close(2)
 
 
+async def test_idle_thread_runs_at_once_and_only_the_batch_formed_ahead_waits(runners, model_repo):
+    """A lone request on an idle model runs without waiting for company (the max wait here
+    is a minute); while the thread is busy, the next batch stays open until it is full."""
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(
+        model_repo, max_wait_ms=60_000, max_batch_size=3, inference_threads=1, prefetch_batches=1
+    )
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        lone = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)  # before: held for the 60 s max wait
+        later = [asyncio.create_task(q.submit(item(4))) for _ in range(2)]
+        await wait_for(lambda: q.depth(MODEL) == 2)
+        await asyncio.sleep(0.05)  # the loop had its chances: a batch of 2 is not full
+        assert q.in_flight(MODEL) == 1 and q.depth(MODEL) == 2
+        later.append(asyncio.create_task(q.submit(item(4))))
+        await wait_for(lambda: q.in_flight(MODEL) == 4)  # full: formed and queued behind
+        gated.gate.set()
+        await asyncio.gather(lone, *later)
+        assert [r.size for r in list(q.batch_log)[-2:]] == [1, 3]
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+async def test_wait_when_idle_holds_a_lone_request_for_company(runners, model_repo):
+    settings = make_settings(model_repo, max_wait_ms=60_000, wait_when_idle=True)
+    q = InProcessQueue(runners, settings)
+    await q.start()
+    try:
+        lone = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: q.depth(MODEL) == 1)
+        await asyncio.sleep(0.05)  # the loop had its chances: held, though no thread is busy
+        assert q.depth(MODEL) == 1 and q.in_flight(MODEL) == 0 and not lone.done()
+    finally:
+        await q.close(2)  # drains: the held request runs
+    assert "logits" in await lone
+
+
 async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo):
     """Explanations wait while every thread is busy; predictions may queue ahead of them."""
     gated = GatedRunner(runners[MODEL])

@@ -36,8 +36,8 @@ class BucketScheduler:
       predictions by more than the batches already running (a batch formed ahead, to queue
       behind them, is asked for with ``lane=PREDICT_LANE``: never an explanation);
     * within a lane, among the buckets that are ready (full, or oldest item waited
-      ``max_wait_s``), the one whose oldest item has waited longest goes first, so a busy
-      bucket cannot starve a quiet one;
+      ``max_wait_s``, or any pending work when the caller says ``no_wait``), the one whose
+      oldest item has waited longest goes first, so a busy bucket cannot starve a quiet one;
     * the batch itself is formed by :meth:`PendingBucket.take` (the oldest sequence and
       those nearest to it in length, max batch size, token budget).
     """
@@ -106,11 +106,12 @@ class BucketScheduler:
         return None
 
     def next_batch(
-        self, now: float | None = None, *, flush: bool = False, lane: str | None = None
+        self, now: float | None = None, *, no_wait: bool = False, lane: str | None = None
     ) -> list[WorkItem] | None:
         """Pop the batch to run now, or ``None`` when no bucket is ready.
 
-        ``flush=True`` treats every non-empty bucket as ready (draining at shutdown);
+        ``no_wait=True`` treats every non-empty bucket as ready: an inference thread is idle
+        (waiting for company would only leave it idle), or the queue drains at shutdown;
         ``lane`` returns a batch only if that lane is the one whose turn it is.
         """
         active = self._active_lane()
@@ -123,7 +124,7 @@ class BucketScheduler:
         for (_, ln), pb in self._pending.items():
             if ln != lane or not pb.items:
                 continue
-            if not flush and not pb.ready(self.policy, now):
+            if not no_wait and not pb.ready(self.policy, now):
                 continue
             wait = pb.oldest_wait(now)
             if wait > best_wait:

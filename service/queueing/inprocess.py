@@ -80,7 +80,8 @@ class InProcessQueue(InferenceQueue):
     :func:`run_batch_isolating`; the batch's own task resolves the waiting futures. A model has
     at most ``inference_threads`` batches running and ``prefetch_batches`` formed and queued
     behind them; while they run, new requests accumulate, so batches grow with load by
-    themselves.
+    themselves. A thread that is idle takes pending work at once (a lone request never waits
+    for company); only the batch formed ahead waits up to the max wait to fill.
 
     Items whose future is already done (client gone, deadline hit) are dropped before a batch
     is formed; expired items are failed with :class:`DeadlineExceededError`.
@@ -292,7 +293,10 @@ class InProcessQueue(InferenceQueue):
                 now = time.time()
                 self._purge(model, now)
                 ahead = lane_for_next_batch(len(dispatched), self._threads[model])
-                batch = sched.next_batch(now, flush=self._closing, lane=ahead)
+                # A thread that is idle takes pending work at once; max wait only holds a
+                # batch formed ahead, to queue behind busy threads, open for company.
+                idle = len(dispatched) < self._threads[model] and not self.settings.wait_when_idle
+                batch = sched.next_batch(now, no_wait=self._closing or idle, lane=ahead)
                 if batch is None:
                     if self._closing and not len(sched):
                         if dispatched:

@@ -320,8 +320,11 @@ def _reclaimed(cluster: Cluster) -> float:
 
 
 async def _slow_worker(cluster: Cluster) -> tuple[Proc, int]:
-    """A further worker whose batches wait 300 ms to fill: it is sure to hold entries."""
-    proc, port = cluster.start_worker(NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_MAX_BATCH_SIZE="64")
+    """A further worker whose batches wait 300 ms to fill, idle or not: it is sure to hold
+    entries."""
+    proc, port = cluster.start_worker(
+        NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_WAIT_WHEN_IDLE="1", NLPSERVE_MAX_BATCH_SIZE="64"
+    )
     await asyncio.to_thread(cluster.wait_ready)
     return proc, port
 

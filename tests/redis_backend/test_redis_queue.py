@@ -88,6 +88,28 @@ async def test_backlog_is_read_in_bulk_and_batched(make_settings, tiny_runners, 
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
+@pytest.mark.parametrize("wait_when_idle", [False, True])
+async def test_idle_worker_runs_a_lone_entry_at_once(
+    make_settings, tiny_runners, r, wait_when_idle: bool
+) -> None:
+    """With a one-minute max wait, an idle worker still runs a lone entry at once (no
+    company is coming); with ``wait_when_idle`` it holds it for company."""
+    settings = make_settings(max_wait_ms=60_000, wait_when_idle=wait_when_idle)
+    rng = np.random.default_rng(3)
+    it = make_item(tiny_runners[POS], 5, rng)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        task = asyncio.create_task(q.submit(it))
+        if not wait_when_idle:
+            assert_same(await asyncio.wait_for(task, 10), direct(tiny_runners[POS], it))
+            assert w.stats.batch_sizes == [1]
+            return
+        await wait_for(lambda: len(w._in_hand) == 1)
+        await asyncio.sleep(0.2)  # the worker had its chances: still held, not run
+        assert w.stats.batches == 0 and not task.done()
+        # leaving the blocks stops the worker, which runs what it holds
+    assert_same(await task, direct(tiny_runners[POS], it))
+
+
 async def _xlen_is(r, stream: str, n: int) -> bool:
     return await r.xlen(stream) == n
 
@@ -261,7 +283,9 @@ async def test_live_worker_keeps_its_entries(make_settings, tiny_runners, r) -> 
     """Entries held longer than the claim idle time are kept alive, not stolen."""
     # idle 400 ms: a worker refreshes its entries every third of it, so a stall of the
     # test's event loop (both workers run on it) shorter than ~250 ms cannot fail this
-    settings = make_settings(redis_claim_idle_ms=400, max_wait_ms=2000, max_batch_size=64)
+    settings = make_settings(
+        redis_claim_idle_ms=400, max_wait_ms=2000, wait_when_idle=True, max_batch_size=64
+    )
     rng = np.random.default_rng(7)
     async with (
         api_queue(settings, tiny_runners) as q,
@@ -285,7 +309,7 @@ async def test_graceful_stop_finishes_work_in_hand(
     ``own_reclaim``: when a worker's keepalive runs late, its own reclaim sweep finds entries
     it already holds; they are neither taken over (no delivery counted, not counted as
     reclaimed) nor scheduled twice."""
-    settings = make_settings(max_wait_ms=5000, max_batch_size=64)
+    settings = make_settings(max_wait_ms=5000, wait_when_idle=True, max_batch_size=64)
     rng = np.random.default_rng(8)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
     async with api_queue(settings, tiny_runners) as q:
