@@ -1,11 +1,13 @@
 """A/B two server setups on one machine, round by round, with each process's CPU per request.
 
 On a shared 2-core VM one round's throughput moves by ±10% with the neighbours' load, so one
-run of each setup cannot tell a 5% change from noise. This script alternates them (A, B, A,
-B, ...) on the same pre-generated requests and prints, per round, the throughput and the CPU
-per request of each process (the API's event loop and its other threads, the Redis worker,
-redis-server, this load generator) and the batches' mean size and padding efficiency (from the
-``/metrics`` of the process running the model), then the medians and B/A per pair of rounds.
+run of each setup cannot tell a 5% change from noise. This script alternates them on the same
+pre-generated requests, in the order A B, B A, A B, ... (the second of a pair ran 2-3% slower
+on one host, whichever setup it was: a fixed order would charge that to B). It prints, per
+round, the throughput and the CPU per request of each process (the API's event loop and its
+other threads, the Redis worker, redis-server, this load generator) and the batches' mean size
+and padding efficiency (from the ``/metrics`` of the process running the model), then the
+medians and B/A per pair of rounds.
 
     # a setting
     python -m bench.ab --data ../shared/data --rounds 4 --a-env NLPSERVE_FAST_PATH=0
@@ -217,6 +219,7 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
     a = [r for r in rounds if r.label == "A"]
     b = [r for r in rounds if r.label == "B"]
     ratios = [y.account.throughput / x.account.throughput for x, y in zip(a, b, strict=False)]
+    out["order"] = [r.label for r in rounds]
     out["b_over_a"] = [round(x, 3) for x in ratios]
     out["median_b_over_a"] = statistics.median(ratios) if ratios else None
     return out
@@ -286,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 redis_pid = rp.pid
             rounds: list[Round] = []
             for r in range(args.rounds):
-                for setup in setups:
+                for setup in setups if r % 2 == 0 else setups[::-1]:
                     if redis_url is not None:  # each round starts from an empty Redis
                         _flush(redis_url)
                     one = run_round(setup, args, models, specs, tmp / "logs", redis_url, redis_pid)

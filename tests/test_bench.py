@@ -824,6 +824,7 @@ def test_ab_alternates_two_setups_and_accounts_each_process(
         if queue == "redis":
             assert s["median_worker_ms"] > 0
     assert len(summary["b_over_a"]) == 2 and summary["median_b_over_a"] > 0
+    assert summary["order"] == ["A", "B", "B", "A"]  # neither always runs second
 
 
 def test_ab_source_tree_is_the_code_that_runs(tmp_path: Path) -> None:
