@@ -137,7 +137,10 @@ class Worker:
         self._slots = self._threads + settings.prefetch_batches
         self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
         self._version_checked = False
-        self._running = 0
+        self._running = 0  # batches formed and not yet settled (replied to, acked)
+        # batches on the executor (running or queued behind): what slots and idleness count;
+        # a batch leaves it when its thread is done, not after its replies are written
+        self._on_threads = 0
         self._stopping = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
@@ -377,12 +380,12 @@ class Worker:
 
     # ------------------------------------------------------------------ batching
     def _ahead_lane(self) -> str | None:
-        return lane_for_next_batch(self._running, self._threads)
+        return lane_for_next_batch(self._on_threads, self._threads)
 
     def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
         lane = self._ahead_lane()
         # As in-process: an idle thread takes pending work at once (see InProcessQueue._loop).
-        idle = self._running < self._threads and not self.settings.wait_when_idle
+        idle = self._on_threads < self._threads and not self.settings.wait_when_idle
         no_wait = self._stopping or idle
         for k in range(len(models)):
             m = models[(start + k) % len(models)]
@@ -406,12 +409,13 @@ class Worker:
                 # the API already answered 504 at the deadline: just ack
                 await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
                 now = time.time()
-            while self._running < self._slots:
+            while self._on_threads < self._slots:
                 pick = self._pick(now, models, rr)
                 if pick is None:
                     break
                 rr = (models.index(pick[0]) + 1) % len(models)
                 self._running += 1
+                self._on_threads += 1
                 task = asyncio.create_task(self._run_batch(*pick))
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
@@ -421,7 +425,7 @@ class Worker:
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []
             for s in self.schedulers.values():
-                if self._running < self._slots and (
+                if self._on_threads < self._slots and (
                     (w := s.next_wakeup(now, lane=self._ahead_lane())) is not None
                 ):
                     waits.append(w)
@@ -443,6 +447,10 @@ class Worker:
             except Exception as e:  # executor gone or a bug: treat as a failure of each
                 log.exception("worker %s: batch of %s failed", self.name, model)
                 results = [e] * len(batch)
+            finally:
+                # the thread is free: the next batch may form while these replies are written
+                self._on_threads -= 1
+                self._wake.set()
             if getattr(runner, "metrics", None) is not self.metrics:
                 # runners loaded with this worker's Metrics record batches themselves
                 self.metrics.observe_batch(

@@ -110,6 +110,34 @@ async def test_idle_worker_runs_a_lone_entry_at_once(
     assert_same(await task, direct(tiny_runners[POS], it))
 
 
+async def test_next_batch_runs_while_the_last_ones_replies_are_written(
+    make_settings, tiny_runners, r
+) -> None:
+    """A thread is free once its batch returns: with one thread and nothing formed ahead,
+    the next batch runs while the previous batch's replies are still being written."""
+    settings = make_settings(inference_threads=1, prefetch_batches=0)
+    rng = np.random.default_rng(4)
+    items = [make_item(tiny_runners[POS], 5, rng) for _ in range(2)]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        gate = asyncio.Event()
+        settle = w._settle
+
+        async def slow_settle(done):  # the reply pipeline, held until the gate opens
+            await gate.wait()
+            await settle(done)
+
+        w._settle = slow_settle
+        first = asyncio.create_task(q.submit(items[0]))
+        await wait_for(lambda: w.stats.batches == 1)
+        second = asyncio.create_task(q.submit(items[1]))
+        await wait_for(lambda: w.stats.batches == 2)  # before: waited for the first's replies
+        assert not first.done() and w.batches_in_flight == 2
+        gate.set()
+        got = await asyncio.gather(first, second)
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
+
+
 async def _xlen_is(r, stream: str, n: int) -> bool:
     return await r.xlen(stream) == n
 
