@@ -58,6 +58,7 @@ async def test_depth_limit_admits_all_or_nothing(queue):
     with pytest.raises(QueueFullError) as e:
         await queue.submit_many([item(), item()])
     assert e.value.status_code == 429 and e.value.retry_after_s >= 1
+    assert "has 3 sequences queued and this request needs 2 more (limit 4)" in str(e.value)
     assert queue.depth(MODEL) == 3
     queue.resume()
     assert len(await held) == 3

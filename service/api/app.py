@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # "/v1/pos/" is a 404, not a redirect to a Location built from the Host header
+        redirect_slashes=False,
     )
     app.state.service = state
     install_error_handlers(app)

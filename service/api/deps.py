@@ -42,14 +42,14 @@ class ServiceState:
                 raise ApiError(
                     404,
                     "model_not_found",
-                    f"no model named {model!r} is loaded (loaded: "
+                    f"no model named {clip_name(model)} is loaded (loaded: "
                     f"{', '.join(sorted(self.tasks)) or 'none'}; see GET /v1/models)",
                 )
             if t.task != task:
                 raise ApiError(
                     404,
                     "model_not_found",
-                    f"model {model!r} does the {t.task!r} task, not {task!r}",
+                    f"model {model!r} does the {t.task!r} task, not {task!r}",  # a known name
                 )
             return t
         names = self.models_of(task)
@@ -71,6 +71,31 @@ class ServiceState:
             return asked if t is not None and t.task == task else "unknown"
         names = self.models_of(task)
         return names[0] if names else f"none:{task}"
+
+
+def clip_name(name: str, limit: int = 100) -> str:
+    """A client-given name for a message: quoted, and cut (a 60 kB one is not echoed)."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
+def check_query(request: Request, allowed: tuple[str, ...] = ("model",)) -> None:
+    """Refuse query parameters the endpoint does not read: a client that pins
+    ``?version=2`` must not silently get another version's answer (body fields are strict
+    for the same reason); and ``model`` given twice is ambiguous."""
+    if not request.scope.get("query_string"):
+        return
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key not in allowed:
+            raise ApiError(
+                422,
+                "unknown_parameter",
+                f"unknown query parameter {clip_name(key)}; this endpoint reads: "
+                f"{', '.join(allowed)} (each model serves its highest version: GET /v1/models)",
+            )
+        if key in seen:
+            raise ApiError(422, "unknown_parameter", f"query parameter {key!r} given twice")
+        seen.add(key)
 
 
 def get_state(request: Request) -> ServiceState:

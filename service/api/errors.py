@@ -39,6 +39,21 @@ def error_response(
     )
 
 
+def too_many_items(n: int, limit: int) -> ApiError:
+    return ApiError(
+        422,
+        "too_many_items",
+        f"{n} inputs in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
+    )
+
+
+def batch_len(doc: Any) -> int:
+    """How many items a ``{"inputs": [...]}`` body holds (0 for anything else)."""
+    if isinstance(doc, dict) and isinstance(items := doc.get("inputs"), list):
+        return len(items)
+    return 0
+
+
 def _respond(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
     # The metrics middleware reads the code to count rejections by reason.
     request.state.error_code = code
@@ -112,6 +127,33 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
     return 422, _code_for(first), "; ".join(msgs) + more
 
 
+# What FastAPI raises (HTTPException 400, this detail) when json.loads fails with something
+# other than a JSONDecodeError; the cause says why.
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
+def body_parse_error(request: Request, cause: BaseException | None) -> tuple[int, str, str]:
+    """(status, code, message) for a body that could not be decoded as JSON."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return (
+            415,
+            "unsupported_media_type",
+            (f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed"),
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        reason = (
+            f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+        )
+    elif isinstance(cause, RecursionError):
+        reason = "it is nested too deeply"
+    elif isinstance(cause, ValueError) and "digits" in str(cause):
+        reason = "a number in it has too many digits"
+    else:
+        reason = str(cause) if cause is not None else "it could not be decoded"
+    return 400, "invalid_json", f"the body is not valid JSON: {reason}"
+
+
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
@@ -137,11 +179,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        limit = request.app.state.service.settings.max_batch_items
+        if (n := batch_len(exc.body)) > limit:  # what the fast path answers before validating
+            return await _api(request, too_many_items(n, limit))
         status, code, message = validation_error(list(exc.errors()))
         return _respond(request, status, code, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR and exc.__cause__:
+            return _respond(request, *body_parse_error(request, exc.__cause__))
         code = _HTTP_NAMES.get(exc.status_code, f"http_{exc.status_code}")
         message = str(exc.detail)
         if exc.status_code == 404:

@@ -7,6 +7,7 @@ talks about the shape the client actually sent.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import (
@@ -21,9 +22,26 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 
+def _has_visible(v: str) -> bool:
+    """True when ``v`` holds a character other than whitespace, control (Cc) and format (Cf)
+    characters: "\u200b" or "\x00" alone would reach the model as no tokens at all."""
+    for ch in v:  # almost always decided by the first character
+        if ch.isspace():
+            continue
+        if ch.isascii():
+            if ch.isprintable():
+                return True
+        elif unicodedata.category(ch) not in ("Cc", "Cf"):
+            return True
+    return False
+
+
 def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise PydanticCustomError("empty_text", "must contain some non-whitespace text")
+    if not _has_visible(v):
+        raise PydanticCustomError(
+            "empty_text",
+            "must contain some visible text (not only whitespace, control or format characters)",
+        )
     if not v.isascii():
         try:
             v.encode("utf-8")

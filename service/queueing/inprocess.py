@@ -176,8 +176,8 @@ class InProcessQueue(InferenceQueue):
             depth = len(self._scheds[model])
             if depth + n > self.max_depth:
                 raise QueueFullError(
-                    f"model {model!r} has {depth} sequences queued (limit {self.max_depth}); "
-                    "retry later",
+                    f"model {model!r} has {depth} sequences queued and this request needs {n} "
+                    f"more (limit {self.max_depth}); retry later",
                     retry_after_s=self._retry_after(model),
                 )
         now = time.time()
@@ -200,7 +200,8 @@ class InProcessQueue(InferenceQueue):
                 return await results_of(futures)
         except TimeoutError:
             raise DeadlineExceededError(
-                f"not served within the request deadline ({(deadline - now) * 1000:.0f} ms)"
+                "not served before the request deadline "
+                f"({(deadline - now) * 1000:.0f} ms were left when it was queued)"
             ) from None
         finally:
             # Cancelling (client gone, deadline) marks queued items so no batch runs them.

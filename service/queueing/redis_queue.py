@@ -213,7 +213,8 @@ class RedisQueue(InferenceQueue):
             return results
         except TimeoutError:
             raise DeadlineExceededError(
-                f"not served within the request deadline ({(deadline - now) * 1000:.0f} ms)"
+                "not served before the request deadline "
+                f"({(deadline - now) * 1000:.0f} ms were left when it was queued)"
             ) from None
         finally:
             for it, fut in zip(items, futures, strict=True):
@@ -257,8 +258,8 @@ class RedisQueue(InferenceQueue):
         self._record_depth(model, keys, lens)
         if not ids:
             raise QueueFullError(
-                f"model {model!r} has {depth} sequences queued (limit "
-                f"{self.settings.max_queue_depth}); retry later",
+                f"model {model!r} has {depth} sequences queued and this request needs "
+                f"{len(targets)} more (limit {self.settings.max_queue_depth}); retry later",
                 retry_after_s=RETRY_AFTER_S,
             )
         return list(zip(targets, ids, strict=True))

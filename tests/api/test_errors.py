@@ -4,6 +4,7 @@ for bad input and never a hang."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 
@@ -67,6 +68,11 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict:
         (b'{"text": "a dog", "extra": 1}', 422, "unknown_field"),
         (b'{"text": ""}', 422, "empty_text"),
         (b'{"text": "\\t\\n "}', 422, "empty_text"),
+        (b'{"text": "\\u200b"}', 422, "empty_text"),  # zero-width space: no tokens at all
+        (b'{"text": "\\u0000 \\u00ad\\u202e\\u3000"}', 422, "empty_text"),
+        (b'{"text": "\xff\xfe abc"}', 400, "invalid_json"),
+        (b'{"text": ' + b"1" * 5000 + b"}", 400, "invalid_json"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
         (b'{"inputs": []}', 422, "empty_inputs"),
         (b'{"inputs": null}', 422, "wrong_type"),
         (b'{"inputs": [{"text": "ok"}, {"text": 5}]}', 422, "wrong_type"),
@@ -80,6 +86,28 @@ async def test_bad_bodies(client, content, status, code):
     err = assert_error(r, status, code)
     if code == "wrong_type" and b"inputs" in content and b"[{" in content:
         assert err["message"].startswith("inputs[1].text")
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b'{"text": "\xff\xfe abc"}', "not UTF-8 (byte 0xff at position 10)"),
+        (b'{"text": ' + b"1" * 5000 + b"}", "too many digits"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+)
+async def test_undecodable_body_says_why(client, content, reason):
+    r = await client.post(
+        "/v1/polarity", content=content, headers={"content-type": "application/json"}
+    )
+    assert reason in assert_error(r, 400, "invalid_json")["message"]
+
+
+async def test_compressed_body_is_415(client):
+    body = gzip.compress(b'{"text": "a fine film"}')
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    r = await client.post("/v1/polarity", content=body, headers=headers)
+    assert "gzip" in assert_error(r, 415, "unsupported_media_type")["message"]
 
 
 async def test_missing_field_message_names_the_field(client):
@@ -136,6 +164,11 @@ async def test_unknown_endpoint_and_method(client):
     assert_error(await client.post("/v1/translate", json={"text": "x"}), 404, "not_found")
     assert_error(await client.get("/nope"), 404, "not_found")
     assert_error(await client.get("/v1/polarity"), 405, "method_not_allowed")
+    # a trailing slash is another path: 404, not a redirect built from the Host header
+    for path in ("/v1/polarity/", "/healthz/"):
+        r = await client.post(path, json={"text": "x"}) if "v1" in path else await client.get(path)
+        assert_error(r, 404, "not_found")
+        assert "location" not in r.headers
 
 
 async def test_unknown_model_and_wrong_task(client):
@@ -149,6 +182,23 @@ async def test_unknown_model_and_wrong_task(client):
     assert "'pos'" in err["message"]
     ok = await client.post("/v1/polarity?model=polarity-en", json={"text": "great"})
     assert ok.status_code == 200
+
+
+async def test_query_parameters_other_than_one_model_are_refused(client):
+    """A pinned ``?version=`` must not be answered by another version in silence."""
+    for query, says in [
+        ("model=polarity-en&version=2", "'version'"),
+        ("foo=bar", "'foo'"),
+        ("model=polarity-en&model=nope", "given twice"),
+        ("model=nope&model=polarity-en", "given twice"),
+    ]:
+        r = await client.post(f"/v1/polarity?{query}", json={"text": "great"})
+        assert says in assert_error(r, 422, "unknown_parameter")["message"]
+    long = "x" * 60_000
+    err = assert_error(
+        await client.post(f"/v1/polarity?model={long}", json={"text": "x"}), 404, "model_not_found"
+    )
+    assert len(err["message"]) < 400 and "60000 characters" in err["message"]
 
 
 async def test_endpoint_without_its_model_is_a_clear_404(tmp_path, model_repo):
@@ -256,7 +306,8 @@ async def test_deadline_exceeded_is_504_and_the_item_never_runs(limited, lc):
     q.pause()
     ran_before = len(q.batch_log)
     r = await lc.post("/v1/polarity", json={"text": "great"}, headers={"X-Deadline-Ms": "50"})
-    assert_error(r, 504, "deadline_exceeded")
+    message = assert_error(r, 504, "deadline_exceeded")["message"]
+    assert "not served before the request deadline" in message and "ms were left" in message
     assert q.waiting == 0
     q.resume()
     await wait_for(lambda: q.depth("polarity-en") == 0)

@@ -120,6 +120,8 @@ HANDLED = [
     ("/v1/detect?model=nope", {"json": {"text": TEXT}}, 404, "model_not_found"),
     (f"/v1/detect?model={POLARITY_MODEL}", {"json": {"text": TEXT}}, 404, "model_not_found"),
     ("/v1/detect", {"json": {"inputs": [{"text": "a"}] * 4}}, 422, "too_many_items"),
+    # over the limit: refused before its (invalid) items are validated
+    ("/v1/detect", {"json": {"inputs": [{}] * 1000}}, 422, "too_many_items"),
     ("/v1/detect", {"json": {"text": "x" * 301}}, 422, "text_too_long"),
     ("/v1/detect", {"json": {"text": TEXT}, "headers": {"X-Deadline-Ms": "soon"}}, 400,
      "invalid_header"),
@@ -128,12 +130,12 @@ HANDLED = [
 # Bodies that fail parsing or validation, and queries it does not interpret: FastAPI's.
 HANDED_ON = [
     ("/v1/detect", {"content": b"not json"}, 400, "invalid_json"),
-    ("/v1/detect", {"content": b"[" * 5000}, 400, "bad_request"),  # nested past json's limit
+    ("/v1/detect", {"content": b"[" * 5000}, 400, "invalid_json"),  # nested past json's limit
     ("/v1/detect", {"json": {"txt": TEXT}}, 422, None),
     ("/v1/detect", {"json": {"text": ""}}, 422, "empty_text"),
     ("/v1/detect", {"json": {"inputs": []}}, 422, "empty_inputs"),
-    ("/v1/detect?verbose=1", {"json": {"text": TEXT}}, 200, None),
-    ("/v1/detect?model=a&model=b", {"json": {"text": TEXT}}, 404, "model_not_found"),
+    ("/v1/detect?verbose=1", {"json": {"text": TEXT}}, 422, "unknown_parameter"),
+    ("/v1/detect?model=a&model=b", {"json": {"text": TEXT}}, 422, "unknown_parameter"),
     ("/v1/detect/explain", {"json": {"txt": TEXT}}, 422, None),  # not a fast-path route
 ]
 

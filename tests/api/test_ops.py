@@ -16,6 +16,9 @@ async def test_healthz_and_readyz(client):
     r = await client.get("/readyz")
     assert r.status_code == 200
     assert {"pos-en", "polarity-en"} <= set(r.json()["models"])
+    for path in ("/healthz", "/readyz"):  # HEAD: what load balancers probe with
+        r = await client.head(path)
+        assert r.status_code == 200 and not r.content
 
 
 async def test_models_lists_what_runs_where(client, service, model_repo):

@@ -152,6 +152,7 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
         with pytest.raises(QueueFullError) as e:  # 2 queued + 2 > 3: neither is admitted
             await q.submit_many([make_item(tiny_runners[POS], 4, rng) for _ in range(2)])
         assert e.value.status_code == 429 and e.value.retry_after_s > 0
+        assert "has 2 sequences queued and this request needs 2 more (limit 3)" in str(e.value)
         waiting.append(asyncio.create_task(q.submit(make_item(tiny_runners[POS], 5, rng))))
         await wait_for(lambda: q.depth(POS) == 3)
         with pytest.raises(QueueFullError):

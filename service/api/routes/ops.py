@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import ServiceState
+from service.api.deps import ServiceState, clip_name
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, error_response
 from service.api.schemas import ErrorResponse, ModelInfo, ModelsResponse
@@ -59,19 +59,20 @@ async def model(request: Request, name: str) -> ModelInfo:
         raise ApiError(
             404,
             "model_not_found",
-            f"no model named {name!r} is loaded "
+            f"no model named {clip_name(name)} is loaded "
             f"(loaded: {', '.join(sorted(state.tasks)) or 'none'})",
         )
     return _info(state, name)
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],  # HEAD: load balancers' health checks
     summary="Readiness: models loaded and the queue accepts work",
     responses={503: {"model": ErrorResponse}},
 )

@@ -9,9 +9,15 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.deps import DEADLINE_HEADER, ClientGone, cancel_on_disconnect, deadline_from
+from service.api.deps import (
+    DEADLINE_HEADER,
+    ClientGone,
+    cancel_on_disconnect,
+    check_query,
+    deadline_from,
+)
 from service.api.deps import get_state as _state
-from service.api.errors import ApiError
+from service.api.errors import ApiError, too_many_items
 from service.api.schemas import (
     DETECT_EXAMPLES,
     BatchRequest,
@@ -76,19 +82,15 @@ BODIES: dict[str, Any] = {
 async def predict(request: Request, task_name: str, body: BaseModel, model: str | None) -> Response:
     """Answer one validated prediction request: what every route here does, and the fast
     path too. Errors are raised (ApiError, InputError, QueueError) for the app's handlers."""
+    check_query(request)
     state = _state(request)
     task = state.resolve(task_name, model)
     request.state.model = task.name
     deadline = deadline_from(request, state.settings)
     is_batch = isinstance(body, BatchRequest)
     items = list(body.inputs) if is_batch else [body]  # type: ignore[attr-defined]
-    limit = state.settings.max_batch_items
-    if len(items) > limit:
-        raise ApiError(
-            422,
-            "too_many_items",
-            f"{len(items)} inputs in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
-        )
+    if len(items) > state.settings.max_batch_items:
+        raise too_many_items(len(items), state.settings.max_batch_items)
     if state.queue is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
     try:
