@@ -223,3 +223,28 @@ def test_bad_geometry_is_refused(tok):
         QAEncoder(tok, max_length=20, doc_stride=5, max_query_length=20)
     with pytest.raises(ValueError):
         QAEncoder(tok, max_length=20, doc_stride=10, max_query_length=8)
+
+
+def test_ordinary_text_has_no_barred_tokens(enc):
+    assert all(w.barred is None for w in enc.encode("长江有多长？", LONG))
+
+
+def test_typed_special_tokens_never_bound_an_answer_but_unk_and_inner_ones_may(enc, tok):
+    context = "[CLS]北京[SEP]上海𠮷[MASK]"  # 𠮷 is not in the vocabulary: [UNK]
+    (w,) = enc.encode("问题？", context)
+    lo, hi = w.context_start, w.context_end
+    ids = w.input_ids[lo:hi].tolist()
+    unk = tok.token_to_id("[UNK]")
+    assert ids == [enc.cls_id, *ids[1:3], enc.sep_id, *ids[4:6], unk, tok.token_to_id("[MASK]")]
+    assert w.barred[lo:hi].tolist() == [True, False, False, True, False, False, False, True]
+    s, e = np.zeros(len(w)), np.zeros(len(w))
+    s[lo] = e[lo] = 50.0  # the model's favourite: the typed [CLS] alone
+    s[hi - 1] = e[hi - 1] = 40.0  # then the typed [MASK]
+    s[lo + 1] = 5.0  # 北
+    e[lo + 6] = 4.0  # 𠮷 ([UNK]: a real character, a valid end)
+    ans = decode_best_span(context, [w], [s], [e], max_answer_length=30)
+    assert ans.text == "北京[SEP]上海𠮷"  # a special inside the span is fine
+    # Only specials in the context: no answer at all.
+    (w,) = enc.encode("问题？", "[SEP][CLS][PAD]")
+    ans = decode_best_span("[SEP][CLS][PAD]", [w], [np.ones(len(w))], [np.ones(len(w))])
+    assert (ans.text, ans.window, ans.probability) == ("", -1, 0.0)

@@ -39,7 +39,12 @@ def task_scorer(task: Task, queue: InferenceQueue, output_field: str) -> Scorer:
         # model_construct: masked variants are the masker's output (never blank), and
         # re-validating thousands of them per explanation would be wasted work.
         requests = [request_cls.model_construct(text=t) for t in texts]
-        outs = await run_requests(task, queue, requests, deadline, lane=EXPLAIN_LANE)
+        # No character limit here: the client's text was checked (explain route), and a
+        # variant may outgrow it ("!" -> "[MASK] "); its tokens are bounded by the model's
+        # max length, since the text was cut to what the model reads before masking.
+        outs = await run_requests(
+            task, queue, requests, deadline, lane=EXPLAIN_LANE, enforce_limits=False
+        )
         return np.array([float(getattr(o, output_field)) for o in outs], dtype=np.float64)
 
     return score

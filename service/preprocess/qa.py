@@ -9,6 +9,9 @@ into overlapping slices: consecutive slices share ``doc_stride`` context tokens 
 ``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context token keeps its
 ``(start, end)`` character offsets into the *original* context string, so a predicted token
 span maps back to an exact substring of what the client sent.
+
+The tokenizer also matches special-token strings inside client text (a context holding
+``"[SEP]"`` gets the ``[SEP]`` id): such a token is never an answer's first or last token.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class QAWindow:
     offsets: np.ndarray
     context_start: int  # first token index of the context slice
     context_end: int  # one past the last context token
+    # [T] bool: context tokens an answer may not start or end on (special tokens matched in
+    # the context's text); None when there are none, i.e. for ordinary text.
+    barred: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -92,6 +98,7 @@ class QAEncoder:
         self.cls_id = special_id(tokenizer, CLS_NAMES)
         self.sep_id = special_id(tokenizer, SEP_NAMES)
         self.pad_id = special_id(tokenizer, PAD_NAMES)
+        self.barred_ids = barred_ids(tokenizer) | {self.cls_id, self.sep_id, self.pad_id}
 
     @classmethod
     def load(
@@ -127,6 +134,10 @@ class QAEncoder:
         head = [self.cls_id, *q_ids, self.sep_id]
         n = len(c_ids)
         c_off = np.asarray(c_offsets, dtype=np.int64).reshape(-1, 2)
+        # Ordinary text holds no special ids: skip the mask (and its cost) then.
+        c_barred = None
+        if not self.barred_ids.isdisjoint(c_ids):
+            c_barred = np.isin(np.asarray(c_ids, dtype=np.int64), list(self.barred_ids))
         windows = []
         start = 0
         while True:
@@ -136,7 +147,13 @@ class QAEncoder:
             types[len(head) :] = 1
             offsets = np.full((len(ids), 2), NO_OFFSET[0], dtype=np.int64)
             offsets[len(head) : len(head) + end - start] = c_off[start:end]
-            windows.append(QAWindow(ids, types, offsets, len(head), len(head) + end - start))
+            barred = None
+            if c_barred is not None:
+                barred = np.zeros(len(ids), dtype=bool)
+                barred[len(head) : len(head) + end - start] = c_barred[start:end]
+            windows.append(
+                QAWindow(ids, types, offsets, len(head), len(head) + end - start, barred)
+            )
             if end >= n:
                 return windows
             start += step
@@ -161,6 +178,18 @@ class QAEncoder:
         return decode_best_span(
             context, windows, start_logits, end_logits, max_answer_length, n_best
         )
+
+
+def barred_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens, except its unknown token.
+
+    [UNK] stays a valid answer boundary: it also stands for real characters missing from the
+    vocabulary (a rare name), and the answer's text comes from their offsets, not the token.
+    """
+    unk = getattr(tokenizer.model, "unk_token", None)
+    return frozenset(
+        i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special and t.content != unk
+    )
 
 
 def pad_batch(
@@ -192,7 +221,8 @@ def decode_best_span(
     """The best character span of ``context`` over all its windows.
 
     ``start_logits``/``end_logits`` hold one row per window (a padded [W, T] array or a list
-    of 1-D arrays); only context tokens are candidates. For each window the ``n_best``
+    of 1-D arrays); only context tokens are candidates, and not those in a window's
+    ``barred`` mask (special tokens typed in the context). For each window the ``n_best``
     highest start and end positions are paired; a span is valid when ``end >= start`` and it
     covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
     """
@@ -208,9 +238,13 @@ def decode_best_span(
             continue
         s_log = np.asarray(start_logits[w], dtype=np.float64)[lo:hi]
         e_log = np.asarray(end_logits[w], dtype=np.float64)[lo:hi]
-        k = min(n_best, hi - lo)
-        s_top = np.argsort(-s_log, kind="stable")[:k]
-        e_top = np.argsort(-e_log, kind="stable")[:k]
+        s_top = np.argsort(-s_log, kind="stable")
+        e_top = np.argsort(-e_log, kind="stable")
+        if win.barred is not None:
+            # Dropped before taking the n-best, so they take no candidate's place either.
+            ok = ~win.barred[lo:hi]
+            s_top, e_top = s_top[ok[s_top]], e_top[ok[e_top]]
+        s_top, e_top = s_top[:n_best], e_top[:n_best]
         char_start = win.offsets[lo + s_top, 0]
         char_end = win.offsets[lo + e_top, 1]
         tokens = e_top[None, :] - s_top[:, None]  # span length - 1

@@ -90,18 +90,29 @@ class Task(abc.ABC):
         )
 
     def check_limits(self, requests: Sequence[BaseModel]) -> None:
-        limit = self.settings.max_text_chars
         for i, req in enumerate(requests):
             for text in self.texts(req):
-                if len(text) > limit:
-                    raise InputError(
-                        "text_too_long",
-                        f"{where(i, len(requests))}text has {len(text)} characters; "
-                        f"the limit is {limit} (NLPSERVE_MAX_TEXT_CHARS)",
-                    )
+                self.check_length(text, where(i, len(requests)))
 
-    def prepare(self, requests: Sequence[BaseModel], deadline: float, lane: str) -> list[Prepared]:
-        self.check_limits(requests)
+    def check_length(self, text: str, prefix: str = "") -> None:
+        """422 ``text_too_long`` for a client text over NLPSERVE_MAX_TEXT_CHARS."""
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise InputError(
+                "text_too_long",
+                f"{prefix}text has {len(text)} characters; "
+                f"the limit is {limit} (NLPSERVE_MAX_TEXT_CHARS)",
+            )
+
+    def prepare(
+        self,
+        requests: Sequence[BaseModel],
+        deadline: float,
+        lane: str,
+        enforce_limits: bool = True,
+    ) -> list[Prepared]:
+        if enforce_limits:
+            self.check_limits(requests)
         try:
             return self.encode(requests, deadline, lane)
         except InputError:
@@ -122,13 +133,18 @@ async def run_requests(
     requests: Sequence[BaseModel],
     deadline: float,
     lane: str = "predict",
+    enforce_limits: bool = True,
 ) -> list[BaseModel]:
-    """Encode ``requests``, submit all their sequences at once, decode in request order."""
+    """Encode ``requests``, submit all their sequences at once, decode in request order.
+
+    ``enforce_limits=False`` skips the client-facing character limit, for texts the service
+    builds itself (explanations' masked variants) from a client text already checked.
+    """
     chars = sum(len(t) for r in requests for t in task.texts(r))
     if chars > OFFLOAD_CHARS:
-        prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane)
+        prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane, enforce_limits)
     else:
-        prepared = task.prepare(requests, deadline, lane)
+        prepared = task.prepare(requests, deadline, lane, enforce_limits)
     flat = [it for p in prepared for it in p.items]
     limit = task.settings.max_queue_depth
     if len(flat) > limit:

@@ -225,3 +225,43 @@ async def test_explanations_have_their_own_endpoint_label_in_request_metrics(c, 
     assert r.status_code == 200, r.text
     after = await counts()
     assert after == (before[0], before[1] + 1)
+
+
+ENDPOINTS = [("detect", DETECT_MODEL), ("polarity", POLARITY_MODEL)]
+
+
+@pytest.mark.parametrize("task, model", ENDPOINTS)
+@pytest.mark.parametrize("text", ["a " * 10001, "x" * 20001], ids=["many-words", "one-word"])
+async def test_over_long_text_is_rejected_like_the_prediction_endpoint(
+    c, model_repo, task, model, text
+):
+    """The client's text is held to the predict endpoints' limit, with their code and message
+    (naming the client's field, not an internal batch position)."""
+    require_model(model_repo, model)
+    pred = await c.post(f"/v1/{task}", json={"text": text})
+    assert pred.status_code == 422 and pred.json()["error"]["code"] == "text_too_long"
+    r = await c.post(f"/v1/{task}/explain", json={"text": text, "max_evals": 20})
+    assert r.status_code == 422, r.text
+    assert r.json() == pred.json()
+    assert r.json()["error"]["message"].startswith(f"text has {len(text)} characters; ")
+
+
+@pytest.mark.parametrize("task, model", ENDPOINTS)
+async def test_a_text_at_the_limit_is_explainable_though_masking_lengthens_it(
+    c, srv, model_repo, task, model
+):
+    """Masked variants are the service's own texts: masking a one-character token ("!" ->
+    "[MASK] ") makes a variant longer than the client's text, and that must not fail it."""
+    require_model(model_repo, model)
+    limit = srv.settings.max_text_chars
+    specials = 2 if task == "detect" else 0  # [CLS] and [SEP]
+    n = srv.state.tasks[model].max_length - specials  # every token is read and explained
+    text = "!" * (n - 1) + " " + "a" * (limit - n)  # n tokens: n - 1 "!" and one long word
+    assert len(text) == limit
+    pred = await c.post(f"/v1/{task}", json={"text": text})
+    assert pred.status_code == 200, pred.text
+    r = await c.post(f"/v1/{task}/explain", json={"text": text, "max_evals": 40})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    assert len(exp["tokens"]) == n and exp["truncated"] is False
+    check_additive(exp, text)

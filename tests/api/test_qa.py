@@ -110,3 +110,38 @@ async def test_validation(client, body, code):
     r = await client.post("/v1/qa", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == code
+
+
+# Special-token strings the tokenizer matches in client text (they get their special ids).
+TYPED_SPECIALS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]")
+
+
+async def test_a_context_of_special_token_strings_has_no_answer(client):
+    """Typed "[SEP]"/"[CLS]"/... are the model's own markers, not text: never an answer."""
+    r = await client.post("/v1/qa", json={"question": QUESTION, "context": "[SEP][CLS][PAD][MASK]"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"answer": "", "start": 0, "end": 0, "score": 0.0}
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        "[SEP][CLS][PAD] 长城 [SEP]",
+        "[CLS]北京[SEP]",
+        "[MASK][MASK]首都[PAD][PAD][SEP]",
+        "[SEP]" * 30 + CONTEXT + "[CLS]" * 30,
+    ],
+)
+async def test_answer_never_starts_or_ends_on_a_special_token_typed_in_the_context(
+    client, service, context
+):
+    encoder = service.state.tasks[QA_MODEL].encoder
+    ids = encoder.tokenizer.encode(context, add_special_tokens=False).ids
+    assert encoder.cls_id in ids or encoder.sep_id in ids  # matched as the special tokens
+    r = await client.post("/v1/qa", json={"question": QUESTION, "context": context})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _check_span(out, context)
+    assert out["answer"].strip()
+    assert not out["answer"].startswith(TYPED_SPECIALS), out
+    assert not out["answer"].endswith(TYPED_SPECIALS), out

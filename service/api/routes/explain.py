@@ -25,7 +25,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse, "description": d}
     for s, d in {
         404: "The model is not loaded / unknown model.",
-        422: "Invalid fields, empty text, or max_evals over NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
+        422: "Invalid fields, empty or over-long text (NLPSERVE_MAX_TEXT_CHARS), or max_evals "
+        "over NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
         429: "The model's queue is full: retry after `Retry-After` seconds.",
         501: "The `shap` package is not installed on this server.",
         503: "Starting, shutting down, or the queue backend is unreachable.",
@@ -80,6 +81,9 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
     state = _state(request)
     task = state.resolve(task_name, model)
     request.state.model = task.name
+    # The predict endpoints' limit, on the client's text (422 text_too_long); the masked
+    # variants built from it are exempt (service/explain/adapters.py).
+    task.check_length(body.text)
     deadline = deadline_from(request, state.settings)
     if state.queue is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
