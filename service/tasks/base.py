@@ -64,8 +64,9 @@ class Task(abc.ABC):
 
     # ------------------------------------------------------------------ subclass API
     @abc.abstractmethod
-    def texts(self, request: BaseModel) -> list[str]:
-        """The user text fields of ``request`` (for the character limit)."""
+    def texts(self, request: BaseModel) -> list[tuple[str, str]]:
+        """The user text fields of ``request``, as (field name, text), for the character
+        limit and its message."""
 
     @abc.abstractmethod
     def encode(
@@ -91,16 +92,17 @@ class Task(abc.ABC):
 
     def check_limits(self, requests: Sequence[BaseModel]) -> None:
         for i, req in enumerate(requests):
-            for text in self.texts(req):
-                self.check_length(text, where(i, len(requests)))
+            for name, text in self.texts(req):
+                self.check_length(text, where(i, len(requests)), name)
 
-    def check_length(self, text: str, prefix: str = "") -> None:
+    def check_length(self, text: str, prefix: str = "", field: str = "text") -> None:
         """422 ``text_too_long`` for a client text over NLPSERVE_MAX_TEXT_CHARS."""
         limit = self.settings.max_text_chars
         if len(text) > limit:
+            has = "have" if field == "tokens" else "has"  # tokens: counted joined by spaces
             raise InputError(
                 "text_too_long",
-                f"{prefix}text has {len(text)} characters; "
+                f"{prefix}{field} {has} {len(text)} characters; "
                 f"the limit is {limit} (NLPSERVE_MAX_TEXT_CHARS)",
             )
 
@@ -140,7 +142,7 @@ async def run_requests(
     ``enforce_limits=False`` skips the client-facing character limit, for texts the service
     builds itself (explanations' masked variants) from a client text already checked.
     """
-    chars = sum(len(t) for r in requests for t in task.texts(r))
+    chars = sum(len(t) for r in requests for _, t in task.texts(r))
     if chars > OFFLOAD_CHARS:
         prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane, enforce_limits)
     else:

@@ -26,8 +26,8 @@ class DetectTask(Task):
         self.labels = self.manifest.labels
         self.machine = self.labels.index("machine") if "machine" in self.labels else -1
 
-    def texts(self, request: DetectRequest) -> list[str]:  # type: ignore[override]
-        return [request.text]
+    def texts(self, request: DetectRequest) -> list[tuple[str, str]]:  # type: ignore[override]
+        return [("text", request.text)]
 
     def encode(
         self, requests: Sequence[DetectRequest], deadline: float, lane: str

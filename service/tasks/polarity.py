@@ -26,8 +26,8 @@ class PolarityTask(Task):
         self.labels = self.manifest.labels
         self.positive = self.labels.index("positive") if "positive" in self.labels else -1
 
-    def texts(self, request: PolarityRequest) -> list[str]:  # type: ignore[override]
-        return [request.text]
+    def texts(self, request: PolarityRequest) -> list[tuple[str, str]]:  # type: ignore[override]
+        return [("text", request.text)]
 
     def encode(
         self, requests: Sequence[PolarityRequest], deadline: float, lane: str

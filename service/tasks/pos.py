@@ -37,8 +37,10 @@ class PosTask(Task):
         self.encoder = load_word_encoder(entry)
         self.labels = self.manifest.labels
 
-    def texts(self, request: PosRequest) -> list[str]:  # type: ignore[override]
-        return [request.text] if request.text is not None else [" ".join(request.tokens or [])]
+    def texts(self, request: PosRequest) -> list[tuple[str, str]]:  # type: ignore[override]
+        if request.text is not None:
+            return [("text", request.text)]
+        return [("tokens", " ".join(request.tokens or []))]  # what the model reads
 
     def encode(self, requests: Sequence[PosRequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
         n = len(requests)

@@ -38,8 +38,8 @@ class QATask(Task):
         )
         self.max_answer_length = pre.max_answer_length or DEFAULT_MAX_ANSWER_LENGTH
 
-    def texts(self, request: QARequest) -> list[str]:  # type: ignore[override]
-        return [request.question, request.context]
+    def texts(self, request: QARequest) -> list[tuple[str, str]]:  # type: ignore[override]
+        return [("question", request.question), ("context", request.context)]
 
     def encode(self, requests: Sequence[QARequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
         all_windows = self.encoder.encode_batch(

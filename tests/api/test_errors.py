@@ -229,6 +229,10 @@ async def test_text_over_the_character_limit(lc):
     err = assert_error(
         await lc.post("/v1/pos", json={"tokens": ["word"] * 80}), 422, "text_too_long"
     )
+    assert err["message"].startswith("tokens have 399 characters")  # joined, as read
+    body = {"question": "q", "context": "长" * 301}
+    err = assert_error(await lc.post("/v1/qa", json=body), 422, "text_too_long")
+    assert err["message"].startswith("context has 301 characters")
 
 
 async def test_request_that_can_never_fit_the_queue_is_422_not_429(lc, model_repo):

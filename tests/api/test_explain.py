@@ -90,6 +90,8 @@ async def test_default_and_limit_of_max_evals(c, srv, model_repo):
     assert r.status_code == 422 and r.json()["error"]["code"] == "empty_text"
     r = await c.post("/v1/polarity/explain?model=nope", json={"text": "fine"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = await c.post("/v1/polarity/explain?max_evals=8", json={"text": "fine"})  # a body field
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_parameter"
 
 
 async def test_over_long_text_explains_only_what_the_model_reads(c, srv, model_repo):

@@ -11,7 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 
-from service.api.deps import DEADLINE_HEADER, ClientGone, cancel_on_disconnect, deadline_from
+from service.api.deps import (
+    DEADLINE_HEADER,
+    ClientGone,
+    cancel_on_disconnect,
+    check_query,
+    deadline_from,
+)
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse
@@ -78,6 +84,7 @@ async def warm_up_explain(app: FastAPI) -> None:
 
 
 async def _explain(request: Request, task_name: str, body: ExplainRequest, model: str | None):
+    check_query(request)
     state = _state(request)
     task = state.resolve(task_name, model)
     request.state.model = task.name
