@@ -103,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_path:  # outside JsonBody: only what it hands on needs the JSON header
         app.add_middleware(PredictFastPath, api=app)
     # Added last = outermost: metrics see every response, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     return app
