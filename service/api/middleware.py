@@ -48,7 +48,9 @@ def _timeout_message(timeout_s: float) -> str:
     )
 
 
-def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
+def _json_error(
+    status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> tuple[dict, bytes]:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     start = {
         "type": "http.response.start",
@@ -57,6 +59,7 @@ def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            *(extra or []),
         ],
     }
     return start, body
@@ -221,3 +224,46 @@ class RequestIdMiddleware:
             await send(msg)
 
         await self.app(scope, receive, tagging_send)
+
+
+class ShutdownMiddleware:
+    """503 ``backend_unavailable`` for a request that the server cancels at the end of its
+    graceful shutdown, instead of uvicorn's plain-text 500.
+
+    The queue's drain answers every request waiting on it before that (service/server.py);
+    this covers the others, e.g. one whose body is still arriving. ``stopping()`` tells a
+    shutdown's cancellation from any other (a client gone is handled by the routes).
+    """
+
+    def __init__(self, app: ASGIApp, stopping: Callable[[], bool]) -> None:
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or not self.stopping() or task is None:
+                raise
+            task.uncancel()  # answered here: the task ends normally, nothing to log
+            scope.setdefault("state", {})["error_code"] = "backend_unavailable"
+            start, body = _json_error(
+                503,
+                "backend_unavailable",
+                "the service is shutting down",
+                [(b"retry-after", b"1")],
+            )
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
