@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = Field(1_000_000, description="Request bodies larger than this get 413.")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request's whole body must arrive within this long of its headers; "
+        "else 408 and the connection is closed (a client that stalls mid-body).",
+    )
     max_text_chars: int = Field(20_000, description="Longest accepted text field, in characters.")
     max_batch_items: int = Field(64, description="Most items in one {'inputs': [...]} request.")
     default_deadline_ms: int = Field(

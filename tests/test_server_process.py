@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from tests.redis_support import free_port
+from tests.builders import FILLER
+from tests.redis_support import free_port, redis_url, unique_prefix  # noqa: F401
+from tests.service_support import DETECT_MODEL, QA_MODEL, metric_value, require_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,35 +48,37 @@ print("ok", sorted(app.state.service.tasks))
     assert r.stdout.startswith("ok")
 
 
-def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
+def _serve(model_repo: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``nlpserve serve`` in a child process, once it answers /readyz: (process, url)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--models", str(model_repo)],
-        env=_env(NLPSERVE_PORT=str(port), NLPSERVE_INTRA_OP_THREADS="1"),
+        env=_env(NLPSERVE_PORT=str(port), NLPSERVE_INTRA_OP_THREADS="1", **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server never became ready: {proc.communicate()[0]}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    """SIGTERM, wait for the exit, return the server's log (a clean exit asserted)."""
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
-        r = httpx.post(f"{url}/v1/polarity", json={"text": "a superb film"}, timeout=10)
-        assert r.status_code == 200 and r.json()["label"] == "positive"
-        # The serving process never maps libtorch.
-        maps = Path(f"/proc/{proc.pid}/maps")
-        if maps.exists():
-            assert "libtorch" not in maps.read_text()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -79,7 +86,144 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean exit too.
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out
+    return out
+
+
+def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
+    proc, url = _serve(model_repo)
+    try:
+        r = httpx.post(f"{url}/v1/polarity", json={"text": "a superb film"}, timeout=10)
+        assert r.status_code == 200 and r.json()["label"] == "positive"
+        # The serving process never maps libtorch.
+        maps = Path(f"/proc/{proc.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
+    finally:
+        out = _stop(proc)
     assert "Traceback" not in out
+
+
+def _qa_body(contexts: int, seed: int) -> dict:
+    """A QA batch of ``contexts`` 20,000-character contexts: ~110 windows each, real CPU
+    work (about 0.25 s per context for the tiny model on a 2-core machine)."""
+    rng = random.Random(seed)
+    items = [
+        {
+            "question": "长城有多长？",
+            "context": "".join(rng.choices("长城是中国古代的军事工程", k=20_000)),
+        }
+        for _ in range(contexts)
+    ]
+    return {"inputs": items}
+
+
+def _queued(url: str, model: str) -> float:
+    return metric_value(
+        httpx.get(f"{url}/metrics", timeout=5).text, "nlpserve_queue_depth", model=model
+    )
+
+
+def _assert_shutting_down_503(r: httpx.Response) -> None:
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "backend_unavailable", r.text
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def _assert_clean_log(out: str, cancelled: int = 0) -> None:
+    """No error logged; uvicorn cancelled only ``cancelled`` requests at its timeout."""
+    assert "Traceback" not in out, out[-3000:]
+    assert "Exception in ASGI application" not in out, out[-3000:]
+    assert "500 Internal Server Error" not in out, out[-3000:]
+    if cancelled:
+        assert f"Cancel {cancelled} running task(s)" in out, out[-3000:]
+    else:
+        assert "running task(s), timeout graceful shutdown exceeded" not in out, out[-3000:]
+
+
+def test_sigterm_answers_work_that_cannot_finish_in_time_with_503(model_repo):
+    """SIGTERM with more queued work than NLPSERVE_SHUTDOWN_TIMEOUT_S allows: what finishes in
+    time is answered 200, the rest 503 with Retry-After before uvicorn cancels anything
+    (it used to answer a plain-text 500), and a request still sending its body gets 503 too."""
+    require_model(model_repo, QA_MODEL)
+    require_model(model_repo, DETECT_MODEL)
+    proc, url = _serve(
+        model_repo,
+        NLPSERVE_SHUTDOWN_TIMEOUT_S="4",  # the queue drains for 3 s of it
+        NLPSERVE_INFERENCE_THREADS="1",
+        NLPSERVE_MAX_QUEUE_DEPTH="100000",
+        NLPSERVE_MAX_BODY_BYTES="20000000",
+        NLPSERVE_MAX_BATCH_ITEMS="1000",
+    )
+    big = _qa_body(60, seed=2)  # ~15 s of inference: cannot finish
+    # One 64-token sequence each: ~1 s of inference, its batches taking turns with the QA
+    # model's on the one inference thread; finishes well within the drain.
+    rng = random.Random(3)
+    words = [rng.choice(FILLER) for _ in range(60)]
+    small = {"inputs": [{"text": " ".join(rng.sample(words, 60))} for _ in range(300)]}
+    stalled = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            # Headers and a bit of the body: still reading it when the shutdown ends.
+            stalled.sendall(
+                b"POST /v1/polarity HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            )
+            r_big = pool.submit(httpx.post, f"{url}/v1/qa", json=big, timeout=60)
+            _until(lambda: _queued(url, QA_MODEL) > 1000)
+            r_small = pool.submit(httpx.post, f"{url}/v1/detect", json=small, timeout=60)
+            _until(lambda: _queued(url, DETECT_MODEL) > 0)
+            assert not r_small.done()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            small_reply, big_reply = r_small.result(), r_big.result()
+            waited = time.monotonic() - t0
+            stalled.settimeout(10)
+            stalled_reply = stalled.recv(65536)
+    finally:
+        stalled.close()
+        out = _stop(proc)
+    assert small_reply.status_code == 200, small_reply.text
+    assert len(small_reply.json()["outputs"]) == 300
+    _assert_shutting_down_503(big_reply)
+    assert waited < 4, waited  # answered by the drain, before uvicorn's timeout
+    head, _, body = stalled_reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), stalled_reply
+    assert b"retry-after: 1" in head.lower()
+    assert b'"backend_unavailable"' in body
+    _assert_clean_log(out, cancelled=1)  # only the stalled one: the queue answered the rest
+
+
+def test_sigterm_in_redis_mode_answers_unserved_requests_with_503(model_repo, redis_url):  # noqa: F811
+    """NLPSERVE_QUEUE=redis and no worker: nothing queued can finish, so on SIGTERM each
+    waiting request gets 503 from the drain, before uvicorn's graceful timeout."""
+    proc, url = _serve(
+        model_repo,
+        NLPSERVE_QUEUE="redis",
+        NLPSERVE_REDIS_URL=redis_url,
+        NLPSERVE_REDIS_PREFIX=unique_prefix(),
+        NLPSERVE_SHUTDOWN_TIMEOUT_S="1",
+    )
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            posts = [
+                pool.submit(httpx.post, f"{url}/v1/polarity", json={"text": t}, timeout=30)
+                for t in ("a superb film", "a dull plot")
+            ]
+            _until(lambda: _queued(url, "polarity-en") >= 2)
+            proc.send_signal(signal.SIGTERM)
+            replies = [p.result() for p in posts]
+    finally:
+        out = _stop(proc)
+    for r in replies:
+        _assert_shutting_down_503(r)
+    _assert_clean_log(out)
+
+
+def _until(cond, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.02)
 
 
 def test_server_runs_on_uvloop_and_httptools(model_repo):

@@ -18,6 +18,7 @@ from service.api.middleware import (
     JsonBodyMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
+    ShutdownMiddleware,
 )
 from service.api.routes import demo, explain, ops, predict
 from service.config import Settings, get_settings
@@ -59,11 +60,20 @@ async def startup(state: ServiceState) -> None:
     log.info("ready: %s", ", ".join(sorted(state.tasks)) or "no models")
 
 
-async def shutdown(state: ServiceState) -> None:
+def begin_shutdown(state: ServiceState, drain_timeout_s: float) -> None:
+    """Stop admitting work and start draining the queue (queued work still runs; what is
+    left after ``drain_timeout_s`` fails with 503). Only the first call does anything."""
     state.loaded = False
+    state.stopping = True
+    if state.closing is None and state.queue is not None:
+        state.closing = asyncio.create_task(state.queue.close(drain_timeout_s), name="drain")
+
+
+async def shutdown(state: ServiceState) -> None:
     gc.unfreeze()  # what a stopped app leaves (tests start many) is collectable again
-    if state.queue is not None:
-        await state.queue.close(state.settings.shutdown_timeout_s)
+    begin_shutdown(state, state.settings.shutdown_timeout_s)  # no-op if the server began it
+    if state.closing is not None:
+        await state.closing
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -105,7 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_path:  # outside JsonBody: only what it hands on needs the JSON header
         app.add_middleware(PredictFastPath, api=app)
     # Added last = outermost: metrics see every response, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    # Inside the metrics: a request the shutdown cancels counts as the 503 it gets.
+    app.add_middleware(ShutdownMiddleware, stopping=lambda: state.stopping)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     return app

@@ -30,6 +30,10 @@ class ServiceState:
     runners: dict[str, ModelRunner] = field(default_factory=dict)  # empty in Redis mode
     queue: InferenceQueue | None = None
     loaded: bool = False
+    stopping: bool = False  # the server's (or the lifespan's) shutdown has begun
+    # The queue's close, started once by whichever comes first: the server's shutdown
+    # (service/server.py) or the lifespan shutdown.
+    closing: asyncio.Task[None] | None = None
 
     def models_of(self, task: str) -> list[str]:
         return sorted(n for n, t in self.tasks.items() if t.task == task)

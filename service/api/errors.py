@@ -68,6 +68,7 @@ _HTTP_NAMES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "body_timeout",  # the only 408: raised by the body reader (api/middleware.py)
     413: "body_too_large",
     415: "unsupported_media_type",
 }

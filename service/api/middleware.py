@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -19,6 +20,8 @@ class BodyTooLarge(HTTPException):
     """Raised from ``receive``: an HTTPException so FastAPI's body reader re-raises it (it
     turns any other error while reading into a 400) and the error handlers answer 413."""
 
+    code = "body_too_large"
+
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, _too_large_message(max_bytes))
 
@@ -27,7 +30,27 @@ def _too_large_message(max_bytes: int) -> str:
     return f"the request body exceeds {max_bytes} bytes (NLPSERVE_MAX_BODY_BYTES)"
 
 
-def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when the rest of the body does not arrive in time; answered
+    408 like :class:`BodyTooLarge`, and ``Connection: close`` ends the connection (its
+    unread rest of a body could not be told from a next request)."""
+
+    code = "body_timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, _timeout_message(timeout_s), headers={"Connection": "close"})
+
+
+def _timeout_message(timeout_s: float) -> str:
+    return (
+        f"waited {timeout_s:g} s for the rest of the request body (NLPSERVE_BODY_TIMEOUT_S); "
+        "send the whole body at once, with a correct Content-Length"
+    )
+
+
+def _json_error(
+    status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> tuple[dict, bytes]:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     start = {
         "type": "http.response.start",
@@ -36,6 +59,7 @@ def _json_error(status: int, code: str, message: str) -> tuple[dict, bytes]:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            *(extra or []),
         ],
     }
     return start, body
@@ -63,11 +87,17 @@ class JsonBodyMiddleware:
 
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: by Content-Length before reading anything, and by
-    counting for chunked bodies that do not declare a length."""
+    counting for chunked bodies that do not declare a length. 408 for a body that has not
+    fully arrived ``timeout_s`` after the request's headers (uvicorn itself would wait for
+    it forever; a request's deadline only starts once its body is read).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Outermost of what reads bodies: the prediction fast path and FastAPI read through it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,18 +105,29 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+            await self._reject(scope, send, BodyTooLarge(self.max_bytes))
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
+        body_done = False  # after the body, receive() waits for a disconnect: no timeout
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_done = not msg.get("more_body", False)
+            else:  # http.disconnect
+                body_done = True
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -97,13 +138,13 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout) as exc:  # what no error handler answered
             if not started:
-                await self._reject(scope, send)
+                await self._reject(scope, send, exc)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        scope.setdefault("state", {})["error_code"] = "body_too_large"
-        start, body = _json_error(413, "body_too_large", _too_large_message(self.max_bytes))
+    async def _reject(self, scope: Scope, send: Send, exc: BodyTooLarge | BodyTimeout) -> None:
+        scope.setdefault("state", {})["error_code"] = exc.code
+        start, body = _json_error(exc.status_code, exc.code, exc.detail)
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
@@ -183,3 +224,46 @@ class RequestIdMiddleware:
             await send(msg)
 
         await self.app(scope, receive, tagging_send)
+
+
+class ShutdownMiddleware:
+    """503 ``backend_unavailable`` for a request that the server cancels at the end of its
+    graceful shutdown, instead of uvicorn's plain-text 500.
+
+    The queue's drain answers every request waiting on it before that (service/server.py);
+    this covers the others, e.g. one whose body is still arriving. ``stopping()`` tells a
+    shutdown's cancellation from any other (a client gone is handled by the routes).
+    """
+
+    def __init__(self, app: ASGIApp, stopping: Callable[[], bool]) -> None:
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or not self.stopping() or task is None:
+                raise
+            task.uncancel()  # answered here: the task ends normally, nothing to log
+            scope.setdefault("state", {})["error_code"] = "backend_unavailable"
+            start, body = _json_error(
+                503,
+                "backend_unavailable",
+                "the service is shutting down",
+                [(b"retry-after", b"1")],
+            )
+            await send(start)
+            await send({"type": "http.response.body", "body": body})

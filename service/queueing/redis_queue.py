@@ -149,6 +149,12 @@ class RedisQueue(InferenceQueue):
         while self._waiting and time.monotonic() < end:
             await asyncio.sleep(0.02)
         self._fail_waiting(BackendUnavailableError("the service is shutting down"))
+        # Admissions the admit loop has not taken yet: it is cancelled below, so nobody
+        # would ever answer them (the one it is sending fails in the loop itself).
+        pending, self._admissions = self._admissions, []
+        for a in pending:
+            if not a.fut.done():
+                a.fut.set_exception(BackendUnavailableError("the service is shutting down"))
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
