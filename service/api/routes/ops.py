@@ -65,14 +65,16 @@ async def model(request: Request, name: str) -> ModelInfo:
     return _info(state, name)
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
+# HEAD too: what load balancers probe with (not in /docs: the same as GET, without a body)
+@router.head("/healthz", include_in_schema=False)
+@router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.api_route(
+@router.head("/readyz", include_in_schema=False)
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],  # HEAD: load balancers' health checks
     summary="Readiness: models loaded and the queue accepts work",
     responses={503: {"model": ErrorResponse}},
 )
