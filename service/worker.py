@@ -51,6 +51,7 @@ from service.queueing.redis_keys import (
     dead_letter_stream,
     make_client,
     model_streams,
+    stream_labels,
 )
 from service.repository import Manifest
 
@@ -696,7 +697,7 @@ class Worker:
             if isinstance(length, Exception) or isinstance(pend, Exception):
                 continue
             pending = int(pend["pending"])
-            labels = _stream_labels(s)
+            labels = stream_labels(s)
             # answered entries are deleted, so whatever is not pending is still unread
             self.wm.stream_lag.labels(*labels).set(max(0, int(length) - pending))
             self.wm.stream_pending.labels(*labels).set(pending)
@@ -764,14 +765,6 @@ def redis_version_supported(version: str) -> bool:
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
-
-
-def _stream_labels(stream: str) -> tuple[str, str, str]:
-    """``P:{model}:b3[:explain]`` → (model, "3", lane)."""
-    head, _, tail = stream.rpartition("}:b")
-    model = head.split(":{", 1)[1]
-    bucket, _, lane = tail.partition(":")
-    return model, bucket, lane or "predict"
 
 
 def run_worker(settings: Settings) -> None:

@@ -37,6 +37,14 @@ def model_streams(
     return [work_stream(prefix, model, b, lane) for lane in lanes for b in range(n_buckets)]
 
 
+def stream_labels(stream: str) -> tuple[str, str, str]:
+    """``P:{model}:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b" too)."""
+    head, _, tail = stream.rpartition("}:b")
+    model = head.rpartition(":{")[2]
+    bucket, _, lane = tail.partition(":")
+    return model, bucket, lane or PREDICT_LANE
+
+
 def dead_letter_stream(prefix: str, model: str) -> str:
     return f"{prefix}:{{{model}}}:dead"
 

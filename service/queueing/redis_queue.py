@@ -38,7 +38,13 @@ from service.queueing.base import (
     QueueFullError,
     results_of,
 )
-from service.queueing.redis_keys import make_client, model_streams, reply_channel, work_stream
+from service.queueing.redis_keys import (
+    make_client,
+    model_streams,
+    reply_channel,
+    stream_labels,
+    work_stream,
+)
 from service.repository.manifest import Manifest
 from service.runtime.runner import bucket_edges
 
@@ -332,7 +338,7 @@ class RedisQueue(InferenceQueue):
         for key, n in zip(keys, lens, strict=False):
             bucket = self._bucket_of.get(key)
             if bucket is None:
-                bucket = self._bucket_of[key] = key.split(":b", 1)[1].split(":", 1)[0]
+                bucket = self._bucket_of[key] = stream_labels(key)[1]
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)

@@ -167,10 +167,14 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
         await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
 
 
-async def test_queue_depth_gauges_per_bucket(make_settings, tiny_runners) -> None:
+@pytest.mark.parametrize("prefix_tail", ["", ":blue:b7"], ids=["plain", "prefix-with-:b"])
+async def test_queue_depth_gauges_per_bucket(
+    make_settings, tiny_runners, redis_prefix, prefix_tail
+) -> None:
     """Each submit refreshes the model's nlpserve_queue_depth per bucket from the admission
-    script's stream lengths (predict and explain lanes summed), cluster-wide."""
-    settings = make_settings()
+    script's stream lengths (predict and explain lanes summed), cluster-wide; the bucket
+    label is read from the stream name whatever the key prefix holds (":b" too)."""
+    settings = make_settings(redis_prefix=redis_prefix + prefix_tail)
     rng = np.random.default_rng(3)
     metrics = Metrics()
     runner = tiny_runners[POS]
@@ -193,6 +197,8 @@ async def test_queue_depth_gauges_per_bucket(make_settings, tiny_runners) -> Non
         for b in (b_short, b_long)
     }
     assert depth == {b_short: 3, b_long: 1}
+    assert "nlpserve_queue_depth{" in text and 'bucket="lue' not in text
+    assert 'bucket="7' not in text  # from the prefix, not the stream's bucket
 
 
 async def _total_len(r, prefix: str, n: int) -> bool:
