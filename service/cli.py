@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from service.config import Settings
 
@@ -22,6 +23,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _settings(**overrides: object) -> Settings:
+    """Settings from NLPSERVE_* and the options; a bad value ends the command with a line
+    per error naming the variable (exit status 2), not a traceback."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            where = f"NLPSERVE_{field.upper()}: " if field else ""
+            msg = err["msg"].removeprefix("Value error, ")  # a check across settings
+            typer.echo(f"nlpserve: invalid setting: {where}{msg}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -34,7 +49,7 @@ def serve(
 ) -> None:
     """Serve every model in the repository over HTTP."""
     overrides = {k: v for k, v in {"host": host, "port": port, "model_dir": model_dir}.items() if v}
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -66,7 +81,7 @@ def worker(
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.batching.types import BatchPolicy
@@ -194,7 +194,7 @@ class Settings(BaseSettings):
     redis_stream_maxlen: int = Field(
         100_000,
         description="Approximate MAXLEN of each stream; a safety net, since answered entries "
-        "are deleted right away.",
+        "are deleted right away. At least NLPSERVE_MAX_QUEUE_DEPTH (checked at start).",
     )
     redis_read_count: int = Field(
         64,
@@ -239,6 +239,19 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _streams_hold_what_is_admitted(self) -> Settings:
+        # Admission lets a model's streams hold max_queue_depth entries; a MAXLEN below that
+        # would trim admitted work out of the stream, and its clients would wait to their
+        # deadline for answers that never come.
+        if self.redis_stream_maxlen < self.max_queue_depth:
+            raise ValueError(
+                f"NLPSERVE_REDIS_STREAM_MAXLEN ({self.redis_stream_maxlen}) must be at least "
+                f"NLPSERVE_MAX_QUEUE_DEPTH ({self.max_queue_depth}): the stream would drop "
+                "admitted work"
+            )
+        return self
 
     def inference_threads_for(self, provider: str | None = None) -> int:
         """Threads running batches for models on ``provider`` (see ``inference_threads``)."""

@@ -131,3 +131,29 @@ def test_usable_cpus_respects_a_container_cpu_quota(tmp_path, files, cap):
     affinity = len(os.sched_getaffinity(0))
     expected = affinity if cap is None else min(affinity, cap)
     assert usable_cpus(tmp_path) == expected
+
+
+def test_stream_maxlen_below_the_queue_depth_is_refused(monkeypatch):
+    """A stream trimmed below what admission lets in would drop admitted work."""
+    monkeypatch.setenv("NLPSERVE_MAX_QUEUE_DEPTH", "1024")
+    monkeypatch.setenv("NLPSERVE_REDIS_STREAM_MAXLEN", "100")
+    with pytest.raises(ValueError, match="NLPSERVE_REDIS_STREAM_MAXLEN .100. must be at least"):
+        Settings()
+    monkeypatch.setenv("NLPSERVE_REDIS_STREAM_MAXLEN", "1024")
+    assert Settings().redis_stream_maxlen == 1024
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"NLPSERVE_MAX_WAIT_MS": "-1", "NLPSERVE_REDIS_STREAM_MAXLEN": "10"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", command],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "invalid setting: NLPSERVE_MAX_WAIT_MS: Input should be greater" in proc.stderr
