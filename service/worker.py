@@ -52,6 +52,7 @@ from service.queueing.redis_keys import (
     make_client,
     model_streams,
     stream_labels,
+    worker_alive_key,
 )
 from service.repository import Manifest
 
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 10_000
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
+# A worker's heartbeat key outlives this many seconds without a refresh (it refreshes it
+# every maintenance pass, at most 2 s apart): only a worker dead or stalled this long may
+# have its consumers deleted.
+ALIVE_TTL_S = 60.0
 
 
 class Runner(Protocol):
@@ -219,6 +224,8 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             self._executor.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                await self.client.delete(worker_alive_key(self.prefix, self.name))
             with contextlib.suppress(Exception):
                 await self.client.aclose()
             log.info("worker %s: stopped", self.name)
@@ -611,6 +618,7 @@ class Worker:
                 self.wm.maintenance_delay.observe(max(0.0, now - last_pass - period))
             last_pass = self._heartbeat = now
             try:
+                await self._beat()
                 await self._keepalive(idle_ms)
                 if not self._stopping:
                     await self._reclaim(idle_ms)
@@ -620,7 +628,7 @@ class Worker:
                     await self._sample_streams()
                 if now >= next_gc and not self._stopping:
                     next_gc = now + 60.0
-                    await self._forget_dead_consumers(idle_ms)
+                    await self._forget_dead_consumers(max(600_000, 20 * idle_ms))
             except (RedisError, OSError) as e:  # NOGROUP after a restart, Redis away...
                 log.debug("worker %s: maintenance: %s", self.name, e)
             await asyncio.sleep(period)
@@ -702,14 +710,33 @@ class Worker:
             self.wm.stream_lag.labels(*labels).set(max(0, int(length) - pending))
             self.wm.stream_pending.labels(*labels).set(pending)
 
-    async def _forget_dead_consumers(self, idle_ms: int) -> None:
+    async def _beat(self) -> None:
+        """Refresh this worker's heartbeat key: while it exists, no other worker deletes
+        this worker's consumers (below)."""
+        key = worker_alive_key(self.prefix, self.name)
+        await self.client.set(key, str(time.time()), px=int(ALIVE_TTL_S * 1000))
+
+    async def _forget_dead_consumers(self, older_than_ms: int) -> None:
         """Delete consumers (dead workers) that own nothing and have not been seen for a
-        long time, so the group's consumer list does not grow with every restart."""
-        limit = max(600_000, 20 * idle_ms)
+        long time, so the group's consumer list does not grow with every restart.
+
+        A consumer's idle time says little on a quiet stream (Redis < 7.2 does not reset it
+        on a read that returns nothing), and a live worker whose consumer is deleted just
+        as it reads an entry would lose that entry from the pending list: nobody could
+        reclaim it. So a consumer whose worker still beats is never deleted."""
         for s in self.streams:
-            for c in await self.client.xinfo_consumers(s, GROUP):
-                name = _s(c["name"])
-                if name != self.name and int(c["pending"]) == 0 and int(c["idle"]) > limit:
+            idle = [
+                name
+                for c in await self.client.xinfo_consumers(s, GROUP)
+                if (name := _s(c["name"])) != self.name
+                and int(c["pending"]) == 0
+                and int(c["idle"]) > older_than_ms
+            ]
+            if not idle:
+                continue
+            beats = await self.client.mget([worker_alive_key(self.prefix, n) for n in idle])
+            for name, beat in zip(idle, beats, strict=True):
+                if beat is None:
                     await self.client.xgroup_delconsumer(s, GROUP, name)
 
     # ------------------------------------------------------------------ HTTP (metrics, health)

@@ -10,6 +10,7 @@ share a slot (the admission script touches all of a model's streams at once).
 * ``P:{model}:b{i}:explain``  the same bucket's explain lane (runs only when no predict waits)
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
+* ``P:worker:{name}``         a live worker's heartbeat (expires when it stops refreshing it)
 * consumer group ``workers`` on every work stream; consumers are worker processes
 """
 
@@ -51,6 +52,10 @@ def dead_letter_stream(prefix: str, model: str) -> str:
 
 def reply_channel(prefix: str, replica: str) -> str:
     return f"{prefix}:reply:{replica}"
+
+
+def worker_alive_key(prefix: str, worker: str) -> str:
+    return f"{prefix}:worker:{worker}"
 
 
 def make_client(

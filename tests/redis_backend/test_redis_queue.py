@@ -24,7 +24,12 @@ from service.queueing import (
     QueueFullError,
     codec,
 )
-from service.queueing.redis_keys import GROUP, dead_letter_stream, work_stream
+from service.queueing.redis_keys import (
+    GROUP,
+    dead_letter_stream,
+    work_stream,
+    worker_alive_key,
+)
 from tests.redis_backend.helpers import (
     api_queue,
     assert_same,
@@ -136,6 +141,30 @@ async def test_next_batch_runs_while_the_last_ones_replies_are_written(
         got = await asyncio.gather(first, second)
     for it, g in zip(items, got, strict=True):
         assert_same(g, direct(tiny_runners[POS], it))
+
+
+async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_runners, r) -> None:
+    """A consumer idle on a quiet stream may be a live worker (an empty read does not reset
+    its idle time): while its worker's heartbeat key lives, it is never deleted."""
+    settings = make_settings()
+    stream = work_stream(settings.redis_prefix, POS, 0)
+    async with (
+        running_worker(settings, tiny_runners) as w1,
+        running_worker(settings, tiny_runners) as w2,
+    ):
+        keys = [worker_alive_key(settings.redis_prefix, w.name) for w in (w1, w2)]
+        await wait_for(lambda: _all_exist(r, keys))
+        for name in (w2.name, "ghost"):  # "ghost": a worker that died long ago
+            await r.xgroup_createconsumer(stream, GROUP, name)
+        await asyncio.sleep(0.01)
+        await w1._forget_dead_consumers(0)  # every consumer counts as idle long enough
+        names = {c["name"].decode() for c in await r.xinfo_consumers(stream, GROUP)}
+        assert w2.name in names and "ghost" not in names
+    assert not await r.exists(*keys)  # a worker that stops takes its heartbeat along
+
+
+async def _all_exist(r, keys: list[str]) -> bool:
+    return await r.exists(*keys) == len(keys)
 
 
 async def _xlen_is(r, stream: str, n: int) -> bool:
