@@ -170,6 +170,12 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
+        self.cancelled = Counter(
+            "nlpserve_worker_cancelled_total",
+            "Entries dropped before running because their request gave up (client gone).",
+            ["model"],
+            registry=r,
+        )
         self.replies = Counter(
             "nlpserve_worker_replies_total",
             "Replies published, by status (ok, failed).",

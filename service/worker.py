@@ -48,7 +48,9 @@ from service.queueing import codec
 from service.queueing.inprocess import run_batch_isolating
 from service.queueing.redis_keys import (
     GROUP,
+    cancel_channel,
     dead_letter_stream,
+    decode_cancel,
     make_client,
     model_streams,
     stream_labels,
@@ -109,6 +111,7 @@ class WorkerStats:
     reclaimed: int = 0
     dead_lettered: int = 0
     expired: int = 0
+    cancelled: int = 0
     retried: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -198,8 +201,9 @@ class Worker:
         reader = asyncio.create_task(self._read_loop(), name="worker-read")
         batcher = asyncio.create_task(self._batch_loop(), name="worker-batch")
         maint = asyncio.create_task(self._maintenance_loop(), name="worker-maintenance")
+        cancels = asyncio.create_task(self._cancel_loop(), name="worker-cancels")
         stop = asyncio.create_task(self._stop_event.wait())
-        tasks = {reader, batcher, maint}
+        tasks = {reader, batcher, maint, cancels}
         try:
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             for t in done & tasks:
@@ -550,6 +554,45 @@ class Worker:
         return _Done(
             stream, entry_id, reply_to.decode(errors="replace"), reply, dead=dead, model=model
         )
+
+    async def _cancel_loop(self) -> None:
+        """Drop entries we hold and have not run whose request gave up (the API publishes
+        them on ``P:cancel`` as it deletes them): a client gone does not leave its work to
+        run, as in-process. Best effort: a notice missed while reconnecting costs only a
+        batch whose answer nobody reads."""
+        delay = 0.05
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(cancel_channel(self.prefix))
+                delay = 0.05
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg["type"] == "message":
+                        await self._drop_cancelled(decode_cancel(msg["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis away: resubscribe below
+                log.debug("worker %s: cancel channel: %s", self.name, e)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _drop_cancelled(self, entries: set[tuple[str, bytes]]) -> None:
+        if not entries.intersection(self._in_hand):
+            return  # another worker's, or already run
+        dropped: list[Any] = []
+        for sched in self.schedulers.values():  # only waiting items: a running batch runs
+            dropped += sched.drop(lambda it: (it.stream, it.entry_id) in entries)
+        for it in dropped:
+            self._in_hand.pop((it.stream, it.entry_id), None)
+            self.wm.cancelled.labels(it.model).inc()
+            self.stats.cancelled += 1
+        # the API already deleted them: just ack
+        await self._settle([_Done(it.stream, it.entry_id, model=it.model) for it in dropped])
+        self._room.set()
 
     def _count_expired(self, model: str) -> None:
         self.wm.expired.labels(model).inc()

@@ -11,6 +11,8 @@ share a slot (the admission script touches all of a model's streams at once).
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
 * ``P:worker:{name}``         a live worker's heartbeat (expires when it stops refreshing it)
+* ``P:cancel``                pub/sub channel: entries whose request gave up (client gone, a
+                              failed sibling), for workers that already read them
 * consumer group ``workers`` on every work stream; consumers are worker processes
 """
 
@@ -52,6 +54,24 @@ def dead_letter_stream(prefix: str, model: str) -> str:
 
 def reply_channel(prefix: str, replica: str) -> str:
     return f"{prefix}:reply:{replica}"
+
+
+def cancel_channel(prefix: str) -> str:
+    return f"{prefix}:cancel"
+
+
+def encode_cancel(entries: list[tuple[str, bytes]]) -> bytes:
+    """A cancel message: one ``<stream> <entry id>`` per line (ids hold no space)."""
+    return b"\n".join(stream.encode() + b" " + entry_id for stream, entry_id in entries)
+
+
+def decode_cancel(data: bytes) -> set[tuple[str, bytes]]:
+    out = set()
+    for line in data.split(b"\n"):
+        stream, sep, entry_id = line.rpartition(b" ")
+        if sep:
+            out.add((stream.decode(), entry_id))
+    return out
 
 
 def worker_alive_key(prefix: str, worker: str) -> str:

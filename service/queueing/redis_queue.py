@@ -39,6 +39,8 @@ from service.queueing.base import (
     results_of,
 )
 from service.queueing.redis_keys import (
+    cancel_channel,
+    encode_cancel,
     make_client,
     model_streams,
     reply_channel,
@@ -235,11 +237,11 @@ class RedisQueue(InferenceQueue):
                     fut.cancel()
                 elif not fut.cancelled():
                     fut.exception()  # mark retrieved: only the first error is raised
-            if not ok:
+            if not ok and admitted:
                 # Deadline, client gone (cancelled), a failed sibling or Redis lost: delete
-                # the entries so a worker that has not read them yet never runs them.
-                for stream, entry_id in admitted:
-                    self._forget(stream, entry_id)
+                # the entries so a worker that has not read them yet never runs them, and
+                # tell the workers, which drop those they hold and have not run yet.
+                self._forget(admitted)
 
     async def _admit_model(self, model: str, items: list[WorkItem]) -> list[tuple[str, bytes]]:
         keys = list(self._streams[model])
@@ -310,8 +312,7 @@ class RedisQueue(InferenceQueue):
             for a, res in zip(batch, results, strict=True):
                 if a.fut.cancelled():  # its request gave up meanwhile: undo the XADDs
                     if not isinstance(res, Exception):
-                        for target, entry_id in zip(a.targets, res[2:], strict=False):
-                            self._forget(target, entry_id)
+                        self._forget(list(zip(a.targets, res[2:], strict=False)))
                 elif isinstance(res, Exception):
                     a.fut.set_exception(res)
                 else:
@@ -343,16 +344,22 @@ class RedisQueue(InferenceQueue):
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
 
-    def _forget(self, stream: str, entry_id: bytes) -> None:
-        if self._closing:
+    def _forget(self, entries: list[tuple[str, bytes]]) -> None:
+        if self._closing or not entries:
             return
-        task = asyncio.get_running_loop().create_task(self._xdel(stream, entry_id))
+        task = asyncio.get_running_loop().create_task(self._xdel(entries))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _xdel(self, stream: str, entry_id: bytes) -> None:
+    async def _xdel(self, entries: list[tuple[str, bytes]]) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self._client.xdel(stream, entry_id)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for stream, entry_id in entries:
+                    pipe.xdel(stream, entry_id)
+                # Best effort: a worker that misses it runs the entries (the reply is
+                # dropped here as late), which at-least-once delivery allows.
+                pipe.publish(cancel_channel(self.settings.redis_prefix), encode_cancel(entries))
+                await pipe.execute()
 
     # ------------------------------------------------------------------ replies
     def _on_reply(self, data: bytes) -> None:

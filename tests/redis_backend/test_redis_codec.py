@@ -118,3 +118,11 @@ def test_reply_rejects_garbage() -> None:
     blob = codec.encode_reply(codec.Reply("x", outputs={"a": np.arange(3)}))
     with pytest.raises(codec.CodecError):
         codec.decode_reply(blob[:-5])
+
+
+def test_cancel_message_round_trip() -> None:
+    from service.queueing.redis_keys import decode_cancel, encode_cancel
+
+    entries = [("nlpserve:{qa-zh}:b2", b"1733480000000-0"), ("a b:{pos-en}:b0:explain", b"5-17")]
+    assert decode_cancel(encode_cancel(entries)) == set(entries)
+    assert decode_cancel(b"") == set()

@@ -163,6 +163,31 @@ async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_
     assert not await r.exists(*keys)  # a worker that stops takes its heartbeat along
 
 
+async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
+    make_settings, tiny_runners, r
+) -> None:
+    """A client gone: the entries a worker already read, waiting there for their batch, are
+    dropped and acked, not run (as the in-process queue skips them); unread ones were
+    deleted from the stream already."""
+    settings = make_settings(max_wait_ms=60_000, wait_when_idle=True, max_batch_size=5)
+    rng = np.random.default_rng(11)
+    items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
+    stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        request = asyncio.create_task(q.submit_many(items))
+        await wait_for(lambda: len(w._in_hand) == 4)  # read, held for company
+        request.cancel()  # the client went away
+        await asyncio.gather(request, return_exceptions=True)
+        await wait_for(lambda: len(w._in_hand) == 0)
+        assert w.stats.cancelled == 4 and w.stats.batches == 0
+        assert (await r.xpending(stream, GROUP))["pending"] == 0 and await r.xlen(stream) == 0
+        # the worker goes on serving (a full batch: it does not wait for company)
+        more = [make_item(tiny_runners[POS], 12, rng) for _ in range(5)]
+        got = await asyncio.wait_for(q.submit_many(more), 10)
+    for it, g in zip(more, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
+
+
 async def _all_exist(r, keys: list[str]) -> bool:
     return await r.exists(*keys) == len(keys)
 
