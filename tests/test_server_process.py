@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import redis
 
 from tests.builders import FILLER
 from tests.redis_support import free_port, redis_url, unique_prefix  # noqa: F401
@@ -204,12 +205,14 @@ def test_sigterm_answers_work_that_cannot_finish_in_time_with_503(model_repo):
 
 def test_sigterm_in_redis_mode_answers_unserved_requests_with_503(model_repo, redis_url):  # noqa: F811
     """NLPSERVE_QUEUE=redis and no worker: nothing queued can finish, so on SIGTERM each
-    waiting request gets 503 from the drain, before uvicorn's graceful timeout."""
+    waiting request gets 503 from the drain, before uvicorn's graceful timeout; and their
+    entries are deleted, so a worker that starts later does not run work nobody awaits."""
+    prefix = unique_prefix()
     proc, url = _serve(
         model_repo,
         NLPSERVE_QUEUE="redis",
         NLPSERVE_REDIS_URL=redis_url,
-        NLPSERVE_REDIS_PREFIX=unique_prefix(),
+        NLPSERVE_REDIS_PREFIX=prefix,
         NLPSERVE_SHUTDOWN_TIMEOUT_S="1",
     )
     try:
@@ -226,6 +229,9 @@ def test_sigterm_in_redis_mode_answers_unserved_requests_with_503(model_repo, re
     for r in replies:
         _assert_shutting_down_503(r)
     _assert_clean_log(out)
+    with redis.Redis.from_url(redis_url) as r:
+        streams = [k for k in r.scan_iter(f"{prefix}:*") if r.type(k) == b"stream"]
+        assert streams and sum(r.xlen(k) for k in streams) == 0
 
 
 def _until(cond, timeout: float = 30.0) -> None:

@@ -117,6 +117,7 @@ class RedisQueue(InferenceQueue):
         self._ping_ok = False
         self._resubscribe = False
         self._closing = False
+        self._closed = False  # the clients are closed: nothing may use them any more
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
@@ -157,6 +158,7 @@ class RedisQueue(InferenceQueue):
         while self._waiting and time.monotonic() < end:
             await asyncio.sleep(0.02)
         self._fail_waiting(BackendUnavailableError("the service is shutting down"))
+        await asyncio.sleep(0)  # the failed requests delete their entries (_forget)
         # Admissions the admit loop has not taken yet: it is cancelled below, so nobody
         # would ever answer them (the one it is sending fails in the loop itself).
         pending, self._admissions = self._admissions, []
@@ -168,8 +170,9 @@ class RedisQueue(InferenceQueue):
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._background:
+        if self._background:  # deletions of abandoned entries: workers must not run them
             await asyncio.wait(self._background, timeout=1.0)
+        self._closed = True
         for c in (self._client, self._sub_client, self._health_client):
             with contextlib.suppress(Exception):
                 await c.aclose()
@@ -345,7 +348,7 @@ class RedisQueue(InferenceQueue):
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
 
     def _forget(self, entries: list[tuple[str, bytes]]) -> None:
-        if self._closing or not entries:
+        if self._closed or not entries:
             return
         task = asyncio.get_running_loop().create_task(self._xdel(entries))
         self._background.add(task)
