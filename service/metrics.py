@@ -35,6 +35,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._workers_alive: Gauge | None = None
         r = self.registry
         self.requests = Counter(
             "nlpserve_requests_total",
@@ -104,6 +105,17 @@ class Metrics:
         )
 
     # ------------------------------------------------------------------ recording helpers
+    def workers_alive(self) -> Gauge:
+        """Redis mode's count of live workers: created on first use, so a server with the
+        in-process queue exports no such series (a 0 there would read as "no workers")."""
+        if self._workers_alive is None:
+            self._workers_alive = Gauge(
+                "nlpserve_workers_alive",
+                "Inference workers that beat within the last minute (Redis mode, P:workers).",
+                registry=self.registry,
+            )
+        return self._workers_alive
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` validates and takes a lock
         on every call (~2.5 µs per request for the two request series). Every label here is

@@ -48,13 +48,14 @@ from service.queueing import codec
 from service.queueing.inprocess import run_batch_isolating
 from service.queueing.redis_keys import (
     GROUP,
+    WORKER_ALIVE_S,
     cancel_channel,
     dead_letter_stream,
     decode_cancel,
     make_client,
     model_streams,
     stream_labels,
-    worker_alive_key,
+    workers_key,
 )
 from service.repository import Manifest
 
@@ -62,10 +63,6 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 10_000
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
-# A worker's heartbeat key outlives this many seconds without a refresh (it refreshes it
-# every maintenance pass, at most 2 s apart): only a worker dead or stalled this long may
-# have its consumers deleted.
-ALIVE_TTL_S = 60.0
 
 
 class Runner(Protocol):
@@ -132,6 +129,7 @@ class Worker:
             settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.prefix = settings.redis_prefix
+        self._workers_key = workers_key(self.prefix)
         self.schedulers = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for m, r in self.runners.items()
@@ -229,7 +227,7 @@ class Worker:
                     await t
             self._executor.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(Exception):
-                await self.client.delete(worker_alive_key(self.prefix, self.name))
+                await self.client.zrem(self._workers_key, self.name)
             with contextlib.suppress(Exception):
                 await self.client.aclose()
             log.info("worker %s: stopped", self.name)
@@ -754,10 +752,14 @@ class Worker:
             self.wm.stream_pending.labels(*labels).set(pending)
 
     async def _beat(self) -> None:
-        """Refresh this worker's heartbeat key: while it exists, no other worker deletes
-        this worker's consumers (below)."""
-        key = worker_alive_key(self.prefix, self.name)
-        await self.client.set(key, str(time.time()), px=int(ALIVE_TTL_S * 1000))
+        """Refresh this worker's heartbeat in ``P:workers`` (and drop the long silent ones):
+        no other worker deletes the consumers of a worker that beats (below), and the API
+        replicas count the workers alive (``nlpserve_workers_alive``)."""
+        now = time.time()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._workers_key, {self.name: now})
+            pipe.zremrangebyscore(self._workers_key, "-inf", now - WORKER_ALIVE_S)
+            await pipe.execute()
 
     async def _forget_dead_consumers(self, older_than_ms: int) -> None:
         """Delete consumers (dead workers) that own nothing and have not been seen for a
@@ -777,9 +779,10 @@ class Worker:
             ]
             if not idle:
                 continue
-            beats = await self.client.mget([worker_alive_key(self.prefix, n) for n in idle])
+            beats = await self.client.zmscore(self._workers_key, idle)
+            alive_since = time.time() - WORKER_ALIVE_S
             for name, beat in zip(idle, beats, strict=True):
-                if beat is None:
+                if beat is None or beat < alive_since:
                     await self.client.xgroup_delconsumer(s, GROUP, name)
 
     # ------------------------------------------------------------------ HTTP (metrics, health)

@@ -69,6 +69,9 @@ class InferenceQueue(abc.ABC):
     run an item whose deadline has passed when they can avoid it.
     """
 
+    # Live inference workers elsewhere (Redis mode); None: this process runs the models.
+    workers_alive: int | None = None
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 

@@ -10,7 +10,7 @@ share a slot (the admission script touches all of a model's streams at once).
 * ``P:{model}:b{i}:explain``  the same bucket's explain lane (runs only when no predict waits)
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
-* ``P:worker:{name}``         a live worker's heartbeat (expires when it stops refreshing it)
+* ``P:workers``               sorted set: worker name -> unix time of its last heartbeat
 * ``P:cancel``                pub/sub channel: entries whose request gave up (client gone, a
                               failed sibling), for workers that already read them
 * consumer group ``workers`` on every work stream; consumers are worker processes
@@ -74,8 +74,14 @@ def decode_cancel(data: bytes) -> set[tuple[str, bytes]]:
     return out
 
 
-def worker_alive_key(prefix: str, worker: str) -> str:
-    return f"{prefix}:worker:{worker}"
+# A worker beats (refreshes its score in P:workers) every maintenance pass, at most 2 s
+# apart: one silent this long is dead or stalled. Scores are each worker's own clock, so
+# hosts' clocks must agree to well within this.
+WORKER_ALIVE_S = 60.0
+
+
+def workers_key(prefix: str) -> str:
+    return f"{prefix}:workers"
 
 
 def make_client(

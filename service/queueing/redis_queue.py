@@ -39,6 +39,7 @@ from service.queueing.base import (
     results_of,
 )
 from service.queueing.redis_keys import (
+    WORKER_ALIVE_S,
     cancel_channel,
     encode_cancel,
     make_client,
@@ -46,6 +47,7 @@ from service.queueing.redis_keys import (
     reply_channel,
     stream_labels,
     work_stream,
+    workers_key,
 )
 from service.repository.manifest import Manifest
 from service.runtime.runner import bucket_edges
@@ -118,6 +120,8 @@ class RedisQueue(InferenceQueue):
         self._resubscribe = False
         self._closing = False
         self._closed = False  # the clients are closed: nothing may use them any more
+        self._workers_key = workers_key(settings.redis_prefix)
+        self.workers_alive: int | None = None  # None until the first health probe
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
@@ -454,16 +458,31 @@ class RedisQueue(InferenceQueue):
         :meth:`depth` and the queue-depth gauges while this replica submits nothing)."""
         async with self._health_client.pipeline(transaction=False) as pipe:
             pipe.ping()
+            pipe.zcount(self._workers_key, time.time() - WORKER_ALIVE_S, "+inf")
             for streams in self._streams.values():
                 for s in streams:
                     pipe.xlen(s)
             res = await pipe.execute()
-        k = 1
+        self._count_workers(int(res[1]))
+        k = 2
         for model, streams in self._streams.items():
             lens = res[k : k + len(streams)]
             k += len(streams)
             self._depth[model] = sum(int(n) for n in lens)
             self._record_depth(model, streams, lens)
+
+    def _count_workers(self, alive: int) -> None:
+        # Not a readiness condition: replicas and workers start in any order, and work
+        # queued meanwhile is served when a worker comes (or 504 at its deadline).
+        if alive == 0 and self.workers_alive != 0:
+            log.warning(
+                "no inference worker has beaten in %.0f s: requests wait for one until their "
+                "deadline (start `nlpserve worker`)",
+                WORKER_ALIVE_S,
+            )
+        self.workers_alive = alive
+        if self.metrics is not None:
+            self.metrics.workers_alive().set(alive)
 
     def _update_ready(self) -> None:
         if self._ready:

@@ -26,9 +26,10 @@ from service.queueing import (
 )
 from service.queueing.redis_keys import (
     GROUP,
+    WORKER_ALIVE_S,
     dead_letter_stream,
     work_stream,
-    worker_alive_key,
+    workers_key,
 )
 from tests.redis_backend.helpers import (
     api_queue,
@@ -145,22 +146,45 @@ async def test_next_batch_runs_while_the_last_ones_replies_are_written(
 
 async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_runners, r) -> None:
     """A consumer idle on a quiet stream may be a live worker (an empty read does not reset
-    its idle time): while its worker's heartbeat key lives, it is never deleted."""
+    its idle time): while its worker beats in P:workers, it is never deleted."""
     settings = make_settings()
     stream = work_stream(settings.redis_prefix, POS, 0)
+    key = workers_key(settings.redis_prefix)
     async with (
         running_worker(settings, tiny_runners) as w1,
         running_worker(settings, tiny_runners) as w2,
     ):
-        keys = [worker_alive_key(settings.redis_prefix, w.name) for w in (w1, w2)]
-        await wait_for(lambda: _all_exist(r, keys))
-        for name in (w2.name, "ghost"):  # "ghost": a worker that died long ago
+        await wait_for(lambda: _beating(r, key, {w1.name, w2.name}))
+        # "ghost": a worker gone long ago, whose last beat is still in the set
+        await r.zadd(key, {"ghost": time.time() - WORKER_ALIVE_S - 1})
+        for name in (w2.name, "ghost", "never-beat"):
             await r.xgroup_createconsumer(stream, GROUP, name)
         await asyncio.sleep(0.01)
         await w1._forget_dead_consumers(0)  # every consumer counts as idle long enough
         names = {c["name"].decode() for c in await r.xinfo_consumers(stream, GROUP)}
-        assert w2.name in names and "ghost" not in names
-    assert not await r.exists(*keys)  # a worker that stops takes its heartbeat along
+        assert w2.name in names and not names & {"ghost", "never-beat"}
+    assert not await _beating(r, key, {w1.name}) and not await _beating(r, key, {w2.name})
+
+
+async def test_replicas_count_the_workers_alive(make_settings, tiny_runners, caplog) -> None:
+    """The health probe counts the workers that beat (nlpserve_workers_alive, /readyz's
+    ``workers``), and a replica left without any says so in its log."""
+    settings = make_settings()
+    metrics = Metrics()
+    async with api_queue(settings, tiny_runners, metrics) as q:
+        await wait_for(lambda: q.workers_alive == 0)
+        assert "no inference worker has beaten" in caplog.text
+        async with (
+            running_worker(settings, tiny_runners),
+            running_worker(settings, tiny_runners),
+        ):
+            await wait_for(lambda: q.workers_alive == 2)
+            assert metric_value(metrics.render().decode(), "nlpserve_workers_alive") == 2
+        await wait_for(lambda: q.workers_alive == 0)  # a worker that stops leaves the set
+
+
+async def _beating(r, key: str, names: set[str]) -> bool:
+    return all(s is not None for s in await r.zmscore(key, list(names)))
 
 
 async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
@@ -186,10 +210,6 @@ async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
         got = await asyncio.wait_for(q.submit_many(more), 10)
     for it, g in zip(more, got, strict=True):
         assert_same(g, direct(tiny_runners[POS], it))
-
-
-async def _all_exist(r, keys: list[str]) -> bool:
-    return await r.exists(*keys) == len(keys)
 
 
 async def _xlen_is(r, stream: str, n: int) -> bool:

@@ -89,7 +89,10 @@ async def readyz(request: Request) -> JSONResponse:
     if not await state.queue.is_ready():
         msg = "the inference queue is not accepting work"
         return error_response(503, "queue_unavailable", msg, {"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "models": sorted(state.tasks)})
+    body: dict[str, object] = {"status": "ready", "models": sorted(state.tasks)}
+    if state.queue.workers_alive is not None:  # Redis mode: informative, not a condition
+        body["workers"] = state.queue.workers_alive
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics (text format)")
