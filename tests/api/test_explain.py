@@ -267,3 +267,16 @@ async def test_a_text_at_the_limit_is_explainable_though_masking_lengthens_it(
     exp = r.json()
     assert len(exp["tokens"]) == n and exp["truncated"] is False
     check_additive(exp, text)
+
+
+async def test_explains_under_a_queue_depth_smaller_than_a_batch(model_repo):
+    """SHAP's batches of masked texts are cut to what the queue admits at once."""
+    from tests.service_support import live_server, make_settings
+
+    require_model(model_repo, POLARITY_MODEL)
+    async with live_server(make_settings(model_repo, max_queue_depth=8)) as s, s.client() as c:
+        r = await c.post(
+            "/v1/polarity/explain", json={"text": "a dull and tedious film", "max_evals": 40}
+        )
+        assert r.status_code == 200, r.text
+        check_additive(r.json(), "a dull and tedious film")
