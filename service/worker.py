@@ -584,10 +584,14 @@ class Worker:
         dropped: list[Any] = []
         for sched in self.schedulers.values():  # only waiting items: a running batch runs
             dropped += sched.drop(lambda it: (it.stream, it.entry_id) in entries)
+        now = time.time()
         for it in dropped:
             self._in_hand.pop((it.stream, it.entry_id), None)
-            self.wm.cancelled.labels(it.model).inc()
-            self.stats.cancelled += 1
+            if it.expired(now):  # the replica gave up at the deadline: counted as such
+                self._count_expired(it.model)
+            else:
+                self.wm.cancelled.labels(it.model).inc()
+                self.stats.cancelled += 1
         # the API already deleted them: just ack
         await self._settle([_Done(it.stream, it.entry_id, model=it.model) for it in dropped])
         self._room.set()
