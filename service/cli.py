@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +40,28 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _repository(model_dir: Path, *, must_hold_models: bool = False) -> list:
+    """The repository's models, every manifest and variant checksum verified; a broken one
+    ends the command with one line naming the file (exit status 2), not a traceback."""
+    from service.repository import ManifestError, discover_models, verify_variant
+
+    try:
+        entries = discover_models(model_dir)
+        for entry in entries:
+            for name, variant in entry.manifest.variants.items():
+                verify_variant(entry.path, name, variant)
+    except ManifestError as e:
+        typer.echo(f"nlpserve: invalid model repository: {e}", err=True)
+        raise typer.Exit(2) from None
+    if must_hold_models and not entries:
+        typer.echo(
+            f"nlpserve: no models in {model_dir} (expected <name>/<version>/manifest.json)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return entries
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (NLPSERVE_HOST).")] = None,
@@ -53,6 +76,7 @@ def serve(
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _repository(settings.model_dir)  # a broken repository: one line, before uvicorn starts
     from service.server import run_server
 
     run_server(settings)
@@ -85,6 +109,7 @@ def worker(
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _repository(settings.model_dir)
     from service.worker import run_worker
 
     run_worker(settings)
@@ -94,10 +119,9 @@ def worker(
 def list_models(
     model_dir: Annotated[Path, typer.Option("--models", help="Model repository.")] = Path("models"),
 ) -> None:
-    """Validate the repository and print each model's manifest summary as JSON."""
-    from service.repository import discover_models
-
-    for entry in discover_models(model_dir):
+    """Validate the repository (manifests, files, checksums) and print each model's manifest
+    summary as JSON."""
+    for entry in _repository(model_dir, must_hold_models=True):
         m = entry.manifest
         typer.echo(
             json.dumps(
@@ -121,9 +145,38 @@ def _register_training_commands() -> None:
     register(app)
 
 
+# What a user's input causes (a path, a file's content, a repository entry): one line and
+# exit status 2, not a traceback. NLPSERVE_TRACEBACK=1 shows the traceback anyway.
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    json.JSONDecodeError,
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from service.repository import ManifestError
+
+    errors = (*_USER_ERRORS, ManifestError)
+    try:
+        from training.data.common import DataError
+    except ImportError:  # serving-only install
+        return errors
+    return (*errors, DataError)
+
+
 def main() -> None:
     _register_training_commands()
-    app()
+    try:
+        app()
+    except _user_errors() as e:
+        if os.environ.get("NLPSERVE_TRACEBACK") == "1":
+            raise
+        typer.echo(f"nlpserve: {type(e).__name__}: {e}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -51,16 +51,22 @@ class Settings(BaseSettings):
 
     # --- HTTP
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = Field(1_000_000, description="Request bodies larger than this get 413.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1, description="Request bodies larger than this get 413."
+    )
     body_timeout_s: float = Field(
         30.0,
         gt=0,
         description="A request's whole body must arrive within this long of its headers; "
         "else 408 and the connection is closed (a client that stalls mid-body).",
     )
-    max_text_chars: int = Field(20_000, description="Longest accepted text field, in characters.")
-    max_batch_items: int = Field(64, description="Most items in one {'inputs': [...]} request.")
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Longest accepted text field, in characters."
+    )
+    max_batch_items: int = Field(
+        64, ge=1, description="Most items in one {'inputs': [...]} request."
+    )
     default_deadline_ms: int = Field(
         30_000, description="Per-request deadline unless the X-Deadline-Ms header says less."
     )
@@ -102,9 +108,10 @@ class Settings(BaseSettings):
     )
 
     # --- batching
-    max_batch_size: int = Field(32, description="Most sequences in one inference batch.")
+    max_batch_size: int = Field(32, ge=1, description="Most sequences in one inference batch.")
     max_batch_tokens: int | None = Field(
         None,
+        ge=1,
         description="Token budget: batch size x padded length never exceeds this. Default per "
         f"provider: {CPU_BATCH_TOKENS} on CPU (padding and big batches cost more than they give; "
         f"measured in bench/results), {GPU_BATCH_TOKENS} on CUDA (batch size is what pays).",
@@ -148,7 +155,7 @@ class Settings(BaseSettings):
         "loop that repeats its shapes); 1 (off) on CPU, where padding is what costs.",
     )
     max_queue_depth: int = Field(
-        1024, description="Per-model queued requests before new ones get 429."
+        1024, ge=1, description="Per-model queued requests before new ones get 429."
     )
     inference_threads: int | None = Field(
         None,
@@ -178,7 +185,9 @@ class Settings(BaseSettings):
     # --- queue backend
     queue: Literal["inprocess", "redis"] = "inprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    metrics_port: int = Field(9100, description="Prometheus port of `nlpserve worker`.")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Prometheus port of `nlpserve worker`."
+    )
     metrics_host: str = Field(
         "0.0.0.0",
         description="Bind address of the worker's /metrics, /healthz, /readyz (scraped from "

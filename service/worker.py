@@ -54,6 +54,7 @@ from service.queueing.redis_keys import (
     decode_cancel,
     make_client,
     model_streams,
+    safe_url,
     stream_labels,
     workers_key,
 )
@@ -151,6 +152,7 @@ class Worker:
         self._stopping = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
+        self._down_logged = False  # "Redis unreachable" logged for the current outage
         self.stats = WorkerStats()
         self._heartbeat = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -311,8 +313,14 @@ class Worker:
                 delay = min(delay * 2, 1.0)
                 continue
             except (RedisError, OSError) as e:
-                if self.connected:
-                    log.warning("worker %s: Redis unreachable (%s); retrying", self.name, e)
+                if self.connected or not self._down_logged:  # once per outage, at start too
+                    log.warning(
+                        "worker %s: Redis at %s unreachable (%s); retrying",
+                        self.name,
+                        safe_url(self.settings.redis_url),
+                        e,
+                    )
+                    self._down_logged = True
                 self._set_connected(False)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -323,6 +331,7 @@ class Worker:
     def _set_connected(self, ok: bool) -> None:
         if ok and not self.connected:
             log.info("worker %s: connected to Redis", self.name)
+            self._down_logged = False
         self.connected = ok
 
     async def _accept(

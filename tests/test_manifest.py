@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -325,3 +328,68 @@ def test_committed_qa_answers_the_docs_examples():
     answers = [qa(r) for r in (schema, QARequest(**json.loads(curl.group(1))), demo)]
     assert "两万千米" in answers[0].answer and "两万千米" in answers[1].answer
     assert answers[2].answer == "8851.8千米"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=os.environ | (env or {}), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_damaged_model_file_is_refused_by_its_checksum(model_repo, tmp_path):
+    """The manifest's sha256 is checked: `nlpserve models`, `serve` and a session load all
+    refuse a damaged ONNX file, the CLI in one line (exit 2), not a traceback."""
+    import shutil
+
+    from service.config import Settings
+    from service.repository import ManifestError, load_manifest
+    from service.runtime.session import create_session
+
+    src = model_repo / "polarity-en" / "1"
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo / "polarity-en" / "1")
+    manifest = load_manifest(repo / "polarity-en" / "1")
+    variant = manifest.variants["fp32"]
+    assert variant.sha256  # the exporter records it
+    assert _cli("models", "--models", str(repo)).returncode == 0
+    with open(repo / "polarity-en" / "1" / variant.file, "ab") as f:
+        f.write(b"\0")
+    out = _cli("models", "--models", str(repo))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "invalid model repository" in out.stderr and "sha256" in out.stderr
+    out = _cli("serve", "--models", str(repo), "--port", "0")
+    assert out.returncode == 2 and "sha256" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ManifestError, match="sha256"):
+        create_session(repo / "polarity-en" / "1", manifest, Settings(model_dir=repo))
+
+
+def test_cli_on_a_missing_or_empty_repository_says_so_in_one_line(tmp_path):
+    out = _cli("models", "--models", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "folder not found" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli("models", "--models", str(tmp_path))
+    assert out.returncode == 2 and "no models in" in out.stderr
+    out = _cli("serve", "--port", "99999")
+    assert out.returncode == 2 and "NLPSERVE_PORT" in out.stderr
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", ".hidden", "", "x y"])
+def test_model_names_and_versions_are_one_plain_folder(bad):
+    """`--name ../../x` wrote a model outside the repository."""
+    from service.repository.manifest import check_path_component
+    from training.transformer.common import version_folder
+
+    with pytest.raises(ValueError, match="one folder name"):
+        check_path_component("name", bad)
+    with pytest.raises(ValueError):
+        version_folder(Path("models"), bad, "1")
+    with pytest.raises(ValueError):
+        version_folder(Path("models"), "detector-en", bad)
+    assert version_folder(Path("models"), "qa-zh", "2.1") == Path("models/qa-zh/2.1")
+
+
+def test_training_cli_reports_missing_data_in_one_line(tmp_path):
+    out = _cli("train", "detector", "--data", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr
+    assert "no HC3" in out.stderr and "Traceback" not in out.stderr

@@ -7,7 +7,6 @@ place, so a reader never sees half an entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -30,7 +29,9 @@ from service.repository.manifest import (
     SplitInfo,
     TensorSpec,
     Variant,
+    check_path_component,
     load_manifest,
+    sha256_file,
     write_manifest,
 )
 
@@ -98,10 +99,6 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join([prog, *map(portable, args[1:])])
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_entry(
     root: Path | str,
     name: str,
@@ -135,6 +132,8 @@ def write_entry(
     """
     root = Path(root)
     version = version or next_version(root, name)
+    check_path_component("name", name)
+    check_path_component("version", version)
     final = root / name / version
     if final.exists() and not overwrite:
         raise FileExistsError(
@@ -175,7 +174,7 @@ def write_entry(
                 "fp32": Variant(
                     file=MODEL_FILE,
                     precision="fp32",
-                    sha256=sha256_of(staging / MODEL_FILE),
+                    sha256=sha256_file(staging / MODEL_FILE),
                     metrics=dict(metrics),
                 )
             },

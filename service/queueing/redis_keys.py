@@ -110,3 +110,11 @@ def make_client(
         retry=Retry(NoBackoff(), retries),
     )
     return Redis.from_pool(pool)  # the client owns (and closes) its pool
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

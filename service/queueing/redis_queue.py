@@ -45,6 +45,7 @@ from service.queueing.redis_keys import (
     make_client,
     model_streams,
     reply_channel,
+    safe_url,
     stream_labels,
     work_stream,
     workers_key,
@@ -153,7 +154,7 @@ class RedisQueue(InferenceQueue):
         if not self._ready:
             log.warning(
                 "Redis at %s not reachable yet; /readyz stays false until it is",
-                _safe_url(self.settings.redis_url),
+                safe_url(self.settings.redis_url),
             )
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
@@ -436,7 +437,7 @@ class RedisQueue(InferenceQueue):
                     self._sample_depths(), timeout=self.settings.redis_socket_timeout_s
                 )
                 if not self._ping_ok:
-                    log.info("Redis at %s reachable", _safe_url(self.settings.redis_url))
+                    log.info("Redis at %s reachable", safe_url(self.settings.redis_url))
                 self._ping_ok = True
                 slow = 0
             except asyncio.CancelledError:
@@ -487,11 +488,3 @@ class RedisQueue(InferenceQueue):
     def _update_ready(self) -> None:
         if self._ready:
             self._ready_event.set()
-
-
-def _safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -10,6 +10,8 @@ from service.repository.manifest import (
     TensorSpec,
     Variant,
     load_manifest,
+    sha256_file,
+    verify_variant,
 )
 
 __all__ = [
@@ -23,4 +25,6 @@ __all__ = [
     "Variant",
     "discover_models",
     "load_manifest",
+    "sha256_file",
+    "verify_variant",
 ]

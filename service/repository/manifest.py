@@ -6,12 +6,21 @@ the version folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -77,10 +86,24 @@ class Preprocessing(_Strict):
     max_query_length: int | None = None  # QA: questions are cut to this many tokens
 
 
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_path_component(kind: str, value: str) -> str:
+    """A model name or version is one folder of the repository: letters, digits, ``.``,
+    ``_``, ``-``, not starting with a dot (``../x`` would write outside it, ``a/b`` nest)."""
+    if not _PATH_COMPONENT.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value!r}: use letters, digits, '.', '_', '-' (one folder name, not "
+            "starting with '.')"
+        )
+    return value
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
-    name: str
-    version: str
+    name: Annotated[str, AfterValidator(lambda v: check_path_component("name", v))]
+    version: Annotated[str, AfterValidator(lambda v: check_path_component("version", v))]
     task: Task
     architecture: str
     description: str = ""
@@ -120,6 +143,30 @@ class Manifest(_Strict):
 
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_variant(folder: Path | str, name: str, variant: Variant) -> None:
+    """Raise :class:`ManifestError` when the variant's file is not the one its manifest
+    recorded (a truncated copy, a file swapped by hand): serving it would answer wrongly or
+    fail at the first request."""
+    if variant.sha256 is None:
+        return
+    path = Path(folder) / variant.file
+    actual = sha256_file(path)
+    if actual != variant.sha256:
+        raise ManifestError(
+            f"{Path(folder) / MANIFEST_FILE}: variant {name!r}: {variant.file} has sha256 "
+            f"{actual[:12]}..., the manifest records {variant.sha256[:12]}... (a damaged or "
+            "replaced file: re-export it, or restore the one the manifest describes)"
+        )
 
 
 def load_manifest(folder: Path | str, check_files: bool = True) -> Manifest:

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from service.config import Settings
 from service.metrics import Metrics
-from service.repository import Manifest, Variant
+from service.repository import Manifest, Variant, verify_variant
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def create_session(
     for i, provider in enumerate(providers):
         name, variant = choose_variant(manifest, provider, settings.variant)
         path = folder / variant.file
+        verify_variant(folder, name, variant)  # a damaged file is no provider's problem
         try:
             sess = _open(path, providers[i:], settings)
         except Exception as e:  # ORT raises plain RuntimeError/Fail for provider problems

@@ -14,6 +14,7 @@ import pytest
 from service.config import Settings
 from service.queueing.redis_keys import make_client
 from service.worker import event_loop_factory, redis_version_supported
+from tests.redis_backend.helpers import running_worker, wait_for
 
 
 def test_worker_loop_is_uvloop_where_installed() -> None:
@@ -61,3 +62,16 @@ async def test_redis_clients_parse_replies_with_hiredis() -> None:
 )
 def test_redis_version_needed_by_the_worker(version: str, ok: bool) -> None:
     assert redis_version_supported(version) is ok
+
+
+async def test_worker_says_when_redis_is_unreachable_from_the_start(
+    make_settings, tiny_runners, caplog
+) -> None:
+    """Not only after losing a connection: a worker that never reached Redis says so too."""
+    from tests.redis_support import free_port
+
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with running_worker(settings, tiny_runners) as w:
+        await wait_for(lambda: "unreachable" in caplog.text)
+        assert not w.connected
+    assert caplog.text.count("unreachable") == 1  # once per outage, not per retry

@@ -3,20 +3,11 @@ root, for the manifest's ``data`` list."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.repository.manifest import DataFile
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from service.repository.manifest import DataFile, sha256_file
 
 
 def relative_to_root(path: Path, root: Path | None) -> str:

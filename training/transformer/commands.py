@@ -150,6 +150,7 @@ def train_detector_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.hc3 import HC3Stats, hc3_files, load_hc3
+    from training.transformer.common import version_folder
     from training.transformer.detector import DetectorConfig, train_detector
 
     root = resolve_data(data)
@@ -181,7 +182,7 @@ def train_detector_cmd(
         amp=amp,
         lang=lang,
     )
-    folder = out / name / version
+    folder = version_folder(out, name, version)
     train_detector(
         examples,
         cfg,
@@ -270,6 +271,7 @@ def train_qa_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.squad import LoadStats, load_squad
+    from training.transformer.common import version_folder
     from training.transformer.qa import QAConfig, train_qa
 
     if not base_model:
@@ -316,7 +318,7 @@ def train_qa_cmd(
         device=device.value,
         amp=amp,
     )
-    folder = out / name / version
+    folder = version_folder(out, name, version)
     load_stats = {f"train_{k}": v for k, v in tr_stats.as_dict().items()}
     load_stats.update({f"eval_{k}": v for k, v in ev_stats.as_dict().items()})
     train_qa(
