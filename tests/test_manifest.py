@@ -393,3 +393,18 @@ def test_training_cli_reports_missing_data_in_one_line(tmp_path):
     out = _cli("train", "detector", "--data", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2, out.stderr
     assert "no HC3" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "polarity", "--epochs", "0"],  # published an untrained model
+        ["train", "pos", "--batch-size", "0"],
+        ["train", "polarity", "--lr", "-1"],
+        ["train", "detector", "--max-length", "0"],
+        ["pretrain", "--max-steps", "-5"],
+    ],
+)
+def test_training_options_out_of_range_are_refused_before_any_work(tmp_path, args):
+    out = _cli(*args, "--data", str(tmp_path))
+    assert out.returncode == 2 and "Invalid value for" in out.stderr, out.stderr

@@ -93,7 +93,9 @@ def train_pos(
         PosFormat, typer.Option("--format", help="treebank (NLTK PTB sample) or conllu.")
     ] = PosFormat.treebank,
     tag_field: Annotated[TagField, typer.Option(help="CoNLL-U tag column.")] = TagField.upos,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on dev).")] = 30,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Maximum epochs (early stopping on dev).")
+    ] = 30,
     patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 4,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
@@ -102,10 +104,10 @@ def train_pos(
     word_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 100,
     char_filters: Annotated[int, typer.Option(help="Char CNN filters.")] = 64,
     min_count: Annotated[int, typer.Option(help="Rarer training words become <unk>.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Sentences per batch.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sentences per batch.")] = 32,
+    lr: Annotated[float, typer.Option(min=1e-9, help="Adam learning rate.")] = 2e-3,
     dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.33,
-    max_length: Annotated[int, typer.Option(help="Longest sentence (tokens).")] = 256,
+    max_length: Annotated[int, typer.Option(min=8, help="Longest sentence (tokens).")] = 256,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
     overwrite: OverwriteOpt = False,
@@ -147,7 +149,9 @@ def train_polarity(
     out: OutOpt = Path("models"),
     name: Annotated[str, typer.Option(help="Model name.")] = "polarity-en",
     version: VersionOpt = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on dev).")] = 10,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Maximum epochs (early stopping on dev).")
+    ] = 10,
     patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 3,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
@@ -162,10 +166,12 @@ def train_polarity(
     max_pool: Annotated[
         bool, typer.Option(help="Concatenate max-pooled outputs to the final states.")
     ] = True,
-    batch_size: Annotated[int, typer.Option(help="Sentences per batch.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sentences per batch.")] = 32,
+    lr: Annotated[float, typer.Option(min=1e-9, help="Adam learning rate.")] = 2e-3,
     dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.5,
-    max_length: Annotated[int, typer.Option(help="Longest input (tokens); longer truncated.")] = 96,
+    max_length: Annotated[
+        int, typer.Option(min=8, help="Longest input (tokens); longer truncated.")
+    ] = 96,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
     overwrite: OverwriteOpt = False,
