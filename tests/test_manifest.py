@@ -389,10 +389,11 @@ def test_model_names_and_versions_are_one_plain_folder(bad):
     assert version_folder(Path("models"), "qa-zh", "2.1") == Path("models/qa-zh/2.1")
 
 
-def test_training_cli_reports_missing_data_in_one_line(tmp_path):
-    out = _cli("train", "detector", "--data", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+def test_training_cli_reports_missing_data_in_one_line(model_repo, tmp_path):
+    """A data error deep in a command (here: `evaluate` finds no treebank) is one line."""
+    out = _cli("evaluate", str(model_repo / "pos-en" / "1"), "--data", str(tmp_path))
     assert out.returncode == 2, out.stderr
-    assert "no HC3" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.startswith("nlpserve: DataError: ") and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(
