@@ -65,6 +65,34 @@ def _json_error(
     return start, body
 
 
+class _StartTracker:
+    """``send`` for an inner app that remembers whether the response has started (after
+    that, an error can no longer be answered with a response of its own)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            self.started = True
+        await self.send(msg)
+
+
+async def _send_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    scope.setdefault("state", {})["error_code"] = code  # the metrics middleware counts it
+    start, body = _json_error(status, code, message, extra)
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
+
+
 class JsonBodyMiddleware:
     """Read every POST body to the API as JSON, whatever Content-Type it declares.
 
@@ -110,7 +138,6 @@ class BodyLimitMiddleware:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
         body_done = False  # after the body, receive() waits for a disconnect: no timeout
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen, body_done
@@ -130,23 +157,15 @@ class BodyLimitMiddleware:
                 body_done = True
             return msg
 
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
+        tracked = _StartTracker(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except (BodyTooLarge, BodyTimeout) as exc:  # what no error handler answered
-            if not started:
+            if not tracked.started:
                 await self._reject(scope, send, exc)
 
     async def _reject(self, scope: Scope, send: Send, exc: BodyTooLarge | BodyTimeout) -> None:
-        scope.setdefault("state", {})["error_code"] = exc.code
-        start, body = _json_error(exc.status_code, exc.code, exc.detail)
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(scope, send, exc.status_code, exc.code, exc.detail)
 
 
 class MetricsMiddleware:
@@ -243,27 +262,19 @@ class ShutdownMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
+        tracked = _StartTracker(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if started or not self.stopping() or task is None:
+            if tracked.started or not self.stopping() or task is None:
                 raise
             task.uncancel()  # answered here: the task ends normally, nothing to log
-            scope.setdefault("state", {})["error_code"] = "backend_unavailable"
-            start, body = _json_error(
+            await _send_error(
+                scope,
+                send,
                 503,
                 "backend_unavailable",
                 "the service is shutting down",
                 [(b"retry-after", b"1")],
             )
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
