@@ -153,6 +153,10 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Files already found to match their checksum, by path, mtime, size and expected digest.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
 def verify_variant(folder: Path | str, name: str, variant: Variant) -> None:
     """Raise :class:`ManifestError` when the variant's file is not the one its manifest
     recorded (a truncated copy, a file swapped by hand): serving it would answer wrongly or
@@ -160,6 +164,10 @@ def verify_variant(folder: Path | str, name: str, variant: Variant) -> None:
     if variant.sha256 is None:
         return
     path = Path(folder) / variant.file
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, variant.sha256)
+    if key in _VERIFIED:  # `nlpserve serve` checks the repository, then loads the session
+        return
     actual = sha256_file(path)
     if actual != variant.sha256:
         raise ManifestError(
@@ -167,6 +175,7 @@ def verify_variant(folder: Path | str, name: str, variant: Variant) -> None:
             f"{actual[:12]}..., the manifest records {variant.sha256[:12]}... (a damaged or "
             "replaced file: re-export it, or restore the one the manifest describes)"
         )
+    _VERIFIED.add(key)
 
 
 def load_manifest(folder: Path | str, check_files: bool = True) -> Manifest:
