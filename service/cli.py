@@ -41,18 +41,14 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _repository(model_dir: Path, *, must_hold_models: bool = False) -> list:
-    """The repository's models, every manifest and variant checksum verified; a broken one
-    ends the command with one line naming the file (exit status 2), not a traceback."""
-    from service.repository import ManifestError, discover_models, verify_variant
+    """The repository's models, every manifest and variant checksum verified (a broken one
+    raises ManifestError, which :func:`main` reports in one line)."""
+    from service.repository import discover_models, verify_variant
 
-    try:
-        entries = discover_models(model_dir)
-        for entry in entries:
-            for name, variant in entry.manifest.variants.items():
-                verify_variant(entry.path, name, variant)
-    except ManifestError as e:
-        typer.echo(f"nlpserve: invalid model repository: {e}", err=True)
-        raise typer.Exit(2) from None
+    entries = discover_models(model_dir)
+    for entry in entries:
+        for name, variant in entry.manifest.variants.items():
+            verify_variant(entry.path, name, variant)
     if must_hold_models and not entries:
         typer.echo(
             f"nlpserve: no models in {model_dir} (expected <name>/<version>/manifest.json)",
@@ -170,12 +166,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     _register_training_commands()
+    from service.repository import ManifestError
+
     try:
         app()
     except _user_errors() as e:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
-        typer.echo(f"nlpserve: {type(e).__name__}: {e}", err=True)
+        what = "invalid model repository" if isinstance(e, ManifestError) else type(e).__name__
+        typer.echo(f"nlpserve: {what}: {e}", err=True)
         raise SystemExit(2) from None
 
 
