@@ -397,6 +397,32 @@ def test_training_cli_reports_missing_data_in_one_line(model_repo, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "detector", "--base-model"],
+        ["train", "qa", "--base-model"],
+        ["pretrain", "--init-from"],
+    ],
+)
+def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, command):
+    """A missing folder, a folder that is no checkpoint, and a hub id the offline cache lacks
+    each get a one-line reason before any data is read (was: a transformers traceback)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    cases = {
+        str(tmp_path / "nope"): "no such folder",
+        str(empty): "no tokenizer.json or vocab.txt",
+        "nlpserve-test/not-cached": "not in the local Hugging Face cache",
+    }
+    for base, reason in cases.items():
+        out = _cli(*command, base, "--data", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"nlpserve: BaseModelError: base model {base}: "), out.stderr
+        assert reason in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["train", "polarity", "--epochs", "0"],  # published an untrained model

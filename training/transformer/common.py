@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.repository.manifest import check_path_component
+from training.data.common import DataError
 
 log = logging.getLogger("nlpserve.transformer")
 
@@ -46,6 +47,57 @@ def setup_logging(log_file: Path | None = None) -> None:
         handlers=handlers,
         force=True,
     )
+
+
+class BaseModelError(DataError):
+    """A --base-model (or --init-from) that is neither a usable local folder nor a checkpoint
+    the Hugging Face cache holds; the message says which and what to do."""
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_base_model(base_model: str, *, weights: bool = True) -> None:
+    """Fail before any data is read when ``base_model`` cannot load: a local folder must hold
+    config.json, a tokenizer and (unless ``weights`` is False) weights; a hub id must be in
+    the local cache, or reachable when HF_HUB_OFFLINE=0."""
+    path = Path(base_model).expanduser()
+    looks_local = base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1
+    if path.exists() or looks_local:
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "no such folder"
+            raise BaseModelError(
+                f"base model {base_model}: {what}; expected a Hugging Face model folder"
+            )
+        needed = [("config.json",), _TOKENIZER_FILES] + ([_WEIGHT_FILES] if weights else [])
+        missing = [names for names in needed if not any((path / n).is_file() for n in names)]
+        if missing:
+            lacks = "; ".join(" or ".join(names) for names in missing)
+            raise BaseModelError(
+                f"base model {base_model}: not a Hugging Face model folder (no {lacks}); "
+                "save one with save_pretrained() of the model and its tokenizer"
+            )
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base_model)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", "")
+        how = (
+            "it is not in the local Hugging Face cache and nlpserve loads nothing from the hub "
+            "unless HF_HUB_OFFLINE=0; pass a local folder (save_pretrained / "
+            "huggingface-cli download on a machine with network)"
+            if offline
+            else str(e).splitlines()[0]
+        )
+        raise BaseModelError(f"base model {base_model}: {how}") from e
 
 
 def load_fast_tokenizer(base_model: str | Path):
