@@ -58,6 +58,22 @@ def test_missing_folder_is_an_error(tmp_path: Path):
         hc3_files(tmp_path, "en")
 
 
+def test_a_bad_hc3_line_is_a_data_error_naming_file_and_line(tmp_path: Path):
+    from training.data.common import DataError
+
+    path = tmp_path / "all.jsonl"
+    good = json.dumps({"question": "q", "human_answers": ["a"], "chatgpt_answers": ["b"]})
+    path.write_text(f"{good}\n\n{good[:-3]}\n", "utf-8")
+    with pytest.raises(DataError, match=f"^{path}, line 3: not HC3 JSON lines"):
+        load_hc3([path])
+    path.write_text(f'{good}\n{{"human_answers": "one string"}}\n', "utf-8")
+    with pytest.raises(DataError, match="human_answers is str"):
+        load_hc3([path])
+    path.write_text(f"{good}\n[1]\n", "utf-8")
+    with pytest.raises(DataError, match="a row is list"):
+        load_hc3([path])
+
+
 def test_split_by_question_keeps_questions_whole_and_is_seeded():
     from tests.builders_bert import detector_examples
 

@@ -74,6 +74,26 @@ def test_load_squad_hand_made(tmp_path: Path):
 
 @pytest.mark.realdata
 @pytest.mark.skipif(REAL is None, reason="shared CMRC 2018 files not available")
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "not SQuAD-v1 JSON"),
+        ('{"version": 1}', "KeyError 'data'"),
+        ('{"data": [{"paragraphs": [{"qas": []}]}]}', "KeyError 'context'"),
+        ("[1, 2]", "TypeError"),
+    ],
+)
+def test_a_file_that_is_not_squad_is_a_data_error_naming_it(tmp_path: Path, content, reason):
+    """Was a bare JSONDecodeError / KeyError traceback that did not say which file."""
+    from training.data.common import DataError
+
+    path = tmp_path / "cmrc2018_train.json"
+    path.write_text(content, "utf-8")
+    with pytest.raises(DataError, match=reason) as e:
+        load_squad(path)
+    assert str(e.value).startswith(f"{path}: not SQuAD-v1 JSON")
+
+
 def test_real_cmrc_counts_match_the_data_readme():
     assert REAL is not None
     st = LoadStats()

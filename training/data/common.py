@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class DataError(ValueError):
@@ -44,6 +46,30 @@ class TextCorpus:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+def read_json(path: Path | str, expected: str) -> Any:
+    """A JSON file's content; a file that is no JSON is a DataError naming it and what was
+    ``expected`` there."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not {expected} ({e})") from e
+
+
+def iter_json_lines(path: Path, expected: str) -> Iterator[Any]:
+    """The rows of a JSON-lines file, blank lines skipped; a bad line is a DataError naming
+    the file and line."""
+    with path.open(encoding="utf-8") as f:
+        n = 0
+        try:
+            for n, line in enumerate(f, 1):  # noqa: B007 (n names the bad line below)
+                if line.strip():
+                    yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not {expected} ({e})") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def data_root(path: Path) -> Path:

@@ -7,10 +7,13 @@ split by question (no question in two splits) is a split of :func:`question_grou
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from training.data.common import DataError, iter_json_lines
+
+HC3_ROW = 'HC3 JSON lines ({"question", "human_answers": [...], "chatgpt_answers": [...]})'
 
 LABELS = ["human", "machine"]
 HUMAN, MACHINE = 0, 1
@@ -59,25 +62,26 @@ def load_hc3(files: Iterable[Path | str], stats: HC3Stats | None = None) -> list
     for path in files:
         path = Path(path)
         stats.files.append(str(path))
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                q = stats.questions
-                stats.questions += 1
-                for key, label in (("human_answers", HUMAN), ("chatgpt_answers", MACHINE)):
-                    for ans in row.get(key) or []:
-                        if ans is None:
-                            stats.skipped_null += 1
-                            continue
-                        text = str(ans).strip()
-                        if not text:
-                            stats.skipped_empty += 1
-                            continue
-                        if label == HUMAN:
-                            stats.human += 1
-                        else:
-                            stats.machine += 1
-                        out.append(DetectExample(text, label, q, path.stem))
+        for row in iter_json_lines(path, HC3_ROW):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: not {HC3_ROW}: a row is {type(row).__name__}")
+            q = stats.questions
+            stats.questions += 1
+            for key, label in (("human_answers", HUMAN), ("chatgpt_answers", MACHINE)):
+                answers = row.get(key) or []
+                if not isinstance(answers, list):
+                    raise DataError(f"{path}: not {HC3_ROW}: {key} is {type(answers).__name__}")
+                for ans in answers:
+                    if ans is None:
+                        stats.skipped_null += 1
+                        continue
+                    text = str(ans).strip()
+                    if not text:
+                        stats.skipped_empty += 1
+                        continue
+                    if label == HUMAN:
+                        stats.human += 1
+                    else:
+                        stats.machine += 1
+                    out.append(DetectExample(text, label, q, path.stem))
     return out

@@ -9,9 +9,12 @@ locatable answer. :class:`LoadStats` counts both cases for the training log.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from training.data.common import DataError, read_json
+
+SQUAD_SHAPE = 'SQuAD-v1 JSON ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]})'
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,14 @@ def load_squad(path: Path | str, stats: LoadStats | None = None) -> list[QAExamp
     """Every question of a SQuAD-v1 JSON file, answers located in their context."""
     stats = stats if stats is not None else LoadStats()
     stats.files.append(str(path))
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    raw = read_json(path, SQUAD_SHAPE)
+    try:
+        return _squad_examples(raw, stats)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DataError(f"{path}: not {SQUAD_SHAPE}: {type(e).__name__} {e}") from e
+
+
+def _squad_examples(raw: dict, stats: LoadStats) -> list[QAExample]:
     out: list[QAExample] = []
     for article in raw["data"]:
         for p_i, para in enumerate(article["paragraphs"]):
