@@ -429,6 +429,10 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, com
         ["train", "pos", "--batch-size", "0"],
         ["train", "polarity", "--lr", "-1"],
         ["train", "detector", "--max-length", "0"],
+        ["train", "detector", "--max-train-examples", "0"],  # silently meant "all"
+        ["train", "qa", "--doc-stride", "-1"],
+        ["train", "qa", "--doc-stride", "400"],  # over the window's context part
+        ["train", "qa", "--max-eval-examples", "0"],
         ["pretrain", "--max-steps", "-5"],
     ],
 )

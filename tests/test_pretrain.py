@@ -179,6 +179,44 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     assert res.exit_code != 0 and isinstance(res.exception, FileExistsError)
 
 
+def test_train_commands_refuse_data_they_cannot_train_or_score_honestly(tmp_path: Path):
+    """An eval file that is the train file, a SQuAD file without a trainable question (looped
+    forever) and HC3 without both classes are refused before training, naming the file."""
+    import typer
+    from typer.testing import CliRunner
+
+    from training.data.common import DataError
+    from training.transformer.commands import register
+
+    _source_bert(tmp_path / "base")
+    cmrc = tmp_path / "data" / "cmrc2018"
+    cmrc.mkdir(parents=True)
+    (cmrc / "cmrc2018_train.json").write_text('{"data": []}', "utf-8")
+    (cmrc / "cmrc2018_dev.json").write_text(json.dumps(_squad(TEXTS[:2])), "utf-8")
+    (tmp_path / "data" / "hc3" / "en").mkdir(parents=True)
+    (tmp_path / "data" / "hc3" / "en" / "a.jsonl").write_text(
+        json.dumps({"question": "q", "human_answers": ["a"], "chatgpt_answers": []}), "utf-8"
+    )
+    app, train_app = typer.Typer(), typer.Typer()
+    register(train_app, app, {})
+    app.add_typer(train_app, name="train")
+    common = ["--base-model", str(tmp_path / "base"), "--data", str(tmp_path / "data"),
+              "--out", str(tmp_path / "models"), "--threads", "1"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["train", "qa", *common, "--eval-file", "cmrc2018/cmrc2018_train.json"]
+    )
+    flat = " ".join(res.output.replace("│", " ").split())  # typer wraps it in a box
+    assert res.exit_code == 2 and "is the train file too" in flat, res.output
+    res = runner.invoke(app, ["train", "qa", *common])
+    assert isinstance(res.exception, DataError), res.output
+    assert "cmrc2018_train.json: no question whose answer is in its context" in str(res.exception)
+    res = runner.invoke(app, ["train", "detector", *common])
+    assert isinstance(res.exception, DataError), res.output
+    assert "needs human and machine answers" in str(res.exception)
+    assert not (tmp_path / "models").exists()
+
+
 def _tiny_base_and_squad(tmp_path: Path):
     """A 1-layer MLM base in ``tmp_path/base`` and a tiny SQuAD file's examples."""
     from training.data.squad import load_squad

@@ -57,3 +57,13 @@ def test_fit_autocasts_to_bf16_on_a_cpu_with_native_bf16():
     assert seen == {torch.bfloat16}  # the matmuls ran in bf16 ...
     assert params == {torch.float32}  # ... on fp32 master weights, so export is unchanged
     assert losses[-1] < losses[0]
+
+
+def test_fit_on_an_empty_split_is_an_error_not_an_endless_loop():
+    """`train qa` on a file with no trainable question looped forever in an empty epoch."""
+    from training.data.common import DataError
+    from training.transformer.common import FitConfig, fit
+
+    cfg = FitConfig(epochs=1, device="cpu", amp=False)
+    with pytest.raises(DataError, match="nothing to train on"):
+        fit(_tiny_bert(100, "qa"), lambda epoch: iter([]), 0, None, cfg)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from training.data.common import DataError
 from training.lstm.commands import Device, resolve_data
 from training.repository import command_line
 
@@ -123,12 +124,15 @@ def train_detector_cmd(
     weight_decay: Annotated[float, typer.Option()] = 0.01,
     max_grad_norm: Annotated[float, typer.Option()] = 1.0,
     max_train_examples: Annotated[
-        int | None, typer.Option(help="Random subsample of the train split (CPU budget).")
+        int | None,
+        typer.Option(min=1, help="Random subsample of the train split (default: all)."),
     ] = None,
     subsample_seed: Annotated[
         int | None, typer.Option(help="Seed of the train subsample (default: --seed).")
     ] = None,
-    max_dev_examples: Annotated[int | None, typer.Option()] = 600,
+    max_dev_examples: Annotated[
+        int, typer.Option(min=0, help="Dev texts scored at each evaluation (0: all).")
+    ] = 600,
     eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this.")] = None,
     freeze_embeddings: Annotated[
@@ -161,6 +165,9 @@ def train_detector_cmd(
     files = hc3_files(root, lang)
     stats = HC3Stats()
     examples = load_hc3(files, stats)
+    if len({e.label for e in examples}) < 2:
+        found = stats.as_dict()
+        raise DataError(f"{root}: HC3-{lang} needs human and machine answers; found {found}")
     log.info("HC3-%s: %s", lang, stats.as_dict())
     cfg = DetectorConfig(
         base_model=base,
@@ -218,9 +225,11 @@ def train_qa_cmd(
         typer.Option(help="Same architecture/tokenizer, random weights (the no-pretraining run)."),
     ] = False,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per window.")] = 384,
-    doc_stride: Annotated[int, typer.Option(help="Context tokens shared by windows.")] = 128,
-    max_query_length: Annotated[int, typer.Option()] = 64,
-    max_answer_length: Annotated[int, typer.Option(help="Tokens.")] = 30,
+    doc_stride: Annotated[int, typer.Option(min=0, help="Context tokens shared by windows.")] = 128,
+    max_query_length: Annotated[
+        int, typer.Option(min=1, help="Question tokens kept (the rest cut).")
+    ] = 64,
+    max_answer_length: Annotated[int, typer.Option(min=1, help="Tokens.")] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     epochs: Annotated[
         float,
@@ -240,13 +249,19 @@ def train_qa_cmd(
     holdout_ratio: Annotated[
         float, typer.Option(help="Train articles held out for checkpoint selection.")
     ] = 0.05,
-    max_holdout_examples: Annotated[int | None, typer.Option()] = 400,
-    max_train_examples: Annotated[int | None, typer.Option()] = None,
+    max_holdout_examples: Annotated[
+        int, typer.Option(min=0, help="Held-out questions scored at each evaluation (0: all).")
+    ] = 400,
+    max_train_examples: Annotated[
+        int | None,
+        typer.Option(min=1, help="Random subsample of the train questions (default: all)."),
+    ] = None,
     subsample_seed: Annotated[
         int | None, typer.Option(help="Seed of the train subsample (default: --seed).")
     ] = None,
     max_eval_examples: Annotated[
-        int | None, typer.Option(help="Evaluate on a sample of the eval file (default all).")
+        int | None,
+        typer.Option(min=1, help="Evaluate on a sample of the eval file (default: all)."),
     ] = None,
     skip_test: Annotated[
         bool,
@@ -275,13 +290,27 @@ def train_qa_cmd(
     from training.transformer.common import check_base_model, version_folder
     from training.transformer.qa import QAConfig, train_qa
 
+    if doc_stride >= max_length - max_query_length - 3:
+        raise typer.BadParameter(
+            f"{doc_stride} must be below the context part of a window, --max-length minus "
+            f"--max-query-length minus 3 special tokens = {max_length - max_query_length - 3}",
+            param_hint="--doc-stride",
+        )
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
     check_base_model(base_model, weights=not random_init)
     root = resolve_data(data)
     tr_path, ev_path = root / train_file, root / eval_file
+    if tr_path.resolve() == ev_path.resolve():
+        raise typer.BadParameter(
+            f"{eval_file} is the train file too: the test score must come from questions "
+            "never trained on",
+            param_hint="--eval-file",
+        )
     tr_stats, ev_stats = LoadStats(), LoadStats()
     train_ex = load_squad(tr_path, tr_stats)
+    if epochs > 0 and not any(e.first_located is not None for e in train_ex):
+        raise DataError(f"{tr_path}: no question whose answer is in its context, nothing to train")
     test_ex = load_squad(ev_path, ev_stats)
     log.info("train %s: %s", train_file, tr_stats.as_dict())
     log.info("eval %s: %s", eval_file, ev_stats.as_dict())

@@ -328,6 +328,7 @@ def fit(
     bar = tqdm(total=total, desc="train", mininterval=5.0, disable=None)
     stop = False
     while not stop:
+        epoch_start = step
         for batch in make_batches(epoch):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
@@ -370,6 +371,8 @@ def fit(
                     log.warning("stopping at step %d: --max-minutes reached", step)
                 stop = True
                 break
+        if step == epoch_start:  # an empty epoch: the loop would never end
+            raise DataError("nothing to train on: the training split gave no batch")
         epoch += 1
     bar.close()
     if evaluate is not None:
