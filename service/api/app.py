@@ -20,7 +20,7 @@ from service.api.middleware import (
     RequestIdMiddleware,
     ShutdownMiddleware,
 )
-from service.api.routes import demo, explain, ops, predict
+from service.api.routes import demo, docs, explain, ops, predict
 from service.config import Settings, get_settings
 from service.metrics import Metrics
 from service.queueing.factory import create_queue
@@ -95,6 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # "/v1/pos/" is a 404, not a redirect to a Location built from the Host header
         redirect_slashes=False,
+        # Served by routes/docs.py from local files; FastAPI's own pages load a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(explain.router)  # /v1/{detect,polarity}/explain
     app.include_router(demo.router)  # GET / (demo page) and /static/*
+    app.include_router(docs.router)  # /docs, /redoc and their assets
 
     def model_for(path: str, query: dict[str, list[str]]) -> tuple[str, str] | None:
         """(model, endpoint) of a request to /v1/<task>[/explain]; None for other paths."""

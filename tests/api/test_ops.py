@@ -100,8 +100,29 @@ async def test_batch_metrics_in_process(inprocess_service):
     )
 
 
+async def test_docs_pages_load_everything_from_this_server(client):
+    """/docs and /redoc were blank on offline hosts: FastAPI's pages load Swagger UI and
+    ReDoc from a CDN. Every script, style and icon they name must come from here."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        r = await client.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']|url: *['"]([^'"]+)['"]""", r.text)
+        urls = [a or b for a, b in urls]
+        assert urls and not [u for u in urls if "//" in u], urls  # nothing off this host
+        for url in urls:
+            asset = await client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 1000 or url.endswith(
+                "openapi.json"
+            ), url
+    r = await client.get("/docs")
+    assert "/docs-assets/swagger-ui-bundle.js" in r.text and "'/openapi.json'" in r.text
+    assert (await client.get("/docs-assets/../app.py")).status_code == 404
+    assert (await client.get("/docs-assets/nope.js")).status_code == 404
+
+
 async def test_openapi_page_is_usable(client):
-    assert (await client.get("/docs")).status_code == 200
     spec = (await client.get("/openapi.json")).json()
     for path in ("/v1/qa", "/v1/detect", "/v1/pos", "/v1/polarity"):
         op = spec["paths"][path]["post"]
