@@ -143,6 +143,16 @@ def test_stream_maxlen_below_the_queue_depth_is_refused(monkeypatch):
     assert Settings().redis_stream_maxlen == 1024
 
 
+def test_explain_default_over_its_limit_is_refused(monkeypatch):
+    """Was accepted; then every request without max_evals got a 422 blaming the client."""
+    monkeypatch.setenv("NLPSERVE_EXPLAIN_MAX_EVALS_DEFAULT", "3000")
+    monkeypatch.setenv("NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT", "1000")
+    with pytest.raises(ValueError, match="EXPLAIN_MAX_EVALS_DEFAULT .3000. must not exceed"):
+        Settings()
+    monkeypatch.setenv("NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT", "3000")
+    assert Settings().explain_max_evals_default == 3000
+
+
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
     import os

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -161,11 +162,29 @@ async def test_limits():
 async def test_deadline_stops_the_explainer():
     model = FakeModel(delay_s=0.05)
     svc = make_service(model, batch_size=2)
-    with pytest.raises(DeadlineExceededError):
+    with pytest.raises(DeadlineExceededError, match=r"\d+ of 400 model evaluations done in"):
         await svc.explain("toy", "good great bad not good great bad", 400, deadline(0.3))
     calls = model.calls
     await asyncio.sleep(0.2)
     assert model.calls == calls  # nothing keeps running after the deadline
+    svc.close()
+
+
+async def test_a_deadline_the_queue_reports_is_told_as_the_explanations():
+    """The queue's 504 spoke of "ms left when it was queued", which tells the client of an
+    explanation nothing; the answer now says how far it got and what to ask for instead."""
+
+    class QueueOutOfTime(FakeModel):
+        async def __call__(self, texts: list[str], deadline: float) -> np.ndarray:
+            if self.calls >= 2:
+                raise DeadlineExceededError("not served (3 ms were left when it was queued)")
+            return await super().__call__(texts, deadline)
+
+    svc = make_service(QueueOutOfTime(), batch_size=2)
+    with pytest.raises(DeadlineExceededError, match="ask for a smaller max_evals") as e:
+        await svc.explain("toy", "good great bad not good great bad", 400, deadline())
+    assert re.search(r"[1-9]\d* of 400 model evaluations", str(e.value))
+    assert "queued" not in str(e.value)
     svc.close()
 
 

@@ -296,13 +296,20 @@ def _explain_sync(
     full_text: str | None = None  # the input as SHAP renders it with nothing masked
     full_output: float | None = None  # the model's output for it, as SHAP evaluated it
 
+    def out_of_time() -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"the explanation did not finish before its deadline: {n_evals} of {max_evals} "
+            f"model evaluations done in {time.perf_counter() - t0:.1f} s; ask for a smaller "
+            "max_evals (or send a shorter text)"
+        )
+
     def model_fn(batch: Sequence[Any]) -> np.ndarray:
         nonlocal n_evals, full_output
         if cancel.is_set():
             raise ExplainCancelledError("the client went away")
         remaining = deadline - time.time()
         if remaining <= 0:
-            raise DeadlineExceededError("the explanation did not finish before its deadline")
+            raise out_of_time()
         texts = [str(t) for t in batch]
         fut = asyncio.run_coroutine_threadsafe(ex.scorer(texts, deadline), loop)
         cancel.current = fut
@@ -312,11 +319,10 @@ def _explain_sync(
             out = fut.result(timeout=remaining + _RESULT_GRACE_S)
         except concurrent.futures.CancelledError:
             raise ExplainCancelledError("the client went away") from None
-        except concurrent.futures.TimeoutError:
+        except (concurrent.futures.TimeoutError, DeadlineExceededError):
+            # The queue's own message speaks of a queued batch; say what ran out instead.
             fut.cancel()
-            raise DeadlineExceededError(
-                "the explanation did not finish before its deadline"
-            ) from None
+            raise out_of_time() from None
         n_evals += len(texts)
         out = np.asarray(out, dtype=np.float64).reshape(len(texts))
         if full_output is None and full_text in texts:
