@@ -20,6 +20,7 @@ from service.api.middleware import (
     RequestIdMiddleware,
     ShutdownMiddleware,
 )
+from service.api.openapi import install_openapi
 from service.api.routes import demo, docs, explain, ops, predict
 from service.config import Settings, get_settings
 from service.metrics import Metrics
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(predict.router)
     app.include_router(ops.router)
     app.include_router(explain.router)  # /v1/{detect,polarity}/explain

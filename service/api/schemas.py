@@ -97,6 +97,17 @@ class PosRequest(_Item):
 
 
 class PosResponse(_Out):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tokens": ["She", "likes", "red", "cars", "."],
+                    "tags": ["PRP", "VBZ", "JJ", "NNS", "."],
+                }
+            ]
+        }
+    )
+
     tokens: list[str] = Field(description="The words that were tagged.")
     tags: list[str] = Field(description="One part-of-speech tag per token (Penn Treebank set).")
 
@@ -110,8 +121,14 @@ class PolarityRequest(_Item):
 
 
 class PolarityResponse(_Out):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"label": "positive", "positive_probability": 0.9925, "truncated": False}]
+        }
+    )
+
     label: str = Field(description="`positive` or `negative`.", examples=["positive"])
-    positive_probability: float = Field(description="P(positive), 0 to 1.", examples=[0.93])
+    positive_probability: float = Field(description="P(positive), 0 to 1.", examples=[0.9925])
     truncated: bool = Field(
         description="True when the text was longer than the model's max length and only its "
         "first max_length tokens were read."
@@ -139,8 +156,14 @@ class DetectRequest(_Item):
 
 
 class DetectResponse(_Out):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"label": "machine", "machine_probability": 0.9864, "truncated": False}]
+        }
+    )
+
     label: str = Field(description="`human` or `machine`.", examples=["machine"])
-    machine_probability: float = Field(description="P(machine), 0 to 1.", examples=[0.87])
+    machine_probability: float = Field(description="P(machine), 0 to 1.", examples=[0.9864])
     truncated: bool = Field(
         description="True when the text was longer than the model's max length and only its "
         "head was read."
@@ -158,9 +181,18 @@ class QARequest(_Item):
 
 
 class QAResponse(_Out):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"answer": "两万千米", "start": 7, "end": 11, "score": 0.4387}]
+        }
+    )
+
     answer: str = Field(description="The answer span: exactly `context[start:end]`.")
-    start: int = Field(description="Character offset of the answer in `context` (inclusive).")
-    end: int = Field(description="Character offset of the answer end in `context` (exclusive).")
+    start: int = Field(
+        description="Offset of the answer in `context` (inclusive), in Unicode code points "
+        "(not UTF-16 units: JavaScript must index `Array.from(context)`)."
+    )
+    end: int = Field(description="Offset of the answer end in `context` (exclusive), likewise.")
     score: float = Field(
         description="Probability of this span among all candidate spans of all windows "
         "(softmax of start+end logits), 0 to 1; 0 with an empty answer."
@@ -237,7 +269,14 @@ class ModelInfo(BaseModel):
     labels: list[str]
     max_length: int
     buckets: list[int] = Field(description="Upper token-length edges of the batching buckets.")
-    metrics: dict[str, float] = Field(description="Held-out evaluation metrics (manifest).")
+    metrics: dict[str, float] = Field(
+        description="Held-out evaluation metrics of the fp32 export (manifest)."
+    )
+    variant_metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="The same metrics measured on each other variant's own file (e.g. int8), "
+        "where the manifest records them.",
+    )
     variants: list[str]
     variant: str | None = Field(description="The variant this process runs (null: remote).")
     provider: str | None = Field(

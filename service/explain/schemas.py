@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas import DETECT_EXAMPLES, Text
+from service.api.schemas import Text
 
 
 class ExplainRequest(BaseModel):
@@ -13,11 +13,11 @@ class ExplainRequest(BaseModel):
     text: Text = Field(
         description="The text to explain. Only the tokens the model reads are explained "
         "(a longer text is cut at the model's max length; `truncated` says so).",
-        examples=[DETECT_EXAMPLES[0]],
     )
     max_evals: int | None = Field(
         None,
         ge=4,
+        strict=True,  # true was read as 1 and "300" as 300
         description="SHAP model evaluations to spend (more: finer attributions, slower). "
         "Default NLPSERVE_EXPLAIN_MAX_EVALS_DEFAULT; at most NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
         examples=[300],
@@ -25,11 +25,30 @@ class ExplainRequest(BaseModel):
 
 
 class ExplainResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "polarity-en", "version": "1",
+                    "tokens": ["A", "charming", ",", "funny", "and", "moving", "film", "."],
+                    "offsets": [[0, 1], [2, 10], [10, 11], [12, 17], [18, 21], [22, 28],
+                                [29, 33], [33, 34]],
+                    "values": [0.027, 0.2244, 0.0197, 0.0935, 0.0288, 0.1448, 0.0453, -0.0044],
+                    "base_value": 0.4135, "output": 0.9925,
+                    "output_name": "positive_probability", "label": "positive",
+                    "max_evals": 300, "evals": 52, "truncated": False, "cached": False,
+                    "seconds": 0.02,
+                }
+            ]
+        }
+    )  # fmt: skip
+
     model: str = Field(description="The model explained.")
     version: str = Field(description="Its version (part of the cache key).")
     tokens: list[str] = Field(description="The features: the text's tokens, as they appear in it.")
     offsets: list[tuple[int, int]] = Field(
-        description="Character [start, end) of each token in `text`."
+        description="[start, end) of each token in `text`, in Unicode code points (not UTF-16 "
+        "units: JavaScript must index `Array.from(text)`)."
     )
     values: list[float] = Field(
         description="SHAP value of each token, in PROBABILITY units of `output_name`: "

@@ -86,6 +86,9 @@ async def test_default_and_limit_of_max_evals(c, srv, model_repo):
     assert "limit" in r.json()["error"]["message"]
     r = await c.post("/v1/polarity/explain", json={"text": "a dull film", "max_evals": 1})
     assert r.status_code == 422 and "max_evals" in r.json()["error"]["message"]
+    for wrong in (True, "300", 300.5):  # true was read as 1, "300" as 300
+        r = await c.post("/v1/polarity/explain", json={"text": "a dull film", "max_evals": wrong})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "wrong_type", r.text
     r = await c.post("/v1/polarity/explain", json={"text": "   "})
     assert r.status_code == 422 and r.json()["error"]["code"] == "empty_text"
     r = await c.post("/v1/polarity/explain?model=nope", json={"text": "fine"})
@@ -144,12 +147,13 @@ async def test_explain_burst_does_not_push_predictions_past_their_deadline(c, sr
     def explain_batches() -> int:
         return sum(1 for b in q.batch_log if b.lane == "explain")
 
+    limit = srv.settings.explain_max_evals_limit  # the most each explanation may run
     async with srv.client() as burst_client:
         burst = [
             asyncio.create_task(
                 burst_client.post(
                     "/v1/detect/explain",
-                    json={"text": f"{MACHINE} number {i} {HUMAN}", "max_evals": 2000},
+                    json={"text": f"{MACHINE} number {i} {HUMAN}", "max_evals": limit},
                 )
             )
             for i in range(6)

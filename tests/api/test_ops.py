@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from service.repository import load_manifest
@@ -16,7 +18,7 @@ async def test_healthz_and_readyz(client):
     r = await client.get("/readyz")
     assert r.status_code == 200
     assert {"pos-en", "polarity-en"} <= set(r.json()["models"])
-    for path in ("/healthz", "/readyz"):  # HEAD: what load balancers probe with
+    for path in ("/healthz", "/readyz", "/"):  # HEAD: what load balancers probe with
         r = await client.head(path)
         assert r.status_code == 200 and not r.content
 
@@ -32,6 +34,10 @@ async def test_models_lists_what_runs_where(client, service, model_repo):
         assert m["buckets"] == manifest.buckets
         assert m["labels"] == manifest.labels
         assert m["metrics"] == manifest.metrics
+        # each variant's own measured figures (the README quotes int8's), not only fp32's
+        assert m["variant_metrics"] == {
+            k: v.metrics for k, v in manifest.variants.items() if v.metrics
+        }
         assert m["max_length"] == manifest.max_length
         if service.state.runners:  # in-process: this process runs the model
             assert m["provider"] == "CPUExecutionProvider"
@@ -127,6 +133,24 @@ async def test_openapi_page_is_usable(client):
         examples = op["requestBody"]["content"]["application/json"]["examples"]
         assert {"single", "batch"} <= set(examples)
         assert "422" in op["responses"] and "429" in op["responses"]
+    # Every POST documents the shared errors (explain lacked 400/413) and X-Deadline-Ms as a
+    # header Swagger's "Try it out" can send; every 422 is this service's error shape.
+    for path, item in spec["paths"].items():
+        if "post" in item:
+            op = item["post"]
+            assert {"400", "413", "422", "429", "503", "504"} <= set(op["responses"]), path
+            assert "X-Deadline-Ms" in [p["name"] for p in op["parameters"] if p["in"] == "header"]
+            if path.endswith("/explain"):
+                assert "501" in op["responses"]
+    assert "HTTPValidationError" not in json.dumps(spec)
+    for name in ("PosResponse", "PolarityResponse", "DetectResponse", "QAResponse"):
+        assert spec["components"]["schemas"][name]["examples"], name
+    polarity = spec["paths"]["/v1/polarity/explain"]["post"]["requestBody"]["content"]
+    text = next(iter(polarity["application/json"]["examples"].values()))["value"]["text"]
+    assert "sky" not in text  # was the detector's example
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/{name}"):
+        assert spec["paths"][path]["get"]["description"], path
     props = spec["components"]["schemas"]["QARequest"]["properties"]
     assert props["context"]["description"] and props["question"]["examples"]
     assert spec["components"]["schemas"]["ErrorResponse"]

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from service.api.errors import ApiError
 
@@ -27,6 +27,12 @@ _HEADERS = {"Cache-Control": "no-cache"}
 _background: set[asyncio.Future[None]] = set()  # strong refs to fire-and-forget tasks
 
 router = APIRouter(tags=["demo"], include_in_schema=False)
+
+
+@router.head("/")
+async def index_head() -> Response:
+    # Uptime monitors probe the root with HEAD (was 405); no shap warm-up for them.
+    return Response(media_type=_MEDIA_TYPES[".html"], headers=_HEADERS)
 
 
 @router.get("/")

@@ -7,9 +7,9 @@ without it answers 501.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, Query, Request
 
 from service.api.deps import (
     DEADLINE_HEADER,
@@ -20,25 +20,22 @@ from service.api.deps import (
 )
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError
-from service.api.schemas import ErrorResponse
+from service.api.openapi import DEADLINE_PARAMETER, error_responses
+from service.api.schemas import DETECT_EXAMPLES
 from service.explain.adapters import build_explainer
 from service.explain.engine import ExplainError, ExplainService, shap_available
 from service.explain.schemas import ExplainRequest, ExplainResponse
 
 router = APIRouter(prefix="/v1", tags=["explain"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse, "description": d}
-    for s, d in {
-        404: "The model is not loaded / unknown model.",
+_ERRORS = error_responses(
+    {
         422: "Invalid fields, empty or over-long text (NLPSERVE_MAX_TEXT_CHARS), or max_evals "
         "over NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT.",
-        429: "The model's queue is full: retry after `Retry-After` seconds.",
         501: "The `shap` package is not installed on this server.",
-        503: "Starting, shutting down, or the queue backend is unreachable.",
-        504: f"Not finished before the deadline (`{DEADLINE_HEADER}`).",
-    }.items()
-}
+        504: f"Not finished before the deadline (`{DEADLINE_HEADER}`): ask for fewer max_evals.",
+    }
+)
 
 ModelParam = Annotated[
     str | None,
@@ -52,6 +49,10 @@ _DOC = (
     "lane that never delays them. Results are cached per (model version, text, max_evals). "
     f"`{DEADLINE_HEADER}` bounds the time spent."
 )
+
+
+def _example(text: str) -> dict:
+    return {"default": {"summary": "A text", "value": {"text": text, "max_evals": 300}}}
 
 
 def explain_service(app: FastAPI) -> ExplainService:
@@ -129,10 +130,15 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
     "/detect/explain",
     response_model=ExplainResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Explain the detector: SHAP value of each token for P(machine)",
     description=_DOC.format(output="machine_probability"),
 )
-async def explain_detect(request: Request, body: ExplainRequest, model: ModelParam = None):
+async def explain_detect(
+    request: Request,
+    body: Annotated[ExplainRequest, Body(openapi_examples=_example(DETECT_EXAMPLES[0]))],
+    model: ModelParam = None,
+):
     return await _explain(request, "detect", body, model)
 
 
@@ -140,8 +146,15 @@ async def explain_detect(request: Request, body: ExplainRequest, model: ModelPar
     "/polarity/explain",
     response_model=ExplainResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Explain polarity: SHAP value of each word for P(positive)",
     description=_DOC.format(output="positive_probability"),
 )
-async def explain_polarity(request: Request, body: ExplainRequest, model: ModelParam = None):
+async def explain_polarity(
+    request: Request,
+    body: Annotated[
+        ExplainRequest, Body(openapi_examples=_example("A charming, funny and moving film."))
+    ],
+    model: ModelParam = None,
+):
     return await _explain(request, "polarity", body, model)

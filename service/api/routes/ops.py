@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.deps import ServiceState, clip_name
 from service.api.deps import get_state as _state
@@ -28,6 +28,7 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
         max_length=m.max_length,
         buckets=task.buckets,
         metrics=m.metrics,
+        variant_metrics={k: v.metrics for k, v in sorted(m.variants.items()) if v.metrics},
         variants=sorted(m.variants),
         variant=run.get("variant"),
         provider=run.get("provider"),
@@ -41,7 +42,14 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
     )
 
 
-@router.get("/v1/models", response_model=ModelsResponse, summary="Loaded models")
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    summary="Loaded models",
+    description="Every model this process serves: task, labels, max length, batching buckets, "
+    "held-out metrics (`metrics`: the fp32 export's; `variant_metrics`: each other variant's "
+    "own, e.g. int8), the variant and execution provider it runs on, and its queue depth.",
+)
 async def models(request: Request) -> ModelsResponse:
     state = _state(request)
     return ModelsResponse(models=[_info(state, n) for n in sorted(state.tasks)])
@@ -50,8 +58,9 @@ async def models(request: Request) -> ModelsResponse:
 @router.get(
     "/v1/models/{name}",
     response_model=ModelInfo,
-    responses={404: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse, "description": "No model of that name is loaded."}},
     summary="One loaded model",
+    description="The `/v1/models` entry of one model, by name.",
 )
 async def model(request: Request, name: str) -> ModelInfo:
     state = _state(request)
@@ -67,7 +76,12 @@ async def model(request: Request, name: str) -> ModelInfo:
 
 # HEAD too: what load balancers probe with (not in /docs: the same as GET, without a body)
 @router.head("/healthz", include_in_schema=False)
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    description="200 while the process runs, even while models load or the queue is down: "
+    "restart on failure of this one, route traffic on `/readyz`.",
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -76,7 +90,16 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: models loaded and the queue accepts work",
-    responses={503: {"model": ErrorResponse}},
+    description="200 with the loaded models (and, in Redis mode, the live workers) when "
+    "requests can be served; 503 while starting, stopping, with no models, or with the "
+    "queue backend unreachable (send traffic elsewhere).",
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "Not ready: starting, no models, or the "
+            "queue is unreachable (`not_ready`, `no_models`, `queue_unavailable`).",
+        }
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     state = _state(request)
@@ -95,7 +118,13 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    description="Request counts and latencies, batch sizes, padding efficiency, queue depth, "
+    "per model (docs/deploy.md lists what to alert on).",
+    response_class=PlainTextResponse,
+)
 async def metrics(request: Request) -> Response:
     m = _state(request).metrics
     return Response(m.render(), media_type=m.content_type)

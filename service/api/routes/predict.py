@@ -18,13 +18,13 @@ from service.api.deps import (
 )
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, too_many_items
+from service.api.openapi import DEADLINE_PARAMETER, error_responses
 from service.api.schemas import (
     DETECT_EXAMPLES,
     BatchRequest,
     DetectBatchResponse,
     DetectBody,
     DetectResponse,
-    ErrorResponse,
     PolarityBatchResponse,
     PolarityBody,
     PolarityResponse,
@@ -39,18 +39,7 @@ from service.tasks.base import run_requests
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse, "description": d}
-    for s, d in {
-        400: "Invalid JSON or header.",
-        404: "The model is not loaded / unknown model.",
-        413: "Body over NLPSERVE_MAX_BODY_BYTES.",
-        422: "Invalid fields, empty or over-long text, too many items.",
-        429: "The model's queue is full: retry after `Retry-After` seconds.",
-        503: "Shutting down or the queue backend is unreachable.",
-        504: "Not served before the deadline (`X-Deadline-Ms`).",
-    }.items()
-}
+_ERRORS = error_responses({422: "Invalid fields, empty or over-long text, too many items."})
 
 ModelParam = Annotated[
     str | None,
@@ -109,6 +98,7 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
     "/pos",
     response_model=PosResponse | PosBatchResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Part-of-speech tags",
     description="Tag `text` (split into words by the model) or pre-split `tokens`. Texts over "
     "the model's max length (tokens) are rejected with 422 `input_too_long`." + _DEADLINE_DOC,
@@ -133,6 +123,7 @@ async def pos(
     "/polarity",
     response_model=PolarityResponse | PolarityBatchResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Sentence polarity (positive / negative)",
     description="Texts over the model's max length are cut to it and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -157,6 +148,7 @@ async def polarity(
     "/detect",
     response_model=DetectResponse | DetectBatchResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Machine-generated text detection",
     description="Texts over the model's max length are cut to their head and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -181,6 +173,7 @@ async def detect(
     "/qa",
     response_model=QAResponse | QABatchResponse,
     responses=_ERRORS,
+    openapi_extra=DEADLINE_PARAMETER,
     summary="Extractive question answering",
     description="The answer is a span of `context` with character offsets; long contexts are "
     "read in overlapping windows and the best span over all windows is returned." + _DEADLINE_DOC,

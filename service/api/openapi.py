@@ -1,0 +1,77 @@
+"""What ``/openapi.json`` (and so ``/docs``) says beyond what FastAPI derives from the routes:
+the error responses every operation shares, the ``X-Deadline-Ms`` header, and errors in the
+service's own ``{"error": {...}}`` shape instead of FastAPI's ``{"detail": [...]}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api.deps import DEADLINE_HEADER
+from service.api.schemas import ErrorResponse
+
+# What every POST endpoint may answer besides its own codes.
+COMMON_ERRORS = {
+    400: "Invalid JSON or header (`invalid_json`, `invalid_header`).",
+    404: "The model is not loaded / unknown model.",
+    413: "Body over NLPSERVE_MAX_BODY_BYTES.",
+    415: "A Content-Encoding (compressed body) this server does not read.",
+    429: "The model's queue is full: retry after `Retry-After` seconds.",
+    503: "Starting, shutting down, or the queue backend is unreachable.",
+    504: f"Not served before the deadline (`{DEADLINE_HEADER}`).",
+}
+
+# Declared for the docs only (Swagger's "Try it out" can send it); the routes read it through
+# service.api.deps.deadline_from, which answers 400 for a bad value.
+DEADLINE_PARAMETER: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": DEADLINE_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "Milliseconds this request may take before a 504 (capped by "
+            "NLPSERVE_DEFAULT_DEADLINE_MS, the default).",
+            "schema": {"type": "integer", "minimum": 1, "examples": [2000]},
+        }
+    ]
+}
+
+
+def error_responses(own: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route: the common errors plus ``own`` (which wins on a code)."""
+    return {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in sorted({**COMMON_ERRORS, **own}.items())
+    }
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Every 422 is this service's ErrorResponse (its validation handler answers so)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            ours = {"$ref": "#/components/schemas/ErrorResponse"}
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    for response in op.get("responses", {}).values():
+                        for content in response.get("content", {}).values():
+                            if (
+                                content.get("schema", {})
+                                .get("$ref", "")
+                                .endswith("/HTTPValidationError")
+                            ):
+                                content["schema"] = ours
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
