@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         ge=4,
         description="Most SHAP evaluations a request may ask for (more: 422).",
     )
+    explain_warmup: bool = Field(
+        False,
+        description="Import shap and JIT its code at startup, in a thread (~5-25 s of CPU), "
+        "instead of on the first explanation or the first visit of the demo page.",
+    )
     explain_cache_size: int = Field(
         256, ge=0, description="Explanations kept, keyed by (model, version, text, max_evals)."
     )

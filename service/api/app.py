@@ -23,6 +23,7 @@ from service.api.middleware import (
 from service.api.openapi import install_openapi
 from service.api.routes import demo, docs, explain, ops, predict
 from service.config import Settings, get_settings
+from service.explain.adapters import EXPLAINED_OUTPUT
 from service.metrics import Metrics
 from service.queueing.factory import create_queue
 from service.repository import discover_models
@@ -84,9 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await startup(state)
+        warm = None
+        if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
+            warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")
         try:
             yield
         finally:
+            if warm is not None:
+                warm.cancel()
             await shutdown(state)
 
     app = FastAPI(
@@ -113,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """(model, endpoint) of a request to /v1/<task>[/explain]; None for other paths."""
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[0] == "v1" and parts[1] in TASK_CLASSES:
+            if parts[2:] == ["explain"] and parts[1] not in EXPLAINED_OUTPUT:
+                return None  # a 404: no such endpoint, not an explain request of that model
             endpoint = "explain" if parts[2:] == ["explain"] else "predict"
             return state.metrics_label(parts[1], query), endpoint
         return None

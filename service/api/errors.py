@@ -194,6 +194,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path} (see /docs)"
+            if request.url.path.rstrip("/").endswith("/explain"):
+                message += "; explanations exist for /v1/detect/explain and /v1/polarity/explain"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))

@@ -63,7 +63,10 @@ class ExplainResponse(BaseModel):
     )
     label: str = Field(description="The predicted label.")
     max_evals: int = Field(description="The evaluation budget used.")
-    evals: int = Field(description="Model evaluations the explanation took.")
+    evals: int = Field(
+        description="Model evaluations the explanation took (SHAP's partition explainer may "
+        "go one past `max_evals`)."
+    )
     truncated: bool = Field(description="True when the text's tail past max length was ignored.")
     cached: bool = Field(description="True when served from the explanation cache.")
     seconds: float = Field(description="Time spent computing it (when it was computed).")

@@ -283,3 +283,25 @@ async def test_explains_under_a_queue_depth_smaller_than_a_batch(model_repo):
         r = await c.post("/v1/polarity/explain", json={"text": text, "max_evals": 100})
         assert r.status_code == 200, r.text
         check_additive(r.json(), text)
+
+
+async def test_explain_of_a_task_without_explanations_is_a_404_that_says_which_have(c):
+    """/v1/pos/explain was a bare 404, and counted in /metrics as an explain request of pos-en."""
+    r = await c.post("/v1/pos/explain", json={"text": "a test"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert "/v1/detect/explain and /v1/polarity/explain" in r.json()["error"]["message"]
+    text = (await c.get("/metrics")).text
+    assert 'endpoint="explain",model="pos-en"' not in text
+    assert not [line for line in text.splitlines() if "explain" in line and "pos-en" in line]
+
+
+async def test_explain_warmup_setting_imports_shap_at_startup(model_repo):
+    """NLPSERVE_EXPLAIN_WARMUP=1: startup begins the shap warm-up without any request."""
+    from tests.service_support import live_server, make_settings
+
+    async with live_server(make_settings(model_repo, explain_warmup=True)) as server:
+        service = explain_service(server.app)
+        assert service._warm is not None  # started by startup, not by a request
+        await asyncio.wait_for(asyncio.shield(service._warm), 60)
+    async with live_server(make_settings(model_repo)) as server:
+        assert getattr(server.app.state, "explain", None) is None
