@@ -48,6 +48,10 @@ DETECT_TEXT = (
 )
 POS_TEXT = "The old man sees a big dog in the park ."
 POLARITY_TEXT = "a truly wonderful and charming film"
+# Characters outside the BMP (two UTF-16 units each), a skin-tone modifier included.
+EMOJI_REVIEW = "Loved it 😀 great 👍🏽 acting, terrible 💩 ending."
+EMOJI_PASSAGE = "🎉🎉🎉 长城总长度超过两万千米。"
+EMOJI_QUESTION = "长城有多长？"
 
 
 def find_chromium() -> str | None:
@@ -210,3 +214,37 @@ async def test_panels_of_missing_models_say_so(browser, model_repo, tmp_path):
         await page.screenshot(path=str(tmp_path / "demo-missing.png"), full_page=True)
         assert page_errors == []
         await page.close()
+
+
+async def test_offsets_count_code_points_not_utf16_units(browser, inprocess_service, model_repo):
+    # The API's offsets count code points (Python); a JS string counts UTF-16 units, so an
+    # emoji (two units) before a token or an answer shifted every later span by one.
+    for name in (QA_MODEL, POLARITY_MODEL):
+        require_model(model_repo, name)
+    srv = inprocess_service
+    page, page_errors = await open_page(browser, srv.url)
+
+    await page.fill("#polarity-text", EMOJI_REVIEW)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    _, api = await post_json(page, srv.url + "/v1/polarity/explain", text=EMOJI_REVIEW)
+    rendered = await page.locator("#polarity-tokens .tok").all_text_contents()
+    assert rendered == [EMOJI_REVIEW[s:e] for s, e in api["offsets"]] == api["tokens"]
+    assert await page.text_content("#polarity-tokens") == EMOJI_REVIEW
+
+    await page.fill("#qa-context", EMOJI_PASSAGE)
+    await page.fill("#qa-question", EMOJI_QUESTION)
+    await page.click("#qa-form button")
+    await page.wait_for_selector("#qa-result:not([hidden])")
+    _, api = await post_json(
+        page, srv.url + "/v1/qa", question=EMOJI_QUESTION, context=EMOJI_PASSAGE
+    )
+    assert api["answer"] and api["end"] > api["start"]
+    assert await page.text_content("#qa-passage mark.answer") == api["answer"]
+    before = await page.evaluate(
+        "document.querySelector('#qa-passage mark').previousSibling?.textContent ?? ''"
+    )
+    assert before == EMOJI_PASSAGE[: api["start"]]
+    assert await page.text_content("#qa-passage") == EMOJI_PASSAGE
+    assert page_errors == []
+    await page.close()

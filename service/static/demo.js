@@ -62,6 +62,25 @@ function showError(panel, message) {
   box.hidden = !message;
 }
 
+// The API's character offsets count Unicode code points (Python's str); a JS string counts
+// UTF-16 code units, so every character outside the BMP (an emoji, a rare CJK ideograph) is
+// two units. Returns `units` with units[i] = the UTF-16 index of code point i, for
+// i = 0 .. number of code points (the last entry is text.length).
+function utf16Indices(text) {
+  const units = [0];
+  let at = 0;
+  for (const ch of text) { // iterates code points (a lone surrogate counts as one, as in Python)
+    at += ch.length;
+    units.push(at);
+  }
+  return units;
+}
+
+// The UTF-16 index of code point `cp` (clamped to the text).
+function unitAt(units, cp) {
+  return units[Math.max(0, Math.min(cp, units.length - 1))];
+}
+
 function pct(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
@@ -93,11 +112,13 @@ function renderShap(container, text, exp, posWord, negWord) {
   container.replaceChildren();
   const maxAbs = Math.max(1e-12, ...exp.values.map((v) => Math.abs(v)));
   const offsets = exp.offsets || null;
+  const units = offsets ? utf16Indices(text) : null;
   let pos = 0;
   exp.tokens.forEach((tok, i) => {
     const v = exp.values[i];
     if (offsets) {
-      const [s, e] = offsets[i];
+      const s = unitAt(units, offsets[i][0]);
+      const e = unitAt(units, offsets[i][1]);
       if (s > pos) container.append(text.slice(pos, s)); // the text between tokens, as typed
       tok = text.slice(s, e);
       pos = e;
@@ -141,9 +162,12 @@ wire("qa-form", async () => {
   const passage = $("qa-passage");
   passage.replaceChildren();
   if (out.answer && out.end > out.start) {
-    passage.append(context.slice(0, out.start));
-    passage.append(el("mark", "answer", context.slice(out.start, out.end)));
-    passage.append(context.slice(out.end));
+    const units = utf16Indices(context); // start/end count code points
+    const start = unitAt(units, out.start);
+    const end = unitAt(units, out.end);
+    passage.append(context.slice(0, start));
+    passage.append(el("mark", "answer", context.slice(start, end)));
+    passage.append(context.slice(end));
   } else {
     passage.append(context);
   }
