@@ -248,3 +248,20 @@ async def test_offsets_count_code_points_not_utf16_units(browser, inprocess_serv
     assert await page.text_content("#qa-passage") == EMOJI_PASSAGE
     assert page_errors == []
     await page.close()
+
+
+async def test_phone_width_does_not_overflow(browser, inprocess_service, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(inprocess_service.url + "/")
+    await page.wait_for_function(
+        "!document.getElementById('models-status').textContent.startsWith('Loading')"
+    )
+    width = "document.documentElement.scrollWidth"
+    assert await page.evaluate(width) <= 390
+    await page.fill("#polarity-text", EMOJI_REVIEW + " " + POLARITY_TEXT)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    assert await page.evaluate(width) <= 390
+    await page.close()
