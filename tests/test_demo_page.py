@@ -250,6 +250,66 @@ async def test_offsets_count_code_points_not_utf16_units(browser, inprocess_serv
     await page.close()
 
 
+async def test_shap_values_reach_keyboard_and_screen_readers(
+    browser, inprocess_service, model_repo
+):
+    require_model(model_repo, POLARITY_MODEL)
+    srv = inprocess_service
+    page, page_errors = await open_page(browser, srv.url)
+    await page.fill("#polarity-text", POLARITY_TEXT)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    _, api = await post_json(page, srv.url + "/v1/polarity/explain", text=POLARITY_TEXT)
+
+    tokens = page.locator("#polarity-tokens .tok")
+    n = await tokens.count()
+    values = []
+    for i in range(n):
+        tok = tokens.nth(i)
+        text = await tok.text_content()
+        value = float(await tok.get_attribute("data-value"))
+        values.append(value)
+        towards = "positive" if value >= 0 else "negative"
+        # The value in words for screen readers, the sign without colour.
+        assert await tok.get_attribute("aria-label") == f"{text}: {value:+.4f}, towards {towards}"
+        assert await tok.get_attribute("tabindex") == ("0" if i == 0 else "-1")
+        style = await tok.evaluate(
+            "e => { const s = getComputedStyle(e); "
+            "return [s.backgroundColor, s.borderBottomStyle]; }"
+        )
+        rgb = tuple(int(x) for x in re.findall(r"\d+", style[0])[:3])
+        # Polarity's own pair: "positive" is not the detector's "towards machine" red.
+        assert rgb == ((58, 125, 28) if value >= 0 else (197, 27, 125)), (value, style)
+        assert style[1] == ("solid" if value >= 0 else "dotted")
+    legend = await page.text_content("#polarity-legend")
+    assert legend and "focus a token" in legend
+
+    # Keyboard: Tab from the button enters the text, the arrows move, Tab leaves it.
+    await page.focus("#polarity-form button")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement === document.querySelector('.tok')")
+    await page.keyboard.press("ArrowRight")
+    focused = await page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == await tokens.nth(1).get_attribute("aria-label")
+    card = await tokens.nth(1).evaluate("e => getComputedStyle(e, '::after').content")
+    assert "SHAP" in card  # the focus shows the same card as a hover
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("!document.activeElement.classList.contains('tok')")
+
+    # The strongest tokens, as a table: by |value|, the sign in text.
+    await page.click("#polarity-top summary")
+    rows = page.locator("#polarity-top tbody tr")
+    expected = sorted(range(n), key=lambda i: (-abs(values[i]), i))[:10]
+    assert await rows.count() == len(expected)
+    for row, i in enumerate(expected):
+        cells = await rows.nth(row).locator("td").all_text_contents()
+        assert cells[0] == api["tokens"][i]
+        assert cells[1] == f"{values[i]:+.4f}"
+        assert cells[2].endswith("positive" if values[i] >= 0 else "negative")
+    assert page_errors == []
+    await page.close()
+
+
 async def test_phone_width_does_not_overflow(browser, inprocess_service, model_repo):
     require_model(model_repo, POLARITY_MODEL)
     page = await browser.new_page(viewport={"width": 390, "height": 844})
@@ -264,4 +324,8 @@ async def test_phone_width_does_not_overflow(browser, inprocess_service, model_r
     await page.click("#polarity-form button")
     await page.wait_for_selector("#polarity-tokens .tok")
     assert await page.evaluate(width) <= 390
+    tokens = page.locator("#polarity-tokens .tok")
+    for i in range(await tokens.count()):  # the value card of a token at the right edge
+        await tokens.nth(i).focus()
+        assert await page.evaluate(width) <= 390, await tokens.nth(i).text_content()
     await page.close()

@@ -106,13 +106,23 @@ function wire(formId, action) {
   });
 }
 
-// Tokens of `text` as spans coloured by SHAP value: red (rgb --pos) for positive values,
-// blue (--neg) for negative, opacity proportional to |value| / max |value|.
+const TOP_TOKENS = 10; // rows of the "largest SHAP values" table
+
+// "+0.1234" / "-0.1234": the sign in text, never only in colour.
+function signed(v) {
+  return (v >= 0 ? "+" : "") + v.toFixed(4);
+}
+
+// Tokens of `text` as spans coloured by SHAP value: rgb --pos for positive values (solid
+// underline), --neg for negative (dotted underline), opacity proportional to |value| / max
+// |value|. Each span is focusable (one tab stop for the whole text, arrow keys move between
+// tokens) and names its value for screen readers. Returns [{ text, value }] per token.
 function renderShap(container, text, exp, posWord, negWord) {
   container.replaceChildren();
   const maxAbs = Math.max(1e-12, ...exp.values.map((v) => Math.abs(v)));
   const offsets = exp.offsets || null;
   const units = offsets ? utf16Indices(text) : null;
+  const shown = [];
   let pos = 0;
   exp.tokens.forEach((tok, i) => {
     const v = exp.values[i];
@@ -125,22 +135,94 @@ function renderShap(container, text, exp, posWord, negWord) {
     } else if (i > 0) {
       container.append(" ");
     }
-    const span = el("span", "tok", tok);
+    const span = el("span", `tok ${v >= 0 ? "pos" : "neg"}`, tok);
     const alpha = (0.1 + 0.75 * Math.abs(v) / maxAbs).toFixed(3);
     const rgb = v >= 0 ? "var(--pos)" : "var(--neg)";
     span.style.backgroundColor = `rgba(${rgb}, ${alpha})`;
-    const signed = (v >= 0 ? "+" : "") + v.toFixed(4);
-    const label = `SHAP ${signed} (towards ${v >= 0 ? posWord : negWord})`;
+    const towards = v >= 0 ? posWord : negWord;
+    const label = `SHAP ${signed(v)} (towards ${towards})`;
     span.title = label;
     span.dataset.label = label;
     span.dataset.value = String(v);
+    span.tabIndex = i === 0 ? 0 : -1;
+    span.setAttribute("role", "img"); // a named, focusable item; its name carries the value
+    span.setAttribute("aria-roledescription", "token");
+    span.setAttribute("aria-label", `${tok.trim() || JSON.stringify(tok)}: ${signed(v)}, towards ${towards}`);
     container.append(span);
+    shown.push({ text: tok, value: v });
   });
   if (offsets && pos < text.length) {
     const rest = text.slice(pos);
     // A truncated text: the unexplained tail is shown faded.
     container.append(exp.truncated ? el("span", "muted", rest) : rest);
   }
+  return shown;
+}
+
+// The hover/focus card (CSS ::after, text from data-label) starts at the token's left edge;
+// near the right edge of a narrow screen it would stick out and widen the page. Shift it left
+// to end inside the text's box (its width is measured on a hidden probe with the same style).
+let cardProbe = null;
+function placeCard(tok, container) {
+  if (!cardProbe) {
+    cardProbe = el("span", "tok-card-probe");
+    cardProbe.setAttribute("aria-hidden", "true");
+    document.body.append(cardProbe);
+  }
+  cardProbe.textContent = tok.dataset.label || "";
+  const box = container.getBoundingClientRect();
+  const width = Math.min(cardProbe.getBoundingClientRect().width, box.width);
+  const left = tok.getBoundingClientRect().left;
+  const shift = Math.max(box.left - left, Math.min(0, box.right - (left + width)));
+  tok.style.setProperty("--card-shift", `${Math.round(shift)}px`);
+  tok.style.setProperty("--card-max", `${Math.floor(box.width)}px`);
+}
+
+// A SHAP text's tokens: one tab stop (Tab enters at the last token visited), the arrow keys
+// and Home/End move between tokens, Tab again leaves the text.
+function wireTokens(container) {
+  for (const type of ["mouseover", "focusin"]) {
+    container.addEventListener(type, (ev) => {
+      if (ev.target.classList.contains("tok")) placeCard(ev.target, container);
+    });
+  }
+  container.addEventListener("keydown", (ev) => {
+    const toks = [...container.querySelectorAll(".tok")];
+    const at = toks.indexOf(document.activeElement);
+    if (at < 0) return;
+    const to = {
+      ArrowRight: at + 1, ArrowDown: at + 1, ArrowLeft: at - 1, ArrowUp: at - 1,
+      Home: 0, End: toks.length - 1,
+    }[ev.key];
+    if (to === undefined) return;
+    ev.preventDefault();
+    const next = toks[Math.max(0, Math.min(to, toks.length - 1))];
+    toks[at].tabIndex = -1;
+    next.tabIndex = 0;
+    next.focus();
+  });
+}
+
+// The tokens with the largest |SHAP value|, as a table (readable without hover or colour).
+function renderTopTokens(details, shown, posWord, negWord) {
+  const rows = shown
+    .map((t, i) => ({ ...t, i }))
+    .sort((a, b) => Math.abs(b.value) - Math.abs(a.value) || a.i - b.i)
+    .slice(0, TOP_TOKENS);
+  const body = details.querySelector("tbody");
+  body.replaceChildren();
+  for (const r of rows) {
+    const tr = el("tr", r.value >= 0 ? "pos" : "neg");
+    tr.append(
+      el("td", "tok-text", r.text),
+      el("td", "num", signed(r.value)),
+      el("td", null, r.value >= 0 ? `▲ ${posWord}` : `▼ ${negWord}`),
+    );
+    body.append(tr);
+  }
+  details.querySelector("summary").textContent =
+    `The ${rows.length} token${rows.length === 1 ? "" : "s"} with the largest SHAP values`;
+  details.hidden = rows.length === 0;
 }
 
 function explainSummary(exp) {
@@ -189,12 +271,14 @@ async function explainInto(prefix, endpoint, text, maxEvals, posWord, negWord) {
   const tokens = $(`${prefix}-tokens`);
   tokens.replaceChildren();
   $(`${prefix}-legend`).hidden = true;
+  $(`${prefix}-top`).hidden = true;
   status.textContent = "Computing the SHAP explanation…";
   const body = { text };
   if (maxEvals) body.max_evals = maxEvals;
   try {
     const exp = await api(endpoint, body);
-    renderShap(tokens, text, exp, posWord, negWord);
+    const shown = renderShap(tokens, text, exp, posWord, negWord);
+    renderTopTokens($(`${prefix}-top`), shown, posWord, negWord);
     $(`${prefix}-legend`).hidden = false;
     status.textContent = explainSummary(exp);
   } catch (e) {
@@ -231,6 +315,9 @@ wire("polarity-form", async () => {
   $("polarity-result").hidden = false;
   await explainInto("polarity", "/v1/polarity/explain", text, undefined, "positive", "negative");
 });
+
+wireTokens($("detect-tokens"));
+wireTokens($("polarity-tokens"));
 
 // ----------------------------------------------------------------------------- models
 async function loadModels() {
