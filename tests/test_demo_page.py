@@ -310,6 +310,34 @@ async def test_shap_values_reach_keyboard_and_screen_readers(
     await page.close()
 
 
+async def test_stale_error_cleared_and_evaluations_bounded(browser, inprocess_service, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    page, page_errors = await open_page(browser, inprocess_service.url)
+    for evals in ("#detect-evals", "#polarity-evals"):
+        assert await page.get_attribute(evals, "min") == "4"
+        assert await page.get_attribute(evals, "max") == "1000"  # the default limit on main
+    await page.fill("#polarity-text", "   ")
+    await page.click("#polarity-form button")
+    error = page.locator("#panel-polarity .error")
+    await error.wait_for(state="visible")
+    # The browser's validation blocks the next attempt: the old error must go.
+    await page.fill("#polarity-text", POLARITY_TEXT)
+    await page.fill("#polarity-evals", "3")
+    await page.click("#polarity-form button")
+    await error.wait_for(state="hidden")
+    assert not await page.evaluate("document.getElementById('polarity-evals').validity.valid")
+    # The polarity panel sends its evaluations, as the detector's does.
+    await page.fill("#polarity-evals", "40")
+    async with page.expect_request(lambda r: r.url.endswith("/v1/polarity/explain")) as req:
+        await page.click("#polarity-form button")
+    assert (await req.value).post_data_json == {"text": POLARITY_TEXT, "max_evals": 40}
+    await page.wait_for_selector("#polarity-tokens .tok")
+    status = await page.text_content("#polarity-explain-status")
+    assert status and "model evaluations" in status
+    assert page_errors == []
+    await page.close()
+
+
 async def test_phone_width_does_not_overflow(browser, inprocess_service, model_repo):
     require_model(model_repo, POLARITY_MODEL)
     page = await browser.new_page(viewport={"width": 390, "height": 844})

@@ -89,6 +89,9 @@ function pct(p) {
 function wire(formId, action) {
   const form = $(formId);
   const panel = form.closest(".panel");
+  // The browser's own validation (e.g. evaluations under the minimum) blocks the submission
+  // before "submit": the last attempt's error must not stay next to the browser's bubble.
+  form.addEventListener("invalid", () => showError(panel, ""), true);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const button = form.querySelector("button");
@@ -310,10 +313,11 @@ wire("pos-form", async () => {
 
 wire("polarity-form", async () => {
   const text = $("polarity-text").value;
+  const evals = parseInt($("polarity-evals").value, 10);
   const out = await api("/v1/polarity", { text });
   showProbability("polarity", out.label, out.positive_probability);
   $("polarity-result").hidden = false;
-  await explainInto("polarity", "/v1/polarity/explain", text, undefined, "positive", "negative");
+  await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined, "positive", "negative");
 });
 
 wireTokens($("detect-tokens"));
