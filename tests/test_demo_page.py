@@ -48,6 +48,10 @@ DETECT_TEXT = (
 )
 POS_TEXT = "The old man sees a big dog in the park ."
 POLARITY_TEXT = "a truly wonderful and charming film"
+# Characters outside the BMP (two UTF-16 units each), a skin-tone modifier included.
+EMOJI_REVIEW = "Loved it 😀 great 👍🏽 acting, terrible 💩 ending."
+EMOJI_PASSAGE = "🎉🎉🎉 长城总长度超过两万千米。"
+EMOJI_QUESTION = "长城有多长？"
 
 
 def find_chromium() -> str | None:
@@ -210,3 +214,146 @@ async def test_panels_of_missing_models_say_so(browser, model_repo, tmp_path):
         await page.screenshot(path=str(tmp_path / "demo-missing.png"), full_page=True)
         assert page_errors == []
         await page.close()
+
+
+async def test_offsets_count_code_points_not_utf16_units(browser, inprocess_service, model_repo):
+    # The API's offsets count code points (Python); a JS string counts UTF-16 units, so an
+    # emoji (two units) before a token or an answer shifted every later span by one.
+    for name in (QA_MODEL, POLARITY_MODEL):
+        require_model(model_repo, name)
+    srv = inprocess_service
+    page, page_errors = await open_page(browser, srv.url)
+
+    await page.fill("#polarity-text", EMOJI_REVIEW)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    _, api = await post_json(page, srv.url + "/v1/polarity/explain", text=EMOJI_REVIEW)
+    rendered = await page.locator("#polarity-tokens .tok").all_text_contents()
+    assert rendered == [EMOJI_REVIEW[s:e] for s, e in api["offsets"]] == api["tokens"]
+    assert await page.text_content("#polarity-tokens") == EMOJI_REVIEW
+
+    await page.fill("#qa-context", EMOJI_PASSAGE)
+    await page.fill("#qa-question", EMOJI_QUESTION)
+    await page.click("#qa-form button")
+    await page.wait_for_selector("#qa-result:not([hidden])")
+    _, api = await post_json(
+        page, srv.url + "/v1/qa", question=EMOJI_QUESTION, context=EMOJI_PASSAGE
+    )
+    assert api["answer"] and api["end"] > api["start"]
+    assert await page.text_content("#qa-passage mark.answer") == api["answer"]
+    before = await page.evaluate(
+        "document.querySelector('#qa-passage mark').previousSibling?.textContent ?? ''"
+    )
+    assert before == EMOJI_PASSAGE[: api["start"]]
+    assert await page.text_content("#qa-passage") == EMOJI_PASSAGE
+    assert page_errors == []
+    await page.close()
+
+
+async def test_shap_values_reach_keyboard_and_screen_readers(
+    browser, inprocess_service, model_repo
+):
+    require_model(model_repo, POLARITY_MODEL)
+    srv = inprocess_service
+    page, page_errors = await open_page(browser, srv.url)
+    await page.fill("#polarity-text", POLARITY_TEXT)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    _, api = await post_json(page, srv.url + "/v1/polarity/explain", text=POLARITY_TEXT)
+
+    tokens = page.locator("#polarity-tokens .tok")
+    n = await tokens.count()
+    values = []
+    for i in range(n):
+        tok = tokens.nth(i)
+        text = await tok.text_content()
+        value = float(await tok.get_attribute("data-value"))
+        values.append(value)
+        towards = "positive" if value >= 0 else "negative"
+        # The value in words for screen readers, the sign without colour.
+        assert await tok.get_attribute("aria-label") == f"{text}: {value:+.4f}, towards {towards}"
+        assert await tok.get_attribute("tabindex") == ("0" if i == 0 else "-1")
+        style = await tok.evaluate(
+            "e => { const s = getComputedStyle(e); "
+            "return [s.backgroundColor, s.borderBottomStyle]; }"
+        )
+        rgb = tuple(int(x) for x in re.findall(r"\d+", style[0])[:3])
+        # Polarity's own pair: "positive" is not the detector's "towards machine" red.
+        assert rgb == ((58, 125, 28) if value >= 0 else (197, 27, 125)), (value, style)
+        assert style[1] == ("solid" if value >= 0 else "dotted")
+    legend = await page.text_content("#polarity-legend")
+    assert legend and "focus a token" in legend
+
+    # Keyboard: Tab from the button enters the text, the arrows move, Tab leaves it.
+    await page.focus("#polarity-form button")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement === document.querySelector('.tok')")
+    await page.keyboard.press("ArrowRight")
+    focused = await page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == await tokens.nth(1).get_attribute("aria-label")
+    card = await tokens.nth(1).evaluate("e => getComputedStyle(e, '::after').content")
+    assert "SHAP" in card  # the focus shows the same card as a hover
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("!document.activeElement.classList.contains('tok')")
+
+    # The strongest tokens, as a table: by |value|, the sign in text.
+    await page.click("#polarity-top summary")
+    rows = page.locator("#polarity-top tbody tr")
+    expected = sorted(range(n), key=lambda i: (-abs(values[i]), i))[:10]
+    assert await rows.count() == len(expected)
+    for row, i in enumerate(expected):
+        cells = await rows.nth(row).locator("td").all_text_contents()
+        assert cells[0] == api["tokens"][i]
+        assert cells[1] == f"{values[i]:+.4f}"
+        assert cells[2].endswith("positive" if values[i] >= 0 else "negative")
+    assert page_errors == []
+    await page.close()
+
+
+async def test_stale_error_cleared_and_evaluations_bounded(browser, inprocess_service, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    page, page_errors = await open_page(browser, inprocess_service.url)
+    for evals in ("#detect-evals", "#polarity-evals"):
+        assert await page.get_attribute(evals, "min") == "4"
+        assert await page.get_attribute(evals, "max") == "1000"  # the default limit on main
+    await page.fill("#polarity-text", "   ")
+    await page.click("#polarity-form button")
+    error = page.locator("#panel-polarity .error")
+    await error.wait_for(state="visible")
+    # The browser's validation blocks the next attempt: the old error must go.
+    await page.fill("#polarity-text", POLARITY_TEXT)
+    await page.fill("#polarity-evals", "3")
+    await page.click("#polarity-form button")
+    await error.wait_for(state="hidden")
+    assert not await page.evaluate("document.getElementById('polarity-evals').validity.valid")
+    # The polarity panel sends its evaluations, as the detector's does.
+    await page.fill("#polarity-evals", "40")
+    async with page.expect_request(lambda r: r.url.endswith("/v1/polarity/explain")) as req:
+        await page.click("#polarity-form button")
+    assert (await req.value).post_data_json == {"text": POLARITY_TEXT, "max_evals": 40}
+    await page.wait_for_selector("#polarity-tokens .tok")
+    status = await page.text_content("#polarity-explain-status")
+    assert status and "model evaluations" in status
+    assert page_errors == []
+    await page.close()
+
+
+async def test_phone_width_does_not_overflow(browser, inprocess_service, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(inprocess_service.url + "/")
+    await page.wait_for_function(
+        "!document.getElementById('models-status').textContent.startsWith('Loading')"
+    )
+    width = "document.documentElement.scrollWidth"
+    assert await page.evaluate(width) <= 390
+    await page.fill("#polarity-text", EMOJI_REVIEW + " " + POLARITY_TEXT)
+    await page.click("#polarity-form button")
+    await page.wait_for_selector("#polarity-tokens .tok")
+    assert await page.evaluate(width) <= 390
+    tokens = page.locator("#polarity-tokens .tok")
+    for i in range(await tokens.count()):  # the value card of a token at the right edge
+        await tokens.nth(i).focus()
+        assert await page.evaluate(width) <= 390, await tokens.nth(i).text_content()
+    await page.close()

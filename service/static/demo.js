@@ -62,6 +62,25 @@ function showError(panel, message) {
   box.hidden = !message;
 }
 
+// The API's character offsets count Unicode code points (Python's str); a JS string counts
+// UTF-16 code units, so every character outside the BMP (an emoji, a rare CJK ideograph) is
+// two units. Returns `units` with units[i] = the UTF-16 index of code point i, for
+// i = 0 .. number of code points (the last entry is text.length).
+function utf16Indices(text) {
+  const units = [0];
+  let at = 0;
+  for (const ch of text) { // iterates code points (a lone surrogate counts as one, as in Python)
+    at += ch.length;
+    units.push(at);
+  }
+  return units;
+}
+
+// The UTF-16 index of code point `cp` (clamped to the text).
+function unitAt(units, cp) {
+  return units[Math.max(0, Math.min(cp, units.length - 1))];
+}
+
 function pct(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
@@ -70,6 +89,9 @@ function pct(p) {
 function wire(formId, action) {
   const form = $(formId);
   const panel = form.closest(".panel");
+  // The browser's own validation (e.g. evaluations under the minimum) blocks the submission
+  // before "submit": the last attempt's error must not stay next to the browser's bubble.
+  form.addEventListener("invalid", () => showError(panel, ""), true);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const button = form.querySelector("button");
@@ -87,39 +109,123 @@ function wire(formId, action) {
   });
 }
 
-// Tokens of `text` as spans coloured by SHAP value: red (rgb --pos) for positive values,
-// blue (--neg) for negative, opacity proportional to |value| / max |value|.
+const TOP_TOKENS = 10; // rows of the "largest SHAP values" table
+
+// "+0.1234" / "-0.1234": the sign in text, never only in colour.
+function signed(v) {
+  return (v >= 0 ? "+" : "") + v.toFixed(4);
+}
+
+// Tokens of `text` as spans coloured by SHAP value: rgb --pos for positive values (solid
+// underline), --neg for negative (dotted underline), opacity proportional to |value| / max
+// |value|. Each span is focusable (one tab stop for the whole text, arrow keys move between
+// tokens) and names its value for screen readers. Returns [{ text, value }] per token.
 function renderShap(container, text, exp, posWord, negWord) {
   container.replaceChildren();
   const maxAbs = Math.max(1e-12, ...exp.values.map((v) => Math.abs(v)));
   const offsets = exp.offsets || null;
+  const units = offsets ? utf16Indices(text) : null;
+  const shown = [];
   let pos = 0;
   exp.tokens.forEach((tok, i) => {
     const v = exp.values[i];
     if (offsets) {
-      const [s, e] = offsets[i];
+      const s = unitAt(units, offsets[i][0]);
+      const e = unitAt(units, offsets[i][1]);
       if (s > pos) container.append(text.slice(pos, s)); // the text between tokens, as typed
       tok = text.slice(s, e);
       pos = e;
     } else if (i > 0) {
       container.append(" ");
     }
-    const span = el("span", "tok", tok);
+    const span = el("span", `tok ${v >= 0 ? "pos" : "neg"}`, tok);
     const alpha = (0.1 + 0.75 * Math.abs(v) / maxAbs).toFixed(3);
     const rgb = v >= 0 ? "var(--pos)" : "var(--neg)";
     span.style.backgroundColor = `rgba(${rgb}, ${alpha})`;
-    const signed = (v >= 0 ? "+" : "") + v.toFixed(4);
-    const label = `SHAP ${signed} (towards ${v >= 0 ? posWord : negWord})`;
+    const towards = v >= 0 ? posWord : negWord;
+    const label = `SHAP ${signed(v)} (towards ${towards})`;
     span.title = label;
     span.dataset.label = label;
     span.dataset.value = String(v);
+    span.tabIndex = i === 0 ? 0 : -1;
+    span.setAttribute("role", "img"); // a named, focusable item; its name carries the value
+    span.setAttribute("aria-roledescription", "token");
+    span.setAttribute("aria-label", `${tok.trim() || JSON.stringify(tok)}: ${signed(v)}, towards ${towards}`);
     container.append(span);
+    shown.push({ text: tok, value: v });
   });
   if (offsets && pos < text.length) {
     const rest = text.slice(pos);
     // A truncated text: the unexplained tail is shown faded.
     container.append(exp.truncated ? el("span", "muted", rest) : rest);
   }
+  return shown;
+}
+
+// The hover/focus card (CSS ::after, text from data-label) starts at the token's left edge;
+// near the right edge of a narrow screen it would stick out and widen the page. Shift it left
+// to end inside the text's box (its width is measured on a hidden probe with the same style).
+let cardProbe = null;
+function placeCard(tok, container) {
+  if (!cardProbe) {
+    cardProbe = el("span", "tok-card-probe");
+    cardProbe.setAttribute("aria-hidden", "true");
+    document.body.append(cardProbe);
+  }
+  cardProbe.textContent = tok.dataset.label || "";
+  const box = container.getBoundingClientRect();
+  const width = Math.min(cardProbe.getBoundingClientRect().width, box.width);
+  const left = tok.getBoundingClientRect().left;
+  const shift = Math.max(box.left - left, Math.min(0, box.right - (left + width)));
+  tok.style.setProperty("--card-shift", `${Math.round(shift)}px`);
+  tok.style.setProperty("--card-max", `${Math.floor(box.width)}px`);
+}
+
+// A SHAP text's tokens: one tab stop (Tab enters at the last token visited), the arrow keys
+// and Home/End move between tokens, Tab again leaves the text.
+function wireTokens(container) {
+  for (const type of ["mouseover", "focusin"]) {
+    container.addEventListener(type, (ev) => {
+      if (ev.target.classList.contains("tok")) placeCard(ev.target, container);
+    });
+  }
+  container.addEventListener("keydown", (ev) => {
+    const toks = [...container.querySelectorAll(".tok")];
+    const at = toks.indexOf(document.activeElement);
+    if (at < 0) return;
+    const to = {
+      ArrowRight: at + 1, ArrowDown: at + 1, ArrowLeft: at - 1, ArrowUp: at - 1,
+      Home: 0, End: toks.length - 1,
+    }[ev.key];
+    if (to === undefined) return;
+    ev.preventDefault();
+    const next = toks[Math.max(0, Math.min(to, toks.length - 1))];
+    toks[at].tabIndex = -1;
+    next.tabIndex = 0;
+    next.focus();
+  });
+}
+
+// The tokens with the largest |SHAP value|, as a table (readable without hover or colour).
+function renderTopTokens(details, shown, posWord, negWord) {
+  const rows = shown
+    .map((t, i) => ({ ...t, i }))
+    .sort((a, b) => Math.abs(b.value) - Math.abs(a.value) || a.i - b.i)
+    .slice(0, TOP_TOKENS);
+  const body = details.querySelector("tbody");
+  body.replaceChildren();
+  for (const r of rows) {
+    const tr = el("tr", r.value >= 0 ? "pos" : "neg");
+    tr.append(
+      el("td", "tok-text", r.text),
+      el("td", "num", signed(r.value)),
+      el("td", null, r.value >= 0 ? `▲ ${posWord}` : `▼ ${negWord}`),
+    );
+    body.append(tr);
+  }
+  details.querySelector("summary").textContent =
+    `The ${rows.length} token${rows.length === 1 ? "" : "s"} with the largest SHAP values`;
+  details.hidden = rows.length === 0;
 }
 
 function explainSummary(exp) {
@@ -141,9 +247,12 @@ wire("qa-form", async () => {
   const passage = $("qa-passage");
   passage.replaceChildren();
   if (out.answer && out.end > out.start) {
-    passage.append(context.slice(0, out.start));
-    passage.append(el("mark", "answer", context.slice(out.start, out.end)));
-    passage.append(context.slice(out.end));
+    const units = utf16Indices(context); // start/end count code points
+    const start = unitAt(units, out.start);
+    const end = unitAt(units, out.end);
+    passage.append(context.slice(0, start));
+    passage.append(el("mark", "answer", context.slice(start, end)));
+    passage.append(context.slice(end));
   } else {
     passage.append(context);
   }
@@ -165,12 +274,14 @@ async function explainInto(prefix, endpoint, text, maxEvals, posWord, negWord) {
   const tokens = $(`${prefix}-tokens`);
   tokens.replaceChildren();
   $(`${prefix}-legend`).hidden = true;
+  $(`${prefix}-top`).hidden = true;
   status.textContent = "Computing the SHAP explanation…";
   const body = { text };
   if (maxEvals) body.max_evals = maxEvals;
   try {
     const exp = await api(endpoint, body);
-    renderShap(tokens, text, exp, posWord, negWord);
+    const shown = renderShap(tokens, text, exp, posWord, negWord);
+    renderTopTokens($(`${prefix}-top`), shown, posWord, negWord);
     $(`${prefix}-legend`).hidden = false;
     status.textContent = explainSummary(exp);
   } catch (e) {
@@ -202,11 +313,15 @@ wire("pos-form", async () => {
 
 wire("polarity-form", async () => {
   const text = $("polarity-text").value;
+  const evals = parseInt($("polarity-evals").value, 10);
   const out = await api("/v1/polarity", { text });
   showProbability("polarity", out.label, out.positive_probability);
   $("polarity-result").hidden = false;
-  await explainInto("polarity", "/v1/polarity/explain", text, undefined, "positive", "negative");
+  await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined, "positive", "negative");
 });
+
+wireTokens($("detect-tokens"));
+wireTokens($("polarity-tokens"));
 
 // ----------------------------------------------------------------------------- models
 async function loadModels() {
