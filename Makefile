@@ -114,12 +114,12 @@ models-detector: $(BIN)/.bases
 		$(MODELS)/detector-en/1 --keep int8
 
 zh-init: $(BIN)/.bases
-	$(BIN)/nlpserve pretrain $(BERT_COMMON) --threads 2 --out $(ZH_INIT) $(ZH_INIT_ARGS)
+	$(BIN)/nlpserve pretrain $(BERT_COMMON) --threads 2 --out $(ZH_INIT) --overwrite $(ZH_INIT_ARGS)
 
 # Builds the vocabulary and transplant again (the same as zh-init's), then the MLM steps.
 pretrain-zh: $(BIN)/.bases
 	$(BIN)/nlpserve pretrain $(BERT_COMMON) --threads $(PRETRAIN_THREADS) \
-		--out $(ZH_BASE) $(PRETRAIN_ARGS)
+		--out $(ZH_BASE) --overwrite $(PRETRAIN_ARGS)
 
 # The pretrained run and its no-pretraining baseline (same recipe, random init) are
 # independent: `make -j2 models-qa` runs them side by side. Round 1 goes to runs/models, round

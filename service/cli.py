@@ -158,10 +158,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors = (*_USER_ERRORS, ManifestError)
     try:
-        from training.data.common import DataError
+        from training.data.common import DataError, TrainingError
     except ImportError:  # serving-only install
         return errors
-    return (*errors, DataError)
+    return (*errors, DataError, TrainingError)
 
 
 def main() -> None:

@@ -254,3 +254,29 @@ def test_data_checksums_relative_paths(tmp_path):
     (changed,) = data_checksums([f], tmp_path)
     assert "sub/file.txt: sha256" in compare_checksums([entry], [changed])[0]
     assert "not among the files read" in compare_checksums([entry], [])[0]
+
+
+def test_evaluation_data_that_is_not_the_training_data(tmp_path, caplog):
+    """Detector/QA `evaluate` re-drew the split on whatever data it was given: other files
+    (checksums) are a warning, other split sizes an error."""
+    from types import SimpleNamespace
+
+    from training.data.checksums import data_checksums
+    from training.data.common import DataError
+    from training.data.splits import check_evaluation_data
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("one"), b.write_text("two")
+    manifest = SimpleNamespace(
+        data=data_checksums([a, b], tmp_path), split=SimpleNamespace(sizes={"test": 3})
+    )
+    check_evaluation_data(tmp_path, manifest, [a, b], tmp_path, {"test": 3})
+    assert not caplog.records
+    b.write_text("changed")
+    check_evaluation_data(tmp_path, manifest, [a], tmp_path, {"test": 3})
+    assert "b.jsonl: recorded in the manifest, not among the files read" in caplog.text
+    caplog.clear()
+    check_evaluation_data(tmp_path, manifest, [a], tmp_path, all_recorded=False)
+    assert not caplog.records  # QA reads only its eval file
+    with pytest.raises(DataError, match="not the data the model was trained on"):
+        check_evaluation_data(tmp_path, manifest, [a, b], tmp_path, {"test": 2})

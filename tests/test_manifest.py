@@ -219,6 +219,12 @@ def _evaluate_and_record_a_variant(cli, folder: Path, data: Path) -> None:
     assert entry.metrics["accuracy"] == pytest.approx(out["accuracy"])
     assert entry.metrics["accuracy_drop"] == pytest.approx(m.metrics["accuracy"] - out["accuracy"])
     assert load_manifest(folder).variants["fp32"] == m.variants["fp32"]  # untouched
+    # Re-recording fp32 keeps the figures evaluation does not measure (it deleted them).
+    res = cli("evaluate", folder, "--data", data, "--variant", "fp32", "--record")
+    assert res.exit_code == 0, res.output
+    after = load_manifest(folder).variants["fp32"].metrics
+    assert set(after) == set(m.variants["fp32"].metrics)
+    assert after["dev_accuracy"] == m.variants["fp32"].metrics["dev_accuracy"]
 
     res = cli("evaluate", folder, "--data", data, "--variant", "fp16")
     assert res.exit_code != 0 and "novariant'fp16'(ithas:fp32,int8)" in _squash(res.output)
@@ -430,6 +436,11 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, com
         ["train", "polarity", "--lr", "-1"],
         ["train", "detector", "--max-length", "0"],
         ["train", "detector", "--max-train-examples", "0"],  # silently meant "all"
+        ["train", "detector", "--warmup-ratio", "5"],
+        ["train", "qa", "--max-length", "64"],  # the default 64-token question fills it
+        ["train", "qa", "--holdout-ratio", "1.5"],
+        ["train", "qa", "--negative-ratio", "-1"],
+        ["pretrain", "--mlm-probability", "0"],
         ["train", "qa", "--doc-stride", "-1"],
         ["train", "qa", "--doc-stride", "400"],  # over the window's context part
         ["train", "qa", "--max-eval-examples", "0"],

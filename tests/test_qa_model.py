@@ -110,3 +110,32 @@ def test_qa_evaluator_on_hand_made_eval_file(qa_entry: Path, tmp_path: Path):
     assert r["total"] == len(exs) and 0.0 <= r["em"] <= r["f1"] <= 100.0
     # the same data the builder tested on: the evaluator reproduces the manifest's score
     assert r["f1"] == pytest.approx(load_manifest(qa_entry).metrics["f1"])
+
+
+def test_qa_evaluator_scores_the_sample_training_scored(qa_entry: Path, tmp_path: Path):
+    """`evaluate` scored the whole eval file even when training recorded a sample of it
+    (--max-eval-examples), so a recorded int8 drop compared 100 questions with 3,219."""
+    import shutil
+
+    from service.repository.manifest import write_manifest
+    from training.transformer.commands import evaluate_qa
+    from training.transformer.qa import eval_sample
+
+    folder = tmp_path / "qa" / "1"
+    shutil.copytree(qa_entry, folder)
+    m = load_manifest(folder)
+    hp = {**m.hyperparameters, "max_eval_examples": 2, "seed": 5}
+    write_manifest(folder, m.model_copy(update={"hyperparameters": hp}))
+    exs = qa_examples(repeat=1, filler=3)
+    assert len(exs) > 2
+    raw = {"version": "v1.0", "data": [
+        {"id": e.article, "title": "", "paragraphs": [
+            {"id": e.article, "context": e.context, "qas": [
+                {"id": e.id, "question": e.question,
+                 "answers": [{"text": a.text, "answer_start": a.start} for a in e.answers]}]}]}
+        for e in exs]}  # fmt: skip
+    (tmp_path / "cmrc2018").mkdir()
+    (tmp_path / "cmrc2018" / "cmrc2018_dev.json").write_text(json.dumps(raw, ensure_ascii=False))
+    r = evaluate_qa(folder, tmp_path)
+    assert r["total"] == 2
+    assert eval_sample(exs, 2, 5) == eval_sample(exs, 2, 5) != eval_sample(exs, 2, 6)

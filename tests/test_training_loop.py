@@ -67,3 +67,69 @@ def test_fit_on_an_empty_split_is_an_error_not_an_endless_loop():
     cfg = FitConfig(epochs=1, device="cpu", amp=False)
     with pytest.raises(DataError, match="nothing to train on"):
         fit(_tiny_bert(100, "qa"), lambda epoch: iter([]), 0, None, cfg)
+
+
+def test_fit_never_reloads_a_checkpoint_it_did_not_write(tmp_path):
+    """An earlier run's best checkpoint in the same work dir was reloaded, and published under
+    this run's manifest, when this run saved none (a NaN dev score at every evaluation)."""
+    import torch
+
+    from training.transformer.common import FitConfig, fit
+
+    stale = _tiny_bert(100, "qa", seed=1)
+    stale.save_pretrained(str(tmp_path / "best"))
+    model = _tiny_bert(100, "qa", seed=2)
+    batch = {
+        "input_ids": torch.randint(5, 100, (4, 16)),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "start_positions": torch.tensor([1, 2, 3, 4]),
+        "end_positions": torch.tensor([2, 3, 4, 5]),
+    }
+    cfg = FitConfig(max_steps=3, lr=1e-2, warmup_ratio=0.0, device="cpu", amp=False)
+    result = fit(model, lambda e: iter([batch] * 3), 3, lambda m: float("nan"), cfg,
+                 tmp_path / "best")  # fmt: skip
+    assert result.best_step == 0 and result.history  # never a usable score
+    w = "qa_outputs.weight"
+    assert not torch.equal(model.state_dict()[w], stale.state_dict()[w])
+
+
+def test_a_diverged_loss_stops_training_with_a_clear_error():
+    import torch
+
+    from training.data.common import TrainingError
+    from training.transformer.common import FitConfig, fit
+
+    batch = {"input_ids": torch.randint(5, 100, (2, 8)),
+             "attention_mask": torch.ones(2, 8, dtype=torch.long)}  # fmt: skip
+    cfg = FitConfig(max_steps=5, device="cpu", amp=False)
+    with pytest.raises(TrainingError, match="training diverged: the loss is nan at step 1"):
+        fit(_tiny_bert(100, "qa"), lambda e: iter([batch] * 5), 5, None, cfg,
+            loss_fn=lambda m, b: m(**b).start_logits.sum() * float("nan"))  # fmt: skip
+
+
+def test_parity_refuses_a_nan_export_and_a_failed_run_leaves_no_staging(tmp_path):
+    """`diff > 1e-3` let NaN through: a diverged model was published and served NaN scores."""
+    import numpy as np
+    import torch
+
+    from training.data.common import TrainingError
+    from training.transformer import export as ex
+    from training.transformer.common import discard_staging_on_error, staging_dir
+
+    model = _tiny_bert(100, "qa").eval()
+    with torch.no_grad():
+        model.qa_outputs.weight.fill_(float("nan"))
+    onnx = tmp_path / "m.onnx"
+    ex.export_onnx(model, onnx, "qa", ex.example_batch(100))
+    batch = {"input_ids": np.full((1, 6), 7, dtype=np.int64),
+             "attention_mask": np.ones((1, 6), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 6), dtype=np.int64)}  # fmt: skip
+    with pytest.raises(TrainingError, match="training diverged"):
+        ex.check_parity(model, onnx, batch, "qa")
+
+    final = tmp_path / "models" / "qa-zh" / "1"
+    with pytest.raises(TrainingError), discard_staging_on_error(final):
+        staging = staging_dir(final)
+        (staging / "model.onnx").write_bytes(b"x" * 100)
+        raise TrainingError("export failed")
+    assert not staging.exists() and not final.exists()

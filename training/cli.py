@@ -81,9 +81,11 @@ def evaluate(
         entry = manifest.variants[key]
         reference = manifest.variants["fp32"].metrics if "fp32" in manifest.variants else {}
         reference = reference or manifest.metrics  # fp32's figures, measured at export
-        # The figures this entry already records (export-time keys), re-measured.
+        # The figures this entry already records (export-time keys), re-measured; the ones
+        # evaluation does not measure (dev scores, parity, train time) stay as they were.
         keep = {k for k in entry.metrics if not k.endswith("_drop")}
-        recorded = {k: v for k, v in metrics.items() if not keep or k in keep}
+        remeasured = {k: v for k, v in metrics.items() if not keep or k in keep}
+        recorded = {k: v for k, v in entry.metrics.items() if k in keep} | remeasured
         if key != "fp32":
             for k in DROP_KEYS.get(manifest.task, ()):
                 if k in reference and k in metrics:

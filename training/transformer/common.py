@@ -12,13 +12,14 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from service.repository.manifest import check_path_component
-from training.data.common import DataError
+from training.data.common import DataError, TrainingError
 
 log = logging.getLogger("nlpserve.transformer")
 
@@ -296,7 +297,7 @@ def fit(
     eval_every = cfg.eval_every or batches_per_epoch
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
 
-    best, best_step, best_state = -math.inf, 0, None
+    best, best_step, best_state, saved = -math.inf, 0, None, False
     history: list[dict[str, float]] = []
     t0 = time.time()
     step, epoch, running = 0, 0, 0.0
@@ -307,7 +308,7 @@ def fit(
     )
 
     def _evaluate() -> None:
-        nonlocal best, best_step, best_state
+        nonlocal best, best_step, best_state, saved
         if evaluate is None:
             return
         model.eval()
@@ -315,10 +316,15 @@ def fit(
         model.train()
         history.append({"step": step, "score": score, "seconds": time.time() - t0})
         log.info("step %d: dev score %.4f (best %.4f)", step, score, max(best, score))
+        if math.isnan(score):
+            log.warning("step %d: the dev score is NaN (e.g. ROC AUC of a dev sample with one "
+                        "class: raise --max-dev-examples); this checkpoint cannot be chosen",
+                        step)  # fmt: skip
         if score > best:
             best, best_step = score, step
             if checkpoint_dir is not None:
                 model.save_pretrained(str(checkpoint_dir))
+                saved = True
             else:
                 best_state = {
                     k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
@@ -355,6 +361,11 @@ def fit(
                     log.info("time budget %.1f min: %d steps (fitted at step %d)",
                              cfg.time_budget_minutes, total, step)  # fmt: skip
             lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise TrainingError(
+                    f"training diverged: the loss is {lv} at step {step}; lower --lr "
+                    "(or --max-grad-norm)"
+                )
             running = 0.98 * running + 0.02 * lv if step > 1 else lv
             bar.update(1)
             if step % cfg.log_every == 0:
@@ -376,11 +387,13 @@ def fit(
         epoch += 1
     bar.close()
     if evaluate is not None:
-        if checkpoint_dir is not None and (checkpoint_dir / "config.json").exists():
+        if saved:  # only weights this run wrote (the folder may hold an earlier run's)
             reloaded = type(model).from_pretrained(str(checkpoint_dir))
             model.load_state_dict(reloaded.state_dict())
         elif best_state is not None:
             model.load_state_dict(best_state)
+        elif history:
+            log.warning("no evaluation gave a usable dev score: the last weights are kept")
     model.eval()
     return FitResult(best, best_step, step, time.time() - t0, history)
 
@@ -482,13 +495,37 @@ def version_folder(out: Path, name: str, version: str) -> Path:
     return Path(out) / name / version
 
 
+def staging_path(final: Path) -> Path:
+    """Where :func:`staging_dir` builds ``final``: hidden, next to the model folder."""
+    final = Path(final)
+    return final.parent.parent / f".{final.parent.name}-{final.name}.staging"
+
+
+@contextmanager
+def discard_staging_on_error(final: Path) -> Iterator[None]:
+    """A run that fails or is interrupted (Ctrl-C) removes its staging folder: full-size ONNX
+    files left behind, hidden, until a later run of the same version."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging_path(final), ignore_errors=True)
+        raise
+
+
+def fresh_checkpoint_dir(folder: Path) -> None:
+    """Empty the best-checkpoint folder of an earlier run in the same work dir: :func:`fit`
+    must never find (and reload) weights this run did not write."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
 def staging_dir(final: Path, overwrite: bool = False) -> Path:
     """A fresh hidden ``.<name>-<version>.staging`` folder next to ``final`` (discovery skips
     it); refuses to replace an existing version unless ``overwrite``."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final}: model version already exists (use --overwrite)")
-    staging = final.parent.parent / f".{final.parent.name}-{final.name}.staging"
+    staging = staging_path(final)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

@@ -129,6 +129,26 @@ def parity(model, onnx_path: Path, batch: dict[str, np.ndarray], task: str) -> f
     return max(diffs)
 
 
+# fp32 ORT against fp32 PyTorch on the same weights: measured 1e-7 to 1e-6 (logits); 1e-3
+# leaves room for kernel differences and fails on a wrong graph (or a NaN model).
+PARITY_TOLERANCE = 1e-3
+
+
+def check_parity(model, onnx_path: Path, batch: dict[str, np.ndarray], task: str) -> float:
+    """:func:`parity`, refusing the export (TrainingError) past PARITY_TOLERANCE or on NaN."""
+    from training.data.common import TrainingError
+
+    diff = parity(model, onnx_path, batch, task)
+    log.info("ORT vs PyTorch max |diff| = %.2e", diff)
+    if not diff <= PARITY_TOLERANCE:  # NaN fails too
+        raise TrainingError(
+            f"the ONNX export does not match PyTorch: max |diff| {diff:.2e} over the "
+            f"tolerance {PARITY_TOLERANCE:.0e}"
+            + (" (the model's outputs are NaN: training diverged)" if diff != diff else "")
+        )
+    return diff
+
+
 def quantize_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantisation (weights int8, activations quantised at run time).
 

@@ -116,6 +116,13 @@ def mask_tokens(
     probs = torch.full(labels.shape, prob)
     probs.masked_fill_(special_mask, 0.0)
     targets = torch.bernoulli(probs, generator=generator).bool()
+    if not targets.any():
+        # No target: the loss is a mean over nothing, NaN, and its NaN gradients would poison
+        # every weight. Small batches hit it; one target is drawn then.
+        candidates = (~special_mask).nonzero()
+        if len(candidates):
+            pick = candidates[torch.randint(len(candidates), (1,), generator=generator)[0]]
+            targets[tuple(pick.tolist())] = True
     labels[~targets] = -100
     inputs = input_ids.clone()
     replace = torch.bernoulli(torch.full(labels.shape, 0.8), generator=generator).bool() & targets

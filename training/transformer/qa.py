@@ -78,6 +78,14 @@ def split_articles(
     ]
 
 
+def eval_sample(examples: list[QAExample], max_examples: int | None, seed: int) -> list[QAExample]:
+    """The eval file's questions a run scores (``--max-eval-examples``; None: all); the same
+    sample for ``train qa`` and ``nlpserve evaluate``."""
+    if max_examples and len(examples) > max_examples:
+        return random.Random(seed + 2).sample(examples, max_examples)
+    return examples
+
+
 def train_features(
     examples: Sequence[QAExample], encoder: QAEncoder, negative_ratio: float, seed: int
 ) -> tuple[list[QAWindow], np.ndarray, dict[str, int]]:
@@ -203,6 +211,7 @@ def train_qa(
         buckets_from_lengths,
         fit,
         framework_versions,
+        fresh_checkpoint_dir,
         length_batches,
         load_fast_tokenizer,
         publish,
@@ -220,6 +229,7 @@ def train_qa(
     if tokenizer is None:
         hf_tok, tokenizer = load_fast_tokenizer(cfg.base_model)
         if work_dir is not None:  # the best checkpoint is then a complete HF folder
+            fresh_checkpoint_dir(work_dir / "best")
             hf_tok.save_pretrained(str(work_dir / "best"))
     if model is None:
         from transformers import AutoModelForQuestionAnswering
@@ -237,8 +247,7 @@ def train_qa(
     if cfg.max_holdout_examples and len(held_ex) > cfg.max_holdout_examples:
         held_ex = random.Random(cfg.seed + 1).sample(held_ex, cfg.max_holdout_examples)
     test_ex = [] if cfg.skip_test else list(test_examples)
-    if cfg.max_eval_examples and len(test_ex) > cfg.max_eval_examples:
-        test_ex = random.Random(cfg.seed + 2).sample(test_ex, cfg.max_eval_examples)
+    test_ex = eval_sample(test_ex, cfg.max_eval_examples, cfg.seed)
     windows, labels, fstats = train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
     lengths = [len(w) for w in windows]
     log.info("train features: %s; held-out %d questions; test %d", fstats, len(held_ex),
@@ -293,10 +302,7 @@ def train_qa(
     ex.export_onnx(model, onnx_fp32, "qa", ex.example_batch(model.config.vocab_size))
     probe = test_ex[:4] or train_ex[:4]
     sample = encoder.collate([w for e in probe for w in encoder.encode(e.question, e.context)][:8])
-    diff = ex.parity(model, onnx_fp32, sample, "qa")
-    log.info("ORT vs PyTorch max |diff| = %.2e", diff)
-    if diff > 1e-3:
-        raise RuntimeError(f"ONNX parity failed: max |diff| {diff:.2e} > 1e-3")
+    diff = ex.check_parity(model, onnx_fp32, sample, "qa")
 
     def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
         if not test_ex:
