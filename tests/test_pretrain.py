@@ -235,6 +235,12 @@ def test_train_commands_refuse_data_they_cannot_train_or_score_honestly(tmp_path
     res = runner.invoke(app, ["train", "qa", *common, "--epochs", "0"])
     flat = " ".join(res.output.replace("│", " ").split())
     assert res.exit_code == 2 and "has no question-answering head" in flat, res.output
+    shutil.copytree(tmp_path / "base", tmp_path / "w" / "best")  # a second round's base
+    second = [*common[2:], "--base-model", str(tmp_path / "w" / "best")]
+    res = runner.invoke(app, ["train", "qa", *second, "--work-dir", str(tmp_path / "w")])
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "give another --work-dir" in flat, res.output
+    assert (tmp_path / "w" / "best" / "config.json").exists()  # the base was not emptied
     res = runner.invoke(app, ["train", "qa", *common, "--version", "../x"])
     flat = " ".join(res.output.replace("│", " ").split())
     assert res.exit_code == 2 and "one folder name" in flat, res.output

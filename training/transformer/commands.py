@@ -127,6 +127,19 @@ def _check_scorable_as_is(base_model: str, random_init: bool) -> None:
         )
 
 
+def _work_dir(work_dir: Path | None, name: str, base_model: str) -> Path:
+    """The run's work dir (default runs/<name>); its best/ folder is emptied at the start, so
+    it must not be where --base-model lives (a second round from runs/<name>/best)."""
+    work = work_dir or Path("runs") / name
+    if Path(base_model).expanduser().resolve() == (work / "best").resolve():
+        raise typer.BadParameter(
+            f"{work}/best is --base-model, and this run writes its own best checkpoint there: "
+            "give another --work-dir",
+            param_hint="--work-dir",
+        )
+    return work
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -192,6 +205,7 @@ def train_detector_cmd(
     if not base:
         raise typer.BadParameter("--base-model is required (no packaged default for this lang)")
     check_base_model(base)
+    work = _work_dir(work_dir, name, base)
     files = hc3_files(root, lang)
     stats = HC3Stats()
     examples = load_hc3(files, stats)
@@ -227,7 +241,7 @@ def train_detector_cmd(
             folder,
             name=name,
             version=version,
-            work_dir=work_dir or Path("runs") / name,
+            work_dir=work,
             data_files=data_checksums(files, root),
             load_stats=stats.as_dict(),
             command=command_line(),
@@ -343,6 +357,7 @@ def train_qa_cmd(
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
     folder = _version_folder(out, name, version)
     check_base_model(base_model, weights=not random_init)
+    work = _work_dir(work_dir, name, base_model)
     if epochs == 0:
         _check_scorable_as_is(base_model, random_init)
     root = resolve_data(data)
@@ -405,7 +420,7 @@ def train_qa_cmd(
             folder,
             name=name,
             version=version,
-            work_dir=work_dir or Path("runs") / name,
+            work_dir=work,
             data_files=data_checksums([tr_path, ev_path], root),
             load_stats=load_stats,
             command=command_line(),
