@@ -121,6 +121,8 @@ def nb_init(weight: torch.Tensor, encodings, labels: np.ndarray, dims: int) -> N
 
 
 def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
+    if not 0 <= cfg.nb_dims <= cfg.emb_dim:  # the manifest records cfg: no silent clamping
+        raise ValueError(f"nb_dims {cfg.nb_dims} must lie in [0, emb_dim {cfg.emb_dim}]")
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     splits = split_indices(len(corpus), cfg.seed, cfg.ratios)
@@ -146,7 +148,7 @@ def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
         max_pool=cfg.max_pool,
     )
     if cfg.nb_dims:
-        nb_init(model.emb.weight, train_enc, train_y, min(cfg.nb_dims, cfg.emb_dim))
+        nb_init(model.emb.weight, train_enc, train_y, cfg.nb_dims)
     model = model.to(device)
 
     def tensors(enc, batch):
