@@ -4,6 +4,7 @@ holds only the JSON report, and CoNLL-U found under the data root."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -191,3 +192,45 @@ def test_train_polarity_does_not_clamp_nb_dims():
 
     with pytest.raises(ValueError, match="nb_dims 20"):
         train_polarity(tiny_polarity_corpus(n=20), PolarityConfig(emb_dim=8, nb_dims=20))
+
+
+# ------------------------------------------------------------------------------ parity gate
+def test_check_parity():
+    from training.lstm.export import PARITY_TOLERANCE, ParityError, check_parity
+
+    assert check_parity(PARITY_TOLERANCE) == PARITY_TOLERANCE
+    assert check_parity(0.0) == 0.0
+    for bad in (PARITY_TOLERANCE * 1.01, 0.5, math.nan, math.inf):
+        with pytest.raises(ParityError, match="tolerance"):
+            check_parity(bad)
+
+
+def test_polarity_export_that_differs_is_not_published(cli, tmp_path, monkeypatch):
+    """The reviewer's probe (+0.5 on the measured difference): one line, exit 1, nothing
+    written (no version folder, no staging folder)."""
+    import training.lstm.polarity as pol
+
+    real = pol.max_abs_diff
+    monkeypatch.setattr(pol, "max_abs_diff", lambda *a, **k: real(*a, **k) + 0.5)
+    data = write_polarity_root(tmp_path / "data")
+    out = tmp_path / "out"
+    res = cli("train", "polarity", "--data", data, "--out", out, "--epochs", 1, *TINY_POLARITY,
+              "--no-progress")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert res.stdout == ""
+    assert res.stderr.startswith("nlpserve: polarity-en: ONNX Runtime and PyTorch outputs differ")
+    assert "0.5 > tolerance 0.001" in res.stderr
+    assert not out.exists() or list(out.rglob("*")) == []
+
+
+def test_pos_export_with_nan_difference_is_not_published(tmp_path, monkeypatch):
+    import training.lstm.pos as pos
+    from training.lstm.export import ParityError
+
+    monkeypatch.setattr(pos, "max_abs_diff", lambda *a, **k: math.nan)
+    cfg = pos.PosConfig(epochs=1, hidden=8, word_dim=8, char_dim=4, char_filters=8,
+                        max_length=32, progress=False)  # fmt: skip
+    torch.set_num_threads(1)
+    with pytest.raises(ParityError, match="nan > tolerance"):
+        pos.run_pos(tiny_pos_corpus(n=60), tmp_path, cfg, command="test")
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import json
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -114,6 +114,13 @@ def _setup(device: Device, threads: int | None) -> None:
         raise typer.BadParameter("--device cuda requested but CUDA is not available")
 
 
+def _fail(error: Exception) -> NoReturn:
+    """A run that trained but must not publish (e.g. ONNX parity): one line, exit status 1
+    (not the 2 of a bad option or input: rerunning the same command will not fix it)."""
+    typer.echo(f"nlpserve: {error}", err=True)
+    raise typer.Exit(1)
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -156,6 +163,7 @@ def train_pos(
     path = resolve_data(data)
     _setup(device, threads)
     from training.data.common import DataError
+    from training.lstm.export import ParityError
     from training.lstm.pos import PosConfig, load_pos_corpus, run_pos
 
     cfg = PosConfig(
@@ -181,6 +189,8 @@ def train_pos(
         folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
+    except ParityError as e:
+        _fail(e)
     _report(folder)
 
 
@@ -235,6 +245,7 @@ def train_polarity(
     _setup(device, threads)
     from training.data.common import DataError
     from training.data.polarity import load_polarity
+    from training.lstm.export import ParityError
     from training.lstm.polarity import PolarityConfig, run_polarity
 
     cfg = PolarityConfig(
@@ -260,6 +271,8 @@ def train_polarity(
         folder = run_polarity(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
+    except ParityError as e:
+        _fail(e)
     _report(folder)
 
 

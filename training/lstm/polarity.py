@@ -27,6 +27,7 @@ from training.lstm.export import (
     POLARITY_AXES,
     POLARITY_INPUTS,
     POLARITY_OUTPUTS,
+    check_parity,
     max_abs_diff,
     ort_session,
     pad_batch,
@@ -250,6 +251,8 @@ def run_polarity(
         dynamic_axes=POLARITY_AXES,
     ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_x or corpus.texts)
+        log.info("polarity ONNX vs PyTorch max |diff| = %.3g", parity)
+        check_parity(parity, what=name)  # nothing is written when the export differs
         test = evaluate_onnx(session, trained.encoder, test_x, test_y, cfg.max_length)
         metrics = {
             "accuracy": test["accuracy"],

@@ -26,6 +26,7 @@ from training.lstm.export import (
     POS_AXES,
     POS_INPUTS,
     POS_OUTPUTS,
+    check_parity,
     max_abs_diff,
     ort_session,
     pad_batch,
@@ -259,6 +260,8 @@ def run_pos(
         dynamic_axes=POS_AXES,
     ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_s or corpus.sentences)
+        log.info("pos ONNX vs PyTorch max |diff| = %.3g", parity)
+        check_parity(parity, what=name)  # nothing is written when the export differs
         test = evaluate_onnx(
             session, trained.encoder, test_s, test_t, trained.labels, cfg.max_length
         )
