@@ -234,3 +234,25 @@ def test_pos_export_with_nan_difference_is_not_published(tmp_path, monkeypatch):
     with pytest.raises(ParityError, match="nan > tolerance"):
         pos.run_pos(tiny_pos_corpus(n=60), tmp_path, cfg, command="test")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------- stdout: the JSON report and only it
+def test_fit_progress_lines_go_to_stderr(capsys):
+    from training.lstm.loop import fit
+
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(8, 2)
+    fit(
+        model,
+        train_step=lambda batch: model(x[batch]).pow(2).mean(),
+        make_batches=lambda _e: [[0, 1, 2, 3], [4, 5, 6, 7]],
+        evaluate=lambda: 0.5,
+        epochs=2,
+        patience=5,
+        lr=1e-2,
+        progress=True,
+        desc="toy",
+    )
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "toy epoch 1: loss" in err
