@@ -4,6 +4,7 @@ holds only the JSON report, and CoNLL-U found under the data root."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -256,3 +257,35 @@ def test_fit_progress_lines_go_to_stderr(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "toy epoch 1: loss" in err
+
+
+def test_train_pos_conllu_under_the_data_root_with_progress(cli, tmp_path):
+    """``--format conllu --data <root>`` reads ``<root>/ud_english_ewt/*.conllu`` (README's
+    layout); with progress on, stdout is still exactly the JSON report; the recorded data
+    paths are relative to the root, and ``evaluate`` re-creates the same test split."""
+    from service.repository import load_manifest
+
+    data = write_conllu_root(tmp_path / "data")
+    out = tmp_path / "out"
+    res = cli("train", "pos", "--format", "conllu", "--tag-field", "xpos", "--data", data,
+              "--out", out, "--epochs", 1, *TINY_POS, "--progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["path"] == str(out / "pos-en" / "1")
+    assert "pos epoch 1: loss" in res.stderr
+    m = load_manifest(out / "pos-en" / "1")
+    assert [d.path for d in m.data] == ["ud_english_ewt/tiny.conllu"]
+    assert m.hyperparameters["dataset"] == "conllu" and "NN" in m.labels
+    assert m.metrics["onnx_max_abs_diff"] < 1e-4
+
+    res = cli("evaluate", out / "pos-en" / "1", "--data", data)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+
+
+def test_conllu_data_root_without_the_folder_says_where_it_looked(tmp_path):
+    from training.data.common import DataError
+    from training.lstm.pos import load_pos_corpus
+
+    with pytest.raises(DataError, match="ud_english_ewt"):
+        load_pos_corpus(tmp_path, "conllu")
