@@ -80,6 +80,13 @@ def _probability(value: float) -> float:
     return value
 
 
+def _fail(message: object, code: int = 1) -> NoReturn:
+    """One line on stderr and exit status ``code``: 2 for what the user's input causes, 1 for
+    a run that trained but must not publish (ONNX parity; the same command would fail again)."""
+    typer.echo(f"nlpserve: {message}", err=True)
+    raise typer.Exit(code)
+
+
 def _check_output(out: Path, name: str, version: str | None, overwrite: bool) -> str:
     """Everything writing the entry would refuse, checked before any data is read or any
     training done: name and version are plain folder names (:func:`version_folder`, the
@@ -94,7 +101,10 @@ def _check_output(out: Path, name: str, version: str | None, overwrite: bool) ->
     except ValueError as e:  # a name/version that is not one folder name
         hint = "'--name'" if str(e).startswith("name ") else "'--version'"
         raise typer.BadParameter(str(e), param_hint=hint) from None
-    check_new_version(folder, overwrite)  # FileExistsError: one line, exit status 2
+    try:
+        check_new_version(folder, overwrite)
+    except FileExistsError as e:  # what `main` makes of it, also where the app runs alone
+        _fail(f"FileExistsError: {e}", 2)
     try:
         check_writable(out)
     except OSError as e:
@@ -112,13 +122,6 @@ def _setup(device: Device, threads: int | None) -> None:
         torch.set_num_threads(threads)
     if device is Device.cuda and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda requested but CUDA is not available")
-
-
-def _fail(error: Exception) -> NoReturn:
-    """A run that trained but must not publish (e.g. ONNX parity): one line, exit status 1
-    (not the 2 of a bad option or input: rerunning the same command will not fix it)."""
-    typer.echo(f"nlpserve: {error}", err=True)
-    raise typer.Exit(1)
 
 
 def _report(folder: Path) -> None:
