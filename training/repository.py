@@ -13,6 +13,7 @@ import platform
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -49,6 +50,30 @@ def next_version(root: Path | str, name: str) -> str:
         [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
     )
     return str(max(versions, default=0) + 1)
+
+
+def check_new_version(final: Path, overwrite: bool = False) -> Path:
+    """``final`` (a version folder) may be written: it does not exist yet, or ``overwrite``."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"{final}: model version already exists; choose another --version or --overwrite"
+        )
+    return final
+
+
+def check_writable(root: Path | str) -> Path:
+    """Raise the ``OSError`` that writing an entry under ``root`` would meet, without creating
+    ``root``: its nearest existing ancestor must be a folder where a folder can be made (probed
+    with a hidden folder, removed at once). For checking ``--out`` before hours of training."""
+    root = Path(root)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing}: not a folder")
+    Path(tempfile.mkdtemp(prefix=".nlpserve-write-check-", dir=existing)).rmdir()
+    return root
 
 
 def bucket_edges(
@@ -134,11 +159,7 @@ def write_entry(
     version = version or next_version(root, name)
     check_path_component("name", name)
     check_path_component("version", version)
-    final = root / name / version
-    if final.exists() and not overwrite:
-        raise FileExistsError(
-            f"{final}: model version already exists; choose another --version or --overwrite"
-        )
+    final = check_new_version(root / name / version, overwrite)
     staging = root / f".{name}-{version}.staging"
     if staging.exists():
         shutil.rmtree(staging)

@@ -11,7 +11,7 @@ import json
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -44,9 +44,15 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
 VersionOpt = Annotated[
     str | None, typer.Option(help="Version folder name (default: next integer).")
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed for the data split and training.")]
+# numpy's seed must lie in [0, 2**32)
+SeedOpt = Annotated[
+    int, typer.Option(min=0, max=2**32 - 1, help="Seed for the data split and training.")
+]
 DeviceOpt = Annotated[Device, typer.Option(help="Training device.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")
+]
+PatienceHelp = "Epochs without dev improvement before stopping."
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace the version folder if it exists.")
@@ -65,6 +71,47 @@ def resolve_data(data: Path | None) -> Path:
             "NLPSERVE_DATA_DIR to the shared data folder"
         )
     return path
+
+
+def _probability(value: float) -> float:
+    """A dropout probability: 0 <= p < 1 (1 would drop everything; torch rejects > 1)."""
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"{value} is not in the range 0<=x<1.")
+    return value
+
+
+def _fail(message: object, code: int = 1) -> NoReturn:
+    """One line on stderr and exit status ``code``: 2 for what the user's input causes, 1 for
+    a run that trained but must not publish (ONNX parity; the same command would fail again)."""
+    typer.echo(f"nlpserve: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _check_output(out: Path, name: str, version: str | None, overwrite: bool) -> str:
+    """Everything writing the entry would refuse, checked before any data is read or any
+    training done: name and version are plain folder names (:func:`version_folder`, the
+    transformer commands' check), the version folder does not exist yet (unless
+    ``--overwrite``), and ``--out`` can be written. Returns the version to write (the next
+    integer when ``--version`` is not given)."""
+    from training.repository import check_new_version, check_writable, next_version
+    from training.transformer.common import version_folder
+
+    try:
+        folder = version_folder(out, name, version or next_version(out, name))
+    except ValueError as e:  # a name/version that is not one folder name
+        hint = "'--name'" if str(e).startswith("name ") else "'--version'"
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+    try:
+        check_new_version(folder, overwrite)
+    except FileExistsError as e:  # what `main` makes of it, also where the app runs alone
+        _fail(f"FileExistsError: {e}", 2)
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot write the model repository {out}: {e.strerror or e}", param_hint="'--out'"
+        ) from None
+    return folder.name
 
 
 def _setup(device: Device, threads: int | None) -> None:
@@ -96,28 +143,32 @@ def train_pos(
     epochs: Annotated[
         int, typer.Option(min=1, help="Maximum epochs (early stopping on dev).")
     ] = 30,
-    patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 4,
+    patience: Annotated[int, typer.Option(min=1, help=PatienceHelp)] = 4,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
-    hidden: Annotated[int, typer.Option(help="LSTM hidden size per direction.")] = 128,
-    layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
-    word_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 100,
-    char_filters: Annotated[int, typer.Option(help="Char CNN filters.")] = 64,
-    min_count: Annotated[int, typer.Option(help="Rarer training words become <unk>.")] = 2,
+    hidden: Annotated[int, typer.Option(min=1, help="LSTM hidden size per direction.")] = 128,
+    layers: Annotated[int, typer.Option(min=1, help="LSTM layers.")] = 1,
+    word_dim: Annotated[int, typer.Option(min=1, help="Word embedding size.")] = 100,
+    char_filters: Annotated[int, typer.Option(min=1, help="Char CNN filters.")] = 64,
+    min_count: Annotated[int, typer.Option(min=1, help="Rarer training words become <unk>.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Sentences per batch.")] = 32,
     lr: Annotated[float, typer.Option(min=1e-9, help="Adam learning rate.")] = 2e-3,
-    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.33,
+    dropout: Annotated[
+        float, typer.Option(callback=_probability, help="Dropout, 0 <= p < 1.")
+    ] = 0.33,
     max_length: Annotated[int, typer.Option(min=8, help="Longest sentence (tokens).")] = 256,
     threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
+    version = _check_output(out, name, version, overwrite)
+    path = resolve_data(data)
     _setup(device, threads)
     from training.data.common import DataError
+    from training.lstm.export import ParityError
     from training.lstm.pos import PosConfig, load_pos_corpus, run_pos
 
-    path = resolve_data(data)
     cfg = PosConfig(
         epochs=epochs,
         patience=patience,
@@ -141,6 +192,8 @@ def train_pos(
         folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
+    except ParityError as e:
+        _fail(e)
     _report(folder)
 
 
@@ -152,23 +205,30 @@ def train_polarity(
     epochs: Annotated[
         int, typer.Option(min=1, help="Maximum epochs (early stopping on dev).")
     ] = 10,
-    patience: Annotated[int, typer.Option(help="Epochs without dev improvement.")] = 3,
+    patience: Annotated[int, typer.Option(min=1, help=PatienceHelp)] = 3,
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
-    hidden: Annotated[int, typer.Option(help="LSTM hidden size per direction.")] = 64,
-    layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
-    emb_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 100,
+    hidden: Annotated[int, typer.Option(min=1, help="LSTM hidden size per direction.")] = 64,
+    layers: Annotated[int, typer.Option(min=1, help="LSTM layers.")] = 1,
+    emb_dim: Annotated[int, typer.Option(min=1, help="Word embedding size.")] = 100,
     nb_dims: Annotated[
-        int, typer.Option(help="Embedding dims initialised with naive-Bayes log-count ratios.")
+        int,
+        typer.Option(
+            min=0,
+            help="Embedding dims initialised with naive-Bayes log-count ratios "
+            "(0: none; at most --emb-dim).",
+        ),
     ] = 8,
-    min_count: Annotated[int, typer.Option(help="Rarer training words become <unk>.")] = 2,
+    min_count: Annotated[int, typer.Option(min=1, help="Rarer training words become <unk>.")] = 2,
     bidirectional: Annotated[bool, typer.Option(help="Bidirectional LSTM.")] = True,
     max_pool: Annotated[
         bool, typer.Option(help="Concatenate max-pooled outputs to the final states.")
     ] = True,
     batch_size: Annotated[int, typer.Option(min=1, help="Sentences per batch.")] = 32,
     lr: Annotated[float, typer.Option(min=1e-9, help="Adam learning rate.")] = 2e-3,
-    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.5,
+    dropout: Annotated[
+        float, typer.Option(callback=_probability, help="Dropout, 0 <= p < 1.")
+    ] = 0.5,
     max_length: Annotated[
         int, typer.Option(min=8, help="Longest input (tokens); longer truncated.")
     ] = 96,
@@ -177,12 +237,20 @@ def train_polarity(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""
+    if nb_dims > emb_dim:
+        raise typer.BadParameter(
+            f"{nb_dims} is over the limit, --emb-dim ({emb_dim}): only that many embedding "
+            "dims exist to initialise",
+            param_hint="'--nb-dims'",
+        )
+    version = _check_output(out, name, version, overwrite)
+    path = resolve_data(data)
     _setup(device, threads)
     from training.data.common import DataError
     from training.data.polarity import load_polarity
+    from training.lstm.export import ParityError
     from training.lstm.polarity import PolarityConfig, run_polarity
 
-    path = resolve_data(data)
     cfg = PolarityConfig(
         epochs=epochs,
         patience=patience,
@@ -206,6 +274,8 @@ def train_polarity(
         folder = run_polarity(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
+    except ParityError as e:
+        _fail(e)
     _report(folder)
 
 

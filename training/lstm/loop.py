@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -99,8 +100,8 @@ def fit(
             score = evaluate()
         history.append({"epoch": epoch, "loss": total / max(n, 1), "dev": score})
         msg = f"{desc} epoch {epoch}: loss {total / max(n, 1):.4f} dev {score:.4f}"
-        if progress:
-            tqdm.write(msg)
+        if progress:  # stderr, like the bar: stdout holds only the command's JSON report
+            tqdm.write(msg, file=sys.stderr)
         log.info(msg)
         if score > best:
             best, best_epoch, bad = score, epoch, 0

@@ -27,6 +27,7 @@ from training.lstm.export import (
     POLARITY_AXES,
     POLARITY_INPUTS,
     POLARITY_OUTPUTS,
+    check_parity,
     max_abs_diff,
     ort_session,
     pad_batch,
@@ -121,6 +122,8 @@ def nb_init(weight: torch.Tensor, encodings, labels: np.ndarray, dims: int) -> N
 
 
 def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
+    if not 0 <= cfg.nb_dims <= cfg.emb_dim:  # the manifest records cfg: no silent clamping
+        raise ValueError(f"nb_dims {cfg.nb_dims} must lie in [0, emb_dim {cfg.emb_dim}]")
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     splits = split_indices(len(corpus), cfg.seed, cfg.ratios)
@@ -146,7 +149,7 @@ def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
         max_pool=cfg.max_pool,
     )
     if cfg.nb_dims:
-        nb_init(model.emb.weight, train_enc, train_y, min(cfg.nb_dims, cfg.emb_dim))
+        nb_init(model.emb.weight, train_enc, train_y, cfg.nb_dims)
     model = model.to(device)
 
     def tensors(enc, batch):
@@ -248,6 +251,8 @@ def run_polarity(
         dynamic_axes=POLARITY_AXES,
     ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_x or corpus.texts)
+        log.info("polarity ONNX vs PyTorch max |diff| = %.3g", parity)
+        check_parity(parity, what=name)  # nothing is written when the export differs
         test = evaluate_onnx(session, trained.encoder, test_x, test_y, cfg.max_length)
         metrics = {
             "accuracy": test["accuracy"],

@@ -26,6 +26,7 @@ from training.lstm.export import (
     POS_AXES,
     POS_INPUTS,
     POS_OUTPUTS,
+    check_parity,
     max_abs_diff,
     ort_session,
     pad_batch,
@@ -259,6 +260,8 @@ def run_pos(
         dynamic_axes=POS_AXES,
     ) as (onnx_path, session):
         parity = parity_check(trained.model, session, trained.encoder, test_s or corpus.sentences)
+        log.info("pos ONNX vs PyTorch max |diff| = %.3g", parity)
+        check_parity(parity, what=name)  # nothing is written when the export differs
         test = evaluate_onnx(
             session, trained.encoder, test_s, test_t, trained.labels, cfg.max_length
         )
@@ -294,15 +297,36 @@ def run_pos(
         )
 
 
+# Where the README's data layout puts CoNLL-U files under the data root.
+CONLLU_FOLDER = "ud_english_ewt"
+
+
+def load_conllu_root(data: Path, tag_field: str = "upos") -> TaggedCorpus:
+    """CoNLL-U from ``data``: a .conllu file, a folder of them, or the data root, whose
+    ``ud_english_ewt/*.conllu`` is read (recorded relative to the root, like the treebank's
+    ``nltk_data/corpora/...``)."""
+    from training.data.conllu import load_conllu
+
+    if not (data.is_dir() and not any(data.glob("*.conllu"))):
+        return load_conllu(data, tag_field=tag_field)
+    sub = data / CONLLU_FOLDER
+    if not sub.is_dir():
+        raise DataError(
+            f"{data}: no *.conllu files in it nor a {CONLLU_FOLDER}/ folder; expected a .conllu "
+            f"file, a folder of them, or a data root holding {CONLLU_FOLDER}/*.conllu"
+        )
+    corpus = load_conllu(sub, tag_field=tag_field)
+    corpus.root = data
+    return corpus
+
+
 def load_pos_corpus(data: Path, dataset: str = "treebank", tag_field: str | None = None):
     if dataset == "treebank":
         from training.data.treebank import load_treebank
 
         return load_treebank(data)
     if dataset == "conllu":
-        from training.data.conllu import load_conllu
-
-        return load_conllu(data, tag_field=tag_field or "upos")
+        return load_conllu_root(Path(data), tag_field or "upos")
     raise DataError(f"unknown POS dataset {dataset!r}; expected 'treebank' or 'conllu'")
 
 
