@@ -75,6 +75,18 @@ def _builders() -> dict[str, Callable[[Path], Path]]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """CLI commands run in-process (typer's CliRunner) set up the root logger with a handler
+    on the runner's captured stderr, closed once the command returns; later tests that log
+    then print "--- Logging error ---" into their output. Each test gets the handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def model_repo(request: pytest.FixtureRequest) -> Path:
     # Several engineers' test sessions share this cache: builds go to a private folder and

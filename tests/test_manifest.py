@@ -422,7 +422,8 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, com
         "nlpserve-test/not-cached": "not in the local Hugging Face cache",
     }
     for base, reason in cases.items():
-        out = _cli(*command, base, "--data", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+        out = _cli(*command, base, "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                   env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(f"nlpserve: BaseModelError: base model {base}: "), out.stderr
         assert reason in out.stderr and "Traceback" not in out.stderr
@@ -448,5 +449,5 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, com
     ],
 )
 def test_training_options_out_of_range_are_refused_before_any_work(tmp_path, args):
-    out = _cli(*args, "--data", str(tmp_path))
+    out = _cli(*args, "--data", str(tmp_path), "--out", str(tmp_path / "m"))
     assert out.returncode == 2 and "Invalid value for" in out.stderr, out.stderr

