@@ -56,6 +56,11 @@ def test_load_hc3_skips_and_counts_null_and_empty(tmp_path: Path):
 def test_missing_folder_is_an_error(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         hc3_files(tmp_path, "en")
+    (tmp_path / "hc3" / "en").mkdir(parents=True)
+    (tmp_path / "hc3" / "zh").mkdir()
+    (tmp_path / "hc3" / "en" / "a.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"hc3/fr or .* \(languages here: en, zh\)"):
+        hc3_files(tmp_path, "fr")  # named the data root only, not where it looked
 
 
 def test_a_bad_hc3_line_is_a_data_error_naming_file_and_line(tmp_path: Path):

@@ -289,3 +289,18 @@ def test_conllu_data_root_without_the_folder_says_where_it_looked(tmp_path):
 
     with pytest.raises(DataError, match="ud_english_ewt"):
         load_pos_corpus(tmp_path, "conllu")
+
+
+def test_move_into_place_replaces_a_version_without_a_gap(tmp_path):
+    """--overwrite: the transformer publish deleted the old version before renaming the new
+    one in (an interrupt between the two lost both); now both trainers rename it aside."""
+    from training.repository import move_into_place
+
+    final, staging = tmp_path / "m" / "1", tmp_path / ".m-1.staging"
+    final.mkdir(parents=True)
+    (final / "old.onnx").write_text("old")
+    staging.mkdir()
+    (staging / "new.onnx").write_text("new")
+    assert move_into_place(staging, final) == final
+    assert [p.name for p in final.iterdir()] == ["new.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing left aside

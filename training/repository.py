@@ -62,6 +62,21 @@ def check_new_version(final: Path, overwrite: bool = False) -> Path:
     return final
 
 
+def move_into_place(staging: Path, final: Path) -> Path:
+    """Rename a complete ``staging`` folder to ``final``; an existing ``final`` is renamed
+    aside first and deleted last, so there is never a moment with neither version in place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.exists():
+        staging.rename(final)
+        return final
+    old = staging.parent / f"{staging.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def check_writable(root: Path | str) -> Path:
     """Raise the ``OSError`` that writing an entry under ``root`` would meet, without creating
     ``root``: its nearest existing ancestor must be a folder where a folder can be made (probed
@@ -207,15 +222,7 @@ def write_entry(
         )
         write_manifest(staging, manifest)
         load_manifest(staging)  # the service's own validation
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            old = root / f".{name}-{version}.replaced"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(final)
+        move_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -534,12 +534,9 @@ def staging_dir(final: Path, overwrite: bool = False) -> Path:
 
 def publish(staging: Path, final: Path) -> Path:
     """Move a validated staging folder into place (replacing ``final`` if it exists)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    return final
+    from training.repository import move_into_place
+
+    return move_into_place(staging, Path(final))
 
 
 def framework_versions() -> dict[str, str]:
