@@ -43,11 +43,15 @@ def setup_logging(log_file: Path | None = None) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
+    # INFO from this project only: ONNX Runtime's quantizer logs dozens of "Quantization
+    # parameters ..." lines at INFO on the root logger.
+    for name in ("nlpserve", "training", "service"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 class BaseModelError(DataError):
