@@ -207,3 +207,25 @@ async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo)
     finally:
         gated.gate.set()
         await q.close(2)
+
+
+def test_non_finite_outputs_fail_their_item_alone(runners):
+    """A NaN output (an fp16 overflow, a diverged model) was answered as `"score": NaN`,
+    which no JSON client parses; that item now fails alone as inference_failed."""
+    from service.queueing.inprocess import run_batch_isolating
+
+    real = runners[MODEL]
+
+    class Overflowing:  # the real model, whose output for one input overflows
+        name = real.name
+
+        def run_batch(self, batch):
+            out = real.run_batch(batch)
+            for it, res in zip(batch, out, strict=True):
+                if it.length == 3:
+                    res["logits"] = np.full_like(res["logits"], np.nan)
+            return out
+
+    results = run_batch_isolating(Overflowing(), [item(4), item(3), item(5)])
+    assert "logits" in results[0] and "logits" in results[2]
+    assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,7 +56,7 @@ def run_batch_isolating(
     on an executor thread (workers reuse it too).
     """
     try:
-        return list(runner.run_batch(batch))
+        return _finite_or_error(runner, batch, runner.run_batch(batch))
     except Exception as e:
         if len(batch) == 1:
             log.warning("%s: inference failed on item %s: %s", runner.name, batch[0].id, e)
@@ -65,10 +65,25 @@ def run_batch_isolating(
     out: list[dict[str, np.ndarray] | Exception] = []
     for it in batch:
         try:
-            out.append(runner.run_batch([it])[0])
+            out.extend(_finite_or_error(runner, [it], runner.run_batch([it])))
         except Exception as e:
             log.warning("%s: inference failed on item %s: %s", runner.name, it.id, e)
             out.append(e)
+    return out
+
+
+def _finite_or_error(
+    runner: ModelRunner, batch: Sequence[WorkItem], results: Sequence[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray] | Exception]:
+    """An item whose outputs hold NaN or inf fails alone (422 inference_failed): answered,
+    they would be "NaN" in a JSON body no client can parse (e.g. an fp16 overflow)."""
+    out: list[dict[str, np.ndarray] | Exception] = []
+    for it, res in zip(batch, results, strict=True):
+        if all(np.isfinite(a).all() for a in res.values() if a.dtype.kind == "f"):
+            out.append(res)
+        else:
+            log.warning("%s: non-finite output for item %s", runner.name, it.id)
+            out.append(ValueError("the model's output is not a finite number (NaN or inf)"))
     return out
 
 
