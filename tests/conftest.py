@@ -75,6 +75,21 @@ def _builders() -> dict[str, Callable[[Path], Path]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def cli():
+    """``nlpserve`` run in-process (typer's CliRunner), training commands included:
+    ``cli("train", "pos", "--data", path)`` -> the runner's Result."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from training.cli import register
+
+    if not any(g.name == "train" for g in app.registered_groups):
+        register(app)
+    runner = CliRunner()
+    return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """CLI commands run in-process (typer's CliRunner) set up the root logger with a handler

@@ -22,19 +22,6 @@ TINY_POS = ["--hidden", 8, "--word-dim", 8, "--char-filters", 8, "--threads", 1]
 TINY_POLARITY = ["--hidden", 8, "--emb-dim", 8, "--nb-dims", 4, "--threads", 1]
 
 
-@pytest.fixture(scope="module")
-def cli():
-    from typer.testing import CliRunner
-
-    from service.cli import app
-    from training.cli import register
-
-    if not any(g.name == "train" for g in app.registered_groups):
-        register(app)
-    runner = CliRunner()
-    return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
-
-
 def flat(output: str) -> str:
     """Typer's error box, as one line of words (the box wraps long messages)."""
     return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())

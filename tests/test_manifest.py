@@ -131,19 +131,6 @@ def _write_fixture_polarity(root: Path) -> None:
         (folder / f"rt-polarity.{name}").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def cli():
-    from typer.testing import CliRunner
-
-    from service.cli import app
-    from training.cli import register
-
-    if not any(g.name == "train" for g in app.registered_groups):
-        register(app)
-    runner = CliRunner()
-    return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
-
-
 @pytest.mark.parametrize("task", ["pos", "polarity"])
 def test_train_and_evaluate_commands(cli, tmp_path, task):
     data = tmp_path / "data"

@@ -93,19 +93,23 @@ def test_padding_does_not_change_real_positions(qa_entry: Path):
     assert np.abs(a[0] - b[0, : len(w)]).max() <= 1e-4
 
 
-def test_qa_evaluator_on_hand_made_eval_file(qa_entry: Path, tmp_path: Path):
-    from training.transformer.commands import evaluate_qa
-
-    data = tmp_path / "cmrc2018"
-    data.mkdir()
-    exs = qa_examples(repeat=1, filler=3)
+def _write_cmrc_dev(root: Path, exs) -> None:
+    """``exs`` as ``<root>/cmrc2018/cmrc2018_dev.json`` (SQuAD v1), the eval file by default."""
     raw = {"version": "v1.0", "data": [
         {"id": e.article, "title": "", "paragraphs": [
             {"id": e.article, "context": e.context, "qas": [
                 {"id": e.id, "question": e.question,
                  "answers": [{"text": a.text, "answer_start": a.start} for a in e.answers]}]}]}
         for e in exs]}  # fmt: skip
-    (data / "cmrc2018_dev.json").write_text(json.dumps(raw, ensure_ascii=False), "utf-8")
+    (root / "cmrc2018").mkdir()
+    (root / "cmrc2018" / "cmrc2018_dev.json").write_text(json.dumps(raw, ensure_ascii=False))
+
+
+def test_qa_evaluator_on_hand_made_eval_file(qa_entry: Path, tmp_path: Path):
+    from training.transformer.commands import evaluate_qa
+
+    exs = qa_examples(repeat=1, filler=3)
+    _write_cmrc_dev(tmp_path, exs)
     r = evaluate_qa(qa_entry, tmp_path)
     assert r["total"] == len(exs) and 0.0 <= r["em"] <= r["f1"] <= 100.0
     # the same data the builder tested on: the evaluator reproduces the manifest's score
@@ -128,14 +132,7 @@ def test_qa_evaluator_scores_the_sample_training_scored(qa_entry: Path, tmp_path
     write_manifest(folder, m.model_copy(update={"hyperparameters": hp}))
     exs = qa_examples(repeat=1, filler=3)
     assert len(exs) > 2
-    raw = {"version": "v1.0", "data": [
-        {"id": e.article, "title": "", "paragraphs": [
-            {"id": e.article, "context": e.context, "qas": [
-                {"id": e.id, "question": e.question,
-                 "answers": [{"text": a.text, "answer_start": a.start} for a in e.answers]}]}]}
-        for e in exs]}  # fmt: skip
-    (tmp_path / "cmrc2018").mkdir()
-    (tmp_path / "cmrc2018" / "cmrc2018_dev.json").write_text(json.dumps(raw, ensure_ascii=False))
+    _write_cmrc_dev(tmp_path, exs)
     r = evaluate_qa(folder, tmp_path)
     assert r["total"] == 2
     assert eval_sample(exs, 2, 5) == eval_sample(exs, 2, 5) != eval_sample(exs, 2, 6)

@@ -48,6 +48,11 @@ BaseOpt = Annotated[
         "AutoModelFor...",
     ),
 ]
+WarmupOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate.")
+]
+WeightDecayOpt = Annotated[float, typer.Option(min=0.0)]
+GradNormOpt = Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")]
 VariantsOpt = Annotated[
     str, typer.Option(help="Comma-separated ONNX variants to write: fp32 (always), int8, fp16.")
 ]
@@ -150,12 +155,9 @@ def train_detector_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     epochs: Annotated[float, typer.Option(min=0.01)] = 2.0,
     lr: Annotated[float, typer.Option(min=1e-9)] = 5e-5,
-    warmup_ratio: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
-    ] = 0.1,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.01,
-    max_grad_norm: Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")] = 1.0,
+    warmup_ratio: WarmupOpt = 0.1,
+    weight_decay: WeightDecayOpt = 0.01,
+    max_grad_norm: GradNormOpt = 1.0,
     max_train_examples: Annotated[
         int | None,
         typer.Option(min=1, help="Random subsample of the train split (default: all)."),
@@ -275,12 +277,9 @@ def train_qa_cmd(
         ),
     ] = 2.0,
     lr: Annotated[float, typer.Option(min=1e-9)] = 3e-5,
-    warmup_ratio: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
-    ] = 0.1,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.01,
-    max_grad_norm: Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")] = 1.0,
+    warmup_ratio: WarmupOpt = 0.1,
+    weight_decay: WeightDecayOpt = 0.01,
+    max_grad_norm: GradNormOpt = 1.0,
     negative_ratio: Annotated[
         float,
         typer.Option(min=0.0, max=1.0, help="Fraction of answer-less windows kept for training."),
@@ -441,10 +440,7 @@ def pretrain_cmd(
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per packed row.")] = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(min=1e-9)] = 5e-4,
-    warmup_ratio: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate."),
-    ] = 0.06,
+    warmup_ratio: WarmupOpt = 0.06,
     max_steps: Annotated[
         int, typer.Option(min=0, help="Optimizer steps (the LR schedule).")
     ] = 10000,
