@@ -199,8 +199,11 @@ async def test_panels_of_missing_models_say_so(browser, model_repo, tmp_path):
     repo.mkdir()
     for name in (POS_MODEL, POLARITY_MODEL):
         (repo / name).symlink_to(model_repo / name, target_is_directory=True)
-    async with live_server(make_settings(repo, warmup=False)) as srv:
+    settings = make_settings(repo, warmup=False, explain_max_evals_limit=600)
+    async with live_server(settings) as srv:
         page, page_errors = await open_page(browser, srv.url)
+        # the evaluations inputs take this server's limit (GET /v1/models says it)
+        assert await page.get_attribute("#polarity-evals", "max") == "600"
         for panel in ("#panel-qa", "#panel-detect"):
             assert "unavailable" in (await page.get_attribute(panel, "class") or "")
             line = await page.text_content(f"{panel} [data-model-line]")
@@ -315,7 +318,9 @@ async def test_stale_error_cleared_and_evaluations_bounded(browser, inprocess_se
     page, page_errors = await open_page(browser, inprocess_service.url)
     for evals in ("#detect-evals", "#polarity-evals"):
         assert await page.get_attribute(evals, "min") == "4"
-        assert await page.get_attribute(evals, "max") == "1000"  # the default limit on main
+        assert await page.get_attribute(evals, "max") == str(
+            inprocess_service.settings.explain_max_evals_limit
+        )
     await page.fill("#polarity-text", "   ")
     await page.click("#polarity-form button")
     error = page.locator("#panel-polarity .error")

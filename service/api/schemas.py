@@ -309,5 +309,13 @@ class ModelInfo(BaseModel):
     queue_depth: int = 0
 
 
+class ExplainLimits(BaseModel):
+    max_evals_default: int = Field(description="SHAP evaluations when a request does not say.")
+    max_evals_limit: int = Field(description="Most SHAP evaluations a request may ask for.")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    explain: ExplainLimits = Field(
+        description="This server's limits for /v1/detect/explain and /v1/polarity/explain."
+    )

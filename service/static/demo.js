@@ -326,15 +326,18 @@ wireTokens($("polarity-tokens"));
 // ----------------------------------------------------------------------------- models
 async function loadModels() {
   const status = $("models-status");
-  let models;
+  let models, data;
   try {
-    const data = await api("/v1/models");
+    data = await api("/v1/models");
     models = Array.isArray(data) ? data : data.models || [];
   } catch (e) {
     status.textContent = `Could not list the models: ${e.message}`;
     status.classList.add("error");
     return;
   }
+  // The server's own SHAP budget limit bounds the evaluations inputs (the HTML says 1000).
+  const limit = data && data.explain && data.explain.max_evals_limit;
+  if (limit) for (const id of ["detect-evals", "polarity-evals"]) $(id).max = String(limit);
   const byTask = {};
   for (const m of models) if (m.task && !byTask[m.task]) byTask[m.task] = m;
   for (const panel of document.querySelectorAll(".panel")) {

@@ -28,6 +28,11 @@ async def test_models_lists_what_runs_where(client, service, model_repo):
     assert r.status_code == 200
     models = {m["name"]: m for m in r.json()["models"]}
     assert set(models) == set(service.state.tasks)
+    settings = service.state.settings
+    assert r.json()["explain"] == {
+        "max_evals_default": settings.explain_max_evals_default,
+        "max_evals_limit": settings.explain_max_evals_limit,
+    }
     for name, m in models.items():
         manifest = load_manifest(model_repo / name / "1")
         assert m["version"] == "1" and m["task"] == manifest.task

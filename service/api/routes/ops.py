@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from service.api.deps import ServiceState, clip_name
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, error_response
-from service.api.schemas import ErrorResponse, ModelInfo, ModelsResponse
+from service.api.schemas import ErrorResponse, ExplainLimits, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -52,7 +52,14 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
 )
 async def models(request: Request) -> ModelsResponse:
     state = _state(request)
-    return ModelsResponse(models=[_info(state, n) for n in sorted(state.tasks)])
+    s = state.settings
+    return ModelsResponse(
+        models=[_info(state, n) for n in sorted(state.tasks)],
+        explain=ExplainLimits(
+            max_evals_default=s.explain_max_evals_default,
+            max_evals_limit=s.explain_max_evals_limit,
+        ),
+    )
 
 
 @router.get(
