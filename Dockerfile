@@ -17,15 +17,19 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-RUN pip install .
+# [explain]: shap for /v1/{detect,polarity}/explain (without it they answer 501); no torch.
+RUN pip install ".[explain]"
 
 # ---- cpu: slim runtime, non-root
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --no-create-home nlpserve
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=root:root --chmod=a=rX models /models
+# NUMBA_CACHE_DIR: shap's numba functions cache their compiled code; the venv is read-only
+# to the nlpserve user, who has no home, so numba would find no place and fail the import.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
     NLPSERVE_MODEL_DIR=/models \
     NLPSERVE_HOST=0.0.0.0 \
     NLPSERVE_PORT=8000 \
@@ -51,11 +55,12 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
 # The CPU and GPU wheels both provide the `onnxruntime` module: keep only the GPU one.
-RUN pip install . && pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.31" \
+RUN pip install ".[explain]" && pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.31" \
     && rm -rf /src
 WORKDIR /
 COPY --chown=root:root --chmod=a=rX models /models
 ENV PYTHONUNBUFFERED=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
     NLPSERVE_MODEL_DIR=/models \
     NLPSERVE_HOST=0.0.0.0 \
     NLPSERVE_PORT=8000 \

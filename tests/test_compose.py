@@ -141,6 +141,16 @@ def test_ports_agree(services: dict[str, Any]) -> None:
     assert {str(api_port), str(defaults.metrics_port)} <= exposed
 
 
+def test_gateway_refuses_every_body_the_api_would(services: dict[str, Any]) -> None:
+    """nginx's body limit at most the API's: a body between the two (1m = 1,048,576 against
+    1,000,000) reached a replica, which answered 413 from Content-Length and closed mid-body;
+    nginx counted that as a failed upstream and took every replica out of rotation."""
+    api_limit = int(_env(services["api"]).get("NLPSERVE_MAX_BODY_BYTES", Settings().max_body_bytes))
+    gateway_limit = _env(services["gateway"])["NLPSERVE_MAX_BODY"]
+    assert gateway_limit.isdigit(), f"NLPSERVE_MAX_BODY in bytes, not {gateway_limit!r}"
+    assert int(gateway_limit) <= api_limit
+
+
 def test_health_checks(services: dict[str, Any]) -> None:
     for name in ("gateway", "api", "worker", "worker-gpu", "redis"):
         hc = services[name].get("healthcheck")
@@ -181,6 +191,18 @@ def test_build_targets_exist(services: dict[str, Any]) -> None:
         build = services[svc].get("build")
         if build:
             assert build["target"] in stages, f"{svc}: no Dockerfile stage {build['target']!r}"
+
+
+def test_both_images_can_explain() -> None:
+    """The images installed the service without its explain extra: every /v1/*/explain
+    answered 501 in a container. shap's numba needs a writable cache for a user with no
+    home and a read-only venv."""
+    text = DOCKERFILE.read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)
+    installs = [st for st in stages if re.search(r"pip install \S*\.", st)]
+    assert installs and all('pip install ".[explain]"' in st for st in installs), installs
+    finals = [st for st in stages if st.split()[-1:] and re.search(r"^USER nlpserve", st, re.M)]
+    assert len(finals) == 2 and all("NUMBA_CACHE_DIR=/tmp/" in st for st in finals)
 
 
 def test_mounted_files_exist(services: dict[str, Any]) -> None:

@@ -163,7 +163,7 @@ def topology(model_repo: Path, tmp_path: Path) -> Iterator[Topology]:
             started.append(a)
             apis.append(a)
             # Same server parameters as compose's NLPSERVE_UPSTREAMS.
-            upstreams.append(f"server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;")
+            upstreams.append(f"server 127.0.0.1:{port} max_fails=3 fail_timeout=5s;")
         for a, line in zip(apis, upstreams, strict=True):
             procs.wait_http(a, f"http://{line.split()[1]}/readyz", timeout_s=90)
         for w, m in zip(workers, worker_metrics, strict=True):
@@ -175,7 +175,7 @@ def topology(model_repo: Path, tmp_path: Path) -> Iterator[Topology]:
                 "NLPSERVE_UPSTREAMS": " ".join(upstreams),
                 "NLPSERVE_GATEWAY_PORT": str(gport),
                 "NLPSERVE_RATE_LIMIT": "100000",  # this test is about failover, not limits
-                "NLPSERVE_MAX_BODY": "1m",
+                "NLPSERVE_MAX_BODY": "1000000",
             },
         )
         started.append(nginx)
@@ -308,7 +308,19 @@ def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
             assert r.headers["x-request-id"] == "abc-123"  # kept, and sent back
             minted = c.post("/v1/polarity", json={"text": "x"}).headers.get("x-request-id")
             assert minted and len(minted) == 32  # nginx's $request_id when the client sent none
-            assert c.post("/v1/polarity", content=b"x" * 4096).status_code == 413
+            # What nginx answers itself is in the API's error shape, not an HTML page.
+            r = c.post("/v1/polarity", content=b"x" * 4096)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+            r = c.post("/v1/polarity", json={"text": "x"}, headers={"X-Request-ID": "a b"})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "bad_gateway"
+            # an id the API would refuse is replaced here too, so both sides log the same one
+            assert r.headers["x-request-id"] != "a b" and len(r.headers["x-request-id"]) == 32
+            assert r.headers["retry-after"] == "1" and "nginx/" not in r.headers.get("server", "")
+            r = c.get("/metrics")  # scraped on each replica, not published by the gateway
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
             # 1 r/s with a burst of 200: a quick flood of 260 must see 429s.
-            codes = [c.post("/v1/polarity", json={"text": "x"}).status_code for _ in range(260)]
-            assert codes.count(429) >= 30, codes
+            answers = [c.post("/v1/polarity", json={"text": "x"}) for _ in range(260)]
+            limited = [r for r in answers if r.status_code == 429]
+            assert len(limited) >= 30, [r.status_code for r in answers]
+            assert limited[0].json()["error"]["code"] == "rate_limited"
+            assert limited[0].headers["retry-after"] == "1" and limited[0].headers["x-request-id"]
