@@ -55,6 +55,7 @@ from service.runtime.runner import bucket_edges
 
 log = logging.getLogger(__name__)
 
+NO_WORKER_GRACE_S = 10.0  # no worker counted this long: log it (workers beat every <= 2 s)
 HEALTH_INTERVAL_S = 0.5  # probe period: how fast /readyz notices Redis went away
 # A refused/reset connection is conclusive at once; a slow answer may just be this busy
 # process's event loop lagging, so only this many slow probes in a row count as "down".
@@ -123,6 +124,9 @@ class RedisQueue(InferenceQueue):
         self._closed = False  # the clients are closed: nothing may use them any more
         self._workers_key = workers_key(settings.redis_prefix)
         self.workers_alive: int | None = None  # None until the first health probe
+        self.no_worker_grace_s = NO_WORKER_GRACE_S
+        self._no_workers_since: float | None = None
+        self._warned_no_workers = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
@@ -474,8 +478,20 @@ class RedisQueue(InferenceQueue):
 
     def _count_workers(self, alive: int) -> None:
         # Not a readiness condition: replicas and workers start in any order, and work
-        # queued meanwhile is served when a worker comes (or 504 at its deadline).
-        if alive == 0 and self.workers_alive != 0:
+        # queued meanwhile is served when a worker comes (or 504 at its deadline). The log
+        # line waits NO_WORKER_GRACE_S: at startup and after a Redis restart (P:workers is
+        # gone until the next beats) the count is 0 for a moment while workers are fine.
+        now = time.monotonic()
+        if alive:
+            self._no_workers_since, self._warned_no_workers = None, False
+        elif self._no_workers_since is None:
+            self._no_workers_since = now
+        if (
+            not alive
+            and not self._warned_no_workers
+            and now - self._no_workers_since >= self.no_worker_grace_s
+        ):
+            self._warned_no_workers = True
             log.warning(
                 "no inference worker has beaten in %.0f s: requests wait for one until their "
                 "deadline (start `nlpserve worker`)",
