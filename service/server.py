@@ -40,6 +40,9 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+KEEP_ALIVE_S = 5
+
+
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings),
@@ -52,6 +55,9 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         # A single worker process: the in-process queue and the models live in it.
         workers=1,
         access_log=False,
+        # Idle keep-alive connections close after this; the gateway's upstream keep-alive
+        # (deploy/nginx) must stay below it.
+        timeout_keep_alive=KEEP_ALIVE_S,
         lifespan="on",
         # loop/http "auto": uvloop and httptools (dependencies) when importable.
     )

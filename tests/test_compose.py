@@ -193,6 +193,27 @@ def test_build_targets_exist(services: dict[str, Any]) -> None:
             assert build["target"] in stages, f"{svc}: no Dockerfile stage {build['target']!r}"
 
 
+def test_gateway_drops_idle_connections_before_the_api_does() -> None:
+    """nginx reusing a connection the API is closing is a 502 (and a failure counted against
+    that replica): its upstream keep-alive must end first."""
+    from service.server import KEEP_ALIVE_S
+
+    upstream = re.search(r"^upstream nlpserve_api \{(.*?)^\}", TEMPLATE.read_text(), re.S | re.M)
+    assert upstream is not None
+    found = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
+    assert found and int(found.group(1)) < KEEP_ALIVE_S
+
+
+def test_service_containers_are_locked_down(services: dict[str, Any]) -> None:
+    """Read-only root file system (only /tmp writable: numba's cache), no capabilities, no
+    privilege gain: a compromised replica can change nothing in its container."""
+    for name in NLPSERVE_IMAGE_SERVICES:
+        svc = services[name]
+        assert svc.get("read_only") is True and "/tmp" in svc.get("tmpfs", []), name
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+
+
 def test_both_images_can_explain() -> None:
     """The images installed the service without its explain extra: every /v1/*/explain
     answered 501 in a container. shap's numba needs a writable cache for a user with no
