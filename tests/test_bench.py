@@ -871,3 +871,78 @@ def test_batch_invariance_fp32_exact_int8_measured(model_repo: Path) -> None:
     int8 = measure(version, "int8", texts, batch=3)
     assert int8["requests"] == 5 and set(int8) == set(fp32)
     assert int8["max_abs_diff"] >= int8["median_abs_diff"] >= 0
+
+
+# --------------------------------------------------------------------------- usability
+
+
+def _fake_repo(root: Path) -> Path:
+    """A model repository that passes the command-line checks: pos-en/1 with an fp32 variant."""
+    version = root / "pos-en" / "1"
+    version.mkdir(parents=True)
+    manifest = {"variants": {"fp32": {"file": "model.onnx", "precision": "fp32"}}}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _exits_2(main: object, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``main(argv)``: it must exit with status 2 and no traceback; its error line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)  # type: ignore[operator]
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("tool", ["run", "ab"])
+def test_missing_models_folder_or_model_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tool: str
+) -> None:
+    from bench import ab, run
+
+    main = run.main if tool == "run" else ab.main
+    repo = _fake_repo(tmp_path / "models")
+    line = _exits_2(main, ["--models", str(tmp_path / "nope")], capsys)
+    assert f"--models {tmp_path / 'nope'}: no such folder" in line
+    line = _exits_2(main, ["--models", str(repo), "--model", "nosuch"], capsys)
+    assert str(repo / "nosuch") in line and "models there: pos-en" in line
+
+
+def test_run_refuses_unknown_configs_variants_and_a_missing_data_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything runs or is written: a typo is not an empty report with exit status 0,
+    and a mistyped --data is not a run on the built-in texts."""
+    from bench import run
+
+    common = ["--models", str(_fake_repo(tmp_path / "models")), "--model", "pos-en",
+              "--results-dir", str(tmp_path / "out")]  # fmt: skip
+    line = _exits_2(run.main, [*common, "--configs", "raw,inprocss"], capsys)
+    assert "unknown inprocss" in line and "baseline, raw, inprocess, redis" in line
+    line = _exits_2(run.main, [*common, "--variants", "fp61"], capsys)
+    assert "unknown fp61" in line and "fp32, int8, fp16" in line
+    line = _exits_2(run.main, [*common, "--variants", "fp16", "--configs", "raw"], capsys)
+    assert "has none of them (it has fp32)" in line and "--derive-variants" in line
+    line = _exits_2(run.main, [*common, "--data", str(tmp_path / "nodata")], capsys)
+    assert f"--data {tmp_path / 'nodata'}: no such folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_request_source_says_when_the_built_in_texts_are_used(tmp_path: Path) -> None:
+    from bench.run import _source_of
+
+    assert _source_of("detect", None) == "built-in word list"
+    assert _source_of("detect", tmp_path) == "built-in word list"  # no hc3/en in it
+    (tmp_path / "hc3" / "en").mkdir(parents=True)
+    (tmp_path / "hc3" / "en" / "a.jsonl").write_text("{}\n")
+    assert _source_of("detect", tmp_path) == "HC3 English sentences"
+    assert _source_of("polarity", tmp_path) == "built-in word list"  # never reads --data
+
+
+def test_every_bench_run_option_has_help() -> None:
+    from bench.run import parser
+
+    p = parser()
+    missing = [a.option_strings for a in p._actions if not a.help]
+    assert missing == []
+    assert "(default: 1000)" in p.format_help()  # --requests
