@@ -262,6 +262,7 @@ class Bench:
         self.answers: dict[str, dict[int, Any]] = {}
         self.providers_used: dict[str, str] = {}
         self._loadavg_before = round(os.getloadavg()[0], 2)
+        self.load_waits: list[dict[str, Any]] = []  # _settle's waits, for the notes
         data = args.data  # main() refused a --data folder that does not exist
         if args.requests_file is not None:
             # Pre-generated (bench/gpu_prepare.sh): the data set need not travel with it.
@@ -328,11 +329,29 @@ class Bench:
         return s
 
     def _settle(self) -> None:
-        """Wait (bounded) for the machine to be idle: other jobs skew every number."""
-        deadline = time.monotonic() + self.args.settle_s
-        while time.monotonic() < deadline and os.getloadavg()[0] > self.args.max_load:
-            time.sleep(2.0)
-        self._loadavg_before = round(os.getloadavg()[0], 2)
+        """Wait (bounded) for the machine to be idle: other jobs skew every number. Each wait
+        is said on stderr, with how to skip it, and counted in the report's notes."""
+        max_load, settle_s = self.args.max_load, self.args.settle_s
+        load = os.getloadavg()[0]
+        if load <= max_load or settle_s <= 0:
+            self._loadavg_before = round(load, 2)
+            return
+        print(f"bench: 1-minute load average {load:.2f} is above --max-load {max_load:g}: "
+              f"waiting up to {settle_s:g} s (--settle-s) for it to drop; --settle-s 0 or a "
+              "higher --max-load skips the wait", file=sys.stderr, flush=True)  # fmt: skip
+        t0 = time.monotonic()
+        deadline = t0 + settle_s
+        while (left := deadline - time.monotonic()) > 0 and load > max_load:
+            time.sleep(min(2.0, left))
+            load = os.getloadavg()[0]
+        waited = time.monotonic() - t0
+        if load > max_load:
+            print(f"bench: load average still {load:.2f} after {waited:.0f} s: running anyway",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.load_waits.append(
+            {"waited_s": round(waited, 1), "load_after": round(load, 2), "gave_up": load > max_load}
+        )
+        self._loadavg_before = round(load, 2)
 
     def _serve(self, name: str, env: dict[str, str], started: list[procs.Proc],
                replicas: int = 1) -> list[str]:  # fmt: skip
@@ -528,6 +547,14 @@ class Bench:
         for s in self.summaries:
             if LATENCIES_KEY in s:
                 self.lat[s["name"]] = s.pop(LATENCIES_KEY)
+        if self.load_waits:
+            gave_up = sum(w["gave_up"] for w in self.load_waits)
+            self.notes.append(
+                f"load wait: {len(self.load_waits)} run(s) first waited for the 1-minute load "
+                f"average to drop below --max-load {self.args.max_load:g} "
+                f"({sum(w['waited_s'] for w in self.load_waits):.0f} s in all, at most "
+                f"--settle-s {self.args.settle_s:g} each); {gave_up} ran with it still above."
+            )
         if self.args.rounds > 1:
             self.notes.append(
                 f"{self.args.rounds} rounds: every configuration ran once per round, "

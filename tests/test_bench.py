@@ -550,6 +550,7 @@ def _fake_bench(tmp_path: Path, device: str) -> Bench:
          "latency_ms": lat, "padding_efficiency": 0.5},
     ]  # fmt: skip
     b.lat, b.answers, b.providers_used = {}, {}, {"raw ORT (fp32)": "CUDAExecutionProvider"}
+    b.load_waits = []
     return b
 
 
@@ -937,6 +938,28 @@ def test_request_source_says_when_the_built_in_texts_are_used(tmp_path: Path) ->
     (tmp_path / "hc3" / "en" / "a.jsonl").write_text("{}\n")
     assert _source_of("detect", tmp_path) == "HC3 English sentences"
     assert _source_of("polarity", tmp_path) == "built-in word list"  # never reads --data
+
+
+def test_load_wait_is_said_once_per_wait_and_noted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    b = _fake_bench(tmp_path, "cpu")
+    b.args.max_load, b.args.settle_s = 1e9, 0.2
+    b._settle()  # an idle enough machine: no wait, nothing said
+    assert capsys.readouterr().err == "" and b.load_waits == []
+    b.args = argparse.Namespace(**{**vars(b.args), "max_load": -1.0})  # always above
+    t0 = time.monotonic()
+    b._settle()
+    assert time.monotonic() - t0 < 1.5  # --settle-s bounds it
+    err = capsys.readouterr().err
+    assert err.count("waiting up to 0.2 s") == 1 and "--max-load -1" in err
+    assert "--settle-s 0" in err and "running anyway" in err
+    assert b.load_waits and b.load_waits[0]["gave_up"]
+    doc = json.loads(b.finish(tmp_path / "out", "python -m bench.run")[0].read_text())
+    assert any(n.startswith("load wait: 1 run(s)") and "1 ran with it still above" in n
+               for n in doc["notes"])  # fmt: skip
 
 
 def test_every_bench_run_option_has_help() -> None:
