@@ -413,7 +413,9 @@ class Bench:
                 else "DEQUANTIZED from the int8 ONNX file (no fp32 file or checkpoint here): "
                 "an equivalent model, not the same weights; pass --hf-dir for an exact baseline"
             )
-        self.notes.append(f"baseline weights: {source}; see `answers` for the parity check.")
+        self.notes.append(
+            f"baseline weights: {source}; see Answers (`answers` in the JSON) for the parity check."
+        )
         port = procs.free_port()
         dtype = self.args.baseline_dtype
         argv = [sys.executable, "-m", "bench.baseline_app", "--hf-dir", str(hf),

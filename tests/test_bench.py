@@ -962,6 +962,24 @@ def test_load_wait_is_said_once_per_wait_and_noted(
                for n in doc["notes"])  # fmt: skip
 
 
+def test_markdown_report_has_the_answers_and_the_plot_says_requests(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.report import figure
+
+    b = _fake_bench(tmp_path, "cpu")
+    b.answers = {"raw ORT (fp32)": {0: 0.25, 1: 0.75}, "nlpserve in-process (fp32)": {0: 0.25},
+                 "raw ORT (fp16)": {0: 0.75}}  # fmt: skip
+    paths = b.finish(tmp_path / "out", "python -m bench.run")
+    md = paths[1].read_text()
+    assert "## Answers" in md
+    assert "- nlpserve in-process (fp32) vs raw ORT (fp32): compared 1, " in md
+    assert "label agreement 100.0%" in md
+    assert "compared" in json.dumps(json.loads(paths[0].read_text())["answers"])
+    # throughput_rps is plotted: requests/s (a QA request can be several sequences)
+    fig = figure(b.summaries, {}, "t")
+    assert fig.axes[1].get_ylabel() == "requests / s"
+
+
 def test_every_bench_run_option_has_help() -> None:
     from bench.run import parser
 
