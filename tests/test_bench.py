@@ -987,3 +987,19 @@ def test_every_bench_run_option_has_help() -> None:
     missing = [a.option_strings for a in p._actions if not a.help]
     assert missing == []
     assert "(default: 1000)" in p.format_help()  # --requests
+
+
+def test_builders_main_builds_the_lstm_models_or_says_how(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(procs.REPO_ROOT)}
+    run = [sys.executable, "-m", "tests.builders"]
+    r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=procs.REPO_ROOT,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "usage: python -m tests.builders DIR" in r.stderr
+    r = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, env=env,
+                       cwd=procs.REPO_ROOT, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("pos-en", "polarity-en"):
+        assert (tmp_path / name / "1" / "manifest.json").is_file()
