@@ -43,7 +43,7 @@ from typing import Any
 
 from bench import procs
 from bench.cpu_account import Account, measure, process_cpu, warm_up
-from bench.loadgen import build_requests, metrics_delta, scrape_metrics
+from bench.loadgen import build_requests, metrics_delta, model_folder_problem, scrape_metrics
 from bench.raw_ort import device_providers
 from service.repository import load_manifest
 
@@ -243,15 +243,24 @@ def _env_pairs(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", type=Path, default=Path("models"))
-    p.add_argument("--model", default="detector-en")
+    p = argparse.ArgumentParser(
+        prog="bench.ab",
+        usage="python -m bench.ab [options]  (--help lists them)",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument(
+        "--models", type=Path, default=Path("models"), help="model repository (default: models)"
+    )
+    p.add_argument("--model", default="detector-en", help="default: detector-en")
     p.add_argument("--version", default=None, help="default: the model's highest version")
     p.add_argument("--variant", default=None, help="NLPSERVE_VARIANT for both setups")
-    p.add_argument("--data", type=Path, default=None, help="request texts (else generated)")
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--data", type=Path, default=None, help="data root for the request texts (else built-in)"
+    )
+    p.add_argument("--requests", type=int, default=3000, help="per round (default: 3000)")
+    p.add_argument("--warmup", type=int, default=300, help="per round, unmeasured (default: 300)")
+    p.add_argument("--concurrency", type=int, default=32, help="clients (default: 32)")
     p.add_argument("--rounds", type=int, default=4, help="rounds per setup, alternated")
     p.add_argument("--queue", choices=["inprocess", "redis"], default="inprocess")
     p.add_argument("--near-free", action="store_true", help="serve a copy that costs nothing")
@@ -269,8 +278,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.source is not None and not (s.source / "service" / "cli.py").exists():
             raise SystemExit(f"bench.ab: {s.source} is not an nlpserve source tree")
 
+    # A mistyped path or name: one line and exit status 2, not a traceback.
+    problem = model_folder_problem(args.models, args.model)
+    if problem is not None:
+        p.error(problem)
+    if args.data is not None and not args.data.is_dir():
+        p.error(f"--data {args.data}: no such folder (leave --data out for built-in texts)")
     folder = args.models / args.model
     versions = sorted((d for d in folder.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    if args.version is not None and not (folder / args.version / "manifest.json").is_file():
+        have = ", ".join(d.name for d in versions) or "none"
+        p.error(f"--version {args.version}: no {folder / args.version}/manifest.json "
+                f"(versions there: {have})")  # fmt: skip
+    if args.version is None and not versions:
+        p.error(f"--model {args.model}: no numbered version under {folder}")
     version = folder / args.version if args.version else versions[-1]
     with tempfile.TemporaryDirectory(prefix="nlpserve-ab-") as tmp_name:
         tmp = Path(tmp_name)

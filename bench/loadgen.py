@@ -152,6 +152,23 @@ class TokenCounter:
         return text[:end], keep + 2
 
 
+def model_folder_problem(models_dir: Path, model: str) -> str | None:
+    """Why ``models_dir`` holds no version of ``model`` (``<model>/<version>/manifest.json``),
+    naming what is there instead; None when it holds one. For one-line command-line errors."""
+    if not models_dir.is_dir():
+        where = "" if models_dir.is_absolute() else f" (relative to {Path.cwd()})"
+        return f"--models {models_dir}: no such folder{where}"
+    found = sorted(
+        d.name
+        for d in models_dir.iterdir()
+        if d.is_dir() and any((v / "manifest.json").is_file() for v in d.iterdir())
+    )
+    there = f"models there: {', '.join(found)}" if found else "it holds no <model>/<version>/"
+    if model not in found:
+        return f"--model {model}: no {models_dir / model}/<version>/manifest.json ({there})"
+    return None
+
+
 def _model_files(models_dir: Path | None, model: str) -> tuple[Path | None, int | None]:
     """(tokenizer.json, max_length) of the newest version of ``model``, when present."""
     if models_dir is None or not (models_dir / model).is_dir():

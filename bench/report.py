@@ -146,11 +146,30 @@ def _fmt(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
+def _answers_lines(answers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The parity checks (the JSON's ``answers``), one line each."""
+    out = ["", "## Answers", "",
+           "Each configuration's answers against raw ORT on the same requests (`answers` in "
+           "the JSON file):", ""]  # fmt: skip
+    for name, check in answers.items():
+        parts = []
+        for k, v in check.items():
+            if isinstance(v, float) and ("agreement" in k):
+                parts.append(f"{k.replace('_', ' ')} {v:.1%}")
+            elif isinstance(v, float):
+                parts.append(f"{k.replace('_', ' ')} {v:.3g}")
+            else:
+                parts.append(f"{k.replace('_', ' ')} {v}")
+        out.append(f"- {name}: {', '.join(parts)}")
+    return out
+
+
 def markdown(
     summaries: Sequence[Mapping[str, Any]],
     meta: Mapping[str, Any],
     machine: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    answers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     lines = [f"# nlpserve benchmark: {meta.get('title', meta.get('model', ''))}", ""]
     keys = ("command", "model", "requests", "concurrency", "rate", "lengths", "buckets",
@@ -182,26 +201,26 @@ def markdown(
         )
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    if answers:
+        lines += _answers_lines(answers)
     if machine:
         lines += ["", "## Machine", "", "```json", json.dumps(machine, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
 
-def plot(
-    out_png: Path,
+def figure(
     summaries: Sequence[Mapping[str, Any]],
     lat_by_config: Mapping[str, Sequence[float]],
     title: str = "",
-) -> bool:
-    """Latency CDF per configuration and a throughput bar per configuration."""
-    try:
-        import matplotlib
+) -> Any:
+    """The report's matplotlib figure: latency CDF per configuration and a throughput bar per
+    configuration. Raises ImportError without matplotlib."""
+    import matplotlib
 
-        matplotlib.use("Agg")  # headless: no display on servers/CI
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:  # the `bench` extra is not installed: the JSON/MD still get written
-        return False
+    matplotlib.use("Agg")  # headless: no display on servers/CI
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, lat in lat_by_config.items():
         if not len(lat):
@@ -224,11 +243,27 @@ def plot(
                      fontsize=8)  # fmt: skip
     ax2.set_xticks(range(len(names)))
     ax2.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-    ax2.set_ylabel("sequences / s")
+    # throughput_rps: requests/s (a QA request is one sequence per window, so not sequences/s)
+    ax2.set_ylabel("requests / s")
     ax2.set_title("throughput")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot(
+    out_png: Path,
+    summaries: Sequence[Mapping[str, Any]],
+    lat_by_config: Mapping[str, Sequence[float]],
+    title: str = "",
+) -> bool:
+    """:func:`figure` written to ``out_png``; False without matplotlib."""
+    try:
+        fig = figure(summaries, lat_by_config, title)
+        import matplotlib.pyplot as plt
+    except ImportError:  # the `bench` extra is not installed: the JSON/MD still get written
+        return False
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -251,7 +286,7 @@ def write_reports(
     doc.update(extra or {})
     paths = [out_base.with_suffix(".json"), out_base.with_suffix(".md")]
     paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    paths[1].write_text(markdown(summaries, meta, machine, notes))
+    paths[1].write_text(markdown(summaries, meta, machine, notes, (extra or {}).get("answers")))
     png = out_base.with_suffix(".png")
     if plot(png, summaries, lat_by_config, title=str(meta.get("title", ""))):
         paths.append(png)

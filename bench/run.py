@@ -51,6 +51,7 @@ from bench.loadgen import (
     latencies,
     load_requests,
     metrics_delta,
+    model_folder_problem,
     run_load,
     run_load_procs,
     save_requests,
@@ -61,6 +62,8 @@ from bench.raw_ort import CUDA, device_providers
 from bench.report import machine_description, write_reports
 
 RESULTS_DIR = procs.REPO_ROOT / "bench" / "results"  # committed: the measured numbers
+CONFIGS = ("baseline", "raw", "inprocess", "redis")  # (a)-(d), the names --configs takes
+PRECISIONS = ("fp32", "int8", "fp16")  # a manifest variant's precision is one of these
 
 
 def _latest_version(models_dir: Path, model: str) -> Path:
@@ -259,7 +262,8 @@ class Bench:
         self.answers: dict[str, dict[int, Any]] = {}
         self.providers_used: dict[str, str] = {}
         self._loadavg_before = round(os.getloadavg()[0], 2)
-        data = args.data if args.data and args.data.is_dir() else None
+        self.load_waits: list[dict[str, Any]] = []  # _settle's waits, for the notes
+        data = args.data  # main() refused a --data folder that does not exist
         if args.requests_file is not None:
             # Pre-generated (bench/gpu_prepare.sh): the data set need not travel with it.
             self.specs = load_requests(args.requests_file)[: args.requests]
@@ -269,6 +273,11 @@ class Bench:
                 args.model, args.requests, models_dir=args.models, data_dir=data, seed=args.seed
             )
             self.requests_source = _source_of(self.task, data)
+            if self.requests_source.startswith("built-in"):
+                why = "no --data given" if data is None else f"none of its texts in {data}"
+                self.notes.append(f"request texts: {self.requests_source} ({why}).")
+                print(f"bench: request texts from the {self.requests_source} ({why})",
+                      file=sys.stderr, flush=True)  # fmt: skip
         self.buckets = self._bucket_override(args.buckets)
 
     def _bucket_override(self, spec: str) -> list[int] | None:
@@ -320,11 +329,29 @@ class Bench:
         return s
 
     def _settle(self) -> None:
-        """Wait (bounded) for the machine to be idle: other jobs skew every number."""
-        deadline = time.monotonic() + self.args.settle_s
-        while time.monotonic() < deadline and os.getloadavg()[0] > self.args.max_load:
-            time.sleep(2.0)
-        self._loadavg_before = round(os.getloadavg()[0], 2)
+        """Wait (bounded) for the machine to be idle: other jobs skew every number. Each wait
+        is said on stderr, with how to skip it, and counted in the report's notes."""
+        max_load, settle_s = self.args.max_load, self.args.settle_s
+        load = os.getloadavg()[0]
+        if load <= max_load or settle_s <= 0:
+            self._loadavg_before = round(load, 2)
+            return
+        print(f"bench: 1-minute load average {load:.2f} is above --max-load {max_load:g}: "
+              f"waiting up to {settle_s:g} s (--settle-s) for it to drop; --settle-s 0 or a "
+              "higher --max-load skips the wait", file=sys.stderr, flush=True)  # fmt: skip
+        t0 = time.monotonic()
+        deadline = t0 + settle_s
+        while (left := deadline - time.monotonic()) > 0 and load > max_load:
+            time.sleep(min(2.0, left))
+            load = os.getloadavg()[0]
+        waited = time.monotonic() - t0
+        if load > max_load:
+            print(f"bench: load average still {load:.2f} after {waited:.0f} s: running anyway",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.load_waits.append(
+            {"waited_s": round(waited, 1), "load_after": round(load, 2), "gave_up": load > max_load}
+        )
+        self._loadavg_before = round(load, 2)
 
     def _serve(self, name: str, env: dict[str, str], started: list[procs.Proc],
                replicas: int = 1) -> list[str]:  # fmt: skip
@@ -386,7 +413,9 @@ class Bench:
                 else "DEQUANTIZED from the int8 ONNX file (no fp32 file or checkpoint here): "
                 "an equivalent model, not the same weights; pass --hf-dir for an exact baseline"
             )
-        self.notes.append(f"baseline weights: {source}; see `answers` for the parity check.")
+        self.notes.append(
+            f"baseline weights: {source}; see Answers (`answers` in the JSON) for the parity check."
+        )
         port = procs.free_port()
         dtype = self.args.baseline_dtype
         argv = [sys.executable, "-m", "bench.baseline_app", "--hf-dir", str(hf),
@@ -520,6 +549,14 @@ class Bench:
         for s in self.summaries:
             if LATENCIES_KEY in s:
                 self.lat[s["name"]] = s.pop(LATENCIES_KEY)
+        if self.load_waits:
+            gave_up = sum(w["gave_up"] for w in self.load_waits)
+            self.notes.append(
+                f"load wait: {len(self.load_waits)} run(s) first waited for the 1-minute load "
+                f"average to drop below --max-load {self.args.max_load:g} "
+                f"({sum(w['waited_s'] for w in self.load_waits):.0f} s in all, at most "
+                f"--settle-s {self.args.settle_s:g} each); {gave_up} ran with it still above."
+            )
         if self.args.rounds > 1:
             self.notes.append(
                 f"{self.args.rounds} rounds: every configuration ran once per round, "
@@ -655,7 +692,9 @@ def _source_of(task: str, data: Path | None) -> str:
     if task == "qa":
         have = data is not None and (data / "cmrc2018" / "cmrc2018_dev.json").is_file()
         return "CMRC 2018 dev (question, context) pairs" if have else "built-in Chinese passage"
-    return "HC3 English sentences" if data is not None else "built-in word list"
+    if task == "detect" and data is not None and any((data / "hc3" / "en").glob("*.jsonl")):
+        return "HC3 English sentences"
+    return "built-in word list"  # the detector without HC3; pos and polarity always
 
 
 def _settings_line(device: str) -> str:
@@ -732,13 +771,69 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's help wrapped with its default (when it
+    has one: an unset option's help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default in ("", []):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _check_variants(p: argparse.ArgumentParser, args: argparse.Namespace,
+                    configs: Sequence[str]) -> None:  # fmt: skip
+    """Refuse --variants that name no precision and no variant of the version, or (for the
+    configurations that run per variant) none the version has or --derive-variants makes."""
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    version = _latest_version(args.models, args.model)
+    have = json.loads((version / "manifest.json").read_text())["variants"]
+    names = set(have) | {v.get("precision", k) for k, v in have.items()}
+    unknown = [v for v in wanted if v not in PRECISIONS and v not in names]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(PRECISIONS)} "
+                f"({args.model} v{version.name} has {', '.join(sorted(have))})")  # fmt: skip
+    if not set(configs) & {"raw", "inprocess", "redis"}:
+        return  # the baseline alone runs no variant
+    from bench.variants import DERIVABLE
+
+    runnable = names | (set(DERIVABLE) if args.derive_variants else set())
+    if not wanted:
+        p.error("--variants is empty")
+    if not set(wanted) & runnable:
+        p.error(f"--variants {','.join(wanted)}: {args.model} v{version.name} has none of them "
+                f"(it has {', '.join(sorted(have))}); --derive-variants makes "
+                f"{'/'.join(DERIVABLE)}")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    """bench.run's command line (every option has help; ``--help`` shows the defaults)."""
     shared = procs.REPO_ROOT.parent / "shared" / "data"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", type=Path, default=procs.REPO_ROOT / "models")
-    p.add_argument("--model", default="detector-en")
-    p.add_argument("--data", type=Path, default=shared if shared.is_dir() else None)
-    p.add_argument("--requests", type=int, default=1000)
+    p = argparse.ArgumentParser(
+        prog="bench.run",
+        usage="python -m bench.run [options]  (--help lists them)",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=procs.REPO_ROOT / "models",
+        help="model repository: <model>/<version>/manifest.json (the highest version runs)",
+    )
+    p.add_argument(
+        "--model",
+        default="detector-en",
+        help="the model to benchmark: detector-en, qa-zh, pos-en or polarity-en",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=shared if shared.is_dir() else None,
+        help="data root for the request texts (hc3/en for the detector, cmrc2018 for QA); "
+        "must exist when given; left out, built-in texts (the report says so)",
+    )
+    p.add_argument("--requests", type=int, default=1000, help="measured requests per run")
     p.add_argument(
         "--requests-file",
         type=Path,
@@ -752,8 +847,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="only write the generated requests to FILE (JSON lines) and exit",
     )
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32, help="clients (closed loop)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=64,
+        help="requests sent before each HTTP run, not measured",
+    )
     p.add_argument(
         "--rounds",
         type=int,
@@ -767,14 +867,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="cpu",
         help="cuda: (a) on the GPU, (b)-(d) on ORT's CUDA provider (no fallback)",
     )
-    p.add_argument("--variants", default="fp32,int8", help="those present in the manifest run")
+    p.add_argument(
+        "--variants",
+        default="fp32,int8",
+        help=f"of {', '.join(PRECISIONS)} (or the manifest's variant names): those the version "
+        "has run, the others are noted",
+    )
     p.add_argument(
         "--derive-variants",
         action="store_true",
         help="make requested fp32/fp16 variants the version lacks (bench/variants.py)",
     )
-    p.add_argument("--configs", default="baseline,raw,inprocess,redis")
-    p.add_argument("--hf-dir", type=Path, default=None, help="PyTorch checkpoint for (a)")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="any of baseline (a), raw (b), inprocess (c), redis (d), comma-separated",
+    )
+    p.add_argument(
+        "--hf-dir",
+        type=Path,
+        default=None,
+        help="PyTorch checkpoint for (a) (default: one found under runs/, else the weights "
+        "rebuilt from the ONNX file)",
+    )
     p.add_argument(
         "--baseline-dtype",
         choices=["fp32", "fp16"],
@@ -798,12 +913,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="with --buckets: also run (c) with the manifest's buckets",
     )
-    p.add_argument("--raw-seconds", type=float, default=8.0)
+    p.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=8.0,
+        help="(b): pass over the requests for at least this many seconds per batch size",
+    )
     p.add_argument("--raw-batch-sizes", default="8,16,32", help="(b) reports the best of these")
-    p.add_argument("--max-load", type=float, default=1.0, help="wait for loadavg below this")
-    p.add_argument("--settle-s", type=float, default=60.0, help="...for at most this long")
-    p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--name", default=None, help="results file name (default: timestamped)")
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=1.0,
+        help="before each run, wait while the 1-minute load average is above this (said on "
+        "stderr and in the notes)",
+    )
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=60.0,
+        help="...for at most this many seconds per run (0: never wait)",
+    )
+    p.add_argument("--seed", type=int, default=13, help="seed of the generated requests")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results file name (default: <model>-<device>-<timestamp>)",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument(
         "--serve-env",
@@ -833,21 +968,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="load-generator processes for the measured runs (one Python process tops out "
         "at a few thousand req/s)",
     )
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    args = p.parse_args(argv)  # fmt: skip
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where <name>.json/.md/.png go",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
 
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    # Mistyped inputs: one line and exit status 2 before anything runs, not a traceback, and
+    # not an empty report (a config name) or numbers on other texts (a --data path).
+    problem = model_folder_problem(args.models, args.model)
+    if problem is not None:
+        p.error(problem)
+    if args.data is not None and not args.data.is_dir():
+        p.error(f"--data {args.data}: no such folder (leave --data out for built-in texts)")
     if args.save_requests is not None:
-        data = args.data if args.data and args.data.is_dir() else None
         specs = build_requests(args.model, args.requests, models_dir=args.models,
-                               data_dir=data, seed=args.seed)  # fmt: skip
+                               data_dir=args.data, seed=args.seed)  # fmt: skip
         args.save_requests.parent.mkdir(parents=True, exist_ok=True)
         save_requests(specs, args.save_requests)
         print(f"wrote {len(specs)} {args.model} requests to {args.save_requests}")
         return 0
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        what = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        p.error(f"--configs: {what}; valid: {', '.join(CONFIGS)}")
+    _check_variants(p, args, configs)
     if args.rounds < 1:
-        raise SystemExit("bench: --rounds must be at least 1")
+        p.error("--rounds must be at least 1")
     try:
         check_device(args.device, configs, args.baseline_dtype)
     except DeviceError as e:
@@ -857,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(args, Path(td))
         bench.notes.extend(args.note)
         present = {v.get("precision", k): k for k, v in bench.manifest["variants"].items()}
-        wanted = [v for v in args.variants.split(",") if v.strip()]
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
         variants = [v for v in wanted if v in bench.manifest["variants"] or v in present]
         for v in wanted:
             if v not in variants:

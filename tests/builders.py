@@ -4,6 +4,9 @@
     pos_dir = build_tiny_pos(tmp_path)            # -> tmp_path/"pos-en"/"1"
     pol_dir = build_tiny_polarity(tmp_path)       # -> tmp_path/"polarity-en"/"1"
 
+    python -m tests.builders DIR                  # both, into DIR (the BERT ones:
+                                                  # python -m tests.builders_bert DIR)
+
 Both go through the same code as ``nlpserve train pos|polarity`` (WordEncoder, packed BiLSTM,
 ONNX export, repository writer), on small synthetic corpora generated here. The entries pass
 ``load_manifest`` and the ONNX contract is the real one; the tiny models fit their toy data
@@ -161,3 +164,28 @@ def build_tiny_polarity(
         command="tests.builders.build_tiny_polarity",
         description="TINY TEST MODEL trained on synthetic reviews (tests/builders.py).",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.builders DIR``: build the tiny pos-en and polarity-en into DIR."""
+    import sys
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m tests.builders DIR\n"
+              "  builds the tiny LSTM models DIR/pos-en/1 and DIR/polarity-en/1 "
+              "(the BERT ones: python -m tests.builders_bert DIR)", file=sys.stderr)  # fmt: skip
+        return 2
+    target = Path(args[0])
+    for name, build in (("pos-en", build_tiny_pos), ("polarity-en", build_tiny_polarity)):
+        if (target / name / "1").exists():
+            print(f"{target / name / '1'} already exists: not rebuilt (remove it to rebuild)")
+            continue
+        t = time.time()
+        print(build(target), f"{time.time() - t:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -550,6 +550,7 @@ def _fake_bench(tmp_path: Path, device: str) -> Bench:
          "latency_ms": lat, "padding_efficiency": 0.5},
     ]  # fmt: skip
     b.lat, b.answers, b.providers_used = {}, {}, {"raw ORT (fp32)": "CUDAExecutionProvider"}
+    b.load_waits = []
     return b
 
 
@@ -871,3 +872,134 @@ def test_batch_invariance_fp32_exact_int8_measured(model_repo: Path) -> None:
     int8 = measure(version, "int8", texts, batch=3)
     assert int8["requests"] == 5 and set(int8) == set(fp32)
     assert int8["max_abs_diff"] >= int8["median_abs_diff"] >= 0
+
+
+# --------------------------------------------------------------------------- usability
+
+
+def _fake_repo(root: Path) -> Path:
+    """A model repository that passes the command-line checks: pos-en/1 with an fp32 variant."""
+    version = root / "pos-en" / "1"
+    version.mkdir(parents=True)
+    manifest = {"variants": {"fp32": {"file": "model.onnx", "precision": "fp32"}}}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _exits_2(main: object, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``main(argv)``: it must exit with status 2 and no traceback; its error line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)  # type: ignore[operator]
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("tool", ["run", "ab"])
+def test_missing_models_folder_or_model_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tool: str
+) -> None:
+    from bench import ab, run
+
+    main = run.main if tool == "run" else ab.main
+    repo = _fake_repo(tmp_path / "models")
+    line = _exits_2(main, ["--models", str(tmp_path / "nope")], capsys)
+    assert f"--models {tmp_path / 'nope'}: no such folder" in line
+    line = _exits_2(main, ["--models", str(repo), "--model", "nosuch"], capsys)
+    assert str(repo / "nosuch") in line and "models there: pos-en" in line
+
+
+def test_run_refuses_unknown_configs_variants_and_a_missing_data_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything runs or is written: a typo is not an empty report with exit status 0,
+    and a mistyped --data is not a run on the built-in texts."""
+    from bench import run
+
+    common = ["--models", str(_fake_repo(tmp_path / "models")), "--model", "pos-en",
+              "--results-dir", str(tmp_path / "out")]  # fmt: skip
+    line = _exits_2(run.main, [*common, "--configs", "raw,inprocss"], capsys)
+    assert "unknown inprocss" in line and "baseline, raw, inprocess, redis" in line
+    line = _exits_2(run.main, [*common, "--variants", "fp61"], capsys)
+    assert "unknown fp61" in line and "fp32, int8, fp16" in line
+    line = _exits_2(run.main, [*common, "--variants", "fp16", "--configs", "raw"], capsys)
+    assert "has none of them (it has fp32)" in line and "--derive-variants" in line
+    line = _exits_2(run.main, [*common, "--data", str(tmp_path / "nodata")], capsys)
+    assert f"--data {tmp_path / 'nodata'}: no such folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_request_source_says_when_the_built_in_texts_are_used(tmp_path: Path) -> None:
+    from bench.run import _source_of
+
+    assert _source_of("detect", None) == "built-in word list"
+    assert _source_of("detect", tmp_path) == "built-in word list"  # no hc3/en in it
+    (tmp_path / "hc3" / "en").mkdir(parents=True)
+    (tmp_path / "hc3" / "en" / "a.jsonl").write_text("{}\n")
+    assert _source_of("detect", tmp_path) == "HC3 English sentences"
+    assert _source_of("polarity", tmp_path) == "built-in word list"  # never reads --data
+
+
+def test_load_wait_is_said_once_per_wait_and_noted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    b = _fake_bench(tmp_path, "cpu")
+    b.args.max_load, b.args.settle_s = 1e9, 0.2
+    b._settle()  # an idle enough machine: no wait, nothing said
+    assert capsys.readouterr().err == "" and b.load_waits == []
+    b.args = argparse.Namespace(**{**vars(b.args), "max_load": -1.0})  # always above
+    t0 = time.monotonic()
+    b._settle()
+    assert time.monotonic() - t0 < 1.5  # --settle-s bounds it
+    err = capsys.readouterr().err
+    assert err.count("waiting up to 0.2 s") == 1 and "--max-load -1" in err
+    assert "--settle-s 0" in err and "running anyway" in err
+    assert b.load_waits and b.load_waits[0]["gave_up"]
+    doc = json.loads(b.finish(tmp_path / "out", "python -m bench.run")[0].read_text())
+    assert any(n.startswith("load wait: 1 run(s)") and "1 ran with it still above" in n
+               for n in doc["notes"])  # fmt: skip
+
+
+def test_markdown_report_has_the_answers_and_the_plot_says_requests(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.report import figure
+
+    b = _fake_bench(tmp_path, "cpu")
+    b.answers = {"raw ORT (fp32)": {0: 0.25, 1: 0.75}, "nlpserve in-process (fp32)": {0: 0.25},
+                 "raw ORT (fp16)": {0: 0.75}}  # fmt: skip
+    paths = b.finish(tmp_path / "out", "python -m bench.run")
+    md = paths[1].read_text()
+    assert "## Answers" in md
+    assert "- nlpserve in-process (fp32) vs raw ORT (fp32): compared 1, " in md
+    assert "label agreement 100.0%" in md
+    assert "compared" in json.dumps(json.loads(paths[0].read_text())["answers"])
+    # throughput_rps is plotted: requests/s (a QA request can be several sequences)
+    fig = figure(b.summaries, {}, "t")
+    assert fig.axes[1].get_ylabel() == "requests / s"
+
+
+def test_every_bench_run_option_has_help() -> None:
+    from bench.run import parser
+
+    p = parser()
+    missing = [a.option_strings for a in p._actions if not a.help]
+    assert missing == []
+    assert "(default: 1000)" in p.format_help()  # --requests
+
+
+def test_builders_main_builds_the_lstm_models_or_says_how(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(procs.REPO_ROOT)}
+    run = [sys.executable, "-m", "tests.builders"]
+    r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=procs.REPO_ROOT,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "usage: python -m tests.builders DIR" in r.stderr
+    r = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, env=env,
+                       cwd=procs.REPO_ROOT, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("pos-en", "polarity-en"):
+        assert (tmp_path / name / "1" / "manifest.json").is_file()
