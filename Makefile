@@ -170,4 +170,4 @@ e2e: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench.run --models $(MODELS) --data $(DATA) $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --models $(MODELS) $(if $(wildcard $(DATA)),--data $(DATA)) $(BENCH_ARGS)
