@@ -203,3 +203,16 @@ async def test_cancelled_request_stops_its_thread():
     assert model.calls == calls and model.calls < 100
     assert not svc._inflight
     svc.close()
+
+
+async def test_a_deadline_spent_waiting_for_a_slot_is_said_so():
+    """The 504 said "684 of 1000 evaluations done in 21.6 s" after 30 s: the rest was the
+    wait for a free explanation slot, which the message now names."""
+    svc = make_service(FakeModel(delay_s=0.05), batch_size=2, concurrency=1)
+    text = "good great bad not good great"
+    first = asyncio.create_task(svc.explain("toy", text, 400, deadline()))
+    await asyncio.sleep(0.05)  # the first holds the only slot
+    with pytest.raises(DeadlineExceededError, match="waiting for a free explanation slot"):
+        await svc.explain("toy", "bad bad not great", 400, deadline(0.6))
+    await first
+    svc.close()

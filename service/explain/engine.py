@@ -227,12 +227,13 @@ class ExplainService:
     async def _compute(
         self, ex: ModelExplainer, text: str, max_evals: int, deadline: float
     ) -> Explanation:
+        asked = time.perf_counter()
         await self.warm_up()
         loop = asyncio.get_running_loop()
         cancel = _Cancel()
         job = loop.run_in_executor(
             self._executor, _explain_sync, ex, text, max_evals, self.batch_size, deadline, loop,
-            cancel,
+            cancel, asked,
         )  # fmt: skip
         # A job abandoned by a cancelled request still ends (with an error): consume it.
         job.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -282,11 +283,15 @@ def _explain_sync(
     deadline: float,
     loop: asyncio.AbstractEventLoop,
     cancel: _Cancel,
+    asked: float | None = None,
 ) -> Explanation:
-    """Runs in a worker thread: SHAP drives, every model call is bridged to the event loop."""
+    """Runs in a worker thread: SHAP drives, every model call is bridged to the event loop.
+    ``asked``: perf_counter() when the explanation was asked for (the wait for a free slot
+    and shap's start-up come before this thread runs)."""
     import shap
 
     t0 = time.perf_counter()
+    waited = t0 - asked if asked is not None else 0.0
     offsets = ex.segmenter.offsets(text)
     text, truncated = cut_to_tokens(text, offsets, ex.max_tokens)
     offsets = offsets[: ex.max_tokens]
@@ -297,10 +302,16 @@ def _explain_sync(
     full_output: float | None = None  # the model's output for it, as SHAP evaluated it
 
     def out_of_time() -> DeadlineExceededError:
+        before = (
+            f", after {waited:.1f} s waiting for a free explanation slot (NLPSERVE_EXPLAIN_"
+            "CONCURRENCY) and shap's start-up"
+            if waited >= 0.5
+            else ""
+        )
         return DeadlineExceededError(
             f"the explanation did not finish before its deadline: {n_evals} of {max_evals} "
-            f"model evaluations done in {time.perf_counter() - t0:.1f} s; ask for a smaller "
-            "max_evals (or send a shorter text)"
+            f"model evaluations done in {time.perf_counter() - t0:.1f} s{before}; ask for a "
+            "smaller max_evals (or send a shorter text)"
         )
 
     def model_fn(batch: Sequence[Any]) -> np.ndarray:
