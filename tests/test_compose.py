@@ -253,6 +253,50 @@ def test_prometheus_scrapes_the_metrics_ports(services: dict[str, Any]) -> None:
     assert ports["nlpserve-worker"] == Settings().metrics_port
 
 
+def _exposed_series() -> set[str]:
+    """Every series name an API replica or a worker can expose (counters with _total,
+    histograms with _bucket/_count/_sum)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import Metrics, WorkerMetrics
+
+    api = Metrics()
+    api.workers_alive()  # created on first use, in Redis mode
+    worker = CollectorRegistry()
+    WorkerMetrics(worker, in_hand=lambda: 0, connected=lambda: True)
+    names: set[str] = set()
+    for registry in (api.registry, worker):
+        for family in registry.collect():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+            names.update(family.name + s for s in suffixes.get(family.type, [""]))
+    return names
+
+
+def test_alert_rules_are_loaded_and_name_real_series(services: dict[str, Any]) -> None:
+    """deploy/prometheus/alerts.yml: mounted, listed in prometheus.yml, every rule complete,
+    and every nlpserve_* series it names is one the service exposes (a renamed metric would
+    leave an alert that never fires)."""
+    folder = ROOT / "deploy" / "prometheus"
+    prom = yaml.safe_load((folder / "prometheus.yml").read_text())
+    assert "/etc/prometheus/alerts.yml" in prom["rule_files"]
+    mounts = services["prometheus"]["volumes"]
+    assert any(
+        m.startswith("./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml") for m in mounts
+    )
+    rules = [
+        r for g in yaml.safe_load((folder / "alerts.yml").read_text())["groups"] for r in g["rules"]
+    ]
+    assert len(rules) >= 10
+    exposed = _exposed_series()
+    import promql_parser
+
+    for rule in rules:
+        promql_parser.parse(rule["expr"])  # ValueError on a PromQL syntax error
+        assert rule["alert"] and rule["labels"]["severity"] and rule["annotations"]["summary"]
+        named = set(re.findall(r"\bnlpserve_[a-z_]+", rule["expr"]))
+        assert named <= exposed, (rule["alert"], named - exposed)
+
+
 def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Path) -> None:
     """Render the template the way the nginx image does and let nginx itself check it."""
     env = _env(services["gateway"])
