@@ -216,6 +216,14 @@ class Settings(BaseSettings):
         description="A pending entry idle this long (its worker died) is reclaimed by another "
         "worker (XPENDING IDLE, then XCLAIM).",
     )
+    redis_no_worker_fail_s: float | None = Field(
+        None,
+        ge=0,
+        description="Redis mode, API replicas: once no inference worker has been alive this "
+        "many seconds, answer new requests 503 no_workers at once (and /readyz 503) instead "
+        "of queueing them until their deadline. Unset: queue them (replicas and workers "
+        "start in any order; a worker that comes serves the backlog).",
+    )
     redis_max_attempts: int = Field(
         3,
         description="Deliveries of an entry before it goes to the dead-letter stream and its "

@@ -62,6 +62,12 @@ class InferenceFailedError(QueueError):
     code = "inference_failed"
 
 
+class NoWorkersError(BackendUnavailableError):
+    """Redis mode with NLPSERVE_REDIS_NO_WORKER_FAIL_S: no inference worker alive (503)."""
+
+    code = "no_workers"
+
+
 class InferenceQueue(abc.ABC):
     """Accepts tokenized sequences and resolves each with its model outputs.
 
@@ -71,6 +77,10 @@ class InferenceQueue(abc.ABC):
 
     # Live inference workers elsewhere (Redis mode); None: this process runs the models.
     workers_alive: int | None = None
+
+    def no_workers_refusal(self) -> str | None:
+        """Why new work is refused for want of a worker (Redis mode, opt-in), else None."""
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -35,6 +35,7 @@ from service.queueing.base import (
     DeadlineExceededError,
     InferenceFailedError,
     InferenceQueue,
+    NoWorkersError,
     QueueFullError,
     results_of,
 )
@@ -210,6 +211,8 @@ class RedisQueue(InferenceQueue):
             raise BackendUnavailableError("the service is shutting down")
         if not self._ready:
             raise BackendUnavailableError("the queue backend (Redis) is unreachable")
+        if (why := self.no_workers_refusal()) is not None:
+            raise NoWorkersError(why)
         by_model: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             if it.model not in self._streams:
@@ -475,6 +478,18 @@ class RedisQueue(InferenceQueue):
             k += len(streams)
             self._depth[model] = sum(int(n) for n in lens)
             self._record_depth(model, streams, lens)
+
+    def no_workers_refusal(self) -> str | None:
+        limit = self.settings.redis_no_worker_fail_s
+        if limit is None or self._no_workers_since is None:
+            return None
+        gone = time.monotonic() - self._no_workers_since
+        if gone < limit:
+            return None
+        return (
+            f"no inference worker has been alive for {gone:.0f} s (NLPSERVE_REDIS_NO_WORKER_"
+            "FAIL_S): not queued; retry when workers are back"
+        )
 
     def _count_workers(self, alive: int) -> None:
         # Not a readiness condition: replicas and workers start in any order, and work

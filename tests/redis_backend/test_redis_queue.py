@@ -24,6 +24,7 @@ from service.queueing import (
     QueueFullError,
     codec,
 )
+from service.queueing.base import NoWorkersError
 from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
@@ -184,6 +185,45 @@ async def test_replicas_count_the_workers_alive(make_settings, tiny_runners, cap
             await wait_for(lambda: q.workers_alive == 2)
             assert metric_value(metrics.render().decode(), "nlpserve_workers_alive") == 2
         await wait_for(lambda: q.workers_alive == 0)  # a worker that stops leaves the set
+
+
+async def test_no_worker_fail_fast_refuses_at_once_and_recovers(make_settings, tiny_runners):
+    """NLPSERVE_REDIS_NO_WORKER_FAIL_S: with no worker alive, a request is refused at once
+    (503 no_workers) instead of waiting for its deadline; once a worker beats, it is served.
+    Unset (the default), requests are queued for a worker to come."""
+    settings = make_settings(redis_no_worker_fail_s=0.0)
+    rng = np.random.default_rng(3)
+    runner = tiny_runners[POS]
+    async with api_queue(settings, tiny_runners) as q:
+        await wait_for(lambda: q.workers_alive == 0)
+        t0 = time.monotonic()
+        with pytest.raises(NoWorkersError, match="no inference worker has been alive") as e:
+            await q.submit(make_item(runner, 5, rng))
+        assert time.monotonic() - t0 < 1.0 and e.value.status_code == 503
+        assert q.depth(POS) == 0  # nothing was queued
+        async with running_worker(settings, tiny_runners):
+            await wait_for(lambda: q.workers_alive == 1)
+            assert q.no_workers_refusal() is None
+            out = await q.submit(make_item(runner, 5, rng))
+            assert out and all(isinstance(v, np.ndarray) for v in out.values())
+    async with api_queue(make_settings(), tiny_runners) as q:
+        await wait_for(lambda: q.workers_alive == 0)
+        assert q.no_workers_refusal() is None  # the default: queue and wait
+
+
+async def test_no_worker_fail_fast_over_http(make_settings) -> None:
+    """The same through a replica: /readyz and a prediction answer 503 no_workers, with
+    Retry-After, while no worker is alive."""
+    from tests.service_support import live_server
+
+    async with live_server(make_settings(redis_no_worker_fail_s=0.0)) as srv:
+        async with srv.client() as c:
+            await wait_for(lambda: srv.state.queue.workers_alive == 0)
+            ready = await c.get("/readyz")
+            r = await c.post("/v1/pos", json={"text": "a short test"})
+        for answer in (ready, r):
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+            assert answer.json()["error"]["code"] == "no_workers"
 
 
 async def _beating(r, key: str, names: set[str]) -> bool:

@@ -104,7 +104,8 @@ async def healthz() -> dict[str, str]:
         503: {
             "model": ErrorResponse,
             "description": "Not ready: starting, no models, or the "
-            "queue is unreachable (`not_ready`, `no_models`, `queue_unavailable`).",
+            "queue is unreachable, or no worker with NLPSERVE_REDIS_NO_WORKER_FAIL_S "
+            "(`not_ready`, `no_models`, `queue_unavailable`, `no_workers`).",
         }
     },
 )
@@ -119,6 +120,8 @@ async def readyz(request: Request) -> JSONResponse:
     if not await state.queue.is_ready():
         msg = "the inference queue is not accepting work"
         return error_response(503, "queue_unavailable", msg, {"Retry-After": "1"})
+    if (why := state.queue.no_workers_refusal()) is not None:
+        return error_response(503, "no_workers", why, {"Retry-After": "1"})
     body: dict[str, object] = {"status": "ready", "models": sorted(state.tasks)}
     if state.queue.workers_alive is not None:  # Redis mode: informative, not a condition
         body["workers"] = state.queue.workers_alive
