@@ -436,6 +436,26 @@ def test_command_line_names_the_program_when_run_as_a_module():
     assert command_line(["/venv/bin/nlpserve", "serve"]) == "nlpserve serve"
 
 
+def test_the_recorded_command_names_the_data_a_setting_gave(tmp_path, monkeypatch):
+    """With --data left out the run read NLPSERVE_DATA_DIR, and the manifest's command did
+    not say where the data was: run as written elsewhere, it read other data or none."""
+    from training.lstm.commands import recorded_command
+    from training.repository import command_line
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared").mkdir()
+    monkeypatch.setattr("sys.argv", ["/venv/bin/nlpserve", "train", "pos", "--epochs", "1"])
+    assert recorded_command(None, tmp_path / "shared") == (
+        "nlpserve train pos --epochs 1 --data shared"
+    )
+    given = ["/venv/bin/nlpserve", "train", "pos", "--data=shared"]
+    monkeypatch.setattr("sys.argv", given)
+    assert recorded_command(tmp_path / "shared", tmp_path / "shared") == command_line(given)
+    assert (
+        command_line(given, implied={"--data": "elsewhere"}) == "nlpserve train pos --data=shared"
+    )
+
+
 def _source_bert(folder: Path) -> dict[str, int]:
     """A tiny 'English' BERT checkpoint (encoder + WordPiece vocab) to transplant from."""
     from transformers import BertConfig, BertModel

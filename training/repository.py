@@ -116,16 +116,23 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
+def command_line(
+    argv: Sequence[str] | None = None, implied: Mapping[str, str | Path] | None = None
+) -> str:
     """The command that produced an entry, free of this machine's absolute paths.
 
     The program is recorded by name (``nlpserve``, not a venv path) and absolute path
     arguments relative to the working directory (e.g. ``../shared/data``), so a manifest
-    says how to reproduce it from the repository root on any machine.
+    says how to reproduce it from the repository root on any machine. ``implied``: options
+    the run took from elsewhere (``--data`` from NLPSERVE_DATA_DIR), recorded when the
+    command line lacks them.
     """
     args = list(sys.argv if argv is None else argv)
     if not args:
         return ""
+    for flag, value in (implied or {}).items():
+        if not any(a == flag or a.startswith(flag + "=") for a in args[1:]):
+            args += [flag, str(value)]
 
     def portable(arg: str) -> str:
         flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)

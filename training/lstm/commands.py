@@ -59,6 +59,14 @@ OverwriteOpt = Annotated[
 ]
 
 
+def recorded_command(data: Path | None, root: Path) -> str:
+    """The command line a manifest records, with ``--data`` even where the run took it from
+    NLPSERVE_DATA_DIR (the command must reproduce the run as written)."""
+    from training.repository import command_line
+
+    return command_line(implied={"--data": root.resolve()} if data is None else None)
+
+
 def resolve_data(data: Path | None) -> Path:
     """``--data`` or the NLPSERVE_DATA_DIR setting; a clear error when it does not exist."""
     from service.config import Settings
@@ -189,7 +197,8 @@ def train_pos(
     )
     try:
         corpus = load_pos_corpus(path, cfg.dataset, cfg.tag_field)
-        folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
+        folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite,
+                         command=recorded_command(data, path))  # fmt: skip
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     except ParityError as e:
@@ -271,7 +280,10 @@ def train_polarity(
     )
     try:
         corpus = load_polarity(path)
-        folder = run_polarity(corpus, out, cfg, name=name, version=version, overwrite=overwrite)
+        folder = run_polarity(
+            corpus, out, cfg, name=name, version=version, overwrite=overwrite,
+            command=recorded_command(data, path),
+        )  # fmt: skip
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     except ParityError as e:

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.data.common import DataError
-from training.lstm.commands import Device, check_output, resolve_data
-from training.repository import command_line
+from training.lstm.commands import Device, check_output, recorded_command, resolve_data
 
 if TYPE_CHECKING:
     from training.cli import Evaluator
@@ -237,7 +236,7 @@ def train_detector_cmd(
             work_dir=work,
             data_files=data_checksums(files, root),
             load_stats=stats.as_dict(),
-            command=command_line(),
+            command=recorded_command(data, root),
             variants=_variants(variants),
             overwrite=overwrite,
         )
@@ -413,7 +412,7 @@ def train_qa_cmd(
             work_dir=work,
             data_files=data_checksums([tr_path, ev_path], root),
             load_stats=load_stats,
-            command=command_line(),
+            command=recorded_command(data, root),
             variants=_variants(variants),
             overwrite=overwrite,
             model=model,
@@ -517,7 +516,7 @@ def pretrain_cmd(
                          "files": [_corpus_name(f, root) for f in stats.files]}  # fmt: skip
     if summary["init"]:  # the name given, not this machine's path
         summary["init"]["source"] = summary["config"]["init_from"] = init_name
-    summary["command"] = command_line()
+    summary["command"] = recorded_command(data, root)
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     typer.echo(json.dumps(summary, indent=2))
 
