@@ -103,11 +103,11 @@ $(BIN)/.bases: $(BIN)/.installed
 
 models-detector: $(BIN)/.bases
 	$(BIN)/nlpserve train detector $(BERT_COMMON) --threads $(BERT_THREADS) \
-		--out $(BERT_RUNS)/models --overwrite \
+		--out $(BERT_RUNS)/models --version 1 --overwrite \
 		--name detector-en-stage1 --variants fp32 --work-dir $(BERT_RUNS)/detector-en-stage1 \
 		$(DETECTOR_ARGS) $(DETECTOR_STAGE1_ARGS)
 	$(BIN)/nlpserve train detector $(BERT_COMMON) --threads $(BERT_THREADS) \
-		--out $(BERT_RUNS)/models --overwrite \
+		--out $(BERT_RUNS)/models --version 1 --overwrite \
 		--base-model $(BERT_RUNS)/detector-en-stage1/best --work-dir $(BERT_RUNS)/detector-en \
 		$(DETECTOR_ARGS) $(DETECTOR_STAGE2_ARGS)
 	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/detector-en/1 \
@@ -127,21 +127,21 @@ pretrain-zh: $(BIN)/.bases
 qa-zh-pretrained: pretrain-zh
 	$(BIN)/nlpserve train qa $(BERT_COMMON) --threads $(BERT_THREADS) \
 		--base-model $(ZH_BASE) \
-		--out $(BERT_RUNS)/models --overwrite --work-dir $(BERT_RUNS)/qa-zh $(QA_ARGS) \
+		--out $(BERT_RUNS)/models --version 1 --overwrite --work-dir $(BERT_RUNS)/qa-zh $(QA_ARGS) \
 		$(QA_PRETRAINED_ARGS)
 	$(BIN)/nlpserve train qa $(BERT_COMMON) --threads $(BERT_THREADS) \
 		--base-model $(BERT_RUNS)/qa-zh/best \
-		--out $(BERT_RUNS)/models2 --overwrite --work-dir $(BERT_RUNS)/qa-zh-r2 $(QA_ARGS) \
+		--out $(BERT_RUNS)/models2 --version 1 --overwrite --work-dir $(BERT_RUNS)/qa-zh-r2 $(QA_ARGS) \
 		$(QA_PRETRAINED_R2_ARGS)
 
 qa-zh-scratch: zh-init
 	$(BIN)/nlpserve train qa $(BERT_COMMON) --threads $(BERT_THREADS) \
 		--base-model $(ZH_INIT) --random-init \
-		--name qa-zh-scratch --variants fp32 --out $(BERT_RUNS)/models --overwrite \
+		--name qa-zh-scratch --variants fp32 --out $(BERT_RUNS)/models --version 1 --overwrite \
 		--work-dir $(BERT_RUNS)/qa-zh-scratch $(QA_ARGS) $(QA_SCRATCH_ARGS)
 	$(BIN)/nlpserve train qa $(BERT_COMMON) --threads $(BERT_THREADS) \
 		--base-model $(BERT_RUNS)/qa-zh-scratch/best \
-		--name qa-zh-scratch --variants fp32 --out $(BERT_RUNS)/models2 --overwrite \
+		--name qa-zh-scratch --variants fp32 --out $(BERT_RUNS)/models2 --version 1 --overwrite \
 		--work-dir $(BERT_RUNS)/qa-zh-scratch-r2 $(QA_ARGS) $(QA_SCRATCH_R2_ARGS)
 
 models-qa: qa-zh-pretrained qa-zh-scratch

@@ -190,8 +190,11 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     res = runner.invoke(app, [*args, "--random-init", "--version", "2"])
     assert res.exit_code == 0, res.output
     assert load_manifest(tmp_path / "models" / "qa-zh" / "2").hyperparameters["random_init"]
-    # refuses to overwrite an existing version
+    # without --version: the next one (the recorded command reruns as written)
     res = runner.invoke(app, args)
+    assert res.exit_code == 0 and (tmp_path / "models" / "qa-zh" / "3").is_dir(), res.output
+    # refuses to overwrite an existing version
+    res = runner.invoke(app, [*args, "--version", "1"])
     assert res.exit_code == 2 and "already exists" in res.output, res.output
 
 

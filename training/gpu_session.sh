@@ -116,12 +116,12 @@ torch.cuda.is_available(), "transformers", transformers.__version__)'
   local budget=(--time-budget-minutes "$QA_MINUTES" --max-minutes "$(awk "BEGIN {print $QA_MINUTES + 0.5}")")
   # shellcheck disable=SC2086
   "${nlp[@]}" train qa "${common[@]}" --base-model runs/zh-bert --skip-test --variants fp32 \
-    --out runs/models --overwrite --work-dir runs/qa-zh --log-file runs/qa.log \
+    --out runs/models --version 1 --overwrite --work-dir runs/qa-zh --log-file runs/qa.log \
     $QA_SHAPE_ARGS $QA_ARGS $QA_PRETRAINED_ARGS "${budget[@]}" > "$W/qa.out" 2>&1 &
   local pre=$!
   # shellcheck disable=SC2086
   "${nlp[@]}" train qa "${common[@]}" --base-model runs/zh-bert --random-init \
-    --name qa-zh-scratch --skip-test --variants fp32 --out runs/models --overwrite \
+    --name qa-zh-scratch --skip-test --variants fp32 --out runs/models --version 1 --overwrite \
     --work-dir runs/qa-zh-scratch --log-file runs/qa-scratch.log \
     $QA_SHAPE_ARGS $QA_ARGS $QA_SCRATCH_ARGS "${budget[@]}" > "$W/qa-scratch.out" 2>&1 &
   local scratch=$!
@@ -166,7 +166,7 @@ finish() {
     [ "$n" = qa-zh-scratch ] && v=(--variants fp32)
     # shellcheck disable=SC2086
     "$bin/nlpserve" train qa --data "$data" --seed "$SEED" --device cpu --threads 1 \
-      --base-model "$r/$n" --name "$n" --epochs 0 "${v[@]}" --out "$r/scored" --overwrite \
+      --base-model "$r/$n" --name "$n" --epochs 0 "${v[@]}" --out "$r/scored" --version 1 --overwrite \
       --work-dir "$r/$n-score" --log-file "$r/$n-score.log" $QA_SHAPE_ARGS ${QA_SCORE_ARGS:-} &
     pids+=($!)
   done

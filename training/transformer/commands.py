@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.data.common import DataError
-from training.lstm.commands import Device, check_output, recorded_command, resolve_data
+from training.lstm.commands import (
+    Device,
+    VersionOpt,
+    check_output,
+    recorded_command,
+    resolve_data,
+)
 
 if TYPE_CHECKING:
     from training.cli import Evaluator
@@ -24,7 +30,6 @@ DataOpt = Annotated[
     Path | None, typer.Option("--data", help="Data root (default: NLPSERVE_DATA_DIR setting).")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
-VersionOpt = Annotated[str, typer.Option(help="Version folder name.")]
 AMP_HELP = (
     "Mixed precision: autocast bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX)."
 )
@@ -147,7 +152,7 @@ def train_detector_cmd(
     data: DataOpt = None,
     out: OutOpt = Path("models"),
     name: Annotated[str, typer.Option(help="Model name.")] = "detector-en",
-    version: VersionOpt = "1",
+    version: VersionOpt = None,
     lang: Annotated[str, typer.Option(help="HC3 language folder: en or zh.")] = "en",
     base_model: BaseOpt = None,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per text (head kept).")] = 256,
@@ -191,7 +196,8 @@ def train_detector_cmd(
     from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.detector import DetectorConfig, train_detector
 
-    folder = out / name / check_output(out, name, version, overwrite)
+    version = check_output(out, name, version, overwrite)
+    folder = out / name / version
     root = resolve_data(data)
     base = base_model or (default_english_base() if lang == "en" else None)
     if not base:
@@ -249,7 +255,7 @@ def train_qa_cmd(
     data: DataOpt = None,
     out: OutOpt = Path("models"),
     name: Annotated[str, typer.Option(help="Model name.")] = "qa-zh",
-    version: VersionOpt = "1",
+    version: VersionOpt = None,
     train_file: Annotated[
         str, typer.Option(help="SQuAD-v1 train file, relative to the data root.")
     ] = "cmrc2018/cmrc2018_train.json",
@@ -344,7 +350,8 @@ def train_qa_cmd(
         )
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
-    folder = out / name / check_output(out, name, version, overwrite)
+    version = check_output(out, name, version, overwrite)
+    folder = out / name / version
     check_base_model(base_model, weights=not random_init)
     work = _work_dir(work_dir, name, base_model)
     if epochs == 0:
