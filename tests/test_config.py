@@ -167,3 +167,16 @@ def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "invalid setting: NLPSERVE_MAX_WAIT_MS: Input should be greater" in proc.stderr
+
+
+def test_every_setting_is_documented():
+    """Each setting is in README.md or docs/*.md, as NLPSERVE_<NAME> or, in the settings
+    tables that drop the prefix, as `<NAME>` (a new setting nobody can find is no setting)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = "".join(p.read_text("utf-8") for p in [root / "README.md", *root.glob("docs/*.md")])
+    named = set(re.findall(r"NLPSERVE_([A-Z0-9_]+)", docs))
+    named |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", docs))
+    assert [n.upper() for n in Settings.model_fields if n.upper() not in named] == []
