@@ -371,7 +371,7 @@ def test_cli_on_a_missing_or_empty_repository_says_so_in_one_line(tmp_path):
 def test_model_names_and_versions_are_one_plain_folder(bad):
     """`--name ../../x` wrote a model outside the repository."""
     from service.repository.manifest import check_path_component
-    from training.transformer.common import version_folder
+    from training.repository import version_folder
 
     with pytest.raises(ValueError, match="one folder name"):
         check_path_component("name", bad)

@@ -442,7 +442,7 @@ def test_command_line_names_the_program_when_run_as_a_module():
 def test_the_recorded_command_names_the_data_a_setting_gave(tmp_path, monkeypatch):
     """With --data left out the run read NLPSERVE_DATA_DIR, and the manifest's command did
     not say where the data was: run as written elsewhere, it read other data or none."""
-    from training.lstm.commands import recorded_command
+    from training.options import recorded_command
     from training.repository import command_line
 
     monkeypatch.chdir(tmp_path)

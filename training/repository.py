@@ -52,6 +52,13 @@ def next_version(root: Path | str, name: str) -> str:
     return str(max(versions, default=0) + 1)
 
 
+def version_folder(out: Path, name: str, version: str) -> Path:
+    """``out/name/version``, once both are checked to be one plain folder name each."""
+    check_path_component("name", name)
+    check_path_component("version", version)
+    return Path(out) / name / version
+
+
 def check_new_version(final: Path, overwrite: bool = False) -> Path:
     """``final`` (a version folder) may be written: it does not exist yet, or ``overwrite``."""
     final = Path(final)

@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.data.common import DataError
-from training.lstm.commands import (
+from training.options import (
     Device,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
+    ThreadsOpt,
     VersionOpt,
     check_output,
     recorded_command,
@@ -29,20 +33,14 @@ log = logging.getLogger("nlpserve.transformer")
 DataOpt = Annotated[
     Path | None, typer.Option("--data", help="Data root (default: NLPSERVE_DATA_DIR setting).")
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
 AMP_HELP = (
     "Mixed precision: autocast bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16, AMX)."
 )
-SeedOpt = Annotated[int, typer.Option(help="Seed for the split, sampling and training.")]
 DeviceOpt = Annotated[
     Device,
     typer.Option(
         help="Training device; autocast bf16/fp16 on CUDA, bf16 on CPUs with native bf16."
     ),
-]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(help="torch CPU threads (default torch's; 1 is faster on busy shared cores)."),
 ]
 BaseOpt = Annotated[
     str | None,
@@ -68,7 +66,6 @@ TimeBudgetOpt = Annotated[
         "is not known in advance)."
     ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing version folder.")]
 WorkOpt = Annotated[
     Path | None,
     typer.Option(help="Where the best-dev checkpoint is saved (default: runs/<name>)."),

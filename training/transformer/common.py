@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.repository.manifest import check_path_component
 from training.data.common import DataError, TrainingError
 
 log = logging.getLogger("nlpserve.transformer")
@@ -490,13 +489,6 @@ def prune_variants(folder: Path, keep: Sequence[str]) -> None:
     from service.repository.manifest import load_manifest
 
     load_manifest(folder)
-
-
-def version_folder(out: Path, name: str, version: str) -> Path:
-    """``out/name/version``, once both are checked to be one plain folder name each."""
-    check_path_component("name", name)
-    check_path_component("version", version)
-    return Path(out) / name / version
 
 
 def staging_path(final: Path) -> Path:

@@ -1,0 +1,98 @@
+"""What every ``nlpserve train …``/``pretrain`` command shares: the common options, where the
+data is, the command line a manifest records, and the checks on the output made before any
+data is read or any training done.
+
+torch is not imported here: registering the commands costs nothing without it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Model repository root.")]
+VersionOpt = Annotated[
+    str | None, typer.Option(help="Version folder name (default: next integer).")
+]
+# numpy's seed must lie in [0, 2**32)
+SeedOpt = Annotated[
+    int, typer.Option(min=0, max=2**32 - 1, help="Seed for the data split and training.")
+]
+DeviceOpt = Annotated[Device, typer.Option(help="Training device.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="torch CPU threads (default torch's; 1 is faster on busy shared cores)."
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the version folder if it exists.")
+]
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    """One line on stderr and exit status ``code``: 2 for what the user's input causes, 1 for
+    a run that trained but must not publish (ONNX parity; the same command would fail again)."""
+    typer.echo(f"nlpserve: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def resolve_data(data: Path | None) -> Path:
+    """``--data`` or the NLPSERVE_DATA_DIR setting; a clear error when it does not exist."""
+    from service.config import Settings
+
+    path = data if data is not None else Settings().data_dir
+    if not path.exists():
+        how = "--data" if data is not None else "NLPSERVE_DATA_DIR (setting data_dir)"
+        raise typer.BadParameter(
+            f"data path '{path}' (from {how}) does not exist; pass --data PATH or set "
+            "NLPSERVE_DATA_DIR to the shared data folder"
+        )
+    return path
+
+
+def recorded_command(data: Path | None, root: Path) -> str:
+    """The command line a manifest records, with ``--data`` even where the run took it from
+    NLPSERVE_DATA_DIR (the command must reproduce the run as written)."""
+    from training.repository import command_line
+
+    return command_line(implied={"--data": root.resolve()} if data is None else None)
+
+
+def check_output(out: Path, name: str, version: str | None, overwrite: bool) -> str:
+    """Everything writing the entry would refuse, checked before any data is read or any
+    training done: name and version are plain folder names, the version folder does not
+    exist yet (unless ``--overwrite``), and ``--out`` can be written. Returns the version to
+    write (the next integer when ``--version`` is not given)."""
+    from training.repository import (
+        check_new_version,
+        check_writable,
+        next_version,
+        version_folder,
+    )
+
+    try:
+        folder = version_folder(out, name, version or next_version(out, name))
+    except ValueError as e:  # a name/version that is not one folder name
+        hint = "'--name'" if str(e).startswith("name ") else "'--version'"
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+    try:
+        check_new_version(folder, overwrite)
+    except FileExistsError as e:  # what `main` makes of it, also where the app runs alone
+        fail(f"FileExistsError: {e}", 2)
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot write the model repository {out}: {e.strerror or e}", param_hint="'--out'"
+        ) from None
+    return folder.name
