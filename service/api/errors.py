@@ -195,7 +195,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path} (see /docs)"
             if request.url.path.rstrip("/").endswith("/explain"):
-                message += "; explanations exist for /v1/detect/explain and /v1/polarity/explain"
+                from service.explain.adapters import EXPLAINED_OUTPUT
+
+                have = " and ".join(f"/v1/{task}/explain" for task in EXPLAINED_OUTPUT)
+                message += f"; explanations exist for {have}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))

@@ -499,19 +499,18 @@ class RedisQueue(InferenceQueue):
         now = time.monotonic()
         if alive:
             self._no_workers_since, self._warned_no_workers = None, False
-        elif self._no_workers_since is None:
-            self._no_workers_since = now
-        if (
-            not alive
-            and not self._warned_no_workers
-            and now - self._no_workers_since >= self.no_worker_grace_s
-        ):
-            self._warned_no_workers = True
-            log.warning(
-                "no inference worker has beaten in %.0f s: requests wait for one until their "
-                "deadline (start `nlpserve worker`)",
-                WORKER_ALIVE_S,
-            )
+        else:
+            if self._no_workers_since is None:
+                self._no_workers_since = now
+            if not self._warned_no_workers and (
+                now - self._no_workers_since >= self.no_worker_grace_s
+            ):
+                self._warned_no_workers = True
+                log.warning(
+                    "no inference worker has beaten in %.0f s: requests wait for one until their "
+                    "deadline (start `nlpserve worker`)",
+                    WORKER_ALIVE_S,
+                )
         self.workers_alive = alive
         if self.metrics is not None:
             self.metrics.workers_alive().set(alive)

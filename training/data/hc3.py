@@ -52,11 +52,8 @@ def hc3_files(root: Path | str, lang: str = "en") -> list[Path]:
     folder = root / "hc3" / lang if (root / "hc3" / lang).is_dir() else root
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        have = (
-            sorted(p.name for p in (root / "hc3").iterdir() if p.is_dir())
-            if (root / "hc3").is_dir()
-            else []
-        )
+        hc3 = root / "hc3"
+        have = sorted(p.name for p in hc3.iterdir() if p.is_dir()) if hc3.is_dir() else []
         where = f"{root / 'hc3' / lang} or {root}" if folder == root else str(folder)
         raise FileNotFoundError(
             f"no HC3 *.jsonl files in {where}"
