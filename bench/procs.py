@@ -250,14 +250,18 @@ def write_nginx_conf(workdir: Path, env: Mapping[str, str]) -> Path:
     return main
 
 
-def nginx_argv(workdir: Path, conf: Path, test: bool = False) -> list[str]:
+def nginx_exe() -> str:
     exe = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
     if exe is None:
         raise FileNotFoundError("nginx not found (Debian: apt-get install nginx)")
+    return exe
+
+
+def nginx_argv(workdir: Path, conf: Path, test: bool = False) -> list[str]:
     # -e: the early error log, before the config is read (else /var/log/nginx, maybe unwritable)
-    argv = [exe, "-p", str(workdir.resolve()), "-e", str(workdir.resolve() / "error.log")]
+    argv = [nginx_exe(), "-p", str(workdir.resolve()), "-e", str(workdir.resolve() / "error.log")]
     return [*argv, "-c", str(conf.resolve()), *(["-t", "-q"] if test else [])]
 
 

@@ -297,6 +297,35 @@ def test_alert_rules_are_loaded_and_name_real_series(services: dict[str, Any]) -
         assert named <= exposed, (rule["alert"], named - exposed)
 
 
+# Open-source nginx takes `resolve` on upstream servers (and `resolver` inside an upstream)
+# from this version on; before it, `nginx -t` refuses both.
+NGINX_RESOLVE_SINCE = (1, 27, 3)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_gateway_re_resolves_the_replicas(services: dict[str, Any]) -> None:
+    """Replicas added by ``--scale`` (or restarted under a new address) must reach rotation
+    without a gateway restart: nginx re-resolves ``api`` through Docker's DNS, which needs
+    a shared-memory zone, a resolver and an nginx image recent enough to take them."""
+    gw = services["gateway"]
+    upstreams = _env(gw)["NLPSERVE_UPSTREAMS"]
+    assert re.search(r"server\s+api:\d+\s[^;]*\bresolve\b", upstreams), upstreams
+    assert re.search(r"\bzone\s+\w+\s+\d+k;", upstreams), upstreams
+    assert re.search(r"\bresolver\s+127\.0\.0\.11\b", upstreams), "Docker's embedded DNS"
+    tag = re.fullmatch(r"nginx:(\d+\.\d+(?:\.\d+)?)(?:-[a-z0-9.-]+)?", gw["image"])
+    assert tag, f"pin the gateway image to a version: {gw['image']}"
+    pinned = _version(tag.group(1))
+    assert pinned + (0,) * (3 - len(pinned)) >= NGINX_RESOLVE_SINCE, gw["image"]
+
+
+def _local_nginx_version() -> tuple[int, ...]:
+    out = subprocess.run([procs.nginx_exe(), "-v"], capture_output=True, text=True).stderr
+    return _version(re.search(r"nginx/(\d+\.\d+\.\d+)", out).group(1))
+
+
 def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Path) -> None:
     """Render the template the way the nginx image does and let nginx itself check it."""
     env = _env(services["gateway"])
@@ -304,8 +333,13 @@ def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Pat
     assert "$nlpserve_request_id" in text and "${" not in text  # nginx's own $vars survive
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
-    # compose's upstream name `api` does not resolve here: check with a loopback upstream.
-    env["NLPSERVE_UPSTREAMS"] = "server 127.0.0.1:9 max_fails=1 fail_timeout=5s;"
+    # compose's upstream name `api` does not resolve here: the same line on loopback. An
+    # nginx older than the image's (Debian 12 has 1.22) checks it without re-resolution.
+    upstreams = env["NLPSERVE_UPSTREAMS"].replace("server api:", "server 127.0.0.1:")
+    if _local_nginx_version() < NGINX_RESOLVE_SINCE:
+        upstreams = re.sub(r"\bresolver\s[^;]*;\s*", "", upstreams)
+        upstreams = re.sub(r"\sresolve\b", "", upstreams)
+    env["NLPSERVE_UPSTREAMS"] = upstreams
     conf = procs.write_nginx_conf(tmp_path, env)
     r = subprocess.run(procs.nginx_argv(tmp_path, conf, test=True), capture_output=True, text=True)
     log = (tmp_path / "error.log").read_text() if (tmp_path / "error.log").exists() else ""
