@@ -14,11 +14,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# The exact versions CI tests with (deploy/pin_image_deps.py): a rebuild installs the same.
+COPY deploy/constraints.txt ./
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
 # [explain]: shap for /v1/{detect,polarity}/explain (without it they answer 501); no torch.
-RUN pip install ".[explain]"
+RUN pip install -c constraints.txt ".[explain]"
 
 # ---- cpu: slim runtime, non-root
 FROM ${PYTHON_IMAGE} AS cpu
@@ -51,12 +53,13 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+COPY deploy/constraints.txt ./
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
 # The CPU and GPU wheels both provide the `onnxruntime` module: keep only the GPU one.
-RUN pip install ".[explain]" && pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.31" \
-    && rm -rf /src
+RUN pip install -c constraints.txt ".[explain]" && pip uninstall -y onnxruntime \
+    && pip install -c constraints.txt onnxruntime-gpu && rm -rf /src
 WORKDIR /
 COPY --chown=root:root --chmod=a=rX models /models
 ENV PYTHONUNBUFFERED=1 \

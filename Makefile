@@ -19,10 +19,13 @@ help:
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check"
 
-$(BIN)/.installed: pyproject.toml
+# Under the images' pins (deploy/constraints.txt): the tests run against what ships.
+PIP_INSTALL = $(BIN)/pip install -q -c deploy/constraints.txt
+
+$(BIN)/.installed: pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(PIP_INSTALL) -e '.[train,dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -98,7 +101,7 @@ BERT_COMMON = --data $(DATA) --seed $(SEED) --device $(BERT_DEVICE)
 models-bert: models-detector models-qa
 
 $(BIN)/.bases: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[train,dev,bases]'
+	$(PIP_INSTALL) -e '.[train,dev,bases]'
 	touch $@
 
 models-detector: $(BIN)/.bases
@@ -169,5 +172,5 @@ e2e: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/e2e tests/test_compose.py
 
 bench: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[bench]'
+	$(PIP_INSTALL) -e '.[bench]'
 	$(BIN)/python -m bench.run --models $(MODELS) $(if $(wildcard $(DATA)),--data $(DATA)) $(BENCH_ARGS)
