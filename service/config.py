@@ -221,8 +221,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Redis mode, API replicas: once no inference worker has been alive this "
         "many seconds, answer new requests 503 no_workers at once (and /readyz 503) instead "
-        "of queueing them until their deadline. Unset: queue them (replicas and workers "
-        "start in any order; a worker that comes serves the backlog).",
+        "of queueing them until their deadline; likewise a model's requests while no live "
+        "worker serves the model version this replica loaded. Unset: queue them (replicas "
+        "and workers start in any order; a worker that comes serves the backlog).",
     )
     redis_max_attempts: int = Field(
         3,

@@ -36,6 +36,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._workers_alive: Gauge | None = None
+        self._model_workers_alive: Gauge | None = None
         r = self.registry
         self.requests = Counter(
             "nlpserve_requests_total",
@@ -115,6 +116,19 @@ class Metrics:
                 registry=self.registry,
             )
         return self._workers_alive
+
+    def model_workers_alive(self) -> Gauge:
+        """Per model: live workers that serve the version this replica enqueues for (Redis
+        mode; created on first use like :meth:`workers_alive`)."""
+        if self._model_workers_alive is None:
+            self._model_workers_alive = Gauge(
+                "nlpserve_model_workers_alive",
+                "Inference workers that beat within the last minute and serve the model "
+                "version this replica loaded (Redis mode; 0: its requests wait).",
+                ["model", "version"],
+                registry=self.registry,
+            )
+        return self._model_workers_alive
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` validates and takes a lock

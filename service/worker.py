@@ -54,6 +54,7 @@ from service.queueing.redis_keys import (
     decode_cancel,
     make_client,
     model_streams,
+    model_workers_key,
     safe_url,
     stream_labels,
     workers_key,
@@ -131,13 +132,18 @@ class Worker:
         )
         self.prefix = settings.redis_prefix
         self._workers_key = workers_key(self.prefix)
+        # one heartbeat set per model version served: replicas tell from it whether anyone
+        # serves the version they enqueue for
+        self._served_keys = [
+            model_workers_key(self.prefix, m, r.manifest.version) for m, r in self.runners.items()
+        ]
         self.schedulers = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for m, r in self.runners.items()
         }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():
-            for s in model_streams(self.prefix, m, len(r.buckets)):
+            for s in model_streams(self.prefix, m, r.manifest.version, len(r.buckets)):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
         self._threads = max(settings.inference_threads_for(r.provider) for r in runners.values())
@@ -229,7 +235,10 @@ class Worker:
                     await t
             self._executor.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(Exception):
-                await self.client.zrem(self._workers_key, self.name)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key in (self._workers_key, *self._served_keys):
+                        pipe.zrem(key, self.name)
+                    await pipe.execute()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
             log.info("worker %s: stopped", self.name)
@@ -765,13 +774,15 @@ class Worker:
             self.wm.stream_pending.labels(*labels).set(pending)
 
     async def _beat(self) -> None:
-        """Refresh this worker's heartbeat in ``P:workers`` (and drop the long silent ones):
-        no other worker deletes the consumers of a worker that beats (below), and the API
-        replicas count the workers alive (``nlpserve_workers_alive``)."""
+        """Refresh this worker's heartbeat in ``P:workers`` and in each served version's set
+        (and drop the long silent ones): no other worker deletes the consumers of a worker
+        that beats (below), and the API replicas count the workers alive
+        (``nlpserve_workers_alive``, ``nlpserve_model_workers_alive``)."""
         now = time.time()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._workers_key, {self.name: now})
-            pipe.zremrangebyscore(self._workers_key, "-inf", now - WORKER_ALIVE_S)
+            for key in (self._workers_key, *self._served_keys):
+                pipe.zadd(key, {self.name: now})
+                pipe.zremrangebyscore(key, "-inf", now - WORKER_ALIVE_S)
             await pipe.execute()
 
     async def _forget_dead_consumers(self, older_than_ms: int) -> None:

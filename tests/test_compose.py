@@ -261,7 +261,8 @@ def _exposed_series() -> set[str]:
     from service.metrics import Metrics, WorkerMetrics
 
     api = Metrics()
-    api.workers_alive()  # created on first use, in Redis mode
+    api.workers_alive()  # these two are created on first use, in Redis mode
+    api.model_workers_alive()
     worker = CollectorRegistry()
     WorkerMetrics(worker, in_hand=lambda: 0, connected=lambda: True)
     names: set[str] = set()

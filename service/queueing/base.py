@@ -78,8 +78,9 @@ class InferenceQueue(abc.ABC):
     # Live inference workers elsewhere (Redis mode); None: this process runs the models.
     workers_alive: int | None = None
 
-    def no_workers_refusal(self) -> str | None:
-        """Why new work is refused for want of a worker (Redis mode, opt-in), else None."""
+    def no_workers_refusal(self, model: str | None = None) -> str | None:
+        """Why new work (for ``model``, or any) is refused for want of a worker (Redis mode,
+        opt-in), else None."""
         return None
 
     @abc.abstractmethod

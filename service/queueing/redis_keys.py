@@ -5,9 +5,15 @@ Keys (``P`` = ``NLPSERVE_REDIS_PREFIX``, default ``nlpserve``):
 The braces are literal: ``{model}`` is a Redis Cluster hash tag, so all keys of one model
 share a slot (the admission script touches all of a model's streams at once).
 
-* ``P:{model}:b{i}``          work stream of model ``model``, length bucket index ``i``
-                              (index into the manifest's ``buckets``), predict lane
-* ``P:{model}:b{i}:explain``  the same bucket's explain lane (runs only when no predict waits)
+* ``P:{model}:v{v}:b{i}``     work stream of version ``v`` of model ``model``, length bucket
+                              index ``i`` (index into the bucket edges), predict lane. The
+                              version keeps a replica and a worker that loaded different
+                              versions apart (another vocabulary, other labels): work waits
+                              for a worker of its own version.
+* ``P:{model}:v{v}:b{i}:explain``  the same bucket's explain lane (runs only when no predict
+                              waits)
+* ``P:{model}:v{v}:workers``  sorted set: worker name -> unix time of its last heartbeat, for
+                              the workers that serve that version
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
 * ``P:workers``               sorted set: worker name -> unix time of its last heartbeat
@@ -28,24 +34,38 @@ from service.config import Settings
 GROUP = "workers"
 
 
-def work_stream(prefix: str, model: str, bucket: int, lane: str = PREDICT_LANE) -> str:
-    base = f"{prefix}:{{{model}}}:b{bucket}"
+def work_stream(
+    prefix: str, model: str, version: str, bucket: int, lane: str = PREDICT_LANE
+) -> str:
+    base = f"{prefix}:{{{model}}}:v{version}:b{bucket}"
     return base if lane == PREDICT_LANE else f"{base}:{lane}"
 
 
 def model_streams(
-    prefix: str, model: str, n_buckets: int, lanes: tuple[str, ...] = DEFAULT_LANES
+    prefix: str,
+    model: str,
+    version: str,
+    n_buckets: int,
+    lanes: tuple[str, ...] = DEFAULT_LANES,
 ) -> list[str]:
-    """Every work stream of ``model``, predict lane first."""
-    return [work_stream(prefix, model, b, lane) for lane in lanes for b in range(n_buckets)]
+    """Every work stream of version ``version`` of ``model``, predict lane first."""
+    return [
+        work_stream(prefix, model, version, b, lane) for lane in lanes for b in range(n_buckets)
+    ]
 
 
 def stream_labels(stream: str) -> tuple[str, str, str]:
-    """``P:{model}:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b" too)."""
-    head, _, tail = stream.rpartition("}:b")
+    """``P:{model}:v1:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b" too;
+    a model name or version holds no ``:`` or brace)."""
+    head, _, tail = stream.rpartition("}:v")
     model = head.rpartition(":{")[2]
-    bucket, _, lane = tail.partition(":")
+    _version, _, rest = tail.partition(":b")
+    bucket, _, lane = rest.partition(":")
     return model, bucket, lane or PREDICT_LANE
+
+
+def model_workers_key(prefix: str, model: str, version: str) -> str:
+    return f"{prefix}:{{{model}}}:v{version}:workers"
 
 
 def dead_letter_stream(prefix: str, model: str) -> str:

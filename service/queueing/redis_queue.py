@@ -45,6 +45,7 @@ from service.queueing.redis_keys import (
     encode_cancel,
     make_client,
     model_streams,
+    model_workers_key,
     reply_channel,
     safe_url,
     stream_labels,
@@ -96,6 +97,31 @@ class _Admission:
     fut: asyncio.Future[list[Any]]
 
 
+@dataclass
+class _Absence:
+    """Since when a count of live workers has been 0 (None: it is not), and whether the
+    absence has been logged."""
+
+    since: float | None = None
+    warned: bool = False
+
+    def update(self, present: int | bool, now: float, grace_s: float) -> bool:
+        """Record a count; True once, when an absence has just outlasted ``grace_s``."""
+        if present:
+            self.since, self.warned = None, False
+            return False
+        if self.since is None:
+            self.since = now
+        if not self.warned and now - self.since >= grace_s:
+            self.warned = True
+            return True
+        return False
+
+    def lasted(self, now: float) -> float:
+        """Seconds the absence has lasted (-inf while workers are present)."""
+        return float("-inf") if self.since is None else now - self.since
+
+
 class RedisQueue(InferenceQueue):
     """``NLPSERVE_QUEUE=redis``: API replicas enqueue, ``nlpserve worker`` processes run."""
 
@@ -112,8 +138,15 @@ class RedisQueue(InferenceQueue):
         self.channel = reply_channel(self.prefix, self.replica)
         self._streams = {
             # the effective edges (NLPSERVE_BUCKETS may override the manifest's), as workers
-            name: model_streams(self.prefix, name, len(bucket_edges(m, settings)))
+            name: model_streams(self.prefix, name, m.version, len(bucket_edges(m, settings)))
             for name, m in manifests.items()
+        }
+        # A replica and a worker meet only on the same model version (its streams and
+        # heartbeat set are keyed by it): another version's vocabulary or labels would
+        # answer wrongly without an error.
+        self._versions = {name: m.version for name, m in manifests.items()}
+        self._served_keys = {
+            name: model_workers_key(self.prefix, name, m.version) for name, m in manifests.items()
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
@@ -125,9 +158,11 @@ class RedisQueue(InferenceQueue):
         self._closed = False  # the clients are closed: nothing may use them any more
         self._workers_key = workers_key(settings.redis_prefix)
         self.workers_alive: int | None = None  # None until the first health probe
+        # per model: live workers serving the version this replica enqueues for
+        self.model_workers_alive: dict[str, int] = {}
         self.no_worker_grace_s = NO_WORKER_GRACE_S
-        self._no_workers_since: float | None = None
-        self._warned_no_workers = False
+        self._no_workers = _Absence()
+        self._unserved = {name: _Absence() for name in manifests}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
@@ -211,8 +246,6 @@ class RedisQueue(InferenceQueue):
             raise BackendUnavailableError("the service is shutting down")
         if not self._ready:
             raise BackendUnavailableError("the queue backend (Redis) is unreachable")
-        if (why := self.no_workers_refusal()) is not None:
-            raise NoWorkersError(why)
         by_model: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             if it.model not in self._streams:
@@ -220,6 +253,9 @@ class RedisQueue(InferenceQueue):
             if it.id in self._waiting:
                 raise ValueError(f"work item id {it.id} is already in flight")
             by_model.setdefault(it.model, []).append(i)
+        for model in by_model:
+            if (why := self.no_workers_refusal(model)) is not None:
+                raise NoWorkersError(why)
         now = time.time()
         deadline = min(it.deadline for it in items)
         if deadline <= now:
@@ -267,7 +303,7 @@ class RedisQueue(InferenceQueue):
         ]
         targets = []
         for it in items:
-            target = work_stream(self.prefix, model, it.bucket, it.lane)
+            target = work_stream(self.prefix, model, self._versions[model], it.bucket, it.lane)
             if target not in keys:  # a bucket/lane this replica did not expect: still queue it
                 keys.append(target)
             targets.append(target)
@@ -466,54 +502,73 @@ class RedisQueue(InferenceQueue):
         :meth:`depth` and the queue-depth gauges while this replica submits nothing)."""
         async with self._health_client.pipeline(transaction=False) as pipe:
             pipe.ping()
-            pipe.zcount(self._workers_key, time.time() - WORKER_ALIVE_S, "+inf")
+            alive_since = time.time() - WORKER_ALIVE_S
+            pipe.zcount(self._workers_key, alive_since, "+inf")
+            for key in self._served_keys.values():
+                pipe.zcount(key, alive_since, "+inf")
             for streams in self._streams.values():
                 for s in streams:
                     pipe.xlen(s)
             res = await pipe.execute()
-        self._count_workers(int(res[1]))
-        k = 2
+        k = 2 + len(self._served_keys)
+        served = res[2:k]
+        self._count_workers(
+            int(res[1]), {m: int(n) for m, n in zip(self._served_keys, served, strict=True)}
+        )
         for model, streams in self._streams.items():
             lens = res[k : k + len(streams)]
             k += len(streams)
             self._depth[model] = sum(int(n) for n in lens)
             self._record_depth(model, streams, lens)
 
-    def no_workers_refusal(self) -> str | None:
+    def no_workers_refusal(self, model: str | None = None) -> str | None:
         limit = self.settings.redis_no_worker_fail_s
-        if limit is None or self._no_workers_since is None:
+        if limit is None:
             return None
-        gone = time.monotonic() - self._no_workers_since
-        if gone < limit:
-            return None
-        return (
-            f"no inference worker has been alive for {gone:.0f} s (NLPSERVE_REDIS_NO_WORKER_"
-            "FAIL_S): not queued; retry when workers are back"
-        )
+        now = time.monotonic()
+        if (gone := self._no_workers.lasted(now)) >= limit:
+            return (
+                f"no inference worker has been alive for {gone:.0f} s (NLPSERVE_REDIS_NO_"
+                "WORKER_FAIL_S): not queued; retry when workers are back"
+            )
+        if model is not None and (gone := self._unserved[model].lasted(now)) >= limit:
+            return (
+                f"no inference worker serving {model}/{self._versions[model]} has been alive "
+                f"for {gone:.0f} s (the {self.workers_alive} alive serve other models or "
+                "versions; NLPSERVE_REDIS_NO_WORKER_FAIL_S): not queued; retry when one is back"
+            )
+        return None
 
-    def _count_workers(self, alive: int) -> None:
+    def _count_workers(self, alive: int, per_model: dict[str, int]) -> None:
         # Not a readiness condition: replicas and workers start in any order, and work
         # queued meanwhile is served when a worker comes (or 504 at its deadline). The log
-        # line waits NO_WORKER_GRACE_S: at startup and after a Redis restart (P:workers is
-        # gone until the next beats) the count is 0 for a moment while workers are fine.
-        now = time.monotonic()
-        if alive:
-            self._no_workers_since, self._warned_no_workers = None, False
-        else:
-            if self._no_workers_since is None:
-                self._no_workers_since = now
-            if not self._warned_no_workers and (
-                now - self._no_workers_since >= self.no_worker_grace_s
-            ):
-                self._warned_no_workers = True
+        # lines wait NO_WORKER_GRACE_S: at startup and after a Redis restart (the heartbeat
+        # sets are gone until the next beats) the counts are 0 for a moment while workers
+        # are fine.
+        now, grace = time.monotonic(), self.no_worker_grace_s
+        if self._no_workers.update(alive, now, grace):
+            log.warning(
+                "no inference worker has beaten in %.0f s: requests wait for one until their "
+                "deadline (start `nlpserve worker`)",
+                WORKER_ALIVE_S,
+            )
+        for model, count in per_model.items():
+            # while no worker at all is alive, the line above says it for every model
+            if self._unserved[model].update(count or not alive, now, grace):
                 log.warning(
-                    "no inference worker has beaten in %.0f s: requests wait for one until their "
-                    "deadline (start `nlpserve worker`)",
-                    WORKER_ALIVE_S,
+                    "no inference worker serves %s/%s (%d alive serve other models or "
+                    "versions): its requests wait for one until their deadline; start a "
+                    "worker whose model repository holds that version",
+                    model,
+                    self._versions[model],
+                    alive,
                 )
         self.workers_alive = alive
+        self.model_workers_alive = per_model
         if self.metrics is not None:
             self.metrics.workers_alive().set(alive)
+            for model, count in per_model.items():
+                self.metrics.model_workers_alive().labels(model, self._versions[model]).set(count)
 
     def _update_ready(self) -> None:
         if self._ready:

@@ -123,6 +123,27 @@ def test_reply_rejects_garbage() -> None:
 def test_cancel_message_round_trip() -> None:
     from service.queueing.redis_keys import decode_cancel, encode_cancel
 
-    entries = [("nlpserve:{qa-zh}:b2", b"1733480000000-0"), ("a b:{pos-en}:b0:explain", b"5-17")]
+    entries = [
+        ("nlpserve:{qa-zh}:v1:b2", b"1733480000000-0"),
+        ("a b:{pos-en}:v2:b0:explain", b"5-17"),
+    ]
     assert decode_cancel(encode_cancel(entries)) == set(entries)
     assert decode_cancel(b"") == set()
+
+
+def test_stream_names_carry_the_model_version_and_parse_back() -> None:
+    """Metrics label a stream by (model, bucket, lane), whatever the prefix holds."""
+    from service.queueing.redis_keys import model_streams, stream_labels, work_stream
+
+    assert work_stream("nlpserve", "qa-zh", "2", 3) == "nlpserve:{qa-zh}:v2:b3"
+    for prefix in ("nlpserve", "a:b1:v2", "x}:v9:b1"):
+        for version in ("1", "2024.06-b1"):
+            stream = work_stream(prefix, "pos-en", version, 7, "explain")
+            assert stream_labels(stream) == ("pos-en", "7", "explain")
+            assert stream_labels(work_stream(prefix, "pos-en", version, 0)) == (
+                "pos-en",
+                "0",
+                "predict",
+            )
+    v1, v2 = model_streams("p", "m", "1", 2), model_streams("p", "m", "2", 2)
+    assert len(v1) == 4 and not set(v1) & set(v2)  # versions never share a stream

@@ -7,6 +7,7 @@ multi-process tests live in test_redis_processes.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import time
 import urllib.request
@@ -80,7 +81,9 @@ async def test_backlog_is_read_in_bulk_and_batched(make_settings, tiny_runners, 
     items = [make_item(tiny_runners[POS], 3, rng) for _ in range(20)]  # one bucket
     async with api_queue(settings, tiny_runners) as q:
         tasks = [asyncio.create_task(q.submit(it)) for it in items]
-        stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+        stream = work_stream(
+            settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
+        )
         await wait_for(lambda: _xlen_is(r, stream, 20))
         await wait_for(lambda: q.depth(POS) == 20)  # sampled by the health loop
         async with running_worker(settings, tiny_runners) as w:
@@ -149,7 +152,7 @@ async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_
     """A consumer idle on a quiet stream may be a live worker (an empty read does not reset
     its idle time): while its worker beats in P:workers, it is never deleted."""
     settings = make_settings()
-    stream = work_stream(settings.redis_prefix, POS, 0)
+    stream = work_stream(settings.redis_prefix, POS, tiny_runners[POS].manifest.version, 0)
     key = workers_key(settings.redis_prefix)
     async with (
         running_worker(settings, tiny_runners) as w1,
@@ -226,6 +229,64 @@ async def test_no_worker_fail_fast_over_http(make_settings) -> None:
             assert answer.json()["error"]["code"] == "no_workers"
 
 
+def _as_version(runner, version: str):
+    """The same weights, published as another version (what a rolled-out repository holds)."""
+    other = copy.copy(runner)
+    other.manifest = runner.manifest.model_copy(update={"version": version})
+    return other
+
+
+async def test_replica_and_worker_meet_only_on_the_same_model_version(
+    make_settings, tiny_runners, caplog
+) -> None:
+    """A replica that loaded pos-en/2 must not be answered by a worker running pos-en/1
+    (another vocabulary or other labels would answer wrongly, without an error): its work
+    waits in version 2's streams, the replica says no worker serves that version (log,
+    gauge, the opt-in 503), and a worker of version 2 serves it."""
+    settings = make_settings(redis_no_worker_fail_s=0.5)
+    metrics = Metrics()
+    rng = np.random.default_rng(11)
+    v1 = {POS: tiny_runners[POS]}
+    v2 = {POS: _as_version(tiny_runners[POS], "2")}
+    assert v1[POS].manifest.version != "2"
+    async with (
+        api_queue(settings, v2, metrics) as q,
+        running_worker(settings, v1) as old,
+    ):
+        q.no_worker_grace_s = 0.0
+        await wait_for(lambda: q.workers_alive == 1 and q.model_workers_alive == {POS: 0})
+        await wait_for(lambda: "no inference worker serves pos-en/2" in caplog.text)
+        series = 'nlpserve_model_workers_alive{model="pos-en",version="2"}'
+        assert f"{series} 0.0" in metrics.render().decode()
+        with pytest.raises(NoWorkersError, match="serving pos-en/2 .* serve other models"):
+            await wait_for(lambda: q.no_workers_refusal(POS) is not None, timeout=5)
+            await q.submit(make_item(v2[POS], 5, rng))
+        assert q.no_workers_refusal() is None  # a worker is alive: /readyz stays ready
+        async with running_worker(settings, v2) as new:
+            await wait_for(lambda: q.model_workers_alive == {POS: 1})
+            assert f"{series} 1.0" in metrics.render().decode()
+            item = make_item(v2[POS], 5, rng)
+            assert_same(await q.submit(item), direct(tiny_runners[POS], item))
+        assert new.stats.replies == 1 and old.stats.replies == 0
+
+
+async def test_work_waits_for_a_worker_of_its_version(make_settings, tiny_runners) -> None:
+    """Without the opt-in refusal, work for a version no worker runs is never taken by a
+    worker of another version: it waits, and is served once its version's worker comes."""
+    settings = make_settings()
+    rng = np.random.default_rng(12)
+    v2 = {POS: _as_version(tiny_runners[POS], "2")}
+    async with api_queue(settings, v2) as q:
+        item = make_item(v2[POS], 6, rng)
+        async with running_worker(settings, {POS: tiny_runners[POS]}) as old:
+            pending = asyncio.ensure_future(q.submit(item))
+            await wait_for(lambda: q.depth(POS) == 1)
+            await asyncio.sleep(0.5)  # several read rounds of the old worker
+            assert not pending.done() and old.stats.replies == 0
+            async with running_worker(settings, v2):
+                assert_same(await asyncio.wait_for(pending, 10), direct(tiny_runners[POS], item))
+
+
 async def _beating(r, key: str, names: set[str]) -> bool:
     return all(s is not None for s in await r.zmscore(key, list(names)))
 
@@ -239,7 +300,9 @@ async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
     settings = make_settings(max_wait_ms=60_000, wait_when_idle=True, max_batch_size=5)
     rng = np.random.default_rng(11)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
-    stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+    stream = work_stream(
+        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
+    )
     async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
         request = asyncio.create_task(q.submit_many(items))
         await wait_for(lambda: len(w._in_hand) == 4)  # read, held for company
@@ -337,7 +400,9 @@ async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny
         # an expired entry that is still in the stream (the API could not delete it) is
         # skipped and acked by the worker, never run
         stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
-        stream = work_stream(settings.redis_prefix, POS, stale.bucket)
+        stream = work_stream(
+            settings.redis_prefix, POS, tiny_runners[POS].manifest.version, stale.bucket
+        )
         await r.xadd(stream, codec.encode_work(stale, q.channel))
         async with running_worker(settings, tiny_runners) as w:
             await wait_for(lambda: w.stats.expired == 1)
@@ -397,7 +462,9 @@ async def test_entries_of_a_dead_worker_are_reclaimed(
     settings = make_settings(redis_claim_idle_ms=300, worker_name="worker-a")
     rng = np.random.default_rng(5)
     items = [make_item(tiny_runners[POL], 9, rng) for _ in range(5)]
-    stream = work_stream(settings.redis_prefix, POL, items[0].bucket)
+    stream = work_stream(
+        settings.redis_prefix, POL, tiny_runners[POL].manifest.version, items[0].bucket
+    )
     async with api_queue(settings, tiny_runners) as q:
         tasks = [asyncio.create_task(q.submit(it)) for it in items]
         await wait_for(lambda: _xlen_is(r, stream, 5))
@@ -416,7 +483,9 @@ async def test_entry_that_keeps_killing_workers_is_dead_lettered(
     settings = make_settings(redis_claim_idle_ms=200, redis_max_attempts=2)
     rng = np.random.default_rng(6)
     item = make_item(tiny_runners[POS], 5, rng)
-    stream = work_stream(settings.redis_prefix, POS, item.bucket)
+    stream = work_stream(
+        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, item.bucket
+    )
     async with api_queue(settings, tiny_runners) as q:
         task = asyncio.create_task(q.submit(item))
         await wait_for(lambda: _xlen_is(r, stream, 1))
@@ -472,14 +541,25 @@ async def test_graceful_stop_finishes_work_in_hand(
                 await w._reclaim(0)  # idle 0: every pending entry, all of them ours
                 assert w.stats.reclaimed == 0 and len(w._in_hand) == 4
                 rows = await r.xpending_range(
-                    work_stream(settings.redis_prefix, POS, items[0].bucket), GROUP, "-", "+", 10
+                    work_stream(
+                        settings.redis_prefix,
+                        POS,
+                        tiny_runners[POS].manifest.version,
+                        items[0].bucket,
+                    ),
+                    GROUP,
+                    "-",
+                    "+",
+                    10,
                 )
                 assert [x["times_delivered"] for x in rows] == [1] * 4
             # leaving the block stops the worker: it must run the 4 now, not drop them
         assert w.stats.batch_sizes == [4]
         for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
             assert_same(g, direct(tiny_runners[POS], it))
-    stream = work_stream(settings.redis_prefix, POS, items[0].bucket)
+    stream = work_stream(
+        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
+    )
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
