@@ -40,12 +40,17 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _repository(model_dir: Path, *, must_hold_models: bool = False) -> list:
-    """The repository's models, every manifest and variant checksum verified (a broken one
-    raises ManifestError, which :func:`main` reports in one line)."""
+def _repository(
+    model_dir: Path,
+    *,
+    must_hold_models: bool = False,
+    select: dict[str, str | None] | None = None,
+) -> list:
+    """The repository's models (those ``select`` names), every manifest and variant checksum
+    verified (a broken one raises ManifestError, which :func:`main` reports in one line)."""
     from service.repository import discover_models, verify_variant
 
-    entries = discover_models(model_dir)
+    entries = discover_models(model_dir, select=select)
     for entry in entries:
         for name, variant in entry.manifest.variants.items():
             verify_variant(entry.path, name, variant)
@@ -58,6 +63,21 @@ def _repository(model_dir: Path, *, must_hold_models: bool = False) -> list:
     return entries
 
 
+LoadOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--load",
+        metavar="NAME[=VERSION]",
+        help="Load only this model (repeat the option for more), at VERSION or its highest "
+        "(NLPSERVE_LOAD_MODELS). Default: every model.",
+    ),
+]
+
+
+def _selection(load: list[str] | None) -> dict[str, str]:
+    return {"load_models": ",".join(load)} if load else {}
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (NLPSERVE_HOST).")] = None,
@@ -65,14 +85,16 @@ def serve(
     model_dir: Annotated[
         Path | None, typer.Option("--models", help="Model repository (NLPSERVE_MODEL_DIR).")
     ] = None,
+    load: LoadOpt = None,
 ) -> None:
-    """Serve every model in the repository over HTTP."""
+    """Serve the repository's models (every one, or those --load names) over HTTP."""
     overrides = {k: v for k, v in {"host": host, "port": port, "model_dir": model_dir}.items() if v}
-    settings = _settings(**overrides)
+    settings = _settings(**overrides, **_selection(load))
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    _repository(settings.model_dir)  # a broken repository: one line, before uvicorn starts
+    # a broken repository or selection: one line, before uvicorn starts
+    _repository(settings.model_dir, select=settings.model_selection())
     from service.server import run_server
 
     run_server(settings)
@@ -90,6 +112,7 @@ def worker(
         int | None,
         typer.Option(help="Port of /metrics, /healthz, /readyz (NLPSERVE_METRICS_PORT)."),
     ] = None,
+    load: LoadOpt = None,
 ) -> None:
     """Run an inference worker for the Redis backend (see docs/scale-out.md)."""
     overrides = {
@@ -101,11 +124,11 @@ def worker(
         }.items()
         if v is not None
     }
-    settings = _settings(**overrides)
+    settings = _settings(**overrides, **_selection(load))
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    _repository(settings.model_dir)
+    _repository(settings.model_dir, select=settings.model_selection())
     from service.worker import run_worker
 
     run_worker(settings)
@@ -166,14 +189,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     _register_training_commands()
-    from service.repository import ManifestError
+    from service.repository import ManifestError, SelectionError
 
     try:
         app()
     except _user_errors() as e:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
-        what = "invalid model repository" if isinstance(e, ManifestError) else type(e).__name__
+        what = (
+            "invalid model selection"
+            if isinstance(e, SelectionError)
+            else "invalid model repository"
+            if isinstance(e, ManifestError)
+            else type(e).__name__
+        )
         typer.echo(f"nlpserve: {what}: {e}", err=True)
         raise SystemExit(2) from None
 

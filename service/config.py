@@ -8,10 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.batching.types import BatchPolicy
+from service.repository.discovery import parse_selection
 
 # Default token budgets (NLPSERVE_MAX_BATCH_TOKENS unset). On the 2-core CPU, 512 gave 44%
 # more throughput than 8192 (bench/results/detector-en-cpu-2core*.md); GPUs want big batches.
@@ -45,6 +46,13 @@ class Settings(BaseSettings):
 
     # --- where things live
     model_dir: Path = Field(Path("models"), description="Model repository root.")
+    load_models: str | None = Field(
+        None,
+        description="Which models this process loads, comma-separated: `name` (its highest "
+        "version) or `name=version` (that version), e.g. `detector-en,qa-zh=1`. Unset: every "
+        "model of the repository at its highest version. Uses: workers split by hardware "
+        "(BERT models on a GPU worker, LSTMs on CPU ones), a version held back in a rollout.",
+    )
     data_dir: Path = Field(
         Path("data"), description="Training/evaluation data root (training only)."
     )
@@ -276,6 +284,17 @@ class Settings(BaseSettings):
                 f"not exceed NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT ({self.explain_max_evals_limit})"
             )
         return self
+
+    @field_validator("load_models")
+    @classmethod
+    def _selection_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_selection(value)  # ValueError: reported as a bad NLPSERVE_LOAD_MODELS
+        return value
+
+    def model_selection(self) -> dict[str, str | None] | None:
+        """``load_models`` parsed (None: every model, highest versions)."""
+        return None if self.load_models is None else parse_selection(self.load_models)
 
     @model_validator(mode="after")
     def _streams_hold_what_is_admitted(self) -> Settings:

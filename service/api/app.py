@@ -41,7 +41,7 @@ or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`.
 async def startup(state: ServiceState) -> None:
     """Load every model (sessions + warm-up in a thread), build tasks, start the queue."""
     settings = state.settings
-    entries = discover_models(settings.model_dir)
+    entries = discover_models(settings.model_dir, select=settings.model_selection())
     if not entries:
         log.warning("model repository %s holds no models", settings.model_dir)
     models: Mapping[str, object]

@@ -58,11 +58,15 @@ class ServiceState:
             return t
         names = self.models_of(task)
         if not names:
+            where = (
+                f"NLPSERVE_LOAD_MODELS ({self.settings.load_models}) names none"
+                if self.settings.load_models is not None
+                else f"the model repository ({self.settings.model_dir}) has none"
+            )
             raise ApiError(
                 404,
                 "model_not_loaded",
-                f"no {task!r} model is loaded: the model repository "
-                f"({self.settings.model_dir}) has none; loaded: "
+                f"no {task!r} model is loaded: {where}; loaded: "
                 f"{', '.join(sorted(self.tasks)) or 'none'}",
             )
         return self.tasks[names[0]]

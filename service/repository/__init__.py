@@ -1,6 +1,11 @@
 """The model repository: ``models/<name>/<version>/`` folders with a validated manifest."""
 
-from service.repository.discovery import ModelEntry, discover_models
+from service.repository.discovery import (
+    ModelEntry,
+    SelectionError,
+    discover_models,
+    parse_selection,
+)
 from service.repository.manifest import (
     MANIFEST_FILE,
     DataFile,
@@ -20,11 +25,13 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ModelEntry",
+    "SelectionError",
     "SplitInfo",
     "TensorSpec",
     "Variant",
     "discover_models",
     "load_manifest",
+    "parse_selection",
     "sha256_file",
     "verify_variant",
 ]

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.repository.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
+from service.repository.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    check_path_component,
+    load_manifest,
+)
+
+
+class SelectionError(ManifestError):
+    """NLPSERVE_LOAD_MODELS names a model or version the repository does not hold."""
 
 
 @dataclass(frozen=True)
@@ -22,21 +33,65 @@ def _version_key(p: Path) -> tuple[int, str]:
     return (int(p.name), p.name) if p.name.isdigit() else (-1, p.name)
 
 
-def discover_models(root: Path | str, *, latest_only: bool = True) -> list[ModelEntry]:
+def parse_selection(text: str) -> dict[str, str | None]:
+    """``"detector-en, qa-zh=1"`` -> ``{"detector-en": None, "qa-zh": "1"}``: which models to
+    load, each at its highest version (None) or at the one named (NLPSERVE_LOAD_MODELS)."""
+    selection: dict[str, str | None] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, version = (x.strip() for x in part.partition("="))
+        check_path_component("model name", name)
+        if sep:
+            check_path_component("version", version)
+        if name in selection:
+            raise ValueError(f"model {name!r} is named twice")
+        selection[name] = version if sep else None
+    if not selection:
+        raise ValueError("names no model: use name or name=version, comma-separated")
+    return selection
+
+
+def discover_models(
+    root: Path | str,
+    *,
+    latest_only: bool = True,
+    select: Mapping[str, str | None] | None = None,
+) -> list[ModelEntry]:
     """Every ``<root>/<name>/<version>/manifest.json``; by default the highest version of each.
 
-    A folder that holds a broken manifest raises :class:`ManifestError`: serving half a
-    repository silently is worse than refusing to start.
+    ``select`` (see :func:`parse_selection`) keeps only the models it names, at the version it
+    names if any; a name or version the repository lacks raises :class:`SelectionError`, a
+    folder that holds a broken manifest :class:`ManifestError`: serving half of what was
+    asked silently is worse than refusing to start.
     """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: model repository folder not found")
+    model_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if select is not None:
+        held = {p.name for p in model_dirs}
+        if missing := [n for n in select if n not in held]:
+            raise SelectionError(
+                f"NLPSERVE_LOAD_MODELS names {', '.join(missing)}, which {root} does not hold "
+                f"(it holds: {', '.join(sorted(held)) or 'nothing'})"
+            )
+        model_dirs = [p for p in model_dirs if p.name in select]
     entries: list[ModelEntry] = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in model_dirs:
         versions = sorted(
             (v for v in model_dir.iterdir() if (v / MANIFEST_FILE).exists()), key=_version_key
         )
-        if latest_only:
+        pinned = select.get(model_dir.name) if select is not None else None
+        if pinned is not None:
+            chosen = [v for v in versions if v.name == pinned]
+            if not chosen:
+                raise SelectionError(
+                    f"NLPSERVE_LOAD_MODELS names {model_dir.name}={pinned}, but {model_dir} "
+                    f"holds versions {', '.join(v.name for v in versions) or 'none'}"
+                )
+            versions = chosen
+        elif latest_only:
             versions = versions[-1:]
         for v in versions:
             manifest = load_manifest(v)

@@ -234,7 +234,7 @@ def load_runners(
 ) -> dict[str, ModelRunner]:
     """Open every model of the repository (or ``entries``) and warm it up."""
     if entries is None:
-        entries = discover_models(settings.model_dir)
+        entries = discover_models(settings.model_dir, select=settings.model_selection())
     providers = resolve_providers(settings)
     runners: dict[str, ModelRunner] = {}
     for entry in entries:

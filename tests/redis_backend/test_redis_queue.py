@@ -270,6 +270,23 @@ async def test_replica_and_worker_meet_only_on_the_same_model_version(
         assert new.stats.replies == 1 and old.stats.replies == 0
 
 
+async def test_workers_split_by_model(make_settings, tiny_runners) -> None:
+    """Workers that load different models (NLPSERVE_LOAD_MODELS) each serve their own; the
+    replica counts them per model."""
+    settings = make_settings()
+    rng = np.random.default_rng(13)
+    async with (
+        api_queue(settings, tiny_runners) as q,
+        running_worker(settings, {POS: tiny_runners[POS]}) as pos_worker,
+        running_worker(settings, {POL: tiny_runners[POL]}) as pol_worker,
+    ):
+        await wait_for(lambda: q.workers_alive == 2 and q.model_workers_alive == {POS: 1, POL: 1})
+        items = [make_item(tiny_runners[m], 4, rng) for m in (POS, POL, POS)]
+        for got, it in zip(await q.submit_many(items), items, strict=True):
+            assert_same(got, direct(tiny_runners[it.model], it))
+    assert (pos_worker.stats.replies, pol_worker.stats.replies) == (2, 1)
+
+
 async def test_work_waits_for_a_worker_of_its_version(make_settings, tiny_runners) -> None:
     """Without the opt-in refusal, work for a version no worker runs is never taken by a
     worker of another version: it waits, and is served once its version's worker comes."""
