@@ -534,8 +534,9 @@ class RedisQueue(InferenceQueue):
         if model is not None and (gone := self._unserved[model].lasted(now)) >= limit:
             return (
                 f"no inference worker serving {model}/{self._versions[model]} has been alive "
-                f"for {gone:.0f} s (the {self.workers_alive} alive serve other models or "
-                "versions; NLPSERVE_REDIS_NO_WORKER_FAIL_S): not queued; retry when one is back"
+                f"for {gone:.0f} s (workers alive: {self.workers_alive}, serving other models "
+                "or versions; NLPSERVE_REDIS_NO_WORKER_FAIL_S): not queued; retry when one is "
+                "back"
             )
         return None
 
@@ -556,9 +557,9 @@ class RedisQueue(InferenceQueue):
             # while no worker at all is alive, the line above says it for every model
             if self._unserved[model].update(count or not alive, now, grace):
                 log.warning(
-                    "no inference worker serves %s/%s (%d alive serve other models or "
-                    "versions): its requests wait for one until their deadline; start a "
-                    "worker whose model repository holds that version",
+                    "no inference worker serves %s/%s (workers alive: %d, serving other "
+                    "models or versions): its requests wait for one until their deadline; "
+                    "start a worker that loads that version",
                     model,
                     self._versions[model],
                     alive,

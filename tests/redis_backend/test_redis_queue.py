@@ -258,7 +258,7 @@ async def test_replica_and_worker_meet_only_on_the_same_model_version(
         await wait_for(lambda: "no inference worker serves pos-en/2" in caplog.text)
         series = 'nlpserve_model_workers_alive{model="pos-en",version="2"}'
         assert f"{series} 0.0" in metrics.render().decode()
-        with pytest.raises(NoWorkersError, match="serving pos-en/2 .* serve other models"):
+        with pytest.raises(NoWorkersError, match="serving pos-en/2 .* serving other models"):
             await wait_for(lambda: q.no_workers_refusal(POS) is not None, timeout=5)
             await q.submit(make_item(v2[POS], 5, rng))
         assert q.no_workers_refusal() is None  # a worker is alive: /readyz stays ready
