@@ -337,9 +337,6 @@ def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path
     m2 = load_manifest(scored)
     assert {"em", "f1", "heldout_f1"} <= set(m2.metrics)
     assert m2.hyperparameters["steps"] == 0 and "train_seconds" not in m2.metrics
-    # no step reads a training window, so none was built (nor recorded)
-    assert "features" not in m2.hyperparameters and "train_windows" not in m2.metrics
-    assert m1.hyperparameters["features"]["windows"] == m1.metrics["train_windows"] > 0
     assert "scored as given (--epochs 0)" in m2.description
     # the exported model is the carried weights, widened: ORT on them matches fp32 PyTorch
     assert m2.metrics["onnx_parity_max_abs_diff"] <= 1e-3

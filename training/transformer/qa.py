@@ -248,17 +248,10 @@ def train_qa(
         held_ex = random.Random(cfg.seed + 1).sample(held_ex, cfg.max_holdout_examples)
     test_ex = [] if cfg.skip_test else list(test_examples)
     test_ex = eval_sample(test_ex, cfg.max_eval_examples, cfg.seed)
-    trains = cfg.epochs > 0
-    # --epochs 0 scores the model as given: no step reads a window, so none is built (every
-    # CMRC training question took ~1 min to encode for nothing).
-    windows, labels, fstats = (
-        train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
-        if trains
-        else ([], np.zeros((0, 2), dtype=np.int64), {})
-    )
+    windows, labels, fstats = train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
     lengths = [len(w) for w in windows]
-    log.info("train features: %s; held-out %d questions; test %d",
-             fstats or "none (--epochs 0)", len(held_ex), len(test_ex))  # fmt: skip
+    log.info("train features: %s; held-out %d questions; test %d", fstats, len(held_ex),
+             len(test_ex))  # fmt: skip
     per_epoch = max(1, int(np.ceil(len(windows) / cfg.batch_size)))
 
     def make_batches(epoch: int):
@@ -350,25 +343,21 @@ def train_qa(
             "onnx_parity_max_abs_diff": diff,
             "heldout_em": best_held.get("em", float("nan")),
             "heldout_f1": best_held.get("f1", float("nan")),
+            "train_seconds": result.seconds,
+            "train_windows": float(len(windows)),
+            "train_questions": float(fstats["examples"]),
             "test_questions": float(len(test_ex)),
         }
     )
-    if trains:  # else (--epochs 0) the training figures belong to the earlier round
-        metrics.update(
-            {
-                "train_seconds": result.seconds,
-                "train_windows": float(len(windows)),
-                "train_questions": float(fstats["examples"]),
-            }
-        )
+    if result.steps == 0:  # --epochs 0: the training figures belong to the earlier round
+        for k in ("train_seconds", "train_windows", "train_questions"):
+            del metrics[k]
     if load_stats:
         metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
     inputs, outputs = ex.tensor_specs("qa")
     hp = asdict(cfg)
     hp.update({"best_step": result.best_step, "steps": result.steps,
-               "heldout_history": result.history})  # fmt: skip
-    if trains:
-        hp["features"] = fstats
+               "heldout_history": result.history, "features": fstats})  # fmt: skip
     hp.update(extra_hyperparameters or {})
     origin = (
         f"fine-tuned from {cfg.base_model}. "
