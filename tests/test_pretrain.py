@@ -337,6 +337,8 @@ def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path
     m2 = load_manifest(scored)
     assert {"em", "f1", "heldout_f1"} <= set(m2.metrics)
     assert m2.hyperparameters["steps"] == 0 and "train_seconds" not in m2.metrics
+    # the same training windows set the bucket edges: scoring keeps the GPU round's buckets
+    assert m2.buckets == m1.buckets and len(m1.buckets) > 1
     assert "scored as given (--epochs 0)" in m2.description
     # the exported model is the carried weights, widened: ORT on them matches fp32 PyTorch
     assert m2.metrics["onnx_parity_max_abs_diff"] <= 1e-3

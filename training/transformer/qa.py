@@ -248,6 +248,8 @@ def train_qa(
         held_ex = random.Random(cfg.seed + 1).sample(held_ex, cfg.max_holdout_examples)
     test_ex = [] if cfg.skip_test else list(test_examples)
     test_ex = eval_sample(test_ex, cfg.max_eval_examples, cfg.seed)
+    # Built with --epochs 0 too: no step reads them then, but their lengths set the
+    # manifest's bucket edges, which a scoring round must keep.
     windows, labels, fstats = train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
     lengths = [len(w) for w in windows]
     log.info("train features: %s; held-out %d questions; test %d", fstats, len(held_ex),
