@@ -49,9 +49,10 @@ class Settings(BaseSettings):
     load_models: str | None = Field(
         None,
         description="Which models this process loads, comma-separated: `name` (its highest "
-        "version) or `name=version` (that version), e.g. `detector-en,qa-zh=1`. Unset: every "
-        "model of the repository at its highest version. Uses: workers split by hardware "
-        "(BERT models on a GPU worker, LSTMs on CPU ones), a version held back in a rollout.",
+        "version) or `name=version` (that version), e.g. `detector-en,qa-zh=1`; `*` adds every "
+        "other model (`*,detector-en=1`). Unset or empty: every model of the repository at its "
+        "highest version. Uses: workers split by hardware (BERT models on a GPU worker, LSTMs "
+        "on CPU ones), a version held back in a rollout.",
     )
     data_dir: Path = Field(
         Path("data"), description="Training/evaluation data root (training only)."
@@ -288,8 +289,9 @@ class Settings(BaseSettings):
     @field_validator("load_models")
     @classmethod
     def _selection_parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_selection(value)  # ValueError: reported as a bad NLPSERVE_LOAD_MODELS
+        if value is None or not value.strip():
+            return None  # NLPSERVE_LOAD_MODELS= (e.g. compose's ${VAR:-}): every model
+        parse_selection(value)  # ValueError: reported as a bad NLPSERVE_LOAD_MODELS
         return value
 
     def model_selection(self) -> dict[str, str | None] | None:

@@ -1,6 +1,7 @@
 """``nlpserve worker``: the inference side of the Redis Streams backend (docs/scale-out.md).
 
-One worker process serves every model of the repository:
+One worker process serves every model of the repository (or those NLPSERVE_LOAD_MODELS
+selects), each at one version:
 
 * reads all of its models' work streams through the consumer group ``workers``
   (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries;
@@ -783,6 +784,8 @@ class Worker:
             for key in (self._workers_key, *self._served_keys):
                 pipe.zadd(key, {self.name: now})
                 pipe.zremrangebyscore(key, "-inf", now - WORKER_ALIVE_S)
+                # a version nobody serves any more leaves no set behind
+                pipe.expire(key, int(2 * WORKER_ALIVE_S))
             await pipe.execute()
 
     async def _forget_dead_consumers(self, older_than_ms: int) -> None:

@@ -335,7 +335,9 @@ def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Pat
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
     # compose's upstream name `api` does not resolve here: the same line on loopback. An
-    # nginx older than the image's (Debian 12 has 1.22) checks it without re-resolution.
+    # nginx older than the image's (Debian 12 has 1.22, CI's included) checks it without
+    # re-resolution: there, `resolve` and the upstream `resolver` are checked only by the
+    # test above (nginx's documented syntax), not by nginx itself.
     upstreams = env["NLPSERVE_UPSTREAMS"].replace("server api:", "server 127.0.0.1:")
     if _local_nginx_version() < NGINX_RESOLVE_SINCE:
         upstreams = re.sub(r"\bresolver\s[^;]*;\s*", "", upstreams)

@@ -42,6 +42,9 @@ def test_selection_picks_models_and_versions(repo: Path) -> None:
         "pos-en": "2",
         "polarity-en": "1",
     }
+    # `*`: every model, the named ones at their pinned versions (one held back in a rollout)
+    assert _loaded(repo, parse_selection("*,pos-en=1")) == {"pos-en": "1", "polarity-en": "1"}
+    assert _loaded(repo, parse_selection("*")) == _loaded(repo, None)
 
 
 def test_selection_of_what_the_repository_lacks_is_refused(repo: Path) -> None:
@@ -49,23 +52,36 @@ def test_selection_of_what_the_repository_lacks_is_refused(repo: Path) -> None:
         discover_models(repo, select={"qa-zh": None, "pos-en": None})
     with pytest.raises(SelectionError, match=r"names pos-en=3, but .* holds versions 1, 2"):
         discover_models(repo, select={"pos-en": "3"})
+    with pytest.raises(SelectionError, match=r"names qa-zh, which"):
+        discover_models(repo, select=parse_selection("*,qa-zh=1"))
+    # a folder without any manifest is not a model: selecting it loads nothing, silently
+    (repo / "empty" / "1").mkdir(parents=True)
+    with pytest.raises(SelectionError, match=r"names empty, which .* holds: polarity-en, pos-en\)"):
+        discover_models(repo, select={"empty": None})
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "names no model"),
         (" , ", "names no model"),
         ("pos-en=", "version ''"),
         ("=1", "model name ''"),
         ("../etc", "model name '../etc'"),
         ("pos-en,pos-en=1", "named twice"),
+        ("*=1", "takes no version"),
+        ("*,*", "named twice"),
     ],
 )
 def test_bad_selection_is_a_setting_error(text: str, message: str) -> None:
     with pytest.raises(ValidationError, match="load_models") as e:
         Settings(load_models=text)
     assert message in str(e.value)
+
+
+def test_empty_selection_means_every_model() -> None:
+    """``NLPSERVE_LOAD_MODELS=`` (what compose's ``${VAR:-}`` gives) is unset, not an error."""
+    for empty in ("", "  "):
+        assert Settings(load_models=empty).model_selection() is None
 
 
 def test_cli_refuses_an_unknown_selection_in_one_line(cli, repo: Path) -> None:

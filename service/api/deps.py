@@ -14,6 +14,7 @@ from service.api.errors import ApiError
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import InferenceQueue
+from service.repository.discovery import EVERY_MODEL
 from service.runtime.runner import ModelRunner
 from service.tasks.base import Task
 
@@ -58,9 +59,10 @@ class ServiceState:
             return t
         names = self.models_of(task)
         if not names:
+            selection = self.settings.model_selection()
             where = (
                 f"NLPSERVE_LOAD_MODELS ({self.settings.load_models}) names none"
-                if self.settings.load_models is not None
+                if selection is not None and EVERY_MODEL not in selection
                 else f"the model repository ({self.settings.model_dir}) has none"
             )
             raise ApiError(

@@ -150,7 +150,7 @@ class RedisQueue(InferenceQueue):
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
-        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:b3[:explain] -> "3"
+        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:v1:b3[:explain] -> "3"
         self._subscribed = False
         self._ping_ok = False
         self._resubscribe = False

@@ -33,15 +33,23 @@ def _version_key(p: Path) -> tuple[int, str]:
     return (int(p.name), p.name) if p.name.isdigit() else (-1, p.name)
 
 
+# In a selection: every model of the repository (those named keep their pinned versions).
+EVERY_MODEL = "*"
+
+
 def parse_selection(text: str) -> dict[str, str | None]:
     """``"detector-en, qa-zh=1"`` -> ``{"detector-en": None, "qa-zh": "1"}``: which models to
-    load, each at its highest version (None) or at the one named (NLPSERVE_LOAD_MODELS)."""
+    load, each at its highest version (None) or at the one named (NLPSERVE_LOAD_MODELS).
+    ``*`` stands for every model: ``"*, detector-en=1"`` loads them all, detector-en at 1."""
     selection: dict[str, str | None] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         name, sep, version = (x.strip() for x in part.partition("="))
-        check_path_component("model name", name)
+        if name == EVERY_MODEL and sep:
+            raise ValueError("'*' (every model) takes no version")
+        if name != EVERY_MODEL:
+            check_path_component("model name", name)
         if sep:
             check_path_component("version", version)
         if name in selection:
@@ -60,23 +68,26 @@ def discover_models(
 ) -> list[ModelEntry]:
     """Every ``<root>/<name>/<version>/manifest.json``; by default the highest version of each.
 
-    ``select`` (see :func:`parse_selection`) keeps only the models it names, at the version it
-    names if any; a name or version the repository lacks raises :class:`SelectionError`, a
-    folder that holds a broken manifest :class:`ManifestError`: serving half of what was
-    asked silently is worse than refusing to start.
+    ``select`` (see :func:`parse_selection`) keeps only the models it names (all with ``*``),
+    at the version it names if any; a name or version the repository lacks raises
+    :class:`SelectionError`, a folder that holds a broken manifest :class:`ManifestError`:
+    serving half of what was asked silently is worse than refusing to start.
     """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: model repository folder not found")
     model_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if select is not None:
-        held = {p.name for p in model_dirs}
-        if missing := [n for n in select if n not in held]:
+        held = {
+            p.name for p in model_dirs if any((v / MANIFEST_FILE).exists() for v in p.iterdir())
+        }
+        if missing := [n for n in select if n != EVERY_MODEL and n not in held]:
             raise SelectionError(
                 f"NLPSERVE_LOAD_MODELS names {', '.join(missing)}, which {root} does not hold "
                 f"(it holds: {', '.join(sorted(held)) or 'nothing'})"
             )
-        model_dirs = [p for p in model_dirs if p.name in select]
+        if EVERY_MODEL not in select:
+            model_dirs = [p for p in model_dirs if p.name in select]
     entries: list[ModelEntry] = []
     for model_dir in model_dirs:
         versions = sorted(

@@ -30,6 +30,7 @@ from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
     dead_letter_stream,
+    model_workers_key,
     work_stream,
     workers_key,
 )
@@ -270,7 +271,7 @@ async def test_replica_and_worker_meet_only_on_the_same_model_version(
         assert new.stats.replies == 1 and old.stats.replies == 0
 
 
-async def test_workers_split_by_model(make_settings, tiny_runners) -> None:
+async def test_workers_split_by_model(make_settings, tiny_runners, r) -> None:
     """Workers that load different models (NLPSERVE_LOAD_MODELS) each serve their own; the
     replica counts them per model."""
     settings = make_settings()
@@ -284,7 +285,33 @@ async def test_workers_split_by_model(make_settings, tiny_runners) -> None:
         items = [make_item(tiny_runners[m], 4, rng) for m in (POS, POL, POS)]
         for got, it in zip(await q.submit_many(items), items, strict=True):
             assert_same(got, direct(tiny_runners[it.model], it))
+        # a version's heartbeat set expires once nobody beats it (no key left per old version)
+        key = model_workers_key(settings.redis_prefix, POS, tiny_runners[POS].manifest.version)
+        assert 0 < await r.ttl(key) <= 2 * WORKER_ALIVE_S
     assert (pos_worker.stats.replies, pol_worker.stats.replies) == (2, 1)
+
+
+def test_model_absence_waits_its_grace_and_defers_to_the_global_one(make_settings, tiny_runners):
+    """A per-model absence is logged and refused like the global one: not within the grace
+    (after a Redis restart every heartbeat set is empty for a moment) or the limit, and not
+    at all while no worker is alive (the global refusal says it then)."""
+    from service.queueing.redis_queue import RedisQueue
+
+    q = RedisQueue(
+        make_settings(redis_no_worker_fail_s=30.0),
+        {n: r.manifest for n, r in tiny_runners.items()},
+    )
+    q._count_workers(1, {POS: 0, POL: 1})
+    assert q.no_workers_refusal(POS) is None  # within the 30 s limit
+    q._unserved[POS].since -= 31
+    assert "serving pos-en/" in q.no_workers_refusal(POS)
+    assert q.no_workers_refusal(POL) is None and q.no_workers_refusal() is None
+    q._count_workers(0, {POS: 0, POL: 0})  # none alive at all
+    q._no_workers.since -= 31
+    for model in (POS, POL, None):
+        assert "no inference worker has been alive" in q.no_workers_refusal(model)
+    q._count_workers(2, {POS: 1, POL: 1})
+    assert all(q.no_workers_refusal(m) is None for m in (POS, POL, None))
 
 
 async def test_work_waits_for_a_worker_of_its_version(make_settings, tiny_runners) -> None:
