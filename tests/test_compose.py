@@ -32,7 +32,12 @@ TEMPLATE = procs.GATEWAY_TEMPLATE
 # Variables no Settings field reads, each with the code that does read it.
 HEALTHCHECK_VARS = {"NLPSERVE_HEALTH_URL"}  # service/healthcheck.py
 # Compose-file interpolation (``${VAR:-default}``), read by docker compose itself.
-INTERPOLATION_DEFAULTS = {"NLPSERVE_GATEWAY_PUBLISH": "8080", "NLPSERVE_CPU_WORKERS": "1"}
+INTERPOLATION_DEFAULTS = {
+    "NLPSERVE_GATEWAY_PUBLISH": "8080",
+    "NLPSERVE_CPU_WORKERS": "1",
+    "NLPSERVE_CPU_WORKER_MODELS": "",  # empty: every model
+    "NLPSERVE_GPU_WORKER_MODELS": "",
+}
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
 
 
@@ -106,6 +111,7 @@ def test_settings_accept_the_compose_values(
         assert host in services, f"{svc}: NLPSERVE_REDIS_URL host {host!r} is not a service"
         assert (urlparse(s.redis_url).port or 6379) == 6379
         assert str(s.model_dir) == "/models"
+        assert s.model_selection() is None  # by default every service loads every model
 
 
 def _port_of(url: str) -> int:
