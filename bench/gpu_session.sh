@@ -20,6 +20,8 @@
 # BENCH_CLIENT_PROCS (1: load-generator processes).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 # (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
+# Exit status: 0, or 3/4 when the setup failed, 5 when a model's run failed (not a timeout:
+# an interrupted run still writes its report).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -142,6 +144,7 @@ fi
 set -- $MODELS
 n=$#
 i=0
+failed=()
 for m in "$@"; do
   i=$((i + 1))
   left=$((BUDGET - $(elapsed) - 10))
@@ -160,9 +163,13 @@ for m in "$@"; do
   [ -n "$redis_note" ] && args+=(--note "$redis_note")
   say "$m: up to ${share}s"
   timeout -s TERM -k 20 "$share" "$PY" -m bench.run "${args[@]}"
-  say "$m: exit $?"
+  rc=$?
+  say "$m: exit $rc"
+  # 124: its share ran out, and bench.run wrote what it had measured
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || failed+=("$m")
 done
 ls -la "$OUT"
+if ((${#failed[@]})); then say "FAILED: ${failed[*]} (see above)"; return 5; fi
 say "done"
 }
 

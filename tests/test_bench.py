@@ -680,6 +680,38 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
     assert "qa-zh: exit 0" in (out / "gpu_session.log").read_text()
 
 
+def test_gpu_session_script_fails_when_a_model_run_fails(model_repo: Path, tmp_path: Path):
+    """A device call is scarce: a model whose run failed (here: not in the repository) makes
+    the script's exit status non-zero, not a quiet 'done' with no report."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    out = tmp_path / "out"
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OUT": str(out),
+        "SKIP_INSTALL": "1",
+        "SKIP_FP16_EVAL": "1",
+        "BENCH_DEVICE": "cpu",
+        "PY": sys.executable,
+        "GPU_SESSION_TMP": str(tmp_path / "work"),
+        "MODELS_DIR": str(model_repo),
+        "BENCH_MODELS": "no-such-model",
+        "BENCH_BUDGET_S": "150",
+        "BENCH_CONFIGS": "raw",
+    }
+    script = procs.REPO_ROOT / "bench" / "gpu_session.sh"
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                       timeout=170)  # fmt: skip
+    log = (out / "gpu_session.log").read_text()
+    assert r.returncode == 5, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no-such-model: exit 2" in log and "FAILED: no-such-model" in log
+
+
 def test_wait_model_shows_why_cuda_waits_less() -> None:
     """bench/wait_model.py, the basis of the 1 ms CUDA default: with ~1 ms batches a 5 ms
     wait starves a lightly loaded process; with CPU-sized batches the wait costs nothing."""
@@ -927,6 +959,20 @@ def test_run_refuses_unknown_configs_variants_and_a_missing_data_folder(
     line = _exits_2(run.main, [*common, "--data", str(tmp_path / "nodata")], capsys)
     assert f"--data {tmp_path / 'nodata'}: no such folder" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_derive_variants_keeps_an_lstm_models_committed_variants(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """--derive-variants (what the GPU script passes for every model) on an LSTM model: a
+    note and its committed variants, not a traceback."""
+    from bench.run import parser
+
+    argv = ["--models", str(model_repo), "--model", "pos-en", "--derive-variants",
+            "--variants", "fp32,fp16", "--requests", "4"]  # fmt: skip
+    b = Bench(parser().parse_args(argv), tmp_path)
+    assert b.version_dir == model_repo / "pos-en" / "1" and b.task == "pos"
+    assert any("no derived variants for task 'pos'" in n for n in b.notes), b.notes
 
 
 def test_request_source_says_when_the_built_in_texts_are_used(tmp_path: Path) -> None:
