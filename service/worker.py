@@ -157,6 +157,10 @@ class Worker:
         # a batch leaves it when its thread is done, not after its replies are written
         self._on_threads = 0
         self._stopping = False
+        # The read loop has ended: no XREADGROUP is in flight, so nothing more can arrive. The
+        # batcher may leave only then (a read returning after it left stranded its entries
+        # for the claim idle time).
+        self._reader_done = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
         self._down_logged = False  # "Redis unreachable" logged for the current outage
@@ -219,8 +223,14 @@ class Worker:
                     raise RuntimeError(f"{t.get_name()} ended unexpectedly")
             log.info("worker %s: stopping; finishing %d entries", self.name, len(self._in_hand))
             # stop reading (the current XREADGROUP returns within block_ms), run what is in
-            # hand without waiting for batches to fill, ack, then leave
+            # hand, and what that read brings, without waiting for batches to fill, ack, then
+            # leave. A read stuck past that (Redis unreachable) is given up: whatever it
+            # delivered stays pending for another worker.
             await asyncio.wait({reader}, timeout=self.settings.redis_block_ms / 1000 + 1.0)
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
             _, late = await asyncio.wait({batcher}, timeout=self.settings.worker_drain_timeout_s)
             if late:
                 log.warning(
@@ -291,6 +301,13 @@ class Worker:
                 )
 
     async def _read_loop(self) -> None:
+        try:
+            await self._read_until_stopped()
+        finally:
+            self._reader_done = True
+            self._wake.set()
+
+    async def _read_until_stopped(self) -> None:
         delay = 0.05
         groups_ok = False
         while not self._stopping:
@@ -449,7 +466,7 @@ class Worker:
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
             pending = sum(len(s) for s in self.schedulers.values())
-            if self._stopping and self._running == 0 and pending == 0:
+            if self._stopping and self._reader_done and self._running == 0 and pending == 0:
                 return
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []

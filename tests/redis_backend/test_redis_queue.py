@@ -34,6 +34,7 @@ from service.queueing.redis_keys import (
     work_stream,
     workers_key,
 )
+from service.worker import Worker
 from tests.redis_backend.helpers import (
     api_queue,
     assert_same,
@@ -603,6 +604,32 @@ async def test_graceful_stop_finishes_work_in_hand(
             assert_same(g, direct(tiny_runners[POS], it))
     stream = work_stream(
         settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
+    )
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_runners, r):
+    """A worker told to stop while its XREADGROUP blocks: entries that read returns are its
+    own (pending under its name) and must run before it leaves, not wait out the claim idle
+    time for another worker (the batcher used to leave before the read came back)."""
+    settings = make_settings(redis_block_ms=3000)
+    rng = np.random.default_rng(21)
+    item = make_item(tiny_runners[POS], 5, rng)
+    async with api_queue(settings, tiny_runners) as q:
+        worker = Worker(settings, {POS: tiny_runners[POS]})
+        run = asyncio.create_task(worker.run())
+        await wait_for(lambda: worker.connected)
+        await asyncio.sleep(0.3)  # inside its blocking read
+        worker.stop()
+        await asyncio.sleep(0.1)  # the old batcher had left by now
+        t0 = time.monotonic()
+        got = await asyncio.wait_for(q.submit(item), 5)
+        assert time.monotonic() - t0 < 1.5  # not the 2-s claim idle time plus a reclaim
+        await asyncio.wait_for(run, 10)
+    assert_same(got, direct(tiny_runners[POS], item))
+    assert worker.stats.replies == 1 and not worker._in_hand
+    stream = work_stream(
+        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, item.bucket
     )
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
