@@ -53,6 +53,7 @@ from service.queueing.redis_keys import (
     cancel_channel,
     dead_letter_stream,
     decode_cancel,
+    layout,
     make_client,
     model_streams,
     model_workers_key,
@@ -65,6 +66,9 @@ from service.repository import Manifest
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 10_000
+# Why an entry goes to the dead-letter stream (label `reason`): its run failed, it was
+# delivered NLPSERVE_REDIS_MAX_ATTEMPTS times (workers died on it), or it could not be read.
+DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
 
 
@@ -136,7 +140,8 @@ class Worker:
         # one heartbeat set per model version served: replicas tell from it whether anyone
         # serves the version they enqueue for
         self._served_keys = [
-            model_workers_key(self.prefix, m, r.manifest.version) for m, r in self.runners.items()
+            model_workers_key(self.prefix, m, layout(r.manifest.version, r.buckets))
+            for m, r in self.runners.items()
         ]
         self.schedulers = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
@@ -144,7 +149,8 @@ class Worker:
         }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():
-            for s in model_streams(self.prefix, m, r.manifest.version, len(r.buckets)):
+            model_layout = layout(r.manifest.version, r.buckets)
+            for s in model_streams(self.prefix, m, model_layout, len(r.buckets)):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
         self._threads = max(settings.inference_threads_for(r.provider) for r in runners.values())
@@ -174,6 +180,12 @@ class Worker:
             in_hand=lambda: len(self._in_hand),
             connected=lambda: self.connected,
         )
+        # Every model's rare-event series exist from the start, at 0: a series born at its
+        # first event shows no increase() to Prometheus, and that first event is the alert.
+        for m in self.runners:
+            self.wm.reclaimed.labels(m)
+            for reason in DEAD_LETTER_REASONS:
+                self.wm.dead_lettered.labels(m, reason)
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self) -> None:

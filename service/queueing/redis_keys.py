@@ -5,15 +5,17 @@ Keys (``P`` = ``NLPSERVE_REDIS_PREFIX``, default ``nlpserve``):
 The braces are literal: ``{model}`` is a Redis Cluster hash tag, so all keys of one model
 share a slot (the admission script touches all of a model's streams at once).
 
-* ``P:{model}:v{v}:b{i}``     work stream of version ``v`` of model ``model``, length bucket
-                              index ``i`` (index into the bucket edges), predict lane. The
-                              version keeps a replica and a worker that loaded different
-                              versions apart (another vocabulary, other labels): work waits
-                              for a worker of its own version.
-* ``P:{model}:v{v}:b{i}:explain``  the same bucket's explain lane (runs only when no predict
-                              waits)
-* ``P:{model}:v{v}:workers``  sorted set: worker name -> unix time of its last heartbeat, for
-                              the workers that serve that version
+* ``P:{model}:v{v}:e{h}:b{i}``  work stream of version ``v`` of model ``model`` with bucket
+                              edges whose digest is ``h``, length bucket index ``i`` (index
+                              into those edges), predict lane. ``v{v}:e{h}`` is the model's
+                              *layout*: a replica and a worker that loaded different versions
+                              (another vocabulary, other labels) or bucket edges (an index
+                              that means another length, or none) never exchange work: it
+                              waits for a worker of its own layout.
+* ``P:{model}:v{v}:e{h}:b{i}:explain``  the same bucket's explain lane (runs only when no
+                              predict waits)
+* ``P:{model}:v{v}:e{h}:workers``  sorted set: worker name -> unix time of its last
+                              heartbeat, for the workers that serve that layout
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
 * ``P:workers``               sorted set: worker name -> unix time of its last heartbeat
@@ -23,6 +25,9 @@ share a slot (the admission script touches all of a model's streams at once).
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -34,38 +39,48 @@ from service.config import Settings
 GROUP = "workers"
 
 
+def layout(version: str, edges: Sequence[int]) -> str:
+    """``v1:e<8 hex>``: what a replica and a worker must share to exchange a model's work, its
+    version and its bucket edges (a stream's bucket index means an edge)."""
+    digest = hashlib.sha256(",".join(map(str, edges)).encode()).hexdigest()[:8]
+    return f"v{version}:e{digest}"
+
+
 def work_stream(
-    prefix: str, model: str, version: str, bucket: int, lane: str = PREDICT_LANE
+    prefix: str, model: str, model_layout: str, bucket: int, lane: str = PREDICT_LANE
 ) -> str:
-    base = f"{prefix}:{{{model}}}:v{version}:b{bucket}"
+    base = f"{prefix}:{{{model}}}:{model_layout}:b{bucket}"
     return base if lane == PREDICT_LANE else f"{base}:{lane}"
 
 
 def model_streams(
     prefix: str,
     model: str,
-    version: str,
+    model_layout: str,
     n_buckets: int,
     lanes: tuple[str, ...] = DEFAULT_LANES,
 ) -> list[str]:
-    """Every work stream of version ``version`` of ``model``, predict lane first."""
+    """Every work stream of ``model`` in ``model_layout`` (:func:`layout`), predict lane
+    first."""
     return [
-        work_stream(prefix, model, version, b, lane) for lane in lanes for b in range(n_buckets)
+        work_stream(prefix, model, model_layout, b, lane)
+        for lane in lanes
+        for b in range(n_buckets)
     ]
 
 
 def stream_labels(stream: str) -> tuple[str, str, str]:
-    """``P:{model}:v1:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b" too;
-    a model name or version holds no ``:`` or brace)."""
+    """``P:{model}:v1:e<h>:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b"
+    too; a model name or version holds no ``:`` or brace, the digest is hex)."""
     head, _, tail = stream.rpartition("}:v")
     model = head.rpartition(":{")[2]
-    _version, _, rest = tail.partition(":b")
+    _layout, _, rest = tail.partition(":b")
     bucket, _, lane = rest.partition(":")
     return model, bucket, lane or PREDICT_LANE
 
 
-def model_workers_key(prefix: str, model: str, version: str) -> str:
-    return f"{prefix}:{{{model}}}:v{version}:workers"
+def model_workers_key(prefix: str, model: str, model_layout: str) -> str:
+    return f"{prefix}:{{{model}}}:{model_layout}:workers"
 
 
 def dead_letter_stream(prefix: str, model: str) -> str:

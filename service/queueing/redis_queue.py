@@ -43,6 +43,7 @@ from service.queueing.redis_keys import (
     WORKER_ALIVE_S,
     cancel_channel,
     encode_cancel,
+    layout,
     make_client,
     model_streams,
     model_workers_key,
@@ -136,21 +137,25 @@ class RedisQueue(InferenceQueue):
         self.prefix = settings.redis_prefix
         self.replica = uuid.uuid4().hex[:12]
         self.channel = reply_channel(self.prefix, self.replica)
-        self._streams = {
-            # the effective edges (NLPSERVE_BUCKETS may override the manifest's), as workers
-            name: model_streams(self.prefix, name, m.version, len(bucket_edges(m, settings)))
-            for name, m in manifests.items()
-        }
-        # A replica and a worker meet only on the same model version (its streams and
-        # heartbeat set are keyed by it): another version's vocabulary or labels would
-        # answer wrongly without an error.
+        # A replica and a worker meet only on the same model version and bucket edges (the
+        # layout that keys streams and heartbeat sets): another version's vocabulary or
+        # labels would answer wrongly, other edges put work where no worker reads.
         self._versions = {name: m.version for name, m in manifests.items()}
+        # the effective edges (NLPSERVE_BUCKETS may override the manifest's), as workers
+        self._edges = {name: bucket_edges(m, settings) for name, m in manifests.items()}
+        self._layouts = {
+            name: layout(m.version, self._edges[name]) for name, m in manifests.items()
+        }
+        self._streams = {
+            name: model_streams(self.prefix, name, self._layouts[name], len(self._edges[name]))
+            for name in manifests
+        }
         self._served_keys = {
-            name: model_workers_key(self.prefix, name, m.version) for name, m in manifests.items()
+            name: model_workers_key(self.prefix, name, self._layouts[name]) for name in manifests
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
-        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:v1:b3[:explain] -> "3"
+        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:v1:e<h>:b3[:explain] -> "3"
         self._subscribed = False
         self._ping_ok = False
         self._resubscribe = False
@@ -303,7 +308,7 @@ class RedisQueue(InferenceQueue):
         ]
         targets = []
         for it in items:
-            target = work_stream(self.prefix, model, self._versions[model], it.bucket, it.lane)
+            target = work_stream(self.prefix, model, self._layouts[model], it.bucket, it.lane)
             if target not in keys:  # a bucket/lane this replica did not expect: still queue it
                 keys.append(target)
             targets.append(target)
@@ -533,12 +538,23 @@ class RedisQueue(InferenceQueue):
             )
         if model is not None and (gone := self._unserved[model].lasted(now)) >= limit:
             return (
-                f"no inference worker serving {model}/{self._versions[model]} has been alive "
-                f"for {gone:.0f} s (workers alive: {self.workers_alive}, serving other models "
-                "or versions; NLPSERVE_REDIS_NO_WORKER_FAIL_S): not queued; retry when one is "
-                "back"
+                f"no inference worker serving {self._served_what(model)} has been alive for "
+                f"{gone:.0f} s (workers alive: {self.workers_alive}, serving other models, "
+                "versions or bucket edges; NLPSERVE_REDIS_NO_WORKER_FAIL_S): not queued; retry "
+                "when one is back"
             )
         return None
+
+    def _served_what(self, model: str) -> str:
+        return f"{model}/{self._versions[model]} with buckets {self._edges[model]}"
+
+    def _waiting_fate(self) -> str:
+        if self.settings.redis_no_worker_fail_s is None:
+            return "its requests wait for one until their deadline"
+        return (
+            f"its requests are refused (503 no_workers) once that has lasted "
+            f"NLPSERVE_REDIS_NO_WORKER_FAIL_S ({self.settings.redis_no_worker_fail_s:g} s)"
+        )
 
     def _count_workers(self, alive: int, per_model: dict[str, int]) -> None:
         # Not a readiness condition: replicas and workers start in any order, and work
@@ -549,20 +565,21 @@ class RedisQueue(InferenceQueue):
         now, grace = time.monotonic(), self.no_worker_grace_s
         if self._no_workers.update(alive, now, grace):
             log.warning(
-                "no inference worker has beaten in %.0f s: requests wait for one until their "
-                "deadline (start `nlpserve worker`)",
+                "no live inference worker (none has beaten within %.0f s): %s (start "
+                "`nlpserve worker`, with the same NLPSERVE_REDIS_PREFIX)",
                 WORKER_ALIVE_S,
+                self._waiting_fate().replace("its requests", "requests"),
             )
         for model, count in per_model.items():
             # while no worker at all is alive, the line above says it for every model
             if self._unserved[model].update(count or not alive, now, grace):
                 log.warning(
-                    "no inference worker serves %s/%s (workers alive: %d, serving other "
-                    "models or versions): its requests wait for one until their deadline; "
-                    "start a worker that loads that version",
-                    model,
-                    self._versions[model],
+                    "no inference worker serves %s (workers alive: %d, serving other models, "
+                    "versions or bucket edges): %s; start a worker that loads that version "
+                    "with the same NLPSERVE_BUCKETS",
+                    self._served_what(model),
                     alive,
+                    self._waiting_fate(),
                 )
         self.workers_alive = alive
         self.model_workers_alive = per_model

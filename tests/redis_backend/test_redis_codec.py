@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -131,19 +132,25 @@ def test_cancel_message_round_trip() -> None:
     assert decode_cancel(b"") == set()
 
 
-def test_stream_names_carry_the_model_version_and_parse_back() -> None:
-    """Metrics label a stream by (model, bucket, lane), whatever the prefix holds."""
-    from service.queueing.redis_keys import model_streams, stream_labels, work_stream
+def test_stream_names_carry_the_model_layout_and_parse_back() -> None:
+    """Streams are keyed by the model's version and bucket edges (its layout); metrics label
+    a stream by (model, bucket, lane), whatever the prefix holds."""
+    from service.queueing.redis_keys import layout, model_streams, stream_labels, work_stream
 
-    assert work_stream("nlpserve", "qa-zh", "2", 3) == "nlpserve:{qa-zh}:v2:b3"
+    v2 = layout("2", [64, 128])
+    assert re.fullmatch(r"v2:e[0-9a-f]{8}", v2)
+    assert work_stream("nlpserve", "qa-zh", v2, 3) == f"nlpserve:{{qa-zh}}:{v2}:b3"
     for prefix in ("nlpserve", "a:b1:v2", "x}:v9:b1"):
         for version in ("1", "2024.06-b1"):
-            stream = work_stream(prefix, "pos-en", version, 7, "explain")
-            assert stream_labels(stream) == ("pos-en", "7", "explain")
-            assert stream_labels(work_stream(prefix, "pos-en", version, 0)) == (
-                "pos-en",
-                "0",
-                "predict",
-            )
-    v1, v2 = model_streams("p", "m", "1", 2), model_streams("p", "m", "2", 2)
-    assert len(v1) == 4 and not set(v1) & set(v2)  # versions never share a stream
+            for edges in ([16], [8, 16, 32, 64, 128, 256, 384, 512]):
+                stream = work_stream(prefix, "pos-en", layout(version, edges), 7, "explain")
+                assert stream_labels(stream) == ("pos-en", "7", "explain")
+                predict = work_stream(prefix, "pos-en", layout(version, edges), 0)
+                assert stream_labels(predict) == ("pos-en", "0", "predict")
+    # versions, and bucket edges, never share a stream
+    layouts = [layout("1", [64, 128]), layout("2", [64, 128]), layout("1", [32, 128])]
+    assert len(set(layouts)) == 3
+    streams = [set(model_streams("p", "m", x, 2)) for x in layouts]
+    assert all(len(s) == 4 for s in streams) and not any(
+        a & b for i, a in enumerate(streams) for b in streams[i + 1 :]
+    )

@@ -30,6 +30,7 @@ from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
     dead_letter_stream,
+    layout,
     model_workers_key,
     work_stream,
     workers_key,
@@ -46,6 +47,10 @@ from tests.redis_backend.helpers import (
 from tests.service_support import GatedRunner, metric_value
 
 POS, POL = "pos-en", "polarity-en"
+
+
+def _layout(runner) -> str:
+    return layout(runner.manifest.version, runner.buckets)
 
 
 @pytest.fixture
@@ -84,7 +89,7 @@ async def test_backlog_is_read_in_bulk_and_batched(make_settings, tiny_runners, 
     async with api_queue(settings, tiny_runners) as q:
         tasks = [asyncio.create_task(q.submit(it)) for it in items]
         stream = work_stream(
-            settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
+            settings.redis_prefix, POS, _layout(tiny_runners[POS]), items[0].bucket
         )
         await wait_for(lambda: _xlen_is(r, stream, 20))
         await wait_for(lambda: q.depth(POS) == 20)  # sampled by the health loop
@@ -154,7 +159,7 @@ async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_
     """A consumer idle on a quiet stream may be a live worker (an empty read does not reset
     its idle time): while its worker beats in P:workers, it is never deleted."""
     settings = make_settings()
-    stream = work_stream(settings.redis_prefix, POS, tiny_runners[POS].manifest.version, 0)
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), 0)
     key = workers_key(settings.redis_prefix)
     async with (
         running_worker(settings, tiny_runners) as w1,
@@ -180,9 +185,9 @@ async def test_replicas_count_the_workers_alive(make_settings, tiny_runners, cap
     async with api_queue(settings, tiny_runners, metrics) as q:
         await wait_for(lambda: q.workers_alive == 0)
         # not at once: at startup and after a Redis restart the count is 0 for a moment
-        assert "no inference worker has beaten" not in caplog.text
+        assert "no live inference worker" not in caplog.text
         q.no_worker_grace_s = 0.0
-        await wait_for(lambda: "no inference worker has beaten" in caplog.text)
+        await wait_for(lambda: "no live inference worker" in caplog.text)
         async with (
             running_worker(settings, tiny_runners),
             running_worker(settings, tiny_runners),
@@ -257,7 +262,7 @@ async def test_replica_and_worker_meet_only_on_the_same_model_version(
     ):
         q.no_worker_grace_s = 0.0
         await wait_for(lambda: q.workers_alive == 1 and q.model_workers_alive == {POS: 0})
-        await wait_for(lambda: "no inference worker serves pos-en/2" in caplog.text)
+        await wait_for(lambda: "no inference worker serves pos-en/2 with buckets" in caplog.text)
         series = 'nlpserve_model_workers_alive{model="pos-en",version="2"}'
         assert f"{series} 0.0" in metrics.render().decode()
         with pytest.raises(NoWorkersError, match="serving pos-en/2 .* serving other models"):
@@ -287,7 +292,7 @@ async def test_workers_split_by_model(make_settings, tiny_runners, r) -> None:
         for got, it in zip(await q.submit_many(items), items, strict=True):
             assert_same(got, direct(tiny_runners[it.model], it))
         # a version's heartbeat set expires once nobody beats it (no key left per old version)
-        key = model_workers_key(settings.redis_prefix, POS, tiny_runners[POS].manifest.version)
+        key = model_workers_key(settings.redis_prefix, POS, _layout(tiny_runners[POS]))
         assert 0 < await r.ttl(key) <= 2 * WORKER_ALIVE_S
     assert (pos_worker.stats.replies, pol_worker.stats.replies) == (2, 1)
 
@@ -313,6 +318,31 @@ def test_model_absence_waits_its_grace_and_defers_to_the_global_one(make_setting
         assert "no inference worker has been alive" in q.no_workers_refusal(model)
     q._count_workers(2, {POS: 1, POL: 1})
     assert all(q.no_workers_refusal(m) is None for m in (POS, POL, None))
+
+
+async def test_replica_and_worker_with_other_bucket_edges_never_exchange_work(
+    make_settings, tiny_runners, caplog
+) -> None:
+    """NLPSERVE_BUCKETS set on a replica and not on the workers: a sequence in a bucket index
+    the workers do not have waited, unseen, for its 504. The edges are part of the layout:
+    the replica reports that no worker serves its layout (log, gauge, opt-in 503)."""
+    runner = tiny_runners[POS]
+    assert len(runner.buckets) > 1
+    other = make_settings(buckets={POS: [4, *runner.buckets]}, redis_no_worker_fail_s=0.5)
+    rng = np.random.default_rng(14)
+    async with (
+        api_queue(other, {POS: runner}) as q,
+        running_worker(make_settings(), {POS: runner}) as w,
+    ):
+        q.no_worker_grace_s = 0.0
+        assert q._edges[POS] == [4, *runner.buckets] != runner.buckets
+        await wait_for(lambda: q.workers_alive == 1 and q.model_workers_alive == {POS: 0})
+        await wait_for(lambda: f"buckets {[4, *runner.buckets]}" in caplog.text)
+        assert "refused (503 no_workers)" in caplog.text  # what happens to its requests
+        await wait_for(lambda: q.no_workers_refusal(POS) is not None, timeout=5)
+        with pytest.raises(NoWorkersError, match="versions or bucket edges"):
+            await q.submit(make_item(runner, 5, rng))
+    assert w.stats.replies == 0
 
 
 async def test_work_waits_for_a_worker_of_its_version(make_settings, tiny_runners) -> None:
@@ -345,9 +375,7 @@ async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
     settings = make_settings(max_wait_ms=60_000, wait_when_idle=True, max_batch_size=5)
     rng = np.random.default_rng(11)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
-    stream = work_stream(
-        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
-    )
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), items[0].bucket)
     async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
         request = asyncio.create_task(q.submit_many(items))
         await wait_for(lambda: len(w._in_hand) == 4)  # read, held for company
@@ -445,9 +473,7 @@ async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny
         # an expired entry that is still in the stream (the API could not delete it) is
         # skipped and acked by the worker, never run
         stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
-        stream = work_stream(
-            settings.redis_prefix, POS, tiny_runners[POS].manifest.version, stale.bucket
-        )
+        stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), stale.bucket)
         await r.xadd(stream, codec.encode_work(stale, q.channel))
         async with running_worker(settings, tiny_runners) as w:
             await wait_for(lambda: w.stats.expired == 1)
@@ -507,9 +533,7 @@ async def test_entries_of_a_dead_worker_are_reclaimed(
     settings = make_settings(redis_claim_idle_ms=300, worker_name="worker-a")
     rng = np.random.default_rng(5)
     items = [make_item(tiny_runners[POL], 9, rng) for _ in range(5)]
-    stream = work_stream(
-        settings.redis_prefix, POL, tiny_runners[POL].manifest.version, items[0].bucket
-    )
+    stream = work_stream(settings.redis_prefix, POL, _layout(tiny_runners[POL]), items[0].bucket)
     async with api_queue(settings, tiny_runners) as q:
         tasks = [asyncio.create_task(q.submit(it)) for it in items]
         await wait_for(lambda: _xlen_is(r, stream, 5))
@@ -528,9 +552,7 @@ async def test_entry_that_keeps_killing_workers_is_dead_lettered(
     settings = make_settings(redis_claim_idle_ms=200, redis_max_attempts=2)
     rng = np.random.default_rng(6)
     item = make_item(tiny_runners[POS], 5, rng)
-    stream = work_stream(
-        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, item.bucket
-    )
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), item.bucket)
     async with api_queue(settings, tiny_runners) as q:
         task = asyncio.create_task(q.submit(item))
         await wait_for(lambda: _xlen_is(r, stream, 1))
@@ -589,7 +611,7 @@ async def test_graceful_stop_finishes_work_in_hand(
                     work_stream(
                         settings.redis_prefix,
                         POS,
-                        tiny_runners[POS].manifest.version,
+                        _layout(tiny_runners[POS]),
                         items[0].bucket,
                     ),
                     GROUP,
@@ -602,9 +624,7 @@ async def test_graceful_stop_finishes_work_in_hand(
         assert w.stats.batch_sizes == [4]
         for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
             assert_same(g, direct(tiny_runners[POS], it))
-    stream = work_stream(
-        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, items[0].bucket
-    )
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), items[0].bucket)
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
@@ -628,10 +648,21 @@ async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_
         await asyncio.wait_for(run, 10)
     assert_same(got, direct(tiny_runners[POS], item))
     assert worker.stats.replies == 1 and not worker._in_hand
-    stream = work_stream(
-        settings.redis_prefix, POS, tiny_runners[POS].manifest.version, item.bucket
-    )
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), item.bucket)
     assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
+def test_rare_event_series_exist_at_zero_from_the_start(make_settings, tiny_runners) -> None:
+    """The alerts on reclaims and dead letters use increase(): a series born at its first
+    event (1) shows no increase, so every model's series is there at 0 before any event."""
+    from service.worker import DEAD_LETTER_REASONS
+
+    body = Worker(make_settings(), tiny_runners).metrics.render().decode()
+    for model in tiny_runners:
+        assert f'nlpserve_worker_reclaimed_total{{model="{model}"}} 0.0' in body
+        for reason in DEAD_LETTER_REASONS:
+            series = f'nlpserve_worker_dead_lettered_total{{model="{model}",reason="{reason}"}}'
+            assert f"{series} 0.0" in body
 
 
 async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -> None:
