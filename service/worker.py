@@ -857,7 +857,8 @@ class Worker:
                     status, body, ctype = (200 if ok else 503), b"ok\n", "text/plain"
                 elif path == "/readyz":
                     ok = worker.connected and not worker._stopping
-                    status, body, ctype = (200 if ok else 503), b"ready\n", "text/plain"
+                    body = b"ready\n" if ok else b"not ready\n"
+                    status, ctype = (200 if ok else 503), "text/plain"
                 else:
                     status, body, ctype = 404, b"not found\n", "text/plain"
                 self.send_response(status)
@@ -869,7 +870,10 @@ class Worker:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._http = ThreadingHTTPServer((self.settings.metrics_host, port), Handler)
+        try:
+            self._http = ThreadingHTTPServer((self.settings.metrics_host, port), Handler)
+        except OSError as e:
+            raise SystemExit(_metrics_port_taken(self.settings.metrics_host, port, e)) from None
         self._http.daemon_threads = True
         self.metrics_port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, name="worker-http", daemon=True).start()
@@ -892,6 +896,14 @@ def redis_version_supported(version: str) -> bool:
     return tuple(parts) >= (7, 0)
 
 
+def _metrics_port_taken(host: str, port: int, e: OSError) -> str:
+    return (
+        f"nlpserve worker: cannot serve /metrics on {host}:{port} ({e.strerror or e}): another "
+        "worker on this host? Give each its own --metrics-port (NLPSERVE_METRICS_PORT; 0: any "
+        "free port)"
+    )
+
+
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -900,6 +912,16 @@ def run_worker(settings: Settings) -> None:
     """Load the repository's models and consume work until SIGTERM."""
     from service.runtime.runner import load_runners
 
+    # The port first: loading the models takes a while, and a second worker on the host
+    # (same default port) should learn at once that it needs its own --metrics-port.
+    if settings.metrics_port:
+        try:
+            with socket.create_server((settings.metrics_host, settings.metrics_port)):
+                pass
+        except OSError as e:
+            raise SystemExit(
+                _metrics_port_taken(settings.metrics_host, settings.metrics_port, e)
+            ) from None
     metrics = Metrics()
     runners = load_runners(settings, metrics)
     if not runners:

@@ -77,6 +77,8 @@ class InferenceQueue(abc.ABC):
 
     # Live inference workers elsewhere (Redis mode); None: this process runs the models.
     workers_alive: int | None = None
+    # Per model: those of them that serve the model as this process loaded it (Redis mode).
+    model_workers_alive: dict[str, int] = {}  # noqa: RUF012 (replaced, never mutated)
 
     def no_workers_refusal(self, model: str | None = None) -> str | None:
         """Why new work (for ``model``, or any) is refused for want of a worker (Redis mode,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching.types import WorkItem
@@ -96,6 +96,22 @@ class _Admission:
     args: list[bytes | str | int]
     targets: list[str]
     fut: asyncio.Future[list[Any]]
+
+
+def _redis_failure(e: RedisError) -> str:
+    """What a client is told when Redis refuses: the cause, not Redis' script internals
+    ("... script: c5c9ae68..., on @user_script:12."), which go to the log instead."""
+    text = str(e)
+    if isinstance(e, OutOfMemoryError) or text.startswith("OOM"):
+        log.warning("Redis refused a write: %s", text)
+        return (
+            "the queue backend (Redis) is out of memory (maxmemory, noeviction): not queued; "
+            "retry later"
+        )
+    if isinstance(e, RedisTimeoutError):
+        return "the queue backend (Redis) did not answer in time: not queued; retry later"
+    log.warning("Redis refused a write: %s", text)
+    return f"the queue backend (Redis) refused the request ({type(e).__name__}); retry later"
 
 
 @dataclass
@@ -322,7 +338,7 @@ class RedisQueue(InferenceQueue):
             self._ping_ok = False  # not ready until the health loop sees Redis again
             raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
         except RedisError as e:  # a timeout, or OOM: Redis is up but refuses writes
-            raise BackendUnavailableError(f"the queue backend (Redis) failed: {e}") from e
+            raise BackendUnavailableError(_redis_failure(e)) from e
         depth, lens, ids = int(res[0]), res[1], res[2:]
         self._depth[model] = depth
         self._record_depth(model, keys, lens)

@@ -35,6 +35,7 @@ def _version_key(p: Path) -> tuple[int, str]:
 
 # In a selection: every model of the repository (those named keep their pinned versions).
 EVERY_MODEL = "*"
+SELECTION = "NLPSERVE_LOAD_MODELS (or --load)"
 
 
 def parse_selection(text: str) -> dict[str, str | None]:
@@ -83,8 +84,8 @@ def discover_models(
         }
         if missing := [n for n in select if n != EVERY_MODEL and n not in held]:
             raise SelectionError(
-                f"NLPSERVE_LOAD_MODELS names {', '.join(missing)}, which {root} does not hold "
-                f"(it holds: {', '.join(sorted(held)) or 'nothing'})"
+                f"{SELECTION} names {', '.join(missing)}, which {root} does not hold (it "
+                f"holds: {', '.join(sorted(held)) or 'nothing'})"
             )
         if EVERY_MODEL not in select:
             model_dirs = [p for p in model_dirs if p.name in select]
@@ -98,8 +99,8 @@ def discover_models(
             chosen = [v for v in versions if v.name == pinned]
             if not chosen:
                 raise SelectionError(
-                    f"NLPSERVE_LOAD_MODELS names {model_dir.name}={pinned}, but {model_dir} "
-                    f"holds versions {', '.join(v.name for v in versions) or 'none'}"
+                    f"{SELECTION} names {model_dir.name}={pinned}, but {model_dir} holds "
+                    f"versions {', '.join(v.name for v in versions) or 'none'}"
                 )
             versions = chosen
         elif latest_only:

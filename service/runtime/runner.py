@@ -197,12 +197,14 @@ class ModelRunner:
     def _measure_token_cost(self) -> float:
         """Seconds per padded token of a batch at max length, as many rows as the default CPU
         token budget holds (one call's fixed cost is shared, and a large explicit budget does
-        not make start-up run huge batches); best of two runs."""
+        not make start-up run huge batches); best of five runs: processes starting together
+        on few cores slow each other's runs, and one slow measure flipped a model's padding
+        floor (the cost decides it) in one of two workers started side by side."""
         width = self.manifest.max_length
         rows = max(1, min(self.max_rows, CPU_BATCH_TOKENS // width))
         batch = [self.dummy_item(width, len(self.buckets) - 1)] * rows
         best = float("inf")
-        for _ in range(2):
+        for _ in range(5):
             t0 = time.perf_counter()
             self.run_batch(batch, record=False)
             best = min(best, time.perf_counter() - t0)

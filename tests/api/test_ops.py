@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -12,12 +13,22 @@ from tests.service_support import live_server, make_settings, metric_value, read
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def test_healthz_and_readyz(client):
+async def test_healthz_and_readyz(client, service):
     r = await client.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     r = await client.get("/readyz")
     assert r.status_code == 200
-    assert {"pos-en", "polarity-en"} <= set(r.json()["models"])
+    body = r.json()
+    assert {"pos-en", "polarity-en"} <= set(body["models"])
+    if service.state.settings.queue == "redis":  # one worker serves every model here
+        for _ in range(50):
+            body = (await client.get("/readyz")).json()
+            if body["model_workers"] == dict.fromkeys(body["models"], 1):
+                break
+            await asyncio.sleep(0.1)
+        assert body["workers"] == 1 and body["model_workers"] == dict.fromkeys(body["models"], 1)
+    else:
+        assert "workers" not in body and "model_workers" not in body
     for path in ("/healthz", "/readyz", "/"):  # HEAD: what load balancers probe with
         r = await client.head(path)
         assert r.status_code == 200 and not r.content

@@ -10,7 +10,9 @@ import asyncio
 import copy
 import dataclasses
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -677,6 +679,13 @@ async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -
             body = await asyncio.to_thread(_get, port, "/metrics")
             assert await asyncio.to_thread(_get, port, "/healthz") == b"ok\n"
             assert await asyncio.to_thread(_get, port, "/readyz") == b"ready\n"
+            w._stopping = True  # draining: no longer ready, and the body says so
+            with pytest.raises(urllib.error.HTTPError) as e:
+                await asyncio.to_thread(_get, port, "/readyz")
+            assert e.value.code == 503 and e.value.read() == b"not ready\n"
+            w._stopping = False
+            with pytest.raises(SystemExit, match=f"cannot serve /metrics on .*:{port} "):
+                w.start_http(port)  # taken (by itself here): one line, no traceback
         finally:
             w.stop_http()
     text = body.decode()
@@ -693,9 +702,47 @@ async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -
     assert 'nlpserve_worker_replies_total{model="pos-en",status="ok"} 3.0' in text
 
 
+def test_worker_refuses_a_taken_metrics_port_before_loading_models(make_settings) -> None:
+    """Two workers on one host share the default port: the second says so in one line at
+    once, not with a traceback after loading every model."""
+    import socket
+
+    from service.worker import run_worker
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = make_settings(metrics_port=port, metrics_host="127.0.0.1")
+        settings = settings.model_copy(update={"model_dir": Path("/nonexistent")})
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port} .*--metrics-port"):
+            run_worker(settings)  # the models folder does not exist: never reached
+
+
 def _get(port: int, path: str) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return resp.read()
+
+
+async def test_redis_out_of_memory_is_a_clear_503(make_settings, tiny_runners, own_redis):
+    """At maxmemory (noeviction) Redis refuses the admission script's writes: the client is
+    told so, without Redis' script internals, and is served once memory is back."""
+    settings = make_settings(redis_url=own_redis.url)
+    rng = np.random.default_rng(15)
+    admin = aioredis.from_url(own_redis.url)
+    try:
+        async with api_queue(settings, tiny_runners) as q:
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")
+            with pytest.raises(BackendUnavailableError) as e:
+                await q.submit(make_item(tiny_runners[POS], 5, rng))
+            msg = str(e.value)
+            assert "out of memory" in msg and "retry later" in msg
+            assert "script" not in msg and "@" not in msg, msg
+            await admin.config_set("maxmemory", "0")
+            async with running_worker(settings, tiny_runners):
+                it = make_item(tiny_runners[POS], 5, rng)
+                assert_same(await q.submit(it), direct(tiny_runners[POS], it))
+    finally:
+        await admin.aclose()
 
 
 async def test_redis_restart_readiness_and_recovery(make_settings, tiny_runners, own_redis):

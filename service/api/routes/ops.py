@@ -97,7 +97,8 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: models loaded and the queue accepts work",
-    description="200 with the loaded models (and, in Redis mode, the live workers) when "
+    description="200 with the loaded models (and, in Redis mode, the live workers, in all "
+    "and per model) when "
     "requests can be served; 503 while starting, stopping, with no models, or with the "
     "queue backend unreachable (send traffic elsewhere).",
     responses={
@@ -125,6 +126,8 @@ async def readyz(request: Request) -> JSONResponse:
     body: dict[str, object] = {"status": "ready", "models": sorted(state.tasks)}
     if state.queue.workers_alive is not None:  # Redis mode: informative, not a condition
         body["workers"] = state.queue.workers_alive
+        # per model: live workers that serve this replica's version and buckets of it
+        body["model_workers"] = dict(sorted(state.queue.model_workers_alive.items()))
     return JSONResponse(body)
 
 
