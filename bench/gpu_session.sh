@@ -20,8 +20,8 @@
 # BENCH_CLIENT_PROCS (1: load-generator processes).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 # (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
-# Exit status: 0, or 3/4 when the setup failed, 5 when a model's run failed (not a timeout:
-# an interrupted run still writes its report).
+# Exit status: 0, or 3/4 when the setup failed, 5 when a model's run failed or was skipped
+# for want of time (not a timeout: an interrupted run still writes its report).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -150,7 +150,7 @@ for m in "$@"; do
   left=$((BUDGET - $(elapsed) - 10))
   share=$((left / (n - i + 1)))
   [ "$i" -eq 1 ] && [ "$n" -gt 1 ] && share=$((share + share / 5))  # the detector derives fp32
-  if [ "$share" -lt 60 ]; then say "no time left for $m ($share s)"; continue; fi
+  if [ "$share" -lt 60 ]; then say "no time left for $m ($share s)"; failed+=("$m"); continue; fi
   args=(--device "$DEVICE" --model "$m" --models "$MODELS_DIR" --variants "$VARIANTS"
         --derive-variants --configs "$CONFIGS" --requests "$REQUESTS"
         --baseline-requests "$BASELINE_REQUESTS" --baseline-dtype "$BASELINE_DTYPE"
@@ -169,7 +169,7 @@ for m in "$@"; do
   [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || failed+=("$m")
 done
 ls -la "$OUT"
-if ((${#failed[@]})); then say "FAILED: ${failed[*]} (see above)"; return 5; fi
+if ((${#failed[@]})); then say "FAILED or skipped: ${failed[*]} (see above)"; return 5; fi
 say "done"
 }
 

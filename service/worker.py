@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -167,6 +168,7 @@ class Worker:
         # batcher may leave only then (a read returning after it left stranded its entries
         # for the claim idle time).
         self._reader_done = False
+        self._reclaiming = False  # the same for a reclaim sweep (the maintenance loop)
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
         self._down_logged = False  # "Redis unreachable" logged for the current outage
@@ -478,7 +480,13 @@ class Worker:
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
             pending = sum(len(s) for s in self.schedulers.values())
-            if self._stopping and self._reader_done and self._running == 0 and pending == 0:
+            if (
+                self._stopping
+                and self._reader_done
+                and not self._reclaiming
+                and self._running == 0
+                and pending == 0
+            ):
                 return
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []
@@ -714,7 +722,14 @@ class Worker:
                 await self._beat()
                 await self._keepalive(idle_ms)
                 if not self._stopping:
-                    await self._reclaim(idle_ms)
+                    # like a read, a reclaim in flight when a stop comes brings entries the
+                    # batcher must still run: it waits for this flag to drop
+                    self._reclaiming = True
+                    try:
+                        await self._reclaim(idle_ms)
+                    finally:
+                        self._reclaiming = False
+                        self._wake.set()
                 now = time.monotonic()
                 if now >= next_sample:
                     next_sample = now + 1.0
@@ -756,7 +771,7 @@ class Worker:
         """
         for stream in self.streams:
             room = self.settings.worker_prefetch - len(self._in_hand)
-            if room <= 0:
+            if room <= 0 or self._stopping:
                 return
             rows = await self.client.xpending_range(
                 stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
@@ -897,11 +912,13 @@ def redis_version_supported(version: str) -> bool:
 
 
 def _metrics_port_taken(host: str, port: int, e: OSError) -> str:
-    return (
-        f"nlpserve worker: cannot serve /metrics on {host}:{port} ({e.strerror or e}): another "
-        "worker on this host? Give each its own --metrics-port (NLPSERVE_METRICS_PORT; 0: any "
-        "free port)"
-    )
+    why = f"nlpserve worker: cannot serve /metrics on {host}:{port} ({e.strerror or e})"
+    if e.errno == errno.EADDRINUSE:
+        return (
+            f"{why}: another worker on this host? Give each its own --metrics-port "
+            "(NLPSERVE_METRICS_PORT; 0: any free port)"
+        )
+    return f"{why}: check NLPSERVE_METRICS_HOST and NLPSERVE_METRICS_PORT"
 
 
 def _s(v: bytes | str) -> str:

@@ -191,6 +191,16 @@ def test_gpu_profile_reserves_a_device(services: dict[str, Any]) -> None:
         assert "reservations" not in res
 
 
+def test_workers_may_finish_their_drain_before_docker_kills_them(
+    services: dict[str, Any],
+) -> None:
+    s = Settings()
+    needed = s.worker_drain_timeout_s + s.redis_block_ms / 1000 + 1.0
+    for name in ("worker", "worker-gpu"):
+        grace = re.fullmatch(r"(\d+)s", services[name]["stop_grace_period"])
+        assert grace and int(grace.group(1)) > needed, (name, needed)
+
+
 def test_build_targets_exist(services: dict[str, Any]) -> None:
     stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), re.M | re.I))
     for svc in NLPSERVE_IMAGE_SERVICES:

@@ -54,7 +54,7 @@ def test_selection_of_what_the_repository_lacks_is_refused(repo: Path) -> None:
         discover_models(repo, select={"pos-en": "3"})
     with pytest.raises(SelectionError, match=r"names qa-zh, which"):
         discover_models(repo, select=parse_selection("*,qa-zh=1"))
-    # a folder without any manifest is not a model: selecting it loads nothing, silently
+    # a folder without any manifest is not a model: selecting it is refused like a typo
     (repo / "empty" / "1").mkdir(parents=True)
     with pytest.raises(SelectionError, match=r"names empty, which .* holds: polarity-en, pos-en\)"):
         discover_models(repo, select={"empty": None})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -98,19 +99,25 @@ class _Admission:
     fut: asyncio.Future[list[Any]]
 
 
+_refusals_logged_at = -math.inf  # the last "Redis refused a write" line (one per 10 s)
+
+
 def _redis_failure(e: RedisError) -> str:
     """What a client is told when Redis refuses: the cause, not Redis' script internals
-    ("... script: c5c9ae68..., on @user_script:12."), which go to the log instead."""
+    ("... script: c5c9ae68..., on @user_script:12."), which go to the log instead (at most
+    one line per 10 s: under load every request meets the same refusal)."""
+    global _refusals_logged_at
     text = str(e)
+    if isinstance(e, RedisTimeoutError):
+        return "the queue backend (Redis) did not answer in time: not queued; retry later"
+    if (now := time.monotonic()) - _refusals_logged_at >= 10.0:
+        _refusals_logged_at = now
+        log.warning("Redis refused a write (more within 10 s are not logged): %s", text)
     if isinstance(e, OutOfMemoryError) or text.startswith("OOM"):
-        log.warning("Redis refused a write: %s", text)
         return (
             "the queue backend (Redis) is out of memory (maxmemory, noeviction): not queued; "
             "retry later"
         )
-    if isinstance(e, RedisTimeoutError):
-        return "the queue backend (Redis) did not answer in time: not queued; retry later"
-    log.warning("Redis refused a write: %s", text)
     return f"the queue backend (Redis) refused the request ({type(e).__name__}); retry later"
 
 

@@ -654,6 +654,41 @@ async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
+async def test_graceful_stop_runs_what_a_reclaim_in_flight_brings(make_settings, tiny_runners, r):
+    """The same for a reclaim sweep: entries a worker is taking over (XCLAIM in flight) when
+    told to stop become its own; it must run them before it leaves."""
+    settings = make_settings(redis_claim_idle_ms=300)
+    rng = np.random.default_rng(22)
+    item = make_item(tiny_runners[POS], 5, rng)
+    stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), item.bucket)
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    async with api_queue(settings, tiny_runners) as q:
+        pending = asyncio.ensure_future(q.submit(item))
+        await wait_for(lambda: q.depth(POS) == 1)
+        assert await r.xreadgroup(GROUP, "ghost", {stream: ">"}, count=10)  # a dead worker's
+        worker = Worker(settings, {POS: tiny_runners[POS]})
+        run = asyncio.create_task(worker.run())
+        await wait_for(lambda: worker.connected)
+        called, go = asyncio.Event(), asyncio.Event()
+        xclaim = worker.client.xclaim
+
+        async def held_xclaim(*a, **k):
+            called.set()
+            await go.wait()
+            return await xclaim(*a, **k)
+
+        worker.client.xclaim = held_xclaim  # type: ignore[method-assign]
+        await asyncio.wait_for(called.wait(), 5)
+        worker.stop()
+        await asyncio.sleep(0.3)  # reader done: the old batcher had left by now
+        go.set()
+        got = await asyncio.wait_for(pending, 5)
+        await asyncio.wait_for(run, 10)
+    assert_same(got, direct(tiny_runners[POS], item))
+    assert worker.stats.reclaimed == 1 and worker.stats.replies == 1
+    assert (await r.xpending(stream, GROUP))["pending"] == 0
+
+
 def test_rare_event_series_exist_at_zero_from_the_start(make_settings, tiny_runners) -> None:
     """The alerts on reclaims and dead letters use increase(): a series born at its first
     event (1) shows no increase, so every model's series is there at 0 before any event."""
