@@ -635,18 +635,13 @@ def test_gpu_scripts_parse(script: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path) -> None:
-    """bench/gpu_session.sh end to end, on the CPU and the tiny QA model (no installs): the
-    knobs reach bench.run, and $OUT holds what the device tool can bring back (at most 8
-    files, names of letters, digits, '.', '_', '-')."""
-    import re
+def _gpu_session(model_repo: Path, tmp_path: Path, **knobs: str):
+    """bench/gpu_session.sh run on the CPU without installs, with ``knobs`` on top:
+    (the finished process, its $OUT folder)."""
     import shutil
     import subprocess
     import sys
 
-    from tests.service_support import QA_MODEL, require_model
-
-    require_model(model_repo, QA_MODEL)
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("needs bash and coreutils' timeout")
     out = tmp_path / "out"
@@ -659,17 +654,34 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
         "PY": sys.executable,
         "GPU_SESSION_TMP": str(tmp_path / "work"),
         "MODELS_DIR": str(model_repo),
-        "BENCH_MODELS": QA_MODEL,
-        "BENCH_VARIANTS": "fp32",
-        "BENCH_CONFIGS": "raw,inprocess",
-        "BENCH_REQUESTS": "12",
-        "BENCH_CONCURRENCY": "4",
-        "BENCH_RAW_SECONDS": "0.1",
         "BENCH_BUDGET_S": "150",
+        **knobs,
     }
     script = procs.REPO_ROOT / "bench" / "gpu_session.sh"
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                        timeout=170)  # fmt: skip
+    return r, out
+
+
+def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path) -> None:
+    """bench/gpu_session.sh end to end, on the CPU and the tiny QA model (no installs): the
+    knobs reach bench.run, and $OUT holds what the device tool can bring back (at most 8
+    files, names of letters, digits, '.', '_', '-')."""
+    import re
+
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    r, out = _gpu_session(
+        model_repo,
+        tmp_path,
+        BENCH_MODELS=QA_MODEL,
+        BENCH_VARIANTS="fp32",
+        BENCH_CONFIGS="raw,inprocess",
+        BENCH_REQUESTS="12",
+        BENCH_CONCURRENCY="4",
+        BENCH_RAW_SECONDS="0.1",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert {"gpu_session.log", "qa-zh-cpu.json", "qa-zh-cpu.md"} <= set(names), names
@@ -683,30 +695,9 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
 def test_gpu_session_script_fails_when_a_model_run_fails(model_repo: Path, tmp_path: Path):
     """A device call is scarce: a model whose run failed (here: not in the repository) makes
     the script's exit status non-zero, not a quiet 'done' with no report."""
-    import shutil
-    import subprocess
-    import sys
-
-    if shutil.which("bash") is None or shutil.which("timeout") is None:
-        pytest.skip("needs bash and coreutils' timeout")
-    out = tmp_path / "out"
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "OUT": str(out),
-        "SKIP_INSTALL": "1",
-        "SKIP_FP16_EVAL": "1",
-        "BENCH_DEVICE": "cpu",
-        "PY": sys.executable,
-        "GPU_SESSION_TMP": str(tmp_path / "work"),
-        "MODELS_DIR": str(model_repo),
-        "BENCH_MODELS": "no-such-model",
-        "BENCH_BUDGET_S": "150",
-        "BENCH_CONFIGS": "raw",
-    }
-    script = procs.REPO_ROOT / "bench" / "gpu_session.sh"
-    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
-                       timeout=170)  # fmt: skip
+    r, out = _gpu_session(
+        model_repo, tmp_path, SKIP_FP16_EVAL="1", BENCH_MODELS="no-such-model", BENCH_CONFIGS="raw"
+    )
     log = (out / "gpu_session.log").read_text()
     assert r.returncode == 5, r.stdout[-3000:] + r.stderr[-3000:]
     assert "no-such-model: exit 2" in log and "FAILED or skipped: no-such-model" in log
