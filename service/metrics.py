@@ -118,13 +118,13 @@ class Metrics:
         return self._workers_alive
 
     def model_workers_alive(self) -> Gauge:
-        """Per model: live workers that serve the version this replica enqueues for (Redis
-        mode; created on first use like :meth:`workers_alive`)."""
+        """Per model: live workers that serve the layout (version, bucket edges) this replica
+        enqueues for (Redis mode; created on first use like :meth:`workers_alive`)."""
         if self._model_workers_alive is None:
             self._model_workers_alive = Gauge(
                 "nlpserve_model_workers_alive",
                 "Inference workers that beat within the last minute and serve the model "
-                "version this replica loaded (Redis mode; 0: its requests wait).",
+                "version (and bucket edges) this replica loaded (Redis mode; 0: requests wait).",
                 ["model", "version"],
                 registry=self.registry,
             )

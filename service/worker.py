@@ -138,8 +138,8 @@ class Worker:
         )
         self.prefix = settings.redis_prefix
         self._workers_key = workers_key(self.prefix)
-        # one heartbeat set per model version served: replicas tell from it whether anyone
-        # serves the version they enqueue for
+        # one heartbeat set per model layout served (version, bucket edges): replicas tell
+        # from it whether anyone serves the layout they enqueue for
         self._served_keys = [
             model_workers_key(self.prefix, m, layout(r.manifest.version, r.buckets))
             for m, r in self.runners.items()
@@ -819,7 +819,7 @@ class Worker:
             self.wm.stream_pending.labels(*labels).set(pending)
 
     async def _beat(self) -> None:
-        """Refresh this worker's heartbeat in ``P:workers`` and in each served version's set
+        """Refresh this worker's heartbeat in ``P:workers`` and in each served layout's set
         (and drop the long silent ones): no other worker deletes the consumers of a worker
         that beats (below), and the API replicas count the workers alive
         (``nlpserve_workers_alive``, ``nlpserve_model_workers_alive``)."""

@@ -186,7 +186,7 @@ class RedisQueue(InferenceQueue):
         self._closed = False  # the clients are closed: nothing may use them any more
         self._workers_key = workers_key(settings.redis_prefix)
         self.workers_alive: int | None = None  # None until the first health probe
-        # per model: live workers serving the version this replica enqueues for
+        # per model: live workers serving the layout (version, bucket edges) enqueued for
         self.model_workers_alive: dict[str, int] = {}
         self.no_worker_grace_s = NO_WORKER_GRACE_S
         self._no_workers = _Absence()
