@@ -138,20 +138,17 @@ class Worker:
         )
         self.prefix = settings.redis_prefix
         self._workers_key = workers_key(self.prefix)
-        # one heartbeat set per model layout served (version, bucket edges): replicas tell
-        # from it whether anyone serves the layout they enqueue for
-        self._served_keys = [
-            model_workers_key(self.prefix, m, layout(r.manifest.version, r.buckets))
-            for m, r in self.runners.items()
-        ]
+        # Each model as loaded (version, bucket edges) keys its streams and its heartbeat set:
+        # replicas tell from the set whether anyone serves the layout they enqueue for.
+        layouts = {m: layout(r.manifest.version, r.buckets) for m, r in self.runners.items()}
+        self._served_keys = [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
         self.schedulers = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for m, r in self.runners.items()
         }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():
-            model_layout = layout(r.manifest.version, r.buckets)
-            for s in model_streams(self.prefix, m, model_layout, len(r.buckets)):
+            for s in model_streams(self.prefix, m, layouts[m], len(r.buckets)):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
         self._threads = max(settings.inference_threads_for(r.provider) for r in runners.values())
