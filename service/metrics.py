@@ -211,13 +211,13 @@ class WorkerMetrics:
         self.stream_lag = Gauge(
             "nlpserve_worker_stream_lag_entries",
             "Entries in a work stream not yet read by any worker.",
-            ["model", "bucket", "lane"],
+            ["model", "version", "bucket", "lane"],
             registry=r,
         )
         self.stream_pending = Gauge(
             "nlpserve_worker_stream_pending_entries",
             "Entries read by some worker but not yet acknowledged.",
-            ["model", "bucket", "lane"],
+            ["model", "version", "bucket", "lane"],
             registry=r,
         )
         in_hand_gauge = Gauge(

@@ -69,14 +69,15 @@ def model_streams(
     ]
 
 
-def stream_labels(stream: str) -> tuple[str, str, str]:
-    """``P:{model}:v1:e<h>:b3[:explain]`` → (model, "3", lane), whatever ``P`` holds (":b"
-    too; a model name or version holds no ``:`` or brace, the digest is hex)."""
+def stream_labels(stream: str) -> tuple[str, str, str, str]:
+    """``P:{model}:v1:e<h>:b3[:explain]`` → (model, "1", "3", lane), whatever ``P`` holds
+    (":b" too; a model name or version holds no ``:`` or brace, the digest is hex)."""
     head, _, tail = stream.rpartition("}:v")
     model = head.rpartition(":{")[2]
-    _layout, _, rest = tail.partition(":b")
+    layout_, _, rest = tail.partition(":b")
+    version = layout_.rpartition(":e")[0]
     bucket, _, lane = rest.partition(":")
-    return model, bucket, lane or PREDICT_LANE
+    return model, version, bucket, lane or PREDICT_LANE
 
 
 def model_workers_key(prefix: str, model: str, model_layout: str) -> str:

@@ -418,7 +418,7 @@ class RedisQueue(InferenceQueue):
         for key, n in zip(keys, lens, strict=False):
             bucket = self._bucket_of.get(key)
             if bucket is None:
-                bucket = self._bucket_of[key] = stream_labels(key)[1]
+                bucket = self._bucket_of[key] = stream_labels(key)[2]
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)

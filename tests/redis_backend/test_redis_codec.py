@@ -134,7 +134,7 @@ def test_cancel_message_round_trip() -> None:
 
 def test_stream_names_carry_the_model_layout_and_parse_back() -> None:
     """Streams are keyed by the model's version and bucket edges (its layout); metrics label
-    a stream by (model, bucket, lane), whatever the prefix holds."""
+    a stream by (model, version, bucket, lane), whatever the prefix holds."""
     from service.queueing.redis_keys import layout, model_streams, stream_labels, work_stream
 
     v2 = layout("2", [64, 128])
@@ -144,9 +144,9 @@ def test_stream_names_carry_the_model_layout_and_parse_back() -> None:
         for version in ("1", "2024.06-b1"):
             for edges in ([16], [8, 16, 32, 64, 128, 256, 384, 512]):
                 stream = work_stream(prefix, "pos-en", layout(version, edges), 7, "explain")
-                assert stream_labels(stream) == ("pos-en", "7", "explain")
+                assert stream_labels(stream) == ("pos-en", version, "7", "explain")
                 predict = work_stream(prefix, "pos-en", layout(version, edges), 0)
-                assert stream_labels(predict) == ("pos-en", "0", "predict")
+                assert stream_labels(predict) == ("pos-en", version, "0", "predict")
     # versions, and bucket edges, never share a stream
     layouts = [layout("1", [64, 128]), layout("2", [64, 128]), layout("1", [32, 128])]
     assert len(set(layouts)) == 3

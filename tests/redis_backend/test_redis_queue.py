@@ -735,6 +735,18 @@ async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -
     ):
         assert name in text, name
     assert 'nlpserve_worker_replies_total{model="pos-en",status="ok"} 3.0' in text
+    # a stream's series say which version's streams they sample (two run during a rollout)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lag = {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "nlpserve_worker_stream_lag_entries"
+        for s in f.samples
+    }
+    version = tiny_runners[POS].manifest.version
+    labels = {"model": POS, "version": version, "bucket": "0", "lane": "predict"}
+    assert lag[tuple(sorted(labels.items()))] == 0.0
 
 
 def test_worker_refuses_a_taken_metrics_port_before_loading_models(make_settings) -> None:
