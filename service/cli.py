@@ -7,6 +7,7 @@ imported only to register its commands: torch itself is imported inside those co
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -138,8 +139,10 @@ def worker(
 def list_models(
     model_dir: Annotated[Path, typer.Option("--models", help="Model repository.")] = Path("models"),
 ) -> None:
-    """Validate the repository (manifests, files, checksums) and print each model's manifest
-    summary as JSON."""
+    """Validate the repository and print each model's manifest summary as JSON.
+
+    Every manifest, file and variant checksum is checked; a broken one ends the command with
+    a line naming it (exit status 2)."""
     for entry in _repository(model_dir, must_hold_models=True):
         m = entry.manifest
         typer.echo(
@@ -154,6 +157,19 @@ def list_models(
                 }
             )
         )
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Docstrings here are wrapped at 100 columns and Typer prints their line breaks as they
+    are (in the command list too): each paragraph becomes one line, which Typer wraps to the
+    terminal."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_help(group.typer_instance)
 
 
 def _register_training_commands() -> None:
@@ -189,6 +205,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     _register_training_commands()
+    _unwrap_help(app)
     from service.repository import ManifestError, SelectionError
 
     try:

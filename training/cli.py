@@ -56,8 +56,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model version on its held-out test split and print the metrics as JSON.
 
-    ``--variant fp16 --providers CUDAExecutionProvider --record`` is how an fp16 variant
-    exported on a machine without a GPU gets its drop measured on CUDA.
+    An fp16 variant exported on a machine without a GPU gets its accuracy drop measured on
+    CUDA with: --variant fp16 --providers CUDAExecutionProvider --record.
     """
     from service.config import Settings
     from service.repository import load_manifest

