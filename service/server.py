@@ -55,6 +55,9 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         # A single worker process: the in-process queue and the models live in it.
         workers=1,
         access_log=False,
+        # Nothing reads the client's address or scheme (no access log; the gateway logs and
+        # rate-limits by address): uvicorn's X-Forwarded-* middleware would only cost time.
+        proxy_headers=False,
         # Idle keep-alive connections close after this; the gateway's upstream keep-alive
         # (deploy/nginx) must stay below it.
         timeout_keep_alive=KEEP_ALIVE_S,

@@ -242,8 +242,9 @@ def _until(cond, timeout: float = 30.0) -> None:
 
 
 def test_server_runs_on_uvloop_and_httptools(model_repo):
-    """The C event loop and HTTP parser (dependencies; uvicorn's "auto" picks them): the
-    API process is what limits throughput once inference is fast (bench/README.md)."""
+    """The C event loop and HTTP parser (dependencies; uvicorn's "auto" picks them), and no
+    layer nothing needs: the API process is what limits throughput once inference is fast
+    (bench/README.md)."""
     import asyncio
 
     from service.config import Settings
@@ -252,6 +253,8 @@ def test_server_runs_on_uvloop_and_httptools(model_repo):
     cfg = uvicorn_config(Settings(model_dir=model_repo, warmup=False))
     cfg.load()
     assert cfg.http_protocol_class.__name__ == "HttpToolsProtocol"
+    # no X-Forwarded-* rewriting layer: nothing reads the client's address
+    assert type(cfg.loaded_app).__name__ != "ProxyHeadersMiddleware"
     loop = cfg.get_loop_factory()()
     try:
         assert type(loop).__module__.startswith("uvloop")
