@@ -82,6 +82,39 @@ async def test_cancelled_request_is_skipped(queue):
     assert len(queue.batch_log) == ran + 1
 
 
+@pytest.mark.parametrize("how", ["expired", "cancelled"])
+async def test_queue_depth_gauge_drops_work_that_leaves_without_a_batch(runners, model_repo, how):
+    """Work that expires or whose request goes away while queued leaves the gauge too, even
+    when no batch follows (an idle model must not report phantom depth to the alerts)."""
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    q = InProcessQueue(runners, make_settings(model_repo), metrics)
+    await q.start()
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value(
+            "nlpserve_queue_depth", {"model": MODEL, "bucket": "0"}
+        )
+
+    try:
+        q.pause()
+        t = asyncio.create_task(q.submit(item(deadline_s=0.2)))
+        await wait_for(lambda: q.depth(MODEL) == 1)
+        assert gauge() == 1
+        if how == "cancelled":
+            t.cancel()
+        else:
+            await asyncio.sleep(0.3)
+        q.resume()
+        results = await asyncio.gather(t, return_exceptions=True)
+        expected = asyncio.CancelledError if how == "cancelled" else DeadlineExceededError
+        assert isinstance(results[0], expected)
+        await wait_for(lambda: gauge() == 0)
+    finally:
+        await q.close(2)
+
+
 async def test_poison_input_fails_alone_with_422(queue):
     queue.pause()
     good = asyncio.create_task(queue.submit(item()))

@@ -277,12 +277,16 @@ class InProcessQueue(InferenceQueue):
             fut = self._futures.get(it.id)
             return fut is None or fut.done()
 
-        for it in sched.drop(gone):
+        dropped = sched.drop(gone)
+        for it in dropped:
             log.debug("%s: skipping item %s: its request is gone", model, it.id)
-        for it in sched.drop_expired(now):
+        expired = sched.drop_expired(now)
+        for it in expired:
             fut = self._futures.get(it.id)
             if fut is not None and not fut.done():
                 fut.set_exception(DeadlineExceededError("deadline passed while queued"))
+        if dropped or expired:  # no batch may follow: the gauge must not keep the dropped
+            self._update_depth(model)
 
     async def _loop(self, model: str) -> None:
         """Form ``model``'s batches and hand them to the executor: up to
