@@ -205,14 +205,57 @@ async def test_cancelled_request_stops_its_thread():
     svc.close()
 
 
-async def test_a_deadline_spent_waiting_for_a_slot_is_said_so():
-    """The 504 said "684 of 1000 evaluations done in 21.6 s" after 30 s: the rest was the
-    wait for a free explanation slot, which the message now names."""
-    svc = make_service(FakeModel(delay_s=0.05), batch_size=2, concurrency=1)
+async def test_a_deadline_spent_waiting_for_a_slot_ends_at_the_deadline_and_says_so():
+    """The 504 came when a slot freed, seconds late, and spoke of "0 of 50 evaluations
+    done": it now comes at the deadline, names the wait, and the job never runs."""
+    model = FakeModel(delay_s=0.05)
+    svc = make_service(model, batch_size=2, concurrency=1)
     text = "good great bad not good great"
     first = asyncio.create_task(svc.explain("toy", text, 400, deadline()))
     await asyncio.sleep(0.05)  # the first holds the only slot
-    with pytest.raises(DeadlineExceededError, match="waiting for a free explanation slot"):
-        await svc.explain("toy", "bad bad not great", 400, deadline(0.6))
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="did not start") as e:
+        await svc.explain("toy", "bad bad not great", 400, deadline(0.4))
+    assert time.monotonic() - t0 < 1.0
+    assert "waiting for a free explanation slot (1 run at once" in str(e.value)
     await first
+    calls = model.calls
+    await asyncio.sleep(0.2)
+    assert model.calls == calls  # the abandoned job did not run once the slot was free
+    svc.close()
+
+
+async def test_a_deadline_spent_waiting_for_shaps_start_up_ends_at_the_deadline(monkeypatch):
+    import service.explain.engine as engine
+
+    monkeypatch.setattr(engine, "_warm_shap", lambda: time.sleep(1.0))
+    svc = make_service(FakeModel())
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="shap's start-up"):
+        await svc.explain("toy", "good bad", 64, deadline(0.3))
+    assert time.monotonic() - t0 < 0.8
+    svc.close()
+
+
+async def test_identical_requests_share_a_computation_within_their_own_deadlines():
+    model = FakeModel(delay_s=0.05)
+    svc = make_service(model, batch_size=2)
+    text = "good great bad not good great"
+    # a short deadline joining a long computation: its own 504, at its own deadline
+    long = asyncio.create_task(svc.explain("toy", text, 400, deadline()))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="already running for another request"):
+        await svc.explain("toy", text, 400, deadline(0.3))
+    assert time.monotonic() - t0 < 0.8
+    assert (await long).evals > 0
+    # a long deadline joining a short computation: the owner's 504 is not the joiner's
+    other = "bad not great good bad"
+    short = asyncio.create_task(svc.explain("toy", other, 400, deadline(0.3)))
+    await asyncio.sleep(0.1)
+    joined = asyncio.create_task(svc.explain("toy", other, 400, deadline()))
+    with pytest.raises(DeadlineExceededError):
+        await short
+    exp = await joined
+    assert exp.tokens == other.split() and not exp.cached
     svc.close()

@@ -200,11 +200,24 @@ class ExplainService:
             running = self._inflight.get(key)
             if running is None:
                 break
-            # Identical concurrent requests share one computation...
+            # Identical concurrent requests share one computation, each within its own
+            # deadline...
+            asked = time.time()
+            out_of_time = DeadlineExceededError(
+                "the explanation did not finish before its deadline: "
+                f"{time.time() - asked:.1f} s waiting for the same explanation, already "
+                "running for another request; ask for a smaller max_evals"
+            )
             try:
-                return await asyncio.shield(running)
-            except ExplainCancelledError:
-                continue  # ...unless its owner went away: then compute it here.
+                return await _within(running, deadline)
+            except TimeoutError:
+                raise out_of_time from None
+            except (ExplainCancelledError, DeadlineExceededError):
+                # ...unless its owner went away or ran out of its own (shorter) time: then
+                # compute it here, within this request's deadline.
+                if time.time() >= deadline:
+                    raise out_of_time from None
+                continue
         fut: asyncio.Future[Explanation] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -228,7 +241,14 @@ class ExplainService:
         self, ex: ModelExplainer, text: str, max_evals: int, deadline: float
     ) -> Explanation:
         asked = time.perf_counter()
-        await self.warm_up()
+        try:
+            await _within(self.warm_up(), deadline)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "the explanation did not start before its deadline: "
+                f"{time.perf_counter() - asked:.1f} s waiting for shap's start-up (the first "
+                "explanation after a server start loads it); retry"
+            ) from None
         loop = asyncio.get_running_loop()
         cancel = _Cancel()
         job = loop.run_in_executor(
@@ -238,17 +258,38 @@ class ExplainService:
         # A job abandoned by a cancelled request still ends (with an error): consume it.
         job.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            return await asyncio.shield(job)
+            return await _within(job, deadline)
+        except TimeoutError:
+            if cancel.started.is_set():  # running: its own deadline checks end it shortly
+                return await asyncio.shield(job)
+            cancel.set()  # it will not run when a slot frees
+            raise DeadlineExceededError(
+                "the explanation did not start before its deadline: "
+                f"{time.perf_counter() - asked:.1f} s waiting for a free explanation slot "
+                f"({self.concurrency} run at once, NLPSERVE_EXPLAIN_CONCURRENCY); retry later, "
+                "or with a longer X-Deadline-Ms"
+            ) from None
         except asyncio.CancelledError:
             cancel.set()  # drops the model call in flight; the thread stops instead of going on
             raise
 
 
+async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:
+    """``fut``'s result, or TimeoutError at ``deadline`` (wall clock). ``fut`` itself is
+    not cancelled: other requests may share it, or a thread runs it."""
+    return await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, deadline - time.time()))
+
+
 class _Cancel(threading.Event):
-    """Set from the event loop when the request goes away; also cancels the model call in
-    flight (its queued work items are then skipped by the batcher)."""
+    """Set from the event loop when the request goes away (or its deadline passes before a
+    thread took the job); also cancels the model call in flight (its queued work items are
+    then skipped by the batcher). ``started``: a thread runs the job."""
 
     current: concurrent.futures.Future | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
 
     def set(self) -> None:
         super().set()
@@ -288,6 +329,9 @@ def _explain_sync(
     """Runs in a worker thread: SHAP drives, every model call is bridged to the event loop.
     ``asked``: perf_counter() when the explanation was asked for (the wait for a free slot
     and shap's start-up come before this thread runs)."""
+    cancel.started.set()
+    if cancel.is_set():  # given up while it waited for this thread
+        raise ExplainCancelledError("the request gave up before a thread was free")
     import shap
 
     t0 = time.perf_counter()
