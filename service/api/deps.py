@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -112,20 +113,24 @@ def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
+# Digits, with an optional fraction: what the docs promise, not all that float() reads
+# ("inf", "1e-300", "1_000").
+_MILLISECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
+
+
 def deadline_from(request: Request, settings: Settings) -> float:
     """Wall-clock deadline: now + min(X-Deadline-Ms, NLPSERVE_DEFAULT_DEADLINE_MS)."""
     ms = float(settings.default_deadline_ms)
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is not None:
-        try:
-            asked = float(raw)
-        except ValueError:
-            asked = float("nan")
-        if not asked > 0:  # also rejects NaN
+        given = raw.strip()
+        asked = float(given) if _MILLISECONDS.fullmatch(given) else 0.0
+        if not asked > 0:
             raise ApiError(
                 400,
                 "invalid_header",
-                f"{DEADLINE_HEADER} must be a positive number of milliseconds, got {raw!r}",
+                f"{DEADLINE_HEADER} must be a positive number of milliseconds (digits, e.g. "
+                f"2000 or 2.5), got {raw!r}",
             )
         ms = min(ms, asked)
     return time.time() + ms / 1000.0

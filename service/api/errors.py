@@ -108,6 +108,9 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
+        loc = first.get("loc", ())
+        if detail and len(loc) == 2 and isinstance(loc[1], int):  # json's position
+            detail = f"{detail}{'' if detail.endswith(' at') else ' at'} character {loc[1]}"
         return 400, "invalid_json", f"the body is not valid JSON{': ' + detail if detail else ''}"
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return 422, "missing_body", "a JSON object body is required"
@@ -133,15 +136,8 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
 _FASTAPI_PARSE_ERROR = "There was an error parsing the body"
 
 
-def body_parse_error(request: Request, cause: BaseException | None) -> tuple[int, str, str]:
+def body_parse_error(cause: BaseException | None) -> tuple[int, str, str]:
     """(status, code, message) for a body that could not be decoded as JSON."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        return (
-            415,
-            "unsupported_media_type",
-            (f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed"),
-        )
     if isinstance(cause, UnicodeDecodeError):
         reason = (
             f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
@@ -189,8 +185,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR and exc.__cause__:
-            return _respond(request, *body_parse_error(request, exc.__cause__))
-        code = _HTTP_NAMES.get(exc.status_code, f"http_{exc.status_code}")
+            return _respond(request, *body_parse_error(exc.__cause__))
+        # the body checks' own exceptions (api/middleware.py) carry their code
+        code = getattr(exc, "code", None) or _HTTP_NAMES.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path} (see /docs)"

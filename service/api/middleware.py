@@ -41,6 +41,20 @@ class BodyTimeout(HTTPException):
         super().__init__(408, _timeout_message(timeout_s), headers={"Connection": "close"})
 
 
+class BodyNotUtf8Json(HTTPException):
+    """Raised from ``receive`` for a body holding a NUL byte: never in UTF-8 JSON, always in
+    UTF-16/32 JSON (which ``json.loads`` would otherwise take from bytes)."""
+
+    code = "invalid_json"
+
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "the body is not valid JSON: it holds a NUL byte (send UTF-8 JSON; a NUL in a "
+            "string is written \\u0000)",
+        )
+
+
 def _timeout_message(timeout_s: float) -> str:
     return (
         f"waited {timeout_s:g} s for the rest of the request body (NLPSERVE_BODY_TIMEOUT_S); "
@@ -114,10 +128,12 @@ class JsonBodyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length before reading anything, and by
-    counting for chunked bodies that do not declare a length. 408 for a body that has not
-    fully arrived ``timeout_s`` after the request's headers (uvicorn itself would wait for
-    it forever; a request's deadline only starts once its body is read).
+    """What a request body may be, checked as it arrives. 413 for bodies over ``max_bytes``:
+    by Content-Length before reading anything, and by counting for chunked bodies that do
+    not declare a length. 408 for a body that has not fully arrived ``timeout_s`` after the
+    request's headers (uvicorn itself would wait for it forever; a request's deadline only
+    starts once its body is read). 415 for a POST with a Content-Encoding (nothing here
+    decompresses), 400 for a body that cannot be UTF-8 JSON (a NUL byte).
 
     Outermost of what reads bodies: the prediction fast path and FastAPI read through it.
     """
@@ -131,9 +147,21 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send, BodyTooLarge(self.max_bytes))
+            return
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity") and scope.get("method") == "POST":
+            await _send_error(
+                scope,
+                send,
+                415,
+                "unsupported_media_type",
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the "
+                "JSON body uncompressed",
+            )
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
@@ -149,9 +177,12 @@ class BodyLimitMiddleware:
             except TimeoutError:
                 raise BodyTimeout(self.timeout_s) from None
             if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+                chunk = msg.get("body", b"")
+                seen += len(chunk)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                if b"\x00" in chunk:
+                    raise BodyNotUtf8Json
                 body_done = not msg.get("more_body", False)
             else:  # http.disconnect
                 body_done = True
@@ -160,11 +191,13 @@ class BodyLimitMiddleware:
         tracked = _StartTracker(send)
         try:
             await self.app(scope, limited_receive, tracked)
-        except (BodyTooLarge, BodyTimeout) as exc:  # what no error handler answered
+        except (BodyTooLarge, BodyTimeout, BodyNotUtf8Json) as exc:  # no handler answered
             if not tracked.started:
                 await self._reject(scope, send, exc)
 
-    async def _reject(self, scope: Scope, send: Send, exc: BodyTooLarge | BodyTimeout) -> None:
+    async def _reject(
+        self, scope: Scope, send: Send, exc: BodyTooLarge | BodyTimeout | BodyNotUtf8Json
+    ) -> None:
         await _send_error(scope, send, exc.status_code, exc.code, exc.detail)
 
 

@@ -14,8 +14,9 @@ from service.api.schemas import ErrorResponse
 
 # What every POST endpoint may answer besides its own codes.
 COMMON_ERRORS = {
-    400: "Invalid JSON or header (`invalid_json`, `invalid_header`).",
+    400: "Invalid JSON (`invalid_json`: not JSON, not UTF-8) or header (`invalid_header`).",
     404: "The model is not loaded / unknown model.",
+    408: "The body did not fully arrive within NLPSERVE_BODY_TIMEOUT_S (`body_timeout`).",
     413: "Body over NLPSERVE_MAX_BODY_BYTES.",
     415: "A Content-Encoding (compressed body) this server does not read.",
     429: "The model's queue is full: retry after `Retry-After` seconds.",
@@ -33,7 +34,7 @@ DEADLINE_PARAMETER: dict[str, Any] = {
             "required": False,
             "description": "Milliseconds this request may take before a 504 (capped by "
             "NLPSERVE_DEFAULT_DEADLINE_MS, the default).",
-            "schema": {"type": "integer", "minimum": 1, "examples": [2000]},
+            "schema": {"type": "number", "exclusiveMinimum": 0, "examples": [2000]},
         }
     ]
 }
@@ -45,6 +46,18 @@ def error_responses(own: dict[int, str]) -> dict[int | str, dict[str, Any]]:
         status: {"model": ErrorResponse, "description": text}
         for status, text in sorted({**COMMON_ERRORS, **own}.items())
     }
+
+
+def _cannot_fail_validation(op: dict[str, Any]) -> bool:
+    """No body and only string path parameters (``/v1/models/{name}``): nothing to 422."""
+    params = op.get("parameters", [])
+    return (
+        "requestBody" not in op
+        and bool(params)
+        and all(
+            p.get("in") == "path" and p.get("schema", {}).get("type") == "string" for p in params
+        )
+    )
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -61,6 +74,8 @@ def install_openapi(app: FastAPI) -> None:
             ours = {"$ref": "#/components/schemas/ErrorResponse"}
             for path in schema.get("paths", {}).values():
                 for op in path.values():
+                    if _cannot_fail_validation(op):  # FastAPI adds a 422 to any parameter
+                        op.get("responses", {}).pop("422", None)
                     for response in op.get("responses", {}).values():
                         for content in response.get("content", {}).values():
                             if (

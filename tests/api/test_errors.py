@@ -103,11 +103,36 @@ async def test_undecodable_body_says_why(client, content, reason):
     assert reason in assert_error(r, 400, "invalid_json")["message"]
 
 
-async def test_compressed_body_is_415(client):
+@pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity/explain"])
+async def test_compressed_body_is_415(client, path):
     body = gzip.compress(b'{"text": "a fine film"}')
     headers = {"content-type": "application/json", "content-encoding": "gzip"}
-    r = await client.post("/v1/polarity", content=body, headers=headers)
+    r = await client.post(path, content=body, headers=headers)
     assert "gzip" in assert_error(r, 415, "unsupported_media_type")["message"]
+    # the header decides, not whether the body happens to parse as it is
+    headers["content-encoding"] = "br"
+    r = await client.post(path, content=b'{"text": "a fine film"}', headers=headers)
+    assert "'br'" in assert_error(r, 415, "unsupported_media_type")["message"]
+    headers["content-encoding"] = "identity"
+    r = await client.post("/v1/polarity", content=b'{"text": "a fine film"}', headers=headers)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity/explain"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+async def test_json_in_another_unicode_encoding_is_400(client, path, encoding):
+    """json.loads takes UTF-16/32 bytes; the API takes UTF-8 JSON only, as documented."""
+    content = '{"text": "a fine film"}'.encode(encoding)
+    r = await client.post(path, content=content, headers={"content-type": "application/json"})
+    assert "NUL byte" in assert_error(r, 400, "invalid_json")["message"]
+
+
+async def test_invalid_json_says_where(client):
+    r = await client.post(
+        "/v1/polarity/explain", content=b'{"text": "a\x01b"}', headers={"content-type": "j"}
+    )
+    message = assert_error(r, 400, "invalid_json")["message"]
+    assert message.endswith("Invalid control character at character 11"), message
 
 
 async def test_missing_field_message_names_the_field(client):
@@ -320,10 +345,18 @@ async def test_deadline_exceeded_is_504_and_the_item_never_runs(limited, lc):
     assert len(q.batch_log) == ran_before + 1  # only the second request ran
 
 
-@pytest.mark.parametrize("value", ["soon", "-5", "0", "nan", ""])
+@pytest.mark.parametrize(
+    "value", ["soon", "-5", "0", "0.0", "nan", "", "inf", "1e3", "1_000", "0x10", "1.5.2"]
+)
 async def test_bad_deadline_header(lc, value):
     r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
     assert_error(r, 400, "invalid_header")
+
+
+@pytest.mark.parametrize("value", ["20000", "20000.5", "09000"])
+async def test_deadline_header_in_milliseconds(lc, value):
+    r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
+    assert r.status_code == 200, r.text
 
 
 async def test_client_that_goes_away_is_not_run(limited, lc):

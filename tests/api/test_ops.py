@@ -154,7 +154,7 @@ async def test_openapi_page_is_usable(client):
     for path, item in spec["paths"].items():
         if "post" in item:
             op = item["post"]
-            assert {"400", "413", "422", "429", "503", "504"} <= set(op["responses"]), path
+            assert {"400", "408", "413", "422", "429", "503", "504"} <= set(op["responses"]), path
             assert "X-Deadline-Ms" in [p["name"] for p in op["parameters"] if p["in"] == "header"]
             if path.endswith("/explain"):
                 assert "501" in op["responses"]
@@ -167,6 +167,10 @@ async def test_openapi_page_is_usable(client):
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/{name}"):
         assert spec["paths"][path]["get"]["description"], path
+    # a name in the path cannot fail validation: no 422 documented that cannot happen
+    assert set(spec["paths"]["/v1/models/{name}"]["get"]["responses"]) == {"200", "404"}
+    deadline = next(p for p in op["parameters"] if p["name"] == "X-Deadline-Ms")
+    assert deadline["schema"]["type"] == "number"  # "2.5" is accepted
     props = spec["components"]["schemas"]["QARequest"]["properties"]
     assert props["context"]["description"] and props["question"]["examples"]
     assert spec["components"]["schemas"]["ErrorResponse"]
