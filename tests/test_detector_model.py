@@ -30,6 +30,9 @@ def test_entry_contract_and_learned_toy_task(det_entry: Path):
     assert "accuracy_drop" in m.variants["int8"].metrics
     fp16 = m.variants["fp16"]
     assert fp16.measured_with in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    # every variant says where its figures came from (was: null for fp32/int8 only)
+    cpu = "CPUExecutionProvider"
+    assert m.variants["fp32"].measured_with == m.variants["int8"].measured_with == cpu
     assert fp16.metrics["accuracy"] == 1.0 and fp16.metrics["accuracy_drop"] == 0.0
     assert m.split is not None and m.split.unit == "question"
     assert "class-weighted" in m.hyperparameters["imbalance"]

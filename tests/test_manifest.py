@@ -67,6 +67,7 @@ def test_pos_manifest_contract(repo):
     assert [(t.name, t.dtype) for t in m.outputs] == [("logits", "float32")]
     assert m.preprocessing.chars_file == "chars.json"
     assert m.preprocessing.max_word_length == 16
+    assert m.variants["fp32"].measured_with == "CPUExecutionProvider"
     assert "NN" in m.labels and m.labels == sorted(m.labels)
 
 

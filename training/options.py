@@ -7,9 +7,12 @@ torch is not imported here: registering the commands costs nothing without it.
 
 from __future__ import annotations
 
+import functools
+import signal
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
 
@@ -37,6 +40,59 @@ ThreadsOpt = Annotated[
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace the version folder if it exists.")
 ]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Progress bars on stderr (default: on when stderr is a terminal).",
+        show_default=False,
+    ),
+]
+
+
+def bar_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``--progress/--no-progress``: neither given (None) lets tqdm
+    turn the bar off when stderr is not a terminal (a redirected log gets no ``\\r`` updates)."""
+    return None if progress is None else not progress
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during a training command (``timeout``, ``docker stop``, a scheduler).
+    A ``BaseException``, like ``KeyboardInterrupt``: what cleans up after Ctrl-C (the staging
+    folder's removal) runs for it too, and no ``except Exception`` swallows it."""
+
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def handles_sigterm(command: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``command`` with SIGTERM handled like Ctrl-C: it raises :class:`Terminated` in the
+    main thread, so the run unwinds through its cleanup (no staging folder is left behind),
+    then ends with one line on stderr and exit status 143. A second SIGTERM during that
+    cleanup is ignored. (SIGKILL cannot be handled: see README, "Command line".)"""
+
+    @functools.wraps(command)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        def terminate(signum: int, _frame: object) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Terminated(signum)
+
+        try:
+            previous = signal.signal(signal.SIGTERM, terminate)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            return command(*args, **kwargs)
+        try:
+            return command(*args, **kwargs)
+        except Terminated:
+            fail("terminated by SIGTERM: the run stopped and its unpublished files were "
+                 "removed", SIGTERM_EXIT)  # fmt: skip
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run
 
 
 def fail(message: object, code: int = 1) -> NoReturn:

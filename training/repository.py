@@ -123,16 +123,30 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
+def repository_root() -> Path | None:
+    """The nlpserve checkout this package runs from (None for an installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def portable_path(value: str) -> str:
+    """An absolute path relative to the working directory (``../shared/data``); anything
+    else as given. What a manifest records of a path: never this machine's absolute one."""
+    return os.path.relpath(value) if os.path.isabs(value) else value
+
+
 def command_line(
     argv: Sequence[str] | None = None, implied: Mapping[str, str | Path] | None = None
 ) -> str:
     """The command that produced an entry, free of this machine's absolute paths.
 
     The program is recorded by name (``nlpserve``, not a venv path) and absolute path
-    arguments relative to the working directory (e.g. ``../shared/data``), so a manifest
-    says how to reproduce it from the repository root on any machine. ``implied``: options
-    the run took from elsewhere (``--data`` from NLPSERVE_DATA_DIR), recorded when the
-    command line lacks them.
+    arguments relative to the working directory (e.g. ``../shared/data``). It runs from the
+    repository root: a run started in a folder below it records ``cd <folder> && `` first
+    (relative to the root), so the relative paths stay valid; one started outside the
+    checkout is valid from the directory it was started in. ``implied``: options the run took
+    from elsewhere (``--data`` from NLPSERVE_DATA_DIR), recorded when the command line lacks
+    them.
     """
     args = list(sys.argv if argv is None else argv)
     if not args:
@@ -143,14 +157,36 @@ def command_line(
 
     def portable(arg: str) -> str:
         flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        if os.path.isabs(value):
-            value = os.path.relpath(value)
-        return f"{flag}{eq}{value}"
+        return f"{flag}{eq}{portable_path(value)}"
 
     prog = Path(args[0]).name
     if prog == "cli.py":  # `python -m service.cli`, how machines without the script run it
         prog = "nlpserve"
-    return shlex.join([prog, *map(portable, args[1:])])
+    line = shlex.join([prog, *map(portable, args[1:])])
+    root, cwd = repository_root(), Path.cwd().resolve()
+    if root is not None and cwd != root and cwd.is_relative_to(root):
+        line = f"cd {shlex.quote(cwd.relative_to(root).as_posix())} && {line}"
+    return line
+
+
+# What identifies a local base checkpoint's contents: config, tokenizer and weight files.
+_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                     "special_tokens_map.json")  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_digest(folder: Path | str) -> dict[str, str] | None:
+    """sha256 of a local checkpoint folder's config, tokenizer and weight files (file name ->
+    digest), so two runs from different contents at the same path are told apart; None for
+    what is not a local folder (a hub id)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return None
+    return {
+        p.name: sha256_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.name in _CHECKPOINT_FILES or p.suffix in _WEIGHT_SUFFIXES)
+    }
 
 
 def write_entry(
@@ -226,6 +262,7 @@ def write_entry(
                     precision="fp32",
                     sha256=sha256_file(staging / MODEL_FILE),
                     metrics=dict(metrics),
+                    measured_with="CPUExecutionProvider",  # the LSTM trainers score on the CPU
                 )
             },
             metrics=dict(metrics),

@@ -53,8 +53,9 @@ class Variant(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     sha256: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
-    # The execution provider ``metrics`` were measured with, where it is not the first of
-    # ``providers`` (an fp16 variant for CUDA evaluated on a machine without a GPU).
+    # The execution provider ``metrics`` were measured with (an fp16 variant for CUDA may have
+    # been evaluated on a machine without a GPU). Training and ``evaluate --record`` write it
+    # for every variant; None (older manifests): the first of ``providers``.
     measured_with: str | None = None
 
 

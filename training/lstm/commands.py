@@ -20,11 +20,13 @@ from training.options import (
     DeviceOpt,
     OutOpt,
     OverwriteOpt,
+    ProgressOpt,
     SeedOpt,
     ThreadsOpt,
     VersionOpt,
     check_output,
     fail,
+    handles_sigterm,
     recorded_command,
     resolve_data,
 )
@@ -50,7 +52,6 @@ DataOpt = Annotated[
     ),
 ]
 PatienceHelp = "Epochs without dev improvement before stopping."
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 
 
 def _probability(value: float) -> float:
@@ -104,7 +105,7 @@ def train_pos(
     ] = 0.33,
     max_length: Annotated[int, typer.Option(min=8, help="Longest sentence (tokens).")] = 256,
     threads: ThreadsOpt = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
@@ -180,7 +181,7 @@ def train_polarity(
         int, typer.Option(min=8, help="Longest input (tokens); longer truncated.")
     ] = 96,
     threads: ThreadsOpt = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""
@@ -249,7 +250,7 @@ evaluate_polarity = _evaluator("polarity")
 
 
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
-    train_app.command("pos")(train_pos)
-    train_app.command("polarity")(train_polarity)
+    train_app.command("pos")(handles_sigterm(train_pos))
+    train_app.command("polarity")(handles_sigterm(train_polarity))
     evaluators["pos"] = evaluate_pos
     evaluators["polarity"] = evaluate_polarity

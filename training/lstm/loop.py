@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from service.preprocess.words import PAD_ID, UNK_ID
+from training.options import bar_disable
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,15 @@ def fit(
     lr: float,
     weight_decay: float = 0.0,
     clip: float = 5.0,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "train",
 ) -> FitResult:
     """Adam, gradient clipping, early stopping on ``evaluate()`` (higher is better); the best
-    weights are restored into ``model`` before returning."""
+    weights are restored into ``model`` before returning.
+
+    ``progress``: the per-epoch bar on stderr; None (``--progress``/``--no-progress`` not
+    given) shows it only when stderr is a terminal. Each epoch's line is written once: under
+    the bar when there is one, else logged at INFO (the training commands log to stderr)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_epoch, best_state, bad = -1.0, 0, None, 0
     history: list[dict[str, float]] = []
@@ -83,8 +88,12 @@ def fit(
         batches = make_batches(epoch)
         total, n = 0.0, 0
         bar = tqdm(
-            batches, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False
+            batches,
+            desc=f"{desc} epoch {epoch}/{epochs}",
+            disable=bar_disable(progress),
+            leave=False,
         )
+        shown = not bar.disable  # close() sets disable: read it now
         for batch in bar:
             opt.zero_grad()
             loss = train_step(batch)
@@ -100,9 +109,11 @@ def fit(
             score = evaluate()
         history.append({"epoch": epoch, "loss": total / max(n, 1), "dev": score})
         msg = f"{desc} epoch {epoch}: loss {total / max(n, 1):.4f} dev {score:.4f}"
-        if progress:  # stderr, like the bar: stdout holds only the command's JSON report
+        if not shown:
+            log.info(msg)  # the training commands log to stderr
+        else:  # under the bar (stderr: stdout holds only the command's JSON report), once
             tqdm.write(msg, file=sys.stderr)
-        log.info(msg)
+            log.debug(msg)
         if score > best:
             best, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())

@@ -68,7 +68,7 @@ class PolarityConfig:
     seed: int = 13
     ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
     device: str = "cpu"
-    progress: bool = True
+    progress: bool | None = None  # None: bars when stderr is a terminal
     dataset: str = "rt-polarity"
 
 

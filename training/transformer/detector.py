@@ -80,26 +80,40 @@ def predict_torch(model, encoder, encs, batch_size: int, device: str) -> np.ndar
     """P(machine) for each encoding, with the PyTorch model."""
     import torch
 
+    from training.transformer.export import model_input_names, select_inputs
+
+    names = model_input_names(model)
     groups, batches = _batches_np(encoder, encs, batch_size)
     probs = np.zeros(len(encs))
     model.eval()
     with torch.no_grad():
         for g, b in zip(groups, batches, strict=True):
+            b = select_inputs(b, names)
             logits = model(**{k: torch.from_numpy(v).to(device) for k, v in b.items()}).logits
             probs[g] = softmax(logits.float().cpu().numpy())[:, 1]
     return probs
 
 
 def predict_onnx(
-    path: Path, encoder, encs, batch_size: int, providers: list[str] | None = None
+    path: Path,
+    encoder,
+    encs,
+    batch_size: int,
+    providers: list[str] | None = None,
+    desc: str | None = None,
 ) -> np.ndarray:
-    from training.transformer.export import ort_session
+    """P(machine) for each encoding, with ONNX Runtime; ``desc``: a progress bar with it."""
+    from training.transformer.common import progress_bar
+    from training.transformer.export import onnx_feeds, ort_session
 
     sess = ort_session(path, providers=providers)
     groups, batches = _batches_np(encoder, encs, batch_size)
     probs = np.zeros(len(encs))
-    for g, b in zip(groups, batches, strict=True):
-        (logits,) = sess.run(["logits"], b)
+    pairs = zip(groups, batches, strict=True)
+    if desc is not None:
+        pairs = progress_bar(pairs, desc=desc, total=len(groups), unit="batch", mininterval=1.0)
+    for g, b in pairs:
+        (logits,) = sess.run(["logits"], onnx_feeds(sess, b))
         probs[g] = softmax(logits)[:, 1]
     return probs
 
@@ -119,6 +133,7 @@ def train_detector(
     overwrite: bool = False,
     model=None,
     tokenizer=None,
+    extra_hyperparameters: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train, pick the best dev checkpoint, export + evaluate variants on test, write entry.
 
@@ -133,11 +148,14 @@ def train_detector(
     from training.transformer.common import (
         FitConfig,
         buckets_from_lengths,
+        check_tokenizer_fits,
+        check_unknown_rate,
         fit,
         framework_versions,
         fresh_checkpoint_dir,
         length_batches,
         load_fast_tokenizer,
+        load_head_model,
         publish,
         resolve_device,
         save_tokenizer_json,
@@ -169,16 +187,20 @@ def train_detector(
     if model is None:
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = load_head_model(
+            AutoModelForSequenceClassification,
             cfg.base_model,
-            num_labels=2,
+            2,
             id2label=dict(enumerate(LABELS)),
             label2id={lab: i for i, lab in enumerate(LABELS)},
         )
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, cfg.base_model)
+    input_names = ex.model_input_names(model)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     encoder = ClassifyEncoder(tokenizer, cfg.max_length)
     train_encs = encoder.encode([e.text for e in train])
+    unk_rate = check_unknown_rate(tokenizer, (e.input_ids for e in train_encs), cfg.base_model)
     train_y = np.asarray([e.label for e in train])
     lengths = [len(e) for e in train_encs]
     truncated = float(np.mean([e.truncated for e in train_encs])) if train_encs else 0.0
@@ -200,7 +222,7 @@ def train_detector(
             lengths, cfg.batch_size, shuffle=True, rng=random.Random(cfg.seed + epoch)
         )
         for g in groups:
-            b = encoder.collate([train_encs[i] for i in g])
+            b = ex.select_inputs(encoder.collate([train_encs[i] for i in g]), input_names)
             batch = {k: torch.from_numpy(v) for k, v in b.items()}
             batch["labels"] = torch.from_numpy(train_y[g])
             yield batch
@@ -255,21 +277,26 @@ def train_detector(
     def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
         if not test_encs:
             return {}
-        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size, providers)
+        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size, providers,
+                         desc=f"test {path.name}")  # fmt: skip
         m = binary_metrics(test_y, p)
         return {k: m[k] for k in ("accuracy", "f1", "roc_auc", "precision", "recall")}
 
     fp32_metrics = _test(onnx_fp32)
     metrics.update(fp32_metrics)
     metrics["onnx_parity_max_abs_diff"] = diff
-    var_meta["fp32"] = {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics}
+    # measured_with on every variant, as the QA trainer and `evaluate --record` write it
+    cpu = "CPUExecutionProvider"  # _test's default
+    var_meta["fp32"] = {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics,
+                        "measured_with": cpu}  # fmt: skip
     if "int8" in variants:
         q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
         m8 = _test(q)
         if fp32_metrics:
             m8["accuracy_drop"] = fp32_metrics["accuracy"] - m8["accuracy"]
             m8["roc_auc_drop"] = fp32_metrics["roc_auc"] - m8["roc_auc"]
-        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8}
+        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8,
+                            "measured_with": cpu}  # fmt: skip
     fp16_note = ""
     if "fp16" in variants:
         var_meta["fp16"], fp16_note = ex.fp16_variant(
@@ -287,7 +314,7 @@ def train_detector(
     if load_stats:
         metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
 
-    inputs, outputs = ex.tensor_specs("detect")
+    inputs, outputs = ex.tensor_specs("detect", input_names=input_names)
     hp = asdict(cfg)
     hp.update(
         {
@@ -297,10 +324,12 @@ def train_detector(
             "steps": result.steps,
             "dev_history": result.history,
             "train_truncated_fraction": truncated,
+            "train_unknown_token_fraction": unk_rate,
         }
     )
+    hp.update(extra_hyperparameters or {})  # e.g. base_model as recorded (no local path)
     desc = (
-        f"Human vs ChatGPT answer detector fine-tuned from {cfg.base_model} on HC3, split by "
+        f"Human vs ChatGPT answer detector fine-tuned from {hp['base_model']} on HC3, split by "
         f"question. Texts are cut to the first {cfg.max_length} tokens. Test accuracy "
         f"{metrics.get('accuracy', float('nan')):.4f}, ROC AUC "
         f"{metrics.get('roc_auc', float('nan')):.4f} (fp32 ONNX)." + fp16_note

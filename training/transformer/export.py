@@ -23,7 +23,27 @@ INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 OUTPUT_NAMES = {"qa": ["start_logits", "end_logits"], "detect": ["logits"]}
 
 
-def _wrap(model, task: str):
+def model_input_names(model) -> list[str]:
+    """The INPUT_NAMES ``model.forward`` takes: all three for BERT, no ``token_type_ids`` for
+    DistilBERT (which has no segment embeddings). The ONNX graph and the manifest declare
+    these, and the service feeds only what the manifest declares."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return [n for n in INPUT_NAMES if n == "input_ids" or n in params]
+
+
+def select_inputs(batch: dict[str, Any], names) -> dict[str, Any]:
+    """``batch`` (the encoders' three arrays) cut to the inputs ``names`` lists."""
+    return {k: v for k, v in batch.items() if k in names}
+
+
+def onnx_feeds(sess, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` cut to the inputs the ONNX graph of ``sess`` declares."""
+    return select_inputs(batch, {i.name for i in sess.get_inputs()})
+
+
+def _wrap(model, task: str, names: list[str]):
     import torch
 
     class _Heads(torch.nn.Module):
@@ -31,10 +51,8 @@ def _wrap(model, task: str):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            )
+        def forward(self, *args):
+            out = self.inner(**dict(zip(names, args, strict=True)))
             if task == "qa":
                 return out.start_logits, out.end_logits
             return out.logits
@@ -55,18 +73,20 @@ def example_batch(vocab_size: int, length: int = 16, seed: int = 0) -> dict[str,
 
 
 def export_onnx(model, path: Path, task: str, example: dict[str, np.ndarray]) -> Path:
-    """Export ``model`` (an ``AutoModelFor...``) to ``path``; returns the path."""
+    """Export ``model`` (an ``AutoModelFor...``) to ``path`` with the inputs its forward
+    takes (:func:`model_input_names`); returns the path."""
     import torch
 
     model = model.to("cpu").eval()
+    names = model_input_names(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    wrapped = _wrap(model, task)
+    wrapped = _wrap(model, task, names)
     outputs = OUTPUT_NAMES[task]
-    axes = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES}
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
     for n in outputs:
         axes[n] = {0: "batch", 1: "sequence"} if task == "qa" else {0: "batch"}
-    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
+    args = tuple(torch.from_numpy(example[n]) for n in names)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracer chatter about Python-side shape checks in transformers' mask utilities and
@@ -76,7 +96,7 @@ def export_onnx(model, path: Path, task: str, example: dict[str, np.ndarray]) ->
             wrapped,
             args,
             str(path),
-            input_names=INPUT_NAMES,
+            input_names=names,
             output_names=outputs,
             dynamic_axes=axes,
             opset_version=17,
@@ -92,8 +112,9 @@ def torch_outputs(model, batch: dict[str, np.ndarray], task: str) -> list[np.nda
     import torch
 
     model = model.to("cpu").eval()
+    feeds = select_inputs(batch, model_input_names(model))
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     if task == "qa":
         return [out.start_logits.numpy(), out.end_logits.numpy()]
     return [out.logits.numpy()]
@@ -118,7 +139,7 @@ def ort_session(path: Path | str, providers: list[str] | None = None, threads: i
 def parity(model, onnx_path: Path, batch: dict[str, np.ndarray], task: str) -> float:
     """Max |ORT - PyTorch| over the non-padded positions of ``batch``."""
     sess = ort_session(onnx_path)
-    got = sess.run(OUTPUT_NAMES[task], batch)
+    got = sess.run(OUTPUT_NAMES[task], onnx_feeds(sess, batch))
     want = torch_outputs(model, batch, task)
     diffs = []
     for g, w in zip(got, want, strict=True):
@@ -247,9 +268,10 @@ def run_batches(
 
 
 def tensor_specs(
-    task: str, num_labels: int = 2
+    task: str, num_labels: int = 2, input_names: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES]
+    names = INPUT_NAMES if input_names is None else input_names
+    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in names]
     if task == "qa":
         outputs = [
             {"name": n, "dtype": "float32", "shape": ["batch", "sequence"]}

@@ -125,15 +125,20 @@ def predict(
     batch_size: int,
     max_answer_length: int,
     n_best: int = 20,
+    desc: str | None = None,
 ) -> dict[str, str]:
-    """Question id -> answer text, through the service windowing and span decoding."""
-    from training.transformer.common import length_batches
+    """Question id -> answer text, through the service windowing and span decoding.
+    ``desc``: show a progress bar of the batches with this label (test scoring)."""
+    from training.transformer.common import length_batches, progress_bar
 
     per_ex = encoder.encode_batch([e.question for e in examples], [e.context for e in examples])
     flat = [(i, w) for i, wins in enumerate(per_ex) for w in wins]
     starts: list[np.ndarray | None] = [None] * len(flat)
     ends: list[np.ndarray | None] = [None] * len(flat)
-    for g in length_batches([len(w) for _, w in flat], batch_size, shuffle=False):
+    groups = length_batches([len(w) for _, w in flat], batch_size, shuffle=False)
+    if desc is not None:
+        groups = progress_bar(groups, desc=desc, unit="batch", mininterval=1.0)
+    for g in groups:
         s, e = run(encoder.collate([flat[k][1] for k in g]))
         for row, k in enumerate(g):
             n = len(flat[k][1])
@@ -157,7 +162,12 @@ def references(examples: Sequence[QAExample]) -> dict[str, list[str]]:
 def torch_runner(model, device: str) -> RunFn:
     import torch
 
+    from training.transformer.export import model_input_names, select_inputs
+
+    names = model_input_names(model)
+
     def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        batch = select_inputs(batch, names)
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
         return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
@@ -168,19 +178,23 @@ def torch_runner(model, device: str) -> RunFn:
 def onnx_runner(
     path: Path | str, threads: int | None = None, providers: list[str] | None = None
 ) -> RunFn:
-    from training.transformer.export import ort_session
+    from training.transformer.export import onnx_feeds, ort_session
 
     sess = ort_session(path, providers=providers, threads=threads)
 
     def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        s, e = sess.run(["start_logits", "end_logits"], batch)
+        s, e = sess.run(["start_logits", "end_logits"], onnx_feeds(sess, batch))
         return s, e
 
     return run
 
 
-def evaluate_examples(examples, encoder, run: RunFn, cfg: QAConfig) -> dict[str, float]:
-    preds = predict(examples, encoder, run, cfg.eval_batch_size, cfg.max_answer_length, cfg.n_best)
+def evaluate_examples(
+    examples, encoder, run: RunFn, cfg: QAConfig, desc: str | None = None
+) -> dict[str, float]:
+    preds = predict(
+        examples, encoder, run, cfg.eval_batch_size, cfg.max_answer_length, cfg.n_best, desc
+    )
     return cmrc.evaluate(references(examples), preds)
 
 
@@ -210,11 +224,14 @@ def train_qa(
     from training.transformer.common import (
         FitConfig,
         buckets_from_lengths,
+        check_tokenizer_fits,
+        check_unknown_rate,
         fit,
         framework_versions,
         fresh_checkpoint_dir,
         length_batches,
         load_fast_tokenizer,
+        load_head_model,
         publish,
         resolve_device,
         save_tokenizer_json,
@@ -234,8 +251,11 @@ def train_qa(
     if model is None:
         from transformers import AutoModelForQuestionAnswering
 
-        # fp32 whatever the checkpoint's dtype (a half-precision copy travels lighter).
-        model = AutoModelForQuestionAnswering.from_pretrained(cfg.base_model).float()
+        # fp32 whatever the checkpoint's dtype (a half-precision copy travels lighter); a
+        # start/end head (2 outputs) whatever head the checkpoint carries.
+        model = load_head_model(AutoModelForQuestionAnswering, cfg.base_model, 2).float()
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, cfg.base_model)
+    input_names = ex.model_input_names(model)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     encoder = make_encoder(tokenizer, cfg)
@@ -251,6 +271,7 @@ def train_qa(
     # Built with --epochs 0 too: no step reads them then, but their lengths set the
     # manifest's bucket edges, which a scoring round must keep.
     windows, labels, fstats = train_features(train_ex, encoder, cfg.negative_ratio, cfg.seed)
+    unk_rate = check_unknown_rate(tokenizer, (w.input_ids for w in windows), cfg.base_model)
     lengths = [len(w) for w in windows]
     log.info("train features: %s; held-out %d questions; test %d", fstats, len(held_ex),
              len(test_ex))  # fmt: skip
@@ -261,7 +282,7 @@ def train_qa(
             lengths, cfg.batch_size, shuffle=True, rng=random.Random(cfg.seed + epoch)
         )
         for g in groups:
-            b = encoder.collate([windows[i] for i in g])
+            b = ex.select_inputs(encoder.collate([windows[i] for i in g]), input_names)
             batch = {k: torch.from_numpy(v) for k, v in b.items()}
             batch["start_positions"] = torch.from_numpy(labels[g, 0])
             batch["end_positions"] = torch.from_numpy(labels[g, 1])
@@ -310,7 +331,8 @@ def train_qa(
         if not test_ex:
             return {}
         t = time.time()
-        r = evaluate_examples(test_ex, encoder, onnx_runner(path, providers=providers), cfg)
+        run = onnx_runner(path, providers=providers)
+        r = evaluate_examples(test_ex, encoder, run, cfg, desc=f"test {path.name}")
         log.info("test %s: EM %.2f F1 %.2f (%.0fs)", path.name, r["em"], r["f1"], time.time() - t)
         return {"em": r["em"], "f1": r["f1"]}
 
@@ -356,15 +378,16 @@ def train_qa(
             del metrics[k]
     if load_stats:
         metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
-    inputs, outputs = ex.tensor_specs("qa")
+    inputs, outputs = ex.tensor_specs("qa", input_names=input_names)
     hp = asdict(cfg)
     hp.update({"best_step": result.best_step, "steps": result.steps,
-               "heldout_history": result.history, "features": fstats})  # fmt: skip
+               "heldout_history": result.history, "features": fstats,
+               "train_unknown_token_fraction": unk_rate})  # fmt: skip
     hp.update(extra_hyperparameters or {})
     origin = (
-        f"fine-tuned from {cfg.base_model}. "
+        f"fine-tuned from {hp['base_model']}. "
         if result.steps
-        else f"from the checkpoint {cfg.base_model}, exported and scored as given (--epochs 0). "
+        else f"from the checkpoint {hp['base_model']}, exported and scored as given (--epochs 0). "
     )
     if fp32_metrics:
         scores = (
