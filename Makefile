@@ -24,9 +24,14 @@ help:
 PINS := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),-c deploy/constraints.txt)
 PIP_INSTALL = $(BIN)/pip install -q $(PINS)
 
+# PyPI's Linux torch wheel is the CUDA build (several GB); these machines' pip finds the CPU
+# build on disk. Elsewhere: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 $(BIN)/.installed: pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple)
 	$(PIP_INSTALL) -e '.[train,dev]'
 	touch $@
 

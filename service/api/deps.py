@@ -102,7 +102,8 @@ def check_query(request: Request, allowed: tuple[str, ...] = ("model",)) -> None
                 422,
                 "unknown_parameter",
                 f"unknown query parameter {clip_name(key)}; this endpoint reads: "
-                f"{', '.join(allowed)} (each model serves its highest version: GET /v1/models)",
+                f"{', '.join(allowed)} (a version cannot be chosen per request: each model "
+                "serves the one version this server loaded, see GET /v1/models)",
             )
         if key in seen:
             raise ApiError(422, "unknown_parameter", f"query parameter {key!r} given twice")
