@@ -111,6 +111,28 @@ function wire(formId, action) {
 
 const TOP_TOKENS = 10; // rows of the "largest SHAP values" table
 
+// What a positive / negative SHAP value pushes towards, per explained panel.
+const EXPLAINED_WORDS = { detect: ["machine", "human"], polarity: ["positive", "negative"] };
+
+// Each [data-explanation="<panel>"] becomes the template's SHAP block, its parts given the ids
+// <panel>-explain-status, <panel>-tokens, <panel>-legend and <panel>-top.
+function mountExplanations() {
+  const template = $("explanation-template");
+  for (const slot of document.querySelectorAll("[data-explanation]")) {
+    const prefix = slot.dataset.explanation;
+    const [posWord, negWord] = EXPLAINED_WORDS[prefix];
+    const block = template.content.cloneNode(true);
+    for (const part of block.querySelectorAll("[data-part]")) {
+      const name = part.dataset.part;
+      if (name === "pos-word") part.replaceWith(posWord);
+      else if (name === "neg-word") part.replaceWith(negWord);
+      else part.id = `${prefix}-${name}`;
+    }
+    slot.replaceWith(block);
+  }
+}
+mountExplanations();
+
 // "+0.1234" / "-0.1234": the sign in text, never only in colour.
 function signed(v) {
   return (v >= 0 ? "+" : "") + v.toFixed(4);
@@ -269,7 +291,8 @@ function showProbability(prefix, label, prob) {
   $(`${prefix}-meter`).style.width = pct(prob);
 }
 
-async function explainInto(prefix, endpoint, text, maxEvals, posWord, negWord) {
+async function explainInto(prefix, endpoint, text, maxEvals) {
+  const [posWord, negWord] = EXPLAINED_WORDS[prefix];
   const status = $(`${prefix}-explain-status`);
   const tokens = $(`${prefix}-tokens`);
   tokens.replaceChildren();
@@ -296,7 +319,7 @@ wire("detect-form", async () => {
   const out = await api("/v1/detect", { text });
   showProbability("detect", out.label, out.machine_probability);
   $("detect-result").hidden = false;
-  await explainInto("detect", "/v1/detect/explain", text, evals || undefined, "machine", "human");
+  await explainInto("detect", "/v1/detect/explain", text, evals || undefined);
 });
 
 wire("pos-form", async () => {
@@ -317,7 +340,7 @@ wire("polarity-form", async () => {
   const out = await api("/v1/polarity", { text });
   showProbability("polarity", out.label, out.positive_probability);
   $("polarity-result").hidden = false;
-  await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined, "positive", "negative");
+  await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined);
 });
 
 wireTokens($("detect-tokens"));
