@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,7 +119,8 @@ class WorkerStats:
     expired: int = 0
     cancelled: int = 0
     retried: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    # the last batches' sizes (bounded: a worker runs for months)
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Worker:
@@ -539,9 +541,18 @@ class Worker:
             await self._settle(done)
             for it in retry:
                 await self._retry(it)
+        except Exception as e:  # a bug past inference: answer what is still held, never jam
+            log.exception("worker %s: settling a batch of %s failed", self.name, model)
+            held = [it for it in batch if (it.stream, it.entry_id) in self._in_hand]
+            error = f"the worker failed to answer this batch ({type(e).__name__}: {e})"
+            await self._settle([self._failed(it, error) for it in held])
         finally:
             self._running -= 1
             self._wake.set()
+
+    def _failed(self, item: StreamItem, error: str) -> _Done:
+        reply = codec.Reply(item.id, status=codec.STATUS_FAILED, error=error)
+        return _Done(item.stream, item.entry_id, item.reply_to, reply, model=item.model)
 
     async def _retry(self, item: StreamItem) -> None:
         """Redeliver a failed entry to ourselves at once. XCLAIM bumps its delivery count in
@@ -660,6 +671,7 @@ class Worker:
         by_stream: dict[str, list[bytes]] = {}
         for d in done:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
+        replies = [(d.reply_to, self._encoded(d)) for d in done if d.reply and d.reply_to]
         end = time.monotonic() + SETTLE_RETRY_S
         delay = 0.05
         while True:
@@ -673,8 +685,8 @@ class Worker:
                                 maxlen=DEAD_LETTER_MAXLEN,
                                 approximate=True,
                             )
-                        if d.reply is not None and d.reply_to:
-                            pipe.publish(d.reply_to, codec.encode_reply(d.reply))
+                    for reply_to, payload in replies:
+                        pipe.publish(reply_to, payload)
                     for stream, ids in by_stream.items():
                         pipe.xack(stream, GROUP, *ids)
                         pipe.xdel(stream, *ids)
@@ -700,6 +712,21 @@ class Worker:
                 self.stats.replies += 1
                 self.metrics.child(self.wm.replies, d.model, d.reply.status.decode()).inc()
         self._room.set()
+
+    def _encoded(self, d: _Done) -> bytes:
+        """``d``'s reply as bytes; an answer the codec cannot carry (an output dtype it does
+        not know) becomes a failure reply, so the entry is still answered and acked."""
+        assert d.reply is not None
+        try:
+            return codec.encode_reply(d.reply)
+        except Exception as e:
+            log.error("worker %s: cannot encode the %s answer: %s", self.name, d.model, e)
+            d.reply = codec.Reply(
+                d.reply.id,
+                status=codec.STATUS_FAILED,
+                error=f"the worker could not send the model's answer ({e})",
+            )
+            return codec.encode_reply(d.reply)
 
     # ------------------------------------------------------------------ maintenance
     async def _maintenance_loop(self) -> None:

@@ -56,6 +56,9 @@ _DTYPES: tuple[str, ...] = (
     "uint8",
     "float64",
     "int16",
+    "uint16",
+    "uint32",
+    "uint64",
 )
 _CODE = {np.dtype(name): code for code, name in enumerate(_DTYPES)}
 _HEAD = struct.Struct("<BB")

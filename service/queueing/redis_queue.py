@@ -109,7 +109,11 @@ def _redis_failure(e: RedisError) -> str:
     global _refusals_logged_at
     text = str(e)
     if isinstance(e, RedisTimeoutError):
-        return "the queue backend (Redis) did not answer in time: not queued; retry later"
+        # the script may still have run: then its entries run for nobody (the reply is dropped)
+        return (
+            "the queue backend (Redis) did not answer in time: the request may not have been "
+            "queued, and no answer will come for it; retry later"
+        )
     if (now := time.monotonic()) - _refusals_logged_at >= 10.0:
         _refusals_logged_at = now
         log.warning("Redis refused a write (more within 10 s are not logged): %s", text)

@@ -24,6 +24,9 @@ from service.queueing import codec
         np.zeros((0, 4), dtype=np.int64),  # empty
         np.arange(6, dtype=">i8"),  # big-endian input comes back native, same values
         np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2],  # non-contiguous
+        np.array([0, 2**16 - 1], dtype=np.uint16),
+        np.array([0, 2**32 - 1], dtype=np.uint32),
+        np.array([0, 2**64 - 1], dtype=np.uint64),
     ],
 )
 def test_array_round_trip(arr: np.ndarray) -> None:

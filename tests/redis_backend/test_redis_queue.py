@@ -120,7 +120,7 @@ async def test_idle_worker_runs_a_lone_entry_at_once(
         task = asyncio.create_task(q.submit(it))
         if not wait_when_idle:
             assert_same(await asyncio.wait_for(task, 10), direct(tiny_runners[POS], it))
-            assert w.stats.batch_sizes == [1]
+            assert list(w.stats.batch_sizes) == [1]
             return
         await wait_for(lambda: len(w._in_hand) == 1)
         await asyncio.sleep(0.2)  # the worker had its chances: still held, not run
@@ -518,6 +518,54 @@ async def test_poison_input_goes_to_dead_letter_and_client_gets_error(
     assert codec.decode_work(fields).item.length == 7
 
 
+class _OutputsAs:
+    """A runner whose outputs come back converted by ``convert`` (what another model's
+    ONNX graph could return)."""
+
+    def __init__(self, inner, convert) -> None:
+        self.inner, self.convert = inner, convert
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def run_batch(self, items, **kw):
+        return [
+            {k: self.convert(v) for k, v in d.items()} for d in self.inner.run_batch(items, **kw)
+        ]
+
+
+async def test_an_answer_the_codec_cannot_carry_fails_alone_and_never_jams_the_worker(
+    make_settings, tiny_runners
+) -> None:
+    """The reply was encoded inside the settling pipeline: a CodecError ended the batch task
+    with nothing answered or acked, and the entries held the worker's room for good."""
+    settings = make_settings(worker_prefetch=4, redis_read_count=4, max_wait_ms=5)
+    rng = np.random.default_rng(6)
+    runners = {**tiny_runners, POL: _OutputsAs(tiny_runners[POL], lambda v: v.astype(str))}
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, runners) as w:
+        bad = [make_item(tiny_runners[POL], 5, rng, deadline_s=10) for _ in range(6)]
+        t0 = time.monotonic()
+        res = await asyncio.gather(*(q.submit(it) for it in bad), return_exceptions=True)
+        assert time.monotonic() - t0 < 5  # answered, not left to the deadline
+        assert all(isinstance(x, InferenceFailedError) for x in res), res
+        assert "could not send the model's answer" in str(res[0])
+        good = make_item(tiny_runners[POS], 5, rng, deadline_s=10)
+        assert_same(await q.submit(good), direct(tiny_runners[POS], good))
+        await wait_for(lambda: not w._in_hand)
+
+
+async def test_unsigned_outputs_are_answered_as_in_process(make_settings, tiny_runners) -> None:
+    settings = make_settings()
+    rng = np.random.default_rng(7)
+    to_u32 = _OutputsAs(tiny_runners[POL], lambda v: (np.abs(v) * 1000).astype(np.uint32))
+    item = make_item(tiny_runners[POL], 5, rng)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, {POL: to_u32}):
+        out = await q.submit(item)
+    want = to_u32.run_batch([item])[0]
+    assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in want.items()}
+    assert all(np.array_equal(out[k], want[k]) for k in want)
+
+
 async def _ghost_read(r, settings, stream: str, ghost: str = "ghost") -> list[bytes]:
     """A consumer that reads entries and dies without acking them."""
     await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -623,7 +671,7 @@ async def test_graceful_stop_finishes_work_in_hand(
                 )
                 assert [x["times_delivered"] for x in rows] == [1] * 4
             # leaving the block stops the worker: it must run the 4 now, not drop them
-        assert w.stats.batch_sizes == [4]
+        assert list(w.stats.batch_sizes) == [4]
         for it, g in zip(items, await asyncio.gather(*tasks), strict=True):
             assert_same(g, direct(tiny_runners[POS], it))
     stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), items[0].bucket)
