@@ -690,7 +690,19 @@ class Worker:
                     for stream, ids in by_stream.items():
                         pipe.xack(stream, GROUP, *ids)
                         pipe.xdel(stream, *ids)
-                    await pipe.execute()
+                    # A command Redis refuses (NOGROUP after a Redis restart, OOM on the dead
+                    # letter) is not retried: the pipeline is no transaction, and sending it
+                    # again would repeat the commands that did run (replies, dead letters).
+                    results = await pipe.execute(raise_on_error=False)
+                refused = [r for r in results if isinstance(r, Exception)]
+                if refused:
+                    log.warning(
+                        "worker %s: Redis refused %d command(s) settling %d entries: %s",
+                        self.name,
+                        len(refused),
+                        len(done),
+                        refused[0],
+                    )
                 break
             except (RedisError, OSError) as e:
                 if time.monotonic() > end:

@@ -566,6 +566,25 @@ async def test_unsigned_outputs_are_answered_as_in_process(make_settings, tiny_r
     assert all(np.array_equal(out[k], want[k]) for k in want)
 
 
+async def test_a_command_redis_refuses_while_settling_is_not_resent_with_the_rest(
+    make_settings, tiny_runners, r
+) -> None:
+    """The settling pipeline is no transaction: when Redis refused one command (here the
+    dead letter: its key holds a string), the whole pipeline was sent again for 5 s,
+    repeating the replies and acks that had gone through."""
+    settings = make_settings(redis_max_attempts=1, max_wait_ms=5)
+    rng = np.random.default_rng(8)
+    bad = make_item(tiny_runners[POS], 7, rng, poison=True)
+    await r.set(dead_letter_stream(settings.redis_prefix, POS), "not a stream")
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        with pytest.raises(InferenceFailedError, match="dead-letter"):
+            await q.submit(bad)
+        await asyncio.sleep(0.6)  # a resent pipeline would publish the reply again by now
+        assert q.stats["late_replies"] == 0
+        await wait_for(lambda: not w._in_hand)
+    assert w.stats.replies == 1
+
+
 async def _ghost_read(r, settings, stream: str, ghost: str = "ghost") -> list[bytes]:
     """A consumer that reads entries and dies without acking them."""
     await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
