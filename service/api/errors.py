@@ -96,6 +96,8 @@ def _code_for(err: dict[str, Any]) -> str:
         return t
     if t == "too_short":
         return "empty_inputs"
+    if t == "too_long":  # a list over the schema's bound (service.config.MAX_LIST_ITEMS)
+        return "input_too_long"
     if t.endswith("_type") or t.endswith("_parsing"):
         return "wrong_type"
     return "invalid_request"

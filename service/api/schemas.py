@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from service.config import MAX_LIST_ITEMS
+
 
 def _has_visible(v: str) -> bool:
     """True when ``v`` holds a character other than whitespace, control (Cc) and format (Cf)
@@ -83,7 +85,9 @@ class PosRequest(_Item):
     )
     tokens: list[Annotated[str, AfterValidator(_not_blank)]] | None = Field(
         None,
-        description="Already split words (instead of `text`): tagged as given.",
+        max_length=MAX_LIST_ITEMS,
+        description="Already split words (instead of `text`): tagged as given (no more than "
+        "the model reads: its `max_length`, see GET /v1/models).",
         examples=[["The", "dog", "barks", "."]],
     )
 
@@ -215,19 +219,27 @@ class BatchRequest(BaseModel):
 
 
 class PosBatchRequest(BatchRequest):
-    inputs: list[PosRequest] = Field(min_length=1, description=_INPUTS_DOC)
+    inputs: list[PosRequest] = Field(
+        min_length=1, max_length=MAX_LIST_ITEMS, description=_INPUTS_DOC
+    )
 
 
 class PolarityBatchRequest(BatchRequest):
-    inputs: list[PolarityRequest] = Field(min_length=1, description=_INPUTS_DOC)
+    inputs: list[PolarityRequest] = Field(
+        min_length=1, max_length=MAX_LIST_ITEMS, description=_INPUTS_DOC
+    )
 
 
 class DetectBatchRequest(BatchRequest):
-    inputs: list[DetectRequest] = Field(min_length=1, description=_INPUTS_DOC)
+    inputs: list[DetectRequest] = Field(
+        min_length=1, max_length=MAX_LIST_ITEMS, description=_INPUTS_DOC
+    )
 
 
 class QABatchRequest(BatchRequest):
-    inputs: list[QARequest] = Field(min_length=1, description=_INPUTS_DOC)
+    inputs: list[QARequest] = Field(
+        min_length=1, max_length=MAX_LIST_ITEMS, description=_INPUTS_DOC
+    )
 
 
 class PosBatchResponse(BaseModel):

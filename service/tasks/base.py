@@ -148,13 +148,17 @@ async def run_requests(
     else:
         prepared = task.prepare(requests, deadline, lane, enforce_limits)
     flat = [it for p in prepared for it in p.items]
-    limit = task.settings.max_queue_depth
-    if len(flat) > limit:
-        # Would never fit in the queue: a 429 "retry later" would be a lie.
+    s = task.settings
+    if len(flat) > s.max_request_sequences or len(flat) > s.max_queue_depth:
+        # Would never be admitted: a 429 "retry later" would be a lie.
+        limit, setting = min(
+            (s.max_request_sequences, "NLPSERVE_MAX_REQUEST_SEQUENCES"),
+            (s.max_queue_depth, "NLPSERVE_MAX_QUEUE_DEPTH"),
+        )
         raise InputError(
             "input_too_long",
-            f"this request needs {len(flat)} model sequences (e.g. QA windows); at most "
-            f"{limit} fit in the queue (NLPSERVE_MAX_QUEUE_DEPTH): send shorter texts",
+            f"this request needs {len(flat)} model sequences (e.g. QA windows); one request "
+            f"may need at most {limit} ({setting}): send fewer or shorter texts",
         )
     outputs = await queue.submit_many(flat)
     results: list[BaseModel] = []

@@ -135,6 +135,34 @@ async def test_invalid_json_says_where(client):
     assert message.endswith("Invalid control character at character 11"), message
 
 
+@pytest.mark.parametrize("task", ["pos", "polarity", "detect", "qa"])
+async def test_a_huge_list_stops_validation_at_its_bound(task):
+    """330,000 wrong items were each validated and listed (1.3 s of the event loop, a
+    request that anyone could repeat): the schema's bound stops validation at once."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from service.api.routes.predict import BODIES
+    from service.config import MAX_LIST_ITEMS
+
+    bodies = [{"inputs": [1] * 330_000}]
+    if task == "pos":
+        bodies.append({"tokens": [1] * 330_000})
+    for body in bodies:
+        with pytest.raises(ValidationError) as e:
+            TypeAdapter(BODIES[task]).validate_python(body)
+        assert e.value.error_count() == 1, e.value.errors()[:3]
+        assert f"at most {MAX_LIST_ITEMS}" in e.value.errors()[0]["msg"]
+
+
+async def test_huge_lists_are_refused_with_their_codes(client):
+    r = await client.post("/v1/pos", json={"tokens": ["a"] * 10_001})
+    assert "at most 10000" in assert_error(r, 422, "input_too_long")["message"]
+    # a query parameter sends the request down FastAPI's own path: the same answer
+    for path in ("/v1/polarity", "/v1/polarity?x=1"):
+        r = await client.post(path, json={"inputs": [{"text": 1}] * 20_000})
+        assert_error(r, 422, "too_many_items")
+
+
 async def test_missing_field_message_names_the_field(client):
     err = assert_error(await client.post("/v1/qa", json={"question": "x"}), 422, "missing_field")
     assert "context" in err["message"]
@@ -266,6 +294,22 @@ async def test_request_that_can_never_fit_the_queue_is_422_not_429(lc, model_rep
     r = await lc.post("/v1/qa", json={"question": "首都？", "context": context})
     err = assert_error(r, 422, "input_too_long")
     assert "NLPSERVE_MAX_QUEUE_DEPTH" in err["message"]
+
+
+async def test_one_request_may_need_only_so_many_sequences(model_repo):
+    """Requests run oldest first: one QA request of 1,016 windows held the model for ~13 s
+    while every later one waited. NLPSERVE_MAX_REQUEST_SEQUENCES bounds a request."""
+    require_model(model_repo, "qa-zh")
+    settings = make_settings(model_repo, max_request_sequences=2)
+    context = "中国的首都是北京，它有三千多年的历史。" * 14  # > 3 windows
+    async with live_server(settings) as srv, srv.client() as c:
+        r = await c.post("/v1/qa", json={"question": "首都？", "context": context})
+        err = assert_error(r, 422, "input_too_long")
+        assert "at most 2 (NLPSERVE_MAX_REQUEST_SEQUENCES)" in err["message"]
+        short = {"question": "首都？", "context": "中国的首都是北京。"}
+        assert (await c.post("/v1/qa", json={"inputs": [short, short]})).status_code == 200
+        r = await c.post("/v1/qa", json={"inputs": [short] * 3})
+        assert_error(r, 422, "input_too_long")
 
 
 async def test_too_many_items(lc):
