@@ -197,10 +197,10 @@ def decode_work(fields: Mapping[bytes, bytes]) -> DecodedWork:
             bucket=int(_need(fields, F_BUCKET)),
             length=int(_need(fields, F_LENGTH)),
             features=features,
-            deadline=float(_need(fields, F_DEADLINE)),
+            deadline=_time(fields, F_DEADLINE),
             lane=_need(fields, F_LANE).decode(),
             id=_need(fields, F_ID).decode(),
-            enqueued_at=float(_need(fields, F_ENQUEUED)),
+            enqueued_at=_time(fields, F_ENQUEUED),
         )
         return DecodedWork(
             item, _need(fields, F_REPLY_TO).decode(), int(fields.get(F_ATTEMPT, b"0"))
@@ -209,6 +209,15 @@ def decode_work(fields: Mapping[bytes, bytes]) -> DecodedWork:
         if isinstance(e, CodecError):
             raise
         raise CodecError(f"malformed entry: {e}") from e
+
+
+def _time(fields: dict[bytes, bytes], key: bytes) -> float:
+    """A unix time: finite (a NaN deadline or enqueue time made its bucket's oldest wait NaN,
+    and the scheduler never picked that bucket again)."""
+    value = float(_need(fields, key))
+    if not math.isfinite(value):
+        raise CodecError(f"field {key!r} is {value}, not a time")
+    return value
 
 
 # --------------------------------------------------------------------------- replies

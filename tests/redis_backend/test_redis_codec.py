@@ -92,6 +92,10 @@ def test_work_rejects_wrong_version_and_missing_fields() -> None:
         codec.decode_work(broken)
     with pytest.raises(codec.CodecError):
         codec.decode_work({**fields, codec.F_BUCKET: b"two"})
+    for key in (codec.F_DEADLINE, codec.F_ENQUEUED):
+        for value in (b"nan", b"inf", b"-inf"):
+            with pytest.raises(codec.CodecError, match="not a time"):
+                codec.decode_work({**fields, key: value})
 
 
 def test_reply_round_trip() -> None:

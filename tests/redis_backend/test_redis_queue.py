@@ -585,6 +585,34 @@ async def test_a_command_redis_refuses_while_settling_is_not_resent_with_the_res
     assert w.stats.replies == 1
 
 
+async def test_an_entry_with_a_nan_time_is_dead_lettered_not_blocking_its_bucket(
+    make_settings, tiny_runners, r
+) -> None:
+    """A NaN deadline made its bucket's oldest wait NaN: the scheduler never picked that
+    bucket again, and every later request of its length timed out."""
+    settings = make_settings(max_wait_ms=5)
+    rng = np.random.default_rng(9)
+    runner = tiny_runners[POL]
+    stream = work_stream(settings.redis_prefix, POL, _layout(runner), 0)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        poison = make_item(runner, 3, rng)
+        fields = codec.encode_work(poison, reply_to="nobody")
+        await wait_for(lambda: _has_group(r, stream))
+        await r.xadd(stream, {**fields, codec.F_DEADLINE: b"nan"})
+        good = make_item(runner, 3, rng, deadline_s=5)
+        assert_same(await q.submit(good), direct(runner, good))
+        await wait_for(lambda: w.stats.dead_lettered == 1)
+    dead = await r.xrange(dead_letter_stream(settings.redis_prefix, POL))
+    assert [f[b"dead_reason"] for _, f in dead] == [b"malformed"]
+
+
+async def _has_group(r, stream: str) -> bool:
+    try:
+        return any(g["name"] == GROUP.encode() for g in await r.xinfo_groups(stream))
+    except Exception:
+        return False
+
+
 async def _ghost_read(r, settings, stream: str, ghost: str = "ghost") -> list[bytes]:
     """A consumer that reads entries and dies without acking them."""
     await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
