@@ -358,6 +358,36 @@ def test_a_damaged_model_file_is_refused_by_its_checksum(model_repo, tmp_path):
         create_session(repo / "polarity-en" / "1", manifest, Settings(model_dir=repo))
 
 
+@pytest.mark.parametrize(
+    ("where", "bad"),
+    [
+        ("variant", "../../other/model.onnx"),
+        ("variant", "/work/models/x/1/model.onnx"),
+        ("tokenizer", "../polarity-en/1/tokenizer.json"),
+        ("chars", "sub/chars.json"),
+    ],
+)
+def test_a_manifest_names_only_files_in_its_own_folder(model_repo, tmp_path, where, bad):
+    """A manifest could point the server at any file it could read (``../../x.onnx``);
+    with no sha256 recorded nothing caught it."""
+    import json
+    import shutil
+
+    from service.repository import ManifestError, load_manifest
+
+    folder = tmp_path / "pos-en" / "1"
+    shutil.copytree(model_repo / "pos-en" / "1", folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    if where == "variant":
+        raw["variants"]["fp32"]["file"] = bad
+        raw["variants"]["fp32"]["sha256"] = None
+    else:
+        raw["preprocessing"][f"{where}_file"] = bad
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="name a file in the version folder"):
+        load_manifest(folder)
+
+
 def test_cli_on_a_missing_or_empty_repository_says_so_in_one_line(tmp_path):
     out = _cli("models", "--models", str(tmp_path / "nope"))
     assert out.returncode == 2 and "folder not found" in out.stderr

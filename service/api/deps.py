@@ -61,10 +61,11 @@ class ServiceState:
         names = self.models_of(task)
         if not names:
             selection = self.settings.model_selection()
+            # the setting, not its value or the repository's path: clients see this
             where = (
-                f"NLPSERVE_LOAD_MODELS ({self.settings.load_models}) names none"
+                "this server's NLPSERVE_LOAD_MODELS names none"
                 if selection is not None and EVERY_MODEL not in selection
-                else f"the model repository ({self.settings.model_dir}) has none"
+                else "this server's model repository has none"
             )
             raise ApiError(
                 404,

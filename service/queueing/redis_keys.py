@@ -149,8 +149,10 @@ def make_client(
 
 
 def safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
+    """The Redis URL without its credentials, for logs: ``user:password@`` and a query
+    string (redis-py reads ``?password=``) are masked."""
     scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    base, sep, _query = rest.partition("?")
+    return f"{scheme}://{base}{sep and '?***'}"

@@ -37,6 +37,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def _in_folder(value: str) -> str:
+    """A file the manifest names is in its version folder: a plain file name, so a manifest
+    cannot point the server at files elsewhere (``../../x.onnx``, ``/etc/...``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", value):
+        raise ValueError(
+            f"file {value!r}: name a file in the version folder (letters, digits, '.', '_', "
+            "'-'; no folder, not starting with '.')"
+        )
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_in_folder)]
+
+
 class TensorSpec(_Strict):
     name: str
     dtype: DType
@@ -47,7 +61,7 @@ class TensorSpec(_Strict):
 class Variant(_Strict):
     """One ONNX file of the model (fp32, int8-quantised, fp16...)."""
 
-    file: str
+    file: FileName
     precision: Literal["fp32", "int8", "fp16"] = "fp32"
     # Providers this variant is meant for, in preference order.
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -76,9 +90,9 @@ class Preprocessing(_Strict):
     """How raw requests become model inputs (the contract shared with training)."""
 
     kind: Literal["words", "wordpiece"]
-    tokenizer_file: str = "tokenizer.json"
+    tokenizer_file: FileName = "tokenizer.json"
     # words: character vocabulary for char features (None when the model has none)
-    chars_file: str | None = None
+    chars_file: FileName | None = None
     max_word_length: int | None = None
     lowercase: bool = True
     # wordpiece/QA windows

@@ -161,3 +161,19 @@ def test_stream_names_carry_the_model_layout_and_parse_back() -> None:
     assert all(len(s) == 4 for s in streams) and not any(
         a & b for i, a in enumerate(streams) for b in streams[i + 1 :]
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("redis://:s3cret@redis:6379/0", "redis://***@redis:6379/0"),
+        ("rediss://user:s3cret@host:6380", "rediss://***@host:6380"),
+        ("redis://host:6379/0?password=s3cret", "redis://host:6379/0?***"),
+        ("unix:///run/redis.sock?password=s3cret&db=1", "unix:///run/redis.sock?***"),
+    ],
+)
+def test_logged_redis_urls_carry_no_credentials(url: str, logged: str) -> None:
+    from service.queueing.redis_keys import safe_url
+
+    assert safe_url(url) == logged
