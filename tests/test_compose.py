@@ -220,6 +220,21 @@ def test_gateway_drops_idle_connections_before_the_api_does() -> None:
     assert found and int(found.group(1)) < KEEP_ALIVE_S
 
 
+def test_only_api_and_workers_reach_redis(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    """Redis has no password: anything that shares its network can forge or cancel answers.
+    Every service names its networks (none falls back to the default one, which all share)."""
+    assert compose["networks"]["queue"].get("internal") is True
+    for name, svc in services.items():
+        assert svc.get("networks"), f"{name} names no network: it would join the default one"
+    on_queue = {name for name, svc in services.items() if "queue" in svc["networks"]}
+    assert on_queue == {"redis", *NLPSERVE_IMAGE_SERVICES}
+    assert "edge" in services["gateway"]["networks"] and "edge" in services["api"]["networks"]
+    for name in ("prometheus", *NLPSERVE_IMAGE_SERVICES):  # scraped over edge
+        assert "edge" in services[name]["networks"], name
+
+
 def test_service_containers_are_locked_down(services: dict[str, Any]) -> None:
     """Read-only root file system (only /tmp writable: numba's cache), no capabilities, no
     privilege gain: a compromised replica can change nothing in its container."""
