@@ -162,6 +162,7 @@ def test_sigterm_answers_work_that_cannot_finish_in_time_with_503(model_repo):
         NLPSERVE_SHUTDOWN_TIMEOUT_S="4",  # the queue drains for 3 s of it
         NLPSERVE_INFERENCE_THREADS="1",
         NLPSERVE_MAX_QUEUE_DEPTH="100000",
+        NLPSERVE_MAX_REQUEST_SEQUENCES="100000",
         NLPSERVE_MAX_BODY_BYTES="20000000",
         NLPSERVE_MAX_BATCH_ITEMS="1000",
     )
