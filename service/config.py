@@ -171,12 +171,13 @@ class Settings(BaseSettings):
         1024, ge=1, description="Per-model queued requests before new ones get 429."
     )
     max_request_sequences: int = Field(
-        256,
+        512,
         ge=1,
         description="Most model sequences one request may need (QA windows of all its "
-        "items; one per item elsewhere); more is a 422. Requests run oldest first, so one "
-        "request of 1,016 QA windows (8 contexts of 20,000 characters) held qa-zh for ~13 s "
-        "on 2 cores while every later request waited.",
+        "items, ~100 for a 20,000-character Chinese context; one per item elsewhere); more is "
+        "a 422. Requests run oldest first, so one request of 1,016 QA windows (8 such "
+        "contexts) held qa-zh for ~13 s on 2 cores while every later request waited. At "
+        "least NLPSERVE_MAX_BATCH_ITEMS.",
     )
     inference_threads: int | None = Field(
         None,
@@ -309,6 +310,16 @@ class Settings(BaseSettings):
     def model_selection(self) -> dict[str, str | None] | None:
         """``load_models`` parsed (None: every model, highest versions)."""
         return None if self.load_models is None else parse_selection(self.load_models)
+
+    @model_validator(mode="after")
+    def _a_full_batch_fits_a_request(self) -> Settings:
+        if self.max_request_sequences < self.max_batch_items:
+            raise ValueError(
+                f"NLPSERVE_MAX_REQUEST_SEQUENCES ({self.max_request_sequences}) must be at "
+                f"least NLPSERVE_MAX_BATCH_ITEMS ({self.max_batch_items}): a full batch of "
+                "one-sequence items would be refused"
+            )
+        return self
 
     @model_validator(mode="after")
     def _streams_hold_what_is_admitted(self) -> Settings:

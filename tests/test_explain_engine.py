@@ -245,8 +245,10 @@ async def test_identical_requests_share_a_computation_within_their_own_deadlines
     long = asyncio.create_task(svc.explain("toy", text, 400, deadline()))
     await asyncio.sleep(0.1)
     t0 = time.monotonic()
-    with pytest.raises(DeadlineExceededError, match="already running for another request"):
+    with pytest.raises(DeadlineExceededError, match="already running for another request") as e:
         await svc.explain("toy", text, 400, deadline(0.3))
+    waited = float(re.search(r"([\d.]+) s waiting for the same", str(e.value)).group(1))
+    assert 0.2 <= waited < 0.8, str(e.value)
     assert time.monotonic() - t0 < 0.8
     assert (await long).evals > 0
     # a long deadline joining a short computation: the owner's 504 is not the joiner's

@@ -117,7 +117,7 @@ def get_state(request: Request) -> ServiceState:
 
 # Digits, with an optional fraction: what the docs promise, not all that float() reads
 # ("inf", "1e-300", "1_000").
-_MILLISECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
+_MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
 
 
 def deadline_from(request: Request, settings: Settings) -> float:

@@ -152,15 +152,18 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send, BodyTooLarge(self.max_bytes))
             return
-        encoding = headers.get(b"content-encoding", b"").strip().lower()
-        if encoding not in (b"", b"identity") and scope.get("method") == "POST":
+        encoding = headers.get(b"content-encoding", b"").lower()
+        if scope.get("method") == "POST" and any(
+            c.strip() not in (b"", b"identity") for c in encoding.split(b",")
+        ):
             await _send_error(
                 scope,
                 send,
                 415,
                 "unsupported_media_type",
-                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the "
-                "JSON body uncompressed",
+                f"Content-Encoding {encoding.decode('latin-1').strip()!r} is not supported: "
+                "send the JSON body uncompressed, without the header (a charset belongs in "
+                "Content-Type)",
             )
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_s

@@ -42,9 +42,16 @@ def task_scorer(task: Task, queue: InferenceQueue, output_field: str) -> Scorer:
         # No character limit here: the client's text was checked (explain route), and a
         # variant may outgrow it ("!" -> "[MASK] "); its tokens are bounded by the model's
         # max length, since the text was cut to what the model reads before masking.
-        outs = await run_requests(
-            task, queue, requests, deadline, lane=EXPLAIN_LANE, enforce_limits=False
-        )
+        # SHAP's batches may pass the batch size it was given by a few: each request stays
+        # within what one request may need and the queue admits (else a 422).
+        s = task.settings
+        step = max(1, min(s.max_request_sequences, s.max_queue_depth))
+        outs = []
+        for i in range(0, len(requests), step):
+            outs += await run_requests(
+                task, queue, requests[i : i + step], deadline, lane=EXPLAIN_LANE,
+                enforce_limits=False,
+            )  # fmt: skip
         return np.array([float(getattr(o, output_field)) for o in outs], dtype=np.float64)
 
     return score

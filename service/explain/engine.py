@@ -203,20 +203,15 @@ class ExplainService:
             # Identical concurrent requests share one computation, each within its own
             # deadline...
             asked = time.time()
-            out_of_time = DeadlineExceededError(
-                "the explanation did not finish before its deadline: "
-                f"{time.time() - asked:.1f} s waiting for the same explanation, already "
-                "running for another request; ask for a smaller max_evals"
-            )
             try:
                 return await _within(running, deadline)
             except TimeoutError:
-                raise out_of_time from None
+                raise _joined_too_late(asked) from None
             except (ExplainCancelledError, DeadlineExceededError):
                 # ...unless its owner went away or ran out of its own (shorter) time: then
                 # compute it here, within this request's deadline.
                 if time.time() >= deadline:
-                    raise out_of_time from None
+                    raise _joined_too_late(asked) from None
                 continue
         fut: asyncio.Future[Explanation] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
@@ -272,6 +267,14 @@ class ExplainService:
         except asyncio.CancelledError:
             cancel.set()  # drops the model call in flight; the thread stops instead of going on
             raise
+
+
+def _joined_too_late(asked: float) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        "the explanation did not finish before its deadline: "
+        f"{time.time() - asked:.1f} s waiting for the same explanation, already running for "
+        "another request; ask for a smaller max_evals"
+    )
 
 
 async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:

@@ -155,10 +155,11 @@ async def run_requests(
             (s.max_request_sequences, "NLPSERVE_MAX_REQUEST_SEQUENCES"),
             (s.max_queue_depth, "NLPSERVE_MAX_QUEUE_DEPTH"),
         )
+        what = "QA windows of its contexts" if task.task == "qa" else "one per item"
         raise InputError(
             "input_too_long",
-            f"this request needs {len(flat)} model sequences (e.g. QA windows); one request "
-            f"may need at most {limit} ({setting}): send fewer or shorter texts",
+            f"this request needs {len(flat)} model sequences ({what}); one request may need "
+            f"at most {limit} ({setting}): send fewer or shorter texts",
         )
     outputs = await queue.submit_many(flat)
     results: list[BaseModel] = []

@@ -113,9 +113,10 @@ async def test_compressed_body_is_415(client, path):
     headers["content-encoding"] = "br"
     r = await client.post(path, content=b'{"text": "a fine film"}', headers=headers)
     assert "'br'" in assert_error(r, 415, "unsupported_media_type")["message"]
-    headers["content-encoding"] = "identity"
-    r = await client.post("/v1/polarity", content=b'{"text": "a fine film"}', headers=headers)
-    assert r.status_code == 200, r.text
+    for identity in ("identity", "Identity, identity"):
+        headers["content-encoding"] = identity
+        r = await client.post(path, content=b'{"text": "a fine film"}', headers=headers)
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity/explain"])
@@ -301,16 +302,31 @@ async def test_one_request_may_need_only_so_many_sequences(model_repo):
     """Requests run oldest first: one QA request of 1,016 windows held the model for ~13 s
     while every later one waited. NLPSERVE_MAX_REQUEST_SEQUENCES bounds a request."""
     require_model(model_repo, "qa-zh")
-    settings = make_settings(model_repo, max_request_sequences=2)
+    settings = make_settings(model_repo, max_request_sequences=3, max_batch_items=3)
     context = "中国的首都是北京，它有三千多年的历史。" * 14  # > 3 windows
     async with live_server(settings) as srv, srv.client() as c:
         r = await c.post("/v1/qa", json={"question": "首都？", "context": context})
         err = assert_error(r, 422, "input_too_long")
-        assert "at most 2 (NLPSERVE_MAX_REQUEST_SEQUENCES)" in err["message"]
+        assert "(QA windows of its contexts); one request may need at most 3" in err["message"]
+        assert "NLPSERVE_MAX_REQUEST_SEQUENCES" in err["message"]
         short = {"question": "首都？", "context": "中国的首都是北京。"}
-        assert (await c.post("/v1/qa", json={"inputs": [short, short]})).status_code == 200
-        r = await c.post("/v1/qa", json={"inputs": [short] * 3})
-        assert_error(r, 422, "input_too_long")
+        assert (await c.post("/v1/qa", json={"inputs": [short] * 3})).status_code == 200
+        # explanations submit their masked texts within the limit too
+        r = await c.post(
+            "/v1/polarity/explain", json={"text": "a fine, warm film", "max_evals": 40}
+        )
+        assert r.status_code == 200, r.text
+
+
+def test_a_full_batch_must_fit_the_request_sequence_limit():
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="must be at least NLPSERVE_MAX_BATCH_ITEMS"):
+        Settings(max_request_sequences=100, max_batch_items=101)
+    with pytest.raises(ValidationError):
+        Settings(max_batch_items=10_001, max_request_sequences=20_000)
 
 
 async def test_too_many_items(lc):
@@ -391,14 +407,16 @@ async def test_deadline_exceeded_is_504_and_the_item_never_runs(limited, lc):
 
 
 @pytest.mark.parametrize(
-    "value", ["soon", "-5", "0", "0.0", "nan", "", "inf", "1e3", "1_000", "0x10", "1.5.2"]
+    "value", ["soon", "-5", "0", "0.0", "nan", "", "inf", "1e3", "1_000", "0x10", "1.5.2", "9" * 33]
 )
 async def test_bad_deadline_header(lc, value):
     r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
     assert_error(r, 400, "invalid_header")
 
 
-@pytest.mark.parametrize("value", ["20000", "20000.5", "09000"])
+@pytest.mark.parametrize(
+    "value", ["20000", "20000.5", "09000", "20000.", "1234567.8901234567", "9" * 20]
+)
 async def test_deadline_header_in_milliseconds(lc, value):
     r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
     assert r.status_code == 200, r.text

@@ -64,9 +64,10 @@ def explain_service(app: FastAPI) -> ExplainService:
             max_evals_default=s.explain_max_evals_default,
             max_evals_limit=s.explain_max_evals_limit,
             cache_size=s.explain_cache_size,
-            # Each model call submits one batch of masked texts at once: never more than
-            # the queue admits (a small NLPSERVE_MAX_QUEUE_DEPTH answered 422 otherwise).
-            batch_size=min(s.max_batch_size, s.max_queue_depth),
+            # Each model call submits its batch of masked texts as one request: at most what
+            # a request may need and the queue admits (the scorer splits SHAP's occasional
+            # overshoot; a small NLPSERVE_MAX_QUEUE_DEPTH answered 422 before).
+            batch_size=min(s.max_batch_size, s.max_queue_depth, s.max_request_sequences),
             concurrency=s.explain_concurrency,
         )
         app.state.explain = service
