@@ -73,6 +73,29 @@ def test_sigterm_in_a_transformer_run_removes_its_staging_folder(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir()] == []
 
 
+def test_pretrain_says_what_a_sigterm_may_leave(cli, capsys):
+    """pretrain saves into --out itself: "its unpublished files were removed" was untrue."""
+    import typer
+
+    from service.cli import app
+    from training.options import handles_sigterm
+
+    run = next(c.callback for c in app.registered_commands if c.name == "pretrain")
+    cells = [c.cell_contents for c in run.__closure__]
+    bound = dict(zip(run.__code__.co_freevars, cells, strict=True))
+    assert bound["command"].__name__ == "pretrain_cmd"
+    assert "partial checkpoint" in bound["left"]
+
+    def killed() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    with pytest.raises(typer.Exit):
+        handles_sigterm(killed, left=bound["left"])()
+    err = capsys.readouterr().err
+    assert "terminated by SIGTERM: the run stopped; --out may hold a partial checkpoint" in err
+
+
 def test_sigterm_through_the_real_cli_process(tmp_path):
     """A real ``nlpserve`` process: the exit status the shell sees is 143."""
     script = (

@@ -68,11 +68,14 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def handles_sigterm(command: Callable[_P, _R]) -> Callable[_P, _R]:
+def handles_sigterm(
+    command: Callable[_P, _R], left: str = "its unpublished files were removed"
+) -> Callable[_P, _R]:
     """Run ``command`` with SIGTERM handled like Ctrl-C: it raises :class:`Terminated` in the
     main thread, so the run unwinds through its cleanup (no staging folder is left behind),
-    then ends with one line on stderr and exit status 143. A second SIGTERM during that
-    cleanup is ignored. (SIGKILL cannot be handled: see README, "Command line".)"""
+    then ends with one line on stderr (``left``: what the run leaves) and exit status 143. A
+    second SIGTERM during that cleanup is ignored. (SIGKILL cannot be handled: see README,
+    "Command line".)"""
 
     @functools.wraps(command)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -87,8 +90,7 @@ def handles_sigterm(command: Callable[_P, _R]) -> Callable[_P, _R]:
         try:
             return command(*args, **kwargs)
         except Terminated:
-            fail("terminated by SIGTERM: the run stopped and its unpublished files were "
-                 "removed", SIGTERM_EXIT)  # fmt: skip
+            fail(f"terminated by SIGTERM: the run stopped; {left}", SIGTERM_EXIT)
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -684,6 +684,8 @@ def evaluate_qa(
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
     train_app.command("detector")(handles_sigterm(train_detector_cmd))
     train_app.command("qa")(handles_sigterm(train_qa_cmd))
-    app.command("pretrain")(handles_sigterm(pretrain_cmd))
+    # pretrain saves into --out itself (no staging): say what may be there
+    stopped = "--out may hold a partial checkpoint (rerun with --overwrite)"
+    app.command("pretrain")(handles_sigterm(pretrain_cmd, left=stopped))
     evaluators["detect"] = evaluate_detector
     evaluators["qa"] = evaluate_qa
