@@ -151,7 +151,9 @@ def baseline_pipeline(folder: Path, torch_model: str | None, batch_size: int | N
         model = AutoModelForSequenceClassification.from_pretrained(found[0])
         source = f"{found[0]} ({found[1]})"
     else:
-        base = str(manifest.hyperparameters.get("base_model") or "")
+        from training.transformer.commands import recorded_base
+
+        base = recorded_base(str(manifest.hyperparameters.get("base_model") or ""))
         if base and Path(base).is_dir():  # same architecture, fresh head
             label2id = {v: k for k, v in labels.items()}
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -181,7 +181,9 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
         raise RuntimeError(f"{version_dir}: no fp32 (or int8) ONNX file to rebuild from")
     state, eps = state_dict_from_onnx(onnx.load(str(onnx_path)))
     base: dict[str, Any] = {}
-    base_model = str(manifest.get("hyperparameters", {}).get("base_model", ""))
+    from training.transformer.commands import recorded_base
+
+    base_model = recorded_base(str(manifest.get("hyperparameters", {}).get("base_model", "")))
     if base_model and (Path(base_model) / "config.json").is_file():
         base = json.loads((Path(base_model) / "config.json").read_text())
 

