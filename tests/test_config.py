@@ -180,3 +180,14 @@ def test_every_setting_is_documented():
     named = set(re.findall(r"NLPSERVE_([A-Z0-9_]+)", docs))
     named |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", docs))
     assert [n.upper() for n in Settings.model_fields if n.upper() not in named] == []
+
+
+def test_a_full_batch_must_fit_the_request_sequence_limit():
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="must be at least NLPSERVE_MAX_BATCH_ITEMS"):
+        Settings(max_request_sequences=100, max_batch_items=101)
+    with pytest.raises(ValidationError):
+        Settings(max_batch_items=10_001, max_request_sequences=20_000)

@@ -318,17 +318,6 @@ async def test_one_request_may_need_only_so_many_sequences(model_repo):
         assert r.status_code == 200, r.text
 
 
-def test_a_full_batch_must_fit_the_request_sequence_limit():
-    from pydantic import ValidationError
-
-    from service.config import Settings
-
-    with pytest.raises(ValidationError, match="must be at least NLPSERVE_MAX_BATCH_ITEMS"):
-        Settings(max_request_sequences=100, max_batch_items=101)
-    with pytest.raises(ValidationError):
-        Settings(max_batch_items=10_001, max_request_sequences=20_000)
-
-
 async def test_too_many_items(lc):
     err = assert_error(
         await lc.post("/v1/polarity", json={"inputs": [{"text": "good"}] * 4}),
