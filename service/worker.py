@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import lane_for_next_batch
@@ -72,9 +72,6 @@ DEAD_LETTER_MAXLEN = 10_000
 # delivered NLPSERVE_REDIS_MAX_ATTEMPTS times (workers died on it), or it could not be read.
 DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
-# What Redis refuses only for a while (a replica promoted after a failover, a restart still
-# loading): settling is retried whole, as for a lost connection.
-_TRANSIENT = (ReadOnlyError, BusyLoadingError)
 
 
 class Runner(Protocol):
@@ -699,13 +696,13 @@ class Worker:
                     for stream, ids in by_stream.items():
                         pipe.xack(stream, GROUP, *ids)
                         pipe.xdel(stream, *ids)
-                    # A command Redis refuses for good (OOM or WRONGTYPE on the dead letter) is
-                    # not retried: the pipeline is no transaction, and sending it again would
-                    # repeat the commands that did run (replies, dead letters).
+                    # A command Redis refuses (OOM or WRONGTYPE on the dead letter, READONLY
+                    # after a failover) is not retried: the pipeline is no transaction, and
+                    # sending it again would repeat the commands that did run (replies, dead
+                    # letters). Unacked entries stay pending and are reclaimed later. A lost
+                    # connection or LOADING (a ConnectionError) raises and is retried below.
                     results = await pipe.execute(raise_on_error=False)
                 refused = [r for r in results if isinstance(r, Exception)]
-                if transient := [r for r in refused if isinstance(r, _TRANSIENT)]:
-                    raise transient[0]  # a failover or a loading replica: try again below
                 if refused:
                     log.warning(
                         "worker %s: Redis refused %d command(s) settling %d entries: %s",

@@ -152,7 +152,9 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send, BodyTooLarge(self.max_bytes))
             return
-        encoding = headers.get(b"content-encoding", b"").lower()
+        # every Content-Encoding line counts (a dict keeps only the last one)
+        encoding = b",".join(v for k, v in scope.get("headers") or [] if k == b"content-encoding")
+        encoding = encoding.lower()
         if scope.get("method") == "POST" and any(
             c.strip() not in (b"", b"identity") for c in encoding.split(b",")
         ):

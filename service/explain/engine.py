@@ -193,6 +193,7 @@ class ExplainService:
             raise ExplainInputError(f"model {model!r} is not loaded, so it cannot be explained")
         evals = self.max_evals(max_evals)
         key = (ex.name, ex.version, text, evals)
+        asked = time.time()  # for a joiner's 504: its whole wait, over every owner
         while True:
             hit = self.cache.get(key)
             if hit is not None:
@@ -202,7 +203,6 @@ class ExplainService:
                 break
             # Identical concurrent requests share one computation, each within its own
             # deadline...
-            asked = time.time()
             try:
                 return await _within(running, deadline)
             except TimeoutError:

@@ -113,6 +113,11 @@ async def test_compressed_body_is_415(client, path):
     headers["content-encoding"] = "br"
     r = await client.post(path, content=b'{"text": "a fine film"}', headers=headers)
     assert "'br'" in assert_error(r, 415, "unsupported_media_type")["message"]
+    # two header lines: each counts, not only the last
+    two = [("content-type", "application/json"), ("content-encoding", "gzip"),
+           ("content-encoding", "identity")]  # fmt: skip
+    r = await client.post(path, content=b'{"text": "a fine film"}', headers=two)
+    assert_error(r, 415, "unsupported_media_type")
     for identity in ("identity", "Identity, identity"):
         headers["content-encoding"] = identity
         r = await client.post(path, content=b'{"text": "a fine film"}', headers=headers)

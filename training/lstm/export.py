@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -74,33 +74,28 @@ _PACKED_SHAPE_WARNING = re.compile(
 @contextmanager
 def without_packed_shape_warnings() -> Iterator[None]:
     """Drop exactly the :data:`_PACKED_SHAPE_WARNING` lines from what is written to file
-    descriptor 2 inside the block. Every other line is passed on as it arrives (a pipe and a
-    thread): a native crash inside the block still shows what it printed."""
+    descriptor 2 inside the block; every other line written there meanwhile is written back
+    when the block ends, raising or not (in order, after the block). A file, not a pipe: a
+    pipe drained by a Python thread hangs when C++ code fills it while holding the GIL."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError, AttributeError):  # no fd 2 to redirect: print as they come
         yield
         return
-    read_end, write_end = os.pipe()
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as lines:
-            for line in lines:
-                if not _PACKED_SHAPE_WARNING.search(line):
-                    os.write(saved, line)
-
-    reader = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    reader.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees its end
-        reader.join(timeout=5)
-        os.close(saved)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [ln for ln in caught.read().splitlines(keepends=True)
+                    if not _PACKED_SHAPE_WARNING.search(ln)]  # fmt: skip
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def export_onnx(
