@@ -152,22 +152,20 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send, BodyTooLarge(self.max_bytes))
             return
-        # every Content-Encoding line counts (a dict keeps only the last one)
-        encoding = b",".join(v for k, v in scope.get("headers") or [] if k == b"content-encoding")
-        encoding = encoding.lower()
-        if scope.get("method") == "POST" and any(
-            c.strip() not in (b"", b"identity") for c in encoding.split(b",")
-        ):
-            await _send_error(
-                scope,
-                send,
-                415,
-                "unsupported_media_type",
-                f"Content-Encoding {encoding.decode('latin-1').strip()!r} is not supported: "
-                "send the JSON body uncompressed, without the header (a charset belongs in "
-                "Content-Type)",
-            )
-            return
+        if scope.get("method") == "POST":
+            # every Content-Encoding line counts (the dict above keeps only the last one)
+            codings = b",".join(v for k, v in scope["headers"] if k == b"content-encoding")
+            if any(c.strip() not in (b"", b"identity") for c in codings.lower().split(b",")):
+                await _send_error(
+                    scope,
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Encoding {codings.decode('latin-1').strip()!r} is not "
+                    "supported: send the JSON body uncompressed, without the header (a charset "
+                    "belongs in Content-Type)",
+                )
+                return
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
         body_done = False  # after the body, receive() waits for a disconnect: no timeout
