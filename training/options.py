@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -54,6 +55,12 @@ def bar_disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable`` for ``--progress/--no-progress``: neither given (None) lets tqdm
     turn the bar off when stderr is not a terminal (a redirected log gets no ``\\r`` updates)."""
     return None if progress is None else not progress
+
+
+def bars_shown(progress: bool | None) -> bool:
+    """Whether bars show under ``--progress/--no-progress``: as asked, else when stderr is a
+    terminal (what tqdm decides for :func:`bar_disable`'s None)."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 class Terminated(BaseException):

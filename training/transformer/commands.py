@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,6 +22,7 @@ from training.options import (
     SeedOpt,
     ThreadsOpt,
     VersionOpt,
+    bars_shown,
     check_output,
     handles_sigterm,
     recorded_command,
@@ -122,7 +122,7 @@ def _setup(
 
     common.setup_logging(log_file)
     common.PROGRESS = progress
-    if progress is False or (progress is None and not sys.stderr.isatty()):
+    if not bars_shown(progress):
         # transformers' own bars (loading weights, writing shards) follow the same rule
         from transformers.utils import logging as hf_logging
 
