@@ -72,6 +72,20 @@ DEAD_LETTER_MAXLEN = 10_000
 # delivered NLPSERVE_REDIS_MAX_ATTEMPTS times (workers died on it), or it could not be read.
 DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
+CLOSE_WAIT_S = 5.0  # how long a stopping worker waits for its loops once cancelled
+# Dead-letter an entry at most once. After a stall, the stalled worker and the one that
+# reclaimed the entry can both decide it is poison; only one still finds it pending (the
+# other acked it). A refused XADD (OOM, wrong key type) still acks and deletes the entry,
+# as a plain pipeline did, and the refusal comes back as the script's error.
+# KEYS: work stream, dead-letter stream; ARGV: group, entry id, maxlen, field/value pairs.
+DEAD_LETTER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
+return 1
+"""
 
 
 class Runner(Protocol):
@@ -163,6 +177,7 @@ class Worker:
         # a batch leaves it when its thread is done, not after its replies are written
         self._on_threads = 0
         self._stopping = False
+        self._closing = False  # run() is tearing down: the background loops end
         # The read loop has ended: no XREADGROUP is in flight, so nothing more can arrive. The
         # batcher may leave only then (a read returning after it left stranded its entries
         # for the claim idle time).
@@ -252,11 +267,23 @@ class Worker:
                     len(self._in_hand),
                 )
         finally:
-            for t in (stop, *tasks, *self._batch_tasks):
+            # A cancel can be lost inside redis-py (a task cancelled as the worker starts
+            # carried on): the loops also end on this flag, and the wait is bounded.
+            self._closing = True
+            ending = {stop, *tasks, *self._batch_tasks}
+            for t in ending:
                 t.cancel()
-            for t in (stop, *tasks, *self._batch_tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            ended, stuck = await asyncio.wait(ending, timeout=CLOSE_WAIT_S)
+            for t in ended:  # retrieved: a loop that raised was reported above
+                if not t.cancelled():
+                    t.exception()
+            if stuck:
+                log.warning(
+                    "worker %s: %s did not end within %.0f s of the stop",
+                    self.name,
+                    ", ".join(sorted(t.get_name() for t in stuck)),
+                    CLOSE_WAIT_S,
+                )
             self._executor.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(Exception):
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -617,11 +644,23 @@ class Worker:
         reply = None
         if reply_to and rid:
             reply = codec.Reply(rid.decode(errors="replace"), codec.STATUS_FAILED, error=error)
-        self.wm.dead_lettered.labels(model, reason).inc()
-        self.stats.dead_lettered += 1
         return _Done(
             stream, entry_id, reply_to.decode(errors="replace"), reply, dead=dead, model=model
         )
+
+    def _count_dead_letters(self, dead: Sequence[_Done], results: Sequence[object]) -> None:
+        for d, res in zip(dead, results, strict=True):
+            if res == 1:
+                reason = (d.dead or {}).get(b"dead_reason", b"").decode()
+                self.wm.dead_lettered.labels(d.model, reason).inc()
+                self.stats.dead_lettered += 1
+            elif res == 0:
+                log.info(
+                    "worker %s: %s %s was settled by another worker; not dead-lettered again",
+                    self.name,
+                    d.stream,
+                    d.entry_id.decode(errors="replace"),
+                )
 
     async def _cancel_loop(self) -> None:
         """Drop entries we hold and have not run whose request gave up (the API publishes
@@ -629,12 +668,12 @@ class Worker:
         run, as in-process. Best effort: a notice missed while reconnecting costs only a
         batch whose answer nobody reads."""
         delay = 0.05
-        while True:
+        while not self._closing:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(cancel_channel(self.prefix))
                 delay = 0.05
-                while True:
+                while not self._closing:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is not None and msg["type"] == "message":
                         await self._drop_cancelled(decode_cancel(msg["data"]))
@@ -671,26 +710,32 @@ class Worker:
         self.stats.expired += 1
 
     async def _settle(self, done: Sequence[_Done]) -> None:
-        """Reply (and dead-letter), then XACK + XDEL: one pipeline, in that order."""
+        """Dead-letter (the script acks those), reply, then XACK + XDEL: one pipeline."""
         if not done:
             return
+        dead = [d for d in done if d.dead is not None]
         by_stream: dict[str, list[bytes]] = {}
         for d in done:
-            by_stream.setdefault(d.stream, []).append(d.entry_id)
+            if d.dead is None:  # the dead-letter script acks its own
+                by_stream.setdefault(d.stream, []).append(d.entry_id)
         replies = [(d.reply_to, self._encoded(d)) for d in done if d.reply and d.reply_to]
         end = time.monotonic() + SETTLE_RETRY_S
         delay = 0.05
         while True:
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for d in done:
-                        if d.dead is not None:
-                            pipe.xadd(
-                                dead_letter_stream(self.prefix, d.model),
-                                d.dead,
-                                maxlen=DEAD_LETTER_MAXLEN,
-                                approximate=True,
-                            )
+                    for d in dead:
+                        pairs = [x for kv in (d.dead or {}).items() for x in kv]
+                        pipe.eval(
+                            DEAD_LETTER_LUA,
+                            2,
+                            d.stream,
+                            dead_letter_stream(self.prefix, d.model),
+                            GROUP,
+                            d.entry_id,
+                            DEAD_LETTER_MAXLEN,
+                            *pairs,
+                        )
                     for reply_to, payload in replies:
                         pipe.publish(reply_to, payload)
                     for stream, ids in by_stream.items():
@@ -711,6 +756,7 @@ class Worker:
                         len(done),
                         refused[0],
                     )
+                self._count_dead_letters(dead, results[: len(dead)])
                 break
             except (RedisError, OSError) as e:
                 if time.monotonic() > end:
@@ -755,7 +801,7 @@ class Worker:
         next_sample = 0.0
         next_gc = time.monotonic() + 60.0
         last_pass: float | None = None
-        while True:
+        while not self._closing:
             # how late this pass runs: the keepalive below must come around well within
             # the claim idle time, or other workers take our entries over
             now = time.monotonic()
