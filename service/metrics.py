@@ -54,7 +54,9 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "nlpserve_queue_depth",
-            "Sequences waiting (not yet running) per model and length bucket.",
+            "Sequences queued per model and length bucket, what NLPSERVE_MAX_QUEUE_DEPTH "
+            "bounds (in-process: waiting, not yet running; Redis mode: in the streams, those "
+            "a worker holds until it answers included).",
             ["model", "bucket"],
             registry=r,
         )

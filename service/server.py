@@ -49,6 +49,10 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # uvicorn's own lines ("Started server process", errors in the ASGI app) go through
+        # the root handler in the service's one format (cli.py), not uvicorn's "INFO:     ...":
+        # one parser for the whole log.
+        log_config=None,
         # On SIGTERM: stop accepting, let in-flight requests finish up to this long (the queue
         # drains meanwhile, see Server), then run the lifespan shutdown.
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),

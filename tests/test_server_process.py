@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,11 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     finally:
         out = _stop(proc)
     assert "Traceback" not in out
+    # One log format, uvicorn's own lines included (a log pipeline parses one shape).
+    assert "Started server process" in out
+    line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
+    odd = [ln for ln in out.splitlines() if not line.match(ln)]
+    assert not odd, odd
 
 
 def _qa_body(contexts: int, seed: int) -> dict:
