@@ -262,3 +262,56 @@ def test_non_finite_outputs_fail_their_item_alone(runners):
     results = run_batch_isolating(Overflowing(), [item(4), item(3), item(5)])
     assert "logits" in results[0] and "logits" in results[2]
     assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
+
+
+@pytest.mark.parametrize("how", ["expired", "cancelled"])
+async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners, model_repo, how):
+    """A batch formed ahead queues behind the running one; a request of it that expired or
+    left meanwhile is not run when the batch starts (it ran, for nobody, delaying the
+    requests still waiting), and its batch mates still get their answers."""
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(
+        model_repo, max_wait_ms=60_000, max_batch_size=2, inference_threads=1, prefetch_batches=1
+    )
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        first = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)
+        live = asyncio.create_task(q.submit(item(5)))
+        gone = asyncio.create_task(q.submit(item(6, deadline_s=0.2 if how == "expired" else 30)))
+        await wait_for(lambda: q.in_flight(MODEL) == 3)  # full: formed ahead, behind `first`
+        if how == "cancelled":
+            gone.cancel()
+        results = await asyncio.gather(gone, return_exceptions=True)
+        expected = asyncio.CancelledError if how == "cancelled" else DeadlineExceededError
+        assert isinstance(results[0], expected)
+        gated.gate.set()
+        assert "logits" in await first and "logits" in await live
+        assert gated.started == [(3,), (5,)]  # the gone request's sequence never ran
+        assert [r.lengths for r in list(q.batch_log)[-2:]] == [(3,), (5,)]
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+async def test_a_batch_formed_ahead_whose_requests_all_left_does_not_run(runners, model_repo):
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(model_repo, max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        first = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)
+        doomed = asyncio.create_task(q.submit(item(7, deadline_s=0.2)))
+        await wait_for(lambda: q.in_flight(MODEL) == 2)
+        with pytest.raises(DeadlineExceededError):
+            await doomed
+        gated.gate.set()
+        await first
+        await q.submit(item(4))  # runs after the skipped batch: the loop went on
+        assert gated.started == [(3,), (4,)]
+        assert q.in_flight(MODEL) == 0
+    finally:
+        gated.gate.set()
+        await q.close(2)
