@@ -315,3 +315,95 @@ async def test_a_batch_formed_ahead_whose_requests_all_left_does_not_run(runners
     finally:
         gated.gate.set()
         await q.close(2)
+
+
+@pytest.fixture(scope="module")
+def every_model(model_repo):
+    """Every test model at fp32 (int8 answers move with their batch mates), and its task."""
+    from service.repository import discover_models
+    from service.tasks import build_tasks
+
+    settings = make_settings(model_repo, variant="fp32")
+    entries = discover_models(model_repo)
+    return load_runners(settings, entries=entries), build_tasks(entries, settings)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_mixed_traffic_answers_each_request_as_if_alone(every_model, model_repo, seed):
+    """Seeded random requests to every model at once (QA contexts of many windows, batch
+    requests, identical texts, a small token budget that splits a request's windows across
+    batches), some cancelled while queued: each answer is the one its request gets alone,
+    and no batch breaks its size or token budget."""
+    import random
+
+    from service.api.schemas import DetectRequest, PolarityRequest, PosRequest, QARequest
+    from service.tasks import run_requests
+
+    runners, tasks = every_model
+    rng = random.Random(seed)
+    settings = make_settings(
+        model_repo,
+        max_batch_size=rng.randint(2, 8),
+        max_batch_tokens=rng.choice([64, 512]),
+        min_padding_efficiency=rng.choice([0.0, 0.8]),
+        inference_threads=rng.randint(1, 2),
+        prefetch_batches=rng.randint(0, 2),
+        max_queue_depth=4096,
+    )
+    words = "the a film good bad , . fun not very is was 中 国 人".split()  # noqa: SIM905
+    make = {
+        "polarity": lambda t: PolarityRequest(text=t),
+        "pos": lambda t: PosRequest(text=t),
+        "detect": lambda t: DetectRequest(text=t),
+        "qa": lambda t: QARequest(question="谁 是 中 国 人", context=t * rng.randint(1, 20)),
+    }
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 30))) for _ in range(12)]
+    jobs = []
+    for _ in range(40):
+        task = tasks[rng.choice(sorted(tasks))]
+        jobs.append((task, [make[task.task](rng.choice(texts)) for _ in range(rng.randint(1, 3))]))
+    alone, sequences = [], 0
+    for task, reqs in jobs:
+        prepared = task.prepare(reqs, time.time() + 60, "predict")
+        sequences += sum(len(p.items) for p in prepared)
+        runner = runners[task.name]
+        alone.append(
+            [task.decode(p, [runner.run_batch([it])[0] for it in p.items]) for p in prepared]
+        )
+
+    q = InProcessQueue(runners, settings)
+    await q.start()
+    try:
+        q.pause()  # everything queued first: the batches mix requests and models
+        runs = [
+            asyncio.create_task(run_requests(task, q, reqs, time.time() + 30))
+            for task, reqs in jobs
+        ]
+        await wait_for(lambda: q.waiting == sequences)
+        cancelled = set(rng.sample(range(len(runs)), 4))
+        for i in cancelled:
+            runs[i].cancel()
+        q.resume()
+        got = await asyncio.gather(*runs, return_exceptions=True)
+    finally:
+        await q.close(5)
+    for i, (answers, expected) in enumerate(zip(got, alone, strict=True)):
+        if i in cancelled:
+            assert isinstance(answers, asyncio.CancelledError)
+            continue
+        assert not isinstance(answers, BaseException), answers
+        for a, e in zip(answers, expected, strict=True):
+            a, e = a.model_dump(), e.model_dump()
+            assert a.keys() == e.keys()
+            for k in e:
+                if isinstance(e[k], float):
+                    assert a[k] == pytest.approx(e[k], abs=1e-4), (i, k)
+                else:
+                    assert a[k] == e[k], (i, k)
+    assert len({r.model for r in q.batch_log}) == len(runners)
+    for record in q.batch_log:
+        policy = settings.batch_policy(runners[record.model].provider)
+        assert record.size <= policy.max_batch_size
+        if record.size > 1:
+            assert record.size * max(record.lengths) <= policy.max_batch_tokens
+    assert any(r.size > 1 for r in q.batch_log)  # the test did batch
