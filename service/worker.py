@@ -48,7 +48,7 @@ from service.batching.scheduler import lane_for_next_batch
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
-from service.queueing.inprocess import run_batch_isolating
+from service.queueing.inprocess import run_live_items
 from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
@@ -534,8 +534,9 @@ class Worker:
             runner = self.runners[model]
             t0 = time.perf_counter()
             try:
+                # a batch formed ahead waited behind the running one: skip what expired
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, run_batch_isolating, runner, batch
+                    self._executor, run_live_items, runner, batch, WorkItem.expired
                 )
             except Exception as e:  # executor gone or a bug: treat as a failure of each
                 log.exception("worker %s: batch of %s failed", self.name, model)
@@ -544,22 +545,27 @@ class Worker:
                 # the thread is free: the next batch may form while these replies are written
                 self._on_threads -= 1
                 self._wake.set()
-            if getattr(runner, "metrics", None) is not self.metrics:
+            ran = [it for it, res in zip(batch, results, strict=True) if res is not None]
+            if ran and getattr(runner, "metrics", None) is not self.metrics:
                 # runners loaded with this worker's Metrics record batches themselves
                 self.metrics.observe_batch(
                     model,
-                    batch[0].bucket,
-                    len(batch),
-                    sum(it.length for it in batch),
-                    len(batch) * max(it.length for it in batch),
+                    ran[0].bucket,
+                    len(ran),
+                    sum(it.length for it in ran),
+                    len(ran) * max(it.length for it in ran),
                     time.perf_counter() - t0,
                 )
-            self.stats.batches += 1
-            self.stats.batch_sizes.append(len(batch))
+            if ran:
+                self.stats.batches += 1
+                self.stats.batch_sizes.append(len(ran))
             done: list[_Done] = []
             retry: list[StreamItem] = []
             for it, res in zip(batch, results, strict=True):
-                if not isinstance(res, Exception):
+                if res is None:  # expired before its batch ran: the API answered 504, ack
+                    self._count_expired(model)
+                    done.append(_Done(it.stream, it.entry_id, model=model))
+                elif not isinstance(res, Exception):
                     reply = codec.Reply(it.id, outputs=res)
                     done.append(_Done(it.stream, it.entry_id, it.reply_to, reply, model=model))
                 elif it.delivered >= self.settings.redis_max_attempts:

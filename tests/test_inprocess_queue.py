@@ -262,3 +262,148 @@ def test_non_finite_outputs_fail_their_item_alone(runners):
     results = run_batch_isolating(Overflowing(), [item(4), item(3), item(5)])
     assert "logits" in results[0] and "logits" in results[2]
     assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
+
+
+@pytest.mark.parametrize("how", ["expired", "cancelled"])
+async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners, model_repo, how):
+    """A batch formed ahead queues behind the running one; a request of it that expired or
+    left meanwhile is not run when the batch starts (it ran, for nobody, delaying the
+    requests still waiting), and its batch mates still get their answers."""
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(
+        model_repo, max_wait_ms=60_000, max_batch_size=2, inference_threads=1, prefetch_batches=1
+    )
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        first = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)
+        live = asyncio.create_task(q.submit(item(5)))
+        gone = asyncio.create_task(q.submit(item(6, deadline_s=0.2 if how == "expired" else 30)))
+        await wait_for(lambda: q.in_flight(MODEL) == 3)  # full: formed ahead, behind `first`
+        if how == "cancelled":
+            gone.cancel()
+        results = await asyncio.gather(gone, return_exceptions=True)
+        expected = asyncio.CancelledError if how == "cancelled" else DeadlineExceededError
+        assert isinstance(results[0], expected)
+        gated.gate.set()
+        assert "logits" in await first and "logits" in await live
+        assert gated.started == [(3,), (5,)]  # the gone request's sequence never ran
+        assert [r.lengths for r in list(q.batch_log)[-2:]] == [(3,), (5,)]
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+async def test_a_batch_formed_ahead_whose_requests_all_left_does_not_run(runners, model_repo):
+    gated = GatedRunner(runners[MODEL])
+    settings = make_settings(model_repo, max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        first = asyncio.create_task(q.submit(item(3)))
+        await wait_for(lambda: gated.active == 1)
+        doomed = asyncio.create_task(q.submit(item(7, deadline_s=0.2)))
+        await wait_for(lambda: q.in_flight(MODEL) == 2)
+        with pytest.raises(DeadlineExceededError):
+            await doomed
+        gated.gate.set()
+        await first
+        await q.submit(item(4))  # runs after the skipped batch: the loop went on
+        assert gated.started == [(3,), (4,)]
+        assert q.in_flight(MODEL) == 0
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+@pytest.fixture(scope="module")
+def every_model(model_repo):
+    """Every test model at fp32 (int8 answers move with their batch mates), and its task."""
+    from service.repository import discover_models
+    from service.tasks import build_tasks
+
+    settings = make_settings(model_repo, variant="fp32")
+    entries = discover_models(model_repo)
+    return load_runners(settings, entries=entries), build_tasks(entries, settings)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_mixed_traffic_answers_each_request_as_if_alone(every_model, model_repo, seed):
+    """Seeded random requests to every model at once (QA contexts of many windows, batch
+    requests, identical texts, a small token budget that splits a request's windows across
+    batches), some cancelled while queued: each answer is the one its request gets alone,
+    and no batch breaks its size or token budget."""
+    import random
+
+    from service.api.schemas import DetectRequest, PolarityRequest, PosRequest, QARequest
+    from service.tasks import run_requests
+
+    runners, tasks = every_model
+    rng = random.Random(seed)
+    settings = make_settings(
+        model_repo,
+        max_batch_size=rng.randint(2, 8),
+        max_batch_tokens=rng.choice([64, 512]),
+        min_padding_efficiency=rng.choice([0.0, 0.8]),
+        inference_threads=rng.randint(1, 2),
+        prefetch_batches=rng.randint(0, 2),
+        max_queue_depth=4096,
+    )
+    words = "the a film good bad , . fun not very is was 中 国 人".split()  # noqa: SIM905
+    make = {
+        "polarity": lambda t: PolarityRequest(text=t),
+        "pos": lambda t: PosRequest(text=t),
+        "detect": lambda t: DetectRequest(text=t),
+        "qa": lambda t: QARequest(question="谁 是 中 国 人", context=t * rng.randint(1, 20)),
+    }
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 30))) for _ in range(12)]
+    jobs = []
+    for _ in range(40):
+        task = tasks[rng.choice(sorted(tasks))]
+        jobs.append((task, [make[task.task](rng.choice(texts)) for _ in range(rng.randint(1, 3))]))
+    alone, sequences = [], 0
+    for task, reqs in jobs:
+        prepared = task.prepare(reqs, time.time() + 60, "predict")
+        sequences += sum(len(p.items) for p in prepared)
+        runner = runners[task.name]
+        alone.append(
+            [task.decode(p, [runner.run_batch([it])[0] for it in p.items]) for p in prepared]
+        )
+
+    q = InProcessQueue(runners, settings)
+    await q.start()
+    try:
+        q.pause()  # everything queued first: the batches mix requests and models
+        runs = [
+            asyncio.create_task(run_requests(task, q, reqs, time.time() + 30))
+            for task, reqs in jobs
+        ]
+        await wait_for(lambda: q.waiting == sequences)
+        cancelled = set(rng.sample(range(len(runs)), 4))
+        for i in cancelled:
+            runs[i].cancel()
+        q.resume()
+        got = await asyncio.gather(*runs, return_exceptions=True)
+    finally:
+        await q.close(5)
+    for i, (answers, expected) in enumerate(zip(got, alone, strict=True)):
+        if i in cancelled:
+            assert isinstance(answers, asyncio.CancelledError)
+            continue
+        assert not isinstance(answers, BaseException), answers
+        for a, e in zip(answers, expected, strict=True):
+            a, e = a.model_dump(), e.model_dump()
+            assert a.keys() == e.keys()
+            for k in e:
+                if isinstance(e[k], float):
+                    assert a[k] == pytest.approx(e[k], abs=1e-4), (i, k)
+                else:
+                    assert a[k] == e[k], (i, k)
+    assert len({r.model for r in q.batch_log}) == len(runners)
+    for record in q.batch_log:
+        policy = settings.batch_policy(runners[record.model].provider)
+        assert record.size <= policy.max_batch_size
+        if record.size > 1:
+            assert record.size * max(record.lengths) <= policy.max_batch_tokens
+    assert any(r.size > 1 for r in q.batch_log)  # the test did batch

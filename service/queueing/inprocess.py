@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,6 +72,22 @@ def run_batch_isolating(
     return out
 
 
+def run_live_items(
+    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
+) -> list[dict[str, np.ndarray] | Exception | None]:
+    """:func:`run_batch_isolating` over the items of ``batch`` not ``gone`` when it starts;
+    None in place of the others. A batch formed ahead waits behind the running ones, and its
+    requests may pass their deadline or leave meanwhile: running them would only delay the
+    requests still waiting. Synchronous: call it on the executor thread that runs the batch."""
+    live = [i for i, it in enumerate(batch) if not gone(it)]
+    out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(batch)
+    if live:
+        results = run_batch_isolating(runner, [batch[i] for i in live])
+        for i, res in zip(live, results, strict=True):
+            out[i] = res
+    return out
+
+
 def _finite_or_error(
     runner: ModelRunner, batch: Sequence[WorkItem], results: Sequence[dict[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray] | Exception]:
@@ -99,7 +115,8 @@ class InProcessQueue(InferenceQueue):
     for company); only the batch formed ahead waits up to the max wait to fill.
 
     Items whose future is already done (client gone, deadline hit) are dropped before a batch
-    is formed; expired items are failed with :class:`DeadlineExceededError`.
+    is formed, and again when the batch comes to run (a batch formed ahead waits behind the
+    running ones); expired items are failed with :class:`DeadlineExceededError`.
     """
 
     def __init__(
@@ -340,31 +357,42 @@ class InProcessQueue(InferenceQueue):
     async def _run(self, model: str, batch: list[WorkItem]) -> None:
         """Run one batch on the executor and resolve its items' futures."""
         runner = self.runners[model]
+        futures = self._futures
+
+        def gone(it: WorkItem) -> bool:
+            # Called on the executor thread: a dict lookup and a state read, both atomic.
+            fut = futures.get(it.id)
+            return fut is None or fut.done() or it.expired()
+
         self._running[model] += len(batch)
         try:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_batch, runner, batch
+                self._executor, _timed_batch, runner, batch, gone
             )
         except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
             log.exception("%s: batch failed", model)
             results, seconds = [e] * len(batch), 0.0
         finally:
             self._running[model] -= len(batch)
-        self.batch_log.append(
-            BatchRecord(
-                model,
-                batch[0].bucket,
-                batch[0].lane,
-                tuple(it.id for it in batch),
-                tuple(it.length for it in batch),
-                seconds,
+        ran = [it for it, res in zip(batch, results, strict=True) if res is not None]
+        if ran:
+            self.batch_log.append(
+                BatchRecord(
+                    model,
+                    ran[0].bucket,
+                    ran[0].lane,
+                    tuple(it.id for it in ran),
+                    tuple(it.length for it in ran),
+                    seconds,
+                )
             )
-        )
         for it, res in zip(batch, results, strict=True):
             fut = self._futures.get(it.id)
             if fut is None or fut.done():
                 continue  # timed out or cancelled while running: nobody waits
-            if isinstance(res, Exception):
+            if res is None:  # skipped: its deadline passed while the batch waited to run
+                fut.set_exception(DeadlineExceededError("deadline passed while queued"))
+            elif isinstance(res, Exception):
                 fut.set_exception(
                     InferenceFailedError(f"the model could not process this input: {res}")
                 )
@@ -373,10 +401,10 @@ class InProcessQueue(InferenceQueue):
 
 
 def _timed_batch(
-    runner: ModelRunner, batch: list[WorkItem]
-) -> tuple[list[dict[str, np.ndarray] | Exception], float]:
+    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
+) -> tuple[list[dict[str, np.ndarray] | Exception | None], float]:
     # Timed on the executor thread: from dispatch, the time would include the wait behind
     # the batch running before it.
     t0 = time.perf_counter()
-    results = run_batch_isolating(runner, batch)
+    results = run_live_items(runner, batch, gone)
     return results, time.perf_counter() - t0

@@ -999,3 +999,31 @@ async def test_worker_never_forms_an_explanation_ahead(make_settings, tiny_runne
     assert gated[POL].started == [(3,), (5,), (4,)]
     for it, g in zip((first, explain, later), got, strict=True):
         assert_same(g, direct(tiny_runners[POL], it))
+
+
+async def test_worker_skips_what_expired_while_its_batch_was_formed_ahead(
+    make_settings, tiny_runners, r
+) -> None:
+    """As in-process: a batch formed ahead queues behind the running one; an entry of it
+    that expired meanwhile is acked, counted as expired and never run."""
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(7)
+    first, doomed, fresh = (make_item(tiny_runners[POL], n, rng) for n in (3, 7, 4))
+    doomed.deadline = time.time() + 0.3
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        running = asyncio.create_task(q.submit(first))
+        try:
+            await wait_for(lambda: gated[POL].active == 1)
+            late = asyncio.create_task(q.submit(doomed))
+            await wait_for(lambda: w.batches_in_flight == 2)  # formed ahead, behind `first`
+            with pytest.raises(DeadlineExceededError):
+                await late
+        finally:
+            gated[POL].gate.set()
+        assert_same(await running, direct(tiny_runners[POL], first))
+        await wait_for(lambda: w.batches_in_flight == 0)
+        assert gated[POL].started == [(3,)]  # the expired entry never ran
+        assert w.stats.expired == 1
+        assert_same(await q.submit(fresh), direct(tiny_runners[POL], fresh))
+    assert w.stats.batches == 2 and w.stats.replies == 2
