@@ -125,7 +125,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget: batch size x padded length never exceeds this. Default per "
+        description="Token budget: batch size x padded length never exceeds this (before the "
+        "CUDA shape grid rounds the shape up, see shape_multiple). Default per "
         f"provider: {CPU_BATCH_TOKENS} on CPU (padding and big batches cost more than they give; "
         f"measured in bench/results), {GPU_BATCH_TOKENS} on CUDA (batch size is what pays).",
     )
