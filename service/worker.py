@@ -447,7 +447,6 @@ class Worker:
             if n > max_attempts:
                 # every earlier delivery ended without an answer: its workers died on it
                 msg = f"delivered {n} times without an answer (it crashes workers?)"
-                log.error("worker %s: poison entry %s in %s: %s", self.name, entry_id, stream, msg)
                 settle.append(self._dead_item(item, msg, "redelivered"))
                 continue
             if item.expired(now):
@@ -619,6 +618,15 @@ class Worker:
 
     # ------------------------------------------------------------------ settling
     def _dead_item(self, item: StreamItem, error: str, reason: str) -> _Done:
+        # the work item id is what the API logs next to the client's request id
+        log.error(
+            "worker %s: poison entry %s in %s (work item %s), dead-lettered: %s",
+            self.name,
+            item.entry_id.decode(errors="replace"),
+            item.stream,
+            item.id,
+            error,
+        )
         fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
         done = self._dead(item.stream, item.entry_id, fields, error, reason)
         done.reply_to = item.reply_to

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.queueing.base import QueueError, QueueFullError
+from service.queueing.base import InferenceFailedError, QueueError, QueueFullError
 from service.tasks.base import InputError
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,17 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = retry_after_header(exc.retry_after_s)
         elif exc.status_code == 503:
             headers = retry_after_header(1)
+        elif isinstance(exc, InferenceFailedError):
+            # rare (poison input, a diverged model) and worth a look: the client quotes its
+            # request id, the worker's log and the dead letter name the work item
+            log.warning(
+                "request %s: %s %s: inference failed on work item %s: %s",
+                getattr(request.state, "request_id", "-"),
+                request.method,
+                request.url.path,
+                exc.item_id or "-",
+                exc,
+            )
         return _respond(request, exc.status_code, exc.code, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)

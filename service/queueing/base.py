@@ -61,6 +61,10 @@ class InferenceFailedError(QueueError):
     status_code = 422
     code = "inference_failed"
 
+    def __init__(self, message: str, item_id: str = "") -> None:
+        super().__init__(message)
+        self.item_id = item_id  # the work item's id: the worker's and dead letter's key
+
 
 class NoWorkersError(BackendUnavailableError):
     """Redis mode with NLPSERVE_REDIS_NO_WORKER_FAIL_S: no inference worker alive (503)."""

@@ -461,7 +461,7 @@ class RedisQueue(InferenceQueue):
         elif reply.status == codec.STATUS_EXPIRED:
             fut.set_exception(DeadlineExceededError("the request deadline passed in the queue"))
         else:
-            fut.set_exception(InferenceFailedError(reply.error or "inference failed"))
+            fut.set_exception(InferenceFailedError(reply.error or "inference failed", reply.id))
 
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, {}

@@ -441,3 +441,54 @@ async def test_client_that_goes_away_is_not_run(limited, lc):
     assert metric_value(
         text, "nlpserve_rejected_total", model="polarity-en", reason="client_closed_request"
     )
+
+
+# ------------------------------------------------------------------ inference failures
+@pytest.mark.parametrize("backend", ["inprocess", "redis"])
+async def test_inference_failure_is_logged_with_the_request_id(
+    model_repo, tmp_path_factory, caplog, backend
+):
+    """A 422 inference_failed (here a diverged model: the unknown-word embedding row is NaN)
+    was logged nowhere with the X-Request-ID a client quotes: the API logs it now, with the
+    work item id that the worker's log and the dead letter carry."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from tokenizers import Tokenizer
+
+    from service.repository import sha256_file
+    from tests.conftest import QUEUE_BACKENDS
+
+    require_model(model_repo, "detector-en")
+    repo = tmp_path_factory.mktemp("diverged")
+    folder = repo / "detector-en" / "1"
+    shutil.copytree(model_repo / "detector-en" / "1", folder)
+    unk = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("[UNK]")
+    model = onnx.load(folder / "model.onnx")
+    (emb,) = [i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight")]
+    weights = numpy_helper.to_array(emb).copy()
+    weights[unk] = np.nan
+    emb.CopyFrom(numpy_helper.from_array(weights, emb.name))
+    onnx.save(model, folder / "model.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["variants"]["fp32"]["sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    settings = make_settings(repo, variant="fp32", redis_max_attempts=1)
+    async with QUEUE_BACKENDS[backend](settings) as s, live_server(s) as srv, srv.client() as c:
+        ok = await c.post("/v1/detect", json={"text": "a truly great film"})
+        assert ok.status_code == 200, ok.text
+        with caplog.at_level("WARNING"):
+            bad = await c.post(
+                "/v1/detect", json={"text": "a zebra"}, headers={"X-Request-ID": "client-req-42"}
+            )
+        assert_error(bad, 422, "inference_failed")
+    logged = [r.getMessage() for r in caplog.records if "client-req-42" in r.getMessage()]
+    assert len(logged) == 1 and "inference failed on work item" in logged[0], logged
+    item_id = logged[0].split("work item ")[1].split(":")[0]
+    assert len(item_id) == 32
+    if backend == "redis":  # the worker's line names the same work item
+        worker = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+        assert len(worker) == 1 and item_id in worker[0], worker
