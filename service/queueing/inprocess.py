@@ -394,9 +394,7 @@ class InProcessQueue(InferenceQueue):
                 fut.set_exception(DeadlineExceededError("deadline passed while queued"))
             elif isinstance(res, Exception):
                 fut.set_exception(
-                    InferenceFailedError(
-                        f"the model could not process this input: {res}", it.id
-                    )
+                    InferenceFailedError(f"the model could not process this input: {res}", it.id)
                 )
             else:
                 fut.set_result(res)
