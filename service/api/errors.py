@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.queueing.base import InferenceFailedError, QueueError, QueueFullError
 from service.tasks.base import InputError
@@ -153,6 +154,13 @@ def body_parse_error(cause: BaseException | None) -> tuple[int, str, str]:
     return 400, "invalid_json", f"the body is not valid JSON: {reason}"
 
 
+def client_closed() -> ApiError:
+    """A client gone before its answer (mid-body, queued or running): nobody reads this
+    response; the status (nginx's 499) is for logs and metrics, apart from the 4xx of bad
+    requests."""
+    return ApiError(499, "client_closed_request", "the client closed the connection")
+
+
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
@@ -198,6 +206,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR and exc.__cause__:
+            if isinstance(exc.__cause__, ClientDisconnect):  # gone mid-body
+                return await _api(request, client_closed())
             return _respond(request, *body_parse_error(exc.__cause__))
         # the body checks' own exceptions (api/middleware.py) carry their code
         code = getattr(exc, "code", None) or _HTTP_NAMES.get(

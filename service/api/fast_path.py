@@ -25,10 +25,11 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import batch_len, too_many_items
+from service.api.errors import batch_len, client_closed, too_many_items
 from service.api.routes.predict import BODIES, predict
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
@@ -87,7 +88,9 @@ class PredictFastPath:
             body = await request.body()
         except HTTPException as exc:  # 413 from the body limit, answered like FastAPI's
             response = await self._error_response(request, exc)
-        except Exception:  # what FastAPI answers when reading fails (a client gone mid-body)
+        except ClientDisconnect:  # gone mid-body: counted as such, not as a bad request
+            response = await self._error_response(request, client_closed())
+        except Exception:  # what FastAPI answers when reading fails
             error = HTTPException(400, "There was an error parsing the body")
             response = await self._error_response(request, error)
         else:

@@ -443,6 +443,36 @@ async def test_client_that_goes_away_is_not_run(limited, lc):
     )
 
 
+@pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity/explain"])
+async def test_client_gone_mid_body_counts_as_closed_not_bad_request(limited, lc, path):
+    """A client that dropped the connection halfway through its body was counted as a 400
+    bad_request: 4xx alerts fired for clients that left (a deploy's dropped uploads). It is
+    counted like a client that leaves while queued: 499 client_closed_request."""
+    before = await read_metrics(lc)
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n".encode()
+        + b'{"text": "a cha'
+    )
+    await writer.drain()
+    writer.close()
+
+    def count(text: str, status: str) -> float:
+        return metric_value(
+            text, "nlpserve_requests_total", model="polarity-en", endpoint=endpoint, status=status
+        )
+
+    endpoint = "explain" if path.endswith("explain") else "predict"
+    for _ in range(200):
+        after = await read_metrics(lc)
+        if count(after, "499") > count(before, "499") or count(after, "400") > count(before, "400"):
+            break
+        await asyncio.sleep(0.02)
+    assert count(after, "499") == count(before, "499") + 1
+    assert count(after, "400") == count(before, "400")
+
+
 # ------------------------------------------------------------------ inference failures
 @pytest.mark.parametrize("backend", ["inprocess", "redis"])
 async def test_inference_failure_is_logged_with_the_request_id(

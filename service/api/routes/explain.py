@@ -19,7 +19,7 @@ from service.api.deps import (
     deadline_from,
 )
 from service.api.deps import get_state as _state
-from service.api.errors import ApiError
+from service.api.errors import ApiError, client_closed
 from service.api.openapi import DEADLINE_PARAMETER, error_responses
 from service.api.schemas import DETECT_EXAMPLES
 from service.explain.adapters import build_explainer
@@ -106,7 +106,7 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
             request, service.explain(task.name, body.text, body.max_evals, deadline)
         )
     except ClientGone:
-        raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+        raise client_closed() from None
     except ExplainError as e:
         raise ApiError(e.status_code, e.code, str(e)) from None
     return ExplainResponse(

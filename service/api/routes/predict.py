@@ -17,7 +17,7 @@ from service.api.deps import (
     deadline_from,
 )
 from service.api.deps import get_state as _state
-from service.api.errors import ApiError, too_many_items
+from service.api.errors import ApiError, client_closed, too_many_items
 from service.api.openapi import DEADLINE_PARAMETER, error_responses
 from service.api.schemas import (
     DETECT_EXAMPLES,
@@ -87,8 +87,7 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
             request, run_requests(task, state.queue, items, deadline)
         )
     except ClientGone:
-        # Nobody reads this response; the status is for logs and metrics.
-        raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+        raise client_closed() from None
     dumped = [r.model_dump() for r in results]
     payload = {"outputs": dumped} if is_batch else dumped[0]
     return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
