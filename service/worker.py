@@ -108,6 +108,11 @@ class StreamItem(WorkItem):
     reply_to: str = ""
     delivered: int = 1  # deliveries so far, this one included (the PEL delivery count)
     touched: float = 0.0  # monotonic time it was last read/claimed/kept alive
+    cancelled: bool = False  # its request gave up while its batch waited to run
+
+    def gone(self) -> bool:
+        """Not worth running: its request gave up, or its deadline passed."""
+        return self.cancelled or self.expired()
 
 
 @dataclass
@@ -533,9 +538,9 @@ class Worker:
             runner = self.runners[model]
             t0 = time.perf_counter()
             try:
-                # a batch formed ahead waited behind the running one: skip what expired
+                # a batch formed ahead waited behind the running one: skip what is gone
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, run_live_items, runner, batch, WorkItem.expired
+                    self._executor, run_live_items, runner, batch, StreamItem.gone
                 )
             except Exception as e:  # executor gone or a bug: treat as a failure of each
                 log.exception("worker %s: batch of %s failed", self.name, model)
@@ -561,8 +566,12 @@ class Worker:
             done: list[_Done] = []
             retry: list[StreamItem] = []
             for it, res in zip(batch, results, strict=True):
-                if res is None:  # expired before its batch ran: the API answered 504, ack
-                    self._count_expired(model)
+                if res is None:  # gone before its batch ran: the API answered it, ack
+                    if it.expired():
+                        self._count_expired(model)
+                    else:
+                        self.wm.cancelled.labels(model).inc()
+                        self.stats.cancelled += 1
                     done.append(_Done(it.stream, it.entry_id, model=model))
                 elif not isinstance(res, Exception):
                     reply = codec.Reply(it.id, outputs=res)
@@ -705,8 +714,11 @@ class Worker:
         if not entries.intersection(self._in_hand):
             return  # another worker's, or already run
         dropped: list[Any] = []
-        for sched in self.schedulers.values():  # only waiting items: a running batch runs
+        for sched in self.schedulers.values():
             dropped += sched.drop(lambda it: (it.stream, it.entry_id) in entries)
+        for key in entries.intersection(self._in_hand):
+            # in a batch already formed: skipped if it has not started yet (run_live_items)
+            self._in_hand[key].cancelled = True
         now = time.time()
         for it in dropped:
             self._in_hand.pop((it.stream, it.entry_id), None)

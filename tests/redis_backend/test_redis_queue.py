@@ -1001,6 +1001,31 @@ async def test_worker_never_forms_an_explanation_ahead(make_settings, tiny_runne
         assert_same(g, direct(tiny_runners[POL], it))
 
 
+async def test_worker_skips_what_was_cancelled_while_its_batch_was_formed_ahead(
+    make_settings, tiny_runners, r
+) -> None:
+    """A cancel notice dropped only entries still in the scheduler: one whose batch was
+    formed ahead (queued behind the running batch) still ran, for nobody."""
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(17)
+    first, left = (make_item(tiny_runners[POL], n, rng) for n in (3, 7))
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        running = asyncio.create_task(q.submit(first))
+        try:
+            await wait_for(lambda: gated[POL].active == 1)
+            gone = asyncio.create_task(q.submit(left))
+            await wait_for(lambda: w.batches_in_flight == 2)  # formed ahead, behind `first`
+            gone.cancel()
+            await wait_for(lambda: any(it.cancelled for it in w._in_hand.values()))
+        finally:
+            gated[POL].gate.set()
+        assert_same(await running, direct(tiny_runners[POL], first))
+        await wait_for(lambda: w.batches_in_flight == 0)
+    assert gated[POL].started == [(3,)]  # the cancelled entry never ran
+    assert w.stats.cancelled == 1 and w.stats.replies == 1
+
+
 async def test_worker_skips_what_expired_while_its_batch_was_formed_ahead(
     make_settings, tiny_runners, r
 ) -> None:
