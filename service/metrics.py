@@ -74,10 +74,13 @@ class Metrics:
             buckets=_EFFICIENCY_BUCKETS,
             registry=r,
         )
-        # Token counters give the exact traffic-weighted efficiency: real / padded.
+        # Token counters give the exact traffic-weighted efficiency: real / padded. `longest`
+        # leaves out the CUDA shape grid's rounding: real / longest is how well traffic fits
+        # the buckets (what an operator tunes), real / padded what the device computed.
         self.batch_tokens = Counter(
             "nlpserve_batch_tokens_total",
-            "Tokens run through the model, kind=real (unpadded) or padded (rows x padded length).",
+            "Tokens run through the model: kind=real (unpadded), padded (rows x padded length "
+            "as run, CUDA shape grid included) or longest (batch size x longest sequence).",
             ["model", "kind"],
             registry=r,
         )
@@ -143,14 +146,24 @@ class Metrics:
         return c
 
     def observe_batch(
-        self, model: str, bucket: int, size: int, real_tokens: int, padded_tokens: int, secs: float
+        self,
+        model: str,
+        bucket: int,
+        size: int,
+        real_tokens: int,
+        padded_tokens: int,
+        secs: float,
+        longest_tokens: int | None = None,
     ) -> None:
+        """``longest_tokens``: size x longest sequence (default ``padded_tokens``: no grid)."""
         b = str(bucket)
         self.child(self.batch_size, model, b).observe(size)
         self.child(self.inference_duration, model, b).observe(secs)
         self.child(self.padding_efficiency, model).observe(real_tokens / max(padded_tokens, 1))
         self.child(self.batch_tokens, model, "real").inc(real_tokens)
         self.child(self.batch_tokens, model, "padded").inc(padded_tokens)
+        longest = padded_tokens if longest_tokens is None else longest_tokens
+        self.child(self.batch_tokens, model, "longest").inc(longest)
 
     def observe_request(self, model: str, endpoint: str, status: int, secs: float) -> None:
         s = str(status)

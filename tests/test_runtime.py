@@ -257,6 +257,9 @@ def test_shape_grid_is_what_warmup_runs(model_repo):
     text = metrics.render().decode()
     padded = metric_value(text, "nlpserve_batch_tokens_total", model=DETECT_MODEL, kind="padded")
     assert padded == runner.padded_shape(1, item.length)[1]
+    # ... and `longest` does not: how well traffic fits the buckets, the alert's measure
+    longest = metric_value(text, "nlpserve_batch_tokens_total", model=DETECT_MODEL, kind="longest")
+    assert longest == item.length < padded
 
 
 def test_int8_dynamic_quantisation_is_batch_dependent_but_bounded(model_repo):

@@ -83,7 +83,8 @@ class ModelRunner:
         if not items:
             return []
         t0 = time.perf_counter()
-        rows, width = self.padded_shape(len(items), max(it.length for it in items))
+        longest = max(it.length for it in items)
+        rows, width = self.padded_shape(len(items), longest)
         feeds = pad_batch(items, self.manifest.inputs, width, rows)
         outputs = self._run(feeds)
         per_item = split_outputs(outputs, items, self.manifest.outputs)
@@ -91,7 +92,13 @@ class ModelRunner:
             real = sum(it.length for it in items)
             padded = rows * width  # what the session computed, grid padding included
             self.metrics.observe_batch(
-                self.name, items[0].bucket, len(items), real, padded, time.perf_counter() - t0
+                self.name,
+                items[0].bucket,
+                len(items),
+                real,
+                padded,
+                time.perf_counter() - t0,
+                longest_tokens=len(items) * longest,
             )
         return per_item
 
