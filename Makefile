@@ -10,12 +10,11 @@ SEED ?= 13
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test test-all lint format models models-lstm clean
+.PHONY: help install run test lint format models models-lstm clean
 
 help:
 	@echo "make run        serve every model in $(MODELS)/ on http://127.0.0.1:8000"
-	@echo "make test       lint-free fast test suite (what CI runs)"
-	@echo "make test-all   also the slow tests (real-data training)"
+	@echo "make test       ruff, then the test suite (what CI runs)"
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check"
 
@@ -42,9 +41,6 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

@@ -89,7 +89,8 @@ def serve(
     load: LoadOpt = None,
 ) -> None:
     """Serve the repository's models (every one, or those --load names) over HTTP."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "model_dir": model_dir}.items() if v}
+    options = {"host": host, "port": port, "model_dir": model_dir}
+    overrides = {k: v for k, v in options.items() if v is not None}  # --port 0: any free port
     settings = _settings(**overrides, **_selection(load))
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

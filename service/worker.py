@@ -307,12 +307,6 @@ class Worker:
             self._wake.set()
             self._room.set()
 
-    def stop_threadsafe(self) -> None:
-        if self._loop is None:
-            self._stopping = True
-        else:
-            self._loop.call_soon_threadsafe(self.stop)
-
     @property
     def batches_in_flight(self) -> int:
         """Batches handed to the executor and not yet settled (running or queued)."""

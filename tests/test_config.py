@@ -169,6 +169,29 @@ def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
     assert "invalid setting: NLPSERVE_MAX_WAIT_MS: Input should be greater" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "field", "target"),
+    [
+        (["serve", "--port", "0"], "port", "service.server.run_server"),
+        (["worker", "--metrics-port", "0"], "metrics_port", "service.worker.run_worker"),
+    ],
+)
+def test_a_zero_option_overrides_its_setting(monkeypatch, argv, field, target):
+    """`serve --port 0` (any free port, as NLPSERVE_PORT=0) served on 8000: a 0 option was
+    dropped as if it were not given."""
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    seen: list[Settings] = []
+    monkeypatch.delenv(f"NLPSERVE_{field.upper()}", raising=False)
+    monkeypatch.setattr(cli, "_repository", lambda *a, **k: [])
+    monkeypatch.setattr(target, seen.append)
+    result = CliRunner().invoke(cli.app, argv)
+    assert result.exit_code == 0, result.output
+    assert getattr(seen[0], field) == 0
+
+
 def test_every_setting_is_documented():
     """Each setting is in README.md or docs/*.md, as NLPSERVE_<NAME> or, in the settings
     tables that drop the prefix, as `<NAME>` (a new setting nobody can find is no setting)."""

@@ -63,12 +63,9 @@ def _respond(request: Request, status: int, code: str, message: str, headers=Non
 
 # ---------------------------------------------------------------------------- validation
 _HTTP_NAMES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
+    400: "bad_request",  # the fast path's body that could not be read
     404: "not_found",
     405: "method_not_allowed",
-    406: "not_acceptable",
     408: "body_timeout",  # the only 408: raised by the body reader (api/middleware.py)
     413: "body_too_large",
     415: "unsupported_media_type",

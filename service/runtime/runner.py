@@ -19,8 +19,6 @@ from service.runtime.session import CUDA, LoadedSession, create_session, resolve
 
 log = logging.getLogger(__name__)
 
-BATCH_AXIS = "batch"
-
 
 def bucket_edges(manifest: Manifest, settings: Settings) -> list[int]:
     """The model's bucket edges: NLPSERVE_BUCKETS override, else the manifest's."""

@@ -261,12 +261,6 @@ def fp16_variant(
     return entry, note
 
 
-def run_batches(
-    sess, batches: list[dict[str, np.ndarray]], output_names: list[str]
-) -> list[list[np.ndarray]]:
-    return [sess.run(output_names, b) for b in batches]
-
-
 def tensor_specs(
     task: str, num_labels: int = 2, input_names: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
