@@ -282,3 +282,110 @@ def test_random_traffic_keeps_every_batching_rule(seed):
         gone |= {b.id for b in batch}
     waiting = {it.id for it in sched.items()}
     assert waiting | gone == added and not waiting & gone
+
+
+# ------------------------------------------------------------------ boundaries (mutation audit)
+def test_a_batch_exactly_at_the_token_budget_is_full_and_taken_whole():
+    # 4 x 16 = 64 == max_batch_tokens: a 5th sequence cannot join, so there is nothing to
+    # wait for, and the four fit the budget exactly (the budget is inclusive).
+    policy = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait_s=0.010)
+    pb = PendingBucket()
+    for _ in range(4):
+        pb.add(item(16))
+    assert pb.is_full(policy) and pb.ready(policy, now=T0)
+    assert pb.time_to_ready(policy, now=T0) == 0.0
+    assert [it.length for it in pb.take(policy)] == [16, 16, 16, 16]
+
+
+def test_is_full_counts_the_longest_waiting_sequence_not_the_last_one():
+    # 30 then two 2s: any batch with the 30 pads to 30, so 3 x 30 = 90 > 64: full already.
+    policy = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait_s=0.010)
+    pb = PendingBucket()
+    for n in (30, 2, 2):
+        pb.add(item(n))
+    assert pb.is_full(policy) and pb.ready(policy, now=T0)
+    assert [it.length for it in pb.take(policy)] == [30, 2]
+
+
+def test_time_to_ready_is_zero_when_full_or_overdue_never_negative():
+    pb = PendingBucket()
+    pb.add(item(5, at=T0))
+    assert pb.time_to_ready(POLICY, now=T0 + 1.0) == 0.0  # overdue: 0, not -0.99
+    full = PendingBucket()
+    for _ in range(POLICY.max_batch_size):
+        full.add(item(5, at=T0))
+    assert full.time_to_ready(POLICY, now=T0) == 0.0  # full: ready now, no max wait
+
+
+def test_next_wakeup_is_the_soonest_bucket():
+    s = BucketScheduler(POLICY)
+    s.add(item(5, bucket=1, at=T0))  # 10 ms to go
+    for _ in range(POLICY.max_batch_size):
+        s.add(item(3, bucket=0, at=T0))  # full: ready now
+    assert s.next_wakeup(now=T0) == 0.0
+    assert [it.bucket for it in s.next_batch(now=T0)] == [0] * POLICY.max_batch_size
+    assert s.next_wakeup(now=T0 + 0.004) == pytest.approx(0.006)
+
+
+def test_equally_near_batch_mates_go_oldest_first_and_keep_arrival_order():
+    policy = BatchPolicy(max_batch_size=2, max_batch_tokens=10_000)
+    pb = PendingBucket()
+    for n in (10, 12, 8):  # 12 and 8 are both 2 away from the oldest: the older 12 joins
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [10, 12]
+    policy = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000)
+    pb = PendingBucket()
+    for n in (10, 20, 11):  # 11 is chosen before 20, but the batch keeps arrival order
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [10, 20, 11]
+
+
+def test_batch_mates_come_only_from_the_lookahead_window():
+    # max_batch_size 2: take() looks at 4 x 2 = 8 sequences, the oldest included. The 10 in
+    # 9th place is not among them, so the oldest 10 goes with a 50.
+    policy = BatchPolicy(max_batch_size=2, max_batch_tokens=10_000)
+    pb = PendingBucket()
+    for n in (10, *[50] * 7, 10):
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [10, 50]
+
+
+def test_a_candidate_under_the_padding_floor_does_not_stop_the_search():
+    # Floor 0.855, oldest 10: the nearer 7 gives 17/20 = 0.85 (out), the farther 14 gives
+    # 24/28 = 0.857 (in).
+    policy = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, min_padding_efficiency=0.855)
+    pb = PendingBucket()
+    for n in (10, 7, 14):
+        pb.add(item(n))
+    assert [it.length for it in pb.take(policy)] == [10, 14]
+    assert [it.length for it in pb.take(policy)] == [7]
+
+
+def test_an_item_is_expired_at_its_deadline():
+    s = BucketScheduler(POLICY)
+    it = item(5, deadline=T0 + 1)
+    s.add(it)
+    assert s.drop_expired(now=T0 + 0.999) == []
+    assert s.drop_expired(now=T0 + 1) == [it]
+
+
+def test_drop_predicate_matching_only_the_oldest_and_the_earliest_deadline():
+    s = BucketScheduler(POLICY)
+    first, second, third = item(5, deadline=T0 + 9), item(6, deadline=T0 + 3), item(7)
+    for it in (first, second, third):
+        s.add(it)
+    assert s.oldest_deadline() == T0 + 3
+    assert s.drop(lambda it: it is first) == [first]
+    assert list(s.items()) == [second, third]
+
+
+def test_a_lane_whose_turn_it_is_not_never_asks_for_a_wakeup():
+    # Only explanation work, overdue: a caller forming a batch ahead (lane=predict) gets no
+    # batch and no wakeup (a 0 here would spin its loop until a thread frees up).
+    s = BucketScheduler(POLICY)
+    s.add(item(5, at=T0, lane=EXPLAIN_LANE))
+    now = T0 + 1.0
+    assert s.next_batch(now, lane=PREDICT_LANE) is None
+    assert s.next_wakeup(now, lane=PREDICT_LANE) is None
+    assert s.next_wakeup(now) == 0.0
+    assert [it.lane for it in s.next_batch(now, lane=EXPLAIN_LANE)] == [EXPLAIN_LANE]

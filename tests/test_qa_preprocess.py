@@ -248,3 +248,35 @@ def test_typed_special_tokens_never_bound_an_answer_but_unk_and_inner_ones_may(e
     (w,) = enc.encode("问题？", "[SEP][CLS][PAD]")
     ans = decode_best_span("[SEP][CLS][PAD]", [w], [np.ones(len(w))], [np.ones(len(w))])
     assert (ans.text, ans.window, ans.probability) == ("", -1, 0.0)
+
+
+def test_doc_stride_equal_to_the_context_room_is_refused(tok):
+    # max_length 20, question cut to 8: 9 context tokens per window. A stride of 9 would not
+    # advance the window at all (an endless loop on a long context); 8 advances by one.
+    with pytest.raises(ValueError, match="doc_stride"):
+        QAEncoder(tok, max_length=20, doc_stride=9, max_query_length=8)
+    enc = QAEncoder(tok, max_length=20, doc_stride=8, max_query_length=8)
+    wins = enc.encode("长" * 20, TEXT[0])
+    n = len(_context_token_ids(tok, TEXT[0]))
+    assert len(wins) == n - 9 + 1  # one new context token per window
+
+
+def test_barred_tokens_leave_the_n_best_before_it_is_cut(enc):
+    # n_best=1: the typed [CLS] is every logit's favourite, but barred; the best start and end
+    # that remain (北, 京) are the candidates, not nothing.
+    context = "[CLS]北京"
+    (w,) = enc.encode("问题？", context)
+    lo = w.context_start
+    s, e = np.zeros(len(w)), np.zeros(len(w))
+    s[lo] = e[lo] = 50.0
+    s[lo + 1], e[lo + 2] = 5.0, 4.0
+    ans = decode_best_span(context, [w], [s], [e], max_answer_length=30, n_best=1)
+    assert (ans.text, ans.window) == ("北京", 0)
+
+
+def test_answer_token_span_of_no_token_is_none(enc):
+    context = "北京 上海"
+    (w,) = enc.encode("问题？", context)
+    assert answer_token_span(w, 2, 3) is None  # only the space between two tokens
+    assert answer_token_span(w, 5, 5) is None  # empty, at the very end
+    assert answer_token_span(w, 1, 4) == (w.context_start + 1, w.context_start + 2)

@@ -196,6 +196,17 @@ def test_padding_does_not_change_outputs(fp32_runners, model_repo, model):
         np.testing.assert_allclose(alone[name], padded[name], rtol=0, atol=1e-5)
 
 
+def test_a_one_token_input_keeps_every_class_logit(fp32_runners):
+    """Only outputs whose second axis is ``sequence`` are cut to the item's length: a
+    one-word polarity input still gets both class logits ([batch, 2] output)."""
+    from service.api import schemas as sc
+
+    runners, tasks = fp32_runners
+    (one,) = _items(tasks, "polarity-en", [sc.PolarityRequest(text="fun")])
+    assert one.length == 1
+    assert runners["polarity-en"].run_batch([one])[0]["logits"].shape == (2,)
+
+
 @pytest.mark.parametrize("model", ["pos-en", "polarity-en", DETECT_MODEL, QA_MODEL])
 def test_shape_grid_rounds_batches_without_changing_outputs(fp32_runners, model_repo, model):
     """The CUDA shape grid (here forced on the CPU): 3 sequences run as 4 rows at a width

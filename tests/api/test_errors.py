@@ -352,6 +352,42 @@ async def test_body_over_the_size_limit_chunked(lc):
     assert_error(r, 413, "body_too_large")
 
 
+async def test_body_of_exactly_the_size_limit_is_accepted(lc):
+    """The limit is inclusive, by Content-Length and by bytes streamed (chunked)."""
+    body = b'{"text": "good film"}'
+    body += b" " * (LIMITS["max_body_bytes"] - len(body))
+    assert len(body) == LIMITS["max_body_bytes"]
+    headers = {"content-type": "application/json"}
+    r = await lc.post("/v1/polarity", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+
+    async def chunks():
+        yield body[:100]
+        yield body[100:]
+
+    r = await lc.post("/v1/polarity", content=chunks(), headers=headers)
+    assert r.status_code == 200, r.text
+
+
+async def test_declared_oversize_body_is_refused_before_it_is_sent(limited):
+    """A Content-Length over the limit is answered 413 from the headers alone: the client
+    sends no body at all (it closes its side after the headers)."""
+    head = (
+        "POST /v1/polarity HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {LIMITS['max_body_bytes'] + 1}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b'"body_too_large"' in answer
+
+
 # ------------------------------------------------------------------ queue and deadlines
 async def test_queue_full_is_429_with_retry_after(limited, lc):
     q = limited.queue

@@ -177,3 +177,34 @@ def test_logged_redis_urls_carry_no_credentials(url: str, logged: str) -> None:
     from service.queueing.redis_keys import safe_url
 
     assert safe_url(url) == logged
+
+
+def test_array_rejects_every_malformed_shape_as_a_codec_error() -> None:
+    """The worker dead-letters an entry on CodecError; any other exception would escape it."""
+    good = codec.encode_array(np.arange(4, dtype=np.int64))
+    bad = [
+        bytes([len(codec._DTYPES), 0]),  # the first unknown dtype code
+        bytes([0, 2]) + (3).to_bytes(4, "little"),  # 2 dims announced, 1 present
+        good + b"\x00",  # trailing bytes: not the announced shape either
+    ]
+    for blob in bad:
+        with pytest.raises(codec.CodecError):
+            codec.decode_array(blob)
+
+
+def test_reply_frame_rejects_bad_magic_version_and_short_values() -> None:
+    blob = codec.encode_reply(codec.Reply("x", status=codec.STATUS_FAILED, error="the cause"))
+    assert codec.decode_reply(blob).error == "the cause"
+    with pytest.raises(codec.CodecError, match="magic"):
+        codec.decode_reply(b"XXXX" + blob[len(codec.MAGIC) :])
+    with pytest.raises(codec.CodecError, match="truncated"):
+        codec.decode_reply(blob[:-2])  # the error text cut short: not silently "the cau"
+    fields = codec.decode_frame(blob)
+    with pytest.raises(codec.CodecError, match="version"):
+        codec.decode_reply(codec.encode_frame({**fields, codec.F_VERSION: b"9"}))
+
+
+def test_work_entry_without_an_attempt_field_is_a_first_attempt() -> None:
+    fields = codec.encode_work(_item(), reply_to="r", attempt=3)
+    del fields[codec.F_ATTEMPT]
+    assert codec.decode_work(fields).attempt == 0

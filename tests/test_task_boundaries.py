@@ -1,0 +1,61 @@
+"""Tasks' limits and post-processing at their boundaries, on the tiny real models (no server).
+
+Found by a mutation audit: each test pins one boundary no other test did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.api import schemas as sc
+from service.repository import discover_models
+from service.tasks import build_tasks
+from service.tasks.base import InputError
+from tests.service_support import POLARITY_MODEL, QA_MODEL, make_settings, require_model
+
+
+@pytest.fixture(scope="module")
+def tasks(model_repo):
+    return build_tasks(discover_models(model_repo), make_settings(model_repo, max_text_chars=1000))
+
+
+def test_polarity_truncates_only_past_max_length_and_keeps_the_head(tasks):
+    task = tasks[POLARITY_MODEL]
+    top = task.max_length
+    fun, dull = (task.encoder.encode_texts([w])[0].word_ids[0] for w in ("fun", "dull"))
+    assert fun != dull  # distinct words, so the head and the tail differ
+
+    (exact,) = task.prepare([sc.PolarityRequest(text="fun " * top)], 1e12, "predict")
+    assert exact.meta["truncated"] is False and exact.items[0].length == top
+
+    text = "fun " * top + "dull " * 5
+    (cut,) = task.prepare([sc.PolarityRequest(text=text)], 1e12, "predict")
+    assert cut.meta["truncated"] is True and cut.items[0].length == top
+    assert cut.items[0].features["word_ids"].tolist() == [fun] * top  # the first tokens
+
+
+def test_the_character_limit_is_inclusive(tasks):
+    task = tasks[POLARITY_MODEL]
+    limit = task.settings.max_text_chars
+    task.check_length("a" * limit)
+    with pytest.raises(InputError) as e:
+        task.check_length("a" * (limit + 1))
+    assert e.value.code == "text_too_long"
+
+
+def test_qa_answers_no_longer_than_the_manifests_max_answer_length(tasks, model_repo):
+    require_model(model_repo, QA_MODEL)
+    task = tasks[QA_MODEL]
+    limit = task.manifest.preprocessing.max_answer_length
+    assert limit is not None and limit < 30  # a manifest value, not the task's default
+    context = "中国的首都是北京它有三千多年的历史李白是唐代著名诗人"
+    (prepared,) = task.prepare([sc.QARequest(question="谁？", context=context)], 1e12, "predict")
+    (win,) = prepared.meta["windows"]
+    lo = win.context_start
+    start, end = np.zeros(len(win), np.float32), np.zeros(len(win), np.float32)
+    start[lo + 5], end[lo + 5 + limit] = 9.0, 9.0  # limit + 1 tokens: too long
+    start[lo], end[lo + 2] = 5.0, 5.0  # 3 tokens: the answer (no cross pair is valid)
+    got = task.decode(prepared, [{"start_logits": start, "end_logits": end}])
+    want = context[int(win.offsets[lo, 0]) : int(win.offsets[lo + 2, 1])]
+    assert got.answer == want and len(want) == 3
