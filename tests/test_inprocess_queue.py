@@ -264,6 +264,34 @@ def test_non_finite_outputs_fail_their_item_alone(runners):
     assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
 
 
+def test_a_non_finite_value_in_any_output_fails_the_item(model_repo):
+    """QA has two outputs: a NaN only in the second (end_logits) fails its item too."""
+    from service.queueing.inprocess import run_batch_isolating
+    from service.repository import discover_models
+    from tests.service_support import QA_MODEL, require_model
+
+    require_model(model_repo, QA_MODEL)
+    entries = [e for e in discover_models(model_repo) if e.name == QA_MODEL]
+    real = load_runners(make_settings(model_repo), entries=entries)[QA_MODEL]
+    names = [o.name for o in real.manifest.outputs]
+    assert names[-1] == "end_logits" and len(names) == 2
+
+    class EndOverflowing:  # the real model, whose end logits overflow for one input
+        name = real.name
+
+        def run_batch(self, batch):
+            out = real.run_batch(batch)
+            for it, res in zip(batch, out, strict=True):
+                if it.length == 9:
+                    res["end_logits"] = np.full_like(res["end_logits"], np.inf)
+            return out
+
+    batch = [real.dummy_item(n, 0) for n in (8, 9, 10)]
+    results = run_batch_isolating(EndOverflowing(), batch)
+    assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
+    assert all(set(r) == set(names) for r in (results[0], results[2]))
+
+
 @pytest.mark.parametrize("how", ["expired", "cancelled"])
 async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners, model_repo, how):
     """A batch formed ahead queues behind the running one; a request of it that expired or

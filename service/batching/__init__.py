@@ -1,6 +1,6 @@
 """Length-bucketed dynamic batching: pure data structures shared by every queue backend."""
 
-from service.batching.assemble import pad_batch, padding_efficiency, split_outputs
+from service.batching.assemble import pad_batch, split_outputs
 from service.batching.buckets import bucket_index
 from service.batching.forming import PendingBucket
 from service.batching.scheduler import BucketScheduler
@@ -13,6 +13,5 @@ __all__ = [
     "WorkItem",
     "bucket_index",
     "pad_batch",
-    "padding_efficiency",
     "split_outputs",
 ]

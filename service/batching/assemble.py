@@ -50,10 +50,3 @@ def split_outputs(
         for i, it in enumerate(items):
             per_item[i][spec.name] = value[i, : it.length] if has_seq else value[i]
     return per_item
-
-
-def padding_efficiency(items: Sequence[WorkItem]) -> float:
-    """Real tokens / padded tokens of a batch (1.0 = no padding)."""
-    if not items:
-        return 1.0
-    return sum(it.length for it in items) / (len(items) * max(it.length for it in items))
