@@ -34,7 +34,10 @@ class PendingBucket:
         return now - self.items[0].enqueued_at if self.items else 0.0
 
     def is_full(self, policy: BatchPolicy) -> bool:
-        """True when waiting longer cannot make the next batch any bigger."""
+        """True when the waiting sequences, in arrival order, already fill a batch (its size
+        or token budget), so waiting longer is not worth it. An estimate: :meth:`take` picks
+        batch mates by nearest length, so it may take fewer than these (lengths [2, 30, 30]
+        under a 64-token budget: full, and [2, 30] is taken)."""
         longest = 0
         for n, item in enumerate(self.items, start=1):
             longest = max(longest, item.length)
