@@ -623,11 +623,12 @@ class Worker:
     def _dead_item(self, item: StreamItem, error: str, reason: str) -> _Done:
         # the work item id is what the API logs next to the client's request id
         log.error(
-            "worker %s: poison entry %s in %s (work item %s), dead-lettered: %s",
+            "worker %s: entry %s in %s (work item %s) goes to the dead-letter stream (%s): %s",
             self.name,
             item.entry_id.decode(errors="replace"),
             item.stream,
             item.id,
+            reason,
             error,
         )
         fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
@@ -665,9 +666,13 @@ class Worker:
             stream, entry_id, reply_to.decode(errors="replace"), reply, dead=dead, model=model
         )
 
-    def _count_dead_letters(self, dead: Sequence[_Done], results: Sequence[object]) -> None:
+    def _count_dead_letters(
+        self, dead: Sequence[_Done], results: Sequence[object], *, retried: bool
+    ) -> None:
+        """``retried``: the pipeline was sent again after a lost connection, so a script
+        that found its entry settled may have been our own first attempt: counted."""
         for d, res in zip(dead, results, strict=True):
-            if res == 1:
+            if res == 1 or (res == 0 and retried):
                 reason = (d.dead or {}).get(b"dead_reason", b"").decode()
                 self.wm.dead_lettered.labels(d.model, reason).inc()
                 self.stats.dead_lettered += 1
@@ -730,7 +735,8 @@ class Worker:
         self.stats.expired += 1
 
     async def _settle(self, done: Sequence[_Done]) -> None:
-        """Dead-letter (the script acks those), reply, then XACK + XDEL: one pipeline."""
+        """Reply, then dead-letter (the script acks those) and XACK + XDEL the rest: one
+        pipeline, in that order."""
         if not done:
             return
         dead = [d for d in done if d.dead is not None]
@@ -741,9 +747,13 @@ class Worker:
         replies = [(d.reply_to, self._encoded(d)) for d in done if d.reply and d.reply_to]
         end = time.monotonic() + SETTLE_RETRY_S
         delay = 0.05
+        sent = 0  # times the pipeline went out (a lost connection may hide that it ran)
         while True:
             try:
+                sent += 1
                 async with self.client.pipeline(transaction=False) as pipe:
+                    for reply_to, payload in replies:
+                        pipe.publish(reply_to, payload)
                     for d in dead:
                         pairs = [x for kv in (d.dead or {}).items() for x in kv]
                         pipe.eval(
@@ -756,8 +766,6 @@ class Worker:
                             DEAD_LETTER_MAXLEN,
                             *pairs,
                         )
-                    for reply_to, payload in replies:
-                        pipe.publish(reply_to, payload)
                     for stream, ids in by_stream.items():
                         pipe.xack(stream, GROUP, *ids)
                         pipe.xdel(stream, *ids)
@@ -776,7 +784,8 @@ class Worker:
                         len(done),
                         refused[0],
                     )
-                self._count_dead_letters(dead, results[: len(dead)])
+                scripts = results[len(replies) : len(replies) + len(dead)]
+                self._count_dead_letters(dead, scripts, retried=sent > 1)
                 break
             except (RedisError, OSError) as e:
                 if time.monotonic() > end:

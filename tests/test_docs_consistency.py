@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # subclass), an explanation's cancellation (only its own gone client or a joiner that
 # recomputes gets it), and the name of a bare 400 (the fast path's body that could not be
 # read: a broken connection, not a request to fix).
-INTERNAL_CODES = {"queue_error", "explain_failed", "cancelled", "bad_request"}
+INTERNAL_CODES = {"queue_error", "explain_failed", "cancelled"}
 
 
 def _emitted_codes() -> set[str]:

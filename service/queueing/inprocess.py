@@ -80,6 +80,8 @@ def run_live_items(
     requests may pass their deadline or leave meanwhile: running them would only delay the
     requests still waiting. Synchronous: call it on the executor thread that runs the batch."""
     live = [i for i, it in enumerate(batch) if not gone(it)]
+    if len(live) == len(batch):  # the common case
+        return list(run_batch_isolating(runner, batch))
     out: list[dict[str, np.ndarray] | Exception | None] = [None] * len(batch)
     if live:
         results = run_batch_isolating(runner, [batch[i] for i in live])
@@ -108,7 +110,8 @@ class InProcessQueue(InferenceQueue):
 
     One asyncio task per model owns that model's :class:`BucketScheduler`; it takes the next
     ready batch and hands it to a thread executor (never the event loop), which runs it with
-    :func:`run_batch_isolating`; the batch's own task resolves the waiting futures. A model has
+    :func:`run_live_items` (the items still wanted, a bad input failing alone); the batch's
+    own task resolves the waiting futures. A model has
     at most ``inference_threads`` batches running and ``prefetch_batches`` formed and queued
     behind them; while they run, new requests accumulate, so batches grow with load by
     themselves. A thread that is idle takes pending work at once (a lone request never waits
@@ -287,14 +290,15 @@ class InProcessQueue(InferenceQueue):
         for bucket, n in self._scheds[model].depths().items():
             self.metrics.child(self.metrics.queue_depth, model, str(bucket)).set(n)
 
+    def _left(self, it: WorkItem) -> bool:
+        """Nobody waits for it any more (client gone, answered, failed). Also called on the
+        executor thread: a dict lookup and a state read, both atomic."""
+        fut = self._futures.get(it.id)
+        return fut is None or fut.done()
+
     def _purge(self, model: str, now: float) -> None:
         sched = self._scheds[model]
-
-        def gone(it: WorkItem) -> bool:
-            fut = self._futures.get(it.id)
-            return fut is None or fut.done()
-
-        dropped = sched.drop(gone)
+        dropped = sched.drop(self._left)
         for it in dropped:
             log.debug("%s: skipping item %s: its request is gone", model, it.id)
         expired = sched.drop_expired(now)
@@ -357,12 +361,9 @@ class InProcessQueue(InferenceQueue):
     async def _run(self, model: str, batch: list[WorkItem]) -> None:
         """Run one batch on the executor and resolve its items' futures."""
         runner = self.runners[model]
-        futures = self._futures
 
         def gone(it: WorkItem) -> bool:
-            # Called on the executor thread: a dict lookup and a state read, both atomic.
-            fut = futures.get(it.id)
-            return fut is None or fut.done() or it.expired()
+            return self._left(it) or it.expired()
 
         self._running[model] += len(batch)
         try:

@@ -1035,11 +1035,12 @@ async def test_worker_skips_what_expired_while_its_batch_was_formed_ahead(
     settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
     rng = np.random.default_rng(7)
     first, doomed, fresh = (make_item(tiny_runners[POL], n, rng) for n in (3, 7, 4))
-    doomed.deadline = time.time() + 0.3
     async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
         running = asyncio.create_task(q.submit(first))
         try:
             await wait_for(lambda: gated[POL].active == 1)
+            # from now: its batch must form (queued behind `first`) before it expires
+            doomed.deadline = time.time() + 1.0
             late = asyncio.create_task(q.submit(doomed))
             await wait_for(lambda: w.batches_in_flight == 2)  # formed ahead, behind `first`
             with pytest.raises(DeadlineExceededError):
