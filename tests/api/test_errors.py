@@ -556,5 +556,9 @@ async def test_inference_failure_is_logged_with_the_request_id(
     item_id = logged[0].split("work item ")[1].split(":")[0]
     assert len(item_id) == 32
     if backend == "redis":  # the worker's line names the same work item
-        worker = [r.getMessage() for r in caplog.records if "dead-letter stream" in r.getMessage()]
+        worker = [
+            r.getMessage()
+            for r in caplog.records
+            if "goes to the dead-letter stream" in r.getMessage()
+        ]
         assert len(worker) == 1 and item_id in worker[0], worker
