@@ -21,14 +21,32 @@ from service.preprocess.tokenizer import encode_all
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
-# Penn-Treebank-like word splitting, good enough for free text: abbreviations (U.S.),
-# numbers (3.5, 1,000), clitics split off (do n't, John 's), hyphenated words, punctuation.
+# Penn-Treebank-like word splitting, good enough for free text. It runs on each
+# whitespace-separated piece, so a period is told apart only by the piece it ends:
+# * abbreviations keep their periods: U.S., N.J.-based, initials (J.), titles, company
+#   suffixes, months and US states (Mr., Corp., Oct., Calif.) -- as the treebank writes
+#   them, also at the end of a sentence (where the treebank adds a "." of its own). The
+#   pattern sees lowercased text: abbreviations that are also words (No., Ill., Mass.,
+#   Wash., Mar.) are left out, else "I said no." would keep its period;
+# * numbers stay whole (3.5, 1,000, 1/2), with what is joined to them (1980s, 40-year-old);
+# * clitics are split off (do n't, John 's), decades kept ('80s);
+# * words joined by -, & or / stay one word (state-owned, S&P, Macmillan/McGraw-Hill);
+# * other punctuation is a word of its own.
+# A committed model reads the pattern from its own tokenizer.json, not from here.
+_ABBREVIATIONS = (
+    "mr|mrs|ms|messrs|mmes|dr|prof|rep|sen|gov|lt|capt|sgt|rev|st|jr|sr"
+    "|corp|inc|co|cos|ltd|bros|vs|etc"
+    "|jan|feb|apr|jun|jul|aug|sep|sept|oct|nov|dec"
+    "|ala|ariz|ark|calif|colo|conn|fla|kan|ky|md|mich|minn|neb|nev|okla|tenn|tex|va|vt|wis|wyo"
+    "|[a-z]"
+)
 PTB_PATTERN = (
-    r"(?:[A-Za-z]\.){2,}"
-    r"|\d+(?:[.,:/]\d+)*"
+    r"(?:[A-Za-z]\.){2,}(?:-\w+)*"
+    rf"|(?i:{_ABBREVIATIONS})\.$"
+    r"|\d+(?:[.,:/]\d+)*(?:[A-Za-z]+)?(?:-\w+)*"
     r"|\w+(?=n't\b)"
-    r"|n't\b|'(?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b"
-    r"|\w+(?:-\w+)*"
+    r"|n't\b|'(?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b|'\d+s\b"
+    r"|\w+(?:[-&/]\w+)*"
     r"|\.\.\.|--|``|''|[^\s\w]"
 )
 
