@@ -9,12 +9,18 @@ the test split).
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import pytest
 
-from service.preprocess.words import WordEncoder, build_word_tokenizer
+from service.preprocess.words import (
+    PTB_PATTERN,
+    TREEBANK_PATTERN,
+    WordEncoder,
+    build_word_tokenizer,
+)
+from tests.test_data_loaders import REAL, needs_real
 from training.data.treebank import load_treebank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,8 +123,8 @@ def _split(encoder: WordEncoder, text: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("text", "tokens"), CASES)
-def test_new_tokenizers_split_like_the_treebank(text, tokens):
-    encoder = WordEncoder(build_word_tokenizer(["the"]))
+def test_new_pos_tokenizers_split_like_the_treebank(text, tokens):
+    encoder = WordEncoder(build_word_tokenizer(["the"], pattern=TREEBANK_PATTERN))
     assert _split(encoder, text) == tokens
 
 
@@ -128,23 +134,23 @@ def test_committed_pos_tokenizer_splits_like_the_treebank(text, tokens):
     assert _split(encoder, text) == tokens
 
 
-def _treebank() -> Path | None:
-    for cand in (
-        os.environ.get("NLPSERVE_DATA_DIR"),
-        REPO.parent / "shared" / "data",
-        "/work/shared/data",
-    ):
-        if cand and (Path(cand) / "nltk_data").is_dir():
-            return Path(cand)
-    return None
-
-
-@pytest.mark.skipif(_treebank() is None, reason="shared data not available")
+@needs_real
+@pytest.mark.realdata
 def test_treebank_sentences_sent_as_text_get_their_own_tokens():
-    corpus = load_treebank(_treebank())  # type: ignore[arg-type]
+    corpus = load_treebank(REAL)  # type: ignore[arg-type]
     encoder = WordEncoder.load(POS_TOKENIZER)
     got = encoder.split([" ".join(s) for s in corpus.sentences])
     same = sum(g == s for g, s in zip(got, corpus.sentences, strict=True))
     # 2,885 of 3,914 (74%) before, 3,835 (98%) now; the rest are rarities (O'Brien, US$,
     # Sino-U.S., Mass., sentence-final abbreviations).
     assert same / len(corpus.sentences) > 0.97
+
+
+def test_polarity_keeps_the_split_it_was_trained_with():
+    """polarity-en/1 split its training text with PTB_PATTERN: new polarity tokenizers use
+    it too, so a retrain reproduces the committed version (the treebank's way is POS's)."""
+    committed = WordEncoder.load(REPO / "models" / "polarity-en" / "1" / "tokenizer.json")
+    pre = json.loads(committed.tokenizer.to_str())["pre_tokenizer"]["pretokenizers"]
+    assert pre[1]["pattern"]["Regex"] == PTB_PATTERN
+    text = "Mr. Smith's 1980s film is n't bad ."
+    assert _split(WordEncoder(build_word_tokenizer(["the"])), text) == _split(committed, text)

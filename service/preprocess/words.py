@@ -21,7 +21,20 @@ from service.preprocess.tokenizer import encode_all
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
-# Penn-Treebank-like word splitting, good enough for free text. It runs on each
+# Penn-Treebank-like word splitting, good enough for free text: abbreviations (U.S.),
+# numbers (3.5, 1,000), clitics split off (do n't, John 's), hyphenated words, punctuation.
+# What polarity-en/1 was trained with (its training splits raw text with it).
+PTB_PATTERN = (
+    r"(?:[A-Za-z]\.){2,}"
+    r"|\d+(?:[.,:/]\d+)*"
+    r"|\w+(?=n't\b)"
+    r"|n't\b|'(?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b"
+    r"|\w+(?:-\w+)*"
+    r"|\.\.\.|--|``|''|[^\s\w]"
+)
+
+# Splitting as the Penn Treebank writes its tokens, for the POS tagger: it is trained on the
+# treebank's own tokens, so a text request should be cut the same way. It runs on each
 # whitespace-separated piece, so a period is told apart only by the piece it ends:
 # * abbreviations keep their periods: U.S., N.J.-based, initials (J.), titles, company
 #   suffixes, months and US states (Mr., Corp., Oct., Calif.) -- as the treebank writes
@@ -32,7 +45,7 @@ PAD_ID, UNK_ID = 0, 1
 # * clitics are split off (do n't, John 's), decades kept ('80s);
 # * words joined by -, & or / stay one word (state-owned, S&P, Macmillan/McGraw-Hill);
 # * other punctuation is a word of its own.
-# A committed model reads the pattern from its own tokenizer.json, not from here.
+# A committed model reads its pattern from its own tokenizer.json, not from here.
 _ABBREVIATIONS = (
     "mr|mrs|ms|messrs|mmes|dr|prof|rep|sen|gov|lt|capt|sgt|rev|st|jr|sr"
     "|corp|inc|co|cos|ltd|bros|vs|etc"
@@ -40,7 +53,7 @@ _ABBREVIATIONS = (
     "|ala|ariz|ark|calif|colo|conn|fla|kan|ky|md|mich|minn|neb|nev|okla|tenn|tex|va|vt|wis|wyo"
     "|[a-z]"
 )
-PTB_PATTERN = (
+TREEBANK_PATTERN = (
     r"(?:[A-Za-z]\.){2,}(?:-\w+)*"
     rf"|(?i:{_ABBREVIATIONS})\.$"
     r"|\d+(?:[.,:/]\d+)*(?:[A-Za-z]+)?(?:-\w+)*"
@@ -63,21 +76,24 @@ class WordEncoding:
         return len(self.tokens)
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(PTB_PATTERN), "isolated")]
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(pattern), "isolated")]
     )
 
 
-def build_word_tokenizer(words: Iterable[str], *, lowercase: bool = True) -> Tokenizer:
-    """A WordLevel tokenizer over ``words`` (already normalised) with <pad>=0, <unk>=1."""
+def build_word_tokenizer(
+    words: Iterable[str], *, lowercase: bool = True, pattern: str = PTB_PATTERN
+) -> Tokenizer:
+    """A WordLevel tokenizer over ``words`` (already normalised) with <pad>=0, <unk>=1,
+    splitting text with ``pattern`` (:data:`PTB_PATTERN` or :data:`TREEBANK_PATTERN`)."""
     vocab = {PAD: PAD_ID, UNK: UNK_ID}
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     if lowercase:
         tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = _pre_tokenizer()
+    tok.pre_tokenizer = _pre_tokenizer(pattern)
     return tok
 
 

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.preprocess.words import WordEncoder, build_char_vocab, build_word_tokenizer
+from service.preprocess.words import (
+    TREEBANK_PATTERN,
+    WordEncoder,
+    build_char_vocab,
+    build_word_tokenizer,
+)
 from service.repository.manifest import TensorSpec, load_manifest
 from training.data.common import DataError, TaggedCorpus
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
@@ -96,7 +101,8 @@ def build_encoder(
     vocab = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     vocab = [w for w in vocab if counts[w] >= cfg.min_count]
     chars = build_char_vocab(w for s in train_sentences for w in s)
-    tokenizer = build_word_tokenizer(vocab, lowercase=cfg.lowercase)
+    # trained on the treebank's tokens: text requests are split the treebank's way
+    tokenizer = build_word_tokenizer(vocab, lowercase=cfg.lowercase, pattern=TREEBANK_PATTERN)
     return WordEncoder(tokenizer, chars, cfg.max_word_length), chars
 
 
