@@ -1,15 +1,15 @@
 """Dataset loaders, splits and checksums: small fixtures written here, plus the real files
-when they exist (``NLPSERVE_DATA_DIR`` or /work/shared/data; skipped otherwise)."""
+when they exist (``NLPSERVE_DATA_DIR`` or ../shared/data; skipped otherwise)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.data_support import shared_data
 from training.data.checksums import compare_checksums, data_checksums
 from training.data.common import DataError
 from training.data.conllu import load_conllu, parse_conllu
@@ -17,15 +17,7 @@ from training.data.polarity import load_polarity
 from training.data.splits import split_indices
 from training.data.treebank import load_treebank, parse_mrg
 
-
-def real_data_dir() -> Path | None:
-    for cand in (os.environ.get("NLPSERVE_DATA_DIR"), "/work/shared/data"):
-        if cand and (Path(cand) / "nltk_data").is_dir():
-            return Path(cand)
-    return None
-
-
-REAL = real_data_dir()
+REAL = shared_data("nltk_data")
 needs_real = pytest.mark.skipif(REAL is None, reason="shared data not available")
 
 MRG = """

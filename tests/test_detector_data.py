@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.data_support import shared_data
 from training.data.hc3 import HC3Stats, hc3_files, load_hc3
 from training.transformer.detector import split_by_question
 
-
-def _real_hc3() -> Path | None:
-    for cand in (os.environ.get("NLPSERVE_DATA_DIR"), "/work/shared/data"):
-        if cand and (Path(cand) / "hc3" / "en").is_dir():
-            return Path(cand)
-    return None
-
-
-REAL = _real_hc3()
+REAL = shared_data("hc3/en")
 
 
 def _write(folder: Path) -> Path:

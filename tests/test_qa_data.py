@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.data_support import shared_data
 from training.data.squad import LoadStats, load_squad, locate_answer
 
-
-def _real_cmrc() -> Path | None:
-    for cand in (os.environ.get("NLPSERVE_DATA_DIR"), "/work/shared/data"):
-        if cand and (Path(cand) / "cmrc2018" / "cmrc2018_train.json").is_file():
-            return Path(cand) / "cmrc2018"
-    return None
-
-
-REAL = _real_cmrc()
+_ROOT = shared_data("cmrc2018/cmrc2018_train.json")
+REAL = _ROOT / "cmrc2018" if _ROOT else None
 
 
 def test_locate_answer_prefers_recorded_then_nearest():

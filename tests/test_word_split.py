@@ -20,7 +20,7 @@ from service.preprocess.words import (
     WordEncoder,
     build_word_tokenizer,
 )
-from tests.test_data_loaders import REAL, needs_real
+from tests.data_support import shared_data
 from training.data.treebank import load_treebank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,10 @@ def test_committed_pos_tokenizer_splits_like_the_treebank(text, tokens):
     assert _split(encoder, text) == tokens
 
 
-@needs_real
+REAL = shared_data("nltk_data")
+
+
+@pytest.mark.skipif(REAL is None, reason="shared data not available")
 @pytest.mark.realdata
 def test_treebank_sentences_sent_as_text_get_their_own_tokens():
     corpus = load_treebank(REAL)  # type: ignore[arg-type]
