@@ -87,6 +87,8 @@ def test_a_file_that_is_not_squad_is_a_data_error_naming_it(tmp_path: Path, cont
     assert str(e.value).startswith(f"{path}: not SQuAD-v1 JSON")
 
 
+@pytest.mark.skipif(REAL is None, reason="shared CMRC 2018 files not available")
+@pytest.mark.realdata
 def test_real_cmrc_counts_match_the_data_readme():
     assert REAL is not None
     st = LoadStats()
