@@ -242,24 +242,28 @@ async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo)
         await q.close(2)
 
 
+class Overflowing:
+    """A real runner whose ``output`` overflows to ``value`` for inputs of one length."""
+
+    def __init__(self, real, output: str, *, length: int, value: float) -> None:
+        self.real, self.output, self.length, self.value = real, output, length, value
+        self.name = real.name
+
+    def run_batch(self, batch):
+        out = self.real.run_batch(batch)
+        for it, res in zip(batch, out, strict=True):
+            if it.length == self.length:
+                res[self.output] = np.full_like(res[self.output], self.value)
+        return out
+
+
 def test_non_finite_outputs_fail_their_item_alone(runners):
     """A NaN output (an fp16 overflow, a diverged model) was answered as `"score": NaN`,
     which no JSON client parses; that item now fails alone as inference_failed."""
     from service.queueing.inprocess import run_batch_isolating
 
-    real = runners[MODEL]
-
-    class Overflowing:  # the real model, whose output for one input overflows
-        name = real.name
-
-        def run_batch(self, batch):
-            out = real.run_batch(batch)
-            for it, res in zip(batch, out, strict=True):
-                if it.length == 3:
-                    res["logits"] = np.full_like(res["logits"], np.nan)
-            return out
-
-    results = run_batch_isolating(Overflowing(), [item(4), item(3), item(5)])
+    overflowing = Overflowing(runners[MODEL], "logits", length=3, value=np.nan)
+    results = run_batch_isolating(overflowing, [item(4), item(3), item(5)])
     assert "logits" in results[0] and "logits" in results[2]
     assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
 
@@ -276,18 +280,8 @@ def test_a_non_finite_value_in_any_output_fails_the_item(model_repo):
     names = [o.name for o in real.manifest.outputs]
     assert names[-1] == "end_logits" and len(names) == 2
 
-    class EndOverflowing:  # the real model, whose end logits overflow for one input
-        name = real.name
-
-        def run_batch(self, batch):
-            out = real.run_batch(batch)
-            for it, res in zip(batch, out, strict=True):
-                if it.length == 9:
-                    res["end_logits"] = np.full_like(res["end_logits"], np.inf)
-            return out
-
     batch = [real.dummy_item(n, 0) for n in (8, 9, 10)]
-    results = run_batch_isolating(EndOverflowing(), batch)
+    results = run_batch_isolating(Overflowing(real, "end_logits", length=9, value=np.inf), batch)
     assert isinstance(results[1], ValueError) and "not a finite number" in str(results[1])
     assert all(set(r) == set(names) for r in (results[0], results[2]))
 
