@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -35,6 +36,19 @@ def item(n: int = 4, deadline_s: float = 30.0, ids=None, lane: str = "predict") 
     return WorkItem(
         MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.time() + deadline_s, lane=lane
     )
+
+
+@contextlib.asynccontextmanager
+async def gated_queue(runner, settings):
+    """An in-process queue over ``runner`` whose batches wait at a gate (opened on exit)."""
+    gated = GatedRunner(runner)
+    q = InProcessQueue({MODEL: gated}, settings)
+    await q.start()
+    try:
+        yield q, gated
+    finally:
+        gated.gate.set()
+        await q.close(2)
 
 
 @pytest.fixture
@@ -152,13 +166,10 @@ async def test_close_drains_queued_work_then_refuses(runners, model_repo):
 async def test_batches_run_and_queue_per_model_up_to_threads_plus_prefetch(
     runners, model_repo, threads, prefetch, running, handed, waiting
 ):
-    gated = GatedRunner(runners[MODEL])
     settings = make_settings(
         model_repo, max_batch_size=1, inference_threads=threads, prefetch_batches=prefetch
     )
-    q = InProcessQueue({MODEL: gated}, settings)
-    await q.start()
-    try:
+    async with gated_queue(runners[MODEL], settings) as (q, gated):
         pending = [asyncio.create_task(q.submit(item(n))) for n in (3, 4, 5)]
         await wait_for(
             lambda: (
@@ -172,21 +183,15 @@ async def test_batches_run_and_queue_per_model_up_to_threads_plus_prefetch(
         assert all(o["logits"].shape == (2,) for o in outs)
         assert gated.most == running  # never more batches at once than threads
         assert q.in_flight(MODEL) == 0 and q.depth(MODEL) == 0
-    finally:
-        gated.gate.set()
-        await q.close(2)
 
 
 async def test_idle_thread_runs_at_once_and_only_the_batch_formed_ahead_waits(runners, model_repo):
     """A lone request on an idle model runs without waiting for company (the max wait here
     is a minute); while the thread is busy, the next batch stays open until it is full."""
-    gated = GatedRunner(runners[MODEL])
     settings = make_settings(
         model_repo, max_wait_ms=60_000, max_batch_size=3, inference_threads=1, prefetch_batches=1
     )
-    q = InProcessQueue({MODEL: gated}, settings)
-    await q.start()
-    try:
+    async with gated_queue(runners[MODEL], settings) as (q, gated):
         lone = asyncio.create_task(q.submit(item(3)))
         await wait_for(lambda: gated.active == 1)  # before: held for the 60 s max wait
         later = [asyncio.create_task(q.submit(item(4))) for _ in range(2)]
@@ -198,9 +203,6 @@ async def test_idle_thread_runs_at_once_and_only_the_batch_formed_ahead_waits(ru
         gated.gate.set()
         await asyncio.gather(lone, *later)
         assert [r.size for r in list(q.batch_log)[-2:]] == [1, 3]
-    finally:
-        gated.gate.set()
-        await q.close(2)
 
 
 async def test_wait_when_idle_holds_a_lone_request_for_company(runners, model_repo):
@@ -219,11 +221,8 @@ async def test_wait_when_idle_holds_a_lone_request_for_company(runners, model_re
 
 async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo):
     """Explanations wait while every thread is busy; predictions may queue ahead of them."""
-    gated = GatedRunner(runners[MODEL])
     settings = make_settings(model_repo, max_batch_size=1, inference_threads=1, prefetch_batches=1)
-    q = InProcessQueue({MODEL: gated}, settings)
-    await q.start()
-    try:
+    async with gated_queue(runners[MODEL], settings) as (q, gated):
         first = asyncio.create_task(q.submit(item(3)))
         await wait_for(lambda: gated.active == 1)
         explain = asyncio.create_task(q.submit(item(4, lane="explain")))
@@ -237,9 +236,6 @@ async def test_a_batch_formed_ahead_is_never_an_explanation(runners, model_repo)
         await asyncio.gather(first, explain, predict)
         order = [r.lengths[0] for r in list(q.batch_log)[-3:]]
         assert order == [3, 5, 4]  # the prediction that came later ran first
-    finally:
-        gated.gate.set()
-        await q.close(2)
 
 
 class Overflowing:
@@ -291,13 +287,10 @@ async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners,
     """A batch formed ahead queues behind the running one; a request of it that expired or
     left meanwhile is not run when the batch starts (it ran, for nobody, delaying the
     requests still waiting), and its batch mates still get their answers."""
-    gated = GatedRunner(runners[MODEL])
     settings = make_settings(
         model_repo, max_wait_ms=60_000, max_batch_size=2, inference_threads=1, prefetch_batches=1
     )
-    q = InProcessQueue({MODEL: gated}, settings)
-    await q.start()
-    try:
+    async with gated_queue(runners[MODEL], settings) as (q, gated):
         first = asyncio.create_task(q.submit(item(3)))
         await wait_for(lambda: gated.active == 1)
         live = asyncio.create_task(q.submit(item(5)))
@@ -312,17 +305,11 @@ async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners,
         assert "logits" in await first and "logits" in await live
         assert gated.started == [(3,), (5,)]  # the gone request's sequence never ran
         assert [r.lengths for r in list(q.batch_log)[-2:]] == [(3,), (5,)]
-    finally:
-        gated.gate.set()
-        await q.close(2)
 
 
 async def test_a_batch_formed_ahead_whose_requests_all_left_does_not_run(runners, model_repo):
-    gated = GatedRunner(runners[MODEL])
     settings = make_settings(model_repo, max_batch_size=1, inference_threads=1, prefetch_batches=1)
-    q = InProcessQueue({MODEL: gated}, settings)
-    await q.start()
-    try:
+    async with gated_queue(runners[MODEL], settings) as (q, gated):
         first = asyncio.create_task(q.submit(item(3)))
         await wait_for(lambda: gated.active == 1)
         doomed = asyncio.create_task(q.submit(item(7, deadline_s=0.2)))
@@ -334,9 +321,6 @@ async def test_a_batch_formed_ahead_whose_requests_all_left_does_not_run(runners
         await q.submit(item(4))  # runs after the skipped batch: the loop went on
         assert gated.started == [(3,), (4,)]
         assert q.in_flight(MODEL) == 0
-    finally:
-        gated.gate.set()
-        await q.close(2)
 
 
 @pytest.fixture(scope="module")
