@@ -131,6 +131,8 @@ def decode_frame(buf: bytes) -> dict[bytes, bytes]:
         for _ in range(count):
             (klen,) = _FRAME_KEY.unpack_from(mv, off)
             off += _FRAME_KEY.size
+            if off + klen > len(mv):
+                raise CodecError("truncated reply frame")
             key = bytes(mv[off : off + klen])
             off += klen
             (vlen,) = _FRAME_VAL.unpack_from(mv, off)
@@ -141,6 +143,9 @@ def decode_frame(buf: bytes) -> dict[bytes, bytes]:
             off += vlen
     except struct.error as e:
         raise CodecError(f"truncated reply frame ({e})") from e
+    # A frame is exactly its fields: bytes after them mean a writer that disagrees on the layout.
+    if off != len(mv):
+        raise CodecError(f"{len(mv) - off} bytes after the reply frame's {count} fields")
     return out
 
 

@@ -204,6 +204,18 @@ def test_reply_frame_rejects_bad_magic_version_and_short_values() -> None:
         codec.decode_reply(codec.encode_frame({**fields, codec.F_VERSION: b"9"}))
 
 
+def test_reply_frame_rejects_trailing_bytes_and_a_key_cut_short() -> None:
+    """A frame is exactly its fields: extra bytes or a key running past the end are a writer
+    that disagrees on the layout, not a reply to act on."""
+    blob = codec.encode_reply(codec.Reply("x", status=codec.STATUS_FAILED, error="the cause"))
+    with pytest.raises(codec.CodecError, match="2 bytes after"):
+        codec.decode_frame(blob + b"\x00\x01")
+    long_key = codec.encode_frame({b"k" * 40: b"v"})
+    # Cut inside the key: a slice past the end would silently give a shorter key.
+    with pytest.raises(codec.CodecError, match="truncated"):
+        codec.decode_frame(long_key[: len(codec.MAGIC) + 20])
+
+
 def test_work_entry_without_an_attempt_field_is_a_first_attempt() -> None:
     fields = codec.encode_work(_item(), reply_to="r", attempt=3)
     del fields[codec.F_ATTEMPT]
