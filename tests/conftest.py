@@ -35,12 +35,22 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
+from hypothesis import settings
 
 from service.config import Settings
 from tests.redis_support import redis_backend
 from tests.service_support import BUILD_ERRORS, LiveServer, live_server, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests (tests/test_properties_*.py): CI runs the same examples every time
+# (derandomized, no example database), few enough that all of them take seconds; set
+# HYPOTHESIS_PROFILE=explore locally to search many more random examples.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, max_examples=60, print_blob=True
+)
+settings.register_profile("explore", deadline=None, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # --------------------------------------------------------------------------- model repo
 # Sources whose change must rebuild the cached tiny models.
