@@ -103,7 +103,10 @@ def decode_array(buf: bytes | memoryview, *, writable: bool = False) -> np.ndarr
     count = math.prod(shape)  # Python ints: no overflow, and no numpy call per array
     if len(mv) - off != count * dtype.itemsize:
         raise CodecError(f"array data is {len(mv) - off} bytes, shape {shape} needs more/less")
-    arr = np.frombuffer(mv, dtype=dtype, count=count, offset=off).reshape(shape)
+    try:
+        arr = np.frombuffer(mv, dtype=dtype, count=count, offset=off).reshape(shape)
+    except ValueError as e:  # more than numpy's 64 axes, or an empty array past its size limit
+        raise CodecError(f"shape {shape} is not a numpy array: {e}") from e
     native = arr.dtype.newbyteorder("=")
     if writable or native != arr.dtype:  # astype copies, which also makes it writable
         arr = arr.astype(native, copy=True)
