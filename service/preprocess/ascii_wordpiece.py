@@ -130,7 +130,9 @@ class AsciiWordPiece:
         return cls(
             model["vocab"],
             unk_id=model["vocab"][model["unk_token"]],
-            prefix=model.get("continuing_subword_prefix") or "##",
+            # "" is a prefix too (every vocabulary entry then continues a word): only a
+            # missing one means the default
+            prefix=model.get("continuing_subword_prefix", "##"),
             max_chars=int(model.get("max_input_chars_per_word", 100)),
             lowercase=bool(norm.get("lowercase", True)),
             first_id=specials[0],
