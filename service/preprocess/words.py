@@ -139,10 +139,21 @@ class WordEncoder:
         return len(self.vocab)
 
     def split(self, texts: Sequence[str]) -> list[list[str]]:
-        """Split raw texts into surface tokens (original case), batch-encoded by tokenizers."""
+        """Split raw texts into surface tokens (original case), batch-encoded by tokenizers.
+
+        A token whose span overlaps the previous one joins it: lowercasing can turn one
+        character into two ("İ" -> "i" + U+0307), the pattern may split between them, and
+        both pieces map back to the whole character ("3İstanbul" was "3İ", "İstanbul").
+        """
         out = []
         for text, enc in zip(texts, encode_all(self.tokenizer, texts), strict=True):
-            out.append([text[s:e] for s, e in enc.offsets])
+            spans: list[tuple[int, int]] = []
+            for s, e in enc.offsets:
+                if spans and s < spans[-1][1]:
+                    spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+                else:
+                    spans.append((s, e))
+            out.append([text[s:e] for s, e in spans])
         return out
 
     def encode_texts(self, texts: Sequence[str]) -> list[WordEncoding]:

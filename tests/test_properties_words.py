@@ -1,0 +1,72 @@
+"""Properties of the LSTM models' word splitting (service/preprocess/words.py), for both
+patterns and the committed tokenizers: the words are the text's own characters, in order,
+non-empty and without whitespace, and together they are every other character of it.
+The POS and polarity answers are per word of this split, and the POS endpoint returns
+each word's text: a character lost or repeated here is wrong in the reply."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.preprocess.words import (
+    PTB_PATTERN,
+    TREEBANK_PATTERN,
+    WordEncoder,
+    build_word_tokenizer,
+)
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+# Unicode's White_Space property (Rust's char::is_whitespace, which tokenizers splits on);
+# Python's str.isspace() also counts \x1c-\x1f, which are not whitespace there.
+WHITE_SPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000")
+WHITE_SPACE |= {chr(c) for c in range(0x2000, 0x200B)}
+
+CHUNKS = ["3", "U.S.", "N.J.-based", "Mr.", "no.", "n't", "'s", "'S", "'80s", "3.5", "1,000"]
+CHUNKS += ["1/2", "40-year-old", "S&P", "--", "...", "``", "''", "don't", "İ", "ß", "ﬁ"]
+CHUNKS += ["Σ", "\u0301", "\u200b", "\x1c", "中文", "é", " ", "  ", "\t", "\n", "\xa0", "\u3000"]
+texts = st.one_of(
+    st.lists(st.sampled_from(CHUNKS) | st.text(max_size=3), max_size=20).map("".join),
+    st.text(max_size=40),
+)
+
+
+@functools.cache
+def _encoder(name: str) -> WordEncoder:
+    if name in ("ptb", "treebank"):
+        pattern = PTB_PATTERN if name == "ptb" else TREEBANK_PATTERN
+        return WordEncoder(build_word_tokenizer(["the"], pattern=pattern))
+    return WordEncoder.load(MODELS / name / "1" / "tokenizer.json")
+
+
+SPLITTERS = ["ptb", "treebank"] + sorted(
+    p.parent.parent.name
+    for p in MODELS.glob("*-en/1/tokenizer.json")
+    if "pos" in str(p) or "polarity" in str(p)
+)
+
+
+@pytest.mark.parametrize("name", SPLITTERS)
+@given(text=texts)
+def test_words_are_the_texts_characters_in_order(name: str, text: str) -> None:
+    (words,) = _encoder(name).split([text])
+    pos = 0
+    for word in words:  # each word is the text's next run of characters past whitespace
+        while text[pos] in WHITE_SPACE:
+            pos += 1
+        assert word and text.startswith(word, pos), (text, words)
+        assert not WHITE_SPACE & set(word), (text, words)
+        pos += len(word)
+    assert set(text[pos:]) <= WHITE_SPACE, (text, words)
+
+
+@pytest.mark.parametrize("name", SPLITTERS)
+def test_a_character_lowercased_to_two_is_not_split_in_two(name: str) -> None:
+    """Found by the property above: "İ" lowercases to "i" + U+0307, the treebank pattern
+    ends a number's word after the "i", and both pieces mapped back to the "İ"."""
+    (words,) = _encoder(name).split(["3İstanbul 0İ x"])
+    assert "".join(words) == "3İstanbul0İx"
