@@ -6,6 +6,11 @@ substrings those offsets delimit (the features SHAP attributes to), and builds e
 variant as a *string* in which hidden features are replaced by ``mask_token``; the model
 function re-encodes those strings with the model's own preprocessing.
 
+Tokens that map back to the same character are one feature (:func:`join_overlapping`, the
+id of the first stands for them): SHAP cuts the text at each token's offsets, and a Hangul
+syllable the detector's tokenizer decomposes into three jamo pieces was rendered three times
+("좀" became "좀좀좀"), so the model was asked about a text that was not the request's.
+
 Neither segmenter adds special tokens: ``tok("")`` returns no ids, so SHAP keeps no
 prefix/suffix and every feature is a real token of the text. The model function adds
 ``[CLS]``/``[SEP]`` itself (through :class:`~service.preprocess.classify.ClassifyEncoder`).
@@ -16,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
+from service.preprocess.tokenizer import join_overlapping
 from service.preprocess.words import UNK_ID, WordEncoder
 
 # Tried in order: the first one the tokenizer encodes as ONE token becomes the mask token.
@@ -44,14 +50,10 @@ class WordPieceSegmenter:
         raise ValueError(f"tokenizer encodes none of {WORDPIECE_MASK_CANDIDATES} as one token")
 
     def __call__(self, s: str, return_offsets_mapping: bool = True, **_: Any) -> dict[str, list]:
-        enc = self.tokenizer.encode(s, add_special_tokens=False)
-        out: dict[str, list] = {"input_ids": list(enc.ids)}
-        if return_offsets_mapping:
-            out["offset_mapping"] = [tuple(o) for o in enc.offsets]
-        return out
+        return _features(self.tokenizer.encode(s, add_special_tokens=False), return_offsets_mapping)
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
-        return [tuple(o) for o in self.tokenizer.encode(s, add_special_tokens=False).offsets]
+        return join_overlapping(self.tokenizer.encode(s, add_special_tokens=False).offsets)[0]
 
 
 class WordSegmenter:
@@ -70,14 +72,19 @@ class WordSegmenter:
         raise ValueError(f"none of {WORD_MASK_CANDIDATES} encodes as one unknown word")
 
     def __call__(self, s: str, return_offsets_mapping: bool = True, **_: Any) -> dict[str, list]:
-        enc = self.tokenizer.encode(s)
-        out: dict[str, list] = {"input_ids": list(enc.ids)}
-        if return_offsets_mapping:
-            out["offset_mapping"] = [tuple(o) for o in enc.offsets]
-        return out
+        return _features(self.tokenizer.encode(s), return_offsets_mapping)
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
-        return [tuple(o) for o in self.tokenizer.encode(s).offsets]
+        return join_overlapping(self.tokenizer.encode(s).offsets)[0]
+
+
+def _features(enc: Encoding, with_offsets: bool) -> dict[str, list]:
+    """SHAP's view of an encoding: one id (and span) per feature."""
+    spans, first = join_overlapping(enc.offsets)
+    out: dict[str, list] = {"input_ids": [enc.ids[i] for i in first]}
+    if with_offsets:
+        out["offset_mapping"] = spans
+    return out
 
 
 def cut_to_tokens(

@@ -38,6 +38,25 @@ def encode_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[Encoding]:
     return tokenizer.encode_batch_fast(list(texts))
 
 
+def join_overlapping(offsets: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Token character spans with each span that overlaps the one before joined into it,
+    and the index of the first token of each joined span.
+
+    A normalizer can turn one character into several tokens that all map back to it:
+    lowercasing "İ" gives "i" + U+0307, accent stripping decomposes a Hangul syllable into
+    its jamo. Read as substrings, those tokens repeat the character ("3İ", "İstanbul").
+    """
+    spans: list[tuple[int, int]] = []
+    first: list[int] = []
+    for i, (s, e) in enumerate(offsets):
+        if spans and s < spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+        else:
+            spans.append((s, e))
+            first.append(i)
+    return spans, first
+
+
 def load_tokenizer(tokenizer_file: Path | str) -> Tokenizer:
     """Load ``tokenizer.json`` with any saved padding/truncation switched off.
 

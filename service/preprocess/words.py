@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from service.preprocess.tokenizer import encode_all
+from service.preprocess.tokenizer import encode_all, join_overlapping
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -141,18 +141,12 @@ class WordEncoder:
     def split(self, texts: Sequence[str]) -> list[list[str]]:
         """Split raw texts into surface tokens (original case), batch-encoded by tokenizers.
 
-        A token whose span overlaps the previous one joins it: lowercasing can turn one
-        character into two ("İ" -> "i" + U+0307), the pattern may split between them, and
-        both pieces map back to the whole character ("3İstanbul" was "3İ", "İstanbul").
+        Tokens of one character are one word (:func:`join_overlapping`): the treebank
+        pattern cut "3İstanbul", lowercased to "3i̇stanbul", after the "i".
         """
         out = []
         for text, enc in zip(texts, encode_all(self.tokenizer, texts), strict=True):
-            spans: list[tuple[int, int]] = []
-            for s, e in enc.offsets:
-                if spans and s < spans[-1][1]:
-                    spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
-                else:
-                    spans.append((s, e))
+            spans, _ = join_overlapping(enc.offsets)
             out.append([text[s:e] for s, e in spans])
         return out
 
