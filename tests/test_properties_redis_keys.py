@@ -1,0 +1,48 @@
+"""Properties of the Redis key layout (service/queueing/redis_keys.py): a work stream's
+name parses back into its labels whatever the key prefix holds, and a cancel message
+decodes to the entries it was made of."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.batching.scheduler import DEFAULT_LANES
+from service.queueing.redis_keys import (
+    decode_cancel,
+    encode_cancel,
+    layout,
+    stream_labels,
+    work_stream,
+)
+
+# Model names and versions are one plain folder name (check_path_component); the prefix is
+# free text, ":b", ":{", "}:v" and spaces included.
+plain = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,8}", fullmatch=True)
+prefixes = st.text(st.sampled_from("ab:{}v eb1 "), max_size=12)
+entry_ids = st.from_regex(rb"[0-9]{1,13}-[0-9]{1,4}", fullmatch=True)
+
+
+@given(
+    prefixes,
+    plain,
+    plain,
+    st.lists(st.integers(1, 4096), min_size=1, max_size=4),
+    st.integers(0, 99),
+    st.sampled_from(DEFAULT_LANES),
+)
+def test_a_work_stream_parses_back_into_its_labels(prefix, model, version, edges, bucket, lane):
+    stream = work_stream(prefix, model, layout(version, edges), bucket, lane)
+    assert stream_labels(stream) == (model, version, str(bucket), lane)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\n"), min_size=1),
+            entry_ids,
+        )
+    )
+)
+def test_a_cancel_message_decodes_to_its_entries(entries) -> None:
+    assert decode_cancel(encode_cancel(entries)) == set(entries)
