@@ -53,7 +53,8 @@ class WordPieceSegmenter:
         return _features(self.tokenizer.encode(s, add_special_tokens=False), return_offsets_mapping)
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
-        return join_overlapping(self.tokenizer.encode(s, add_special_tokens=False).offsets)[0]
+        # The model's tokens, not SHAP's features: what cut_to_tokens counts is what it reads.
+        return [tuple(o) for o in self.tokenizer.encode(s, add_special_tokens=False).offsets]
 
 
 class WordSegmenter:
@@ -75,7 +76,7 @@ class WordSegmenter:
         return _features(self.tokenizer.encode(s), return_offsets_mapping)
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
-        return join_overlapping(self.tokenizer.encode(s).offsets)[0]
+        return [tuple(o) for o in self.tokenizer.encode(s).offsets]
 
 
 def _features(enc: Encoding, with_offsets: bool) -> dict[str, list]:
