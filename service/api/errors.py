@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.queueing.base import InferenceFailedError, QueueError, QueueFullError
+from service.tasks import TASK_CLASSES
 from service.tasks.base import InputError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ def too_many_items(n: int, limit: int) -> ApiError:
         "too_many_items",
         f"{n} inputs in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
     )
+
+
+# The endpoints whose body may be a batch (``POST /v1/<task>``; not the explain endpoints).
+BATCH_PATHS = frozenset(f"/v1/{task}" for task in TASK_CLASSES)
 
 
 def batch_len(doc: Any) -> int:
@@ -195,7 +200,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         limit = request.app.state.service.settings.max_batch_items
-        if (n := batch_len(exc.body)) > limit:  # what the fast path answers before validating
+        # what the fast path answers before validating; elsewhere "inputs" is unknown field
+        if request.scope["path"] in BATCH_PATHS and (n := batch_len(exc.body)) > limit:
             return await _api(request, too_many_items(n, limit))
         status, code, message = validation_error(list(exc.errors()))
         return _respond(request, status, code, message)

@@ -334,6 +334,18 @@ async def test_too_many_items(lc):
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/polarity/explain", "/v1/detect/explain"])
+async def test_an_inputs_list_on_an_explain_endpoint_is_an_unknown_field(lc, path):
+    """Explanations take one text and no ``inputs``: a long ``inputs`` list there is an
+    unknown field, not ``too_many_items`` (which said the endpoint took batches of 3)."""
+    for n in (1, 4):
+        err = assert_error(
+            await lc.post(path, json={"inputs": [{"text": "good"}] * n}), 422, "missing_field"
+        )
+        assert "text: Field required" in err["message"]
+        assert "inputs: unknown field" in err["message"]
+
+
 async def test_body_over_the_size_limit_by_content_length(lc):
     r = await lc.post("/v1/polarity", json={"text": "x" * 5000})
     assert_error(r, 413, "body_too_large")
