@@ -10,7 +10,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.api.deps import DEADLINE_HEADER
-from service.api.schemas import ErrorResponse
+from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
+from service.config import Settings
 
 # What every POST endpoint may answer besides its own codes.
 COMMON_ERRORS = {
@@ -60,6 +61,33 @@ def _cannot_fail_validation(op: dict[str, Any]) -> bool:
     )
 
 
+def _mark_text_limit(node: Any, max_chars: int) -> None:
+    """Every schema of a client text (``TEXT_MARK``) gets this server's length limit."""
+    if isinstance(node, dict):
+        if node.pop(TEXT_MARK, False):
+            node["maxLength"] = max_chars
+        for value in node.values():
+            _mark_text_limit(value, max_chars)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_text_limit(value, max_chars)
+
+
+def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The limits this server enforces (its settings), not only the static models' bounds:
+    a schema that let 10,000 items or a 1,000,000-character text pass announced requests
+    that could only get a 422."""
+    _mark_text_limit(schemas, settings.max_text_chars)
+    for cls in BatchRequest.__subclasses__():
+        inputs = schemas.get(cls.__name__, {}).get("properties", {}).get("inputs")
+        if inputs is not None:
+            inputs["maxItems"] = settings.max_batch_items  # at most MAX_LIST_ITEMS (config)
+    explain = schemas.get("ExplainRequest", {}).get("properties", {}).get("max_evals", {})
+    for choice in explain.get("anyOf", []):
+        if choice.get("type") == "integer":
+            choice["maximum"] = settings.explain_max_evals_limit
+
+
 def install_openapi(app: FastAPI) -> None:
     """Every 422 is this service's ErrorResponse (its validation handler answers so)."""
 
@@ -86,6 +114,9 @@ def install_openapi(app: FastAPI) -> None:
                                 content["schema"] = ours
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            _apply_limits(
+                schema.get("components", {}).get("schemas", {}), app.state.service.settings
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 
