@@ -117,7 +117,7 @@ def get_state(request: Request) -> ServiceState:
 
 # Digits, with an optional fraction: what the docs promise, not all that float() reads
 # ("inf", "1e-300", "1_000").
-_MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
+MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
 
 
 def deadline_from(request: Request, settings: Settings) -> float:
@@ -126,7 +126,7 @@ def deadline_from(request: Request, settings: Settings) -> float:
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is not None:
         given = raw.strip()
-        asked = float(given) if _MILLISECONDS.fullmatch(given) else 0.0
+        asked = float(given) if MILLISECONDS.fullmatch(given) else 0.0
         if not asked > 0:
             raise ApiError(
                 400,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.deps import DEADLINE_HEADER
+from service.api.deps import DEADLINE_HEADER, MILLISECONDS
 from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
 from service.config import Settings
 
@@ -34,8 +34,15 @@ DEADLINE_PARAMETER: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Milliseconds this request may take before a 504 (capped by "
-            "NLPSERVE_DEFAULT_DEADLINE_MS, the default).",
-            "schema": {"type": "number", "exclusiveMinimum": 0, "examples": [2000]},
+            "NLPSERVE_DEFAULT_DEADLINE_MS, the default): a positive number in digits, with "
+            "an optional fraction.",
+            # a string of digits: a JSON Schema number also allows "1e3" or "1.5e+308",
+            # which the header refuses (400 invalid_header)
+            "schema": {
+                "type": "string",
+                "pattern": f"^{MILLISECONDS.pattern}$",
+                "examples": ["2000", "2.5"],
+            },
         }
     ]
 }
