@@ -40,7 +40,8 @@ DEADLINE_PARAMETER: dict[str, Any] = {
             # which the header refuses (400 invalid_header)
             "schema": {
                 "type": "string",
-                "pattern": f"^{MILLISECONDS.pattern}$",
+                # the lookahead: not all zeros ("0" and "0.0" are not positive)
+                "pattern": f"^(?=[0-9.]*[1-9]){MILLISECONDS.pattern}$",
                 "examples": ["2000", "2.5"],
             },
         }
