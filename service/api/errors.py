@@ -77,6 +77,11 @@ _HTTP_NAMES = {
 }
 
 
+def clip_path(path: str, limit: int = 200) -> str:
+    """A client's URL path for a message, cut (a 10 kB path is not echoed back whole)."""
+    return path if len(path) <= limit else f"{path[:limit]}... ({len(path)} characters)"
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for p in loc:
@@ -218,14 +223,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"no endpoint {request.method} {request.url.path} (see /docs)"
+            message = f"no endpoint {request.method} {clip_path(request.url.path)} (see /docs)"
             if request.url.path.rstrip("/").endswith("/explain"):
                 from service.explain.adapters import EXPLAINED_OUTPUT
 
                 have = " and ".join(f"/v1/{task}/explain" for task in EXPLAINED_OUTPUT)
                 message += f"; explanations exist for {have}"
         elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+            message = f"{request.method} is not allowed on {clip_path(request.url.path)}"
         return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

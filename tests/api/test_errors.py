@@ -334,6 +334,19 @@ async def test_too_many_items(lc):
     assert ok.status_code == 200
 
 
+async def test_a_long_path_is_not_echoed_whole_in_404_and_405_messages(lc):
+    """Like a long ?model= name (clip_name), a 10,000-character path is cut in the message."""
+    for method, path, status, code in [
+        ("GET", "/v1/" + "x" * 10_000, 404, "not_found"),
+        ("POST", "/v1/models/" + "x" * 10_000, 405, "method_not_allowed"),
+    ]:
+        err = assert_error(await lc.request(method, path), status, code)
+        assert len(err["message"]) < 400, err["message"][:100]
+        assert f"... ({len(path)} characters)" in err["message"]
+    short = assert_error(await lc.get("/v1/nope"), 404, "not_found")
+    assert short["message"] == "no endpoint GET /v1/nope (see /docs)"
+
+
 @pytest.mark.parametrize("path", ["/v1/polarity/explain", "/v1/detect/explain"])
 async def test_an_inputs_list_on_an_explain_endpoint_is_an_unknown_field(lc, path):
     """Explanations take one text and no ``inputs``: a long ``inputs`` list there is an
