@@ -102,6 +102,8 @@ def _code_for(err: dict[str, Any]) -> str:
         return "unknown_field"
     if t in ("empty_text", "text_or_tokens", "invalid_text"):
         return t
+    if t == "string_unicode":  # a JSON key with a lone surrogate (see _KEY_NOT_UNICODE)
+        return "invalid_text"
     if t == "too_short":
         return "empty_inputs"
     if t == "too_long":  # a list over the schema's bound (service.config.MAX_LIST_ITEMS)
@@ -109,6 +111,12 @@ def _code_for(err: dict[str, Any]) -> str:
     if t.endswith("_type") or t.endswith("_parsing"):
         return "wrong_type"
     return "invalid_request"
+
+
+# pydantic's "string_unicode" at an object's own location: a key it cannot read as a string,
+# which a JSON body's keys always are unless a "\ud800" escape made a lone surrogate (values
+# with one are the text validators' invalid_text).
+_KEY_NOT_UNICODE = "a field name holds an unpaired surrogate: not valid Unicode"
 
 
 def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
@@ -136,6 +144,8 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
+        elif err.get("type") == "string_unicode":
+            msg = _KEY_NOT_UNICODE
         msgs.append(f"{path}: {msg}" if path else msg)
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return 422, _code_for(first), "; ".join(msgs) + more

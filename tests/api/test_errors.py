@@ -89,6 +89,27 @@ async def test_bad_bodies(client, content, status, code):
 
 
 @pytest.mark.parametrize(
+    "path, content, prefix",
+    [
+        ("/v1/polarity", b'{"text": "a dog", "\\ud800x": 1}', ""),
+        (
+            "/v1/polarity",
+            b'{"inputs": [{"text": "a"}, {"text": "b", "\\udfff": 1}]}',
+            "inputs[1]: ",
+        ),
+        ("/v1/polarity/explain", b'{"text": "a dog", "\\udc00": 1}', ""),
+    ],
+)
+async def test_a_field_name_that_is_not_valid_unicode_is_invalid_text(lc, path, content, prefix):
+    """A lone surrogate in a JSON key: pydantic cannot read the key, and answered 422
+    invalid_request "Input should be a valid string, unable to parse raw data as a unicode
+    string" for an object, naming nothing."""
+    r = await lc.post(path, content=content, headers={"content-type": "application/json"})
+    err = assert_error(r, 422, "invalid_text")
+    assert err["message"] == f"{prefix}a field name holds an unpaired surrogate: not valid Unicode"
+
+
+@pytest.mark.parametrize(
     "content, reason",
     [
         (b'{"text": "\xff\xfe abc"}', "not UTF-8 (byte 0xff at position 10)"),
