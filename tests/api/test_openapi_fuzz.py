@@ -65,7 +65,7 @@ LIMITS = dict(
     explain_max_evals_default=12,
     default_deadline_ms=10_000,
 )
-EXAMPLES = {GenerationMode.POSITIVE: 12, GenerationMode.NEGATIVE: 12}
+EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 10}
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -183,7 +183,7 @@ async def test_every_operation_answers_within_its_schema(servers):
     tested = {tuple(label.split(" (")[0].split(" ", 1)) for label in seen}
     assert tested == operations
     # every body operation got its examples (a GET without parameters has one request)
-    assert all(n == 12 for label, n in seen.items() if label.startswith("POST")), seen
+    assert all(n == 10 for label, n in seen.items() if label.startswith("POST")), seen
     assert sum("(negative)" in label for label in seen) == 6  # everything with a body
 
 
@@ -234,7 +234,9 @@ async def test_the_schema_states_this_servers_limits(servers):
 # Beyond the schema: JSON of any shape with the endpoints' own keys, the values fuzzers find
 # hard (lone surrogates, NUL, zero-width and over-long text, NaN/Infinity, huge integers,
 # nesting), and bodies broken at a random byte.
-_KEYS = st.sampled_from(["text", "tokens", "inputs", "question", "context", "max_evals", "txt"])
+_KEYS = st.sampled_from(
+    ["text", "tokens", "inputs", "question", "context", "max_evals", "txt", "k\ud800"]
+)
 _TEXT = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["\ud800", "a\udfffb", "\x00", "a\x00b", "\u200b", " \t", "[SEP]", "x" * 201]),
@@ -274,7 +276,7 @@ def _raw_parity(on_url: str, off_url: str) -> int:
     ):
 
         @hsettings(
-            max_examples=100,
+            max_examples=80,
             derandomize=True,
             database=None,
             deadline=None,
@@ -301,4 +303,4 @@ async def test_the_fast_path_answers_any_body_as_fastapi_does(servers):
     """The fast path takes what validates and hands the rest to FastAPI: whatever the body,
     both servers answer the same status, code and message (and no 5xx)."""
     on, off = servers
-    assert await asyncio.to_thread(_raw_parity, on.url, off.url) == 100
+    assert await asyncio.to_thread(_raw_parity, on.url, off.url) == 80
