@@ -125,6 +125,10 @@ def deadline_from(request: Request, settings: Settings) -> float:
     ms = float(settings.default_deadline_ms)
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is not None:
+        if len(given_all := request.headers.getlist(DEADLINE_HEADER)) > 1:
+            # fields given twice are one list (RFC 9110): "5000, 0" is refused below, where
+            # the first one alone was used
+            raw = ", ".join(given_all)
         given = raw.strip()
         asked = float(given) if MILLISECONDS.fullmatch(given) else 0.0
         if not asked > 0:

@@ -490,6 +490,16 @@ async def test_bad_deadline_header(lc, value):
     assert_error(r, 400, "invalid_header")
 
 
+@pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity?model=polarity-en"])
+async def test_a_deadline_header_given_twice_is_refused(lc, path):
+    """Two X-Deadline-Ms fields read as one list (RFC 9110), "5000, 0", which is no number of
+    milliseconds: refused as ``model`` given twice is. The first one was used, the second
+    ignored."""
+    headers = [("X-Deadline-Ms", "5000"), ("X-Deadline-Ms", "0")]
+    r = await lc.post(path, json={"text": "x"}, headers=headers)
+    assert "got '5000, 0'" in assert_error(r, 400, "invalid_header")["message"]
+
+
 @pytest.mark.parametrize(
     "value", ["20000", "20000.5", "09000", "20000.", "1234567.8901234567", "9" * 20]
 )
