@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from typing import Any
 
 import uvicorn
 
 from service.api.app import begin_shutdown, create_app
 from service.api.deps import ServiceState
 from service.config import Settings
+
+try:
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+except ImportError:  # httptools is a dependency; without it uvicorn's h11 answers as before
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+# A request uvicorn's parser cannot read (a control character or space in the URL, a bad or
+# doubled Content-Length, a broken chunk) never reaches the app; uvicorn answered it with a
+# plain-text 400. This is the service's error shape for it.
+BAD_HTTP_BODY = json.dumps(
+    {
+        "error": {
+            "code": "bad_request",
+            "message": "the request is not valid HTTP/1.1 (its request line, headers or "
+            "framing could not be parsed); the connection is closed",
+        }
+    }
+).encode()
+
+
+if HttpToolsProtocol is not None:
+
+    class HttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+        """uvicorn's httptools protocol, answering an unparseable request in JSON."""
+
+        def send_400_response(self, msg: str) -> None:
+            content = [STATUS_LINE[400]]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend(
+                [
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(BAD_HTTP_BODY)).encode("ascii") + b"\r\n",
+                    b"connection: close\r\n",
+                    b"\r\n",
+                    BAD_HTTP_BODY,
+                ]
+            )
+            self.transport.write(b"".join(content))
+            self.transport.close()
+
+    HTTP: Any = HttpProtocol
+else:
+    HTTP = "auto"
 
 
 def drain_deadline_s(graceful_s: float) -> float:
@@ -66,7 +112,9 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         # (deploy/nginx) must stay below it.
         timeout_keep_alive=KEEP_ALIVE_S,
         lifespan="on",
-        # loop/http "auto": uvloop and httptools (dependencies) when importable.
+        # loop "auto": uvloop (a dependency) when importable; http: httptools' protocol with
+        # the service's JSON answer to a request it cannot parse.
+        http=HTTP,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -108,6 +109,33 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
     odd = [ln for ln in out.splitlines() if not line.match(ln)]
     assert not odd, odd
+
+
+def test_a_request_that_is_not_valid_http_gets_the_json_error_shape(model_repo):
+    """uvicorn answers what its parser cannot read (a control character or a space in the
+    URL, a doubled Content-Length) before the app sees it: that 400 was plain text, and is
+    now the service's ``{"error": {...}}`` like every other error."""
+    proc, url = _serve(model_repo)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for raw in (
+            b"GET /v1/models/a\x01b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/models/a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /v1/pos HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(raw)
+                head, _, body = _read_until_closed(sock).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (raw, head)
+            assert b"content-type: application/json" in head.lower(), head
+            assert int(re.search(rb"content-length: (\d+)", head.lower())[1]) == len(body)
+            err = json.loads(body)["error"]
+            assert err["code"] == "bad_request" and "not valid HTTP" in err["message"], err
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # still serving
+    finally:
+        out = _stop(proc)
+    assert "Traceback" not in out
+    assert "Invalid HTTP request received." in out  # uvicorn still logs it
 
 
 def _qa_body(contexts: int, seed: int) -> dict:
@@ -259,7 +287,9 @@ def test_server_runs_on_uvloop_and_httptools(model_repo):
 
     cfg = uvicorn_config(Settings(model_dir=model_repo, warmup=False))
     cfg.load()
-    assert cfg.http_protocol_class.__name__ == "HttpToolsProtocol"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert issubclass(cfg.http_protocol_class, HttpToolsProtocol)
     # no X-Forwarded-* rewriting layer: nothing reads the client's address
     assert type(cfg.loaded_app).__name__ != "ProxyHeadersMiddleware"
     loop = cfg.get_loop_factory()()

@@ -117,7 +117,7 @@ def get_state(request: Request) -> ServiceState:
 
 # Digits, with an optional fraction: what the docs promise, not all that float() reads
 # ("inf", "1e-300", "1_000").
-_MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
+MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
 
 
 def deadline_from(request: Request, settings: Settings) -> float:
@@ -125,8 +125,12 @@ def deadline_from(request: Request, settings: Settings) -> float:
     ms = float(settings.default_deadline_ms)
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is not None:
+        if len(given_all := request.headers.getlist(DEADLINE_HEADER)) > 1:
+            # fields given twice are one list (RFC 9110): "5000, 0" is refused below, where
+            # the first one alone was used
+            raw = ", ".join(given_all)
         given = raw.strip()
-        asked = float(given) if _MILLISECONDS.fullmatch(given) else 0.0
+        asked = float(given) if MILLISECONDS.fullmatch(given) else 0.0
         if not asked > 0:
             raise ApiError(
                 400,

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.queueing.base import InferenceFailedError, QueueError, QueueFullError
+from service.tasks import TASK_CLASSES
 from service.tasks.base import InputError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def too_many_items(n: int, limit: int) -> ApiError:
     )
 
 
+# The endpoints whose body may be a batch (``POST /v1/<task>``; not the explain endpoints).
+BATCH_PATHS = frozenset(f"/v1/{task}" for task in TASK_CLASSES)
+
+
 def batch_len(doc: Any) -> int:
     """How many items a ``{"inputs": [...]}`` body holds (0 for anything else)."""
     if isinstance(doc, dict) and isinstance(items := doc.get("inputs"), list):
@@ -72,6 +77,11 @@ _HTTP_NAMES = {
 }
 
 
+def clip_path(path: str, limit: int = 200) -> str:
+    """A client's URL path for a message, cut (a 10 kB path is not echoed back whole)."""
+    return path if len(path) <= limit else f"{path[:limit]}... ({len(path)} characters)"
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for p in loc:
@@ -92,6 +102,8 @@ def _code_for(err: dict[str, Any]) -> str:
         return "unknown_field"
     if t in ("empty_text", "text_or_tokens", "invalid_text"):
         return t
+    if t == "string_unicode":  # a JSON key with a lone surrogate (see _KEY_NOT_UNICODE)
+        return "invalid_text"
     if t == "too_short":
         return "empty_inputs"
     if t == "too_long":  # a list over the schema's bound (service.config.MAX_LIST_ITEMS)
@@ -99,6 +111,12 @@ def _code_for(err: dict[str, Any]) -> str:
     if t.endswith("_type") or t.endswith("_parsing"):
         return "wrong_type"
     return "invalid_request"
+
+
+# pydantic's "string_unicode" at an object's own location: a key it cannot read as a string,
+# which a JSON body's keys always are unless a "\ud800" escape made a lone surrogate (values
+# with one are the text validators' invalid_text).
+_KEY_NOT_UNICODE = "a field name holds an unpaired surrogate: not valid Unicode"
 
 
 def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
@@ -126,6 +144,8 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
+        elif err.get("type") == "string_unicode":
+            msg = _KEY_NOT_UNICODE
         msgs.append(f"{path}: {msg}" if path else msg)
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return 422, _code_for(first), "; ".join(msgs) + more
@@ -195,7 +215,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         limit = request.app.state.service.settings.max_batch_items
-        if (n := batch_len(exc.body)) > limit:  # what the fast path answers before validating
+        # what the fast path answers before validating; elsewhere "inputs" is unknown field
+        if request.scope["path"] in BATCH_PATHS and (n := batch_len(exc.body)) > limit:
             return await _api(request, too_many_items(n, limit))
         status, code, message = validation_error(list(exc.errors()))
         return _respond(request, status, code, message)
@@ -212,14 +233,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"no endpoint {request.method} {request.url.path} (see /docs)"
+            message = f"no endpoint {request.method} {clip_path(request.url.path)} (see /docs)"
             if request.url.path.rstrip("/").endswith("/explain"):
                 from service.explain.adapters import EXPLAINED_OUTPUT
 
                 have = " and ".join(f"/v1/{task}/explain" for task in EXPLAINED_OUTPUT)
                 message += f"; explanations exist for {have}"
         elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+            message = f"{request.method} is not allowed on {clip_path(request.url.path)}"
         return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.deps import DEADLINE_HEADER
-from service.api.schemas import ErrorResponse
+from service.api.deps import DEADLINE_HEADER, MILLISECONDS
+from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
+from service.config import Settings
 
 # What every POST endpoint may answer besides its own codes.
 COMMON_ERRORS = {
@@ -33,8 +34,16 @@ DEADLINE_PARAMETER: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Milliseconds this request may take before a 504 (capped by "
-            "NLPSERVE_DEFAULT_DEADLINE_MS, the default).",
-            "schema": {"type": "number", "exclusiveMinimum": 0, "examples": [2000]},
+            "NLPSERVE_DEFAULT_DEADLINE_MS, the default): a positive number in digits, with "
+            "an optional fraction.",
+            # a string of digits: a JSON Schema number also allows "1e3" or "1.5e+308",
+            # which the header refuses (400 invalid_header)
+            "schema": {
+                "type": "string",
+                # the lookahead: not all zeros ("0" and "0.0" are not positive)
+                "pattern": f"^(?=[0-9.]*[1-9]){MILLISECONDS.pattern}$",
+                "examples": ["2000", "2.5"],
+            },
         }
     ]
 }
@@ -58,6 +67,33 @@ def _cannot_fail_validation(op: dict[str, Any]) -> bool:
             p.get("in") == "path" and p.get("schema", {}).get("type") == "string" for p in params
         )
     )
+
+
+def _mark_text_limit(node: Any, max_chars: int) -> None:
+    """Every schema of a client text (``TEXT_MARK``) gets this server's length limit."""
+    if isinstance(node, dict):
+        if node.pop(TEXT_MARK, False):
+            node["maxLength"] = max_chars
+        for value in node.values():
+            _mark_text_limit(value, max_chars)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_text_limit(value, max_chars)
+
+
+def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The limits this server enforces (its settings), not only the static models' bounds:
+    a schema that let 10,000 items or a 1,000,000-character text pass announced requests
+    that could only get a 422."""
+    _mark_text_limit(schemas, settings.max_text_chars)
+    for cls in BatchRequest.__subclasses__():
+        inputs = schemas.get(cls.__name__, {}).get("properties", {}).get("inputs")
+        if inputs is not None:
+            inputs["maxItems"] = settings.max_batch_items  # at most MAX_LIST_ITEMS (config)
+    explain = schemas.get("ExplainRequest", {}).get("properties", {}).get("max_evals", {})
+    for choice in explain.get("anyOf", []):
+        if choice.get("type") == "integer":
+            choice["maximum"] = settings.explain_max_evals_limit
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -86,6 +122,9 @@ def install_openapi(app: FastAPI) -> None:
                                 content["schema"] = ours
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            _apply_limits(
+                schema.get("components", {}).get("schemas", {}), app.state.service.settings
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 

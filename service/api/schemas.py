@@ -54,7 +54,15 @@ def _not_blank(v: str) -> str:
     return v
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+# What /openapi.json says of a text field: never empty, and (TEXT_MARK: service/api/openapi.py
+# puts this server's NLPSERVE_MAX_TEXT_CHARS there) not over the limit. The validators above
+# say more than a JSON Schema can (visible text, valid Unicode): their own 422 codes.
+TEXT_MARK = "x-nlpserve-text"
+Text = Annotated[
+    str, AfterValidator(_not_blank), Field(json_schema_extra={"minLength": 1, TEXT_MARK: True})
+]
+# A word of `tokens`: the limit applies to the words joined, not to each one.
+Token = Annotated[str, AfterValidator(_not_blank), Field(json_schema_extra={"minLength": 1})]
 
 
 class _Item(BaseModel):
@@ -83,7 +91,7 @@ class PosRequest(_Item):
         description="Raw English text; split into words by the model's tokenizer.",
         examples=["The quick brown fox jumps over the lazy dog."],
     )
-    tokens: list[Annotated[str, AfterValidator(_not_blank)]] | None = Field(
+    tokens: list[Token] | None = Field(
         None,
         max_length=MAX_LIST_ITEMS,
         description="Already split words (instead of `text`): tagged as given (no more than "

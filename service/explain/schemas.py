@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.api.schemas import Text
+
+# [start, end): pydantic writes a tuple as "prefixItems", which OpenAPI 3.0 tools and
+# schemathesis' response validation read as the draft-4 "items" list, an invalid schema; two
+# integers are as well said with plain "items".
+Span = Annotated[
+    tuple[int, int],
+    WithJsonSchema({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}),
+]
 
 
 class ExplainRequest(BaseModel):
@@ -46,7 +56,7 @@ class ExplainResponse(BaseModel):
     model: str = Field(description="The model explained.")
     version: str = Field(description="Its version (part of the cache key).")
     tokens: list[str] = Field(description="The features: the text's tokens, as they appear in it.")
-    offsets: list[tuple[int, int]] = Field(
+    offsets: list[Span] = Field(
         description="[start, end) of each token in `text`, in Unicode code points (not UTF-16 "
         "units: JavaScript must index `Array.from(text)`)."
     )

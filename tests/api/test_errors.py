@@ -89,6 +89,27 @@ async def test_bad_bodies(client, content, status, code):
 
 
 @pytest.mark.parametrize(
+    "path, content, prefix",
+    [
+        ("/v1/polarity", b'{"text": "a dog", "\\ud800x": 1}', ""),
+        (
+            "/v1/polarity",
+            b'{"inputs": [{"text": "a"}, {"text": "b", "\\udfff": 1}]}',
+            "inputs[1]: ",
+        ),
+        ("/v1/polarity/explain", b'{"text": "a dog", "\\udc00": 1}', ""),
+    ],
+)
+async def test_a_field_name_that_is_not_valid_unicode_is_invalid_text(lc, path, content, prefix):
+    """A lone surrogate in a JSON key: pydantic cannot read the key, and answered 422
+    invalid_request "Input should be a valid string, unable to parse raw data as a unicode
+    string" for an object, naming nothing."""
+    r = await lc.post(path, content=content, headers={"content-type": "application/json"})
+    err = assert_error(r, 422, "invalid_text")
+    assert err["message"] == f"{prefix}a field name holds an unpaired surrogate: not valid Unicode"
+
+
+@pytest.mark.parametrize(
     "content, reason",
     [
         (b'{"text": "\xff\xfe abc"}', "not UTF-8 (byte 0xff at position 10)"),
@@ -334,6 +355,31 @@ async def test_too_many_items(lc):
     assert ok.status_code == 200
 
 
+async def test_a_long_path_is_not_echoed_whole_in_404_and_405_messages(lc):
+    """Like a long ?model= name (clip_name), a 10,000-character path is cut in the message."""
+    for method, path, status, code in [
+        ("GET", "/v1/" + "x" * 10_000, 404, "not_found"),
+        ("POST", "/v1/models/" + "x" * 10_000, 405, "method_not_allowed"),
+    ]:
+        err = assert_error(await lc.request(method, path), status, code)
+        assert len(err["message"]) < 400, err["message"][:100]
+        assert f"... ({len(path)} characters)" in err["message"]
+    short = assert_error(await lc.get("/v1/nope"), 404, "not_found")
+    assert short["message"] == "no endpoint GET /v1/nope (see /docs)"
+
+
+@pytest.mark.parametrize("path", ["/v1/polarity/explain", "/v1/detect/explain"])
+async def test_an_inputs_list_on_an_explain_endpoint_is_an_unknown_field(lc, path):
+    """Explanations take one text and no ``inputs``: a long ``inputs`` list there is an
+    unknown field, not ``too_many_items`` (which said the endpoint took batches of 3)."""
+    for n in (1, 4):
+        err = assert_error(
+            await lc.post(path, json={"inputs": [{"text": "good"}] * n}), 422, "missing_field"
+        )
+        assert "text: Field required" in err["message"]
+        assert "inputs: unknown field" in err["message"]
+
+
 async def test_body_over_the_size_limit_by_content_length(lc):
     r = await lc.post("/v1/polarity", json={"text": "x" * 5000})
     assert_error(r, 413, "body_too_large")
@@ -442,6 +488,16 @@ async def test_deadline_exceeded_is_504_and_the_item_never_runs(limited, lc):
 async def test_bad_deadline_header(lc, value):
     r = await lc.post("/v1/polarity", json={"text": "x"}, headers={"X-Deadline-Ms": value})
     assert_error(r, 400, "invalid_header")
+
+
+@pytest.mark.parametrize("path", ["/v1/polarity", "/v1/polarity?model=polarity-en"])
+async def test_a_deadline_header_given_twice_is_refused(lc, path):
+    """Two X-Deadline-Ms fields read as one list (RFC 9110), "5000, 0", which is no number of
+    milliseconds: refused as ``model`` given twice is. The first one was used, the second
+    ignored."""
+    headers = [("X-Deadline-Ms", "5000"), ("X-Deadline-Ms", "0")]
+    r = await lc.post(path, json={"text": "x"}, headers=headers)
+    assert "got '5000, 0'" in assert_error(r, 400, "invalid_header")["message"]
 
 
 @pytest.mark.parametrize(

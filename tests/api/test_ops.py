@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -170,7 +171,12 @@ async def test_openapi_page_is_usable(client):
     # a name in the path cannot fail validation: no 422 documented that cannot happen
     assert set(spec["paths"]["/v1/models/{name}"]["get"]["responses"]) == {"200", "404"}
     deadline = next(p for p in op["parameters"] if p["name"] == "X-Deadline-Ms")
-    assert deadline["schema"]["type"] == "number"  # "2.5" is accepted
+    # digits with an optional fraction ("2.5" is accepted), not any JSON number ("1e3" is not)
+    header = deadline["schema"]
+    assert header["type"] == "string"
+    assert all(re.fullmatch(header["pattern"], v) for v in ("2000", "2.5", "2."))
+    refused = ("1e3", "1.5e+308", "-1", "inf", "0", "0.000")
+    assert not any(re.fullmatch(header["pattern"], v) for v in refused)
     props = spec["components"]["schemas"]["QARequest"]["properties"]
     assert props["context"]["description"] and props["question"]["examples"]
     assert spec["components"]["schemas"]["ErrorResponse"]
