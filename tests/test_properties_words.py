@@ -1,12 +1,14 @@
 """Properties of the LSTM models' word splitting (service/preprocess/words.py), for both
 patterns and the committed tokenizers: the words are the text's own characters, in order,
-non-empty and without whitespace, and together they are every other character of it.
+non-empty and without whitespace, and together they are every other character of it but
+the invisible ones (format characters and C0 controls, removed before splitting).
 The POS and polarity answers are per word of this split, and the POS endpoint returns
 each word's text: a character lost or repeated here is wrong in the reply."""
 
 from __future__ import annotations
 
 import functools
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,38 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 WHITE_SPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000")
 WHITE_SPACE |= {chr(c) for c in range(0x2000, 0x200B)}
 
+
+def _skipped(c: str) -> bool:
+    """Whitespace, or a character words.INVISIBLE_PATTERN removes."""
+    return (
+        c in WHITE_SPACE
+        or unicodedata.category(c) == "Cf"
+        or (ord(c) < 0x20 or c == "\x7f")
+        and c not in "\t\n\x0b\x0c\r"
+    )
+
+
 CHUNKS = ["3", "U.S.", "N.J.-based", "Mr.", "no.", "n't", "'s", "'S", "'80s", "3.5", "1,000"]
 CHUNKS += ["1/2", "40-year-old", "S&P", "--", "...", "``", "''", "don't", "İ", "ß", "ﬁ"]
-CHUNKS += ["Σ", "\u0301", "\u200b", "\x1c", "中文", "é", " ", "  ", "\t", "\n", "\xa0", "\u3000"]
+CHUNKS += [
+    "Σ",
+    "\u0301",
+    "\u200b",
+    "\ufeff",
+    "\u202e",
+    "\x00",
+    "\x08",
+    "\x1c",
+    "\x96",
+    "中文",
+    "é",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\xa0",
+    "\u3000",
+]
 texts = st.one_of(
     st.lists(st.sampled_from(CHUNKS) | st.text(max_size=3), max_size=20).map("".join),
     st.text(max_size=40),
@@ -56,12 +87,13 @@ def test_words_are_the_texts_characters_in_order(name: str, text: str) -> None:
     (words,) = _encoder(name).split([text])
     pos = 0
     for word in words:  # each word is the text's next run of characters past whitespace
-        while text[pos] in WHITE_SPACE:
+        while _skipped(text[pos]):
             pos += 1
         assert word and text.startswith(word, pos), (text, words)
         assert not WHITE_SPACE & set(word), (text, words)
+        assert not _skipped(word[-1]), (text, words)  # nor invisible at either end
         pos += len(word)
-    assert set(text[pos:]) <= WHITE_SPACE, (text, words)
+    assert all(_skipped(c) for c in text[pos:]), (text, words)
 
 
 @pytest.mark.parametrize("name", SPLITTERS)

@@ -157,3 +157,21 @@ def test_polarity_keeps_the_split_it_was_trained_with():
     assert pre[1]["pattern"]["Regex"] == PTB_PATTERN
     text = "Mr. Smith's 1980s film is n't bad ."
     assert _split(WordEncoder(build_word_tokenizer(["the"])), text) == _split(committed, text)
+
+
+@pytest.mark.parametrize(
+    "tokenizer_file",
+    [POS_TOKENIZER, REPO / "models" / "polarity-en" / "1" / "tokenizer.json"],
+    ids=["pos-en", "polarity-en"],
+)
+def test_invisible_characters_are_not_words(tokenizer_file):
+    """A zero-width space, BOM, bidi control or NUL was a word of its own (tagged NN by
+    pos-en); they are removed before splitting, and the words keep the text's own characters."""
+    encoder = WordEncoder.load(tokenizer_file)
+    assert _split(encoder, "\ufeffthe \u200b cat\x00 sat \u202e.") == ["the", "cat", "sat", "."]
+    # inside a word: one word, looked up without the invisible character
+    [enc] = encoder.encode_texts(["the ca\u200bt"])
+    assert enc.tokens == ["the", "ca\u200bt"]
+    assert enc.word_ids.tolist() == encoder.encode_tokens([["the", "cat"]])[0].word_ids.tolist()
+    # C1 controls stay words: rt-polarity's cp1252 dashes, read as U+0096, are in its vocab
+    assert _split(encoder, "good \x96 bad") == ["good", "\x96", "bad"]

@@ -62,7 +62,7 @@ class WordSegmenter:
 
     def __init__(self, encoder: WordEncoder) -> None:
         self.encoder = encoder
-        self.tokenizer: Tokenizer = encoder.tokenizer
+        self.tokenizer: Tokenizer = encoder.splitter
         self.mask_token = self._pick_mask_token()
 
     def _pick_mask_token(self) -> str:

@@ -64,6 +64,14 @@ TREEBANK_PATTERN = (
 )
 
 
+# Characters a reader does not see and no training text holds: format characters (zero-width
+# space and joiners, BOM, soft hyphen, bidi controls) and C0 controls other than whitespace.
+# Split as they were, "a\u200bb" gave the words "a", "\u200b", "b" (a tag for an invisible
+# word). Removed before splitting; C1 controls stay (rt-polarity holds cp1252 dashes and quotes
+# read as U+0091-U+0097, and polarity-en/1 has them as words).
+INVISIBLE_PATTERN = r"[\p{Cf}\x00-\x08\x0E-\x1F\x7F]"
+
+
 @dataclass(frozen=True)
 class WordEncoding:
     """One sequence: surface tokens, word ids [T] and (optionally) char ids [T, W]."""
@@ -116,9 +124,17 @@ class WordEncoder:
         chars: Sequence[str] | None = None,
         max_word_length: int | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # as saved with the model
+        # What splits texts and normalises words: the saved tokenizer, invisible characters
+        # removed first (the offsets still index the text as sent).
+        self.splitter = Tokenizer.from_str(tokenizer.to_str())
+        invisible = normalizers.Replace(Regex(INVISIBLE_PATTERN), "")
+        saved = tokenizer.normalizer
+        self.splitter.normalizer = (
+            normalizers.Sequence([invisible, saved]) if saved is not None else invisible
+        )
+        self.normalize = self.splitter.normalizer.normalize_str
         self.vocab: dict[str, int] = tokenizer.get_vocab()
-        self._normalizer = tokenizer.normalizer
         self.char_index = {c: i for i, c in enumerate(chars)} if chars else None
         if self.char_index is not None and not max_word_length:
             raise ValueError("max_word_length is required with a character vocabulary")
@@ -145,7 +161,7 @@ class WordEncoder:
         pattern cut "3İstanbul", lowercased to "3i̇stanbul", after the "i".
         """
         out = []
-        for text, enc in zip(texts, encode_all(self.tokenizer, texts), strict=True):
+        for text, enc in zip(texts, encode_all(self.splitter, texts), strict=True):
             spans, _ = join_overlapping(enc.offsets)
             out.append([text[s:e] for s, e in spans])
         return out
@@ -157,7 +173,7 @@ class WordEncoder:
         return [self._encode(list(tokens)) for tokens in sentences]
 
     def _encode(self, tokens: list[str]) -> WordEncoding:
-        norm = self._normalizer.normalize_str if self._normalizer else (lambda s: s)
+        norm = self.normalize
         ids = np.fromiter(
             (self.vocab.get(norm(t), UNK_ID) for t in tokens), dtype=np.int64, count=len(tokens)
         )

@@ -87,9 +87,7 @@ class PolarityTrained:
 
 def build_encoder(train_texts: list[str], cfg: PolarityConfig) -> WordEncoder:
     splitter = WordEncoder(build_word_tokenizer([], lowercase=cfg.lowercase))
-    norm = splitter.tokenizer.normalizer
-    normalize = norm.normalize_str if norm else (lambda s: s)
-    counts = Counter(normalize(w) for toks in splitter.split(train_texts) for w in toks)
+    counts = Counter(splitter.normalize(w) for toks in splitter.split(train_texts) for w in toks)
     vocab = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     vocab = [w for w in vocab if counts[w] >= cfg.min_count]
     return WordEncoder(build_word_tokenizer(vocab, lowercase=cfg.lowercase))

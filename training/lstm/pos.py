@@ -95,8 +95,8 @@ class PosTrained:
 def build_encoder(
     train_sentences: list[list[str]], cfg: PosConfig
 ) -> tuple[WordEncoder, list[str]]:
-    norm_tok = build_word_tokenizer([], lowercase=cfg.lowercase)
-    norm = norm_tok.normalizer.normalize_str if norm_tok.normalizer else (lambda s: s)
+    # words counted as the served encoder looks them up
+    norm = WordEncoder(build_word_tokenizer([], lowercase=cfg.lowercase)).normalize
     counts = Counter(norm(w) for s in train_sentences for w in s)
     vocab = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     vocab = [w for w in vocab if counts[w] >= cfg.min_count]
