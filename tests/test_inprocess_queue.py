@@ -90,17 +90,30 @@ async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(queue):
     queue.pause()
     held = asyncio.create_task(queue.submit_many([item(), item()]))
     await wait_for(lambda: queue.depth(MODEL) == 2)
-    wait = queue.drain_s(MODEL)
-    assert wait >= 100  # 200 s of work over at most 2 threads
+    wait = queue.drain_s(MODEL, 3)  # the 2 queued, then its own
+    assert wait >= 150  # 300 s of work over at most 2 threads
     with pytest.raises(QueueFullError) as e:
         await queue.submit(item(deadline_s=wait / 2))
-    assert e.value.status_code == 429 and e.value.retry_after_s >= wait
-    assert "has 2 sequences queued ahead of this request" in str(e.value)
+    assert e.value.status_code == 429 and e.value.retry_after_s >= queue.drain_s(MODEL)
+    assert "has 2 sequences running or queued ahead of this request" in str(e.value)
     assert queue.depth(MODEL) == 2  # nothing of it was queued
     admitted = asyncio.create_task(queue.submit(item(deadline_s=wait + 30)))
     await wait_for(lambda: queue.depth(MODEL) == 3)
     queue.resume()
     assert len(await held) == 2 and "logits" in await admitted
+
+
+async def test_a_running_batch_is_work_ahead_too(runners, model_repo):
+    """Nothing queued, but a batch running: a request waits for it (threads are busy)."""
+    async with gated_queue(runners[MODEL], make_settings(model_repo)) as (q, gated):
+        first = asyncio.create_task(q.submit(item()))
+        await wait_for(lambda: gated.active == 1)
+        q._seq_cost[MODEL] = 100.0  # the measured pace, set: 100 s per sequence
+        assert q.depth(MODEL) == 0
+        with pytest.raises(QueueFullError, match="1 sequences running or queued ahead"):
+            await q.submit(item(deadline_s=50))
+        gated.gate.set()
+        assert "logits" in await first
 
 
 async def test_explanations_queued_are_not_ahead_of_a_prediction(queue):

@@ -262,14 +262,18 @@ class InProcessQueue(InferenceQueue):
                 f"more (limit {self.max_depth}); retry later",
                 retry_after_s=self._retry_after(model),
             )
-        ahead = sched.depth(lane=lane) if lane == PREDICT_LANE else depth
-        wait = self.drain_s(model, ahead)
+        # Ahead: the batches running (and formed to run next), then what is queued; the
+        # request's own sequences must run too before its deadline. An idle model admits
+        # whatever the deadline (the deadline itself is then the answer: 504 if too short).
+        ahead = self._running[model] + (sched.depth(lane=lane) if lane == PREDICT_LANE else depth)
+        wait = self.drain_s(model, ahead + n) if ahead else None
         left = deadline - time.time()
         if wait is not None and wait > left > 0:
             return QueueFullError(
-                f"model {model!r} has {ahead} sequences queued ahead of this request, "
-                f"about {wait:.1f} s of work at its recent pace, and the request's deadline "
-                f"is {left * 1000:.0f} ms away; retry later",
+                f"model {model!r} has {ahead} sequences running or queued ahead of this "
+                f"request, which with its own {n} are about {wait:.1f} s of work at the "
+                f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
+                "away; retry later",
                 retry_after_s=self._retry_after(model),
             )
         return None
