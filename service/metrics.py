@@ -23,6 +23,9 @@ from prometheus_client import (
 disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A request may wait up to its deadline (NLPSERVE_DEFAULT_DEADLINE_MS: 30 s): under overload
+# its latency is in the tens of seconds, which a histogram ending at 10 s would report as 10.
+_REQUEST_BUCKETS = (*_LATENCY_BUCKETS, 20.0, 30.0, 60.0)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _EFFICIENCY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 
@@ -49,7 +52,7 @@ class Metrics:
             "Request latency (HTTP in to HTTP out); explanations are their own endpoint label, "
             "so their seconds never blur prediction latency.",
             ["model", "endpoint", "status"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_REQUEST_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(

@@ -78,6 +78,81 @@ async def test_depth_limit_admits_all_or_nothing(queue):
     assert len(await held) == 3
 
 
+async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(queue):
+    """A request whose deadline is nearer than the time the work queued ahead of it takes
+    would only wait to expire (a 504 after holding its connection, on every request of an
+    overload): it is refused at once with 429 and the drain time as Retry-After."""
+    await queue.submit(item())  # one batch ran: the model has a pace
+    assert queue.drain_s(MODEL) == 0
+    queue._seq_cost[MODEL] = 100.0  # the measured pace, set: 100 s per sequence
+    assert "logits" in await queue.submit(item(deadline_s=1))  # nothing ahead: admitted
+    queue._seq_cost[MODEL] = 100.0  # again: that batch moved the average
+    queue.pause()
+    held = asyncio.create_task(queue.submit_many([item(), item()]))
+    await wait_for(lambda: queue.depth(MODEL) == 2)
+    wait = queue.drain_s(MODEL, 3)  # the 2 queued, then its own
+    assert wait >= 150  # 300 s of work over at most 2 threads
+    with pytest.raises(QueueFullError) as e:
+        await queue.submit(item(deadline_s=wait / 2))
+    assert e.value.status_code == 429 and e.value.retry_after_s >= queue.drain_s(MODEL)
+    assert "has 2 sequences running or queued ahead of this request" in str(e.value)
+    assert queue.depth(MODEL) == 2  # nothing of it was queued
+    admitted = asyncio.create_task(queue.submit(item(deadline_s=wait + 30)))
+    await wait_for(lambda: queue.depth(MODEL) == 3)
+    queue.resume()
+    assert len(await held) == 2 and "logits" in await admitted
+
+
+async def test_a_running_batch_is_work_ahead_too(runners, model_repo):
+    """Nothing queued, but a batch running: a request waits for it (threads are busy)."""
+    async with gated_queue(runners[MODEL], make_settings(model_repo)) as (q, gated):
+        first = asyncio.create_task(q.submit(item()))
+        await wait_for(lambda: gated.active == 1)
+        q._seq_cost[MODEL] = 100.0  # the measured pace, set: 100 s per sequence
+        assert q.depth(MODEL) == 0
+        with pytest.raises(QueueFullError, match="1 sequences running or queued ahead"):
+            await q.submit(item(deadline_s=50))
+        gated.gate.set()
+        assert "logits" in await first
+
+
+async def test_explanations_queued_are_not_ahead_of_a_prediction(queue):
+    """Predictions run before explanations: a prediction is not refused for their work."""
+    await queue.submit(item())
+    queue._seq_cost[MODEL] = 100.0
+    queue.pause()
+    held = asyncio.create_task(queue.submit_many([item(lane="explain"), item(lane="explain")]))
+    await wait_for(lambda: queue.depth(MODEL) == 2)
+    pred = asyncio.create_task(queue.submit(item(deadline_s=5)))
+    await wait_for(lambda: queue.depth(MODEL) == 3)
+    with pytest.raises(QueueFullError):  # an explanation waits behind all of them
+        await queue.submit(item(deadline_s=5, lane="explain"))
+    queue.resume()
+    assert "logits" in await pred and len(await held) == 2
+
+
+async def test_a_request_refused_for_load_is_not_tokenized(queue):
+    """Under overload most requests are refused: tokenizing them first would spend the event
+    loop's CPU that admitted requests need (a QA request: ~0.4 ms of ~1 ms)."""
+    from service.tasks.base import run_requests
+
+    class NotToTokenize:
+        name = MODEL
+
+        def texts(self, request):
+            raise AssertionError("a refused request was read for tokenizing")
+
+        prepare = texts
+
+    queue.pause()
+    held = asyncio.create_task(queue.submit_many([item() for _ in range(4)]))
+    await wait_for(lambda: queue.depth(MODEL) == 4)
+    with pytest.raises(QueueFullError, match="limit 4"):
+        await run_requests(NotToTokenize(), queue, [object()], time.time() + 30)
+    queue.resume()
+    assert len(await held) == 4
+
+
 async def test_expired_deadline_is_refused_up_front(queue):
     with pytest.raises(DeadlineExceededError):
         await queue.submit(item(deadline_s=-1))

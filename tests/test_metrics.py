@@ -41,3 +41,20 @@ def test_cached_children_record_into_their_own_series() -> None:
     assert value("nlpserve_batch_tokens_total", model="qa-zh", kind="real") == 100
     assert value("nlpserve_batch_tokens_total", model="qa-zh", kind="padded") == 110
     assert value("nlpserve_batch_size_sum", model="qa-zh", bucket="2") == 4
+
+
+def test_request_latency_buckets_reach_past_the_default_deadline() -> None:
+    """Under overload requests wait up to their deadline (30 s by default): a histogram that
+    ended at 10 s would put all of them past it, and its p99 would read 10 s."""
+    m = Metrics()
+    for secs in (12.0, 25.0, 29.0):
+        m.observe_request("qa-zh", "predict", 200, secs)
+    text = m.render().decode()
+
+    def bucket(le: str) -> float:
+        return metric_value(
+            text, "nlpserve_request_duration_seconds_bucket",
+            model="qa-zh", endpoint="predict", status="200", le=le,
+        )  # fmt: skip
+
+    assert bucket("10.0") == 0 and bucket("20.0") == 1 and bucket("30.0") == 3

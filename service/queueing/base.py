@@ -89,6 +89,15 @@ class InferenceQueue(abc.ABC):
         opt-in), else None."""
         return None
 
+    def refuse(
+        self, model: str, n: int, deadline: float, lane: str | None = "predict"
+    ) -> QueueError | None:
+        """A refusal that :meth:`submit_many` would raise for ``n`` sequences of ``model``
+        due by ``deadline``, if this process can tell without asking the backend, else
+        None. Checked before a request is tokenized: under overload most requests end
+        there, and tokenizing them first would spend the CPU that serves the others."""
+        return None
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import lane_for_next_batch
+from service.batching.scheduler import PREDICT_LANE, lane_for_next_batch
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import (
@@ -146,6 +146,9 @@ class InProcessQueue(InferenceQueue):
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, int] = dict.fromkeys(self.runners, 0)
+        # Per model: seconds of inference per sequence, averaged over its recent batches
+        # (absent before its first batch): how long its queue takes to drain.
+        self._seq_cost: dict[str, float] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._started = False
@@ -202,21 +205,18 @@ class InProcessQueue(InferenceQueue):
             return []
         if self._closing or not self._started:
             raise BackendUnavailableError("the service is shutting down")
+        now = time.time()
+        deadline = min(it.deadline for it in items)
+        # Predictions run before explanations: only those are ahead of a prediction.
+        lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
         for model in {it.model for it in items}:
             if model not in self._scheds:
                 raise KeyError(f"model {model!r} is not loaded")
             if self._tasks[model].done():  # the batch loop died (a bug): fail fast, not hang
                 raise BackendUnavailableError(f"the batcher of {model!r} is not running")
             n = sum(1 for it in items if it.model == model)
-            depth = len(self._scheds[model])
-            if depth + n > self.max_depth:
-                raise QueueFullError(
-                    f"model {model!r} has {depth} sequences queued and this request needs {n} "
-                    f"more (limit {self.max_depth}); retry later",
-                    retry_after_s=self._retry_after(model),
-                )
-        now = time.time()
-        deadline = min(it.deadline for it in items)
+            if (refused := self.refuse(model, n, deadline, lane)) is not None:
+                raise refused
         if deadline <= now:
             raise DeadlineExceededError("the request's deadline passed before it was queued")
 
@@ -245,13 +245,51 @@ class InProcessQueue(InferenceQueue):
                     fut.cancel()
                 self._futures.pop(it.id, None)
 
+    def refuse(
+        self, model: str, n: int, deadline: float, lane: str | None = PREDICT_LANE
+    ) -> QueueFullError | None:
+        """Why ``n`` more sequences of ``model`` would be refused now (429), else None: the
+        depth limit, or work queued ahead of them that their deadline leaves no time for.
+        Such a request would only wait to expire (a 504 after holding its connection, on
+        every request of an overload); refused now, it can go elsewhere or come back."""
+        sched = self._scheds.get(model)
+        if sched is None:
+            return None
+        depth = len(sched)
+        if depth + n > self.max_depth:
+            return QueueFullError(
+                f"model {model!r} has {depth} sequences queued and this request needs {n} "
+                f"more (limit {self.max_depth}); retry later",
+                retry_after_s=self._retry_after(model),
+            )
+        # Ahead: the batches running (and formed to run next), then what is queued; the
+        # request's own sequences must run too before its deadline. An idle model admits
+        # whatever the deadline (the deadline itself is then the answer: 504 if too short).
+        ahead = self._running[model] + (sched.depth(lane=lane) if lane == PREDICT_LANE else depth)
+        wait = self.drain_s(model, ahead + n) if ahead else None
+        left = deadline - time.time()
+        if wait is not None and wait > left > 0:
+            return QueueFullError(
+                f"model {model!r} has {ahead} sequences running or queued ahead of this "
+                f"request, which with its own {n} are about {wait:.1f} s of work at the "
+                f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
+                "away; retry later",
+                retry_after_s=self._retry_after(model),
+            )
+        return None
+
+    def drain_s(self, model: str, sequences: int | None = None) -> float | None:
+        """Seconds ``model`` takes to run ``sequences`` (default: all it has queued) at the
+        pace of its recent batches on all its threads; None before its first batch."""
+        cost = self._seq_cost.get(model)
+        if cost is None:
+            return None
+        n = len(self._scheds[model]) if sequences is None else sequences
+        return cost * n / self._threads[model]
+
     def _retry_after(self, model: str) -> float:
-        # Time to drain the queue at the recent batch rate, at least one second.
-        recent = [r for r in list(self.batch_log)[-20:] if r.model == model]
-        if not recent:
-            return 1.0
-        per_item = sum(r.seconds for r in recent) / max(1, sum(r.size for r in recent))
-        return max(1.0, math.ceil(per_item * len(self._scheds[model])))
+        # Time to drain the queue at the recent pace, at least one second.
+        return max(1.0, math.ceil(self.drain_s(model) or 0.0))
 
     # ------------------------------------------------------------------ status
     async def is_ready(self) -> bool:
@@ -376,6 +414,10 @@ class InProcessQueue(InferenceQueue):
         finally:
             self._running[model] -= len(batch)
         ran = [it for it, res in zip(batch, results, strict=True) if res is not None]
+        if ran and seconds > 0:
+            per_seq = seconds / len(ran)
+            old = self._seq_cost.get(model)
+            self._seq_cost[model] = per_seq if old is None else old + 0.2 * (per_seq - old)
         if ran:
             self.batch_log.append(
                 BatchRecord(

@@ -142,6 +142,10 @@ async def run_requests(
     ``enforce_limits=False`` skips the client-facing character limit, for texts the service
     builds itself (explanations' masked variants) from a client text already checked.
     """
+    # Refused for load (queue full, or its deadline nearer than the work queued ahead) before
+    # the tokenizer runs: every request of an overload but those admitted ends here.
+    if (refused := queue.refuse(task.name, 1, deadline, lane)) is not None:
+        raise refused
     chars = sum(len(t) for r in requests for _, t in task.texts(r))
     if chars > OFFLOAD_CHARS:
         prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane, enforce_limits)

@@ -1,0 +1,182 @@
+"""Open-loop overload scenario: phases of Poisson arrivals at fixed rates against a running
+server, no retries, per phase the status codes (and error codes), goodput and latency.
+
+    python -m bench.overload --url http://127.0.0.1:8101 \\
+        --phase 40:10 --phase 120:20 --phase 400:20 --phase 20:15 \\
+        --models detector,polarity --deadline-ms 300 --deadline-share 0.3
+
+``--phase RATE:SECONDS`` (repeatable) runs in order; arrivals go out on schedule whatever the
+server does (up to ``--max-connections`` open; latency counts from the scheduled arrival,
+so waiting for a connection is counted). ``--models`` is a comma list of task names
+(``detect``/``detector``, ``polarity``, ``pos``, ``qa``): each arrival picks one at random,
+or only the first with ``--flood-share`` of the arrivals (``--flood-share 0.9``: one model
+floods, the others keep their share). ``--deadline-share`` of the requests carry
+``X-Deadline-Ms: --deadline-ms``. A request answered 200 after its deadline is counted as
+``late`` (the service must answer 504 instead). The last phase's per-second p50 shows the
+recovery. Prints one JSON object per phase; ``--metrics`` adds the server's rejection and
+deadline counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from bench.fastclient import FastClient, TransportError
+
+TEXT = (
+    "the film was a charming funny and moving story about a dog who learns to read while "
+    "its owner builds a boat in the garden and the neighbours watch with growing alarm"
+)
+WORDS = TEXT.split(" ")
+ZH = "长城总长度超过两万千米。它始建于春秋战国时期，是古代中国为抵御外族入侵而修筑的防御工程。"
+PATHS = {"detect": "/v1/detect", "detector": "/v1/detect", "polarity": "/v1/polarity",
+         "pos": "/v1/pos", "qa": "/v1/qa"}  # fmt: skip
+
+
+def body_for(task: str, rng: random.Random) -> bytes:
+    if task == "qa":
+        ctx = ZH * rng.randint(1, 4)
+        return json.dumps({"question": "长城有多长？", "context": ctx}).encode()
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+    return json.dumps({"text": text}).encode()
+
+
+def pct(xs: Sequence[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 1)
+
+
+async def run(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    tasks = [t.strip() for t in args.models.split(",")]
+    client = FastClient(args.url, max_connections=args.max_connections, timeout_s=args.timeout)
+    dl_client = FastClient(
+        args.url, max_connections=args.max_connections, timeout_s=args.timeout,
+        headers={"X-Deadline-Ms": str(args.deadline_ms)},
+    )  # fmt: skip
+    results: list[tuple[int, float, float, str, str, bool, str | None]] = []
+    pending: set[asyncio.Task[None]] = set()
+    errors: dict[str, str] = {}
+
+    async def fire(phase: int, sched: float, task: str, body: bytes, dl: bool) -> None:
+        c = dl_client if dl else client
+        code = None
+        try:
+            try:
+                r = await c.post(PATHS[task], body)
+            except TransportError as e:  # a pooled connection the server closed while idle
+                if not str(e).startswith("IncompleteReadError: 0 bytes"):
+                    raise
+                r = await c.post(PATHS[task], body)
+            status = r.status
+            if status >= 400:
+                try:
+                    code = json.loads(r.content)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = "?"
+                if r.headers.get("retry-after") is None and status in (429, 503):
+                    code = f"{code}(no Retry-After)"
+        except TransportError as e:
+            status, code = 0, str(e).split(":")[0]
+            errors[code] = str(e)
+        done = time.perf_counter()
+        results.append((phase, sched, done - sched, task, str(status), dl, code))
+
+    t0 = time.perf_counter()
+    at = t0
+    bounds = []
+    for i, (rate, secs) in enumerate(args.phase):
+        end = at + secs
+        bounds.append((at, end))
+        while True:
+            at += rng.expovariate(rate)
+            if at >= end:
+                at = end
+                break
+            now = time.perf_counter()
+            if at > now:
+                await asyncio.sleep(at - now)
+            task = tasks[0] if rng.random() < args.flood_share else rng.choice(tasks)
+            dl = rng.random() < args.deadline_share
+            t = asyncio.create_task(fire(i, at, task, body_for(task, rng), dl))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending)
+    await client.aclose()
+    await dl_client.aclose()
+
+    for i, (rate, secs) in enumerate(args.phase):
+        lo, hi = bounds[i]
+        rs = [r for r in results if r[0] == i]
+        ok = [r for r in rs if r[4] == "200"]
+        late = [r for r in ok if r[5] and r[2] * 1000 > args.deadline_ms + args.late_slack_ms]
+        per_model = {}
+        for task in tasks:
+            m = [r for r in ok if r[3] == task]
+            per_model[task] = {
+                "sent": sum(1 for r in rs if r[3] == task),
+                "ok": len(m),
+                "p50_ms": pct([r[2] for r in m], 0.5),
+                "p99_ms": pct([r[2] for r in m], 0.99),
+            }
+        out = {
+            "phase": i,
+            "rate": rate,
+            "seconds": secs,
+            "sent": len(rs),
+            "statuses": dict(Counter(r[4] if r[6] is None else f"{r[4]} {r[6]}" for r in rs)),
+            "goodput_per_s": round(len(ok) / secs, 1),
+            # answers completed within the phase's own window, whatever their arrival
+            "completed_ok_per_s": round(
+                sum(1 for r in results if r[4] == "200" and lo <= r[1] + r[2] < hi) / secs, 1
+            ),
+            "ok_p50_ms": pct([r[2] for r in ok], 0.5),
+            "ok_p99_ms": pct([r[2] for r in ok], 0.99),
+            "ok_max_ms": pct([r[2] for r in ok], 1.0),
+            "deadline_ok_p99_ms": pct([r[2] for r in ok if r[5]], 0.99),
+            "late_200": len(late),
+            "per_model": per_model,
+        }
+        if i == len(args.phase) - 1:  # recovery timeline: p50 of each second's arrivals
+            start = bounds[i][0]
+            timeline = []
+            for s in range(int(secs)):
+                w = [r[2] for r in ok if start + s <= r[1] < start + s + 1]
+                timeline.append(pct(w, 0.5))
+            out["p50_ms_by_second"] = timeline
+        print(json.dumps(out), flush=True)
+    if errors:
+        print(json.dumps({"transport_errors": errors}), flush=True)
+
+
+def phase(s: str) -> tuple[float, float]:
+    rate, _, secs = s.partition(":")
+    return float(rate), float(secs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--phase", type=phase, action="append", required=True, help="RATE:SECONDS")
+    p.add_argument("--models", default="detect")
+    p.add_argument("--flood-share", type=float, default=0.0)
+    p.add_argument("--deadline-ms", type=int, default=300)
+    p.add_argument("--deadline-share", type=float, default=0.0)
+    p.add_argument("--late-slack-ms", type=float, default=50.0)
+    p.add_argument("--max-connections", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    asyncio.run(run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
