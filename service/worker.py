@@ -48,15 +48,19 @@ from service.batching.scheduler import lane_for_next_batch
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
-from service.queueing.inprocess import run_live_items
+from service.queueing.base import updated_pace
+from service.queueing.inprocess import timed_live_items
 from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
     cancel_channel,
     dead_letter_stream,
     decode_cancel,
+    decode_pace,
+    encode_pace,
     layout,
     make_client,
+    model_pace_key,
     model_streams,
     model_workers_key,
     safe_url,
@@ -163,6 +167,10 @@ class Worker:
         # replicas tell from the set whether anyone serves the layout they enqueue for.
         layouts = {m: layout(r.manifest.version, r.buckets) for m, r in self.runners.items()}
         self._served_keys = [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
+        # Each model's seconds per sequence on one thread, averaged over its recent batches:
+        # published with the heartbeat, for the replicas' admission (docs/service.md).
+        self._pace_keys = {m: model_pace_key(self.prefix, m, x) for m, x in layouts.items()}
+        self._seq_cost: dict[str, float] = {}
         self.schedulers = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for m, r in self.runners.items()
@@ -294,6 +302,8 @@ class Worker:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key in (self._workers_key, *self._served_keys):
                         pipe.zrem(key, self.name)
+                    for key in self._pace_keys.values():
+                        pipe.hdel(key, self.name)
                     await pipe.execute()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
@@ -533,12 +543,12 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 # a batch formed ahead waited behind the running one: skip what is gone
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, run_live_items, runner, batch, StreamItem.gone
+                results, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, timed_live_items, runner, batch, StreamItem.gone
                 )
             except Exception as e:  # executor gone or a bug: treat as a failure of each
                 log.exception("worker %s: batch of %s failed", self.name, model)
-                results = [e] * len(batch)
+                results, seconds = [e] * len(batch), 0.0
             finally:
                 # the thread is free: the next batch may form while these replies are written
                 self._on_threads -= 1
@@ -557,6 +567,8 @@ class Worker:
             if ran:
                 self.stats.batches += 1
                 self.stats.batch_sizes.append(len(ran))
+            if (pace := updated_pace(self._seq_cost.get(model), seconds, len(ran))) is not None:
+                self._seq_cost[model] = pace
             done: list[_Done] = []
             retry: list[StreamItem] = []
             for it, res in zip(batch, results, strict=True):
@@ -856,6 +868,7 @@ class Worker:
                 if now >= next_gc and not self._stopping:
                     next_gc = now + 60.0
                     await self._forget_dead_consumers(max(600_000, 20 * idle_ms))
+                    await self._forget_stale_paces()
             except (RedisError, OSError) as e:  # NOGROUP after a restart, Redis away...
                 log.debug("worker %s: maintenance: %s", self.name, e)
             await asyncio.sleep(period)
@@ -949,7 +962,24 @@ class Worker:
                 pipe.zremrangebyscore(key, "-inf", now - WORKER_ALIVE_S)
                 # a version nobody serves any more leaves no set behind
                 pipe.expire(key, int(2 * WORKER_ALIVE_S))
+            for model, key in self._pace_keys.items():
+                if (cost := self._seq_cost.get(model)) is not None:
+                    pipe.hset(key, self.name, encode_pace(cost, self._threads, now))
+                    pipe.expire(key, int(2 * WORKER_ALIVE_S))
             await pipe.execute()
+
+    async def _forget_stale_paces(self) -> None:
+        """Delete the paces of workers silent for WORKER_ALIVE_S (killed: a clean stop
+        deletes its own), so a hash does not grow with every restart."""
+        alive_since = time.time() - WORKER_ALIVE_S
+        for key in self._pace_keys.values():
+            stale = [
+                name
+                for name, value in (await self.client.hgetall(key)).items()
+                if (pace := decode_pace(value)) is None or pace[2] < alive_since
+            ]
+            if stale:
+                await self.client.hdel(key, *stale)
 
     async def _forget_dead_consumers(self, older_than_ms: int) -> None:
         """Delete consumers (dead workers) that own nothing and have not been seen for a

@@ -1,8 +1,11 @@
 """Properties of the Redis key layout (service/queueing/redis_keys.py): a work stream's
-name parses back into its labels whatever the key prefix holds, and a cancel message
-decodes to the entries it was made of."""
+name parses back into its labels whatever the key prefix holds, a cancel message decodes
+to the entries it was made of, and a worker's published pace reads back exactly (anything
+else in its hash field reads as no pace, never as a NaN or infinite one)."""
 
 from __future__ import annotations
+
+import math
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,7 +13,9 @@ from hypothesis import strategies as st
 from service.batching.scheduler import DEFAULT_LANES
 from service.queueing.redis_keys import (
     decode_cancel,
+    decode_pace,
     encode_cancel,
+    encode_pace,
     layout,
     stream_labels,
     work_stream,
@@ -46,3 +51,19 @@ def test_a_work_stream_parses_back_into_its_labels(prefix, model, version, edges
 )
 def test_a_cancel_message_decodes_to_its_entries(entries) -> None:
     assert decode_cancel(encode_cancel(entries)) == set(entries)
+
+
+positive = st.floats(min_value=1e-9, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@given(positive, st.integers(1, 512), st.floats(0, 4e9, allow_nan=False))
+def test_a_pace_reads_back_exactly(seq_s, threads, at) -> None:
+    assert decode_pace(encode_pace(seq_s, threads, at)) == (seq_s, threads, at)
+
+
+@given(st.binary(max_size=40) | st.text(max_size=40).map(str.encode))
+def test_any_other_field_is_no_pace_or_a_usable_one(data) -> None:
+    pace = decode_pace(data)
+    if pace is not None:
+        seq_s, threads, at = pace
+        assert seq_s > 0 and math.isfinite(seq_s) and threads > 0 and math.isfinite(at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from typing import TypeVar
 
 import numpy as np
@@ -70,6 +71,60 @@ class NoWorkersError(BackendUnavailableError):
     """Redis mode with NLPSERVE_REDIS_NO_WORKER_FAIL_S: no inference worker alive (503)."""
 
     code = "no_workers"
+
+
+# Each batch's weight in a model's running average of seconds per sequence (its pace).
+PACE_WEIGHT = 0.2
+
+
+def updated_pace(old: float | None, seconds: float, sequences: int) -> float | None:
+    """A model's seconds per sequence after a batch of ``sequences`` took ``seconds`` (its
+    time on a thread, not its wait for one)."""
+    if sequences <= 0 or seconds <= 0:
+        return old
+    per_seq = seconds / sequences
+    return per_seq if old is None else old + PACE_WEIGHT * (per_seq - old)
+
+
+def load_refusal(
+    model: str,
+    n: int,
+    deadline: float,
+    *,
+    depth: int,
+    limit: int,
+    ahead: int,
+    seq_s: float | None,
+    retry_after_s: float,
+) -> QueueFullError | None:
+    """Why ``n`` more sequences of ``model`` are refused now (429), else None.
+
+    ``depth`` is what the limit counts; ``ahead`` the sequences running or queued that run
+    before these; ``seq_s`` the seconds one sequence takes of all that serves the model
+    (None: not measured yet). Refused: over the depth limit, or work ahead that the deadline
+    leaves no time for. Such a request would only wait to expire (a 504 after holding its
+    connection, on every request of an overload); refused now, it can go elsewhere. Nothing
+    ahead admits any deadline (the deadline itself is then the answer: 504 if too short).
+    """
+    if depth + n > limit:
+        return QueueFullError(
+            f"model {model!r} has {depth} sequences queued and this request needs {n} "
+            f"more (limit {limit}); retry later",
+            retry_after_s=retry_after_s,
+        )
+    if seq_s is None or not ahead:
+        return None
+    wait = (ahead + n) * seq_s
+    left = deadline - time.time()
+    if wait > left > 0:
+        return QueueFullError(
+            f"model {model!r} has {ahead} sequences running or queued ahead of this "
+            f"request, which with its own {n} are about {wait:.1f} s of work at the "
+            f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
+            "away; retry later",
+            retry_after_s=retry_after_s,
+        )
+    return None
 
 
 class InferenceQueue(abc.ABC):

@@ -24,7 +24,9 @@ from service.queueing.base import (
     InferenceFailedError,
     InferenceQueue,
     QueueFullError,
+    load_refusal,
     results_of,
+    updated_pace,
 )
 from service.runtime.runner import ModelRunner
 
@@ -88,6 +90,16 @@ def run_live_items(
         for i, res in zip(live, results, strict=True):
             out[i] = res
     return out
+
+
+def timed_live_items(
+    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
+) -> tuple[list[dict[str, np.ndarray] | Exception | None], float]:
+    """:func:`run_live_items` and its seconds, timed on the executor thread: from dispatch,
+    the time would include the wait behind the batch running before it."""
+    t0 = time.perf_counter()
+    results = run_live_items(runner, batch, gone)
+    return results, time.perf_counter() - t0
 
 
 def _finite_or_error(
@@ -248,35 +260,26 @@ class InProcessQueue(InferenceQueue):
     def refuse(
         self, model: str, n: int, deadline: float, lane: str | None = PREDICT_LANE
     ) -> QueueFullError | None:
-        """Why ``n`` more sequences of ``model`` would be refused now (429), else None: the
-        depth limit, or work queued ahead of them that their deadline leaves no time for.
-        Such a request would only wait to expire (a 504 after holding its connection, on
-        every request of an overload); refused now, it can go elsewhere or come back."""
+        """Why ``n`` more sequences of ``model`` would be refused now (429), else None
+        (:func:`~service.queueing.base.load_refusal`): ahead of them are the batches running
+        (and formed to run next), then what is queued; predictions run before explanations,
+        so only predictions are ahead of one."""
         sched = self._scheds.get(model)
         if sched is None:
             return None
         depth = len(sched)
-        if depth + n > self.max_depth:
-            return QueueFullError(
-                f"model {model!r} has {depth} sequences queued and this request needs {n} "
-                f"more (limit {self.max_depth}); retry later",
-                retry_after_s=self._retry_after(model),
-            )
-        # Ahead: the batches running (and formed to run next), then what is queued; the
-        # request's own sequences must run too before its deadline. An idle model admits
-        # whatever the deadline (the deadline itself is then the answer: 504 if too short).
-        ahead = self._running[model] + (sched.depth(lane=lane) if lane == PREDICT_LANE else depth)
-        wait = self.drain_s(model, ahead + n) if ahead else None
-        left = deadline - time.time()
-        if wait is not None and wait > left > 0:
-            return QueueFullError(
-                f"model {model!r} has {ahead} sequences running or queued ahead of this "
-                f"request, which with its own {n} are about {wait:.1f} s of work at the "
-                f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
-                "away; retry later",
-                retry_after_s=self._retry_after(model),
-            )
-        return None
+        queued = sched.depth(lane=lane) if lane == PREDICT_LANE else depth
+        cost = self._seq_cost.get(model)
+        return load_refusal(
+            model,
+            n,
+            deadline,
+            depth=depth,
+            limit=self.max_depth,
+            ahead=self._running[model] + queued,
+            seq_s=None if cost is None else cost / self._threads[model],
+            retry_after_s=self._retry_after(model),
+        )
 
     def drain_s(self, model: str, sequences: int | None = None) -> float | None:
         """Seconds ``model`` takes to run ``sequences`` (default: all it has queued) at the
@@ -406,7 +409,7 @@ class InProcessQueue(InferenceQueue):
         self._running[model] += len(batch)
         try:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_batch, runner, batch, gone
+                self._executor, timed_live_items, runner, batch, gone
             )
         except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
             log.exception("%s: batch failed", model)
@@ -414,10 +417,8 @@ class InProcessQueue(InferenceQueue):
         finally:
             self._running[model] -= len(batch)
         ran = [it for it, res in zip(batch, results, strict=True) if res is not None]
-        if ran and seconds > 0:
-            per_seq = seconds / len(ran)
-            old = self._seq_cost.get(model)
-            self._seq_cost[model] = per_seq if old is None else old + 0.2 * (per_seq - old)
+        if (pace := updated_pace(self._seq_cost.get(model), seconds, len(ran))) is not None:
+            self._seq_cost[model] = pace
         if ran:
             self.batch_log.append(
                 BatchRecord(
@@ -441,13 +442,3 @@ class InProcessQueue(InferenceQueue):
                 )
             else:
                 fut.set_result(res)
-
-
-def _timed_batch(
-    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
-) -> tuple[list[dict[str, np.ndarray] | Exception | None], float]:
-    # Timed on the executor thread: from dispatch, the time would include the wait behind
-    # the batch running before it.
-    t0 = time.perf_counter()
-    results = run_live_items(runner, batch, gone)
-    return results, time.perf_counter() - t0

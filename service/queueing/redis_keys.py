@@ -16,6 +16,10 @@ share a slot (the admission script touches all of a model's streams at once).
                               predict waits)
 * ``P:{model}:v{v}:e{h}:workers``  sorted set: worker name -> unix time of its last
                               heartbeat, for the workers that serve that layout
+* ``P:{model}:v{v}:e{h}:pace``  hash: worker name -> ``<seconds per sequence> <threads>
+                              <unix time>``, each worker's recent pace on that layout (from
+                              its heartbeat): the replicas' estimate of how long the work
+                              queued ahead of a request takes
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
 * ``P:workers``               sorted set: worker name -> unix time of its last heartbeat
@@ -27,6 +31,7 @@ share a slot (the admission script touches all of a model's streams at once).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -82,6 +87,27 @@ def stream_labels(stream: str) -> tuple[str, str, str, str]:
 
 def model_workers_key(prefix: str, model: str, model_layout: str) -> str:
     return f"{prefix}:{{{model}}}:{model_layout}:workers"
+
+
+def model_pace_key(prefix: str, model: str, model_layout: str) -> str:
+    return f"{prefix}:{{{model}}}:{model_layout}:pace"
+
+
+def encode_pace(seq_s: float, threads: int, at: float) -> bytes:
+    """A worker's pace on a model: seconds per sequence on one of its ``threads``, at ``at``."""
+    return f"{seq_s!r} {threads} {at!r}".encode()
+
+
+def decode_pace(data: bytes | str) -> tuple[float, int, float] | None:
+    """(seconds per sequence, threads, unix time) of :func:`encode_pace`; None if malformed."""
+    try:
+        seq_s, threads, at = (data.decode() if isinstance(data, bytes) else data).split()
+        out = float(seq_s), int(threads), float(at)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    # a NaN, infinite or non-positive pace would make every wait estimate NaN or infinite
+    ok = math.isfinite(out[0]) and out[0] > 0 and out[1] > 0 and math.isfinite(out[2])
+    return out if ok else None
 
 
 def dead_letter_stream(prefix: str, model: str) -> str:

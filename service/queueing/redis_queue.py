@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.batching.scheduler import PREDICT_LANE
 from service.batching.types import WorkItem
 from service.config import Settings
 from service.metrics import Metrics
@@ -38,14 +39,17 @@ from service.queueing.base import (
     InferenceQueue,
     NoWorkersError,
     QueueFullError,
+    load_refusal,
     results_of,
 )
 from service.queueing.redis_keys import (
     WORKER_ALIVE_S,
     cancel_channel,
+    decode_pace,
     encode_cancel,
     layout,
     make_client,
+    model_pace_key,
     model_streams,
     model_workers_key,
     reply_channel,
@@ -180,8 +184,17 @@ class RedisQueue(InferenceQueue):
         self._served_keys = {
             name: model_workers_key(self.prefix, name, self._layouts[name]) for name in manifests
         }
+        self._pace_keys = {
+            name: model_pace_key(self.prefix, name, self._layouts[name]) for name in manifests
+        }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self._depth: dict[str, int] = {}
+        # Of that depth, the predict lane's: only those run before a prediction.
+        self._predict_depth: dict[str, int] = {}
+        self._lane_of: dict[str, str] = {}  # stream key -> its lane
+        # Per model: seconds per sequence of all the live workers serving its layout, from
+        # the paces they publish (absent: none measured yet).
+        self._seq_s: dict[str, float] = {}
         self._bucket_of: dict[str, str] = {}  # stream key P:{model}:v1:e<h>:b3[:explain] -> "3"
         self._subscribed = False
         self._ping_ok = False
@@ -266,6 +279,34 @@ class RedisQueue(InferenceQueue):
         submit; every replica shares the same streams, so this is a cluster-wide number."""
         return self._depth.get(model, 0)
 
+    def refuse(
+        self, model: str, n: int, deadline: float, lane: str | None = PREDICT_LANE
+    ) -> QueueFullError | None:
+        """:func:`~service.queueing.base.load_refusal` from what this replica last saw
+        (the streams' lengths, refreshed by every admission and every health probe, and the
+        workers' published paces), without a round trip; the admission script still applies
+        the depth limit exactly."""
+        if model not in self._streams:
+            return None
+        depth = self._depth.get(model, 0)
+        return load_refusal(
+            model,
+            n,
+            deadline,
+            depth=depth,
+            limit=self.settings.max_queue_depth,
+            ahead=self._predict_depth.get(model, 0) if lane == PREDICT_LANE else depth,
+            seq_s=self._seq_s.get(model),
+            retry_after_s=self._retry_after(model),
+        )
+
+    def _retry_after(self, model: str) -> float:
+        # Time to drain the model's streams at the workers' recent pace, at least a second.
+        seq_s = self._seq_s.get(model)
+        if seq_s is None:
+            return RETRY_AFTER_S
+        return max(RETRY_AFTER_S, math.ceil(seq_s * self._depth.get(model, 0)))
+
     # ------------------------------------------------------------------ submit
     async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
         return (await self.submit_many([item]))[0]
@@ -290,6 +331,11 @@ class RedisQueue(InferenceQueue):
                 raise NoWorkersError(why)
         now = time.time()
         deadline = min(it.deadline for it in items)
+        # Predictions run before explanations: only those are ahead of a prediction.
+        lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
+        for model, idx in by_model.items():
+            if (refused := self.refuse(model, len(idx), deadline, lane)) is not None:
+                raise refused
         if deadline <= now:
             raise DeadlineExceededError("the request's deadline passed before it was queued")
 
@@ -357,7 +403,7 @@ class RedisQueue(InferenceQueue):
             raise QueueFullError(
                 f"model {model!r} has {depth} sequences queued and this request needs "
                 f"{len(targets)} more (limit {self.settings.max_queue_depth}); retry later",
-                retry_after_s=RETRY_AFTER_S,
+                retry_after_s=self._retry_after(model),
             )
         return list(zip(targets, ids, strict=True))
 
@@ -416,6 +462,14 @@ class RedisQueue(InferenceQueue):
         return list(results)
 
     def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
+        predict = 0
+        for key, n in zip(keys, lens, strict=False):
+            lane = self._lane_of.get(key)
+            if lane is None:
+                lane = self._lane_of[key] = stream_labels(key)[3]
+            if lane == PREDICT_LANE:
+                predict += int(n)
+        self._predict_depth[model] = predict
         if self.metrics is None:
             return
         per_bucket: dict[str, int] = {}
@@ -541,6 +595,8 @@ class RedisQueue(InferenceQueue):
             for streams in self._streams.values():
                 for s in streams:
                     pipe.xlen(s)
+            for key in self._pace_keys.values():
+                pipe.hgetall(key)
             res = await pipe.execute()
         k = 2 + len(self._served_keys)
         served = res[2:k]
@@ -552,6 +608,21 @@ class RedisQueue(InferenceQueue):
             k += len(streams)
             self._depth[model] = sum(int(n) for n in lens)
             self._record_depth(model, streams, lens)
+        for model, paces in zip(self._pace_keys, res[k:], strict=True):
+            self._record_pace(model, paces, alive_since)
+
+    def _record_pace(self, model: str, paces: dict[bytes, bytes], alive_since: float) -> None:
+        """The model's seconds per sequence over all its live workers: each runs
+        ``threads / seconds per sequence`` sequences a second."""
+        rate = 0.0
+        for value in paces.values():
+            pace = decode_pace(value)
+            if pace is not None and pace[2] >= alive_since:
+                rate += pace[1] / pace[0]
+        if rate > 0:
+            self._seq_s[model] = 1.0 / rate
+        else:
+            self._seq_s.pop(model, None)
 
     def no_workers_refusal(self, model: str | None = None) -> str | None:
         limit = self.settings.redis_no_worker_fail_s

@@ -32,7 +32,10 @@ from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
     dead_letter_stream,
+    decode_pace,
+    encode_pace,
     layout,
+    model_pace_key,
     model_workers_key,
     work_stream,
     workers_key,
@@ -177,6 +180,20 @@ async def test_only_consumers_of_dead_workers_are_forgotten(make_settings, tiny_
         names = {c["name"].decode() for c in await r.xinfo_consumers(stream, GROUP)}
         assert w2.name in names and not names & {"ghost", "never-beat"}
     assert not await _beating(r, key, {w1.name}) and not await _beating(r, key, {w2.name})
+
+
+async def test_paces_of_workers_gone_silent_are_forgotten(make_settings, tiny_runners, r) -> None:
+    """A killed worker cannot withdraw its pace: the others delete it once it is older than
+    WORKER_ALIVE_S (and anything unreadable), so the hash does not grow with restarts."""
+    settings = make_settings()
+    key = model_pace_key(settings.redis_prefix, POS, _layout(tiny_runners[POS]))
+    await r.hset(key, "killed", encode_pace(0.01, 2, time.time() - WORKER_ALIVE_S - 1))
+    await r.hset(key, "garbled", b"nan 1 0")
+    await r.hset(key, "alive", encode_pace(0.01, 2, time.time()))
+    async with running_worker(settings, tiny_runners) as w:
+        await wait_for(lambda: w.connected)
+        await w._forget_stale_paces()
+        assert set(await r.hkeys(key)) == {b"alive"}
 
 
 async def test_replicas_count_the_workers_alive(make_settings, tiny_runners, caplog) -> None:
@@ -420,6 +437,72 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
         await asyncio.gather(*waiting, return_exceptions=True)
         # cancelled requests (client gone) delete their entries: no worker will run them
         await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+
+async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
+    make_settings, tiny_runners, r
+) -> None:
+    """A worker's seconds per sequence (its recent batches, timed on their thread) go out
+    with its heartbeat; the replicas sum the live workers' rates into the model's pace."""
+    settings = make_settings()
+    rng = np.random.default_rng(11)
+    key = model_pace_key(settings.redis_prefix, POS, _layout(tiny_runners[POS]))
+    async with api_queue(settings, tiny_runners) as q:
+        async with running_worker(settings, tiny_runners) as w:
+            assert POS not in q._seq_s  # no batch ran anywhere: no estimate, no refusal
+            await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
+            await wait_for(lambda: POS in q._seq_s, timeout=10)
+            seq_s, threads, at = decode_pace(await r.hget(key, w.name))
+            assert 0 < seq_s < 5 and threads == w._threads and abs(at - time.time()) < 10
+            assert q._seq_s[POS] == pytest.approx(seq_s / threads, rel=0.5)
+            assert POL not in q._seq_s  # per model: polarity ran nothing
+        assert await r.hget(key, w.name) is None  # a clean stop withdraws it
+        await wait_for(lambda: POS not in q._seq_s)
+
+
+async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
+    make_settings, tiny_runners, r
+) -> None:
+    """As in-process: a request whose deadline is nearer than the work ahead of it takes at
+    the workers' published pace is refused at once (429), not held until its 504."""
+    settings = make_settings()
+    rng = np.random.default_rng(12)
+    key = model_pace_key(settings.redis_prefix, POS, _layout(tiny_runners[POS]))
+    async with api_queue(settings, tiny_runners) as q:  # no worker runs: nothing drains
+        # two workers' paces, as their heartbeats write them: 100 s per sequence on 1
+        # thread and 2 threads (4 s); one silent past WORKER_ALIVE_S does not count
+        await r.hset(key, "w1", encode_pace(100.0, 1, time.time()))
+        await r.hset(key, "w2", encode_pace(100.0, 2, time.time()))
+        await r.hset(key, "dead", encode_pace(0.001, 8, time.time() - 2 * WORKER_ALIVE_S))
+        await r.hset(key, "garbled", b"fast")
+        await wait_for(lambda: q._seq_s.get(POS) == pytest.approx(100.0 / 3))
+        assert q.refuse(POS, 1, time.time() + 1) is None  # nothing ahead: any deadline
+        waiting = [
+            asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng))) for _ in range(2)
+        ]
+        await wait_for(lambda: q.depth(POS) == 2)
+        # 2 ahead + its own 1 at 33.3 s each: 100 s of work
+        with pytest.raises(QueueFullError) as e:
+            await q.submit(make_item(tiny_runners[POS], 4, rng, deadline_s=60))
+        assert e.value.status_code == 429 and e.value.retry_after_s >= 66
+        assert "has 2 sequences running or queued ahead of this request" in str(e.value)
+        assert q.depth(POS) == 2  # nothing of it was queued
+        waiting.append(
+            asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng, deadline_s=130)))
+        )
+        await wait_for(lambda: q.depth(POS) == 3)
+        # explanations queued are not ahead of a prediction; a prediction is of one
+        for _ in range(3):
+            extra = make_item(tiny_runners[POS], 4, rng, deadline_s=300)
+            extra.lane = "explain"
+            waiting.append(asyncio.create_task(q.submit(extra)))
+        await wait_for(lambda: q.depth(POS) == 6)
+        await wait_for(lambda: q._predict_depth.get(POS) == 3)
+        assert q.refuse(POS, 1, time.time() + 140) is None  # 3 predictions + 1 ahead
+        assert q.refuse(POS, 1, time.time() + 140, lane=None) is not None  # 6 + 1
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
 
 
 @pytest.mark.parametrize("prefix_tail", ["", ":blue:b7"], ids=["plain", "prefix-with-:b"])
