@@ -133,6 +133,19 @@ async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
         await srv.stop()
 
 
+def rounded(value: Any) -> Any:
+    """A JSON answer with its floats rounded to 4 places, for comparing two servers' answers:
+    int8 scores of the same input alone in its batch are deterministic; rounding only keeps
+    float printing out of the comparison."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
 async def read_metrics(c: httpx.AsyncClient) -> str:
     r = await c.get("/metrics")
     assert r.status_code == 200

@@ -23,6 +23,7 @@ from tests.service_support import (
     live_server,
     make_settings,
     require_model,
+    rounded,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -69,18 +70,6 @@ async def pair(model_repo):
             yield con, coff, behind
 
 
-def _rounded(value: Any) -> Any:
-    # int8 scores of the same input alone in its batch are deterministic; rounding only
-    # keeps float printing out of the comparison.
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
 async def _both(pair, path: str, **kw: Any) -> tuple[httpx.Response, bool]:
     """(the fast-path server's answer, whether its fast path answered it itself), after
     checking the answer against the FastAPI-only server's."""
@@ -90,7 +79,7 @@ async def _both(pair, path: str, **kw: Any) -> tuple[httpx.Response, bool]:
     r_off = await coff.post(path, **kw)
     assert r_on.status_code == r_off.status_code, (r_on.text, r_off.text)
     assert r_on.headers["content-type"] == r_off.headers["content-type"]
-    assert _rounded(r_on.json()) == _rounded(r_off.json())
+    assert rounded(r_on.json()) == rounded(r_off.json())
     assert r_on.headers["x-request-id"]
     return r_on, behind.calls == before
 

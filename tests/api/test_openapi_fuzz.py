@@ -37,6 +37,7 @@ from tests.service_support import (
     live_server,
     make_settings,
     require_model,
+    rounded,
 )
 
 schemathesis = pytest.importorskip("schemathesis", reason="the dev extra is not installed")
@@ -104,16 +105,6 @@ def _comparable(r: Any) -> Any:
     """What must match between the fast path and FastAPI: the status and the whole body
     (errors: code and message; results rounded, as the same int8 input alone is
     deterministic but float printing is not the point)."""
-
-    def rounded(v: Any) -> Any:
-        if isinstance(v, float):
-            return round(v, 4)
-        if isinstance(v, dict):
-            return {k: rounded(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [rounded(x) for x in v]
-        return v
-
     return r.status_code, rounded(json.loads(r.content))
 
 
