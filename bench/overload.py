@@ -13,8 +13,9 @@ or only the first with ``--flood-share`` of the arrivals (``--flood-share 0.9``:
 floods, the others keep their share). ``--deadline-share`` of the requests carry
 ``X-Deadline-Ms: --deadline-ms``. A request answered 200 after its deadline is counted as
 ``late`` (the service must answer 504 instead). The last phase's per-second p50 shows the
-recovery. Prints one JSON object per phase; ``--metrics`` adds the server's rejection and
-deadline counters.
+recovery. Prints one JSON object per phase; ``--metrics`` adds one more line, what the
+server's ``nlpserve_rejected_total`` counted over the run by reason (``queue_full``,
+``deadline_exceeded``, ...), from its /metrics before and after.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from bench.fastclient import FastClient, TransportError
+from bench.loadgen import percentile, scrape_metrics
 
 TEXT = (
     "the film was a charming funny and moving story about a dog who learns to read while "
@@ -48,10 +50,23 @@ def body_for(task: str, rng: random.Random) -> bytes:
 
 
 def pct(xs: Sequence[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 1)
+    """The ``q`` quantile (0 to 1) of latencies ``xs`` in seconds, in milliseconds."""
+    p = percentile(xs, 100 * q)
+    return None if p is None else round(1000 * p, 1)
+
+
+def rejected_by_reason(samples: dict[tuple[str, tuple], float]) -> Counter[str]:
+    """``nlpserve_rejected_total`` of a /metrics scrape, summed over models, by reason."""
+    out: Counter[str] = Counter()
+    for (name, labels), v in samples.items():
+        if name == "nlpserve_rejected_total":
+            out[dict(labels).get("reason", "?")] += v
+    return out
+
+
+async def rejected_now(url: str) -> Counter[str]:
+    # scrape_metrics blocks: off the event loop (the server may share it, as in the tests)
+    return rejected_by_reason(await asyncio.to_thread(scrape_metrics, [url + "/metrics"]))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -65,6 +80,7 @@ async def run(args: argparse.Namespace) -> None:
     results: list[tuple[int, float, float, str, str, bool, str | None]] = []
     pending: set[asyncio.Task[None]] = set()
     errors: dict[str, str] = {}
+    rejected_before = await rejected_now(args.url) if args.metrics else None
 
     async def fire(phase: int, sched: float, task: str, body: bytes, dl: bool) -> None:
         c = dl_client if dl else client
@@ -156,6 +172,11 @@ async def run(args: argparse.Namespace) -> None:
         print(json.dumps(out), flush=True)
     if errors:
         print(json.dumps({"transport_errors": errors}), flush=True)
+    if rejected_before is not None:
+        delta = await rejected_now(args.url)
+        delta.subtract(rejected_before)
+        rejected = {k: int(v) for k, v in sorted(delta.items()) if v}
+        print(json.dumps({"metrics": {"rejected_total": rejected}}), flush=True)
 
 
 def phase(s: str) -> tuple[float, float]:
@@ -163,7 +184,7 @@ def phase(s: str) -> tuple[float, float]:
     return float(rate), float(secs)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--phase", type=phase, action="append", required=True, help="RATE:SECONDS")
@@ -175,7 +196,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-connections", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
-    asyncio.run(run(p.parse_args(argv)))
+    p.add_argument(
+        "--metrics", action="store_true",
+        help="also print the server's nlpserve_rejected_total by reason over the run",
+    )  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    asyncio.run(run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1040,3 +1040,39 @@ def test_builders_main_builds_the_lstm_models_or_says_how(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("pos-en", "polarity-en"):
         assert (tmp_path / name / "1" / "manifest.json").is_file()
+
+
+async def test_overload_script_counts_statuses_goodput_and_rejections(
+    model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench.overload for about a second against a live tiny server: one JSON line per
+    phase whose statuses add up to what was sent (200 for detect, 404 for pos, which this
+    server does not load), goodput from the 200s, and --metrics' line with the server's
+    rejections by reason over the run."""
+    from bench import overload
+    from tests.service_support import DETECT_MODEL, live_server, make_settings, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / DETECT_MODEL).symlink_to(model_repo / DETECT_MODEL, target_is_directory=True)
+    async with live_server(make_settings(repo)) as srv:
+        argv = ["--url", srv.url, "--models", "detect,pos", "--seed", "1", "--metrics",
+                "--phase", "20:0.5", "--phase", "10:0.5"]  # fmt: skip
+        await overload.run(overload.parse_args(argv))
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    phases, rest = lines[:2], lines[2:]
+    assert [p["phase"] for p in phases] == [0, 1]
+    assert [p["rate"] for p in phases] == [20, 10]
+    not_loaded = 0
+    for p in phases:
+        assert p["sent"] > 0 and sum(p["statuses"].values()) == p["sent"]
+        assert set(p["statuses"]) <= {"200", "404 model_not_loaded"}
+        ok = p["statuses"].get("200", 0)
+        assert ok == p["per_model"]["detect"]["ok"] == p["per_model"]["detect"]["sent"]
+        assert p["goodput_per_s"] == round(ok / p["seconds"], 1)
+        assert p["per_model"]["pos"]["ok"] == 0
+        not_loaded += p["statuses"].get("404 model_not_loaded", 0)
+    assert "p50_ms_by_second" in phases[1] and "p50_ms_by_second" not in phases[0]
+    assert rest == [{"metrics": {"rejected_total": {"model_not_loaded": not_loaded}}}]
+    assert not_loaded > 0
