@@ -191,7 +191,7 @@ class RedisQueue(InferenceQueue):
         self._depth: dict[str, int] = {}
         # Of that depth, the predict lane's: only those run before a prediction.
         self._predict_depth: dict[str, int] = {}
-        self._lane_of: dict[str, str] = {}  # stream key -> its lane
+        self._lane_of: dict[str, tuple[str, str]] = {}  # stream key -> (model, lane)
         # Per model: seconds per sequence of all the live workers serving its layout, from
         # the paces they publish (absent: none measured yet).
         self._seq_s: dict[str, float] = {}
@@ -371,6 +371,7 @@ class RedisQueue(InferenceQueue):
                 # the entries so a worker that has not read them yet never runs them, and
                 # tell the workers, which drop those they hold and have not run yet.
                 self._forget(admitted)
+            self._count_out(admitted)
 
     async def _admit_model(self, model: str, items: list[WorkItem]) -> list[tuple[str, bytes]]:
         keys = list(self._streams[model])
@@ -461,13 +462,27 @@ class RedisQueue(InferenceQueue):
             return list(results)
         return list(results)
 
+    def _count_out(self, entries: list[tuple[str, bytes]]) -> None:
+        """Take ``entries`` (admitted here, now answered or forgotten: a worker deletes an
+        entry with its reply, :meth:`_forget` the rest) out of the depth last seen, at once:
+        until the next probe they would count as work ahead of this replica's next request
+        (a client's next batch refused for the one just answered)."""
+        for stream, _ in entries:
+            model, lane = self._model_lane(stream)
+            self._depth[model] = max(0, self._depth.get(model, 0) - 1)
+            if lane == PREDICT_LANE:
+                self._predict_depth[model] = max(0, self._predict_depth.get(model, 0) - 1)
+
+    def _model_lane(self, stream: str) -> tuple[str, str]:
+        if (got := self._lane_of.get(stream)) is None:
+            model, _, _, lane = stream_labels(stream)
+            got = self._lane_of[stream] = (model, lane)
+        return got
+
     def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
         predict = 0
         for key, n in zip(keys, lens, strict=False):
-            lane = self._lane_of.get(key)
-            if lane is None:
-                lane = self._lane_of[key] = stream_labels(key)[3]
-            if lane == PREDICT_LANE:
+            if self._model_lane(key)[1] == PREDICT_LANE:
                 predict += int(n)
         self._predict_depth[model] = predict
         if self.metrics is None:

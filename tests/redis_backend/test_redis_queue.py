@@ -460,6 +460,28 @@ async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
         await wait_for(lambda: POS not in q._seq_s)
 
 
+async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
+    make_settings, tiny_runners
+) -> None:
+    """The depth a replica refuses from (before the admission script) was last seen at an
+    admission or a health probe; entries it admitted and got answered are gone from the
+    streams (the worker deletes each with its reply), so a client's next request is not
+    refused for them. Before, a batch of 3 with a limit of 4 got 429 right after the
+    previous batch of 3 was answered, until the next health probe."""
+    settings = make_settings(max_queue_depth=4)
+    rng = np.random.default_rng(13)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners):
+
+        async def no_probe() -> None:  # only admissions update what q saw
+            await asyncio.sleep(0)
+
+        q._sample_depths = no_probe
+        for _ in range(3):
+            await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
+            assert q.refuse(POS, 3, time.time() + 20) is None
+            assert q.depth(POS) == 0 and q._predict_depth[POS] == 0
+
+
 async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
     make_settings, tiny_runners, r
 ) -> None:
