@@ -5,10 +5,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
 
+from service.batching.scheduler import PREDICT_LANE
 from service.batching.types import WorkItem
 
 T = TypeVar("T")
@@ -86,6 +88,17 @@ def updated_pace(old: float | None, seconds: float, sequences: int) -> float | N
     return per_seq if old is None else old + PACE_WEIGHT * (per_seq - old)
 
 
+def depth_refusal(
+    model: str, depth: int, n: int, limit: int, retry_after_s: float
+) -> QueueFullError:
+    """The 429 for ``n`` more sequences of ``model`` past its depth limit."""
+    return QueueFullError(
+        f"model {model!r} has {depth} sequences queued and this request needs {n} "
+        f"more (limit {limit}); retry later",
+        retry_after_s=retry_after_s,
+    )
+
+
 def load_refusal(
     model: str,
     n: int,
@@ -95,7 +108,7 @@ def load_refusal(
     limit: int,
     ahead: int,
     seq_s: float | None,
-    retry_after_s: float,
+    retry_after: Callable[[], float],
 ) -> QueueFullError | None:
     """Why ``n`` more sequences of ``model`` are refused now (429), else None.
 
@@ -105,13 +118,11 @@ def load_refusal(
     leaves no time for. Such a request would only wait to expire (a 504 after holding its
     connection, on every request of an overload); refused now, it can go elsewhere. Nothing
     ahead admits any deadline (the deadline itself is then the answer: 504 if too short).
+    ``retry_after`` gives a refusal's Retry-After seconds (computed only for one: this runs
+    twice per request).
     """
     if depth + n > limit:
-        return QueueFullError(
-            f"model {model!r} has {depth} sequences queued and this request needs {n} "
-            f"more (limit {limit}); retry later",
-            retry_after_s=retry_after_s,
-        )
+        return depth_refusal(model, depth, n, limit, retry_after())
     if seq_s is None or not ahead:
         return None
     wait = (ahead + n) * seq_s
@@ -122,7 +133,7 @@ def load_refusal(
             f"request, which with its own {n} are about {wait:.1f} s of work at the "
             f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
             "away; retry later",
-            retry_after_s=retry_after_s,
+            retry_after_s=retry_after(),
         )
     return None
 
@@ -145,7 +156,7 @@ class InferenceQueue(abc.ABC):
         return None
 
     def refuse(
-        self, model: str, n: int, deadline: float, lane: str | None = "predict"
+        self, model: str, n: int, deadline: float, lane: str | None = PREDICT_LANE
     ) -> QueueError | None:
         """A refusal that :meth:`submit_many` would raise for ``n`` sequences of ``model``
         due by ``deadline``, if this process can tell without asking the backend, else

@@ -269,7 +269,6 @@ class InProcessQueue(InferenceQueue):
             return None
         depth = len(sched)
         queued = sched.depth(lane=lane) if lane == PREDICT_LANE else depth
-        cost = self._seq_cost.get(model)
         return load_refusal(
             model,
             n,
@@ -277,8 +276,8 @@ class InProcessQueue(InferenceQueue):
             depth=depth,
             limit=self.max_depth,
             ahead=self._running[model] + queued,
-            seq_s=None if cost is None else cost / self._threads[model],
-            retry_after_s=self._retry_after(model),
+            seq_s=self.drain_s(model, 1),
+            retry_after=lambda: self._retry_after(model),
         )
 
     def drain_s(self, model: str, sequences: int | None = None) -> float | None:

@@ -39,6 +39,7 @@ from service.queueing.base import (
     InferenceQueue,
     NoWorkersError,
     QueueFullError,
+    depth_refusal,
     load_refusal,
     results_of,
 )
@@ -191,11 +192,11 @@ class RedisQueue(InferenceQueue):
         self._depth: dict[str, int] = {}
         # Of that depth, the predict lane's: only those run before a prediction.
         self._predict_depth: dict[str, int] = {}
-        self._lane_of: dict[str, tuple[str, str]] = {}  # stream key -> (model, lane)
         # Per model: seconds per sequence of all the live workers serving its layout, from
         # the paces they publish (absent: none measured yet).
         self._seq_s: dict[str, float] = {}
-        self._bucket_of: dict[str, str] = {}  # stream key P:{model}:v1:e<h>:b3[:explain] -> "3"
+        # stream key P:{model}:v1:e<h>:b3[:explain] -> (model, "1", "3", lane), parsed once
+        self._labels_of: dict[str, tuple[str, str, str, str]] = {}
         self._subscribed = False
         self._ping_ok = False
         self._resubscribe = False
@@ -297,7 +298,7 @@ class RedisQueue(InferenceQueue):
             limit=self.settings.max_queue_depth,
             ahead=self._predict_depth.get(model, 0) if lane == PREDICT_LANE else depth,
             seq_s=self._seq_s.get(model),
-            retry_after_s=self._retry_after(model),
+            retry_after=lambda: self._retry_after(model),
         )
 
     def _retry_after(self, model: str) -> float:
@@ -401,10 +402,8 @@ class RedisQueue(InferenceQueue):
         self._depth[model] = depth
         self._record_depth(model, keys, lens)
         if not ids:
-            raise QueueFullError(
-                f"model {model!r} has {depth} sequences queued and this request needs "
-                f"{len(targets)} more (limit {self.settings.max_queue_depth}); retry later",
-                retry_after_s=self._retry_after(model),
+            raise depth_refusal(
+                model, depth, len(targets), self.settings.max_queue_depth, self._retry_after(model)
             )
         return list(zip(targets, ids, strict=True))
 
@@ -468,30 +467,27 @@ class RedisQueue(InferenceQueue):
         until the next probe they would count as work ahead of this replica's next request
         (a client's next batch refused for the one just answered)."""
         for stream, _ in entries:
-            model, lane = self._model_lane(stream)
+            model, _, _, lane = self._labels(stream)
             self._depth[model] = max(0, self._depth.get(model, 0) - 1)
             if lane == PREDICT_LANE:
                 self._predict_depth[model] = max(0, self._predict_depth.get(model, 0) - 1)
 
-    def _model_lane(self, stream: str) -> tuple[str, str]:
-        if (got := self._lane_of.get(stream)) is None:
-            model, _, _, lane = stream_labels(stream)
-            got = self._lane_of[stream] = (model, lane)
+    def _labels(self, stream: str) -> tuple[str, str, str, str]:
+        if (got := self._labels_of.get(stream)) is None:
+            got = self._labels_of[stream] = stream_labels(stream)
         return got
 
     def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
         predict = 0
         for key, n in zip(keys, lens, strict=False):
-            if self._model_lane(key)[1] == PREDICT_LANE:
+            if self._labels(key)[3] == PREDICT_LANE:
                 predict += int(n)
         self._predict_depth[model] = predict
         if self.metrics is None:
             return
         per_bucket: dict[str, int] = {}
         for key, n in zip(keys, lens, strict=False):
-            bucket = self._bucket_of.get(key)
-            if bucket is None:
-                bucket = self._bucket_of[key] = stream_labels(key)[2]
+            bucket = self._labels(key)[2]
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
