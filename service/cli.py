@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +17,7 @@ import typer
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.logs import configure_logging
 
 app = typer.Typer(
     name="nlpserve",
@@ -92,9 +92,7 @@ def serve(
     options = {"host": host, "port": port, "model_dir": model_dir}
     overrides = {k: v for k, v in options.items() if v is not None}  # --port 0: any free port
     settings = _settings(**overrides, **_selection(load))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # a broken repository or selection: one line, before uvicorn starts
     _repository(settings.model_dir, select=settings.model_selection())
     from service.server import run_server
@@ -127,9 +125,7 @@ def worker(
         if v is not None
     }
     settings = _settings(**overrides, **_selection(load))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     _repository(settings.model_dir, select=settings.model_selection())
     from service.worker import run_worker
 

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.batching.types import BatchPolicy
+from service.logs import LEVELS, LogFormat
 from service.repository.discovery import parse_selection
 
 # Default token budgets (NLPSERVE_MAX_BATCH_TOKENS unset). On the 2-core CPU, 512 gave 44%
@@ -288,7 +289,21 @@ class Settings(BaseSettings):
         2, ge=1, description="Explanations computed at once; more wait for a free slot."
     )
 
-    log_level: str = "INFO"
+    log_level: str = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."
+    )
+    log_format: LogFormat = Field(
+        "text",
+        description="`text`: one line per record for people; `json`: one JSON object per line "
+        "for a log collector, with `request_id`, `item_id` and tracebacks as fields.",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LEVELS:
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LEVELS)}")
+        return value.upper()
 
     @model_validator(mode="after")
     def _explain_default_within_limit(self) -> Settings:

@@ -642,6 +642,7 @@ class Worker:
             item.id,
             reason,
             error,
+            extra={"worker": self.name, "model": item.model, "item_id": item.id},
         )
         fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
         done = self._dead(item.stream, item.entry_id, fields, error, reason)

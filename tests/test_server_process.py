@@ -111,6 +111,28 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     assert not odd, odd
 
 
+def test_json_log_format_is_one_object_per_line_uvicorns_lines_included(model_repo):
+    """NLPSERVE_LOG_FORMAT=json: a log collector reads every line as one record, uvicorn's
+    start-up and its warning about a request it cannot parse (logged with a traceback in
+    text mode's continuation lines) included."""
+    proc, url = _serve(model_repo, NLPSERVE_LOG_FORMAT="json")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        r = httpx.post(f"{url}/v1/polarity", json={"text": "a superb film"}, timeout=10)
+        assert r.status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n")
+            _read_until_closed(sock)
+    finally:
+        out = _stop(proc)
+    docs = [json.loads(line) for line in out.splitlines()]  # every line: JSON
+    messages = [d["message"] for d in docs]
+    assert any(m.startswith("Started server process") for m in messages), messages
+    assert any(m.startswith("ready: ") for m in messages), messages
+    assert "Invalid HTTP request received." in messages
+    assert all({"ts", "level", "logger", "message"} <= d.keys() for d in docs)
+
+
 def test_a_request_that_is_not_valid_http_gets_the_json_error_shape(model_repo):
     """uvicorn answers what its parser cannot read (a control character or a space in the
     URL, a doubled Content-Length) before the app sees it: that 400 was plain text, and is

@@ -209,6 +209,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 request.url.path,
                 exc.item_id or "-",
                 exc,
+                extra={
+                    "request_id": getattr(request.state, "request_id", None),
+                    "item_id": exc.item_id or None,
+                },
             )
         return _respond(request, exc.status_code, exc.code, str(exc), headers)
 
@@ -247,6 +251,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         rid = getattr(request.state, "request_id", "-")
         log.exception(
-            "unhandled error on %s %s (request %s)", request.method, request.url.path, rid
+            "unhandled error on %s %s (request %s)",
+            request.method,
+            request.url.path,
+            rid,
+            extra={"request_id": getattr(request.state, "request_id", None)},
         )
         return _respond(request, 500, "internal_error", "internal server error (logged)")

@@ -61,7 +61,13 @@ def run_batch_isolating(
         return _finite_or_error(runner, batch, runner.run_batch(batch))
     except Exception as e:
         if len(batch) == 1:
-            log.warning("%s: inference failed on item %s: %s", runner.name, batch[0].id, e)
+            log.warning(
+                "%s: inference failed on item %s: %s",
+                runner.name,
+                batch[0].id,
+                e,
+                extra={"model": runner.name, "item_id": batch[0].id},
+            )
             return [e]
         log.warning("%s: batch of %d failed (%s); retrying items alone", runner.name, len(batch), e)
     out: list[dict[str, np.ndarray] | Exception] = []
@@ -69,7 +75,13 @@ def run_batch_isolating(
         try:
             out.extend(_finite_or_error(runner, [it], runner.run_batch([it])))
         except Exception as e:
-            log.warning("%s: inference failed on item %s: %s", runner.name, it.id, e)
+            log.warning(
+                "%s: inference failed on item %s: %s",
+                runner.name,
+                it.id,
+                e,
+                extra={"model": runner.name, "item_id": it.id},
+            )
             out.append(e)
     return out
 
@@ -112,7 +124,12 @@ def _finite_or_error(
         if all(np.isfinite(a).all() for a in res.values() if a.dtype.kind == "f"):
             out.append(res)
         else:
-            log.warning("%s: non-finite output for item %s", runner.name, it.id)
+            log.warning(
+                "%s: non-finite output for item %s",
+                runner.name,
+                it.id,
+                extra={"model": runner.name, "item_id": it.id},
+            )
             out.append(ValueError("the model's output is not a finite number (NaN or inf)"))
     return out
 

@@ -607,14 +607,14 @@ async def test_inference_failure_is_logged_with_the_request_id(
                 "/v1/detect", json={"text": "a zebra"}, headers={"X-Request-ID": "client-req-42"}
             )
         assert_error(bad, 422, "inference_failed")
-    logged = [r.getMessage() for r in caplog.records if "client-req-42" in r.getMessage()]
+    records = [r for r in caplog.records if "client-req-42" in r.getMessage()]
+    logged = [r.getMessage() for r in records]
     assert len(logged) == 1 and "inference failed on work item" in logged[0], logged
     item_id = logged[0].split("work item ")[1].split(":")[0]
     assert len(item_id) == 32
+    # the same ids as fields of their own, for NLPSERVE_LOG_FORMAT=json
+    assert (records[0].request_id, records[0].item_id) == ("client-req-42", item_id)
     if backend == "redis":  # the worker's line names the same work item
-        worker = [
-            r.getMessage()
-            for r in caplog.records
-            if "goes to the dead-letter stream" in r.getMessage()
-        ]
-        assert len(worker) == 1 and item_id in worker[0], worker
+        worker = [r for r in caplog.records if "goes to the dead-letter stream" in r.getMessage()]
+        assert len(worker) == 1 and item_id in worker[0].getMessage(), worker
+        assert (worker[0].item_id, worker[0].model) == (item_id, "detector-en")

@@ -1,0 +1,57 @@
+"""The service's log lines: one format for the API, the worker and uvicorn's own lines.
+
+``text`` (the default) is for people reading a terminal; ``json`` is one JSON object per line
+for a log collector (Loki, Elasticsearch, CloudWatch...), so nothing has to parse the message:
+the request and work item a line is about are fields of their own (``request_id``,
+``item_id``, ``model``, passed as ``extra=``), and a traceback is one ``exc_info`` string
+instead of continuation lines a collector would take for separate records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Literal
+
+LogFormat = Literal["text", "json"]
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What call sites may attach with ``extra=``; other attributes of a record are logging's own.
+CONTEXT_FIELDS = ("request_id", "item_id", "model", "worker")
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one line of JSON: ``ts`` (UTC, ISO 8601, milliseconds), ``level``,
+    ``logger``, ``message``, the context fields a call site gave, then ``exc_info``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        secs = int(record.created)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        doc: dict[str, Any] = {
+            "ts": f"{ts}.{int((record.created - secs) * 1000):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exc_info"] = record.exc_text
+        if record.stack_info:
+            doc["stack_info"] = record.stack_info
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, fmt: LogFormat = "text") -> None:
+    """Send every logger's records (uvicorn's too: it is started with ``log_config=None``) to
+    stderr in ``fmt``, at ``level`` and above. Replaces handlers set up before, so a second
+    call (tests, a command run twice in one process) does not duplicate lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
