@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Length-bucketed dynamic batching over ONNX Runtime. Every prediction endpoint takes one item
-or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`.
+or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`. Every answer carries an
+`X-Request-ID` header: send your own (1 to 128 of `A-Z a-z 0-9 . _ : -`) to find a request
+in the server's logs, or read the one minted for it.
 """
 
 

@@ -1,6 +1,10 @@
 """What ``/openapi.json`` (and so ``/docs``) says beyond what FastAPI derives from the routes:
-the error responses every operation shares, the ``X-Deadline-Ms`` header, and errors in the
-service's own ``{"error": {...}}`` shape instead of FastAPI's ``{"detail": [...]}``."""
+the error responses every operation shares, the headers (``X-Deadline-Ms``, ``X-Request-ID``,
+``Retry-After``), errors in the service's own ``{"error": {...}}`` shape instead of FastAPI's
+``{"detail": [...]}``, and names that clients generated from the schema can live with
+(tests/api/test_openapi_consumers.py): each operation's ``operation_id`` is set on its route,
+and the one-item-or-batch bodies and results are named components (``QABody``,
+``QAResult``), not FastAPI's ``Body`` and ``Response Qa V1 Qa Post``."""
 
 from __future__ import annotations
 
@@ -13,6 +17,16 @@ from service.api.deps import DEADLINE_HEADER, MILLISECONDS
 from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
 from service.config import Settings
 
+REQUEST_ID_HEADER = "X-Request-ID"
+
+# Tags group the operations in /docs and in generated clients (openapi-python-client: one
+# module per tag).
+TAGS = [
+    {"name": "predict", "description": 'One item, or `{"inputs": [...]}` for a batch.'},
+    {"name": "explain", "description": "SHAP values per token (needs `shap` on the server)."},
+    {"name": "operations", "description": "Models, health, readiness and metrics."},
+]
+
 # What every POST endpoint may answer besides its own codes.
 COMMON_ERRORS = {
     400: "Invalid JSON (`invalid_json`: not JSON, not UTF-8) or header (`invalid_header`).",
@@ -24,6 +38,35 @@ COMMON_ERRORS = {
     503: "Starting, shutting down, or the queue backend is unreachable.",
     504: f"Not served before the deadline (`{DEADLINE_HEADER}`).",
 }
+# What any operation may answer: a bug (logged, with the request id).
+INTERNAL_ERROR = "Unexpected server error (`internal_error`): a bug, logged with the request id."
+
+# Response headers (what /docs shows; schemathesis' fuzzing checks they are there).
+_REQUEST_ID_DOC = (
+    "The request's id: the caller's `X-Request-ID` when it is 1 to 128 of `A-Z a-z 0-9 . _ : "
+    "-`, else one minted here. The server's logs name it: quote it when reporting a problem."
+)
+RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying (the queue's estimate).",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying, where a retry may succeed "
+            "(shutting down, queue backend unreachable).",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+_DEADLINE_DOC = (
+    "Milliseconds this request may take before a 504 (capped by NLPSERVE_DEFAULT_DEADLINE_MS, "
+    "the default): a positive number in digits, with an optional fraction."
+)
 
 # Declared for the docs only (Swagger's "Try it out" can send it); the routes read it through
 # service.api.deps.deadline_from, which answers 400 for a bad value.
@@ -33,13 +76,13 @@ DEADLINE_PARAMETER: dict[str, Any] = {
             "name": DEADLINE_HEADER,
             "in": "header",
             "required": False,
-            "description": "Milliseconds this request may take before a 504 (capped by "
-            "NLPSERVE_DEFAULT_DEADLINE_MS, the default): a positive number in digits, with "
-            "an optional fraction.",
+            "description": _DEADLINE_DOC,
             # a string of digits: a JSON Schema number also allows "1e3" or "1.5e+308",
             # which the header refuses (400 invalid_header)
             "schema": {
                 "type": "string",
+                # generators (openapi-python-client) document an argument from its schema
+                "description": _DEADLINE_DOC,
                 # the lookahead: not all zeros ("0" and "0.0" are not positive)
                 "pattern": f"^(?=[0-9.]*[1-9]){MILLISECONDS.pattern}$",
                 "examples": ["2000", "2.5"],
@@ -55,6 +98,58 @@ def error_responses(own: dict[int, str]) -> dict[int | str, dict[str, Any]]:
         status: {"model": ErrorResponse, "description": text}
         for status, text in sorted({**COMMON_ERRORS, **own}.items())
     }
+
+
+def _declare_shared(op: dict[str, Any]) -> None:
+    """What every operation shares: a 500 in the error shape, ``X-Request-ID`` on every
+    answer, ``Retry-After`` where the service sends it."""
+    responses = op.setdefault("responses", {})
+    responses.setdefault(
+        "500",
+        {
+            "description": INTERNAL_ERROR,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            },
+        },
+    )
+    for status, response in responses.items():
+        headers = response.setdefault("headers", {})
+        headers[REQUEST_ID_HEADER] = {
+            "description": _REQUEST_ID_DOC,
+            "required": True,
+            "schema": {"type": "string"},
+        }
+        headers.update(RESPONSE_HEADERS.get(int(status), {}))
+    op["responses"] = dict(sorted(responses.items()))
+
+
+def _name_unions(schema: dict[str, Any]) -> None:
+    """The one-item-or-batch request and response schemas, inline in each operation with
+    FastAPI's titles (``Body`` for all four, ``Response Qa V1 Qa Post``), become components
+    named after their item (``QARequest`` | ``QABatchRequest``: ``QABody``; ``QAResponse`` |
+    ``QABatchResponse``: ``QAResult``), which generated clients name their types by."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+
+    def hoist(holder: dict[str, Any], suffix: str, replaced: str) -> None:
+        inline = holder.get("schema", {})
+        choices = inline.get("oneOf") or inline.get("anyOf")
+        if not choices or "$ref" not in choices[0]:
+            return
+        first = choices[0]["$ref"].rsplit("/", 1)[-1]
+        if not first.endswith(replaced):
+            return
+        name = first[: -len(replaced)] + suffix
+        components[name] = {**inline, "title": name}
+        holder["schema"] = {"$ref": f"#/components/schemas/{name}"}
+
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            for content in op.get("requestBody", {}).get("content", {}).values():
+                hoist(content, "Body", "Request")
+            for content in op.get("responses", {}).get("200", {}).get("content", {}).values():
+                hoist(content, "Result", "Response")
+    schema["components"]["schemas"] = dict(sorted(components.items()))
 
 
 def _cannot_fail_validation(op: dict[str, Any]) -> bool:
@@ -96,8 +191,51 @@ def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
             choice["maximum"] = settings.explain_max_evals_limit
 
 
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v)]
+    return []
+
+
+def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
+    """Request examples (what /docs' "Try it out" sends) that this server answers 200:
+    ``max_evals`` down to its limit, a batch of the items that fit (at most
+    NLPSERVE_MAX_BATCH_ITEMS), and an example left out when a text in it is over
+    NLPSERVE_MAX_TEXT_CHARS. New dicts: the routes' own examples are shared by every app."""
+
+    def fits(value: Any) -> bool:
+        return all(len(t) <= settings.max_text_chars for t in _texts(value))
+
+    for path in paths.values():
+        for op in path.values():
+            for content in op.get("requestBody", {}).get("content", {}).values():
+                if "examples" not in content:
+                    continue
+                fitted = {}
+                for key, example in content["examples"].items():
+                    value = example.get("value")
+                    if isinstance(value, dict):
+                        value = dict(value)
+                        if isinstance(value.get("inputs"), list):
+                            items = [item for item in value["inputs"] if fits(item)]
+                            value["inputs"] = items[: settings.max_batch_items]
+                            if not items:
+                                continue
+                        if isinstance(value.get("max_evals"), int):
+                            limit = settings.explain_max_evals_limit
+                            value["max_evals"] = min(value["max_evals"], limit)
+                    if fits(value):
+                        fitted[key] = {**example, "value": value}
+                content["examples"] = fitted
+
+
 def install_openapi(app: FastAPI) -> None:
-    """Every 422 is this service's ErrorResponse (its validation handler answers so)."""
+    """``app.openapi``: FastAPI's schema with what this module adds (its docstring). Every
+    422 is this service's ErrorResponse (its validation handler answers so)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -106,10 +244,13 @@ def install_openapi(app: FastAPI) -> None:
                 version=app.version,
                 description=app.description,
                 routes=app.routes,
+                tags=TAGS,
             )
             ours = {"$ref": "#/components/schemas/ErrorResponse"}
+            settings = app.state.service.settings
             for path in schema.get("paths", {}).values():
                 for op in path.values():
+                    _declare_shared(op)
                     if _cannot_fail_validation(op):  # FastAPI adds a 422 to any parameter
                         op.get("responses", {}).pop("422", None)
                     for response in op.get("responses", {}).values():
@@ -122,9 +263,9 @@ def install_openapi(app: FastAPI) -> None:
                                 content["schema"] = ours
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(unused, None)
-            _apply_limits(
-                schema.get("components", {}).get("schemas", {}), app.state.service.settings
-            )
+            _apply_limits(schema.get("components", {}).get("schemas", {}), settings)
+            _fit_examples(schema.get("paths", {}), settings)
+            _name_unions(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -19,6 +19,7 @@ from pydantic import (
     Tag,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from service.config import MAX_LIST_ITEMS
@@ -76,11 +77,19 @@ class _Out(BaseModel):
 
 # ---------------------------------------------------------------------------- errors
 class ErrorBody(BaseModel):
-    code: str = Field(description="Stable machine-readable error code.", examples=["empty_text"])
-    message: str = Field(description="What went wrong, for people.")
+    code: str = Field(
+        description="Stable machine-readable error code (docs/service.md lists them).",
+        examples=["empty_text"],
+    )
+    message: str = Field(
+        description="What went wrong, for people (wording may change: match on `code`).",
+        examples=["text: must contain some visible text"],
+    )
 
 
 class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer of this service."""
+
     error: ErrorBody
 
 
@@ -281,13 +290,13 @@ QABody = _body(QARequest, QABatchRequest)
 
 # ---------------------------------------------------------------------------- ops
 class ModelInfo(BaseModel):
-    name: str
-    version: str
-    task: str
-    architecture: str
-    description: str
-    labels: list[str]
-    max_length: int
+    name: str = Field(description="Model name (the `model` query parameter picks it).")
+    version: str = Field(description="The version this server loaded.")
+    task: str = Field(description="`pos`, `polarity`, `detect` or `qa`: its endpoint.")
+    architecture: str = Field(description="The network, as its manifest names it.")
+    description: str = Field(description="What it was trained on and how (manifest).")
+    labels: list[str] = Field(description="Its output labels (tags, classes).")
+    max_length: int = Field(description="Most tokens the model reads per input (window).")
     buckets: list[int] = Field(description="Upper token-length edges of the batching buckets.")
     metrics: dict[str, float] = Field(
         description="Held-out evaluation metrics of the fp32 export (manifest)."
@@ -297,13 +306,15 @@ class ModelInfo(BaseModel):
         description="The same metrics measured on each other variant's own file (e.g. int8), "
         "where the manifest records them.",
     )
-    variants: list[str]
+    variants: list[str] = Field(description="The variants the version holds (fp32, int8...).")
     variant: str | None = Field(description="The variant this process runs (null: remote).")
     provider: str | None = Field(
         description="The execution provider the model ACTUALLY runs on (null: runs on remote "
         "workers)."
     )
-    requested_provider: str | None = None
+    requested_provider: str | None = Field(
+        None, description="The execution provider asked for (null: remote workers)."
+    )
     fallback: bool = Field(False, description="True when it fell back from the wanted provider.")
     batches_at_once: int | None = Field(
         None,
@@ -326,12 +337,38 @@ class ModelInfo(BaseModel):
         description="Microseconds per padded token, measured at warm-up on CPU (null: not "
         "measured: CUDA, warm-up off, or remote workers).",
     )
-    queue_depth: int = 0
+    queue_depth: int = Field(
+        0, description="Sequences of this model waiting in this process's queue now."
+    )
 
 
 class ExplainLimits(BaseModel):
     max_evals_default: int = Field(description="SHAP evaluations when a request does not say.")
     max_evals_limit: int = Field(description="Most SHAP evaluations a request may ask for.")
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="Always `ok`.", examples=["ok"])
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"status": "ready", "models": ["detector-en", "polarity-en"]}]
+        }
+    )
+
+    status: str = Field(description="Always `ready` (not ready: 503).", examples=["ready"])
+    models: list[str] = Field(description="The loaded models' names.")
+    # Present in Redis mode only (never null): SkipJsonSchema keeps "null" out of the schema.
+    workers: int | SkipJsonSchema[None] = Field(
+        None, description="Redis mode only: live inference workers."
+    )
+    model_workers: dict[str, int] | SkipJsonSchema[None] = Field(
+        None,
+        description="Redis mode only: per model, the live workers that serve this replica's "
+        "version and buckets of it.",
+    )
 
 
 class ModelsResponse(BaseModel):

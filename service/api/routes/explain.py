@@ -51,8 +51,10 @@ _DOC = (
 )
 
 
-def _example(text: str) -> dict:
-    return {"default": {"summary": "A text", "value": {"text": text, "max_evals": 300}}}
+def _example(text: str, *more: tuple[str, str, str]) -> dict:
+    """The request examples of /docs: ``default`` and ``more`` (key, summary, text)."""
+    examples = (("default", "A text", text), *more)
+    return {k: {"summary": what, "value": {"text": t, "max_evals": 300}} for k, what, t in examples}
 
 
 def explain_service(app: FastAPI) -> ExplainService:
@@ -129,6 +131,7 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
 
 @router.post(
     "/detect/explain",
+    operation_id="explain_detect",
     response_model=ExplainResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,
@@ -137,7 +140,14 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
 )
 async def explain_detect(
     request: Request,
-    body: Annotated[ExplainRequest, Body(openapi_examples=_example(DETECT_EXAMPLES[0]))],
+    body: Annotated[
+        ExplainRequest,
+        Body(
+            openapi_examples=_example(
+                DETECT_EXAMPLES[0], ("human", "A human-written text", DETECT_EXAMPLES[1])
+            )
+        ),
+    ],
     model: ModelParam = None,
 ):
     return await _explain(request, "detect", body, model)
@@ -145,6 +155,7 @@ async def explain_detect(
 
 @router.post(
     "/polarity/explain",
+    operation_id="explain_polarity",
     response_model=ExplainResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.deps import ServiceState, clip_name
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, error_response
-from service.api.schemas import ErrorResponse, ExplainLimits, ModelInfo, ModelsResponse
+from service.api.schemas import (
+    ErrorResponse,
+    ExplainLimits,
+    HealthResponse,
+    ModelInfo,
+    ModelsResponse,
+    ReadyResponse,
+)
 
 router = APIRouter(tags=["operations"])
 
@@ -44,6 +53,7 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
 
 @router.get(
     "/v1/models",
+    operation_id="list_models",
     response_model=ModelsResponse,
     summary="Loaded models",
     description="Every model this process serves: task, labels, max length, batching buckets, "
@@ -64,12 +74,16 @@ async def models(request: Request) -> ModelsResponse:
 
 @router.get(
     "/v1/models/{name}",
+    operation_id="get_model",
     response_model=ModelInfo,
     responses={404: {"model": ErrorResponse, "description": "No model of that name is loaded."}},
     summary="One loaded model",
     description="The `/v1/models` entry of one model, by name.",
 )
-async def model(request: Request, name: str) -> ModelInfo:
+async def model(
+    request: Request,
+    name: Annotated[str, Path(description="A model name, as `GET /v1/models` lists them.")],
+) -> ModelInfo:
     state = _state(request)
     if name not in state.tasks:
         raise ApiError(
@@ -85,17 +99,22 @@ async def model(request: Request, name: str) -> ModelInfo:
 @router.head("/healthz", include_in_schema=False)
 @router.get(
     "/healthz",
+    operation_id="check_liveness",
+    response_model=HealthResponse,
     summary="Liveness: the process answers",
     description="200 while the process runs, even while models load or the queue is down: "
     "restart on failure of this one, route traffic on `/readyz`.",
 )
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> HealthResponse:
+    return HealthResponse(status="ok")
 
 
 @router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
+    operation_id="check_readiness",
+    # documents the 200 (the route answers JSONResponse itself: the body is not re-validated)
+    response_model=ReadyResponse,
     summary="Readiness: models loaded and the queue accepts work",
     description="200 with the loaded models (and, in Redis mode, the live workers, in all "
     "and per model) when "
@@ -133,6 +152,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get(
     "/metrics",
+    operation_id="get_metrics",
     summary="Prometheus metrics (text format)",
     description="Request counts and latencies, batch sizes, padding efficiency, queue depth, "
     "per model (docs/deploy.md lists what to alert on).",

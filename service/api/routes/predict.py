@@ -95,6 +95,7 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
 
 @router.post(
     "/pos",
+    operation_id="tag_parts_of_speech",
     response_model=PosResponse | PosBatchResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,
@@ -120,6 +121,7 @@ async def pos(
 
 @router.post(
     "/polarity",
+    operation_id="classify_polarity",
     response_model=PolarityResponse | PolarityBatchResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,
@@ -145,6 +147,7 @@ async def polarity(
 
 @router.post(
     "/detect",
+    operation_id="detect",
     response_model=DetectResponse | DetectBatchResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,
@@ -170,6 +173,7 @@ async def detect(
 
 @router.post(
     "/qa",
+    operation_id="answer_question",
     response_model=QAResponse | QABatchResponse,
     responses=_ERRORS,
     openapi_extra=DEADLINE_PARAMETER,
