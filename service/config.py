@@ -255,8 +255,9 @@ class Settings(BaseSettings):
     )
     worker_prefetch: int = Field(
         128,
-        description="Entries one worker holds (read but not yet answered) before it stops "
-        "reading; one read may overshoot by up to redis_read_count per stream.",
+        description="Entries of one model one worker holds (read but not yet answered) "
+        "before it stops reading that model's streams (the other models' are still read); "
+        "one read may overshoot by up to redis_read_count per stream.",
     )
     worker_drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, how long a worker may finish the work in hand."

@@ -4,7 +4,8 @@ One worker process serves every model of the repository (or those NLPSERVE_LOAD_
 selects), each at one version:
 
 * reads all of its models' work streams through the consumer group ``workers``
-  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries;
+  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries
+  of one model (a model at that limit is left out of the read; the others are still read);
 * forms batches with the same :class:`BucketScheduler` rules as the in-process queue and
   runs them on executor threads (the event loop keeps reading, replying and reclaiming);
 * PUBLISHes each reply to the channel of the replica waiting for it, and only then
@@ -32,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ DEAD_LETTER_MAXLEN = 10_000
 DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
 CLOSE_WAIT_S = 5.0  # how long a stopping worker waits for its loops once cancelled
+# XREADGROUP's BLOCK while some model holds all the entries it may (left out of the read)
+FULL_MODEL_BLOCK_MS = 50
 # Dead-letter an entry at most once. After a stall, the stalled worker and the one that
 # reclaimed the entry can both decide it is poison; only one still finds it pending (the
 # other acked it). A refused XADD (OOM, wrong key type) still acks and deletes the entry,
@@ -372,17 +375,27 @@ class Worker:
                 if not groups_ok:
                     await self._ensure_groups()
                     groups_ok = True
-                room = self.settings.worker_prefetch - len(self._in_hand)
-                if room <= 0:
+                # Per model, as many as it may still hold: a model holding all it may (a
+                # flood) is left out of the read, the others are still read.
+                rooms = self._rooms()
+                streams = [s for s in self.streams if rooms[self._stream_model[s]] > 0]
+                if not streams:
                     self._room.clear()
                     await self._room.wait()
                     continue
+                block = self.settings.redis_block_ms
+                if len(streams) < len(self.streams):
+                    # a blocked read cannot take in a stream left out: look again soon
+                    block = min(block, FULL_MODEL_BLOCK_MS)
                 resp = await self.client.xreadgroup(
                     GROUP,
                     self.name,
-                    dict.fromkeys(self.streams, ">"),
-                    count=min(self.settings.redis_read_count, room),
-                    block=self.settings.redis_block_ms,
+                    dict.fromkeys(streams, ">"),
+                    count=min(
+                        self.settings.redis_read_count,
+                        max(rooms[self._stream_model[s]] for s in streams),
+                    ),
+                    block=block,
                 )
                 self._set_connected(True)
                 delay = 0.05
@@ -411,6 +424,11 @@ class Worker:
                 continue
             for stream, entries in resp or []:
                 await self._accept(_s(stream), entries)
+
+    def _rooms(self) -> dict[str, int]:
+        """Per model, the entries it may still take in (``worker_prefetch`` less those held)."""
+        held = Counter(it.model for it in self._in_hand.values())
+        return {m: self.settings.worker_prefetch - held[m] for m in self.runners}
 
     def _set_connected(self, ok: bool) -> None:
         if ok and not self.connected:
@@ -911,9 +929,11 @@ class Worker:
         not taken over, so a slow worker does not push live work towards the poison limit.
         """
         for stream in self.streams:
-            room = self.settings.worker_prefetch - len(self._in_hand)
-            if room <= 0 or self._stopping:
+            if self._stopping:
                 return
+            room = self._rooms()[self._stream_model[stream]]
+            if room <= 0:
+                continue
             rows = await self.client.xpending_range(
                 stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
             )

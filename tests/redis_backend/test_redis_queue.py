@@ -1171,3 +1171,39 @@ async def test_worker_runs_a_model_while_another_holds_its_threads(
     assert gated[POS].most == 1  # pos-en itself still ran one batch at a time
     for it, g in zip(flood, got, strict=True):
         assert_same(g, direct(tiny_runners[POS], it))
+
+
+async def test_a_model_holding_all_the_worker_may_hold_does_not_stop_reading_the_others(
+    make_settings, tiny_runners
+) -> None:
+    """``worker_prefetch`` counts per model: pos-en holds all it may (its batches wait at a
+    gate, more of its entries wait in Redis), and a polarity entry is still read and
+    answered. Counted over all models, the worker stopped reading until pos-en's work ended."""
+    gated = {POS: GatedRunner(tiny_runners[POS]), POL: tiny_runners[POL]}
+    settings = make_settings(
+        max_batch_size=1,
+        inference_threads=1,
+        prefetch_batches=1,
+        worker_prefetch=2,
+        redis_read_count=2,
+    )
+    rng = np.random.default_rng(29)
+    flood = [make_item(tiny_runners[POS], n, rng) for n in range(3, 9)]
+    light = make_item(tiny_runners[POL], 4, rng)
+
+    def held(model: str) -> int:
+        return sum(1 for it in w._in_hand.values() if it.model == model)
+
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(it)) for it in flood]
+        try:
+            await wait_for(lambda: gated[POS].active == 1 and held(POS) == 2)
+            answer = asyncio.create_task(q.submit(light))
+            await wait_for(answer.done, timeout=5)  # pos-en's gate is still shut
+            assert_same(answer.result(), direct(tiny_runners[POL], light))
+            assert held(POS) == 2 and not any(t.done() for t in tasks)  # no more read
+        finally:
+            gated[POS].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    for it, g in zip(flood, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
