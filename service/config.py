@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(
         None,
         ge=1,
-        description="Threads running ORT batches; each model may run this many batches at "
-        "once. Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
+        description="Threads running ORT batches, per model (each model has its own: none "
+        "waits for another's batches); each model may run this many batches at once. "
+        "Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
         "more throughput than one batch at a time on both cores, raw and served, fp32 and "
         "int8, at the cost of a slower lone request); on CUDA, 1.",
     )
