@@ -13,9 +13,16 @@ or only the first with ``--flood-share`` of the arrivals (``--flood-share 0.9``:
 floods, the others keep their share). ``--deadline-share`` of the requests carry
 ``X-Deadline-Ms: --deadline-ms``. A request answered 200 after its deadline is counted as
 ``late`` (the service must answer 504 instead). The last phase's per-second p50 shows the
-recovery. Prints one JSON object per phase; ``--metrics`` adds one more line, what the
-server's ``nlpserve_rejected_total`` counted over the run by reason (``queue_full``,
-``deadline_exceeded``, ...), from its /metrics before and after.
+recovery. ``--steady TASK:RATE`` (repeatable) adds a stream of its own to one model, Poisson
+at that rate from the first phase's start to the last one's end, whatever the phases send:
+the light model whose latency a flood of another must not hurt (``--models qa --steady
+polarity:20 --phase 0:15 --phase 40:30 --phase 0:15``; a phase at rate 0 sends only the
+steady streams). ``--qa-repeats LO:HI`` sets the QA contexts' length (LO to HI copies of a
+45-character paragraph; 1:4 by default, 20:40 for long contexts of several windows).
+Prints one JSON object per phase (``per_model`` also has each model's statuses);
+``--metrics`` adds one more line, what the server's ``nlpserve_rejected_total`` counted over
+the run by reason (``queue_full``, ``deadline_exceeded``, ...), from its /metrics before and
+after.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bench.fastclient import FastClient, TransportError
 from bench.loadgen import percentile, scrape_metrics
@@ -41,9 +48,9 @@ PATHS = {"detect": "/v1/detect", "detector": "/v1/detect", "polarity": "/v1/pola
          "pos": "/v1/pos", "qa": "/v1/qa"}  # fmt: skip
 
 
-def body_for(task: str, rng: random.Random) -> bytes:
+def body_for(task: str, rng: random.Random, qa_repeats: tuple[int, int] = (1, 4)) -> bytes:
     if task == "qa":
-        ctx = ZH * rng.randint(1, 4)
+        ctx = ZH * rng.randint(*qa_repeats)
         return json.dumps({"question": "长城有多长？", "context": ctx}).encode()
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
     return json.dumps({"text": text}).encode()
@@ -107,24 +114,49 @@ async def run(args: argparse.Namespace) -> None:
         results.append((phase, sched, done - sched, task, str(status), dl, code))
 
     t0 = time.perf_counter()
-    at = t0
     bounds = []
-    for i, (rate, secs) in enumerate(args.phase):
-        end = at + secs
-        bounds.append((at, end))
-        while True:
+    at = t0
+    for _, secs in args.phase:
+        bounds.append((at, at + secs))
+        at += secs
+
+    async def arrivals(
+        i: int, start: float, end: float, rate: float, pick: Callable[[], str], rng: random.Random
+    ) -> None:
+        """Poisson arrivals at ``rate`` from ``start`` to ``end``, each of task ``pick()``,
+        counted in the phase its scheduled time falls in (``i``: all in that one)."""
+        at = start
+        while rate > 0:
             at += rng.expovariate(rate)
             if at >= end:
-                at = end
                 break
             now = time.perf_counter()
             if at > now:
                 await asyncio.sleep(at - now)
-            task = tasks[0] if rng.random() < args.flood_share else rng.choice(tasks)
+            task = pick()
             dl = rng.random() < args.deadline_share
-            t = asyncio.create_task(fire(i, at, task, body_for(task, rng), dl))
+            ph = i if i >= 0 else next(k for k, (_, hi) in enumerate(bounds) if at < hi)
+            body = body_for(task, rng, args.qa_repeats)
+            t = asyncio.create_task(fire(ph, at, task, body, dl))
             pending.add(t)
             t.add_done_callback(pending.discard)
+
+    def flood_pick() -> str:
+        return tasks[0] if rng.random() < args.flood_share else rng.choice(tasks)
+
+    # each steady stream draws from its own generator: the phases' arrivals stay the same
+    # with or without it (a run with a steady stream compares with one without)
+    steady = [
+        asyncio.create_task(
+            arrivals(
+                -1, t0, bounds[-1][1], rate, lambda t=task: t, random.Random(f"{args.seed}:{k}")
+            )
+        )
+        for k, (task, rate) in enumerate(args.steady)
+    ]
+    for i, (rate, _) in enumerate(args.phase):
+        await arrivals(i, *bounds[i], rate, flood_pick, rng)
+    await asyncio.gather(*steady)
     if pending:
         await asyncio.wait(pending)
     await client.aclose()
@@ -136,10 +168,13 @@ async def run(args: argparse.Namespace) -> None:
         ok = [r for r in rs if r[4] == "200"]
         late = [r for r in ok if r[5] and r[2] * 1000 > args.deadline_ms + args.late_slack_ms]
         per_model = {}
-        for task in tasks:
+        for task in dict.fromkeys([*tasks, *(t for t, _ in args.steady)]):
             m = [r for r in ok if r[3] == task]
             per_model[task] = {
                 "sent": sum(1 for r in rs if r[3] == task),
+                "statuses": dict(
+                    Counter(r[4] if r[6] is None else f"{r[4]} {r[6]}" for r in rs if r[3] == task)
+                ),
                 "ok": len(m),
                 "p50_ms": pct([r[2] for r in m], 0.5),
                 "p99_ms": pct([r[2] for r in m], 0.99),
@@ -184,12 +219,29 @@ def phase(s: str) -> tuple[float, float]:
     return float(rate), float(secs)
 
 
+def steady_stream(s: str) -> tuple[str, float]:
+    task, _, rate = s.partition(":")
+    if task not in PATHS:
+        raise argparse.ArgumentTypeError(f"unknown task {task!r} (one of {', '.join(PATHS)})")
+    return task, float(rate)
+
+
+def int_range(s: str) -> tuple[int, int]:
+    lo, _, hi = s.partition(":")
+    return int(lo), int(hi or lo)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--phase", type=phase, action="append", required=True, help="RATE:SECONDS")
     p.add_argument("--models", default="detect")
     p.add_argument("--flood-share", type=float, default=0.0)
+    p.add_argument(
+        "--steady", type=steady_stream, action="append", default=[],
+        help="TASK:RATE, a Poisson stream to TASK over all phases, besides theirs",
+    )  # fmt: skip
+    p.add_argument("--qa-repeats", type=int_range, default=(1, 4), help="LO:HI, QA context size")
     p.add_argument("--deadline-ms", type=int, default=300)
     p.add_argument("--deadline-share", type=float, default=0.0)
     p.add_argument("--late-slack-ms", type=float, default=50.0)

@@ -184,8 +184,9 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(
         None,
         ge=1,
-        description="Threads running ORT batches; each model may run this many batches at "
-        "once. Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
+        description="Threads running ORT batches, per model (each model has its own: none "
+        "waits for another's batches); each model may run this many batches at once. "
+        "Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
         "more throughput than one batch at a time on both cores, raw and served, fp32 and "
         "int8, at the cost of a slower lone request); on CUDA, 1.",
     )
@@ -256,8 +257,9 @@ class Settings(BaseSettings):
     )
     worker_prefetch: int = Field(
         128,
-        description="Entries one worker holds (read but not yet answered) before it stops "
-        "reading; one read may overshoot by up to redis_read_count per stream.",
+        description="Entries of one model one worker holds (read but not yet answered) "
+        "before it stops reading that model's streams (the other models' are still read); "
+        "one read may overshoot by up to redis_read_count per stream.",
     )
     worker_drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, how long a worker may finish the work in hand."

@@ -4,7 +4,8 @@ One worker process serves every model of the repository (or those NLPSERVE_LOAD_
 selects), each at one version:
 
 * reads all of its models' work streams through the consumer group ``workers``
-  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries;
+  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries
+  of one model (a model at that limit is left out of the read; the others are still read);
 * forms batches with the same :class:`BucketScheduler` rules as the in-process queue and
   runs them on executor threads (the event loop keeps reading, replying and reclaiming);
 * PUBLISHes each reply to the channel of the replica waiting for it, and only then
@@ -32,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ DEAD_LETTER_MAXLEN = 10_000
 DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
 CLOSE_WAIT_S = 5.0  # how long a stopping worker waits for its loops once cancelled
+# XREADGROUP's BLOCK while some model holds all the entries it may (left out of the read)
+FULL_MODEL_BLOCK_MS = 50
 # Dead-letter an entry at most once. After a stall, the stalled worker and the one that
 # reclaimed the entry can both decide it is poison; only one still finds it pending (the
 # other acked it). A refused XADD (OOM, wrong key type) still acks and deletes the entry,
@@ -180,15 +183,19 @@ class Worker:
             for s in model_streams(self.prefix, m, layouts[m], len(r.buckets)):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
-        self._threads = max(settings.inference_threads_for(r.provider) for r in runners.values())
-        # batches handed to the executor: the running ones and those queued behind them
-        self._slots = self._threads + settings.prefetch_batches
+        # Per model, as in-process: its own executor threads, and the batches it may hand them
+        # (the running ones and those queued behind them). With one executor and one count
+        # for all models, a flooded model's batches took every slot and a cheap model's batch
+        # queued behind the one formed ahead of it.
+        self._threads = {m: settings.inference_threads_for(r.provider) for m, r in runners.items()}
+        self._slots = {m: t + settings.prefetch_batches for m, t in self._threads.items()}
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._in_hand: dict[tuple[str, bytes], StreamItem] = {}
         self._version_checked = False
         self._running = 0  # batches formed and not yet settled (replied to, acked)
-        # batches on the executor (running or queued behind): what slots and idleness count;
-        # a batch leaves it when its thread is done, not after its replies are written
-        self._on_threads = 0
+        # per model, batches on its executor (running or queued behind): what slots and
+        # idleness count; a batch leaves it when its thread is done, not after its replies
+        self._on_threads = dict.fromkeys(self.runners, 0)
         self._stopping = False
         self._closing = False  # run() is tearing down: the background loops end
         # The read loop has ended: no XREADGROUP is in flight, so nothing more can arrive. The
@@ -236,7 +243,10 @@ class Worker:
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
-        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="nlpserve-worker")
+        self._executors = {
+            m: ThreadPoolExecutor(t, thread_name_prefix=f"nlpserve-worker-{m}")
+            for m, t in self._threads.items()
+        }
         # A blocked XREADGROUP holds its socket for block_ms: the read timeout must outlast it.
         self.client: Redis = make_client(
             self.settings,
@@ -297,7 +307,8 @@ class Worker:
                     ", ".join(sorted(t.get_name() for t in stuck)),
                     CLOSE_WAIT_S,
                 )
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            for executor in self._executors.values():
+                executor.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(Exception):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key in (self._workers_key, *self._served_keys):
@@ -364,17 +375,27 @@ class Worker:
                 if not groups_ok:
                     await self._ensure_groups()
                     groups_ok = True
-                room = self.settings.worker_prefetch - len(self._in_hand)
-                if room <= 0:
+                # Per model, as many as it may still hold: a model holding all it may (a
+                # flood) is left out of the read, the others are still read.
+                rooms = self._rooms()
+                streams = [s for s in self.streams if rooms[self._stream_model[s]] > 0]
+                if not streams:
                     self._room.clear()
                     await self._room.wait()
                     continue
+                block = self.settings.redis_block_ms
+                if len(streams) < len(self.streams):
+                    # a blocked read cannot take in a stream left out: look again soon
+                    block = min(block, FULL_MODEL_BLOCK_MS)
                 resp = await self.client.xreadgroup(
                     GROUP,
                     self.name,
-                    dict.fromkeys(self.streams, ">"),
-                    count=min(self.settings.redis_read_count, room),
-                    block=self.settings.redis_block_ms,
+                    dict.fromkeys(streams, ">"),
+                    count=min(
+                        self.settings.redis_read_count,
+                        max(rooms[self._stream_model[s]] for s in streams),
+                    ),
+                    block=block,
                 )
                 self._set_connected(True)
                 delay = 0.05
@@ -403,6 +424,11 @@ class Worker:
                 continue
             for stream, entries in resp or []:
                 await self._accept(_s(stream), entries)
+
+    def _rooms(self) -> dict[str, int]:
+        """Per model, the entries it may still take in (``worker_prefetch`` less those held)."""
+        held = Counter(it.model for it in self._in_hand.values())
+        return {m: self.settings.worker_prefetch - held[m] for m in self.runners}
 
     def _set_connected(self, ok: bool) -> None:
         if ok and not self.connected:
@@ -473,17 +499,21 @@ class Worker:
         self._wake.set()
 
     # ------------------------------------------------------------------ batching
-    def _ahead_lane(self) -> str | None:
-        return lane_for_next_batch(self._on_threads, self._threads)
+    def _ahead_lane(self, model: str) -> str | None:
+        return lane_for_next_batch(self._on_threads[model], self._threads[model])
+
+    def _has_slot(self, model: str) -> bool:
+        return self._on_threads[model] < self._slots[model]
 
     def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
-        lane = self._ahead_lane()
-        # As in-process: an idle thread takes pending work at once (see InProcessQueue._loop).
-        idle = self._on_threads < self._threads and not self.settings.wait_when_idle
-        no_wait = self._stopping or idle
         for k in range(len(models)):
             m = models[(start + k) % len(models)]
-            batch = self.schedulers[m].next_batch(now, no_wait=no_wait, lane=lane)
+            if not self._has_slot(m):
+                continue
+            # As in-process: an idle thread takes pending work at once (InProcessQueue._loop).
+            idle = self._on_threads[m] < self._threads[m] and not self.settings.wait_when_idle
+            no_wait = self._stopping or idle
+            batch = self.schedulers[m].next_batch(now, no_wait=no_wait, lane=self._ahead_lane(m))
             if batch:
                 return m, batch
         return None
@@ -503,13 +533,10 @@ class Worker:
                 # the API already answered 504 at the deadline: just ack
                 await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
                 now = time.time()
-            while self._on_threads < self._slots:
-                pick = self._pick(now, models, rr)
-                if pick is None:
-                    break
+            while (pick := self._pick(now, models, rr)) is not None:
                 rr = (models.index(pick[0]) + 1) % len(models)
                 self._running += 1
-                self._on_threads += 1
+                self._on_threads[pick[0]] += 1
                 task = asyncio.create_task(self._run_batch(*pick))
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
@@ -524,9 +551,9 @@ class Worker:
                 return
             # sleep until new entries, a free thread, the next max-wait or the next deadline
             waits: list[float] = []
-            for s in self.schedulers.values():
-                if self._on_threads < self._slots and (
-                    (w := s.next_wakeup(now, lane=self._ahead_lane())) is not None
+            for m, s in self.schedulers.items():
+                if self._has_slot(m) and (
+                    (w := s.next_wakeup(now, lane=self._ahead_lane(m))) is not None
                 ):
                     waits.append(w)
                 if (d := s.oldest_deadline()) is not None:
@@ -544,14 +571,14 @@ class Worker:
             try:
                 # a batch formed ahead waited behind the running one: skip what is gone
                 results, seconds = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, timed_live_items, runner, batch, StreamItem.gone
+                    self._executors[model], timed_live_items, runner, batch, StreamItem.gone
                 )
             except Exception as e:  # executor gone or a bug: treat as a failure of each
                 log.exception("worker %s: batch of %s failed", self.name, model)
                 results, seconds = [e] * len(batch), 0.0
             finally:
                 # the thread is free: the next batch may form while these replies are written
-                self._on_threads -= 1
+                self._on_threads[model] -= 1
                 self._wake.set()
             ran = [it for it, res in zip(batch, results, strict=True) if res is not None]
             if ran and getattr(runner, "metrics", None) is not self.metrics:
@@ -903,9 +930,11 @@ class Worker:
         not taken over, so a slow worker does not push live work towards the poison limit.
         """
         for stream in self.streams:
-            room = self.settings.worker_prefetch - len(self._in_hand)
-            if room <= 0 or self._stopping:
+            if self._stopping:
                 return
+            room = self._rooms()[self._stream_model[stream]]
+            if room <= 0:
+                continue
             rows = await self.client.xpending_range(
                 stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
             )
@@ -965,7 +994,7 @@ class Worker:
                 pipe.expire(key, int(2 * WORKER_ALIVE_S))
             for model, key in self._pace_keys.items():
                 if (cost := self._seq_cost.get(model)) is not None:
-                    pipe.hset(key, self.name, encode_pace(cost, self._threads, now))
+                    pipe.hset(key, self.name, encode_pace(cost, self._threads[model], now))
                     pipe.expire(key, int(2 * WORKER_ALIVE_S))
             await pipe.execute()
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.batching import WorkItem
+from service.batching.buckets import bucket_index
 from service.queueing.base import (
     BackendUnavailableError,
     DeadlineExceededError,
@@ -488,3 +489,84 @@ async def test_random_mixed_traffic_answers_each_request_as_if_alone(every_model
         if record.size > 1:
             assert record.size * max(record.lengths) <= policy.max_batch_tokens
     assert any(r.size > 1 for r in q.batch_log)  # the test did batch
+
+
+OTHER = "pos-en"
+
+
+@pytest.fixture(scope="module")
+def two_models(model_repo):
+    """polarity-en and pos-en: one to flood, one to serve meanwhile."""
+    from service.repository import discover_models
+
+    entries = [e for e in discover_models(model_repo) if e.name in (MODEL, OTHER)]
+    return load_runners(make_settings(model_repo), entries=entries)
+
+
+def other_item(runner, n: int = 4, deadline_s: float = 30.0) -> WorkItem:
+    it = runner.dummy_item(n, bucket_index(n, runner.buckets))
+    it.deadline = time.time() + deadline_s
+    return it
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_a_model_with_every_thread_busy_does_not_hold_up_another(
+    two_models, model_repo, threads
+):
+    """pos-en's batches hold all its threads, one more is formed ahead and more wait: a
+    polarity request meanwhile runs at once, on threads of its own. With one executor for
+    every model, its batch queued (FIFO) behind the one pos-en had formed ahead and waited
+    for pos-en's running batches to end."""
+    settings = make_settings(
+        model_repo, max_batch_size=1, inference_threads=threads, prefetch_batches=1
+    )
+    gated = GatedRunner(two_models[OTHER])
+    q = InProcessQueue({OTHER: gated, MODEL: two_models[MODEL]}, settings)
+    await q.start()
+    try:
+        flood = [
+            asyncio.create_task(q.submit(other_item(two_models[OTHER], n)))
+            for n in range(3, 3 + threads + 3)
+        ]
+        await wait_for(lambda: gated.active == threads and q.in_flight(OTHER) == threads + 1)
+        assert q.depth(OTHER) == 2
+        light = asyncio.create_task(q.submit(item()))
+        await wait_for(light.done)  # while every pos-en batch still waits at its gate
+        assert "logits" in light.result()
+        assert gated.active == threads and not any(t.done() for t in flood)
+        assert [b.model for b in q.batch_log] == [MODEL]
+        gated.gate.set()
+        assert len(await asyncio.gather(*flood)) == threads + 3
+        assert gated.most == threads  # pos-en itself still ran at most `threads` at once
+    finally:
+        gated.gate.set()
+        await q.close(2)
+
+
+async def test_a_model_is_not_refused_for_another_models_backlog(two_models, model_repo):
+    """Admission is per model: pos-en at its depth limit, with work ahead far longer than any
+    deadline at its pace, refuses; polarity, with nothing ahead, admits a short deadline."""
+    q = InProcessQueue(two_models, make_settings(model_repo, max_queue_depth=3))
+    await q.start()
+    try:
+        await q.submit(other_item(two_models[OTHER]))
+        await q.submit(item())
+        q._seq_cost[OTHER] = 100.0  # pos-en's measured pace, set: 100 s per sequence
+        q.pause()
+        held = asyncio.create_task(
+            q.submit_many(
+                [
+                    other_item(two_models[OTHER]),
+                    other_item(two_models[OTHER]),
+                    other_item(two_models[OTHER]),
+                ]
+            )
+        )
+        await wait_for(lambda: q.depth(OTHER) == 3)
+        assert isinstance(q.refuse(OTHER, 1, time.time() + 30), QueueFullError)
+        assert q.refuse(MODEL, 1, time.time() + 0.05) is None
+        q.resume()
+        assert "logits" in await q.submit(item(deadline_s=5))
+        assert len(await held) == 3
+    finally:
+        await q.close(2)

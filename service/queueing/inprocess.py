@@ -138,7 +138,9 @@ class InProcessQueue(InferenceQueue):
     """Length-bucketed dynamic batching inside the API process.
 
     One asyncio task per model owns that model's :class:`BucketScheduler`; it takes the next
-    ready batch and hands it to a thread executor (never the event loop), which runs it with
+    ready batch and hands it to the model's own thread executor (never the event loop; one per
+    model, so a model's batches never queue behind another's: a flooded model shares the CPU
+    with the others, it does not take their turn), which runs it with
     :func:`run_live_items` (the items still wanted, a bad input failing alone); the batch's
     own task resolves the waiting futures. A model has
     at most ``inference_threads`` batches running and ``prefetch_batches`` formed and queued
@@ -178,7 +180,7 @@ class InProcessQueue(InferenceQueue):
         # Per model: seconds of inference per sequence, averaged over its recent batches
         # (absent before its first batch): how long its queue takes to drain.
         self._seq_cost: dict[str, float] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._closing = False
         self._started = False
         self._unpaused = asyncio.Event()
@@ -191,10 +193,12 @@ class InProcessQueue(InferenceQueue):
     async def start(self) -> None:
         if self._started:
             return
-        # Shared by all models, sized for the most any one of them may run at once.
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(self._threads.values(), default=1), thread_name_prefix="nlpserve-infer"
-        )
+        # One per model: with a pool shared by all, a batch of a cheap model queued behind the
+        # batches another model's flood had formed ahead (FIFO), and waited for them to run.
+        for name, threads in self._threads.items():
+            self._executors[name] = ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix=f"nlpserve-infer-{name}"
+            )
         for name in self.runners:
             self._wake[name] = asyncio.Event()
             self._tasks[name] = asyncio.create_task(self._loop(name), name=f"batcher-{name}")
@@ -220,8 +224,9 @@ class InProcessQueue(InferenceQueue):
             if not fut.done():
                 fut.set_exception(BackendUnavailableError("the service is shutting down"))
         self._futures.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
         self._started = False
 
     # ------------------------------------------------------------------ submitting
@@ -425,7 +430,7 @@ class InProcessQueue(InferenceQueue):
         self._running[model] += len(batch)
         try:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, timed_live_items, runner, batch, gone
+                self._executors[model], timed_live_items, runner, batch, gone
             )
         except Exception as e:  # executor shut down, or a bug: fail the batch, keep going
             log.exception("%s: batch failed", model)

@@ -453,7 +453,7 @@ async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
             await wait_for(lambda: POS in q._seq_s, timeout=10)
             seq_s, threads, at = decode_pace(await r.hget(key, w.name))
-            assert 0 < seq_s < 5 and threads == w._threads and abs(at - time.time()) < 10
+            assert 0 < seq_s < 5 and threads == w._threads[POS] and abs(at - time.time()) < 10
             assert q._seq_s[POS] == pytest.approx(seq_s / threads, rel=0.5)
             assert POL not in q._seq_s  # per model: polarity ran nothing
         assert await r.hget(key, w.name) is None  # a clean stop withdraws it
@@ -1137,3 +1137,73 @@ async def test_worker_skips_what_expired_while_its_batch_was_formed_ahead(
         assert w.stats.expired == 1
         assert_same(await q.submit(fresh), direct(tiny_runners[POL], fresh))
     assert w.stats.batches == 2 and w.stats.replies == 2
+
+
+async def test_worker_runs_a_model_while_another_holds_its_threads(
+    make_settings, tiny_runners
+) -> None:
+    """One worker, two models: pos-en's batch holds its thread, another is formed ahead and
+    more wait; a polarity entry meanwhile runs at once, on a thread of its own. With one
+    executor and one count of batches for every model, pos-en's took every place and the
+    polarity entry waited for them to end."""
+    gated = {POS: GatedRunner(tiny_runners[POS]), POL: tiny_runners[POL]}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(23)
+    flood = [make_item(tiny_runners[POS], n, rng) for n in (3, 4, 5, 6)]
+    light = make_item(tiny_runners[POL], 4, rng)
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(it)) for it in flood]
+        try:
+            await wait_for(
+                lambda: (
+                    gated[POS].active == 1
+                    and w.batches_in_flight == 2
+                    and len(w.schedulers[POS]) == 2
+                )
+            )
+            answer = asyncio.create_task(q.submit(light))
+            await wait_for(answer.done, timeout=5)  # pos-en's gate is still shut
+            assert_same(answer.result(), direct(tiny_runners[POL], light))
+            assert gated[POS].active == 1 and not any(t.done() for t in tasks)
+        finally:
+            gated[POS].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert gated[POS].most == 1  # pos-en itself still ran one batch at a time
+    for it, g in zip(flood, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
+
+
+async def test_a_model_holding_all_the_worker_may_hold_does_not_stop_reading_the_others(
+    make_settings, tiny_runners
+) -> None:
+    """``worker_prefetch`` counts per model: pos-en holds all it may (its batches wait at a
+    gate, more of its entries wait in Redis), and a polarity entry is still read and
+    answered. Counted over all models, the worker stopped reading until pos-en's work ended."""
+    gated = {POS: GatedRunner(tiny_runners[POS]), POL: tiny_runners[POL]}
+    settings = make_settings(
+        max_batch_size=1,
+        inference_threads=1,
+        prefetch_batches=1,
+        worker_prefetch=2,
+        redis_read_count=2,
+    )
+    rng = np.random.default_rng(29)
+    flood = [make_item(tiny_runners[POS], n, rng) for n in range(3, 9)]
+    light = make_item(tiny_runners[POL], 4, rng)
+
+    def held(model: str) -> int:
+        return sum(1 for it in w._in_hand.values() if it.model == model)
+
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(it)) for it in flood]
+        try:
+            await wait_for(lambda: gated[POS].active == 1 and held(POS) == 2)
+            answer = asyncio.create_task(q.submit(light))
+            await wait_for(answer.done, timeout=5)  # pos-en's gate is still shut
+            assert_same(answer.result(), direct(tiny_runners[POL], light))
+            assert held(POS) == 2 and not any(t.done() for t in tasks)  # no more read
+        finally:
+            gated[POS].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    for it, g in zip(flood, got, strict=True):
+        assert_same(g, direct(tiny_runners[POS], it))
