@@ -74,6 +74,7 @@ async def test_depth_limit_admits_all_or_nothing(queue):
         await queue.submit_many([item(), item()])
     assert e.value.status_code == 429 and e.value.retry_after_s >= 1
     assert "has 3 sequences queued and this request needs 2 more (limit 4)" in str(e.value)
+    assert e.value.reason == "queue_full"
     assert queue.depth(MODEL) == 3
     queue.resume()
     assert len(await held) == 3
@@ -97,6 +98,7 @@ async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(queue):
         await queue.submit(item(deadline_s=wait / 2))
     assert e.value.status_code == 429 and e.value.retry_after_s >= queue.drain_s(MODEL)
     assert "has 2 sequences running or queued ahead of this request" in str(e.value)
+    assert e.value.reason == "queue_full_deadline"  # the metric's reason; the code is the same
     assert queue.depth(MODEL) == 2  # nothing of it was queued
     admitted = asyncio.create_task(queue.submit(item(deadline_s=wait + 30)))
     await wait_for(lambda: queue.depth(MODEL) == 3)

@@ -60,9 +60,11 @@ def batch_len(doc: Any) -> int:
     return 0
 
 
-def _respond(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
-    # The metrics middleware reads the code to count rejections by reason.
-    request.state.error_code = code
+def _respond(
+    request: Request, status: int, code: str, message: str, headers=None, reason: str = ""
+) -> JSONResponse:
+    # The metrics middleware counts rejections by this reason: the code, unless more precise.
+    request.state.error_code = reason or code
     return error_response(status, code, message, headers)
 
 
@@ -195,8 +197,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueError)
     async def _queue(request: Request, exc: QueueError) -> JSONResponse:
         headers = None
+        reason = ""
         if isinstance(exc, QueueFullError):
             headers = retry_after_header(exc.retry_after_s)
+            reason = exc.reason
         elif exc.status_code == 503:
             headers = retry_after_header(1)
         elif isinstance(exc, InferenceFailedError):
@@ -214,7 +218,7 @@ def install_error_handlers(app: FastAPI) -> None:
                     "item_id": exc.item_id or None,
                 },
             )
-        return _respond(request, exc.status_code, exc.code, str(exc), headers)
+        return _respond(request, exc.status_code, exc.code, str(exc), headers, reason)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -38,9 +38,14 @@ class QueueFullError(QueueError):
     status_code = 429
     code = "queue_full"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float = 1.0, reason: str = "queue_full"
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # nlpserve_rejected_total's reason: the depth limit, or ``queue_full_deadline`` (the
+        # work ahead outlasts the request's deadline); the client sees queue_full either way
+        self.reason = reason
 
 
 class DeadlineExceededError(QueueError):
@@ -134,6 +139,7 @@ def load_refusal(
             f"model's recent pace, and the request's deadline is {left * 1000:.0f} ms "
             "away; retry later",
             retry_after_s=retry_after(),
+            reason="queue_full_deadline",
         )
     return None
 

@@ -455,6 +455,39 @@ async def test_queue_full_is_429_with_retry_after(limited, lc):
     assert metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason="queue_full")
 
 
+async def test_a_deadline_refusal_is_queue_full_counted_apart(limited, lc):
+    """Both refusals are a 429 queue_full to the client; the rejections metric tells the
+    depth limit (`queue_full`) from work ahead that outlasts the deadline, so an operator
+    sees which one sheds the load."""
+    q = limited.queue
+
+    async def rejected() -> dict[str, float]:
+        text = await read_metrics(lc)
+        return {
+            why: metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason=why)
+            for why in ("queue_full", "queue_full_deadline")
+        }
+
+    assert (await lc.post("/v1/polarity", json={"text": "a film"})).status_code == 200
+    before = await rejected()
+    pace = q._seq_cost["polarity-en"]
+    q.pause()
+    try:
+        q._seq_cost["polarity-en"] = 100.0  # the model's recent pace: 100 s per sequence
+        held = asyncio.create_task(lc.post("/v1/polarity", json={"text": "good film"}))
+        await wait_for(lambda: q.depth("polarity-en") == 1)
+        r = await lc.post("/v1/polarity", json={"text": "hurry"}, headers={"X-Deadline-Ms": "5000"})
+    finally:
+        q._seq_cost["polarity-en"] = pace  # the server is shared with the next tests
+        q.resume()
+    assert_error(r, 429, "queue_full")
+    assert "deadline is" in r.json()["error"]["message"]
+    assert (await held).status_code == 200
+    after = await rejected()
+    assert after["queue_full"] == before["queue_full"]
+    assert after["queue_full_deadline"] == before["queue_full_deadline"] + 1
+
+
 async def test_whole_batch_is_refused_when_it_does_not_fit(limited, lc):
     q = limited.queue
     q.pause()
