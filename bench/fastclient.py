@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from urllib.parse import urlsplit
+
+# An idle connection older than this is closed, not reused: nlpserve closes idle keep-alive
+# connections after 5 s (service/server.py KEEP_ALIVE_S), and a request sent on one the server
+# is closing fails with a reset or an incomplete read that is no fault of the server under
+# test (seen in bench.overload's quiet phases).
+MAX_IDLE_S = 4.0
 
 
 class TransportError(Exception):
@@ -37,7 +44,8 @@ _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class FastClient:
     def __init__(self, base_url: str, max_connections: int = 32, timeout_s: float = 60.0,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+                 headers: dict[str, str] | None = None,
+                 max_idle_s: float = MAX_IDLE_S) -> None:  # fmt: skip
         u = urlsplit(base_url)
         if u.scheme != "http":
             raise ValueError(f"FastClient speaks plain http only, not {u.scheme!r}")
@@ -45,7 +53,8 @@ class FastClient:
         self.port = u.port or 80
         self.prefix = u.path.rstrip("/")
         self.timeout_s = timeout_s
-        self._idle: list[_Conn] = []
+        self.max_idle_s = max_idle_s
+        self._idle: list[tuple[_Conn, float]] = []  # with when it went idle
         self._slots = asyncio.Semaphore(max_connections)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._common = f"Host: {self.host}:{self.port}\r\n{extra}".encode("latin-1")
@@ -58,7 +67,7 @@ class FastClient:
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
-        for _, w in idle:
+        for (_, w), _since in idle:
             w.close()
             with contextlib.suppress(Exception):
                 await w.wait_closed()
@@ -66,7 +75,7 @@ class FastClient:
     async def request(self, method: str, path: str, body: bytes = b"",
                       content_type: str = "application/json") -> Response:  # fmt: skip
         async with self._slots:
-            conn = self._idle.pop() if self._idle else None
+            conn = self._idle_conn()
             try:
                 if conn is None:
                     conn = await asyncio.wait_for(
@@ -81,10 +90,24 @@ class FastClient:
                     conn[1].close()
                 raise TransportError(f"{type(e).__name__}: {e}") from e
             if keep:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
             else:
                 conn[1].close()
             return resp
+
+    def _idle_conn(self) -> _Conn | None:
+        """The most recently used idle connection, unless it is too old to reuse; then it
+        and every other idle one (idle longer still) are closed."""
+        if not self._idle:
+            return None
+        conn, since = self._idle[-1]
+        if time.monotonic() - since <= self.max_idle_s:
+            self._idle.pop()
+            return conn
+        for (_, w), _since in self._idle:
+            w.close()
+        self._idle.clear()
+        return None
 
     async def post(self, path: str, body: bytes) -> Response:
         return await self.request("POST", path, body)

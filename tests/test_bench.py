@@ -143,6 +143,37 @@ def test_fast_client_lengths_chunks_and_errors() -> None:
     asyncio.run(scenario())
 
 
+def test_fast_client_does_not_reuse_a_connection_the_server_may_be_closing() -> None:
+    """nlpserve closes a keep-alive connection idle for 5 s; a request the load generator
+    then sent on it failed (reset, incomplete read) and was counted against the server. A
+    connection idle longer than ``max_idle_s`` is now replaced by a new one."""
+    ok = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            while True:  # like uvicorn: closes after 0.2 s without a request
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n{}"), 0.2)
+                writer.write(ok)
+                await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, FastClient(url, max_connections=1, max_idle_s=0.1) as c:
+            assert (await c.post("/x", b"{}")).status == 200
+            assert (await c.post("/x", b"{}")).status == 200  # at once: the same connection
+            assert connections == 1
+            await asyncio.sleep(0.3)  # the server has closed it
+            assert (await c.post("/x", b"{}")).status == 200
+            assert connections == 2
+
+    asyncio.run(scenario())
+
+
 def test_run_load_retries_once_and_summarizes() -> None:
     async def scenario() -> None:
         ok = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"v": 1}'
