@@ -137,6 +137,8 @@ async def test_docs_pages_load_everything_from_this_server(client):
         for url in urls:
             asset = await client.get(url)
             assert asset.status_code == 200 and len(asset.content) > 1000, url
+        # our part of their accessibility: the language screen readers read them in
+        assert '<html lang="en">' in r.text, page
     r = await client.get("/docs")
     assert "/docs-assets/swagger-ui-bundle.js" in r.text and "'/openapi.json'" in r.text
     assert (await client.get("/docs-assets/../app.py")).status_code == 404
