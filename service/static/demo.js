@@ -62,6 +62,13 @@ function showError(panel, message) {
   box.hidden = !message;
 }
 
+// What a click produced, in words, for screen readers: the panel's polite status region
+// (role=status, visually hidden; present from the start, so that a change is announced).
+// `parts`: strings and nodes (a Chinese answer goes in a lang="zh" span).
+function announce(panel, ...parts) {
+  panel.querySelector("[data-announce]").replaceChildren(...parts);
+}
+
 // The API's character offsets count Unicode code points (Python's str); a JS string counts
 // UTF-16 code units, so every character outside the BMP (an emoji, a rare CJK ideograph) is
 // two units. Returns `units` with units[i] = the UTF-16 index of code point i, for
@@ -85,7 +92,9 @@ function pct(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
 
-// Runs one panel action with the button disabled and any error shown in the panel.
+// Runs one panel action with the button marked busy and any error shown in the panel. The
+// button gets aria-disabled, not disabled: disabling the focused button would drop a keyboard
+// or screen reader user's focus to the top of the page.
 function wire(formId, action) {
   const form = $(formId);
   const panel = form.closest(".panel");
@@ -95,16 +104,19 @@ function wire(formId, action) {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const button = form.querySelector("button");
-    button.disabled = true;
+    if (button.getAttribute("aria-disabled") === "true") return; // the last click still runs
+    button.setAttribute("aria-disabled", "true");
     showError(panel, "");
+    announce(panel);
     // A new attempt replaces the last result: never show a stale answer next to an error.
     panel.querySelector(".result").hidden = true;
     try {
       await action(panel);
     } catch (e) {
+      announce(panel); // the error box (role=alert) speaks for itself
       showError(panel, e instanceof ApiError ? e.message : `Something went wrong: ${e.message}`);
     } finally {
-      button.disabled = false;
+      button.removeAttribute("aria-disabled");
     }
   });
 }
@@ -139,9 +151,11 @@ function signed(v) {
 }
 
 // Tokens of `text` as spans coloured by SHAP value: rgb --pos for positive values (solid
-// underline), --neg for negative (dotted underline), opacity proportional to |value| / max
-// |value|. Each span is focusable (one tab stop for the whole text, arrow keys move between
-// tokens) and names its value for screen readers. Returns [{ text, value }] per token.
+// underline), --neg for negative (dotted underline), opacity 0.1 .. 0.6 growing with |value| /
+// max |value| (at most 0.6: the text on the strongest token keeps a contrast of 5.4:1 or more
+// with each of the four colours; at 0.85 it fell to 3.5:1, under WCAG's 4.5:1). Each span is
+// focusable (one tab stop for the whole text, arrow keys move between tokens) and names its
+// value for screen readers. Returns [{ text, value }] per token.
 function renderShap(container, text, exp, posWord, negWord) {
   container.replaceChildren();
   const maxAbs = Math.max(1e-12, ...exp.values.map((v) => Math.abs(v)));
@@ -161,7 +175,7 @@ function renderShap(container, text, exp, posWord, negWord) {
       container.append(" ");
     }
     const span = el("span", `tok ${v >= 0 ? "pos" : "neg"}`, tok);
-    const alpha = (0.1 + 0.75 * Math.abs(v) / maxAbs).toFixed(3);
+    const alpha = (0.1 + 0.5 * Math.abs(v) / maxAbs).toFixed(3);
     const rgb = v >= 0 ? "var(--pos)" : "var(--neg)";
     span.style.backgroundColor = `rgba(${rgb}, ${alpha})`;
     const towards = v >= 0 ? posWord : negWord;
@@ -204,11 +218,14 @@ function placeCard(tok, container) {
 }
 
 // A SHAP text's tokens: one tab stop (Tab enters at the last token visited), the arrow keys
-// and Home/End move between tokens, Tab again leaves the text.
+// and Home/End move between tokens, Tab again leaves the text. Escape hides the value card
+// (it covers the line above; WCAG 1.4.13) until another token is hovered or focused.
 function wireTokens(container) {
   for (const type of ["mouseover", "focusin"]) {
     container.addEventListener(type, (ev) => {
-      if (ev.target.classList.contains("tok")) placeCard(ev.target, container);
+      if (!ev.target.classList.contains("tok")) return;
+      container.classList.remove("card-off");
+      placeCard(ev.target, container);
     });
   }
   container.addEventListener("keydown", (ev) => {
@@ -262,7 +279,7 @@ function explainSummary(exp) {
 }
 
 // ----------------------------------------------------------------------------- panels
-wire("qa-form", async () => {
+wire("qa-form", async (panel) => {
   const context = $("qa-context").value;
   const question = $("qa-question").value;
   const out = await api("/v1/qa", { question, context });
@@ -281,16 +298,22 @@ wire("qa-form", async () => {
   $("qa-answer").textContent = out.answer || "(no answer found)";
   $("qa-score").textContent = `score ${out.score.toFixed(3)}`;
   $("qa-result").hidden = false;
+  const answer = out.answer ? el("span", null, out.answer) : "no answer found";
+  if (out.answer) answer.lang = "zh";
+  announce(panel, "Answer: ", answer, `, score ${out.score.toFixed(3)}.`);
 });
 
+// Shows a classifier's label and probability; returns them in words, for announce().
 function showProbability(prefix, label, prob) {
   const badge = $(`${prefix}-label`);
   badge.textContent = label;
   badge.className = `label-badge ${label}`;
   $(`${prefix}-prob`).textContent = pct(prob);
   $(`${prefix}-meter`).style.width = pct(prob);
+  return `${label}, ${EXPLAINED_WORDS[prefix][0]} probability ${pct(prob)}.`;
 }
 
+// Computes and shows the SHAP block; returns a one-line summary in words, for announce().
 async function explainInto(prefix, endpoint, text, maxEvals) {
   const [posWord, negWord] = EXPLAINED_WORDS[prefix];
   const status = $(`${prefix}-explain-status`);
@@ -307,22 +330,29 @@ async function explainInto(prefix, endpoint, text, maxEvals) {
     renderTopTokens($(`${prefix}-top`), shown, posWord, negWord);
     $(`${prefix}-legend`).hidden = false;
     status.textContent = explainSummary(exp);
+    const top = shown.reduce((a, b) => (Math.abs(b.value) > Math.abs(a.value) ? b : a), shown[0]);
+    if (!top) return "SHAP explanation: no tokens.";
+    const towards = top.value >= 0 ? posWord : negWord;
+    return `SHAP explanation of ${shown.length} tokens ready; the strongest, ` +
+      `"${top.text.trim()}", ${signed(top.value)} towards ${towards}.`;
   } catch (e) {
     status.textContent = "";
     throw e;
   }
 }
 
-wire("detect-form", async () => {
+wire("detect-form", async (panel) => {
   const text = $("detect-text").value;
   const evals = parseInt($("detect-evals").value, 10);
   const out = await api("/v1/detect", { text });
-  showProbability("detect", out.label, out.machine_probability);
+  const said = showProbability("detect", out.label, out.machine_probability);
   $("detect-result").hidden = false;
-  await explainInto("detect", "/v1/detect/explain", text, evals || undefined);
+  announce(panel, `${said} Computing the SHAP explanation…`);
+  const explained = await explainInto("detect", "/v1/detect/explain", text, evals || undefined);
+  announce(panel, `${said} ${explained}`);
 });
 
-wire("pos-form", async () => {
+wire("pos-form", async (panel) => {
   const out = await api("/v1/pos", { text: $("pos-text").value });
   const box = $("pos-tagged");
   box.replaceChildren();
@@ -332,19 +362,26 @@ wire("pos-form", async () => {
     box.append(word);
   });
   $("pos-result").hidden = false;
+  announce(panel, `${out.tokens.length} word${out.tokens.length === 1 ? "" : "s"} tagged.`);
 });
 
-wire("polarity-form", async () => {
+wire("polarity-form", async (panel) => {
   const text = $("polarity-text").value;
   const evals = parseInt($("polarity-evals").value, 10);
   const out = await api("/v1/polarity", { text });
-  showProbability("polarity", out.label, out.positive_probability);
+  const said = showProbability("polarity", out.label, out.positive_probability);
   $("polarity-result").hidden = false;
-  await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined);
+  announce(panel, `${said} Computing the SHAP explanation…`);
+  const explained = await explainInto("polarity", "/v1/polarity/explain", text, evals || undefined);
+  announce(panel, `${said} ${explained}`);
 });
 
 wireTokens($("detect-tokens"));
 wireTokens($("polarity-tokens"));
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape") return;
+  for (const tokens of document.querySelectorAll(".tokens")) tokens.classList.add("card-off");
+});
 
 // ----------------------------------------------------------------------------- models
 async function loadModels() {
@@ -374,7 +411,9 @@ async function loadModels() {
     } else {
       line.textContent = `The ${TASK_TITLES[task]} model is not loaded on this server.`;
       panel.classList.add("unavailable");
-      panel.querySelector("button").disabled = true;
+      // Every control, not just the button: out of the Tab order, and shown as disabled by
+      // the browser (the form used to be faded to 45%, its labels then unreadable: 1.9:1).
+      for (const control of panel.querySelector("form").elements) control.disabled = true;
     }
   }
   const names = models.map((m) => m.name).join(", ");
