@@ -7,6 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,7 +48,11 @@ MAX_LIST_ITEMS = 10_000
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NLPSERVE_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a bad value is never echoed back (NLPSERVE_REDIS_URL holds a
+    # password); the errors name the variable and say what is wrong with it.
+    model_config = SettingsConfigDict(
+        env_prefix="NLPSERVE_", env_file=None, extra="ignore", hide_input_in_errors=True
+    )
 
     # --- where things live
     model_dir: Path = Field(Path("models"), description="Model repository root.")
@@ -209,7 +214,19 @@ class Settings(BaseSettings):
 
     # --- queue backend
     queue: Literal["inprocess", "redis"] = "inprocess"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        repr=False,  # may hold the password
+        description="The Redis server: `redis://[user[:password]@]host[:port][/db]`, "
+        "`rediss://` for TLS (with `?ssl_ca_certs=<CA file>`); user and password "
+        "percent-encoded (docs/deploy.md, Production Redis).",
+    )
+    redis_password_file: Path | None = Field(
+        None,
+        description="A file holding the Redis password (a Docker or Kubernetes secret), "
+        "instead of one in NLPSERVE_REDIS_URL: read at each new connection, so a rotated "
+        "password is used without a restart. The user name stays in the URL.",
+    )
     metrics_port: int = Field(
         9100, ge=0, le=65535, description="Prometheus port of `nlpserve worker`."
     )
@@ -314,6 +331,39 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"NLPSERVE_EXPLAIN_MAX_EVALS_DEFAULT ({self.explain_max_evals_default}) must "
                 f"not exceed NLPSERVE_EXPLAIN_MAX_EVALS_LIMIT ({self.explain_max_evals_limit})"
+            )
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        # redis-py's errors about a malformed URL quote pieces of it, and a password holding
+        # an unencoded '#', '/' or '?' ends the host part early: its first characters then
+        # read as the port ("Port could not be cast to integer value as '<password start>'"),
+        # or, all digits, as a port to connect to. Checked here in words that quote nothing.
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        encode = (
+            "percent-encode the user name and password in the URL (Python: "
+            "urllib.parse.quote(password, safe='')), or give the password in "
+            "NLPSERVE_REDIS_PASSWORD_FILE"
+        )
+        split_early = "@" in parts.path or "@" in parts.query.partition("=")[0]
+        if "#" in value or split_early:
+            raise ValueError(f"malformed: a '#', '/' or '?' in the password? {encode}")
+        try:
+            parts.port  # noqa: B018 -- raises on a port that is no number
+        except ValueError:
+            raise ValueError(f"the port is not a number: {encode}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis_password(self) -> Settings:
+        if self.redis_password_file is not None and urlsplit(self.redis_url).password:
+            raise ValueError(
+                "NLPSERVE_REDIS_URL holds a password and NLPSERVE_REDIS_PASSWORD_FILE is set: "
+                "give it in one place"
             )
         return self
 

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import lane_for_next_batch
@@ -349,7 +349,14 @@ class Worker:
                 raise res
         if not self._version_checked:
             self._version_checked = True
-            version = str((await self.client.info("server")).get("redis_version", "0"))
+            version = await self._redis_version()
+            if version is None:
+                log.info(
+                    "worker %s: the Redis user may run neither HELLO nor INFO: not checking "
+                    "that Redis is 7.0 or newer",
+                    self.name,
+                )
+                return
             if not redis_version_supported(version):
                 # 6.x's XCLAIM returns deleted entries as nil and keeps them pending: a dead
                 # worker's entries whose clients left would be listed again forever
@@ -359,6 +366,22 @@ class Worker:
                     self.name,
                     version,
                 )
+
+    async def _redis_version(self) -> str | None:
+        """The server's version from HELLO, which any user may run (INFO is in ACL's
+        @dangerous category, which a least-privilege user lacks); INFO on Redis 6.0, whose
+        HELLO needs a protocol version. None: neither is allowed."""
+        try:
+            hello = await self.client.execute_command("HELLO")
+        except ResponseError:
+            try:
+                return str((await self.client.info("server")).get("redis_version", "0"))
+            except NoPermissionError:
+                return None
+        if isinstance(hello, list):  # RESP2: a flat list of fields and values
+            hello = dict(zip(hello[::2], hello[1::2], strict=False))
+        version = hello.get(b"version", hello.get("version", b"0"))
+        return version.decode() if isinstance(version, bytes) else str(version)
 
     async def _read_loop(self) -> None:
         try:
@@ -1082,7 +1105,7 @@ class Worker:
 
 
 def redis_version_supported(version: str) -> bool:
-    """Redis >= 7.0 (``INFO server``'s ``redis_version``, e.g. ``7.0.15``)."""
+    """Redis >= 7.0 (``HELLO``'s ``version``, e.g. ``7.0.15``)."""
     try:
         parts = [int(x) for x in version.split(".")[:2]]
     except ValueError:

@@ -45,6 +45,9 @@ class RedisServer:
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
+        # appended to the command line, where they win over the defaults above them (TLS,
+        # an ACL file: tests/redis_backend/test_redis_production.py)
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -67,6 +70,7 @@ class RedisServer:
                 str(self.workdir),
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],  # fmt: skip
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -214,3 +214,49 @@ def test_a_full_batch_must_fit_the_request_sequence_limit():
         Settings(max_request_sequences=100, max_batch_items=101)
     with pytest.raises(ValidationError):
         Settings(max_batch_items=10_001, max_request_sequences=20_000)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://nlpserve:Xy7#secret@redis-host:6379/0",  # '#': the rest read as a fragment
+        "redis://nlpserve:Xy7/secret@redis-host:6379/0",  # '/': the rest read as the path
+        "redis://nlpserve:Xy7?secret@redis-host:6379/0",  # '?': the rest read as the query
+        "redis://nlpserve:4242#secret@redis-host/0",  # digits: a port, user name the host
+        "http://nlpserve:Xy7secret@redis-host:6379/0",
+    ],
+)
+def test_a_malformed_redis_url_is_refused_without_quoting_it(monkeypatch, url):
+    """An unencoded '#', '/' or '?' in the password ended the URL's host part early: redis-py
+    raised "Port could not be cast to integer value as 'Xy7'" into the log (the password's
+    start), or connected to "nlpserve:4242" and named it in every connection error. Refused
+    at start, in the CLI's one line too, quoting no part of the URL."""
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    with pytest.raises(ValidationError) as info:
+        Settings(redis_url=url)
+    for secret in ("Xy7", "secret", "4242"):
+        assert secret not in str(info.value)
+    monkeypatch.setenv("NLPSERVE_REDIS_URL", url)
+    result = CliRunner().invoke(cli.app, ["worker"])
+    assert result.exit_code == 2 and "NLPSERVE_REDIS_URL" in result.output
+    assert "Xy7" not in result.output and "4242" not in result.output
+
+
+def test_a_well_formed_redis_url_is_accepted_and_never_in_the_repr(tmp_path):
+    from pydantic import ValidationError
+
+    for url in [
+        "rediss://nlpserve:p%40ss%2Fw%23rd@redis-host:6380/0?ssl_ca_certs=/etc/ca.pem",
+        "redis://:p@ss@redis-host:6379/0",  # an '@' in the password: the last one ends it
+        "redis://[::1]:6379/0",
+        "unix:///run/redis.sock?db=1",
+    ]:
+        assert "p%40ss" not in repr(Settings(redis_url=url))
+    secret = tmp_path / "password"
+    Settings(redis_url="rediss://nlpserve@redis-host:6380/0", redis_password_file=secret)
+    with pytest.raises(ValidationError, match="give it in one place"):
+        Settings(redis_url="redis://nlpserve:pw@redis-host/0", redis_password_file=secret)

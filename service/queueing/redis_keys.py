@@ -33,10 +33,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.credentials import CredentialProvider
 
 from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE
 from service.config import Settings
@@ -146,6 +149,45 @@ def workers_key(prefix: str) -> str:
     return f"{prefix}:workers"
 
 
+class PasswordFileCredentials(CredentialProvider):
+    """``NLPSERVE_REDIS_PASSWORD_FILE``: the password read from a file (a mounted secret) at
+    each new connection, so a rotated secret is picked up without a restart."""
+
+    def __init__(self, path: Path, username: str | None = None) -> None:
+        self.path = path
+        self.username = username
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        # one trailing newline (`echo secret > file`) is not part of the password
+        password = self.path.read_text("utf-8").removesuffix("\n").removesuffix("\r")
+        return (self.username, password) if self.username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+def connection_options(settings: Settings) -> dict[str, object]:
+    """redis-py's connection options from ``NLPSERVE_REDIS_URL`` (TLS: ``rediss://`` and its
+    ``ssl_*`` query options) and ``NLPSERVE_REDIS_PASSWORD_FILE``.
+
+    A URL redis-py cannot parse raises a ValueError that quotes no credentials: redis-py's
+    own messages may quote a piece of the password.
+    """
+    try:
+        options: dict[str, object] = dict(parse_url(settings.redis_url))
+    except ValueError as e:
+        # quoted only where the URL holds no credentials it could quote a piece of
+        why = "not a URL redis-py accepts" if "@" in settings.redis_url else str(e)
+        raise ValueError(f"NLPSERVE_REDIS_URL ({safe_url(settings.redis_url)}): {why}") from None
+    if settings.redis_password_file is not None:
+        username = options.pop("username", None)
+        options.pop("password", None)
+        options["credential_provider"] = PasswordFileCredentials(
+            settings.redis_password_file, username if isinstance(username, str) else None
+        )
+    return options
+
+
 def make_client(
     settings: Settings,
     *,
@@ -159,17 +201,20 @@ def make_client(
     the first command after a Redis restart transparently replaces its stale pooled
     connection; a bounded pool so hundreds of concurrent requests share a few sockets (a
     caller waits for a free one without limit: its own deadline bounds the wait, and a busy
-    pool is not an unreachable Redis).
+    pool is not an unreachable Redis). Options in the URL's query string (TLS's ``ssl_*``,
+    or ``socket_timeout``...) win over these defaults, as in redis-py's ``from_url``.
     """
     timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=max_connections or settings.redis_max_connections,
-        timeout=None,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        socket_timeout=timeout,
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), retries),
+    pool = BlockingConnectionPool(
+        **{
+            "max_connections": max_connections or settings.redis_max_connections,
+            "timeout": None,
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+            "socket_timeout": timeout,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), retries),
+            **connection_options(settings),
+        }
     )
     return Redis.from_pool(pool)  # the client owns (and closes) its pool
 

@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching.scheduler import PREDICT_LANE
@@ -199,6 +205,11 @@ class RedisQueue(InferenceQueue):
         self._labels_of: dict[str, tuple[str, str, str, str]] = {}
         self._subscribed = False
         self._ping_ok = False
+        # Why Redis could not be used, last time it could not (for the "not reachable" line),
+        # and per loop the refusal last logged (a wrong password or ACL logs once, not at
+        # every retry; an ACL that denies only the reply channel leaves the probe healthy).
+        self._failure: str | None = None
+        self._refusal_logged: dict[str, str | None] = {"reply channel": None, "probe": None}
         self._resubscribe = False
         self._closing = False
         self._closed = False  # the clients are closed: nothing may use them any more
@@ -239,8 +250,9 @@ class RedisQueue(InferenceQueue):
             await asyncio.wait_for(self._ready_event.wait(), timeout=2.0)
         if not self._ready:
             log.warning(
-                "Redis at %s not reachable yet; /readyz stays false until it is",
+                "Redis at %s not reachable yet (%s); /readyz stays false until it is",
                 safe_url(self.settings.redis_url),
+                self._failure or "no answer yet",
             )
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
@@ -550,11 +562,13 @@ class RedisQueue(InferenceQueue):
                         self._on_reply(msg["data"])
                     elif msg["type"] == "subscribe":
                         self._subscribed = True
+                        self._refusal_logged["reply channel"] = None
                         delay = 0.05
                         self._update_ready()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # connection refused/reset, timeouts: retry below
+                self._note_failure("reply channel", e)
                 if self._subscribed:
                     log.warning("lost the Redis reply channel (%s); resubscribing", e)
             finally:
@@ -579,10 +593,12 @@ class RedisQueue(InferenceQueue):
                 if not self._ping_ok:
                     log.info("Redis at %s reachable", safe_url(self.settings.redis_url))
                 self._ping_ok = True
+                self._refusal_logged["probe"] = None
                 slow = 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self._note_failure("probe", e)
                 slow += 1
                 timeout = isinstance(e, TimeoutError | RedisTimeoutError)
                 if not timeout or slow >= HEALTH_TIMEOUTS_TO_FAIL:
@@ -593,6 +609,22 @@ class RedisQueue(InferenceQueue):
                     self._resubscribe = True
             self._update_ready()
             await asyncio.sleep(HEALTH_INTERVAL_S if self._ping_ok else HEALTH_INTERVAL_S / 2)
+
+    def _note_failure(self, what: str, e: Exception) -> None:
+        """Remember why Redis could not be used; log a refusal (wrong password, a command,
+        key or channel the ACL user may not use) once: it is no outage that retries cure."""
+        self._failure = f"{type(e).__name__}: {e}"
+        if not isinstance(e, ResponseError | AuthenticationError):
+            return
+        if self._refusal_logged[what] != self._failure:
+            self._refusal_logged[what] = self._failure
+            log.warning(
+                "Redis at %s refused the %s (%s): check the user and ACL rules of "
+                "NLPSERVE_REDIS_URL (docs/deploy.md, Production Redis)",
+                safe_url(self.settings.redis_url),
+                what,
+                self._failure,
+            )
 
     async def _sample_depths(self) -> None:
         """The health probe: one pipelined XLEN per stream (a PING that also refreshes

@@ -1,0 +1,227 @@
+"""nlpserve against a production-like Redis (docs/deploy.md, "Production Redis"): TLS with a
+private CA (``rediss://...?ssl_ca_certs=``), the default user off, an ACL user holding only
+the rule the docs give, a key prefix, the password in a file, and credentials that never
+appear in an error.
+
+The server is spawned here (TLS and an ACL file); the module skips where ``openssl`` is
+missing or ``redis-server`` was built without TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.config import Settings
+from service.queueing.redis_keys import make_client
+from service.queueing.redis_queue import RedisQueue
+from tests.redis_backend.helpers import api_queue, assert_same, direct, make_item, running_worker
+from tests.redis_support import EXTERNAL_URL, RedisServer, unique_prefix
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_PASSWORD = "admin-pw"
+
+
+def documented_acl_rule() -> list[str]:
+    """The ACL rule of docs/deploy.md (its ``user nlpserve on ...`` line), without the name."""
+    text = (ROOT / "docs/deploy.md").read_text("utf-8")
+    line = next(x for x in text.splitlines() if x.startswith("user nlpserve on "))
+    return line.split()[2:]
+
+
+def acl_rule(prefix: str, password: str, rule: list[str] | None = None) -> list[str]:
+    """The documented rule for ``prefix`` (it is written for the default, ``nlpserve``)."""
+    out = []
+    for token in documented_acl_rule() if rule is None else rule:
+        if token.startswith(">"):
+            token = ">" + password
+        out.append(token.replace("~nlpserve:", f"~{prefix}:").replace("&nlpserve:", f"&{prefix}:"))
+    return out
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA and a server certificate for localhost and 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH")
+    d = tmp_path_factory.mktemp("tls")
+    new_key = ["-newkey", "rsa:2048", "-nodes"]
+    _openssl("req", "-x509", *new_key, "-days", "2", "-subj", "/CN=nlpserve-test-ca",
+             "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")  # fmt: skip
+    _openssl("req", *new_key, "-subj", "/CN=localhost",
+             "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr")  # fmt: skip
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.crt",
+             "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-days", "2",
+             "-extfile", f"{d}/ext.cnf", "-out", f"{d}/server.crt")  # fmt: skip
+    return d
+
+
+class TlsRedisServer(RedisServer):
+    """TLS only (no plain port), the default user off, an ``admin`` user for the tests."""
+
+    def __init__(self, workdir: Path, certs: Path) -> None:
+        super().__init__(workdir)
+        self.certs = certs
+        acl = workdir / "users.acl"
+        workdir.mkdir(parents=True, exist_ok=True)
+        acl.write_text(f"user default off\nuser admin on >{ADMIN_PASSWORD} ~* &* +@all\n")
+        self.extra_args = [
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(certs / "server.crt"),
+            "--tls-key-file", str(certs / "server.key"),
+            "--tls-ca-cert-file", str(certs / "ca.crt"),
+            "--tls-auth-clients", "no",
+            "--aclfile", str(acl),
+        ]  # fmt: skip
+
+    def url(self, user: str = "admin", password: str = ADMIN_PASSWORD) -> str:  # type: ignore[override]
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else f"{user}@"
+        return f"rediss://{auth}localhost:{self.port}/0?ssl_ca_certs={self.certs / 'ca.crt'}"
+
+    def ping(self) -> bool:
+        ctx = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost") as s,
+            ):
+                s.sendall(f"AUTH admin {ADMIN_PASSWORD}\r\nPING\r\n".encode())
+                got = b""
+                while b"+PONG" not in got and len(got) < 64:
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    got += chunk
+                return b"+PONG" in got
+        except OSError:
+            return False
+
+
+@dataclass
+class Prod:
+    server: TlsRedisServer
+    admin: aioredis.Redis
+
+    async def add_user(self, prefix: str, password: str, rule: list[str] | None = None) -> str:
+        user = f"nlpserve-{prefix}"
+        await self.admin.execute_command("ACL", "SETUSER", user, *acl_rule(prefix, password, rule))
+        return user
+
+
+@pytest.fixture(scope="module")
+def tls_server(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedisServer]:
+    if EXTERNAL_URL:
+        pytest.skip("NLPSERVE_REDIS_URL is set: these tests spawn a TLS server of their own")
+    server = TlsRedisServer(tmp_path_factory.mktemp("redis-tls"), certs)
+    try:
+        server.start()
+    except RuntimeError as e:  # e.g. a redis-server built without TLS exits at once
+        pytest.skip(f"redis-server with TLS did not start ({e}); needs Redis 6+ built with TLS")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def prod(tls_server: TlsRedisServer) -> AsyncIterator[Prod]:
+    admin = aioredis.from_url(tls_server.url())
+    await admin.execute_command("ACL", "LOG", "RESET")
+    try:
+        yield Prod(tls_server, admin)
+    finally:
+        await admin.aclose()
+
+
+async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_runners, caplog):
+    """API side and worker over TLS as a user holding only docs/deploy.md's rule, with a
+    password that needs percent-encoding: answers as direct inference, and Redis denied
+    nothing (its ACL LOG is empty), also while the worker reads the server's version and
+    leaves on stop."""
+    caplog.set_level(logging.INFO)
+    prefix, password = unique_prefix(), "p@ss/w#rd:?%&="
+    user = await prod.add_user(prefix, password)
+    settings = make_settings(redis_url=prod.server.url(user, password), redis_prefix=prefix)
+    rng = np.random.default_rng(0)
+    items = [make_item(tiny_runners[m], int(rng.integers(1, 30)), rng) for m in [*tiny_runners] * 4]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+    for g, it in zip(got, items, strict=True):
+        assert_same(g, direct(tiny_runners[it.model], it))
+    assert w._version_checked and "older than 7.0" not in caplog.text
+    assert "not checking" not in caplog.text  # the version was read (HELLO, not INFO)
+    denied = await prod.admin.execute_command("ACL", "LOG")
+    assert denied == [], denied
+    keys = [k.decode() async for k in prod.admin.scan_iter(match="*")]
+    assert keys and all(k.startswith(f"{prefix}:") for k in keys), keys
+    assert password not in caplog.text and quote(password, safe="") not in caplog.text
+
+
+async def test_password_file_is_read_at_each_new_connection(prod, tmp_path: Path) -> None:
+    """NLPSERVE_REDIS_PASSWORD_FILE: the URL names the user only; a rotated password (the
+    secret file rewritten, the old connections dropped) is used without a restart."""
+    prefix = unique_prefix()
+    user = await prod.add_user(prefix, "first-secret")
+    secret = tmp_path / "redis-password"
+    secret.write_text("first-secret\n")  # as `echo ... > file` writes it
+    settings = Settings(redis_url=prod.server.url(user, ""), redis_password_file=secret)
+    client = make_client(settings)
+    try:
+        assert await client.ping()
+        await prod.admin.execute_command("ACL", "SETUSER", user, "resetpass", ">second-secret")
+        secret.write_text("second-secret")
+        await prod.admin.execute_command("CLIENT", "KILL", "USER", user)
+        assert await client.ping()  # reconnected (one retry) with the new password
+    finally:
+        await client.aclose()
+
+
+async def test_a_refusal_is_logged_with_its_cause(prod, make_settings, tiny_runners, caplog):
+    """A user whose ACL lacks the channel pattern (Redis 7 grants no channel by default), or
+    a wrong password: the replica is not ready and says why, instead of only "not
+    reachable" (Redis is reachable)."""
+    prefix = unique_prefix()
+    no_channels = [t for t in documented_acl_rule() if not t.startswith("&")]
+    user = await prod.add_user(prefix, "secret", no_channels)
+    manifests = {n: r.manifest for n, r in tiny_runners.items()}
+    for password, cause in [("secret", "NoPermissionError"), ("wrong", "AuthenticationError")]:
+        caplog.clear()
+        settings = make_settings(redis_url=prod.server.url(user, password), redis_prefix=prefix)
+        q = RedisQueue(settings, manifests)
+        await q.start()
+        try:
+            assert not await q.is_ready()
+            assert f"not reachable yet ({cause}" in caplog.text
+            assert "check the user and ACL rules of NLPSERVE_REDIS_URL" in caplog.text
+            assert f":{password}@" not in caplog.text
+        finally:
+            await q.close(drain_timeout_s=0.1)
+
+
+def test_redis_py_errors_about_the_url_quote_no_credentials() -> None:
+    """A URL the settings' check did not see (Settings.model_copy skips validation): redis-py's
+    own message would quote the password's start as the port."""
+    url = "redis://nlpserve:Xy7#rest-of-secret@redis-host:6379/0"
+    settings = Settings().model_copy(update={"redis_url": url})
+    with pytest.raises(ValueError) as info:
+        make_client(settings)
+    assert "Xy7" not in str(info.value) and "secret" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
