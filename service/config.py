@@ -46,7 +46,11 @@ MAX_LIST_ITEMS = 10_000
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NLPSERVE_", env_file=None, extra="ignore")
+    # `model_dir`: pydantic-settings < 2.7 reserves the whole `model_` prefix (pydantic warns
+    # at every start); later ones reserve only BaseModel's own names.
+    model_config = SettingsConfigDict(
+        env_prefix="NLPSERVE_", env_file=None, extra="ignore", protected_namespaces=("settings_",)
+    )
 
     # --- where things live
     model_dir: Path = Field(Path("models"), description="Model repository root.")
