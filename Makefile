@@ -17,6 +17,7 @@ help:
 	@echo "make test       ruff, then the test suite (what CI runs)"
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check"
+	@echo "make test-lowest  service tests under pyproject's lowest versions (not in CI)"
 
 # Under the images' pins (deploy/constraints.txt): the tests run against what ships. The pins
 # are Linux x86_64 wheels; elsewhere pip resolves freely.
@@ -168,6 +169,20 @@ models-qa-gpu: $(BIN)/.bases
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The lower bounds pyproject.toml declares, which the pins never try: a separate venv resolved
+# with uv's --resolution lowest-direct (the service and dev extras; no torch), then the
+# service-side tests. Not in CI (`make test`). The tiny test models come from the pinned venv.
+LOWEST ?= .venv-lowest
+LOWEST_TESTS ?= tests/api tests/redis_backend tests/test_server_process.py \
+	tests/test_inprocess_queue.py tests/test_runtime.py tests/test_config.py tests/test_cli_help.py
+.PHONY: test-lowest
+test-lowest: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -x tests/test_runtime.py
+	test -x $(LOWEST)/bin/uv || { $(PYTHON) -m venv $(LOWEST) && $(LOWEST)/bin/pip install -q uv; }
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
+		--upgrade -e '.[dev]'
+	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS)
 
 # Deployment and benchmark (docs/deploy.md, bench/). `e2e` needs redis-server and nginx.
 .PHONY: e2e bench

@@ -50,8 +50,14 @@ MAX_LIST_ITEMS = 10_000
 class Settings(BaseSettings):
     # hide_input_in_errors: a bad value is never echoed back (NLPSERVE_REDIS_URL holds a
     # password); the errors name the variable and say what is wrong with it.
+    # protected_namespaces: pydantic-settings < 2.7 reserves the whole `model_` prefix
+    # (`model_dir`: pydantic warned at every start); later ones reserve only their own names.
     model_config = SettingsConfigDict(
-        env_prefix="NLPSERVE_", env_file=None, extra="ignore", hide_input_in_errors=True
+        env_prefix="NLPSERVE_",
+        env_file=None,
+        extra="ignore",
+        hide_input_in_errors=True,
+        protected_namespaces=("settings_",),
     )
 
     # --- where things live

@@ -609,9 +609,10 @@ async def test_inference_failure_is_logged_with_the_request_id(
     import shutil
 
     import numpy as np
-    import onnx
-    from onnx import numpy_helper
     from tokenizers import Tokenizer
+
+    onnx = pytest.importorskip("onnx", reason="the train extra is not installed")
+    from onnx import numpy_helper
 
     from service.repository import sha256_file
     from tests.conftest import QUEUE_BACKENDS
