@@ -121,20 +121,6 @@ def _code_for(err: dict[str, Any]) -> str:
 _KEY_NOT_UNICODE = "a field name holds an unpaired surrogate: not valid Unicode"
 
 
-_NOT_AN_OBJECT = "the body must be a JSON object"
-
-
-def _null_body(request: Request, errors: list[dict[str, Any]]) -> bool:
-    """A JSON ``null`` body, which FastAPI < 0.151 reports as no body at all ("missing" at
-    ``("body",)``): a body was sent, so it is the wrong type, as later FastAPI says."""
-    return (
-        bool(errors)
-        and errors[0].get("type") == "missing"
-        and tuple(errors[0].get("loc", ())) == ("body",)
-        and request.headers.get("content-length", "0").strip() not in ("", "0")
-    )
-
-
 def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
     """(status, code, message) for pydantic/FastAPI validation errors."""
     if not errors:
@@ -153,7 +139,7 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
         first.get("type") in ("model_attributes_type", "dict_type", "model_type")
         and len([p for p in first.get("loc", ()) if p not in ("body", "item", "batch")]) == 0
     ):
-        return 422, "wrong_type", _NOT_AN_OBJECT
+        return 422, "wrong_type", "the body must be a JSON object"
     msgs = []
     for err in errors[:5]:
         path = _field_path(tuple(err.get("loc", ())))
@@ -240,10 +226,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # what the fast path answers before validating; elsewhere "inputs" is unknown field
         if request.scope["path"] in BATCH_PATHS and (n := batch_len(exc.body)) > limit:
             return await _api(request, too_many_items(n, limit))
-        errors = list(exc.errors())
-        if _null_body(request, errors):
-            return _respond(request, 422, "wrong_type", _NOT_AN_OBJECT)
-        status, code, message = validation_error(errors)
+        status, code, message = validation_error(list(exc.errors()))
         return _respond(request, status, code, message)
 
     @app.exception_handler(StarletteHTTPException)
