@@ -353,9 +353,12 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     model_config = ConfigDict(
+        # `model_workers`: pydantic < 2.10 reserves the whole `model_` prefix (a warning line
+        # at every start, outside the log format)
+        protected_namespaces=(),
         json_schema_extra={
             "examples": [{"status": "ready", "models": ["detector-en", "polarity-en"]}]
-        }
+        },
     )
 
     status: str = Field(description="Always `ready` (not ready: 503).", examples=["ready"])
