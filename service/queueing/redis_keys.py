@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import UnixDomainSocketConnection as UnixSocket
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -205,17 +206,19 @@ def make_client(
     or ``socket_timeout``...) win over these defaults, as in redis-py's ``from_url``.
     """
     timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
-    pool = BlockingConnectionPool(
-        **{
-            "max_connections": max_connections or settings.redis_max_connections,
-            "timeout": None,
-            "socket_connect_timeout": settings.redis_connect_timeout_s,
-            "socket_timeout": timeout,
-            "socket_keepalive": True,
-            "retry": Retry(NoBackoff(), retries),
-            **connection_options(settings),
-        }
-    )
+    options = connection_options(settings)
+    defaults: dict[str, object] = {
+        "max_connections": max_connections or settings.redis_max_connections,
+        "timeout": None,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), retries),
+    }
+    connection_class = options.get("connection_class")
+    if not (isinstance(connection_class, type) and issubclass(connection_class, UnixSocket)):
+        # TCP only: a unix:// connection takes no such option (TypeError at each connect)
+        defaults["socket_keepalive"] = True
+    pool = BlockingConnectionPool(**{**defaults, **options})
     return Redis.from_pool(pool)  # the client owns (and closes) its pool
 
 

@@ -225,3 +225,29 @@ def test_redis_py_errors_about_the_url_quote_no_credentials() -> None:
         make_client(settings)
     assert "Xy7" not in str(info.value) and "secret" not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.fixture
+def plain_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, started with ``extra_args`` the test sets first."""
+    if EXTERNAL_URL:
+        pytest.skip("NLPSERVE_REDIS_URL is set: these tests spawn a server of their own")
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_unix_socket_url_connects(plain_server: RedisServer, tmp_path: Path) -> None:
+    """``unix://`` is a URL the settings accept: its connections take no TCP keep-alive
+    option (passed anyway, each connection failed with a TypeError that the worker's read
+    loop does not catch)."""
+    sock = tmp_path / "redis.sock"
+    plain_server.extra_args = ["--unixsocket", str(sock)]
+    plain_server.start()
+    client = make_client(Settings(redis_url=f"unix://{sock}?db=0"))
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
