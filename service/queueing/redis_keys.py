@@ -41,6 +41,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE
 from service.config import Settings
@@ -159,8 +160,21 @@ class PasswordFileCredentials(CredentialProvider):
         self.username = username
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        # A file that cannot be read is a connection error of redis-py's: the connection is
+        # dropped and the callers' retry and "unreachable (why)" paths apply. Any other error
+        # left older redis-py's socket (5.0.2, pyproject's lowest) open and unauthenticated,
+        # for the next command to reuse.
+        try:
+            text = self.path.read_text("utf-8")
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise RedisConnectionError(f"NLPSERVE_REDIS_PASSWORD_FILE {self.path}: {why}") from None
+        except UnicodeDecodeError:  # its message would quote a byte of the password
+            raise RedisConnectionError(
+                f"NLPSERVE_REDIS_PASSWORD_FILE {self.path}: not UTF-8 text"
+            ) from None
         # one trailing newline (`echo secret > file`) is not part of the password
-        password = self.path.read_text("utf-8").removesuffix("\n").removesuffix("\r")
+        password = text.removesuffix("\n").removesuffix("\r")
         return (self.username, password) if self.username else (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:

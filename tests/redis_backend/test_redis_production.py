@@ -23,6 +23,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from service.config import Settings
 from service.queueing.redis_keys import make_client
@@ -248,6 +249,32 @@ async def test_a_unix_socket_url_connects(plain_server: RedisServer, tmp_path: P
     plain_server.start()
     client = make_client(Settings(redis_url=f"unix://{sock}?db=0"))
     try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_a_password_file_that_cannot_be_read_is_a_connection_error(
+    plain_server: RedisServer, tmp_path: Path
+) -> None:
+    """The secret not mounted (yet): each command fails as a Redis connection error naming
+    the setting and the file (what the replicas' and workers' retry paths log), none runs
+    on a connection left unauthenticated, and the file once there is used."""
+    plain_server.start()
+    admin = aioredis.from_url(plain_server.url)
+    await admin.config_set("requirepass", "the-secret")
+    await admin.aclose()
+    secret = tmp_path / "redis-password"
+    settings = Settings(redis_url=plain_server.url, redis_password_file=secret)
+    client = make_client(settings)
+    try:
+        for _ in range(2):
+            with pytest.raises(redis.exceptions.ConnectionError) as info:
+                await client.ping()
+            assert str(info.value) == (
+                f"NLPSERVE_REDIS_PASSWORD_FILE {secret}: No such file or directory"
+            )
+        secret.write_text("the-secret\n")
         assert await client.ping()
     finally:
         await client.aclose()
