@@ -249,9 +249,7 @@ class Worker:
         }
         # A blocked XREADGROUP holds its socket for block_ms: the read timeout must outlast it.
         self.client: Redis = make_client(
-            self.settings,
-            socket_timeout_s=self.settings.redis_socket_timeout_s
-            + self.settings.redis_block_ms / 1000,
+            self.settings, blocks_s=self.settings.redis_block_ms / 1000
         )
         log.info(
             "worker %s: models %s, %d streams, group %r",

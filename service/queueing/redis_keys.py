@@ -206,7 +206,7 @@ def connection_options(settings: Settings) -> dict[str, object]:
 def make_client(
     settings: Settings,
     *,
-    socket_timeout_s: float | None = None,
+    blocks_s: float = 0.0,
     retries: int = 1,
     max_connections: int | None = None,
 ) -> Redis:
@@ -218,9 +218,14 @@ def make_client(
     caller waits for a free one without limit: its own deadline bounds the wait, and a busy
     pool is not an unreachable Redis). Options in the URL's query string (TLS's ``ssl_*``,
     or ``socket_timeout``...) win over these defaults, as in redis-py's ``from_url``.
+    ``blocks_s``: how long a blocking command of this client (the worker's ``XREADGROUP
+    BLOCK``) holds its socket; the read timeout outlasts it, the URL's ``socket_timeout`` too.
     """
-    timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
     options = connection_options(settings)
+    timeout = options.pop("socket_timeout", None)
+    if not isinstance(timeout, int | float):
+        timeout = settings.redis_socket_timeout_s
+    timeout += blocks_s
     defaults: dict[str, object] = {
         "max_connections": max_connections or settings.redis_max_connections,
         "timeout": None,

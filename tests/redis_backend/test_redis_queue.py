@@ -1248,3 +1248,19 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
         ({POS, POL}, 1, settings.redis_block_ms),
         ({POL}, 4, 50),  # pos-en left out; a short block, to read it again once it has room
     ]
+
+
+async def test_a_url_socket_timeout_still_outlasts_the_workers_blocked_read(
+    make_settings, tiny_runners, redis_url, caplog
+) -> None:
+    """``?socket_timeout=0.2`` in NLPSERVE_REDIS_URL (it wins over the settings' default): the
+    worker's reads block for 500 ms, and its read timeout is the URL's plus that, so an idle
+    worker stays connected. Taken as the whole timeout, every idle read timed out and the
+    worker logged Redis unreachable."""
+    settings = make_settings(redis_url=f"{redis_url}?socket_timeout=0.2", redis_block_ms=500)
+    rng = np.random.default_rng(31)
+    item = make_item(tiny_runners[POL], 4, rng)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        await asyncio.sleep(1.5)  # idle: each read blocks its whole 500 ms
+        assert w.connected and "unreachable" not in caplog.text
+        assert_same(await q.submit(item), direct(tiny_runners[POL], item))
