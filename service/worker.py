@@ -249,9 +249,7 @@ class Worker:
         }
         # A blocked XREADGROUP holds its socket for block_ms: the read timeout must outlast it.
         self.client: Redis = make_client(
-            self.settings,
-            socket_timeout_s=self.settings.redis_socket_timeout_s
-            + self.settings.redis_block_ms / 1000,
+            self.settings, blocks_s=self.settings.redis_block_ms / 1000
         )
         log.info(
             "worker %s: models %s, %d streams, group %r",
@@ -410,13 +408,16 @@ class Worker:
                 if len(streams) < len(self.streams):
                     # a blocked read cannot take in a stream left out: look again soon
                     block = min(block, FULL_MODEL_BLOCK_MS)
+                # COUNT applies to each stream: the smallest room read, so that a model close
+                # to its limit is not given the room of another (up to redis_read_count per
+                # stream of it); a model at its limit is left out, so this stays above 0
                 resp = await self.client.xreadgroup(
                     GROUP,
                     self.name,
                     dict.fromkeys(streams, ">"),
                     count=min(
                         self.settings.redis_read_count,
-                        max(rooms[self._stream_model[s]] for s in streams),
+                        min(rooms[self._stream_model[s]] for s in streams),
                     ),
                     block=block,
                 )

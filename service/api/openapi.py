@@ -230,7 +230,10 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
                             value["max_evals"] = min(value["max_evals"], limit)
                     if fits(value):
                         fitted[key] = {**example, "value": value}
-                content["examples"] = fitted
+                if fitted:
+                    content["examples"] = fitted
+                else:  # none fits: no examples, rather than an empty choice in /docs
+                    del content["examples"]
 
 
 def install_openapi(app: FastAPI) -> None:

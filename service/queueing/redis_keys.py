@@ -36,10 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import UnixDomainSocketConnection as UnixSocket
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE
 from service.config import Settings
@@ -158,8 +160,21 @@ class PasswordFileCredentials(CredentialProvider):
         self.username = username
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        # A file that cannot be read is a connection error of redis-py's: the connection is
+        # dropped and the callers' retry and "unreachable (why)" paths apply. Any other error
+        # left older redis-py's socket (5.0.2, pyproject's lowest) open and unauthenticated,
+        # for the next command to reuse.
+        try:
+            text = self.path.read_text("utf-8")
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise RedisConnectionError(f"NLPSERVE_REDIS_PASSWORD_FILE {self.path}: {why}") from None
+        except UnicodeDecodeError:  # its message would quote a byte of the password
+            raise RedisConnectionError(
+                f"NLPSERVE_REDIS_PASSWORD_FILE {self.path}: not UTF-8 text"
+            ) from None
         # one trailing newline (`echo secret > file`) is not part of the password
-        password = self.path.read_text("utf-8").removesuffix("\n").removesuffix("\r")
+        password = text.removesuffix("\n").removesuffix("\r")
         return (self.username, password) if self.username else (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
@@ -191,7 +206,7 @@ def connection_options(settings: Settings) -> dict[str, object]:
 def make_client(
     settings: Settings,
     *,
-    socket_timeout_s: float | None = None,
+    blocks_s: float = 0.0,
     retries: int = 1,
     max_connections: int | None = None,
 ) -> Redis:
@@ -203,19 +218,26 @@ def make_client(
     caller waits for a free one without limit: its own deadline bounds the wait, and a busy
     pool is not an unreachable Redis). Options in the URL's query string (TLS's ``ssl_*``,
     or ``socket_timeout``...) win over these defaults, as in redis-py's ``from_url``.
+    ``blocks_s``: how long a blocking command of this client (the worker's ``XREADGROUP
+    BLOCK``) holds its socket; the read timeout outlasts it, the URL's ``socket_timeout`` too.
     """
-    timeout = settings.redis_socket_timeout_s if socket_timeout_s is None else socket_timeout_s
-    pool = BlockingConnectionPool(
-        **{
-            "max_connections": max_connections or settings.redis_max_connections,
-            "timeout": None,
-            "socket_connect_timeout": settings.redis_connect_timeout_s,
-            "socket_timeout": timeout,
-            "socket_keepalive": True,
-            "retry": Retry(NoBackoff(), retries),
-            **connection_options(settings),
-        }
-    )
+    options = connection_options(settings)
+    timeout = options.pop("socket_timeout", None)
+    if not isinstance(timeout, int | float):
+        timeout = settings.redis_socket_timeout_s
+    timeout += blocks_s
+    defaults: dict[str, object] = {
+        "max_connections": max_connections or settings.redis_max_connections,
+        "timeout": None,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), retries),
+    }
+    connection_class = options.get("connection_class")
+    if not (isinstance(connection_class, type) and issubclass(connection_class, UnixSocket)):
+        # TCP only: a unix:// connection takes no such option (TypeError at each connect)
+        defaults["socket_keepalive"] = True
+    pool = BlockingConnectionPool(**{**defaults, **options})
     return Redis.from_pool(pool)  # the client owns (and closes) its pool
 
 

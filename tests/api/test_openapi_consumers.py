@@ -207,6 +207,17 @@ async def test_examples_fit_this_servers_limits(model_repo, _all_models):
     assert len(full["/v1/qa batch"]["inputs"]) == 2 and "/v1/detect single" in full
 
 
+def test_no_example_fits_then_none_is_declared(tmp_path):
+    """Limits that every example is over (a 1-character text limit): the request bodies
+    declare no examples, not an empty ``examples`` map (an empty choice in /docs)."""
+    spec = _spec(tmp_path, max_text_chars=1)
+    bodies = [op["requestBody"] for _, _, op in _operations(spec) if "requestBody" in op]
+    assert bodies
+    for body in bodies:
+        for content in body["content"].values():
+            assert "examples" not in content, content.get("examples")
+
+
 # ---------------------------------------------------------------------- a generated client
 GENERATOR = shutil.which("openapi-python-client")
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from service.config import Settings
 from service.queueing.redis_keys import make_client
@@ -225,3 +226,55 @@ def test_redis_py_errors_about_the_url_quote_no_credentials() -> None:
         make_client(settings)
     assert "Xy7" not in str(info.value) and "secret" not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.fixture
+def plain_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, started with ``extra_args`` the test sets first."""
+    if EXTERNAL_URL:
+        pytest.skip("NLPSERVE_REDIS_URL is set: these tests spawn a server of their own")
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_unix_socket_url_connects(plain_server: RedisServer, tmp_path: Path) -> None:
+    """``unix://`` is a URL the settings accept: its connections take no TCP keep-alive
+    option (passed anyway, each connection failed with a TypeError that the worker's read
+    loop does not catch)."""
+    sock = tmp_path / "redis.sock"
+    plain_server.extra_args = ["--unixsocket", str(sock)]
+    plain_server.start()
+    client = make_client(Settings(redis_url=f"unix://{sock}?db=0"))
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_a_password_file_that_cannot_be_read_is_a_connection_error(
+    plain_server: RedisServer, tmp_path: Path
+) -> None:
+    """The secret not mounted (yet): each command fails as a Redis connection error naming
+    the setting and the file (what the replicas' and workers' retry paths log), none runs
+    on a connection left unauthenticated, and the file once there is used."""
+    plain_server.start()
+    admin = aioredis.from_url(plain_server.url)
+    await admin.config_set("requirepass", "the-secret")
+    await admin.aclose()
+    secret = tmp_path / "redis-password"
+    settings = Settings(redis_url=plain_server.url, redis_password_file=secret)
+    client = make_client(settings)
+    try:
+        for _ in range(2):
+            with pytest.raises(redis.exceptions.ConnectionError) as info:
+                await client.ping()
+            assert str(info.value) == (
+                f"NLPSERVE_REDIS_PASSWORD_FILE {secret}: No such file or directory"
+            )
+        secret.write_text("the-secret\n")
+        assert await client.ping()
+    finally:
+        await client.aclose()

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.batching import bucket_index
+from service.config import Settings
 from service.metrics import Metrics
 from service.queueing import (
     BackendUnavailableError,
@@ -40,7 +41,7 @@ from service.queueing.redis_keys import (
     work_stream,
     workers_key,
 )
-from service.worker import Worker
+from service.worker import StreamItem, Worker
 from tests.redis_backend.helpers import (
     api_queue,
     assert_same,
@@ -1207,3 +1208,59 @@ async def test_a_model_holding_all_the_worker_may_hold_does_not_stop_reading_the
         got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
     for it, g in zip(flood, got, strict=True):
         assert_same(g, direct(tiny_runners[POS], it))
+
+
+async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_take(
+    tiny_repo, tiny_runners
+) -> None:
+    """XREADGROUP's COUNT applies to each stream read. pos-en with room for one more entry
+    and polarity with room for four: the read asks one entry per stream, so pos-en ends at
+    most one entry per stream over its limit; asked for polarity's room, it got up to four
+    per stream. Once pos-en is at its limit it is left out and polarity gets its own room."""
+    settings = Settings(
+        model_dir=tiny_repo, queue="redis", worker_prefetch=4, redis_read_count=64, warmup=False
+    )
+    w = Worker(settings, tiny_runners)
+    reads: list[tuple[set[str], int, int]] = []
+
+    class Client:
+        async def xreadgroup(self, group, name, streams, count, block):
+            reads.append(({w._stream_model[s] for s in streams}, count, block))
+            w._stopping = True
+            return []
+
+    async def groups_exist() -> None:
+        pass
+
+    w.client = Client()  # type: ignore[assignment]
+    w._ensure_groups = groups_exist  # type: ignore[method-assign]
+    w._room, w._wake = asyncio.Event(), asyncio.Event()
+    for held in (3, 4):
+        w._in_hand = {
+            ("s", str(k).encode()): StreamItem(
+                model=POS, bucket=0, length=1, features={}, deadline=0.0
+            )
+            for k in range(held)
+        }
+        w._stopping = False
+        await w._read_until_stopped()
+    assert reads == [
+        ({POS, POL}, 1, settings.redis_block_ms),
+        ({POL}, 4, 50),  # pos-en left out; a short block, to read it again once it has room
+    ]
+
+
+async def test_a_url_socket_timeout_still_outlasts_the_workers_blocked_read(
+    make_settings, tiny_runners, redis_url, caplog
+) -> None:
+    """``?socket_timeout=0.2`` in NLPSERVE_REDIS_URL (it wins over the settings' default): the
+    worker's reads block for 500 ms, and its read timeout is the URL's plus that, so an idle
+    worker stays connected. Taken as the whole timeout, every idle read timed out and the
+    worker logged Redis unreachable."""
+    settings = make_settings(redis_url=f"{redis_url}?socket_timeout=0.2", redis_block_ms=500)
+    rng = np.random.default_rng(31)
+    item = make_item(tiny_runners[POL], 4, rng)
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        await asyncio.sleep(1.5)  # idle: each read blocks its whole 500 ms
+        assert w.connected and "unreachable" not in caplog.text
+        assert_same(await q.submit(item), direct(tiny_runners[POL], item))
