@@ -258,7 +258,12 @@ class Settings(BaseSettings):
         description="Entries a worker reads per stream per XREADGROUP (a few batches: "
         "more lets one worker hoard work that another idle worker could run).",
     )
-    redis_block_ms: int = Field(500, description="XREADGROUP BLOCK time of a worker.")
+    redis_block_ms: int = Field(
+        # 0 would be Redis's BLOCK 0: wait forever (a stop or a new stream never seen)
+        500,
+        ge=1,
+        description="XREADGROUP BLOCK time of a worker.",
+    )
     redis_claim_idle_ms: int = Field(
         15_000,
         description="A pending entry idle this long (its worker died) is reclaimed by another "

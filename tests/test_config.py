@@ -260,3 +260,10 @@ def test_a_well_formed_redis_url_is_accepted_and_never_in_the_repr(tmp_path):
     Settings(redis_url="rediss://nlpserve@redis-host:6380/0", redis_password_file=secret)
     with pytest.raises(ValidationError, match="give it in one place"):
         Settings(redis_url="redis://nlpserve:pw@redis-host/0", redis_password_file=secret)
+
+
+def test_a_zero_redis_block_is_refused(monkeypatch):
+    """NLPSERVE_REDIS_BLOCK_MS=0 is XREADGROUP BLOCK 0: a worker's read would never return."""
+    monkeypatch.setenv("NLPSERVE_REDIS_BLOCK_MS", "0")
+    with pytest.raises(ValueError, match="redis_block_ms"):
+        Settings()
