@@ -1107,3 +1107,62 @@ async def test_overload_script_counts_statuses_goodput_and_rejections(
     assert "p50_ms_by_second" in phases[1] and "p50_ms_by_second" not in phases[0]
     assert rest == [{"metrics": {"rejected_total": {"model_not_loaded": not_loaded}}}]
     assert not_loaded > 0
+
+
+def _git_repo(root: Path, files: dict[str, int]) -> None:
+    import subprocess
+
+    for rel, size in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * size)
+    who = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "-A"], [*who, "commit", "-q", "-m", "t"]):
+        subprocess.run(["git", *cmd], cwd=root, check=True, capture_output=True)
+
+
+def test_bench_call_leaves_out_what_the_device_does_not_use(tmp_path: Path) -> None:
+    """bench/device_carry.py: the models not benchmarked and bench/results are left out of the
+    bench call by the printed commands, and the commands after it bring them back."""
+    import subprocess
+
+    from bench.device_carry import (
+        bench_call_exclusions,
+        carried_bytes,
+        tree_sizes,
+        untrack_commands,
+    )
+
+    _git_repo(tmp_path, {"models/a/1/m.onnx": 3000, "models/b/1/m.onnx": 5000,
+                         "bench/results/r.png": 700, "bench/run.py": 10})  # fmt: skip
+    (tmp_path / ".git" / "info" / "exclude").write_text("/.whl/\n")
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "w.whl").write_bytes(b"w" * 40)
+    excluded = bench_call_exclusions(tmp_path, ["a"])
+    assert excluded == ["models/b", "bench/results"]
+    assert carried_bytes(tmp_path, excluded, [".whl"]) == 3000 + 10 + 40
+    drop, back = untrack_commands(excluded)
+    exclude_file = tmp_path / ".git" / "info" / "exclude"
+
+    def state() -> tuple[str, str]:
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, check=True,
+                                capture_output=True, text=True).stdout  # fmt: skip
+        return status, exclude_file.read_text()
+
+    before = state()
+    subprocess.run(["bash", "-c", drop], cwd=tmp_path, check=True)
+    assert set(tree_sizes(tmp_path)) == {"models/a/1/m.onnx", "bench/run.py"}
+    subprocess.run(["bash", "-c", back], cwd=tmp_path, check=True)
+    assert state() == before
+
+
+def test_the_bench_call_fits_the_device_limit_only_slimmed() -> None:
+    """The whole tree plus .whl (17.6 MB as bench/gpu_prepare.sh made it on 2026-12-07:
+    wheels 9.9, redis-server 4.9, requests 2.1, the CMRC dev set 0.75) was over the device's
+    64 MiB a call: the bench call would have been refused. Without the models it does not
+    benchmark and bench/results it fits, with room to spare."""
+    from bench.device_carry import LIMIT, MARGIN, bench_call_exclusions, carried_bytes
+
+    whl = 17_616_049 - 755_021  # the CMRC set is packed only for a committed qa-zh fp16
+    root = procs.REPO_ROOT
+    slim = carried_bytes(root, bench_call_exclusions(root, ["detector-en", "qa-zh"]))
+    assert slim + whl + MARGIN <= LIMIT - (4 << 20), (slim + whl) / (1 << 20)
