@@ -17,7 +17,8 @@
 # BENCH_QA_HF_DIR (a QA checkpoint; default: rebuilt from ONNX), BENCH_API_REPLICAS (1:
 # in-process servers in (c), API processes in front of the one worker in (d)),
 # BENCH_REDIS_API_REPLICAS (BENCH_API_REPLICAS: (d)'s API processes alone),
-# BENCH_CLIENT_PROCS (1: load-generator processes).
+# BENCH_CLIENT_PROCS (1: load-generator processes), BENCH_NAME_SUFFIX (appended to the result
+# names, e.g. dec08: <model>-cuda-h200-dec08.*, apart from the committed files of earlier runs).
 # For a dry run on a machine without a GPU: SKIP_INSTALL=1 BENCH_DEVICE=cpu MODELS_DIR=...
 # (GPU_SESSION_TMP: where the wheels, the nlpserve wrapper and redis go; default /tmp).
 # Exit status: 0, or 3/4 when the setup failed, 5 when a model's run failed or was skipped
@@ -121,7 +122,7 @@ if os.environ["BENCH_DEVICE"] == "cuda":
 EOF
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
   | grep -oiE 'H200|H100|A100|L40S|L4|A10G|T4|V100' | head -1 | tr 'A-Z' 'a-z')
-tag="${DEVICE}${gpu:+-$gpu}"
+tag="${DEVICE}${gpu:+-$gpu}${BENCH_NAME_SUFFIX:+-$BENCH_NAME_SUFFIX}"
 say "setup done; device $DEVICE, tag $tag, configs $CONFIGS"
 
 # 4. qa-zh's fp16 variant, where the version commits one, scored on CUDA (its export could only

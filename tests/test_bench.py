@@ -712,12 +712,13 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
         BENCH_REQUESTS="12",
         BENCH_CONCURRENCY="4",
         BENCH_RAW_SECONDS="0.1",
+        BENCH_NAME_SUFFIX="dec08",  # apart from the committed results of earlier sessions
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert {"gpu_session.log", "qa-zh-cpu.json", "qa-zh-cpu.md"} <= set(names), names
+    assert {"gpu_session.log", "qa-zh-cpu-dec08.json", "qa-zh-cpu-dec08.md"} <= set(names), names
     assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
-    doc = json.loads((out / "qa-zh-cpu.json").read_text())
+    doc = json.loads((out / "qa-zh-cpu-dec08.json").read_text())
     assert [s["name"] for s in doc["results"]] == ["raw ORT (fp32)", "nlpserve in-process (fp32)"]
     assert doc["meta"]["requests"] == 12 and doc["machine"]["device"] == "cpu"
     assert "qa-zh: exit 0" in (out / "gpu_session.log").read_text()
