@@ -368,8 +368,13 @@ class Bench:
             started.append(procs.start(label, [procs.nlpserve_bin(), "serve"], self.logs,
                                        env=penv))  # fmt: skip
             urls.append(f"http://127.0.0.1:{port}")
+        t0 = time.perf_counter()
         for p, url in zip(started[-replicas:], urls, strict=True):
             procs.wait_http(p, url + "/readyz", timeout_s=180)
+        # Start-up is mostly the warm-up (on CUDA every shape of the grid): the GPU log
+        # should tell what it costs a device session.
+        print(f"    {name}: {replicas} server(s) ready in {time.perf_counter() - t0:.1f} s",
+              flush=True)  # fmt: skip
         return urls
 
     def _run_http(self, name: str, url: str | list[str], metrics_urls: list[str],
@@ -669,6 +674,20 @@ class Bench:
 
 
 LATENCIES_KEY = "_latencies"
+
+
+def log_warnings(text: str, limit: int = 10) -> list[str]:
+    """A child's WARNING/ERROR/CRITICAL log lines, each message once (its first line, the
+    time stamp left off), at most ``limit`` of them."""
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        for level in (" WARNING ", " ERROR ", " CRITICAL "):
+            if level in line:
+                seen.setdefault(level.strip() + " " + line.split(level, 1)[1])
+                break
+        if len(seen) >= limit:
+            break
+    return list(seen)
 
 
 def merge_rounds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1073,8 +1092,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 logs = sorted((Path(td) / "logs").glob("*.log"))
                 for lp in logs:
-                    if "Traceback" in lp.read_text(errors="replace"):
-                        print(f"--- {lp.name} (has a traceback)\n{lp.read_text()[-3000:]}")
+                    text = lp.read_text(errors="replace")
+                    if "Traceback" in text:
+                        print(f"--- {lp.name} (has a traceback)\n{text[-3000:]}")
+                    elif warned := log_warnings(text):
+                        # e.g. "IO binding failed", a provider fallback, non-finite fp16
+                        # outputs: the logs go with the temporary folder, the GPU log stays
+                        print(f"--- {lp.name} (warnings)\n" + "\n".join(warned))
             paths = bench.finish(args.results_dir / name, command)
             for pth in paths:
                 print(f"wrote {pth}")

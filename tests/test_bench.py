@@ -1167,3 +1167,30 @@ def test_the_bench_call_fits_the_device_limit_only_slimmed() -> None:
     root = procs.REPO_ROOT
     slim = carried_bytes(root, bench_call_exclusions(root, ["detector-en", "qa-zh"]))
     assert slim + whl + MARGIN <= LIMIT - (4 << 20), (slim + whl) / (1 << 20)
+
+
+def test_server_warnings_reach_the_benchmark_log() -> None:
+    """A server's warnings (IO binding given up on CUDA, a provider fallback) were in its log
+    only, which goes with bench.run's temporary folder: on a GPU machine nothing would tell
+    why a run was slow. bench.run prints them, each message once."""
+    from bench.run import log_warnings
+
+    text = "\n".join(
+        [
+            "2026-12-08 10:00:00,001 INFO service.runtime.runner: loaded detector-en",
+            "2026-12-08 10:00:01,002 WARNING service.runtime.runner: detector-en: IO binding "
+            "failed (x); using plain run",
+            "2026-12-08 10:00:02,003 WARNING service.queueing.inprocess: detector-en: non-"
+            "finite output for item 7",
+            "2026-12-08 10:00:03,004 WARNING service.queueing.inprocess: detector-en: non-"
+            "finite output for item 7",
+            "2026-12-08 10:00:04,005 ERROR service.api.app: boom",
+        ]
+    )
+    got = log_warnings(text)
+    assert got == [
+        "WARNING service.runtime.runner: detector-en: IO binding failed (x); using plain run",
+        "WARNING service.queueing.inprocess: detector-en: non-finite output for item 7",
+        "ERROR service.api.app: boom",
+    ]
+    assert log_warnings(text, limit=1) == got[:1]
