@@ -18,6 +18,8 @@ from service.repository import Variant, discover_models, load_manifest
 from service.runtime import (
     CPU,
     CUDA,
+    LoadedSession,
+    ModelRunner,
     ProviderError,
     bucket_edges,
     choose_variant,
@@ -348,3 +350,34 @@ def test_one_bad_item_fails_alone(fp32_runners):
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     want = runners["polarity-en"].run_batch([good[0]])[0]["logits"]
     np.testing.assert_allclose(results[0]["logits"], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["pos-en", "polarity-en", DETECT_MODEL, QA_MODEL])
+def test_a_runner_on_cuda_takes_its_io_binding_path_with_the_plain_runs_outputs(
+    fp32_runners, model_repo, model, caplog
+):
+    """What a CUDA runner does differently, short of the GPU: the shape grid, the warm-up of
+    every grid shape and IO binding (outputs bound to "cuda"; a CPU-only onnxruntime keeps
+    them on the host, so the path runs here), with the dynamic output axes (batch, sequence,
+    tags) sized by ORT. It must not give up IO binding, and every item's outputs are those
+    of the plain run."""
+    require_model(model_repo, model)
+    runners, tasks = fp32_runners
+    s = settings(model_repo, variant="fp32")
+    entry = next(e for e in discover_models(model_repo) if e.name == model)
+    loaded = create_session(entry.path, entry.manifest, s)
+    cuda = LoadedSession(loaded.session, CUDA, loaded.variant, CUDA, loaded.path)
+    runner = ModelRunner(entry, cuda, s)
+    assert runner._use_io_binding and runner.shape_multiple == 16
+    with caplog.at_level(logging.WARNING):
+        runner.warmup()
+        short, longer = _items(tasks, model, _requests(model))
+        batch = [longer, short, longer]
+        got = runner.run_batch(batch)
+    assert runner._use_io_binding, caplog.text  # no fallback to the plain run
+    assert "IO binding failed" not in caplog.text
+    want = runners[model].run_batch(batch)
+    for w, g in zip(want, got, strict=True):
+        for name in w:
+            assert w[name].shape == g[name].shape
+            np.testing.assert_allclose(w[name], g[name], rtol=0, atol=1e-5)
