@@ -137,8 +137,10 @@ if [ -f .ortgpu/WHEEL ]; then
 fi
 cat <<EOF
 == the bench call (after the chunk calls; size BENCH_BUDGET_S from status, bench/README.md):
-   run(command="BENCH_BUDGET_S=420 bash bench/gpu_session.sh",
+   run(command="cat /tmp/ort/parts/c[0-9][0-9] > /tmp/ort/whl && BENCH_BUDGET_S=540 "
+               "BENCH_API_REPLICAS=4 BENCH_REDIS_API_REPLICAS=6 BENCH_CLIENT_PROCS=4 "
+               "BENCH_NAME_SUFFIX=-<date> bash bench/gpu_session.sh",
        carry=[".whl", ".ortgpu/ort-gpu-device.sh", ".ortgpu/WHEEL", ".ortgpu/SHA256"$extra],
-       timeout_s=470)
+       timeout_s=590)   # budget = device time left - 60, timeout = budget + 50
 EOF
 echo "done: see bench/README.md, 'GPU session'"
