@@ -631,7 +631,7 @@ class Worker:
                         self.stats.cancelled += 1
                     done.append(_Done(it.stream, it.entry_id, model=model))
                 elif not isinstance(res, Exception):
-                    reply = codec.Reply(it.id, outputs=res)
+                    reply = codec.Reply(it.id, outputs=res, run_s=seconds)
                     done.append(_Done(it.stream, it.entry_id, it.reply_to, reply, model=model))
                 elif it.delivered >= self.settings.redis_max_attempts:
                     done.append(self._dead_item(it, f"{type(res).__name__}: {res}", "failed"))

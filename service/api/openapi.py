@@ -63,6 +63,14 @@ RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
     },
 }
 
+_SERVER_TIMING: dict[str, Any] = {
+    "description": "Where the request's time went in the server, in milliseconds (W3C "
+    "Server-Timing; browsers' developer tools show it): `tokenize`, `queue` (waiting for the "
+    "model: queued, batching, handed over) and `inference` (the batch that ran its slowest "
+    "sequence), e.g. `tokenize;dur=0.210, queue;dur=1.532, inference;dur=8.071`.",
+    "schema": {"type": "string"},
+}
+
 _DEADLINE_DOC = (
     "Milliseconds this request may take before a 504 (capped by NLPSERVE_DEFAULT_DEADLINE_MS, "
     "the default): a positive number in digits, with an optional fraction."
@@ -121,6 +129,8 @@ def _declare_shared(op: dict[str, Any]) -> None:
             "schema": {"type": "string"},
         }
         headers.update(RESPONSE_HEADERS.get(int(status), {}))
+        if status == "200" and "predict" in op.get("tags", ()):
+            headers["Server-Timing"] = _SERVER_TIMING
     op["responses"] = dict(sorted(responses.items()))
 
 

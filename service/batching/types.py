@@ -27,6 +27,9 @@ class WorkItem:
     lane: str = "predict"  # "explain" work runs only when no "predict" work waits
     id: str = field(default_factory=new_id)
     enqueued_at: float = field(default_factory=time.time)
+    # Seconds of the batch it ran in, set by the queue with its result (0.0 before, or when a
+    # worker did not report it): the Server-Timing header's `inference`.
+    run_s: float = 0.0
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.deadline

@@ -43,6 +43,7 @@ FEATURE_PREFIX = b"x:"
 # reply-only fields
 F_STATUS = b"s"
 F_ERROR = b"e"
+F_RUN_S = b"t"  # optional: seconds of the batch the item ran in (a reply without it: 0)
 OUTPUT_PREFIX = b"o:"
 
 # Codes are part of the wire format: append, never renumber.
@@ -219,6 +220,14 @@ def decode_work(fields: Mapping[bytes, bytes]) -> DecodedWork:
         raise CodecError(f"malformed entry: {e}") from e
 
 
+def _run_s(raw: bytes) -> float:
+    """The optional batch seconds of a reply: finite and not negative, else a CodecError."""
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise CodecError(f"run time {value} is not a duration")
+    return value
+
+
 def _time(fields: dict[bytes, bytes], key: bytes) -> float:
     """A unix time: finite (a NaN deadline or enqueue time made its bucket's oldest wait NaN,
     and the scheduler never picked that bucket again)."""
@@ -241,12 +250,15 @@ class Reply:
     status: bytes = STATUS_OK
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: str = ""
+    run_s: float = 0.0
 
 
 def encode_reply(reply: Reply) -> bytes:
     fields = {F_VERSION: CODEC_VERSION, F_ID: reply.id.encode(), F_STATUS: reply.status}
     if reply.error:
         fields[F_ERROR] = reply.error.encode()
+    if reply.run_s:
+        fields[F_RUN_S] = repr(float(reply.run_s)).encode()
     for name, arr in reply.outputs.items():
         fields[OUTPUT_PREFIX + name.encode()] = encode_array(arr)
     return encode_frame(fields)
@@ -267,6 +279,7 @@ def decode_reply(buf: bytes) -> Reply:
             status=_need(fields, F_STATUS),
             outputs=outputs,
             error=fields.get(F_ERROR, b"").decode(),
+            run_s=_run_s(fields.get(F_RUN_S, b"0")),
         )
-    except UnicodeDecodeError as e:
+    except (UnicodeDecodeError, ValueError) as e:
         raise CodecError(f"malformed reply: {e}") from e

@@ -462,4 +462,5 @@ class InProcessQueue(InferenceQueue):
                     InferenceFailedError(f"the model could not process this input: {res}", it.id)
                 )
             else:
+                it.run_s = seconds
                 fut.set_result(res)

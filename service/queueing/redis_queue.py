@@ -195,6 +195,9 @@ class RedisQueue(InferenceQueue):
             name: model_pace_key(self.prefix, name, self._layouts[name]) for name in manifests
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        # a waiting item's batch seconds, from its reply (WorkItem.run_s; kept until its
+        # submit_many takes it)
+        self._run_s: dict[str, float] = {}
         self._depth: dict[str, int] = {}
         # Of that depth, the predict lane's: only those run before a prediction.
         self._predict_depth: dict[str, int] = {}
@@ -366,6 +369,8 @@ class RedisQueue(InferenceQueue):
                     admitted += await self._admit_model(model, [items[i] for i in idx])
                 results = await results_of(futures)
             ok = True
+            for it in items:
+                it.run_s = self._run_s.get(it.id, 0.0)
             return results
         except TimeoutError:
             raise DeadlineExceededError(
@@ -375,6 +380,7 @@ class RedisQueue(InferenceQueue):
         finally:
             for it, fut in zip(items, futures, strict=True):
                 self._waiting.pop(it.id, None)
+                self._run_s.pop(it.id, None)
                 if not fut.done():
                     fut.cancel()
                 elif not fut.cancelled():
@@ -534,6 +540,8 @@ class RedisQueue(InferenceQueue):
             self.stats["late_replies"] += 1  # timed out, cancelled, or a duplicate
             return
         if reply.status == codec.STATUS_OK:
+            if reply.run_s:
+                self._run_s[reply.id] = reply.run_s
             fut.set_result(reply.outputs)
         elif reply.status == codec.STATUS_EXPIRED:
             fut.set_exception(DeadlineExceededError("the request deadline passed in the queue"))

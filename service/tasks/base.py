@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -136,16 +137,21 @@ async def run_requests(
     deadline: float,
     lane: str = "predict",
     enforce_limits: bool = True,
+    timing: dict[str, float] | None = None,
 ) -> list[BaseModel]:
     """Encode ``requests``, submit all their sequences at once, decode in request order.
 
     ``enforce_limits=False`` skips the client-facing character limit, for texts the service
     builds itself (explanations' masked variants) from a client text already checked.
+    ``timing`` receives where the request's time went, in seconds: ``tokenize``,
+    ``inference`` (its slowest sequence's batch) and ``queue`` (the rest of the wait for the
+    model: queued, waiting for company, handed between threads or processes).
     """
     # Refused for load (queue full, or its deadline nearer than the work queued ahead) before
     # the tokenizer runs: every request of an overload but those admitted ends here.
     if (refused := queue.refuse(task.name, 1, deadline, lane)) is not None:
         raise refused
+    t0 = time.perf_counter()
     chars = sum(len(t) for r in requests for _, t in task.texts(r))
     if chars > OFFLOAD_CHARS:
         prepared = await asyncio.to_thread(task.prepare, requests, deadline, lane, enforce_limits)
@@ -165,7 +171,12 @@ async def run_requests(
             f"this request needs {len(flat)} model sequences ({what}); one request may need "
             f"at most {limit} ({setting}): send fewer or shorter texts",
         )
+    t1 = time.perf_counter()
     outputs = await queue.submit_many(flat)
+    if timing is not None:
+        waited = time.perf_counter() - t1
+        run = max((it.run_s for it in flat), default=0.0)
+        timing.update(tokenize=t1 - t0, queue=max(0.0, waited - run), inference=run)
     results: list[BaseModel] = []
     k = 0
     for p in prepared:

@@ -128,6 +128,21 @@ def test_reply_rejects_garbage() -> None:
         codec.decode_reply(blob[:-5])
 
 
+def test_reply_carries_the_batch_seconds_optionally() -> None:
+    """The worker reports how long the item's batch ran (the API's Server-Timing header);
+    a reply without it (a worker of the version before) reads as 0, a bad one is refused."""
+    timed = codec.decode_reply(codec.encode_reply(codec.Reply("r", run_s=0.0123)))
+    assert timed.run_s == 0.0123
+    assert codec.decode_reply(codec.encode_reply(codec.Reply("r"))).run_s == 0.0
+    for bad in (b"-1", b"nan", b"inf", b"soon"):
+        frame = codec.encode_frame(
+            {codec.F_VERSION: codec.CODEC_VERSION, codec.F_ID: b"r", codec.F_STATUS: b"ok",
+             codec.F_RUN_S: bad}
+        )  # fmt: skip
+        with pytest.raises(codec.CodecError):
+            codec.decode_reply(frame)
+
+
 def test_cancel_message_round_trip() -> None:
     from service.queueing.redis_keys import decode_cancel, encode_cancel
 

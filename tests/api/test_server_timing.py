@@ -1,0 +1,68 @@
+"""The Server-Timing header of predictions: where a request's time went in the server."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.service_support import DETECT_MODEL, POLARITY_MODEL, require_model
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+_METRIC = re.compile(r"^(\w+);dur=(\d+\.\d{3})$")
+
+
+def timings(header: str) -> dict[str, float]:
+    """``name;dur=ms, ...`` as {name: ms}; every part must have that form."""
+    out = {}
+    for part in header.split(", "):
+        m = _METRIC.match(part)
+        assert m, header
+        out[m[1]] = float(m[2])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _needs_models(model_repo):
+    require_model(model_repo, DETECT_MODEL)
+    require_model(model_repo, POLARITY_MODEL)
+
+
+async def test_every_prediction_says_where_its_time_went(client, service):
+    """Both backends: tokenizing, the wait for the model, and the model's own batch time
+    (in Redis mode the worker reports it with the reply: 0 if it did not)."""
+    for path, body in (
+        ("/v1/detect", {"text": "a short text to classify"}),
+        ("/v1/polarity", {"inputs": [{"text": "a fine film"}, {"text": "dull and long"}]}),
+    ):
+        r = await client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        t = timings(r.headers["server-timing"])
+        assert list(t) == ["tokenize", "queue", "inference"], t
+        assert t["inference"] > 0 and t["queue"] >= 0 and t["tokenize"] >= 0, t
+    queue = service.app.state.service.queue
+    assert not getattr(queue, "_run_s", {})  # the Redis replies' times are not kept
+
+
+async def test_inference_time_is_the_batch_that_ran_the_request(inprocess_service):
+    queue = inprocess_service.app.state.service.queue
+    async with inprocess_service.client() as c:
+        r = await c.post("/v1/detect", json={"text": "one request on its own"})
+    assert r.status_code == 200, r.text
+    ran = queue.batch_log[-1]
+    assert ran.model == DETECT_MODEL and ran.size == 1
+    assert timings(r.headers["server-timing"])["inference"] == round(ran.seconds * 1000, 3)
+
+
+async def test_errors_carry_no_server_timing(client):
+    r = await client.post("/v1/detect", json={"text": ""})
+    assert r.status_code == 422 and "server-timing" not in r.headers
+
+
+async def test_the_header_is_declared_on_every_prediction(client):
+    spec = (await client.get("/openapi.json")).json()
+    for task in ("qa", "detect", "pos", "polarity"):
+        ok = spec["paths"][f"/v1/{task}"]["post"]["responses"]["200"]
+        assert "Server-Timing" in ok["headers"], task
+        assert not ok["headers"]["Server-Timing"].get("required")  # errors do not carry it
