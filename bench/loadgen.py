@@ -339,6 +339,23 @@ class Result:
     attempts: int = 1
     error: str | None = None
     body: dict[str, Any] | None = None
+    # nlpserve's Server-Timing of the answer, ms by name (tokenize, queue, inference)
+    server_ms: dict[str, float] | None = None
+
+
+def parse_server_timing(header: str | None) -> dict[str, float] | None:
+    """``name;dur=ms, ...`` as {name: ms}; None without the header (other servers)."""
+    if not header:
+        return None
+    out = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+    return out or None
 
 
 @dataclass
@@ -375,10 +392,11 @@ async def send_one(
     start = time.perf_counter()
     attempt = 0
     while True:
-        status, error, parsed, retry_after = 0, None, None, None
+        status, error, parsed, retry_after, timing = 0, None, None, None, None
         try:
             status, headers, content = await post(spec.path, body)
             retry_after = headers.get("retry-after")
+            timing = parse_server_timing(headers.get("server-timing"))
             if keep_body or status >= 400:
                 try:
                     parsed = json.loads(content)
@@ -392,7 +410,7 @@ async def send_one(
         await asyncio.sleep(policy.delay(attempt, retry_after))
         attempt += 1
     end = time.perf_counter()
-    return Result(spec.id, status, end - start, start - t0, attempt + 1, error, parsed)
+    return Result(spec.id, status, end - start, start - t0, attempt + 1, error, parsed, timing)
 
 
 @contextlib.asynccontextmanager
@@ -633,6 +651,14 @@ def summarize(
             "max": _ms(max(lat)) if lat else None,
         },
     }
+    if timed := [r.server_ms for r in ok if r.server_ms]:
+        # Means add up: the mean latency is their sum plus the rest (HTTP, JSON, validation,
+        # the event loop's turns, the client itself).
+        names = list(dict.fromkeys(k for t in timed for k in t))
+        split = {k: round(float(np.mean([t.get(k, 0.0) for t in timed])), 3) for k in names}
+        if len(timed) == len(ok) and lat:
+            split["rest"] = round(1000.0 * float(np.mean(lat)) - sum(split.values()), 3)
+        out["server_ms_mean"] = split
     out.update(metrics or {})
     return out
 

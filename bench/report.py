@@ -164,6 +164,24 @@ def _answers_lines(answers: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _time_split_lines(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where an answered request's time went, per nlpserve configuration (its Server-Timing
+    header, means in ms; `rest` is the mean latency less the server's parts)."""
+    split = [(s["name"], s["server_ms_mean"]) for s in summaries if s.get("server_ms_mean")]
+    if not split:
+        return []
+    names = list(dict.fromkeys(k for _, t in split for k in t))
+    out = ["", "## Where the time went", "",
+           "Means over answered requests, ms, from each answer's `Server-Timing` header; "
+           "`rest` is the mean latency less those (HTTP, JSON, validation, event-loop turns, "
+           "the load generator).", "",
+           "| configuration | " + " | ".join(names) + " |",
+           "|---|" + "---:|" * len(names)]  # fmt: skip
+    for name, t in split:
+        out.append(f"| {name} | " + " | ".join(_fmt(t.get(k), 2) for k in names) + " |")
+    return out
+
+
 def markdown(
     summaries: Sequence[Mapping[str, Any]],
     meta: Mapping[str, Any],
@@ -201,6 +219,7 @@ def markdown(
         )
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    lines += _time_split_lines(summaries)
     if answers:
         lines += _answers_lines(answers)
     if machine:

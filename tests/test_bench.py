@@ -204,6 +204,26 @@ async def _two_replicas(n: int) -> AsyncIterator[tuple[list[str], list[RequestSp
         yield [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"], specs
 
 
+def test_server_timing_is_parsed_and_split_into_means() -> None:
+    from bench.loadgen import Result, parse_server_timing, summarize
+
+    assert parse_server_timing("tokenize;dur=0.5, queue;desc=x;dur=2, inference;dur=7.5") == {
+        "tokenize": 0.5,
+        "queue": 2.0,
+        "inference": 7.5,
+    }
+    assert parse_server_timing(None) is None and parse_server_timing("cache;desc=hit") is None
+    specs = [RequestSpec(i, "/v1/detect", {"text": "x"}, 3) for i in range(2)]
+    results = [
+        Result(0, 200, 0.012, 0.0, server_ms={"tokenize": 1.0, "queue": 2.0, "inference": 5.0}),
+        Result(1, 200, 0.020, 0.0, server_ms={"tokenize": 1.0, "queue": 4.0, "inference": 9.0}),
+    ]
+    split = summarize("s", results, 1.0, specs)["server_ms_mean"]
+    assert split == {"tokenize": 1.0, "queue": 3.0, "inference": 7.0, "rest": 5.0}
+    results[1].server_ms = None  # a server that sent none for one answer: no "rest"
+    assert "rest" not in summarize("s", results, 1.0, specs)["server_ms_mean"]
+
+
 def test_run_load_spreads_clients_over_several_urls() -> None:
     """API replicas without a gateway (bench.run --api-replicas): every request is sent once,
     and each replica gets its share."""
@@ -515,6 +535,13 @@ def test_inprocess_replicas_and_client_processes(model_repo: Path, tmp_path: Pat
     assert round(r["batches"] * r["mean_batch_size"]) == 60
     [check] = [v for k, v in report["answers"].items() if k.startswith("nlpserve in-process")]
     assert check["compared"] == 60 and check["label_agreement"] == 1.0
+    # where the time went, from every answer's Server-Timing (not raw ORT's: no HTTP)
+    split = r["server_ms_mean"]
+    assert list(split) == ["tokenize", "queue", "inference", "rest"], split
+    assert split["inference"] > 0 and split["rest"] > 0, split
+    raw = next(x for x in report["results"] if x["name"].startswith("raw ORT"))
+    assert "server_ms_mean" not in raw
+    assert "## Where the time went" in (tmp_path / "rep.md").read_text()
 
 
 def test_device_cuda_without_cuda_fails_at_once(model_repo: Path, tmp_path: Path) -> None:
