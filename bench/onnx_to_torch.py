@@ -61,15 +61,22 @@ def _base_name(name: str) -> str:
 def state_dict_from_onnx(model: Any) -> tuple[dict[str, np.ndarray], float | None]:
     """HF parameter name -> array, and the LayerNorm epsilon found in the graph."""
     inits = _initializers(model)
+    # Weights a MatMul multiplies by (x @ W: stored [in, out], nn.Linear's transposed). Named
+    # ones are int8 Gemm weights (`X_Transposed` in newer onnxruntime, `X` up to 1.22 at least).
+    matmul_b = {
+        _base_name(n.input[1])
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "MatMulInteger") and len(n.input) >= 2
+    }
     state: dict[str, np.ndarray] = {}
     for name, arr in inits.items():
         if "." not in name or name.startswith("onnx::") or arr.dtype != np.float32:
             continue
         if name.endswith(("_scale", "_zero_point")):
             continue  # quantisation parameters, folded into the dequantized weight
-        key = name.removeprefix(WRAPPER_PREFIX)
-        if key.endswith("_Transposed"):  # int8 Gemm weights are stored transposed
-            key, arr = key.removesuffix("_Transposed"), arr.T
+        key = name.removeprefix(WRAPPER_PREFIX).removesuffix("_Transposed")
+        if name in matmul_b:
+            arr = arr.T
         state[key] = arr
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
