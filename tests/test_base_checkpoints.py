@@ -70,7 +70,8 @@ def _refused_before_data(tmp_path: Path, base: Path, command: str, match: str) -
 
 def test_a_tokenizer_without_its_vocabulary_is_refused_before_any_data(tmp_path: Path):
     """config.json + weights + tokenizer_config.json and no vocab.txt/tokenizer.json loads as
-    a BERT tokenizer of the 5 special tokens: every word was [UNK], and it trained, rc 0."""
+    a BERT tokenizer of the 5 special tokens (transformers 5): every word was [UNK], and it
+    trained, rc 0. transformers 4 does not load it at all (its vocab_file is None)."""
     from transformers import AutoTokenizer, BertModel
 
     base = _save(tmp_path / "base", BertModel, _bert_config(300))
@@ -79,9 +80,15 @@ def test_a_tokenizer_without_its_vocabulary_is_refused_before_any_data(tmp_path:
     (base / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, **specials})
     )
-    assert len(AutoTokenizer.from_pretrained(str(base))) == 5  # what transformers gives
+    try:
+        size = len(AutoTokenizer.from_pretrained(str(base)))
+    except TypeError:  # transformers 4.x: "stat: path should be string ... not NoneType"
+        match = "cannot load its tokenizer"
+    else:
+        assert size == 5  # what transformers 5 gives
+        match = "vocabulary is missing"
     for command in ("detector", "qa"):
-        _refused_before_data(tmp_path, base, command, "vocabulary is missing")
+        _refused_before_data(tmp_path, base, command, match)
 
 
 def test_training_texts_mostly_unknown_to_the_tokenizer_are_refused(tmp_path: Path):
