@@ -18,6 +18,7 @@ help:
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check"
 	@echo "make test-lowest  service tests under pyproject's lowest versions (not in CI)"
+	@echo "make test-lowest-train  the train side's tests under its lowest versions (not in CI)"
 
 # Under the images' pins (deploy/constraints.txt): the tests run against what ships. The pins
 # are Linux x86_64 wheels; elsewhere pip resolves freely.
@@ -183,6 +184,26 @@ test-lowest: $(BIN)/.installed
 	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
 		--upgrade -e '.[dev]'
 	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS)
+
+# The same for the train extra, in its own venv made afresh each time: torch==2.13.0 first
+# with pip (the CPU build these machines find on disk, or TORCH_INDEX's), then uv resolves the
+# rest around it (uv alone, or its --upgrade, would fetch PyPI's CUDA build of torch). Its
+# own pytest cache: the tiny test models are built (exported, quantised) with these versions.
+LOWEST_TRAIN ?= .venv-lowest-train
+LOWEST_TRAIN_TESTS ?= tests/test_qa_model.py tests/test_detector_model.py \
+	tests/test_base_checkpoints.py tests/test_pretrain.py tests/test_training_loop.py \
+	tests/test_training_cli_runtime.py tests/test_lstm_export.py tests/test_lstm_models.py \
+	tests/test_bench.py
+.PHONY: test-lowest-train
+test-lowest-train:
+	rm -rf $(LOWEST_TRAIN)
+	$(PYTHON) -m venv $(LOWEST_TRAIN)
+	$(LOWEST_TRAIN)/bin/pip install -q uv torch==2.13.0 \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple)
+	$(LOWEST_TRAIN)/bin/uv pip install -q --python $(LOWEST_TRAIN)/bin/python \
+		--resolution lowest-direct -e '.[train,dev]'
+	$(LOWEST_TRAIN)/bin/python -m pytest -q -o cache_dir=$(LOWEST_TRAIN)/.pytest_cache \
+		$(LOWEST_TRAIN_TESTS)
 
 # Deployment and benchmark (docs/deploy.md, bench/). `e2e` needs redis-server and nginx.
 .PHONY: e2e bench
