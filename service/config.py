@@ -47,6 +47,32 @@ CHEAP_TOKEN_S = 20e-6
 MAX_LIST_ITEMS = 10_000
 
 
+def parse_origins(value: str) -> list[str]:
+    """``NLPSERVE_CORS_ALLOW_ORIGINS`` as a list. A browser sends its page's origin as
+    ``scheme://host[:port]`` and CORS compares it as a string: a path, a trailing slash or
+    another case would never match, so they are refused here rather than silently ignored."""
+    origins = [o.strip() for o in value.split(",") if o.strip()]
+    if origins == ["*"]:
+        return origins
+    for origin in origins:
+        if origin == "*":
+            raise ValueError("'*' allows every origin: give it alone, not in a list")
+        parts = urlsplit(origin)
+        try:
+            parts.port  # noqa: B018 -- raises on a port that is no number
+        except ValueError:
+            raise ValueError(f"{origin!r}: the port is not a number") from None
+        exact = f"{parts.scheme}://{parts.netloc}"
+        if parts.scheme not in ("http", "https") or not parts.hostname or origin != exact:
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host[:port], http or https, with no "
+                "path, query or trailing slash (e.g. https://app.example.com)"
+            )
+        if origin != origin.lower():
+            raise ValueError(f"{origin!r}: browsers send origins in lower case")
+    return origins
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a bad value is never echoed back (NLPSERVE_REDIS_URL holds a
     # password); the errors name the variable and say what is wrong with it.
@@ -77,6 +103,13 @@ class Settings(BaseSettings):
     # --- HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
+    cors_allow_origins: str | None = Field(
+        None,
+        description="Origins whose web pages may call the API from a browser, comma-separated "
+        "(`https://app.example.com,http://localhost:3000`), or `*` for any origin. Unset: no "
+        "CORS headers, so browsers let only pages served by this API (the demo page) read its "
+        "answers.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."
     )
@@ -377,6 +410,18 @@ class Settings(BaseSettings):
                 "give it in one place"
             )
         return self
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins_parse(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # NLPSERVE_CORS_ALLOW_ORIGINS= (compose's ${VAR:-}): no CORS
+        parse_origins(value)  # ValueError: reported as a bad NLPSERVE_CORS_ALLOW_ORIGINS
+        return value
+
+    def cors_origins(self) -> list[str]:
+        """``cors_allow_origins`` parsed ([]: no CORS headers)."""
+        return [] if self.cors_allow_origins is None else parse_origins(self.cors_allow_origins)
 
     @field_validator("load_models")
     @classmethod

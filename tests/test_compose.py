@@ -37,6 +37,7 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CPU_WORKERS": "1",
     "NLPSERVE_CPU_WORKER_MODELS": "",  # empty: every model
     "NLPSERVE_GPU_WORKER_MODELS": "",
+    "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
 

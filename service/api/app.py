@@ -15,6 +15,7 @@ from service.api.errors import install_error_handlers
 from service.api.fast_path import PredictFastPath
 from service.api.middleware import (
     BodyLimitMiddleware,
+    CorsMiddleware,
     JsonBodyMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
@@ -137,5 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the metrics: a request the shutdown cancels counts as the 503 it gets.
     app.add_middleware(ShutdownMiddleware, stopping=lambda: state.stopping)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
+    if origins := settings.cors_origins():  # outside the metrics: a preflight is no request
+        app.add_middleware(CorsMiddleware, origins=origins)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     return app

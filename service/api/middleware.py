@@ -10,8 +10,12 @@ from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from fastapi import HTTPException
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_response
 from service.ids import new_id
 from service.metrics import Metrics
 
@@ -314,3 +318,38 @@ class ShutdownMiddleware:
                 "the service is shutting down",
                 [(b"retry-after", b"1")],
             )
+
+
+# What a browser page may send and read. Server-Timing, X-Request-ID and Retry-After are
+# not CORS-safelisted response headers: unexposed, the page's code could not read them.
+CORS_ALLOW_HEADERS = ("Content-Type", "X-Request-ID", "X-Deadline-Ms")
+CORS_EXPOSE_HEADERS = ("X-Request-ID", "Server-Timing", "Retry-After")
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS for ``NLPSERVE_CORS_ALLOW_ORIGINS``, with a refused preflight
+    answered in the API's error format (Starlette answers it in plain text)."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=("GET", "POST"),
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=600,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        message = (
+            f"CORS preflight refused ({refused}): allowed origins are those in "
+            "NLPSERVE_CORS_ALLOW_ORIGINS, methods GET and POST, request headers "
+            f"{', '.join(CORS_ALLOW_HEADERS)}"
+        )
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        headers.pop("content-type", None)
+        return error_response(400, "cors_preflight_refused", message, headers)
