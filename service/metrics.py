@@ -94,6 +94,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.request_stage = Histogram(
+            "nlpserve_request_stage_seconds",
+            "Where each answered prediction's time went in the server, as its Server-Timing "
+            "header says: stage=tokenize (in the API process), queue (waiting for a batch and "
+            "a free thread; in Redis mode also the trip through Redis and the worker), "
+            "inference (the ONNX Runtime run of its batch).",
+            ["model", "stage"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
         self.rejected = Counter(
             "nlpserve_rejected_total",
             "Requests answered with an error, by model and reason (the error code).",
@@ -172,6 +182,11 @@ class Metrics:
         s = str(status)
         self.child(self.requests, model, endpoint, s).inc()
         self.child(self.request_duration, model, endpoint, s).observe(secs)
+
+    def observe_stages(self, model: str, timing: dict[str, float]) -> None:
+        """A prediction's ``timing`` (run_requests': stage -> seconds)."""
+        for stage, secs in timing.items():
+            self.child(self.request_stage, model, stage).observe(secs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

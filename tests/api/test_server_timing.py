@@ -6,7 +6,13 @@ import re
 
 import pytest
 
-from tests.service_support import DETECT_MODEL, POLARITY_MODEL, require_model
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    metric_value,
+    read_metrics,
+    require_model,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -66,3 +72,36 @@ async def test_the_header_is_declared_on_every_prediction(client):
         ok = spec["paths"][f"/v1/{task}"]["post"]["responses"]["200"]
         assert "Server-Timing" in ok["headers"], task
         assert not ok["headers"]["Server-Timing"].get("required")  # errors do not carry it
+
+
+async def test_stage_metrics_add_up_the_headers(client):
+    """nlpserve_request_stage_seconds: per model and stage, one observation per answered
+    prediction (a batch request is one), summing what the headers said; an error adds none."""
+
+    def stages(text: str) -> dict[str, tuple[float, float]]:
+        return {
+            s: (
+                metric_value(
+                    text, "nlpserve_request_stage_seconds_count", model=POLARITY_MODEL, stage=s
+                ),
+                metric_value(
+                    text, "nlpserve_request_stage_seconds_sum", model=POLARITY_MODEL, stage=s
+                ),
+            )
+            for s in ("tokenize", "queue", "inference")
+        }
+
+    before = stages(await read_metrics(client))
+    said: dict[str, float] = {"tokenize": 0.0, "queue": 0.0, "inference": 0.0}
+    bodies = [{"text": "a fine film"}, {"inputs": [{"text": "dull"}, {"text": "bright"}]}]
+    for body in bodies:
+        r = await client.post("/v1/polarity", json=body)
+        assert r.status_code == 200, r.text
+        for name, ms in timings(r.headers["server-timing"]).items():
+            said[name] += ms / 1000
+    assert (await client.post("/v1/polarity", json={"text": ""})).status_code == 422
+    after = stages(await read_metrics(client))
+    for s, (count, total) in after.items():
+        assert count - before[s][0] == len(bodies), s
+        # the header rounds each value to a microsecond
+        assert total - before[s][1] == pytest.approx(said[s], abs=2e-6 * len(bodies)), s

@@ -89,6 +89,7 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
         )
     except ClientGone:
         raise client_closed() from None
+    state.metrics.observe_stages(task.name, timing)
     dumped = [r.model_dump() for r in results]
     payload = {"outputs": dumped} if is_batch else dumped[0]
     return Response(
