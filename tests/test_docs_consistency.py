@@ -147,13 +147,15 @@ def _documented_commands(text: str) -> list[list[str]]:
         line
         for lang, body in _fenced_blocks(text)
         if lang in ("bash", "sh", "")
-        for line in body.replace("\\\n", " ").splitlines()
+        # a usage line's options may go on below it, indented ("    [--init-from ...]")
+        for line in re.sub(r"\\\n|\n\s+(?=\[)", " ", body).splitlines()
     ]
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     lines += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
     out = []
     for line in lines:
-        for part in re.split(r"&&|\|\|?|;", line.split(" #")[0]):
+        # a pipe between commands has spaces around it; "pos|polarity" is a usage alternative
+        for part in re.split(r"\s(?:&&|\|\|?)\s|;", line.split(" #")[0]):
             try:
                 words = shlex.split(part)
             except ValueError:  # a placeholder with a quote in it
@@ -192,23 +194,26 @@ def _argparse_options(path: Path) -> set[str]:
     return names | {"--no-" + n[2:] for n in names} | {"--help"}
 
 
-def _command_and_options(words: list[str], nlpserve: dict) -> tuple[str, list[str], set] | None:
+def _commands_and_options(words: list[str], nlpserve: dict) -> list[tuple[str, list[str], set]]:
+    """(command, its arguments, the options it declares) for a documented command line; one
+    per alternative of a usage line (`nlpserve train pos|polarity ...`)."""
     for i, word in enumerate(words):
         if word.endswith("nlpserve") or (i == 0 and word in ("train", "pretrain", "evaluate")):
             j = i + 1 if word.endswith("nlpserve") else i
-            path: tuple[str, ...] = ()
-            while j < len(words) and (*path, words[j]) in nlpserve:
-                path, j = (*path, words[j]), j + 1
-            if path:
-                return "nlpserve " + " ".join(path), words[j:], nlpserve[path]
-            return None
+            paths: list[tuple[str, ...]] = [()]
+            while j < len(words):
+                longer = [(*p, alt) for p in paths for alt in words[j].split("|")]
+                if not all(p in nlpserve for p in longer):
+                    break
+                paths, j = longer, j + 1
+            return [("nlpserve " + " ".join(p), words[j:], nlpserve[p]) for p in paths if p]
         module = words[i + 1] if word == "-m" and i + 1 < len(words) else None
         if module and module.startswith(("bench.", "training.", "deploy.")):
             script = ROOT / (module.replace(".", "/") + ".py")
-            return module, words[i + 2 :], _argparse_options(script)
+            return [(module, words[i + 2 :], _argparse_options(script))]
         if re.fullmatch(r"(bench|deploy|training)/[\w/]+\.py", word) and "python" in words[0]:
-            return word, words[i + 1 :], _argparse_options(ROOT / word)
-    return None
+            return [(word, words[i + 1 :], _argparse_options(ROOT / word))]
+    return []
 
 
 def test_options_in_documented_commands_exist():
@@ -217,16 +222,14 @@ def test_options_in_documented_commands_exist():
     nlpserve, checked, unknown = _nlpserve_options(), set(), []
     for name in RUN_DOCS:
         for words in _documented_commands((ROOT / name).read_text("utf-8")):
-            found = _command_and_options(words, nlpserve)
-            if found is None:
-                continue
-            command, args, declared = found
-            checked.add(command)
-            for arg in args:
-                option = arg.split("=", 1)[0]
-                if re.fullmatch(r"--[a-z][a-z0-9-]*", option) and option not in declared:
-                    unknown.append(f"{name}: {command} {option}")
-    assert {"nlpserve serve", "nlpserve train qa", "bench.run", "bench.overload"} <= checked
+            for command, args, declared in _commands_and_options(words, nlpserve):
+                checked.add(command)
+                for arg in args:
+                    option = arg.strip("[]").split("=", 1)[0]
+                    if re.fullmatch(r"--[a-z][a-z0-9-]*", option) and option not in declared:
+                        unknown.append(f"{name}: {command} {option}")
+    assert {"nlpserve worker", "nlpserve train polarity", "nlpserve train qa"} <= checked
+    assert {"nlpserve pretrain", "nlpserve evaluate", "bench.run", "bench.overload"} <= checked
     assert unknown == []
 
 
