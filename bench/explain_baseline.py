@@ -8,9 +8,11 @@ machine's CPU:
   variant, explanation cache off), called over HTTP; masked variants go through the batched
   ONNX Runtime queue in the ``explain`` lane.
 * **baseline**: the textbook recipe ``shap.Explainer(transformers.pipeline(...))`` on the same
-  architecture in PyTorch: the fine-tuned checkpoint when ``--torch-model`` names one, else the
-  manifest's base model with a fresh head, or for the tiny test detector the same tiny config
-  (latency depends on the architecture, not on the weights). The pipeline runs with its
+  architecture in PyTorch: the fine-tuned checkpoint when ``--torch-model`` names one, else
+  ``runs/<name>/best``, else the served weights rebuilt from the ONNX file
+  (``bench/onnx_to_torch.py``; dequantised from an int8-only version), and only where that
+  fails the manifest's base model with a fresh head, or for the tiny test detector the same
+  tiny config (latency depends on the architecture, not on the weights). The pipeline runs with its
   default batch size (1: what "plain" gets you) and, as a second row, with ``batch_size=32``.
 
     python bench/explain_baseline.py                           # models/detector-en (latest)

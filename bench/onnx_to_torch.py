@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 WRAPPER_PREFIX = "inner."  # training/transformer/export.py wraps the HF model as `inner`
 PARITY_TOL = 1e-4
+# int8: the closest head count also passes within INT8_MARGIN x the 0.25 bound when it is
+# INT8_MARGIN times closer than the runner-up (below).
+INT8_MARGIN = 4.0
 # Architectures this module can rebuild, and how to build each from a BertConfig.
 SUPPORTED = ("BertForSequenceClassification", "BertForQuestionAnswering")
 
@@ -183,6 +186,9 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
     elif "int8" in by_precision and allow_int8:
         # Activations are quantised at run time in the int8 graph, the rebuilt model keeps
         # them in float: the outputs agree only roughly, enough to tell head counts apart.
+        # How roughly depends on the CPU's int8 kernels: qa-zh/1 came within 0.28 on an
+        # AVX2-only EPYC (every wrong head count 1.4 or more), so a head count that stands
+        # out (INT8_MARGIN times closer than the runner-up, under 1.0) passes as well.
         kind, onnx_path, tol = "int8-dequantized", version_dir / by_precision["int8"], 0.25
     else:
         raise RuntimeError(f"{version_dir}: no fp32 (or int8) ONNX file to rebuild from")
@@ -215,6 +221,7 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
     preferred = [base.get("num_attention_heads")] if base.get("num_attention_heads") else []
     candidates = preferred + [h for h in range(1, hidden + 1) if hidden % h == 0]
     best: tuple[float, int, Any] = (float("inf"), 0, None)
+    diffs: list[float] = []
     for heads in dict.fromkeys(candidates):  # ordered, unique
         model = model_class(_config(state, int(heads), manifest["labels"], eps, base)).eval()
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -224,13 +231,16 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
         with torch.inference_mode():
             got = _torch_outputs(model, {k: torch.from_numpy(v) for k, v in probe.items()})
         diff = float(np.abs(got - want)[live].max())
+        diffs.append(diff)
         if diff < best[0]:
             best = (diff, int(heads), model)
         # fp32 is exact: the first match is the one. int8 is only close: the closest wins.
         if kind == "fp32" and diff < tol:
             break
     diff, heads, model = best
-    if model is not None and diff < tol:
+    runner_up = sorted(diffs)[1] if len(diffs) > 1 else float("inf")
+    stands_out = kind != "fp32" and diff < INT8_MARGIN * tol and diff * INT8_MARGIN <= runner_up
+    if model is not None and (diff < tol or stands_out):
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out_dir))
         log.info("rebuilt %s from %s: %d heads, max |diff| %.1e", out_dir, onnx_path, heads, diff)

@@ -1,10 +1,14 @@
 """The docs' tables agree with the code: error codes (docs/service.md "Errors") and setting
 defaults (every table that gives one). Read from the source, so a new code or a changed
-default fails here until the docs say it."""
+default fails here until the docs say it. And what a newcomer runs from the docs: every
+shell block parses, every option a documented command passes exists, every link between the
+docs (file and heading) resolves."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 from service.config import Settings
@@ -111,3 +115,142 @@ def test_documented_defaults_are_the_settings_defaults():
         if not same:
             wrong.append(f"{file}: {name} documented {written!r}, default {want!r}")
     assert wrong == []
+
+
+# The documents a newcomer runs commands from.
+RUN_DOCS = ["README.md", "docs/service.md", "docs/scale-out.md", "docs/deploy.md",
+            "docs/explain.md", "bench/README.md"]  # fmt: skip
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, paired fence by fence."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_shell_blocks_in_the_docs_parse():
+    """A shell block is commands only: prose left inside one (a closing fence misplaced)
+    does not parse, and a reader pasting the block runs it."""
+    broken = []
+    for name in RUN_DOCS:
+        for lang, body in _fenced_blocks((ROOT / name).read_text("utf-8")):
+            if lang not in ("bash", "sh"):
+                continue
+            proc = subprocess.run(["bash", "-n"], input=body, text=True, capture_output=True)
+            if proc.returncode != 0:
+                broken.append(f"{name}: {body.splitlines()[0]!r}: {proc.stderr.strip()}")
+    assert broken == []
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """The words of every command line in shell blocks and in inline code spans."""
+    lines = [
+        line
+        for lang, body in _fenced_blocks(text)
+        if lang in ("bash", "sh", "")
+        # a usage line's options may go on below it, indented ("    [--init-from ...]")
+        for line in re.sub(r"\\\n|\n\s+(?=\[)", " ", body).splitlines()
+    ]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    lines += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
+    out = []
+    for line in lines:
+        # a pipe between commands has spaces around it; "pos|polarity" is a usage alternative
+        for part in re.split(r"\s(?:&&|\|\|?)\s|;", line.split(" #")[0]):
+            try:
+                words = shlex.split(part)
+            except ValueError:  # a placeholder with a quote in it
+                words = part.split()
+            for word in words:  # make bench BENCH_ARGS="--requests ..."
+                if word.startswith("BENCH_ARGS="):
+                    words = ["python", "-m", "bench.run", *shlex.split(word.split("=", 1)[1])]
+            out.append(words)
+    return out
+
+
+def _nlpserve_options() -> dict[tuple[str, ...], set[str]]:
+    import click
+    import typer
+
+    from service.cli import app
+    from training.cli import register
+
+    if not any(g.name == "train" for g in app.registered_groups):
+        register(app)
+    options: dict[tuple[str, ...], set[str]] = {}
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+        options[path] = {o for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return options
+
+
+def _argparse_options(path: Path) -> set[str]:
+    """The options a script's argparse parser declares (literal add_argument names; a
+    BooleanOptionalAction's --no- form too)."""
+    names = set(re.findall(r'"(--[a-z0-9][a-z0-9-]*)"', path.read_text("utf-8")))
+    return names | {"--no-" + n[2:] for n in names} | {"--help"}
+
+
+def _commands_and_options(words: list[str], nlpserve: dict) -> list[tuple[str, list[str], set]]:
+    """(command, its arguments, the options it declares) for a documented command line; one
+    per alternative of a usage line (`nlpserve train pos|polarity ...`)."""
+    for i, word in enumerate(words):
+        if word.endswith("nlpserve") or (i == 0 and word in ("train", "pretrain", "evaluate")):
+            j = i + 1 if word.endswith("nlpserve") else i
+            paths: list[tuple[str, ...]] = [()]
+            while j < len(words):
+                longer = [(*p, alt) for p in paths for alt in words[j].split("|")]
+                if not all(p in nlpserve for p in longer):
+                    break
+                paths, j = longer, j + 1
+            return [("nlpserve " + " ".join(p), words[j:], nlpserve[p]) for p in paths if p]
+        module = words[i + 1] if word == "-m" and i + 1 < len(words) else None
+        if module and module.startswith(("bench.", "training.", "deploy.")):
+            script = ROOT / (module.replace(".", "/") + ".py")
+            return [(module, words[i + 2 :], _argparse_options(script))]
+        if re.fullmatch(r"(bench|deploy|training)/[\w/]+\.py", word) and "python" in words[0]:
+            return [(word, words[i + 1 :], _argparse_options(ROOT / word))]
+    return []
+
+
+def test_options_in_documented_commands_exist():
+    """Every --option a doc passes to nlpserve or to a bench/deploy/training script is one
+    that command declares (the help lists it)."""
+    nlpserve, checked, unknown = _nlpserve_options(), set(), []
+    for name in RUN_DOCS:
+        for words in _documented_commands((ROOT / name).read_text("utf-8")):
+            for command, args, declared in _commands_and_options(words, nlpserve):
+                checked.add(command)
+                for arg in args:
+                    option = arg.strip("[]").split("=", 1)[0]
+                    if re.fullmatch(r"--[a-z][a-z0-9-]*", option) and option not in declared:
+                        unknown.append(f"{name}: {command} {option}")
+    assert {"nlpserve worker", "nlpserve train polarity", "nlpserve train qa"} <= checked
+    assert {"nlpserve pretrain", "nlpserve evaluate", "bench.run", "bench.overload"} <= checked
+    assert unknown == []
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text("utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_the_docs_resolve():
+    broken = []
+    for name in RUN_DOCS:
+        doc = ROOT / name
+        prose = re.sub(r"^```.*?^```", "", doc.read_text("utf-8"), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file) if file else doc
+            if not dest.exists():
+                broken.append(f"{name}: {target} (no such file)")
+            elif anchor and anchor not in _anchors(dest):
+                broken.append(f"{name}: {target} (no such heading)")
+    assert broken == []
