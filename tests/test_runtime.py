@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from service.batching import WorkItem
-from service.config import CHEAP_TOKEN_S, CPU_MIN_PADDING_EFFICIENCY, Settings
+from service.config import CHEAP_TOKEN_S, CPU_BATCH_TOKENS, CPU_MIN_PADDING_EFFICIENCY, Settings
 from service.metrics import Metrics
 from service.queueing.inprocess import run_batch_isolating
 from service.repository import Variant, discover_models, load_manifest
@@ -303,17 +303,44 @@ def test_warmup_runs_every_bucket_without_recording(model_repo):
         assert out["logits"].shape[0] == edge
 
 
+def _spin(seconds: float) -> None:
+    """Busy for ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 def test_token_cost_is_the_best_of_several_runs(model_repo, monkeypatch):
     """Workers starting side by side on few cores slow each other's measuring runs: one slow
     measure must not decide the padding floor, so the best of five counts."""
     s = settings(model_repo, warmup=False)
     (entry,) = [e for e in discover_models(model_repo) if e.name == "pos-en"]
     runner = load_runners(s, None, [entry])["pos-en"]
-    durations = iter([0.2, 0.2, 0.2, 0.2, 0.0])  # contended, contended, ..., then quiet
-    monkeypatch.setattr(runner, "run_batch", lambda *a, **k: time.sleep(next(durations)))
+    costs = iter([0.05, 0.05, 0.05, 0.05, 0.002])  # slow, slow, ..., then quick
+    monkeypatch.setattr(runner, "run_batch", lambda *a, **k: _spin(next(costs)))
     assert runner._measure_token_cost() < 0.01 / runner.manifest.max_length
     with pytest.raises(StopIteration):
-        next(durations)  # all five ran
+        next(costs)  # all five ran
+
+
+def test_token_cost_is_cpu_time_not_time_waiting_for_a_core(model_repo, monkeypatch):
+    """With one intra-op thread (the CPU default) the batch runs on the measuring thread: the
+    time it waits for a core (a busy machine, here a sleep) is no cost of the model's."""
+    s = settings(model_repo, warmup=False)
+    (entry,) = [e for e in discover_models(model_repo) if e.name == "pos-en"]
+    runner = load_runners(s, None, [entry])["pos-en"]
+    assert runner.intra_op_threads == 1
+
+    def descheduled_then_run(*a, **k):
+        time.sleep(0.05)
+        _spin(0.002)
+
+    monkeypatch.setattr(runner, "run_batch", descheduled_then_run)
+    tokens = runner.manifest.max_length * max(
+        1, min(runner.max_rows, CPU_BATCH_TOKENS // runner.manifest.max_length)
+    )
+    cost = runner._measure_token_cost() * tokens
+    assert 0.002 <= cost < 0.02, cost  # the 2 ms of CPU, not the 52 ms of wall clock
 
 
 def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo):

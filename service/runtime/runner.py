@@ -202,17 +202,24 @@ class ModelRunner:
     def _measure_token_cost(self) -> float:
         """Seconds per padded token of a batch at max length, as many rows as the default CPU
         token budget holds (one call's fixed cost is shared, and a large explicit budget does
-        not make start-up run huge batches); best of five runs: processes starting together
-        on few cores slow each other's runs, and one slow measure flipped a model's padding
-        floor (the cost decides it) in one of two workers started side by side."""
+        not make start-up run huge batches); best of five runs.
+
+        Processes starting together on few cores slow each other's runs: one slow measure
+        flipped a model's padding floor (the cost decides it) in one of two workers started
+        side by side. With one intra-op thread (the CPU default) ORT runs the batch on this
+        thread, so its CPU time leaves out the time spent waiting for a core; with a pool the
+        wall clock stands for it. A busy machine still slows the run itself (shared caches,
+        SMT siblings): at a load average of 6-10 on 2 cores pos-en measured 23 µs of CPU (26
+        of wall clock) against 7 quiet, detector-en 191 (250) against 53."""
         width = self.manifest.max_length
         rows = max(1, min(self.max_rows, CPU_BATCH_TOKENS // width))
         batch = [self.dummy_item(width, len(self.buckets) - 1)] * rows
+        clock = time.thread_time if self.intra_op_threads == 1 else time.perf_counter
         best = float("inf")
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = clock()
             self.run_batch(batch, record=False)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return best / (rows * width)
 
     def batch_policy(self) -> BatchPolicy:
