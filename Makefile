@@ -38,8 +38,10 @@ $(BIN)/.installed: pyproject.toml deploy/constraints.txt
 
 install: $(BIN)/.installed
 
+# Explanations warmed at startup, in a thread: a first /v1/*/explain pays no shap start-up
+# (over the 30 s deadline on a busy 2-core machine). NLPSERVE_EXPLAIN_WARMUP=0 make run: not.
 run: $(BIN)/.installed
-	$(BIN)/nlpserve serve --models $(MODELS)
+	NLPSERVE_EXPLAIN_WARMUP=$${NLPSERVE_EXPLAIN_WARMUP:-1} $(BIN)/nlpserve serve --models $(MODELS)
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
