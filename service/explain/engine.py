@@ -339,9 +339,12 @@ def _explain_sync(
 
     t0 = time.perf_counter()
     waited = t0 - asked if asked is not None else 0.0
-    offsets = ex.segmenter.offsets(text)
-    text, truncated = cut_to_tokens(text, offsets, ex.max_tokens)
-    offsets = offsets[: ex.max_tokens]
+    # Cut where the model stops reading (counted in its tokens), then take SHAP's features of
+    # what is left: tokens that map back to one character are one feature (segmenters.py), so
+    # the model's token offsets are not the features' (a value per feature, an offset per
+    # token failed with a 500).
+    text, truncated = cut_to_tokens(text, ex.segmenter.offsets(text), ex.max_tokens)
+    offsets = [(int(s), int(e)) for s, e in ex.segmenter(text)["offset_mapping"]]
     if not offsets:
         raise ExplainInputError("the text has no tokens to explain")
     n_evals = 0

@@ -305,3 +305,18 @@ async def test_explain_warmup_setting_imports_shap_at_startup(model_repo):
         await asyncio.wait_for(asyncio.shield(service._warm), 60)
     async with live_server(make_settings(model_repo)) as server:
         assert getattr(server.app.state, "explain", None) is None
+
+
+async def test_a_character_the_tokenizer_splits_into_several_tokens_is_one_feature(c, model_repo):
+    """NFKC turns "㍻" into two characters, two tokens that both map back to it: SHAP sees one
+    feature there, and the explanation had one value per feature but an offset per token (a
+    500: 'SHAP returned 3 values for 4 tokens', or an IndexError in SHAP's masker)."""
+    require_model(model_repo, DETECT_MODEL)
+    text = "㍻ is it"
+    pred = (await c.post("/v1/detect", json={"text": text})).json()
+    r = await c.post("/v1/detect/explain", json={"text": text, "max_evals": 40})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    assert exp["tokens"] == ["㍻", "is", "it"] and exp["offsets"] == [[0, 1], [2, 4], [5, 7]]
+    check_additive(exp, text)
+    assert exp["output"] == pytest.approx(pred["machine_probability"], abs=SAME_OUTPUT_TOL)
