@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.explain.segmenters import cut_to_tokens
+from service.explain.ties import seeded_tie_breaks
 from service.queueing.base import DeadlineExceededError
 
 # texts, wall-clock deadline -> one float per text (the explained output)
@@ -405,7 +406,8 @@ def _explain_sync(
         )
         full_text = str(masker(np.ones(len(offsets), dtype=bool), text)[0][0])
         explainer = shap.Explainer(model_fn, masker, algorithm="partition")
-        sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
+        with seeded_tie_breaks():  # the same request, the same values (ties.py)
+            sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
         values = [float(v) for v in np.asarray(sv.values[0], dtype=np.float64).reshape(-1)]
         base = float(np.asarray(sv.base_values).reshape(-1)[0])
         if len(values) != len(offsets):
