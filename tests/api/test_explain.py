@@ -320,3 +320,36 @@ async def test_a_character_the_tokenizer_splits_into_several_tokens_is_one_featu
     assert exp["tokens"] == ["㍻", "is", "it"] and exp["offsets"] == [[0, 1], [2, 4], [5, 7]]
     check_additive(exp, text)
     assert exp["output"] == pytest.approx(pred["machine_probability"], abs=SAME_OUTPUT_TOL)
+
+
+AWKWARD_TEXTS = {
+    "repeats-and-whitespace": "good  good\t\tgood\n\n good  dull dull",
+    "non-ascii": "  café naïve 😀 film ㍻ 좀 더  ",
+    "over-long": "a wonderful film , dull plot . " * 40,
+}
+
+
+@pytest.mark.parametrize("task, model", ENDPOINTS)
+@pytest.mark.parametrize("text", AWKWARD_TEXTS.values(), ids=AWKWARD_TEXTS.keys())
+async def test_values_add_up_and_map_onto_the_text_on_awkward_texts(
+    c, srv, model_repo, task, model, text
+):
+    """Local accuracy to float precision, one value per token shown, each token where its
+    offsets say, the tokens in order covering what the model reads (a cut text: up to the
+    last token it reads), and the prediction the predict endpoint gives."""
+    require_model(model_repo, model)
+    field = "machine_probability" if task == "detect" else "positive_probability"
+    pred = (await c.post(f"/v1/{task}", json={"text": text})).json()
+    r = await c.post(f"/v1/{task}/explain", json={"text": text, "max_evals": 60})
+    assert r.status_code == 200, r.text
+    exp = r.json()
+    check_additive(exp, text)
+    assert exp["base_value"] + sum(exp["values"]) == pytest.approx(exp["output"], abs=1e-9)
+    starts = [s for s, _ in exp["offsets"]]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    explained = text[: exp["offsets"][-1][1]]
+    assert "".join(explained.split()) == "".join(exp["tokens"])  # nothing skipped or doubled
+    assert exp["truncated"] is pred["truncated"] is (explained.strip() != text.strip())
+    tol = SAME_OUTPUT_TOL if task == "detect" else 1e-6  # int8 vs fp32 (see above)
+    assert exp["output"] == pytest.approx(pred[field], abs=tol)
+    assert exp["label"] == pred["label"] or abs(pred[field] - 0.5) < tol
