@@ -277,3 +277,22 @@ async def test_identical_requests_share_a_computation_within_their_own_deadlines
     exp = await joined
     assert exp.tokens == other.split() and not exp.cached
     svc.close()
+
+
+@pytest.mark.parametrize(
+    "labels, p, expected",
+    [
+        (["human", "machine"], 0.5, "human"),  # argmax takes the first of equal scores
+        (["negative", "positive"], 0.5, "negative"),
+        (["positive", "negative"], 0.5, "positive"),
+        (["human", "machine"], 0.5000001, "machine"),
+        (["human", "machine"], 0.4999999, "human"),
+    ],
+)
+def test_the_explained_label_is_the_predict_endpoints_argmax(labels, p, expected):
+    """At exactly 0.5 the predict endpoints' argmax names the first label; the explanation
+    named the explained one whatever the order."""
+    from service.explain.adapters import _label_for
+
+    explained = "machine" if "machine" in labels else "positive"
+    assert _label_for(labels, explained)(p) == expected
