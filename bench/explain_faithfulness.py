@@ -60,6 +60,47 @@ def hc3_texts(data: Path, n: int, seed: int, min_words: int) -> list[dict[str, s
     return out
 
 
+def masking_check(tokenizer_file: Path, texts: list[dict[str, str]], max_tokens: int) -> dict:
+    """Hide each token alone the way SHAP does (the served masker, as text) and re-encode:
+    how often is the result the text's ids with just that one replaced by the mask id?
+    (A hidden word piece re-tokenizes the rest of its word.) No model runs."""
+    import shap
+
+    from service.explain.segmenters import WordPieceSegmenter, cut_to_tokens
+    from service.preprocess.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    seg = WordPieceSegmenter(tok)
+    masker = shap.maskers.Text(seg, mask_token=seg.mask_token + " ", collapse_mask_token=False)
+    mask_id = tok.token_to_id(seg.mask_token)
+    hides = exact = longer = texts_changed = skipped = 0
+    for item in texts:
+        text, _ = cut_to_tokens(item["text"], seg.offsets(item["text"]), max_tokens)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        n = len(seg(text)["input_ids"])
+        if n != len(ids):  # characters split into several tokens: features are not tokens
+            skipped += 1
+            continue
+        changed = False
+        for i in range(n):
+            keep = np.ones(n, dtype=bool)
+            keep[i] = False
+            got = tok.encode(str(masker(keep, text)[0][0]), add_special_tokens=False).ids
+            hides += 1
+            exact += got == ids[:i] + [mask_id] + ids[i + 1 :]
+            longer += len(got) > n
+            changed |= got != ids[:i] + [mask_id] + ids[i + 1 :]
+        texts_changed += changed
+    return {
+        "single_token_hides": hides,
+        "exact": exact,
+        "exact_fraction": exact / hides if hides else None,
+        "longer": longer,
+        "texts_with_a_changed_neighbour": texts_changed,
+        "texts_skipped": skipped,
+    }
+
+
 def auc(curve: list[float]) -> float:
     x = np.asarray(FRACTIONS)
     y = np.asarray(curve)
@@ -147,7 +188,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     predicted_label=pred["label"],
                     additivity_error=abs(e1["base_value"] + float(values.sum()) - e1["output"]),
                     output_vs_predict=abs(e1["output"] - pred["machine_probability"]),
-                    offsets_ok=all(text[s:e] == t for t, (s, e) in zip(e1["tokens"], e1["offsets"])),
+                    offsets_ok=all(
+                        text[s:e] == t
+                        for t, (s, e) in zip(e1["tokens"], e1["offsets"], strict=True)
+                    ),
                     rerun_max_diff=float(np.max(np.abs(values - np.asarray(e2["values"]))))
                     if len(e2["values"]) == n
                     else float("inf"),
@@ -224,7 +268,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--masking-only", action="store_true", help="only the masking check (no model)")
     args = p.parse_args()
+    if args.masking_only:
+        from service.repository import discover_models
+
+        entry = next(e for e in discover_models(args.models) if e.manifest.name == args.model)
+        texts = hc3_texts(args.data, args.texts, args.seed, args.min_words)
+        print(json.dumps(masking_check(
+            entry.path / entry.manifest.preprocessing.tokenizer_file, texts,
+            entry.manifest.max_length - 2,  # [CLS] and [SEP]
+        ), indent=2))  # fmt: skip
+        return
     result = asyncio.run(run(args))
     print(json.dumps(result["summary"], indent=2))
     if args.out is not None:
