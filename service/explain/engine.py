@@ -394,8 +394,11 @@ def _explain_sync(
     mask_token = ex.segmenter.mask_token
     if len(offsets) == 1:
         # SHAP's text clustering needs two tokens; one token's Shapley value is exact anyway.
+        # Two calls, not one batch of two: int8 scales depend on the batch, and the text
+        # scored alone is what a lone /v1/detect request gets (SHAP's own f(x) call is alone).
         full_text = text
-        base, output = (float(v) for v in model_fn([mask_token, text]))
+        base = float(model_fn([mask_token])[0])
+        output = float(model_fn([text])[0])
         values = [output - base]
     else:
         # The masker swaps a token's segment (the token plus the spaces after it) for

@@ -353,3 +353,21 @@ async def test_values_add_up_and_map_onto_the_text_on_awkward_texts(
     tol = SAME_OUTPUT_TOL if task == "detect" else 1e-6  # int8 vs fp32 (see above)
     assert exp["output"] == pytest.approx(pred[field], abs=tol)
     assert exp["label"] == pred["label"] or abs(pred[field] - 0.5) < tol
+
+
+async def test_a_one_token_explanation_scores_the_text_alone_like_the_predict_endpoint(model_repo):
+    """A one-token text was scored in one batch with its all-masked variant, and the int8
+    detector's activation scales are per batch: its `output` was not the prediction (0.4423
+    against 0.4434 for "lol" on the tiny detector; 0.1345 against 0.1573 for "!" on the
+    committed one). Each is now scored alone, as a lone prediction is."""
+    from tests.service_support import live_server, make_settings
+
+    require_model(model_repo, DETECT_MODEL)
+    async with live_server(make_settings(model_repo)) as s, s.client() as c:
+        for text in ("additionally", "lol", "the", "!"):
+            pred = (await c.post("/v1/detect", json={"text": text})).json()
+            r = await c.post("/v1/detect/explain", json={"text": text, "max_evals": 10})
+            assert r.status_code == 200, r.text
+            exp = r.json()
+            assert exp["output"] == pytest.approx(pred["machine_probability"], abs=1e-12), text
+            assert exp["base_value"] + sum(exp["values"]) == pytest.approx(exp["output"], abs=1e-12)
