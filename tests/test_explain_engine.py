@@ -118,6 +118,22 @@ async def test_single_token_is_exact():
     svc.close()
 
 
+@pytest.mark.parametrize("text", ["good x y z good x y z", "good bad good bad great not x y"])
+async def test_the_same_request_gives_the_same_values_whatever_the_global_rng(text):
+    """The partition explainer orders equal priorities by numpy's global RNG: with a budget
+    too small to expand every node, these texts got two different sets of values depending
+    on np.random's state. Each explanation now breaks ties with its own seeded RNG."""
+    svc = make_service(FakeModel(), cache_size=0)
+    seen = set()
+    for seed in range(8):
+        np.random.seed(seed)
+        exp = await svc.explain("toy", text, 10, deadline())
+        assert exp.base_value + sum(exp.values) == pytest.approx(exp.output, abs=1e-12)
+        seen.add(tuple(exp.values))
+    assert len(seen) == 1
+    svc.close()
+
+
 async def test_cache_keyed_by_text_and_max_evals_and_single_flight():
     model = FakeModel(delay_s=0.002)
     svc = make_service(model, cache_size=2)
@@ -261,3 +277,22 @@ async def test_identical_requests_share_a_computation_within_their_own_deadlines
     exp = await joined
     assert exp.tokens == other.split() and not exp.cached
     svc.close()
+
+
+@pytest.mark.parametrize(
+    "labels, p, expected",
+    [
+        (["human", "machine"], 0.5, "human"),  # argmax takes the first of equal scores
+        (["negative", "positive"], 0.5, "negative"),
+        (["positive", "negative"], 0.5, "positive"),
+        (["human", "machine"], 0.5000001, "machine"),
+        (["human", "machine"], 0.4999999, "human"),
+    ],
+)
+def test_the_explained_label_is_the_predict_endpoints_argmax(labels, p, expected):
+    """At exactly 0.5 the predict endpoints' argmax names the first label; the explanation
+    named the explained one whatever the order."""
+    from service.explain.adapters import _label_for
+
+    explained = "machine" if "machine" in labels else "positive"
+    assert _label_for(labels, explained)(p) == expected

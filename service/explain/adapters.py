@@ -64,10 +64,12 @@ def _request_class(task: Task) -> type[BaseModel]:
 
 
 def _label_for(labels: list[str], explained: str) -> Callable[[float], str]:
-    """Binary models: the explained label when its probability is at least 0.5 (the argmax)."""
+    """Binary models: the label the predict endpoint's argmax names. At exactly 0.5 that is
+    the first in the manifest's order (``np.argmax`` takes the first of equal scores)."""
     others = [lab for lab in labels if lab != explained]
     other = others[0] if len(others) == 1 else f"not {explained}"
-    return lambda p: explained if p >= 0.5 else other
+    wins_ties = bool(labels) and labels[0] == explained
+    return lambda p: explained if p > 0.5 or (p == 0.5 and wins_ties) else other
 
 
 def build_explainer(task: Task, queue: InferenceQueue) -> ModelExplainer:

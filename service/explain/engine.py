@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.explain.segmenters import cut_to_tokens
+from service.explain.ties import seeded_tie_breaks
 from service.queueing.base import DeadlineExceededError
 
 # texts, wall-clock deadline -> one float per text (the explained output)
@@ -339,9 +340,12 @@ def _explain_sync(
 
     t0 = time.perf_counter()
     waited = t0 - asked if asked is not None else 0.0
-    offsets = ex.segmenter.offsets(text)
-    text, truncated = cut_to_tokens(text, offsets, ex.max_tokens)
-    offsets = offsets[: ex.max_tokens]
+    # Cut where the model stops reading (counted in its tokens), then take SHAP's features of
+    # what is left: tokens that map back to one character are one feature (segmenters.py), so
+    # the model's token offsets are not the features' (a value per feature, an offset per
+    # token failed with a 500).
+    text, truncated = cut_to_tokens(text, ex.segmenter.offsets(text), ex.max_tokens)
+    offsets = [(int(s), int(e)) for s, e in ex.segmenter(text)["offset_mapping"]]
     if not offsets:
         raise ExplainInputError("the text has no tokens to explain")
     n_evals = 0
@@ -390,8 +394,11 @@ def _explain_sync(
     mask_token = ex.segmenter.mask_token
     if len(offsets) == 1:
         # SHAP's text clustering needs two tokens; one token's Shapley value is exact anyway.
+        # Two calls, not one batch of two: int8 scales depend on the batch, and the text
+        # scored alone is what a lone /v1/detect request gets (SHAP's own f(x) call is alone).
         full_text = text
-        base, output = (float(v) for v in model_fn([mask_token, text]))
+        base = float(model_fn([mask_token])[0])
+        output = float(model_fn([text])[0])
         values = [output - base]
     else:
         # The masker swaps a token's segment (the token plus the spaces after it) for
@@ -402,7 +409,8 @@ def _explain_sync(
         )
         full_text = str(masker(np.ones(len(offsets), dtype=bool), text)[0][0])
         explainer = shap.Explainer(model_fn, masker, algorithm="partition")
-        sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
+        with seeded_tie_breaks():  # the same request, the same values (ties.py)
+            sv = explainer([text], max_evals=max_evals, batch_size=batch_size, silent=True)
         values = [float(v) for v in np.asarray(sv.values[0], dtype=np.float64).reshape(-1)]
         base = float(np.asarray(sv.base_values).reshape(-1)[0])
         if len(values) != len(offsets):
