@@ -92,10 +92,14 @@ def round_record(folder: Path) -> dict:
     from service.repository import load_manifest
 
     m = load_manifest(folder, check_files=False)
-    return {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
+    rec = {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
+    if "autocast" in m.hyperparameters:  # the precision it trained in (older rounds lack it)
+        rec["autocast"] = m.hyperparameters["autocast"]
+    return rec
 
 
-PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy", "init")
+PRETRAINING_KEYS = ("command", "steps", "autocast", "epochs", "seconds", "mlm_loss", "mlm_accuracy",
+                    "init")  # fmt: skip
 
 
 def pretraining_record(folder: Path) -> dict:
