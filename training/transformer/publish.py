@@ -27,6 +27,7 @@ from training.transformer.common import prune_variants
 
 # The scores a manifest takes over from a baseline or an earlier round.
 ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
+ROUND_HYPERPARAMETERS = ("steps", "autocast")
 
 
 def publish_entry(
@@ -93,8 +94,9 @@ def round_record(folder: Path) -> dict:
 
     m = load_manifest(folder, check_files=False)
     rec = {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
-    if "autocast" in m.hyperparameters:  # the precision it trained in (older rounds lack it)
-        rec["autocast"] = m.hyperparameters["autocast"]
+    # What its command alone may not fix: the step count (a --time-budget-minutes run's
+    # depends on the machine's pace) and the precision it really ran in.
+    rec.update({k: m.hyperparameters[k] for k in ROUND_HYPERPARAMETERS if k in m.hyperparameters})
     return rec
 
 
