@@ -146,3 +146,23 @@ def test_committed_command_trains_in_the_recorded_precision_on_any_cpu(manifest)
         assert params["amp"] is False, m["command"]
     else:
         assert params["amp"] is True
+
+
+def test_published_detector_records_the_round_its_base_came_from(model_repo, tmp_path):
+    """detector-en's command starts from a checkpoint its first round made (`make
+    models-detector`); the published manifest keeps that round's command, scores, steps and
+    precision (`--earlier`), so the entry says how to make its base."""
+    from service.repository import load_manifest
+    from training.transformer.publish import publish_entry
+
+    src = model_repo / "detector-en" / "1"
+    if not src.is_dir():
+        pytest.skip("no tiny detector-en (see the session's build errors)")
+    first = load_manifest(src)
+    publish_entry(src, tmp_path / "detector-en" / "1", ["int8"], earlier=[src])
+    (rec,) = load_manifest(tmp_path / "detector-en" / "1").hyperparameters["earlier_rounds"]
+    assert rec["command"] == first.command
+    assert rec["accuracy"] == first.metrics["accuracy"]
+    assert rec["roc_auc"] == first.metrics["roc_auc"]
+    assert rec["steps"] == first.hyperparameters["steps"] > 0
+    assert rec["autocast"] == first.hyperparameters["autocast"]

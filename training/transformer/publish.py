@@ -25,8 +25,9 @@ from pathlib import Path
 
 from training.transformer.common import prune_variants
 
-# The scores a manifest takes over from a baseline or an earlier round.
-ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
+# The scores a manifest takes over from a baseline or an earlier round (QA's, the detector's).
+ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "accuracy", "roc_auc", "dev_accuracy",
+              "train_seconds")  # fmt: skip
 ROUND_HYPERPARAMETERS = ("steps", "autocast")
 
 
