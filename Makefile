@@ -121,7 +121,7 @@ models-detector: $(BIN)/.bases
 		--base-model $(BERT_RUNS)/detector-en-stage1/best --work-dir $(BERT_RUNS)/detector-en \
 		$(DETECTOR_ARGS) $(DETECTOR_STAGE2_ARGS)
 	$(BIN)/python -m training.transformer.publish $(BERT_RUNS)/models/detector-en/1 \
-		$(MODELS)/detector-en/1 --keep int8
+		$(MODELS)/detector-en/1 --keep int8 --earlier $(BERT_RUNS)/models/detector-en-stage1/1
 
 zh-init: $(BIN)/.bases
 	$(BIN)/nlpserve pretrain $(BERT_COMMON) --threads 2 --out $(ZH_INIT) --overwrite $(ZH_INIT_ARGS)

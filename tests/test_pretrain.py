@@ -295,6 +295,9 @@ def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path)
     for key in ("earlier_rounds", "no_pretraining_earlier_rounds"):
         (rec,) = m.hyperparameters[key]
         assert rec["command"] == "nlpserve train qa x" and rec["f1"] == base.metrics["f1"]
+        # a time-budgeted round's step count is not in its command; the precision neither
+        assert rec["steps"] == base.hyperparameters["steps"] > 0
+        assert rec["autocast"] == base.hyperparameters["autocast"]
     rec = m.hyperparameters["pretraining"]
     assert rec["steps"] == 3 and rec["device"] == "cpu" and rec["corpus_tokens"] > 0
     assert 0.0 <= rec["mlm_accuracy"] <= 1.0

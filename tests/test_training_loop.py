@@ -7,9 +7,10 @@ import pytest
 from tests.builders_bert import _tiny_bert
 
 
-def _fit_recording_dtypes(amp: bool) -> tuple[set, set, list[float]]:
+def _fit_recording_dtypes(amp: bool) -> tuple[set, set, list[float], str | None]:
     """Train a tiny QA BERT on one repeated batch for a few steps; return the dtypes the
-    first encoder layer's dense projection produced in training and the parameter dtypes."""
+    first encoder layer's dense projection produced in training, the parameter dtypes, the
+    losses and the precision the run reports (``FitResult.autocast``)."""
     import torch
 
     from training.transformer.common import FitConfig, fit
@@ -33,17 +34,18 @@ def _fit_recording_dtypes(amp: bool) -> tuple[set, set, list[float]]:
         return loss
 
     cfg = FitConfig(max_steps=12, lr=1e-2, warmup_ratio=0.0, device="cpu", amp=amp, log_every=100)
-    fit(model, lambda epoch: iter([batch] * 12), 12, None, cfg, loss_fn=loss_fn)
+    result = fit(model, lambda epoch: iter([batch] * 12), 12, None, cfg, loss_fn=loss_fn)
     handle.remove()
-    return seen, {p.dtype for p in model.parameters()}, losses
+    return seen, {p.dtype for p in model.parameters()}, losses, result.autocast
 
 
 def test_fit_without_amp_trains_in_fp32():
     import torch
 
-    seen, params, losses = _fit_recording_dtypes(amp=False)
+    seen, params, losses, autocast = _fit_recording_dtypes(amp=False)
     assert seen == {torch.float32} and params == {torch.float32}
     assert losses[-1] < losses[0]
+    assert autocast is None
 
 
 def test_fit_autocasts_to_bf16_on_a_cpu_with_native_bf16():
@@ -53,10 +55,36 @@ def test_fit_autocasts_to_bf16_on_a_cpu_with_native_bf16():
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): autocast stays off")
-    seen, params, losses = _fit_recording_dtypes(amp=True)
+    seen, params, losses, autocast = _fit_recording_dtypes(amp=True)
     assert seen == {torch.bfloat16}  # the matmuls ran in bf16 ...
+    assert autocast == "bfloat16"
     assert params == {torch.float32}  # ... on fp32 master weights, so export is unchanged
     assert losses[-1] < losses[0]
+
+
+def test_fit_reports_the_precision_it_really_trained_in():
+    """--amp is a request: a CPU without native bf16 trains in fp32 anyway. The committed
+    detector-en/1 recorded amp true yet trained in fp32 (before CPU autocast existed); the
+    same command on an AVX512-BF16 CPU today trains in bf16. Manifests record what ran."""
+    import torch
+
+    seen, _, _, autocast = _fit_recording_dtypes(amp=True)
+    assert len(seen) == 1
+    ran = seen.pop()
+    assert autocast == (None if ran == torch.float32 else str(ran).removeprefix("torch."))
+
+
+def test_transformer_manifests_record_the_precision_they_trained_in(model_repo):
+    from service.repository import load_manifest
+    from training.transformer.common import cpu_has_native_bf16
+
+    expected = "bfloat16" if cpu_has_native_bf16() else None  # the builders train with amp on
+    for name in ("detector-en", "qa-zh"):
+        if not (model_repo / name / "1").is_dir():
+            pytest.skip(f"no tiny {name} (see the session's build errors)")
+        hp = load_manifest(model_repo / name / "1").hyperparameters
+        assert hp["steps"] > 0 and hp["amp"] is True
+        assert "autocast" in hp and hp["autocast"] == expected, hp.get("autocast")
 
 
 def test_fit_on_an_empty_split_is_an_error_not_an_endless_loop():

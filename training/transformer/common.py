@@ -369,6 +369,9 @@ class FitResult:
     steps: int
     seconds: float
     history: list[dict[str, float]]
+    # The precision the forward passes really ran in: "bfloat16"/"float16" under autocast,
+    # None for fp32. --amp alone does not say it (a CPU without native bf16 trains in fp32).
+    autocast: str | None = None
 
 
 def fit(
@@ -397,7 +400,7 @@ def fit(
         model.eval()
         score = float(evaluate(model)) if evaluate is not None else -math.inf
         history = [{"step": 0, "score": score, "seconds": 0.0}] if evaluate is not None else []
-        return FitResult(score, 0, 0, 0.0, history)
+        return FitResult(score, 0, 0, 0.0, history, None)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -514,7 +517,8 @@ def fit(
         elif history:
             log.warning("no evaluation gave a usable dev score: the last weights are kept")
     model.eval()
-    return FitResult(best, best_step, step, time.time() - t0, history)
+    autocast = str(amp_dtype).removeprefix("torch.") if use_amp else None
+    return FitResult(best, best_step, step, time.time() - t0, history, autocast)
 
 
 # --------------------------------------------------------------------------- repository entry

@@ -322,6 +322,7 @@ def train_detector(
             "imbalance": "class-weighted cross-entropy, w_c = N / (2 N_c) on the train split",
             "best_step": result.best_step,
             "steps": result.steps,
+            "autocast": result.autocast,
             "dev_history": result.history,
             "train_truncated_fraction": truncated,
             "train_unknown_token_fraction": unk_rate,

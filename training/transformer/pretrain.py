@@ -316,11 +316,10 @@ def pretrain(
         log_every=25,
     )
     # --max-steps 0 with --init-from: the transplanted model as it is (no MLM steps).
-    steps = (
-        fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss).steps
-        if cfg.max_steps
-        else 0
+    fitted = (
+        fit(model, batches, per_epoch, None, fit_cfg, loss_fn=mlm_loss) if cfg.max_steps else None
     )
+    steps = fitted.steps if fitted else 0
 
     # Sanity figure (not held out): MLM loss/accuracy on 20 freshly masked training batches.
     model.eval()
@@ -347,6 +346,7 @@ def pretrain(
         "tokens": total,
         "rows": len(rows),
         "steps": steps,
+        "autocast": fitted.autocast if fitted else None,
         "epochs": steps / per_epoch,
         "seconds": round(time.time() - t0, 1),
         "mlm_loss": float(np.mean(losses)) if losses else float("nan"),

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from training.transformer.common import prune_variants
 
-# The scores a manifest takes over from a baseline or an earlier round.
-ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "train_seconds")
+# The scores a manifest takes over from a baseline or an earlier round (QA's, the detector's).
+ROUND_KEYS = ("em", "f1", "heldout_em", "heldout_f1", "accuracy", "roc_auc", "dev_accuracy",
+              "train_seconds")  # fmt: skip
+ROUND_HYPERPARAMETERS = ("steps", "autocast")
 
 
 def publish_entry(
@@ -92,10 +94,15 @@ def round_record(folder: Path) -> dict:
     from service.repository import load_manifest
 
     m = load_manifest(folder, check_files=False)
-    return {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
+    rec = {"command": m.command, **{k: m.metrics[k] for k in ROUND_KEYS if k in m.metrics}}
+    # What its command alone may not fix: the step count (a --time-budget-minutes run's
+    # depends on the machine's pace) and the precision it really ran in.
+    rec.update({k: m.hyperparameters[k] for k in ROUND_HYPERPARAMETERS if k in m.hyperparameters})
+    return rec
 
 
-PRETRAINING_KEYS = ("command", "steps", "epochs", "seconds", "mlm_loss", "mlm_accuracy", "init")
+PRETRAINING_KEYS = ("command", "steps", "autocast", "epochs", "seconds", "mlm_loss", "mlm_accuracy",
+                    "init")  # fmt: skip
 
 
 def pretraining_record(folder: Path) -> dict:

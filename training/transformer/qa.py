@@ -381,6 +381,7 @@ def train_qa(
     inputs, outputs = ex.tensor_specs("qa", input_names=input_names)
     hp = asdict(cfg)
     hp.update({"best_step": result.best_step, "steps": result.steps,
+               "autocast": result.autocast,
                "heldout_history": result.history, "features": fstats,
                "train_unknown_token_fraction": unk_rate})  # fmt: skip
     hp.update(extra_hyperparameters or {})
