@@ -470,19 +470,11 @@ def _mib(x: float | None) -> str:
     return "–" if x is None else f"{x:,.0f}"
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    meta = doc["meta"]
-    lines = ["# nlpserve memory and start-up", ""]
-    for k in ("command", "when", "hz", "concurrency", "burst_s", "explain_concurrency",
-              "explain_s"):  # fmt: skip
-        if meta.get(k) is not None:
-            v = meta[k]
-            lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
-    lines += ["", "MiB. Idle: the median over the idle phase; peaks: the highest sample of the "
-              "phase (RSS; PSS and USS beside it where /proc gives them).", "",
-              "| setup | process | ready s | idle RSS | idle PSS / USS | burst peak RSS "
-              "| explain peak RSS | after RSS | peak RSS (any phase) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+def table(doc: dict[str, Any]) -> list[str]:
+    """The report's table, one row per setup and process (docs/deploy.md quotes it)."""
+    lines = ["| setup | process | ready s | idle RSS | idle PSS / USS | burst peak RSS "
+             "| explain peak RSS | after RSS | peak RSS (any phase) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in doc["results"]:
         for proc, ph in r["memory"].items():
             idle, burst = ph.get("idle", {}), ph.get("burst", {})
@@ -495,6 +487,20 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {_mib(after.get('rss_median_mib'))} "
                 f"| **{_mib(ph['overall']['rss_peak_mib'])}** |"
             )
+    return lines
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    lines = ["# nlpserve memory and start-up", ""]
+    for k in ("command", "when", "hz", "concurrency", "burst_s", "explain_concurrency",
+              "explain_s"):  # fmt: skip
+        if meta.get(k) is not None:
+            v = meta[k]
+            lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
+    lines += ["", "MiB. Idle: the median over the idle phase; peaks: the highest sample of the "
+              "phase (RSS; PSS and USS beside it where /proc gives them).", "",
+              *table(doc)]  # fmt: skip
     lines += ["", "## Requests", ""]
     for r in doc["results"]:
         sizes = "; ".join(f"{t}: {s['items']} items × {s['size']} {s['unit']} ({s['bytes']:,} "
