@@ -1242,3 +1242,66 @@ def test_server_warnings_reach_the_benchmark_log() -> None:
         "ERROR service.api.app: boom",
     ]
     assert log_warnings(text, limit=1) == got[:1]
+
+
+def test_memory_reads_this_process_from_proc() -> None:
+    from bench.memory import read_memory
+
+    m = read_memory(os.getpid())
+    assert m is not None and m["rss"] > 1  # MiB: a Python with numpy imported
+    if m["pss"] is not None:  # smaps_rollup readable: PSS and USS never exceed RSS
+        assert 0 < m["uss"] <= m["pss"] <= m["rss"] + 0.01
+    assert read_memory(2**22 + 12345) is None  # no such process
+
+
+def test_memory_bench_reports_start_up_idle_and_burst_per_process(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """A few seconds of `python -m bench.memory` on the tiny models: the report's structure,
+    and numbers that can be true (no timings asserted)."""
+    from bench import memory
+    from tests.service_support import POLARITY_MODEL, POS_MODEL, require_model
+
+    for name in (POLARITY_MODEL, POS_MODEL):
+        require_model(model_repo, name)
+    argv = ["--models", str(model_repo), "--setups", "all", "--load", POLARITY_MODEL,
+            "--load", POS_MODEL, "--idle-s", "1", "--burst-s", "2", "--after-s", "1",
+            "--drain-s", "20", "--concurrency", "2", "--explain-concurrency", "1",
+            "--explain-s", "1", "--max-evals", "8", "--out", str(tmp_path),
+            "--name", "mem"]  # fmt: skip
+    assert memory.main(argv) == 0
+    doc = json.loads((tmp_path / "mem.json").read_text())
+    [result] = doc["results"]
+    assert result["mode"] == "inprocess" and set(result["load"]) == {POLARITY_MODEL, POS_MODEL}
+    assert {m["name"] for m in result["models"]} == {POLARITY_MODEL, POS_MODEL}
+    assert result["startup_s"]["api"] > 0
+    # The largest requests the server accepted: a batch at NLPSERVE_MAX_BATCH_ITEMS each.
+    for task in ("polarity", "pos"):
+        sent = result["burst_requests"][task]
+        assert sent["items"] == result["limits"]["max_batch_items"] and sent["size"] > 0
+        assert result["burst_statuses"][task].get("200", 0) > 0, result["burst_statuses"]
+    assert result["explain_requests"]["max_evals"] == 8
+    assert sum(result["explain_statuses"]["polarity"].values()) > 0
+    api = result["memory"]["api"]
+    assert {"start", "idle", "burst", "explain", "after"} <= set(api)
+    idle, burst = api["idle"], api["burst"]
+    assert idle["samples"] >= 5 and burst["samples"] >= 10  # ~20 Hz
+    assert idle["rss_median_mib"] > 20  # a Python with onnxruntime and two sessions
+    assert burst["rss_peak_mib"] >= idle["rss_median_mib"]
+    assert api["overall"]["rss_peak_mib"] >= burst["rss_peak_mib"]
+    if idle["pss_median_mib"] is not None:
+        assert 0 < idle["uss_median_mib"] <= idle["pss_median_mib"] <= idle["rss_peak_mib"]
+    assert doc["machine"]["logical_cpus"] and "command" in doc["meta"]
+    md = (tmp_path / "mem.md").read_text()
+    assert "| all models, in-process | api |" in md and "## Requests" in md
+
+
+def test_memory_bench_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import memory
+
+    with pytest.raises(SystemExit) as e:
+        memory.parse_args(["--help"])
+    assert e.value.code == 0 and "smaps_rollup" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        memory.parse_args(["--setups", "everything"])
+    assert e.value.code == 2 and "unknown --setups" in capsys.readouterr().err

@@ -9,6 +9,7 @@ it mounts. ``docker compose config`` runs too where a Docker client with compose
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,13 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
+# The measured memory (python -m bench.memory): docs/deploy.md's Sizing quotes its table, and
+# compose's limits must hold its peaks with room to spare.
+MEMORY_REPORT = ROOT / "bench" / "results" / "memory-cpu-2core.json"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+# A limit at least this many times the measured peak: the burst was measured on 2 cores, and
+# a host with more runs more batches at once (one inference thread per core).
+MEMORY_HEADROOM = 1.5
 
 
 def _interpolate(text: str) -> str:
@@ -189,7 +197,7 @@ def test_gpu_profile_reserves_a_device(services: dict[str, Any]) -> None:
     # No GPU reservation anywhere else: CPU replicas must start on machines without one.
     for name in ("api", "worker"):
         res = (services[name].get("deploy") or {}).get("resources", {})
-        assert "reservations" not in res
+        assert "devices" not in res.get("reservations", {})  # memory only
 
 
 def test_workers_may_finish_their_drain_before_docker_kills_them(
@@ -398,3 +406,47 @@ def test_docker_compose_config() -> None:
             cwd=ROOT,
         )
         assert r.returncode == 0, r.stderr
+
+
+def _mib(value: str | int) -> float:
+    """A compose memory size (``512m``, ``1g``, ``1536M``, bytes) in MiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg]?)b?", str(value).strip().lower())
+    assert m, f"not a compose memory size: {value!r}"
+    scale = {"": 1 / 2**20, "b": 1 / 2**20, "k": 1 / 1024, "m": 1.0, "g": 1024.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _measured_redis_setup() -> dict[str, Any]:
+    report = json.loads(MEMORY_REPORT.read_text())
+    return next(r for r in report["results"] if r["mode"] == "redis" and not r["load"])
+
+
+@pytest.mark.parametrize("svc", ["api", "worker"])
+def test_memory_limits_hold_the_measured_peak(services: dict[str, Any], svc: str) -> None:
+    """Compose's api and worker carry a memory limit over the peak ``bench.memory`` measured
+    for that process in Redis mode (every model; explanations included for the API, which
+    imports shap for them), and a reservation of at least its idle footprint."""
+    measured = _measured_redis_setup()["memory"][svc]
+    peak, idle = measured["overall"]["rss_peak_mib"], measured["idle"]["rss_median_mib"]
+    resources = services[svc]["deploy"]["resources"]
+    limit = _mib(resources["limits"]["memory"])
+    reserved = _mib(resources["reservations"]["memory"])
+    assert limit >= MEMORY_HEADROOM * peak, (svc, limit, peak)
+    assert idle <= reserved <= limit, (svc, idle, reserved, limit)
+
+
+def test_deploy_doc_quotes_the_measured_sizing() -> None:
+    """docs/deploy.md's Sizing table is the committed report's, row for row, and names the
+    command that measured it."""
+    from bench import memory
+
+    report = json.loads(MEMORY_REPORT.read_text())
+    doc = DEPLOY_DOC.read_text()
+    for row in memory.table(report)[2:]:
+        assert row in doc, f"docs/deploy.md lacks the measured row:\n{row}"
+    assert "python -m bench.memory" in doc and MEMORY_REPORT.name.removesuffix(".json") in doc
+
+
+def test_compose_memory_sizes_parse() -> None:
+    assert _mib("512m") == 512 and _mib("1g") == 1024 and _mib("1536M") == 1536
+    assert _mib(2**30) == 1024 and _mib("384m") == 384

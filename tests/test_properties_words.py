@@ -102,3 +102,33 @@ def test_a_character_lowercased_to_two_is_not_split_in_two(name: str) -> None:
     ends a number's word after the "i", and both pieces mapped back to the "İ"."""
     (words,) = _encoder(name).split(["3İstanbul 0İ x"])
     assert "".join(words) == "3İstanbul0İx"
+
+
+long_texts = st.lists(st.sampled_from(CHUNKS) | st.text(max_size=3), max_size=120).map("".join)
+
+
+@pytest.mark.parametrize("name", SPLITTERS)
+@given(text=long_texts, max_tokens=st.integers(0, 6))
+def test_a_prefix_split_gives_the_texts_first_tokens(name: str, text: str, max_tokens: int):
+    """``split(.., max_tokens)`` may stop early (a prefix cut at whitespace, from 8 characters
+    a token): its tokens are the text's first ones, and more than ``max_tokens`` of them
+    exactly when the whole text has more (polarity reads the first ``max_length`` and says
+    whether it truncated)."""
+    encoder = _encoder(name)
+    (whole,) = encoder.split([text])
+    (some,) = encoder.split([text], max_tokens=max_tokens)
+    assert some == whole[: len(some)], (text, some, whole)
+    assert (len(some) > max_tokens) == (len(whole) > max_tokens), (text, some, whole)
+    assert some[: max_tokens + 1] == whole[: max_tokens + 1]
+
+
+def test_a_long_text_is_split_only_as_far_as_the_model_reads() -> None:
+    """A 20,000-character text for a model that reads 96 tokens: a few hundred words are
+    split, not all ~3,300 (each one a Python string; a burst of such requests held ~250 MB)."""
+    encoder = _encoder(next(n for n in SPLITTERS if "polarity" in n))
+    text = ("the film was a charming , funny and moving story . " * 400)[:20_000]
+    (whole,) = encoder.split([text])
+    (some,) = encoder.split([text], max_tokens=96)
+    assert len(whole) > 3000 and 96 < len(some) <= 8 * 97
+    [enc] = encoder.encode_texts([text], max_tokens=96)
+    assert enc.tokens == whole[: len(enc)] and len(enc) > 96

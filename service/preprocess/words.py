@@ -115,6 +115,11 @@ def build_char_vocab(tokens: Iterable[str], min_count: int = 1) -> list[str]:
     return [PAD, UNK, *chars]
 
 
+# A prefix of this many characters per token wanted is split first (English words average
+# ~5 characters with their space): most long texts need one pass over 8 x (max_tokens + 1).
+PREFIX_CHARS_PER_TOKEN = 8
+
+
 class WordEncoder:
     """Turns texts or token lists into word ids (+ char ids) the way the model was trained."""
 
@@ -154,20 +159,47 @@ class WordEncoder:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def split(self, texts: Sequence[str]) -> list[list[str]]:
+    def split(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
         """Split raw texts into surface tokens (original case), batch-encoded by tokenizers.
 
         Tokens of one character are one word (:func:`join_overlapping`): the treebank
         pattern cut "3İstanbul", lowercased to "3i̇stanbul", after the "i".
+
+        With ``max_tokens``, a text may be split only as far as its first ``max_tokens + 1``
+        tokens (the caller reads ``max_tokens`` and needs to know whether there were more):
+        splitting a 20,000-character text whole made ~4,000 Python strings of which a
+        polarity model reads 96, and a burst of such requests cost ~250 MB.
         """
+        if max_tokens is not None:
+            return [self._split_prefix(t, max_tokens) for t in texts]
         out = []
         for text, enc in zip(texts, encode_all(self.splitter, texts), strict=True):
             spans, _ = join_overlapping(enc.offsets)
             out.append([text[s:e] for s, e in spans])
         return out
 
-    def encode_texts(self, texts: Sequence[str]) -> list[WordEncoding]:
-        return self.encode_tokens(self.split(texts))
+    def _split_prefix(self, text: str, max_tokens: int) -> list[str]:
+        """The tokens of ``text``, or of a prefix of it that has more than ``max_tokens``.
+
+        The pre-tokenizer splits at whitespace first, so the tokens of a prefix cut at a
+        space (or tab, newline) are the text's own first tokens. The prefix doubles until it
+        holds more than ``max_tokens`` tokens or is the whole text."""
+        limit = PREFIX_CHARS_PER_TOKEN * (max_tokens + 1)
+        while len(text) > limit:
+            cut = max(text.rfind(c, 0, limit) for c in " \t\n")
+            if cut > 0:
+                tokens = self.split([text[:cut]])[0]
+                if len(tokens) > max_tokens:
+                    return tokens
+            limit *= 2
+        return self.split([text])[0]
+
+    def encode_texts(
+        self, texts: Sequence[str], max_tokens: int | None = None
+    ) -> list[WordEncoding]:
+        """Encodings of ``texts``; with ``max_tokens``, of their first ``max_tokens + 1``
+        tokens at least (:meth:`split`)."""
+        return self.encode_tokens(self.split(texts, max_tokens))
 
     def encode_tokens(self, sentences: Sequence[Sequence[str]]) -> list[WordEncoding]:
         return [self._encode(list(tokens)) for tokens in sentences]

@@ -34,7 +34,8 @@ class PolarityTask(Task):
     ) -> list[Prepared]:  # type: ignore[override]
         n = len(requests)
         out = []
-        for i, enc in enumerate(self.encoder.encode_texts([r.text for r in requests])):
+        texts = [r.text for r in requests]
+        for i, enc in enumerate(self.encoder.encode_texts(texts, max_tokens=self.max_length)):
             if len(enc) == 0:
                 raise InputError("empty_text", f"{where(i, n)}the text contains no words")
             truncated = len(enc) > self.max_length
