@@ -59,9 +59,9 @@ def parse_origins(value: str) -> list[str]:
             raise ValueError("'*' allows every origin: give it alone, not in a list")
         parts = urlsplit(origin)
         try:
-            parts.port  # noqa: B018 -- raises on a port that is no number
+            port = parts.port
         except ValueError:
-            raise ValueError(f"{origin!r}: the port is not a number") from None
+            raise ValueError(f"{origin!r}: the port is not a number from 0 to 65535") from None
         exact = f"{parts.scheme}://{parts.netloc}"
         if parts.scheme not in ("http", "https") or not parts.hostname or origin != exact:
             raise ValueError(
@@ -70,6 +70,14 @@ def parse_origins(value: str) -> list[str]:
             )
         if origin != origin.lower():
             raise ValueError(f"{origin!r}: browsers send origins in lower case")
+        # How a browser serializes it: no user info, the scheme's default port left out, the
+        # port as a plain number ("https://a.example.com:443" would never match).
+        host = parts.hostname
+        host = f"[{host}]" if ":" in host else host
+        default = {"http": 80, "https": 443}[parts.scheme]
+        sent = f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+        if origin != sent:
+            raise ValueError(f"{origin!r}: a browser sends this origin as {sent!r}")
     return origins
 
 

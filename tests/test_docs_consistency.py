@@ -254,3 +254,18 @@ def test_links_between_the_docs_resolve():
             elif anchor and anchor not in _anchors(dest):
                 broken.append(f"{name}: {target} (no such heading)")
     assert broken == []
+
+
+def test_the_docs_say_what_make_run_sets():
+    """README and docs/service.md describe `make run` as `nlpserve serve`: a setting its
+    recipe adds (NLPSERVE_EXPLAIN_WARMUP=1) behaves otherwise than the documented default,
+    so the docs name it where they say what `make run` is."""
+    recipe = re.search(r"^run:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe, "no run target in the Makefile"
+    settings = set(re.findall(r"\b(NLPSERVE_\w+)=", recipe.group(1)))
+    for doc in ("README.md", "docs/service.md"):
+        paragraphs = (ROOT / doc).read_text("utf-8").split("\n\n")
+        said = [p for p in paragraphs if "`make run`" in p and "nlpserve serve" in p]
+        assert said, f"{doc} does not say what `make run` runs"
+        for paragraph in said:
+            assert [v for v in sorted(settings) if v not in paragraph] == [], (doc, paragraph)

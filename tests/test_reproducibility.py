@@ -142,10 +142,29 @@ def test_committed_command_trains_in_the_recorded_precision_on_any_cpu(manifest)
     assert "autocast" in hp, "the manifest does not say which precision the run trained in"
     pytest.importorskip("transformers")
     _, params = _parse(m["command"])
-    if hp["autocast"] is None and params["device"] == "cpu":
-        assert params["amp"] is False, m["command"]
-    else:
-        assert params["amp"] is True
+    assert _amp_says_the_recorded_precision(hp["autocast"], params["amp"]), m["command"]
+
+
+def _amp_says_the_recorded_precision(autocast: str | None, amp: bool) -> bool:
+    """A run in fp32 needs --no-amp to train in fp32 everywhere (--amp autocasts on CUDA
+    always, on a CPU with native bf16); a run under autocast needs --amp."""
+    return amp is (autocast is not None)
+
+
+@pytest.mark.parametrize(
+    ("autocast", "amp", "ok"),
+    [
+        (None, False, True),  # fp32, --no-amp: fp32 on any device
+        (None, True, False),  # fp32 on a CPU without bf16; bf16 on another CPU or CUDA
+        ("bfloat16", True, True),
+        ("float16", True, True),
+        ("bfloat16", False, False),  # --no-amp would train in fp32
+    ],
+)
+def test_amp_must_say_the_recorded_precision_on_any_device(autocast, amp, ok):
+    """On CUDA --amp always autocasts, so a CUDA run in fp32 has --no-amp (it was held to
+    --amp there, the opposite)."""
+    assert _amp_says_the_recorded_precision(autocast, amp) is ok
 
 
 def test_published_detector_records_the_round_its_base_came_from(model_repo, tmp_path):

@@ -117,6 +117,21 @@ async def test_answers_and_errors_carry_the_cors_headers(model_repo, fast_path):
 
 
 @session_loop
+async def test_a_simple_request_is_answered_without_a_preflight(cors_service):
+    """A page's `fetch(url, {method: "POST", body: JSON.stringify(...)})` sends its string as
+    text/plain: a CORS-simple request, no preflight first (docs/deploy.md said JSON bodies
+    always made one). The API reads it as JSON and lets the listed origin read the answer."""
+    async with cors_service.client() as c:
+        r = await c.post(
+            "/v1/detect",
+            content=b'{"text": "a text"}',
+            headers={"Origin": ALLOWED, "Content-Type": "text/plain;charset=UTF-8"},
+        )
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ALLOWED
+
+
+@session_loop
 async def test_without_the_setting_no_cors_headers(client):
     r = await client.post("/v1/detect", json={"text": "a text"}, headers={"Origin": ALLOWED})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
@@ -126,6 +141,9 @@ async def test_without_the_setting_no_cors_headers(client):
 
 def test_any_origin():
     assert parse_origins(" * ") == ["*"]
+    # as browsers send them: a port other than the scheme's default, an IPv6 literal
+    listed = "http://localhost:3000,https://app.example.com:8443,http://[::1]:8080,http://[::1]"
+    assert parse_origins(listed) == listed.split(",")
     settings = make_settings(".", cors_allow_origins="*")
     assert settings.cors_origins() == ["*"]
     assert make_settings(".", cors_allow_origins="  ").cors_origins() == []
@@ -142,6 +160,14 @@ def test_any_origin():
         ("https://app.example.com:x", "port is not a number"),
         ("https://App.Example.com", "lower case"),
         ("https://a.example.com,*", "give it alone"),
+        ("https://app.example.com:99999", "port is not a number"),
+        # Accepted once, yet a browser never sends them so: its origin leaves out the
+        # scheme's default port and any user info, and writes the port as a plain number.
+        ("https://app.example.com:443", "sends this origin as 'https://app.example.com'"),
+        ("http://localhost:80", "sends this origin as 'http://localhost'"),
+        ("http://user@localhost:3000", "sends this origin as 'http://localhost:3000'"),
+        ("http://localhost:", "sends this origin as 'http://localhost'"),
+        ("http://localhost:03000", "sends this origin as 'http://localhost:3000'"),
     ],
 )
 def test_a_value_that_no_browser_would_match_is_refused(value, says):
