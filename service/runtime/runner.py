@@ -208,9 +208,10 @@ class ModelRunner:
         flipped a model's padding floor (the cost decides it) in one of two workers started
         side by side. With one intra-op thread (the CPU default) ORT runs the batch on this
         thread, so its CPU time leaves out the time spent waiting for a core; with a pool the
-        wall clock stands for it. A busy machine still slows the run itself (shared caches,
-        SMT siblings): at a load average of 6-10 on 2 cores pos-en measured 23 µs of CPU (26
-        of wall clock) against 7 quiet, detector-en 191 (250) against 53."""
+        wall clock stands for it. The cost also depends on the host: on a quiet 2-core Zen 3
+        EPYC (no AVX-512) pos-en measured 17.9 µs and detector-en 188 (7.4 and 53 where the
+        20 µs line was drawn), so there pos-en sits near the line and a busy start (23-29 µs)
+        puts it over."""
         width = self.manifest.max_length
         rows = max(1, min(self.max_rows, CPU_BATCH_TOKENS // width))
         batch = [self.dummy_item(width, len(self.buckets) - 1)] * rows
