@@ -39,7 +39,8 @@ CUDA_MIN_PADDING_EFFICIENCY = 0.0
 # warm-up): there a batch's fixed cost (event loop, session call) outweighs its padding, and
 # the floor cost the LSTM polarity model 10% (~2,200 -> ~1,980 req/s). Measured on the 2-core
 # machine: polarity-en 1.3 us per token, pos-en 7.4, qa-zh (4 layers x 128) 10, the MiniLM
-# detector 53; a BERT-base is ~6x the MiniLM.
+# detector 53; a BERT-base is ~6x the MiniLM. Hosts differ: a Zen 3 EPYC without AVX-512
+# measures pos-en 17.9, the detector 188 and today's qa-zh/1 211 (docs/service.md).
 CHEAP_TOKEN_S = 20e-6
 # The most items any list of a request body may hold (batch `inputs`, POS `tokens`), bounded
 # in the schema so validation stops there: an unbounded list of 330,000 wrong items held the
