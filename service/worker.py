@@ -468,7 +468,7 @@ class Worker:
     ) -> None:
         """Turn stream entries into scheduled work (or settle them right away)."""
         model = self._stream_model[stream]
-        now = time.time()
+        now = time.monotonic()
         settle: list[_Done] = []
         max_attempts = self.settings.redis_max_attempts
         for entry_id, fields in entries:
@@ -479,7 +479,7 @@ class Worker:
                 continue
             n = delivered.get(entry_id, 1) if delivered else 1
             try:
-                dw = codec.decode_work(fields)
+                dw = codec.decode_work(fields, offset=time.time() - time.monotonic())
                 if dw.item.model != model:
                     raise codec.CodecError(f"entry for model {dw.item.model!r} in {stream}")
             except codec.CodecError as e:
@@ -546,7 +546,7 @@ class Worker:
         models = list(self.schedulers)
         rr = 0  # round-robin start, so one busy model cannot starve another
         while True:
-            now = time.time()
+            now = time.monotonic()
             expired: list[Any] = []
             for s in self.schedulers.values():
                 expired += s.drop_expired(now)
@@ -556,7 +556,7 @@ class Worker:
                     self._in_hand.pop((it.stream, it.entry_id), None)
                 # the API already answered 504 at the deadline: just ack
                 await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
-                now = time.time()
+                now = time.monotonic()
             while (pick := self._pick(now, models, rr)) is not None:
                 rr = (models.index(pick[0]) + 1) % len(models)
                 self._running += 1
@@ -695,7 +695,9 @@ class Worker:
             error,
             extra={"worker": self.name, "model": item.model, "item_id": item.id},
         )
-        fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
+        fields = codec.encode_work(
+            item, item.reply_to, attempt=item.delivered, offset=time.time() - time.monotonic()
+        )
         done = self._dead(item.stream, item.entry_id, fields, error, reason)
         done.reply_to = item.reply_to
         done.reply = codec.Reply(
@@ -782,7 +784,7 @@ class Worker:
         for key in entries.intersection(self._in_hand):
             # in a batch already formed: skipped if it has not started yet (run_live_items)
             self._in_hand[key].cancelled = True
-        now = time.time()
+        now = time.monotonic()
         for it in dropped:
             self._in_hand.pop((it.stream, it.entry_id), None)
             if it.expired(now):  # the replica gave up at the deadline: counted as such

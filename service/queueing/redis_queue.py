@@ -345,7 +345,7 @@ class RedisQueue(InferenceQueue):
         for model in by_model:
             if (why := self.no_workers_refusal(model)) is not None:
                 raise NoWorkersError(why)
-        now = time.time()
+        now = time.monotonic()
         deadline = min(it.deadline for it in items)
         # Predictions run before explanations: only those are ahead of a prediction.
         lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
@@ -405,7 +405,7 @@ class RedisQueue(InferenceQueue):
             if target not in keys:  # a bucket/lane this replica did not expect: still queue it
                 keys.append(target)
             targets.append(target)
-            fields = codec.encode_work(it, self.channel)
+            fields = codec.encode_work(it, self.channel, offset=time.time() - time.monotonic())
             args += [keys.index(target) + 1, 2 * len(fields)]
             for k, v in fields.items():
                 args += [k, v]
