@@ -582,7 +582,7 @@ async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny
         # skipped and acked by the worker, never run
         stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
         stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), stale.bucket)
-        await r.xadd(stream, codec.encode_work(stale, q.channel))
+        await r.xadd(stream, codec.encode_work(stale, q.channel, offset=q.clock.offset))
         async with running_worker(settings, tiny_runners) as w:
             await wait_for(lambda: w.stats.expired == 1)
             fresh = make_item(tiny_runners[POS], 6, rng)
