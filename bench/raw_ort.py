@@ -120,7 +120,9 @@ def encode_detect(specs: Sequence[RequestSpec], folder: Path, manifest: Any) -> 
             "token_type_ids": e.token_type_ids,
         }
         items.append(
-            WorkItem(manifest.name, 0, len(e), feats, deadline=time.time() + 1e6, id=str(spec.id))
+            WorkItem(
+                manifest.name, 0, len(e), feats, deadline=time.monotonic() + 1e6, id=str(spec.id)
+            )
         )
     return items
 
@@ -158,7 +160,7 @@ def encode_qa(
                     0,
                     len(win),
                     feats,
-                    deadline=time.time() + 1e6,
+                    deadline=time.monotonic() + 1e6,
                     id=f"{spec.id}:{w}",
                 )  # fmt: skip
             )

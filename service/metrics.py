@@ -151,6 +151,17 @@ class Metrics:
             )
         return self._model_workers_alive
 
+    def clock_offset(self, read: Callable[[], float]) -> None:
+        """Redis mode: how far the Redis server's clock is from this host's wall clock, read
+        at each scrape (created on first use like :meth:`workers_alive`)."""
+        Gauge(
+            "nlpserve_clock_offset_seconds",
+            "Seconds the Redis server's clock is ahead of this host's wall clock (negative: "
+            "behind), from TIME round trips. Times that cross hosts are on Redis' clock, so "
+            "serving does not depend on it; far from 0, this host's NTP is broken.",
+            registry=self.registry,
+        ).set_function(read)
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` validates and takes a lock
         on every call (~2.5 µs per request for the two request series). Every label here is

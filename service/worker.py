@@ -46,6 +46,7 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import lane_for_next_batch
+from service.clock import RedisClock
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
@@ -165,6 +166,9 @@ class Worker:
             settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.prefix = settings.redis_prefix
+        # Times other processes read or wrote (deadlines, heartbeats, paces) are on Redis'
+        # clock: this worker measures its offset to it (service/clock.py).
+        self.clock = RedisClock(f"worker {self.name}")
         self._workers_key = workers_key(self.prefix)
         # Each model as loaded (version, bucket edges) keys its streams and its heartbeat set:
         # replicas tell from the set whether anyone serves the layout they enqueue for.
@@ -216,6 +220,7 @@ class Worker:
             in_hand=lambda: len(self._in_hand),
             connected=lambda: self.connected,
         )
+        self.metrics.clock_offset(self.clock.skew)
         # Every model's rare-event series exist from the start, at 0: a series born at its
         # first event shows no increase() to Prometheus, and that first event is the alert.
         for m in self.runners:
@@ -336,6 +341,9 @@ class Worker:
 
     # ------------------------------------------------------------------ reading
     async def _ensure_groups(self) -> None:
+        # Before the first read: a backlog read with this host's clock for Redis' would be
+        # judged by it (all expired, on a host whose clock runs ahead).
+        await self.clock.sync(self.client)
         # id 0, not $: entries queued before any worker existed must be served too
         # ("any order" start-up); MKSTREAM creates streams no replica has written yet.
         async with self.client.pipeline(transaction=False) as pipe:
@@ -468,7 +476,7 @@ class Worker:
     ) -> None:
         """Turn stream entries into scheduled work (or settle them right away)."""
         model = self._stream_model[stream]
-        now = time.time()
+        now = time.monotonic()
         settle: list[_Done] = []
         max_attempts = self.settings.redis_max_attempts
         for entry_id, fields in entries:
@@ -479,7 +487,7 @@ class Worker:
                 continue
             n = delivered.get(entry_id, 1) if delivered else 1
             try:
-                dw = codec.decode_work(fields)
+                dw = codec.decode_work(fields, offset=self.clock.offset)
                 if dw.item.model != model:
                     raise codec.CodecError(f"entry for model {dw.item.model!r} in {stream}")
             except codec.CodecError as e:
@@ -546,7 +554,7 @@ class Worker:
         models = list(self.schedulers)
         rr = 0  # round-robin start, so one busy model cannot starve another
         while True:
-            now = time.time()
+            now = time.monotonic()
             expired: list[Any] = []
             for s in self.schedulers.values():
                 expired += s.drop_expired(now)
@@ -556,7 +564,7 @@ class Worker:
                     self._in_hand.pop((it.stream, it.entry_id), None)
                 # the API already answered 504 at the deadline: just ack
                 await self._settle([_Done(i.stream, i.entry_id, model=i.model) for i in expired])
-                now = time.time()
+                now = time.monotonic()
             while (pick := self._pick(now, models, rr)) is not None:
                 rr = (models.index(pick[0]) + 1) % len(models)
                 self._running += 1
@@ -695,7 +703,9 @@ class Worker:
             error,
             extra={"worker": self.name, "model": item.model, "item_id": item.id},
         )
-        fields = codec.encode_work(item, item.reply_to, attempt=item.delivered)
+        fields = codec.encode_work(
+            item, item.reply_to, attempt=item.delivered, offset=self.clock.offset
+        )
         done = self._dead(item.stream, item.entry_id, fields, error, reason)
         done.reply_to = item.reply_to
         done.reply = codec.Reply(
@@ -718,7 +728,7 @@ class Worker:
                 b"dead_source": stream.encode(),
                 b"dead_entry": entry_id,
                 b"dead_worker": self.name.encode(),
-                b"dead_at": repr(time.time()).encode(),
+                b"dead_at": repr(self.clock.now()).encode(),
             }
         )
         # a malformed entry still gets an error reply when its reply channel is readable
@@ -782,7 +792,7 @@ class Worker:
         for key in entries.intersection(self._in_hand):
             # in a batch already formed: skipped if it has not started yet (run_live_items)
             self._in_hand[key].cancelled = True
-        now = time.time()
+        now = time.monotonic()
         for it in dropped:
             self._in_hand.pop((it.stream, it.entry_id), None)
             if it.expired(now):  # the replica gave up at the deadline: counted as such
@@ -1008,9 +1018,14 @@ class Worker:
         """Refresh this worker's heartbeat in ``P:workers`` and in each served layout's set
         (and drop the long silent ones): no other worker deletes the consumers of a worker
         that beats (below), and the API replicas count the workers alive
-        (``nlpserve_workers_alive``, ``nlpserve_model_workers_alive``)."""
-        now = time.time()
+        (``nlpserve_workers_alive``, ``nlpserve_model_workers_alive``); samples the offset
+        to Redis' clock (``TIME``) on the way."""
+        if not self.clock.measured:
+            # this host's clock, when it runs ahead, would drop the other workers' beats
+            await self.clock.sync(self.client)
+        now = self.clock.now()
         async with self.client.pipeline(transaction=False) as pipe:
+            pipe.time()
             for key in (self._workers_key, *self._served_keys):
                 pipe.zadd(key, {self.name: now})
                 pipe.zremrangebyscore(key, "-inf", now - WORKER_ALIVE_S)
@@ -1020,12 +1035,14 @@ class Worker:
                 if (cost := self._seq_cost.get(model)) is not None:
                     pipe.hset(key, self.name, encode_pace(cost, self._threads[model], now))
                     pipe.expire(key, int(2 * WORKER_ALIVE_S))
-            await pipe.execute()
+            sent = time.monotonic()
+            res = await pipe.execute()
+        self.clock.record(sent, res[0], time.monotonic())
 
     async def _forget_stale_paces(self) -> None:
         """Delete the paces of workers silent for WORKER_ALIVE_S (killed: a clean stop
         deletes its own), so a hash does not grow with every restart."""
-        alive_since = time.time() - WORKER_ALIVE_S
+        alive_since = self.clock.now() - WORKER_ALIVE_S
         for key in self._pace_keys.values():
             stale = [
                 name
@@ -1054,7 +1071,7 @@ class Worker:
             if not idle:
                 continue
             beats = await self.client.zmscore(self._workers_key, idle)
-            alive_since = time.time() - WORKER_ALIVE_S
+            alive_since = self.clock.now() - WORKER_ALIVE_S
             for name, beat in zip(idle, beats, strict=True):
                 if beat is None or beat < alive_since:
                     await self.client.xgroup_delconsumer(s, GROUP, name)

@@ -301,8 +301,9 @@ def _exposed_series() -> set[str]:
     from service.metrics import Metrics, WorkerMetrics
 
     api = Metrics()
-    api.workers_alive()  # these two are created on first use, in Redis mode
+    api.workers_alive()  # these three are created on first use, in Redis mode
     api.model_workers_alive()
+    api.clock_offset(lambda: 0.0)
     worker = CollectorRegistry()
     WorkerMetrics(worker, in_hand=lambda: 0, connected=lambda: True)
     names: set[str] = set()

@@ -86,7 +86,7 @@ def make_service(model: FakeModel, **kw) -> ExplainService:
 
 
 def deadline(s: float = 30.0) -> float:
-    return time.time() + s
+    return time.monotonic() + s
 
 
 async def test_additive_in_probability_space_and_through_the_event_loop():

@@ -35,7 +35,7 @@ def runners(model_repo):
 def item(n: int = 4, deadline_s: float = 30.0, ids=None, lane: str = "predict") -> WorkItem:
     word_ids = np.asarray(ids if ids is not None else [2] * n, dtype=np.int64)
     return WorkItem(
-        MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.time() + deadline_s, lane=lane
+        MODEL, 0, len(word_ids), {"word_ids": word_ids}, time.monotonic() + deadline_s, lane=lane
     )
 
 
@@ -151,7 +151,7 @@ async def test_a_request_refused_for_load_is_not_tokenized(queue):
     held = asyncio.create_task(queue.submit_many([item() for _ in range(4)]))
     await wait_for(lambda: queue.depth(MODEL) == 4)
     with pytest.raises(QueueFullError, match="limit 4"):
-        await run_requests(NotToTokenize(), queue, [object()], time.time() + 30)
+        await run_requests(NotToTokenize(), queue, [object()], time.monotonic() + 30)
     queue.resume()
     assert len(await held) == 4
 
@@ -448,7 +448,7 @@ async def test_random_mixed_traffic_answers_each_request_as_if_alone(every_model
         jobs.append((task, [make[task.task](rng.choice(texts)) for _ in range(rng.randint(1, 3))]))
     alone, sequences = [], 0
     for task, reqs in jobs:
-        prepared = task.prepare(reqs, time.time() + 60, "predict")
+        prepared = task.prepare(reqs, time.monotonic() + 60, "predict")
         sequences += sum(len(p.items) for p in prepared)
         runner = runners[task.name]
         alone.append(
@@ -460,7 +460,7 @@ async def test_random_mixed_traffic_answers_each_request_as_if_alone(every_model
     try:
         q.pause()  # everything queued first: the batches mix requests and models
         runs = [
-            asyncio.create_task(run_requests(task, q, reqs, time.time() + 30))
+            asyncio.create_task(run_requests(task, q, reqs, time.monotonic() + 30))
             for task, reqs in jobs
         ]
         await wait_for(lambda: q.waiting == sequences)
@@ -507,7 +507,7 @@ def two_models(model_repo):
 
 def other_item(runner, n: int = 4, deadline_s: float = 30.0) -> WorkItem:
     it = runner.dummy_item(n, bucket_index(n, runner.buckets))
-    it.deadline = time.time() + deadline_s
+    it.deadline = time.monotonic() + deadline_s
     return it
 
 
@@ -565,8 +565,8 @@ async def test_a_model_is_not_refused_for_another_models_backlog(two_models, mod
             )
         )
         await wait_for(lambda: q.depth(OTHER) == 3)
-        assert isinstance(q.refuse(OTHER, 1, time.time() + 30), QueueFullError)
-        assert q.refuse(MODEL, 1, time.time() + 0.05) is None
+        assert isinstance(q.refuse(OTHER, 1, time.monotonic() + 30), QueueFullError)
+        assert q.refuse(MODEL, 1, time.monotonic() + 0.05) is None
         q.resume()
         assert "logits" in await q.submit(item(deadline_s=5))
         assert len(await held) == 3

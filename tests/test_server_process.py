@@ -18,6 +18,7 @@ import httpx
 import redis
 
 from tests.builders import FILLER
+from tests.faketime_support import release, require_libfaketime, stepping_env
 from tests.redis_support import free_port, redis_url, unique_prefix  # noqa: F401
 from tests.service_support import DETECT_MODEL, QA_MODEL, metric_value, require_model
 
@@ -320,3 +321,38 @@ def test_server_runs_on_uvloop_and_httptools(model_repo):
         assert isinstance(loop, asyncio.AbstractEventLoop)
     finally:
         loop.close()
+
+
+def test_wall_clock_steps_neither_expire_nor_strand_queued_requests(model_repo, tmp_path):
+    """An NTP step (or ``date -s``) moves the wall clock of a running server, here through
+    libfaketime, while a request waits in its batch for company (NLPSERVE_WAIT_WHEN_IDLE,
+    4 s). Deadlines and enqueue times used to be wall-clock: an hour forward and its deadline
+    had passed (504 at once); back again and its wait looked an hour short (504 at the
+    deadline)."""
+    lib = require_libfaketime()
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    proc, url = _serve(
+        model_repo,
+        NLPSERVE_WAIT_WHEN_IDLE="1",
+        NLPSERVE_MAX_WAIT_MS="4000",
+        **stepping_env(offset, lib=lib),
+    )
+    try:
+        for step in ("+3600", "+0"):
+            with ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(
+                    httpx.post,
+                    f"{url}/v1/polarity",
+                    json={"text": "a superb film"},
+                    headers={"X-Deadline-Ms": "15000"},
+                    timeout=60,
+                )
+                _until(lambda: _queued(url, "polarity-en") == 1)
+                offset.write_text(f"{step}\n")  # read within a second (FAKETIME_CACHE_DURATION)
+                r = asked.result()
+            assert r.status_code == 200, (step, r.text)
+            assert r.json()["label"] == "positive"
+    finally:
+        _stop(proc)
+        release(proc)

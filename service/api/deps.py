@@ -121,7 +121,7 @@ MILLISECONDS = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
 
 
 def deadline_from(request: Request, settings: Settings) -> float:
-    """Wall-clock deadline: now + min(X-Deadline-Ms, NLPSERVE_DEFAULT_DEADLINE_MS)."""
+    """Deadline on ``time.monotonic()``: now + min(X-Deadline-Ms, NLPSERVE_DEFAULT_DEADLINE_MS)."""
     ms = float(settings.default_deadline_ms)
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is not None:
@@ -139,7 +139,7 @@ def deadline_from(request: Request, settings: Settings) -> float:
                 f"2000 or 2.5), got {raw!r}",
             )
         ms = min(ms, asked)
-    return time.time() + ms / 1000.0
+    return time.monotonic() + ms / 1000.0
 
 
 class ClientGone(Exception):

@@ -48,21 +48,21 @@ class PendingBucket:
     def ready(self, policy: BatchPolicy, now: float | None = None) -> bool:
         if not self.items:
             return False
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         return self.is_full(policy) or self.oldest_wait(now) >= policy.max_wait_s
 
     def time_to_ready(self, policy: BatchPolicy, now: float | None = None) -> float | None:
         """Seconds until the max-wait rule fires (0 if ready now, None if empty)."""
         if not self.items:
             return None
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         if self.is_full(policy):
             return 0.0
         return max(0.0, policy.max_wait_s - self.oldest_wait(now))
 
     def drop_expired(self, now: float | None = None) -> list[WorkItem]:
         """Remove and return sequences whose deadline has passed (they must not run)."""
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         expired = [it for it in self.items if it.expired(now)]
         if expired:
             self.items = deque(it for it in self.items if not it.expired(now))

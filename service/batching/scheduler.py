@@ -81,7 +81,7 @@ class BucketScheduler:
     # ------------------------------------------------------------------ removal
     def drop_expired(self, now: float | None = None) -> list[WorkItem]:
         """Remove and return every waiting item whose deadline has passed."""
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         dropped: list[WorkItem] = []
         for pb in self._pending.values():
             dropped.extend(pb.drop_expired(now))
@@ -118,7 +118,7 @@ class BucketScheduler:
         if active is None or (lane is not None and active != lane):
             return None
         lane = active
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         best: PendingBucket | None = None
         best_wait = -1.0
         for (_, ln), pb in self._pending.items():
@@ -138,7 +138,7 @@ class BucketScheduler:
         if active is None or (lane is not None and active != lane):
             return None
         lane = active
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         waits = [
             pb.time_to_ready(self.policy, now)
             for (_, ln), pb in self._pending.items()

@@ -15,8 +15,9 @@ class WorkItem:
     """One sequence for one model: already tokenized, not yet padded.
 
     ``features`` maps each model input (except ``lengths``, derived at batch time) to an
-    array whose first axis is the sequence axis. ``deadline`` is wall-clock (``time.time()``)
-    because it travels between processes.
+    array whose first axis is the sequence axis. ``deadline`` and ``enqueued_at`` are on
+    ``time.monotonic()`` (a wall-clock step moves neither); the Redis backend puts them on the
+    Redis server's clock for the trip to a worker (service/clock.py).
     """
 
     model: str
@@ -26,13 +27,13 @@ class WorkItem:
     deadline: float
     lane: str = "predict"  # "explain" work runs only when no "predict" work waits
     id: str = field(default_factory=new_id)
-    enqueued_at: float = field(default_factory=time.time)
+    enqueued_at: float = field(default_factory=time.monotonic)
     # Seconds of the batch it ran in, set by the queue with its result (0.0 before, or when a
     # worker did not report it): the Server-Timing header's `inference`.
     run_s: float = 0.0
 
     def expired(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) >= self.deadline
+        return (now if now is not None else time.monotonic()) >= self.deadline
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from service.explain.segmenters import cut_to_tokens
 from service.explain.ties import seeded_tie_breaks
 from service.queueing.base import DeadlineExceededError
 
-# texts, wall-clock deadline -> one float per text (the explained output)
+# texts, monotonic deadline -> one float per text (the explained output)
 Scorer = Callable[[list[str], float], Awaitable[np.ndarray]]
 
 _RESULT_GRACE_S = 1.0  # extra wait past the deadline for a batch already running
@@ -194,7 +194,7 @@ class ExplainService:
             raise ExplainInputError(f"model {model!r} is not loaded, so it cannot be explained")
         evals = self.max_evals(max_evals)
         key = (ex.name, ex.version, text, evals)
-        asked = time.time()  # for a joiner's 504: its whole wait, over every owner
+        asked = time.monotonic()  # for a joiner's 504: its whole wait, over every owner
         while True:
             hit = self.cache.get(key)
             if hit is not None:
@@ -211,7 +211,7 @@ class ExplainService:
             except (ExplainCancelledError, DeadlineExceededError):
                 # ...unless its owner went away or ran out of its own (shorter) time: then
                 # compute it here, within this request's deadline.
-                if time.time() >= deadline:
+                if time.monotonic() >= deadline:
                     raise _joined_too_late(asked) from None
                 continue
         fut: asyncio.Future[Explanation] = asyncio.get_running_loop().create_future()
@@ -273,15 +273,17 @@ class ExplainService:
 def _joined_too_late(asked: float) -> DeadlineExceededError:
     return DeadlineExceededError(
         "the explanation did not finish before its deadline: "
-        f"{time.time() - asked:.1f} s waiting for the same explanation, already running for "
+        f"{time.monotonic() - asked:.1f} s waiting for the same explanation, already running for "
         "another request; ask for a smaller max_evals"
     )
 
 
 async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:
-    """``fut``'s result, or TimeoutError at ``deadline`` (wall clock). ``fut`` itself is
+    """``fut``'s result, or TimeoutError at ``deadline`` (``time.monotonic()``). ``fut`` itself is
     not cancelled: other requests may share it, or a thread runs it."""
-    return await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, deadline - time.time()))
+    return await asyncio.wait_for(
+        asyncio.shield(fut), timeout=max(0.0, deadline - time.monotonic())
+    )
 
 
 class _Cancel(threading.Event):
@@ -369,7 +371,7 @@ def _explain_sync(
         nonlocal n_evals, full_output
         if cancel.is_set():
             raise ExplainCancelledError("the client went away")
-        remaining = deadline - time.time()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise out_of_time()
         texts = [str(t) for t in batch]

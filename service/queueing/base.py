@@ -131,7 +131,7 @@ def load_refusal(
     if seq_s is None or not ahead:
         return None
     wait = (ahead + n) * seq_s
-    left = deadline - time.time()
+    left = deadline - time.monotonic()
     if wait > left > 0:
         return QueueFullError(
             f"model {model!r} has {ahead} sequences running or queued ahead of this "

@@ -156,8 +156,14 @@ def decode_frame(buf: bytes) -> dict[bytes, bytes]:
 # --------------------------------------------------------------------------- work entries
 
 
-def encode_work(item: WorkItem, reply_to: str, attempt: int = 0) -> dict[bytes, bytes]:
-    """Stream fields for ``item``; ``reply_to`` is the channel of the replica waiting on it."""
+def encode_work(
+    item: WorkItem, reply_to: str, attempt: int = 0, *, offset: float = 0.0
+) -> dict[bytes, bytes]:
+    """Stream fields for ``item``; ``reply_to`` is the channel of the replica waiting on it.
+
+    ``offset`` turns the item's times into the shared ones of the entry: seconds to add to
+    this process's ``time.monotonic()`` to get the Unix time every process reads
+    (service/clock.py); 0.0 for an item whose times are Unix times already."""
     fields = {
         F_VERSION: CODEC_VERSION,
         F_ID: item.id.encode(),
@@ -166,8 +172,8 @@ def encode_work(item: WorkItem, reply_to: str, attempt: int = 0) -> dict[bytes, 
         F_LANE: item.lane.encode(),
         F_LENGTH: str(item.length).encode(),
         # repr() of a float round-trips exactly
-        F_DEADLINE: repr(float(item.deadline)).encode(),
-        F_ENQUEUED: repr(float(item.enqueued_at)).encode(),
+        F_DEADLINE: repr(float(item.deadline + offset)).encode(),
+        F_ENQUEUED: repr(float(item.enqueued_at + offset)).encode(),
         F_REPLY_TO: reply_to.encode(),
         F_ATTEMPT: str(attempt).encode(),
     }
@@ -190,8 +196,10 @@ def _need(fields: Mapping[bytes, bytes], key: bytes) -> bytes:
         raise CodecError(f"entry lacks field {key.decode()!r}") from None
 
 
-def decode_work(fields: Mapping[bytes, bytes]) -> DecodedWork:
-    """Inverse of :func:`encode_work` (features are read-only views of the entry bytes)."""
+def decode_work(fields: Mapping[bytes, bytes], *, offset: float = 0.0) -> DecodedWork:
+    """Inverse of :func:`encode_work` (features are read-only views of the entry bytes);
+    ``offset`` as there: the item's times come back on this process's monotonic clock
+    (0.0: as Unix times, e.g. to inspect a dead letter)."""
     version = fields.get(F_VERSION)
     if version != CODEC_VERSION:
         raise CodecError(f"entry codec version {version!r}, expected {CODEC_VERSION!r}")
@@ -206,10 +214,10 @@ def decode_work(fields: Mapping[bytes, bytes]) -> DecodedWork:
             bucket=int(_need(fields, F_BUCKET)),
             length=int(_need(fields, F_LENGTH)),
             features=features,
-            deadline=_time(fields, F_DEADLINE),
+            deadline=_time(fields, F_DEADLINE) - offset,
             lane=_need(fields, F_LANE).decode(),
             id=_need(fields, F_ID).decode(),
-            enqueued_at=_time(fields, F_ENQUEUED),
+            enqueued_at=_time(fields, F_ENQUEUED) - offset,
         )
         return DecodedWork(
             item, _need(fields, F_REPLY_TO).decode(), int(fields.get(F_ATTEMPT, b"0"))

@@ -239,7 +239,7 @@ class InProcessQueue(InferenceQueue):
             return []
         if self._closing or not self._started:
             raise BackendUnavailableError("the service is shutting down")
-        now = time.time()
+        now = time.monotonic()
         deadline = min(it.deadline for it in items)
         # Predictions run before explanations: only those are ahead of a prediction.
         lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
@@ -393,7 +393,7 @@ class InProcessQueue(InferenceQueue):
                     wake.clear()
                     await wake.wait()  # set when a batch finishes (or new work, or close)
                     continue
-                now = time.time()
+                now = time.monotonic()
                 self._purge(model, now)
                 ahead = lane_for_next_batch(len(dispatched), self._threads[model])
                 # A thread that is idle takes pending work at once; max wait only holds a

@@ -14,15 +14,17 @@ share a slot (the admission script touches all of a model's streams at once).
                               waits for a worker of its own layout.
 * ``P:{model}:v{v}:e{h}:b{i}:explain``  the same bucket's explain lane (runs only when no
                               predict waits)
-* ``P:{model}:v{v}:e{h}:workers``  sorted set: worker name -> unix time of its last
-                              heartbeat, for the workers that serve that layout
+* ``P:{model}:v{v}:e{h}:workers``  sorted set: worker name -> Unix time (on Redis' clock,
+                              service/clock.py) of its last heartbeat, for the workers that
+                              serve that layout
 * ``P:{model}:v{v}:e{h}:pace``  hash: worker name -> ``<seconds per sequence> <threads>
-                              <unix time>``, each worker's recent pace on that layout (from
-                              its heartbeat): the replicas' estimate of how long the work
-                              queued ahead of a request takes
+                              <Unix time on Redis' clock>``, each worker's recent pace on
+                              that layout (from its heartbeat): the replicas' estimate of
+                              how long the work queued ahead of a request takes
 * ``P:{model}:dead``          dead-letter stream of the model (poison entries, with the error)
 * ``P:reply:{replica}``       pub/sub channel of one API replica: every reply for it
-* ``P:workers``               sorted set: worker name -> unix time of its last heartbeat
+* ``P:workers``               sorted set: worker name -> Unix time (Redis' clock) of its last
+                              heartbeat
 * ``P:cancel``                pub/sub channel: entries whose request gave up (client gone, a
                               failed sibling), for workers that already read them
 * consumer group ``workers`` on every work stream; consumers are worker processes
@@ -104,7 +106,7 @@ def encode_pace(seq_s: float, threads: int, at: float) -> bytes:
 
 
 def decode_pace(data: bytes | str) -> tuple[float, int, float] | None:
-    """(seconds per sequence, threads, unix time) of :func:`encode_pace`; None if malformed."""
+    """(seconds per sequence, threads, Unix time) of :func:`encode_pace`; None if malformed."""
     try:
         seq_s, threads, at = (data.decode() if isinstance(data, bytes) else data).split()
         out = float(seq_s), int(threads), float(at)

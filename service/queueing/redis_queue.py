@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching.scheduler import PREDICT_LANE
 from service.batching.types import WorkItem
+from service.clock import RedisClock
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing import codec
@@ -175,6 +176,11 @@ class RedisQueue(InferenceQueue):
         self.prefix = settings.redis_prefix
         self.replica = uuid.uuid4().hex[:12]
         self.channel = reply_channel(self.prefix, self.replica)
+        # Times workers read (deadlines, heartbeats, paces) are on Redis' clock: the health
+        # probe measures this process's offset to it (service/clock.py).
+        self.clock = RedisClock(f"replica {self.replica}")
+        if metrics is not None:
+            metrics.clock_offset(self.clock.skew)
         # A replica and a worker meet only on the same model version and bucket edges (the
         # layout that keys streams and heartbeat sets): another version's vocabulary or
         # labels would answer wrongly, other edges put work where no worker reads.
@@ -345,7 +351,7 @@ class RedisQueue(InferenceQueue):
         for model in by_model:
             if (why := self.no_workers_refusal(model)) is not None:
                 raise NoWorkersError(why)
-        now = time.time()
+        now = time.monotonic()
         deadline = min(it.deadline for it in items)
         # Predictions run before explanations: only those are ahead of a prediction.
         lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
@@ -405,7 +411,7 @@ class RedisQueue(InferenceQueue):
             if target not in keys:  # a bucket/lane this replica did not expect: still queue it
                 keys.append(target)
             targets.append(target)
-            fields = codec.encode_work(it, self.channel)
+            fields = codec.encode_work(it, self.channel, offset=self.clock.offset)
             args += [keys.index(target) + 1, 2 * len(fields)]
             for k, v in fields.items():
                 args += [k, v]
@@ -635,11 +641,15 @@ class RedisQueue(InferenceQueue):
             )
 
     async def _sample_depths(self) -> None:
-        """The health probe: one pipelined XLEN per stream (a PING that also refreshes
-        :meth:`depth` and the queue-depth gauges while this replica submits nothing)."""
+        """The health probe: one pipelined round trip that samples the offset to Redis'
+        clock (``TIME``, which serves as the ping), counts the live workers, and refreshes
+        :meth:`depth` and the queue-depth gauges (one XLEN per stream) while this replica
+        submits nothing."""
+        if not self.clock.measured:  # the worker counts below are judged on Redis' clock
+            await self.clock.sync(self._health_client)
         async with self._health_client.pipeline(transaction=False) as pipe:
-            pipe.ping()
-            alive_since = time.time() - WORKER_ALIVE_S
+            pipe.time()
+            alive_since = self.clock.now() - WORKER_ALIVE_S
             pipe.zcount(self._workers_key, alive_since, "+inf")
             for key in self._served_keys.values():
                 pipe.zcount(key, alive_since, "+inf")
@@ -648,7 +658,9 @@ class RedisQueue(InferenceQueue):
                     pipe.xlen(s)
             for key in self._pace_keys.values():
                 pipe.hgetall(key)
+            sent = time.monotonic()
             res = await pipe.execute()
+        self.clock.record(sent, res[0], time.monotonic())
         k = 2 + len(self._served_keys)
         served = res[2:k]
         self._count_workers(

@@ -160,7 +160,7 @@ class ModelRunner:
                 else:
                     dims.append(self._resolve_dim(spec.name, axis, session_shapes))
             features[spec.name] = np.ones(dims, dtype=spec.dtype)
-        return WorkItem(self.name, bucket, length, features, deadline=time.time() + 3600)
+        return WorkItem(self.name, bucket, length, features, deadline=time.monotonic() + 3600)
 
     def _resolve_dim(self, name: str, axis: int, session_shapes: dict[str, list]) -> int:
         shape = session_shapes.get(name) or []

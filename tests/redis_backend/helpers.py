@@ -64,7 +64,7 @@ def make_item(
         item.features[name] = rng.integers(2, 12, size=arr.shape).astype(arr.dtype)
     if poison:  # out-of-vocabulary ids make ORT's Gather fail: a deterministic bad input
         item.features["word_ids"] = item.features["word_ids"] + 10**9
-    item.deadline = time.time() + deadline_s
+    item.deadline = time.monotonic() + deadline_s
     return item
 
 

@@ -479,7 +479,7 @@ async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
         q._sample_depths = no_probe
         for _ in range(3):
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
-            assert q.refuse(POS, 3, time.time() + 20) is None
+            assert q.refuse(POS, 3, time.monotonic() + 20) is None
             assert q.depth(POS) == 0 and q._predict_depth[POS] == 0
 
 
@@ -499,7 +499,7 @@ async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
         await r.hset(key, "dead", encode_pace(0.001, 8, time.time() - 2 * WORKER_ALIVE_S))
         await r.hset(key, "garbled", b"fast")
         await wait_for(lambda: q._seq_s.get(POS) == pytest.approx(100.0 / 3))
-        assert q.refuse(POS, 1, time.time() + 1) is None  # nothing ahead: any deadline
+        assert q.refuse(POS, 1, time.monotonic() + 1) is None  # nothing ahead: any deadline
         waiting = [
             asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng))) for _ in range(2)
         ]
@@ -521,8 +521,8 @@ async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
             waiting.append(asyncio.create_task(q.submit(extra)))
         await wait_for(lambda: q.depth(POS) == 6)
         await wait_for(lambda: q._predict_depth.get(POS) == 3)
-        assert q.refuse(POS, 1, time.time() + 140) is None  # 3 predictions + 1 ahead
-        assert q.refuse(POS, 1, time.time() + 140, lane=None) is not None  # 6 + 1
+        assert q.refuse(POS, 1, time.monotonic() + 140) is None  # 3 predictions + 1 ahead
+        assert q.refuse(POS, 1, time.monotonic() + 140, lane=None) is not None  # 6 + 1
         for t in waiting:
             t.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
@@ -582,7 +582,7 @@ async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny
         # skipped and acked by the worker, never run
         stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
         stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), stale.bucket)
-        await r.xadd(stream, codec.encode_work(stale, q.channel))
+        await r.xadd(stream, codec.encode_work(stale, q.channel, offset=q.clock.offset))
         async with running_worker(settings, tiny_runners) as w:
             await wait_for(lambda: w.stats.expired == 1)
             fresh = make_item(tiny_runners[POS], 6, rng)
@@ -1125,7 +1125,7 @@ async def test_worker_skips_what_expired_while_its_batch_was_formed_ahead(
         try:
             await wait_for(lambda: gated[POL].active == 1)
             # from now: its batch must form (queued behind `first`) before it expires
-            doomed.deadline = time.time() + 1.0
+            doomed.deadline = time.monotonic() + 1.0
             late = asyncio.create_task(q.submit(doomed))
             await wait_for(lambda: w.batches_in_flight == 2)  # formed ahead, behind `first`
             with pytest.raises(DeadlineExceededError):

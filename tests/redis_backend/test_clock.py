@@ -1,0 +1,64 @@
+"""RedisClock: the offset of this process's monotonic clock to the Redis server's, from
+TIME round trips (service/clock.py). Processes whose clocks are really off:
+test_clock_skew.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.clock import CLOCK_WARN_S, RedisClock
+
+
+def _at(unix: float) -> tuple[int, int]:
+    """TIME's answer for ``unix``: (seconds, microseconds)."""
+    return int(unix), round((unix - int(unix)) * 1e6)
+
+
+def test_the_offset_is_the_round_trip_midpoint_of_the_tightest_recent_sample() -> None:
+    clock = RedisClock("test")
+    clock.record(10.0, _at(1000.5), 10.2)  # the server read 1000.5 within [10.0, 10.2]
+    assert clock.offset == pytest.approx(1000.5 - 10.1)
+    clock.record(20.0, _at(1010.45), 20.02)  # tighter: wins
+    assert clock.offset == pytest.approx(1010.45 - 20.01)
+    clock.record(30.0, _at(1020.45), 30.1)  # looser and consistent: does not
+    assert clock.offset == pytest.approx(1010.45 - 20.01)
+
+
+def test_a_step_of_the_servers_clock_replaces_the_older_samples_at_once() -> None:
+    clock = RedisClock("test")
+    clock.record(10.0, _at(1000.0), 10.002)
+    clock.record(20.0, _at(1070.0), 20.2)  # 60 s later than the first sample allows
+    assert clock.offset == pytest.approx(1070.0 - 20.1)
+
+
+def test_a_host_clock_far_from_redis_is_logged_once_per_step(caplog) -> None:
+    clock = RedisClock("worker w1")
+    with caplog.at_level(logging.INFO, logger="service.clock"):
+        for _ in range(3):
+            sent = time.monotonic()
+            clock.record(sent, _at(time.time() + 90), time.monotonic())
+        assert clock.skew() == pytest.approx(90, abs=0.5)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "90.0 s behind the Redis server's" in warned[0]
+        assert warned[0].startswith("worker w1:")
+        sent = time.monotonic()
+        clock.record(sent, _at(time.time() + CLOCK_WARN_S / 10), time.monotonic())
+    assert "within" in caplog.records[-1].getMessage()
+
+
+async def test_sync_against_a_real_server_on_this_host(redis_url: str) -> None:
+    """Redis runs on this host here: its clock is this host's wall clock."""
+    client = aioredis.from_url(redis_url)
+    try:
+        clock = RedisClock("test")
+        assert not clock.measured
+        await clock.sync(client)
+    finally:
+        await client.aclose()
+    assert clock.measured
+    assert abs(clock.skew()) < 0.5
+    assert clock.now() == pytest.approx(time.time(), abs=0.5)
