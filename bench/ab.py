@@ -212,7 +212,7 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
             "median_other_threads_ms": statistics.median(r.account.other_ms for r in rs),
         }
         for key in ("mean_batch_size", "padding_efficiency"):
-            values = [r.batches[key] for r in rs if r.batches.get(key) is not None]
+            values = [v for r in rs if (v := r.batches.get(key)) is not None]
             out[label][f"median_{key}"] = statistics.median(values) if values else None
         if rs and rs[0].worker_ms is not None:
             out[label]["median_worker_ms"] = statistics.median(r.worker_ms or 0 for r in rs)

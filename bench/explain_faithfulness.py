@@ -209,8 +209,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{row['auc_random']:.3f} {secs:.1f}s",
                     flush=True,
                 )
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    return {"settings": settings, "summary": summarise(rows), "rows": rows}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {"settings": options, "summary": summarise(rows), "rows": rows}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

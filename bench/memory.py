@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import statistics
 import sys
@@ -49,7 +50,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+from unittest import mock
 
 from bench import procs
 from bench.fastclient import FastClient, TransportError
@@ -68,7 +70,13 @@ PHASES = ("start", "idle", "burst", "explain", "after")
 # ---------------------------------------------------------------------------- /proc
 
 
-def read_memory(pid: int) -> dict[str, float] | None:
+class Memory(TypedDict):
+    rss: float
+    pss: float | None  # None where only RSS could be read
+    uss: float | None
+
+
+def read_memory(pid: int) -> Memory | None:
     """RSS, PSS and USS of ``pid`` in MiB (``smaps_rollup``; RSS alone from ``status`` where
     that file cannot be read); None once the process is gone."""
     kb: dict[str, int] = {}
@@ -398,9 +406,11 @@ async def _phases(setup: Setup, base: str, args: argparse.Namespace, sampler: Sa
 
 
 def server_limits(env: dict[str, str]) -> Limits:
-    """The limits the server will apply: this environment's ``NLPSERVE_*`` plus ``env``."""
-    fields = {k.lower(): v for k, v in env.items() if k.lower()[9:] in Settings.model_fields}
-    return Limits.of(Settings(**{k[9:]: v for k, v in fields.items()}))
+    """The limits the server will apply: its settings read from this environment with ``env``
+    over it, as the server reads them (as keyword arguments, a JSON value such as
+    NLPSERVE_BUCKETS' was a string where a mapping was due, and the run ended there)."""
+    with mock.patch.dict(os.environ, env):  # the environment the server processes get
+        return Limits.of(Settings())
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, logs: Path) -> dict[str, Any]:

@@ -218,12 +218,12 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
         live = np.concatenate([probe["attention_mask"]] * 2, axis=-1) == 1
     else:
         live = np.ones(want.shape, dtype=bool)
-    preferred = [base.get("num_attention_heads")] if base.get("num_attention_heads") else []
+    preferred = [int(named)] if (named := base.get("num_attention_heads")) else []
     candidates = preferred + [h for h in range(1, hidden + 1) if hidden % h == 0]
     best: tuple[float, int, Any] = (float("inf"), 0, None)
     diffs: list[float] = []
     for heads in dict.fromkeys(candidates):  # ordered, unique
-        model = model_class(_config(state, int(heads), manifest["labels"], eps, base)).eval()
+        model = model_class(_config(state, heads, manifest["labels"], eps, base)).eval()
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
@@ -233,7 +233,7 @@ def hf_from_onnx(version_dir: Path, out_dir: Path, allow_int8: bool = True) -> t
         diff = float(np.abs(got - want)[live].max())
         diffs.append(diff)
         if diff < best[0]:
-            best = (diff, int(heads), model)
+            best = (diff, heads, model)
         # fp32 is exact: the first match is the one. int8 is only close: the closest wins.
         if kind == "fp32" and diff < tol:
             break

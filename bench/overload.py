@@ -67,8 +67,13 @@ def rejected_by_reason(samples: dict[tuple[str, tuple], float]) -> Counter[str]:
     out: Counter[str] = Counter()
     for (name, labels), v in samples.items():
         if name == "nlpserve_rejected_total":
-            out[dict(labels).get("reason", "?")] += v
+            out[dict(labels).get("reason", "?")] += int(v)  # a count, scraped as a float
     return out
+
+
+def always(task: str) -> Callable[[], str]:
+    """A steady stream's pick: its one task."""
+    return lambda: task
 
 
 async def rejected_now(url: str) -> Counter[str]:
@@ -148,9 +153,7 @@ async def run(args: argparse.Namespace) -> None:
     # with or without it (a run with a steady stream compares with one without)
     steady = [
         asyncio.create_task(
-            arrivals(
-                -1, t0, bounds[-1][1], rate, lambda t=task: t, random.Random(f"{args.seed}:{k}")
-            )
+            arrivals(-1, t0, bounds[-1][1], rate, always(task), random.Random(f"{args.seed}:{k}"))
         )
         for k, (task, rate) in enumerate(args.steady)
     ]

@@ -395,7 +395,7 @@ class Bench:
                 models = json.loads(resp.read())["models"]
         except (OSError, ValueError, KeyError):
             return None
-        info = next((m for m in models if m.get("name") == self.args.model), {})
+        info: dict[str, Any] = next((m for m in models if m.get("name") == self.args.model), {})
         return info.get("provider")
 
     # ------------------------------------------------------------------ configurations

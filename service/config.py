@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,10 @@ CHEAP_TOKEN_S = 20e-6
 # in the schema so validation stops there: an unbounded list of 330,000 wrong items held the
 # event loop for ~1.3 s while each item was validated and its error listed.
 MAX_LIST_ITEMS = 10_000
+# NLPSERVE_REDIS_URL query options redis-py reads that change the shape of its replies: with
+# RESP3 or redis-py's unified shapes a worker's first read failed and the worker exited; with
+# decoded text (any value: redis-py takes the string as given) every entry was unreadable.
+REPLY_SHAPE_OPTIONS = frozenset({"protocol", "legacy_responses", "decode_responses"})
 
 
 def parse_origins(value: str) -> list[str]:
@@ -409,6 +413,15 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 -- raises on a port that is no number
         except ValueError:
             raise ValueError(f"the port is not a number: {encode}") from None
+        reshaping = sorted(
+            {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+            & REPLY_SHAPE_OPTIONS
+        )
+        if reshaping:
+            raise ValueError(
+                f"the option {', '.join(reshaping)} is not supported: the service reads "
+                "Redis replies as bytes, in redis-py's RESP2 shapes; remove it"
+            )
         return value
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.api.app import begin_shutdown, create_app
 from service.api.deps import ServiceState
@@ -33,7 +34,7 @@ BAD_HTTP_BODY = json.dumps(
 
 if HttpToolsProtocol is not None:
 
-    class HttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class HttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, answering an unparseable request in JSON."""
 
         def send_400_response(self, msg: str) -> None:
@@ -89,9 +90,9 @@ class Server(uvicorn.Server):
 KEEP_ALIVE_S = 5
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -119,5 +120,5 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 
 def run_server(settings: Settings) -> None:
-    config = uvicorn_config(settings)
-    Server(config, config.app.state.service).run()
+    app = create_app(settings)
+    Server(uvicorn_config(settings, app), app.state.service).run()

@@ -38,9 +38,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, cast
 
-import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
@@ -51,7 +50,7 @@ from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
 from service.queueing.base import updated_pace
-from service.queueing.inprocess import timed_live_items
+from service.queueing.inprocess import BatchRunner, timed_live_items
 from service.queueing.redis_keys import (
     GROUP,
     WORKER_ALIVE_S,
@@ -72,6 +71,22 @@ from service.queueing.redis_keys import (
 from service.repository import Manifest
 
 log = logging.getLogger(__name__)
+
+# Replies as make_client's connections read them: RESP2 shapes, bytes (the settings refuse the
+# URL options that change either). redis-py's own reply types span every shape.
+StreamEntry = tuple[bytes, dict[bytes, bytes] | None]  # fields None: deleted while pending
+ReadReply = list[tuple[bytes, list[StreamEntry]]]  # XREADGROUP: per stream, its entries
+ClaimReply = list[tuple[bytes | None, dict[bytes, bytes] | None]]  # XCLAIM (Redis < 7: nil)
+
+
+class PendingRow(TypedDict):
+    """One row of XPENDING's extended form, as redis-py names its fields."""
+
+    message_id: bytes
+    consumer: bytes
+    time_since_delivered: int
+    times_delivered: int
+
 
 DEAD_LETTER_MAXLEN = 10_000
 # Why an entry goes to the dead-letter stream (label `reason`): its run failed, it was
@@ -96,15 +111,13 @@ return 1
 """
 
 
-class Runner(Protocol):
+class Runner(BatchRunner, Protocol):
     """What a worker needs of a model (``service.runtime.runner.ModelRunner``)."""
 
     manifest: Manifest
     buckets: list[int]
     provider: str
     token_cost_s: float | None  # seconds per padded token, measured at warm-up
-
-    def run_batch(self, items: Sequence[WorkItem]) -> list[dict[str, np.ndarray]]: ...
 
 
 @dataclass(eq=False)
@@ -178,7 +191,7 @@ class Worker:
         # published with the heartbeat, for the replicas' admission (docs/service.md).
         self._pace_keys = {m: model_pace_key(self.prefix, m, x) for m, x in layouts.items()}
         self._seq_cost: dict[str, float] = {}
-        self.schedulers = {
+        self.schedulers: dict[str, BucketScheduler[StreamItem]] = {
             m: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for m, r in self.runners.items()
         }
@@ -454,8 +467,8 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            for stream, entries in resp or []:
-                await self._accept(_s(stream), entries)
+            for stream, entries in cast(ReadReply, resp or []):
+                await self._accept(stream.decode(), entries)
 
     def _rooms(self) -> dict[str, int]:
         """Per model, the entries it may still take in (``worker_prefetch`` less those held)."""
@@ -471,7 +484,7 @@ class Worker:
     async def _accept(
         self,
         stream: str,
-        entries: Iterable[tuple[bytes, dict[bytes, bytes] | None]],
+        entries: Iterable[StreamEntry],
         delivered: Mapping[bytes, int] | None = None,
     ) -> None:
         """Turn stream entries into scheduled work (or settle them right away)."""
@@ -537,7 +550,9 @@ class Worker:
     def _has_slot(self, model: str) -> bool:
         return self._on_threads[model] < self._slots[model]
 
-    def _pick(self, now: float, models: list[str], start: int) -> tuple[str, list[Any]] | None:
+    def _pick(
+        self, now: float, models: list[str], start: int
+    ) -> tuple[str, list[StreamItem]] | None:
         for k in range(len(models)):
             m = models[(start + k) % len(models)]
             if not self._has_slot(m):
@@ -555,7 +570,7 @@ class Worker:
         rr = 0  # round-robin start, so one busy model cannot starve another
         while True:
             now = time.monotonic()
-            expired: list[Any] = []
+            expired: list[StreamItem] = []
             for s in self.schedulers.values():
                 expired += s.drop_expired(now)
             if expired:
@@ -786,7 +801,7 @@ class Worker:
     async def _drop_cancelled(self, entries: set[tuple[str, bytes]]) -> None:
         if not entries.intersection(self._in_hand):
             return  # another worker's, or already run
-        dropped: list[Any] = []
+        dropped: list[StreamItem] = []
         for sched in self.schedulers.values():
             dropped += sched.drop(lambda it: (it.stream, it.entry_id) in entries)
         for key in entries.intersection(self._in_hand):
@@ -969,8 +984,11 @@ class Worker:
             room = self._rooms()[self._stream_model[stream]]
             if room <= 0:
                 continue
-            rows = await self.client.xpending_range(
-                stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
+            rows = cast(
+                list[PendingRow],
+                await self.client.xpending_range(
+                    stream, GROUP, min="-", max="+", count=min(room, 100), idle=idle_ms
+                ),
             )
             ours: list[StreamItem] = []
             counts: dict[bytes, int] = {}  # delivery counts of the others, + this XCLAIM
@@ -986,8 +1004,8 @@ class Worker:
                 continue
             # entries deleted while pending (client gone, trimmed) are not returned: Redis
             # >= 7.0 drops them from the pending list here
-            claimed = await self.client.xclaim(stream, GROUP, self.name, idle_ms, list(counts))
-            claimed = [(i, f) for i, f in claimed if i is not None]
+            reply = await self.client.xclaim(stream, GROUP, self.name, idle_ms, list(counts))
+            claimed = [(i, f) for i, f in cast(ClaimReply, reply) if i is not None]
             if not claimed:
                 continue
             model = self._stream_model[stream]

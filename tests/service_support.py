@@ -67,7 +67,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
 class _QuietServer(uvicorn.Server):
     # Leave SIGINT/SIGTERM to pytest: the test decides when the server stops.
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self):
         yield
 
 

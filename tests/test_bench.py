@@ -1296,6 +1296,23 @@ def test_memory_bench_reports_start_up_idle_and_burst_per_process(
     assert "| all models, in-process | api |" in md and "## Requests" in md
 
 
+def test_memory_bench_reads_the_server_limits_as_the_server_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--serve-env`` settings, a JSON one too (the server parses NLPSERVE_BUCKETS): the
+    limits the bench sizes its requests by were read from them as keyword arguments, and a
+    JSON value ended the run with a validation error before any server started."""
+    from bench import memory
+
+    monkeypatch.setenv("NLPSERVE_MAX_TEXT_CHARS", "3000")
+    args = memory.parse_args(["--setups", "all", "--serve-env", "NLPSERVE_MAX_BATCH_ITEMS=7",
+                              "--serve-env", 'NLPSERVE_BUCKETS={"pos-en": [16, 32]}'])  # fmt: skip
+    [setup] = memory.build_setups(args, Path("unused"), [])
+    limits = memory.server_limits(setup.env)
+    assert limits.max_batch_items == 7 and limits.max_text_chars == 3000
+    assert "NLPSERVE_MAX_BATCH_ITEMS" not in os.environ  # the environment is left as it was
+
+
 def test_memory_bench_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import memory
 

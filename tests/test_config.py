@@ -246,6 +246,29 @@ def test_a_malformed_redis_url_is_refused_without_quoting_it(monkeypatch, url):
     assert "Xy7" not in result.output and "4242" not in result.output
 
 
+@pytest.mark.parametrize(
+    "query", ["protocol=3", "legacy_responses=false", "decode_responses=false", "decode_responses"]
+)
+def test_a_redis_url_option_that_reshapes_replies_is_refused(monkeypatch, query):
+    """The worker reads replies as bytes in RESP2 shapes: with ``?protocol=3`` (or
+    ``legacy_responses=false``) its first XREADGROUP reply was a dict and the worker exited
+    ("too many values to unpack"); ``decode_responses`` (any value: redis-py keeps it a
+    string) made every entry unreadable. Refused at start, in the CLI's one line."""
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    url = f"redis://redis-host:6379/0?socket_timeout=2&{query}"
+    name = query.partition("=")[0]
+    with pytest.raises(ValidationError, match=f"the option {name} is not supported"):
+        Settings(redis_url=url)
+    monkeypatch.setenv("NLPSERVE_REDIS_URL", url)
+    result = CliRunner().invoke(cli.app, ["worker"])
+    assert result.exit_code == 2, result.output
+    assert f"NLPSERVE_REDIS_URL: the option {name} is not supported" in result.output
+
+
 def test_a_well_formed_redis_url_is_accepted_and_never_in_the_repr(tmp_path):
     from pydantic import ValidationError
 

@@ -305,10 +305,12 @@ def test_server_runs_on_uvloop_and_httptools(model_repo):
     (bench/README.md)."""
     import asyncio
 
+    from service.api.app import create_app
     from service.config import Settings
     from service.server import uvicorn_config
 
-    cfg = uvicorn_config(Settings(model_dir=model_repo, warmup=False))
+    settings = Settings(model_dir=model_repo, warmup=False)
+    cfg = uvicorn_config(settings, create_app(settings))
     cfg.load()
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 

@@ -77,7 +77,7 @@ class ServiceState:
 
     def metrics_label(self, task: str, query: Mapping[str, list[str]]) -> str:
         """Bounded-cardinality model label for a request (never raw client input)."""
-        asked = (query.get("model") or [None])[0]
+        asked = next(iter(query.get("model", ())), None)
         if asked is not None:
             t = self.tasks.get(asked)
             return asked if t is not None and t.task == task else "unknown"

@@ -103,8 +103,8 @@ class PredictFastPath:
             if (n := batch_len(doc)) > limit:
                 # Refused before each item is validated (twice, with FastAPI's replay): a
                 # 1 MB body of 150,000 bad items held the event loop for ~1 s.
-                error = await self._error_response(request, too_many_items(n, limit))
-                await error(scope, receive, send)
+                refusal = await self._error_response(request, too_many_items(n, limit))
+                await refusal(scope, receive, send)
                 return
             if doc is not _UNREAD:
                 with contextlib.suppress(Exception):  # bad fields

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Generic
 
-from service.batching.types import BatchPolicy, WorkItem
+from service.batching.types import BatchPolicy, ItemT
 
 # How far past the oldest sequence :meth:`PendingBucket.take` looks for batch mates, in
 # multiples of the max batch size: enough choice to group similar lengths, bounded work.
 LOOKAHEAD_BATCHES = 4
 
 
-class PendingBucket:
+class PendingBucket(Generic[ItemT]):
     """Queue of one (model, bucket, lane)'s waiting sequences. Not thread-safe: one owner.
 
     The oldest sequence always goes into the next batch (latency stays fair and bounded);
@@ -22,12 +23,12 @@ class PendingBucket:
     """
 
     def __init__(self) -> None:
-        self.items: deque[WorkItem] = deque()
+        self.items: deque[ItemT] = deque()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, item: WorkItem) -> None:
+    def add(self, item: ItemT) -> None:
         self.items.append(item)
 
     def oldest_wait(self, now: float) -> float:
@@ -60,7 +61,7 @@ class PendingBucket:
             return 0.0
         return max(0.0, policy.max_wait_s - self.oldest_wait(now))
 
-    def drop_expired(self, now: float | None = None) -> list[WorkItem]:
+    def drop_expired(self, now: float | None = None) -> list[ItemT]:
         """Remove and return sequences whose deadline has passed (they must not run)."""
         now = time.monotonic() if now is None else now
         expired = [it for it in self.items if it.expired(now)]
@@ -68,7 +69,7 @@ class PendingBucket:
             self.items = deque(it for it in self.items if not it.expired(now))
         return expired
 
-    def take(self, policy: BatchPolicy) -> list[WorkItem]:
+    def take(self, policy: BatchPolicy) -> list[ItemT]:
         """Pop the next batch: the oldest sequence, then those nearest to it in length (ties:
         the older first) among the next ``LOOKAHEAD_BATCHES x max_batch_size``, within
         max_batch_size, the padded-token budget and the padding-efficiency floor.

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Generic
 
 from service.batching.forming import PendingBucket
-from service.batching.types import BatchPolicy, WorkItem
+from service.batching.types import BatchPolicy, ItemT
 
 PREDICT_LANE = "predict"
 EXPLAIN_LANE = "explain"
@@ -25,7 +26,7 @@ def lane_for_next_batch(batches_in_flight: int, threads: int) -> str | None:
     return PREDICT_LANE if batches_in_flight >= threads else None
 
 
-class BucketScheduler:
+class BucketScheduler(Generic[ItemT]):
     """Pending sequences of ONE model, in a :class:`PendingBucket` per (bucket, lane).
 
     Not thread-safe: one owner (an asyncio loop task, or a worker loop) calls every method.
@@ -45,10 +46,10 @@ class BucketScheduler:
     def __init__(self, policy: BatchPolicy, lanes: tuple[str, ...] = DEFAULT_LANES) -> None:
         self.policy = policy
         self.lanes = lanes
-        self._pending: dict[tuple[int, str], PendingBucket] = {}
+        self._pending: dict[tuple[int, str], PendingBucket[ItemT]] = {}
 
     # ------------------------------------------------------------------ contents
-    def add(self, item: WorkItem) -> None:
+    def add(self, item: ItemT) -> None:
         if item.lane not in self.lanes:
             raise ValueError(f"unknown lane {item.lane!r} (known: {', '.join(self.lanes)})")
         key = (item.bucket, item.lane)
@@ -74,22 +75,22 @@ class BucketScheduler:
             out[b] = out.get(b, 0) + len(pb)
         return out
 
-    def items(self) -> Iterator[WorkItem]:
+    def items(self) -> Iterator[ItemT]:
         for pb in self._pending.values():
             yield from pb.items
 
     # ------------------------------------------------------------------ removal
-    def drop_expired(self, now: float | None = None) -> list[WorkItem]:
+    def drop_expired(self, now: float | None = None) -> list[ItemT]:
         """Remove and return every waiting item whose deadline has passed."""
         now = time.monotonic() if now is None else now
-        dropped: list[WorkItem] = []
+        dropped: list[ItemT] = []
         for pb in self._pending.values():
             dropped.extend(pb.drop_expired(now))
         return dropped
 
-    def drop(self, predicate: Callable[[WorkItem], bool]) -> list[WorkItem]:
+    def drop(self, predicate: Callable[[ItemT], bool]) -> list[ItemT]:
         """Remove and return waiting items matching ``predicate`` (e.g. client gone)."""
-        dropped: list[WorkItem] = []
+        dropped: list[ItemT] = []
         for pb in self._pending.values():
             if any(predicate(it) for it in pb.items):
                 keep = type(pb.items)()
@@ -107,7 +108,7 @@ class BucketScheduler:
 
     def next_batch(
         self, now: float | None = None, *, no_wait: bool = False, lane: str | None = None
-    ) -> list[WorkItem] | None:
+    ) -> list[ItemT] | None:
         """Pop the batch to run now, or ``None`` when no bucket is ready.
 
         ``no_wait=True`` treats every non-empty bucket as ready: an inference thread is idle
@@ -119,7 +120,7 @@ class BucketScheduler:
             return None
         lane = active
         now = time.monotonic() if now is None else now
-        best: PendingBucket | None = None
+        best: PendingBucket[ItemT] | None = None
         best_wait = -1.0
         for (_, ln), pb in self._pending.items():
             if ln != lane or not pb.items:

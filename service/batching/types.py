@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,6 +35,10 @@ class WorkItem:
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.monotonic()) >= self.deadline
+
+
+# The items a queue batches: a worker's carry where they came from in Redis.
+ItemT = TypeVar("ItemT", bound=WorkItem)
 
 
 @dataclass(frozen=True)

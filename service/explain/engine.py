@@ -19,7 +19,7 @@ import concurrent.futures
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -29,8 +29,9 @@ from service.explain.segmenters import cut_to_tokens
 from service.explain.ties import seeded_tie_breaks
 from service.queueing.base import DeadlineExceededError
 
-# texts, monotonic deadline -> one float per text (the explained output)
-Scorer = Callable[[list[str], float], Awaitable[np.ndarray]]
+# texts, monotonic deadline -> one float per text (the explained output); a coroutine
+# function: the explainer's thread runs it on the event loop
+Scorer = Callable[[list[str], float], Coroutine[Any, Any, np.ndarray]]
 
 _RESULT_GRACE_S = 1.0  # extra wait past the deadline for a batch already running
 

@@ -54,7 +54,7 @@ class WordPieceSegmenter:
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
         # The model's tokens, not SHAP's features: what cut_to_tokens counts is what it reads.
-        return [tuple(o) for o in self.tokenizer.encode(s, add_special_tokens=False).offsets]
+        return [(a, b) for a, b in self.tokenizer.encode(s, add_special_tokens=False).offsets]
 
 
 class WordSegmenter:
@@ -76,7 +76,7 @@ class WordSegmenter:
         return _features(self.tokenizer.encode(s), return_offsets_mapping)
 
     def offsets(self, s: str) -> list[tuple[int, int]]:
-        return [tuple(o) for o in self.tokenizer.encode(s).offsets]
+        return [(a, b) for a, b in self.tokenizer.encode(s).offsets]
 
 
 def _features(enc: Encoding, with_offsets: bool) -> dict[str, list]:

@@ -58,7 +58,7 @@ def _install() -> bool:
             return True
         if current is not numpy:
             return False
-        module.np = _Numpy("numpy")
+        module.np = _Numpy("numpy")  # type: ignore[attr-defined]  # shap's, found at run time
         return True
 
 

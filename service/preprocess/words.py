@@ -210,7 +210,7 @@ class WordEncoder:
             (self.vocab.get(norm(t), UNK_ID) for t in tokens), dtype=np.int64, count=len(tokens)
         )
         chars = None
-        if self.char_index is not None:
+        if self.char_index is not None and self.max_word_length:  # both or neither (__init__)
             w = self.max_word_length
             chars = np.zeros((len(tokens), w), dtype=np.int64)
             for i, t in enumerate(tokens):

@@ -236,7 +236,7 @@ def _run_s(raw: bytes) -> float:
     return value
 
 
-def _time(fields: dict[bytes, bytes], key: bytes) -> float:
+def _time(fields: Mapping[bytes, bytes], key: bytes) -> float:
     """A unix time: finite (a NaN deadline or enqueue time made its bucket's oldest wait NaN,
     and the scheduler never picked that bucket again)."""
     value = float(_need(fields, key))

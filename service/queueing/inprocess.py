@@ -11,11 +11,13 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import PREDICT_LANE, lane_for_next_batch
+from service.batching.types import ItemT
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import (
@@ -31,6 +33,14 @@ from service.queueing.base import (
 from service.runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    """What running a batch needs of a model (:class:`ModelRunner`; a worker's runner)."""
+
+    name: str
+
+    def run_batch(self, items: Sequence[WorkItem]) -> list[dict[str, np.ndarray]]: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class BatchRecord:
 
 
 def run_batch_isolating(
-    runner: ModelRunner, batch: list[WorkItem]
+    runner: BatchRunner, batch: Sequence[WorkItem]
 ) -> list[dict[str, np.ndarray] | Exception]:
     """Run ``batch``; if it fails, rerun each item alone so one bad input fails alone.
 
@@ -87,7 +97,7 @@ def run_batch_isolating(
 
 
 def run_live_items(
-    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
+    runner: BatchRunner, batch: list[ItemT], gone: Callable[[ItemT], bool]
 ) -> list[dict[str, np.ndarray] | Exception | None]:
     """:func:`run_batch_isolating` over the items of ``batch`` not ``gone`` when it starts;
     None in place of the others. A batch formed ahead waits behind the running ones, and its
@@ -105,7 +115,7 @@ def run_live_items(
 
 
 def timed_live_items(
-    runner: ModelRunner, batch: list[WorkItem], gone: Callable[[WorkItem], bool]
+    runner: BatchRunner, batch: list[ItemT], gone: Callable[[ItemT], bool]
 ) -> tuple[list[dict[str, np.ndarray] | Exception | None], float]:
     """:func:`run_live_items` and its seconds, timed on the executor thread: from dispatch,
     the time would include the wait behind the batch running before it."""
@@ -115,7 +125,7 @@ def timed_live_items(
 
 
 def _finite_or_error(
-    runner: ModelRunner, batch: Sequence[WorkItem], results: Sequence[dict[str, np.ndarray]]
+    runner: BatchRunner, batch: Sequence[WorkItem], results: Sequence[dict[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray] | Exception]:
     """An item whose outputs hold NaN or inf fails alone (422 inference_failed): answered,
     they would be "NaN" in a JSON body no client can parse (e.g. an fp16 overflow)."""
@@ -166,7 +176,7 @@ class InProcessQueue(InferenceQueue):
         self.metrics = metrics
         self.max_depth = settings.max_queue_depth
         # The queue's settings, the runner's measured token cost (it decides the CPU floor).
-        self._scheds = {
+        self._scheds: dict[str, BucketScheduler[WorkItem]] = {
             name: BucketScheduler(settings.batch_policy(r.provider, r.token_cost_s))
             for name, r in self.runners.items()
         }

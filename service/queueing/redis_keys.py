@@ -239,7 +239,8 @@ def make_client(
     if not (isinstance(connection_class, type) and issubclass(connection_class, UnixSocket)):
         # TCP only: a unix:// connection takes no such option (TypeError at each connect)
         defaults["socket_keepalive"] = True
-    pool = BlockingConnectionPool(**{**defaults, **options})
+    # options of several types, from the URL as redis-py's from_url passes them
+    pool = BlockingConnectionPool(**{**defaults, **options})  # type: ignore[arg-type]
     return Redis.from_pool(pool)  # the client owns (and closes) its pool
 
 

@@ -29,9 +29,9 @@ class DetectTask(Task):
     def texts(self, request: DetectRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
 
-    def encode(
+    def encode(  # type: ignore[override]
         self, requests: Sequence[DetectRequest], deadline: float, lane: str
-    ) -> list[Prepared]:  # type: ignore[override]
+    ) -> list[Prepared]:
         out = []
         for enc in self.encoder.encode([r.text for r in requests]):
             feats = {

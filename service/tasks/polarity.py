@@ -29,9 +29,9 @@ class PolarityTask(Task):
     def texts(self, request: PolarityRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
 
-    def encode(
+    def encode(  # type: ignore[override]
         self, requests: Sequence[PolarityRequest], deadline: float, lane: str
-    ) -> list[Prepared]:  # type: ignore[override]
+    ) -> list[Prepared]:
         n = len(requests)
         out = []
         texts = [r.text for r in requests]

@@ -50,7 +50,7 @@ class PosTask(Task):
         encoded = dict(zip(text_idx, self.encoder.encode_texts(texts), strict=True))
         out = []
         for i, req in enumerate(requests):
-            enc = encoded[i] if i in encoded else self.encoder.encode_tokens([req.tokens])[0]
+            enc = encoded[i] if i in encoded else self.encoder.encode_tokens([req.tokens or []])[0]
             if len(enc) == 0:
                 raise InputError("empty_text", f"{where(i, n)}the text contains no words")
             if len(enc) > self.max_length:

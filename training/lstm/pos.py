@@ -25,6 +25,7 @@ from service.preprocess.words import (
 )
 from service.repository.manifest import TensorSpec, load_manifest
 from training.data.common import DataError, TaggedCorpus
+from training.data.conllu import TagField
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
 from training.lstm.entry import exported, write_lstm_entry
 from training.lstm.export import (
@@ -75,7 +76,7 @@ class PosConfig:
     progress: bool | None = None  # None: bars when stderr is a terminal
     # recorded in the manifest so `evaluate` can re-load the same data
     dataset: str = "treebank"
-    tag_field: str | None = None
+    tag_field: TagField | None = None
 
 
 @dataclass
@@ -307,7 +308,7 @@ def run_pos(
 CONLLU_FOLDER = "ud_english_ewt"
 
 
-def load_conllu_root(data: Path, tag_field: str = "upos") -> TaggedCorpus:
+def load_conllu_root(data: Path, tag_field: TagField = "upos") -> TaggedCorpus:
     """CoNLL-U from ``data``: a .conllu file, a folder of them, or the data root, whose
     ``ud_english_ewt/*.conllu`` is read (recorded relative to the root, like the treebank's
     ``nltk_data/corpora/...``)."""
@@ -326,7 +327,7 @@ def load_conllu_root(data: Path, tag_field: str = "upos") -> TaggedCorpus:
     return corpus
 
 
-def load_pos_corpus(data: Path, dataset: str = "treebank", tag_field: str | None = None):
+def load_pos_corpus(data: Path, dataset: str = "treebank", tag_field: TagField | None = None):
     if dataset == "treebank":
         from training.data.treebank import load_treebank
 

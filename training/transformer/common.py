@@ -16,9 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.data.common import DataError, TrainingError
+
+if TYPE_CHECKING:  # for annotations: the functions import numpy where they use it
+    import numpy as np
 
 log = logging.getLogger("nlpserve.transformer")
 
@@ -150,7 +153,9 @@ def check_tokenizer_fits(tokenizer, vocab_size: int | None, base_model: str) -> 
         )
 
 
-def check_unknown_rate(tokenizer, id_rows: Iterable[Sequence[int]], base_model: str) -> float:
+def check_unknown_rate(
+    tokenizer, id_rows: Iterable[Sequence[int] | np.ndarray], base_model: str
+) -> float:
     """Share of [UNK] among the non-special token ids of ``id_rows`` (the encoded training
     texts); refuses (BaseModelError) over MAX_UNKNOWN_RATE. Returns the share."""
     import numpy as np
@@ -249,7 +254,7 @@ def length_batches(
         return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     rng = rng or random.Random(0)
     rng.shuffle(idx)
-    batches = []
+    batches: list[list[int]] = []
     span = pool * batch_size
     for p in range(0, len(idx), span):
         chunk = sorted(idx[p : p + span], key=lambda i: lengths[i])
@@ -399,8 +404,8 @@ def fit(
         # No training (``--epochs 0``): score the model as given, e.g. one trained elsewhere.
         model.eval()
         score = float(evaluate(model)) if evaluate is not None else -math.inf
-        history = [{"step": 0, "score": score, "seconds": 0.0}] if evaluate is not None else []
-        return FitResult(score, 0, 0, 0.0, history, None)
+        scored = [{"step": 0, "score": score, "seconds": 0.0}] if evaluate is not None else []
+        return FitResult(score, 0, 0, 0.0, scored, None)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -266,6 +266,7 @@ def tensor_specs(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     names = INPUT_NAMES if input_names is None else input_names
     inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in names]
+    outputs: list[dict[str, Any]]
     if task == "qa":
         outputs = [
             {"name": n, "dtype": "float32", "shape": ["batch", "sequence"]}

@@ -133,8 +133,7 @@ def predict(
 
     per_ex = encoder.encode_batch([e.question for e in examples], [e.context for e in examples])
     flat = [(i, w) for i, wins in enumerate(per_ex) for w in wins]
-    starts: list[np.ndarray | None] = [None] * len(flat)
-    ends: list[np.ndarray | None] = [None] * len(flat)
+    logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> start and end logits
     groups = length_batches([len(w) for _, w in flat], batch_size, shuffle=False)
     if desc is not None:
         groups = progress_bar(groups, desc=desc, unit="batch", mininterval=1.0)
@@ -142,7 +141,9 @@ def predict(
         s, e = run(encoder.collate([flat[k][1] for k in g]))
         for row, k in enumerate(g):
             n = len(flat[k][1])
-            starts[k], ends[k] = s[row, :n], e[row, :n]
+            logits[k] = s[row, :n], e[row, :n]
+    starts = [logits[k][0] for k in range(len(flat))]
+    ends = [logits[k][1] for k in range(len(flat))]
     preds: dict[str, str] = {}
     k = 0
     for ex, wins in zip(examples, per_ex, strict=True):
@@ -313,8 +314,8 @@ def train_qa(
     )
     ckpt = (work_dir / "best") if work_dir else None
     result = fit(model, make_batches, per_epoch, evaluate if held_ex else None, fit_cfg, ckpt)
-    scores = [h["score"] for h in result.history]
-    best_held = held_log[scores.index(max(scores))] if scores and held_log else {}
+    held_scores = [h["score"] for h in result.history]
+    best_held = held_log[held_scores.index(max(held_scores))] if held_scores and held_log else {}
     model.to("cpu").eval()
 
     # ---- export, parity, variants, test metrics through ORT + service decoding
