@@ -1296,6 +1296,34 @@ def test_memory_bench_reports_start_up_idle_and_burst_per_process(
     assert "| all models, in-process | api |" in md and "## Requests" in md
 
 
+def test_memory_bench_startup_rounds_alternate_two_source_trees(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """--startup-only --rounds --a-source: each setup started once per round on each tree,
+    A B then B A, no request sent; the report's medians and B/A (no timings asserted)."""
+    from bench import memory
+    from tests.service_support import POLARITY_MODEL, require_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    root = Path(__file__).resolve().parents[1]
+    argv = ["--models", str(model_repo), "--setups", "all", "--load", POLARITY_MODEL,
+            "--startup-only", "--rounds", "2", "--a-source", str(root), "--idle-s", "0.5",
+            "--out", str(tmp_path), "--name", "start"]  # fmt: skip
+    assert memory.main(argv) == 0
+    doc = json.loads((tmp_path / "start.json").read_text())
+    assert [(r["round"], r["arm"]) for r in doc["results"]] == [(1, "A"), (1, "B"), (2, "B"),
+                                                                  (2, "A")]  # fmt: skip
+    for r in doc["results"]:
+        assert r["startup_s"]["api"] > 0 and "burst_statuses" not in r
+        assert set(r["memory"]["api"]) == {"start", "idle", "overall"}
+    md = (tmp_path / "start.md").read_text()
+    assert "| all models, in-process | A (--a-source) | api | 2 |" in md
+    assert "| all models, in-process | B (this tree) | api | 2 |" in md
+    assert "B/A of the medians" in md
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--rounds", "3"])  # the load phases run once
+
+
 def test_memory_bench_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import memory
 
