@@ -49,6 +49,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -423,6 +424,23 @@ async def _phases(setup: Setup, base: str, args: argparse.Namespace, sampler: Sa
     return out
 
 
+def tree_commit(tree: Path) -> str:
+    """The git commit a source tree is at (a report names no local paths), '+' if modified."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def schedule(setups: Sequence[Setup], args: argparse.Namespace) -> Iterator[tuple[int, Setup]]:
     """(round, setup) in the order they run: every setup each round; with ``--a-source``
     each twice, A B in even rounds and B A in odd ones (the second of a pair may run slower
@@ -450,7 +468,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, logs: Path) -> dict[str, A
     result: dict[str, Any] = {"setup": setup.name, "mode": setup.mode, "load": setup.load,
                               "env": setup.env}  # fmt: skip
     if setup.arm is not None:
-        result["arm"], result["source"] = setup.arm, str(setup.source or procs.REPO_ROOT)
+        result["arm"], result["source"] = setup.arm, tree_commit(setup.source or procs.REPO_ROOT)
     with Sampler(args.hz) as sampler, procs.stopping(running):
         base, startup, cpu = start_setup(setup, args, logs / setup.name.replace(" ", "_"),
                                          sampler, running)  # fmt: skip
@@ -551,7 +569,7 @@ def rounds_table(doc: dict[str, Any]) -> list[str]:
     groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
     for r in doc["results"]:
         for proc, ph in r["memory"].items():
-            row = {"ready": r["startup_s"].get(proc),
+            row = {"ready": r["startup_s"].get(proc), "source": r.get("source"),
                    "cpu": r.get("startup_cpu_s", {}).get(proc),
                    "rss": ph.get("idle", {}).get(
                    "rss_median_mib"), "uss": ph.get("idle", {}).get("uss_median_mib")}  # fmt: skip
@@ -568,7 +586,7 @@ def rounds_table(doc: dict[str, Any]) -> list[str]:
         medians[(setup, arm, proc)] = tuple(
             statistics.median(v) if v else None for v in (ready, cpu, rss)
         )
-        code = {"A": "A (--a-source)", "B": "B (this tree)"}.get(arm or "", "this tree")
+        code = f"{arm} ({rows[0]['source']})" if arm else "this tree"
         uss_median = statistics.median(uss) if uss else None
         lines.append(f"| {setup} | {code} | {proc} | {len(rows)} | {_median_range(ready)} "
                      f"| {_median_range(cpu)} | {_median_range(rss)} "
@@ -710,14 +728,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.memory: no model repository at {args.models}", file=sys.stderr)
         return 2
     notes: list[str] = []
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.a_source is not None:  # the tree's commit, not a path of this machine
+        for given in {str(args.a_source), *(a for a in (argv or sys.argv) if "/" in a)}:
+            if Path(given).resolve() == args.a_source:
+                command = command.replace(given, "<a-source>")
     doc: dict[str, Any] = {
-        "meta": {"command": "python -m bench.memory " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
+        "meta": {"command": "python -m bench.memory " + command,
                  "when": datetime.now(UTC).isoformat(timespec="seconds"),
                  **{k: getattr(args, k) for k in ("hz", "concurrency", "burst_s",
                     "explain_concurrency", "explain_s", "idle_s", "after_s", "serve_env",
                     "startup_only", "rounds")},
-                 "a_source": str(args.a_source) if args.a_source else None},
+                 "a_source": tree_commit(args.a_source) if args.a_source else None},
         "machine": machine_description(),
         "results": [],
         "notes": notes,

@@ -1317,8 +1317,10 @@ def test_memory_bench_startup_rounds_alternate_two_source_trees(
         assert r["startup_s"]["api"] > 0 and "burst_statuses" not in r
         assert set(r["memory"]["api"]) == {"start", "idle", "overall"}
     md = (tmp_path / "start.md").read_text()
-    assert "| all models, in-process | A (--a-source) | api | 2 |" in md
-    assert "| all models, in-process | B (this tree) | api | 2 |" in md
+    commit = doc["results"][0]["source"]  # a git commit, not a path of this machine
+    assert commit == doc["meta"]["a_source"] and str(root) not in json.dumps(doc)
+    assert f"| all models, in-process | A ({commit}) | api | 2 |" in md
+    assert f"| all models, in-process | B ({commit}) | api | 2 |" in md
     assert "B/A of the medians" in md
     with pytest.raises(SystemExit):
         memory.parse_args(["--rounds", "3"])  # the load phases run once
