@@ -23,10 +23,19 @@ what killing the process would free). The phases, in order:
 - ``after``: ``--after-s`` seconds idle again (what the process keeps after a burst).
 
 Requests still running ``--drain-s`` after a phase's end are abandoned (the server finishes
-or times them out during the next phase). The setups (``--setups``): ``all`` (in-process,
-every model), ``each`` (in-process, one model at a time, once per variant in ``--variants``
-the model has; ``--derive-variants`` makes the fp32 file of an int8-only BERT version in a
-private copy, ``bench/variants.py``), ``redis`` (the three processes above, every model).
+or times them out during the next phase). ``--startup-only`` runs the start and idle phases
+alone (no request); with it, ``--rounds N`` starts every setup N times, round by round, and
+``--a-source DIR`` runs each setup twice a round, once on another source tree's ``service``
+(A, first on ``PYTHONPATH``) and once on this one (B), in the order A B, B A, ... The report
+then gives, per setup and process, the median start-up and idle RSS with their range:
+
+    git worktree add /tmp/old <commit>
+    python -m bench.memory --setups all,redis --startup-only --rounds 5 --a-source /tmp/old
+
+The setups (``--setups``): ``all`` (in-process, every model), ``each`` (in-process, one model
+at a time, once per variant in ``--variants`` the model has; ``--derive-variants`` makes the
+fp32 file of an int8-only BERT version in a private copy, ``bench/variants.py``), ``redis``
+(the three processes above, every model).
 Writes ``<out>/<name>.json`` and ``.md``. Linux only (``/proc``).
 """
 
@@ -40,6 +49,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,13 +57,14 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 from unittest import mock
 
 from bench import procs
+from bench.cpu_account import process_cpu
 from bench.fastclient import FastClient, TransportError
 from bench.loadgen import model_folder_problem
 from bench.overload import WORDS, ZH
@@ -304,6 +315,8 @@ class Setup:
     models_dir: Path
     load: list[str] | None = None  # None: every model
     env: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None  # another source tree's `service` (--a-source)
+    arm: str | None = None  # "A" (--a-source) or "B" (this tree) when comparing
 
 
 def _ready_within(proc: procs.Proc, url: str, t0: float, timeout_s: float) -> float:
@@ -322,16 +335,25 @@ def _port(args: argparse.Namespace, k: int) -> int:
     return args.port + k if args.port else procs.free_port()
 
 
-def start_setup(setup: Setup, args: argparse.Namespace, logs: Path, sampler: Sampler,
-                running: list[procs.Proc]) -> tuple[str, dict[str, float]]:  # fmt: skip
+def start_setup(
+    setup: Setup, args: argparse.Namespace, logs: Path, sampler: Sampler, running: list[procs.Proc]
+) -> tuple[str, dict[str, float], dict[str, float]]:
     """Start ``setup``'s processes (added to ``running``, watched by ``sampler``); the API's
-    URL and each process's start-up time (spawn to /readyz 200)."""
+    URL, each process's start-up time (spawn to /readyz 200) and its CPU seconds by then
+    (what its own work cost: less moved by neighbours than the wall clock on a shared
+    machine). In Redis mode the worker starts first and the API once the worker is ready:
+    each start is timed alone (started together, the API's was read only after the worker's
+    wait, and each slowed the other)."""  # fmt: skip
     exe = procs.nlpserve_bin()
     port = _port(args, 0)
     env = {"NLPSERVE_MODEL_DIR": str(setup.models_dir), "NLPSERVE_HOST": "127.0.0.1",
            "NLPSERVE_PORT": str(port), "NLPSERVE_LOAD_MODELS": ",".join(setup.load or []),
            **setup.env}  # fmt: skip
-    started: list[tuple[procs.Proc, str, float]] = []
+    if setup.source is not None:  # the entry point's sys.path: PYTHONPATH decides the code
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(setup.source), os.environ.get("PYTHONPATH", "")) if p
+        )
+    started: list[tuple[procs.Proc, float, float]] = []
     if setup.mode == "redis":
         redis, url = procs.start_redis(logs, port=_port(args, 1))
         running.append(redis)
@@ -342,14 +364,18 @@ def start_setup(setup: Setup, args: argparse.Namespace, logs: Path, sampler: Sam
         worker = procs.start("worker", [exe, "worker", "--metrics-port", str(mport)], logs, env)
         running.append(worker)
         sampler.watch("worker", worker.pid)
-        started.append((worker, f"http://127.0.0.1:{mport}/readyz", t0))
+        wurl = f"http://127.0.0.1:{mport}/readyz"
+        secs = _ready_within(worker, wurl, t0, args.ready_timeout_s)
+        started.append((worker, secs, round(process_cpu(worker.pid), 2)))
     t0 = time.monotonic()
     api = procs.start("api", [exe, "serve"], logs, env)
     running.append(api)
     sampler.watch("api", api.pid)
-    started.append((api, f"http://127.0.0.1:{port}/readyz", t0))
-    startup = {p.name: _ready_within(p, url, t, args.ready_timeout_s) for p, url, t in started}
-    return f"http://127.0.0.1:{port}", startup
+    aurl = f"http://127.0.0.1:{port}/readyz"
+    secs = _ready_within(api, aurl, t0, args.ready_timeout_s)
+    started.append((api, secs, round(process_cpu(api.pid), 2)))
+    return (f"http://127.0.0.1:{port}", {p.name: s for p, s, _ in started},
+            {p.name: c for p, _, c in started})  # fmt: skip
 
 
 def _get_json(url: str) -> Any:
@@ -405,6 +431,38 @@ async def _phases(setup: Setup, base: str, args: argparse.Namespace, sampler: Sa
     return out
 
 
+def tree_commit(tree: Path) -> str:
+    """The git commit a source tree is at (a report names no local paths), '+' if modified."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
+def schedule(setups: Sequence[Setup], args: argparse.Namespace) -> Iterator[tuple[int, Setup]]:
+    """(round, setup) in the order they run: every setup each round; with ``--a-source``
+    each twice, A B in even rounds and B A in odd ones (the second of a pair may run slower
+    whichever it is: a fixed order would charge that to one side)."""
+    for r in range(args.rounds):
+        for s in setups:
+            if args.a_source is None:
+                yield r, s
+                continue
+            a = replace(s, source=args.a_source, arm="A")
+            b = replace(s, arm="B")
+            for one in (a, b) if r % 2 == 0 else (b, a):
+                yield r, one
+
+
 def server_limits(env: dict[str, str]) -> Limits:
     """The limits the server will apply: its settings read from this environment with ``env``
     over it, as the server reads them (as keyword arguments, a JSON value such as
@@ -418,11 +476,17 @@ def run_setup(setup: Setup, args: argparse.Namespace, logs: Path) -> dict[str, A
     running: list[procs.Proc] = []
     result: dict[str, Any] = {"setup": setup.name, "mode": setup.mode, "load": setup.load,
                               "env": setup.env}  # fmt: skip
+    if setup.arm is not None:
+        result["arm"], result["source"] = setup.arm, tree_commit(setup.source or procs.REPO_ROOT)
     with Sampler(args.hz) as sampler, procs.stopping(running):
-        base, startup = start_setup(setup, args, logs / setup.name.replace(" ", "_"), sampler,
-                                    running)  # fmt: skip
-        result["startup_s"] = startup
-        result |= asyncio.run(_phases(setup, base, args, sampler, limits))
+        base, startup, cpu = start_setup(setup, args, logs / setup.name.replace(" ", "_"),
+                                         sampler, running)  # fmt: skip
+        result["startup_s"], result["startup_cpu_s"] = startup, cpu
+        if args.startup_only:
+            with sampler.during("idle"):
+                time.sleep(args.idle_s)
+        else:
+            result |= asyncio.run(_phases(setup, base, args, sampler, limits))
     result["memory"] = summarize_samples(sampler.samples)
     result["limits"] = vars(limits)
     return result
@@ -500,14 +564,79 @@ def table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _median_range(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    fmt = "{:.2f}" if med < 100 else "{:,.0f}"
+    return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def rounds_table(doc: dict[str, Any]) -> list[str]:
+    """``--rounds``: per setup, arm and process, the median start-up and idle RSS and USS of
+    its rounds, with the range; then B/A of the medians where two arms ran."""
+    groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
+    for r in doc["results"]:
+        for proc, ph in r["memory"].items():
+            row = {"ready": r["startup_s"].get(proc), "source": r.get("source"),
+                   "cpu": r.get("startup_cpu_s", {}).get(proc),
+                   "rss": ph.get("idle", {}).get(
+                   "rss_median_mib"), "uss": ph.get("idle", {}).get("uss_median_mib")}  # fmt: skip
+            groups.setdefault((r["setup"], r.get("arm"), proc), []).append(row)
+    lines = ["| setup | code | process | rounds | ready s, median (range) "
+             "| CPU s to ready, median (range) | idle RSS MiB, median (range) "
+             "| idle USS MiB, median |", "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    medians: dict[tuple[str, str | None, str], tuple[float | None, ...]] = {}
+    for (setup, arm, proc), rows in groups.items():
+        ready = [x["ready"] for x in rows if x["ready"] is not None]
+        cpu = [x["cpu"] for x in rows if x["cpu"] is not None]
+        rss = [x["rss"] for x in rows if x["rss"] is not None]
+        uss = [x["uss"] for x in rows if x["uss"] is not None]
+        medians[(setup, arm, proc)] = tuple(
+            statistics.median(v) if v else None for v in (ready, cpu, rss)
+        )
+        code = f"{arm} ({rows[0]['source']})" if arm else "this tree"
+        uss_median = statistics.median(uss) if uss else None
+        lines.append(f"| {setup} | {code} | {proc} | {len(rows)} | {_median_range(ready)} "
+                     f"| {_median_range(cpu)} | {_median_range(rss)} "
+                     f"| {_mib(uss_median)} |")  # fmt: skip
+    ratios = []
+    for (setup, arm, proc), b in medians.items():
+        a = medians.get((setup, "A", proc))
+        if arm != "B" or a is None:
+            continue
+        cells = [f"{y / x:.2f}" if x and y else "–" for x, y in zip(a, b, strict=True)]
+        ratios.append(f"| {setup} | {proc} | {' | '.join(cells)} |")
+    if ratios:
+        lines += ["", "B/A of the medians:", "",
+                  "| setup | process | ready s | CPU s to ready | idle RSS |",
+                  "|---|---|---:|---:|---:|", *ratios]  # fmt: skip
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
     lines = ["# nlpserve memory and start-up", ""]
-    for k in ("command", "when", "hz", "concurrency", "burst_s", "explain_concurrency",
-              "explain_s"):  # fmt: skip
+    keys: tuple[str, ...] = (
+        "command",
+        "when",
+        "hz",
+        "concurrency",
+        "burst_s",
+        "explain_concurrency",
+        "explain_s",
+    )
+    if meta.get("startup_only"):  # no load phase ran
+        keys = ("command", "when", "hz", "idle_s", "rounds", "a_source")
+    for k in keys:
         if meta.get(k) is not None:
             v = meta[k]
             lines.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
+    if doc["meta"].get("rounds", 1) > 1 or doc["meta"].get("a_source"):
+        lines += ["", "Start-up: spawn to `/readyz` 200. Idle: the median over the idle "
+                  "phase of each round.", "", *rounds_table(doc), ""]  # fmt: skip
+        lines += ["## Machine", "", "```json", json.dumps(doc["machine"], indent=2), "```"]
+        return "\n".join(lines) + "\n"
     lines += ["", "MiB. Idle: the median over the idle phase; peaks: the highest sample of the "
               "phase (RSS; PSS and USS beside it where /proc gives them).", "",
               *table(doc)]  # fmt: skip
@@ -580,6 +709,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-env", action="append", default=[], metavar="NAME=V",
                    help="an environment variable of every server process, e.g. a NLPSERVE_ "
                    "setting or MALLOC_ARENA_MAX (repeatable)")  # fmt: skip
+    p.add_argument("--startup-only", action="store_true",
+                   help="only the start and idle phases: no request is sent")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --startup-only: start every setup this many times, round by "
+                   "round (default: %(default)s)")  # fmt: skip
+    p.add_argument("--a-source", type=Path, default=None, metavar="DIR",
+                   help="with --startup-only: run each setup on this source tree's code "
+                   "too (A, e.g. a git worktree of another commit), alternated with this "
+                   "one (B)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS_DIR), help="report folder (default: bench/results)")
     p.add_argument("--name", default="memory-cpu", help="report name (default: %(default)s)")
@@ -590,6 +728,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = {s.strip() for s in args.setups.split(",")} - {"all", "each", "redis", ""}
     if unknown:
         p.error(f"unknown --setups {sorted(unknown)}: all, each, redis")
+    if (args.rounds != 1 or args.a_source) and not args.startup_only:
+        p.error("--rounds and --a-source need --startup-only (the load phases run once)")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.a_source is not None:
+        args.a_source = args.a_source.resolve()
+        if not (args.a_source / "service" / "cli.py").is_file():
+            p.error(f"--a-source {args.a_source} is not an nlpserve source tree")
     return args
 
 
@@ -599,12 +745,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.memory: no model repository at {args.models}", file=sys.stderr)
         return 2
     notes: list[str] = []
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.a_source is not None:  # the tree's commit, not a path of this machine
+        for given in {str(args.a_source), *(a for a in (argv or sys.argv) if "/" in a)}:
+            if Path(given).resolve() == args.a_source:
+                command = command.replace(given, "<a-source>")
     doc: dict[str, Any] = {
-        "meta": {"command": "python -m bench.memory " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
+        "meta": {"command": "python -m bench.memory " + command,
                  "when": datetime.now(UTC).isoformat(timespec="seconds"),
                  **{k: getattr(args, k) for k in ("hz", "concurrency", "burst_s",
-                    "explain_concurrency", "explain_s", "idle_s", "after_s", "serve_env")}},
+                    "explain_concurrency", "explain_s", "idle_s", "after_s", "serve_env",
+                    "startup_only", "rounds")},
+                 "a_source": tree_commit(args.a_source) if args.a_source else None},
         "machine": machine_description(),
         "results": [],
         "notes": notes,
@@ -612,14 +764,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = write(doc, Path(args.out), args.name)
     with tempfile.TemporaryDirectory(prefix="nlpserve-memory-") as tmp:
         setups = build_setups(args, Path(tmp), notes)
-        for setup in setups:
+        for r, setup in schedule(setups, args):
             if setup.load:
                 problem = model_folder_problem(setup.models_dir, setup.load[0])
                 if problem:
-                    notes.append(problem)
+                    if r == 0 and problem not in notes:
+                        notes.append(problem)
                     continue
-            print(f"[memory] {setup.name} ...", file=sys.stderr, flush=True)
-            doc["results"].append(run_setup(setup, args, Path(tmp) / "logs"))
+            arm = f" [{setup.arm}]" if setup.arm else ""
+            print(f"[memory] round {r + 1}: {setup.name}{arm} ...", file=sys.stderr, flush=True)
+            result = run_setup(setup, args, Path(tmp) / "logs" / f"round{r + 1}{arm.strip()}")
+            if args.rounds > 1:
+                result["round"] = r + 1
+            doc["results"].append(result)
             paths = write(doc, Path(args.out), args.name)  # each setup's figures kept at once
     for path in paths:
         print(path)

@@ -46,13 +46,15 @@ def _repository(
     *,
     must_hold_models: bool = False,
     select: dict[str, str | None] | None = None,
+    verify_files: bool = True,
 ) -> list:
-    """The repository's models (those ``select`` names), every manifest and variant checksum
-    verified (a broken one raises ManifestError, which :func:`main` reports in one line)."""
+    """The repository's models (those ``select`` names), every manifest and (with
+    ``verify_files``) variant checksum verified (a broken one raises ManifestError, which
+    :func:`main` reports in one line)."""
     from service.repository import discover_models, verify_variant
 
     entries = discover_models(model_dir, select=select)
-    for entry in entries:
+    for entry in entries if verify_files else ():
         for name, variant in entry.manifest.variants.items():
             verify_variant(entry.path, name, variant)
     if must_hold_models and not entries:
@@ -93,8 +95,13 @@ def serve(
     overrides = {k: v for k, v in options.items() if v is not None}  # --port 0: any free port
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
-    # a broken repository or selection: one line, before uvicorn starts
-    _repository(settings.model_dir, select=settings.model_selection())
+    # a broken repository or selection: one line, before uvicorn starts. A Redis-mode API
+    # never opens an ONNX file (workers do, and check theirs): it does not hash them.
+    _repository(
+        settings.model_dir,
+        select=settings.model_selection(),
+        verify_files=settings.queue != "redis",
+    )
     from service.server import run_server
 
     run_server(settings)

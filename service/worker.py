@@ -425,10 +425,13 @@ class Worker:
                     self._room.clear()
                     await self._room.wait()
                     continue
-                block = self.settings.redis_block_ms
+                block_ms = self.settings.redis_block_ms
                 if len(streams) < len(self.streams):
                     # a blocked read cannot take in a stream left out: look again soon
-                    block = min(block, FULL_MODEL_BLOCK_MS)
+                    block_ms = min(block_ms, FULL_MODEL_BLOCK_MS)
+                # /readyz waits for a read that worked: at start (or after an outage) that
+                # one returns at once instead of blocking redis_block_ms for work
+                block = block_ms if self.connected else None
                 # COUNT applies to each stream: the smallest room read, so that a model close
                 # to its limit is not given the room of another (up to redis_read_count per
                 # stream of it); a model at its limit is left out, so this stays above 0

@@ -1313,6 +1313,36 @@ def test_memory_bench_reads_the_server_limits_as_the_server_does(
     assert "NLPSERVE_MAX_BATCH_ITEMS" not in os.environ  # the environment is left as it was
 
 
+def test_memory_bench_startup_rounds_alternate_two_source_trees(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """--startup-only --rounds --a-source: each setup started once per round on each tree,
+    A B then B A, no request sent; the report's medians and B/A (no timings asserted)."""
+    from bench import memory
+    from tests.service_support import POLARITY_MODEL, require_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    root = Path(__file__).resolve().parents[1]
+    argv = ["--models", str(model_repo), "--setups", "all", "--load", POLARITY_MODEL,
+            "--startup-only", "--rounds", "2", "--a-source", str(root), "--idle-s", "0.5",
+            "--out", str(tmp_path), "--name", "start"]  # fmt: skip
+    assert memory.main(argv) == 0
+    doc = json.loads((tmp_path / "start.json").read_text())
+    assert [(r["round"], r["arm"]) for r in doc["results"]] == [(1, "A"), (1, "B"), (2, "B"),
+                                                                  (2, "A")]  # fmt: skip
+    for r in doc["results"]:
+        assert r["startup_s"]["api"] > 0 and "burst_statuses" not in r
+        assert set(r["memory"]["api"]) == {"start", "idle", "overall"}
+    md = (tmp_path / "start.md").read_text()
+    commit = doc["results"][0]["source"]  # a git commit, not a path of this machine
+    assert commit == doc["meta"]["a_source"] and str(root) not in json.dumps(doc)
+    assert f"| all models, in-process | A ({commit}) | api | 2 |" in md
+    assert f"| all models, in-process | B ({commit}) | api | 2 |" in md
+    assert "B/A of the medians" in md
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--rounds", "3"])  # the load phases run once
+
+
 def test_memory_bench_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import memory
 

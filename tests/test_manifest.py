@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -356,6 +357,55 @@ def test_a_damaged_model_file_is_refused_by_its_checksum(model_repo, tmp_path):
     assert out.returncode == 2 and "sha256" in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(ManifestError, match="sha256"):
         create_session(repo / "polarity-en" / "1", manifest, Settings(model_dir=repo))
+
+
+def test_in_redis_mode_the_worker_checks_model_files_the_api_never_opens_them(model_repo, tmp_path):
+    """The worker, which loads the sessions, refuses a damaged ONNX file; a Redis-mode API
+    runs no model, so it starts without hashing files it never reads (every variant of every
+    model: seconds for large models, on each replica's start)."""
+    import shutil
+    import signal
+
+    import httpx
+
+    from service.repository import load_manifest
+    from tests.redis_support import free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "polarity-en" / "1", repo / "polarity-en" / "1")
+    variant = load_manifest(repo / "polarity-en" / "1").variants["fp32"]
+    with open(repo / "polarity-en" / "1" / variant.file, "ab") as f:
+        f.write(b"\0")
+    redis_env = {
+        "NLPSERVE_QUEUE": "redis",
+        "NLPSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    out = _cli("worker", "--models", str(repo), "--metrics-port", "0", env=redis_env)
+    assert out.returncode == 2 and "sha256" in out.stderr and "Traceback" not in out.stderr
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--models", str(repo), "--port", str(port)],
+        env=os.environ | redis_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(300):  # up (not ready: no Redis there), or exited
+            if api.poll() is not None:
+                break
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert api.poll() is None, api.communicate()[0]
+    finally:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.communicate(timeout=30)
+        finally:
+            if api.poll() is None:
+                api.kill()
+                api.wait()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.batching import WorkItem
+from service.batching import WorkItem, bucket_edges
 from service.config import CHEAP_TOKEN_S, CPU_BATCH_TOKENS, CPU_MIN_PADDING_EFFICIENCY, Settings
 from service.metrics import Metrics
 from service.queueing.inprocess import run_batch_isolating
@@ -21,7 +21,6 @@ from service.runtime import (
     LoadedSession,
     ModelRunner,
     ProviderError,
-    bucket_edges,
     choose_variant,
     create_session,
     load_runners,

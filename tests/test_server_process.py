@@ -93,15 +93,25 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     return out
 
 
+# ONNX Runtime's native libraries, as /proc/<pid>/maps names them once `import onnxruntime`
+# has loaded them: seen from outside the process, whatever imported it.
+ORT_LIBRARIES = ("onnxruntime_pybind11_state", "libonnxruntime")
+
+
+def _mapped(pid: int, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the process has mapped (a shared library it loaded)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return [n for n in names if n in maps]
+
+
 def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     proc, url = _serve(model_repo)
     try:
         r = httpx.post(f"{url}/v1/polarity", json={"text": "a superb film"}, timeout=10)
         assert r.status_code == 200 and r.json()["label"] == "positive"
-        # The serving process never maps libtorch.
-        maps = Path(f"/proc/{proc.pid}/maps")
-        if maps.exists():
-            assert "libtorch" not in maps.read_text()
+        # The serving process never maps libtorch; in-process it runs the models on ORT.
+        assert not _mapped(proc.pid, ("libtorch",))
+        assert _mapped(proc.pid, ORT_LIBRARIES) == list(ORT_LIBRARIES)
     finally:
         out = _stop(proc)
     assert "Traceback" not in out
@@ -290,6 +300,74 @@ def test_sigterm_in_redis_mode_answers_unserved_requests_with_503(model_repo, re
     with redis.Redis.from_url(redis_url) as r:
         streams = [k for k in r.scan_iter(f"{prefix}:*") if r.type(k) == b"stream"]
         assert streams and sum(r.xlen(k) for k in streams) == 0
+
+
+def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())  # type: ignore[union-attr]
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, f"{url} never became ready"
+        time.sleep(0.2)
+
+
+ROLE_REQUESTS = {
+    "pos": {"text": "The cat sat on the mat ."},
+    "polarity": {"text": "a superb film"},
+    "detect": {"text": "The results show a clear improvement over the baseline."},
+    "qa": {"question": "长城有多长？", "context": "长城全长两万一千公里。"},
+}
+
+
+def test_redis_mode_api_never_loads_onnxruntime_the_worker_does(model_repo, redis_url):  # noqa: F811
+    """In Redis mode the API only tokenizes and enqueues: it must not load ONNX Runtime (20
+    MiB of RSS, and its import time), neither at start nor on the request path. The worker,
+    which runs the models, does. Observed from outside, in /proc/<pid>/maps."""
+    redis_env = {
+        "NLPSERVE_QUEUE": "redis",
+        "NLPSERVE_REDIS_URL": redis_url,
+        "NLPSERVE_REDIS_PREFIX": unique_prefix(),
+    }
+    mport = free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--models", str(model_repo)],
+        env=_env(
+            NLPSERVE_METRICS_PORT=str(mport),
+            NLPSERVE_METRICS_HOST="127.0.0.1",
+            NLPSERVE_INTRA_OP_THREADS="1",
+            **redis_env,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        proc, url = _serve(model_repo, **redis_env)
+        try:
+            _wait_ready(worker, f"http://127.0.0.1:{mport}/readyz")
+            assert _mapped(proc.pid, ORT_LIBRARIES) == []  # started without it
+            models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
+            tasks = {m["task"] for m in models}
+            for task in sorted(tasks):  # every loaded model, through the worker
+                r = httpx.post(f"{url}/v1/{task}", json=ROLE_REQUESTS[task], timeout=30)
+                assert r.status_code == 200, (task, r.text)
+            assert _mapped(proc.pid, ORT_LIBRARIES) == []  # and served without it
+            assert _mapped(worker.pid, ORT_LIBRARIES) == list(ORT_LIBRARIES)
+        finally:
+            _stop(proc)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.communicate(timeout=30)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
 
 def _until(cond, timeout: float = 30.0) -> None:

@@ -28,7 +28,6 @@ from service.explain.adapters import EXPLAINED_OUTPUT
 from service.metrics import Metrics
 from service.queueing.factory import create_queue
 from service.repository import discover_models
-from service.runtime.runner import load_runners
 from service.tasks import TASK_CLASSES, build_tasks
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,9 @@ async def startup(state: ServiceState) -> None:
         log.warning("model repository %s holds no models", settings.model_dir)
     models: Mapping[str, object]
     if settings.queue == "inprocess":
+        # imported here: a Redis-mode API never loads onnxruntime (20 MiB of RSS)
+        from service.runtime.runner import load_runners
+
         state.runners = await asyncio.to_thread(load_runners, settings, state.metrics, entries)
         models = state.runners
     else:  # remote workers run the models; this process only tokenizes

@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
@@ -16,8 +16,10 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import InferenceQueue
 from service.repository.discovery import EVERY_MODEL
-from service.runtime.runner import ModelRunner
 from service.tasks.base import Task
+
+if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never imports it
+    from service.runtime.runner import ModelRunner
 
 T = TypeVar("T")
 

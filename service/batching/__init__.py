@@ -1,7 +1,7 @@
 """Length-bucketed dynamic batching: pure data structures shared by every queue backend."""
 
 from service.batching.assemble import pad_batch, split_outputs
-from service.batching.buckets import bucket_index
+from service.batching.buckets import bucket_edges, bucket_index
 from service.batching.forming import PendingBucket
 from service.batching.scheduler import BucketScheduler
 from service.batching.types import BatchPolicy, WorkItem
@@ -11,6 +11,7 @@ __all__ = [
     "BucketScheduler",
     "PendingBucket",
     "WorkItem",
+    "bucket_edges",
     "bucket_index",
     "pad_batch",
     "split_outputs",

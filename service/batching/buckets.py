@@ -1,9 +1,15 @@
-"""Length buckets: which bucket a sequence of a given length belongs to."""
+"""Length buckets: a model's bucket edges, and which bucket a sequence of a given length
+belongs to."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # service.config imports this package: annotations only
+    from service.config import Settings
+    from service.repository import Manifest
 
 
 def bucket_index(length: int, edges: Sequence[int]) -> int:
@@ -15,3 +21,12 @@ def bucket_index(length: int, edges: Sequence[int]) -> int:
     if i == len(edges):
         raise ValueError(f"length {length} exceeds the largest bucket ({edges[-1]})")
     return i
+
+
+def bucket_edges(manifest: Manifest, settings: Settings) -> list[int]:
+    """The model's bucket edges: NLPSERVE_BUCKETS override, else the manifest's."""
+    override = settings.buckets.get(manifest.name)
+    if not override:
+        return list(manifest.buckets)
+    edges = sorted({e for e in override if 0 < e < manifest.max_length})
+    return [*edges, manifest.max_length]

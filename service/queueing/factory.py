@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import InferenceQueue
 from service.repository import Manifest
-from service.runtime.runner import ModelRunner
+
+if TYPE_CHECKING:  # onnxruntime: imported only where models run, never by a Redis-mode API
+    from service.runtime.runner import ModelRunner
 
 
 def create_queue(
@@ -26,10 +29,11 @@ def create_queue(
                 f"NLPSERVE_QUEUE=redis but the Redis backend is unavailable: {e}"
             ) from e
         manifests = {
-            name: m.manifest if isinstance(m, ModelRunner) else m for name, m in models.items()
+            name: m if isinstance(m, Manifest) else m.manifest for name, m in models.items()
         }
         return RedisQueue(settings, manifests, metrics)
     from service.queueing.inprocess import InProcessQueue
+    from service.runtime.runner import ModelRunner
 
     runners = {}
     for name, m in models.items():

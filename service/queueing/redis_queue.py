@@ -33,6 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.batching.buckets import bucket_edges
 from service.batching.scheduler import PREDICT_LANE
 from service.batching.types import WorkItem
 from service.clock import RedisClock
@@ -67,7 +68,6 @@ from service.queueing.redis_keys import (
     workers_key,
 )
 from service.repository.manifest import Manifest
-from service.runtime.runner import bucket_edges
 
 log = logging.getLogger(__name__)
 

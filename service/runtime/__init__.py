@@ -1,6 +1,6 @@
 """ONNX Runtime execution: sessions (providers, variants, options) and batch runners."""
 
-from service.runtime.runner import ModelRunner, bucket_edges, load_runners
+from service.runtime.runner import ModelRunner, load_runners
 from service.runtime.session import (
     CPU,
     CUDA,
@@ -18,7 +18,6 @@ __all__ = [
     "LoadedSession",
     "ModelRunner",
     "ProviderError",
-    "bucket_edges",
     "choose_variant",
     "create_session",
     "load_runners",

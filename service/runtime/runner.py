@@ -12,21 +12,13 @@ import onnxruntime as ort
 
 from service.batching import BatchPolicy, WorkItem, pad_batch, split_outputs
 from service.batching.assemble import LENGTHS_INPUT, SEQUENCE_AXIS
+from service.batching.buckets import bucket_edges
 from service.config import CPU_BATCH_TOKENS, CUDA_SHAPE_MULTIPLE, Settings
 from service.metrics import Metrics
 from service.repository import Manifest, ModelEntry, discover_models
 from service.runtime.session import CUDA, LoadedSession, create_session, resolve_providers
 
 log = logging.getLogger(__name__)
-
-
-def bucket_edges(manifest: Manifest, settings: Settings) -> list[int]:
-    """The model's bucket edges: NLPSERVE_BUCKETS override, else the manifest's."""
-    override = settings.buckets.get(manifest.name)
-    if not override:
-        return list(manifest.buckets)
-    edges = sorted({e for e in override if 0 < e < manifest.max_length})
-    return [*edges, manifest.max_length]
 
 
 class ModelRunner:

@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel
 
-from service.batching import WorkItem, bucket_index
+from service.batching import WorkItem, bucket_edges, bucket_index
 from service.config import Settings
 from service.queueing.base import InferenceQueue
 from service.repository import Manifest, ModelEntry
-from service.runtime.runner import bucket_edges
 
 # Above this many characters in one request, tokenization moves to a thread so a huge
 # request cannot stall the event loop; below it the thread hop costs more than it saves.

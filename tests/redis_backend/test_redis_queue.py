@@ -1235,6 +1235,7 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
     w.client = Client()  # type: ignore[assignment]
     w._ensure_groups = groups_exist  # type: ignore[method-assign]
     w._room, w._wake = asyncio.Event(), asyncio.Event()
+    w.connected = True  # reads past the first: that one does not block (not yet ready)
     for held in (3, 4):
         w._in_hand = {
             ("s", str(k).encode()): StreamItem(

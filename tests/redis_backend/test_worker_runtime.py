@@ -9,12 +9,20 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import numpy as np
 import pytest
 
 from service.config import Settings
 from service.queueing.redis_keys import make_client
 from service.worker import event_loop_factory, redis_version_supported
-from tests.redis_backend.helpers import running_worker, wait_for
+from tests.redis_backend.helpers import (
+    api_queue,
+    assert_same,
+    direct,
+    make_item,
+    running_worker,
+    wait_for,
+)
 
 
 def test_worker_loop_is_uvloop_where_installed() -> None:
@@ -75,3 +83,22 @@ async def test_worker_says_when_redis_is_unreachable_from_the_start(
         await wait_for(lambda: "unreachable" in caplog.text)
         assert not w.connected
     assert caplog.text.count("unreachable") == 1  # once per outage, not per retry
+
+
+async def test_worker_is_ready_once_it_reaches_redis_not_after_its_first_blocked_read(
+    make_settings, tiny_runners
+) -> None:
+    """/readyz (``connected``) used to wait for the first XREADGROUP to return, which with
+    no work waits out the whole block time: 500 ms of every worker's start by default. The
+    first read now returns at once. A block time far beyond the wait below tells them apart."""
+    settings = make_settings(redis_block_ms=30_000)
+    async with running_worker(settings, tiny_runners) as w:
+        await wait_for(lambda: w.connected, timeout=10)
+        async with api_queue(settings, tiny_runners) as q:
+            # the next reads block as configured: work still wakes them
+            runner = tiny_runners["pos-en"]
+            item = make_item(runner, 7, np.random.default_rng(0))
+            assert_same(await asyncio.wait_for(q.submit(item), 10), direct(runner, item))
+            w.stop()  # the reader is blocked again; one more entry ends its read
+            item = make_item(runner, 5, np.random.default_rng(1))
+            assert_same(await asyncio.wait_for(q.submit(item), 10), direct(runner, item))
