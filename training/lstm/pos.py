@@ -24,6 +24,7 @@ from service.preprocess.words import (
     build_word_tokenizer,
 )
 from service.repository.manifest import TensorSpec, load_manifest
+from training.checkpoint import Checkpointing
 from training.data.common import DataError, TaggedCorpus
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
 from training.lstm.entry import exported, write_lstm_entry
@@ -90,6 +91,7 @@ class PosTrained:
     epochs_run: int
     best_epoch: int
     seconds: float
+    earlier_seconds: float = 0.0  # trained before a resume, in an earlier process
 
 
 def build_encoder(
@@ -114,7 +116,9 @@ def _tag_matrix(tag_ids: list[np.ndarray], batch: list[int], t: int) -> np.ndarr
     return y
 
 
-def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
+def train_pos(
+    corpus: TaggedCorpus, cfg: PosConfig, checkpointing: Checkpointing | None = None
+) -> PosTrained:
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     splits = split_indices(len(corpus), cfg.seed, cfg.ratios)
@@ -174,6 +178,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         model,
         train_step=step,
         make_batches=lambda _epoch: length_batches(train_len, cfg.batch_size, rng),
+        order_rng=rng,
         evaluate=dev_accuracy,
         epochs=cfg.epochs,
         patience=cfg.patience,
@@ -181,6 +186,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         weight_decay=cfg.weight_decay,
         progress=cfg.progress,
         desc="pos",
+        checkpointing=checkpointing,
     )
     return PosTrained(
         model.cpu().eval(),
@@ -193,6 +199,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         result.epochs_run,
         result.best_epoch,
         result.seconds,
+        result.earlier_seconds,
     )
 
 
@@ -251,10 +258,11 @@ def run_pos(
     command: str | None = None,
     description: str = "",
     overwrite: bool = False,
+    checkpointing: Checkpointing | None = None,
 ) -> Path:
     """Train, export, check parity, evaluate the ONNX model on test, write the entry."""
     start = time.perf_counter()
-    trained = train_pos(corpus, cfg)
+    trained = train_pos(corpus, cfg, checkpointing)
     test_s = take(corpus.sentences, trained.splits["test"])
     test_t = take(corpus.tags, trained.splits["test"])
     example = pad_batch(trained.encoder.encode_tokens([["a", "b", "c"], ["d"]]), True)
@@ -277,7 +285,7 @@ def run_pos(
             "oov_rate": test["oov_rate"],
             "dev_accuracy": trained.dev_accuracy,
             "onnx_max_abs_diff": parity,
-            "train_seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(time.perf_counter() - start + trained.earlier_seconds, 1),
         }
         log.info("pos test metrics: %s", metrics)
         return write_lstm_entry(
@@ -288,7 +296,11 @@ def run_pos(
             corpus=corpus,
             onnx_file=onnx_path,
             metrics=metrics,
-            hyperparameters={"n_chars": len(trained.chars), "drop_traces": True},
+            hyperparameters={
+                "n_chars": len(trained.chars),
+                "drop_traces": True,
+                **(checkpointing.record() if checkpointing else {}),
+            },
             version=version,
             task="pos",
             architecture="word-emb+char-cnn+bilstm",
