@@ -164,6 +164,81 @@ def test_pos_sigterm_mid_step_writes_a_checkpoint_and_resumes_to_the_same_bits(
     assert hp["best_epoch"] == 3  # the weights compared are ones trained after the resume
 
 
+# ------------------------------------------------------------------ transformers
+def _tiny_detector_base(folder: Path, texts: list[str]) -> None:
+    """A random-init 2-layer BERT classifier (with dropout) with a WordPiece vocabulary of
+    ``texts``, saved as a Hugging Face folder for --base-model."""
+    from tests.builders_bert import _tiny_bert, _tokenizer
+    from training.transformer.pretrain import save_hf_tokenizer
+
+    tok = _tokenizer(texts)
+    model = _tiny_bert(tok.get_vocab_size(), "detect")
+    model.config.hidden_dropout_prob = 0.1  # random numbers in every step: a resume restores them
+    model.save_pretrained(str(folder))
+    save_hf_tokenizer(tok, folder)
+
+
+def _hc3_root(root: Path) -> list[str]:
+    from tests.builders_bert import detector_examples
+
+    rows: dict[int, dict] = {}
+    examples = detector_examples(n_questions=40)
+    for e in examples:
+        row = rows.setdefault(e.question, {"question": f"q{e.question}", "human_answers": [],
+                                           "chatgpt_answers": []})  # fmt: skip
+        row["chatgpt_answers" if e.label else "human_answers"].append(e.text)
+    (root / "hc3" / "en").mkdir(parents=True)
+    lines = [json.dumps(r) for r in rows.values()]
+    (root / "hc3" / "en" / "toy.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [e.text for e in examples]
+
+
+def test_detector_sigterm_then_sigkill_resumes_twice_to_the_same_model(cli, tmp_path, monkeypatch):
+    """A transformer run stopped twice (SIGTERM inside step 4, then SIGKILL of the resumed
+    run's process after its 2nd checkpoint) ends where an uninterrupted run ends, on the CPU
+    to the bit: the same ONNX bytes, metrics and dev scores. The manifest records both
+    resumes."""
+    pytest.importorskip("transformers")
+    data = tmp_path / "data"
+    _tiny_detector_base(tmp_path / "base", _hc3_root(data))
+    args = ["train", "detector", "--base-model", tmp_path / "base", "--data", data,
+            "--max-length", 64, "--batch-size", 8, "--epochs", 3, "--lr", "3e-3",
+            "--warmup-ratio", 0.2, "--max-dev-examples", 0, "--variants", "fp32",
+            "--threads", 1, "--checkpoint-every", 3, "--no-progress"]  # fmt: skip
+    ref = cli(*args, "--out", tmp_path / "ref", "--work-dir", tmp_path / "ref-work")
+    assert ref.exception is None and ref.exit_code == 0, ref.output
+    mine = [*args, "--out", tmp_path / "out", "--work-dir", tmp_path / "work"]
+
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_with_sigterm(*a, **k):  # SIGTERM between the backward pass and the update
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_sigterm)
+        stopped = cli(*mine)
+    assert stopped.exit_code == 143, stopped.output
+    assert "its checkpoint of step 4 is" in stopped.stderr.strip().splitlines()[-1]
+    killed = _nlpserve(*mine, "--resume", tmp_path / "work", interrupt=("kill", 2))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    res = cli(*mine, "--resume", tmp_path / "work")
+    assert res.exception is None and res.exit_code == 0, res.output
+    entry = tmp_path / "out" / "detector-en" / "1"
+    reference = tmp_path / "ref" / "detector-en" / "1"
+    _assert_same_model(entry, reference)
+    m = json.loads((entry / "manifest.json").read_text())
+    ref_hp = json.loads((reference / "manifest.json").read_text())["hyperparameters"]
+    scores = [h["score"] for h in m["hyperparameters"]["dev_history"]]
+    assert scores == [h["score"] for h in ref_hp["dev_history"]]
+    assert [r["from_step"] for r in m["hyperparameters"]["resumed"]] == [4, 9]
+    assert m["hyperparameters"]["best_step"] > 9  # weights trained after both resumes
+    assert (tmp_path / "work" / "best" / "config.json").is_file()
+    assert not (tmp_path / "work" / "checkpoint.pt").exists()
+
+
 # ------------------------------------------------------------------ what a resume refuses
 def _resume(cli, polarity, tmp_path, *extra, source: Path | None = None):
     work = tmp_path / "work"
