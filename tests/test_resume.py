@@ -360,3 +360,30 @@ def test_a_signal_inside_a_step_waits_for_its_end(monkeypatch):
         with guard.quiet():
             os.kill(os.getpid(), signal.SIGTERM)  # ignored while the last checkpoint is written
     assert done == ["the rest of the step"]
+
+
+def test_the_guard_leaves_a_second_sigterm_ignored_during_the_cleanup():
+    """handles_sigterm ignores a second SIGTERM once the first has stopped the run; leaving
+    the guard must not put the raising handler back while the run still cleans up."""
+    import typer
+
+    from training.checkpoint import StepGuard
+    from training.options import handles_sigterm
+
+    seen = []
+
+    def command() -> None:
+        with StepGuard() as guard, guard.step():
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the deferred SIGTERM did not stop the run")
+
+    def cleanup_sees() -> None:
+        try:
+            command()
+        finally:
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    with pytest.raises(typer.Exit) as e:
+        handles_sigterm(cleanup_sees)()
+    assert e.value.exit_code == 143
+    assert seen == [signal.SIG_IGN]

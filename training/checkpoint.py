@@ -154,7 +154,10 @@ class StepGuard:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            # not where the previous handler changed it (handles_sigterm ignores a second
+            # SIGTERM while the run cleans up)
+            if signal.getsignal(s) == self._handle:
+                signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.ignoring:
