@@ -153,6 +153,7 @@ def test_pos_sigterm_mid_step_writes_a_checkpoint_and_resumes_to_the_same_bits(
     assert last.endswith(f"--resume {tmp_path / 'work'}") and "Traceback" not in stopped.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     caplog.set_level(logging.INFO, logger="training.lstm.loop")
+    caplog.clear()  # the reference run's lines (when an earlier test left INFO on)
     res = cli(*args, "--resume", tmp_path / "work")
     assert res.exit_code == 0, res.output
     epochs = [r.message.split(":")[0] for r in caplog.records if ": loss" in r.message]
@@ -334,6 +335,18 @@ def test_a_new_run_does_not_overwrite_an_unfinished_runs_checkpoint(cli, polarit
 
 
 # ------------------------------------------------------------------ the module's parts
+@pytest.fixture
+def default_signals():
+    """SIGTERM and SIGINT as a fresh process has them (an earlier test in this process, such
+    as bench's in-process runs, may have left its own handler), restored afterwards."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path):
     from training.checkpoint import write_atomically
 
@@ -344,7 +357,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path):
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
-def test_a_signal_inside_a_step_waits_for_its_end(monkeypatch):
+def test_a_signal_inside_a_step_waits_for_its_end(default_signals):
     from training.checkpoint import StepGuard
     from training.options import Terminated
 
@@ -362,7 +375,7 @@ def test_a_signal_inside_a_step_waits_for_its_end(monkeypatch):
     assert done == ["the rest of the step"]
 
 
-def test_the_guard_leaves_a_second_sigterm_ignored_during_the_cleanup():
+def test_the_guard_leaves_a_second_sigterm_ignored_during_the_cleanup(default_signals):
     """handles_sigterm ignores a second SIGTERM once the first has stopped the run; leaving
     the guard must not put the raising handler back while the run still cleans up."""
     import typer
