@@ -203,7 +203,7 @@ def test_polarity_export_that_differs_is_not_published(cli, tmp_path, monkeypatc
     data = write_polarity_root(tmp_path / "data")
     out = tmp_path / "out"
     res = cli("train", "polarity", "--data", data, "--out", out, "--epochs", 1, *TINY_POLARITY,
-              "--no-progress")  # fmt: skip
+              "--no-progress", "--work-dir", tmp_path / "work")  # fmt: skip
     assert res.exit_code == 1, res.output
     assert res.stdout == ""
     assert res.stderr.startswith("nlpserve: polarity-en: ONNX Runtime and PyTorch outputs differ")
@@ -255,7 +255,8 @@ def test_train_pos_conllu_under_the_data_root_with_progress(cli, tmp_path):
     data = write_conllu_root(tmp_path / "data")
     out = tmp_path / "out"
     res = cli("train", "pos", "--format", "conllu", "--tag-field", "xpos", "--data", data,
-              "--out", out, "--epochs", 1, *TINY_POS, "--progress")  # fmt: skip
+              "--out", out, "--epochs", 1, *TINY_POS, "--progress",
+              "--work-dir", tmp_path / "work")  # fmt: skip
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["path"] == str(out / "pos-en" / "1")

@@ -140,7 +140,8 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     out = tmp_path / "models"
     size = ["--hidden", 16] + (["--word-dim", 16, "--char-filters", 16] if task == "pos" else [])
     size += ["--emb-dim", 16] if task == "polarity" else []
-    args = ["train", task, "--data", data, "--out", out, "--epochs", 3, "--lr", 0.01]
+    args = ["train", task, "--data", data, "--out", out, "--epochs", 3, "--lr", 0.01,
+            "--work-dir", tmp_path / "work"]  # fmt: skip
     res = cli(*args, *size, "--threads", 1, "--no-progress")
     assert res.exit_code == 0, res.output
     name = "pos-en" if task == "pos" else "polarity-en"

@@ -41,13 +41,17 @@ def test_sigterm_during_publish_removes_the_staging_folder_and_exits_143(
     data = write_polarity_root(tmp_path / "data")
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
+    work = tmp_path / "work"
     res = cli("train", "polarity", "--data", data, "--out", out, "--epochs", 1, *TINY_POLARITY,
-              "--no-progress")  # fmt: skip
+              "--no-progress", "--work-dir", work)  # fmt: skip
     assert res.exit_code == 143, res.output
     assert seen and "model.onnx" in seen[0]  # it was interrupted with files staged
     assert res.stdout == ""
     assert res.stderr.startswith("nlpserve: terminated by SIGTERM")
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # trained to the end: its last checkpoint says how to publish without training again
+    assert f"checkpoint of step 3 is {work / 'checkpoint.pt'}" in res.stderr
+    assert res.stderr.strip().endswith(f"--resume {work}")
     assert not out.exists() or [p.name for p in out.iterdir()] == []
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
 
@@ -108,7 +112,7 @@ def test_sigterm_through_the_real_cli_process(tmp_path):
     data = write_polarity_root(tmp_path / "data")
     out = tmp_path / "out"
     args = ["train", "polarity", "--data", data, "--out", out, "--epochs", "1",
-            *map(str, TINY_POLARITY), "--no-progress"]  # fmt: skip
+            *map(str, TINY_POLARITY), "--no-progress", "--work-dir", tmp_path / "work"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

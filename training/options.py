@@ -11,9 +11,9 @@ import functools
 import signal
 import sys
 from collections.abc import Callable
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
@@ -40,6 +40,29 @@ ThreadsOpt = Annotated[
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace the version folder if it exists.")
+]
+WorkOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The run's working folder: its resumable checkpoint (and a transformer's "
+        "best-dev checkpoint, best/). Default: runs/<name>."
+    ),
+]
+CHECKPOINT_EVERY_HELP = (
+    "Also write the resumable checkpoint every N optimizer steps (0: only at each epoch end, "
+    "at the end of training and when interrupted by Ctrl-C/SIGTERM). It replaces the last "
+    "one atomically and is removed once the entry is published."
+)
+CheckpointEveryOpt = Annotated[int, typer.Option(min=0, help=CHECKPOINT_EVERY_HELP)]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue an interrupted run from its checkpoint (a work dir or its "
+        "checkpoint.pt), to the result the run would have had. Give the options the run "
+        "was started with: one that changes the result is refused if it differs (where "
+        "the run writes, --checkpoint-every, --progress and the --data path may differ; "
+        "the data files' contents may not)."
+    ),
 ]
 ProgressOpt = Annotated[
     bool | None,
@@ -70,6 +93,7 @@ class Terminated(BaseException):
 
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+SIGINT_EXIT = 128 + signal.SIGINT  # 130, Ctrl-C's
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -80,7 +104,8 @@ def handles_sigterm(
 ) -> Callable[_P, _R]:
     """Run ``command`` with SIGTERM handled like Ctrl-C: it raises :class:`Terminated` in the
     main thread, so the run unwinds through its cleanup (no staging folder is left behind),
-    then ends with one line on stderr (``left``: what the run leaves) and exit status 143. A
+    then ends with one line on stderr (``left``: what the run leaves, and how to resume when
+    the run saved a checkpoint) and exit status 143 (130 for a Ctrl-C that saved one). A
     second SIGTERM during that cleanup is ignored. (SIGKILL cannot be handled: see README,
     "Command line".)"""
 
@@ -96,12 +121,22 @@ def handles_sigterm(
             return command(*args, **kwargs)
         try:
             return command(*args, **kwargs)
-        except Terminated:
-            fail(f"terminated by SIGTERM: the run stopped; {left}", SIGTERM_EXIT)
+        except Terminated as e:
+            fail(f"terminated by SIGTERM: the run stopped; {left}{_resume(e)}", SIGTERM_EXIT)
+        except KeyboardInterrupt as e:
+            if not hasattr(e, "resume_hint"):
+                raise
+            fail(f"interrupted: the run stopped; {left}{_resume(e)}", SIGINT_EXIT)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
     return run
+
+
+def _resume(interrupt: BaseException) -> str:
+    """The resume hint a checkpointing run put on the exception (training.checkpoint)."""
+    hint = getattr(interrupt, "resume_hint", None)
+    return f"; {hint}" if hint else ""
 
 
 def fail(message: object, code: int = 1) -> NoReturn:
@@ -161,3 +196,35 @@ def check_output(out: Path, name: str, version: str | None, overwrite: bool) -> 
             f"cannot write the model repository {out}: {e.strerror or e}", param_hint="'--out'"
         ) from None
     return folder.name
+
+
+# What a resume may change: where the run writes, how it looks, when it checkpoints; never
+# what it computes. --data is compared by its files' sha256 instead of its path.
+NOT_RESULT_OPTIONS = frozenset(
+    {"out", "name", "version", "overwrite", "work_dir", "checkpoint_every", "resume",
+     "progress", "log_file", "variants", "data"}
+)  # fmt: skip
+
+
+def result_options(**computed: Any) -> dict[str, Any]:
+    """The running command's options that shape its result, by flag (``--hidden``), as
+    JSON-like values; ``computed`` adds or replaces entries (the data's sha256, the thread
+    count in effect). A checkpoint records them and a resume must match them."""
+    try:  # typer 0.2x carries its own click
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context  # type: ignore[no-redef]  # same function
+
+    ctx = get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params if p.name}
+    out: dict[str, Any] = {}
+    for name, value in ctx.params.items():
+        if name in NOT_RESULT_OPTIONS:
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        out[flags.get(name, name)] = value
+    out.update(computed)
+    return out

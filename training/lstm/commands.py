@@ -16,19 +16,23 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.options import (
+    CheckpointEveryOpt,
     Device,
     DeviceOpt,
     OutOpt,
     OverwriteOpt,
     ProgressOpt,
+    ResumeOpt,
     SeedOpt,
     ThreadsOpt,
     VersionOpt,
+    WorkOpt,
     check_output,
     fail,
     handles_sigterm,
     recorded_command,
     resolve_data,
+    result_options,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +75,22 @@ def _setup(device: Device, threads: int | None) -> None:
         raise typer.BadParameter("--device cuda requested but CUDA is not available")
 
 
+def _checkpointing(
+    command: str, corpus, work: Path, every: int, resume: Path | None, command_line: str
+):
+    """The run's checkpoints in ``work``; a resume checked against the options the run was
+    started with, its data files by sha256 and the thread count in effect (intra-op sums
+    may round differently with more threads)."""
+    import torch
+
+    from training import checkpoint
+    from training.data.checksums import data_checksums
+
+    data = [d.model_dump() for d in data_checksums(corpus.files, corpus.root)]
+    options = result_options(**{"--data": data, "--threads": torch.get_num_threads()})
+    return checkpoint.start(command, work, every, resume, options, command_line)
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -107,11 +127,15 @@ def train_pos(
     threads: ThreadsOpt = None,
     progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
+    work_dir: WorkOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    resume: ResumeOpt = None,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
     version = check_output(out, name, version, overwrite)
     path = resolve_data(data)
     _setup(device, threads)
+    from training.checkpoint import CheckpointError
     from training.data.common import DataError
     from training.lstm.export import ParityError
     from training.lstm.pos import PosConfig, load_pos_corpus, run_pos
@@ -136,12 +160,18 @@ def train_pos(
     )
     try:
         corpus = load_pos_corpus(path, cfg.dataset, cfg.tag_field)
-        folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite,
-                         command=recorded_command(data, path))  # fmt: skip
+        ck = _checkpointing("train pos", corpus, work_dir or Path("runs") / name,
+                            checkpoint_every, resume, recorded_command(data, path))  # fmt: skip
+        with ck.hint_on_interrupt():
+            folder = run_pos(corpus, out, cfg, name=name, version=version, overwrite=overwrite,
+                             command=ck.command_line, checkpointing=ck)  # fmt: skip
+    except CheckpointError as e:
+        fail(e, 2)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     except ParityError as e:
         fail(e)
+    ck.finish()
     _report(folder)
 
 
@@ -183,6 +213,9 @@ def train_polarity(
     threads: ThreadsOpt = None,
     progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
+    work_dir: WorkOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    resume: ResumeOpt = None,
 ) -> None:
     """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""
     if nb_dims > emb_dim:
@@ -194,6 +227,7 @@ def train_polarity(
     version = check_output(out, name, version, overwrite)
     path = resolve_data(data)
     _setup(device, threads)
+    from training.checkpoint import CheckpointError
     from training.data.common import DataError
     from training.data.polarity import load_polarity
     from training.lstm.export import ParityError
@@ -219,14 +253,20 @@ def train_polarity(
     )
     try:
         corpus = load_polarity(path)
-        folder = run_polarity(
-            corpus, out, cfg, name=name, version=version, overwrite=overwrite,
-            command=recorded_command(data, path),
-        )  # fmt: skip
+        ck = _checkpointing("train polarity", corpus, work_dir or Path("runs") / name,
+                            checkpoint_every, resume, recorded_command(data, path))  # fmt: skip
+        with ck.hint_on_interrupt():
+            folder = run_polarity(
+                corpus, out, cfg, name=name, version=version, overwrite=overwrite,
+                command=ck.command_line, checkpointing=ck,
+            )  # fmt: skip
+    except CheckpointError as e:
+        fail(e, 2)
     except (DataError, FileExistsError) as e:
         raise typer.BadParameter(str(e)) from e
     except ParityError as e:
         fail(e)
+    ck.finish()
     _report(folder)
 
 

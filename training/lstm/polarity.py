@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from service.preprocess.words import WordEncoder, build_word_tokenizer
 from service.repository.manifest import TensorSpec, load_manifest
+from training.checkpoint import Checkpointing
 from training.data.common import TextCorpus
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
 from training.lstm.entry import exported, write_lstm_entry
@@ -83,6 +84,7 @@ class PolarityTrained:
     epochs_run: int
     best_epoch: int
     seconds: float
+    earlier_seconds: float = 0.0  # trained before a resume, in an earlier process
 
 
 def build_encoder(train_texts: list[str], cfg: PolarityConfig) -> WordEncoder:
@@ -119,7 +121,9 @@ def nb_init(weight: torch.Tensor, encodings, labels: np.ndarray, dims: int) -> N
         weight[0].zero_()
 
 
-def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
+def train_polarity(
+    corpus: TextCorpus, cfg: PolarityConfig, checkpointing: Checkpointing | None = None
+) -> PolarityTrained:
     if not 0 <= cfg.nb_dims <= cfg.emb_dim:  # the manifest records cfg: no silent clamping
         raise ValueError(f"nb_dims {cfg.nb_dims} must lie in [0, emb_dim {cfg.emb_dim}]")
     seed_everything(cfg.seed)
@@ -173,6 +177,7 @@ def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
         model,
         train_step=step,
         make_batches=lambda _epoch: length_batches(train_len, cfg.batch_size, rng),
+        order_rng=rng,
         evaluate=dev_accuracy,
         epochs=cfg.epochs,
         patience=cfg.patience,
@@ -180,6 +185,7 @@ def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
         weight_decay=cfg.weight_decay,
         progress=cfg.progress,
         desc="polarity",
+        checkpointing=checkpointing,
     )
     return PolarityTrained(
         model.cpu().eval(),
@@ -191,6 +197,7 @@ def train_polarity(corpus: TextCorpus, cfg: PolarityConfig) -> PolarityTrained:
         result.epochs_run,
         result.best_epoch,
         result.seconds,
+        result.earlier_seconds,
     )
 
 
@@ -235,9 +242,10 @@ def run_polarity(
     command: str | None = None,
     description: str = "",
     overwrite: bool = False,
+    checkpointing: Checkpointing | None = None,
 ) -> Path:
     start = time.perf_counter()
-    trained = train_polarity(corpus, cfg)
+    trained = train_polarity(corpus, cfg, checkpointing)
     test_x = take(corpus.texts, trained.splits["test"])
     test_y = take(corpus.labels, trained.splits["test"])
     example = pad_batch(trained.encoder.encode_texts(["a b c", "d"]), with_chars=False)
@@ -258,7 +266,7 @@ def run_polarity(
             "f1_positive": test["f1_positive"],
             "dev_accuracy": trained.dev_accuracy,
             "onnx_max_abs_diff": parity,
-            "train_seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(time.perf_counter() - start + trained.earlier_seconds, 1),
         }
         log.info("polarity test metrics: %s", metrics)
         return write_lstm_entry(
@@ -269,6 +277,7 @@ def run_polarity(
             corpus=corpus,
             onnx_file=onnx_path,
             metrics=metrics,
+            hyperparameters=checkpointing.record() if checkpointing else None,
             version=version,
             task="polarity",
             architecture="word-emb+bilstm+maxpool" if cfg.max_pool else "word-emb+bilstm",

@@ -24,6 +24,7 @@ from service.preprocess.words import (
     build_word_tokenizer,
 )
 from service.repository.manifest import TensorSpec, load_manifest
+from training.checkpoint import Checkpointing
 from training.data.common import DataError, TaggedCorpus
 from training.data.conllu import TagField
 from training.data.splits import DEFAULT_RATIOS, recreate_split, split_indices, take
@@ -91,6 +92,7 @@ class PosTrained:
     epochs_run: int
     best_epoch: int
     seconds: float
+    earlier_seconds: float = 0.0  # trained before a resume, in an earlier process
 
 
 def build_encoder(
@@ -115,7 +117,9 @@ def _tag_matrix(tag_ids: list[np.ndarray], batch: list[int], t: int) -> np.ndarr
     return y
 
 
-def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
+def train_pos(
+    corpus: TaggedCorpus, cfg: PosConfig, checkpointing: Checkpointing | None = None
+) -> PosTrained:
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     splits = split_indices(len(corpus), cfg.seed, cfg.ratios)
@@ -175,6 +179,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         model,
         train_step=step,
         make_batches=lambda _epoch: length_batches(train_len, cfg.batch_size, rng),
+        order_rng=rng,
         evaluate=dev_accuracy,
         epochs=cfg.epochs,
         patience=cfg.patience,
@@ -182,6 +187,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         weight_decay=cfg.weight_decay,
         progress=cfg.progress,
         desc="pos",
+        checkpointing=checkpointing,
     )
     return PosTrained(
         model.cpu().eval(),
@@ -194,6 +200,7 @@ def train_pos(corpus: TaggedCorpus, cfg: PosConfig) -> PosTrained:
         result.epochs_run,
         result.best_epoch,
         result.seconds,
+        result.earlier_seconds,
     )
 
 
@@ -252,10 +259,11 @@ def run_pos(
     command: str | None = None,
     description: str = "",
     overwrite: bool = False,
+    checkpointing: Checkpointing | None = None,
 ) -> Path:
     """Train, export, check parity, evaluate the ONNX model on test, write the entry."""
     start = time.perf_counter()
-    trained = train_pos(corpus, cfg)
+    trained = train_pos(corpus, cfg, checkpointing)
     test_s = take(corpus.sentences, trained.splits["test"])
     test_t = take(corpus.tags, trained.splits["test"])
     example = pad_batch(trained.encoder.encode_tokens([["a", "b", "c"], ["d"]]), True)
@@ -278,7 +286,7 @@ def run_pos(
             "oov_rate": test["oov_rate"],
             "dev_accuracy": trained.dev_accuracy,
             "onnx_max_abs_diff": parity,
-            "train_seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(time.perf_counter() - start + trained.earlier_seconds, 1),
         }
         log.info("pos test metrics: %s", metrics)
         return write_lstm_entry(
@@ -289,7 +297,11 @@ def run_pos(
             corpus=corpus,
             onnx_file=onnx_path,
             metrics=metrics,
-            hyperparameters={"n_chars": len(trained.chars), "drop_traces": True},
+            hyperparameters={
+                "n_chars": len(trained.chars),
+                "drop_traces": True,
+                **(checkpointing.record() if checkpointing else {}),
+            },
             version=version,
             task="pos",
             architecture="word-emb+char-cnn+bilstm",

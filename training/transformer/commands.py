@@ -15,18 +15,22 @@ import typer
 
 from training.data.common import DataError
 from training.options import (
+    CheckpointEveryOpt,
     Device,
     OutOpt,
     OverwriteOpt,
     ProgressOpt,
+    ResumeOpt,
     SeedOpt,
     ThreadsOpt,
     VersionOpt,
+    WorkOpt,
     bars_shown,
     check_output,
     handles_sigterm,
     recorded_command,
     resolve_data,
+    result_options,
 )
 
 if TYPE_CHECKING:
@@ -105,10 +109,6 @@ StepsTimeBudgetOpt = Annotated[
 EvalEveryOpt = Annotated[
     int | None,
     typer.Option(min=1, help="Evaluate on the held-out split every N steps (default: each epoch)."),
-]
-WorkOpt = Annotated[
-    Path | None,
-    typer.Option(help="Where the best-dev checkpoint is saved (default: runs/<name>)."),
 ]
 LogOpt = Annotated[Path | None, typer.Option(help="Also log to this file.")]
 FreezeOpt = Annotated[bool, typer.Option(help="Freeze the word-embedding matrix (faster on CPU).")]
@@ -207,6 +207,30 @@ def _base_record(given: str, loaded_from: str) -> dict[str, Any]:
     }
 
 
+def _checkpointing(
+    command: str,
+    work: Path,
+    every: int,
+    resume: Path | None,
+    data_files: list[Any],
+    base_record: dict[str, Any],
+    command_line: str,
+):
+    """The run's checkpoints in ``work``; a resume checked against the options the run was
+    started with, the data files and a local base checkpoint by sha256, and the thread
+    count in effect."""
+    import torch
+
+    from training import checkpoint
+
+    options = result_options(**{
+        "--data": [d.model_dump() for d in data_files],
+        "--base-model": base_record["base_model_sha256"] or base_record["base_model"],
+        "--threads": torch.get_num_threads(),
+    })  # fmt: skip
+    return checkpoint.start(command, work, every, resume, options, command_line)
+
+
 def _report(folder: Path) -> None:
     from service.repository import load_manifest
 
@@ -253,6 +277,8 @@ def train_detector_cmd(
     amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 200,
+    resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
     progress: ProgressOpt = None,
@@ -300,7 +326,11 @@ def train_detector_cmd(
         amp=amp,
         lang=lang,
     )
-    with discard_staging_on_error(folder):
+    data_files = data_checksums(files, root)
+    base_record = _base_record(base_model or PACKAGED_MINILM, base)
+    ck = _checkpointing("train detector", work, checkpoint_every, resume, data_files,
+                        base_record, recorded_command(data, root))  # fmt: skip
+    with discard_staging_on_error(folder), ck.hint_on_interrupt():
         train_detector(
             examples,
             cfg,
@@ -308,13 +338,15 @@ def train_detector_cmd(
             name=name,
             version=version,
             work_dir=work,
-            data_files=data_checksums(files, root),
+            data_files=data_files,
             load_stats=stats.as_dict(),
-            command=recorded_command(data, root),
+            command=ck.command_line,
             variants=_variants(variants),
             overwrite=overwrite,
-            extra_hyperparameters=_base_record(base_model or PACKAGED_MINILM, base),
+            extra_hyperparameters={**base_record, **ck.record()},
+            checkpointing=ck,
         )
+    ck.finish()
     _report(folder)
 
 
@@ -397,6 +429,8 @@ def train_qa_cmd(
     amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 200,
+    resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
     progress: ProgressOpt = None,
@@ -482,7 +516,11 @@ def train_qa_cmd(
     )
     load_stats = {f"train_{k}": v for k, v in tr_stats.as_dict().items()}
     load_stats.update({f"eval_{k}": v for k, v in ev_stats.as_dict().items()})
-    with discard_staging_on_error(folder):
+    data_files = data_checksums([tr_path, ev_path], root)
+    base_record = _base_record(base_model, base_model)
+    ck = _checkpointing("train qa", work, checkpoint_every, resume, data_files, base_record,
+                        recorded_command(data, root))  # fmt: skip
+    with discard_staging_on_error(folder), ck.hint_on_interrupt():
         train_qa(
             train_ex,
             test_ex,
@@ -491,19 +529,22 @@ def train_qa_cmd(
             name=name,
             version=version,
             work_dir=work,
-            data_files=data_checksums([tr_path, ev_path], root),
+            data_files=data_files,
             load_stats=load_stats,
-            command=recorded_command(data, root),
+            command=ck.command_line,
             variants=_variants(variants),
             overwrite=overwrite,
             model=model,
             extra_hyperparameters={
-                **_base_record(base_model, base_model),
+                **base_record,
                 "random_init": random_init,
                 "train_file": train_file,
                 "eval_file": eval_file,
+                **ck.record(),
             },
+            checkpointing=ck,
         )
+    ck.finish()
     _report(folder)
 
 

@@ -4,6 +4,7 @@ buckets and the repository-entry writer."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from training.data.common import DataError, TrainingError
 
 if TYPE_CHECKING:  # for annotations: the functions import numpy where they use it
     import numpy as np
+
+    from training.checkpoint import Checkpointing
 
 log = logging.getLogger("nlpserve.transformer")
 
@@ -377,6 +380,21 @@ class FitResult:
     # The precision the forward passes really ran in: "bfloat16"/"float16" under autocast,
     # None for fp32. --amp alone does not say it (a CPU without native bf16 trains in fp32).
     autocast: str | None = None
+    earlier_seconds: float = 0.0  # of ``seconds``, those before a resume
+
+
+@dataclass
+class _Position:
+    """Where the loop is: ``step`` optimizer steps done, ``batch`` of them in ``epoch``;
+    ``eval_due``: the evaluation after that step has not run yet; ``finished``: no step
+    follows (the last one, or the --max-minutes stop)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    running: float = 0.0  # the smoothed loss in the log
+    eval_due: bool = False
+    finished: bool = False
 
 
 def fit(
@@ -387,16 +405,23 @@ def fit(
     cfg: FitConfig,
     checkpoint_dir: Path | None = None,
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the weights with the best ``evaluate(model)`` score.
 
-    ``make_batches(epoch)`` yields dicts of torch tensors (model kwargs, labels included);
-    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``. The best weights are saved
-    with ``save_pretrained`` to ``checkpoint_dir`` (or kept in memory when it is None) and
-    loaded back into ``model`` at the end. Without ``evaluate`` the last weights are kept.
+    ``make_batches(epoch)`` yields dicts of torch tensors (model kwargs, labels included),
+    the same ones for the same ``epoch``; ``loss_fn(model, batch)`` defaults to
+    ``model(**batch).loss``. The best weights are saved with ``save_pretrained`` to
+    ``checkpoint_dir`` (or kept in memory when it is None) and loaded back into ``model`` at
+    the end. Without ``evaluate`` the last weights are kept. ``checkpointing``: write a
+    resumable checkpoint every ``checkpointing.every`` steps, at each epoch end, at the end
+    and when interrupted, and continue from ``checkpointing.resume``.
     """
     import torch
     from transformers import get_linear_schedule_with_warmup
+
+    from training.checkpoint import StepGuard, restore_rng
+    from training.options import Terminated
 
     device = cfg.device
     model.to(device)
@@ -406,7 +431,7 @@ def fit(
         score = float(evaluate(model)) if evaluate is not None else -math.inf
         scored = [{"step": 0, "score": score, "seconds": 0.0}] if evaluate is not None else []
         return FitResult(score, 0, 0, 0.0, scored, None)
-    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
+    total = planned = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [
@@ -424,94 +449,168 @@ def fit(
     eval_every = cfg.eval_every or batches_per_epoch
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
 
+    ck = checkpointing
+    # The best weights in memory too when a checkpoint must carry them.
+    keep_best = checkpoint_dir is None or ck is not None
     best, best_step, best_state, saved = -math.inf, 0, None, False
     history: list[dict[str, float]] = []
-    t0 = time.time()
-    step, epoch, running = 0, 0, 0.0
+    at = _Position()
+    earlier = 0.0
+    budget_marks: dict[str, float] | None = None
+    if ck is not None and ck.resume is not None:
+        s = ck.resume["loop"]
+        model.load_state_dict(s["model"])
+        if s["total"] != total:  # a time budget fitted the schedule to another length
+            total = s["total"]
+            sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+        opt.load_state_dict(s["optimizer"])
+        sched.load_state_dict(s["scheduler"])
+        scaler.load_state_dict(s["scaler"])
+        best, best_step, best_state = s["best"], s["best_step"], s["best_state"]
+        history, earlier, budget_marks = s["history"], s["seconds"], s["budget"]
+        at = _Position(**s["position"])
+        restore_rng(ck.resume["rng"])
+        if best_state is not None and checkpoint_dir is not None:
+            model.save_pretrained(str(checkpoint_dir), state_dict=best_state)
+            saved = True
+    t0 = time.time() - earlier  # the time before a resume counts (budget, --max-minutes)
     budget = (
-        StepBudget(total, 60 * cfg.time_budget_minutes, t0)
+        StepBudget(planned, 60 * cfg.time_budget_minutes, t0)
         if cfg.time_budget_minutes is not None
         else None
     )
+    if budget is not None and budget_marks is not None:
+        budget.mark_step, budget.next_fit = int(budget_marks["step"]), int(budget_marks["next"])
+        budget.mark_t = t0 + budget_marks["t"]
+    guard = StepGuard()
+
+    def save() -> None:
+        assert ck is not None
+        marks = None
+        if budget is not None:
+            marks = {"step": budget.mark_step, "next": budget.next_fit, "t": budget.mark_t - t0}
+        ck.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "total": total,
+                "budget": marks,
+                "best": best,
+                "best_step": best_step,
+                "best_state": best_state,
+                "history": history,
+                "seconds": time.time() - t0,
+                "position": asdict(at),
+            },
+            step=at.step,
+            epoch=at.epoch,
+        )
 
     def _evaluate() -> None:
-        nonlocal best, best_step, best_state, saved
+        nonlocal best, best_step, best_state, saved, at
         if evaluate is None:
+            at = replace(at, eval_due=False)
             return
         model.eval()
         score = float(evaluate(model))
         model.train()
-        history.append({"step": step, "score": score, "seconds": time.time() - t0})
-        log.info("step %d: dev score %.4f (best %.4f)", step, score, max(best, score))
-        if math.isnan(score):
-            log.warning("step %d: the dev score is NaN (e.g. ROC AUC of a dev sample with one "
-                        "class: raise --max-dev-examples); this checkpoint cannot be chosen",
-                        step)  # fmt: skip
-        if score > best:
-            best, best_step = score, step
-            if checkpoint_dir is not None:
-                model.save_pretrained(str(checkpoint_dir))
-                saved = True
-            else:
-                best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                }
+        with guard.step():  # the evaluation's bookkeeping, whole or not at all
+            step = at.step
+            history.append({"step": step, "score": score, "seconds": time.time() - t0})
+            log.info("step %d: dev score %.4f (best %.4f)", step, score, max(best, score))
+            if math.isnan(score):
+                log.warning("step %d: the dev score is NaN (e.g. ROC AUC of a dev sample with "
+                            "one class: raise --max-dev-examples); this checkpoint cannot be "
+                            "chosen", step)  # fmt: skip
+            if score > best:
+                best, best_step = score, step
+                if checkpoint_dir is not None:
+                    model.save_pretrained(str(checkpoint_dir))
+                    saved = True
+                if keep_best:
+                    best_state = {
+                        k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                    }
+            at = replace(at, eval_due=False)
 
     model.train()
-    bar = progress_bar(total=total, desc="train", mininterval=5.0)
-    stop = False
-    while not stop:
-        epoch_start = step
-        for batch in make_batches(epoch):
-            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(model, batch)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            if budget is not None:
-                fitted = budget.update(step, total, time.time())
-                if fitted != total:
-                    total = fitted
-                    # The same schedule shape over the new length, at the current step.
-                    sched = get_linear_schedule_with_warmup(
-                        opt, int(cfg.warmup_ratio * total), total
-                    )
-                    for _ in range(step):
-                        sched.step()
-                    bar.total = total
-                    log.info("time budget %.1f min: %d steps (fitted at step %d)",
-                             cfg.time_budget_minutes, total, step)  # fmt: skip
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TrainingError(
-                    f"training diverged: the loss is {lv} at step {step}; lower --lr "
-                    "(or --max-grad-norm)"
-                )
-            running = 0.98 * running + 0.02 * lv if step > 1 else lv
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{running:.4f}")
-                log.info(
-                    "step %d/%d loss %.4f lr %.2e %.1fs",
-                    step, total, running, sched.get_last_lr()[0], time.time() - t0,
-                )  # fmt: skip
-            timed_out = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
-            if step % eval_every == 0 or step >= total or timed_out:
+    bar = progress_bar(total=total, initial=at.step, desc="train", mininterval=5.0)
+    with guard:
+        try:
+            if at.eval_due:  # interrupted in the evaluation after its last step
                 _evaluate()
-            if step >= total or timed_out:
-                if timed_out:
-                    log.warning("stopping at step %d: --max-minutes reached", step)
-                stop = True
-                break
-        if step == epoch_start:  # an empty epoch: the loop would never end
-            raise DataError("nothing to train on: the training split gave no batch")
-        epoch += 1
+            while not at.finished:
+                for batch in itertools.islice(make_batches(at.epoch), at.batch, None):
+                    with guard.step():
+                        batch = {k: v.to(device) if hasattr(v, "to") else v
+                                 for k, v in batch.items()}  # fmt: skip
+                        with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
+                            loss = loss_fn(model, batch)
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+                        scaler.step(opt)
+                        scaler.update()
+                        opt.zero_grad(set_to_none=True)
+                        sched.step()
+                        step = at.step + 1
+                        if budget is not None:
+                            fitted = budget.update(step, total, time.time())
+                            if fitted != total:
+                                total = fitted
+                                # The same schedule shape over the new length, at this step.
+                                sched = get_linear_schedule_with_warmup(
+                                    opt, int(cfg.warmup_ratio * total), total
+                                )
+                                for _ in range(step):
+                                    sched.step()
+                                bar.total = total
+                                log.info("time budget %.1f min: %d steps (fitted at step %d)",
+                                         cfg.time_budget_minutes, total, step)  # fmt: skip
+                        lv = float(loss.detach())
+                        if not math.isfinite(lv):
+                            raise TrainingError(
+                                f"training diverged: the loss is {lv} at step {step}; lower "
+                                "--lr (or --max-grad-norm)"
+                            )
+                        running = 0.98 * at.running + 0.02 * lv if step > 1 else lv
+                        bar.update(1)
+                        if step % cfg.log_every == 0:
+                            bar.set_postfix(loss=f"{running:.4f}")
+                            log.info(
+                                "step %d/%d loss %.4f lr %.2e %.1fs",
+                                step, total, running, sched.get_last_lr()[0], time.time() - t0,
+                            )  # fmt: skip
+                        timed_out = (
+                            cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+                        )
+                        if timed_out:
+                            log.warning("stopping at step %d: --max-minutes reached", step)
+                        done = step >= total or timed_out
+                        at = _Position(step, at.epoch, at.batch + 1, running,
+                                       eval_due=step % eval_every == 0 or done,
+                                       finished=done)  # fmt: skip
+                    if at.eval_due:
+                        _evaluate()
+                    if ck is not None and (ck.due(at.step) or at.finished):
+                        with guard.step():
+                            save()
+                    if at.finished:
+                        break
+                else:
+                    if at.batch == 0:  # an empty epoch: the loop would never end
+                        raise DataError("nothing to train on: the training split gave no batch")
+                    with guard.step():
+                        at = replace(at, epoch=at.epoch + 1, batch=0)
+                        if ck is not None:
+                            save()
+        except (KeyboardInterrupt, Terminated):
+            if ck is not None and guard.safe:
+                with guard.quiet():
+                    save()
+            raise
     bar.close()
     if evaluate is not None:
         if saved:  # only weights this run wrote (the folder may hold an earlier run's)
@@ -523,7 +622,7 @@ def fit(
             log.warning("no evaluation gave a usable dev score: the last weights are kept")
     model.eval()
     autocast = str(amp_dtype).removeprefix("torch.") if use_amp else None
-    return FitResult(best, best_step, step, time.time() - t0, history, autocast)
+    return FitResult(best, best_step, at.step, time.time() - t0, history, autocast, earlier)
 
 
 # --------------------------------------------------------------------------- repository entry

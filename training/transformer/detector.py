@@ -14,13 +14,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.preprocess.classify import ClassifyEncoder, ClassifyEncoding, softmax
 from training.data.hc3 import LABELS, DetectExample
 from training.metrics.classification import binary_metrics
+
+if TYPE_CHECKING:
+    from training.checkpoint import Checkpointing
 
 log = logging.getLogger("nlpserve.detector")
 
@@ -134,6 +137,7 @@ def train_detector(
     model=None,
     tokenizer=None,
     extra_hyperparameters: dict[str, Any] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict[str, float]:
     """Train, pick the best dev checkpoint, export + evaluate variants on test, write entry.
 
@@ -233,6 +237,8 @@ def train_detector(
         return torch.nn.functional.cross_entropy(logits.float(), labels, weight=w_t)
 
     dev_log: list[dict[str, float]] = []
+    if checkpointing is not None:  # a resume continues the evaluations' figures
+        checkpointing.keep("dev_log", dev_log)
 
     def evaluate(m) -> float:
         p = predict_torch(m, encoder, dev_encs, cfg.eval_batch_size, device)
@@ -254,7 +260,7 @@ def train_detector(
         log_every=20,
     )
     ckpt = (work_dir / "best") if work_dir else None
-    result = fit(model, make_batches, per_epoch, evaluate, fit_cfg, ckpt, loss_fn)
+    result = fit(model, make_batches, per_epoch, evaluate, fit_cfg, ckpt, loss_fn, checkpointing)
     train_seconds = result.seconds
     scores = [h["score"] for h in result.history]
     best_dev = dev_log[scores.index(max(scores))] if scores else {}

@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.preprocess.qa import QAEncoder, QAWindow, answer_token_span
 from training.data.squad import QAExample
 from training.metrics import cmrc
+
+if TYPE_CHECKING:
+    from training.checkpoint import Checkpointing
 
 log = logging.getLogger("nlpserve.qa")
 
@@ -216,6 +219,7 @@ def train_qa(
     model=None,
     tokenizer=None,
     extra_hyperparameters: dict[str, Any] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict[str, float]:
     import torch
 
@@ -290,6 +294,8 @@ def train_qa(
             yield batch
 
     held_log: list[dict[str, float]] = []
+    if checkpointing is not None:  # a resume continues the evaluations' figures
+        checkpointing.keep("held_log", held_log)
 
     def evaluate(m) -> float:
         if not held_ex:
@@ -313,7 +319,10 @@ def train_qa(
         log_every=25,
     )
     ckpt = (work_dir / "best") if work_dir else None
-    result = fit(model, make_batches, per_epoch, evaluate if held_ex else None, fit_cfg, ckpt)
+    result = fit(
+        model, make_batches, per_epoch, evaluate if held_ex else None, fit_cfg, ckpt,
+        checkpointing=checkpointing,
+    )  # fmt: skip
     held_scores = [h["score"] for h in result.history]
     best_held = held_log[held_scores.index(max(held_scores))] if held_scores and held_log else {}
     model.to("cpu").eval()
