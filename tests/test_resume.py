@@ -334,6 +334,38 @@ def test_a_new_run_does_not_overwrite_an_unfinished_runs_checkpoint(cli, polarit
     assert (work / "checkpoint.pt").read_bytes() == before
 
 
+def test_checkpoint_every_takes_a_step_count_or_a_time(cli, polarity, tmp_path):
+    from training.options import parse_checkpoint_every
+
+    assert parse_checkpoint_every("200").steps == 200
+    assert parse_checkpoint_every("10m").seconds == 600 and not parse_checkpoint_every("10m").steps
+    assert parse_checkpoint_every("1.5h").seconds == 5400
+    assert parse_checkpoint_every("90s").seconds == 90
+    assert parse_checkpoint_every("0").steps == 0 and parse_checkpoint_every("0").seconds == 0
+    for bad in ("10x", "-5", "0m", "m", "1e3"):
+        res = cli(*POLARITY, "--checkpoint-every", bad, "--data", polarity["data"],
+                  "--out", tmp_path / "out", "--work-dir", tmp_path / "w")  # fmt: skip
+        assert res.exit_code == 2, (bad, res.output)
+        assert "neither a number of steps" in res.output, res.output
+        assert not (tmp_path / "w").exists()
+
+
+def test_a_timed_checkpoint_is_due_once_that_long_has_passed_since_the_last(tmp_path):
+    from training.checkpoint import Checkpointing
+    from training.options import parse_checkpoint_every
+
+    ck = Checkpointing("train pos", tmp_path / "checkpoint.pt",
+                       parse_checkpoint_every("10m"), {}, "nlpserve train pos")  # fmt: skip
+    assert not ck.due(1)  # the run just started
+    ck.saved_at -= 601  # as if ten minutes had passed
+    assert ck.due(1) and ck.due(7)  # any step: the time, not the count
+    ck.save({}, step=7, epoch=1)
+    assert (tmp_path / "checkpoint.pt").is_file() and not ck.due(8)  # the clock restarts
+    steps = Checkpointing("train pos", tmp_path / "c2.pt", parse_checkpoint_every("3"), {}, "x")
+    steps.saved_at -= 3600  # a count ignores the time
+    assert [s for s in range(1, 10) if steps.due(s)] == [3, 6, 9]
+
+
 # ------------------------------------------------------------------ the module's parts
 @pytest.fixture
 def default_signals():

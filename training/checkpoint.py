@@ -18,6 +18,7 @@ import os
 import random
 import shlex
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from training.data.common import DataError
-from training.options import Terminated
+from training.options import CheckpointEvery, Terminated
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +208,12 @@ class StepGuard:
 @dataclass
 class Checkpointing:
     """Where and when a run writes its checkpoint, what identifies the run, and (``resume``)
-    the checkpoint it continues from. ``every``: also every N optimizer steps (0: at each
-    epoch end, the end of training and an interruption only)."""
+    the checkpoint it continues from. ``every``: also every N optimizer steps or every so
+    many seconds (neither: at each epoch end, the end of training and an interruption only)."""
 
     command: str  # "train pos"
     path: Path
-    every: int
+    every: CheckpointEvery
     options: dict[str, Any]
     command_line: str  # the command that started the run (a resume keeps the original)
     resume_line: str = ""  # this process's command line, when it resumes
@@ -221,8 +222,12 @@ class Checkpointing:
     logs: dict[str, list[Any]] = field(default_factory=dict)
     step: int = 0  # the step of the latest checkpoint written
 
+    saved_at: float = field(default_factory=time.monotonic)  # the last write (or the start)
+
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        if self.every.steps > 0:
+            return step % self.every.steps == 0
+        return self.every.seconds > 0 and time.monotonic() - self.saved_at >= self.every.seconds
 
     def keep(self, name: str, values: list[Any]) -> list[Any]:
         """A list the caller fills during the run (its evaluations' figures): saved with each
@@ -250,6 +255,7 @@ class Checkpointing:
             },
         )
         self.step = step
+        self.saved_at = time.monotonic()
 
     def history(self) -> list[dict[str, Any]]:
         """Every resume of this run so far, this one last: what the manifest records."""
@@ -292,7 +298,7 @@ class Checkpointing:
 def start(
     command: str,
     work_dir: Path,
-    every: int,
+    every: CheckpointEvery,
     resume: Path | None,
     options: dict[str, Any],
     command_line: str,

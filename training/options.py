@@ -8,9 +8,11 @@ torch is not imported here: registering the commands costs nothing without it.
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
@@ -49,11 +51,50 @@ WorkOpt = Annotated[
     ),
 ]
 CHECKPOINT_EVERY_HELP = (
-    "Also write the resumable checkpoint every N optimizer steps (0: only at each epoch end, "
-    "at the end of training and when interrupted by Ctrl-C/SIGTERM). It replaces the last "
-    "one atomically and is removed once the entry is published."
+    "Also write the resumable checkpoint every N optimizer steps (a number) or every so long "
+    "(10m, 90s, 2h); 0: only at each epoch end, at the end of training and when interrupted "
+    "by Ctrl-C/SIGTERM. It replaces the last one atomically and is removed once the entry is "
+    "published."
 )
-CheckpointEveryOpt = Annotated[int, typer.Option(min=0, help=CHECKPOINT_EVERY_HELP)]
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class CheckpointEvery:
+    """``--checkpoint-every``: a step count or a time. Time is the default because the cost of
+    a write is fixed (a transformer's checkpoint: ~1.6 s for MiniLM-L6 here) while a step
+    costs 8 s on a CPU and 0.05 s on a GPU: every 10 minutes is under 0.3% on either, and an
+    interruption loses at most 10 minutes. When checkpoints are written never changes the
+    result (the state saved is the state a step leaves)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    text: str = "0"
+
+    def __str__(self) -> str:  # --help's [default: ...]
+        return self.text
+
+
+def parse_checkpoint_every(value: str | CheckpointEvery) -> CheckpointEvery:
+    if isinstance(value, CheckpointEvery):
+        return value
+    text = value.strip()
+    if text.isdigit():
+        return CheckpointEvery(steps=int(text), text=text)
+    if (m := _DURATION.fullmatch(text)) and (seconds := float(m[1]) * _UNIT_S[m[2]]) > 0:
+        return CheckpointEvery(seconds=seconds, text=text)
+    raise typer.BadParameter(
+        f"{value!r} is neither a number of steps (e.g. 200; 0: epoch ends only) nor a time "
+        "(e.g. 10m, 90s, 2h)"
+    )
+
+
+CHECKPOINT_EVERY_DEFAULT = parse_checkpoint_every("10m")
+CheckpointEveryOpt = Annotated[
+    CheckpointEvery,
+    typer.Option(parser=parse_checkpoint_every, metavar="N|TIME", help=CHECKPOINT_EVERY_HELP),
+]
 ResumeOpt = Annotated[
     Path | None,
     typer.Option(

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.options import (
+    CHECKPOINT_EVERY_DEFAULT,
+    CheckpointEvery,
     CheckpointEveryOpt,
     Device,
     DeviceOpt,
@@ -76,7 +78,7 @@ def _setup(device: Device, threads: int | None) -> None:
 
 
 def _checkpointing(
-    command: str, corpus, work: Path, every: int, resume: Path | None, command_line: str
+    command: str, corpus, work: Path, every: CheckpointEvery, resume: Path | None, command_line: str
 ):
     """The run's checkpoints in ``work``; a resume checked against the options the run was
     started with, its data files by sha256 and the thread count in effect (intra-op sums
@@ -128,7 +130,7 @@ def train_pos(
     progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
     work_dir: WorkOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 0,
+    checkpoint_every: CheckpointEveryOpt = CHECKPOINT_EVERY_DEFAULT,
     resume: ResumeOpt = None,
 ) -> None:
     """Train the POS tagger, evaluate on test (ONNX), write models/<name>/<version>/."""
@@ -214,7 +216,7 @@ def train_polarity(
     progress: ProgressOpt = None,
     overwrite: OverwriteOpt = False,
     work_dir: WorkOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 0,
+    checkpoint_every: CheckpointEveryOpt = CHECKPOINT_EVERY_DEFAULT,
     resume: ResumeOpt = None,
 ) -> None:
     """Train the polarity classifier, evaluate on test (ONNX), write models/<name>/<version>/."""

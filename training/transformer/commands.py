@@ -15,6 +15,8 @@ import typer
 
 from training.data.common import DataError
 from training.options import (
+    CHECKPOINT_EVERY_DEFAULT,
+    CheckpointEvery,
     CheckpointEveryOpt,
     Device,
     OutOpt,
@@ -210,7 +212,7 @@ def _base_record(given: str, loaded_from: str) -> dict[str, Any]:
 def _checkpointing(
     command: str,
     work: Path,
-    every: int,
+    every: CheckpointEvery,
     resume: Path | None,
     data_files: list[Any],
     base_record: dict[str, Any],
@@ -277,7 +279,7 @@ def train_detector_cmd(
     amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 200,
+    checkpoint_every: CheckpointEveryOpt = CHECKPOINT_EVERY_DEFAULT,
     resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
@@ -429,7 +431,7 @@ def train_qa_cmd(
     amp: Annotated[bool, typer.Option(help=AMP_HELP)] = True,
     threads: ThreadsOpt = None,
     work_dir: WorkOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 200,
+    checkpoint_every: CheckpointEveryOpt = CHECKPOINT_EVERY_DEFAULT,
     resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     log_file: LogOpt = None,
