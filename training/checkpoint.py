@@ -20,7 +20,7 @@ import shlex
 import signal
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,8 +279,11 @@ class Checkpointing:
         )
 
     def finish(self) -> None:
-        """The entry is published: the checkpoint is no longer needed."""
+        """The entry is published: the checkpoint is no longer needed, nor its work dir if
+        nothing else is in it (a transformer's best/ stays there)."""
         self.path.unlink(missing_ok=True)
+        with suppress(OSError):  # not empty (or already gone)
+            self.path.parent.rmdir()
 
     @contextmanager
     def hint_on_interrupt(self) -> Iterator[None]:
