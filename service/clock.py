@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import NoPermissionError
+
 log = logging.getLogger(__name__)
 
 # A host whose wall clock is this far from Redis' is logged: serving is unaffected, but its
@@ -43,6 +45,10 @@ class RedisClock:
         self._offset = time.time() - time.monotonic()
         self._samples: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (offset, error)
         self.measured = False
+        # The Redis user may not run TIME (an ACL rule written before nlpserve read Redis'
+        # clock, with +ping instead): this host's wall clock stands in, as it did then, so
+        # a rolling upgrade keeps serving before the rule gains +time.
+        self.denied = False
         self._warned: float | None = None  # the skew last warned of (None: within bounds)
 
     @property
@@ -73,10 +79,42 @@ class RedisClock:
         self._report()
 
     async def sync(self, client: Any) -> None:
-        """One ``TIME`` round trip on ``client`` (a ``redis.asyncio.Redis``)."""
+        """One ``TIME`` round trip on ``client`` (a ``redis.asyncio.Redis``); a ping where
+        the user may not run ``TIME`` (:attr:`denied`)."""
+        if self.denied:
+            await client.ping()
+            return
         sent = time.monotonic()
-        server_time = await client.time()
+        try:
+            server_time = await client.time()
+        except NoPermissionError:
+            warned, self.denied, self.measured = self.denied, True, True
+            if not warned:  # a worker's first read and first beat may both have asked
+                self._warn_denied()
+            await client.ping()  # still the health probe's round trip
+            return
         self.record(sent, server_time, time.monotonic())
+
+    def _warn_denied(self) -> None:
+        log.warning(
+            "%s: the Redis user may not run TIME (an ACL rule without +time, written "
+            "before nlpserve read Redis' clock): times that cross hosts are on each "
+            "host's wall clock, so skewed hosts drop or keep work wrongly; add +time to "
+            "the rule (docs/deploy.md) and restart",
+            self.who,
+        )
+
+    def sample(self, pipe: Any) -> None:
+        """Queue this clock's sample as ``pipe``'s next command (``TIME``, or ``PING`` where
+        denied); :meth:`take` reads its reply."""
+        if self.denied:
+            pipe.ping()
+        else:
+            pipe.time()
+
+    def take(self, sent: float, reply: Any, received: float) -> None:
+        if not self.denied:
+            self.record(sent, reply, received)
 
     def _report(self) -> None:
         skew = self.skew()

@@ -1046,7 +1046,7 @@ class Worker:
             await self.clock.sync(self.client)
         now = self.clock.now()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()
+            self.clock.sample(pipe)
             for key in (self._workers_key, *self._served_keys):
                 pipe.zadd(key, {self.name: now})
                 pipe.zremrangebyscore(key, "-inf", now - WORKER_ALIVE_S)
@@ -1058,7 +1058,7 @@ class Worker:
                     pipe.expire(key, int(2 * WORKER_ALIVE_S))
             sent = time.monotonic()
             res = await pipe.execute()
-        self.clock.record(sent, res[0], time.monotonic())
+        self.clock.take(sent, res[0], time.monotonic())
 
     async def _forget_stale_paces(self) -> None:
         """Delete the paces of workers silent for WORKER_ALIVE_S (killed: a clean stop

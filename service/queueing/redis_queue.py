@@ -648,7 +648,7 @@ class RedisQueue(InferenceQueue):
         if not self.clock.measured:  # the worker counts below are judged on Redis' clock
             await self.clock.sync(self._health_client)
         async with self._health_client.pipeline(transaction=False) as pipe:
-            pipe.time()
+            self.clock.sample(pipe)
             alive_since = self.clock.now() - WORKER_ALIVE_S
             pipe.zcount(self._workers_key, alive_since, "+inf")
             for key in self._served_keys.values():
@@ -660,7 +660,7 @@ class RedisQueue(InferenceQueue):
                 pipe.hgetall(key)
             sent = time.monotonic()
             res = await pipe.execute()
-        self.clock.record(sent, res[0], time.monotonic())
+        self.clock.take(sent, res[0], time.monotonic())
         k = 2 + len(self._served_keys)
         served = res[2:k]
         self._count_workers(

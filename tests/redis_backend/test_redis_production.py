@@ -176,6 +176,31 @@ async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_r
     assert password not in caplog.text and quote(password, safe="") not in caplog.text
 
 
+async def test_a_rule_from_before_time_still_serves_on_the_hosts_clocks(
+    prod, make_settings, tiny_runners, caplog
+):
+    """A rolling upgrade over a user whose rule predates ``+time`` (it had ``+ping``): the
+    replica and the worker say so, fall back to their hosts' clocks, and serve; Redis denied
+    them nothing but TIME."""
+    caplog.set_level(logging.INFO)
+    prefix = unique_prefix()
+    older = ["+ping" if t == "+time" else t for t in documented_acl_rule()]
+    assert "+ping" in older
+    user = await prod.add_user(prefix, "secret", older)
+    settings = make_settings(redis_url=prod.server.url(user, "secret"), redis_prefix=prefix)
+    rng = np.random.default_rng(1)
+    items = [make_item(tiny_runners[m], int(rng.integers(1, 30)), rng) for m in [*tiny_runners] * 2]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners):
+        assert await q.is_ready()
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+        assert q.clock.denied
+    for g, it in zip(got, items, strict=True):
+        assert_same(g, direct(tiny_runners[it.model], it))
+    assert caplog.text.count("may not run TIME") == 2  # the replica's and the worker's
+    denied = await prod.admin.execute_command("ACL", "LOG")
+    assert denied and {d[b"object"] for d in denied} == {b"time"}, denied
+
+
 async def test_password_file_is_read_at_each_new_connection(prod, tmp_path: Path) -> None:
     """NLPSERVE_REDIS_PASSWORD_FILE: the URL names the user only; a rotated password (the
     secret file rewritten, the old connections dropped) is used without a restart."""
