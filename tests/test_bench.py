@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -581,10 +582,13 @@ def test_inprocess_replicas_and_client_processes(model_repo: Path, tmp_path: Pat
     from tests.service_support import DETECT_MODEL, require_model
 
     require_model(model_repo, DETECT_MODEL)
+    sigterm = signal.getsignal(signal.SIGTERM)
     run.main(["--models", str(model_repo), "--model", DETECT_MODEL, "--variants", "fp32",
               "--configs", "raw,inprocess", "--api-replicas", "2", "--client-procs", "2",
               "--requests", "60", "--concurrency", "4", "--warmup", "4", "--settle-s", "0",
               "--raw-seconds", "0", "--results-dir", str(tmp_path), "--name", "rep"])  # fmt: skip
+    # main() treats SIGTERM as Ctrl-C while it runs, and gives this process its handler back
+    assert signal.getsignal(signal.SIGTERM) == sigterm
     report = json.loads((tmp_path / "rep.json").read_text())
     r = next(x for x in report["results"] if x["name"].startswith("nlpserve in-process"))
     assert r["name"] == "nlpserve in-process (fp32, 2 replicas)"
