@@ -100,16 +100,24 @@ def cli():
     return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
 
 
+# Loggers whose level the commands set (training's setup_logging: INFO for these).
+_PROJECT_LOGGERS = ("nlpserve", "training", "service")
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """CLI commands run in-process (typer's CliRunner) set up the root logger with a handler
     on the runner's captured stderr, closed once the command returns; later tests that log
-    then print "--- Logging error ---" into their output. Each test gets the handlers back."""
+    then print "--- Logging error ---" into their output. They also set the project's
+    loggers' levels, which later tests would inherit. Each test gets all of it back."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in _PROJECT_LOGGERS}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
 
 
 @pytest.fixture(scope="session")
