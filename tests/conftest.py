@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -148,6 +150,26 @@ def model_repo(request: pytest.FixtureRequest) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     _prune(cache_root, keep=target)
     return target
+
+
+@pytest.fixture(scope="session")
+def lstm_rebuild(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m tests.builders DIR`` once per session, in a fresh interpreter with another
+    PYTHONHASHSEED than this one (set and dict-of-str orders differ): the tiny LSTMs trained
+    again, for the reproducibility test and the builders' own command-line test."""
+    out = tmp_path_factory.mktemp("lstm-rebuild")
+    hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.builders", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 def _prune(cache_root: Path, keep: Path, older_than_s: float = 3600.0) -> None:
