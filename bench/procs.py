@@ -157,7 +157,9 @@ def wait_port(proc: Proc, port: int, timeout_s: float = 20.0) -> None:
     raise TimeoutError(f"{proc.name}: port {port} not open after {timeout_s:.0f}s")
 
 
-def start_redis(log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
+def start_redis(
+    log_dir: Path, port: int | None = None, ready_timeout_s: float = 20.0
+) -> tuple[Proc, str]:
     """A throw-away ``redis-server`` on a free loopback port, configured like compose's:
     no persistence, ``noeviction`` (queue data must never be dropped)."""
     exe = shutil.which("redis-server")
@@ -169,8 +171,18 @@ def start_redis(log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
         "--maxmemory", "256mb", "--maxmemory-policy", "noeviction", "--dir", str(log_dir),
     ]  # fmt: skip
     proc = start("redis", argv, log_dir)
-    wait_port(proc, port)
+    _ready_or_stopped(proc, port, ready_timeout_s)
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _ready_or_stopped(proc: Proc, port: int, timeout_s: float) -> None:
+    """``wait_port``, stopping ``proc`` when it never opens the port: the caller gets no
+    handle to stop it with, so a slow start must not leave it running."""
+    try:
+        wait_port(proc, port, timeout_s)
+    except BaseException:
+        proc.stop(grace_s=5.0)
+        raise
 
 
 @contextlib.contextmanager
@@ -265,8 +277,8 @@ def nginx_argv(workdir: Path, conf: Path, test: bool = False) -> list[str]:
     return [*argv, "-c", str(conf.resolve()), *(["-t", "-q"] if test else [])]
 
 
-def start_nginx(workdir: Path, env: Mapping[str, str]) -> Proc:
+def start_nginx(workdir: Path, env: Mapping[str, str], ready_timeout_s: float = 20.0) -> Proc:
     conf = write_nginx_conf(workdir, env)
     proc = start("nginx", nginx_argv(workdir, conf), workdir)
-    wait_port(proc, int(env["NLPSERVE_GATEWAY_PORT"]))
+    _ready_or_stopped(proc, int(env["NLPSERVE_GATEWAY_PORT"]), ready_timeout_s)
     return proc

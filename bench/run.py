@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -793,6 +793,17 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM is :func:`_interrupt` inside the block, and what it was after it: main() also
+    runs in-process (tests), where the handler must not outlive the call."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, each option's help wrapped with its default (when it
     has one: an unset option's help says what happens)."""
@@ -1030,8 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_device(args.device, configs, args.baseline_dtype)
     except DeviceError as e:
         raise SystemExit(f"bench: {e}") from None
-    signal.signal(signal.SIGTERM, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="nlpserve-bench-") as td:
+    with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="nlpserve-bench-") as td:
         bench = Bench(args, Path(td))
         bench.notes.extend(args.note)
         present = {v.get("precision", k): k for k, v in bench.manifest["variants"].items()}

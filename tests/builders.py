@@ -15,8 +15,10 @@ ONNX export, repository writer), on small synthetic corpora generated here. The 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from training.data.common import TaggedCorpus, TextCorpus
@@ -94,13 +96,26 @@ def tiny_polarity_corpus(n: int = 400, seed: int = 0) -> TextCorpus:
     return TextCorpus(texts, labels, ["negative", "positive"], source="tiny-synthetic")
 
 
+@contextlib.contextmanager
+def _training_logs_quiet() -> Iterator[None]:
+    """The training code's INFO lines off while a builder trains, and its logger's level given
+    back after: left at WARNING, it silenced those lines in every later test of the session
+    (a test of the epoch line failed whenever a builder had run before it)."""
+    logger = logging.getLogger("training")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_tiny_pos(root: Path, *, name: str = "pos-en", version: str = "1", seed: int = 0) -> Path:
     """Train a tiny POS tagger on synthetic data; write ``root/name/version``; return it."""
     import torch
 
     from training.lstm.pos import PosConfig, run_pos
 
-    logging.getLogger("training").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     cfg = PosConfig(
         epochs=6,
@@ -119,15 +134,16 @@ def build_tiny_pos(root: Path, *, name: str = "pos-en", version: str = "1", seed
         progress=False,
         dataset="tiny-synthetic",
     )
-    return run_pos(
-        tiny_pos_corpus(seed=seed),
-        root,
-        cfg,
-        name=name,
-        version=version,
-        command="tests.builders.build_tiny_pos",
-        description="TINY TEST MODEL trained on synthetic sentences (tests/builders.py).",
-    )
+    with _training_logs_quiet():
+        return run_pos(
+            tiny_pos_corpus(seed=seed),
+            root,
+            cfg,
+            name=name,
+            version=version,
+            command="tests.builders.build_tiny_pos",
+            description="TINY TEST MODEL trained on synthetic sentences (tests/builders.py).",
+        )
 
 
 def build_tiny_polarity(
@@ -138,7 +154,6 @@ def build_tiny_polarity(
 
     from training.lstm.polarity import PolarityConfig, run_polarity
 
-    logging.getLogger("training").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     cfg = PolarityConfig(
         epochs=6,
@@ -155,15 +170,16 @@ def build_tiny_polarity(
         seed=seed,
         progress=False,
     )
-    return run_polarity(
-        tiny_polarity_corpus(seed=seed),
-        root,
-        cfg,
-        name=name,
-        version=version,
-        command="tests.builders.build_tiny_polarity",
-        description="TINY TEST MODEL trained on synthetic reviews (tests/builders.py).",
-    )
+    with _training_logs_quiet():
+        return run_polarity(
+            tiny_polarity_corpus(seed=seed),
+            root,
+            cfg,
+            name=name,
+            version=version,
+            command="tests.builders.build_tiny_polarity",
+            description="TINY TEST MODEL trained on synthetic reviews (tests/builders.py).",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

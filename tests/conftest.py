@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -100,16 +102,24 @@ def cli():
     return lambda *args, **kw: runner.invoke(app, list(map(str, args)), **kw)
 
 
+# Loggers whose level the commands set (training's setup_logging: INFO for these).
+_PROJECT_LOGGERS = ("nlpserve", "training", "service")
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """CLI commands run in-process (typer's CliRunner) set up the root logger with a handler
     on the runner's captured stderr, closed once the command returns; later tests that log
-    then print "--- Logging error ---" into their output. Each test gets the handlers back."""
+    then print "--- Logging error ---" into their output. They also set the project's
+    loggers' levels, which later tests would inherit. Each test gets all of it back."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in _PROJECT_LOGGERS}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +150,26 @@ def model_repo(request: pytest.FixtureRequest) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     _prune(cache_root, keep=target)
     return target
+
+
+@pytest.fixture(scope="session")
+def lstm_rebuild(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m tests.builders DIR`` once per session, in a fresh interpreter with another
+    PYTHONHASHSEED than this one (set and dict-of-str orders differ): the tiny LSTMs trained
+    again, for the reproducibility test and the builders' own command-line test."""
+    out = tmp_path_factory.mktemp("lstm-rebuild")
+    hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.builders", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 def _prune(cache_root: Path, keep: Path, older_than_s: float = 3600.0) -> None:

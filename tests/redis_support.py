@@ -149,8 +149,9 @@ async def redis_backend(settings: Settings) -> AsyncIterator[Settings]:
 
     server: RedisServer | None = None
     url = EXTERNAL_URL
+    workdir = tempfile.TemporaryDirectory(prefix="nlpserve-redis-")
     if not url:
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="nlpserve-redis-")))
+        server = RedisServer(Path(workdir.name))
         server.start()
         url = server.url
     s = settings.model_copy(
@@ -179,3 +180,4 @@ async def redis_backend(settings: Settings) -> AsyncIterator[Settings]:
     finally:
         if server is not None:
             server.stop()
+        workdir.cleanup()

@@ -4,10 +4,7 @@ committed manifest records still parses with today's CLI."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,25 +26,11 @@ def _without_run_fields(manifest: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["pos-en", "polarity-en"])
-def test_same_seed_trains_bit_identical_lstm_models(model_repo, tmp_path_factory, name):
+def test_same_seed_trains_bit_identical_lstm_models(model_repo, lstm_rebuild, name):
     """The tiny LSTMs trained again in a fresh interpreter (another PYTHONHASHSEED, so set and
     dict-of-str iteration orders differ) give the same ONNX bytes, tokenizer, character
     vocabulary and manifest (time fields aside) as the session's build of the same seed."""
-    out = tmp_path_factory.getbasetemp() / "repro-rebuild"
-    if not (out / ".complete").exists():
-        hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.builders", str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr
-        (out / ".complete").write_text("ok")
-    first, again = model_repo / name / "1", out / name / "1"
+    first, again = model_repo / name / "1", lstm_rebuild / name / "1"
     files = sorted(p.name for p in first.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
     for f in sorted(files, key=lambda f: f == "manifest.json"):  # the bytes first, then figures

@@ -254,7 +254,7 @@ def test_qa_test_scoring_shows_a_bar(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-def test_lstm_export_prints_no_packed_shape_warnings(capfd):
+def test_lstm_export_prints_no_packed_shape_warnings(capfd, tmp_path):
     """torch's C++ exporter printed three PackPadded/PadPacked shape-inference warnings per
     LSTM export; they are dropped, anything else written to fd 2 meanwhile is kept."""
     import numpy as np
@@ -271,7 +271,7 @@ def test_lstm_export_prints_no_packed_shape_warnings(capfd):
     model = PolarityClassifier(30, emb_dim=4, hidden=4)
     example = {"word_ids": np.ones((2, 5), np.int64), "lengths": np.asarray([5, 3], np.int64)}
     capfd.readouterr()
-    export_onnx(model, example, Path(os.environ.get("TMPDIR", "/tmp")) / f"p{os.getpid()}.onnx",
+    export_onnx(model, example, tmp_path / "p.onnx",
                 input_names=POLARITY_INPUTS, output_names=POLARITY_OUTPUTS,
                 dynamic_axes=POLARITY_AXES)  # fmt: skip
     err = capfd.readouterr().err

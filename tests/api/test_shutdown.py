@@ -27,22 +27,26 @@ async def test_in_flight_requests_finish_on_shutdown(model_repo):
     srv = await LiveServer(create_app(settings), settings).start()
     q = srv.queue
     q.pause()
-    async with srv.client() as c:
-        inflight = [
-            asyncio.create_task(c.post("/v1/polarity", json={"text": t}))
-            for t in ("great fun", "dull plot", "superb cast")
-        ]
-        await wait_for(lambda: q.depth("polarity-en") == 3)
-        stopping = asyncio.create_task(srv.stop())  # what SIGTERM does: should_exit
-        # Stopped accepting: a new connection is refused while the three still wait.
-        t0 = asyncio.get_running_loop().time()
-        while not await _refused(srv.url):
-            assert asyncio.get_running_loop().time() - t0 < 10
-            await asyncio.sleep(0.05)
-        assert not any(t.done() for t in inflight)
+    try:
+        async with srv.client() as c:
+            inflight = [
+                asyncio.create_task(c.post("/v1/polarity", json={"text": t}))
+                for t in ("great fun", "dull plot", "superb cast")
+            ]
+            await wait_for(lambda: q.depth("polarity-en") == 3)
+            stopping = asyncio.create_task(srv.stop())  # what SIGTERM does: should_exit
+            # Stopped accepting: a new connection is refused while the three still wait.
+            t0 = asyncio.get_running_loop().time()
+            while not await _refused(srv.url):
+                assert asyncio.get_running_loop().time() - t0 < 10
+                await asyncio.sleep(0.05)
+            assert not any(t.done() for t in inflight)
+            q.resume()
+            responses = await asyncio.gather(*inflight)
+            await stopping
+    finally:  # a failure above must not leave the server running on the session's loop
         q.resume()
-        responses = await asyncio.gather(*inflight)
-        await stopping
+        await srv.stop()
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert [r.json()["label"] for r in responses] == ["positive", "negative", "positive"]
     assert not await q.is_ready()  # lifespan shutdown closed the queue

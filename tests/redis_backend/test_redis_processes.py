@@ -1,9 +1,10 @@
 """The scale-out topology as separate processes, over real HTTP:
 
 redis-server + 2 API replicas (``nlpserve serve``, NLPSERVE_QUEUE=redis) + 2 workers
-(``nlpserve worker``). One module-scoped cluster serves the tests in order: 500 concurrent
-mixed-length requests; SIGKILL of a worker mid-load; Redis stop/restart. Answers are
-compared with the in-process service over the same models.
+(``nlpserve worker``). One module-scoped cluster serves the tests, in any order: 500
+concurrent mixed-length requests; SIGKILL of a worker mid-load; Redis stop/restart. Each
+test leaves the cluster as it found it (two workers, Redis up) and counts from the metrics'
+values when it starts. Answers are compared with the in-process service over the same models.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
     reqs = _requests(500, seed=1)
     want = await _expected(inprocess_service, reqs)
     reclaimed_before = _reclaimed(cluster)
+    # the workers' counters since they started: the other tests may have run first
+    batches_before = _per_worker(cluster, "nlpserve_batch_size_count")
+    seqs_before = _per_worker(cluster, "nlpserve_batch_size_sum")
     t0 = time.monotonic()
     got = await _fire([u for _, u in cluster.apis], reqs)
     elapsed = time.monotonic() - t0
@@ -121,8 +125,8 @@ async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
         f"{_summary(got)}\n{cluster.logs()}"
     )
     # both workers took part, in real batches
-    batches = [metric(port, "nlpserve_batch_size_count") for _, port in cluster.workers]
-    seqs = [metric(port, "nlpserve_batch_size_sum") for _, port in cluster.workers]
+    batches = _grown(cluster, "nlpserve_batch_size_count", batches_before)
+    seqs = _grown(cluster, "nlpserve_batch_size_sum", seqs_before)
     assert all(b > 0 for b in batches), batches
     assert sum(seqs) / sum(batches) > 2, (seqs, batches)
     # each request ran once, or (at-least-once) once more for each time a worker stalled
@@ -132,18 +136,32 @@ async def test_500_concurrent_mixed_requests_two_replicas_two_workers(
     print(f"500 requests in {elapsed:.2f}s; batches {batches}, sequences {seqs}, {redone=}")
 
 
+def _per_worker(cluster: Cluster, name: str) -> list[float]:
+    return [metric(port, name) for _, port in cluster.workers]
+
+
+def _grown(cluster: Cluster, name: str, before: list[float]) -> list[float]:
+    return [now - then for now, then in zip(_per_worker(cluster, name), before, strict=True)]
+
+
 def _reclaimed(cluster: Cluster) -> float:
     return sum(metric(p, "nlpserve_worker_reclaimed_total") for _, p in cluster.workers)
 
 
-async def _slow_worker(cluster: Cluster) -> tuple[Proc, int]:
+@pytest.fixture
+def slow_worker(cluster: Cluster) -> Iterator[tuple[Proc, int]]:
     """A further worker whose batches wait 300 ms to fill, idle or not: it is sure to hold
-    entries."""
+    entries. Stopped and dropped from the cluster after the test, passed or not, so every
+    test finds the usual two workers whatever ran before it."""
     proc, port = cluster.start_worker(
         NLPSERVE_MAX_WAIT_MS="300", NLPSERVE_WAIT_WHEN_IDLE="1", NLPSERVE_MAX_BATCH_SIZE="64"
     )
-    await asyncio.to_thread(cluster.wait_ready)
-    return proc, port
+    try:
+        cluster.wait_ready()
+        yield proc, port
+    finally:
+        proc.stop()
+        cluster.workers.remove((proc, port))
 
 
 async def _fire_once_held(
@@ -159,10 +177,9 @@ async def _fire_once_held(
 
 
 async def test_sigkill_of_a_worker_mid_load_loses_nothing(
-    cluster: Cluster, inprocess_service
+    cluster: Cluster, inprocess_service, slow_worker: tuple[Proc, int]
 ) -> None:
-    # killing the slow worker leaves the usual two for the next tests
-    victim, victim_port = await _slow_worker(cluster)
+    victim, victim_port = slow_worker
     survivors = [port for p, port in cluster.workers if p.alive() and port != victim_port]
     reclaimed_before = sum(metric(p, "nlpserve_worker_reclaimed_total") for p in survivors)
     reqs = _requests(200, seed=2)
@@ -179,12 +196,12 @@ async def test_sigkill_of_a_worker_mid_load_loses_nothing(
 
 
 async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
-    cluster: Cluster, inprocess_service
+    cluster: Cluster, inprocess_service, slow_worker: tuple[Proc, int]
 ) -> None:
     """A worker that stops answering (SIGSTOP: a long GC pause, a starved VM) loses its
     entries to the other workers after the claim idle time; when it wakes it finishes them
     too, and each client still gets exactly one answer, the right one."""
-    stalled, stalled_port = await _slow_worker(cluster)
+    stalled, stalled_port = slow_worker
     ports = [port for p, port in cluster.workers if p.alive()]
     before = sum(metric(p, "nlpserve_batch_size_sum") for p in ports)
     reclaimed_before = sum(metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
@@ -218,7 +235,7 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
         )
 
     await _until_true(lambda: late() >= 1)
-    assert stalled.stop() == 0  # SIGTERM: a clean exit; the usual two workers remain
+    assert stalled.stop() == 0  # SIGTERM: a clean exit
     print(f"SIGSTOP: {held} entries held, {reclaimed:.0f} reclaimed, {ran:.0f} sequences ran")
 
 
@@ -233,13 +250,15 @@ async def test_redis_restart_readyz_fails_then_recovers(cluster: Cluster) -> Non
     urls = [u for _, u in cluster.apis]
     async with httpx.AsyncClient(timeout=10) as c:
         cluster.redis.stop()
-        for u in urls:
-            await _until(c, u + "/readyz", 503)
-            t0 = time.monotonic()
-            r = await c.post(u + "/v1/polarity", json={"text": "a great film"})
-            assert r.status_code == 503 and time.monotonic() - t0 < 1.0, r.text
-            assert "retry-after" in {k.lower() for k in r.headers} or r.json()["error"]
-        cluster.redis.start()  # same port, empty: groups and streams are recreated
+        try:
+            for u in urls:
+                await _until(c, u + "/readyz", 503)
+                t0 = time.monotonic()
+                r = await c.post(u + "/v1/polarity", json={"text": "a great film"})
+                assert r.status_code == 503 and time.monotonic() - t0 < 1.0, r.text
+                assert "retry-after" in {k.lower() for k in r.headers} or r.json()["error"]
+        finally:  # the next tests need it back, whether this one passed or not
+            cluster.redis.start()  # same port, empty: groups and streams are recreated
         for u in urls:
             await _until(c, u + "/readyz", 200, timeout=15)
         reqs = _requests(20, seed=3)
