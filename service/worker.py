@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, TypedDict, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import lane_for_next_batch
@@ -223,6 +223,7 @@ class Worker:
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self.connected = False
         self._down_logged = False  # "Redis unreachable" logged for the current outage
+        self._beat_refused = False  # the last heartbeat was refused (logged once)
         self.stats = WorkerStats()
         self._heartbeat = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -363,8 +364,13 @@ class Worker:
             for s in self.streams:
                 pipe.xgroup_create(s, GROUP, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
+        for stream, res in zip(self.streams, results, strict=True):
+            if not isinstance(res, Exception) or "BUSYGROUP" in str(res):
+                continue
+            # At maxmemory Redis refuses XGROUP CREATE before it looks for the group, while
+            # reads, claims, acks and replies still run: a worker started then (scaled out
+            # because the queue filled the memory) must still drain the groups that exist.
+            if not isinstance(res, OutOfMemoryError) or not await self._group_exists(stream):
                 raise res
         if not self._version_checked:
             self._version_checked = True
@@ -385,6 +391,15 @@ class Worker:
                     self.name,
                     version,
                 )
+
+    async def _group_exists(self, stream: str) -> bool:
+        try:
+            await self.client.xinfo_consumers(stream, GROUP)
+        except ResponseError as e:
+            if "NOGROUP" in str(e):
+                return False
+            raise
+        return True
 
     async def _redis_version(self) -> str | None:
         """The server's version from HELLO, which any user may run (INFO is in ACL's
@@ -1057,8 +1072,23 @@ class Worker:
                     pipe.hset(key, self.name, encode_pace(cost, self._threads[model], now))
                     pipe.expire(key, int(2 * WORKER_ALIVE_S))
             sent = time.monotonic()
-            res = await pipe.execute()
-        self.clock.take(sent, res[0], time.monotonic())
+            # A refused beat (ZADD and HSET at maxmemory) must not end the maintenance pass:
+            # keeping entries alive and reclaiming a dead worker's still work then.
+            res = await pipe.execute(raise_on_error=False)
+        if not isinstance(res[0], Exception):
+            self.clock.take(sent, res[0], time.monotonic())
+        refused = next((r for r in res if isinstance(r, Exception)), None)
+        if refused is not None and not self._beat_refused:
+            log.warning(
+                "worker %s: Redis refused its heartbeat (%s): replicas stop counting it "
+                "after %.0f s without one; it keeps serving",
+                self.name,
+                refused,
+                WORKER_ALIVE_S,
+            )
+        elif refused is None and self._beat_refused:
+            log.info("worker %s: heartbeat accepted again", self.name)
+        self._beat_refused = refused is not None
 
     async def _forget_stale_paces(self) -> None:
         """Delete the paces of workers silent for WORKER_ALIVE_S (killed: a clean stop

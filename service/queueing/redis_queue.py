@@ -67,6 +67,7 @@ from service.queueing.redis_keys import (
     work_stream,
     workers_key,
 )
+from service.queueing.reply_loss import LOST, ReplyLoss
 from service.repository.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,11 @@ class RedisQueue(InferenceQueue):
             name: model_pace_key(self.prefix, name, self._layouts[name]) for name in manifests
         }
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        # a waiting item's work entry (stream, entry id), once admitted: after a lost reply
+        # channel, an entry gone means its reply was lost too (reply_loss.py)
+        self._entry_of: dict[str, tuple[str, bytes]] = {}
+        self._reply_loss = ReplyLoss(f"replica {self.replica}")
+        self._recheck: asyncio.Task[None] | None = None
         # a waiting item's batch seconds, from its reply (WorkItem.run_s; kept until its
         # submit_many takes it)
         self._run_s: dict[str, float] = {}
@@ -277,9 +283,10 @@ class RedisQueue(InferenceQueue):
         for a in pending:
             if not a.fut.done():
                 a.fut.set_exception(BackendUnavailableError("the service is shutting down"))
-        for t in self._tasks:
+        tasks = [*self._tasks, *([self._recheck] if self._recheck else [])]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self._background:  # deletions of abandoned entries: workers must not run them
@@ -372,7 +379,10 @@ class RedisQueue(InferenceQueue):
         try:
             async with asyncio.timeout(deadline - now):
                 for model, idx in by_model.items():
-                    admitted += await self._admit_model(model, [items[i] for i in idx])
+                    entries = await self._admit_model(model, [items[i] for i in idx])
+                    admitted += entries
+                    for i, entry in zip(idx, entries, strict=True):
+                        self._entry_of[items[i].id] = entry
                 results = await results_of(futures)
             ok = True
             for it in items:
@@ -386,6 +396,7 @@ class RedisQueue(InferenceQueue):
         finally:
             for it, fut in zip(items, futures, strict=True):
                 self._waiting.pop(it.id, None)
+                self._entry_of.pop(it.id, None)
                 self._run_s.pop(it.id, None)
                 if not fut.done():
                     fut.cancel()
@@ -560,6 +571,37 @@ class RedisQueue(InferenceQueue):
             if not fut.done():
                 fut.set_exception(error)
 
+    def _fail_lost(self, ids: list[str]) -> None:
+        """Answer 503 the requests among ``ids`` still waiting: their replies were lost."""
+        for i in ids:
+            fut = self._waiting.pop(i, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(BackendUnavailableError(LOST))
+
+    def _waiting_entry(self, item_id: str) -> tuple[str, bytes] | None:
+        return self._entry_of.get(item_id) if item_id in self._waiting else None
+
+    def _reply_channel_lost(self) -> None:
+        if self._recheck is not None:  # lost again while checking: all checked again later
+            self._recheck.cancel()
+            self._recheck = None
+        self._reply_loss.lost(set(self._waiting))
+
+    def _reply_channel_back(self) -> None:
+        if self._reply_loss.suspects:
+            self._recheck = asyncio.get_running_loop().create_task(self._recheck_replies())
+        else:
+            self._reply_loss.since = None
+
+    async def _recheck_replies(self) -> None:
+        try:
+            await self._reply_loss.recheck(self._client, self._waiting_entry, self._fail_lost)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # Redis away again: nothing to go by, answer them now
+            log.warning("could not check the requests waiting for lost replies (%r)", e)
+            self._fail_lost(list(self._reply_loss.give_up()))
+
     async def _listen_loop(self) -> None:
         """The replica's single reply listener; resubscribes by itself after any failure."""
         delay = 0.05
@@ -578,6 +620,7 @@ class RedisQueue(InferenceQueue):
                         self._subscribed = True
                         self._refusal_logged["reply channel"] = None
                         delay = 0.05
+                        self._reply_channel_back()
                         self._update_ready()
             except asyncio.CancelledError:
                 raise
@@ -588,9 +631,9 @@ class RedisQueue(InferenceQueue):
             finally:
                 if self._subscribed:
                     self.stats["reconnects"] += 1
-                    # Replies published while unsubscribed are lost: answer those requests
-                    # now (503, retryable) instead of letting them hang to their deadline.
-                    self._fail_waiting(BackendUnavailableError("lost the Redis reply channel"))
+                    # Replies published while unsubscribed are lost: once subscribed again,
+                    # the requests whose entries are gone are answered 503 (reply_loss.py).
+                    self._reply_channel_lost()
                 self._subscribed = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -621,6 +664,10 @@ class RedisQueue(InferenceQueue):
                     self._ping_ok = False
                     # a silent network drop leaves the subscription dead without an error
                     self._resubscribe = True
+            if not self._subscribed and self._reply_loss.overdue():
+                # no way to tell which replies were lost: better a retryable error than a
+                # hang to the deadline
+                self._fail_lost(list(self._reply_loss.give_up()))
             self._update_ready()
             await asyncio.sleep(HEALTH_INTERVAL_S if self._ping_ok else HEALTH_INTERVAL_S / 2)
 

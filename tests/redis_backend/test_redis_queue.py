@@ -1013,6 +1013,65 @@ async def test_redis_out_of_memory_is_a_clear_503(make_settings, tiny_runners, o
         await admin.aclose()
 
 
+async def _out_of_memory(admin) -> None:
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", "1")
+
+
+async def test_a_worker_started_while_redis_is_out_of_memory_drains_the_queue(
+    make_settings, tiny_runners, own_redis
+):
+    """At maxmemory Redis refuses XGROUP CREATE even for a group that exists, but not the
+    reads, replies and acks a worker needs: a worker started then (a restart, or scaled out
+    because the queue filled the memory) serves what was queued instead of retrying the
+    group's creation until memory frees."""
+    settings = make_settings(redis_url=own_redis.url)
+    rng = np.random.default_rng(16)
+    admin = aioredis.from_url(own_redis.url)
+    try:
+        async with api_queue(settings, tiny_runners) as q:
+            async with running_worker(settings, tiny_runners) as w:  # creates the groups
+                await wait_for(lambda: w.connected)
+            items = [make_item(tiny_runners[POL], n, rng) for n in (3, 9, 30)]
+            tasks = [asyncio.create_task(q.submit(it)) for it in items]
+            await wait_for(lambda: q.depth(POL) == 3)
+            await _out_of_memory(admin)
+            async with running_worker(settings, tiny_runners):
+                got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+
+
+async def test_a_worker_reclaims_while_redis_is_out_of_memory(
+    make_settings, tiny_runners, own_redis
+):
+    """At maxmemory Redis refuses a worker's heartbeat (ZADD, HSET), not XPENDING or XCLAIM:
+    the refused beat ended every maintenance pass, so a dead worker's entries waited for
+    memory to free (their clients for a 504) and live entries went unrefreshed."""
+    settings = make_settings(redis_url=own_redis.url, redis_claim_idle_ms=300)
+    rng = np.random.default_rng(17)
+    items = [make_item(tiny_runners[POL], 9, rng) for _ in range(4)]
+    stream = work_stream(settings.redis_prefix, POL, _layout(tiny_runners[POL]), items[0].bucket)
+    admin = aioredis.from_url(own_redis.url)
+    try:
+        async with api_queue(settings, tiny_runners) as q:
+            tasks = [asyncio.create_task(q.submit(it)) for it in items]
+            await wait_for(lambda: q.depth(POL) == 4)
+            assert len(await _ghost_read(admin, settings, stream)) == 4  # and dies
+            await _out_of_memory(admin)
+            async with running_worker(settings, tiny_runners) as w:
+                got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+    for it, g in zip(items, got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+    assert w.stats.reclaimed == 4
+
+
 async def test_redis_restart_readiness_and_recovery(make_settings, tiny_runners, own_redis):
     settings = make_settings(redis_url=own_redis.url)
     rng = np.random.default_rng(10)
