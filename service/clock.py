@@ -37,12 +37,14 @@ class RedisClock:
     A sample taken ``sent`` .. ``received`` (monotonic) bounds the offset to within half its
     round trip of ``server time - midpoint``. The estimate keeps the tightest recent sample;
     a sample whose bounds exclude it means the Redis server's clock stepped, and replaces
-    the others at once. Until the first sample, this host's wall clock stands in.
+    the others at once. Until the first sample, and for good where the user may not run
+    ``TIME`` (:attr:`denied`), this host's wall clock stands in, read when used: an NTP step
+    after the start moves it, as it moved ``time.time()`` in the releases before.
     """
 
     def __init__(self, who: str) -> None:
         self.who = who  # "worker <name>", "replica <id>": whose clock a log line speaks of
-        self._offset = time.time() - time.monotonic()
+        self._offset = 0.0  # from the samples, once there is one
         self._samples: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (offset, error)
         self.measured = False
         # The Redis user may not run TIME (an ACL rule written before nlpserve read Redis'
@@ -54,11 +56,13 @@ class RedisClock:
     @property
     def offset(self) -> float:
         """Seconds to add to this process's monotonic time to get Redis' Unix time."""
+        if not self._samples:  # this host's wall clock stands in: as it is now, not at start
+            return time.time() - time.monotonic()
         return self._offset
 
     def now(self) -> float:
         """The Redis server's Unix time now, as estimated here."""
-        return time.monotonic() + self._offset
+        return time.monotonic() + self.offset
 
     def skew(self) -> float:
         """Seconds the Redis server's clock is ahead of this host's wall clock (negative:
