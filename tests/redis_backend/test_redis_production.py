@@ -184,7 +184,7 @@ async def test_a_rule_from_before_time_still_serves_on_the_hosts_clocks(
     them nothing but TIME."""
     caplog.set_level(logging.INFO)
     prefix = unique_prefix()
-    older = ["+ping" if t == "+time" else t for t in documented_acl_rule()]
+    older = [t for t in documented_acl_rule() if t != "+time"]
     assert "+ping" in older
     user = await prod.add_user(prefix, "secret", older)
     settings = make_settings(redis_url=prod.server.url(user, "secret"), redis_prefix=prefix)
@@ -199,6 +199,25 @@ async def test_a_rule_from_before_time_still_serves_on_the_hosts_clocks(
     assert caplog.text.count("may not run TIME") == 2  # the replica's and the worker's
     denied = await prod.admin.execute_command("ACL", "LOG")
     assert denied and {d[b"object"] for d in denied} == {b"time"}, denied
+
+
+async def test_the_documented_rule_still_serves_the_release_before_it(prod) -> None:
+    """docs/deploy.md lets a rolling upgrade change the rule before the images: the replicas
+    of the release before probe Redis with a pipelined PING and XLEN (that release's
+    health probe). Without ``+ping`` in the rule each of those probes is refused, and every
+    replica not yet replaced stops being ready at once."""
+    prefix = unique_prefix()
+    user = await prod.add_user(prefix, "secret")
+    client = make_client(Settings(redis_url=prod.server.url(user, "secret")))
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.xlen(f"{prefix}:pos-en:v1:b0")
+            assert await pipe.execute() == [True, 0]
+    finally:
+        await client.aclose()
+    denied = await prod.admin.execute_command("ACL", "LOG")
+    assert denied == [], denied
 
 
 async def test_password_file_is_read_at_each_new_connection(prod, tmp_path: Path) -> None:
