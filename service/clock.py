@@ -92,12 +92,18 @@ class RedisClock:
         try:
             server_time = await client.time()
         except NoPermissionError:
-            warned, self.denied, self.measured = self.denied, True, True
-            if not warned:  # a worker's first read and first beat may both have asked
-                self._warn_denied()
+            self._deny()
             await client.ping()  # still the health probe's round trip
             return
         self.record(sent, server_time, time.monotonic())
+
+    def _deny(self) -> None:
+        """The user may not run ``TIME`` (at start, or the rule lost ``+time`` since): this
+        host's wall clock stands in from now on."""
+        warned, self.denied, self.measured = self.denied, True, True
+        self._samples.clear()  # offset: the wall clock's, as it is when read
+        if not warned:  # a worker's first read and first beat may both have asked
+            self._warn_denied()
 
     def _warn_denied(self) -> None:
         log.warning(
@@ -117,8 +123,23 @@ class RedisClock:
             pipe.time()
 
     def take(self, sent: float, reply: Any, received: float) -> None:
-        if not self.denied:
+        """Read :meth:`sample`'s reply (a pipeline run with ``raise_on_error=False``): a
+        refused ``TIME`` (the rule lost ``+time`` while this process ran) turns to the
+        fallback, as at start; other errors are the caller's."""
+        if isinstance(reply, NoPermissionError):
+            self._deny()
+        elif not self.denied and not isinstance(reply, Exception):
             self.record(sent, reply, received)
+
+    @staticmethod
+    def errors(replies: Sequence[Any]) -> list[Exception]:
+        """The errors among a pipeline's replies whose first was :meth:`sample`'s, less a
+        refused ``TIME`` (:meth:`take` handles that one)."""
+        return [
+            r
+            for i, r in enumerate(replies)
+            if isinstance(r, Exception) and not (i == 0 and isinstance(r, NoPermissionError))
+        ]
 
     def _report(self) -> None:
         skew = self.skew()

@@ -220,6 +220,39 @@ async def test_the_documented_rule_still_serves_the_release_before_it(prod) -> N
     assert denied == [], denied
 
 
+async def test_a_rule_that_loses_time_while_running_keeps_replica_and_worker_serving(
+    prod, make_settings, tiny_runners, caplog
+):
+    """The rule rolled back to one without ``+time`` while a replica and a worker run (an
+    upgrade rolled back, the old rule reapplied): both fall back to their hosts' clocks, as
+    when the rule lacked it at start. The replica's probe, refused at its TIME, used to fail
+    at every round: the replica was never ready again until restarted."""
+    caplog.set_level(logging.INFO)
+    prefix = unique_prefix()
+    user = await prod.add_user(prefix, "secret")
+    settings = make_settings(redis_url=prod.server.url(user, "secret"), redis_prefix=prefix)
+    rng = np.random.default_rng(2)
+    items = [make_item(tiny_runners[m], int(rng.integers(1, 30)), rng) for m in tiny_runners]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        assert q.clock.measured and not q.clock.denied
+        await prod.admin.execute_command("ACL", "SETUSER", user, "-time")
+        for _ in range(200):  # the next probe and beat (0.5 s and 2 s apart)
+            if q.clock.denied and w.clock.denied:
+                break
+            await asyncio.sleep(0.05)
+        assert q.clock.denied and w.clock.denied, caplog.text
+        for _ in range(200):  # the probe after the refused one, on the fallback
+            if await q.is_ready():
+                break
+            await asyncio.sleep(0.05)
+        assert await q.is_ready(), caplog.text
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+    for g, it in zip(got, items, strict=True):
+        assert_same(g, direct(tiny_runners[it.model], it))
+    assert caplog.text.count("may not run TIME") == 2  # the replica's and the worker's
+    assert "refused its heartbeat" not in caplog.text
+
+
 async def test_password_file_is_read_at_each_new_connection(prod, tmp_path: Path) -> None:
     """NLPSERVE_REDIS_PASSWORD_FILE: the URL names the user only; a rotated password (the
     secret file rewritten, the old connections dropped) is used without a restart."""
