@@ -5,12 +5,19 @@ test_clock_skew.py."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from service.clock import CLOCK_WARN_S, RedisClock
+from tests.faketime_support import release, require_libfaketime, stepping_env
 
 
 def _at(unix: float) -> tuple[int, int]:
@@ -86,6 +93,10 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.skipif(
+    bool(os.environ.get("NLPSERVE_REDIS_URL")),
+    reason="adds an ACL user: needs a spawned Redis server",
+)
 def test_a_user_denied_time_follows_its_hosts_wall_clock_through_a_step(
     redis_url: str, tmp_path
 ) -> None:
@@ -93,16 +104,6 @@ def test_a_user_denied_time_follows_its_hosts_wall_clock_through_a_step(
     in the releases before: read when used, not frozen at start. A frozen one kept a worker
     started before an NTP step an hour behind the others (its heartbeats an hour old: never
     counted alive; every deadline an hour away)."""
-    import os
-    import subprocess
-    import sys
-    import uuid
-    from pathlib import Path
-
-    import redis
-
-    from tests.faketime_support import release, require_libfaketime, stepping_env
-
     lib = require_libfaketime()
     admin = redis.Redis.from_url(redis_url)
     user = f"no-time-{uuid.uuid4().hex[:8]}"
