@@ -37,12 +37,14 @@ class RedisClock:
     A sample taken ``sent`` .. ``received`` (monotonic) bounds the offset to within half its
     round trip of ``server time - midpoint``. The estimate keeps the tightest recent sample;
     a sample whose bounds exclude it means the Redis server's clock stepped, and replaces
-    the others at once. Until the first sample, this host's wall clock stands in.
+    the others at once. Until the first sample, and for good where the user may not run
+    ``TIME`` (:attr:`denied`), this host's wall clock stands in, read when used: an NTP step
+    after the start moves it, as it moved ``time.time()`` in the releases before.
     """
 
     def __init__(self, who: str) -> None:
         self.who = who  # "worker <name>", "replica <id>": whose clock a log line speaks of
-        self._offset = time.time() - time.monotonic()
+        self._offset = 0.0  # from the samples, once there is one
         self._samples: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (offset, error)
         self.measured = False
         # The Redis user may not run TIME (an ACL rule written before nlpserve read Redis'
@@ -54,11 +56,13 @@ class RedisClock:
     @property
     def offset(self) -> float:
         """Seconds to add to this process's monotonic time to get Redis' Unix time."""
+        if not self._samples:  # this host's wall clock stands in: as it is now, not at start
+            return time.time() - time.monotonic()
         return self._offset
 
     def now(self) -> float:
         """The Redis server's Unix time now, as estimated here."""
-        return time.monotonic() + self._offset
+        return time.monotonic() + self.offset
 
     def skew(self) -> float:
         """Seconds the Redis server's clock is ahead of this host's wall clock (negative:
@@ -88,12 +92,18 @@ class RedisClock:
         try:
             server_time = await client.time()
         except NoPermissionError:
-            warned, self.denied, self.measured = self.denied, True, True
-            if not warned:  # a worker's first read and first beat may both have asked
-                self._warn_denied()
+            self._deny()
             await client.ping()  # still the health probe's round trip
             return
         self.record(sent, server_time, time.monotonic())
+
+    def _deny(self) -> None:
+        """The user may not run ``TIME`` (at start, or the rule lost ``+time`` since): this
+        host's wall clock stands in from now on."""
+        warned, self.denied, self.measured = self.denied, True, True
+        self._samples.clear()  # offset: the wall clock's, as it is when read
+        if not warned:  # a worker's first read and first beat may both have asked
+            self._warn_denied()
 
     def _warn_denied(self) -> None:
         log.warning(
@@ -113,8 +123,23 @@ class RedisClock:
             pipe.time()
 
     def take(self, sent: float, reply: Any, received: float) -> None:
-        if not self.denied:
+        """Read :meth:`sample`'s reply (a pipeline run with ``raise_on_error=False``): a
+        refused ``TIME`` (the rule lost ``+time`` while this process ran) turns to the
+        fallback, as at start; other errors are the caller's."""
+        if isinstance(reply, NoPermissionError):
+            self._deny()
+        elif not self.denied and not isinstance(reply, Exception):
             self.record(sent, reply, received)
+
+    @staticmethod
+    def errors(replies: Sequence[Any]) -> list[Exception]:
+        """The errors among a pipeline's replies whose first was :meth:`sample`'s, less a
+        refused ``TIME`` (:meth:`take` handles that one)."""
+        return [
+            r
+            for i, r in enumerate(replies)
+            if isinstance(r, Exception) and not (i == 0 and isinstance(r, NoPermissionError))
+        ]
 
     def _report(self) -> None:
         skew = self.skew()

@@ -1075,9 +1075,8 @@ class Worker:
             # A refused beat (ZADD and HSET at maxmemory) must not end the maintenance pass:
             # keeping entries alive and reclaiming a dead worker's still work then.
             res = await pipe.execute(raise_on_error=False)
-        if not isinstance(res[0], Exception):
-            self.clock.take(sent, res[0], time.monotonic())
-        refused = next((r for r in res if isinstance(r, Exception)), None)
+        self.clock.take(sent, res[0], time.monotonic())
+        refused = next(iter(self.clock.errors(res)), None)
         if refused is not None and not self._beat_refused:
             log.warning(
                 "worker %s: Redis refused its heartbeat (%s): replicas stop counting it "

@@ -389,6 +389,40 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path):
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
+def test_a_failed_write_leaves_no_partial_file_behind(tmp_path):
+    """A write that fails (disk full, an unpicklable value) removes its hidden file: left
+    there, it filled the disk further and kept finish() from removing the work dir."""
+    from training.checkpoint import Checkpointing, write_atomically
+    from training.options import CheckpointEvery
+
+    work = tmp_path / "runs" / "m"
+    path = work / "checkpoint.pt"
+    with pytest.raises(Exception):  # noqa: B017 (whatever torch.save raises)
+        write_atomically(path, {"step": 2, "unpicklable": lambda: None})
+    assert sorted(p.name for p in work.iterdir()) == []
+    Checkpointing("train pos", path, CheckpointEvery(), {}, "nlpserve train pos").finish()
+    assert not work.exists()
+
+
+def test_the_rename_is_made_durable_by_fsyncing_the_folder(tmp_path, monkeypatch):
+    """A rename is durable once its folder is fsynced: without it, a machine that loses power
+    (a preempted VM) may come back without the checkpoint the run reported."""
+    import stat
+
+    from training.checkpoint import write_atomically
+
+    synced: list[bool] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomically(tmp_path / "checkpoint.pt", {"step": 1})
+    assert synced == [False, True]  # the file's contents, then the folder's entry
+
+
 def test_a_signal_inside_a_step_waits_for_its_end(default_signals):
     from training.checkpoint import StepGuard
     from training.options import Terminated

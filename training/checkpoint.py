@@ -81,16 +81,26 @@ def restore_random(rng: random.Random, state: Any) -> None:
 
 # ------------------------------------------------------------------ file
 def write_atomically(path: Path, payload: Mapping[str, Any]) -> None:
-    """``torch.save`` to a hidden file beside ``path``, flushed to disk, renamed over it."""
+    """``torch.save`` to a hidden file beside ``path``, flushed to disk, renamed over it, and
+    the rename made durable (the folder fsynced). A failed write removes its hidden file."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        torch.save(dict(payload), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def checkpoint_file(path: Path) -> Path:

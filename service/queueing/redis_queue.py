@@ -706,8 +706,10 @@ class RedisQueue(InferenceQueue):
             for key in self._pace_keys.values():
                 pipe.hgetall(key)
             sent = time.monotonic()
-            res = await pipe.execute()
+            res = await pipe.execute(raise_on_error=False)
         self.clock.take(sent, res[0], time.monotonic())
+        if errors := self.clock.errors(res):
+            raise errors[0]
         k = 2 + len(self._served_keys)
         served = res[2:k]
         self._count_workers(

@@ -5,12 +5,19 @@ test_clock_skew.py."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from service.clock import CLOCK_WARN_S, RedisClock
+from tests.faketime_support import release, require_libfaketime, stepping_env
 
 
 def _at(unix: float) -> tuple[int, int]:
@@ -62,3 +69,68 @@ async def test_sync_against_a_real_server_on_this_host(redis_url: str) -> None:
     assert clock.measured
     assert abs(clock.skew()) < 0.5
     assert clock.now() == pytest.approx(time.time(), abs=0.5)
+
+
+_DENIED_CHILD = """
+import asyncio, sys, time
+import redis.asyncio as aioredis
+from service.clock import RedisClock
+
+async def main():
+    client = aioredis.from_url(sys.argv[1])
+    clock = RedisClock("test")
+    await clock.sync(client)  # TIME denied: this host's wall clock stands in
+    await client.aclose()
+    assert clock.denied
+    base = time.time() - time.monotonic()
+    open(sys.argv[2], "w").write("+3600\\n")  # NTP steps this host's clock an hour forward
+    end = time.monotonic() + 10  # libfaketime reads the file within a second
+    while time.time() - time.monotonic() - base < 3000 and time.monotonic() < end:
+        await asyncio.sleep(0.1)  # (time.sleep: EINVAL under libfaketime)
+    print(time.time() - time.monotonic() - base, time.time() - clock.now())
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("NLPSERVE_REDIS_URL")),
+    reason="adds an ACL user: needs a spawned Redis server",
+)
+def test_a_user_denied_time_follows_its_hosts_wall_clock_through_a_step(
+    redis_url: str, tmp_path
+) -> None:
+    """Without ``+time`` (a rule from before it) the host's wall clock stands in, as it did
+    in the releases before: read when used, not frozen at start. A frozen one kept a worker
+    started before an NTP step an hour behind the others (its heartbeats an hour old: never
+    counted alive; every deadline an hour away)."""
+    lib = require_libfaketime()
+    admin = redis.Redis.from_url(redis_url)
+    user = f"no-time-{uuid.uuid4().hex[:8]}"
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-time")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    host_port = redis_url.split("//", 1)[1].split("@")[-1]
+    url = f"redis://{user}:pw@{host_port}"
+    env = {**os.environ, **stepping_env(offset, lib=lib)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DENIED_CHILD, url, str(offset)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        release(proc)
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+    assert proc.returncode == 0, err.decode()
+    stepped, behind = (float(x) for x in out.split())
+    assert stepped > 3000, "libfaketime did not step the child's clock"
+    # the clock that stands in for Redis' went with the wall clock
+    assert abs(behind) < 60, (out, err)

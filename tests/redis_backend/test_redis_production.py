@@ -184,7 +184,7 @@ async def test_a_rule_from_before_time_still_serves_on_the_hosts_clocks(
     them nothing but TIME."""
     caplog.set_level(logging.INFO)
     prefix = unique_prefix()
-    older = ["+ping" if t == "+time" else t for t in documented_acl_rule()]
+    older = [t for t in documented_acl_rule() if t != "+time"]
     assert "+ping" in older
     user = await prod.add_user(prefix, "secret", older)
     settings = make_settings(redis_url=prod.server.url(user, "secret"), redis_prefix=prefix)
@@ -199,6 +199,58 @@ async def test_a_rule_from_before_time_still_serves_on_the_hosts_clocks(
     assert caplog.text.count("may not run TIME") == 2  # the replica's and the worker's
     denied = await prod.admin.execute_command("ACL", "LOG")
     assert denied and {d[b"object"] for d in denied} == {b"time"}, denied
+
+
+async def test_the_documented_rule_still_serves_the_release_before_it(prod) -> None:
+    """docs/deploy.md lets a rolling upgrade change the rule before the images: the replicas
+    of the release before probe Redis with a pipelined PING and XLEN (that release's
+    health probe). Without ``+ping`` in the rule each of those probes is refused, and every
+    replica not yet replaced stops being ready at once."""
+    prefix = unique_prefix()
+    user = await prod.add_user(prefix, "secret")
+    client = make_client(Settings(redis_url=prod.server.url(user, "secret")))
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.xlen(f"{prefix}:pos-en:v1:b0")
+            assert await pipe.execute() == [True, 0]
+    finally:
+        await client.aclose()
+    denied = await prod.admin.execute_command("ACL", "LOG")
+    assert denied == [], denied
+
+
+async def test_a_rule_that_loses_time_while_running_keeps_replica_and_worker_serving(
+    prod, make_settings, tiny_runners, caplog
+):
+    """The rule rolled back to one without ``+time`` while a replica and a worker run (an
+    upgrade rolled back, the old rule reapplied): both fall back to their hosts' clocks, as
+    when the rule lacked it at start. The replica's probe, refused at its TIME, used to fail
+    at every round: the replica was never ready again until restarted."""
+    caplog.set_level(logging.INFO)
+    prefix = unique_prefix()
+    user = await prod.add_user(prefix, "secret")
+    settings = make_settings(redis_url=prod.server.url(user, "secret"), redis_prefix=prefix)
+    rng = np.random.default_rng(2)
+    items = [make_item(tiny_runners[m], int(rng.integers(1, 30)), rng) for m in tiny_runners]
+    async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
+        assert q.clock.measured and not q.clock.denied
+        await prod.admin.execute_command("ACL", "SETUSER", user, "-time")
+        for _ in range(200):  # the next probe and beat (0.5 s and 2 s apart)
+            if q.clock.denied and w.clock.denied:
+                break
+            await asyncio.sleep(0.05)
+        assert q.clock.denied and w.clock.denied, caplog.text
+        for _ in range(200):  # the probe after the refused one, on the fallback
+            if await q.is_ready():
+                break
+            await asyncio.sleep(0.05)
+        assert await q.is_ready(), caplog.text
+        got = await asyncio.gather(*(q.submit(it) for it in items))
+    for g, it in zip(got, items, strict=True):
+        assert_same(g, direct(tiny_runners[it.model], it))
+    assert caplog.text.count("may not run TIME") == 2  # the replica's and the worker's
+    assert "refused its heartbeat" not in caplog.text
 
 
 async def test_password_file_is_read_at_each_new_connection(prod, tmp_path: Path) -> None:
