@@ -251,10 +251,8 @@ def test_sigterm_answers_work_that_cannot_finish_in_time_with_503(model_repo):
             r_small = pool.submit(httpx.post, f"{url}/v1/detect", json=small, timeout=60)
             _until(lambda: _queued(url, DETECT_MODEL) > 0)
             assert not r_small.done()
-            t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             small_reply, big_reply = r_small.result(), r_big.result()
-            waited = time.monotonic() - t0
             stalled.settimeout(10)
             stalled_reply = _read_until_closed(stalled)
     finally:
@@ -262,8 +260,10 @@ def test_sigterm_answers_work_that_cannot_finish_in_time_with_503(model_repo):
         out = _stop(proc)
     assert small_reply.status_code == 200, small_reply.text
     assert len(small_reply.json()["outputs"]) == 300
+    # answered by the drain, before uvicorn's timeout: the queue's 503 (uvicorn's cancel
+    # would have answered a plain-text 500), and uvicorn cancelled only the stalled one below
     _assert_shutting_down_503(big_reply)
-    assert waited < 4, waited  # answered by the drain, before uvicorn's timeout
+    assert big_reply.json()["error"]["message"] == "the service is shutting down", big_reply.text
     head, _, body = stalled_reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503"), stalled_reply
     assert b"retry-after: 1" in head.lower()

@@ -55,10 +55,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 async def test_stalled_body_gets_408_and_the_connection_closes(srv):
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     try:
+        t0 = time.monotonic()  # before the server can start its clock: the lower bound is safe
         writer.write(_head(100) + b'{"text":"good film"}')  # 20 of the 100 bytes, then nothing
         await writer.drain()
-        t0 = time.monotonic()
-        status, headers, body = await asyncio.wait_for(_read_response(reader), 10)
+        # a stalled body never timed out would be left waiting: wait_for's TimeoutError
+        status, headers, body = await asyncio.wait_for(_read_response(reader), 30)
         waited = time.monotonic() - t0
         assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
     finally:
@@ -70,7 +71,8 @@ async def test_stalled_body_gets_408_and_the_connection_closes(srv):
     err = json.loads(body)["error"]
     assert err["code"] == "body_timeout"
     assert "waited 1 s for the rest of the request body" in err["message"]
-    assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S + 3
+    # not before the timeout (timers only run late); 408 body_timeout says which path answered
+    assert waited >= TIMEOUT_S * 0.9, waited
     async with srv.client() as c:
         metrics = await read_metrics(c)
     assert metric_value(

@@ -226,10 +226,11 @@ async def test_no_worker_fail_fast_refuses_at_once_and_recovers(make_settings, t
     runner = tiny_runners[POS]
     async with api_queue(settings, tiny_runners) as q:
         await wait_for(lambda: q.workers_alive == 0)
-        t0 = time.monotonic()
+        # Refused at once: NoWorkersError is raised only before anything is queued; a request
+        # queued for a worker that never comes would end in a 504 at its deadline instead.
         with pytest.raises(NoWorkersError, match="no inference worker has been alive") as e:
             await q.submit(make_item(runner, 5, rng))
-        assert time.monotonic() - t0 < 1.0 and e.value.status_code == 503
+        assert e.value.status_code == 503
         assert q.depth(POS) == 0  # nothing was queued
         async with running_worker(settings, tiny_runners):
             await wait_for(lambda: q.workers_alive == 1)
@@ -574,10 +575,15 @@ async def test_deadline_expires_in_queue_and_worker_skips_it(make_settings, tiny
     settings = make_settings()
     rng = np.random.default_rng(3)
     async with api_queue(settings, tiny_runners) as q:
-        t0 = time.monotonic()
-        with pytest.raises(DeadlineExceededError) as e:  # no worker yet: nobody answers
-            await q.submit(make_item(tiny_runners[POS], 6, rng, deadline_s=0.3))
-        assert 0.25 < time.monotonic() - t0 < 2.0 and e.value.status_code == 504
+        t0 = time.monotonic()  # before the deadline is set: the bound below is safe under load
+        with pytest.raises(DeadlineExceededError, match="not served before the request deadline"):
+            # no worker yet: nobody answers; the 504 is the queue's own, at the deadline (an
+            # unbounded wait would end in wait_for's TimeoutError, which is no such error)
+            await asyncio.wait_for(
+                q.submit(make_item(tiny_runners[POS], 6, rng, deadline_s=0.3)), 60
+            )
+        # not before the deadline: timers fire on time or late, so load cannot break this
+        assert time.monotonic() - t0 >= 0.29
         # an expired entry that is still in the stream (the API could not delete it) is
         # skipped and acked by the worker, never run
         stale = make_item(tiny_runners[POS], 6, rng, deadline_s=-1.0)
@@ -649,13 +655,12 @@ async def test_an_answer_the_codec_cannot_carry_fails_alone_and_never_jams_the_w
     rng = np.random.default_rng(6)
     runners = {**tiny_runners, POL: _OutputsAs(tiny_runners[POL], lambda v: v.astype(str))}
     async with api_queue(settings, tiny_runners) as q, running_worker(settings, runners) as w:
-        bad = [make_item(tiny_runners[POL], 5, rng, deadline_s=10) for _ in range(6)]
-        t0 = time.monotonic()
+        bad = [make_item(tiny_runners[POL], 5, rng, deadline_s=60) for _ in range(6)]
         res = await asyncio.gather(*(q.submit(it) for it in bad), return_exceptions=True)
-        assert time.monotonic() - t0 < 5  # answered, not left to the deadline
+        # answered, not left to the deadline (that would be DeadlineExceededError)
         assert all(isinstance(x, InferenceFailedError) for x in res), res
         assert "could not send the model's answer" in str(res[0])
-        good = make_item(tiny_runners[POS], 5, rng, deadline_s=10)
+        good = make_item(tiny_runners[POS], 5, rng, deadline_s=60)
         assert_same(await q.submit(good), direct(tiny_runners[POS], good))
         await wait_for(lambda: not w._in_hand)
 
@@ -855,9 +860,10 @@ async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_
     """A worker told to stop while its XREADGROUP blocks: entries that read returns are its
     own (pending under its name) and must run before it leaves, not wait out the claim idle
     time for another worker (the batcher used to leave before the read came back)."""
-    settings = make_settings(redis_block_ms=3000)
+    # A long block: the read is still waiting when the entry comes, however slow the machine.
+    settings = make_settings(redis_block_ms=30_000)
     rng = np.random.default_rng(21)
-    item = make_item(tiny_runners[POS], 5, rng)
+    item = make_item(tiny_runners[POS], 5, rng, deadline_s=60)
     async with api_queue(settings, tiny_runners) as q:
         worker = Worker(settings, {POS: tiny_runners[POS]})
         run = asyncio.create_task(worker.run())
@@ -865,12 +871,12 @@ async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_
         await asyncio.sleep(0.3)  # inside its blocking read
         worker.stop()
         await asyncio.sleep(0.1)  # the old batcher had left by now
-        t0 = time.monotonic()
-        got = await asyncio.wait_for(q.submit(item), 5)
-        assert time.monotonic() - t0 < 1.5  # not the 2-s claim idle time plus a reclaim
+        # No other worker could reclaim it: left pending, it would never be answered.
+        got = await asyncio.wait_for(q.submit(item), 30)
         await asyncio.wait_for(run, 10)
     assert_same(got, direct(tiny_runners[POS], item))
-    assert worker.stats.replies == 1 and not worker._in_hand
+    # answered by the stopping worker itself, from its own read, not taken over
+    assert worker.stats.replies == 1 and worker.stats.reclaimed == 0 and not worker._in_hand
     stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), item.bucket)
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
@@ -1082,10 +1088,12 @@ async def test_redis_restart_readiness_and_recovery(make_settings, tiny_runners,
         own_redis.stop()
         await wait_for(lambda: not q._ready, timeout=3)
         assert not await q.is_ready()
-        t0 = time.monotonic()
         with pytest.raises(BackendUnavailableError) as e:
             await q.submit(make_item(tiny_runners[POS], 5, rng))
-        assert e.value.status_code == 503 and time.monotonic() - t0 < 0.5
+        # refused at once by the readiness check: not a failed round trip to Redis (its
+        # message adds the connection error) nor a wait for the deadline (504)
+        assert e.value.status_code == 503
+        assert str(e.value) == "the queue backend (Redis) is unreachable", str(e.value)
         await wait_for(lambda: not w.connected, timeout=5)
 
         own_redis.start()  # empty: streams and groups are gone, workers recreate them

@@ -28,9 +28,10 @@ POL = "polarity-en"
 
 
 async def _queued(q, runners, n: int, seed: int):
-    """``n`` requests waiting in Redis (no worker runs yet)."""
+    """``n`` requests waiting in Redis (no worker runs yet), their deadlines a minute away:
+    a 504 at the deadline cannot come before the tests' 30-s waits end."""
     rng = np.random.default_rng(seed)
-    items = [make_item(runners[POL], k, rng) for k in range(3, 3 + n)]
+    items = [make_item(runners[POL], k, rng, deadline_s=60) for k in range(3, 3 + n)]
     tasks = [asyncio.create_task(q.submit(it)) for it in items]
     await wait_for(lambda: q.depth(POL) == n)
     return items, tasks
@@ -38,7 +39,7 @@ async def _queued(q, runners, n: int, seed: int):
 
 async def _served(settings, runners, items, tasks) -> None:
     async with running_worker(settings, runners):
-        got = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     for it, g in zip(items, got, strict=True):
         assert_same(g, direct(runners[POL], it))
 
@@ -92,7 +93,8 @@ async def test_requests_whose_work_redis_lost_are_answered_503_once_it_is_back(
         _, tasks = await _queued(q, tiny_runners, 3, seed=3)
         own_redis.stop()
         own_redis.start()
-        done, _ = await asyncio.wait(tasks, timeout=10)  # their deadlines are 20 s away
+        # answered 503 "lost", not a 504 at their deadline (60 s away)
+        done, _ = await asyncio.wait(tasks, timeout=30)
         assert len(done) == 3
         for t in tasks:
             with pytest.raises(BackendUnavailableError, match="lost this request's work"):
@@ -109,7 +111,7 @@ async def test_requests_wait_no_longer_than_the_grace_for_redis_to_return(
         q._reply_loss.grace_s = 0.5
         _, tasks = await _queued(q, tiny_runners, 2, seed=4)
         own_redis.stop()  # and it stays away
-        done, _ = await asyncio.wait(tasks, timeout=10)
+        done, _ = await asyncio.wait(tasks, timeout=30)
         assert len(done) == 2
         for t in tasks:
             with pytest.raises(BackendUnavailableError, match="lost this request's work"):
@@ -130,7 +132,7 @@ async def test_a_user_without_xrange_gets_every_waiting_request_answered_503(
         async with api_queue(make_settings(redis_url=url), tiny_runners) as q:
             _, tasks = await _queued(q, tiny_runners, 2, seed=5)
             await admin.client_kill_filter(_type="pubsub")
-            done, _ = await asyncio.wait(tasks, timeout=10)
+            done, _ = await asyncio.wait(tasks, timeout=30)
             assert len(done) == 2
             for t in tasks:
                 with pytest.raises(BackendUnavailableError, match="lost this request's work"):
