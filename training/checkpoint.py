@@ -19,7 +19,7 @@ import random
 import shlex
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +203,18 @@ class StepGuard:
         if self.pending is not None:
             signum, self.pending = self.pending, None
             self._raise(signum, None)
+
+    @contextmanager
+    def saving_on_interrupt(self, save: Callable[[], None] | None) -> Iterator[None]:
+        """Ctrl-C or SIGTERM in the block: ``save`` the last checkpoint (unless a second
+        signal inside a step left the state half updated), then let the interruption go on."""
+        try:
+            yield
+        except (KeyboardInterrupt, Terminated):
+            if save is not None and self.safe:
+                with self.quiet():
+                    save()
+            raise
 
     @contextmanager
     def quiet(self) -> Iterator[None]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from service.preprocess.words import PAD_ID, UNK_ID
 from training.checkpoint import Checkpointing, StepGuard, restore_random, restore_rng
-from training.options import Terminated, bar_disable
+from training.options import bar_disable
 
 log = logging.getLogger(__name__)
 
@@ -137,63 +137,57 @@ def fit(
         )
 
     guard = StepGuard()
-    with guard:
-        try:
-            while not at.finished and at.epoch <= epochs:
-                epoch = at.epoch
-                model.train()
-                restore_random(order_rng, at.order_rng)
-                batches = make_batches(epoch)
-                bar = tqdm(
-                    batches[at.batch :],
-                    desc=f"{desc} epoch {epoch}/{epochs}",
-                    disable=bar_disable(progress),
-                    leave=False,
-                    initial=at.batch,
-                    total=len(batches),
-                )
-                shown = not bar.disable  # close() sets disable: read it now
-                for batch in bar:
+    with guard, guard.saving_on_interrupt(save if ck is not None else None):
+        while not at.finished and at.epoch <= epochs:
+            epoch = at.epoch
+            model.train()
+            restore_random(order_rng, at.order_rng)
+            batches = make_batches(epoch)
+            bar = tqdm(
+                batches[at.batch :],
+                desc=f"{desc} epoch {epoch}/{epochs}",
+                disable=bar_disable(progress),
+                leave=False,
+                initial=at.batch,
+                total=len(batches),
+            )
+            shown = not bar.disable  # close() sets disable: read it now
+            for batch in bar:
+                with guard.step():
+                    opt.zero_grad()
+                    loss = train_step(batch)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    opt.step()
+                    at = replace(at, batch=at.batch + 1, step=at.step + 1,
+                                 loss_sum=at.loss_sum + float(loss.detach()))  # fmt: skip
+                if at.batch % 20 == 0:
+                    bar.set_postfix(loss=f"{at.loss_sum / at.batch:.4f}")
+                if ck is not None and ck.due(at.step):
                     with guard.step():
-                        opt.zero_grad()
-                        loss = train_step(batch)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                        opt.step()
-                        at = replace(at, batch=at.batch + 1, step=at.step + 1,
-                                     loss_sum=at.loss_sum + float(loss.detach()))  # fmt: skip
-                    if at.batch % 20 == 0:
-                        bar.set_postfix(loss=f"{at.loss_sum / at.batch:.4f}")
-                    if ck is not None and ck.due(at.step):
-                        with guard.step():
-                            save()
-                bar.close()
-                model.eval()
-                with torch.no_grad():
-                    score = evaluate()
-                with guard.step():  # the epoch's bookkeeping, whole or not at all
-                    mean = at.loss_sum / max(at.batch, 1)
-                    history = [*history, {"epoch": epoch, "loss": mean, "dev": score}]
-                    if score > best:
-                        best, best_epoch, bad = score, epoch, 0
-                        best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        bad += 1
-                    at = _Position(epoch + 1, 0, order_rng.getstate(), step=at.step,
-                                   finished=bad >= patience or epoch >= epochs)  # fmt: skip
-                    msg = f"{desc} epoch {epoch}: loss {mean:.4f} dev {score:.4f}"
-                    if not shown:
-                        log.info(msg)  # the training commands log to stderr
-                    else:  # under the bar (stderr: stdout holds only the JSON report), once
-                        tqdm.write(msg, file=sys.stderr)
-                        log.debug(msg)
-                    if ck is not None:
                         save()
-        except (KeyboardInterrupt, Terminated):
-            if ck is not None and guard.safe:
-                with guard.quiet():
+            bar.close()
+            model.eval()
+            with torch.no_grad():
+                score = evaluate()
+            with guard.step():  # the epoch's bookkeeping, whole or not at all
+                mean = at.loss_sum / max(at.batch, 1)
+                history = [*history, {"epoch": epoch, "loss": mean, "dev": score}]
+                if score > best:
+                    best, best_epoch, bad = score, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad += 1
+                at = _Position(epoch + 1, 0, order_rng.getstate(), step=at.step,
+                               finished=bad >= patience or epoch >= epochs)  # fmt: skip
+                msg = f"{desc} epoch {epoch}: loss {mean:.4f} dev {score:.4f}"
+                if not shown:
+                    log.info(msg)  # the training commands log to stderr
+                else:  # under the bar (stderr: stdout holds only the JSON report), once
+                    tqdm.write(msg, file=sys.stderr)
+                    log.debug(msg)
+                if ck is not None:
                     save()
-            raise
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

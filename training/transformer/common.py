@@ -421,7 +421,6 @@ def fit(
     from transformers import get_linear_schedule_with_warmup
 
     from training.checkpoint import StepGuard, restore_rng
-    from training.options import Terminated
 
     device = cfg.device
     model.to(device)
@@ -537,80 +536,74 @@ def fit(
 
     model.train()
     bar = progress_bar(total=total, initial=at.step, desc="train", mininterval=5.0)
-    with guard:
-        try:
-            if at.eval_due:  # interrupted in the evaluation after its last step
-                _evaluate()
-            while not at.finished:
-                for batch in itertools.islice(make_batches(at.epoch), at.batch, None):
-                    with guard.step():
-                        batch = {k: v.to(device) if hasattr(v, "to") else v
-                                 for k, v in batch.items()}  # fmt: skip
-                        with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
-                            loss = loss_fn(model, batch)
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
-                        scaler.step(opt)
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)
-                        sched.step()
-                        step = at.step + 1
-                        if budget is not None:
-                            fitted = budget.update(step, total, time.time())
-                            if fitted != total:
-                                total = fitted
-                                # The same schedule shape over the new length, at this step.
-                                sched = get_linear_schedule_with_warmup(
-                                    opt, int(cfg.warmup_ratio * total), total
-                                )
-                                for _ in range(step):
-                                    sched.step()
-                                bar.total = total
-                                log.info("time budget %.1f min: %d steps (fitted at step %d)",
-                                         cfg.time_budget_minutes, total, step)  # fmt: skip
-                        lv = float(loss.detach())
-                        if not math.isfinite(lv):
-                            raise TrainingError(
-                                f"training diverged: the loss is {lv} at step {step}; lower "
-                                "--lr (or --max-grad-norm)"
+    with guard, guard.saving_on_interrupt(save if ck is not None else None):
+        if at.eval_due:  # interrupted in the evaluation after its last step
+            _evaluate()
+        while not at.finished:
+            for batch in itertools.islice(make_batches(at.epoch), at.batch, None):
+                with guard.step():
+                    batch = {k: v.to(device) if hasattr(v, "to") else v
+                             for k, v in batch.items()}  # fmt: skip
+                    with torch.autocast(amp_device, dtype=amp_dtype, enabled=use_amp):
+                        loss = loss_fn(model, batch)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    step = at.step + 1
+                    if budget is not None:
+                        fitted = budget.update(step, total, time.time())
+                        if fitted != total:
+                            total = fitted
+                            # The same schedule shape over the new length, at this step.
+                            sched = get_linear_schedule_with_warmup(
+                                opt, int(cfg.warmup_ratio * total), total
                             )
-                        running = 0.98 * at.running + 0.02 * lv if step > 1 else lv
-                        bar.update(1)
-                        if step % cfg.log_every == 0:
-                            bar.set_postfix(loss=f"{running:.4f}")
-                            log.info(
-                                "step %d/%d loss %.4f lr %.2e %.1fs",
-                                step, total, running, sched.get_last_lr()[0], time.time() - t0,
-                            )  # fmt: skip
-                        timed_out = (
-                            cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+                            for _ in range(step):
+                                sched.step()
+                            bar.total = total
+                            log.info("time budget %.1f min: %d steps (fitted at step %d)",
+                                     cfg.time_budget_minutes, total, step)  # fmt: skip
+                    lv = float(loss.detach())
+                    if not math.isfinite(lv):
+                        raise TrainingError(
+                            f"training diverged: the loss is {lv} at step {step}; lower "
+                            "--lr (or --max-grad-norm)"
                         )
-                        if timed_out:
-                            log.warning("stopping at step %d: --max-minutes reached", step)
-                        done = step >= total or timed_out
-                        at = _Position(step, at.epoch, at.batch + 1, running,
-                                       eval_due=step % eval_every == 0 or done,
-                                       finished=done)  # fmt: skip
-                    if at.eval_due:
-                        _evaluate()
-                    if ck is not None and (ck.due(at.step) or at.finished):
-                        with guard.step():
-                            save()
-                    if at.finished:
-                        break
-                else:
-                    if at.batch == 0:  # an empty epoch: the loop would never end
-                        raise DataError("nothing to train on: the training split gave no batch")
+                    running = 0.98 * at.running + 0.02 * lv if step > 1 else lv
+                    bar.update(1)
+                    if step % cfg.log_every == 0:
+                        bar.set_postfix(loss=f"{running:.4f}")
+                        log.info(
+                            "step %d/%d loss %.4f lr %.2e %.1fs",
+                            step, total, running, sched.get_last_lr()[0], time.time() - t0,
+                        )  # fmt: skip
+                    timed_out = (
+                        cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+                    )
+                    if timed_out:
+                        log.warning("stopping at step %d: --max-minutes reached", step)
+                    done = step >= total or timed_out
+                    at = _Position(step, at.epoch, at.batch + 1, running,
+                                   eval_due=step % eval_every == 0 or done,
+                                   finished=done)  # fmt: skip
+                if at.eval_due:
+                    _evaluate()
+                if ck is not None and (ck.due(at.step) or at.finished):
                     with guard.step():
-                        at = replace(at, epoch=at.epoch + 1, batch=0)
-                        if ck is not None:
-                            save()
-        except (KeyboardInterrupt, Terminated):
-            if ck is not None and guard.safe:
-                with guard.quiet():
-                    save()
-            raise
+                        save()
+                if at.finished:
+                    break
+            else:
+                if at.batch == 0:  # an empty epoch: the loop would never end
+                    raise DataError("nothing to train on: the training split gave no batch")
+                with guard.step():
+                    at = replace(at, epoch=at.epoch + 1, batch=0)
+                    if ck is not None:
+                        save()
     bar.close()
     if evaluate is not None:
         if saved:  # only weights this run wrote (the folder may hold an earlier run's)
