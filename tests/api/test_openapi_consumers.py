@@ -52,10 +52,20 @@ OPERATION_IDS = {
     ("GET", "/healthz"): "check_liveness",
     ("GET", "/readyz"): "check_readiness",
     ("GET", "/metrics"): "get_metrics",
+    ("GET", "/v2"): "v2_server_metadata",
+    ("GET", "/v2/health/live"): "v2_server_live",
+    ("GET", "/v2/health/ready"): "v2_server_ready",
+    ("GET", "/v2/models/{name}"): "v2_model_metadata",
+    ("GET", "/v2/models/{name}/versions/{version}"): "v2_model_version_metadata",
+    ("GET", "/v2/models/{name}/ready"): "v2_model_ready",
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): "v2_model_version_ready",
+    ("POST", "/v2/models/{name}/infer"): "v2_infer",
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): "v2_infer_version",
 }
 # Every POST may answer these (body, header, model, queue and deadline errors, a bug).
 POST_ERRORS = {"400", "404", "408", "413", "415", "422", "429", "500", "503", "504"}
 ERROR_REF = "#/components/schemas/ErrorResponse"
+V2_ERROR_REF = "#/components/schemas/V2ErrorResponse"  # the V2 protocol's {"error": "..."}
 TASKS = {"/v1/pos": "Pos", "/v1/polarity": "Polarity", "/v1/detect": "Detect", "/v1/qa": "QA"}
 
 
@@ -94,7 +104,8 @@ def test_every_operation_declares_its_errors_and_headers(tmp_path):
             where = (method, path, status)
             assert response["description"], where
             if int(status) >= 400:
-                assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}
+                ref = V2_ERROR_REF if path.startswith("/v2") else ERROR_REF
+                assert response["content"]["application/json"]["schema"] == {"$ref": ref}
             rid = response["headers"]["X-Request-ID"]
             assert rid["required"] and rid["description"], where
             if status in ("429", "503"):
@@ -106,6 +117,8 @@ def test_every_operation_declares_its_errors_and_headers(tmp_path):
             assert param["description"] and param["schema"].get("description"), (path, param)
     error = spec["components"]["schemas"]["ErrorBody"]["properties"]
     assert error["code"]["description"] and error["message"]["description"]
+    v2_error = spec["components"]["schemas"]["V2ErrorResponse"]
+    assert v2_error["properties"]["error"]["type"] == "string" and v2_error["required"] == ["error"]
 
 
 def test_bodies_and_results_are_named_types(tmp_path):
@@ -157,6 +170,12 @@ def _examples(spec: dict[str, Any]):
                 yield path, name, example["value"]
 
 
+def _url(path: str, example: str) -> str:
+    """Where an example is sent: a V2 inference's example is named after its model (the
+    path's ``{name}``), at the served version."""
+    return path.format(name=example, version="1")
+
+
 async def _answers_every_example(c: httpx.AsyncClient, app: FastAPI) -> dict[str, dict[str, Any]]:
     # shap's start-up first, untimed: the process's first can outlast an explanation's 20 s
     # deadline on a busy machine (this file alone, or run first)
@@ -166,9 +185,9 @@ async def _answers_every_example(c: httpx.AsyncClient, app: FastAPI) -> dict[str
     for path, name, value in _examples(spec):
         if path.endswith("/explain") and not shap_available():
             continue
-        r = await c.post(path, json=value)
+        r = await c.post(_url(path, name), json=value)
         assert r.status_code == 200, (path, name, r.text)
-        if "inputs" in value:
+        if path.startswith("/v1") and "inputs" in value:
             assert len(r.json()["outputs"]) == len(value["inputs"]), (path, name)
         sent[f"{path} {name}"] = value
     return sent
@@ -185,6 +204,8 @@ async def test_every_request_example_is_answered(client, service, _all_models):
     sent = await _answers_every_example(client, service.app)
     for path in TASKS:
         assert {f"{path} single", f"{path} batch"} <= set(sent), sorted(sent)
+    for model in (DETECT_MODEL, POLARITY_MODEL, POS_MODEL, QA_MODEL):
+        assert f"/v2/models/{{name}}/infer {model}" in sent, sorted(sent)
     r = await client.get("/readyz")
     ReadyResponse.model_validate(r.json())  # what the schema says /readyz answers
 
@@ -203,7 +224,10 @@ async def test_examples_fit_this_servers_limits(model_repo, _all_models):
     async with live_server(make_settings(model_repo, **limits)) as srv, srv.client() as c:
         sent = await _answers_every_example(c, srv.app)
         assert "/v1/detect single" not in sent and "/v1/qa batch" in sent
-        assert all(len(v.get("inputs", [])) <= 1 for v in sent.values())
+        assert all(len(v.get("inputs", [])) <= 1 for k, v in sent.items() if k.startswith("/v1"))
+        # V2 examples hold one text per tensor: each fits any NLPSERVE_MAX_BATCH_ITEMS
+        assert "/v2/models/{name}/infer qa-zh" in sent
+        assert "/v2/models/{name}/infer detector-en" not in sent  # its text is over 200
         assert len(sent["/v1/detect batch"]["inputs"][0]["text"]) <= 200  # the one that fits
         assert sent["/v1/polarity/explain default"]["max_evals"] == 24
     # the routes' own examples are untouched: an app with the default limits has them whole
