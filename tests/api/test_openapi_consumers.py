@@ -256,9 +256,11 @@ sys.path.insert(0, sys.argv[1])
 from nlpserve_client import Client
 from nlpserve_client.api.operations import check_readiness, get_model
 from nlpserve_client.api.predict import answer_question, classify_polarity
+from nlpserve_client.api.v2 import v2_infer, v2_model_metadata
 from nlpserve_client.models import (
     ErrorResponse, PolarityBatchRequest, PolarityBatchResponse, PolarityRequest, QARequest,
-    QAResponse, ReadyResponse,
+    QAResponse, ReadyResponse, V2ErrorResponse, V2InferenceRequest, V2InferenceResponse,
+    V2ModelMetadata, V2RequestInput, V2RequestOutput,
 )
 
 c = Client(base_url=sys.argv[2], raise_on_unexpected_status=True)
@@ -278,6 +280,19 @@ assert e.status_code == 400 and e.parsed.error.code == "invalid_header", e
 m = get_model.sync(client=c, name="nope")
 assert isinstance(m, ErrorResponse) and m.error.code == "model_not_found", m
 assert isinstance(check_readiness.sync(client=c), ReadyResponse)
+body = V2InferenceRequest(
+    inputs=[V2RequestInput(name="text", shape=[2], datatype="BYTES", data=["great fun", "dull"])],
+    outputs=[V2RequestOutput(name="label")],
+)
+v = v2_infer.sync(client=c, name="polarity-en", body=body)
+assert isinstance(v, V2InferenceResponse) and v.model_name == "polarity-en", v
+assert [o.name for o in v.outputs] == ["label"] and len(v.outputs[0].data) == 2, v
+body.inputs[0].datatype = "FP32"
+e = v2_infer.sync_detailed(client=c, name="polarity-en", body=body)
+assert e.status_code == 400 and isinstance(e.parsed, V2ErrorResponse), e
+assert "datatype 'FP32'" in e.parsed.error, e.parsed
+m = v2_model_metadata.sync(client=c, name="qa-zh")
+assert isinstance(m, V2ModelMetadata) and [i.name for i in m.inputs] == ["question", "context"]
 print("ok")
 """
 
@@ -287,7 +302,8 @@ print("ok")
 async def test_openapi_python_client_generates_a_working_client(model_repo, tmp_path, _all_models):
     """Generates a client from the served schema (no warnings; the functions and types named
     as chosen) and, with the generator's own Python (it has the client's attrs and httpx),
-    calls the server through it: typed results, a batch, errors parsed as ErrorResponse."""
+    calls the server through it: typed results, a batch, errors parsed as ErrorResponse, a
+    V2 inference and its error (V2ErrorResponse)."""
     async with live_server(make_settings(model_repo)) as srv, srv.client() as c:
         spec_file = tmp_path / "openapi.json"
         spec_file.write_text((await c.get("/openapi.json")).text)
