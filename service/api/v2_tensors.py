@@ -208,17 +208,18 @@ def read_items(
             )
         n = tensor.shape[0]
     assert n is not None  # every task takes an input
+    columns = {}
+    for name in tt.inputs:
+        columns[name] = _flatten(given[name].data, name)
+        if len(columns[name]) != n:
+            raise invalid(f"input {name!r} has shape [{n}] but {len(columns[name])} data elements")
+    # what /v1 refuses of a batch too, with its status
     if n == 0:
         raise ApiError(
             422, "empty_inputs", f"input {tt.inputs[0]!r} holds no text (shape [0]): send one"
         )
     if n > max_items:
         raise too_many_items(n, max_items, noun=f"texts (shape [{n}])")
-    columns = {}
-    for name in tt.inputs:
-        columns[name] = _flatten(given[name].data, name)
-        if len(columns[name]) != n:
-            raise invalid(f"input {name!r} has shape [{n}] but {len(columns[name])} data elements")
     items = []
     for i in range(n):
         fields = {name: columns[name][i] for name in tt.inputs}

@@ -360,6 +360,8 @@ BAD = [
         "input 'text' has datatype 'FP32'; text inputs are BYTES",
     ),
     (POLARITY_MODEL, _pol(texts("text", ["a", "b"], [3])), 400, "shape [3] but 2 data elements"),
+    # a shape over NLPSERVE_MAX_BATCH_ITEMS (3) that the data do not fill: the mismatch
+    (POLARITY_MODEL, _pol(texts("text", ["a", "b"], [5])), 400, "shape [5] but 2 data elements"),
     (POLARITY_MODEL, _pol(texts("text", ["a", "b"], [2, 1])), 400, "shape [2, 1]; text inputs"),
     (POLARITY_MODEL, _pol(texts("text", ["a", 5])), 400, "element 1 is a number, not a string"),
     (POLARITY_MODEL, _pol(texts("text", ["a", None])), 400, "element 1 is null"),
