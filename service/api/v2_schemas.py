@@ -43,7 +43,9 @@ class V2RequestInput(_Strict):
     )
     datatype: str = Field(description="`BYTES`: texts are UTF-8 strings.", examples=["BYTES"])
     parameters: Parameters | None = Field(
-        None, description="Accepted and not read (`binary_data_size`: refused, see below)."
+        None,
+        description="Accepted and not read, but `binary_data_size` (the binary data "
+        "extension, not supported: 400).",
     )
     data: list[Any] = Field(
         description="The N texts as JSON strings, flat or nested (row-major); their count "

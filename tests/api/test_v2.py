@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from service import __version__
 from tests.service_support import (
     DETECT_MODEL,
     POLARITY_MODEL,
@@ -254,7 +255,7 @@ async def test_server_metadata_and_health(client):
     for path in ("/v2", "/v2/"):
         r = await client.get(path)
         assert r.status_code == 200, r.text
-        assert r.json() == {"name": "nlpserve", "version": "0.1.0", "extensions": []}
+        assert r.json() == {"name": "nlpserve", "version": __version__, "extensions": []}
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
     for path in ("/v2/health/live", "/v2/health/ready"):
