@@ -22,7 +22,7 @@ from service.api.middleware import (
     ShutdownMiddleware,
 )
 from service.api.openapi import install_openapi
-from service.api.routes import demo, docs, explain, ops, predict
+from service.api.routes import demo, docs, explain, ops, predict, v2
 from service.config import Settings, get_settings
 from service.explain.adapters import EXPLAINED_OUTPUT
 from service.metrics import Metrics
@@ -36,7 +36,8 @@ DESCRIPTION = """\
 Length-bucketed dynamic batching over ONNX Runtime. Every prediction endpoint takes one item
 or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`. Every answer carries an
 `X-Request-ID` header: send your own (1 to 128 of `A-Z a-z 0-9 . _ : -`) to find a request
-in the server's logs, or read the one minted for it.
+in the server's logs, or read the one minted for it. The Open Inference Protocol (KServe V2,
+JSON REST) is served under `/v2` for Triton, MLServer and KServe clients (tag `v2`).
 """
 
 
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(ops.router)
     app.include_router(explain.router)  # /v1/{detect,polarity}/explain
+    app.include_router(v2.router)  # the Open Inference Protocol (KServe V2) under /v2
     app.include_router(demo.router)  # GET / (demo page) and /static/*
     app.include_router(docs.router)  # /docs, /redoc and their assets
 
@@ -128,6 +130,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return None  # a 404: no such endpoint, not an explain request of that model
             endpoint = "explain" if parts[2:] == ["explain"] else "predict"
             return state.metrics_label(parts[1], query), endpoint
+        # /v2/models/<name>[/versions/<version>]/infer: a prediction of that model
+        versioned = len(parts) == 6 and parts[3] == "versions"
+        if (
+            parts[:2] == ["v2", "models"]
+            and parts[-1] == "infer"
+            and (len(parts) == 4 or versioned)
+        ):
+            return (parts[2] if parts[2] in state.tasks else "unknown"), "predict"
         return None
 
     app.add_middleware(JsonBodyMiddleware)

@@ -1,4 +1,6 @@
-"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a 4xx/5xx status.
+"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a 4xx/5xx status,
+or, under ``/v2`` (the Open Inference Protocol, routes/v2.py), as that protocol's
+``{"error": "<message>"}``: the same status and message, the code only in the metrics.
 
 Bad input is always a 4xx with a message naming the field; a 500 means a bug in the service.
 """
@@ -33,19 +35,33 @@ class ApiError(Exception):
         self.headers = headers
 
 
+V2_PREFIX = "/v2"
+
+
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is the V2 protocol's, whose errors are ``{"error": "<message>"}``."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(code: str, message: str, v2: bool = False) -> dict[str, Any]:
+    return {"error": message} if v2 else {"error": {"code": code, "message": message}}
+
+
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    status_code: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    v2: bool = False,
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
-    )
+    return JSONResponse(error_body(code, message, v2), status_code=status_code, headers=headers)
 
 
-def too_many_items(n: int, limit: int) -> ApiError:
+def too_many_items(n: int, limit: int, noun: str = "inputs") -> ApiError:
     return ApiError(
         422,
         "too_many_items",
-        f"{n} inputs in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
+        f"{n} {noun} in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
     )
 
 
@@ -60,12 +76,25 @@ def batch_len(doc: Any) -> int:
     return 0
 
 
+# tritonclient's binary tensor extension: this header gives the length of a JSON head that
+# raw tensor bytes follow; such a body is no JSON, and each error it meets says so instead.
+BINARY_HEADER = "inference-header-content-length"
+BINARY_UNSUPPORTED = (
+    "binary tensor data (the binary data extension, Inference-Header-Content-Length) is not "
+    'supported: send every input as JSON "data" (tritonclient: '
+    "set_data_from_numpy(array, binary_data=False))"
+)
+
+
 def _respond(
     request: Request, status: int, code: str, message: str, headers=None, reason: str = ""
 ) -> JSONResponse:
     # The metrics middleware counts rejections by this reason: the code, unless more precise.
     request.state.error_code = reason or code
-    return error_response(status, code, message, headers)
+    v2 = is_v2(request.url.path)
+    if v2 and status == 400 and BINARY_HEADER in request.headers:
+        message = BINARY_UNSUPPORTED
+    return error_response(status, code, message, headers, v2)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -227,6 +256,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.scope["path"] in BATCH_PATHS and (n := batch_len(exc.body)) > limit:
             return await _api(request, too_many_items(n, limit))
         status, code, message = validation_error(list(exc.errors()))
+        if is_v2(request.scope["path"]):
+            status = 400  # a malformed V2 envelope: 400, as the protocol and Triton answer
         return _respond(request, status, code, message)
 
     @app.exception_handler(StarletteHTTPException)

@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.errors import error_body, error_response, is_v2
 from service.ids import new_id
 from service.metrics import Metrics
 
@@ -67,9 +67,13 @@ def _timeout_message(timeout_s: float) -> str:
 
 
 def _json_error(
-    status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    v2: bool = False,
 ) -> tuple[dict, bytes]:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_body(code, message, v2)).encode()
     start = {
         "type": "http.response.start",
         "status": status,
@@ -106,7 +110,7 @@ async def _send_error(
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     scope.setdefault("state", {})["error_code"] = code  # the metrics middleware counts it
-    start, body = _json_error(status, code, message, extra)
+    start, body = _json_error(status, code, message, extra, is_v2(scope["path"]))
     await send(start)
     await send({"type": "http.response.body", "body": body})
 

@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api.deps import DEADLINE_HEADER, MILLISECONDS
 from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
+from service.api.v2_schemas import V2ErrorResponse
 from service.config import Settings
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -25,7 +26,14 @@ TAGS = [
     {"name": "predict", "description": 'One item, or `{"inputs": [...]}` for a batch.'},
     {"name": "explain", "description": "SHAP values per token (needs `shap` on the server)."},
     {"name": "operations", "description": "Models, health, readiness and metrics."},
+    {
+        "name": "v2",
+        "description": "The Open Inference Protocol (KServe V2) over JSON REST, for Triton, "
+        'MLServer and KServe clients: texts are `BYTES` tensors. Errors are `{"error": '
+        '"<message>"}`.',
+    },
 ]
+V2_TAG = "v2"
 
 # What every POST endpoint may answer besides its own codes.
 COMMON_ERRORS = {
@@ -108,6 +116,19 @@ def error_responses(own: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def v2_error_responses(own: dict[int, str], common: bool = True) -> dict[int | str, dict[str, Any]]:
+    """The same for a V2 protocol route (its error shape), ``common``: a POST's errors."""
+    return {
+        status: {"model": V2ErrorResponse, "description": text}
+        for status, text in sorted({**(COMMON_ERRORS if common else {}), **own}.items())
+    }
+
+
+def _error_ref(op: dict[str, Any]) -> dict[str, str]:
+    name = "V2ErrorResponse" if V2_TAG in op.get("tags", ()) else "ErrorResponse"
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _declare_shared(op: dict[str, Any]) -> None:
     """What every operation shares: a 500 in the error shape, ``X-Request-ID`` on every
     answer, ``Retry-After`` where the service sends it."""
@@ -116,10 +137,12 @@ def _declare_shared(op: dict[str, Any]) -> None:
         "500",
         {
             "description": INTERNAL_ERROR,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
-            },
+            "content": {"application/json": {"schema": _error_ref(op)}},
         },
+    )
+    # a prediction: /v1's, or the V2 operations with a body (inferences)
+    timed = "predict" in op.get("tags", ()) or (
+        V2_TAG in op.get("tags", ()) and "requestBody" in op
     )
     for status, response in responses.items():
         headers = response.setdefault("headers", {})
@@ -129,7 +152,7 @@ def _declare_shared(op: dict[str, Any]) -> None:
             "schema": {"type": "string"},
         }
         headers.update(RESPONSE_HEADERS.get(int(status), {}))
-        if status == "200" and "predict" in op.get("tags", ()):
+        if status == "200" and timed:
             headers["Server-Timing"] = _SERVER_TIMING
     op["responses"] = dict(sorted(responses.items()))
 
@@ -222,6 +245,7 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
 
     for path in paths.values():
         for op in path.values():
+            batches = V2_TAG not in op.get("tags", ())  # V2 `inputs` are tensors of one text
             for content in op.get("requestBody", {}).get("content", {}).values():
                 if "examples" not in content:
                     continue
@@ -230,7 +254,7 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
                     value = example.get("value")
                     if isinstance(value, dict):
                         value = dict(value)
-                        if isinstance(value.get("inputs"), list):
+                        if batches and isinstance(value.get("inputs"), list):
                             items = [item for item in value["inputs"] if fits(item)]
                             value["inputs"] = items[: settings.max_batch_items]
                             if not items:
@@ -259,10 +283,10 @@ def install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
                 tags=TAGS,
             )
-            ours = {"$ref": "#/components/schemas/ErrorResponse"}
             settings = app.state.service.settings
             for path in schema.get("paths", {}).values():
                 for op in path.values():
+                    ours = _error_ref(op)
                     _declare_shared(op)
                     if _cannot_fail_validation(op):  # FastAPI adds a 422 to any parameter
                         op.get("responses", {}).pop("422", None)

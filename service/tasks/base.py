@@ -9,9 +9,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel
@@ -24,6 +24,8 @@ from service.repository import Manifest, ModelEntry
 # Above this many characters in one request, tokenization moves to a thread so a huge
 # request cannot stall the event loop; below it the thread hop costs more than it saves.
 OFFLOAD_CHARS = 20_000
+
+R = TypeVar("R")
 
 
 class InputError(ValueError):
@@ -129,6 +131,36 @@ def where(i: int, n: int) -> str:
     return f"inputs[{i}]: " if n > 1 else ""
 
 
+Outputs = list[dict[str, np.ndarray]]  # one request item's sequences' model outputs
+
+
+@overload
+async def run_requests(
+    task: Task,
+    queue: InferenceQueue,
+    requests: Sequence[BaseModel],
+    deadline: float,
+    lane: str = ...,
+    enforce_limits: bool = ...,
+    timing: dict[str, float] | None = ...,
+    decode: None = ...,
+) -> list[BaseModel]: ...
+
+
+@overload
+async def run_requests(
+    task: Task,
+    queue: InferenceQueue,
+    requests: Sequence[BaseModel],
+    deadline: float,
+    lane: str = ...,
+    enforce_limits: bool = ...,
+    timing: dict[str, float] | None = ...,
+    *,
+    decode: Callable[[Prepared, Outputs], R],
+) -> list[R]: ...
+
+
 async def run_requests(
     task: Task,
     queue: InferenceQueue,
@@ -137,7 +169,8 @@ async def run_requests(
     lane: str = "predict",
     enforce_limits: bool = True,
     timing: dict[str, float] | None = None,
-) -> list[BaseModel]:
+    decode: Callable[[Prepared, Outputs], Any] | None = None,
+) -> list[Any]:
     """Encode ``requests``, submit all their sequences at once, decode in request order.
 
     ``enforce_limits=False`` skips the client-facing character limit, for texts the service
@@ -145,6 +178,8 @@ async def run_requests(
     ``timing`` receives where the request's time went, in seconds: ``tokenize``,
     ``inference`` (its slowest sequence's batch) and ``queue`` (the rest of the wait for the
     model: queued, waiting for company, handed between threads or processes).
+    ``decode`` replaces ``task.decode`` where a caller needs more of the outputs than the
+    task's response holds (the V2 protocol: every class's probability).
     """
     # Refused for load (queue full, or its deadline nearer than the work queued ahead) before
     # the tokenizer runs: every request of an overload but those admitted ends here.
@@ -176,10 +211,11 @@ async def run_requests(
         waited = time.perf_counter() - t1
         run = max((it.run_s for it in flat), default=0.0)
         timing.update(tokenize=t1 - t0, queue=max(0.0, waited - run), inference=run)
-    results: list[BaseModel] = []
+    decode = decode or task.decode
+    results = []
     k = 0
     for p in prepared:
         n = len(p.items)
-        results.append(task.decode(p, outputs[k : k + n]))
+        results.append(decode(p, outputs[k : k + n]))
         k += n
     return results

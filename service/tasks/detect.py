@@ -43,8 +43,12 @@ class DetectTask(Task):
             out.append(Prepared([item], {"truncated": enc.truncated}))
         return out
 
+    def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Every label's probability, in ``labels`` order."""
+        return softmax(outputs[0]["logits"])
+
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> DetectResponse:
-        probs = softmax(outputs[0]["logits"])
+        probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
         return DetectResponse(
             label=self.labels[k],

@@ -48,8 +48,12 @@ class PolarityTask(Task):
             )
         return out
 
+    def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Every label's probability, in ``labels`` order."""
+        return softmax(outputs[0]["logits"][None, :])[0]
+
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PolarityResponse:
-        probs = softmax(outputs[0]["logits"][None, :])[0]
+        probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
         return PolarityResponse(
             label=self.labels[k],

@@ -52,10 +52,20 @@ OPERATION_IDS = {
     ("GET", "/healthz"): "check_liveness",
     ("GET", "/readyz"): "check_readiness",
     ("GET", "/metrics"): "get_metrics",
+    ("GET", "/v2"): "v2_server_metadata",
+    ("GET", "/v2/health/live"): "v2_server_live",
+    ("GET", "/v2/health/ready"): "v2_server_ready",
+    ("GET", "/v2/models/{name}"): "v2_model_metadata",
+    ("GET", "/v2/models/{name}/versions/{version}"): "v2_model_version_metadata",
+    ("GET", "/v2/models/{name}/ready"): "v2_model_ready",
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): "v2_model_version_ready",
+    ("POST", "/v2/models/{name}/infer"): "v2_infer",
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): "v2_infer_version",
 }
 # Every POST may answer these (body, header, model, queue and deadline errors, a bug).
 POST_ERRORS = {"400", "404", "408", "413", "415", "422", "429", "500", "503", "504"}
 ERROR_REF = "#/components/schemas/ErrorResponse"
+V2_ERROR_REF = "#/components/schemas/V2ErrorResponse"  # the V2 protocol's {"error": "..."}
 TASKS = {"/v1/pos": "Pos", "/v1/polarity": "Polarity", "/v1/detect": "Detect", "/v1/qa": "QA"}
 
 
@@ -94,7 +104,8 @@ def test_every_operation_declares_its_errors_and_headers(tmp_path):
             where = (method, path, status)
             assert response["description"], where
             if int(status) >= 400:
-                assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}
+                ref = V2_ERROR_REF if path.startswith("/v2") else ERROR_REF
+                assert response["content"]["application/json"]["schema"] == {"$ref": ref}
             rid = response["headers"]["X-Request-ID"]
             assert rid["required"] and rid["description"], where
             if status in ("429", "503"):
@@ -106,6 +117,8 @@ def test_every_operation_declares_its_errors_and_headers(tmp_path):
             assert param["description"] and param["schema"].get("description"), (path, param)
     error = spec["components"]["schemas"]["ErrorBody"]["properties"]
     assert error["code"]["description"] and error["message"]["description"]
+    v2_error = spec["components"]["schemas"]["V2ErrorResponse"]
+    assert v2_error["properties"]["error"]["type"] == "string" and v2_error["required"] == ["error"]
 
 
 def test_bodies_and_results_are_named_types(tmp_path):
@@ -157,6 +170,12 @@ def _examples(spec: dict[str, Any]):
                 yield path, name, example["value"]
 
 
+def _url(path: str, example: str) -> str:
+    """Where an example is sent: a V2 inference's example is named after its model (the
+    path's ``{name}``), at the served version."""
+    return path.format(name=example, version="1")
+
+
 async def _answers_every_example(c: httpx.AsyncClient, app: FastAPI) -> dict[str, dict[str, Any]]:
     # shap's start-up first, untimed: the process's first can outlast an explanation's 20 s
     # deadline on a busy machine (this file alone, or run first)
@@ -166,9 +185,9 @@ async def _answers_every_example(c: httpx.AsyncClient, app: FastAPI) -> dict[str
     for path, name, value in _examples(spec):
         if path.endswith("/explain") and not shap_available():
             continue
-        r = await c.post(path, json=value)
+        r = await c.post(_url(path, name), json=value)
         assert r.status_code == 200, (path, name, r.text)
-        if "inputs" in value:
+        if path.startswith("/v1") and "inputs" in value:
             assert len(r.json()["outputs"]) == len(value["inputs"]), (path, name)
         sent[f"{path} {name}"] = value
     return sent
@@ -185,6 +204,8 @@ async def test_every_request_example_is_answered(client, service, _all_models):
     sent = await _answers_every_example(client, service.app)
     for path in TASKS:
         assert {f"{path} single", f"{path} batch"} <= set(sent), sorted(sent)
+    for model in (DETECT_MODEL, POLARITY_MODEL, POS_MODEL, QA_MODEL):
+        assert f"/v2/models/{{name}}/infer {model}" in sent, sorted(sent)
     r = await client.get("/readyz")
     ReadyResponse.model_validate(r.json())  # what the schema says /readyz answers
 
@@ -203,7 +224,10 @@ async def test_examples_fit_this_servers_limits(model_repo, _all_models):
     async with live_server(make_settings(model_repo, **limits)) as srv, srv.client() as c:
         sent = await _answers_every_example(c, srv.app)
         assert "/v1/detect single" not in sent and "/v1/qa batch" in sent
-        assert all(len(v.get("inputs", [])) <= 1 for v in sent.values())
+        assert all(len(v.get("inputs", [])) <= 1 for k, v in sent.items() if k.startswith("/v1"))
+        # V2 examples hold one text per tensor: each fits any NLPSERVE_MAX_BATCH_ITEMS
+        assert "/v2/models/{name}/infer qa-zh" in sent
+        assert "/v2/models/{name}/infer detector-en" not in sent  # its text is over 200
         assert len(sent["/v1/detect batch"]["inputs"][0]["text"]) <= 200  # the one that fits
         assert sent["/v1/polarity/explain default"]["max_evals"] == 24
     # the routes' own examples are untouched: an app with the default limits has them whole
@@ -232,9 +256,11 @@ sys.path.insert(0, sys.argv[1])
 from nlpserve_client import Client
 from nlpserve_client.api.operations import check_readiness, get_model
 from nlpserve_client.api.predict import answer_question, classify_polarity
+from nlpserve_client.api.v2 import v2_infer, v2_model_metadata
 from nlpserve_client.models import (
     ErrorResponse, PolarityBatchRequest, PolarityBatchResponse, PolarityRequest, QARequest,
-    QAResponse, ReadyResponse,
+    QAResponse, ReadyResponse, V2ErrorResponse, V2InferenceRequest, V2InferenceResponse,
+    V2ModelMetadata, V2RequestInput, V2RequestOutput,
 )
 
 c = Client(base_url=sys.argv[2], raise_on_unexpected_status=True)
@@ -254,6 +280,19 @@ assert e.status_code == 400 and e.parsed.error.code == "invalid_header", e
 m = get_model.sync(client=c, name="nope")
 assert isinstance(m, ErrorResponse) and m.error.code == "model_not_found", m
 assert isinstance(check_readiness.sync(client=c), ReadyResponse)
+body = V2InferenceRequest(
+    inputs=[V2RequestInput(name="text", shape=[2], datatype="BYTES", data=["great fun", "dull"])],
+    outputs=[V2RequestOutput(name="label")],
+)
+v = v2_infer.sync(client=c, name="polarity-en", body=body)
+assert isinstance(v, V2InferenceResponse) and v.model_name == "polarity-en", v
+assert [o.name for o in v.outputs] == ["label"] and len(v.outputs[0].data) == 2, v
+body.inputs[0].datatype = "FP32"
+e = v2_infer.sync_detailed(client=c, name="polarity-en", body=body)
+assert e.status_code == 400 and isinstance(e.parsed, V2ErrorResponse), e
+assert "datatype 'FP32'" in e.parsed.error, e.parsed
+m = v2_model_metadata.sync(client=c, name="qa-zh")
+assert isinstance(m, V2ModelMetadata) and [i.name for i in m.inputs] == ["question", "context"]
 print("ok")
 """
 
@@ -263,7 +302,8 @@ print("ok")
 async def test_openapi_python_client_generates_a_working_client(model_repo, tmp_path, _all_models):
     """Generates a client from the served schema (no warnings; the functions and types named
     as chosen) and, with the generator's own Python (it has the client's attrs and httpx),
-    calls the server through it: typed results, a batch, errors parsed as ErrorResponse."""
+    calls the server through it: typed results, a batch, errors parsed as ErrorResponse, a
+    V2 inference and its error (V2ErrorResponse)."""
     async with live_server(make_settings(model_repo)) as srv, srv.client() as c:
         spec_file = tmp_path / "openapi.json"
         spec_file.write_text((await c.get("/openapi.json")).text)

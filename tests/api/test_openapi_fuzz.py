@@ -7,7 +7,8 @@ headers and query parameters) and sends them over real HTTP. Every answer must:
 
 * never be a 500 (bad input is a 4xx; a 5xx only where documented: 501/503/504);
 * have a status, content type and body that the schema documents for that operation;
-* be ``{"error": {"code", "message"}}`` when it is an error;
+* be ``{"error": {"code", "message"}}`` when it is an error (under ``/v2``, the V2 protocol's
+  ``{"error": "<message>"}``);
 * and, for ``POST /v1/<task>``, be the same from the fast path as from FastAPI's routes.
 
 A third test sends raw bodies beyond the schema (any JSON shape with the endpoints' keys, the
@@ -94,9 +95,13 @@ async def servers(model_repo):
         yield on, off
 
 
-def _error_shape(r: Any, what: str) -> None:
+def _error_shape(r: Any, what: str, v2: bool = False) -> None:
     if r.status_code >= 400:
         body = json.loads(r.content)
+        if v2:
+            assert set(body) == {"error"} and isinstance(body["error"], str), (what, body)
+            assert body["error"], (what, body)
+            return
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, (what, body)
         assert body["error"]["code"] and body["error"]["message"], (what, body)
 
@@ -127,7 +132,7 @@ def _check_operation(op: Any, mode: Any, n: int, on_url: str, off_url: str, seen
         what = f"{label}: {case.as_curl_command()[:600]}\n-> {r.status_code} {r.text[:300]}"
         assert r.status_code != 500, what
         assert r.status_code < 500 or r.status_code in EXPECTED_5XX, what
-        _error_shape(r, what)
+        _error_shape(r, what, v2=op.path.startswith("/v2"))
         case.validate_response(r, checks=CHECKS)
         if mode is GenerationMode.NEGATIVE and r.status_code != 413:  # too large: refused too
             case.validate_response(r, checks=[negative_data_rejection])
@@ -170,12 +175,13 @@ async def test_every_operation_answers_within_its_schema(servers):
     on_url, off_url = on.url, off.url
     seen = await asyncio.to_thread(_fuzz, spec, on_url, off_url)
     operations = {(m.upper(), p) for p, item in spec["paths"].items() for m in item}
-    assert len(operations) == 11  # four predictions, two explanations, five GET endpoints
+    # four predictions, two explanations, five GET endpoints; V2: two inferences, seven GETs
+    assert len(operations) == 20
     tested = {tuple(label.split(" (")[0].split(" ", 1)) for label in seen}
     assert tested == operations
     # every body operation got its examples (a GET without parameters has one request)
     assert all(n == 10 for label, n in seen.items() if label.startswith("POST")), seen
-    assert sum("(negative)" in label for label in seen) == 6  # everything with a body
+    assert sum("(negative)" in label for label in seen) == 8  # everything with a body
 
 
 async def test_the_schema_states_this_servers_limits(servers):

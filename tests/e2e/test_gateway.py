@@ -324,3 +324,8 @@ def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
             assert len(limited) >= 30, [r.status_code for r in answers]
             assert limited[0].json()["error"]["code"] == "rate_limited"
             assert limited[0].headers["retry-after"] == "1" and limited[0].headers["x-request-id"]
+            # the V2 protocol's inferences share the limit (the flood above used it up; one
+            # of three, in case a token came back in between)
+            v2 = [c.post("/v2/models/polarity-en/infer", json={"inputs": []}) for _ in range(3)]
+            limited = [r for r in v2 if r.status_code == 429]
+            assert limited and limited[0].json()["error"]["code"] == "rate_limited", v2

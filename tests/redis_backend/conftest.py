@@ -48,6 +48,7 @@ def make_settings(redis_url: str, redis_prefix: str, tiny_repo: Path) -> Setting
             "redis_claim_idle_ms": 2000,
             "metrics_port": 0,
             "metrics_host": "127.0.0.1",
+            "port": 0,  # a replica started from these (live_server) binds a free port, not 8000
         }
         base.update(kw)
         return Settings(**base)

@@ -244,17 +244,29 @@ async def test_no_worker_fail_fast_refuses_at_once_and_recovers(make_settings, t
 
 async def test_no_worker_fail_fast_over_http(make_settings) -> None:
     """The same through a replica: /readyz and a prediction answer 503 no_workers, with
-    Retry-After, while no worker is alive."""
+    Retry-After, while no worker is alive; so do the V2 protocol's probes and inference, in
+    its error shape."""
     from tests.service_support import live_server
 
+    text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a short test"]}
     async with live_server(make_settings(redis_no_worker_fail_s=0.0)) as srv:
         async with srv.client() as c:
             await wait_for(lambda: srv.state.queue.workers_alive == 0)
             ready = await c.get("/readyz")
             r = await c.post("/v1/pos", json={"text": "a short test"})
-        for answer in (ready, r):
+            v2 = [
+                await c.get("/v2/health/ready"),
+                await c.get(f"/v2/models/{POS}/ready"),
+                await c.post(f"/v2/models/{POS}/infer", json={"inputs": [text]}),
+            ]
+            live = await c.get("/v2/health/live")
+        for answer in (ready, r, *v2):
             assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        for answer in (ready, r):
             assert answer.json()["error"]["code"] == "no_workers"
+        for answer in v2:
+            assert "no inference worker has been alive" in answer.json()["error"]
+        assert live.status_code == 200
 
 
 def _as_version(runner, version: str):

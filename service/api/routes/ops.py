@@ -95,6 +95,23 @@ async def model(
     return _info(state, name)
 
 
+async def not_ready(state: ServiceState, model: str | None = None) -> ApiError | None:
+    """Why the service (or ``model``: Redis mode may have no worker for it) cannot serve
+    now, else None: the one readiness truth of ``/readyz`` and the V2 protocol's probes."""
+    if not state.loaded or state.queue is None:
+        return ApiError(503, "not_ready", "models are not loaded yet")
+    if not state.tasks:
+        return ApiError(
+            503, "no_models", f"the model repository {state.settings.model_dir} holds no models"
+        )
+    if not await state.queue.is_ready():
+        msg = "the inference queue is not accepting work"
+        return ApiError(503, "queue_unavailable", msg, {"Retry-After": "1"})
+    if (why := state.queue.no_workers_refusal(model)) is not None:
+        return ApiError(503, "no_workers", why, {"Retry-After": "1"})
+    return None
+
+
 # HEAD too: what load balancers probe with (not in /docs: the same as GET, without a body)
 @router.head("/healthz", include_in_schema=False)
 @router.get(
@@ -131,17 +148,9 @@ async def healthz() -> HealthResponse:
 )
 async def readyz(request: Request) -> JSONResponse:
     state = _state(request)
-    if not state.loaded or state.queue is None:
-        return error_response(503, "not_ready", "models are not loaded yet")
-    if not state.tasks:
-        return error_response(
-            503, "no_models", f"the model repository {state.settings.model_dir} holds no models"
-        )
-    if not await state.queue.is_ready():
-        msg = "the inference queue is not accepting work"
-        return error_response(503, "queue_unavailable", msg, {"Retry-After": "1"})
-    if (why := state.queue.no_workers_refusal()) is not None:
-        return error_response(503, "no_workers", why, {"Retry-After": "1"})
+    if (refusal := await not_ready(state)) is not None:
+        return error_response(refusal.status_code, refusal.code, refusal.message, refusal.headers)
+    assert state.queue is not None  # not_ready says so
     body: dict[str, object] = {"status": "ready", "models": sorted(state.tasks)}
     if state.queue.workers_alive is not None:  # Redis mode: informative, not a condition
         body["workers"] = state.queue.workers_alive

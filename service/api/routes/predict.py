@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import Response
@@ -35,9 +36,11 @@ from service.api.schemas import (
     QABody,
     QAResponse,
 )
-from service.tasks.base import run_requests
+from service.tasks.base import Outputs, Prepared, Task, run_requests
 
 router = APIRouter(prefix="/v1", tags=["predict"])
+
+R = TypeVar("R")
 
 _ERRORS = error_responses({422: "Invalid fields, empty or over-long text, too many items."})
 
@@ -72,24 +75,10 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
     """Answer one validated prediction request: what every route here does, and the fast
     path too. Errors are raised (ApiError, InputError, QueueError) for the app's handlers."""
     check_query(request)
-    state = _state(request)
-    task = state.resolve(task_name, model)
-    request.state.model = task.name
-    deadline = deadline_from(request, state.settings)
+    task = _state(request).resolve(task_name, model)
     is_batch = isinstance(body, BatchRequest)
     items = list(body.inputs) if is_batch else [body]  # type: ignore[attr-defined]
-    if len(items) > state.settings.max_batch_items:
-        raise too_many_items(len(items), state.settings.max_batch_items)
-    if state.queue is None:
-        raise ApiError(503, "not_ready", "the service is starting or stopping")
-    timing: dict[str, float] = {}
-    try:
-        results = await cancel_on_disconnect(
-            request, run_requests(task, state.queue, items, deadline, timing=timing)
-        )
-    except ClientGone:
-        raise client_closed() from None
-    state.metrics.observe_stages(task.name, timing)
+    results, timing = await run_items(request, task, items, task.decode)
     dumped = [r.model_dump() for r in results]
     payload = {"outputs": dumped} if is_batch else dumped[0]
     return Response(
@@ -97,6 +86,31 @@ async def predict(request: Request, task_name: str, body: BaseModel, model: str 
         media_type="application/json",
         headers={SERVER_TIMING: server_timing(timing)},
     )
+
+
+async def run_items(
+    request: Request, task: Task, items: list[BaseModel], decode: Callable[[Prepared, Outputs], R]
+) -> tuple[list[R], dict[str, float]]:
+    """``items`` (the task's request models) decoded by ``decode`` (``task.decode``, or more
+    of the outputs), and where their time went: the one path of every prediction protocol
+    (/v1 here, the V2 protocol in routes/v2.py), with the request's deadline, the item limit,
+    disconnect cancellation and stage metrics."""
+    state = _state(request)
+    request.state.model = task.name  # the metrics' and logs' model
+    deadline = deadline_from(request, state.settings)
+    if len(items) > state.settings.max_batch_items:
+        raise too_many_items(len(items), state.settings.max_batch_items)
+    if state.queue is None:
+        raise ApiError(503, "not_ready", "the service is starting or stopping")
+    timing: dict[str, float] = {}
+    try:
+        results = await cancel_on_disconnect(
+            request, run_requests(task, state.queue, items, deadline, timing=timing, decode=decode)
+        )
+    except ClientGone:
+        raise client_closed() from None
+    state.metrics.observe_stages(task.name, timing)
+    return results, timing
 
 
 SERVER_TIMING = "Server-Timing"
