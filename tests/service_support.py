@@ -78,6 +78,10 @@ class LiveServer:
     """A real uvicorn on 127.0.0.1:<free port> running in the current event loop."""
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
+        # The service's default port may be a `make run` or another suite's server: such a
+        # test failed only while something else listened there.
+        default_port = Settings.model_fields["port"].default
+        assert settings.port != default_port, f"a test server on port {default_port}: use 0"
         self.app = app
         self.settings = settings
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
