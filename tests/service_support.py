@@ -8,20 +8,23 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
 from service.api.deps import ServiceState
+from service.batching import WorkItem
 from service.config import Settings
 from service.queueing.inprocess import InProcessQueue
+from service.runtime.runner import ModelRunner
 
 # --------------------------------------------------------------------------- models
 BUILD_ERRORS = ".build-errors.json"  # written by conftest's model_repo: name -> error
@@ -75,6 +78,10 @@ class LiveServer:
     """A real uvicorn on 127.0.0.1:<free port> running in the current event loop."""
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
+        # The service's default port may be a `make run` or another suite's server: such a
+        # test failed only while something else listened there.
+        default_port = Settings.model_fields["port"].default
+        assert settings.port != default_port, f"a test server on port {default_port}: use 0"
         self.app = app
         self.settings = settings
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -181,29 +188,46 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.002)
 
 
-class GatedRunner:
+# A proxy stands in for a ModelRunner wherever one goes: the type checker is told so.
+if TYPE_CHECKING:
+    _RunnerBase = ModelRunner
+else:
+    _RunnerBase = object
+
+
+class RunnerProxy(_RunnerBase):
+    """A real runner, wrapped: every attribute but those a subclass defines is the inner
+    runner's."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class GatedRunner(RunnerProxy):
     """A real runner whose batches wait at a gate before they run; counts how many run at
     once (a state check: no timing assumption)."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner: ModelRunner) -> None:
+        super().__init__(inner)
         self.gate = threading.Event()
         self.lock = threading.Lock()
         self.active = 0
         self.most = 0
         self.started: list[tuple[int, ...]] = []  # each batch's lengths, in start order
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_batch(self, items, **kw):
+    def run_batch(
+        self, items: Sequence[WorkItem], *, record: bool = True
+    ) -> list[dict[str, np.ndarray]]:
         with self.lock:
             self.active += 1
             self.most = max(self.most, self.active)
             self.started.append(tuple(it.length for it in items))
         try:
             assert self.gate.wait(10), "gate never opened"
-            return self.inner.run_batch(items, **kw)
+            return self.inner.run_batch(items, record=record)
         finally:
             with self.lock:
                 self.active -= 1

@@ -112,8 +112,11 @@ def test_random_ascii_text_and_truncation(tokenizer, max_length):
 
 def test_truncation_boundary():
     enc = ClassifyEncoder(_tiny(), max_length=6)  # room for 4 pieces
+    assert enc.ascii is not None
     for n in range(0, 8):
-        ids, truncated = enc.ascii.encode(" ".join(["cat"] * n))
+        got = enc.ascii.encode(" ".join(["cat"] * n))
+        assert got is not None
+        ids, truncated = got
         assert truncated == (n > 4) and len(ids) == 2 + min(n, 4)
     assert _check(enc, [" ".join(["unaffable"] * n) for n in range(4)]) == 4
     assert AsciiWordPiece.from_tokenizer(_tiny(), max_length=1) is None  # no room for specials
@@ -122,6 +125,7 @@ def test_truncation_boundary():
 def test_long_texts_are_read_up_to_the_truncation_point(tokenizer):
     """Past 16 × max_length characters words are found lazily: same ids as the eager path."""
     enc = ClassifyEncoder(tokenizer, max_length=8)
+    assert enc.ascii is not None
     rng = random.Random(1)
     texts = [
         " " * 500 + "the cat, " * 2000,  # the words start after a long whitespace run
@@ -137,16 +141,19 @@ def test_added_tokens_go_to_tokenizers():
     tok = _tiny()
     tok.add_tokens([AddedToken("catx", normalized=True)])  # matched after lowercasing
     enc = ClassifyEncoder(tok, max_length=32)
+    assert enc.ascii is not None
     texts = ["a [SEP] b", "[sep]", "x[MASK]y", "[C\x01LS] the", "the CATX hello", "xcatxx"]
     assert all(enc.ascii.encode(t) is None for t in texts)
     want = [enc.tokenizer.encode(t) for t in texts]
     got = enc.encode(texts)
     assert [g.input_ids.tolist() for g in got] == [w.ids for w in want]
-    assert want[0].ids.count(tok.token_to_id("[SEP]")) == 2  # the text's own [SEP] is one
+    sep = tok.token_to_id("[SEP]")
+    assert sep is not None and want[0].ids.count(sep) == 2  # the text's own [SEP] is one
 
 
 def test_mixed_batches_keep_their_order(tokenizer):
     enc = ClassifyEncoder(tokenizer, max_length=12)
+    assert enc.ascii is not None
     texts = ["the cat", "café au lait", "a [SEP] b", "Hello, World!", "中文 测试", "\t", ""]
     took = [enc.ascii.encode(t) is not None for t in texts]
     assert took == [True, False, False, True, False, True, True]

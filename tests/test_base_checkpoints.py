@@ -8,14 +8,33 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
 from tests.builders_bert import _tokenizer, detector_examples, qa_examples
 
-DETECT_CFG = dict(max_length=48, batch_size=8, epochs=2, lr=3e-3, warmup_ratio=0.0)
-QA_CFG = dict(max_length=64, doc_stride=16, max_query_length=16, max_answer_length=10,
-              batch_size=8, epochs=1, lr=3e-3, warmup_ratio=0.0, holdout_ratio=0.0)  # fmt: skip
+
+# The training settings these tests share, typed so that mypy checks each keyword against
+# DetectorConfig's and QAConfig's fields (a plain dict() of them is a dict[str, float]).
+class _DetectShape(TypedDict):
+    max_length: int
+    batch_size: int
+    epochs: float
+    lr: float
+    warmup_ratio: float
+
+
+class _QAShape(_DetectShape):
+    doc_stride: int
+    max_query_length: int
+    max_answer_length: int
+    holdout_ratio: float
+
+
+DETECT_CFG = _DetectShape(max_length=48, batch_size=8, epochs=2, lr=3e-3, warmup_ratio=0.0)
+QA_CFG = _QAShape(max_length=64, doc_stride=16, max_query_length=16, max_answer_length=10,
+                  batch_size=8, epochs=1, lr=3e-3, warmup_ratio=0.0, holdout_ratio=0.0)  # fmt: skip
 
 
 def _texts() -> list[str]:

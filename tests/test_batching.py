@@ -11,7 +11,13 @@ from service.batching.scheduler import EXPLAIN_LANE, PREDICT_LANE
 T0 = 1_000.0
 
 
-def item(length: int, bucket: int = 0, at: float = T0, lane: str = PREDICT_LANE, deadline=None):
+def item(
+    length: int,
+    bucket: int = 0,
+    at: float = T0,
+    lane: str = PREDICT_LANE,
+    deadline: float | None = None,
+) -> WorkItem:
     return WorkItem(
         model="m",
         bucket=bucket,
@@ -23,12 +29,18 @@ def item(length: int, bucket: int = 0, at: float = T0, lane: str = PREDICT_LANE,
     )
 
 
+def formed(batch: list[WorkItem] | None) -> list[WorkItem]:
+    """A batch ``next_batch`` must have returned: ``None`` fails here, not as a TypeError."""
+    assert batch is not None, "no batch was ready"
+    return batch
+
+
 POLICY = BatchPolicy(max_batch_size=4, max_batch_tokens=64, max_wait_s=0.010)
 
 
 # ------------------------------------------------------------------ PendingBucket
 def test_max_batch_size_caps_a_batch():
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for _ in range(6):
         pb.add(item(5))
     assert pb.is_full(POLICY)
@@ -38,7 +50,7 @@ def test_max_batch_size_caps_a_batch():
 
 def test_token_budget_counts_padded_tokens():
     # 3 x 20 = 60 fits in 64, but 4 x 20 = 80 would not.
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (20, 10, 5, 5):
         pb.add(item(n))
     batch = pb.take(POLICY)
@@ -49,7 +61,7 @@ def test_token_budget_counts_padded_tokens():
 
 def test_batch_mates_are_nearest_in_length_and_the_oldest_always_goes():
     policy = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000, max_wait_s=0.010)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (30, 8, 31, 9, 29, 10, 40):
         pb.add(item(n))
     first = pb.take(policy)
@@ -63,7 +75,7 @@ def test_batch_mates_are_nearest_in_length_and_the_oldest_always_goes():
 def test_a_long_sequence_over_the_budget_is_skipped_for_shorter_mates():
     # anchor 10: 15 is nearer than 2, but 2 x 15 = 30 > 25, so the 2 joins instead.
     policy = BatchPolicy(max_batch_size=4, max_batch_tokens=25, max_wait_s=0.010)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (10, 15, 2):
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [10, 2]
@@ -76,7 +88,7 @@ def test_padding_floor_keeps_unlike_lengths_out_of_a_batch():
     policy = BatchPolicy(
         max_batch_size=8, max_batch_tokens=10_000, max_wait_s=0.010, min_padding_efficiency=0.9
     )
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (40, 20, 38, 36, 19):
         pb.add(item(n))
     first = pb.take(policy)
@@ -84,7 +96,7 @@ def test_padding_floor_keeps_unlike_lengths_out_of_a_batch():
     assert sum(it.length for it in first) / (3 * 40) >= 0.9
     assert [it.length for it in pb.take(policy)] == [20, 19]
     # Without the floor the same queue makes one batch.
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (40, 20, 38, 36, 19):
         pb.add(item(n))
     assert len(pb.take(BatchPolicy(max_batch_size=8, max_batch_tokens=10_000))) == 5
@@ -92,7 +104,7 @@ def test_padding_floor_keeps_unlike_lengths_out_of_a_batch():
 
 def test_padding_floor_never_leaves_the_oldest_behind():
     policy = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, min_padding_efficiency=1.0)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (7, 3, 7, 5):
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [7, 7]
@@ -107,7 +119,7 @@ def test_padding_floor_outside_0_1_is_rejected(floor):
 
 
 def test_a_sequence_over_the_budget_still_runs_alone():
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     pb.add(item(100))
     pb.add(item(3))
     assert [it.length for it in pb.take(POLICY)] == [100]
@@ -115,7 +127,7 @@ def test_a_sequence_over_the_budget_still_runs_alone():
 
 
 def test_wait_rule():
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     pb.add(item(5, at=T0))
     assert not pb.ready(POLICY, now=T0 + 0.005)
     assert pb.time_to_ready(POLICY, now=T0 + 0.004) == pytest.approx(0.006)
@@ -131,7 +143,7 @@ def test_bucket_index_edges():
 
 # ------------------------------------------------------------------ BucketScheduler
 def test_nothing_ready_before_max_wait_unless_full():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(5, at=T0))
     assert s.next_batch(now=T0 + 0.001) is None
     assert s.next_wakeup(now=T0 + 0.001) == pytest.approx(0.009)
@@ -143,45 +155,45 @@ def test_nothing_ready_before_max_wait_unless_full():
 
 
 def test_buckets_never_mix_and_oldest_ready_bucket_goes_first():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(30, bucket=2, at=T0 + 0.002))
     s.add(item(3, bucket=0, at=T0))
     s.add(item(4, bucket=0, at=T0 + 0.003))
     now = T0 + 0.5
-    first = s.next_batch(now)
-    second = s.next_batch(now)
+    first = formed(s.next_batch(now))
+    second = formed(s.next_batch(now))
     assert [it.bucket for it in first] == [0, 0]
     assert [it.bucket for it in second] == [2]
     assert s.next_batch(now) is None
 
 
 def test_no_wait_takes_unready_buckets():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(5, at=T0))
     assert s.next_batch(now=T0) is None
-    assert len(s.next_batch(now=T0, no_wait=True)) == 1
+    assert len(formed(s.next_batch(now=T0, no_wait=True))) == 1
 
 
 def test_explain_lane_waits_while_predict_work_is_pending():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(5, bucket=0, at=T0, lane=EXPLAIN_LANE))
     s.add(item(5, bucket=1, at=T0 + 0.009, lane=PREDICT_LANE))
     # The explain item is ready (waited 10 ms) but a predict item is still filling its batch.
     now = T0 + 0.011
     assert s.next_batch(now) is None
     assert s.next_wakeup(now) == pytest.approx(0.008)
-    batch = s.next_batch(T0 + 0.020)
+    batch = formed(s.next_batch(T0 + 0.020))
     assert [it.lane for it in batch] == [PREDICT_LANE]
-    assert [it.lane for it in s.next_batch(T0 + 0.020)] == [EXPLAIN_LANE]
+    assert [it.lane for it in formed(s.next_batch(T0 + 0.020))] == [EXPLAIN_LANE]
 
 
 def test_unknown_lane_rejected():
     with pytest.raises(ValueError, match="lane"):
-        BucketScheduler(POLICY).add(item(3, lane="bulk"))
+        BucketScheduler[WorkItem](POLICY).add(item(3, lane="bulk"))
 
 
 def test_drop_expired_and_drop_predicate():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     late = item(5, deadline=T0 + 1)
     ok = item(6, deadline=T0 + 100)
     gone = item(7)
@@ -194,7 +206,7 @@ def test_drop_expired_and_drop_predicate():
 
 
 def test_depths_per_bucket_cover_all_lanes():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(3, bucket=0))
     s.add(item(3, bucket=0, lane=EXPLAIN_LANE))
     s.add(item(9, bucket=1))
@@ -244,7 +256,7 @@ def test_random_traffic_keeps_every_batching_rule(seed):
         min_padding_efficiency=rng.choice([0.0, 0.5, 0.95, 1.0]),
     )
     edges = sorted(rng.sample(range(1, 100), rng.randint(1, 4)))
-    sched = BucketScheduler(policy)
+    sched = BucketScheduler[WorkItem](policy)
     now, added, gone = T0, set(), set()
     for _ in range(200):
         now += rng.choice([0.0, 0.0005, 0.002, 0.02])
@@ -289,7 +301,7 @@ def test_a_batch_exactly_at_the_token_budget_is_full_and_taken_whole():
     # 4 x 16 = 64 == max_batch_tokens: a 5th sequence cannot join, so there is nothing to
     # wait for, and the four fit the budget exactly (the budget is inclusive).
     policy = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait_s=0.010)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for _ in range(4):
         pb.add(item(16))
     assert pb.is_full(policy) and pb.ready(policy, now=T0)
@@ -300,7 +312,7 @@ def test_a_batch_exactly_at_the_token_budget_is_full_and_taken_whole():
 def test_is_full_counts_the_longest_waiting_sequence_not_the_last_one():
     # 30 then two 2s: any batch with the 30 pads to 30, so 3 x 30 = 90 > 64: full already.
     policy = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait_s=0.010)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (30, 2, 2):
         pb.add(item(n))
     assert pb.is_full(policy) and pb.ready(policy, now=T0)
@@ -308,33 +320,33 @@ def test_is_full_counts_the_longest_waiting_sequence_not_the_last_one():
 
 
 def test_time_to_ready_is_zero_when_full_or_overdue_never_negative():
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     pb.add(item(5, at=T0))
     assert pb.time_to_ready(POLICY, now=T0 + 1.0) == 0.0  # overdue: 0, not -0.99
-    full = PendingBucket()
+    full = PendingBucket[WorkItem]()
     for _ in range(POLICY.max_batch_size):
         full.add(item(5, at=T0))
     assert full.time_to_ready(POLICY, now=T0) == 0.0  # full: ready now, no max wait
 
 
 def test_next_wakeup_is_the_soonest_bucket():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(5, bucket=1, at=T0))  # 10 ms to go
     for _ in range(POLICY.max_batch_size):
         s.add(item(3, bucket=0, at=T0))  # full: ready now
     assert s.next_wakeup(now=T0) == 0.0
-    assert [it.bucket for it in s.next_batch(now=T0)] == [0] * POLICY.max_batch_size
+    assert [it.bucket for it in formed(s.next_batch(now=T0))] == [0] * POLICY.max_batch_size
     assert s.next_wakeup(now=T0 + 0.004) == pytest.approx(0.006)
 
 
 def test_equally_near_batch_mates_go_oldest_first_and_keep_arrival_order():
     policy = BatchPolicy(max_batch_size=2, max_batch_tokens=10_000)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (10, 12, 8):  # 12 and 8 are both 2 away from the oldest: the older 12 joins
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [10, 12]
     policy = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (10, 20, 11):  # 11 is chosen before 20, but the batch keeps arrival order
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [10, 20, 11]
@@ -344,7 +356,7 @@ def test_batch_mates_come_only_from_the_lookahead_window():
     # max_batch_size 2: take() looks at 4 x 2 = 8 sequences, the oldest included. The 10 in
     # 9th place is not among them, so the oldest 10 goes with a 50.
     policy = BatchPolicy(max_batch_size=2, max_batch_tokens=10_000)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (10, *[50] * 7, 10):
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [10, 50]
@@ -354,7 +366,7 @@ def test_a_candidate_under_the_padding_floor_does_not_stop_the_search():
     # Floor 0.855, oldest 10: the nearer 7 gives 17/20 = 0.85 (out), the farther 14 gives
     # 24/28 = 0.857 (in).
     policy = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, min_padding_efficiency=0.855)
-    pb = PendingBucket()
+    pb = PendingBucket[WorkItem]()
     for n in (10, 7, 14):
         pb.add(item(n))
     assert [it.length for it in pb.take(policy)] == [10, 14]
@@ -362,7 +374,7 @@ def test_a_candidate_under_the_padding_floor_does_not_stop_the_search():
 
 
 def test_an_item_is_expired_at_its_deadline():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     it = item(5, deadline=T0 + 1)
     s.add(it)
     assert s.drop_expired(now=T0 + 0.999) == []
@@ -370,7 +382,7 @@ def test_an_item_is_expired_at_its_deadline():
 
 
 def test_drop_predicate_matching_only_the_oldest_and_the_earliest_deadline():
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     first, second, third = item(5, deadline=T0 + 9), item(6, deadline=T0 + 3), item(7)
     for it in (first, second, third):
         s.add(it)
@@ -382,10 +394,10 @@ def test_drop_predicate_matching_only_the_oldest_and_the_earliest_deadline():
 def test_a_lane_whose_turn_it_is_not_never_asks_for_a_wakeup():
     # Only explanation work, overdue: a caller forming a batch ahead (lane=predict) gets no
     # batch and no wakeup (a 0 here would spin its loop until a thread frees up).
-    s = BucketScheduler(POLICY)
+    s = BucketScheduler[WorkItem](POLICY)
     s.add(item(5, at=T0, lane=EXPLAIN_LANE))
     now = T0 + 1.0
     assert s.next_batch(now, lane=PREDICT_LANE) is None
     assert s.next_wakeup(now, lane=PREDICT_LANE) is None
     assert s.next_wakeup(now) == 0.0
-    assert [it.lane for it in s.next_batch(now, lane=EXPLAIN_LANE)] == [EXPLAIN_LANE]
+    assert [it.lane for it in formed(s.next_batch(now, lane=EXPLAIN_LANE))] == [EXPLAIN_LANE]

@@ -86,7 +86,10 @@ def test_services_exist(services: dict[str, Any]) -> None:
 def test_roles_are_cli_commands(services: dict[str, Any]) -> None:
     from service.cli import app
 
-    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    names: set[str] = set()
+    for c in app.registered_commands:
+        assert c.callback is not None, c  # @app.command() always sets one
+        names.add(c.name or c.callback.__name__.replace("_", "-"))
     for svc in NLPSERVE_IMAGE_SERVICES:
         cmd = services[svc]["command"]
         role = cmd[0] if isinstance(cmd, list) else cmd.split()[0]
@@ -365,7 +368,9 @@ def test_gateway_re_resolves_the_replicas(services: dict[str, Any]) -> None:
 
 def _local_nginx_version() -> tuple[int, ...]:
     out = subprocess.run([procs.nginx_exe(), "-v"], capture_output=True, text=True).stderr
-    return _version(re.search(r"nginx/(\d+\.\d+\.\d+)", out).group(1))
+    found = re.search(r"nginx/(\d+\.\d+\.\d+)", out)
+    assert found, out
+    return _version(found.group(1))
 
 
 def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Path) -> None:

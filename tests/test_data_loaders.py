@@ -111,6 +111,7 @@ def test_treebank_errors_name_the_path(tmp_path):
 @needs_real
 @pytest.mark.realdata
 def test_real_treebank_counts():
+    assert REAL is not None
     c = load_treebank(REAL)
     assert len(c) == 3914
     assert sum(map(len, c.sentences)) == 100_676 - 6_592  # traces dropped
@@ -164,6 +165,7 @@ def test_conllu_errors(tmp_path):
 @needs_real
 @pytest.mark.realdata
 def test_real_conllu_counts():
+    assert REAL is not None
     ud = REAL / "ud_english_ewt"
     dev = load_conllu(ud / "en_ewt-ud-dev.conllu")
     test = load_conllu(ud / "en_ewt-ud-test.conllu")
@@ -210,6 +212,7 @@ def test_polarity_errors(tmp_path):
 @needs_real
 @pytest.mark.realdata
 def test_real_polarity_counts():
+    assert REAL is not None
     c = load_polarity(REAL)
     assert len(c) == 10_662
     assert c.labels.count(0) == 5331 and c.labels.count(1) == 5331

@@ -60,7 +60,8 @@ def over(css: str, base: tuple[float, float, float]) -> tuple[float, float, floa
     """A computed ``rgb()``/``rgba()`` colour composited over ``base``."""
     parts = [float(x) for x in re.findall(r"[\d.]+", css)]
     alpha = parts[3] if len(parts) > 3 else 1.0
-    return tuple(alpha * c + (1 - alpha) * b for c, b in zip(parts[:3], base, strict=True))
+    red, green, blue = (alpha * c + (1 - alpha) * b for c, b in zip(parts[:3], base, strict=True))
+    return red, green, blue
 
 
 WHITE = (255.0, 255.0, 255.0)  # the panels' background
@@ -256,6 +257,7 @@ async def test_axe_core_finds_no_serious_violations(browser, inprocess_service, 
         require_model(model_repo, name)
     # shap's start-up first, untimed: cold (this file alone) it outlasted the 20 s deadline
     await warm_up_explain(inprocess_service.app)
+    assert AXE_JS  # the skipif above
     axe = Path(AXE_JS).read_text()
     page, page_errors = await open_page(browser, inprocess_service.url)
     page.set_default_timeout(TIMEOUT_MS)

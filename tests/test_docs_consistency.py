@@ -168,8 +168,8 @@ def _documented_commands(text: str) -> list[list[str]]:
 
 
 def _nlpserve_options() -> dict[tuple[str, ...], set[str]]:
-    import click
-    import typer
+    import typer.main
+    from typer.core import TyperCommand, TyperGroup
 
     from service.cli import app
     from training.cli import register
@@ -178,12 +178,15 @@ def _nlpserve_options() -> dict[tuple[str, ...], set[str]]:
         register(app)
     options: dict[tuple[str, ...], set[str]] = {}
 
-    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+    # typer's commands: click's classes as typer carries them (0.2x: its own copy of click)
+    def walk(cmd: TyperCommand | TyperGroup, path: tuple[str, ...]) -> None:
         options[path] = {o for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
         for name, sub in getattr(cmd, "commands", {}).items():
             walk(sub, (*path, name))
 
-    walk(typer.main.get_command(app), ())
+    root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
+    walk(root, ())
     return options
 
 

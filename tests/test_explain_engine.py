@@ -280,7 +280,9 @@ async def test_identical_requests_share_a_computation_within_their_own_deadlines
     elapsed, calls_at_504 = time.monotonic() - t0, model.calls
     # its own wait, told to a tenth of a second: not before its deadline, nor longer than
     # the call itself took (the owner's time)
-    waited = float(re.search(r"([\d.]+) s waiting for the same", str(e.value)).group(1))
+    told = re.search(r"([\d.]+) s waiting for the same", str(e.value))
+    assert told, str(e.value)
+    waited = float(told.group(1))
     assert 0.2 <= waited <= elapsed + 0.05, str(e.value)
     assert (await long).evals > 0
     assert model.calls > calls_at_504  # the 504 came while the computation still ran

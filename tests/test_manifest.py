@@ -165,6 +165,7 @@ def test_train_and_evaluate_commands(cli, tmp_path, task):
     hp = m.hyperparameters
     assert "progress" not in hp and hp["epochs"] == 3 and hp["lr"] == 0.01
     assert hp["vocab_size"] > 2 and 1 <= hp["best_epoch"] <= hp["epochs_run"] <= 3
+    assert m.split is not None
     assert m.split.unit == "sentence" and m.split.sizes["train"] > m.split.sizes["dev"] > 0
     if task == "pos":
         assert hp["n_chars"] > 2 and hp["drop_traces"] is True
@@ -261,7 +262,8 @@ def test_committed_artifact_meets_target_and_reevaluates(name, target):
     if REAL is None:
         pytest.skip("shared data not available")
     evaluate = evaluate_pos if m.task == "pos" else evaluate_polarity
-    assert evaluate(folder, REAL)["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
+    got = evaluate(folder, REAL, None, None)  # the fp32 file, on the CPU
+    assert got["accuracy"] == pytest.approx(m.metrics["accuracy"], abs=1e-9)
 
 
 def _committed_model(name: str, task_cls):
@@ -317,9 +319,9 @@ def test_committed_qa_answers_the_docs_examples():
     from service.tasks.qa import QATask
 
     qa = _committed_model("qa-zh", QATask)
-    fields = QARequest.model_fields
-    schema = QARequest(question=fields["question"].examples[0],
-                       context=fields["context"].examples[0])  # fmt: skip
+    question, context = (QARequest.model_fields[f].examples for f in ("question", "context"))
+    assert question and context
+    schema = QARequest(question=question[0], context=context[0])
     readme = (ROOT / "README.md").read_text("utf-8")
     curl = re.search(r"curl -s localhost:8000/v1/qa -d '(\{.*?\})'", readme)
     assert curl is not None

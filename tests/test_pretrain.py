@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,7 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     from typer.testing import CliRunner
 
     from service.repository import load_manifest
+    from training.cli import Evaluator
     from training.transformer.commands import register
     from training.transformer.pretrain import PretrainConfig, pretrain
 
@@ -169,7 +171,8 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
         (data / f"cmrc2018_{split}.json").write_text(
             json.dumps(_squad(TEXTS[:4] * 2), ensure_ascii=False), "utf-8"
         )
-    app, train_app, evaluators = typer.Typer(), typer.Typer(), {}
+    app, train_app = typer.Typer(), typer.Typer()
+    evaluators: dict[str, Evaluator] = {}
     register(train_app, app, evaluators)
     app.add_typer(train_app, name="train")
     assert set(evaluators) == {"qa", "detect"}
@@ -316,9 +319,10 @@ def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path
     from training.transformer.qa import QAConfig, train_qa
 
     examples = _tiny_base_and_squad(tmp_path)
-    shape = dict(max_length=48, doc_stride=8, max_query_length=8, holdout_ratio=0.25)
-    gpu = QAConfig(base_model=str(tmp_path / "base"), batch_size=4, epochs=2, skip_test=True,
-                   **shape)  # fmt: skip
+    # partial, not a dict to unpack: mypy checks these keywords against QAConfig's fields
+    shaped = partial(QAConfig, max_length=48, doc_stride=8, max_query_length=8,
+                     holdout_ratio=0.25)  # fmt: skip
+    gpu = shaped(base_model=str(tmp_path / "base"), batch_size=4, epochs=2, skip_test=True)
     round1 = tmp_path / "gpu" / "qa-zh" / "1"
     train_qa(examples, examples, gpu, round1, variants=("fp32",), work_dir=tmp_path / "w1",
              command="nlpserve train qa --skip-test")  # fmt: skip
@@ -333,7 +337,7 @@ def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (carried / f).write_bytes((tmp_path / "w1" / "best" / f).read_bytes())
 
-    score = QAConfig(base_model=str(carried), epochs=0, **shape)
+    score = shaped(base_model=str(carried), epochs=0)
     scored = tmp_path / "scored" / "qa-zh" / "1"
     metrics = train_qa(examples, examples, score, scored, variants=("fp32",),
                        work_dir=tmp_path / "w2")  # fmt: skip

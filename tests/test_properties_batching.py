@@ -91,7 +91,7 @@ policies = st.builds(
 
 @given(policies, st.lists(st.integers(0, 30), min_size=1, max_size=40))
 def test_take_keeps_every_rule_and_loses_nothing(policy, lengths) -> None:
-    pending = PendingBucket()
+    pending = PendingBucket[WorkItem]()
     items = [
         WorkItem("m", 0, n, {}, deadline=1e12, id=str(i), enqueued_at=float(i))
         for i, n in enumerate(lengths)

@@ -51,8 +51,10 @@ def test_ort_serves_valid_spans_over_several_windows(qa_entry: Path):
     import onnxruntime as ort
 
     m = load_manifest(qa_entry)
-    enc = QAEncoder.load(qa_entry / "tokenizer.json", m.max_length, m.preprocessing.doc_stride,
-                         m.preprocessing.max_query_length)  # fmt: skip
+    pre = m.preprocessing
+    assert pre.doc_stride and pre.max_query_length and pre.max_answer_length  # a QA manifest's
+    enc = QAEncoder.load(qa_entry / "tokenizer.json", m.max_length, pre.doc_stride,
+                         pre.max_query_length)  # fmt: skip
     for variant in ("fp32", "int8", "fp16"):
         sess = ort.InferenceSession(str(qa_entry / m.variants[variant].file),
                                     providers=["CPUExecutionProvider"])  # fmt: skip
@@ -61,7 +63,7 @@ def test_ort_serves_valid_spans_over_several_windows(qa_entry: Path):
             assert len(wins) > 1
             s, e = sess.run(["start_logits", "end_logits"], enc.collate(wins))
             assert s.shape == (len(wins), max(len(w) for w in wins))
-            ans = enc.decode(ex.context, wins, s, e, m.preprocessing.max_answer_length)
+            ans = enc.decode(ex.context, wins, s, e, pre.max_answer_length)
             assert ex.context[ans.start : ans.end] == ans.text and ans.text
 
 

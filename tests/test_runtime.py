@@ -232,7 +232,7 @@ def test_shape_grid_rounds_batches_without_changing_outputs(fp32_runners, model_
             np.testing.assert_allclose(want[name], got[name], rtol=0, atol=1e-5)
 
 
-def test_shape_grid_is_what_warmup_runs(model_repo):
+def test_shape_grid_is_what_warmup_runs(model_repo, monkeypatch):
     require_model(model_repo, DETECT_MODEL)
     metrics = Metrics()
     s = settings(model_repo, variant="fp32", shape_multiple=16, max_batch_size=6)
@@ -255,9 +255,9 @@ def test_shape_grid_is_what_warmup_runs(model_repo):
         ran.append((mask.shape, bool((mask == 0).any())))
         return real_run(feeds)
 
-    runner._run = spy
-    runner.warmup()
-    runner._run = real_run
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "_run", spy)
+        runner.warmup()
     # every grid shape ran once without padding and once with padding in its mask
     assert sorted(ran) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
     assert metric_value(metrics.render().decode(), "nlpserve_batch_size_count") == 0

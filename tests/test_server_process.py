@@ -66,7 +66,7 @@ def _serve(model_repo: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())  # type: ignore[union-attr]
+            raise AssertionError(proc.communicate()[0])
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return proc, url
@@ -161,7 +161,8 @@ def test_a_request_that_is_not_valid_http_gets_the_json_error_shape(model_repo):
                 head, _, body = _read_until_closed(sock).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 400 "), (raw, head)
             assert b"content-type: application/json" in head.lower(), head
-            assert int(re.search(rb"content-length: (\d+)", head.lower())[1]) == len(body)
+            length = re.search(rb"content-length: (\d+)", head.lower())
+            assert length and int(length[1]) == len(body), head
             err = json.loads(body)["error"]
             assert err["code"] == "bad_request" and "not valid HTTP" in err["message"], err
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # still serving
@@ -306,7 +307,7 @@ def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 90.0) ->
     end = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())  # type: ignore[union-attr]
+            raise AssertionError(proc.communicate()[0])
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -395,7 +396,9 @@ def test_server_runs_on_uvloop_and_httptools(model_repo):
     assert issubclass(cfg.http_protocol_class, HttpToolsProtocol)
     # no X-Forwarded-* rewriting layer: nothing reads the client's address
     assert type(cfg.loaded_app).__name__ != "ProxyHeadersMiddleware"
-    loop = cfg.get_loop_factory()()
+    loop_factory = cfg.get_loop_factory()
+    assert loop_factory is not None
+    loop = loop_factory()
     try:
         assert type(loop).__module__.startswith("uvloop")
         assert isinstance(loop, asyncio.AbstractEventLoop)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -85,6 +86,7 @@ def test_pretrain_says_what_a_sigterm_may_leave(cli, capsys):
     from training.options import handles_sigterm
 
     run = next(c.callback for c in app.registered_commands if c.name == "pretrain")
+    assert run is not None and run.__closure__ is not None
     cells = [c.cell_contents for c in run.__closure__]
     bound = dict(zip(run.__code__.co_freevars, cells, strict=True))
     assert bound["command"].__name__ == "pretrain_cmd"
@@ -167,8 +169,10 @@ def test_every_transformer_option_has_help_and_names_real_options(cli, command):
 
 def typer_command(typer_app, name: str):
     import typer.main
+    from typer.core import TyperGroup
 
     group = typer.main.get_command(typer_app)
+    assert isinstance(group, TyperGroup)
     return group.commands[name]
 
 
@@ -233,9 +237,11 @@ def test_qa_test_scoring_shows_a_bar(capsys, monkeypatch):
     """ONNX test scoring (``predict`` with ``desc``) shows a bar; held-out scoring does not."""
     import numpy as np
 
+    from service.preprocess.qa import QAEncoder
+    from training.data.squad import QAExample
     from training.transformer import common, qa
 
-    class Enc:
+    class Enc:  # a stand-in QAEncoder: every question gets one window of 3 tokens
         def encode_batch(self, qs, cs):
             return [[[1, 2, 3]] for _ in qs]
 
@@ -245,12 +251,13 @@ def test_qa_test_scoring_shows_a_bar(capsys, monkeypatch):
         def decode(self, ctx, wins, s, e, n, best):
             return type("A", (), {"text": ctx[:1]})
 
-    ex = [type("E", (), {"id": str(i), "question": "q", "context": "ctx"}) for i in range(5)]
+    ex = [QAExample(str(i), "a", "q", "ctx", ()) for i in range(5)]
+    enc = cast(QAEncoder, Enc())
     run = lambda b: (np.zeros((len(b["input_ids"]), 3)), np.zeros((len(b["input_ids"]), 3)))  # noqa: E731
     monkeypatch.setattr(common, "PROGRESS", True)
-    qa.predict(ex, Enc(), run, 2, 10, desc="test model.onnx")
+    qa.predict(ex, enc, run, 2, 10, desc="test model.onnx")
     assert "test model.onnx" in capsys.readouterr().err
-    qa.predict(ex, Enc(), run, 2, 10)
+    qa.predict(ex, enc, run, 2, 10)
     assert capsys.readouterr().err == ""
 
 

@@ -140,7 +140,8 @@ REAL = shared_data("nltk_data")
 @pytest.mark.skipif(REAL is None, reason="shared data not available")
 @pytest.mark.realdata
 def test_treebank_sentences_sent_as_text_get_their_own_tokens():
-    corpus = load_treebank(REAL)  # type: ignore[arg-type]
+    assert REAL is not None
+    corpus = load_treebank(REAL)
     encoder = WordEncoder.load(POS_TOKENIZER)
     got = encoder.split([" ".join(s) for s in corpus.sentences])
     same = sum(g == s for g, s in zip(got, corpus.sentences, strict=True))

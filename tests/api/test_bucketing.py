@@ -139,7 +139,7 @@ async def fp32_service(model_repo):
         yield srv
 
 
-CASES = {
+CASES: dict[str, tuple[str, dict, dict]] = {
     "pos": (
         "pos-en",
         {"tokens": ["the", "dog"]},

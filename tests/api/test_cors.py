@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -144,10 +145,10 @@ def test_any_origin():
     # as browsers send them: a port other than the scheme's default, an IPv6 literal
     listed = "http://localhost:3000,https://app.example.com:8443,http://[::1]:8080,http://[::1]"
     assert parse_origins(listed) == listed.split(",")
-    settings = make_settings(".", cors_allow_origins="*")
+    settings = make_settings(Path("."), cors_allow_origins="*")
     assert settings.cors_origins() == ["*"]
-    assert make_settings(".", cors_allow_origins="  ").cors_origins() == []
-    assert make_settings(".").cors_origins() == []
+    assert make_settings(Path("."), cors_allow_origins="  ").cors_origins() == []
+    assert make_settings(Path(".")).cors_origins() == []
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_any_origin():
 )
 def test_a_value_that_no_browser_would_match_is_refused(value, says):
     with pytest.raises(ValidationError) as e:
-        make_settings(".", cors_allow_origins=value)
+        make_settings(Path("."), cors_allow_origins=value)
     assert "cors_allow_origins" in str(e.value) and says in str(e.value)
 
 

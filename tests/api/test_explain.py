@@ -219,12 +219,13 @@ async def test_explanations_have_their_own_endpoint_label_in_request_metrics(c, 
 
     async def counts() -> tuple[float, float]:
         text = (await c.get("/metrics")).text
-        return tuple(
+        predict, explain = (
             metric_value(
                 text, "nlpserve_request_duration_seconds_count", model=POLARITY_MODEL, endpoint=e
             )
             for e in ("predict", "explain")
         )
+        return predict, explain
 
     before = await counts()
     r = await c.post("/v1/polarity/explain", json={"text": "a moving and clever film"})

@@ -304,6 +304,7 @@ async def test_openapi_python_client_generates_a_working_client(model_repo, tmp_
     as chosen) and, with the generator's own Python (it has the client's attrs and httpx),
     calls the server through it: typed results, a batch, errors parsed as ErrorResponse, a
     V2 inference and its error (V2ErrorResponse)."""
+    assert GENERATOR is not None  # the skipif above
     async with live_server(make_settings(model_repo)) as srv, srv.client() as c:
         spec_file = tmp_path / "openapi.json"
         spec_file.write_text((await c.get("/openapi.json")).text)

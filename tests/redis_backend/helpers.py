@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from service.worker import Worker
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, runners: dict[str, ModelRunner]
+    settings: Settings, runners: Mapping[str, ModelRunner]
 ) -> AsyncIterator[Worker]:
     """A worker on this event loop (ORT on its executor thread), stopped gracefully after."""
     worker = Worker(settings, runners)
@@ -38,7 +38,7 @@ async def running_worker(
 
 @contextlib.asynccontextmanager
 async def api_queue(
-    settings: Settings, runners: dict[str, ModelRunner], metrics: Metrics | None = None
+    settings: Settings, runners: Mapping[str, ModelRunner], metrics: Metrics | None = None
 ) -> AsyncIterator[RedisQueue]:
     q = RedisQueue(settings, {n: r.manifest for n, r in runners.items()}, metrics)
     await q.start()

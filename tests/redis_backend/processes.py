@@ -118,7 +118,7 @@ class Cluster:
         end = time.monotonic() + timeout
         for url in urls:
             while not is_ok(url):
-                for p, _ in self.apis + self.workers:  # type: ignore[operator]
+                for p, _ in self.apis + self.workers:
                     if not p.alive() and p.p.returncode not in (-9, 0):
                         raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
                 if time.monotonic() > end:
@@ -126,10 +126,10 @@ class Cluster:
                 time.sleep(0.1)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.tail()}" for p, _ in self.apis + self.workers)  # type: ignore[operator]
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p, _ in self.apis + self.workers)
 
     def close(self) -> None:
-        for p, _ in self.workers + self.apis:  # type: ignore[operator]
+        for p, _ in self.workers + self.apis:
             p.stop()
         self.redis.stop()
 

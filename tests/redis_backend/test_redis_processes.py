@@ -57,7 +57,7 @@ def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def _requests(n: int, seed: int) -> list[tuple[str, dict]]:
     rng = random.Random(seed)
     words = [w for ws in POS_LEXICON.values() for w in ws]
-    out = []
+    out: list[tuple[str, dict]] = []
     for i in range(n):
         if i % 2:
             k = rng.choice([1, 2, 3, 5, 8, 13, 20, 35, 50, 60])  # spans every pos bucket

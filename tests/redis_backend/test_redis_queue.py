@@ -12,13 +12,14 @@ import dataclasses
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from service.batching import bucket_index
+from service.batching import WorkItem, bucket_index
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing import (
@@ -41,6 +42,7 @@ from service.queueing.redis_keys import (
     work_stream,
     workers_key,
 )
+from service.runtime.runner import ModelRunner
 from service.worker import StreamItem, Worker
 from tests.redis_backend.helpers import (
     api_queue,
@@ -50,7 +52,7 @@ from tests.redis_backend.helpers import (
     running_worker,
     wait_for,
 )
-from tests.service_support import GatedRunner, metric_value
+from tests.service_support import GatedRunner, RunnerProxy, metric_value
 
 POS, POL = "pos-en", "polarity-en"
 
@@ -134,7 +136,7 @@ async def test_idle_worker_runs_a_lone_entry_at_once(
 
 
 async def test_next_batch_runs_while_the_last_ones_replies_are_written(
-    make_settings, tiny_runners, r
+    make_settings, tiny_runners, r, monkeypatch
 ) -> None:
     """A thread is free once its batch returns: with one thread and nothing formed ahead,
     the next batch runs while the previous batch's replies are still being written."""
@@ -149,7 +151,7 @@ async def test_next_batch_runs_while_the_last_ones_replies_are_written(
             await gate.wait()
             await settle(done)
 
-        w._settle = slow_settle
+        monkeypatch.setattr(w, "_settle", slow_settle)
         first = asyncio.create_task(q.submit(items[0]))
         await wait_for(lambda: w.stats.batches == 1)
         second = asyncio.create_task(q.submit(items[1]))
@@ -251,7 +253,9 @@ async def test_no_worker_fail_fast_over_http(make_settings) -> None:
     text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a short test"]}
     async with live_server(make_settings(redis_no_worker_fail_s=0.0)) as srv:
         async with srv.client() as c:
-            await wait_for(lambda: srv.state.queue.workers_alive == 0)
+            queue = srv.state.queue
+            assert queue is not None
+            await wait_for(lambda: queue.workers_alive == 0)
             ready = await c.get("/readyz")
             r = await c.post("/v1/pos", json={"text": "a short test"})
             v2 = [
@@ -342,13 +346,18 @@ def test_model_absence_waits_its_grace_and_defers_to_the_global_one(make_setting
     )
     q._count_workers(1, {POS: 0, POL: 1})
     assert q.no_workers_refusal(POS) is None  # within the 30 s limit
-    q._unserved[POS].since -= 31
-    assert "serving pos-en/" in q.no_workers_refusal(POS)
+    unserved = q._unserved[POS]
+    assert unserved.since is not None  # unserved since the count above
+    unserved.since -= 31
+    refusal = q.no_workers_refusal(POS)
+    assert refusal is not None and "serving pos-en/" in refusal
     assert q.no_workers_refusal(POL) is None and q.no_workers_refusal() is None
     q._count_workers(0, {POS: 0, POL: 0})  # none alive at all
+    assert q._no_workers.since is not None
     q._no_workers.since -= 31
     for model in (POS, POL, None):
-        assert "no inference worker has been alive" in q.no_workers_refusal(model)
+        refusal = q.no_workers_refusal(model)
+        assert refusal is not None and "no inference worker has been alive" in refusal
     q._count_workers(2, {POS: 1, POL: 1})
     assert all(q.no_workers_refusal(m) is None for m in (POS, POL, None))
 
@@ -466,7 +475,9 @@ async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
             assert POS not in q._seq_s  # no batch ran anywhere: no estimate, no refusal
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
             await wait_for(lambda: POS in q._seq_s, timeout=10)
-            seq_s, threads, at = decode_pace(await r.hget(key, w.name))
+            pace = decode_pace(await r.hget(key, w.name))
+            assert pace is not None
+            seq_s, threads, at = pace
             assert 0 < seq_s < 5 and threads == w._threads[POS] and abs(at - time.time()) < 10
             assert q._seq_s[POS] == pytest.approx(seq_s / threads, rel=0.5)
             assert POL not in q._seq_s  # per model: polarity ran nothing
@@ -475,7 +486,7 @@ async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
 
 
 async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
-    make_settings, tiny_runners
+    make_settings, tiny_runners, monkeypatch
 ) -> None:
     """The depth a replica refuses from (before the admission script) was last seen at an
     admission or a health probe; entries it admitted and got answered are gone from the
@@ -489,7 +500,7 @@ async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
         async def no_probe() -> None:  # only admissions update what q saw
             await asyncio.sleep(0)
 
-        q._sample_depths = no_probe
+        monkeypatch.setattr(q, "_sample_depths", no_probe)
         for _ in range(3):
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
             assert q.refuse(POS, 3, time.monotonic() + 20) is None
@@ -631,6 +642,7 @@ async def test_poison_input_goes_to_dead_letter_and_client_gets_error(
     assert isinstance(res[0], InferenceFailedError) and res[0].status_code == 422
     assert "dead-letter" in str(res[0]) and "3 attempt" in str(res[0])
     for g, out in zip(good, res[1:], strict=True):  # batch-mates of the poison are unharmed
+        assert not isinstance(out, BaseException), out
         assert_same(out, direct(tiny_runners[POS], g))
     assert w.stats.retried == 2 and w.stats.dead_lettered == 1
     dead = await r.xrange(dead_letter_stream(settings.redis_prefix, POS))
@@ -642,20 +654,19 @@ async def test_poison_input_goes_to_dead_letter_and_client_gets_error(
     assert codec.decode_work(fields).item.length == 7
 
 
-class _OutputsAs:
+class _OutputsAs(RunnerProxy):
     """A runner whose outputs come back converted by ``convert`` (what another model's
     ONNX graph could return)."""
 
-    def __init__(self, inner, convert) -> None:
-        self.inner, self.convert = inner, convert
+    def __init__(self, inner: ModelRunner, convert: Callable[[np.ndarray], np.ndarray]) -> None:
+        super().__init__(inner)
+        self.convert = convert
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def run_batch(self, items, **kw):
-        return [
-            {k: self.convert(v) for k, v in d.items()} for d in self.inner.run_batch(items, **kw)
-        ]
+    def run_batch(
+        self, items: Sequence[WorkItem], *, record: bool = True
+    ) -> list[dict[str, np.ndarray]]:
+        outs = self.inner.run_batch(items, record=record)
+        return [{k: self.convert(v) for k, v in d.items()} for d in outs]
 
 
 async def test_an_answer_the_codec_cannot_carry_fails_alone_and_never_jams_the_worker(
@@ -893,7 +904,9 @@ async def test_graceful_stop_runs_what_its_last_read_brings(make_settings, tiny_
     assert (await r.xpending(stream, GROUP))["pending"] == 0
 
 
-async def test_graceful_stop_runs_what_a_reclaim_in_flight_brings(make_settings, tiny_runners, r):
+async def test_graceful_stop_runs_what_a_reclaim_in_flight_brings(
+    make_settings, tiny_runners, r, monkeypatch
+):
     """The same for a reclaim sweep: entries a worker is taking over (XCLAIM in flight) when
     told to stop become its own; it must run them before it leaves."""
     settings = make_settings(redis_claim_idle_ms=300)
@@ -916,7 +929,7 @@ async def test_graceful_stop_runs_what_a_reclaim_in_flight_brings(make_settings,
             await go.wait()
             return await xclaim(*a, **k)
 
-        worker.client.xclaim = held_xclaim  # type: ignore[method-assign]
+        monkeypatch.setattr(worker.client, "xclaim", held_xclaim)
         await asyncio.wait_for(called.wait(), 5)
         worker.stop()
         await asyncio.sleep(0.3)  # reader done: the old batcher had left by now
@@ -1311,8 +1324,8 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
     async def groups_exist() -> None:
         pass
 
-    w.client = Client()  # type: ignore[assignment]
-    w._ensure_groups = groups_exist  # type: ignore[method-assign]
+    w.client = Client()  # type: ignore[assignment]  # records the reads, answers none
+    w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
     w._room, w._wake = asyncio.Event(), asyncio.Event()
     w.connected = True  # reads past the first: that one does not block (not yet ready)
     for held in (3, 4):

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from service.batching import WorkItem
+from service.config import Settings
 from service.queueing import BackendUnavailableError
+from service.queueing.redis_queue import RedisQueue
 from service.queueing.reply_loss import LOST
+from service.runtime.runner import ModelRunner
 from tests.redis_backend.helpers import (
     api_queue,
     assert_same,
@@ -27,7 +31,12 @@ from tests.redis_support import RedisServer
 POL = "polarity-en"
 
 
-async def _queued(q, runners, n: int, seed: int):
+Outputs = dict[str, np.ndarray]
+
+
+async def _queued(
+    q: RedisQueue, runners: dict[str, ModelRunner], n: int, seed: int
+) -> tuple[list[WorkItem], list[asyncio.Task[Outputs]]]:
     """``n`` requests waiting in Redis (no worker runs yet), their deadlines a minute away:
     a 504 at the deadline cannot come before the tests' 30-s waits end."""
     rng = np.random.default_rng(seed)
@@ -37,7 +46,12 @@ async def _queued(q, runners, n: int, seed: int):
     return items, tasks
 
 
-async def _served(settings, runners, items, tasks) -> None:
+async def _served(
+    settings: Settings,
+    runners: dict[str, ModelRunner],
+    items: list[WorkItem],
+    tasks: list[asyncio.Task[Outputs]],
+) -> None:
     async with running_worker(settings, runners):
         got = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     for it, g in zip(items, got, strict=True):
@@ -97,9 +111,9 @@ async def test_requests_whose_work_redis_lost_are_answered_503_once_it_is_back(
         done, _ = await asyncio.wait(tasks, timeout=30)
         assert len(done) == 3
         for t in tasks:
-            with pytest.raises(BackendUnavailableError, match="lost this request's work"):
+            with pytest.raises(BackendUnavailableError, match="lost this request's work") as lost:
                 t.result()
-            assert t.exception().status_code == 503  # type: ignore[union-attr]
+            assert lost.value.status_code == 503
         assert LOST in str(tasks[0].exception())
 
 
