@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.config import Settings
 from service.logs import configure_logging
@@ -38,6 +40,14 @@ def _settings(**overrides: object) -> Settings:
             where = f"NLPSERVE_{field.upper()}: " if field else ""
             msg = err["msg"].removeprefix("Value error, ")  # a check across settings
             typer.echo(f"nlpserve: invalid setting: {where}{msg}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as e:
+        # A JSON setting (NLPSERVE_BUCKETS) that does not parse fails before validation,
+        # as 'error parsing value for field "buckets" ...' with the JSON error as its cause.
+        named = re.search(r'field "(\w+)"', str(e))
+        where = f"NLPSERVE_{named.group(1).upper()}: " if named else ""
+        why = f" ({e.__cause__})" if e.__cause__ else ""
+        typer.echo(f"nlpserve: invalid setting: {where}not valid JSON{why}", err=True)
         raise typer.Exit(2) from None
 
 

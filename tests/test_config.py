@@ -169,6 +169,20 @@ def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
     assert "invalid setting: NLPSERVE_MAX_WAIT_MS: Input should be greater" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_setting_that_is_not_json_is_one_line_not_a_traceback(monkeypatch, command):
+    """NLPSERVE_BUCKETS is JSON: a malformed value ended the command with pydantic-settings'
+    SettingsError traceback ("error parsing value for field "buckets"")."""
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    monkeypatch.setenv("NLPSERVE_BUCKETS", '{"pos-en": [16, 32')
+    result = CliRunner().invoke(cli.app, [command])
+    assert result.exit_code == 2, result.exception
+    assert "nlpserve: invalid setting: NLPSERVE_BUCKETS: not valid JSON (" in result.output
+
+
 @pytest.mark.parametrize(
     ("argv", "field", "target"),
     [
