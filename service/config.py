@@ -183,7 +183,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(
         True,
         description="Run one batch per bucket of each model at startup (every shape of the "
-        "shape grid where it is on).",
+        "shape grid where it is on). On CPU it also times the cost per padded token that "
+        "sets the default padding floor: false leaves every CPU model at the "
+        f"{CPU_MIN_PADDING_EFFICIENCY:g} floor.",
     )
 
     # --- batching

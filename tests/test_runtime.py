@@ -258,8 +258,13 @@ def test_shape_grid_is_what_warmup_runs(model_repo, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(runner, "_run", spy)
         runner.warmup()
-    # every grid shape ran once without padding and once with padding in its mask
-    assert sorted(ran) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
+    # every grid shape ran once without padding and once with padding in its mask, then the
+    # CPU's token cost was measured (5 runs of a full-length batch, test_token_cost_*)
+    warm, measured = ran[: 2 * len(grid)], ran[2 * len(grid) :]
+    assert sorted(warm) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
+    rows = min(runner.max_rows, CPU_BATCH_TOKENS // top)
+    assert measured == [(runner.padded_shape(rows, top), False)] * 5
+    assert runner.token_cost_s is not None
     assert metric_value(metrics.render().decode(), "nlpserve_batch_size_count") == 0
     # padding efficiency counts the grid's padding: 1 sequence of 17 tokens runs as 1 x 32
     tasks = build_tasks(entries, s)
@@ -342,9 +347,12 @@ def test_token_cost_is_cpu_time_not_time_waiting_for_a_core(model_repo, monkeypa
     assert 0.002 <= cost < 0.02, cost  # the 2 ms of CPU, not the 52 ms of wall clock
 
 
-def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo):
+@pytest.mark.parametrize("grid", [None, 8], ids=["no-grid", "cpu-shape-grid"])
+def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo, grid):
+    """Also with a shape grid on the CPU (NLPSERVE_SHAPE_MULTIPLE): its warm-up measured
+    nothing, and every model, the cheap LSTMs too, kept the 0.95 floor."""
     # The explicit test floor (0.0) would hide the default rule: leave it unset here.
-    s = settings(model_repo, min_padding_efficiency=None)
+    s = settings(model_repo, min_padding_efficiency=None, shape_multiple=grid)
     entries = [e for e in discover_models(model_repo) if e.name in ("pos-en", "detector-en")]
     runners = load_runners(s, None, entries)
     for r in runners.values():
