@@ -112,6 +112,12 @@ def serve(
         select=settings.model_selection(),
         verify_files=settings.queue != "redis",
     )
+    if settings.queue == "inprocess":
+        # NLPSERVE_REQUIRE_GPU without CUDA: one line now (ProviderError, main), not the
+        # traceback of a failed lifespan once uvicorn has started
+        from service.runtime.session import resolve_providers
+
+        resolve_providers(settings)
     from service.server import run_server
 
     run_server(settings)
@@ -208,8 +214,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from service.repository import ManifestError
+    from service.runtime.session import ProviderError
 
-    errors = (*_USER_ERRORS, ManifestError)
+    errors = (*_USER_ERRORS, ManifestError, ProviderError)
     try:
         from training.data.common import DataError, TrainingError
     except ImportError:  # serving-only install
@@ -227,11 +234,16 @@ def main() -> None:
     except _user_errors() as e:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
+        # here, not above: it imports onnxruntime, which a Redis-mode API never loads
+        from service.runtime.session import ProviderError
+
         what = (
             "invalid model selection"
             if isinstance(e, SelectionError)
             else "invalid model repository"
             if isinstance(e, ManifestError)
+            else "execution provider unavailable"
+            if isinstance(e, ProviderError)
             else type(e).__name__
         )
         typer.echo(f"nlpserve: {what}: {e}", err=True)

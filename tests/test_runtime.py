@@ -65,6 +65,29 @@ def test_require_gpu_without_cuda_fails(model_repo):
         resolve_providers(settings(model_repo, providers=None, require_gpu=True))
 
 
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this host has CUDA")
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_require_gpu_without_cuda_stops_the_command_in_one_line(
+    model_repo, monkeypatch, capsys, command
+):
+    """NLPSERVE_REQUIRE_GPU=1 on a host without CUDA ended `nlpserve serve` with the
+    traceback of a failed lifespan (once uvicorn had started), and `nlpserve worker` with
+    ProviderError's traceback."""
+    from service.cli import main
+
+    monkeypatch.setenv("NLPSERVE_REQUIRE_GPU", "1")
+    monkeypatch.delenv("NLPSERVE_PROVIDERS", raising=False)
+    monkeypatch.setenv("NLPSERVE_PORT", "0")  # were it to start after all: never on 8000
+    monkeypatch.setenv("NLPSERVE_METRICS_PORT", "0")
+    monkeypatch.setattr("sys.argv", ["nlpserve", command, "--models", str(model_repo)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("nlpserve: execution provider unavailable: NLPSERVE_REQUIRE_GPU")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------ variants
 def _manifest_with_variants(model_repo: Path):
     m = load_manifest(model_repo / "pos-en" / "1")
