@@ -170,7 +170,12 @@ class Settings(BaseSettings):
         "on CPU, the usable cores divided among the inference threads (1 with the default "
         "threads); on CUDA, 0.",
     )
-    inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads.")
+    inter_op_threads: int = Field(
+        1,
+        ge=0,
+        description="ORT inter-op threads: independent branches of the graph run on this many "
+        "threads at once (0 = ORT default). 1 = sequential execution, one node at a time.",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     variant: str | None = Field(
         None, description="Force a model variant (fp32, int8, fp16); default picks per provider."

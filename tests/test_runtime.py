@@ -125,6 +125,18 @@ def test_session_options_are_deliberate(model_repo):
     assert basic.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
+@pytest.mark.parametrize("threads", [0, 2])
+def test_inter_op_threads_other_than_one_run_graph_branches_in_parallel(model_repo, threads):
+    """ORT ignores inter_op_num_threads in sequential execution (its docs: "acts as if it was
+    set to 1"), which the sessions always used: NLPSERVE_INTER_OP_THREADS did nothing."""
+    s = settings(model_repo, inter_op_threads=threads)
+    (entry,) = [e for e in discover_models(model_repo) if e.name == "pos-en"]
+    runner = load_runners(s, None, [entry])["pos-en"]
+    so = runner.session.get_session_options()
+    assert so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert so.inter_op_num_threads == threads
+
+
 # ------------------------------------------------------------------ CUDA -> CPU fallback
 def _fake_cuda(monkeypatch, *, silent: bool) -> None:
     """Pretend onnxruntime has CUDA but the device cannot be used: either session creation
