@@ -57,13 +57,23 @@ def _repository(
     must_hold_models: bool = False,
     select: dict[str, str | None] | None = None,
     verify_files: bool = True,
+    buckets: dict[str, list[int]] | None = None,
 ) -> list:
     """The repository's models (those ``select`` names), every manifest and (with
     ``verify_files``) variant checksum verified (a broken one raises ManifestError, which
-    :func:`main` reports in one line)."""
-    from service.repository import discover_models, verify_variant
+    :func:`main` reports in one line); ``buckets`` (NLPSERVE_BUCKETS) may name only models
+    the repository holds (a misspelt name was ignored without a word)."""
+    from service.repository import discover_models, held_models, verify_variant
 
     entries = discover_models(model_dir, select=select)
+    held = held_models(model_dir)
+    if unknown := sorted(set(buckets or {}) - held):
+        typer.echo(
+            f"nlpserve: invalid setting: NLPSERVE_BUCKETS names {', '.join(unknown)}, which "
+            f"{model_dir} does not hold (it holds: {', '.join(sorted(held)) or 'nothing'})",
+            err=True,
+        )
+        raise typer.Exit(2)
     for entry in entries if verify_files else ():
         for name, variant in entry.manifest.variants.items():
             verify_variant(entry.path, name, variant)
@@ -111,6 +121,7 @@ def serve(
         settings.model_dir,
         select=settings.model_selection(),
         verify_files=settings.queue != "redis",
+        buckets=settings.buckets,
     )
     if settings.queue == "inprocess":
         # NLPSERVE_REQUIRE_GPU without CUDA: one line now (ProviderError, main), not the
@@ -149,7 +160,7 @@ def worker(
     }
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
-    _repository(settings.model_dir, select=settings.model_selection())
+    _repository(settings.model_dir, select=settings.model_selection(), buckets=settings.buckets)
     from service.worker import run_worker
 
     run_worker(settings)

@@ -273,7 +273,9 @@ class Settings(BaseSettings):
     buckets: dict[str, list[int]] = Field(
         default_factory=dict,
         description='Per-model bucket edges overriding the manifest, as JSON: {"pos-en": [16, 32, '
-        "64]}. Edges past the model's max_length are dropped; max_length is always the last.",
+        "64]}. Edges past the model's max_length are dropped; max_length is always the last. "
+        "Edges are token counts (at least 1), and a model the repository does not hold stops "
+        "the command.",
     )
     shutdown_timeout_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
@@ -470,6 +472,18 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         """``cors_allow_origins`` parsed ([]: no CORS headers)."""
         return [] if self.cors_allow_origins is None else parse_origins(self.cors_allow_origins)
+
+    @field_validator("buckets")
+    @classmethod
+    def _edges_are_lengths(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        # an edge of 0 or less was dropped without a word: a typo, never a bucket
+        for name, edges in value.items():
+            if bad := [e for e in edges if e < 1]:
+                raise ValueError(
+                    f"{name}: bucket edges are sequence lengths in tokens, at least 1 "
+                    f"(got {', '.join(map(str, bad))})"
+                )
+        return value
 
     @field_validator("load_models")
     @classmethod

@@ -406,8 +406,10 @@ def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_re
 def test_bucket_edges_override(model_repo):
     m = load_manifest(model_repo / "pos-en" / "1")
     assert bucket_edges(m, settings(model_repo)) == m.buckets
-    s = settings(model_repo, buckets={"pos-en": [32, 0, 10, 10, 999]})
+    s = settings(model_repo, buckets={"pos-en": [32, 10, 10, 999]})
     assert bucket_edges(m, s) == [10, 32, m.max_length]
+    with pytest.raises(ValueError, match="pos-en: bucket edges are sequence lengths"):
+        settings(model_repo, buckets={"pos-en": [32, 0]})  # was dropped without a word
 
 
 def test_one_bad_item_fails_alone(fp32_runners):
