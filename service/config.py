@@ -314,8 +314,11 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Redis command timeout.")
     redis_max_connections: int = Field(
         64,
-        ge=1,  # redis-py reads 0 as its own default, 100
-        description="Redis connection pool size per process.",
+        # A worker's cancel subscription holds one for good and its XREADGROUP one for up to
+        # the block time: with 1 the worker never read (its stop hung too), with 2 its replies
+        # waited behind the reads and every request timed out (504). (0: redis-py's 100.)
+        ge=3,
+        description="Redis connection pool size per process (at least 3).",
     )
     redis_stream_maxlen: int = Field(
         100_000,

@@ -161,6 +161,7 @@ INPROCESS: dict[str, dict[str, Any]] = {
 REDIS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "read-one": dict(redis_read_count=1, worker_prefetch=1, max_batch_size=1),
+    "fewest-connections": dict(redis_max_connections=3),
     "one-attempt-short-block": dict(redis_max_attempts=1, redis_block_ms=1),
     "short-claim-idle": dict(redis_claim_idle_ms=200, redis_max_attempts=1),
     "maxlen-is-depth": dict(redis_stream_maxlen=256, max_queue_depth=256),
