@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.config import Settings
 from service.logs import configure_logging
@@ -39,6 +41,14 @@ def _settings(**overrides: object) -> Settings:
             msg = err["msg"].removeprefix("Value error, ")  # a check across settings
             typer.echo(f"nlpserve: invalid setting: {where}{msg}", err=True)
         raise typer.Exit(2) from None
+    except SettingsError as e:
+        # A JSON setting (NLPSERVE_BUCKETS) that does not parse fails before validation,
+        # as 'error parsing value for field "buckets" ...' with the JSON error as its cause.
+        named = re.search(r'field "(\w+)"', str(e))
+        where = f"NLPSERVE_{named.group(1).upper()}: " if named else ""
+        why = f" ({e.__cause__})" if e.__cause__ else ""
+        typer.echo(f"nlpserve: invalid setting: {where}not valid JSON{why}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _repository(
@@ -47,13 +57,23 @@ def _repository(
     must_hold_models: bool = False,
     select: dict[str, str | None] | None = None,
     verify_files: bool = True,
+    buckets: dict[str, list[int]] | None = None,
 ) -> list:
     """The repository's models (those ``select`` names), every manifest and (with
     ``verify_files``) variant checksum verified (a broken one raises ManifestError, which
-    :func:`main` reports in one line)."""
-    from service.repository import discover_models, verify_variant
+    :func:`main` reports in one line); ``buckets`` (NLPSERVE_BUCKETS) may name only models
+    the repository holds (a misspelt name was ignored without a word)."""
+    from service.repository import discover_models, held_models, verify_variant
 
     entries = discover_models(model_dir, select=select)
+    held = held_models(model_dir)
+    if unknown := sorted(set(buckets or {}) - held):
+        typer.echo(
+            f"nlpserve: invalid setting: NLPSERVE_BUCKETS names {', '.join(unknown)}, which "
+            f"{model_dir} does not hold (it holds: {', '.join(sorted(held)) or 'nothing'})",
+            err=True,
+        )
+        raise typer.Exit(2)
     for entry in entries if verify_files else ():
         for name, variant in entry.manifest.variants.items():
             verify_variant(entry.path, name, variant)
@@ -101,7 +121,14 @@ def serve(
         settings.model_dir,
         select=settings.model_selection(),
         verify_files=settings.queue != "redis",
+        buckets=settings.buckets,
     )
+    if settings.queue == "inprocess":
+        # NLPSERVE_REQUIRE_GPU without CUDA: one line now (ProviderError, main), not the
+        # traceback of a failed lifespan once uvicorn has started
+        from service.runtime.session import resolve_providers
+
+        resolve_providers(settings)
     from service.server import run_server
 
     run_server(settings)
@@ -133,7 +160,7 @@ def worker(
     }
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
-    _repository(settings.model_dir, select=settings.model_selection())
+    _repository(settings.model_dir, select=settings.model_selection(), buckets=settings.buckets)
     from service.worker import run_worker
 
     run_worker(settings)
@@ -198,8 +225,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from service.repository import ManifestError
+    from service.runtime.session import ProviderError
 
-    errors = (*_USER_ERRORS, ManifestError)
+    errors = (*_USER_ERRORS, ManifestError, ProviderError)
     try:
         from training.data.common import DataError, TrainingError
     except ImportError:  # serving-only install
@@ -217,11 +245,16 @@ def main() -> None:
     except _user_errors() as e:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
+        # here, not above: it imports onnxruntime, which a Redis-mode API never loads
+        from service.runtime.session import ProviderError
+
         what = (
             "invalid model selection"
             if isinstance(e, SelectionError)
             else "invalid model repository"
             if isinstance(e, ManifestError)
+            else "execution provider unavailable"
+            if isinstance(e, ProviderError)
             else type(e).__name__
         )
         typer.echo(f"nlpserve: {what}: {e}", err=True)

@@ -46,6 +46,12 @@ CHEAP_TOKEN_S = 20e-6
 # in the schema so validation stops there: an unbounded list of 330,000 wrong items held the
 # event loop for ~1.3 s while each item was validated and its error listed.
 MAX_LIST_ITEMS = 10_000
+# Shortest NLPSERVE_REDIS_CLAIM_IDLE_MS: a worker's maintenance pass, which refreshes the
+# entries it holds, runs every quarter of it but at most every 50 ms (service/worker.py). At
+# 20 ms a live worker's entries sat idle past it between two passes: another worker took
+# them over, ran them again and, with NLPSERVE_REDIS_MAX_ATTEMPTS=1, dead-lettered them (the
+# clients got 422 for healthy requests).
+MIN_CLAIM_IDLE_MS = 200
 # NLPSERVE_REDIS_URL query options redis-py reads that change the shape of its replies: with
 # RESP3 or redis-py's unified shapes a worker's first read failed and the worker exited; with
 # decoded text (any value: redis-py takes the string as given) every entry was unreadable.
@@ -139,7 +145,9 @@ class Settings(BaseSettings):
         64, ge=1, le=MAX_LIST_ITEMS, description="Most items in one {'inputs': [...]} request."
     )
     default_deadline_ms: int = Field(
-        30_000, description="Per-request deadline unless the X-Deadline-Ms header says less."
+        30_000,
+        ge=1,  # 0 or less: every request 504s before it is queued
+        description="Per-request deadline unless the X-Deadline-Ms header says less.",
     )
     fast_path: bool = Field(
         True,
@@ -162,7 +170,12 @@ class Settings(BaseSettings):
         "on CPU, the usable cores divided among the inference threads (1 with the default "
         "threads); on CUDA, 0.",
     )
-    inter_op_threads: int = Field(1, description="ORT inter-op threads.")
+    inter_op_threads: int = Field(
+        1,
+        ge=0,
+        description="ORT inter-op threads: independent branches of the graph run on this many "
+        "threads at once (0 = ORT default). 1 = sequential execution, one node at a time.",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     variant: str | None = Field(
         None, description="Force a model variant (fp32, int8, fp16); default picks per provider."
@@ -175,7 +188,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(
         True,
         description="Run one batch per bucket of each model at startup (every shape of the "
-        "shape grid where it is on).",
+        "shape grid where it is on). On CPU it also times the cost per padded token that "
+        "sets the default padding floor: false leaves every CPU model at the "
+        f"{CPU_MIN_PADDING_EFFICIENCY:g} floor.",
     )
 
     # --- batching
@@ -258,10 +273,12 @@ class Settings(BaseSettings):
     buckets: dict[str, list[int]] = Field(
         default_factory=dict,
         description='Per-model bucket edges overriding the manifest, as JSON: {"pos-en": [16, 32, '
-        "64]}. Edges past the model's max_length are dropped; max_length is always the last.",
+        "64]}. Edges past the model's max_length are dropped; max_length is always the last. "
+        "Edges are token counts (at least 1), and a model the repository does not hold stops "
+        "the command.",
     )
     shutdown_timeout_s: float = Field(
-        10.0, description="On SIGTERM, how long in-flight requests get to finish."
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
     )
 
     # --- queue backend
@@ -290,10 +307,19 @@ class Settings(BaseSettings):
     # Redis backend details (docs/scale-out.md)
     redis_prefix: str = Field("nlpserve", description="Namespace of every Redis key and channel.")
     redis_connect_timeout_s: float = Field(
-        1.0, description="Redis connect timeout: an unreachable Redis must fail requests fast."
+        1.0,
+        gt=0,  # a socket timeout of 0 is a non-blocking socket: no command could complete
+        description="Redis connect timeout: an unreachable Redis must fail requests fast.",
     )
-    redis_socket_timeout_s: float = Field(2.0, description="Redis command timeout.")
-    redis_max_connections: int = Field(64, description="Redis connection pool size per process.")
+    redis_socket_timeout_s: float = Field(2.0, gt=0, description="Redis command timeout.")
+    redis_max_connections: int = Field(
+        64,
+        # A worker's cancel subscription holds one for good and its XREADGROUP one for up to
+        # the block time: with 1 the worker never read (its stop hung too), with 2 its replies
+        # waited behind the reads and every request timed out (504). (0: redis-py's 100.)
+        ge=3,
+        description="Redis connection pool size per process (at least 3).",
+    )
     redis_stream_maxlen: int = Field(
         100_000,
         description="Approximate MAXLEN of each stream; a safety net, since answered entries "
@@ -301,6 +327,7 @@ class Settings(BaseSettings):
     )
     redis_read_count: int = Field(
         64,
+        ge=1,  # redis-py refuses COUNT 0 before sending it: the worker would never read
         description="Entries a worker reads per stream per XREADGROUP (a few batches: "
         "more lets one worker hoard work that another idle worker could run).",
     )
@@ -312,8 +339,10 @@ class Settings(BaseSettings):
     )
     redis_claim_idle_ms: int = Field(
         15_000,
+        ge=MIN_CLAIM_IDLE_MS,
         description="A pending entry idle this long (its worker died) is reclaimed by another "
-        "worker (XPENDING IDLE, then XCLAIM).",
+        f"worker (XPENDING IDLE, then XCLAIM). At least {MIN_CLAIM_IDLE_MS}: a worker refreshes "
+        "the entries it holds every third of this time, at most every 50 ms.",
     )
     redis_no_worker_fail_s: float | None = Field(
         None,
@@ -326,17 +355,19 @@ class Settings(BaseSettings):
     )
     redis_max_attempts: int = Field(
         3,
+        ge=1,  # 0: every entry dead-lettered unrun ("delivered 1 times without an answer")
         description="Deliveries of an entry before it goes to the dead-letter stream and its "
         "client gets an error.",
     )
     worker_prefetch: int = Field(
         128,
+        ge=1,  # 0: no model has room, and the worker never reads
         description="Entries of one model one worker holds (read but not yet answered) "
         "before it stops reading that model's streams (the other models' are still read); "
         "one read may overshoot by up to redis_read_count per stream.",
     )
     worker_drain_timeout_s: float = Field(
-        30.0, description="On SIGTERM, how long a worker may finish the work in hand."
+        30.0, ge=0, description="On SIGTERM, how long a worker may finish the work in hand."
     )
     worker_name: str | None = Field(
         None, description="Consumer name of a worker in its group (default: host-pid-random)."
@@ -444,6 +475,18 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         """``cors_allow_origins`` parsed ([]: no CORS headers)."""
         return [] if self.cors_allow_origins is None else parse_origins(self.cors_allow_origins)
+
+    @field_validator("buckets")
+    @classmethod
+    def _edges_are_lengths(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        # an edge of 0 or less was dropped without a word: a typo, never a bucket
+        for name, edges in value.items():
+            if bad := [e for e in edges if e < 1]:
+                raise ValueError(
+                    f"{name}: bucket edges are sequence lengths in tokens, at least 1 "
+                    f"(got {', '.join(map(str, bad))})"
+                )
+        return value
 
     @field_validator("load_models")
     @classmethod

@@ -933,6 +933,7 @@ class Worker:
     # ------------------------------------------------------------------ maintenance
     async def _maintenance_loop(self) -> None:
         idle_ms = self.settings.redis_claim_idle_ms
+        # at most every 50 ms: hence NLPSERVE_REDIS_CLAIM_IDLE_MS >= 200 (MIN_CLAIM_IDLE_MS)
         period = min(max(idle_ms / 4000, 0.05), 2.0)
         next_sample = 0.0
         next_gc = time.monotonic() + 60.0

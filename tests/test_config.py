@@ -169,6 +169,50 @@ def test_cli_reports_a_bad_setting_in_one_line_not_a_traceback(command):
     assert "invalid setting: NLPSERVE_MAX_WAIT_MS: Input should be greater" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_setting_that_is_not_json_is_one_line_not_a_traceback(monkeypatch, command):
+    """NLPSERVE_BUCKETS is JSON: a malformed value ended the command with pydantic-settings'
+    SettingsError traceback ("error parsing value for field "buckets"")."""
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    monkeypatch.setenv("NLPSERVE_BUCKETS", '{"pos-en": [16, 32')
+    result = CliRunner().invoke(cli.app, [command])
+    assert result.exit_code == 2, result.exception
+    assert "nlpserve: invalid setting: NLPSERVE_BUCKETS: not valid JSON (" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "bound"),
+    [
+        # each was accepted; what it did then:
+        ("DEFAULT_DEADLINE_MS", "0", "greater than or equal to 1"),  # every request 504
+        ("WORKER_PREFETCH", "0", "greater than or equal to 1"),  # never read: 504s
+        ("REDIS_READ_COUNT", "0", "greater than or equal to 1"),  # "Redis unreachable": 504s
+        ("REDIS_MAX_ATTEMPTS", "0", "greater than or equal to 1"),  # every request 422
+        ("REDIS_CLAIM_IDLE_MS", "20", "greater than or equal to 200"),  # live work stolen
+        ("REDIS_MAX_CONNECTIONS", "2", "greater than or equal to 3"),  # worker: 504s
+        ("REDIS_CONNECT_TIMEOUT_S", "0", "greater than 0"),  # non-blocking sockets
+        ("REDIS_SOCKET_TIMEOUT_S", "0", "greater than 0"),
+        ("SHUTDOWN_TIMEOUT_S", "-1", "greater than or equal to 0"),
+        ("WORKER_DRAIN_TIMEOUT_S", "-1", "greater than or equal to 0"),
+        ("INTER_OP_THREADS", "-1", "greater than or equal to 0"),
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_at_start(monkeypatch, name, value, bound):
+    """Values accepted before, with which the service could not work (the comments say how
+    each failed), stop the command in one line naming the variable."""
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    monkeypatch.setenv(f"NLPSERVE_{name}", value)
+    result = CliRunner().invoke(cli.app, ["worker"])
+    assert result.exit_code == 2, result.exception
+    assert f"nlpserve: invalid setting: NLPSERVE_{name}: Input should be {bound}" in (result.output)
+
+
 @pytest.mark.parametrize(
     ("argv", "field", "target"),
     [

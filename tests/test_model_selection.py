@@ -90,6 +90,30 @@ def test_cli_refuses_an_unknown_selection_in_one_line(cli, repo: Path) -> None:
         assert res.exit_code != 0 and "pos-en=9" in str(res.exception or res.output)
 
 
+def test_buckets_for_a_model_the_repository_lacks_stop_the_command(
+    cli, repo: Path, monkeypatch
+) -> None:
+    """NLPSERVE_BUCKETS naming a model the repository does not hold (a typo: `pos_en`) was
+    ignored without a word, and the model kept its manifest's edges. A model the repository
+    holds but this process does not load (NLPSERVE_LOAD_MODELS) is fine: workers share one
+    environment and load different models."""
+    started: list[str] = []  # were the command to go on, it must not serve (nor on 8000)
+    monkeypatch.setattr("service.server.run_server", lambda s: started.append("serve"))
+    monkeypatch.setattr("service.worker.run_worker", lambda s: started.append("worker"))
+    monkeypatch.setenv("NLPSERVE_BUCKETS", '{"pos_en": [8], "polarity-en": [8]}')
+    for command in ("serve", "worker"):
+        res = cli(command, "--models", repo, "--load", "pos-en")
+        assert res.exit_code == 2, res.output
+        assert "invalid setting: NLPSERVE_BUCKETS names pos_en, which" in res.output
+        assert "(it holds: polarity-en, pos-en)" in res.output
+    monkeypatch.setenv("NLPSERVE_BUCKETS", '{"pos-en": [0, 8]}')
+    res = cli("serve", "--models", repo)
+    assert res.exit_code == 2
+    assert "NLPSERVE_BUCKETS: Value error, pos-en: bucket edges are sequence" not in res.output
+    assert "NLPSERVE_BUCKETS: pos-en: bucket edges are sequence lengths in tokens" in res.output
+    assert started == []
+
+
 def test_main_reports_a_selection_error_as_such(repo: Path, capsys, monkeypatch) -> None:
     from service.cli import main
 

@@ -65,6 +65,29 @@ def test_require_gpu_without_cuda_fails(model_repo):
         resolve_providers(settings(model_repo, providers=None, require_gpu=True))
 
 
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this host has CUDA")
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_require_gpu_without_cuda_stops_the_command_in_one_line(
+    model_repo, monkeypatch, capsys, command
+):
+    """NLPSERVE_REQUIRE_GPU=1 on a host without CUDA ended `nlpserve serve` with the
+    traceback of a failed lifespan (once uvicorn had started), and `nlpserve worker` with
+    ProviderError's traceback."""
+    from service.cli import main
+
+    monkeypatch.setenv("NLPSERVE_REQUIRE_GPU", "1")
+    monkeypatch.delenv("NLPSERVE_PROVIDERS", raising=False)
+    monkeypatch.setenv("NLPSERVE_PORT", "0")  # were it to start after all: never on 8000
+    monkeypatch.setenv("NLPSERVE_METRICS_PORT", "0")
+    monkeypatch.setattr("sys.argv", ["nlpserve", command, "--models", str(model_repo)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("nlpserve: execution provider unavailable: NLPSERVE_REQUIRE_GPU")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------ variants
 def _manifest_with_variants(model_repo: Path):
     m = load_manifest(model_repo / "pos-en" / "1")
@@ -100,6 +123,18 @@ def test_session_options_are_deliberate(model_repo):
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     basic = session_options(settings(model_repo, graph_optimization="basic"))
     assert basic.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_inter_op_threads_other_than_one_run_graph_branches_in_parallel(model_repo, threads):
+    """ORT ignores inter_op_num_threads in sequential execution (its docs: "acts as if it was
+    set to 1"), which the sessions always used: NLPSERVE_INTER_OP_THREADS did nothing."""
+    s = settings(model_repo, inter_op_threads=threads)
+    (entry,) = [e for e in discover_models(model_repo) if e.name == "pos-en"]
+    runner = load_runners(s, None, [entry])["pos-en"]
+    so = runner.session.get_session_options()
+    assert so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert so.inter_op_num_threads == threads
 
 
 # ------------------------------------------------------------------ CUDA -> CPU fallback
@@ -258,8 +293,13 @@ def test_shape_grid_is_what_warmup_runs(model_repo, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(runner, "_run", spy)
         runner.warmup()
-    # every grid shape ran once without padding and once with padding in its mask
-    assert sorted(ran) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
+    # every grid shape ran once without padding and once with padding in its mask, then the
+    # CPU's token cost was measured (5 runs of a full-length batch, test_token_cost_*)
+    warm, measured = ran[: 2 * len(grid)], ran[2 * len(grid) :]
+    assert sorted(warm) == sorted([(shape, pad) for shape in grid for pad in (False, True)])
+    rows = min(runner.max_rows, CPU_BATCH_TOKENS // top)
+    assert measured == [(runner.padded_shape(rows, top), False)] * 5
+    assert runner.token_cost_s is not None
     assert metric_value(metrics.render().decode(), "nlpserve_batch_size_count") == 0
     # padding efficiency counts the grid's padding: 1 sequence of 17 tokens runs as 1 x 32
     tasks = build_tasks(entries, s)
@@ -342,9 +382,12 @@ def test_token_cost_is_cpu_time_not_time_waiting_for_a_core(model_repo, monkeypa
     assert 0.002 <= cost < 0.02, cost  # the 2 ms of CPU, not the 52 ms of wall clock
 
 
-def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo):
+@pytest.mark.parametrize("grid", [None, 8], ids=["no-grid", "cpu-shape-grid"])
+def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_repo, grid):
+    """Also with a shape grid on the CPU (NLPSERVE_SHAPE_MULTIPLE): its warm-up measured
+    nothing, and every model, the cheap LSTMs too, kept the 0.95 floor."""
     # The explicit test floor (0.0) would hide the default rule: leave it unset here.
-    s = settings(model_repo, min_padding_efficiency=None)
+    s = settings(model_repo, min_padding_efficiency=None, shape_multiple=grid)
     entries = [e for e in discover_models(model_repo) if e.name in ("pos-en", "detector-en")]
     runners = load_runners(s, None, entries)
     for r in runners.values():
@@ -363,8 +406,10 @@ def test_warmup_measures_the_token_cost_that_sets_the_cpu_padding_floor(model_re
 def test_bucket_edges_override(model_repo):
     m = load_manifest(model_repo / "pos-en" / "1")
     assert bucket_edges(m, settings(model_repo)) == m.buckets
-    s = settings(model_repo, buckets={"pos-en": [32, 0, 10, 10, 999]})
+    s = settings(model_repo, buckets={"pos-en": [32, 10, 10, 999]})
     assert bucket_edges(m, s) == [10, 32, m.max_length]
+    with pytest.raises(ValueError, match="pos-en: bucket edges are sequence lengths"):
+        settings(model_repo, buckets={"pos-en": [32, 0]})  # was dropped without a word
 
 
 def test_one_bad_item_fails_alone(fp32_runners):

@@ -378,6 +378,21 @@ def _until(cond, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def test_a_fractional_shutdown_timeout_is_kept(model_repo):
+    """NLPSERVE_SHUTDOWN_TIMEOUT_S went to uvicorn through int(): 2.5 s became 2, and 0.5 s
+    became 0, so on SIGTERM the queue drained for no time at all and every queued request
+    got 503 (Server.shutdown drains for drain_deadline_s of uvicorn's timeout)."""
+    from service.api.app import create_app
+    from service.config import Settings
+    from service.server import drain_deadline_s, uvicorn_config
+
+    for seconds in (0.5, 2.5):
+        settings = Settings(model_dir=model_repo, warmup=False, shutdown_timeout_s=seconds)
+        cfg = uvicorn_config(settings, create_app(settings))
+        assert cfg.timeout_graceful_shutdown == seconds
+        assert drain_deadline_s(cfg.timeout_graceful_shutdown) > 0
+
+
 def test_server_runs_on_uvloop_and_httptools(model_repo):
     """The C event loop and HTTP parser (dependencies; uvicorn's "auto" picks them), and no
     layer nothing needs: the API process is what limits throughput once inference is fast

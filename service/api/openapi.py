@@ -209,6 +209,13 @@ def _mark_text_limit(node: Any, max_chars: int) -> None:
             _mark_text_limit(value, max_chars)
 
 
+def _most_items(settings: Settings) -> int:
+    """The most items a batch request can have answered: NLPSERVE_MAX_BATCH_ITEMS, or fewer
+    where NLPSERVE_MAX_QUEUE_DEPTH is lower (a request needing more sequences than the queue
+    holds is a 422 input_too_long; NLPSERVE_MAX_REQUEST_SEQUENCES is at least the former)."""
+    return min(settings.max_batch_items, settings.max_queue_depth)
+
+
 def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The limits this server enforces (its settings), not only the static models' bounds:
     a schema that let 10,000 items or a 1,000,000-character text pass announced requests
@@ -217,7 +224,7 @@ def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
     for cls in BatchRequest.__subclasses__():
         inputs = schemas.get(cls.__name__, {}).get("properties", {}).get("inputs")
         if inputs is not None:
-            inputs["maxItems"] = settings.max_batch_items  # at most MAX_LIST_ITEMS (config)
+            inputs["maxItems"] = _most_items(settings)  # at most MAX_LIST_ITEMS (config)
     explain = schemas.get("ExplainRequest", {}).get("properties", {}).get("max_evals", {})
     for choice in explain.get("anyOf", []):
         if choice.get("type") == "integer":
@@ -237,8 +244,9 @@ def _texts(value: Any) -> list[str]:
 def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
     """Request examples (what /docs' "Try it out" sends) that this server answers 200:
     ``max_evals`` down to its limit, a batch of the items that fit (at most
-    NLPSERVE_MAX_BATCH_ITEMS), and an example left out when a text in it is over
-    NLPSERVE_MAX_TEXT_CHARS. New dicts: the routes' own examples are shared by every app."""
+    NLPSERVE_MAX_BATCH_ITEMS and NLPSERVE_MAX_QUEUE_DEPTH), and an example left out when a
+    text in it is over NLPSERVE_MAX_TEXT_CHARS. New dicts: the routes' own examples are
+    shared by every app."""
 
     def fits(value: Any) -> bool:
         return all(len(t) <= settings.max_text_chars for t in _texts(value))
@@ -256,7 +264,7 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
                         value = dict(value)
                         if batches and isinstance(value.get("inputs"), list):
                             items = [item for item in value["inputs"] if fits(item)]
-                            value["inputs"] = items[: settings.max_batch_items]
+                            value["inputs"] = items[: _most_items(settings)]
                             if not items:
                                 continue
                         if isinstance(value.get("max_evals"), int):

@@ -4,6 +4,7 @@ from service.repository.discovery import (
     ModelEntry,
     SelectionError,
     discover_models,
+    held_models,
     parse_selection,
 )
 from service.repository.manifest import (
@@ -30,6 +31,7 @@ __all__ = [
     "TensorSpec",
     "Variant",
     "discover_models",
+    "held_models",
     "load_manifest",
     "parse_selection",
     "sha256_file",

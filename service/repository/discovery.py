@@ -61,6 +61,17 @@ def parse_selection(text: str) -> dict[str, str | None]:
     return selection
 
 
+def held_models(root: Path) -> set[str]:
+    """Names of the models ``root`` holds: folders with at least one version's manifest."""
+    return {
+        p.name
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and any((v / MANIFEST_FILE).exists() for v in p.iterdir())
+    }
+
+
 def discover_models(
     root: Path | str,
     *,
@@ -79,9 +90,7 @@ def discover_models(
         raise ManifestError(f"{root}: model repository folder not found")
     model_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if select is not None:
-        held = {
-            p.name for p in model_dirs if any((v / MANIFEST_FILE).exists() for v in p.iterdir())
-        }
+        held = held_models(root)
         if missing := [n for n in select if n != EVERY_MODEL and n not in held]:
             raise SelectionError(
                 f"{SELECTION} names {', '.join(missing)}, which {root} does not hold (it "

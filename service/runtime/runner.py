@@ -163,7 +163,8 @@ class ModelRunner:
 
     def warmup(self) -> float:
         """Run every shape of the grid (CUDA), with and without padding, else one batch per
-        bucket at the bucket's edge length; returns seconds spent.
+        bucket at the bucket's edge length; on CPU, then measure the token cost; returns
+        seconds spent.
 
         The first run of each shape allocates arena memory and (on CUDA) picks kernels;
         doing it here keeps that cost out of the first requests.
@@ -184,8 +185,10 @@ class ModelRunner:
         if not grid:
             for b, edge in enumerate(self.buckets):
                 self.run_batch([self.dummy_item(edge, b)], record=False)
-            if self.provider != CUDA:  # the floor it decides is a CPU default
-                self.token_cost_s = self._measure_token_cost()
+        # The floor it decides is a CPU default, with or without the grid (a CPU
+        # NLPSERVE_SHAPE_MULTIPLE left every model at the 0.95 floor, cheap ones too).
+        if self.provider != CUDA:
+            self.token_cost_s = self._measure_token_cost()
         secs = time.perf_counter() - t0
         if grid:
             log.info("%s: warmed %d batch shapes in %.1fs", self.name, len(grid), secs)
@@ -213,7 +216,8 @@ class ModelRunner:
             t0 = clock()
             self.run_batch(batch, record=False)
             best = min(best, clock() - t0)
-        return best / (rows * width)
+        run_rows, run_width = self.padded_shape(rows, width)  # the shape grid's rounding
+        return best / (run_rows * run_width)
 
     def batch_policy(self) -> BatchPolicy:
         """This model's batching rules under the settings it was loaded with (its provider's

@@ -104,7 +104,13 @@ def session_options(settings: Settings, provider: str = CPU) -> ort.SessionOptio
     so.intra_op_num_threads = settings.intra_op_threads_for(provider)
     so.inter_op_num_threads = settings.inter_op_threads
     # One batch is one graph run; parallelism comes from intra-op threads, not graph branches.
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ORT ignores the inter-op threads in sequential mode: asking for other than 1 asks for
+    # branches run in parallel (NLPSERVE_INTER_OP_THREADS was silently without effect).
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL
+        if settings.inter_op_threads == 1
+        else ort.ExecutionMode.ORT_PARALLEL
+    )
     # The arena keeps freed buffers for the next batch instead of returning them to the OS.
     # Without it the peak was higher, not lower (glibc's per-thread heaps fragment): the int8
     # detector, 2 threads x 150 batches of mixed shapes under 512 tokens, peaked at 220 MiB

@@ -236,6 +236,21 @@ async def test_examples_fit_this_servers_limits(model_repo, _all_models):
     assert len(full["/v1/qa batch"]["inputs"]) == 2 and "/v1/detect single" in full
 
 
+@live
+async def test_batches_fit_a_queue_depth_below_the_batch_item_limit(model_repo, _all_models):
+    """NLPSERVE_MAX_QUEUE_DEPTH=1 with the default 64 batch items: a request of two items
+    needs two sequences, more than the queue holds, and is a 422 input_too_long. The schema
+    announced 64 items and its batch examples (two items each) got that 422."""
+    settings = make_settings(model_repo, max_queue_depth=1)
+    async with live_server(settings) as srv, srv.client() as c:
+        sent = await _answers_every_example(c, srv.app)
+        spec = (await c.get("/openapi.json")).json()
+    assert "/v1/qa batch" in sent
+    assert all(len(v.get("inputs", [])) <= 1 for k, v in sent.items() if k.startswith("/v1"))
+    schemas = spec["components"]["schemas"]
+    assert schemas["PolarityBatchRequest"]["properties"]["inputs"]["maxItems"] == 1
+
+
 def test_no_example_fits_then_none_is_declared(tmp_path):
     """Limits that every example is over (a 1-character text limit): the request bodies
     declare no examples, not an empty ``examples`` map (an empty choice in /docs)."""
