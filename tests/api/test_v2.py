@@ -18,6 +18,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from service import __version__
+from tests.api import test_errors
 from tests.service_support import (
     DETECT_MODEL,
     POLARITY_MODEL,
@@ -46,7 +47,6 @@ QA_PAIRS = [
     ("谁被称为诗仙？", "李白是唐代著名诗人，被称为诗仙。"),
     ("长城有多长？", "长城总长度超过两万千米，是世界奇迹。"),
 ]
-LIMITS = dict(max_body_bytes=4000, max_text_chars=300, max_batch_items=3, max_queue_depth=3)
 
 
 @pytest.fixture(autouse=True)
@@ -63,19 +63,10 @@ async def fp32(model_repo):
         yield srv
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def limited(model_repo):
-    """Small limits; tests pause its queue to hold requests deterministically."""
-    async with live_server(make_settings(model_repo, **LIMITS)) as srv:
-        yield srv
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def lc(limited):
-    limited.queue.resume()
-    async with limited.client() as c:
-        yield c
-    limited.queue.resume()
+# /v1's error tests' server of small limits (this module's own instance) and its client:
+# a V2 error must get the status /v1 gives for the same cause under the same limits
+limited = test_errors.limited
+lc = test_errors.lc
 
 
 def texts(name: str, data: list[Any], shape: list[int] | None = None) -> dict[str, Any]:
