@@ -344,8 +344,19 @@ class CorsMiddleware(CORSMiddleware):
             max_age=600,
         )
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if "origin" in headers and "access-control-request-method" in headers:
+                # Starlette's preflight_response is not told the path: a refusal under /v2
+                # must be in that protocol's error shape
+                response = self._preflight(headers, is_v2(scope["path"]))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _preflight(self, request_headers: Headers, v2: bool) -> Response:
+        response = self.preflight_response(request_headers)
         if response.status_code != 400:
             return response
         refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
@@ -356,4 +367,4 @@ class CorsMiddleware(CORSMiddleware):
         )
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}
         headers.pop("content-type", None)
-        return error_response(400, "cors_preflight_refused", message, headers)
+        return error_response(400, "cors_preflight_refused", message, headers, v2)

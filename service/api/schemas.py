@@ -39,12 +39,9 @@ def _has_visible(v: str) -> bool:
     return False
 
 
-def _not_blank(v: str) -> str:
-    if not _has_visible(v):
-        raise PydanticCustomError(
-            "empty_text",
-            "must contain some visible text (not only whitespace, control or format characters)",
-        )
+def valid_unicode(v: str) -> str:
+    """``v``, refused when it is not valid Unicode (it could be neither tokenized nor
+    written back in a UTF-8 answer)."""
     if not v.isascii():
         try:
             v.encode("utf-8")
@@ -53,6 +50,15 @@ def _not_blank(v: str) -> str:
                 "invalid_text", "contains an unpaired surrogate: not valid Unicode text"
             ) from None
     return v
+
+
+def _not_blank(v: str) -> str:
+    if not _has_visible(v):
+        raise PydanticCustomError(
+            "empty_text",
+            "must contain some visible text (not only whitespace, control or format characters)",
+        )
+    return valid_unicode(v)
 
 
 # What /openapi.json says of a text field: never empty, and (TEXT_MARK: service/api/openapi.py

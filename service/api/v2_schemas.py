@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
+
+from service.api.schemas import valid_unicode
 
 # Bounds that no valid request comes near (a model takes at most two inputs; texts are a
 # tensor's elements, not tensors), so that a 1 MB body of tiny tensors is refused before
@@ -63,7 +65,10 @@ class V2RequestOutput(_Strict):
 
 
 class V2InferenceRequest(_Strict):
-    id: str | None = Field(None, description="Echoed in the response.")
+    # echoed in the answer: a lone surrogate could not be written in it (it was a 500)
+    id: Annotated[str, AfterValidator(valid_unicode)] | None = Field(
+        None, description="Echoed in the response."
+    )
     parameters: Parameters | None = Field(
         None, description="Accepted and not read (e.g. tritonclient's `binary_data_output`)."
     )

@@ -98,6 +98,21 @@ async def test_refused_preflight_is_an_api_error(cors_service, headers, refused)
 
 
 @session_loop
+async def test_refused_preflight_under_v2_is_in_that_protocols_error_shape(cors_service):
+    """Every error under /v2 is ``{"error": "<message>"}``; this one was /v1's shape."""
+    async with cors_service.client() as c:
+        r = await c.options(
+            f"/v2/models/{DETECT_MODEL}/infer", headers={**PREFLIGHT, "Origin": OTHER}
+        )
+        allowed = await c.options(f"/v2/models/{DETECT_MODEL}/infer", headers=PREFLIGHT)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"error"}
+    assert r.json()["error"].startswith("CORS preflight refused (origin)"), r.text
+    assert r.headers["x-request-id"]
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED
+
+
+@session_loop
 @pytest.mark.parametrize("fast_path", [True, False])
 async def test_answers_and_errors_carry_the_cors_headers(model_repo, fast_path):
     """The fast path and FastAPI's stack alike; a 422 too, so a page can show its message."""
