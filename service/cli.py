@@ -123,9 +123,10 @@ def serve(
         verify_files=settings.queue != "redis",
         buckets=settings.buckets,
     )
-    if settings.queue == "inprocess":
+    if settings.queue == "inprocess" and settings.require_gpu:
         # NLPSERVE_REQUIRE_GPU without CUDA: one line now (ProviderError, main), not the
-        # traceback of a failed lifespan once uvicorn has started
+        # traceback of a failed lifespan once uvicorn has started (only then: an unavailable
+        # provider it would skip is warned about once, at load)
         from service.runtime.session import resolve_providers
 
         resolve_providers(settings)
