@@ -19,6 +19,7 @@ help:
 	@echo "make lint       ruff check + format check, mypy"
 	@echo "make test-lowest  service tests under pyproject's lowest versions (not in CI)"
 	@echo "make test-lowest-train  the train side's tests under its lowest versions (not in CI)"
+	@echo "make test-newest PY=python3.13  service tests under today's newest releases (not in CI)"
 
 # Under the images' pins (deploy/constraints.txt): the tests run against what ships. The pins
 # are Linux x86_64 wheels; elsewhere pip resolves freely.
@@ -211,6 +212,29 @@ test-lowest-train:
 		--resolution lowest-direct -e '.[train,dev]'
 	$(LOWEST_TRAIN)/bin/python -m pytest -q -o cache_dir=$(LOWEST_TRAIN)/.pytest_cache \
 		$(LOWEST_TRAIN_TESTS)
+
+# The newest releases pip resolves today, which the pins never try, on any Python the project
+# supports: `make test-newest PY=python3.12` (default python3.13; PY=python3.11 checks 3.11's
+# newest). A venv per interpreter, upgraded eagerly each time, with the dev extra and no torch
+# (the train extra's torch is the pinned 3.11 build), then mypy on service/ against the newest
+# libraries' types and the service-side tests (`-m "not train"`; pyproject's filterwarnings make
+# a deprecation the project triggers an error). Not in CI. The tiny test models come from the
+# pinned venv, cached in .pytest_cache where any interpreter finds them.
+PY ?= python3.13
+NEWEST ?= .venv-newest-$(notdir $(PY))
+.PHONY: test-newest
+test-newest: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -x tests/test_runtime.py
+	test -x $(NEWEST)/bin/python || $(PY) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install -q --upgrade pip
+	$(NEWEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(NEWEST)/bin/python -c 'import sys, importlib.metadata as m; print("Python", \
+		sys.version.split()[0], *(d + "==" + m.version(d) for d in ("onnxruntime", "numpy", \
+		"tokenizers", "fastapi", "starlette", "pydantic", "uvicorn", "redis", "shap")))'
+	$(NEWEST)/bin/mypy --follow-imports=silent --cache-dir $(NEWEST)/.mypy_cache \
+		--python-version $$($(NEWEST)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+		service
+	$(NEWEST)/bin/python -m pytest -q -m "not train"
 
 # Deployment and benchmark (docs/deploy.md, bench/). `e2e` needs redis-server and nginx.
 .PHONY: e2e bench

@@ -14,6 +14,8 @@ import pytest
 
 from tests.builders_bert import _tokenizer, detector_examples, qa_examples
 
+pytestmark = pytest.mark.train
+
 
 # The training settings these tests share, typed so that mypy checks each keyword against
 # DetectorConfig's and QAConfig's fields (a plain dict() of them is a dict[str, float]).

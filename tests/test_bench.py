@@ -312,10 +312,10 @@ def test_a_server_not_ready_in_time_is_stopped_not_left_running(start, tmp_path:
     assert _processes_mentioning(str(tmp_path.resolve())) == []
 
 
+@pytest.mark.train
 def test_baseline_weights_rebuilt_from_onnx_match(model_repo: Path, tmp_path: Path) -> None:
     """bench/onnx_to_torch.py: the PyTorch model read back out of the served ONNX file gives
     ONNX Runtime's logits (it raises otherwise); check it once more on real tokenized text."""
-    pytest.importorskip("torch")
     from tests.service_support import DETECT_MODEL, require_model
 
     require_model(model_repo, DETECT_MODEL)
@@ -360,10 +360,10 @@ def _qa_specs(n: int = 6) -> list[RequestSpec]:
     return specs
 
 
+@pytest.mark.train
 def test_hf_from_onnx_rebuilds_the_qa_model(model_repo: Path, tmp_path: Path) -> None:
     """bench/onnx_to_torch.py on a BertForQuestionAnswering graph: the qa_outputs head comes
     back too, and the start/end logits equal ONNX Runtime's on real windows."""
-    pytest.importorskip("torch")
     from tests.service_support import QA_MODEL, require_model
 
     require_model(model_repo, QA_MODEL)
@@ -394,13 +394,13 @@ def test_hf_from_onnx_rebuilds_the_qa_model(model_repo: Path, tmp_path: Path) ->
     np.testing.assert_allclose(out.end_logits.numpy()[live], want[1][live], atol=1e-4)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["qa-zh", "detector-en"])
 def test_hf_from_onnx_rebuilds_the_committed_int8_only_versions(name: str, tmp_path: Path) -> None:
     """The committed BERT versions hold int8 only, and `bench.run --derive-variants` (the
     GPU script's dry run too) rebuilds their weights from it. On an AVX2-only EPYC the int8
     graph's QA logits were 0.28 from the dequantised model's with the right head count
     (every other count 1.4 or more), past the fixed 0.25 bound: the rebuild refused."""
-    pytest.importorskip("torch")
     import json as _json
 
     from bench.onnx_to_torch import hf_from_onnx
@@ -451,10 +451,10 @@ def test_raw_ort_runs_qa_windows_and_decodes_like_one_by_one(model_repo: Path) -
         assert got["answer"] == c[got["start"] : got["end"]]
 
 
+@pytest.mark.train
 async def test_qa_baseline_answers_what_nlpserve_answers(model_repo: Path, tmp_path: Path) -> None:
     """The naive /v1/qa (PyTorch, one request at a time) and nlpserve's /v1/qa (ONNX, batched
     windows) give the same span for the same request: the baseline differs in batching only."""
-    pytest.importorskip("torch")
     from bench.baseline_app import build_app
     from bench.loadgen import Result
     from bench.onnx_to_torch import hf_from_onnx
@@ -500,11 +500,11 @@ async def test_qa_baseline_answers_what_nlpserve_answers(model_repo: Path, tmp_p
     assert parity["compared"] == len(specs) and parity["span_agreement"] == 1.0
 
 
+@pytest.mark.train
 def test_derive_fp32_and_fp16_from_an_int8_only_version(model_repo: Path, tmp_path: Path) -> None:
     """detector-en/1 commits int8 only: the GPU benchmark derives fp32 (and fp16 from it) out of
     the int8 file's weights, keeps those weights in hf/ for the baseline, and the service
     loads the copy; the fp16 graph runs (ORT's CPU provider here, CUDA on the GPU)."""
-    pytest.importorskip("torch")
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -636,8 +636,10 @@ def test_device_cuda_without_cuda_fails_at_once(
     assert list(tmp_path.iterdir()) == []  # no report of a run that never ran
 
 
+@pytest.mark.train
 def test_baseline_app_refuses_cuda_without_a_gpu(model_repo: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     from bench.baseline_app import build_app
     from tests.service_support import QA_MODEL, require_model
 
@@ -783,6 +785,7 @@ def _gpu_session(model_repo: Path, tmp_path: Path, **knobs: str):
     return r, out
 
 
+@pytest.mark.train
 def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path) -> None:
     """bench/gpu_session.sh end to end, on the CPU and the tiny QA model (no installs): the
     knobs reach bench.run, and $OUT holds what the device tool can bring back (at most 8
@@ -813,6 +816,7 @@ def test_gpu_session_script_dry_run_on_the_cpu(model_repo: Path, tmp_path: Path)
     assert "qa-zh: exit 0" in (out / "gpu_session.log").read_text()
 
 
+@pytest.mark.train
 def test_gpu_session_script_fails_when_a_model_run_fails(model_repo: Path, tmp_path: Path):
     """A device call is scarce: a model whose run failed (here: not in the repository) makes
     the script's exit status non-zero, not a quiet 'done' with no report."""
@@ -906,6 +910,7 @@ def test_machine_description_tells_cpu_generations_apart() -> None:
     assert f"cpu family {family} model " in machine_description()["cpu_id"]
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["detector-en", "qa-zh", "pos-en", "polarity-en"])
 def test_near_free_copy_keeps_every_input_and_output(
     model_repo: Path, tmp_path: Path, name: str
@@ -941,6 +946,7 @@ def test_near_free_copy_keeps_every_input_and_output(
         assert session.get_modelmeta().graph_name.endswith("near-free")
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("queue", ["inprocess", "redis"])
 def test_ab_alternates_two_setups_and_accounts_each_process(
     model_repo: Path, tmp_path: Path, queue: str
@@ -1074,6 +1080,7 @@ def test_run_refuses_unknown_configs_variants_and_a_missing_data_folder(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.train
 def test_derive_variants_keeps_an_lstm_models_committed_variants(
     model_repo: Path, tmp_path: Path
 ) -> None:
@@ -1159,6 +1166,7 @@ def test_every_bench_run_option_has_help() -> None:
     assert "(default: 1000)" in p.format_help()  # --requests
 
 
+@pytest.mark.train
 def test_builders_main_builds_the_lstm_models_or_says_how(lstm_rebuild: Path) -> None:
     import subprocess
     import sys

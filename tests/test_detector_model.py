@@ -13,6 +13,8 @@ from service.preprocess.classify import ClassifyEncoder, decode
 from service.repository import load_manifest
 from tests.builders_bert import _tiny_bert, build_tiny_detector, detector_examples
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def det_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.builders import tiny_polarity_corpus, tiny_pos_corpus
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]

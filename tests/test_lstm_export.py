@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 

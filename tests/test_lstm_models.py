@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
 from service.preprocess.words import PAD_ID, UNK_ID  # noqa: E402

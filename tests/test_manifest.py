@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.train
 pytest.importorskip("torch")
 
 from service.preprocess.words import WordEncoder  # noqa: E402

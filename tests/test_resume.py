@@ -16,6 +16,7 @@ import pytest
 
 from tests.test_lstm_cli import TINY_POLARITY, TINY_POS, write_conllu_root, write_polarity_root
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]

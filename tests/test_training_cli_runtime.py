@@ -17,6 +17,7 @@ import pytest
 
 from tests.test_lstm_cli import TINY_POLARITY, flat, write_polarity_root
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,8 @@ import pytest
 
 from tests.builders_bert import _tiny_bert
 
+pytestmark = pytest.mark.train
+
 
 def _fit_recording_dtypes(amp: bool) -> tuple[set, set, list[float], str | None]:
     """Train a tiny QA BERT on one repeated batch for a few steps; return the dtypes the

@@ -58,16 +58,25 @@ def _openssl(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA and a server certificate for localhost and 127.0.0.1."""
+    """A throwaway CA and a server certificate for localhost and 127.0.0.1, with the
+    extensions RFC 5280 asks for (the CA's key usage, the server's authority key id), which
+    Python 3.13's clients require (docs/deploy.md, "Production Redis")."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not on PATH")
     d = tmp_path_factory.mktemp("tls")
     new_key = ["-newkey", "rsa:2048", "-nodes"]
     _openssl("req", "-x509", *new_key, "-days", "2", "-subj", "/CN=nlpserve-test-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
              "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")  # fmt: skip
     _openssl("req", *new_key, "-subj", "/CN=localhost",
              "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr")  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
     _openssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.crt",
              "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-days", "2",
              "-extfile", f"{d}/ext.cnf", "-out", f"{d}/server.crt")  # fmt: skip
@@ -100,6 +109,9 @@ class TlsRedisServer(RedisServer):
 
     def ping(self) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        # Python 3.13's default (RFC 5280 conformance), on every Python: the certificates
+        # must be what a 3.13 client of nlpserve (redis-py's default context) accepts.
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
         try:
             with (
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
@@ -113,6 +125,8 @@ class TlsRedisServer(RedisServer):
                         break
                     got += chunk
                 return b"+PONG" in got
+        except ssl.SSLCertVerificationError:
+            raise  # the server is up: the client refused its certificate
         except OSError:
             return False
 
@@ -137,6 +151,9 @@ def tls_server(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         server.start()
     except RuntimeError as e:  # e.g. a redis-server built without TLS exits at once
         pytest.skip(f"redis-server with TLS did not start ({e}); needs Redis 6+ built with TLS")
+    except BaseException:  # e.g. the certificate refused: a failure, not a skip
+        server.stop()
+        raise
     try:
         yield server
     finally:
