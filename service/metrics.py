@@ -19,6 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.loop_lag import INTERVAL_S, WINDOW_S
+
 # The *_created series double the exposition size and nothing here reads them.
 disable_created_metrics()
 
@@ -31,6 +33,8 @@ _REQUEST_BUCKETS = (*_LATENCY_BUCKETS, 20.0, 30.0, 60.0)
 _STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, *_REQUEST_BUCKETS)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _EFFICIENCY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+# An idle loop wakes within about 1 ms; past 5 s the process is hung rather than busy.
+_LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -123,6 +127,21 @@ class Metrics:
             "nlpserve_model_info",
             "Loaded models (value 1) with the provider and variant they actually run on.",
             ["model", "version", "provider", "variant"],
+            registry=r,
+        )
+        # Fed by service/loop_lag.py, which the API's lifespan and the worker run.
+        self.loop_lag = Histogram(
+            "nlpserve_event_loop_lag_seconds",
+            f"How late this process's event loop woke from a {INTERVAL_S}-s sleep: what a "
+            "request waits for the loop before any handler starts (CPU-bound work in the "
+            "process), which no request latency histogram sees.",
+            buckets=_LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "nlpserve_event_loop_lag_max_seconds",
+            f"The largest event-loop lag of the last {WINDOW_S:.0f} s (or the current one, "
+            "while the loop is late right now).",
             registry=r,
         )
 

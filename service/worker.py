@@ -47,6 +47,7 @@ from service.batching import BucketScheduler, WorkItem
 from service.batching.scheduler import lane_for_next_batch
 from service.clock import RedisClock
 from service.config import Settings
+from service.loop_lag import LoopLagMonitor
 from service.metrics import Metrics, WorkerMetrics
 from service.queueing import codec
 from service.queueing.base import updated_pace
@@ -283,6 +284,8 @@ class Worker:
         cancels = asyncio.create_task(self._cancel_loop(), name="worker-cancels")
         stop = asyncio.create_task(self._stop_event.wait())
         tasks = {reader, batcher, maint, cancels}
+        lag = LoopLagMonitor(self.metrics.loop_lag, self.metrics.loop_lag_max)
+        lag.start()
         try:
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             for t in done & tasks:
@@ -307,6 +310,7 @@ class Worker:
                     len(self._in_hand),
                 )
         finally:
+            await lag.stop()  # first: the awaits below may be cancelled
             # A cancel can be lost inside redis-py (a task cancelled as the worker starts
             # carried on): the loops also end on this flag, and the wait is bounded.
             self._closing = True

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from service.api.app import create_app
 from service.api.deps import ServiceState
 from service.batching import WorkItem
 from service.config import Settings
+from service.loop_lag import INTERVAL_S
 from service.queueing.inprocess import InProcessQueue
 from service.runtime.runner import ModelRunner
 
@@ -177,6 +178,33 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(value)
     return total
+
+
+# --------------------------------------------------------------------------- event-loop lag
+# How long the loop-lag tests block their event loop: the monitor (service/loop_lag.py)
+# then wakes at least LOOP_STALL_S - INTERVAL_S late, past the 0.25 bucket.
+LOOP_STALL_S = 0.4
+LATE_S = "0.25"
+
+
+def late_wakeups(text: str) -> float:
+    """Wake-ups of the loop-lag monitor over LATE_S late, from a /metrics text."""
+    count = metric_value(text, "nlpserve_event_loop_lag_seconds_count")
+    return count - metric_value(text, "nlpserve_event_loop_lag_seconds_bucket", le=LATE_S)
+
+
+async def stall_loop(read: Callable[[], Awaitable[str]]) -> tuple[str, str]:
+    """Block the running event loop for LOOP_STALL_S, as a CPU-bound handler would, and
+    return /metrics (from ``read``) before and once the monitor on this loop recorded it."""
+    await asyncio.sleep(2 * INTERVAL_S)  # a monitor started just now is asleep by then
+    before = await read()
+    time.sleep(LOOP_STALL_S)  # on purpose: the server's monitor runs on this loop
+    t0 = time.monotonic()
+    while late_wakeups(after := await read()) <= late_wakeups(before):
+        if time.monotonic() - t0 > 10:
+            raise AssertionError("the late wake-up was never recorded")
+        await asyncio.sleep(0.05)
+    return before, after
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -1,9 +1,22 @@
-"""service/metrics.py: the label-child cache behind every per-request and per-batch series."""
+"""service/metrics.py: the label-child cache behind every per-request and per-batch series;
+service/loop_lag.py: the event-loop lag series, on this test's own loop."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
+from service.loop_lag import INTERVAL_S, LoopLagMonitor
 from service.metrics import Metrics
-from tests.service_support import metric_value
+from tests.service_support import (
+    LATE_S,
+    LOOP_STALL_S,
+    late_wakeups,
+    metric_value,
+    stall_loop,
+    wait_for,
+)
 
 
 def test_cached_children_record_into_their_own_series() -> None:
@@ -58,3 +71,60 @@ def test_request_latency_buckets_reach_past_the_default_deadline() -> None:
         )  # fmt: skip
 
     assert bucket("10.0") == 0 and bucket("20.0") == 1 and bucket("30.0") == 3
+
+
+async def test_event_loop_lag_shows_a_stall_and_forgets_it_after_its_window() -> None:
+    m = Metrics()
+    monitor = LoopLagMonitor(m.loop_lag, m.loop_lag_max, window_s=1.0)
+    monitor.start()
+    try:
+
+        async def read() -> str:
+            return m.render().decode()
+
+        before, after = await stall_loop(read)
+        assert metric_value(after, "nlpserve_event_loop_lag_seconds_count") > metric_value(
+            before, "nlpserve_event_loop_lag_seconds_count"
+        )
+        assert metric_value(after, "nlpserve_event_loop_lag_max_seconds") >= (
+            LOOP_STALL_S - INTERVAL_S
+        )
+        # one window later the gauge holds the idle loop's lags again
+        await wait_for(lambda: monitor.max_lag() < float(LATE_S))
+    finally:
+        await monitor.stop()
+
+
+async def test_a_stuck_loop_shows_in_a_scrape_from_another_thread() -> None:
+    """The worker serves /metrics from a thread: while its loop is stuck (the monitor cannot
+    wake to record anything), the gauge already reports how late it is."""
+    m = Metrics()
+    monitor = LoopLagMonitor(m.loop_lag, m.loop_lag_max)
+    monitor.start()
+    stalled, scraped = threading.Event(), threading.Event()
+
+    def scrape_while_stalled() -> str:
+        stalled.wait()
+        time.sleep(LOOP_STALL_S)
+        try:
+            return m.render().decode()
+        finally:
+            scraped.set()
+
+    try:
+        await asyncio.sleep(2 * INTERVAL_S)  # the monitor sleeps: its wake-up is due
+        before = m.render().decode()
+        scrape = asyncio.get_running_loop().run_in_executor(None, scrape_while_stalled)
+        stalled.set()
+        assert scraped.wait(timeout=30)  # blocks this loop until the thread has scraped
+        during = await scrape
+        assert metric_value(during, "nlpserve_event_loop_lag_max_seconds") >= (
+            LOOP_STALL_S - INTERVAL_S
+        )
+        assert late_wakeups(during) == late_wakeups(before)  # not recorded yet: stuck
+    finally:
+        await monitor.stop()
+    # stopped: no wake-up is due, so the gauge stops growing
+    stopped = monitor.max_lag()
+    await asyncio.sleep(2 * INTERVAL_S)
+    assert monitor.max_lag() == stopped

@@ -25,6 +25,7 @@ from service.api.openapi import install_openapi
 from service.api.routes import demo, docs, explain, ops, predict, v2
 from service.config import Settings, get_settings
 from service.explain.adapters import EXPLAINED_OUTPUT
+from service.loop_lag import LoopLagMonitor
 from service.metrics import Metrics
 from service.queueing.factory import create_queue
 from service.repository import discover_models
@@ -91,6 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await startup(state)
+        # started once loaded (the load's stalls are not serving's), stopped after the drain
+        lag = LoopLagMonitor(state.metrics.loop_lag, state.metrics.loop_lag_max)
+        lag.start()
         warm = None
         if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
             warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")
@@ -99,7 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if warm is not None:
                 warm.cancel()
-            await shutdown(state)
+            try:
+                await shutdown(state)
+            finally:
+                await lag.stop()
 
     app = FastAPI(
         title="nlpserve",

@@ -8,8 +8,16 @@ import re
 
 import pytest
 
+from service.loop_lag import INTERVAL_S
 from service.repository import load_manifest
-from tests.service_support import live_server, make_settings, metric_value, read_metrics
+from tests.service_support import (
+    LOOP_STALL_S,
+    live_server,
+    make_settings,
+    metric_value,
+    read_metrics,
+    stall_loop,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -101,6 +109,32 @@ async def test_metrics_exposition(client):
         >= 1
     )
     assert metric_value(text, "nlpserve_rejected_total", model="polarity-en", reason="empty_text")
+
+
+async def test_event_loop_lag_shows_a_stalled_loop(client):
+    """A handler hogging the loop delays every other request before its handler starts, where
+    no request histogram looks: the lag series show it (the server runs on this loop)."""
+
+    async def read() -> str:
+        return await read_metrics(client)
+
+    before, after = await stall_loop(read)
+    count = "nlpserve_event_loop_lag_seconds_count"
+    assert metric_value(after, count) > metric_value(before, count)
+    assert metric_value(after, "nlpserve_event_loop_lag_max_seconds") >= LOOP_STALL_S - INTERVAL_S
+
+
+async def test_event_loop_lag_monitor_stops_with_the_app(tmp_path):
+    def monitors() -> set[asyncio.Task[object]]:  # the shared servers' run on this loop too
+        return {t for t in asyncio.all_tasks() if t.get_name() == "event-loop-lag"}
+
+    others = monitors()
+    async with live_server(make_settings(tmp_path)) as srv, srv.client() as c:
+        assert "nlpserve_event_loop_lag_seconds_count" in await read_metrics(c)
+        ours = monitors() - others
+        assert len(ours) == 1
+    # stopped by the lifespan, not left for the loop to destroy while pending
+    assert all(t.done() for t in ours) and not monitors() - others
 
 
 async def test_batch_metrics_in_process(inprocess_service):

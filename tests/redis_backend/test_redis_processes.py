@@ -205,6 +205,12 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     ports = [port for p, port in cluster.workers if p.alive()]
     before = sum(metric(p, "nlpserve_batch_size_sum") for p in ports)
     reclaimed_before = sum(metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
+
+    def late_loop() -> float:  # the event loop woke over 1 s late
+        count = metric(stalled_port, "nlpserve_event_loop_lag_seconds_count")
+        return count - metric(stalled_port, 'nlpserve_event_loop_lag_seconds_bucket{le="1.0"}')
+
+    late_loop_before = late_loop()
     reqs = _requests(200, seed=4)
     want = await _expected(inprocess_service, reqs)
     fire = await _fire_once_held(cluster, stalled, reqs)
@@ -235,6 +241,8 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
         )
 
     await _until_true(lambda: late() >= 1)
+    # and so does its event loop: its lag-monitor woke the whole stop late
+    await _until_true(lambda: late_loop() > late_loop_before)
     assert stalled.stop() == 0  # SIGTERM: a clean exit
     print(f"SIGSTOP: {held} entries held, {reclaimed:.0f} reclaimed, {ran:.0f} sequences ran")
 

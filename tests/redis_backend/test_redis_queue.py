@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 
 from service.batching import WorkItem, bucket_index
 from service.config import Settings
+from service.loop_lag import INTERVAL_S
 from service.metrics import Metrics
 from service.queueing import (
     BackendUnavailableError,
@@ -52,7 +54,14 @@ from tests.redis_backend.helpers import (
     running_worker,
     wait_for,
 )
-from tests.service_support import GatedRunner, RunnerProxy, metric_value
+from tests.service_support import (
+    LOOP_STALL_S,
+    GatedRunner,
+    RunnerProxy,
+    late_wakeups,
+    metric_value,
+    stall_loop,
+)
 
 POS, POL = "pos-en", "polarity-en"
 
@@ -999,6 +1008,49 @@ async def test_worker_metrics_and_health_endpoint(make_settings, tiny_runners) -
     version = tiny_runners[POS].manifest.version
     labels = {"model": POS, "version": version, "bucket": "0", "lane": "predict"}
     assert lag[tuple(sorted(labels.items()))] == 0.0
+
+
+async def test_worker_exports_its_event_loop_lag(make_settings, tiny_runners) -> None:
+    """The worker's loop reads, replies and reclaims: its lag is on its metrics port, and a
+    scrape (served by a thread) shows a loop stuck right now, before the loop can record it."""
+    lag_tasks = {t for t in asyncio.all_tasks() if t.get_name() == "event-loop-lag"}
+    async with running_worker(make_settings(), tiny_runners) as w:
+        port = w.start_http(0)
+        try:
+
+            async def read() -> str:
+                return (await asyncio.to_thread(_get, port, "/metrics")).decode()
+
+            before, after = await stall_loop(read)
+            count = "nlpserve_event_loop_lag_seconds_count"
+            assert metric_value(after, count) > metric_value(before, count)
+            assert metric_value(after, "nlpserve_event_loop_lag_max_seconds") >= (
+                LOOP_STALL_S - INTERVAL_S
+            )
+            # stuck: this loop waits (blocked) for the HTTP thread's scrape
+            stalled, scraped = threading.Event(), threading.Event()
+
+            def scrape_while_stalled() -> str:
+                stalled.wait()
+                time.sleep(2 * LOOP_STALL_S)
+                try:
+                    return _get(port, "/metrics").decode()
+                finally:
+                    scraped.set()
+
+            before = await read()
+            scrape = asyncio.get_running_loop().run_in_executor(None, scrape_while_stalled)
+            stalled.set()
+            assert scraped.wait(timeout=30)
+            during = await scrape
+            assert late_wakeups(during) == late_wakeups(before)  # the monitor could not run
+            assert metric_value(during, "nlpserve_event_loop_lag_max_seconds") >= (
+                2 * LOOP_STALL_S - INTERVAL_S
+            )
+        finally:
+            w.stop_http()
+    # run() stopped its monitor: none is left pending on the loop
+    assert not {t for t in asyncio.all_tasks() if t.get_name() == "event-loop-lag"} - lag_tasks
 
 
 def test_worker_refuses_a_taken_metrics_port_before_loading_models(make_settings) -> None:
