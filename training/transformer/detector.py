@@ -205,7 +205,7 @@ def train_detector(
     encoder = ClassifyEncoder(tokenizer, cfg.max_length)
     train_encs = encoder.encode([e.text for e in train])
     unk_rate = check_unknown_rate(tokenizer, (e.input_ids for e in train_encs), cfg.base_model)
-    train_y = np.asarray([e.label for e in train])
+    train_y = np.asarray([e.label for e in train], dtype=np.int64)
     lengths = [len(e) for e in train_encs]
     truncated = float(np.mean([e.truncated for e in train_encs])) if train_encs else 0.0
     log.info(
