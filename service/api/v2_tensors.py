@@ -81,13 +81,15 @@ def tensors_of(task: Task) -> TaskTensors:
         labels = classifier.labels
 
         def classify(prepared: Prepared, outputs: Outputs) -> Row:
-            result = task.decode(prepared, outputs).model_dump()
-            probs = classifier.probabilities(outputs).tolist()
+            # the label is the most probable one, as the task's own decode picks it; the
+            # probabilities are computed once (decode would compute them again)
+            probs = classifier.probabilities(outputs)
+            k = int(np.argmax(probs))
             return {
-                "label": result["label"],
-                "probability": probs[labels.index(result["label"])],
-                "probabilities": probs,
-                "truncated": result["truncated"],
+                "label": labels[k],
+                "probability": float(probs[k]),
+                "probabilities": probs.tolist(),
+                "truncated": prepared.meta["truncated"],
             }
 
         request = DetectRequest if task.task == "detect" else PolarityRequest
