@@ -226,9 +226,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from service.repository import ManifestError
-    from service.runtime.session import ProviderError
+    from service.runtime.session import ModelLoadError, ProviderError
 
-    errors = (*_USER_ERRORS, ManifestError, ProviderError)
+    errors = (*_USER_ERRORS, ManifestError, ProviderError, ModelLoadError)
     try:
         from training.data.common import DataError, TrainingError
     except ImportError:  # serving-only install
@@ -247,7 +247,7 @@ def main() -> None:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
         # here, not above: it imports onnxruntime, which a Redis-mode API never loads
-        from service.runtime.session import ProviderError
+        from service.runtime.session import ModelLoadError, ProviderError
 
         what = (
             "invalid model selection"
@@ -256,6 +256,8 @@ def main() -> None:
             if isinstance(e, ManifestError)
             else "execution provider unavailable"
             if isinstance(e, ProviderError)
+            else "cannot load model"
+            if isinstance(e, ModelLoadError)
             else type(e).__name__
         )
         typer.echo(f"nlpserve: {what}: {e}", err=True)

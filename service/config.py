@@ -21,6 +21,7 @@ from service.repository.discovery import parse_selection
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 8192
 CUDA_SHAPE_MULTIPLE = 16
+CPU_PROVIDER = "CPUExecutionProvider"  # service/runtime/session.py's CPU (no ORT import here)
 # Default max wait (NLPSERVE_MAX_WAIT_MS unset): how long a batch formed while every
 # inference thread is busy stays open for company before it is queued behind them (an idle
 # thread never waits: it takes pending work at once). A CPU batch takes tens of ms, so that
@@ -56,6 +57,11 @@ MIN_CLAIM_IDLE_MS = 200
 # RESP3 or redis-py's unified shapes a worker's first read failed and the worker exited; with
 # decoded text (any value: redis-py takes the string as given) every entry was unreadable.
 REPLY_SHAPE_OPTIONS = frozenset({"protocol", "legacy_responses", "decode_responses"})
+# Most threads any thread-count setting may ask for (ORT intra- and inter-op threads,
+# inference threads, explanation threads). NLPSERVE_INTRA_OP_THREADS=100000 had ORT create
+# 100,000 threads per session and the process grow to 16 GB; 1,024 (~64 KiB of RSS each, 0.1 s
+# to start per session) is above any host's core count today.
+MAX_THREADS = 1024
 
 
 def parse_origins(value: str) -> list[str]:
@@ -168,13 +174,15 @@ class Settings(BaseSettings):
         ge=0,
         description="ORT intra-op threads of one batch (0 = ORT default: all cores). Default: "
         "on CPU, the usable cores divided among the inference threads (1 with the default "
-        "threads); on CUDA, 0.",
+        "threads); on CUDA, 0. At most 1,024; more threads than usable cores on CPU is "
+        "warned about at load (oversubscribed, ORT runs slower).",
     )
     inter_op_threads: int = Field(
         1,
         ge=0,
         description="ORT inter-op threads: independent branches of the graph run on this many "
-        "threads at once (0 = ORT default). 1 = sequential execution, one node at a time.",
+        "threads at once (0 = ORT default). 1 = sequential execution, one node at a time. "
+        "At most 1,024.",
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     variant: str | None = Field(
@@ -208,7 +216,9 @@ class Settings(BaseSettings):
         ge=0,
         description="How long the oldest sequence of a batch that is not full may wait for "
         "company while every inference thread is busy (the batch formed ahead, to queue "
-        "behind them). A thread that is idle takes pending work at once, without waiting. "
+        "behind them). A thread that is idle takes pending work at once, without waiting; "
+        "no sequence waits past half the time it had left to its deadline when queued. Less "
+        "than NLPSERVE_DEFAULT_DEADLINE_MS. "
         f"Default per provider: {CPU_MAX_WAIT_MS:g} on CPU, {CUDA_MAX_WAIT_MS:g} on CUDA (a GPU "
         "batch takes about a millisecond: a longer wait idles the GPU).",
     )
@@ -260,7 +270,7 @@ class Settings(BaseSettings):
         "waits for another's batches); each model may run this many batches at once. "
         "Default: on CPU, one per usable core, each batch on one core (on 2 cores 8-10% "
         "more throughput than one batch at a time on both cores, raw and served, fp32 and "
-        "int8, at the cost of a slower lone request); on CUDA, 1.",
+        "int8, at the cost of a slower lone request); on CUDA, 1. At most 1,024.",
     )
     prefetch_batches: int = Field(
         1,
@@ -393,7 +403,10 @@ class Settings(BaseSettings):
         256, ge=0, description="Explanations kept, keyed by (model, version, text, max_evals)."
     )
     explain_concurrency: int = Field(
-        2, ge=1, description="Explanations computed at once; more wait for a free slot."
+        2,
+        ge=1,
+        description="Explanations computed at once (a thread each, at most 1,024); more wait "
+        "for a free slot.",
     )
 
     log_level: str = Field(
@@ -404,6 +417,18 @@ class Settings(BaseSettings):
         description="`text`: one line per record for people; `json`: one JSON object per line "
         "for a log collector, with `request_id`, `item_id` and tracebacks as fields.",
     )
+
+    @field_validator(
+        "intra_op_threads", "inter_op_threads", "inference_threads", "explain_concurrency"
+    )
+    @classmethod
+    def _threads_bounded(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_THREADS:
+            raise ValueError(
+                f"{value} threads is more than the limit of {MAX_THREADS} (this host has "
+                f"{usable_cpus()} usable CPUs)"
+            )
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -509,6 +534,32 @@ class Settings(BaseSettings):
                 "one-sequence items would be refused"
             )
         return self
+
+    @model_validator(mode="after")
+    def _max_wait_within_the_deadline(self) -> Settings:
+        # A max wait as long as the deadline can never be waited out: the batcher cuts each
+        # sequence's wait to half its time left, so such a value only misleads.
+        if self.max_wait_ms is not None and self.max_wait_ms >= self.default_deadline_ms:
+            raise ValueError(
+                f"NLPSERVE_MAX_WAIT_MS ({self.max_wait_ms:g}) must be less than "
+                f"NLPSERVE_DEFAULT_DEADLINE_MS ({self.default_deadline_ms}): requests would "
+                "wait for batch mates past their deadline"
+            )
+        return self
+
+    def cpu_oversubscription(self) -> str | None:
+        """Why this process's CPU models would run more ORT threads at once than there are
+        usable cores (ORT runs slower oversubscribed), or None."""
+        cpus = usable_cpus()
+        batches = self.inference_threads_for(CPU_PROVIDER)
+        intra = self.intra_op_threads_for(CPU_PROVIDER) or cpus  # 0: ORT's, one per core
+        if batches * intra <= cpus:
+            return None
+        return (
+            f"{batches} inference thread(s) x {intra} ORT intra-op threads = {batches * intra} "
+            f"threads per CPU model on {cpus} usable CPUs: oversubscribed, ORT runs slower "
+            "(NLPSERVE_INFERENCE_THREADS, NLPSERVE_INTRA_OP_THREADS)"
+        )
 
     @model_validator(mode="after")
     def _streams_hold_what_is_admitted(self) -> Settings:

@@ -90,9 +90,32 @@ class Server(uvicorn.Server):
 KEEP_ALIVE_S = 5
 
 
+class StartupErrorInOneLine:
+    """The app, whose failed startup uvicorn does not log as a traceback: Starlette hands
+    uvicorn the formatted traceback of whatever stopped the lifespan (a model that cannot
+    load), which it logs; :func:`run_server` raises that error instead, for the command to
+    report in one line (or, for a bug, as Python's traceback)."""
+
+    def __init__(self, app: FastAPI, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def lifespan_send(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.state.startup_error:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, lifespan_send)
+
+
 def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     return uvicorn.Config(
-        app,
+        StartupErrorInOneLine(app, app.state.service),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -122,4 +145,10 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
 
 def run_server(settings: Settings) -> None:
     app = create_app(settings)
-    Server(uvicorn_config(settings, app), app.state.service).run()
+    state: ServiceState = app.state.service
+    try:
+        Server(uvicorn_config(settings, app), state).run()
+    except SystemExit:  # uvicorn's exit status 3 when the startup fails
+        if state.startup_error is not None:
+            raise state.startup_error from None
+        raise

@@ -134,6 +134,25 @@ def test_wait_rule():
     assert pb.ready(POLICY, now=T0 + 0.011)
 
 
+def test_a_short_deadline_ends_the_wait_half_way_to_it():
+    """A sequence waits for company at most half the time it had left when queued: with a
+    2 s max wait, one whose client allowed 500 ms (X-Deadline-Ms) was held to its deadline
+    and never ran. The earliest such sequence in the bucket decides, not only the oldest."""
+    policy = BatchPolicy(max_batch_size=4, max_batch_tokens=64, max_wait_s=2.0)
+    pb = PendingBucket[WorkItem]()
+    pb.add(item(5, at=T0))  # 60 s deadline: its own limit is the max wait (T0 + 2)
+    assert pb.time_to_ready(policy, now=T0) == pytest.approx(2.0)
+    pb.add(item(5, at=T0 + 0.1, deadline=T0 + 0.6))  # 500 ms: flushed by T0 + 0.35
+    assert not pb.ready(policy, now=T0 + 0.3)
+    assert pb.time_to_ready(policy, now=T0 + 0.3) == pytest.approx(0.05)
+    assert pb.ready(policy, now=T0 + 0.35)
+    s = BucketScheduler[WorkItem](policy)
+    s.add(item(5, at=T0, deadline=T0 + 0.2))
+    assert s.next_wakeup(now=T0) == pytest.approx(0.1)
+    assert s.next_batch(now=T0 + 0.05) is None
+    assert len(formed(s.next_batch(now=T0 + 0.1))) == 1
+
+
 def test_bucket_index_edges():
     edges = [8, 16, 64]
     assert [bucket_index(n, edges) for n in (1, 8, 9, 16, 17, 64)] == [0, 0, 1, 1, 2, 2]

@@ -334,3 +334,38 @@ def test_a_zero_redis_block_is_refused(monkeypatch):
     monkeypatch.setenv("NLPSERVE_REDIS_BLOCK_MS", "0")
     with pytest.raises(ValueError, match="redis_block_ms"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    "name", ["INTRA_OP_THREADS", "INTER_OP_THREADS", "INFERENCE_THREADS", "EXPLAIN_CONCURRENCY"]
+)
+def test_a_thread_count_over_the_limit_is_refused_naming_value_and_limit(monkeypatch, name):
+    """NLPSERVE_INTRA_OP_THREADS=100000 had ORT create 100,000 threads per session and the
+    process grow to 16 GB; each thread-count setting stops at MAX_THREADS."""
+    from typer.testing import CliRunner
+
+    from service import cli
+    from service.config import MAX_THREADS
+
+    monkeypatch.setenv(f"NLPSERVE_{name}", str(MAX_THREADS))
+    assert getattr(Settings(), name.lower()) == MAX_THREADS
+    monkeypatch.setenv(f"NLPSERVE_{name}", "100000")
+    result = CliRunner().invoke(cli.app, ["serve"])
+    assert result.exit_code == 2, result.exception
+    assert result.output.startswith(
+        f"nlpserve: invalid setting: NLPSERVE_{name}: 100000 threads is more than the limit "
+        f"of {MAX_THREADS} (this host has {usable_cpus()} usable CPUs)"
+    ), result.output
+
+
+def test_a_max_wait_as_long_as_the_deadline_is_refused(monkeypatch):
+    """With NLPSERVE_WAIT_WHEN_IDLE every request waited the max wait: one past the deadline
+    answered every request 504."""
+    monkeypatch.setenv("NLPSERVE_WAIT_WHEN_IDLE", "true")
+    monkeypatch.setenv("NLPSERVE_DEFAULT_DEADLINE_MS", "1000")
+    monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", "999.5")
+    assert Settings().max_wait_ms == 999.5
+    for bad in ("1000", "60000"):
+        monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", bad)
+        with pytest.raises(ValueError, match=rf"MAX_WAIT_MS \({bad}\) must be less than "):
+            Settings()

@@ -529,3 +529,31 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(tmp_path, com
 def test_training_options_out_of_range_are_refused_before_any_work(tmp_path, args):
     out = _cli(*args, "--data", str(tmp_path), "--out", str(tmp_path / "m"))
     assert out.returncode == 2 and "Invalid value for" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_an_onnx_file_onnxruntime_cannot_open_stops_the_command_in_one_line(
+    model_repo, tmp_path, command
+):
+    """Bytes that are no ONNX model (no sha256 recorded to catch them first) failed `serve`'s
+    lifespan with a traceback and uvicorn's exit status 3, and `worker` with a traceback."""
+    import json
+    import shutil
+
+    from tests.redis_support import free_port
+
+    folder = tmp_path / "repo" / "polarity-en" / "1"
+    shutil.copytree(model_repo / "polarity-en" / "1", folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["variants"]["fp32"]["sha256"] = None
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    (folder / raw["variants"]["fp32"]["file"]).write_bytes(b"not an onnx model\n" * 8)
+    env = {"NLPSERVE_PORT": "0", "NLPSERVE_METRICS_PORT": "0"}
+    if command == "worker":  # loads its models before it connects
+        env |= {"NLPSERVE_QUEUE": "redis", "NLPSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}"}
+    out = _cli(command, "--models", str(tmp_path / "repo"), env=env)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("nlpserve: cannot load model: polarity-en/1: cannot open "), last
+    assert f"{folder / raw['variants']['fp32']['file']}: " in last and "INVALID_PROTOBUF" in last

@@ -177,6 +177,45 @@ def test_require_gpu_refuses_to_fall_back(model_repo, monkeypatch, silent):
         create_session(model_repo / "pos-en" / "1", m, s)
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_require_gpu_with_a_cuda_session_that_fails_stops_the_command_in_one_line(
+    model_repo, monkeypatch, capsys, command
+):
+    """CUDA present but one session cannot open on it, under NLPSERVE_REQUIRE_GPU: `serve`
+    loads its models in uvicorn's lifespan, which ended in a traceback (exit status 3)."""
+    from service.cli import main
+
+    _fake_cuda(monkeypatch, silent=False)
+    monkeypatch.setenv("NLPSERVE_REQUIRE_GPU", "1")
+    monkeypatch.delenv("NLPSERVE_PROVIDERS", raising=False)
+    monkeypatch.setenv("NLPSERVE_PORT", "0")
+    monkeypatch.setenv("NLPSERVE_METRICS_PORT", "0")
+    monkeypatch.setenv("NLPSERVE_QUEUE", "inprocess" if command == "serve" else "redis")
+    monkeypatch.setattr("sys.argv", ["nlpserve", command, "--models", str(model_repo)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nlpserve: execution provider unavailable: "), last
+    assert "on CUDA and NLPSERVE_REQUIRE_GPU is set: CUDA failure 100" in last
+
+
+def test_more_cpu_threads_than_cores_is_warned_about_at_load(model_repo, monkeypatch, caplog):
+    """ORT threads beyond the usable cores slow every batch down: said once, at load."""
+    monkeypatch.setattr("service.config.usable_cpus", lambda: 2)
+    entries = discover_models(model_repo, select={"pos-en": None})
+    with caplog.at_level(logging.WARNING):
+        load_runners(settings(model_repo, inference_threads=2, intra_op_threads=1), None, entries)
+    assert "oversubscribed" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_runners(settings(model_repo, inference_threads=2, intra_op_threads=2), None, entries)
+    assert caplog.text.count("oversubscribed") == 1
+    assert "2 inference thread(s) x 2 ORT intra-op threads = 4 threads" in caplog.text
+    assert "on 2 usable CPUs" in caplog.text
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_fallback_is_visible_in_models_and_metrics(model_repo, monkeypatch):
     _fake_cuda(monkeypatch, silent=True)

@@ -91,7 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await startup(state)
+        try:
+            await startup(state)
+        except Exception as e:
+            state.startup_error = e
+            raise
         # started once loaded (the load's stalls are not serving's), stopped after the drain
         lag = LoopLagMonitor(state.metrics.loop_lag, state.metrics.loop_lag_max)
         lag.start()

@@ -38,6 +38,9 @@ class ServiceState:
     # The queue's close, started once by whichever comes first: the server's shutdown
     # (service/server.py) or the lifespan shutdown.
     closing: asyncio.Task[None] | None = None
+    # What stopped the startup (a model that cannot load): run_server raises it after
+    # uvicorn exits, for the command to report in one line (service/server.py).
+    startup_error: Exception | None = None
 
     def models_of(self, task: str) -> list[str]:
         return sorted(n for n, t in self.tasks.items() if t.task == task)

@@ -46,11 +46,22 @@ class PendingBucket(Generic[ItemT]):
                 return True
         return False
 
+    def flush_at(self, policy: BatchPolicy) -> float:
+        """When waiting for company ends (on the items' clock): the oldest sequence's max
+        wait, or sooner, half-way from a sequence's queueing to its deadline. A client's short
+        X-Deadline-Ms (500 ms under a 2 s max wait with NLPSERVE_WAIT_WHEN_IDLE) held its
+        sequence past the deadline, and the request got 504 without ever running."""
+        at = self.items[0].enqueued_at + policy.max_wait_s
+        # is_full() was False: fewer than max_batch_size items to look at
+        for it in self.items:
+            at = min(at, it.enqueued_at + (it.deadline - it.enqueued_at) / 2)
+        return at
+
     def ready(self, policy: BatchPolicy, now: float | None = None) -> bool:
         if not self.items:
             return False
         now = time.monotonic() if now is None else now
-        return self.is_full(policy) or self.oldest_wait(now) >= policy.max_wait_s
+        return self.is_full(policy) or now >= self.flush_at(policy)
 
     def time_to_ready(self, policy: BatchPolicy, now: float | None = None) -> float | None:
         """Seconds until the max-wait rule fires (0 if ready now, None if empty)."""
@@ -59,7 +70,7 @@ class PendingBucket(Generic[ItemT]):
         now = time.monotonic() if now is None else now
         if self.is_full(policy):
             return 0.0
-        return max(0.0, policy.max_wait_s - self.oldest_wait(now))
+        return max(0.0, self.flush_at(policy) - now)
 
     def drop_expired(self, now: float | None = None) -> list[ItemT]:
         """Remove and return sequences whose deadline has passed (they must not run)."""

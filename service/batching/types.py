@@ -48,9 +48,10 @@ class BatchPolicy:
     A batch closes when it holds ``max_batch_size`` sequences, when one more sequence would
     push ``batch size x longest length`` over ``max_batch_tokens``, or when its oldest
     sequence has waited ``max_wait_s`` (the queues skip that wait while an inference thread
-    is idle: ``BucketScheduler.next_batch(no_wait=True)``). A sequence joins a batch only if
-    the batch's padding efficiency (real / padded tokens) stays at or above
-    ``min_padding_efficiency``.
+    is idle: ``BucketScheduler.next_batch(no_wait=True)``) or any of its sequences half the
+    time it had left to its deadline when queued (``PendingBucket.flush_at``). A sequence
+    joins a batch only if the batch's padding efficiency (real / padded tokens) stays at or
+    above ``min_padding_efficiency``.
     """
 
     max_batch_size: int = 32

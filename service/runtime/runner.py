@@ -16,7 +16,13 @@ from service.batching.buckets import bucket_edges
 from service.config import CPU_BATCH_TOKENS, CUDA_SHAPE_MULTIPLE, Settings
 from service.metrics import Metrics
 from service.repository import Manifest, ModelEntry, discover_models
-from service.runtime.session import CUDA, LoadedSession, create_session, resolve_providers
+from service.runtime.session import (
+    CPU,
+    CUDA,
+    LoadedSession,
+    create_session,
+    resolve_providers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +253,8 @@ def load_runners(
     if entries is None:
         entries = discover_models(settings.model_dir, select=settings.model_selection())
     providers = resolve_providers(settings)
+    if providers[0] == CPU and entries and (why := settings.cpu_oversubscription()):
+        log.warning("%s", why)
     runners: dict[str, ModelRunner] = {}
     for entry in entries:
         loaded = create_session(entry.path, entry.manifest, settings, metrics, providers)

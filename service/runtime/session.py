@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,19 @@ _OPT_LEVELS = {
 
 class ProviderError(RuntimeError):
     """The requested provider cannot be used and fallback is not allowed."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model's ONNX file cannot be opened (corrupt, an opset this onnxruntime lacks) or
+    does not match its manifest: the command stops in one line naming the model and file."""
+
+
+def ort_reason(error: Exception) -> str:
+    """ORT's message about a file it could not open, in one line: without the path (the
+    caller names it) or the C++ source location and signature it embeds."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"Load model from \S+ failed: ?", "", text)
+    return re.sub(r"\S*onnxruntime_src/\S+:\d+ [^(]*\([^)]*\) ?", "", text)
 
 
 def resolve_providers(settings: Settings) -> list[str]:
@@ -180,17 +194,23 @@ def create_session(
             sess = _open(path, providers[i:], settings)
         except Exception as e:  # ORT raises plain RuntimeError/Fail for provider problems
             last_error = e
-            log.warning("%s: cannot open %s on %s: %s", manifest.name, path.name, provider, e)
+            log.warning(
+                "%s: cannot open %s on %s: %s", manifest.name, path.name, provider, ort_reason(e)
+            )
             if settings.require_gpu and provider == CUDA:
-                raise ProviderError(f"{manifest.name}: failed on CUDA: {e}") from e
+                raise ProviderError(
+                    f"{manifest.name}/{manifest.version}: cannot open {path} on CUDA and "
+                    f"NLPSERVE_REQUIRE_GPU is set: {ort_reason(e)}"
+                ) from e
             continue
         actual = sess.get_providers()[0]
         if actual != provider:
             # ORT silently drops a provider it cannot initialise: detect it here.
             if settings.require_gpu and provider == CUDA:
                 raise ProviderError(
-                    f"{manifest.name}: onnxruntime could not initialise CUDA (session runs on "
-                    f"{actual}) and NLPSERVE_REQUIRE_GPU is set"
+                    f"{manifest.name}/{manifest.version}: onnxruntime could not initialise "
+                    f"CUDA for {path} (the session runs on {actual}) and NLPSERVE_REQUIRE_GPU "
+                    "is set"
                 )
             if actual == CPU and variant.precision != choose_variant(manifest, CPU)[1].precision:
                 continue  # reopen with the variant meant for CPU
@@ -207,7 +227,10 @@ def create_session(
                 metrics.provider_fallback.labels(manifest.name, requested, actual).inc()
         _check_io(loaded, manifest)
         return loaded
-    raise RuntimeError(f"{manifest.name}: no provider could open the model: {last_error}")
+    raise ModelLoadError(
+        f"{manifest.name}/{manifest.version}: cannot open {folder / variant.file}: "
+        f"{ort_reason(last_error) if last_error else 'no provider could open it'}"
+    )
 
 
 def _check_io(loaded: LoadedSession, manifest: Manifest) -> None:
@@ -216,7 +239,8 @@ def _check_io(loaded: LoadedSession, manifest: Manifest) -> None:
     got_out = {o.name for o in loaded.session.get_outputs()}
     want_in, want_out = set(manifest.input_names()), set(manifest.output_names())
     if got_in != want_in or not want_out <= got_out:
-        raise RuntimeError(
-            f"{loaded.path}: model inputs {sorted(got_in)} / outputs {sorted(got_out)} do not "
-            f"match the manifest (inputs {sorted(want_in)}, outputs {sorted(want_out)})"
+        raise ModelLoadError(
+            f"{manifest.name}/{manifest.version}: {loaded.path}: model inputs "
+            f"{sorted(got_in)} / outputs {sorted(got_out)} do not match the manifest (inputs "
+            f"{sorted(want_in)}, outputs {sorted(want_out)})"
         )

@@ -11,6 +11,7 @@ request may get a 5xx, and the queue must be empty afterwards (nothing lost or l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,20 @@ async def test_redis_settings_answer_as_the_defaults(model_repo, expected, name)
             await asyncio.sleep(0.01)
         else:
             raise AssertionError("work entries left in the streams")
+
+
+@pytest.mark.parametrize("queue", ["inprocess", "redis"])
+async def test_a_client_deadline_shorter_than_the_max_wait_is_still_served(model_repo, queue):
+    """NLPSERVE_WAIT_WHEN_IDLE holds a lone request for the max wait: a client's shorter
+    X-Deadline-Ms (600 ms under a 3 s wait) got 504 without the request ever running. A
+    sequence now waits at most half the time it had left when queued."""
+    settings = _settings(model_repo, wait_when_idle=True, max_wait_ms=3000)
+    async with contextlib.AsyncExitStack() as stack:
+        if queue == "redis":
+            settings = await stack.enter_async_context(redis_backend(settings))
+        srv = await stack.enter_async_context(live_server(settings))
+        c = await stack.enter_async_context(srv.client())
+        # the worker's first batch may still be warming up: the long-deadline request first
+        assert (await c.post("/v1/polarity", json={"text": "good"})).status_code == 200
+        r = await c.post("/v1/polarity", json={"text": "good"}, headers={"X-Deadline-Ms": "600"})
+        assert r.status_code == 200, r.text
