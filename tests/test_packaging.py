@@ -10,6 +10,7 @@ satisfies ``[build-system]``; the Dockerfile's ``pip install .`` builds the same
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,30 @@ def test_the_sdist_builds_the_same_wheel_and_holds_no_more(built):
         set(_git_files(*PACKAGES)) - REPOSITORY_ONLY
     )
     assert _names(built.wheel_from_sdist) == _names(built.wheel)
+
+
+def test_the_images_build_from_what_the_sdist_holds(built):
+    """Both Dockerfile stages that `pip install` the project copy in every source the sdist
+    builds the wheel from (MANIFEST.in aside: it only shapes the sdist), and .dockerignore
+    keeps none of them out."""
+    generated = {"PKG-INFO", "setup.cfg", "nlpserve.egg-info", "MANIFEST.in"}
+    needed = {f.split("/")[0] for f in built.sdist_files} - generated
+    assert needed >= {"pyproject.toml", "README.md", *PACKAGES}
+    stages = (ROOT / "Dockerfile").read_text().split("\nFROM ")[1:]
+    installing = [s for s in stages if re.search(r'pip install [^\n]*"\.\[', s)]
+    assert len(installing) == 2, "the build and gpu stages install the project"
+    for stage in installing:
+        copied = {
+            src.rstrip("/")
+            for line in stage.splitlines()
+            if line.startswith("COPY ") and "--from" not in line
+            for src in line.split()[1:-1]
+        }
+        assert needed <= copied, (stage.split("\n")[0], sorted(needed - copied))
+    ignored = {
+        line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+    }
+    assert not needed & ignored
 
 
 def test_the_installed_wheel_serves_from_outside_the_checkout(built, model_repo, tmp_path):
