@@ -10,13 +10,14 @@ SEED ?= 13
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test lint format models models-lstm clean
+.PHONY: help install run test lint format models models-lstm clean openapi
 
 help:
 	@echo "make run        serve every model in $(MODELS)/ on http://127.0.0.1:8000"
 	@echo "make test       ruff and mypy, then the test suite (what CI runs)"
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check, mypy"
+	@echo "make openapi    write docs/openapi.json (the API contract), saying what would break clients"
 	@echo "make test-lowest  service tests under pyproject's lowest versions (not in CI)"
 	@echo "make test-lowest-train  the train side's tests under its lowest versions (not in CI)"
 	@echo "make test-newest PY=python3.13  service tests under today's newest releases (not in CI)"
@@ -56,6 +57,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The API contract (README "API contract"): /openapi.json as `make run` serves it, whatever
+# NLPSERVE_* is set. Prints what changed against the committed one, breaking changes first;
+# tests/test_openapi_contract.py fails until it is regenerated.
+openapi: $(BIN)/.installed
+	$(BIN)/python -m tests.openapi_contract --write
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
