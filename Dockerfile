@@ -16,7 +16,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The exact versions CI tests with (deploy/pin_image_deps.py): a rebuild installs the same.
 COPY deploy/constraints.txt ./
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY training ./training
 # [explain]: shap for /v1/{detect,polarity}/explain (without it they answer 501); no torch.
@@ -54,7 +54,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY deploy/constraints.txt ./
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY training ./training
 # The CPU and GPU wheels both provide the `onnxruntime` module: keep only the GPU one.

@@ -36,6 +36,7 @@ SDIST_TOP = {
     "nlpserve.egg-info",
     "pyproject.toml",
     "README.md",
+    "LICENSE",
     "MANIFEST.in",
     *PACKAGES,
 }
@@ -129,6 +130,8 @@ def test_the_wheel_holds_the_packages_and_their_data_and_nothing_else(built):
     with zipfile.ZipFile(built.wheel) as z:
         entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
     assert "nlpserve = service.cli:main" in entry_points
+    # pyproject's `license` names Apache-2.0: the text travels with the wheel (PEP 639)
+    assert f"{dist_info}/licenses/LICENSE" in names
 
 
 def test_the_sdist_builds_the_same_wheel_and_holds_no_more(built):
@@ -146,7 +149,7 @@ def test_the_images_build_from_what_the_sdist_holds(built):
     keeps none of them out."""
     generated = {"PKG-INFO", "setup.cfg", "nlpserve.egg-info", "MANIFEST.in"}
     needed = {f.split("/")[0] for f in built.sdist_files} - generated
-    assert needed >= {"pyproject.toml", "README.md", *PACKAGES}
+    assert needed >= {"pyproject.toml", "README.md", "LICENSE", *PACKAGES}
     stages = (ROOT / "Dockerfile").read_text().split("\nFROM ")[1:]
     installing = [s for s in stages if re.search(r'pip install [^\n]*"\.\[', s)]
     assert len(installing) == 2, "the build and gpu stages install the project"
