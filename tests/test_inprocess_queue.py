@@ -225,7 +225,9 @@ async def test_poison_input_fails_alone_with_422(queue):
 
 
 async def test_close_drains_queued_work_then_refuses(runners, model_repo):
-    q = InProcessQueue(runners, make_settings(model_repo, max_wait_ms=60_000))
+    q = InProcessQueue(
+        runners, make_settings(model_repo, max_wait_ms=60_000, default_deadline_ms=600_000)
+    )
     await q.start()
     q.pause()
     pending = [asyncio.create_task(q.submit(item(n))) for n in (3, 5)]
@@ -272,7 +274,12 @@ async def test_idle_thread_runs_at_once_and_only_the_batch_formed_ahead_waits(ru
     """A lone request on an idle model runs without waiting for company (the max wait here
     is a minute); while the thread is busy, the next batch stays open until it is full."""
     settings = make_settings(
-        model_repo, max_wait_ms=60_000, max_batch_size=3, inference_threads=1, prefetch_batches=1
+        model_repo,
+        max_wait_ms=60_000,
+        default_deadline_ms=600_000,
+        max_batch_size=3,
+        inference_threads=1,
+        prefetch_batches=1,
     )
     async with gated_queue(runners[MODEL], settings) as (q, gated):
         lone = asyncio.create_task(q.submit(item(3)))
@@ -289,7 +296,9 @@ async def test_idle_thread_runs_at_once_and_only_the_batch_formed_ahead_waits(ru
 
 
 async def test_wait_when_idle_holds_a_lone_request_for_company(runners, model_repo):
-    settings = make_settings(model_repo, max_wait_ms=60_000, wait_when_idle=True)
+    settings = make_settings(
+        model_repo, max_wait_ms=60_000, default_deadline_ms=600_000, wait_when_idle=True
+    )
     q = InProcessQueue(runners, settings)
     await q.start()
     try:
@@ -375,7 +384,12 @@ async def test_a_batch_formed_ahead_skips_requests_gone_while_it_waited(runners,
     left meanwhile is not run when the batch starts (it ran, for nobody, delaying the
     requests still waiting), and its batch mates still get their answers."""
     settings = make_settings(
-        model_repo, max_wait_ms=60_000, max_batch_size=2, inference_threads=1, prefetch_batches=1
+        model_repo,
+        max_wait_ms=60_000,
+        default_deadline_ms=600_000,
+        max_batch_size=2,
+        inference_threads=1,
+        prefetch_batches=1,
     )
     async with gated_queue(runners[MODEL], settings) as (q, gated):
         first = asyncio.create_task(q.submit(item(3)))

@@ -128,7 +128,9 @@ async def test_idle_worker_runs_a_lone_entry_at_once(
 ) -> None:
     """With a one-minute max wait, an idle worker still runs a lone entry at once (no
     company is coming); with ``wait_when_idle`` it holds it for company."""
-    settings = make_settings(max_wait_ms=60_000, wait_when_idle=wait_when_idle)
+    settings = make_settings(
+        max_wait_ms=60_000, default_deadline_ms=600_000, wait_when_idle=wait_when_idle
+    )
     rng = np.random.default_rng(3)
     it = make_item(tiny_runners[POS], 5, rng)
     async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
@@ -423,7 +425,9 @@ async def test_work_of_a_request_that_gave_up_is_dropped_where_it_waits(
     """A client gone: the entries a worker already read, waiting there for their batch, are
     dropped and acked, not run (as the in-process queue skips them); unread ones were
     deleted from the stream already."""
-    settings = make_settings(max_wait_ms=60_000, wait_when_idle=True, max_batch_size=5)
+    settings = make_settings(
+        max_wait_ms=60_000, default_deadline_ms=600_000, wait_when_idle=True, max_batch_size=5
+    )
     rng = np.random.default_rng(11)
     items = [make_item(tiny_runners[POS], 12, rng) for _ in range(4)]
     stream = work_stream(settings.redis_prefix, POS, _layout(tiny_runners[POS]), items[0].bucket)
