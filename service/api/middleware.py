@@ -254,7 +254,14 @@ class MetricsMiddleware:
             await self.app(scope, receive, capturing_send)
         finally:
             model = state.get("model", model)
-            self.metrics.observe_request(model, endpoint, status, time.perf_counter() - t0)
+            trace = state.get("trace")  # RequestIdMiddleware's, outside this one
+            self.metrics.observe_request(
+                model,
+                endpoint,
+                status,
+                time.perf_counter() - t0,
+                trace.trace_id if trace is not None and trace.sampled else None,
+            )
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"
                 self.metrics.child(self.metrics.rejected, model, reason).inc()

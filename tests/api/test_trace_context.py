@@ -205,3 +205,36 @@ async def test_log_lines_about_a_request_carry_its_trace(model_repo, tmp_path_fa
         assert any("dead-letter" in d["message"] and d.get("worker") for d in about_item)
     # nothing logged outside a request is stamped with one
     assert not [d for d in lines if d.get("trace_id") and d.get("item_id") != item_id]
+
+
+# ------------------------------------------------------------------ exemplars
+_EXEMPLAR = re.compile(
+    r"^nlpserve_request_duration_seconds_bucket\{[^}]*\} \S+ "
+    r'# \{trace_id="(?P<id>[0-9a-f]{32})"\} \S+'
+)
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def exemplar_ids(text: str) -> set[str]:
+    return {m["id"] for line in text.splitlines() if (m := _EXEMPLAR.match(line))}
+
+
+async def test_a_sampled_request_is_an_exemplar_of_its_latency(client):
+    sampled_id, unsampled_id = "ab" * 16, "cd" * 16
+    for trace_id, flags in ((sampled_id, "01"), (unsampled_id, "00")):
+        r = await client.post(
+            "/v1/polarity",
+            json={"text": "good"},
+            headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-{flags}"},
+        )
+        assert r.status_code == 200
+    m = await client.get("/metrics", headers={"Accept": OPENMETRICS})
+    assert m.status_code == 200
+    assert m.headers["content-type"].startswith("application/openmetrics-text")
+    assert m.text.rstrip().endswith("# EOF")
+    ids = exemplar_ids(m.text)
+    assert sampled_id in ids and unsampled_id not in ids, ids
+    # the classic text format stays the default, and has no exemplars
+    plain = await client.get("/metrics")
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert "# {" not in plain.text and "nlpserve_request_duration_seconds_bucket" in plain.text
