@@ -35,7 +35,7 @@ _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: that costs ~0.7 µs per request; never modified
 class TraceContext:
     """A request's place in its trace: ``span_id`` is the service's span (in a worker, the
     API span that submitted the item: the worker starts none of its own)."""

@@ -36,7 +36,7 @@ class WorkItem:
     # The trace of the request it serves: made while serving one, it takes that request's
     # (a worker's, from the entry). Its log lines carry the ids (logs off the request's task:
     # the batch's thread, the worker).
-    trace: tracecontext.TraceContext | None = field(default_factory=tracecontext.current)
+    trace: tracecontext.TraceContext | None = field(default_factory=tracecontext.CURRENT.get)
 
     def log_fields(self) -> dict[str, str]:
         """``extra=`` of a log line about this item: its id and its request's trace ids."""
