@@ -4,7 +4,9 @@
 for a log collector (Loki, Elasticsearch, CloudWatch...), so nothing has to parse the message:
 the request and work item a line is about are fields of their own (``request_id``,
 ``item_id``, ``model``, passed as ``extra=``), and a traceback is one ``exc_info`` string
-instead of continuation lines a collector would take for separate records.
+instead of continuation lines a collector would take for separate records. ``trace_id`` and
+``span_id`` (W3C Trace Context, service/tracecontext.py) are those a call site passes (a
+worker's, of the item's request) or else the request being served when the line is logged.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import sys
 import time
 from typing import Any, Literal
 
+from service import tracecontext
+
 LogFormat = Literal["text", "json"]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # What call sites may attach with ``extra=``; other attributes of a record are logging's own.
-CONTEXT_FIELDS = ("request_id", "item_id", "model", "worker")
+CONTEXT_FIELDS = ("request_id", "item_id", "model", "worker", "trace_id", "span_id")
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,6 +43,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 doc[name] = value
+        if "trace_id" not in doc and (trace := tracecontext.current()) is not None:
+            doc.update(trace.log_fields())  # a line logged while serving a request
         if record.exc_info:
             doc["exc_info"] = self.formatException(record.exc_info)
         elif record.exc_text:

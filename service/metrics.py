@@ -18,6 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from service.loop_lag import INTERVAL_S, WINDOW_S
 
@@ -211,10 +212,19 @@ class Metrics:
         longest = padded_tokens if longest_tokens is None else longest_tokens
         self.child(self.batch_tokens, model, "longest").inc(longest)
 
-    def observe_request(self, model: str, endpoint: str, status: int, secs: float) -> None:
+    def observe_request(
+        self, model: str, endpoint: str, status: int, secs: float, trace_id: str | None = None
+    ) -> None:
+        """``trace_id``: a sampled request's, its latency's exemplar (OpenMetrics exposition:
+        a slow bucket links to the trace). Only those: a trace nobody recorded links nowhere,
+        and the exemplar costs a few µs (docs/deploy.md, "Tracing")."""
         s = str(status)
         self.child(self.requests, model, endpoint, s).inc()
-        self.child(self.request_duration, model, endpoint, s).observe(secs)
+        duration = self.child(self.request_duration, model, endpoint, s)
+        if trace_id is None:
+            duration.observe(secs)
+        else:
+            duration.observe(secs, {"trace_id": trace_id})
 
     def observe_stages(self, model: str, timing: dict[str, float]) -> None:
         """A prediction's ``timing`` (run_requests': stage -> seconds)."""
@@ -223,6 +233,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """A scrape's body and content type: OpenMetrics (exemplars included) when ``accept``
+        (its Accept header) names it, as Prometheus' scrapes do, else the classic text
+        format (which has no exemplars)."""
+        if accept and wants_openmetrics(accept):
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return self.render(), self.content_type
+
+
+def wants_openmetrics(accept: str) -> bool:
+    return any(
+        r.split(";", 1)[0].strip().lower() == "application/openmetrics-text"
+        for r in accept.split(",")
+    )
 
 
 class WorkerMetrics:

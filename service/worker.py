@@ -540,6 +540,7 @@ class Worker:
                 id=w.id,
                 # another machine's clock may run ahead: never let that delay a batch
                 enqueued_at=min(w.enqueued_at, now),
+                trace=w.trace,
                 stream=stream,
                 entry_id=entry_id,
                 reply_to=dw.reply_to,
@@ -738,7 +739,7 @@ class Worker:
             item.id,
             reason,
             error,
-            extra={"worker": self.name, "model": item.model, "item_id": item.id},
+            extra={"worker": self.name, "model": item.model, **item.log_fields()},
         )
         fields = codec.encode_work(
             item, item.reply_to, attempt=item.delivered, offset=self.clock.offset

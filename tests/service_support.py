@@ -41,6 +41,36 @@ def require_model(repo: Path, name: str) -> None:
     pytest.skip(f"test model {name} unavailable: {errors.get(name, 'no builder yet')}")
 
 
+def diverged_detector_repo(model_repo: Path, dest: Path) -> Path:
+    """A repository at ``dest`` holding a copy of the tiny detector whose unknown-word
+    embedding row is NaN: a real model that diverged, so a text with an unknown word fails
+    inference (422 inference_failed) while others are answered. Needs the train extra
+    (onnx) and the tiny detector: skips the caller otherwise."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    onnx = pytest.importorskip("onnx", reason="the train extra is not installed")
+    from onnx import numpy_helper
+
+    from service.repository import sha256_file
+
+    require_model(model_repo, DETECT_MODEL)
+    folder = dest / DETECT_MODEL / "1"
+    shutil.copytree(model_repo / DETECT_MODEL / "1", folder)
+    unk = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("[UNK]")
+    model = onnx.load(folder / "model.onnx")
+    (emb,) = [i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight")]
+    weights = numpy_helper.to_array(emb).copy()
+    weights[unk] = np.nan
+    emb.CopyFrom(numpy_helper.from_array(weights, emb.name))
+    onnx.save(model, folder / "model.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["variants"]["fp32"]["sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
 # --------------------------------------------------------------------------- settings
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:
     """Test settings: small, deterministic, independent of NLPSERVE_* in the environment."""

@@ -296,6 +296,16 @@ def test_prometheus_scrapes_the_metrics_ports(services: dict[str, Any]) -> None:
     assert ports["nlpserve-worker"] == Settings().metrics_port
 
 
+def test_prometheus_keeps_exemplars(services: dict[str, Any]) -> None:
+    """The API's latency exemplars (trace ids) are stored, and the command that enables them
+    still reads the mounted config."""
+    command = services["prometheus"]["command"]
+    assert "--enable-feature=exemplar-storage" in command
+    config = next(c for c in command if c.startswith("--config.file="))
+    mounts = services["prometheus"]["volumes"]
+    assert any(m.endswith(":" + config.split("=", 1)[1] + ":ro") for m in mounts), mounts
+
+
 def _exposed_series() -> set[str]:
     """Every series name an API replica or a worker can expose (counters with _total,
     histograms with _bucket/_count/_sum)."""

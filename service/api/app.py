@@ -37,7 +37,9 @@ DESCRIPTION = """\
 Length-bucketed dynamic batching over ONNX Runtime. Every prediction endpoint takes one item
 or `{"inputs": [...]}`; errors are `{"error": {"code", "message"}}`. Every answer carries an
 `X-Request-ID` header: send your own (1 to 128 of `A-Z a-z 0-9 . _ : -`) to find a request
-in the server's logs, or read the one minted for it. The Open Inference Protocol (KServe V2,
+in the server's logs, or read the one minted for it. A W3C `traceparent` joins the request to
+your trace: every answer carries one with this request's span id (and a new trace id when you
+sent none), which the server's JSON logs name too. The Open Inference Protocol (KServe V2,
 JSON REST) is served under `/v2` for Triton, MLServer and KServe clients (tag `v2`).
 """
 

@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracecontext
 from service.api.errors import error_body, error_response, is_v2
 from service.ids import new_id
 from service.metrics import Metrics
@@ -253,7 +254,14 @@ class MetricsMiddleware:
             await self.app(scope, receive, capturing_send)
         finally:
             model = state.get("model", model)
-            self.metrics.observe_request(model, endpoint, status, time.perf_counter() - t0)
+            trace = state.get("trace")  # RequestIdMiddleware's, outside this one
+            self.metrics.observe_request(
+                model,
+                endpoint,
+                status,
+                time.perf_counter() - t0,
+                trace.trace_id if trace is not None and trace.sampled else None,
+            )
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"
                 self.metrics.child(self.metrics.rejected, model, reason).inc()
@@ -267,7 +275,12 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 class RequestIdMiddleware:
     """Every response carries ``X-Request-ID``: the caller's (the gateway forwards or mints
     one) when it is well-formed, else a new one. Routes and error handlers find it in
-    ``request.state.request_id`` for their logs."""
+    ``request.state.request_id`` for their logs.
+
+    And ``traceparent`` (W3C Trace Context, service/tracecontext.py): the caller's trace, or a
+    new one, with this request's own span id; ``tracestate`` back as it came, where kept. The
+    context is ``scope["state"]["trace"]`` (the metrics' exemplar) and, while the request is
+    served, ``tracecontext.CURRENT`` (its log lines and work items)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -276,17 +289,38 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        raw = scope.get("headers") or []
+        headers = dict(raw)
+        given = headers.get(b"x-request-id", b"")
         rid = given if _REQUEST_ID.fullmatch(given) else new_id().encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid.decode()
+        if b"traceparent" in headers:  # every line: a repeated header is invalid
+            trace = tracecontext.from_headers(
+                [v for k, v in raw if k == b"traceparent"],
+                [v for k, v in raw if k == b"tracestate"],
+            )
+        else:
+            trace = tracecontext.from_headers([], [])
+        state["trace"] = trace
+        added = [(b"x-request-id", rid), (b"traceparent", trace.traceparent.encode())]
+        if trace.tracestate is not None:
+            added.append((b"tracestate", trace.tracestate.encode()))
 
         async def tagging_send(msg: Message) -> None:
             if msg["type"] == "http.response.start":
-                headers = [(k, v) for k, v in msg.get("headers", []) if k != b"x-request-id"]
-                msg = {**msg, "headers": [*headers, (b"x-request-id", rid)]}
+                headers = [(k, v) for k, v in msg.get("headers", []) if k not in _TAGGED]
+                msg = {**msg, "headers": [*headers, *added]}
             await send(msg)
 
-        await self.app(scope, receive, tagging_send)
+        token = tracecontext.CURRENT.set(trace)
+        try:
+            await self.app(scope, receive, tagging_send)
+        finally:
+            tracecontext.CURRENT.reset(token)
+
+
+_TAGGED = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
 
 
 class ShutdownMiddleware:
@@ -324,10 +358,12 @@ class ShutdownMiddleware:
             )
 
 
-# What a browser page may send and read. Server-Timing, X-Request-ID and Retry-After are
-# not CORS-safelisted response headers: unexposed, the page's code could not read them.
-CORS_ALLOW_HEADERS = ("Content-Type", "X-Request-ID", "X-Deadline-Ms")
-CORS_EXPOSE_HEADERS = ("X-Request-ID", "Server-Timing", "Retry-After")
+# What a browser page may send and read. Server-Timing, X-Request-ID, Retry-After and the
+# trace context are not CORS-safelisted response headers: unexposed, the page's code could
+# not read them. A page traced in the browser (OpenTelemetry's fetch instrumentation) sends
+# traceparent and tracestate.
+CORS_ALLOW_HEADERS = ("Content-Type", "X-Request-ID", "X-Deadline-Ms", "traceparent", "tracestate")
+CORS_EXPOSE_HEADERS = ("X-Request-ID", "Server-Timing", "Retry-After", "traceparent", "tracestate")
 
 
 class CorsMiddleware(CORSMiddleware):

@@ -1,10 +1,10 @@
 """What ``/openapi.json`` (and so ``/docs``) says beyond what FastAPI derives from the routes:
 the error responses every operation shares, the headers (``X-Deadline-Ms``, ``X-Request-ID``,
-``Retry-After``), errors in the service's own ``{"error": {...}}`` shape instead of FastAPI's
-``{"detail": [...]}``, and names that clients generated from the schema can live with
-(tests/api/test_openapi_consumers.py): each operation's ``operation_id`` is set on its route,
-and the one-item-or-batch bodies and results are named components (``QABody``,
-``QAResult``), not FastAPI's ``Body`` and ``Response Qa V1 Qa Post``."""
+``traceparent``, ``Retry-After``), errors in the service's own ``{"error": {...}}`` shape
+instead of FastAPI's ``{"detail": [...]}``, and names that clients generated from the schema
+can live with (tests/api/test_openapi_consumers.py): each operation's ``operation_id`` is set
+on its route, and the one-item-or-batch bodies and results are named components
+(``QABody``, ``QAResult``), not FastAPI's ``Body`` and ``Response Qa V1 Qa Post``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,23 @@ _REQUEST_ID_DOC = (
     "The request's id: the caller's `X-Request-ID` when it is 1 to 128 of `A-Z a-z 0-9 . _ : "
     "-`, else one minted here. The server's logs name it: quote it when reporting a problem."
 )
+# W3C Trace Context (service/tracecontext.py): on every answer, like X-Request-ID.
+TRACE_HEADERS: dict[str, Any] = {
+    "traceparent": {
+        "description": "W3C Trace Context of this request: `00-<trace-id>-<span-id>-<flags>`. "
+        "The trace id is the caller's (a valid `traceparent` sent with the request) or a new "
+        "one (none, or an invalid one: ignored, never an error); the span id is this "
+        "request's own, which the server's JSON logs name next to the trace id; the flags "
+        "are the caller's sampled flag (`00` for a new trace).",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$"},
+    },
+    "tracestate": {
+        "description": "The caller's `tracestate`, unchanged, when it came with a valid "
+        "`traceparent` and is printable ASCII of at most 512 characters.",
+        "schema": {"type": "string"},
+    },
+}
 RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
     429: {
         "Retry-After": {
@@ -130,8 +147,8 @@ def _error_ref(op: dict[str, Any]) -> dict[str, str]:
 
 
 def _declare_shared(op: dict[str, Any]) -> None:
-    """What every operation shares: a 500 in the error shape, ``X-Request-ID`` on every
-    answer, ``Retry-After`` where the service sends it."""
+    """What every operation shares: a 500 in the error shape, ``X-Request-ID`` and the trace
+    context on every answer, ``Retry-After`` where the service sends it."""
     responses = op.setdefault("responses", {})
     responses.setdefault(
         "500",
@@ -151,6 +168,7 @@ def _declare_shared(op: dict[str, Any]) -> None:
             "required": True,
             "schema": {"type": "string"},
         }
+        headers.update(TRACE_HEADERS)
         headers.update(RESPONSE_HEADERS.get(int(status), {}))
         if status == "200" and timed:
             headers["Server-Timing"] = _SERVER_TIMING

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from service import tracecontext
 from service.ids import new_id
 
 
@@ -32,6 +33,17 @@ class WorkItem:
     # Seconds of the batch it ran in, set by the queue with its result (0.0 before, or when a
     # worker did not report it): the Server-Timing header's `inference`.
     run_s: float = 0.0
+    # The trace of the request it serves: made while serving one, it takes that request's
+    # (a worker's, from the entry). Its log lines carry the ids (logs off the request's task:
+    # the batch's thread, the worker).
+    trace: tracecontext.TraceContext | None = field(default_factory=tracecontext.CURRENT.get)
+
+    def log_fields(self) -> dict[str, str]:
+        """``extra=`` of a log line about this item: its id and its request's trace ids."""
+        fields = {"item_id": self.id}
+        if self.trace is not None:
+            fields.update(self.trace.log_fields())
+        return fields
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.monotonic()) >= self.deadline

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service import tracecontext
 from service.batching.types import WorkItem
 
 CODEC_VERSION = b"1"
@@ -39,6 +40,9 @@ F_DEADLINE = b"dl"
 F_ENQUEUED = b"eq"
 F_REPLY_TO = b"r"
 F_ATTEMPT = b"a"
+# optional: the request's trace as a traceparent (its span: the API request's), for the
+# worker's log lines; an entry without it (an older replica) is served all the same
+F_TRACE = b"tp"
 FEATURE_PREFIX = b"x:"
 # reply-only fields
 F_STATUS = b"s"
@@ -177,6 +181,8 @@ def encode_work(
         F_REPLY_TO: reply_to.encode(),
         F_ATTEMPT: str(attempt).encode(),
     }
+    if item.trace is not None:
+        fields[F_TRACE] = item.trace.traceparent.encode()
     for name, arr in item.features.items():
         fields[FEATURE_PREFIX + name.encode()] = encode_array(arr)
     return fields
@@ -218,6 +224,7 @@ def decode_work(fields: Mapping[bytes, bytes], *, offset: float = 0.0) -> Decode
             lane=_need(fields, F_LANE).decode(),
             id=_need(fields, F_ID).decode(),
             enqueued_at=_time(fields, F_ENQUEUED) - offset,
+            trace=_trace(fields.get(F_TRACE)),
         )
         return DecodedWork(
             item, _need(fields, F_REPLY_TO).decode(), int(fields.get(F_ATTEMPT, b"0"))
@@ -226,6 +233,16 @@ def decode_work(fields: Mapping[bytes, bytes], *, offset: float = 0.0) -> Decode
         if isinstance(e, CodecError):
             raise
         raise CodecError(f"malformed entry: {e}") from e
+
+
+def _trace(raw: bytes | None) -> tracecontext.TraceContext | None:
+    """The entry's trace; None without one, or with one that is not a valid traceparent
+    (a log field is no reason to refuse work)."""
+    parsed = tracecontext.parse_traceparent(raw) if raw else None
+    if parsed is None:
+        return None
+    trace_id, span_id, sampled = parsed
+    return tracecontext.TraceContext(trace_id, span_id, sampled)
 
 
 def _run_s(raw: bytes) -> float:

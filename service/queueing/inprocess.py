@@ -76,7 +76,7 @@ def run_batch_isolating(
                 runner.name,
                 batch[0].id,
                 e,
-                extra={"model": runner.name, "item_id": batch[0].id},
+                extra={"model": runner.name, **batch[0].log_fields()},
             )
             return [e]
         log.warning("%s: batch of %d failed (%s); retrying items alone", runner.name, len(batch), e)
@@ -90,7 +90,7 @@ def run_batch_isolating(
                 runner.name,
                 it.id,
                 e,
-                extra={"model": runner.name, "item_id": it.id},
+                extra={"model": runner.name, **it.log_fields()},
             )
             out.append(e)
     return out
@@ -138,7 +138,7 @@ def _finite_or_error(
                 "%s: non-finite output for item %s",
                 runner.name,
                 it.id,
-                extra={"model": runner.name, "item_id": it.id},
+                extra={"model": runner.name, **it.log_fields()},
             )
             out.append(ValueError("the model's output is not a finite number (NaN or inf)"))
     return out

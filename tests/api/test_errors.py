@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from service.api.routes.explain import warm_up_explain
 from tests.service_support import (
+    diverged_detector_repo,
     live_server,
     make_settings,
     metric_value,
@@ -620,32 +621,9 @@ async def test_inference_failure_is_logged_with_the_request_id(
     """A 422 inference_failed (here a diverged model: the unknown-word embedding row is NaN)
     was logged nowhere with the X-Request-ID a client quotes: the API logs it now, with the
     work item id that the worker's log and the dead letter carry."""
-    import shutil
-
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    onnx = pytest.importorskip("onnx", reason="the train extra is not installed")
-    from onnx import numpy_helper
-
-    from service.repository import sha256_file
     from tests.conftest import QUEUE_BACKENDS
 
-    require_model(model_repo, "detector-en")
-    repo = tmp_path_factory.mktemp("diverged")
-    folder = repo / "detector-en" / "1"
-    shutil.copytree(model_repo / "detector-en" / "1", folder)
-    unk = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("[UNK]")
-    model = onnx.load(folder / "model.onnx")
-    (emb,) = [i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight")]
-    weights = numpy_helper.to_array(emb).copy()
-    weights[unk] = np.nan
-    emb.CopyFrom(numpy_helper.from_array(weights, emb.name))
-    onnx.save(model, folder / "model.onnx")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["variants"]["fp32"]["sha256"] = sha256_file(folder / "model.onnx")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
+    repo = diverged_detector_repo(model_repo, tmp_path_factory.mktemp("diverged"))
     settings = make_settings(repo, variant="fp32", redis_max_attempts=1)
     async with QUEUE_BACKENDS[backend](settings) as s, live_server(s) as srv, srv.client() as c:
         ok = await c.post("/v1/detect", json={"text": "a truly great film"})

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from service import tracecontext
 from service.batching.types import WorkItem
 from service.queueing import codec
 
@@ -235,3 +236,32 @@ def test_work_entry_without_an_attempt_field_is_a_first_attempt() -> None:
     fields = codec.encode_work(_item(), reply_to="r", attempt=3)
     del fields[codec.F_ATTEMPT]
     assert codec.decode_work(fields).attempt == 0
+
+
+def test_work_entry_carries_its_request_trace() -> None:
+    """The API's trace id and span (the worker's log lines name them), sampled flag kept."""
+    trace = tracecontext.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", True)
+    token = tracecontext.CURRENT.set(trace)
+    try:
+        item = _item()  # made while serving a request: it takes that request's trace
+    finally:
+        tracecontext.CURRENT.reset(token)
+    assert item.trace == trace
+    fields = codec.encode_work(item, reply_to="r")
+    assert fields[codec.F_TRACE] == b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert codec.decode_work(fields).item.trace == trace
+    assert _item().trace is None  # made outside a request: none
+
+
+def test_work_entry_without_a_trace_is_served() -> None:
+    """An entry from a replica older than the trace field, or one whose trace is not a valid
+    traceparent (a log field is no reason to refuse work), decodes with no trace."""
+    token = tracecontext.CURRENT.set(tracecontext.TraceContext("ab" * 16, "cd" * 8))
+    try:
+        fields = codec.encode_work(_item(), reply_to="r")
+    finally:
+        tracecontext.CURRENT.reset(token)
+    older = {k: v for k, v in fields.items() if k != codec.F_TRACE}
+    for entry in (older, {**fields, codec.F_TRACE: b"garbage"}, {**fields, codec.F_TRACE: b""}):
+        got = codec.decode_work(entry)
+        assert got.item.trace is None and got.item.model == "pos"

@@ -162,11 +162,15 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get(
     "/metrics",
     operation_id="get_metrics",
-    summary="Prometheus metrics (text format)",
+    summary="Prometheus metrics (text format or OpenMetrics)",
     description="Request counts and latencies, batch sizes, padding efficiency, queue depth, "
-    "per model (docs/deploy.md lists what to alert on).",
+    "per model (docs/deploy.md lists what to alert on). The Prometheus text format, or "
+    "OpenMetrics for a scrape whose `Accept` names `application/openmetrics-text` (what "
+    "Prometheus sends): that one carries the latency histogram's exemplars, the `trace_id` "
+    "of sampled requests.",
     response_class=PlainTextResponse,
+    responses={200: {"content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}},
 )
 async def metrics(request: Request) -> Response:
-    m = _state(request).metrics
-    return Response(m.render(), media_type=m.content_type)
+    body, content_type = _state(request).metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
