@@ -326,7 +326,14 @@ class ShutdownMiddleware:
 
 # What a browser page may send and read. Server-Timing, X-Request-ID and Retry-After are
 # not CORS-safelisted response headers: unexposed, the page's code could not read them.
-CORS_ALLOW_HEADERS = ("Content-Type", "X-Request-ID", "X-Deadline-Ms")
+# Authorization and X-API-Key carry the API key where NLPSERVE_API_KEYS_FILE is set.
+CORS_ALLOW_HEADERS = (
+    "Content-Type",
+    "X-Request-ID",
+    "X-Deadline-Ms",
+    "Authorization",
+    "X-API-Key",
+)
 CORS_EXPOSE_HEADERS = ("X-Request-ID", "Server-Timing", "Retry-After")
 
 
