@@ -272,6 +272,8 @@ def _credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     return None, ""
 
 
+# nlpserve_auth_failures_total's reason -> the answer's status and error code
+REFUSALS = {"missing": (401, "unauthorized"), "invalid": (401, "invalid_api_key")}
 _HOW = "send the key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
@@ -291,12 +293,14 @@ class AuthMiddleware:
         key, why = _credentials(scope["headers"])
         name = self.keys.lookup(key) if key else None
         if name is None:
+            reason = "invalid" if key else "missing"
+            status, code = REFUSALS[reason]
+            message = (
+                f"invalid API key: {_HOW}"
+                if key
+                else f"this server requires an API key: {why or _HOW}"
+            )
             m = self.keys.metrics
-            if key:
-                reason, code, message = "invalid", "invalid_api_key", f"invalid API key: {_HOW}"
-            else:
-                reason, code = "missing", "unauthorized"
-                message = f"this server requires an API key: {why or _HOW}"
             m.metrics.child(m.failures, reason).inc()
             rid = scope.get("state", {}).get("request_id")
             log.info(
@@ -307,7 +311,7 @@ class AuthMiddleware:
                 code,
                 extra={"request_id": rid},
             )
-            await _send_error(scope, send, 401, code, message, [(b"www-authenticate", REALM)])
+            await _send_error(scope, send, status, code, message, [(b"www-authenticate", REALM)])
             return
         scope.setdefault("state", {})["client"] = name
         self.keys.metrics.metrics.child(self.keys.metrics.client_requests, name).inc()
