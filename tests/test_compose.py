@@ -39,6 +39,7 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CPU_WORKER_MODELS": "",  # empty: every model
     "NLPSERVE_GPU_WORKER_MODELS": "",
     "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
+    "NLPSERVE_API_KEYS_FILE": "",  # empty: no authentication
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
 # The measured memory (python -m bench.memory): docs/deploy.md's Sizing quotes its table, and
