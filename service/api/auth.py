@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
@@ -114,6 +113,10 @@ def parse_keys(text: str, path: Path | str) -> dict[bytes, str]:
                 )
             d = bytes.fromhex(hexdigest)
         else:
+            if not secret.isascii() or not secret.isprintable():
+                raise KeyFileError(
+                    f"{at}: client {name!r}: a key is printable ASCII (an HTTP header)"
+                )
             if len(secret) < MIN_KEY_CHARS:
                 raise KeyFileError(
                     f"{at}: client {name!r}: the key is {len(secret)} characters, shorter "
@@ -277,13 +280,14 @@ REFUSALS = {"missing": (401, "unauthorized"), "invalid": (401, "invalid_api_key"
 _HOW = "send the key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
-@dataclass
 class AuthMiddleware:
     """401 for a request to a protected path without a key of the keys file; the client's
-    name into the request's state (``request.state.client``) and the log context."""
+    name into the request's state (``request.state.client``) and the log context. An
+    ``X-API-Key`` header wins over ``Authorization``."""
 
-    app: ASGIApp
-    keys: ApiKeys
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # OPTIONS: no route answers it but the CORS preflight (outside this middleware)
@@ -304,7 +308,7 @@ class AuthMiddleware:
             m.metrics.child(m.failures, reason).inc()
             rid = scope.get("state", {}).get("request_id")
             log.info(
-                "request %s: %s %s refused: %s",
+                "request %s: %s %r refused: %s",  # %r: a path's control characters escaped
                 rid or "-",
                 scope["method"],
                 scope["path"][:200],

@@ -292,6 +292,7 @@ def test_parse_keys_reads_hashes_plaintext_and_comments():
         ("alice short-key\n", "f:1", "shorter than 16"),
         ("alice sha256:abc\n", "f:1", "64 hex digits"),
         (f"al/ce {BOB_KEY}\n", "f:1", "client name"),
+        ("alice clé-non-ascii-0123456789\n", "f:1", "printable ASCII"),
         ("# nothing\n\n", "f", "holds no client"),
         ("", "f", "holds no client"),
     ],
@@ -416,3 +417,13 @@ async def test_redis_mode_authenticated_request_goes_through_a_worker(model_repo
         assert r.status_code == 200, r.text
         assert r.json()["label"] in ("positive", "negative")
         assert srv.state.runners == {}  # this replica runs no model: a worker answered
+
+
+def test_keys_new_refuses_a_name_the_file_would_refuse():
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    r = CliRunner().invoke(app, ["keys", "new", "two words"])
+    assert r.exit_code == 2
+    assert "invalid client name 'two words'" in r.output
