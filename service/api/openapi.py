@@ -302,6 +302,13 @@ UNAUTHORIZED = (
 )
 
 
+AUTH_DESCRIPTION = (
+    "\nThis server requires an API key on every operation but the probes and metrics: "
+    "`Authorization: Bearer <key>` or `X-API-Key: <key>` (the Authorize button); without "
+    "one, 401 `unauthorized`, with a key it does not hold, 401 `invalid_api_key`.\n"
+)
+
+
 def _require_key(op: dict[str, Any]) -> None:
     op["security"] = [{name: []} for name in SECURITY_SCHEMES]
     op.setdefault("responses", {})["401"] = {
@@ -335,6 +342,7 @@ def install_openapi(app: FastAPI) -> None:
             if auth:
                 components = schema.setdefault("components", {})
                 components["securitySchemes"] = SECURITY_SCHEMES
+                schema["info"]["description"] += AUTH_DESCRIPTION
             for where, path in schema.get("paths", {}).items():
                 for op in path.values():
                     ours = _error_ref(op)

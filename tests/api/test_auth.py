@@ -222,6 +222,7 @@ async def test_cors_preflight_allows_the_key_headers_and_the_401_is_readable(aut
 @session_loop
 async def test_openapi_declares_the_schemes_on_protected_operations_only(auth_service):
     schema = (await call(auth_service, "GET", "/openapi.json", None)).json()
+    assert "requires an API key" in schema["info"]["description"]
     schemes = schema["components"]["securitySchemes"]
     assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
     assert schemes["apiKeyHeader"]["in"] == "header"
