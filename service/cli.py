@@ -115,6 +115,7 @@ def serve(
     overrides = {k: v for k, v in options.items() if v is not None}  # --port 0: any free port
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
+    _check_keys_file(settings.api_keys_file)
     # a broken repository or selection: one line, before uvicorn starts. A Redis-mode API
     # never opens an ONNX file (workers do, and check theirs): it does not hash them.
     _repository(
@@ -133,6 +134,53 @@ def serve(
     from service.server import run_server
 
     run_server(settings)
+
+
+def _check_keys_file(path: Path | None) -> None:
+    """A keys file that cannot be used ends the command with one line naming the file and
+    line (exit status 2), before anything loads."""
+    if path is None:
+        return
+    from service.api.auth import KeyFileError, read_keys
+
+    try:
+        read_keys(path)
+    except KeyFileError as e:
+        typer.echo(f"nlpserve: invalid setting: NLPSERVE_API_KEYS_FILE: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+keys_app = typer.Typer(
+    help="API keys for NLPSERVE_API_KEYS_FILE (docs/deploy.md, Authentication).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def new_key(
+    name: Annotated[str, typer.Argument(help="The client's name (A-Z a-z 0-9 . _ -).")],
+) -> None:
+    """Print a new random key for client NAME (line 1: give it to the client; it is stored
+    nowhere) and its line for the keys file (line 2: the key's sha256, no secret)."""
+    from service.api.auth import CLIENT_NAME, key_line
+    from service.api.auth import new_key as make_key
+
+    if not CLIENT_NAME.fullmatch(name):
+        typer.echo(
+            f"nlpserve: invalid client name {name[:64]!r}: 1 to 64 of A-Z a-z 0-9 . _ - "
+            "(starting with a letter or digit)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    key = make_key()
+    typer.echo(key)
+    typer.echo(key_line(name, key))
+    typer.echo(
+        "line 1: the key, for the client (Authorization: Bearer <key>, or X-API-Key); "
+        "line 2: append it to the NLPSERVE_API_KEYS_FILE file (read again within a second)",
+        err=True,
+    )
 
 
 @app.command()

@@ -135,6 +135,13 @@ class Settings(BaseSettings):
         "CORS headers, so browsers let only pages served by this API (the demo page) read its "
         "answers.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="Require an API key on every endpoint but the probes, /metrics, the docs "
+        "and the demo page's files: a file of lines `<client-name> sha256:<hex>` (or "
+        "`<client-name> <key>`), from `nlpserve keys new NAME`, re-read when it changes "
+        "(docs/deploy.md, Authentication). Unset or empty: no authentication.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."
     )
@@ -488,6 +495,12 @@ class Settings(BaseSettings):
                 "give it in one place"
             )
         return self
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # NLPSERVE_API_KEYS_FILE= (compose's ${VAR:-}) is no file, not the current directory
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cors_allow_origins")
     @classmethod

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from service import tracecontext
@@ -23,7 +24,10 @@ LogFormat = Literal["text", "json"]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # What call sites may attach with ``extra=``; other attributes of a record are logging's own.
-CONTEXT_FIELDS = ("request_id", "item_id", "model", "worker", "trace_id", "span_id")
+CONTEXT_FIELDS = ("request_id", "item_id", "model", "worker", "client", "trace_id", "span_id")
+# The authenticated client of the request being handled (service/api/auth.py sets it): every
+# line logged while handling it carries the field without each call site passing it.
+CLIENT: ContextVar[str | None] = ContextVar("nlpserve_client", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,6 +45,8 @@ class JsonFormatter(logging.Formatter):
         }
         for name in CONTEXT_FIELDS:
             value = getattr(record, name, None)
+            if value is None and name == "client":
+                value = CLIENT.get()
             if value is not None:
                 doc[name] = value
         if "trace_id" not in doc and (trace := tracecontext.current()) is not None:

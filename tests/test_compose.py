@@ -39,6 +39,7 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CPU_WORKER_MODELS": "",  # empty: every model
     "NLPSERVE_GPU_WORKER_MODELS": "",
     "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
+    "NLPSERVE_API_KEYS_FILE": "",  # empty: no authentication
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
 # The measured memory (python -m bench.memory): docs/deploy.md's Sizing quotes its table, and
@@ -311,12 +312,14 @@ def _exposed_series() -> set[str]:
     histograms with _bucket/_count/_sum)."""
     from prometheus_client import CollectorRegistry
 
+    from service.api.auth import AuthMetrics
     from service.metrics import Metrics, WorkerMetrics
 
     api = Metrics()
     api.workers_alive()  # these three are created on first use, in Redis mode
     api.model_workers_alive()
     api.clock_offset(lambda: 0.0)
+    AuthMetrics(api)  # with NLPSERVE_API_KEYS_FILE
     worker = CollectorRegistry()
     WorkerMetrics(worker, in_hand=lambda: 0, connected=lambda: True)
     names: set[str] = set()

@@ -219,6 +219,53 @@ async def test_panels_of_missing_models_say_so(browser, model_repo, tmp_path):
         await page.close()
 
 
+async def test_a_server_with_api_keys_asks_for_one_and_uses_it(browser, model_repo, tmp_path):
+    """NLPSERVE_API_KEYS_FILE: the page (which needs no key) says the API wants one, offers a
+    labelled field, and once given a key of the file sends it with every call."""
+    key = "demo-page-key-0123456789abcdef"
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"demo {key}\n")
+    settings = make_settings(
+        model_repo, load_models=f"{POS_MODEL},{POLARITY_MODEL}", warmup=False, api_keys_file=keys
+    )
+    async with live_server(settings) as srv:
+        page, page_errors = await open_page(browser, srv.url)
+        status = await page.text_content("#models-status") or ""
+        assert "requires an API key" in status
+        field = page.get_by_label("API key", exact=True)
+        assert await field.is_visible()
+        assert await field.get_attribute("type") == "password"
+        await field.fill("not-the-key-0000000000")
+        await page.click("#key-form button")
+        await page.wait_for_function(
+            "document.getElementById('models-status').textContent.includes('not accepted')"
+        )
+        await field.fill(key)
+        await field.press("Enter")
+        await page.wait_for_function(
+            "document.getElementById('models-status').textContent.startsWith('Models loaded')"
+        )
+        assert await page.is_hidden("#key-form")
+        assert await page.evaluate("sessionStorage.getItem('nlpserve-api-key')") == key
+        await page.fill("#pos-text", POS_TEXT)
+        await page.click("#pos-form button")
+        await page.wait_for_selector("#pos-tagged .word")
+        # a reload keeps the key for this tab
+        await page.reload()
+        await page.wait_for_function(
+            "document.getElementById('models-status').textContent.startsWith('Models loaded')"
+        )
+        # a key withdrawn meanwhile: a panel's call says so and the field comes back
+        await page.evaluate("sessionStorage.setItem('nlpserve-api-key', 'revoked-key-00000000')")
+        await page.click("#pos-form button")
+        error = page.locator("#panel-pos .error")
+        await error.wait_for(state="visible")
+        assert "API key was not accepted" in (await error.text_content() or "")
+        assert await field.is_visible()
+        assert page_errors == []
+        await page.close()
+
+
 async def test_offsets_count_code_points_not_utf16_units(browser, inprocess_service, model_repo):
     # The API's offsets count code points (Python); a JS string counts UTF-16 units, so an
     # emoji (two units) before a token or an answer shifted every later span by one.

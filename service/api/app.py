@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Mapping
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.api.auth import ApiKeys, AuthMiddleware
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.fast_path import PredictFastPath
@@ -87,9 +89,23 @@ async def shutdown(state: ServiceState) -> None:
         await state.closing
 
 
+def _on_sighup(callback: Callable[[], object]) -> bool:
+    """Run ``callback`` on SIGHUP (the keys file read again); False where the loop cannot
+    take signal handlers (not the main thread, not Unix)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        return False
+    return True
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     state = ServiceState(settings=settings, metrics=Metrics())
+    # read now: a bad keys file stops `nlpserve serve` before anything loads (KeyFileError)
+    keys = None
+    if settings.api_keys_file is not None:
+        keys = state.api_keys = ApiKeys(settings.api_keys_file, state.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,18 +117,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # started once loaded (the load's stalls are not serving's), stopped after the drain
         lag = LoopLagMonitor(state.metrics.loop_lag, state.metrics.loop_lag_max)
         lag.start()
+        watch = None
+        if keys is not None:  # rotation: a changed keys file, or SIGHUP
+            watch = asyncio.create_task(keys.watch(), name="api-keys-watch")
+        hup = keys is not None and _on_sighup(keys.reload)
         warm = None
         if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
             warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")
         try:
             yield
         finally:
-            if warm is not None:
-                warm.cancel()
+            for task in (warm, watch):
+                if task is not None:
+                    task.cancel()
             try:
                 await shutdown(state)
             finally:
                 await lag.stop()
+                if hup:
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
     app = FastAPI(
         title="nlpserve",
@@ -163,6 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the metrics: a request the shutdown cancels counts as the 503 it gets.
     app.add_middleware(ShutdownMiddleware, stopping=lambda: state.stopping)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
+    if keys is not None:  # outside the metrics (a refused request is no model's request),
+        app.add_middleware(AuthMiddleware, keys=keys)  # inside CORS: its 401 is readable
     if origins := settings.cors_origins():  # outside the metrics: a preflight is no request
         app.add_middleware(CorsMiddleware, origins=origins)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id

@@ -19,6 +19,7 @@ from service.repository.discovery import EVERY_MODEL
 from service.tasks.base import Task
 
 if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never imports it
+    from service.api.auth import ApiKeys
     from service.runtime.runner import ModelRunner
 
 T = TypeVar("T")
@@ -41,6 +42,7 @@ class ServiceState:
     # What stopped the startup (a model that cannot load): run_server raises it after
     # uvicorn exits, for the command to report in one line (service/server.py).
     startup_error: Exception | None = None
+    api_keys: ApiKeys | None = None  # NLPSERVE_API_KEYS_FILE's clients; None: no auth
 
     def models_of(self, task: str) -> list[str]:
         return sorted(n for n, t in self.tasks.items() if t.task == task)

@@ -361,8 +361,17 @@ class ShutdownMiddleware:
 # What a browser page may send and read. Server-Timing, X-Request-ID, Retry-After and the
 # trace context are not CORS-safelisted response headers: unexposed, the page's code could
 # not read them. A page traced in the browser (OpenTelemetry's fetch instrumentation) sends
-# traceparent and tracestate.
-CORS_ALLOW_HEADERS = ("Content-Type", "X-Request-ID", "X-Deadline-Ms", "traceparent", "tracestate")
+# traceparent and tracestate; Authorization and X-API-Key carry the API key where
+# NLPSERVE_API_KEYS_FILE is set.
+CORS_ALLOW_HEADERS = (
+    "Content-Type",
+    "X-Request-ID",
+    "X-Deadline-Ms",
+    "traceparent",
+    "tracestate",
+    "Authorization",
+    "X-API-Key",
+)
 CORS_EXPOSE_HEADERS = ("X-Request-ID", "Server-Timing", "Retry-After", "traceparent", "tracestate")
 
 

@@ -1,5 +1,6 @@
 """What ``/openapi.json`` (and so ``/docs``) says beyond what FastAPI derives from the routes:
-the error responses every operation shares, the headers (``X-Deadline-Ms``, ``X-Request-ID``,
+the error responses every operation shares, the API-key security schemes where
+``NLPSERVE_API_KEYS_FILE`` is set, the headers (``X-Deadline-Ms``, ``X-Request-ID``,
 ``traceparent``, ``Retry-After``), errors in the service's own ``{"error": {...}}`` shape
 instead of FastAPI's ``{"detail": [...]}``, and names that clients generated from the schema
 can live with (tests/api/test_openapi_consumers.py): each operation's ``operation_id`` is set
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.api.auth import is_exempt
 from service.api.deps import DEADLINE_HEADER, MILLISECONDS
 from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
 from service.api.v2_schemas import V2ErrorResponse
@@ -296,6 +298,50 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
                     del content["examples"]
 
 
+# Where NLPSERVE_API_KEYS_FILE is set: the two ways to send a key (/docs' Authorize button),
+# required by every operation but the exempt ones (service/api/auth.py).
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`: a key of the server's "
+        "NLPSERVE_API_KEYS_FILE (`nlpserve keys new NAME` makes one).",
+    },
+    "apiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "The same key in `X-API-Key: <key>`.",
+    },
+}
+UNAUTHORIZED = (
+    "No API key (`unauthorized`) or a key the server does not hold (`invalid_api_key`): send "
+    "`Authorization: Bearer <key>` or `X-API-Key: <key>`."
+)
+
+
+AUTH_DESCRIPTION = (
+    "\nThis server requires an API key on every operation but the probes and metrics: "
+    "`Authorization: Bearer <key>` or `X-API-Key: <key>` (the Authorize button); without "
+    "one, 401 `unauthorized`, with a key it does not hold, 401 `invalid_api_key`.\n"
+)
+
+
+def _require_key(op: dict[str, Any]) -> None:
+    op["security"] = [{name: []} for name in SECURITY_SCHEMES]
+    op.setdefault("responses", {})["401"] = {
+        "description": UNAUTHORIZED,
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'The scheme to authenticate with: `Bearer realm="nlpserve"`.',
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {"application/json": {"schema": _error_ref(op)}},
+    }
+
+
 def install_openapi(app: FastAPI) -> None:
     """``app.openapi``: FastAPI's schema with what this module adds (its docstring). Every
     422 is this service's ErrorResponse (its validation handler answers so)."""
@@ -310,9 +356,16 @@ def install_openapi(app: FastAPI) -> None:
                 tags=TAGS,
             )
             settings = app.state.service.settings
-            for path in schema.get("paths", {}).values():
+            auth = settings.api_keys_file is not None
+            if auth:
+                components = schema.setdefault("components", {})
+                components["securitySchemes"] = SECURITY_SCHEMES
+                schema["info"]["description"] += AUTH_DESCRIPTION
+            for where, path in schema.get("paths", {}).items():
                 for op in path.values():
                     ours = _error_ref(op)
+                    if auth and not is_exempt(where):
+                        _require_key(op)
                     _declare_shared(op)
                     if _cannot_fail_validation(op):  # FastAPI adds a 422 to any parameter
                         op.get("responses", {}).pop("422", None)

@@ -6,11 +6,44 @@ const TASK_TITLES = { qa: "QA", detect: "detector", pos: "POS tagger", polarity:
 // ----------------------------------------------------------------------------- API calls
 class ApiError extends Error {}
 
+// The API key of a server with NLPSERVE_API_KEYS_FILE: asked for after a 401, kept in this
+// tab's sessionStorage (gone with the tab), sent as Authorization: Bearer.
+const KEY_STORE = "nlpserve-api-key";
+
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORE) || "";
+  } catch (e) { // storage blocked: the key lives as long as the page
+    return $("api-key").dataset.key || "";
+  }
+}
+
+function storeKey(key) {
+  try {
+    sessionStorage.setItem(KEY_STORE, key);
+  } catch (e) {
+    $("api-key").dataset.key = key;
+  }
+}
+
+// A 401: show the key form and say what to do (the refused key, if any, is not kept).
+function keyRequired() {
+  const refused = storedKey() !== "";
+  if (refused) storeKey("");
+  $("key-form").hidden = false;
+  return refused
+    ? "The API key was not accepted: enter another one in the API key field at the top, then try again."
+    : "This server requires an API key: enter it in the API key field at the top, then try again.";
+}
+
 // POST/GET JSON; any failure becomes an ApiError whose message is meant for people.
 async function api(path, body) {
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const key = storedKey();
+  if (key) headers.Authorization = `Bearer ${key}`;
   const init = body === undefined
-    ? { method: "GET" }
-    : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    ? { method: "GET", headers }
+    : { method: "POST", headers, body: JSON.stringify(body) };
   let resp;
   try {
     resp = await fetch(path, init);
@@ -23,6 +56,7 @@ async function api(path, body) {
   } catch (e) {
     data = null;
   }
+  if (resp.status === 401) throw new ApiError(keyRequired());
   if (!resp.ok) {
     throw new ApiError(errorMessage(resp, data));
   }
@@ -393,7 +427,7 @@ async function loadModels() {
   } catch (e) {
     status.textContent = `Could not list the models: ${e.message}`;
     status.classList.add("error");
-    return;
+    return false;
   }
   // The server's own SHAP budget limit bounds the evaluations inputs (the HTML says 1000).
   const limit = data && data.explain && data.explain.max_evals_limit;
@@ -418,6 +452,19 @@ async function loadModels() {
   }
   const names = models.map((m) => m.name).join(", ");
   status.textContent = models.length ? `Models loaded: ${names}.` : "No models are loaded.";
+  return true;
 }
+
+$("key-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  storeKey(key);
+  $("api-key").value = "";
+  const status = $("models-status");
+  status.classList.remove("error");
+  status.textContent = "Loading the list of models…";
+  if (await loadModels()) $("key-form").hidden = true;
+});
 
 loadModels();

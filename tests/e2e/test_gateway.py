@@ -17,6 +17,7 @@ stopped however the test ends. Needs ``redis-server`` and ``nginx`` (Debian: ``n
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import shutil
@@ -332,3 +333,59 @@ def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
             # in that protocol's error shape, with the same headers
             assert limited[0].json()["error"].startswith("over "), limited[0].text
             assert limited[0].headers["retry-after"] == "1" and limited[0].headers["x-request-id"]
+
+
+@needs_binaries
+def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Path) -> None:
+    """NLPSERVE_API_KEYS_FILE behind the gateway: Authorization and X-API-Key reach the
+    replica, its 401 (and WWW-Authenticate) reaches the client as the replica wrote it, in
+    both error shapes; the replica's log names the client and never holds a key."""
+    from service.api.auth import key_line
+
+    key, wrong = "e2e-gateway-key-0123456789", "e2e-wrong-key-0123456789"
+    keys = tmp_path / "api-keys"
+    keys.write_text(key_line("e2e-client", key) + "\n")
+    port, gport = procs.free_port(), procs.free_port()
+    env = {
+        "NLPSERVE_MODEL_DIR": str(model_repo),
+        "NLPSERVE_LOAD_MODELS": "polarity-en",
+        "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
+        "NLPSERVE_INTRA_OP_THREADS": "1",
+        "NLPSERVE_HOST": "127.0.0.1",
+        "NLPSERVE_PORT": str(port),
+        "NLPSERVE_API_KEYS_FILE": str(keys),
+        "NLPSERVE_LOG_LEVEL": "DEBUG",
+        "NLPSERVE_LOG_FORMAT": "json",
+    }
+    started: list[procs.Proc] = []
+    with procs.stopping(started):
+        api = procs.start("api", [procs.nlpserve_bin(), "serve"], tmp_path / "logs", env=env)
+        started.append(api)
+        procs.wait_http(api, f"http://127.0.0.1:{port}/readyz", timeout_s=90)
+        gateway = {
+            "NLPSERVE_UPSTREAMS": f"server 127.0.0.1:{port};",
+            "NLPSERVE_GATEWAY_PORT": str(gport),
+            "NLPSERVE_RATE_LIMIT": "1000",
+            "NLPSERVE_MAX_BODY": "1000000",
+        }
+        started.append(procs.start_nginx(tmp_path / "nginx", gateway))
+        v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["good"]}]}
+        with httpx.Client(base_url=f"http://127.0.0.1:{gport}", timeout=10) as c:
+            r = c.post("/v1/polarity", json={"text": "a good film"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == 'Bearer realm="nlpserve"'
+            r = c.post("/v2/models/polarity-en/infer", json=v2, headers={"X-API-Key": wrong})
+            assert r.status_code == 401 and isinstance(r.json()["error"], str)
+            r = c.post(
+                "/v1/polarity",
+                json={"text": "a good film"},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert r.status_code == 200, r.text
+            r = c.post("/v2/models/polarity-en/infer", json=v2, headers={"X-API-Key": key})
+            assert r.status_code == 200, r.text
+            assert c.get("/readyz").status_code == 200  # probes need no key
+    log = api.log_path.read_text()
+    assert key not in log and wrong not in log
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(r.get("client") == "e2e-client" for r in records)

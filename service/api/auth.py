@@ -1,0 +1,329 @@
+"""Optional client authentication by API key (``NLPSERVE_API_KEYS_FILE``; docs/deploy.md,
+"Authentication").
+
+The keys file holds one client per line, ``<client-name> <key-or-hash>``: the second field is
+``sha256:<64 hex>`` (the file then holds no secret) or the key itself. Requests send the key
+as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file is read again when it
+changes (looked at with one ``stat`` a second, in the background) and on SIGHUP; a file that
+no longer parses keeps the keys in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.middleware import _send_error
+from service.logs import CLIENT
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+HASH_PREFIX = "sha256:"
+MIN_KEY_CHARS = 16
+# Client names become a metric label and a log field: short, plain, from the operator's file.
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+RELOAD_INTERVAL_S = 1.0
+REALM = b'Bearer realm="nlpserve"'
+
+# What answers without a key: probes, metrics (protect them on the network), the API docs and
+# the demo page with its files (the page asks for a key when the API answers 401).
+EXEMPT_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/",
+    }
+)
+EXEMPT_PREFIXES = ("/docs-assets/", "/static/")
+
+
+def is_exempt(path: str) -> bool:
+    return path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES)
+
+
+class KeyFileError(ValueError):
+    """A keys file that cannot be used: the message names the file (and line)."""
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def key_line(name: str, key: str) -> str:
+    """The keys file's line for ``name`` holding ``key`` as its hash."""
+    return f"{name} {HASH_PREFIX}{digest(key).hex()}"
+
+
+def parse_keys(text: str, path: Path | str) -> dict[bytes, str]:
+    """The file's clients: sha256 digest of the key -> client name. Raises KeyFileError
+    (``<path>:<line>: why``) on a line that is not ``<name> <key-or-hash>``, a repeated name
+    or key, a plaintext key under MIN_KEY_CHARS, or no client at all. Never quotes a key."""
+    keys: dict[bytes, str] = {}
+    seen: dict[str, int] = {}
+    where: dict[bytes, int] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) > 2 and fields[2].startswith("#"):  # a trailing comment
+            fields = fields[:2]
+        at = f"{path}:{n}"
+        if len(fields) != 2:
+            raise KeyFileError(
+                f"{at}: expected '<client-name> <key-or-hash>' (two fields), got "
+                f"{len(fields)} field{'s' * (len(fields) != 1)}"
+            )
+        name, secret = fields
+        if not CLIENT_NAME.fullmatch(name):
+            raise KeyFileError(
+                f"{at}: client name {name[:64]!r} must be 1 to 64 of A-Z a-z 0-9 . _ - "
+                "(starting with a letter or digit)"
+            )
+        if name in seen:
+            raise KeyFileError(f"{at}: client {name!r} is already on line {seen[name]}")
+        if secret.startswith(HASH_PREFIX):
+            hexdigest = secret[len(HASH_PREFIX) :]
+            if not _HEX_DIGEST.fullmatch(hexdigest):
+                raise KeyFileError(
+                    f"{at}: client {name!r}: a hash is 'sha256:' and 64 hex digits "
+                    "(`nlpserve keys new NAME` prints one)"
+                )
+            d = bytes.fromhex(hexdigest)
+        else:
+            if not secret.isascii() or not secret.isprintable():
+                raise KeyFileError(
+                    f"{at}: client {name!r}: a key is printable ASCII (an HTTP header)"
+                )
+            if len(secret) < MIN_KEY_CHARS:
+                raise KeyFileError(
+                    f"{at}: client {name!r}: the key is {len(secret)} characters, shorter "
+                    f"than {MIN_KEY_CHARS} (`nlpserve keys new NAME` makes one)"
+                )
+            d = digest(secret)
+        if d in keys:
+            raise KeyFileError(
+                f"{at}: client {name!r} has the same key as {keys[d]!r} on line {where[d]}"
+            )
+        keys[d] = name
+        seen[name] = n
+        where[d] = n
+    if not keys:
+        raise KeyFileError(f"{path}: holds no client (lines '<client-name> <key-or-hash>')")
+    return keys
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    # inode too: a file replaced by rename (an editor, a Kubernetes secret) may keep the size
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def read_keys(path: Path) -> tuple[dict[bytes, str], tuple[int, ...]]:
+    """(clients, the file's stat signature); KeyFileError when unreadable or malformed."""
+    try:
+        with path.open("rb") as f:
+            sig = _signature(os.fstat(f.fileno()))
+            data = f.read()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: is not UTF-8 text") from None
+    return parse_keys(text, path), sig
+
+
+class AuthMetrics:
+    """The API's authentication series (created only when NLPSERVE_API_KEYS_FILE is set)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.metrics = metrics
+        self.failures = Counter(
+            "nlpserve_auth_failures_total",
+            "Requests refused 401: reason=missing (no credentials, or not as Bearer / "
+            "X-API-Key) or invalid (a key the keys file does not hold).",
+            ["reason"],
+            registry=r,
+        )
+        self.client_requests = Counter(
+            "nlpserve_client_requests_total",
+            "Authenticated requests per client (names from NLPSERVE_API_KEYS_FILE).",
+            ["client"],
+            registry=r,
+        )
+        self.keys_loaded = Gauge(
+            "nlpserve_api_keys_loaded", "Client keys in force (NLPSERVE_API_KEYS_FILE).", registry=r
+        )
+        self.reload_failures = Counter(
+            "nlpserve_api_keys_reload_failures_total",
+            "Re-reads of a changed keys file that failed (malformed or unreadable): the keys "
+            "in force before are kept.",
+            registry=r,
+        )
+
+
+class ApiKeys:
+    """The keys in force, from ``path``: read at creation (KeyFileError if unusable), then
+    again when the file's mtime, size or inode change (:meth:`watch`) or on :meth:`reload`."""
+
+    def __init__(self, path: Path, metrics: Metrics, interval_s: float = RELOAD_INTERVAL_S) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self.keys, self._sig = read_keys(path)
+        self._failed_sig: tuple[int, ...] | None = None
+        self.metrics = AuthMetrics(metrics)
+        self.metrics.keys_loaded.set(len(self.keys))
+        log.info("API keys: %d clients from %s", len(self.keys), path)
+
+    def lookup(self, key: str) -> str | None:
+        """The client holding ``key``, or None. Every stored key is compared, in constant
+        time over sha256 digests: how long it takes says nothing about which one is near."""
+        d = digest(key)
+        found = None
+        for stored, name in self.keys.items():
+            if hmac.compare_digest(d, stored):
+                found = name
+        return found
+
+    async def watch(self) -> None:
+        """Look for a change of the file every ``interval_s`` (one ``stat``), until
+        cancelled: in the background, so the request path does no file I/O and the gauge
+        is current with no traffic."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Read the file again if its mtime, size or inode changed since the last read."""
+        try:
+            sig = _signature(os.stat(self.path))
+        except OSError as e:  # gone (mid-rotation?): keep the keys, say so once
+            if self._failed_sig != ():
+                self._failed(KeyFileError(f"{self.path}: cannot be read: {e.strerror or e}"), ())
+            return
+        if sig != self._sig and sig != self._failed_sig:
+            self.reload()
+
+    def reload(self) -> bool:
+        """Read the file now (SIGHUP, or a change seen); keep the keys in force on failure."""
+        try:
+            keys, sig = read_keys(self.path)
+        except KeyFileError as e:
+            try:
+                failed: tuple[int, ...] = _signature(os.stat(self.path))
+            except OSError:
+                failed = ()
+            self._failed(e, failed)
+            return False
+        added = sorted(set(keys.values()) - set(self.keys.values()))
+        removed = sorted(set(self.keys.values()) - set(keys.values()))
+        self.keys, self._sig, self._failed_sig = keys, sig, None
+        self.metrics.keys_loaded.set(len(keys))
+        log.info(
+            "API keys reloaded from %s: %d clients (added: %s; removed: %s)",
+            self.path,
+            len(keys),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+        return True
+
+    def _failed(self, error: KeyFileError, sig: tuple[int, ...]) -> None:
+        # logged once per version of the file, not at every check
+        self._failed_sig = sig
+        self.metrics.reload_failures.inc()
+        log.error("API keys not reloaded, keeping the %d in force: %s", len(self.keys), error)
+
+
+def _credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
+    """(the key the request sends, '' or why it sends none usable)."""
+    bearer = api_key = None
+    for k, v in headers:
+        if k == b"authorization":
+            bearer = v
+        elif k == b"x-api-key":
+            api_key = v
+    if api_key is not None:
+        return api_key.decode("latin-1").strip(), ""
+    if bearer is not None:
+        scheme, _, token = bearer.decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, "the Authorization header is not 'Bearer <key>'"
+        return token.strip(), ""
+    return None, ""
+
+
+# nlpserve_auth_failures_total's reason -> the answer's status and error code
+REFUSALS = {"missing": (401, "unauthorized"), "invalid": (401, "invalid_api_key")}
+_HOW = "send the key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+class AuthMiddleware:
+    """401 for a request to a protected path without a key of the keys file; the client's
+    name into the request's state (``request.state.client``) and the log context. An
+    ``X-API-Key`` header wins over ``Authorization``."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # OPTIONS: no route answers it but the CORS preflight (outside this middleware)
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_exempt(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        key, why = _credentials(scope["headers"])
+        name = self.keys.lookup(key) if key else None
+        if name is None:
+            reason = "invalid" if key else "missing"
+            status, code = REFUSALS[reason]
+            message = (
+                f"invalid API key: {_HOW}"
+                if key
+                else f"this server requires an API key: {why or _HOW}"
+            )
+            m = self.keys.metrics
+            m.metrics.child(m.failures, reason).inc()
+            rid = scope.get("state", {}).get("request_id")
+            log.info(
+                "request %s: %s %r refused: %s",  # %r: a path's control characters escaped
+                rid or "-",
+                scope["method"],
+                scope["path"][:200],
+                code,
+                extra={"request_id": rid},
+            )
+            await _send_error(scope, send, status, code, message, [(b"www-authenticate", REALM)])
+            return
+        scope.setdefault("state", {})["client"] = name
+        self.keys.metrics.metrics.child(self.keys.metrics.client_requests, name).inc()
+        token = CLIENT.set(name)
+        if log.isEnabledFor(logging.DEBUG):
+            rid = scope.get("state", {}).get("request_id")
+            log.debug("request %s: client %s", rid or "-", name, extra={"request_id": rid})
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CLIENT.reset(token)
