@@ -335,9 +335,9 @@ async def _scrapes_done(c: httpx.AsyncClient, at_least: int) -> None:
 
 @ASYNC
 async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> None:
-    """Each target is valid PromQL to Prometheus itself (types included: a rate() of a
-    gauge's vector or a histogram_quantile without le fails there), and every panel but the
-    incident ones has data: traffic before and between scrapes makes every rate() real."""
+    """Each target is valid PromQL to Prometheus itself (its parser and type checks: a
+    rate() of an instant vector fails there), and every panel but the incident ones has
+    data: traffic before and between scrapes makes every rate() real."""
     targets = _targets()
     async with httpx.AsyncClient(base_url=prometheus, timeout=10) as c:
         await _scrapes_done(c, 2)
