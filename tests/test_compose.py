@@ -355,6 +355,31 @@ def test_alert_rules_are_loaded_and_name_real_series(services: dict[str, Any]) -
         assert named <= exposed, (rule["alert"], named - exposed)
 
 
+def test_grafana_provisions_the_dashboard(services: dict[str, Any]) -> None:
+    """The `monitoring` profile's Grafana: a pinned image, off the queue network, its
+    provisioning and deploy/grafana/nlpserve.json mounted read-only where the provider
+    looks, and a data source that is the compose Prometheus at its scrape interval."""
+    graf, prom_svc = services["grafana"], services["prometheus"]
+    assert graf["profiles"] == ["monitoring"] == prom_svc["profiles"]
+    assert graf["networks"] == ["edge"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", graf["image"]), graf["image"]
+    assert all(str(p).startswith("127.0.0.1:") for p in graf["ports"]), "loopback only"
+    mounts = dict(str(v).rsplit(":", 1)[0].split(":", 1) for v in graf["volumes"])
+    assert all(str(v).endswith(":ro") for v in graf["volumes"]), graf["volumes"]
+    folder = ROOT / "deploy" / "grafana"
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    board = Path(mounts["./deploy/grafana/nlpserve.json"])
+    providers = yaml.safe_load((folder / "provisioning/dashboards/nlpserve.yml").read_text())
+    assert [p["options"]["path"] for p in providers["providers"]] == [str(board.parent)]
+    sources = yaml.safe_load((folder / "provisioning/datasources/prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    url = urlparse(source["url"])
+    assert source["type"] == "prometheus" and url.hostname == "prometheus"
+    assert any(str(p).endswith(f":{url.port}") for p in prom_svc["ports"]), prom_svc["ports"]
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["global"]
+    assert source["jsonData"]["timeInterval"] == scrape["scrape_interval"]
+
+
 # Open-source nginx takes `resolve` on upstream servers (and `resolver` inside an upstream)
 # from this version on; before it, `nginx -t` refuses both.
 NGINX_RESOLVE_SINCE = (1, 27, 3)

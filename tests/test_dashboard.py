@@ -1,0 +1,360 @@
+"""deploy/grafana/nlpserve.json proven against the metrics the service really exports.
+
+Static: the dashboard's shape (a ``$datasource`` variable so it imports anywhere, a
+description on every panel, only defined variables, alerts it names exist), and every target
+parses as PromQL. Live: an API replica and an inference worker in Redis mode (real
+``redis-server``, the committed models) take requests of every kind, a 4xx and a 429
+included; every ``nlpserve_*`` name the dashboard uses must be in their ``/metrics``
+expositions (a renamed metric fails here), and a real Prometheus server (``prometheus`` on
+PATH: Debian package ``prometheus``, which .ci/run installs for ``promtool``) scraping both
+every second must accept every target expression and the variable queries, and answer with
+data for every panel but the ones that only show incidents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.metrics import Metrics
+from service.runtime.runner import load_runners
+from service.worker import Worker
+from tests.redis_support import EXTERNAL_URL, RedisServer, unique_prefix
+from tests.service_support import LiveServer, live_server, make_settings
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is in the dev extra")
+
+# the live tests share the session loop with their fixtures (tests/conftest.py)
+ASYNC = pytest.mark.asyncio(loop_scope="session")
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "nlpserve.json"
+PROM_DIR = ROOT / "deploy" / "prometheus"
+PROMETHEUS = shutil.which("prometheus")
+
+# What Grafana would put in place of its variables when a user picks "All".
+GRAFANA_VARS = {
+    "__rate_interval": "1m",  # holds every sample the test scrapes (one a second)
+    "__interval": "15s",
+    "__range": "5m",
+}
+# Panels whose series only exist after an incident (a fallback at load; a worker's crash,
+# poison input, deadline or cancelled client): the live test asks only that they parse.
+INCIDENT_PANELS = {"Provider fallback", "Reclaimed, dead-lettered, expired, cancelled"}
+MAX_QUEUE_DEPTH = 8  # one request of 8 sequences fills a queue: the next is refused (429)
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in dash["panels"]:
+        out.extend([p, *p.get("panels", [])] if p["type"] == "row" else [p])
+    return [p for p in out if p["type"] != "row"]
+
+
+def _variables(dash: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dash["templating"]["list"]}
+
+
+def _substitute(expr: str, variables: dict[str, dict[str, Any]]) -> str:
+    """Grafana's variables in ``expr`` replaced the way it does for "All" (``.*``); a
+    variable the dashboard does not define fails."""
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name in GRAFANA_VARS:
+            return GRAFANA_VARS[name]
+        assert name in variables, f"{expr}: ${name} is not a dashboard variable"
+        return str(variables[name].get("allValue") or ".*")
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", value, expr)
+
+
+def _targets() -> list[tuple[str, str, dict[str, Any]]]:
+    """(panel title, PromQL as Prometheus gets it, target) for every target."""
+    dash = _dashboard()
+    variables = _variables(dash)
+    return [
+        (p["title"], _substitute(t["expr"], variables), t)
+        for p in _panels(dash)
+        for t in p["targets"]
+    ]
+
+
+def _variable_queries() -> list[tuple[str, str, str]]:
+    """(variable, selector, label) of every ``label_values(selector, label)`` variable."""
+    variables = _variables(_dashboard())
+    out = []
+    for name, v in variables.items():
+        if v["type"] != "query":
+            continue
+        query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+        assert m, f"${name}: {query}"
+        out.append((name, _substitute(m.group(1), variables), m.group(2)))
+    return out
+
+
+# ------------------------------------------------------------------ static
+def test_dashboard_imports_anywhere() -> None:
+    """A ``$datasource`` variable of type prometheus (no datasource uid of the author's
+    Grafana baked in), a recent schema, unique panel ids, a description on every panel."""
+    dash = _dashboard()
+    assert dash["schemaVersion"] >= 39 and dash["uid"] == "nlpserve"
+    variables = _variables(dash)
+    ds = variables["datasource"]
+    assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
+    assert {"job", "instance", "model"} <= set(variables)
+    every = [dash["panels"], *[p.get("panels", []) for p in dash["panels"]]]
+    ids = [p["id"] for group in every for p in group]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    wanted = {"type": "prometheus", "uid": "${datasource}"}
+    for v in variables.values():
+        assert v["type"] == "datasource" or v["datasource"] == wanted, v["name"]
+    panels = _panels(dash)
+    assert len(panels) >= 20
+    for p in panels:
+        assert len(p.get("description", "")) > 40, f"{p['title']}: say what to look for"
+        assert p["datasource"] == wanted, p["title"]
+        assert p["targets"] and all(t["datasource"] == wanted for t in p["targets"]), p["title"]
+
+
+def test_every_target_parses_and_names_its_alerts_right() -> None:
+    import promql_parser
+
+    for title, expr, _ in _targets():
+        promql_parser.parse(expr)  # ValueError on a syntax error
+        assert "nlpserve_" in expr, (title, expr)
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+    }
+    named = set(re.findall(r"\bNlpserve[A-Z]\w+", DASHBOARD.read_text()))
+    assert named and named <= alerts, f"no such alert: {sorted(named - alerts)}"
+
+
+# ------------------------------------------------------------------ live
+@dataclass
+class Stack:
+    api: LiveServer
+    worker_port: int
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack() -> AsyncIterator[Stack]:
+    """An API replica and a worker in Redis mode over the committed models, having answered
+    requests of every kind."""
+    with tempfile.TemporaryDirectory(prefix="nlpserve-dash-") as workdir:
+        redis = None if EXTERNAL_URL else RedisServer(Path(workdir))
+        url = EXTERNAL_URL
+        if redis is not None:
+            redis.start()
+            url = redis.url
+        settings = make_settings(
+            ROOT / "models",
+            queue="redis",
+            redis_url=url,
+            redis_prefix=unique_prefix(),
+            redis_block_ms=100,
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+            max_queue_depth=MAX_QUEUE_DEPTH,
+        )
+        try:
+            # as `nlpserve worker` does: the runners record into the worker's registry
+            metrics = Metrics()
+            runners = await asyncio.to_thread(load_runners, settings, metrics)
+            worker = Worker(settings, runners, metrics)
+            worker_port = worker.start_http(0)  # what `nlpserve worker` (serve) does
+            task = asyncio.create_task(worker.run(), name="dashboard-worker")
+            try:
+                async with live_server(settings) as api:
+                    st = Stack(api, worker_port)
+                    await _traffic(st)
+                    yield st
+            finally:
+                worker.stop()
+                await asyncio.wait_for(task, timeout=15)
+                worker.stop_http()
+        finally:
+            if redis is not None:
+                redis.stop()
+
+
+async def _traffic(st: Stack) -> None:
+    """Every model's prediction, an explanation, a 4xx and a 429."""
+    async with st.api.client() as c:
+        ok = [
+            c.post("/v1/polarity", json={"text": "A charming, funny and moving film."}),
+            c.post("/v1/polarity", json={"inputs": [{"text": "dull"}, {"text": "a fine cast"}]}),
+            c.post("/v1/pos", json={"inputs": [{"text": "The dog barks."}, {"tokens": ["Hi"]}]}),
+            c.post("/v1/detect", json={"text": "The mitochondria is the powerhouse of the cell."}),
+            c.post(
+                "/v1/qa", json={"question": "长城有多长？", "context": "长城总长度超过两万千米。"}
+            ),
+            c.post("/v1/polarity/explain", json={"text": "a charming film"}),
+        ]
+        for r in await asyncio.gather(*ok):
+            assert r.status_code == 200, r.text
+        r = await c.post("/v1/polarity", json={"txet": "a typo"})
+        assert r.status_code == 422, r.text
+        # Requests that each fill the queue, sent at once: those admitted while another's
+        # entries are still in the streams (until it is answered) are refused. A burst
+        # where every one ran before the next arrived is tried again.
+        full = {"inputs": [{"text": f"film {i}"} for i in range(MAX_QUEUE_DEPTH)]}
+        for _ in range(5):
+            burst = [c.post("/v1/polarity", json=full) for _ in range(8)]
+            statuses = [r.status_code for r in await asyncio.gather(*burst)]
+            assert set(statuses) <= {200, 429}, statuses
+            if 429 in statuses:
+                break
+        assert 429 in statuses, "no request was refused with queue_full"
+
+
+def _exposed(text: str) -> set[str]:
+    """Every series name an exposition declares (``# TYPE``: labelled series that have seen
+    no sample yet included), with the suffixes Prometheus stores them under."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        base = name.removesuffix("_total") if kind == "counter" else name
+        names.update(base + s for s in suffixes.get(kind, ("",)))
+    return names
+
+
+@ASYNC
+async def test_every_series_the_dashboard_names_is_exported(stack: Stack) -> None:
+    async with httpx.AsyncClient(timeout=10) as c:
+        texts = [
+            (await c.get(f"{stack.api.url}/metrics")).text,
+            (await c.get(f"http://127.0.0.1:{stack.worker_port}/metrics")).text,
+        ]
+    exposed = set().union(*map(_exposed, texts))
+    assert "nlpserve_requests_total" in exposed and "nlpserve_worker_replies_total" in exposed
+    named = set(re.findall(r"\bnlpserve_[a-z_]+", DASHBOARD.read_text()))
+    assert named - exposed == set(), "the dashboard names series nothing exports"
+
+
+# ------------------------------------------------------------------ Prometheus
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _job_names() -> tuple[str, str]:
+    """The repository's scrape jobs (API, worker): the dashboard's $job values."""
+    jobs = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())["scrape_configs"]
+    api, worker = (j["job_name"] for j in jobs)
+    return api, worker
+
+
+@pytest.fixture(scope="module")
+def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus scraping the API replica and the worker every second."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus is not on PATH (Debian package prometheus)")
+    folder = tmp_path_factory.mktemp("prometheus")
+    api_job, worker_job = _job_names()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": api_job, "static_configs": [{"targets": [stack.api.url[7:]]}]},
+            {
+                "job_name": worker_job,
+                "static_configs": [{"targets": [f"127.0.0.1:{stack.worker_port}"]}],
+            },
+        ],
+    }
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, "prometheus did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def _query(c: httpx.AsyncClient, expr: str) -> list[dict[str, Any]]:
+    r = await c.get("/api/v1/query", params={"query": expr})
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", (expr, body)
+    return list(body["data"]["result"])
+
+
+async def _scrapes_done(c: httpx.AsyncClient, at_least: int) -> None:
+    """Until both targets were scraped (and up) ``at_least`` times."""
+    end = time.monotonic() + 30
+    while True:
+        got = await _query(c, "count_over_time(up[5m]) and up == 1")
+        if len(got) == 2 and all(float(s["value"][1]) >= at_least for s in got):
+            return
+        assert time.monotonic() < end, f"targets not scraped {at_least} times: {got}"
+        await asyncio.sleep(0.2)
+
+
+@ASYNC
+async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> None:
+    """Each target is valid PromQL to Prometheus itself (its parser and type checks: a
+    rate() of an instant vector fails there), and every panel but the incident ones has
+    data: traffic before and between scrapes makes every rate() real."""
+    targets = _targets()
+    async with httpx.AsyncClient(base_url=prometheus, timeout=10) as c:
+        await _scrapes_done(c, 2)
+        await _traffic(stack)  # counters move between two scrapes: rates above 0
+        await _scrapes_done(c, 4)
+        for name, selector, label in _variable_queries():
+            values = {s["metric"].get(label) for s in await _query(c, selector)} - {None}
+            assert values, f"${name} would offer no values"
+        empty: list[tuple[str, str]] = []
+        end = time.monotonic() + 20
+        while True:  # the worker samples its streams on its own schedule
+            empty = []
+            for title, expr, _ in targets:
+                result = await _query(c, expr)
+                if not result and title not in INCIDENT_PANELS:
+                    empty.append((title, expr))
+            if not empty or time.monotonic() > end:
+                break
+            await asyncio.sleep(0.5)
+    assert not empty, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
