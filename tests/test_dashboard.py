@@ -2,13 +2,15 @@
 
 Static: the dashboard's shape (a ``$datasource`` variable so it imports anywhere, a
 description on every panel, only defined variables, alerts it names exist), and every target
-parses as PromQL. Live: an API replica and an inference worker in Redis mode (real
-``redis-server``, the committed models) take requests of every kind, a 4xx and a 429
-included; every ``nlpserve_*`` name the dashboard uses must be in their ``/metrics``
-expositions (a renamed metric fails here), and a real Prometheus server (``prometheus`` on
-PATH: Debian package ``prometheus``, which .ci/run installs for ``promtool``) scraping both
-every second must accept every target expression and the variable queries, and answer with
-data for every panel but the ones that only show incidents.
+parses as PromQL. Live: an API replica with API keys (two clients) and an inference worker
+in Redis mode (real ``redis-server``, the committed models) take requests of every kind from
+both clients, a 4xx, a 429 and 401s included; every ``nlpserve_*`` name the dashboard uses
+must be in their ``/metrics`` expositions (a renamed metric fails here), and a real
+Prometheus server (``prometheus`` on PATH: Debian package ``prometheus``, which .ci/run
+installs for ``promtool``) scraping both every second, exemplars stored, must accept every
+target expression and the variable queries, answer with data for every panel but the ones
+that only show incidents, and hold a sampled request's trace id as an exemplar of every
+target that shows exemplars.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from service.api.auth import key_line
 from service.metrics import Metrics
 from service.runtime.runner import load_runners
 from service.worker import Worker
@@ -56,6 +59,12 @@ GRAFANA_VARS = {
 # poison input, deadline or cancelled client): the live test asks only that they parse.
 INCIDENT_PANELS = {"Provider fallback", "Reclaimed, dead-lettered, expired, cancelled"}
 MAX_QUEUE_DEPTH = 8  # one request of 8 sequences fills a queue: the next is refused (429)
+# The API's keys file: one client's key as its hash, the other's as itself (both forms).
+CLIENT_KEYS = {"alice": "alice-key-0123456789-abcdefghij", "bob": "bob-plaintext-key-9876543210"}
+KEYS_FILE = f"{key_line('alice', CLIENT_KEYS['alice'])}\nbob {CLIENT_KEYS['bob']}\n"
+# A sampled request's trace (traceparent flags 01): its latency's exemplar.
+TRACE_ID = "5a" * 16
+TRACEPARENT = f"00-{TRACE_ID}-{'7b' * 8}-01"
 
 
 def _dashboard() -> dict[str, Any]:
@@ -160,9 +169,11 @@ class Stack:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack() -> AsyncIterator[Stack]:
-    """An API replica and a worker in Redis mode over the committed models, having answered
-    requests of every kind."""
+    """An API replica (with API keys) and a worker in Redis mode over the committed models,
+    having answered requests of every kind."""
     with tempfile.TemporaryDirectory(prefix="nlpserve-dash-") as workdir:
+        keys_file = Path(workdir) / "api-keys"
+        keys_file.write_text(KEYS_FILE)
         redis = None if EXTERNAL_URL else RedisServer(Path(workdir))
         url = EXTERNAL_URL
         if redis is not None:
@@ -177,6 +188,7 @@ async def stack() -> AsyncIterator[Stack]:
             metrics_port=0,
             metrics_host="127.0.0.1",
             max_queue_depth=MAX_QUEUE_DEPTH,
+            api_keys_file=keys_file,
         )
         try:
             # as `nlpserve worker` does: the runners record into the worker's registry
@@ -200,20 +212,34 @@ async def stack() -> AsyncIterator[Stack]:
 
 
 async def _traffic(st: Stack) -> None:
-    """Every model's prediction, an explanation, a 4xx and a 429."""
-    async with st.api.client() as c:
+    """Every model's prediction from both clients (one a sampled trace), an explanation, a
+    4xx, a 429 and 401s (no key, a wrong key)."""
+    alice = {"Authorization": f"Bearer {CLIENT_KEYS['alice']}"}
+    bob = {"X-API-Key": CLIENT_KEYS["bob"]}
+    async with st.api.client(headers=alice) as c, st.api.client(headers=bob) as b:
         ok = [
-            c.post("/v1/polarity", json={"text": "A charming, funny and moving film."}),
-            c.post("/v1/polarity", json={"inputs": [{"text": "dull"}, {"text": "a fine cast"}]}),
+            c.post(
+                "/v1/polarity",
+                json={"text": "A charming, funny and moving film."},
+                headers={"traceparent": TRACEPARENT},
+            ),
+            b.post("/v1/polarity", json={"inputs": [{"text": "dull"}, {"text": "a fine cast"}]}),
             c.post("/v1/pos", json={"inputs": [{"text": "The dog barks."}, {"tokens": ["Hi"]}]}),
-            c.post("/v1/detect", json={"text": "The mitochondria is the powerhouse of the cell."}),
+            b.post("/v1/detect", json={"text": "The mitochondria is the powerhouse of the cell."}),
             c.post(
                 "/v1/qa", json={"question": "长城有多长？", "context": "长城总长度超过两万千米。"}
             ),
-            c.post("/v1/polarity/explain", json={"text": "a charming film"}),
+            b.post("/v1/polarity/explain", json={"text": "a charming film"}),
         ]
         for r in await asyncio.gather(*ok):
             assert r.status_code == 200, r.text
+        for headers, code in (
+            ({}, "unauthorized"),
+            ({"X-API-Key": "wrong-key-0000000000-zzzzzzzz"}, "invalid_api_key"),
+        ):
+            async with st.api.client(headers=headers) as anon:
+                r = await anon.post("/v1/polarity", json={"text": "a film"})
+            assert (r.status_code, r.json()["error"]["code"]) == (401, code), r.text
         r = await c.post("/v1/polarity", json={"txet": "a typo"})
         assert r.status_code == 422, r.text
         # Requests that each fill the queue, sent at once: those admitted while another's
@@ -269,7 +295,8 @@ def _job_names() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prometheus scraping the API replica and the worker every second."""
+    """A real Prometheus scraping the API replica and the worker every second, storing
+    exemplars (as the compose ``prometheus`` service does)."""
     if PROMETHEUS is None:
         pytest.skip("prometheus is not on PATH (Debian package prometheus)")
     folder = tmp_path_factory.mktemp("prometheus")
@@ -292,6 +319,7 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             f"--config.file={folder / 'prometheus.yml'}",
             f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
             "--log.level=error",
         ],
         stdout=subprocess.DEVNULL,
@@ -357,4 +385,42 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
             if not empty or time.monotonic() > end:
                 break
             await asyncio.sleep(0.5)
-    assert not empty, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
+        assert not empty, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
+        # the clients row tells the two clients and both reasons apart
+        first = {title: expr for title, expr, t in targets if t["refId"] == "A"}
+        for title, label, want in (
+            ("Requests per client", "client", {"alice", "bob"}),
+            ("Auth failures (401) by reason", "reason", {"missing", "invalid"}),
+        ):
+            result = await _query(c, first[title])
+            assert {s["metric"][label] for s in result} == want, (title, result)
+
+
+@ASYNC
+async def test_latency_exemplars_carry_the_trace_id(stack: Stack, prometheus: str) -> None:
+    """The p99 latency target shows exemplars, and Prometheus (OpenMetrics scrape, exemplar
+    storage on) answers that very expression with the sampled request's trace id: the dot
+    Grafana links to the trace."""
+    shown = [(title, expr) for title, expr, t in _targets() if t.get("exemplar")]
+    assert [t for t, e in shown if "histogram_quantile(0.99" in e] == [
+        "Prediction latency p50 / p95 / p99"
+    ], shown
+    async with httpx.AsyncClient(base_url=prometheus, timeout=10) as c:
+        await _scrapes_done(c, 2)  # after the fixture's traffic, its sampled request included
+        for title, expr in shown:
+            end = time.monotonic() + 10
+            while True:
+                r = await c.get(
+                    "/api/v1/query_exemplars",
+                    params={"query": expr, "start": time.time() - 300, "end": time.time()},
+                )
+                assert r.status_code == 200 and r.json()["status"] == "success", r.text
+                ids = {
+                    e["labels"].get("trace_id")
+                    for series in r.json()["data"]
+                    for e in series["exemplars"]
+                }
+                if TRACE_ID in ids:
+                    break
+                assert time.monotonic() < end, f"{title}: no exemplar of {TRACE_ID}: {ids}"
+                await asyncio.sleep(0.3)
