@@ -220,6 +220,47 @@ async def test_cors_preflight_allows_the_key_headers_and_the_401_is_readable(aut
 
 
 @session_loop
+async def test_no_method_or_path_spelling_gets_past_without_a_key(auth_service):
+    """An OPTIONS that is no preflight (CorsMiddleware, outside, answers those) was let
+    through and counted as the model's request (405), ``?model=`` label and all. Paths that
+    only look like exempt ones are not routed to a protected endpoint either."""
+    async with auth_service.client() as c:
+        before = await read_metrics(c)
+        for path in ("/v1/pos", f"/v1/pos?model={POS_MODEL}", "/v2/models/zz/infer"):
+            r = await c.request("OPTIONS", path)
+            assert r.status_code == 401, (path, r.text)
+            error = r.json()["error"]
+            assert (
+                isinstance(error, str)
+                if path.startswith("/v2")
+                else error["code"] == "unauthorized"
+            )
+        body = {"text": "the dog runs"}
+        for path in (
+            "/healthz/../v1/pos",
+            "//v1/pos",
+            "/docs-assets/../v1/pos",
+            "/static/..%2Fv1/pos",
+            "/v1%2Fpos",
+            "/%761/pos",
+            "/v1/pos/",
+            "/HEALTHZ",
+            "/metrics/",
+        ):
+            # httpx would normalise the dot segments: the request line as written
+            async with httpx.AsyncClient(base_url=c.base_url) as raw:
+                req = raw.build_request("POST", "/", json=body)
+                req.url = req.url.copy_with(raw_path=path.encode())
+                r = await raw.send(req)
+            assert r.status_code in (401, 404), (path, r.status_code, r.text)
+        after = await read_metrics(c)
+    # none of them is a model's request
+    assert metric_value(after, "nlpserve_requests_total") == metric_value(
+        before, "nlpserve_requests_total"
+    )
+
+
+@session_loop
 async def test_openapi_declares_the_schemes_on_protected_operations_only(auth_service):
     schema = (await call(auth_service, "GET", "/openapi.json", None)).json()
     assert "requires an API key" in schema["info"]["description"]
