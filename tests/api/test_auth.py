@@ -318,6 +318,29 @@ async def test_the_client_is_a_log_field_and_no_key_is_ever_logged(auth_service,
         assert key not in every
 
 
+@session_loop
+async def test_a_refusal_joins_the_callers_trace_and_names_no_client(auth_service, captured):
+    """The auth middleware runs inside RequestIdMiddleware: its 401 carries the request id
+    and the caller's trace, its log line their ids; the client of the request before (a
+    context variable) is not carried over."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    given = f"00-{trace_id}-00f067aa0ba902b7-01"
+    ok = await call(auth_service, "GET", "/v1/models", None, **{"X-API-Key": BOB_KEY})
+    assert ok.status_code == 200
+    captured.lines.clear()
+    r = await call(
+        auth_service, "GET", "/v1/models", None, traceparent=given, **{"X-Request-ID": "r-401"}
+    )
+    assert r.status_code == 401
+    assert r.headers["x-request-id"] == "r-401"
+    assert r.headers["traceparent"].startswith(f"00-{trace_id}-")
+    assert r.headers["traceparent"] != given  # the server's own span
+    refusals = [json.loads(x) for x in captured.lines if "refused" in x]
+    assert len(refusals) == 1, captured.lines
+    assert refusals[0]["request_id"] == "r-401" and refusals[0]["trace_id"] == trace_id
+    assert "client" not in refusals[0]
+
+
 # --------------------------------------------------------------------------- the file
 def test_parse_keys_reads_hashes_plaintext_and_comments():
     keys = parse_keys(KEYS_FILE, "f")
