@@ -459,6 +459,40 @@ async def test_rotation_new_file_malformed_file_and_sighup(model_repo, tmp_path)
     assert signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None)  # given back at stop
 
 
+@session_loop
+async def test_sighup_while_the_models_load_reloads_instead_of_ending_the_process(
+    model_repo, tmp_path
+):
+    """SIGHUP's default action ends the process: the handler was installed only once the
+    models had loaded, so a rotation's `kill -HUP` ended a replica that was still starting."""
+    from service.api.app import create_app
+
+    path = tmp_path / "api-keys"
+    path.write_text(KEYS_FILE)
+    settings = make_settings(model_repo, load_models=POLARITY_MODEL, api_keys_file=path)
+    app = create_app(settings)
+    state = app.state.service
+    lifespan = app.router.lifespan_context(app)
+    starting = asyncio.create_task(lifespan.__aenter__())
+    await asyncio.sleep(0)  # the startup runs up to the model load (in a thread)
+    try:
+        assert not starting.done() and not state.runners
+        handler = signal.getsignal(signal.SIGHUP)
+        assert handler not in (signal.SIG_DFL, None), "SIGHUP would end a starting replica"
+        path.write_text(f"carol {BOB_KEY}\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await starting
+
+        async def reloaded() -> bool:
+            return sorted(state.api_keys.keys.values()) == ["carol"]
+
+        await _until(reloaded)
+    finally:
+        await starting
+        await lifespan.__aexit__(None, None, None)
+    assert signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None)
+
+
 async def _is(value, want) -> bool:
     return await value == want
 
