@@ -422,7 +422,8 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         "text",
         description="`text`: one line per record for people; `json`: one JSON object per line "
-        "for a log collector, with `request_id`, `item_id` and tracebacks as fields.",
+        "for a log collector, with `request_id`, `item_id`, `trace_id`, `span_id`, `client` "
+        "and tracebacks as fields.",
     )
 
     @field_validator(

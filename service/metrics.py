@@ -244,10 +244,18 @@ class Metrics:
 
 
 def wants_openmetrics(accept: str) -> bool:
-    return any(
-        r.split(";", 1)[0].strip().lower() == "application/openmetrics-text"
-        for r in accept.split(",")
-    )
+    """Whether ``accept`` names OpenMetrics with a weight above 0 (``q=0``: "not this")."""
+    for media_range in accept.split(","):
+        kind, *params = (p.strip().lower() for p in media_range.split(";"))
+        if kind != "application/openmetrics-text":
+            continue
+        q = next((v for k, _, v in (p.partition("=") for p in params) if k.strip() == "q"), "1")
+        try:
+            if float(q) > 0:
+                return True
+        except ValueError:  # a malformed weight: RFC 9110 allows none, read as refused
+            continue
+    return False
 
 
 class WorkerMetrics:

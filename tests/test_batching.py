@@ -153,6 +153,53 @@ def test_a_short_deadline_ends_the_wait_half_way_to_it():
     assert len(formed(s.next_batch(now=T0 + 0.1))) == 1
 
 
+def test_readiness_checks_look_at_each_sequence_once():
+    """The scheduler asks whether a bucket is ready (is_full, then flush_at) at every
+    submission: going over every waiting sequence each time, forming a 256-sequence batch
+    cost ~19 ms of event loop. What they found is kept; only sequences added since are read."""
+    reads = 0
+
+    class Counted(WorkItem):
+        def __getattribute__(self, name: str) -> object:
+            nonlocal reads
+            reads += name in ("length", "deadline")
+            return super().__getattribute__(name)
+
+    policy = BatchPolicy(max_batch_size=256, max_batch_tokens=1_000_000, max_wait_s=2.0)
+    pb = PendingBucket[WorkItem]()
+    for n in range(255):
+        pb.add(Counted(model="m", bucket=0, length=5, features={}, deadline=T0 + 60 + n))
+        assert not pb.ready(policy, now=T0)
+        assert pb.time_to_ready(policy, now=T0) is not None
+    assert reads <= 3 * 255  # was 130,560: every sequence at every check
+
+
+def test_what_readiness_keeps_is_forgotten_when_sequences_leave():
+    """A removal (expired, dropped, taken) starts the kept readiness over: the sequence
+    that set the earliest flush or filled the batch may be the one gone."""
+    policy = BatchPolicy(max_batch_size=3, max_batch_tokens=64, max_wait_s=2.0)
+    pb = PendingBucket[WorkItem]()
+    pb.add(item(5, at=T0))
+    pb.add(item(5, at=T0, deadline=T0 + 1.0))  # flush by T0 + 0.5
+    assert pb.time_to_ready(policy, now=T0) == pytest.approx(0.5)
+    assert [it.deadline for it in pb.drop_expired(now=T0 + 1.0)] == [T0 + 1.0]
+    assert pb.time_to_ready(policy, now=T0 + 1.0) == pytest.approx(1.0)  # the max wait again
+    pb.add(item(5, at=T0 + 1.0))
+    assert not pb.is_full(policy)
+    pb.add(item(5, at=T0 + 1.0))
+    assert pb.is_full(policy)
+    assert len(pb.take(policy)) == 3 and len(pb) == 0
+    pb.add(item(5, at=T0 + 1.0))
+    assert not pb.is_full(policy)
+    s = BucketScheduler[WorkItem](policy)
+    short = item(5, at=T0, deadline=T0 + 0.2)
+    s.add(item(5, at=T0))
+    s.add(short)
+    assert s.next_wakeup(now=T0) == pytest.approx(0.1)
+    assert s.drop(lambda it: it is short) == [short]
+    assert s.next_wakeup(now=T0) == pytest.approx(2.0)
+
+
 def test_bucket_index_edges():
     edges = [8, 16, 64]
     assert [bucket_index(n, edges) for n in (1, 8, 9, 16, 17, 64)] == [0, 0, 1, 1, 2, 2]

@@ -20,7 +20,13 @@ import redis
 from tests.builders import FILLER
 from tests.faketime_support import release, require_libfaketime, stepping_env
 from tests.redis_support import free_port, redis_url, unique_prefix  # noqa: F401
-from tests.service_support import DETECT_MODEL, QA_MODEL, metric_value, require_model
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    QA_MODEL,
+    metric_value,
+    require_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +126,33 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
     odd = [ln for ln in out.splitlines() if not line.match(ln)]
     assert not odd, odd
+
+
+def test_with_api_keys_sighup_reloads_and_sigterm_still_shuts_down_cleanly(model_repo, tmp_path):
+    """The app's SIGHUP handler (the keys file read again) lives beside uvicorn's own signal
+    handling: SIGHUP neither ends the server (its default action) nor takes SIGTERM's
+    graceful shutdown away."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("alice alice-key-0123456789-abcdefghij\n")
+    proc, url = _serve(
+        model_repo, NLPSERVE_API_KEYS_FILE=str(keys), NLPSERVE_LOAD_MODELS=POLARITY_MODEL
+    )
+    try:
+        body = {"text": "a superb film"}
+        assert httpx.post(f"{url}/v1/polarity", json=body, timeout=10).status_code == 401
+        alice = {"X-API-Key": "alice-key-0123456789-abcdefghij"}
+        r = httpx.post(f"{url}/v1/polarity", json=body, headers=alice, timeout=10)
+        assert r.status_code == 200, r.text
+        keys.write_text("bob bob-key-0123456789-abcdefghijk\n")
+        proc.send_signal(signal.SIGHUP)
+        bob = {"X-API-Key": "bob-key-0123456789-abcdefghijk"}
+        _until(lambda: httpx.get(f"{url}/v1/models", headers=bob).status_code == 200, 10)
+        assert proc.poll() is None
+        assert httpx.get(f"{url}/v1/models", headers=alice).status_code == 401
+    finally:
+        out = _stop(proc)
+    assert "Traceback" not in out
+    assert "added: bob; removed: alice" in out
 
 
 def test_json_log_format_is_one_object_per_line_uvicorns_lines_included(model_repo):

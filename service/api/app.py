@@ -109,10 +109,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # SIGHUP taken before the models load: its default action ends the process, and a
+        # rotation's `kill -HUP` may reach a replica still loading (seconds with the BERTs)
+        hup = keys is not None and _on_sighup(keys.reload)
         try:
             await startup(state)
         except Exception as e:
             state.startup_error = e
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             raise
         # started once loaded (the load's stalls are not serving's), stopped after the drain
         lag = LoopLagMonitor(state.metrics.loop_lag, state.metrics.loop_lag_max)
@@ -120,7 +125,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watch = None
         if keys is not None:  # rotation: a changed keys file, or SIGHUP
             watch = asyncio.create_task(keys.watch(), name="api-keys-watch")
-        hup = keys is not None and _on_sighup(keys.reload)
         warm = None
         if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
             warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")

@@ -290,8 +290,10 @@ class AuthMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # OPTIONS: no route answers it but the CORS preflight (outside this middleware)
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_exempt(scope["path"]):
+        # No exemption for OPTIONS: CorsMiddleware (outside) answers a preflight before this
+        # one sees it; any other OPTIONS reached the metrics as a model's request (405)
+        # without a key.
+        if scope["type"] != "http" or is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         key, why = _credentials(scope["headers"])

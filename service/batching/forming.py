@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
+from itertools import islice
 from typing import Generic
 
 from service.batching.types import BatchPolicy, ItemT
@@ -23,7 +25,38 @@ class PendingBucket(Generic[ItemT]):
     """
 
     def __init__(self) -> None:
-        self.items: deque[ItemT] = deque()
+        self._items: deque[ItemT] = deque()
+        self._forget()
+
+    @property
+    def items(self) -> deque[ItemT]:
+        """The waiting sequences, oldest first. Replace the deque (a setter) rather than
+        remove from it in place: :meth:`is_full` and :meth:`flush_at` keep what they found."""
+        return self._items
+
+    @items.setter
+    def items(self, items: deque[ItemT]) -> None:
+        self._items = items
+        self._forget()
+
+    def _forget(self) -> None:
+        # What is_full and flush_at worked out over the items so far, in arrival order. They
+        # run at every scheduling pass, i.e. every submission: over the whole bucket each time,
+        # a 256-sequence batch cost ~19 ms of event loop to form. Items appended since only
+        # extend it; any removal starts over.
+        self._full_policy: BatchPolicy | None = None
+        self._full_seen = 0  # items is_full has looked at
+        self._full_longest = 0
+        self._full = False
+        self._half_seen = 0  # items flush_at has looked at
+        self._half_soonest = math.inf  # their earliest half-way point to the deadline
+
+    def _new_items(self, seen: int) -> list[ItemT]:
+        """The items after the first ``seen``, in arrival order (the newest end of the deque:
+        a middle index of a deque is not O(1))."""
+        new = list(islice(reversed(self._items), len(self._items) - seen))
+        new.reverse()
+        return new
 
     def __len__(self) -> int:
         return len(self.items)
@@ -39,23 +72,30 @@ class PendingBucket(Generic[ItemT]):
         or token budget), so waiting longer is not worth it. An estimate: :meth:`take` picks
         batch mates by nearest length, so it may take fewer than these (lengths [2, 30, 30]
         under a 64-token budget: full, and [2, 30] is taken)."""
-        longest = 0
-        for n, item in enumerate(self.items, start=1):
+        if policy is not self._full_policy:
+            self._full_policy, self._full_seen, self._full_longest = policy, 0, 0
+            self._full = False
+        if self._full or self._full_seen == len(self._items):
+            return self._full
+        longest = self._full_longest
+        for n, item in enumerate(self._new_items(self._full_seen), start=self._full_seen + 1):
             longest = max(longest, item.length)
             if n >= policy.max_batch_size or n * longest >= policy.max_batch_tokens:
-                return True
-        return False
+                self._full = True
+                break
+        self._full_seen, self._full_longest = len(self._items), longest
+        return self._full
 
     def flush_at(self, policy: BatchPolicy) -> float:
         """When waiting for company ends (on the items' clock): the oldest sequence's max
         wait, or sooner, half-way from a sequence's queueing to its deadline. A client's short
         X-Deadline-Ms (500 ms under a 2 s max wait with NLPSERVE_WAIT_WHEN_IDLE) held its
         sequence past the deadline, and the request got 504 without ever running."""
-        at = self.items[0].enqueued_at + policy.max_wait_s
-        # is_full() was False: fewer than max_batch_size items to look at
-        for it in self.items:
-            at = min(at, it.enqueued_at + (it.deadline - it.enqueued_at) / 2)
-        return at
+        soonest = self._half_soonest
+        for it in self._new_items(self._half_seen):
+            soonest = min(soonest, it.enqueued_at + (it.deadline - it.enqueued_at) / 2)
+        self._half_seen, self._half_soonest = len(self._items), soonest
+        return min(self._items[0].enqueued_at + policy.max_wait_s, soonest)
 
     def ready(self, policy: BatchPolicy, now: float | None = None) -> bool:
         if not self.items:
@@ -116,4 +156,5 @@ class PendingBucket(Generic[ItemT]):
         taken = set(chosen)
         # The rest go back in front, in their arrival order.
         self.items.extendleft(reversed([it for i, it in enumerate(window) if i not in taken]))
+        self._forget()
         return [window[i] for i in sorted(chosen)]

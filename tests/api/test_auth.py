@@ -220,6 +220,47 @@ async def test_cors_preflight_allows_the_key_headers_and_the_401_is_readable(aut
 
 
 @session_loop
+async def test_no_method_or_path_spelling_gets_past_without_a_key(auth_service):
+    """An OPTIONS that is no preflight (CorsMiddleware, outside, answers those) was let
+    through and counted as the model's request (405), ``?model=`` label and all. Paths that
+    only look like exempt ones are not routed to a protected endpoint either."""
+    async with auth_service.client() as c:
+        before = await read_metrics(c)
+        for path in ("/v1/pos", f"/v1/pos?model={POS_MODEL}", "/v2/models/zz/infer"):
+            r = await c.request("OPTIONS", path)
+            assert r.status_code == 401, (path, r.text)
+            error = r.json()["error"]
+            assert (
+                isinstance(error, str)
+                if path.startswith("/v2")
+                else error["code"] == "unauthorized"
+            )
+        body = {"text": "the dog runs"}
+        for path in (
+            "/healthz/../v1/pos",
+            "//v1/pos",
+            "/docs-assets/../v1/pos",
+            "/static/..%2Fv1/pos",
+            "/v1%2Fpos",
+            "/%761/pos",
+            "/v1/pos/",
+            "/HEALTHZ",
+            "/metrics/",
+        ):
+            # httpx would normalise the dot segments: the request line as written
+            async with httpx.AsyncClient(base_url=c.base_url) as raw:
+                req = raw.build_request("POST", "/", json=body)
+                req.url = req.url.copy_with(raw_path=path.encode())
+                r = await raw.send(req)
+            assert r.status_code in (401, 404), (path, r.status_code, r.text)
+        after = await read_metrics(c)
+    # none of them is a model's request
+    assert metric_value(after, "nlpserve_requests_total") == metric_value(
+        before, "nlpserve_requests_total"
+    )
+
+
+@session_loop
 async def test_openapi_declares_the_schemes_on_protected_operations_only(auth_service):
     schema = (await call(auth_service, "GET", "/openapi.json", None)).json()
     assert "requires an API key" in schema["info"]["description"]
@@ -275,6 +316,29 @@ async def test_the_client_is_a_log_field_and_no_key_is_ever_logged(auth_service,
     every = "\n".join(captured.lines)
     for key in (ALICE_KEY, BOB_KEY, WRONG_KEY):
         assert key not in every
+
+
+@session_loop
+async def test_a_refusal_joins_the_callers_trace_and_names_no_client(auth_service, captured):
+    """The auth middleware runs inside RequestIdMiddleware: its 401 carries the request id
+    and the caller's trace, its log line their ids; the client of the request before (a
+    context variable) is not carried over."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    given = f"00-{trace_id}-00f067aa0ba902b7-01"
+    ok = await call(auth_service, "GET", "/v1/models", None, **{"X-API-Key": BOB_KEY})
+    assert ok.status_code == 200
+    captured.lines.clear()
+    r = await call(
+        auth_service, "GET", "/v1/models", None, traceparent=given, **{"X-Request-ID": "r-401"}
+    )
+    assert r.status_code == 401
+    assert r.headers["x-request-id"] == "r-401"
+    assert r.headers["traceparent"].startswith(f"00-{trace_id}-")
+    assert r.headers["traceparent"] != given  # the server's own span
+    refusals = [json.loads(x) for x in captured.lines if "refused" in x]
+    assert len(refusals) == 1, captured.lines
+    assert refusals[0]["request_id"] == "r-401" and refusals[0]["trace_id"] == trace_id
+    assert "client" not in refusals[0]
 
 
 # --------------------------------------------------------------------------- the file
@@ -393,6 +457,40 @@ async def test_rotation_new_file_malformed_file_and_sighup(model_repo, tmp_path)
         await _until(lambda: _is(status(ALICE_KEY), 200))
         assert await status(carol_key) == 401
     assert signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None)  # given back at stop
+
+
+@session_loop
+async def test_sighup_while_the_models_load_reloads_instead_of_ending_the_process(
+    model_repo, tmp_path
+):
+    """SIGHUP's default action ends the process: the handler was installed only once the
+    models had loaded, so a rotation's `kill -HUP` ended a replica that was still starting."""
+    from service.api.app import create_app
+
+    path = tmp_path / "api-keys"
+    path.write_text(KEYS_FILE)
+    settings = make_settings(model_repo, load_models=POLARITY_MODEL, api_keys_file=path)
+    app = create_app(settings)
+    state = app.state.service
+    lifespan = app.router.lifespan_context(app)
+    starting = asyncio.create_task(lifespan.__aenter__())
+    await asyncio.sleep(0)  # the startup runs up to the model load (in a thread)
+    try:
+        assert not starting.done() and not state.runners
+        handler = signal.getsignal(signal.SIGHUP)
+        assert handler not in (signal.SIG_DFL, None), "SIGHUP would end a starting replica"
+        path.write_text(f"carol {BOB_KEY}\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await starting
+
+        async def reloaded() -> bool:
+            return sorted(state.api_keys.keys.values()) == ["carol"]
+
+        await _until(reloaded)
+    finally:
+        await starting
+        await lifespan.__aexit__(None, None, None)
+    assert signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None)
 
 
 async def _is(value, want) -> bool:

@@ -238,3 +238,13 @@ async def test_a_sampled_request_is_an_exemplar_of_its_latency(client):
     plain = await client.get("/metrics")
     assert plain.headers["content-type"].startswith("text/plain")
     assert "# {" not in plain.text and "nlpserve_request_duration_seconds_bucket" in plain.text
+    # q=0 says "not this one": the text format, as for any scrape that does not ask
+    refused = await client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text;q=0, text/plain"}
+    )
+    assert refused.headers["content-type"].startswith("text/plain")
+    weighted = await client.get(
+        "/metrics",
+        headers={"Accept": "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3"},
+    )
+    assert weighted.headers["content-type"].startswith("application/openmetrics-text")
