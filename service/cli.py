@@ -116,6 +116,7 @@ def serve(
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
     _check_keys_file(settings.api_keys_file)
+    _check_client_quota(settings)
     # a broken repository or selection: one line, before uvicorn starts. A Redis-mode API
     # never opens an ONNX file (workers do, and check theirs): it does not hash them.
     _repository(
@@ -147,6 +148,17 @@ def _check_keys_file(path: Path | None) -> None:
         read_keys(path)
     except KeyFileError as e:
         typer.echo(f"nlpserve: invalid setting: NLPSERVE_API_KEYS_FILE: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_client_quota(settings: Settings) -> None:
+    """NLPSERVE_CLIENT_MAX_IN_FLIGHT without a keys file: one line, exit status 2."""
+    from service.api.client_quota import ClientQuotaConfigError, check_settings
+
+    try:
+        check_settings(settings)
+    except ClientQuotaConfigError as e:
+        typer.echo(f"nlpserve: invalid setting: {e}", err=True)
         raise typer.Exit(2) from None
 
 

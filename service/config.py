@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "`<client-name> <key>`), from `nlpserve keys new NAME`, re-read when it changes "
         "(docs/deploy.md, Authentication). Unset or empty: no authentication.",
     )
+    client_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Most items (a batch of N counts N, an explanation 1) one client may have "
+        "admitted and not yet answered, across every model, in this API process; over it: 429 "
+        "`client_quota`, so one client's flood cannot fill the queues every client shares. "
+        "Needs NLPSERVE_API_KEYS_FILE (clients are its names). Per API replica: with N "
+        "replicas a client may hold N times this. Unset or empty: no per-client limit.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."
     )
@@ -497,7 +506,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("api_keys_file", mode="before")
+    @field_validator("api_keys_file", "client_max_in_flight", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # NLPSERVE_API_KEYS_FILE= (compose's ${VAR:-}) is no file, not the current directory

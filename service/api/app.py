@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.auth import ApiKeys, AuthMiddleware
+from service.api.client_quota import ClientQuota, check_settings
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.fast_path import PredictFastPath
@@ -106,6 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = None
     if settings.api_keys_file is not None:
         keys = state.api_keys = ApiKeys(settings.api_keys_file, state.metrics)
+    check_settings(settings)  # a per-client limit needs clients: ClientQuotaConfigError
+    if settings.client_max_in_flight is not None:
+        state.client_quota = ClientQuota(settings.client_max_in_flight, state.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

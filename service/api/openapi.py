@@ -44,7 +44,8 @@ COMMON_ERRORS = {
     408: "The body did not fully arrive within NLPSERVE_BODY_TIMEOUT_S (`body_timeout`).",
     413: "Body over NLPSERVE_MAX_BODY_BYTES.",
     415: "A Content-Encoding (compressed body) this server does not read.",
-    429: "The model's queue is full: retry after `Retry-After` seconds.",
+    429: "The model's queue is full (`queue_full`), or this client has its most items in "
+    "flight (`client_quota`, NLPSERVE_CLIENT_MAX_IN_FLIGHT): retry after `Retry-After` seconds.",
     503: "Starting, shutting down, or the queue backend is unreachable.",
     504: f"Not served before the deadline (`{DEADLINE_HEADER}`).",
 }
@@ -76,7 +77,8 @@ TRACE_HEADERS: dict[str, Any] = {
 RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
     429: {
         "Retry-After": {
-            "description": "Seconds to wait before retrying (the queue's estimate).",
+            "description": "Seconds to wait before retrying (the queue's estimate; 1 for "
+            "`client_quota`).",
             "required": True,
             "schema": {"type": "integer", "minimum": 1},
         }

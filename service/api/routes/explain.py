@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request
 
+from service.api.client_quota import admit
 from service.api.deps import (
     DEADLINE_HEADER,
     ClientGone,
@@ -104,9 +105,10 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
     if task.name not in service.explainers and shap_available():
         service.register(build_explainer(task, state.queue))
     try:
-        exp = await cancel_on_disconnect(
-            request, service.explain(task.name, body.text, body.max_evals, deadline)
-        )
+        with admit(request, 1):  # one item of the client's in-flight limit
+            exp = await cancel_on_disconnect(
+                request, service.explain(task.name, body.text, body.max_evals, deadline)
+            )
     except ClientGone:
         raise client_closed() from None
     except ExplainError as e:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from service.api.client_quota import admit
 from service.api.deps import (
     DEADLINE_HEADER,
     ClientGone,
@@ -94,7 +95,7 @@ async def run_items(
     """``items`` (the task's request models) decoded by ``decode`` (``task.decode``, or more
     of the outputs), and where their time went: the one path of every prediction protocol
     (/v1 here, the V2 protocol in routes/v2.py), with the request's deadline, the item limit,
-    disconnect cancellation and stage metrics."""
+    the client's in-flight limit, disconnect cancellation and stage metrics."""
     state = _state(request)
     request.state.model = task.name  # the metrics' and logs' model
     deadline = deadline_from(request, state.settings)
@@ -104,9 +105,11 @@ async def run_items(
         raise ApiError(503, "not_ready", "the service is starting or stopping")
     timing: dict[str, float] = {}
     try:
-        results = await cancel_on_disconnect(
-            request, run_requests(task, state.queue, items, deadline, timing=timing, decode=decode)
-        )
+        with admit(request, len(items)):  # before the queue's own refusal and the tokenizer
+            results = await cancel_on_disconnect(
+                request,
+                run_requests(task, state.queue, items, deadline, timing=timing, decode=decode),
+            )
     except ClientGone:
         raise client_closed() from None
     state.metrics.observe_stages(task.name, timing)
