@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from service import __version__
+from service.api.app import create_app  # noqa: E402
 from tests.api.test_errors import LIMITS
 from tests.api.test_v2 import MODELS, QA_PAIRS, V1_TEXTS, infer_body
 from tests.redis_support import free_port, redis_backend
@@ -25,6 +26,7 @@ from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
     QA_MODEL,
+    LiveServer,
     live_server,
     make_settings,
     metric_value,
@@ -356,3 +358,25 @@ async def test_the_generated_modules_are_current(tmp_path: Path):
     texts = await asyncio.to_thread(generate.generate, tmp_path)
     for name, text in texts.items():
         assert (generate.PROTO.parent / name).read_text() == text, f"{name}: make grpc-stubs"
+
+
+async def test_shutdown_answers_the_call_in_flight_and_refuses_new_ones(model_repo):
+    settings = make_settings(model_repo, grpc_port=free_port())
+    srv = await LiveServer(create_app(settings), settings).start()
+    client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+    try:
+        q = srv.queue
+        q.pause()
+        held = asyncio.create_task(client.infer(POS_MODEL, inputs_of(POS_MODEL, 1)))
+        await wait_for(lambda: q.depth(POS_MODEL) == 1)
+        stopping = asyncio.create_task(srv.stop())
+        await wait_for(lambda: srv.state.stopping)
+        with pytest.raises(InferenceServerException) as e:
+            await client.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
+        # the port is closed, or the call is refused ("the service is shutting down")
+        assert e.value.status() == "StatusCode.UNAVAILABLE"
+        q.resume()
+        assert (await held).as_numpy("tags").shape == (1,)  # drained, answered
+        await stopping
+    finally:
+        await client.close()
