@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,31 @@ async def test_call_deadline_is_the_requests_deadline_and_the_item_never_runs(sr
     )
 
 
+async def test_a_full_queue_is_resource_exhausted_with_retry_after(srv, triton):
+    q = srv.queue
+    q.pause()
+    held = [
+        asyncio.create_task(triton.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1)))
+        for _ in range(3)  # LIMITS' max_queue_depth
+    ]
+    await wait_for(lambda: q.depth(POLARITY_MODEL) == 3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.settings.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=POLARITY_MODEL)
+        tensor = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(b"a film")
+        call = stub.ModelInfer(request, timeout=20)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry later" in (err.value.details() or "")
+    trailing = dict(err.value.trailing_metadata() or ())
+    assert int(trailing["retry-after"]) >= 1
+    q.resume()
+    for t in held:
+        assert (await t).as_numpy("label").shape == (1,)
+
+
 async def test_answers_are_counted_with_the_grpc_endpoint(srv, triton):
     before = await _metrics(srv)
     await triton.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
@@ -353,7 +379,17 @@ async def test_grpcio_is_not_imported_with_grpc_off(model_repo):
 
 async def test_the_generated_modules_are_current(tmp_path: Path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools is not installed")
+    from importlib.metadata import version
+
     from service.api.grpc import generate
+
+    made_by = re.search(
+        r"GRPC_GENERATED_VERSION = '([^']+)'",
+        (generate.PROTO.parent / "grpc_predict_v2_pb2_grpc.py").read_text(),
+    )
+    assert made_by is not None
+    if version("grpcio-tools") != made_by.group(1):  # another protoc writes other text
+        pytest.skip(f"the stubs were made by grpcio-tools {made_by.group(1)}")
 
     texts = await asyncio.to_thread(generate.generate, tmp_path)
     for name, text in texts.items():
