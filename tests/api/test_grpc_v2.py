@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,6 +46,8 @@ from service.api.grpc import grpc_predict_v2_pb2 as pb  # noqa: E402
 from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -372,9 +375,31 @@ async def test_grpcio_is_not_imported_with_grpc_off(model_repo):
         f"create_app(make_settings({str(model_repo)!r}))\n"
         "assert not any(m.startswith('service.api.grpc') for m in sys.modules)\n"
     )
-    root = Path(__file__).resolve().parents[2]
     run = [sys.executable, "-c", code]
-    await asyncio.to_thread(subprocess.run, run, cwd=root, check=True, timeout=120)
+    await asyncio.to_thread(subprocess.run, run, cwd=ROOT, check=True, timeout=120)
+
+
+async def test_serve_without_grpcio_says_so_in_one_line(model_repo, tmp_path: Path):
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"  # an import of it fails, as uninstalled
+        "from service.cli import main\n"
+        f"sys.argv = ['nlpserve', 'serve', '--models', {str(model_repo)!r}, '--port', '0']\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(NLPSERVE_GRPC_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NLPSERVE_GRPC_PORT" in lines[0] and "nlpserve[grpc]" in lines[0]
 
 
 async def test_the_generated_modules_are_current(tmp_path: Path):
