@@ -19,8 +19,9 @@ COPY deploy/constraints.txt ./
 COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY training ./training
-# [explain]: shap for /v1/{detect,polarity}/explain (without it they answer 501); no torch.
-RUN pip install -c constraints.txt ".[explain]"
+# [explain]: shap for /v1/{detect,polarity}/explain (without it they answer 501); [grpc]:
+# grpcio for NLPSERVE_GRPC_PORT (~10 MB; off unless set); no torch.
+RUN pip install -c constraints.txt ".[explain,grpc]"
 
 # ---- cpu: slim runtime, non-root
 FROM ${PYTHON_IMAGE} AS cpu
@@ -37,7 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NLPSERVE_PORT=8000 \
     NLPSERVE_HEALTH_URL=http://127.0.0.1:8000/healthz
 USER nlpserve
-EXPOSE 8000 9100
+EXPOSE 8000 8001 9100
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["nlpserve"]
@@ -58,7 +59,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY training ./training
 # The CPU and GPU wheels both provide the `onnxruntime` module: keep only the GPU one.
-RUN pip install -c constraints.txt ".[explain]" && pip uninstall -y onnxruntime \
+RUN pip install -c constraints.txt ".[explain,grpc]" && pip uninstall -y onnxruntime \
     && pip install -c constraints.txt onnxruntime-gpu && rm -rf /src
 WORKDIR /
 COPY --chown=root:root --chmod=a=rX models /models
@@ -70,7 +71,7 @@ ENV PYTHONUNBUFFERED=1 \
     NLPSERVE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
     NLPSERVE_HEALTH_URL=http://127.0.0.1:8000/healthz
 USER nlpserve
-EXPOSE 8000 9100
+EXPOSE 8000 8001 9100
 HEALTHCHECK --interval=15s --timeout=3s --start-period=90s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["nlpserve"]

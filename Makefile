@@ -10,7 +10,7 @@ SEED ?= 13
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test lint format models models-lstm clean openapi
+.PHONY: help install run test lint format models models-lstm clean openapi grpc-stubs
 
 help:
 	@echo "make run        serve every model in $(MODELS)/ on http://127.0.0.1:8000"
@@ -18,6 +18,7 @@ help:
 	@echo "make models     retrain the starter models from DATA=$(DATA)"
 	@echo "make lint       ruff check + format check, mypy"
 	@echo "make openapi    write docs/openapi.json (the API contract), saying what would break clients"
+	@echo "make grpc-stubs regenerate service/api/grpc/*_pb2*.py from grpc_predict_v2.proto"
 	@echo "make test-lowest  service tests under pyproject's lowest versions (not in CI)"
 	@echo "make test-lowest-train  the train side's tests under its lowest versions (not in CI)"
 	@echo "make test-newest PY=python3.13  service tests under today's newest releases (not in CI)"
@@ -63,6 +64,11 @@ lint: $(BIN)/.installed
 # tests/test_openapi_contract.py fails until it is regenerated.
 openapi: $(BIN)/.installed
 	$(BIN)/python -m tests.openapi_contract --write
+
+# The gRPC protocol's Python modules (docs/service.md, "gRPC"), from the .proto beside them
+# (grpcio-tools, in the dev extra); tests/api/test_grpc_v2.py fails until they are current.
+grpc-stubs: $(BIN)/.installed
+	$(BIN)/python -m service.api.grpc.generate
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

@@ -117,6 +117,7 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     _check_keys_file(settings.api_keys_file)
     _check_client_quota(settings)
+    _check_grpc(settings.grpc_port)
     # a broken repository or selection: one line, before uvicorn starts. A Redis-mode API
     # never opens an ONNX file (workers do, and check theirs): it does not hash them.
     _repository(
@@ -159,6 +160,25 @@ def _check_client_quota(settings: Settings) -> None:
         check_settings(settings)
     except ClientQuotaConfigError as e:
         typer.echo(f"nlpserve: invalid setting: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_grpc(port: int) -> None:
+    """NLPSERVE_GRPC_PORT without the grpc extra ends the command with one line, before
+    anything loads (else: an ImportError's traceback once uvicorn has started)."""
+    if not port:
+        return
+    import importlib
+
+    try:
+        for module in ("grpc", "google.protobuf"):
+            importlib.import_module(module)
+    except ImportError as e:
+        typer.echo(
+            f"nlpserve: invalid setting: NLPSERVE_GRPC_PORT: gRPC needs the grpc extra "
+            f"(pip install 'nlpserve[grpc]'): {e}",
+            err=True,
+        )
         raise typer.Exit(2) from None
 
 

@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     # --- HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol over gRPC on this port, beside "
+        "HTTP, at NLPSERVE_HOST (the grpc extra: `pip install 'nlpserve[grpc]'`). 0: no gRPC.",
+    )
     cors_allow_origins: str | None = Field(
         None,
         description="Origins whose web pages may call the API from a browser, comma-separated "

@@ -261,12 +261,12 @@ def test_service_containers_are_locked_down(services: dict[str, Any]) -> None:
 
 def test_both_images_can_explain() -> None:
     """The images installed the service without its explain extra: every /v1/*/explain
-    answered 501 in a container. shap's numba needs a writable cache for a user with no
-    home and a read-only venv."""
+    answered 501 in a container (they install the grpc extra too: NLPSERVE_GRPC_PORT).
+    shap's numba needs a writable cache for a user with no home and a read-only venv."""
     text = DOCKERFILE.read_text()
     stages = re.split(r"^FROM ", text, flags=re.M)
     installs = [st for st in stages if re.search(r"pip install (?:-c \S+ )?\S*\.", st)]
-    assert len(installs) == 2 and all('".[explain]"' in st for st in installs), installs
+    assert len(installs) == 2 and all('".[explain,grpc]"' in st for st in installs), installs
     finals = [st for st in stages if st.split()[-1:] and re.search(r"^USER nlpserve", st, re.M)]
     assert len(finals) == 2 and all("NUMBA_CACHE_DIR=/tmp/" in st for st in finals)
 

@@ -129,6 +129,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watch = None
         if keys is not None:  # rotation: a changed keys file, or SIGHUP
             watch = asyncio.create_task(keys.watch(), name="api-keys-watch")
+        grpc_server = None
+        if settings.grpc_port:  # imported here: grpcio is an optional extra
+            from service.api.grpc.server import start_grpc
+
+            grpc_server = await start_grpc(state)
         warm = None
         if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
             warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")
@@ -139,6 +144,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if task is not None:
                     task.cancel()
             try:
+                if grpc_server is not None:
+                    # calls in flight are answered as HTTP requests are: the queue drains
+                    # (begun here if the server has not), then what it could not serve
+                    # gets UNAVAILABLE; new calls meanwhile get UNAVAILABLE
+                    begin_shutdown(state, settings.shutdown_timeout_s)
+                    await grpc_server.stop(settings.shutdown_timeout_s)
                 await shutdown(state)
             finally:
                 await lag.stop()

@@ -22,6 +22,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.errors import ApiError
 from service.api.middleware import _send_error
 from service.logs import CLIENT
 from service.metrics import Metrics
@@ -280,6 +281,23 @@ REFUSALS = {"missing": (401, "unauthorized"), "invalid": (401, "invalid_api_key"
 _HOW = "send the key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
+def authenticate(keys: ApiKeys, headers: list[tuple[bytes, bytes]]) -> str | ApiError:
+    """The client whose key ``headers`` send (lower-case names: HTTP's, gRPC's metadata),
+    or the 401 to answer; counted either way (``nlpserve_auth_*``)."""
+    key, why = _credentials(headers)
+    name = keys.lookup(key) if key else None
+    if name is None:
+        reason = "invalid" if key else "missing"
+        status, code = REFUSALS[reason]
+        message = (
+            f"invalid API key: {_HOW}" if key else f"this server requires an API key: {why or _HOW}"
+        )
+        keys.metrics.metrics.child(keys.metrics.failures, reason).inc()
+        return ApiError(status, code, message)
+    keys.metrics.metrics.child(keys.metrics.client_requests, name).inc()
+    return name
+
+
 class AuthMiddleware:
     """401 for a request to a protected path without a key of the keys file; the client's
     name into the request's state (``request.state.client``) and the log context. An
@@ -296,31 +314,22 @@ class AuthMiddleware:
         if scope["type"] != "http" or is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
-        key, why = _credentials(scope["headers"])
-        name = self.keys.lookup(key) if key else None
-        if name is None:
-            reason = "invalid" if key else "missing"
-            status, code = REFUSALS[reason]
-            message = (
-                f"invalid API key: {_HOW}"
-                if key
-                else f"this server requires an API key: {why or _HOW}"
-            )
-            m = self.keys.metrics
-            m.metrics.child(m.failures, reason).inc()
+        found = authenticate(self.keys, scope["headers"])
+        if isinstance(found, ApiError):
             rid = scope.get("state", {}).get("request_id")
             log.info(
                 "request %s: %s %r refused: %s",  # %r: a path's control characters escaped
                 rid or "-",
                 scope["method"],
                 scope["path"][:200],
-                code,
+                found.code,
                 extra={"request_id": rid},
             )
-            await _send_error(scope, send, status, code, message, [(b"www-authenticate", REALM)])
+            challenge = [(b"www-authenticate", REALM)]
+            await _send_error(scope, send, found.status_code, found.code, found.message, challenge)
             return
+        name = found
         scope.setdefault("state", {})["client"] = name
-        self.keys.metrics.metrics.child(self.keys.metrics.client_requests, name).inc()
         token = CLIENT.set(name)
         if log.isEnabledFor(logging.DEBUG):
             rid = scope.get("state", {}).get("request_id")

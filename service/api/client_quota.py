@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from fastapi import Request
 from prometheus_client import Counter, Gauge
 
 from service.api.errors import ApiError, retry_after_header
 from service.config import Settings
+from service.logs import CLIENT
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.api.deps import ServiceState
 
 SETTING = "NLPSERVE_CLIENT_MAX_IN_FLIGHT"
 # The client's own items end as they are answered, each within its deadline; a second is
@@ -104,11 +108,12 @@ class ClientQuota:
 
 
 @contextmanager
-def admit(request: Request, n: int) -> Iterator[None]:
-    """:meth:`ClientQuota.hold` for the request's client, where the limit is on (a no-op
-    otherwise: no limit set, or no client, as for a request not over HTTP)."""
-    quota: ClientQuota | None = request.app.state.service.client_quota
-    client = getattr(request.state, "client", None)
+def admit(state: ServiceState, n: int) -> Iterator[None]:
+    """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
+    AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), where the limit is
+    on; a no-op otherwise (no limit set)."""
+    quota = state.client_quota
+    client = CLIENT.get()
     if quota is None or client is None:
         yield
         return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -136,6 +136,26 @@ def metadata(task: Task) -> V2ModelMetadata:
             for o in tt.outputs
         ],
     )
+
+
+def find_model(tasks: Mapping[str, Task], name: str, version: str | None = None) -> Task:
+    """The model ``name`` (at ``version``, when one is asked for), else a 404."""
+    task = tasks.get(name)
+    if task is None:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"no model named {clip_name(name)} is loaded "
+            f"(loaded: {', '.join(sorted(tasks)) or 'none'})",
+        )
+    if version is not None and version != task.manifest.version:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {name!r} is not served at version {clip_name(version)}: this server "
+            f"serves version {task.manifest.version!r}",
+        )
+    return task
 
 
 # ---------------------------------------------------------------------------- requests
@@ -284,3 +304,31 @@ def output_tensors(chosen: list[Output], rows: list[Row]) -> list[dict[str, Any]
             shape = [n]
         tensors.append({"name": o.name, "datatype": o.datatype, "shape": shape, "data": data})
     return tensors
+
+
+# How a protocol runs the items of an inference (REST: with its HTTP request's deadline and
+# disconnect; gRPC: with its call's): rows, and where their time went.
+RunItems = Callable[
+    [list[BaseModel], Callable[[Prepared, Outputs], Row]],
+    Awaitable[tuple[list[Row], dict[str, float]]],
+]
+
+
+async def infer(
+    task: Task, body: V2InferenceRequest, max_items: int, run: RunItems
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """An inference request to ``task``, over any transport: its answer (``model_name``,
+    ``model_version``, ``id`` if given, ``outputs`` as :func:`output_tensors` writes them)
+    and ``run``'s timing. Refusals are raised (ApiError, InputError, QueueError)."""
+    tt = tensors_of(task)
+    chosen = chosen_outputs(tt, body)  # refused before any work
+    items = read_items(tt, body, max_items, task)
+    try:
+        rows, timing = await run(items, tt.decode)
+    except InputError as e:
+        raise renamed(e, tt) from None
+    payload: dict[str, Any] = {"model_name": task.name, "model_version": task.manifest.version}
+    if body.id is not None:
+        payload["id"] = body.id
+    payload["outputs"] = output_tensors(chosen, rows)
+    return payload, timing

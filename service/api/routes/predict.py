@@ -14,6 +14,7 @@ from service.api.client_quota import admit
 from service.api.deps import (
     DEADLINE_HEADER,
     ClientGone,
+    ServiceState,
     cancel_on_disconnect,
     check_query,
     deadline_from,
@@ -93,25 +94,37 @@ async def run_items(
     request: Request, task: Task, items: list[BaseModel], decode: Callable[[Prepared, Outputs], R]
 ) -> tuple[list[R], dict[str, float]]:
     """``items`` (the task's request models) decoded by ``decode`` (``task.decode``, or more
-    of the outputs), and where their time went: the one path of every prediction protocol
-    (/v1 here, the V2 protocol in routes/v2.py), with the request's deadline, the item limit,
-    the client's in-flight limit, disconnect cancellation and stage metrics."""
-    state = _state(request)
+    of the outputs), and where their time went: the one path of every HTTP prediction
+    protocol (/v1 here, the V2 protocol in routes/v2.py), with the request's deadline and
+    disconnect cancellation around :func:`run_work`."""
     request.state.model = task.name  # the metrics' and logs' model
+    state = _state(request)
     deadline = deadline_from(request, state.settings)
+    try:
+        return await cancel_on_disconnect(request, run_work(state, task, items, decode, deadline))
+    except ClientGone:
+        raise client_closed() from None
+
+
+async def run_work(
+    state: ServiceState,
+    task: Task,
+    items: list[BaseModel],
+    decode: Callable[[Prepared, Outputs], R],
+    deadline: float,
+) -> tuple[list[R], dict[str, float]]:
+    """What every protocol's prediction runs (HTTP's :func:`run_items`, the gRPC server's
+    ModelInfer): the item limit, the queue, and the stage metrics. Cancelling the awaiting
+    task withdraws the request's queued work."""
     if len(items) > state.settings.max_batch_items:
         raise too_many_items(len(items), state.settings.max_batch_items)
     if state.queue is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
     timing: dict[str, float] = {}
-    try:
-        with admit(request, len(items)):  # before the queue's own refusal and the tokenizer
-            results = await cancel_on_disconnect(
-                request,
-                run_requests(task, state.queue, items, deadline, timing=timing, decode=decode),
-            )
-    except ClientGone:
-        raise client_closed() from None
+    with admit(state, len(items)):  # before the queue's own refusal and the tokenizer
+        results = await run_requests(
+            task, state.queue, items, deadline, timing=timing, decode=decode
+        )
     state.metrics.observe_stages(task.name, timing)
     return results, timing
 

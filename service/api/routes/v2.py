@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe "V2"), JSON REST, beside /v1: what Triton's, MLServer's
-and KServe's clients and probes call. Health, metadata and ``infer``; no gRPC, no binary
-tensor data, no other extension.
+and KServe's clients and probes call. Health, metadata and ``infer``; no binary tensor data,
+no other extension. (The same protocol over gRPC: service/api/grpc/, sharing
+service/api/v2_tensors.py's ``infer`` with this route.)
 
 An inference goes down /v1's own path (``run_items``: the same tasks, queue, batching,
 deadlines, cancellation and metrics), its tensors translated by service/api/v2_tensors.py.
@@ -18,9 +19,7 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import Response
 
 import service
-from service.api.deps import clip_name
 from service.api.deps import get_state as _state
-from service.api.errors import ApiError
 from service.api.openapi import DEADLINE_PARAMETER, v2_error_responses
 from service.api.routes.ops import not_ready
 from service.api.routes.predict import SERVER_TIMING, run_items, server_timing
@@ -34,15 +33,9 @@ from service.api.v2_schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from service.api.v2_tensors import (
-    chosen_outputs,
-    metadata,
-    output_tensors,
-    read_items,
-    renamed,
-    tensors_of,
-)
-from service.tasks.base import InputError, Task
+from service.api.v2_tensors import find_model, metadata
+from service.api.v2_tensors import infer as infer_v2
+from service.tasks.base import Task
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -67,23 +60,7 @@ _INFER_ERRORS = {
 
 
 def _model(request: Request, name: str, version: str | None = None) -> Task:
-    tasks = _state(request).tasks
-    task = tasks.get(name)
-    if task is None:
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"no model named {clip_name(name)} is loaded "
-            f"(loaded: {', '.join(sorted(tasks)) or 'none'})",
-        )
-    if version is not None and version != task.manifest.version:
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"model {name!r} is not served at version {clip_name(version)}: this server "
-            f"serves version {task.manifest.version!r}",
-        )
-    return task
+    return find_model(_state(request).tasks, name, version)
 
 
 # ---------------------------------------------------------------------------- server
@@ -247,17 +224,12 @@ async def _infer(
     request: Request, body: V2InferenceRequest, name: str, version: str | None
 ) -> Response:
     task = _model(request, name, version)
-    tt = tensors_of(task)
-    chosen = chosen_outputs(tt, body)  # refused before any work
-    items = read_items(tt, body, _state(request).settings.max_batch_items, task)
-    try:
-        rows, timing = await run_items(request, task, items, tt.decode)
-    except InputError as e:
-        raise renamed(e, tt) from None
-    payload: dict[str, Any] = {"model_name": task.name, "model_version": task.manifest.version}
-    if body.id is not None:
-        payload["id"] = body.id
-    payload["outputs"] = output_tensors(chosen, rows)
+    payload, timing = await infer_v2(
+        task,
+        body,
+        _state(request).settings.max_batch_items,
+        lambda items, decode: run_items(request, task, items, decode),
+    )
     return Response(
         json.dumps(payload, ensure_ascii=False),
         media_type="application/json",
