@@ -337,6 +337,45 @@ async def test_api_keys_guard_all_but_the_health_rpcs(model_repo, tmp_path: Path
             await client.close()
 
 
+async def test_a_clients_in_flight_limit_covers_its_grpc_calls(model_repo, tmp_path: Path):
+    """NLPSERVE_CLIENT_MAX_IN_FLIGHT counts a client's gRPC items with its HTTP ones: at its
+    limit it gets RESOURCE_EXHAUSTED client_quota, while another client is still admitted."""
+    keys = tmp_path / "keys"
+    alice, bob = "a" * 32, "b" * 32
+    keys.write_text(f"alice {alice}\nbob {bob}\n")
+    settings = make_settings(
+        model_repo, grpc_port=free_port(), api_keys_file=keys, client_max_in_flight=2
+    )
+    async with live_server(settings) as s:
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        try:
+            s.queue.pause()
+            as_alice, as_bob = {"x-api-key": alice}, {"x-api-key": bob}
+            held = asyncio.create_task(  # 2 items: alice's whole allowance
+                client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 2), headers=as_alice)
+            )
+            await wait_for(lambda: s.queue.depth(POLARITY_MODEL) == 2)
+            with pytest.raises(InferenceServerException) as e:
+                await client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1), headers=as_alice)
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert "NLPSERVE_CLIENT_MAX_IN_FLIGHT" in e.value.message()
+            served = asyncio.create_task(
+                client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1), headers=as_bob)
+            )
+            await wait_for(lambda: s.queue.depth(POLARITY_MODEL) == 3)
+            s.queue.resume()
+            assert (await held).as_numpy("label").shape == (2,)
+            assert (await served).as_numpy("label").shape == (1,)
+            # released once answered: alice is admitted again
+            again = await client.infer(
+                POLARITY_MODEL, inputs_of(POLARITY_MODEL, 2), headers=as_alice
+            )
+            assert again.as_numpy("label").shape == (2,)
+        finally:
+            s.queue.resume()
+            await client.close()
+
+
 async def test_traceparent_joins_the_callers_trace(srv):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.settings.grpc_port}") as channel:
