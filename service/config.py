@@ -184,6 +184,14 @@ class Settings(BaseSettings):
         "(service/api/fast_path.py): the same validation, task code and error handlers, less "
         "event-loop CPU per request. false = every request through FastAPI.",
     )
+    response_cache_mb: float = Field(
+        0,
+        ge=0,
+        description="Megabytes of per-item prediction results this API process keeps in an "
+        "LRU cache (service/api/response_cache.py), keyed by the model as served, the input "
+        "and how it is answered: a repeated item is answered without queueing or inference. "
+        "0 = off.",
+    )
 
     # --- runtime
     providers: str | None = Field(

@@ -41,6 +41,7 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
     "NLPSERVE_API_KEYS_FILE": "",  # empty: no authentication
     "NLPSERVE_CLIENT_MAX_IN_FLIGHT": "",  # empty: no per-client limit
+    "NLPSERVE_RESPONSE_CACHE_MB": "0",  # off
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")
 # The measured memory (python -m bench.memory): docs/deploy.md's Sizing quotes its table, and

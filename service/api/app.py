@@ -25,6 +25,7 @@ from service.api.middleware import (
     ShutdownMiddleware,
 )
 from service.api.openapi import install_openapi
+from service.api.response_cache import ResponseCache
 from service.api.routes import demo, docs, explain, ops, predict, v2
 from service.config import Settings, get_settings
 from service.explain.adapters import EXPLAINED_OUTPUT
@@ -110,6 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     check_settings(settings)  # a per-client limit needs clients: ClientQuotaConfigError
     if settings.client_max_in_flight is not None:
         state.client_quota = ClientQuota(settings.client_max_in_flight, state.metrics)
+    if settings.response_cache_mb > 0:  # off: no cache series either
+        max_bytes = int(settings.response_cache_mb * 1_000_000)
+        state.response_cache = ResponseCache(max_bytes, state.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ from service.tasks.base import Task
 if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never imports it
     from service.api.auth import ApiKeys
     from service.api.client_quota import ClientQuota
+    from service.api.response_cache import ResponseCache
     from service.runtime.runner import ModelRunner
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class ServiceState:
     startup_error: Exception | None = None
     api_keys: ApiKeys | None = None  # NLPSERVE_API_KEYS_FILE's clients; None: no auth
     client_quota: ClientQuota | None = None  # NLPSERVE_CLIENT_MAX_IN_FLIGHT; None: no limit
+    response_cache: ResponseCache | None = None  # NLPSERVE_RESPONSE_CACHE_MB; None: off
 
     def models_of(self, task: str) -> list[str]:
         return sorted(n for n, t in self.tasks.items() if t.task == task)

@@ -96,7 +96,9 @@ _SERVER_TIMING: dict[str, Any] = {
     "description": "Where the request's time went in the server, in milliseconds (W3C "
     "Server-Timing; browsers' developer tools show it): `tokenize`, `queue` (waiting for the "
     "model: queued, batching, handed over) and `inference` (the batch that ran its slowest "
-    "sequence), e.g. `tokenize;dur=0.210, queue;dur=1.532, inference;dur=8.071`.",
+    "sequence), e.g. `tokenize;dur=0.210, queue;dur=1.532, inference;dur=8.071`. With "
+    "NLPSERVE_RESPONSE_CACHE_MB, first `cache;desc=hit|partial|miss`: `hit` (every item "
+    "answered from the response cache) has no other entry.",
     "schema": {"type": "string"},
 }
 

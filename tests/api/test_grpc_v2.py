@@ -376,6 +376,28 @@ async def test_a_clients_in_flight_limit_covers_its_grpc_calls(model_repo, tmp_p
             await client.close()
 
 
+async def test_the_response_cache_answers_a_repeated_grpc_call(model_repo):
+    """gRPC goes down run_work like HTTP: with NLPSERVE_RESPONSE_CACHE_MB a repeated item is
+    answered from the cache, the same as when it ran."""
+    settings = make_settings(model_repo, variant="fp32", grpc_port=free_port(), response_cache_mb=1)
+    async with live_server(settings) as s:
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        try:
+            first = await client.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
+            async with s.client() as c:
+                before = await read_metrics(c)
+            second = await client.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
+            async with s.client() as c:
+                after = await read_metrics(c)
+        finally:
+            await client.close()
+    assert as_rest(second, ["tokens", "tags"]) == as_rest(first, ["tokens", "tags"])
+    hits = "nlpserve_response_cache_hits_total"
+    assert metric_value(after, hits, model=POS_MODEL) == (
+        metric_value(before, hits, model=POS_MODEL) + 1
+    )
+
+
 async def test_traceparent_joins_the_callers_trace(srv):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.settings.grpc_port}") as channel:

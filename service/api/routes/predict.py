@@ -22,6 +22,7 @@ from service.api.deps import (
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, client_closed, too_many_items
 from service.api.openapi import DEADLINE_PARAMETER, error_responses
+from service.api.response_cache import Timing
 from service.api.schemas import (
     DETECT_EXAMPLES,
     BatchRequest,
@@ -120,10 +121,18 @@ async def run_work(
         raise too_many_items(len(items), state.settings.max_batch_items)
     if state.queue is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
-    timing: dict[str, float] = {}
-    with admit(state, len(items)):  # before the queue's own refusal and the tokenizer
-        results = await run_requests(
-            task, state.queue, items, deadline, timing=timing, decode=decode
+    queue = state.queue
+    timing = Timing()
+
+    async def run(todo: list[BaseModel]) -> list[R]:
+        with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
+            return await run_requests(task, queue, todo, deadline, timing=timing, decode=decode)
+
+    if (cache := state.response_cache) is None:
+        results = await run(items)
+    else:  # what it holds is answered here; only the rest is admitted and run
+        results = await cache.serve(
+            task, state.runners.get(task.name), items, decode, deadline, timing, run
         )
     state.metrics.observe_stages(task.name, timing)
     return results, timing
@@ -134,8 +143,12 @@ SERVER_TIMING = "Server-Timing"
 
 def server_timing(timing: dict[str, float]) -> str:
     """The W3C Server-Timing header (browsers' developer tools show it): where the request's
-    time went in the server, in milliseconds (run_requests' ``timing``)."""
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in timing.items())
+    time went in the server, in milliseconds (run_requests' ``timing``), and with the
+    response cache on, first, what it answered (``cache;desc=hit``: every item)."""
+    parts = [f"{name};dur={seconds * 1000:.3f}" for name, seconds in timing.items()]
+    if isinstance(timing, Timing) and timing.cache is not None:
+        parts.insert(0, f"cache;desc={timing.cache};dur={timing.cache_s * 1000:.3f}")
+    return ", ".join(parts)
 
 
 @router.post(

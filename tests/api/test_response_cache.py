@@ -1,0 +1,326 @@
+"""The response cache (``NLPSERVE_RESPONSE_CACHE_MB``, service/api/response_cache.py) over real
+HTTP: off by default; a repeated item answered from the cache with the same body and no model
+run; a batch of hits and misses in order; keys per model, input and protocol; LRU eviction;
+another model version keys apart; errors and late answers not kept; a full hit is not refused
+for a full queue; in Redis mode a hit never reaches the stream (the worker stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.api.response_cache import ResponseCache
+from service.api.schemas import PolarityRequest
+from service.config import Settings
+from service.metrics import Metrics
+from service.repository import ModelEntry, discover_models
+from service.repository.manifest import MANIFEST_FILE, load_manifest
+from service.tasks import build_tasks
+from service.tasks.base import Task
+from tests.redis_support import RedisServer, unique_prefix
+from tests.service_support import (
+    POLARITY_MODEL,
+    POS_MODEL,
+    LiveServer,
+    live_server,
+    make_settings,
+    metric_value,
+    read_metrics,
+    rounded,
+    wait_for,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+LOADED = f"{POLARITY_MODEL},{POS_MODEL}"  # the LSTMs: a server starts in a second
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def cached(model_repo: Path) -> AsyncIterator[LiveServer]:
+    settings = make_settings(model_repo, load_models=LOADED, response_cache_mb=1, max_queue_depth=4)
+    async with live_server(settings) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def plain(model_repo: Path) -> AsyncIterator[LiveServer]:
+    """The same server with the cache off (the default): what every answer must equal."""
+    async with live_server(make_settings(model_repo, load_models=LOADED)) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def srv(cached: LiveServer) -> AsyncIterator[LiveServer]:
+    cached.queue.resume()
+    yield cached
+    cached.queue.resume()
+
+
+def cache_timing(r: httpx.Response) -> str | None:
+    """The ``desc`` of the Server-Timing ``cache`` entry (None: there is none)."""
+    for part in r.headers["server-timing"].split(", "):
+        name, *params = part.split(";")
+        if name == "cache":
+            return dict(p.split("=") for p in params)["desc"]
+    return None
+
+
+def stages(r: httpx.Response) -> list[str]:
+    return [part.split(";")[0] for part in r.headers["server-timing"].split(", ")]
+
+
+def ran(metrics: str, model: str) -> float:
+    """Sequences the model has run (the batch-size histogram's sum)."""
+    return metric_value(metrics, "nlpserve_batch_size_sum", model=model)
+
+
+# --------------------------------------------------------------------------- off
+async def test_off_by_default_no_cache_and_no_series(plain):
+    assert plain.settings.response_cache_mb == 0 and plain.state.response_cache is None
+    async with plain.client() as c:
+        for _ in range(2):
+            r = await c.post("/v1/polarity", json={"text": "off by default, twice"})
+            assert r.status_code == 200, r.text
+            assert stages(r) == ["tokenize", "queue", "inference"]
+        assert "nlpserve_response_cache" not in await read_metrics(c)
+
+
+# --------------------------------------------------------------------------- hits
+async def test_a_repeated_item_is_answered_from_the_cache_without_the_model(srv, plain):
+    body = {"text": "A repeated headline, classified by many services."}
+    async with srv.client() as c, plain.client() as p:
+        first = await c.post("/v1/polarity", json=body)
+        assert first.status_code == 200, first.text
+        assert cache_timing(first) == "miss"
+        assert stages(first) == ["cache", "tokenize", "queue", "inference"]
+        before = await read_metrics(c)
+
+        again = await c.post("/v1/polarity", json=body)
+        assert again.status_code == 200, again.text
+        assert again.content == first.content  # byte for byte
+        assert cache_timing(again) == "hit" and stages(again) == ["cache"]
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=body)
+    assert again.json() == expected.json()  # what the server without a cache answers
+    assert ran(after, POLARITY_MODEL) == ran(before, POLARITY_MODEL)  # the model did not run
+    hits = "nlpserve_response_cache_hits_total"
+    assert metric_value(after, hits, model=POLARITY_MODEL) == (
+        metric_value(before, hits, model=POLARITY_MODEL) + 1
+    )
+    counted = {"model": POLARITY_MODEL, "endpoint": "predict", "status": "200"}
+    assert metric_value(after, "nlpserve_requests_total", **counted) == (
+        metric_value(before, "nlpserve_requests_total", **counted) + 1
+    )
+    assert metric_value(after, "nlpserve_response_cache_bytes") > 0
+
+
+async def test_a_batch_runs_only_its_misses_and_answers_in_order(srv, plain):
+    texts = [f"batch item {i}: a {w} film" for i, w in enumerate(("fine", "dull", "great", "bad"))]
+    batch = {"inputs": [{"text": t} for t in texts]}
+    async with srv.client() as c, plain.client() as p:
+        for t in texts[::2]:  # items 0 and 2 cached alone
+            assert (await c.post("/v1/polarity", json={"text": t})).status_code == 200
+        before = await read_metrics(c)
+        r = await c.post("/v1/polarity", json=batch)
+        assert r.status_code == 200, r.text
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=batch)
+        again = await c.post("/v1/polarity", json=batch)
+    assert cache_timing(r) == "partial"
+    assert rounded(r.json()) == rounded(expected.json())  # the right answers, in order
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 2  # items 1 and 3
+    for name, moved in (("hits", 2), ("misses", 2)):
+        series = f"nlpserve_response_cache_{name}_total"
+        assert metric_value(after, series, model=POLARITY_MODEL) == (
+            metric_value(before, series, model=POLARITY_MODEL) + moved
+        )
+    assert cache_timing(again) == "hit" and again.content == r.content
+
+
+async def test_keys_differ_by_model_input_and_protocol(srv):
+    text = "The cats sat on the mat ."
+    async with srv.client() as c:
+        assert cache_timing(await c.post("/v1/polarity", json={"text": text})) == "miss"
+        # the same text to another model, and the same words as `tokens`: other answers
+        assert cache_timing(await c.post("/v1/pos", json={"text": text})) == "miss"
+        as_tokens = {"tokens": text.split()}
+        assert cache_timing(await c.post("/v1/pos", json=as_tokens)) == "miss"
+        assert cache_timing(await c.post("/v1/pos", json=as_tokens)) == "hit"
+        # the V2 protocol decodes more (every class's probability): its own entries
+        v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        first = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2)
+        assert first.status_code == 200, first.text
+        assert cache_timing(first) == "miss"
+        again = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2)
+        assert cache_timing(again) == "hit" and again.content == first.content
+        assert "probabilities" in again.text
+
+
+# --------------------------------------------------------------------------- not kept
+async def test_errors_are_not_cached_and_name_the_request_item(srv, plain):
+    limit = srv.state.tasks[POS_MODEL].max_length
+    good = {"tokens": ["errors", "are", "not", "kept"]}
+    bad = {"tokens": ["word"] * (limit + 1)}  # over the model's length: 422 from its encoder
+    cached_item = {"tokens": ["a", "cached", "item"]}
+    batch = {"inputs": [cached_item, good, bad]}
+    async with srv.client() as c, plain.client() as p:
+        assert (await c.post("/v1/pos", json=cached_item)).status_code == 200
+        r = await c.post("/v1/pos", json=batch)
+        expected = await p.post("/v1/pos", json=batch)
+        assert r.status_code == 422, r.text
+        # the items run were 2 of 3: the error still names the request's inputs[2]
+        assert r.json() == expected.json() and "inputs[2]: " in r.text
+        assert cache_timing(await c.post("/v1/pos", json=good)) == "miss"  # not kept either
+        single = await c.post("/v1/pos", json={"inputs": [cached_item, bad]})
+        alone = await p.post("/v1/pos", json={"inputs": [cached_item, bad]})
+        assert single.json() == alone.json() and "inputs[1]: " in single.text
+
+
+async def test_a_late_answer_is_not_kept(srv):
+    body = {"text": "a text that waits past its deadline"}
+    srv.queue.pause()
+    async with srv.client() as c:
+        r = await c.post("/v1/polarity", json=body, headers={"X-Deadline-Ms": "300"})
+        assert r.status_code == 504, r.text
+        srv.queue.resume()
+        assert cache_timing(await c.post("/v1/polarity", json=body)) == "miss"
+
+
+async def test_a_full_hit_is_answered_while_the_queue_is_full(srv):
+    body = {"text": "answered while the queue is full"}
+    q = srv.queue
+    async with srv.client() as c:
+        assert (await c.post("/v1/polarity", json=body)).status_code == 200
+        q.pause()
+        held = [
+            asyncio.create_task(c.post("/v1/polarity", json={"text": f"held text {i}"}))
+            for i in range(4)  # the fixture's NLPSERVE_MAX_QUEUE_DEPTH
+        ]
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 4)
+        refused = await c.post("/v1/polarity", json={"text": "not cached, queue full"})
+        assert refused.status_code == 429, refused.text
+        hit = await c.post("/v1/polarity", json=body)
+        assert hit.status_code == 200 and cache_timing(hit) == "hit"
+        # a batch with a miss still goes through admission: refused whole
+        mixed = {"inputs": [body, {"text": "another text, not cached"}]}
+        assert (await c.post("/v1/polarity", json=mixed)).status_code == 429
+        q.resume()
+        assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+
+
+# --------------------------------------------------------------------------- bounds
+async def test_least_recently_used_results_are_evicted_within_the_budget(model_repo):
+    budget_mb = 0.0004  # 400 bytes: a few polarity results
+    settings = make_settings(model_repo, load_models=POLARITY_MODEL, response_cache_mb=budget_mb)
+    async with live_server(settings) as s, s.client() as c:
+        cache = s.state.response_cache
+        assert cache is not None and cache.max_bytes == 400
+        texts = [f"eviction text number {i}" for i in range(12)]
+        for t in texts:
+            assert (await c.post("/v1/polarity", json={"text": t})).status_code == 200
+            assert cache.bytes <= 400
+        kept = len(cache)
+        assert 1 < kept < len(texts)
+        metrics = await read_metrics(c)
+        assert metric_value(metrics, "nlpserve_response_cache_evictions_total") == (
+            len(texts) - kept
+        )
+        assert metric_value(metrics, "nlpserve_response_cache_bytes") == cache.bytes
+        # the newest are held, the oldest gone; a hit makes an entry the newest
+        assert cache_timing(await c.post("/v1/polarity", json={"text": texts[-kept]})) == "hit"
+        assert cache_timing(await c.post("/v1/polarity", json={"text": texts[0]})) == "miss"
+        # texts[-kept] was used just now: texts[-kept + 1], the oldest, made room for texts[0]
+        assert cache_timing(await c.post("/v1/polarity", json={"text": texts[-kept]})) == "hit"
+        assert cache_timing(await c.post("/v1/polarity", json={"text": texts[-kept + 1]})) == "miss"
+
+
+async def test_another_model_version_or_file_keys_apart(model_repo: Path, tmp_path: Path):
+    """A model loaded anew (a Task object of another version, or whose file changed) never
+    finds the results of the one before: its fingerprint is in every key."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / POLARITY_MODEL / "1", repo / POLARITY_MODEL / "1")
+    shutil.copytree(model_repo / POLARITY_MODEL / "1", repo / POLARITY_MODEL / "2")
+    manifest_2 = repo / POLARITY_MODEL / "2" / MANIFEST_FILE
+    manifest: dict[str, Any] = json.loads(manifest_2.read_text())
+    manifest["version"] = "2"
+    manifest_2.write_text(json.dumps(manifest))
+    settings = make_settings(repo)
+
+    def task_at(version: str) -> Task:
+        (entry,) = discover_models(repo, select={POLARITY_MODEL: version})
+        return build_tasks([entry], settings)[POLARITY_MODEL]
+
+    cache = ResponseCache(10_000, Metrics())
+    v1, v1_again, v2 = task_at("1"), task_at("1"), task_at("2")
+    item = PolarityRequest(text="the same text")
+
+    def key(task: Task) -> bytes:
+        return cache.keys(task, None, task.decode, [item])[0]
+
+    assert key(v1) == key(v1_again)  # the same model loaded twice: its results still hold
+    assert key(v2) != key(v1)  # another version
+    cache.put(key(v1), {"label": "positive"})
+    assert cache.get(key(v1))[0] and not cache.get(key(v2))[0]
+    # the same version with another file (a rebuilt variant: another sha256)
+    manifest["version"] = "1"
+    manifest["variants"]["fp32"]["sha256"] = "0" * 64
+    (repo / POLARITY_MODEL / "1" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert key(_unchecked_task(repo, settings)) != key(v1)
+
+
+def _unchecked_task(repo: Path, settings: Settings) -> Task:
+    """The polarity task at version 1 as its (rewritten) manifest says, files unchecked."""
+    folder = repo / POLARITY_MODEL / "1"
+    entry = ModelEntry(folder, load_manifest(folder, check_files=False))
+    return build_tasks([entry], settings)[POLARITY_MODEL]
+
+
+# --------------------------------------------------------------------------- Redis
+async def test_redis_mode_a_hit_never_reaches_the_stream(model_repo: Path, tmp_path: Path):
+    """The worker stopped, a cached item is still answered; another waits for none."""
+    from service.runtime.runner import load_runners
+    from service.worker import Worker
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        settings = make_settings(
+            model_repo,
+            load_models=POLARITY_MODEL,
+            response_cache_mb=1,
+            queue="redis",
+            redis_url=redis.url,
+            redis_prefix=unique_prefix(),
+            redis_block_ms=100,
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+        )
+        worker = Worker(settings, await asyncio.to_thread(load_runners, settings))
+        running = asyncio.create_task(worker.run())
+        body = {"text": "a cached item in Redis mode"}
+        try:
+            async with live_server(settings) as s, s.client() as c:
+                first = await c.post("/v1/polarity", json=body)
+                assert first.status_code == 200 and cache_timing(first) == "miss"
+                worker.stop()
+                await asyncio.wait_for(running, timeout=15)
+                again = await c.post("/v1/polarity", json=body)
+                assert again.status_code == 200 and again.content == first.content
+                assert cache_timing(again) == "hit"
+                other = await c.post(
+                    "/v1/polarity", json={"text": "not cached"}, headers={"X-Deadline-Ms": "500"}
+                )
+                assert other.status_code in (503, 504), other.text  # no worker: proof
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, timeout=15)
+    finally:
+        redis.stop()
