@@ -204,7 +204,18 @@ GATEWAY_VARS = (
     "NLPSERVE_GATEWAY_PORT",
     "NLPSERVE_RATE_LIMIT",
     "NLPSERVE_MAX_BODY",
+    "NLPSERVE_GRPC_UPSTREAMS",
+    "NLPSERVE_GATEWAY_GRPC_PORT",
 )
+
+
+def no_grpc_upstream() -> dict[str, str]:
+    """The gRPC variables of a gateway whose callers use REST only: a listener on a free
+    port, in front of a port nothing listens on (every gRPC call: UNAVAILABLE)."""
+    return {
+        "NLPSERVE_GRPC_UPSTREAMS": f"server 127.0.0.1:{free_port()};",
+        "NLPSERVE_GATEWAY_GRPC_PORT": str(free_port()),
+    }
 
 
 def template_variables(text: str) -> set[str]:

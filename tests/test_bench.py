@@ -297,6 +297,7 @@ def _start_unready_nginx(workdir: Path) -> None:
         "NLPSERVE_GATEWAY_PORT": str(procs.free_port()),
         "NLPSERVE_RATE_LIMIT": "1",
         "NLPSERVE_MAX_BODY": "1k",
+        **procs.no_grpc_upstream(),
     }
     procs.start_nginx(workdir, env, ready_timeout_s=0)
 

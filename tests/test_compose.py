@@ -35,6 +35,7 @@ HEALTHCHECK_VARS = {"NLPSERVE_HEALTH_URL"}  # service/healthcheck.py
 # Compose-file interpolation (``${VAR:-default}``), read by docker compose itself.
 INTERPOLATION_DEFAULTS = {
     "NLPSERVE_GATEWAY_PUBLISH": "8080",
+    "NLPSERVE_GATEWAY_GRPC_PUBLISH": "8081",
     "NLPSERVE_CPU_WORKERS": "1",
     "NLPSERVE_CPU_WORKER_MODELS": "",  # empty: every model
     "NLPSERVE_GPU_WORKER_MODELS": "",
@@ -158,8 +159,18 @@ def test_ports_agree(services: dict[str, Any]) -> None:
     assert any(p.endswith(f":{gport}") for p in published), published
     assert f":{gport}/" in " ".join(map(str, gw["healthcheck"]["test"]))
 
+    # gRPC: each replica serves it, the gateway reaches every replica there and publishes
+    # its own HTTP/2 listener.
+    grpc_port = int(_env(api)["NLPSERVE_GRPC_PORT"])
+    assert grpc_port not in (0, api_port), "compose serves gRPC on a port of its own"
+    assert str(grpc_port) in [str(p) for p in api.get("expose", [])]
+    assert re.search(rf"server\s+api:{grpc_port}\b", _env(gw)["NLPSERVE_GRPC_UPSTREAMS"])
+    grpc_gport = int(_env(gw)["NLPSERVE_GATEWAY_GRPC_PORT"])
+    assert grpc_gport != gport
+    assert any(p.endswith(f":{grpc_gport}") for p in published), published
+
     exposed = set(re.findall(r"^EXPOSE\s+(.+)$", DOCKERFILE.read_text(), re.M)[0].split())
-    assert {str(api_port), str(defaults.metrics_port)} <= exposed
+    assert {str(api_port), str(grpc_port), str(defaults.metrics_port)} <= exposed
 
 
 def test_gateway_refuses_every_body_the_api_would(services: dict[str, Any]) -> None:
@@ -396,10 +407,13 @@ def test_gateway_re_resolves_the_replicas(services: dict[str, Any]) -> None:
     without a gateway restart: nginx re-resolves ``api`` through Docker's DNS, which needs
     a shared-memory zone, a resolver and an nginx image recent enough to take them."""
     gw = services["gateway"]
-    upstreams = _env(gw)["NLPSERVE_UPSTREAMS"]
-    assert re.search(r"server\s+api:\d+\s[^;]*\bresolve\b", upstreams), upstreams
-    assert re.search(r"\bzone\s+\w+\s+\d+k;", upstreams), upstreams
-    assert re.search(r"\bresolver\s+127\.0\.0\.11\b", upstreams), "Docker's embedded DNS"
+    zones = []
+    for var in ("NLPSERVE_UPSTREAMS", "NLPSERVE_GRPC_UPSTREAMS"):
+        upstreams = _env(gw)[var]
+        assert re.search(r"server\s+api:\d+\s[^;]*\bresolve\b", upstreams), upstreams
+        zones += re.findall(r"\bzone\s+(\w+)\s+\d+k;", upstreams)
+        assert re.search(r"\bresolver\s+127\.0\.0\.11\b", upstreams), "Docker's embedded DNS"
+    assert len(zones) == len(set(zones)) == 2, f"one zone per upstream: {zones}"
     tag = re.fullmatch(r"nginx:(\d+\.\d+(?:\.\d+)?)(?:-[a-z0-9.-]+)?", gw["image"])
     assert tag, f"pin the gateway image to a version: {gw['image']}"
     pinned = _version(tag.group(1))
@@ -424,11 +438,12 @@ def test_gateway_template_is_valid_nginx(services: dict[str, Any], tmp_path: Pat
     # nginx older than the image's (Debian 12 has 1.22, CI's included) checks it without
     # re-resolution: there, `resolve` and the upstream `resolver` are checked only by the
     # test above (nginx's documented syntax), not by nginx itself.
-    upstreams = env["NLPSERVE_UPSTREAMS"].replace("server api:", "server 127.0.0.1:")
-    if _local_nginx_version() < NGINX_RESOLVE_SINCE:
-        upstreams = re.sub(r"\bresolver\s[^;]*;\s*", "", upstreams)
-        upstreams = re.sub(r"\sresolve\b", "", upstreams)
-    env["NLPSERVE_UPSTREAMS"] = upstreams
+    for var in ("NLPSERVE_UPSTREAMS", "NLPSERVE_GRPC_UPSTREAMS"):
+        upstreams = env[var].replace("server api:", "server 127.0.0.1:")
+        if _local_nginx_version() < NGINX_RESOLVE_SINCE:
+            upstreams = re.sub(r"\bresolver\s[^;]*;\s*", "", upstreams)
+            upstreams = re.sub(r"\sresolve\b", "", upstreams)
+        env[var] = upstreams
     conf = procs.write_nginx_conf(tmp_path, env)
     r = subprocess.run(procs.nginx_argv(tmp_path, conf, test=True), capture_output=True, text=True)
     log = (tmp_path / "error.log").read_text() if (tmp_path / "error.log").exists() else ""

@@ -177,6 +177,7 @@ def topology(model_repo: Path, tmp_path: Path) -> Iterator[Topology]:
                 "NLPSERVE_GATEWAY_PORT": str(gport),
                 "NLPSERVE_RATE_LIMIT": "100000",  # this test is about failover, not limits
                 "NLPSERVE_MAX_BODY": "1000000",
+                **procs.no_grpc_upstream(),
             },
         )
         started.append(nginx)
@@ -298,6 +299,7 @@ def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
             "NLPSERVE_GATEWAY_PORT": str(port),
             "NLPSERVE_RATE_LIMIT": "1",
             "NLPSERVE_MAX_BODY": "1k",
+            **procs.no_grpc_upstream(),
         },
     )
     with procs.stopping([nginx]):
@@ -367,6 +369,7 @@ def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Pa
             "NLPSERVE_GATEWAY_PORT": str(gport),
             "NLPSERVE_RATE_LIMIT": "1000",
             "NLPSERVE_MAX_BODY": "1000000",
+            **procs.no_grpc_upstream(),
         }
         started.append(procs.start_nginx(tmp_path / "nginx", gateway))
         v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["good"]}]}

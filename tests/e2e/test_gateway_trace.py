@@ -35,6 +35,7 @@ async def test_trace_context_passes_the_gateway_and_is_logged(model_repo, tmp_pa
                 "NLPSERVE_GATEWAY_PORT": str(port),
                 "NLPSERVE_RATE_LIMIT": "100",
                 "NLPSERVE_MAX_BODY": "1m",
+                **procs.no_grpc_upstream(),
             },
         )
         with procs.stopping([nginx]):
