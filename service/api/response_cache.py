@@ -2,8 +2,8 @@
 
 Real traffic repeats itself (one headline classified by many services, retries, popular
 questions). A repeated item is answered here, on the one path of every prediction protocol
-(``run_work`` in routes/predict.py: /v1, /v2 and gRPC), without tokenizing, queueing or inference; a batch of
-10 items of which 7 are known runs the other 3.
+(``run_work`` in routes/predict.py: /v1, /v2 and gRPC), without tokenizing, queueing or
+inference; a batch of 10 items of which 7 are known runs the other 3.
 
 A key is a blake2b digest of what determines the answer:
 
