@@ -305,10 +305,11 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from service.api.grpc import GrpcPortError
     from service.repository import ManifestError
     from service.runtime.session import ModelLoadError, ProviderError
 
-    errors = (*_USER_ERRORS, ManifestError, ProviderError, ModelLoadError)
+    errors = (*_USER_ERRORS, ManifestError, ProviderError, ModelLoadError, GrpcPortError)
     try:
         from training.data.common import DataError, TrainingError
     except ImportError:  # serving-only install
@@ -327,6 +328,7 @@ def main() -> None:
         if os.environ.get("NLPSERVE_TRACEBACK") == "1":
             raise
         # here, not above: it imports onnxruntime, which a Redis-mode API never loads
+        from service.api.grpc import GrpcPortError
         from service.runtime.session import ModelLoadError, ProviderError
 
         what = (
@@ -338,6 +340,8 @@ def main() -> None:
             if isinstance(e, ProviderError)
             else "cannot load model"
             if isinstance(e, ModelLoadError)
+            else "cannot serve gRPC"
+            if isinstance(e, GrpcPortError)
             else type(e).__name__
         )
         typer.echo(f"nlpserve: {what}: {e}", err=True)

@@ -187,6 +187,7 @@ class Settings(BaseSettings):
     response_cache_mb: float = Field(
         0,
         ge=0,
+        allow_inf_nan=False,  # "inf" was an OverflowError traceback when the API started
         description="Megabytes of per-item prediction results this API process keeps in an "
         "LRU cache (service/api/response_cache.py), keyed by the model as served, the input "
         "and how it is answered: a repeated item is answered without queueing or inference. "

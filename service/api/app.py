@@ -120,10 +120,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # SIGHUP taken before the models load: its default action ends the process, and a
         # rotation's `kill -HUP` may reach a replica still loading (seconds with the BERTs)
         hup = keys is not None and _on_sighup(keys.reload)
+        grpc_server = None
         try:
             await startup(state)
+            if settings.grpc_port:  # imported here: grpcio is an optional extra
+                from service.api.grpc.server import start_grpc
+
+                grpc_server = await start_grpc(state)  # its port taken: GrpcPortError
         except Exception as e:
             state.startup_error = e
+            if state.queue is not None:  # loaded, then the gRPC port failed: stop the queue
+                await shutdown(state)
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             raise
@@ -133,11 +140,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watch = None
         if keys is not None:  # rotation: a changed keys file, or SIGHUP
             watch = asyncio.create_task(keys.watch(), name="api-keys-watch")
-        grpc_server = None
-        if settings.grpc_port:  # imported here: grpcio is an optional extra
-            from service.api.grpc.server import start_grpc
-
-            grpc_server = await start_grpc(state)
         warm = None
         if settings.explain_warmup:  # pay shap's import and JIT now, not on a first request
             warm = asyncio.create_task(explain.warm_up_explain(app), name="explain-warm-up")

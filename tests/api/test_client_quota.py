@@ -284,3 +284,38 @@ async def test_no_limit_by_default(inprocess_service):
     assert inprocess_service.state.client_quota is None
     async with inprocess_service.client() as c:
         assert "nlpserve_client_in_flight" not in await read_metrics(c)
+
+
+async def test_with_the_response_cache_only_misses_are_counted_and_given_back(
+    model_repo, keys_file
+):
+    """The two merged features together: a full hit takes none of the client's limit, a
+    partial hit needs room for its misses only, and a miss the client abandons gives its
+    items back and is not kept."""
+    async with live_server(settings_for(model_repo, keys_file, response_cache_mb=1)) as srv:
+        q, cache = srv.queue, srv.state.response_cache
+        assert cache is not None
+        async with srv.client() as c:
+            r = await c.post("/v1/polarity", json={"text": "known"}, headers=as_(ALICE))
+            assert r.status_code == 200 and len(cache) == 1
+            q.pause()
+            held = [polarity(c, ALICE, f"held {i}") for i in range(LIMIT)]
+            await wait_for(lambda: in_flight(srv) == {"alice": LIMIT})
+
+            r = await c.post("/v1/polarity", json={"text": "known"}, headers=as_(ALICE))
+            assert r.status_code == 200, r.text  # a full hit: no room needed
+            mixed = {"inputs": [{"text": "known"}, {"text": "new"}]}
+            message = assert_quota_refusal(
+                await c.post("/v1/polarity", json=mixed, headers=as_(ALICE))
+            )
+            assert f"{LIMIT} items in flight and this request needs 1 more" in message
+
+            for t in held:  # the client goes away: the items come back, nothing is kept
+                t.cancel()
+            await wait_for(lambda: not in_flight(srv))
+            q.resume()
+            r = await c.post("/v1/polarity", json=mixed, headers=as_(ALICE))
+            assert r.status_code == 200, r.text
+            assert r.headers["server-timing"].startswith("cache;desc=partial")
+        assert not in_flight(srv)
+        assert len(cache) == 2  # "known" and "new"; none of the abandoned ones

@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -502,3 +504,81 @@ async def test_shutdown_answers_the_call_in_flight_and_refuses_new_ones(model_re
         await stopping
     finally:
         await client.close()
+
+
+async def test_a_grpc_port_in_use_is_one_line_with_exit_status_2(model_repo):
+    """Another process on NLPSERVE_GRPC_PORT: `nlpserve serve` ends with one line naming
+    the setting and the address, exit status 2 (it was uvicorn's traceback of the lifespan)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    where = f"127.0.0.1:{holder.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        NLPSERVE_GRPC_PORT=str(holder.getsockname()[1]),
+        NLPSERVE_PORT=str(free_port()),
+        NLPSERVE_LOAD_MODELS=POLARITY_MODEL,
+        NLPSERVE_INTRA_OP_THREADS="1",
+    )
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "service.cli", "serve", "--models", str(model_repo)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        holder.close()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nlpserve: cannot serve gRPC: NLPSERVE_GRPC_PORT: {where} "), last
+
+
+async def test_sigterm_stops_both_servers_of_a_real_process(model_repo):
+    """`nlpserve serve` with gRPC on answers both protocols, and SIGTERM ends it cleanly:
+    both ports closed, a clean exit, no traceback."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        NLPSERVE_GRPC_PORT=str(grpc_port),
+        NLPSERVE_PORT=str(http_port),
+        NLPSERVE_LOAD_MODELS=POLARITY_MODEL,
+        NLPSERVE_INTRA_OP_THREADS="1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--models", str(model_repo)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise AssertionError(proc.communicate()[0])
+            try:
+                if await client.is_server_ready():
+                    break
+            except InferenceServerException:
+                pass
+            await asyncio.sleep(0.2)
+        result = await client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1))
+        assert result.as_numpy("label").shape == (1,)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        await client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out and "Traceback" not in out, out
+    for port in (grpc_port, http_port):  # both released
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

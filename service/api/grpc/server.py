@@ -30,6 +30,7 @@ from service import tracecontext
 from service.api.auth import authenticate
 from service.api.deps import ServiceState
 from service.api.errors import ApiError, retry_after_header, validation_error
+from service.api.grpc import GrpcPortError
 from service.api.grpc import grpc_predict_v2_pb2 as pb
 from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.api.routes.ops import not_ready
@@ -365,8 +366,8 @@ def address(host: str, port: int) -> str:
 
 
 async def start_grpc(state: ServiceState) -> aio.Server:
-    """The gRPC server on NLPSERVE_HOST:NLPSERVE_GRPC_PORT, started (OSError if the port
-    cannot be bound)."""
+    """The gRPC server on NLPSERVE_HOST:NLPSERVE_GRPC_PORT, started (GrpcPortError if the
+    port cannot be bound)."""
     settings = state.settings
     server = aio.server(
         options=[
@@ -381,9 +382,9 @@ async def start_grpc(state: ServiceState) -> aio.Server:
     try:
         bound = server.add_insecure_port(where)
     except RuntimeError as e:  # grpcio raises where older ones returned 0
-        raise OSError(f"cannot serve gRPC on {where}: {e}") from None
+        raise GrpcPortError(f"NLPSERVE_GRPC_PORT: {where} cannot be bound ({e})") from None
     if not bound:
-        raise OSError(f"cannot serve gRPC on {where}")
+        raise GrpcPortError(f"NLPSERVE_GRPC_PORT: {where} cannot be bound")
     await server.start()
     log.info("gRPC (Open Inference Protocol) on %s", where)
     return server
