@@ -109,6 +109,9 @@ class Settings(BaseSettings):
         extra="ignore",
         hide_input_in_errors=True,
         protected_namespaces=("settings_",),
+        # "inf" passed every lower bound: a timeout of inf was an OverflowError traceback
+        # (a socket's timeval, a timer) or a wait without end; no setting means it
+        allow_inf_nan=False,
     )
 
     # --- where things live
@@ -187,7 +190,6 @@ class Settings(BaseSettings):
     response_cache_mb: float = Field(
         0,
         ge=0,
-        allow_inf_nan=False,  # "inf" was an OverflowError traceback when the API started
         description="Megabytes of per-item prediction results this API process keeps in an "
         "LRU cache (service/api/response_cache.py), keyed by the model as served, the input "
         "and how it is answered: a repeated item is answered without queueing or inference. "

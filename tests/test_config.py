@@ -199,6 +199,9 @@ def test_a_setting_that_is_not_json_is_one_line_not_a_traceback(monkeypatch, com
         ("WORKER_DRAIN_TIMEOUT_S", "-1", "greater than or equal to 0"),
         ("INTER_OP_THREADS", "-1", "greater than or equal to 0"),
         ("RESPONSE_CACHE_MB", "inf", "a finite number"),  # the API's OverflowError traceback
+        ("REDIS_SOCKET_TIMEOUT_S", "inf", "a finite number"),  # OverflowError (timeval)
+        ("BODY_TIMEOUT_S", "inf", "a finite number"),
+        ("SHUTDOWN_TIMEOUT_S", "inf", "a finite number"),  # a stop that never ends
     ],
 )
 def test_a_value_that_cannot_work_is_refused_at_start(monkeypatch, name, value, bound):
