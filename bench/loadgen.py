@@ -11,7 +11,10 @@ the detector when ``--data`` has them, else a built-in word list). Closed loop (
 number of clients, each sending its next request when the previous one is answered) or open
 loop (Poisson arrivals at ``--rate`` requests/s, in-flight requests capped by
 ``--concurrency``). ``/metrics`` is scraped before and after to get the padding efficiency of
-exactly this run (token counters' deltas).
+exactly this run (token counters' deltas, and the response cache's hit ratio where it is on).
+``--hot-fraction F --hot-set K`` makes repeated traffic: a share F of the requests repeat one
+of the first K texts, drawn Zipf-like (``hot_set_requests``), to measure the response cache
+(``NLPSERVE_RESPONSE_CACHE_MB``).
 
 Client behaviour is the one we recommend to users (docs/deploy.md): predictions are
 idempotent, so a request is retried (``--retries``) on a connection error and on 502/503/429
