@@ -37,7 +37,15 @@ from bench import procs
 from bench.ab import near_free_repo
 from bench.cpu_account import thread_cpu
 from bench.grpcload import run_grpc_load, v2_rest_specs
-from bench.loadgen import RequestSpec, Result, build_requests, percentile, run_load
+from bench.loadgen import (
+    RequestSpec,
+    Result,
+    build_requests,
+    metrics_delta,
+    percentile,
+    run_load,
+    scrape_metrics,
+)
 from bench.raw_ort import device_providers
 
 PROTOCOLS = ("v1", "v2", "grpc")
@@ -56,6 +64,9 @@ class Run:
     event_loop_ms: float  # the API's main thread, CPU per request
     other_threads_ms: float  # the API's other threads (ONNX Runtime's, gRPC's own)
     client_ms: float  # the load generator's process
+    # The protocol's batches (from /metrics): one that delivers requests in bursts forms
+    # bigger ones, which on a real model is worth more than its own parsing cost.
+    mean_batch_size: float | None = None
 
     @property
     def server_ms(self) -> float:
@@ -72,9 +83,11 @@ async def _send(
 
 def measure(protocol: str, r: int, pid: int, url: str, target: str, model: str,
             specs: Sequence[RequestSpec], concurrency: int) -> Run:  # fmt: skip
+    m0 = scrape_metrics([f"{url}/metrics"])
     before, c0 = thread_cpu(pid), time.process_time()
     results, wall = asyncio.run(_send(protocol, url, target, model, specs, concurrency))
     after, c1 = thread_cpu(pid), time.process_time()
+    batches = metrics_delta(m0, scrape_metrics([f"{url}/metrics"]), model)
     failed = [x for x in results if x.status != 200]
     if failed:
         first = failed[0]
@@ -86,7 +99,7 @@ def measure(protocol: str, r: int, pid: int, url: str, target: str, model: str,
     lat = [x.latency_s for x in results]
     return Run(protocol, r, n / wall, 1000 * (percentile(lat, 50) or 0.0),
                1000 * (percentile(lat, 99) or 0.0), main, sum(per_thread.values()),
-               (c1 - c0) * 1000 / n)  # fmt: skip
+               (c1 - c0) * 1000 / n, batches["mean_batch_size"])  # fmt: skip
 
 
 def run_round(r: int, order: Sequence[str], args: argparse.Namespace, models: Path,
@@ -118,7 +131,8 @@ def run_round(r: int, order: Sequence[str], args: argparse.Namespace, models: Pa
             print(f"round {r + 1} {protocol:>4}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
                   f"p99 {one.p99_ms:.1f} ms | CPU ms/request: event loop "
                   f"{one.event_loop_ms:.3f}, other threads {one.other_threads_ms:.3f}, "
-                  f"load generator {one.client_ms:.3f}", flush=True)  # fmt: skip
+                  f"load generator {one.client_ms:.3f} | mean batch "
+                  f"{one.mean_batch_size or 0:.2f}", flush=True)  # fmt: skip
             out.append(one)
     return out
 
@@ -132,6 +146,8 @@ def summarize(runs: Sequence[Run], protocols: Sequence[str]) -> dict[str, Any]:
         med = {k: statistics.median(getattr(x, k) for x in rs)
                for k in ("rps", "p50_ms", "p99_ms", "event_loop_ms", "other_threads_ms",
                          "server_ms", "client_ms")}  # fmt: skip
+        batch = [x.mean_batch_size for x in rs if x.mean_batch_size is not None]
+        med["mean_batch_size"] = statistics.median(batch) if batch else 0.0
         rps_ratio = [x.rps / base[x.round].rps for x in rs]
         cpu_ratio = [x.server_ms / base[x.round].server_ms for x in rs]
         out[p] = {
@@ -158,8 +174,9 @@ def markdown(meta: dict[str, Any], machine: dict[str, Any], summary: dict[str, A
         "the load generator, which shares the cores.",
         "",
         f"| protocol | req/s (median) | rounds | × {base} (median of rounds) | p50 ms | p99 ms "
-        f"| API event loop | API other threads | API total | API CPU × {base} | load generator |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| API event loop | API other threads | API total | API CPU × {base} | load generator "
+        "| mean batch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in protocols:
         s = summary[p]
@@ -169,7 +186,7 @@ def markdown(meta: dict[str, Any], machine: dict[str, Any], summary: dict[str, A
             f"| {s['median_p50_ms']:.1f} | {s['median_p99_ms']:.1f} "
             f"| {s['median_event_loop_ms']:.3f} | {s['median_other_threads_ms']:.3f} "
             f"| {s['median_server_ms']:.3f} | {s[f'median_server_cpu_over_{base}']:.3f} "
-            f"| {s['median_client_ms']:.3f} |"
+            f"| {s['median_client_ms']:.3f} | {s['median_mean_batch_size']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
