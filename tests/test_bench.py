@@ -1492,6 +1492,7 @@ def test_ab_reports_the_response_caches_hit_ratio_under_repeats(
              "--json", str(out)])  # fmt: skip
     summary = json.loads(out.read_text())["summary"]
     assert summary["A"]["median_cache_hit_ratio"] is None  # off: no cache metrics move
-    # 90% of the requests repeat 5 texts: all but each text's first sending hit.
-    assert summary["B"]["median_cache_hit_ratio"] >= 0.75
+    # 90% of the requests repeat 5 texts: most hit (not each text's first sending, nor a
+    # copy sent while the first is still in flight).
+    assert summary["B"]["median_cache_hit_ratio"] >= 0.5
     assert summary["B"]["median_p99_ms"] > 0
