@@ -165,7 +165,8 @@ def markdown(meta: dict[str, Any], machine: dict[str, Any], summary: dict[str, A
     base = protocols[0]
     lines = [f"# {meta['name']}", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items() if k != "name"]
-    lines += [f"- **machine**: {machine.get('cpu')} ({machine.get('usable_cpus')} usable CPUs), "
+    lines += [f"- **machine**: {machine.get('cpu')} ({machine.get('cpu_id')}; "
+              f"{machine.get('usable_cpus')} usable CPUs), "
               f"onnxruntime {machine.get('onnxruntime', {}).get('version')}, "
               f"commit {machine.get('git_commit')}", ""]  # fmt: skip
     lines += [
