@@ -7,7 +7,9 @@ on one host, whichever setup it was: a fixed order would charge that to B). It p
 round, the throughput and the CPU per request of each process (the API's event loop and its
 other threads, the Redis worker, redis-server, this load generator) and the batches' mean size
 and padding efficiency (from the ``/metrics`` of the process running the model), then the
-medians and B/A per pair of rounds.
+medians and B/A per pair of rounds, with each setup's p50/p99 and, where the response cache
+is on, its hit ratio. The warm-up sends other texts than the measured ones, so a cache
+starts each round knowing none of them.
 
     # a setting
     python -m bench.ab --data ../shared/data --rounds 4 --a-env NLPSERVE_FAST_PATH=0
@@ -16,6 +18,9 @@ medians and B/A per pair of rounds.
     python -m bench.ab --data ../shared/data --rounds 4 --a-source /tmp/old
     # the Redis path (1 API process, 1 worker), with a model that costs nothing
     python -m bench.ab --data ../shared/data --queue redis --near-free --a-source /tmp/old
+    # the response cache, off (A) and on (B), when half the requests repeat 100 texts
+    python -m bench.ab --data ../shared/data --hot-fraction 0.5 --hot-set 100 \
+        --b-env NLPSERVE_RESPONSE_CACHE_MB=64
 
 ``--near-free`` serves a copy of the model whose ONNX files are replaced by a graph of a few
 nodes with the same inputs and outputs (:func:`near_free_repo`). The model then costs nothing,
@@ -43,7 +48,13 @@ from typing import Any
 
 from bench import procs
 from bench.cpu_account import Account, measure, process_cpu, warm_up
-from bench.loadgen import build_requests, metrics_delta, model_folder_problem, scrape_metrics
+from bench.loadgen import (
+    build_requests,
+    hot_set_requests,
+    metrics_delta,
+    model_folder_problem,
+    scrape_metrics,
+)
 from bench.raw_ort import device_providers
 from service.repository import load_manifest
 
@@ -126,6 +137,11 @@ class Round:
         mean, eff = self.batches.get("mean_batch_size"), self.batches.get("padding_efficiency")
         if mean is not None and eff is not None:
             extra += f" | mean batch {mean:.2f}, padding {eff:.3f}"
+        if (hits := self.batches.get("cache_hit_ratio")) is not None:
+            extra += f" | cache hits {hits:.1%}"
+        p50, p99 = self.account.p50_ms, self.account.p99_ms
+        if p50 is not None and p99 is not None:
+            extra += f" | p50 {p50:.1f}, p99 {p99:.1f} ms"
         return f"{self.label}: {self.account.line()}{extra}"
 
 
@@ -156,7 +172,8 @@ def _serve_argv(role: str, models: Path) -> list[str]:
 
 
 def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Sequence[Any],
-              logs: Path, redis_url: str | None, redis_pid: int | None) -> Round:  # fmt: skip
+              warm: Sequence[Any], logs: Path, redis_url: str | None,
+              redis_pid: int | None) -> Round:  # fmt: skip
     common = {
         "NLPSERVE_PROVIDERS": device_providers("cpu"),
         "NLPSERVE_QUEUE": args.queue,
@@ -183,7 +200,7 @@ def run_round(setup: Setup, args: argparse.Namespace, models: Path, specs: Seque
         procs.wait_http(api, f"{url}/readyz", timeout_s=180)
         if worker is not None:
             procs.wait_http(worker, f"http://127.0.0.1:{wport}/readyz", timeout_s=180)
-        warm_up(url, specs[: args.warmup], args.concurrency)
+        warm_up(url, warm, args.concurrency)
         # Batches run where the model runs: the API in-process, the worker with Redis.
         metrics_url = f"{url}/metrics" if worker is None else f"http://127.0.0.1:{wport}/metrics"
         watched: list[int] = []  # processes besides the API whose CPU the round accounts
@@ -210,8 +227,12 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
             "median_rps": statistics.median(r.account.throughput for r in rs),
             "median_event_loop_ms": statistics.median(r.account.main_ms for r in rs),
             "median_other_threads_ms": statistics.median(r.account.other_ms for r in rs),
+            "median_client_ms": statistics.median(r.account.client_ms for r in rs),
         }
-        for key in ("mean_batch_size", "padding_efficiency"):
+        for key in ("p50_ms", "p99_ms"):
+            values = [v for r in rs if (v := getattr(r.account, key)) is not None]
+            out[label][f"median_{key}"] = statistics.median(values) if values else None
+        for key in ("mean_batch_size", "padding_efficiency", "cache_hit_ratio"):
             values = [v for r in rs if (v := r.batches.get(key)) is not None]
             out[label][f"median_{key}"] = statistics.median(values) if values else None
         if rs and rs[0].worker_ms is not None:
@@ -264,6 +285,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="rounds per setup, alternated")
     p.add_argument("--queue", choices=["inprocess", "redis"], default="inprocess")
     p.add_argument("--near-free", action="store_true", help="serve a copy that costs nothing")
+    p.add_argument(
+        "--hot-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests repeating a text of the hot set (default: 0)",
+    )
+    p.add_argument(
+        "--hot-set",
+        type=int,
+        default=100,
+        help="the hot set: that many texts, drawn Zipf-like (default: 100)",
+    )
     p.add_argument("--a-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--b-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--a-source", type=Path, default=None, help="A's source tree (PYTHONPATH)")
@@ -300,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             near_free_repo(version, models)
         else:
             shutil.copytree(version, models / args.model / version.name)
-        specs = build_requests(args.model, args.requests, models_dir=models, data_dir=args.data)
+        # Warm-up texts are others than the measured ones: a response cache would know them.
+        specs = build_requests(args.model, args.requests + args.warmup, models_dir=models,
+                               data_dir=args.data)  # fmt: skip
+        specs, warm = specs[: args.requests], specs[args.requests :]
+        specs = hot_set_requests(specs, args.hot_fraction, args.hot_set)
         started: list[procs.Proc] = []
         with procs.stopping(started):
             redis_url = redis_pid = None
@@ -313,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for setup in setups if r % 2 == 0 else setups[::-1]:
                     if redis_url is not None:  # each round starts from an empty Redis
                         _flush(redis_url)
-                    one = run_round(setup, args, models, specs, tmp / "logs", redis_url, redis_pid)
+                    one = run_round(setup, args, models, specs, warm, tmp / "logs", redis_url,
+                                    redis_pid)  # fmt: skip
                     rounds.append(one)
                     print(f"round {r + 1} {one.line()}", flush=True)
                     time.sleep(0.5)
@@ -327,7 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{s['median_event_loop_ms']:.2f} ms/request{worker}{batch}")  # fmt: skip
     print(f"B/A per round: {summary['b_over_a']}, median {summary['median_b_over_a']:.3f}")
     if args.json is not None:
+        from bench.report import machine_description
+
         args.json.write_text(json.dumps({"args": vars(args) | {"models": str(args.models)},
+                                         "machine": machine_description("cpu"),
                                          "summary": summary}, indent=2, default=str))  # fmt: skip
     return 0
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.loadgen import build_requests, run_load
+from bench.loadgen import _ms, build_requests, percentile, run_load
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
@@ -59,6 +59,8 @@ class Account:
     other_ms: float  # every other thread of the server
     client_ms: float  # this process (the load generator)
     busiest_ms: list[float]  # the other threads, busiest first (inference threads on top)
+    p50_ms: float | None = None  # latency percentiles of the round's requests
+    p99_ms: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -89,8 +91,10 @@ def measure(pid: int, url: str, specs: Sequence, concurrency: int) -> Account:
     n = len(specs)
     per_thread = {tid: (after[tid] - before.get(tid, 0.0)) * 1000 / n for tid in after}
     main = per_thread.pop(pid, 0.0)
+    lat = [r.latency_s for r in results]
     return Account(n, wall, main, sum(per_thread.values()), (c1 - c0) * 1000 / n,
-                   sorted(per_thread.values(), reverse=True))  # fmt: skip
+                   sorted(per_thread.values(), reverse=True),
+                   _ms(percentile(lat, 50)), _ms(percentile(lat, 99)))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

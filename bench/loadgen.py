@@ -11,7 +11,10 @@ the detector when ``--data`` has them, else a built-in word list). Closed loop (
 number of clients, each sending its next request when the previous one is answered) or open
 loop (Poisson arrivals at ``--rate`` requests/s, in-flight requests capped by
 ``--concurrency``). ``/metrics`` is scraped before and after to get the padding efficiency of
-exactly this run (token counters' deltas).
+exactly this run (token counters' deltas, and the response cache's hit ratio where it is on).
+``--hot-fraction F --hot-set K`` makes repeated traffic: a share F of the requests repeat one
+of the first K texts, drawn Zipf-like (``hot_set_requests``), to measure the response cache
+(``NLPSERVE_RESPONSE_CACHE_MB``).
 
 Client behaviour is the one we recommend to users (docs/deploy.md): predictions are
 idempotent, so a request is retried (``--retries``) on a connection error and on 502/503/429
@@ -257,6 +260,36 @@ def _qa_requests(
     return out
 
 
+def hot_set_requests(
+    specs: Sequence[RequestSpec],
+    fraction: float,
+    hot_set: int,
+    *,
+    seed: int = 13,
+    zipf_s: float = 1.0,
+) -> list[RequestSpec]:
+    """Repeated traffic: ``fraction`` of the requests, at random positions, are replaced by a
+    copy of one of the first ``hot_set`` requests, drawn Zipf-like (rank k with weight
+    ``1 / k**zipf_s``: a few texts very often, most of the set now and then), as popular
+    items, retries and one headline sent by many services repeat in real traffic. The rest
+    keep their (practically unique) texts. Ids stay the positions."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"hot fraction {fraction}: not within [0, 1]")
+    if fraction == 0.0:
+        return list(specs)
+    if not 1 <= hot_set <= len(specs):
+        raise ValueError(f"hot set {hot_set}: between 1 and the {len(specs)} requests")
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, hot_set + 1) ** zipf_s
+    hot_at = rng.random(len(specs)) < fraction
+    picks = rng.choice(hot_set, size=len(specs), p=weights / weights.sum())
+    out = []
+    for i, spec in enumerate(specs):
+        src = specs[int(picks[i])] if hot_at[i] else spec
+        out.append(RequestSpec(i, src.path, src.payload, src.tokens))
+    return out
+
+
 def save_requests(specs: Sequence[RequestSpec], path: Path) -> None:
     """JSON lines; gzip-compressed when ``path`` ends in ``.gz`` (they travel to the GPU
     machine, where every MiB counts)."""
@@ -319,11 +352,15 @@ def metrics_delta(
     padded = d("nlpserve_batch_tokens_total", kind="padded")
     batches = d("nlpserve_batch_size_count")
     seqs = d("nlpserve_batch_size_sum")
+    # The response cache answers items before any batch: its share, where it is on.
+    hits = d("nlpserve_response_cache_hits_total")
+    looked_up = hits + d("nlpserve_response_cache_misses_total")
     return {
         "padding_efficiency": real / padded if padded > 0 else None,
         "mean_batch_size": seqs / batches if batches > 0 else None,
         "batches": batches or None,
         "real_tokens": real or None,
+        "cache_hit_ratio": hits / looked_up if looked_up > 0 else None,
     }
 
 
@@ -694,6 +731,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Prometheus endpoint(s) to diff (default: URL/metrics; add workers')",
     )
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument(
+        "--hot-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests repeating a text of the hot set (default: 0)",
+    )
+    p.add_argument(
+        "--hot-set",
+        type=int,
+        default=100,
+        help="the hot set: that many texts, drawn Zipf-like (default: 100)",
+    )
     p.add_argument("--client", choices=["fast", "httpx"], default="fast")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     args = p.parse_args(argv)  # fmt: skip
@@ -709,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model, args.requests, models_dir=args.models, data_dir=args.data, lengths=dist,
         seed=args.seed,
     )  # fmt: skip
+    specs = hot_set_requests(specs, args.hot_fraction, args.hot_set, seed=args.seed)
     metrics_urls = args.metrics_url or [args.url.rstrip("/") + "/metrics"]
     before = scrape_metrics(metrics_urls)
     results, wall = asyncio.run(
@@ -728,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             [summary],
             {args.url: latencies(results)},
             meta={"model": args.model, "concurrency": args.concurrency, "rate": args.rate,
-                  "requests": args.requests,
+                  "requests": args.requests, "hot_fraction": args.hot_fraction,
+                  "hot_set": args.hot_set,
                   "lengths": asdict(dist) if dist else "default (bench.loadgen.build_requests)"},
         )  # fmt: skip
     return 0 if all(r.status == 200 for r in results) else 1

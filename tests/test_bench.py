@@ -1412,3 +1412,88 @@ def test_memory_bench_help_and_bad_arguments(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as e:
         memory.parse_args(["--setups", "everything"])
     assert e.value.code == 2 and "unknown --setups" in capsys.readouterr().err
+
+
+def test_hot_set_sampler_gives_the_requested_share_zipf_like() -> None:
+    from bench.loadgen import hot_set_requests
+
+    specs = build_requests("polarity-en", 4000, seed=5)
+    assert hot_set_requests(specs, 0.0, 100) == specs
+    hot = hot_set_requests(specs, 0.5, 100, seed=1)
+    assert [s.id for s in hot] == list(range(len(specs)))
+    texts = [s.payload["text"] for s in hot]
+    hot_texts = [s.payload["text"] for s in specs[:100]]
+    # Replaced requests: those whose text is no longer their own (a hot pick of its own
+    # text is rare enough to leave out).
+    replaced = sum(a != b for a, b in zip(texts, (s.payload["text"] for s in specs), strict=True))
+    assert 0.46 <= replaced / len(specs) <= 0.54
+    counts = Counter(t for t in texts if t in set(hot_texts))
+    # Zipf-like: the first text of the set is the most repeated, far above the median one.
+    assert counts.most_common(1)[0][0] == hot_texts[0]
+    assert counts[hot_texts[0]] > 5 * counts[hot_texts[50]]
+    assert hot_set_requests(specs, 0.5, 100, seed=1) == hot  # reproducible
+    with pytest.raises(ValueError):
+        hot_set_requests(specs, 1.5, 100)
+    with pytest.raises(ValueError):
+        hot_set_requests(specs[:10], 0.5, 100)
+
+
+def test_grpc_and_v2_requests_carry_the_v1_items() -> None:
+    from bench.grpcload import grpc_request, v2_rest_specs
+
+    qa = build_requests("qa-zh", 2, seed=1)
+    v2 = v2_rest_specs("qa-zh", qa)
+    assert v2[0].path == "/v2/models/qa-zh/infer"
+    assert [(i["name"], i["data"]) for i in v2[0].payload["inputs"]] == [
+        ("question", [qa[0].payload["question"]]), ("context", [qa[0].payload["context"]])
+    ]  # fmt: skip
+    request = grpc_request("qa-zh", qa[1])
+    assert request.model_name == "qa-zh" and [i.name for i in request.inputs] == [
+        "question", "context"
+    ]  # fmt: skip
+    for tensor, raw, field_ in zip(request.inputs, request.raw_input_contents,
+                                   ("question", "context"), strict=True):  # fmt: skip
+        assert tensor.datatype == "BYTES" and list(tensor.shape) == [1]
+        size = int.from_bytes(raw[:4], "little")
+        assert raw[4:].decode() == qa[1].payload[field_] and size == len(raw) - 4
+
+
+def test_protocols_bench_drives_v1_v2_and_grpc_on_a_real_server(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Every request of every protocol must be answered (the driver stops on any failure)."""
+    pytest.importorskip("grpc", reason="the grpc extra is not installed")
+    from bench import protocols
+    from tests.service_support import POLARITY_MODEL, require_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    protocols.main(["--models", str(model_repo), "--model", POLARITY_MODEL, "--rounds", "2",
+                    "--requests", "30", "--warmup", "4", "--concurrency", "4",
+                    "--name", "p", "--out-dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert [r["protocol"] for r in report["runs"]] == ["v1", "v2", "grpc", "v2", "grpc", "v1"]
+    for name in ("v1", "v2", "grpc"):
+        s = report["summary"][name]
+        assert len(s["rounds_rps"]) == 2 and s["median_server_ms"] > 0
+    assert report["summary"]["v1"]["median_rps_over_v1"] == 1.0
+    assert "| grpc |" in (tmp_path / "p.md").read_text()
+
+
+def test_ab_reports_the_response_caches_hit_ratio_under_repeats(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    from bench import ab
+    from tests.service_support import POLARITY_MODEL, require_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    out = tmp_path / "ab.json"
+    ab.main(["--models", str(model_repo), "--model", POLARITY_MODEL, "--rounds", "1",
+             "--requests", "60", "--warmup", "4", "--concurrency", "4", "--hot-fraction", "0.9",
+             "--hot-set", "5", "--b-env", "NLPSERVE_RESPONSE_CACHE_MB=8",
+             "--json", str(out)])  # fmt: skip
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["A"]["median_cache_hit_ratio"] is None  # off: no cache metrics move
+    # 90% of the requests repeat 5 texts: most hit (not each text's first sending, nor a
+    # copy sent while the first is still in flight).
+    assert summary["B"]["median_cache_hit_ratio"] >= 0.5
+    assert summary["B"]["median_p99_ms"] > 0
