@@ -371,12 +371,16 @@ def test_alert_rules_are_loaded_and_name_real_series(services: dict[str, Any]) -
 def test_grafana_provisions_the_dashboard(services: dict[str, Any]) -> None:
     """The `monitoring` profile's Grafana: a pinned image, off the queue network, its
     provisioning and deploy/grafana/nlpserve.json mounted read-only where the provider
-    looks, and a data source that is the compose Prometheus at its scrape interval."""
+    looks, and a data source that is the compose Prometheus at its scrape interval; both
+    published on the host's loopback only."""
     graf, prom_svc = services["grafana"], services["prometheus"]
     assert graf["profiles"] == ["monitoring"] == prom_svc["profiles"]
     assert graf["networks"] == ["edge"]
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", graf["image"]), graf["image"]
-    assert all(str(p).startswith("127.0.0.1:") for p in graf["ports"]), "loopback only"
+    # Both serve every series unauthenticated (client names included; docs/deploy.md,
+    # "Authentication"): on the host's loopback only, as the replicas' /metrics is unpublished.
+    for svc in (graf, prom_svc):
+        assert all(str(p).startswith("127.0.0.1:") for p in svc["ports"]), "loopback only"
     mounts = dict(str(v).rsplit(":", 1)[0].split(":", 1) for v in graf["volumes"])
     assert all(str(v).endswith(":ro") for v in graf["volumes"]), graf["volumes"]
     folder = ROOT / "deploy" / "grafana"

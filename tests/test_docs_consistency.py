@@ -272,3 +272,33 @@ def test_the_docs_say_what_make_run_sets():
         assert said, f"{doc} does not say what `make run` runs"
         for paragraph in said:
             assert [v for v in sorted(settings) if v not in paragraph] == [], (doc, paragraph)
+
+
+def _registered_metrics() -> set[str]:
+    """Every series the service and the worker register: the name a Counter, Gauge or
+    Histogram is created with (service/metrics.py and the modules of later features)."""
+    src = "\n".join(p.read_text("utf-8") for p in (ROOT / "service").rglob("*.py"))
+    return set(re.findall(r'\b(?:Counter|Gauge|Histogram)\(\s*"(nlpserve_[a-z_]+)"', src))
+
+
+def test_metrics_in_the_docs_are_the_ones_the_service_exports():
+    """Each registered metric has its row (docs/service.md "Metrics", docs/scale-out.md
+    "Worker metrics" and its replica gauges), and no doc, alert or panel names a series
+    that nothing exports (a renamed metric leaves its old name behind)."""
+    registered = _registered_metrics()
+    assert {"nlpserve_requests_total", "nlpserve_response_cache_hits_total"} <= registered
+    service_md = (ROOT / "docs/service.md").read_text("utf-8")
+    scale_out = (ROOT / "docs/scale-out.md").read_text("utf-8")
+    tables = (
+        service_md.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+        + scale_out.split("\n## Settings", 1)[1].split("\n## Tests", 1)[0]
+    )
+    assert sorted(m for m in registered if f"`{m}" not in tables) == []
+    # nginx's own names in the gateway's template: its upstreams and its rate-limit zone
+    nginx = {"nlpserve_api", "nlpserve_grpc", "nlpserve_per_client"}
+    named = set()
+    for path in [*(ROOT / p for p in RUN_DOCS), *(ROOT / "deploy").rglob("*.y*ml"),
+                 ROOT / "deploy/grafana/nlpserve.json"]:  # fmt: skip
+        names = re.findall(r"\bnlpserve_[a-z_]+", path.read_text("utf-8"))
+        named |= {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+    assert sorted(named - registered - nginx) == []
