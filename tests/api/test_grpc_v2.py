@@ -321,8 +321,8 @@ async def test_api_keys_guard_all_but_the_health_rpcs(model_repo, tmp_path: Path
         client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
         try:
             assert await client.is_server_live() and await client.is_server_ready()
-            assert await client.is_model_ready(POS_MODEL)
             for call in (
+                client.is_model_ready(POS_MODEL),  # names what is loaded, as REST's needs a key
                 client.get_server_metadata(),
                 client.get_model_metadata(POS_MODEL),
                 client.infer(POS_MODEL, inputs_of(POS_MODEL, 1)),
@@ -333,6 +333,7 @@ async def test_api_keys_guard_all_but_the_health_rpcs(model_repo, tmp_path: Path
                 assert e.value.status() == "StatusCode.UNAUTHENTICATED"
                 assert "API key" in e.value.message()
             for headers in ({"authorization": f"Bearer {key}"}, {"x-api-key": key}):
+                assert await client.is_model_ready(POS_MODEL, headers=headers)
                 result = await client.infer(POS_MODEL, inputs_of(POS_MODEL, 1), headers=headers)
                 assert result.as_numpy("tags").shape == (1,)
         finally:

@@ -217,8 +217,10 @@ def _metadata_pairs(context: aio.ServicerContext) -> list[tuple[bytes, bytes]]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The RPCs of grpc_predict_v2.proto over the API's state. Health RPCs answer without
-    an API key, as REST's probes do; the others need one where keys are configured."""
+    """The RPCs of grpc_predict_v2.proto over the API's state. ServerLive and ServerReady
+    answer without an API key, as REST's probes (/v2/health/*) do; the others need one where
+    keys are configured: ModelReady names the models loaded, as /v2/models/{name}/ready,
+    which needs one too."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
@@ -259,6 +261,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=await not_ready(self.state) is None)
 
     async def ModelReady(self, request: Any, context: aio.ServicerContext) -> Any:
+        await self._authenticated(context)
         try:
             task = self._task(request.name, request.version)
         except ApiError as e:
