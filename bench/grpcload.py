@@ -5,9 +5,10 @@ become a V2 inference (``/v2/models/<model>/infer``, texts as a ``BYTES [1]`` te
 input) or a gRPC ``ModelInfer`` (the inputs in ``raw_input_contents``, each element a 4-byte
 little-endian length and its bytes: tritonclient's way, so what a Triton client sends). Each
 asks for every output, as a ``/v1`` answer carries every field. The gRPC client is a raw
-``grpc.aio`` stub of the service's own generated modules over one channel (HTTP/2 multiplexes
-the calls), lighter than tritonclient's wrapper: the benchmark measures the server, so the
-client should cost the shared cores as little as it can. Needs the ``grpc`` extra.
+``grpc.aio`` stub of the service's own generated modules over one channel by default (HTTP/2
+multiplexes the calls; ``channels`` opens more), lighter than tritonclient's wrapper: the
+benchmark measures the server, so the client should cost the shared cores as little as it
+can. Needs the ``grpc`` extra.
 """
 
 from __future__ import annotations
