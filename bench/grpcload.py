@@ -5,9 +5,10 @@ become a V2 inference (``/v2/models/<model>/infer``, texts as a ``BYTES [1]`` te
 input) or a gRPC ``ModelInfer`` (the inputs in ``raw_input_contents``, each element a 4-byte
 little-endian length and its bytes: tritonclient's way, so what a Triton client sends). Each
 asks for every output, as a ``/v1`` answer carries every field. The gRPC client is a raw
-``grpc.aio`` stub of the service's own generated modules over one channel (HTTP/2 multiplexes
-the calls), lighter than tritonclient's wrapper: the benchmark measures the server, so the
-client should cost the shared cores as little as it can. Needs the ``grpc`` extra.
+``grpc.aio`` stub of the service's own generated modules over one channel by default (HTTP/2
+multiplexes the calls; ``channels`` opens more), lighter than tritonclient's wrapper: the
+benchmark measures the server, so the client should cost the shared cores as little as it
+can. Needs the ``grpc`` extra.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ async def run_grpc_load(
     specs: Sequence[RequestSpec],
     *,
     concurrency: int = 32,
+    channels: int = 1,
     timeout_s: float = 60.0,
 ) -> tuple[list[Result], float]:
     """Closed loop over gRPC (``target``: ``host:port``): ``concurrency`` clients, each
-    sending its next ``ModelInfer`` when the previous one is answered. Returns the results
+    sending its next ``ModelInfer`` when the previous one is answered, spread round-robin
+    over ``channels`` channels, each its own TCP connection (separate client processes in
+    production; one channel multiplexes every call on one HTTP/2 connection). Returns the results
     in spec order (``status`` 200 when answered, else 0 with the gRPC code as ``error``) and
     the wall time in seconds. No retries: a failed call is counted, not hidden."""
     import grpc
@@ -70,13 +74,19 @@ async def run_grpc_load(
 
     requests = [grpc_request(model, s) for s in specs]  # built before the clock starts
     results: list[Result | None] = [None] * len(specs)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await channel.channel_ready()
+    # A local subchannel pool each: channels of one process to one target otherwise share
+    # one connection.
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, channels))
+    ]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+        await asyncio.gather(*(c.channel_ready() for c in opened))
         next_index = iter(range(len(specs)))
         t0 = time.perf_counter()
 
-        async def client_loop() -> None:
+        async def client_loop(stub: Any) -> None:
             for i in next_index:  # shared iterator: each index is taken exactly once
                 start = time.perf_counter()
                 status, error = 200, None
@@ -87,6 +97,8 @@ async def run_grpc_load(
                 end = time.perf_counter()
                 results[i] = Result(specs[i].id, status, end - start, start - t0, 1, error)
 
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(stubs[k % len(stubs)]) for k in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.close() for c in opened))
     return [r for r in results if r is not None], wall

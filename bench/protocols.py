@@ -74,18 +74,21 @@ class Run:
 
 
 async def _send(
-    protocol: str, url: str, target: str, model: str, specs: Sequence[RequestSpec], concurrency: int
-) -> tuple[list[Result], float]:
+    protocol: str, url: str, target: str, model: str, specs: Sequence[RequestSpec],
+    concurrency: int, channels: int = 1,
+) -> tuple[list[Result], float]:  # fmt: skip
     if protocol == "grpc":
-        return await run_grpc_load(target, model, specs, concurrency=concurrency)
+        return await run_grpc_load(target, model, specs, concurrency=concurrency,
+                                   channels=channels)  # fmt: skip
     return await run_load(url, specs, concurrency=concurrency, keep_body=False)
 
 
 def measure(protocol: str, r: int, pid: int, url: str, target: str, model: str,
-            specs: Sequence[RequestSpec], concurrency: int) -> Run:  # fmt: skip
+            specs: Sequence[RequestSpec], concurrency: int, channels: int = 1) -> Run:  # fmt: skip
     m0 = scrape_metrics([f"{url}/metrics"])
     before, c0 = thread_cpu(pid), time.process_time()
-    results, wall = asyncio.run(_send(protocol, url, target, model, specs, concurrency))
+    results, wall = asyncio.run(_send(protocol, url, target, model, specs, concurrency,
+                                      channels))  # fmt: skip
     after, c1 = thread_cpu(pid), time.process_time()
     batches = metrics_delta(m0, scrape_metrics([f"{url}/metrics"]), model)
     failed = [x for x in results if x.status != 200]
@@ -124,10 +127,11 @@ def run_round(r: int, order: Sequence[str], args: argparse.Namespace, models: Pa
         url, target = f"http://127.0.0.1:{port}", f"127.0.0.1:{gport}"
         procs.wait_http(api, f"{url}/readyz", timeout_s=180)
         for protocol in order:  # unmeasured: connections, sessions and allocators settle
-            asyncio.run(_send(protocol, url, target, args.model, warm[protocol], args.concurrency))
+            asyncio.run(_send(protocol, url, target, args.model, warm[protocol], args.concurrency,
+                              args.grpc_channels))  # fmt: skip
         for protocol in order:
             one = measure(protocol, r, api.pid, url, target, args.model, work[protocol],
-                          args.concurrency)  # fmt: skip
+                          args.concurrency, args.grpc_channels)  # fmt: skip
             print(f"round {r + 1} {protocol:>4}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
                   f"p99 {one.p99_ms:.1f} ms | CPU ms/request: event loop "
                   f"{one.event_loop_ms:.3f}, other threads {one.other_threads_ms:.3f}, "
@@ -204,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="clients (default: 32)")
     p.add_argument("--rounds", type=int, default=4, help="rounds (default: 4)")
     p.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=1,
+        help="gRPC channels (TCP connections) the clients share (default: 1)",
+    )
+    p.add_argument(
         "--protocols",
         default=",".join(PROTOCOLS),
         help="the first is the one the others are compared to (default: v1,v2,grpc)",
@@ -253,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
                 "variant": args.variant or "the server's default",
                 "near_free": args.near_free, "requests": args.requests, "warmup": args.warmup,
-                "concurrency": args.concurrency, "rounds": args.rounds}  # fmt: skip
+                "concurrency": args.concurrency, "grpc_channels": args.grpc_channels,
+                "rounds": args.rounds}  # fmt: skip
         machine = machine_description("cpu")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / f"{args.name}.json").write_text(json.dumps(

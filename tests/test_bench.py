@@ -1469,8 +1469,9 @@ def test_protocols_bench_drives_v1_v2_and_grpc_on_a_real_server(
     require_model(model_repo, POLARITY_MODEL)
     protocols.main(["--models", str(model_repo), "--model", POLARITY_MODEL, "--rounds", "2",
                     "--requests", "30", "--warmup", "4", "--concurrency", "4",
-                    "--name", "p", "--out-dir", str(tmp_path)])  # fmt: skip
+                    "--grpc-channels", "2", "--name", "p", "--out-dir", str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "p.json").read_text())
+    assert report["meta"]["grpc_channels"] == 2
     assert [r["protocol"] for r in report["runs"]] == ["v1", "v2", "grpc", "v2", "grpc", "v1"]
     for name in ("v1", "v2", "grpc"):
         s = report["summary"][name]
