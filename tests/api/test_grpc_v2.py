@@ -582,4 +582,7 @@ async def test_sigterm_stops_both_servers_of_a_real_process(model_repo):
     assert "Application shutdown complete" in out and "Traceback" not in out, out
     for port in (grpc_port, http_port):  # both released
         with socket.socket() as s:
+            # a closed connection's TIME_WAIT is not a listener: without SO_REUSEADDR the
+            # bind failed on it now and then (EADDRINUSE); with it, only a listener refuses
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
