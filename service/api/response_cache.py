@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -95,7 +94,6 @@ class ResponseCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()  # the event loop's, and any protocol server's thread
         self._fingerprints: weakref.WeakKeyDictionary[Task, bytes] = weakref.WeakKeyDictionary()
         r = metrics.registry
         self._metrics = metrics
@@ -147,11 +145,11 @@ class ResponseCache:
 
     # ------------------------------------------------------------------ LRU
     def get(self, key: bytes) -> tuple[bool, Any]:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return False, None
-            self._entries.move_to_end(key)
+        # no lock: every caller (HTTP routes, grpc.aio's servicer) runs on the event loop
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        self._entries.move_to_end(key)
         # a copy: what a response does with its results never reaches the cache
         return True, copy.deepcopy(entry[0])
 
@@ -161,17 +159,16 @@ class ResponseCache:
             return  # would evict everything and still not fit
         value = copy.deepcopy(value)
         evicted = 0
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            self._entries[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self.bytes -= dropped
-                evicted += 1
-            self.size.set(self.bytes)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._entries[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+            evicted += 1
+        self.size.set(self.bytes)
         if evicted:
             self.evictions.inc(evicted)
 
