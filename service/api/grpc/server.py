@@ -216,6 +216,12 @@ def _metadata_pairs(context: aio.ServicerContext) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+# The client times out first: our deadline is its grpc-timeout counted from when the call
+# arrived, a transit later than the client's own. A cancel this close to it is the deadline
+# (504 in the metrics), not the client going away (499); the first was counted 499 now and then.
+DEADLINE_TRANSIT_S = 0.05
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The RPCs of grpc_predict_v2.proto over the API's state. ServerLive and ServerReady
     answer without an API key, as REST's probes (/v2/health/*) do; the others need one where
@@ -346,7 +352,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, refused, tags)
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if remaining is not None and remaining <= DEADLINE_TRANSIT_S:
                 status, code = 504, "deadline_exceeded"
             else:
                 status, code = 499, "client_closed_request"
