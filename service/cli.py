@@ -192,6 +192,16 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("new")
 def new_key(
     name: Annotated[str, typer.Argument(help="The client's name (A-Z a-z 0-9 . _ -).")],
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            "--max-in-flight",
+            min=1,
+            metavar="N",
+            help="The client's own in-flight limit, on its line (max_in_flight=N) in place "
+            "of NLPSERVE_CLIENT_MAX_IN_FLIGHT. Every line of one client must say the same.",
+        ),
+    ] = None,
 ) -> None:
     """Print a new random key for client NAME (line 1: give it to the client; it is stored
     nowhere) and its line for the keys file (line 2: the key's sha256, no secret)."""
@@ -207,7 +217,7 @@ def new_key(
         raise typer.Exit(2)
     key = make_key()
     typer.echo(key)
-    typer.echo(key_line(name, key))
+    typer.echo(key_line(name, key, max_in_flight))
     typer.echo(
         "line 1: the key, for the client (Authorization: Bearer <key>, or X-API-Key); "
         "line 2: append it to the NLPSERVE_API_KEYS_FILE file (read again within a second)",

@@ -149,7 +149,8 @@ class Settings(BaseSettings):
         None,
         description="Require an API key on every endpoint but the probes, /metrics, the docs "
         "and the demo page's files: a file of lines `<client-name> sha256:<hex>` (or "
-        "`<client-name> <key>`), from `nlpserve keys new NAME`, re-read when it changes "
+        "`<client-name> <key>`), each optionally with the client's own `max_in_flight=N`, "
+        "from `nlpserve keys new NAME`, re-read when it changes "
         "(docs/deploy.md, Authentication). Unset or empty: no authentication.",
     )
     client_max_in_flight: int | None = Field(
@@ -158,8 +159,9 @@ class Settings(BaseSettings):
         description="Most items (a batch of N counts N, an explanation 1) one client may have "
         "admitted and not yet answered, across every model, in this API process; over it: 429 "
         "`client_quota`, so one client's flood cannot fill the queues every client shares. "
-        "Needs NLPSERVE_API_KEYS_FILE (clients are its names). Per API replica: with N "
-        "replicas a client may hold N times this. Unset or empty: no per-client limit.",
+        "Needs NLPSERVE_API_KEYS_FILE (clients are its names); a client whose lines there say "
+        "max_in_flight=N has N instead. Per API replica: with N replicas a client may hold N "
+        "times this. Unset or empty: no limit but the clients' own max_in_flight.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."

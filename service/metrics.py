@@ -6,6 +6,7 @@ several apps in one test process, or an API and a worker, never share or clash o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -191,6 +192,14 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
+
+    def forget(self, metric: Any, *labels: str) -> None:
+        """Drop ``metric``'s series of ``labels`` (a client gone from the keys file), from the
+        exposition and from :meth:`child`'s cache: a cached child would outlive the removal
+        and never reach the exposition again if the labels came back."""
+        self._children.pop((id(metric), labels), None)
+        with contextlib.suppress(KeyError):  # never recorded
+            metric.remove(*labels)
 
     def observe_batch(
         self,

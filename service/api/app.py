@@ -109,8 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_keys_file is not None:
         keys = state.api_keys = ApiKeys(settings.api_keys_file, state.metrics)
     check_settings(settings)  # a per-client limit needs clients: ClientQuotaConfigError
-    if settings.client_max_in_flight is not None:
-        state.client_quota = ClientQuota(settings.client_max_in_flight, state.metrics)
+    if keys is not None:  # counted per client even unlimited: a reload may set a limit
+        state.client_quota = ClientQuota(settings.client_max_in_flight, keys, state.metrics)
     if settings.response_cache_mb > 0:  # off: no cache series either
         max_bytes = int(settings.response_cache_mb * 1_000_000)
         state.response_cache = ResponseCache(max_bytes, state.metrics)

@@ -1,11 +1,13 @@
 """Optional client authentication by API key (``NLPSERVE_API_KEYS_FILE``; docs/deploy.md,
 "Authentication").
 
-The keys file holds one client per line, ``<client-name> <key-or-hash>``: the second field is
-``sha256:<64 hex>`` (the file then holds no secret) or the key itself. Requests send the key
-as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file is read again when it
-changes (looked at with one ``stat`` a second, in the background) and on SIGHUP; a file that
-no longer parses keeps the keys in force.
+The keys file holds one key per line, ``<client-name> <key-or-hash> [max_in_flight=N]``: the
+second field is ``sha256:<64 hex>`` (the file then holds no secret) or the key itself; the
+optional third is the client's own in-flight limit (service/api/client_quota.py). A client may
+have several lines (keys being rotated); they must agree on ``max_in_flight``. Requests send
+the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file is read again
+when it changes (looked at with one ``stat`` a second, in the background) and on SIGHUP; a
+file that no longer parses keeps the keys in force.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
@@ -34,6 +38,8 @@ MIN_KEY_CHARS = 16
 # Client names become a metric label and a log field: short, plain, from the operator's file.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+MAX_IN_FLIGHT = "max_in_flight"  # the key line's optional field: the client's own limit
+_LINE = "'<client-name> <key-or-hash> [max_in_flight=N]'"
 RELOAD_INTERVAL_S = 1.0
 REALM = b'Bearer realm="nlpserve"'
 
@@ -72,39 +78,73 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def key_line(name: str, key: str) -> str:
-    """The keys file's line for ``name`` holding ``key`` as its hash."""
-    return f"{name} {HASH_PREFIX}{digest(key).hex()}"
+def key_line(name: str, key: str, max_in_flight: int | None = None) -> str:
+    """The keys file's line for ``name`` holding ``key`` as its hash (and its own limit)."""
+    line = f"{name} {HASH_PREFIX}{digest(key).hex()}"
+    return line if max_in_flight is None else f"{line} {MAX_IN_FLIGHT}={max_in_flight}"
 
 
-def parse_keys(text: str, path: Path | str) -> dict[bytes, str]:
-    """The file's clients: sha256 digest of the key -> client name. Raises KeyFileError
-    (``<path>:<line>: why``) on a line that is not ``<name> <key-or-hash>``, a repeated name
-    or key, a plaintext key under MIN_KEY_CHARS, or no client at all. Never quotes a key."""
+@dataclass
+class KeyFile:
+    """What a keys file says: sha256 digest of each key -> its client, and the clients that
+    carry their own in-flight limit (``max_in_flight=N``) -> N."""
+
+    keys: dict[bytes, str]
+    limits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def clients(self) -> set[str]:
+        return set(self.keys.values())
+
+
+def _max_in_flight(option: str, at: str, name: str, column: int) -> int:
+    """``max_in_flight=N``'s N (1 or more). The field is never quoted: a key written with a
+    space in it would land here."""
+    option_name, eq, value = option.partition("=")
+    if not eq or option_name != MAX_IN_FLIGHT:
+        raise KeyFileError(
+            f"{at}: client {name!r}: field {column} is not {MAX_IN_FLIGHT}=N (a line is {_LINE})"
+        )
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise KeyFileError(
+            f"{at}: client {name!r}: {MAX_IN_FLIGHT} is a whole number of items, 1 or more "
+            "(to stop a client, delete its lines; without the field it has "
+            "NLPSERVE_CLIENT_MAX_IN_FLIGHT's limit)"
+        )
+    return int(value)
+
+
+def parse_keys(text: str, path: Path | str) -> KeyFile:
+    """The file's keys and clients. Raises KeyFileError (``<path>:<line>: why``) on a line that
+    is not ``<name> <key-or-hash> [max_in_flight=N]``, a key twice, a plaintext key under
+    MIN_KEY_CHARS, two lines of one client that disagree on ``max_in_flight``, or no client at
+    all. Never quotes a key."""
     keys: dict[bytes, str] = {}
-    seen: dict[str, int] = {}
+    # the client's first line and what it said: its lines must agree (the limit is the
+    # client's, counted over all its keys, not a key's)
+    first: dict[str, tuple[int, int | None]] = {}
     where: dict[bytes, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         fields = line.split()
-        if len(fields) > 2 and fields[2].startswith("#"):  # a trailing comment
-            fields = fields[:2]
+        for i in range(2, len(fields)):
+            if fields[i].startswith("#"):  # a trailing comment
+                fields = fields[:i]
+                break
         at = f"{path}:{n}"
-        if len(fields) != 2:
+        if len(fields) not in (2, 3):
             raise KeyFileError(
-                f"{at}: expected '<client-name> <key-or-hash>' (two fields), got "
+                f"{at}: expected {_LINE} (two fields, or three), got "
                 f"{len(fields)} field{'s' * (len(fields) != 1)}"
             )
-        name, secret = fields
+        name, secret = fields[:2]
         if not CLIENT_NAME.fullmatch(name):
             raise KeyFileError(
                 f"{at}: client name {name[:64]!r} must be 1 to 64 of A-Z a-z 0-9 . _ - "
                 "(starting with a letter or digit)"
             )
-        if name in seen:
-            raise KeyFileError(f"{at}: client {name!r} is already on line {seen[name]}")
         if secret.startswith(HASH_PREFIX):
             hexdigest = secret[len(HASH_PREFIX) :]
             if not _HEX_DIGEST.fullmatch(hexdigest):
@@ -124,16 +164,29 @@ def parse_keys(text: str, path: Path | str) -> dict[bytes, str]:
                     f"than {MIN_KEY_CHARS} (`nlpserve keys new NAME` makes one)"
                 )
             d = digest(secret)
+        limit = _max_in_flight(fields[2], at, name, 3) if len(fields) == 3 else None
         if d in keys:
             raise KeyFileError(
                 f"{at}: client {name!r} has the same key as {keys[d]!r} on line {where[d]}"
             )
+        if name in first and first[name][1] != limit:
+            line_n, said = first[name]
+
+            def spelled(v: int | None) -> str:
+                return f"{MAX_IN_FLIGHT}={v}" if v is not None else f"no {MAX_IN_FLIGHT}"
+
+            raise KeyFileError(
+                f"{at}: client {name!r} has {spelled(limit)} here but {spelled(said)} on line "
+                f"{line_n}: the limit is the client's, over all its keys; give its lines the "
+                "same one"
+            )
         keys[d] = name
-        seen[name] = n
+        first.setdefault(name, (n, limit))
         where[d] = n
     if not keys:
-        raise KeyFileError(f"{path}: holds no client (lines '<client-name> <key-or-hash>')")
-    return keys
+        raise KeyFileError(f"{path}: holds no client (lines {_LINE})")
+    limits = {name: limit for name, (_, limit) in first.items() if limit is not None}
+    return KeyFile(keys, limits)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -141,8 +194,9 @@ def _signature(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
-def read_keys(path: Path) -> tuple[dict[bytes, str], tuple[int, ...]]:
-    """(clients, the file's stat signature); KeyFileError when unreadable or malformed."""
+def read_keys(path: Path) -> tuple[KeyFile, tuple[int, ...]]:
+    """(its keys and clients, the file's stat signature); KeyFileError when unreadable or
+    malformed."""
     try:
         with path.open("rb") as f:
             sig = _signature(os.fstat(f.fileno()))
@@ -187,16 +241,24 @@ class AuthMetrics:
 
 class ApiKeys:
     """The keys in force, from ``path``: read at creation (KeyFileError if unusable), then
-    again when the file's mtime, size or inode change (:meth:`watch`) or on :meth:`reload`."""
+    again when the file's mtime, size or inode change (:meth:`watch`) or on :meth:`reload`.
+    ``on_change`` callbacks get each new :class:`KeyFile` once it is in force."""
 
     def __init__(self, path: Path, metrics: Metrics, interval_s: float = RELOAD_INTERVAL_S) -> None:
         self.path = path
         self.interval_s = interval_s
-        self.keys, self._sig = read_keys(path)
+        self.file, self._sig = read_keys(path)
         self._failed_sig: tuple[int, ...] | None = None
+        self.on_change: list[Callable[[KeyFile], None]] = []
         self.metrics = AuthMetrics(metrics)
         self.metrics.keys_loaded.set(len(self.keys))
-        log.info("API keys: %d clients from %s", len(self.keys), path)
+        log.info(
+            "API keys: %d clients (%d keys) from %s", len(self.file.clients), len(self.keys), path
+        )
+
+    @property
+    def keys(self) -> dict[bytes, str]:
+        return self.file.keys
 
     def lookup(self, key: str) -> str | None:
         """The client holding ``key``, or None. Every stored key is compared, in constant
@@ -238,16 +300,29 @@ class ApiKeys:
                 failed = ()
             self._failed(e, failed)
             return False
-        added = sorted(set(keys.values()) - set(self.keys.values()))
-        removed = sorted(set(self.keys.values()) - set(keys.values()))
-        self.keys, self._sig, self._failed_sig = keys, sig, None
-        self.metrics.keys_loaded.set(len(keys))
+        before = self.file
+        added = sorted(keys.clients - before.clients)
+        removed = sorted(before.clients - keys.clients)
+        changed = sorted(
+            name
+            for name in keys.clients & before.clients
+            if keys.limits.get(name) != before.limits.get(name)
+        )
+        self.file, self._sig, self._failed_sig = keys, sig, None
+        self.metrics.keys_loaded.set(len(keys.keys))
+        for name in removed:  # the label set follows the file: a gone client's series go
+            self.metrics.metrics.forget(self.metrics.client_requests, name)
+        for callback in self.on_change:
+            callback(keys)
         log.info(
-            "API keys reloaded from %s: %d clients (added: %s; removed: %s)",
+            "API keys reloaded from %s: %d clients, %d keys (added: %s; removed: %s; "
+            "max_in_flight changed: %s)",
             self.path,
-            len(keys),
+            len(keys.clients),
+            len(keys.keys),
             ", ".join(added) or "none",
             ", ".join(removed) or "none",
+            ", ".join(changed) or "none",
         )
         return True
 

@@ -1,12 +1,17 @@
 """Fairness between clients: at most ``NLPSERVE_CLIENT_MAX_IN_FLIGHT`` items per client
 admitted and not yet answered, across every model, in this API process (docs/deploy.md,
-"Authentication").
+"Authentication"), or the client's own ``max_in_flight=N`` of the keys file.
 
 Every client shares each model's queue (NLPSERVE_MAX_QUEUE_DEPTH): without this limit one
 client's flood fills it and every other client gets 429 ``queue_full``. With it, the flooding
 client alone gets 429 ``client_quota``. Clients are the keys file's names
 (NLPSERVE_API_KEYS_FILE, required): an address is no client behind the gateway, where every
 request comes from nginx.
+
+With a keys file every client's items are counted (``nlpserve_client_in_flight``), limited or
+not: a limit given on a reload then applies at once, and the counts show what a limit would
+bound before one is set. A client's limit is its ``max_in_flight`` when the file gives one,
+else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
+from service.api.auth import MAX_IN_FLIGHT, ApiKeys, KeyFile
 from service.api.errors import ApiError, retry_after_header
 from service.config import Settings
 from service.logs import CLIENT
@@ -46,50 +52,92 @@ def check_settings(settings: Settings) -> None:
 
 
 class ClientQuota:
-    """Items in flight per client, and the admission that keeps each under ``limit``."""
+    """Items in flight per client, and the admission that keeps each under its limit:
+    ``max_in_flight`` of the keys file (``keys``; its reloads change it at once), else
+    ``default``, else none (counted only)."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit = limit
+    def __init__(self, default: int | None, keys: ApiKeys, metrics: Metrics) -> None:
+        self.default = default
         self.metrics = metrics
         self.in_flight: dict[str, int] = {}
-        # Labels are keys-file names only (AuthMiddleware sets the client): bounded.
+        # Labels are keys-file names only (AuthMiddleware sets the client): bounded, and a
+        # name's series go when its lines leave the file (:meth:`_keys_changed`).
         self.gauge = Gauge(
             "nlpserve_client_in_flight",
-            f"Items a client has admitted and not yet answered in this API process (at most "
-            f"{SETTING}), across models.",
+            "Items a client has admitted and not yet answered in this API process, across "
+            f"models (what {SETTING} or the client's {MAX_IN_FLIGHT} bounds).",
+            ["client"],
+            registry=metrics.registry,
+        )
+        self.limit_gauge = Gauge(
+            "nlpserve_client_max_in_flight",
+            f"A client's in-flight limit in force: its {MAX_IN_FLIGHT} in NLPSERVE_API_KEYS_FILE, "
+            f"else {SETTING} (no series: no limit).",
             ["client"],
             registry=metrics.registry,
         )
         self.refused = Counter(
             "nlpserve_client_quota_rejections_total",
-            f"Requests refused 429 client_quota per client: over {SETTING}.",
+            f"Requests refused 429 client_quota per client: over {SETTING} or its {MAX_IN_FLIGHT}.",
             ["client"],
             registry=metrics.registry,
         )
+        self.limits: dict[str, int] = {}
+        self.own: set[str] = set()  # the clients whose limit is their max_in_flight
+        self.clients: set[str] = set()
+        self._keys_changed(keys.file)
+        keys.on_change.append(self._keys_changed)
+
+    def _keys_changed(self, file: KeyFile) -> None:
+        """The keys file read again: new limits apply to the next admission (items already
+        in flight stay, even over a lowered limit); a gone client's series go, a new one's
+        appear at 0."""
+        limits: dict[str, int] = {}
+        for name in file.clients:
+            limit = file.limits.get(name, self.default)
+            if limit is not None:
+                limits[name] = limit
+        for name in self.clients - file.clients:
+            for metric in (self.gauge, self.limit_gauge, self.refused):
+                self.metrics.forget(metric, name)
+        for name in file.clients:
+            if name in limits:
+                self.metrics.child(self.limit_gauge, name).set(limits[name])
+            else:
+                self.metrics.forget(self.limit_gauge, name)
+            self.metrics.child(self.gauge, name).set(self.in_flight.get(name, 0))
+        self.limits, self.own, self.clients = limits, set(file.limits), set(file.clients)
+
+    def _where(self, client: str) -> str:
+        # which setting the limit comes from (the message never names the client)
+        if client in self.own:
+            return f"this client's {MAX_IN_FLIGHT} in NLPSERVE_API_KEYS_FILE"
+        return SETTING
 
     @contextmanager
     def hold(self, client: str, n: int) -> Iterator[None]:
         """Count ``n`` items of ``client`` in flight for the block, or raise (nothing held):
-        422 ``too_many_items`` for more than the limit in one request (never admitted: a
+        422 ``too_many_items`` for more than its limit in one request (never admitted: a
         retry would be refused again), 429 ``client_quota`` while the client's other
         requests hold too many. A request is admitted whole or not at all, as by the queue.
         Released however the block ends (answered, error, deadline, cancellation)."""
-        if n > self.limit:
+        limit = self.limits.get(client)
+        held = self.in_flight.get(client, 0)
+        if limit is not None and n > limit:
             raise ApiError(
                 422,
                 "too_many_items",
-                f"{n} items in one request; a client may have at most {self.limit} in "
-                f"flight ({SETTING}): send smaller batches",
+                f"{n} items in one request; this client may have at most {limit} in "
+                f"flight ({self._where(client)}): send smaller batches",
             )
-        held = self.in_flight.get(client, 0)
-        if held + n > self.limit:
+        if limit is not None and held + n > limit:
             self.metrics.child(self.refused, client).inc()
             raise ApiError(
                 429,
                 "client_quota",
                 f"this client has {held} items in flight and this request needs {n} more; "
-                f"the limit per client is {self.limit} ({SETTING}): retry once some are "
-                "answered",
+                f"the limit for this client is {limit} ({self._where(client)}): retry once "
+                "some are answered",
                 retry_after_header(RETRY_AFTER_S),
             )
         # No await between the check and the count: the event loop admits one at a time.
@@ -104,7 +152,9 @@ class ClientQuota:
             self.in_flight[client] = n
         else:
             self.in_flight.pop(client, None)
-        self.metrics.child(self.gauge, client).set(n)
+        # a client removed from the file while its items were in flight: no series again
+        if client in self.clients:
+            self.metrics.child(self.gauge, client).set(n)
 
 
 @contextmanager

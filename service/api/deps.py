@@ -45,7 +45,8 @@ class ServiceState:
     # uvicorn exits, for the command to report in one line (service/server.py).
     startup_error: Exception | None = None
     api_keys: ApiKeys | None = None  # NLPSERVE_API_KEYS_FILE's clients; None: no auth
-    client_quota: ClientQuota | None = None  # NLPSERVE_CLIENT_MAX_IN_FLIGHT; None: no limit
+    # items in flight per client and their limits (with api_keys); None: no keys file
+    client_quota: ClientQuota | None = None
     response_cache: ResponseCache | None = None  # NLPSERVE_RESPONSE_CACHE_MB; None: off
 
     def models_of(self, task: str) -> list[str]:

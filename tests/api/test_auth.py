@@ -344,7 +344,25 @@ async def test_a_refusal_joins_the_callers_trace_and_names_no_client(auth_servic
 # --------------------------------------------------------------------------- the file
 def test_parse_keys_reads_hashes_plaintext_and_comments():
     keys = parse_keys(KEYS_FILE, "f")
-    assert keys == {digest(ALICE_KEY): "alice", digest(BOB_KEY): "bob"}
+    assert keys.keys == {digest(ALICE_KEY): "alice", digest(BOB_KEY): "bob"}
+    assert keys.limits == {}
+
+
+def test_a_client_may_have_several_keys_and_its_own_limit():
+    """Rotation keeps the client's name (its limit, its series) over both keys; the limit
+    is the client's, so its lines carry the same one."""
+    text = (
+        f"alice {ALICE_KEY} max_in_flight=8  # old key\n"
+        f"alice {HASH_PREFIX}{digest(BOB_KEY).hex()} max_in_flight=8\n"
+        f"carol {WRONG_KEY}\n"
+    )
+    keys = parse_keys(text, "f")
+    assert keys.keys == {
+        digest(ALICE_KEY): "alice",
+        digest(BOB_KEY): "alice",
+        digest(WRONG_KEY): "carol",
+    }
+    assert keys.limits == {"alice": 8} and keys.clients == {"alice", "carol"}
 
 
 @pytest.mark.parametrize(
@@ -352,7 +370,23 @@ def test_parse_keys_reads_hashes_plaintext_and_comments():
     [
         ("alice\n", "f:1", "two fields"),
         ("# c\nalice a b c\n", "f:2", "two fields"),
-        (f"alice {BOB_KEY}\nalice {ALICE_KEY}\n", "f:2", "already on line 1"),
+        (
+            f"alice {BOB_KEY} max_in_flight=4\nalice {ALICE_KEY} max_in_flight=5\n",
+            "f:2",
+            "client 'alice' has max_in_flight=5 here but max_in_flight=4 on line 1",
+        ),
+        (
+            f"alice {BOB_KEY}\n\nalice {ALICE_KEY} max_in_flight=5\n",
+            "f:3",
+            "has max_in_flight=5 here but no max_in_flight on line 1",
+        ),
+        (f"alice {BOB_KEY} max_in_flight=0\n", "f:1", "1 or more"),
+        (f"alice {BOB_KEY} max_in_flight=-1\n", "f:1", "1 or more"),
+        (f"alice {BOB_KEY} max_in_flight=lots\n", "f:1", "1 or more"),
+        (f"alice {BOB_KEY} max_in_fligth=4\n", "f:1", "field 3 is not max_in_flight=N"),
+        (f"alice {BOB_KEY} short-key\n", "f:1", "field 3 is not max_in_flight=N"),
+        (f"alice {BOB_KEY} max_in_flight=4 x\n", "f:1", "two fields, or three"),
+        (f"alice {BOB_KEY}\nalice {BOB_KEY}\n", "f:2", "same key as 'alice' on line 1"),
         (f"alice {BOB_KEY}\nbob {BOB_KEY}\n", "f:2", "same key as 'alice' on line 1"),
         ("alice short-key\n", "f:1", "shorter than 16"),
         ("alice sha256:abc\n", "f:1", "64 hex digits"),

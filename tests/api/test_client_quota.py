@@ -95,7 +95,8 @@ def assert_quota_refusal(r: httpx.Response) -> str:
     assert int(r.headers["retry-after"]) >= 1
     error = r.json()["error"]
     assert error["code"] == "client_quota"
-    assert f"the limit per client is {LIMIT} (NLPSERVE_CLIENT_MAX_IN_FLIGHT)" in error["message"]
+    limit = f"the limit for this client is {LIMIT} (NLPSERVE_CLIENT_MAX_IN_FLIGHT)"
+    assert limit in error["message"]
     assert "bob" not in error["message"] and "alice" not in error["message"]
     return error["message"]
 
@@ -182,7 +183,7 @@ async def test_v2_is_refused_in_its_own_shape_and_counts_items(srv):
         r = await c.post(infer, json=v2_body(2), headers=as_(ALICE))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
-        assert "the limit per client is 3" in r.json()["error"]
+        assert "the limit for this client is 3" in r.json()["error"]
         # an explanation counts one item too: refused at the limit before any SHAP work
         fill = polarity(c, ALICE)
         await wait_for(lambda: in_flight(srv) == {"alice": 3})

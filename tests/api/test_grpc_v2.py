@@ -379,6 +379,58 @@ async def test_a_clients_in_flight_limit_covers_its_grpc_calls(model_repo, tmp_p
             await client.close()
 
 
+async def test_a_clients_own_max_in_flight_covers_its_grpc_calls(model_repo, tmp_path: Path):
+    """The keys file's max_in_flight=N is the client's limit over gRPC too (above the
+    default here), and a reload that lowers it applies to the next call."""
+    keys = tmp_path / "keys"
+    alice, bulk = "a" * 32, "b" * 32
+    keys.write_text(f"alice {alice}\nbulk {bulk} max_in_flight=3\n")
+    settings = make_settings(
+        model_repo, grpc_port=free_port(), api_keys_file=keys, client_max_in_flight=1
+    )
+    async with live_server(settings) as s:
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        api_keys = s.state.api_keys
+        assert api_keys is not None
+        as_alice, as_bulk = {"x-api-key": alice}, {"x-api-key": bulk}
+
+        async def refused(n: int, headers: dict[str, str], status: str) -> str:
+            with pytest.raises(InferenceServerException) as e:
+                await client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, n), headers=headers)
+            assert e.value.status() == f"StatusCode.{status}"
+            return e.value.message()
+
+        try:
+            s.queue.pause()
+            held = [  # 3 items: over the default, within bulk's own limit
+                asyncio.create_task(
+                    client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, n), headers=as_bulk)
+                )
+                for n in (2, 1)
+            ]
+            await wait_for(lambda: s.queue.depth(POLARITY_MODEL) == 3)
+            message = await refused(1, as_bulk, "RESOURCE_EXHAUSTED")
+            assert "the limit for this client is 3 (this client's max_in_flight" in message
+            held.append(
+                asyncio.create_task(
+                    client.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1), headers=as_alice)
+                )
+            )
+            await wait_for(lambda: s.queue.depth(POLARITY_MODEL) == 4)
+            message = await refused(1, as_alice, "RESOURCE_EXHAUSTED")  # the default: 1
+            assert "NLPSERVE_CLIENT_MAX_IN_FLIGHT" in message
+            s.queue.resume()
+            assert [(await t).as_numpy("label").shape for t in held] == [(2,), (1,), (1,)]
+
+            keys.write_text(f"alice {alice}\nbulk {bulk} max_in_flight=1\n")
+            assert api_keys.reload()
+            message = await refused(2, as_bulk, "INVALID_ARGUMENT")  # 2 > 1: never admitted
+            assert "at most 1 in flight (this client's max_in_flight" in message
+        finally:
+            s.queue.resume()
+            await client.close()
+
+
 async def test_the_response_cache_answers_a_repeated_grpc_call(model_repo):
     """gRPC goes down run_work like HTTP: with NLPSERVE_RESPONSE_CACHE_MB a repeated item is
     answered from the cache, the same as when it ran."""
