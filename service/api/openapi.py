@@ -45,7 +45,8 @@ COMMON_ERRORS = {
     413: "Body over NLPSERVE_MAX_BODY_BYTES.",
     415: "A Content-Encoding (compressed body) this server does not read.",
     429: "The model's queue is full (`queue_full`), or this client has its most items in "
-    "flight (`client_quota`, NLPSERVE_CLIENT_MAX_IN_FLIGHT): retry after `Retry-After` seconds.",
+    "flight (`client_quota`: NLPSERVE_CLIENT_MAX_IN_FLIGHT or its own `max_in_flight`): "
+    "retry after `Retry-After` seconds.",
     503: "Starting, shutting down, or the queue backend is unreachable.",
     504: f"Not served before the deadline (`{DEADLINE_HEADER}`).",
 }
