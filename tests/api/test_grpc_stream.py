@@ -163,7 +163,8 @@ async def test_a_bad_request_is_its_error_and_the_stream_goes_on(srv):
 
 async def test_a_raw_stub_sees_an_errors_request_id(srv):
     """A refusal's ModelStreamInferResponse carries the request's id and model in
-    infer_response, beside error_message."""
+    infer_response, beside error_message; the stream's x-request-id comes back in its
+    trailers, as ModelInfer's does."""
     good = pb.ModelInferRequest(model_name=POS_MODEL, id="ok")
     good.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
         b"The dog barks."
@@ -177,7 +178,9 @@ async def test_a_raw_stub_sees_an_errors_request_id(srv):
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.settings.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        answers = [a async for a in stub.ModelStreamInfer(requests(), timeout=30)]
+        call = stub.ModelStreamInfer(requests(), timeout=30, metadata=(("x-request-id", "st-1"),))
+        answers = [a async for a in call]
+        assert dict(await call.trailing_metadata())["x-request-id"] == "st-1"
     by_id = {a.infer_response.id: a for a in answers}
     assert set(by_id) == {"ok", "oops"}
     assert by_id["oops"].error_message.startswith("INVALID_ARGUMENT: ")
@@ -278,6 +281,7 @@ async def test_cancelling_a_stream_withdraws_its_work(keyed):
         after = await _metrics(keyed)
         assert await counted(), after
         assert metric_value(after, "nlpserve_client_in_flight", client="alice") == 0
+        assert metric_value(after, "nlpserve_queue_depth", model=POLARITY_MODEL) == 0
         assert keyed.state.client_quota is not None
         assert keyed.state.client_quota.in_flight.get("alice", 0) == 0
         async with Stream(keyed.settings.grpc_port, headers=ALICE) as stream:

@@ -437,6 +437,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 work.add_done_callback(running.discard)
             while running:  # the client closed its side: answer what it sent, then end
                 await asyncio.gather(*running)
+            context.set_trailing_metadata((("x-request-id", call.rid),))
         finally:  # cancelled (the client left, its deadline passed) or failed: withdraw
             left = list(running)
             for work in left:
