@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from service.api.app import create_app
 from tests.api.test_grpc_v2 import _text, as_rest, close, inputs_of
 from tests.api.test_v2 import MODELS
 from tests.redis_support import free_port
@@ -21,6 +22,7 @@ from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
     QA_MODEL,
+    LiveServer,
     live_server,
     make_settings,
     metric_value,
@@ -290,6 +292,38 @@ async def test_cancelling_a_stream_withdraws_its_work(keyed):
         assert error is None and result.get_response().id == "after"
     finally:
         q.resume()
+
+
+async def test_shutdown_answers_a_streams_requests_then_ends_it(model_repo):
+    """SIGTERM's shutdown with a stream open: its request in flight is answered, then the
+    stream ends UNAVAILABLE at once (not when the shutdown's grace runs out), so its
+    client opens one on another replica."""
+    settings = make_settings(model_repo, grpc_port=free_port(), shutdown_timeout_s=30)
+    srv = await LiveServer(create_app(settings), settings).start()
+    stopping = None
+    try:
+        async with Stream(settings.grpc_port) as stream:
+            stream.send(POS_MODEL, inputs_of(POS_MODEL, 1), "first")
+            result, error = await stream.next()
+            assert error is None and result.get_response().id == "first"
+            q = srv.queue
+            q.pause()
+            stream.send(POS_MODEL, inputs_of(POS_MODEL, 1), "held")
+            await wait_for(lambda: q.depth(POS_MODEL) == 1)
+            stopping = asyncio.create_task(srv.stop())
+            await wait_for(lambda: srv.state.stopping)
+            q.resume()
+            result, error = await stream.next()
+            assert error is None and result.get_response().id == "held"  # drained, answered
+            result, error = await stream.next()
+            assert result is None and error.status() == "StatusCode.UNAVAILABLE"
+            assert "shutting down" in error.message()
+            await asyncio.wait_for(stopping, 20)  # well within the 30 s grace
+    finally:
+        if stopping is None:
+            await srv.stop()
+        else:
+            await stopping
 
 
 # ------------------------------------------------------------------ repository

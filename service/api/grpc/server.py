@@ -429,20 +429,44 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while True:
                 await slots.acquire()  # at the bound: stop reading (back-pressure)
-                request = await context.read()
-                if request is aio.EOF:
+                request = await self._read(context)
+                if request is None or request is aio.EOF:
                     break
                 work = asyncio.create_task(answer(request))
                 running.add(work)
                 work.add_done_callback(running.discard)
             while running:  # the client closed its side: answer what it sent, then end
                 await asyncio.gather(*running)
+            if request is None:  # shutting down: its answers sent, the stream ends
+                refused = Refusal(503, "backend_unavailable", SHUTTING_DOWN_STREAM)
+                await self._abort(context, refused, [("x-request-id", call.rid)])
             context.set_trailing_metadata((("x-request-id", call.rid),))
         finally:  # cancelled (the client left, its deadline passed) or failed: withdraw
             left = list(running)
             for work in left:
                 work.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+
+    async def _read(self, context: aio.ServicerContext) -> Any:
+        """The stream's next request (or ``aio.EOF``); None once the service is shutting
+        down: a stream may stay open for hours, so it ends then rather than when the
+        shutdown's grace runs out, and its client reconnects to another replica."""
+        stopped = self.state.stopped
+        if stopped.is_set():
+            return None
+        reading = asyncio.ensure_future(context.read())
+        stopping = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reading.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if reading.done():
+            return reading.result()
+        reading.cancel()  # shutting down: read no further
+        return None
 
     # ------------------------------------------------------------------ repository
     async def RepositoryIndex(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -480,6 +504,12 @@ NO_RUNTIME_LOADING = (
     "nlpserve does not load or unload models at runtime: it serves the models of "
     "NLPSERVE_MODEL_DIR (NLPSERVE_LOAD_MODELS: which of them) loaded at startup; change "
     "those and restart (or roll out new replicas) to change them"
+)
+
+
+SHUTTING_DOWN_STREAM = (
+    "the service is shutting down: the requests this stream sent were answered; open a new "
+    "stream (another replica) for more"
 )
 
 
