@@ -17,7 +17,7 @@ import pytest_asyncio
 from service.api.app import create_app
 from tests.api.test_grpc_v2 import _text, as_rest, close, inputs_of
 from tests.api.test_v2 import MODELS
-from tests.redis_support import free_port
+from tests.redis_support import free_port, redis_backend
 from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
@@ -213,6 +213,43 @@ async def test_a_stream_runs_at_most_its_bound_at_once(srv):
         assert ids == {f"b-{k}" for k in range(BOUND + 3)}
     finally:
         q.resume()
+
+
+async def test_a_streams_requests_share_the_response_cache(model_repo):
+    """The same run_work as ModelInfer: a stream's repeat of a ModelInfer is a cache hit."""
+    settings = make_settings(model_repo, variant="fp32", grpc_port=free_port(), response_cache_mb=1)
+    async with live_server(settings) as s:
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        try:
+            first = await client.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
+        finally:
+            await client.close()
+        before = await _metrics(s)
+        async with Stream(settings.grpc_port) as stream:
+            stream.send(POS_MODEL, inputs_of(POS_MODEL, 1), "again")
+            result, error = await stream.next()
+        after = await _metrics(s)
+    assert error is None
+    assert as_rest(result, ["tokens", "tags"]) == as_rest(first, ["tokens", "tags"])
+    hits = "nlpserve_response_cache_hits_total"
+    assert metric_value(after, hits, model=POS_MODEL) == (
+        metric_value(before, hits, model=POS_MODEL) + 1
+    )
+
+
+async def test_redis_mode_serves_a_stream(model_repo):
+    settings = make_settings(model_repo, grpc_port=free_port())
+    async with (
+        redis_backend(settings) as s,
+        live_server(s),
+        Stream(settings.grpc_port) as stream,
+    ):
+        for k in range(3):
+            stream.send(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1 + k), f"r-{k}")
+        answers = [await stream.next() for _ in range(3)]
+    assert all(error is None for _, error in answers)
+    shapes = {r.get_response().id: r.as_numpy("label").shape for r, _ in answers}
+    assert shapes == {"r-0": (1,), "r-1": (2,), "r-2": (3,)}
 
 
 # ------------------------------------------------------------------ keys, cancelling
