@@ -138,6 +138,14 @@ class Settings(BaseSettings):
         description="Also serve the Open Inference Protocol over gRPC on this port, beside "
         "HTTP, at NLPSERVE_HOST (the grpc extra: `pip install 'nlpserve[grpc]'`). 0: no gRPC.",
     )
+    grpc_stream_max_in_flight: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most requests of one gRPC ModelStreamInfer stream run at once (they may "
+        "batch together); past it the server reads the stream no further until one is "
+        "answered, so the client's sends wait (HTTP/2 flow control).",
+    )
     cors_allow_origins: str | None = Field(
         None,
         description="Origins whose web pages may call the API from a browser, comma-separated "

@@ -80,6 +80,7 @@ def begin_shutdown(state: ServiceState, drain_timeout_s: float) -> None:
     left after ``drain_timeout_s`` fails with 503). Only the first call does anything."""
     state.loaded = False
     state.stopping = True
+    state.stopped.set()
     if state.closing is None and state.queue is not None:
         state.closing = asyncio.create_task(state.queue.close(drain_timeout_s), name="drain")
 

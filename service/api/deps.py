@@ -38,6 +38,8 @@ class ServiceState:
     queue: InferenceQueue | None = None
     loaded: bool = False
     stopping: bool = False  # the server's (or the lifespan's) shutdown has begun
+    # ... as an event: what long-lived calls (gRPC streams) wait on beside their reads
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
     # The queue's close, started once by whichever comes first: the server's shutdown
     # (service/server.py) or the lifespan shutdown.
     closing: asyncio.Task[None] | None = None

@@ -587,8 +587,12 @@ async def test_a_grpc_port_in_use_is_one_line_with_exit_status_2(model_repo):
         holder.close()
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"nlpserve: cannot serve gRPC: NLPSERVE_GRPC_PORT: {where} "), last
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"nlpserve: cannot serve gRPC: NLPSERVE_GRPC_PORT: {where} ")
+    assert lines[-1].endswith("(Address already in use)"), lines[-1]
+    # not grpcio's own error line first (its C core's: "E1207 12:00:00.000 ... add_port.cc")
+    assert not any(re.match(r"[EWI]\d{4} ", line) for line in lines), done.stderr
+    assert "add_port" not in done.stderr, done.stderr
 
 
 async def test_sigterm_stops_both_servers_of_a_real_process(model_repo):

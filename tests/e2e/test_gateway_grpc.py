@@ -4,7 +4,8 @@ front of two ``nlpserve serve`` replicas with ``NLPSERVE_GRPC_PORT``, as process
 loopback ports (compose's topology, in-process queue, the tiny polarity model).
 
 Through the gateway tritonclient.grpc gets the answers a replica gives directly, both
-replicas serve calls, the request id and traceparent reach the replica as metadata, and what
+replicas serve calls, a ModelStreamInfer stream passes through, the request id and
+traceparent reach the replica as metadata, and what
 nginx answers itself is a gRPC status a client can act on: RESOURCE_EXHAUSTED for its rate
 limit and body limit, UNAVAILABLE (with a message) when no replica answers. One replica
 down: the other serves every call. Needs ``nginx`` (Debian: ``nginx``, with http_v2).
@@ -176,6 +177,22 @@ def test_grpc_through_the_gateway(topology: GrpcTopology) -> None:
             stub.ModelInfer(_request(["x" * (2 * GATEWAY_MAX_BODY)]), timeout=20)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
         assert "gateway limit" in (err.value.details() or "")
+
+        # A ModelStreamInfer stream passes through (HTTP/2 both ways): every request answered
+        # on it with its id, a refused one as its error_message, the stream going on.
+        requests = [_request(TEXTS[: 1 + k % 3]) for k in range(6)]
+        bad = _request(["good"])
+        bad.inputs[0].name = "txt"
+        for k, request in enumerate([*requests, bad]):
+            request.id = f"g-{k}"
+        answers = list(stub.ModelStreamInfer(iter([*requests, bad]), timeout=30))
+        by_id = {a.infer_response.id: a for a in answers}
+        assert len(answers) == 7 and set(by_id) == {f"g-{k}" for k in range(7)}
+        assert by_id["g-6"].error_message.startswith("INVALID_ARGUMENT: unknown input 'txt'")
+        for k in range(6):
+            assert by_id[f"g-{k}"].error_message == ""
+            label = next(o for o in by_id[f"g-{k}"].infer_response.outputs if o.name == "label")
+            assert list(label.shape) == [1 + k % 3]
 
         # One replica down: the other serves every call (nginx retries a refused connection).
         topology.apis[0].kill()

@@ -1,11 +1,13 @@
 """The Open Inference Protocol (KServe V2) over gRPC (``NLPSERVE_GRPC_PORT``): Triton's and
 KServe's ``inference.GRPCInferenceService``, as far as grpc_predict_v2.proto here declares it
-(health, metadata, ModelInfer), for tritonclient.grpc and KServe's clients.
+(health, metadata, ModelInfer) and of Triton's the bidirectional ModelStreamInfer and
+RepositoryIndex, for tritonclient.grpc and KServe's clients.
 
 A ``grpc.aio`` server on the API's own event loop (started and stopped by its lifespan,
 service/api/app.py): an inference goes down the REST /v2's path (``v2_tensors.infer`` over
 ``run_work``: the same tensors, checks, queue, batching, deadline and stage metrics), its
 protobuf tensors read into the REST request model and its answer written as raw tensors.
+Each request of a ModelStreamInfer stream goes the same way, several at once.
 Errors are the REST status's gRPC code (:data:`CODES`) with REST's message.
 
 Imported only where gRPC is on: grpcio is an optional extra.
@@ -14,8 +16,10 @@ Imported only where gRPC is on: grpcio is an optional extra.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -52,6 +56,7 @@ from service.tasks.base import InputError
 log = logging.getLogger(__name__)
 
 ENDPOINT = "grpc"  # nlpserve_requests_total's endpoint label of a ModelInfer
+STREAM = "grpc_stream"  # ... and of each request on a ModelStreamInfer stream
 
 # REST's status -> the gRPC code of the same cause (a status not here: INTERNAL).
 CODES = {
@@ -309,21 +314,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             seconds = min(seconds, max(0.0, remaining))
         return time.monotonic() + seconds
 
-    async def ModelInfer(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        context: aio.ServicerContext,
+        client: str | None,
+        trace: tracecontext.TraceContext,
+        rid: str,
+        endpoint: str,
+    ) -> pb.ModelInferResponse:
+        """One inference down ``run_work`` (ModelInfer's, and each of a stream's), counted in
+        the metrics under ``endpoint``; any answer but OK raises :class:`Refusal`."""
         t0 = time.perf_counter()
-        pairs = _metadata_pairs(context)
-        given = dict(pairs).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.fullmatch(given) else new_id()
-        trace = tracecontext.from_headers(
-            [v for k, v in pairs if k == b"traceparent"],
-            [v for k, v in pairs if k == b"tracestate"],
-        )
-        tags = [("x-request-id", rid), ("traceparent", trace.traceparent)]
-        try:  # before the metrics, as over HTTP: a refused call is no model's request
-            client = self._client(pairs)
-        except Refusal as r:
-            log.info("request %s: gRPC ModelInfer refused: %s", rid, r.code)
-            await self._abort(context, r, tags)
         state = self.state
         model = "unknown"  # the metrics' model until the name is one of the loaded
         status, code = 500, "internal_error"
@@ -344,12 +346,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
             response = infer_response(payload)
             status, code = 200, ""
-            context.set_trailing_metadata(tuple(tags))
             return response
         except (ApiError, InputError, QueueError) as e:
             refused = refusal(e)
             status, code = refused.status, refused.code
-            await self._abort(context, refused, tags)
+            raise refused from None
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
             if remaining is not None and remaining <= DEADLINE_TRANSIT_S:
@@ -358,20 +359,213 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 status, code = 499, "client_closed_request"
             raise
         except Exception:
-            log.exception("unhandled error on gRPC ModelInfer (request %s)", rid)
-            await self._abort(context, Refusal(500, code, "internal server error (logged)"), tags)
+            log.exception("unhandled error on gRPC %s (request %s)", endpoint, rid)
+            raise Refusal(500, code, "internal server error (logged)") from None
         finally:
             CLIENT.reset(client_token)
             tracecontext.CURRENT.reset(trace_token)
             m = state.metrics
             exemplar = trace.trace_id if trace.sampled else None
-            m.observe_request(model, ENDPOINT, status, time.perf_counter() - t0, exemplar)
+            m.observe_request(model, endpoint, status, time.perf_counter() - t0, exemplar)
             if status >= 400:
                 m.child(m.rejected, model, code).inc()
+
+    async def ModelInfer(self, request: Any, context: aio.ServicerContext) -> Any:
+        call = _Call(context)
+        trace = call.trace()
+        tags = [("x-request-id", call.rid), ("traceparent", trace.traceparent)]
+        try:  # before the metrics, as over HTTP: a refused call is no model's request
+            client = self._client(call.pairs)
+        except Refusal as r:
+            log.info("request %s: gRPC ModelInfer refused: %s", call.rid, r.code)
+            await self._abort(context, r, tags)
+        try:
+            response = await self._infer(request, context, client, trace, call.rid, ENDPOINT)
+        except Refusal as r:
+            await self._abort(context, r, tags)
+        context.set_trailing_metadata(tuple(tags))
+        return response
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: aio.ServicerContext) -> None:
+        """Each request of the stream as a ModelInfer of its own (metrics: ``grpc_stream``),
+        answered as it completes, so out of order: ``infer_response.id`` says whose. A
+        refusal is that request's ``error_message``; the stream goes on. Up to
+        NLPSERVE_GRPC_STREAM_MAX_IN_FLIGHT run at once (they may batch together); at that
+        bound the stream is read no further, so HTTP/2's flow control holds the client back.
+        The key is checked once, on the stream's metadata. The client cancelling the stream
+        (or its deadline passing) cancels what it has not been answered."""
+        call = _Call(context)
+        try:
+            client = self._client(call.pairs)
+        except Refusal as r:
+            log.info("request %s: gRPC ModelStreamInfer refused: %s", call.rid, r.code)
+            await self._abort(context, r, [("x-request-id", call.rid)])
+        slots = asyncio.Semaphore(self.state.settings.grpc_stream_max_in_flight)
+        writing = asyncio.Lock()  # grpc.aio allows one write at a time on a call
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                # the stream's trace (its metadata), a span of its own per request
+                trace = call.trace()
+                rid = request.id if _REQUEST_ID.fullmatch(request.id) else call.rid
+                try:
+                    response = await self._infer(request, context, client, trace, rid, STREAM)
+                    out = pb.ModelStreamInferResponse(infer_response=response)
+                except Refusal as r:
+                    out = pb.ModelStreamInferResponse(
+                        error_message=stream_error(request, r),
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name,
+                            model_version=request.model_version,
+                            id=request.id,
+                        ),
+                    )
+                async with writing:
+                    await context.write(out)
+            finally:
+                slots.release()
+
+        try:
+            while True:
+                await slots.acquire()  # at the bound: stop reading (back-pressure)
+                request = await self._read(context)
+                if request is None or request is aio.EOF:
+                    break
+                work = asyncio.create_task(answer(request))
+                running.add(work)
+                work.add_done_callback(running.discard)
+            while running:  # the client closed its side: answer what it sent, then end
+                await asyncio.gather(*running)
+            if request is None:  # shutting down: its answers sent, the stream ends
+                refused = Refusal(503, "backend_unavailable", SHUTTING_DOWN_STREAM)
+                await self._abort(context, refused, [("x-request-id", call.rid)])
+            context.set_trailing_metadata((("x-request-id", call.rid),))
+        finally:  # cancelled (the client left, its deadline passed) or failed: withdraw
+            left = list(running)
+            for work in left:
+                work.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+
+    async def _read(self, context: aio.ServicerContext) -> Any:
+        """The stream's next request (or ``aio.EOF``); None once the service is shutting
+        down: a stream may stay open for hours, so it ends then rather than when the
+        shutdown's grace runs out, and its client reconnects to another replica."""
+        stopped = self.state.stopped
+        if stopped.is_set():
+            return None
+        reading = asyncio.ensure_future(context.read())
+        stopping = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reading.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if reading.done():
+            return reading.result()
+        reading.cancel()  # shutting down: read no further
+        return None
+
+    # ------------------------------------------------------------------ repository
+    async def RepositoryIndex(self, request: Any, context: aio.ServicerContext) -> Any:
+        """The models served, each at its one version: ``READY``, or ``UNAVAILABLE`` with
+        the reason while it cannot serve (``ready: true`` asks for the ready ones only). The
+        repository's name is not read: the server has one, NLPSERVE_MODEL_DIR."""
+        await self._authenticated(context)
+        Index = pb.RepositoryIndexResponse.ModelIndex
+        models = []
+        for name, task in sorted(self.state.tasks.items()):
+            why = await not_ready(self.state, name)
+            if why is None:
+                models.append(Index(name=name, version=task.manifest.version, state="READY"))
+            elif not request.ready:
+                models.append(
+                    Index(
+                        name=name,
+                        version=task.manifest.version,
+                        state="UNAVAILABLE",
+                        reason=why.message,
+                    )
+                )
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: Any, context: aio.ServicerContext) -> Any:
+        await self._authenticated(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_RUNTIME_LOADING)
+
+    async def RepositoryModelUnload(self, request: Any, context: aio.ServicerContext) -> Any:
+        await self._authenticated(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_RUNTIME_LOADING)
+
+
+NO_RUNTIME_LOADING = (
+    "nlpserve does not load or unload models at runtime: it serves the models of "
+    "NLPSERVE_MODEL_DIR (NLPSERVE_LOAD_MODELS: which of them) loaded at startup; change "
+    "those and restart (or roll out new replicas) to change them"
+)
+
+
+SHUTTING_DOWN_STREAM = (
+    "the service is shutting down: the requests this stream sent were answered; open a new "
+    "stream (another replica) for more"
+)
+
+
+def stream_error(request: pb.ModelInferRequest, refused: Refusal) -> str:
+    """A stream's refusal of one request, in words: no status travels with it, so its gRPC
+    code leads, and the request's id follows (tritonclient's callback sees only the words)."""
+    code = CODES.get(refused.status, grpc.StatusCode.INTERNAL).name
+    text = f"{code}: {refused.message}"
+    if request.id:
+        text += f" (request {request.id!r})"
+    if refused.retry_after is not None:
+        text += f"; retry after {refused.retry_after} s"
+    return text
+
+
+class _Call:
+    """What a call's metadata says: its pairs, request id and the caller's trace."""
+
+    def __init__(self, context: aio.ServicerContext) -> None:
+        self.pairs = _metadata_pairs(context)
+        given = dict(self.pairs).get(b"x-request-id", b"").decode("latin-1")
+        self.rid = given if _REQUEST_ID.fullmatch(given) else new_id()
+
+    def trace(self) -> tracecontext.TraceContext:
+        """The caller's trace (a new one without a valid ``traceparent``), a new span."""
+        return tracecontext.from_headers(
+            [v for k, v in self.pairs if k == b"traceparent"],
+            [v for k, v in self.pairs if k == b"tracestate"],
+        )
 
 
 def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def probe_port(host: str, port: int, where: str) -> None:
+    """GrpcPortError where another process listens on the port. Asked before grpcio is:
+    its C core writes its own error line to stderr (not Python's logging: nothing to
+    silence there) before ``add_insecure_port`` raises, and `nlpserve serve` is to end
+    with one line. grpcio still has the last word (it binds what the name resolves to)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # grpcio's resolver says what is wrong with the name
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            # as grpcio binds: a closed connection's TIME_WAIT is no obstacle, a listener is
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise GrpcPortError(
+                        f"NLPSERVE_GRPC_PORT: {where} cannot be bound ({e.strerror})"
+                    ) from None
+                # another failure (an address family the host lacks): grpcio decides
 
 
 async def start_grpc(state: ServiceState) -> aio.Server:
@@ -388,6 +582,7 @@ async def start_grpc(state: ServiceState) -> aio.Server:
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
     where = address(settings.host, settings.grpc_port)
+    probe_port(settings.host, settings.grpc_port, where)
     try:
         bound = server.add_insecure_port(where)
     except RuntimeError as e:  # grpcio raises where older ones returned 0
