@@ -1,10 +1,12 @@
 """Micro-benchmark of the response cache's own cost (service/api/response_cache.py):
 ``ResponseCache.serve`` over N one-item requests, with a ``run`` that returns ready-made
 results, so that what is timed is the cache alone (keys, lookup, keeping, copies), not the
-model. Reported per item: all misses (0% repeats, a cache that keeps growing), then all hits.
+model. Reported in CPU time per item (best of ``--repeat``): all misses (0% repeats, a
+cache that keeps growing), then all hits.
 
     python -m bench.cache_serve --items 20000
-    PYTHONPATH=/tmp/old python -m bench.cache_serve   # another tree's cache, same numbers
+    PYTHONPATH=/tmp/old python bench/cache_serve.py   # another tree's cache (not -m: the
+                                                      # current folder would come first)
 
 The results are real ones' shapes: /v1's ``PolarityResponse`` and the V2 protocol's rows
 (dicts). A benchmark, not a test: nothing is asserted.
@@ -39,7 +41,7 @@ def v2_row(i: int) -> dict[str, Any]:
 
 
 async def measure(models: Path, n: int, protocol: str) -> tuple[float, float]:
-    """Seconds per item of ``serve`` for ``n`` misses, then for the same ``n`` as hits."""
+    """CPU seconds per item of ``serve`` for ``n`` misses, then for the same ``n`` as hits."""
     settings = Settings(model_dir=models, providers="CPUExecutionProvider")
     (entry,) = discover_models(models, select={"polarity-en": None})
     task = build_tasks([entry], settings)["polarity-en"]
@@ -62,10 +64,10 @@ async def measure(models: Path, n: int, protocol: str) -> tuple[float, float]:
     out = []
     for _ in range(2):  # misses (every item new), then hits (every item known)
         gc.collect()
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU, not wall time: the neighbours' load shows less
         for item in items:
             await cache.serve(task, None, [item], decode, deadline, Timing(), run)
-        out.append((time.perf_counter() - t0) / n)
+        out.append((time.process_time() - t0) / n)
     return out[0], out[1]
 
 
