@@ -190,7 +190,7 @@ class ResponseCache:
             return kind, data
         try:
             return PICKLED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError):
+        except Exception:  # whatever a value's pickling raises: answered, just not kept
             return None
 
     def thaw(self, frozen: Frozen) -> Any:

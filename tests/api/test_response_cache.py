@@ -277,6 +277,8 @@ async def test_a_result_its_json_cannot_carry_is_answered_but_not_kept():
     cache.put(b"row", {"probability": float("nan")})  # pickled rows carry NaN as it is
     found, row = cache.get(b"row")
     assert found and row["probability"] != row["probability"]
+    cache.put(b"fn", {"how": lambda: 0})  # no pickle of it: answered, never kept
+    assert not cache.get(b"fn")[0]
 
 
 # --------------------------------------------------------------------------- single-flight
