@@ -7,7 +7,8 @@ in Redis mode (real ``redis-server``, the committed models) take requests of eve
 both clients, a 4xx, a 429 and 401s included; every ``nlpserve_*`` name the dashboard uses
 must be in their ``/metrics`` expositions (a renamed metric fails here), and a real
 Prometheus server (``prometheus`` on PATH: Debian package ``prometheus``, which .ci/run
-installs for ``promtool``) scraping both every second, exemplars stored, must accept every
+installs for ``promtool``) scraping both every second, the response cache on and hit,
+evicting and coalescing, exemplars stored, must accept every
 target expression and the variable queries, answer with data for every panel but the ones
 that only show incidents, and hold a sampled request's trace id as an exemplar of every
 target that shows exemplars.
@@ -16,6 +17,7 @@ target that shows exemplars.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
@@ -59,6 +61,10 @@ GRAFANA_VARS = {
 # poison input, deadline or cancelled client): the live test asks only that they parse.
 INCIDENT_PANELS = {"Provider fallback", "Reclaimed, dead-lettered, expired, cancelled"}
 MAX_QUEUE_DEPTH = 8  # one request of 8 sequences fills a queue: the next is refused (429)
+# The API's response cache: ~20 polarity results, so that the traffic below evicts some.
+RESPONSE_CACHE_MB = 0.002
+# Each round of traffic asks new texts (a cache that knew them would leave the model idle).
+ROUNDS = itertools.count()
 # The API's keys file: one client's key as its hash, the other's as itself (both forms).
 CLIENT_KEYS = {"alice": "alice-key-0123456789-abcdefghij", "bob": "bob-plaintext-key-9876543210"}
 KEYS_FILE = f"{key_line('alice', CLIENT_KEYS['alice'])}\nbob {CLIENT_KEYS['bob']}\n"
@@ -189,6 +195,7 @@ async def stack() -> AsyncIterator[Stack]:
             metrics_host="127.0.0.1",
             max_queue_depth=MAX_QUEUE_DEPTH,
             api_keys_file=keys_file,
+            response_cache_mb=RESPONSE_CACHE_MB,
         )
         try:
             # as `nlpserve worker` does: the runners record into the worker's registry
@@ -213,21 +220,29 @@ async def stack() -> AsyncIterator[Stack]:
 
 async def _traffic(st: Stack) -> None:
     """Every model's prediction from both clients (one a sampled trace), an explanation, a
-    4xx, a 429 and 401s (no key, a wrong key)."""
+    4xx, a 429 and 401s (no key, a wrong key); response cache hits and coalesced items."""
     alice = {"Authorization": f"Bearer {CLIENT_KEYS['alice']}"}
     bob = {"X-API-Key": CLIENT_KEYS["bob"]}
+    n = next(ROUNDS)
     async with st.api.client(headers=alice) as c, st.api.client(headers=bob) as b:
         ok = [
             c.post(
                 "/v1/polarity",
-                json={"text": "A charming, funny and moving film."},
+                json={"text": f"A charming, funny and moving film ({n})."},
                 headers={"traceparent": TRACEPARENT},
             ),
-            b.post("/v1/polarity", json={"inputs": [{"text": "dull"}, {"text": "a fine cast"}]}),
-            c.post("/v1/pos", json={"inputs": [{"text": "The dog barks."}, {"tokens": ["Hi"]}]}),
-            b.post("/v1/detect", json={"text": "The mitochondria is the powerhouse of the cell."}),
+            b.post(
+                "/v1/polarity", json={"inputs": [{"text": f"dull {n}"}, {"text": "a fine cast"}]}
+            ),
             c.post(
-                "/v1/qa", json={"question": "长城有多长？", "context": "长城总长度超过两万千米。"}
+                "/v1/pos", json={"inputs": [{"text": f"The dog barks {n}."}, {"tokens": ["Hi"]}]}
+            ),
+            b.post(
+                "/v1/detect", json={"text": f"The mitochondria is the powerhouse of the cell {n}."}
+            ),
+            c.post(
+                "/v1/qa",
+                json={"question": "长城有多长？", "context": f"长城总长度超过两万千米。{n}"},
             ),
             b.post("/v1/polarity/explain", json={"text": "a charming film"}),
         ]
@@ -245,14 +260,46 @@ async def _traffic(st: Stack) -> None:
         # Requests that each fill the queue, sent at once: those admitted while another's
         # entries are still in the streams (until it is answered) are refused. A burst
         # where every one ran before the next arrived is tried again.
-        full = {"inputs": [{"text": f"film {i}"} for i in range(MAX_QUEUE_DEPTH)]}
-        for _ in range(5):
-            burst = [c.post("/v1/polarity", json=full) for _ in range(8)]
+        # Every request its own texts: identical ones would wait on one run (single-flight).
+        for k in range(5):
+            burst = [
+                c.post(
+                    "/v1/polarity",
+                    json={"inputs": [{"text": f"film {n}.{k}.{j}.{i}"} for i in range(8)]},
+                )
+                for j in range(8)
+            ]
             statuses = [r.status_code for r in await asyncio.gather(*burst)]
             assert set(statuses) <= {200, 429}, statuses
             if 429 in statuses:
                 break
         assert 429 in statuses, "no request was refused with queue_full"
+        await _cache_traffic(st, c, n)
+
+
+async def _cache_traffic(st: Stack, c: httpx.AsyncClient, n: int) -> None:
+    """A response cache hit, and identical requests at once: all but the first wait on its
+    run in flight (coalesced). Requests that each ran before the next arrived are tried
+    again with another text."""
+    body = {"text": f"a headline asked twice ({n})"}
+    for _ in range(2):
+        r = await c.post("/v1/polarity", json=body)
+        assert r.status_code == 200, r.text
+    assert r.headers["server-timing"].startswith("cache;desc=hit"), r.headers
+    coalesced = "nlpserve_response_cache_coalesced_total"
+
+    def counted(text: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{coalesced}{{[^}}]*}} (\S+)$", text, re.M))
+
+    before = counted((await c.get("/metrics")).text)
+    for k in range(5):
+        same = {"text": f"a headline everyone asks at once ({n}.{k})"}
+        answers = await asyncio.gather(*(c.post("/v1/polarity", json=same) for _ in range(6)))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        if counted((await c.get("/metrics")).text) > before:
+            break
+    else:
+        raise AssertionError("no identical request was coalesced")
 
 
 def _exposed(text: str) -> set[str]:
@@ -394,6 +441,11 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
         ):
             result = await _query(c, first[title])
             assert {s["metric"][label] for s in result} == want, (title, result)
+        # the cache row: the polarity model's hits and coalesced items, above 0
+        for title in ("Response cache hit ratio", "Response cache coalesced items per second"):
+            result = await _query(c, first[title])
+            rates = {s["metric"]["model"]: float(s["value"][1]) for s in result}
+            assert rates.get("polarity-en", 0) > 0, (title, result)
 
 
 @ASYNC

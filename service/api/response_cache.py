@@ -19,12 +19,21 @@ A key is a blake2b digest of what determines the answer:
 Process-wide settings that change answers (max lengths, buckets...) are fixed for a process's
 life, and so is this cache's: it is per API process, never shared. Errors are never cached,
 nor results that came back past the request's deadline.
+
+A result is kept frozen, as bytes (a pydantic result's JSON, anything else pickled), and
+thawed into a new object for each answer: what a response does with its results can never
+reach the cache, with no deep copy either way, and the bytes are also the size counted.
+
+Single-flight: a missed item that another request is running now is not run again; the
+request waits for that run (within its own deadline) and thaws its result. A run that fails
+(an error, a refusal, its client gone, its deadline past) leaves its waiters to run the item
+themselves, each under its own admission and deadline, so each gets its own answer or error.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import asyncio
+import pickle
 import re
 import time
 import weakref
@@ -35,8 +44,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from service.metrics import Metrics
+from service.queueing.base import DeadlineExceededError
 from service.tasks.base import InputError, Task
 
 if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never imports it
@@ -47,6 +58,13 @@ R = TypeVar("R")
 KEY_BYTES = 16  # a 128-bit blake2b digest: the key's memory is bounded whatever the input
 _ITEM_PREFIX = re.compile(r"^inputs\[(\d+)\]: ")
 
+# A result as kept: (its kind, its bytes). Kind 0 is pickle (the V2 protocol's rows, any
+# other value); kind k > 0 the JSON of the k-th pydantic class seen. Bytes and ints only, so
+# the tuples are untracked by the garbage collector: a cache of a million entries adds
+# nothing to each full collection's walk, as a million deep-copied models did.
+Frozen = tuple[int, bytes]
+PICKLED = 0
+
 
 class Timing(dict[str, float]):
     """run_requests' stage -> seconds, and how the cache answered the request (``hit``:
@@ -54,14 +72,6 @@ class Timing(dict[str, float]):
 
     cache: str | None = None
     cache_s: float = 0.0
-
-
-def result_size(value: Any) -> int:
-    """The estimate of a result's memory: its JSON's length (the Python objects behind it
-    take a few times that; docs/service.md says so)."""
-    if isinstance(value, BaseModel):
-        return len(value.model_dump_json())
-    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
 
 
 def decoder_name(decode: Callable[..., Any]) -> str:
@@ -88,13 +98,18 @@ def fingerprint(task: Task, runner: ModelRunner | None) -> bytes:
 
 
 class ResponseCache:
-    """An LRU of per-item results bounded by an estimate of bytes (keys + results' JSON)."""
+    """An LRU of per-item results bounded by an estimate of bytes (keys + results as kept),
+    and the items being run now, so that identical misses run once (single-flight)."""
 
     def __init__(self, max_bytes: int, metrics: Metrics) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, Frozen] = OrderedDict()
         self._fingerprints: weakref.WeakKeyDictionary[Task, bytes] = weakref.WeakKeyDictionary()
+        self._classes: list[type[BaseModel] | None] = [None]  # kind -> class (0: pickled)
+        self._kinds: dict[type[BaseModel], int] = {}
+        # key -> what its running item will be (None: its run failed or kept nothing)
+        self._inflight: dict[bytes, asyncio.Future[Frozen | None]] = {}
         r = metrics.registry
         self._metrics = metrics
         self.hits = Counter(
@@ -105,7 +120,13 @@ class ResponseCache:
         )
         self.misses = Counter(
             "nlpserve_response_cache_misses_total",
-            "Prediction items the response cache did not hold (run by the model).",
+            "Prediction items the response cache did not hold (run by the model, or coalesced).",
+            ["model"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "nlpserve_response_cache_coalesced_total",
+            "Missed items answered by an identical item's run for another request, in flight.",
             ["model"],
             registry=r,
         )
@@ -116,7 +137,7 @@ class ResponseCache:
         )
         self.size = Gauge(
             "nlpserve_response_cache_bytes",
-            "The response cache's size as it counts it: keys plus results' JSON.",
+            "The response cache's size as it counts it: keys plus results as kept (JSON).",
             registry=r,
         )
 
@@ -135,38 +156,76 @@ class ResponseCache:
         if fp is None:
             fp = self._fingerprints[task] = fingerprint(task, runner)
         how = decoder_name(decode).encode()
+        prefixes: dict[type[BaseModel], Any] = {}  # the hash of what every item shares, copied
         out = []
         for item in items:
-            h = blake2b(fp, digest_size=KEY_BYTES)
-            h.update(b"\0" + how + b"\0" + type(item).__qualname__.encode() + b"\0")
-            h.update(item.model_dump_json().encode())
+            cls = type(item)
+            prefix = prefixes.get(cls)
+            if prefix is None:
+                prefix = prefixes[cls] = blake2b(fp, digest_size=KEY_BYTES)
+                prefix.update(b"\0" + how + b"\0" + cls.__qualname__.encode() + b"\0")
+            h = prefix.copy()
+            h.update(cls.__pydantic_serializer__.to_json(item))  # model_dump_json's bytes
             out.append(h.digest())
         return out
+
+    # ------------------------------------------------------------------ kept form
+    def freeze(self, value: Any) -> Frozen | None:
+        """``value`` as kept: bytes that nothing a caller does to ``value`` can change, and
+        from which :meth:`thaw` makes a new equal object each time (the copy a response may
+        do anything with). None: there is no such form (it is then not kept)."""
+        if isinstance(value, BaseModel):
+            cls = type(value)
+            kind = self._kinds.get(cls)
+            if kind is None:
+                kind = self._kinds[cls] = len(self._classes)
+                self._classes.append(cls)
+            try:
+                data = cls.__pydantic_serializer__.to_json(value)
+            except PydanticSerializationError:
+                return None
+            # JSON writes NaN and infinities as null, which no float field reads back
+            if b"null" in data and not _reads_back(cls, data, value):
+                return None
+            return kind, data
+        try:
+            return PICKLED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # whatever a value's pickling raises: answered, just not kept
+            return None
+
+    def thaw(self, frozen: Frozen) -> Any:
+        kind, data = frozen
+        cls = self._classes[kind]
+        # our own bytes, never a client's: unpickling them is safe
+        return pickle.loads(data) if cls is None else cls.model_validate_json(data)
 
     # ------------------------------------------------------------------ LRU
     def get(self, key: bytes) -> tuple[bool, Any]:
         # no lock: every caller (HTTP routes, grpc.aio's servicer) runs on the event loop
-        entry = self._entries.get(key)
-        if entry is None:
+        frozen = self._entries.get(key)
+        if frozen is None:
             return False, None
         self._entries.move_to_end(key)
-        # a copy: what a response does with its results never reaches the cache
-        return True, copy.deepcopy(entry[0])
+        return True, self.thaw(frozen)
 
     def put(self, key: bytes, value: Any) -> None:
-        size = len(key) + result_size(value)
+        frozen = self.freeze(value)
+        if frozen is not None:
+            self.keep(key, frozen)
+
+    def keep(self, key: bytes, frozen: Frozen) -> None:
+        size = len(key) + len(frozen[1])
         if size > self.max_bytes:
             return  # would evict everything and still not fit
-        value = copy.deepcopy(value)
         evicted = 0
         old = self._entries.pop(key, None)
         if old is not None:
-            self.bytes -= old[1]
-        self._entries[key] = (value, size)
+            self.bytes -= len(key) + len(old[1])
+        self._entries[key] = frozen
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.bytes -= dropped
+            dropped, (_, data) = self._entries.popitem(last=False)
+            self.bytes -= len(dropped) + len(data)
             evicted += 1
         self.size.set(self.bytes)
         if evicted:
@@ -183,18 +242,20 @@ class ResponseCache:
         timing: Timing,
         run: Callable[[list[BaseModel]], Awaitable[list[R]]],
     ) -> list[R]:
-        """``items``' results: those held from here, the others from ``run`` (admission,
-        queue, model; in the items' order), which are then kept."""
+        """``items``' results: those held from here, those another request is running now
+        from its run (single-flight), the others from ``run`` (admission, queue, model; in
+        the items' order), which are then kept."""
         t0 = time.perf_counter()
         keys = self.keys(task, runner, decode, items)
         results: list[Any] = [None] * len(items)
         missing: list[int] = []
         for i, key in enumerate(keys):
-            found, value = self.get(key)
-            if found:
-                results[i] = value
-            else:
+            frozen = self._entries.get(key)
+            if frozen is None:
                 missing.append(i)
+            else:
+                self._entries.move_to_end(key)
+                results[i] = self.thaw(frozen)
         hits = len(items) - len(missing)
         if hits:
             self._metrics.child(self.hits, task.name).inc(hits)
@@ -202,18 +263,81 @@ class ResponseCache:
             self._metrics.child(self.misses, task.name).inc(len(missing))
         timing.cache = "miss" if not hits else "partial" if missing else "hit"
         timing.cache_s = time.perf_counter() - t0
-        if not missing:
-            return results
-        try:
-            ran = await run([items[i] for i in missing])
-        except InputError as e:
-            raise renumbered(e, missing, len(items)) from None
-        late = time.monotonic() > deadline  # answered, but not in time: not kept
-        for i, value in zip(missing, ran, strict=True):
-            results[i] = value
-            if not late:
-                self.put(keys[i], value)
+        todo = missing
+        while todo:  # more than once only when a run this request waited on failed
+            todo = await self._run_or_wait(task.name, keys, items, todo, results, deadline, run)
         return results
+
+    async def _run_or_wait(
+        self,
+        model: str,
+        keys: list[bytes],
+        items: list[BaseModel],
+        todo: list[int],
+        results: list[Any],
+        deadline: float,
+        run: Callable[[list[BaseModel]], Awaitable[list[R]]],
+    ) -> list[int]:
+        """Runs the items of ``todo`` that no request is running, waits for the others' runs;
+        returns the items still to do: those whose run failed (the error was its request's:
+        this one runs them itself, under its own deadline and admission, or waits for
+        another request that got there first)."""
+        lead: list[int] = []
+        follow: list[tuple[int, asyncio.Future[Frozen | None]]] = []
+        answered = 0  # by other requests (kept meanwhile, or coalesced)
+        loop = asyncio.get_running_loop()
+        for i in todo:
+            key = keys[i]
+            if (frozen := self._entries.get(key)) is not None:  # kept since this one looked
+                results[i] = self.thaw(frozen)
+                answered += 1
+            elif (flight := self._inflight.get(key)) is not None:
+                follow.append((i, flight))
+            else:
+                self._inflight[key] = loop.create_future()
+                lead.append(i)
+        if lead:
+            done: dict[int, Frozen | None] = {}
+            try:
+                ran = await run([items[i] for i in lead])
+                late = time.monotonic() > deadline  # answered, but not in time: not kept
+                for i, value in zip(lead, ran, strict=True):
+                    results[i] = value
+                    frozen = done[i] = self.freeze(value)
+                    if frozen is not None and not late:
+                        self.keep(keys[i], frozen)
+            except InputError as e:
+                raise renumbered(e, lead, len(items)) from None
+            finally:  # whatever happened (errors, cancellation): no one waits on it any more
+                for i in lead:
+                    self._inflight.pop(keys[i]).set_result(done.get(i))
+        again = []
+        if follow:
+            pending = {f for _, f in follow if not f.done()}
+            if pending:
+                # asyncio.wait never cancels them: another request's run is not this one's
+                _, late_ones = await asyncio.wait(pending, timeout=deadline - time.monotonic())
+                if late_ones:
+                    raise DeadlineExceededError(
+                        "the deadline passed while an identical item ran for another request"
+                    )
+            for i, flight in follow:
+                frozen = flight.result()
+                if frozen is None:
+                    again.append(i)
+                else:
+                    results[i] = self.thaw(frozen)
+                    answered += 1
+        if answered:
+            self._metrics.child(self.coalesced, model).inc(answered)
+        return again
+
+
+def _reads_back(cls: type[BaseModel], data: bytes, value: BaseModel) -> bool:
+    try:
+        return cls.model_validate_json(data) == value
+    except ValueError:
+        return False
 
 
 def renumbered(error: InputError, positions: list[int], n: int) -> InputError:

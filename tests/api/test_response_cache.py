@@ -2,7 +2,10 @@
 HTTP: off by default; a repeated item answered from the cache with the same body and no model
 run; a batch of hits and misses in order; keys per model, input and protocol; LRU eviction;
 another model version keys apart; errors and late answers not kept; a full hit is not refused
-for a full queue; in Redis mode a hit never reaches the stream (the worker stopped)."""
+for a full queue; what a caller does to its results never reaches the cache; single-flight
+(identical misses in flight run once; a failed or abandoned first run leaves its waiters to
+run it themselves; a waiter's own deadline); in Redis mode a hit never reaches the stream (the
+worker stopped)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from service.api.response_cache import ResponseCache
-from service.api.schemas import PolarityRequest
+from service.api.response_cache import ResponseCache, Timing
+from service.api.schemas import PolarityRequest, PolarityResponse, PosResponse
 from service.config import Settings
 from service.metrics import Metrics
 from service.repository import ModelEntry, discover_models
@@ -80,6 +83,15 @@ def stages(r: httpx.Response) -> list[str]:
 def ran(metrics: str, model: str) -> float:
     """Sequences the model has run (the batch-size histogram's sum)."""
     return metric_value(metrics, "nlpserve_batch_size_sum", model=model)
+
+
+def counted(srv: LiveServer, name: str) -> float:
+    """The polarity model's ``nlpserve_response_cache_<name>_total`` now, read in-process (a
+    state to wait on while requests are held in the paused queue)."""
+    value = srv.state.metrics.registry.get_sample_value(
+        f"nlpserve_response_cache_{name}_total", {"model": POLARITY_MODEL}
+    )
+    return value or 0.0
 
 
 # --------------------------------------------------------------------------- off
@@ -214,6 +226,184 @@ async def test_a_full_hit_is_answered_while_the_queue_is_full(srv):
         assert (await c.post("/v1/polarity", json=mixed)).status_code == 429
         q.resume()
         assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+
+
+# --------------------------------------------------------------------------- isolation
+async def test_what_a_caller_does_to_its_results_never_reaches_the_cache(srv):
+    """Kept as bytes, thawed anew for each answer: neither the result a miss returned nor
+    one a hit returned is the cache's own (a cache that kept or returned the object itself
+    would answer the mutation next)."""
+    cache = ResponseCache(10_000, Metrics())
+    tagged = PosResponse(tokens=["a", "cat"], tags=["DT", "NN"])
+    row = {"label": "positive", "probability": 0.75, "probabilities": [0.25, 0.75]}
+    cache.put(b"pos", tagged)
+    cache.put(b"row", row)
+    tagged.tokens.append("mutated")
+    row["probabilities"].append(1.0)  # type: ignore[attr-defined]
+    for _ in range(2):
+        found, got = cache.get(b"pos")
+        assert found and got == PosResponse(tokens=["a", "cat"], tags=["DT", "NN"])
+        got.tags.clear()
+        found, got_row = cache.get(b"row")
+        assert found and got_row["probabilities"] == [0.25, 0.75]
+        got_row["probabilities"].clear()
+
+    # through serve(), the one path of every protocol: a miss's own result, then a hit's
+    task = srv.state.tasks[POLARITY_MODEL]
+    item = PolarityRequest(text="a result the caller scribbles on")
+    original = PolarityResponse(label="positive", positive_probability=0.9, truncated=False)
+    deadline = asyncio.get_running_loop().time() + 60
+
+    async def run(todo: list[Any]) -> list[Any]:
+        return [original.model_copy() for _ in todo]
+
+    (first,) = await cache.serve(task, None, [item], task.decode, deadline, Timing(), run)
+    first.label = "negative"
+    (hit,) = await cache.serve(task, None, [item], task.decode, deadline, Timing(), run)
+    assert hit == original and hit is not first
+    hit.positive_probability = 0.0
+    (again,) = await cache.serve(task, None, [item], task.decode, deadline, Timing(), run)
+    assert again == original
+
+
+async def test_a_result_its_json_cannot_carry_is_answered_but_not_kept():
+    """JSON writes NaN as null, which the float field would not read back: not kept, rather
+    than a hit that fails (or answers otherwise than the miss did)."""
+    cache = ResponseCache(10_000, Metrics())
+    cache.put(
+        b"nan", PolarityResponse(label="x", positive_probability=float("nan"), truncated=False)
+    )
+    assert len(cache) == 0 and cache.bytes == 0
+    cache.put(b"row", {"probability": float("nan")})  # pickled rows carry NaN as it is
+    found, row = cache.get(b"row")
+    assert found and row["probability"] != row["probability"]
+    cache.put(b"fn", {"how": lambda: 0})  # no pickle of it: answered, never kept
+    assert not cache.get(b"fn")[0]
+
+
+# --------------------------------------------------------------------------- single-flight
+async def test_identical_concurrent_misses_run_once(srv, plain):
+    """Requests for one item while its first request is still running (held in the paused
+    queue) wait for that run: one sequence run, every answer the same as without a cache."""
+    body = {"text": "one headline, asked by many clients at once"}
+    n = 4
+    q = srv.queue
+    async with srv.client() as c, plain.client() as p:
+        before = await read_metrics(c)
+        misses, coalesced = counted(srv, "misses"), counted(srv, "coalesced")
+        q.pause()
+        calls = [asyncio.create_task(c.post("/v1/polarity", json=body)) for _ in range(n)]
+        # every request looked its item up, and one sequence is queued: the others wait
+        await wait_for(lambda: counted(srv, "misses") == misses + n)
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 1)
+        q.resume()
+        answers = await asyncio.gather(*calls)
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=body)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert {r.content for r in answers} == {expected.content}
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 1
+    assert counted(srv, "coalesced") == coalesced + n - 1
+    series = "nlpserve_response_cache_coalesced_total"
+    assert metric_value(after, series, model=POLARITY_MODEL) == coalesced + n - 1
+    assert [cache_timing(r) for r in answers] == ["miss"] * n  # none was held
+
+
+async def test_a_batch_repeating_an_item_runs_it_once(srv, plain):
+    batch = {"inputs": [{"text": "said twice in one batch"}, {"text": "once"}] * 2}
+    async with srv.client() as c, plain.client() as p:
+        before = await read_metrics(c)
+        r = await c.post("/v1/polarity", json=batch)
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=batch)
+    assert r.status_code == 200 and r.content == expected.content
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 2
+
+
+async def test_when_the_first_run_fails_its_waiters_run_the_item_themselves(srv, plain):
+    """The first request's deadline passes in the paused queue (504): the ones waiting on its
+    run neither hang nor share its error; one of them runs the item, the others wait on that."""
+    body = {"text": "its first request gives up before the model runs"}
+    q = srv.queue
+    async with srv.client() as c, plain.client() as p:
+        misses, coalesced = counted(srv, "misses"), counted(srv, "coalesced")
+        q.pause()
+        first = asyncio.create_task(
+            c.post("/v1/polarity", json=body, headers={"X-Deadline-Ms": "400"})
+        )
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 1)
+        waiters = [asyncio.create_task(c.post("/v1/polarity", json=body)) for _ in range(3)]
+        await wait_for(lambda: counted(srv, "misses") == misses + 4)
+        failed = await first
+        assert failed.status_code == 504, failed.text
+        assert not any(w.done() for w in waiters)
+        before = await read_metrics(c)
+        # one waiter's run queued; the abandoned item is still counted until the paused
+        # loop purges it (it never runs)
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 2)
+        q.resume()
+        answers = await asyncio.gather(*waiters)
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=body)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert {r.content for r in answers} == {expected.content}
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 1
+    assert counted(srv, "coalesced") == coalesced + 2
+
+
+async def test_when_the_first_client_leaves_its_waiters_still_get_answers(srv, plain):
+    """The first client hangs up while its item is queued: its run is withdrawn (499), and a
+    waiter runs the item instead; the model runs it once."""
+    body = {"text": "its first client hangs up"}
+    q = srv.queue
+    registry = srv.state.metrics.registry
+    closed = {"model": POLARITY_MODEL, "endpoint": "predict", "status": "499"}
+
+    def gone() -> float:
+        return registry.get_sample_value("nlpserve_requests_total", closed) or 0.0
+
+    async with srv.client() as c, srv.client() as leaving, plain.client() as p:
+        misses, left = counted(srv, "misses"), gone()
+        before = await read_metrics(c)
+        q.pause()
+        first = asyncio.create_task(leaving.post("/v1/polarity", json=body))
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 1)
+        waiters = [asyncio.create_task(c.post("/v1/polarity", json=body)) for _ in range(2)]
+        await wait_for(lambda: counted(srv, "misses") == misses + 3)
+        first.cancel()
+        await leaving.aclose()  # the connection closed: the server withdraws its work
+        await wait_for(lambda: gone() == left + 1)
+        # one waiter's run queued; the abandoned item is still counted until the paused
+        # loop purges it (it never runs)
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 2)
+        q.resume()
+        answers = await asyncio.gather(*waiters)
+        after = await read_metrics(c)
+        expected = await p.post("/v1/polarity", json=body)
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert {r.content for r in answers} == {expected.content}
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 1
+
+
+async def test_a_waiter_keeps_its_own_deadline_and_leaves_the_run_alone(srv):
+    """A waiter whose deadline passes first answers 504 itself; the run it waited on goes on
+    and answers its own request (and is kept)."""
+    body = {"text": "a patient first request, an impatient second"}
+    q = srv.queue
+    async with srv.client() as c:
+        misses = counted(srv, "misses")
+        q.pause()
+        first = asyncio.create_task(c.post("/v1/polarity", json=body))
+        await wait_for(lambda: q.depth(POLARITY_MODEL) == 1)
+        second = await c.post("/v1/polarity", json=body, headers={"X-Deadline-Ms": "300"})
+        assert counted(srv, "misses") == misses + 2
+        assert second.status_code == 504, second.text
+        assert second.json()["error"]["code"] == "deadline_exceeded"
+        assert not first.done() and q.depth(POLARITY_MODEL) == 1
+        q.resume()
+        answer = await first
+        assert answer.status_code == 200, answer.text
+        assert cache_timing(await c.post("/v1/polarity", json=body)) == "hit"
 
 
 # --------------------------------------------------------------------------- bounds
