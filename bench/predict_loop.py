@@ -79,19 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     naive_loop(task, runner, lines[:20])  # first runs allocate ORT's arena: not timed
 
     predictor = BulkPredictor(task, runner, settings.batch_policy(runner.provider))
-    loop_times, bulk_times = [], []
+    loop_times, bulk_times, loop_cpu, bulk_cpu = [], [], [], []
     # alternated, best of each: a shared machine's neighbours move both sides alike
     for _ in range(args.rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loop_out = naive_loop(task, runner, lines)
         loop_times.append(time.perf_counter() - t0)
+        loop_cpu.append(time.process_time() - c0)
         sink = io.StringIO()
         predictor.stats = Stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = predict_stream(
             predictor, io.BytesIO(b"\n".join(lines)), sink, chunk_lines=args.chunk_lines
         )
         bulk_times.append(time.perf_counter() - t0)
+        bulk_cpu.append(time.process_time() - c0)
     predictor.close()
     bulk_out = sink.getvalue().splitlines()
     assert stats.errors == 0 and len(bulk_out) == len(lines), stats
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
                 "predict_items_per_s": round(n / bulk_s, 1),
                 "ratio": round(loop_s / bulk_s, 2),
                 "rounds_s": {"loop": _r(loop_times), "predict": _r(bulk_times)},
+                # CPU time (every thread) per item: what batching saves, whatever the cores
+                "cpu_ms_per_item": {
+                    "loop": round(1000 * min(loop_cpu) / n, 3),
+                    "predict": round(1000 * min(bulk_cpu) / n, 3),
+                },
                 "batches": stats.batches,
                 "padding_efficiency": round(stats.padding_efficiency, 3),
                 **_differences(loop_out, bulk_out),

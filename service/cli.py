@@ -24,6 +24,7 @@ from service.config import Settings
 from service.logs import configure_logging
 
 if TYPE_CHECKING:
+    from service.bulk import BulkPredictor
     from service.repository import ModelEntry
 
 app = typer.Typer(
@@ -340,19 +341,33 @@ def predict(
     settings = _settings(**{k: v for k, v in overrides.items() if v is not None}, warmup=False)
     configure_logging(settings.log_level, settings.log_format)
     entry = _predict_model(settings, model, version)
+    _check_not_same_file(input_path, output_path)
     inp = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     try:
-        out = _text_out(output_path)
+        predictor = _predictor(settings, entry)  # loaded before the output file is made
         try:
-            failed = _run_predict(settings, entry, inp, out, chunk_lines, fail_fast, progress)
+            out = _text_out(output_path)
+            try:
+                failed = _run_predict(predictor, inp, out, fail_fast, progress, chunk_lines)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
         finally:
-            if out is not sys.stdout:
-                out.close()
+            predictor.close()
     finally:
         if inp is not sys.stdin.buffer:
             inp.close()
     if failed:
         raise typer.Exit(PREDICT_LINES_FAILED)
+
+
+def _check_not_same_file(input_path: str, output_path: str) -> None:
+    """Opening the output truncates it: the input, if they are one file."""
+    if "-" in (input_path, output_path) or not Path(output_path).exists():
+        return
+    if Path(input_path).exists() and os.path.samefile(input_path, output_path):
+        typer.echo(f"nlpserve: --output {output_path} is the input file", err=True)
+        raise typer.Exit(2)
 
 
 def _predict_model(settings: Settings, model: str, version: str | None) -> ModelEntry:
@@ -404,32 +419,34 @@ def _text_out(path: str) -> IO[str]:
     return sys.stdout
 
 
-def _run_predict(
-    settings: Settings,
-    entry: ModelEntry,
-    inp: IO[bytes],
-    out: IO[str],
-    chunk_lines: int,
-    fail_fast: bool,
-    progress: bool | None,
-) -> bool:
-    """Load the model, answer ``inp`` into ``out``, print the summary; True if a line failed."""
-    from service.bulk import BulkPredictor, Progress, input_size, predict_stream
+def _predictor(settings: Settings, entry: ModelEntry) -> BulkPredictor:
+    from service.bulk import BulkPredictor
     from service.runtime.runner import load_runners
     from service.tasks import task_class
 
     runner = load_runners(settings, None, [entry])[entry.name]
     task = task_class(entry.manifest.task)(entry, settings)
-    predictor = BulkPredictor(task, runner, settings.batch_policy(runner.provider))
+    return BulkPredictor(task, runner, settings.batch_policy(runner.provider))
+
+
+def _run_predict(
+    predictor: BulkPredictor,
+    inp: IO[bytes],
+    out: IO[str],
+    fail_fast: bool,
+    progress: bool | None,
+    chunk_lines: int,
+) -> bool:
+    """Answer ``inp`` into ``out``, print the summary; True if a line failed."""
+    from service.bulk import Progress, input_size, predict_stream
+
+    runner, entry = predictor.runner, predictor.runner.entry
     bar = Progress(sys.stderr.isatty() if progress is None else progress, input_size(inp))
     t0 = time.perf_counter()
-    try:
-        stats = predict_stream(
-            predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
-        )
-        out.flush()
-    finally:
-        predictor.close()
+    stats = predict_stream(
+        predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
+    )
+    out.flush()
     secs = time.perf_counter() - t0
     bar.update(stats, None, final=True)
     first = ""

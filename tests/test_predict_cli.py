@@ -25,6 +25,7 @@ from tests.service_support import (
     POS_MODEL,
     QA_MODEL,
     LiveServer,
+    diverged_detector_repo,
     live_server,
     make_settings,
     require_model,
@@ -202,6 +203,26 @@ async def test_sorted_batches_pad_less_than_arrival_order(cli, model_repo, tmp_p
     assert "padding efficiency 1.000" in result.stderr
 
 
+async def test_a_line_the_model_fails_on_is_the_apis_inference_failed(cli, model_repo, tmp_path):
+    """A diverged model (the unknown-word embedding is NaN): the batch holding the bad line
+    fails, each of its lines is rerun alone, and only the bad one gets an error line, the
+    one /v1 answers it with."""
+    repo = diverged_detector_repo(model_repo, tmp_path / "diverged")
+    lines = [json.dumps({"text": t}) for t in ("a truly great film", "a zebra", "the movie")]
+    args = (DETECT_MODEL, "--models", repo, "--batch-size", 8)
+    result = _run(cli, *args, input_lines=lines, tmp_path=tmp_path)
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    async with (
+        live_server(make_settings(repo, variant="fp32")) as srv,
+        srv.client() as client,
+    ):
+        want = [await _api_answer(client, "detect", DETECT_MODEL, line) for line in lines]
+    assert want[1]["error"]["code"] == "inference_failed"
+    assert json.loads(out[1]) == {"line": 2, **want[1]}
+    assert [rounded(json.loads(out[i])) for i in (0, 2)] == [want[0], want[2]]
+
+
 async def test_fail_fast_stops_after_the_first_failed_line(cli, model_repo, tmp_path):
     lines = [json.dumps({"text": _words(3)}), "oops", json.dumps({"text": _words(4)})]
     result = _run(
@@ -241,6 +262,15 @@ async def test_unknown_model_version_or_variant_exits_2_in_one_line(
     assert result.exit_code == 2
     assert result.stdout == ""
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_output_over_its_own_input_is_refused(cli, model_repo, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "the movie"}\n')
+    result = cli("predict", POLARITY_MODEL, "--models", model_repo, "-i", src, "-o", src, env=ENV)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"nlpserve: --output {src} is the input file"
+    assert src.read_text() == '{"text": "the movie"}\n'
 
 
 async def test_bad_setting_exits_2_in_one_line(cli, model_repo, tmp_path):
