@@ -285,8 +285,11 @@ async def test_bad_setting_exits_2_in_one_line(cli, model_repo, tmp_path):
 def _nlpserve(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
     env.update(ENV, PYTHONPATH=str(ROOT))
+    # the installed console script (its `service` is this checkout's: PYTHONPATH)
+    script = Path(sys.executable).with_name("nlpserve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "predict", *args],
+        [*command, "predict", *args],
         input=stdin,
         env=env,
         capture_output=True,
