@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.loadgen import RequestSpec, build_requests
-from service.batching import WorkItem, pad_batch
+from service.batching import WorkItem, pad_batch, sorted_batches
 from service.config import Settings
 from service.repository import discover_models
 from service.runtime.session import create_session
@@ -87,23 +87,6 @@ class RawResult:
             "variant": self.variant,
             "provider": self.provider,
         }
-
-
-def sorted_batches(
-    items: Sequence[WorkItem], max_size: int, max_tokens: int
-) -> list[list[WorkItem]]:
-    """Greedy batches over length-sorted items under the service's two limits."""
-    out: list[list[WorkItem]] = []
-    cur: list[WorkItem] = []
-    for it in sorted(items, key=lambda x: x.length):
-        # Sorted ascending, so the newcomer is the longest: padded = (n + 1) * its length.
-        if cur and (len(cur) >= max_size or (len(cur) + 1) * it.length > max_tokens):
-            out.append(cur)
-            cur = []
-        cur.append(it)
-    if cur:
-        out.append(cur)
-    return out
 
 
 def encode_detect(specs: Sequence[RequestSpec], folder: Path, manifest: Any) -> list[WorkItem]:

@@ -11,8 +11,10 @@ import inspect
 import json
 import os
 import re
+import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -20,6 +22,10 @@ from pydantic_settings import SettingsError
 
 from service.config import Settings
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from service.bulk import BulkPredictor
+    from service.repository import ModelEntry
 
 app = typer.Typer(
     name="nlpserve",
@@ -279,6 +285,194 @@ def list_models(
                 }
             )
         )
+
+
+# `nlpserve predict`'s exit status when it answered every line but some with an error line.
+PREDICT_LINES_FAILED = 1
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="The model's name in the repository (detector-en).")],
+    input_path: Annotated[
+        str,
+        typer.Option("--input", "-i", help="JSON Lines to answer, one /v1 item a line (-: stdin)."),
+    ] = "-",
+    output_path: Annotated[
+        str, typer.Option("--output", "-o", help="Where the answers go, a line each (-: stdout).")
+    ] = "-",
+    model_dir: Annotated[
+        Path | None, typer.Option("--models", help="Model repository (NLPSERVE_MODEL_DIR).")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="The model's version (default: its highest).")
+    ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(help="Variant or precision: fp32, int8, fp16 (NLPSERVE_VARIANT)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Most sequences in a batch (NLPSERVE_MAX_BATCH_SIZE).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Most padded tokens in a batch (NLPSERVE_MAX_BATCH_TOKENS)."),
+    ] = None,
+    chunk_lines: Annotated[
+        int,
+        typer.Option(min=1, help="Lines read, sorted by length and batched at a time."),
+    ] = 4096,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop after the first line that fails.")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress line on stderr (default: when stderr is a terminal).",
+        ),
+    ] = None,
+) -> None:
+    """Answer a JSON Lines file offline with one model, as its /v1 endpoint would.
+
+    Each input line is one item of the model's /v1 endpoint ({"text": ...}; QA: {"question",
+    "context"}); each output line is that endpoint's answer to it alone, in input order, or
+    {"line", "status", "error": {"code", "message"}} where the API would refuse it. A blank
+    line is answered by a blank line. Settings come from NLPSERVE_* as for serve. Exit status:
+    0 every line answered, 1 some lines failed (their error lines written), 2 a bad setting,
+    model or file."""
+    overrides = {
+        "model_dir": model_dir,
+        "variant": variant,
+        "max_batch_size": batch_size,
+        "max_batch_tokens": max_tokens,
+    }
+    # no warm-up: it sets the live queue's padding floor, which sorted batches have no use for
+    settings = _settings(**{k: v for k, v in overrides.items() if v is not None}, warmup=False)
+    configure_logging(settings.log_level, settings.log_format)
+    entry = _predict_model(settings, model, version)
+    _check_not_same_file(input_path, output_path)
+    inp = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
+    try:
+        predictor = _predictor(settings, entry)  # loaded before the output file is made
+        try:
+            out = _text_out(output_path)
+            try:
+                failed = _run_predict(predictor, inp, out, fail_fast, progress, chunk_lines)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+        finally:
+            predictor.close()
+    finally:
+        if inp is not sys.stdin.buffer:
+            inp.close()
+    if failed:
+        raise typer.Exit(PREDICT_LINES_FAILED)
+
+
+def _check_not_same_file(input_path: str, output_path: str) -> None:
+    """Opening the output truncates it: the input, if they are one file."""
+    if "-" in (input_path, output_path) or not Path(output_path).exists():
+        return
+    if Path(input_path).exists() and os.path.samefile(input_path, output_path):
+        typer.echo(f"nlpserve: --output {output_path} is the input file", err=True)
+        raise typer.Exit(2)
+
+
+def _predict_model(settings: Settings, model: str, version: str | None) -> ModelEntry:
+    """The repository's entry of ``model`` (at ``version``), checked (a name, version or
+    variant it lacks: one line, exit status 2)."""
+    from service.repository import held_models
+
+    root = settings.model_dir
+    if not root.is_dir():
+        typer.echo(f"nlpserve: invalid model repository: {root}: folder not found", err=True)
+        raise typer.Exit(2)
+    held = sorted(held_models(root))
+    if model not in held:
+        typer.echo(
+            f"nlpserve: no model {model!r} in {root} (it holds: {', '.join(held) or 'nothing'})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if version is not None and not (root / model / version / "manifest.json").is_file():
+        versions = sorted(
+            p.name for p in (root / model).iterdir() if (p / "manifest.json").is_file()
+        )
+        typer.echo(
+            f"nlpserve: {model} has no version {version!r} in {root} (it has: "
+            f"{', '.join(versions)})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    (entry,) = _repository(root, select={model: version}, buckets=settings.buckets)
+    variants = entry.manifest.variants
+    forced = settings.variant
+    if forced and forced not in variants and all(v.precision != forced for v in variants.values()):
+        # `serve` warns and picks per provider (a repository may mix models); one model named
+        # with a variant it lacks is a mistake
+        typer.echo(
+            f"nlpserve: invalid setting: NLPSERVE_VARIANT: {model} has no variant {forced!r} "
+            f"(it has: {', '.join(sorted(variants))})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return entry
+
+
+def _text_out(path: str) -> IO[str]:
+    if path != "-":
+        return open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+    if (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]  # answers are UTF-8
+    return sys.stdout
+
+
+def _predictor(settings: Settings, entry: ModelEntry) -> BulkPredictor:
+    from service.bulk import BulkPredictor
+    from service.runtime.runner import load_runners
+    from service.tasks import task_class
+
+    runner = load_runners(settings, None, [entry])[entry.name]
+    task = task_class(entry.manifest.task)(entry, settings)
+    return BulkPredictor(task, runner, settings.batch_policy(runner.provider))
+
+
+def _run_predict(
+    predictor: BulkPredictor,
+    inp: IO[bytes],
+    out: IO[str],
+    fail_fast: bool,
+    progress: bool | None,
+    chunk_lines: int,
+) -> bool:
+    """Answer ``inp`` into ``out``, print the summary; True if a line failed."""
+    from service.bulk import Progress, input_size, predict_stream
+
+    runner, entry = predictor.runner, predictor.runner.entry
+    bar = Progress(sys.stderr.isatty() if progress is None else progress, input_size(inp))
+    t0 = time.perf_counter()
+    stats = predict_stream(
+        predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
+    )
+    out.flush()
+    secs = time.perf_counter() - t0
+    bar.update(stats, None, final=True)
+    first = ""
+    if stats.first_error is not None:
+        number, err = stats.first_error
+        first = f"; first failed line: {number} ({err.code}: {err.message})"
+    typer.echo(
+        f"nlpserve predict: {entry.name}/{entry.manifest.version} ({runner.variant} on "
+        f"{runner.provider}): {stats.items} items, {stats.errors} errors, {secs:.2f}s, "
+        f"{stats.items / max(secs, 1e-9):.1f} items/s, {stats.batches} batches, padding "
+        f"efficiency {stats.padding_efficiency:.3f}"
+        + (" (stopped: --fail-fast)" if fail_fast and stats.errors else "")
+        + first,
+        err=True,
+    )
+    return stats.errors > 0
 
 
 def _unwrap_help(typer_app: typer.Typer) -> None:

@@ -31,9 +31,8 @@ from bench.loadgen import (
     run_load_procs,
     summarize,
 )
-from bench.raw_ort import sorted_batches
 from bench.run import Bench
-from service.batching import WorkItem
+from service.batching import WorkItem, sorted_batches
 
 
 def test_lengths_are_lognormal_and_clipped() -> None:

@@ -233,6 +233,7 @@ def test_options_in_documented_commands_exist():
                         unknown.append(f"{name}: {command} {option}")
     assert {"nlpserve worker", "nlpserve train polarity", "nlpserve train qa"} <= checked
     assert {"nlpserve pretrain", "nlpserve evaluate", "bench.run", "bench.overload"} <= checked
+    assert {"nlpserve predict", "bench.predict_loop"} <= checked
     assert unknown == []
 
 

@@ -2,7 +2,7 @@
 
 from service.batching.assemble import pad_batch, split_outputs
 from service.batching.buckets import bucket_edges, bucket_index
-from service.batching.forming import PendingBucket
+from service.batching.forming import PendingBucket, sorted_batches
 from service.batching.scheduler import BucketScheduler
 from service.batching.types import BatchPolicy, WorkItem
 
@@ -14,5 +14,6 @@ __all__ = [
     "bucket_edges",
     "bucket_index",
     "pad_batch",
+    "sorted_batches",
     "split_outputs",
 ]

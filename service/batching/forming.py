@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from itertools import islice
 from typing import Generic
 
@@ -158,3 +159,21 @@ class PendingBucket(Generic[ItemT]):
         self.items.extendleft(reversed([it for i, it in enumerate(window) if i not in taken]))
         self._forget()
         return [window[i] for i in sorted(chosen)]
+
+
+def sorted_batches(items: Iterable[ItemT], max_size: int, max_tokens: int) -> list[list[ItemT]]:
+    """Greedy batches over length-sorted items under the service's two limits (at most
+    ``max_size`` sequences, ``rows x longest`` at most ``max_tokens``; a longer sequence runs
+    alone): for work that is all there at once (``nlpserve predict``, bench/raw_ort.py), where
+    sorting beats :class:`PendingBucket`'s nearest-length choice."""
+    out: list[list[ItemT]] = []
+    cur: list[ItemT] = []
+    for it in sorted(items, key=lambda x: x.length):
+        # Sorted ascending, so the newcomer is the longest: padded = (n + 1) * its length.
+        if cur and (len(cur) >= max_size or (len(cur) + 1) * it.length > max_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(it)
+    if cur:
+        out.append(cur)
+    return out

@@ -131,6 +131,23 @@ def where(i: int, n: int) -> str:
     return f"inputs[{i}]: " if n > 1 else ""
 
 
+def check_sequences(task: Task, n: int) -> None:
+    """422 ``input_too_long`` for a request of ``n`` model sequences, more than one request
+    may queue: it would never be admitted, so a 429 "retry later" would be a lie."""
+    s = task.settings
+    if n > s.max_request_sequences or n > s.max_queue_depth:
+        limit, setting = min(
+            (s.max_request_sequences, "NLPSERVE_MAX_REQUEST_SEQUENCES"),
+            (s.max_queue_depth, "NLPSERVE_MAX_QUEUE_DEPTH"),
+        )
+        what = "QA windows of its contexts" if task.task == "qa" else "one per item"
+        raise InputError(
+            "input_too_long",
+            f"this request needs {n} model sequences ({what}); one request may need "
+            f"at most {limit} ({setting}): send fewer or shorter texts",
+        )
+
+
 Outputs = list[dict[str, np.ndarray]]  # one request item's sequences' model outputs
 
 
@@ -192,19 +209,7 @@ async def run_requests(
     else:
         prepared = task.prepare(requests, deadline, lane, enforce_limits)
     flat = [it for p in prepared for it in p.items]
-    s = task.settings
-    if len(flat) > s.max_request_sequences or len(flat) > s.max_queue_depth:
-        # Would never be admitted: a 429 "retry later" would be a lie.
-        limit, setting = min(
-            (s.max_request_sequences, "NLPSERVE_MAX_REQUEST_SEQUENCES"),
-            (s.max_queue_depth, "NLPSERVE_MAX_QUEUE_DEPTH"),
-        )
-        what = "QA windows of its contexts" if task.task == "qa" else "one per item"
-        raise InputError(
-            "input_too_long",
-            f"this request needs {len(flat)} model sequences ({what}); one request may need "
-            f"at most {limit} ({setting}): send fewer or shorter texts",
-        )
+    check_sequences(task, len(flat))
     t1 = time.perf_counter()
     outputs = await queue.submit_many(flat)
     if timing is not None:
