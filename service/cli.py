@@ -289,6 +289,9 @@ def list_models(
 
 # `nlpserve predict`'s exit status when it answered every line but some with an error line.
 PREDICT_LINES_FAILED = 1
+# ... and when its output's reader went away first (a closed pipe): 128 + SIGPIPE, as a shell
+# reports a filter killed by it
+PREDICT_OUTPUT_CLOSED = 141
 
 
 @app.command()
@@ -340,7 +343,7 @@ def predict(
     {"line", "status", "error": {"code", "message"}} where the API would refuse it. A blank
     line is answered by a blank line. Settings come from NLPSERVE_* as for serve. Exit status:
     0 every line answered, 1 some lines failed (their error lines written), 2 a bad setting,
-    model or file."""
+    model or file, 141 the output's reader went away (a closed pipe)."""
     overrides = {
         "model_dir": model_dir,
         "variant": variant,
@@ -359,6 +362,11 @@ def predict(
             out = _text_out(output_path)
             try:
                 failed = _run_predict(predictor, inp, out, fail_fast, progress, chunk_lines)
+            except BrokenPipeError:
+                # the reader left (`| head`): stop quietly, as Unix filters do; the interpreter's
+                # last flush of stdout would otherwise raise again at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise typer.Exit(PREDICT_OUTPUT_CLOSED) from None
             finally:
                 if out is not sys.stdout:
                     out.close()

@@ -324,3 +324,28 @@ async def test_stdin_to_stdout_in_a_real_process(model_repo):
     assert missing.stderr.strip().splitlines() == [
         "nlpserve: FileNotFoundError: [Errno 2] No such file or directory: 'nope.jsonl'"
     ]
+
+
+async def test_a_reader_gone_first_ends_quietly(model_repo, tmp_path):
+    """`nlpserve predict ... | head -1`: the pipe closes after the first line; the command
+    ends with 141 (128 + SIGPIPE) and no traceback."""
+    src = tmp_path / "many.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": _words(n % 30 + 1, n)}) + "\n" for n in range(20_000))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(ENV, PYTHONPATH=str(ROOT))
+    script = Path(sys.executable).with_name("nlpserve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    proc = subprocess.Popen(
+        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src),
+         "--chunk-lines", "64"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["label"]
+    proc.stdout.close()  # the reader leaves, as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
