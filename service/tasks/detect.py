@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from service.api.schemas import DetectRequest, DetectResponse
 from service.config import Settings
 from service.preprocess.classify import ClassifyEncoder, softmax
 from service.repository import ModelEntry
-from service.tasks.base import Prepared, Task
+from service.tasks.base import Prepared, Task, classified
 
 
 class DetectTask(Task):
@@ -24,6 +25,7 @@ class DetectTask(Task):
         pre = self.manifest.preprocessing
         self.encoder = ClassifyEncoder.load(entry.path / pre.tokenizer_file, self.max_length)
         self.labels = self.manifest.labels
+        self.outcomes = self.labels
         self.machine = self.labels.index("machine") if "machine" in self.labels else -1
 
     def texts(self, request: DetectRequest) -> list[tuple[str, str]]:  # type: ignore[override]
@@ -40,7 +42,9 @@ class DetectTask(Task):
                 "token_type_ids": enc.token_type_ids,
             }
             item = self.item(feats, len(enc), deadline, lane)
-            out.append(Prepared([item], {"truncated": enc.truncated}))
+            # len(enc): as read; the untruncated length is never computed (the tokenizer
+            # stops at max_length)
+            out.append(Prepared([item], tokens=len(enc), truncated=enc.truncated))
         return out
 
     def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -50,8 +54,13 @@ class DetectTask(Task):
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> DetectResponse:
         probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
-        return DetectResponse(
+        response = DetectResponse(
             label=self.labels[k],
             machine_probability=float(probs[self.machine]) if self.machine >= 0 else 0.0,
-            truncated=prepared.meta["truncated"],
+            truncated=prepared.truncated,
         )
+        response._confidence = float(probs[k])
+        return response
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        return classified(result)

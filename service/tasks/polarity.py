@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from service.api.schemas import PolarityRequest, PolarityResponse
 from service.config import Settings
 from service.preprocess.classify import softmax
 from service.repository import ModelEntry
-from service.tasks.base import InputError, Prepared, Task, where
+from service.tasks.base import InputError, Prepared, Task, classified, where
 from service.tasks.pos import load_word_encoder
 
 
@@ -24,6 +25,7 @@ class PolarityTask(Task):
         super().__init__(entry, settings)
         self.encoder = load_word_encoder(entry)
         self.labels = self.manifest.labels
+        self.outcomes = self.labels
         self.positive = self.labels.index("positive") if "positive" in self.labels else -1
 
     def texts(self, request: PolarityRequest) -> list[tuple[str, str]]:  # type: ignore[override]
@@ -40,12 +42,9 @@ class PolarityTask(Task):
                 raise InputError("empty_text", f"{where(i, n)}the text contains no words")
             truncated = len(enc) > self.max_length
             ids = enc.word_ids[: self.max_length]
-            out.append(
-                Prepared(
-                    [self.item({"word_ids": ids}, len(ids), deadline, lane)],
-                    {"truncated": truncated},
-                )
-            )
+            # len(ids): as read; the encoder reads no further than max_length + 1 tokens
+            item = self.item({"word_ids": ids}, len(ids), deadline, lane)
+            out.append(Prepared([item], tokens=len(ids), truncated=truncated))
         return out
 
     def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -55,8 +54,13 @@ class PolarityTask(Task):
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PolarityResponse:
         probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
-        return PolarityResponse(
+        response = PolarityResponse(
             label=self.labels[k],
             positive_probability=float(probs[self.positive]) if self.positive >= 0 else 0.0,
-            truncated=prepared.meta["truncated"],
+            truncated=prepared.truncated,
         )
+        response._confidence = float(probs[k])
+        return response
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        return classified(result)
