@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PrivateAttr,
     Tag,
     model_validator,
 )
@@ -157,9 +156,6 @@ class PolarityResponse(_Out):
 
     label: str = Field(description="`positive` or `negative`.", examples=["positive"])
     positive_probability: float = Field(description="P(positive), 0 to 1.", examples=[0.9925])
-    # The predicted label's probability, for nlpserve_prediction_confidence: not in the
-    # response (the field above is one label's), kept through the response cache's copies.
-    _confidence: float = PrivateAttr(default=0.0)
     truncated: bool = Field(
         description="True when the text was longer than the model's max length and only its "
         "first max_length tokens were read."
@@ -195,9 +191,6 @@ class DetectResponse(_Out):
 
     label: str = Field(description="`human` or `machine`.", examples=["machine"])
     machine_probability: float = Field(description="P(machine), 0 to 1.", examples=[0.9864])
-    # The predicted label's probability, for nlpserve_prediction_confidence: not in the
-    # response (the field above is one label's), kept through the response cache's copies.
-    _confidence: float = PrivateAttr(default=0.0)
     truncated: bool = Field(
         description="True when the text was longer than the model's max length and only its "
         "head was read."

@@ -137,14 +137,6 @@ class Task(abc.ABC):
             raise InputError("invalid_text", f"the text could not be tokenized: {e}") from e
 
 
-def classified(result: Any) -> tuple[str, float]:
-    """A classifier's ``(label, its probability)``: of its response (the probability kept
-    aside by ``decode``) or of its V2 row (``probability`` is the label's)."""
-    if isinstance(result, dict):
-        return result["label"], result["probability"]
-    return result.label, result._confidence
-
-
 def where(i: int, n: int) -> str:
     """Message prefix naming the batch item at fault (nothing for a single request)."""
     return f"inputs[{i}]: " if n > 1 else ""

@@ -11,7 +11,7 @@ from service.api.schemas import DetectRequest, DetectResponse
 from service.config import Settings
 from service.preprocess.classify import ClassifyEncoder, softmax
 from service.repository import ModelEntry
-from service.tasks.base import Prepared, Task, classified
+from service.tasks.base import Prepared, Task
 
 
 class DetectTask(Task):
@@ -27,6 +27,7 @@ class DetectTask(Task):
         self.labels = self.manifest.labels
         self.outcomes = self.labels
         self.machine = self.labels.index("machine") if "machine" in self.labels else -1
+        self.binary = len(self.labels) == 2 and self.machine >= 0
 
     def texts(self, request: DetectRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
@@ -54,13 +55,16 @@ class DetectTask(Task):
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> DetectResponse:
         probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
-        response = DetectResponse(
+        return DetectResponse(
             label=self.labels[k],
             machine_probability=float(probs[self.machine]) if self.machine >= 0 else 0.0,
             truncated=prepared.truncated,
         )
-        response._confidence = float(probs[k])
-        return response
 
     def outcome(self, result: Any) -> tuple[str, float | None]:
-        return classified(result)
+        if isinstance(result, dict):  # a V2 row: the label's own probability
+            return result["label"], result["probability"]
+        # the top class of two: P(machine) or 1 - P(machine); another label set has no such
+        # field to read (not observed)
+        p = result.machine_probability
+        return result.label, max(p, 1.0 - p) if self.binary else None

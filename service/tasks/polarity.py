@@ -11,7 +11,7 @@ from service.api.schemas import PolarityRequest, PolarityResponse
 from service.config import Settings
 from service.preprocess.classify import softmax
 from service.repository import ModelEntry
-from service.tasks.base import InputError, Prepared, Task, classified, where
+from service.tasks.base import InputError, Prepared, Task, where
 from service.tasks.pos import load_word_encoder
 
 
@@ -27,6 +27,7 @@ class PolarityTask(Task):
         self.labels = self.manifest.labels
         self.outcomes = self.labels
         self.positive = self.labels.index("positive") if "positive" in self.labels else -1
+        self.binary = len(self.labels) == 2 and self.positive >= 0
 
     def texts(self, request: PolarityRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
@@ -54,13 +55,16 @@ class PolarityTask(Task):
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PolarityResponse:
         probs = self.probabilities(outputs)
         k = int(np.argmax(probs))
-        response = PolarityResponse(
+        return PolarityResponse(
             label=self.labels[k],
             positive_probability=float(probs[self.positive]) if self.positive >= 0 else 0.0,
             truncated=prepared.truncated,
         )
-        response._confidence = float(probs[k])
-        return response
 
     def outcome(self, result: Any) -> tuple[str, float | None]:
-        return classified(result)
+        if isinstance(result, dict):  # a V2 row: the label's own probability
+            return result["label"], result["probability"]
+        # the top class of two: P(positive) or 1 - P(positive); another label set has no such
+        # field to read (not observed)
+        p = result.positive_probability
+        return result.label, max(p, 1.0 - p) if self.binary else None
