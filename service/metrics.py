@@ -148,8 +148,9 @@ class Metrics:
         )
         self.prediction_confidence = Histogram(
             "nlpserve_prediction_confidence",
-            "Per answered item: the top class's probability (classifiers) or the answer "
-            "span's probability among all candidate spans (QA; no_answer items not observed).",
+            "Per answered item: the predicted label's probability (detect, polarity: two-label "
+            "models) or the answer span's probability among all candidate spans (QA; "
+            "no_answer items not observed).",
             ["model"],
             buckets=_CONFIDENCE_BUCKETS,
             registry=r,
@@ -314,8 +315,8 @@ class Read(Protocol):
 
 class PredictionMonitor:
     """One model's prediction and input series with their children bound up front: per item
-    a dict hit on the label (an interned string of the task's own list) and 2-3 observations,
-    no ``labels()`` call (its validation and lock cost ~1 µs each)."""
+    a dict hit on the label (a bounded set: the model's own) and 2-3 observations, no
+    ``labels()`` call (its validation and lock cost ~1 µs each)."""
 
     def __init__(self, metrics: Metrics, model: str, outcomes: Sequence[str]) -> None:
         self._label = {o: metrics.child(metrics.predictions, model, o) for o in outcomes}
