@@ -7,8 +7,8 @@ several apps in one test process, or an API and a worker, never share or clash o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +37,11 @@ _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _EFFICIENCY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 # An idle loop wakes within about 1 ms; past 5 s the process is hung rather than busy.
 _LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Probabilities: a binary classifier's top class is at least 0.5, where drift shows (0.99 ->
+# 0.7); a QA span's probability over all candidate spans spreads over the whole range.
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Tokens per item: the models' max lengths are 64 to 512; a QA context may be thousands.
+_INPUT_TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
@@ -49,6 +54,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._workers_alive: Gauge | None = None
         self._model_workers_alive: Gauge | None = None
+        self._monitors: dict[str, PredictionMonitor] = {}
         r = self.registry
         self.requests = Counter(
             "nlpserve_requests_total",
@@ -129,6 +135,40 @@ class Metrics:
             "nlpserve_model_info",
             "Loaded models (value 1) with the provider and variant they actually run on.",
             ["model", "version", "provider", "variant"],
+            registry=r,
+        )
+        # What the models answer and read (drift), recorded where a prediction is answered:
+        # the API process in both queue modes (PredictionMonitor).
+        self.predictions = Counter(
+            "nlpserve_predictions_total",
+            "Prediction items answered, by predicted label (classifiers: the model's labels; "
+            "QA: answer or no_answer), response cache hits included.",
+            ["model", "label"],
+            registry=r,
+        )
+        self.prediction_confidence = Histogram(
+            "nlpserve_prediction_confidence",
+            "Per answered item: the predicted label's probability (detect, polarity: two-label "
+            "models) or the answer span's probability among all candidate spans (QA; "
+            "no_answer items not observed).",
+            ["model"],
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "nlpserve_input_tokens",
+            "Per item the model read (response cache hits are not tokenized): its tokens as "
+            "tokenized (QA: question + context, before any cut; detect and polarity: as read, "
+            "at most the model's max length).",
+            ["model"],
+            buckets=_INPUT_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.input_truncated = Counter(
+            "nlpserve_input_truncated_total",
+            "Items the model read cut short: detect and polarity texts over the model's max "
+            "length (truncated: true), QA questions over max_query_length.",
+            ["model"],
             registry=r,
         )
         # Fed by service/loop_lag.py, which the API's lifespan and the worker run.
@@ -235,6 +275,14 @@ class Metrics:
         else:
             duration.observe(secs, {"trace_id": trace_id})
 
+    def monitor(self, model: str, outcomes: Sequence[str]) -> PredictionMonitor:
+        """``model``'s prediction and input series, bound once (``outcomes``: its
+        prediction labels; a model's are fixed for the process's life)."""
+        m = self._monitors.get(model)
+        if m is None:
+            m = self._monitors[model] = PredictionMonitor(self, model, outcomes)
+        return m
+
     def observe_stages(self, model: str, timing: dict[str, float]) -> None:
         """A prediction's ``timing`` (run_requests': stage -> seconds)."""
         for stage, secs in timing.items():
@@ -250,6 +298,56 @@ class Metrics:
         if accept and wants_openmetrics(accept):
             return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
         return self.render(), self.content_type
+
+
+class Answer(Protocol):
+    """What :class:`PredictionMonitor` reads of one task (service/tasks)."""
+
+    def outcome(self, result: Any) -> tuple[str, float | None]: ...
+
+
+class Read(Protocol):
+    """What :class:`PredictionMonitor` reads of one prepared item (tasks.base.Prepared)."""
+
+    tokens: int
+    truncated: bool
+
+
+class PredictionMonitor:
+    """One model's prediction and input series with their children bound up front: per item
+    a dict hit on the label (a bounded set: the model's own) and 2-3 observations, no
+    ``labels()`` call (its validation and lock cost ~1 µs each)."""
+
+    def __init__(self, metrics: Metrics, model: str, outcomes: Sequence[str]) -> None:
+        self._label = {o: metrics.child(metrics.predictions, model, o) for o in outcomes}
+        # a model without predictions to count (pos) exports no empty confidence series
+        if outcomes:
+            self._confidence = metrics.child(metrics.prediction_confidence, model).observe
+        self._tokens = metrics.child(metrics.input_tokens, model).observe
+        self._truncated = metrics.child(metrics.input_truncated, model)
+
+    def read(self, prepared: Iterable[Read]) -> None:
+        """Items tokenized and answered by the model (not cache hits: never tokenized)."""
+        observe = self._tokens
+        cut = 0
+        for p in prepared:
+            observe(p.tokens)
+            cut += p.truncated
+        if cut:
+            self._truncated.inc(cut)
+
+    def answered(self, task: Answer, results: Iterable[Any]) -> None:
+        """Every item a client gets an answer for (response cache hits included), once."""
+        if not self._label:  # a task without predictions to count (pos)
+            return
+        outcome = task.outcome
+        label = self._label
+        confidence = self._confidence
+        for r in results:
+            name, p = outcome(r)
+            label[name].inc()
+            if p is not None:
+                confidence(p)
 
 
 def wants_openmetrics(accept: str) -> bool:

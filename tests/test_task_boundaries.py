@@ -27,11 +27,11 @@ def test_polarity_truncates_only_past_max_length_and_keeps_the_head(tasks):
     assert fun != dull  # distinct words, so the head and the tail differ
 
     (exact,) = task.prepare([sc.PolarityRequest(text="fun " * top)], 1e12, "predict")
-    assert exact.meta["truncated"] is False and exact.items[0].length == top
+    assert exact.truncated is False and exact.items[0].length == top == exact.tokens
 
     text = "fun " * top + "dull " * 5
     (cut,) = task.prepare([sc.PolarityRequest(text=text)], 1e12, "predict")
-    assert cut.meta["truncated"] is True and cut.items[0].length == top
+    assert cut.truncated is True and cut.items[0].length == top == cut.tokens  # as read
     assert cut.items[0].features["word_ids"].tolist() == [fun] * top  # the first tokens
 
 
@@ -59,3 +59,24 @@ def test_qa_answers_no_longer_than_the_manifests_max_answer_length(tasks, model_
     got = task.decode(prepared, [{"start_logits": start, "end_logits": end}])
     want = context[int(win.offsets[lo, 0]) : int(win.offsets[lo + 2, 1])]
     assert got.answer == want and len(want) == 3
+
+
+def test_qa_counts_a_question_cut_only_past_max_query_length(tasks, model_repo):
+    """nlpserve_input_truncated_total's QA boundary: a question of max_query_length tokens is
+    read whole, one more is cut; tokens count the question before the cut and the context."""
+    require_model(model_repo, QA_MODEL)
+    task = tasks[QA_MODEL]
+    top = task.encoder.max_query_length
+    tok = task.encoder.tokenizer
+    context = "中国的首都是北京。"
+
+    def n_tokens(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    question = "北" * top
+    assert n_tokens(question) == top  # one token a character
+    for q, cut in ((question, False), (question + "京", True)):
+        (p,) = task.prepare([sc.QARequest(question=q, context=context)], 1e12, "predict")
+        assert p.truncated is cut
+        assert p.tokens == n_tokens(q) + n_tokens(context)
+        assert p.meta["windows"][0].context_start == top + 2  # [CLS] question [SEP], as read

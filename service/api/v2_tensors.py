@@ -89,7 +89,7 @@ def tensors_of(task: Task) -> TaskTensors:
                 "label": labels[k],
                 "probability": float(probs[k]),
                 "probabilities": probs.tolist(),
-                "truncated": prepared.meta["truncated"],
+                "truncated": prepared.truncated,
             }
 
         request = DetectRequest if task.task == "detect" else PolarityRequest

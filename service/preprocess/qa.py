@@ -118,12 +118,22 @@ class QAEncoder:
     def encode_batch(
         self, questions: Sequence[str], contexts: Sequence[str]
     ) -> list[list[QAWindow]]:
+        return [windows for windows, _, _ in self.encode_counted(questions, contexts)]
+
+    def encode_counted(
+        self, questions: Sequence[str], contexts: Sequence[str]
+    ) -> list[tuple[list[QAWindow], int, int]]:
+        """Each pair's windows, with its question's and context's token counts as tokenized
+        (the question's before it is cut to ``max_query_length``)."""
         if len(questions) != len(contexts):
             raise ValueError("questions and contexts differ in length")
         tok = self.tokenizer
         q_encs = encode_all(tok, questions, add_special_tokens=False)
         c_encs = encode_all(tok, contexts, add_special_tokens=False)
-        return [self._windows(q.ids, c.ids, c.offsets) for q, c in zip(q_encs, c_encs, strict=True)]
+        return [
+            (self._windows(q.ids, c.ids, c.offsets), len(q.ids), len(c.ids))
+            for q, c in zip(q_encs, c_encs, strict=True)
+        ]
 
     def _windows(
         self, q_ids: list[int], c_ids: list[int], c_offsets: list[tuple[int, int]]

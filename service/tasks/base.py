@@ -44,6 +44,10 @@ class Prepared:
 
     items: list[WorkItem]
     meta: dict[str, Any] = field(default_factory=dict)
+    # For nlpserve_input_tokens / nlpserve_input_truncated_total: the item's tokens as
+    # tokenized, and whether the model reads it cut short (silently, with truncated: true).
+    tokens: int = 0
+    truncated: bool = False
 
 
 class Task(abc.ABC):
@@ -52,6 +56,8 @@ class Task(abc.ABC):
     :meth:`decode`."""
 
     task: ClassVar[str]
+    # nlpserve_predictions_total's label values for this model (none: not counted)
+    outcomes: Sequence[str] = ()
 
     def __init__(self, entry: ModelEntry, settings: Settings) -> None:
         self.entry = entry
@@ -77,6 +83,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> BaseModel: ...
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        """One answered item's ``(label, confidence)`` (None: no confidence to observe), from
+        ``decode``'s result or the V2 protocol's row: only for a task with ``outcomes``."""
+        raise NotImplementedError(f"the {self.task!r} task counts no predictions")
 
     # ------------------------------------------------------------------ helpers
     def item(
@@ -161,6 +172,7 @@ async def run_requests(
     enforce_limits: bool = ...,
     timing: dict[str, float] | None = ...,
     decode: None = ...,
+    read: Callable[[list[Prepared]], None] | None = ...,
 ) -> list[BaseModel]: ...
 
 
@@ -175,6 +187,7 @@ async def run_requests(
     timing: dict[str, float] | None = ...,
     *,
     decode: Callable[[Prepared, Outputs], R],
+    read: Callable[[list[Prepared]], None] | None = ...,
 ) -> list[R]: ...
 
 
@@ -187,6 +200,7 @@ async def run_requests(
     enforce_limits: bool = True,
     timing: dict[str, float] | None = None,
     decode: Callable[[Prepared, Outputs], Any] | None = None,
+    read: Callable[[list[Prepared]], None] | None = None,
 ) -> list[Any]:
     """Encode ``requests``, submit all their sequences at once, decode in request order.
 
@@ -197,6 +211,8 @@ async def run_requests(
     model: queued, waiting for company, handed between threads or processes).
     ``decode`` replaces ``task.decode`` where a caller needs more of the outputs than the
     task's response holds (the V2 protocol: every class's probability).
+    ``read`` receives the items once all are decoded (the input series: a request refused
+    or failed on the way records nothing).
     """
     # Refused for load (queue full, or its deadline nearer than the work queued ahead) before
     # the tokenizer runs: every request of an overload but those admitted ends here.
@@ -223,4 +239,6 @@ async def run_requests(
         n = len(p.items)
         results.append(decode(p, outputs[k : k + n]))
         k += n
+    if read is not None:
+        read(prepared)
     return results

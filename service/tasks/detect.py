@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,9 @@ class DetectTask(Task):
         pre = self.manifest.preprocessing
         self.encoder = ClassifyEncoder.load(entry.path / pre.tokenizer_file, self.max_length)
         self.labels = self.manifest.labels
+        self.outcomes = self.labels
         self.machine = self.labels.index("machine") if "machine" in self.labels else -1
+        self.binary = len(self.labels) == 2 and self.machine >= 0
 
     def texts(self, request: DetectRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
@@ -40,7 +43,9 @@ class DetectTask(Task):
                 "token_type_ids": enc.token_type_ids,
             }
             item = self.item(feats, len(enc), deadline, lane)
-            out.append(Prepared([item], {"truncated": enc.truncated}))
+            # len(enc): as read; the untruncated length is never computed (the tokenizer
+            # stops at max_length)
+            out.append(Prepared([item], tokens=len(enc), truncated=enc.truncated))
         return out
 
     def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -53,5 +58,13 @@ class DetectTask(Task):
         return DetectResponse(
             label=self.labels[k],
             machine_probability=float(probs[self.machine]) if self.machine >= 0 else 0.0,
-            truncated=prepared.meta["truncated"],
+            truncated=prepared.truncated,
         )
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        if isinstance(result, dict):  # a V2 row: the label's own probability
+            return result["label"], result["probability"]
+        # the top class of two: P(machine) or 1 - P(machine); another label set has no such
+        # field to read (not observed)
+        p = result.machine_probability
+        return result.label, max(p, 1.0 - p) if self.binary else None

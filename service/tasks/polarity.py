@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,9 @@ class PolarityTask(Task):
         super().__init__(entry, settings)
         self.encoder = load_word_encoder(entry)
         self.labels = self.manifest.labels
+        self.outcomes = self.labels
         self.positive = self.labels.index("positive") if "positive" in self.labels else -1
+        self.binary = len(self.labels) == 2 and self.positive >= 0
 
     def texts(self, request: PolarityRequest) -> list[tuple[str, str]]:  # type: ignore[override]
         return [("text", request.text)]
@@ -40,12 +43,9 @@ class PolarityTask(Task):
                 raise InputError("empty_text", f"{where(i, n)}the text contains no words")
             truncated = len(enc) > self.max_length
             ids = enc.word_ids[: self.max_length]
-            out.append(
-                Prepared(
-                    [self.item({"word_ids": ids}, len(ids), deadline, lane)],
-                    {"truncated": truncated},
-                )
-            )
+            # len(ids): as read; the encoder reads no further than max_length + 1 tokens
+            item = self.item({"word_ids": ids}, len(ids), deadline, lane)
+            out.append(Prepared([item], tokens=len(ids), truncated=truncated))
         return out
 
     def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -58,5 +58,13 @@ class PolarityTask(Task):
         return PolarityResponse(
             label=self.labels[k],
             positive_probability=float(probs[self.positive]) if self.positive >= 0 else 0.0,
-            truncated=prepared.meta["truncated"],
+            truncated=prepared.truncated,
         )
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        if isinstance(result, dict):  # a V2 row: the label's own probability
+            return result["label"], result["probability"]
+        # the top class of two: P(positive) or 1 - P(positive); another label set has no such
+        # field to read (not observed)
+        p = result.positive_probability
+        return result.label, max(p, 1.0 - p) if self.binary else None

@@ -62,9 +62,8 @@ class PosTask(Task):
             feats = {"word_ids": enc.word_ids}
             if enc.char_ids is not None:
                 feats["char_ids"] = enc.char_ids
-            out.append(
-                Prepared([self.item(feats, len(enc), deadline, lane)], {"tokens": enc.tokens})
-            )
+            item = self.item(feats, len(enc), deadline, lane)
+            out.append(Prepared([item], {"tokens": enc.tokens}, tokens=len(enc)))
         return out
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PosResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,8 @@ from service.tasks.base import Prepared, Task
 DEFAULT_DOC_STRIDE = 128
 DEFAULT_MAX_QUERY_LENGTH = 64
 DEFAULT_MAX_ANSWER_LENGTH = 30
+# nlpserve_predictions_total's labels for QA: an answer span, or an empty answer
+ANSWER, NO_ANSWER = "answer", "no_answer"
 
 
 class QATask(Task):
@@ -26,6 +29,7 @@ class QATask(Task):
     """
 
     task = "qa"
+    outcomes = (ANSWER, NO_ANSWER)
 
     def __init__(self, entry: ModelEntry, settings: Settings) -> None:
         super().__init__(entry, settings)
@@ -42,11 +46,12 @@ class QATask(Task):
         return [("question", request.question), ("context", request.context)]
 
     def encode(self, requests: Sequence[QARequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
-        all_windows = self.encoder.encode_batch(
+        encoded = self.encoder.encode_counted(
             [r.question for r in requests], [r.context for r in requests]
         )
+        max_query = self.encoder.max_query_length
         out = []
-        for req, windows in zip(requests, all_windows, strict=True):
+        for req, (windows, q_tokens, c_tokens) in zip(requests, encoded, strict=True):
             items = [
                 self.item(
                     {
@@ -60,7 +65,10 @@ class QATask(Task):
                 )
                 for w in windows
             ]
-            out.append(Prepared(items, {"context": req.context, "windows": windows}))
+            meta = {"context": req.context, "windows": windows}
+            # a long context is read whole (in windows); a long question is cut, silently
+            cut = q_tokens > max_query
+            out.append(Prepared(items, meta, tokens=q_tokens + c_tokens, truncated=cut))
         return out
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> QAResponse:
@@ -78,3 +86,13 @@ class QATask(Task):
             end=ans.end,
             score=ans.probability if found else 0.0,
         )
+
+    def outcome(self, result: Any) -> tuple[str, float | None]:
+        # An empty answer (no valid span in any window) has score 0 by definition: counted,
+        # but not a confidence.
+        answer, score = (
+            (result["answer"], result["score"])
+            if isinstance(result, dict)
+            else (result.answer, result.score)
+        )
+        return (ANSWER, score) if answer else (NO_ANSWER, None)

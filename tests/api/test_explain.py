@@ -217,7 +217,7 @@ async def test_explanations_have_their_own_endpoint_label_in_request_metrics(c, 
     # Multi-second explanations must not blur the prediction latency series.
     require_model(model_repo, POLARITY_MODEL)
 
-    async def counts() -> tuple[float, float]:
+    async def counts() -> tuple[float, ...]:
         text = (await c.get("/metrics")).text
         predict, explain = (
             metric_value(
@@ -225,13 +225,17 @@ async def test_explanations_have_their_own_endpoint_label_in_request_metrics(c, 
             )
             for e in ("predict", "explain")
         )
-        return predict, explain
+        # nor are its masked variants predictions or inputs of the drift series
+        answered = metric_value(text, "nlpserve_predictions_total", model=POLARITY_MODEL)
+        read = metric_value(text, "nlpserve_input_tokens_count", model=POLARITY_MODEL)
+        return predict, explain, answered, read
 
     before = await counts()
     r = await c.post("/v1/polarity/explain", json={"text": "a moving and clever film"})
     assert r.status_code == 200, r.text
+    assert r.json()["cached"] is False and r.json()["evals"] > 1  # its variants ran
     after = await counts()
-    assert after == (before[0], before[1] + 1)
+    assert after == (before[0], before[1] + 1, *before[2:])
 
 
 ENDPOINTS = [("detect", DETECT_MODEL), ("polarity", POLARITY_MODEL)]

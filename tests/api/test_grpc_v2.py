@@ -296,10 +296,19 @@ async def test_a_full_queue_is_resource_exhausted_with_retry_after(srv, triton):
 async def test_answers_are_counted_with_the_grpc_endpoint(srv, triton):
     before = await _metrics(srv)
     await triton.infer(POS_MODEL, inputs_of(POS_MODEL, 1))
+    await triton.infer(POLARITY_MODEL, inputs_of(POLARITY_MODEL, 2))
     after = await _metrics(srv)
     series = dict(model=POS_MODEL, endpoint="grpc", status="200")
     for name in ("nlpserve_requests_total", "nlpserve_request_duration_seconds_count"):
         assert metric_value(after, name, **series) == metric_value(before, name, **series) + 1
+    # and so are their items, in the prediction and input series
+    for name, model, moved in (
+        ("nlpserve_predictions_total", POLARITY_MODEL, 2),
+        ("nlpserve_prediction_confidence_count", POLARITY_MODEL, 2),
+        ("nlpserve_input_tokens_count", POS_MODEL, 1),
+    ):
+        got = metric_value(after, name, model=model) - metric_value(before, name, model=model)
+        assert got == moved, name
     stage = "nlpserve_request_stage_seconds_count"
     assert metric_value(after, stage, model=POS_MODEL) > metric_value(
         before, stage, model=POS_MODEL

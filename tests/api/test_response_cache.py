@@ -157,6 +157,39 @@ async def test_a_batch_runs_only_its_misses_and_answers_in_order(srv, plain):
     assert cache_timing(again) == "hit" and again.content == r.content
 
 
+async def test_hits_count_as_predictions_not_as_inputs(srv):
+    """An item answered from the cache (or from an identical item's run in flight) is an
+    answer the client got: in the prediction series (label and confidence) as if the model
+    ran, /v1 and /v2 alike; it was never tokenized, so the input series leave it out
+    (docs/service.md, "Predictions and inputs")."""
+    text = "A film counted once per answer, read once by the model."
+    v2_body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+    async with srv.client() as c:
+        before = await read_metrics(c)
+        answers = [await c.post("/v1/polarity", json={"inputs": [{"text": text}] * 2})]
+        answers.append(await c.post("/v1/polarity", json={"text": text}))
+        v2 = [await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2_body) for _ in range(2)]
+        after = await read_metrics(c)
+    assert all(r.status_code == 200 for r in answers + v2), [r.text for r in answers + v2]
+    assert cache_timing(answers[1]) == cache_timing(v2[1]) == "hit"
+    label = answers[1].json()["label"]
+
+    def moved(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    # 5 items answered: 2 + 1 on /v1, 2 on /v2 (each protocol's results are cached apart)
+    assert moved("nlpserve_predictions_total", model=POLARITY_MODEL) == 5
+    assert moved("nlpserve_predictions_total", model=POLARITY_MODEL, label=label) == 5
+    assert moved("nlpserve_prediction_confidence_count", model=POLARITY_MODEL) == 5
+    p = answers[1].json()["positive_probability"]
+    confidence = moved("nlpserve_prediction_confidence_sum", model=POLARITY_MODEL)
+    assert confidence == pytest.approx(5 * max(p, 1 - p), abs=1e-5)
+    # read by the model: the batch's first item (its twin waited for that run: single-flight)
+    # and the first /v2 one
+    assert moved("nlpserve_input_tokens_count", model=POLARITY_MODEL) == 2
+    assert ran(after, POLARITY_MODEL) - ran(before, POLARITY_MODEL) == 2
+
+
 async def test_keys_differ_by_model_input_and_protocol(srv):
     text = "The cats sat on the mat ."
     async with srv.client() as c:

@@ -204,6 +204,15 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     stalled, stalled_port = slow_worker
     ports = [port for p, port in cluster.workers if p.alive()]
     before = sum(metric(p, "nlpserve_batch_size_sum") for p in ports)
+    api_ports = [int(url.rpartition(":")[2]) for p, url in cluster.apis if p.alive()]
+
+    def answered() -> tuple[float, float]:  # the APIs' prediction and input series
+        return (  # polarity's predictions (pos has none)
+            sum(metric(p, "nlpserve_predictions_total{") for p in api_ports),
+            sum(metric(p, "nlpserve_input_tokens_count") for p in api_ports),
+        )
+
+    answered_before = answered()
     reclaimed_before = sum(metric(p, "nlpserve_worker_reclaimed_total") for p in ports)
 
     def late_loop() -> float:  # the event loop woke over 1 s late
@@ -230,6 +239,10 @@ async def test_worker_stalled_past_claim_idle_time_hands_its_work_over(
     ran = sum(metric(p, "nlpserve_batch_size_sum") for p in ports) - before
     assert reclaimed >= held > 0
     assert 200 <= ran <= 200 + reclaimed, (ran, reclaimed)
+    # an entry run twice is still one answer: counted once, where the API delivers it
+    predicted, read = (a - b for a, b in zip(answered(), answered_before, strict=True))
+    assert predicted == sum(path == "/v1/polarity" for path, _ in reqs)
+    assert read == len(reqs)
 
     # its metrics show the stall (>= ~2 s stopped): a maintenance pass more than 1 s late.
     # Recorded when the next pass starts, which comes up to a pass + 0.5 s after the wake

@@ -123,10 +123,16 @@ async def run_work(
         raise ApiError(503, "not_ready", "the service is starting or stopping")
     queue = state.queue
     timing = Timing()
+    # Counted here, where every protocol's answer is made (in Redis mode too: the API decodes
+    # the workers' outputs, one reply per item however often its entry ran), never for
+    # explanations (their masked variants run through run_requests, not here).
+    monitor = state.metrics.monitor(task.name, task.outcomes)
 
     async def run(todo: list[BaseModel]) -> list[R]:
         with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
-            return await run_requests(task, queue, todo, deadline, timing=timing, decode=decode)
+            return await run_requests(
+                task, queue, todo, deadline, timing=timing, decode=decode, read=monitor.read
+            )
 
     if (cache := state.response_cache) is None:
         results = await run(items)
@@ -135,6 +141,7 @@ async def run_work(
             task, state.runners.get(task.name), items, decode, deadline, timing, run
         )
     state.metrics.observe_stages(task.name, timing)
+    monitor.answered(task, results)
     return results, timing
 
 
