@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.api.errors import body_parse_error, validation_error
+from service.api.middleware import BodyTooLarge
 from service.api.schemas import DetectRequest, PolarityRequest, PosRequest, QARequest
 from service.batching import BatchPolicy, WorkItem, sorted_batches
 from service.queueing.inprocess import run_batch_isolating
@@ -101,6 +102,8 @@ class BulkPredictor:
 
     def __init__(self, task: Task, runner: ModelRunner, policy: BatchPolicy) -> None:
         self.task = task
+        too_large = BodyTooLarge(task.settings.max_body_bytes)
+        self.too_large = LineError(too_large.status_code, too_large.code, too_large.detail)
         self.runner = runner
         self.policy = policy
         self.item_model = ITEM_MODELS[task.task]
@@ -131,12 +134,16 @@ class BulkPredictor:
             return LineError(*validation_error([dict(err) for err in e.errors()]))
 
     # ------------------------------------------------------------------ one chunk
-    def start(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
-        """Parse and tokenize ``lines`` ((line number, bytes) pairs) and hand their batches to
-        the model's threads; :meth:`finish` collects the answers."""
+    def start(self, lines: Sequence[tuple[int, bytes | None]]) -> _Chunk:
+        """Parse and tokenize ``lines`` ((line number, bytes) pairs; None: a line over the
+        body limit) and hand their batches to the model's threads; :meth:`finish` collects
+        the answers."""
         chunk = _Chunk([n for n, _ in lines], [None] * len(lines))
         todo: list[tuple[int, BaseModel]] = []
         for k, (_, raw) in enumerate(lines):
+            if raw is None:
+                chunk.answers[k] = self.too_large
+                continue
             if not raw.strip():
                 chunk.answers[k] = ""  # a blank line stays blank: output line N answers input N
                 continue
@@ -224,11 +231,31 @@ class BulkPredictor:
         return done
 
 
-def read_chunks(stream: IO[bytes], chunk_lines: int) -> Iterator[list[tuple[int, bytes]]]:
-    """(line number, line without its end) pairs, ``chunk_lines`` at a time."""
-    numbered = enumerate(stream, start=1)
+# How much of a line over the body limit is read at a time, to skip it.
+_SKIP_BYTES = 1 << 16
+
+
+def read_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """Each line without its end (LF or CRLF; the last may have none), or None for one over
+    ``max_bytes`` (NLPSERVE_MAX_BODY_BYTES, as /v1 refuses such a body 413): that one is
+    skipped a piece at a time, never held whole (a file without newlines is one line)."""
+    while raw := stream.readline(max_bytes + 2):  # + room for its CRLF
+        if raw.endswith(b"\n") or len(raw) < max_bytes + 2:  # all of it (the last: EOF)
+            line = raw.rstrip(b"\r\n")
+            yield line if len(line) <= max_bytes else None
+            continue
+        while (rest := stream.readline(_SKIP_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def read_chunks(
+    stream: IO[bytes], chunk_lines: int, max_bytes: int
+) -> Iterator[list[tuple[int, bytes | None]]]:
+    """(line number, :func:`read_lines`' line) pairs, ``chunk_lines`` at a time."""
+    numbered = enumerate(read_lines(stream, max_bytes), start=1)
     while chunk := list(islice(numbered, chunk_lines)):
-        yield [(n, raw.rstrip(b"\r\n")) for n, raw in chunk]
+        yield chunk
 
 
 class Progress:
@@ -287,7 +314,7 @@ def predict_stream(
     after the first failed line's answer (the lines before it answered, none after)."""
     stats = predictor.stats
     pending: _Chunk | None = None
-    for lines in read_chunks(inp, chunk_lines):
+    for lines in read_chunks(inp, chunk_lines, predictor.task.settings.max_body_bytes):
         started = predictor.start(lines)  # tokenized while the chunk before it runs
         if pending is not None:
             if _emit(predictor, pending, out, fail_fast):

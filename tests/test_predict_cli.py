@@ -349,3 +349,35 @@ async def test_a_reader_gone_first_ends_quietly(model_repo, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+async def test_a_line_over_the_body_limit_is_the_apis_413(cli, model_repo, tmp_path):
+    """A line is a request body: over NLPSERVE_MAX_BODY_BYTES it gets /v1's 413, and is
+    skipped, not held whole in memory (a file with no newline would be one line). At the
+    limit it is answered; its line end (CRLF too) is not part of it; the last line may lack
+    one."""
+    limit = 200
+
+    def sized(n: int) -> bytes:
+        head = b'{"text": "the movie '
+        return head + b"a" * (n - len(head) - 2) + b'"}'
+
+    lines = [sized(limit), sized(limit + 1), sized(limit) + b"\r", sized(5 * limit)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines))  # the last line has no newline
+    env = {**ENV, "NLPSERVE_MAX_BODY_BYTES": str(limit)}
+    result = cli("predict", POLARITY_MODEL, "--models", model_repo, "-i", src, env=env)
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == len(lines), (result.stdout, repr(result.exception))
+    settings = make_settings(model_repo, variant="fp32", max_body_bytes=limit)
+    async with live_server(settings) as srv, srv.client() as client:
+        for number, (line, got) in enumerate(zip(lines, out, strict=True), start=1):
+            body = line.rstrip(b"\r").decode()  # the line end is no part of the body
+            want = await _api_answer(client, "polarity", POLARITY_MODEL, body)
+            answer = json.loads(got)
+            if "error" in want:
+                assert want["status"] == 413 and answer == {"line": number, **want}, number
+            else:
+                assert rounded(answer) == want, number
+    assert [json.loads(x).get("status") for x in out] == [None, 413, None, 413]
