@@ -85,6 +85,13 @@ class _Chunk:
     answers: list[str | LineError | None]
     prepared: list[tuple[int, Prepared]] = field(default_factory=list)
     runs: list[tuple[list[WorkItem], Future[list[Any]]]] = field(default_factory=list)
+    failed: bool = False  # a line refused before inference (with fail_fast: the last line)
+
+    def cut(self, k: int) -> None:
+        """Keep the lines up to ``k``, the failed line (--fail-fast): none after it runs."""
+        self.failed = True
+        del self.numbers[k + 1 :], self.answers[k + 1 :]
+        self.prepared = [(j, p) for j, p in self.prepared if j < k]
 
 
 def error_line(number: int, err: LineError) -> str:
@@ -134,30 +141,37 @@ class BulkPredictor:
             return LineError(*validation_error([dict(err) for err in e.errors()]))
 
     # ------------------------------------------------------------------ one chunk
-    def start(self, lines: Sequence[tuple[int, bytes | None]]) -> _Chunk:
+    def start(self, lines: Sequence[tuple[int, bytes | None]], fail_fast: bool = False) -> _Chunk:
         """Parse and tokenize ``lines`` ((line number, bytes) pairs; None: a line over the
         body limit) and hand their batches to the model's threads; :meth:`finish` collects
-        the answers."""
+        the answers. With ``fail_fast``, the chunk ends at its first line refused before
+        inference (``failed``): the lines after it are neither tokenized nor run."""
         chunk = _Chunk([n for n, _ in lines], [None] * len(lines))
         todo: list[tuple[int, BaseModel]] = []
         for k, (_, raw) in enumerate(lines):
             if raw is None:
                 chunk.answers[k] = self.too_large
-                continue
-            if not raw.strip():
+            elif not raw.strip():
                 chunk.answers[k] = ""  # a blank line stays blank: output line N answers input N
                 continue
-            parsed = self.parse(raw)
-            if isinstance(parsed, LineError):
+            elif isinstance(parsed := self.parse(raw), LineError):
                 chunk.answers[k] = parsed
             else:
                 todo.append((k, parsed))
+                continue
+            if fail_fast:
+                chunk.cut(k)
+                break
         deadline = time.monotonic() + _NO_DEADLINE_S
+        first_refused: int | None = None
         for k, result in self._prepare(todo, deadline):
             if isinstance(result, InputError):
                 chunk.answers[k] = LineError(result.status_code, result.code, result.message)
+                first_refused = k if first_refused is None else min(first_refused, k)
             else:
                 chunk.prepared.append((k, result))
+        if fail_fast and first_refused is not None:
+            chunk.cut(first_refused)
         flat = [it for _, p in chunk.prepared for it in p.items]
         for batch in sorted_batches(flat, self.policy.max_batch_size, self.policy.max_batch_tokens):
             rows, width = self.runner.padded_shape(len(batch), max(it.length for it in batch))
@@ -315,13 +329,15 @@ def predict_stream(
     stats = predictor.stats
     pending: _Chunk | None = None
     for lines in read_chunks(inp, chunk_lines, predictor.task.settings.max_body_bytes):
-        started = predictor.start(lines)  # tokenized while the chunk before it runs
+        started = predictor.start(lines, fail_fast)  # tokenized while the chunk before runs
         if pending is not None:
             if _emit(predictor, pending, out, fail_fast):
                 return stats
             if progress is not None:
                 progress.update(stats, position(inp))
         pending = started
+        if started.failed:  # --fail-fast: it ends at a failed line; read no further
+            break
     if pending is not None:
         _emit(predictor, pending, out, fail_fast)
     return stats

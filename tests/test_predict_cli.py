@@ -381,3 +381,22 @@ async def test_a_line_over_the_body_limit_is_the_apis_413(cli, model_repo, tmp_p
             else:
                 assert rounded(answer) == want, number
     assert [json.loads(x).get("status") for x in out] == [None, 413, None, 413]
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"), [("oops", "invalid_json"), ('{"text": " "}', "empty_text")]
+)
+async def test_fail_fast_runs_nothing_past_the_failed_line(cli, model_repo, tmp_path, bad, code):
+    """--fail-fast stops promptly: a line refused before inference (unparsable, or refused
+    by the task) ends the reading there, and the lines after it, in its chunk or the next
+    (read ahead), never go to the model. Chunks of 2 lines, batches of 1: the three good
+    lines before the bad one are the only batches."""
+    good = [json.dumps({"text": _words(n)}) for n in range(1, 30)]
+    lines = [*good[:3], bad, *good[3:]]
+    args = (POLARITY_MODEL, "--models", model_repo, "--fail-fast", "--chunk-lines", 2)
+    result = _run(cli, *args, "--batch-size", 1, input_lines=lines, tmp_path=tmp_path)
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 4 and json.loads(out[3])["error"]["code"] == code, out
+    summary = result.stderr.strip().splitlines()[-1]
+    assert ": 4 items, 1 errors," in summary and " 3 batches," in summary, summary
