@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -400,3 +401,36 @@ async def test_fail_fast_runs_nothing_past_the_failed_line(cli, model_repo, tmp_
     assert len(out) == 4 and json.loads(out[3])["error"]["code"] == code, out
     summary = result.stderr.strip().splitlines()[-1]
     assert ": 4 items, 1 errors," in summary and " 3 batches," in summary, summary
+
+
+async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
+    """SIGINT mid-run (after the first answers are out): exit status 130, one line on stderr
+    saying how many lines were answered, as many whole lines in the output, no traceback."""
+    src = tmp_path / "many.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": _words(n % 30 + 1, n)}) + "\n" for n in range(50_000))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(ENV, PYTHONPATH=str(ROOT))
+    script = Path(sys.executable).with_name("nlpserve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    proc = subprocess.Popen(
+        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src),
+         "--chunk-lines", "64"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a test run started in the background ignores SIGINT, and its children would too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["label"]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err, err
+    (said,) = [x for x in err.splitlines() if "interrupted" in x]
+    answered = int(said.split("interrupted after ")[1].split(" ")[0])
+    out = (first + rest).decode().splitlines()
+    assert 0 < answered == len(out) < 50_000, (said, len(out))
+    assert [json.loads(x)["label"] in ("positive", "negative") for x in out] == [True] * len(out)
