@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.api.errors import body_parse_error, validation_error
+from service.api.middleware import BodyTooLarge
 from service.api.schemas import DetectRequest, PolarityRequest, PosRequest, QARequest
 from service.batching import BatchPolicy, WorkItem, sorted_batches
 from service.queueing.inprocess import run_batch_isolating
@@ -84,6 +85,13 @@ class _Chunk:
     answers: list[str | LineError | None]
     prepared: list[tuple[int, Prepared]] = field(default_factory=list)
     runs: list[tuple[list[WorkItem], Future[list[Any]]]] = field(default_factory=list)
+    failed: bool = False  # a line refused before inference (with fail_fast: the last line)
+
+    def cut(self, k: int) -> None:
+        """Keep the lines up to ``k``, the failed line (--fail-fast): none after it runs."""
+        self.failed = True
+        del self.numbers[k + 1 :], self.answers[k + 1 :]
+        self.prepared = [(j, p) for j, p in self.prepared if j < k]
 
 
 def error_line(number: int, err: LineError) -> str:
@@ -101,6 +109,8 @@ class BulkPredictor:
 
     def __init__(self, task: Task, runner: ModelRunner, policy: BatchPolicy) -> None:
         self.task = task
+        too_large = BodyTooLarge(task.settings.max_body_bytes)
+        self.too_large = LineError(too_large.status_code, too_large.code, too_large.detail)
         self.runner = runner
         self.policy = policy
         self.item_model = ITEM_MODELS[task.task]
@@ -131,26 +141,37 @@ class BulkPredictor:
             return LineError(*validation_error([dict(err) for err in e.errors()]))
 
     # ------------------------------------------------------------------ one chunk
-    def start(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
-        """Parse and tokenize ``lines`` ((line number, bytes) pairs) and hand their batches to
-        the model's threads; :meth:`finish` collects the answers."""
+    def start(self, lines: Sequence[tuple[int, bytes | None]], fail_fast: bool = False) -> _Chunk:
+        """Parse and tokenize ``lines`` ((line number, bytes) pairs; None: a line over the
+        body limit) and hand their batches to the model's threads; :meth:`finish` collects
+        the answers. With ``fail_fast``, the chunk ends at its first line refused before
+        inference (``failed``): the lines after it are neither tokenized nor run."""
         chunk = _Chunk([n for n, _ in lines], [None] * len(lines))
         todo: list[tuple[int, BaseModel]] = []
         for k, (_, raw) in enumerate(lines):
-            if not raw.strip():
+            if raw is None:
+                chunk.answers[k] = self.too_large
+            elif not raw.strip():
                 chunk.answers[k] = ""  # a blank line stays blank: output line N answers input N
                 continue
-            parsed = self.parse(raw)
-            if isinstance(parsed, LineError):
+            elif isinstance(parsed := self.parse(raw), LineError):
                 chunk.answers[k] = parsed
             else:
                 todo.append((k, parsed))
+                continue
+            if fail_fast:
+                chunk.cut(k)
+                break
         deadline = time.monotonic() + _NO_DEADLINE_S
+        first_refused: int | None = None
         for k, result in self._prepare(todo, deadline):
             if isinstance(result, InputError):
                 chunk.answers[k] = LineError(result.status_code, result.code, result.message)
+                first_refused = k if first_refused is None else min(first_refused, k)
             else:
                 chunk.prepared.append((k, result))
+        if fail_fast and first_refused is not None:
+            chunk.cut(first_refused)
         flat = [it for _, p in chunk.prepared for it in p.items]
         for batch in sorted_batches(flat, self.policy.max_batch_size, self.policy.max_batch_tokens):
             rows, width = self.runner.padded_shape(len(batch), max(it.length for it in batch))
@@ -224,11 +245,31 @@ class BulkPredictor:
         return done
 
 
-def read_chunks(stream: IO[bytes], chunk_lines: int) -> Iterator[list[tuple[int, bytes]]]:
-    """(line number, line without its end) pairs, ``chunk_lines`` at a time."""
-    numbered = enumerate(stream, start=1)
+# How much of a line over the body limit is read at a time, to skip it.
+_SKIP_BYTES = 1 << 16
+
+
+def read_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """Each line without its end (LF or CRLF; the last may have none), or None for one over
+    ``max_bytes`` (NLPSERVE_MAX_BODY_BYTES, as /v1 refuses such a body 413): that one is
+    skipped a piece at a time, never held whole (a file without newlines is one line)."""
+    while raw := stream.readline(max_bytes + 2):  # + room for its CRLF
+        if raw.endswith(b"\n") or len(raw) < max_bytes + 2:  # all of it (the last: EOF)
+            line = raw.rstrip(b"\r\n")
+            yield line if len(line) <= max_bytes else None
+            continue
+        while (rest := stream.readline(_SKIP_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def read_chunks(
+    stream: IO[bytes], chunk_lines: int, max_bytes: int
+) -> Iterator[list[tuple[int, bytes | None]]]:
+    """(line number, :func:`read_lines`' line) pairs, ``chunk_lines`` at a time."""
+    numbered = enumerate(read_lines(stream, max_bytes), start=1)
     while chunk := list(islice(numbered, chunk_lines)):
-        yield [(n, raw.rstrip(b"\r\n")) for n, raw in chunk]
+        yield chunk
 
 
 class Progress:
@@ -287,14 +328,16 @@ def predict_stream(
     after the first failed line's answer (the lines before it answered, none after)."""
     stats = predictor.stats
     pending: _Chunk | None = None
-    for lines in read_chunks(inp, chunk_lines):
-        started = predictor.start(lines)  # tokenized while the chunk before it runs
+    for lines in read_chunks(inp, chunk_lines, predictor.task.settings.max_body_bytes):
+        started = predictor.start(lines, fail_fast)  # tokenized while the chunk before runs
         if pending is not None:
             if _emit(predictor, pending, out, fail_fast):
                 return stats
             if progress is not None:
                 progress.update(stats, position(inp))
         pending = started
+        if started.failed:  # --fail-fast: it ends at a failed line; read no further
+            break
     if pending is not None:
         _emit(predictor, pending, out, fail_fast)
     return stats

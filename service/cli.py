@@ -292,6 +292,8 @@ PREDICT_LINES_FAILED = 1
 # ... and when its output's reader went away first (a closed pipe): 128 + SIGPIPE, as a shell
 # reports a filter killed by it
 PREDICT_OUTPUT_CLOSED = 141
+# ... and when Ctrl-C stopped it: 128 + SIGINT
+PREDICT_INTERRUPTED = 130
 
 
 @app.command()
@@ -343,7 +345,8 @@ def predict(
     {"line", "status", "error": {"code", "message"}} where the API would refuse it. A blank
     line is answered by a blank line. Settings come from NLPSERVE_* as for serve. Exit status:
     0 every line answered, 1 some lines failed (their error lines written), 2 a bad setting,
-    model or file, 141 the output's reader went away (a closed pipe)."""
+    model or file, 130 interrupted (Ctrl-C), 141 the output's reader went away (a closed
+    pipe)."""
     overrides = {
         "model_dir": model_dir,
         "variant": variant,
@@ -367,6 +370,15 @@ def predict(
                 # last flush of stdout would otherwise raise again at exit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 raise typer.Exit(PREDICT_OUTPUT_CLOSED) from None
+            except KeyboardInterrupt:
+                # Ctrl-C: the answers written so far are whole lines, in order; say how many,
+                # so that a rerun can start after them (on a terminal, after its "^C")
+                typer.echo(
+                    f"{chr(10) if sys.stderr.isatty() else ''}nlpserve predict: interrupted "
+                    f"after {predictor.stats.lines} lines (their answers are in the output)",
+                    err=True,
+                )
+                raise typer.Exit(PREDICT_INTERRUPTED) from None
             finally:
                 if out is not sys.stdout:
                     out.close()

@@ -4,8 +4,9 @@ Static: the dashboard's shape (a ``$datasource`` variable so it imports anywhere
 description on every panel, only defined variables, alerts it names exist), and every target
 parses as PromQL. Live: an API replica with API keys (two clients) and an inference worker
 in Redis mode (real ``redis-server``, the committed models) take requests of every kind from
-both clients, a 4xx, a 429 and 401s included; every ``nlpserve_*`` name the dashboard uses
-must be in their ``/metrics`` expositions (a renamed metric fails here), and a real
+both clients, a 4xx, 429s (a full queue; one client over its in-flight limit) and 401s
+included; every ``nlpserve_*`` name the dashboard uses must be in their ``/metrics``
+expositions (a renamed metric fails here), and a real
 Prometheus server (``prometheus`` on PATH: Debian package ``prometheus``, which .ci/run
 installs for ``promtool``) scraping both every second, the response cache on and hit,
 evicting and coalescing, exemplars stored, must accept every
@@ -65,9 +66,14 @@ MAX_QUEUE_DEPTH = 8  # one request of 8 sequences fills a queue: the next is ref
 RESPONSE_CACHE_MB = 0.002
 # Each round of traffic asks new texts (a cache that knew them would leave the model idle).
 ROUNDS = itertools.count()
-# The API's keys file: one client's key as its hash, the other's as itself (both forms).
+# The API's keys file: one client's key as its hash, the other's as itself (both forms);
+# bob with an in-flight limit of his own (alice has none: her bursts fill the queue).
 CLIENT_KEYS = {"alice": "alice-key-0123456789-abcdefghij", "bob": "bob-plaintext-key-9876543210"}
-KEYS_FILE = f"{key_line('alice', CLIENT_KEYS['alice'])}\nbob {CLIENT_KEYS['bob']}\n"
+BOB_MAX_IN_FLIGHT = 4
+KEYS_FILE = (
+    f"{key_line('alice', CLIENT_KEYS['alice'])}\n"
+    f"bob {CLIENT_KEYS['bob']} max_in_flight={BOB_MAX_IN_FLIGHT}\n"
+)
 # A sampled request's trace (traceparent flags 01): its latency's exemplar.
 TRACE_ID = "5a" * 16
 TRACEPARENT = f"00-{TRACE_ID}-{'7b' * 8}-01"
@@ -274,7 +280,30 @@ async def _traffic(st: Stack) -> None:
             if 429 in statuses:
                 break
         assert 429 in statuses, "no request was refused with queue_full"
+        await _client_quota_traffic(b, n)
         await _cache_traffic(st, c, n)
+
+
+async def _client_quota_traffic(b: httpx.AsyncClient, n: int) -> None:
+    """bob's requests of his whole limit at once: one is admitted while none of his others
+    is in flight, the rest get 429 client_quota. A burst where every one ran before the next
+    arrived is tried again."""
+    for k in range(5):
+        burst = [
+            b.post(
+                "/v1/polarity",
+                json={
+                    "inputs": [{"text": f"bob {n}.{k}.{j}.{i}"} for i in range(BOB_MAX_IN_FLIGHT)]
+                },
+            )
+            for j in range(6)
+        ]
+        got = await asyncio.gather(*burst)
+        codes = {r.json()["error"]["code"] if r.status_code == 429 else r.status_code for r in got}
+        assert codes <= {200, "client_quota"}, [r.text for r in got]
+        if "client_quota" in codes:
+            return
+    raise AssertionError("no request of bob's was refused with client_quota")
 
 
 async def _cache_traffic(st: Stack, c: httpx.AsyncClient, n: int) -> None:
@@ -433,14 +462,20 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
                 break
             await asyncio.sleep(0.5)
         assert not empty, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
-        # the clients row tells the two clients and both reasons apart
-        first = {title: expr for title, expr, t in targets if t["refId"] == "A"}
-        for title, label, want in (
-            ("Requests per client", "client", {"alice", "bob"}),
-            ("Auth failures (401) by reason", "reason", {"missing", "invalid"}),
+        # the clients row tells the two clients and both reasons apart; only bob has a limit
+        # and was refused for it
+        exprs = {(title, t["refId"]): expr for title, expr, t in targets}
+        first = {title: expr for (title, ref), expr in exprs.items() if ref == "A"}
+        in_flight = "Client in flight vs its limit"
+        for (title, ref), label, want in (
+            (("Requests per client", "A"), "client", {"alice", "bob"}),
+            (("Auth failures (401) by reason", "A"), "reason", {"missing", "invalid"}),
+            ((in_flight, "A"), "client", {"alice", "bob"}),
+            ((in_flight, "B"), "client", {"bob"}),
+            (("Client quota rejections (429 client_quota) per client", "A"), "client", {"bob"}),
         ):
-            result = await _query(c, first[title])
-            assert {s["metric"][label] for s in result} == want, (title, result)
+            result = await _query(c, exprs[title, ref])
+            assert {s["metric"][label] for s in result} == want, (title, ref, result)
         # the cache row: the polarity model's hits and coalesced items, above 0
         for title in ("Response cache hit ratio", "Response cache coalesced items per second"):
             result = await _query(c, first[title])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,87 @@ async def test_a_reader_gone_first_ends_quietly(model_repo, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+async def test_a_line_over_the_body_limit_is_the_apis_413(cli, model_repo, tmp_path):
+    """A line is a request body: over NLPSERVE_MAX_BODY_BYTES it gets /v1's 413, and is
+    skipped, not held whole in memory (a file with no newline would be one line). At the
+    limit it is answered; its line end (CRLF too) is not part of it; the last line may lack
+    one."""
+    limit = 200
+
+    def sized(n: int) -> bytes:
+        head = b'{"text": "the movie '
+        return head + b"a" * (n - len(head) - 2) + b'"}'
+
+    lines = [sized(limit), sized(limit + 1), sized(limit) + b"\r", sized(5 * limit)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines))  # the last line has no newline
+    env = {**ENV, "NLPSERVE_MAX_BODY_BYTES": str(limit)}
+    result = cli("predict", POLARITY_MODEL, "--models", model_repo, "-i", src, env=env)
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == len(lines), (result.stdout, repr(result.exception))
+    settings = make_settings(model_repo, variant="fp32", max_body_bytes=limit)
+    async with live_server(settings) as srv, srv.client() as client:
+        for number, (line, got) in enumerate(zip(lines, out, strict=True), start=1):
+            body = line.rstrip(b"\r").decode()  # the line end is no part of the body
+            want = await _api_answer(client, "polarity", POLARITY_MODEL, body)
+            answer = json.loads(got)
+            if "error" in want:
+                assert want["status"] == 413 and answer == {"line": number, **want}, number
+            else:
+                assert rounded(answer) == want, number
+    assert [json.loads(x).get("status") for x in out] == [None, 413, None, 413]
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"), [("oops", "invalid_json"), ('{"text": " "}', "empty_text")]
+)
+async def test_fail_fast_runs_nothing_past_the_failed_line(cli, model_repo, tmp_path, bad, code):
+    """--fail-fast stops promptly: a line refused before inference (unparsable, or refused
+    by the task) ends the reading there, and the lines after it, in its chunk or the next
+    (read ahead), never go to the model. Chunks of 2 lines, batches of 1: the three good
+    lines before the bad one are the only batches."""
+    good = [json.dumps({"text": _words(n)}) for n in range(1, 30)]
+    lines = [*good[:3], bad, *good[3:]]
+    args = (POLARITY_MODEL, "--models", model_repo, "--fail-fast", "--chunk-lines", 2)
+    result = _run(cli, *args, "--batch-size", 1, input_lines=lines, tmp_path=tmp_path)
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 4 and json.loads(out[3])["error"]["code"] == code, out
+    summary = result.stderr.strip().splitlines()[-1]
+    assert ": 4 items, 1 errors," in summary and " 3 batches," in summary, summary
+
+
+async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
+    """SIGINT mid-run (after the first answers are out): exit status 130, one line on stderr
+    saying how many lines were answered, as many whole lines in the output, no traceback."""
+    src = tmp_path / "many.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": _words(n % 30 + 1, n)}) + "\n" for n in range(50_000))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
+    env.update(ENV, PYTHONPATH=str(ROOT))
+    script = Path(sys.executable).with_name("nlpserve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    proc = subprocess.Popen(
+        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src),
+         "--chunk-lines", "64"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a test run started in the background ignores SIGINT, and its children would too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["label"]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err, err
+    (said,) = [x for x in err.splitlines() if "interrupted" in x]
+    answered = int(said.split("interrupted after ")[1].split(" ")[0])
+    out = (first + rest).decode().splitlines()
+    assert 0 < answered == len(out) < 50_000, (said, len(out))
+    assert [json.loads(x)["label"] in ("positive", "negative") for x in out] == [True] * len(out)
