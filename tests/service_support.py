@@ -140,8 +140,18 @@ class LiveServer:
         assert isinstance(q, InProcessQueue), "this test needs the in-process queue"
         return q
 
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        except SystemExit as e:
+            # uvicorn's failed startup: asyncio lets SystemExit out of the event loop, which
+            # ends the whole session without a summary; this fails the test, with the cause
+            raise RuntimeError(
+                f"server startup failed: {self.state.startup_error!r} (exit {e.code})"
+            ) from None
+
     async def start(self) -> LiveServer:
-        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        self._task = asyncio.create_task(self._serve())
         t0 = time.monotonic()
         while not self.server.started:
             if self._task.done():

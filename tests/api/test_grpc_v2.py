@@ -642,3 +642,16 @@ async def test_sigterm_stops_both_servers_of_a_real_process(model_repo):
             # bind failed on it now and then (EADDRINUSE); with it, only a listener refuses
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
+
+
+async def test_a_test_servers_failed_startup_fails_only_its_test(model_repo):
+    """uvicorn ends a failed startup with SystemExit, which asyncio lets out of the event
+    loop, ending the whole test session with no summary: LiveServer.start raises the
+    startup's own error instead (here: the gRPC port taken)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = make_settings(model_repo, load_models=POS_MODEL, grpc_port=port)
+        with pytest.raises(RuntimeError, match="startup failed: .*NLPSERVE_GRPC_PORT"):
+            await LiveServer(create_app(settings), settings).start()
