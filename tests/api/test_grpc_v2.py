@@ -655,3 +655,22 @@ async def test_a_test_servers_failed_startup_fails_only_its_test(model_repo):
         settings = make_settings(model_repo, load_models=POS_MODEL, grpc_port=port)
         with pytest.raises(RuntimeError, match="startup failed: .*NLPSERVE_GRPC_PORT"):
             await LiveServer(create_app(settings), settings).start()
+
+
+async def test_a_test_servers_grpc_port_is_held_until_it_listens(model_repo):
+    """free_port()'s gRPC port is bound seconds later, once the models load: LiveServer
+    holds it meanwhile, so another test process's bind cannot take it and fail the
+    startup; the server's own bind still succeeds."""
+    settings = make_settings(model_repo, load_models=POS_MODEL, grpc_port=free_port())
+    srv = LiveServer(create_app(settings), settings)
+    try:
+        with socket.socket() as other, pytest.raises(OSError):  # another process, meanwhile
+            other.bind(("127.0.0.1", settings.grpc_port))
+        await srv.start()
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        try:
+            assert await client.is_server_live()
+        finally:
+            await client.close()
+    finally:
+        await srv.stop()
