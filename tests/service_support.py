@@ -129,6 +129,18 @@ class LiveServer:
         )
         self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
+        # The gRPC port (free_port()'s) is bound only after the models load, seconds later:
+        # held till then so that no other test process takes it meanwhile. SO_REUSEADDR and
+        # never listening: the server's own bind and listen still succeed.
+        self._grpc_hold: socket.socket | None = None
+        if settings.grpc_port:
+            hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                hold.bind((settings.host, settings.grpc_port))
+                self._grpc_hold = hold
+            except OSError:  # taken already (a test of that): the server says so itself
+                hold.close()
 
     @property
     def state(self) -> ServiceState:
@@ -140,8 +152,26 @@ class LiveServer:
         assert isinstance(q, InProcessQueue), "this test needs the in-process queue"
         return q
 
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        except SystemExit as e:
+            # uvicorn's failed startup: asyncio lets SystemExit out of the event loop, which
+            # ends the whole session without a summary; this fails the test, with the cause
+            raise RuntimeError(
+                f"server startup failed: {self.state.startup_error!r} (exit {e.code})"
+            ) from None
+
     async def start(self) -> LiveServer:
-        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        try:
+            return await self._start()
+        finally:
+            if self._grpc_hold is not None:
+                self._grpc_hold.close()
+                self._grpc_hold = None
+
+    async def _start(self) -> LiveServer:
+        self._task = asyncio.create_task(self._serve())
         t0 = time.monotonic()
         while not self.server.started:
             if self._task.done():
@@ -157,6 +187,8 @@ class LiveServer:
         if self._task is not None:
             await asyncio.wait_for(self._task, timeout=30)
         self.sock.close()
+        if self._grpc_hold is not None:  # never started
+            self._grpc_hold.close()
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=30, **kw)

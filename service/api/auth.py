@@ -373,6 +373,21 @@ def authenticate(keys: ApiKeys, headers: list[tuple[bytes, bytes]]) -> str | Api
     return name
 
 
+def still_held(keys: ApiKeys, headers: list[tuple[bytes, bytes]]) -> str | ApiError:
+    """:func:`authenticate` again for a call already admitted (a gRPC stream's each request):
+    the client holding its key now, or the 401 (counted) where a reload removed the key.
+    A success is not counted again: the call was."""
+    key, _ = _credentials(headers)
+    name = keys.lookup(key) if key else None
+    if name is not None:
+        return name
+    keys.metrics.metrics.child(keys.metrics.failures, "invalid").inc()
+    status, code = REFUSALS["invalid"]
+    return ApiError(
+        status, code, f"invalid API key: it left the keys file after this call began; {_HOW}"
+    )
+
+
 class AuthMiddleware:
     """401 for a request to a protected path without a key of the keys file; the client's
     name into the request's state (``request.state.client``) and the log context. An

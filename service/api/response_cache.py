@@ -64,6 +64,10 @@ _ITEM_PREFIX = re.compile(r"^inputs\[(\d+)\]: ")
 # nothing to each full collection's walk, as a million deep-copied models did.
 Frozen = tuple[int, bytes]
 PICKLED = 0
+# What a run tells its waiters when its result has no kept form (a NaN): nothing to share,
+# so each runs the item itself at once, rather than single-flight again, where each waiter
+# would wait for the one before it to run the item, one model round trip each
+UNSHAREABLE: Frozen = (-1, b"")
 
 
 class Timing(dict[str, float]):
@@ -281,7 +285,8 @@ class ResponseCache:
         """Runs the items of ``todo`` that no request is running, waits for the others' runs;
         returns the items still to do: those whose run failed (the error was its request's:
         this one runs them itself, under its own deadline and admission, or waits for
-        another request that got there first)."""
+        another request that got there first). A run whose result cannot be kept is run
+        again here at once (:data:`UNSHAREABLE`)."""
         lead: list[int] = []
         follow: list[tuple[int, asyncio.Future[Frozen | None]]] = []
         answered = 0  # by other requests (kept meanwhile, or coalesced)
@@ -303,7 +308,8 @@ class ResponseCache:
                 late = time.monotonic() > deadline  # answered, but not in time: not kept
                 for i, value in zip(lead, ran, strict=True):
                     results[i] = value
-                    frozen = done[i] = self.freeze(value)
+                    frozen = self.freeze(value)
+                    done[i] = UNSHAREABLE if frozen is None else frozen
                     if frozen is not None and not late:
                         self.keep(keys[i], frozen)
             except InputError as e:
@@ -311,7 +317,8 @@ class ResponseCache:
             finally:  # whatever happened (errors, cancellation): no one waits on it any more
                 for i in lead:
                     self._inflight.pop(keys[i]).set_result(done.get(i))
-        again = []
+        again: list[int] = []
+        alone: list[int] = []
         if follow:
             pending = {f for _, f in follow if not f.done()}
             if pending:
@@ -325,9 +332,18 @@ class ResponseCache:
                 frozen = flight.result()
                 if frozen is None:
                     again.append(i)
+                elif frozen is UNSHAREABLE:
+                    alone.append(i)
                 else:
                     results[i] = self.thaw(frozen)
                     answered += 1
+        if alone:  # answered for another request but not shareable: run here, now
+            try:
+                ran = await run([items[i] for i in alone])
+            except InputError as e:
+                raise renumbered(e, alone, len(items)) from None
+            for i, value in zip(alone, ran, strict=True):
+                results[i] = value
         if answered:
             self._metrics.child(self.coalesced, model).inc(answered)
         return again

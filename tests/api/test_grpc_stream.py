@@ -286,6 +286,36 @@ async def test_a_stream_without_a_key_is_unauthenticated(keyed):
     assert error is None and result.get_response().id == "y"
 
 
+async def test_a_key_removed_by_a_reload_refuses_an_open_streams_next_requests(
+    model_repo, tmp_path: Path
+):
+    """ "To stop a client, delete its lines" holds for its open streams too: after the
+    reload a stream opened with that key gets each next request refused UNAUTHENTICATED
+    in-stream (not run as a client the quota no longer knows, with no limit)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice {'a' * 32}\nbob {'b' * 32}\n")
+    settings = make_settings(
+        model_repo, grpc_port=free_port(), api_keys_file=keys, client_max_in_flight=50
+    )
+    async with live_server(settings) as s:
+        api_keys = s.state.api_keys
+        assert api_keys is not None
+        async with Stream(settings.grpc_port, headers=ALICE) as stream:
+            stream.send(POS_MODEL, inputs_of(POS_MODEL, 1), "before")
+            result, error = await stream.next()
+            assert error is None and result.get_response().id == "before"
+            keys.write_text(f"bob {'b' * 32}\n")  # alice's key revoked
+            assert api_keys.reload()
+            stream.send(POS_MODEL, inputs_of(POS_MODEL, 1), "after")
+            result, error = await stream.next()
+            assert result is None and error is not None
+            assert error.message().startswith("UNAUTHENTICATED: invalid API key")
+            assert error.message().endswith("(request 'after')")
+        metrics = await _metrics(s)
+    failures = metric_value(metrics, "nlpserve_auth_failures_total", reason="invalid")
+    assert failures == 1
+
+
 async def test_cancelling_a_stream_withdraws_its_work(keyed):
     """A stream cancelled with requests queued: none runs, the queue and the client's
     in-flight count return to 0, each counted as 499; the next stream is served."""

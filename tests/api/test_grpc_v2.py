@@ -651,3 +651,35 @@ async def test_sigterm_stops_both_servers_of_a_real_process(model_repo):
             # bind failed on it now and then (EADDRINUSE); with it, only a listener refuses
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
+
+
+async def test_a_test_servers_failed_startup_fails_only_its_test(model_repo):
+    """uvicorn ends a failed startup with SystemExit, which asyncio lets out of the event
+    loop, ending the whole test session with no summary: LiveServer.start raises the
+    startup's own error instead (here: the gRPC port taken)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = make_settings(model_repo, load_models=POS_MODEL, grpc_port=port)
+        with pytest.raises(RuntimeError, match="startup failed: .*NLPSERVE_GRPC_PORT"):
+            await LiveServer(create_app(settings), settings).start()
+
+
+async def test_a_test_servers_grpc_port_is_held_until_it_listens(model_repo):
+    """free_port()'s gRPC port is bound seconds later, once the models load: LiveServer
+    holds it meanwhile, so another test process's bind cannot take it and fail the
+    startup; the server's own bind still succeeds."""
+    settings = make_settings(model_repo, load_models=POS_MODEL, grpc_port=free_port())
+    srv = LiveServer(create_app(settings), settings)
+    try:
+        with socket.socket() as other, pytest.raises(OSError):  # another process, meanwhile
+            other.bind(("127.0.0.1", settings.grpc_port))
+        await srv.start()
+        client = tc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        try:
+            assert await client.is_server_live()
+        finally:
+            await client.close()
+    finally:
+        await srv.stop()

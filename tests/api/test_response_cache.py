@@ -315,6 +315,49 @@ async def test_a_result_its_json_cannot_carry_is_answered_but_not_kept():
 
 
 # --------------------------------------------------------------------------- single-flight
+async def test_waiters_on_a_run_whose_result_cannot_be_kept_run_it_at_once(srv):
+    """A result with no kept form (a NaN probability) cannot be shared: the requests that
+    waited on its run each run the item, together, not one after another (a hot item's
+    waiters would queue behind each other's model runs, one round trip each)."""
+    cache = ResponseCache(10_000, Metrics())
+    task = srv.state.tasks[POLARITY_MODEL]
+    item = PolarityRequest(text="an item whose probability comes back NaN")
+    nan = PolarityResponse(label="positive", positive_probability=float("nan"), truncated=False)
+    deadline = asyncio.get_running_loop().time() + 60
+    started: list[int] = []
+    gates = [asyncio.Event() for _ in range(4)]
+
+    async def run(todo: list[Any]) -> list[Any]:
+        k = len(started)
+        started.append(k)
+        await gates[k].wait()  # the test says when each run answers
+        return [nan.model_copy() for _ in todo]
+
+    async def settle() -> None:  # no I/O here: a few loop turns let every waiter move
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    calls = [
+        asyncio.create_task(cache.serve(task, None, [item], task.decode, deadline, Timing(), run))
+        for _ in range(3)
+    ]
+    try:
+        await settle()
+        assert started == [0]  # the first runs it, the others wait on that run
+        gates[0].set()
+        await settle()
+        assert started == [0, 1, 2]  # both waiters running at once, neither behind the other
+    finally:
+        for gate in gates:
+            gate.set()
+        answers = await asyncio.gather(*calls)
+    assert all(
+        a.label == "positive" and a.positive_probability != a.positive_probability
+        for (a,) in answers
+    )
+    assert len(cache) == 0
+
+
 async def test_identical_concurrent_misses_run_once(srv, plain):
     """Requests for one item while its first request is still running (held in the paused
     queue) wait for that run: one sequence run, every answer the same as without a cache."""

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 import service
 from service import tracecontext
-from service.api.auth import authenticate
+from service.api.auth import authenticate, still_held
 from service.api.deps import ServiceState
 from service.api.errors import ApiError, retry_after_header, validation_error
 from service.api.grpc import GrpcPortError
@@ -255,6 +255,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise refusal(found)
         return found
 
+    def _still_client(self, pairs: list[tuple[bytes, bytes]]) -> str | None:
+        keys = self.state.api_keys
+        if keys is None:
+            return None
+        found = still_held(keys, pairs)
+        if isinstance(found, ApiError):
+            raise refusal(found)
+        return found
+
     async def _authenticated(self, context: aio.ServicerContext) -> None:
         try:
             self._client(_metadata_pairs(context))
@@ -392,11 +401,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         refusal is that request's ``error_message``; the stream goes on. Up to
         NLPSERVE_GRPC_STREAM_MAX_IN_FLIGHT run at once (they may batch together); at that
         bound the stream is read no further, so HTTP/2's flow control holds the client back.
-        The key is checked once, on the stream's metadata. The client cancelling the stream
+        The key is the stream's metadata's, checked at the start and again for each request
+        (a reload may have deleted it). The client cancelling the stream
         (or its deadline passing) cancels what it has not been answered."""
         call = _Call(context)
-        try:
-            client = self._client(call.pairs)
+        try:  # the stream's key, once here; each request checks it is still in force
+            self._client(call.pairs)
         except Refusal as r:
             log.info("request %s: gRPC ModelStreamInfer refused: %s", call.rid, r.code)
             await self._abort(context, r, [("x-request-id", call.rid)])
@@ -410,7 +420,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 trace = call.trace()
                 rid = request.id if _REQUEST_ID.fullmatch(request.id) else call.rid
                 try:
-                    response = await self._infer(request, context, client, trace, rid, STREAM)
+                    # the key again: a reload since the stream opened may have revoked it
+                    now = self._still_client(call.pairs)
+                    response = await self._infer(request, context, now, trace, rid, STREAM)
                     out = pb.ModelStreamInferResponse(infer_response=response)
                 except Refusal as r:
                     out = pb.ModelStreamInferResponse(
