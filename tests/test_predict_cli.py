@@ -283,12 +283,18 @@ async def test_bad_setting_exits_2_in_one_line(cli, model_repo, tmp_path):
     assert result.stderr.startswith("nlpserve: invalid setting: NLPSERVE_MAX_BATCH_SIZE")
 
 
-def _nlpserve(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+def _command_env() -> tuple[list[str], dict[str, str]]:
+    """The installed console script (its `service` is this checkout's: PYTHONPATH) and its
+    environment, without the caller's NLPSERVE_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
     env.update(ENV, PYTHONPATH=str(ROOT))
-    # the installed console script (its `service` is this checkout's: PYTHONPATH)
     script = Path(sys.executable).with_name("nlpserve")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return command, env
+
+
+def _nlpserve(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    command, env = _command_env()
     return subprocess.run(
         [*command, "predict", *args],
         input=stdin,
@@ -327,22 +333,25 @@ async def test_stdin_to_stdout_in_a_real_process(model_repo):
     ]
 
 
+def _spawn_many(model_repo: Path, tmp_path: Path, n: int, **popen: Any) -> subprocess.Popen[bytes]:
+    """`nlpserve predict` over ``n`` polarity lines in chunks of 64, its pipes open."""
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps({"text": _words(i % 30 + 1, i)}) + "\n" for i in range(n)))
+    command, env = _command_env()
+    args = ["predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src)]
+    return subprocess.Popen(
+        [*command, *args, "--chunk-lines", "64"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
 async def test_a_reader_gone_first_ends_quietly(model_repo, tmp_path):
     """`nlpserve predict ... | head -1`: the pipe closes after the first line; the command
     ends with 141 (128 + SIGPIPE) and no traceback."""
-    src = tmp_path / "many.jsonl"
-    src.write_text(
-        "".join(json.dumps({"text": _words(n % 30 + 1, n)}) + "\n" for n in range(20_000))
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
-    env.update(ENV, PYTHONPATH=str(ROOT))
-    script = Path(sys.executable).with_name("nlpserve")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    proc = subprocess.Popen(
-        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src),
-         "--chunk-lines", "64"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _spawn_many(model_repo, tmp_path, 20_000)
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
     assert json.loads(first)["label"]
@@ -406,21 +415,13 @@ async def test_fail_fast_runs_nothing_past_the_failed_line(cli, model_repo, tmp_
 async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
     """SIGINT mid-run (after the first answers are out): exit status 130, one line on stderr
     saying how many lines were answered, as many whole lines in the output, no traceback."""
-    src = tmp_path / "many.jsonl"
-    src.write_text(
-        "".join(json.dumps({"text": _words(n % 30 + 1, n)}) + "\n" for n in range(50_000))
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
-    env.update(ENV, PYTHONPATH=str(ROOT))
-    script = Path(sys.executable).with_name("nlpserve")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    proc = subprocess.Popen(
-        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "-i", str(src),
-         "--chunk-lines", "64"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = _spawn_many(
+        model_repo,
+        tmp_path,
+        50_000,
         # a test run started in the background ignores SIGINT, and its children would too
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
     assert json.loads(first)["label"]
