@@ -8,9 +8,13 @@ tests/redis_backend/test_redis_processes.py."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+from service.repository.manifest import MANIFEST_FILE
 from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
@@ -167,3 +171,31 @@ async def test_a_request_answered_with_an_error_counts_no_inputs(model_repo):
     assert d("nlpserve_batch_size_sum", model=POLARITY_MODEL) == 2  # the short items ran
     assert d("nlpserve_predictions_total", model=POLARITY_MODEL) == 0
     assert d("nlpserve_input_tokens_count", model=POLARITY_MODEL) == 0
+
+
+async def test_a_model_without_a_positive_label_observes_no_confidence_on_any_protocol(
+    model_repo: Path, tmp_path: Path
+):
+    """Confidence is observed for two-label models whose answer carries it (P(positive)):
+    the polarity model with its labels renamed has none on /v1, and the same item on /v2
+    (whose row has the label's probability) must not be observed either, or the series
+    would depend on the protocol the clients use."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / POLARITY_MODEL / "1", repo / POLARITY_MODEL / "1")
+    path = repo / POLARITY_MODEL / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["labels"] = ["bad", "good"]
+    path.write_text(json.dumps(manifest))
+    text = "superb and fresh"
+    v2_body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+    async with live_server(make_settings(repo)) as srv, srv.client() as c:
+        before = await read_metrics(c)
+        v1 = await c.post("/v1/polarity", json={"text": text})
+        v2 = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2_body)
+        after = await read_metrics(c)
+    assert v1.status_code == v2.status_code == 200, (v1.text, v2.text)
+    label = v1.json()["label"]
+    assert label in ("bad", "good")
+    d = Delta(before, after)
+    assert d("nlpserve_predictions_total", model=POLARITY_MODEL, label=label) == 2
+    assert d("nlpserve_prediction_confidence_count", model=POLARITY_MODEL) == 0
