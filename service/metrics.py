@@ -149,7 +149,7 @@ class Metrics:
         self.prediction_confidence = Histogram(
             "nlpserve_prediction_confidence",
             "Per answered item: the predicted label's probability (detect, polarity: two-label "
-            "models with a machine, positive label) or the answer span's probability among "
+            "models with a machine, resp. positive label) or the answer span's probability among "
             "all candidate spans (QA; no_answer items not observed).",
             ["model"],
             buckets=_CONFIDENCE_BUCKETS,
