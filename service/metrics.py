@@ -149,8 +149,8 @@ class Metrics:
         self.prediction_confidence = Histogram(
             "nlpserve_prediction_confidence",
             "Per answered item: the predicted label's probability (detect, polarity: two-label "
-            "models) or the answer span's probability among all candidate spans (QA; "
-            "no_answer items not observed).",
+            "models with a machine, resp. positive label) or the answer span's probability among "
+            "all candidate spans (QA; no_answer items not observed).",
             ["model"],
             buckets=_CONFIDENCE_BUCKETS,
             registry=r,

@@ -141,6 +141,25 @@ def test_shell_blocks_in_the_docs_parse():
     assert broken == []
 
 
+def test_promql_blocks_in_the_docs_parse():
+    """Each query of a promql block (queries apart by a blank or comment line) parses: two
+    run together are one query Prometheus refuses, and a reader pastes them one by one."""
+    import promql_parser
+
+    broken = []
+    for name in RUN_DOCS:
+        for lang, body in _fenced_blocks((ROOT / name).read_text("utf-8")):
+            if lang != "promql":
+                continue
+            for query in re.split(r"\n(?:\s*(?:#.*)?\n)+", "\n" + body + "\n"):
+                if query.strip():
+                    try:
+                        promql_parser.parse(query)
+                    except ValueError as e:
+                        broken.append(f"{name}: {query.strip().splitlines()[0]!r}: {e}")
+    assert broken == []
+
+
 def _documented_commands(text: str) -> list[list[str]]:
     """The words of every command line in shell blocks and in inline code spans."""
     lines = [

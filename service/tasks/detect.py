@@ -63,7 +63,8 @@ class DetectTask(Task):
 
     def outcome(self, result: Any) -> tuple[str, float | None]:
         if isinstance(result, dict):  # a V2 row: the label's own probability
-            return result["label"], result["probability"]
+            # observed only where /v1's answer has it too: the same item, either protocol
+            return result["label"], result["probability"] if self.binary else None
         # the top class of two: P(machine) or 1 - P(machine); another label set has no such
         # field to read (not observed)
         p = result.machine_probability

@@ -7,15 +7,24 @@ tests/redis_backend/test_redis_processes.py."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
+from service.repository.manifest import MANIFEST_FILE
 from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
     QA_MODEL,
+    live_server,
+    make_settings,
     metric_value,
     read_metrics,
     require_model,
+    wait_for,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -127,3 +136,66 @@ async def test_qa_counts_answers_no_answers_and_cut_questions(client, service, m
     assert d("nlpserve_input_truncated_total", model=QA_MODEL) == 1  # the long question
     # the question's tokens before the cut are counted: more than the model may read
     assert d("nlpserve_input_tokens_sum", model=QA_MODEL) > 2 * len(context) + len(long_question)
+
+
+async def test_a_request_answered_with_an_error_counts_no_inputs(model_repo):
+    """A batch whose first items the model read, then answered 504 (its last item waited on
+    an identical item's run for another request, past its deadline): the client got no
+    answer, so nothing is counted, inputs included (docs/service.md, "Predictions and
+    inputs"). The other request's lone long item waits for batch company (wait_when_idle,
+    a long max wait) while the batch's two short items fill a batch of two and run."""
+    settings = make_settings(
+        model_repo,
+        load_models=POLARITY_MODEL,
+        response_cache_mb=1,
+        wait_when_idle=True,
+        max_wait_ms=3000,
+        max_batch_size=2,
+        buckets={POLARITY_MODEL: [8, 64]},
+    )
+    long_text = " ".join(["good", "film"] * 15)  # the second bucket
+    async with live_server(settings) as srv, srv.client() as c:
+        before = await read_metrics(c)
+        first = asyncio.create_task(c.post("/v1/polarity", json={"text": long_text}))
+        await wait_for(lambda: srv.queue.depth(POLARITY_MODEL) == 1)
+        items = [{"text": "fine"}, {"text": "dull"}, {"text": long_text}]
+        batch = await c.post(
+            "/v1/polarity", json={"inputs": items}, headers={"X-Deadline-Ms": "1000"}
+        )
+        assert batch.status_code == 504, batch.text
+        assert not first.done()  # the long item still waits for company
+        after = await read_metrics(c)
+        answered = await first
+    assert answered.status_code == 200, answered.text
+    d = Delta(before, after)
+    assert d("nlpserve_batch_size_sum", model=POLARITY_MODEL) == 2  # the short items ran
+    assert d("nlpserve_predictions_total", model=POLARITY_MODEL) == 0
+    assert d("nlpserve_input_tokens_count", model=POLARITY_MODEL) == 0
+
+
+async def test_a_model_without_a_positive_label_observes_no_confidence_on_any_protocol(
+    model_repo: Path, tmp_path: Path
+):
+    """Confidence is observed for two-label models whose answer carries it (P(positive)):
+    the polarity model with its labels renamed has none on /v1, and the same item on /v2
+    (whose row has the label's probability) must not be observed either, or the series
+    would depend on the protocol the clients use."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / POLARITY_MODEL / "1", repo / POLARITY_MODEL / "1")
+    path = repo / POLARITY_MODEL / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["labels"] = ["bad", "good"]
+    path.write_text(json.dumps(manifest))
+    text = "superb and fresh"
+    v2_body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+    async with live_server(make_settings(repo)) as srv, srv.client() as c:
+        before = await read_metrics(c)
+        v1 = await c.post("/v1/polarity", json={"text": text})
+        v2 = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2_body)
+        after = await read_metrics(c)
+    assert v1.status_code == v2.status_code == 200, (v1.text, v2.text)
+    label = v1.json()["label"]
+    assert label in ("bad", "good")
+    d = Delta(before, after)
+    assert d("nlpserve_predictions_total", model=POLARITY_MODEL, label=label) == 2
+    assert d("nlpserve_prediction_confidence_count", model=POLARITY_MODEL) == 0

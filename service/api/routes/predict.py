@@ -127,11 +127,15 @@ async def run_work(
     # the workers' outputs, one reply per item however often its entry ran), never for
     # explanations (their masked variants run through run_requests, not here).
     monitor = state.metrics.monitor(task.name, task.outcomes)
+    # Inputs are counted with the answer, not as each run ends: with the response cache a
+    # request may run some items, then fail (504 waiting on another request's run, 429 on a
+    # second run): no answer, so nothing counted.
+    read: list[list[Prepared]] = []
 
     async def run(todo: list[BaseModel]) -> list[R]:
         with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
             return await run_requests(
-                task, queue, todo, deadline, timing=timing, decode=decode, read=monitor.read
+                task, queue, todo, deadline, timing=timing, decode=decode, read=read.append
             )
 
     if (cache := state.response_cache) is None:
@@ -141,6 +145,8 @@ async def run_work(
             task, state.runners.get(task.name), items, decode, deadline, timing, run
         )
     state.metrics.observe_stages(task.name, timing)
+    for prepared in read:
+        monitor.read(prepared)
     monitor.answered(task, results)
     return results, timing
 
