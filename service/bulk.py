@@ -68,6 +68,7 @@ class Stats:
     items: int = 0  # non-blank lines
     errors: int = 0
     batches: int = 0
+    evals: int = 0  # --explain: model evaluations the explanations took
     real_tokens: int = 0
     padded_tokens: int = 0  # what the session computed (the CUDA shape grid included)
     first_error: tuple[int, LineError] | None = None
@@ -92,6 +93,22 @@ class _Chunk:
         self.failed = True
         del self.numbers[k + 1 :], self.answers[k + 1 :]
         self.prepared = [(j, p) for j, p in self.prepared if j < k]
+
+
+def parse_line(raw: bytes, model: type[BaseModel]) -> BaseModel | LineError:
+    """``raw`` (one line, no newline) as a request body of ``model``, or the API's error for
+    it: FastAPI's json.loads of the bytes, then the route's model."""
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        err = {"type": "json_invalid", "loc": ("body", e.pos), "ctx": {"error": e.msg}}
+        return LineError(*validation_error([err]))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        return LineError(*body_parse_error(e))
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        return LineError(*validation_error([dict(err) for err in e.errors()]))
 
 
 def error_line(number: int, err: LineError) -> str:
@@ -126,19 +143,7 @@ class BulkPredictor:
 
     # ------------------------------------------------------------------ one line
     def parse(self, raw: bytes) -> BaseModel | LineError:
-        """``raw`` (one line, no newline) as the task's request item, or the API's error for
-        it as a request body: FastAPI's json.loads of the bytes, then the route's model."""
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as e:
-            err = {"type": "json_invalid", "loc": ("body", e.pos), "ctx": {"error": e.msg}}
-            return LineError(*validation_error([err]))
-        except (UnicodeDecodeError, RecursionError, ValueError) as e:
-            return LineError(*body_parse_error(e))
-        try:
-            return self.item_model.model_validate(doc)
-        except ValidationError as e:
-            return LineError(*validation_error([dict(err) for err in e.errors()]))
+        return parse_line(raw, self.item_model)
 
     # ------------------------------------------------------------------ one chunk
     def start(self, lines: Sequence[tuple[int, bytes | None]], fail_fast: bool = False) -> _Chunk:
@@ -293,7 +298,9 @@ class Progress:
         where = ""
         if self.total and done_bytes is not None:
             where = f"{100 * min(done_bytes, self.total) / self.total:5.1f}% "
-        self.out.write(f"\r{where}{stats.items} items, {stats.errors} errors, {rate:.0f} items/s")
+        # explanations run at a few items/s or less: a whole number would read 0
+        shown = f"{rate:.0f}" if rate >= 10 else f"{rate:.2f}"
+        self.out.write(f"\r{where}{stats.items} items, {stats.errors} errors, {shown} items/s")
         if final:
             self.out.write("\n")
         self.out.flush()

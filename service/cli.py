@@ -7,6 +7,7 @@ imported only to register its commands: torch itself is imported inside those co
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -25,6 +26,7 @@ from service.logs import configure_logging
 
 if TYPE_CHECKING:
     from service.bulk import BulkPredictor
+    from service.bulk_explain import BulkExplainer
     from service.repository import ModelEntry
 
 app = typer.Typer(
@@ -337,6 +339,14 @@ def predict(
             help="A progress line on stderr (default: when stderr is a terminal).",
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help='Explain each line as /v1/<task>/explain does ({"text", "max_evals"}; '
+            "detect and polarity models; NLPSERVE_EXPLAIN_* settings).",
+        ),
+    ] = False,
 ) -> None:
     """Answer a JSON Lines file offline with one model, as its /v1 endpoint would.
 
@@ -357,10 +367,13 @@ def predict(
     settings = _settings(**{k: v for k, v in overrides.items() if v is not None}, warmup=False)
     configure_logging(settings.log_level, settings.log_format)
     entry = _predict_model(settings, model, version)
+    if explain:
+        _check_explainable(entry)
     _check_not_same_file(input_path, output_path)
     inp = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     try:
-        predictor = _predictor(settings, entry)  # loaded before the output file is made
+        # loaded before the output file is made
+        predictor = _explainer(settings, entry) if explain else _predictor(settings, entry)
         try:
             out = _text_out(output_path)
             try:
@@ -441,6 +454,30 @@ def _predict_model(settings: Settings, model: str, version: str | None) -> Model
     return entry
 
 
+def _check_explainable(entry: ModelEntry) -> None:
+    """--explain: the model's task has explain endpoints and shap is installed (else one line,
+    exit status 2)."""
+    from service.explain import shap_available
+    from service.explain.adapters import EXPLAINED_OUTPUT
+
+    task = entry.manifest.task
+    if task not in EXPLAINED_OUTPUT:
+        have = " and ".join(f"{t} (/v1/{t}/explain)" for t in EXPLAINED_OUTPUT)
+        typer.echo(
+            f"nlpserve: --explain: {entry.name} is a {task} model, which has no explanations "
+            f"(only {have} models have)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if not shap_available():
+        typer.echo(
+            "nlpserve: --explain needs the 'shap' package, which is not installed "
+            "(pip install 'nlpserve[explain]')",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
 def _text_out(path: str) -> IO[str]:
     if path != "-":
         return open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115
@@ -459,23 +496,40 @@ def _predictor(settings: Settings, entry: ModelEntry) -> BulkPredictor:
     return BulkPredictor(task, runner, settings.batch_policy(runner.provider))
 
 
+def _explainer(settings: Settings, entry: ModelEntry) -> BulkExplainer:
+    from service.bulk_explain import BulkExplainer
+    from service.runtime.runner import load_runners
+    from service.tasks import task_class
+
+    runner = load_runners(settings, None, [entry])[entry.name]
+    return BulkExplainer(task_class(entry.manifest.task)(entry, settings), runner, settings)
+
+
 def _run_predict(
-    predictor: BulkPredictor,
+    predictor: BulkPredictor | BulkExplainer,
     inp: IO[bytes],
     out: IO[str],
     fail_fast: bool,
     progress: bool | None,
     chunk_lines: int,
 ) -> bool:
-    """Answer ``inp`` into ``out``, print the summary; True if a line failed."""
-    from service.bulk import Progress, input_size, predict_stream
+    """Answer (or explain) ``inp`` into ``out``, print the summary; True if a line failed."""
+    from service.bulk import BulkPredictor, Progress, input_size, predict_stream
+    from service.bulk_explain import explain_stream
 
     runner, entry = predictor.runner, predictor.runner.entry
     bar = Progress(sys.stderr.isatty() if progress is None else progress, input_size(inp))
     t0 = time.perf_counter()
-    stats = predict_stream(
-        predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
-    )
+    if isinstance(predictor, BulkPredictor):
+        stats = predict_stream(
+            predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
+        )
+    else:
+        stats = asyncio.run(
+            explain_stream(
+                predictor, inp, out, chunk_lines=chunk_lines, fail_fast=fail_fast, progress=bar
+            )
+        )
     out.flush()
     secs = time.perf_counter() - t0
     bar.update(stats, None, final=True)
@@ -483,11 +537,18 @@ def _run_predict(
     if stats.first_error is not None:
         number, err = stats.first_error
         first = f"; first failed line: {number} ({err.code}: {err.message})"
+    rate = stats.items / max(secs, 1e-9)
+    if isinstance(predictor, BulkPredictor):
+        what = (
+            f"{rate:.1f} items/s, {stats.batches} batches, padding efficiency "
+            f"{stats.padding_efficiency:.3f}"
+        )
+    else:
+        what = f"{rate:.2f} items/s, {stats.evals} model evaluations"
     typer.echo(
-        f"nlpserve predict: {entry.name}/{entry.manifest.version} ({runner.variant} on "
-        f"{runner.provider}): {stats.items} items, {stats.errors} errors, {secs:.2f}s, "
-        f"{stats.items / max(secs, 1e-9):.1f} items/s, {stats.batches} batches, padding "
-        f"efficiency {stats.padding_efficiency:.3f}"
+        f"nlpserve predict{' --explain' if not isinstance(predictor, BulkPredictor) else ''}: "
+        f"{entry.name}/{entry.manifest.version} ({runner.variant} on "
+        f"{runner.provider}): {stats.items} items, {stats.errors} errors, {secs:.2f}s, {what}"
         + (" (stopped: --fail-fast)" if fail_fast and stats.errors else "")
         + first,
         err=True,

@@ -21,13 +21,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from service.explain.segmenters import cut_to_tokens
 from service.explain.ties import seeded_tie_breaks
 from service.queueing.base import DeadlineExceededError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 # texts, monotonic deadline -> one float per text (the explained output); a coroutine
 # function: the explainer's thread runs it on the event loop
@@ -155,6 +158,21 @@ class ExplainService:
         )
         self._inflight: dict[tuple, asyncio.Future[Explanation]] = {}
         self._warm: asyncio.Future[None] | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ExplainService:
+        """The service's NLPSERVE_EXPLAIN_* settings (the API's and ``nlpserve predict
+        --explain``'s: the same answers)."""
+        return cls(
+            max_evals_default=s.explain_max_evals_default,
+            max_evals_limit=s.explain_max_evals_limit,
+            cache_size=s.explain_cache_size,
+            # Each model call submits its batch of masked texts as one request: at most what
+            # a request may need and the queue admits (the scorer splits SHAP's occasional
+            # overshoot; a small NLPSERVE_MAX_QUEUE_DEPTH answered 422 before).
+            batch_size=min(s.max_batch_size, s.max_queue_depth, s.max_request_sequences),
+            concurrency=s.explain_concurrency,
+        )
 
     # ------------------------------------------------------------------ setup
     def register(self, explainer: ModelExplainer) -> None:

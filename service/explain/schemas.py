@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.api.schemas import Text
+
+if TYPE_CHECKING:
+    from service.explain.engine import Explanation
 
 # [start, end): pydantic writes a tuple as "prefixItems", which OpenAPI 3.0 tools and
 # schemathesis' response validation read as the draft-4 "items" list, an invalid schema; two
@@ -80,3 +83,23 @@ class ExplainResponse(BaseModel):
     truncated: bool = Field(description="True when the text's tail past max length was ignored.")
     cached: bool = Field(description="True when served from the explanation cache.")
     seconds: float = Field(description="Time spent computing it (when it was computed).")
+
+    @classmethod
+    def of(cls, exp: Explanation) -> ExplainResponse:
+        """The body of an explanation (the endpoints' and ``nlpserve predict --explain``'s)."""
+        return cls(
+            model=exp.model,
+            version=exp.version,
+            tokens=exp.tokens,
+            offsets=exp.offsets,
+            values=exp.values,
+            base_value=exp.base_value,
+            output=exp.output,
+            output_name=exp.output_name,
+            label=exp.label,
+            max_evals=exp.max_evals,
+            evals=exp.evals,
+            truncated=exp.truncated,
+            cached=exp.cached,
+            seconds=exp.seconds,
+        )

@@ -62,17 +62,7 @@ def explain_service(app: FastAPI) -> ExplainService:
     """The app's :class:`ExplainService`, created on first use from its settings."""
     service = getattr(app.state, "explain", None)
     if service is None:
-        s = _state_settings(app)
-        service = ExplainService(
-            max_evals_default=s.explain_max_evals_default,
-            max_evals_limit=s.explain_max_evals_limit,
-            cache_size=s.explain_cache_size,
-            # Each model call submits its batch of masked texts as one request: at most what
-            # a request may need and the queue admits (the scorer splits SHAP's occasional
-            # overshoot; a small NLPSERVE_MAX_QUEUE_DEPTH answered 422 before).
-            batch_size=min(s.max_batch_size, s.max_queue_depth, s.max_request_sequences),
-            concurrency=s.explain_concurrency,
-        )
+        service = ExplainService.from_settings(_state_settings(app))
         app.state.explain = service
     return service
 
@@ -113,22 +103,7 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
         raise client_closed() from None
     except ExplainError as e:
         raise ApiError(e.status_code, e.code, str(e)) from None
-    return ExplainResponse(
-        model=exp.model,
-        version=exp.version,
-        tokens=exp.tokens,
-        offsets=exp.offsets,
-        values=exp.values,
-        base_value=exp.base_value,
-        output=exp.output,
-        output_name=exp.output_name,
-        label=exp.label,
-        max_evals=exp.max_evals,
-        evals=exp.evals,
-        truncated=exp.truncated,
-        cached=exp.cached,
-        seconds=exp.seconds,
-    )
+    return ExplainResponse.of(exp)
 
 
 @router.post(

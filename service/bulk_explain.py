@@ -1,0 +1,165 @@
+"""``nlpserve predict --explain``: a JSON Lines file explained offline, as the explain
+endpoints answer.
+
+Each input line is one ``POST /v1/<task>/explain`` body (``{"text": ..., "max_evals": ...}``);
+each output line is that endpoint's answer to it: the same request model and limits
+(service/explain/schemas.py, NLPSERVE_MAX_TEXT_CHARS), the same :class:`ExplainService` built
+from the same NLPSERVE_EXPLAIN_* settings (its cache, its worker threads, its seeded tie-breaks:
+service/explain/ties.py), the same explainer (:func:`build_explainer`: segmenter, mask token,
+cut at the model's max length) and the same model path: SHAP's batches of masked variants go
+through an :class:`InProcessQueue` over the same runner, in the ``explain`` lane, as in the
+in-process service.
+
+Batching is the engine's own: each SHAP call is one batch of ``NLPSERVE_MAX_BATCH_SIZE``
+masked variants of one text (near-equal lengths, so sorting them would save no padding), and
+``NLPSERVE_EXPLAIN_CONCURRENCY`` explanations run at once, so the queue keeps the model's
+inference threads busy. Lines are answered in input order, each written once it and the
+lines before it are done. No deadline applies (offline work waits as long as it takes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import IO
+
+from service.api.middleware import BodyTooLarge
+from service.bulk import (
+    LineError,
+    Progress,
+    Stats,
+    error_line,
+    parse_line,
+    position,
+    read_chunks,
+)
+from service.config import Settings
+from service.explain.adapters import build_explainer
+from service.explain.engine import ExplainError, ExplainService, Explanation
+from service.explain.schemas import ExplainRequest, ExplainResponse
+from service.queueing.base import QueueError
+from service.queueing.inprocess import InProcessQueue
+from service.runtime.runner import ModelRunner
+from service.tasks.base import InputError, Task
+
+log = logging.getLogger(__name__)
+
+# Offline work has no deadline; the engine and the queue still take one (far away).
+_NO_DEADLINE_S = 365 * 86400.0
+
+
+class BulkExplainer:
+    """Explains lines with one model's task and runner, through the service's explain path."""
+
+    def __init__(self, task: Task, runner: ModelRunner, settings: Settings) -> None:
+        self.task = task
+        self.runner = runner
+        self.settings = settings
+        too_large = BodyTooLarge(settings.max_body_bytes)
+        self.too_large = LineError(too_large.status_code, too_large.code, too_large.detail)
+        self.stats = Stats()
+        self.service = ExplainService.from_settings(settings)
+        self.queue: InProcessQueue | None = None
+        # this chunk's explanations, held (so that their ids stay theirs) until the next
+        self.computed: dict[int, Explanation] = {}
+
+    async def start(self) -> None:
+        self.queue = InProcessQueue({self.task.name: self.runner}, self.settings)
+        await self.queue.start()
+        self.service.register(build_explainer(self.task, self.queue))
+
+    async def aclose(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        self.service.close()
+
+    def close(self) -> None:
+        self.service.close()
+
+    async def explain(self, req: ExplainRequest) -> str | LineError:
+        """The endpoint's answer to ``req``: its JSON body, or its error."""
+        try:
+            self.task.check_length(req.text)  # the route's check, before the engine's
+            exp: Explanation = await self.service.explain(
+                self.task.name, req.text, req.max_evals, time.monotonic() + _NO_DEADLINE_S
+            )
+        except InputError as e:
+            return LineError(e.status_code, e.code, e.message)
+        except (ExplainError, QueueError) as e:  # as the API's handlers map them
+            return LineError(e.status_code, e.code, str(e))
+        except Exception:  # the API's 500, logged; the other lines go on
+            log.exception("%s: explaining a line failed", self.task.name)
+            return LineError(500, "internal_error", "internal server error (logged)")
+        # Model work done: a cache hit did none, and a line that joined the same text's
+        # explanation in flight (single-flight) got the very object the first line got.
+        if not exp.cached and id(exp) not in self.computed:
+            self.computed[id(exp)] = exp
+            self.stats.evals += exp.evals
+        body = ExplainResponse.of(exp).model_dump(mode="json")
+        return json.dumps(body, ensure_ascii=False)
+
+
+async def explain_stream(
+    explainer: BulkExplainer,
+    inp: IO[bytes],
+    out: IO[str],
+    *,
+    chunk_lines: int,
+    fail_fast: bool = False,
+    progress: Progress | None = None,
+) -> Stats:
+    """Explain every line of ``inp`` into ``out``, in input order; with ``fail_fast``, stop
+    after the first failed line's answer: a line refused before its explanation ends the
+    reading there (no line after it is explained), one whose explanation fails cancels the
+    explanations after it."""
+    stats = explainer.stats
+    await explainer.start()
+    try:
+        for lines in read_chunks(inp, chunk_lines, explainer.settings.max_body_bytes):
+            answers: list[str | LineError | asyncio.Future[str | LineError]] = []
+            explainer.computed.clear()  # the last chunk's are all done: none is joined now
+            for _, raw in lines:
+                if raw is None:
+                    answers.append(explainer.too_large)
+                elif not raw.strip():
+                    answers.append("")  # a blank line stays blank, as predict answers it
+                elif isinstance(req := parse_line(raw, ExplainRequest), LineError):
+                    answers.append(req)
+                else:
+                    assert isinstance(req, ExplainRequest)
+                    # all of the chunk's started at once: the service's threads take
+                    # NLPSERVE_EXPLAIN_CONCURRENCY of them at a time, in line order
+                    answers.append(asyncio.ensure_future(explainer.explain(req)))
+                if fail_fast and isinstance(answers[-1], LineError):
+                    break
+            stop = False
+            try:
+                for (number, _), answer in zip(lines, answers, strict=False):
+                    got = await answer if isinstance(answer, asyncio.Future) else answer
+                    stats.lines += 1
+                    if isinstance(got, LineError):
+                        stats.items += 1
+                        stats.errors += 1
+                        if stats.first_error is None:
+                            stats.first_error = (number, got)
+                        out.write(error_line(number, got) + "\n")
+                        stop = fail_fast
+                    else:
+                        stats.items += bool(got)
+                        out.write(got + "\n")
+                    out.flush()  # slow lines: each visible as soon as it is known
+                    if progress is not None:
+                        progress.update(stats, position(inp))
+                    if stop:
+                        break
+            finally:
+                for answer in answers:
+                    if isinstance(answer, asyncio.Future) and not answer.done():
+                        answer.cancel()  # stopped early (--fail-fast, Ctrl-C, a closed pipe)
+            if stop:
+                break
+    finally:
+        await explainer.aclose()
+    return stats

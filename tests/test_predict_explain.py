@@ -1,0 +1,219 @@
+"""`nlpserve predict --explain`: a JSON Lines file explained offline, line for line as the
+live /v1/<task>/explain endpoint answers it (the tiny trained models, fp32, real HTTP).
+
+Explanations are deterministic for a given model output (seeded tie-breaks,
+service/explain/ties.py); fp32 outputs move only by float rounding with their batch's
+padding, so values are compared to 1e-6 and everything else exactly (`seconds` and `cached`
+aside: time, and whether this server explained the text before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.builders import FILLER
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    POS_MODEL,
+    QA_MODEL,
+    LiveServer,
+    live_server,
+    make_settings,
+    require_model,
+)
+from tests.test_predict_cli import ENV, _command_env
+
+pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+TOL = 1e-6
+_FLOATS = ("values", "base_value", "output")
+_VARIES = ("seconds", "cached")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def fp32_service(model_repo: Path):
+    async with live_server(make_settings(model_repo, variant="fp32")) as srv:
+        yield srv
+
+
+def _words(n: int, offset: int = 0) -> str:
+    return " ".join(FILLER[(offset + i) % len(FILLER)] for i in range(n))
+
+
+def _lines() -> list[str]:
+    """Texts of very different lengths (one over the max length: truncated), a repeated
+    word, a max_evals of the line's own, and the explain endpoint's refusals between them."""
+    good: list[dict[str, Any]] = [
+        {"text": _words(6)},
+        {"text": _words(200, 3)},  # cut where the model stops reading
+        {"text": "the"},  # one token: its exact Shapley value, two model calls
+        {"text": "good good good bad bad movie movie !", "max_evals": 40},  # ties
+        {"text": _words(25, 1), "max_evals": 100},
+    ]
+    bad = [
+        '{"text": ',  # invalid_json
+        '{"text": "a film", "max_evals": 2}',  # below 4: the schema's invalid_request
+        '{"text": "a film", "max_evals": 5000}',  # over the limit: invalid_explain_request
+        json.dumps({"text": "a" * 20_001}),  # text_too_long (NLPSERVE_MAX_TEXT_CHARS)
+        '{"text": "a film", "model": "x"}',  # unknown_field
+    ]
+    lines = [json.dumps(g) for g in good]
+    for i, b in enumerate(bad):
+        lines.insert(1 + 2 * i, b)
+    lines.insert(3, "")  # a blank line is answered by a blank line
+    return lines
+
+
+async def _run(cli, model: str, repo: Path, lines: list[str], tmp_path: Path, *args: Any):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # in a thread: the command runs its own event loop (asyncio.run), and the tests' loop
+    # keeps serving the live endpoint meanwhile
+    return await asyncio.to_thread(
+        cli, "predict", model, "--models", repo, "--explain", "--input", src, *args, env=ENV
+    )
+
+
+async def _api_answer(client: httpx.AsyncClient, task: str, model: str, line: str) -> Any:
+    r = await client.post(
+        f"/v1/{task}/explain",
+        params={"model": model},
+        content=line.encode("utf-8"),
+        headers={"content-type": "application/json"},
+    )
+    body = r.json()
+    if r.status_code == 200:
+        return body
+    return {"status": r.status_code, "error": body["error"]}
+
+
+def _same(got: dict, want: dict) -> None:
+    """An explanation of the CLI equals the endpoint's: exactly, floats to TOL."""
+    assert {k: v for k, v in got.items() if k not in (*_FLOATS, *_VARIES)} == {
+        k: v for k, v in want.items() if k not in (*_FLOATS, *_VARIES)
+    }
+    assert got["values"] == pytest.approx(want["values"], abs=TOL)
+    assert got["base_value"] == pytest.approx(want["base_value"], abs=TOL)
+    assert got["output"] == pytest.approx(want["output"], abs=TOL)
+
+
+@pytest.mark.parametrize(
+    ("task", "model"), [("detect", DETECT_MODEL), ("polarity", POLARITY_MODEL)]
+)
+async def test_explanations_are_the_live_endpoints_line_for_line(
+    cli, model_repo, fp32_service: LiveServer, task, model, tmp_path
+):
+    require_model(model_repo, model)
+    lines = _lines()
+    # two lines a chunk: the answers cross chunks and keep their order
+    r = await _run(cli, model, model_repo, lines, tmp_path, "--chunk-lines", "2")
+    assert r.exit_code == 1, (r.output, r.exception)  # some lines are refused
+    out = r.stdout.splitlines()
+    assert len(out) == len(lines)
+    async with fp32_service.client() as client:
+        for number, (line, answer) in enumerate(zip(lines, out, strict=True), start=1):
+            if not line:
+                assert answer == ""
+                continue
+            got, want = json.loads(answer), await _api_answer(client, task, model, line)
+            if "status" in want:
+                assert got == {"line": number, **want}, line
+            else:
+                assert "status" not in got, (line, got)
+                _same(got, want)
+    # the additivity the endpoint promises holds offline too
+    for answer in filter(None, out):
+        got = json.loads(answer)
+        if "values" in got:
+            assert got["base_value"] + sum(got["values"]) == pytest.approx(got["output"], abs=1e-9)
+    summary = r.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"nlpserve predict --explain: {model}/")
+    assert "5 errors" in summary and "items/s" in summary and "model evaluations" in summary
+
+
+async def test_a_repeated_text_is_explained_once(cli, model_repo, tmp_path):
+    """The endpoint's cache (NLPSERVE_EXPLAIN_CACHE_SIZE): a later line with the same text is
+    answered from it, as the endpoint answers a repeated request."""
+    require_model(model_repo, POLARITY_MODEL)
+    line = json.dumps({"text": _words(9, 2), "max_evals": 60})
+    one = await _run(cli, POLARITY_MODEL, model_repo, [line], tmp_path)
+    many = await _run(cli, POLARITY_MODEL, model_repo, [line, line], tmp_path, "--chunk-lines", "1")
+    assert one.exit_code == 0 and many.exit_code == 0, many.output
+    first, again = (json.loads(x) for x in many.stdout.splitlines())
+    assert (first["cached"], again["cached"]) == (False, True)
+    assert again["values"] == first["values"] == json.loads(one.stdout)["values"]
+
+    def evals(r):
+        return int(r.stderr.split(" model evaluations")[0].rsplit(" ", 1)[1])
+
+    assert evals(many) == evals(one) == first["evals"]
+    # both lines in one chunk: the second joins the first's explanation while it runs
+    joined = await _run(cli, POLARITY_MODEL, model_repo, [line, line], tmp_path)
+    assert joined.exit_code == 0, joined.output
+    assert [json.loads(x)["values"] for x in joined.stdout.splitlines()] == [first["values"]] * 2
+    assert evals(joined) == first["evals"]
+
+
+async def test_fail_fast_stops_at_the_first_refused_line(cli, model_repo, tmp_path):
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": "a fine film"}), '{"txt": "x"}', json.dumps({"text": "bad"})]
+    r = await _run(cli, POLARITY_MODEL, model_repo, lines, tmp_path, "--fail-fast")
+    assert r.exit_code == 1
+    out = r.stdout.splitlines()
+    assert len(out) == 2 and json.loads(out[0])["tokens"] == ["a", "fine", "film"]
+    assert json.loads(out[1])["error"]["code"] == "missing_field"
+    assert "(stopped: --fail-fast)" in r.stderr
+
+
+@pytest.mark.parametrize("model", [POS_MODEL, QA_MODEL])
+async def test_a_model_without_explanations_exits_2_in_one_line(cli, model_repo, tmp_path, model):
+    require_model(model_repo, model)
+    r = await _run(cli, model, model_repo, [json.dumps({"text": "x"})], tmp_path)
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert f"--explain: {model} is a" in line and "has no explanations" in line
+    assert "/v1/detect/explain" in line and "/v1/polarity/explain" in line
+
+
+async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
+    """SIGINT while explanations run (the service's threads and queue, an event loop):
+    exit status 130, one line saying how many lines were answered, whole lines, no
+    traceback, and the process does not hang on its explainer threads."""
+    require_model(model_repo, POLARITY_MODEL)
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps({"text": _words(i % 30 + 1, i)}) + "\n" for i in range(500)))
+    command, env = _command_env()
+    proc = subprocess.Popen(
+        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "--explain", "-i",
+         str(src), "--chunk-lines", "64"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # a test run started in the background ignores SIGINT, and its children would too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["tokens"]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err, err
+    (said,) = [x for x in err.splitlines() if "interrupted" in x]
+    answered = int(said.split("interrupted after ")[1].split(" ")[0])
+    out = (first + rest).decode().splitlines()
+    assert 0 < answered == len(out) < 500, (said, len(out))
+    assert all(json.loads(x)["output_name"] == "positive_probability" for x in out)
