@@ -78,6 +78,15 @@ class Metrics:
             ["model", "bucket"],
             registry=r,
         )
+        # Per lane, apart (a label on nlpserve_queue_depth would split its existing series):
+        # a batch client's backlog (lane=batch) is not interactive clients' (lane=predict).
+        self.queue_lane_depth = Gauge(
+            "nlpserve_queue_lane_depth",
+            "The sequences of nlpserve_queue_depth per model and lane, in priority order: "
+            "predict (interactive), batch (X-Priority: batch), explain.",
+            ["model", "lane"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "nlpserve_batch_size",
             "Sequences per inference batch.",

@@ -18,6 +18,7 @@ from service.api.deps import (
     cancel_on_disconnect,
     check_query,
     deadline_from,
+    priority_from,
 )
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, client_closed, too_many_items
@@ -39,6 +40,7 @@ from service.api.schemas import (
     QABody,
     QAResponse,
 )
+from service.batching.scheduler import PREDICT_LANE
 from service.tasks.base import Outputs, Prepared, Task, run_requests
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -101,8 +103,11 @@ async def run_items(
     request.state.model = task.name  # the metrics' and logs' model
     state = _state(request)
     deadline = deadline_from(request, state.settings)
+    lane = priority_from(request, state)
     try:
-        return await cancel_on_disconnect(request, run_work(state, task, items, decode, deadline))
+        return await cancel_on_disconnect(
+            request, run_work(state, task, items, decode, deadline, lane)
+        )
     except ClientGone:
         raise client_closed() from None
 
@@ -113,10 +118,11 @@ async def run_work(
     items: list[BaseModel],
     decode: Callable[[Prepared, Outputs], R],
     deadline: float,
+    lane: str = PREDICT_LANE,
 ) -> tuple[list[R], dict[str, float]]:
     """What every protocol's prediction runs (HTTP's :func:`run_items`, the gRPC server's
-    ModelInfer): the item limit, the queue, and the stage metrics. Cancelling the awaiting
-    task withdraws the request's queued work."""
+    ModelInfer): the item limit, the queue (in ``lane``: the request's priority class), and
+    the stage metrics. Cancelling the awaiting task withdraws the request's queued work."""
     if len(items) > state.settings.max_batch_items:
         raise too_many_items(len(items), state.settings.max_batch_items)
     if state.queue is None:
@@ -135,7 +141,14 @@ async def run_work(
     async def run(todo: list[BaseModel]) -> list[R]:
         with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
             return await run_requests(
-                task, queue, todo, deadline, timing=timing, decode=decode, read=read.append
+                task,
+                queue,
+                todo,
+                deadline,
+                lane,
+                timing=timing,
+                decode=decode,
+                read=read.append,
             )
 
     if (cache := state.response_cache) is None:
