@@ -217,11 +217,11 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
         if name in first and first[name][2] != priority:
             line_n, _, was = first[name]
 
-            def said(v: str | None) -> str:
+            def named(v: str | None) -> str:
                 return f"{PRIORITY}={v}" if v is not None else f"no {PRIORITY}"
 
             raise KeyFileError(
-                f"{at}: client {name!r} has {said(priority)} here but {said(was)} on line "
+                f"{at}: client {name!r} has {named(priority)} here but {named(was)} on line "
                 f"{line_n}: the priority is the client's, over all its keys; give its lines "
                 "the same one"
             )
