@@ -22,7 +22,7 @@ from service.api.deps import (
 )
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, client_closed, too_many_items
-from service.api.openapi import DEADLINE_PARAMETER, error_responses
+from service.api.openapi import PREDICT_PARAMETERS, error_responses
 from service.api.response_cache import Timing
 from service.api.schemas import (
     DETECT_EXAMPLES,
@@ -182,7 +182,7 @@ def server_timing(timing: dict[str, float]) -> str:
     operation_id="tag_parts_of_speech",
     response_model=PosResponse | PosBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Part-of-speech tags",
     description="Tag `text` (split into words by the model) or pre-split `tokens`. Texts over "
     "the model's max length (tokens) are rejected with 422 `input_too_long`." + _DEADLINE_DOC,
@@ -208,7 +208,7 @@ async def pos(
     operation_id="classify_polarity",
     response_model=PolarityResponse | PolarityBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Sentence polarity (positive / negative)",
     description="Texts over the model's max length are cut to it and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -234,7 +234,7 @@ async def polarity(
     operation_id="detect",
     response_model=DetectResponse | DetectBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Machine-generated text detection",
     description="Texts over the model's max length are cut to their head and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -260,7 +260,7 @@ async def detect(
     operation_id="answer_question",
     response_model=QAResponse | QABatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Extractive question answering",
     description="The answer is a span of `context` with character offsets; long contexts are "
     "read in overlapping windows and the best span over all windows is returned." + _DEADLINE_DOC,
