@@ -517,7 +517,7 @@ async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
         for _ in range(3):
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
             assert q.refuse(POS, 3, time.monotonic() + 20) is None
-            assert q.depth(POS) == 0 and q._predict_depth[POS] == 0
+            assert q.depth(POS) == 0 and q._lane_depth[POS]["predict"] == 0
 
 
 async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
