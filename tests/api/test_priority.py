@@ -214,3 +214,28 @@ async def test_interactive_admission_does_not_count_batch_work_ahead(srv):
             q.resume()
         assert (await interactive).status_code == 200
         assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+
+
+async def test_with_the_response_cache_an_interactive_request_never_waits_on_a_batch_run(
+    model_repo,
+):
+    """The cache's single-flight shares a run between identical items; an interactive
+    request must not wait on a batch-priority run (which waits for every interactive one):
+    it runs its own, first."""
+    settings = make_settings(model_repo, variant="fp32", inference_threads=1, response_cache_mb=8.0)
+    async with live_server(settings) as srv, srv.client() as c:
+        q = srv.queue
+        q.pause()
+        try:
+            batch = asyncio.create_task(
+                c.post(V1, json={"text": "the same"}, headers={"X-Priority": "batch"})
+            )
+            await queued(srv, 1)
+            interactive = asyncio.create_task(c.post(V1, json={"text": "the same"}))
+            await queued(srv, 2)  # its own item: not waiting on the batch one's run
+        finally:
+            q.resume()
+        answers = await asyncio.gather(batch, interactive)
+        assert all(r.status_code == 200 for r in answers)
+        assert answers[0].json() == answers[1].json()
+        assert lanes(q) == ["predict", "batch"]

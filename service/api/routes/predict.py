@@ -155,7 +155,7 @@ async def run_work(
         results = await run(items)
     else:  # what it holds is answered here; only the rest is admitted and run
         results = await cache.serve(
-            task, state.runners.get(task.name), items, decode, deadline, timing, run
+            task, state.runners.get(task.name), items, decode, deadline, timing, run, lane
         )
     state.metrics.observe_stages(task.name, timing)
     for prepared in read:
