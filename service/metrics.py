@@ -87,6 +87,7 @@ class Metrics:
             ["model", "lane"],
             registry=r,
         )
+        self.lanes_seen: set[tuple[str, str]] = set()  # (model, lane) series made
         self.batch_size = Histogram(
             "nlpserve_batch_size",
             "Sequences per inference batch.",
@@ -241,6 +242,14 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
+
+    def set_lane_depth(self, model: str, lane: str, n: int) -> None:
+        """``nlpserve_queue_lane_depth{model,lane}`` = n, the series made only once the lane
+        has had work: a model without explanations (a server without batch clients) shows no
+        ``explain`` (``batch``) series."""
+        if n or (model, lane) in self.lanes_seen:
+            self.lanes_seen.add((model, lane))
+            self.child(self.queue_lane_depth, model, lane).set(n)
 
     def forget(self, metric: Any, *labels: str) -> None:
         """Drop ``metric``'s series of ``labels`` (a client gone from the keys file), from the

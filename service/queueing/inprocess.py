@@ -368,9 +368,7 @@ class InProcessQueue(InferenceQueue):
             self.metrics.child(self.metrics.queue_depth, model, str(bucket)).set(n)
         sched = self._scheds[model]
         for lane in sched.lanes:
-            self.metrics.child(self.metrics.queue_lane_depth, model, lane).set(
-                sched.depth(lane=lane)
-            )
+            self.metrics.set_lane_depth(model, lane, sched.depth(lane=lane))
 
     def _left(self, it: WorkItem) -> bool:
         """Nobody waits for it any more (client gone, answered, failed). Also called on the

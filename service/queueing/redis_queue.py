@@ -531,7 +531,7 @@ class RedisQueue(InferenceQueue):
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
         for lane, n in per_lane.items():
-            self.metrics.child(self.metrics.queue_lane_depth, model, lane).set(n)
+            self.metrics.set_lane_depth(model, lane, n)
 
     def _forget(self, entries: list[tuple[str, bytes]]) -> None:
         if self._closed or not entries:
