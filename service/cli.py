@@ -210,11 +210,28 @@ def new_key(
             "of NLPSERVE_CLIENT_MAX_IN_FLIGHT. Every line of one client must say the same.",
         ),
     ] = None,
+    priority: Annotated[
+        str | None,
+        typer.Option(
+            "--priority",
+            metavar="batch|interactive",
+            help="The client's predictions' priority class, on its line (priority=...): "
+            "batch runs them only when no interactive prediction waits, whatever X-Priority "
+            "its requests send. Every line of one client must say the same.",
+        ),
+    ] = None,
 ) -> None:
     """Print a new random key for client NAME (line 1: give it to the client; it is stored
     nowhere) and its line for the keys file (line 2: the key's sha256, no secret)."""
-    from service.api.auth import CLIENT_NAME, key_line
+    from service.api.auth import CLIENT_NAME, PRIORITIES, key_line
     from service.api.auth import new_key as make_key
+
+    if priority is not None and priority not in PRIORITIES:
+        typer.echo(
+            f"nlpserve: invalid --priority {priority[:20]!r}: {' or '.join(PRIORITIES)}",
+            err=True,
+        )
+        raise typer.Exit(2)
 
     if not CLIENT_NAME.fullmatch(name):
         typer.echo(
@@ -225,7 +242,7 @@ def new_key(
         raise typer.Exit(2)
     key = make_key()
     typer.echo(key)
-    typer.echo(key_line(name, key, max_in_flight))
+    typer.echo(key_line(name, key, max_in_flight, priority))
     typer.echo(
         "line 1: the key, for the client (Authorization: Bearer <key>, or X-API-Key); "
         "line 2: append it to the NLPSERVE_API_KEYS_FILE file (read again within a second)",

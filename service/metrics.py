@@ -78,6 +78,16 @@ class Metrics:
             ["model", "bucket"],
             registry=r,
         )
+        # Per lane, apart (a label on nlpserve_queue_depth would split its existing series):
+        # a batch client's backlog (lane=batch) is not interactive clients' (lane=predict).
+        self.queue_lane_depth = Gauge(
+            "nlpserve_queue_lane_depth",
+            "The sequences of nlpserve_queue_depth per model and lane, in priority order: "
+            "predict (interactive), batch (X-Priority: batch), explain.",
+            ["model", "lane"],
+            registry=r,
+        )
+        self.lanes_seen: set[tuple[str, str]] = set()  # (model, lane) series made
         self.batch_size = Histogram(
             "nlpserve_batch_size",
             "Sequences per inference batch.",
@@ -232,6 +242,14 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
+
+    def set_lane_depth(self, model: str, lane: str, n: int) -> None:
+        """``nlpserve_queue_lane_depth{model,lane}`` = n, the series made only once the lane
+        has had work: a model without explanations (a server without batch clients) shows no
+        ``explain`` (``batch``) series."""
+        if n or (model, lane) in self.lanes_seen:
+            self.lanes_seen.add((model, lane))
+            self.child(self.queue_lane_depth, model, lane).set(n)
 
     def forget(self, metric: Any, *labels: str) -> None:
         """Drop ``metric``'s series of ``labels`` (a client gone from the keys file), from the

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from service.batching import BatchPolicy, BucketScheduler, PendingBucket, WorkItem, bucket_index
-from service.batching.scheduler import EXPLAIN_LANE, PREDICT_LANE
+from service.batching.scheduler import (
+    BATCH_LANE,
+    EXPLAIN_LANE,
+    PREDICT_LANE,
+    lanes_through,
+    request_lane,
+)
 
 T0 = 1_000.0
 
@@ -251,6 +257,37 @@ def test_explain_lane_waits_while_predict_work_is_pending():
     batch = formed(s.next_batch(T0 + 0.020))
     assert [it.lane for it in batch] == [PREDICT_LANE]
     assert [it.lane for it in formed(s.next_batch(T0 + 0.020))] == [EXPLAIN_LANE]
+
+
+def test_batch_lane_runs_after_predict_and_before_explain():
+    """Batch-priority work waits for every predict item (even one filling its batch), and
+    goes before explanations queued earlier."""
+    s = BucketScheduler[WorkItem](POLICY)
+    s.add(item(5, bucket=0, at=T0, lane=EXPLAIN_LANE))
+    s.add(item(5, bucket=0, at=T0 + 0.001, lane=BATCH_LANE))
+    s.add(item(5, bucket=1, at=T0 + 0.009, lane=PREDICT_LANE))
+    assert s.next_batch(T0 + 0.011) is None  # predict still filling: nothing else runs
+    order = [formed(s.next_batch(T0 + 0.020))[0].lane for _ in range(3)]
+    assert order == [PREDICT_LANE, BATCH_LANE, EXPLAIN_LANE]
+    assert s.depth(lanes=lanes_through(PREDICT_LANE)) == 0
+
+
+def test_request_lane_and_the_lanes_ahead_of_it():
+    assert request_lane([PREDICT_LANE, BATCH_LANE]) == BATCH_LANE
+    assert request_lane([EXPLAIN_LANE, PREDICT_LANE]) == EXPLAIN_LANE
+    assert request_lane([PREDICT_LANE]) == PREDICT_LANE
+    assert request_lane(["bulk"]) is None and request_lane([]) is None
+    assert lanes_through(PREDICT_LANE) == (PREDICT_LANE,)
+    assert lanes_through(BATCH_LANE) == (PREDICT_LANE, BATCH_LANE)
+    assert (
+        lanes_through(EXPLAIN_LANE)
+        == lanes_through(None)
+        == (
+            PREDICT_LANE,
+            BATCH_LANE,
+            EXPLAIN_LANE,
+        )
+    )
 
 
 def test_unknown_lane_rejected():

@@ -1,10 +1,13 @@
 """Optional client authentication by API key (``NLPSERVE_API_KEYS_FILE``; docs/deploy.md,
 "Authentication").
 
-The keys file holds one key per line, ``<client-name> <key-or-hash> [max_in_flight=N]``: the
-second field is ``sha256:<64 hex>`` (the file then holds no secret) or the key itself; the
-optional third is the client's own in-flight limit (service/api/client_quota.py). A client may
-have several lines (keys being rotated); they must agree on ``max_in_flight``. Requests send
+The keys file holds one key per line,
+``<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive]``: the second
+field is ``sha256:<64 hex>`` (the file then holds no secret) or the key itself; the optional
+others, in either order, are the client's own in-flight limit (service/api/client_quota.py) and
+its predictions' priority (``batch``: they run only when no interactive prediction waits; a
+request cannot raise it, see service/api/deps.py). A client may have several lines (keys
+being rotated); they must agree on both. Requests send
 the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file is read again
 when it changes (looked at with one ``stat`` a second, in the background) and on SIGHUP; a
 file that no longer parses keeps the keys in force.
@@ -39,7 +42,11 @@ MIN_KEY_CHARS = 16
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 MAX_IN_FLIGHT = "max_in_flight"  # the key line's optional field: the client's own limit
-_LINE = "'<client-name> <key-or-hash> [max_in_flight=N]'"
+PRIORITY = "priority"  # ... and the client's predictions' priority class
+INTERACTIVE = "interactive"
+BATCH = "batch"
+PRIORITIES = (INTERACTIVE, BATCH)  # highest first
+_LINE = "'<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive]'"
 RELOAD_INTERVAL_S = 1.0
 REALM = b'Bearer realm="nlpserve"'
 
@@ -78,33 +85,60 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def key_line(name: str, key: str, max_in_flight: int | None = None) -> str:
-    """The keys file's line for ``name`` holding ``key`` as its hash (and its own limit)."""
+def key_line(
+    name: str, key: str, max_in_flight: int | None = None, priority: str | None = None
+) -> str:
+    """The keys file's line for ``name`` holding ``key`` as its hash (and its own limit and
+    priority)."""
     line = f"{name} {HASH_PREFIX}{digest(key).hex()}"
-    return line if max_in_flight is None else f"{line} {MAX_IN_FLIGHT}={max_in_flight}"
+    if max_in_flight is not None:
+        line += f" {MAX_IN_FLIGHT}={max_in_flight}"
+    if priority is not None:
+        line += f" {PRIORITY}={priority}"
+    return line
 
 
 @dataclass
 class KeyFile:
-    """What a keys file says: sha256 digest of each key -> its client, and the clients that
-    carry their own in-flight limit (``max_in_flight=N``) -> N."""
+    """What a keys file says: sha256 digest of each key -> its client, the clients that
+    carry their own in-flight limit (``max_in_flight=N``) -> N, and those that carry a
+    priority (``priority=batch|interactive``) -> it."""
 
     keys: dict[bytes, str]
     limits: dict[str, int] = field(default_factory=dict)
+    priorities: dict[str, str] = field(default_factory=dict)
 
     @property
     def clients(self) -> set[str]:
         return set(self.keys.values())
 
 
-def _max_in_flight(option: str, at: str, name: str, column: int) -> int:
-    """``max_in_flight=N``'s N (1 or more). The field is never quoted: a key written with a
-    space in it would land here."""
-    option_name, eq, value = option.partition("=")
-    if not eq or option_name != MAX_IN_FLIGHT:
-        raise KeyFileError(
-            f"{at}: client {name!r}: field {column} is not {MAX_IN_FLIGHT}=N (a line is {_LINE})"
-        )
+def _options(fields: list[str], at: str, name: str) -> tuple[int | None, str | None]:
+    """(``max_in_flight``, ``priority``) of a line's optional fields (from the third on).
+    A field is never quoted: a key written with a space in it would land here."""
+    limit: int | None = None
+    priority: str | None = None
+    for column, option in enumerate(fields, 3):
+        option_name, eq, value = option.partition("=")
+        if eq and option_name == MAX_IN_FLIGHT and limit is None:
+            limit = _max_in_flight(value, at, name)
+        elif eq and option_name == PRIORITY and priority is None:
+            if value not in PRIORITIES:
+                raise KeyFileError(
+                    f"{at}: client {name!r}: {PRIORITY} is {' or '.join(PRIORITIES)}, "
+                    f"got {value[:20]!r}"
+                )
+            priority = value
+        else:
+            raise KeyFileError(
+                f"{at}: client {name!r}: field {column} is not {MAX_IN_FLIGHT}=N or "
+                f"{PRIORITY}=batch|interactive, each at most once (a line is {_LINE})"
+            )
+    return limit, priority
+
+
+def _max_in_flight(value: str, at: str, name: str) -> int:
+    """``max_in_flight=N``'s N (1 or more)."""
     if not value.isascii() or not value.isdigit() or int(value) < 1:
         raise KeyFileError(
             f"{at}: client {name!r}: {MAX_IN_FLIGHT} is a whole number of items, 1 or more "
@@ -116,13 +150,13 @@ def _max_in_flight(option: str, at: str, name: str, column: int) -> int:
 
 def parse_keys(text: str, path: Path | str) -> KeyFile:
     """The file's keys and clients. Raises KeyFileError (``<path>:<line>: why``) on a line that
-    is not ``<name> <key-or-hash> [max_in_flight=N]``, a key twice, a plaintext key under
-    MIN_KEY_CHARS, two lines of one client that disagree on ``max_in_flight``, or no client at
-    all. Never quotes a key."""
+    is not ``<name> <key-or-hash> [max_in_flight=N] [priority=...]``, a key twice, a plaintext
+    key under MIN_KEY_CHARS, two lines of one client that disagree on ``max_in_flight`` or
+    ``priority``, or no client at all. Never quotes a key."""
     keys: dict[bytes, str] = {}
     # the client's first line and what it said: its lines must agree (the limit is the
     # client's, counted over all its keys, not a key's)
-    first: dict[str, tuple[int, int | None]] = {}
+    first: dict[str, tuple[int, int | None, str | None]] = {}
     where: dict[bytes, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -134,9 +168,9 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                 fields = fields[:i]
                 break
         at = f"{path}:{n}"
-        if len(fields) not in (2, 3):
+        if not 2 <= len(fields) <= 4:
             raise KeyFileError(
-                f"{at}: expected {_LINE} (two fields, or three), got "
+                f"{at}: expected {_LINE} (two fields, or three or four), got "
                 f"{len(fields)} field{'s' * (len(fields) != 1)}"
             )
         name, secret = fields[:2]
@@ -164,13 +198,13 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                     f"than {MIN_KEY_CHARS} (`nlpserve keys new NAME` makes one)"
                 )
             d = digest(secret)
-        limit = _max_in_flight(fields[2], at, name, 3) if len(fields) == 3 else None
+        limit, priority = _options(fields[2:], at, name)
         if d in keys:
             raise KeyFileError(
                 f"{at}: client {name!r} has the same key as {keys[d]!r} on line {where[d]}"
             )
         if name in first and first[name][1] != limit:
-            line_n, said = first[name]
+            line_n, said, _ = first[name]
 
             def spelled(v: int | None) -> str:
                 return f"{MAX_IN_FLIGHT}={v}" if v is not None else f"no {MAX_IN_FLIGHT}"
@@ -180,13 +214,25 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                 f"{line_n}: the limit is the client's, over all its keys; give its lines the "
                 "same one"
             )
+        if name in first and first[name][2] != priority:
+            line_n, _, was = first[name]
+
+            def named(v: str | None) -> str:
+                return f"{PRIORITY}={v}" if v is not None else f"no {PRIORITY}"
+
+            raise KeyFileError(
+                f"{at}: client {name!r} has {named(priority)} here but {named(was)} on line "
+                f"{line_n}: the priority is the client's, over all its keys; give its lines "
+                "the same one"
+            )
         keys[d] = name
-        first.setdefault(name, (n, limit))
+        first.setdefault(name, (n, limit, priority))
         where[d] = n
     if not keys:
         raise KeyFileError(f"{path}: holds no client (lines {_LINE})")
-    limits = {name: limit for name, (_, limit) in first.items() if limit is not None}
-    return KeyFile(keys, limits)
+    limits = {name: limit for name, (_, limit, _) in first.items() if limit is not None}
+    priorities = {name: p for name, (_, _, p) in first.items() if p is not None}
+    return KeyFile(keys, limits, priorities)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -307,6 +353,7 @@ class ApiKeys:
             name
             for name in keys.clients & before.clients
             if keys.limits.get(name) != before.limits.get(name)
+            or keys.priorities.get(name) != before.priorities.get(name)
         )
         self.file, self._sig, self._failed_sig = keys, sig, None
         self.metrics.keys_loaded.set(len(keys.keys))
@@ -316,7 +363,7 @@ class ApiKeys:
             callback(keys)
         log.info(
             "API keys reloaded from %s: %d clients, %d keys (added: %s; removed: %s; "
-            "max_in_flight changed: %s)",
+            "max_in_flight or priority changed: %s)",
             self.path,
             len(keys.clients),
             len(keys.keys),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import Request
 
 from service.api.errors import ApiError
+from service.batching.scheduler import BATCH_LANE, PREDICT_LANE
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import InferenceQueue
@@ -27,6 +28,9 @@ if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never impor
 T = TypeVar("T")
 
 DEADLINE_HEADER = "X-Deadline-Ms"
+PRIORITY_HEADER = "X-Priority"  # gRPC: the x-priority metadata
+# A request's priority class -> the batcher's lane its sequences go to (highest first).
+PRIORITY_LANES = {"interactive": PREDICT_LANE, "batch": BATCH_LANE}
 
 
 @dataclass
@@ -154,6 +158,38 @@ def deadline_from(request: Request, settings: Settings) -> float:
             )
         ms = min(ms, asked)
     return time.monotonic() + ms / 1000.0
+
+
+def lane_for(state: ServiceState, asked: str | None, client: str | None) -> str:
+    """The lane of a prediction whose request asks ``asked`` (X-Priority, or gRPC's
+    x-priority; None: not given) for ``client`` (the keys file's name, or None): the request's
+    class, else the client's ``priority=`` in the keys file, else interactive. A request may
+    lower its class, never raise it above the client's: a batch client's job cannot cut in
+    line by sending ``interactive`` (that class is the operator's, in the keys file; such a
+    request runs as batch, not refused, so that a job sending the header anyway works)."""
+    default = None
+    if client is not None and state.api_keys is not None:
+        default = state.api_keys.file.priorities.get(client)
+    lane = PRIORITY_LANES[default or "interactive"]
+    if asked is None:
+        return lane
+    given = asked.strip().lower()
+    if given not in PRIORITY_LANES:
+        raise ApiError(
+            400,
+            "invalid_header",
+            f"{PRIORITY_HEADER} must be one of {', '.join(PRIORITY_LANES)}, got {asked[:40]!r}",
+        )
+    # the lower of the two classes (PRIORITY_LANES is in priority order)
+    order = list(PRIORITY_LANES.values())
+    return max(lane, PRIORITY_LANES[given], key=order.index)
+
+
+def priority_from(request: Request, state: ServiceState) -> str:
+    """:func:`lane_for` of an HTTP request (its X-Priority, its client)."""
+    given = request.headers.getlist(PRIORITY_HEADER)
+    asked = ", ".join(given) if given else None  # twice is one list (RFC 9110): refused
+    return lane_for(state, asked, request.scope.get("state", {}).get("client"))
 
 
 class ClientGone(Exception):

@@ -367,6 +367,7 @@ CORS_ALLOW_HEADERS = (
     "Content-Type",
     "X-Request-ID",
     "X-Deadline-Ms",
+    "X-Priority",
     "traceparent",
     "tracestate",
     "Authorization",

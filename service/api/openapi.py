@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.api.auth import is_exempt
-from service.api.deps import DEADLINE_HEADER, MILLISECONDS
+from service.api.deps import DEADLINE_HEADER, MILLISECONDS, PRIORITY_HEADER, PRIORITY_LANES
 from service.api.schemas import TEXT_MARK, BatchRequest, ErrorResponse
 from service.api.v2_schemas import V2ErrorResponse
 from service.config import Settings
@@ -128,6 +128,34 @@ DEADLINE_PARAMETER: dict[str, Any] = {
                 "examples": ["2000", "2.5"],
             },
         }
+    ]
+}
+
+_PRIORITY_DOC = (
+    "The prediction's priority class: `interactive` (the default) or `batch`, for bulk "
+    "scoring: batch-priority sequences run only when no interactive prediction of the model "
+    "waits (before explanations), each still bounded by its own deadline (then 504). A client "
+    "whose line in the keys file says `priority=batch` is batch whatever this says. Any other "
+    "value: 400 `invalid_header`."
+)
+
+# The prediction routes' headers: the deadline and the priority class (read by
+# service.api.deps.priority_from).
+PREDICT_PARAMETERS: dict[str, Any] = {
+    "parameters": [
+        *DEADLINE_PARAMETER["parameters"],
+        {
+            "name": PRIORITY_HEADER,
+            "in": "header",
+            "required": False,
+            "description": _PRIORITY_DOC,
+            "schema": {
+                "type": "string",
+                "description": _PRIORITY_DOC,
+                "enum": list(PRIORITY_LANES),
+                "default": "interactive",
+            },
+        },
     ]
 }
 

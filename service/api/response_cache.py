@@ -46,6 +46,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
+from service.batching.scheduler import PREDICT_LANE, lanes_through
 from service.metrics import Metrics
 from service.queueing.base import DeadlineExceededError
 from service.tasks.base import InputError, Task
@@ -113,7 +114,9 @@ class ResponseCache:
         self._classes: list[type[BaseModel] | None] = [None]  # kind -> class (0: pickled)
         self._kinds: dict[type[BaseModel], int] = {}
         # key -> what its running item will be (None: its run failed or kept nothing)
-        self._inflight: dict[bytes, asyncio.Future[Frozen | None]] = {}
+        # a key being run -> (its result to come, the lane of the run: an interactive
+        # request never waits on a batch-priority run, which waits for every interactive one)
+        self._inflight: dict[bytes, tuple[asyncio.Future[Frozen | None], str]] = {}
         r = metrics.registry
         self._metrics = metrics
         self.hits = Counter(
@@ -245,10 +248,12 @@ class ResponseCache:
         deadline: float,
         timing: Timing,
         run: Callable[[list[BaseModel]], Awaitable[list[R]]],
+        lane: str = PREDICT_LANE,
     ) -> list[R]:
         """``items``' results: those held from here, those another request is running now
-        from its run (single-flight), the others from ``run`` (admission, queue, model; in
-        the items' order), which are then kept."""
+        from its run (single-flight: a run in ``lane``, the request's, or a lane before it),
+        the others from ``run`` (admission, queue, model; in the items' order), which are
+        then kept."""
         t0 = time.perf_counter()
         keys = self.keys(task, runner, decode, items)
         results: list[Any] = [None] * len(items)
@@ -269,7 +274,9 @@ class ResponseCache:
         timing.cache_s = time.perf_counter() - t0
         todo = missing
         while todo:  # more than once only when a run this request waited on failed
-            todo = await self._run_or_wait(task.name, keys, items, todo, results, deadline, run)
+            todo = await self._run_or_wait(
+                task.name, keys, items, todo, results, deadline, run, lane
+            )
         return results
 
     async def _run_or_wait(
@@ -281,6 +288,7 @@ class ResponseCache:
         results: list[Any],
         deadline: float,
         run: Callable[[list[BaseModel]], Awaitable[list[R]]],
+        lane: str = PREDICT_LANE,
     ) -> list[int]:
         """Runs the items of ``todo`` that no request is running, waits for the others' runs;
         returns the items still to do: those whose run failed (the error was its request's:
@@ -288,7 +296,9 @@ class ResponseCache:
         another request that got there first). A run whose result cannot be kept is run
         again here at once (:data:`UNSHAREABLE`)."""
         lead: list[int] = []
+        mine: list[int] = []  # of lead, those whose run others may wait on
         follow: list[tuple[int, asyncio.Future[Frozen | None]]] = []
+        ahead = lanes_through(lane)
         answered = 0  # by other requests (kept meanwhile, or coalesced)
         loop = asyncio.get_running_loop()
         for i in todo:
@@ -296,10 +306,13 @@ class ResponseCache:
             if (frozen := self._entries.get(key)) is not None:  # kept since this one looked
                 results[i] = self.thaw(frozen)
                 answered += 1
-            elif (flight := self._inflight.get(key)) is not None:
-                follow.append((i, flight))
-            else:
-                self._inflight[key] = loop.create_future()
+            elif (flight := self._inflight.get(key)) is None:
+                self._inflight[key] = (loop.create_future(), lane)
+                lead.append(i)
+                mine.append(i)
+            elif flight[1] in ahead:
+                follow.append((i, flight[0]))
+            else:  # a lower lane's run (it may wait long): run it here, unshared
                 lead.append(i)
         if lead:
             done: dict[int, Frozen | None] = {}
@@ -315,8 +328,8 @@ class ResponseCache:
             except InputError as e:
                 raise renumbered(e, lead, len(items)) from None
             finally:  # whatever happened (errors, cancellation): no one waits on it any more
-                for i in lead:
-                    self._inflight.pop(keys[i]).set_result(done.get(i))
+                for i in mine:
+                    self._inflight.pop(keys[i])[0].set_result(done.get(i))
         again: list[int] = []
         alone: list[int] = []
         if follow:
@@ -328,8 +341,8 @@ class ResponseCache:
                     raise DeadlineExceededError(
                         "the deadline passed while an identical item ran for another request"
                     )
-            for i, flight in follow:
-                frozen = flight.result()
+            for i, waited in follow:
+                frozen = waited.result()
                 if frozen is None:
                     again.append(i)
                 elif frozen is UNSHAREABLE:

@@ -13,10 +13,30 @@ from typing import Generic
 from service.batching.forming import PendingBucket
 from service.batching.types import BatchPolicy, ItemT
 
-PREDICT_LANE = "predict"
+PREDICT_LANE = "predict"  # interactive predictions (the default priority)
+BATCH_LANE = "batch"  # predictions sent with ``X-Priority: batch`` (bulk scoring)
 EXPLAIN_LANE = "explain"
 # Lanes in priority order: a lane runs only when every lane before it has nothing waiting.
-DEFAULT_LANES: tuple[str, ...] = (PREDICT_LANE, EXPLAIN_LANE)
+# Batch predictions go before explanations: an explanation is one client waiting, but its
+# hundreds of masked variants would hold a bulk job back for as long as they run.
+DEFAULT_LANES: tuple[str, ...] = (PREDICT_LANE, BATCH_LANE, EXPLAIN_LANE)
+
+
+def request_lane(lanes: list[str], order: tuple[str, ...] = DEFAULT_LANES) -> str | None:
+    """The lowest-priority lane among a request's sequences' ``lanes`` (None: one unknown
+    here): the work that runs before it is what runs before its last sequence."""
+    try:
+        return max(lanes, key=order.index) if lanes else None
+    except ValueError:
+        return None
+
+
+def lanes_through(lane: str | None, order: tuple[str, ...] = DEFAULT_LANES) -> tuple[str, ...]:
+    """The lanes whose queued work runs before (or with) ``lane``'s: itself and those of
+    higher priority (every lane for None, an unknown one)."""
+    if lane not in order:
+        return order
+    return order[: order.index(lane) + 1]
 
 
 def lane_for_next_batch(batches_in_flight: int, threads: int) -> str | None:
@@ -32,10 +52,13 @@ class BucketScheduler(Generic[ItemT]):
     Not thread-safe: one owner (an asyncio loop task, or a worker loop) calls every method.
 
     Rules of :meth:`next_batch`:
-    * lanes are strict priorities: ``explain`` work runs only when no ``predict`` work waits
-      (not even work that is still filling its batch), so explanations never delay
-      predictions by more than the batches already running (a batch formed ahead, to queue
-      behind them, is asked for with ``lane=PREDICT_LANE``: never an explanation);
+    * lanes are strict priorities (``predict``, then ``batch``, then ``explain``): a lane's
+      work runs only when no work of a lane before it waits (not even work that is still
+      filling its batch), so batch-priority predictions and explanations never delay
+      interactive predictions by more than the batches already running (a batch formed
+      ahead, to queue behind them, is asked for with ``lane=PREDICT_LANE``: never a lower
+      lane's). A lower lane's item starved by a steady higher one waits until its own
+      deadline (then 504): never longer;
     * within a lane, among the buckets that are ready (full, or oldest item waited
       ``max_wait_s``, or any pending work when the caller says ``no_wait``), the one whose
       oldest item has waited longest goes first, so a busy bucket cannot starve a quiet one;
@@ -61,11 +84,16 @@ class BucketScheduler(Generic[ItemT]):
     def __len__(self) -> int:
         return sum(len(pb) for pb in self._pending.values())
 
-    def depth(self, bucket: int | None = None, lane: str | None = None) -> int:
+    def depth(
+        self, bucket: int | None = None, lane: str | None = None, lanes: tuple[str, ...] = ()
+    ) -> int:
+        """Waiting sequences (of ``bucket``; of ``lane``, or of any of ``lanes`` if given)."""
         return sum(
             len(pb)
             for (b, ln), pb in self._pending.items()
-            if (bucket is None or b == bucket) and (lane is None or ln == lane)
+            if (bucket is None or b == bucket)
+            and (lane is None or ln == lane)
+            and (not lanes or ln in lanes)
         )
 
     def depths(self) -> dict[int, int]:

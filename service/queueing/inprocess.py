@@ -16,7 +16,12 @@ from typing import Protocol
 import numpy as np
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import PREDICT_LANE, lane_for_next_batch
+from service.batching.scheduler import (
+    PREDICT_LANE,
+    lane_for_next_batch,
+    lanes_through,
+    request_lane,
+)
 from service.batching.types import ItemT
 from service.config import Settings
 from service.metrics import Metrics
@@ -251,8 +256,8 @@ class InProcessQueue(InferenceQueue):
             raise BackendUnavailableError("the service is shutting down")
         now = time.monotonic()
         deadline = min(it.deadline for it in items)
-        # Predictions run before explanations: only those are ahead of a prediction.
-        lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
+        # Lanes run in priority order: only its own and higher lanes are ahead of a request.
+        lane = request_lane([it.lane for it in items])
         for model in {it.model for it in items}:
             if model not in self._scheds:
                 raise KeyError(f"model {model!r} is not loaded")
@@ -294,13 +299,13 @@ class InProcessQueue(InferenceQueue):
     ) -> QueueFullError | None:
         """Why ``n`` more sequences of ``model`` would be refused now (429), else None
         (:func:`~service.queueing.base.load_refusal`): ahead of them are the batches running
-        (and formed to run next), then what is queued; predictions run before explanations,
-        so only predictions are ahead of one."""
+        (and formed to run next), then what is queued in ``lane`` and the lanes before it
+        (an interactive prediction counts no batch-priority work or explanation)."""
         sched = self._scheds.get(model)
         if sched is None:
             return None
         depth = len(sched)
-        queued = sched.depth(lane=lane) if lane == PREDICT_LANE else depth
+        queued = sched.depth(lanes=lanes_through(lane))
         return load_refusal(
             model,
             n,
@@ -361,6 +366,9 @@ class InProcessQueue(InferenceQueue):
             return
         for bucket, n in self._scheds[model].depths().items():
             self.metrics.child(self.metrics.queue_depth, model, str(bucket)).set(n)
+        sched = self._scheds[model]
+        for lane in sched.lanes:
+            self.metrics.set_lane_depth(model, lane, sched.depth(lane=lane))
 
     def _left(self, it: WorkItem) -> bool:
         """Nobody waits for it any more (client gone, answered, failed). Also called on the

@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching.buckets import bucket_edges
-from service.batching.scheduler import PREDICT_LANE
+from service.batching.scheduler import PREDICT_LANE, lanes_through, request_lane
 from service.batching.types import WorkItem
 from service.clock import RedisClock
 from service.config import Settings
@@ -211,8 +211,8 @@ class RedisQueue(InferenceQueue):
         # submit_many takes it)
         self._run_s: dict[str, float] = {}
         self._depth: dict[str, int] = {}
-        # Of that depth, the predict lane's: only those run before a prediction.
-        self._predict_depth: dict[str, int] = {}
+        # That depth per lane: a request counts only its own lane's and those before it.
+        self._lane_depth: dict[str, dict[str, int]] = {}
         # Per model: seconds per sequence of all the live workers serving its layout, from
         # the paces they publish (absent: none measured yet).
         self._seq_s: dict[str, float] = {}
@@ -324,10 +324,14 @@ class RedisQueue(InferenceQueue):
             deadline,
             depth=depth,
             limit=self.settings.max_queue_depth,
-            ahead=self._predict_depth.get(model, 0) if lane == PREDICT_LANE else depth,
+            ahead=self._ahead(model, lane),
             seq_s=self._seq_s.get(model),
             retry_after=lambda: self._retry_after(model),
         )
+
+    def _ahead(self, model: str, lane: str | None) -> int:
+        per_lane = self._lane_depth.get(model, {})
+        return sum(per_lane.get(ln, 0) for ln in lanes_through(lane))
 
     def _retry_after(self, model: str) -> float:
         # Time to drain the model's streams at the workers' recent pace, at least a second.
@@ -360,8 +364,8 @@ class RedisQueue(InferenceQueue):
                 raise NoWorkersError(why)
         now = time.monotonic()
         deadline = min(it.deadline for it in items)
-        # Predictions run before explanations: only those are ahead of a prediction.
-        lane = PREDICT_LANE if all(it.lane == PREDICT_LANE for it in items) else None
+        # Lanes run in priority order: only its own and higher lanes are ahead of a request.
+        lane = request_lane([it.lane for it in items])
         for model, idx in by_model.items():
             if (refused := self.refuse(model, len(idx), deadline, lane)) is not None:
                 raise refused
@@ -504,8 +508,8 @@ class RedisQueue(InferenceQueue):
         for stream, _ in entries:
             model, _, _, lane = self._labels(stream)
             self._depth[model] = max(0, self._depth.get(model, 0) - 1)
-            if lane == PREDICT_LANE:
-                self._predict_depth[model] = max(0, self._predict_depth.get(model, 0) - 1)
+            per_lane = self._lane_depth.setdefault(model, {})
+            per_lane[lane] = max(0, per_lane.get(lane, 0) - 1)
 
     def _labels(self, stream: str) -> tuple[str, str, str, str]:
         if (got := self._labels_of.get(stream)) is None:
@@ -513,11 +517,11 @@ class RedisQueue(InferenceQueue):
         return got
 
     def _record_depth(self, model: str, keys: list[str], lens: list[int]) -> None:
-        predict = 0
+        per_lane: dict[str, int] = {}
         for key, n in zip(keys, lens, strict=False):
-            if self._labels(key)[3] == PREDICT_LANE:
-                predict += int(n)
-        self._predict_depth[model] = predict
+            lane = self._labels(key)[3]
+            per_lane[lane] = per_lane.get(lane, 0) + int(n)
+        self._lane_depth[model] = per_lane
         if self.metrics is None:
             return
         per_bucket: dict[str, int] = {}
@@ -526,6 +530,8 @@ class RedisQueue(InferenceQueue):
             per_bucket[bucket] = per_bucket.get(bucket, 0) + int(n)
         for bucket, n in per_bucket.items():
             self.metrics.child(self.metrics.queue_depth, model, bucket).set(n)
+        for lane, n in per_lane.items():
+            self.metrics.set_lane_depth(model, lane, n)
 
     def _forget(self, entries: list[tuple[str, bytes]]) -> None:
         if self._closed or not entries:

@@ -365,11 +365,26 @@ def test_a_client_may_have_several_keys_and_its_own_limit():
     assert keys.limits == {"alice": 8} and keys.clients == {"alice", "carol"}
 
 
+def test_a_client_line_may_give_its_priority_in_either_order():
+    text = (
+        f"alice {ALICE_KEY} priority=batch max_in_flight=8\n"
+        f"alice {HASH_PREFIX}{digest(BOB_KEY).hex()} max_in_flight=8 priority=batch\n"
+        f"carol {WRONG_KEY} priority=interactive\n"
+    )
+    keys = parse_keys(text, "f")
+    assert keys.limits == {"alice": 8}
+    assert keys.priorities == {"alice": "batch", "carol": "interactive"}
+    assert key_line("dave", ALICE_KEY, 3, "batch").endswith(" max_in_flight=3 priority=batch")
+    assert parse_keys(key_line("dave", ALICE_KEY, None, "batch"), "f").priorities == {
+        "dave": "batch"
+    }
+
+
 @pytest.mark.parametrize(
     ("text", "where", "why"),
     [
         ("alice\n", "f:1", "two fields"),
-        ("# c\nalice a b c\n", "f:2", "two fields"),
+        ("# c\nalice a b c d\n", "f:2", "two fields"),
         (
             f"alice {BOB_KEY} max_in_flight=4\nalice {ALICE_KEY} max_in_flight=5\n",
             "f:2",
@@ -385,7 +400,15 @@ def test_a_client_may_have_several_keys_and_its_own_limit():
         (f"alice {BOB_KEY} max_in_flight=lots\n", "f:1", "1 or more"),
         (f"alice {BOB_KEY} max_in_fligth=4\n", "f:1", "field 3 is not max_in_flight=N"),
         (f"alice {BOB_KEY} short-key\n", "f:1", "field 3 is not max_in_flight=N"),
-        (f"alice {BOB_KEY} max_in_flight=4 x\n", "f:1", "two fields, or three"),
+        (f"alice {BOB_KEY} max_in_flight=4 x\n", "f:1", "field 4 is not max_in_flight=N"),
+        (f"alice {BOB_KEY} a b c\n", "f:1", "two fields, or three or four"),
+        (f"alice {BOB_KEY} priority=bulk\n", "f:1", "priority is interactive or batch"),
+        (f"alice {BOB_KEY} priority=batch priority=batch\n", "f:1", "each at most once"),
+        (
+            f"alice {BOB_KEY} priority=batch\nalice {ALICE_KEY}\n",
+            "f:2",
+            "client 'alice' has no priority here but priority=batch on line 1",
+        ),
         (f"alice {BOB_KEY}\nalice {BOB_KEY}\n", "f:2", "same key as 'alice' on line 1"),
         (f"alice {BOB_KEY}\nbob {BOB_KEY}\n", "f:2", "same key as 'alice' on line 1"),
         ("alice short-key\n", "f:1", "shorter than 16"),

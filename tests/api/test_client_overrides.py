@@ -319,3 +319,14 @@ def test_keys_new_max_in_flight_prints_the_field():
     assert parsed.keys == {digest(key): "batch-jobs"} and parsed.limits == {"batch-jobs": 256}
     refused = _cli("keys", "new", "batch-jobs", "--max-in-flight", "0")
     assert refused.returncode == 2 and not refused.stdout
+
+
+def test_keys_new_priority_prints_the_field():
+    made = _cli("keys", "new", "batch-jobs", "--max-in-flight", "9", "--priority", "batch")
+    assert made.returncode == 0, made.stderr
+    key, line = made.stdout.splitlines()
+    assert line.endswith(" max_in_flight=9 priority=batch")
+    assert parse_keys(line + "\n", "f").priorities == {"batch-jobs": "batch"}
+    refused = _cli("keys", "new", "batch-jobs", "--priority", "urgent")
+    assert refused.returncode == 2 and not refused.stdout
+    assert "invalid --priority 'urgent': interactive or batch" in refused.stderr

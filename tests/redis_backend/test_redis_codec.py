@@ -170,11 +170,15 @@ def test_stream_names_carry_the_model_layout_and_parse_back() -> None:
                 assert stream_labels(stream) == ("pos-en", version, "7", "explain")
                 predict = work_stream(prefix, "pos-en", layout(version, edges), 0)
                 assert stream_labels(predict) == ("pos-en", version, "0", "predict")
+                batch = work_stream(prefix, "pos-en", layout(version, edges), 2, "batch")
+                assert batch.endswith(":b2:batch")
+                assert stream_labels(batch) == ("pos-en", version, "2", "batch")
     # versions, and bucket edges, never share a stream
     layouts = [layout("1", [64, 128]), layout("2", [64, 128]), layout("1", [32, 128])]
     assert len(set(layouts)) == 3
     streams = [set(model_streams("p", "m", x, 2)) for x in layouts]
-    assert all(len(s) == 4 for s in streams) and not any(
+    # 2 buckets x 3 lanes (predict, batch, explain)
+    assert all(len(s) == 6 for s in streams) and not any(
         a & b for i, a in enumerate(streams) for b in streams[i + 1 :]
     )
 

@@ -517,7 +517,7 @@ async def test_a_replicas_answered_work_is_not_ahead_of_its_next_request(
         for _ in range(3):
             await q.submit_many([make_item(tiny_runners[POS], 6, rng) for _ in range(3)])
             assert q.refuse(POS, 3, time.monotonic() + 20) is None
-            assert q.depth(POS) == 0 and q._predict_depth[POS] == 0
+            assert q.depth(POS) == 0 and q._lane_depth[POS]["predict"] == 0
 
 
 async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
@@ -557,9 +557,18 @@ async def test_work_ahead_longer_than_the_deadline_is_refused_up_front(
             extra.lane = "explain"
             waiting.append(asyncio.create_task(q.submit(extra)))
         await wait_for(lambda: q.depth(POS) == 6)
-        await wait_for(lambda: q._predict_depth.get(POS) == 3)
+        await wait_for(lambda: q._lane_depth.get(POS, {}).get("predict") == 3)
         assert q.refuse(POS, 1, time.monotonic() + 140) is None  # 3 predictions + 1 ahead
         assert q.refuse(POS, 1, time.monotonic() + 140, lane=None) is not None  # 6 + 1
+        # batch-priority predictions: ahead of explanations and batch ones, not of interactive
+        for _ in range(2):
+            extra = make_item(tiny_runners[POS], 4, rng, deadline_s=300)
+            extra.lane = "batch"
+            waiting.append(asyncio.create_task(q.submit(extra)))
+        await wait_for(lambda: q.depth(POS) == 8)
+        assert q.refuse(POS, 1, time.monotonic() + 140) is None  # still 3 + 1
+        assert q.refuse(POS, 1, time.monotonic() + 140, lane="batch") is not None  # 5 + 1
+        assert q.refuse(POS, 1, time.monotonic() + 230, lane="batch") is None
         for t in waiting:
             t.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
@@ -1232,6 +1241,61 @@ async def test_worker_never_forms_an_explanation_ahead(make_settings, tiny_runne
     assert gated[POL].started == [(3,), (5,), (4,)]
     for it, g in zip((first, explain, later), got, strict=True):
         assert_same(g, direct(tiny_runners[POL], it))
+
+
+async def test_worker_runs_batch_priority_work_after_interactive_before_explanations(
+    make_settings, tiny_runners, r
+) -> None:
+    """Each lane in its own stream (``...:batch``): with the thread busy, an explanation and
+    a batch-priority prediction read first still run after a later interactive one, and the
+    batch one before the explanation."""
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(8)
+    first, later = (make_item(tiny_runners[POL], n, rng) for n in (3, 5))
+    explain = dataclasses.replace(make_item(tiny_runners[POL], 6, rng), lane="explain")
+    batch = dataclasses.replace(make_item(tiny_runners[POL], 4, rng), lane="batch")
+    async with api_queue(settings, gated) as q, running_worker(settings, gated) as w:
+        tasks = [asyncio.create_task(q.submit(first))]
+        try:
+            await wait_for(lambda: gated[POL].active == 1)
+            tasks.append(asyncio.create_task(q.submit(explain)))
+            tasks.append(asyncio.create_task(q.submit(batch)))
+            await wait_for(lambda: len(w.schedulers[POL]) == 2)  # read, waiting in the worker
+            assert w.schedulers[POL].depth(lane="batch") == 1
+            streams = {s.decode() if isinstance(s, bytes) else s async for s in r.scan_iter("*")}
+            assert any(s.endswith(":batch") for s in streams)
+            tasks.append(asyncio.create_task(q.submit(later)))
+            await wait_for(lambda: w.batches_in_flight == 2)
+        finally:
+            gated[POL].gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert gated[POL].started == [(3,), (5,), (4,), (6,)]
+    for it, g in zip((first, explain, batch, later), got, strict=True):
+        assert_same(g, direct(tiny_runners[POL], it))
+
+
+async def test_a_starved_batch_priority_item_ends_at_its_deadline(
+    make_settings, tiny_runners
+) -> None:
+    """While interactive work holds the model, a batch-priority item waits up to its own
+    deadline, then DeadlineExceededError (504), and never runs."""
+    gated = {POL: GatedRunner(tiny_runners[POL])}
+    settings = make_settings(max_batch_size=1, inference_threads=1, prefetch_batches=1)
+    rng = np.random.default_rng(9)
+    first = make_item(tiny_runners[POL], 3, rng)
+    starved = make_item(tiny_runners[POL], 7, rng, deadline_s=0.5)
+    starved.lane = "batch"
+    async with api_queue(settings, gated) as q, running_worker(settings, gated):
+        running = asyncio.create_task(q.submit(first))
+        try:
+            await wait_for(lambda: gated[POL].active == 1)
+            with pytest.raises(DeadlineExceededError):
+                await q.submit(starved)
+        finally:
+            gated[POL].gate.set()
+        await asyncio.wait_for(running, 20)
+    assert (7,) not in gated[POL].started
 
 
 async def test_worker_skips_what_was_cancelled_while_its_batch_was_formed_ahead(

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 import service
 from service import tracecontext
 from service.api.auth import authenticate, still_held
-from service.api.deps import ServiceState
+from service.api.deps import ServiceState, lane_for
 from service.api.errors import ApiError, retry_after_header, validation_error
 from service.api.grpc import GrpcPortError
 from service.api.grpc import grpc_predict_v2_pb2 as pb
@@ -221,6 +221,13 @@ def _metadata_pairs(context: aio.ServicerContext) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def _priority(context: aio.ServicerContext) -> str | None:
+    """The call's ``x-priority`` metadata, as X-Priority is over HTTP (the call's, as its
+    deadline and trace are: a stream's every request has it); given twice: both, refused."""
+    given = [v for k, v in context.invocation_metadata() or () if k.lower() == "x-priority"]
+    return ", ".join(str(v) for v in given) if given else None
+
+
 # The client times out first: our deadline is its grpc-timeout counted from when the call
 # arrived, a transit later than the client's own. A cancel this close to it is the deadline
 # (504 in the metrics), not the client going away (499); the first was counted 499 now and then.
@@ -347,11 +354,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             model = task.name
             body = v2_request(request)
             deadline = self._deadline(context)
+            lane = lane_for(state, _priority(context), client)
             payload, _ = await infer(
                 task,
                 body,
                 state.settings.max_batch_items,
-                lambda items, decode: run_work(state, task, items, decode, deadline),
+                lambda items, decode: run_work(state, task, items, decode, deadline, lane),
             )
             response = infer_response(payload)
             status, code = 200, ""

@@ -18,10 +18,11 @@ from service.api.deps import (
     cancel_on_disconnect,
     check_query,
     deadline_from,
+    priority_from,
 )
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, client_closed, too_many_items
-from service.api.openapi import DEADLINE_PARAMETER, error_responses
+from service.api.openapi import PREDICT_PARAMETERS, error_responses
 from service.api.response_cache import Timing
 from service.api.schemas import (
     DETECT_EXAMPLES,
@@ -39,6 +40,7 @@ from service.api.schemas import (
     QABody,
     QAResponse,
 )
+from service.batching.scheduler import PREDICT_LANE
 from service.tasks.base import Outputs, Prepared, Task, run_requests
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -101,8 +103,11 @@ async def run_items(
     request.state.model = task.name  # the metrics' and logs' model
     state = _state(request)
     deadline = deadline_from(request, state.settings)
+    lane = priority_from(request, state)
     try:
-        return await cancel_on_disconnect(request, run_work(state, task, items, decode, deadline))
+        return await cancel_on_disconnect(
+            request, run_work(state, task, items, decode, deadline, lane)
+        )
     except ClientGone:
         raise client_closed() from None
 
@@ -113,10 +118,11 @@ async def run_work(
     items: list[BaseModel],
     decode: Callable[[Prepared, Outputs], R],
     deadline: float,
+    lane: str = PREDICT_LANE,
 ) -> tuple[list[R], dict[str, float]]:
     """What every protocol's prediction runs (HTTP's :func:`run_items`, the gRPC server's
-    ModelInfer): the item limit, the queue, and the stage metrics. Cancelling the awaiting
-    task withdraws the request's queued work."""
+    ModelInfer): the item limit, the queue (in ``lane``: the request's priority class), and
+    the stage metrics. Cancelling the awaiting task withdraws the request's queued work."""
     if len(items) > state.settings.max_batch_items:
         raise too_many_items(len(items), state.settings.max_batch_items)
     if state.queue is None:
@@ -135,14 +141,21 @@ async def run_work(
     async def run(todo: list[BaseModel]) -> list[R]:
         with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
             return await run_requests(
-                task, queue, todo, deadline, timing=timing, decode=decode, read=read.append
+                task,
+                queue,
+                todo,
+                deadline,
+                lane,
+                timing=timing,
+                decode=decode,
+                read=read.append,
             )
 
     if (cache := state.response_cache) is None:
         results = await run(items)
     else:  # what it holds is answered here; only the rest is admitted and run
         results = await cache.serve(
-            task, state.runners.get(task.name), items, decode, deadline, timing, run
+            task, state.runners.get(task.name), items, decode, deadline, timing, run, lane
         )
     state.metrics.observe_stages(task.name, timing)
     for prepared in read:
@@ -169,7 +182,7 @@ def server_timing(timing: dict[str, float]) -> str:
     operation_id="tag_parts_of_speech",
     response_model=PosResponse | PosBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Part-of-speech tags",
     description="Tag `text` (split into words by the model) or pre-split `tokens`. Texts over "
     "the model's max length (tokens) are rejected with 422 `input_too_long`." + _DEADLINE_DOC,
@@ -195,7 +208,7 @@ async def pos(
     operation_id="classify_polarity",
     response_model=PolarityResponse | PolarityBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Sentence polarity (positive / negative)",
     description="Texts over the model's max length are cut to it and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -221,7 +234,7 @@ async def polarity(
     operation_id="detect",
     response_model=DetectResponse | DetectBatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Machine-generated text detection",
     description="Texts over the model's max length are cut to their head and answered with "
     "`truncated: true`." + _DEADLINE_DOC,
@@ -247,7 +260,7 @@ async def detect(
     operation_id="answer_question",
     response_model=QAResponse | QABatchResponse,
     responses=_ERRORS,
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Extractive question answering",
     description="The answer is a span of `context` with character offsets; long contexts are "
     "read in overlapping windows and the best span over all windows is returned." + _DEADLINE_DOC,

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 import service
 from service.api.deps import get_state as _state
-from service.api.openapi import DEADLINE_PARAMETER, v2_error_responses
+from service.api.openapi import PREDICT_PARAMETERS, v2_error_responses
 from service.api.routes.ops import not_ready
 from service.api.routes.predict import SERVER_TIMING, run_items, server_timing
 from service.api.schemas import DETECT_EXAMPLES
@@ -242,7 +242,7 @@ async def _infer(
     operation_id="v2_infer",
     response_model=V2InferenceResponse,
     responses=v2_error_responses(_INFER_ERRORS),
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Inference",
     description=_INFER_DOC,
 )
@@ -255,7 +255,7 @@ async def infer(request: Request, name: NamePath, body: InferBody) -> Response:
     operation_id="v2_infer_version",
     response_model=V2InferenceResponse,
     responses=v2_error_responses(_INFER_ERRORS),
-    openapi_extra=DEADLINE_PARAMETER,
+    openapi_extra=PREDICT_PARAMETERS,
     summary="Inference, at a version",
     description=_INFER_DOC + " 404 for a version other than the one served.",
 )
