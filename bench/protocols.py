@@ -144,7 +144,7 @@ def run_round(r: int, order: Sequence[str], args: argparse.Namespace, models: Pa
         for protocol in order:
             one = measure(protocol, r, api.pid, url, target, args.model, work[protocol],
                           args.concurrency, args.grpc_channels, args.grpc_streams)  # fmt: skip
-            print(f"round {r + 1} {protocol:>4}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
+            print(f"round {r + 1} {protocol:>11}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
                   f"p99 {one.p99_ms:.1f} ms | CPU ms/request: event loop "
                   f"{one.event_loop_ms:.3f}, other threads {one.other_threads_ms:.3f}, "
                   f"load generator {one.client_ms:.3f} | mean batch "
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(runs, protocols)
     for proto in protocols:
         s = summary[proto]
-        print(f"{proto:>4}: median {s['median_rps']:.1f} req/s, "
+        print(f"{proto:>11}: median {s['median_rps']:.1f} req/s, "
               f"× {protocols[0]} {s[f'median_rps_over_{protocols[0]}']:.3f}, API CPU "
               f"{s['median_server_ms']:.3f} ms/request, load generator "
               f"{s['median_client_ms']:.3f}")  # fmt: skip
