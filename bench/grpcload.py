@@ -8,7 +8,8 @@ asks for every output, as a ``/v1`` answer carries every field. The gRPC client 
 ``grpc.aio`` stub of the service's own generated modules over one channel by default (HTTP/2
 multiplexes the calls; ``channels`` opens more), lighter than tritonclient's wrapper: the
 benchmark measures the server, so the client should cost the shared cores as little as it
-can. Needs the ``grpc`` extra.
+can. :func:`run_grpc_stream_load` sends the same requests on ``ModelStreamInfer`` streams.
+Needs the ``grpc`` extra.
 """
 
 from __future__ import annotations
