@@ -185,7 +185,8 @@ async def run_grpc_stream_load(
                 async with asyncio.TaskGroup() as group:
                     group.create_task(write())
                     group.create_task(read())
-            except* (grpc.aio.AioRpcError, TimeoutError) as failed:
+            # a write after the call ended raises InvalidStateError beside the read's error
+            except* (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as failed:
                 # the stream failed or stalled: what it had not been answered fails
                 call.cancel()
                 now, why = time.perf_counter(), repr(failed.exceptions[0])
