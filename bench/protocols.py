@@ -1,4 +1,5 @@
-"""The same requests over /v1 REST, /v2 REST (KServe V2) and gRPC ModelInfer, on one server.
+"""The same requests over /v1 REST, /v2 REST (KServe V2), gRPC ModelInfer and (on request)
+gRPC ModelStreamInfer, on one server.
 
     python -m bench.protocols --data ../shared/data --near-free --rounds 4 \\
         --name protocols-near-free-cpu-2core
@@ -9,7 +10,10 @@ Each round starts one ``nlpserve serve`` (in-process queue, ``NLPSERVE_GRPC_PORT
 warms each protocol up, then sends the identical pre-generated items (``bench.loadgen``,
 one item per request, closed loop, ``--concurrency`` clients) over each protocol in turn;
 the order rotates from one round to the next (v1 v2 grpc, v2 grpc v1, ...), so no protocol
-always runs first or last. Per protocol and round: throughput, p50/p99, the API process's
+always runs first or last. ``grpc_stream`` (``--protocols v1,grpc,grpc_stream``) sends the
+same items as ModelStreamInfer requests: ``--grpc-streams`` streams share the
+``--concurrency`` requests in flight, each stream sending its next as one of its own is
+answered. Per protocol and round: throughput, p50/p99, the API process's
 CPU per request (event loop and other threads, from ``/proc``) and the load generator's own
 (it shares the cores). The report gives each protocol's medians and, per round, its
 throughput and CPU per request against /v1's of the same round (the same moment's noise).
@@ -36,7 +40,7 @@ from typing import Any
 from bench import procs
 from bench.ab import near_free_repo
 from bench.cpu_account import thread_cpu
-from bench.grpcload import run_grpc_load, v2_rest_specs
+from bench.grpcload import run_grpc_load, run_grpc_stream_load, v2_rest_specs
 from bench.loadgen import (
     RequestSpec,
     Result,
@@ -48,7 +52,8 @@ from bench.loadgen import (
 )
 from bench.raw_ort import device_providers
 
-PROTOCOLS = ("v1", "v2", "grpc")
+PROTOCOLS = ("v1", "v2", "grpc", "grpc_stream")
+DEFAULT_PROTOCOLS = "v1,v2,grpc"  # grpc_stream on request (--protocols)
 RESULTS = Path(__file__).with_name("results")
 
 
@@ -75,23 +80,30 @@ class Run:
 
 async def _send(
     protocol: str, url: str, target: str, model: str, specs: Sequence[RequestSpec],
-    concurrency: int, channels: int = 1,
+    concurrency: int, channels: int = 1, streams: int = 4,
 ) -> tuple[list[Result], float]:  # fmt: skip
     if protocol == "grpc":
         return await run_grpc_load(target, model, specs, concurrency=concurrency,
                                    channels=channels)  # fmt: skip
+    if protocol == "grpc_stream":
+        return await run_grpc_stream_load(target, model, specs, concurrency=concurrency,
+                                          streams=streams, channels=channels)  # fmt: skip
     return await run_load(url, specs, concurrency=concurrency, keep_body=False)
 
 
 def measure(protocol: str, r: int, pid: int, url: str, target: str, model: str,
-            specs: Sequence[RequestSpec], concurrency: int, channels: int = 1) -> Run:  # fmt: skip
+            specs: Sequence[RequestSpec], concurrency: int, channels: int = 1,
+            streams: int = 4) -> Run:  # fmt: skip
     m0 = scrape_metrics([f"{url}/metrics"])
     before, c0 = thread_cpu(pid), time.process_time()
     results, wall = asyncio.run(_send(protocol, url, target, model, specs, concurrency,
-                                      channels))  # fmt: skip
+                                      channels, streams))  # fmt: skip
     after, c1 = thread_cpu(pid), time.process_time()
     batches = metrics_delta(m0, scrape_metrics([f"{url}/metrics"]), model)
     failed = [x for x in results if x.status != 200]
+    if len(results) < len(specs):
+        raise SystemExit(f"bench.protocols: {protocol}: {len(specs) - len(results)} of "
+                         f"{len(specs)} requests were never sent (a stream failed)")  # fmt: skip
     if failed:
         first = failed[0]
         raise SystemExit(f"bench.protocols: {protocol}: {len(failed)} of {len(results)} "
@@ -128,11 +140,11 @@ def run_round(r: int, order: Sequence[str], args: argparse.Namespace, models: Pa
         procs.wait_http(api, f"{url}/readyz", timeout_s=180)
         for protocol in order:  # unmeasured: connections, sessions and allocators settle
             asyncio.run(_send(protocol, url, target, args.model, warm[protocol], args.concurrency,
-                              args.grpc_channels))  # fmt: skip
+                              args.grpc_channels, args.grpc_streams))  # fmt: skip
         for protocol in order:
             one = measure(protocol, r, api.pid, url, target, args.model, work[protocol],
-                          args.concurrency, args.grpc_channels)  # fmt: skip
-            print(f"round {r + 1} {protocol:>4}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
+                          args.concurrency, args.grpc_channels, args.grpc_streams)  # fmt: skip
+            print(f"round {r + 1} {protocol:>11}: {one.rps:7.1f} req/s, p50 {one.p50_ms:.1f} "
                   f"p99 {one.p99_ms:.1f} ms | CPU ms/request: event loop "
                   f"{one.event_loop_ms:.3f}, other threads {one.other_threads_ms:.3f}, "
                   f"load generator {one.client_ms:.3f} | mean batch "
@@ -214,9 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="gRPC channels (TCP connections) the clients share (default: 1)",
     )
     p.add_argument(
+        "--grpc-streams",
+        type=int,
+        default=4,
+        help="grpc_stream: ModelStreamInfer streams that share the --concurrency requests in\n"
+        "flight (default: 4, so 8 each: under the server's 16 a stream)",
+    )
+    p.add_argument(
         "--protocols",
-        default=",".join(PROTOCOLS),
-        help="the first is the one the others are compared to (default: v1,v2,grpc)",
+        default=DEFAULT_PROTOCOLS,
+        help=f"a list of {', '.join(PROTOCOLS)}; the first is the one the others are compared\n"
+        f"to (default: {DEFAULT_PROTOCOLS})",
     )
     p.add_argument("--near-free", action="store_true", help="serve a copy that costs nothing")
     p.add_argument("--name", default=None, help="write bench/results/NAME.{json,md}")
@@ -242,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = build_requests(args.model, args.requests + args.warmup, models_dir=models,
                                data_dir=args.data)  # fmt: skip
         v1_work, v1_warm = specs[: args.requests], specs[args.requests :]
-        work = {"v1": v1_work, "v2": v2_rest_specs(args.model, v1_work), "grpc": v1_work}
-        warm = {"v1": v1_warm, "v2": v2_rest_specs(args.model, v1_warm), "grpc": v1_warm}
+        work = {"v1": v1_work, "v2": v2_rest_specs(args.model, v1_work), "grpc": v1_work,
+                "grpc_stream": v1_work}  # fmt: skip
+        warm = {"v1": v1_warm, "v2": v2_rest_specs(args.model, v1_warm), "grpc": v1_warm,
+                "grpc_stream": v1_warm}  # fmt: skip
         runs: list[Run] = []
         for r in range(args.rounds):
             order = protocols[r % len(protocols) :] + protocols[: r % len(protocols)]
@@ -251,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(runs, protocols)
     for proto in protocols:
         s = summary[proto]
-        print(f"{proto:>4}: median {s['median_rps']:.1f} req/s, "
+        print(f"{proto:>11}: median {s['median_rps']:.1f} req/s, "
               f"× {protocols[0]} {s[f'median_rps_over_{protocols[0]}']:.3f}, API CPU "
               f"{s['median_server_ms']:.3f} ms/request, load generator "
               f"{s['median_client_ms']:.3f}")  # fmt: skip
@@ -264,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "variant": args.variant or "the server's default",
                 "near_free": args.near_free, "requests": args.requests, "warmup": args.warmup,
                 "concurrency": args.concurrency, "grpc_channels": args.grpc_channels,
+                "grpc_streams": args.grpc_streams,
                 "rounds": args.rounds}  # fmt: skip
         machine = machine_description("cpu")
         args.out_dir.mkdir(parents=True, exist_ok=True)

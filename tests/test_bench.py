@@ -1497,3 +1497,74 @@ def test_ab_reports_the_response_caches_hit_ratio_under_repeats(
     # copy sent while the first is still in flight).
     assert summary["B"]["median_cache_hit_ratio"] >= 0.5
     assert summary["B"]["median_p99_ms"] > 0
+
+
+def test_stream_slots_split_the_concurrency_over_the_streams() -> None:
+    from bench.grpcload import stream_slots
+
+    assert stream_slots(32, 4) == [8, 8, 8, 8]
+    assert stream_slots(10, 4) == [3, 3, 2, 2]
+    assert stream_slots(2, 4) == [1, 1]  # never a stream with nothing in flight
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_grpc_stream_load_answers_every_item_in_spec_order_and_counts_refusals(
+    model_repo: Path,
+) -> None:
+    """Against a real server whose streams take 3 at once: 4 in flight on each of 2 streams
+    (one waits in flow control), every answer matched to its request; bad
+    items (empty texts) are each refused on the stream and counted as failed, not hidden."""
+    pytest.importorskip("grpc", reason="the grpc extra is not installed")
+    from bench.grpcload import run_grpc_stream_load
+    from tests.redis_support import free_port
+    from tests.service_support import (
+        POLARITY_MODEL,
+        live_server,
+        make_settings,
+        metric_value,
+        read_metrics,
+        require_model,
+    )
+
+    require_model(model_repo, POLARITY_MODEL)
+    settings = make_settings(model_repo, grpc_port=free_port(), grpc_stream_max_in_flight=3)
+    specs = build_requests(POLARITY_MODEL, 40, models_dir=model_repo, seed=3)
+    async with live_server(settings) as srv:
+        target = f"127.0.0.1:{settings.grpc_port}"
+        results, wall = await run_grpc_stream_load(
+            target, POLARITY_MODEL, specs, concurrency=8, streams=2
+        )
+        assert wall > 0
+        assert [r.id for r in results] == [s.id for s in specs]
+        assert all(r.status == 200 and r.latency_s > 0 for r in results), results[0].error
+        async with srv.client() as c:
+            text = await read_metrics(c)
+        series = dict(model=POLARITY_MODEL, endpoint="grpc_stream", status="200")
+        assert metric_value(text, "nlpserve_requests_total", **series) == 40
+        empty = [RequestSpec(s.id, s.path, {"text": ""}, 0) for s in specs[:5]]
+        refused, _ = await run_grpc_stream_load(
+            target, POLARITY_MODEL, empty, concurrency=2, streams=1
+        )
+        assert [r.status for r in refused] == [0] * 5
+        assert all("visible text" in (r.error or "") for r in refused), refused[0].error
+
+
+def test_protocols_bench_drives_grpc_streams_on_a_real_server(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("grpc", reason="the grpc extra is not installed")
+    from bench import protocols
+    from tests.service_support import POLARITY_MODEL, require_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    protocols.main(["--models", str(model_repo), "--model", POLARITY_MODEL, "--rounds", "2",
+                    "--requests", "30", "--warmup", "4", "--concurrency", "6",
+                    "--protocols", "grpc,grpc_stream", "--grpc-streams", "2",
+                    "--name", "s", "--out-dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["meta"]["grpc_streams"] == 2
+    assert [r["protocol"] for r in report["runs"]] == ["grpc", "grpc_stream", "grpc_stream", "grpc"]
+    s = report["summary"]["grpc_stream"]
+    assert len(s["rounds_rps"]) == 2 and s["median_server_ms"] > 0
+    assert s["median_mean_batch_size"] >= 1
+    assert "| grpc_stream |" in (tmp_path / "s.md").read_text()

@@ -74,6 +74,8 @@ KEYS_FILE = (
     f"{key_line('alice', CLIENT_KEYS['alice'])}\n"
     f"bob {CLIENT_KEYS['bob']} max_in_flight={BOB_MAX_IN_FLIGHT}\n"
 )
+# Cut at detector-en's max length (128 tokens): the drift row's truncated share moves.
+LONG_TEXT = " ".join(["The committee reviewed every chapter of the long report twice."] * 25)
 # A sampled request's trace (traceparent flags 01): its latency's exemplar.
 TRACE_ID = "5a" * 16
 TRACEPARENT = f"00-{TRACE_ID}-{'7b' * 8}-01"
@@ -230,6 +232,8 @@ async def _traffic(st: Stack) -> None:
     alice = {"Authorization": f"Bearer {CLIENT_KEYS['alice']}"}
     bob = {"X-API-Key": CLIENT_KEYS["bob"]}
     n = next(ROUNDS)
+    short = f"The mitochondria is the powerhouse of the cell {n}."
+    long = f"{LONG_TEXT} {n}"  # over detector-en's 128 tokens: cut (truncated)
     async with st.api.client(headers=alice) as c, st.api.client(headers=bob) as b:
         ok = [
             c.post(
@@ -243,9 +247,8 @@ async def _traffic(st: Stack) -> None:
             c.post(
                 "/v1/pos", json={"inputs": [{"text": f"The dog barks {n}."}, {"tokens": ["Hi"]}]}
             ),
-            b.post(
-                "/v1/detect", json={"text": f"The mitochondria is the powerhouse of the cell {n}."}
-            ),
+            b.post("/v1/detect", json={"text": short}),
+            c.post("/v1/detect", json={"text": long}),  # alice's: bob's limit is 4 items
             c.post(
                 "/v1/qa",
                 json={"question": "长城有多长？", "context": f"长城总长度超过两万千米。{n}"},
@@ -481,6 +484,16 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
             result = await _query(c, first[title])
             rates = {s["metric"]["model"]: float(s["value"][1]) for s in result}
             assert rates.get("polarity-en", 0) > 0, (title, result)
+        # the drift row: a label share per model that answers labels (pos: none); QA's
+        # no_answer share for QA models only; detector-en's long text counted as cut
+        result = await _query(c, first["Predicted label share per model"])
+        models = {s["metric"]["model"] for s in result}
+        assert models == {"detector-en", "polarity-en", "qa-zh"}, result
+        result = await _query(c, first["QA no_answer share"])
+        assert {s["metric"]["model"] for s in result} == {"qa-zh"}, result
+        result = await _query(c, first["Inputs truncated (share)"])
+        shares = {s["metric"]["model"]: float(s["value"][1]) for s in result}
+        assert 0 < shares["detector-en"] < 1 and shares["pos-en"] == 0, shares
 
 
 @ASYNC
