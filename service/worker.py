@@ -192,14 +192,15 @@ class Worker:
         # Each model as loaded (version, bucket edges) keys its streams and its heartbeat set:
         # replicas tell from the set whether anyone serves the layout they enqueue for.
         layouts = {m: layout(r.manifest.version, r.buckets) for m, r in self.runners.items()}
-        self._served_keys = [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
-        # ...and, per lane an earlier version does not read, that this worker reads it
-        self._served_keys += [
+        # ...and, per lane an earlier version does not read, that this worker reads it: those
+        # first, so that a replica's probe between the two never counts it as not reading
+        self._served_keys = [
             lane_readers_key(self.prefix, m, x, lane)
             for m, x in layouts.items()
             for lane in ANNOUNCED_LANES
             if lane in lanes
         ]
+        self._served_keys += [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
         # Each model's seconds per sequence on one thread, averaged over its recent batches:
         # published with the heartbeat, for the replicas' admission (docs/service.md).
         self._pace_keys = {m: model_pace_key(self.prefix, m, x) for m, x in layouts.items()}
