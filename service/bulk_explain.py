@@ -76,7 +76,14 @@ class BulkExplainer:
         self.computed: weakref.WeakValueDictionary[int, Explanation] = weakref.WeakValueDictionary()
 
     async def start(self) -> None:
-        self.queue = InProcessQueue({self.task.name: self.runner}, self.settings)
+        # Offline, a full queue must wait, not fail the line (429 queue_full): room for every
+        # explanation running at once, each holding at most one of its scorer's requests
+        # (service/explain/adapters.py) queued; that concurrency bounds the memory instead.
+        s = self.settings
+        step = max(1, min(s.max_request_sequences, s.max_queue_depth))
+        depth = max(s.max_queue_depth, max(1, s.explain_concurrency) * step)
+        queue_settings = s.model_copy(update={"max_queue_depth": depth})
+        self.queue = InProcessQueue({self.task.name: self.runner}, queue_settings)
         await self.queue.start()
         self.service.register(build_explainer(self.task, self.queue))
 

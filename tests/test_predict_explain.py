@@ -216,6 +216,32 @@ async def test_a_chunk_holds_a_bounded_number_of_explanations(model_repo):
     assert len(explainer.computed) <= settings.explain_cache_size  # only what the cache holds
 
 
+async def _explain_offline(model_repo: Path, lines: list[str], **overrides: Any) -> list[dict]:
+    from service.bulk_explain import explain_stream
+    from service.cli import _explainer, _predict_model
+
+    settings = make_settings(model_repo, variant="fp32", **overrides)
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    out = io.StringIO()
+    src = io.BytesIO(("\n".join(lines) + "\n").encode())
+    await explain_stream(explainer, src, out, chunk_lines=4096)
+    return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+async def test_a_small_queue_depth_makes_lines_wait_not_fail(model_repo):
+    """Explanations running at once can queue more masked variants than
+    NLPSERVE_MAX_QUEUE_DEPTH admits (the live endpoint answers 429 then, to be retried):
+    offline, no line fails queue_full; the answers are those of one explanation at a time."""
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": _words(8, i), "max_evals": 60}) for i in range(12)]
+    small = {"max_queue_depth": 8, "max_batch_size": 8, "inference_threads": 1}
+    many = await _explain_offline(model_repo, lines, explain_concurrency=8, **small)
+    assert [a.get("error", {}).get("code") for a in many] == [None] * len(lines)
+    one = await _explain_offline(model_repo, lines, explain_concurrency=1, **small)
+    for got, want in zip(many, one, strict=True):
+        _same(got, want)
+
+
 @pytest.mark.parametrize("model", [POS_MODEL, QA_MODEL])
 async def test_a_model_without_explanations_exits_2_in_one_line(cli, model_repo, tmp_path, model):
     require_model(model_repo, model)
