@@ -739,6 +739,12 @@ class RedisQueue(InferenceQueue):
         self.clock.take(sent, res[0], time.monotonic())
         if errors := self.clock.errors(res):
             raise errors[0]
+        # whether each announced lane was read, before this probe's counts (a replica that
+        # starts mid-rollout warns too)
+        before = {
+            key: key not in self._lane_readers or self._lane_read(*key)
+            for key in self._readers_keys
+        }
         k = 2 + len(self._served_keys)
         served = res[2:k]
         self._count_workers(
@@ -755,6 +761,18 @@ class RedisQueue(InferenceQueue):
         self._lane_readers = {
             key: int(n) for key, n in zip(self._readers_keys, res[k:], strict=True)
         }
+        for (model, lane), was in before.items():
+            if was != (now := self._lane_read(model, lane)):
+                log.log(
+                    logging.INFO if now else logging.WARNING,
+                    "%s's %s-priority work goes to its %s lane: %s",
+                    model,
+                    lane,
+                    lane if now else PREDICT_LANE,
+                    "every live worker reads it again"
+                    if now
+                    else "a live worker does not read that lane (an earlier version)",
+                )
 
     def _record_pace(self, model: str, paces: dict[bytes, bytes], alive_since: float) -> None:
         """The model's seconds per sequence over all its live workers: each runs

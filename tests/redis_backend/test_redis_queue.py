@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import threading
 import time
 import urllib.error
@@ -1299,12 +1300,13 @@ async def test_a_starved_batch_priority_item_ends_at_its_deadline(
 
 
 async def test_batch_work_goes_to_the_predict_lane_while_a_live_worker_does_not_read_it(
-    make_settings, tiny_runners
+    make_settings, tiny_runners, caplog
 ) -> None:
     """Mixed versions: a worker of the version before the batch lane reads only the predict
     and explain streams. While one is alive, a replica queues batch-priority work in the
     predict lane, where it is served (it waited to its deadline, 504, in a ``...:batch``
     stream nobody read); with only workers that read the batch lane, it has its own again."""
+    caplog.set_level(logging.INFO, "service.queueing.redis_queue")
     settings = make_settings()
     rng = np.random.default_rng(10)
     item = make_item(tiny_runners[POL], 5, rng, deadline_s=3.0)
@@ -1316,12 +1318,14 @@ async def test_batch_work_goes_to_the_predict_lane_while_a_live_worker_does_not_
         ):
             await wait_for(lambda: q.model_workers_alive.get(POL) == 2)
             assert not q._lane_read(POL, "batch")
+            await wait_for(lambda: "batch-priority work goes to its predict lane" in caplog.text)
             assert_same(await q.submit(item), direct(tiny_runners[POL], item))
             assert old.stats.replies + new.stats.replies == 1
             assert q._lane_read(POL, "predict") and q._lane_read(POL, "explain")
         async with running_worker(settings, tiny_runners) as new:
             await wait_for(lambda: q.model_workers_alive.get(POL) == 1)
             await wait_for(lambda: q._lane_read(POL, "batch"))
+            await wait_for(lambda: "work goes to its batch lane: every live" in caplog.text)
             again = make_item(tiny_runners[POL], 5, rng, deadline_s=3.0)
             again.lane = "batch"
             assert_same(await q.submit(again), direct(tiny_runners[POL], again))
