@@ -14,7 +14,10 @@ Batching is the engine's own: each SHAP call is one batch of ``NLPSERVE_MAX_BATC
 masked variants of one text (near-equal lengths, so sorting them would save no padding), and
 ``NLPSERVE_EXPLAIN_CONCURRENCY`` explanations run at once, so the queue keeps the model's
 inference threads busy. Lines are answered in input order, each written once it and the
-lines before it are done. No deadline applies (offline work waits as long as it takes).
+lines before it are done; at most :data:`AHEAD_PER_SLOT` lines per explanation slot are
+started and not yet written, so what a chunk holds beyond its input (the explanations' tasks,
+answers done ahead of a slow line) does not grow with the chunk's lines. No deadline applies
+(offline work waits as long as it takes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import asyncio
 import json
 import logging
 import time
+import weakref
+from collections import deque
 from typing import IO
 
 from service.api.middleware import BodyTooLarge
@@ -48,6 +53,10 @@ log = logging.getLogger(__name__)
 
 # Offline work has no deadline; the engine and the queue still take one (far away).
 _NO_DEADLINE_S = 365 * 86400.0
+# Lines started ahead of the one being written, per NLPSERVE_EXPLAIN_CONCURRENCY slot: enough
+# that a slot never idles behind a slow line for long, few enough that a 4096-line chunk of
+# long texts does not hold thousands of tasks and answers at once.
+AHEAD_PER_SLOT = 4
 
 
 class BulkExplainer:
@@ -62,11 +71,19 @@ class BulkExplainer:
         self.stats = Stats()
         self.service = ExplainService.from_settings(settings)
         self.queue: InProcessQueue | None = None
-        # this chunk's explanations, held (so that their ids stay theirs) until the next
-        self.computed: dict[int, Explanation] = {}
+        # the explanations whose evals were counted, by id, while they live (an entry leaves
+        # with its object, so an id reused by a later one is not mistaken for it)
+        self.computed: weakref.WeakValueDictionary[int, Explanation] = weakref.WeakValueDictionary()
 
     async def start(self) -> None:
-        self.queue = InProcessQueue({self.task.name: self.runner}, self.settings)
+        # Offline, a full queue must wait, not fail the line (429 queue_full): room for every
+        # explanation running at once, each holding at most one of its scorer's requests
+        # (service/explain/adapters.py) queued; that concurrency bounds the memory instead.
+        s = self.settings
+        step = max(1, min(s.max_request_sequences, s.max_queue_depth))
+        depth = max(s.max_queue_depth, max(1, s.explain_concurrency) * step)
+        queue_settings = s.model_copy(update={"max_queue_depth": depth})
+        self.queue = InProcessQueue({self.task.name: self.runner}, queue_settings)
         await self.queue.start()
         self.service.register(build_explainer(self.task, self.queue))
 
@@ -115,28 +132,38 @@ async def explain_stream(
     reading there (no line after it is explained), one whose explanation fails cancels the
     explanations after it."""
     stats = explainer.stats
+    ahead = AHEAD_PER_SLOT * max(1, explainer.settings.explain_concurrency)
+
+    def begin(raw: bytes | None) -> str | LineError | asyncio.Future[str | LineError]:
+        if raw is None:
+            return explainer.too_large
+        if not raw.strip():
+            return ""  # a blank line stays blank, as predict answers it
+        if isinstance(req := parse_line(raw, ExplainRequest), LineError):
+            return req
+        assert isinstance(req, ExplainRequest)
+        # the service's threads take NLPSERVE_EXPLAIN_CONCURRENCY at a time, in line order
+        return asyncio.ensure_future(explainer.explain(req))
+
     await explainer.start()
     try:
         for lines in read_chunks(inp, chunk_lines, explainer.settings.max_body_bytes):
-            answers: list[str | LineError | asyncio.Future[str | LineError]] = []
-            explainer.computed.clear()  # the last chunk's are all done: none is joined now
-            for _, raw in lines:
-                if raw is None:
-                    answers.append(explainer.too_large)
-                elif not raw.strip():
-                    answers.append("")  # a blank line stays blank, as predict answers it
-                elif isinstance(req := parse_line(raw, ExplainRequest), LineError):
-                    answers.append(req)
-                else:
-                    assert isinstance(req, ExplainRequest)
-                    # all of the chunk's started at once: the service's threads take
-                    # NLPSERVE_EXPLAIN_CONCURRENCY of them at a time, in line order
-                    answers.append(asyncio.ensure_future(explainer.explain(req)))
-                if fail_fast and isinstance(answers[-1], LineError):
-                    break
-            stop = False
+            # started, not yet written: (line number, answer or its explanation to come)
+            started: deque[tuple[int, str | LineError | asyncio.Future[str | LineError]]]
+            started = deque()
+            todo = iter(lines)
+            refused = stop = False
             try:
-                for (number, _), answer in zip(lines, answers, strict=False):
+                while True:
+                    while not refused and len(started) < ahead:
+                        if (line := next(todo, None)) is None:
+                            break
+                        started.append((line[0], answer := begin(line[1])))
+                        # --fail-fast: a line refused before its explanation starts no other
+                        refused = fail_fast and isinstance(answer, LineError)
+                    if not started:
+                        break
+                    number, answer = started.popleft()
                     got = await answer if isinstance(answer, asyncio.Future) else answer
                     stats.lines += 1
                     if isinstance(got, LineError):
@@ -155,7 +182,7 @@ async def explain_stream(
                     if stop:
                         break
             finally:
-                for answer in answers:
+                for _, answer in started:
                     if isinstance(answer, asyncio.Future) and not answer.done():
                         answer.cancel()  # stopped early (--fail-fast, Ctrl-C, a closed pipe)
             if stop:

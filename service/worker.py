@@ -44,7 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import lane_for_next_batch
+from service.batching.scheduler import DEFAULT_LANES, lane_for_next_batch
 from service.clock import RedisClock
 from service.config import Settings
 from service.loop_lag import LoopLagMonitor
@@ -53,6 +53,7 @@ from service.queueing import codec
 from service.queueing.base import updated_pace
 from service.queueing.inprocess import BatchRunner, timed_live_items
 from service.queueing.redis_keys import (
+    ANNOUNCED_LANES,
     GROUP,
     WORKER_ALIVE_S,
     cancel_channel,
@@ -60,6 +61,7 @@ from service.queueing.redis_keys import (
     decode_cancel,
     decode_pace,
     encode_pace,
+    lane_readers_key,
     layout,
     make_client,
     model_pace_key,
@@ -170,7 +172,10 @@ class Worker:
         settings: Settings,
         runners: Mapping[str, Runner],
         metrics: Metrics | None = None,
+        lanes: tuple[str, ...] = DEFAULT_LANES,
     ) -> None:
+        """``lanes``: the lanes whose streams it reads (fewer only to act as a worker of an
+        earlier version, in tests of mixed versions)."""
         if not runners:
             raise ValueError("a worker needs at least one model")
         self.settings = settings
@@ -187,7 +192,15 @@ class Worker:
         # Each model as loaded (version, bucket edges) keys its streams and its heartbeat set:
         # replicas tell from the set whether anyone serves the layout they enqueue for.
         layouts = {m: layout(r.manifest.version, r.buckets) for m, r in self.runners.items()}
-        self._served_keys = [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
+        # ...and, per lane an earlier version does not read, that this worker reads it: those
+        # first, so that a replica's probe between the two never counts it as not reading
+        self._served_keys = [
+            lane_readers_key(self.prefix, m, x, lane)
+            for m, x in layouts.items()
+            for lane in ANNOUNCED_LANES
+            if lane in lanes
+        ]
+        self._served_keys += [model_workers_key(self.prefix, m, x) for m, x in layouts.items()]
         # Each model's seconds per sequence on one thread, averaged over its recent batches:
         # published with the heartbeat, for the replicas' admission (docs/service.md).
         self._pace_keys = {m: model_pace_key(self.prefix, m, x) for m, x in layouts.items()}
@@ -198,7 +211,7 @@ class Worker:
         }
         self._stream_model: dict[str, str] = {}
         for m, r in self.runners.items():
-            for s in model_streams(self.prefix, m, layouts[m], len(r.buckets)):
+            for s in model_streams(self.prefix, m, layouts[m], len(r.buckets), lanes):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
         # Per model, as in-process: its own executor threads, and the batches it may hand them

@@ -10,6 +10,7 @@ aside: time, and whether this server explained the text before).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import subprocess
@@ -174,6 +175,71 @@ async def test_fail_fast_stops_at_the_first_refused_line(cli, model_repo, tmp_pa
     assert len(out) == 2 and json.loads(out[0])["tokens"] == ["a", "fine", "film"]
     assert json.loads(out[1])["error"]["code"] == "missing_field"
     assert "(stopped: --fail-fast)" in r.stderr
+
+
+class _CountingOutput(io.StringIO):
+    """An output that notes, at each line written, how many lines' explanations are started
+    and not yet written (their tasks: what a chunk holds beyond its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: list[int] = []
+
+    def write(self, s: str) -> int:
+        started = [t for t in asyncio.all_tasks() if not t.done()]
+        names = [getattr(t.get_coro(), "__qualname__", "") for t in started]
+        self.in_flight.append(names.count("BulkExplainer.explain"))
+        return super().write(s)
+
+
+async def test_a_chunk_holds_a_bounded_number_of_explanations(model_repo):
+    """A 4096-line chunk of long texts must not start all of its explanations at once (each a
+    task, its answer held until the lines before it are written): at most AHEAD_PER_SLOT per
+    NLPSERVE_EXPLAIN_CONCURRENCY slot are started ahead of the line being written."""
+    from service.bulk_explain import AHEAD_PER_SLOT, explain_stream
+    from service.cli import _explainer, _predict_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    settings = make_settings(
+        model_repo, variant="fp32", explain_concurrency=1, explain_cache_size=2
+    )
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    n = 6 * AHEAD_PER_SLOT
+    lines = [json.dumps({"text": _words(4, i), "max_evals": 8}) for i in range(n)]
+    out = _CountingOutput()
+    stats = await explain_stream(
+        explainer, io.BytesIO(("\n".join(lines) + "\n").encode()), out, chunk_lines=4096
+    )
+    assert stats.lines == n and stats.errors == 0
+    assert len(out.getvalue().splitlines()) == n
+    assert len(out.in_flight) == n and 0 < max(out.in_flight) <= AHEAD_PER_SLOT
+    assert len(explainer.computed) <= settings.explain_cache_size  # only what the cache holds
+
+
+async def _explain_offline(model_repo: Path, lines: list[str], **overrides: Any) -> list[dict]:
+    from service.bulk_explain import explain_stream
+    from service.cli import _explainer, _predict_model
+
+    settings = make_settings(model_repo, variant="fp32", **overrides)
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    out = io.StringIO()
+    src = io.BytesIO(("\n".join(lines) + "\n").encode())
+    await explain_stream(explainer, src, out, chunk_lines=4096)
+    return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+async def test_a_small_queue_depth_makes_lines_wait_not_fail(model_repo):
+    """Explanations running at once can queue more masked variants than
+    NLPSERVE_MAX_QUEUE_DEPTH admits (the live endpoint answers 429 then, to be retried):
+    offline, no line fails queue_full; the answers are those of one explanation at a time."""
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": _words(8, i), "max_evals": 60}) for i in range(12)]
+    small = {"max_queue_depth": 8, "max_batch_size": 8, "inference_threads": 1}
+    many = await _explain_offline(model_repo, lines, explain_concurrency=8, **small)
+    assert [a.get("error", {}).get("code") for a in many] == [None] * len(lines)
+    one = await _explain_offline(model_repo, lines, explain_concurrency=1, **small)
+    for got, want in zip(many, one, strict=True):
+        _same(got, want)
 
 
 @pytest.mark.parametrize("model", [POS_MODEL, QA_MODEL])

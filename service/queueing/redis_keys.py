@@ -12,11 +12,17 @@ share a slot (the admission script touches all of a model's streams at once).
                               (another vocabulary, other labels) or bucket edges (an index
                               that means another length, or none) never exchange work: it
                               waits for a worker of its own layout.
+* ``P:{model}:v{v}:e{h}:b{i}:batch``  the same bucket's batch lane (``X-Priority: batch``
+                              predictions; runs only when no predict waits)
 * ``P:{model}:v{v}:e{h}:b{i}:explain``  the same bucket's explain lane (runs only when no
-                              predict waits)
+                              predict or batch waits)
 * ``P:{model}:v{v}:e{h}:workers``  sorted set: worker name -> Unix time (on Redis' clock,
                               service/clock.py) of its last heartbeat, for the workers that
                               serve that layout
+* ``P:{model}:v{v}:e{h}:batch-readers``  sorted set like ``...:workers``, of the workers
+                              that read the batch lane's streams (a worker of an earlier
+                              version does not): while it counts fewer live workers than
+                              ``...:workers``, replicas queue batch work in the predict lane
 * ``P:{model}:v{v}:e{h}:pace``  hash: worker name -> ``<seconds per sequence> <threads>
                               <Unix time on Redis' clock>``, each worker's recent pace on
                               that layout (from its heartbeat): the replicas' estimate of
@@ -45,7 +51,7 @@ from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE
+from service.batching.scheduler import BATCH_LANE, DEFAULT_LANES, PREDICT_LANE
 from service.config import Settings
 
 GROUP = "workers"
@@ -94,6 +100,17 @@ def stream_labels(stream: str) -> tuple[str, str, str, str]:
 
 def model_workers_key(prefix: str, model: str, model_layout: str) -> str:
     return f"{prefix}:{{{model}}}:{model_layout}:workers"
+
+
+# Lanes a worker of an earlier version does not read (their streams came later). A worker
+# that reads one beats in its readers set as well; a replica queues that lane's work in the
+# predict lane while a live worker of the layout does not beat there, so a rolling update
+# in any order never leaves work in streams that no live worker reads.
+ANNOUNCED_LANES: tuple[str, ...] = (BATCH_LANE,)
+
+
+def lane_readers_key(prefix: str, model: str, model_layout: str, lane: str) -> str:
+    return f"{prefix}:{{{model}}}:{model_layout}:{lane}-readers"
 
 
 def model_pace_key(prefix: str, model: str, model_layout: str) -> str:

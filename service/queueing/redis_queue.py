@@ -52,10 +52,12 @@ from service.queueing.base import (
     results_of,
 )
 from service.queueing.redis_keys import (
+    ANNOUNCED_LANES,
     WORKER_ALIVE_S,
     cancel_channel,
     decode_pace,
     encode_cancel,
+    lane_readers_key,
     layout,
     make_client,
     model_pace_key,
@@ -201,6 +203,14 @@ class RedisQueue(InferenceQueue):
         self._pace_keys = {
             name: model_pace_key(self.prefix, name, self._layouts[name]) for name in manifests
         }
+        # (model, lane) -> the set of the live workers of its layout that read that lane's
+        # streams (a worker of an earlier version does not), and their count at the last probe
+        self._readers_keys = {
+            (name, lane): lane_readers_key(self.prefix, name, self._layouts[name], lane)
+            for name in manifests
+            for lane in ANNOUNCED_LANES
+        }
+        self._lane_readers: dict[tuple[str, str], int] = {}
         self._waiting: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         # a waiting item's work entry (stream, entry id), once admitted: after a lost reply
         # channel, an entry gone means its reply was lost too (reply_loss.py)
@@ -333,6 +343,16 @@ class RedisQueue(InferenceQueue):
         per_lane = self._lane_depth.get(model, {})
         return sum(per_lane.get(ln, 0) for ln in lanes_through(lane))
 
+    def _lane_read(self, model: str, lane: str) -> bool:
+        """Whether every live worker of the model's layout reads ``lane``'s streams: else
+        (a worker of an earlier version, mid-rollout) its work goes to the predict lane, which
+        every worker reads: it loses its priority for a while rather than wait to its
+        deadline in a stream that worker never reads."""
+        if lane not in ANNOUNCED_LANES:
+            return True
+        readers = self._lane_readers.get((model, lane))
+        return readers is not None and readers >= self.model_workers_alive.get(model, 0)
+
     def _retry_after(self, model: str) -> float:
         # Time to drain the model's streams at the workers' recent pace, at least a second.
         seq_s = self._seq_s.get(model)
@@ -422,7 +442,8 @@ class RedisQueue(InferenceQueue):
         ]
         targets = []
         for it in items:
-            target = work_stream(self.prefix, model, self._layouts[model], it.bucket, it.lane)
+            lane = it.lane if self._lane_read(model, it.lane) else PREDICT_LANE
+            target = work_stream(self.prefix, model, self._layouts[model], it.bucket, lane)
             if target not in keys:  # a bucket/lane this replica did not expect: still queue it
                 keys.append(target)
             targets.append(target)
@@ -711,11 +732,19 @@ class RedisQueue(InferenceQueue):
                     pipe.xlen(s)
             for key in self._pace_keys.values():
                 pipe.hgetall(key)
+            for key in self._readers_keys.values():
+                pipe.zcount(key, alive_since, "+inf")
             sent = time.monotonic()
             res = await pipe.execute(raise_on_error=False)
         self.clock.take(sent, res[0], time.monotonic())
         if errors := self.clock.errors(res):
             raise errors[0]
+        # whether each announced lane was read, before this probe's counts (a replica that
+        # starts mid-rollout warns too)
+        before = {
+            key: key not in self._lane_readers or self._lane_read(*key)
+            for key in self._readers_keys
+        }
         k = 2 + len(self._served_keys)
         served = res[2:k]
         self._count_workers(
@@ -726,8 +755,24 @@ class RedisQueue(InferenceQueue):
             k += len(streams)
             self._depth[model] = sum(int(n) for n in lens)
             self._record_depth(model, streams, lens)
-        for model, paces in zip(self._pace_keys, res[k:], strict=True):
+        for model, paces in zip(self._pace_keys, res[k : k + len(self._pace_keys)], strict=True):
             self._record_pace(model, paces, alive_since)
+        k += len(self._pace_keys)
+        self._lane_readers = {
+            key: int(n) for key, n in zip(self._readers_keys, res[k:], strict=True)
+        }
+        for (model, lane), was in before.items():
+            if was != (now := self._lane_read(model, lane)):
+                log.log(
+                    logging.INFO if now else logging.WARNING,
+                    "%s's %s-priority work goes to its %s lane: %s",
+                    model,
+                    lane,
+                    lane if now else PREDICT_LANE,
+                    "every live worker reads it again"
+                    if now
+                    else "a live worker does not read that lane (an earlier version)",
+                )
 
     def _record_pace(self, model: str, paces: dict[bytes, bytes], alive_since: float) -> None:
         """The model's seconds per sequence over all its live workers: each runs

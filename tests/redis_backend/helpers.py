@@ -20,10 +20,11 @@ from service.worker import Worker
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, runners: Mapping[str, ModelRunner]
+    settings: Settings, runners: Mapping[str, ModelRunner], lanes: tuple[str, ...] | None = None
 ) -> AsyncIterator[Worker]:
-    """A worker on this event loop (ORT on its executor thread), stopped gracefully after."""
-    worker = Worker(settings, runners)
+    """A worker on this event loop (ORT on its executor thread), stopped gracefully after
+    (``lanes``: only those lanes' streams read, as a worker of an earlier version)."""
+    worker = Worker(settings, runners) if lanes is None else Worker(settings, runners, lanes=lanes)
     task = asyncio.create_task(worker.run())
     try:
         yield worker

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import threading
 import time
 import urllib.error
@@ -1296,6 +1297,57 @@ async def test_a_starved_batch_priority_item_ends_at_its_deadline(
             gated[POL].gate.set()
         await asyncio.wait_for(running, 20)
     assert (7,) not in gated[POL].started
+
+
+async def test_batch_work_goes_to_the_predict_lane_while_a_live_worker_does_not_read_it(
+    make_settings, tiny_runners, caplog
+) -> None:
+    """Mixed versions: a worker of the version before the batch lane reads only the predict
+    and explain streams. While one is alive, a replica queues batch-priority work in the
+    predict lane, where it is served (it waited to its deadline, 504, in a ``...:batch``
+    stream nobody read); with only workers that read the batch lane, it has its own again."""
+    caplog.set_level(logging.INFO, "service.queueing.redis_queue")
+    settings = make_settings()
+    rng = np.random.default_rng(10)
+    item = make_item(tiny_runners[POL], 5, rng, deadline_s=3.0)
+    item.lane = "batch"
+    async with api_queue(settings, tiny_runners) as q:
+        async with (
+            running_worker(settings, tiny_runners, lanes=("predict", "explain")) as old,
+            running_worker(settings, tiny_runners) as new,
+        ):
+            await wait_for(lambda: q.model_workers_alive.get(POL) == 2)
+            assert not q._lane_read(POL, "batch")
+            await wait_for(lambda: "batch-priority work goes to its predict lane" in caplog.text)
+            assert_same(await q.submit(item), direct(tiny_runners[POL], item))
+            assert old.stats.replies + new.stats.replies == 1
+            assert q._lane_read(POL, "predict") and q._lane_read(POL, "explain")
+        async with running_worker(settings, tiny_runners) as new:
+            await wait_for(lambda: q.model_workers_alive.get(POL) == 1)
+            await wait_for(lambda: q._lane_read(POL, "batch"))
+            await wait_for(lambda: "work goes to its batch lane: every live" in caplog.text)
+            again = make_item(tiny_runners[POL], 5, rng, deadline_s=3.0)
+            again.lane = "batch"
+            assert_same(await q.submit(again), direct(tiny_runners[POL], again))
+            assert new.stats.replies == 1
+
+
+async def test_a_worker_of_the_version_before_the_batch_lane_serves_batch_work(
+    make_settings, tiny_runners
+) -> None:
+    """Rolled out API first: the only worker is of the earlier version. Batch work still
+    runs (in the predict lane), not a 504 at its deadline."""
+    settings = make_settings()
+    rng = np.random.default_rng(13)
+    item = make_item(tiny_runners[POL], 6, rng, deadline_s=2.0)
+    item.lane = "batch"
+    async with (
+        api_queue(settings, tiny_runners) as q,
+        running_worker(settings, tiny_runners, lanes=("predict", "explain")) as old,
+    ):
+        await wait_for(lambda: q.model_workers_alive.get(POL) == 1)
+        assert_same(await q.submit(item), direct(tiny_runners[POL], item))
+        assert old.stats.replies == 1
 
 
 async def test_worker_skips_what_was_cancelled_while_its_batch_was_formed_ahead(
