@@ -465,7 +465,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             while running:  # the client closed its side: answer what it sent, then end
                 await asyncio.gather(*running, return_exceptions=True)  # _settled logs them
             if failed:  # a request's answer failed (logged): the stream ends INTERNAL
-                refused = Refusal(500, "internal", f"a request of the stream failed: {failed[0]}")
+                refused = Refusal(500, "internal_error", "internal server error (logged)")
                 await self._abort(context, refused, [("x-request-id", call.rid)])
             if request is None:  # shutting down: its answers sent, the stream ends
                 refused = Refusal(503, "backend_unavailable", SHUTTING_DOWN_STREAM)
