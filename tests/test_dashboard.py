@@ -227,8 +227,9 @@ async def stack() -> AsyncIterator[Stack]:
 
 
 async def _traffic(st: Stack) -> None:
-    """Every model's prediction from both clients (one a sampled trace), an explanation, a
-    4xx, a 429 and 401s (no key, a wrong key); response cache hits and coalesced items."""
+    """Every model's prediction from both clients (one a sampled trace), an explanation,
+    batch-priority requests, a 4xx, a 429 and 401s (no key, a wrong key); response cache
+    hits and coalesced items."""
     alice = {"Authorization": f"Bearer {CLIENT_KEYS['alice']}"}
     bob = {"X-API-Key": CLIENT_KEYS["bob"]}
     n = next(ROUNDS)
@@ -283,6 +284,17 @@ async def _traffic(st: Stack) -> None:
             if 429 in statuses:
                 break
         assert 429 in statuses, "no request was refused with queue_full"
+        # batch-priority work: the batch lane's depth series (made once the lane has work)
+        batch = [
+            c.post(
+                "/v1/polarity",
+                json={"inputs": [{"text": f"bulk {n}.{j}.{i}"} for i in range(2)]},
+                headers={"X-Priority": "batch"},
+            )
+            for j in range(3)
+        ]
+        statuses = [r.status_code for r in await asyncio.gather(*batch)]
+        assert set(statuses) <= {200, 429} and 200 in statuses, statuses
         await _client_quota_traffic(b, n)
         await _cache_traffic(st, c, n)
 
@@ -479,6 +491,10 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
         ):
             result = await _query(c, exprs[title, ref])
             assert {s["metric"][label] for s in result} == want, (title, ref, result)
+        # the lanes panel: interactive and batch-priority work, each its own series
+        result = await _query(c, first["Queue depth per lane"])
+        lanes = {s["metric"]["lane"] for s in result if s["metric"]["model"] == "polarity-en"}
+        assert {"predict", "batch"} <= lanes, result
         # the cache row: the polarity model's hits and coalesced items, above 0
         for title in ("Response cache hit ratio", "Response cache coalesced items per second"):
             result = await _query(c, first[title])

@@ -115,20 +115,21 @@ class ClientQuota:
         return SETTING
 
     @contextmanager
-    def hold(self, client: str, n: int) -> Iterator[None]:
+    def hold(self, client: str, n: int, of: int | None = None) -> Iterator[None]:
         """Count ``n`` items of ``client`` in flight for the block, or raise (nothing held):
         422 ``too_many_items`` for more than its limit in one request (never admitted: a
         retry would be refused again), 429 ``client_quota`` while the client's other
         requests hold too many. A request is admitted whole or not at all, as by the queue.
-        Released however the block ends (answered, error, deadline, cancellation)."""
+        Released however the block ends (answered, error, deadline, cancellation). ``of``:
+        the request's items when the response cache answers the others (``n`` are those run)."""
         limit = self.limits.get(client)
         held = self.in_flight.get(client, 0)
         if limit is not None and n > limit:
             raise ApiError(
                 422,
                 "too_many_items",
-                f"{n} items in one request; this client may have at most {limit} in "
-                f"flight ({self._where(client)}): send smaller batches",
+                f"this request needs {n} items run at once{_cached(n, of)}; this client may "
+                f"have at most {limit} in flight ({self._where(client)}): send smaller batches",
             )
         if limit is not None and held + n > limit:
             self.metrics.child(self.refused, client).inc()
@@ -157,8 +158,15 @@ class ClientQuota:
             self.metrics.child(self.gauge, client).set(n)
 
 
+def _cached(n: int, of: int | None) -> str:
+    # the count is of the items run: say so where the request has more (cache hits)
+    if of is None or of <= n:
+        return ""
+    return f" (of its {of}: the response cache answers the rest)"
+
+
 @contextmanager
-def admit(state: ServiceState, n: int) -> Iterator[None]:
+def admit(state: ServiceState, n: int, of: int | None = None) -> Iterator[None]:
     """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
     AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), where the limit is
     on; a no-op otherwise (no limit set)."""
@@ -167,5 +175,5 @@ def admit(state: ServiceState, n: int) -> Iterator[None]:
     if quota is None or client is None:
         yield
         return
-    with quota.hold(client, n):
+    with quota.hold(client, n, of):
         yield

@@ -318,5 +318,13 @@ async def test_with_the_response_cache_only_misses_are_counted_and_given_back(
             r = await c.post("/v1/polarity", json=mixed, headers=as_(ALICE))
             assert r.status_code == 200, r.text
             assert r.headers["server-timing"].startswith("cache;desc=partial")
+            # over the limit once the cache's answers are taken out: the message counts
+            # what would run (LIMIT + 1 misses), not "items in one request" (LIMIT + 2)
+            over = {"inputs": [{"text": "known"}] + [{"text": f"miss {i}"} for i in range(4)]}
+            r = await c.post("/v1/polarity", json=over, headers=as_(ALICE))
+            assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
+            message = r.json()["error"]["message"]
+            assert message.startswith(f"this request needs {LIMIT + 1} items run at once"), message
+            assert "the response cache answers the rest" in message, message
         assert not in_flight(srv)
         assert len(cache) == 2  # "known" and "new"; none of the abandoned ones

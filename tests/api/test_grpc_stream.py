@@ -8,6 +8,8 @@ a cancelled stream's work withdrawn, its counts back to 0."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from service.api.grpc import grpc_predict_v2_pb2 as pb  # noqa: E402
 from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
+from service.api.grpc.server import _settled  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -423,3 +426,38 @@ async def test_repository_rpcs_need_a_key(keyed):
         assert {m["name"] for m in index["models"]} == set(keyed.state.tasks)
     finally:
         await client.close()
+
+
+async def test_a_stream_requests_failure_is_retrieved_and_logged_once(caplog):
+    """A stream's answer task failing while the stream still reads (a write to a call the
+    client just cancelled, a bug) is awaited by nobody: its done-callback retrieves and
+    logs it once, so asyncio never reports "Task exception was never retrieved". (A real
+    stream cancelled mid-write does not fail at a chosen moment: the callback is tested.)"""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx["message"]))
+    running: set[asyncio.Task[None]] = set()
+    failed: list[BaseException] = []
+
+    async def fails() -> None:
+        raise RuntimeError("write failed")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="service.api.grpc.server"):
+            for coro in (fails(), asyncio.sleep(0), asyncio.sleep(10)):
+                work = asyncio.create_task(coro)
+                running.add(work)
+                work.add_done_callback(lambda w: _settled(w, running, failed))
+            work.cancel()  # withdrawn (the stream cancelled): not a failure
+            for _ in range(100):
+                if not running:
+                    break
+                await asyncio.sleep(0)
+            del work
+            gc.collect()  # a task's unretrieved exception is reported at its collection
+    finally:
+        loop.set_exception_handler(previous)
+    assert not running and unretrieved == []
+    assert [str(e) for e in failed] == ["write failed"]
+    assert [r.getMessage() for r in caplog.records] == ["gRPC stream request failed"]

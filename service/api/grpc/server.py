@@ -421,6 +421,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(self.state.settings.grpc_stream_max_in_flight)
         writing = asyncio.Lock()  # grpc.aio allows one write at a time on a call
         running: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
@@ -442,7 +443,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         ),
                     )
                 async with writing:
-                    await context.write(out)
+                    try:
+                        await context.write(out)
+                    except Exception:
+                        if not (context.cancelled() or context.done()):
+                            raise
+                        # the client left (cancelled, its deadline) mid-write: nobody to answer
+                        log.debug("request %s: stream ended before its answer was written", rid)
             finally:
                 slots.release()
 
@@ -454,9 +461,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     break
                 work = asyncio.create_task(answer(request))
                 running.add(work)
-                work.add_done_callback(running.discard)
+                work.add_done_callback(lambda w: _settled(w, running, failed))
             while running:  # the client closed its side: answer what it sent, then end
-                await asyncio.gather(*running)
+                await asyncio.gather(*running, return_exceptions=True)  # _settled logs them
+            if failed:  # a request's answer failed (logged): the stream ends INTERNAL
+                refused = Refusal(500, "internal_error", "internal server error (logged)")
+                await self._abort(context, refused, [("x-request-id", call.rid)])
             if request is None:  # shutting down: its answers sent, the stream ends
                 refused = Refusal(503, "backend_unavailable", SHUTTING_DOWN_STREAM)
                 await self._abort(context, refused, [("x-request-id", call.rid)])
@@ -543,6 +553,21 @@ def stream_error(request: pb.ModelInferRequest, refused: Refusal) -> str:
     if refused.retry_after is not None:
         text += f"; retry after {refused.retry_after} s"
     return text
+
+
+def _settled(
+    work: asyncio.Task[None], running: set[asyncio.Task[None]], failed: list[BaseException]
+) -> None:
+    """A stream's answer task done: out of ``running``, its failure retrieved here, logged
+    once and kept in ``failed`` (a task done while the stream still reads is awaited by
+    nobody: asyncio would log "Task exception was never retrieved" at its collection)."""
+    running.discard(work)
+    if work.cancelled():
+        return
+    exc = work.exception()
+    if exc is not None:
+        log.error("gRPC stream request failed", exc_info=exc)
+        failed.append(exc)
 
 
 class _Call:

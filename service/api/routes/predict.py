@@ -139,7 +139,8 @@ async def run_work(
     read: list[list[Prepared]] = []
 
     async def run(todo: list[BaseModel]) -> list[R]:
-        with admit(state, len(todo)):  # before the queue's own refusal and the tokenizer
+        # before the queue's own refusal and the tokenizer; todo: the cache's misses
+        with admit(state, len(todo), len(items)):
             return await run_requests(
                 task,
                 queue,
