@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from tests.service_support import (
     make_settings,
     require_model,
 )
-from tests.test_predict_cli import ENV, _command_env
+from tests.test_predict_cli import ENV, interrupted_after_first
 
 pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -258,28 +256,5 @@ async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
     exit status 130, one line saying how many lines were answered, whole lines, no
     traceback, and the process does not hang on its explainer threads."""
     require_model(model_repo, POLARITY_MODEL)
-    src = tmp_path / "many.jsonl"
-    src.write_text("".join(json.dumps({"text": _words(i % 30 + 1, i)}) + "\n" for i in range(500)))
-    command, env = _command_env()
-    proc = subprocess.Popen(
-        [*command, "predict", POLARITY_MODEL, "--models", str(model_repo), "--explain", "-i",
-         str(src), "--chunk-lines", "64"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        # a test run started in the background ignores SIGINT, and its children would too
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    first = proc.stdout.readline()
-    assert json.loads(first)["tokens"]
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stdout.read()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 130, err
-    assert "Traceback" not in err, err
-    (said,) = [x for x in err.splitlines() if "interrupted" in x]
-    answered = int(said.split("interrupted after ")[1].split(" ")[0])
-    out = (first + rest).decode().splitlines()
-    assert 0 < answered == len(out) < 500, (said, len(out))
+    out = interrupted_after_first(model_repo, tmp_path, 500, "--explain")
     assert all(json.loads(x)["output_name"] == "positive_probability" for x in out)
