@@ -148,6 +148,10 @@ def _max_in_flight(value: str, at: str, name: str) -> int:
     return int(value)
 
 
+def _spelled(option: str, value: object) -> str:
+    return f"{option}={value}" if value is not None else f"no {option}"
+
+
 def parse_keys(text: str, path: Path | str) -> KeyFile:
     """The file's keys and clients. Raises KeyFileError (``<path>:<line>: why``) on a line that
     is not ``<name> <key-or-hash> [max_in_flight=N] [priority=...]``, a key twice, a plaintext
@@ -203,28 +207,18 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
             raise KeyFileError(
                 f"{at}: client {name!r} has the same key as {keys[d]!r} on line {where[d]}"
             )
-        if name in first and first[name][1] != limit:
-            line_n, said, _ = first[name]
-
-            def spelled(v: int | None) -> str:
-                return f"{MAX_IN_FLIGHT}={v}" if v is not None else f"no {MAX_IN_FLIGHT}"
-
-            raise KeyFileError(
-                f"{at}: client {name!r} has {spelled(limit)} here but {spelled(said)} on line "
-                f"{line_n}: the limit is the client's, over all its keys; give its lines the "
-                "same one"
-            )
-        if name in first and first[name][2] != priority:
-            line_n, _, was = first[name]
-
-            def named(v: str | None) -> str:
-                return f"{PRIORITY}={v}" if v is not None else f"no {PRIORITY}"
-
-            raise KeyFileError(
-                f"{at}: client {name!r} has {named(priority)} here but {named(was)} on line "
-                f"{line_n}: the priority is the client's, over all its keys; give its lines "
-                "the same one"
-            )
+        if name in first:  # a client's lines must agree: its options are the client's
+            line_n, said_limit, said_priority = first[name]
+            for option, what, here, said in (
+                (MAX_IN_FLIGHT, "limit", limit, said_limit),
+                (PRIORITY, "priority", priority, said_priority),
+            ):
+                if here != said:
+                    raise KeyFileError(
+                        f"{at}: client {name!r} has {_spelled(option, here)} here but "
+                        f"{_spelled(option, said)} on line {line_n}: the {what} is the "
+                        "client's, over all its keys; give its lines the same one"
+                    )
         keys[d] = name
         first.setdefault(name, (n, limit, priority))
         where[d] = n
