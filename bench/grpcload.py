@@ -15,11 +15,33 @@ Needs the ``grpc`` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from bench.loadgen import MODEL_TASKS, RequestSpec, Result
+
+
+@contextlib.asynccontextmanager
+async def ready_stubs(target: str, channels: int) -> AsyncIterator[list[Any]]:
+    """A stub on each of ``channels`` channels to ``target``, connected; closed on leaving.
+    A local subchannel pool each: channels of one process to one target otherwise share one
+    connection."""
+    import grpc
+
+    from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, channels))
+    ]
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in opened))
+        yield [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    finally:
+        await asyncio.gather(*(c.close() for c in opened))
+
 
 # The V2 inputs of each task, in the order the protocol takes them (docs/service.md).
 V2_INPUTS = {"detect": ("text",), "polarity": ("text",), "pos": ("text",),
@@ -71,19 +93,9 @@ async def run_grpc_load(
     the wall time in seconds. No retries: a failed call is counted, not hidden."""
     import grpc
 
-    from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-
     requests = [grpc_request(model, s) for s in specs]  # built before the clock starts
     results: list[Result | None] = [None] * len(specs)
-    # A local subchannel pool each: channels of one process to one target otherwise share
-    # one connection.
-    opened = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max(1, channels))
-    ]
-    try:
-        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
-        await asyncio.gather(*(c.channel_ready() for c in opened))
+    async with ready_stubs(target, channels) as stubs:
         next_index = iter(range(len(specs)))
         t0 = time.perf_counter()
 
@@ -100,8 +112,6 @@ async def run_grpc_load(
 
         await asyncio.gather(*(client_loop(stubs[k % len(stubs)]) for k in range(concurrency)))
         wall = time.perf_counter() - t0
-    finally:
-        await asyncio.gather(*(c.close() for c in opened))
     return [r for r in results if r is not None], wall
 
 
@@ -136,19 +146,11 @@ async def run_grpc_stream_load(
     it the server reads no further, and the surplus waits in flow control, timed all the same."""
     import grpc
 
-    from service.api.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-
     requests = [grpc_request(model, s) for s in specs]  # built before the clock starts
     for i, request in enumerate(requests):
         request.id = str(i)  # unique: the answer names it
     results: list[Result | None] = [None] * len(specs)
-    opened = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max(1, channels))
-    ]
-    try:
-        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
-        await asyncio.gather(*(c.channel_ready() for c in opened))
+    async with ready_stubs(target, channels) as stubs:
         next_index = iter(range(len(specs)))
         t0 = time.perf_counter()
 
@@ -197,6 +199,4 @@ async def run_grpc_stream_load(
         shares = stream_slots(concurrency, streams)
         await asyncio.gather(*(one_stream(stubs[k % len(stubs)], n) for k, n in enumerate(shares)))
         wall = time.perf_counter() - t0
-    finally:
-        await asyncio.gather(*(c.close() for c in opened))
     return [r for r in results if r is not None], wall
