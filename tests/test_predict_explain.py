@@ -17,20 +17,18 @@ from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
-from tests.builders import FILLER
+from tests import test_predict_cli
 from tests.service_support import (
     DETECT_MODEL,
     POLARITY_MODEL,
     POS_MODEL,
     QA_MODEL,
     LiveServer,
-    live_server,
     make_settings,
     require_model,
 )
-from tests.test_predict_cli import ENV, interrupted_after_first
+from tests.test_predict_cli import ENV, _words, interrupted_after_first
 
 pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -38,16 +36,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 TOL = 1e-6
 _FLOATS = ("values", "base_value", "output")
 _VARIES = ("seconds", "cached")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def fp32_service(model_repo: Path):
-    async with live_server(make_settings(model_repo, variant="fp32")) as srv:
-        yield srv
-
-
-def _words(n: int, offset: int = 0) -> str:
-    return " ".join(FILLER[(offset + i) % len(FILLER)] for i in range(n))
+# the real HTTP service over the tiny models, fp32 (a module-scoped fixture of its own here)
+fp32_service = test_predict_cli.fp32_service
 
 
 def _lines() -> list[str]:

@@ -8,9 +8,6 @@ force kept, the failure counted); the per-client series follow the file's client
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,6 +15,7 @@ import pytest
 
 from service.api.auth import HASH_PREFIX, digest, key_line, parse_keys
 from service.api.client_quota import ClientQuota
+from tests.api.test_auth import _cli
 from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
@@ -282,18 +280,6 @@ async def test_the_series_follow_the_files_clients(model_repo, tmp_path):
 
 
 # --------------------------------------------------------------------------- the command
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NLPSERVE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        env={**clean, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_serve_refuses_conflicting_lines_in_one_line(model_repo, tmp_path):
     path = tmp_path / "api-keys"
     path.write_text(f"alice {ALICE} max_in_flight=4\n# rotating\nalice {hashed(BULK)}\n")
