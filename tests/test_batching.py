@@ -174,7 +174,13 @@ def test_readiness_checks_look_at_each_sequence_once():
     policy = BatchPolicy(max_batch_size=256, max_batch_tokens=1_000_000, max_wait_s=2.0)
     pb = PendingBucket[WorkItem]()
     for n in range(255):
-        pb.add(Counted(model="m", bucket=0, length=5, features={}, deadline=T0 + 60 + n))
+        # enqueued_at given: its default (time.monotonic()) is below T0 on a machine up
+        # for under 17 minutes, where the first sequence has waited its max_wait already.
+        pb.add(
+            Counted(
+                model="m", bucket=0, length=5, features={}, deadline=T0 + 60 + n, enqueued_at=T0
+            )
+        )
         assert not pb.ready(policy, now=T0)
         assert pb.time_to_ready(policy, now=T0) is not None
     assert reads <= 3 * 255  # was 130,560: every sequence at every check
