@@ -6,6 +6,7 @@ Predictions are pure functions of their input, so every request of the API is sa
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -29,10 +30,14 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: str | None) -> float:
         """Seconds to wait before retry ``attempt + 1`` (0 is the first retry)."""
         if retry_after:
-            try:  # Retry-After in seconds (the service never sends the HTTP-date form)
-                return max(0.0, min(float(retry_after), self.max_backoff_s * 4))
+            # In seconds (the service never sends the HTTP-date form), and not shortened: a
+            # wait too long for the caller is no retry at all (next_delay's caps).
+            try:
+                seconds = float(retry_after)
             except ValueError:
-                pass
+                seconds = math.nan
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
         base = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         return base * (0.5 + random.random())  # jitter: retries of many clients spread out
 
