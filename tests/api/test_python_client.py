@@ -9,8 +9,11 @@ that never comes) are a small raw HTTP server's, as the load generator's tests d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import io
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,6 +166,35 @@ async def test_every_method_answers_what_the_raw_http_call_does(srv, raw, model_
     for case, want, result in zip(CASES, expected, got, strict=True):
         assert _plain(result) == want, case[0]
     assert type(got[0]).__name__ == "PosResult" and got[-4].explain.max_evals_limit > 0
+
+
+def _doc_examples() -> list[str]:
+    doc = (ROOT / "docs/service.md").read_text("utf-8")
+    section = doc.split("\n## Python client\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+
+
+async def test_the_documented_examples_run(srv, model_repo):
+    """docs/service.md's examples, as written, against this server (its URL and key)."""
+    for model in (POS_MODEL, POLARITY_MODEL, QA_MODEL):
+        require_model(model_repo, model)
+    examples = _doc_examples()
+    assert len(examples) == 2
+
+    def run(example: str) -> str:
+        code = example.replace("http://127.0.0.1:8000", srv.url).replace(
+            "api_key=None", f"api_key={KEY!r}"
+        )
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/service.md", "exec"), {"__name__": "__main__"})
+        return out.getvalue()
+
+    said = await asyncio.to_thread(run, examples[0])
+    assert said.startswith("PolarityResult(label=") and "('barks', " in said
+    assert f"('{POS_MODEL}', '1')" in said and "422 empty_text" in said and "my-call-1" in said
+    said = await asyncio.to_thread(run, examples[1])
+    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n", said)
 
 
 # --------------------------------------------------------------------------- errors
