@@ -12,7 +12,7 @@ and 503, honouring ``Retry-After``, else exponential backoff with jitter, capped
 and total time; never a retry of another 4xx. docs/service.md, "Python client", has more.
 """
 
-from service.client._calls import CallOptions
+from service.client._calls import CallOptions, ClientOptions
 from service.client._client import AsyncClient, Client
 from service.client.errors import (
     AuthenticationError,
@@ -43,6 +43,7 @@ __all__ = [
     "CallOptions",
     "Client",
     "ClientError",
+    "ClientOptions",
     "DeadlineExceeded",
     "DetectResult",
     "ExplainLimits",

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -50,6 +51,17 @@ USER_AGENT = f"nlpserve-client/{__version__}"
 DEADLINE_GRACE_S = 1.0
 # Probes report on now: one attempt.
 NO_RETRY = RetryPolicy(retries=0)
+
+
+class ClientOptions(TypedDict, total=False):
+    """A client's settings (:class:`~service.client.Client` says what each does)."""
+
+    api_key: str | None
+    timeout: float
+    retry: RetryPolicy | None
+    priority: str | None
+    deadline_ms: float | None
+    headers: dict[str, str] | None
 
 
 class CallOptions(TypedDict, total=False):
@@ -111,26 +123,27 @@ def polarity(text: str, model: str | None) -> Call[PolarityResult]:
 
 def polarity_batch(texts: Sequence[str], model: str | None) -> Call[list[PolarityResult]]:
     body = _batch([{"text": t} for t in texts])
-    return Call("POST", "/v1/polarity", _many(PolarityResult), body, _model(model), True)
+    return Call("POST", "/v1/polarity", _many(PolarityResult), body, _model(model), prediction=True)
 
 
 def detect(text: str, model: str | None) -> Call[DetectResult]:
-    return Call("POST", "/v1/detect", _one(DetectResult), {"text": text}, _model(model), True)
+    body = {"text": text}
+    return Call("POST", "/v1/detect", _one(DetectResult), body, _model(model), prediction=True)
 
 
 def detect_batch(texts: Sequence[str], model: str | None) -> Call[list[DetectResult]]:
     body = _batch([{"text": t} for t in texts])
-    return Call("POST", "/v1/detect", _many(DetectResult), body, _model(model), True)
+    return Call("POST", "/v1/detect", _many(DetectResult), body, _model(model), prediction=True)
 
 
 def qa(question: str, context: str, model: str | None) -> Call[QAResult]:
     body = {"question": question, "context": context}
-    return Call("POST", "/v1/qa", _one(QAResult), body, _model(model), True)
+    return Call("POST", "/v1/qa", _one(QAResult), body, _model(model), prediction=True)
 
 
 def qa_batch(pairs: Sequence[tuple[str, str]], model: str | None) -> Call[list[QAResult]]:
     body = _batch([{"question": q, "context": c} for q, c in pairs])
-    return Call("POST", "/v1/qa", _many(QAResult), body, _model(model), True)
+    return Call("POST", "/v1/qa", _many(QAResult), body, _model(model), prediction=True)
 
 
 def explain(task: str, text: str, max_evals: int | None, model: str | None) -> Call[Explanation]:
@@ -146,13 +159,7 @@ def models() -> Call[Models]:
 
 def model_info(name: str) -> Call[ModelInfo]:
     # quoted: a name is one path segment, whatever it holds
-    return Call("GET", f"/v1/models/{_segment(name)}", _one(ModelInfo))
-
-
-def _segment(name: str) -> str:
-    from urllib.parse import quote
-
-    return quote(name, safe="")
+    return Call("GET", f"/v1/models/{quote(name, safe='')}", _one(ModelInfo))
 
 
 def healthz() -> Call[Health]:

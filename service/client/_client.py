@@ -8,12 +8,20 @@ import asyncio
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import TypeVar, Unpack
 
 import httpx
 
 from service.client import _calls as calls
-from service.client._calls import API_KEY_HEADER, USER_AGENT, Attempts, Call, CallOptions, Retry
+from service.client._calls import (
+    API_KEY_HEADER,
+    USER_AGENT,
+    Attempts,
+    Call,
+    CallOptions,
+    ClientOptions,
+    Retry,
+)
 from service.client.retry import RetryPolicy
 from service.client.types import (
     DetectResult,
@@ -35,24 +43,14 @@ DEFAULT_TIMEOUT_S = 30.0  # the service's default deadline (NLPSERVE_DEFAULT_DEA
 class _Options:
     """What both clients are configured with."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy | None = None,
-        priority: str | None = None,
-        deadline_ms: float | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.retry = retry if retry is not None else RetryPolicy()
-        self.priority = priority
-        self.deadline_ms = deadline_ms
-        self.headers = {"User-Agent": USER_AGENT, **(headers or {})}
-        if api_key is not None:
+        self.timeout = kw.get("timeout", DEFAULT_TIMEOUT_S)
+        self.retry = kw.get("retry") or RetryPolicy()
+        self.priority = kw.get("priority")
+        self.deadline_ms = kw.get("deadline_ms")
+        self.headers = {"User-Agent": USER_AGENT, **(kw.get("headers") or {})}
+        if (api_key := kw.get("api_key")) is not None:
             self.headers[API_KEY_HEADER] = api_key
 
     def _attempts(self, call: Call[T], opts: CallOptions) -> Attempts[T]:
@@ -79,7 +77,7 @@ class Client(_Options):
     ``model`` picks one of several models of a task (``?model=``; the server serves one
     version of each). Errors raise :class:`~service.client.NlpserveError` subclasses."""
 
-    def __init__(self, base_url: str, **kw: Any) -> None:
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **kw)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers)
 
@@ -208,7 +206,7 @@ class AsyncClient(_Options):
     """:class:`Client` for asyncio, over one ``httpx.AsyncClient``: the same arguments and
     methods, awaited; close it with ``await client.aclose()`` or ``async with``."""
 
-    def __init__(self, base_url: str, **kw: Any) -> None:
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **kw)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers)
 

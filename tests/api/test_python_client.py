@@ -419,6 +419,7 @@ async def test_retries_keep_the_request_id_honour_retry_after_and_send_the_time_
     assert result.positive_probability == 0.9
     ids = {h["x-request-id"] for h in script.seen}
     assert len(ids) == 1 and len(script.seen) == 3  # one call, one id, three attempts
+    assert len(script.handlers) == 1  # over one kept-alive connection
     assert script.times[1] - script.times[0] >= 0.3  # Retry-After honoured
     assert script.times[2] - script.times[1] < 0.3  # no Retry-After: the short backoff
     left = [int(h["x-deadline-ms"]) for h in script.seen]
@@ -440,6 +441,7 @@ async def test_a_gateway_error_that_lasts_is_retries_exhausted(flavour):
                     await ac.detect("text")
     err = e.value
     assert (err.status, err.code, err.attempts) == (502, "http_502", 4)
+    assert len(script.handlers) == 1  # the sync client keeps its connection too
     assert "Bad Gateway" in err.message
     assert err.request_id == script.seen[0]["x-request-id"]
 
