@@ -201,7 +201,8 @@ class Attempts(Generic[T]):
         self.start = time.monotonic()
         self.budget_s = None if call.probe or deadline_ms is None else deadline_ms / 1000.0
         self.attempt = 0  # the attempts made so far, less one
-        self.content = None if call.body is None else json.dumps(call.body, ensure_ascii=False)
+        body = call.body
+        self.content = None if body is None else json.dumps(body, ensure_ascii=False).encode()
 
     def _left_s(self) -> float | None:
         if self.budget_s is None:
@@ -225,7 +226,7 @@ class Attempts(Generic[T]):
             "method": self.call.method,
             "url": self.call.path,
             "params": self.call.params,
-            "content": None if self.content is None else self.content.encode(),
+            "content": self.content,
             "headers": headers,
             "timeout": timeout,
         }
