@@ -18,7 +18,8 @@ of the first K texts, drawn Zipf-like (``hot_set_requests``), to measure the res
 
 Client behaviour is the one we recommend to users (docs/deploy.md): predictions are
 idempotent, so a request is retried (``--retries``) on a connection error and on 502/503/429
-with exponential backoff, honouring ``Retry-After``.
+with exponential backoff, honouring ``Retry-After``: the Python client's own
+:class:`service.client.RetryPolicy`, so the two retry alike.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import httpx
 import numpy as np
 
 from bench.fastclient import FastClient, TransportError
+from service.client.retry import RetryPolicy
 
 # ---------------------------------------------------------------------------- request shapes
 
@@ -395,25 +397,6 @@ def parse_server_timing(header: str | None) -> dict[str, float] | None:
     return out or None
 
 
-@dataclass
-class RetryPolicy:
-    """How a well-behaved client retries an idempotent prediction."""
-
-    retries: int = 1  # extra attempts after the first
-    backoff_s: float = 0.05  # first backoff; doubles each attempt, with jitter
-    max_backoff_s: float = 2.0
-    retry_statuses: frozenset[int] = field(default_factory=lambda: frozenset({429, 502, 503}))
-
-    def delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:  # Retry-After in seconds (we never send the HTTP-date form)
-                return min(float(retry_after), self.max_backoff_s * 4)
-            except ValueError:
-                pass
-        base = min(self.backoff_s * (2**attempt), self.max_backoff_s)
-        return base * (0.5 + random.random())  # jitter: retries of many clients spread out
-
-
 # (path, body) -> (status, headers with lower-cased names, content); raises TransportError.
 Poster = Callable[[str, bytes], Awaitable[tuple[int, dict[str, str], bytes]]]
 
@@ -441,10 +424,10 @@ async def send_one(
                     parsed = {"raw": content[:200].decode(errors="replace")}
         except (TransportError, httpx.TransportError) as e:  # refused, reset, timeout...
             error = str(e) or type(e).__name__
-        retryable = status == 0 or status in policy.retry_statuses
-        if not retryable or attempt >= policy.retries:
+        elapsed = time.perf_counter() - start
+        if (wait := policy.next_delay(attempt, status or None, retry_after, elapsed)) is None:
             break
-        await asyncio.sleep(policy.delay(attempt, retry_after))
+        await asyncio.sleep(wait)
         attempt += 1
     end = time.perf_counter()
     return Result(spec.id, status, end - start, start - t0, attempt + 1, error, parsed, timing)
@@ -500,7 +483,7 @@ async def run_load(
     latency includes the wait, as a real user's would). Several base URLs (API replicas
     without a gateway) share the clients round-robin, each with its own connections.
     """
-    policy = policy or RetryPolicy()
+    policy = policy or RetryPolicy(retries=1)  # the CLI's --retries default
     results: list[Result | None] = [None] * len(specs)
     bodies = [json.dumps(s.payload, ensure_ascii=False).encode() for s in specs]  # untimed
     done = 0
@@ -605,7 +588,7 @@ def run_load_procs(
     if concurrency < processes:
         raise ValueError(f"concurrency {concurrency} < client processes {processes}")
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
-    policy = policy or RetryPolicy()
+    policy = policy or RetryPolicy(retries=1)
     ctx = mp.get_context("spawn")  # not fork: the parent may hold CUDA/ORT thread state
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]

@@ -130,6 +130,12 @@ def test_the_wheel_holds_the_packages_and_their_data_and_nothing_else(built):
     with zipfile.ZipFile(built.wheel) as z:
         entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
     assert "nlpserve = service.cli:main" in entry_points
+    # `pip install nlpserve[client]`: the Python client (service/client/) needs httpx alone
+    with zipfile.ZipFile(built.wheel) as z:
+        metadata = z.read(f"{dist_info}/METADATA").decode()
+    assert "Provides-Extra: client" in metadata
+    assert re.search(r"^Requires-Dist: httpx>=0\.27; extra == \"client\"$", metadata, re.M)
+    assert "service/client/__init__.py" in names
     # pyproject's `license` names Apache-2.0: the text travels with the wheel (PEP 639)
     assert f"{dist_info}/licenses/LICENSE" in names
 
@@ -224,6 +230,20 @@ def test_the_installed_wheel_serves_from_outside_the_checkout(built, model_repo,
             docs = c.get("/docs")
             assert docs.status_code == 200
             assert c.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+        # The Python client, as the wheel ships it, from outside the checkout.
+        code = (
+            "import sys; from service.client import Client; "
+            "c = Client(sys.argv[1]); print(c.pos('The cat sat.').tags[0], c.readyz().status)"
+        )
+        said = subprocess.run(
+            [sys.executable, "-c", code, url],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert said.returncode == 0 and said.stdout.split()[1] == "ready", said.stderr
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,291 @@
+"""What :class:`~service.client.Client` and :class:`~service.client.AsyncClient` share: each
+endpoint's request and how its answer is read (:class:`Call`), and one call's attempts
+(:class:`Attempts`: headers, timeouts, the retry decisions). Only sending and sleeping
+differ between the two."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypedDict, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from service import __version__
+from service.client.errors import (
+    DeadlineExceeded,
+    NlpserveError,
+    ServerError,
+    TransportError,
+    error_for,
+)
+from service.client.retry import RetryPolicy
+from service.client.types import (
+    DetectResult,
+    Explanation,
+    Health,
+    ModelInfo,
+    Models,
+    PolarityResult,
+    PosResult,
+    QAResult,
+    Ready,
+    _known,
+)
+
+T = TypeVar("T")
+
+# The service's headers (service/api/deps.py, service/api/auth.py, docs/deploy.md).
+REQUEST_ID_HEADER = "X-Request-ID"
+DEADLINE_HEADER = "X-Deadline-Ms"
+PRIORITY_HEADER = "X-Priority"
+API_KEY_HEADER = "X-API-Key"  # checked before Authorization: a gateway may use that one
+USER_AGENT = f"nlpserve-client/{__version__}"
+# An attempt under a deadline waits this much past it: the server's own 504 (which says
+# what happened) arrives rather than the client's timeout.
+DEADLINE_GRACE_S = 1.0
+# Probes report on now: one attempt.
+NO_RETRY = RetryPolicy(retries=0)
+
+
+class ClientOptions(TypedDict, total=False):
+    """A client's settings (:class:`~service.client.Client` says what each does)."""
+
+    api_key: str | None
+    timeout: float
+    retry: RetryPolicy | None
+    priority: str | None
+    deadline_ms: float | None
+    headers: dict[str, str] | None
+
+
+class CallOptions(TypedDict, total=False):
+    """Per call: ``request_id`` (default: a new one per call, the same for its retries),
+    ``deadline_ms`` (overrides the client's) and, for predictions, ``priority``
+    (``interactive`` or ``batch``; overrides the client's)."""
+
+    request_id: str
+    deadline_ms: float | None
+    priority: str | None
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    body: Any = None
+    params: dict[str, str] | None = None
+    prediction: bool = False  # sends X-Priority
+    probe: bool = False  # no retries, no deadline
+
+
+def _model(model: str | None) -> dict[str, str] | None:
+    return None if model is None else {"model": model}
+
+
+def _one(cls: type[T]) -> Callable[[Any], T]:
+    return lambda doc: _known(cls, doc)
+
+
+def _many(cls: type[T]) -> Callable[[Any], list[T]]:
+    return lambda doc: [_known(cls, d) for d in doc["outputs"]]
+
+
+def _batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"inputs": list(items)}
+
+
+def _pos_item(item: str | Sequence[str]) -> dict[str, Any]:
+    return {"text": item} if isinstance(item, str) else {"tokens": list(item)}
+
+
+def pos(text: str | None, tokens: Sequence[str] | None, model: str | None) -> Call[PosResult]:
+    if (text is None) == (tokens is None):
+        raise ValueError("give exactly one of text or tokens")
+    body = {"text": text} if text is not None else {"tokens": list(tokens or ())}
+    return Call("POST", "/v1/pos", _one(PosResult), body, _model(model), prediction=True)
+
+
+def pos_batch(items: Sequence[str | Sequence[str]], model: str | None) -> Call[list[PosResult]]:
+    body = _batch([_pos_item(i) for i in items])
+    return Call("POST", "/v1/pos", _many(PosResult), body, _model(model), prediction=True)
+
+
+def polarity(text: str, model: str | None) -> Call[PolarityResult]:
+    return Call("POST", "/v1/polarity", _one(PolarityResult), {"text": text}, _model(model), True)
+
+
+def polarity_batch(texts: Sequence[str], model: str | None) -> Call[list[PolarityResult]]:
+    body = _batch([{"text": t} for t in texts])
+    return Call("POST", "/v1/polarity", _many(PolarityResult), body, _model(model), prediction=True)
+
+
+def detect(text: str, model: str | None) -> Call[DetectResult]:
+    body = {"text": text}
+    return Call("POST", "/v1/detect", _one(DetectResult), body, _model(model), prediction=True)
+
+
+def detect_batch(texts: Sequence[str], model: str | None) -> Call[list[DetectResult]]:
+    body = _batch([{"text": t} for t in texts])
+    return Call("POST", "/v1/detect", _many(DetectResult), body, _model(model), prediction=True)
+
+
+def qa(question: str, context: str, model: str | None) -> Call[QAResult]:
+    body = {"question": question, "context": context}
+    return Call("POST", "/v1/qa", _one(QAResult), body, _model(model), prediction=True)
+
+
+def qa_batch(pairs: Sequence[tuple[str, str]], model: str | None) -> Call[list[QAResult]]:
+    body = _batch([{"question": q, "context": c} for q, c in pairs])
+    return Call("POST", "/v1/qa", _many(QAResult), body, _model(model), prediction=True)
+
+
+def explain(task: str, text: str, max_evals: int | None, model: str | None) -> Call[Explanation]:
+    body: dict[str, Any] = {"text": text}
+    if max_evals is not None:
+        body["max_evals"] = max_evals
+    return Call("POST", f"/v1/{task}/explain", Explanation.from_json, body, _model(model))
+
+
+def models() -> Call[Models]:
+    return Call("GET", "/v1/models", Models.from_json)
+
+
+def model_info(name: str) -> Call[ModelInfo]:
+    # quoted: a name is one path segment, whatever it holds
+    return Call("GET", f"/v1/models/{quote(name, safe='')}", _one(ModelInfo))
+
+
+def healthz() -> Call[Health]:
+    return Call("GET", "/healthz", _one(Health), probe=True)
+
+
+def readyz() -> Call[Ready]:
+    return Call("GET", "/readyz", _one(Ready), probe=True)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Retry:
+    wait_s: float
+
+
+class Attempts(Generic[T]):
+    """One call's attempts: every attempt sends the same ``X-Request-ID`` (the logs of the
+    gateway and the replicas then show a call's retries under one id) and, under a deadline,
+    ``X-Deadline-Ms`` as the time left of it, so the server's deadline is the caller's."""
+
+    def __init__(
+        self,
+        call: Call[T],
+        policy: RetryPolicy,
+        timeout_s: float,
+        deadline_ms: float | None,
+        priority: str | None,
+        request_id: str | None,
+    ) -> None:
+        self.call = call
+        self.policy = NO_RETRY if call.probe else policy
+        self.timeout_s = timeout_s
+        self.request_id = request_id or new_request_id()
+        self.priority = priority if call.prediction else None
+        self.start = time.monotonic()
+        self.budget_s = None if call.probe or deadline_ms is None else deadline_ms / 1000.0
+        self.attempt = 0  # the attempts made so far, less one
+        body = call.body
+        self.content = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+
+    def _left_s(self) -> float | None:
+        if self.budget_s is None:
+            return None
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def request(self) -> dict[str, Any]:
+        """The keyword arguments of the next attempt's ``httpx`` request."""
+        headers = {REQUEST_ID_HEADER: self.request_id}
+        timeout = self.timeout_s
+        if (left := self._left_s()) is not None:
+            if left <= 0:  # next_delay keeps retries inside the budget: the first only
+                raise self._deadline(None)
+            headers[DEADLINE_HEADER] = str(max(1, math.ceil(left * 1000)))
+            timeout = min(timeout, left + DEADLINE_GRACE_S)
+        if self.priority is not None:
+            headers[PRIORITY_HEADER] = self.priority
+        if self.content is not None:
+            headers["Content-Type"] = "application/json"
+        return {
+            "method": self.call.method,
+            "url": self.call.path,
+            "params": self.call.params,
+            "content": self.content,
+            "headers": headers,
+            "timeout": timeout,
+        }
+
+    def _next(self, status: int | None, retry_after: str | None) -> float | None:
+        elapsed = time.monotonic() - self.start
+        return self.policy.next_delay(self.attempt, status, retry_after, elapsed, self.budget_s)
+
+    def _deadline(self, cause: Exception | None) -> DeadlineExceeded:
+        what = f"no answer before the call's deadline of {self.budget_s:g} s"
+        if cause is not None:
+            what += f" ({type(cause).__name__}: {cause})"
+        return DeadlineExceeded(what, request_id=self.request_id, attempts=self.attempt + 1)
+
+    def no_answer(self, error: httpx.TransportError) -> float:
+        """The wait before the next attempt after ``error``; raises when there is none."""
+        if (wait := self._next(None, None)) is None:
+            left = self._left_s()
+            if left is not None and left <= 0:
+                raise self._deadline(error) from error
+            raise TransportError(
+                f"{type(error).__name__}: {error}".rstrip(": "),
+                code=type(error).__name__,
+                request_id=self.request_id,
+                attempts=self.attempt + 1,
+            ) from error
+        self.attempt += 1
+        return wait
+
+    def answered(self, r: httpx.Response) -> T | Retry:
+        """The result of a success; :class:`Retry` (the wait) before a retry; raises the
+        answer's error when it is not retried."""
+        if r.status_code < 400:
+            try:
+                return self.call.parse(r.json())
+            except (ValueError, KeyError, TypeError) as e:
+                raise ServerError(
+                    f"{self.call.method} {self.call.path}: an answer this client cannot read "
+                    f"({type(e).__name__}: {e})",
+                    status=r.status_code,
+                    request_id=self._answer_id(r),
+                    attempts=self.attempt + 1,
+                ) from None
+        retry_after = r.headers.get("retry-after")
+        if (wait := self._next(r.status_code, retry_after)) is None:
+            raise self.error(r, retry_after)
+        self.attempt += 1
+        return Retry(wait)
+
+    def _answer_id(self, r: httpx.Response) -> str:
+        # the server keeps a well-formed id; it mints one for an id it refuses
+        return r.headers.get(REQUEST_ID_HEADER.lower()) or self.request_id
+
+    def error(self, r: httpx.Response, retry_after: str | None) -> NlpserveError:
+        return error_for(
+            r.status_code,
+            r.content,
+            request_id=self._answer_id(r),
+            retry_after=retry_after,
+            attempts=self.attempt + 1,
+            retry_statuses=self.policy.retry_statuses,
+        )

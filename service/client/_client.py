@@ -1,0 +1,331 @@
+"""The clients: :class:`Client` (blocking, ``httpx.Client``) and :class:`AsyncClient`
+(``httpx.AsyncClient``), one method per endpoint of ``/v1`` and the probes. What a call
+sends and how it retries is in :mod:`service.client._calls`, shared by both."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TypeVar, Unpack
+
+import httpx
+
+from service.client import _calls as calls
+from service.client._calls import (
+    API_KEY_HEADER,
+    USER_AGENT,
+    Attempts,
+    Call,
+    CallOptions,
+    ClientOptions,
+    Retry,
+)
+from service.client.retry import RetryPolicy
+from service.client.types import (
+    DetectResult,
+    Explanation,
+    Health,
+    ModelInfo,
+    Models,
+    PolarityResult,
+    PosResult,
+    QAResult,
+    Ready,
+)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 30.0  # the service's default deadline (NLPSERVE_DEFAULT_DEADLINE_MS)
+
+
+class _Options:
+    """What both clients are configured with."""
+
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = kw.get("timeout", DEFAULT_TIMEOUT_S)
+        self.retry = kw.get("retry") or RetryPolicy()
+        self.priority = kw.get("priority")
+        self.deadline_ms = kw.get("deadline_ms")
+        self.headers = {"User-Agent": USER_AGENT, **(kw.get("headers") or {})}
+        if (api_key := kw.get("api_key")) is not None:
+            self.headers[API_KEY_HEADER] = api_key
+
+    def _attempts(self, call: Call[T], opts: CallOptions) -> Attempts[T]:
+        return Attempts(
+            call,
+            self.retry,
+            self.timeout,
+            opts.get("deadline_ms", self.deadline_ms),
+            opts.get("priority", self.priority),
+            opts.get("request_id"),
+        )
+
+
+class Client(_Options):
+    """A blocking client of the nlpserve REST API, over one ``httpx.Client`` (its connections
+    are kept and reused; close it, or use it as a context manager).
+
+    ``api_key`` is sent as ``X-API-Key``; ``timeout`` bounds each attempt (seconds);
+    ``retry`` says how failed attempts are repeated (:class:`RetryPolicy`: by default 2
+    retries on no answer, 429, 502 and 503, honouring ``Retry-After``); ``priority``
+    (``X-Priority``: ``interactive`` or ``batch``) and ``deadline_ms`` (``X-Deadline-Ms``, and
+    the whole call's time, retries included) are the defaults of every call, which each
+    method's keyword arguments ``request_id``, ``deadline_ms`` and ``priority`` override.
+    ``model`` picks one of several models of a task (``?model=``; the server serves one
+    version of each). Errors raise :class:`~service.client.NlpserveError` subclasses."""
+
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
+        super().__init__(base_url, **kw)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: Call[T], opts: CallOptions) -> T:
+        run = self._attempts(call, opts)
+        while True:
+            try:
+                r = self._http.request(**run.request())
+            except httpx.TransportError as e:
+                wait = run.no_answer(e)
+            else:
+                if not isinstance(got := run.answered(r), Retry):
+                    return got
+                wait = got.wait_s
+            time.sleep(wait)
+
+    # ------------------------------------------------------------------ predictions
+    def pos(
+        self,
+        text: str | None = None,
+        *,
+        tokens: Sequence[str] | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> PosResult:
+        """Part-of-speech tags of ``text``, or of pre-split ``tokens``."""
+        return self._send(calls.pos(text, tokens, model), opts)
+
+    def pos_batch(
+        self,
+        items: Sequence[str | Sequence[str]],
+        *,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[PosResult]:
+        """One request of several items (a text, or a list of tokens, each)."""
+        return self._send(calls.pos_batch(items, model), opts)
+
+    def polarity(
+        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> PolarityResult:
+        return self._send(calls.polarity(text, model), opts)
+
+    def polarity_batch(
+        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> list[PolarityResult]:
+        return self._send(calls.polarity_batch(texts, model), opts)
+
+    def detect(
+        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> DetectResult:
+        return self._send(calls.detect(text, model), opts)
+
+    def detect_batch(
+        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> list[DetectResult]:
+        return self._send(calls.detect_batch(texts, model), opts)
+
+    def qa(
+        self, question: str, context: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> QAResult:
+        return self._send(calls.qa(question, context, model), opts)
+
+    def qa_batch(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[QAResult]:
+        """One request of several ``(question, context)`` pairs."""
+        return self._send(calls.qa_batch(pairs, model), opts)
+
+    # ------------------------------------------------------------------ explanations
+    def explain_detect(
+        self,
+        text: str,
+        *,
+        max_evals: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> Explanation:
+        """SHAP values of each token for P(machine) (docs/explain.md)."""
+        return self._send(calls.explain("detect", text, max_evals, model), opts)
+
+    def explain_polarity(
+        self,
+        text: str,
+        *,
+        max_evals: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> Explanation:
+        """SHAP values of each token for P(positive) (docs/explain.md)."""
+        return self._send(calls.explain("polarity", text, max_evals, model), opts)
+
+    # ------------------------------------------------------------------ operations
+    def models(self, **opts: Unpack[CallOptions]) -> Models:
+        return self._send(calls.models(), opts)
+
+    def model(self, name: str, **opts: Unpack[CallOptions]) -> ModelInfo:
+        return self._send(calls.model_info(name), opts)
+
+    def healthz(self, **opts: Unpack[CallOptions]) -> Health:
+        """Liveness; one attempt (a probe reports on now)."""
+        return self._send(calls.healthz(), opts)
+
+    def readyz(self, **opts: Unpack[CallOptions]) -> Ready:
+        """Readiness; one attempt. Not ready is a 503: :class:`RetriesExhausted` whose
+        ``code`` says why (``not_ready``, ``no_models``, ``queue_unavailable``...)."""
+        return self._send(calls.readyz(), opts)
+
+
+class AsyncClient(_Options):
+    """:class:`Client` for asyncio, over one ``httpx.AsyncClient``: the same arguments and
+    methods, awaited; close it with ``await client.aclose()`` or ``async with``."""
+
+    def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
+        super().__init__(base_url, **kw)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call[T], opts: CallOptions) -> T:
+        run = self._attempts(call, opts)
+        while True:
+            try:
+                r = await self._http.request(**run.request())
+            except httpx.TransportError as e:
+                wait = run.no_answer(e)
+            else:
+                if not isinstance(got := run.answered(r), Retry):
+                    return got
+                wait = got.wait_s
+            await asyncio.sleep(wait)
+
+    # ------------------------------------------------------------------ predictions
+    async def pos(
+        self,
+        text: str | None = None,
+        *,
+        tokens: Sequence[str] | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> PosResult:
+        """Part-of-speech tags of ``text``, or of pre-split ``tokens``."""
+        return await self._send(calls.pos(text, tokens, model), opts)
+
+    async def pos_batch(
+        self,
+        items: Sequence[str | Sequence[str]],
+        *,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[PosResult]:
+        """One request of several items (a text, or a list of tokens, each)."""
+        return await self._send(calls.pos_batch(items, model), opts)
+
+    async def polarity(
+        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> PolarityResult:
+        return await self._send(calls.polarity(text, model), opts)
+
+    async def polarity_batch(
+        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> list[PolarityResult]:
+        return await self._send(calls.polarity_batch(texts, model), opts)
+
+    async def detect(
+        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> DetectResult:
+        return await self._send(calls.detect(text, model), opts)
+
+    async def detect_batch(
+        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> list[DetectResult]:
+        return await self._send(calls.detect_batch(texts, model), opts)
+
+    async def qa(
+        self, question: str, context: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+    ) -> QAResult:
+        return await self._send(calls.qa(question, context, model), opts)
+
+    async def qa_batch(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[QAResult]:
+        """One request of several ``(question, context)`` pairs."""
+        return await self._send(calls.qa_batch(pairs, model), opts)
+
+    # ------------------------------------------------------------------ explanations
+    async def explain_detect(
+        self,
+        text: str,
+        *,
+        max_evals: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> Explanation:
+        """SHAP values of each token for P(machine) (docs/explain.md)."""
+        return await self._send(calls.explain("detect", text, max_evals, model), opts)
+
+    async def explain_polarity(
+        self,
+        text: str,
+        *,
+        max_evals: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> Explanation:
+        """SHAP values of each token for P(positive) (docs/explain.md)."""
+        return await self._send(calls.explain("polarity", text, max_evals, model), opts)
+
+    # ------------------------------------------------------------------ operations
+    async def models(self, **opts: Unpack[CallOptions]) -> Models:
+        return await self._send(calls.models(), opts)
+
+    async def model(self, name: str, **opts: Unpack[CallOptions]) -> ModelInfo:
+        return await self._send(calls.model_info(name), opts)
+
+    async def healthz(self, **opts: Unpack[CallOptions]) -> Health:
+        """Liveness; one attempt (a probe reports on now)."""
+        return await self._send(calls.healthz(), opts)
+
+    async def readyz(self, **opts: Unpack[CallOptions]) -> Ready:
+        """Readiness; one attempt. Not ready is a 503: :class:`RetriesExhausted` whose
+        ``code`` says why (``not_ready``, ``no_models``, ``queue_unavailable``...)."""
+        return await self._send(calls.readyz(), opts)

@@ -1,0 +1,122 @@
+"""What a :mod:`service.client` call raises: one hierarchy under :class:`NlpserveError`.
+
+- :class:`ClientError`: a 4xx other than 429, the request's own fault (never retried);
+  :class:`AuthenticationError` for 401.
+- :class:`DeadlineExceeded`: a 504, or no answer before the call's deadline.
+- :class:`RetriesExhausted`: a retryable answer (429, 502, 503) was still the answer when
+  the retry policy allowed no more attempts (retries or total time spent).
+- :class:`ServerError`: another 5xx (500 ``internal_error``, 501 ``explain_unavailable``).
+- :class:`TransportError`: no HTTP answer at all (refused, reset, timed out), after the
+  retries.
+
+Each carries the HTTP ``status`` (None without an answer), the API's error ``code`` and
+``message`` (docs/service.md, "Errors"), the ``request_id`` to quote, ``retry_after`` (seconds,
+from the last answer's ``Retry-After``) and how many ``attempts`` were made.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class NlpserveError(Exception):
+    """Base of every error a client call raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        head = f"{self.status} {self.code}" if self.status is not None else (self.code or "error")
+        tries = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        return f"{head}: {self.message} (request {self.request_id}{tries})"
+
+
+class ClientError(NlpserveError):
+    """A 4xx answer other than 429: the request is at fault; repeating it cannot help."""
+
+
+class AuthenticationError(ClientError):
+    """401: no API key, or one the server's keys file does not hold."""
+
+
+class DeadlineExceeded(NlpserveError):
+    """504 (the request's deadline passed in the server or the gateway), or no answer before
+    the call's own deadline (``status`` None)."""
+
+
+class RetriesExhausted(NlpserveError):
+    """A retryable answer (the policy's ``retry_statuses``: 429, 502, 503) after the last
+    attempt the retry policy allowed."""
+
+
+class ServerError(NlpserveError):
+    """A 5xx the policy does not retry: a bug in the service (500) or a missing feature (501)."""
+
+
+class TransportError(NlpserveError):
+    """No HTTP answer: the connection was refused or reset, or an attempt timed out."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def error_for(
+    status: int,
+    body: bytes,
+    *,
+    request_id: str | None,
+    retry_after: str | None,
+    attempts: int,
+    retry_statuses: frozenset[int],
+) -> NlpserveError:
+    """The exception for an HTTP error answer: ``{"error": {"code", "message"}}`` from the
+    service; another body (a gateway's HTML page) gives code ``http_<status>``."""
+    code, message = f"http_{status}", body[:200].decode("utf-8", "replace").strip()
+    try:
+        doc: Any = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(err := doc.get("error"), dict):
+        code = str(err.get("code", code))
+        message = str(err.get("message", message))
+    cls: type[NlpserveError]
+    if status == 504:
+        cls = DeadlineExceeded
+    elif status in retry_statuses:
+        cls = RetriesExhausted
+    elif status == 401:
+        cls = AuthenticationError
+    elif 400 <= status < 500:
+        cls = ClientError
+    else:
+        cls = ServerError
+    return cls(
+        message or f"HTTP {status}",
+        status=status,
+        code=code,
+        request_id=request_id,
+        retry_after=parse_retry_after(retry_after),
+        attempts=attempts,
+    )

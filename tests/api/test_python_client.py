@@ -1,0 +1,487 @@
+"""The Python client (service/client/) against a real server over real HTTP: every method
+answers what a raw HTTP call does, sync and async; errors map to their exception with the
+API's code and message; the API key goes as X-API-Key; retries: a real 429 (the client's
+in-flight limit, NLPSERVE_CLIENT_MAX_IN_FLIGHT) waits out its Retry-After, a real refused
+connection (a server still starting) is retried, a 4xx never is. The cases no live server
+produces on demand (502, a Retry-After of another length, a gateway's HTML error, an answer
+that never comes) are a small raw HTTP server's, as the load generator's tests do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.api.app import create_app
+from service.client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ClientError,
+    DeadlineExceeded,
+    NlpserveError,
+    RetriesExhausted,
+    RetryPolicy,
+    TransportError,
+)
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    POS_MODEL,
+    QA_MODEL,
+    LiveServer,
+    live_server,
+    make_settings,
+    metric_value,
+    read_metrics,
+    require_model,
+    rounded,
+    wait_for,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "client-test-key-0123456789"
+LIMIT = 2  # alice's in-flight limit: LIMIT held requests make the next one a 429
+HEADERS = {"X-API-Key": KEY}
+# Fast retries for the tests that need some (the delay is honoured, not measured, there).
+QUICK = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
+
+
+# --------------------------------------------------------------------------- live server
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("client") / "api-keys"
+    path.write_text(f"alice {KEY} max_in_flight={LIMIT}\n")
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def client_service(model_repo: Path, keys_file: Path) -> AsyncIterator[LiveServer]:
+    async with live_server(make_settings(model_repo, api_keys_file=keys_file)) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def srv(client_service: LiveServer) -> AsyncIterator[LiveServer]:
+    client_service.queue.resume()
+    yield client_service
+    client_service.queue.resume()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def raw(srv: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with srv.client(headers=HEADERS) as c:
+        yield c
+
+
+QUESTION, CONTEXT = "长城有多长？", "长城是中国古代的军事防御工程，总长度超过两万千米。"
+REVIEW = "A charming, funny and moving film."
+ESSAY = "There are several reasons why the sky appears blue. Sunlight is made up of colors."
+
+# (method, args, kwargs, needed model, HTTP method, path, body): the same request both ways.
+CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None, str, str, Any]] = [
+    ("pos", ("The cat sat on the mat.",), {}, POS_MODEL, "POST", "/v1/pos",
+     {"text": "The cat sat on the mat."}),
+    ("pos", (), {"tokens": ["The", "dog", "barks", "."]}, POS_MODEL, "POST", "/v1/pos",
+     {"tokens": ["The", "dog", "barks", "."]}),
+    ("pos_batch", (["A red car.", ["She", "runs", "."]],), {}, POS_MODEL, "POST", "/v1/pos",
+     {"inputs": [{"text": "A red car."}, {"tokens": ["She", "runs", "."]}]}),
+    ("polarity", (REVIEW,), {"model": POLARITY_MODEL}, POLARITY_MODEL, "POST",
+     f"/v1/polarity?model={POLARITY_MODEL}", {"text": REVIEW}),
+    ("polarity_batch", ([REVIEW, "Dull and far too long."],), {}, POLARITY_MODEL, "POST",
+     "/v1/polarity", {"inputs": [{"text": REVIEW}, {"text": "Dull and far too long."}]}),
+    ("detect", (ESSAY,), {}, DETECT_MODEL, "POST", "/v1/detect", {"text": ESSAY}),
+    ("detect_batch", ([ESSAY, "because it is blue lol"],), {}, DETECT_MODEL, "POST",
+     "/v1/detect", {"inputs": [{"text": ESSAY}, {"text": "because it is blue lol"}]}),
+    ("qa", (QUESTION, CONTEXT), {}, QA_MODEL, "POST", "/v1/qa",
+     {"question": QUESTION, "context": CONTEXT}),
+    ("qa_batch", ([(QUESTION, CONTEXT), ("谁？", "蔡伦改进了造纸术。")],), {}, QA_MODEL, "POST",
+     "/v1/qa", {"inputs": [{"question": QUESTION, "context": CONTEXT},
+                           {"question": "谁？", "context": "蔡伦改进了造纸术。"}]}),
+    ("explain_polarity", (REVIEW,), {"max_evals": 20}, POLARITY_MODEL, "POST",
+     "/v1/polarity/explain", {"text": REVIEW, "max_evals": 20}),
+    ("explain_detect", (ESSAY,), {"max_evals": 20}, DETECT_MODEL, "POST",
+     "/v1/detect/explain", {"text": ESSAY, "max_evals": 20}),
+    ("models", (), {}, None, "GET", "/v1/models", None),
+    ("model", (POS_MODEL,), {}, POS_MODEL, "GET", f"/v1/models/{POS_MODEL}", None),
+    ("healthz", (), {}, None, "GET", "/healthz", None),
+    ("readyz", (), {}, None, "GET", "/readyz", None),
+]  # fmt: skip
+
+
+def _plain(result: Any) -> Any:
+    """A result as its JSON body: dataclasses as dicts, tuples as lists, the fields an
+    explanation's second computation changes (cached, seconds) and a None the server leaves
+    out (Redis mode's fields of /readyz) dropped, floats rounded."""
+    if isinstance(result, list):
+        return [_plain(r) for r in result]
+    doc = json.loads(json.dumps(dataclasses.asdict(result)))
+    return _comparable(doc)
+
+
+def _comparable(doc: Any) -> Any:
+    if isinstance(doc, dict) and "outputs" in doc:
+        doc = doc["outputs"]
+    if isinstance(doc, list):
+        return [_comparable(d) for d in doc]
+    drop = {"cached", "seconds"}
+    return rounded({k: v for k, v in doc.items() if k not in drop and v is not None})
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_every_method_answers_what_the_raw_http_call_does(srv, raw, model_repo, flavour):
+    pytest.importorskip("shap", reason="the explain extra (shap) is not installed")
+    for *_, model, _, _, _ in CASES:
+        if model is not None:
+            require_model(model_repo, model)
+    expected = []
+    for *_, verb, path, body in CASES:
+        r = await raw.request(verb, path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        expected.append(_comparable(r.json()))
+
+    if flavour == "sync":
+
+        def calls() -> list[Any]:
+            with Client(srv.url, api_key=KEY) as c:
+                return [getattr(c, name)(*a, **kw) for name, a, kw, *_ in CASES]
+
+        got = await asyncio.to_thread(calls)
+    else:
+        async with AsyncClient(srv.url, api_key=KEY) as ac:
+            got = [await getattr(ac, name)(*a, **kw) for name, a, kw, *_ in CASES]
+    for case, want, result in zip(CASES, expected, got, strict=True):
+        assert _plain(result) == want, case[0]
+    assert type(got[0]).__name__ == "PosResult" and got[-4].explain.max_evals_limit > 0
+
+
+def _doc_examples() -> list[str]:
+    doc = (ROOT / "docs/service.md").read_text("utf-8")
+    section = doc.split("\n## Python client\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+
+
+async def test_the_documented_examples_run(srv, model_repo):
+    """docs/service.md's examples, as written, against this server (its URL and key)."""
+    for model in (POS_MODEL, POLARITY_MODEL, QA_MODEL):
+        require_model(model_repo, model)
+    examples = _doc_examples()
+    assert len(examples) == 2
+
+    def run(example: str) -> str:
+        code = example.replace("http://127.0.0.1:8000", srv.url).replace(
+            "api_key=None", f"api_key={KEY!r}"
+        )
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/service.md", "exec"), {"__name__": "__main__"})
+        return out.getvalue()
+
+    said = await asyncio.to_thread(run, examples[0])
+    assert said.startswith("PolarityResult(label=") and "('barks', " in said
+    assert f"('{POS_MODEL}', '1')" in said and "422 empty_text" in said and "my-call-1" in said
+    said = await asyncio.to_thread(run, examples[1])
+    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n", said)
+
+
+# --------------------------------------------------------------------------- errors
+async def test_errors_carry_status_code_message_and_request_id(srv, raw):
+    async with AsyncClient(srv.url, api_key=KEY, retry=QUICK) as c:
+        before = await read_metrics(raw)
+        with pytest.raises(ClientError) as e:
+            await c.polarity("   ", request_id="my-call-1")
+        err = e.value
+        assert (err.status, err.code, err.request_id, err.attempts) == (
+            422, "empty_text", "my-call-1", 1,
+        )  # fmt: skip
+        assert "visible text" in err.message and "my-call-1" in str(err)
+        with pytest.raises(ClientError) as e:
+            await c.polarity("fine", model="no-such-model")
+        assert (e.value.status, e.value.code) == (404, "model_not_found")
+        with pytest.raises(ClientError) as e:
+            await c.polarity("fine", priority="urgent")
+        assert (e.value.status, e.value.code) == (400, "invalid_header")
+        assert "X-Priority" in e.value.message
+        with pytest.raises(ClientError) as e:
+            await c.model("nope")
+        assert e.value.code == "model_not_found"
+        # never retried: the server counted each refusal once
+        after = await read_metrics(raw)
+        refused = metric_value(after, "nlpserve_requests_total", status="422") - metric_value(
+            before, "nlpserve_requests_total", status="422"
+        )
+        assert refused == 1
+
+
+async def test_an_api_key_is_sent_and_a_missing_or_wrong_one_is_an_authentication_error(srv, raw):
+    before = metric_value(await read_metrics(raw), "nlpserve_client_requests_total", client="alice")
+    async with AsyncClient(srv.url, api_key=KEY) as c:
+        assert (await c.pos("The dog barks.")).tags
+    after = metric_value(await read_metrics(raw), "nlpserve_client_requests_total", client="alice")
+    assert after == before + 1
+    for key, code in ((None, "unauthorized"), ("not-a-key-of-this-server", "invalid_api_key")):
+        with (
+            Client(srv.url, api_key=key, retry=QUICK) as sync,
+            pytest.raises(AuthenticationError) as e,
+        ):
+            await asyncio.to_thread(sync.pos, "The dog barks.")
+        assert (e.value.status, e.value.code, e.value.attempts) == (401, code, 1)
+        assert "X-API-Key" in e.value.message
+    # the probes need no key
+    with Client(srv.url) as anonymous:
+        assert (await asyncio.to_thread(anonymous.healthz)).status == "ok"
+
+
+async def test_a_deadline_is_sent_and_its_504_is_deadline_exceeded(srv):
+    srv.queue.pause()  # nothing runs: the request waits in the queue till its deadline
+    async with AsyncClient(srv.url, api_key=KEY, deadline_ms=300) as c:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as e:
+            await c.polarity("a film")
+    assert (e.value.status, e.value.code, e.value.attempts) == (504, "deadline_exceeded", 1)
+    assert 0.25 < time.monotonic() - t0 < 3
+
+
+# --------------------------------------------------------------------------- retries
+def _hold(raw: httpx.AsyncClient, n: int) -> list[asyncio.Task[httpx.Response]]:
+    """``n`` requests of alice's that wait in the paused queue: her in-flight limit full."""
+    return [
+        asyncio.create_task(raw.post("/v1/polarity", json={"text": f"held {i}"})) for i in range(n)
+    ]
+
+
+async def _rejections(raw: httpx.AsyncClient) -> float:
+    text = await read_metrics(raw)
+    return metric_value(text, "nlpserve_client_quota_rejections_total", client="alice")
+
+
+async def test_a_429_is_retried_after_its_retry_after(srv, raw):
+    """The client's in-flight limit is full: 429 client_quota, Retry-After: 1. The client
+    waits that second (not its 10 ms backoff) and its retry is served once the limit has
+    room."""
+    q = srv.queue
+    q.pause()
+    held = _hold(raw, LIMIT)
+    await wait_for(lambda: q.depth(POLARITY_MODEL) == LIMIT)
+    before = await _rejections(raw)
+    async with AsyncClient(srv.url, api_key=KEY, retry=QUICK) as c:
+        t0 = time.monotonic()
+        call = asyncio.create_task(c.polarity(REVIEW, request_id="retried-call"))
+        deadline = time.monotonic() + 10
+        while await _rejections(raw) == before:  # the first attempt was refused
+            assert time.monotonic() < deadline, "the call was never refused"
+            await asyncio.sleep(0.01)
+        q.resume()
+        assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+        result = await call
+    assert time.monotonic() - t0 >= 0.95  # Retry-After: 1, not QUICK's 10 ms backoff
+    assert result.label in ("positive", "negative")
+    assert await _rejections(raw) == before + 1  # one refusal, then served
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_429_that_lasts_exhausts_the_retries(srv, raw, flavour):
+    q = srv.queue
+    q.pause()
+    held = _hold(raw, LIMIT)
+    await wait_for(lambda: q.depth(POLARITY_MODEL) == LIMIT)
+    policy = RetryPolicy(retries=1, backoff_s=0.01)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RetriesExhausted) as e:
+            if flavour == "sync":
+                with Client(srv.url, api_key=KEY, retry=policy) as c:
+                    await asyncio.to_thread(c.polarity, "a film")
+            else:
+                async with AsyncClient(srv.url, api_key=KEY, retry=policy) as ac:
+                    await ac.polarity("a film")
+    finally:
+        q.resume()
+        await asyncio.gather(*held)
+    err = e.value
+    assert (err.status, err.code, err.retry_after, err.attempts) == (429, "client_quota", 1.0, 2)
+    assert "limit for this client is 2" in err.message
+    assert time.monotonic() - t0 >= 0.95
+
+
+async def test_a_refused_connection_is_retried_until_the_server_listens(model_repo):
+    """A replica restarting: its port refuses connections (bound, not yet listening), then
+    it serves; the client's call, sent meanwhile, is answered."""
+    settings = make_settings(model_repo, load_models=POS_MODEL)
+    server = LiveServer(create_app(settings), settings)  # binds the port, listens at start()
+    policy = RetryPolicy(retries=50, backoff_s=0.05, max_backoff_s=0.1)
+    try:
+        one_retry = RetryPolicy(retries=1, backoff_s=0.01)
+        with Client(server.url, retry=one_retry) as c, pytest.raises(TransportError) as e:
+            await asyncio.to_thread(c.pos, "The dog barks.")
+        assert e.value.status is None and e.value.attempts == 2
+        assert "Connect" in (e.value.code or "")
+
+        async with AsyncClient(server.url, retry=policy) as ac:
+            call = asyncio.create_task(ac.pos("The dog barks."))
+            await asyncio.sleep(0.3)  # some attempts refused meanwhile
+            assert not call.done()
+            await server.start()
+            result = await call
+        assert result.tokens == ["The", "dog", "barks", "."]
+    finally:
+        await server.stop()  # closes the port's socket, started or not
+
+
+# --------------------------------------------------------------------------- a raw server
+class Scripted:
+    """A raw HTTP/1.1 server answering each request with the next scripted response (None:
+    no answer at all, the connection held open), recording each request's headers."""
+
+    def __init__(self, responses: list[bytes | None]) -> None:
+        self.responses = iter(responses)
+        self.seen: list[dict[str, str]] = []
+        self.times: list[float] = []
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (task := asyncio.current_task()) is not None:
+            self.handlers.add(task)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
+                    if k
+                }
+                await reader.readexactly(int(headers.get("content-length", 0)))
+                self.seen.append(headers)
+                self.times.append(time.monotonic())
+                resp = next(self.responses, None)
+                if resp is None:
+                    await asyncio.sleep(3600)  # cancelled when the server closes
+                    return
+                writer.write(resp)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.handlers:  # the connections held open (Server.close_clients: 3.13)
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+def answer(status: int, body: bytes, **headers: str) -> bytes:
+    head = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return (
+        f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{head}"
+        "Content-Type: application/json\r\n\r\n"
+    ).encode() + body
+
+
+def api_error(status: int, code: str, message: str, **headers: str) -> bytes:
+    return answer(
+        status, json.dumps({"error": {"code": code, "message": message}}).encode(), **headers
+    )
+
+
+OK = answer(200, b'{"label": "positive", "positive_probability": 0.9, "truncated": false}')
+
+
+async def test_retries_keep_the_request_id_honour_retry_after_and_send_the_time_left():
+    script = Scripted([
+        api_error(503, "backend_unavailable", "redis down", Retry_After="0.3"),
+        answer(502, b"<html>502 Bad Gateway</html>"),
+        OK,
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=QUICK, deadline_ms=5000) as c:
+        result = await c.polarity("fine", priority="batch")
+    assert result.positive_probability == 0.9
+    ids = {h["x-request-id"] for h in script.seen}
+    assert len(ids) == 1 and len(script.seen) == 3  # one call, one id, three attempts
+    assert len(script.handlers) == 1  # over one kept-alive connection
+    assert script.times[1] - script.times[0] >= 0.3  # Retry-After honoured
+    assert script.times[2] - script.times[1] < 0.3  # no Retry-After: the short backoff
+    left = [int(h["x-deadline-ms"]) for h in script.seen]
+    assert 5000 >= left[0] > left[1] > left[2] and left[0] - left[1] >= 300
+    assert {h["x-priority"] for h in script.seen} == {"batch"}
+    assert script.seen[0]["user-agent"].startswith("nlpserve-client/")
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_gateway_error_that_lasts_is_retries_exhausted(flavour):
+    script = Scripted([answer(502, b"<html>502 Bad Gateway</html>")] * 4)
+    async with script as url:
+        with pytest.raises(RetriesExhausted) as e:
+            if flavour == "sync":
+                with Client(url, retry=QUICK) as c:
+                    await asyncio.to_thread(c.detect, "text")
+            else:
+                async with AsyncClient(url, retry=QUICK) as ac:
+                    await ac.detect("text")
+    err = e.value
+    assert (err.status, err.code, err.attempts) == (502, "http_502", 4)
+    assert len(script.handlers) == 1  # the sync client keeps its connection too
+    assert "Bad Gateway" in err.message
+    assert err.request_id == script.seen[0]["x-request-id"]
+
+
+async def test_no_retry_waits_past_the_total_time_or_the_deadline():
+    long_wait = api_error(429, "queue_full", "full", Retry_After="5")
+    for policy, deadline in ((RetryPolicy(max_total_s=1.0), None), (RetryPolicy(), 1000)):
+        script = Scripted([long_wait, OK])
+        async with script as url, AsyncClient(url, retry=policy, deadline_ms=deadline) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RetriesExhausted) as e:
+                await c.polarity("fine")
+        assert time.monotonic() - t0 < 1.0  # gave up at once: its wait would overrun
+        assert (e.value.code, e.value.retry_after, e.value.attempts) == ("queue_full", 5.0, 1)
+
+
+async def test_a_504_and_other_4xx_are_not_retried_and_a_missing_answer_is_a_deadline():
+    script = Scripted([
+        api_error(504, "deadline_exceeded", "not served in time"),
+        api_error(413, "body_too_large", "too big"),
+        None,  # never answered
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        with pytest.raises(DeadlineExceeded) as e:
+            await c.qa("q", "c")
+        assert (e.value.status, e.value.attempts) == (504, 1)
+        with pytest.raises(ClientError) as ce:
+            await c.qa("q", "c")
+        assert (ce.value.status, ce.value.code) == (413, "body_too_large")
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as e:
+            await c.qa("q", "c", deadline_ms=200)  # no answer: the call ends at its deadline
+        assert e.value.status is None and "deadline" in e.value.message
+        assert time.monotonic() - t0 < 200 / 1000 + 2  # DEADLINE_GRACE_S after it
+    assert len(script.seen) == 3
+
+
+async def test_a_body_the_client_cannot_read_is_a_server_error():
+    script = Scripted([answer(200, b'{"unexpected": true}')])
+    async with script as url, AsyncClient(url) as c:
+        with pytest.raises(NlpserveError) as e:
+            await c.pos("x")
+    assert e.value.status == 200 and "cannot read" in e.value.message
