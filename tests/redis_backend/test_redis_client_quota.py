@@ -14,6 +14,7 @@ import contextlib
 import json
 import socket
 import time
+from asyncio import Event
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.api.client_quota import ClientQuota
+from service.api.errors import ApiError
 from service.config import Settings
 from service.queueing.redis_client_counts import RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key
@@ -306,3 +308,35 @@ async def test_replica_scope_counts_each_replica_alone(
         finally:
             gated.gate.set()
         assert [(await t).status_code for t in held] == [200] * 3
+
+
+async def burst(servers: tuple[LiveServer, ...], n: int) -> tuple[list[asyncio.Task], Event]:
+    """``n`` holds of one item of alice's on each of ``servers`` at once; those admitted
+    wait for the event; returns once every refused one has ended."""
+    release = asyncio.Event()
+
+    async def one(srv: LiveServer) -> None:
+        async with quota(srv).hold("alice", 1, time.monotonic() + 5):
+            await release.wait()
+
+    tasks = [asyncio.create_task(one(srv)) for srv in servers * n]
+    await wait_for(lambda: sum(t.done() for t in tasks) == len(tasks) - LIMIT)
+    return tasks, release
+
+
+async def test_a_burst_on_both_replicas_admits_exactly_the_limit(settings, admin) -> None:
+    """Admissions of one moment share a pipeline (the script still runs once per request, so
+    two replicas' bursts admit exactly the limit between them), also after Redis lost its
+    scripts (NOSCRIPT: loaded again, the burst sent again)."""
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+    async with replicas(settings, None) as (a, b, _, _):
+        for flushed in (False, True):
+            if flushed:
+                await admin.script_flush()
+            tasks, release = await burst((a, b), 10)
+            assert await admin.zcard(alice) == LIMIT, flushed
+            refused = [t.exception() for t in tasks if t.done()]
+            assert all(isinstance(e, ApiError) and e.status_code == 429 for e in refused)
+            release.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert not await admin.exists(alice)
