@@ -164,7 +164,8 @@ class ClientQuota:
                 raise self._refusal(client, held, n, limit)
         elif limit is not None and (held := self.in_flight.get(client, 0)) + n > limit:
             raise self._refusal(client, held, n, limit)
-        # No await between the check and the count: the event loop admits one at a time.
+        # Counted here alone: no await between the check and the count, the event loop
+        # admits one at a time (across replicas the script is the check and the count).
         self._set(client, self.in_flight.get(client, 0) + n)
         try:
             yield
