@@ -165,11 +165,20 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Most items (a batch of N counts N, an explanation 1) one client may have "
-        "admitted and not yet answered, across every model, in this API process; over it: 429 "
-        "`client_quota`, so one client's flood cannot fill the queues every client shares. "
-        "Needs NLPSERVE_API_KEYS_FILE (clients are its names); a client whose lines there say "
-        "max_in_flight=N has N instead. Per API replica: with N replicas a client may hold N "
-        "times this. Unset or empty: no limit but the clients' own max_in_flight.",
+        "admitted and not yet answered, across every model and (in Redis mode) every API "
+        "replica; over it: 429 `client_quota`, so one client's flood cannot fill the queues "
+        "every client shares. Needs NLPSERVE_API_KEYS_FILE (clients are its names); a client "
+        "whose lines there say max_in_flight=N has N instead. Unset or empty: no limit but the "
+        "clients' own max_in_flight.",
+    )
+    client_quota_scope: Literal["global", "replica"] = Field(
+        "global",
+        description="Where a client's in-flight limit (NLPSERVE_CLIENT_MAX_IN_FLIGHT, "
+        "max_in_flight) counts in Redis mode: `global`, across every API replica (counted in "
+        "Redis: a round trip more at the start and at the end of each request of a client "
+        "with a limit); `replica`, in each API replica alone (behind R replicas a client may "
+        "hold R times its limit; no Redis call). In-process mode: the one process is the "
+        "whole service either way.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."

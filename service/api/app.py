@@ -66,6 +66,9 @@ async def startup(state: ServiceState) -> None:
     state.tasks = await asyncio.to_thread(build_tasks, entries, settings)
     queue = create_queue(settings, models, state.metrics)  # type: ignore[arg-type]
     await queue.start()
+    if state.client_quota is not None and settings.client_quota_scope == "global":
+        # Redis mode: the limits count across replicas (None in-process: this is all of it)
+        state.client_quota.shared = queue.shared_in_flight()
     state.queue = queue
     state.loaded = True
     # Everything loaded so far (FastAPI, pydantic, the models' Python objects) lives as long

@@ -1,6 +1,8 @@
 """Fairness between clients: at most ``NLPSERVE_CLIENT_MAX_IN_FLIGHT`` items per client
-admitted and not yet answered, across every model, in this API process (docs/deploy.md,
-"Authentication"), or the client's own ``max_in_flight=N`` of the keys file.
+admitted and not yet answered, across every model (docs/deploy.md, "Fairness between
+clients"), or the client's own ``max_in_flight=N`` of the keys file. In Redis mode they are
+counted across every API replica (``NLPSERVE_CLIENT_QUOTA_SCOPE=global``: in Redis,
+service/queueing/redis_client_counts.py), else in this API process.
 
 Every client shares each model's queue (NLPSERVE_MAX_QUEUE_DEPTH): without this limit one
 client's flood fills it and every other client gets 429 ``queue_full``. With it, the flooding
@@ -11,13 +13,17 @@ request comes from nginx.
 With a keys file every client's items are counted (``nlpserve_client_in_flight``), limited or
 not: a limit given on a reload then applies at once, and the counts show what a limit would
 bound before one is set. A client's limit is its ``max_in_flight`` when the file gives one,
-else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none.
+else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none. Across replicas only the clients with a limit
+are counted in Redis (a client counted only costs no round trip); ``nlpserve_client_in_flight``
+is this process's share of every client's items either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
@@ -27,6 +33,7 @@ from service.api.errors import ApiError, retry_after_header
 from service.config import Settings
 from service.logs import CLIENT
 from service.metrics import Metrics
+from service.queueing.base import SharedInFlight
 
 if TYPE_CHECKING:
     from service.api.deps import ServiceState
@@ -59,13 +66,18 @@ class ClientQuota:
     def __init__(self, default: int | None, keys: ApiKeys, metrics: Metrics) -> None:
         self.default = default
         self.metrics = metrics
-        self.in_flight: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}  # this process's items of each client
+        # Where the limited clients' items count across replicas (set once the queue has
+        # started: Redis mode, NLPSERVE_CLIENT_QUOTA_SCOPE=global); None: in this process.
+        self.shared: SharedInFlight | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         # Labels are keys-file names only (AuthMiddleware sets the client): bounded, and a
         # name's series go when its lines leave the file (:meth:`_keys_changed`).
         self.gauge = Gauge(
             "nlpserve_client_in_flight",
             "Items a client has admitted and not yet answered in this API process, across "
-            f"models (what {SETTING} or the client's {MAX_IN_FLIGHT} bounds).",
+            f"models (what {SETTING} or the client's {MAX_IN_FLIGHT} bounds: their sum over "
+            "the replicas in Redis mode, NLPSERVE_CLIENT_QUOTA_SCOPE=global).",
             ["client"],
             registry=metrics.registry,
         )
@@ -114,39 +126,74 @@ class ClientQuota:
             return f"this client's {MAX_IN_FLIGHT} in NLPSERVE_API_KEYS_FILE"
         return SETTING
 
-    @contextmanager
-    def hold(self, client: str, n: int, of: int | None = None) -> Iterator[None]:
+    def _across(self) -> str:
+        return " across the API replicas" if self.shared is not None else ""
+
+    @asynccontextmanager
+    async def hold(
+        self, client: str, n: int, deadline: float, of: int | None = None
+    ) -> AsyncIterator[None]:
         """Count ``n`` items of ``client`` in flight for the block, or raise (nothing held):
         422 ``too_many_items`` for more than its limit in one request (never admitted: a
         retry would be refused again), 429 ``client_quota`` while the client's other
-        requests hold too many. A request is admitted whole or not at all, as by the queue.
-        Released however the block ends (answered, error, deadline, cancellation). ``of``:
-        the request's items when the response cache answers the others (``n`` are those run)."""
+        requests (on any replica, with :attr:`shared`) hold too many. A request is admitted
+        whole or not at all, as by the queue. Released however the block ends (answered,
+        error, deadline, cancellation). ``deadline`` (``time.monotonic()``): the request's,
+        after which (and a margin) its items stop counting across replicas even unreleased.
+        ``of``: the request's items when the response cache answers the others (``n`` are
+        those run)."""
         limit = self.limits.get(client)
-        held = self.in_flight.get(client, 0)
         if limit is not None and n > limit:
             raise ApiError(
                 422,
                 "too_many_items",
                 f"this request needs {n} items run at once{_cached(n, of)}; this client may "
-                f"have at most {limit} in flight ({self._where(client)}): send smaller batches",
+                f"have at most {limit} in flight{self._across()} ({self._where(client)}): "
+                "send smaller batches",
             )
-        if limit is not None and held + n > limit:
-            self.metrics.child(self.refused, client).inc()
-            raise ApiError(
-                429,
-                "client_quota",
-                f"this client has {held} items in flight and this request needs {n} more; "
-                f"the limit for this client is {limit} ({self._where(client)}): retry once "
-                "some are answered",
-                retry_after_header(RETRY_AFTER_S),
-            )
-        # No await between the check and the count: the event loop admits one at a time.
-        self._set(client, held + n)
+        shared = self.shared if limit is not None else None
+        token = None
+        if limit is not None and shared is not None:
+            token = uuid.uuid4().hex
+            try:
+                admitted, held = await shared.acquire(client, token, n, limit, deadline)
+            except asyncio.CancelledError:  # the client gone: the script may have run
+                self._release_later(shared, client, token, n)
+                raise
+            if not admitted:
+                raise self._refusal(client, held, n, limit)
+        elif limit is not None and (held := self.in_flight.get(client, 0)) + n > limit:
+            raise self._refusal(client, held, n, limit)
+        # Counted here alone: no await between the check and the count, the event loop
+        # admits one at a time (across replicas the script is the check and the count).
+        self._set(client, self.in_flight.get(client, 0) + n)
         try:
             yield
         finally:
             self._set(client, self.in_flight[client] - n)
+            if shared is not None and token is not None:
+                # awaited, so the client's next request finds the room; shielded, so a
+                # cancelled request (its client gone, the deadline) still gives it back
+                await asyncio.shield(self._release_later(shared, client, token, n))
+
+    def _refusal(self, client: str, held: int, n: int, limit: int) -> ApiError:
+        self.metrics.child(self.refused, client).inc()
+        return ApiError(
+            429,
+            "client_quota",
+            f"this client has {held} items in flight{self._across()} and this request needs "
+            f"{n} more; the limit for this client is {limit} ({self._where(client)}): retry "
+            "once some are answered",
+            retry_after_header(RETRY_AFTER_S),
+        )
+
+    def _release_later(
+        self, shared: SharedInFlight, client: str, token: str, n: int
+    ) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(shared.release(client, token, n))
+        self._releases.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._releases.discard)
+        return task
 
     def _set(self, client: str, n: int) -> None:
         if n:
@@ -165,8 +212,10 @@ def _cached(n: int, of: int | None) -> str:
     return f" (of its {of}: the response cache answers the rest)"
 
 
-@contextmanager
-def admit(state: ServiceState, n: int, of: int | None = None) -> Iterator[None]:
+@asynccontextmanager
+async def admit(
+    state: ServiceState, n: int, deadline: float, of: int | None = None
+) -> AsyncIterator[None]:
     """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
     AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), where the limit is
     on; a no-op otherwise (no limit set)."""
@@ -175,5 +224,5 @@ def admit(state: ServiceState, n: int, of: int | None = None) -> Iterator[None]:
     if quota is None or client is None:
         yield
         return
-    with quota.hold(client, n, of):
+    async with quota.hold(client, n, deadline, of):
         yield

@@ -144,6 +144,26 @@ def load_refusal(
     return None
 
 
+class SharedInFlight(abc.ABC):
+    """Each client's items in flight, counted where every API replica sees them (Redis mode):
+    the per-client in-flight limit across replicas (service/api/client_quota.py)."""
+
+    @abc.abstractmethod
+    async def acquire(
+        self, client: str, token: str, n: int, limit: int, deadline: float
+    ) -> tuple[bool, int]:
+        """Count ``n`` items of ``client`` as ``token``'s if the client's items in flight
+        across replicas leave room for them under ``limit``; (admitted, the count held
+        before). They count until :meth:`release`, or until ``deadline`` (``time.monotonic()``)
+        and a margin have passed: a replica that dies holding them does not hold them for
+        good. Raises :class:`BackendUnavailableError` when the count cannot be read."""
+
+    @abc.abstractmethod
+    async def release(self, client: str, token: str, n: int) -> None:
+        """Stop counting ``token``'s items (any of them not counted: nothing happens).
+        Best effort: where it fails they stop counting at their deadline."""
+
+
 class InferenceQueue(abc.ABC):
     """Accepts tokenized sequences and resolves each with its model outputs.
 
@@ -159,6 +179,11 @@ class InferenceQueue(abc.ABC):
     def no_workers_refusal(self, model: str | None = None) -> str | None:
         """Why new work (for ``model``, or any) is refused for want of a worker (Redis mode,
         opt-in), else None."""
+        return None
+
+    def shared_in_flight(self) -> SharedInFlight | None:
+        """Where each client's items in flight are counted across API replicas; None where
+        this process is the whole service (in-process mode)."""
         return None
 
     def refuse(

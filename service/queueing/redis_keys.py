@@ -33,6 +33,13 @@ share a slot (the admission script touches all of a model's streams at once).
                               heartbeat
 * ``P:cancel``                pub/sub channel: entries whose request gave up (client gone, a
                               failed sibling), for workers that already read them
+* ``P:client:{name}:in-flight``  sorted set: one member ``<request id>:<i>`` per item a
+                              client (the keys file's ``name``) has admitted and not yet
+                              answered on any API replica, scored by when it stops counting
+                              (its deadline and a margin, Unix time on Redis' clock): the
+                              client's in-flight limit across replicas
+                              (``NLPSERVE_CLIENT_QUOTA_SCOPE=global``); expires with its last
+                              item
 * consumer group ``workers`` on every work stream; consumers are worker processes
 """
 
@@ -168,6 +175,11 @@ WORKER_ALIVE_S = 60.0
 
 def workers_key(prefix: str) -> str:
     return f"{prefix}:workers"
+
+
+def client_in_flight_key(prefix: str, client: str) -> str:
+    # a keys-file name holds no brace or colon (auth.CLIENT_NAME)
+    return f"{prefix}:client:{{{client}}}:in-flight"
 
 
 class PasswordFileCredentials(CredentialProvider):

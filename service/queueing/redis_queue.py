@@ -51,6 +51,7 @@ from service.queueing.base import (
     load_refusal,
     results_of,
 )
+from service.queueing.redis_client_counts import RedisClientCounts
 from service.queueing.redis_keys import (
     ANNOUNCED_LANES,
     WORKER_ALIVE_S,
@@ -260,6 +261,7 @@ class RedisQueue(InferenceQueue):
         # One retry: a pooled connection that went stale in a Redis restart is not "down".
         self._health_client = make_client(settings, retries=1, max_connections=2)
         self._admit = self._client.register_script(ADMIT_LUA)
+        self._client_counts: RedisClientCounts | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -360,6 +362,26 @@ class RedisQueue(InferenceQueue):
             return RETRY_AFTER_S
         return max(RETRY_AFTER_S, math.ceil(seq_s * self._depth.get(model, 0)))
 
+    def unavailable(self) -> BackendUnavailableError | None:
+        """Why nothing can be queued now (shutting down, Redis unreachable), else None."""
+        if self._closing:
+            return BackendUnavailableError("the service is shutting down")
+        if not self._ready:
+            return BackendUnavailableError("the queue backend (Redis) is unreachable")
+        return None
+
+    def failed(self, e: RedisError | OSError) -> BackendUnavailableError:
+        """The 503 for a command that ``e`` failed."""
+        if isinstance(e, RedisConnectionError | OSError):
+            self._ping_ok = False  # not ready until the health loop sees Redis again
+            return BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}")
+        return BackendUnavailableError(_redis_failure(e))  # a timeout, or OOM: it refuses
+
+    def shared_in_flight(self) -> RedisClientCounts:
+        if self._client_counts is None:
+            self._client_counts = RedisClientCounts(self, self._client)
+        return self._client_counts
+
     # ------------------------------------------------------------------ submit
     async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
         return (await self.submit_many([item]))[0]
@@ -368,10 +390,8 @@ class RedisQueue(InferenceQueue):
         """Queue all of ``items`` or none of them (per model: one atomic admission)."""
         if not items:
             return []
-        if self._closing:
-            raise BackendUnavailableError("the service is shutting down")
-        if not self._ready:
-            raise BackendUnavailableError("the queue backend (Redis) is unreachable")
+        if (unavailable := self.unavailable()) is not None:
+            raise unavailable
         by_model: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             if it.model not in self._streams:
@@ -453,11 +473,8 @@ class RedisQueue(InferenceQueue):
                 args += [k, v]
         try:
             res = await self._pipelined_admit(keys, args, targets)
-        except (RedisConnectionError, OSError) as e:
-            self._ping_ok = False  # not ready until the health loop sees Redis again
-            raise BackendUnavailableError(f"the queue backend (Redis) is unreachable: {e}") from e
-        except RedisError as e:  # a timeout, or OOM: Redis is up but refuses writes
-            raise BackendUnavailableError(_redis_failure(e)) from e
+        except (RedisError, OSError) as e:
+            raise self.failed(e) from e
         depth, lens, ids = int(res[0]), res[1], res[2:]
         self._depth[model] = depth
         self._record_depth(model, keys, lens)

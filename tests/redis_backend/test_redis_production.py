@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,10 +172,10 @@ async def prod(tls_server: TlsRedisServer) -> AsyncIterator[Prod]:
 
 
 async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_runners, caplog):
-    """API side and worker over TLS as a user holding only docs/deploy.md's rule, with a
-    password that needs percent-encoding: answers as direct inference, and Redis denied
-    nothing (its ACL LOG is empty), also while the worker reads the server's version and
-    leaves on stop."""
+    """API side (its queue and its clients' counts) and worker over TLS as a user holding only
+    docs/deploy.md's rule, with a password that needs percent-encoding: answers as direct
+    inference, and Redis denied nothing (its ACL LOG is empty), also while the worker reads
+    the server's version and leaves on stop."""
     caplog.set_level(logging.INFO)
     prefix, password = unique_prefix(), "p@ss/w#rd:?%&="
     user = await prod.add_user(prefix, password)
@@ -183,6 +184,13 @@ async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_r
     items = [make_item(tiny_runners[m], int(rng.integers(1, 30)), rng) for m in [*tiny_runners] * 4]
     async with api_queue(settings, tiny_runners) as q, running_worker(settings, tiny_runners) as w:
         got = await asyncio.gather(*(q.submit(it) for it in items))
+        # a client's items in flight across replicas: alone, then a pipelined burst
+        counts, deadline = q.shared_in_flight(), time.monotonic() + 5
+        assert await counts.acquire("alice", "one", 2, 3, deadline) == (True, 0)
+        burst = [counts.acquire("alice", f"b{i}", 1, 3, deadline) for i in range(3)]
+        assert await asyncio.gather(*burst) == [(True, 2), (False, 3), (False, 3)]
+        await asyncio.gather(counts.release("alice", "one", 2), counts.release("alice", "b0", 1))
+        assert not await prod.admin.exists(counts.key("alice"))
     for g, it in zip(got, items, strict=True):
         assert_same(g, direct(tiny_runners[it.model], it))
     assert w._version_checked and "older than 7.0" not in caplog.text

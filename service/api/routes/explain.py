@@ -95,7 +95,7 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
     if task.name not in service.explainers and shap_available():
         service.register(build_explainer(task, state.queue))
     try:
-        with admit(state, 1):  # one item of the client's in-flight limit
+        async with admit(state, 1, deadline):  # one item of the client's in-flight limit
             exp = await cancel_on_disconnect(
                 request, service.explain(task.name, body.text, body.max_evals, deadline)
             )

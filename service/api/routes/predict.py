@@ -140,7 +140,7 @@ async def run_work(
 
     async def run(todo: list[BaseModel]) -> list[R]:
         # before the queue's own refusal and the tokenizer; todo: the cache's misses
-        with admit(state, len(todo), len(items)):
+        async with admit(state, len(todo), deadline, len(items)):
             return await run_requests(
                 task,
                 queue,
