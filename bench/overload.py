@@ -17,8 +17,12 @@ recovery. ``--steady TASK:RATE`` (repeatable) adds a stream of its own to one mo
 at that rate from the first phase's start to the last one's end, whatever the phases send:
 the light model whose latency a flood of another must not hurt (``--models qa --steady
 polarity:20 --phase 0:15 --phase 40:30 --phase 0:15``; a phase at rate 0 sends only the
-steady streams). ``--qa-repeats LO:HI`` sets the QA contexts' length (LO to HI copies of a
-45-character paragraph; 1:4 by default, 20:40 for long contexts of several windows).
+steady streams). ``--phases-priority batch`` sends the phases' arrivals with
+``X-Priority: batch`` (the steady streams stay interactive; ``per_model`` counts them apart,
+as ``TASK:batch``): a bulk job flooding the very model whose interactive latency it must
+not hurt (``--models qa --phases-priority batch --steady qa:1``). ``--qa-repeats LO:HI``
+sets the QA contexts' length (LO to HI copies of a 45-character paragraph; 1:4 by default,
+20:40 for long contexts of several windows).
 Prints one JSON object per phase (``per_model`` also has each model's statuses);
 ``--metrics`` adds one more line, what the server's ``nlpserve_rejected_total`` counted over
 the run by reason (``queue_full``, ``deadline_exceeded``, ...), from its /metrics before and
@@ -84,18 +88,27 @@ async def rejected_now(url: str) -> Counter[str]:
 async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     tasks = [t.strip() for t in args.models.split(",")]
-    client = FastClient(args.url, max_connections=args.max_connections, timeout_s=args.timeout)
-    dl_client = FastClient(
-        args.url, max_connections=args.max_connections, timeout_s=args.timeout,
-        headers={"X-Deadline-Ms": str(args.deadline_ms)},
-    )  # fmt: skip
+    # per (deadline header, the phases' priority header) one client: the steady streams'
+    # requests go out without the latter
+    clients = {
+        (dl, prio): FastClient(
+            args.url, max_connections=args.max_connections, timeout_s=args.timeout,
+            headers={
+                **({"X-Deadline-Ms": str(args.deadline_ms)} if dl else {}),
+                **({"X-Priority": args.phases_priority} if prio else {}),
+            },
+        )
+        for dl in (False, True)
+        for prio in (False, True)
+    }  # fmt: skip
+    # (phase, scheduled, seconds, task as counted, status, deadline header, error code)
     results: list[tuple[int, float, float, str, str, bool, str | None]] = []
     pending: set[asyncio.Task[None]] = set()
     errors: dict[str, str] = {}
     rejected_before = await rejected_now(args.url) if args.metrics else None
 
-    async def fire(phase: int, sched: float, task: str, body: bytes, dl: bool) -> None:
-        c = dl_client if dl else client
+    async def fire(phase: int, sched: float, task: str, body: bytes, dl: bool, prio: bool) -> None:
+        c = clients[dl, prio]
         code = None
         try:
             try:
@@ -116,7 +129,8 @@ async def run(args: argparse.Namespace) -> None:
             status, code = 0, str(e).split(":")[0]
             errors[code] = str(e)
         done = time.perf_counter()
-        results.append((phase, sched, done - sched, task, str(status), dl, code))
+        counted = f"{task}:{args.phases_priority}" if prio else task
+        results.append((phase, sched, done - sched, counted, str(status), dl, code))
 
     t0 = time.perf_counter()
     bounds = []
@@ -142,7 +156,8 @@ async def run(args: argparse.Namespace) -> None:
             dl = rng.random() < args.deadline_share
             ph = i if i >= 0 else next(k for k, (_, hi) in enumerate(bounds) if at < hi)
             body = body_for(task, rng, args.qa_repeats)
-            t = asyncio.create_task(fire(ph, at, task, body, dl))
+            prio = i >= 0 and args.phases_priority is not None
+            t = asyncio.create_task(fire(ph, at, task, body, dl, prio))
             pending.add(t)
             t.add_done_callback(pending.discard)
 
@@ -162,8 +177,8 @@ async def run(args: argparse.Namespace) -> None:
     await asyncio.gather(*steady)
     if pending:
         await asyncio.wait(pending)
-    await client.aclose()
-    await dl_client.aclose()
+    for c in clients.values():
+        await c.aclose()
 
     for i, (rate, secs) in enumerate(args.phase):
         lo, hi = bounds[i]
@@ -171,7 +186,8 @@ async def run(args: argparse.Namespace) -> None:
         ok = [r for r in rs if r[4] == "200"]
         late = [r for r in ok if r[5] and r[2] * 1000 > args.deadline_ms + args.late_slack_ms]
         per_model = {}
-        for task in dict.fromkeys([*tasks, *(t for t, _ in args.steady)]):
+        flooded = [f"{t}:{args.phases_priority}" for t in tasks] if args.phases_priority else tasks
+        for task in dict.fromkeys([*flooded, *(t for t, _ in args.steady)]):
             m = [r for r in ok if r[3] == task]
             per_model[task] = {
                 "sent": sum(1 for r in rs if r[3] == task),
@@ -243,6 +259,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--steady", type=steady_stream, action="append", default=[],
         help="TASK:RATE, a Poisson stream to TASK over all phases, besides theirs",
+    )  # fmt: skip
+    p.add_argument(
+        "--phases-priority", choices=("batch", "interactive"), default=None,
+        help="X-Priority of the phases' requests (not of the --steady streams')",
     )  # fmt: skip
     p.add_argument("--qa-repeats", type=int_range, default=(1, 4), help="LO:HI, QA context size")
     p.add_argument("--deadline-ms", type=int, default=300)

@@ -426,8 +426,10 @@ class Settings(BaseSettings):
         128,
         ge=1,  # 0: no model has room, and the worker never reads
         description="Entries of one model one worker holds (read but not yet answered) "
-        "before it stops reading that model's streams (the other models' are still read); "
-        "one read may overshoot by up to redis_read_count per stream.",
+        "before it stops reading that model's batch and explain streams; its interactive "
+        "entries have a room of their own, as many (a batch flood never keeps them in "
+        "Redis). The other models' are still read; one read may overshoot by up to "
+        "redis_read_count per stream.",
     )
     worker_drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long a worker may finish the work in hand."

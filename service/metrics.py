@@ -56,17 +56,22 @@ class Metrics:
         self._model_workers_alive: Gauge | None = None
         self._monitors: dict[str, PredictionMonitor] = {}
         r = self.registry
+        # priority: interactive or batch (X-Priority, the client's priority= in the keys
+        # file), as the request runs: batch work waits for interactive work by design, and
+        # its seconds would blur the interactive latency operators alert on.
         self.requests = Counter(
             "nlpserve_requests_total",
-            "HTTP requests by model, endpoint (predict or explain) and HTTP status.",
-            ["model", "endpoint", "status"],
+            "HTTP requests by model, endpoint (predict or explain), HTTP status and priority "
+            "class (interactive or batch).",
+            ["model", "endpoint", "status", "priority"],
             registry=r,
         )
         self.request_duration = Histogram(
             "nlpserve_request_duration_seconds",
-            "Request latency (HTTP in to HTTP out); explanations are their own endpoint label, "
-            "so their seconds never blur prediction latency.",
-            ["model", "endpoint", "status"],
+            "Request latency (HTTP in to HTTP out); explanations are their own endpoint label "
+            "and batch-priority requests their own priority label, so their seconds never "
+            "blur interactive prediction latency.",
+            ["model", "endpoint", "status", "priority"],
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
@@ -280,14 +285,22 @@ class Metrics:
         self.child(self.batch_tokens, model, "longest").inc(longest)
 
     def observe_request(
-        self, model: str, endpoint: str, status: int, secs: float, trace_id: str | None = None
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        secs: float,
+        trace_id: str | None = None,
+        *,
+        priority: str,
     ) -> None:
         """``trace_id``: a sampled request's, its latency's exemplar (OpenMetrics exposition:
         a slow bucket links to the trace). Only those: a trace nobody recorded links nowhere,
-        and the exemplar costs a few µs (docs/deploy.md, "Tracing")."""
+        and the exemplar costs a few µs (docs/deploy.md, "Tracing"). ``priority``: the
+        request's class, ``interactive`` or ``batch`` (service.api.deps.priority_class)."""
         s = str(status)
-        self.child(self.requests, model, endpoint, s).inc()
-        duration = self.child(self.request_duration, model, endpoint, s)
+        self.child(self.requests, model, endpoint, s, priority).inc()
+        duration = self.child(self.request_duration, model, endpoint, s, priority)
         if trace_id is None:
             duration.observe(secs)
         else:

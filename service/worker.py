@@ -4,8 +4,10 @@ One worker process serves every model of the repository (or those NLPSERVE_LOAD_
 selects), each at one version:
 
 * reads all of its models' work streams through the consumer group ``workers``
-  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch`` entries
-  of one model (a model at that limit is left out of the read; the others are still read);
+  (``XREADGROUP ... COUNT n BLOCK ms``), never holding more than ``worker_prefetch``
+  interactive entries of one model, nor more than that many of the model in all before it
+  takes a batch or explain entry (streams at their limit are left out of the read; the
+  others are still read, so a batch flood never keeps an interactive entry in Redis);
 * forms batches with the same :class:`BucketScheduler` rules as the in-process queue and
   runs them on executor threads (the event loop keeps reading, replying and reclaiming);
 * PUBLISHes each reply to the channel of the replica waiting for it, and only then
@@ -44,7 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from service.batching import BucketScheduler, WorkItem
-from service.batching.scheduler import DEFAULT_LANES, lane_for_next_batch
+from service.batching.scheduler import DEFAULT_LANES, PREDICT_LANE, lane_for_next_batch
 from service.clock import RedisClock
 from service.config import Settings
 from service.loop_lag import LoopLagMonitor
@@ -97,7 +99,8 @@ DEAD_LETTER_MAXLEN = 10_000
 DEAD_LETTER_REASONS = ("failed", "redelivered", "malformed")
 SETTLE_RETRY_S = 5.0  # how long a worker keeps trying to deliver finished work to Redis
 CLOSE_WAIT_S = 5.0  # how long a stopping worker waits for its loops once cancelled
-# XREADGROUP's BLOCK while some model holds all the entries it may (left out of the read)
+# XREADGROUP's BLOCK while some streams are left out of the read (their model, or its batch
+# and explain lanes, hold all the entries they may)
 FULL_MODEL_BLOCK_MS = 50
 # Dead-letter an entry at most once. After a stall, the stalled worker and the one that
 # reclaimed the entry can both decide it is poison; only one still finds it pending (the
@@ -214,6 +217,8 @@ class Worker:
             for s in model_streams(self.prefix, m, layouts[m], len(r.buckets), lanes):
                 self._stream_model[s] = m
         self.streams = list(self._stream_model)
+        # the predict lane's streams, which have a room of their own (_rooms)
+        self._interactive = {s for s in self.streams if stream_labels(s)[3] == PREDICT_LANE}
         # Per model, as in-process: its own executor threads, and the batches it may hand them
         # (the running ones and those queued behind them). With one executor and one count
         # for all models, a flooded model's batches took every slot and a cheap model's batch
@@ -449,34 +454,30 @@ class Worker:
                 if not groups_ok:
                     await self._ensure_groups()
                     groups_ok = True
-                # Per model, as many as it may still hold: a model holding all it may (a
-                # flood) is left out of the read, the others are still read.
+                # Per stream, as many as it may still bring in (_rooms): a model holding all
+                # it may (a flood) is left out of the read, the others are still read, and
+                # so are its interactive streams while batch entries fill the rest.
                 rooms = self._rooms()
-                streams = [s for s in self.streams if rooms[self._stream_model[s]] > 0]
+                streams = [s for s in self.streams if rooms[s] > 0]
                 if not streams:
                     self._room.clear()
                     await self._room.wait()
                     continue
                 block_ms = self.settings.redis_block_ms
-                if len(streams) < len(self.streams):
+                left_out = len(streams) < len(self.streams)
+                if left_out:
                     # a blocked read cannot take in a stream left out: look again soon
                     block_ms = min(block_ms, FULL_MODEL_BLOCK_MS)
                 # /readyz waits for a read that worked: at start (or after an outage) that
                 # one returns at once instead of blocking redis_block_ms for work
                 block = block_ms if self.connected else None
-                # COUNT applies to each stream: the smallest room read, so that a model close
-                # to its limit is not given the room of another (up to redis_read_count per
-                # stream of it); a model at its limit is left out, so this stays above 0
-                resp = await self.client.xreadgroup(
-                    GROUP,
-                    self.name,
-                    dict.fromkeys(streams, ">"),
-                    count=min(
-                        self.settings.redis_read_count,
-                        min(rooms[self._stream_model[s]] for s in streams),
-                    ),
-                    block=block,
-                )
+                read = asyncio.ensure_future(self._read(streams, rooms, block))
+                try:
+                    if left_out:
+                        await self._read_beside(read, set(streams))
+                    resp = await read
+                finally:
+                    read.cancel()  # done by now, unless this task is being cancelled
                 self._set_connected(True)
                 delay = 0.05
             except ResponseError as e:
@@ -505,10 +506,65 @@ class Worker:
             for stream, entries in cast(ReadReply, resp or []):
                 await self._accept(stream.decode(), entries)
 
+    async def _read(self, streams: list[str], rooms: Mapping[str, int], block: int | None) -> Any:
+        """One ``XREADGROUP`` of ``streams`` (each with room: ``rooms``, from :meth:`_rooms`).
+        COUNT applies to each stream: the smallest room read, so that a stream close to its
+        limit is not given the room of another (up to redis_read_count of it); a stream at
+        its limit is left out, so this stays above 0."""
+        return await self.client.xreadgroup(
+            GROUP,
+            self.name,
+            dict.fromkeys(streams, ">"),
+            count=min(self.settings.redis_read_count, min(rooms[s] for s in streams)),
+            block=block,
+        )
+
+    async def _read_beside(self, read: asyncio.Future[Any], reading: set[str]) -> None:
+        """While ``read`` (of the streams ``reading``) blocks, read the streams left out of it
+        for lack of room as soon as a settle frees some, without blocking: in a flood of
+        batch-priority work, whose streams are left out while its entries fill the room and
+        the interactive streams are read, each answered batch is still replaced at once,
+        as when a full model waited for room, not FULL_MODEL_BLOCK_MS later."""
+        while not self._stopping:
+            self._room.clear()
+            rooms = self._rooms()
+            if ready := [s for s in self.streams if s not in reading and rooms[s] > 0]:
+                try:
+                    resp = await self._read(ready, rooms, None)
+                except (RedisError, OSError) as e:  # the blocked read meets it too: reported
+                    log.debug("worker %s: a read beside the blocked one: %s", self.name, e)
+                else:
+                    for stream, entries in cast(ReadReply, resp or []):
+                        await self._accept(stream.decode(), entries)
+            if read.done():
+                return
+            room = asyncio.ensure_future(self._room.wait())
+            try:
+                await asyncio.wait({read, room}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                room.cancel()
+            if read.done():
+                return
+
     def _rooms(self) -> dict[str, int]:
-        """Per model, the entries it may still take in (``worker_prefetch`` less those held)."""
-        held = Counter(it.model for it in self._in_hand.values())
-        return {m: self.settings.worker_prefetch - held[m] for m in self.runners}
+        """Per stream, the entries it may still bring in. A model's interactive (predict
+        lane) streams: ``worker_prefetch`` less the interactive entries held, whatever else
+        is held, so batch-priority entries filling the prefetch never keep an interactive
+        one in Redis; its batch and explain streams: ``worker_prefetch`` less every entry of
+        the model held (what interactive work leaves, as its lanes run only then). A worker
+        may so hold up to twice ``worker_prefetch`` entries of a model, at most
+        ``worker_prefetch`` of them batch or explain ones."""
+        held: Counter[str] = Counter()
+        interactive: Counter[str] = Counter()
+        for (stream, _), it in self._in_hand.items():
+            held[it.model] += 1
+            if stream in self._interactive:
+                interactive[it.model] += 1
+        prefetch = self.settings.worker_prefetch
+        return {
+            s: prefetch - (interactive if s in self._interactive else held)[m]
+            for s, m in self._stream_model.items()
+        }
 
     def _set_connected(self, ok: bool) -> None:
         if ok and not self.connected:
@@ -1018,7 +1074,7 @@ class Worker:
         for stream in self.streams:
             if self._stopping:
                 return
-            room = self._rooms()[self._stream_model[stream]]
+            room = self._rooms()[stream]
             if room <= 0:
                 continue
             rows = cast(

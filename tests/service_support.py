@@ -298,11 +298,13 @@ class RunnerProxy(_RunnerBase):
 
 class GatedRunner(RunnerProxy):
     """A real runner whose batches wait at a gate before they run; counts how many run at
-    once (a state check: no timing assumption)."""
+    once (a state check: no timing assumption). :meth:`step` lets one batch through while
+    the gate stays shut."""
 
     def __init__(self, inner: ModelRunner) -> None:
         super().__init__(inner)
         self.gate = threading.Event()
+        self.permits = threading.Semaphore(0)
         self.lock = threading.Lock()
         self.active = 0
         self.most = 0
@@ -316,8 +318,21 @@ class GatedRunner(RunnerProxy):
             self.most = max(self.most, self.active)
             self.started.append(tuple(it.length for it in items))
         try:
-            assert self.gate.wait(10), "gate never opened"
+            assert self._passed(10.0), "gate never opened"
             return self.inner.run_batch(items, record=record)
         finally:
             with self.lock:
                 self.active -= 1
+
+    def step(self) -> None:
+        """Let the next batch (one) through the shut gate."""
+        self.permits.release()
+
+    def _passed(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self.gate.is_set():
+            if self.permits.acquire(timeout=0.005):
+                return True
+            if time.monotonic() > end:
+                return False
+        return True

@@ -1217,6 +1217,46 @@ async def test_overload_script_counts_statuses_goodput_and_rejections(
     assert not_loaded > 0
 
 
+async def test_overload_phases_priority_sends_the_phases_as_batch_and_counts_them_apart(
+    model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--phases-priority batch: the phases' requests carry X-Priority: batch (the server's
+    request metrics count them under priority="batch"), the steady stream's do not; each
+    phase's per_model has them apart (detect:batch, detect)."""
+    from bench import overload
+    from tests.service_support import (
+        DETECT_MODEL,
+        live_server,
+        make_settings,
+        metric_value,
+        read_metrics,
+        require_model,
+    )
+
+    require_model(model_repo, DETECT_MODEL)
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / DETECT_MODEL).symlink_to(model_repo / DETECT_MODEL, target_is_directory=True)
+    async with live_server(make_settings(repo)) as srv:
+        argv = ["--url", srv.url, "--models", "detect", "--seed", "2", "--phases-priority",
+                "batch", "--steady", "detect:20", "--phase", "20:0.5"]  # fmt: skip
+        await overload.run(overload.parse_args(argv))
+        async with srv.client() as c:
+            text = await read_metrics(c)
+    (phase,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    flood, steady = phase["per_model"]["detect:batch"], phase["per_model"]["detect"]
+    assert flood["sent"] > 0 and steady["sent"] > 0
+    assert flood["sent"] + steady["sent"] == phase["sent"]
+    series = {"model": DETECT_MODEL, "endpoint": "predict", "status": "200"}
+    assert (
+        metric_value(text, "nlpserve_requests_total", **series, priority="batch") == (flood["ok"])
+    )
+    assert (
+        metric_value(text, "nlpserve_requests_total", **series, priority="interactive")
+        == (steady["ok"])
+    )
+
+
 def _git_repo(root: Path, files: dict[str, int]) -> None:
     import subprocess
 

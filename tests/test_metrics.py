@@ -22,16 +22,16 @@ from tests.service_support import (
 def test_cached_children_record_into_their_own_series() -> None:
     m = Metrics()
     for status in (200, 200, 422):
-        m.observe_request("detector-en", "predict", status, 0.25)
-    m.observe_request("qa-zh", "predict", 200, 0.5)
+        m.observe_request("detector-en", "predict", status, 0.25, priority="interactive")
+    m.observe_request("qa-zh", "predict", 200, 0.5, priority="batch")
     m.observe_batch("qa-zh", 2, size=3, real_tokens=90, padded_tokens=100, secs=0.01)
     m.observe_batch("qa-zh", 2, size=1, real_tokens=10, padded_tokens=10, secs=0.01)
     # the same labels on two metrics are two children, not one
-    assert m.child(m.requests, "qa-zh", "predict", "200") is m.requests.labels(
-        "qa-zh", "predict", "200"
+    assert m.child(m.requests, "qa-zh", "predict", "200", "batch") is m.requests.labels(
+        "qa-zh", "predict", "200", "batch"
     )
-    assert m.child(m.requests, "qa-zh", "predict", "200") is not m.child(
-        m.request_duration, "qa-zh", "predict", "200"
+    assert m.child(m.requests, "qa-zh", "predict", "200", "batch") is not m.child(
+        m.request_duration, "qa-zh", "predict", "200", "batch"
     )
     text = m.render().decode()
 
@@ -61,7 +61,7 @@ def test_request_latency_buckets_reach_past_the_default_deadline() -> None:
     ended at 10 s would put all of them past it, and its p99 would read 10 s."""
     m = Metrics()
     for secs in (12.0, 25.0, 29.0):
-        m.observe_request("qa-zh", "predict", 200, secs)
+        m.observe_request("qa-zh", "predict", 200, secs, priority="interactive")
     text = m.render().decode()
 
     def bucket(le: str) -> float:

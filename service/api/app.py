@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.api.auth import ApiKeys, AuthMiddleware
 from service.api.client_quota import ClientQuota, check_settings
-from service.api.deps import ServiceState
+from service.api.deps import ServiceState, scope_priority
 from service.api.errors import install_error_handlers
 from service.api.fast_path import PredictFastPath
 from service.api.middleware import (
@@ -214,7 +214,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Inside the metrics: a request the shutdown cancels counts as the 503 it gets.
     app.add_middleware(ShutdownMiddleware, stopping=lambda: state.stopping)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, model_for=model_for)
+    app.add_middleware(
+        MetricsMiddleware,
+        metrics=state.metrics,
+        model_for=model_for,
+        priority_for=lambda scope: scope_priority(state, scope),
+    )
     if keys is not None:  # outside the metrics (a refused request is no model's request),
         app.add_middleware(AuthMiddleware, keys=keys)  # inside CORS: its 401 is readable
     if origins := settings.cors_origins():  # outside the metrics: a preflight is no request

@@ -20,6 +20,8 @@ from service.repository.discovery import EVERY_MODEL
 from service.tasks.base import Task
 
 if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never imports it
+    from starlette.types import Scope
+
     from service.api.auth import ApiKeys
     from service.api.client_quota import ClientQuota
     from service.api.response_cache import ResponseCache
@@ -183,6 +185,30 @@ def lane_for(state: ServiceState, asked: str | None, client: str | None) -> str:
     # the lower of the two classes (PRIORITY_LANES is in priority order)
     order = list(PRIORITY_LANES.values())
     return max(lane, PRIORITY_LANES[given], key=order.index)
+
+
+# ... and back: the class of a lane (the request metrics' priority label)
+PRIORITY_OF_LANE = {lane: name for name, lane in PRIORITY_LANES.items()}
+
+
+def priority_class(state: ServiceState, asked: str | None, client: str | None) -> str:
+    """The priority class (``interactive`` or ``batch``) a request is counted under in the
+    request metrics: :func:`lane_for`'s, or where ``asked`` is refused (400), the client's
+    own. Explanations run in their own lane whatever it says; they are still counted under
+    their client's class."""
+    try:
+        lane = lane_for(state, asked, client)
+    except ApiError:
+        lane = lane_for(state, None, client)
+    return PRIORITY_OF_LANE[lane]
+
+
+def scope_priority(state: ServiceState, scope: Scope) -> str:
+    """:func:`priority_class` of an HTTP request's ASGI ``scope`` (its X-Priority headers, and
+    the client the auth middleware put in its state)."""
+    given = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"x-priority"]
+    client = scope.get("state", {}).get("client")
+    return priority_class(state, ", ".join(given) if given else None, client)
 
 
 def priority_from(request: Request, state: ServiceState) -> str:

@@ -214,10 +214,12 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts and times prediction requests by model and status, and rejections by reason.
+    """Counts and times prediction requests by model, status and priority class, and
+    rejections by reason.
 
     ``model_for(path, query)`` names the model a request is for (None: not a prediction
     endpoint, not counted). A route that resolved the model sets ``request.state.model``.
+    ``priority_for(scope)``: the request's priority class (``interactive`` or ``batch``).
     """
 
     def __init__(
@@ -225,10 +227,12 @@ class MetricsMiddleware:
         app: ASGIApp,
         metrics: Metrics,
         model_for: Callable[[str, dict[str, list[str]]], tuple[str, str] | None],
+        priority_for: Callable[[Scope], str],
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.model_for = model_for
+        self.priority_for = priority_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -261,6 +265,7 @@ class MetricsMiddleware:
                 status,
                 time.perf_counter() - t0,
                 trace.trace_id if trace is not None and trace.sampled else None,
+                priority=self.priority_for(scope),
             )
             if status >= 400:
                 reason = state.get("error_code") or f"http_{status}"

@@ -145,6 +145,65 @@ async def test_a_batch_client_runs_as_batch_and_cannot_raise_itself(srv):
             assert lanes(q) == ["predict", "batch"], headers
 
 
+async def test_request_metrics_are_split_by_priority_class(srv):
+    """nlpserve_requests_total and nlpserve_request_duration_seconds carry the class each
+    request ran in (priority=interactive|batch): the header's, a batch client's whatever it
+    asks; a refused header (400) counts under the client's own class. gRPC alike."""
+    series = {"model": POLARITY_MODEL, "endpoint": "predict"}
+    sent = [
+        (as_client(WEB_KEY), 200, "interactive"),
+        (as_client(WEB_KEY, **{"X-Priority": "batch"}), 200, "batch"),
+        (as_client(BULK_KEY), 200, "batch"),
+        (as_client(BULK_KEY, **{"X-Priority": "interactive"}), 200, "batch"),
+        (as_client(BULK_KEY, **{"X-Priority": "urgent"}), 400, "batch"),
+        (as_client(WEB_KEY, **{"X-Priority": "urgent"}), 400, "interactive"),
+    ]
+
+    def counts(text: str) -> dict[tuple[str, str, str], float]:
+        return {
+            (name, status, priority): metric_value(
+                text, name, **series, status=status, priority=priority
+            )
+            for name in ("nlpserve_requests_total", "nlpserve_request_duration_seconds_count")
+            for status in ("200", "400")
+            for priority in ("interactive", "batch")
+        }
+
+    async with srv.client() as c:
+        before = counts(await read_metrics(c))
+        for headers, status, _ in sent:
+            r = await c.post(V1, json={"text": "fine"}, headers=headers)
+            assert r.status_code == status, headers
+        after = counts(await read_metrics(c))
+    want = {key: 0.0 for key in before}
+    for _, status, priority in sent:
+        for name in ("nlpserve_requests_total", "nlpserve_request_duration_seconds_count"):
+            want[(name, str(status), priority)] += 1
+    assert {k: after[k] - before[k] for k in before} == want
+
+    tc = pytest.importorskip("tritonclient.grpc.aio", reason="tritonclient[grpc] is not installed")
+    from tests.api.test_grpc_v2 import inputs_of
+
+    client = tc.InferenceServerClient(f"127.0.0.1:{srv.settings.grpc_port}")
+    grpc = {"model": POLARITY_MODEL, "endpoint": "grpc", "status": "200"}
+    try:
+        async with srv.client() as c:
+            for key in (WEB_KEY, BULK_KEY):
+                await client.infer(
+                    POLARITY_MODEL, inputs_of(POLARITY_MODEL, 1), headers={"x-api-key": key}
+                )
+            await client.infer(
+                POLARITY_MODEL,
+                inputs_of(POLARITY_MODEL, 1),
+                headers={"x-api-key": WEB_KEY, "x-priority": "batch"},
+            )
+            text = await read_metrics(c)
+    finally:
+        await client.close()
+    assert metric_value(text, "nlpserve_requests_total", **grpc, priority="batch") == 2
+    assert metric_value(text, "nlpserve_requests_total", **grpc, priority="interactive") == 1
+
+
 @pytest.mark.parametrize("value", ["urgent", "", "batch, interactive"])
 async def test_a_bad_priority_is_400_invalid_header(srv, value):
     headers = as_client(WEB_KEY, **{"X-Priority": value})

@@ -433,7 +433,12 @@ async def test_when_the_first_client_leaves_its_waiters_still_get_answers(srv, p
     body = {"text": "its first client hangs up"}
     q = srv.queue
     registry = srv.state.metrics.registry
-    closed = {"model": POLARITY_MODEL, "endpoint": "predict", "status": "499"}
+    closed = {
+        "model": POLARITY_MODEL,
+        "endpoint": "predict",
+        "status": "499",
+        "priority": "interactive",
+    }
 
     def gone() -> float:
         return registry.get_sample_value("nlpserve_requests_total", closed) or 0.0

@@ -42,6 +42,7 @@ from service.queueing.redis_keys import (
     layout,
     model_pace_key,
     model_workers_key,
+    stream_labels,
     work_stream,
     workers_key,
 )
@@ -1480,16 +1481,18 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
     """XREADGROUP's COUNT applies to each stream read. pos-en with room for one more entry
     and polarity with room for four: the read asks one entry per stream, so pos-en ends at
     most one entry per stream over its limit; asked for polarity's room, it got up to four
-    per stream. Once pos-en is at its limit it is left out and polarity gets its own room."""
+    per stream. Once pos-en is at its limit it is left out and polarity gets its own room.
+    Batch-priority entries at the limit leave out only pos-en's batch and explain streams:
+    its interactive ones have a room of their own."""
     settings = Settings(
         model_dir=tiny_repo, queue="redis", worker_prefetch=4, redis_read_count=64, warmup=False
     )
     w = Worker(settings, tiny_runners)
-    reads: list[tuple[set[str], int, int]] = []
+    reads: list[tuple[set[tuple[str, str]], int, int]] = []
 
     class Client:
         async def xreadgroup(self, group, name, streams, count, block):
-            reads.append(({w._stream_model[s] for s in streams}, count, block))
+            reads.append(({stream_labels(s)[::3] for s in streams}, count, block))
             w._stopping = True
             return []
 
@@ -1500,19 +1503,76 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
     w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
     w._room, w._wake = asyncio.Event(), asyncio.Event()
     w.connected = True  # reads past the first: that one does not block (not yet ready)
-    for held in (3, 4):
+    pos_streams = {stream_labels(s)[3]: s for s in w.streams if w._stream_model[s] == POS}
+    for held, lane in ((3, "predict"), (4, "predict"), (4, "batch")):
         w._in_hand = {
-            ("s", str(k).encode()): StreamItem(
-                model=POS, bucket=0, length=1, features={}, deadline=0.0
+            (pos_streams[lane], str(k).encode()): StreamItem(
+                model=POS, bucket=0, length=1, features={}, deadline=0.0, lane=lane
             )
             for k in range(held)
         }
         w._stopping = False
         await w._read_until_stopped()
+    every = {(m, lane) for m in (POS, POL) for lane in ("predict", "batch", "explain")}
     assert reads == [
-        ({POS, POL}, 1, settings.redis_block_ms),
-        ({POL}, 4, 50),  # pos-en left out; a short block, to read it again once it has room
+        (every, 1, settings.redis_block_ms),
+        # pos-en left out; a short block, to read it again once it has room
+        ({(POL, lane) for lane in ("predict", "batch", "explain")}, 4, 50),
+        (every - {(POS, "batch"), (POS, "explain")}, 4, 50),
     ]
+
+
+async def test_streams_left_out_for_lack_of_room_are_read_as_soon_as_a_settle_frees_some(
+    tiny_repo, tiny_runners
+) -> None:
+    """pos-en's batch entries fill its prefetch: the blocked read takes in its interactive
+    streams (and polarity's) only. An answered batch frees room: its batch and explain
+    streams are read at once, without blocking (the blocked read holds its connection), not
+    when the blocked read ends."""
+    settings = Settings(
+        model_dir=tiny_repo, queue="redis", worker_prefetch=4, redis_read_count=64, warmup=False
+    )
+    w = Worker(settings, tiny_runners)
+    reads: list[tuple[set[tuple[str, str]], int, int | None]] = []
+    unblock = asyncio.Event()
+
+    class Client:
+        async def xreadgroup(self, group, name, streams, count, block):
+            reads.append(({stream_labels(s)[::3] for s in streams}, count, block))
+            if block is not None:
+                await unblock.wait()
+            return []
+
+    async def groups_exist() -> None:
+        pass
+
+    w.client = Client()  # type: ignore[assignment]  # records the reads, answers none
+    w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
+    w._room, w._wake = asyncio.Event(), asyncio.Event()
+    w.connected = True
+    batch = next(s for s in w.streams if stream_labels(s)[::3] == (POS, "batch"))
+    w._in_hand = {
+        (batch, str(k).encode()): StreamItem(
+            model=POS, bucket=0, length=1, features={}, deadline=0.0, lane="batch"
+        )
+        for k in range(4)
+    }
+    reader = asyncio.create_task(w._read_until_stopped())
+    try:
+        await wait_for(lambda: len(reads) == 1)
+        lower = {(POS, "batch"), (POS, "explain")}
+        every = {(m, lane) for m in (POS, POL) for lane in ("predict", "batch", "explain")}
+        assert reads[0] == (every - lower, 4, 50)
+        w._in_hand.popitem()  # a batch of one answered (_settle)
+        w._room.set()
+        await wait_for(lambda: len(reads) == 2)
+        assert reads[1] == (lower, 1, None)
+        assert not reader.done()  # still in the blocked read
+    finally:
+        w._stopping = True
+        w._room.set()
+        unblock.set()
+        await asyncio.wait_for(reader, 5)
 
 
 async def test_a_url_socket_timeout_still_outlasts_the_workers_blocked_read(

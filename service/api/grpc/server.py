@@ -32,7 +32,7 @@ from pydantic import ValidationError
 import service
 from service import tracecontext
 from service.api.auth import authenticate, still_held
-from service.api.deps import ServiceState, lane_for
+from service.api.deps import ServiceState, lane_for, priority_class
 from service.api.errors import ApiError, retry_after_header, validation_error
 from service.api.grpc import GrpcPortError
 from service.api.grpc import grpc_predict_v2_pb2 as pb
@@ -345,6 +345,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         state = self.state
         model = "unknown"  # the metrics' model until the name is one of the loaded
         status, code = 500, "internal_error"
+        priority = priority_class(state, _priority(context), client)
         trace_token = tracecontext.CURRENT.set(trace)
         client_token = CLIENT.set(client)
         try:
@@ -383,7 +384,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             tracecontext.CURRENT.reset(trace_token)
             m = state.metrics
             exemplar = trace.trace_id if trace.sampled else None
-            m.observe_request(model, endpoint, status, time.perf_counter() - t0, exemplar)
+            secs = time.perf_counter() - t0
+            m.observe_request(model, endpoint, status, secs, exemplar, priority=priority)
             if status >= 400:
                 m.child(m.rejected, model, code).inc()
 
