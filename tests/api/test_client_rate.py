@@ -115,6 +115,11 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
         assert (await post(c, BOB)).status_code == 200
         message = assert_rate_refusal(await post(c, BOB), retry_after=2)
         assert "may send 0.5 items a second, 1 at most at once (NLPSERVE_CLIENT_RATE)" in message
+        # under /v2 in that protocol's shape, a tensor's rows counted as items
+        v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}
+        r = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2, headers={"X-API-Key": BOB})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) == 2
+        assert set(r.json()) == {"error"} and "0.5 items a second" in r.json()["error"]
 
         clock.now += 9  # a second short of the Retry-After: still no whole item
         assert_rate_refusal(await post(c, ALICE), retry_after=1)
@@ -144,8 +149,8 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert grew("nlpserve_client_rate_rejections_total", client="alice") == 3
-    assert grew("nlpserve_client_rate_rejections_total", client="bob") == 1
-    assert grew("nlpserve_rejected_total", model=POLARITY_MODEL, reason="client_rate") == 4
+    assert grew("nlpserve_client_rate_rejections_total", client="bob") == 2
+    assert grew("nlpserve_rejected_total", model=POLARITY_MODEL, reason="client_rate") == 5
     assert grew("nlpserve_client_quota_rejections_total", client="alice") == 0
 
 
