@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -161,12 +162,16 @@ def _check_keys_file(path: Path | None) -> None:
 
 
 def _check_client_quota(settings: Settings) -> None:
-    """NLPSERVE_CLIENT_MAX_IN_FLIGHT without a keys file: one line, exit status 2."""
+    """NLPSERVE_CLIENT_MAX_IN_FLIGHT or NLPSERVE_CLIENT_RATE without a keys file,
+    NLPSERVE_CLIENT_BURST without NLPSERVE_CLIENT_RATE: one line, exit status 2."""
     from service.api.client_quota import ClientQuotaConfigError, check_settings
+    from service.api.client_rate import ClientRateConfigError
+    from service.api.client_rate import check_settings as check_rate_settings
 
     try:
         check_settings(settings)
-    except ClientQuotaConfigError as e:
+        check_rate_settings(settings)
+    except (ClientQuotaConfigError, ClientRateConfigError) as e:
         typer.echo(f"nlpserve: invalid setting: {e}", err=True)
         raise typer.Exit(2) from None
 
@@ -220,6 +225,26 @@ def new_key(
             "its requests send. Every line of one client must say the same.",
         ),
     ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            "--rate",
+            metavar="R",
+            help="The client's own rate limit, items a second (0.1: one every 10 s), on its "
+            "line (rate=R) in place of NLPSERVE_CLIENT_RATE. Every line of one client must "
+            "say the same.",
+        ),
+    ] = None,
+    burst: Annotated[
+        int | None,
+        typer.Option(
+            "--burst",
+            min=1,
+            metavar="B",
+            help="With --rate: the most items the client may send at once (burst=B). "
+            "Default: the rate rounded up, at least 1.",
+        ),
+    ] = None,
 ) -> None:
     """Print a new random key for client NAME (line 1: give it to the client; it is stored
     nowhere) and its line for the keys file (line 2: the key's sha256, no secret)."""
@@ -233,6 +258,13 @@ def new_key(
         )
         raise typer.Exit(2)
 
+    if burst is not None and rate is None:
+        typer.echo("nlpserve: --burst is the burst of --rate: give --rate too", err=True)
+        raise typer.Exit(2)
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        typer.echo("nlpserve: invalid --rate: items a second, a number above 0", err=True)
+        raise typer.Exit(2)
+
     if not CLIENT_NAME.fullmatch(name):
         typer.echo(
             f"nlpserve: invalid client name {name[:64]!r}: 1 to 64 of A-Z a-z 0-9 . _ - "
@@ -242,7 +274,7 @@ def new_key(
         raise typer.Exit(2)
     key = make_key()
     typer.echo(key)
-    typer.echo(key_line(name, key, max_in_flight, priority))
+    typer.echo(key_line(name, key, max_in_flight, priority, rate, burst))
     typer.echo(
         "line 1: the key, for the client (Authorization: Bearer <key>, or X-API-Key); "
         "line 2: append it to the NLPSERVE_API_KEYS_FILE file (read again within a second)",

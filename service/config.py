@@ -171,14 +171,34 @@ class Settings(BaseSettings):
         "whose lines there say max_in_flight=N has N instead. Unset or empty: no limit but the "
         "clients' own max_in_flight.",
     )
+    client_rate: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Items a second (a batch of N counts N, an explanation 1; answers of the "
+        "response cache none) one client may send, sustained, across every model and (in "
+        "Redis mode) every API replica: a token bucket per client; over it: 429 `client_rate` "
+        "with the Retry-After that has room for the request. Needs NLPSERVE_API_KEYS_FILE "
+        "(clients are its names); a client whose lines there say rate=R has R (and its "
+        "burst=B) instead. Unset or empty: no rate limit but the clients' own rate.",
+    )
+    client_burst: int | None = Field(
+        None,
+        ge=1,
+        description="The most items a client under NLPSERVE_CLIENT_RATE may send at once "
+        "(the bucket's size: one request of more is 422 `too_many_items`). Needs "
+        "NLPSERVE_CLIENT_RATE. Unset or empty: the rate rounded up, at least 1 (one second's "
+        "items).",
+    )
     client_quota_scope: Literal["global", "replica"] = Field(
         "global",
         description="Where a client's in-flight limit (NLPSERVE_CLIENT_MAX_IN_FLIGHT, "
-        "max_in_flight) counts in Redis mode: `global`, across every API replica (counted in "
-        "Redis: a round trip more at the start and at the end of each request of a client "
-        "with a limit); `replica`, in each API replica alone (behind R replicas a client may "
-        "hold R times its limit; no Redis call). In-process mode: the one process is the "
-        "whole service either way.",
+        "max_in_flight) and rate limit (NLPSERVE_CLIENT_RATE, rate) count in Redis mode: "
+        "`global`, across every API replica (counted in Redis: a round trip more at the start "
+        "and at the end of each request of a client with an in-flight limit, one more at the "
+        "start with a rate limit); `replica`, in each API replica alone (behind R replicas a "
+        "client may hold R times its limit and send R times its rate; no Redis call). "
+        "In-process mode: the one process is the whole service either way.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1, description="Request bodies larger than this get 413."
@@ -545,7 +565,9 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("api_keys_file", "client_max_in_flight", mode="before")
+    @field_validator(
+        "api_keys_file", "client_max_in_flight", "client_rate", "client_burst", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # NLPSERVE_API_KEYS_FILE= (compose's ${VAR:-}) is no file, not the current directory

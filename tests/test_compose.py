@@ -42,6 +42,8 @@ INTERPOLATION_DEFAULTS = {
     "NLPSERVE_CORS_ALLOW_ORIGINS": "",  # empty: no CORS headers
     "NLPSERVE_API_KEYS_FILE": "",  # empty: no authentication
     "NLPSERVE_CLIENT_MAX_IN_FLIGHT": "",  # empty: no per-client limit
+    "NLPSERVE_CLIENT_RATE": "",  # empty: no per-client rate limit
+    "NLPSERVE_CLIENT_BURST": "",  # empty: the rate's own
     "NLPSERVE_RESPONSE_CACHE_MB": "0",  # off
 }
 NLPSERVE_IMAGE_SERVICES = ("api", "worker", "worker-gpu")

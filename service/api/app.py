@@ -13,6 +13,8 @@ from fastapi import FastAPI
 
 from service.api.auth import ApiKeys, AuthMiddleware
 from service.api.client_quota import ClientQuota, check_settings
+from service.api.client_rate import ClientRate, default_rate
+from service.api.client_rate import check_settings as check_rate_settings
 from service.api.deps import ServiceState, scope_priority
 from service.api.errors import install_error_handlers
 from service.api.fast_path import PredictFastPath
@@ -69,6 +71,8 @@ async def startup(state: ServiceState) -> None:
     if state.client_quota is not None and settings.client_quota_scope == "global":
         # Redis mode: the limits count across replicas (None in-process: this is all of it)
         state.client_quota.shared = queue.shared_in_flight()
+    if state.client_rate is not None and settings.client_quota_scope == "global":
+        state.client_rate.shared = queue.shared_rate()  # one bucket per client across replicas
     state.queue = queue
     state.loaded = True
     # Everything loaded so far (FastAPI, pydantic, the models' Python objects) lives as long
@@ -113,8 +117,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_keys_file is not None:
         keys = state.api_keys = ApiKeys(settings.api_keys_file, state.metrics)
     check_settings(settings)  # a per-client limit needs clients: ClientQuotaConfigError
+    check_rate_settings(settings)  # ... and so does a rate: ClientRateConfigError
     if keys is not None:  # counted per client even unlimited: a reload may set a limit
         state.client_quota = ClientQuota(settings.client_max_in_flight, keys, state.metrics)
+        state.client_rate = ClientRate(default_rate(settings), keys, state.metrics)
     if settings.response_cache_mb > 0:  # off: no cache series either
         max_bytes = int(settings.response_cache_mb * 1_000_000)
         state.response_cache = ResponseCache(max_bytes, state.metrics)

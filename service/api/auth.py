@@ -2,12 +2,13 @@
 "Authentication").
 
 The keys file holds one key per line,
-``<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive]``: the second
-field is ``sha256:<64 hex>`` (the file then holds no secret) or the key itself; the optional
-others, in either order, are the client's own in-flight limit (service/api/client_quota.py) and
-its predictions' priority (``batch``: they run only when no interactive prediction waits; a
-request cannot raise it, see service/api/deps.py). A client may have several lines (keys
-being rotated); they must agree on both. Requests send
+``<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive] [rate=R]
+[burst=B]``: the second field is ``sha256:<64 hex>`` (the file then holds no secret) or the key
+itself; the optional others, in any order, are the client's own in-flight limit
+(service/api/client_quota.py), its predictions' priority (``batch``: they run only when no
+interactive prediction waits; a request cannot raise it, see service/api/deps.py) and its own
+rate limit (R items a second, bursts of up to B: service/api/client_rate.py). A client may have
+several lines (keys being rotated); they must agree on all of them. Requests send
 the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file is read again
 when it changes (looked at with one ``stat`` a second, in the background) and on SIGHUP; a
 file that no longer parses keeps the keys in force.
@@ -19,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -46,7 +48,12 @@ PRIORITY = "priority"  # ... and the client's predictions' priority class
 INTERACTIVE = "interactive"
 BATCH = "batch"
 PRIORITIES = (INTERACTIVE, BATCH)  # highest first
-_LINE = "'<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive]'"
+RATE = "rate"  # ... and the client's own rate limit: items a second
+BURST = "burst"  # ... with at most this many at once (default: default_burst(rate))
+_LINE = (
+    "'<client-name> <key-or-hash> [max_in_flight=N] [priority=batch|interactive] [rate=R] "
+    "[burst=B]'"
+)
 RELOAD_INTERVAL_S = 1.0
 REALM = b'Bearer realm="nlpserve"'
 
@@ -85,39 +92,70 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def default_burst(rate: float) -> int:
+    """A rate's burst when none is given: one second's items, and at least one (a client
+    allowed 0.1 items a second sends one every 10 s)."""
+    return max(1, math.ceil(rate))
+
+
 def key_line(
-    name: str, key: str, max_in_flight: int | None = None, priority: str | None = None
+    name: str,
+    key: str,
+    max_in_flight: int | None = None,
+    priority: str | None = None,
+    rate: float | None = None,
+    burst: int | None = None,
 ) -> str:
-    """The keys file's line for ``name`` holding ``key`` as its hash (and its own limit and
-    priority)."""
+    """The keys file's line for ``name`` holding ``key`` as its hash (and its own limit,
+    priority and rate limit)."""
     line = f"{name} {HASH_PREFIX}{digest(key).hex()}"
     if max_in_flight is not None:
         line += f" {MAX_IN_FLIGHT}={max_in_flight}"
     if priority is not None:
         line += f" {PRIORITY}={priority}"
+    if rate is not None:
+        line += f" {RATE}={rate:g}"
+    if burst is not None:
+        line += f" {BURST}={burst}"
     return line
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A client's rate limit: ``rate`` items a second, at most ``burst`` at once."""
+
+    rate: float
+    burst: int
+
+    def __str__(self) -> str:
+        return f"{RATE}={self.rate:g} {BURST}={self.burst}"
 
 
 @dataclass
 class KeyFile:
     """What a keys file says: sha256 digest of each key -> its client, the clients that
-    carry their own in-flight limit (``max_in_flight=N``) -> N, and those that carry a
-    priority (``priority=batch|interactive``) -> it."""
+    carry their own in-flight limit (``max_in_flight=N``) -> N, those that carry a
+    priority (``priority=batch|interactive``) -> it, and those with their own rate limit
+    (``rate=R [burst=B]``) -> it."""
 
     keys: dict[bytes, str]
     limits: dict[str, int] = field(default_factory=dict)
     priorities: dict[str, str] = field(default_factory=dict)
+    rates: dict[str, Rate] = field(default_factory=dict)
 
     @property
     def clients(self) -> set[str]:
         return set(self.keys.values())
 
 
-def _options(fields: list[str], at: str, name: str) -> tuple[int | None, str | None]:
-    """(``max_in_flight``, ``priority``) of a line's optional fields (from the third on).
-    A field is never quoted: a key written with a space in it would land here."""
+def _options(fields: list[str], at: str, name: str) -> tuple[int | None, str | None, Rate | None]:
+    """(``max_in_flight``, ``priority``, ``rate`` and ``burst``) of a line's optional fields
+    (from the third on). A field is never quoted: a key written with a space in it would
+    land here."""
     limit: int | None = None
     priority: str | None = None
+    rate: float | None = None
+    burst: int | None = None
     for column, option in enumerate(fields, 3):
         option_name, eq, value = option.partition("=")
         if eq and option_name == MAX_IN_FLIGHT and limit is None:
@@ -129,12 +167,46 @@ def _options(fields: list[str], at: str, name: str) -> tuple[int | None, str | N
                     f"got {value[:20]!r}"
                 )
             priority = value
+        elif eq and option_name == RATE and rate is None:
+            rate = _rate(value, at, name)
+        elif eq and option_name == BURST and burst is None:
+            burst = _burst(value, at, name)
         else:
             raise KeyFileError(
-                f"{at}: client {name!r}: field {column} is not {MAX_IN_FLIGHT}=N or "
-                f"{PRIORITY}=batch|interactive, each at most once (a line is {_LINE})"
+                f"{at}: client {name!r}: field {column} is not {MAX_IN_FLIGHT}=N, "
+                f"{PRIORITY}=batch|interactive, {RATE}=R or {BURST}=B, each at most once "
+                f"(a line is {_LINE})"
             )
-    return limit, priority
+    if burst is not None and rate is None:
+        raise KeyFileError(
+            f"{at}: client {name!r}: {BURST}=B needs {RATE}=R on the line (the burst is of "
+            "that rate)"
+        )
+    return limit, priority, None if rate is None else Rate(rate, burst or default_burst(rate))
+
+
+def _rate(value: str, at: str, name: str) -> float:
+    """``rate=R``'s R: items a second, a positive finite number (0.1: one every 10 s)."""
+    try:
+        rate = float(value) if value.isascii() else math.nan
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise KeyFileError(
+            f"{at}: client {name!r}: {RATE} is items a second, a number above 0 (0.1: one "
+            "every 10 s; without the field it has NLPSERVE_CLIENT_RATE's)"
+        )
+    return rate
+
+
+def _burst(value: str, at: str, name: str) -> int:
+    """``burst=B``'s B (1 or more)."""
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise KeyFileError(
+            f"{at}: client {name!r}: {BURST} is a whole number of items, 1 or more (the most "
+            "one request may have; without the field: the rate rounded up, at least 1)"
+        )
+    return int(value)
 
 
 def _max_in_flight(value: str, at: str, name: str) -> int:
@@ -149,6 +221,8 @@ def _max_in_flight(value: str, at: str, name: str) -> int:
 
 
 def _spelled(option: str, value: object) -> str:
+    if isinstance(value, Rate):  # burst too: two lines may differ in either
+        return str(value)
     return f"{option}={value}" if value is not None else f"no {option}"
 
 
@@ -156,11 +230,11 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
     """The file's keys and clients. Raises KeyFileError (``<path>:<line>: why``) on a line that
     is not ``<name> <key-or-hash> [max_in_flight=N] [priority=...]``, a key twice, a plaintext
     key under MIN_KEY_CHARS, two lines of one client that disagree on ``max_in_flight`` or
-    ``priority``, or no client at all. Never quotes a key."""
+    ``priority`` or ``rate``/``burst``, or no client at all. Never quotes a key."""
     keys: dict[bytes, str] = {}
     # the client's first line and what it said: its lines must agree (the limit is the
     # client's, counted over all its keys, not a key's)
-    first: dict[str, tuple[int, int | None, str | None]] = {}
+    first: dict[str, tuple[int, int | None, str | None, Rate | None]] = {}
     where: dict[bytes, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -172,9 +246,9 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                 fields = fields[:i]
                 break
         at = f"{path}:{n}"
-        if not 2 <= len(fields) <= 4:
+        if not 2 <= len(fields) <= 6:
             raise KeyFileError(
-                f"{at}: expected {_LINE} (two fields, or three or four), got "
+                f"{at}: expected {_LINE} (two fields, or up to six), got "
                 f"{len(fields)} field{'s' * (len(fields) != 1)}"
             )
         name, secret = fields[:2]
@@ -202,16 +276,17 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                     f"than {MIN_KEY_CHARS} (`nlpserve keys new NAME` makes one)"
                 )
             d = digest(secret)
-        limit, priority = _options(fields[2:], at, name)
+        limit, priority, rate = _options(fields[2:], at, name)
         if d in keys:
             raise KeyFileError(
                 f"{at}: client {name!r} has the same key as {keys[d]!r} on line {where[d]}"
             )
         if name in first:  # a client's lines must agree: its options are the client's
-            line_n, said_limit, said_priority = first[name]
+            line_n, said_limit, said_priority, said_rate = first[name]
             for option, what, here, said in (
                 (MAX_IN_FLIGHT, "limit", limit, said_limit),
                 (PRIORITY, "priority", priority, said_priority),
+                (RATE, "rate limit", rate, said_rate),
             ):
                 if here != said:
                     raise KeyFileError(
@@ -220,13 +295,14 @@ def parse_keys(text: str, path: Path | str) -> KeyFile:
                         "client's, over all its keys; give its lines the same one"
                     )
         keys[d] = name
-        first.setdefault(name, (n, limit, priority))
+        first.setdefault(name, (n, limit, priority, rate))
         where[d] = n
     if not keys:
         raise KeyFileError(f"{path}: holds no client (lines {_LINE})")
-    limits = {name: limit for name, (_, limit, _) in first.items() if limit is not None}
-    priorities = {name: p for name, (_, _, p) in first.items() if p is not None}
-    return KeyFile(keys, limits, priorities)
+    limits = {name: limit for name, (_, limit, _, _) in first.items() if limit is not None}
+    priorities = {name: p for name, (_, _, p, _) in first.items() if p is not None}
+    rates = {name: r for name, (_, _, _, r) in first.items() if r is not None}
+    return KeyFile(keys, limits, priorities, rates)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -348,6 +424,7 @@ class ApiKeys:
             for name in keys.clients & before.clients
             if keys.limits.get(name) != before.limits.get(name)
             or keys.priorities.get(name) != before.priorities.get(name)
+            or keys.rates.get(name) != before.rates.get(name)
         )
         self.file, self._sig, self._failed_sig = keys, sig, None
         self.metrics.keys_loaded.set(len(keys.keys))
@@ -357,7 +434,7 @@ class ApiKeys:
             callback(keys)
         log.info(
             "API keys reloaded from %s: %d clients, %d keys (added: %s; removed: %s; "
-            "max_in_flight or priority changed: %s)",
+            "max_in_flight, priority or rate changed: %s)",
             self.path,
             len(keys.clients),
             len(keys.keys),

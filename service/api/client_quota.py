@@ -147,7 +147,7 @@ class ClientQuota:
             raise ApiError(
                 422,
                 "too_many_items",
-                f"this request needs {n} items run at once{_cached(n, of)}; this client may "
+                f"this request needs {n} items run at once{cached_note(n, of)}; this client may "
                 f"have at most {limit} in flight{self._across()} ({self._where(client)}): "
                 "send smaller batches",
             )
@@ -205,7 +205,7 @@ class ClientQuota:
             self.metrics.child(self.gauge, client).set(n)
 
 
-def _cached(n: int, of: int | None) -> str:
+def cached_note(n: int, of: int | None) -> str:
     # the count is of the items run: say so where the request has more (cache hits)
     if of is None or of <= n:
         return ""
@@ -217,12 +217,20 @@ async def admit(
     state: ServiceState, n: int, deadline: float, of: int | None = None
 ) -> AsyncIterator[None]:
     """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
-    AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), where the limit is
-    on; a no-op otherwise (no limit set)."""
+    AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), and the client's rate
+    limit (:class:`ClientRate`), where a keys file is on; a no-op otherwise."""
     quota = state.client_quota
     client = CLIENT.get()
     if quota is None or client is None:
         yield
         return
+    rate = state.client_rate
+    if rate is not None:
+        rate.check(client, n, of)  # 422 over the burst: before anything is held
     async with quota.hold(client, n, deadline, of):
+        # Tokens are taken once the in-flight admission passed, which is undone exactly: a
+        # request refused either way takes no tokens, and one refused here gives its
+        # in-flight items back as it leaves the block.
+        if rate is not None:
+            await rate.take(client, n)
         yield

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # onnxruntime: a Redis-mode API runs no model and never impor
 
     from service.api.auth import ApiKeys
     from service.api.client_quota import ClientQuota
+    from service.api.client_rate import ClientRate
     from service.api.response_cache import ResponseCache
     from service.runtime.runner import ModelRunner
 
@@ -55,6 +56,8 @@ class ServiceState:
     api_keys: ApiKeys | None = None  # NLPSERVE_API_KEYS_FILE's clients; None: no auth
     # items in flight per client and their limits (with api_keys); None: no keys file
     client_quota: ClientQuota | None = None
+    # each client's token bucket and its rate (with api_keys); None: no keys file
+    client_rate: ClientRate | None = None
     response_cache: ResponseCache | None = None  # NLPSERVE_RESPONSE_CACHE_MB; None: off
 
     def models_of(self, task: str) -> list[str]:

@@ -44,8 +44,9 @@ COMMON_ERRORS = {
     408: "The body did not fully arrive within NLPSERVE_BODY_TIMEOUT_S (`body_timeout`).",
     413: "Body over NLPSERVE_MAX_BODY_BYTES.",
     415: "A Content-Encoding (compressed body) this server does not read.",
-    429: "The model's queue is full (`queue_full`), or this client has its most items in "
-    "flight (`client_quota`: NLPSERVE_CLIENT_MAX_IN_FLIGHT or its own `max_in_flight`): "
+    429: "The model's queue is full (`queue_full`), this client has its most items in "
+    "flight (`client_quota`: NLPSERVE_CLIENT_MAX_IN_FLIGHT or its own `max_in_flight`), or "
+    "has sent its items a second (`client_rate`: NLPSERVE_CLIENT_RATE or its own `rate`): "
     "retry after `Retry-After` seconds.",
     503: "Starting, shutting down, or the queue backend is unreachable.",
     504: f"Not served before the deadline (`{DEADLINE_HEADER}`).",
@@ -79,7 +80,8 @@ RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
     429: {
         "Retry-After": {
             "description": "Seconds to wait before retrying (the queue's estimate; 1 for "
-            "`client_quota`).",
+            "`client_quota`; for `client_rate`, until the client's bucket holds the request's "
+            "items).",
             "required": True,
             "schema": {"type": "integer", "minimum": 1},
         }

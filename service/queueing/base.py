@@ -164,6 +164,17 @@ class SharedInFlight(abc.ABC):
         Best effort: where it fails they stop counting at their deadline."""
 
 
+class SharedRate(abc.ABC):
+    """Each client's token bucket, kept where every API replica takes from it (Redis mode):
+    the per-client rate limit across replicas (service/api/client_rate.py)."""
+
+    @abc.abstractmethod
+    async def take(self, client: str, n: int, rate: float, burst: int) -> tuple[bool, float]:
+        """Take ``n`` tokens from ``client``'s bucket (refilled at ``rate`` a second, up to
+        ``burst``) if it holds that many, else nothing; (taken, the tokens it held before).
+        Raises :class:`BackendUnavailableError` when the bucket cannot be read."""
+
+
 class InferenceQueue(abc.ABC):
     """Accepts tokenized sequences and resolves each with its model outputs.
 
@@ -184,6 +195,11 @@ class InferenceQueue(abc.ABC):
     def shared_in_flight(self) -> SharedInFlight | None:
         """Where each client's items in flight are counted across API replicas; None where
         this process is the whole service (in-process mode)."""
+        return None
+
+    def shared_rate(self) -> SharedRate | None:
+        """Where each client's token bucket is kept across API replicas; None where this
+        process is the whole service (in-process mode)."""
         return None
 
     def refuse(

@@ -9,6 +9,11 @@ ordered by Redis); a ``ZREM`` of its members releases them. A member per item, n
 request: the script then sums with ``ZCOUNT`` and the ACL rule of docs/deploy.md needs no new
 command. A replica that dies holding items leaves members that stop counting at their
 deadline; the set expires with its last member, so an idle client leaves nothing behind.
+
+Each client's token bucket (its rate limit, service/api/client_rate.py) is a hash
+(``P:client:{name}:rate``: ``tokens``, and ``last``, the Redis time they were counted at) that
+one script refills and takes from (HGETALL, HSET, EXPIRE: nothing beyond the ACL rule); it
+expires once it would be full again, as absent as a full bucket is.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from service.queueing.base import SharedInFlight
-from service.queueing.redis_keys import client_in_flight_key
+from service.queueing.base import SharedInFlight, SharedRate
+from service.queueing.redis_keys import client_in_flight_key, client_rate_key
 
 if TYPE_CHECKING:
     from service.queueing.redis_queue import RedisQueue
@@ -59,31 +64,60 @@ return {1, held}
 """
 
 
+# KEYS: the client's bucket. ARGV: now (Redis' clock), rate (items a second), burst, n.
+# Returns {1 taken / 0 refused, the tokens held before (a string: Redis truncates numbers)}.
+# A replica's estimate of Redis' clock may be behind another's: time never runs back here.
+TAKE_LUA = """
+local key = KEYS[1]
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local tokens, last = burst, now
+local fields = redis.call('HGETALL', key)
+for i = 1, #fields, 2 do
+  if fields[i] == 'tokens' then tokens = tonumber(fields[i + 1])
+  elseif fields[i] == 'last' then last = tonumber(fields[i + 1]) end
+end
+if now > last then tokens = tokens + (now - last) * rate; last = now end
+if tokens > burst then tokens = burst end
+if tokens < n then return {0, tostring(tokens)} end
+redis.call('HSET', key, 'tokens', tostring(tokens - n), 'last', tostring(last))
+-- gone once full again: an absent bucket is a full one
+redis.call('EXPIRE', key, math.max(1, math.ceil((burst - tokens + n) / rate) + 1))
+return {1, tostring(tokens)}
+"""
+
+
 def members(token: str, n: int) -> list[str]:
     return [f"{token}:{i}" for i in range(1, n + 1)]
+
+
+ACQUIRE, RELEASE, TAKE = "acquire", "release", "take"
 
 
 @dataclass
 class _Command:
     key: str
-    args: list[str | int]  # the script's ARGV (acquire), or the members to remove (release)
-    acquire: bool
+    # the script's ARGV (acquire, take), or the members to remove (release)
+    args: list[str | int]
+    kind: str  # ACQUIRE, RELEASE or TAKE
     fut: asyncio.Future[Any]
 
 
-class RedisClientCounts(SharedInFlight):
-    """:class:`SharedInFlight` on the Redis of ``queue`` (its client and clock; its
-    readiness and failures are this one's: the same 503 a request would get from the queue).
+class RedisClientCounts(SharedInFlight, SharedRate):
+    """:class:`SharedInFlight` and :class:`SharedRate` on the Redis of ``queue`` (its client
+    and clock; its readiness and failures are this one's: the same 503 a request would get
+    from the queue).
 
-    Auto-pipelined, as the queue's admissions: the acquires and releases of one event-loop
-    moment share one round trip. A redis-py command costs the event loop ~0.1 ms of CPU on
-    its own; under load most of a request's two go out with others'."""
+    Auto-pipelined, as the queue's admissions: the acquires, takes and releases of one
+    event-loop moment share one round trip. A redis-py command costs the event loop ~0.1 ms
+    of CPU on its own; under load most of a request's go out with others'."""
 
     def __init__(self, queue: RedisQueue, client: Redis) -> None:
         self.queue = queue
         self.client = client
         self.margin_s = EXPIRY_MARGIN_S
         self._script = client.register_script(ACQUIRE_LUA)
+        self._take_script = client.register_script(TAKE_LUA)
         self._pending: list[_Command] = []
         self._sending: asyncio.Task[None] | None = None
 
@@ -101,22 +135,33 @@ class RedisClientCounts(SharedInFlight):
         ttl = max(1, math.ceil(expiry - now) + 1)
         args: list[str | int] = [repr(now), repr(expiry), limit, n, ttl, token]
         try:
-            admitted, held = await self._send(self.key(client), args, acquire=True)
+            admitted, held = await self._send(self.key(client), args, ACQUIRE)
         except (RedisError, OSError) as e:
             raise self.queue.failed(e) from e
         return bool(admitted), int(held)
 
+    async def take(self, client: str, n: int, rate: float, burst: int) -> tuple[bool, float]:
+        if (unavailable := self.queue.unavailable()) is not None:
+            raise unavailable
+        args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
+        key = client_rate_key(self.queue.prefix, client)
+        try:
+            taken, before = await self._send(key, args, TAKE)
+        except (RedisError, OSError) as e:
+            raise self.queue.failed(e) from e
+        return bool(taken), float(before)
+
     async def release(self, client: str, token: str, n: int) -> None:
         try:
-            await self._send(self.key(client), list(members(token, n)), acquire=False)
+            await self._send(self.key(client), list(members(token, n)), RELEASE)
         except (RedisError, OSError) as e:
             # they stop counting at their deadline; the queue's own failure says more
             log.debug("could not release %d items of %s in Redis (%r)", n, client, e)
 
-    def _send(self, key: str, args: list[str | int], *, acquire: bool) -> asyncio.Future[Any]:
+    def _send(self, key: str, args: list[str | int], kind: str) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Command(key, args, acquire, fut))
+        self._pending.append(_Command(key, args, kind, fut))
         if self._sending is None or self._sending.done():
             self._sending = loop.create_task(self._send_loop(), name="redis-client-counts")
         return fut
@@ -124,9 +169,9 @@ class RedisClientCounts(SharedInFlight):
     async def _send_loop(self) -> None:
         """Send what is pending, one pipeline at a time, until nothing is."""
         while self._pending:
-            # an acquire whose request gave up before it went out: not sent (its release is,
-            # and finds nothing); a release always is
-            batch = [c for c in self._pending if not (c.acquire and c.fut.cancelled())]
+            # an acquire or take whose request gave up before it went out: not sent (an
+            # acquire's release is, and finds nothing); a release always is
+            batch = [c for c in self._pending if not (c.kind != RELEASE and c.fut.cancelled())]
             self._pending = []
             if not batch:
                 continue
@@ -143,23 +188,25 @@ class RedisClientCounts(SharedInFlight):
                     c.fut.set_result(res)
 
     async def _run(self, batch: list[_Command]) -> list[Any]:
+        scripts = {ACQUIRE: self._script, TAKE: self._take_script}
         if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one
             c = batch[0]
-            if c.acquire:
-                return [await self._script(keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
-            return [await self.client.zrem(c.key, *c.args)]
+            if c.kind == RELEASE:
+                return [await self.client.zrem(c.key, *c.args)]
+            return [await scripts[c.kind](keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
         for attempt in range(2):
             async with self.client.pipeline(transaction=False) as pipe:
                 for c in batch:
-                    if c.acquire:
-                        pipe.evalsha(self._script.sha, 1, c.key, *c.args)
-                    else:
+                    if c.kind == RELEASE:
                         pipe.zrem(c.key, *c.args)
+                    else:
+                        pipe.evalsha(scripts[c.kind].sha, 1, c.key, *c.args)
                 results = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted (scripts are not persisted): load it and send the batch
+                # Redis restarted (scripts are not persisted): load them and send the batch
                 # again; no script ran, and a release again removes nothing more
-                await self.client.script_load(ACQUIRE_LUA)
+                for script in (ACQUIRE_LUA, TAKE_LUA):
+                    await self.client.script_load(script)
                 continue
             return list(results)
         return list(results)

@@ -182,6 +182,11 @@ def client_in_flight_key(prefix: str, client: str) -> str:
     return f"{prefix}:client:{{{client}}}:in-flight"
 
 
+def client_rate_key(prefix: str, client: str) -> str:
+    # the same hash tag as its in-flight set: one cluster slot per client
+    return f"{prefix}:client:{{{client}}}:rate"
+
+
 class PasswordFileCredentials(CredentialProvider):
     """``NLPSERVE_REDIS_PASSWORD_FILE``: the password read from a file (a mounted secret) at
     each new connection, so a rotated secret is picked up without a restart."""

@@ -382,6 +382,9 @@ class RedisQueue(InferenceQueue):
             self._client_counts = RedisClientCounts(self, self._client)
         return self._client_counts
 
+    def shared_rate(self) -> RedisClientCounts:
+        return self.shared_in_flight()  # its pipeline carries the buckets' scripts too
+
     # ------------------------------------------------------------------ submit
     async def submit(self, item: WorkItem) -> dict[str, np.ndarray]:
         return (await self.submit_many([item]))[0]

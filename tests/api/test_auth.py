@@ -24,7 +24,14 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from service.api.auth import HASH_PREFIX, KeyFileError, digest, key_line, parse_keys
+from service.api.auth import (
+    HASH_PREFIX,
+    KeyFileError,
+    Rate,
+    digest,
+    key_line,
+    parse_keys,
+)
 from service.logs import JsonFormatter
 from tests.redis_support import redis_backend
 from tests.service_support import (
@@ -365,6 +372,25 @@ def test_a_client_may_have_several_keys_and_its_own_limit():
     assert keys.limits == {"alice": 8} and keys.clients == {"alice", "carol"}
 
 
+def test_a_client_line_may_give_its_rate_and_burst():
+    """rate=R (items a second, any positive number) with an optional burst=B; without one
+    the burst is the rate rounded up, at least 1. Lines of one client agree on both."""
+    text = (
+        f"alice {ALICE_KEY} rate=0.1 max_in_flight=8\n"
+        f"alice {HASH_PREFIX}{digest(BOB_KEY).hex()} max_in_flight=8 rate=0.1 burst=1\n"
+        f"bob {BOB_KEY}x burst=20 priority=batch rate=2.5\n"
+        f"carol {WRONG_KEY} rate=4\n"
+        f"dave {WRONG_KEY}x\n"
+    )
+    keys = parse_keys(text, "f")
+    assert keys.rates == {"alice": Rate(0.1, 1), "bob": Rate(2.5, 20), "carol": Rate(4, 4)}
+    assert keys.limits == {"alice": 8} and keys.priorities == {"bob": "batch"}
+    line = key_line("erin", ALICE_KEY, 3, "batch", 0.5, 10)
+    assert line.endswith(" max_in_flight=3 priority=batch rate=0.5 burst=10")
+    assert parse_keys(line, "f").rates == {"erin": Rate(0.5, 10)}
+    assert parse_keys(key_line("erin", ALICE_KEY, rate=7), "f").rates == {"erin": Rate(7, 7)}
+
+
 def test_a_client_line_may_give_its_priority_in_either_order():
     text = (
         f"alice {ALICE_KEY} priority=batch max_in_flight=8\n"
@@ -384,7 +410,7 @@ def test_a_client_line_may_give_its_priority_in_either_order():
     ("text", "where", "why"),
     [
         ("alice\n", "f:1", "two fields"),
-        ("# c\nalice a b c d\n", "f:2", "two fields"),
+        ("# c\nalice a b c d e f\n", "f:2", "two fields"),
         (
             f"alice {BOB_KEY} max_in_flight=4\nalice {ALICE_KEY} max_in_flight=5\n",
             "f:2",
@@ -401,7 +427,33 @@ def test_a_client_line_may_give_its_priority_in_either_order():
         (f"alice {BOB_KEY} max_in_fligth=4\n", "f:1", "field 3 is not max_in_flight=N"),
         (f"alice {BOB_KEY} short-key\n", "f:1", "field 3 is not max_in_flight=N"),
         (f"alice {BOB_KEY} max_in_flight=4 x\n", "f:1", "field 4 is not max_in_flight=N"),
-        (f"alice {BOB_KEY} a b c\n", "f:1", "two fields, or three or four"),
+        (f"alice {BOB_KEY} a b c d e\n", "f:1", "two fields, or up to six"),
+        (f"alice {BOB_KEY} rate=0\n", "f:1", "rate is items a second, a number above 0"),
+        (f"alice {BOB_KEY} rate=-2\n", "f:1", "rate is items a second, a number above 0"),
+        (f"alice {BOB_KEY} rate=fast\n", "f:1", "rate is items a second, a number above 0"),
+        (f"alice {BOB_KEY} rate=inf\n", "f:1", "rate is items a second, a number above 0"),
+        (f"alice {BOB_KEY} rate=nan\n", "f:1", "rate is items a second, a number above 0"),
+        (f"alice {BOB_KEY} rate=2 burst=0\n", "f:1", "burst is a whole number of items"),
+        (f"alice {BOB_KEY} rate=2 burst=1.5\n", "f:1", "burst is a whole number of items"),
+        (f"alice {BOB_KEY} burst=4\n", "f:1", "burst=B needs rate=R on the line"),
+        (f"alice {BOB_KEY} rate=1 rate=2\n", "f:1", "each at most once"),
+        (f"alice {BOB_KEY} rat=1\n", "f:1", "field 3 is not max_in_flight=N, priority="),
+        (
+            f"alice {BOB_KEY} rate=2\nalice {ALICE_KEY} rate=3\n",
+            "f:2",
+            "client 'alice' has rate=3 burst=3 here but rate=2 burst=2 on line 1: the rate "
+            "limit is the client's",
+        ),
+        (
+            f"alice {BOB_KEY} rate=2 burst=8\nalice {ALICE_KEY} rate=2\n",
+            "f:2",
+            "client 'alice' has rate=2 burst=2 here but rate=2 burst=8 on line 1",
+        ),
+        (
+            f"alice {BOB_KEY} rate=2\nalice {ALICE_KEY}\n",
+            "f:2",
+            "client 'alice' has no rate here but rate=2 burst=2 on line 1",
+        ),
         (f"alice {BOB_KEY} priority=bulk\n", "f:1", "priority is interactive or batch"),
         (f"alice {BOB_KEY} priority=batch priority=batch\n", "f:1", "each at most once"),
         (

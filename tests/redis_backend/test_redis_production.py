@@ -172,9 +172,9 @@ async def prod(tls_server: TlsRedisServer) -> AsyncIterator[Prod]:
 
 
 async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_runners, caplog):
-    """API side (its queue and its clients' counts) and worker over TLS as a user holding only
-    docs/deploy.md's rule, with a password that needs percent-encoding: answers as direct
-    inference, and Redis denied nothing (its ACL LOG is empty), also while the worker reads
+    """API side (its queue, its clients' counts and buckets) and worker over TLS as a user
+    holding only docs/deploy.md's rule, with a password that needs percent-encoding: answers as
+    direct inference, and Redis denied nothing (its ACL LOG is empty), also while the worker reads
     the server's version and leaves on stop."""
     caplog.set_level(logging.INFO)
     prefix, password = unique_prefix(), "p@ss/w#rd:?%&="
@@ -191,6 +191,11 @@ async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_r
         assert await asyncio.gather(*burst) == [(True, 2), (False, 3), (False, 3)]
         await asyncio.gather(counts.release("alice", "one", 2), counts.release("alice", "b0", 1))
         assert not await prod.admin.exists(counts.key("alice"))
+        # a client's token bucket: alone, then pipelined (HGETALL, HSET, EXPIRE in a script)
+        buckets = q.shared_rate()
+        assert (await buckets.take("alice", 2, 0.1, 3))[0]
+        takes = await asyncio.gather(*(buckets.take("alice", 1, 0.1, 3) for _ in range(2)))
+        assert [taken for taken, _ in takes] == [True, False]
     for g, it in zip(got, items, strict=True):
         assert_same(g, direct(tiny_runners[it.model], it))
     assert w._version_checked and "older than 7.0" not in caplog.text

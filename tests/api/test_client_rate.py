@@ -1,0 +1,293 @@
+"""Per-client rate limits (``NLPSERVE_CLIENT_RATE``, ``rate=R burst=B`` in the keys file;
+service/api/client_rate.py) over real HTTP with real API keys, in one process. The buckets'
+clock is a fake the tests move (``ClientRate.clock``), so no assertion rests on the wall
+clock: a client over its rate gets 429 ``client_rate`` with the Retry-After after which it is
+admitted (and not a second before); a burst passes at once; a request over the burst is 422;
+another client keeps its own bucket; a request refused by either limit holds nothing and
+takes no tokens; the response cache's answers cost none; a reload changes the rate at once;
+the settings and ``nlpserve keys new --rate`` are checked in one line."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.api.auth import Rate, digest, parse_keys
+from service.api.client_rate import ClientRate, ClientRateConfigError
+from service.config import Settings
+from tests.api.test_auth import _cli
+from tests.service_support import (
+    POLARITY_MODEL,
+    POS_MODEL,
+    LiveServer,
+    live_server,
+    make_settings,
+    metric_value,
+    read_metrics,
+    wait_for,
+)
+
+session_loop = pytest.mark.asyncio(loop_scope="session")
+
+LOADED = f"{POLARITY_MODEL},{POS_MODEL}"  # the LSTMs: a server starts in a second
+ALICE = "alice-rate-key-0123456789xx"  # rate=0.1 burst=3: an item every 10 s
+BOB = "bob-rate-key-9876543210xxxx"  # NLPSERVE_CLIENT_RATE=0.5, its burst 1
+CAROL = "carol-rate-key-0123456789xx"  # max_in_flight=1, rate=0.1 burst=2
+OWN = "this client's rate in NLPSERVE_API_KEYS_FILE"
+KEYS = (
+    f"alice {ALICE} rate=0.1 burst=3\nbob {BOB}\ncarol {CAROL} max_in_flight=1 rate=0.1 burst=2\n"
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rate_of(srv: LiveServer) -> ClientRate:
+    rate = srv.state.client_rate
+    assert rate is not None
+    return rate
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api-keys"
+    path.write_text(KEYS)
+    return path
+
+
+def settings_for(model_repo: Path, keys_file: Path, **more: Any) -> Settings:
+    return make_settings(
+        model_repo, load_models=LOADED, api_keys_file=keys_file, client_rate=0.5, **more
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def served(model_repo: Path, keys_file: Path) -> AsyncIterator[tuple[LiveServer, FakeClock]]:
+    async with live_server(settings_for(model_repo, keys_file)) as srv:
+        clock = FakeClock()
+        rate_of(srv).clock = clock
+        yield srv, clock
+
+
+def post(c: httpx.AsyncClient, key: str, n: int = 1, text: str = "a fine film") -> Any:
+    body = {"inputs": [{"text": f"{text} {i}"} for i in range(n)]}
+    return c.post("/v1/polarity", json=body, headers={"X-API-Key": key})
+
+
+def assert_rate_refusal(r: httpx.Response, retry_after: int, needs: int = 1) -> str:
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "client_rate"
+    assert int(r.headers["retry-after"]) == retry_after
+    message = r.json()["error"]["message"]
+    assert f"this request needs {needs} items" in message
+    assert f"retry in {retry_after} s" in message
+    for name in ("alice", "bob", "carol"):
+        assert name not in message
+    return message
+
+
+@session_loop
+async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(served):
+    srv, clock = served
+    async with srv.client() as c:
+        before = await read_metrics(c)
+        assert (await post(c, ALICE, 2)).status_code == 200  # the burst: 3 at once...
+        assert (await post(c, ALICE)).status_code == 200
+        message = assert_rate_refusal(await post(c, ALICE), retry_after=10)  # ...then 0.1/s
+        assert (
+            "this client may send 0.1 items a second, 3 at most at once "
+            f"({OWN}); it has room for 0 now" in message
+        )
+        assert not srv.state.client_quota.in_flight
+
+        # the others keep their own buckets: bob's default (0.5/s, burst 1) is untouched
+        assert (await post(c, BOB)).status_code == 200
+        message = assert_rate_refusal(await post(c, BOB), retry_after=2)
+        assert "may send 0.5 items a second, 1 at most at once (NLPSERVE_CLIENT_RATE)" in message
+        # under /v2 in that protocol's shape, a tensor's rows counted as items
+        v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}
+        r = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2, headers={"X-API-Key": BOB})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) == 2
+        assert set(r.json()) == {"error"} and "0.5 items a second" in r.json()["error"]
+
+        clock.now += 9  # a second short of the Retry-After: still no whole item
+        assert_rate_refusal(await post(c, ALICE), retry_after=1)
+        clock.now += 1
+        assert (await post(c, ALICE)).status_code == 200
+        # two items need twice the wait, and the bucket is full after 30 s however long idle
+        assert_rate_refusal(await post(c, ALICE, 2), retry_after=20, needs=2)
+        clock.now += 3600
+        assert (await post(c, ALICE, 3)).status_code == 200
+
+        # more than the burst in one request could never pass: 422, no token taken
+        clock.now += 3600
+        r = await post(c, ALICE, 4)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "too_many_items"
+        assert (
+            "this request needs 4 items run at once; this client may send at most 3 at once "
+            f"(the burst of its 0.1 items a second, 3 at most at once, {OWN})"
+        ) in r.json()["error"]["message"]
+        assert (await post(c, ALICE, 3)).status_code == 200  # all 3 still there
+
+        after = await read_metrics(c)
+    assert metric_value(after, "nlpserve_client_rate", client="alice") == 0.1
+    assert metric_value(after, "nlpserve_client_rate", client="bob") == 0.5
+
+    def grew(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    assert grew("nlpserve_client_rate_rejections_total", client="alice") == 3
+    assert grew("nlpserve_client_rate_rejections_total", client="bob") == 2
+    assert grew("nlpserve_rejected_total", model=POLARITY_MODEL, reason="client_rate") == 5
+    assert grew("nlpserve_client_quota_rejections_total", client="alice") == 0
+
+
+@session_loop
+async def test_a_request_refused_by_either_limit_holds_nothing_and_takes_no_tokens(served):
+    srv, _ = served
+    q, quota, rate = srv.queue, srv.state.client_quota, rate_of(srv)
+    assert quota is not None
+    q.pause()
+    try:
+        async with srv.client() as c:
+            held = asyncio.create_task(post(c, CAROL))  # 1 of its 2 tokens, its 1 in flight
+            await wait_for(lambda: quota.in_flight == {"carol": 1})
+            r = await post(c, CAROL)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "client_quota"
+            assert rate.buckets["carol"][0] == 1  # the in-flight refusal took no token
+            q.resume()
+            assert (await held).status_code == 200
+            await wait_for(lambda: not quota.in_flight)
+            assert (await post(c, CAROL)).status_code == 200  # the last token
+            assert_rate_refusal(await post(c, CAROL), retry_after=10)
+            assert not quota.in_flight  # admitted in flight, then refused: given back
+            assert rate.buckets["carol"][0] == 0
+    finally:
+        q.resume()
+
+
+@session_loop
+async def test_the_response_caches_answers_take_no_tokens(model_repo, keys_file):
+    async with live_server(settings_for(model_repo, keys_file, response_cache_mb=1)) as srv:
+        rate_of(srv).clock = FakeClock()
+        async with srv.client() as c:
+            assert (await post(c, BOB, text="known")).status_code == 200  # its 1 token
+            r = await post(c, BOB, text="known")  # answered by the cache: no model run
+            assert r.status_code == 200 and r.headers["server-timing"].startswith("cache;desc=hit")
+            mixed = {"inputs": [{"text": "known 0"}, {"text": "new"}]}
+            r = await c.post("/v1/polarity", json=mixed, headers={"X-API-Key": BOB})
+            assert_rate_refusal(r, retry_after=2)  # needs 1: the miss only
+
+
+@session_loop
+async def test_a_reload_changes_the_rate_at_once(served):
+    srv, clock = served
+    keys = srv.state.api_keys
+    assert keys is not None
+    async with srv.client() as c:
+        assert (await post(c, ALICE, 3)).status_code == 200
+        assert_rate_refusal(await post(c, ALICE), retry_after=10)
+
+        keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=100 burst=20"))
+        assert keys.reload()
+        clock.now += 1  # refilled at the new rate, up to the new burst
+        assert (await post(c, ALICE, 20)).status_code == 200
+        assert_rate_refusal(await post(c, ALICE), retry_after=1)
+
+        keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=1"))  # burst lowered
+        assert keys.reload()
+        clock.now += 3600
+        r = await post(c, ALICE, 2)
+        assert r.status_code == 422 and "at most 1 at once" in r.text
+        assert (await post(c, ALICE)).status_code == 200
+        text = await read_metrics(c)
+        assert metric_value(text, "nlpserve_client_rate", client="alice") == 1
+
+        # its own rate gone: NLPSERVE_CLIENT_RATE's (bob's); a client gone: its bucket too
+        keys.path.write_text(f"alice {ALICE}\n")
+        assert keys.reload()
+        assert rate_of(srv).rates == {"alice": Rate(0.5, 1)}
+        assert set(rate_of(srv).buckets) <= {"alice"}
+        text = await read_metrics(c)
+        assert 'nlpserve_client_rate{client="bob"}' not in text
+        assert metric_value(text, "nlpserve_client_rate", client="alice") == 0.5
+
+
+# --------------------------------------------------------------------------- settings
+@session_loop
+async def test_the_rate_needs_a_keys_file_and_the_burst_a_rate(model_repo, keys_file, tmp_path):
+    assert Settings(client_rate="", client_burst="").client_rate is None  # compose's ${VAR:-}
+    from service.api.app import create_app
+
+    with pytest.raises(ClientRateConfigError, match="set NLPSERVE_API_KEYS_FILE too"):
+        create_app(make_settings(model_repo, client_rate=2))
+    with pytest.raises(ClientRateConfigError, match="set NLPSERVE_CLIENT_RATE too"):
+        create_app(make_settings(model_repo, api_keys_file=keys_file, client_burst=2))
+    serve = ("serve", "--models", str(tmp_path), "--port", "0")
+    run = _cli(*serve, NLPSERVE_CLIENT_RATE="4")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "nlpserve: invalid setting: NLPSERVE_CLIENT_RATE limits each client, and clients are "
+        "known only by their API key: set NLPSERVE_API_KEYS_FILE too (docs/deploy.md, "
+        "Authentication), or unset it"
+    ]
+    run = _cli(*serve, NLPSERVE_API_KEYS_FILE=str(keys_file), NLPSERVE_CLIENT_BURST="4")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "nlpserve: invalid setting: NLPSERVE_CLIENT_BURST is the burst of NLPSERVE_CLIENT_RATE's "
+        "rate: set NLPSERVE_CLIENT_RATE too, or unset it (a client's own burst=B goes with its "
+        "rate=R in the keys file)"
+    ]
+    # a line with a bad rate stops the server in one line, as any malformed line does
+    bad = tmp_path / "bad-keys"
+    bad.write_text(f"alice {ALICE} rate=0\n")
+    run = _cli(*serve, NLPSERVE_API_KEYS_FILE=str(bad))
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"nlpserve: invalid setting: NLPSERVE_API_KEYS_FILE: {bad}:1: client 'alice': rate is "
+        "items a second, a number above 0 (0.1: one every 10 s; without the field it has "
+        "NLPSERVE_CLIENT_RATE's)"
+    ]
+    assert ALICE not in run.stderr + run.stdout
+
+
+def test_the_default_burst_is_one_seconds_items_at_least_one(model_repo, keys_file):
+    from service.api.client_rate import default_rate
+
+    assert default_rate(make_settings(model_repo, client_rate=0.2)) == Rate(0.2, 1)
+    assert default_rate(make_settings(model_repo, client_rate=2.5)) == Rate(2.5, 3)
+    assert default_rate(make_settings(model_repo, client_rate=2, client_burst=9)) == Rate(2, 9)
+    assert default_rate(make_settings(model_repo)) is None
+
+
+def test_keys_new_rate_and_burst_print_the_fields():
+    made = _cli("keys", "new", "paying", "--rate", "2.5", "--burst", "10")
+    assert made.returncode == 0, made.stderr
+    key, line = made.stdout.splitlines()
+    assert line.endswith(" rate=2.5 burst=10")
+    parsed = parse_keys(line + "\n", "f")
+    assert parsed.keys == {digest(key): "paying"} and parsed.rates == {"paying": Rate(2.5, 10)}
+    made = _cli("keys", "new", "paying", "--rate", "0.1")
+    assert made.returncode == 0 and made.stdout.splitlines()[1].endswith(" rate=0.1")
+    for args, why in (
+        (("--rate", "0"), "invalid --rate"),
+        (("--rate", "-1"), "invalid --rate"),
+        (("--rate", "inf"), "invalid --rate"),
+        (("--burst", "4"), "--burst is the burst of --rate"),
+        (("--rate", "1", "--burst", "0"), "greater than or equal to 1"),
+    ):
+        refused = _cli("keys", "new", "paying", *args)
+        assert refused.returncode == 2 and not refused.stdout, args
+        assert why in refused.stderr, (args, refused.stderr)

@@ -1,0 +1,163 @@
+"""The per-client rate limit across API replicas in Redis mode
+(``NLPSERVE_CLIENT_QUOTA_SCOPE=global``: one token bucket per client in Redis,
+service/queueing/redis_client_counts.py): two real replicas (uvicorn, real keys) share a real
+Redis and a worker. Tokens one replica takes are gone on the other; time passing (the
+bucket's ``last`` moved back, not a sleep) refills it for both; a reload's new rate applies on
+both; a burst of takes on both replicas at once takes exactly the bucket, also after Redis
+lost its scripts; the bucket lives no longer than it takes to fill; ``replica`` scope keeps a
+bucket per replica, as in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from service.api.client_rate import ClientRate
+from service.api.errors import ApiError
+from service.config import Settings
+from service.queueing.redis_keys import client_rate_key
+from tests.redis_backend.helpers import running_worker
+from tests.service_support import LiveServer, live_server, metric_value, read_metrics
+
+POL = "polarity-en"
+ALICE, BOB = "alice-global-rate-key-0123", "bob-global-rate-key-456789"
+OWN = "this client's rate in NLPSERVE_API_KEYS_FILE"
+
+
+def write_keys(path: Path, rate: str = "rate=0.1 burst=2") -> Path:
+    path.write_text(f"alice {ALICE} {rate}\nbob {BOB}\n")  # bob: no rate limit
+    return path
+
+
+def rate_of(srv: LiveServer) -> ClientRate:
+    r = srv.state.client_rate
+    assert r is not None
+    return r
+
+
+def post(c: httpx.AsyncClient, key: str, n: int = 1) -> asyncio.Task[httpx.Response]:
+    body = {"inputs": [{"text": f"a fine film {i}"} for i in range(n)]}
+    return asyncio.create_task(c.post("/v1/polarity", json=body, headers={"X-API-Key": key}))
+
+
+def assert_refused(r: httpx.Response, wait: tuple[int, int], spelled: str) -> None:
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "client_rate"
+    assert wait[0] <= int(r.headers["retry-after"]) <= wait[1], r.headers["retry-after"]
+    message = r.json()["error"]["message"]
+    assert f"this client may send {spelled} across the API replicas ({OWN})" in message
+    assert "alice" not in message
+
+
+@contextlib.asynccontextmanager
+async def replicas(settings: Settings, tiny_runners) -> AsyncIterator[tuple]:
+    """A worker and two API replicas with their clients."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_worker(settings, {POL: tiny_runners[POL]}))
+        a = await stack.enter_async_context(live_server(settings))
+        b = await stack.enter_async_context(live_server(settings))
+        ca = await stack.enter_async_context(a.client())
+        cb = await stack.enter_async_context(b.client())
+        yield a, b, ca, cb
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(make_settings, tmp_path: Path) -> Settings:
+    return make_settings(api_keys_file=write_keys(tmp_path / "keys"), load_models=POL)
+
+
+async def test_replicas_take_from_one_bucket(settings, tiny_runners, admin) -> None:
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
+        assert rate_of(a).shared is not None
+        assert (await post(ca, ALICE)).status_code == 200
+        assert (await post(cb, ALICE)).status_code == 200  # the burst: 2, on either
+        for c in (ca, cb):  # empty on both: an item every 10 s
+            assert_refused(await post(c, ALICE), (9, 10), "0.1 items a second, 2 at most at once")
+        # a client without a rate: no bucket
+        assert (await post(ca, BOB)).status_code == 200
+        assert not await admin.exists(client_rate_key(settings.redis_prefix, "bob"))
+        # the bucket lives until it would be full (20 s): an idle client leaves nothing
+        assert 0 < await admin.ttl(bucket) <= 21
+        # more than the burst: 422 at once, from the replica's own copy of the rate
+        r = await post(cb, ALICE, 3)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
+        assert "may send at most 2 at once across the API replicas" in r.text
+
+        # 10 s pass (as the bucket sees them): one item, on whichever replica asks first
+        await admin.hset(bucket, "last", float(await admin.hget(bucket, "last")) - 10)
+        assert (await post(cb, ALICE)).status_code == 200
+        assert_refused(await post(ca, ALICE), (9, 10), "0.1 items a second, 2 at most at once")
+
+        for c in (ca, cb):
+            text = await read_metrics(c)
+            assert metric_value(text, "nlpserve_client_rate", client="alice") == 0.1
+            refused = "nlpserve_client_rate_rejections_total"
+            assert metric_value(text, refused, client="alice") == (1 if c is cb else 2)
+
+
+async def test_a_reload_changes_the_rate_on_every_replica(settings, tiny_runners) -> None:
+    assert settings.api_keys_file is not None
+    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
+        assert (await post(ca, ALICE, 2)).status_code == 200
+        write_keys(settings.api_keys_file, "rate=0.1 burst=5")  # a bigger burst, same rate
+        for srv in (a, b):
+            assert srv.state.api_keys is not None and srv.state.api_keys.reload()
+        # 3 items fit the new burst (not 422), and the empty bucket needs 30 s for them
+        for c in (ca, cb):
+            spelled = "0.1 items a second, 5 at most at once"
+            assert_refused(await post(c, ALICE, 3), (29, 30), spelled)
+        write_keys(settings.api_keys_file, "")  # no rate of its own, and no default: unlimited
+        for srv in (a, b):
+            assert srv.state.api_keys is not None and srv.state.api_keys.reload()
+        assert (await post(cb, ALICE, 3)).status_code == 200
+
+
+async def test_a_burst_on_both_replicas_takes_exactly_the_bucket(settings, admin) -> None:
+    """Takes of one moment share a pipeline (the script still runs once per request, so two
+    replicas' bursts take exactly the tokens there are), also after Redis lost its scripts
+    (NOSCRIPT: loaded again, the burst sent again)."""
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(live_server(settings))
+        b = await stack.enter_async_context(live_server(settings))
+        for flushed in (False, True):
+            await admin.delete(bucket)
+            if flushed:
+                await admin.script_flush()
+            takes = [rate_of(srv).take("alice", 1) for srv in (a, b) * 10]
+            results = await asyncio.gather(*takes, return_exceptions=True)
+            refused = [r for r in results if r is not None]
+            assert len(refused) == len(results) - 2, (flushed, results)
+            assert all(isinstance(e, ApiError) and e.code == "client_rate" for e in refused)
+            assert float(await admin.hget(bucket, "tokens")) < 1
+
+
+async def test_replica_scope_keeps_a_bucket_per_replica(
+    make_settings, tiny_runners, admin, tmp_path
+) -> None:
+    settings = make_settings(
+        api_keys_file=write_keys(tmp_path / "keys"), load_models=POL, client_quota_scope="replica"
+    )
+    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
+        assert rate_of(a).shared is None
+        assert (await post(ca, ALICE, 2)).status_code == 200
+        r = await post(ca, ALICE)
+        assert r.status_code == 429 and "across" not in r.json()["error"]["message"]
+        assert (await post(cb, ALICE, 2)).status_code == 200  # B's own bucket
+        assert not await admin.exists(client_rate_key(settings.redis_prefix, "alice"))
