@@ -15,6 +15,10 @@ where it is missing; ``-m "not train"`` is the service side. It runs on an inter
 torch once ``model_repo``'s cache holds the tiny models, built by one with torch in the same
 checkout (``make test-newest`` does both).
 
+Under pytest-xdist (``make test``: ``-n 2 --dist loadscope``) each worker has its own session:
+its own servers and Redis; what is built from files (``model_repo``, ``lstm_rebuild``) is built
+once, under a lock, by the first worker that needs it.
+
 Async tests that use these fixtures run in the session loop: put
 ``pytestmark = pytest.mark.asyncio(loop_scope="session")`` in the module.
 
@@ -25,6 +29,8 @@ the settings the API should run with.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -36,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -152,8 +158,26 @@ def model_repo(request: pytest.FixtureRequest) -> Path:
     # are renamed into place atomically, and only stale builds of other digests are pruned.
     cache_root = Path(request.config.cache.mkdir("nlpserve-tiny-models"))
     target = cache_root / _sources_digest()
-    if os.environ.get("NLPSERVE_TEST_REBUILD") and target.exists():
-        os.rename(target, cache_root / f".old-{uuid.uuid4().hex}")
+    # `make test`'s workers (pytest-xdist) and other sessions wait for a build in progress
+    # instead of training the same models beside it on the same cores.
+    with _exclusive(cache_root / f".{target.name}.lock"):
+        rebuild = os.environ.get("NLPSERVE_TEST_REBUILD") and not _rebuilt_this_run(target)
+        if rebuild and target.exists():
+            os.rename(target, cache_root / f".old-{uuid.uuid4().hex}")
+        _build_models(target, cache_root)
+    _prune(cache_root, keep=target)
+    return target
+
+
+def _rebuilt_this_run(target: Path) -> bool:
+    """NLPSERVE_TEST_REBUILD: only the first of this run's workers (pytest-xdist) rebuilds;
+    the others find its build, marked with the run's id."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    done = target / ".complete"
+    return run is not None and done.exists() and done.read_text() == run
+
+
+def _build_models(target: Path, cache_root: Path) -> None:
     if not (target / ".complete").exists():
         if missing := _missing(("torch", "onnx")):
             # What the LSTM builders need (the BERT ones' failures only skip their models'
@@ -177,21 +201,47 @@ def model_repo(request: pytest.FixtureRequest) -> Path:
                 errors[name] = f"{type(e).__name__}: {e}"
                 shutil.rmtree(tmp / name, ignore_errors=True)
         (tmp / BUILD_ERRORS).write_text(json.dumps(errors))
-        (tmp / ".complete").write_text("ok")
+        (tmp / ".complete").write_text(os.environ.get("PYTEST_XDIST_TESTRUNUID", "ok"))
         try:
             os.rename(tmp, target)
         except OSError:  # another session finished the same build first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
-    _prune(cache_root, keep=target)
-    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Held by one process at a time (an flock: released when the process dies too)."""
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this test run that all its pytest-xdist workers share (each worker's
+    basetemp is a folder in it); without xdist, the session's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
 def lstm_rebuild(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``python -m tests.builders DIR`` once per session, in a fresh interpreter with another
     PYTHONHASHSEED than this one (set and dict-of-str orders differ): the tiny LSTMs trained
-    again, for the reproducibility test and the builders' own command-line test."""
-    out = tmp_path_factory.mktemp("lstm-rebuild")
+    again, for the reproducibility test and the builders' own command-line test. Under
+    pytest-xdist, once per run: the first worker to need it trains, the other uses that."""
+    shared = _run_tmp(tmp_path_factory)
+    out = shared / "lstm-rebuild"
+    with _exclusive(shared / "lstm-rebuild.lock"):
+        if not (out / ".complete").exists():
+            _rebuild_lstms(out)
+    return out
+
+
+def _rebuild_lstms(out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)  # a failed worker's half: the builders skip models there
     hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -203,13 +253,13 @@ def lstm_rebuild(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    return out
+    (out / ".complete").write_text("ok")
 
 
 def _prune(cache_root: Path, keep: Path, older_than_s: float = 3600.0) -> None:
     now = time.time()
     for old in cache_root.iterdir():
-        if old == keep:
+        if old == keep or old.name == f".{keep.name}.lock":
             continue
         try:
             stale = now - old.stat().st_mtime > older_than_s
