@@ -5,7 +5,8 @@ Per client one sorted set (``P:client:{name}:in-flight``, redis_keys.py) holds a
 item admitted and not yet answered, ``<request id>:<i>``, scored by the Unix time (Redis'
 clock, service/clock.py) at which it stops counting: the request's deadline and a margin. One
 script admits a request's items atomically (every replica's admissions of the client are
-ordered by Redis); a ``ZREM`` of its members releases them. A member per item, not per
+ordered by Redis), and once: sent again (redis-py's retry after a lost answer) it finds its
+members and is admitted; a ``ZREM`` of its members releases them. A member per item, not per
 request: the script then sums with ``ZCOUNT`` and the ACL rule of docs/deploy.md needs no new
 command. A replica that dies holding items leaves members that stop counting at their
 deadline; the set expires with its last member, so an idle client leaves nothing behind.
@@ -42,6 +43,10 @@ local key, now, expiry = KEYS[1], ARGV[1], ARGV[2]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 local held = redis.call('ZCOUNT', key, '-inf', '+inf')
 local n = tonumber(ARGV[4])
+-- this admission again: redis-py sends a command once more when its answer was lost (a
+-- timeout, a reset connection), after the script ran. Admitted then: refused by its own
+-- items, they would stay counted, never released, until they expire
+if redis.call('ZMSCORE', key, ARGV[6] .. ':1')[1] then return {1, held - n} end
 if held + n > tonumber(ARGV[3]) then return {0, held} end
 -- the set's TTL covers its latest expiry: set by the admission that brought that one
 local later = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')

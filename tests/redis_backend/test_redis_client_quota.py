@@ -4,7 +4,8 @@ replicas (uvicorn, real keys) share a real Redis and a worker whose batches wait
 that requests stay in flight. A client at its limit on one replica is refused on the other;
 a release on either gives room back; the items of a replica that never releases them stop
 counting after their deadline; a client gone (and a cancellation while the count is asked)
-releases; a reload's new limit applies on both; Redis away is a 503, not a 500; an idle
+releases; an admission redis-py sends again (its answer lost) is admitted once; a reload's
+new limit applies on both; Redis away is a 503, not a 500; an idle
 client leaves no key behind; ``replica`` scope counts per replica as before."""
 
 from __future__ import annotations
@@ -340,3 +341,49 @@ async def test_a_burst_on_both_replicas_admits_exactly_the_limit(settings, admin
             release.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             assert not await admin.exists(alice)
+
+
+async def test_an_admission_sent_again_after_its_answer_was_lost_is_admitted(
+    settings, admin
+) -> None:
+    """redis-py sends a command again when its answer does not come (a timeout, a reset
+    connection: ``Retry`` in make_client) though the script may have run: that admission
+    finds its own items and is admitted, not refused by them (a 429 whose items would then
+    stay counted, never released, until they expire)."""
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+    async with replicas(settings, None) as (a, _, _, _):
+        shared = counts(a)
+        deadline = time.monotonic() + 5
+        assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)
+        assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)  # again
+        assert await admin.zcard(alice) == 1
+        assert await shared.acquire("alice", "other", 1, 1, deadline) == (False, 1)
+        await shared.release("alice", "once", 1)
+        assert not await admin.exists(alice)
+
+
+async def test_redis_slower_than_the_socket_timeout_admits_once(
+    make_settings, admin, tmp_path
+) -> None:
+    """Redis busy past NLPSERVE_REDIS_SOCKET_TIMEOUT_S while an admission waits: redis-py
+    gives up on the first connection (the script still runs there once Redis is free) and
+    sends it again; the request is admitted, and its release leaves nothing."""
+    settings = make_settings(
+        api_keys_file=write_keys(tmp_path / "keys", 1),
+        load_models=POL,
+        redis_socket_timeout_s=0.3,
+    )
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+    busy = (  # a script that keeps Redis from everything else for 0.5 s
+        "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 5e5 return 1"
+    )
+    async with replicas(settings, None) as (a, _, _, _):
+        q = quota(a)
+        await counts(a).release("alice", "warm", 1)  # a connection open, the script loaded
+        blocked = asyncio.create_task(admin.eval(busy, 0))
+        await asyncio.sleep(0.05)
+        async with q.hold("alice", 1, time.monotonic() + 5):
+            assert await admin.zcard(alice) == 1
+        await blocked
+        assert not await admin.exists(alice)
