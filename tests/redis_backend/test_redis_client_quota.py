@@ -5,8 +5,8 @@ that requests stay in flight. A client at its limit on one replica is refused on
 a release on either gives room back; the items of a replica that never releases them stop
 counting after their deadline; a client gone (and a cancellation while the count is asked)
 releases; an admission redis-py sends again (its answer lost) is admitted once; a reload's
-new limit applies on both; Redis away is a 503, not a 500; an idle
-client leaves no key behind; ``replica`` scope counts per replica as before."""
+new limit applies on both; Redis away is a 503, not a 500; an idle client leaves no key
+behind; ``replica`` scope counts per replica as before."""
 
 from __future__ import annotations
 
