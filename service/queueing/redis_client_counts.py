@@ -91,6 +91,7 @@ class RedisClientCounts(SharedInFlight):
         self._script = client.register_script(ACQUIRE_LUA)
         self._pending: list[_Command] = []
         self._sending: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     def key(self, client: str) -> str:
         return client_in_flight_key(self.queue.prefix, client)
@@ -108,6 +109,12 @@ class RedisClientCounts(SharedInFlight):
         try:
             admitted, held = await self._send(self.key(client), args, acquire=True)
         except (RedisError, OSError) as e:
+            # No answer, but the script may have run (Redis slower than the socket timeout,
+            # redis-py's retry too; it runs once Redis is free): its items go back, as a
+            # cancelled admission's do, sent after it on the same sequence of pipelines
+            task = asyncio.get_running_loop().create_task(self.release(client, token, n))
+            self._releases.add(task)  # held until done: the loop keeps a weak reference
+            task.add_done_callback(self._releases.discard)
             raise self.queue.failed(e) from e
         return bool(admitted), int(held)
 

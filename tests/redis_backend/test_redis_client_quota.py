@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from service.api.client_quota import ClientQuota
 from service.api.errors import ApiError
 from service.config import Settings
+from service.queueing.base import BackendUnavailableError
 from service.queueing.redis_client_counts import RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key
 from service.queueing.redis_queue import RedisQueue
@@ -37,6 +38,11 @@ ALICE, BOB = "alice-global-quota-key-0123", "bob-global-quota-key-456789"
 LIMIT = 2
 ACROSS = "items in flight across the API replicas"
 OWN = "this client's max_in_flight in NLPSERVE_API_KEYS_FILE"
+# A script that keeps Redis from every other client for ARGV[1] microseconds.
+BUSY = (
+    "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > tonumber(ARGV[1]) return 1"
+)
 
 
 def write_keys(path: Path, limit: int = LIMIT) -> Path:
@@ -374,16 +380,40 @@ async def test_redis_slower_than_the_socket_timeout_admits_once(
         redis_socket_timeout_s=0.3,
     )
     alice = client_in_flight_key(settings.redis_prefix, "alice")
-    busy = (  # a script that keeps Redis from everything else for 0.5 s
-        "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
-        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 5e5 return 1"
-    )
     async with replicas(settings, None) as (a, _, _, _):
         q = quota(a)
         await counts(a).release("alice", "warm", 1)  # a connection open, the script loaded
-        blocked = asyncio.create_task(admin.eval(busy, 0))
+        blocked = asyncio.create_task(admin.eval(BUSY, 0, 500_000))  # past the first try
         await asyncio.sleep(0.05)
         async with q.hold("alice", 1, time.monotonic() + 5):
             assert await admin.zcard(alice) == 1
         await blocked
         assert not await admin.exists(alice)
+
+
+async def test_an_admission_that_got_no_answer_at_all_gives_its_items_back(
+    make_settings, admin, tmp_path
+) -> None:
+    """Redis busy past both tries of redis-py (the first and its retry time out): a 503, and
+    the script, still queued on the first connection, runs once Redis is free; its items
+    are given back then, not counted until they expire (the deadline and a margin: 35 s)."""
+    settings = make_settings(
+        api_keys_file=write_keys(tmp_path / "keys", 1),
+        load_models=POL,
+        redis_socket_timeout_s=0.3,
+    )
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+
+    async def gone() -> bool:
+        return not await admin.exists(alice)
+
+    async with replicas(settings, None) as (a, _, _, _):
+        await counts(a).release("alice", "warm", 1)  # a connection open, the script loaded
+        blocked = asyncio.create_task(admin.eval(BUSY, 0, 800_000))  # past both tries
+        await asyncio.sleep(0.05)
+        with pytest.raises(BackendUnavailableError):
+            async with quota(a).hold("alice", 1, time.monotonic() + 30):
+                pass
+        assert not quota(a).in_flight
+        await blocked
+        await wait_for(gone, timeout=3)
