@@ -4,9 +4,10 @@ replicas (uvicorn, real keys) share a real Redis and a worker whose batches wait
 that requests stay in flight. A client at its limit on one replica is refused on the other;
 a release on either gives room back; the items of a replica that never releases them stop
 counting after their deadline; a client gone (and a cancellation while the count is asked)
-releases; an admission redis-py sends again (its answer lost) is admitted once; a reload's
-new limit applies on both; Redis away is a 503, not a 500; an idle client leaves no key
-behind; ``replica`` scope counts per replica as before."""
+releases; an admission whose answer is lost (a proxy drops it) and that redis-py sends again
+is admitted once, or given back when no answer comes at all; a reload's new limit applies
+on both; Redis away is a 503, not a 500; an idle client leaves no key behind; ``replica``
+scope counts per replica as before."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from service.api.client_quota import ClientQuota
 from service.api.errors import ApiError
 from service.config import Settings
 from service.queueing.base import BackendUnavailableError
-from service.queueing.redis_client_counts import RedisClientCounts
+from service.queueing.redis_client_counts import ACQUIRE_LUA, RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key
 from service.queueing.redis_queue import RedisQueue
 from tests.redis_backend.helpers import running_worker, wait_for
@@ -38,11 +39,6 @@ ALICE, BOB = "alice-global-quota-key-0123", "bob-global-quota-key-456789"
 LIMIT = 2
 ACROSS = "items in flight across the API replicas"
 OWN = "this client's max_in_flight in NLPSERVE_API_KEYS_FILE"
-# A script that keeps Redis from every other client for ARGV[1] microseconds.
-BUSY = (
-    "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
-    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > tonumber(ARGV[1]) return 1"
-)
 
 
 def write_keys(path: Path, limit: int = LIMIT) -> Path:
@@ -368,52 +364,89 @@ async def test_an_admission_sent_again_after_its_answer_was_lost_is_admitted(
         assert not await admin.exists(alice)
 
 
-async def test_redis_slower_than_the_socket_timeout_admits_once(
-    make_settings, admin, tmp_path
+class AnswerDropper:
+    """A TCP proxy to Redis that passes every command on, and throws away the answers of the
+    next :attr:`drop` connections that send a script (EVALSHA) from then on: a script that
+    ran, its answer lost (Redis slower than the socket timeout, a reset connection); other
+    connections are answered."""
+
+    def __init__(self, url: str) -> None:
+        self.upstream = url.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+        self.drop = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lost: list[bool], up: bool
+    ) -> None:
+        try:
+            while data := await r.read(65536):
+                if up and self.drop and not lost[0] and b"evalsha" in data.lower():
+                    lost[0] = True  # this connection's answers from now on
+                    self.drop -= 1
+                if up or not lost[0]:
+                    w.write(data)
+                    await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        host, port = self.upstream
+        ur, uw = await asyncio.open_connection(host, int(port))
+        lost = [False]
+        for task in (
+            asyncio.create_task(self._pipe(cr, uw, lost, up=True)),
+            asyncio.create_task(self._pipe(ur, cw, lost, up=False)),
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+async def test_an_admission_whose_answer_was_lost_counts_once_and_goes(
+    make_settings, redis_url, admin, tmp_path, lost
 ) -> None:
-    """Redis busy past NLPSERVE_REDIS_SOCKET_TIMEOUT_S while an admission waits: redis-py
-    gives up on the first connection (the script still runs there once Redis is free) and
-    sends it again; the request is admitted, and its release leaves nothing."""
-    settings = make_settings(
-        api_keys_file=write_keys(tmp_path / "keys", 1),
-        load_models=POL,
-        redis_socket_timeout_s=0.3,
-    )
-    alice = client_in_flight_key(settings.redis_prefix, "alice")
-    async with replicas(settings, None) as (a, _, _, _):
-        q = quota(a)
-        await counts(a).release("alice", "warm", 1)  # a connection open, the script loaded
-        blocked = asyncio.create_task(admin.eval(BUSY, 0, 500_000))  # past the first try
-        await asyncio.sleep(0.05)
-        async with q.hold("alice", 1, time.monotonic() + 5):
-            assert await admin.zcard(alice) == 1
-        await blocked
-        assert not await admin.exists(alice)
+    """The script ran and its answer was lost: redis-py sends it again (``Retry`` in
+    make_client), and that run finds the request's items: admitted, counted once (it was
+    refused by them, 429, and they stayed counted until they expired: the deadline and a
+    margin, 35 s, the client at its limit of 1 locked out that long). Lost on the retry too:
+    a 503, and the items are given back."""
+    proxy = AnswerDropper(redis_url)
+    async with proxy as url:
+        settings = make_settings(
+            redis_url=url,
+            api_keys_file=write_keys(tmp_path / "keys", 1),
+            load_models=POL,
+            redis_socket_timeout_s=0.3,
+        )
+        alice = client_in_flight_key(settings.redis_prefix, "alice")
 
+        async def gone() -> bool:
+            return not await admin.exists(alice)
 
-async def test_an_admission_that_got_no_answer_at_all_gives_its_items_back(
-    make_settings, admin, tmp_path
-) -> None:
-    """Redis busy past both tries of redis-py (the first and its retry time out): a 503, and
-    the script, still queued on the first connection, runs once Redis is free; its items
-    are given back then, not counted until they expire (the deadline and a margin: 35 s)."""
-    settings = make_settings(
-        api_keys_file=write_keys(tmp_path / "keys", 1),
-        load_models=POL,
-        redis_socket_timeout_s=0.3,
-    )
-    alice = client_in_flight_key(settings.redis_prefix, "alice")
-
-    async def gone() -> bool:
-        return not await admin.exists(alice)
-
-    async with replicas(settings, None) as (a, _, _, _):
-        await counts(a).release("alice", "warm", 1)  # a connection open, the script loaded
-        blocked = asyncio.create_task(admin.eval(BUSY, 0, 800_000))  # past both tries
-        await asyncio.sleep(0.05)
-        with pytest.raises(BackendUnavailableError):
-            async with quota(a).hold("alice", 1, time.monotonic() + 30):
-                pass
-        assert not quota(a).in_flight
-        await blocked
-        await wait_for(gone, timeout=3)
+        async with live_server(settings) as a:
+            await admin.script_load(ACQUIRE_LUA)
+            proxy.drop = lost
+            if lost == 1:
+                async with quota(a).hold("alice", 1, time.monotonic() + 30):
+                    assert await admin.zcard(alice) == 1
+                assert await gone()
+            else:
+                with pytest.raises(BackendUnavailableError):
+                    async with quota(a).hold("alice", 1, time.monotonic() + 30):
+                        pass
+                assert not quota(a).in_flight
+                await wait_for(gone, timeout=3)
