@@ -15,6 +15,7 @@ import httpx
 from service.client import _calls as calls
 from service.client._calls import (
     API_KEY_HEADER,
+    DEADLINE_GRACE_S,
     USER_AGENT,
     Attempts,
     Call,
@@ -37,7 +38,10 @@ from service.client.types import (
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 30.0  # the service's default deadline (NLPSERVE_DEFAULT_DEADLINE_MS)
+# The service's default deadline (NLPSERVE_DEFAULT_DEADLINE_MS, 30 s) and the grace a call's own
+# deadline gets: a request the server ends at its deadline is its 504, not a timeout here
+# (which would be a TransportError, and retried).
+DEFAULT_TIMEOUT_S = 30.0 + DEADLINE_GRACE_S
 
 
 class _Options:

@@ -62,7 +62,7 @@ class DeadlineExceeded(NlpserveError):
 
 class RetriesExhausted(NlpserveError):
     """A retryable answer (the policy's ``retry_statuses``: 429, 502, 503) after the last
-    attempt the retry policy allowed."""
+    attempt the retry policy allowed; a 429 always (never the request's fault)."""
 
 
 class ServerError(NlpserveError):
@@ -104,7 +104,8 @@ def error_for(
     cls: type[NlpserveError]
     if status == 504:
         cls = DeadlineExceeded
-    elif status in retry_statuses:
+    elif status in retry_statuses or status == 429:
+        # a 429 is never the request's fault, whatever the policy retries
         cls = RetriesExhausted
     elif status == 401:
         cls = AuthenticationError

@@ -156,7 +156,8 @@ class SharedInFlight(abc.ABC):
         across replicas leave room for them under ``limit``; (admitted, the count held
         before). They count until :meth:`release`, or until ``deadline`` (``time.monotonic()``)
         and a margin have passed: a replica that dies holding them does not hold them for
-        good. Raises :class:`BackendUnavailableError` when the count cannot be read."""
+        good. Raises :class:`BackendUnavailableError` when the count cannot be read (what
+        it may have counted without an answer is released)."""
 
     @abc.abstractmethod
     async def release(self, client: str, token: str, n: int) -> None:

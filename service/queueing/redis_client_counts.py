@@ -5,7 +5,8 @@ Per client one sorted set (``P:client:{name}:in-flight``, redis_keys.py) holds a
 item admitted and not yet answered, ``<request id>:<i>``, scored by the Unix time (Redis'
 clock, service/clock.py) at which it stops counting: the request's deadline and a margin. One
 script admits a request's items atomically (every replica's admissions of the client are
-ordered by Redis); a ``ZREM`` of its members releases them. A member per item, not per
+ordered by Redis), and once: sent again (redis-py's retry after a lost answer) it finds its
+members and is admitted; a ``ZREM`` of its members releases them. A member per item, not per
 request: the script then sums with ``ZCOUNT`` and the ACL rule of docs/deploy.md needs no new
 command. A replica that dies holding items leaves members that stop counting at their
 deadline; the set expires with its last member, so an idle client leaves nothing behind.
@@ -47,6 +48,10 @@ local key, now, expiry = KEYS[1], ARGV[1], ARGV[2]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 local held = redis.call('ZCOUNT', key, '-inf', '+inf')
 local n = tonumber(ARGV[4])
+-- this admission again: redis-py sends a command once more when its answer was lost (a
+-- timeout, a reset connection), after the script ran. Admitted then: refused by its own
+-- items, they would stay counted, never released, until they expire
+if redis.call('ZMSCORE', key, ARGV[6] .. ':1')[1] then return {1, held - n} end
 if held + n > tonumber(ARGV[3]) then return {0, held} end
 -- the set's TTL covers its latest expiry: set by the admission that brought that one
 local later = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
@@ -120,6 +125,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         self._take_script = client.register_script(TAKE_LUA)
         self._pending: list[_Command] = []
         self._sending: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     def key(self, client: str) -> str:
         return client_in_flight_key(self.queue.prefix, client)
@@ -137,6 +143,12 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         try:
             admitted, held = await self._send(self.key(client), args, ACQUIRE)
         except (RedisError, OSError) as e:
+            # No answer, but the script may have run (Redis slower than the socket timeout,
+            # redis-py's retry too; it runs once Redis is free): its items go back, as a
+            # cancelled admission's do, sent after it on the same sequence of pipelines
+            task = asyncio.get_running_loop().create_task(self.release(client, token, n))
+            self._releases.add(task)  # held until done: the loop keeps a weak reference
+            task.add_done_callback(self._releases.discard)
             raise self.queue.failed(e) from e
         return bool(admitted), int(held)
 

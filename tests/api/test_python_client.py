@@ -35,6 +35,7 @@ from service.client import (
     RetryPolicy,
     TransportError,
 )
+from service.client import _calls as calls
 from tests.service_support import (
     DETECT_MODEL,
     POLARITY_MODEL,
@@ -485,3 +486,33 @@ async def test_a_body_the_client_cannot_read_is_a_server_error():
         with pytest.raises(NlpserveError) as e:
             await c.pos("x")
     assert e.value.status == 200 and "cannot read" in e.value.message
+
+
+async def test_a_429_the_policy_does_not_retry_is_still_no_client_error():
+    # the one 4xx that is not the request's fault: never a ClientError ("fix the request"),
+    # whatever statuses the policy retries
+    script = Scripted([api_error(429, "rate_limited", "slow down", Retry_After="1")])
+    policy = RetryPolicy(retry_statuses=frozenset({502, 503}))
+    async with script as url, AsyncClient(url, retry=policy) as c:
+        with pytest.raises(RetriesExhausted) as e:
+            await c.polarity("fine")
+    assert not isinstance(e.value, ClientError)
+    assert (e.value.status, e.value.code, e.value.retry_after) == (429, "rate_limited", 1.0)
+
+
+async def test_without_a_deadline_an_attempt_outlasts_the_servers_default_deadline():
+    # the server answers 504 at its default deadline: that answer arrives before the
+    # client's timeout (a timeout would be a TransportError, and retried)
+    from service.client._calls import DEADLINE_GRACE_S
+    from service.config import Settings
+
+    server_s = Settings.model_fields["default_deadline_ms"].default / 1000
+    with Client("http://127.0.0.1:1") as sync:
+        async with AsyncClient("http://127.0.0.1:1") as asynchronous:
+            clients: list[Client | AsyncClient] = [sync, asynchronous]
+    for c in clients:
+        assert c._attempts(calls.polarity("x", None), {}).request()["timeout"] >= (
+            server_s + DEADLINE_GRACE_S
+        )
+        with_deadline = c._attempts(calls.polarity("x", None), {"deadline_ms": 2000})
+        assert with_deadline.request()["timeout"] <= 2 + DEADLINE_GRACE_S

@@ -4,8 +4,10 @@ replicas (uvicorn, real keys) share a real Redis and a worker whose batches wait
 that requests stay in flight. A client at its limit on one replica is refused on the other;
 a release on either gives room back; the items of a replica that never releases them stop
 counting after their deadline; a client gone (and a cancellation while the count is asked)
-releases; a reload's new limit applies on both; Redis away is a 503, not a 500; an idle
-client leaves no key behind; ``replica`` scope counts per replica as before."""
+releases; an admission whose answer is lost (a proxy drops it) and that redis-py sends again
+is admitted once, or given back when no answer comes at all; a reload's new limit applies
+on both; Redis away is a 503, not a 500; an idle client leaves no key behind; ``replica``
+scope counts per replica as before."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import redis.asyncio as aioredis
 from service.api.client_quota import ClientQuota
 from service.api.errors import ApiError
 from service.config import Settings
-from service.queueing.redis_client_counts import RedisClientCounts
+from service.queueing.base import BackendUnavailableError
+from service.queueing.redis_client_counts import ACQUIRE_LUA, RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key
 from service.queueing.redis_queue import RedisQueue
 from tests.redis_backend.helpers import running_worker, wait_for
@@ -340,3 +343,110 @@ async def test_a_burst_on_both_replicas_admits_exactly_the_limit(settings, admin
             release.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             assert not await admin.exists(alice)
+
+
+async def test_an_admission_sent_again_after_its_answer_was_lost_is_admitted(
+    settings, admin
+) -> None:
+    """redis-py sends a command again when its answer does not come (a timeout, a reset
+    connection: ``Retry`` in make_client) though the script may have run: that admission
+    finds its own items and is admitted, not refused by them (a 429 whose items would then
+    stay counted, never released, until they expire)."""
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+    async with replicas(settings, None) as (a, _, _, _):
+        shared = counts(a)
+        deadline = time.monotonic() + 5
+        assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)
+        assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)  # again
+        assert await admin.zcard(alice) == 1
+        assert await shared.acquire("alice", "other", 1, 1, deadline) == (False, 1)
+        await shared.release("alice", "once", 1)
+        assert not await admin.exists(alice)
+
+
+class AnswerDropper:
+    """A TCP proxy to Redis that passes every command on, and throws away the answers of the
+    next :attr:`drop` connections that send a script (EVALSHA) from then on: a script that
+    ran, its answer lost (Redis slower than the socket timeout, a reset connection); other
+    connections are answered."""
+
+    def __init__(self, url: str) -> None:
+        self.upstream = url.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+        self.drop = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lost: list[bool], up: bool
+    ) -> None:
+        try:
+            while data := await r.read(65536):
+                if up and self.drop and not lost[0] and b"evalsha" in data.lower():
+                    lost[0] = True  # this connection's answers from now on
+                    self.drop -= 1
+                if up or not lost[0]:
+                    w.write(data)
+                    await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        host, port = self.upstream
+        ur, uw = await asyncio.open_connection(host, int(port))
+        lost = [False]
+        for task in (
+            asyncio.create_task(self._pipe(cr, uw, lost, up=True)),
+            asyncio.create_task(self._pipe(ur, cw, lost, up=False)),
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+async def test_an_admission_whose_answer_was_lost_counts_once_and_goes(
+    make_settings, redis_url, admin, tmp_path, lost
+) -> None:
+    """The script ran and its answer was lost: redis-py sends it again (``Retry`` in
+    make_client), and that run finds the request's items: admitted, counted once (it was
+    refused by them, 429, and they stayed counted until they expired: the deadline and a
+    margin, 35 s, the client at its limit of 1 locked out that long). Lost on the retry too:
+    a 503, and the items are given back."""
+    proxy = AnswerDropper(redis_url)
+    async with proxy as url:
+        settings = make_settings(
+            redis_url=url,
+            api_keys_file=write_keys(tmp_path / "keys", 1),
+            load_models=POL,
+            redis_socket_timeout_s=0.3,
+        )
+        alice = client_in_flight_key(settings.redis_prefix, "alice")
+
+        async def gone() -> bool:
+            return not await admin.exists(alice)
+
+        async with live_server(settings) as a:
+            await admin.script_load(ACQUIRE_LUA)
+            proxy.drop = lost
+            if lost == 1:
+                async with quota(a).hold("alice", 1, time.monotonic() + 30):
+                    assert await admin.zcard(alice) == 1
+                assert await gone()
+            else:
+                with pytest.raises(BackendUnavailableError):
+                    async with quota(a).hold("alice", 1, time.monotonic() + 30):
+                        pass
+                assert not quota(a).in_flight
+                await wait_for(gone, timeout=3)
