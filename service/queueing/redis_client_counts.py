@@ -206,19 +206,23 @@ class RedisClientCounts(SharedInFlight, SharedRate):
             if c.kind == RELEASE:
                 return [await self.client.zrem(c.key, *c.args)]
             return [await scripts[c.kind](keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
-        for attempt in range(2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for c in batch:
-                    if c.kind == RELEASE:
-                        pipe.zrem(c.key, *c.args)
-                    else:
-                        pipe.evalsha(scripts[c.kind].sha, 1, c.key, *c.args)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted (scripts are not persisted): load them and send the batch
-                # again; no script ran, and a release again removes nothing more
-                for script in (ACQUIRE_LUA, TAKE_LUA):
-                    await self.client.script_load(script)
-                continue
-            return list(results)
-        return list(results)
+        results = await self._pipelined(batch, scripts)
+        if missing := [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]:
+            # Redis lacks a script (restarted: scripts are not persisted; or the first
+            # replica of a release that brought it): load both and send again only the
+            # commands it refused. The others ran, and a take run twice takes twice.
+            for script in (ACQUIRE_LUA, TAKE_LUA):
+                await self.client.script_load(script)
+            again = await self._pipelined([batch[i] for i in missing], scripts)
+            for i, res in zip(missing, again, strict=True):
+                results[i] = res
+        return results
+
+    async def _pipelined(self, batch: list[_Command], scripts: dict[str, Any]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for c in batch:
+                if c.kind == RELEASE:
+                    pipe.zrem(c.key, *c.args)
+                else:
+                    pipe.evalsha(scripts[c.kind].sha, 1, c.key, *c.args)
+            return list(await pipe.execute(raise_on_error=False))

@@ -4,13 +4,15 @@ service/queueing/redis_client_counts.py): two real replicas (uvicorn, real keys)
 Redis and a worker. Tokens one replica takes are gone on the other; time passing (the
 bucket's ``last`` moved back, not a sleep) refills it for both; a reload's new rate applies on
 both; a burst of takes on both replicas at once takes exactly the bucket, also after Redis
-lost its scripts; the bucket lives no longer than it takes to fill; ``replica`` scope keeps a
-bucket per replica, as in-process."""
+lost its scripts; a take pipelined beside an admission whose script Redis lacks runs once;
+the bucket lives no longer than it takes to fill; ``replica`` scope keeps a bucket per
+replica, as in-process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import redis.asyncio as aioredis
 from service.api.client_rate import ClientRate
 from service.api.errors import ApiError
 from service.config import Settings
-from service.queueing.redis_keys import client_rate_key
+from service.queueing.redis_client_counts import RedisClientCounts
+from service.queueing.redis_keys import client_in_flight_key, client_rate_key
 from tests.redis_backend.helpers import running_worker
 from tests.service_support import LiveServer, live_server, metric_value, read_metrics
 
@@ -146,6 +149,33 @@ async def test_a_burst_on_both_replicas_takes_exactly_the_bucket(settings, admin
             assert len(refused) == len(results) - 2, (flushed, results)
             assert all(isinstance(e, ApiError) and e.code == "client_rate" for e in refused)
             assert float(await admin.hget(bucket, "tokens")) < 1
+
+
+async def test_a_take_beside_an_admission_whose_script_redis_lacks_takes_once(
+    settings, admin
+) -> None:
+    """Redis may hold the take's script and not the admission's: a take sent alone (loading
+    only its own) first after Redis lost its scripts, or on the first replica of a rollout
+    to the release that brought both (no older replica loaded either). A pipeline with a take
+    and an admission then runs the take and answers NOSCRIPT to the admission: only the
+    admission is sent again. Sent again whole, the take ran twice: two tokens gone for one
+    request, and with the last one it was refused 429 by its own first run."""
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+    async with live_server(settings) as srv:
+        shared = rate_of(srv).shared
+        assert isinstance(shared, RedisClientCounts)
+        await admin.script_flush()
+        assert await shared.take("alice", 1, 0.1, 2) == (True, 2.0)  # loads the take's only
+        took, admitted = await asyncio.gather(
+            shared.take("alice", 1, 0.1, 2),
+            shared.acquire("bob", "one", 1, 5, time.monotonic() + 5),
+        )
+        assert took[0], took
+        assert took[1] == pytest.approx(1, abs=0.01)
+        assert admitted == (True, 0)
+        assert float(await admin.hget(bucket, "tokens")) == pytest.approx(0, abs=0.01)
+        await shared.release("bob", "one", 1)
+        assert not await admin.exists(client_in_flight_key(settings.redis_prefix, "bob"))
 
 
 async def test_replica_scope_keeps_a_bucket_per_replica(
