@@ -203,8 +203,9 @@ async def test_the_documented_examples_run(srv, model_repo):
     said = await asyncio.to_thread(run, examples[0])
     assert said.startswith("PolarityResult(label=") and "('barks', " in said
     assert f"('{POS_MODEL}', '1')" in said and "422 empty_text" in said and "my-call-1" in said
+    assert "my-call-2 {'tokenize': " in said and "'inference': " in said
     said = await asyncio.to_thread(run, examples[1])
-    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n", said)
+    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n200 True\n", said)
 
 
 # --------------------------------------------------------------------------- errors
