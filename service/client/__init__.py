@@ -18,6 +18,7 @@ from service.client.errors import (
     AuthenticationError,
     ClientError,
     DeadlineExceeded,
+    IncompleteBatch,
     NlpserveError,
     RetriesExhausted,
     ServerError,
@@ -35,6 +36,7 @@ from service.client.types import (
     PosResult,
     QAResult,
     Ready,
+    ResponseMeta,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "ExplainLimits",
     "Explanation",
     "Health",
+    "IncompleteBatch",
     "ModelInfo",
     "Models",
     "NlpserveError",
@@ -56,6 +59,7 @@ __all__ = [
     "PosResult",
     "QAResult",
     "Ready",
+    "ResponseMeta",
     "RetriesExhausted",
     "RetryPolicy",
     "ServerError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ import httpx
 from service import __version__
 from service.client.errors import (
     DeadlineExceeded,
+    IncompleteBatch,
     NlpserveError,
     ServerError,
     TransportError,
@@ -26,6 +28,7 @@ from service.client.errors import (
 )
 from service.client.retry import RetryPolicy
 from service.client.types import (
+    Answer,
     DetectResult,
     Explanation,
     Health,
@@ -35,10 +38,13 @@ from service.client.types import (
     PosResult,
     QAResult,
     Ready,
+    ResponseMeta,
     _known,
+    server_timing,
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # The service's headers (service/api/deps.py, service/api/auth.py, docs/deploy.md).
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -170,6 +176,178 @@ def readyz() -> Call[Ready]:
     return Call("GET", "/readyz", _one(Ready), probe=True)
 
 
+def openapi() -> Call[dict[str, int]]:
+    """The batch limits this server announces: its OpenAPI document's ``maxItems`` of each
+    ``POST /v1/<task>`` body's ``inputs`` (NLPSERVE_MAX_BATCH_ITEMS, or less where the queue
+    holds fewer), by path."""
+    return Call("GET", "/openapi.json", batch_limits)
+
+
+def batch_limits(doc: Any) -> dict[str, int]:
+    try:
+        return _batch_limits(doc)
+    except AttributeError as e:  # a part not an object: an answer this client cannot read
+        raise TypeError(e) from None
+
+
+def _batch_limits(doc: Any) -> dict[str, int]:
+    schemas = doc.get("components", {}).get("schemas", {})
+    limits = {}
+    for path, item in doc["paths"].items():
+        body = item.get("post", {}).get("requestBody", {})
+        schema = body.get("content", {}).get("application/json", {}).get("schema")
+        found = [n for s in _schemas(schema, schemas, set()) if (n := _max_inputs(s)) is not None]
+        if found:
+            limits[path] = min(found)
+    return limits
+
+
+def _schemas(node: Any, schemas: dict[str, Any], seen: set[str]) -> list[dict[str, Any]]:
+    """``node`` and the schemas it names (``$ref``, ``anyOf``...), each once."""
+    if isinstance(node, list):
+        return [s for n in node for s in _schemas(n, schemas, seen)]
+    if not isinstance(node, dict):
+        return []
+    if isinstance(ref := node.get("$ref"), str):
+        name = ref.rsplit("/", 1)[-1]
+        if name in seen:
+            return []
+        seen.add(name)
+        return _schemas(schemas.get(name), schemas, seen)
+    found = [node]
+    for key in ("anyOf", "oneOf", "allOf"):
+        found += _schemas(node.get(key), schemas, seen)
+    return found
+
+
+def _max_inputs(schema: dict[str, Any]) -> int | None:
+    limit = schema.get("properties", {}).get("inputs", {}).get("maxItems")
+    return limit if isinstance(limit, int) and limit >= 1 else None
+
+
+# What the server's 422 too_many_items says of the limit it met (service/api/errors.py,
+# client_quota.py, client_rate.py; tests/api/test_python_client.py checks them on a live
+# server): the number is a hint, and without one the request is halved.
+_IN_FLIGHT = re.compile(r"at most (\d+) in flight")
+_LIMITS = (_IN_FLIGHT, re.compile(r"at most (\d+) at once"), re.compile(r"the limit is (\d+)"))
+
+
+@dataclass
+class Learned:
+    """What a client learned of a path's limits in its ``*_many`` calls: the most items one
+    request may have, the most it may have in flight (its in-flight limit's), and whether a
+    request of that size has been accepted."""
+
+    size: int | None  # None: unknown (no OpenAPI document), till a request is refused
+    in_flight: int | None = None
+    settled: bool = False
+
+
+class Split(Generic[R]):
+    """A ``*_many`` call's plan: its ``n`` items cut into requests of at most ``size()``
+    (lowered when the server refuses a request's size: 422 ``too_many_items``, 413), whose
+    results land in input order; the first other failure stops it (:class:`IncompleteBatch`).
+    Until a request of the size has been accepted, one runs at a time: a refusal then costs
+    one request, not one per request under way."""
+
+    def __init__(self, n: int, learned: Learned, chunk_size: int | None) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be 1 or more, not {chunk_size}")
+        self.learned = learned  # the client's, for the path: what one call learns, the next knows
+        self.chunk_size = chunk_size
+        self.results: list[R | None] = [None] * n
+        self.pending = [range(n)]  # the items not sent (or refused), in order
+        self.failed: tuple[range, NlpserveError] | None = None
+        self.in_flight = 0  # items of requests under way (AsyncClient's)
+
+    def take(self) -> range | None:
+        """The items of the next request; None when there is none (all sent, or stopped)."""
+        if self.failed is not None or not self.pending:
+            return None
+        first = self.pending[0]
+        chunk = range(first.start, min(first.stop, first.start + self.size()))
+        if chunk.stop == first.stop:
+            self.pending.pop(0)
+        else:
+            self.pending[0] = range(chunk.stop, first.stop)
+        return chunk
+
+    def size(self) -> int:
+        """The most items of a request now (unknown: all there are)."""
+        known = [s for s in (self.learned.size, self.chunk_size) if s is not None]
+        return min(known, default=len(self.results))
+
+    def fits(self) -> bool:
+        """Whether the next request may start beside those under way: one
+        alone always; beside others once its size is settled, and within the client's
+        in-flight limit once a 422 named it (more would be 429s, a second's wait each). Once
+        the call has stopped, the waiting ends (to start nothing)."""
+        cap = self.learned.in_flight
+        if self.failed is not None or self.in_flight == 0:
+            return True
+        if not self.learned.settled:
+            return False
+        return cap is None or self.in_flight + self.size() <= cap
+
+    def answered(self, chunk: range, results: list[R]) -> None:
+        if len(results) != len(chunk):
+            message = f"{len(results)} outputs for {len(chunk)} inputs"
+            self.refused(chunk, ServerError(message, status=200))
+            return
+        if len(chunk) >= self.size():
+            self.learned.settled = True
+        for i, result in zip(chunk, results, strict=True):
+            self.results[i] = result
+
+    def refused(self, chunk: range, error: NlpserveError) -> None:
+        """A request's error: its items sent again in smaller requests when the server
+        refused their number or size, else the call stops at it."""
+        smaller = self._smaller(len(chunk), error)
+        if smaller is None:
+            if self.failed is None:
+                self.failed = (chunk, error)
+            return
+        self.learned.size = min(self.learned.size or smaller, smaller)
+        self.learned.settled = False
+        # back with the items not sent, merged with a neighbour: ranges stay as few as can be
+        ranges = sorted([*self.pending, chunk], key=lambda r: r.start)
+        self.pending = [ranges[0]]
+        for r in ranges[1:]:
+            last = self.pending[-1]
+            if last.stop == r.start:
+                self.pending[-1] = range(last.start, r.stop)
+            else:
+                self.pending.append(r)
+
+    def _smaller(self, n: int, error: NlpserveError) -> int | None:
+        if n <= 1:
+            return None
+        if error.status == 413:  # body_too_large: fewer texts are fewer bytes
+            return n // 2
+        if error.status != 422 or error.code != "too_many_items":
+            return None
+        for pattern in _LIMITS:
+            if (m := pattern.search(error.message)) and 1 <= (limit := int(m[1])) < n:
+                if pattern is _IN_FLIGHT:
+                    self.learned.in_flight = limit
+                return limit
+        return n // 2
+
+    def chunk_options(self, opts: CallOptions, chunk: range) -> CallOptions:
+        """A request's own id: the caller's ``request_id`` and the items', ``id.0-63``."""
+        if (rid := opts.get("request_id")) is None:
+            return opts
+        return {**opts, "request_id": f"{rid}.{chunk.start}-{chunk.stop - 1}"}
+
+    def result(self) -> list[R]:
+        """The results in input order, or :class:`IncompleteBatch`."""
+        if self.failed is not None:
+            chunk, error = self.failed
+            unanswered = [i for i, r in enumerate(self.results) if r is None]
+            raise IncompleteBatch(error, chunk, list(self.results), unanswered) from error
+        return [r for r in self.results if r is not None]
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -261,7 +439,7 @@ class Attempts(Generic[T]):
         answer's error when it is not retried."""
         if r.status_code < 400:
             try:
-                return self.call.parse(r.json())
+                result = self.call.parse(r.json())
             except (ValueError, KeyError, TypeError) as e:
                 raise ServerError(
                     f"{self.call.method} {self.call.path}: an answer this client cannot read "
@@ -270,11 +448,27 @@ class Attempts(Generic[T]):
                     request_id=self._answer_id(r),
                     attempts=self.attempt + 1,
                 ) from None
+            meta = self._meta(r)
+            for answer in result if isinstance(result, list) else [result]:
+                if isinstance(answer, Answer):
+                    answer.meta = meta  # each item of a batch: its request's
+            return result
         retry_after = r.headers.get("retry-after")
         if (wait := self._next(r.status_code, retry_after)) is None:
             raise self.error(r, retry_after)
         self.attempt += 1
         return Retry(wait)
+
+    def _meta(self, r: httpx.Response) -> ResponseMeta:
+        stages, cache = server_timing(r.headers.get("server-timing"))
+        return ResponseMeta(
+            request_id=self._answer_id(r),
+            status=r.status_code,
+            attempts=self.attempt + 1,
+            elapsed_s=time.monotonic() - self.start,
+            server_timing=stages,
+            cache=cache,
+        )
 
     def _answer_id(self, r: httpx.Response) -> str:
         # the server keeps a well-formed id; it mints one for an id it refuses

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypeVar, Unpack
 
@@ -21,8 +21,11 @@ from service.client._calls import (
     Call,
     CallOptions,
     ClientOptions,
+    Learned,
     Retry,
+    Split,
 )
+from service.client.errors import ClientError, NlpserveError, ServerError
 from service.client.retry import RetryPolicy
 from service.client.types import (
     DetectResult,
@@ -37,11 +40,15 @@ from service.client.types import (
 )
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 (an input item)
+R = TypeVar("R")
 
 # The service's default deadline (NLPSERVE_DEFAULT_DEADLINE_MS, 30 s) and the grace a call's own
 # deadline gets: a request the server ends at its deadline is its 504, not a timeout here
 # (which would be a TransportError, and retried).
 DEFAULT_TIMEOUT_S = 30.0 + DEADLINE_GRACE_S
+# The AsyncClient's *_many requests at once.
+DEFAULT_CONCURRENCY = 4
 
 
 class _Options:
@@ -56,6 +63,21 @@ class _Options:
         self.headers = {"User-Agent": USER_AGENT, **(kw.get("headers") or {})}
         if (api_key := kw.get("api_key")) is not None:
             self.headers[API_KEY_HEADER] = api_key
+        # *_many: the batch limits the server's OpenAPI document announces (read once), and
+        # per path what refusals taught (a 422 too_many_items of the client's own limits)
+        self._limits: dict[str, int] | None = None
+        self._learned: dict[str, Learned] = {}
+
+    def _plan(
+        self,
+        make: Callable[[Sequence[I]], Call[list[R]]],
+        items: Sequence[I],
+        chunk_size: int | None,
+    ) -> Split[R]:
+        path = make(items[:1]).path
+        if (learned := self._learned.get(path)) is None:
+            learned = self._learned[path] = Learned((self._limits or {}).get(path))
+        return Split(len(items), learned, chunk_size)
 
     def _attempts(self, call: Call[T], opts: CallOptions) -> Attempts[T]:
         return Attempts(
@@ -108,6 +130,35 @@ class Client(_Options):
                     return got
                 wait = got.wait_s
             time.sleep(wait)
+
+    def _read_limits(self) -> None:
+        if self._limits is None:
+            try:
+                self._limits = self._send(calls.openapi(), {})
+            except (ClientError, ServerError):  # no document (or none readable): refusals teach
+                self._limits = {}
+
+    def _many(
+        self,
+        make: Callable[[Sequence[I]], Call[list[R]]],
+        items: Sequence[I],
+        chunk_size: int | None,
+        opts: CallOptions,
+    ) -> list[R]:
+        if not items:
+            return []
+        self._read_limits()
+        plan = self._plan(make, items, chunk_size)
+        while (chunk := plan.take()) is not None:
+            try:
+                got = self._send(
+                    make(items[chunk.start : chunk.stop]), plan.chunk_options(opts, chunk)
+                )
+            except NlpserveError as e:
+                plan.refused(chunk, e)
+            else:
+                plan.answered(chunk, got)
+        return plan.result()
 
     # ------------------------------------------------------------------ predictions
     def pos(
@@ -165,6 +216,57 @@ class Client(_Options):
     ) -> list[QAResult]:
         """One request of several ``(question, context)`` pairs."""
         return self._send(calls.qa_batch(pairs, model), opts)
+
+    # ------------------------------------------------------------------ any number of items
+    def pos_many(
+        self,
+        items: Sequence[str | Sequence[str]],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[PosResult]:
+        """``pos_batch`` of any number of items: requests the server accepts, one after the
+        other (:meth:`polarity_many` says how)."""
+        return self._many(lambda c: calls.pos_batch(c, model), items, chunk_size, opts)
+
+    def polarity_many(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[PolarityResult]:
+        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
+        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        ``too_many_items`` by the client's own limits, or 413, is cut to the limit its message
+        names, else halved), sent one after the other; the results in input order. A request
+        that fails otherwise stops the call: :class:`~service.client.IncompleteBatch`, with
+        the results so far. ``request_id`` names each request ``<id>.<first>-<last>`` item."""
+        return self._many(lambda c: calls.polarity_batch(c, model), texts, chunk_size, opts)
+
+    def detect_many(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[DetectResult]:
+        """``detect_batch`` of any number of texts (:meth:`polarity_many` says how)."""
+        return self._many(lambda c: calls.detect_batch(c, model), texts, chunk_size, opts)
+
+    def qa_many(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        **opts: Unpack[CallOptions],
+    ) -> list[QAResult]:
+        """``qa_batch`` of any number of pairs (:meth:`polarity_many` says how)."""
+        return self._many(lambda c: calls.qa_batch(c, model), pairs, chunk_size, opts)
 
     # ------------------------------------------------------------------ explanations
     def explain_detect(
@@ -238,6 +340,53 @@ class AsyncClient(_Options):
                 wait = got.wait_s
             await asyncio.sleep(wait)
 
+    async def _read_limits(self) -> None:
+        if self._limits is None:
+            try:
+                self._limits = await self._send(calls.openapi(), {})
+            except (ClientError, ServerError):  # no document (or none readable): refusals teach
+                self._limits = {}
+
+    async def _many(
+        self,
+        make: Callable[[Sequence[I]], Call[list[R]]],
+        items: Sequence[I],
+        chunk_size: int | None,
+        concurrency: int,
+        opts: CallOptions,
+    ) -> list[R]:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be 1 or more, not {concurrency}")
+        if not items:
+            return []
+        await self._read_limits()
+        plan = self._plan(make, items, chunk_size)
+        room = asyncio.Condition()
+
+        async def worker() -> None:
+            while True:
+                async with room:
+                    await room.wait_for(plan.fits)
+                    if (chunk := plan.take()) is None:
+                        return
+                    plan.in_flight += len(chunk)
+                try:
+                    call = make(items[chunk.start : chunk.stop])
+                    got = await self._send(call, plan.chunk_options(opts, chunk))
+                except NlpserveError as e:
+                    plan.refused(chunk, e)
+                else:
+                    plan.answered(chunk, got)
+                finally:
+                    async with room:
+                        plan.in_flight -= len(chunk)
+                        room.notify_all()
+
+        async with asyncio.TaskGroup() as workers:
+            for _ in range(concurrency):
+                workers.create_task(worker())
+        return plan.result()
+
     # ------------------------------------------------------------------ predictions
     async def pos(
         self,
@@ -294,6 +443,66 @@ class AsyncClient(_Options):
     ) -> list[QAResult]:
         """One request of several ``(question, context)`` pairs."""
         return await self._send(calls.qa_batch(pairs, model), opts)
+
+    # ------------------------------------------------------------------ any number of items
+    async def pos_many(
+        self,
+        items: Sequence[str | Sequence[str]],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **opts: Unpack[CallOptions],
+    ) -> list[PosResult]:
+        """``pos_batch`` of any number of items (:meth:`polarity_many` says how)."""
+        make = lambda c: calls.pos_batch(c, model)  # noqa: E731
+        return await self._many(make, items, chunk_size, concurrency, opts)
+
+    async def polarity_many(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **opts: Unpack[CallOptions],
+    ) -> list[PolarityResult]:
+        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
+        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        ``too_many_items`` by the client's own limits, or 413, is cut to the limit its message
+        names, else halved), at most ``concurrency`` at once (and, once a 422 named the
+        client's in-flight limit, no more items at once than it); the results in input order.
+        A request that fails otherwise stops the call (no request starts after it; those
+        under way end): :class:`~service.client.IncompleteBatch`, with the results so far.
+        ``request_id`` names each request ``<id>.<first>-<last>`` item."""
+        make = lambda c: calls.polarity_batch(c, model)  # noqa: E731
+        return await self._many(make, texts, chunk_size, concurrency, opts)
+
+    async def detect_many(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **opts: Unpack[CallOptions],
+    ) -> list[DetectResult]:
+        """``detect_batch`` of any number of texts (:meth:`polarity_many` says how)."""
+        make = lambda c: calls.detect_batch(c, model)  # noqa: E731
+        return await self._many(make, texts, chunk_size, concurrency, opts)
+
+    async def qa_many(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **opts: Unpack[CallOptions],
+    ) -> list[QAResult]:
+        """``qa_batch`` of any number of pairs (:meth:`polarity_many` says how)."""
+        make = lambda c: calls.qa_batch(c, model)  # noqa: E731
+        return await self._many(make, pairs, chunk_size, concurrency, opts)
 
     # ------------------------------------------------------------------ explanations
     async def explain_detect(

@@ -8,6 +8,8 @@
 - :class:`ServerError`: another 5xx (500 ``internal_error``, 501 ``explain_unavailable``).
 - :class:`TransportError`: no HTTP answer at all (refused, reset, timed out), after the
   retries.
+- :class:`IncompleteBatch`: a ``*_many`` call stopped by one of its requests' errors, with
+  the results it had.
 
 Each carries the HTTP ``status`` (None without an answer), the API's error ``code`` and
 ``message`` (docs/service.md, "Errors"), the ``request_id`` to quote, ``retry_after`` (seconds,
@@ -71,6 +73,33 @@ class ServerError(NlpserveError):
 
 class TransportError(NlpserveError):
     """No HTTP answer: the connection was refused or reset, or an attempt timed out."""
+
+
+class IncompleteBatch(NlpserveError):
+    """A ``*_many`` call stopped by a request that failed (after its retries; not a refusal of
+    its size, which the client splits smaller): no request started after it, those already
+    running were waited for. ``error`` is that request's exception (also ``__cause__``; its
+    ``status``, ``code``, ``retry_after``, ``attempts`` and ``request_id`` are this one's
+    too), ``failed`` the input indices it held (an item index in its message counts from
+    ``failed.start``), ``results`` every input's result in input order, None where none came,
+    and ``unanswered`` the indices of those, to send again."""
+
+    def __init__(
+        self, error: NlpserveError, failed: range, results: list[Any], unanswered: list[int]
+    ) -> None:
+        super().__init__(
+            f"the request of items {failed.start}-{failed.stop - 1} (of {len(results)}) "
+            f"failed: {error.message}; {len(unanswered)} items unanswered",
+            status=error.status,
+            code=error.code,
+            request_id=error.request_id,
+            retry_after=error.retry_after,
+            attempts=error.attempts,
+        )
+        self.error = error
+        self.failed = failed
+        self.results = results
+        self.unanswered = unanswered
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -1,6 +1,8 @@
 """The API's answers as plain dataclasses (the service's pydantic schemas need the server's
 imports; a client needs only these). Fields are the JSON's, names and order included, so
-``dataclasses.asdict(result)`` is the answer's body; fields a newer server adds are ignored."""
+``dataclasses.asdict(result)`` is the answer's body; fields a newer server adds are ignored.
+What the answer's headers said (its request id, Server-Timing) is each result's ``meta``, an
+attribute outside the fields."""
 
 from __future__ import annotations
 
@@ -19,28 +21,75 @@ def _known(cls: type[T], doc: Any) -> T:
     return cls(**{k: v for k, v in doc.items() if k in names})
 
 
+@dataclass(frozen=True)
+class ResponseMeta:
+    """Of the HTTP answer a result came in: its ``request_id`` (``X-Request-ID``: the one to
+    quote in a report; every item of a batch shares its request's), ``status``, the
+    ``attempts`` the call made, ``elapsed_s`` (the call's time in this client, retries and
+    their waits included), ``server_timing`` (``Server-Timing``'s milliseconds per stage:
+    ``tokenize``, ``queue``, ``inference``, and ``cache``, the response cache's lookup; empty
+    where the answer has none, as for the operations) and ``cache`` (the cache's ``desc``:
+    ``hit``, ``partial``, ``miss``; None without the response cache)."""
+
+    request_id: str
+    status: int
+    attempts: int
+    elapsed_s: float
+    server_timing: dict[str, float] = field(default_factory=dict)
+    cache: str | None = None
+
+
+def server_timing(header: str | None) -> tuple[dict[str, float], str | None]:
+    """``tokenize;dur=0.174, queue;dur=0.702`` -> ``({"tokenize": 0.174, ...}, None)``; a
+    ``cache;desc=hit;dur=0.05`` entry's desc is the second item. An entry without a readable
+    ``dur`` is left out."""
+    stages: dict[str, float] = {}
+    cache = None
+    for entry in (header or "").split(","):
+        name, *params = (p.strip() for p in entry.split(";"))
+        values = {}
+        for param in params:
+            key, _, value = param.partition("=")
+            values[key.strip()] = value.strip().strip('"')
+        if name == "cache":
+            cache = values.get("desc") or None
+        try:
+            stages[name] = float(values["dur"])
+        except (KeyError, ValueError):
+            continue
+    return stages, cache
+
+
+class Answer:
+    """Base of the results: ``meta`` is set on what a call returns (None on a result built
+    otherwise). A plain class attribute, not a dataclass field: ``asdict`` and ``==`` see
+    the answer's fields alone."""
+
+    meta: ResponseMeta | None = None
+
+
 @dataclass
-class PosResult:
+class PosResult(Answer):
     tokens: list[str]
     tags: list[str]  # one Penn Treebank tag per token
 
 
 @dataclass
-class PolarityResult:
+class PolarityResult(Answer):
     label: str  # positive or negative
     positive_probability: float
     truncated: bool
 
 
 @dataclass
-class DetectResult:
+class DetectResult(Answer):
     label: str  # human or machine
     machine_probability: float
     truncated: bool
 
 
 @dataclass
-class QAResult:
+class QAResult(Answer):
     answer: str  # context[start:end]
     start: int  # code points
     end: int
@@ -48,7 +97,7 @@ class QAResult:
 
 
 @dataclass
-class Explanation:
+class Explanation(Answer):
     model: str
     version: str
     tokens: list[str]
@@ -72,7 +121,7 @@ class Explanation:
 
 
 @dataclass
-class ModelInfo:
+class ModelInfo(Answer):
     """One ``GET /v1/models`` entry (docs/service.md, "Endpoints", says what each means)."""
 
     name: str
@@ -104,7 +153,7 @@ class ExplainLimits:
 
 
 @dataclass
-class Models:
+class Models(Answer):
     models: list[ModelInfo]
     explain: ExplainLimits
 
@@ -117,12 +166,12 @@ class Models:
 
 
 @dataclass
-class Health:
+class Health(Answer):
     status: str
 
 
 @dataclass
-class Ready:
+class Ready(Answer):
     status: str
     models: list[str]
     # Redis mode only: live workers, in all and per model (None in-process)

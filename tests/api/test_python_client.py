@@ -30,6 +30,7 @@ from service.client import (
     Client,
     ClientError,
     DeadlineExceeded,
+    IncompleteBatch,
     NlpserveError,
     RetriesExhausted,
     RetryPolicy,
@@ -56,6 +57,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "client-test-key-0123456789"
 LIMIT = 2  # alice's in-flight limit: LIMIT held requests make the next one a 429
+FREE_KEY = "client-test-free-0123456789"  # erin: no limit of her own
+IN_FLIGHT_KEY = "client-test-in-flight-0123456789"  # carol: max_in_flight=3
+BURST_KEY = "client-test-burst-0123456789"  # dave: bursts of 2 (rate=1000 burst=2)
+RATE_KEY = "client-test-rate-0123456789"  # frank: one item a second (rate=1 burst=1)
 HEADERS = {"X-API-Key": KEY}
 # Fast retries for the tests that need some (the delay is honoured, not measured, there).
 QUICK = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
@@ -65,7 +70,11 @@ QUICK = RetryPolicy(retries=3, backoff_s=0.01, max_backoff_s=0.05)
 @pytest.fixture(scope="module")
 def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("client") / "api-keys"
-    path.write_text(f"alice {KEY} max_in_flight={LIMIT}\n")
+    path.write_text(
+        f"alice {KEY} max_in_flight={LIMIT}\nerin {FREE_KEY}\n"
+        f"carol {IN_FLIGHT_KEY} max_in_flight=3\ndave {BURST_KEY} rate=1000 burst=2\n"
+        f"frank {RATE_KEY} rate=1 burst=1\n"
+    )
     return path
 
 
@@ -194,8 +203,9 @@ async def test_the_documented_examples_run(srv, model_repo):
     said = await asyncio.to_thread(run, examples[0])
     assert said.startswith("PolarityResult(label=") and "('barks', " in said
     assert f"('{POS_MODEL}', '1')" in said and "422 empty_text" in said and "my-call-1" in said
+    assert "my-call-2 {'tokenize': " in said and "'inference': " in said
     said = await asyncio.to_thread(run, examples[1])
-    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n", said)
+    assert re.fullmatch(r"\['(positive|negative)', '(positive|negative)'\]\n200 True\n", said)
 
 
 # --------------------------------------------------------------------------- errors
@@ -342,6 +352,167 @@ async def test_a_refused_connection_is_retried_until_the_server_listens(model_re
         await server.stop()  # closes the port's socket, started or not
 
 
+# --------------------------------------------------------------------------- a result's answer
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_result_carries_its_request_id_and_server_timing(srv, raw, model_repo, flavour):
+    require_model(model_repo, POLARITY_MODEL)
+
+    def sync_calls() -> list[Any]:
+        with Client(srv.url, api_key=KEY) as c:
+            return [
+                c.polarity(REVIEW, request_id="meta-one"),
+                c.polarity(REVIEW),
+                c.polarity_batch([REVIEW, "Dull."], request_id="meta-batch"),
+                c.models(),
+            ]
+
+    if flavour == "sync":
+        one, minted, batch, listed = await asyncio.to_thread(sync_calls)
+    else:
+        async with AsyncClient(srv.url, api_key=KEY) as c:
+            one = await c.polarity(REVIEW, request_id="meta-one")
+            minted = await c.polarity(REVIEW)
+            batch = await c.polarity_batch([REVIEW, "Dull."], request_id="meta-batch")
+            listed = await c.models()
+    assert one.meta is not None and (one.meta.request_id, one.meta.status) == ("meta-one", 200)
+    assert set(one.meta.server_timing) == {"tokenize", "queue", "inference"}
+    assert all(ms >= 0 for ms in one.meta.server_timing.values())
+    assert one.meta.cache is None and one.meta.attempts == 1 and one.meta.elapsed_s > 0
+    assert minted.meta is not None and len(minted.meta.request_id) >= 16
+    assert [r.meta.request_id for r in batch if r.meta] == ["meta-batch"] * 2
+    assert listed.meta is not None and listed.meta.server_timing == {}
+    # outside the fields: the body and equality are the answer's alone
+    assert "meta" not in dataclasses.asdict(one) and one == dataclasses.replace(one)
+
+
+# --------------------------------------------------------------------------- any number of items
+TEXTS = [REVIEW, "Dull and far too long.", "An ordinary film.", "Superb."]
+
+
+async def _polarity_of(raw: httpx.AsyncClient) -> dict[str, Any]:
+    body = {"inputs": [{"text": t} for t in TEXTS]}
+    r = await raw.post("/v1/polarity", json=body, headers={"X-API-Key": FREE_KEY})
+    assert r.status_code == 200
+    return {t: _comparable(o) for t, o in zip(TEXTS, r.json()["outputs"], strict=True)}
+
+
+async def _count(raw: httpx.AsyncClient, name: str, **labels: str) -> float:
+    return metric_value(await read_metrics(raw), name, **labels)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
+    srv, raw, model_repo, flavour
+):
+    """150 texts, NLPSERVE_MAX_BATCH_ITEMS 64 (the OpenAPI document's maxItems): requests of
+    64, 64 and 22, never a 422; each result where its text was."""
+    require_model(model_repo, POLARITY_MODEL)
+    want = await _polarity_of(raw)
+    texts = [TEXTS[i * 7 % len(TEXTS)] for i in range(150)]
+    before = await _count(raw, "nlpserve_requests_total", status="422")
+    if flavour == "sync":
+        with Client(srv.url, api_key=FREE_KEY) as c:
+            got = await asyncio.to_thread(c.polarity_many, texts, request_id="job")
+    else:
+        async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
+            got = await ac.polarity_many(texts, request_id="job", concurrency=2)
+    assert [_plain(r) for r in got] == [want[t] for t in texts]
+    ids = [r.meta.request_id for r in got if r.meta]
+    assert sorted(set(ids)) == ["job.0-63", "job.128-149", "job.64-127"]
+    assert await _count(raw, "nlpserve_requests_total", status="422") == before
+    # what the client reads of the 422 when it has no document (the server's own words)
+    async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
+        with pytest.raises(ClientError) as e:
+            await ac.polarity_batch(texts[:65])
+    assert e.value.code == "too_many_items"
+    assert [m[1] for p in calls._LIMITS if (m := p.search(e.value.message))] == ["64"]
+
+
+async def test_many_items_keep_to_the_clients_in_flight_limit(srv, raw, model_repo):
+    """carol may have 3 items in flight: a request of 4 is a 422 that says so, and a
+    polarity_batch of 4 a ClientError; polarity_many cuts its requests to 3, and starts no
+    two at once (which would be 429s, a second's wait each)."""
+    require_model(model_repo, POLARITY_MODEL)
+    want = await _polarity_of(raw)
+    async with AsyncClient(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as ac:
+        with pytest.raises(ClientError) as e:
+            await ac.polarity_batch(TEXTS)
+        assert (e.value.status, e.value.code) == (422, "too_many_items")
+        assert "at most 3 in flight" in e.value.message and "smaller" in e.value.message
+        quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
+        texts = TEXTS * 5
+        got = await ac.polarity_many(texts, chunk_size=4, concurrency=4, request_id="c")
+        assert [_plain(r) for r in got] == [want[t] for t in texts]
+        ids = sorted(
+            {r.meta.request_id for r in got if r.meta}, key=lambda i: int(i[2:].split("-")[0])
+        )
+        assert ids == [f"c.{a}-{min(a + 2, 19)}" for a in range(0, 20, 3)]  # 3 each, then 2
+        # what it learned holds for the client's next call: no 422 more
+        refused = await _count(raw, "nlpserve_requests_total", status="422")
+        assert len(await ac.polarity_many(texts, concurrency=4)) == 20
+        assert await _count(raw, "nlpserve_requests_total", status="422") == refused
+    quota_after = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
+    assert quota_after == quota
+
+
+async def test_many_items_keep_to_the_clients_burst(srv, raw, model_repo):
+    require_model(model_repo, POLARITY_MODEL)
+    want = await _polarity_of(raw)
+    with Client(srv.url, api_key=BURST_KEY, retry=QUICK) as c:
+        with pytest.raises(ClientError) as e:
+            await asyncio.to_thread(c.polarity_batch, TEXTS[:3])
+        assert e.value.code == "too_many_items" and "at most 2 at once" in e.value.message
+        got = await asyncio.to_thread(c.polarity_many, TEXTS, request_id="d")
+    assert [_plain(r) for r in got] == [want[t] for t in TEXTS]
+    assert sorted({r.meta.request_id for r in got if r.meta}) == ["d.0-1", "d.2-3"]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_client_rate_429_waits_its_retry_after(srv, raw, model_repo, flavour):
+    """frank may send one item a second: his second call at once is a 429 client_rate with
+    Retry-After: 1, waited out (not QUICK's 10 ms backoff), then served."""
+    require_model(model_repo, POLARITY_MODEL)
+    before = await _count(raw, "nlpserve_client_rate_rejections_total", client="frank")
+    await asyncio.sleep(1.1)  # the bucket full again after any earlier test's call
+
+    def sync_calls() -> list[Any]:
+        with Client(srv.url, api_key=RATE_KEY, retry=QUICK) as c:
+            return [c.polarity(REVIEW), c.polarity(REVIEW)]
+
+    t0 = time.monotonic()
+    if flavour == "sync":
+        first, second = await asyncio.to_thread(sync_calls)
+    else:
+        async with AsyncClient(srv.url, api_key=RATE_KEY, retry=QUICK) as ac:
+            first, second = await ac.polarity(REVIEW), await ac.polarity(REVIEW)
+    assert time.monotonic() - t0 >= 0.95
+    assert first.meta and first.meta.attempts == 1 and second.meta and second.meta.attempts == 2
+    after = await _count(raw, "nlpserve_client_rate_rejections_total", client="frank")
+    assert after == before + 1
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_failed_request_stops_many_with_the_results_so_far(srv, model_repo, flavour):
+    require_model(model_repo, POLARITY_MODEL)
+    texts = TEXTS * 2 + ["   ", REVIEW, REVIEW, REVIEW]  # items 8-11: one empty text
+    texts += TEXTS * 2
+    if flavour == "sync":
+        with Client(srv.url, api_key=FREE_KEY) as c, pytest.raises(IncompleteBatch) as e:
+            await asyncio.to_thread(c.polarity_many, texts, chunk_size=4)
+    else:
+        async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
+            with pytest.raises(IncompleteBatch) as e:
+                await ac.polarity_many(texts, chunk_size=4, concurrency=1, request_id="f")
+    err = e.value
+    assert isinstance(err.error, ClientError) and err.__cause__ is err.error
+    assert (err.status, err.code, err.failed) == (422, "empty_text", range(8, 12))
+    assert err.unanswered == list(range(8, 20))
+    assert all(r is not None for r in err.results[:8]) and len(err.results) == 20
+    assert "items 8-11" in str(err)
+    if flavour == "async":
+        assert err.request_id == "f.8-11"
+
+
 # --------------------------------------------------------------------------- a raw server
 class Scripted:
     """A raw HTTP/1.1 server answering each request with the next scripted response (None:
@@ -350,6 +521,7 @@ class Scripted:
     def __init__(self, responses: list[bytes | None]) -> None:
         self.responses = iter(responses)
         self.seen: list[dict[str, str]] = []
+        self.bodies: list[bytes] = []
         self.times: list[float] = []
         self.server: asyncio.Server | None = None
         self.handlers: set[asyncio.Task[None]] = set()
@@ -365,8 +537,9 @@ class Scripted:
                     for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
                     if k
                 }
-                await reader.readexactly(int(headers.get("content-length", 0)))
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
                 self.seen.append(headers)
+                self.bodies.append(body)
                 self.times.append(time.monotonic())
                 resp = next(self.responses, None)
                 if resp is None:
@@ -516,3 +689,42 @@ async def test_without_a_deadline_an_attempt_outlasts_the_servers_default_deadli
         )
         with_deadline = c._attempts(calls.polarity("x", None), {"deadline_ms": 2000})
         assert with_deadline.request()["timeout"] <= 2 + DEADLINE_GRACE_S
+
+
+async def test_without_an_openapi_document_many_learns_the_limits_from_refusals():
+    """No /openapi.json (404): the first request holds every item; its 422 names the limit
+    (2), a 413 halves what it refused; the results in input order all the same."""
+
+    def outputs(*probabilities: float) -> bytes:
+        out = [
+            {"label": "positive", "positive_probability": p, "truncated": False}
+            for p in probabilities
+        ]
+        return answer(200, json.dumps({"outputs": out}).encode())
+
+    script = Scripted([
+        api_error(404, "not_found", "no such path"),
+        api_error(422, "too_many_items",
+                  "5 inputs in one request; the limit is 2 (NLPSERVE_MAX_BATCH_ITEMS)"),
+        outputs(0.0, 0.1),
+        api_error(413, "body_too_large", "too big"),
+        outputs(0.2),
+        outputs(0.3),
+        outputs(0.4),
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        got = await c.polarity_many(list("abcde"), concurrency=1)
+    assert [r.positive_probability for r in got] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    sent = [len(json.loads(b)["inputs"]) for b in script.bodies[1:]]
+    assert sent == [5, 2, 2, 1, 1, 1]
+
+
+async def test_server_timing_with_the_response_cache():
+    timing = "cache;desc=partial;dur=0.050, tokenize;dur=0.174, queue;dur=0.702, inference;dur=2"
+    script = Scripted([answer(200, OK.split(b"\r\n\r\n", 1)[1], Server_Timing=timing)])
+    async with script as url, AsyncClient(url) as c:
+        result = await c.polarity("fine")
+    assert result.meta is not None and result.meta.cache == "partial"
+    assert result.meta.server_timing == {
+        "cache": 0.05, "tokenize": 0.174, "queue": 0.702, "inference": 2.0,
+    }  # fmt: skip
