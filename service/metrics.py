@@ -124,13 +124,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # priority as on the request metrics: a batch request's queue stage is the wait for
+        # interactive work (by design), which would blur the interactive one; its series are
+        # made only once batch work is answered (at most twice the model x stage series).
         self.request_stage = Histogram(
             "nlpserve_request_stage_seconds",
             "Where each answered prediction's time went in the server, as its Server-Timing "
             "header says: stage=tokenize (in the API process), queue (waiting for a batch and "
             "a free thread; in Redis mode also the trip through Redis and the worker), "
-            "inference (the ONNX Runtime run of its batch).",
-            ["model", "stage"],
+            "inference (the ONNX Runtime run of its batch); priority: interactive or batch.",
+            ["model", "stage", "priority"],
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
@@ -314,10 +317,11 @@ class Metrics:
             m = self._monitors[model] = PredictionMonitor(self, model, outcomes)
         return m
 
-    def observe_stages(self, model: str, timing: dict[str, float]) -> None:
-        """A prediction's ``timing`` (run_requests': stage -> seconds)."""
+    def observe_stages(self, model: str, timing: dict[str, float], *, priority: str) -> None:
+        """A prediction's ``timing`` (run_requests': stage -> seconds); ``priority``: its
+        class, as :meth:`observe_request`'s."""
         for stage, secs in timing.items():
-            self.child(self.request_stage, model, stage).observe(secs)
+            self.child(self.request_stage, model, stage, priority).observe(secs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

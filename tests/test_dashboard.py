@@ -2,10 +2,11 @@
 
 Static: the dashboard's shape (a ``$datasource`` variable so it imports anywhere, a
 description on every panel, only defined variables, alerts it names exist), and every target
-parses as PromQL. Live: an API replica with API keys (two clients) and an inference worker
+parses as PromQL. Live: an API replica with API keys (three clients) and an inference worker
 in Redis mode (real ``redis-server``, the committed models) take requests of every kind from
-both clients, a 4xx, 429s (a full queue; one client over its in-flight limit) and 401s
-included; every ``nlpserve_*`` name the dashboard uses must be in their ``/metrics``
+the clients, a 4xx, 429s (a full queue; one client over its in-flight limit, another over
+its rate limit) and 401s included; every ``nlpserve_*`` name the dashboard uses must be in
+their ``/metrics``
 expositions (a renamed metric fails here), and a real
 Prometheus server (``prometheus`` on PATH: Debian package ``prometheus``, which .ci/run
 installs for ``promtool``) scraping both every second, the response cache on and hit,
@@ -66,13 +67,21 @@ MAX_QUEUE_DEPTH = 8  # one request of 8 sequences fills a queue: the next is ref
 RESPONSE_CACHE_MB = 0.002
 # Each round of traffic asks new texts (a cache that knew them would leave the model idle).
 ROUNDS = itertools.count()
-# The API's keys file: one client's key as its hash, the other's as itself (both forms);
-# bob with an in-flight limit of his own (alice has none: her bursts fill the queue).
-CLIENT_KEYS = {"alice": "alice-key-0123456789-abcdefghij", "bob": "bob-plaintext-key-9876543210"}
+# The API's keys file: one client's key as its hash, the others' as themselves (both forms);
+# bob with an in-flight limit of his own (alice has none: her bursts fill the queue), carol
+# with a rate limit (a bucket of CAROL_BURST items that takes 50 s to refill: her second
+# request of a round is refused 429 client_rate).
+CLIENT_KEYS = {
+    "alice": "alice-key-0123456789-abcdefghij",
+    "bob": "bob-plaintext-key-9876543210",
+    "carol": "carol-plaintext-key-5555544444",
+}
 BOB_MAX_IN_FLIGHT = 4
+CAROL_RATE, CAROL_BURST = 0.04, 2
 KEYS_FILE = (
     f"{key_line('alice', CLIENT_KEYS['alice'])}\n"
     f"bob {CLIENT_KEYS['bob']} max_in_flight={BOB_MAX_IN_FLIGHT}\n"
+    f"carol {CLIENT_KEYS['carol']} rate={CAROL_RATE} burst={CAROL_BURST}\n"
 )
 # Cut at detector-en's max length (128 tokens): the drift row's truncated share moves.
 LONG_TEXT = " ".join(["The committee reviewed every chapter of the long report twice."] * 25)
@@ -296,6 +305,7 @@ async def _traffic(st: Stack) -> None:
         statuses = [r.status_code for r in await asyncio.gather(*batch)]
         assert set(statuses) <= {200, 429} and 200 in statuses, statuses
         await _client_quota_traffic(b, n)
+        await _client_rate_traffic(st, n)
         await _cache_traffic(st, c, n)
 
 
@@ -319,6 +329,23 @@ async def _client_quota_traffic(b: httpx.AsyncClient, n: int) -> None:
         if "client_quota" in codes:
             return
     raise AssertionError("no request of bob's was refused with client_quota")
+
+
+async def _client_rate_traffic(st: Stack, n: int) -> None:
+    """carol's requests of her whole burst, one after another: the first of the fixture's
+    round takes the bucket's tokens, every later one (this round's, or the next round's, well
+    before the 50 s refill) is refused 429 client_rate."""
+    async with st.api.client(headers={"X-API-Key": CLIENT_KEYS["carol"]}) as carol:
+        got = [
+            # new texts: the response cache's answers take no tokens
+            await carol.post(
+                "/v1/polarity",
+                json={"inputs": [{"text": f"carol {n}.{k}.{i}"} for i in range(CAROL_BURST)]},
+            )
+            for k in range(2)
+        ]
+    codes = [r.json()["error"]["code"] if r.status_code == 429 else r.status_code for r in got]
+    assert set(codes) <= {200, "client_rate"} and codes[-1] == "client_rate", codes
 
 
 async def _cache_traffic(st: Stack, c: httpx.AsyncClient, n: int) -> None:
@@ -477,20 +504,27 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
                 break
             await asyncio.sleep(0.5)
         assert not empty, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
-        # the clients row tells the two clients and both reasons apart; only bob has a limit
-        # and was refused for it
+        # the clients row tells the clients and both reasons apart; only bob has an in-flight
+        # limit and was refused for it, only carol a rate limit and was refused for it
         exprs = {(title, t["refId"]): expr for title, expr, t in targets}
         first = {title: expr for (title, ref), expr in exprs.items() if ref == "A"}
         in_flight = "Client in flight vs its limit"
         for (title, ref), label, want in (
-            (("Requests per client", "A"), "client", {"alice", "bob"}),
+            (("Requests per client", "A"), "client", {"alice", "bob", "carol"}),
             (("Auth failures (401) by reason", "A"), "reason", {"missing", "invalid"}),
-            ((in_flight, "A"), "client", {"alice", "bob"}),
+            ((in_flight, "A"), "client", {"alice", "bob", "carol"}),
             ((in_flight, "B"), "client", {"bob"}),
             (("Client quota rejections (429 client_quota) per client", "A"), "client", {"bob"}),
+            (("Client rate limit in force (items/s)", "A"), "client", {"carol"}),
+            (("Client rate rejections (429 client_rate) per client", "A"), "client", {"carol"}),
         ):
             result = await _query(c, exprs[title, ref])
             assert {s["metric"][label] for s in result} == want, (title, ref, result)
+        result = await _query(c, first["Client rate limit in force (items/s)"])
+        assert [float(s["value"][1]) for s in result] == [CAROL_RATE], result
+        # the stage panel: the interactive stages, and the batch-priority queue wait apart
+        result = await _query(c, exprs["Where latency goes: p95 per stage", "B"])
+        assert {s["metric"]["model"] for s in result} == {"polarity-en"}, result
         # the lanes panel: interactive and batch-priority work, each its own series
         result = await _query(c, first["Queue depth per lane"])
         lanes = {s["metric"]["lane"] for s in result if s["metric"]["model"] == "polarity-en"}

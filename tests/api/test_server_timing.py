@@ -134,3 +134,36 @@ async def test_stage_histogram_resolves_sub_millisecond_stages(client):
         after = bucket_counts(await read_metrics(client), stage)
         landed = min(le for le, n in after.items() if n > before.get(le, 0.0))
         assert took <= landed <= max(4 * took, 1e-4), (stage, took, landed)
+
+
+async def test_stage_metrics_tell_the_priority_classes_apart(client):
+    """A batch-priority prediction's stages are counted under priority="batch", an
+    interactive one's under "interactive": a batch request's queue stage waits for
+    interactive work by design, and would blur the interactive queue wait."""
+
+    def counts(text: str) -> dict[tuple[str, str], float]:
+        return {
+            (p, s): metric_value(
+                text,
+                "nlpserve_request_stage_seconds_count",
+                model=POLARITY_MODEL,
+                stage=s,
+                priority=p,
+            )
+            for p in ("interactive", "batch")
+            for s in ("tokenize", "queue", "inference")
+        }
+
+    before = counts(await read_metrics(client))
+    r = await client.post("/v1/polarity", json={"text": "an interactive film review"})
+    assert r.status_code == 200, r.text
+    for k in range(2):
+        r = await client.post(
+            "/v1/polarity",
+            json={"text": f"a bulk-scored review {k}"},
+            headers={"X-Priority": "batch"},
+        )
+        assert r.status_code == 200, r.text
+    after = counts(await read_metrics(client))
+    for (p, s), n in after.items():
+        assert n - before[p, s] == {"interactive": 1, "batch": 2}[p], (p, s)

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from service.api.client_quota import admit
 from service.api.deps import (
     DEADLINE_HEADER,
+    PRIORITY_OF_LANE,
     ClientGone,
     ServiceState,
     cancel_on_disconnect,
@@ -158,7 +159,7 @@ async def run_work(
         results = await cache.serve(
             task, state.runners.get(task.name), items, decode, deadline, timing, run, lane
         )
-    state.metrics.observe_stages(task.name, timing)
+    state.metrics.observe_stages(task.name, timing, priority=PRIORITY_OF_LANE[lane])
     for prepared in read:
         monitor.read(prepared)
     monitor.answered(task, results)
