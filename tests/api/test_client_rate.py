@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from service.api.auth import Rate, digest, parse_keys
 from service.api.client_rate import ClientRate, ClientRateConfigError
+from service.api.errors import ApiError
 from service.config import Settings
 from tests.api.test_auth import _cli
 from tests.service_support import (
@@ -220,6 +221,25 @@ async def test_a_reload_changes_the_rate_at_once(served):
         text = await read_metrics(c)
         assert 'nlpserve_client_rate{client="bob"}' not in text
         assert metric_value(text, "nlpserve_client_rate", client="alice") == 0.5
+
+
+@session_loop
+async def test_a_burst_lowered_between_the_check_and_the_take_is_422_not_429(served):
+    """The in-flight admission between the two may wait on Redis: a reload meanwhile that
+    lowers the client's burst below the request's items makes it one no retry could pass,
+    the 422 of a request over the burst, not a 429 whose Retry-After never comes true."""
+    srv, clock = served
+    keys, rate = srv.state.api_keys, rate_of(srv)
+    assert keys is not None
+    clock.now += 3600  # a full bucket: 3
+    rate.check("alice", 3)
+    keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=0.1 burst=2"))
+    assert keys.reload()
+    with pytest.raises(ApiError) as refused:
+        await rate.take("alice", 3)
+    assert (refused.value.status_code, refused.value.code) == (422, "too_many_items")
+    assert "this client may send at most 2 at once" in refused.value.message
+    await rate.take("alice", 2)  # nothing was taken: the lowered burst's 2 are there
 
 
 # --------------------------------------------------------------------------- settings
