@@ -399,7 +399,9 @@ class Settings(BaseSettings):
         64,
         # A worker's cancel subscription holds one for good and its XREADGROUP one for up to
         # the block time: with 1 the worker never read (its stop hung too), with 2 its replies
-        # waited behind the reads and every request timed out (504). (0: redis-py's 100.)
+        # waited behind the reads and every request timed out (504). The read beside the
+        # blocked one (worker.py, _read_beside) never blocks: it waits its turn with the
+        # replies for the third. (0: redis-py's 100.)
         ge=3,
         description="Redis connection pool size per process (at least 3).",
     )

@@ -269,6 +269,23 @@ async def stall_loop(read: Callable[[], Awaitable[str]]) -> tuple[str, str]:
     return before, after
 
 
+def post_polarity(
+    c: httpx.AsyncClient,
+    key: str,
+    n: int = 1,
+    *,
+    text: str = "a fine film",
+    deadline_ms: int | None = None,
+) -> asyncio.Task[httpx.Response]:
+    """A /v1/polarity request of ``n`` distinct texts with the API key ``key``, sent at once
+    (a task: await it for the response, or let it wait in a paused queue)."""
+    body = {"inputs": [{"text": f"{text} {i}"} for i in range(n)]}
+    headers = {"X-API-Key": key}
+    if deadline_ms is not None:
+        headers["X-Deadline-Ms"] = str(deadline_ms)
+    return asyncio.create_task(c.post("/v1/polarity", json=body, headers=headers))
+
+
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``cond`` (a state check, not a timing assumption) until true."""
     t0 = time.monotonic()

@@ -1181,6 +1181,17 @@ def test_builders_main_builds_the_lstm_models_or_says_how(lstm_rebuild: Path) ->
         assert (lstm_rebuild / name / "1" / "manifest.json").is_file()
 
 
+def detect_only(model_repo: Path, tmp_path: Path) -> Path:
+    """A model repository of the detect model alone (a server of it starts in a second)."""
+    from tests.service_support import DETECT_MODEL, require_model
+
+    require_model(model_repo, DETECT_MODEL)
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / DETECT_MODEL).symlink_to(model_repo / DETECT_MODEL, target_is_directory=True)
+    return repo
+
+
 async def test_overload_script_counts_statuses_goodput_and_rejections(
     model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1189,13 +1200,9 @@ async def test_overload_script_counts_statuses_goodput_and_rejections(
     server does not load), goodput from the 200s, and --metrics' line with the server's
     rejections by reason over the run."""
     from bench import overload
-    from tests.service_support import DETECT_MODEL, live_server, make_settings, require_model
+    from tests.service_support import live_server, make_settings
 
-    require_model(model_repo, DETECT_MODEL)
-    repo = tmp_path / "models"
-    repo.mkdir()
-    (repo / DETECT_MODEL).symlink_to(model_repo / DETECT_MODEL, target_is_directory=True)
-    async with live_server(make_settings(repo)) as srv:
+    async with live_server(make_settings(detect_only(model_repo, tmp_path))) as srv:
         argv = ["--url", srv.url, "--models", "detect,pos", "--seed", "1", "--metrics",
                 "--phase", "20:0.5", "--phase", "10:0.5"]  # fmt: skip
         await overload.run(overload.parse_args(argv))
@@ -1230,14 +1237,9 @@ async def test_overload_phases_priority_sends_the_phases_as_batch_and_counts_the
         make_settings,
         metric_value,
         read_metrics,
-        require_model,
     )
 
-    require_model(model_repo, DETECT_MODEL)
-    repo = tmp_path / "models"
-    repo.mkdir()
-    (repo / DETECT_MODEL).symlink_to(model_repo / DETECT_MODEL, target_is_directory=True)
-    async with live_server(make_settings(repo)) as srv:
+    async with live_server(make_settings(detect_only(model_repo, tmp_path))) as srv:
         argv = ["--url", srv.url, "--models", "detect", "--seed", "2", "--phases-priority",
                 "batch", "--steady", "detect:20", "--phase", "20:0.5"]  # fmt: skip
         await overload.run(overload.parse_args(argv))

@@ -145,6 +145,10 @@ class ClientRate:
         rate = self.rates.get(client)
         if rate is None or n <= 0:
             return
+        if n > rate.burst:
+            # a reload lowered the burst since check() (the in-flight admission between them
+            # may wait on Redis): a 429 would name a wait after which it is refused again
+            self.check(client, n)
         if self.shared is not None:
             taken, before = await self.shared.take(client, n, rate.rate, rate.burst)
         else:

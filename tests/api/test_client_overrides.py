@@ -23,6 +23,7 @@ from tests.service_support import (
     live_server,
     make_settings,
     metric_value,
+    post_polarity,
     read_metrics,
     wait_for,
 )
@@ -49,15 +50,10 @@ def quota_of(srv: LiveServer) -> ClientQuota:
     return quota
 
 
-def polarity(c: httpx.AsyncClient, key: str, n: int = 1) -> asyncio.Task[httpx.Response]:
-    body = {"inputs": [{"text": f"a fine film {i}"} for i in range(n)]}
-    return asyncio.create_task(c.post("/v1/polarity", json=body, headers={"X-API-Key": key}))
-
-
 async def hold(srv: LiveServer, c: httpx.AsyncClient, key: str, client: str, n: int) -> list:
     """``n`` single-item requests of ``key``, admitted and held in the paused queue."""
     before = quota_of(srv).in_flight.get(client, 0)
-    tasks = [polarity(c, key) for _ in range(n)]
+    tasks = [post_polarity(c, key) for _ in range(n)]
     await wait_for(lambda: quota_of(srv).in_flight.get(client, 0) == before + n)
     return tasks
 
@@ -98,21 +94,21 @@ async def test_overrides_above_and_below_the_default(model_repo, tmp_path):
 
             held = await hold(srv, c, ALICE, "alice", DEFAULT)
             assert_refused(
-                await polarity(c, ALICE), DEFAULT, DEFAULT, "NLPSERVE_CLIENT_MAX_IN_FLIGHT"
+                await post_polarity(c, ALICE), DEFAULT, DEFAULT, "NLPSERVE_CLIENT_MAX_IN_FLIGHT"
             )
 
             # higher: 5, over both of the client's keys together
             held += await hold(srv, c, BULK, "bulk", 3)
             held += await hold(srv, c, BULK_2, "bulk", 2)
-            assert_refused(await polarity(c, BULK_2), 5, 5, OWN)
-            assert_refused(await polarity(c, BULK), 5, 5, OWN)
+            assert_refused(await post_polarity(c, BULK_2), 5, 5, OWN)
+            assert_refused(await post_polarity(c, BULK), 5, 5, OWN)
 
             # lower: 1, and a batch over it could never be admitted
-            r = await polarity(c, TINY, 2)
+            r = await post_polarity(c, TINY, 2)
             assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
             assert f"at most 1 in flight ({OWN})" in r.json()["error"]["message"]
             held += await hold(srv, c, TINY, "tiny", 1)
-            assert_refused(await polarity(c, TINY), 1, 1, OWN)
+            assert_refused(await post_polarity(c, TINY), 1, 1, OWN)
 
             assert quota_of(srv).in_flight == {"alice": 3, "bulk": 5, "tiny": 1}
             assert q.depth(POLARITY_MODEL) == 9
@@ -140,7 +136,7 @@ async def test_overrides_without_the_default_limit_only_those_clients(model_repo
         try:
             held = await hold(srv, c, ALICE, "alice", 6)  # no limit
             held += await hold(srv, c, TINY, "tiny", 1)
-            assert_refused(await polarity(c, TINY), 1, 1, OWN)
+            assert_refused(await post_polarity(c, TINY), 1, 1, OWN)
             metrics = await read_metrics(c)
             assert metric_value(metrics, "nlpserve_client_in_flight", client="alice") == 6
             assert metric_value(metrics, "nlpserve_client_max_in_flight", client="tiny") == 1
@@ -165,12 +161,12 @@ async def test_a_reload_changes_the_limit_without_cutting_off_what_is_in_flight(
         q.pause()
         try:
             held = await hold(srv, c, ALICE, "alice", 2)
-            assert_refused(await polarity(c, ALICE), 2, 2, "NLPSERVE_CLIENT_MAX_IN_FLIGHT")
+            assert_refused(await post_polarity(c, ALICE), 2, 2, "NLPSERVE_CLIENT_MAX_IN_FLIGHT")
 
             path.write_text(f"alice {ALICE} max_in_flight=4\ntiny {TINY}\n")  # raised
             assert keys.reload()
             held += await hold(srv, c, ALICE, "alice", 2)
-            assert_refused(await polarity(c, ALICE), 4, 4, OWN)
+            assert_refused(await post_polarity(c, ALICE), 4, 4, OWN)
 
             path.write_text(f"alice {ALICE} max_in_flight=1\ntiny {TINY}\n")  # lowered
             assert keys.reload()
@@ -180,14 +176,14 @@ async def test_a_reload_changes_the_limit_without_cutting_off_what_is_in_flight(
             assert limit == 1
             # over the new limit: nothing it holds is cut off, nothing new is admitted
             assert quota_of(srv).in_flight == {"alice": 4}
-            assert_refused(await polarity(c, ALICE), 4, 1, OWN)
-            held.append(polarity(c, TINY, 2))  # tiny keeps the default: a pair admitted
+            assert_refused(await post_polarity(c, ALICE), 4, 1, OWN)
+            held.append(post_polarity(c, TINY, 2))  # tiny keeps the default: a pair admitted
             await wait_for(lambda: quota_of(srv).in_flight.get("tiny") == 2)
         finally:
             q.resume()
         assert [(await t).status_code for t in held] == [200] * 5
         await wait_for(lambda: not quota_of(srv).in_flight)
-        assert (await polarity(c, ALICE)).status_code == 200  # under it again: admitted
+        assert (await post_polarity(c, ALICE)).status_code == 200  # under it again: admitted
 
         # back to the default by dropping the field
         path.write_text(f"alice {ALICE}\ntiny {TINY}\n")
@@ -195,7 +191,7 @@ async def test_a_reload_changes_the_limit_without_cutting_off_what_is_in_flight(
         q.pause()
         try:
             held = await hold(srv, c, ALICE, "alice", 2)
-            assert_refused(await polarity(c, ALICE), 2, 2, "NLPSERVE_CLIENT_MAX_IN_FLIGHT")
+            assert_refused(await post_polarity(c, ALICE), 2, 2, "NLPSERVE_CLIENT_MAX_IN_FLIGHT")
         finally:
             q.resume()
         assert [(await t).status_code for t in held] == [200] * 2
@@ -221,13 +217,13 @@ async def test_a_conflicting_rewrite_keeps_the_keys_and_limits_in_force(model_re
                 break
             await asyncio.sleep(0.05)
         assert await counted()
-        assert (await polarity(c, BULK)).status_code == 401
-        assert (await polarity(c, TINY)).status_code == 401
+        assert (await post_polarity(c, BULK)).status_code == 401
+        assert (await post_polarity(c, TINY)).status_code == 401
         q = srv.queue
         q.pause()
         try:
             held = await hold(srv, c, ALICE, "alice", 1)
-            assert_refused(await polarity(c, ALICE), 1, 1, OWN)
+            assert_refused(await post_polarity(c, ALICE), 1, 1, OWN)
         finally:
             q.resume()
         assert (await held[0]).status_code == 200
@@ -254,7 +250,7 @@ async def test_the_series_follow_the_files_clients(model_repo, tmp_path):
         q.pause()
         try:
             held = await hold(srv, c, TINY, "tiny", 1)
-            assert (await polarity(c, TINY)).status_code == 429
+            assert (await post_polarity(c, TINY)).status_code == 429
             metrics = await read_metrics(c)
             assert all(series(metrics, name, "tiny") for name in names)
 
@@ -272,7 +268,7 @@ async def test_the_series_follow_the_files_clients(model_repo, tmp_path):
 
         path.write_text(f"alice {ALICE}\ntiny {TINY} max_in_flight=2\n")  # back
         assert keys.reload()
-        assert (await polarity(c, TINY)).status_code == 200
+        assert (await post_polarity(c, TINY)).status_code == 200
         metrics = await read_metrics(c)
         assert metric_value(metrics, "nlpserve_client_max_in_flight", client="tiny") == 2
         assert metric_value(metrics, "nlpserve_client_requests_total", client="tiny") == 1

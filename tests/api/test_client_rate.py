@@ -9,7 +9,6 @@ the settings and ``nlpserve keys new --rate`` are checked in one line."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest_asyncio
 
 from service.api.auth import Rate, digest, parse_keys
 from service.api.client_rate import ClientRate, ClientRateConfigError
+from service.api.errors import ApiError
 from service.config import Settings
 from tests.api.test_auth import _cli
 from tests.service_support import (
@@ -29,6 +29,7 @@ from tests.service_support import (
     live_server,
     make_settings,
     metric_value,
+    post_polarity,
     read_metrics,
     wait_for,
 )
@@ -80,11 +81,6 @@ async def served(model_repo: Path, keys_file: Path) -> AsyncIterator[tuple[LiveS
         yield srv, clock
 
 
-def post(c: httpx.AsyncClient, key: str, n: int = 1, text: str = "a fine film") -> Any:
-    body = {"inputs": [{"text": f"{text} {i}"} for i in range(n)]}
-    return c.post("/v1/polarity", json=body, headers={"X-API-Key": key})
-
-
 def assert_rate_refusal(r: httpx.Response, retry_after: int, needs: int = 1) -> str:
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "client_rate"
@@ -102,9 +98,11 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
     srv, clock = served
     async with srv.client() as c:
         before = await read_metrics(c)
-        assert (await post(c, ALICE, 2)).status_code == 200  # the burst: 3 at once...
-        assert (await post(c, ALICE)).status_code == 200
-        message = assert_rate_refusal(await post(c, ALICE), retry_after=10)  # ...then 0.1/s
+        assert (await post_polarity(c, ALICE, 2)).status_code == 200  # the burst: 3 at once...
+        assert (await post_polarity(c, ALICE)).status_code == 200
+        message = assert_rate_refusal(
+            await post_polarity(c, ALICE), retry_after=10
+        )  # ...then 0.1/s
         assert (
             "this client may send 0.1 items a second, 3 at most at once "
             f"({OWN}); it has room for 0 now" in message
@@ -112,8 +110,8 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
         assert not srv.state.client_quota.in_flight
 
         # the others keep their own buckets: bob's default (0.5/s, burst 1) is untouched
-        assert (await post(c, BOB)).status_code == 200
-        message = assert_rate_refusal(await post(c, BOB), retry_after=2)
+        assert (await post_polarity(c, BOB)).status_code == 200
+        message = assert_rate_refusal(await post_polarity(c, BOB), retry_after=2)
         assert "may send 0.5 items a second, 1 at most at once (NLPSERVE_CLIENT_RATE)" in message
         # under /v2 in that protocol's shape, a tensor's rows counted as items
         v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}
@@ -122,24 +120,24 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
         assert set(r.json()) == {"error"} and "0.5 items a second" in r.json()["error"]
 
         clock.now += 9  # a second short of the Retry-After: still no whole item
-        assert_rate_refusal(await post(c, ALICE), retry_after=1)
+        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=1)
         clock.now += 1
-        assert (await post(c, ALICE)).status_code == 200
+        assert (await post_polarity(c, ALICE)).status_code == 200
         # two items need twice the wait, and the bucket is full after 30 s however long idle
-        assert_rate_refusal(await post(c, ALICE, 2), retry_after=20, needs=2)
+        assert_rate_refusal(await post_polarity(c, ALICE, 2), retry_after=20, needs=2)
         clock.now += 3600
-        assert (await post(c, ALICE, 3)).status_code == 200
+        assert (await post_polarity(c, ALICE, 3)).status_code == 200
 
         # more than the burst in one request could never pass: 422, no token taken
         clock.now += 3600
-        r = await post(c, ALICE, 4)
+        r = await post_polarity(c, ALICE, 4)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == "too_many_items"
         assert (
             "this request needs 4 items run at once; this client may send at most 3 at once "
             f"(the burst of its 0.1 items a second, 3 at most at once, {OWN})"
         ) in r.json()["error"]["message"]
-        assert (await post(c, ALICE, 3)).status_code == 200  # all 3 still there
+        assert (await post_polarity(c, ALICE, 3)).status_code == 200  # all 3 still there
 
         after = await read_metrics(c)
     assert metric_value(after, "nlpserve_client_rate", client="alice") == 0.1
@@ -162,16 +160,16 @@ async def test_a_request_refused_by_either_limit_holds_nothing_and_takes_no_toke
     q.pause()
     try:
         async with srv.client() as c:
-            held = asyncio.create_task(post(c, CAROL))  # 1 of its 2 tokens, its 1 in flight
+            held = post_polarity(c, CAROL)  # 1 of its 2 tokens, its 1 in flight
             await wait_for(lambda: quota.in_flight == {"carol": 1})
-            r = await post(c, CAROL)
+            r = await post_polarity(c, CAROL)
             assert r.status_code == 429 and r.json()["error"]["code"] == "client_quota"
             assert rate.buckets["carol"][0] == 1  # the in-flight refusal took no token
             q.resume()
             assert (await held).status_code == 200
             await wait_for(lambda: not quota.in_flight)
-            assert (await post(c, CAROL)).status_code == 200  # the last token
-            assert_rate_refusal(await post(c, CAROL), retry_after=10)
+            assert (await post_polarity(c, CAROL)).status_code == 200  # the last token
+            assert_rate_refusal(await post_polarity(c, CAROL), retry_after=10)
             assert not quota.in_flight  # admitted in flight, then refused: given back
             assert rate.buckets["carol"][0] == 0
     finally:
@@ -183,8 +181,8 @@ async def test_the_response_caches_answers_take_no_tokens(model_repo, keys_file)
     async with live_server(settings_for(model_repo, keys_file, response_cache_mb=1)) as srv:
         rate_of(srv).clock = FakeClock()
         async with srv.client() as c:
-            assert (await post(c, BOB, text="known")).status_code == 200  # its 1 token
-            r = await post(c, BOB, text="known")  # answered by the cache: no model run
+            assert (await post_polarity(c, BOB, text="known")).status_code == 200  # its 1 token
+            r = await post_polarity(c, BOB, text="known")  # answered by the cache: no model run
             assert r.status_code == 200 and r.headers["server-timing"].startswith("cache;desc=hit")
             mixed = {"inputs": [{"text": "known 0"}, {"text": "new"}]}
             r = await c.post("/v1/polarity", json=mixed, headers={"X-API-Key": BOB})
@@ -197,21 +195,21 @@ async def test_a_reload_changes_the_rate_at_once(served):
     keys = srv.state.api_keys
     assert keys is not None
     async with srv.client() as c:
-        assert (await post(c, ALICE, 3)).status_code == 200
-        assert_rate_refusal(await post(c, ALICE), retry_after=10)
+        assert (await post_polarity(c, ALICE, 3)).status_code == 200
+        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=10)
 
         keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=100 burst=20"))
         assert keys.reload()
         clock.now += 1  # refilled at the new rate, up to the new burst
-        assert (await post(c, ALICE, 20)).status_code == 200
-        assert_rate_refusal(await post(c, ALICE), retry_after=1)
+        assert (await post_polarity(c, ALICE, 20)).status_code == 200
+        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=1)
 
         keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=1"))  # burst lowered
         assert keys.reload()
         clock.now += 3600
-        r = await post(c, ALICE, 2)
+        r = await post_polarity(c, ALICE, 2)
         assert r.status_code == 422 and "at most 1 at once" in r.text
-        assert (await post(c, ALICE)).status_code == 200
+        assert (await post_polarity(c, ALICE)).status_code == 200
         text = await read_metrics(c)
         assert metric_value(text, "nlpserve_client_rate", client="alice") == 1
 
@@ -223,6 +221,25 @@ async def test_a_reload_changes_the_rate_at_once(served):
         text = await read_metrics(c)
         assert 'nlpserve_client_rate{client="bob"}' not in text
         assert metric_value(text, "nlpserve_client_rate", client="alice") == 0.5
+
+
+@session_loop
+async def test_a_burst_lowered_between_the_check_and_the_take_is_422_not_429(served):
+    """The in-flight admission between the two may wait on Redis: a reload meanwhile that
+    lowers the client's burst below the request's items makes it one no retry could pass,
+    the 422 of a request over the burst, not a 429 whose Retry-After never comes true."""
+    srv, clock = served
+    keys, rate = srv.state.api_keys, rate_of(srv)
+    assert keys is not None
+    clock.now += 3600  # a full bucket: 3
+    rate.check("alice", 3)
+    keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=0.1 burst=2"))
+    assert keys.reload()
+    with pytest.raises(ApiError) as refused:
+        await rate.take("alice", 3)
+    assert (refused.value.status_code, refused.value.code) == (422, "too_many_items")
+    assert "this client may send at most 2 at once" in refused.value.message
+    await rate.take("alice", 2)  # nothing was taken: the lowered burst's 2 are there
 
 
 # --------------------------------------------------------------------------- settings

@@ -1,12 +1,14 @@
-"""Fixtures of the Redis backend tests: a real Redis server, tiny real models, a worker."""
+"""Fixtures of the Redis backend tests: a real Redis server and a client of it, tiny real
+models, a worker."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.config import Settings
 from service.repository import discover_models
@@ -54,3 +56,13 @@ def make_settings(redis_url: str, redis_prefix: str, tiny_repo: Path) -> Setting
         return Settings(**base)
 
     return make
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:  # noqa: F811
+    """A client of the test's Redis, to look at (or break) what the service keeps there."""
+    client = aioredis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -1,5 +1,5 @@
-"""Helpers of the Redis backend tests: a worker on the test's loop, an API-side queue,
-work items with random (in-vocabulary) token ids."""
+"""Helpers of the Redis backend tests: a worker on the test's loop, an API-side queue, two
+API replicas, work items with random (in-vocabulary) token ids."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import httpx
 import numpy as np
 
 from service.batching import WorkItem, bucket_index
@@ -16,6 +17,7 @@ from service.metrics import Metrics
 from service.queueing.redis_queue import RedisQueue
 from service.runtime.runner import ModelRunner
 from service.worker import Worker
+from tests.service_support import LiveServer, live_server
 
 
 @contextlib.asynccontextmanager
@@ -35,6 +37,22 @@ async def running_worker(
         except TimeoutError:
             task.cancel()
             raise
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    settings: Settings, runners: Mapping[str, ModelRunner] | None
+) -> AsyncIterator[tuple[LiveServer, LiveServer, httpx.AsyncClient, httpx.AsyncClient]]:
+    """A worker of ``runners`` (None: none) and two API replicas (uvicorn) of ``settings``
+    sharing its Redis: (replica A, replica B, a client of A, a client of B)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if runners is not None:
+            await stack.enter_async_context(running_worker(settings, runners))
+        a = await stack.enter_async_context(live_server(settings))
+        b = await stack.enter_async_context(live_server(settings))
+        ca = await stack.enter_async_context(a.client())
+        cb = await stack.enter_async_context(b.client())
+        yield a, b, ca, cb
 
 
 @contextlib.asynccontextmanager

@@ -17,12 +17,10 @@ import json
 import socket
 import time
 from asyncio import Event
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from service.api.client_quota import ClientQuota
 from service.api.errors import ApiError
@@ -31,8 +29,15 @@ from service.queueing.base import BackendUnavailableError
 from service.queueing.redis_client_counts import ACQUIRE_LUA, RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key
 from service.queueing.redis_queue import RedisQueue
-from tests.redis_backend.helpers import running_worker, wait_for
-from tests.service_support import GatedRunner, LiveServer, live_server, metric_value, read_metrics
+from tests.redis_backend.helpers import two_replicas, wait_for
+from tests.service_support import (
+    GatedRunner,
+    LiveServer,
+    live_server,
+    metric_value,
+    post_polarity,
+    read_metrics,
+)
 
 POL = "polarity-en"
 ALICE, BOB = "alice-global-quota-key-0123", "bob-global-quota-key-456789"
@@ -58,16 +63,6 @@ def counts(srv: LiveServer) -> RedisClientCounts:
     return queue.shared_in_flight()
 
 
-def post(
-    c: httpx.AsyncClient, key: str, n: int = 1, deadline_ms: int | None = None
-) -> asyncio.Task[httpx.Response]:
-    body = {"inputs": [{"text": f"a fine film {i}"} for i in range(n)]}
-    headers = {"X-API-Key": key}
-    if deadline_ms is not None:
-        headers["X-Deadline-Ms"] = str(deadline_ms)
-    return asyncio.create_task(c.post("/v1/polarity", json=body, headers=headers))
-
-
 def assert_refused(r: httpx.Response, held: int, limit: int = LIMIT) -> None:
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1
@@ -75,28 +70,6 @@ def assert_refused(r: httpx.Response, held: int, limit: int = LIMIT) -> None:
     assert r.json()["error"]["code"] == "client_quota"
     assert f"this client has {held} {ACROSS} and this request needs 1 more" in message
     assert f"the limit for this client is {limit} ({OWN})" in message
-
-
-@contextlib.asynccontextmanager
-async def replicas(settings: Settings, gated: GatedRunner | None) -> AsyncIterator[tuple]:
-    """A worker (batches at ``gated``'s gate) and two API replicas with their clients."""
-    async with contextlib.AsyncExitStack() as stack:
-        if gated is not None:
-            await stack.enter_async_context(running_worker(settings, {POL: gated}))
-        a = await stack.enter_async_context(live_server(settings))
-        b = await stack.enter_async_context(live_server(settings))
-        ca = await stack.enter_async_context(a.client())
-        cb = await stack.enter_async_context(b.client())
-        yield a, b, ca, cb
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -115,23 +88,23 @@ async def test_a_client_at_its_limit_on_one_replica_is_refused_on_the_other(
 ) -> None:
     gated = GatedRunner(tiny_runners[POL])
     alice = client_in_flight_key(settings.redis_prefix, "alice")
-    async with replicas(settings, gated) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         try:
-            held = [post(ca, ALICE)]
+            held = [post_polarity(ca, ALICE)]
             await wait_for(lambda: quota(a).in_flight == {"alice": 1})
-            held.append(post(cb, ALICE))
+            held.append(post_polarity(cb, ALICE))
             await wait_for(lambda: quota(b).in_flight == {"alice": 1})
             assert await admin.zcard(alice) == 2
             assert 0 < await admin.ttl(alice) <= settings.default_deadline_ms / 1000 + 7
             for c in (ca, cb):  # each replica holds 1: the limit counts both
-                assert_refused(await post(c, ALICE), held=2)
+                assert_refused(await post_polarity(c, ALICE), held=2)
             # more than the limit in one request: 422 at once, nothing counted
-            r = await post(cb, ALICE, 3)
+            r = await post_polarity(cb, ALICE, 3)
             assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
             assert f"at most 2 in flight across the API replicas ({OWN})" in r.text
             assert await admin.zcard(alice) == 2
             # a client without a limit is counted on its replica only: nothing in Redis
-            held.append(post(ca, BOB))
+            held.append(post_polarity(ca, BOB))
             await wait_for(lambda: quota(a).in_flight.get("bob") == 1)
             assert not await admin.exists(client_in_flight_key(settings.redis_prefix, "bob"))
             # each replica's gauge is its share
@@ -150,13 +123,13 @@ async def test_a_client_at_its_limit_on_one_replica_is_refused_on_the_other(
         # a release on either replica gives room on the other
         gated.gate.clear()
         try:
-            short = post(ca, ALICE, deadline_ms=400)
-            long = post(cb, ALICE)
+            short = post_polarity(ca, ALICE, deadline_ms=400)
+            long = post_polarity(cb, ALICE)
             await wait_for(lambda: bool(quota(a).in_flight and quota(b).in_flight))
-            assert_refused(await post(cb, ALICE), held=2)
+            assert_refused(await post_polarity(cb, ALICE), held=2)
             assert (await short).status_code == 504  # ended on A...
             assert await admin.zcard(alice) == 1
-            third = post(cb, ALICE)  # ... so B admits another
+            third = post_polarity(cb, ALICE)  # ... so B admits another
             await wait_for(lambda: quota(b).in_flight == {"alice": 2})
             assert await admin.zcard(alice) == 2
         finally:
@@ -171,7 +144,7 @@ async def test_a_replica_that_never_releases_holds_nothing_past_the_deadline(
     gated = GatedRunner(tiny_runners[POL])
     gated.gate.set()
     alice = client_in_flight_key(settings.redis_prefix, "alice")
-    async with replicas(settings, gated) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         # as a replica that died after admitting 2 items of alice's: never released
         dead = counts(a)
         dead.margin_s = 0.2
@@ -180,9 +153,9 @@ async def test_a_replica_that_never_releases_holds_nothing_past_the_deadline(
         admitted, held = await dead.acquire("alice", "dead", 2, LIMIT, deadline)
         assert (admitted, held) == (True, 0)
         assert await admin.ttl(alice) <= 2  # the set lives as long as its latest item
-        assert_refused(await post(cb, ALICE), held=2)
+        assert_refused(await post_polarity(cb, ALICE), held=2)
         await asyncio.sleep(deadline_s + dead.margin_s + 0.1)
-        assert (await post(cb, ALICE)).status_code == 200  # they stopped counting
+        assert (await post_polarity(cb, ALICE)).status_code == 200  # they stopped counting
         assert not await admin.exists(alice)  # and went with this admission
 
 
@@ -195,7 +168,7 @@ async def test_a_client_gone_and_a_cancelled_admission_release(
     async def gone() -> bool:
         return not await admin.exists(alice)
 
-    async with replicas(settings, gated) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         try:
             # the client goes away while its request is queued
             body = json.dumps({"text": "gone"}).encode()
@@ -241,27 +214,27 @@ async def test_a_reload_changes_the_limit_on_every_replica(
 ) -> None:
     gated = GatedRunner(tiny_runners[POL])
     assert settings.api_keys_file is not None
-    async with replicas(settings, gated) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         try:
-            held = [post(ca, ALICE), post(cb, ALICE)]
+            held = [post_polarity(ca, ALICE), post_polarity(cb, ALICE)]
             await wait_for(lambda: bool(quota(a).in_flight and quota(b).in_flight))
-            assert_refused(await post(ca, ALICE), held=2)
+            assert_refused(await post_polarity(ca, ALICE), held=2)
 
             write_keys(settings.api_keys_file, 3)  # raised
             for srv in (a, b):
                 assert srv.state.api_keys is not None and srv.state.api_keys.reload()
-            held.append(post(cb, ALICE))
+            held.append(post_polarity(cb, ALICE))
             await wait_for(lambda: quota(b).in_flight == {"alice": 2})
-            assert_refused(await post(ca, ALICE), held=3, limit=3)
+            assert_refused(await post_polarity(ca, ALICE), held=3, limit=3)
 
             write_keys(settings.api_keys_file, 1)  # lowered: what is in flight stays
             for srv in (a, b):
                 assert srv.state.api_keys is not None and srv.state.api_keys.reload()
-            assert_refused(await post(ca, ALICE), held=3, limit=1)
+            assert_refused(await post_polarity(ca, ALICE), held=3, limit=1)
         finally:
             gated.gate.set()
         assert [(await t).status_code for t in held] == [200] * 3
-        assert (await post(ca, ALICE)).status_code == 200  # under it again
+        assert (await post_polarity(ca, ALICE)).status_code == 200  # under it again
 
 
 async def test_redis_away_is_a_503_at_admission(make_settings, own_redis, tmp_path) -> None:
@@ -276,7 +249,7 @@ async def test_redis_away_is_a_503_at_admission(make_settings, own_redis, tmp_pa
         for when in ("at once", "known"):
             if when == "known":
                 await wait_for(lambda: not srv.state.queue._ready)  # type: ignore[union-attr]
-            r = await post(c, ALICE)
+            r = await post_polarity(c, ALICE)
             assert r.status_code == 503, (when, r.text)
             assert r.json()["error"]["code"] == "backend_unavailable"
             assert "the queue backend (Redis) is unreachable" in r.json()["error"]["message"]
@@ -296,15 +269,15 @@ async def test_replica_scope_counts_each_replica_alone(
         client_quota_scope="replica",
     )
     gated = GatedRunner(tiny_runners[POL])
-    async with replicas(settings, gated) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         assert quota(a).shared is None
         try:
-            held = [post(ca, ALICE), post(ca, ALICE)]
+            held = [post_polarity(ca, ALICE), post_polarity(ca, ALICE)]
             await wait_for(lambda: quota(a).in_flight == {"alice": 2})
-            r = await post(ca, ALICE)
+            r = await post_polarity(ca, ALICE)
             assert r.status_code == 429
             assert "this client has 2 items in flight and this request needs 1" in r.text
-            held.append(post(cb, ALICE))  # B counts its own
+            held.append(post_polarity(cb, ALICE))  # B counts its own
             await wait_for(lambda: quota(b).in_flight == {"alice": 1})
             key = client_in_flight_key(settings.redis_prefix, "alice")
             assert not await admin.exists(key)
@@ -332,7 +305,7 @@ async def test_a_burst_on_both_replicas_admits_exactly_the_limit(settings, admin
     two replicas' bursts admit exactly the limit between them), also after Redis lost its
     scripts (NOSCRIPT: loaded again, the burst sent again)."""
     alice = client_in_flight_key(settings.redis_prefix, "alice")
-    async with replicas(settings, None) as (a, b, _, _):
+    async with two_replicas(settings, None) as (a, b, _, _):
         for flushed in (False, True):
             if flushed:
                 await admin.script_flush()
@@ -353,7 +326,7 @@ async def test_an_admission_sent_again_after_its_answer_was_lost_is_admitted(
     finds its own items and is admitted, not refused by them (a 429 whose items would then
     stay counted, never released, until they expire)."""
     alice = client_in_flight_key(settings.redis_prefix, "alice")
-    async with replicas(settings, None) as (a, _, _, _):
+    async with two_replicas(settings, None) as (a, _, _, _):
         shared = counts(a)
         deadline = time.monotonic() + 5
         assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)

@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from service.api.client_rate import ClientRate
 from service.api.errors import ApiError
 from service.config import Settings
 from service.queueing.redis_client_counts import RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
-from tests.redis_backend.helpers import running_worker
-from tests.service_support import LiveServer, live_server, metric_value, read_metrics
+from tests.redis_backend.helpers import two_replicas
+from tests.service_support import LiveServer, live_server, metric_value, post_polarity, read_metrics
 
 POL = "polarity-en"
 ALICE, BOB = "alice-global-rate-key-0123", "bob-global-rate-key-456789"
@@ -44,11 +42,6 @@ def rate_of(srv: LiveServer) -> ClientRate:
     return r
 
 
-def post(c: httpx.AsyncClient, key: str, n: int = 1) -> asyncio.Task[httpx.Response]:
-    body = {"inputs": [{"text": f"a fine film {i}"} for i in range(n)]}
-    return asyncio.create_task(c.post("/v1/polarity", json=body, headers={"X-API-Key": key}))
-
-
 def assert_refused(r: httpx.Response, wait: tuple[int, int], spelled: str) -> None:
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "client_rate"
@@ -58,27 +51,6 @@ def assert_refused(r: httpx.Response, wait: tuple[int, int], spelled: str) -> No
     assert "alice" not in message
 
 
-@contextlib.asynccontextmanager
-async def replicas(settings: Settings, tiny_runners) -> AsyncIterator[tuple]:
-    """A worker and two API replicas with their clients."""
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(running_worker(settings, {POL: tiny_runners[POL]}))
-        a = await stack.enter_async_context(live_server(settings))
-        b = await stack.enter_async_context(live_server(settings))
-        ca = await stack.enter_async_context(a.client())
-        cb = await stack.enter_async_context(b.client())
-        yield a, b, ca, cb
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 def settings(make_settings, tmp_path: Path) -> Settings:
     return make_settings(api_keys_file=write_keys(tmp_path / "keys"), load_models=POL)
@@ -86,26 +58,30 @@ def settings(make_settings, tmp_path: Path) -> Settings:
 
 async def test_replicas_take_from_one_bucket(settings, tiny_runners, admin) -> None:
     bucket = client_rate_key(settings.redis_prefix, "alice")
-    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: tiny_runners[POL]}) as (a, b, ca, cb):
         assert rate_of(a).shared is not None
-        assert (await post(ca, ALICE)).status_code == 200
-        assert (await post(cb, ALICE)).status_code == 200  # the burst: 2, on either
+        assert (await post_polarity(ca, ALICE)).status_code == 200
+        assert (await post_polarity(cb, ALICE)).status_code == 200  # the burst: 2, on either
         for c in (ca, cb):  # empty on both: an item every 10 s
-            assert_refused(await post(c, ALICE), (9, 10), "0.1 items a second, 2 at most at once")
+            assert_refused(
+                await post_polarity(c, ALICE), (9, 10), "0.1 items a second, 2 at most at once"
+            )
         # a client without a rate: no bucket
-        assert (await post(ca, BOB)).status_code == 200
+        assert (await post_polarity(ca, BOB)).status_code == 200
         assert not await admin.exists(client_rate_key(settings.redis_prefix, "bob"))
         # the bucket lives until it would be full (20 s): an idle client leaves nothing
         assert 0 < await admin.ttl(bucket) <= 21
         # more than the burst: 422 at once, from the replica's own copy of the rate
-        r = await post(cb, ALICE, 3)
+        r = await post_polarity(cb, ALICE, 3)
         assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
         assert "may send at most 2 at once across the API replicas" in r.text
 
         # 10 s pass (as the bucket sees them): one item, on whichever replica asks first
         await admin.hset(bucket, "last", float(await admin.hget(bucket, "last")) - 10)
-        assert (await post(cb, ALICE)).status_code == 200
-        assert_refused(await post(ca, ALICE), (9, 10), "0.1 items a second, 2 at most at once")
+        assert (await post_polarity(cb, ALICE)).status_code == 200
+        assert_refused(
+            await post_polarity(ca, ALICE), (9, 10), "0.1 items a second, 2 at most at once"
+        )
 
         for c in (ca, cb):
             text = await read_metrics(c)
@@ -116,19 +92,19 @@ async def test_replicas_take_from_one_bucket(settings, tiny_runners, admin) -> N
 
 async def test_a_reload_changes_the_rate_on_every_replica(settings, tiny_runners) -> None:
     assert settings.api_keys_file is not None
-    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
-        assert (await post(ca, ALICE, 2)).status_code == 200
+    async with two_replicas(settings, {POL: tiny_runners[POL]}) as (a, b, ca, cb):
+        assert (await post_polarity(ca, ALICE, 2)).status_code == 200
         write_keys(settings.api_keys_file, "rate=0.1 burst=5")  # a bigger burst, same rate
         for srv in (a, b):
             assert srv.state.api_keys is not None and srv.state.api_keys.reload()
         # 3 items fit the new burst (not 422), and the empty bucket needs 30 s for them
         for c in (ca, cb):
             spelled = "0.1 items a second, 5 at most at once"
-            assert_refused(await post(c, ALICE, 3), (29, 30), spelled)
+            assert_refused(await post_polarity(c, ALICE, 3), (29, 30), spelled)
         write_keys(settings.api_keys_file, "")  # no rate of its own, and no default: unlimited
         for srv in (a, b):
             assert srv.state.api_keys is not None and srv.state.api_keys.reload()
-        assert (await post(cb, ALICE, 3)).status_code == 200
+        assert (await post_polarity(cb, ALICE, 3)).status_code == 200
 
 
 async def test_a_burst_on_both_replicas_takes_exactly_the_bucket(settings, admin) -> None:
@@ -184,10 +160,10 @@ async def test_replica_scope_keeps_a_bucket_per_replica(
     settings = make_settings(
         api_keys_file=write_keys(tmp_path / "keys"), load_models=POL, client_quota_scope="replica"
     )
-    async with replicas(settings, tiny_runners) as (a, b, ca, cb):
+    async with two_replicas(settings, {POL: tiny_runners[POL]}) as (a, b, ca, cb):
         assert rate_of(a).shared is None
-        assert (await post(ca, ALICE, 2)).status_code == 200
-        r = await post(ca, ALICE)
+        assert (await post_polarity(ca, ALICE, 2)).status_code == 200
+        r = await post_polarity(ca, ALICE)
         assert r.status_code == 429 and "across" not in r.json()["error"]["message"]
-        assert (await post(cb, ALICE, 2)).status_code == 200  # B's own bucket
+        assert (await post_polarity(cb, ALICE, 2)).status_code == 200  # B's own bucket
         assert not await admin.exists(client_rate_key(settings.redis_prefix, "alice"))

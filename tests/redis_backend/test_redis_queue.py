@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -1475,6 +1475,31 @@ async def test_a_model_holding_all_the_worker_may_hold_does_not_stop_reading_the
         assert_same(g, direct(tiny_runners[POS], it))
 
 
+Reads = list[tuple[set[tuple[str, str]], int, int | None]]
+
+
+def recorded_reads(w: Worker, then: Callable[[int | None], Awaitable[None]]) -> Reads:
+    """Put in ``w`` a stand-in for Redis that records each XREADGROUP (its streams' (model,
+    lane), COUNT, BLOCK) and, after ``then(block)``, answers none; the groups exist and the
+    worker is connected (only its first read would not block)."""
+    reads: Reads = []
+
+    class Client:
+        async def xreadgroup(self, group, name, streams, count, block):
+            reads.append(({stream_labels(s)[::3] for s in streams}, count, block))
+            await then(block)
+            return []
+
+    async def groups_exist() -> None:
+        pass
+
+    w.client = Client()  # type: ignore[assignment]
+    w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
+    w._room, w._wake = asyncio.Event(), asyncio.Event()
+    w.connected = True
+    return reads
+
+
 async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_take(
     tiny_repo, tiny_runners
 ) -> None:
@@ -1488,21 +1513,11 @@ async def test_a_read_asks_no_more_of_each_stream_than_the_fullest_model_may_tak
         model_dir=tiny_repo, queue="redis", worker_prefetch=4, redis_read_count=64, warmup=False
     )
     w = Worker(settings, tiny_runners)
-    reads: list[tuple[set[tuple[str, str]], int, int]] = []
 
-    class Client:
-        async def xreadgroup(self, group, name, streams, count, block):
-            reads.append(({stream_labels(s)[::3] for s in streams}, count, block))
-            w._stopping = True
-            return []
+    async def stop(block: int | None) -> None:
+        w._stopping = True  # one read per _read_until_stopped
 
-    async def groups_exist() -> None:
-        pass
-
-    w.client = Client()  # type: ignore[assignment]  # records the reads, answers none
-    w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
-    w._room, w._wake = asyncio.Event(), asyncio.Event()
-    w.connected = True  # reads past the first: that one does not block (not yet ready)
+    reads = recorded_reads(w, stop)
     pos_streams = {stream_labels(s)[3]: s for s in w.streams if w._stream_model[s] == POS}
     for held, lane in ((3, "predict"), (4, "predict"), (4, "batch")):
         w._in_hand = {
@@ -1533,23 +1548,13 @@ async def test_streams_left_out_for_lack_of_room_are_read_as_soon_as_a_settle_fr
         model_dir=tiny_repo, queue="redis", worker_prefetch=4, redis_read_count=64, warmup=False
     )
     w = Worker(settings, tiny_runners)
-    reads: list[tuple[set[tuple[str, str]], int, int | None]] = []
     unblock = asyncio.Event()
 
-    class Client:
-        async def xreadgroup(self, group, name, streams, count, block):
-            reads.append(({stream_labels(s)[::3] for s in streams}, count, block))
-            if block is not None:
-                await unblock.wait()
-            return []
+    async def blocks(block: int | None) -> None:
+        if block is not None:
+            await unblock.wait()
 
-    async def groups_exist() -> None:
-        pass
-
-    w.client = Client()  # type: ignore[assignment]  # records the reads, answers none
-    w._ensure_groups = groups_exist  # type: ignore[method-assign]  # no server to ask
-    w._room, w._wake = asyncio.Event(), asyncio.Event()
-    w.connected = True
+    reads = recorded_reads(w, blocks)
     batch = next(s for s in w.streams if stream_labels(s)[::3] == (POS, "batch"))
     w._in_hand = {
         (batch, str(k).encode()): StreamItem(
