@@ -473,10 +473,10 @@ class AsyncClient(_Options):
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413), at most ``concurrency`` at once
         (and, once a 422 named the client's in-flight limit, no more items at once than it);
-        the results in input order.
-        A request that fails otherwise stops the call (no request starts after it; those
-        under way end): :class:`~service.client.IncompleteBatch`, with the results so far.
-        ``request_id`` names each request ``<id>.<first>-<last>`` item."""
+        the results in input order. A request that fails otherwise stops the call (no
+        request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
+        with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
+        item."""
         make = lambda c: calls.polarity_batch(c, model)  # noqa: E731
         return await self._many(make, texts, chunk_size, concurrency, opts)
 
