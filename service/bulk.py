@@ -28,7 +28,7 @@ from typing import IO, Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from service.api.errors import body_parse_error, validation_error
+from service.api.errors import Limit, body_parse_error, error_body, validation_error
 from service.api.middleware import BodyTooLarge
 from service.api.schemas import DetectRequest, PolarityRequest, PosRequest, QARequest
 from service.batching import BatchPolicy, WorkItem, sorted_batches
@@ -60,6 +60,7 @@ class LineError:
     status: int
     code: str
     message: str
+    limit: Limit | None = None
 
 
 @dataclass
@@ -116,7 +117,7 @@ def error_line(number: int, err: LineError) -> str:
     body = {
         "line": number,
         "status": err.status,
-        "error": {"code": err.code, "message": err.message},
+        **error_body(err.code, err.message, limit=err.limit),
     }
     return json.dumps(body, ensure_ascii=False)
 
@@ -127,7 +128,9 @@ class BulkPredictor:
     def __init__(self, task: Task, runner: ModelRunner, policy: BatchPolicy) -> None:
         self.task = task
         too_large = BodyTooLarge(task.settings.max_body_bytes)
-        self.too_large = LineError(too_large.status_code, too_large.code, too_large.detail)
+        self.too_large = LineError(
+            too_large.status_code, too_large.code, too_large.detail, too_large.limit
+        )
         self.runner = runner
         self.policy = policy
         self.item_model = ITEM_MODELS[task.task]

@@ -49,6 +49,22 @@ def test_error_codes_in_the_docs_are_the_ones_the_service_emits():
     assert sorted(documented - emitted) == [], "in docs/service.md's table, never emitted"
 
 
+def test_the_limit_names_in_the_docs_are_the_ones_the_service_sends():
+    """docs/service.md's table of an error's ``limit`` names them all, the OpenAPI schema's
+    description too, and the Python client cuts requests by names the service sends."""
+    from service.api.errors import LIMIT_NAMES
+    from service.api.schemas import ErrorLimit
+    from service.client._calls import _ITEM_LIMITS
+
+    doc = (ROOT / "docs/service.md").read_text("utf-8")
+    table = doc.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)` \| ", table, flags=re.M)
+    assert sorted(documented) == sorted(LIMIT_NAMES)
+    described = ErrorLimit.model_fields["name"].description or ""
+    assert sorted(set(re.findall(r"`([a-z_]+)`", described))) == sorted(LIMIT_NAMES)
+    assert _ITEM_LIMITS.issubset(LIMIT_NAMES)
+
+
 def _split_top_level(cell: str) -> list[str]:
     """A table cell's comma-separated parts, commas inside parentheses kept."""
     parts, depth, cur = [], 0, ""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge
 
 from service.api.auth import MAX_IN_FLIGHT, ApiKeys, KeyFile
-from service.api.errors import ApiError, retry_after_header
+from service.api.errors import LIMIT_IN_FLIGHT, ApiError, Limit, retry_after_header
 from service.config import Settings
 from service.logs import CLIENT
 from service.metrics import Metrics
@@ -150,6 +150,7 @@ class ClientQuota:
                 f"this request needs {n} items run at once{cached_note(n, of)}; this client may "
                 f"have at most {limit} in flight{self._across()} ({self._where(client)}): "
                 "send smaller batches",
+                limit=Limit(LIMIT_IN_FLIGHT, limit),
             )
         shared = self.shared if limit is not None else None
         token = None
@@ -185,6 +186,7 @@ class ClientQuota:
             f"{n} more; the limit for this client is {limit} ({self._where(client)}): retry "
             "once some are answered",
             retry_after_header(RETRY_AFTER_S),
+            Limit(LIMIT_IN_FLIGHT, limit),
         )
 
     def _release_later(

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from service.api.auth import RATE, ApiKeys, KeyFile, Rate, default_burst
 from service.api.client_quota import cached_note
-from service.api.errors import ApiError, retry_after_header
+from service.api.errors import LIMIT_BURST, LIMIT_RATE, ApiError, Limit, retry_after_header
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing.base import SharedRate
@@ -137,6 +137,7 @@ class ClientRate:
                 f"this request needs {n} items run at once{cached_note(n, of)}; this client may "
                 f"send at most {rate.burst} at once{self._across()} (the burst of its "
                 f"{_spelled(rate)}, {self._where(client)}): send smaller batches",
+                limit=Limit(LIMIT_BURST, rate.burst),
             )
 
     async def take(self, client: str, n: int) -> None:
@@ -172,6 +173,7 @@ class ClientRate:
             f"{self._across()} ({self._where(client)}); it has room for "
             f"{max(0, math.floor(tokens))} now: retry in {wait_s} s",
             retry_after_header(wait_s),
+            Limit(LIMIT_RATE, rate.rate),
         )
 
 

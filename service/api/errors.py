@@ -1,5 +1,6 @@
-"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a 4xx/5xx status,
-or, under ``/v2`` (the Open Inference Protocol, routes/v2.py), as that protocol's
+"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a 4xx/5xx status
+(and ``"limit": {"name", "value"}`` where a limit refused it: :class:`Limit`), or, under
+``/v2`` (the Open Inference Protocol, routes/v2.py), as that protocol's
 ``{"error": "<message>"}``: the same status and message, the code only in the metrics.
 
 Bad input is always a 4xx with a message naming the field; a 500 means a bug in the service.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,15 +26,43 @@ from service.tasks.base import InputError
 log = logging.getLogger(__name__)
 
 
+# The limits a refusal names in its body's ``limit`` (docs/service.md, "Errors"): stable names,
+# so that a client reads the number instead of parsing the message.
+LIMIT_BATCH_ITEMS = "max_batch_items"  # items in one request: NLPSERVE_MAX_BATCH_ITEMS
+LIMIT_IN_FLIGHT = "max_in_flight"  # the client's items in flight: its in-flight limit
+LIMIT_BURST = "burst"  # the client's items in one request: its rate limit's burst
+LIMIT_RATE = "rate"  # the client's items a second: its rate limit
+LIMIT_BODY_BYTES = "max_body_bytes"  # the body's bytes: NLPSERVE_MAX_BODY_BYTES
+LIMIT_NAMES = (LIMIT_BATCH_ITEMS, LIMIT_IN_FLIGHT, LIMIT_BURST, LIMIT_RATE, LIMIT_BODY_BYTES)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The limit that refused a request, with the value in force for its client: the
+    ``limit`` of a /v1 error body (never in /v2's, which has no room for it)."""
+
+    name: str
+    value: int | float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value}
+
+
 class ApiError(Exception):
     def __init__(
-        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        limit: Limit | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.message = message
         self.headers = headers
+        self.limit = limit
 
 
 V2_PREFIX = "/v2"
@@ -43,8 +73,15 @@ def is_v2(path: str) -> bool:
     return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
-def error_body(code: str, message: str, v2: bool = False) -> dict[str, Any]:
-    return {"error": message} if v2 else {"error": {"code": code, "message": message}}
+def error_body(
+    code: str, message: str, v2: bool = False, limit: Limit | None = None
+) -> dict[str, Any]:
+    if v2:
+        return {"error": message}
+    error: dict[str, Any] = {"code": code, "message": message}
+    if limit is not None:
+        error["limit"] = limit.as_json()
+    return {"error": error}
 
 
 def error_response(
@@ -53,8 +90,11 @@ def error_response(
     message: str,
     headers: dict[str, str] | None = None,
     v2: bool = False,
+    limit: Limit | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, v2), status_code=status_code, headers=headers)
+    return JSONResponse(
+        error_body(code, message, v2, limit), status_code=status_code, headers=headers
+    )
 
 
 def too_many_items(n: int, limit: int, noun: str = "inputs") -> ApiError:
@@ -62,6 +102,7 @@ def too_many_items(n: int, limit: int, noun: str = "inputs") -> ApiError:
         422,
         "too_many_items",
         f"{n} {noun} in one request; the limit is {limit} (NLPSERVE_MAX_BATCH_ITEMS)",
+        limit=Limit(LIMIT_BATCH_ITEMS, limit),
     )
 
 
@@ -87,14 +128,20 @@ BINARY_UNSUPPORTED = (
 
 
 def _respond(
-    request: Request, status: int, code: str, message: str, headers=None, reason: str = ""
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers=None,
+    reason: str = "",
+    limit: Limit | None = None,
 ) -> JSONResponse:
     # The metrics middleware counts rejections by this reason: the code, unless more precise.
     request.state.error_code = reason or code
     v2 = is_v2(request.url.path)
     if v2 and status == 400 and BINARY_HEADER in request.headers:
         message = BINARY_UNSUPPORTED
-    return error_response(status, code, message, headers, v2)
+    return error_response(status, code, message, headers, v2, limit)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -217,7 +264,9 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return _respond(request, exc.status_code, exc.code, exc.message, exc.headers)
+        return _respond(
+            request, exc.status_code, exc.code, exc.message, exc.headers, limit=exc.limit
+        )
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError) -> JSONResponse:
@@ -280,7 +329,14 @@ def install_error_handlers(app: FastAPI) -> None:
                 message += f"; explanations exist for {have}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {clip_path(request.url.path)}"
-        return _respond(request, exc.status_code, code, message, getattr(exc, "headers", None))
+        return _respond(
+            request,
+            exc.status_code,
+            code,
+            message,
+            getattr(exc, "headers", None),
+            limit=getattr(exc, "limit", None),  # BodyTooLarge's
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

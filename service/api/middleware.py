@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import tracecontext
-from service.api.errors import error_body, error_response, is_v2
+from service.api.errors import LIMIT_BODY_BYTES, Limit, error_body, error_response, is_v2
 from service.ids import new_id
 from service.metrics import Metrics
 
@@ -29,6 +29,7 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, _too_large_message(max_bytes))
+        self.limit = Limit(LIMIT_BODY_BYTES, max_bytes)
 
 
 def _too_large_message(max_bytes: int) -> str:
@@ -73,8 +74,9 @@ def _json_error(
     message: str,
     extra: list[tuple[bytes, bytes]] | None = None,
     v2: bool = False,
+    limit: Limit | None = None,
 ) -> tuple[dict, bytes]:
-    body = json.dumps(error_body(code, message, v2)).encode()
+    body = json.dumps(error_body(code, message, v2, limit)).encode()
     start = {
         "type": "http.response.start",
         "status": status,
@@ -109,9 +111,10 @@ async def _send_error(
     code: str,
     message: str,
     extra: list[tuple[bytes, bytes]] | None = None,
+    limit: Limit | None = None,
 ) -> None:
     scope.setdefault("state", {})["error_code"] = code  # the metrics middleware counts it
-    start, body = _json_error(status, code, message, extra, is_v2(scope["path"]))
+    start, body = _json_error(status, code, message, extra, is_v2(scope["path"]), limit)
     await send(start)
     await send({"type": "http.response.body", "body": body})
 
@@ -210,7 +213,8 @@ class BodyLimitMiddleware:
     async def _reject(
         self, scope: Scope, send: Send, exc: BodyTooLarge | BodyTimeout | BodyNotUtf8Json
     ) -> None:
-        await _send_error(scope, send, exc.status_code, exc.code, exc.detail)
+        limit = exc.limit if isinstance(exc, BodyTooLarge) else None
+        await _send_error(scope, send, exc.status_code, exc.code, exc.detail, limit=limit)
 
 
 class MetricsMiddleware:

@@ -82,6 +82,26 @@ class _Out(BaseModel):
 
 
 # ---------------------------------------------------------------------------- errors
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # a field left out, never null: no default to show
+
+
+class ErrorLimit(BaseModel):
+    name: str = Field(
+        description="Which limit (docs/service.md, Errors): `max_batch_items` (items in one "
+        "request), `max_in_flight` (the client's items admitted and not yet answered), "
+        "`burst` (the client's items in one request, its rate limit's), `rate` (the client's "
+        "items a second), `max_body_bytes` (bytes of the body). Other names may come: "
+        "ignore those you do not know.",
+        examples=["max_in_flight"],
+    )
+    value: float = Field(
+        description="The limit in force for this client: items, items a second (`rate`) or "
+        "bytes (`max_body_bytes`); a whole number but for `rate`.",
+        examples=[3],
+    )
+
+
 class ErrorBody(BaseModel):
     code: str = Field(
         description="Stable machine-readable error code (docs/service.md lists them).",
@@ -90,6 +110,13 @@ class ErrorBody(BaseModel):
     message: str = Field(
         description="What went wrong, for people (wording may change: match on `code`).",
         examples=["text: must contain some visible text"],
+    )
+    limit: ErrorLimit | SkipJsonSchema[None] = Field(
+        None,
+        description="Only where a limit refused the request (`too_many_items`, "
+        "`client_quota`, `client_rate`, `body_too_large`): which limit, and its value for "
+        "this client.",
+        json_schema_extra=_no_default,
     )
 
 

@@ -225,9 +225,15 @@ def _max_inputs(schema: dict[str, Any]) -> int | None:
     return limit if isinstance(limit, int) and limit >= 1 else None
 
 
-# What the server's 422 too_many_items says of the limit it met (service/api/errors.py,
-# client_quota.py, client_rate.py; tests/api/test_python_client.py checks them on a live
-# server): the number is a hint, and without one the request is halved.
+# The limits of a 422 too_many_items's ``limit`` that count items in one request (the API's
+# names: service/api/errors.py): the most a request may hold.
+_IN_FLIGHT_LIMIT = "max_in_flight"
+_ITEM_LIMITS = frozenset({"max_batch_items", _IN_FLIGHT_LIMIT, "burst"})
+
+# What a server without ``limit`` in its errors (before it came) says of the limit in the
+# words of its 422 too_many_items (service/api/errors.py, client_quota.py, client_rate.py;
+# tests/api/test_python_client.py checks them on a live server): read only without the field,
+# as a rolling upgrade may put such a server behind the same address as a newer one.
 _IN_FLIGHT = re.compile(r"at most (\d+) in flight")
 _LIMITS = (_IN_FLIGHT, re.compile(r"at most (\d+) at once"), re.compile(r"the limit is (\d+)"))
 
@@ -326,6 +332,14 @@ class Split(Generic[R]):
             return n // 2
         if error.status != 422 or error.code != "too_many_items":
             return None
+        if error.limit is not None:  # the number, as the server gives it
+            name, value = error.limit.name, error.limit.value
+            if name in _ITEM_LIMITS and math.isfinite(value) and 1 <= value < n:
+                limit = int(value)
+                if name == _IN_FLIGHT_LIMIT:
+                    self.learned.in_flight = limit
+                return limit
+            return n // 2  # a limit this client does not know, or a value of no use
         for pattern in _LIMITS:
             if (m := pattern.search(error.message)) and 1 <= (limit := int(m[1])) < n:
                 if pattern is _IN_FLIGHT:

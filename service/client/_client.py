@@ -240,10 +240,11 @@ class Client(_Options):
     ) -> list[PolarityResult]:
         """Any number of texts, in requests of as many as the server accepts (its OpenAPI
         document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
-        ``too_many_items`` by the client's own limits, or 413, is cut to the limit its message
-        names, else halved), sent one after the other; the results in input order. A request
-        that fails otherwise stops the call: :class:`~service.client.IncompleteBatch`, with
-        the results so far. ``request_id`` names each request ``<id>.<first>-<last>`` item."""
+        ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
+        server's message), else halved, as one refused 413), sent one after the other; the
+        results in input order. A request that fails otherwise stops the call:
+        :class:`~service.client.IncompleteBatch`, with the results so far. ``request_id`` names
+        each request ``<id>.<first>-<last>`` item."""
         return self._many(lambda c: calls.polarity_batch(c, model), texts, chunk_size, opts)
 
     def detect_many(
@@ -469,12 +470,13 @@ class AsyncClient(_Options):
     ) -> list[PolarityResult]:
         """Any number of texts, in requests of as many as the server accepts (its OpenAPI
         document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
-        ``too_many_items`` by the client's own limits, or 413, is cut to the limit its message
-        names, else halved), at most ``concurrency`` at once (and, once a 422 named the
-        client's in-flight limit, no more items at once than it); the results in input order.
-        A request that fails otherwise stops the call (no request starts after it; those
-        under way end): :class:`~service.client.IncompleteBatch`, with the results so far.
-        ``request_id`` names each request ``<id>.<first>-<last>`` item."""
+        ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
+        server's message), else halved, as one refused 413), at most ``concurrency`` at once
+        (and, once a 422 named the client's in-flight limit, no more items at once than it);
+        the results in input order. A request that fails otherwise stops the call (no
+        request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
+        with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
+        item."""
         make = lambda c: calls.polarity_batch(c, model)  # noqa: E731
         return await self._many(make, texts, chunk_size, concurrency, opts)
 

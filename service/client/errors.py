@@ -12,14 +12,26 @@
   the results it had.
 
 Each carries the HTTP ``status`` (None without an answer), the API's error ``code`` and
-``message`` (docs/service.md, "Errors"), the ``request_id`` to quote, ``retry_after`` (seconds,
+``message`` (docs/service.md, "Errors"), the ``limit`` that refused the request where the
+answer names one (:class:`ErrorLimit`), the ``request_id`` to quote, ``retry_after`` (seconds,
 from the last answer's ``Retry-After``) and how many ``attempts`` were made.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorLimit:
+    """The limit an error answer says refused the request (its ``limit``): ``name``
+    (``max_batch_items``, ``max_in_flight``, ``burst``, ``rate``, ``max_body_bytes``; others
+    may come) and its ``value`` for this client (items, items a second, bytes)."""
+
+    name: str
+    value: int | float
 
 
 class NlpserveError(Exception):
@@ -34,6 +46,7 @@ class NlpserveError(Exception):
         request_id: str | None = None,
         retry_after: float | None = None,
         attempts: int = 1,
+        limit: ErrorLimit | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -42,6 +55,7 @@ class NlpserveError(Exception):
         self.request_id = request_id
         self.retry_after = retry_after
         self.attempts = attempts
+        self.limit = limit
 
     def __str__(self) -> str:
         head = f"{self.status} {self.code}" if self.status is not None else (self.code or "error")
@@ -79,8 +93,8 @@ class IncompleteBatch(NlpserveError):
     """A ``*_many`` call stopped by a request that failed (after its retries; not a refusal of
     its size, which the client splits smaller): no request started after it, those already
     running were waited for. ``error`` is that request's exception (also ``__cause__``; its
-    ``status``, ``code``, ``retry_after``, ``attempts`` and ``request_id`` are this one's
-    too), ``failed`` the input indices it held (an item index in its message counts from
+    ``status``, ``code``, ``limit``, ``retry_after``, ``attempts`` and ``request_id`` are this
+    one's too), ``failed`` the input indices it held (an item index in its message counts from
     ``failed.start``), ``results`` every input's result in input order, None where none came,
     and ``unanswered`` the indices of those, to send again."""
 
@@ -95,6 +109,7 @@ class IncompleteBatch(NlpserveError):
             request_id=error.request_id,
             retry_after=error.retry_after,
             attempts=error.attempts,
+            limit=error.limit,
         )
         self.error = error
         self.failed = failed
@@ -121,8 +136,10 @@ def error_for(
     retry_statuses: frozenset[int],
 ) -> NlpserveError:
     """The exception for an HTTP error answer: ``{"error": {"code", "message"}}`` from the
-    service; another body (a gateway's HTML page) gives code ``http_<status>``."""
+    service, with ``limit`` where one refused the request; another body (a gateway's HTML
+    page) gives code ``http_<status>``."""
     code, message = f"http_{status}", body[:200].decode("utf-8", "replace").strip()
+    limit = None
     try:
         doc: Any = json.loads(body)
     except ValueError:
@@ -130,6 +147,7 @@ def error_for(
     if isinstance(doc, dict) and isinstance(err := doc.get("error"), dict):
         code = str(err.get("code", code))
         message = str(err.get("message", message))
+        limit = error_limit(err.get("limit"))
     cls: type[NlpserveError]
     if status == 504:
         cls = DeadlineExceeded
@@ -149,4 +167,17 @@ def error_for(
         request_id=request_id,
         retry_after=parse_retry_after(retry_after),
         attempts=attempts,
+        limit=limit,
     )
+
+
+def error_limit(doc: Any) -> ErrorLimit | None:
+    """An error body's ``limit``; None without one, or for one this client cannot read (the
+    error itself still counts: a malformed extra is no reason to lose it)."""
+    if not isinstance(doc, dict):
+        return None
+    name, value = doc.get("name"), doc.get("value")
+    # bool is an int to Python, never a limit
+    if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return ErrorLimit(name, value)

@@ -95,6 +95,7 @@ def assert_quota_refusal(r: httpx.Response) -> str:
     assert int(r.headers["retry-after"]) >= 1
     error = r.json()["error"]
     assert error["code"] == "client_quota"
+    assert error["limit"] == {"name": "max_in_flight", "value": LIMIT}
     limit = f"the limit for this client is {LIMIT} (NLPSERVE_CLIENT_MAX_IN_FLIGHT)"
     assert limit in error["message"]
     assert "bob" not in error["message"] and "alice" not in error["message"]
@@ -163,6 +164,7 @@ async def test_a_batch_counts_its_items_and_is_refused_whole(srv):
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == "too_many_items"
         assert "at most 3 in flight (NLPSERVE_CLIENT_MAX_IN_FLIGHT)" in r.json()["error"]["message"]
+        assert r.json()["error"]["limit"] == {"name": "max_in_flight", "value": LIMIT}
 
         q.resume()
         assert (await first).status_code == 200 and (await one).status_code == 200

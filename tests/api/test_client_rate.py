@@ -81,9 +81,12 @@ async def served(model_repo: Path, keys_file: Path) -> AsyncIterator[tuple[LiveS
         yield srv, clock
 
 
-def assert_rate_refusal(r: httpx.Response, retry_after: int, needs: int = 1) -> str:
+def assert_rate_refusal(
+    r: httpx.Response, retry_after: int, needs: int = 1, rate: float = 0.1
+) -> str:
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "client_rate"
+    assert r.json()["error"]["limit"] == {"name": "rate", "value": rate}
     assert int(r.headers["retry-after"]) == retry_after
     message = r.json()["error"]["message"]
     assert f"this request needs {needs} items" in message
@@ -111,7 +114,7 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
 
         # the others keep their own buckets: bob's default (0.5/s, burst 1) is untouched
         assert (await post_polarity(c, BOB)).status_code == 200
-        message = assert_rate_refusal(await post_polarity(c, BOB), retry_after=2)
+        message = assert_rate_refusal(await post_polarity(c, BOB), retry_after=2, rate=0.5)
         assert "may send 0.5 items a second, 1 at most at once (NLPSERVE_CLIENT_RATE)" in message
         # under /v2 in that protocol's shape, a tensor's rows counted as items
         v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}
@@ -137,6 +140,7 @@ async def test_over_its_rate_a_client_waits_the_retry_after_and_is_admitted(serv
             "this request needs 4 items run at once; this client may send at most 3 at once "
             f"(the burst of its 0.1 items a second, 3 at most at once, {OWN})"
         ) in r.json()["error"]["message"]
+        assert r.json()["error"]["limit"] == {"name": "burst", "value": 3}
         assert (await post_polarity(c, ALICE, 3)).status_code == 200  # all 3 still there
 
         after = await read_metrics(c)
@@ -186,7 +190,7 @@ async def test_the_response_caches_answers_take_no_tokens(model_repo, keys_file)
             assert r.status_code == 200 and r.headers["server-timing"].startswith("cache;desc=hit")
             mixed = {"inputs": [{"text": "known 0"}, {"text": "new"}]}
             r = await c.post("/v1/polarity", json=mixed, headers={"X-API-Key": BOB})
-            assert_rate_refusal(r, retry_after=2)  # needs 1: the miss only
+            assert_rate_refusal(r, retry_after=2, rate=0.5)  # needs 1: the miss only
 
 
 @session_loop
@@ -202,13 +206,14 @@ async def test_a_reload_changes_the_rate_at_once(served):
         assert keys.reload()
         clock.now += 1  # refilled at the new rate, up to the new burst
         assert (await post_polarity(c, ALICE, 20)).status_code == 200
-        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=1)
+        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=1, rate=100)
 
         keys.path.write_text(KEYS.replace("rate=0.1 burst=3", "rate=1"))  # burst lowered
         assert keys.reload()
         clock.now += 3600
         r = await post_polarity(c, ALICE, 2)
         assert r.status_code == 422 and "at most 1 at once" in r.text
+        assert r.json()["error"]["limit"] == {"name": "burst", "value": 1}  # the new one
         assert (await post_polarity(c, ALICE)).status_code == 200
         text = await read_metrics(c)
         assert metric_value(text, "nlpserve_client_rate", client="alice") == 1

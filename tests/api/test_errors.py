@@ -43,12 +43,19 @@ async def lc(limited):
     limited.queue.resume()
 
 
-def assert_error(r: httpx.Response, status: int, code: str) -> dict:
+def assert_error(
+    r: httpx.Response, status: int, code: str, limit: tuple[str, float] | None = None
+) -> dict:
+    """The error body, with ``limit`` (name, value) where a limit refused the request and
+    without the field everywhere else."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    fields = {"code", "message"} | ({"limit"} if limit is not None else set())
+    assert set(body) == {"error"} and set(body["error"]) == fields, body
     assert body["error"]["code"] == code, body
+    if limit is not None:
+        assert body["error"]["limit"] == {"name": limit[0], "value": limit[1]}, body
     assert body["error"]["message"]
     return body["error"]
 
@@ -193,13 +200,14 @@ async def test_a_huge_list_stops_validation_at_its_bound(task):
         assert f"at most {MAX_LIST_ITEMS}" in e.value.errors()[0]["msg"]
 
 
-async def test_huge_lists_are_refused_with_their_codes(client):
+async def test_huge_lists_are_refused_with_their_codes(service, client):
     r = await client.post("/v1/pos", json={"tokens": ["a"] * 10_001})
     assert "at most 10000" in assert_error(r, 422, "input_too_long")["message"]
     # a query parameter sends the request down FastAPI's own path: the same answer
+    limit = ("max_batch_items", service.settings.max_batch_items)
     for path in ("/v1/polarity", "/v1/polarity?x=1"):
         r = await client.post(path, json={"inputs": [{"text": 1}] * 20_000})
-        assert_error(r, 422, "too_many_items")
+        assert_error(r, 422, "too_many_items", limit)
 
 
 async def test_missing_field_message_names_the_field(client):
@@ -360,12 +368,17 @@ async def test_one_request_may_need_only_so_many_sequences(model_repo):
 
 
 async def test_too_many_items(lc):
+    limit = ("max_batch_items", LIMITS["max_batch_items"])
     err = assert_error(
         await lc.post("/v1/polarity", json={"inputs": [{"text": "good"}] * 4}),
         422,
         "too_many_items",
+        limit,
     )
-    assert "3" in err["message"]
+    assert err["message"] == "4 inputs in one request; the limit is 3 (NLPSERVE_MAX_BATCH_ITEMS)"
+    # valid items: FastAPI's validation path (a query parameter) says the same
+    r = await lc.post("/v1/polarity?model=polarity-en", json={"inputs": [{"text": "ok"}] * 4})
+    assert assert_error(r, 422, "too_many_items", limit) == err
     ok = await lc.post("/v1/polarity", json={"inputs": [{"text": "good"}] * 3})
     assert ok.status_code == 200
 
@@ -395,9 +408,12 @@ async def test_an_inputs_list_on_an_explain_endpoint_is_an_unknown_field(lc, pat
         assert "inputs: unknown field" in err["message"]
 
 
+BODY_LIMIT = ("max_body_bytes", LIMITS["max_body_bytes"])
+
+
 async def test_body_over_the_size_limit_by_content_length(lc):
     r = await lc.post("/v1/polarity", json={"text": "x" * 5000})
-    assert_error(r, 413, "body_too_large")
+    assert_error(r, 413, "body_too_large", BODY_LIMIT)
 
 
 async def test_body_over_the_size_limit_chunked(lc):
@@ -407,10 +423,9 @@ async def test_body_over_the_size_limit_chunked(lc):
             yield b"y" * 1000
         yield b'"}'
 
-    r = await lc.post(
-        "/v1/polarity", content=chunks(), headers={"content-type": "application/json"}
-    )
-    assert_error(r, 413, "body_too_large")
+    for path in ("/v1/polarity", "/v1/polarity/explain"):  # the fast path's, FastAPI's
+        r = await lc.post(path, content=chunks(), headers={"content-type": "application/json"})
+        assert_error(r, 413, "body_too_large", BODY_LIMIT)
 
 
 async def test_body_of_exactly_the_size_limit_is_accepted(lc):
@@ -446,7 +461,9 @@ async def test_declared_oversize_body_is_refused_before_it_is_sent(limited):
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
-    assert b'"body_too_large"' in answer
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "body_too_large"
+    assert error["limit"] == {"name": "max_body_bytes", "value": LIMITS["max_body_bytes"]}
 
 
 # ------------------------------------------------------------------ queue and deadlines

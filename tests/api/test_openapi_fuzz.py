@@ -102,8 +102,14 @@ def _error_shape(r: Any, what: str, v2: bool = False) -> None:
             assert set(body) == {"error"} and isinstance(body["error"], str), (what, body)
             assert body["error"], (what, body)
             return
-        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, (what, body)
-        assert body["error"]["code"] and body["error"]["message"], (what, body)
+        error = body["error"]
+        # a limit only on the refusals that a limit is the cause of (docs/service.md, Errors)
+        limited = error.get("code") in ("too_many_items", "client_quota", "client_rate")
+        fields = {"code", "message"} | ({"limit"} if limited or r.status_code == 413 else set())
+        assert set(body) == {"error"} and set(error) == fields, (what, body)
+        assert error["code"] and error["message"], (what, body)
+        if "limit" in error:
+            assert set(error["limit"]) == {"name", "value"}, (what, body)
 
 
 def _comparable(r: Any) -> Any:

@@ -30,6 +30,7 @@ from service.client import (
     Client,
     ClientError,
     DeadlineExceeded,
+    ErrorLimit,
     IncompleteBatch,
     NlpserveError,
     RetriesExhausted,
@@ -219,6 +220,7 @@ async def test_errors_carry_status_code_message_and_request_id(srv, raw):
             422, "empty_text", "my-call-1", 1,
         )  # fmt: skip
         assert "visible text" in err.message and "my-call-1" in str(err)
+        assert err.limit is None  # no limit refused it
         with pytest.raises(ClientError) as e:
             await c.polarity("fine", model="no-such-model")
         assert (e.value.status, e.value.code) == (404, "model_not_found")
@@ -425,6 +427,8 @@ async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
         with pytest.raises(ClientError) as e:
             await ac.polarity_batch(texts[:65])
     assert e.value.code == "too_many_items"
+    assert e.value.limit == ErrorLimit("max_batch_items", 64)
+    # what a server without the field says in words (the client's fallback reads them)
     assert [m[1] for p in calls._LIMITS if (m := p.search(e.value.message))] == ["64"]
 
 
@@ -439,6 +443,7 @@ async def test_many_items_keep_to_the_clients_in_flight_limit(srv, raw, model_re
             await ac.polarity_batch(TEXTS)
         assert (e.value.status, e.value.code) == (422, "too_many_items")
         assert "at most 3 in flight" in e.value.message and "smaller" in e.value.message
+        assert e.value.limit == ErrorLimit("max_in_flight", 3)
         quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
         texts = TEXTS * 5
         got = await ac.polarity_many(texts, chunk_size=4, concurrency=4, request_id="c")
@@ -462,6 +467,7 @@ async def test_many_items_keep_to_the_clients_burst(srv, raw, model_repo):
         with pytest.raises(ClientError) as e:
             await asyncio.to_thread(c.polarity_batch, TEXTS[:3])
         assert e.value.code == "too_many_items" and "at most 2 at once" in e.value.message
+        assert e.value.limit == ErrorLimit("burst", 2)
         got = await asyncio.to_thread(c.polarity_many, TEXTS, request_id="d")
     assert [_plain(r) for r in got] == [want[t] for t in TEXTS]
     assert sorted({r.meta.request_id for r in got if r.meta}) == ["d.0-1", "d.2-3"]
@@ -573,10 +579,13 @@ def answer(status: int, body: bytes, **headers: str) -> bytes:
     ).encode() + body
 
 
-def api_error(status: int, code: str, message: str, **headers: str) -> bytes:
-    return answer(
-        status, json.dumps({"error": {"code": code, "message": message}}).encode(), **headers
-    )
+def api_error(
+    status: int, code: str, message: str, limit: dict[str, Any] | None = None, **headers: str
+) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if limit is not None:
+        error["limit"] = limit
+    return answer(status, json.dumps({"error": error}).encode(), **headers)
 
 
 OK = answer(200, b'{"label": "positive", "positive_probability": 0.9, "truncated": false}')
@@ -691,17 +700,17 @@ async def test_without_a_deadline_an_attempt_outlasts_the_servers_default_deadli
         assert with_deadline.request()["timeout"] <= 2 + DEADLINE_GRACE_S
 
 
+def outputs(*probabilities: float) -> bytes:
+    out = [
+        {"label": "positive", "positive_probability": p, "truncated": False} for p in probabilities
+    ]
+    return answer(200, json.dumps({"outputs": out}).encode())
+
+
 async def test_without_an_openapi_document_many_learns_the_limits_from_refusals():
     """No /openapi.json (404): the first request holds every item; its 422 names the limit
-    (2), a 413 halves what it refused; the results in input order all the same."""
-
-    def outputs(*probabilities: float) -> bytes:
-        out = [
-            {"label": "positive", "positive_probability": p, "truncated": False}
-            for p in probabilities
-        ]
-        return answer(200, json.dumps({"outputs": out}).encode())
-
+    (2: in words, as a server without the ``limit`` field does), a 413 halves what it
+    refused; the results in input order all the same."""
     script = Scripted([
         api_error(404, "not_found", "no such path"),
         api_error(422, "too_many_items",
@@ -728,3 +737,57 @@ async def test_server_timing_with_the_response_cache():
     assert result.meta.server_timing == {
         "cache": 0.05, "tokenize": 0.174, "queue": 0.702, "inference": 2.0,
     }  # fmt: skip
+
+
+async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
+    """A 422 with ``limit`` (max_in_flight 3) in words no pattern reads: the requests are cut
+    to 3 (halving would send 4), and as an in-flight limit it keeps AsyncClient to one request
+    of 3 at a time. A limit this client does not know halves, whatever number the message
+    holds: the field, where there is one, is what the client reads."""
+    words = "trop d'éléments pour ce client"
+    script = Scripted([
+        api_error(404, "not_found", "no such path"),
+        api_error(422, "too_many_items", words, {"name": "max_in_flight", "value": 3}),
+        outputs(0.0, 0.1, 0.2),
+        outputs(0.3, 0.4, 0.5),
+        outputs(0.6, 0.7, 0.8),
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        got = await c.polarity_many(list("abcdefghi"), concurrency=4)
+        assert [round(r.positive_probability, 1) for r in got] == [i / 10 for i in range(9)]
+        assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 3, 3, 3]
+        assert c._learned["/v1/polarity"].in_flight == 3
+
+    unknown = {"name": "max_tokens", "value": 3}
+    script = Scripted([
+        api_error(404, "not_found", "no such path"),
+        api_error(422, "too_many_items", "at most 3 at once; the limit is 3", unknown),
+        outputs(*[0.5] * 4),
+        outputs(*[0.5] * 4),
+        outputs(0.5),
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        assert len(await c.polarity_many(list("abcdefghi"), concurrency=1)) == 9
+    assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 4, 4, 1]
+
+
+async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
+    limit = {"name": "max_in_flight", "value": 3}
+    script = Scripted([
+        api_error(422, "too_many_items", "words", limit),
+        api_error(429, "client_rate", "slow down", {"name": "rate", "value": 0.5}),
+        api_error(422, "too_many_items", "words", {"name": "burst", "value": "3"}),
+        api_error(422, "too_many_items", "words", {"name": "burst", "value": True}),
+        api_error(413, "body_too_large", "words", [1]),  # type: ignore[arg-type]
+    ])  # fmt: skip
+    async with script as url, AsyncClient(url, retry=RetryPolicy(retries=0)) as c:
+        with pytest.raises(ClientError) as e:
+            await c.polarity_batch(["a", "b", "c", "d"])
+        assert e.value.limit == ErrorLimit("max_in_flight", 3) and e.value.message == "words"
+        with pytest.raises(RetriesExhausted) as r:
+            await c.polarity("a")
+        assert r.value.limit == ErrorLimit("rate", 0.5)
+        for _ in range(3):  # the error all the same, without a limit
+            with pytest.raises(ClientError) as e:
+                await c.polarity("a")
+            assert e.value.code in ("too_many_items", "body_too_large") and e.value.limit is None

@@ -70,6 +70,7 @@ def assert_refused(r: httpx.Response, held: int, limit: int = LIMIT) -> None:
     assert r.json()["error"]["code"] == "client_quota"
     assert f"this client has {held} {ACROSS} and this request needs 1 more" in message
     assert f"the limit for this client is {limit} ({OWN})" in message
+    assert r.json()["error"]["limit"] == {"name": "max_in_flight", "value": limit}
 
 
 @pytest.fixture
@@ -102,6 +103,7 @@ async def test_a_client_at_its_limit_on_one_replica_is_refused_on_the_other(
             r = await post_polarity(cb, ALICE, 3)
             assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
             assert f"at most 2 in flight across the API replicas ({OWN})" in r.text
+            assert r.json()["error"]["limit"] == {"name": "max_in_flight", "value": 2}
             assert await admin.zcard(alice) == 2
             # a client without a limit is counted on its replica only: nothing in Redis
             held.append(post_polarity(ca, BOB))

@@ -63,9 +63,9 @@ async def test_replicas_take_from_one_bucket(settings, tiny_runners, admin) -> N
         assert (await post_polarity(ca, ALICE)).status_code == 200
         assert (await post_polarity(cb, ALICE)).status_code == 200  # the burst: 2, on either
         for c in (ca, cb):  # empty on both: an item every 10 s
-            assert_refused(
-                await post_polarity(c, ALICE), (9, 10), "0.1 items a second, 2 at most at once"
-            )
+            r = await post_polarity(c, ALICE)
+            assert_refused(r, (9, 10), "0.1 items a second, 2 at most at once")
+            assert r.json()["error"]["limit"] == {"name": "rate", "value": 0.1}
         # a client without a rate: no bucket
         assert (await post_polarity(ca, BOB)).status_code == 200
         assert not await admin.exists(client_rate_key(settings.redis_prefix, "bob"))
@@ -75,6 +75,7 @@ async def test_replicas_take_from_one_bucket(settings, tiny_runners, admin) -> N
         r = await post_polarity(cb, ALICE, 3)
         assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_items"
         assert "may send at most 2 at once across the API replicas" in r.text
+        assert r.json()["error"]["limit"] == {"name": "burst", "value": 2}
 
         # 10 s pass (as the bucket sees them): one item, on whichever replica asks first
         await admin.hset(bucket, "last", float(await admin.hget(bucket, "last")) - 10)
