@@ -58,6 +58,18 @@ def check_settings(settings: Settings) -> None:
         )
 
 
+def limits_in_force(file: KeyFile, default: int | None) -> dict[str, int]:
+    """Each client's in-flight limit: its ``max_in_flight``, else ``default``
+    (NLPSERVE_CLIENT_MAX_IN_FLIGHT); a client without one is left out. ``nlpserve keys
+    check`` prints these."""
+    limits: dict[str, int] = {}
+    for name in file.clients:
+        limit = file.limits.get(name, default)
+        if limit is not None:
+            limits[name] = limit
+    return limits
+
+
 class ClientQuota:
     """Items in flight per client, and the admission that keeps each under its limit:
     ``max_in_flight`` of the keys file (``keys``; its reloads change it at once), else
@@ -104,11 +116,7 @@ class ClientQuota:
         """The keys file read again: new limits apply to the next admission (items already
         in flight stay, even over a lowered limit); a gone client's series go, a new one's
         appear at 0."""
-        limits: dict[str, int] = {}
-        for name in file.clients:
-            limit = file.limits.get(name, self.default)
-            if limit is not None:
-                limits[name] = limit
+        limits = limits_in_force(file, self.default)
         for name in self.clients - file.clients:
             for metric in (self.gauge, self.limit_gauge, self.refused):
                 self.metrics.forget(metric, name)
