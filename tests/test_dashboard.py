@@ -509,19 +509,24 @@ async def test_every_panel_queries_real_data(stack: Stack, prometheus: str) -> N
         exprs = {(title, t["refId"]): expr for title, expr, t in targets}
         first = {title: expr for (title, ref), expr in exprs.items() if ref == "A"}
         in_flight = "Client in flight vs its limit"
+        used = "Client items/s vs its rate limit"
         for (title, ref), label, want in (
             (("Requests per client", "A"), "client", {"alice", "bob", "carol"}),
             (("Auth failures (401) by reason", "A"), "reason", {"missing", "invalid"}),
             ((in_flight, "A"), "client", {"alice", "bob", "carol"}),
             ((in_flight, "B"), "client", {"bob"}),
             (("Client quota rejections (429 client_quota) per client", "A"), "client", {"bob"}),
-            (("Client rate limit in force (items/s)", "A"), "client", {"carol"}),
+            ((used, "A"), "client", {"carol"}),
+            ((used, "B"), "client", {"alice", "bob", "carol"}),
             (("Client rate rejections (429 client_rate) per client", "A"), "client", {"carol"}),
         ):
             result = await _query(c, exprs[title, ref])
             assert {s["metric"][label] for s in result} == want, (title, ref, result)
-        result = await _query(c, first["Client rate limit in force (items/s)"])
+        result = await _query(c, first[used])
         assert [float(s["value"][1]) for s in result] == [CAROL_RATE], result
+        # every round runs new texts of alice's: her items a second, above 0
+        result = await _query(c, exprs[used, "B"])
+        assert {s["metric"]["client"]: float(s["value"][1]) for s in result}["alice"] > 0, result
         # the stage panel: the interactive stages, and the batch-priority queue wait apart
         result = await _query(c, exprs["Where latency goes: p95 per stage", "B"])
         assert {s["metric"]["model"] for s in result} == {"polarity-en"}, result
