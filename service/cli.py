@@ -282,6 +282,56 @@ def new_key(
     )
 
 
+@keys_app.command("check")
+def check_keys(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="The keys file to check.")],
+) -> None:
+    """Read FILE as `nlpserve serve` reads NLPSERVE_API_KEYS_FILE, before a reload or a
+    rollout: a line it would refuse ends the command with that line's error (exit status 2);
+    else one line per client: its name, its number of keys, and the max_in_flight, priority,
+    rate and burst in force (a client's own, else NLPSERVE_CLIENT_MAX_IN_FLIGHT,
+    NLPSERVE_CLIENT_RATE and NLPSERVE_CLIENT_BURST of this environment; none: no limit)."""
+    from collections import Counter
+
+    from service.api.auth import INTERACTIVE, KeyFileError, read_keys
+    from service.api.client_quota import limits_in_force
+    from service.api.client_rate import default_rate, rates_in_force
+
+    # the environment's defaults, checked as serve checks them (FILE stands for the setting)
+    settings = _settings(api_keys_file=path)
+    _check_client_quota(settings)
+    try:
+        file, _ = read_keys(path)
+    except KeyFileError as e:
+        typer.echo(f"nlpserve: invalid keys file: {e}", err=True)
+        raise typer.Exit(2) from None
+    keys = Counter(file.keys.values())  # in the file's order: a client's first line
+    limits = limits_in_force(file, settings.client_max_in_flight)
+    rates = rates_in_force(file, default_rate(settings))
+    for name, n in keys.items():
+        rate = rates.get(name)
+        typer.echo(
+            f"{name} keys={n} max_in_flight={limits.get(name, 'none')} "
+            f"priority={file.priorities.get(name, INTERACTIVE)} "
+            f"rate={'none' if rate is None else f'{rate.rate:g}'} "
+            f"burst={'none' if rate is None else rate.burst}"
+        )
+
+    def unset(value: object) -> str:
+        return (
+            "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+        )
+
+    typer.echo(
+        f"{path}: {len(keys)} client{'s' * (len(keys) != 1)}, {len(file.keys)} "
+        f"key{'s' * (len(file.keys) != 1)}; a client without its own max_in_flight or rate has "
+        f"NLPSERVE_CLIENT_MAX_IN_FLIGHT={unset(settings.client_max_in_flight)}, "
+        f"NLPSERVE_CLIENT_RATE={unset(settings.client_rate)}, "
+        f"NLPSERVE_CLIENT_BURST={unset(settings.client_burst)} (this environment's)",
+        err=True,
+    )
+
+
 @app.command()
 def worker(
     model_dir: Annotated[

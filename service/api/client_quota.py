@@ -16,6 +16,9 @@ bound before one is set. A client's limit is its ``max_in_flight`` when the file
 else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none. Across replicas only the clients with a limit
 are counted in Redis (a client counted only costs no round trip); ``nlpserve_client_in_flight``
 is this process's share of every client's items either way.
+
+``nlpserve_client_items_total`` counts each client's items run (admitted past both limits),
+where the rate limit charges them: the response cache's answers are not counted.
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ def check_settings(settings: Settings) -> None:
         )
 
 
+def limits_in_force(file: KeyFile, default: int | None) -> dict[str, int]:
+    """Each client's in-flight limit: its ``max_in_flight``, else ``default``
+    (NLPSERVE_CLIENT_MAX_IN_FLIGHT); a client without one is left out. ``nlpserve keys
+    check`` prints these."""
+    limits: dict[str, int] = {}
+    for name in file.clients:
+        limit = file.limits.get(name, default)
+        if limit is not None:
+            limits[name] = limit
+    return limits
+
+
 class ClientQuota:
     """Items in flight per client, and the admission that keeps each under its limit:
     ``max_in_flight`` of the keys file (``keys``; its reloads change it at once), else
@@ -94,6 +109,17 @@ class ClientQuota:
             ["client"],
             registry=metrics.registry,
         )
+        # Counted where the rate limit charges (:func:`admit`), limited or not: use against
+        # the rate in force (nlpserve_client_rate), and what a rate= would bound before one
+        # is set.
+        self.items = Counter(
+            "nlpserve_client_items_total",
+            "Items a client had admitted and run, across models (a batch of N counts N, an "
+            "explanation 1): what its rate limit charges, so the response cache's answers are "
+            "not counted.",
+            ["client"],
+            registry=metrics.registry,
+        )
         self.limits: dict[str, int] = {}
         self.own: set[str] = set()  # the clients whose limit is their max_in_flight
         self.clients: set[str] = set()
@@ -104,13 +130,9 @@ class ClientQuota:
         """The keys file read again: new limits apply to the next admission (items already
         in flight stay, even over a lowered limit); a gone client's series go, a new one's
         appear at 0."""
-        limits: dict[str, int] = {}
-        for name in file.clients:
-            limit = file.limits.get(name, self.default)
-            if limit is not None:
-                limits[name] = limit
+        limits = limits_in_force(file, self.default)
         for name in self.clients - file.clients:
-            for metric in (self.gauge, self.limit_gauge, self.refused):
+            for metric in (self.gauge, self.limit_gauge, self.refused, self.items):
                 self.metrics.forget(metric, name)
         for name in file.clients:
             if name in limits:
@@ -118,6 +140,7 @@ class ClientQuota:
             else:
                 self.metrics.forget(self.limit_gauge, name)
             self.metrics.child(self.gauge, name).set(self.in_flight.get(name, 0))
+            self.metrics.child(self.items, name)  # from the start at 0: rate() sees the first
         self.limits, self.own, self.clients = limits, set(file.limits), set(file.clients)
 
     def _where(self, client: str) -> str:
@@ -220,7 +243,8 @@ async def admit(
 ) -> AsyncIterator[None]:
     """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
     AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), and the client's rate
-    limit (:class:`ClientRate`), where a keys file is on; a no-op otherwise."""
+    limit (:class:`ClientRate`), where a keys file is on; the items admitted are counted
+    (``nlpserve_client_items_total``). A no-op without a keys file."""
     quota = state.client_quota
     client = CLIENT.get()
     if quota is None or client is None:
@@ -235,4 +259,6 @@ async def admit(
         # in-flight items back as it leaves the block.
         if rate is not None:
             await rate.take(client, n)
+        if client in quota.clients:  # a client removed mid-request: no series again
+            quota.metrics.child(quota.items, client).inc(n)
         yield

@@ -58,6 +58,18 @@ def default_rate(settings: Settings) -> Rate | None:
     return Rate(settings.client_rate, burst)
 
 
+def rates_in_force(file: KeyFile, default: Rate | None) -> dict[str, Rate]:
+    """Each client's rate limit: its ``rate=R burst=B``, else ``default``
+    (:func:`default_rate`); a client without one is left out. ``nlpserve keys check`` prints
+    these."""
+    rates: dict[str, Rate] = {}
+    for name in file.clients:
+        rate = file.rates.get(name, default)
+        if rate is not None:
+            rates[name] = rate
+    return rates
+
+
 def refill(tokens: float, last: float, now: float, rate: Rate) -> float:
     """The tokens a bucket holds at ``now`` that held ``tokens`` at ``last``: never more
     than the burst (a lowered one too)."""
@@ -100,11 +112,7 @@ class ClientRate:
     def _keys_changed(self, file: KeyFile) -> None:
         """The keys file read again: new rates apply to the next request (a bucket keeps
         its tokens, up to a lowered burst); a gone client's bucket and series go."""
-        rates: dict[str, Rate] = {}
-        for name in file.clients:
-            rate = file.rates.get(name, self.default)
-            if rate is not None:
-                rates[name] = rate
+        rates = rates_in_force(file, self.default)
         for name in self.clients - file.clients:
             for metric in (self.rate_gauge, self.refused):
                 self.metrics.forget(metric, name)

@@ -3,8 +3,9 @@ on, every route family refuses a request without a key of the file (401, in /v2'
 shape there) and serves one with it, as Bearer or X-API-Key; probes, metrics, docs and the
 demo page's files need none; CORS preflights still work; the file is re-read when it changes
 (a broken rewrite keeps the keys in force) and on SIGHUP; a broken file stops `nlpserve
-serve` with one line; `nlpserve keys new` prints a key and a line that work together; no key
-ever reaches the logs."""
+serve` with one line; `nlpserve keys new` prints a key and a line that work together;
+`nlpserve keys check` refuses what serve refuses in the same line and prints the limits a
+server puts in force; no key ever reaches the logs."""
 
 from __future__ import annotations
 
@@ -635,3 +636,87 @@ def test_keys_new_refuses_a_name_the_file_would_refuse():
     r = CliRunner().invoke(app, ["keys", "new", "two words"])
     assert r.exit_code == 2
     assert "invalid client name 'two words'" in r.output
+
+
+# --------------------------------------------------------------------------- keys check
+CHECKED_FILE = (
+    "# a rotation, both limits, a priority, a default-only client\n"
+    f"alice {HASH_PREFIX}{digest(ALICE_KEY).hex()} max_in_flight=9 priority=batch\n"
+    f"alice {BOB_KEY}x   # alice's next key, plaintext\n"
+    "carol carol-plaintext-key-5555544444 rate=0.5\n"
+    f"dave {HASH_PREFIX}{'ab' * 32} burst=7 rate=2.5\n"
+)
+
+
+@session_loop
+async def test_keys_check_prints_what_a_server_puts_in_force(model_repo, tmp_path):
+    """A server on the same file and defaults: its limits and rates in force (the gauges,
+    and each bucket's burst) are what `nlpserve keys check` printed."""
+    path = tmp_path / "api-keys"
+    path.write_text(
+        CHECKED_FILE.replace(f"{BOB_KEY}x", f"{BOB_KEY}x max_in_flight=9 priority=batch")
+    )
+    env = {"NLPSERVE_CLIENT_MAX_IN_FLIGHT": "4", "NLPSERVE_CLIENT_RATE": "3"}
+    r = _cli("keys", "check", str(path), **env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "alice keys=2 max_in_flight=9 priority=batch rate=3 burst=3",
+        "carol keys=1 max_in_flight=4 priority=interactive rate=0.5 burst=1",
+        "dave keys=1 max_in_flight=4 priority=interactive rate=2.5 burst=7",
+    ]
+    assert r.stderr.strip() == (
+        f"{path}: 3 clients, 4 keys; a client without its own max_in_flight or rate has "
+        "NLPSERVE_CLIENT_MAX_IN_FLIGHT=4, NLPSERVE_CLIENT_RATE=3, NLPSERVE_CLIENT_BURST=unset "
+        "(this environment's)"
+    )
+    assert BOB_KEY not in r.stdout + r.stderr  # a plaintext key is never printed
+
+    settings = make_settings(
+        model_repo, load_models=POLARITY_MODEL, api_keys_file=path, client_max_in_flight=4,
+        client_rate=3,
+    )  # fmt: skip
+    async with live_server(settings) as srv, srv.client() as c:
+        text = await read_metrics(c)
+        rates, keys = srv.state.client_rate, srv.state.api_keys
+        assert rates is not None and keys is not None
+        for line in r.stdout.splitlines():
+            name, *fields = line.split()
+            said = dict(f.split("=") for f in fields)
+            held = metric_value(text, "nlpserve_client_max_in_flight", client=name)
+            assert held == float(said["max_in_flight"]), line
+            assert metric_value(text, "nlpserve_client_rate", client=name) == float(said["rate"])
+            assert rates.rates[name].burst == int(said["burst"]), line
+            assert keys.file.priorities.get(name, "interactive") == said["priority"]
+
+    # no defaults: only the clients' own limits
+    r = _cli("keys", "check", str(path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1] == (
+        "carol keys=1 max_in_flight=none priority=interactive rate=0.5 burst=1"
+    )
+
+
+def test_keys_check_refuses_what_serve_refuses_in_the_same_line(model_repo, tmp_path):
+    path = tmp_path / "api-keys"
+    # alice's two lines disagree: a rollout of this file would keep the old keys everywhere
+    path.write_text(CHECKED_FILE)
+    r = _cli("keys", "check", str(path))
+    assert r.returncode == 2 and not r.stdout
+    served = _cli(
+        "serve", "--models", str(model_repo), NLPSERVE_API_KEYS_FILE=str(path), NLPSERVE_PORT="0"
+    )
+    assert served.returncode == 2
+    why = (
+        f"{path}:3: client 'alice' has no max_in_flight here but max_in_flight=9 on line 2: "
+        "the limit is the client's, over all its keys; give its lines the same one"
+    )
+    assert r.stderr.strip() == f"nlpserve: invalid keys file: {why}"
+    assert served.stderr.strip() == f"nlpserve: invalid setting: NLPSERVE_API_KEYS_FILE: {why}"
+    assert BOB_KEY not in r.stderr
+    missing = _cli("keys", "check", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and f"{tmp_path / 'nope'}: cannot be read" in missing.stderr
+    # the environment's defaults are checked as serve checks them
+    path.write_text(f"carol {BOB_KEY}\n")
+    r = _cli("keys", "check", str(path), NLPSERVE_CLIENT_BURST="5")
+    assert r.returncode == 2 and not r.stdout
+    assert "NLPSERVE_CLIENT_BURST is the burst of NLPSERVE_CLIENT_RATE's rate" in r.stderr

@@ -243,6 +243,7 @@ async def test_the_series_follow_the_files_clients(model_repo, tmp_path):
         "nlpserve_client_max_in_flight",
         "nlpserve_client_quota_rejections_total",
         "nlpserve_client_requests_total",
+        "nlpserve_client_items_total",
     ]
     async with live_server(settings) as srv, srv.client() as c:
         keys, q = srv.state.api_keys, srv.queue
@@ -272,6 +273,7 @@ async def test_the_series_follow_the_files_clients(model_repo, tmp_path):
         metrics = await read_metrics(c)
         assert metric_value(metrics, "nlpserve_client_max_in_flight", client="tiny") == 2
         assert metric_value(metrics, "nlpserve_client_requests_total", client="tiny") == 1
+        assert metric_value(metrics, "nlpserve_client_items_total", client="tiny") == 1
         assert series(metrics, "nlpserve_client_in_flight", "tiny")
 
 

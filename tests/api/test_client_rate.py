@@ -4,8 +4,9 @@ clock is a fake the tests move (``ClientRate.clock``), so no assertion rests on 
 clock: a client over its rate gets 429 ``client_rate`` with the Retry-After after which it is
 admitted (and not a second before); a burst passes at once; a request over the burst is 422;
 another client keeps its own bucket; a request refused by either limit holds nothing and
-takes no tokens; the response cache's answers cost none; a reload changes the rate at once;
-the settings and ``nlpserve keys new --rate`` are checked in one line."""
+takes no tokens; the response cache's answers cost none; each client's items are counted as
+its rate limit charges them; a reload changes the rate at once; the settings and ``nlpserve
+keys new --rate`` are checked in one line."""
 
 from __future__ import annotations
 
@@ -191,6 +192,41 @@ async def test_the_response_caches_answers_take_no_tokens(model_repo, keys_file)
             mixed = {"inputs": [{"text": "known 0"}, {"text": "new"}]}
             r = await c.post("/v1/polarity", json=mixed, headers={"X-API-Key": BOB})
             assert_rate_refusal(r, retry_after=2, rate=0.5)  # needs 1: the miss only
+
+
+@session_loop
+async def test_items_are_counted_per_client_as_the_rate_limit_charges_them(model_repo, keys_file):
+    """nlpserve_client_items_total: the items run, as the tokens taken; neither the cache's
+    answers nor a refused request's; the series gone with the client."""
+    async with live_server(settings_for(model_repo, keys_file, response_cache_mb=1)) as srv:
+        rate_of(srv).clock = FakeClock()  # no refill: the tokens taken are the items charged
+        keys = srv.state.api_keys
+        assert keys is not None
+
+        async def items(c: httpx.AsyncClient) -> dict[str, float]:
+            text = await read_metrics(c)
+            names = ("alice", "bob", "carol")
+            return {n: metric_value(text, "nlpserve_client_items_total", client=n) for n in names}
+
+        async with srv.client() as c:
+            text = await read_metrics(c)
+            for name in ("alice", "bob", "carol"):  # from the start, at 0
+                assert f'nlpserve_client_items_total{{client="{name}"}} 0.0' in text
+            assert (await post_polarity(c, ALICE, 2, text="run")).status_code == 200
+            assert (await post_polarity(c, ALICE, 2, text="run")).status_code == 200  # the cache's
+            assert (await post_polarity(c, ALICE, 4)).status_code == 422  # over its burst of 3
+            mixed = {"inputs": [{"text": "run 0"}, {"text": "run 1"}, {"text": "new"}]}
+            r = await c.post("/v1/polarity", json=mixed, headers={"X-API-Key": ALICE})
+            assert r.status_code == 200  # 1 run, 2 from the cache
+            assert_rate_refusal(await post_polarity(c, ALICE, text="more"), retry_after=10)
+            assert await items(c) == {"alice": 3, "bob": 0, "carol": 0}
+            assert rate_of(srv).buckets["alice"][0] == 0  # its burst of 3: all 3 charged
+
+            keys.path.write_text(f"carol {CAROL}\n")  # alice and bob gone: their series too
+            assert keys.reload()
+            text = await read_metrics(c)
+            assert "nlpserve_client_items_total" in text
+            assert 'client="alice"' not in text and 'client="bob"' not in text
 
 
 @session_loop
