@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batching.scheduler import BATCH_LANE
+from service.batching.scheduler import BATCH_LANE, PREDICT_LANE
+from service.queueing.redis_keys import stream_labels
+from service.worker import StreamItem, Worker
 from tests.redis_backend.helpers import api_queue, make_item, running_worker, wait_for
 from tests.service_support import GatedRunner, live_server, metric_value, read_metrics
 
@@ -113,3 +115,33 @@ async def test_an_interactive_entry_is_read_and_runs_next_while_batch_entries_fi
             done = await asyncio.wait_for(asyncio.gather(*left, return_exceptions=True), 20)
     assert not [r for r in done if isinstance(r, BaseException)]
     assert sorted(stepped.started) == sorted((it.length,) for it in [*backlog, urgent])
+
+
+def test_rooms_count_the_entries_held_by_their_streams_without_reading_them(
+    make_settings, tiny_runners
+) -> None:
+    """``_rooms`` runs before every read, and after each settle beside a blocked one. It went
+    over every entry held in Python (its model, its stream, two Counters): ~0.1 ms a call at
+    4 models x 64 held, 6x the count by model it replaced. The entries are now counted by
+    their keys' streams, without reading one; the rooms are still the documented ones."""
+    reads = 0
+
+    class Counted(StreamItem):
+        def __getattribute__(self, name: str) -> object:
+            nonlocal reads
+            reads += 1
+            return super().__getattribute__(name)
+
+    w = Worker(make_settings(worker_prefetch=8), tiny_runners)
+    held = {"predict": 5, "batch": 3, "explain": 1}  # per model, in its first bucket
+    for s, m in w._stream_model.items():
+        _, _, bucket, lane = stream_labels(s)
+        for n in range(held[lane] if bucket == "0" else 0):
+            it = Counted(model=m, bucket=0, length=3, features={}, deadline=0.0, stream=s)
+            w._in_hand[(s, f"{n}-0".encode())] = it
+    reads = 0
+    rooms = w._rooms()
+    assert reads == 0  # was one per entry held
+    assert set(rooms) == set(w.streams) and len(set(w._stream_model.values())) == 2
+    for s in w.streams:  # interactive: their own room; batch, explain: the model's
+        assert rooms[s] == (8 - 5 if stream_labels(s)[3] == PREDICT_LANE else 8 - 9), s
