@@ -67,7 +67,9 @@ class BulkExplainer:
         self.runner = runner
         self.settings = settings
         too_large = BodyTooLarge(settings.max_body_bytes)
-        self.too_large = LineError(too_large.status_code, too_large.code, too_large.detail)
+        self.too_large = LineError(
+            too_large.status_code, too_large.code, too_large.detail, too_large.limit
+        )
         self.stats = Stats()
         self.service = ExplainService.from_settings(settings)
         self.queue: InProcessQueue | None = None

@@ -25,6 +25,7 @@ from tests.service_support import (
     POS_MODEL,
     QA_MODEL,
     LiveServer,
+    live_server,
     make_settings,
     require_model,
 )
@@ -214,6 +215,20 @@ async def _explain_offline(model_repo: Path, lines: list[str], **overrides: Any)
     src = io.BytesIO(("\n".join(lines) + "\n").encode())
     await explain_stream(explainer, src, out, chunk_lines=4096)
     return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+async def test_a_line_over_the_body_limit_is_the_endpoints_413_with_its_limit(model_repo):
+    """A line over NLPSERVE_MAX_BODY_BYTES, skipped unread: the live endpoint's 413 for that
+    body, ``limit`` included (as `nlpserve predict` without --explain answers it)."""
+    require_model(model_repo, POLARITY_MODEL)
+    limit = 200
+    line = json.dumps({"text": "a" * limit})
+    out = await _explain_offline(model_repo, [line], max_body_bytes=limit)
+    settings = make_settings(model_repo, variant="fp32", max_body_bytes=limit)
+    async with live_server(settings) as srv, srv.client() as client:
+        want = await _api_answer(client, "polarity", POLARITY_MODEL, line)
+    assert want["error"]["limit"] == {"name": "max_body_bytes", "value": limit}
+    assert out == [{"line": 1, **want}]
 
 
 async def test_a_small_queue_depth_makes_lines_wait_not_fail(model_repo):

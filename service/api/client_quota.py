@@ -17,8 +17,9 @@ else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none. Across replicas only the clients 
 are counted in Redis (a client counted only costs no round trip); ``nlpserve_client_in_flight``
 is this process's share of every client's items either way.
 
-``nlpserve_client_items_total`` counts each client's items run (admitted past both limits),
-where the rate limit charges them: the response cache's answers are not counted.
+``nlpserve_client_items_total`` counts each client's items admitted past both limits, where
+the rate limit charges them: the response cache's answers are not counted, a request the queue
+or the task refuses after admission (its tokens taken) is.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ class ClientQuota:
         # is set.
         self.items = Counter(
             "nlpserve_client_items_total",
-            "Items a client had admitted and run, across models (a batch of N counts N, an "
-            "explanation 1): what its rate limit charges, so the response cache's answers are "
-            "not counted.",
+            "Items a client had admitted past its limits, across models (a batch of N counts "
+            "N, an explanation 1): what its rate limit charges, so the response cache's answers "
+            "are not counted, and a request the queue refuses after admission is.",
             ["client"],
             registry=metrics.registry,
         )
