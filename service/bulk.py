@@ -174,7 +174,9 @@ class BulkPredictor:
         first_refused: int | None = None
         for k, result in self._prepare(todo, deadline):
             if isinstance(result, InputError):
-                chunk.answers[k] = LineError(result.status_code, result.code, result.message)
+                chunk.answers[k] = LineError(
+                    result.status_code, result.code, result.message, Limit.of(result)
+                )
                 first_refused = k if first_refused is None else min(first_refused, k)
             else:
                 chunk.prepared.append((k, result))
@@ -243,7 +245,7 @@ class BulkPredictor:
             try:
                 result = self.task.decode(p, got)  # type: ignore[arg-type]
             except InputError as e:
-                chunk.answers[k] = LineError(e.status_code, e.code, e.message)
+                chunk.answers[k] = LineError(e.status_code, e.code, e.message, Limit.of(e))
                 continue
             chunk.answers[k] = json.dumps(result.model_dump(), ensure_ascii=False)
         done: list[tuple[int, str | LineError]] = []

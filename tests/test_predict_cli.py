@@ -395,6 +395,31 @@ async def test_a_line_over_the_body_limit_is_the_apis_413(cli, model_repo, tmp_p
     assert [json.loads(x).get("status") for x in out] == [None, 413, None, 413]
 
 
+async def test_a_line_of_too_many_qa_windows_is_the_apis_422_with_its_limit(
+    cli, model_repo, tmp_path
+):
+    """A context of more QA windows than NLPSERVE_MAX_REQUEST_SEQUENCES: /v1's 422
+    input_too_long, its ``limit`` (model sequences) included, line for line."""
+    require_model(model_repo, QA_MODEL)
+    lines = [
+        json.dumps(
+            {"question": "首都？", "context": "中国的首都是北京，它有三千多年的历史。" * 14}
+        ),
+        json.dumps({"question": "首都？", "context": "中国的首都是北京。"}),
+    ]
+    env = {"NLPSERVE_MAX_REQUEST_SEQUENCES": "3", "NLPSERVE_MAX_BATCH_ITEMS": "3"}
+    result = _run(cli, QA_MODEL, "--models", model_repo, input_lines=lines, tmp_path=tmp_path,
+                  extra_env=env)  # fmt: skip
+    assert result.exit_code == 1, result.stderr
+    out = result.stdout.splitlines()
+    settings = make_settings(model_repo, variant="fp32", max_request_sequences=3, max_batch_items=3)
+    async with live_server(settings) as srv, srv.client() as client:
+        wants = [await _api_answer(client, "qa", QA_MODEL, line) for line in lines]
+    assert wants[0]["error"]["limit"] == {"name": "max_request_sequences", "value": 3}
+    assert json.loads(out[0]) == {"line": 1, **wants[0]}
+    assert "error" not in wants[1] and rounded(json.loads(out[1])) == wants[1]
+
+
 @pytest.mark.parametrize(
     ("bad", "code"), [("oops", "invalid_json"), ('{"text": " "}', "empty_text")]
 )

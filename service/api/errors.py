@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from service.queueing.base import InferenceFailedError, QueueError, QueueFullError
 from service.tasks import TASK_CLASSES
-from service.tasks.base import InputError
+from service.tasks.base import LIMIT_REQUEST_SEQUENCES, InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,16 @@ LIMIT_IN_FLIGHT = "max_in_flight"  # the client's items in flight: its in-flight
 LIMIT_BURST = "burst"  # the client's items in one request: its rate limit's burst
 LIMIT_RATE = "rate"  # the client's items a second: its rate limit
 LIMIT_BODY_BYTES = "max_body_bytes"  # the body's bytes: NLPSERVE_MAX_BODY_BYTES
-LIMIT_NAMES = (LIMIT_BATCH_ITEMS, LIMIT_IN_FLIGHT, LIMIT_BURST, LIMIT_RATE, LIMIT_BODY_BYTES)
+# LIMIT_REQUEST_SEQUENCES: model sequences one request may need (NLPSERVE_MAX_REQUEST_SEQUENCES,
+# or NLPSERVE_MAX_QUEUE_DEPTH where lower); service.tasks raises it, below the API
+LIMIT_NAMES = (
+    LIMIT_BATCH_ITEMS,
+    LIMIT_IN_FLIGHT,
+    LIMIT_BURST,
+    LIMIT_RATE,
+    LIMIT_BODY_BYTES,
+    LIMIT_REQUEST_SEQUENCES,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class Limit:
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value}
+
+    @classmethod
+    def of(cls, error: InputError) -> Limit | None:
+        """The limit a task's refusal names, if any."""
+        return None if error.limit is None else cls(*error.limit)
 
 
 class ApiError(Exception):
@@ -270,7 +284,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return _respond(request, exc.status_code, exc.code, exc.message)
+        return _respond(request, exc.status_code, exc.code, exc.message, limit=Limit.of(exc))
 
     @app.exception_handler(QueueError)
     async def _queue(request: Request, exc: QueueError) -> JSONResponse:

@@ -382,4 +382,4 @@ def renumbered(error: InputError, positions: list[int], n: int) -> InputError:
         message = f"inputs[{positions[0]}]: {error.message}"
     else:
         return error
-    return InputError(error.code, message, error.status_code)
+    return InputError(error.code, message, error.status_code, error.limit)

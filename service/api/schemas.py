@@ -91,13 +91,16 @@ class ErrorLimit(BaseModel):
         description="Which limit (docs/service.md, Errors): `max_batch_items` (items in one "
         "request), `max_in_flight` (the client's items admitted and not yet answered), "
         "`burst` (the client's items in one request, its rate limit's), `rate` (the client's "
-        "items a second), `max_body_bytes` (bytes of the body). Other names may come: "
+        "items a second), `max_body_bytes` (bytes of the body), `max_request_sequences` (model "
+        "sequences one request may need: QA windows, one per item elsewhere). Other names may "
+        "come: "
         "ignore those you do not know.",
         examples=["max_in_flight"],
     )
     value: float = Field(
-        description="The limit in force for this client: items, items a second (`rate`) or "
-        "bytes (`max_body_bytes`); a whole number but for `rate`.",
+        description="The limit in force for this client: items, items a second (`rate`), "
+        "bytes (`max_body_bytes`) or model sequences (`max_request_sequences`); a whole number "
+        "but for `rate`.",
         examples=[3],
     )
 

@@ -267,7 +267,7 @@ def renamed(error: InputError, tt: TaskTensors) -> InputError:
     if len(tt.inputs) != 1:
         return error
     message = _ITEM_PREFIX.sub(rf"{tt.inputs[0]}[\1]: ", error.message)
-    return InputError(error.code, message, error.status_code)
+    return InputError(error.code, message, error.status_code, error.limit)
 
 
 def chosen_outputs(tt: TaskTensors, body: V2InferenceRequest) -> list[Output]:

@@ -229,6 +229,9 @@ def _max_inputs(schema: dict[str, Any]) -> int | None:
 # names: service/api/errors.py): the most a request may hold.
 _IN_FLIGHT_LIMIT = "max_in_flight"
 _ITEM_LIMITS = frozenset({"max_batch_items", _IN_FLIGHT_LIMIT, "burst"})
+# The limit of a 422 input_too_long over the model sequences (QA windows) of a request as a
+# whole: its value counts sequences, not items, and what fewer items need depends on their texts
+_SEQUENCES_LIMIT = "max_request_sequences"
 
 # What a server without ``limit`` in its errors (before it came) says of the limit in the
 # words of its 422 too_many_items (service/api/errors.py, client_quota.py, client_rate.py;
@@ -236,6 +239,17 @@ _ITEM_LIMITS = frozenset({"max_batch_items", _IN_FLIGHT_LIMIT, "burst"})
 # as a rolling upgrade may put such a server behind the same address as a newer one.
 _IN_FLIGHT = re.compile(r"at most (\d+) in flight")
 _LIMITS = (_IN_FLIGHT, re.compile(r"at most (\d+) at once"), re.compile(r"the limit is (\d+)"))
+
+
+def _over_sequences(error: NlpserveError) -> bool:
+    """A 422 ``input_too_long`` for the model sequences of the request as a whole (its
+    ``limit`` names them); an ``input_too_long`` without it is one text's, which no split fixes."""
+    limit = error.limit
+    return (
+        (error.status, error.code) == (422, "input_too_long")
+        and limit is not None
+        and limit.name == _SEQUENCES_LIMIT
+    )
 
 
 @dataclass
@@ -251,8 +265,9 @@ class Learned:
 
 class Split(Generic[R]):
     """A ``*_many`` call's plan: its ``n`` items cut into requests of at most ``size()``
-    (lowered when the server refuses a request's size: 422 ``too_many_items``, 413), whose
-    results land in input order; the first other failure stops it (:class:`IncompleteBatch`).
+    (lowered when the server refuses a request's size: 422 ``too_many_items``, 413, or a 422
+    ``input_too_long`` over its model sequences), whose results land in input order; the
+    first other failure stops it (:class:`IncompleteBatch`).
     Until a request of the size has been accepted, one runs at a time: a refusal then costs
     one request, not one per request under way."""
 
@@ -261,6 +276,7 @@ class Split(Generic[R]):
             raise ValueError(f"chunk_size must be 1 or more, not {chunk_size}")
         self.learned = learned  # the client's, for the path: what one call learns, the next knows
         self.chunk_size = chunk_size
+        self.texts_cap: int | None = None  # this call's texts' cap: too many model sequences
         self.results: list[R | None] = [None] * n
         self.pending = [range(n)]  # the items not sent (or refused), in order
         self.failed: tuple[range, NlpserveError] | None = None
@@ -280,7 +296,8 @@ class Split(Generic[R]):
 
     def size(self) -> int:
         """The most items of a request now (unknown: all there are)."""
-        known = [s for s in (self.learned.size, self.chunk_size) if s is not None]
+        caps = (self.learned.size, self.chunk_size, self.texts_cap)
+        known = [s for s in caps if s is not None]
         return min(known, default=len(self.results))
 
     def fits(self) -> bool:
@@ -313,7 +330,10 @@ class Split(Generic[R]):
             if self.failed is None:
                 self.failed = (chunk, error)
             return
-        self.learned.size = min(self.learned.size or smaller, smaller)
+        if _over_sequences(error):  # these texts' windows: not the path's size for later calls
+            self.texts_cap = min(self.texts_cap or smaller, smaller)
+        else:
+            self.learned.size = min(self.learned.size or smaller, smaller)
         self.learned.settled = False
         # back with the items not sent, merged with a neighbour: ranges stay as few as can be
         ranges = sorted([*self.pending, chunk], key=lambda r: r.start)
@@ -329,6 +349,8 @@ class Split(Generic[R]):
         if n <= 1:
             return None
         if error.status == 413:  # body_too_large: fewer texts are fewer bytes
+            return n // 2
+        if _over_sequences(error):  # fewer items are fewer sequences: how many fewer, unknown
             return n // 2
         if error.status != 422 or error.code != "too_many_items":
             return None

@@ -241,7 +241,8 @@ class Client(_Options):
         """Any number of texts, in requests of as many as the server accepts (its OpenAPI
         document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
-        server's message), else halved, as one refused 413), sent one after the other; the
+        server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
+        ``max_request_sequences``, model sequences its texts make), sent one after the other; the
         results in input order. A request that fails otherwise stops the call:
         :class:`~service.client.IncompleteBatch`, with the results so far. ``request_id`` names
         each request ``<id>.<first>-<last>`` item."""
@@ -471,7 +472,8 @@ class AsyncClient(_Options):
         """Any number of texts, in requests of as many as the server accepts (its OpenAPI
         document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
-        server's message), else halved, as one refused 413), at most ``concurrency`` at once
+        server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
+        ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at once
         (and, once a 422 named the client's in-flight limit, no more items at once than it);
         the results in input order. A request that fails otherwise stops the call (no
         request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,

@@ -28,14 +28,26 @@ OFFLOAD_CHARS = 20_000
 R = TypeVar("R")
 
 
-class InputError(ValueError):
-    """A request the model cannot take (too long, nothing to tag...): a 4xx, never a 500."""
+# The limit a request of too many model sequences names (/v1's ``limit``: service.api.errors)
+LIMIT_REQUEST_SEQUENCES = "max_request_sequences"
 
-    def __init__(self, code: str, message: str, status_code: int = 422) -> None:
+
+class InputError(ValueError):
+    """A request the model cannot take (too long, nothing to tag...): a 4xx, never a 500.
+    ``limit``: the (name, value) of the limit that refused it, where one did."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status_code: int = 422,
+        limit: tuple[str, int] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status_code = status_code
+        self.limit = limit
 
 
 @dataclass
@@ -156,6 +168,7 @@ def check_sequences(task: Task, n: int) -> None:
             "input_too_long",
             f"this request needs {n} model sequences ({what}); one request may need "
             f"at most {limit} ({setting}): send fewer or shorter texts",
+            limit=(LIMIT_REQUEST_SEQUENCES, limit),
         )
 
 

@@ -340,7 +340,9 @@ async def test_request_that_can_never_fit_the_queue_is_422_not_429(lc, model_rep
     require_model(model_repo, "qa-zh")
     context = "中国的首都是北京，它有三千多年的历史。" * 14  # > 3 windows, < 300 chars
     r = await lc.post("/v1/qa", json={"question": "首都？", "context": context})
-    err = assert_error(r, 422, "input_too_long")
+    # the limit in force, named for what it counts (model sequences), is the queue's depth
+    limit = ("max_request_sequences", LIMITS["max_queue_depth"])
+    err = assert_error(r, 422, "input_too_long", limit)
     assert "NLPSERVE_MAX_QUEUE_DEPTH" in err["message"]
 
 
@@ -352,7 +354,7 @@ async def test_one_request_may_need_only_so_many_sequences(model_repo):
     context = "中国的首都是北京，它有三千多年的历史。" * 14  # > 3 windows
     async with live_server(settings) as srv, srv.client() as c:
         r = await c.post("/v1/qa", json={"question": "首都？", "context": context})
-        err = assert_error(r, 422, "input_too_long")
+        err = assert_error(r, 422, "input_too_long", ("max_request_sequences", 3))
         assert "(QA windows of its contexts); one request may need at most 3" in err["message"]
         assert "NLPSERVE_MAX_REQUEST_SEQUENCES" in err["message"]
         short = {"question": "首都？", "context": "中国的首都是北京。"}

@@ -473,6 +473,51 @@ async def test_many_items_keep_to_the_clients_burst(srv, raw, model_repo):
     assert sorted({r.meta.request_id for r in got if r.meta}) == ["d.0-1", "d.2-3"]
 
 
+# QA contexts of 1, 2 and 5 windows (qa-zh's; max_request_sequences 4 below)
+CAPITAL = "中国的首都是北京，它有三千多年的历史。"
+ONE_WINDOW, TWO_WINDOWS, FIVE_WINDOWS = CAPITAL, CAPITAL * 4, CAPITAL * 10
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_many_halves_a_request_of_too_many_qa_windows_for_that_call_only(model_repo, flavour):
+    """NLPSERVE_MAX_REQUEST_SEQUENCES 4 and NLPSERVE_MAX_BATCH_ITEMS 4: four 2-window
+    contexts in one request are 8 sequences, a 422 input_too_long whose ``limit`` (4) counts
+    sequences, not items: cut to 4 items it would be refused again; halved, it passes. The
+    next call's short contexts go 4 to a request again (the size is those texts', not the
+    path's); a context of 5 windows alone stops the call with its error."""
+    require_model(model_repo, QA_MODEL)
+    pairs = [("首都？", TWO_WINDOWS)] * 4 + [("历史？", ONE_WINDOW)] * 4
+    settings = make_settings(model_repo, max_request_sequences=4, max_batch_items=4)
+    async with live_server(settings) as srv:
+
+        def calls_of(c: Client) -> tuple[list[Any], list[Any], list[Any], IncompleteBatch]:
+            singles = [c.qa(q, ctx) for q, ctx in pairs]
+            got = c.qa_many(pairs, request_id="long")
+            later = c.qa_many(pairs[4:], request_id="short")
+            with pytest.raises(IncompleteBatch) as e:
+                c.qa_many([pairs[4], ("首都？", FIVE_WINDOWS)])
+            return singles, got, later, e.value
+
+        if flavour == "sync":
+            with Client(srv.url, retry=QUICK) as c:
+                singles, got, later, stopped = await asyncio.to_thread(calls_of, c)
+        else:
+            async with AsyncClient(srv.url, retry=QUICK) as ac:
+                singles = [await ac.qa(q, ctx) for q, ctx in pairs]
+                got = await ac.qa_many(pairs, request_id="long", concurrency=4)
+                later = await ac.qa_many(pairs[4:], request_id="short", concurrency=4)
+                with pytest.raises(IncompleteBatch) as e:
+                    await ac.qa_many([pairs[4], ("首都？", FIVE_WINDOWS)])
+                stopped = e.value
+    assert [_plain(r) for r in got] == [_plain(r) for r in singles]
+    ids = sorted({r.meta.request_id for r in got if r.meta})
+    assert ids == ["long.0-1", "long.2-3", "long.4-5", "long.6-7"]
+    assert {r.meta.request_id for r in later if r.meta} == {"short.0-3"}
+    assert (stopped.status, stopped.code) == (422, "input_too_long")
+    assert stopped.limit == ErrorLimit("max_request_sequences", 4)
+    assert stopped.failed == range(1, 2) and stopped.unanswered == [1]
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 async def test_a_client_rate_429_waits_its_retry_after(srv, raw, model_repo, flavour):
     """frank may send one item a second: his second call at once is a 429 client_rate with
