@@ -851,3 +851,25 @@ async def test_the_blocking_clients_many_sends_concurrency_requests_at_once(conc
     ids = [h["x-request-id"] for h in script.seen[1:]]
     assert sorted(ids) == sorted(f"j.{a}-{a + 4}" for a in range(0, 40, 5))
     assert ids[0] == "j.0-4"  # alone: sent before any other
+
+
+class Poisoned(list[str]):
+    """Texts whose slice from item 20 on raises: an exception of the caller's, not an answer."""
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice) and i.start == 20:
+            raise RuntimeError("poisoned")
+        return super().__getitem__(i)
+
+
+async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised():
+    """The thread that meets it raises it from the call; no request starts after it (those
+    under way end), rather than the other threads sending the rest."""
+    script = Echoing(delay_s=0.05)
+    async with script as url:
+        with Client(url, retry=QUICK) as c:
+            many = functools.partial(c.polarity_many, concurrency=3)
+            with pytest.raises(RuntimeError, match="poisoned"):
+                await asyncio.to_thread(many, Poisoned(str(i) for i in range(40)), request_id="p")
+    ids = {h["x-request-id"] for h in script.seen[1:]}
+    assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids
