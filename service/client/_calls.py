@@ -280,7 +280,7 @@ class Split(Generic[R]):
         self.results: list[R | None] = [None] * n
         self.pending = [range(n)]  # the items not sent (or refused), in order
         self.failed: tuple[range, NlpserveError] | None = None
-        self.in_flight = 0  # items of requests under way (AsyncClient's)
+        self.in_flight = 0  # items of requests under way
 
     def take(self) -> range | None:
         """The items of the next request; None when there is none (all sent, or stopped)."""
@@ -293,6 +293,27 @@ class Split(Generic[R]):
         else:
             self.pending[0] = range(chunk.stop, first.stop)
         return chunk
+
+    def begin(self) -> range | None:
+        """:meth:`take`, its items counted in flight till :meth:`end`. A client calls it
+        (and :meth:`fits`, :meth:`end`, :meth:`stop`) under the lock its requests share."""
+        if (chunk := self.take()) is not None:
+            self.in_flight += len(chunk)
+        return chunk
+
+    def end(self, chunk: range, outcome: list[R] | NlpserveError) -> None:
+        """A request of :meth:`begin`'s ended: its results, or its error."""
+        self.in_flight -= len(chunk)
+        if isinstance(outcome, NlpserveError):
+            self.refused(chunk, outcome)
+        else:
+            self.answered(chunk, outcome)
+
+    def stop(self, chunk: range) -> None:
+        """A request of :meth:`begin`'s ended by something else than an answer (an exception
+        of the caller's, an interrupt): no request starts after it; the caller raises it."""
+        self.in_flight -= len(chunk)
+        self.pending = []
 
     def size(self) -> int:
         """The most items of a request now (unknown: all there are)."""

@@ -5,8 +5,10 @@ sends and how it retries is in :mod:`service.client._calls`, shared by both."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar, Unpack
 
@@ -47,7 +49,7 @@ R = TypeVar("R")
 # deadline gets: a request the server ends at its deadline is its 504, not a timeout here
 # (which would be a TransportError, and retried).
 DEFAULT_TIMEOUT_S = 30.0 + DEADLINE_GRACE_S
-# The AsyncClient's *_many requests at once.
+# The *_many calls' requests at once (their concurrency).
 DEFAULT_CONCURRENCY = 4
 
 
@@ -143,21 +145,48 @@ class Client(_Options):
         make: Callable[[Sequence[I]], Call[list[R]]],
         items: Sequence[I],
         chunk_size: int | None,
+        concurrency: int,
         opts: CallOptions,
     ) -> list[R]:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be 1 or more, not {concurrency}")
         if not items:
             return []
         self._read_limits()
         plan = self._plan(make, items, chunk_size)
-        while (chunk := plan.take()) is not None:
-            try:
-                got = self._send(
-                    make(items[chunk.start : chunk.stop]), plan.chunk_options(opts, chunk)
-                )
-            except NlpserveError as e:
-                plan.refused(chunk, e)
-            else:
-                plan.answered(chunk, got)
+        room = threading.Condition()
+
+        def worker() -> None:
+            while True:
+                with room:
+                    room.wait_for(plan.fits)
+                    if (chunk := plan.begin()) is None:
+                        return
+                outcome: list[R] | NlpserveError
+                try:
+                    call = make(items[chunk.start : chunk.stop])
+                    outcome = self._send(call, plan.chunk_options(opts, chunk))
+                except NlpserveError as e:
+                    outcome = e
+                except BaseException:  # the others start nothing more; this one raises it
+                    with room:
+                        plan.stop(chunk)
+                        room.notify_all()
+                    raise
+                with room:
+                    plan.end(chunk, outcome)
+                    room.notify_all()
+
+        if concurrency == 1:
+            worker()
+            return plan.result()
+        # httpx.Client is thread-safe: the threads share its connections. The calling thread
+        # is one of the workers (an interrupt lands there, and stops the others' next start).
+        with ThreadPoolExecutor(concurrency - 1, thread_name_prefix="nlpserve-many") as pool:
+            others = [pool.submit(worker) for _ in range(concurrency - 1)]
+            worker()
+            for other in others:
+                other.result()
         return plan.result()
 
     # ------------------------------------------------------------------ predictions
@@ -224,11 +253,12 @@ class Client(_Options):
         *,
         model: str | None = None,
         chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PosResult]:
-        """``pos_batch`` of any number of items: requests the server accepts, one after the
-        other (:meth:`polarity_many` says how)."""
-        return self._many(lambda c: calls.pos_batch(c, model), items, chunk_size, opts)
+        """``pos_batch`` of any number of items (:meth:`polarity_many` says how)."""
+        make = lambda c: calls.pos_batch(c, model)  # noqa: E731
+        return self._many(make, items, chunk_size, concurrency, opts)
 
     def polarity_many(
         self,
@@ -236,17 +266,22 @@ class Client(_Options):
         *,
         model: str | None = None,
         chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PolarityResult]:
         """Any number of texts, in requests of as many as the server accepts (its OpenAPI
         document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
-        ``max_request_sequences``, model sequences its texts make), sent one after the other; the
-        results in input order. A request that fails otherwise stops the call:
-        :class:`~service.client.IncompleteBatch`, with the results so far. ``request_id`` names
-        each request ``<id>.<first>-<last>`` item."""
-        return self._many(lambda c: calls.polarity_batch(c, model), texts, chunk_size, opts)
+        ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at
+        once (and, once a 422 named the client's in-flight limit, no more items at once than
+        it); the results in input order. A request that fails otherwise stops the call (no
+        request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
+        with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
+        item. The blocking client sends its requests from a pool of ``concurrency - 1``
+        threads and the calling one, over its one ``httpx.Client``."""
+        make = lambda c: calls.polarity_batch(c, model)  # noqa: E731
+        return self._many(make, texts, chunk_size, concurrency, opts)
 
     def detect_many(
         self,
@@ -254,10 +289,12 @@ class Client(_Options):
         *,
         model: str | None = None,
         chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[DetectResult]:
         """``detect_batch`` of any number of texts (:meth:`polarity_many` says how)."""
-        return self._many(lambda c: calls.detect_batch(c, model), texts, chunk_size, opts)
+        make = lambda c: calls.detect_batch(c, model)  # noqa: E731
+        return self._many(make, texts, chunk_size, concurrency, opts)
 
     def qa_many(
         self,
@@ -265,10 +302,12 @@ class Client(_Options):
         *,
         model: str | None = None,
         chunk_size: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[QAResult]:
         """``qa_batch`` of any number of pairs (:meth:`polarity_many` says how)."""
-        return self._many(lambda c: calls.qa_batch(c, model), pairs, chunk_size, opts)
+        make = lambda c: calls.qa_batch(c, model)  # noqa: E731
+        return self._many(make, pairs, chunk_size, concurrency, opts)
 
     # ------------------------------------------------------------------ explanations
     def explain_detect(
@@ -369,20 +408,18 @@ class AsyncClient(_Options):
             while True:
                 async with room:
                     await room.wait_for(plan.fits)
-                    if (chunk := plan.take()) is None:
+                    if (chunk := plan.begin()) is None:
                         return
-                    plan.in_flight += len(chunk)
+                outcome: list[R] | NlpserveError
                 try:
                     call = make(items[chunk.start : chunk.stop])
-                    got = await self._send(call, plan.chunk_options(opts, chunk))
+                    outcome = await self._send(call, plan.chunk_options(opts, chunk))
                 except NlpserveError as e:
-                    plan.refused(chunk, e)
-                else:
-                    plan.answered(chunk, got)
-                finally:
-                    async with room:
-                        plan.in_flight -= len(chunk)
-                        room.notify_all()
+                    outcome = e
+                # anything else: the TaskGroup cancels the other workers and raises it
+                async with room:
+                    plan.end(chunk, outcome)
+                    room.notify_all()
 
         async with asyncio.TaskGroup() as workers:
             for _ in range(concurrency):

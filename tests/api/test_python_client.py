@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -432,30 +433,40 @@ async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
     assert [m[1] for p in calls._LIMITS if (m := p.search(e.value.message))] == ["64"]
 
 
-async def test_many_items_keep_to_the_clients_in_flight_limit(srv, raw, model_repo):
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_many_items_keep_to_the_clients_in_flight_limit(srv, raw, model_repo, flavour):
     """carol may have 3 items in flight: a request of 4 is a 422 that says so, and a
     polarity_batch of 4 a ClientError; polarity_many cuts its requests to 3, and starts no
-    two at once (which would be 429s, a second's wait each)."""
+    two at once (which would be 429s, a second's wait each), the blocking client's threads
+    as the async one's tasks."""
     require_model(model_repo, POLARITY_MODEL)
     want = await _polarity_of(raw)
-    async with AsyncClient(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as ac:
-        with pytest.raises(ClientError) as e:
-            await ac.polarity_batch(TEXTS)
-        assert (e.value.status, e.value.code) == (422, "too_many_items")
-        assert "at most 3 in flight" in e.value.message and "smaller" in e.value.message
-        assert e.value.limit == ErrorLimit("max_in_flight", 3)
-        quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
-        texts = TEXTS * 5
-        got = await ac.polarity_many(texts, chunk_size=4, concurrency=4, request_id="c")
-        assert [_plain(r) for r in got] == [want[t] for t in texts]
-        ids = sorted(
-            {r.meta.request_id for r in got if r.meta}, key=lambda i: int(i[2:].split("-")[0])
-        )
-        assert ids == [f"c.{a}-{min(a + 2, 19)}" for a in range(0, 20, 3)]  # 3 each, then 2
-        # what it learned holds for the client's next call: no 422 more
-        refused = await _count(raw, "nlpserve_requests_total", status="422")
-        assert len(await ac.polarity_many(texts, concurrency=4)) == 20
-        assert await _count(raw, "nlpserve_requests_total", status="422") == refused
+    texts = TEXTS * 5
+    quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
+    if flavour == "sync":
+        with Client(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as c:
+            with pytest.raises(ClientError) as e:
+                await asyncio.to_thread(c.polarity_batch, TEXTS)
+            many = functools.partial(c.polarity_many, concurrency=4)
+            got = await asyncio.to_thread(many, texts, chunk_size=4, request_id="c")
+            refused = await _count(raw, "nlpserve_requests_total", status="422")
+            again = await asyncio.to_thread(many, texts)
+    else:
+        async with AsyncClient(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as ac:
+            with pytest.raises(ClientError) as e:
+                await ac.polarity_batch(TEXTS)
+            got = await ac.polarity_many(texts, chunk_size=4, concurrency=4, request_id="c")
+            refused = await _count(raw, "nlpserve_requests_total", status="422")
+            again = await ac.polarity_many(texts, concurrency=4)
+    assert (e.value.status, e.value.code) == (422, "too_many_items")
+    assert "at most 3 in flight" in e.value.message and "smaller" in e.value.message
+    assert e.value.limit == ErrorLimit("max_in_flight", 3)
+    assert [_plain(r) for r in got] == [want[t] for t in texts]
+    ids = sorted({r.meta.request_id for r in got if r.meta}, key=lambda i: int(i[2:].split("-")[0]))
+    assert ids == [f"c.{a}-{min(a + 2, 19)}" for a in range(0, 20, 3)]  # 3 each, then 2
+    # what it learned holds for the client's next call: no 422 more
+    assert len(again) == 20
+    assert await _count(raw, "nlpserve_requests_total", status="422") == refused
     quota_after = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
     assert quota_after == quota
 
@@ -549,7 +560,7 @@ async def test_a_failed_request_stops_many_with_the_results_so_far(srv, model_re
     texts += TEXTS * 2
     if flavour == "sync":
         with Client(srv.url, api_key=FREE_KEY) as c, pytest.raises(IncompleteBatch) as e:
-            await asyncio.to_thread(c.polarity_many, texts, chunk_size=4)
+            await asyncio.to_thread(c.polarity_many, texts, chunk_size=4, concurrency=1)
     else:
         async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
             with pytest.raises(IncompleteBatch) as e:
@@ -592,7 +603,7 @@ class Scripted:
                 self.seen.append(headers)
                 self.bodies.append(body)
                 self.times.append(time.monotonic())
-                resp = next(self.responses, None)
+                resp = await self.respond(head.split(" ", 2)[1], body)
                 if resp is None:
                     await asyncio.sleep(3600)  # cancelled when the server closes
                     return
@@ -602,6 +613,9 @@ class Scripted:
             pass
         finally:
             writer.close()
+
+    async def respond(self, path: str, body: bytes) -> bytes | None:
+        return next(self.responses, None)
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -836,3 +850,71 @@ async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
             with pytest.raises(ClientError) as e:
                 await c.polarity("a")
             assert e.value.code in ("too_many_items", "body_too_large") and e.value.limit is None
+
+
+class Echoing(Scripted):
+    """A server of ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and of
+    polarity batches, each text ``"<n>"`` answered ``positive_probability`` n/100 after
+    ``delay_s``; it counts the requests under way, and the most at once."""
+
+    SCHEMA = {"properties": {"inputs": {"maxItems": 5}}}
+    LIMITS = {"paths": {"/v1/polarity": {"post": {"requestBody": {"content": {
+        "application/json": {"schema": SCHEMA}}}}}}}  # fmt: skip
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__([])
+        self.delay_s = delay_s
+        self.under_way = self.most = 0
+
+    async def respond(self, path: str, body: bytes) -> bytes | None:
+        if path == "/openapi.json":
+            return answer(200, json.dumps(self.LIMITS).encode())
+        self.under_way += 1
+        self.most = max(self.most, self.under_way)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.under_way -= 1
+        return outputs(*[int(i["text"]) / 100 for i in json.loads(body)["inputs"]])
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_the_blocking_clients_many_sends_concurrency_requests_at_once(concurrency):
+    """40 texts, 5 a request (the document's maxItems): the first request alone (its size
+    not yet accepted), then ``concurrency`` at once, never more; the results in input order
+    however the answers interleave; each request its own id."""
+    texts = [str(i) for i in range(40)]
+    script = Echoing(delay_s=0.1)
+    async with script as url:
+        with Client(url, retry=QUICK) as c:
+            many = functools.partial(c.polarity_many, concurrency=concurrency)
+            got = await asyncio.to_thread(many, texts, request_id="j")
+            with pytest.raises(ValueError, match="concurrency must be 1 or more"):
+                c.polarity_many(texts, concurrency=0)
+    assert [r.positive_probability for r in got] == [i / 100 for i in range(40)]
+    assert script.most == concurrency
+    ids = [h["x-request-id"] for h in script.seen[1:]]
+    assert sorted(ids) == sorted(f"j.{a}-{a + 4}" for a in range(0, 40, 5))
+    assert ids[0] == "j.0-4"  # alone: sent before any other
+
+
+class Poisoned(list[str]):
+    """Texts whose slice from item 20 on raises: an exception of the caller's, not an answer."""
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice) and i.start == 20:
+            raise RuntimeError("poisoned")
+        return super().__getitem__(i)
+
+
+async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised():
+    """The thread that meets it raises it from the call; no request starts after it (those
+    under way end), rather than the other threads sending the rest."""
+    script = Echoing(delay_s=0.05)
+    async with script as url:
+        with Client(url, retry=QUICK) as c:
+            many = functools.partial(c.polarity_many, concurrency=3)
+            with pytest.raises(RuntimeError, match="poisoned"):
+                await asyncio.to_thread(many, Poisoned(str(i) for i in range(40)), request_id="p")
+    ids = {h["x-request-id"] for h in script.seen[1:]}
+    assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids
