@@ -206,12 +206,14 @@ async def test_a_chunk_holds_a_bounded_number_of_explanations(model_repo):
     assert len(explainer.computed) <= settings.explain_cache_size  # only what the cache holds
 
 
-async def _explain_offline(model_repo: Path, lines: list[str], **overrides: Any) -> list[dict]:
+async def _explain_offline(
+    model_repo: Path, lines: list[str], deadline_ms: int | None = None, **overrides: Any
+) -> list[dict]:
     from service.bulk_explain import explain_stream
     from service.cli import _explainer, _predict_model
 
     settings = make_settings(model_repo, variant="fp32", **overrides)
-    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None), deadline_ms)
     out = io.StringIO()
     src = io.BytesIO(("\n".join(lines) + "\n").encode())
     await explain_stream(explainer, src, out, chunk_lines=4096)
@@ -343,3 +345,19 @@ async def test_deadline_ms_without_explain_exits_2(cli, model_repo, tmp_path):
     r = await asyncio.to_thread(cli, *args, env=ENV)
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.strip() == "nlpserve: --deadline-ms applies to --explain only"
+
+
+async def test_a_lines_deadline_starts_with_its_turn_not_its_reading(model_repo):
+    """One explanation at a time, lines read ahead of it: a deadline twice one line's time
+    answers every line (the later ones waited three lines' time and more before their turn,
+    which a text sent alone to the endpoint would not)."""
+    from service.bulk_explain import AHEAD_PER_SLOT
+
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": _words(30, i), "max_evals": 300}) for i in range(8)]
+    one = {"explain_concurrency": 1}
+    timed = await _explain_offline(model_repo, lines, **one)
+    took = max(a["seconds"] for a in timed)
+    assert AHEAD_PER_SLOT >= 3  # the last lines read wait behind 3 others or more
+    out = await _explain_offline(model_repo, lines, deadline_ms=int(2000 * took) + 1, **one)
+    assert [a.get("error", {}).get("code") for a in out] == [None] * len(lines)
