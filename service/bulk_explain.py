@@ -16,8 +16,14 @@ masked variants of one text (near-equal lengths, so sorting them would save no p
 inference threads busy. Lines are answered in input order, each written once it and the
 lines before it are done; at most :data:`AHEAD_PER_SLOT` lines per explanation slot are
 started and not yet written, so what a chunk holds beyond its input (the explanations' tasks,
-answers done ahead of a slow line) does not grow with the chunk's lines. No deadline applies
-(offline work waits as long as it takes).
+answers done ahead of a slow line) does not grow with the chunk's lines.
+
+Each line has the endpoint's deadline (``--deadline-ms``; by default NLPSERVE_DEFAULT_DEADLINE_MS,
+what the endpoint gives a request without X-Deadline-Ms), and one past it gets the endpoint's
+504 ``deadline_exceeded``. Its clock starts when the line's explanation gets one of the
+NLPSERVE_EXPLAIN_CONCURRENCY slots, not when it is read: the lines started ahead of it are
+this command's own backlog, which a request sent alone would not wait behind. shap's start-up
+is paid before the first line (as a server's warm-up pays it), not out of its deadline.
 """
 
 from __future__ import annotations
@@ -51,8 +57,6 @@ from service.tasks.base import InputError, Task
 
 log = logging.getLogger(__name__)
 
-# Offline work has no deadline; the engine and the queue still take one (far away).
-_NO_DEADLINE_S = 365 * 86400.0
 # Lines started ahead of the one being written, per NLPSERVE_EXPLAIN_CONCURRENCY slot: enough
 # that a slot never idles behind a slow line for long, few enough that a 4096-line chunk of
 # long texts does not hold thousands of tasks and answers at once.
@@ -62,10 +66,16 @@ AHEAD_PER_SLOT = 4
 class BulkExplainer:
     """Explains lines with one model's task and runner, through the service's explain path."""
 
-    def __init__(self, task: Task, runner: ModelRunner, settings: Settings) -> None:
+    def __init__(
+        self, task: Task, runner: ModelRunner, settings: Settings, deadline_ms: int | None = None
+    ) -> None:
         self.task = task
         self.runner = runner
         self.settings = settings
+        # each line's, as the endpoint's without X-Deadline-Ms unless given
+        self.deadline_s = (deadline_ms or settings.default_deadline_ms) / 1000.0
+        # the engine's slots, taken here first so that a line's deadline starts with its turn
+        self.slots = asyncio.Semaphore(max(1, settings.explain_concurrency))
         too_large = BodyTooLarge(settings.max_body_bytes)
         self.too_large = LineError(
             too_large.status_code, too_large.code, too_large.detail, too_large.limit
@@ -88,6 +98,7 @@ class BulkExplainer:
         self.queue = InProcessQueue({self.task.name: self.runner}, queue_settings)
         await self.queue.start()
         self.service.register(build_explainer(self.task, self.queue))
+        await self.service.warm_up()  # shap's import and JIT: not out of the first lines' time
 
     async def aclose(self) -> None:
         if self.queue is not None:
@@ -101,9 +112,10 @@ class BulkExplainer:
         """The endpoint's answer to ``req``: its JSON body, or its error."""
         try:
             self.task.check_length(req.text)  # the route's check, before the engine's
-            exp: Explanation = await self.service.explain(
-                self.task.name, req.text, req.max_evals, time.monotonic() + _NO_DEADLINE_S
-            )
+            async with self.slots:
+                exp: Explanation = await self.service.explain(
+                    self.task.name, req.text, req.max_evals, time.monotonic() + self.deadline_s
+                )
         except InputError as e:
             return LineError(e.status_code, e.code, e.message)
         except (ExplainError, QueueError) as e:  # as the API's handlers map them

@@ -446,6 +446,14 @@ def predict(
             "detect and polarity models; NLPSERVE_EXPLAIN_* settings).",
         ),
     ] = False,
+    deadline_ms: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="--explain: each line's deadline, as X-Deadline-Ms (default: "
+            "NLPSERVE_DEFAULT_DEADLINE_MS, the endpoint's); a line past it is the endpoint's 504.",
+        ),
+    ] = None,
 ) -> None:
     """Answer a JSON Lines file offline with one model, as its /v1 endpoint would.
 
@@ -468,11 +476,17 @@ def predict(
     entry = _predict_model(settings, model, version)
     if explain:
         _check_explainable(entry)
+    elif deadline_ms is not None:
+        # predict's lines have no deadline: a value here would be silently ignored
+        typer.echo("nlpserve: --deadline-ms applies to --explain only", err=True)
+        raise typer.Exit(2)
     _check_not_same_file(input_path, output_path)
     inp = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     try:
         # loaded before the output file is made
-        predictor = _explainer(settings, entry) if explain else _predictor(settings, entry)
+        predictor = (
+            _explainer(settings, entry, deadline_ms) if explain else _predictor(settings, entry)
+        )
         try:
             out = _text_out(output_path)
             try:
@@ -595,13 +609,16 @@ def _predictor(settings: Settings, entry: ModelEntry) -> BulkPredictor:
     return BulkPredictor(task, runner, settings.batch_policy(runner.provider))
 
 
-def _explainer(settings: Settings, entry: ModelEntry) -> BulkExplainer:
+def _explainer(
+    settings: Settings, entry: ModelEntry, deadline_ms: int | None = None
+) -> BulkExplainer:
     from service.bulk_explain import BulkExplainer
     from service.runtime.runner import load_runners
     from service.tasks import task_class
 
     runner = load_runners(settings, None, [entry])[entry.name]
-    return BulkExplainer(task_class(entry.manifest.task)(entry, settings), runner, settings)
+    task = task_class(entry.manifest.task)(entry, settings)
+    return BulkExplainer(task, runner, settings, deadline_ms)
 
 
 def _run_predict(

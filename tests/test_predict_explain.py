@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +206,14 @@ async def test_a_chunk_holds_a_bounded_number_of_explanations(model_repo):
     assert len(explainer.computed) <= settings.explain_cache_size  # only what the cache holds
 
 
-async def _explain_offline(model_repo: Path, lines: list[str], **overrides: Any) -> list[dict]:
+async def _explain_offline(
+    model_repo: Path, lines: list[str], deadline_ms: int | None = None, **overrides: Any
+) -> list[dict]:
     from service.bulk_explain import explain_stream
     from service.cli import _explainer, _predict_model
 
     settings = make_settings(model_repo, variant="fp32", **overrides)
-    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None), deadline_ms)
     out = io.StringIO()
     src = io.BytesIO(("\n".join(lines) + "\n").encode())
     await explain_stream(explainer, src, out, chunk_lines=4096)
@@ -263,3 +266,98 @@ async def test_ctrl_c_ends_with_130_and_one_line(model_repo, tmp_path):
     require_model(model_repo, POLARITY_MODEL)
     out = interrupted_after_first(model_repo, tmp_path, 500, "--explain")
     assert all(json.loads(x)["output_name"] == "positive_probability" for x in out)
+
+
+# The engine's 504s (service/explain/engine.py), their measured numbers aside. Which one a
+# tiny deadline meets is a race (whether the explanation's thread started before the timer
+# fired), in the endpoint as here.
+_DEADLINE_MESSAGES = {
+    "the explanation did not finish before its deadline: N of N model evaluations done in N s; "
+    "ask for a smaller max_evals (or send a shorter text)",
+    "the explanation did not start before its deadline: N s waiting for a free explanation "
+    "slot (N run at once, NLPSERVE_EXPLAIN_CONCURRENCY); retry later, or with a longer "
+    "X-Deadline-Ms",
+}
+
+
+def _shape(message: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "N", message)
+
+
+async def test_a_line_past_its_deadline_is_the_endpoints_504(
+    cli, model_repo, fp32_service: LiveServer, tmp_path
+):
+    """--deadline-ms, as X-Deadline-Ms: at a deadline so small that no explanation finishes,
+    every line is refused as the live endpoint refuses it at the same deadline (504
+    deadline_exceeded, one of the engine's deadline messages)."""
+    require_model(model_repo, POLARITY_MODEL)
+    # texts of their own: not in the live server's explanation cache (a hit has no deadline)
+    lines = [json.dumps({"text": _words(n, 7), "max_evals": 60}) for n in (3, 12, 40)]
+    r = await _run(cli, POLARITY_MODEL, model_repo, lines, tmp_path, "--deadline-ms", "1")
+    assert r.exit_code == 1, (r.output, r.exception)
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    async with fp32_service.client() as client:
+        # shap started (the CLI pays its start-up before the first line's deadline)
+        await _api_answer(client, "polarity", POLARITY_MODEL, json.dumps({"text": "warm"}))
+        for number, (line, got) in enumerate(zip(lines, out, strict=True), start=1):
+            api = await client.post(
+                "/v1/polarity/explain",
+                params={"model": POLARITY_MODEL},
+                content=line.encode(),
+                headers={"content-type": "application/json", "X-Deadline-Ms": "1"},
+            )
+            want = {"status": api.status_code, "error": api.json()["error"]}
+            assert want["status"] == 504 and want["error"]["code"] == "deadline_exceeded"
+            assert {**got, "error": None} == {"line": number, **want, "error": None}
+            assert got["error"].keys() == want["error"].keys()
+            assert got["error"]["code"] == want["error"]["code"]
+            assert _shape(got["error"]["message"]) in _DEADLINE_MESSAGES
+            assert _shape(want["error"]["message"]) in _DEADLINE_MESSAGES
+    summary = r.stderr.strip().splitlines()[-1]
+    assert "3 errors" in summary and "(deadline_exceeded: the explanation did not" in summary
+
+
+async def test_the_default_deadline_is_the_endpoints(cli, model_repo, tmp_path):
+    """Without --deadline-ms a line has NLPSERVE_DEFAULT_DEADLINE_MS, the endpoint's deadline
+    without X-Deadline-Ms: that setting at 1 ms refuses every line; its default answers them."""
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": _words(n, 8), "max_evals": 60}) for n in (3, 12)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def codes(**env: str):
+        args = ("predict", POLARITY_MODEL, "--models", model_repo, "--explain", "--input", src)
+        r = cli(*args, env={**ENV, **env})
+        out = [json.loads(x) for x in r.stdout.splitlines()]
+        return r.exit_code, [a.get("error", {}).get("code") for a in out]
+
+    tiny = await asyncio.to_thread(codes, NLPSERVE_DEFAULT_DEADLINE_MS="1")
+    assert tiny == (1, ["deadline_exceeded"] * 2)
+    assert await asyncio.to_thread(codes) == (0, [None, None])
+
+
+async def test_deadline_ms_without_explain_exits_2(cli, model_repo, tmp_path):
+    """predict's lines have no deadline: --deadline-ms there is a mistake, not ignored."""
+    require_model(model_repo, POLARITY_MODEL)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "a film"}) + "\n", encoding="utf-8")
+    args = ("predict", POLARITY_MODEL, "--models", model_repo, "--input", src, "--deadline-ms", "5")
+    r = await asyncio.to_thread(cli, *args, env=ENV)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.strip() == "nlpserve: --deadline-ms applies to --explain only"
+
+
+async def test_a_lines_deadline_starts_with_its_turn_not_its_reading(model_repo):
+    """One explanation at a time, lines read ahead of it: a deadline twice one line's time
+    answers every line (the later ones waited three lines' time and more before their turn,
+    which a text sent alone to the endpoint would not)."""
+    from service.bulk_explain import AHEAD_PER_SLOT
+
+    require_model(model_repo, POLARITY_MODEL)
+    lines = [json.dumps({"text": _words(30, i), "max_evals": 300}) for i in range(8)]
+    one = {"explain_concurrency": 1}
+    timed = await _explain_offline(model_repo, lines, **one)
+    took = max(a["seconds"] for a in timed)
+    assert AHEAD_PER_SLOT >= 3  # the last lines read wait behind 3 others or more
+    out = await _explain_offline(model_repo, lines, deadline_ms=int(2000 * took) + 1, **one)
+    assert [a.get("error", {}).get("code") for a in out] == [None] * len(lines)
