@@ -206,19 +206,22 @@ def priority_class(state: ServiceState, asked: str | None, client: str | None) -
     return PRIORITY_OF_LANE[lane]
 
 
+def _asked_priority(scope: Scope) -> tuple[str | None, str | None]:
+    """An HTTP request's X-Priority (None: not given; twice is one list, RFC 9110: refused)
+    and the client the auth middleware put in its ASGI ``scope``'s state."""
+    name = PRIORITY_HEADER.lower().encode()
+    given = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == name]
+    return (", ".join(given) if given else None), scope.get("state", {}).get("client")
+
+
 def scope_priority(state: ServiceState, scope: Scope) -> str:
-    """:func:`priority_class` of an HTTP request's ASGI ``scope`` (its X-Priority headers, and
-    the client the auth middleware put in its state)."""
-    given = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"x-priority"]
-    client = scope.get("state", {}).get("client")
-    return priority_class(state, ", ".join(given) if given else None, client)
+    """:func:`priority_class` of an HTTP request's ASGI ``scope`` (the metrics middleware's)."""
+    return priority_class(state, *_asked_priority(scope))
 
 
 def priority_from(request: Request, state: ServiceState) -> str:
-    """:func:`lane_for` of an HTTP request (its X-Priority, its client)."""
-    given = request.headers.getlist(PRIORITY_HEADER)
-    asked = ", ".join(given) if given else None  # twice is one list (RFC 9110): refused
-    return lane_for(state, asked, request.scope.get("state", {}).get("client"))
+    """:func:`lane_for` of an HTTP request (its X-Priority, its client): the lane it runs in."""
+    return lane_for(state, *_asked_priority(request.scope))
 
 
 class ClientGone(Exception):
