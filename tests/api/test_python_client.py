@@ -15,8 +15,10 @@ import functools
 import io
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from service.client import (
     NlpserveError,
     RetriesExhausted,
     RetryPolicy,
+    ServerError,
     TransportError,
 )
 from service.client import _calls as calls
@@ -484,6 +487,63 @@ async def test_many_items_keep_to_the_clients_burst(srv, raw, model_repo):
     assert sorted({r.meta.request_id for r in got if r.meta}) == ["d.0-1", "d.2-3"]
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_calls_at_once_on_one_client_share_what_it_learned(srv, raw, model_repo, flavour):
+    """carol may have 3 items in flight, across all her requests. Four polarity_many calls at
+    once on one client (four threads of one Client, four tasks of one AsyncClient), 4
+    requests at once each: each call's first request may be refused (422, before any call
+    learned the limit), never a later one, and no 429 client_quota ever: the calls keep
+    together to the limit one of them learned, one request of 3 at a time (each on its own
+    would have 3 in flight). Four more calls, once it is learned: no 422 at all. Every item
+    answered, in input order."""
+    require_model(model_repo, POLARITY_MODEL)
+    want = await _polarity_of(raw)
+    texts = [TEXTS[i * 3 % len(TEXTS)] for i in range(30)]
+    calls_at_once = 4
+
+    async def counts() -> tuple[float, float]:
+        refused = await _count(raw, "nlpserve_requests_total", status="422")
+        quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
+        return refused, quota
+
+    def threads(c: Client, prefix: str) -> list[list[Any]]:
+        start = threading.Barrier(calls_at_once)
+
+        def one(k: int) -> list[Any]:
+            start.wait()
+            return c.polarity_many(texts, concurrency=4, request_id=f"{prefix}{k}")
+
+        with ThreadPoolExecutor(calls_at_once) as pool:
+            return list(pool.map(one, range(calls_at_once)))
+
+    async def tasks(ac: AsyncClient, prefix: str) -> list[list[Any]]:
+        return await asyncio.gather(*(
+            ac.polarity_many(texts, concurrency=4, request_id=f"{prefix}{k}")
+            for k in range(calls_at_once)
+        ))  # fmt: skip
+
+    before = await counts()
+    if flavour == "sync":
+        with Client(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as c:
+            first = await asyncio.to_thread(threads, c, "a")
+            learned = await counts()
+            second = await asyncio.to_thread(threads, c, "b")
+    else:
+        async with AsyncClient(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as ac:
+            first = await tasks(ac, "a")
+            learned = await counts()
+            second = await tasks(ac, "b")
+    after = await counts()
+    for got in first + second:
+        assert [_plain(r) for r in got] == [want[t] for t in texts]
+        for rid in {r.meta.request_id for r in got if r.meta}:
+            a, b = rid.split(".", 1)[1].split("-")
+            assert int(b) - int(a) + 1 <= 3, rid  # no request over the limit was answered
+    assert 1 <= learned[0] - before[0] <= calls_at_once  # at most each call's first request
+    assert after[0] == learned[0]  # once learned, never a 422
+    assert after[1] == before[1]  # never over the in-flight limit: no 429 client_quota
+
+
 # QA contexts of 1, 2 and 5 windows (qa-zh's; max_request_sequences 4 below)
 CAPITAL = "中国的首都是北京，它有三千多年的历史。"
 ONE_WINDOW, TWO_WINDOWS, FIVE_WINDOWS = CAPITAL, CAPITAL * 4, CAPITAL * 10
@@ -729,6 +789,27 @@ async def test_a_body_the_client_cannot_read_is_a_server_error():
     assert e.value.status == 200 and "cannot read" in e.value.message
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_an_answer_httpx_cannot_decode_is_a_server_error(flavour):
+    """A body its Content-Encoding does not describe (a broken proxy's gzip): httpx raises
+    DecodingError, no httpx.TransportError, which left the client as itself, past an ``except
+    NlpserveError``. It is the ServerError of an answer the client cannot read, not retried."""
+    script = Scripted([answer(200, b"not gzip", Content_Encoding="gzip"), OK])
+    async with script as url:
+        with pytest.raises(NlpserveError) as e:
+            if flavour == "sync":
+                with Client(url, retry=QUICK) as c:
+                    await asyncio.to_thread(c.polarity, "fine", request_id="gz")
+            else:
+                async with AsyncClient(url, retry=QUICK) as ac:
+                    await ac.polarity("fine", request_id="gz")
+    err = e.value
+    assert type(err) is ServerError and isinstance(err.__cause__, httpx.DecodingError)
+    assert (err.status, err.code, err.request_id, err.attempts) == (None, "DecodingError", "gz", 1)
+    assert "cannot read" in err.message
+    assert len(script.seen) == 1
+
+
 async def test_a_429_the_policy_does_not_retry_is_still_no_client_error():
     # the one 4xx that is not the request's fault: never a ClientError ("fix the request"),
     # whatever statuses the policy retries
@@ -815,7 +896,7 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
         got = await c.polarity_many(list("abcdefghi"), concurrency=4)
         assert [round(r.positive_probability, 1) for r in got] == [i / 10 for i in range(9)]
         assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 3, 3, 3]
-        assert c._learned["/v1/polarity"].in_flight == 3
+        assert c._learned.in_flight == 3
 
     unknown = {"name": "max_tokens", "value": 3}
     script = Scripted([
@@ -855,7 +936,7 @@ async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
 class Echoing(Scripted):
     """A server of ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and of
     polarity batches, each text ``"<n>"`` answered ``positive_probability`` n/100 after
-    ``delay_s``; it counts the requests under way, and the most at once."""
+    ``delay_s``; it counts the requests under way, the most at once, and the document's reads."""
 
     SCHEMA = {"properties": {"inputs": {"maxItems": 5}}}
     LIMITS = {"paths": {"/v1/polarity": {"post": {"requestBody": {"content": {
@@ -864,10 +945,11 @@ class Echoing(Scripted):
     def __init__(self, delay_s: float) -> None:
         super().__init__([])
         self.delay_s = delay_s
-        self.under_way = self.most = 0
+        self.under_way = self.most = self.documents = 0
 
     async def respond(self, path: str, body: bytes) -> bytes | None:
         if path == "/openapi.json":
+            self.documents += 1
             return answer(200, json.dumps(self.LIMITS).encode())
         self.under_way += 1
         self.most = max(self.most, self.under_way)
@@ -896,6 +978,27 @@ async def test_the_blocking_clients_many_sends_concurrency_requests_at_once(conc
     ids = [h["x-request-id"] for h in script.seen[1:]]
     assert sorted(ids) == sorted(f"j.{a}-{a + 4}" for a in range(0, 40, 5))
     assert ids[0] == "j.0-4"  # alone: sent before any other
+
+
+async def test_threads_of_one_client_read_the_document_once():
+    """Four threads start polarity_many at once on a new Client: one read of /openapi.json
+    between them (each call read it, while none had yet), and every request within its
+    maxItems (5)."""
+    script = Echoing(delay_s=0.02)
+    start = threading.Barrier(4)
+
+    def one(c: Client, k: int) -> list[Any]:
+        start.wait()
+        return c.polarity_many([str(i) for i in range(20)], request_id=f"r{k}")
+
+    async with script as url:
+        with Client(url, retry=QUICK) as c, ThreadPoolExecutor(4) as pool:
+            got = await asyncio.to_thread(
+                lambda: list(pool.map(functools.partial(one, c), range(4)))
+            )
+    assert script.documents == 1
+    assert all([r.positive_probability for r in g] == [i / 100 for i in range(20)] for g in got)
+    assert all(len(json.loads(b)["inputs"]) <= 5 for b in script.bodies[1:])
 
 
 class Poisoned(list[str]):
