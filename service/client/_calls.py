@@ -176,10 +176,24 @@ def readyz() -> Call[Ready]:
     return Call("GET", "/readyz", _one(Ready), probe=True)
 
 
+def batch_limit() -> Call[int | None]:
+    """The batch limit this server announces in ``GET /v1/models``: ``batch.max_items``
+    (NLPSERVE_MAX_BATCH_ITEMS, or less where the queue holds fewer), of every batch path; None
+    from a server older than the field (:func:`openapi` then says it)."""
+    return Call("GET", "/v1/models", _max_items)
+
+
+def _max_items(doc: Any) -> int | None:
+    batch = doc.get("batch") if isinstance(doc, dict) else None
+    limit = batch.get("max_items") if isinstance(batch, dict) else None
+    # bool is an int to Python, never a limit
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1 else None
+
+
 def openapi() -> Call[dict[str, int]]:
-    """The batch limits this server announces: its OpenAPI document's ``maxItems`` of each
-    ``POST /v1/<task>`` body's ``inputs`` (NLPSERVE_MAX_BATCH_ITEMS, or less where the queue
-    holds fewer), by path."""
+    """The batch limits this server announces in its OpenAPI document (~200 KB: read only
+    where ``/v1/models`` lacks them): the ``maxItems`` of each ``POST /v1/<task>`` body's
+    ``inputs``, by path."""
     return Call("GET", "/openapi.json", batch_limits)
 
 
@@ -268,8 +282,9 @@ class Learned:
     what the other learned nor together exceed it."""
 
     def __init__(self) -> None:
-        # the batch limits the OpenAPI document announces, by path (None: not read yet)
-        self.announced: dict[str, int] | None = None
+        # the batch limit the server announces: of every path (/v1/models), or by path (an
+        # older server's OpenAPI document); None: not read yet
+        self.announced: int | dict[str, int] | None = None
         self.paths: dict[str, PathLimits] = {}
         # the client's in-flight limit, once a 422 named it: the server counts a key's items
         # across every model, so it bounds the items of all the client's requests at once
@@ -278,7 +293,9 @@ class Learned:
 
     def path(self, path: str) -> PathLimits:
         if (limits := self.paths.get(path)) is None:
-            limits = self.paths[path] = PathLimits((self.announced or {}).get(path))
+            announced = self.announced
+            size = announced if isinstance(announced, int) else (announced or {}).get(path)
+            limits = self.paths[path] = PathLimits(size)
         return limits
 
 

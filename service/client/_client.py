@@ -140,12 +140,17 @@ class Client(_Options):
     def _read_limits(self) -> None:
         with self._reading:
             if self._learned.announced is None:
-                try:
-                    limits = self._send(calls.openapi(), {})
-                except (ClientError, ServerError):  # no document (or none readable): refusals teach
-                    limits = {}
+                limits: int | dict[str, int] | None = self._announced(calls.batch_limit())
+                if limits is None:  # a server older than /v1/models' batch: its document
+                    limits = self._announced(calls.openapi()) or {}
                 with self._room:
                     self._learned.announced = limits
+
+    def _announced(self, call: Call[T]) -> T | None:
+        try:
+            return self._send(call, {})
+        except (ClientError, ServerError):  # none (or none readable): refusals teach
+            return None
 
     def _many(
         self,
@@ -277,13 +282,15 @@ class Client(_Options):
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PolarityResult]:
-        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
-        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        """Any number of texts, in requests of as many as the server accepts (``GET
+        /v1/models``' ``batch.max_items``, an older server's OpenAPI ``maxItems``, or
+        ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
         ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at
         once (and, once a 422 named the client's in-flight limit, no more items at once than
-        it); the results in input order. A request that fails otherwise stops the call (no
+        it, counting every call of the client's at once: what one learns, all share); the
+        results in input order. A request that fails otherwise stops the call (no
         request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
         with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
         item. The blocking client sends its requests from a pool of ``concurrency - 1``
@@ -398,11 +405,16 @@ class AsyncClient(_Options):
     async def _read_limits(self) -> None:
         async with self._reading:
             if self._learned.announced is None:
-                try:
-                    limits = await self._send(calls.openapi(), {})
-                except (ClientError, ServerError):  # no document (or none readable): refusals teach
-                    limits = {}
+                limits: int | dict[str, int] | None = await self._announced(calls.batch_limit())
+                if limits is None:  # a server older than /v1/models' batch: its document
+                    limits = await self._announced(calls.openapi()) or {}
                 self._learned.announced = limits
+
+    async def _announced(self, call: Call[T]) -> T | None:
+        try:
+            return await self._send(call, {})
+        except (ClientError, ServerError):  # none (or none readable): refusals teach
+            return None
 
     async def _many(
         self,
@@ -529,13 +541,15 @@ class AsyncClient(_Options):
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PolarityResult]:
-        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
-        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        """Any number of texts, in requests of as many as the server accepts (``GET
+        /v1/models``' ``batch.max_items``, an older server's OpenAPI ``maxItems``, or
+        ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
         ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at once
-        (and, once a 422 named the client's in-flight limit, no more items at once than it);
-        the results in input order. A request that fails otherwise stops the call (no
+        (and, once a 422 named the client's in-flight limit, no more items at once than it,
+        counting every call of the client's at once: what one learns, all share); the results
+        in input order. A request that fails otherwise stops the call (no
         request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
         with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
         item."""

@@ -30,6 +30,7 @@ from service.api.app import create_app
 from service.client import (
     AsyncClient,
     AuthenticationError,
+    BatchLimits,
     Client,
     ClientError,
     DeadlineExceeded,
@@ -410,7 +411,7 @@ async def _count(raw: httpx.AsyncClient, name: str, **labels: str) -> float:
 async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
     srv, raw, model_repo, flavour
 ):
-    """150 texts, NLPSERVE_MAX_BATCH_ITEMS 64 (the OpenAPI document's maxItems): requests of
+    """150 texts, NLPSERVE_MAX_BATCH_ITEMS 64 (/v1/models' batch.max_items): requests of
     64, 64 and 22, never a 422; each result where its text was."""
     require_model(model_repo, POLARITY_MODEL)
     want = await _polarity_of(raw)
@@ -419,9 +420,12 @@ async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
     if flavour == "sync":
         with Client(srv.url, api_key=FREE_KEY) as c:
             got = await asyncio.to_thread(c.polarity_many, texts, request_id="job")
+            announced = c._learned.announced
     else:
         async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
             got = await ac.polarity_many(texts, request_id="job", concurrency=2)
+            announced = ac._learned.announced
+    assert announced == 64  # /v1/models' batch.max_items (not the document's, by path)
     assert [_plain(r) for r in got] == [want[t] for t in texts]
     ids = [r.meta.request_id for r in got if r.meta]
     assert sorted(set(ids)) == ["job.0-63", "job.128-149", "job.64-127"]
@@ -847,12 +851,16 @@ def outputs(*probabilities: float) -> bytes:
     return answer(200, json.dumps({"outputs": out}).encode())
 
 
+# A server that announces no batch limit: a 404 for /v1/models, then for /openapi.json.
+NO_LIMITS = [api_error(404, "not_found", "no such path")] * 2
+
+
 async def test_without_an_openapi_document_many_learns_the_limits_from_refusals():
-    """No /openapi.json (404): the first request holds every item; its 422 names the limit
-    (2: in words, as a server without the ``limit`` field does), a 413 halves what it
-    refused; the results in input order all the same."""
+    """No /v1/models nor /openapi.json (404s): the first request holds every item; its 422
+    names the limit (2: in words, as a server without the ``limit`` field does), a 413 halves
+    what it refused; the results in input order all the same."""
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items",
                   "5 inputs in one request; the limit is 2 (NLPSERVE_MAX_BATCH_ITEMS)"),
         outputs(0.0, 0.1),
@@ -864,7 +872,7 @@ async def test_without_an_openapi_document_many_learns_the_limits_from_refusals(
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         got = await c.polarity_many(list("abcde"), concurrency=1)
     assert [r.positive_probability for r in got] == [0.0, 0.1, 0.2, 0.3, 0.4]
-    sent = [len(json.loads(b)["inputs"]) for b in script.bodies[1:]]
+    sent = [len(json.loads(b)["inputs"]) for b in script.bodies[2:]]
     assert sent == [5, 2, 2, 1, 1, 1]
 
 
@@ -886,7 +894,7 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     holds: the field, where there is one, is what the client reads."""
     words = "trop d'éléments pour ce client"
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items", words, {"name": "max_in_flight", "value": 3}),
         outputs(0.0, 0.1, 0.2),
         outputs(0.3, 0.4, 0.5),
@@ -895,12 +903,12 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         got = await c.polarity_many(list("abcdefghi"), concurrency=4)
         assert [round(r.positive_probability, 1) for r in got] == [i / 10 for i in range(9)]
-        assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 3, 3, 3]
+        assert [len(json.loads(b)["inputs"]) for b in script.bodies[2:]] == [9, 3, 3, 3]
         assert c._learned.in_flight == 3
 
     unknown = {"name": "max_tokens", "value": 3}
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items", "at most 3 at once; the limit is 3", unknown),
         outputs(*[0.5] * 4),
         outputs(*[0.5] * 4),
@@ -908,7 +916,7 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     ])  # fmt: skip
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         assert len(await c.polarity_many(list("abcdefghi"), concurrency=1)) == 9
-    assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 4, 4, 1]
+    assert [len(json.loads(b)["inputs"]) for b in script.bodies[2:]] == [9, 4, 4, 1]
 
 
 async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
@@ -934,20 +942,32 @@ async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
 
 
 class Echoing(Scripted):
-    """A server of ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and of
+    """A server of ``/v1/models`` (``batch.max_items`` ``batch``; None: none, as a server
+    older than the field), ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and
     polarity batches, each text ``"<n>"`` answered ``positive_probability`` n/100 after
-    ``delay_s``; it counts the requests under way, the most at once, and the document's reads."""
+    ``delay_s``; it counts the requests under way, the most at once, and the reads of the
+    models and of the document."""
 
     SCHEMA = {"properties": {"inputs": {"maxItems": 5}}}
     LIMITS = {"paths": {"/v1/polarity": {"post": {"requestBody": {"content": {
         "application/json": {"schema": SCHEMA}}}}}}}  # fmt: skip
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, batch: int | None = None) -> None:
         super().__init__([])
         self.delay_s = delay_s
-        self.under_way = self.most = self.documents = 0
+        self.batch = batch
+        self.under_way = self.most = self.models = self.documents = 0
 
     async def respond(self, path: str, body: bytes) -> bytes | None:
+        if path == "/v1/models":
+            self.models += 1
+            doc: dict[str, Any] = {
+                "models": [],
+                "explain": {"max_evals_default": 1, "max_evals_limit": 1},
+            }
+            if self.batch is not None:
+                doc["batch"] = {"max_items": self.batch}
+            return answer(200, json.dumps(doc).encode())
         if path == "/openapi.json":
             self.documents += 1
             return answer(200, json.dumps(self.LIMITS).encode())
@@ -958,6 +978,23 @@ class Echoing(Scripted):
         finally:
             self.under_way -= 1
         return outputs(*[int(i["text"]) / 100 for i in json.loads(body)["inputs"]])
+
+
+@pytest.mark.parametrize("batch", [4, None])
+async def test_many_reads_the_limit_in_models_and_the_document_only_from_an_older_server(batch):
+    """``GET /v1/models``' ``batch.max_items`` (a few hundred bytes) sizes the requests; the
+    OpenAPI document (~200 KB) is read only where it lacks the field (a server older than it).
+    Once per client, whatever its calls."""
+    script = Echoing(delay_s=0, batch=batch)
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        for _ in range(2):
+            got = await c.polarity_many([str(i) for i in range(12)], concurrency=1)
+            assert [r.positive_probability for r in got] == [i / 100 for i in range(12)]
+        models = await c.models()
+    assert (script.models, script.documents) == (2, 0 if batch else 1)  # 2: one is models()
+    assert models.batch == (None if batch is None else BatchLimits(batch))
+    sizes = [len(json.loads(b)["inputs"]) for b in script.bodies if b]
+    assert sizes == ([4, 4, 4] if batch else [5, 5, 2]) * 2
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -975,15 +1012,15 @@ async def test_the_blocking_clients_many_sends_concurrency_requests_at_once(conc
                 c.polarity_many(texts, concurrency=0)
     assert [r.positive_probability for r in got] == [i / 100 for i in range(40)]
     assert script.most == concurrency
-    ids = [h["x-request-id"] for h in script.seen[1:]]
+    ids = [h["x-request-id"] for h in script.seen[2:]]
     assert sorted(ids) == sorted(f"j.{a}-{a + 4}" for a in range(0, 40, 5))
     assert ids[0] == "j.0-4"  # alone: sent before any other
 
 
 async def test_threads_of_one_client_read_the_document_once():
-    """Four threads start polarity_many at once on a new Client: one read of /openapi.json
-    between them (each call read it, while none had yet), and every request within its
-    maxItems (5)."""
+    """Four threads start polarity_many at once on a new Client of an older server (no
+    ``batch`` in /v1/models): one read of each, /v1/models and /openapi.json, between them
+    (each call read them, while none had yet), and every request within maxItems (5)."""
     script = Echoing(delay_s=0.02)
     start = threading.Barrier(4)
 
@@ -996,9 +1033,9 @@ async def test_threads_of_one_client_read_the_document_once():
             got = await asyncio.to_thread(
                 lambda: list(pool.map(functools.partial(one, c), range(4)))
             )
-    assert script.documents == 1
+    assert (script.models, script.documents) == (1, 1)  # an older server: no batch field
     assert all([r.positive_probability for r in g] == [i / 100 for i in range(20)] for g in got)
-    assert all(len(json.loads(b)["inputs"]) <= 5 for b in script.bodies[1:])
+    assert all(len(json.loads(b)["inputs"]) <= 5 for b in script.bodies if b)
 
 
 class Poisoned(list[str]):
@@ -1019,5 +1056,5 @@ async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised
             many = functools.partial(c.polarity_many, concurrency=3)
             with pytest.raises(RuntimeError, match="poisoned"):
                 await asyncio.to_thread(many, Poisoned(str(i) for i in range(40)), request_id="p")
-    ids = {h["x-request-id"] for h in script.seen[1:]}
+    ids = {h["x-request-id"] for h in script.seen[2:]}
     assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids
