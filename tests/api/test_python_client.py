@@ -952,10 +952,13 @@ class Echoing(Scripted):
     LIMITS = {"paths": {"/v1/polarity": {"post": {"requestBody": {"content": {
         "application/json": {"schema": SCHEMA}}}}}}}  # fmt: skip
 
-    def __init__(self, delay_s: float, batch: int | None = None) -> None:
+    def __init__(
+        self, delay_s: float, batch: int | None = None, in_flight: int | None = None
+    ) -> None:
         super().__init__([])
         self.delay_s = delay_s
         self.batch = batch
+        self.in_flight = in_flight  # a request of more items: 422, as over a max_in_flight
         self.under_way = self.most = self.models = self.documents = 0
 
     async def respond(self, path: str, body: bytes) -> bytes | None:
@@ -971,13 +974,17 @@ class Echoing(Scripted):
         if path == "/openapi.json":
             self.documents += 1
             return answer(200, json.dumps(self.LIMITS).encode())
+        inputs = json.loads(body)["inputs"]
+        if self.in_flight is not None and len(inputs) > self.in_flight:
+            limit = {"name": "max_in_flight", "value": self.in_flight}
+            return api_error(422, "too_many_items", "too many", limit)
         self.under_way += 1
         self.most = max(self.most, self.under_way)
         try:
             await asyncio.sleep(self.delay_s)
         finally:
             self.under_way -= 1
-        return outputs(*[int(i["text"]) / 100 for i in json.loads(body)["inputs"]])
+        return outputs(*[int(i["text"]) / 100 for i in inputs])
 
 
 @pytest.mark.parametrize("batch", [4, None])
@@ -1036,6 +1043,20 @@ async def test_threads_of_one_client_read_the_document_once():
     assert (script.models, script.documents) == (1, 1)  # an older server: no batch field
     assert all([r.positive_probability for r in g] == [i / 100 for i in range(20)] for g in got)
     assert all(len(json.loads(b)["inputs"]) <= 5 for b in script.bodies if b)
+
+
+async def test_a_cancelled_many_leaves_nothing_in_flight_for_the_next_call():
+    """A polarity_many cancelled with a request under way (its in-flight limit of 3 learned):
+    its items leave the client's count, which every call keeps to; else the next call would
+    wait forever for room that never comes."""
+    texts = [str(i) for i in range(12)]
+    script = Echoing(delay_s=0.5, in_flight=3)
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.polarity_many(texts, concurrency=4), 0.3)
+        assert c._learned.in_flight == 3
+        got = await asyncio.wait_for(c.polarity_many(texts[:6], concurrency=4), 5)
+    assert [r.positive_probability for r in got] == [i / 100 for i in range(6)]
 
 
 class Poisoned(list[str]):
