@@ -271,7 +271,7 @@ class PathLimits:
     """What a client learned of one path's limit in its ``*_many`` calls: the most items one
     request may have, and whether a request of that size has been accepted."""
 
-    size: int | None  # None: unknown (no OpenAPI document), till a request is refused
+    size: int | None  # None: unknown (none announced), till a request is refused
     settled: bool = False
 
 

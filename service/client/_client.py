@@ -65,9 +65,9 @@ class _Options:
         self.headers = {"User-Agent": USER_AGENT, **(kw.get("headers") or {})}
         if (api_key := kw.get("api_key")) is not None:
             self.headers[API_KEY_HEADER] = api_key
-        # *_many: the batch limits the server's OpenAPI document announces (read once), and
-        # what refusals taught (a 422 too_many_items of the client's own limits), shared by
-        # every call under the client's lock
+        # *_many: the batch limit the server announces (read once), and what refusals taught
+        # (a 422 too_many_items of the client's own limits), shared by every call under the
+        # client's lock
         self._learned = Learned()
 
     def _plan(
@@ -109,7 +109,7 @@ class Client(_Options):
         # under this lock; a request's end wakes the threads of every call (the client's
         # in-flight limit counts them all)
         self._room = threading.Condition()
-        self._reading = threading.Lock()  # the OpenAPI document: one read, whatever the threads
+        self._reading = threading.Lock()  # the announced limit: one read, whatever the threads
 
     def __enter__(self) -> Client:
         return self
@@ -371,8 +371,8 @@ class AsyncClient(_Options):
     def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **kw)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers)
-        # Client's lock and condition: every call's tasks wait on one (the client's in-flight
-        # limit counts them all), and the document is read once however many calls start
+        # as Client's: every call's tasks wait on one condition (the client's in-flight limit
+        # counts them all), and the announced limit is read once however many calls start
         self._room = asyncio.Condition()
         self._reading = asyncio.Lock()
 
