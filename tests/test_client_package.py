@@ -11,7 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.client import AsyncClient, Client, RetryPolicy
+import service.client
+from service.client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ClientError,
+    IncompleteBatch,
+    NlpserveError,
+    RetriesExhausted,
+    RetryPolicy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +85,20 @@ def test_the_retry_policy_decides_alone():
     assert p.delay(0, "3600") == 3600 and p.next_delay(0, 503, "3600", 0) is None  # honoured
     assert p.delay(0, "inf") <= 0.15 and p.delay(0, "-3") == 0
     assert RetryPolicy(retry_statuses=frozenset({504})).next_delay(0, 504, None, 0) is not None
+
+
+def test_every_error_the_client_exports_derives_from_one_base():
+    """``except NlpserveError`` catches whatever the package raises of its own, IncompleteBatch
+    included; ClientError keeps its one meaning, a 4xx the request is at fault for (a 429 and
+    a stopped *_many are not)."""
+    errors = [
+        v for v in vars(service.client).values() if isinstance(v, type) and issubclass(v, Exception)
+    ]
+    assert {e.__name__ for e in errors} == {
+        "NlpserveError", "ClientError", "AuthenticationError", "DeadlineExceeded",
+        "RetriesExhausted", "ServerError", "TransportError", "IncompleteBatch",
+    }  # fmt: skip
+    assert all(issubclass(e, NlpserveError) for e in errors)
+    assert issubclass(AuthenticationError, ClientError)
+    assert not issubclass(RetriesExhausted, ClientError)
+    assert not issubclass(IncompleteBatch, ClientError)

@@ -264,10 +264,11 @@ def _mark_text_limit(node: Any, max_chars: int) -> None:
             _mark_text_limit(value, max_chars)
 
 
-def _most_items(settings: Settings) -> int:
+def most_batch_items(settings: Settings) -> int:
     """The most items a batch request can have answered: NLPSERVE_MAX_BATCH_ITEMS, or fewer
     where NLPSERVE_MAX_QUEUE_DEPTH is lower (a request needing more sequences than the queue
-    holds is a 422 input_too_long; NLPSERVE_MAX_REQUEST_SEQUENCES is at least the former)."""
+    holds is a 422 input_too_long; NLPSERVE_MAX_REQUEST_SEQUENCES is at least the former).
+    Each batch body's ``maxItems``, and ``GET /v1/models``' ``batch.max_items``."""
     return min(settings.max_batch_items, settings.max_queue_depth)
 
 
@@ -279,7 +280,7 @@ def _apply_limits(schemas: dict[str, Any], settings: Settings) -> None:
     for cls in BatchRequest.__subclasses__():
         inputs = schemas.get(cls.__name__, {}).get("properties", {}).get("inputs")
         if inputs is not None:
-            inputs["maxItems"] = _most_items(settings)  # at most MAX_LIST_ITEMS (config)
+            inputs["maxItems"] = most_batch_items(settings)  # at most MAX_LIST_ITEMS (config)
     explain = schemas.get("ExplainRequest", {}).get("properties", {}).get("max_evals", {})
     for choice in explain.get("anyOf", []):
         if choice.get("type") == "integer":
@@ -319,7 +320,7 @@ def _fit_examples(paths: dict[str, Any], settings: Settings) -> None:
                         value = dict(value)
                         if batches and isinstance(value.get("inputs"), list):
                             items = [item for item in value["inputs"] if fits(item)]
-                            value["inputs"] = items[: _most_items(settings)]
+                            value["inputs"] = items[: most_batch_items(settings)]
                             if not items:
                                 continue
                         if isinstance(value.get("max_evals"), int):

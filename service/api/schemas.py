@@ -410,8 +410,21 @@ class ReadyResponse(BaseModel):
     )
 
 
+class BatchLimits(BaseModel):
+    max_items: int = Field(
+        description='Most items one `{"inputs": [...]}` request may have: '
+        "NLPSERVE_MAX_BATCH_ITEMS, or NLPSERVE_MAX_QUEUE_DEPTH where lower (each batch body's "
+        "`maxItems` in /openapi.json)."
+    )
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
     explain: ExplainLimits = Field(
         description="This server's limits for /v1/detect/explain and /v1/polarity/explain."
+    )
+    # What a client splitting many items needs, without reading /openapi.json (~200 KB)
+    batch: BatchLimits = Field(
+        description="This server's limit of a batch request to /v1/pos, /v1/polarity, "
+        "/v1/detect and /v1/qa."
     )

@@ -27,6 +27,7 @@ from service.client.errors import (
 )
 from service.client.retry import RetryPolicy
 from service.client.types import (
+    BatchLimits,
     DetectResult,
     ExplainLimits,
     Explanation,
@@ -43,6 +44,7 @@ from service.client.types import (
 __all__ = [
     "AsyncClient",
     "AuthenticationError",
+    "BatchLimits",
     "CallOptions",
     "Client",
     "ClientError",

@@ -176,10 +176,24 @@ def readyz() -> Call[Ready]:
     return Call("GET", "/readyz", _one(Ready), probe=True)
 
 
+def batch_limit() -> Call[int | None]:
+    """The batch limit this server announces in ``GET /v1/models``: ``batch.max_items``
+    (NLPSERVE_MAX_BATCH_ITEMS, or less where the queue holds fewer), of every batch path; None
+    from a server older than the field (:func:`openapi` then says it)."""
+    return Call("GET", "/v1/models", _max_items)
+
+
+def _max_items(doc: Any) -> int | None:
+    batch = doc.get("batch") if isinstance(doc, dict) else None
+    limit = batch.get("max_items") if isinstance(batch, dict) else None
+    # bool is an int to Python, never a limit
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1 else None
+
+
 def openapi() -> Call[dict[str, int]]:
-    """The batch limits this server announces: its OpenAPI document's ``maxItems`` of each
-    ``POST /v1/<task>`` body's ``inputs`` (NLPSERVE_MAX_BATCH_ITEMS, or less where the queue
-    holds fewer), by path."""
+    """The batch limits this server announces in its OpenAPI document (~200 KB: read only
+    where ``/v1/models`` lacks them): the ``maxItems`` of each ``POST /v1/<task>`` body's
+    ``inputs``, by path."""
     return Call("GET", "/openapi.json", batch_limits)
 
 
@@ -253,14 +267,36 @@ def _over_sequences(error: NlpserveError) -> bool:
 
 
 @dataclass
-class Learned:
-    """What a client learned of a path's limits in its ``*_many`` calls: the most items one
-    request may have, the most it may have in flight (its in-flight limit's), and whether a
-    request of that size has been accepted."""
+class PathLimits:
+    """What a client learned of one path's limit in its ``*_many`` calls: the most items one
+    request may have, and whether a request of that size has been accepted."""
 
-    size: int | None  # None: unknown (no OpenAPI document), till a request is refused
-    in_flight: int | None = None
+    size: int | None  # None: unknown (none announced), till a request is refused
     settled: bool = False
+
+
+class Learned:
+    """What a client learned of the server's limits, shared by all its ``*_many`` calls (and
+    the threads of each): every change and every decision that reads it is made under the
+    client's one lock (:class:`Split`'s methods), so that two calls at once neither undo
+    what the other learned nor together exceed it."""
+
+    def __init__(self) -> None:
+        # the batch limit the server announces: of every path (/v1/models), or by path (an
+        # older server's OpenAPI document); None: not read yet
+        self.announced: int | dict[str, int] | None = None
+        self.paths: dict[str, PathLimits] = {}
+        # the client's in-flight limit, once a 422 named it: the server counts a key's items
+        # across every model, so it bounds the items of all the client's requests at once
+        self.in_flight: int | None = None
+        self.busy = 0  # items of the client's *_many requests under way, every call's
+
+    def path(self, path: str) -> PathLimits:
+        if (limits := self.paths.get(path)) is None:
+            announced = self.announced
+            size = announced if isinstance(announced, int) else (announced or {}).get(path)
+            limits = self.paths[path] = PathLimits(size)
+        return limits
 
 
 class Split(Generic[R]):
@@ -269,18 +305,20 @@ class Split(Generic[R]):
     ``input_too_long`` over its model sequences), whose results land in input order; the
     first other failure stops it (:class:`IncompleteBatch`).
     Until a request of the size has been accepted, one runs at a time: a refusal then costs
-    one request, not one per request under way."""
+    one request, not one per request under way. Made, and its methods called, under the lock
+    of the client's :class:`Learned` (which every call's plan shares)."""
 
-    def __init__(self, n: int, learned: Learned, chunk_size: int | None) -> None:
+    def __init__(self, n: int, learned: Learned, path: str, chunk_size: int | None) -> None:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be 1 or more, not {chunk_size}")
-        self.learned = learned  # the client's, for the path: what one call learns, the next knows
+        self.shared = learned  # the client's: what one call learns, the next (or another) knows
+        self.learned = learned.path(path)
         self.chunk_size = chunk_size
         self.texts_cap: int | None = None  # this call's texts' cap: too many model sequences
         self.results: list[R | None] = [None] * n
         self.pending = [range(n)]  # the items not sent (or refused), in order
         self.failed: tuple[range, NlpserveError] | None = None
-        self.in_flight = 0  # items of requests under way
+        self.in_flight = 0  # items of this call's requests under way
 
     def take(self) -> range | None:
         """The items of the next request; None when there is none (all sent, or stopped)."""
@@ -295,15 +333,17 @@ class Split(Generic[R]):
         return chunk
 
     def begin(self) -> range | None:
-        """:meth:`take`, its items counted in flight till :meth:`end`. A client calls it
-        (and :meth:`fits`, :meth:`end`, :meth:`stop`) under the lock its requests share."""
+        """:meth:`take`, its items counted in flight (the call's and the client's) till
+        :meth:`end`."""
         if (chunk := self.take()) is not None:
             self.in_flight += len(chunk)
+            self.shared.busy += len(chunk)
         return chunk
 
     def end(self, chunk: range, outcome: list[R] | NlpserveError) -> None:
         """A request of :meth:`begin`'s ended: its results, or its error."""
         self.in_flight -= len(chunk)
+        self.shared.busy -= len(chunk)
         if isinstance(outcome, NlpserveError):
             self.refused(chunk, outcome)
         else:
@@ -313,25 +353,27 @@ class Split(Generic[R]):
         """A request of :meth:`begin`'s ended by something else than an answer (an exception
         of the caller's, an interrupt): no request starts after it; the caller raises it."""
         self.in_flight -= len(chunk)
+        self.shared.busy -= len(chunk)
         self.pending = []
 
     def size(self) -> int:
         """The most items of a request now (unknown: all there are)."""
-        caps = (self.learned.size, self.chunk_size, self.texts_cap)
+        caps = (self.learned.size, self.chunk_size, self.texts_cap, self.shared.in_flight)
         known = [s for s in caps if s is not None]
         return min(known, default=len(self.results))
 
     def fits(self) -> bool:
-        """Whether the next request may start beside those under way: one
-        alone always; beside others once its size is settled, and within the client's
-        in-flight limit once a 422 named it (more would be 429s, a second's wait each). Once
-        the call has stopped, the waiting ends (to start nothing)."""
-        cap = self.learned.in_flight
-        if self.failed is not None or self.in_flight == 0:
+        """Whether the next request may start beside those under way: one of this call's
+        alone always, beside others once its size is settled; and, once a 422 named the
+        client's in-flight limit, within it counting every call's requests (more would be
+        429s, a second's wait each). Once the call has stopped, the waiting ends (to start
+        nothing)."""
+        if self.failed is not None:
             return True
-        if not self.learned.settled:
+        cap, busy = self.shared.in_flight, self.shared.busy
+        if cap is not None and busy > 0 and busy + self.size() > cap:
             return False
-        return cap is None or self.in_flight + self.size() <= cap
+        return self.in_flight == 0 or self.learned.settled
 
     def answered(self, chunk: range, results: list[R]) -> None:
         if len(results) != len(chunk):
@@ -380,13 +422,13 @@ class Split(Generic[R]):
             if name in _ITEM_LIMITS and math.isfinite(value) and 1 <= value < n:
                 limit = int(value)
                 if name == _IN_FLIGHT_LIMIT:
-                    self.learned.in_flight = limit
+                    self.shared.in_flight = limit
                 return limit
             return n // 2  # a limit this client does not know, or a value of no use
         for pattern in _LIMITS:
             if (m := pattern.search(error.message)) and 1 <= (limit := int(m[1])) < n:
                 if pattern is _IN_FLIGHT:
-                    self.learned.in_flight = limit
+                    self.shared.in_flight = limit
                 return limit
         return n // 2
 
@@ -498,13 +540,7 @@ class Attempts(Generic[T]):
             try:
                 result = self.call.parse(r.json())
             except (ValueError, KeyError, TypeError) as e:
-                raise ServerError(
-                    f"{self.call.method} {self.call.path}: an answer this client cannot read "
-                    f"({type(e).__name__}: {e})",
-                    status=r.status_code,
-                    request_id=self._answer_id(r),
-                    attempts=self.attempt + 1,
-                ) from None
+                raise self.unreadable(e, r) from None
             meta = self._meta(r)
             for answer in result if isinstance(result, list) else [result]:
                 if isinstance(answer, Answer):
@@ -515,6 +551,19 @@ class Attempts(Generic[T]):
             raise self.error(r, retry_after)
         self.attempt += 1
         return Retry(wait)
+
+    def unreadable(self, error: Exception, r: httpx.Response | None = None) -> ServerError:
+        """An answer this client cannot read: a body that is not the endpoint's, or one httpx
+        cannot decode (``httpx.DecodingError``: a broken ``Content-Encoding``, whose answer
+        and status httpx keeps to itself). Not retried: the same answer would come again."""
+        return ServerError(
+            f"{self.call.method} {self.call.path}: an answer this client cannot read "
+            f"({type(error).__name__}: {error})",
+            status=None if r is None else r.status_code,
+            code=None if r is not None else type(error).__name__,
+            request_id=self.request_id if r is None else self._answer_id(r),
+            attempts=self.attempt + 1,
+        )
 
     def _meta(self, r: httpx.Response) -> ResponseMeta:
         stages, cache = server_timing(r.headers.get("server-timing"))

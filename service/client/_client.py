@@ -65,10 +65,10 @@ class _Options:
         self.headers = {"User-Agent": USER_AGENT, **(kw.get("headers") or {})}
         if (api_key := kw.get("api_key")) is not None:
             self.headers[API_KEY_HEADER] = api_key
-        # *_many: the batch limits the server's OpenAPI document announces (read once), and
-        # per path what refusals taught (a 422 too_many_items of the client's own limits)
-        self._limits: dict[str, int] | None = None
-        self._learned: dict[str, Learned] = {}
+        # *_many: the batch limit the server announces (read once), and what refusals taught
+        # (a 422 too_many_items of the client's own limits), shared by every call under the
+        # client's lock
+        self._learned = Learned()
 
     def _plan(
         self,
@@ -76,10 +76,7 @@ class _Options:
         items: Sequence[I],
         chunk_size: int | None,
     ) -> Split[R]:
-        path = make(items[:1]).path
-        if (learned := self._learned.get(path)) is None:
-            learned = self._learned[path] = Learned((self._limits or {}).get(path))
-        return Split(len(items), learned, chunk_size)
+        return Split(len(items), self._learned, make(items[:1]).path, chunk_size)
 
     def _attempts(self, call: Call[T], opts: CallOptions) -> Attempts[T]:
         return Attempts(
@@ -108,6 +105,11 @@ class Client(_Options):
     def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **kw)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers)
+        # every *_many call's plan, in any thread, reads and changes what the client learned
+        # under this lock; a request's end wakes the threads of every call (the client's
+        # in-flight limit counts them all)
+        self._room = threading.Condition()
+        self._reading = threading.Lock()  # the announced limit: one read, whatever the threads
 
     def __enter__(self) -> Client:
         return self
@@ -127,6 +129,8 @@ class Client(_Options):
                 r = self._http.request(**run.request())
             except httpx.TransportError as e:
                 wait = run.no_answer(e)
+            except httpx.DecodingError as e:
+                raise run.unreadable(e) from e
             else:
                 if not isinstance(got := run.answered(r), Retry):
                     return got
@@ -134,11 +138,19 @@ class Client(_Options):
             time.sleep(wait)
 
     def _read_limits(self) -> None:
-        if self._limits is None:
-            try:
-                self._limits = self._send(calls.openapi(), {})
-            except (ClientError, ServerError):  # no document (or none readable): refusals teach
-                self._limits = {}
+        with self._reading:
+            if self._learned.announced is None:
+                limits: int | dict[str, int] | None = self._announced(calls.batch_limit())
+                if limits is None:  # a server older than /v1/models' batch: its document
+                    limits = self._announced(calls.openapi()) or {}
+                with self._room:
+                    self._learned.announced = limits
+
+    def _announced(self, call: Call[T]) -> T | None:
+        try:
+            return self._send(call, {})
+        except (ClientError, ServerError):  # none (or none readable): refusals teach
+            return None
 
     def _many(
         self,
@@ -153,8 +165,9 @@ class Client(_Options):
         if not items:
             return []
         self._read_limits()
-        plan = self._plan(make, items, chunk_size)
-        room = threading.Condition()
+        room = self._room
+        with room:
+            plan = self._plan(make, items, chunk_size)
 
         def worker() -> None:
             while True:
@@ -269,13 +282,15 @@ class Client(_Options):
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PolarityResult]:
-        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
-        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        """Any number of texts, in requests of as many as the server accepts (``GET
+        /v1/models``' ``batch.max_items``, an older server's OpenAPI ``maxItems``, or
+        ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
         ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at
         once (and, once a 422 named the client's in-flight limit, no more items at once than
-        it); the results in input order. A request that fails otherwise stops the call (no
+        it, counting every call of the client's at once: what one learns, all share); the
+        results in input order. A request that fails otherwise stops the call (no
         request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
         with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
         item. The blocking client sends its requests from a pool of ``concurrency - 1``
@@ -356,6 +371,10 @@ class AsyncClient(_Options):
     def __init__(self, base_url: str, **kw: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **kw)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers)
+        # as Client's: every call's tasks wait on one condition (the client's in-flight limit
+        # counts them all), and the announced limit is read once however many calls start
+        self._room = asyncio.Condition()
+        self._reading = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -375,6 +394,8 @@ class AsyncClient(_Options):
                 r = await self._http.request(**run.request())
             except httpx.TransportError as e:
                 wait = run.no_answer(e)
+            except httpx.DecodingError as e:
+                raise run.unreadable(e) from e
             else:
                 if not isinstance(got := run.answered(r), Retry):
                     return got
@@ -382,11 +403,18 @@ class AsyncClient(_Options):
             await asyncio.sleep(wait)
 
     async def _read_limits(self) -> None:
-        if self._limits is None:
-            try:
-                self._limits = await self._send(calls.openapi(), {})
-            except (ClientError, ServerError):  # no document (or none readable): refusals teach
-                self._limits = {}
+        async with self._reading:
+            if self._learned.announced is None:
+                limits: int | dict[str, int] | None = await self._announced(calls.batch_limit())
+                if limits is None:  # a server older than /v1/models' batch: its document
+                    limits = await self._announced(calls.openapi()) or {}
+                self._learned.announced = limits
+
+    async def _announced(self, call: Call[T]) -> T | None:
+        try:
+            return await self._send(call, {})
+        except (ClientError, ServerError):  # none (or none readable): refusals teach
+            return None
 
     async def _many(
         self,
@@ -401,8 +429,8 @@ class AsyncClient(_Options):
         if not items:
             return []
         await self._read_limits()
-        plan = self._plan(make, items, chunk_size)
-        room = asyncio.Condition()
+        room = self._room
+        plan = self._plan(make, items, chunk_size)  # no await: no other task between
 
         async def worker() -> None:
             while True:
@@ -416,7 +444,14 @@ class AsyncClient(_Options):
                     outcome = await self._send(call, plan.chunk_options(opts, chunk))
                 except NlpserveError as e:
                     outcome = e
-                # anything else: the TaskGroup cancels the other workers and raises it
+                except BaseException:
+                    # a cancellation, or the caller's exception (the TaskGroup then cancels the
+                    # other workers and raises it): its items leave the client's count in flight,
+                    # which other calls wait on
+                    plan.stop(chunk)
+                    async with room:
+                        room.notify_all()
+                    raise
                 async with room:
                     plan.end(chunk, outcome)
                     room.notify_all()
@@ -506,13 +541,15 @@ class AsyncClient(_Options):
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PolarityResult]:
-        """Any number of texts, in requests of as many as the server accepts (its OpenAPI
-        document's ``maxItems``, or ``chunk_size`` if less; a request refused 422
+        """Any number of texts, in requests of as many as the server accepts (``GET
+        /v1/models``' ``batch.max_items``, an older server's OpenAPI ``maxItems``, or
+        ``chunk_size`` if less; a request refused 422
         ``too_many_items`` is cut to the limit the answer names, its ``limit`` (an older
         server's message), else halved, as one refused 413 or 422 ``input_too_long`` over
         ``max_request_sequences``, model sequences its texts make), at most ``concurrency`` at once
-        (and, once a 422 named the client's in-flight limit, no more items at once than it);
-        the results in input order. A request that fails otherwise stops the call (no
+        (and, once a 422 named the client's in-flight limit, no more items at once than it,
+        counting every call of the client's at once: what one learns, all share); the results
+        in input order. A request that fails otherwise stops the call (no
         request starts after it; those under way end): :class:`~service.client.IncompleteBatch`,
         with the results so far. ``request_id`` names each request ``<id>.<first>-<last>``
         item."""

@@ -5,7 +5,8 @@
 - :class:`DeadlineExceeded`: a 504, or no answer before the call's deadline.
 - :class:`RetriesExhausted`: a retryable answer (429, 502, 503) was still the answer when
   the retry policy allowed no more attempts (retries or total time spent).
-- :class:`ServerError`: another 5xx (500 ``internal_error``, 501 ``explain_unavailable``).
+- :class:`ServerError`: another 5xx (500 ``internal_error``, 501 ``explain_unavailable``), or
+  an answer the client cannot read (``httpx.DecodingError`` included).
 - :class:`TransportError`: no HTTP answer at all (refused, reset, timed out), after the
   retries.
 - :class:`IncompleteBatch`: a ``*_many`` call stopped by one of its requests' errors, with
@@ -82,7 +83,9 @@ class RetriesExhausted(NlpserveError):
 
 
 class ServerError(NlpserveError):
-    """A 5xx the policy does not retry: a bug in the service (500) or a missing feature (501)."""
+    """A 5xx the policy does not retry: a bug in the service (500) or a missing feature (501);
+    or an answer this client cannot read (a body not the endpoint's; one httpx cannot decode,
+    ``code`` ``DecodingError`` and ``status`` None)."""
 
 
 class TransportError(NlpserveError):

@@ -153,15 +153,23 @@ class ExplainLimits:
 
 
 @dataclass
+class BatchLimits:
+    max_items: int
+
+
+@dataclass
 class Models(Answer):
     models: list[ModelInfo]
     explain: ExplainLimits
+    batch: BatchLimits | None = None  # None: a server older than the field
 
     @classmethod
     def from_json(cls, doc: Any) -> Models:
+        batch = doc.get("batch") if isinstance(doc, dict) else None
         return cls(
             models=[_known(ModelInfo, m) for m in doc["models"]],
             explain=_known(ExplainLimits, doc["explain"]),
+            batch=None if batch is None else _known(BatchLimits, batch),
         )
 
 

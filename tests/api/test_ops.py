@@ -53,6 +53,9 @@ async def test_models_lists_what_runs_where(client, service, model_repo):
         "max_evals_default": settings.explain_max_evals_default,
         "max_evals_limit": settings.explain_max_evals_limit,
     }
+    # each batch body's maxItems in /openapi.json, without its ~200 KB
+    most = min(settings.max_batch_items, settings.max_queue_depth)
+    assert r.json()["batch"] == {"max_items": most}
     for name, m in models.items():
         manifest = load_manifest(model_repo / name / "1")
         assert m["version"] == "1" and m["task"] == manifest.task

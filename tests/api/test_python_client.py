@@ -15,8 +15,10 @@ import functools
 import io
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from service.api.app import create_app
 from service.client import (
     AsyncClient,
     AuthenticationError,
+    BatchLimits,
     Client,
     ClientError,
     DeadlineExceeded,
@@ -36,6 +39,7 @@ from service.client import (
     NlpserveError,
     RetriesExhausted,
     RetryPolicy,
+    ServerError,
     TransportError,
 )
 from service.client import _calls as calls
@@ -407,7 +411,7 @@ async def _count(raw: httpx.AsyncClient, name: str, **labels: str) -> float:
 async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
     srv, raw, model_repo, flavour
 ):
-    """150 texts, NLPSERVE_MAX_BATCH_ITEMS 64 (the OpenAPI document's maxItems): requests of
+    """150 texts, NLPSERVE_MAX_BATCH_ITEMS 64 (/v1/models' batch.max_items): requests of
     64, 64 and 22, never a 422; each result where its text was."""
     require_model(model_repo, POLARITY_MODEL)
     want = await _polarity_of(raw)
@@ -416,9 +420,12 @@ async def test_many_items_go_in_requests_of_the_servers_limit_in_input_order(
     if flavour == "sync":
         with Client(srv.url, api_key=FREE_KEY) as c:
             got = await asyncio.to_thread(c.polarity_many, texts, request_id="job")
+            announced = c._learned.announced
     else:
         async with AsyncClient(srv.url, api_key=FREE_KEY) as ac:
             got = await ac.polarity_many(texts, request_id="job", concurrency=2)
+            announced = ac._learned.announced
+    assert announced == 64  # /v1/models' batch.max_items (not the document's, by path)
     assert [_plain(r) for r in got] == [want[t] for t in texts]
     ids = [r.meta.request_id for r in got if r.meta]
     assert sorted(set(ids)) == ["job.0-63", "job.128-149", "job.64-127"]
@@ -482,6 +489,63 @@ async def test_many_items_keep_to_the_clients_burst(srv, raw, model_repo):
         got = await asyncio.to_thread(c.polarity_many, TEXTS, request_id="d")
     assert [_plain(r) for r in got] == [want[t] for t in TEXTS]
     assert sorted({r.meta.request_id for r in got if r.meta}) == ["d.0-1", "d.2-3"]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_calls_at_once_on_one_client_share_what_it_learned(srv, raw, model_repo, flavour):
+    """carol may have 3 items in flight, across all her requests. Four polarity_many calls at
+    once on one client (four threads of one Client, four tasks of one AsyncClient), 4
+    requests at once each: each call's first request may be refused (422, before any call
+    learned the limit), never a later one, and no 429 client_quota ever: the calls keep
+    together to the limit one of them learned, one request of 3 at a time (each on its own
+    would have 3 in flight). Four more calls, once it is learned: no 422 at all. Every item
+    answered, in input order."""
+    require_model(model_repo, POLARITY_MODEL)
+    want = await _polarity_of(raw)
+    texts = [TEXTS[i * 3 % len(TEXTS)] for i in range(30)]
+    calls_at_once = 4
+
+    async def counts() -> tuple[float, float]:
+        refused = await _count(raw, "nlpserve_requests_total", status="422")
+        quota = await _count(raw, "nlpserve_client_quota_rejections_total", client="carol")
+        return refused, quota
+
+    def threads(c: Client, prefix: str) -> list[list[Any]]:
+        start = threading.Barrier(calls_at_once)
+
+        def one(k: int) -> list[Any]:
+            start.wait()
+            return c.polarity_many(texts, concurrency=4, request_id=f"{prefix}{k}")
+
+        with ThreadPoolExecutor(calls_at_once) as pool:
+            return list(pool.map(one, range(calls_at_once)))
+
+    async def tasks(ac: AsyncClient, prefix: str) -> list[list[Any]]:
+        return await asyncio.gather(*(
+            ac.polarity_many(texts, concurrency=4, request_id=f"{prefix}{k}")
+            for k in range(calls_at_once)
+        ))  # fmt: skip
+
+    before = await counts()
+    if flavour == "sync":
+        with Client(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as c:
+            first = await asyncio.to_thread(threads, c, "a")
+            learned = await counts()
+            second = await asyncio.to_thread(threads, c, "b")
+    else:
+        async with AsyncClient(srv.url, api_key=IN_FLIGHT_KEY, retry=QUICK) as ac:
+            first = await tasks(ac, "a")
+            learned = await counts()
+            second = await tasks(ac, "b")
+    after = await counts()
+    for got in first + second:
+        assert [_plain(r) for r in got] == [want[t] for t in texts]
+        for rid in {r.meta.request_id for r in got if r.meta}:
+            a, b = rid.split(".", 1)[1].split("-")
+            assert int(b) - int(a) + 1 <= 3, rid  # no request over the limit was answered
+    assert 1 <= learned[0] - before[0] <= calls_at_once  # at most each call's first request
+    assert after[0] == learned[0]  # once learned, never a 422
+    assert after[1] == before[1]  # never over the in-flight limit: no 429 client_quota
 
 
 # QA contexts of 1, 2 and 5 windows (qa-zh's; max_request_sequences 4 below)
@@ -729,6 +793,27 @@ async def test_a_body_the_client_cannot_read_is_a_server_error():
     assert e.value.status == 200 and "cannot read" in e.value.message
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_an_answer_httpx_cannot_decode_is_a_server_error(flavour):
+    """A body its Content-Encoding does not describe (a broken proxy's gzip): httpx raises
+    DecodingError, no httpx.TransportError, which left the client as itself, past an ``except
+    NlpserveError``. It is the ServerError of an answer the client cannot read, not retried."""
+    script = Scripted([answer(200, b"not gzip", Content_Encoding="gzip"), OK])
+    async with script as url:
+        with pytest.raises(NlpserveError) as e:
+            if flavour == "sync":
+                with Client(url, retry=QUICK) as c:
+                    await asyncio.to_thread(c.polarity, "fine", request_id="gz")
+            else:
+                async with AsyncClient(url, retry=QUICK) as ac:
+                    await ac.polarity("fine", request_id="gz")
+    err = e.value
+    assert type(err) is ServerError and isinstance(err.__cause__, httpx.DecodingError)
+    assert (err.status, err.code, err.request_id, err.attempts) == (None, "DecodingError", "gz", 1)
+    assert "cannot read" in err.message
+    assert len(script.seen) == 1
+
+
 async def test_a_429_the_policy_does_not_retry_is_still_no_client_error():
     # the one 4xx that is not the request's fault: never a ClientError ("fix the request"),
     # whatever statuses the policy retries
@@ -766,12 +851,16 @@ def outputs(*probabilities: float) -> bytes:
     return answer(200, json.dumps({"outputs": out}).encode())
 
 
+# A server that announces no batch limit: a 404 for /v1/models, then for /openapi.json.
+NO_LIMITS = [api_error(404, "not_found", "no such path")] * 2
+
+
 async def test_without_an_openapi_document_many_learns_the_limits_from_refusals():
-    """No /openapi.json (404): the first request holds every item; its 422 names the limit
-    (2: in words, as a server without the ``limit`` field does), a 413 halves what it
-    refused; the results in input order all the same."""
+    """No /v1/models nor /openapi.json (404s): the first request holds every item; its 422
+    names the limit (2: in words, as a server without the ``limit`` field does), a 413 halves
+    what it refused; the results in input order all the same."""
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items",
                   "5 inputs in one request; the limit is 2 (NLPSERVE_MAX_BATCH_ITEMS)"),
         outputs(0.0, 0.1),
@@ -783,7 +872,7 @@ async def test_without_an_openapi_document_many_learns_the_limits_from_refusals(
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         got = await c.polarity_many(list("abcde"), concurrency=1)
     assert [r.positive_probability for r in got] == [0.0, 0.1, 0.2, 0.3, 0.4]
-    sent = [len(json.loads(b)["inputs"]) for b in script.bodies[1:]]
+    sent = [len(json.loads(b)["inputs"]) for b in script.bodies[2:]]
     assert sent == [5, 2, 2, 1, 1, 1]
 
 
@@ -805,7 +894,7 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     holds: the field, where there is one, is what the client reads."""
     words = "trop d'éléments pour ce client"
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items", words, {"name": "max_in_flight", "value": 3}),
         outputs(0.0, 0.1, 0.2),
         outputs(0.3, 0.4, 0.5),
@@ -814,12 +903,12 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         got = await c.polarity_many(list("abcdefghi"), concurrency=4)
         assert [round(r.positive_probability, 1) for r in got] == [i / 10 for i in range(9)]
-        assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 3, 3, 3]
-        assert c._learned["/v1/polarity"].in_flight == 3
+        assert [len(json.loads(b)["inputs"]) for b in script.bodies[2:]] == [9, 3, 3, 3]
+        assert c._learned.in_flight == 3
 
     unknown = {"name": "max_tokens", "value": 3}
     script = Scripted([
-        api_error(404, "not_found", "no such path"),
+        *NO_LIMITS,
         api_error(422, "too_many_items", "at most 3 at once; the limit is 3", unknown),
         outputs(*[0.5] * 4),
         outputs(*[0.5] * 4),
@@ -827,7 +916,7 @@ async def test_many_cuts_to_the_limit_field_whatever_the_message_says():
     ])  # fmt: skip
     async with script as url, AsyncClient(url, retry=QUICK) as c:
         assert len(await c.polarity_many(list("abcdefghi"), concurrency=1)) == 9
-    assert [len(json.loads(b)["inputs"]) for b in script.bodies[1:]] == [9, 4, 4, 1]
+    assert [len(json.loads(b)["inputs"]) for b in script.bodies[2:]] == [9, 4, 4, 1]
 
 
 async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
@@ -853,29 +942,66 @@ async def test_an_error_carries_its_limit_and_ignores_one_it_cannot_read():
 
 
 class Echoing(Scripted):
-    """A server of ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and of
+    """A server of ``/v1/models`` (``batch.max_items`` ``batch``; None: none, as a server
+    older than the field), ``/openapi.json`` (``maxItems`` 5 of ``/v1/polarity``'s inputs) and
     polarity batches, each text ``"<n>"`` answered ``positive_probability`` n/100 after
-    ``delay_s``; it counts the requests under way, and the most at once."""
+    ``delay_s``; it counts the requests under way, the most at once, and the reads of the
+    models and of the document."""
 
     SCHEMA = {"properties": {"inputs": {"maxItems": 5}}}
     LIMITS = {"paths": {"/v1/polarity": {"post": {"requestBody": {"content": {
         "application/json": {"schema": SCHEMA}}}}}}}  # fmt: skip
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(
+        self, delay_s: float, batch: int | None = None, in_flight: int | None = None
+    ) -> None:
         super().__init__([])
         self.delay_s = delay_s
-        self.under_way = self.most = 0
+        self.batch = batch
+        self.in_flight = in_flight  # a request of more items: 422, as over a max_in_flight
+        self.under_way = self.most = self.models = self.documents = 0
 
     async def respond(self, path: str, body: bytes) -> bytes | None:
+        if path == "/v1/models":
+            self.models += 1
+            doc: dict[str, Any] = {
+                "models": [],
+                "explain": {"max_evals_default": 1, "max_evals_limit": 1},
+            }
+            if self.batch is not None:
+                doc["batch"] = {"max_items": self.batch}
+            return answer(200, json.dumps(doc).encode())
         if path == "/openapi.json":
+            self.documents += 1
             return answer(200, json.dumps(self.LIMITS).encode())
+        inputs = json.loads(body)["inputs"]
+        if self.in_flight is not None and len(inputs) > self.in_flight:
+            limit = {"name": "max_in_flight", "value": self.in_flight}
+            return api_error(422, "too_many_items", "too many", limit)
         self.under_way += 1
         self.most = max(self.most, self.under_way)
         try:
             await asyncio.sleep(self.delay_s)
         finally:
             self.under_way -= 1
-        return outputs(*[int(i["text"]) / 100 for i in json.loads(body)["inputs"]])
+        return outputs(*[int(i["text"]) / 100 for i in inputs])
+
+
+@pytest.mark.parametrize("batch", [4, None])
+async def test_many_reads_the_limit_in_models_and_the_document_only_from_an_older_server(batch):
+    """``GET /v1/models``' ``batch.max_items`` (a few hundred bytes) sizes the requests; the
+    OpenAPI document (~200 KB) is read only where it lacks the field (a server older than it).
+    Once per client, whatever its calls."""
+    script = Echoing(delay_s=0, batch=batch)
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        for _ in range(2):
+            got = await c.polarity_many([str(i) for i in range(12)], concurrency=1)
+            assert [r.positive_probability for r in got] == [i / 100 for i in range(12)]
+        models = await c.models()
+    assert (script.models, script.documents) == (2, 0 if batch else 1)  # 2: one is models()
+    assert models.batch == (None if batch is None else BatchLimits(batch))
+    sizes = [len(json.loads(b)["inputs"]) for b in script.bodies if b]
+    assert sizes == ([4, 4, 4] if batch else [5, 5, 2]) * 2
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -893,9 +1019,44 @@ async def test_the_blocking_clients_many_sends_concurrency_requests_at_once(conc
                 c.polarity_many(texts, concurrency=0)
     assert [r.positive_probability for r in got] == [i / 100 for i in range(40)]
     assert script.most == concurrency
-    ids = [h["x-request-id"] for h in script.seen[1:]]
+    ids = [h["x-request-id"] for h in script.seen[2:]]
     assert sorted(ids) == sorted(f"j.{a}-{a + 4}" for a in range(0, 40, 5))
     assert ids[0] == "j.0-4"  # alone: sent before any other
+
+
+async def test_threads_of_one_client_read_the_document_once():
+    """Four threads start polarity_many at once on a new Client of an older server (no
+    ``batch`` in /v1/models): one read of each, /v1/models and /openapi.json, between them
+    (each call read them, while none had yet), and every request within maxItems (5)."""
+    script = Echoing(delay_s=0.02)
+    start = threading.Barrier(4)
+
+    def one(c: Client, k: int) -> list[Any]:
+        start.wait()
+        return c.polarity_many([str(i) for i in range(20)], request_id=f"r{k}")
+
+    async with script as url:
+        with Client(url, retry=QUICK) as c, ThreadPoolExecutor(4) as pool:
+            got = await asyncio.to_thread(
+                lambda: list(pool.map(functools.partial(one, c), range(4)))
+            )
+    assert (script.models, script.documents) == (1, 1)  # an older server: no batch field
+    assert all([r.positive_probability for r in g] == [i / 100 for i in range(20)] for g in got)
+    assert all(len(json.loads(b)["inputs"]) <= 5 for b in script.bodies if b)
+
+
+async def test_a_cancelled_many_leaves_nothing_in_flight_for_the_next_call():
+    """A polarity_many cancelled with a request under way (its in-flight limit of 3 learned):
+    its items leave the client's count, which every call keeps to; else the next call would
+    wait forever for room that never comes."""
+    texts = [str(i) for i in range(12)]
+    script = Echoing(delay_s=0.5, in_flight=3)
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.polarity_many(texts, concurrency=4), 0.3)
+        assert c._learned.in_flight == 3
+        got = await asyncio.wait_for(c.polarity_many(texts[:6], concurrency=4), 5)
+    assert [r.positive_probability for r in got] == [i / 100 for i in range(6)]
 
 
 class Poisoned(list[str]):
@@ -916,5 +1077,5 @@ async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised
             many = functools.partial(c.polarity_many, concurrency=3)
             with pytest.raises(RuntimeError, match="poisoned"):
                 await asyncio.to_thread(many, Poisoned(str(i) for i in range(40)), request_id="p")
-    ids = {h["x-request-id"] for h in script.seen[1:]}
+    ids = {h["x-request-id"] for h in script.seen[2:]}
     assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids

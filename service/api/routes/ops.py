@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from service.api.deps import ServiceState, clip_name
 from service.api.deps import get_state as _state
 from service.api.errors import ApiError, error_response
+from service.api.openapi import most_batch_items
 from service.api.schemas import (
+    BatchLimits,
     ErrorResponse,
     ExplainLimits,
     HealthResponse,
@@ -69,6 +71,7 @@ async def models(request: Request) -> ModelsResponse:
             max_evals_default=s.explain_max_evals_default,
             max_evals_limit=s.explain_max_evals_limit,
         ),
+        batch=BatchLimits(max_items=most_batch_items(s)),
     )
 
 
