@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -22,7 +23,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.config import Settings
+from service.config import Settings, unknown_settings
 from service.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ def serve(
     overrides = {k: v for k, v in options.items() if v is not None}  # --port 0: any free port
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
+    _warn_unknown_settings()
     _check_keys_file(settings.api_keys_file)
     _check_client_quota(settings)
     _check_grpc(settings.grpc_port)
@@ -145,6 +147,13 @@ def serve(
     from service.server import run_server
 
     run_server(settings)
+
+
+def _warn_unknown_settings() -> None:
+    """A warning per NLPSERVE_* variable no setting reads: a typo must not pass for a
+    setting in force (a warning, not a refusal: one environment may feed several tools)."""
+    for line in unknown_settings(os.environ):
+        logging.getLogger("service.config").warning(line)
 
 
 def _check_keys_file(path: Path | None) -> None:
@@ -358,6 +367,7 @@ def worker(
     }
     settings = _settings(**overrides, **_selection(load))
     configure_logging(settings.log_level, settings.log_format)
+    _warn_unknown_settings()
     _repository(settings.model_dir, select=settings.model_selection(), buckets=settings.buckets)
     from service.worker import run_worker
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from functools import lru_cache
@@ -727,6 +728,48 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+# NLPSERVE_* names that are not settings but are read elsewhere: the container HEALTHCHECK
+# (service/healthcheck.py), the CLI's traceback switch, the gateway's template
+# (deploy/nginx/gateway.conf.template) and docker-compose.yml's own knobs. A compose file or
+# shell that sets them for every container must not draw a warning.
+NOT_SETTINGS = frozenset(
+    {
+        "NLPSERVE_HEALTH_URL",
+        "NLPSERVE_TRACEBACK",
+        "NLPSERVE_UPSTREAMS",
+        "NLPSERVE_GRPC_UPSTREAMS",
+        "NLPSERVE_GATEWAY_PORT",
+        "NLPSERVE_GATEWAY_GRPC_PORT",
+        "NLPSERVE_GATEWAY_PUBLISH",
+        "NLPSERVE_GATEWAY_GRPC_PUBLISH",
+        "NLPSERVE_RATE_LIMIT",
+        "NLPSERVE_MAX_BODY",
+        "NLPSERVE_CPU_WORKERS",
+        "NLPSERVE_CPU_WORKER_MODELS",
+        "NLPSERVE_GPU_WORKER_MODELS",
+    }
+)
+
+
+def unknown_settings(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """A line for each ``NLPSERVE_*`` variable that no setting reads (a misspelt name is
+    otherwise ignored without a word: ``NLPSERVE_MAX_BATCH_SIZ=8`` would serve with the
+    default), naming the closest setting where one is close."""
+    known = sorted(name.upper() for name in Settings.model_fields)
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads the variables case-insensitively
+        if not upper.startswith("NLPSERVE_") or upper in NOT_SETTINGS:
+            continue
+        if (rest := upper.removeprefix("NLPSERVE_")) in known:
+            continue
+        # compared without the prefix every name shares (it made any name look close)
+        close = difflib.get_close_matches(rest, known, n=1, cutoff=0.75)
+        hint = f" (did you mean NLPSERVE_{close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting and is ignored{hint}")
+    return lines
 
 
 @lru_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from service.config import (
     CUDA_MIN_PADDING_EFFICIENCY,
     GPU_BATCH_TOKENS,
     Settings,
+    unknown_settings,
     usable_cpus,
 )
 
@@ -373,3 +376,36 @@ def test_a_max_wait_as_long_as_the_deadline_is_refused(monkeypatch):
         monkeypatch.setenv("NLPSERVE_MAX_WAIT_MS", bad)
         with pytest.raises(ValueError, match=rf"MAX_WAIT_MS \({bad}\) must be less than "):
             Settings()
+
+
+def test_an_nlpserve_variable_no_setting_reads_is_named_with_the_closest_setting():
+    lines = unknown_settings(
+        {
+            "NLPSERVE_MAX_BATCH_SIZ": "8",  # a typo: served with the default, silently, before
+            "nlpserve_response_cache": "16",  # read case-insensitively, as the settings are
+            "NLPSERVE_SOMETHING_ELSE": "1",
+            "NLPSERVE_PORT": "8001",  # a setting
+            "nlpserve_port": "8001",  # the same setting, another case
+            "NLPSERVE_HEALTH_URL": "http://x/healthz",  # read by the HEALTHCHECK, not a setting
+            "PATH": "/usr/bin",
+        }
+    )
+    assert lines == [
+        "NLPSERVE_MAX_BATCH_SIZ is not a setting and is ignored "
+        "(did you mean NLPSERVE_MAX_BATCH_SIZE?)",
+        "NLPSERVE_SOMETHING_ELSE is not a setting and is ignored",
+        "nlpserve_response_cache is not a setting and is ignored "
+        "(did you mean NLPSERVE_RESPONSE_CACHE_MB?)",
+    ]
+
+
+def test_the_deploy_files_set_no_variable_that_would_draw_the_unknown_setting_warning():
+    """Compose, the Dockerfile and the gateway's template set NLPSERVE_* names that are read
+    by the gateway, the HEALTHCHECK or compose itself: every one is a setting or known to be
+    read elsewhere, so a container started from them logs no false warning."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "docker-compose.yml", root / "Dockerfile"]
+    files += [f for f in (root / "deploy").rglob("*") if f.is_file() and f.suffix != ".txt"]
+    names = {n for f in files for n in re.findall(r"NLPSERVE_[A-Z0-9_]*[A-Z0-9]", f.read_text())}
+    assert len(names) > 20  # the files were read
+    assert unknown_settings(dict.fromkeys(names, "x")) == []

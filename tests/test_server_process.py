@@ -111,7 +111,8 @@ def _mapped(pid: int, names: tuple[str, ...]) -> list[str]:
 
 
 def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
-    proc, url = _serve(model_repo)
+    # a misspelt setting is said at start-up (it was ignored without a word)
+    proc, url = _serve(model_repo, NLPSERVE_MAX_BATCH_SIZ="8")
     try:
         r = httpx.post(f"{url}/v1/polarity", json={"text": "a superb film"}, timeout=10)
         assert r.status_code == 200 and r.json()["label"] == "positive"
@@ -126,6 +127,10 @@ def test_nlpserve_serve_answers_then_exits_cleanly_on_sigterm(model_repo):
     line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
     odd = [ln for ln in out.splitlines() if not line.match(ln)]
     assert not odd, odd
+    assert (
+        "WARNING service.config: NLPSERVE_MAX_BATCH_SIZ is not a setting and is ignored "
+        "(did you mean NLPSERVE_MAX_BATCH_SIZE?)" in out
+    )
 
 
 def test_with_api_keys_sighup_reloads_and_sigterm_still_shuts_down_cleanly(model_repo, tmp_path):

@@ -392,3 +392,68 @@ def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Pa
     assert key not in log and wrong not in log
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(r.get("client") == "e2e-client" for r in records)
+
+
+@needs_binaries
+def test_gateway_compresses_large_answers_for_clients_that_ask(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """gzip at the gateway: a large JSON answer comes compressed to a client that sends
+    ``Accept-Encoding: gzip`` and decodes to the very bytes an ``identity`` client gets; a
+    small one (under gzip_min_length) and every answer to a client that does not ask come as
+    they are; the request id and Server-Timing pass either way."""
+    import gzip
+
+    port, gport = procs.free_port(), procs.free_port()
+    env = {
+        "NLPSERVE_MODEL_DIR": str(model_repo),
+        "NLPSERVE_LOAD_MODELS": "pos-en",
+        "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
+        "NLPSERVE_INTRA_OP_THREADS": "1",
+        "NLPSERVE_HOST": "127.0.0.1",
+        "NLPSERVE_PORT": str(port),
+        "NLPSERVE_LOG_LEVEL": "WARNING",
+        # the same answer twice from the model, not once from the model and once cached
+        "NLPSERVE_CACHE_MAX_BYTES": "0",
+    }
+    started: list[procs.Proc] = []
+    with procs.stopping(started):
+        api = procs.start("api", [procs.nlpserve_bin(), "serve"], tmp_path / "logs", env=env)
+        started.append(api)
+        procs.wait_http(api, f"http://127.0.0.1:{port}/readyz", timeout_s=90)
+        gateway = {
+            "NLPSERVE_UPSTREAMS": f"server 127.0.0.1:{port};",
+            "NLPSERVE_GATEWAY_PORT": str(gport),
+            "NLPSERVE_RATE_LIMIT": "1000",
+            "NLPSERVE_MAX_BODY": "1000000",
+            **procs.no_grpc_upstream(),
+        }
+        started.append(procs.start_nginx(tmp_path / "nginx", gateway))
+        batch = {"inputs": [{"text": "the dog runs quickly over the green hill"}] * 40}
+
+        def raw(path: str, accept: str, body: dict[str, Any] | None = None) -> httpx.Response:
+            # the bytes on the wire: httpx would otherwise decode them
+            with httpx.Client(base_url=f"http://127.0.0.1:{gport}", timeout=30) as c:
+                method = "POST" if body is not None else "GET"
+                req = c.build_request(method, path, json=body, headers={"Accept-Encoding": accept})
+                r = c.send(req, stream=True)
+                r._content = b"".join(r.iter_raw())  # noqa: SLF001 - keep the raw bytes
+                r.close()
+                return r
+
+        plain = raw("/v1/pos", "identity", batch)
+        assert plain.status_code == 200 and "content-encoding" not in plain.headers
+        assert len(plain.content) > 1024  # over gzip_min_length: else this test shows nothing
+        zipped = raw("/v1/pos", "gzip", batch)
+        assert zipped.status_code == 200, zipped.text
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert "accept-encoding" in zipped.headers["vary"].lower()
+        assert zipped.headers["x-request-id"] and "server-timing" in zipped.headers
+        assert gzip.decompress(zipped.content) == plain.content
+        assert len(zipped.content) * 3 < len(plain.content)  # 40 alike sentences
+        small = raw("/v1/pos", "gzip", {"text": "the dog runs"})
+        assert small.status_code == 200 and "content-encoding" not in small.headers
+        assert small.json()["tokens"]
+        doc = raw("/openapi.json", "gzip")  # the docs page's ~200 KB document
+        assert doc.headers["content-encoding"] == "gzip"
+        assert json.loads(gzip.decompress(doc.content))["openapi"]
