@@ -750,9 +750,10 @@ def import_detector_cmd(
     version = check_output(out, name, version, overwrite)
     folder = out / name / version
     root = resolve_data(data) if data is not None else None
-    check_base_model(checkpoint)
-    length = _import_max_length(checkpoint, max_length, DETECT_MAX_LENGTH)
-    ck = load_checkpoint(checkpoint, "detect")
+    path = recorded_base(checkpoint)  # the packaged MiniLM by its name
+    check_base_model(path)
+    length = _import_max_length(path, max_length, DETECT_MAX_LENGTH)
+    ck = load_checkpoint(checkpoint, "detect", path)
     names = detector_labels(ck.model.config, labels, checkpoint)
     with discard_staging_on_error(folder):
         import_detector(ck, folder, labels=names, max_length=length,
@@ -801,10 +802,11 @@ def import_qa_cmd(
     root = resolve_data(data) if data is not None else None
     if root is not None and not (root / eval_file).is_file():
         raise typer.BadParameter(f"{root / eval_file} does not exist", param_hint="--eval-file")
-    check_base_model(checkpoint)
-    length = _import_max_length(checkpoint, max_length, QA_MAX_LENGTH)
+    path = recorded_base(checkpoint)
+    check_base_model(path)
+    length = _import_max_length(path, max_length, QA_MAX_LENGTH)
     _check_windows(length, doc_stride, max_query_length)
-    ck = load_checkpoint(checkpoint, "qa")
+    ck = load_checkpoint(checkpoint, "qa", path)
     with discard_staging_on_error(folder):
         import_qa(ck, folder, max_length=length, doc_stride=doc_stride,
                   max_query_length=max_query_length, max_answer_length=max_answer_length,

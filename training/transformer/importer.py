@@ -72,19 +72,20 @@ def fixed_buckets(max_length: int) -> list[int]:
     return sorted(e for e in edges if 0 < e < max_length) + [max_length]
 
 
-def source_record(given: str) -> dict[str, Any]:
+def source_record(given: str, path: str) -> dict[str, Any]:
     """``hyperparameters.imported_from``: the checkpoint as given (a local folder relative to
-    the working directory), where it loaded from, and the sha256 of its config, tokenizer and
-    weight files; for a hub id, the cached revision it loaded."""
+    the working directory), where it loaded from (``path``), and the sha256 of its config,
+    tokenizer and weight files; for a hub id, the cached revision it loaded."""
     from training.repository import checkpoint_digest, portable_path
 
-    local = Path(given).expanduser()
+    local = Path(path).expanduser()
     if local.is_dir():
-        return {"given": portable_path(given), "loaded_from": "local folder",
+        where = "local folder" if path == given else "package folder"
+        return {"given": portable_path(given), "loaded_from": where,
                 "sha256": checkpoint_digest(local)}  # fmt: skip
     from transformers.utils import cached_file
 
-    snapshot = Path(str(cached_file(given, "config.json"))).parent
+    snapshot = Path(str(cached_file(path, "config.json"))).parent
     in_cache = snapshot.parent.name == "snapshots"
     return {
         "given": given,
@@ -94,22 +95,28 @@ def source_record(given: str) -> dict[str, Any]:
     }
 
 
-def load_checkpoint(given: str, task: str) -> Checkpoint:
-    """The checkpoint's model with the ``task``'s head, refused (CheckpointError, one line)
-    when transformers has to initialise any weight of it (no trained head: the answers
-    would come from random weights) or when the head has other than 2 outputs."""
+def load_checkpoint(given: str, task: str, path: str | None = None) -> Checkpoint:
+    """The checkpoint ``given`` (loaded from ``path``, default ``given``) with the ``task``'s
+    head, refused (CheckpointError, one line) when transformers has to initialise any weight
+    of it (no trained head: the answers would come from random weights) or when the head has
+    other than 2 outputs."""
     import transformers
     from transformers.utils import logging as hf_logging
 
     from training.transformer.common import check_tokenizer_fits, load_fast_tokenizer
 
+    path = path or given
     auto_name, command, what = _TASKS[task]
     instead = f"use `nlpserve train {command} --base-model {given}` instead"
+    if path != given:  # the packaged MiniLM: the English detector's default base
+        instead = f"use `nlpserve train {command}` (--base-model {path}) instead"
+        if task == "detect":
+            instead = "use `nlpserve train detector` (it starts from this checkpoint) instead"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report: the refusal below says what matters
     try:
         model, info = getattr(transformers, auto_name).from_pretrained(
-            given, output_loading_info=True
+            path, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -127,9 +134,9 @@ def load_checkpoint(given: str, task: str) -> Checkpoint:
             f"checkpoint {given}: its {what} head has {model.config.num_labels} outputs "
             f"({_id2label(model.config)}), not 2: {instead}"
         )
-    _, tokenizer = load_fast_tokenizer(given)
+    _, tokenizer = load_fast_tokenizer(path)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, given)
-    return Checkpoint(model.float().eval(), tokenizer, source_record(given))
+    return Checkpoint(model.float().eval(), tokenizer, source_record(given, path))
 
 
 def _id2label(config) -> dict[int, str]:
