@@ -65,8 +65,8 @@ def _named(**kw) -> dict:
 def _nlpserve(*args: str | Path, env: dict[str, str] | None = None):
     """The real command line, in a process of its own."""
     full = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)],
-                          capture_output=True, text=True, env=full, cwd=REPO, timeout=300)  # fmt: skip
+    argv = [sys.executable, "-m", "service.cli", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, env=full, cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # transformers' default names: LABEL_0, LABEL_1
         "unnamed": _save(root / "unnamed", BertForSequenceClassification, _config(v), seed=1),
         "qa": _save(root / "qa", BertForQuestionAnswering, _config(v)),
-        "distil-det": _save(root / "distil-det", DistilBertForSequenceClassification,
-                            _config(v, distil=True, **_named())),  # fmt: skip
-        "distil-qa": _save(root / "distil-qa", DistilBertForQuestionAnswering,
-                           _config(v, distil=True)),  # fmt: skip
+        "distil-det": _save(
+            root / "distil-det",
+            DistilBertForSequenceClassification,
+            _config(v, distil=True, **_named()),
+        ),
+        "distil-qa": _save(
+            root / "distil-qa", DistilBertForQuestionAnswering, _config(v, distil=True)
+        ),
         "encoder": _save(root / "encoder", BertModel, _config(v)),
-        "three": _save(root / "three", BertForSequenceClassification,
-                       _config(v, num_labels=3)),  # fmt: skip
+        "three": _save(root / "three", BertForSequenceClassification, _config(v, num_labels=3)),
     }
 
 
@@ -198,16 +201,21 @@ async def test_imported_qa_matches_torch_logits_and_answers(
     assert "token_type_ids" not in load_manifest(repo / "qa-distil" / "1").input_names()
     async with live_server(make_settings(repo)) as srv, srv.client() as c:
         for name in ("qa-zh", "qa-distil"):
-            r = await c.post(f"/v1/qa?model={name}",
-                             json={"question": "中国的首都是哪里？", "context": QA_CONTEXT})  # fmt: skip
+            body = {"question": "中国的首都是哪里？", "context": QA_CONTEXT}
+            r = await c.post(f"/v1/qa?model={name}", json=body)
             assert r.status_code == 200, r.text
             a = r.json()
             assert QA_CONTEXT[a["start"] : a["end"]] == a["answer"], a
 
 
-def test_the_manifest_records_what_was_imported(repo: Path, checkpoints: dict[str, Path]):
+def test_the_manifest_records_what_was_imported(cli, repo: Path, checkpoints: dict[str, Path]):
     from service.repository import load_manifest
     from training.repository import checkpoint_digest
+
+    res = cli("models", "--models", repo)
+    assert res.exit_code == 0, res.output
+    listed = {(e := json.loads(line))["name"]: e for line in res.stdout.splitlines()}
+    assert set(listed["qa-zh"]["metrics"]) == {"onnx_parity_max_abs_diff"}
 
     m = load_manifest(repo / "detector-en" / "1")
     assert m.architecture == "BertForSequenceClassification"
@@ -231,19 +239,29 @@ def _one_line_refusal(res: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def test_refusals_are_one_line_and_exit_2(checkpoints: dict[str, Path], tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from service.repository import load_manifest
 
     out = tmp_path / "models"
-    common = ["--out", out, "--no-progress"]
-    res = _nlpserve("import", "detector", "--from", checkpoints["encoder"], *common)
-    _one_line_refusal(res, "no trained classification head", "classifier.weight",
-                      f"nlpserve train detector --base-model {checkpoints['encoder']}")  # fmt: skip
-    res = _nlpserve("import", "qa", "--from", checkpoints["det"], *QA_WINDOWS, *common)
-    _one_line_refusal(res, "no trained question-answering head", "nlpserve train qa")
-    res = _nlpserve("import", "detector", "--from", checkpoints["three"], *common)
-    _one_line_refusal(res, "head has 3 outputs", "LABEL_2", "nlpserve train detector")
-    res = _nlpserve("import", "detector", "--from", checkpoints["unnamed"], *common)
-    _one_line_refusal(res, "{0: 'LABEL_0', 1: 'LABEL_1'}", "--labels machine,human")
+    common: list[str | Path] = ["--out", out, "--no-progress"]
+    refused = {
+        ("detector", "encoder"): ("no trained classification head", "classifier.weight",
+                                  f"nlpserve train detector --base-model {checkpoints['encoder']}"),
+        ("qa", "det"): ("no trained question-answering head", "nlpserve train qa"),
+        ("detector", "three"): ("head has 3 outputs", "LABEL_2", "nlpserve train detector"),
+        ("detector", "unnamed"): ("{0: 'LABEL_0', 1: 'LABEL_1'}", "--labels machine,human"),
+    }  # fmt: skip
+    contradicting = ["--labels", "machine,human"]  # the checkpoint's id2label: Human, MACHINE
+    with ThreadPoolExecutor(len(refused) + 1) as pool:  # side by side: each starts torch
+        runs = {key: pool.submit(_nlpserve, "import", key[0], "--from", checkpoints[key[1]],
+                                 *(QA_WINDOWS if key[0] == "qa" else []), *common)
+                for key in refused}  # fmt: skip
+        contradiction = pool.submit(_nlpserve, "import", "detector", "--from", checkpoints["det"],
+                                    *contradicting, *common)  # fmt: skip
+        for key, fragments in refused.items():
+            _one_line_refusal(runs[key].result(), *fragments)
+        _one_line_refusal(contradiction.result(), "contradicts the checkpoint's id2label")
     assert not out.exists()  # nothing written, not even a staging folder
     res = _nlpserve("import", "detector", "--from", checkpoints["det"], "--labels", "human,machine",
                     "--max-length", "16", "--variants", "fp32", *common)  # fmt: skip
@@ -258,9 +276,6 @@ def test_refusals_are_one_line_and_exit_2(checkpoints: dict[str, Path], tmp_path
     res = _nlpserve("import", "detector", "--from", checkpoints["det"], "--version", "1",
                     *common)  # fmt: skip
     _one_line_refusal(res, "FileExistsError", "already exists", "--overwrite")
-    res = _nlpserve("import", "detector", "--from", checkpoints["det"], "--labels",
-                    "machine,human", *common)  # fmt: skip
-    _one_line_refusal(res, "contradicts the checkpoint's id2label")
     assert sorted(p.name for p in out.iterdir()) == ["detector-en"]
 
 
@@ -279,15 +294,15 @@ def test_a_hub_id_loads_from_the_local_cache_and_records_its_revision(
     (cache / "models--someone--tiny-detector" / "refs").mkdir()
     (cache / "models--someone--tiny-detector" / "refs" / "main").write_text(revision)
     out = tmp_path / "models"
+    env = {"HF_HUB_CACHE": str(cache)}
     res = _nlpserve("import", "detector", "--from", "someone/tiny-detector", "--out", out,
-                    "--variants", "fp32", "--no-progress", env={"HF_HUB_CACHE": str(cache)})  # fmt: skip
+                    "--variants", "fp32", "--no-progress", env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr
     src = load_manifest(out / "detector-en" / "1").hyperparameters["imported_from"]
     assert src == {"given": "someone/tiny-detector", "loaded_from": "Hugging Face cache",
                    "revision": revision, "sha256": checkpoint_digest(snapshot)}  # fmt: skip
     # not in the cache: the --base-model line, offline
-    res = _nlpserve("import", "detector", "--from", "someone/elsewhere", "--out", out,
-                    env={"HF_HUB_CACHE": str(cache)})  # fmt: skip
+    res = _nlpserve("import", "detector", "--from", "someone/elsewhere", "--out", out, env=env)
     _one_line_refusal(res, "base model someone/elsewhere: it is not in the local Hugging Face")
 
 
@@ -324,3 +339,23 @@ def test_data_scores_the_import_and_evaluate_agrees(cli, checkpoints: dict[str, 
     m = load_manifest(out / "detector-rev" / "1")
     assert m.split is not None and m.split.seed == 13 and m.split.unit == "question"
     assert m.metrics["test_examples"] == m.split.sizes["test"]
+
+
+def test_an_export_that_differs_from_pytorch_leaves_nothing_behind(cli, tmp_path: Path):
+    """NaN weights: the parity check refuses the export, and the staging folder goes."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from training.data.common import TrainingError
+
+    folder = _save(tmp_path / "nan", BertForSequenceClassification, _config(_vocab(), **_named()))
+    model = BertForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    model.save_pretrained(str(folder))
+    out = tmp_path / "models"
+    res = cli("import", "detector", "--from", folder, "--out", out, "--variants", "fp32",
+              "--no-progress")  # fmt: skip
+    assert isinstance(res.exception, TrainingError), res.output
+    assert "does not match PyTorch" in str(res.exception)
+    assert list(out.iterdir()) == []  # no version folder, no .detector-en-1.staging
