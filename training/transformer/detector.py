@@ -80,10 +80,8 @@ def _batches_np(
     return groups, [encoder.collate([encs[i] for i in g]) for g in groups]
 
 
-def predict_torch(
-    model, encoder, encs, batch_size: int, device: str, machine: int = 1
-) -> np.ndarray:
-    """P(machine) for each encoding, with the PyTorch model (``machine``: its logit's index)."""
+def predict_torch(model, encoder, encs, batch_size: int, device: str) -> np.ndarray:
+    """P(machine) for each encoding, with the PyTorch model."""
     import torch
 
     from training.transformer.export import model_input_names, select_inputs
@@ -96,7 +94,7 @@ def predict_torch(
         for g, b in zip(groups, batches, strict=True):
             b = select_inputs(b, names)
             logits = model(**{k: torch.from_numpy(v).to(device) for k, v in b.items()}).logits
-            probs[g] = softmax(logits.float().cpu().numpy())[:, machine]
+            probs[g] = softmax(logits.float().cpu().numpy())[:, 1]
     return probs
 
 
