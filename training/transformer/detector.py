@@ -24,6 +24,7 @@ from training.metrics.classification import binary_metrics
 
 if TYPE_CHECKING:
     from training.checkpoint import Checkpointing
+    from training.transformer.export import Exported
 
 log = logging.getLogger("nlpserve.detector")
 
@@ -104,8 +105,10 @@ def predict_onnx(
     batch_size: int,
     providers: list[str] | None = None,
     desc: str | None = None,
+    machine: int = 1,
 ) -> np.ndarray:
-    """P(machine) for each encoding, with ONNX Runtime; ``desc``: a progress bar with it."""
+    """P(machine) for each encoding, with ONNX Runtime (``machine``: its logit's index, the
+    manifest's ``labels.index("machine")``); ``desc``: a progress bar with it."""
     from training.transformer.common import progress_bar
     from training.transformer.export import onnx_feeds, ort_session
 
@@ -117,8 +120,74 @@ def predict_onnx(
         pairs = progress_bar(pairs, desc=desc, total=len(groups), unit="batch", mininterval=1.0)
     for g, b in pairs:
         (logits,) = sess.run(["logits"], onnx_feeds(sess, b))
-        probs[g] = softmax(logits)[:, 1]
+        probs[g] = softmax(logits)[:, machine]
     return probs
+
+
+# Parity probe when there is no test text: short ones, and one past any max_length (cut).
+PROBE_TEXTS = ["a b", "c", "The quick brown fox jumps over the lazy dog. " * 80]
+
+
+def export_variants(
+    model,
+    tokenizer,
+    encoder: ClassifyEncoder,
+    out_dir: Path,
+    test: Sequence[DetectExample],
+    variants: Sequence[str],
+    batch_size: int,
+    machine: int = 1,
+) -> Exported:
+    """Into ``out_dir``: tokenizer.json, model.onnx (refused past the parity tolerance against
+    PyTorch, on the first test texts or :data:`PROBE_TEXTS`) and the int8/fp16 ``variants``,
+    each scored on ``test`` through the service encoder (no metrics without test texts).
+    ``machine``: the index of the model's machine logit."""
+    from training.transformer import export as ex
+    from training.transformer.common import save_tokenizer_json
+
+    save_tokenizer_json(tokenizer, out_dir)
+    test_encs = encoder.encode([e.text for e in test])
+    test_y = np.asarray([e.label for e in test])
+    onnx_fp32 = out_dir / "model.onnx"
+    ex.export_onnx(model, onnx_fp32, "detect", ex.example_batch(model.config.vocab_size))
+    sample = encoder.collate(test_encs[:8] if test_encs else encoder.encode(PROBE_TEXTS))
+    diff = ex.check_parity(model, onnx_fp32, sample, "detect")
+
+    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
+        if not test_encs:
+            return {}
+        p = predict_onnx(path, encoder, test_encs, batch_size, providers,
+                         desc=f"test {path.name}", machine=machine)  # fmt: skip
+        m = binary_metrics(test_y, p)
+        return {k: m[k] for k in ("accuracy", "f1", "roc_auc", "precision", "recall")}
+
+    fp32_metrics = _test(onnx_fp32)
+    # measured_with on every variant, as the QA trainer and `evaluate --record` write it
+    cpu = "CPUExecutionProvider"  # _test's default
+    var_meta: dict[str, dict[str, Any]] = {
+        "fp32": {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics,
+                 "measured_with": cpu},
+    }  # fmt: skip
+    if "int8" in variants:
+        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
+        m8 = _test(q)
+        if fp32_metrics:
+            m8["accuracy_drop"] = fp32_metrics["accuracy"] - m8["accuracy"]
+            m8["roc_auc_drop"] = fp32_metrics["roc_auc"] - m8["roc_auc"]
+        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8,
+                            "measured_with": cpu}  # fmt: skip
+    fp16_note = ""
+    if "fp16" in variants:
+        var_meta["fp16"], fp16_note = ex.fp16_variant(
+            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("accuracy", "roc_auc")
+        )
+    return ex.Exported(var_meta, fp32_metrics, diff, fp16_note)
+
+
+def preprocessing(tokenizer) -> dict[str, Any]:
+    """The manifest's ``preprocessing`` of a detector with this ``tokenizers.Tokenizer``."""
+    return {"kind": "wordpiece", "tokenizer_file": "tokenizer.json",
+            "lowercase": _lowercases(tokenizer)}  # fmt: skip
 
 
 def train_detector(
@@ -162,7 +231,6 @@ def train_detector(
         load_head_model,
         publish,
         resolve_device,
-        save_tokenizer_json,
         staging_dir,
         write_entry,
     )
@@ -269,45 +337,10 @@ def train_detector(
     # ---- export + test metrics per variant (all through the service encoder)
     final_dir = Path(out_dir)
     out_dir = staging_dir(final_dir, overwrite)
-    save_tokenizer_json(tokenizer, out_dir)
-    test_encs = encoder.encode([e.text for e in test])
-    test_y = np.asarray([e.label for e in test])
-    onnx_fp32 = out_dir / "model.onnx"
-    ex.export_onnx(model, onnx_fp32, "detect", ex.example_batch(model.config.vocab_size))
-    sample = encoder.collate(test_encs[:8] if test_encs else encoder.encode(["a b", "c"]))
-    diff = ex.check_parity(model, onnx_fp32, sample, "detect")
-
-    var_meta: dict[str, dict[str, Any]] = {}
-    metrics: dict[str, float] = {}
-
-    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
-        if not test_encs:
-            return {}
-        p = predict_onnx(path, encoder, test_encs, cfg.eval_batch_size, providers,
-                         desc=f"test {path.name}")  # fmt: skip
-        m = binary_metrics(test_y, p)
-        return {k: m[k] for k in ("accuracy", "f1", "roc_auc", "precision", "recall")}
-
-    fp32_metrics = _test(onnx_fp32)
-    metrics.update(fp32_metrics)
-    metrics["onnx_parity_max_abs_diff"] = diff
-    # measured_with on every variant, as the QA trainer and `evaluate --record` write it
-    cpu = "CPUExecutionProvider"  # _test's default
-    var_meta["fp32"] = {"file": "model.onnx", "precision": "fp32", "metrics": fp32_metrics,
-                        "measured_with": cpu}  # fmt: skip
-    if "int8" in variants:
-        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
-        m8 = _test(q)
-        if fp32_metrics:
-            m8["accuracy_drop"] = fp32_metrics["accuracy"] - m8["accuracy"]
-            m8["roc_auc_drop"] = fp32_metrics["roc_auc"] - m8["roc_auc"]
-        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8,
-                            "measured_with": cpu}  # fmt: skip
-    fp16_note = ""
-    if "fp16" in variants:
-        var_meta["fp16"], fp16_note = ex.fp16_variant(
-            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("accuracy", "roc_auc")
-        )
+    exported = export_variants(model, tokenizer, encoder, out_dir, test, variants,
+                               cfg.eval_batch_size)  # fmt: skip
+    metrics: dict[str, float] = dict(exported.metrics)
+    metrics["onnx_parity_max_abs_diff"] = exported.parity
     metrics.update(
         {
             "dev_accuracy": best_dev.get("accuracy", float("nan")),
@@ -339,7 +372,7 @@ def train_detector(
         f"Human vs ChatGPT answer detector fine-tuned from {hp['base_model']} on HC3, split by "
         f"question. Texts are cut to the first {cfg.max_length} tokens. Test accuracy "
         f"{metrics.get('accuracy', float('nan')):.4f}, ROC AUC "
-        f"{metrics.get('roc_auc', float('nan')):.4f} (fp32 ONNX)." + fp16_note
+        f"{metrics.get('roc_auc', float('nan')):.4f} (fp32 ONNX)." + exported.fp16_note
     )
     write_entry(
         out_dir,
@@ -352,13 +385,9 @@ def train_detector(
         outputs=outputs,
         labels=list(LABELS),
         max_length=cfg.max_length,
-        preprocessing={
-            "kind": "wordpiece",
-            "tokenizer_file": "tokenizer.json",
-            "lowercase": _lowercases(tokenizer),
-        },  # fmt: skip
+        preprocessing=preprocessing(tokenizer),
         buckets=buckets_from_lengths(lengths, cfg.max_length),
-        variants=var_meta,
+        variants=exported.variants,
         metrics=metrics,
         split={"seed": cfg.seed, "ratios": cfg.ratios, "sizes": sizes, "unit": "question"},
         data=list(data_files),

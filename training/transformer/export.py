@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 OUTPUT_NAMES = {"qa": ["start_logits", "end_logits"], "detect": ["logits"]}
+
+
+@dataclass
+class Exported:
+    """What the export of a version folder gives its manifest: the ``variants`` entries,
+    the fp32 file's test ``metrics`` (empty without test data), the ORT-vs-PyTorch
+    ``parity`` and a sentence on the fp16 variant for the description."""
+
+    variants: dict[str, dict[str, Any]]
+    metrics: dict[str, float]
+    parity: float
+    fp16_note: str
 
 
 def model_input_names(model) -> list[str]:

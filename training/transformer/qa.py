@@ -24,6 +24,7 @@ from training.metrics import cmrc
 
 if TYPE_CHECKING:
     from training.checkpoint import Checkpointing
+    from training.transformer.export import Exported
 
 log = logging.getLogger("nlpserve.qa")
 
@@ -202,6 +203,84 @@ def evaluate_examples(
     return cmrc.evaluate(references(examples), preds)
 
 
+# Parity probe when there is no test question: a context over several windows of any size.
+PROBE = [
+    QAExample("probe", "probe", "中国的首都是哪里？ Which city?",
+              "中国的首都是北京，它有三千多年的历史。Beijing is the capital of China. " * 40, ())
+]  # fmt: skip
+
+
+def export_variants(
+    model,
+    tokenizer,
+    encoder: QAEncoder,
+    out_dir: Path,
+    test_ex: Sequence[QAExample],
+    probe: Sequence[QAExample],
+    cfg: QAConfig,
+    variants: Sequence[str],
+    fp32_providers: list[str] | None = None,
+) -> Exported:
+    """Into ``out_dir``: tokenizer.json, model.onnx (refused past the parity tolerance against
+    PyTorch on the windows of ``probe``'s first questions) and the int8/fp16 ``variants``,
+    each scored on ``test_ex`` with the official CMRC metric through the service decoding (no
+    metrics without test questions); fp32 on ``fp32_providers`` (default: the CPU)."""
+    from training.transformer import export as ex
+    from training.transformer.common import save_tokenizer_json
+
+    save_tokenizer_json(tokenizer, out_dir)
+    onnx_fp32 = out_dir / "model.onnx"
+    ex.export_onnx(model, onnx_fp32, "qa", ex.example_batch(model.config.vocab_size))
+    probe = probe or PROBE
+    sample = encoder.collate([w for e in probe for w in encoder.encode(e.question, e.context)][:8])
+    diff = ex.check_parity(model, onnx_fp32, sample, "qa")
+
+    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
+        if not test_ex:
+            return {}
+        t = time.time()
+        run = onnx_runner(path, providers=providers)
+        r = evaluate_examples(test_ex, encoder, run, cfg, desc=f"test {path.name}")
+        log.info("test %s: EM %.2f F1 %.2f (%.0fs)", path.name, r["em"], r["f1"], time.time() - t)
+        return {"em": r["em"], "f1": r["f1"]}
+
+    fp32_metrics = _test(onnx_fp32, fp32_providers)
+    var_meta: dict[str, dict[str, Any]] = {
+        "fp32": {
+            "file": "model.onnx",
+            "precision": "fp32",
+            "metrics": fp32_metrics,
+            "measured_with": (fp32_providers or ["CPUExecutionProvider"])[0],
+        }
+    }
+    if "int8" in variants:
+        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
+        m8 = _test(q)
+        if fp32_metrics:
+            m8["f1_drop"] = fp32_metrics["f1"] - m8["f1"]
+            m8["em_drop"] = fp32_metrics["em"] - m8["em"]
+        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8,
+                            "measured_with": "CPUExecutionProvider"}  # fmt: skip
+    fp16_note = ""
+    if "fp16" in variants:
+        var_meta["fp16"], fp16_note = ex.fp16_variant(
+            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("f1", "em")
+        )
+    return ex.Exported(var_meta, fp32_metrics, diff, fp16_note)
+
+
+def preprocessing(tokenizer, cfg: QAConfig) -> dict[str, Any]:
+    """The manifest's ``preprocessing`` of a QA model with this ``tokenizers.Tokenizer``."""
+    return {
+        "kind": "wordpiece",
+        "tokenizer_file": "tokenizer.json",
+        "lowercase": "lowercase=True" in str(tokenizer.normalizer),
+        "doc_stride": cfg.doc_stride,
+        "max_answer_length": cfg.max_answer_length,
+        "max_query_length": cfg.max_query_length,
+    }
+
+
 def train_qa(
     train_examples: Sequence[QAExample],
     test_examples: Sequence[QAExample],
@@ -239,7 +318,6 @@ def train_qa(
         load_head_model,
         publish,
         resolve_device,
-        save_tokenizer_json,
         staging_dir,
         write_entry,
     )
@@ -330,51 +408,18 @@ def train_qa(
     # ---- export, parity, variants, test metrics through ORT + service decoding
     final_dir = Path(out_dir)
     out_dir = staging_dir(final_dir, overwrite)
-    save_tokenizer_json(tokenizer, out_dir)
-    onnx_fp32 = out_dir / "model.onnx"
-    ex.export_onnx(model, onnx_fp32, "qa", ex.example_batch(model.config.vocab_size))
-    probe = test_ex[:4] or train_ex[:4]
-    sample = encoder.collate([w for e in probe for w in encoder.encode(e.question, e.context)][:8])
-    diff = ex.check_parity(model, onnx_fp32, sample, "qa")
-
-    def _test(path: Path, providers: list[str] | None = None) -> dict[str, float]:
-        if not test_ex:
-            return {}
-        t = time.time()
-        run = onnx_runner(path, providers=providers)
-        r = evaluate_examples(test_ex, encoder, run, cfg, desc=f"test {path.name}")
-        log.info("test %s: EM %.2f F1 %.2f (%.0fs)", path.name, r["em"], r["f1"], time.time() - t)
-        return {"em": r["em"], "f1": r["f1"]}
-
     # Trained on CUDA with an onnxruntime that has it: fp32 is scored there too (TF32; the CPU
     # pass over the dev set took minutes on the GPU machine's shared cores); else on the CPU.
     fp32_providers = ex.fp16_eval_providers() if device.startswith("cuda") else None
-    fp32_metrics = _test(onnx_fp32, fp32_providers)
-    var_meta: dict[str, dict[str, Any]] = {
-        "fp32": {
-            "file": "model.onnx",
-            "precision": "fp32",
-            "metrics": fp32_metrics,
-            "measured_with": (fp32_providers or ["CPUExecutionProvider"])[0],
-        }
-    }
-    if "int8" in variants:
-        q = ex.quantize_int8(onnx_fp32, out_dir / "model.int8.onnx")
-        m8 = _test(q)
-        if fp32_metrics:
-            m8["f1_drop"] = fp32_metrics["f1"] - m8["f1"]
-            m8["em_drop"] = fp32_metrics["em"] - m8["em"]
-        var_meta["int8"] = {"file": "model.int8.onnx", "precision": "int8", "metrics": m8,
-                            "measured_with": "CPUExecutionProvider"}  # fmt: skip
-    fp16_note = ""
-    if "fp16" in variants:
-        var_meta["fp16"], fp16_note = ex.fp16_variant(
-            onnx_fp32, out_dir, model.config, _test, fp32_metrics, ("f1", "em")
-        )
+    probe = test_ex[:4] or train_ex[:4]
+    exported = export_variants(
+        model, tokenizer, encoder, out_dir, test_ex, probe, cfg, variants, fp32_providers
+    )
+    fp32_metrics = exported.metrics
     metrics: dict[str, float] = dict(fp32_metrics)
     metrics.update(
         {
-            "onnx_parity_max_abs_diff": diff,
+            "onnx_parity_max_abs_diff": exported.parity,
             "heldout_em": best_held.get("em", float("nan")),
             "heldout_f1": best_held.get("f1", float("nan")),
             "train_seconds": result.seconds,
@@ -405,7 +450,7 @@ def train_qa(
             f"Metrics: official CMRC 2018 EM/F1 on "
             f"{'the full' if not cfg.max_eval_examples else 'a sample of the'} dev set "
             f"({len(test_ex)} questions; never used for training or checkpoint selection): "
-            f"EM {metrics['em']:.2f}, F1 {metrics['f1']:.2f} (fp32 ONNX)." + fp16_note
+            f"EM {metrics['em']:.2f}, F1 {metrics['f1']:.2f} (fp32 ONNX)." + exported.fp16_note
         )
     else:
         scores = "The dev set was not scored in this round (--skip-test)."
@@ -421,16 +466,9 @@ def train_qa(
         outputs=outputs,
         labels=[],
         max_length=cfg.max_length,
-        preprocessing={
-            "kind": "wordpiece",
-            "tokenizer_file": "tokenizer.json",
-            "lowercase": "lowercase=True" in str(tokenizer.normalizer),
-            "doc_stride": cfg.doc_stride,
-            "max_answer_length": cfg.max_answer_length,
-            "max_query_length": cfg.max_query_length,
-        },
+        preprocessing=preprocessing(tokenizer, cfg),
         buckets=buckets_from_lengths(lengths, cfg.max_length),
-        variants=var_meta,
+        variants=exported.variants,
         metrics=metrics,
         split={
             "seed": cfg.seed,

@@ -1,0 +1,356 @@
+"""``nlpserve import detector|qa``: a Hugging Face checkpoint someone already fine-tuned, put
+into the model repository as it is (no training step): its head checked, exported to ONNX
+like a trained model (parity with PyTorch, int8/fp16 variants), optionally scored on the
+held-out data the trainers score on.
+
+The export, variants and scoring are the trainers' own (``detector.export_variants``,
+``qa.export_variants``), so an imported entry is served and re-evaluated like a trained one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.data.common import DataError
+
+log = logging.getLogger("nlpserve.import")
+
+# What each task loads the checkpoint as, and the trainer that would give it a head.
+_TASKS = {
+    "detect": ("AutoModelForSequenceClassification", "detector", "classification"),
+    "qa": ("AutoModelForQuestionAnswering", "qa", "question-answering"),
+}
+OPTIMISTIC = (
+    "a checkpoint fine-tuned on this data (or on data overlapping it) scores optimistically "
+    "here: its training set may hold these test examples"
+)
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be served as it is (no trained head for the task, a head of
+    another size, labels that do not say which output is which); the message says what to
+    do instead."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the fp32 model in eval mode, its ``tokenizers.Tokenizer`` and
+    what the manifest records of where it came from (``hyperparameters.imported_from``)."""
+
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any]
+
+
+def default_max_length(config, train_default: int) -> int:
+    """``--max-length`` when not given: the checkpoint's ``max_position_embeddings``, at most
+    the trainer's default (longer windows cost more than they add on CPUs)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return min(train_default, limit) if limit else train_default
+
+
+def check_max_length(config, max_length: int, given: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        raise CheckpointError(
+            f"checkpoint {given}: --max-length {max_length} is past its "
+            f"max_position_embeddings {limit} (positions it has no embedding for)"
+        )
+
+
+def fixed_buckets(max_length: int) -> list[int]:
+    """Bucket edges without data to measure lengths on: 1/8, 1/4 and 1/2 of ``max_length``
+    (rounded up to a multiple of 8) and ``max_length``. With ``--data`` the edges come from
+    the held-out texts' token lengths by the trainers' rule instead."""
+    edges = {int(math.ceil(max_length * f / 8) * 8) for f in (0.125, 0.25, 0.5)}
+    return sorted(e for e in edges if 0 < e < max_length) + [max_length]
+
+
+def source_record(given: str, path: str) -> dict[str, Any]:
+    """``hyperparameters.imported_from``: the checkpoint as given (a local folder relative to
+    the working directory), where it loaded from (``path``), and the sha256 of its config,
+    tokenizer and weight files; for a hub id, the cached revision it loaded."""
+    from training.repository import checkpoint_digest, portable_path
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        where = "local folder" if path == given else "package folder"
+        return {"given": portable_path(given), "loaded_from": where,
+                "sha256": checkpoint_digest(local)}  # fmt: skip
+    from transformers.utils import cached_file
+
+    snapshot = Path(str(cached_file(path, "config.json"))).parent
+    in_cache = snapshot.parent.name == "snapshots"
+    return {
+        "given": given,
+        "loaded_from": "Hugging Face cache" if in_cache else "Hugging Face hub",
+        "revision": snapshot.name if in_cache else None,
+        "sha256": checkpoint_digest(snapshot),
+    }
+
+
+def load_checkpoint(given: str, task: str, path: str | None = None) -> Checkpoint:
+    """The checkpoint ``given`` (loaded from ``path``, default ``given``) with the ``task``'s
+    head, refused (CheckpointError, one line) when transformers has to initialise any weight
+    of it (no trained head: the answers would come from random weights) or when the head has
+    other than 2 outputs."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from training.transformer.common import check_tokenizer_fits, load_fast_tokenizer
+
+    path = path or given
+    auto_name, command, what = _TASKS[task]
+    instead = f"use `nlpserve train {command} --base-model {given}` instead"
+    if path != given:  # the packaged MiniLM: the English detector's default base
+        instead = f"use `nlpserve train {command}` (--base-model {path}) instead"
+        if task == "detect":
+            instead = "use `nlpserve train detector` (it starts from this checkpoint) instead"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report: the refusal below says what matters
+    try:
+        model, info = getattr(transformers, auto_name).from_pretrained(
+            path, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {given}: cannot load it: {why}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    archs = ", ".join(model.config.architectures or []) or "none recorded"
+    if missing := sorted(info.get("missing_keys") or []):
+        raise CheckpointError(
+            f"checkpoint {given} has no trained {what} head (architectures: {archs}; "
+            f"transformers would initialise {', '.join(missing)} at random): {instead}"
+        )
+    if model.config.num_labels != 2:
+        raise CheckpointError(
+            f"checkpoint {given}: its {what} head has {model.config.num_labels} outputs "
+            f"({_id2label(model.config)}), not 2: {instead}"
+        )
+    _, tokenizer = load_fast_tokenizer(path)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, given)
+    return Checkpoint(model.float().eval(), tokenizer, source_record(given, path))
+
+
+def _id2label(config) -> dict[int, str]:
+    return {int(i): str(n) for i, n in sorted(config.id2label.items())}
+
+
+def detector_labels(config, given_labels: str | None, given: str) -> list[str]:
+    """The manifest's labels, ``human``/``machine`` in the model's output order: from
+    ``config.id2label`` when it names them (any case), else from ``--labels NAME0,NAME1``."""
+    found = _id2label(config)
+    named = [found.get(i, "").lower() for i in range(2)]
+    from_config = sorted(named) == ["human", "machine"]
+    if given_labels is None:
+        if from_config:
+            return named
+        raise CheckpointError(
+            f"checkpoint {given}: its id2label {found} does not say which output is human and "
+            "which machine: give them in output order with --labels NAME0,NAME1 (e.g. "
+            "--labels machine,human)"
+        )
+    labels = [x.strip().lower() for x in given_labels.split(",")]
+    if sorted(labels) != ["human", "machine"]:
+        raise CheckpointError(
+            f"--labels {given_labels}: name human and machine once each, in the model's "
+            "output order (e.g. --labels machine,human)"
+        )
+    if from_config and labels != named:
+        raise CheckpointError(
+            f"--labels {given_labels} contradicts the checkpoint's id2label {found}: leave "
+            "--labels out, or correct config.json"
+        )
+    return labels
+
+
+def _entry(folder: Path, staging: Path, **fields: Any) -> None:
+    """Validate and write the manifest into ``staging``, then move it to ``folder``."""
+    from training.transformer.common import framework_versions, publish, write_entry
+
+    write_entry(staging, framework_versions=framework_versions(), **fields)
+    publish(staging, folder)
+
+
+def _architecture(model) -> str:
+    return ", ".join(model.config.architectures or []) or type(model).__name__
+
+
+# --------------------------------------------------------------------------- detector
+def import_detector(
+    ck: Checkpoint,
+    folder: Path,
+    *,
+    labels: list[str],
+    max_length: int,
+    variants: Sequence[str],
+    command: str,
+    data_root: Path | None = None,
+    lang: str = "en",
+    seed: int = 13,
+    overwrite: bool = False,
+) -> dict[str, float]:
+    """Export ``ck`` as the detector ``folder`` (``<out>/<name>/<version>``); with
+    ``data_root``, score it on the HC3 test split ``train detector`` scores on (its split
+    rule, ``seed`` and ``lang``). Returns the manifest's metrics."""
+    from service.preprocess.classify import ClassifyEncoder
+    from training.data.checksums import data_checksums
+    from training.data.hc3 import HC3Stats, hc3_files, load_hc3
+    from training.transformer.common import buckets_from_lengths, staging_dir
+    from training.transformer.detector import (
+        DEFAULT_RATIOS,
+        export_variants,
+        preprocessing,
+        split_by_question,
+    )
+    from training.transformer.export import model_input_names, tensor_specs
+
+    t0 = time.time()
+    encoder = ClassifyEncoder(ck.tokenizer, max_length)
+    test: list = []
+    split, data_files, load_stats = None, [], {}
+    if data_root is not None:
+        files = hc3_files(data_root, lang)
+        stats = HC3Stats()
+        splits = split_by_question(load_hc3(files, stats), seed, DEFAULT_RATIOS)
+        test = splits["test"]
+        sizes = {k: len(v) for k, v in splits.items()}
+        split = {"seed": seed, "ratios": DEFAULT_RATIOS, "sizes": sizes, "unit": "question"}
+        data_files = data_checksums(files, data_root)
+        load_stats = stats.as_dict()
+        log.warning("scoring on the HC3-%s test split (%d texts): %s", lang, len(test),
+                    OPTIMISTIC)  # fmt: skip
+    staging = staging_dir(folder, overwrite)
+    exported = export_variants(ck.model, ck.tokenizer, encoder, staging, test, variants,
+                               64, machine=labels.index("machine"))  # fmt: skip
+    metrics = {**exported.metrics, "onnx_parity_max_abs_diff": exported.parity}
+    if test:
+        metrics["test_examples"] = float(len(test))
+        metrics.update({f"data_{k}": float(v) for k, v in load_stats.items()})
+        lengths = [len(e) for e in encoder.encode([e.text for e in test])]
+        buckets = buckets_from_lengths(lengths, max_length)
+        scored = (
+            f"Test accuracy {metrics['accuracy']:.4f}, ROC AUC {metrics['roc_auc']:.4f} (fp32 "
+            f"ONNX) on the HC3-{lang} test split (by question, seed {seed}); {OPTIMISTIC}."
+        )
+    else:
+        buckets = fixed_buckets(max_length)
+        scored = "Not scored on held-out data (no --data): metrics hold the ONNX parity only."
+    inputs, outputs = tensor_specs("detect", input_names=model_input_names(ck.model))
+    desc = (
+        f"Human vs machine text detector imported from the fine-tuned checkpoint "
+        f"{ck.source['given']} as it is (no training). Texts are cut to the first "
+        f"{max_length} tokens. {scored}{exported.fp16_note}"
+    )
+    hp = {
+        "imported_from": ck.source,
+        "id2label": _id2label(ck.model.config),
+        "max_length": max_length,
+        "lang": lang,
+        "seed": seed,
+    }
+    _entry(folder, staging, name=folder.parent.name, version=folder.name, task="detect",
+           architecture=_architecture(ck.model), description=desc, inputs=inputs,
+           outputs=outputs, labels=labels, max_length=max_length,
+           preprocessing=preprocessing(ck.tokenizer), buckets=buckets,
+           variants=exported.variants, metrics=metrics, split=split, data=data_files,
+           command=command, hyperparameters=hp)  # fmt: skip
+    log.info("wrote %s in %.0fs: %s", folder, time.time() - t0, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- QA
+def import_qa(
+    ck: Checkpoint,
+    folder: Path,
+    *,
+    max_length: int,
+    doc_stride: int,
+    max_query_length: int,
+    max_answer_length: int,
+    variants: Sequence[str],
+    command: str,
+    data_root: Path | None = None,
+    eval_file: str = "cmrc2018/cmrc2018_dev.json",
+    max_eval_examples: int | None = None,
+    seed: int = 13,
+    overwrite: bool = False,
+) -> dict[str, float]:
+    """Export ``ck`` as the QA model ``folder``; with ``data_root``, score it with the
+    official CMRC metric on ``eval_file`` (the sample ``train qa`` scores:
+    ``max_eval_examples``, ``seed``). Returns the manifest's metrics."""
+    from training.data.checksums import data_checksums
+    from training.data.squad import LoadStats, load_squad
+    from training.transformer.common import buckets_from_lengths, staging_dir
+    from training.transformer.export import model_input_names, tensor_specs
+    from training.transformer.qa import (
+        QAConfig,
+        eval_sample,
+        export_variants,
+        make_encoder,
+        preprocessing,
+    )
+
+    t0 = time.time()
+    cfg = QAConfig(base_model=str(ck.source["given"]), max_length=max_length,
+                   doc_stride=doc_stride, max_query_length=max_query_length,
+                   max_answer_length=max_answer_length, max_eval_examples=max_eval_examples,
+                   seed=seed)  # fmt: skip
+    encoder = make_encoder(ck.tokenizer, cfg)
+    test: list = []
+    split, data_files = None, []
+    if data_root is not None:
+        path = data_root / eval_file
+        stats = LoadStats()
+        test = eval_sample(load_squad(path, stats), max_eval_examples, seed)
+        log.info("eval %s: %s", eval_file, stats.as_dict())
+        split = {"seed": seed, "ratios": {"test": 1.0}, "sizes": {"test": len(test)},
+                 "unit": f"question; test = {eval_file}"}  # fmt: skip
+        data_files = data_checksums([path], data_root)
+        log.warning("scoring on %s (%d questions): %s", eval_file, len(test), OPTIMISTIC)
+    staging = staging_dir(folder, overwrite)
+    exported = export_variants(ck.model, ck.tokenizer, encoder, staging, test, test[:4], cfg,
+                               variants)  # fmt: skip
+    metrics = {**exported.metrics, "onnx_parity_max_abs_diff": exported.parity}
+    if test:
+        metrics["test_questions"] = float(len(test))
+        windows = encoder.encode_batch([e.question for e in test], [e.context for e in test])
+        buckets = buckets_from_lengths([len(w) for ws in windows for w in ws], max_length)
+        sample = "the full" if not max_eval_examples else "a sample of the"
+        scored = (
+            f"Official CMRC 2018 EM {metrics['em']:.2f}, F1 {metrics['f1']:.2f} (fp32 ONNX) on "
+            f"{sample} {eval_file} ({len(test)} questions); {OPTIMISTIC}."
+        )
+    else:
+        buckets = fixed_buckets(max_length)
+        scored = "Not scored on held-out data (no --data): metrics hold the ONNX parity only."
+    inputs, outputs = tensor_specs("qa", input_names=model_input_names(ck.model))
+    desc = (
+        f"Extractive QA imported from the fine-tuned checkpoint {ck.source['given']} as it is "
+        f"(no training). {scored}{exported.fp16_note}"
+    )
+    hp = {
+        "imported_from": ck.source,
+        "max_length": max_length,
+        "doc_stride": doc_stride,
+        "max_query_length": max_query_length,
+        "max_answer_length": max_answer_length,
+        "eval_file": eval_file,
+        "max_eval_examples": max_eval_examples,
+        "seed": seed,
+    }
+    _entry(folder, staging, name=folder.parent.name, version=folder.name, task="qa",
+           architecture=_architecture(ck.model), description=desc, inputs=inputs,
+           outputs=outputs, labels=[], max_length=max_length,
+           preprocessing=preprocessing(ck.tokenizer, cfg), buckets=buckets,
+           variants=exported.variants, metrics=metrics, split=split, data=data_files,
+           command=command, hyperparameters=hp)  # fmt: skip
+    log.info("wrote %s in %.0fs: %s", folder, time.time() - t0, metrics)
+    return metrics
