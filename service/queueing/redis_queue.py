@@ -474,6 +474,9 @@ class RedisQueue(InferenceQueue):
             args += [keys.index(target) + 1, 2 * len(fields)]
             for k, v in fields.items():
                 args += [k, v]
+        for it in items:  # from here a worker may read and run them
+            if it.reach is not None:
+                it.reach.reached = True
         try:
             res = await self._pipelined_admit(keys, args, targets)
         except (RedisError, OSError) as e:
