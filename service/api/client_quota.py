@@ -131,8 +131,9 @@ class ClientQuota:
         self.items = Counter(
             "nlpserve_client_items_total",
             "Items a client had admitted past its limits, across models (a batch of N counts "
-            "N, an explanation 1): what its rate limit charges, so the response cache's answers "
-            "are not counted, and a request the queue refuses after admission is.",
+            "N, an explanation 1), counted as its request ends: what its rate limit charges, so "
+            "the response cache's answers are not counted, nor a request that ended before any "
+            "of its items reached a model (its tokens are given back).",
             ["client"],
             registry=metrics.registry,
         )
