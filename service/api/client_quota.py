@@ -86,6 +86,8 @@ class _Held:
     n: int
     deadline: float
     token: str | None = None  # counted in :attr:`ClientQuota.shared` as this; None: not
+    # counted there by a reload, in a task: its release may reach Redis first
+    added: bool = False
 
 
 class ClientQuota:
@@ -154,7 +156,7 @@ class ClientQuota:
             for name in set(limits).difference(self.limits).intersection(self._held):
                 for held in self._held[name]:
                     if held.token is None:
-                        held.token = uuid.uuid4().hex
+                        held.token, held.added = uuid.uuid4().hex, True
                         self._later(self.shared.add(name, held.token, held.n, held.deadline))
         for name in self.clients - file.clients:
             for metric in (self.gauge, self.limit_gauge, self.refused, self.items):
@@ -228,7 +230,7 @@ class ClientQuota:
             if shared is not None and mine.token is not None:
                 # awaited, so the client's next request finds the room; shielded, so a
                 # cancelled request (its client gone, the deadline) still gives it back
-                release = shared.release(client, mine.token, n, deadline)
+                release = shared.release(client, mine.token, n, deadline, answered=not mine.added)
                 await asyncio.shield(self._later(release))
 
     def _refusal(self, client: str, held: int, n: int, limit: int) -> ApiError:

@@ -474,9 +474,11 @@ class RedisQueue(InferenceQueue):
             args += [keys.index(target) + 1, 2 * len(fields)]
             for k, v in fields.items():
                 args += [k, v]
-        for it in items:  # from here a worker may read and run them
-            if it.reach is not None:
-                it.reach.reached = True
+        # From here a worker may read and run them (the request's items share one Reach).
+        reach = items[0].reach
+        before = reach is not None and reach.reached
+        if reach is not None:
+            reach.reached = True
         try:
             res = await self._pipelined_admit(keys, args, targets)
         except (RedisError, OSError) as e:
@@ -485,6 +487,8 @@ class RedisQueue(InferenceQueue):
         self._depth[model] = depth
         self._record_depth(model, keys, lens)
         if not ids:
+            if reach is not None:  # refused by the script: none of them was queued
+                reach.reached = before
             raise depth_refusal(
                 model, depth, len(targets), self.settings.max_queue_depth, self._retry_after(model)
             )
