@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from service.queueing.autopipeline import AutoPipeline
 from service.queueing.base import SharedInFlight, SharedRate
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
 
@@ -161,17 +162,21 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     and clock; its readiness and failures are this one's: the same 503 a request would get
     from the queue).
 
-    Auto-pipelined, as the queue's admissions: the acquires, takes and releases of one
-    event-loop moment share one round trip. A redis-py command costs the event loop ~0.1 ms
-    of CPU on its own; under load most of a request's go out with others'."""
+    Auto-pipelined (service/queueing/autopipeline.py), as the queue's admissions: the
+    acquires, takes and releases of one event-loop moment share one round trip. A redis-py
+    command costs the event loop ~0.1 ms of CPU on its own; under load most of a request's
+    go out with others'."""
 
     def __init__(self, queue: RedisQueue, client: Redis) -> None:
         self.queue = queue
         self.client = client
         self.margin_s = EXPIRY_MARGIN_S
         self._scripts = {kind: client.register_script(lua) for kind, lua in SCRIPTS.items()}
-        self._pending: list[_Command] = []
-        self._sending: asyncio.Task[None] | None = None
+        # An acquire or take whose request gave up before it went out is not sent (an
+        # acquire's release is, and leaves its tombstone); a release, a refund always is.
+        self._pipeline: AutoPipeline[_Command] = AutoPipeline(
+            self._run, "redis-client-counts", always_sent=lambda c: c.kind in (RELEASE, REFUND)
+        )
         self._releases: set[asyncio.Task[None]] = set()
 
     def key(self, client: str) -> str:
@@ -249,35 +254,9 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         return now, expiry, max(1, math.ceil(expiry - now) + 1)
 
     def _send(self, key: str, args: list[str | int], kind: str) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Command(key, args, kind, fut))
-        if self._sending is None or self._sending.done():
-            self._sending = loop.create_task(self._send_loop(), name="redis-client-counts")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pipeline.send(_Command(key, args, kind, fut))
         return fut
-
-    async def _send_loop(self) -> None:
-        """Send what is pending, one pipeline at a time, until nothing is."""
-        while self._pending:
-            # an acquire or take whose request gave up before it went out: not sent (an
-            # acquire's release is, and leaves its tombstone); a release, a refund always is
-            batch = [
-                c for c in self._pending if c.kind in (RELEASE, REFUND) or not c.fut.cancelled()
-            ]
-            self._pending = []
-            if not batch:
-                continue
-            try:
-                results = await self._run(batch)
-            except Exception as e:  # the connection lost etc.: each command raises it
-                results = [e] * len(batch)
-            for c, res in zip(batch, results, strict=True):
-                if c.fut.done():
-                    continue
-                if isinstance(res, Exception):
-                    c.fut.set_exception(res)
-                else:
-                    c.fut.set_result(res)
 
     async def _run(self, batch: list[_Command]) -> list[Any]:
         if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one

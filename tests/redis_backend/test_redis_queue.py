@@ -477,6 +477,27 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
         await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
 
 
+async def test_a_request_cancelled_at_any_point_of_its_admission_leaves_no_entry(
+    make_settings, tiny_runners, r
+) -> None:
+    """Admissions are auto-pipelined (service/queueing/autopipeline.py): a request that gives
+    up before its admission goes out is not sent, one that gives up while it is in flight
+    has its XADDs undone, one admitted deletes its entries as it ends: whenever the client
+    leaves, no entry stays for a worker to run. A burst of admissions shares a pipeline."""
+    settings = make_settings()
+    rng = np.random.default_rng(5)
+    async with api_queue(settings, tiny_runners) as q:  # no worker: nothing drains
+        for turns in range(10):
+            items = [make_item(tiny_runners[POS], 4, rng) for _ in range(3)]
+            tasks = [asyncio.create_task(q.submit(it)) for it in items]
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+
 async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
     make_settings, tiny_runners, r
 ) -> None:
