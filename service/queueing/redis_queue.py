@@ -495,8 +495,16 @@ class RedisQueue(InferenceQueue):
         """Run the admission script in the next pipeline sent (service/queueing/autopipeline.py:
         the admissions waiting while a round trip is in flight go out together in the next)."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._admitting.send(_Admission(keys, args, targets, fut))
-        return await fut
+        admission = _Admission(keys, args, targets, fut)
+        self._admitting.send(admission)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # cancelled after its answer came, before this task resumed: the entries are
+            # queued, and the caller never learns their ids to delete them
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._undo(admission, fut.result())
+            raise
 
     def _admission_pipeline(self) -> AutoPipeline[_Admission]:
         # A cancelled admission's XADDs are undone (their entries deleted before a worker

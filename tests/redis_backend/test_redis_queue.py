@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -496,6 +497,24 @@ async def test_a_request_cancelled_at_any_point_of_its_admission_leaves_no_entry
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+        # cancelled once its answer came and before its task resumed (a client gone then):
+        # the answer is lost to the request, which could not delete what it never learned
+        pipeline = q._admitting
+        run = pipeline._run
+        tasks = []
+
+        async def answered_then_cancelled(batch: list[Any]) -> list[Any]:
+            results = await run(batch)
+            # ahead of the wakeups that setting the results schedules
+            asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in tasks])
+            return results
+
+        pipeline._run = answered_then_cancelled  # type: ignore[method-assign]
+        tasks += [asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng)))]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(e, asyncio.CancelledError) for e in results), results
+        await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
 
 
 async def test_workers_publish_their_pace_and_a_clean_stop_withdraws_it(
