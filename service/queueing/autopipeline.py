@@ -29,9 +29,10 @@ class AutoPipeline(Generic[C]):
     order), a batch at a time, in the order they were queued.
 
     A command whose future was cancelled before its batch went out is not sent, unless
-    ``always_sent`` says so (a release must reach Redis whoever waits for it). One cancelled
-    that ran all the same (in flight then, or always sent): ``gave_up`` gets its result (not
-    an error), to undo it."""
+    ``always_sent`` says so (a release must reach Redis whoever waits for it). One that ran
+    for a caller that gave up (cancelled with it in flight, or always sent; or, through
+    :meth:`call`, after its answer came and before the caller resumed): ``gave_up`` gets its
+    result (not an error), to undo it."""
 
     def __init__(
         self,
@@ -56,6 +57,20 @@ class AutoPipeline(Generic[C]):
         self._pending.append(command)
         if self._sending is None or self._sending.done():
             self._sending = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
+
+    async def call(self, command: C) -> Any:
+        """Send ``command`` and return its answer (or raise its error)."""
+        self.send(command)
+        fut = command.fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # cancelled once the answer was set, before this task resumed: it ran, and the
+            # caller never learns what to undo
+            ran = fut.done() and not fut.cancelled() and fut.exception() is None
+            if ran and self._gave_up is not None:
+                self._gave_up(command, fut.result())
+            raise
 
     async def close(self, error: Exception) -> None:
         """Fail what is queued or in flight with ``error`` (its answer would never be read),

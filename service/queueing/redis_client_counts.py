@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -175,9 +176,12 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         # An acquire or take whose request gave up before it went out is not sent (an
         # acquire's release is, and leaves its tombstone); a release, a refund always is.
         self._pipeline: AutoPipeline[_Command] = AutoPipeline(
-            self._run, "redis-client-counts", always_sent=lambda c: c.kind in (RELEASE, REFUND)
+            self._run,
+            "redis-client-counts",
+            always_sent=lambda c: c.kind in (RELEASE, REFUND),
+            gave_up=self._gave_up,
         )
-        self._releases: set[asyncio.Task[None]] = set()
+        self._later_tasks: set[asyncio.Task[None]] = set()
 
     def key(self, client: str) -> str:
         return client_in_flight_key(self.queue.prefix, client)
@@ -190,7 +194,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         now, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [repr(now), repr(expiry), limit, n, ttl, token]
         try:
-            admitted, held = await self._send(self.key(client), args, ACQUIRE)
+            admitted, held = await self._call(self.key(client), args, ACQUIRE)
         except (RedisError, OSError) as e:
             # No answer, but the script may have run (Redis slower than the socket timeout,
             # redis-py's retry too; it runs once Redis is free): its items go back, as a
@@ -200,17 +204,14 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         return bool(admitted), int(held)
 
     def _unanswered(self, client: str, token: str, n: int, deadline: float) -> None:
-        release = self.release(client, token, n, deadline, answered=False)
-        task = asyncio.get_running_loop().create_task(release)
-        self._releases.add(task)  # held until done: the loop keeps a weak reference
-        task.add_done_callback(self._releases.discard)
+        self._later(self.release(client, token, n, deadline, answered=False))
 
     async def add(self, client: str, token: str, n: int, deadline: float) -> None:
         # the admission's script without a limit (-1): these items are admitted already
         now, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [repr(now), repr(expiry), -1, n, ttl, token]
         try:
-            await self._send(self.key(client), args, ACQUIRE)
+            await self._call(self.key(client), args, ACQUIRE)
         except (RedisError, OSError) as e:
             # uncounted here until they end; a late run of it counts nothing
             log.debug("could not count %d items of %s in Redis (%r)", n, client, e)
@@ -222,17 +223,20 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
         key = client_rate_key(self.queue.prefix, client)
         try:
-            taken, before = await self._send(key, args, TAKE)
+            taken, before = await self._call(key, args, TAKE)
         except (RedisError, OSError) as e:
             raise self.queue.failed(e) from e
         return bool(taken), float(before)
 
     async def refund(self, client: str, n: int, rate: float, burst: int) -> None:
         args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
+        await self._refund(client_rate_key(self.queue.prefix, client), args)
+
+    async def _refund(self, key: str, args: list[str | int]) -> None:
         try:
-            await self._send(client_rate_key(self.queue.prefix, client), args, REFUND)
+            await self._call(key, args, REFUND)
         except (RedisError, OSError) as e:
-            log.debug("could not give back %d tokens of %s in Redis (%r)", n, client, e)
+            log.debug("could not give back %s tokens of %s in Redis (%r)", args[3], key, e)
 
     async def release(
         self, client: str, token: str, n: int, deadline: float, answered: bool = True
@@ -240,7 +244,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         _, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [token, n, repr(expiry), ttl, 0 if answered else 1]
         try:
-            await self._send(self.key(client), args, RELEASE)
+            await self._call(self.key(client), args, RELEASE)
         except (RedisError, OSError) as e:
             # they stop counting at their deadline; the queue's own failure says more
             log.debug("could not release %d items of %s in Redis (%r)", n, client, e)
@@ -253,10 +257,21 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         expiry = deadline + clock.offset + self.margin_s
         return now, expiry, max(1, math.ceil(expiry - now) + 1)
 
-    def _send(self, key: str, args: list[str | int], kind: str) -> asyncio.Future[Any]:
+    async def _call(self, key: str, args: list[str | int], kind: str) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pipeline.send(_Command(key, args, kind, fut))
-        return fut
+        return await self._pipeline.call(_Command(key, args, kind, fut))
+
+    def _gave_up(self, c: _Command, res: Any) -> None:
+        """A command that ran for a request that gave up: a take that took gives the tokens
+        back (the request's items will never run). An acquire's items are released by its
+        request (ClientQuota.hold), with a tombstone."""
+        if c.kind == TAKE and res[0]:
+            self._later(self._refund(c.key, [repr(self.queue.clock.now()), *c.args[1:]]))
+
+    def _later(self, call: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._later_tasks.add(task)  # held until done: the loop keeps a weak reference
+        task.add_done_callback(self._later_tasks.discard)
 
     async def _run(self, batch: list[_Command]) -> list[Any]:
         if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one

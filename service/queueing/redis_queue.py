@@ -495,16 +495,7 @@ class RedisQueue(InferenceQueue):
         """Run the admission script in the next pipeline sent (service/queueing/autopipeline.py:
         the admissions waiting while a round trip is in flight go out together in the next)."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        admission = _Admission(keys, args, targets, fut)
-        self._admitting.send(admission)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # cancelled after its answer came, before this task resumed: the entries are
-            # queued, and the caller never learns their ids to delete them
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._undo(admission, fut.result())
-            raise
+        return list(await self._admitting.call(_Admission(keys, args, targets, fut)))
 
     def _admission_pipeline(self) -> AutoPipeline[_Admission]:
         # A cancelled admission's XADDs are undone (their entries deleted before a worker
@@ -512,7 +503,8 @@ class RedisQueue(InferenceQueue):
         return AutoPipeline(self._run_admissions, "redis-admit", gave_up=self._undo)
 
     def _undo(self, admission: _Admission, res: list[Any]) -> None:
-        """An admission whose request gave up while its script ran: undo the XADDs."""
+        """An admission whose request gave up as its script ran: undo the XADDs (the
+        request never learns their ids to delete them)."""
         self._forget(list(zip(admission.targets, res[2:], strict=False)))
 
     async def _run_admissions(self, batch: list[_Admission]) -> list[Any]:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -227,3 +228,44 @@ async def test_tokens_come_back_unless_the_items_were_queued(
         assert isinstance(shared, RedisClientCounts)
         await shared.refund("bob", 1, 0.1, 2)
         assert not await admin.exists(client_rate_key(settings.redis_prefix, "bob"))
+
+
+async def test_a_take_whose_request_gave_up_gives_its_tokens_back(settings, admin) -> None:
+    """A request cancelled (its client gone) while its take is asked, at any point: not sent,
+    in flight, or answered before the request resumed. A take that ran for nobody gives its
+    tokens back (they were spent: the request's items never run); one whose answer the
+    request read is the request's, as any other."""
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+
+    async def full() -> bool:
+        tokens = await admin.hget(bucket, "tokens")
+        return tokens is None or float(tokens) == pytest.approx(2, abs=0.01)
+
+    async with live_server(settings) as srv:
+        shared = rate_of(srv).shared
+        assert isinstance(shared, RedisClientCounts)
+        for turns in range(10):
+            take = asyncio.create_task(shared.take("alice", 2, 0.1, 2))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            take.cancel()
+            [result] = await asyncio.gather(take, return_exceptions=True)
+            if not isinstance(result, asyncio.CancelledError):
+                assert result[0], (turns, result)  # answered: the request's to refund
+                await shared.refund("alice", 2, 0.1, 2)
+            await wait_for(full)
+
+        # cancelled once the answer came, before the request resumed
+        run, takes = shared._pipeline._run, []
+
+        async def answered_then_cancelled(batch: list[Any]) -> list[Any]:
+            results = await run(batch)
+            asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in takes])
+            return results
+
+        shared._pipeline._run = answered_then_cancelled  # type: ignore[method-assign]
+        takes.append(asyncio.create_task(shared.take("alice", 2, 0.1, 2)))
+        [result] = await asyncio.gather(*takes, return_exceptions=True)
+        assert isinstance(result, asyncio.CancelledError), result
+        shared._pipeline._run = run  # type: ignore[method-assign]
+        await wait_for(full)
