@@ -1,9 +1,10 @@
 """The auto-pipeline both Redis users share (service/queueing/autopipeline.py), on a batch
 runner that records what it is sent: the commands of one event-loop moment go out in one
 batch, in order, one batch at a time; a command given up before its batch went out is not
-sent, unless it must always be (a release); one given up that ran anyway (in flight, or
-always sent) is handed back with its result (to undo it); an error fails each command of its batch; close
-fails what is queued or in flight, and what is sent after it."""
+sent, unless it must always be (a release); one given up that ran anyway (in flight, always
+sent, or answered before its caller resumed) is handed back with its result (to undo it);
+an error fails each command of its batch; close fails what is queued or in flight, and what
+is sent after it."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def pipeline(runner: Runner, undone: list[tuple[str, Any]]) -> AutoPipeline[Cmd]
 
 
 async def test_one_moment_one_batch_in_order_and_what_is_given_up() -> None:
-    runner, undone = Runner(), []
+    runner, undone = Runner(), list[tuple[str, Any]]()
     pipe = pipeline(runner, undone)
     first = [Cmd("a"), Cmd("b"), Cmd("c")]
     for c in first:
@@ -77,7 +78,7 @@ async def test_one_moment_one_batch_in_order_and_what_is_given_up() -> None:
 
 
 async def test_an_error_fails_its_batch_and_close_fails_the_rest() -> None:
-    runner, undone = Runner(), []
+    runner, undone = Runner(), list[tuple[str, Any]]()
     pipe = pipeline(runner, undone)
     runner.error = ConnectionError("lost")
     a, b = Cmd("a"), Cmd("b")
@@ -102,3 +103,25 @@ async def test_an_error_fails_its_batch_and_close_fails_the_rest() -> None:
         with pytest.raises(BackendUnavailableError, match="shutting down"):
             await c.fut
     assert runner.batches == [["a", "b"], ["c"]] and not undone
+
+
+async def test_call_hands_back_an_answer_its_caller_never_read() -> None:
+    """Cancelled after the answer was set, before the caller resumed: the command ran and
+    the caller cannot undo it, so ``gave_up`` gets it."""
+    runner, undone = Runner(), list[tuple[str, Any]]()
+    pipe = pipeline(runner, undone)
+    callers: list[asyncio.Task[Any]] = []
+    run = pipe._run
+
+    async def answered_then_cancelled(batch: list[Cmd]) -> list[Any]:
+        results = await run(batch)
+        asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in callers])
+        return results
+
+    pipe._run = answered_then_cancelled
+    callers.append(asyncio.create_task(pipe.call(Cmd("a"))))
+    with pytest.raises(asyncio.CancelledError):
+        await callers[0]
+    assert undone == [("a", "a!")]
+    pipe._run = run
+    assert await pipe.call(Cmd("b")) == "b!" and undone == [("a", "a!")]

@@ -510,7 +510,7 @@ async def test_a_request_cancelled_at_any_point_of_its_admission_leaves_no_entry
             asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in tasks])
             return results
 
-        pipeline._run = answered_then_cancelled  # type: ignore[method-assign]
+        pipeline._run = answered_then_cancelled
         tasks += [asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng)))]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(e, asyncio.CancelledError) for e in results), results
