@@ -1,10 +1,10 @@
 """Micro-benchmark of the per-client in-flight limit's admission and release
 (service/api/client_quota.py): ``ClientQuota.hold`` of one item, entered and left, counted in
 this process (``NLPSERVE_CLIENT_QUOTA_SCOPE=replica``) against counted across replicas in
-Redis (``global``: a script, then a ``ZREM``), on a private redis-server, alternated round by
-round (medians; the first round warms up). Sequential holds give the latency a request gains
-(two round trips); concurrent ones the event loop's CPU per request, where the acquires and
-releases of one moment share a pipeline.
+Redis (``global``: a script to admit, one to release), on a private redis-server, alternated
+round by round (medians; the first round warms up). Sequential holds give the latency a
+request gains (two round trips); concurrent ones the event loop's CPU per request, where the
+acquires and releases of one moment share a pipeline.
 
     python -m bench.client_quota --rounds 5
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -72,6 +73,7 @@ async def measure(sequential: int, concurrent: int, tasks: int, rounds: int) -> 
         await queue.close(0.1)
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

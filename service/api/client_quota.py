@@ -14,26 +14,31 @@ With a keys file every client's items are counted (``nlpserve_client_in_flight``
 not: a limit given on a reload then applies at once, and the counts show what a limit would
 bound before one is set. A client's limit is its ``max_in_flight`` when the file gives one,
 else NLPSERVE_CLIENT_MAX_IN_FLIGHT, else none. Across replicas only the clients with a limit
-are counted in Redis (a client counted only costs no round trip); ``nlpserve_client_in_flight``
-is this process's share of every client's items either way.
+are counted in Redis (a client counted only costs no round trip); a reload that gives a client
+a limit adds the items it has in flight in this process to Redis, so that the new limit
+counts them on every replica. ``nlpserve_client_in_flight`` is this process's share of every
+client's items either way.
 
 ``nlpserve_client_items_total`` counts each client's items admitted past both limits, where
-the rate limit charges them: the response cache's answers are not counted, a request the queue
-or the task refuses after admission (its tokens taken) is.
+the rate limit charges them: the response cache's answers are not counted, nor a request that
+ended before any of its items reached a model (the queue or the task refused it, its client
+left, its deadline passed while queued: its tokens are given back).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
 from service.api.auth import MAX_IN_FLIGHT, ApiKeys, KeyFile
 from service.api.errors import LIMIT_IN_FLIGHT, ApiError, Limit, retry_after_header
+from service.batching.types import REACH, Reach
 from service.config import Settings
 from service.logs import CLIENT
 from service.metrics import Metrics
@@ -74,6 +79,17 @@ def limits_in_force(file: KeyFile, default: int | None) -> dict[str, int]:
     return limits
 
 
+@dataclass(eq=False)
+class _Held:
+    """One request's items in flight in this process."""
+
+    n: int
+    deadline: float
+    token: str | None = None  # counted in :attr:`ClientQuota.shared` as this; None: not
+    # counted there by a reload, in a task: its release may reach Redis first
+    added: bool = False
+
+
 class ClientQuota:
     """Items in flight per client, and the admission that keeps each under its limit:
     ``max_in_flight`` of the keys file (``keys``; its reloads change it at once), else
@@ -87,6 +103,7 @@ class ClientQuota:
         # started: Redis mode, NLPSERVE_CLIENT_QUOTA_SCOPE=global); None: in this process.
         self.shared: SharedInFlight | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._held: dict[str, set[_Held]] = {}  # each client's requests in flight here
         # Labels are keys-file names only (AuthMiddleware sets the client): bounded, and a
         # name's series go when its lines leave the file (:meth:`_keys_changed`).
         self.gauge = Gauge(
@@ -116,8 +133,9 @@ class ClientQuota:
         self.items = Counter(
             "nlpserve_client_items_total",
             "Items a client had admitted past its limits, across models (a batch of N counts "
-            "N, an explanation 1): what its rate limit charges, so the response cache's answers "
-            "are not counted, and a request the queue refuses after admission is.",
+            "N, an explanation 1), counted as its request ends: what its rate limit charges, so "
+            "the response cache's answers are not counted, nor a request that ended before any "
+            "of its items reached a model (its tokens are given back).",
             ["client"],
             registry=metrics.registry,
         )
@@ -130,8 +148,16 @@ class ClientQuota:
     def _keys_changed(self, file: KeyFile) -> None:
         """The keys file read again: new limits apply to the next admission (items already
         in flight stay, even over a lowered limit); a gone client's series go, a new one's
-        appear at 0."""
+        appear at 0. A client given a limit where it had none: its items in flight here,
+        counted in this process only, are added to :attr:`shared`, where every replica's
+        next admission of it counts them."""
         limits = limits_in_force(file, self.default)
+        if self.shared is not None:
+            for name in set(limits).difference(self.limits).intersection(self._held):
+                for held in self._held[name]:
+                    if held.token is None:
+                        held.token, held.added = uuid.uuid4().hex, True
+                        self._later(self.shared.add(name, held.token, held.n, held.deadline))
         for name in self.clients - file.clients:
             for metric in (self.gauge, self.limit_gauge, self.refused, self.items):
                 self.metrics.forget(metric, name)
@@ -176,14 +202,14 @@ class ClientQuota:
                 "send smaller batches",
                 limit=Limit(LIMIT_IN_FLIGHT, limit),
             )
-        shared = self.shared if limit is not None else None
-        token = None
+        shared = self.shared
+        mine = _Held(n, deadline)
         if limit is not None and shared is not None:
-            token = uuid.uuid4().hex
+            mine.token = token = uuid.uuid4().hex
             try:
                 admitted, held = await shared.acquire(client, token, n, limit, deadline)
-            except asyncio.CancelledError:  # the client gone: the script may have run
-                self._release_later(shared, client, token, n)
+            except asyncio.CancelledError:  # the client gone: the script may run yet
+                self._later(shared.release(client, token, n, deadline, answered=False))
                 raise
             if not admitted:
                 raise self._refusal(client, held, n, limit)
@@ -192,14 +218,20 @@ class ClientQuota:
         # Counted here alone: no await between the check and the count, the event loop
         # admits one at a time (across replicas the script is the check and the count).
         self._set(client, self.in_flight.get(client, 0) + n)
+        self._held.setdefault(client, set()).add(mine)
         try:
             yield
         finally:
             self._set(client, self.in_flight[client] - n)
-            if shared is not None and token is not None:
+            self._held[client].discard(mine)
+            if not self._held[client]:
+                del self._held[client]
+            # a token: counted in shared, at admission or since a reload gave a limit
+            if shared is not None and mine.token is not None:
                 # awaited, so the client's next request finds the room; shielded, so a
                 # cancelled request (its client gone, the deadline) still gives it back
-                await asyncio.shield(self._release_later(shared, client, token, n))
+                release = shared.release(client, mine.token, n, deadline, answered=not mine.added)
+                await asyncio.shield(self._later(release))
 
     def _refusal(self, client: str, held: int, n: int, limit: int) -> ApiError:
         self.metrics.child(self.refused, client).inc()
@@ -213,13 +245,16 @@ class ClientQuota:
             Limit(LIMIT_IN_FLIGHT, limit),
         )
 
-    def _release_later(
-        self, shared: SharedInFlight, client: str, token: str, n: int
-    ) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(shared.release(client, token, n))
+    def _later(self, call: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(call)
         self._releases.add(task)  # held until done: the loop keeps only a weak reference
         task.add_done_callback(self._releases.discard)
         return task
+
+    def count(self, client: str, n: int) -> None:
+        """Count ``n`` items charged to ``client`` (``nlpserve_client_items_total``)."""
+        if client in self.clients:  # a client removed mid-request: no series again
+            self.metrics.child(self.items, client).inc(n)
 
     def _set(self, client: str, n: int) -> None:
         if n:
@@ -240,12 +275,19 @@ def cached_note(n: int, of: int | None) -> str:
 
 @asynccontextmanager
 async def admit(
-    state: ServiceState, n: int, deadline: float, of: int | None = None
+    state: ServiceState, n: int, deadline: float, of: int | None = None, refund: bool = True
 ) -> AsyncIterator[None]:
     """:meth:`ClientQuota.hold` for the client being served (the API key's name, which
     AuthMiddleware and the gRPC server set in ``service.logs.CLIENT``), and the client's rate
-    limit (:class:`ClientRate`), where a keys file is on; the items admitted are counted
-    (``nlpserve_client_items_total``). A no-op without a keys file."""
+    limit (:class:`ClientRate`), where a keys file is on; the items charged are counted
+    (``nlpserve_client_items_total``). A no-op without a keys file.
+
+    ``refund``: the block queues the request's items in this task (a prediction), so that
+    the queue tells whether any reached a model (:class:`Reach`); if the block ends before
+    one did (refused by the queue or the task, the client gone, the deadline passed while
+    queued), the tokens are given back and the items not counted: they used no model time,
+    which is what the rate limit shares out. An explanation's variants run apart from its
+    request: they keep theirs."""
     quota = state.client_quota
     client = CLIENT.get()
     if quota is None or client is None:
@@ -260,6 +302,16 @@ async def admit(
         # in-flight items back as it leaves the block.
         if rate is not None:
             await rate.take(client, n)
-        if client in quota.clients:  # a client removed mid-request: no series again
-            quota.metrics.child(quota.items, client).inc(n)
-        yield
+        reach = Reach() if refund else None
+        mark = REACH.set(reach)
+        try:
+            yield
+        except BaseException:
+            if reach is None or reach.reached:
+                quota.count(client, n)
+            elif rate is not None:
+                await rate.refund(client, n)
+            raise
+        finally:
+            REACH.reset(mark)
+        quota.count(client, n)

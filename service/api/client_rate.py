@@ -10,11 +10,13 @@ with a limit of 1. This one is a token bucket per client: it holds up to ``burst
 gains ``rate`` a second; a request of n items takes n or is refused 429 ``client_rate``, with
 the Retry-After after which n are there. Items are those the models run, as for the in-flight
 limit: the response cache's answers cost nothing (they take no model time, which is what the
-limit shares out).
+limit shares out), and a request that ended before any of its items reached a model gets its
+tokens back (:meth:`ClientRate.refund`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -89,6 +91,7 @@ class ClientRate:
         self.shared: SharedRate | None = None
         self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic then)
         self.clock = time.monotonic
+        self._refunds: set[asyncio.Task[None]] = set()
         # Labels are keys-file names only: bounded, gone with the client's lines.
         self.rate_gauge = Gauge(
             "nlpserve_client_rate",
@@ -170,6 +173,26 @@ class ClientRate:
                 self.buckets[client] = (before - n, now)
         if not taken:
             raise self._refusal(client, before, n, rate)
+
+    async def refund(self, client: str, n: int) -> None:
+        """Give back the ``n`` tokens a request took whose items never reached a model (it
+        used no model time), up to the burst; with the rate in force now (none: nothing)."""
+        rate = self.rates.get(client)
+        if rate is None or n <= 0:
+            return
+        if self.shared is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.shared.refund(client, n, rate.rate, rate.burst)
+            )
+            self._refunds.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._refunds.discard)
+            # shielded: a request cancelled (its client gone) gives them back all the same
+            await asyncio.shield(task)
+            return
+        if (bucket := self.buckets.get(client)) is None:
+            return  # full: no bucket
+        now = self.clock()
+        self.buckets[client] = (min(float(rate.burst), refill(*bucket, now, rate) + n), now)
 
     def _refusal(self, client: str, tokens: float, n: int, rate: Rate) -> ApiError:
         self.metrics.child(self.refused, client).inc()

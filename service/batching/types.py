@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -10,6 +11,22 @@ import numpy as np
 
 from service import tracecontext
 from service.ids import new_id
+
+
+class Reach:
+    """Whether any sequence of a request reached a model: in process, taken into a batch; in
+    Redis mode, sent to the streams (a worker may run it, and the replica cannot tell). A
+    request none of whose items did used no model time: the client's rate limit gives its
+    tokens back (service/api/client_quota.py, ``admit``)."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self) -> None:
+        self.reached = False
+
+
+# The request being served's, where its tokens may come back: the items it makes take it.
+REACH: ContextVar[Reach | None] = ContextVar("reach", default=None)
 
 
 @dataclass
@@ -37,6 +54,8 @@ class WorkItem:
     # (a worker's, from the entry). Its log lines carry the ids (logs off the request's task:
     # the batch's thread, the worker).
     trace: tracecontext.TraceContext | None = field(default_factory=tracecontext.CURRENT.get)
+    # Its request's (None: nobody asks): the queue marks it as the item reaches a model.
+    reach: Reach | None = field(default_factory=REACH.get, compare=False, repr=False)
 
     def log_fields(self) -> dict[str, str]:
         """``extra=`` of a log line about this item: its id and its request's trace ids."""

@@ -160,9 +160,20 @@ class SharedInFlight(abc.ABC):
         it may have counted without an answer is released)."""
 
     @abc.abstractmethod
-    async def release(self, client: str, token: str, n: int) -> None:
+    async def add(self, client: str, token: str, n: int, deadline: float) -> None:
+        """Count ``n`` items of ``client`` admitted already, as ``token``'s, whatever its
+        limit: those of a client that had no limit when they were admitted, given one since.
+        Best effort: where it fails they are not counted here."""
+
+    @abc.abstractmethod
+    async def release(
+        self, client: str, token: str, n: int, deadline: float, answered: bool = True
+    ) -> None:
         """Stop counting ``token``'s items (any of them not counted: nothing happens).
-        Best effort: where it fails they stop counting at their deadline."""
+        ``deadline``: the one they were acquired with. ``answered=False``: the acquire got
+        no answer (or its request gave up waiting for it), so that it may still reach the
+        count after this: it then counts nothing. Best effort: where it fails they stop
+        counting at their deadline."""
 
 
 class SharedRate(abc.ABC):
@@ -174,6 +185,11 @@ class SharedRate(abc.ABC):
         """Take ``n`` tokens from ``client``'s bucket (refilled at ``rate`` a second, up to
         ``burst``) if it holds that many, else nothing; (taken, the tokens it held before).
         Raises :class:`BackendUnavailableError` when the bucket cannot be read."""
+
+    @abc.abstractmethod
+    async def refund(self, client: str, n: int, rate: float, burst: int) -> None:
+        """Give ``n`` tokens back to ``client``'s bucket (a request whose items never ran),
+        up to ``burst``. Best effort: where it fails they stay taken."""
 
 
 class InferenceQueue(abc.ABC):

@@ -431,6 +431,9 @@ class InProcessQueue(InferenceQueue):
                             await wake.wait()
                     continue
                 self._update_depth(model)
+                for it in batch:
+                    if it.reach is not None:
+                        it.reach.reached = True
                 task = asyncio.create_task(self._run(model, batch))
                 dispatched.add(task)
                 task.add_done_callback(finished)

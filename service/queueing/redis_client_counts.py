@@ -6,7 +6,11 @@ item admitted and not yet answered, ``<request id>:<i>``, scored by the Unix tim
 clock, service/clock.py) at which it stops counting: the request's deadline and a margin. One
 script admits a request's items atomically (every replica's admissions of the client are
 ordered by Redis), and once: sent again (redis-py's retry after a lost answer) it finds its
-members and is admitted; a ``ZREM`` of its members releases them. A member per item, not per
+members and is admitted. Another script releases them; where the admission got no answer
+(Redis busy past both of redis-py's tries: it may still run, and the release, sent on
+another connection, may overtake it) the release also leaves the request id as a tombstone,
+scored minus the items' time (below 0: never counted), and an admission that Redis runs after
+it finds it and adds nothing. A member per item, not per
 request: the script then sums with ``ZCOUNT`` and the ACL rule of docs/deploy.md needs no new
 command. A replica that dies holding items leaves members that stop counting at their
 deadline; the set expires with its last member, so an idle client leaves nothing behind.
@@ -22,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from service.queueing.autopipeline import AutoPipeline
 from service.queueing.base import SharedInFlight, SharedRate
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
 
@@ -41,20 +47,27 @@ log = logging.getLogger(__name__)
 # the items of a replica that died (or lost Redis) meanwhile ever expire.
 EXPIRY_MARGIN_S = 5.0
 
-# KEYS: the client's set. ARGV: now (Redis' clock), expiry of these items, limit, n, seconds
-# the set must live for them, request id. Returns {1 admitted / 0 refused, count held before}.
+# KEYS: the client's set. ARGV: now (Redis' clock), expiry of these items, limit (below 0:
+# none, items admitted before the client had one), n, seconds the set must live for them,
+# request id. Returns {1 admitted / 0 refused, count held before}.
 ACQUIRE_LUA = """
 local key, now, expiry = KEYS[1], ARGV[1], ARGV[2]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-local held = redis.call('ZCOUNT', key, '-inf', '+inf')
-local n = tonumber(ARGV[4])
+-- items score their expiry (above 0), tombstones minus theirs (below 0): both gone by now
+redis.call('ZREMRANGEBYSCORE', key, '-' .. now, now)
+local held = redis.call('ZCOUNT', key, '(0', '+inf')
+local n, limit = tonumber(ARGV[4]), tonumber(ARGV[3])
+local seen = redis.call('ZMSCORE', key, ARGV[6] .. ':1', ARGV[6])
 -- this admission again: redis-py sends a command once more when its answer was lost (a
 -- timeout, a reset connection), after the script ran. Admitted then: refused by its own
 -- items, they would stay counted, never released, until they expire
-if redis.call('ZMSCORE', key, ARGV[6] .. ':1')[1] then return {1, held - n} end
-if held + n > tonumber(ARGV[3]) then return {0, held} end
--- the set's TTL covers its latest expiry: set by the admission that brought that one
+if seen[1] then return {1, held - n} end
+-- released already (this admission ran late, overtaken): nobody waits for its answer
+if seen[2] then return {0, held} end
+if limit >= 0 and held + n > limit then return {0, held} end
+-- the set's TTL covers its latest expiry (an item's or a tombstone's): set by the command
+-- that brought that one
 local later = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
+  + redis.call('ZCOUNT', key, '-inf', '(-' .. expiry)
 -- 256 members per ZADD: Lua's unpack has a bounded stack
 for first = 1, n, 256 do
   local args = {}
@@ -66,6 +79,27 @@ for first = 1, n, 256 do
 end
 if later == 0 then redis.call('EXPIRE', key, ARGV[5]) end
 return {1, held}
+"""
+
+# KEYS: the client's set. ARGV: the request id, n, its items' expiry, seconds the set must
+# live for it, 1 to leave a tombstone (its admission unanswered) else 0. Deletes the items;
+# the tombstone lasts until the items' expiry, after which a late admission's items are
+# expired on arrival. Returns the items deleted.
+RELEASE_LUA = """
+local key, token, n, expiry = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local removed = 0
+for first = 1, n, 256 do
+  local args = {}
+  for i = first, math.min(first + 255, n) do args[#args + 1] = token .. ':' .. i end
+  removed = removed + redis.call('ZREM', key, unpack(args))
+end
+if ARGV[5] == '1' then
+  local later = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
+    + redis.call('ZCOUNT', key, '-inf', '(-' .. expiry)
+  redis.call('ZADD', key, '-' .. expiry, token)
+  if later == 0 then redis.call('EXPIRE', key, ARGV[4]) end
+end
+return removed
 """
 
 
@@ -92,19 +126,35 @@ return {1, tostring(tokens)}
 """
 
 
-def members(token: str, n: int) -> list[str]:
-    return [f"{token}:{i}" for i in range(1, n + 1)]
+# KEYS: the client's bucket. ARGV: now (Redis' clock), rate, burst, n. Gives back the n
+# tokens of a request none of whose items ran, up to the burst; an absent bucket is full
+# already. Returns the tokens it holds after (a string).
+REFUND_LUA = """
+local key = KEYS[1]
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local fields = redis.call('HGETALL', key)
+if #fields == 0 then return tostring(burst) end
+local tokens, last = burst, now
+for i = 1, #fields, 2 do
+  if fields[i] == 'tokens' then tokens = tonumber(fields[i + 1])
+  elseif fields[i] == 'last' then last = tonumber(fields[i + 1]) end
+end
+if now > last then tokens = tokens + (now - last) * rate; last = now end
+tokens = math.min(burst, tokens + tonumber(ARGV[4]))
+redis.call('HSET', key, 'tokens', tostring(tokens), 'last', tostring(last))
+redis.call('EXPIRE', key, math.max(1, math.ceil((burst - tokens) / rate) + 1))
+return tostring(tokens)
+"""
 
-
-ACQUIRE, RELEASE, TAKE = "acquire", "release", "take"
+ACQUIRE, RELEASE, TAKE, REFUND = "acquire", "release", "take", "refund"
+SCRIPTS = {ACQUIRE: ACQUIRE_LUA, RELEASE: RELEASE_LUA, TAKE: TAKE_LUA, REFUND: REFUND_LUA}
 
 
 @dataclass
 class _Command:
     key: str
-    # the script's ARGV (acquire, take), or the members to remove (release)
-    args: list[str | int]
-    kind: str  # ACQUIRE, RELEASE or TAKE
+    args: list[str | int]  # the script's ARGV
+    kind: str  # ACQUIRE, RELEASE, TAKE or REFUND
     fut: asyncio.Future[Any]
 
 
@@ -113,19 +163,25 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     and clock; its readiness and failures are this one's: the same 503 a request would get
     from the queue).
 
-    Auto-pipelined, as the queue's admissions: the acquires, takes and releases of one
-    event-loop moment share one round trip. A redis-py command costs the event loop ~0.1 ms
-    of CPU on its own; under load most of a request's go out with others'."""
+    Auto-pipelined (service/queueing/autopipeline.py), as the queue's admissions: the
+    acquires, takes and releases of one event-loop moment share one round trip. A redis-py
+    command costs the event loop ~0.1 ms of CPU on its own; under load most of a request's
+    go out with others'."""
 
     def __init__(self, queue: RedisQueue, client: Redis) -> None:
         self.queue = queue
         self.client = client
         self.margin_s = EXPIRY_MARGIN_S
-        self._script = client.register_script(ACQUIRE_LUA)
-        self._take_script = client.register_script(TAKE_LUA)
-        self._pending: list[_Command] = []
-        self._sending: asyncio.Task[None] | None = None
-        self._releases: set[asyncio.Task[None]] = set()
+        self._scripts = {kind: client.register_script(lua) for kind, lua in SCRIPTS.items()}
+        # An acquire or take whose request gave up before it went out is not sent (an
+        # acquire's release is, and leaves its tombstone); a release, a refund always is.
+        self._pipeline: AutoPipeline[_Command] = AutoPipeline(
+            self._run,
+            "redis-client-counts",
+            always_sent=lambda c: c.kind in (RELEASE, REFUND),
+            gave_up=self._gave_up,
+        )
+        self._later_tasks: set[asyncio.Task[None]] = set()
 
     def key(self, client: str) -> str:
         return client_in_flight_key(self.queue.prefix, client)
@@ -135,22 +191,31 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     ) -> tuple[bool, int]:
         if (unavailable := self.queue.unavailable()) is not None:
             raise unavailable
-        clock = self.queue.clock
-        now = clock.now()
-        expiry = deadline + clock.offset + self.margin_s
-        ttl = max(1, math.ceil(expiry - now) + 1)
+        now, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [repr(now), repr(expiry), limit, n, ttl, token]
         try:
-            admitted, held = await self._send(self.key(client), args, ACQUIRE)
+            admitted, held = await self._call(self.key(client), args, ACQUIRE)
         except (RedisError, OSError) as e:
             # No answer, but the script may have run (Redis slower than the socket timeout,
             # redis-py's retry too; it runs once Redis is free): its items go back, as a
-            # cancelled admission's do, sent after it on the same sequence of pipelines
-            task = asyncio.get_running_loop().create_task(self.release(client, token, n))
-            self._releases.add(task)  # held until done: the loop keeps a weak reference
-            task.add_done_callback(self._releases.discard)
+            # cancelled admission's do (the release's tombstone stops a late run of it)
+            self._unanswered(client, token, n, deadline)
             raise self.queue.failed(e) from e
         return bool(admitted), int(held)
+
+    def _unanswered(self, client: str, token: str, n: int, deadline: float) -> None:
+        self._later(self.release(client, token, n, deadline, answered=False))
+
+    async def add(self, client: str, token: str, n: int, deadline: float) -> None:
+        # the admission's script without a limit (-1): these items are admitted already
+        now, expiry, ttl = self._expiry(deadline)
+        args: list[str | int] = [repr(now), repr(expiry), -1, n, ttl, token]
+        try:
+            await self._call(self.key(client), args, ACQUIRE)
+        except (RedisError, OSError) as e:
+            # uncounted here until they end; a late run of it counts nothing
+            log.debug("could not count %d items of %s in Redis (%r)", n, client, e)
+            self._unanswered(client, token, n, deadline)
 
     async def take(self, client: str, n: int, rate: float, burst: int) -> tuple[bool, float]:
         if (unavailable := self.queue.unavailable()) is not None:
@@ -158,71 +223,74 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
         key = client_rate_key(self.queue.prefix, client)
         try:
-            taken, before = await self._send(key, args, TAKE)
+            taken, before = await self._call(key, args, TAKE)
         except (RedisError, OSError) as e:
             raise self.queue.failed(e) from e
         return bool(taken), float(before)
 
-    async def release(self, client: str, token: str, n: int) -> None:
+    async def refund(self, client: str, n: int, rate: float, burst: int) -> None:
+        args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
+        await self._refund(client_rate_key(self.queue.prefix, client), args)
+
+    async def _refund(self, key: str, args: list[str | int]) -> None:
         try:
-            await self._send(self.key(client), list(members(token, n)), RELEASE)
+            await self._call(key, args, REFUND)
+        except (RedisError, OSError) as e:
+            log.debug("could not give back %s tokens of %s in Redis (%r)", args[3], key, e)
+
+    async def release(
+        self, client: str, token: str, n: int, deadline: float, answered: bool = True
+    ) -> None:
+        _, expiry, ttl = self._expiry(deadline)
+        args: list[str | int] = [token, n, repr(expiry), ttl, 0 if answered else 1]
+        try:
+            await self._call(self.key(client), args, RELEASE)
         except (RedisError, OSError) as e:
             # they stop counting at their deadline; the queue's own failure says more
             log.debug("could not release %d items of %s in Redis (%r)", n, client, e)
 
-    def _send(self, key: str, args: list[str | int], kind: str) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Command(key, args, kind, fut))
-        if self._sending is None or self._sending.done():
-            self._sending = loop.create_task(self._send_loop(), name="redis-client-counts")
-        return fut
+    def _expiry(self, deadline: float) -> tuple[float, float, int]:
+        """Now and the Unix time (Redis' clock) at which items of ``deadline``
+        (``time.monotonic()``) stop counting, and the seconds until then (at least 1)."""
+        clock = self.queue.clock
+        now = clock.now()
+        expiry = deadline + clock.offset + self.margin_s
+        return now, expiry, max(1, math.ceil(expiry - now) + 1)
 
-    async def _send_loop(self) -> None:
-        """Send what is pending, one pipeline at a time, until nothing is."""
-        while self._pending:
-            # an acquire or take whose request gave up before it went out: not sent (an
-            # acquire's release is, and finds nothing); a release always is
-            batch = [c for c in self._pending if not (c.kind != RELEASE and c.fut.cancelled())]
-            self._pending = []
-            if not batch:
-                continue
-            try:
-                results = await self._run(batch)
-            except Exception as e:  # the connection lost etc.: each command raises it
-                results = [e] * len(batch)
-            for c, res in zip(batch, results, strict=True):
-                if c.fut.done():
-                    continue
-                if isinstance(res, Exception):
-                    c.fut.set_exception(res)
-                else:
-                    c.fut.set_result(res)
+    async def _call(self, key: str, args: list[str | int], kind: str) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._pipeline.call(_Command(key, args, kind, fut))
+
+    def _gave_up(self, c: _Command, res: Any) -> None:
+        """A command that ran for a request that gave up: a take that took gives the tokens
+        back (the request's items will never run). An acquire's items are released by its
+        request (ClientQuota.hold), with a tombstone."""
+        if c.kind == TAKE and res[0]:
+            self._later(self._refund(c.key, [repr(self.queue.clock.now()), *c.args[1:]]))
+
+    def _later(self, call: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._later_tasks.add(task)  # held until done: the loop keeps a weak reference
+        task.add_done_callback(self._later_tasks.discard)
 
     async def _run(self, batch: list[_Command]) -> list[Any]:
-        scripts = {ACQUIRE: self._script, TAKE: self._take_script}
         if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one
             c = batch[0]
-            if c.kind == RELEASE:
-                return [await self.client.zrem(c.key, *c.args)]
-            return [await scripts[c.kind](keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
-        results = await self._pipelined(batch, scripts)
+            return [await self._scripts[c.kind](keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
+        results = await self._pipelined(batch)
         if missing := [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]:
             # Redis lacks a script (restarted: scripts are not persisted; or the first
-            # replica of a release that brought it): load both and send again only the
+            # replica of a release that brought it): load them all and send again only the
             # commands it refused. The others ran, and a take run twice takes twice.
-            for script in (ACQUIRE_LUA, TAKE_LUA):
+            for script in SCRIPTS.values():
                 await self.client.script_load(script)
-            again = await self._pipelined([batch[i] for i in missing], scripts)
+            again = await self._pipelined([batch[i] for i in missing])
             for i, res in zip(missing, again, strict=True):
                 results[i] = res
         return results
 
-    async def _pipelined(self, batch: list[_Command], scripts: dict[str, Any]) -> list[Any]:
+    async def _pipelined(self, batch: list[_Command]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for c in batch:
-                if c.kind == RELEASE:
-                    pipe.zrem(c.key, *c.args)
-                else:
-                    pipe.evalsha(scripts[c.kind].sha, 1, c.key, *c.args)
+                pipe.evalsha(self._scripts[c.kind].sha, 1, c.key, *c.args)
             return list(await pipe.execute(raise_on_error=False))

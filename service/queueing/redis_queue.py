@@ -40,6 +40,7 @@ from service.clock import RedisClock
 from service.config import Settings
 from service.metrics import Metrics
 from service.queueing import codec
+from service.queueing.autopipeline import AutoPipeline
 from service.queueing.base import (
     BackendUnavailableError,
     DeadlineExceededError,
@@ -249,8 +250,7 @@ class RedisQueue(InferenceQueue):
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
         self._ready_event = asyncio.Event()
-        self._admissions: list[_Admission] = []
-        self._admit_wake = asyncio.Event()
+        self._admitting = self._admission_pipeline()
         # plain counters (tests, logs): replies dropped because nobody waited any more, etc.
         self.stats: dict[str, int] = {"late_replies": 0, "bad_replies": 0, "reconnects": 0}
         self._client = make_client(settings)
@@ -266,11 +266,10 @@ class RedisQueue(InferenceQueue):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._ready_event = asyncio.Event()
-        self._admit_wake = asyncio.Event()
+        self._admitting = self._admission_pipeline()  # a fresh one (closed by close())
         self._tasks = [
             asyncio.create_task(self._listen_loop(), name="redis-reply-listener"),
             asyncio.create_task(self._health_loop(), name="redis-health"),
-            asyncio.create_task(self._admit_loop(), name="redis-admit"),
         ]
         # Redis may start later than the API ("any order"): do not fail, just be not-ready.
         with contextlib.suppress(TimeoutError):
@@ -289,12 +288,8 @@ class RedisQueue(InferenceQueue):
             await asyncio.sleep(0.02)
         self._fail_waiting(BackendUnavailableError("the service is shutting down"))
         await asyncio.sleep(0)  # the failed requests delete their entries (_forget)
-        # Admissions the admit loop has not taken yet: it is cancelled below, so nobody
-        # would ever answer them (the one it is sending fails in the loop itself).
-        pending, self._admissions = self._admissions, []
-        for a in pending:
-            if not a.fut.done():
-                a.fut.set_exception(BackendUnavailableError("the service is shutting down"))
+        # Admissions queued or in flight: nobody would read their answers.
+        await self._admitting.close(BackendUnavailableError("the service is shutting down"))
         tasks = [*self._tasks, *([self._recheck] if self._recheck else [])]
         for t in tasks:
             t.cancel()
@@ -474,6 +469,11 @@ class RedisQueue(InferenceQueue):
             args += [keys.index(target) + 1, 2 * len(fields)]
             for k, v in fields.items():
                 args += [k, v]
+        # From here a worker may read and run them (the request's items share one Reach).
+        reach = items[0].reach
+        before = reach is not None and reach.reached
+        if reach is not None:
+            reach.reached = True
         try:
             res = await self._pipelined_admit(keys, args, targets)
         except (RedisError, OSError) as e:
@@ -482,6 +482,8 @@ class RedisQueue(InferenceQueue):
         self._depth[model] = depth
         self._record_depth(model, keys, lens)
         if not ids:
+            if reach is not None:  # refused by the script: none of them was queued
+                reach.reached = before
             raise depth_refusal(
                 model, depth, len(targets), self.settings.max_queue_depth, self._retry_after(model)
             )
@@ -490,42 +492,20 @@ class RedisQueue(InferenceQueue):
     async def _pipelined_admit(
         self, keys: list[str], args: list[bytes | str | int], targets: list[str]
     ) -> list[Any]:
-        """Run the admission script in the next pipeline the admit loop sends.
-
-        Auto-pipelining: every admission waiting while a round trip is in flight goes out
-        together in the next one, so a burst of N requests costs a few round trips on one
-        connection instead of N commands on N pooled connections.
-        """
+        """Run the admission script in the next pipeline sent (service/queueing/autopipeline.py:
+        the admissions waiting while a round trip is in flight go out together in the next)."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._admissions.append(_Admission(keys, args, targets, fut))
-        self._admit_wake.set()
-        return await fut
+        return list(await self._admitting.call(_Admission(keys, args, targets, fut)))
 
-    async def _admit_loop(self) -> None:
-        while True:
-            await self._admit_wake.wait()
-            self._admit_wake.clear()
-            batch = [a for a in self._admissions if not a.fut.cancelled()]
-            self._admissions = []
-            if not batch:
-                continue
-            try:
-                results = await self._run_admissions(batch)
-            except asyncio.CancelledError:
-                for a in batch:
-                    if not a.fut.done():
-                        a.fut.set_exception(BackendUnavailableError("shutting down"))
-                raise
-            except Exception as e:  # connection lost etc.: each waiting submit raises it
-                results = [e] * len(batch)
-            for a, res in zip(batch, results, strict=True):
-                if a.fut.cancelled():  # its request gave up meanwhile: undo the XADDs
-                    if not isinstance(res, Exception):
-                        self._forget(list(zip(a.targets, res[2:], strict=False)))
-                elif isinstance(res, Exception):
-                    a.fut.set_exception(res)
-                else:
-                    a.fut.set_result(res)
+    def _admission_pipeline(self) -> AutoPipeline[_Admission]:
+        # A cancelled admission's XADDs are undone (their entries deleted before a worker
+        # runs them); one not yet sent is not sent.
+        return AutoPipeline(self._run_admissions, "redis-admit", gave_up=self._undo)
+
+    def _undo(self, admission: _Admission, res: list[Any]) -> None:
+        """An admission whose request gave up as its script ran: undo the XADDs (the
+        request never learns their ids to delete them)."""
+        self._forget(list(zip(admission.targets, res[2:], strict=False)))
 
     async def _run_admissions(self, batch: list[_Admission]) -> list[Any]:
         for attempt in range(2):

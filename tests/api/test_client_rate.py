@@ -4,12 +4,15 @@ clock is a fake the tests move (``ClientRate.clock``), so no assertion rests on 
 clock: a client over its rate gets 429 ``client_rate`` with the Retry-After after which it is
 admitted (and not a second before); a burst passes at once; a request over the burst is 422;
 another client keeps its own bucket; a request refused by either limit holds nothing and
-takes no tokens; the response cache's answers cost none; each client's items are counted as
-its rate limit charges them; a reload changes the rate at once; the settings and ``nlpserve
-keys new --rate`` are checked in one line."""
+takes no tokens; a request that ends before its items reach a model batch gets its tokens
+back, one whose items reached one does not; the response cache's answers cost none; each
+client's items are counted as its rate limit charges them; a reload changes the rate at
+once; the settings and ``nlpserve keys new --rate`` are checked in one line."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from tests.api.test_auth import _cli
 from tests.service_support import (
     POLARITY_MODEL,
     POS_MODEL,
+    GatedRunner,
     LiveServer,
     live_server,
     make_settings,
@@ -179,6 +183,59 @@ async def test_a_request_refused_by_either_limit_holds_nothing_and_takes_no_toke
             assert rate.buckets["carol"][0] == 0
     finally:
         q.resume()
+
+
+@session_loop
+async def test_tokens_come_back_to_a_request_whose_items_never_ran(served):
+    """The rate limit shares out model time. A request that ends before any of its items
+    reached a model batch (the tokenizer's 422, its deadline passed while queued, its
+    client gone) used none: its tokens come back, and the client's next request at the burst
+    passes at once (each of them spent the tokens on nothing, and it waited 30 s). One whose
+    items were taken into a batch keeps them spent, however it ends."""
+    srv, clock = served
+    q, quota, rate = srv.queue, srv.state.client_quota, rate_of(srv)
+    assert quota is not None
+    full = (3.0, clock.now)  # alice's burst
+    async with srv.client() as c:
+        r = await c.post("/v1/pos", json={"text": "word " * 400}, headers={"X-API-Key": ALICE})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "input_too_long", r.text
+        assert rate.buckets["alice"] == full
+        q.pause()
+        try:
+            r = await post_polarity(c, ALICE, 3, deadline_ms=100)
+            assert r.status_code == 504, r.text
+            assert rate.buckets["alice"] == full
+            # the client goes away while its items are queued (its task is cancelled)
+            body = b'{"inputs": [{"text": "a"}, {"text": "b"}, {"text": "c"}]}'
+            request = (
+                f"POST /v1/polarity HTTP/1.1\r\nHost: x\r\nX-API-Key: {ALICE}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(request)
+            await writer.drain()
+            await wait_for(lambda: quota.in_flight == {"alice": 3})
+            writer.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            writer.close()
+            await wait_for(lambda: not quota.in_flight)
+            assert rate.buckets["alice"] == full
+        finally:
+            q.resume()
+        assert (await post_polarity(c, ALICE, 3)).status_code == 200  # the burst, at once
+
+        clock.now += 30  # full again; now a batch that has started when the request ends
+        gated = GatedRunner(q.runners[POLARITY_MODEL])
+        q.runners[POLARITY_MODEL] = gated
+        try:
+            r = await post_polarity(c, ALICE, 3, deadline_ms=300)
+            assert r.status_code == 504, r.text
+            assert gated.started  # its items were in a batch
+        finally:
+            gated.gate.set()
+            q.runners[POLARITY_MODEL] = gated.inner
+        assert_rate_refusal(await post_polarity(c, ALICE), retry_after=10)
 
 
 @session_loop

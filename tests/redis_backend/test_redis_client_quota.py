@@ -170,6 +170,9 @@ async def test_a_client_gone_and_a_cancelled_admission_release(
     async def gone() -> bool:
         return not await admin.exists(alice)
 
+    async def uncounted() -> bool:  # a tombstone may stay: the admission's answer not awaited
+        return await admin.zcount(alice, "(0", "+inf") == 0
+
     async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
         try:
             # the client goes away while its request is queued
@@ -207,7 +210,7 @@ async def test_a_client_gone_and_a_cancelled_admission_release(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await wait_for(gone)
+            await wait_for(uncounted)
             assert not q.in_flight, turns
 
 
@@ -335,7 +338,7 @@ async def test_an_admission_sent_again_after_its_answer_was_lost_is_admitted(
         assert await shared.acquire("alice", "once", 1, 1, deadline) == (True, 0)  # again
         assert await admin.zcard(alice) == 1
         assert await shared.acquire("alice", "other", 1, 1, deadline) == (False, 1)
-        await shared.release("alice", "once", 1)
+        await shared.release("alice", "once", 1, deadline)
         assert not await admin.exists(alice)
 
 
@@ -412,6 +415,9 @@ async def test_an_admission_whose_answer_was_lost_counts_once_and_goes(
         async def gone() -> bool:
             return not await admin.exists(alice)
 
+        async def uncounted() -> bool:
+            return await admin.zcount(alice, "(0", "+inf") == 0
+
         async with live_server(settings) as a:
             await admin.script_load(ACQUIRE_LUA)
             proxy.drop = lost
@@ -424,4 +430,78 @@ async def test_an_admission_whose_answer_was_lost_counts_once_and_goes(
                     async with quota(a).hold("alice", 1, time.monotonic() + 30):
                         pass
                 assert not quota(a).in_flight
-                await wait_for(gone, timeout=3)
+                # counted nothing, the tombstone left: a run of it later counts nothing
+                await wait_for(uncounted, timeout=3)
+                assert await admin.zcard(alice) == 1
+
+
+async def test_a_limit_given_on_reload_counts_the_items_already_in_flight(
+    settings, tiny_runners, admin
+) -> None:
+    """A client without a limit is counted on its replica only; a reload that gives it one
+    adds its items in flight on each replica to Redis, so that the new limit counts them on
+    every replica at once (they were left out: the client was admitted up to the new limit
+    more, across replicas, until they ended)."""
+    gated = GatedRunner(tiny_runners[POL])
+    assert settings.api_keys_file is not None
+    bob = client_in_flight_key(settings.redis_prefix, "bob")
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
+        try:
+            held = [post_polarity(ca, BOB), post_polarity(ca, BOB), post_polarity(cb, BOB)]
+            await wait_for(lambda: quota(a).in_flight == {"bob": 2})
+            await wait_for(lambda: quota(b).in_flight == {"bob": 1})
+            assert not await admin.exists(bob)
+            settings.api_keys_file.write_text(f"alice {ALICE}\nbob {BOB} max_in_flight=3\n")
+            for srv in (a, b):
+                assert srv.state.api_keys is not None and srv.state.api_keys.reload()
+
+            async def counted() -> bool:
+                return await admin.zcount(bob, "(0", "+inf") == 3
+
+            await wait_for(counted)
+            for c in (ca, cb):  # at the new limit on both replicas
+                assert_refused(await post_polarity(c, BOB), held=3, limit=3)
+        finally:
+            gated.gate.set()
+        assert [(await t).status_code for t in held] == [200] * 3
+        # released as they ended, each with a tombstone (its count was sent from a task:
+        # the release may have overtaken it)
+        assert await admin.zcount(bob, "(0", "+inf") == 0
+        assert await admin.zcard(bob) == 3
+        assert (await post_polarity(cb, BOB)).status_code == 200
+
+
+async def test_an_admission_that_redis_runs_after_its_release_counts_nothing(
+    settings, admin
+) -> None:
+    """Redis busy past both of redis-py's tries: the replica answers 503 and releases, and
+    the admission, sent again or late, may run after the release (sent here first). The
+    release of an admission without an answer leaves a tombstone: the admission counts
+    nothing (it counted its items until they expired, deadline + 5 s, a client at its limit
+    locked out that long), the tombstone is never counted, and it goes with the items'
+    expiry. A release after an answer leaves none: the set goes with its last item."""
+    alice = client_in_flight_key(settings.redis_prefix, "alice")
+    async with two_replicas(settings, None) as (a, _, _, _):
+        shared = counts(a)
+        shared.margin_s = 0.2
+        deadline = time.monotonic() + 0.5
+        await shared.release("alice", "late", 2, deadline, answered=False)
+        assert await shared.acquire("alice", "late", 2, LIMIT, deadline) == (False, 0)
+        await shared.release("alice", "added", 1, deadline, answered=False)
+        await shared.add("alice", "added", 1, deadline)  # a reload's count, late: the same
+        assert await admin.zcount(alice, "(0", "+inf") == 0
+        # the whole limit is there for other requests, and not one item more
+        assert await shared.acquire("alice", "other", 2, LIMIT, deadline) == (True, 0)
+        assert await shared.acquire("alice", "other", 2, LIMIT, deadline) == (True, 0)  # again
+        assert await shared.acquire("alice", "more", 1, LIMIT, deadline) == (False, 2)
+        await shared.release("alice", "other", 2, deadline)
+        assert await admin.zcard(alice) == 2  # the tombstones of late and added
+        await wait_for(lambda: _gone(admin, alice), timeout=4)
+
+        await shared.acquire("alice", "answered", 1, LIMIT, time.monotonic() + 5)
+        await shared.release("alice", "answered", 1, time.monotonic() + 5)
+        assert not await admin.exists(alice)
+
+
+async def _gone(admin, key: str) -> bool:
+    return not await admin.exists(key)

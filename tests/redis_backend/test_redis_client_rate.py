@@ -5,8 +5,9 @@ Redis and a worker. Tokens one replica takes are gone on the other; time passing
 bucket's ``last`` moved back, not a sleep) refills it for both; a reload's new rate applies on
 both; a burst of takes on both replicas at once takes exactly the bucket, also after Redis
 lost its scripts; a take pipelined beside an admission whose script Redis lacks runs once;
-the bucket lives no longer than it takes to fill; ``replica`` scope keeps a bucket per
-replica, as in-process."""
+the bucket lives no longer than it takes to fill; a request refused before its items were
+queued gets its tokens back, one whose items were queued does not; ``replica`` scope keeps a
+bucket per replica, as in-process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,8 +25,15 @@ from service.api.errors import ApiError
 from service.config import Settings
 from service.queueing.redis_client_counts import RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
-from tests.redis_backend.helpers import two_replicas
-from tests.service_support import LiveServer, live_server, metric_value, post_polarity, read_metrics
+from tests.redis_backend.helpers import two_replicas, wait_for
+from tests.service_support import (
+    GatedRunner,
+    LiveServer,
+    live_server,
+    metric_value,
+    post_polarity,
+    read_metrics,
+)
 
 POL = "polarity-en"
 ALICE, BOB = "alice-global-rate-key-0123", "bob-global-rate-key-456789"
@@ -151,7 +160,7 @@ async def test_a_take_beside_an_admission_whose_script_redis_lacks_takes_once(
         assert took[1] == pytest.approx(1, abs=0.01)
         assert admitted == (True, 0)
         assert float(await admin.hget(bucket, "tokens")) == pytest.approx(0, abs=0.01)
-        await shared.release("bob", "one", 1)
+        await shared.release("bob", "one", 1, time.monotonic() + 5)
         assert not await admin.exists(client_in_flight_key(settings.redis_prefix, "bob"))
 
 
@@ -168,3 +177,95 @@ async def test_replica_scope_keeps_a_bucket_per_replica(
         assert r.status_code == 429 and "across" not in r.json()["error"]["message"]
         assert (await post_polarity(cb, ALICE, 2)).status_code == 200  # B's own bucket
         assert not await admin.exists(client_rate_key(settings.redis_prefix, "alice"))
+
+
+async def test_tokens_come_back_unless_the_items_were_queued(
+    make_settings, tiny_runners, admin, tmp_path
+) -> None:
+    """The rate limit shares out model time. A request that ends before its items are
+    queued (refused by the queue after its tokens were taken) used none: its tokens come
+    back, and the client's next request at the burst passes (it was refused 429 client_rate,
+    its tokens spent on nothing). Once its entries are in the streams a worker may run them
+    and the replica cannot tell: a request that then ends (504 here, its entry held by a
+    worker) keeps them spent."""
+    settings = make_settings(
+        max_batch_size=1,
+        inference_threads=1,
+        prefetch_batches=1,
+        max_queue_depth=2,
+        api_keys_file=write_keys(tmp_path / "keys"),
+        load_models=POL,
+    )
+    gated = GatedRunner(tiny_runners[POL])
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+    spelled = "0.1 items a second, 2 at most at once"
+    async with two_replicas(settings, {POL: gated}) as (a, b, ca, cb):
+        try:
+            r = await post_polarity(ca, ALICE, 2, deadline_ms=500)  # queued, never answered
+            assert r.status_code == 504, r.text
+            assert_refused(await post_polarity(cb, ALICE), (9, 10), spelled)  # kept spent
+
+            await admin.hset(bucket, "last", float(await admin.hget(bucket, "last")) - 30)
+            held = [post_polarity(ca, BOB), post_polarity(ca, BOB)]  # the queue full
+            await wait_for(lambda: a.state.queue.depth(POL) == 2)  # type: ignore[union-attr]
+            r = await post_polarity(ca, ALICE, 2)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert float(await admin.hget(bucket, "tokens")) == pytest.approx(2, abs=0.01)
+            # refused by the admission script itself (B's view of the queue from before)
+            b.state.queue._depth[POL] = 0  # type: ignore[union-attr]
+            r = await post_polarity(cb, ALICE, 2)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert float(await admin.hget(bucket, "tokens")) == pytest.approx(2, abs=0.01)
+        finally:
+            gated.gate.set()
+        assert [(await t).status_code for t in held] == [200, 200]
+        # the burst (on A: B last saw the queue full, and would refuse it for that)
+        r = await post_polarity(ca, ALICE, 2)
+        assert r.status_code == 200, r.text
+
+        # a bucket that is absent is full: a refund makes none
+        shared = rate_of(a).shared
+        assert isinstance(shared, RedisClientCounts)
+        await shared.refund("bob", 1, 0.1, 2)
+        assert not await admin.exists(client_rate_key(settings.redis_prefix, "bob"))
+
+
+async def test_a_take_whose_request_gave_up_gives_its_tokens_back(settings, admin) -> None:
+    """A request cancelled (its client gone) while its take is asked, at any point: not sent,
+    in flight, or answered before the request resumed. A take that ran for nobody gives its
+    tokens back (they were spent: the request's items never run); one whose answer the
+    request read is the request's, as any other."""
+    bucket = client_rate_key(settings.redis_prefix, "alice")
+
+    async def full() -> bool:
+        tokens = await admin.hget(bucket, "tokens")
+        return tokens is None or float(tokens) == pytest.approx(2, abs=0.01)
+
+    async with live_server(settings) as srv:
+        shared = rate_of(srv).shared
+        assert isinstance(shared, RedisClientCounts)
+        for turns in range(10):
+            take = asyncio.create_task(shared.take("alice", 2, 0.1, 2))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            take.cancel()
+            [result] = await asyncio.gather(take, return_exceptions=True)
+            if not isinstance(result, BaseException):
+                assert result[0], (turns, result)  # answered: the request's to refund
+                await shared.refund("alice", 2, 0.1, 2)
+            await wait_for(full)
+
+        # cancelled once the answer came, before the request resumed
+        run, takes = shared._pipeline._run, list[asyncio.Task[tuple[bool, float]]]()
+
+        async def answered_then_cancelled(batch: list[Any]) -> list[Any]:
+            results = await run(batch)
+            asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in takes])
+            return results
+
+        shared._pipeline._run = answered_then_cancelled
+        takes.append(asyncio.create_task(shared.take("alice", 2, 0.1, 2)))
+        [result] = await asyncio.gather(*takes, return_exceptions=True)
+        assert isinstance(result, asyncio.CancelledError), result
+        shared._pipeline._run = run
+        await wait_for(full)

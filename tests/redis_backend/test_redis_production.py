@@ -189,7 +189,9 @@ async def test_tls_and_the_documented_acl_rule_serve(prod, make_settings, tiny_r
         assert await counts.acquire("alice", "one", 2, 3, deadline) == (True, 0)
         burst = [counts.acquire("alice", f"b{i}", 1, 3, deadline) for i in range(3)]
         assert await asyncio.gather(*burst) == [(True, 2), (False, 3), (False, 3)]
-        await asyncio.gather(counts.release("alice", "one", 2), counts.release("alice", "b0", 1))
+        await asyncio.gather(
+            counts.release("alice", "one", 2, deadline), counts.release("alice", "b0", 1, deadline)
+        )
         assert not await prod.admin.exists(counts.key("alice"))
         # a client's token bucket: alone, then pipelined (HGETALL, HSET, EXPIRE in a script)
         buckets = q.shared_rate()

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -474,6 +475,45 @@ async def test_queue_full_is_429_and_all_or_nothing(make_settings, tiny_runners,
             t.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
         # cancelled requests (client gone) delete their entries: no worker will run them
+        await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+
+async def test_a_request_cancelled_at_any_point_of_its_admission_leaves_no_entry(
+    make_settings, tiny_runners, r
+) -> None:
+    """Admissions are auto-pipelined (service/queueing/autopipeline.py): a request that gives
+    up before its admission goes out is not sent, one that gives up while it is in flight
+    has its XADDs undone, one admitted deletes its entries as it ends: whenever the client
+    leaves, no entry stays for a worker to run. A burst of admissions shares a pipeline."""
+    settings = make_settings()
+    rng = np.random.default_rng(5)
+    async with api_queue(settings, tiny_runners) as q:  # no worker: nothing drains
+        for turns in range(10):
+            items = [make_item(tiny_runners[POS], 4, rng) for _ in range(3)]
+            tasks = [asyncio.create_task(q.submit(it)) for it in items]
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
+
+        # cancelled once its answer came and before its task resumed (a client gone then):
+        # the answer is lost to the request, which could not delete what it never learned
+        pipeline = q._admitting
+        run = pipeline._run
+        tasks = []
+
+        async def answered_then_cancelled(batch: list[Any]) -> list[Any]:
+            results = await run(batch)
+            # ahead of the wakeups that setting the results schedules
+            asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in tasks])
+            return results
+
+        pipeline._run = answered_then_cancelled
+        tasks += [asyncio.create_task(q.submit(make_item(tiny_runners[POS], 4, rng)))]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(e, asyncio.CancelledError) for e in results), results
         await wait_for(lambda: _total_len(r, settings.redis_prefix, 0))
 
 

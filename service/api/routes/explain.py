@@ -95,7 +95,8 @@ async def _explain(request: Request, task_name: str, body: ExplainRequest, model
     if task.name not in service.explainers and shap_available():
         service.register(build_explainer(task, state.queue))
     try:
-        async with admit(state, 1, deadline):  # one item of the client's in-flight limit
+        # one item of the client's limits; its variants' batches are not traced back to it
+        async with admit(state, 1, deadline, refund=False):
             exp = await cancel_on_disconnect(
                 request, service.explain(task.name, body.text, body.max_evals, deadline)
             )
