@@ -180,8 +180,9 @@ return tostring(tokens)
 )
 
 # How long a take's or a refund's id is kept: a re-send runs within redis-py's socket
-# timeout of the first run (its retry), or beside it where Redis was busy with both.
-IDS_KEPT_S = 60.0
+# timeout (2 s by default) of the first run (its retry), or beside it where Redis was busy
+# with both. A member per request of the client's in that time (~100 bytes each).
+IDS_KEPT_S = 30.0
 
 ACQUIRE, RELEASE, TAKE, REFUND = "acquire", "release", "take", "refund"
 SCRIPTS = {ACQUIRE: ACQUIRE_LUA, RELEASE: RELEASE_LUA, TAKE: TAKE_LUA, REFUND: REFUND_LUA}
