@@ -181,7 +181,7 @@ return tostring(tokens)
 
 # How long a take's or a refund's id is kept: a re-send runs within redis-py's socket
 # timeout (2 s by default) of the first run (its retry), or beside it where Redis was busy
-# with both. A member per request of the client's in that time (~100 bytes each).
+# with both. A member per request of the client's in that time (~140 bytes each).
 IDS_KEPT_S = 30.0
 
 ACQUIRE, RELEASE, TAKE, REFUND = "acquire", "release", "take", "refund"
