@@ -290,6 +290,10 @@ class Learned:
         # across every model, so it bounds the items of all the client's requests at once
         self.in_flight: int | None = None
         self.busy = 0  # items of the client's *_many requests under way, every call's
+        # the calls waiting for room under the in-flight limit, first come first served: a
+        # thread whose request ended takes the lock again before the ones it woke, and would
+        # otherwise refill the room its call just freed every time
+        self.waiting: list[Split[Any]] = []
 
     def path(self, path: str) -> PathLimits:
         if (limits := self.paths.get(path)) is None:
@@ -306,7 +310,8 @@ class Split(Generic[R]):
     first other failure stops it (:class:`IncompleteBatch`).
     Until a request of the size has been accepted, one runs at a time: a refusal then costs
     one request, not one per request under way. Made, and its methods called, under the lock
-    of the client's :class:`Learned` (which every call's plan shares)."""
+    of the client's :class:`Learned` (which every call's plan shares), or in one event loop
+    with no await between."""
 
     def __init__(self, n: int, learned: Learned, path: str, chunk_size: int | None) -> None:
         if chunk_size is not None and chunk_size < 1:
@@ -355,6 +360,13 @@ class Split(Generic[R]):
         self.in_flight -= len(chunk)
         self.shared.busy -= len(chunk)
         self.pending = []
+        self.leave()
+
+    def leave(self) -> None:
+        """Out of the calls waiting for room (stopped, or its wait cancelled): the next one
+        may take it. The caller wakes the waiters."""
+        if self in self.shared.waiting:
+            self.shared.waiting.remove(self)
 
     def size(self) -> int:
         """The most items of a request now (unknown: all there are)."""
@@ -368,11 +380,18 @@ class Split(Generic[R]):
         client's in-flight limit, within it counting every call's requests (more would be
         429s, a second's wait each). Once the call has stopped, the waiting ends (to start
         nothing)."""
-        if self.failed is not None:
-            return True
-        cap, busy = self.shared.in_flight, self.shared.busy
-        if cap is not None and busy > 0 and busy + self.size() > cap:
-            return False
+        if self.failed is not None or not self.pending:
+            self.leave()
+            return self.failed is not None or self.in_flight == 0 or self.learned.settled
+        cap, busy, waiting = self.shared.in_flight, self.shared.busy, self.shared.waiting
+        if cap is not None:
+            # the room the next request needs: its own items (fewer than size() at the end)
+            need = min(self.size(), len(self.pending[0]))
+            if (busy > 0 and busy + need > cap) or (waiting and waiting[0] is not self):
+                if self not in waiting:
+                    waiting.append(self)
+                return False
+            self.leave()  # its turn
         return self.in_flight == 0 or self.learned.settled
 
     def answered(self, chunk: range, results: list[R]) -> None:

@@ -172,8 +172,14 @@ class Client(_Options):
         def worker() -> None:
             while True:
                 with room:
-                    room.wait_for(plan.fits)
+                    try:
+                        room.wait_for(plan.fits)
+                    except BaseException:  # an interrupt: its turn goes to the next call
+                        plan.leave()
+                        room.notify_all()
+                        raise
                     if (chunk := plan.begin()) is None:
+                        room.notify_all()  # out of the calls waiting: the next one's turn
                         return
                 outcome: list[R] | NlpserveError
                 try:
@@ -375,6 +381,7 @@ class AsyncClient(_Options):
         # counts them all), and the announced limit is read once however many calls start
         self._room = asyncio.Condition()
         self._reading = asyncio.Lock()
+        self._waking: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -410,6 +417,18 @@ class AsyncClient(_Options):
                     limits = await self._announced(calls.openapi()) or {}
                 self._learned.announced = limits
 
+    async def _wake(self) -> None:
+        """Wake every call's workers waiting for room (a request ended). Shielded: a
+        cancellation waiting for the lock would leave them waiting for a change they missed."""
+        waking = asyncio.get_running_loop().create_task(self._notify())
+        self._waking.add(waking)  # held until done: the loop keeps only a weak reference
+        waking.add_done_callback(self._waking.discard)
+        await asyncio.shield(waking)
+
+    async def _notify(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
     async def _announced(self, call: Call[T]) -> T | None:
         try:
             return await self._send(call, {})
@@ -435,8 +454,14 @@ class AsyncClient(_Options):
         async def worker() -> None:
             while True:
                 async with room:
-                    await room.wait_for(plan.fits)
+                    try:
+                        await room.wait_for(plan.fits)
+                    except BaseException:  # cancelled: its turn goes to the next call
+                        plan.leave()
+                        room.notify_all()
+                        raise
                     if (chunk := plan.begin()) is None:
+                        room.notify_all()  # out of the calls waiting: the next one's turn
                         return
                 outcome: list[R] | NlpserveError
                 try:
@@ -449,12 +474,13 @@ class AsyncClient(_Options):
                     # other workers and raises it): its items leave the client's count in flight,
                     # which other calls wait on
                     plan.stop(chunk)
-                    async with room:
-                        room.notify_all()
+                    await self._wake()
                     raise
-                async with room:
-                    plan.end(chunk, outcome)
-                    room.notify_all()
+                # No await since the answer (one task at a time: the lock is not needed to
+                # count): the items leave the count even if this task is cancelled waiting
+                # for the lock, which the woken waiters of every call take in turn.
+                plan.end(chunk, outcome)
+                await self._wake()
 
         async with asyncio.TaskGroup() as workers:
             for _ in range(concurrency):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,11 @@ from redis.exceptions import NoScriptError, RedisError
 
 from service.queueing.autopipeline import AutoPipeline
 from service.queueing.base import SharedInFlight, SharedRate
-from service.queueing.redis_keys import client_in_flight_key, client_rate_key
+from service.queueing.redis_keys import (
+    client_in_flight_key,
+    client_rate_ids_key,
+    client_rate_key,
+)
 
 if TYPE_CHECKING:
     from service.queueing.redis_queue import RedisQueue
@@ -103,10 +108,29 @@ return removed
 """
 
 
-# KEYS: the client's bucket. ARGV: now (Redis' clock), rate (items a second), burst, n.
-# Returns {1 taken / 0 refused, the tokens held before (a string: Redis truncates numbers)}.
+# Takes and refunds are not idempotent: redis-py sends a script again when its answer was
+# lost (a timeout, a reset connection: Retry in make_client), after it may have run. Each
+# carries an id, kept in a sorted set beside the bucket (scored by the Unix time it may be
+# forgotten at) once it changed the bucket: run again, it finds it and changes nothing. A
+# take taken twice charged 2n, and its second run, short of tokens, answered the request
+# 429 for the n its first had taken; a refund gave back twice.
+IDS_LUA = """
+local ids, id, now = KEYS[2], ARGV[5], ARGV[1]
+redis.call('ZREMRANGEBYSCORE', ids, '-inf', now)
+local seen = redis.call('ZMSCORE', ids, id)[1]
+local function ran()
+  redis.call('ZADD', ids, tonumber(now) + tonumber(ARGV[6]), id)
+  redis.call('EXPIRE', ids, math.ceil(tonumber(ARGV[6])) + 1)
+end
+"""
+
+# KEYS: the client's bucket, its ids. ARGV: now (Redis' clock), rate (items a second),
+# burst, n, the take's id, seconds its id is kept. Returns {1 taken / 0 refused, the tokens
+# held before (a string: Redis truncates numbers); taken again: those held now}.
 # A replica's estimate of Redis' clock may be behind another's: time never runs back here.
-TAKE_LUA = """
+TAKE_LUA = (
+    IDS_LUA
+    + """
 local key = KEYS[1]
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
@@ -118,20 +142,28 @@ for i = 1, #fields, 2 do
 end
 if now > last then tokens = tokens + (now - last) * rate; last = now end
 if tokens > burst then tokens = burst end
+if seen then return {1, tostring(tokens)} end  -- this take again: it took already
 if tokens < n then return {0, tostring(tokens)} end
 redis.call('HSET', key, 'tokens', tostring(tokens - n), 'last', tostring(last))
 -- gone once full again: an absent bucket is a full one
 redis.call('EXPIRE', key, math.max(1, math.ceil((burst - tokens + n) / rate) + 1))
+ran()
 return {1, tostring(tokens)}
 """
+)
 
 
-# KEYS: the client's bucket. ARGV: now (Redis' clock), rate, burst, n. Gives back the n
-# tokens of a request none of whose items ran, up to the burst; an absent bucket is full
+# KEYS: the client's bucket, its ids. ARGV: now (Redis' clock), rate, burst, n, the
+# refund's id, seconds its id is kept. Gives back the n tokens of a request none of whose
+# items ran, up to the burst (once, whatever the re-sends); an absent bucket is full
 # already. Returns the tokens it holds after (a string).
-REFUND_LUA = """
+REFUND_LUA = (
+    IDS_LUA
+    + """
 local key = KEYS[1]
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if seen then return 'again' end
+ran()  -- even where the bucket is absent: a re-send after a take made one gives back nothing
 local fields = redis.call('HGETALL', key)
 if #fields == 0 then return tostring(burst) end
 local tokens, last = burst, now
@@ -145,6 +177,12 @@ redis.call('HSET', key, 'tokens', tostring(tokens), 'last', tostring(last))
 redis.call('EXPIRE', key, math.max(1, math.ceil((burst - tokens) / rate) + 1))
 return tostring(tokens)
 """
+)
+
+# How long a take's or a refund's id is kept: a re-send runs within redis-py's socket
+# timeout (2 s by default) of the first run (its retry), or beside it where Redis was busy
+# with both. A member per request of the client's in that time (~140 bytes each).
+IDS_KEPT_S = 30.0
 
 ACQUIRE, RELEASE, TAKE, REFUND = "acquire", "release", "take", "refund"
 SCRIPTS = {ACQUIRE: ACQUIRE_LUA, RELEASE: RELEASE_LUA, TAKE: TAKE_LUA, REFUND: REFUND_LUA}
@@ -152,7 +190,7 @@ SCRIPTS = {ACQUIRE: ACQUIRE_LUA, RELEASE: RELEASE_LUA, TAKE: TAKE_LUA, REFUND: R
 
 @dataclass
 class _Command:
-    key: str
+    keys: list[str]
     args: list[str | int]  # the script's ARGV
     kind: str  # ACQUIRE, RELEASE, TAKE or REFUND
     fut: asyncio.Future[Any]
@@ -194,7 +232,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         now, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [repr(now), repr(expiry), limit, n, ttl, token]
         try:
-            admitted, held = await self._call(self.key(client), args, ACQUIRE)
+            admitted, held = await self._call([self.key(client)], args, ACQUIRE)
         except (RedisError, OSError) as e:
             # No answer, but the script may have run (Redis slower than the socket timeout,
             # redis-py's retry too; it runs once Redis is free): its items go back, as a
@@ -211,7 +249,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         now, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [repr(now), repr(expiry), -1, n, ttl, token]
         try:
-            await self._call(self.key(client), args, ACQUIRE)
+            await self._call([self.key(client)], args, ACQUIRE)
         except (RedisError, OSError) as e:
             # uncounted here until they end; a late run of it counts nothing
             log.debug("could not count %d items of %s in Redis (%r)", n, client, e)
@@ -220,23 +258,29 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     async def take(self, client: str, n: int, rate: float, burst: int) -> tuple[bool, float]:
         if (unavailable := self.queue.unavailable()) is not None:
             raise unavailable
-        args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
-        key = client_rate_key(self.queue.prefix, client)
         try:
-            taken, before = await self._call(key, args, TAKE)
+            taken, before = await self._call(self._bucket(client), self._rate(rate, burst, n), TAKE)
         except (RedisError, OSError) as e:
             raise self.queue.failed(e) from e
         return bool(taken), float(before)
 
     async def refund(self, client: str, n: int, rate: float, burst: int) -> None:
-        args: list[str | int] = [repr(self.queue.clock.now()), repr(rate), burst, n]
-        await self._refund(client_rate_key(self.queue.prefix, client), args)
+        await self._refund(self._bucket(client), self._rate(rate, burst, n))
 
-    async def _refund(self, key: str, args: list[str | int]) -> None:
+    def _bucket(self, client: str) -> list[str]:
+        prefix = self.queue.prefix
+        return [client_rate_key(prefix, client), client_rate_ids_key(prefix, client)]
+
+    def _rate(self, rate: float, burst: int, n: int) -> list[str | int]:
+        """A take's or a refund's ARGV: now, and an id of its own (its re-sends run once)."""
+        now = repr(self.queue.clock.now())
+        return [now, repr(rate), burst, n, uuid.uuid4().hex, repr(IDS_KEPT_S)]
+
+    async def _refund(self, keys: list[str], args: list[str | int]) -> None:
         try:
-            await self._call(key, args, REFUND)
+            await self._call(keys, args, REFUND)
         except (RedisError, OSError) as e:
-            log.debug("could not give back %s tokens of %s in Redis (%r)", args[3], key, e)
+            log.debug("could not give back %s tokens of %s in Redis (%r)", args[3], keys[0], e)
 
     async def release(
         self, client: str, token: str, n: int, deadline: float, answered: bool = True
@@ -244,7 +288,7 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         _, expiry, ttl = self._expiry(deadline)
         args: list[str | int] = [token, n, repr(expiry), ttl, 0 if answered else 1]
         try:
-            await self._call(self.key(client), args, RELEASE)
+            await self._call([self.key(client)], args, RELEASE)
         except (RedisError, OSError) as e:
             # they stop counting at their deadline; the queue's own failure says more
             log.debug("could not release %d items of %s in Redis (%r)", n, client, e)
@@ -257,16 +301,17 @@ class RedisClientCounts(SharedInFlight, SharedRate):
         expiry = deadline + clock.offset + self.margin_s
         return now, expiry, max(1, math.ceil(expiry - now) + 1)
 
-    async def _call(self, key: str, args: list[str | int], kind: str) -> Any:
+    async def _call(self, keys: list[str], args: list[str | int], kind: str) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return await self._pipeline.call(_Command(key, args, kind, fut))
+        return await self._pipeline.call(_Command(keys, args, kind, fut))
 
     def _gave_up(self, c: _Command, res: Any) -> None:
         """A command that ran for a request that gave up: a take that took gives the tokens
         back (the request's items will never run). An acquire's items are released by its
         request (ClientQuota.hold), with a tombstone."""
         if c.kind == TAKE and res[0]:
-            self._later(self._refund(c.key, [repr(self.queue.clock.now()), *c.args[1:]]))
+            rate, burst, n = c.args[1:4]
+            self._later(self._refund(c.keys, self._rate(float(rate), int(burst), int(n))))
 
     def _later(self, call: Coroutine[None, None, None]) -> None:
         task = asyncio.get_running_loop().create_task(call)
@@ -276,12 +321,12 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     async def _run(self, batch: list[_Command]) -> list[Any]:
         if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one
             c = batch[0]
-            return [await self._scripts[c.kind](keys=[c.key], args=c.args)]  # NOSCRIPT: loads it
+            return [await self._scripts[c.kind](keys=c.keys, args=c.args)]  # NOSCRIPT: loads it
         results = await self._pipelined(batch)
         if missing := [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]:
             # Redis lacks a script (restarted: scripts are not persisted; or the first
             # replica of a release that brought it): load them all and send again only the
-            # commands it refused. The others ran, and a take run twice takes twice.
+            # commands it refused (the others ran).
             for script in SCRIPTS.values():
                 await self.client.script_load(script)
             again = await self._pipelined([batch[i] for i in missing])
@@ -292,5 +337,5 @@ class RedisClientCounts(SharedInFlight, SharedRate):
     async def _pipelined(self, batch: list[_Command]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for c in batch:
-                pipe.evalsha(self._scripts[c.kind].sha, 1, c.key, *c.args)
+                pipe.evalsha(self._scripts[c.kind].sha, len(c.keys), *c.keys, *c.args)
             return list(await pipe.execute(raise_on_error=False))

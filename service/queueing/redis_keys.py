@@ -187,6 +187,11 @@ def client_rate_key(prefix: str, client: str) -> str:
     return f"{prefix}:client:{{{client}}}:rate"
 
 
+def client_rate_ids_key(prefix: str, client: str) -> str:
+    # the ids of the takes and refunds its bucket ran lately (same slot as the bucket)
+    return f"{prefix}:client:{{{client}}}:rate-ids"
+
+
 class PasswordFileCredentials(CredentialProvider):
     """``NLPSERVE_REDIS_PASSWORD_FILE``: the password read from a file (a mounted secret) at
     each new connection, so a rotated secret is picked up without a restart."""

@@ -477,6 +477,10 @@ class RedisQueue(InferenceQueue):
         try:
             res = await self._pipelined_admit(keys, args, targets)
         except (RedisError, OSError) as e:
+            if reach is not None and isinstance(e, ResponseError):
+                # an error reply (out of memory, an ACL, a read-only replica): the script
+                # did not run, none was queued; no answer at all (a timeout) may have
+                reach.reached = before
             raise self.failed(e) from e
         depth, lens, ids = int(res[0]), res[1], res[2:]
         self._depth[model] = depth

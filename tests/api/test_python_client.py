@@ -1059,6 +1059,60 @@ async def test_a_cancelled_many_leaves_nothing_in_flight_for_the_next_call():
     assert [r.positive_probability for r in got] == [i / 100 for i in range(6)]
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_small_call_beside_a_long_one_does_not_wait_for_all_of_it(flavour):
+    """The client's in-flight limit (4, learned) is shared by its calls: a call of 2 items
+    starts once 2 are free, and one whose items are all answered returns, rather than waiting
+    for room for a whole request of the limit's size, which a long call of requests of 2
+    (2 under way at a time, each end refilled at once) leaves only as it ends."""
+    script = Echoing(delay_s=0.05, in_flight=4)
+    long_texts = [str(i) for i in range(60)]
+    async with script as url:
+        if flavour == "async":
+            async with AsyncClient(url, retry=QUICK) as c:
+                await c.polarity_many([str(i) for i in range(12)], concurrency=1)
+                assert c._learned.in_flight == 4
+                long = asyncio.create_task(c.polarity_many(long_texts, chunk_size=2, concurrency=4))
+                await asyncio.sleep(0.15)
+                short = await asyncio.wait_for(c.polarity_many(["1", "2"], concurrency=4), 5)
+                assert not long.done()  # answered while the long call still runs
+                got = await long
+        else:
+            with Client(url, retry=QUICK) as sc:
+                await asyncio.to_thread(sc.polarity_many, [str(i) for i in range(12)])
+                long_call = functools.partial(
+                    sc.polarity_many, long_texts, chunk_size=2, concurrency=4
+                )
+                long = asyncio.ensure_future(asyncio.to_thread(long_call))
+                await asyncio.sleep(0.15)
+                short = await asyncio.to_thread(sc.polarity_many, ["1", "2"], concurrency=4)
+                assert not long.done()
+                got = await long
+    assert [r.positive_probability for r in short] == [0.01, 0.02]
+    assert [r.positive_probability for r in got] == [i / 100 for i in range(60)]
+
+
+async def test_a_many_cancelled_as_its_request_ends_leaves_nothing_in_flight():
+    """A worker whose request just ended waits for the client's lock (the woken waiters of
+    every call take it in turn) and is cancelled there: its items still leave the client's
+    count in flight, else every later call would wait for room that never comes."""
+    script = Echoing(delay_s=0.2, in_flight=3)
+    async with script as url, AsyncClient(url, retry=QUICK) as c:
+        await c.polarity_many([str(i) for i in range(6)], concurrency=1)
+        assert c._learned.in_flight == 3
+        call = asyncio.create_task(c.polarity_many(["1", "2", "3"], concurrency=1))
+        await wait_for(lambda: script.under_way == 1)
+        async with c._room:  # held as the answer comes: the worker waits for it
+            await wait_for(lambda: script.under_way == 0)
+            await asyncio.sleep(0.05)
+            call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert c._learned.busy == 0
+        got = await asyncio.wait_for(c.polarity_many(["4", "5"], concurrency=2), 5)
+    assert [r.positive_probability for r in got] == [0.04, 0.05]
+
+
 class Poisoned(list[str]):
     """Texts whose slice from item 20 on raises: an exception of the caller's, not an answer."""
 

@@ -23,9 +23,10 @@ import pytest
 from service.api.client_rate import ClientRate
 from service.api.errors import ApiError
 from service.config import Settings
-from service.queueing.redis_client_counts import RedisClientCounts
+from service.queueing.redis_client_counts import SCRIPTS, RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
 from tests.redis_backend.helpers import two_replicas, wait_for
+from tests.redis_backend.test_redis_client_quota import AnswerDropper
 from tests.service_support import (
     GatedRunner,
     LiveServer,
@@ -269,3 +270,42 @@ async def test_a_take_whose_request_gave_up_gives_its_tokens_back(settings, admi
         assert isinstance(result, asyncio.CancelledError), result
         shared._pipeline._run = run
         await wait_for(full)
+
+
+async def test_a_take_or_a_refund_sent_again_after_its_answer_was_lost_runs_once(
+    make_settings, redis_url, admin, tmp_path
+) -> None:
+    """redis-py sends a script again when its answer does not come (``Retry`` in
+    make_client), though it may have run: a take then took twice (the client charged 2n, a
+    429 too soon) and a refund gave back twice. Each runs once: the second run finds the
+    first's id and changes nothing."""
+    proxy = AnswerDropper(redis_url)
+    async with proxy as url:
+        settings = make_settings(
+            redis_url=url,
+            api_keys_file=write_keys(tmp_path / "keys"),
+            load_models=POL,
+            redis_socket_timeout_s=0.3,
+        )
+        bucket = client_rate_key(settings.redis_prefix, "alice")
+
+        async def tokens() -> float:
+            return float(await admin.hget(bucket, "tokens"))
+
+        async with live_server(settings) as srv:
+            shared = rate_of(srv).shared
+            assert isinstance(shared, RedisClientCounts)
+            for lua in SCRIPTS.values():
+                await admin.script_load(lua)
+            proxy.drop = 1
+            assert (await shared.take("alice", 3, 0.001, 5))[0]  # taken, not a 429
+            assert proxy.drop == 0  # its answer was lost, the retry's came
+            assert await tokens() == pytest.approx(2, abs=0.01)
+            proxy.drop = 1
+            await shared.refund("alice", 1, 0.001, 5)
+            assert proxy.drop == 0
+            assert await tokens() == pytest.approx(3, abs=0.01)
+            # other requests' takes and refunds still count, each once
+            assert (await shared.take("alice", 1, 0.001, 5))[0]
+            await shared.refund("alice", 2, 0.001, 5)
+            assert await tokens() == pytest.approx(4, abs=0.01)

@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.batching import WorkItem, bucket_index
+from service.batching.types import REACH, Reach
 from service.config import Settings
 from service.loop_lag import INTERVAL_S
 from service.metrics import Metrics
@@ -1147,6 +1148,41 @@ async def test_redis_out_of_memory_is_a_clear_503(make_settings, tiny_runners, o
             async with running_worker(settings, tiny_runners):
                 it = make_item(tiny_runners[POS], 5, rng)
                 assert_same(await q.submit(it), direct(tiny_runners[POS], it))
+    finally:
+        await admin.aclose()
+
+
+async def test_an_admission_redis_refuses_leaves_its_request_unreached(
+    make_settings, tiny_runners, own_redis
+):
+    """An error reply (out of memory here; an ACL refusal, a read-only replica alike) means
+    the admission script did not run: nothing was queued, so the request's items never
+    reached a model (its tokens come back, service/api/client_quota.py ``admit``), as when
+    the script refuses for depth. One queued is reached, whatever comes of it."""
+    settings = make_settings(redis_url=own_redis.url)
+    rng = np.random.default_rng(17)
+    admin = aioredis.from_url(own_redis.url)
+
+    def reached_item() -> tuple[WorkItem, Reach]:
+        reach = Reach()
+        mark = REACH.set(reach)
+        try:
+            return make_item(tiny_runners[POS], 5, rng), reach
+        finally:
+            REACH.reset(mark)
+
+    try:
+        async with api_queue(settings, tiny_runners) as q:
+            await _out_of_memory(admin)
+            item, reach = reached_item()
+            with pytest.raises(BackendUnavailableError, match="out of memory"):
+                await q.submit(item)
+            assert not reach.reached
+            await admin.config_set("maxmemory", "0")
+            async with running_worker(settings, tiny_runners):
+                item, reach = reached_item()
+                await q.submit(item)
+                assert reach.reached
     finally:
         await admin.aclose()
 
