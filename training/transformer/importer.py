@@ -48,19 +48,33 @@ class Checkpoint:
     source: dict[str, Any]
 
 
-def default_max_length(config, train_default: int) -> int:
-    """``--max-length`` when not given: the checkpoint's ``max_position_embeddings``, at most
+def position_limit(model) -> int | None:
+    """The most tokens ``model`` has position embeddings for: ``max_position_embeddings``,
+    less ``padding_idx + 1`` where positions are numbered after the padding index (RoBERTa,
+    XLM-R: 514 rows hold 512 tokens); ``None`` when the config gives no limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    embeddings = getattr(model.base_model, "embeddings", None)
+    pad = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+    return int(limit) - (pad + 1 if pad is not None else 0)
+
+
+def default_max_length(model, train_default: int) -> int:
+    """``--max-length`` when not given: the tokens the checkpoint has positions for, at most
     the trainer's default (longer windows cost more than they add on CPUs)."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = position_limit(model)
     return min(train_default, limit) if limit else train_default
 
 
-def check_max_length(config, max_length: int, given: str) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
+def check_max_length(model, max_length: int, given: str) -> None:
+    limit = position_limit(model)
     if limit and max_length > limit:
+        rows = model.config.max_position_embeddings
+        after = "" if rows == limit else f", numbered from {rows - limit}"
         raise CheckpointError(
-            f"checkpoint {given}: --max-length {max_length} is past its "
-            f"max_position_embeddings {limit} (positions it has no embedding for)"
+            f"checkpoint {given}: --max-length {max_length} is past the {limit} tokens it has "
+            f"position embeddings for (max_position_embeddings {rows}{after})"
         )
 
 
@@ -136,6 +150,13 @@ def load_checkpoint(given: str, task: str, path: str | None = None) -> Checkpoin
         )
     _, tokenizer = load_fast_tokenizer(path)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, given)
+    if task == "qa":
+        from service.preprocess.qa import pair_layout
+
+        try:
+            pair_layout(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {given}: cannot build QA windows: {e}") from e
     return Checkpoint(model.float().eval(), tokenizer, source_record(given, path))
 
 
