@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from service.preprocess.tokenizer import (
     CLS_NAMES,
@@ -197,6 +197,9 @@ class QAEncoder:
         )
 
 
+PROBES = ("question", "context", "a", "b", "1", "2", "中", "国", ".", ",")
+
+
 @dataclass(frozen=True)
 class PairLayout:
     """Where a (question, context) pair's special tokens go, and each part's token type:
@@ -229,10 +232,17 @@ def pair_layout(tokenizer: Tokenizer) -> PairLayout:
     if tokenizer.post_processor is None:
         cls_id, sep_id = special_id(tokenizer, CLS_NAMES), special_id(tokenizer, SEP_NAMES)
         return PairLayout((cls_id,), (sep_id,), (sep_id,), (0,), (0,), (1,), 0, 1)
-    probes = [tokenizer.encode(t, add_special_tokens=False) for t in ("question", "context")]
+    # Two texts the tokenizer tells apart (a Chinese WordPiece vocabulary has no "a").
+    probes: list[Encoding] = []
+    for text in PROBES:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc.ids and all(enc.ids != p.ids for p in probes):
+            probes.append(enc)
+        if len(probes) == 2:
+            break
+    else:
+        raise ValueError(f"tokenizer encodes no two of {PROBES} apart: no pair template read")
     qa_ids = [p.ids for p in probes]
-    if not all(qa_ids) or qa_ids[0] == qa_ids[1]:
-        raise ValueError("tokenizer cannot tell the probe texts apart: no pair template read")
     enc = tokenizer.post_process(probes[0], probes[1], add_special_tokens=True)
     ids, types = enc.ids, enc.type_ids
 
