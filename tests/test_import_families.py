@@ -79,10 +79,10 @@ def _unigram(cls: str, sep: str, lowercase: bool, specials: list[str]):
     trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token=unk)
     tok.train_from_iterator(_corpus(), trainer)
     c, s = tok.token_to_id(cls), tok.token_to_id(sep)
-    if cls == "<s>":  # XLM-R: <s> A </s> </s> B </s>, types 0
-        pair = f"{cls} $A {sep} {sep} $B {sep}"
-    else:  # ALBERT: [CLS] A [SEP] B:1 [SEP]:1 (XLNet's is set by the caller)
-        pair = f"{cls} $A {sep} $B:1 {sep}:1"
+    # XLM-R: <s> A </s> </s> B </s>, types 0; ALBERT: [CLS] A [SEP] B:1 [SEP]:1 (XLNet's is
+    # set by the caller)
+    xlmr = cls == "<s>"
+    pair = f"{cls} $A {sep} {sep} $B {sep}" if xlmr else f"{cls} $A {sep} $B:1 {sep}:1"
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=pair, special_tokens=[(cls, c), (sep, s)]
     )
@@ -91,8 +91,10 @@ def _unigram(cls: str, sep: str, lowercase: bool, specials: list[str]):
 
 def _save(folder: Path, family: str, head: str, seed: int = 0, **config: Any) -> Path:
     import torch
-    import transformers as tf
+    import transformers
     from tokenizers import processors
+
+    tf: Any = transformers  # its stubs lack the *TokenizerFast aliases
 
     if family == "roberta":
         hf: Any = tf.RobertaTokenizerFast(tokenizer_object=_bpe(), model_max_length=128,
@@ -134,19 +136,22 @@ def _save(folder: Path, family: str, head: str, seed: int = 0, **config: Any) ->
     return folder
 
 
-def _tiny() -> dict[str, int]:
+def _tiny() -> dict[str, Any]:
     return {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
             "intermediate_size": 64}  # fmt: skip
 
 
-def _named_specials() -> dict[str, str]:
+def _named_specials() -> dict[str, Any]:
     return {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
             "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}  # fmt: skip
 
 
 # roberta-base-openai-detector's labels: output 0 is machine text ("Fake")
-FAKE_REAL = {"id2label": {0: "Fake", 1: "Real"}, "label2id": {"Fake": 0, "Real": 1}}
-HUMAN_MACHINE = {"id2label": {0: "human", 1: "machine"}, "label2id": {"human": 0, "machine": 1}}
+FAKE_REAL: dict[str, Any] = {"id2label": {0: "Fake", 1: "Real"}, "label2id": {"Fake": 0, "Real": 1}}
+HUMAN_MACHINE: dict[str, Any] = {
+    "id2label": {0: "human", 1: "machine"},
+    "label2id": {"human": 0, "machine": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +309,10 @@ async def test_imported_qa_matches_torch_logits_and_answers(
         live = batch["attention_mask"] == 1
         for g, w in zip(got, (out.start_logits, out.end_logits), strict=True):
             np.testing.assert_allclose(g[live], w.numpy()[live], atol=1e-4, err_msg=name)
+        longest = m.preprocessing.max_answer_length
+        assert longest is not None
         best = enc.decode(CONTEXT, windows, out.start_logits.numpy(), out.end_logits.numpy(),
-                          m.preprocessing.max_answer_length)  # fmt: skip
+                          longest)  # fmt: skip
         want[name] = (best.start, best.end)
     async with live_server(make_settings(repo, variant="fp32")) as srv, srv.client() as c:
         for name in QA:

@@ -6,11 +6,11 @@ decodes its dev predictions with this module, so what is served is what was eval
 Windows follow the tokenizer's own pair template (:func:`pair_layout`, what HF's
 ``tokenizer(question, context)`` gives): BERT's ``[CLS] question [SEP] context-slice [SEP]``
 with token type 0 for the question part and 1 for the context part, RoBERTa's
-``<s> question </s></s> context-slice </s>`` with type 0 throughout. A context longer than one window is cut
-into overlapping slices: consecutive slices share ``doc_stride`` context tokens (the meaning
-``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context token keeps its
-``(start, end)`` character offsets into the *original* context string, so a predicted token
-span maps back to an exact substring of what the client sent.
+``<s> question </s></s> context-slice </s>`` with type 0 throughout. A context longer than
+one window is cut into overlapping slices: consecutive slices share ``doc_stride`` context
+tokens (the meaning ``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context
+token keeps its ``(start, end)`` character offsets into the *original* context string, so a
+predicted token span maps back to an exact substring of what the client sent.
 
 The tokenizer also matches special-token strings inside client text (a context holding
 ``"[SEP]"`` gets the ``[SEP]`` id): such a token is never an answer's first or last token.

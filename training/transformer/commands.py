@@ -726,8 +726,8 @@ def import_detector_cmd(
         int | None,
         typer.Option(
             min=8,
-            help=f"{DETECT_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, "
-            f"at most {DETECT_MAX_LENGTH}.",
+            help=f"{DETECT_MAX_LENGTH_HELP} Default: the tokens the checkpoint has positions "
+            f"for (RoBERTa's 514 max_position_embeddings: 512), at most {DETECT_MAX_LENGTH}.",
         ),
     ] = None,
     variants: VariantsOpt = "fp32,int8,fp16",
@@ -772,8 +772,8 @@ def import_qa_cmd(
         int | None,
         typer.Option(
             min=8,
-            help=f"{QA_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, at "
-            f"most {QA_MAX_LENGTH}.",
+            help=f"{QA_MAX_LENGTH_HELP} Default: the tokens the checkpoint has positions for "
+            f"(RoBERTa's 514 max_position_embeddings: 512), at most {QA_MAX_LENGTH}.",
         ),
     ] = None,
     doc_stride: DocStrideOpt = 128,
@@ -794,9 +794,9 @@ def import_qa_cmd(
     """Serve a fine-tuned extractive-QA checkpoint as it is: check its head, export it
     (fp32/int8/fp16) with PyTorch parity, optionally score it on the CMRC 2018 dev file."""
     _setup(Device.cpu, threads, log_file, progress)
+    from service.preprocess.qa import pair_layout
     from training.repository import command_line
     from training.transformer.common import check_base_model, discard_staging_on_error
-    from service.preprocess.qa import pair_layout
     from training.transformer.importer import import_qa, load_checkpoint
 
     version = check_output(out, name, version, overwrite)

@@ -400,4 +400,3 @@ def train_detector(
     publish(out_dir, final_dir)
     log.info("wrote %s in %.0fs: %s", final_dir, time.time() - t_start, metrics)
     return metrics
-

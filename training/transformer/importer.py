@@ -244,19 +244,20 @@ def check_served_exactly(ck: Checkpoint, task: str, encoder, max_length: int) ->
                 f"{len(want['input_ids'])} other ones (a tokenizer pipeline the service does "
                 "not restate)"
             )
-        if "token_type_ids" in names and "token_type_ids" in want:
-            if types.tolist() != list(want["token_type_ids"]):
-                raise CheckpointError(
-                    f"{what}: nlpserve gives {text[:40]!r} other token types than its "
-                    "tokenizer (a pair template the service does not restate)"
-                )
+        typed = "token_type_ids" in names and "token_type_ids" in want
+        if typed and types.tolist() != list(want["token_type_ids"]):
+            raise CheckpointError(
+                f"{what}: nlpserve gives {text[:40]!r} other token types than its "
+                "tokenizer (a pair template the service does not restate)"
+            )
     # The same rows alone, unpadded (the service's type ids: transformers 5 gives ALBERT's
     # and PreTrainedTokenizerFast's none, though the template the checkpoint trained with has)
     padded = _torch(ck.model, names, batch)
     for i, (ids, types) in enumerate(rows):
         n = len(ids)
-        alone = _torch(ck.model, names, {"input_ids": ids[None], "token_type_ids": types[None],
-                                         "attention_mask": np.ones((1, n), dtype=np.int64)})  # fmt: skip
+        one = {"input_ids": ids[None], "token_type_ids": types[None],
+               "attention_mask": np.ones((1, n), dtype=np.int64)}  # fmt: skip
+        alone = _torch(ck.model, names, one)
         for got, exp in zip(padded, alone, strict=True):
             a, b = got[i, :n] if task == "qa" else got[i], exp[0]
             diff = np.abs(a - b)
