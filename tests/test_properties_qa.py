@@ -51,10 +51,11 @@ def test_windows_lay_out_the_contexts_own_encoding(geometry, question, context) 
     windows = enc.encode(question, context)
     ids: list[int] = []
     offsets: list[list[int]] = []
+    cls_id, sep_id = enc.tokenizer.token_to_id("[CLS]"), enc.tokenizer.token_to_id("[SEP]")
     for i, w in enumerate(windows):
         assert len(w) <= max_length
-        head = [enc.cls_id, *q_ids, enc.sep_id]
-        assert w.input_ids[: len(head)].tolist() == head and w.input_ids[-1] == enc.sep_id
+        head = [cls_id, *q_ids, sep_id]  # the tokenizer's pair template: BERT's
+        assert w.input_ids[: len(head)].tolist() == head and w.input_ids[-1] == sep_id
         assert (w.context_start, w.context_end) == (len(head), len(w) - 1)
         assert w.token_type_ids.tolist() == [0] * len(head) + [1] * (len(w) - len(head))
         outside = np.r_[w.offsets[: w.context_start], w.offsets[w.context_end :]]

@@ -46,11 +46,12 @@ def test_windows_cover_context_with_stride_overlap(enc, tok):
     room = 48 - q_len - 3
     covered: list[int] = []
     prev_end = None
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     for i, w in enumerate(wins):
         assert len(w) <= 48
         ids = w.input_ids.tolist()
-        assert ids[0] == enc.cls_id and ids[w.context_start - 1] == enc.sep_id
-        assert ids[-1] == enc.sep_id and w.context_end == len(w) - 1
+        assert ids[0] == cls_id and ids[w.context_start - 1] == sep_id
+        assert ids[-1] == sep_id and w.context_end == len(w) - 1
         assert (w.token_type_ids[: w.context_start] == 0).all()
         assert (w.token_type_ids[w.context_start :] == 1).all()
         assert (w.offsets[: w.context_start] == NO_OFFSET[0]).all()
@@ -235,7 +236,8 @@ def test_typed_special_tokens_never_bound_an_answer_but_unk_and_inner_ones_may(e
     lo, hi = w.context_start, w.context_end
     ids = w.input_ids[lo:hi].tolist()
     unk = tok.token_to_id("[UNK]")
-    assert ids == [enc.cls_id, *ids[1:3], enc.sep_id, *ids[4:6], unk, tok.token_to_id("[MASK]")]
+    cls_id, sep_id, mask = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]"))
+    assert ids == [cls_id, *ids[1:3], sep_id, *ids[4:6], unk, mask]
     assert w.barred[lo:hi].tolist() == [True, False, False, True, False, False, False, True]
     s, e = np.zeros(len(w)), np.zeros(len(w))
     s[lo] = e[lo] = 50.0  # the model's favourite: the typed [CLS] alone

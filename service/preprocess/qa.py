@@ -3,12 +3,14 @@
 numpy + HF ``tokenizers`` only (no torch, no transformers). Training builds its features and
 decodes its dev predictions with this module, so what is served is what was evaluated.
 
-Windows follow BERT's layout ``[CLS] question [SEP] context-slice [SEP]`` with token type 0
-for the question part and 1 for the context part. A context longer than one window is cut
-into overlapping slices: consecutive slices share ``doc_stride`` context tokens (the meaning
-``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context token keeps its
-``(start, end)`` character offsets into the *original* context string, so a predicted token
-span maps back to an exact substring of what the client sent.
+Windows follow the tokenizer's own pair template (:func:`pair_layout`, what HF's
+``tokenizer(question, context)`` gives): BERT's ``[CLS] question [SEP] context-slice [SEP]``
+with token type 0 for the question part and 1 for the context part, RoBERTa's
+``<s> question </s></s> context-slice </s>`` with type 0 throughout. A context longer than
+one window is cut into overlapping slices: consecutive slices share ``doc_stride`` context
+tokens (the meaning ``stride`` has in HF fast tokenizers and ``run_qa.py``). Every context
+token keeps its ``(start, end)`` character offsets into the *original* context string, so a
+predicted token span maps back to an exact substring of what the client sent.
 
 The tokenizer also matches special-token strings inside client text (a context holding
 ``"[SEP]"`` gets the ``[SEP]`` id): such a token is never an answer's first or last token.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from service.preprocess.tokenizer import (
     CLS_NAMES,
@@ -83,22 +85,24 @@ class QAEncoder:
         doc_stride: int = 128,
         max_query_length: int = 64,
     ) -> None:
-        if max_query_length + 3 >= max_length:
-            raise ValueError("max_query_length + 3 special tokens must leave room for context")
-        if doc_stride >= max_length - max_query_length - 3:
-            raise ValueError("doc_stride must be smaller than the context part of a window")
         # A private copy without padding/truncation (windows are cut here, not by tokenizers).
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        self.layout = pair_layout(tokenizer)
+        specials = self.layout.specials
+        if max_query_length + specials >= max_length:
+            raise ValueError(
+                f"max_query_length + {specials} special tokens must leave room for context"
+            )
+        if doc_stride >= max_length - max_query_length - specials:
+            raise ValueError("doc_stride must be smaller than the context part of a window")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.doc_stride = doc_stride
         self.max_query_length = max_query_length
-        self.cls_id = special_id(tokenizer, CLS_NAMES)
-        self.sep_id = special_id(tokenizer, SEP_NAMES)
         self.pad_id = special_id(tokenizer, PAD_NAMES)
-        self.barred_ids = barred_ids(tokenizer) | {self.cls_id, self.sep_id, self.pad_id}
+        self.barred_ids = barred_ids(tokenizer) | self.layout.special_ids | {self.pad_id}
 
     @classmethod
     def load(
@@ -139,9 +143,11 @@ class QAEncoder:
         self, q_ids: list[int], c_ids: list[int], c_offsets: list[tuple[int, int]]
     ) -> list[QAWindow]:
         q_ids = q_ids[: self.max_query_length]
-        room = self.max_length - len(q_ids) - 3
+        lay = self.layout
+        room = self.max_length - len(q_ids) - lay.specials
         step = room - self.doc_stride
-        head = [self.cls_id, *q_ids, self.sep_id]
+        head = [*lay.head, *q_ids, *lay.mid]
+        head_types = [*lay.head_types, *[lay.a_type] * len(q_ids), *lay.mid_types]
         n = len(c_ids)
         c_off = np.asarray(c_offsets, dtype=np.int64).reshape(-1, 2)
         # Ordinary text holds no special ids: skip the mask (and its cost) then.
@@ -152,9 +158,10 @@ class QAEncoder:
         start = 0
         while True:
             end = min(start + room, n)
-            ids = np.asarray([*head, *c_ids[start:end], self.sep_id], dtype=np.int64)
-            types = np.zeros_like(ids)
-            types[len(head) :] = 1
+            ids = np.asarray([*head, *c_ids[start:end], *lay.tail], dtype=np.int64)
+            types = np.asarray(
+                [*head_types, *[lay.b_type] * (end - start), *lay.tail_types], dtype=np.int64
+            )
             offsets = np.full((len(ids), 2), NO_OFFSET[0], dtype=np.int64)
             offsets[len(head) : len(head) + end - start] = c_off[start:end]
             barred = None
@@ -188,6 +195,75 @@ class QAEncoder:
         return decode_best_span(
             context, windows, start_logits, end_logits, max_answer_length, n_best
         )
+
+
+PROBES = ("question", "context", "a", "b", "1", "2", "中", "国", ".", ",")
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where a (question, context) pair's special tokens go, and each part's token type:
+    ``head question mid context tail``."""
+
+    head: tuple[int, ...]
+    mid: tuple[int, ...]
+    tail: tuple[int, ...]
+    head_types: tuple[int, ...]
+    mid_types: tuple[int, ...]
+    tail_types: tuple[int, ...]
+    a_type: int  # the question's tokens
+    b_type: int  # the context's tokens
+
+    @property
+    def specials(self) -> int:
+        return len(self.head) + len(self.mid) + len(self.tail)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset((*self.head, *self.mid, *self.tail))
+
+
+def pair_layout(tokenizer: Tokenizer) -> PairLayout:
+    """The pair template of ``tokenizer``'s post-processor, read off one encoded pair of
+    probe texts (found by their ids: ``sequence_ids`` leaves a first sequence unmarked in
+    some templates). A tokenizer without a post-processor gets BERT's ``[CLS] q [SEP] c
+    [SEP]``, types 0 then 1, as it always had; one whose template is not ``specials q
+    specials c specials`` is a ValueError."""
+    if tokenizer.post_processor is None:
+        cls_id, sep_id = special_id(tokenizer, CLS_NAMES), special_id(tokenizer, SEP_NAMES)
+        return PairLayout((cls_id,), (sep_id,), (sep_id,), (0,), (0,), (1,), 0, 1)
+    # Two texts the tokenizer tells apart (a Chinese WordPiece vocabulary has no "a").
+    probes: list[Encoding] = []
+    for text in PROBES:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc.ids and all(enc.ids != p.ids for p in probes):
+            probes.append(enc)
+        if len(probes) == 2:
+            break
+    else:
+        raise ValueError(f"tokenizer encodes no two of {PROBES} apart: no pair template read")
+    qa_ids = [p.ids for p in probes]
+    enc = tokenizer.post_process(probes[0], probes[1], add_special_tokens=True)
+    ids, types = enc.ids, enc.type_ids
+
+    def find(run: list[int], start: int) -> int:
+        for i in range(start, len(ids) - len(run) + 1):
+            if ids[i : i + len(run)] == run:
+                return i
+        return -1
+
+    a = find(qa_ids[0], 0)
+    b = find(qa_ids[1], a + len(qa_ids[0])) if a >= 0 else -1
+    a_end, b_end = a + len(qa_ids[0]), b + len(qa_ids[1])
+    if b < 0 or len({*types[a:a_end]}) != 1 or len({*types[b:b_end]}) != 1:
+        raise ValueError(f"tokenizer pair template {enc.tokens} is not: specials, the first "
+                         "sequence, specials, the second sequence, specials")  # fmt: skip
+
+    def part(lo: int, hi: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(ids[lo:hi]), tuple(types[lo:hi])
+
+    (head, head_t), (mid, mid_t), (tail, tail_t) = part(0, a), part(a_end, b), part(b_end, len(ids))
+    return PairLayout(head, mid, tail, head_t, mid_t, tail_t, types[a], types[b])
 
 
 def barred_ids(tokenizer: Tokenizer) -> frozenset[int]:
@@ -274,6 +350,11 @@ def decode_best_span(
     every = np.concatenate(scores)
     probs = np.exp(every - every.max())
     score, cs, ce, w = best
+    # SentencePiece's "▁word" pieces map back to the space before the word as well.
+    while cs < ce and context[cs].isspace():
+        cs += 1
+    while ce > cs and context[ce - 1].isspace():
+        ce -= 1
     # The best span's probability among every candidate (softmax of the span scores).
     return QAAnswer(context[cs:ce], cs, ce, score, float(1.0 / probs.sum()), w)
 

@@ -258,18 +258,22 @@ def _report(folder: Path) -> None:
     typer.echo(json.dumps({"path": str(folder), "metrics": m.metrics}, indent=2))
 
 
-def _check_windows(max_length: int, doc_stride: int, max_query_length: int) -> None:
-    """QA windows that leave room for the passage, and a stride below its part."""
-    if max_query_length > max_length - 8:
+def _check_windows(
+    max_length: int, doc_stride: int, max_query_length: int, specials: int = 3
+) -> None:
+    """QA windows that leave room for the passage, and a stride below its part; ``specials``:
+    the special tokens of a window (BERT's 3, RoBERTa's 4)."""
+    if max_query_length > max_length - specials - 5:
         raise typer.BadParameter(
             f"{max_query_length} leaves no room for the passage in a window of --max-length "
-            f"{max_length} (3 special tokens and at least 5 passage tokens)",
+            f"{max_length} ({specials} special tokens and at least 5 passage tokens)",
             param_hint="--max-query-length",
         )
-    if doc_stride >= max_length - max_query_length - 3:
+    if doc_stride >= max_length - max_query_length - specials:
         raise typer.BadParameter(
             f"{doc_stride} must be below the context part of a window, --max-length minus "
-            f"--max-query-length minus 3 special tokens = {max_length - max_query_length - 3}",
+            f"--max-query-length minus {specials} special tokens = "
+            f"{max_length - max_query_length - specials}",
             param_hint="--doc-stride",
         )
 
@@ -697,15 +701,12 @@ ImportDataOpt = Annotated[
 ]
 
 
-def _import_max_length(given: str, max_length: int | None, train_default: int) -> int:
-    from transformers import AutoConfig
-
+def _import_max_length(model, given: str, max_length: int | None, train_default: int) -> int:
     from training.transformer.importer import check_max_length, default_max_length
 
-    config = AutoConfig.from_pretrained(given)
     if max_length is None:
-        return default_max_length(config, train_default)
-    check_max_length(config, max_length, given)
+        return default_max_length(model, train_default)
+    check_max_length(model, max_length, given)
     return max_length
 
 
@@ -725,8 +726,8 @@ def import_detector_cmd(
         int | None,
         typer.Option(
             min=8,
-            help=f"{DETECT_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, "
-            f"at most {DETECT_MAX_LENGTH}.",
+            help=f"{DETECT_MAX_LENGTH_HELP} Default: the tokens the checkpoint has positions "
+            f"for (RoBERTa's 514 max_position_embeddings: 512), at most {DETECT_MAX_LENGTH}.",
         ),
     ] = None,
     variants: VariantsOpt = "fp32,int8,fp16",
@@ -752,8 +753,8 @@ def import_detector_cmd(
     root = resolve_data(data) if data is not None else None
     path = recorded_base(checkpoint)  # the packaged MiniLM by its name
     check_base_model(path)
-    length = _import_max_length(path, max_length, DETECT_MAX_LENGTH)
     ck = load_checkpoint(checkpoint, "detect", path)
+    length = _import_max_length(ck.model, checkpoint, max_length, DETECT_MAX_LENGTH)
     names = detector_labels(ck.model.config, labels, checkpoint)
     with discard_staging_on_error(folder):
         import_detector(ck, folder, labels=names, max_length=length,
@@ -771,8 +772,8 @@ def import_qa_cmd(
         int | None,
         typer.Option(
             min=8,
-            help=f"{QA_MAX_LENGTH_HELP} Default: the checkpoint's max_position_embeddings, at "
-            f"most {QA_MAX_LENGTH}.",
+            help=f"{QA_MAX_LENGTH_HELP} Default: the tokens the checkpoint has positions for "
+            f"(RoBERTa's 514 max_position_embeddings: 512), at most {QA_MAX_LENGTH}.",
         ),
     ] = None,
     doc_stride: DocStrideOpt = 128,
@@ -793,6 +794,7 @@ def import_qa_cmd(
     """Serve a fine-tuned extractive-QA checkpoint as it is: check its head, export it
     (fp32/int8/fp16) with PyTorch parity, optionally score it on the CMRC 2018 dev file."""
     _setup(Device.cpu, threads, log_file, progress)
+    from service.preprocess.qa import pair_layout
     from training.repository import command_line
     from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.importer import import_qa, load_checkpoint
@@ -804,9 +806,9 @@ def import_qa_cmd(
         raise typer.BadParameter(f"{root / eval_file} does not exist", param_hint="--eval-file")
     path = recorded_base(checkpoint)
     check_base_model(path)
-    length = _import_max_length(path, max_length, QA_MAX_LENGTH)
-    _check_windows(length, doc_stride, max_query_length)
     ck = load_checkpoint(checkpoint, "qa", path)
+    length = _import_max_length(ck.model, checkpoint, max_length, QA_MAX_LENGTH)
+    _check_windows(length, doc_stride, max_query_length, pair_layout(ck.tokenizer).specials)
     with discard_staging_on_error(folder):
         import_qa(ck, folder, max_length=length, doc_stride=doc_stride,
                   max_query_length=max_query_length, max_answer_length=max_answer_length,

@@ -229,6 +229,13 @@ def load_fast_tokenizer(base_model: str | Path):
     return hf_tok, backend
 
 
+def lowercases(tokenizer) -> bool:
+    """Whether a ``tokenizers.Tokenizer`` lowercases text (the manifest's ``lowercase``): a
+    ``BertNormalizer(lowercase=True)`` or a ``Lowercase`` step (ALBERT's), not RoBERTa's."""
+    norm = str(tokenizer.normalizer)
+    return "lowercase=True" in norm or "Lowercase()" in norm
+
+
 def save_tokenizer_json(backend, folder: Path) -> Path:
     backend.no_padding()
     backend.no_truncation()

@@ -186,8 +186,10 @@ def export_variants(
 
 def preprocessing(tokenizer) -> dict[str, Any]:
     """The manifest's ``preprocessing`` of a detector with this ``tokenizers.Tokenizer``."""
+    from training.transformer.common import lowercases
+
     return {"kind": "wordpiece", "tokenizer_file": "tokenizer.json",
-            "lowercase": _lowercases(tokenizer)}  # fmt: skip
+            "lowercase": lowercases(tokenizer)}  # fmt: skip
 
 
 def train_detector(
@@ -398,7 +400,3 @@ def train_detector(
     publish(out_dir, final_dir)
     log.info("wrote %s in %.0fs: %s", final_dir, time.time() - t_start, metrics)
     return metrics
-
-
-def _lowercases(tokenizer) -> bool:
-    return "lowercase=True" in str(tokenizer.normalizer) or "Lowercase" in str(tokenizer.normalizer)

@@ -38,12 +38,19 @@ class Exported:
 
 def model_input_names(model) -> list[str]:
     """The INPUT_NAMES ``model.forward`` takes: all three for BERT, no ``token_type_ids`` for
-    DistilBERT (which has no segment embeddings). The ONNX graph and the manifest declare
-    these, and the service feeds only what the manifest declares."""
+    DistilBERT (which has no segment embeddings) nor for a model with one segment embedding
+    (RoBERTa, XLM-R: ``type_vocab_size`` 1, where a type id of 1 indexes past the table and
+    its tokenizer gives none). The ONNX graph and the manifest declare these, and the
+    service feeds only what the manifest declares."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    return [n for n in INPUT_NAMES if n == "input_ids" or n in params]
+    segments = getattr(model.config, "type_vocab_size", 2)
+    return [
+        n
+        for n in INPUT_NAMES
+        if n == "input_ids" or (n in params and (n != "token_type_ids" or segments > 1))
+    ]
 
 
 def select_inputs(batch: dict[str, Any], names) -> dict[str, Any]:

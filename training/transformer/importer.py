@@ -40,27 +40,44 @@ class CheckpointError(DataError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the fp32 model in eval mode, its ``tokenizers.Tokenizer`` and
-    what the manifest records of where it came from (``hyperparameters.imported_from``)."""
+    """A loaded checkpoint: the fp32 model in eval mode, its ``tokenizers.Tokenizer``, what
+    the manifest records of where it came from (``hyperparameters.imported_from``) and its
+    transformers tokenizer (what :func:`check_served_exactly` compares the service with)."""
 
     model: Any
     tokenizer: Any
     source: dict[str, Any]
+    hf_tokenizer: Any
 
 
-def default_max_length(config, train_default: int) -> int:
-    """``--max-length`` when not given: the checkpoint's ``max_position_embeddings``, at most
+def position_limit(model) -> int | None:
+    """The most tokens ``model`` has position embeddings for: ``max_position_embeddings``,
+    less ``padding_idx + 1`` where positions are numbered after the padding index (RoBERTa,
+    XLM-R: 514 rows hold 512 tokens); ``None`` when the config gives no limit (XLNet's -1:
+    relative positions)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit or limit < 0:
+        return None
+    embeddings = getattr(model.base_model, "embeddings", None)
+    pad = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+    return int(limit) - (pad + 1 if pad is not None else 0)
+
+
+def default_max_length(model, train_default: int) -> int:
+    """``--max-length`` when not given: the tokens the checkpoint has positions for, at most
     the trainer's default (longer windows cost more than they add on CPUs)."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = position_limit(model)
     return min(train_default, limit) if limit else train_default
 
 
-def check_max_length(config, max_length: int, given: str) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
+def check_max_length(model, max_length: int, given: str) -> None:
+    limit = position_limit(model)
     if limit and max_length > limit:
+        rows = model.config.max_position_embeddings
+        after = "" if rows == limit else f", numbered from {rows - limit}"
         raise CheckpointError(
-            f"checkpoint {given}: --max-length {max_length} is past its "
-            f"max_position_embeddings {limit} (positions it has no embedding for)"
+            f"checkpoint {given}: --max-length {max_length} is past the {limit} tokens it has "
+            f"position embeddings for (max_position_embeddings {rows}{after})"
         )
 
 
@@ -134,9 +151,123 @@ def load_checkpoint(given: str, task: str, path: str | None = None) -> Checkpoin
             f"checkpoint {given}: its {what} head has {model.config.num_labels} outputs "
             f"({_id2label(model.config)}), not 2: {instead}"
         )
-    _, tokenizer = load_fast_tokenizer(path)
+    hf_tokenizer, tokenizer = load_fast_tokenizer(path)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, given)
-    return Checkpoint(model.float().eval(), tokenizer, source_record(given, path))
+    if task == "qa":
+        from service.preprocess.qa import pair_layout
+
+        try:
+            pair_layout(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {given}: cannot build QA windows: {e}") from e
+    return Checkpoint(model.float().eval(), tokenizer, source_record(given, path), hf_tokenizer)
+
+
+# What the service's encoding is checked on before export: English, punctuation, accents,
+# CJK, an emoji, a typed special token, and (added per checkpoint) a text past max_length.
+PROBE_TEXTS = (
+    "i think my dog ate it lol",
+    "Furthermore, in conclusion: various aspects (e.g. cost) should be considered!",
+    "Café naïve résumé — “quoted” text",
+    "中国的首都是北京，它有三千多年的历史。",
+    "ok 😀 </s> [SEP] <mask> done",
+)
+PROBE_QUESTIONS = ("Where was the meeting held?", "Where?")  # the first within max_query_length
+PROBE_CONTEXT = "After a long debate, the meeting was held in Paris, near the old library. "
+# Served outputs within this of PyTorch's on the checkpoint's own encoding (the parity the
+# export is held to).
+SERVED_TOLERANCE = 1e-4
+
+
+def _long_text(tokenizer, unit: str, tokens: int) -> str:
+    """``unit`` repeated to more than ``tokens`` tokens."""
+    n = max(1, len(tokenizer.encode(unit, add_special_tokens=False).ids))
+    return unit * (tokens // n + 2)
+
+
+def _torch(model, names: Sequence[str], rows: dict[str, Any]) -> list[Any]:
+    import torch
+
+    feeds = {k: torch.as_tensor(v) for k, v in rows.items() if k in names}
+    with torch.no_grad():
+        out = model(**feeds)
+    if hasattr(out, "start_logits"):
+        return [out.start_logits.numpy(), out.end_logits.numpy()]
+    return [out.logits.numpy()]
+
+
+def check_served_exactly(ck: Checkpoint, task: str, encoder, max_length: int) -> None:
+    """Refuse (CheckpointError, one line) a checkpoint the service would not answer as it
+    does in PyTorch with its own transformers tokenizer: the service's ids (or token types)
+    for probe texts differ from that tokenizer's (a template, normalizer or truncation it
+    does not restate), or the model's outputs change when a shorter input is right-padded
+    in a batch, as the service pads (XLNet reads its last position, where padding goes).
+    NaN outputs pass here: the export's parity check reports those."""
+    import numpy as np
+
+    from training.transformer.export import model_input_names
+
+    hf, names = ck.hf_tokenizer, model_input_names(ck.model)
+    what = f"checkpoint {ck.source['given']} ({_architecture(ck.model)}): not supported"
+    if task == "detect":
+        texts = [*PROBE_TEXTS, _long_text(ck.tokenizer, "It is a long text. ", max_length)]
+        ours = encoder.encode(texts)
+        rows = [(e.input_ids, e.token_type_ids) for e in ours]
+        theirs = [hf(t, truncation=True, max_length=max_length) for t in texts]
+        batch = encoder.collate(ours)
+        shown = texts
+    else:
+        context = _long_text(ck.tokenizer, PROBE_CONTEXT, max_length + encoder.doc_stride)
+        # one the service does not cut (transformers would not)
+        fits = [q for q in PROBE_QUESTIONS
+                if len(ck.tokenizer.encode(q, add_special_tokens=False).ids)
+                <= encoder.max_query_length]  # fmt: skip
+        if not fits:
+            return
+        question = fits[0]
+        windows = encoder.encode(question, context)
+        rows = [(w.input_ids, w.token_type_ids) for w in windows]
+        enc = hf(question, context, truncation="only_second", max_length=max_length,
+                 stride=encoder.doc_stride, return_overflowing_tokens=True)  # fmt: skip
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        theirs = [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
+        # a last window shorter than the others: the batch pads it
+        batch = encoder.collate(windows)
+        shown = [f"{question} {context}"] * len(rows)
+    if len(theirs) != len(rows):
+        raise CheckpointError(f"{what}: nlpserve cuts the probe question and context into "
+                              f"{len(rows)} windows, its tokenizer into {len(theirs)}")  # fmt: skip
+    for (ids, types), want, text in zip(rows, theirs, shown, strict=True):
+        if ids.tolist() != list(want["input_ids"]):
+            raise CheckpointError(
+                f"{what}: nlpserve encodes {text[:40]!r} as {len(ids)} ids, its tokenizer as "
+                f"{len(want['input_ids'])} other ones (a tokenizer pipeline the service does "
+                "not restate)"
+            )
+        typed = "token_type_ids" in names and "token_type_ids" in want
+        if typed and types.tolist() != list(want["token_type_ids"]):
+            raise CheckpointError(
+                f"{what}: nlpserve gives {text[:40]!r} other token types than its "
+                "tokenizer (a pair template the service does not restate)"
+            )
+    # The same rows alone, unpadded (the service's type ids: transformers 5 gives ALBERT's
+    # and PreTrainedTokenizerFast's none, though the template the checkpoint trained with has)
+    padded = _torch(ck.model, names, batch)
+    for i, (ids, types) in enumerate(rows):
+        n = len(ids)
+        one = {"input_ids": ids[None], "token_type_ids": types[None],
+               "attention_mask": np.ones((1, n), dtype=np.int64)}  # fmt: skip
+        alone = _torch(ck.model, names, one)
+        for got, exp in zip(padded, alone, strict=True):
+            a, b = got[i, :n] if task == "qa" else got[i], exp[0]
+            diff = np.abs(a - b)
+            if (diff > SERVED_TOLERANCE).any():  # NaN is not over it
+                side = getattr(hf, "padding_side", "right")
+                raise CheckpointError(
+                    f"{what}: its outputs change by {float(np.nanmax(diff)):.3g} when an input "
+                    f"is right-padded in a batch, as nlpserve batches (its tokenizer pads on "
+                    f"the {side})"
+                )
 
 
 def _id2label(config) -> dict[int, str]:
@@ -214,6 +345,7 @@ def import_detector(
 
     t0 = time.time()
     encoder = ClassifyEncoder(ck.tokenizer, max_length)
+    check_served_exactly(ck, "detect", encoder, max_length)
     test: list = []
     split, data_files, load_stats = None, [], {}
     if data_root is not None:
@@ -304,6 +436,7 @@ def import_qa(
                    max_answer_length=max_answer_length, max_eval_examples=max_eval_examples,
                    seed=seed)  # fmt: skip
     encoder = make_encoder(ck.tokenizer, cfg)
+    check_served_exactly(ck, "qa", encoder, max_length)
     test: list = []
     split, data_files = None, []
     if data_root is not None:

@@ -271,10 +271,12 @@ def export_variants(
 
 def preprocessing(tokenizer, cfg: QAConfig) -> dict[str, Any]:
     """The manifest's ``preprocessing`` of a QA model with this ``tokenizers.Tokenizer``."""
+    from training.transformer.common import lowercases
+
     return {
         "kind": "wordpiece",
         "tokenizer_file": "tokenizer.json",
-        "lowercase": "lowercase=True" in str(tokenizer.normalizer),
+        "lowercase": lowercases(tokenizer),
         "doc_stride": cfg.doc_stride,
         "max_answer_length": cfg.max_answer_length,
         "max_query_length": cfg.max_query_length,
