@@ -313,7 +313,7 @@ def test_qa_windows_default_to_what_fits_the_checkpoints_positions(
     from service.repository import load_manifest
 
     out = tmp_path / "models"
-    common = ["--out", out, "--no-progress", "--variants", "fp32"]
+    common: list[str | Path] = ["--out", out, "--no-progress", "--variants", "fp32"]
     res = cli("import", "qa", "--from", checkpoints["qa"], *common)
     assert res.exit_code == 0, (res.output, res.exception)
     m = load_manifest(out / "qa-zh" / "1")
