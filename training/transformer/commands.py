@@ -120,8 +120,22 @@ LangOpt = Annotated[str, typer.Option(help="HC3 language folder: en or zh.")]
 DETECT_MAX_LENGTH, QA_MAX_LENGTH = 256, 384
 DETECT_MAX_LENGTH_HELP = "Tokens per text (head kept)."
 QA_MAX_LENGTH_HELP = "Tokens per window."
-DocStrideOpt = Annotated[int, typer.Option(min=0, help="Context tokens shared by windows.")]
-MaxQueryOpt = Annotated[int, typer.Option(min=1, help="Question tokens kept (the rest cut).")]
+DocStrideOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Context tokens shared by windows. Default: 128, or half the context part of a "
+        "window where 128 does not fit --max-length.",
+    ),
+]
+MaxQueryOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Question tokens kept (the rest cut). Default: 64, or a third of the window "
+        "where 64 does not fit --max-length.",
+    ),
+]
 MaxAnswerOpt = Annotated[
     int, typer.Option(min=1, help="Longest answer span (tokens) the decoding considers.")
 ]
@@ -258,24 +272,60 @@ def _report(folder: Path) -> None:
     typer.echo(json.dumps({"path": str(folder), "metrics": m.metrics}, indent=2))
 
 
-def _check_windows(
-    max_length: int, doc_stride: int, max_query_length: int, specials: int = 3
-) -> None:
-    """QA windows that leave room for the passage, and a stride below its part; ``specials``:
-    the special tokens of a window (BERT's 3, RoBERTa's 4)."""
-    if max_query_length > max_length - specials - 5:
-        raise typer.BadParameter(
-            f"{max_query_length} leaves no room for the passage in a window of --max-length "
-            f"{max_length} ({specials} special tokens and at least 5 passage tokens)",
-            param_hint="--max-query-length",
+DOC_STRIDE, MAX_QUERY_LENGTH = 128, 64
+
+
+class WindowError(DataError):
+    """--doc-stride / --max-query-length that do not fit a window of --max-length tokens; the
+    message names the largest values that do."""
+
+
+def qa_windows(
+    max_length: int, doc_stride: int | None, max_query_length: int | None, specials: int = 3
+) -> tuple[int, int]:
+    """``(doc_stride, max_query_length)`` for windows of ``max_length`` tokens, ``specials``
+    of them special (BERT's 3, RoBERTa's 4). An option not given keeps its default (128 / 64)
+    where that fits, else one fitted to the window (the question at most a third of it, the
+    stride half the context part left), and the log says so; a given one that does not fit
+    is refused (WindowError, one line) with the largest value that would."""
+    room = max_length - specials  # question + context tokens
+    query_max = room - 5  # at least 5 passage tokens
+    query = max_query_length
+    if query is None:
+        query = min(MAX_QUERY_LENGTH, room // 3)
+    elif query > query_max:
+        raise WindowError(
+            f"--max-query-length {query} leaves no room for the passage in a window of "
+            f"--max-length {max_length} ({specials} special tokens and at least 5 passage "
+            f"tokens): at most {query_max}"
         )
-    if doc_stride >= max_length - max_query_length - specials:
-        raise typer.BadParameter(
-            f"{doc_stride} must be below the context part of a window, --max-length minus "
-            f"--max-query-length minus {specials} special tokens = "
-            f"{max_length - max_query_length - specials}",
-            param_hint="--doc-stride",
+    if query < 1:
+        raise WindowError(
+            f"--max-length {max_length} leaves no room for a question and a passage "
+            f"({specials} special tokens and at least 5 passage tokens)"
         )
+    stride_max = room - query - 1  # below the context part, so each window moves on
+    stride = doc_stride
+    if stride is None:
+        stride = DOC_STRIDE if stride_max >= DOC_STRIDE else (room - query) // 2
+    elif stride > stride_max:
+        raise WindowError(
+            f"--doc-stride {stride} must be below the context part of a window (--max-length "
+            f"{max_length} minus --max-query-length {query} minus {specials} special tokens = "
+            f"{room - query}): at most {stride_max}"
+        )
+    derived = [
+        f"--{flag} {value}"
+        for flag, value, given, default in (
+            ("max-query-length", query, max_query_length, MAX_QUERY_LENGTH),
+            ("doc-stride", stride, doc_stride, DOC_STRIDE),
+        )
+        if given is None and value != default
+    ]
+    if derived:
+        log.info("windows of %d tokens: %s (the defaults %d / %d do not fit)", max_length,
+                 " and ".join(derived), MAX_QUERY_LENGTH, DOC_STRIDE)  # fmt: skip
+    return stride, query
 
 
 # --------------------------------------------------------------------------- detector
@@ -408,8 +458,8 @@ def train_qa_cmd(
         typer.Option(help="Same architecture/tokenizer, random weights (the no-pretraining run)."),
     ] = False,
     max_length: Annotated[int, typer.Option(min=8, help=QA_MAX_LENGTH_HELP)] = QA_MAX_LENGTH,
-    doc_stride: DocStrideOpt = 128,
-    max_query_length: MaxQueryOpt = 64,
+    doc_stride: DocStrideOpt = None,
+    max_query_length: MaxQueryOpt = None,
     max_answer_length: MaxAnswerOpt = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per training batch.")] = 32,
     epochs: Annotated[
@@ -475,7 +525,7 @@ def train_qa_cmd(
     from training.transformer.common import check_base_model, discard_staging_on_error
     from training.transformer.qa import QAConfig, train_qa
 
-    _check_windows(max_length, doc_stride, max_query_length)
+    doc_stride, max_query_length = qa_windows(max_length, doc_stride, max_query_length)
     if not base_model:
         raise typer.BadParameter("--base-model is required (hub id or local folder)")
     version = check_output(out, name, version, overwrite)
@@ -716,7 +766,8 @@ def import_detector_cmd(
         str | None,
         typer.Option(
             help="The model's outputs in index order, e.g. machine,human; needed when the "
-            "checkpoint's config.id2label does not name human and machine.",
+            "checkpoint's config.id2label does not name human and machine (or an unambiguous "
+            "synonym: AI, GPT, generated, human-written, ...; Fake/Real and LABEL_0/1 are not).",
         ),
     ] = None,
     out: OutOpt = Path("models"),
@@ -752,7 +803,7 @@ def import_detector_cmd(
     folder = out / name / version
     root = resolve_data(data) if data is not None else None
     path = recorded_base(checkpoint)  # the packaged MiniLM by its name
-    check_base_model(path)
+    check_base_model(path, what="checkpoint")
     ck = load_checkpoint(checkpoint, "detect", path)
     length = _import_max_length(ck.model, checkpoint, max_length, DETECT_MAX_LENGTH)
     names = detector_labels(ck.model.config, labels, checkpoint)
@@ -776,8 +827,8 @@ def import_qa_cmd(
             f"(RoBERTa's 514 max_position_embeddings: 512), at most {QA_MAX_LENGTH}.",
         ),
     ] = None,
-    doc_stride: DocStrideOpt = 128,
-    max_query_length: MaxQueryOpt = 64,
+    doc_stride: DocStrideOpt = None,
+    max_query_length: MaxQueryOpt = None,
     max_answer_length: MaxAnswerOpt = 30,
     variants: VariantsOpt = "fp32,int8,fp16",
     data: ImportDataOpt = None,
@@ -805,10 +856,11 @@ def import_qa_cmd(
     if root is not None and not (root / eval_file).is_file():
         raise typer.BadParameter(f"{root / eval_file} does not exist", param_hint="--eval-file")
     path = recorded_base(checkpoint)
-    check_base_model(path)
+    check_base_model(path, what="checkpoint")
     ck = load_checkpoint(checkpoint, "qa", path)
     length = _import_max_length(ck.model, checkpoint, max_length, QA_MAX_LENGTH)
-    _check_windows(length, doc_stride, max_query_length, pair_layout(ck.tokenizer).specials)
+    specials = pair_layout(ck.tokenizer).specials
+    doc_stride, max_query_length = qa_windows(length, doc_stride, max_query_length, specials)
     with discard_staging_on_error(folder):
         import_qa(ck, folder, max_length=length, doc_stride=doc_stride,
                   max_query_length=max_query_length, max_answer_length=max_answer_length,
@@ -876,8 +928,8 @@ def evaluate_qa(
     cfg = QAConfig(
         base_model=str(folder),
         max_length=m.max_length,
-        doc_stride=pre.doc_stride or 128,
-        max_query_length=pre.max_query_length or 64,
+        doc_stride=pre.doc_stride or DOC_STRIDE,
+        max_query_length=pre.max_query_length or MAX_QUERY_LENGTH,
         max_answer_length=pre.max_answer_length or 30,
     )
     enc = QAEncoder.load(
@@ -901,8 +953,8 @@ def register(train_app: typer.Typer, app: typer.Typer, evaluators: dict[str, Eva
         "it to ONNX (verified against PyTorch) into the model repository, unchanged.",
         no_args_is_help=True,
     )
-    import_app.command("detector")(handles_sigterm(import_detector_cmd))
-    import_app.command("qa")(handles_sigterm(import_qa_cmd))
+    import_app.command("detector")(handles_sigterm(import_detector_cmd, say_interrupt=True))
+    import_app.command("qa")(handles_sigterm(import_qa_cmd, say_interrupt=True))
     app.add_typer(import_app, name="import")
     # pretrain saves into --out itself (no staging): say what may be there
     stopped = "--out may hold a partial checkpoint (rerun with --overwrite)"

@@ -73,27 +73,28 @@ _WEIGHT_FILES = (
 )
 
 
-def check_base_model(base_model: str, *, weights: bool = True) -> None:
+def check_base_model(base_model: str, *, weights: bool = True, what: str = "base model") -> None:
     """Fail before any data is read when ``base_model`` cannot load: a local folder must hold
     config.json, a tokenizer and (unless ``weights`` is False) weights; a hub id must be in
-    the local cache, or reachable when HF_HUB_OFFLINE=0."""
+    the local cache, or reachable when HF_HUB_OFFLINE=0. ``what``: how the messages name it
+    (``import`` says "checkpoint")."""
     path = Path(base_model).expanduser()
     looks_local = base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1
     if path.exists() or looks_local:
         if not path.is_dir():
-            what = "is a file" if path.exists() else "no such folder"
+            problem = "is a file" if path.exists() else "no such folder"
             raise BaseModelError(
-                f"base model {base_model}: {what}; expected a Hugging Face model folder"
+                f"{what} {base_model}: {problem}; expected a Hugging Face model folder"
             )
         needed = [("config.json",), _TOKENIZER_FILES] + ([_WEIGHT_FILES] if weights else [])
         missing = [names for names in needed if not any((path / n).is_file() for n in names)]
         if missing:
             lacks = "; ".join(" or ".join(names) for names in missing)
             raise BaseModelError(
-                f"base model {base_model}: not a Hugging Face model folder (no {lacks}); "
+                f"{what} {base_model}: not a Hugging Face model folder (no {lacks}); "
                 "save one with save_pretrained() of the model and its tokenizer"
             )
-        _check_base_tokenizer(base_model)
+        _check_base_tokenizer(base_model, what)
         return
     from transformers import AutoConfig
 
@@ -108,11 +109,11 @@ def check_base_model(base_model: str, *, weights: bool = True) -> None:
             if offline
             else str(e).splitlines()[0]
         )
-        raise BaseModelError(f"base model {base_model}: {how}") from e
-    _check_base_tokenizer(base_model)
+        raise BaseModelError(f"{what} {base_model}: {how}") from e
+    _check_base_tokenizer(base_model, what)
 
 
-def _check_base_tokenizer(base_model: str) -> None:
+def _check_base_tokenizer(base_model: str, what: str) -> None:
     """The checkpoint's tokenizer loads as a fast tokenizer and fits its embedding table."""
     from transformers import AutoConfig
 
@@ -121,8 +122,8 @@ def _check_base_tokenizer(base_model: str) -> None:
         _, backend = load_fast_tokenizer(base_model)
     except (OSError, ValueError, TypeError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BaseModelError(f"base model {base_model}: cannot load its tokenizer: {why}") from e
-    check_tokenizer_fits(backend, vocab_size, base_model)
+        raise BaseModelError(f"{what} {base_model}: cannot load its tokenizer: {why}") from e
+    check_tokenizer_fits(backend, vocab_size, base_model, what)
 
 
 # Real checkpoints match config.vocab_size within a few padding rows; a tokenizer this far
@@ -134,7 +135,9 @@ MIN_VOCAB_FRACTION = 0.1
 MAX_UNKNOWN_RATE = 0.5
 
 
-def check_tokenizer_fits(tokenizer, vocab_size: int | None, base_model: str) -> None:
+def check_tokenizer_fits(
+    tokenizer, vocab_size: int | None, base_model: str, what: str = "base model"
+) -> None:
     """Refuse a ``tokenizers.Tokenizer`` that does not fit a model of ``vocab_size`` embedding
     rows (config.json ``vocab_size``): ids past the table (an ``IndexError`` mid-training), or
     a vocabulary missing (far fewer tokens than rows)."""
@@ -144,13 +147,13 @@ def check_tokenizer_fits(tokenizer, vocab_size: int | None, base_model: str) -> 
     top = max(vocab.values(), default=-1)
     if top >= vocab_size:
         raise BaseModelError(
-            f"base model {base_model}: the tokenizer has token ids up to {top} but the model's "
+            f"{what} {base_model}: the tokenizer has token ids up to {top} but the model's "
             f"embedding table has {vocab_size} rows (config.json vocab_size): the tokenizer is "
             "not this checkpoint's"
         )
     if len(vocab) < MIN_VOCAB_FRACTION * vocab_size:
         raise BaseModelError(
-            f"base model {base_model}: the tokenizer has {len(vocab)} tokens for an embedding "
+            f"{what} {base_model}: the tokenizer has {len(vocab)} tokens for an embedding "
             f"table of {vocab_size} (config.json vocab_size): its vocabulary is missing "
             "(vocab.txt or tokenizer.json), every word would be [UNK]"
         )

@@ -152,7 +152,7 @@ def load_checkpoint(given: str, task: str, path: str | None = None) -> Checkpoin
             f"({_id2label(model.config)}), not 2: {instead}"
         )
     hf_tokenizer, tokenizer = load_fast_tokenizer(path)
-    check_tokenizer_fits(tokenizer, model.config.vocab_size, given)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, given, "checkpoint")
     if task == "qa":
         from service.preprocess.qa import pair_layout
 
@@ -274,32 +274,67 @@ def _id2label(config) -> dict[int, str]:
     return {int(i): str(n) for i, n in sorted(config.id2label.items())}
 
 
-def detector_labels(config, given_labels: str | None, given: str) -> list[str]:
-    """The manifest's labels, ``human``/``machine`` in the model's output order: from
-    ``config.id2label`` when it names them (any case), else from ``--labels NAME0,NAME1``."""
+# id2label names read as human / machine (lowercase, "-" and "_" as spaces). Only names that
+# can mean nothing else for a text classifier: not Fake/Real (a fake-news classifier's "fake"
+# is human-written), not LABEL_0/LABEL_1, not positive/negative.
+HUMAN_NAMES = frozenset({"human", "humans", "human written", "human generated", "human text",
+                         "written by a human"})  # fmt: skip
+MACHINE_NAMES = frozenset({"machine", "machine generated", "machine written", "machine text",
+                           "ai", "ai generated", "ai written", "ai text", "generated", "gpt",
+                           "chatgpt", "gpt generated", "llm", "llm generated", "model generated",
+                           "written by ai", "written by a machine"})  # fmt: skip
+
+
+def _read_label(name: str) -> str | None:
+    """``human``/``machine`` for an id2label name that can only mean that, else None."""
+    key = " ".join(name.lower().replace("-", " ").replace("_", " ").split())
+    return "human" if key in HUMAN_NAMES else "machine" if key in MACHINE_NAMES else None
+
+
+@dataclass
+class Labels:
+    """The manifest's labels, ``human``/``machine`` in the model's output order, and where
+    they came from (``hyperparameters.labels_from``): ``id2label`` (it names them),
+    ``id2label synonyms`` (it names them otherwise, e.g. Human/AI) or ``--labels``."""
+
+    names: list[str]
+    source: str
+
+
+def detector_labels(config, given_labels: str | None, given: str) -> Labels:
+    """The detector's labels: from ``config.id2label`` when its two names read as human and
+    machine (any case, or an unambiguous synonym such as AI or human-written; logged), else
+    from ``--labels NAME0,NAME1``. Refused (CheckpointError, one line) when neither says which
+    output is which, or when --labels contradicts id2label."""
     found = _id2label(config)
-    named = [found.get(i, "").lower() for i in range(2)]
+    raw = [found.get(i, "") for i in range(2)]
+    named = [_read_label(n) or "" for n in raw]
     from_config = sorted(named) == ["human", "machine"]
     if given_labels is None:
-        if from_config:
-            return named
-        raise CheckpointError(
-            f"checkpoint {given}: its id2label {found} does not say which output is human and "
-            "which machine: give them in output order with --labels NAME0,NAME1 (e.g. "
-            "--labels machine,human)"
-        )
+        if not from_config:
+            raise CheckpointError(
+                f"checkpoint {given}: its id2label {found} does not say which output is human "
+                f"and which machine: pass --labels human,machine if output 0 ({raw[0]!r}) means "
+                f"human-written, or --labels machine,human if it means machine-generated"
+            )
+        if named == [n.lower() for n in raw]:
+            return Labels(named, "id2label")
+        log.info("labels: id2label %s read as %s (unambiguous synonyms)", found,
+                 ",".join(named))  # fmt: skip
+        return Labels(named, "id2label synonyms")
     labels = [x.strip().lower() for x in given_labels.split(",")]
     if sorted(labels) != ["human", "machine"]:
         raise CheckpointError(
             f"--labels {given_labels}: name human and machine once each, in the model's "
-            "output order (e.g. --labels machine,human)"
+            f"output order (id2label {found}): --labels human,machine or --labels machine,human"
         )
     if from_config and labels != named:
         raise CheckpointError(
-            f"--labels {given_labels} contradicts the checkpoint's id2label {found}: leave "
-            "--labels out, or correct config.json"
+            f"--labels {given_labels} contradicts the checkpoint's id2label {found} (read as "
+            f"{','.join(named)}): leave --labels out, or correct config.json"
         )
-    return labels
+    log.info("labels: --labels %s for id2label %s", ",".join(labels), found)
+    return Labels(labels, "--labels")
 
 
 def _entry(folder: Path, staging: Path, **fields: Any) -> None:
@@ -319,7 +354,7 @@ def import_detector(
     ck: Checkpoint,
     folder: Path,
     *,
-    labels: list[str],
+    labels: Labels,
     max_length: int,
     variants: Sequence[str],
     command: str,
@@ -361,7 +396,7 @@ def import_detector(
                     OPTIMISTIC)  # fmt: skip
     staging = staging_dir(folder, overwrite)
     exported = export_variants(ck.model, ck.tokenizer, encoder, staging, test, variants,
-                               64, machine=labels.index("machine"))  # fmt: skip
+                               64, machine=labels.names.index("machine"))  # fmt: skip
     metrics = {**exported.metrics, "onnx_parity_max_abs_diff": exported.parity}
     if test:
         metrics["test_examples"] = float(len(test))
@@ -384,13 +419,14 @@ def import_detector(
     hp = {
         "imported_from": ck.source,
         "id2label": _id2label(ck.model.config),
+        "labels_from": labels.source,
         "max_length": max_length,
         "lang": lang,
         "seed": seed,
     }
     _entry(folder, staging, name=folder.parent.name, version=folder.name, task="detect",
            architecture=_architecture(ck.model), description=desc, inputs=inputs,
-           outputs=outputs, labels=labels, max_length=max_length,
+           outputs=outputs, labels=labels.names, max_length=max_length,
            preprocessing=preprocessing(ck.tokenizer), buckets=buckets,
            variants=exported.variants, metrics=metrics, split=split, data=data_files,
            command=command, hyperparameters=hp)  # fmt: skip
