@@ -384,18 +384,20 @@ def list_models(
     a line naming it (exit status 2)."""
     for entry in _repository(model_dir, must_hold_models=True):
         m = entry.manifest
-        typer.echo(
-            json.dumps(
-                {
-                    "name": m.name,
-                    "version": m.version,
-                    "task": m.task,
-                    "metrics": m.metrics,
-                    "variants": sorted(m.variants),
-                    "path": str(entry.path),
-                }
-            )
-        )
+        summary: dict[str, object] = {
+            "name": m.name,
+            "version": m.version,
+            "task": m.task,
+            "metrics": m.metrics,
+            "variants": sorted(m.variants),
+            "path": str(entry.path),
+        }
+        # `nlpserve import`'s entries: where they came from, and whether held-out data scored
+        # them (without --data their metrics are the export's parity alone)
+        if isinstance(source := m.hyperparameters.get("imported_from"), dict):
+            summary["imported_from"] = source.get("given")
+            summary["scored_on_held_out_data"] = m.split is not None
+        typer.echo(json.dumps(summary))
 
 
 # `nlpserve predict`'s exit status when it answered every line but some with an error line.

@@ -226,12 +226,15 @@ async def test_imported_qa_matches_torch_logits_and_answers(
 
 def test_the_manifest_records_what_was_imported(cli, repo: Path, checkpoints: dict[str, Path]):
     from service.repository import load_manifest
-    from training.repository import checkpoint_digest
+    from training.repository import checkpoint_digest, portable_path
 
     res = cli("models", "--models", repo)
     assert res.exit_code == 0, res.output
     listed = {(e := json.loads(line))["name"]: e for line in res.stdout.splitlines()}
     assert set(listed["qa-zh"]["metrics"]) == {"onnx_parity_max_abs_diff"}
+    # an imported entry says so, and that no held-out data scored it
+    assert listed["qa-zh"]["imported_from"] == portable_path(str(checkpoints["qa"]))
+    assert listed["qa-zh"]["scored_on_held_out_data"] is False
 
     m = load_manifest(repo / "detector-en" / "1")
     assert m.architecture == "BertForSequenceClassification"
