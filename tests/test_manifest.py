@@ -369,6 +369,29 @@ def test_a_damaged_model_file_is_refused_by_its_checksum(model_repo, tmp_path):
         create_session(repo / "polarity-en" / "1", manifest, Settings(model_dir=repo))
 
 
+def test_a_qa_tokenizer_whose_pair_template_the_windows_cannot_follow_is_refused_in_one_line(
+    model_repo, tmp_path
+):
+    """A QA model whose tokenizer.json puts the context before the question: `serve` stops
+    in one line (exit 2) naming the file, not a traceback out of the app's startup."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "qa-zh" / "1", repo / "qa-zh" / "1")
+    path = repo / "qa-zh" / "1" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    pair = spec["post_processor"]["pair"]
+    assert [next(iter(p)) for p in pair] == ["SpecialToken", "Sequence", "SpecialToken",
+                                             "Sequence", "SpecialToken"]  # fmt: skip
+    pair[1], pair[3] = pair[3], pair[1]  # [CLS] $B [SEP] $A [SEP]
+    path.write_text(json.dumps(spec))
+    out = _cli("serve", "--models", str(repo), "--port", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("nlpserve: invalid model repository: "), last
+    assert f"{path}: cannot build QA windows: tokenizer pair template" in last, last
+
+
 def test_in_redis_mode_the_worker_checks_model_files_the_api_never_opens_them(model_repo, tmp_path):
     """The worker, which loads the sessions, refuses a damaged ONNX file; a Redis-mode API
     runs no model, so it starts without hashing files it never reads (every variant of every
