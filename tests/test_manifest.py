@@ -558,6 +558,20 @@ def test_training_options_out_of_range_are_refused_before_any_work(cli, tmp_path
     assert res.exit_code == 2 and "Invalid value for" in res.output, res.output
 
 
+def test_a_given_doc_stride_keeps_the_default_question_length_where_both_fit():
+    """`train qa --max-length 128 --doc-stride 32` ran with --max-query-length 64 before the
+    defaults were fitted to the window: it still does (not a third of the window, 41), and so
+    does a window where 64 fits beside the default stride."""
+    from training.transformer.commands import qa_windows
+
+    assert qa_windows(128, 32, None) == (32, 64)
+    assert qa_windows(128, 60, None) == (60, 64)  # 128 - 64 - 3 - 1: the largest beside 64
+    assert qa_windows(128, 61, None) == (61, 41)  # 64 leaves no room for it: fitted
+    assert qa_windows(196, None, None) == (128, 64)
+    assert qa_windows(195, None, None) == (64, 64)  # 128 does not fit beside 64 here
+    assert qa_windows(72, 2, None) == (2, 64)  # 64 + 3 specials + 5 passage tokens
+
+
 def test_qa_windows_not_given_fit_max_length_and_given_ones_are_refused_in_one_line():
     """--doc-stride / --max-query-length not given: 128 / 64 where they fit, else fitted to
     the window (was: typer's usage box for the defaults with --max-length 128); given ones
