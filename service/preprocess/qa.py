@@ -147,7 +147,10 @@ class QAEncoder:
         room = self.max_length - len(q_ids) - lay.specials
         step = room - self.doc_stride
         head = [*lay.head, *q_ids, *lay.mid]
-        head_types = [*lay.head_types, *[lay.a_type] * len(q_ids), *lay.mid_types]
+        head_types = np.asarray(
+            [*lay.head_types, *[lay.a_type] * len(q_ids), *lay.mid_types], dtype=np.int64
+        )
+        tail_types = np.asarray(lay.tail_types, dtype=np.int64)
         n = len(c_ids)
         c_off = np.asarray(c_offsets, dtype=np.int64).reshape(-1, 2)
         # Ordinary text holds no special ids: skip the mask (and its cost) then.
@@ -159,9 +162,11 @@ class QAEncoder:
         while True:
             end = min(start + room, n)
             ids = np.asarray([*head, *c_ids[start:end], *lay.tail], dtype=np.int64)
-            types = np.asarray(
-                [*head_types, *[lay.b_type] * (end - start), *lay.tail_types], dtype=np.int64
-            )
+            # filled by parts, not from a list of every position: this runs per window
+            types = np.empty(len(ids), dtype=np.int64)
+            types[: len(head)] = head_types
+            types[len(head) : len(head) + end - start] = lay.b_type
+            types[len(head) + end - start :] = tail_types
             offsets = np.full((len(ids), 2), NO_OFFSET[0], dtype=np.int64)
             offsets[len(head) : len(head) + end - start] = c_off[start:end]
             barred = None
