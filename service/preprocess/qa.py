@@ -308,6 +308,8 @@ def decode_best_span(
     end_logits: np.ndarray | Sequence[np.ndarray],
     max_answer_length: int = 30,
     n_best: int = 20,
+    *,
+    skip_blank: bool = False,
 ) -> QAAnswer:
     """The best character span of ``context`` over all its windows.
 
@@ -316,6 +318,8 @@ def decode_best_span(
     ``barred`` mask (special tokens typed in the context). For each window the ``n_best``
     highest start and end positions are paired; a span is valid when ``end >= start`` and it
     covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
+    The answer is trimmed of whitespace; ``skip_blank``: spans of whitespace alone are not
+    candidates (taken when one would win otherwise).
     """
     # Each window's n_best x n_best pairs are scored as one grid (start rows, end columns),
     # not pair by pair in Python: the decoder runs on the API's event loop for every request.
@@ -342,6 +346,16 @@ def decode_best_span(
         valid = (
             (tokens >= 0) & (tokens < max_answer_length) & (char_end[None, :] > char_start[:, None])
         )
+        if skip_blank:  # only a span whose first and last tokens are whitespace can be one
+            s_blank = np.array(
+                [context[a:b].isspace() for a, b in win.offsets[lo + s_top].tolist()]
+            )
+            e_blank = np.array(
+                [context[a:b].isspace() for a, b in win.offsets[lo + e_top].tolist()]
+            )
+            for r, c in zip(*np.nonzero(valid & s_blank[:, None] & e_blank[None, :]), strict=True):
+                if context[char_start[r] : char_end[c]].isspace():
+                    valid[r, c] = False
         grid = (s_log[s_top][:, None] + e_log[e_top][None, :])[valid]
         if not grid.size:
             continue
@@ -360,6 +374,12 @@ def decode_best_span(
         cs += 1
     while ce > cs and context[ce - 1].isspace():
         ce -= 1
+    if cs == ce and not skip_blank:
+        # A span of whitespace alone won (SentencePiece's lone "▁" maps to the space before a
+        # word): no answer, not "" with a confidence. Decoded again without such spans, here
+        # only (WordPiece has no whitespace token; checking every request costs ~40 us).
+        return decode_best_span(context, windows, start_logits, end_logits, max_answer_length,
+                                n_best, skip_blank=True)  # fmt: skip
     # The best span's probability among every candidate (softmax of the span scores).
     return QAAnswer(context[cs:ce], cs, ce, score, float(1.0 / probs.sum()), w)
 
