@@ -18,6 +18,7 @@ The tokenizer also matches special-token strings inside client text (a context h
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,9 @@ def barred_ids(tokenizer: Tokenizer) -> frozenset[int]:
     vocabulary (a rare name), and the answer's text comes from their offsets, not the token.
     """
     unk = getattr(tokenizer.model, "unk_token", None)
+    if unk is None:  # Unigram (SentencePiece: XLM-R, ALBERT) has its unknown token by id
+        unk_id = json.loads(tokenizer.to_str())["model"].get("unk_id")
+        unk = tokenizer.id_to_token(unk_id) if unk_id is not None else None
     return frozenset(
         i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special and t.content != unk
     )
