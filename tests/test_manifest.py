@@ -369,6 +369,29 @@ def test_a_damaged_model_file_is_refused_by_its_checksum(model_repo, tmp_path):
         create_session(repo / "polarity-en" / "1", manifest, Settings(model_dir=repo))
 
 
+def test_a_qa_tokenizer_whose_pair_template_the_windows_cannot_follow_is_refused_in_one_line(
+    model_repo, tmp_path
+):
+    """A QA model whose tokenizer.json puts the context before the question: `serve` stops
+    in one line (exit 2) naming the file, not a traceback out of the app's startup."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "qa-zh" / "1", repo / "qa-zh" / "1")
+    path = repo / "qa-zh" / "1" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    pair = spec["post_processor"]["pair"]
+    assert [next(iter(p)) for p in pair] == ["SpecialToken", "Sequence", "SpecialToken",
+                                             "Sequence", "SpecialToken"]  # fmt: skip
+    pair[1], pair[3] = pair[3], pair[1]  # [CLS] $B [SEP] $A [SEP]
+    path.write_text(json.dumps(spec))
+    out = _cli("serve", "--models", str(repo), "--port", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("nlpserve: invalid model repository: "), last
+    assert f"{path}: cannot build QA windows: tokenizer pair template" in last, last
+
+
 def test_in_redis_mode_the_worker_checks_model_files_the_api_never_opens_them(model_repo, tmp_path):
     """The worker, which loads the sessions, refuses a damaged ONNX file; a Redis-mode API
     runs no model, so it starts without hashing files it never reads (every variant of every
@@ -533,6 +556,20 @@ def test_an_unusable_base_model_is_one_line_naming_what_is_missing(cli, tmp_path
 def test_training_options_out_of_range_are_refused_before_any_work(cli, tmp_path, args):
     res = cli(*args, "--data", tmp_path, "--out", tmp_path / "m")
     assert res.exit_code == 2 and "Invalid value for" in res.output, res.output
+
+
+def test_a_given_doc_stride_keeps_the_default_question_length_where_both_fit():
+    """`train qa --max-length 128 --doc-stride 32` ran with --max-query-length 64 before the
+    defaults were fitted to the window: it still does (not a third of the window, 41), and so
+    does a window where 64 fits beside the default stride."""
+    from training.transformer.commands import qa_windows
+
+    assert qa_windows(128, 32, None) == (32, 64)
+    assert qa_windows(128, 60, None) == (60, 64)  # 128 - 64 - 3 - 1: the largest beside 64
+    assert qa_windows(128, 61, None) == (61, 41)  # 64 leaves no room for it: fitted
+    assert qa_windows(196, None, None) == (128, 64)
+    assert qa_windows(195, None, None) == (64, 64)  # 128 does not fit beside 64 here
+    assert qa_windows(72, 2, None) == (2, 64)  # 64 + 3 specials + 5 passage tokens
 
 
 def test_qa_windows_not_given_fit_max_length_and_given_ones_are_refused_in_one_line():

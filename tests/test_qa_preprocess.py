@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from service.preprocess.qa import NO_OFFSET, QAEncoder, answer_token_span, decode_best_span
 from training.transformer.pretrain import build_char_tokenizer
@@ -282,3 +283,57 @@ def test_answer_token_span_of_no_token_is_none(enc):
     assert answer_token_span(w, 2, 3) is None  # only the space between two tokens
     assert answer_token_span(w, 5, 5) is None  # empty, at the very end
     assert answer_token_span(w, 1, 4) == (w.context_start + 1, w.context_start + 2)
+
+
+def _unigram_tokenizer() -> Tokenizer:
+    """A tiny SentencePiece-style Unigram tokenizer (Metaspace) with XLM-R's pair template."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = ["the meeting was held in Paris near the old library 2024"] * 20
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return tok
+
+
+def test_a_span_of_whitespace_alone_is_no_answer_the_next_best_is():
+    """A SentencePiece tokenizer's lone "▁" (before a character with no "▁x" piece) maps to
+    the space alone: logits that pick it give the best span with words in it, trimmed, not
+    "" with a confidence (was: answer "", probability 0.99, start == end)."""
+    tok = _unigram_tokenizer()
+    context = "the 2 meeting was held in Paris"
+    (win,) = QAEncoder(tok, 64, 16, 16).encode("where?", context)
+    lone = [i for i in range(win.context_start, win.context_end)
+            if context[win.offsets[i, 0] : win.offsets[i, 1]] == " "]  # fmt: skip
+    assert lone, "the tokenizer has no lone '▁' here"
+    start, end = np.zeros((1, len(win))), np.zeros((1, len(win)))
+    start[0, lone[0]] = end[0, lone[0]] = 10.0
+    start[0, lone[0] + 1] = 5.0  # the next best: " 2" (10 + 5), trimmed
+    end[0, lone[0] + 1] = 5.0
+    ans = decode_best_span(context, [win], start, end)
+    assert (ans.text, ans.start, ans.end) == ("2", 4, 5), ans
+    assert ans.window == 0 and 0 < ans.probability < 1 and ans.score == 15.0
+
+
+def test_a_sentencepiece_unknown_token_may_bound_an_answer():
+    """Unigram (XLM-R's, ALBERT's) names its unknown token by id, not as ``unk_token``: a
+    character missing from its vocabulary (<unk>) may start and end an answer, as [UNK] may
+    in WordPiece (was: barred like <s> or </s>, so another span was answered)."""
+    tok = _unigram_tokenizer()
+    context = "the 中 meeting was held in Paris"
+    (win,) = QAEncoder(tok, 64, 16, 16).encode("where?", context)
+    ids = win.input_ids[win.context_start : win.context_end]
+    (unk,) = win.context_start + np.nonzero(ids == tok.token_to_id("<unk>"))[0]
+    assert win.barred is None
+    start, end = np.zeros((1, len(win))), np.zeros((1, len(win)))
+    start[0, unk] = end[0, unk] = 10.0
+    ans = decode_best_span(context, [win], start, end)
+    assert (ans.text, ans.start, ans.end) == ("中", 4, 5), ans

@@ -467,3 +467,37 @@ def test_the_guard_leaves_a_second_sigterm_ignored_during_the_cleanup(default_si
         handles_sigterm(cleanup_sees)()
     assert e.value.exit_code == 143
     assert seen == [signal.SIG_IGN]
+
+
+# ------------------------------------------------------------------ QA
+def test_qa_checkpoint_with_the_window_sizes_given_resumes_without_them(cli, tmp_path):
+    """A `train qa` checkpoint records the windows' sizes in effect: one from a run that gave
+    --doc-stride / --max-query-length (or from before they were fitted to --max-length, which
+    recorded 128 / 64) resumes with a command that leaves them to their defaults, where those
+    are the same (was: refused, '--doc-stride: 15 then, unset now')."""
+    from tests.test_pretrain import TEXTS, _squad
+    from training.transformer.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                         intermediate_size=64, max_length=32, batch_size=8, lr=1e-3,
+                         max_steps=1)  # fmt: skip
+    pretrain(TEXTS, tmp_path / "base", cfg)
+    data = tmp_path / "data" / "cmrc2018"
+    data.mkdir(parents=True)
+    for split in ("train", "dev"):
+        squad = json.dumps(_squad(TEXTS[:4] * 2), ensure_ascii=False)
+        (data / f"cmrc2018_{split}.json").write_text(squad, "utf-8")
+    work = tmp_path / "work"
+    # --max-length 48 fits the defaults to 15 / 15 (a third of 45 tokens, half the rest)
+    args = ["train", "qa", "--base-model", tmp_path / "base", "--data", tmp_path / "data",
+            "--out", tmp_path / "models", "--max-length", 48, "--batch-size", 4, "--epochs", 2,
+            "--holdout-ratio", 0.25, "--variants", "fp32", "--work-dir", work, "--threads", 1,
+            "--checkpoint-every", 1, "--no-progress"]  # fmt: skip
+    killed = _nlpserve(*args, "--doc-stride", 15, "--max-query-length", 15,
+                       interrupt=("kill", 1))  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    res = cli(*args, "--resume", work)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "models" / "qa-zh" / "1" / "manifest.json").read_text())
+    assert m["preprocessing"]["doc_stride"] == 15 and m["preprocessing"]["max_query_length"] == 15
+    assert m["hyperparameters"]["resumed"][0]["from_step"] == 1

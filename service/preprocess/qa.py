@@ -18,6 +18,7 @@ The tokenizer also matches special-token strings inside client text (a context h
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,10 @@ class QAEncoder:
         room = self.max_length - len(q_ids) - lay.specials
         step = room - self.doc_stride
         head = [*lay.head, *q_ids, *lay.mid]
-        head_types = [*lay.head_types, *[lay.a_type] * len(q_ids), *lay.mid_types]
+        head_types = np.asarray(
+            [*lay.head_types, *[lay.a_type] * len(q_ids), *lay.mid_types], dtype=np.int64
+        )
+        tail_types = np.asarray(lay.tail_types, dtype=np.int64)
         n = len(c_ids)
         c_off = np.asarray(c_offsets, dtype=np.int64).reshape(-1, 2)
         # Ordinary text holds no special ids: skip the mask (and its cost) then.
@@ -159,9 +163,11 @@ class QAEncoder:
         while True:
             end = min(start + room, n)
             ids = np.asarray([*head, *c_ids[start:end], *lay.tail], dtype=np.int64)
-            types = np.asarray(
-                [*head_types, *[lay.b_type] * (end - start), *lay.tail_types], dtype=np.int64
-            )
+            # filled by parts, not from a list of every position: this runs per window
+            types = np.empty(len(ids), dtype=np.int64)
+            types[: len(head)] = head_types
+            types[len(head) : len(head) + end - start] = lay.b_type
+            types[len(head) + end - start :] = tail_types
             offsets = np.full((len(ids), 2), NO_OFFSET[0], dtype=np.int64)
             offsets[len(head) : len(head) + end - start] = c_off[start:end]
             barred = None
@@ -273,6 +279,9 @@ def barred_ids(tokenizer: Tokenizer) -> frozenset[int]:
     vocabulary (a rare name), and the answer's text comes from their offsets, not the token.
     """
     unk = getattr(tokenizer.model, "unk_token", None)
+    if unk is None:  # Unigram (SentencePiece: XLM-R, ALBERT) has its unknown token by id
+        unk_id = json.loads(tokenizer.to_str())["model"].get("unk_id")
+        unk = tokenizer.id_to_token(unk_id) if unk_id is not None else None
     return frozenset(
         i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special and t.content != unk
     )
@@ -303,6 +312,8 @@ def decode_best_span(
     end_logits: np.ndarray | Sequence[np.ndarray],
     max_answer_length: int = 30,
     n_best: int = 20,
+    *,
+    skip_blank: bool = False,
 ) -> QAAnswer:
     """The best character span of ``context`` over all its windows.
 
@@ -311,6 +322,8 @@ def decode_best_span(
     ``barred`` mask (special tokens typed in the context). For each window the ``n_best``
     highest start and end positions are paired; a span is valid when ``end >= start`` and it
     covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
+    The answer is trimmed of whitespace; ``skip_blank``: spans of whitespace alone are not
+    candidates (taken when one would win otherwise).
     """
     # Each window's n_best x n_best pairs are scored as one grid (start rows, end columns),
     # not pair by pair in Python: the decoder runs on the API's event loop for every request.
@@ -337,6 +350,16 @@ def decode_best_span(
         valid = (
             (tokens >= 0) & (tokens < max_answer_length) & (char_end[None, :] > char_start[:, None])
         )
+        if skip_blank:  # only a span whose first and last tokens are whitespace can be one
+            s_blank = np.array(
+                [context[a:b].isspace() for a, b in win.offsets[lo + s_top].tolist()]
+            )
+            e_blank = np.array(
+                [context[a:b].isspace() for a, b in win.offsets[lo + e_top].tolist()]
+            )
+            for r, c in zip(*np.nonzero(valid & s_blank[:, None] & e_blank[None, :]), strict=True):
+                if context[char_start[r] : char_end[c]].isspace():
+                    valid[r, c] = False
         grid = (s_log[s_top][:, None] + e_log[e_top][None, :])[valid]
         if not grid.size:
             continue
@@ -355,6 +378,12 @@ def decode_best_span(
         cs += 1
     while ce > cs and context[ce - 1].isspace():
         ce -= 1
+    if cs == ce and not skip_blank:
+        # A span of whitespace alone won (SentencePiece's lone "▁" maps to the space before a
+        # word): no answer, not "" with a confidence. Decoded again without such spans, here
+        # only (WordPiece has no whitespace token; checking every request costs ~40 us).
+        return decode_best_span(context, windows, start_logits, end_logits, max_answer_length,
+                                n_best, skip_blank=True)  # fmt: skip
     # The best span's probability among every candidate (softmax of the span scores).
     return QAAnswer(context[cs:ce], cs, ce, score, float(1.0 / probs.sum()), w)
 

@@ -10,7 +10,7 @@ import numpy as np
 from service.api.schemas import QARequest, QAResponse
 from service.config import Settings
 from service.preprocess.qa import QAEncoder, decode_best_span
-from service.repository import ModelEntry
+from service.repository import ManifestError, ModelEntry
 from service.tasks.base import Prepared, Task
 
 DEFAULT_DOC_STRIDE = 128
@@ -34,12 +34,17 @@ class QATask(Task):
     def __init__(self, entry: ModelEntry, settings: Settings) -> None:
         super().__init__(entry, settings)
         pre = self.manifest.preprocessing
-        self.encoder = QAEncoder.load(
-            entry.path / pre.tokenizer_file,
-            max_length=self.max_length,
-            doc_stride=pre.doc_stride or DEFAULT_DOC_STRIDE,
-            max_query_length=getattr(pre, "max_query_length", None) or DEFAULT_MAX_QUERY_LENGTH,
-        )
+        try:
+            self.encoder = QAEncoder.load(
+                entry.path / pre.tokenizer_file,
+                max_length=self.max_length,
+                doc_stride=pre.doc_stride or DEFAULT_DOC_STRIDE,
+                max_query_length=getattr(pre, "max_query_length", None) or DEFAULT_MAX_QUERY_LENGTH,
+            )
+        except ValueError as e:  # a pair template or window sizes it cannot serve: one line
+            raise ManifestError(
+                f"{entry.path / pre.tokenizer_file}: cannot build QA windows: {e}"
+            ) from e
         self.max_answer_length = pre.max_answer_length or DEFAULT_MAX_ANSWER_LENGTH
 
     def texts(self, request: QARequest) -> list[tuple[str, str]]:  # type: ignore[override]

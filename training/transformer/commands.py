@@ -249,10 +249,11 @@ def _checkpointing(
     data_files: list[Any],
     base_record: dict[str, Any],
     command_line: str,
+    **in_effect: Any,
 ):
     """The run's checkpoints in ``work``; a resume checked against the options the run was
-    started with, the data files and a local base checkpoint by sha256, and the thread
-    count in effect."""
+    started with, the data files and a local base checkpoint by sha256, the thread count in
+    effect, and ``in_effect`` (by flag: the value an option not given took)."""
     import torch
 
     from training import checkpoint
@@ -261,6 +262,7 @@ def _checkpointing(
         "--data": [d.model_dump() for d in data_files],
         "--base-model": base_record["base_model_sha256"] or base_record["base_model"],
         "--threads": torch.get_num_threads(),
+        **in_effect,
     })  # fmt: skip
     return checkpoint.start(command, work, every, resume, options, command_line)
 
@@ -292,7 +294,11 @@ def qa_windows(
     query_max = room - 5  # at least 5 passage tokens
     query = max_query_length
     if query is None:
-        query = min(MAX_QUERY_LENGTH, room // 3)
+        # 64 wherever it fits beside the stride in effect: what a given --doc-stride always
+        # had with it (`train qa --max-length 128 --doc-stride 32` replays as it ran)
+        stride_then = DOC_STRIDE if doc_stride is None else doc_stride
+        fits = query_max >= MAX_QUERY_LENGTH and stride_then < room - MAX_QUERY_LENGTH
+        query = MAX_QUERY_LENGTH if fits else min(MAX_QUERY_LENGTH, room // 3)
     elif query > query_max:
         raise WindowError(
             f"--max-query-length {query} leaves no room for the passage in a window of "
@@ -590,8 +596,11 @@ def train_qa_cmd(
     load_stats.update({f"eval_{k}": v for k, v in ev_stats.as_dict().items()})
     data_files = data_checksums([tr_path, ev_path], root)
     base_record = _base_record(base_model, base_model)
+    # the windows' sizes in effect, not None for one not given: a checkpoint of a run that
+    # gave them (or of one before they were fitted, which recorded 128 / 64) resumes
     ck = _checkpointing("train qa", work, checkpoint_every, resume, data_files, base_record,
-                        recorded_command(data, root))  # fmt: skip
+                        recorded_command(data, root), **{"--doc-stride": doc_stride,
+                        "--max-query-length": max_query_length})  # fmt: skip
     with discard_staging_on_error(folder), ck.hint_on_interrupt():
         train_qa(
             train_ex,
