@@ -17,6 +17,7 @@ stopped however the test ends. Needs ``redis-server`` and ``nginx`` (Debian: ``n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -337,31 +338,25 @@ def test_gateway_limits_and_request_id(tmp_path: Path) -> None:
             assert limited[0].headers["retry-after"] == "1" and limited[0].headers["x-request-id"]
 
 
-@needs_binaries
-def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Path) -> None:
-    """NLPSERVE_API_KEYS_FILE behind the gateway: Authorization and X-API-Key reach the
-    replica, its 401 (and WWW-Authenticate) reaches the client as the replica wrote it, in
-    both error shapes; the replica's log names the client and never holds a key."""
-    from service.api.auth import key_line
-
-    key, wrong = "e2e-gateway-key-0123456789", "e2e-wrong-key-0123456789"
-    keys = tmp_path / "api-keys"
-    keys.write_text(key_line("e2e-client", key) + "\n")
+@contextlib.contextmanager
+def _one_replica_behind_the_gateway(
+    model_repo: Path, tmp_path: Path, model: str, **env: str
+) -> Iterator[tuple[procs.Proc, str]]:
+    """One in-process ``nlpserve serve`` of ``model`` with ``env`` on top, behind nginx with
+    the repository's gateway config: (the replica, the gateway's URL); both stopped after."""
     port, gport = procs.free_port(), procs.free_port()
-    env = {
+    api_env = {
         "NLPSERVE_MODEL_DIR": str(model_repo),
-        "NLPSERVE_LOAD_MODELS": "polarity-en",
+        "NLPSERVE_LOAD_MODELS": model,
         "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
         "NLPSERVE_INTRA_OP_THREADS": "1",
         "NLPSERVE_HOST": "127.0.0.1",
         "NLPSERVE_PORT": str(port),
-        "NLPSERVE_API_KEYS_FILE": str(keys),
-        "NLPSERVE_LOG_LEVEL": "DEBUG",
-        "NLPSERVE_LOG_FORMAT": "json",
+        **env,
     }
     started: list[procs.Proc] = []
     with procs.stopping(started):
-        api = procs.start("api", [procs.nlpserve_bin(), "serve"], tmp_path / "logs", env=env)
+        api = procs.start("api", [procs.nlpserve_bin(), "serve"], tmp_path / "logs", env=api_env)
         started.append(api)
         procs.wait_http(api, f"http://127.0.0.1:{port}/readyz", timeout_s=90)
         gateway = {
@@ -372,8 +367,29 @@ def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Pa
             **procs.no_grpc_upstream(),
         }
         started.append(procs.start_nginx(tmp_path / "nginx", gateway))
+        yield api, f"http://127.0.0.1:{gport}"
+
+
+@needs_binaries
+def test_gateway_passes_api_keys_and_401s_through(model_repo: Path, tmp_path: Path) -> None:
+    """NLPSERVE_API_KEYS_FILE behind the gateway: Authorization and X-API-Key reach the
+    replica, its 401 (and WWW-Authenticate) reaches the client as the replica wrote it, in
+    both error shapes; the replica's log names the client and never holds a key."""
+    from service.api.auth import key_line
+
+    key, wrong = "e2e-gateway-key-0123456789", "e2e-wrong-key-0123456789"
+    keys = tmp_path / "api-keys"
+    keys.write_text(key_line("e2e-client", key) + "\n")
+    with _one_replica_behind_the_gateway(
+        model_repo,
+        tmp_path,
+        "polarity-en",
+        NLPSERVE_API_KEYS_FILE=str(keys),
+        NLPSERVE_LOG_LEVEL="DEBUG",
+        NLPSERVE_LOG_FORMAT="json",
+    ) as (api, gateway_url):
         v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["good"]}]}
-        with httpx.Client(base_url=f"http://127.0.0.1:{gport}", timeout=10) as c:
+        with httpx.Client(base_url=gateway_url, timeout=10) as c:
             r = c.post("/v1/polarity", json={"text": "a good film"})
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
             assert r.headers["www-authenticate"] == 'Bearer realm="nlpserve"'
@@ -404,36 +420,14 @@ def test_gateway_compresses_large_answers_for_clients_that_ask(
     they are; the request id and Server-Timing pass either way."""
     import gzip
 
-    port, gport = procs.free_port(), procs.free_port()
-    env = {
-        "NLPSERVE_MODEL_DIR": str(model_repo),
-        "NLPSERVE_LOAD_MODELS": "pos-en",
-        "NLPSERVE_PROVIDERS": "CPUExecutionProvider",
-        "NLPSERVE_INTRA_OP_THREADS": "1",
-        "NLPSERVE_HOST": "127.0.0.1",
-        "NLPSERVE_PORT": str(port),
-        "NLPSERVE_LOG_LEVEL": "WARNING",
-        # the same answer twice from the model, not once from the model and once cached
-        "NLPSERVE_CACHE_MAX_BYTES": "0",
-    }
-    started: list[procs.Proc] = []
-    with procs.stopping(started):
-        api = procs.start("api", [procs.nlpserve_bin(), "serve"], tmp_path / "logs", env=env)
-        started.append(api)
-        procs.wait_http(api, f"http://127.0.0.1:{port}/readyz", timeout_s=90)
-        gateway = {
-            "NLPSERVE_UPSTREAMS": f"server 127.0.0.1:{port};",
-            "NLPSERVE_GATEWAY_PORT": str(gport),
-            "NLPSERVE_RATE_LIMIT": "1000",
-            "NLPSERVE_MAX_BODY": "1000000",
-            **procs.no_grpc_upstream(),
-        }
-        started.append(procs.start_nginx(tmp_path / "nginx", gateway))
+    with _one_replica_behind_the_gateway(
+        model_repo, tmp_path, "pos-en", NLPSERVE_LOG_LEVEL="WARNING"
+    ) as (_, gateway_url):
         batch = {"inputs": [{"text": "the dog runs quickly over the green hill"}] * 40}
 
         def raw(path: str, accept: str, body: dict[str, Any] | None = None) -> httpx.Response:
             # the bytes on the wire: httpx would otherwise decode them
-            with httpx.Client(base_url=f"http://127.0.0.1:{gport}", timeout=30) as c:
+            with httpx.Client(base_url=gateway_url, timeout=30) as c:
                 method = "POST" if body is not None else "GET"
                 req = c.build_request(method, path, json=body, headers={"Accept-Encoding": accept})
                 r = c.send(req, stream=True)
