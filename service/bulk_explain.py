@@ -177,8 +177,17 @@ async def explain_stream(
                         refused = fail_fast and isinstance(answer, LineError)
                     if not started:
                         break
-                    number, answer = started.popleft()
-                    got = await answer if isinstance(answer, asyncio.Future) else answer
+                    number, answer = started[0]
+                    # shielded: Ctrl-C cancels this task, and a cancellation passed on to the
+                    # explanation could be lost there (Python 3.11's wait_for returns a result
+                    # that came as it was cancelled), the run then going on to its end. The
+                    # explanation itself is cancelled below, with the others started.
+                    got = (
+                        await asyncio.shield(answer)
+                        if isinstance(answer, asyncio.Future)
+                        else answer
+                    )
+                    started.popleft()
                     stats.lines += 1
                     if isinstance(got, LineError):
                         stats.items += 1

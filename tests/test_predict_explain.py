@@ -10,6 +10,7 @@ aside: time, and whether this server explained the text before).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -204,6 +205,42 @@ async def test_a_chunk_holds_a_bounded_number_of_explanations(model_repo):
     assert len(out.getvalue().splitlines()) == n
     assert len(out.in_flight) == n and 0 < max(out.in_flight) <= AHEAD_PER_SLOT
     assert len(explainer.computed) <= settings.explain_cache_size  # only what the cache holds
+
+
+async def test_ctrl_c_is_not_lost_in_an_explanation_that_swallows_its_cancellation(model_repo):
+    """Ctrl-C cancels explain_stream's task. A cancellation passed on into the explanation it
+    awaits can be lost there (Python 3.11's wait_for returns the result of a future that
+    finished as the cancellation came; CI saw a run go on to its 500th line and exit 0): the
+    stream must end cancelled all the same, at once, its started explanations cancelled."""
+    from service.bulk_explain import explain_stream
+    from service.cli import _explainer, _predict_model
+
+    require_model(model_repo, POLARITY_MODEL)
+    settings = make_settings(model_repo, variant="fp32")
+    explainer = _explainer(settings, _predict_model(settings, POLARITY_MODEL, None))
+    explain = explainer.explain
+    entered = asyncio.Event()
+
+    async def swallowing(req: Any) -> Any:
+        entered.set()
+        # as wait_for does when its future finished with the cancellation
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.5)
+        return await explain(req)
+
+    explainer.explain = swallowing  # type: ignore[method-assign]
+    lines = [json.dumps({"text": _words(4, i), "max_evals": 8}) for i in range(40)]
+    out = io.StringIO()
+    run = asyncio.ensure_future(
+        explain_stream(
+            explainer, io.BytesIO(("\n".join(lines) + "\n").encode()), out, chunk_lines=4096
+        )  # fmt: skip
+    )
+    await asyncio.wait_for(entered.wait(), 30)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 30)
+    assert len(out.getvalue().splitlines()) < len(lines)
 
 
 async def _explain_offline(
