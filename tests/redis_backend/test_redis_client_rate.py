@@ -212,11 +212,6 @@ async def test_tokens_come_back_unless_the_items_were_queued(
             r = await post_polarity(ca, ALICE, 2)
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
             assert float(await admin.hget(bucket, "tokens")) == pytest.approx(2, abs=0.01)
-            # refused by the admission script itself (B's view of the queue from before)
-            b.state.queue._depth[POL] = 0  # type: ignore[union-attr]
-            r = await post_polarity(cb, ALICE, 2)
-            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
-            assert float(await admin.hget(bucket, "tokens")) == pytest.approx(2, abs=0.01)
         finally:
             gated.gate.set()
         assert [(await t).status_code for t in held] == [200, 200]
