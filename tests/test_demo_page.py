@@ -122,6 +122,14 @@ async def test_every_panel_end_to_end(browser, inprocess_service, model_repo, tm
     assert answer == api["answer"] and answer  # the tiny model always finds some span
     assert await page.text_content("#qa-passage mark.answer") == api["answer"]
     assert await page.text_content("#qa-passage") == QA_CONTEXT  # the passage, intact
+    # the runners-up of top_k 3, with their scores
+    listed = await page.request.post(
+        srv.url + "/v1/qa", data={"question": QA_QUESTION, "context": QA_CONTEXT, "top_k": 3}
+    )
+    others = (await listed.json())["answers"][1:]
+    assert others  # the tiny model has more than one span in this passage
+    want = "Next best: " + ", ".join(f"{a['answer']} ({a['score']:.3f})" for a in others)
+    assert await page.text_content("#qa-others") == want
 
     # --- detector: probability + tokens coloured by SHAP value
     await page.fill("#detect-text", DETECT_TEXT)

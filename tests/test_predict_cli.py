@@ -82,8 +82,15 @@ def _lines(task: str) -> list[str]:
             {"question": "长城有多长？", "context": "长城总长度超过两万千米。" * 12},  # windows
             {"question": "什么？", "context": "是。"},
             {"question": "长城是什么？", "context": "长城是中国古代的军事防御工程。" * 3},
+            # the per-item options: answers listed, over windows
+            {"question": "长城有多长？", "context": "长城总长度超过两万千米。" * 9, "top_k": 4,
+             "max_answer_length": 5},
+        ]  # fmt: skip
+        bad = [
+            *_BAD[:3],
+            json.dumps({"question": "谁？", "context": " "}),
+            json.dumps({"question": "谁？", "context": "是。", "top_k": 0}),
         ]
-        bad = [*_BAD[:3], json.dumps({"question": "谁？", "context": " "})]
     elif task == "pos":
         good = [
             {"text": _words(3)},

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from service.preprocess.qa import NO_OFFSET, QAEncoder, answer_token_span, decode_best_span
+from service.preprocess.qa import (
+    NO_OFFSET,
+    QAEncoder,
+    answer_token_span,
+    decode_best_span,
+    decode_spans,
+)
 from training.transformer.pretrain import build_char_tokenizer
 
 TEXT = [
@@ -193,6 +199,73 @@ def test_decode_matches_the_pairwise_rule(enc, seed):
     assert ans.probability == pytest.approx(prob, rel=1e-12)
 
 
+def _pairwise_ranked(context, windows, starts, ends, max_answer_length, k, n_best=20):
+    """The top-k rule read literally: every candidate pair, best score first (the earlier
+    of equal scores first), each (start, end) once, with its softmax over all candidates."""
+    cands = []
+    for w, win in enumerate(windows):
+        lo, hi = win.context_start, win.context_end
+        s_log, e_log = np.asarray(starts[w])[lo:hi], np.asarray(ends[w])[lo:hi]
+        for s in np.argsort(-s_log, kind="stable")[:n_best]:
+            for e in np.argsort(-e_log, kind="stable")[:n_best]:
+                cs, ce = int(win.offsets[lo + s, 0]), int(win.offsets[lo + e, 1])
+                if s <= e < s + max_answer_length and ce > cs:
+                    cands.append((float(s_log[s] + e_log[e]), cs, ce, w))
+    if not cands:
+        return []
+    top = max(c[0] for c in cands)
+    total = sum(np.exp(c[0] - top) for c in cands)
+    out, seen = [], set()
+    for i in sorted(range(len(cands)), key=lambda i: -cands[i][0]):  # sorted() is stable
+        score, cs, ce, w = cands[i]
+        if (cs, ce) not in seen:
+            seen.add((cs, ce))
+            out.append((cs, ce, w, score, np.exp(score - top) / total))
+    return out[:k]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_top_k_spans_match_the_pairwise_rule(enc, seed):
+    """The k best distinct spans over overlapping windows (the same span from two windows is
+    listed once, with its best score), ties kept in candidate order; the first is
+    decode_best_span's answer, its probability included."""
+    rng = np.random.default_rng(seed)
+    wins = enc.encode("长江？", LONG)
+    starts = [np.round(rng.normal(size=len(w)), 1) for w in wins]
+    ends = [np.round(rng.normal(size=len(w)), 1) for w in wins]
+    max_len = int(rng.choice([1, 3, 30]))
+    k = int(rng.choice([2, 5, 20]))
+    want = _pairwise_ranked(LONG, wins, starts, ends, max_len, k)
+    got = decode_spans(LONG, wins, starts, ends, max_len, top_k=k)
+    assert [(a.start, a.end, a.window, a.score) for a in got] == [w[:4] for w in want]
+    assert [a.probability for a in got] == pytest.approx([w[4] for w in want], rel=1e-12)
+    assert all(a.text == LONG[a.start : a.end] for a in got)
+    assert len({(a.start, a.end) for a in got}) == len(got) == k  # enough candidates for k
+    best = decode_best_span(LONG, wins, starts, ends, max_len)
+    assert got[0] == best
+    assert decode_spans(LONG, wins, starts, ends, max_len) == [best]
+
+
+def test_top_k_lists_a_span_two_windows_share_once_with_its_best_score(enc):
+    wins = enc.encode("长江？", LONG)[:2]
+    a, b = wins
+    # a context character both windows hold: window b's first context token
+    char = int(b.offsets[b.context_start, 0])
+    (i,) = np.nonzero(a.offsets[:, 0] == char)[0]
+    starts, ends = [np.zeros(len(w)) for w in wins], [np.zeros(len(w)) for w in wins]
+    starts[0][i] = ends[0][i] = 6.0
+    starts[1][b.context_start] = ends[1][b.context_start] = 5.0
+    spans = decode_spans(LONG, wins, starts, ends, top_k=3)
+    assert (spans[0].start, spans[0].score, spans[0].window) == (char, 12.0, 0)
+    assert [(x.start, x.end) for x in spans].count((spans[0].start, spans[0].end)) == 1
+    assert spans[1].score < 12.0 and spans[2].score <= spans[1].score
+
+
+def test_top_k_of_a_context_with_no_valid_span_is_empty(enc):
+    (w,) = enc.encode("问题？", "")
+    assert decode_spans("", [w], [np.zeros(len(w))], [np.zeros(len(w))], top_k=5) == []
+
+
 def test_collate_pads_right_with_mask(enc):
     wins = enc.encode("长江？", LONG)[:2] + enc.encode("北京？", "北京")
     b = enc.collate(wins, pad_to=64)
@@ -321,6 +394,29 @@ def test_a_span_of_whitespace_alone_is_no_answer_the_next_best_is():
     ans = decode_best_span(context, [win], start, end)
     assert (ans.text, ans.start, ans.end) == ("2", 4, 5), ans
     assert ans.window == 0 and 0 < ans.probability < 1 and ans.score == 15.0
+
+
+def test_top_k_leaves_out_spans_of_whitespace_alone():
+    """The lone "▁" again: as the best span it is re-decoded as decode_best_span does (same
+    answer, same probability); as a lower one it is left out, the rest unchanged."""
+    tok = _unigram_tokenizer()
+    context = "the 2 meeting was held in Paris"
+    (win,) = QAEncoder(tok, 64, 16, 16).encode("where?", context)
+    lone = [i for i in range(win.context_start, win.context_end)
+            if context[win.offsets[i, 0] : win.offsets[i, 1]] == " "]  # fmt: skip
+    start, end = np.zeros((1, len(win))), np.zeros((1, len(win)))
+    start[0, lone[0]] = end[0, lone[0]] = 10.0
+    start[0, lone[0] + 1] = end[0, lone[0] + 1] = 5.0
+    spans = decode_spans(context, [win], start, end, top_k=4)
+    assert spans[0] == decode_best_span(context, [win], start, end)
+    assert spans[0].text == "2" and len(spans) == 4
+    assert all(a.text.strip() and a.text == context[a.start : a.end] for a in spans)
+    # the blank span third: the first two stand, the blank one is not among the rest
+    start[0, lone[0]] = end[0, lone[0]] = 2.0
+    start[0, lone[0] + 3] = end[0, lone[0] + 3] = 4.0
+    spans = decode_spans(context, [win], start, end, top_k=20)
+    assert spans[0] == decode_best_span(context, [win], start, end)
+    assert all(a.start < a.end and a.text.strip() for a in spans)
 
 
 def test_a_sentencepiece_unknown_token_may_bound_an_answer():

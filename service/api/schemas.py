@@ -16,13 +16,20 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from service.config import MAX_LIST_ITEMS
+
+# QA's per-request options: the most spans `answers` lists (the decoder pairs each window's
+# 20 best starts and ends), and the longest answer one may ask for (no window is longer).
+MAX_TOP_K = 20
+MAX_ANSWER_TOKENS = 4096
 
 
 def _has_visible(v: str) -> bool:
@@ -235,6 +242,34 @@ class QARequest(_Item):
         "windows; the best span over all windows wins.",
         examples=["长城是中国古代的军事防御工程，总长度超过两万千米。"],
     )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOP_K,
+        strict=True,  # true would be read as 1, "3" as 3
+        description="Also list the `top_k` best distinct spans, best first, as `answers` "
+        "(left out: no `answers`).",
+        examples=[3],
+    )
+    max_answer_length: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_ANSWER_TOKENS,
+        strict=True,
+        description="Longest answer, in model tokens (about one per Chinese character; an "
+        "English word may take several). Left out: the model's own (`GET /v1/models`: "
+        "`max_answer_length`).",
+        examples=[30],
+    )
+
+
+class QASpan(BaseModel):
+    answer: str = Field(description="The span: exactly `context[start:end]`.")
+    start: int = Field(description="Offset of the span in `context` (inclusive), code points.")
+    end: int = Field(description="Offset of the span end in `context` (exclusive).")
+    score: float = Field(
+        description="Probability of this span among all candidate spans of all windows."
+    )
 
 
 class QAResponse(_Out):
@@ -254,6 +289,23 @@ class QAResponse(_Out):
         description="Probability of this span among all candidate spans of all windows "
         "(softmax of start+end logits), 0 to 1; 0 with an empty answer."
     )
+    answers: list[QASpan] | SkipJsonSchema[None] = Field(
+        None,
+        description="Only when the request gave `top_k`: up to `top_k` distinct spans, best "
+        "first (`answers[0]` is `answer`); fewer when fewer are valid, none with an empty "
+        "answer. Their scores are each span's own probability, so they add up to at most 1.",
+        json_schema_extra=_no_default,
+    )
+
+    # No return annotation: pydantic would take it for the JSON Schema of the answer.
+    @model_serializer(mode="wrap")
+    def _answers_when_asked(self, handler: SerializerFunctionWrapHandler):
+        # Left out, not null, when not asked for: answers of requests without top_k are as
+        # they were before the field existed.
+        out = handler(self)
+        if out.get("answers") is None:
+            out.pop("answers", None)
+        return out
 
 
 # ---------------------------------------------------------------------------- batches
@@ -375,6 +427,11 @@ class ModelInfo(BaseModel):
     )
     queue_depth: int = Field(
         0, description="Sequences of this model waiting in this process's queue now."
+    )
+    max_answer_length: int | None = Field(
+        None,
+        description="QA: the longest answer in model tokens when a request gives no "
+        "`max_answer_length` (null for other tasks).",
     )
 
 

@@ -37,6 +37,7 @@ from service.client.types import (
     PolarityResult,
     PosResult,
     QAResult,
+    QASpan,
     Ready,
     ResponseMeta,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "PolarityResult",
     "PosResult",
     "QAResult",
+    "QASpan",
     "Ready",
     "ResponseMeta",
     "RetriesExhausted",

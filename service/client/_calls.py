@@ -142,13 +142,35 @@ def detect_batch(texts: Sequence[str], model: str | None) -> Call[list[DetectRes
     return Call("POST", "/v1/detect", _many(DetectResult), body, _model(model), prediction=True)
 
 
-def qa(question: str, context: str, model: str | None) -> Call[QAResult]:
-    body = {"question": question, "context": context}
+def _qa_item(
+    question: str, context: str, top_k: int | None, max_answer_length: int | None
+) -> dict[str, Any]:
+    item: dict[str, Any] = {"question": question, "context": context}
+    if top_k is not None:
+        item["top_k"] = top_k
+    if max_answer_length is not None:
+        item["max_answer_length"] = max_answer_length
+    return item
+
+
+def qa(
+    question: str,
+    context: str,
+    model: str | None,
+    top_k: int | None = None,
+    max_answer_length: int | None = None,
+) -> Call[QAResult]:
+    body = _qa_item(question, context, top_k, max_answer_length)
     return Call("POST", "/v1/qa", _one(QAResult), body, _model(model), prediction=True)
 
 
-def qa_batch(pairs: Sequence[tuple[str, str]], model: str | None) -> Call[list[QAResult]]:
-    body = _batch([{"question": q, "context": c} for q, c in pairs])
+def qa_batch(
+    pairs: Sequence[tuple[str, str]],
+    model: str | None,
+    top_k: int | None = None,
+    max_answer_length: int | None = None,
+) -> Call[list[QAResult]]:
+    body = _batch([_qa_item(q, c, top_k, max_answer_length) for q, c in pairs])
     return Call("POST", "/v1/qa", _many(QAResult), body, _model(model), prediction=True)
 
 

@@ -251,19 +251,33 @@ class Client(_Options):
         return self._send(calls.detect_batch(texts, model), opts)
 
     def qa(
-        self, question: str, context: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        question: str,
+        context: str,
+        *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> QAResult:
-        return self._send(calls.qa(question, context, model), opts)
+        """The best answer; ``top_k``: also ``answers``, the ``top_k`` best distinct spans;
+        ``max_answer_length``: longest answer in model tokens (default: the model's)."""
+        call = calls.qa(question, context, model, top_k, max_answer_length)
+        return self._send(call, opts)
 
     def qa_batch(
         self,
         pairs: Sequence[tuple[str, str]],
         *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> list[QAResult]:
-        """One request of several ``(question, context)`` pairs."""
-        return self._send(calls.qa_batch(pairs, model), opts)
+        """One request of several ``(question, context)`` pairs (``top_k`` and
+        ``max_answer_length`` as :meth:`qa`'s, for each)."""
+        call = calls.qa_batch(pairs, model, top_k, max_answer_length)
+        return self._send(call, opts)
 
     # ------------------------------------------------------------------ any number of items
     def pos_many(
@@ -321,13 +335,15 @@ class Client(_Options):
         self,
         pairs: Sequence[tuple[str, str]],
         *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[QAResult]:
         """``qa_batch`` of any number of pairs (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.qa_batch(c, model)  # noqa: E731
+        make = lambda c: calls.qa_batch(c, model, top_k, max_answer_length)  # noqa: E731
         return self._many(make, pairs, chunk_size, concurrency, opts)
 
     # ------------------------------------------------------------------ explanations
@@ -530,19 +546,33 @@ class AsyncClient(_Options):
         return await self._send(calls.detect_batch(texts, model), opts)
 
     async def qa(
-        self, question: str, context: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        question: str,
+        context: str,
+        *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> QAResult:
-        return await self._send(calls.qa(question, context, model), opts)
+        """The best answer; ``top_k``: also ``answers``, the ``top_k`` best distinct spans;
+        ``max_answer_length``: longest answer in model tokens (default: the model's)."""
+        call = calls.qa(question, context, model, top_k, max_answer_length)
+        return await self._send(call, opts)
 
     async def qa_batch(
         self,
         pairs: Sequence[tuple[str, str]],
         *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> list[QAResult]:
-        """One request of several ``(question, context)`` pairs."""
-        return await self._send(calls.qa_batch(pairs, model), opts)
+        """One request of several ``(question, context)`` pairs (``top_k`` and
+        ``max_answer_length`` as :meth:`qa`'s, for each)."""
+        call = calls.qa_batch(pairs, model, top_k, max_answer_length)
+        return await self._send(call, opts)
 
     # ------------------------------------------------------------------ any number of items
     async def pos_many(
@@ -599,13 +629,15 @@ class AsyncClient(_Options):
         self,
         pairs: Sequence[tuple[str, str]],
         *,
+        top_k: int | None = None,
+        max_answer_length: int | None = None,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[QAResult]:
         """``qa_batch`` of any number of pairs (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.qa_batch(c, model)  # noqa: E731
+        make = lambda c: calls.qa_batch(c, model, top_k, max_answer_length)  # noqa: E731
         return await self._many(make, pairs, chunk_size, concurrency, opts)
 
     # ------------------------------------------------------------------ explanations

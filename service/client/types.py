@@ -89,11 +89,26 @@ class DetectResult(Answer):
 
 
 @dataclass
+class QASpan:
+    answer: str  # context[start:end]
+    start: int  # code points
+    end: int
+    score: float  # this span's probability among every candidate span
+
+
+@dataclass
 class QAResult(Answer):
     answer: str  # context[start:end]
     start: int  # code points
     end: int
     score: float
+    # Only when the call gave top_k (None otherwise: the body had no `answers`): up to top_k
+    # distinct spans, best first.
+    answers: list[QASpan] | None = None
+
+    def __post_init__(self) -> None:
+        if self.answers is not None:  # from the JSON body: objects into QASpans
+            self.answers = [a if isinstance(a, QASpan) else _known(QASpan, a) for a in self.answers]
 
 
 @dataclass
@@ -144,6 +159,7 @@ class ModelInfo(Answer):
     min_padding_efficiency: float | None = None
     token_cost_us: float | None = None
     queue_depth: int = 0
+    max_answer_length: int | None = None  # QA only
 
 
 @dataclass

@@ -19,7 +19,8 @@ The tokenizer also matches special-token strings inside client text (a context h
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +306,9 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
 
 
+EMPTY_ANSWER = QAAnswer("", 0, 0, float("-inf"), 0.0, -1)
+
+
 def decode_best_span(
     context: str,
     windows: Sequence[QAWindow],
@@ -312,24 +316,43 @@ def decode_best_span(
     end_logits: np.ndarray | Sequence[np.ndarray],
     max_answer_length: int = 30,
     n_best: int = 20,
+) -> QAAnswer:
+    """The best character span of ``context`` over all its windows (:func:`decode_spans`'
+    first; ``window`` -1 and an empty text when no span is valid)."""
+    spans = decode_spans(context, windows, start_logits, end_logits, max_answer_length, n_best)
+    return spans[0] if spans else EMPTY_ANSWER
+
+
+def decode_spans(
+    context: str,
+    windows: Sequence[QAWindow],
+    start_logits: np.ndarray | Sequence[np.ndarray],
+    end_logits: np.ndarray | Sequence[np.ndarray],
+    max_answer_length: int = 30,
+    n_best: int = 20,
+    top_k: int = 1,
     *,
     skip_blank: bool = False,
-) -> QAAnswer:
-    """The best character span of ``context`` over all its windows.
+) -> list[QAAnswer]:
+    """The ``top_k`` best distinct character spans of ``context`` over all its windows, best
+    first (fewer when fewer are valid; none when none is).
 
     ``start_logits``/``end_logits`` hold one row per window (a padded [W, T] array or a list
     of 1-D arrays); only context tokens are candidates, and not those in a window's
     ``barred`` mask (special tokens typed in the context). For each window the ``n_best``
     highest start and end positions are paired; a span is valid when ``end >= start`` and it
-    covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit.
-    The answer is trimmed of whitespace; ``skip_blank``: spans of whitespace alone are not
-    candidates (taken when one would win otherwise).
+    covers at most ``max_answer_length`` tokens. The span score is ``start + end`` logit, its
+    probability the softmax of the scores of every candidate. Answers are trimmed of
+    whitespace; the same span from two overlapping windows is listed once, with its best
+    score. ``skip_blank``: spans of whitespace alone are not candidates (taken when one would
+    win otherwise: otherwise they are only left out of the list).
     """
     # Each window's n_best x n_best pairs are scored as one grid (start rows, end columns),
     # not pair by pair in Python: the decoder runs on the API's event loop for every request.
     # Candidates keep the pair-by-pair order (windows, then start rank, then end rank), so
     # ties go to the same span and the probabilities sum in the same order.
     scores: list[np.ndarray] = []
+    spans: list[tuple[np.ndarray, np.ndarray, int]] = []  # each grid's char starts, ends, window
     best: tuple[float, int, int, int] | None = None  # score, char start, char end, window
     for w, win in enumerate(windows):
         lo, hi = win.context_start, win.context_end
@@ -364,28 +387,55 @@ def decode_best_span(
         if not grid.size:
             continue
         scores.append(grid)
+        rows = cols = None
+        if top_k > 1:
+            rows, cols = np.nonzero(valid)
+            spans.append((char_start[rows], char_end[cols], w))
         i = int(np.argmax(grid))
         if best is None or grid[i] > best[0]:  # strict: an earlier window wins a tie
-            rows, cols = np.nonzero(valid)
+            if rows is None or cols is None:
+                rows, cols = np.nonzero(valid)
             best = (float(grid[i]), int(char_start[rows[i]]), int(char_end[cols[i]]), w)
     if best is None:
-        return QAAnswer("", 0, 0, float("-inf"), 0.0, -1)
+        return []
     every = np.concatenate(scores)
-    probs = np.exp(every - every.max())
-    score, cs, ce, w = best
-    # SentencePiece's "▁word" pieces map back to the space before the word as well.
-    while cs < ce and context[cs].isspace():
-        cs += 1
-    while ce > cs and context[ce - 1].isspace():
-        ce -= 1
-    if cs == ce and not skip_blank:
-        # A span of whitespace alone won (SentencePiece's lone "▁" maps to the space before a
-        # word): no answer, not "" with a confidence. Decoded again without such spans, here
-        # only (WordPiece has no whitespace token; checking every request costs ~40 us).
-        return decode_best_span(context, windows, start_logits, end_logits, max_answer_length,
-                                n_best, skip_blank=True)  # fmt: skip
-    # The best span's probability among every candidate (softmax of the span scores).
-    return QAAnswer(context[cs:ce], cs, ce, score, float(1.0 / probs.sum()), w)
+    top = float(every.max())
+    total = float(np.exp(every - top).sum())
+    if top_k == 1:
+        ranked: Iterable[tuple[float, int, int, int]] = [best]
+    else:  # every candidate, best first; a stable sort keeps ties in the order above
+        starts = np.concatenate([a for a, _, _ in spans])
+        ends = np.concatenate([b for _, b, _ in spans])
+        wins = np.concatenate([np.full(len(a), w) for a, _, w in spans])
+        order = np.argsort(-every, kind="stable")
+        ranked = (
+            (float(every[i]), int(starts[i]), int(ends[i]), int(wins[i])) for i in order.tolist()
+        )
+    out: list[QAAnswer] = []
+    seen: set[tuple[int, int]] = set()
+    for score, cs, ce, w in ranked:
+        # SentencePiece's "▁word" pieces map back to the space before the word as well.
+        while cs < ce and context[cs].isspace():
+            cs += 1
+        while ce > cs and context[ce - 1].isspace():
+            ce -= 1
+        if cs == ce:
+            if not out and not skip_blank:
+                # A span of whitespace alone won (SentencePiece's lone "▁" maps to the space
+                # before a word): no answer, not "" with a confidence. Decoded again without
+                # such spans, here only (WordPiece has no whitespace token; checking every
+                # request costs ~40 us).
+                return decode_spans(context, windows, start_logits, end_logits,
+                                    max_answer_length, n_best, top_k, skip_blank=True)  # fmt: skip
+            continue
+        if (cs, ce) in seen:
+            continue
+        seen.add((cs, ce))
+        # The span's probability among every candidate (softmax of the span scores).
+        out.append(QAAnswer(context[cs:ce], cs, ce, score, math.exp(score - top) / total, w))
+        if len(out) == top_k:
+            break
+    return out
 
 
 def answer_token_span(window: QAWindow, char_start: int, char_end: int) -> tuple[int, int] | None:

@@ -316,7 +316,7 @@ function explainSummary(exp) {
 wire("qa-form", async (panel) => {
   const context = $("qa-context").value;
   const question = $("qa-question").value;
-  const out = await api("/v1/qa", { question, context });
+  const out = await api("/v1/qa", { question, context, top_k: 3 });
   const passage = $("qa-passage");
   passage.replaceChildren();
   if (out.answer && out.end > out.start) {
@@ -331,6 +331,20 @@ wire("qa-form", async (panel) => {
   }
   $("qa-answer").textContent = out.answer || "(no answer found)";
   $("qa-score").textContent = `score ${out.score.toFixed(3)}`;
+  // the runners-up: a close second says the model hesitated
+  const others = (out.answers || []).slice(1);
+  const runnersUp = $("qa-others");
+  runnersUp.replaceChildren();
+  if (others.length) {
+    runnersUp.append("Next best: ");
+    others.forEach((a, i) => {
+      if (i) runnersUp.append(", ");
+      const span = el("span", null, a.answer);
+      span.lang = "zh";
+      runnersUp.append(span, ` (${a.score.toFixed(3)})`);
+    });
+  }
+  runnersUp.hidden = others.length === 0;
   $("qa-result").hidden = false;
   const answer = out.answer ? el("span", null, out.answer) : "no answer found";
   if (out.answer) answer.lang = "zh";

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from service.api.schemas import QARequest, QAResponse
+from service.api.schemas import QARequest, QAResponse, QASpan
 from service.config import Settings
-from service.preprocess.qa import QAEncoder, decode_best_span
+from service.preprocess.qa import EMPTY_ANSWER, QAEncoder, decode_spans
 from service.repository import ManifestError, ModelEntry
 from service.tasks.base import Prepared, Task
 
@@ -70,26 +70,39 @@ class QATask(Task):
                 )
                 for w in windows
             ]
-            meta = {"context": req.context, "windows": windows}
+            meta = {
+                "context": req.context,
+                "windows": windows,
+                "top_k": req.top_k,
+                "max_answer_length": req.max_answer_length or self.max_answer_length,
+            }
             # a long context is read whole (in windows); a long question is cut, silently
             cut = q_tokens > max_query
             out.append(Prepared(items, meta, tokens=q_tokens + c_tokens, truncated=cut))
         return out
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> QAResponse:
-        ans = decode_best_span(
-            prepared.meta["context"],
-            prepared.meta["windows"],
+        meta = prepared.meta
+        top_k = meta.get("top_k")
+        spans = decode_spans(
+            meta["context"],
+            meta["windows"],
             [o["start_logits"] for o in outputs],
             [o["end_logits"] for o in outputs],
-            max_answer_length=self.max_answer_length,
+            max_answer_length=meta.get("max_answer_length", self.max_answer_length),
+            top_k=top_k or 1,
         )
-        found = ans.window >= 0
+        best = spans[0] if spans else EMPTY_ANSWER  # its probability is 0
+        listed = None
+        if top_k is not None:
+            listed = [QASpan(answer=a.text, start=a.start, end=a.end, score=a.probability)
+                      for a in spans]  # fmt: skip
         return QAResponse(
-            answer=ans.text,
-            start=ans.start,
-            end=ans.end,
-            score=ans.probability if found else 0.0,
+            answer=best.text,
+            start=best.start,
+            end=best.end,
+            score=best.probability,
+            answers=listed,
         )
 
     def outcome(self, result: Any) -> tuple[str, float | None]:

@@ -37,6 +37,7 @@ from service.client import (
     ErrorLimit,
     IncompleteBatch,
     NlpserveError,
+    QASpan,
     RetriesExhausted,
     RetryPolicy,
     ServerError,
@@ -127,6 +128,10 @@ CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None, str, str, An
     ("qa_batch", ([(QUESTION, CONTEXT), ("谁？", "蔡伦改进了造纸术。")],), {}, QA_MODEL, "POST",
      "/v1/qa", {"inputs": [{"question": QUESTION, "context": CONTEXT},
                            {"question": "谁？", "context": "蔡伦改进了造纸术。"}]}),
+    ("qa", (QUESTION, CONTEXT), {"top_k": 3, "max_answer_length": 4}, QA_MODEL, "POST",
+     "/v1/qa", {"question": QUESTION, "context": CONTEXT, "top_k": 3, "max_answer_length": 4}),
+    ("qa_batch", ([(QUESTION, CONTEXT)],), {"top_k": 2}, QA_MODEL, "POST", "/v1/qa",
+     {"inputs": [{"question": QUESTION, "context": CONTEXT, "top_k": 2}]}),
     ("explain_polarity", (REVIEW,), {"max_evals": 20}, POLARITY_MODEL, "POST",
      "/v1/polarity/explain", {"text": REVIEW, "max_evals": 20}),
     ("explain_detect", (ESSAY,), {"max_evals": 20}, DETECT_MODEL, "POST",
@@ -1135,3 +1140,17 @@ async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised
                 await asyncio.to_thread(many, Poisoned(str(i) for i in range(40)), request_id="p")
     ids = {h["x-request-id"] for h in script.seen[2:]}
     assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids
+
+
+async def test_qa_top_k_answers_are_spans_and_qa_many_passes_the_options_on(srv, model_repo):
+    require_model(model_repo, QA_MODEL)
+    async with AsyncClient(srv.url, api_key=KEY) as ac:
+        one = await ac.qa(QUESTION, CONTEXT, top_k=3)
+        plain = await ac.qa(QUESTION, CONTEXT)
+        many = await ac.qa_many([(QUESTION, CONTEXT)] * 3, top_k=2, max_answer_length=1)
+    assert plain.answers is None
+    assert one.answers and all(isinstance(a, QASpan) for a in one.answers)
+    assert (one.answers[0].answer, one.answers[0].start) == (plain.answer, plain.start)
+    for r in many:
+        assert r.answers and len(r.answers) <= 2
+        assert all(a.end - a.start <= 1 for a in r.answers)  # one CJK character, one token

@@ -146,3 +146,103 @@ async def test_answer_never_starts_or_ends_on_a_special_token_typed_in_the_conte
     assert out["answer"].strip()
     assert not out["answer"].startswith(TYPED_SPECIALS), out
     assert not out["answer"].endswith(TYPED_SPECIALS), out
+
+
+# --------------------------------------------------------------------------- top_k, length
+def _tokens(service, text: str) -> int:
+    encoder = service.state.tasks[QA_MODEL].encoder
+    return len(encoder.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+async def test_top_k_lists_distinct_spans_best_first(client):
+    plain = await client.post("/v1/qa", json={"question": QUESTION, "context": LONG_CONTEXT})
+    r = await client.post(
+        "/v1/qa", json={"question": QUESTION, "context": LONG_CONTEXT, "top_k": 5}
+    )
+    assert r.status_code == 200, r.text
+    assert "answers" not in plain.json()  # only when asked for
+    out = r.json()
+    answers = out.pop("answers")
+    assert out == plain.json()  # the best answer is the same with or without top_k
+    assert len(answers) == 5
+    assert answers[0] == out
+    for a in answers:
+        _check_span(a, LONG_CONTEXT)
+        assert a["answer"]
+    assert len({(a["start"], a["end"]) for a in answers}) == 5
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-9
+
+
+async def test_max_answer_length_bounds_every_listed_span(client, service):
+    body = {"question": QUESTION, "context": LONG_CONTEXT, "top_k": 20}
+    wide = (await client.post("/v1/qa", json=body)).json()["answers"]
+    assert max(_tokens(service, a["answer"]) for a in wide) > 2  # the limit below matters
+    r = await client.post("/v1/qa", json={**body, "max_answer_length": 2})
+    assert r.status_code == 200, r.text
+    answers = r.json()["answers"]
+    assert answers and all(1 <= _tokens(service, a["answer"]) <= 2 for a in answers)
+    # the model's own limit, as GET /v1/models says, is what a request without one gets
+    info = (await client.get(f"/v1/models/{QA_MODEL}")).json()
+    default = info["max_answer_length"]
+    assert default == service.state.tasks[QA_MODEL].max_answer_length
+    same = await client.post("/v1/qa", json={**body, "max_answer_length": default})
+    assert same.json() == {**wide[0], "answers": wide}
+
+
+async def test_a_batch_lists_answers_for_the_items_that_ask(client):
+    items = [
+        {"question": QUESTION, "context": CONTEXT, "top_k": 3},
+        {"question": QUESTION, "context": CONTEXT},
+    ]
+    r = await client.post("/v1/qa", json={"inputs": items})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["outputs"]
+    assert 1 <= len(first["answers"]) <= 3 and first["answers"][0]["answer"] == first["answer"]
+    assert "answers" not in second
+
+
+async def test_no_answer_lists_no_spans(client):
+    body = {"question": QUESTION, "context": "[SEP][CLS][PAD][MASK]", "top_k": 4}
+    r = await client.post("/v1/qa", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"answer": "", "start": 0, "end": 0, "score": 0.0, "answers": []}
+
+
+@pytest.mark.parametrize(
+    "extra, code",
+    [
+        ({"top_k": 0}, "invalid_request"),
+        ({"top_k": 21}, "invalid_request"),
+        ({"top_k": "3"}, "wrong_type"),
+        ({"top_k": True}, "wrong_type"),
+        ({"top_k": 2.5}, "wrong_type"),
+        ({"max_answer_length": 0}, "invalid_request"),
+        ({"max_answer_length": 10**30}, "invalid_request"),
+        ({"topk": 3}, "unknown_field"),
+    ],
+)
+async def test_bad_options_are_422_naming_the_field(client, extra, code):
+    r = await client.post("/v1/qa", json={"question": QUESTION, "context": CONTEXT, **extra})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert next(iter(extra)) in error["message"]
+
+
+async def test_the_response_cache_keys_top_k_apart(model_repo):
+    """A cached plain answer is never the answer of a top_k request, nor the reverse."""
+    from tests.service_support import live_server, make_settings
+
+    settings = make_settings(model_repo, load_models=QA_MODEL, response_cache_mb=1)
+    body = {"question": QUESTION, "context": CONTEXT}
+    async with live_server(settings) as srv, srv.client() as c:
+        plain = await c.post("/v1/qa", json=body)
+        listed = await c.post("/v1/qa", json={**body, "top_k": 3})
+        again = await c.post("/v1/qa", json=body)
+        listed_again = await c.post("/v1/qa", json={**body, "top_k": 3})
+    assert "answers" not in plain.json() and "answers" not in again.json()
+    assert again.content == plain.content
+    assert listed.json()["answers"] and listed_again.content == listed.content
+    assert "cache;desc=hit" in again.headers["server-timing"]
+    assert "cache;desc=hit" in listed_again.headers["server-timing"]

@@ -50,6 +50,7 @@ def _info(state: ServiceState, name: str) -> ModelInfo:
         min_padding_efficiency=run.get("min_padding_efficiency"),
         token_cost_us=run.get("token_cost_us"),
         queue_depth=state.queue.depth(name) if state.queue is not None else 0,
+        max_answer_length=getattr(task, "max_answer_length", None),
     )
 
 
