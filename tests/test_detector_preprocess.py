@@ -26,6 +26,32 @@ def test_encode_adds_specials_and_truncates_from_the_head(tok):
     )
 
 
+@pytest.mark.parametrize("max_length", [4, 6, 7, 64])
+def test_windows_read_every_token_once_the_head_window_is_encodes(tok, max_length):
+    """Consecutive windows of at most max_length tokens, specials around each: together the
+    text's tokens, in order, each once; their spans cover the text in order; the first is
+    what encode() reads."""
+    text = "the cat sat on a mat and it is important to note that overall 中文 测试"
+    enc = ClassifyEncoder(tok, max_length=max_length)
+    (windows,) = enc.encode_windows([text])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    inner: list[int] = []
+    for w in windows:
+        ids = w.encoding.input_ids.tolist()
+        assert len(ids) <= max_length and ids[0] == cls and ids[-1] == sep
+        assert w.text_tokens == len(ids) - 2 and not w.encoding.truncated
+        inner += ids[1:-1]
+        # the span holds exactly the window's tokens
+        assert tok.encode(text[w.start : w.end], add_special_tokens=False).ids == ids[1:-1]
+    assert inner == tok.encode(text, add_special_tokens=False).ids
+    starts = [w.start for w in windows]
+    assert starts == sorted(starts) and windows[0].start == 0 and windows[-1].end == len(text)
+    assert all(a.end <= b.start for a, b in zip(windows, windows[1:], strict=False))
+    head = enc.encode([text])[0]
+    assert windows[0].encoding.input_ids.tolist() == head.input_ids.tolist()
+    assert len(windows) == (1 if max_length == 64 else -(-len(inner) // (max_length - 2)))
+
+
 def test_collate_and_call(tok):
     enc = ClassifyEncoder(tok, max_length=16)
     b = enc(["the cat", "中文测试 the mat"], pad_to=20)

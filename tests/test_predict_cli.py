@@ -110,6 +110,9 @@ def _lines(task: str) -> list[str]:
             {"text": _words(12, 9)},
         ]
         bad = _BAD
+        if task == "detect":  # the whole text, in windows
+            good.append({"text": _words(200, 4), "windows": True})
+            bad = [*bad, json.dumps({"text": "the", "windows": "yes"})]
     lines = [json.dumps(g, ensure_ascii=False) for g in good]
     # bad lines between good ones, and a blank one
     for i, b in enumerate(bad):

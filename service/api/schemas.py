@@ -8,7 +8,7 @@ talks about the shape the client actually sent.
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     AfterValidator,
@@ -88,6 +88,22 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _OutOnRequest(_Out):
+    """A response with fields a request option asks for: left out, not null, when not
+    asked, so answers of requests without the option are as they were before it existed."""
+
+    _on_request: ClassVar[tuple[str, ...]] = ()
+
+    # No return annotation: pydantic would take it for the JSON Schema of the answer.
+    @model_serializer(mode="wrap")
+    def _leave_out_unasked(self, handler: SerializerFunctionWrapHandler):
+        out = handler(self)
+        for name in self._on_request:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
 # ---------------------------------------------------------------------------- errors
 def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)  # a field left out, never null: no default to show
@@ -99,9 +115,8 @@ class ErrorLimit(BaseModel):
         "request), `max_in_flight` (the client's items admitted and not yet answered), "
         "`burst` (the client's items in one request, its rate limit's), `rate` (the client's "
         "items a second), `max_body_bytes` (bytes of the body), `max_request_sequences` (model "
-        "sequences one request may need: QA windows, one per item elsewhere). Other names may "
-        "come: "
-        "ignore those you do not know.",
+        "sequences one request may need: QA windows, detect windows, one per item elsewhere). "
+        "Other names may come: ignore those you do not know.",
         examples=["max_in_flight"],
     )
     value: float = Field(
@@ -217,9 +232,27 @@ class DetectRequest(_Item):
         "`detector-en` reads English).",
         examples=[DETECT_EXAMPLES[0]],
     )
+    windows: bool = Field(
+        False,
+        strict=True,
+        description="Read the whole text, in consecutive windows of the model's max length, "
+        "instead of its head: the answer is the windows' mean, weighted by their tokens, and "
+        "`windows` lists each one's (where a document mixes human and machine text).",
+    )
 
 
-class DetectResponse(_Out):
+class DetectWindow(BaseModel):
+    start: int = Field(
+        description="Offset of the window's text in `text` (inclusive), code points."
+    )
+    end: int = Field(description="Offset of its end (exclusive).")
+    label: str = Field(description="This window's label, `human` or `machine`.")
+    machine_probability: float = Field(description="P(machine) of this window alone.")
+
+
+class DetectResponse(_OutOnRequest):
+    _on_request = ("windows",)
+
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"label": "machine", "machine_probability": 0.9864, "truncated": False}]
@@ -230,7 +263,13 @@ class DetectResponse(_Out):
     machine_probability: float = Field(description="P(machine), 0 to 1.", examples=[0.9864])
     truncated: bool = Field(
         description="True when the text was longer than the model's max length and only its "
-        "head was read."
+        "head was read (never with `windows`)."
+    )
+    windows: list[DetectWindow] | SkipJsonSchema[None] = Field(
+        None,
+        description="Only when the request set `windows`: every window read, in text order "
+        "(one for a text within the max length).",
+        json_schema_extra=_no_default,
     )
 
 
@@ -272,7 +311,9 @@ class QASpan(BaseModel):
     )
 
 
-class QAResponse(_Out):
+class QAResponse(_OutOnRequest):
+    _on_request = ("answers",)
+
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"answer": "两万千米", "start": 7, "end": 11, "score": 0.4387}]
@@ -296,16 +337,6 @@ class QAResponse(_Out):
         "answer. Their scores are each span's own probability, so they add up to at most 1.",
         json_schema_extra=_no_default,
     )
-
-    # No return annotation: pydantic would take it for the JSON Schema of the answer.
-    @model_serializer(mode="wrap")
-    def _answers_when_asked(self, handler: SerializerFunctionWrapHandler):
-        # Left out, not null, when not asked for: answers of requests without top_k are as
-        # they were before the field existed.
-        out = handler(self)
-        if out.get("answers") is None:
-            out.pop("answers", None)
-        return out
 
 
 # ---------------------------------------------------------------------------- batches

@@ -29,6 +29,7 @@ from service.client.retry import RetryPolicy
 from service.client.types import (
     BatchLimits,
     DetectResult,
+    DetectWindow,
     ExplainLimits,
     Explanation,
     Health,
@@ -52,6 +53,7 @@ __all__ = [
     "ClientOptions",
     "DeadlineExceeded",
     "DetectResult",
+    "DetectWindow",
     "ErrorLimit",
     "ExplainLimits",
     "Explanation",

@@ -132,13 +132,19 @@ def polarity_batch(texts: Sequence[str], model: str | None) -> Call[list[Polarit
     return Call("POST", "/v1/polarity", _many(PolarityResult), body, _model(model), prediction=True)
 
 
-def detect(text: str, model: str | None) -> Call[DetectResult]:
-    body = {"text": text}
+def _detect_item(text: str, windows: bool) -> dict[str, Any]:
+    return {"text": text, "windows": True} if windows else {"text": text}
+
+
+def detect(text: str, model: str | None, windows: bool = False) -> Call[DetectResult]:
+    body = _detect_item(text, windows)
     return Call("POST", "/v1/detect", _one(DetectResult), body, _model(model), prediction=True)
 
 
-def detect_batch(texts: Sequence[str], model: str | None) -> Call[list[DetectResult]]:
-    body = _batch([{"text": t} for t in texts])
+def detect_batch(
+    texts: Sequence[str], model: str | None, windows: bool = False
+) -> Call[list[DetectResult]]:
+    body = _batch([_detect_item(t, windows) for t in texts])
     return Call("POST", "/v1/detect", _many(DetectResult), body, _model(model), prediction=True)
 
 

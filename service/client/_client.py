@@ -241,14 +241,26 @@ class Client(_Options):
         return self._send(calls.polarity_batch(texts, model), opts)
 
     def detect(
-        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        text: str,
+        *,
+        windows: bool = False,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> DetectResult:
-        return self._send(calls.detect(text, model), opts)
+        """``windows``: read the whole text, in windows of the model's max length, not its
+        head; the result's ``windows`` lists each one's answer."""
+        return self._send(calls.detect(text, model, windows), opts)
 
     def detect_batch(
-        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        texts: Sequence[str],
+        *,
+        windows: bool = False,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> list[DetectResult]:
-        return self._send(calls.detect_batch(texts, model), opts)
+        return self._send(calls.detect_batch(texts, model, windows), opts)
 
     def qa(
         self,
@@ -322,13 +334,14 @@ class Client(_Options):
         self,
         texts: Sequence[str],
         *,
+        windows: bool = False,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[DetectResult]:
         """``detect_batch`` of any number of texts (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.detect_batch(c, model)  # noqa: E731
+        make = lambda c: calls.detect_batch(c, model, windows)  # noqa: E731
         return self._many(make, texts, chunk_size, concurrency, opts)
 
     def qa_many(
@@ -536,14 +549,26 @@ class AsyncClient(_Options):
         return await self._send(calls.polarity_batch(texts, model), opts)
 
     async def detect(
-        self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        text: str,
+        *,
+        windows: bool = False,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> DetectResult:
-        return await self._send(calls.detect(text, model), opts)
+        """``windows``: read the whole text, in windows of the model's max length, not its
+        head; the result's ``windows`` lists each one's answer."""
+        return await self._send(calls.detect(text, model, windows), opts)
 
     async def detect_batch(
-        self, texts: Sequence[str], *, model: str | None = None, **opts: Unpack[CallOptions]
+        self,
+        texts: Sequence[str],
+        *,
+        windows: bool = False,
+        model: str | None = None,
+        **opts: Unpack[CallOptions],
     ) -> list[DetectResult]:
-        return await self._send(calls.detect_batch(texts, model), opts)
+        return await self._send(calls.detect_batch(texts, model, windows), opts)
 
     async def qa(
         self,
@@ -616,13 +641,14 @@ class AsyncClient(_Options):
         self,
         texts: Sequence[str],
         *,
+        windows: bool = False,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[DetectResult]:
         """``detect_batch`` of any number of texts (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.detect_batch(c, model)  # noqa: E731
+        make = lambda c: calls.detect_batch(c, model, windows)  # noqa: E731
         return await self._many(make, texts, chunk_size, concurrency, opts)
 
     async def qa_many(

@@ -82,10 +82,27 @@ class PolarityResult(Answer):
 
 
 @dataclass
+class DetectWindow:
+    start: int  # the window's text: text[start:end], code points
+    end: int
+    label: str
+    machine_probability: float  # of this window alone
+
+
+@dataclass
 class DetectResult(Answer):
     label: str  # human or machine
     machine_probability: float
     truncated: bool
+    # Only when the call set windows=True (None otherwise: the body had no `windows`): every
+    # window of the text read whole, in text order.
+    windows: list[DetectWindow] | None = None
+
+    def __post_init__(self) -> None:
+        if self.windows is not None:  # from the JSON body: objects into DetectWindows
+            self.windows = [
+                w if isinstance(w, DetectWindow) else _known(DetectWindow, w) for w in self.windows
+            ]
 
 
 @dataclass

@@ -60,7 +60,8 @@ def task_scorer(task: Task, queue: InferenceQueue, output_field: str) -> Scorer:
 def _request_class(task: Task) -> type[BaseModel]:
     from service.api.schemas import DetectRequest, PolarityRequest
 
-    return {"detect": DetectRequest, "polarity": PolarityRequest}[task.task]
+    classes: dict[str, type[BaseModel]] = {"detect": DetectRequest, "polarity": PolarityRequest}
+    return classes[task.task]
 
 
 def _label_for(labels: list[str], explained: str) -> Callable[[float], str]:

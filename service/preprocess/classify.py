@@ -18,7 +18,13 @@ from tokenizers import Tokenizer
 
 from service.preprocess.ascii_wordpiece import AsciiWordPiece
 from service.preprocess.qa import pad_batch
-from service.preprocess.tokenizer import PAD_NAMES, encode_ids, load_tokenizer, special_id
+from service.preprocess.tokenizer import (
+    PAD_NAMES,
+    encode_all,
+    encode_ids,
+    load_tokenizer,
+    special_id,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,17 @@ class ClassifyEncoding:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class ClassifyWindow:
+    """One window of a text read whole: consecutive windows of at most ``max_length`` tokens
+    (specials included), each token of the text in exactly one."""
+
+    encoding: ClassifyEncoding
+    start: int  # the character span of the text the window reads
+    end: int
+    text_tokens: int  # its tokens less the specials
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,23 @@ class ClassifyEncoder:
                     bool(enc.overflowing),
                 )
             )
+        return out
+
+    def encode_windows(self, texts: Sequence[str]) -> list[list[ClassifyWindow]]:
+        """Each text cut into windows, first to last: the tokenizer's own overflow (the head
+        window is :meth:`encode`'s encoding), with the specials around each window."""
+        out = []
+        for enc in encode_all(self.tokenizer, texts):
+            windows = []
+            for e in (enc, *enc.overflowing):
+                spans = [o for o, special in zip(e.offsets, e.special_tokens_mask, strict=True)
+                         if not special]  # fmt: skip
+                ids = np.asarray(e.ids, dtype=np.int64)
+                encoding = ClassifyEncoding(ids, np.asarray(e.type_ids, dtype=np.int64), False)
+                start = spans[0][0] if spans else 0
+                end = max((b for _, b in spans), default=start)
+                windows.append(ClassifyWindow(encoding, start, end, len(spans)))
+            out.append(windows)
         return out
 
     def collate(

@@ -163,7 +163,10 @@ def check_sequences(task: Task, n: int) -> None:
             (s.max_request_sequences, "NLPSERVE_MAX_REQUEST_SEQUENCES"),
             (s.max_queue_depth, "NLPSERVE_MAX_QUEUE_DEPTH"),
         )
-        what = "QA windows of its contexts" if task.task == "qa" else "one per item"
+        what = {
+            "qa": "QA windows of its contexts",
+            "detect": "one per item, or per window of an item with windows",
+        }.get(task.task, "one per item")
         raise InputError(
             "input_too_long",
             f"this request needs {n} model sequences ({what}); one request may need "

@@ -7,16 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from service.api.schemas import DetectRequest, DetectResponse
+from service.api.schemas import DetectRequest, DetectResponse, DetectWindow
+from service.batching import WorkItem
 from service.config import Settings
-from service.preprocess.classify import ClassifyEncoder, softmax
+from service.preprocess.classify import ClassifyEncoder, ClassifyEncoding, softmax
 from service.repository import ModelEntry
 from service.tasks.base import Prepared, Task
 
 
 class DetectTask(Task):
     """``{"text"}`` -> human/machine. Texts over ``max_length`` tokens (specials included) are
-    cut to their head and answered with ``"truncated": true``."""
+    cut to their head and answered with ``"truncated": true``; with ``"windows": true`` they
+    are read whole, each window its own sequence in the queue."""
 
     task = "detect"
 
@@ -35,31 +37,62 @@ class DetectTask(Task):
     def encode(  # type: ignore[override]
         self, requests: Sequence[DetectRequest], deadline: float, lane: str
     ) -> list[Prepared]:
+        whole = [i for i, r in enumerate(requests) if r.windows]
+        heads = iter(self.encoder.encode([r.text for r in requests if not r.windows]))
+        windowed = iter(self.encoder.encode_windows([requests[i].text for i in whole]))
         out = []
-        for enc in self.encoder.encode([r.text for r in requests]):
-            feats = {
-                "input_ids": enc.input_ids,
-                "attention_mask": np.ones_like(enc.input_ids),
-                "token_type_ids": enc.token_type_ids,
-            }
-            item = self.item(feats, len(enc), deadline, lane)
-            # len(enc): as read; the untruncated length is never computed (the tokenizer
-            # stops at max_length)
-            out.append(Prepared([item], tokens=len(enc), truncated=enc.truncated))
+        for r in requests:
+            if not r.windows:
+                enc = next(heads)
+                # len(enc): as read; the untruncated length is never computed (the tokenizer
+                # stops at max_length)
+                out.append(Prepared([self._item(enc, deadline, lane)], tokens=len(enc),
+                                    truncated=enc.truncated))  # fmt: skip
+                continue
+            windows = next(windowed)
+            items = [self._item(w.encoding, deadline, lane) for w in windows]
+            spans = [(w.start, w.end, w.text_tokens) for w in windows]
+            tokens = sum(len(w.encoding) for w in windows)
+            out.append(Prepared(items, {"windows": spans}, tokens=tokens))
         return out
+
+    def _item(self, enc: ClassifyEncoding, deadline: float, lane: str) -> WorkItem:
+        feats = {
+            "input_ids": enc.input_ids,
+            "attention_mask": np.ones_like(enc.input_ids),
+            "token_type_ids": enc.token_type_ids,
+        }
+        return self.item(feats, len(enc), deadline, lane)
 
     def probabilities(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
         """Every label's probability, in ``labels`` order."""
         return softmax(outputs[0]["logits"])
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> DetectResponse:
-        probs = self.probabilities(outputs)
-        k = int(np.argmax(probs))
+        spans = prepared.meta.get("windows")
+        if spans is None:
+            label, machine = self._read(self.probabilities(outputs))
+            return DetectResponse(
+                label=label, machine_probability=machine, truncated=prepared.truncated
+            )
+        each = [softmax(o["logits"]) for o in outputs]
+        # the whole text's: the windows' mean, each weighing its share of the text's tokens
+        weights = np.array([max(n, 1) for _, _, n in spans], dtype=np.float64)
+        label, machine = self._read((np.stack(each) * weights[:, None]).sum(axis=0) / weights.sum())
+        windows = []
+        for (start, end, _), probs in zip(spans, each, strict=True):
+            w_label, w_machine = self._read(probs)
+            windows.append(
+                DetectWindow(start=start, end=end, label=w_label, machine_probability=w_machine)
+            )
         return DetectResponse(
-            label=self.labels[k],
-            machine_probability=float(probs[self.machine]) if self.machine >= 0 else 0.0,
-            truncated=prepared.truncated,
+            label=label, machine_probability=machine, truncated=False, windows=windows
         )
+
+    def _read(self, probs: np.ndarray) -> tuple[str, float]:
+        """(the top label, P(machine): 0 for a label set without one) of ``probs``."""
+        k = int(np.argmax(probs))
+        return self.labels[k], float(probs[self.machine]) if self.machine >= 0 else 0.0
 
     def outcome(self, result: Any) -> tuple[str, float | None]:
         if isinstance(result, dict):  # a V2 row: the label's own probability

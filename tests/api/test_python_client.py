@@ -34,6 +34,7 @@ from service.client import (
     Client,
     ClientError,
     DeadlineExceeded,
+    DetectWindow,
     ErrorLimit,
     IncompleteBatch,
     NlpserveError,
@@ -123,6 +124,8 @@ CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None, str, str, An
     ("detect", (ESSAY,), {}, DETECT_MODEL, "POST", "/v1/detect", {"text": ESSAY}),
     ("detect_batch", ([ESSAY, "because it is blue lol"],), {}, DETECT_MODEL, "POST",
      "/v1/detect", {"inputs": [{"text": ESSAY}, {"text": "because it is blue lol"}]}),
+    ("detect", (ESSAY,), {"windows": True}, DETECT_MODEL, "POST", "/v1/detect",
+     {"text": ESSAY, "windows": True}),
     ("qa", (QUESTION, CONTEXT), {}, QA_MODEL, "POST", "/v1/qa",
      {"question": QUESTION, "context": CONTEXT}),
     ("qa_batch", ([(QUESTION, CONTEXT), ("谁？", "蔡伦改进了造纸术。")],), {}, QA_MODEL, "POST",
@@ -1142,15 +1145,23 @@ async def test_an_exception_in_one_thread_of_many_stops_the_others_and_is_raised
     assert {"p.0-4", "p.5-9", "p.10-14", "p.15-19"} <= ids and "p.35-39" not in ids
 
 
-async def test_qa_top_k_answers_are_spans_and_qa_many_passes_the_options_on(srv, model_repo):
+async def test_the_options_of_qa_and_detect_reach_their_results(srv, model_repo):
+    """qa's top_k and max_answer_length (qa_many's too), detect's windows: their results'
+    answers and windows as the client's dataclasses."""
     require_model(model_repo, QA_MODEL)
+    require_model(model_repo, DETECT_MODEL)
     async with AsyncClient(srv.url, api_key=KEY) as ac:
         one = await ac.qa(QUESTION, CONTEXT, top_k=3)
         plain = await ac.qa(QUESTION, CONTEXT)
         many = await ac.qa_many([(QUESTION, CONTEXT)] * 3, top_k=2, max_answer_length=1)
+        whole = await ac.detect(" ".join([ESSAY] * 20), windows=True)
+        head = await ac.detect(" ".join([ESSAY] * 20))
     assert plain.answers is None
     assert one.answers and all(isinstance(a, QASpan) for a in one.answers)
     assert (one.answers[0].answer, one.answers[0].start) == (plain.answer, plain.start)
     for r in many:
         assert r.answers and len(r.answers) <= 2
         assert all(a.end - a.start <= 1 for a in r.answers)  # one CJK character, one token
+    assert head.windows is None and head.truncated and not whole.truncated
+    assert whole.windows and len(whole.windows) > 1
+    assert all(isinstance(w, DetectWindow) for w in whole.windows)
