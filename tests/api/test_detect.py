@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from service.tasks.detect import DetectTask
 from tests.service_support import DETECT_MODEL, require_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -107,6 +108,7 @@ async def test_windows_count_as_model_sequences_of_the_request(model_repo):
     )
     async with live_server(settings) as srv, srv.client() as c:
         task = srv.state.tasks[DETECT_MODEL]
+        assert isinstance(task, DetectTask)
         text = " ".join([MACHINE] * 40)
         assert len(task.encoder.encode_windows([text])[0]) > 3
         r = await c.post("/v1/detect", json={"text": text, "windows": True})
