@@ -98,6 +98,7 @@ def _lines(task: str) -> list[str]:
             {"tokens": ["the", "movie", "was", "good", "."]},
             {"text": _words(1)},
             {"tokens": _words(40, 2).split()},
+            {"text": _words(9, 3), "scores": True},
         ]
         bad = [*_BAD, json.dumps({"text": _words(80)}), json.dumps({"text": "x", "tokens": ["x"]})]
     else:

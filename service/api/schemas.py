@@ -165,6 +165,12 @@ class PosRequest(_Item):
         "the model reads: its `max_length`, see GET /v1/models).",
         examples=[["The", "dog", "barks", "."]],
     )
+    scores: bool = Field(
+        False,
+        strict=True,
+        description="Also answer `scores`: each tag's probability (the model's confidence in "
+        "it), aligned with `tags`.",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> PosRequest:
@@ -175,7 +181,9 @@ class PosRequest(_Item):
         return self
 
 
-class PosResponse(_Out):
+class PosResponse(_OutOnRequest):
+    _on_request = ("scores",)
+
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -189,6 +197,12 @@ class PosResponse(_Out):
 
     tokens: list[str] = Field(description="The words that were tagged.")
     tags: list[str] = Field(description="One part-of-speech tag per token (Penn Treebank set).")
+    scores: list[float] | SkipJsonSchema[None] = Field(
+        None,
+        description="Only when the request set `scores`: each tag's probability, 0 to 1 "
+        "(softmax over the tag set), aligned with `tags`.",
+        json_schema_extra=_no_default,
+    )
 
 
 # ---------------------------------------------------------------------------- polarity

@@ -107,19 +107,26 @@ def _batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"inputs": list(items)}
 
 
-def _pos_item(item: str | Sequence[str]) -> dict[str, Any]:
-    return {"text": item} if isinstance(item, str) else {"tokens": list(item)}
+def _pos_item(item: str | Sequence[str], scores: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"text": item} if isinstance(item, str) else {"tokens": list(item)}
+    if scores:
+        body["scores"] = True
+    return body
 
 
-def pos(text: str | None, tokens: Sequence[str] | None, model: str | None) -> Call[PosResult]:
+def pos(
+    text: str | None, tokens: Sequence[str] | None, model: str | None, scores: bool = False
+) -> Call[PosResult]:
     if (text is None) == (tokens is None):
         raise ValueError("give exactly one of text or tokens")
-    body = {"text": text} if text is not None else {"tokens": list(tokens or ())}
+    body = _pos_item(text if text is not None else tokens or (), scores)
     return Call("POST", "/v1/pos", _one(PosResult), body, _model(model), prediction=True)
 
 
-def pos_batch(items: Sequence[str | Sequence[str]], model: str | None) -> Call[list[PosResult]]:
-    body = _batch([_pos_item(i) for i in items])
+def pos_batch(
+    items: Sequence[str | Sequence[str]], model: str | None, scores: bool = False
+) -> Call[list[PosResult]]:
+    body = _batch([_pos_item(i, scores) for i in items])
     return Call("POST", "/v1/pos", _many(PosResult), body, _model(model), prediction=True)
 
 

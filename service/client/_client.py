@@ -214,21 +214,24 @@ class Client(_Options):
         text: str | None = None,
         *,
         tokens: Sequence[str] | None = None,
+        scores: bool = False,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> PosResult:
-        """Part-of-speech tags of ``text``, or of pre-split ``tokens``."""
-        return self._send(calls.pos(text, tokens, model), opts)
+        """Part-of-speech tags of ``text``, or of pre-split ``tokens``; ``scores``: each tag's
+        probability too (the result's ``scores``)."""
+        return self._send(calls.pos(text, tokens, model, scores), opts)
 
     def pos_batch(
         self,
         items: Sequence[str | Sequence[str]],
         *,
+        scores: bool = False,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> list[PosResult]:
         """One request of several items (a text, or a list of tokens, each)."""
-        return self._send(calls.pos_batch(items, model), opts)
+        return self._send(calls.pos_batch(items, model, scores), opts)
 
     def polarity(
         self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
@@ -296,13 +299,14 @@ class Client(_Options):
         self,
         items: Sequence[str | Sequence[str]],
         *,
+        scores: bool = False,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PosResult]:
         """``pos_batch`` of any number of items (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.pos_batch(c, model)  # noqa: E731
+        make = lambda c: calls.pos_batch(c, model, scores)  # noqa: E731
         return self._many(make, items, chunk_size, concurrency, opts)
 
     def polarity_many(
@@ -522,21 +526,24 @@ class AsyncClient(_Options):
         text: str | None = None,
         *,
         tokens: Sequence[str] | None = None,
+        scores: bool = False,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> PosResult:
-        """Part-of-speech tags of ``text``, or of pre-split ``tokens``."""
-        return await self._send(calls.pos(text, tokens, model), opts)
+        """Part-of-speech tags of ``text``, or of pre-split ``tokens``; ``scores``: each tag's
+        probability too (the result's ``scores``)."""
+        return await self._send(calls.pos(text, tokens, model, scores), opts)
 
     async def pos_batch(
         self,
         items: Sequence[str | Sequence[str]],
         *,
+        scores: bool = False,
         model: str | None = None,
         **opts: Unpack[CallOptions],
     ) -> list[PosResult]:
         """One request of several items (a text, or a list of tokens, each)."""
-        return await self._send(calls.pos_batch(items, model), opts)
+        return await self._send(calls.pos_batch(items, model, scores), opts)
 
     async def polarity(
         self, text: str, *, model: str | None = None, **opts: Unpack[CallOptions]
@@ -604,13 +611,14 @@ class AsyncClient(_Options):
         self,
         items: Sequence[str | Sequence[str]],
         *,
+        scores: bool = False,
         model: str | None = None,
         chunk_size: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         **opts: Unpack[CallOptions],
     ) -> list[PosResult]:
         """``pos_batch`` of any number of items (:meth:`polarity_many` says how)."""
-        make = lambda c: calls.pos_batch(c, model)  # noqa: E731
+        make = lambda c: calls.pos_batch(c, model, scores)  # noqa: E731
         return await self._many(make, items, chunk_size, concurrency, opts)
 
     async def polarity_many(

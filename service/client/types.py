@@ -72,6 +72,7 @@ class Answer:
 class PosResult(Answer):
     tokens: list[str]
     tags: list[str]  # one Penn Treebank tag per token
+    scores: list[float] | None = None  # each tag's probability: only when the call set scores
 
 
 @dataclass

@@ -8,6 +8,7 @@ import numpy as np
 
 from service.api.schemas import PosRequest, PosResponse
 from service.config import Settings
+from service.preprocess.classify import softmax
 from service.preprocess.words import WordEncoder
 from service.repository import ModelEntry
 from service.tasks.base import InputError, Prepared, Task, where
@@ -63,10 +64,16 @@ class PosTask(Task):
             if enc.char_ids is not None:
                 feats["char_ids"] = enc.char_ids
             item = self.item(feats, len(enc), deadline, lane)
-            out.append(Prepared([item], {"tokens": enc.tokens}, tokens=len(enc)))
+            meta = {"tokens": enc.tokens, "scores": req.scores}
+            out.append(Prepared([item], meta, tokens=len(enc)))
         return out
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PosResponse:
         logits = outputs[0]["logits"]  # [T, n_tags]
-        tags = [self.labels[k] for k in np.argmax(logits, axis=-1).tolist()]
-        return PosResponse(tokens=prepared.meta["tokens"], tags=tags)
+        best = np.argmax(logits, axis=-1)
+        tags = [self.labels[k] for k in best.tolist()]
+        scores = None
+        if prepared.meta.get("scores"):
+            probs = softmax(logits)
+            scores = probs[np.arange(len(best)), best].tolist()
+        return PosResponse(tokens=prepared.meta["tokens"], tags=tags, scores=scores)

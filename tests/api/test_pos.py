@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
+
+from service.api.schemas import PosRequest
+from tests.service_support import POS_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -86,3 +90,37 @@ async def test_input_validation(client, body, code):
     else:
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == code
+
+
+async def test_scores_are_each_tags_probability_under_the_model(client, service):
+    plain = (await client.post("/v1/pos", json={"text": SENTENCE})).json()
+    r = await client.post("/v1/pos", json={"text": SENTENCE, "scores": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = body.pop("scores")
+    assert body == plain and "scores" not in plain  # only when asked for
+    task = service.state.tasks[POS_MODEL]
+    assert len(scores) == len(body["tags"])
+    assert all(1 / len(task.labels) <= p <= 1.0 for p in scores)
+    runner = service.state.runners.get(POS_MODEL)
+    if runner is not None:  # in process: the model's own softmax, row by row
+        (prepared,) = task.prepare([PosRequest(text=SENTENCE)], 1e12, "predict")
+        (logits,) = [o["logits"] for o in runner.run_batch(prepared.items)]
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        want = (z / z.sum(axis=-1, keepdims=True)).max(axis=-1)
+        assert scores == pytest.approx(want.tolist(), abs=1e-6)
+
+
+async def test_scores_in_a_batch_only_where_asked(client):
+    items = [{"tokens": ["the", "cats", "ran"], "scores": True}, {"text": SENTENCE}]
+    r = await client.post("/v1/pos", json={"inputs": items})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["outputs"]
+    assert len(first["scores"]) == 3 and "scores" not in second
+
+
+@pytest.mark.parametrize("value", [1, "true", None])
+async def test_scores_must_be_a_boolean(client, value):
+    r = await client.post("/v1/pos", json={"text": SENTENCE, "scores": value})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "wrong_type"
