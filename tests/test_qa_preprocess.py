@@ -162,46 +162,10 @@ def test_decode_respects_max_answer_length_and_order(enc):
     assert short.end - short.start <= 2
 
 
-def _pairwise_best(context, windows, starts, ends, max_answer_length, n_best=20):
-    """The decoding rule read literally, pair by pair: the oracle for the vectorised one."""
-    cands = []
-    for w, win in enumerate(windows):
-        lo, hi = win.context_start, win.context_end
-        s_log, e_log = np.asarray(starts[w])[lo:hi], np.asarray(ends[w])[lo:hi]
-        k = min(n_best, hi - lo)
-        for s in np.argsort(-s_log, kind="stable")[:k]:
-            for e in np.argsort(-e_log, kind="stable")[:k]:
-                cs, ce = int(win.offsets[lo + s, 0]), int(win.offsets[lo + e, 1])
-                if s <= e < s + max_answer_length and ce > cs:
-                    cands.append((float(s_log[s] + e_log[e]), cs, ce, w))
-    if not cands:
-        return None
-    scores = np.asarray([c[0] for c in cands])
-    best = int(np.argmax(scores))  # the first of equal scores
-    prob = float(1.0 / np.exp(scores - scores.max()).sum())
-    return cands[best], prob
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_decode_matches_the_pairwise_rule(enc, seed):
-    """Random logits over several windows, with ties (rounded logits), short answer limits
-    and a window with no context: the same span, window, score and probability."""
-    rng = np.random.default_rng(seed)
-    wins = enc.encode("长江？", LONG)
-    wins = [*wins[:3], enc.encode("问题？", "")[0]] if seed % 3 == 0 else wins
-    starts = [np.round(rng.normal(size=len(w)), 1) for w in wins]
-    ends = [np.round(rng.normal(size=len(w)), 1) for w in wins]
-    max_len = int(rng.choice([1, 3, 30]))
-    (score, cs, ce, w), prob = _pairwise_best(LONG, wins, starts, ends, max_len)
-    ans = decode_best_span(LONG, wins, starts, ends, max_len)
-    assert (ans.start, ans.end, ans.window, ans.text) == (cs, ce, w, LONG[cs:ce])
-    assert ans.score == score
-    assert ans.probability == pytest.approx(prob, rel=1e-12)
-
-
 def _pairwise_ranked(context, windows, starts, ends, max_answer_length, k, n_best=20):
-    """The top-k rule read literally: every candidate pair, best score first (the earlier
-    of equal scores first), each (start, end) once, with its softmax over all candidates."""
+    """The decoding rule read literally, pair by pair (the oracle for the vectorised one):
+    every candidate, best score first (the earlier of equal scores first), each (start, end)
+    once, with its softmax over all candidates; the first k."""
     cands = []
     for w, win in enumerate(windows):
         lo, hi = win.context_start, win.context_end
@@ -222,6 +186,23 @@ def _pairwise_ranked(context, windows, starts, ends, max_answer_length, k, n_bes
             seen.add((cs, ce))
             out.append((cs, ce, w, score, np.exp(score - top) / total))
     return out[:k]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decode_matches_the_pairwise_rule(enc, seed):
+    """Random logits over several windows, with ties (rounded logits), short answer limits
+    and a window with no context: the same span, window, score and probability."""
+    rng = np.random.default_rng(seed)
+    wins = enc.encode("长江？", LONG)
+    wins = [*wins[:3], enc.encode("问题？", "")[0]] if seed % 3 == 0 else wins
+    starts = [np.round(rng.normal(size=len(w)), 1) for w in wins]
+    ends = [np.round(rng.normal(size=len(w)), 1) for w in wins]
+    max_len = int(rng.choice([1, 3, 30]))
+    ((cs, ce, w, score, prob),) = _pairwise_ranked(LONG, wins, starts, ends, max_len, 1)
+    ans = decode_best_span(LONG, wins, starts, ends, max_len)
+    assert (ans.start, ans.end, ans.window, ans.text) == (cs, ce, w, LONG[cs:ce])
+    assert ans.score == score
+    assert ans.probability == pytest.approx(prob, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(12))
