@@ -154,9 +154,10 @@ def where(i: int, n: int) -> str:
     return f"inputs[{i}]: " if n > 1 else ""
 
 
-def check_sequences(task: Task, n: int) -> None:
+def check_sequences(task: Task, n: int, partial: bool = False) -> None:
     """422 ``input_too_long`` for a request of ``n`` model sequences, more than one request
-    may queue: it would never be admitted, so a 429 "retry later" would be a lie."""
+    may queue: it would never be admitted, so a 429 "retry later" would be a lie.
+    ``partial``: ``n`` counts only some of its items (the rest were not encoded)."""
     s = task.settings
     if n > s.max_request_sequences or n > s.max_queue_depth:
         limit, setting = min(
@@ -166,7 +167,8 @@ def check_sequences(task: Task, n: int) -> None:
         what = "QA windows of its contexts" if task.task == "qa" else "one per item"
         raise InputError(
             "input_too_long",
-            f"this request needs {n} model sequences ({what}); one request may need "
+            f"this request needs {'at least ' if partial else ''}{n} model sequences ({what}); "
+            "one request may need "
             f"at most {limit} ({setting}): send fewer or shorter texts",
             limit=(LIMIT_REQUEST_SEQUENCES, limit),
         )
