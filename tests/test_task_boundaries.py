@@ -113,6 +113,10 @@ def test_qa_refuses_a_request_over_its_windows_before_tokenizing_it_all(model_re
     assert refused.value.code == "input_too_long"
     assert "needs at least" in refused.value.message  # the rest was not counted
     assert sum(tokenized) < 64 and tokenized[0] == 8
+    # nlpserve predict's lines are each a request of their own: encoded at once, not refused
+    tokenized.clear()
+    lines = task.prepare(requests, 1e12, "predict", enforce_limits=False)
+    assert len(lines) == 64 and tokenized == [64]
     # a request within the limit is encoded whole, its windows as one call cuts them
     tokenized.clear()
     few = requests[: 64 // per_item]

@@ -93,6 +93,14 @@ class Task(abc.ABC):
         self, requests: Sequence[BaseModel], deadline: float, lane: str
     ) -> list[Prepared]: ...
 
+    def encode_request(
+        self, requests: Sequence[BaseModel], deadline: float, lane: str
+    ) -> list[Prepared]:
+        """:meth:`encode` for the items of one client request, which may be refused for the
+        request's own limits before all are encoded (``nlpserve predict`` encodes lines
+        that are each a request of their own with :meth:`encode`)."""
+        return self.encode(requests, deadline, lane)
+
     @abc.abstractmethod
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> BaseModel: ...
 
@@ -141,6 +149,8 @@ class Task(abc.ABC):
         if enforce_limits:
             self.check_limits(requests)
         try:
+            if enforce_limits:
+                return self.encode_request(requests, deadline, lane)
             return self.encode(requests, deadline, lane)
         except InputError:
             raise

@@ -54,7 +54,22 @@ class QATask(Task):
         return [("question", request.question), ("context", request.context)]
 
     def encode(self, requests: Sequence[QARequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
-        encoded = self._encode_within_limit(requests)
+        questions, contexts = [r.question for r in requests], [r.context for r in requests]
+        encoded = self.encoder.encode_counted(questions, contexts)
+        return self._prepared(requests, encoded, deadline, lane)
+
+    def encode_request(  # type: ignore[override]
+        self, requests: Sequence[QARequest], deadline: float, lane: str
+    ) -> list[Prepared]:
+        return self._prepared(requests, self._encode_within_limit(requests), deadline, lane)
+
+    def _prepared(
+        self,
+        requests: Sequence[QARequest],
+        encoded: list[tuple[list[QAWindow], int, int]],
+        deadline: float,
+        lane: str,
+    ) -> list[Prepared]:
         max_query = self.encoder.max_query_length
         out = []
         for req, (windows, q_tokens, c_tokens) in zip(requests, encoded, strict=True):
