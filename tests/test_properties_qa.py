@@ -43,6 +43,15 @@ def _encoder(geometry: tuple[int, int, int]) -> QAEncoder:
 
 
 @given(geometries(), texts, texts)
+def test_the_window_count_is_the_windows_cut(geometry, question, context) -> None:
+    """window_count (a request's limit checked before its windows are cut) counts them."""
+    enc = _encoder(geometry)
+    [(q, c)] = enc.tokenize([question], [context])
+    windows, q_tokens, c_tokens = enc.windows_of(q, c)
+    assert enc.window_count(q_tokens, c_tokens) == len(windows)
+
+
+@given(geometries(), texts, texts)
 def test_windows_lay_out_the_contexts_own_encoding(geometry, question, context) -> None:
     enc = _encoder(geometry)
     max_length, doc_stride, max_query_length = geometry

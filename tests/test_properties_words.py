@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,9 @@ def _skipped(c: str) -> bool:
 
 CHUNKS = ["3", "U.S.", "N.J.-based", "Mr.", "no.", "n't", "'s", "'S", "'80s", "3.5", "1,000"]
 CHUNKS += ["1/2", "40-year-old", "S&P", "--", "...", "``", "''", "don't", "İ", "ß", "ﬁ"]
+# where a text without whitespace may be cut (words._CUT_CANDIDATE), or looks as if (Ⓐ is a
+# symbol to Python and a word character to the tokenizer's regex)
+CHUNKS += ["!", "(", "?!", "😀", "Ⓐ", "!\u0301", "'1", "1s"]
 CHUNKS += [
     "Σ",
     "\u0301",
@@ -132,3 +136,39 @@ def test_a_long_text_is_split_only_as_far_as_the_model_reads() -> None:
     assert len(whole) > 3000 and 96 < len(some) <= 8 * 97
     [enc] = encoder.encode_texts([text], max_tokens=96)
     assert enc.tokens == whole[: len(enc)] and len(enc) > 96
+
+
+class _Counting(WordEncoder):
+    """A WordEncoder that counts the characters it splits."""
+
+    chars = 0
+
+    def split(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
+        if max_tokens is None:
+            self.chars += sum(len(t) for t in texts)
+        return super().split(texts, max_tokens)
+
+
+@pytest.mark.parametrize("name", [n for n in SPLITTERS if n.endswith("-en")])
+@pytest.mark.parametrize("text", ["!" * 20_000, "😀" * 20_000, "a!" * 10_000, "(don't)" * 3_000])
+def test_a_text_without_whitespace_is_split_only_as_far_as_the_model_reads(name: str, text: str):
+    """Cut at whitespace only, 20,000 "!" were split whole (20,000 words, ~70x the cost of an
+    English text of that length) for a model that reads 96: now cut after a character the
+    pattern always makes a word of its own, as at whitespace, with the same first words."""
+    encoder = _Counting(_encoder(name).tokenizer)
+    (some,) = encoder.split([text], max_tokens=96)
+    assert encoder.chars <= 2 * 8 * 97, encoder.chars  # a prefix or two, not the text
+    (whole,) = encoder.split([text])
+    assert some == whole[:97]
+
+
+@pytest.mark.parametrize("name", ["ptb", "treebank", *(n for n in SPLITTERS if n.endswith("-en"))])
+def test_no_cut_after_a_character_the_pattern_joins(name: str):
+    """Only characters the tokenizer's own regex sees as neither word nor joiner are cut
+    after; a tokenizer whose splitting is not this module's is cut at whitespace only."""
+    isolates = _encoder(name)._isolates
+    assert isolates is not None
+    assert all(isolates(c) for c in '!?(){}[]"#$%*+;<=>@\\^|~😀€«»')
+    assert not any(isolates(c) for c in ".,:/-&'`_aZ0中Ⓐ\u0301\u200b\x00")
+    other = build_word_tokenizer(["the"], pattern=r"\w+|[^\s\w]")
+    assert WordEncoder(other)._isolates is None

@@ -131,15 +131,29 @@ class QAEncoder:
     ) -> list[tuple[list[QAWindow], int, int]]:
         """Each pair's windows, with its question's and context's token counts as tokenized
         (the question's before it is cut to ``max_query_length``)."""
+        return [self.windows_of(q, c) for q, c in self.tokenize(questions, contexts)]
+
+    def tokenize(
+        self, questions: Sequence[str], contexts: Sequence[str]
+    ) -> list[tuple[Encoding, Encoding]]:
+        """Each pair's question and context tokens (no specials), for :meth:`windows_of`."""
         if len(questions) != len(contexts):
             raise ValueError("questions and contexts differ in length")
         tok = self.tokenizer
         q_encs = encode_all(tok, questions, add_special_tokens=False)
         c_encs = encode_all(tok, contexts, add_special_tokens=False)
-        return [
-            (self._windows(q.ids, c.ids, c.offsets), len(q.ids), len(c.ids))
-            for q, c in zip(q_encs, c_encs, strict=True)
-        ]
+        return list(zip(q_encs, c_encs, strict=True))
+
+    def windows_of(self, q: Encoding, c: Encoding) -> tuple[list[QAWindow], int, int]:
+        """A tokenized pair's windows, with its question's and context's token counts."""
+        return self._windows(q.ids, c.ids, c.offsets), len(q.ids), len(c.ids)
+
+    def window_count(self, q_tokens: int, c_tokens: int) -> int:
+        """How many windows a question and a context of these token counts are cut into (as
+        :meth:`_windows` cuts them)."""
+        room = self.max_length - min(q_tokens, self.max_query_length) - self.layout.specials
+        step = room - self.doc_stride
+        return 1 + max(0, -(-(c_tokens - room) // step))
 
     def _windows(
         self, q_ids: list[int], c_ids: list[int], c_offsets: list[tuple[int, int]]

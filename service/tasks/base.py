@@ -93,6 +93,14 @@ class Task(abc.ABC):
         self, requests: Sequence[BaseModel], deadline: float, lane: str
     ) -> list[Prepared]: ...
 
+    def encode_request(
+        self, requests: Sequence[BaseModel], deadline: float, lane: str
+    ) -> list[Prepared]:
+        """:meth:`encode` for the items of one client request, which may be refused for the
+        request's own limits before all are encoded (``nlpserve predict`` encodes lines
+        that are each a request of their own with :meth:`encode`)."""
+        return self.encode(requests, deadline, lane)
+
     @abc.abstractmethod
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> BaseModel: ...
 
@@ -141,6 +149,8 @@ class Task(abc.ABC):
         if enforce_limits:
             self.check_limits(requests)
         try:
+            if enforce_limits:
+                return self.encode_request(requests, deadline, lane)
             return self.encode(requests, deadline, lane)
         except InputError:
             raise
@@ -154,9 +164,10 @@ def where(i: int, n: int) -> str:
     return f"inputs[{i}]: " if n > 1 else ""
 
 
-def check_sequences(task: Task, n: int) -> None:
+def check_sequences(task: Task, n: int, partial: bool = False) -> None:
     """422 ``input_too_long`` for a request of ``n`` model sequences, more than one request
-    may queue: it would never be admitted, so a 429 "retry later" would be a lie."""
+    may queue: it would never be admitted, so a 429 "retry later" would be a lie.
+    ``partial``: ``n`` counts only some of its items (the rest were not encoded)."""
     s = task.settings
     if n > s.max_request_sequences or n > s.max_queue_depth:
         limit, setting = min(
@@ -169,7 +180,8 @@ def check_sequences(task: Task, n: int) -> None:
         }.get(task.task, "one per item")
         raise InputError(
             "input_too_long",
-            f"this request needs {n} model sequences ({what}); one request may need "
+            f"this request needs {'at least ' if partial else ''}{n} model sequences ({what}); "
+            "one request may need "
             f"at most {limit} ({setting}): send fewer or shorter texts",
             limit=(LIMIT_REQUEST_SEQUENCES, limit),
         )

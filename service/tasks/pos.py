@@ -45,21 +45,24 @@ class PosTask(Task):
 
     def encode(self, requests: Sequence[PosRequest], deadline: float, lane: str) -> list[Prepared]:  # type: ignore[override]
         n = len(requests)
-        # One batch-encode call for every raw text of the request.
+        # One batch-encode call for every raw text of the request, split only as far as one
+        # token past the limit: a text over it is refused, and 48 texts of 20,000 characters
+        # split whole took ~0.9 s (~2.7 s of punctuation) of CPU to answer that 422.
         text_idx = [i for i, r in enumerate(requests) if r.text is not None]
         texts = [requests[i].text or "" for i in text_idx]
-        encoded = dict(zip(text_idx, self.encoder.encode_texts(texts), strict=True))
+        encoded = dict(
+            zip(text_idx, self.encoder.encode_texts(texts, self.max_length), strict=True)
+        )
         out = []
         for i, req in enumerate(requests):
+            if req.tokens is not None and len(req.tokens) > self.max_length:
+                raise self._too_long(f"{where(i, n)}the text has {len(req.tokens)} tokens")
             enc = encoded[i] if i in encoded else self.encoder.encode_tokens([req.tokens or []])[0]
             if len(enc) == 0:
                 raise InputError("empty_text", f"{where(i, n)}the text contains no words")
-            if len(enc) > self.max_length:
-                raise InputError(
-                    "input_too_long",
-                    f"{where(i, n)}the text has {len(enc)} tokens; {self.name} tags at most "
-                    f"{self.max_length} per request (split it into sentences)",
-                )
+            if len(enc) > self.max_length:  # a text: split no further than this
+                more = f"more than {self.max_length}"
+                raise self._too_long(f"{where(i, n)}the text has {more} tokens")
             feats = {"word_ids": enc.word_ids}
             if enc.char_ids is not None:
                 feats["char_ids"] = enc.char_ids
@@ -67,6 +70,13 @@ class PosTask(Task):
             meta = {"tokens": enc.tokens, "scores": req.scores}
             out.append(Prepared([item], meta, tokens=len(enc)))
         return out
+
+    def _too_long(self, what: str) -> InputError:
+        return InputError(
+            "input_too_long",
+            f"{what}; {self.name} tags at most {self.max_length} per request (split it into "
+            "sentences)",
+        )
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> PosResponse:
         logits = outputs[0]["logits"]  # [T, n_tags]

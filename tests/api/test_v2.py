@@ -404,7 +404,7 @@ BAD = [
     ),
     (POLARITY_MODEL, _pol(texts("text", ["a"] * 4)), 422, "4 texts (shape [4]) in one request"),
     (POLARITY_MODEL, _pol(texts("text", ["a", "b" * 301])), 422, "text[1] has 301 characters"),
-    (POS_MODEL, _pol(texts("text", ["a", "a " * 65])), 422, "text[1]: the text has 65 tokens"),
+    (POS_MODEL, _pol(texts("text", ["a", "a " * 65])), 422, "text[1]: the text has more than 64"),
     # an id that is not Unicode (a lone surrogate) cannot be echoed back: refused, not a 500
     (
         POLARITY_MODEL,
