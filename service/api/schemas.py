@@ -250,8 +250,9 @@ class DetectRequest(_Item):
         False,
         strict=True,
         description="Read the whole text, in consecutive windows of the model's max length, "
-        "instead of its head: the answer is the windows' mean, weighted by their tokens, and "
-        "`windows` lists each one's (where a document mixes human and machine text).",
+        "instead of its head: the answer is the windows' mean log-odds, weighted by their "
+        "tokens, and `windows` lists each one's (where a document mixes human and machine "
+        "text).",
     )
 
 

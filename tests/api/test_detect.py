@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -61,7 +62,7 @@ async def test_unicode_and_unknown_characters(client):
 
 
 # --------------------------------------------------------------------------- windows
-async def test_windows_read_the_whole_text_and_answer_their_weighted_mean(client, service):
+async def test_windows_read_the_whole_text_and_answer_their_weighted_mean_log_odds(client, service):
     task = service.state.tasks[DETECT_MODEL]
     text = " ".join([HUMAN] * 6 + [MACHINE] * 6)
     (windows,) = task.encoder.encode_windows([text])
@@ -76,8 +77,9 @@ async def test_windows_read_the_whole_text_and_answer_their_weighted_mean(client
     for w in listed:
         assert w["label"] == ("machine" if w["machine_probability"] > 0.5 else "human")
     weights = [w.text_tokens for w in windows]
-    mean = sum(p["machine_probability"] * n for p, n in zip(listed, weights, strict=True))
-    assert out["machine_probability"] == pytest.approx(mean / sum(weights), abs=1e-9)
+    odds = [math.log(w["machine_probability"] / (1 - w["machine_probability"])) for w in listed]
+    mean = sum(z * n for z, n in zip(odds, weights, strict=True)) / sum(weights)
+    assert out["machine_probability"] == pytest.approx(1 / (1 + math.exp(-mean)), abs=1e-9)
     assert out["label"] == ("machine" if out["machine_probability"] > 0.5 else "human")
     # the head window reads what a request without windows reads (int8 scales move a little
     # with the batch-mates: see test_batch_in_order)
