@@ -14,7 +14,7 @@ A key is a blake2b digest of what determines the answer:
   version, another variant) gets other keys;
 * how the result is decoded (/v1's task response or the V2 protocol's rows);
 * the item itself, every field: its texts (text, tokens, question, context) and its
-  options (qa's ``top_k`` and ``max_answer_length``, detect's ``windows``), so an item
+  options (qa's ``top_k`` and ``max_answer_length``, detect's ``windows``, pos's ``scores``), so an item
   asked with other options is another entry.
 
 Process-wide settings that change answers (max lengths, buckets...) are fixed for a process's

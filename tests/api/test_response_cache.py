@@ -214,16 +214,19 @@ async def test_keys_differ_by_model_input_and_protocol(srv):
 
 async def test_request_options_key_apart(model_repo: Path):
     """An option that changes the answer (detect's windows, qa's top_k and
-    max_answer_length) makes another entry: never the same text's answer without it."""
+    max_answer_length, pos's scores) makes another entry: never the same text's answer
+    without it."""
     require_model(model_repo, QA_MODEL)
-    models = f"{DETECT_MODEL},{QA_MODEL}"
+    models = f"{DETECT_MODEL},{QA_MODEL},{POS_MODEL}"
     settings = make_settings(model_repo, load_models=models, response_cache_mb=1)
     text = " ".join(["the committee met on a quiet tuesday morning"] * 40)
     qa = {"question": "长城有多长？", "context": "长城总长度超过两万千米。"}
     asked = [
         ("/v1/detect", {"text": text}, {"text": text, "windows": True}, "windows"),
         ("/v1/qa", qa, {**qa, "top_k": 3}, "answers"),
-    ]
+        ("/v1/pos", {"text": "The dog barks ."}, {"text": "The dog barks .", "scores": True},
+         "scores"),
+    ]  # fmt: skip
     async with live_server(settings) as srv, srv.client() as c:
         for path, bare, with_option, field in asked:
             first = await c.post(path, json=bare)
