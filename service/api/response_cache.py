@@ -14,8 +14,8 @@ A key is a blake2b digest of what determines the answer:
   version, another variant) gets other keys;
 * how the result is decoded (/v1's task response or the V2 protocol's rows);
 * the item itself, every field: its texts (text, tokens, question, context) and its
-  options (qa's ``top_k`` and ``max_answer_length``, detect's ``windows``, pos's ``scores``), so an item
-  asked with other options is another entry.
+  options (qa's ``top_k`` and ``max_answer_length``, detect's ``windows``, pos's
+  ``scores``), so an item asked with other options is another entry.
 
 Process-wide settings that change answers (max lengths, buckets...) are fixed for a process's
 life, and so is this cache's: it is per API process, never shared. Errors are never cached,
