@@ -52,6 +52,46 @@ def test_windows_read_every_token_once_the_head_window_is_encodes(tok, max_lengt
     assert len(windows) == (1 if max_length == 64 else -(-len(inner) // (max_length - 2)))
 
 
+WINDOW_TEXTS = [
+    "hello 😀 world 𝔘 " * 20,  # non-BMP characters: byte-level BPE splits each in 4 tokens
+    "   leading spaces then words " * 20,  # whitespace tokens at window edges
+    "İstanbul İİ büyük şehir. Café naïve " * 20,  # normalizer effects (lowercase, NFKC)
+]
+
+
+def _family_tokenizers():
+    """RoBERTa's byte-level BPE, XLM-R's and ALBERT's SentencePiece Unigram (lowercased), as
+    tests/test_import_families.py builds them (no torch needed)."""
+    from tests.test_import_families import SPECIALS, _bpe, _unigram
+
+    albert = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
+    return {"roberta": _bpe(), "xlmr": _unigram("<s>", "</s>", False, SPECIALS),
+            "albert": _unigram("[CLS]", "[SEP]", True, albert)}  # fmt: skip
+
+
+@pytest.mark.parametrize("text", WINDOW_TEXTS)
+def test_window_spans_are_consecutive_and_trimmed_with_every_tokenizer(text):
+    """Spans of other tokenizers' windows: in text order, never overlapping (a character
+    whose tokens fall in two windows counts in the later one: byte-level BPE's emoji, a
+    lowercased "İ"), no leading or trailing whitespace (RoBERTa's "Ġ", SentencePiece's "▁"
+    map to spaces, or to the next word's first character), together covering the text;
+    and the head window is what encode() reads."""
+    for family, tok in _family_tokenizers().items():
+        enc = ClassifyEncoder(tok, max_length=32)
+        (windows,) = enc.encode_windows([text])
+        assert len(windows) > 3, family
+        spans = [(w.start, w.end) for w in windows]
+        for s, e in spans:
+            assert e > s and text[s:e] == text[s:e].strip(), (family, text[s:e])
+        assert spans[0][0] == len(text) - len(text.lstrip()), family
+        assert spans[-1][1] == len(text.rstrip()), family
+        for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False):
+            # consecutive: only whitespace between one window and the next
+            assert a_end <= b_start and not text[a_end:b_start].strip(), (family, spans)
+        head = enc.encode([text])[0]
+        assert windows[0].encoding.input_ids.tolist() == head.input_ids.tolist(), family
+
+
 def test_collate_and_call(tok):
     enc = ClassifyEncoder(tok, max_length=16)
     b = enc(["the cat", "中文测试 the mat"], pad_to=20)

@@ -242,6 +242,35 @@ async def test_imported_detectors_serve_the_checkpoints_probabilities(
             assert [TEXTS[1][s:e] for s, e in exp["offsets"]] == exp["tokens"]
 
 
+# emoji (byte-level BPE cuts each into several tokens), "İ" (lowercased: two), runs of spaces
+WINDOWED = "The meeting was held in Paris 😀 near İstanbul,   Café naïve. " * 30
+
+
+async def test_imported_detectors_read_a_text_whole_in_windows(repo: Path):
+    """windows: true with each tokenizer family: consecutive spans trimmed of whitespace (no
+    leading "Ġ" space, no SentencePiece "▁" reaching into the next window's word, no emoji
+    in two windows), the head window read as the plain request reads the text."""
+    from tests.service_support import live_server, make_settings
+
+    async with live_server(make_settings(repo, variant="fp32")) as srv, srv.client() as c:
+        for name in DETECTORS:
+            r = await c.post(f"/v1/detect?model={name}",
+                             json={"text": WINDOWED, "windows": True})  # fmt: skip
+            assert r.status_code == 200, r.text
+            out = r.json()
+            spans = [(w["start"], w["end"]) for w in out["windows"]]
+            assert len(spans) > 3 and out["truncated"] is False, name
+            assert spans[0][0] == 0 and spans[-1][1] == len(WINDOWED.rstrip()), name
+            for s, e in spans:
+                assert e > s and WINDOWED[s:e] == WINDOWED[s:e].strip(), (name, WINDOWED[s:e])
+            for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False):
+                assert a_end <= b_start and not WINDOWED[a_end:b_start].strip(), (name, spans)
+            plain = (await c.post(f"/v1/detect?model={name}", json={"text": WINDOWED})).json()
+            assert plain["truncated"] is True, name
+            head = out["windows"][0]["machine_probability"]
+            assert head == pytest.approx(plain["machine_probability"], abs=1e-5), name
+
+
 def test_predict_answers_as_the_service_does(cli, repo: Path, checkpoints: dict[str, Path],
                                              tmp_path: Path):  # fmt: skip
     src = tmp_path / "in.jsonl"
@@ -322,6 +351,15 @@ async def test_imported_qa_matches_torch_logits_and_answers(
             a = r.json()
             assert (a["start"], a["end"]) == want[name], (name, a)
             assert CONTEXT[a["start"] : a["end"]] == a["answer"] == a["answer"].strip(), a
+            # top_k: the first of the list is that answer; every span trimmed, each once
+            body = {"question": QUESTION, "context": CONTEXT, "top_k": 5}
+            r = await c.post(f"/v1/qa?model={name}", json=body)
+            assert r.status_code == 200, r.text
+            listed = r.json().pop("answers")
+            assert listed[0] == {k: a[k] for k in ("answer", "start", "end", "score")}, name
+            assert len({(x["start"], x["end"]) for x in listed}) == len(listed) > 1, name
+            for x in listed:
+                assert CONTEXT[x["start"] : x["end"]] == x["answer"] == x["answer"].strip(), x
 
 
 def test_max_length_is_the_positions_a_roberta_has(cli, checkpoints: dict[str, Path],

@@ -12,11 +12,19 @@ import pytest
 from tokenizers import Encoding
 
 from service.api import schemas as sc
+from service.preprocess.classify import ClassifyWindow
 from service.repository import discover_models
 from service.tasks import build_tasks
 from service.tasks.base import InputError
+from service.tasks.detect import DetectTask
 from service.tasks.qa import QATask
-from tests.service_support import POLARITY_MODEL, QA_MODEL, make_settings, require_model
+from tests.service_support import (
+    DETECT_MODEL,
+    POLARITY_MODEL,
+    QA_MODEL,
+    make_settings,
+    require_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +130,39 @@ def test_qa_refuses_a_request_over_its_windows_before_tokenizing_it_all(model_re
     few = requests[: 64 // per_item]
     prepared = task.prepare(few, 1e12, "predict")
     assert [len(p.items) for p in prepared] == [per_item] * len(few)
+
+
+def test_detect_refuses_a_request_over_its_windows_before_tokenizing_it_all(model_repo):
+    """As QA's: 48 texts of 20,000 characters read in windows (~1,900 windows) were all
+    tokenized (~0.45 s of CPU) to answer a 422 that the first few decide."""
+    require_model(model_repo, DETECT_MODEL)
+    settings = make_settings(model_repo, max_request_sequences=64, max_batch_items=64)
+    built = build_tasks(discover_models(model_repo, select={DETECT_MODEL: None}), settings)
+    task = built[DETECT_MODEL]
+    assert isinstance(task, DetectTask)
+    tokenized: list[int] = []
+    encode_windows = task.encoder.encode_windows
+
+    def counting(texts: Sequence[str]) -> list[list[ClassifyWindow]]:
+        tokenized.append(len(texts))
+        return encode_windows(texts)
+
+    text = "the committee met on a quiet tuesday morning " * 8  # a few windows each
+    per_item = len(encode_windows([text])[0])
+    assert 2 <= per_item <= 8
+    task.encoder.encode_windows = counting  # type: ignore[method-assign]
+    requests = [sc.DetectRequest(text=text, windows=True)] * 64
+    with pytest.raises(InputError) as refused:
+        task.prepare(requests, 1e12, "predict")
+    assert refused.value.code == "input_too_long"
+    assert "needs at least" in refused.value.message  # the rest was not counted
+    assert sum(tokenized) < 64 and tokenized[0] == 8
+    # a request within the limit is encoded whole, plain items one sequence each
+    tokenized.clear()
+    few = [sc.DetectRequest(text="a plain one"), *requests[: 64 // per_item - 1]]
+    prepared = task.prepare(few, 1e12, "predict")
+    assert [len(p.items) for p in prepared] == [1] + [per_item] * (len(few) - 1)
+    # nlpserve predict's lines (each a request of its own) are encoded at once
+    tokenized.clear()
+    assert len(task.prepare(requests, 1e12, "predict", enforce_limits=False)) == 64
+    assert tokenized == [64]

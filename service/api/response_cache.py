@@ -13,8 +13,9 @@ A key is a blake2b digest of what determines the answer:
   records none). Fingerprinted per :class:`Task` object, so a model loaded anew (another
   version, another variant) gets other keys;
 * how the result is decoded (/v1's task response or the V2 protocol's rows);
-* the item itself, every field (text, tokens, question, context): the /v1 items have no
-  other option that changes an answer.
+* the item itself, every field: its texts (text, tokens, question, context) and its
+  options (qa's ``top_k`` and ``max_answer_length``, detect's ``windows``, pos's
+  ``scores``), so an item asked with other options is another entry.
 
 Process-wide settings that change answers (max lengths, buckets...) are fixed for a process's
 life, and so is this cache's: it is per API process, never shared. Errors are never cached,

@@ -258,7 +258,8 @@ class DetectRequest(_Item):
 
 class DetectWindow(BaseModel):
     start: int = Field(
-        description="Offset of the window's text in `text` (inclusive), code points."
+        description="Offset of the window's text in `text` (inclusive), code points; the "
+        "windows' spans are consecutive and trimmed of whitespace."
     )
     end: int = Field(description="Offset of its end (exclusive).")
     label: str = Field(description="This window's label, `human` or `machine`.")

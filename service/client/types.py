@@ -1,6 +1,7 @@
 """The API's answers as plain dataclasses (the service's pydantic schemas need the server's
 imports; a client needs only these). Fields are the JSON's, names and order included, so
-``dataclasses.asdict(result)`` is the answer's body; fields a newer server adds are ignored.
+``dataclasses.asdict(result)`` is the answer's body (a field the answer left out, asked for
+by an option not given, is None there); fields a newer server adds are ignored.
 What the answer's headers said (its request id, Server-Timing) is each result's ``meta``, an
 attribute outside the fields."""
 

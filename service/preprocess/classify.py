@@ -97,16 +97,16 @@ class ClassifyEncoder:
         """Each text cut into windows, first to last: the tokenizer's own overflow (the head
         window is :meth:`encode`'s encoding), with the specials around each window."""
         out = []
-        for enc in encode_all(self.tokenizer, texts):
+        for text, enc in zip(texts, encode_all(self.tokenizer, texts), strict=True):
+            parts = (enc, *enc.overflowing)
+            offsets = [[o for o, special in zip(e.offsets, e.special_tokens_mask, strict=True)
+                        if not special] for e in parts]  # fmt: skip
+            spans = _window_spans(text, offsets)
             windows = []
-            for e in (enc, *enc.overflowing):
-                spans = [o for o, special in zip(e.offsets, e.special_tokens_mask, strict=True)
-                         if not special]  # fmt: skip
+            for e, own, (start, end) in zip(parts, offsets, spans, strict=True):
                 ids = np.asarray(e.ids, dtype=np.int64)
                 encoding = ClassifyEncoding(ids, np.asarray(e.type_ids, dtype=np.int64), False)
-                start = spans[0][0] if spans else 0
-                end = max((b for _, b in spans), default=start)
-                windows.append(ClassifyWindow(encoding, start, end, len(spans)))
+                windows.append(ClassifyWindow(encoding, start, end, len(own)))
             out.append(windows)
         return out
 
@@ -118,6 +118,29 @@ class ClassifyEncoder:
 
     def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
         return self.collate(self.encode(texts), pad_to)
+
+
+def _window_spans(text: str, offsets: Sequence[Sequence[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Each window's character span from its tokens' offsets: from where its first token
+    starts to where the next window's does (the last: its last token's end), trimmed of
+    whitespace. Consecutive, never overlapping: a token's offsets may reach past the
+    window's text (SentencePiece's lone "▁" maps to the next word's first character,
+    RoBERTa's "Ġ" to the space before its word), and a character split into several tokens
+    (an emoji in byte-level BPE, "İ" lowercased) that two windows share counts in the
+    later one."""
+    starts: list[int] = []
+    for own in offsets:  # a window without text tokens (none visible) starts where it is
+        at = min((s for s, _ in own), default=starts[-1] if starts else 0)
+        starts.append(max(at, starts[-1]) if starts else at)
+    last = max((e for _, e in offsets[-1]), default=starts[-1])
+    out = []
+    for a, b in zip(starts, [*starts[1:], max(last, starts[-1])], strict=True):
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        out.append((a, b))
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -30,6 +30,10 @@ R = TypeVar("R")
 
 # The limit a request of too many model sequences names (/v1's ``limit``: service.api.errors)
 LIMIT_REQUEST_SEQUENCES = "max_request_sequences"
+# Items tokenized at once before their windows (QA, detect with windows) are counted against
+# the request's limit; each next chunk is twice as many (one tokenizers batch call for the
+# usual request of a few)
+FIRST_CHUNK = 8
 
 
 class InputError(ValueError):

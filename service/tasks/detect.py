@@ -12,7 +12,7 @@ from service.batching import WorkItem
 from service.config import Settings
 from service.preprocess.classify import ClassifyEncoder, ClassifyEncoding, softmax
 from service.repository import ModelEntry
-from service.tasks.base import Prepared, Task
+from service.tasks.base import FIRST_CHUNK, Prepared, Task, check_sequences
 
 
 class DetectTask(Task):
@@ -54,6 +54,25 @@ class DetectTask(Task):
             spans = [(w.start, w.end, w.text_tokens) for w in windows]
             tokens = sum(len(w.encoding) for w in windows)
             out.append(Prepared(items, {"windows": spans}, tokens=tokens))
+        return out
+
+    def encode_request(  # type: ignore[override]
+        self, requests: Sequence[DetectRequest], deadline: float, lane: str
+    ) -> list[Prepared]:
+        """:meth:`encode` in chunks of 8, 16, 32... items, refused (:func:`check_sequences`)
+        once those so far need more sequences than a request may: 48 texts of 20,000
+        characters in windows, ~1,900 of them, were all tokenized (~0.45 s of CPU) to answer
+        a 422 that the first few decide."""
+        if not any(r.windows for r in requests):  # one sequence each: encoded at once
+            return self.encode(requests, deadline, lane)
+        out: list[Prepared] = []
+        size, sequences = FIRST_CHUNK, 0
+        while len(out) < len(requests):
+            chunk = self.encode(requests[len(out) : len(out) + size], deadline, lane)
+            sequences += sum(len(p.items) for p in chunk)
+            check_sequences(self, sequences, partial=len(out) + len(chunk) < len(requests))
+            out += chunk
+            size *= 2
         return out
 
     def _item(self, enc: ClassifyEncoding, deadline: float, lane: str) -> WorkItem:

@@ -11,14 +11,11 @@ from service.api.schemas import QARequest, QAResponse, QASpan
 from service.config import Settings
 from service.preprocess.qa import EMPTY_ANSWER, QAEncoder, QAWindow, decode_spans
 from service.repository import ManifestError, ModelEntry
-from service.tasks.base import Prepared, Task, check_sequences
+from service.tasks.base import FIRST_CHUNK, Prepared, Task, check_sequences
 
 DEFAULT_DOC_STRIDE = 128
 DEFAULT_MAX_QUERY_LENGTH = 64
 DEFAULT_MAX_ANSWER_LENGTH = 30
-# Items tokenized at once before their windows are counted against the request's limit; each
-# next chunk is twice as many (one tokenizers batch call for the usual request of a few)
-FIRST_CHUNK = 8
 # nlpserve_predictions_total's labels for QA: an answer span, or an empty answer
 ANSWER, NO_ANSWER = "answer", "no_answer"
 

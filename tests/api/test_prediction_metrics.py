@@ -16,6 +16,7 @@ import pytest
 
 from service.repository.manifest import MANIFEST_FILE
 from tests.service_support import (
+    DETECT_MODEL,
     POLARITY_MODEL,
     POS_MODEL,
     QA_MODEL,
@@ -88,6 +89,27 @@ async def test_classifier_items_are_counted_once_with_their_label_and_confidence
     want_tokens = 3 + 3 + 4 + task.max_length + 3 + 3
     assert d("nlpserve_input_tokens_sum", model=POLARITY_MODEL) == want_tokens
     assert d("nlpserve_input_truncated_total", model=POLARITY_MODEL) == 1
+
+
+async def test_detect_in_windows_is_one_item_read_whole(client, service):
+    """windows: true: one prediction, and one input observation of every window's tokens
+    (specials of each included), never truncated, however many windows it took."""
+    task = service.state.tasks[DETECT_MODEL]
+    text = " ".join(["the committee met on a quiet tuesday morning"] * task.max_length)
+    (windows,) = task.encoder.encode_windows([text])
+    assert len(windows) > 3
+    before = await read_metrics(client)
+    r = await client.post("/v1/detect", json={"text": text, "windows": True})
+    after = await read_metrics(client)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    d = Delta(before, after)
+    assert d("nlpserve_predictions_total", model=DETECT_MODEL, label=out["label"]) == 1
+    assert d("nlpserve_prediction_confidence_count", model=DETECT_MODEL) == 1
+    assert d("nlpserve_input_tokens_count", model=DETECT_MODEL) == 1
+    want = sum(len(w.encoding) for w in windows)
+    assert d("nlpserve_input_tokens_sum", model=DETECT_MODEL) == want > task.max_length
+    assert d("nlpserve_input_truncated_total", model=DETECT_MODEL) == 0
 
 
 async def test_pos_counts_inputs_and_no_predictions(client):

@@ -30,13 +30,16 @@ from service.tasks import build_tasks
 from service.tasks.base import Task
 from tests.redis_support import RedisServer, unique_prefix
 from tests.service_support import (
+    DETECT_MODEL,
     POLARITY_MODEL,
     POS_MODEL,
+    QA_MODEL,
     LiveServer,
     live_server,
     make_settings,
     metric_value,
     read_metrics,
+    require_model,
     rounded,
     wait_for,
 )
@@ -207,6 +210,34 @@ async def test_keys_differ_by_model_input_and_protocol(srv):
         again = await c.post(f"/v2/models/{POLARITY_MODEL}/infer", json=v2)
         assert cache_timing(again) == "hit" and again.content == first.content
         assert "probabilities" in again.text
+
+
+async def test_request_options_key_apart(model_repo: Path):
+    """An option that changes the answer (detect's windows, qa's top_k and
+    max_answer_length, pos's scores) makes another entry: never the same text's answer
+    without it."""
+    require_model(model_repo, QA_MODEL)
+    models = f"{DETECT_MODEL},{QA_MODEL},{POS_MODEL}"
+    settings = make_settings(model_repo, load_models=models, response_cache_mb=1)
+    text = " ".join(["the committee met on a quiet tuesday morning"] * 40)
+    qa = {"question": "长城有多长？", "context": "长城总长度超过两万千米。"}
+    asked = [
+        ("/v1/detect", {"text": text}, {"text": text, "windows": True}, "windows"),
+        ("/v1/qa", qa, {**qa, "top_k": 3}, "answers"),
+        ("/v1/pos", {"text": "The dog barks ."}, {"text": "The dog barks .", "scores": True},
+         "scores"),
+    ]  # fmt: skip
+    async with live_server(settings) as srv, srv.client() as c:
+        for path, bare, with_option, field in asked:
+            first = await c.post(path, json=bare)
+            assert cache_timing(first) == "miss" and field not in first.json(), first.text
+            other = await c.post(path, json=with_option)
+            assert cache_timing(other) == "miss" and field in other.json(), other.text
+            again = await c.post(path, json=with_option)
+            assert cache_timing(again) == "hit" and again.content == other.content
+            assert (await c.post(path, json=bare)).content == first.content
+        short = await c.post("/v1/qa", json={**qa, "max_answer_length": 1})
+        assert cache_timing(short) == "miss" and len(short.json()["answer"]) <= 1, short.text
 
 
 # --------------------------------------------------------------------------- not kept
