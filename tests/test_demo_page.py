@@ -417,3 +417,34 @@ async def test_phone_width_does_not_overflow(browser, inprocess_service, model_r
         await tokens.nth(i).focus()
         assert await page.evaluate(width) <= 390, await tokens.nth(i).text_content()
     await page.close()
+
+
+async def test_a_long_text_is_read_whole_and_its_windows_listed(
+    browser, inprocess_service, model_repo
+):
+    require_model(model_repo, DETECT_MODEL)
+    srv = inprocess_service
+    await warm_up_explain(srv.app)
+    page, page_errors = await open_page(browser, srv.url)
+    text = " ".join([DETECT_TEXT] * 12)
+    await page.fill("#detect-text", text)
+    await page.fill("#detect-evals", "8")
+    async with page.expect_request(lambda r: r.url.endswith("/v1/detect")) as req:
+        await page.click("#detect-form button")
+    assert (await req.value).post_data_json == {"text": text, "windows": True}
+    await page.wait_for_selector("#detect-windows:not([hidden])")
+    r = await page.request.post(srv.url + "/v1/detect", data={"text": text, "windows": True})
+    api = await r.json()
+    assert len(api["windows"]) > 1
+    assert await page.text_content("#detect-prob") == f"{100 * api['machine_probability']:.1f}%"
+    listed = await page.text_content("#detect-windows")
+    assert listed and listed.startswith(f"Read whole, in {len(api['windows'])} windows")
+    for i, w in enumerate(api["windows"], start=1):
+        assert f"{i}. “{text[w['start'] : w['end']][:40]}" in listed
+        assert f"{w['label']} {100 * w['machine_probability']:.1f}%" in listed
+    # a short text: one window, no list
+    await page.fill("#detect-text", DETECT_TEXT)
+    await page.click("#detect-form button")
+    await page.wait_for_selector("#detect-windows[hidden]", state="attached")
+    assert page_errors == []
+    await page.close()

@@ -126,6 +126,13 @@ function pct(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
 
+// A window's text (start/end count code points), its first words only.
+function clip(text, w) {
+  const units = utf16Indices(text);
+  const part = text.slice(unitAt(units, w.start), unitAt(units, w.end));
+  return part.length > 40 ? `${part.slice(0, 40)}…` : part;
+}
+
 // Runs one panel action with the button marked busy and any error shown in the panel. The
 // button gets aria-disabled, not disabled: disabling the focused button would drop a keyboard
 // or screen reader user's focus to the top of the page.
@@ -392,8 +399,20 @@ async function explainInto(prefix, endpoint, text, maxEvals) {
 wire("detect-form", async (panel) => {
   const text = $("detect-text").value;
   const evals = parseInt($("detect-evals").value, 10);
-  const out = await api("/v1/detect", { text });
+  // the whole text, window by window: a long one's parts are judged each on its own
+  const out = await api("/v1/detect", { text, windows: true });
   const said = showProbability("detect", out.label, out.machine_probability);
+  const windows = out.windows || [];
+  const parts = $("detect-windows");
+  parts.textContent =
+    windows.length > 1
+      ? `Read whole, in ${windows.length} windows of the model's length: ` +
+        windows
+          .map((w, i) => `${i + 1}. “${clip(text, w)}” ${w.label} ${pct(w.machine_probability)}`)
+          .join("; ") +
+        ". The explanation below is of the first window."
+      : "";
+  parts.hidden = windows.length <= 1;
   $("detect-result").hidden = false;
   announce(panel, `${said} Computing the SHAP explanation…`);
   const explained = await explainInto("detect", "/v1/detect/explain", text, evals || undefined);

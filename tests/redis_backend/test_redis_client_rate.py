@@ -25,6 +25,7 @@ from service.api.errors import ApiError
 from service.config import Settings
 from service.queueing.redis_client_counts import SCRIPTS, RedisClientCounts
 from service.queueing.redis_keys import client_in_flight_key, client_rate_key
+from service.queueing.redis_queue import RedisQueue
 from tests.redis_backend.helpers import two_replicas, wait_for
 from tests.redis_backend.test_redis_client_quota import AnswerDropper
 from tests.service_support import (
@@ -207,14 +208,27 @@ async def test_tokens_come_back_unless_the_items_were_queued(
             assert_refused(await post_polarity(cb, ALICE), (9, 10), spelled)  # kept spent
 
             await admin.hset(bucket, "last", float(await admin.hget(bucket, "last")) - 30)
+            # Alice's entries deleted (in the background after her 504), and A's view of the
+            # streams read after that: a health probe that read them just before sees a full
+            # queue for up to its interval, and Bob's requests were refused (seen under load)
+            queue = a.state.queue
+            assert isinstance(queue, RedisQueue)
+            streams = queue._streams[POL]
+            for _ in range(400):
+                if sum([await admin.xlen(s) for s in streams]) == 0:
+                    break
+                await asyncio.sleep(0.025)
+            await queue._sample_depths()
+            assert queue.depth(POL) == 0
             held = [post_polarity(ca, BOB), post_polarity(ca, BOB)]  # the queue full
-            await wait_for(lambda: a.state.queue.depth(POL) == 2)  # type: ignore[union-attr]
+            await wait_for(lambda: queue.depth(POL) == 2)
             r = await post_polarity(ca, ALICE, 2)
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
             assert float(await admin.hget(bucket, "tokens")) == pytest.approx(2, abs=0.01)
         finally:
             gated.gate.set()
-        assert [(await t).status_code for t in held] == [200, 200]
+        answers = [await t for t in held]
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
         # the burst (on A: B last saw the queue full, and would refuse it for that)
         r = await post_polarity(ca, ALICE, 2)
         assert r.status_code == 200, r.text
