@@ -37,9 +37,10 @@ class DetectTask(Task):
     def encode(  # type: ignore[override]
         self, requests: Sequence[DetectRequest], deadline: float, lane: str
     ) -> list[Prepared]:
-        whole = [i for i, r in enumerate(requests) if r.windows]
+        whole = [r.text for r in requests if r.windows]
         heads = iter(self.encoder.encode([r.text for r in requests if not r.windows]))
-        windowed = iter(self.encoder.encode_windows([requests[i].text for i in whole]))
+        # (no empty tokenizer call for the usual request, without windows: ~2 us each)
+        windowed = iter(self.encoder.encode_windows(whole) if whole else ())
         out = []
         for r in requests:
             if not r.windows:
