@@ -3,9 +3,9 @@
 On the committed detector's own HC3 test split (re-created from its manifest, as ``nlpserve
 evaluate`` does), every text is scored twice through ``nlpserve predict`` (the service's own
 tokenization, batching and decoding, in-process): as sent by default (the head, cut at the
-model's max length) and with ``"windows": true`` (the whole text, the windows' token-weighted
-mean). Reports accuracy and ROC AUC over all texts and over the texts longer than the model
-reads, with the windows those took.
+model's max length) and with ``"windows": true`` (the whole text, the windows' mean
+log-odds, weighted by their tokens). Reports accuracy and ROC AUC over all texts and over
+the texts longer than the model reads, with the windows those took.
 
     python bench/detect_windows.py --data ../shared/data --out /tmp/windows.json
 

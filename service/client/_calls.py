@@ -278,8 +278,9 @@ def _max_inputs(schema: dict[str, Any]) -> int | None:
 # names: service/api/errors.py): the most a request may hold.
 _IN_FLIGHT_LIMIT = "max_in_flight"
 _ITEM_LIMITS = frozenset({"max_batch_items", _IN_FLIGHT_LIMIT, "burst"})
-# The limit of a 422 input_too_long over the model sequences (QA windows) of a request as a
-# whole: its value counts sequences, not items, and what fewer items need depends on their texts
+# The limit of a 422 input_too_long over the model sequences (QA windows, detect's windows) of
+# a request as a whole: its value counts sequences, not items, and what fewer items need
+# depends on their texts
 _SEQUENCES_LIMIT = "max_request_sequences"
 
 # What a server without ``limit`` in its errors (before it came) says of the limit in the

@@ -126,11 +126,12 @@ function pct(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
 
-// A window's text (start/end count code points), its first words only.
-function clip(text, w) {
-  const units = utf16Indices(text);
-  const part = text.slice(unitAt(units, w.start), unitAt(units, w.end));
-  return part.length > 40 ? `${part.slice(0, 40)}…` : part;
+// A window's text (start/end count code points: `units` is utf16Indices(text)), its first
+// 40 code points only (40 UTF-16 units would cut an emoji's surrogate pair in two).
+function clip(text, units, w) {
+  const end = Math.min(w.end, w.start + 40);
+  const part = text.slice(unitAt(units, w.start), unitAt(units, end));
+  return end < w.end ? `${part}…` : part;
 }
 
 // Runs one panel action with the button marked busy and any error shown in the panel. The
@@ -404,11 +405,15 @@ wire("detect-form", async (panel) => {
   const said = showProbability("detect", out.label, out.machine_probability);
   const windows = out.windows || [];
   const parts = $("detect-windows");
+  const units = utf16Indices(text);
   parts.textContent =
     windows.length > 1
       ? `Read whole, in ${windows.length} windows of the model's length: ` +
         windows
-          .map((w, i) => `${i + 1}. “${clip(text, w)}” ${w.label} ${pct(w.machine_probability)}`)
+          .map((w, i) => {
+            const judged = `${w.label} ${pct(w.machine_probability)}`;
+            return `${i + 1}. “${clip(text, units, w)}” ${judged}`;
+          })
           .join("; ") +
         ". The explanation below is of the first window."
       : "";

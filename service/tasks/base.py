@@ -191,6 +191,30 @@ def check_sequences(task: Task, n: int, partial: bool = False) -> None:
         )
 
 
+T = TypeVar("T")
+
+
+def encode_in_chunks(
+    task: Task,
+    requests: Sequence[Any],
+    encode: Callable[[Sequence[Any]], list[T]],
+    sequences: Callable[[T], int],
+) -> list[T]:
+    """``encode`` of ``requests`` in chunks of 8, 16, 32... items, refused
+    (:func:`check_sequences`) as soon as those so far need more model sequences (each
+    encoded item's ``sequences``) than a request may: the rest are never encoded (QA's and
+    detect's windows, where a few long texts decide the 422 of a request of many)."""
+    out: list[T] = []
+    size, n = FIRST_CHUNK, 0
+    while len(out) < len(requests):
+        chunk = encode(requests[len(out) : len(out) + size])
+        n += sum(sequences(e) for e in chunk)
+        check_sequences(task, n, partial=len(out) + len(chunk) < len(requests))
+        out += chunk
+        size *= 2
+    return out
+
+
 Outputs = list[dict[str, np.ndarray]]  # one request item's sequences' model outputs
 
 

@@ -11,7 +11,7 @@ from service.api.schemas import QARequest, QAResponse, QASpan
 from service.config import Settings
 from service.preprocess.qa import EMPTY_ANSWER, QAEncoder, QAWindow, decode_spans
 from service.repository import ManifestError, ModelEntry
-from service.tasks.base import FIRST_CHUNK, Prepared, Task, check_sequences
+from service.tasks.base import Prepared, Task, encode_in_chunks
 
 DEFAULT_DOC_STRIDE = 128
 DEFAULT_MAX_QUERY_LENGTH = 64
@@ -97,20 +97,18 @@ class QATask(Task):
     def _encode_within_limit(
         self, requests: Sequence[QARequest]
     ) -> list[tuple[list[QAWindow], int, int]]:
-        """Each item's windows and token counts, tokenized in chunks of 8, 16, 32... items,
-        refused (:func:`check_sequences`) once those so far make more windows than a request
-        may: 48 contexts of 20,000 characters, ~5,000 windows, were all tokenized and cut
-        (up to ~3.4 s of CPU) to answer a 422 that the first 5 decide."""
-        out: list[tuple[list[QAWindow], int, int]] = []
-        size, windows = FIRST_CHUNK, 0
-        while len(out) < len(requests):
-            chunk = requests[len(out) : len(out) + size]
-            pairs = self.encoder.tokenize([r.question for r in chunk], [r.context for r in chunk])
-            windows += sum(self.encoder.window_count(len(q.ids), len(c.ids)) for q, c in pairs)
-            check_sequences(self, windows, partial=len(out) + len(chunk) < len(requests))
-            out += [self.encoder.windows_of(q, c) for q, c in pairs]
-            size *= 2
-        return out
+        """Each item's windows and token counts, its windows counted from its token counts
+        before they are cut (:func:`encode_in_chunks`): 48 contexts of 20,000 characters,
+        ~5,000 windows, were all tokenized and cut (up to ~3.4 s of CPU) to answer a 422
+        that the first 5 decide."""
+        enc = self.encoder
+        pairs = encode_in_chunks(
+            self,
+            requests,
+            lambda chunk: enc.tokenize([r.question for r in chunk], [r.context for r in chunk]),
+            lambda pair: enc.window_count(len(pair[0].ids), len(pair[1].ids)),
+        )
+        return [enc.windows_of(q, c) for q, c in pairs]
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> QAResponse:
         meta = prepared.meta

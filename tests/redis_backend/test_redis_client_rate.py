@@ -214,10 +214,11 @@ async def test_tokens_come_back_unless_the_items_were_queued(
             queue = a.state.queue
             assert isinstance(queue, RedisQueue)
             streams = queue._streams[POL]
-            for _ in range(400):
-                if sum([await admin.xlen(s) for s in streams]) == 0:
-                    break
-                await asyncio.sleep(0.025)
+
+            async def deleted() -> bool:
+                return sum([await admin.xlen(s) for s in streams]) == 0
+
+            await wait_for(deleted)  # fails here, saying so, if they never are
             await queue._sample_depths()
             assert queue.depth(POL) == 0
             held = [post_polarity(ca, BOB), post_polarity(ca, BOB)]  # the queue full
