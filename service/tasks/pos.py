@@ -83,7 +83,7 @@ class PosTask(Task):
         best = np.argmax(logits, axis=-1)
         tags = [self.labels[k] for k in best.tolist()]
         scores = None
-        if prepared.meta.get("scores"):
+        if prepared.meta["scores"]:
             probs = softmax(logits)
             scores = probs[np.arange(len(best)), best].tolist()
         return PosResponse(tokens=prepared.meta["tokens"], tags=tags, scores=scores)

@@ -112,13 +112,13 @@ class QATask(Task):
 
     def decode(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> QAResponse:
         meta = prepared.meta
-        top_k = meta.get("top_k")
+        top_k = meta["top_k"]
         spans = decode_spans(
             meta["context"],
             meta["windows"],
             [o["start_logits"] for o in outputs],
             [o["end_logits"] for o in outputs],
-            max_answer_length=meta.get("max_answer_length", self.max_answer_length),
+            max_answer_length=meta["max_answer_length"],
             top_k=top_k or 1,
         )
         best = spans[0] if spans else EMPTY_ANSWER  # its probability is 0
